@@ -1,0 +1,292 @@
+"""Typed configs: a tree of dataclasses <-> YAML files <-> `--section.key=value` flags.
+
+Every recipe declares its config as dataclasses with a one-line docstring under each field; this
+module derives the YAML keys, the command-line flags and `--help` from them. Unknown keys fail
+with a "did you mean", wrong types fail naming the key, and a dataclass's `__post_init__` may
+reject impossible combinations (its ValueError is re-raised naming the section).
+
+It does not know any recipe: it only walks dataclasses.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot become the typed config; the message names the key."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal right under each field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + f.name + ".")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple) or tp in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
+        return tuple(out) if (origin or tp) is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: unsupported value {value!r} for type {tp}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build `cls` from a nested mapping, strictly: every key must be a field of the dataclass."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            suggestion = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" (did you mean '{prefix}{suggestion[0]}'?)" if suggestion else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        where = f"section '{prefix[:-1]}'" if prefix else "config"
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON-able data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _is_list_key(cls: type, dotted: str) -> bool:
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = _hints(tp).get(part)
+        if tp is None:
+            return False
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in typing.get_args(tp))
+    return origin in (list, tuple) or tp in (list, tuple)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a clear error for a missing file or a document that is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Split argv into config files (`--config F`, repeatable) and a nested dict of `--a.b=v` flags.
+
+    Values are read as YAML scalars (`--lr=3e-4` is a float, `--x=null` is None); a list field
+    given several times collects the values (`--input a --input b`).
+    """
+    files: list[str] = []
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                raw, i = argv[i + 1], i + 1
+            else:
+                raw = "true"  # a bare flag switches a boolean on
+        i += 1
+        key = key.replace("-", "_")
+        if key == "config":
+            files.append(raw)
+            continue
+        value = yaml.safe_load(raw) if raw.strip() else raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
+            value = raw  # a string that merely looks like YAML structure (e.g. "a: b")
+        if _is_list_key(cls, key) and key in flags:
+            prev = flags[key]
+            flags[key] = (prev if isinstance(prev, list) else [prev]) + (value if isinstance(value, list) else [value])
+        else:
+            flags[key] = value
+    tree: dict[str, Any] = {}
+    for key, value in flags.items():
+        _set_dotted(tree, key, value, cls)
+    return files, tree
+
+
+def help_text(cls: type, prog: str = "") -> str:
+    """`--help`: every key with its type, default and docstring, derived from the dataclasses."""
+    lines = [f"usage: temper {prog} [--config FILE.yaml] [--section.key=value ...]", ""]
+
+    def walk(klass: type, prefix: str, instance: Any) -> None:
+        docs = field_docs(klass)
+        hints = _hints(klass)
+        fields = dataclasses.fields(klass)
+        for f in sorted(fields, key=lambda f: dataclasses.is_dataclass(hints[f.name])):  # sections last
+            tp = hints[f.name]
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"\n[{prefix}{f.name}] {docs.get(f.name, '')}")
+                walk(tp, prefix + f.name + ".", value)
+            else:
+                type_name = str(tp).replace("typing.", "") if typing.get_args(tp) else tp.__name__
+                lines.append(f"  --{prefix}{f.name}={value!r}  ({type_name})  {docs.get(f.name, '')}")
+
+    walk(cls, "", cls())
+    return "\n".join(lines)
+
+
+def parse(cls: type[T], argv: list[str] | None = None, prog: str = "") -> T:
+    """Build the recipe's config from YAML files and flags; `--help` prints the keys and exits."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog))
+        raise SystemExit(0)
+    files, flags = overrides_from_argv(cls, argv)
+    tree: dict[str, Any] = {}
+    for f in files:
+        tree = _merge(tree, load_yaml(f))
+    tree = _merge(tree, flags)
+    return from_dict(cls, tree)

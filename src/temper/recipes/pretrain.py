@@ -1,0 +1,364 @@
+"""`temper pretrain`: train a decoder from scratch on prepared token shards.
+
+Steps, in the order the loop below runs them:
+ 1. parse the config; join the process group when launched by torchrun (DDP; gloo on CPU)
+ 2. open the train/val shards; build the model from a preset plus `model.*` overrides
+ 3. build AdamW; wrap the model (activation checkpointing -> compile -> DDP)
+ 4. resume from the newest valid checkpoint when there is one (`run.resume=auto`)
+ 5. loop: lr from the schedule -> this rank's micro-batches -> one train step -> log;
+    validate every `eval.every` steps; checkpoint every `checkpoint.every` steps and on SIGTERM
+ 6. export `final/` in Hugging Face layout and write the report with plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from temper import config, faults
+from temper.data.loader import TokenWindows, rank_slice
+from temper.data.shards import read_manifest
+from temper.files import atomic_write_text, safe_join, safe_name
+from temper.model.config import PRESETS, ModelConfig
+from temper.model.convert import save_hf
+from temper.model.transformer import Transformer
+from temper.train import checkpoint as ckpt
+from temper.train.log import RunLogger, write_report
+from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed, unwrap
+from temper.train.step import (
+    NonFiniteLoss,
+    datasheet_peak_flops,
+    eval_loss,
+    measured_matmul_peak_flops,
+    throughput,
+    train_step,
+)
+
+EXIT_PREEMPTED = 143
+"""Exit code after a SIGTERM was handled by writing a checkpoint (128 + SIGTERM, as a shell reports it)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "pretrain"
+    """Run name: the run directory is <dir>/<name> (a plain name, no '/' or '..')."""
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1337
+    """Seed for model init, data order and dropout."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint if any; never: start fresh; or a checkpoint path."""
+    override_checkpoint_config: bool = False
+    """Allow resuming with a model, batch, sequence or schedule config that differs from the checkpoint's."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stdlib"
+    """Directory written by `temper prepare` (manifest.json, shards, tokenizer.json)."""
+    order: Literal["random", "sequential"] = "random"
+    """random: windows at hashed offsets; sequential: each non-overlapping window once per epoch, shuffled."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on each rank."""
+    seq_len: int = 0
+    """Tokens per sequence; 0 means the model's max_seq_len."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks; a multiple of micro_batch_size * seq_len * world.
+    0 means one micro-batch per rank (no accumulation)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, else fp32. fp16 uses a gradient scaler."""
+    compile: bool = False
+    """torch.compile the model."""
+    activation_checkpointing: int = 0
+    """Recompute activations of every k-th block in backward; 0 disables."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
+    """On a NaN/inf loss: fail (raise before the optimizer step), skip the update, or reload the last
+    checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
+    rollback_skip_steps: int = 1
+    """rollback only: how many steps' batches to skip, counted from the batch that failed."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    """Validation loss every N steps (and at the end); 0 disables."""
+    batches: int = 8
+    """Micro-batches of the validation split per evaluation (the same fixed windows every time)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every N steps (and at the end); 0 saves only at the end and on SIGTERM."""
+    keep_last_n: int = 3
+    """Checkpoints to keep (>= 2, or 0 to keep all); older ones go only after a new one is complete."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    """Log train metrics every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to <run>/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "debug"
+    """Model shape from temper.model.config.PRESETS; `model.*` keys override its fields."""
+    model: dict = field(default_factory=dict)
+    """Overrides of ModelConfig fields, e.g. {dim: 384, n_layers: 6}; vocab_size defaults to the data's."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity, seed, device and resume."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token shards."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch, precision and step options."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.train.steps <= 0 or self.train.micro_batch_size <= 0:
+            raise ValueError("train.steps and train.micro_batch_size must be > 0")
+        if self.checkpoint.keep_last_n == 1:
+            raise ValueError("checkpoint.keep_last_n=1 is unsafe (a crash while saving leaves nothing); use >= 2 or 0")
+
+
+def build_model_config(cfg: PretrainConfig, data_vocab: int) -> ModelConfig:
+    """The preset, then the data's vocabulary size, then the user's `model.*` overrides."""
+    base = dataclasses.asdict(PRESETS[cfg.preset]) | {"vocab_size": data_vocab}
+    model_cfg = config.from_dict(ModelConfig, base | cfg.model, prefix="model.")
+    if model_cfg.vocab_size < data_vocab:
+        raise config.ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's {data_vocab}")
+    return model_cfg
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# What must match between a checkpoint and the resuming run for the resume to be exact.
+RESUME_KEYS = ("model", "train.seq_len", "train.global_batch_tokens", "train.steps", "schedule", "optim.lr", "data.order", "run.seed")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_resume_config(saved: dict, current: dict, allow: bool) -> None:
+    diffs = [k for k in RESUME_KEYS if _lookup(saved, k) != _lookup(current, k)]
+    if diffs and not allow:
+        detail = "; ".join(f"{k}: checkpoint {_lookup(saved, k)!r} vs now {_lookup(current, k)!r}" for k in diffs)
+        raise config.ConfigError(
+            f"resume config mismatch ({detail}); pass --run.override_checkpoint_config=true to resume anyway"
+        )
+
+
+class _SigtermFlag:
+    """SIGTERM only sets a flag; the loop saves at the next step boundary (never mid-accumulation)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def any_rank(self, d: DistInfo) -> bool:
+        if d.world == 1:
+            return self.raised
+        flag = torch.tensor([float(self.raised)], device=d.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(config.parse(PretrainConfig, argv, prog="pretrain"))
+
+
+def run(cfg: PretrainConfig) -> int:
+    d = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: PretrainConfig, d: DistInfo) -> int:
+    run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
+    manifest = read_manifest(cfg.data.dir)
+    model_cfg = build_model_config(cfg, manifest["vocab_size"])
+    seq_len = cfg.train.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise config.ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    micro = cfg.train.micro_batch_size
+    tokens_per_micro_step = micro * seq_len * d.world
+    global_tokens = cfg.train.global_batch_tokens or tokens_per_micro_step
+    if global_tokens % tokens_per_micro_step:
+        raise config.ConfigError(
+            f"train.global_batch_tokens={global_tokens} is not a multiple of micro_batch_size * seq_len * world "
+            f"= {micro} * {seq_len} * {d.world} = {tokens_per_micro_step}"
+        )
+    accum = global_tokens // tokens_per_micro_step
+    samples_per_step = micro * accum * d.world
+    resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
+    resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
+
+    train_data = TokenWindows(cfg.data.dir, "train", seq_len, seed=cfg.run.seed, order=cfg.data.order, verify=cfg.data.verify)
+    has_val = cfg.eval.every > 0 and read_manifest(cfg.data.dir)["splits"].get("val", {}).get("tokens", 0) > seq_len
+    val_data = TokenWindows(cfg.data.dir, "val", seq_len, order="sequential", verify=cfg.data.verify) if has_val else None
+
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank
+    model = Transformer(model_cfg).to(d.device)
+    optimizer = build_optimizer(model, cfg.optim, d.device.type)
+    amp_dtype = resolve_precision(cfg.train.precision, d.device)
+    scaler = torch.amp.GradScaler(d.device.type) if amp_dtype == torch.float16 else None
+    train_model = parallelize(
+        model, d, activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile
+    )
+
+    step, samples, skipped = 0, 0, 0
+    resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=d.device)
+        check_resume_config(state["config"], resolved, cfg.run.override_checkpoint_config)
+        step, samples, skipped = state["step"], state["samples"], state["skipped_steps"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(resume_from, d.rank)
+    else:
+        torch.manual_seed(cfg.run.seed + d.rank)  # dropout differs per rank, reproducibly
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml(cfg))
+            atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    flops_per_token = model.flops_per_token(seq_len)
+    peak = datasheet_peak_flops(d.device, amp_dtype) or measured_matmul_peak_flops(d.device, amp_dtype)
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "samples": samples, "skipped_steps": skipped, "config": resolved,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+        return ckpt.save_checkpoint(run_dir, at_step, model=model, optimizer=optimizer, state=state,
+                                    keep_last_n=cfg.checkpoint.keep_last_n)
+
+    def validate() -> float:
+        batches = [val_data.batch(i * micro, micro, d.device) for i in range(d.rank, cfg.eval.batches, d.world)]
+        return eval_loss(train_model, batches, amp_dtype)
+
+    if d.is_main:
+        print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
+              f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.world} ranks), "
+              f"{amp_dtype}, run dir {run_dir}")
+    sigterm = _SigtermFlag()
+    logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=step, rank=d.rank,
+                       tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=resolved,
+                       progress=cfg.log.progress)
+    train_model.train()
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        while step < cfg.train.steps:
+            if faults.active("crash", step=step, rank=d.rank):
+                raise SystemExit(f"TEMPER_FAULT crash at step {step} on rank {d.rank}")
+            lr = lr_at(step - skipped, cfg.train.steps, cfg.optim.lr, cfg.schedule)
+            set_lr(optimizer, lr)
+            batches = [train_data.batch(rank_slice(samples, micro, m, d.rank, d.world), micro, d.device)
+                       for m in range(accum)]
+            try:
+                result = train_step(train_model, optimizer, batches, step=step, amp_dtype=amp_dtype, scaler=scaler,
+                                    clip_norm=cfg.train.grad_clip, label_smoothing=cfg.train.label_smoothing,
+                                    on_nonfinite="fail" if cfg.train.on_nonfinite == "rollback" else cfg.train.on_nonfinite)
+            except NonFiniteLoss:
+                last = ckpt.find_resume_checkpoint(run_dir, "auto") if cfg.train.on_nonfinite == "rollback" else None
+                if last is None:
+                    raise
+                # PaLM §5.1: restart from the last checkpoint and skip the batches around the spike.
+                bad_samples = samples
+                state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, map_location=d.device)
+                ckpt.restore_rng(last, d.rank)
+                step, skipped = state["step"], state["skipped_steps"]
+                samples = bad_samples + cfg.train.rollback_skip_steps * samples_per_step
+                logger.message(f"non-finite loss: rolled back to step {step}, skipping to sample {samples}")
+                continue
+            samples += samples_per_step
+            skipped += result.skipped
+            step += 1
+            window_tokens += result.tokens
+            if step % cfg.log.every == 0 or step == cfg.train.steps:
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s, mfu = throughput(window_tokens, elapsed, flops_per_token, peak)
+                logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": samples * seq_len,
+                                  "step_time_s": elapsed / cfg.log.every, "skipped_steps": skipped})
+                window_tokens, window_start = 0, time.perf_counter()
+            if val_data is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                val = validate()
+                logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 80.0))}, kind="val")
+                window_start = time.perf_counter()  # validation time is not training throughput
+            saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
+            if saved:
+                save(step)
+                window_start = time.perf_counter()
+            if sigterm.any_rank(d):
+                if not saved:
+                    save(step)
+                logger.message(f"SIGTERM: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
+                return EXIT_PREEMPTED
+    finally:
+        logger.close()
+        sigterm.restore()
+
+    if d.is_main:
+        final = run_dir / "final"
+        save_hf(unwrap(model), model_cfg, final, tokenizer_json=Path(cfg.data.dir) / manifest["tokenizer"])
+        report = write_report(run_dir)
+        print(f"final model: {final}\nreport: {report}")
+    return 0
