@@ -17,10 +17,10 @@ def _lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _log_steps(logger: RunLogger, steps: range) -> None:
+def _log_steps(logger: RunLogger, steps: range, **extra: float) -> None:
     for s in steps:
         logger.log(s, {"loss": 10.0 / s, "lr": 1e-3, "grad_norm": 1.0 + s % 3, "tokens_per_s": 1000.0 + s,
-                       "mfu": 0.3, "tokens": 64 * s, "step_time_s": 0.1, "skipped_steps": 0})
+                       "mfu": 0.3, "tokens": 64 * s, "step_time_s": 0.1, "skipped_steps": 0, **extra})
         if s % 4 == 0:
             logger.log(s, {"val_loss": 9.0 / s, "val_ppl": math.exp(9.0 / s)}, kind="val")
 
@@ -88,12 +88,12 @@ def test_progress_bar_and_val_line(tmp_path, capsys):
 def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        # Both ranks log every step, then "resume" from step 3 and log 4..6 again, as after a restart.
         with RunLogger(run_dir, total_steps=6, rank=dist.get_rank()) as logger:
-            _log_steps(logger, range(1, 7))
-        dist.barrier()  # rank 1 must not reopen and truncate while rank 0 still writes, and vice versa
-        with RunLogger(run_dir, total_steps=6, start_step=3, rank=dist.get_rank()) as logger:
-            _log_steps(logger, range(4, 7))
+            _log_steps(logger, range(1, 7), writer=rank)
         dist.barrier()
+        with RunLogger(run_dir, total_steps=6, start_step=3, rank=dist.get_rank()) as logger:
+            _log_steps(logger, range(4, 7), writer=rank)
     finally:
         dist.destroy_process_group()
 
@@ -105,8 +105,9 @@ def test_two_rank_gloo_only_rank0_writes(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
-    train = [r["step"] for r in _lines(tmp_path) if r["kind"] == "train"]
-    assert train == [1, 2, 3, 4, 5, 6]  # each step exactly once, though both ranks logged it twice
+    lines = _lines(tmp_path)
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # once each, monotonic
+    assert {r["writer"] for r in lines if r["kind"] == "train"} == {0}
 
 
 def test_write_report(tmp_path):
@@ -150,3 +151,24 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)
     with pytest.raises(ImportError, match="wandb is not installed"):
         RunLogger(tmp_path, total_steps=4, wandb=True, progress=False)
+
+
+def test_wandb_run_is_resumed_with_kind_tags(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append((step, data))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = type("wandb", (), {"util": type("util", (), {"generate_id": staticmethod(lambda: "abc123")}),
+                              "init": staticmethod(lambda **kw: calls.append(kw) or FakeRun())})
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    for start in (0, 2):
+        with RunLogger(tmp_path, total_steps=3, start_step=start, wandb=True, progress=False) as logger:
+            logger.log(start + 1, {"loss": 1.0}, kind="train")
+    init1, (step, data), _, init2 = calls[:4]
+    assert init1["id"] == init2["id"] == "abc123" and init2["resume"] == "allow"
+    assert (step, data) == (1, {"train/loss": 1.0})

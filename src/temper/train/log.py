@@ -27,18 +27,13 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl, skipping lines that do not parse (a crash mid-write leaves one)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    path, records = Path(path), []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+            pass
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 
 def _plain(value: Any) -> Any:
@@ -60,28 +55,41 @@ class RunLogger:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
-        self._truncate(start_step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.path, self._tensorboard = self.run_dir / METRICS_FILE, tensorboard
+        self._open(start_step)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a crashed run wrote after the checkpoint we resume from.
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         if wandb:
             self._wandb = self._init_wandb(wandb_project, config)
 
-    def _truncate(self, start_step: int) -> None:
-        """Keep only records of steps <= start_step; a fresh run (start_step 0) starts an empty file."""
-        if not self.path.exists():
+    def _open(self, start_step: int) -> None:
+        """Drop what was logged after start_step (metrics.jsonl and TensorBoard), then open for appending."""
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+            # A fresh run (start_step 0) starts an empty file rather than mixing with an old run's lines.
+            keep = [r for r in read_metrics(self.path) if 0 < start_step and r["step"] <= start_step]
+            new = "".join(json.dumps(r) + "\n" for r in keep)
+            if new != text:  # atomic: a crash here leaves the old file or the new one, never half of it
+                atomic_write_text(self.path, new)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides the events a crashed run wrote after the checkpoint we resume from.
+            purge = start_step + 1 if start_step else None
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+
+    def rewind(self, step: int) -> None:
+        """Forget everything logged after `step`, for a rollback to that step's checkpoint mid-run."""
+        if not self.active:
             return
-        text = self.path.read_text(encoding="utf-8", errors="replace")
-        keep = [r for r in read_metrics(self.path) if 0 < start_step and r["step"] <= start_step]
-        new = "".join(json.dumps(r) + "\n" for r in keep)
-        if new != text:  # atomic, so a crash here leaves the old file or the new one, never half
-            atomic_write_text(self.path, new)
+        for sink in (self._file, self._tb):
+            if sink is not None:
+                sink.close()
+        self._open(step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
 
     def _init_wandb(self, project: str, config: dict | None) -> Any:
         try:
@@ -236,8 +244,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary(records)] + [""]
         try:
             images = _plot(run_dir, records)
-        except ImportError:
-            images = None
+        except ImportError:  # plots are an extra; the table alone is still worth writing
+            images = []
             lines.append("matplotlib is not installed (`pip install 'temper[plots]'`), so this report has no plots.")
         if images:
             lines += ["![training curves](report.png)", "",

@@ -75,9 +75,9 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> f
         decay_start = max(cfg.warmup_steps, total_steps - int(cfg.decay_fraction * total_steps))
         if step < decay_start:
             return peak_lr
-        progress = (step - decay_start) / max(1, total_steps - decay_start)
+        progress = (step - decay_start) / max(1, total_steps - 1 - decay_start)
         return peak_lr - (peak_lr - min_lr) * min(1.0, progress)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - 1 - cfg.warmup_steps))
     if cfg.kind == "linear":
         return peak_lr - (peak_lr - min_lr) * progress
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))

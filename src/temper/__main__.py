@@ -1,0 +1,36 @@
+"""`temper <command> [--config FILE.yaml] [--section.key=value ...]`: a flat table of recipes."""
+
+from __future__ import annotations
+
+import sys
+
+from temper.recipes import generate, pretrain, prepare
+
+COMMANDS = {
+    "prepare": prepare.main,
+    "pretrain": pretrain.main,
+    "generate": generate.main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"temper: unknown command {argv[0]!r}\n", file=sys.stderr)
+        print("usage: temper <command> [--help] [--config FILE.yaml] [--section.key=value ...]\n\ncommands:")
+        for name, fn in COMMANDS.items():
+            doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"  {name:<10} {doc}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from temper.config import ConfigError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except ConfigError as e:
+        print(f"temper {argv[0]}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

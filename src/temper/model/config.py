@@ -1,0 +1,134 @@
+"""ModelConfig: the shape and the variant of a decoder, and the named presets.
+
+A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying), never by
+matching a model's name, so one `Transformer` covers GPT-2, GPT-3 and Llama shapes. This module
+only describes shapes: it builds nothing and imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+MLP_KINDS = ("gelu", "swiglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+POS_KINDS = ("learned", "rope")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """The hyper-parameters of one decoder-only transformer."""
+
+    vocab_size: int = 256
+    """Rows of the token embedding (and of the output head)."""
+    dim: int = 64
+    """Width of the residual stream (d_model)."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads per attention layer; head_dim = dim // n_heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads; None means n_heads (multi-head), fewer means grouped-query attention."""
+    ffn_dim: int | None = None
+    """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
+    max_seq_len: int = 256
+    """Longest sequence: rows of the learned position table or of the RoPE table."""
+    mlp: str = "gelu"
+    """MLP kind: "gelu" (GPT-2, tanh approximation) or "swiglu" (Llama)."""
+    norm: str = "layernorm"
+    """Normalisation kind: "layernorm" (GPT-2) or "rmsnorm" (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance in every norm."""
+    pos: str = "learned"
+    """Position kind: "learned" absolute embeddings (GPT-2) or "rope" rotary embeddings (Llama)."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    rope_scaling: dict | None = None
+    """Llama-3.1 RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+    bias: bool = True
+    """Biases in every linear layer and in LayerNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches (training only)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation (GPT-2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be positive and divide n_heads ({self.n_heads})")
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise ValueError(f"ffn_dim must be positive or None, got {self.ffn_dim}")
+        for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("pos", POS_KINDS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"{name} must be one of {kinds}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"pos='rope' needs an even head_dim (dim / n_heads), got {self.head_dim}")
+        if self.rope_scaling is not None:
+            if self.rope_scaling.get("rope_type") != "llama3":
+                raise ValueError(f"rope_scaling: only rope_type 'llama3' is supported, got {self.rope_scaling!r}")
+            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling is missing {missing}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ValueError("norm_eps, init_std and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads with None resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """ffn_dim with None resolved (kept a property so `replace(cfg, dim=...)` never goes stale)."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        if self.mlp == "gelu":
+            return 4 * self.dim
+        return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # Llama: 2/3 of 4*dim, multiple of 256
+
+
+_GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)
+_GPT3 = ModelConfig(max_seq_len=2048, vocab_size=50257)
+_LLAMA = ModelConfig(mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
+    "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
+    # The same size with every Llama feature switched on, GQA included (2 kv heads for 4 query heads).
+    "debug-llama": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128),
+    "gpt2-124m": replace(_GPT2, dim=768, n_layers=12, n_heads=12),
+    "gpt2-350m": replace(_GPT2, dim=1024, n_layers=24, n_heads=16),
+    "gpt2-774m": replace(_GPT2, dim=1280, n_layers=36, n_heads=20),
+    "gpt2-1.5b": replace(_GPT2, dim=1600, n_layers=48, n_heads=25),
+    # GPT-2-small's width and depth with Llama's parts: 4 kv heads for 12 query heads (GQA, Ainslie et
+    # al. 2023) cut the KV cache 3x at little quality cost; ffn 2048 = 8/3*768 keeps the MLP's parameter
+    # count equal to a 4x GELU MLP; a 32k vocab with an untied head lands at ~125M parameters.
+    "llama-125m": replace(
+        _LLAMA, vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
+        max_seq_len=2048, tie_embeddings=False,
+    ),
+    "llama-3.2-1b": replace(
+        _LLAMA, vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True, norm_eps=1e-5,
+        rope_scaling={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
+    "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),
+    "gpt3-175b": replace(_GPT3, dim=12288, n_layers=96, n_heads=96),
+}

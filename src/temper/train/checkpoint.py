@@ -1,0 +1,453 @@
+"""Training checkpoints: atomic save, verified load, resume selection, retention.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step-0000004/
+      model.safetensors   weights (tied duplicates stored once, their names in the file's metadata)
+      optim.pt            optimizer.state_dict(), read back only with weights_only=True
+      rng-rank{r}.pt      python / numpy / torch CPU / CUDA RNG states of rank r (tensors, ints, lists)
+      state.json          the caller's trainer state: step, loader position, scheduler, scaler, config ...
+      manifest.json       written last: {"step", "files": {name: {"sha256", "bytes"}}, "world_size", "complete"}
+    latest                text file naming the newest complete directory (for people and tools)
+
+A save writes everything into `step-0000004.tmp/`, fsyncs it, renames it to `step-0000004/` and
+only then updates `latest` and applies retention (OLMo writes into a temporary dir the same way;
+torchtitan treats a step dir without its `.metadata` as absent). A process killed mid-save leaves
+only a `.tmp` dir, which is ignored and removed by the next save or resume. On load every file is
+checked against the manifest's sha256, and `resume="auto"` skips a corrupt newest checkpoint
+with a warning, falling back to the previous valid one.
+
+Under torch.distributed every rank calls `save_checkpoint`: parameters are replicated (DDP), so
+rank 0 writes model, optimizer and state, each rank writes its own RNG file. The run dir must be
+on a filesystem that all ranks see.
+
+It does not export Hugging Face models (model/convert.py), does not decide when to save (the
+recipe's loop does), and does not reshard FSDP/TP state (not supported here yet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from temper import faults
+from temper.files import atomic_write_text, fsync_dir, safe_join, safe_torch_load, sha256_file
+from temper.train.parallel import unwrap
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.pt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_ALIASES_KEY = "temper.aliases"  # safetensors metadata: {"dropped name": "stored name"}
+
+
+class CheckpointCorrupt(Exception):
+    """A checkpoint is incomplete or its files do not match its manifest."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# ---------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep_last_n: int = 3,
+) -> Path:
+    """Write the checkpoint for `step` atomically and return its directory. Every rank must call it.
+
+    `keep_last_n` complete checkpoints are kept (0 keeps all); older ones are deleted only after
+    the new one is complete. Saving a step that already exists replaces it.
+    """
+    _check_keep_last_n(keep_last_n)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    rank, world = _rank_world()
+    root = Path(run_dir) / "checkpoints"
+    name = checkpoint_dir_name(step)
+    tmp, final = root / f"{name}.tmp", root / name
+
+    ok = True
+    if rank == 0:
+        ok = _attempt(_prepare_tmp, root, tmp)
+    _all_ok(ok, "preparing", tmp)
+
+    ok = _attempt(_write_rank_files, tmp, rank, step, model, optimizer, state)
+    _all_ok(ok, "writing", tmp)
+
+    if rank == 0:
+        ok = _attempt(_commit, root, tmp, final, step, world, keep_last_n)
+    _all_ok(ok, "committing", tmp)
+    return final
+
+
+def _check_keep_last_n(keep_last_n: int) -> None:
+    # torchtitan rejects keep_latest_k == 1 for the same reason: the only checkpoint would be
+    # deleted as soon as the next one starts to count, and a crash then leaves none.
+    if keep_last_n == 1:
+        raise ValueError(
+            "keep_last_n=1 is not allowed: a crash while writing the next checkpoint could leave no "
+            "valid one. Use keep_last_n >= 2, or 0 to keep all."
+        )
+    if keep_last_n < 0:
+        raise ValueError(f"keep_last_n must be 0 (keep all) or >= 2, got {keep_last_n}")
+
+
+def _prepare_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(root)
+    tmp.mkdir()
+
+
+def _write_rank_files(
+    tmp: Path,
+    rank: int,
+    step: int,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> None:
+    if rank == 0:
+        try:
+            state_text = json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n"
+        except TypeError as e:
+            raise TypeError(f"checkpoint state must be JSON-serialisable: {e}") from e
+        _write_model(tmp / MODEL_FILE, model, step)
+        if optimizer is not None:
+            with open(tmp / OPTIM_FILE, "wb") as f:
+                torch.save(optimizer.state_dict(), f)
+                _flush(f)
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
+            f.write(state_text)
+            _flush(f)
+    with open(tmp / _rng_file(rank), "wb") as f:
+        torch.save(_rng_state(), f)
+        _flush(f)
+
+
+def _commit(root: Path, tmp: Path, final: Path, step: int, world: int, keep_last_n: int) -> None:
+    missing = [_rng_file(r) for r in range(world) if not (tmp / _rng_file(r)).exists()]
+    if missing:
+        raise RuntimeError(f"{tmp}: missing {missing}; does every rank see the same run dir?")
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())
+    }
+    manifest = {"step": step, "files": files, "world_size": world, "complete": True}
+    # The manifest goes last: its presence is what makes the directory a checkpoint.
+    with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        _flush(f)
+    fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. a SIGTERM save right after a periodic one)
+        final.rename(root / f"{final.name}.replaced.tmp")
+    tmp.rename(final)
+    fsync_dir(root)
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    _apply_retention(root, keep_last_n, keep=final)
+    clean_stale_tmp(root)
+
+
+def _apply_retention(root: Path, keep_last_n: int, keep: Path) -> None:
+    """Delete all but the newest `keep_last_n` complete checkpoints (never `keep`, the new one)."""
+    if keep_last_n == 0:
+        return
+    old = [p for p in list_checkpoints(root.parent) if p != keep][: -(keep_last_n - 1)]
+    for path in old:
+        # Rename first so a crash mid-delete leaves a `.tmp` dir, not a half-deleted checkpoint.
+        doomed = path.with_name(f"{path.name}.deleting.tmp")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def clean_stale_tmp(checkpoints_dir: str | os.PathLike) -> None:
+    """Remove `*.tmp` leftovers of saves or deletions that a crash interrupted."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return
+    for p in root.glob("*.tmp"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_model(path: Path, model: nn.Module | Mapping[str, torch.Tensor], step: int) -> None:
+    sd = unwrap(model).state_dict() if isinstance(model, nn.Module) else dict(model)
+    tensors, aliases = _dedup_shared(sd)
+    metadata = {_ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
+    if faults.active("kill_during_save", step=step):
+        # Emulate SIGKILL in the middle of the write: half the bytes reach the disk, then death.
+        blob = safetensors.torch.save(tensors, metadata=metadata)
+        with open(path, "wb") as f:
+            f.write(blob[: len(blob) // 2])
+            _flush(f)
+        faults.kill_now()
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _dedup_shared(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory. Exact aliases (tied embeddings) are stored
+    once and their other names recorded; partial overlaps (views) are cloned."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: dict[int, int] = {}
+    for name, t in sd.items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+        ptr = t.untyped_storage().data_ptr()
+        storages[ptr] = storages.get(ptr, 0) + 1
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        shared = storages[ptr] > 1 and t.numel() > 0
+        t = t.to("cpu").contiguous()
+        tensors[name] = t.clone() if shared else t
+    return tensors, aliases
+
+
+# ------------------------------------------------------------------------------- find / verify
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories that have a manifest (not yet verified), oldest step first."""
+    return [p for p in _step_dirs(run_dir) if (p / MANIFEST_FILE).is_file()]
+
+
+def _step_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check that the manifest is complete and every file matches its size and sha256."""
+    _read_manifest(Path(path), verify=True)
+
+
+def _read_manifest(path: Path, *, verify: bool) -> dict[str, Any]:
+    label = path.name
+    mpath = path / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointCorrupt(f"{label}: missing {MANIFEST_FILE} (incomplete save?)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files, step, world = manifest["files"], manifest["step"], manifest["world_size"]
+        if manifest.get("complete") is not True or not isinstance(files, dict):
+            raise ValueError("not marked complete")
+        if not isinstance(step, int) or not isinstance(world, int):
+            raise ValueError("step/world_size are not integers")
+        for entry in files.values():
+            if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("bytes"), int):
+                raise ValueError("a file entry lacks sha256/bytes")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointCorrupt(f"{label}/{MANIFEST_FILE} unreadable: {e}") from e
+    required = [MODEL_FILE, STATE_FILE] + [_rng_file(r) for r in range(world)]
+    for name in required:
+        if name not in files:
+            raise CheckpointCorrupt(f"{label}/{MANIFEST_FILE} does not list {name}")
+    if not verify:
+        return manifest
+    for name, entry in files.items():
+        try:
+            fpath = safe_join(path, name)  # a tampered manifest must not point outside the dir
+        except ValueError as e:
+            raise CheckpointCorrupt(f"{label}/{MANIFEST_FILE}: bad file name {name!r}") from e
+        if not fpath.is_file():
+            raise CheckpointCorrupt(f"{label}: missing {name}")
+        size = fpath.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointCorrupt(f"{label}/{name} size mismatch ({size} bytes, manifest says {entry['bytes']})")
+        if sha256_file(fpath) != entry["sha256"]:
+            raise CheckpointCorrupt(f"{label}/{name} sha256 mismatch")
+    return manifest
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """Pick the checkpoint to resume from.
+
+    "never" / "" / None: None. "auto": the newest checkpoint that verifies; corrupt newer ones
+    are skipped with a warning (None when there is none). Anything else is a path (absolute, or
+    a directory name under `<run_dir>/checkpoints/`), which must verify: no fallback.
+    """
+    if resume in (None, "", "never"):
+        return None
+    root = Path(run_dir) / "checkpoints"
+    if resume == "auto":
+        # One cleaner: ranks may get here before joining the process group, hence RANK too.
+        if _rank_world()[0] == 0 and os.environ.get("RANK", "0") == "0":
+            clean_stale_tmp(root)
+        for path in reversed(_step_dirs(run_dir)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointCorrupt as e:
+                warnings.warn(f"skipping checkpoint {path}: CheckpointCorrupt: {e}", stacklevel=2)
+        return None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists() and root.is_dir():
+        path = safe_join(root, resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume checkpoint {resume!r} not found")
+    verify_checkpoint(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- load
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Verify `path`, load weights into `model` and state into `optimizer` in place; return state.json.
+
+    RNG is restored separately by `restore_rng`, after the caller has fast-forwarded its data
+    loader (RELIABILITY.md row 2: restoring it before would let the fast-forward consume it).
+    """
+    path = Path(path)
+    _read_manifest(path, verify=True)
+    model_path = path / MODEL_FILE
+    sd = safetensors.torch.load_file(model_path, device="cpu")
+    with safetensors.safe_open(model_path, framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    for dropped, stored in aliases.items():
+        sd[dropped] = sd[stored]
+    result = unwrap(model).load_state_dict(sd, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        warnings.warn(
+            f"{path.name}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}",
+            stacklevel=2,
+        )
+    if optimizer is not None:
+        if not (path / OPTIM_FILE).is_file():
+            raise ValueError(f"{path.name} has no {OPTIM_FILE}: it was saved without an optimizer")
+        optimizer.load_state_dict(safe_torch_load(path / OPTIM_FILE, map_location=map_location))
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    # Only tensors, ints, floats, strings and lists, so that weights_only=True can read it back
+    # (torch 2.6 made weights_only the default and broke pickled numpy RNG states: HF #34631).
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(path: str | os.PathLike, rank: int) -> None:
+    """Restore this rank's python / numpy / torch / CUDA RNG from checkpoint `path`.
+
+    If the checkpoint has no file for `rank` (it was written with fewer ranks), reseed every
+    generator from (step, rank) instead and warn: the run continues deterministically but not
+    bit-identically to an uninterrupted one.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path, verify=False)
+    name = _rng_file(rank)
+    if name not in manifest["files"]:
+        seed = (manifest["step"] * 1_000_003 + rank) % (2**32)
+        warnings.warn(
+            f"{path.name} was saved by {manifest['world_size']} ranks and has no {name}; "
+            f"reseeding rank {rank}'s RNG from step {manifest['step']} (seed {seed})",
+            stacklevel=2,
+        )
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        return
+    if sha256_file(path / name) != manifest["files"][name]["sha256"]:
+        raise CheckpointCorrupt(f"{path.name}/{name} sha256 mismatch")
+    s = safe_torch_load(path / name)
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = s["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(s["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device=i)
+
+
+# --------------------------------------------------------------------------------- distributed
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _attempt(fn: Callable[..., None], *args: Any) -> bool | BaseException:
+    """Run one save phase; return True, or the exception so that all ranks can agree to fail."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:  # re-raised by _all_ok after every rank knows
+        return e
+
+
+def _all_ok(ok: bool | BaseException, phase: str, tmp: Path) -> None:
+    """Barrier that also tells every rank whether all ranks succeeded, so a failure on one rank
+    raises everywhere instead of leaving the others blocked in the next barrier."""
+    good = ok is True
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend())
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        flag = torch.tensor([1 if good else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        all_good = bool(flag.item())
+    else:
+        all_good = good
+    if isinstance(ok, BaseException):
+        raise ok
+    if not all_good:
+        raise RuntimeError(f"checkpoint save failed on another rank while {phase} {tmp}")
+
+
+def _flush(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())

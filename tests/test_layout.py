@@ -1,0 +1,63 @@
+"""The README's "where does X happen" table and the import-direction rule of DESIGN.md stay true."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "temper"
+
+# stage -> temper stages it may import (DESIGN.md "Import direction"); top-level helper modules
+# (config, files, faults) sit below every stage.
+ALLOWED = {
+    "data": set(),
+    "model": set(),
+    "train": {"data", "model"},
+    "infer": {"model"},
+    "align": {"train", "infer", "data"},
+    "eval": {"infer", "data"},
+    "rag": {"infer", "data", "model"},
+    "recipes": {"data", "model", "train", "infer", "align", "eval", "rag"},
+}
+BASE = {"config", "files", "faults"}
+
+
+def test_readme_table_paths_exist():
+    text = (ROOT / "README.md").read_text()
+    paths = re.findall(r"\| `([^`]+\.(?:py|sh)|[^`]+/)` \|", text)
+    assert len(paths) > 10
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("temper"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("temper"))
+    return out
+
+
+def test_import_direction():
+    bad = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).parts
+        if len(rel) == 1:
+            if rel[0] == "__main__.py":
+                stages = {m.split(".")[1] for m in _imports(path) if m.count(".") >= 1}
+                bad += [f"__main__ imports {s}" for s in stages - {"recipes", "config"}]
+            continue
+        stage = rel[0]
+        for mod in _imports(path):
+            parts = mod.split(".")
+            if len(parts) < 2 or parts[1] in BASE or parts[1] == stage:
+                continue
+            if stage == "recipes" and parts[1] == "recipes" and len(parts) > 2 and path.stem != "__init__":
+                bad.append(f"{path.relative_to(ROOT)} imports another recipe {mod}")
+            elif parts[1] not in ALLOWED[stage]:
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad, bad

@@ -1,0 +1,65 @@
+"""Parameter groups and LR schedules (row 5: LR continuity is by construction a pure function)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+
+def test_decay_only_on_matrices_and_tied_head_listed_once():
+    m = Tiny()
+    decay, no_decay = param_groups(m, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(m.lin.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(m.emb.weight), id(m.lin.bias), id(m.norm.weight), id(m.norm.bias)}
+    decay, _ = param_groups(m, 0.1, decay_embeddings=True)
+    assert {id(p) for p in decay["params"]} == {id(m.lin.weight), id(m.emb.weight)}
+    opt = build_optimizer(m, OptimConfig(lr=1e-3, weight_decay=0.1), "cpu")
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "wsd"])
+def test_schedule_shapes(kind):
+    cfg = ScheduleConfig(kind=kind, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    lrs = [lr_at(s, 100, 1.0, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(0.1 - 1e-9 <= x <= 1.0 + 1e-9 for x in lrs)
+    if kind == "constant":
+        assert lrs[-1] == 1.0
+    else:
+        assert lrs[-1] == pytest.approx(0.1)
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never increases after warmup
+    if kind == "wsd":
+        assert lrs[79] == 1.0 and lrs[81] < 1.0
+    if kind == "cosine":
+        assert lrs[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 89)))
+
+
+def test_lr_continuity_is_a_pure_function_of_the_step():
+    """Row 5: the LR after a resume at step k equals the uninterrupted one (no scheduler state)."""
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=5)
+    uninterrupted = [lr_at(s, 50, 3e-4, cfg) for s in range(50)]
+    resumed = [lr_at(s, 50, 3e-4, cfg) for s in range(20)] + [lr_at(s, 50, 3e-4, cfg) for s in range(20, 50)]
+    assert uninterrupted == resumed
+
+
+def test_adamw_fused_off_on_cpu():
+    m = nn.Linear(2, 2)
+    opt = build_optimizer(m, OptimConfig(), "cpu")
+    assert not opt.defaults.get("fused")
+    loss = m(torch.ones(1, 2)).sum()
+    loss.backward()
+    opt.step()
