@@ -50,6 +50,15 @@ def test_resume_truncates_later_steps(tmp_path):
     assert steps == sorted(steps)
 
 
+def test_rewind_after_rollback(tmp_path):
+    with RunLogger(tmp_path, total_steps=8, tensorboard=True, progress=False) as logger:
+        _log_steps(logger, range(1, 7))
+        logger.rewind(3)  # non-finite loss at step 7: reload the step-3 checkpoint and go on from there
+        _log_steps(logger, range(4, 9))
+    steps = [r["step"] for r in _lines(tmp_path) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
 def test_fresh_run_starts_empty_file(tmp_path):
     with RunLogger(tmp_path, total_steps=8, progress=False) as logger:
         _log_steps(logger, range(1, 4))
@@ -83,6 +92,9 @@ def test_progress_bar_and_val_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "4/8" in err and "loss 2.5000 | lr 1.00e-03 | 1.00k tok/s | MFU 30.0%" in err
     assert "step 4 val: val loss 2.2500 | perplexity 9.4877" in out
+    with RunLogger(tmp_path, total_steps=8, start_step=4) as logger:
+        logger.log(5, {"loss": 1.0, "mfu": 0.0})  # 0 = peak unknown (CPU): not shown
+    assert "MFU" not in capsys.readouterr().err
 
 
 def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:

@@ -2,9 +2,9 @@
 
 `RunLogger` is the one sink for a run's numbers. Only rank 0 writes or prints anything; other
 ranks get a logger whose every method is a no-op. `metrics.jsonl` is append-safe across resume:
-a logger opened at `start_step=k` first drops the lines of steps after k (and a line half-written
-by a crash), so a resumed run never records a step twice. `write_report` turns the file into
-`report.md` with plots.
+a logger opened at `start_step=k` (or rewound to k after a rollback) first drops the lines of steps
+after k and any line half-written by a crash, so no step is ever recorded twice. `write_report`
+turns the file into `report.md` with plots.
 
 It computes no training number: tokens/s, MFU, perplexity and the rest arrive as metrics from
 `train/step.py` and the recipes. It does not decide when to log; the loop does.
@@ -80,7 +80,10 @@ class RunLogger:
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
 
     def rewind(self, step: int) -> None:
-        """Forget everything logged after `step`, for a rollback to that step's checkpoint mid-run."""
+        """Forget what was logged after `step`, for a rollback to that step's checkpoint mid-run.
+
+        W&B cannot forget steps: there the replayed steps are dropped by W&B as out of order.
+        """
         if not self.active:
             return
         for sink in (self._file, self._tb):
@@ -121,14 +124,14 @@ class RunLogger:
             self._show_train(step, metrics)
         else:
             names = {"val_loss": "val loss", "val_ppl": "perplexity"}
-            self.message(f"step {step} {kind}: " + " | ".join(
-                f"{names.get(k, k)} {v:.4f}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
-                for k, v in metrics.items()))
+            shown = (f"{names.get(k, k)} {format(v, '.4f' if isinstance(v, float) else '')}" for k, v in metrics.items())
+            self.message(f"step {step} {kind}: " + " | ".join(shown))
 
     def _show_train(self, step: int, m: dict[str, Any]) -> None:
         shown = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("tokens_per_s", "{} tok/s"), ("mfu", "MFU {:.1%}")]
+        # MFU is 0 where the hardware peak is unknown (CPU): not worth showing.
         text = " | ".join(fmt.format(tqdm.format_sizeof(m[k]) if k == "tokens_per_s" else m[k])
-                          for k, fmt in shown if m.get(k) is not None)
+                          for k, fmt in shown if m.get(k) is not None and not (k == "mfu" and m[k] == 0))
         if self._bar is None:  # no bar (output to a file): one plain line per logged step instead
             tqdm.write(f"step {step}: {text}")
         else:
@@ -223,12 +226,14 @@ def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     last_half = train[len(train) // 2:]  # skips warm-up and compilation, which are not the steady rate
     for label, key, fmt in [("tokens/s (mean, last half)", "tokens_per_s", "{:,.0f}"),
                             ("MFU (mean, last half)", "mfu", "{:.1%}")]:
-        if values := [r[key] for r in last_half if isinstance(r.get(key), (int, float))]:
+        values = [r[key] for r in last_half if isinstance(r.get(key), (int, float))]
+        if any(values):  # all zero: MFU with an unknown peak
             rows.append((label, fmt.format(sum(values) / len(values))))
     for label, key in [("tokens seen", "tokens"), ("skipped steps", "skipped_steps")]:
         if values := _series(records, "train", key)[1]:
             rows.append((label, f"{values[-1]:,}"))
-    seconds = records[-1].get("time", 0) - records[0].get("time", 0)  # wall clock, pauses between resumes included
+    # Wall clock from the first record to the last, pauses between a crash and its resume included.
+    seconds = records[-1].get("time", 0) - records[0].get("time", 0)
     rows.append(("total time", f"{seconds:.0f} s ({seconds / 3600:.2f} h)"))
     return rows
 

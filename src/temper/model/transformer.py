@@ -1,0 +1,362 @@
+"""The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
+
+Every variant (GPT-2, GPT-3, Llama) comes from `ModelConfig` fields: learned positions or RoPE,
+LayerNorm or RMSNorm, GELU or SwiGLU MLP, multi-head or grouped-query attention, biases, tying.
+Attention always goes through `F.scaled_dot_product_attention`, so a GPU picks flash attention.
+
+It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
+training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
+Hugging Face files, and `temper.train.parallel` wraps `self.layers` from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.model.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled left to right as tokens arrive.
+
+    All rows share one fill length: prompts of different lengths are left-padded by the caller,
+    who also passes a key-padding mask and per-row positions. No tensor is reallocated per step.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far, the same for every row
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, Hkv, T, D) keys and values after the filled slots; return all of them."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # views, (B, Hkv, S, D)
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more slots as filled (the model calls this once per forward, after every layer)."""
+        self.length += n
+
+    def crop(self, length: int) -> None:
+        """Forget every slot from `length` on (e.g. rejected speculative tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.length = length
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Upcast so that bf16 activations do not lose the mean of squares; cast back before the
+        # weight, matching the Hugging Face Llama reference bit for bit in float32.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim/2,) in float32 (Su et al. 2021), with Llama-3.1 scaling.
+
+    Llama-3.1 scaling (Meta, "The Llama 3 Herd of Models", 2024) divides the low frequencies by
+    `factor`, keeps the high ones, and interpolates smoothly in between, so a model trained on
+    `original_max_position_embeddings` tokens stretches to longer contexts.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (Su et al. 2021).
+
+    The half-split pairing (not interleaved pairs) is the Hugging Face layout, so Llama weights
+    load without permuting q and k. x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which slice of the KV cache this layer owns
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
+        # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        dropout_p = self.dropout if self.training else 0.0
+        groups = self.n_heads // self.n_kv_heads
+        if groups == 1 or mask is None:
+            # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=groups > 1
+            )  # (B, H, T, D)
+        else:
+            # With a mask, enable_gqa falls back to the math kernel, and repeating K/V would copy the
+            # whole cache every step. Fold each kv head's query group into the query axis instead:
+            # (B, Hkv, G*T, D) queries against the un-repeated (B, Hkv, S, D) keys.
+            S = k.shape[2]
+            qg = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
+            mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p)
+            y = y.view(B, self.n_heads, T, self.head_dim)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.resid_drop(self.o_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2, tanh approximation) or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = cfg.hidden_dim
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+        return self.resid_drop(self.down_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None, causal: bool = True, cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
+
+    Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
+    mlp_norm, mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
+    so state dicts never hold the same tensor twice).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.pos == "rope":  # tables, not weights: non-persistent, rebuilt by init_buffers()
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        self.init_weights()
+
+    # ---- initialisation -------------------------------------------------------------------------
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE cos/sin tables in float32, e.g. after building on the meta device."""
+        if self.cfg.pos != "rope":
+            return
+        device = self.rope_cos.device if device is None else device
+        inv_freq = rope_inv_freq(self.cfg, device)  # (D/2,)
+        angles = torch.outer(torch.arange(self.cfg.max_seq_len, device=device).float(), inv_freq)  # (S, D/2)
+        self.rope_cos = angles.cos()
+        self.rope_sin = angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, residual outputs scaled by 1/sqrt(2*n_layers).
+
+        The scaling keeps the residual stream's variance independent of depth (Radford et al. 2019).
+        Safe to call after `to_empty()` when the model was built on the meta device.
+        """
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                m.reset_parameters()
+        for m in self.modules():
+            out = m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP) else None
+            if out is not None:
+                nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+        self.init_buffers()
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None, last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for tokens (B, T).
+
+        positions: (B, T) per-row positions (left-padded batches); default: the next T positions
+            after what `cache` holds (0.. T-1 without a cache).
+        cache: a `KVCache` from `new_cache`; the new keys/values are appended and its length grows by T.
+        attn_mask: (B, S) bool, True for real tokens, over all S = cached + T keys (causality is added
+            here), or a full (B, 1, T, S) bool mask used as is.
+        last_only: return only the last position's logits (B, 1, V), saving the head's matmul in decoding.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} + {T} do not fit")
+        if positions is None and start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(tokens)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            pe = self.pos_emb.weight[start : start + T] if positions is None else self.pos_emb(positions)
+            x = x + pe  # (B, T, C)
+        else:
+            if positions is None:
+                cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D/2)
+            else:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+            rope = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
+        x = self.drop(x)
+        mask, causal = self._attention_mask(attn_mask, B, T, start, tokens.device)
+        for layer in self.layers:
+            x = layer(x, rope, mask, causal, cache)  # (B, T, C)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        x = self.norm(x)
+        weight = self.tok_emb.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)  # (B, T, V)
+
+    @staticmethod
+    def _attention_mask(
+        attn_mask: torch.Tensor | None, B: int, T: int, start: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """(mask for SDPA, is_causal). Without padding, avoid a mask so SDPA can pick flash attention."""
+        if attn_mask is None:
+            if start == 0:
+                return None, True  # plain causal prefill / training
+            if T == 1:
+                return None, False  # one new query sees every cached key
+        elif attn_mask.dim() == 4:
+            return attn_mask, False
+        S = start + T
+        q_pos = torch.arange(start, S, device=device)  # (T,)
+        k_pos = torch.arange(S, device=device)  # (S,)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if attn_mask is None:
+            return mask[None, None], False  # (1, 1, T, S)
+        if attn_mask.shape != (B, S):
+            raise ValueError(f"attn_mask must be (batch, cached + new) = {(B, S)}, got {tuple(attn_mask.shape)}")
+        # A padding query still sees itself, so no row is fully masked (that would give NaN, and NaN
+        # values in a padded slot poison real rows through 0 * NaN in the next layer).
+        mask = (mask & attn_mask[:, None, :]) | (k_pos[None, :] == q_pos[:, None])  # (B, T, S)
+        return mask[:, None], False  # (B, 1, T, S)
+
+    # ---- inference helpers and accounting ------------------------------------------------------
+
+    def new_cache(
+        self, batch: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the weights' device/dtype)."""
+        p = self.tok_emb.weight
+        c = self.cfg
+        return KVCache(
+            c.n_layers, batch, c.kv_heads, max_len, c.head_dim, device=device or p.device, dtype=dtype or p.dtype
+        )
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters, each shared tensor counted once.
+
+        exclude_embedding drops the pure lookup tables: learned positions, and the token embedding
+        unless it is tied (then it is also the output head, which does a matrix product).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if self.head is not None:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def matmul_params(self) -> int:
+        """N of the FLOP formula: weights of every matrix product, output head included, lookups excluded."""
+        n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return n + (self.tok_emb.weight.numel() if self.head is None else 0)  # a tied head is tok_emb
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6*N (forward + backward matmuls) + 12*L*d*T (attention scores).
+
+        The PaLM appendix B / nanoGPT accounting; biases and norms are elementwise and left out.
+        """
+        return float(6 * self.matmul_params() + 12 * self.cfg.n_layers * self.cfg.dim * seq_len)

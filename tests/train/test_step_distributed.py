@@ -1,0 +1,81 @@
+"""Rows 10 and 14 on real gloo process groups: 2-rank DDP == one process with the same global
+batch (padded, unequal lengths), and a NaN on rank 1 stops the update on both ranks."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from temper.train.step import NonFiniteLoss, train_step
+
+from .test_step import TinyLM, padded_batch
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir, fault):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if fault:
+        os.environ["TEMPER_FAULT"] = fault
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(TinyLM())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses, error = [], None
+        for step in range(5):
+            x, y = padded_batch(step)
+            half = slice(rank * 2, rank * 2 + 2)  # this rank's half of the global batch of 4
+            try:
+                losses.append(train_step(model, opt, [(x[half], y[half])], step=step).loss)
+            except NonFiniteLoss:
+                error = step
+                break
+        torch.save({"losses": losses, "error": error, "params": [p.detach() for p in model.module.parameters()]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, fault=None):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), fault), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_ddp_equals_single_process(tmp_path):
+    ranks = run_ranks(tmp_path)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    single = [train_step(model, opt, [padded_batch(step)], step=step).loss for step in range(5)]
+    for r in ranks:
+        torch.testing.assert_close(r["losses"], single, rtol=1e-6, atol=1e-7)
+        for a, b in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_on_one_rank_fails_on_both_before_the_update(tmp_path):
+    ranks = run_ranks(tmp_path, fault="nan_loss:step=3:rank=1")
+    assert [r["error"] for r in ranks] == [3, 3]
+    assert torch.equal(torch.cat([p.flatten() for p in ranks[0]["params"]]),
+                       torch.cat([p.flatten() for p in ranks[1]["params"]]))
+    # The parameters are those after step 2: replay three good steps in one process.
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        train_step(model, opt, [padded_batch(step)], step=step)
+    for a, b in zip(ranks[0]["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
