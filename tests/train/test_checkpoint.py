@@ -303,27 +303,29 @@ def test_tampered_manifest_cannot_point_outside(tmp_path: Path) -> None:
 
 _DDP_SCRIPT = textwrap.dedent(
     """
-    import random, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+    import sys, torch, torch.distributed as dist
     from torch import nn
     from temper.train.checkpoint import save_checkpoint
 
-    def worker(rank, run, init):
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16)))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        torch.manual_seed(100 + rank)  # each rank's data and dropout stream differ
-        x = torch.randint(0, 16, (2, 5))
-        nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
-        path = save_checkpoint(run, 1, model=model, optimizer=opt, state={"step": 1}, keep_last_n=2)
-        torch.save({"draws": torch.rand(3), "params": model.module.state_dict()}, f"{run}/expect{rank}.pt")
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        run = sys.argv[1]
-        mp.spawn(worker, args=(run, f"file://{run}/pg-store"), nprocs=2)
+    rank, run = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    # A file store instead of a TCP port: no free-port race between concurrent test runs.
+    dist.init_process_group("gloo", init_method=f"file://{run}/pg-store", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)  # each rank's data and dropout stream differ
+    x = torch.randint(0, 16, (2, 5))
+    nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    save_checkpoint(run, 1, model=model, optimizer=opt, state={"step": 1}, keep_last_n=2)
+    expect = {"draws": torch.rand(3), "params": model.module.state_dict()}
+    try:  # rank 0 fails to write state.json: both ranks must raise, neither may hang
+        save_checkpoint(run, 2, model=model, optimizer=opt, state={"bad": object()})
+    except Exception as e:
+        expect["error"] = type(e).__name__
+    torch.save(expect, f"{run}/expect{rank}.pt")
+    dist.destroy_process_group()
     """
 )
 
@@ -334,8 +336,19 @@ def test_two_rank_checkpoint_loads_in_one_process(tmp_path: Path) -> None:
     script.write_text(_DDP_SCRIPT)
     run = tmp_path / "run"
     run.mkdir()
-    proc = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=180, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Two plain processes (what torchrun would start), cheaper than a launcher process on 2 cores.
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(rank), str(run)], stderr=subprocess.PIPE, text=True, env=_env())
+        for rank in (0, 1)
+    ]
+    try:
+        errors = [proc.communicate(timeout=180)[1] for proc in procs]
+    finally:
+        for proc in procs:  # a rank that died must not leave the other blocked forever
+            if proc.poll() is None:
+                proc.kill()
+    for proc, err in zip(procs, errors, strict=True):
+        assert proc.returncode == 0, err[-3000:]
 
     path = find_resume_checkpoint(run, "auto")
     assert path == run / "checkpoints" / "step-0000001"
@@ -346,8 +359,9 @@ def test_two_rank_checkpoint_loads_in_one_process(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16))  # no DDP: names have no "module."
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     assert load_checkpoint(path, model=model, optimizer=opt)["step"] == 1
-    for rank in (0, 1):
+    for rank, error in ((0, "TypeError"), (1, "RuntimeError")):
         expect = torch.load(run / f"expect{rank}.pt", weights_only=True)
+        assert expect["error"] == error
         for name, t in model.state_dict().items():
             assert torch.equal(t, expect["params"][name]), name
         restore_rng(path, rank)

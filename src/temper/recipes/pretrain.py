@@ -323,6 +323,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, map_location=d.device)
                 ckpt.restore_rng(last, d.rank)
                 step, skipped = state["step"], state["skipped_steps"]
+                logger.rewind(step)
                 samples = bad_samples + cfg.train.rollback_skip_steps * samples_per_step
                 logger.message(f"non-finite loss: rolled back to step {step}, skipping to sample {samples}")
                 continue

@@ -67,7 +67,7 @@ class RunLogger:
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8", errors="replace")
             # A fresh run (start_step 0) starts an empty file rather than mixing with an old run's lines.
-            keep = [r for r in read_metrics(self.path) if 0 < start_step and r["step"] <= start_step]
+            keep = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step > 0 else []
             new = "".join(json.dumps(r) + "\n" for r in keep)
             if new != text:  # atomic: a crash here leaves the old file or the new one, never half of it
                 atomic_write_text(self.path, new)
@@ -76,14 +76,10 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides the events a crashed run wrote after the checkpoint we resume from.
-            purge = start_step + 1 if start_step else None
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
 
     def rewind(self, step: int) -> None:
-        """Forget what was logged after `step`, for a rollback to that step's checkpoint mid-run.
-
-        W&B cannot forget steps: there the replayed steps are dropped by W&B as out of order.
-        """
+        """Forget what was logged after `step` (a rollback to its checkpoint); W&B keeps the first values."""
         if not self.active:
             return
         for sink in (self._file, self._tb):

@@ -1,0 +1,136 @@
+"""Pretraining throughput: temper against `transformers` on the same shape, batch, precision and optimizer.
+
+Each (implementation, shape) runs in its own subprocess so that peak memory is its own. Both
+sides run forward -> cross-entropy -> backward -> clip -> AdamW step; temper through its real
+`train_step`, transformers as its users train it (`model(input_ids, labels=...)`). Prints a
+table of tokens/s, MFU (against the datasheet peak on known GPUs and a matmul peak measured in
+the same run) and peak memory, with the temper/transformers ratio.
+
+    python benchmarks/pretrain_throughput.py                      # CPU: debug and gpt2-124m shapes
+    python benchmarks/pretrain_throughput.py --shapes gpt2-124m llama-3.2-1b --batch 16 --seq 1024 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from temper.model.config import PRESETS
+from temper.model.convert import to_hf_config
+from temper.model.transformer import Transformer
+from temper.train.optim import OptimConfig, build_optimizer
+from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, train_step
+
+
+def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
+    cfg = PRESETS[shape]
+    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": vocab or cfg.vocab_size, "max_seq_len": max(seq, 64),
+                       "dropout": 0.0, "rope_scaling": None})
+    torch.manual_seed(0)
+    if impl == "temper":
+        model = Transformer(cfg)
+    else:
+        import transformers
+
+        hf_cfg = to_hf_config(cfg)
+        config = transformers.AutoConfig.for_model(**hf_cfg)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return cfg, model.to(device)
+
+
+def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, compile: bool, vocab: int) -> dict:
+    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cfg, model = build(impl, shape, vocab, seq, device)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4), device.type)
+    train_model = torch.compile(model) if compile else model
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def one_step(i: int) -> None:
+        if impl == "temper":
+            train_step(train_model, opt, [(inputs, targets)], step=i, amp_dtype=dtype)
+        else:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = train_model(input_ids=inputs, labels=inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for i in range(2):  # warmup (and compile)
+        one_step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one_step(i + 2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens_per_s = batch * seq * steps / seconds
+    return {
+        "impl": impl, "shape": shape, "tokens_per_s": tokens_per_s, "device": str(device),
+        "peak_mem_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["debug", "gpt2-124m"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (0: keep)")
+    p.add_argument("--child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    dtype = a.dtype if a.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    if a.child:
+        print(json.dumps(measure(a.child[0], a.child[1], a.batch, a.seq, a.steps, dtype, a.compile, a.vocab)))
+        return
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    measured = measured_matmul_peak_flops(device, torch_dtype)
+    datasheet = datasheet_peak_flops(device, torch_dtype)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{dtype}, batch {a.batch} x seq {a.seq}, {a.steps} timed steps, compile={a.compile}")
+    print(f"measured {dtype} matmul peak: {measured / 1e12:.2f} TFLOP/s"
+          + (f"; datasheet {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
+    header = "| shape | impl | tokens/s | MFU (measured peak) | MFU (datasheet) | peak mem GiB | temper / transformers |"
+    print(header + "\n|" + "---|" * 7)
+    for shape in a.shapes:
+        cfg = PRESETS[shape]
+        with torch.device("meta"):
+            fpt = Transformer(type(cfg)(**{**cfg.__dict__, "max_seq_len": max(a.seq, 64),
+                                           "vocab_size": a.vocab or cfg.vocab_size})).flops_per_token(a.seq)
+        results = {}
+        for impl in ("transformers", "temper"):
+            cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(a.batch), "--seq", str(a.seq),
+                   "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab)] + (["--compile"] if a.compile else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"| {shape} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} |")
+                continue
+            results[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            ratio = (f"{r['tokens_per_s'] / results['transformers']['tokens_per_s']:.2f}x"
+                     if impl == "temper" and "transformers" in results else "")
+            mfu_m = r["tokens_per_s"] * fpt / measured
+            mfu_d = f"{r['tokens_per_s'] * fpt / datasheet:.1%}" if datasheet else "n/a"
+            print(f"| {shape} | {impl} | {r['tokens_per_s']:,.0f} | {mfu_m:.1%} | {mfu_d} | {r['peak_mem_gib']:.2f} | {ratio} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The on-disk token-shard format: writing it, and reading it back verified and memory-mapped.
+
+A prepared data directory holds, for each split ("train", "val"), shards `<split>-NNNNN.bin`
+(raw little-endian uint16 when the vocabulary fits, else uint32: every document's tokens
+followed by the end-of-text id) with `<split>-NNNNN.idx` (int64 start offset of each document
+in its shard), the `tokenizer.json`, and a `manifest.json` with sizes and sha256 checksums:
+
+    {"format": "temper-shards", "version": 1, "dtype": "uint16", "vocab_size": 4096,
+     "eot_id": 0, "tokenizer": "tokenizer.json",
+     "splits": {"train": {"tokens": N, "documents": D,
+                          "shards": [{"file", "index", "tokens", "documents", "sha256",
+                                      "index_sha256"}, ...]}, "val": {...}},
+     "stats": {...}}
+
+The manifest is written atomically and last, so a directory without one is incomplete. A
+document never spans two shards (a shard closes after the document that fills it), so the
+`.idx` offsets are plain positions. `eot_id` is null only when documents were concatenated
+without a separator on purpose (nanoGPT's shakespeare_char).
+
+It does not tokenize (tokenizer.py) or batch (loader.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from temper.files import atomic_write_json, safe_join, sha256_file
+
+FORMAT = "temper-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.(bin|idx)$")
+
+
+class ShardError(Exception):
+    """A prepared data directory cannot be used."""
+
+
+class DataNotPrepared(ShardError, FileNotFoundError):
+    """The directory or its manifest.json is missing: `temper prepare` has not finished there."""
+
+
+class ShardCorrupt(ShardError):
+    """A shard, index or manifest does not match what the manifest promises."""
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """Little-endian uint16 when every id fits, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class ShardWriter:
+    """Append documents to the shards of one split; `close()` returns its manifest entry."""
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, vocab_size: int, eot_id: int | None,
+                 shard_tokens: int = 100_000_000):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.vocab_size = vocab_size
+        self.dtype = dtype_for(vocab_size)
+        self.eot = None if eot_id is None else np.array([eot_id], dtype=self.dtype)
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def add(self, ids: np.ndarray) -> None:
+        """Write one document's token ids, then the end-of-text id."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range for vocab_size {self.vocab_size}")
+        if self._file is None:
+            self._open()
+        self._offsets.append(self._tokens)
+        for part in (ids, self.eot):
+            if part is not None and part.size:
+                data = part.astype(self.dtype, copy=False).tobytes()
+                self._file.write(data)
+                self._hash.update(data)
+                self._tokens += part.size
+        if self._tokens >= self.shard_tokens:
+            self._close_shard()
+
+    def close(self) -> dict:
+        """Finish the last shard; return {"tokens", "documents", "shards": [...]}."""
+        if self._file is not None:
+            self._close_shard()
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": sum(s["documents"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):05d}"
+        self._bin, self._idx = f"{name}.bin", f"{name}.idx"
+        self._file = open(self.out_dir / self._bin, "wb")
+        self._hash = hashlib.sha256()  # hashed while written, so the shard is never read back
+        self._offsets: list[int] = []
+        self._tokens = 0
+
+    def _close_shard(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the data must be durable before the manifest names it
+        self._file.close()
+        self._file = None
+        index = np.asarray(self._offsets, dtype="<i8").tobytes()
+        with open(self.out_dir / self._idx, "wb") as f:
+            f.write(index)
+            f.flush()
+            os.fsync(f.fileno())
+        self.shards.append({
+            "file": self._bin,
+            "index": self._idx,
+            "tokens": self._tokens,
+            "documents": len(self._offsets),
+            "sha256": self._hash.hexdigest(),
+            "index_sha256": hashlib.sha256(index).hexdigest(),
+        })
+
+
+def clear_output(out_dir: str | os.PathLike) -> Path:
+    """Make `out_dir` ready for a new prepare: create it, remove the manifest first (so the
+    directory reads as incomplete until the new one is written) and stale shard files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if _SHARD_FILE.match(entry.name) and entry.is_file():
+            entry.unlink()
+    return out
+
+
+def write_manifest(out_dir: str | os.PathLike, *, vocab_size: int, eot_id: int | None,
+                   splits: dict[str, dict], stats: dict) -> dict:
+    """Write manifest.json atomically; call it last, after every shard is closed."""
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype_for(vocab_size).name,
+        "vocab_size": vocab_size,
+        "eot_id": eot_id,
+        "tokenizer": TOKENIZER,
+        "splits": splits,
+        "stats": stats,
+    }
+    atomic_write_json(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The manifest of a prepared directory, with a clear error if prepare has not finished."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataNotPrepared(f"data directory {data_dir} does not exist: run `temper prepare` first")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise DataNotPrepared(f"no {MANIFEST} in {data_dir}: run `temper prepare` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardCorrupt(f"{path} is not valid JSON: run `temper prepare` again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardCorrupt(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise ShardError(f"{path} has format version {manifest.get('version')}; this temper reads {VERSION}")
+    return manifest
+
+
+def load_split(data_dir: str | os.PathLike, split: str, verify: bool = True) -> list[np.ndarray]:
+    """Read-only memory maps of the token shards of `split`, in order.
+
+    Sizes are always checked; with `verify` the sha256 of every shard too (it reads them once).
+    """
+    manifest = read_manifest(data_dir)
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    arrays = []
+    for shard in _shards(manifest, data_dir, split):
+        path = _checked(data_dir, shard["file"], shard["tokens"] * dtype.itemsize,
+                        shard["sha256"] if verify else None)
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+    return arrays
+
+
+def load_index(data_dir: str | os.PathLike, split: str, verify: bool = True) -> list[np.ndarray]:
+    """The document start offsets of each shard of `split` (int64 arrays, loaded in memory)."""
+    manifest = read_manifest(data_dir)
+    out = []
+    for shard in _shards(manifest, data_dir, split):
+        path = _checked(data_dir, shard["index"], shard["documents"] * 8,
+                        shard.get("index_sha256") if verify else None)
+        out.append(np.fromfile(path, dtype="<i8"))
+    return out
+
+
+def _shards(manifest: dict, data_dir: str | os.PathLike, split: str) -> list[dict]:
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardError(f"{data_dir} has no split {split!r} (it has: {', '.join(splits) or 'none'})")
+    return splits[split]["shards"]
+
+
+def _checked(data_dir: str | os.PathLike, name: str, size: int, sha256: str | None) -> Path:
+    """Path of a file named by the manifest, after checking that it exists with the promised
+    size and checksum. safe_join: the manifest is input too, and must not point outside."""
+    path = safe_join(data_dir, name)
+    if not path.is_file():
+        raise ShardCorrupt(f"{path} is missing: run `temper prepare` again")
+    actual = path.stat().st_size
+    if actual != size:
+        raise ShardCorrupt(f"{path} has {actual} bytes, the manifest says {size} (truncated or overwritten)")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ShardCorrupt(f"{path} sha256 mismatch: the file changed after prepare wrote it")
+    return path

@@ -1,0 +1,205 @@
+"""End-to-end pretraining on real text with the RELIABILITY harness's tiny model.
+
+Rows 1, 2, 4 (exact resume: plain, with dropout, with accumulation), 6 (kill -9 mid-checkpoint),
+10 (torchrun DDP == one process), 14 (skip / rollback), 15 (SIGTERM), 31 (resume mismatch) and
+the Hugging Face export of `final/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from temper.config import ConfigError
+from temper.recipes import prepare, pretrain
+
+TINY = [
+    "--preset=debug", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
+    "--train.micro_batch_size=2", "--train.steps=8", "--checkpoint.every=2", "--checkpoint.keep_last_n=0",
+    "--eval.every=4", "--eval.batches=2", "--log.progress=false", "--schedule.warmup_steps=2", "--optim.lr=3e-3",
+    "--run.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory, request) -> Path:
+    from tests.conftest import SHARED_DATA
+
+    src = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not src.exists():
+        pytest.skip("shared data missing")
+    root = tmp_path_factory.mktemp("char")
+    (root / "shakespeare.txt").write_text(src.read_text()[:60_000])
+    out = root / "data"
+    assert prepare.main([f"--input={root / 'shakespeare.txt'}", f"--out={out}", "--tokenizer.kind=char",
+                         "--txt_docs=paragraph", "--val_fraction=0.1", "--workers=1"]) == 0
+    return out
+
+
+def train(char_data, run_dir, name, *extra, env=None):
+    argv = [*TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}", f"--run.name={name}", *extra]
+    old = os.environ.pop("TEMPER_FAULT", None)
+    if env:
+        os.environ["TEMPER_FAULT"] = env
+    try:
+        return pretrain.main(argv)
+    finally:
+        os.environ.pop("TEMPER_FAULT", None)
+        if old is not None:
+            os.environ["TEMPER_FAULT"] = old
+
+
+def metrics(run: Path, kind: str = "train") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, steps=range(5, 9)):
+    ma, mb = metrics(a), metrics(b)
+    assert [ma[s]["loss"] for s in steps] == [mb[s]["loss"] for s in steps]  # bit for bit
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.dropout=0.1"], ["--train.global_batch_tokens=256"]],
+                         ids=["plain", "dropout", "accum4"])
+def test_exact_resume(char_data, tmp_path, extra):
+    """Rows 1, 2, 4: stop after the step-4 checkpoint, resume, and match the uninterrupted run bitwise."""
+    assert train(char_data, tmp_path, "ref", *extra) == 0
+    with pytest.raises(SystemExit):
+        train(char_data, tmp_path, "resumed", *extra, env="crash:step=5")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step-*")) == [
+        "step-0000002", "step-0000004"]
+    assert train(char_data, tmp_path, "resumed", *extra) == 0
+    assert_same_run(tmp_path / "ref", tmp_path / "resumed")
+    optim_a = torch.load(tmp_path / "ref/checkpoints/step-0000008/optim.pt", weights_only=True)
+    optim_b = torch.load(tmp_path / "resumed/checkpoints/step-0000008/optim.pt", weights_only=True)
+    for sa, sb in zip(optim_a["state"].values(), optim_b["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # row 32: no duplicated steps after resume
+
+
+def _cli(char_data, run_dir, name, *extra, env=None):
+    cmd = [sys.executable, "-m", "temper", "pretrain", *TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}",
+           f"--run.name={name}", *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "TEMPER_FAULT": env or ""}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_during_checkpoint_then_resume(char_data, tmp_path):
+    """Row 6: SIGKILL while writing step 6; the restart resumes from step 4 and matches the reference."""
+    assert train(char_data, tmp_path, "ref") == 0
+    proc = _cli(char_data, tmp_path, "killed", env="kill_during_save:step=6")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert (ckpts / "step-0000006.tmp").exists() and not (ckpts / "step-0000006").exists()
+    assert train(char_data, tmp_path, "killed") == 0
+    assert not (ckpts / "step-0000006.tmp").exists()
+    assert_same_run(tmp_path / "ref", tmp_path / "killed")
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_matches(char_data, tmp_path):
+    """Row 15: SIGTERM mid-run -> checkpoint at the next step boundary, exit 143, exact resume."""
+    long = ["--train.steps=400", "--checkpoint.every=0", "--eval.every=0"]
+    stop = "crash:step=60"  # both runs stop here so the comparison stays short
+    with pytest.raises(SystemExit):
+        train(char_data, tmp_path, "ref", *long, env=stop)
+    proc = _cli(char_data, tmp_path, "term", *long)
+    metrics_file = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pretrain.EXIT_PREEMPTED, out
+    saved = sorted((tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1
+    k = int(saved[0].name.split("-")[1])
+    assert 3 <= k < 60
+    with pytest.raises(SystemExit):
+        train(char_data, tmp_path, "term", *long, env=stop)
+    ref, term = metrics(tmp_path / "ref"), metrics(tmp_path / "term")
+    assert [ref[s]["loss"] for s in range(k + 1, 61)] == [term[s]["loss"] for s in range(k + 1, 61)]
+
+
+def test_ddp_two_ranks_equal_one_process(char_data, tmp_path):
+    """Row 10 end to end: torchrun 2 ranks x micro-batch 2 == 1 process x micro-batch 4."""
+    assert train(char_data, tmp_path, "single", "--train.micro_batch_size=4") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
+           "pretrain", *TINY, f"--data.dir={char_data}", f"--run.dir={tmp_path}", "--run.name=ddp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(1, 9))
+    torch.testing.assert_close([ddp[s]["loss"] for s in range(1, 9)], [single[s]["loss"] for s in range(1, 9)],
+                               rtol=1e-6, atol=1e-7)
+    vs, vd = metrics(tmp_path / "single", "val"), metrics(tmp_path / "ddp", "val")
+    torch.testing.assert_close(vd[8]["val_loss"], vs[8]["val_loss"], rtol=1e-6, atol=1e-7)
+    wa, wb = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_skip_and_rollback(char_data, tmp_path):
+    """Row 14 end to end: skip counts the skipped step; rollback reloads and finishes."""
+    assert train(char_data, tmp_path, "skip", "--train.on_nonfinite=skip", env="nan_loss:step=3") == 0
+    m = metrics(tmp_path / "skip")
+    assert m[3]["skipped_steps"] == 0 and m[4]["skipped_steps"] == 1 and m[8]["skipped_steps"] == 1
+    with pytest.raises(Exception, match="non-finite"):
+        train(char_data, tmp_path, "fail", env="nan_loss:step=3")
+    marker = tmp_path / "fired"
+    assert train(char_data, tmp_path, "rollback", "--train.on_nonfinite=rollback",
+                 env=f"nan_loss:step=5:once={marker}") == 0
+    assert marker.exists() and sorted(metrics(tmp_path / "rollback")) == list(range(1, 9))
+
+
+def test_resume_with_a_different_config_fails_unless_overridden(char_data, tmp_path):
+    """Row 31."""
+    with pytest.raises(SystemExit):
+        train(char_data, tmp_path, "r", env="crash:step=3")
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        train(char_data, tmp_path, "r", "--train.seq_len=16")
+    assert train(char_data, tmp_path, "r", "--train.seq_len=16", "--run.override_checkpoint_config=true") == 0
+
+
+def test_bad_input_is_named(char_data, tmp_path):
+    with pytest.raises(Exception, match="manifest"):
+        train(tmp_path / "nowhere", tmp_path, "x")
+    with pytest.raises(ValueError, match="run name"):
+        train(char_data, tmp_path, "../escape")
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+        train(char_data, tmp_path, "x", "--train.stepz=3")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        train(char_data, tmp_path, "x", "--train.global_batch_tokens=100")
+
+
+def test_final_is_a_hugging_face_checkpoint(char_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert train(char_data, tmp_path, "hf", "--train.steps=2") == 0
+    final = tmp_path / "hf" / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (final / name).exists(), name
+    assert (tmp_path / "hf" / "report.md").exists()
+    from temper.model.convert import load_hf
+
+    ours, _ = load_hf(final)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    x = torch.randint(0, 60, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs(x).logits, rtol=1e-5, atol=1e-5)
