@@ -28,6 +28,10 @@ KINDS = ("bpe", "char")
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used, or a token it lacks."""
+
+
 def train_tokenizer(
     texts: Iterable[str],
     kind: str = "bpe",
@@ -93,7 +97,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+        raise TokenizerError(f"{path} is not a valid tokenizer.json: {e}") from e
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
@@ -108,7 +112,7 @@ def eot_id(tok: Tokenizer, token: str | None = None) -> int:
         i = tok.token_to_id(name)
         if i is not None:
             return i
-    raise ValueError(
+    raise TokenizerError(
         f"tokenizer has no end-of-text token (looked for {', '.join(candidates)}); "
         f"add one to its special tokens or name it"
     )

@@ -182,13 +182,15 @@ def _apply_retention(root: Path, keep_last_n: int, keep: Path) -> None:
 
 
 def clean_stale_tmp(checkpoints_dir: str | os.PathLike) -> None:
-    """Remove `*.tmp` leftovers of saves or deletions that a crash interrupted."""
+    """Remove `*.tmp` leftovers of saves, deletions or `latest` updates that a crash interrupted."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return
     for p in root.glob("*.tmp"):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _write_model(path: Path, model: nn.Module | Mapping[str, torch.Tensor], step: int) -> None:

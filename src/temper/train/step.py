@@ -189,8 +189,11 @@ def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | No
 def measured_matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
     """Achieved FLOP/s of a large square matmul on this device: the honest MFU denominator."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Full-rank random operands, drawn without touching the global RNG (a resumed run must not
+    # see a different random stream because it measured its peak).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     reps = 20 if device.type == "cuda" else 3
     a @ b  # warmup
     if device.type == "cuda":

@@ -1,0 +1,142 @@
+"""`temper generate`: complete prompts with a checkpoint in Hugging Face layout, streaming to the terminal.
+
+Steps:
+  1. parse GenerateConfig from flags / YAML;
+  2. load the model (config.json + model.safetensors) and tokenizer.json from --checkpoint;
+  3. encode the prompts; the checkpoint's eos ids (generation_config.json) stop a row;
+  4. generate with the KV-cache engine: one prompt streams text as it comes, several run as a batch;
+  5. cut each completion at the first --stop string (held back while it could still be forming).
+
+It does not train, serve or evaluate; sampling itself lives in `temper.infer.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from temper.config import parse
+from temper.files import safe_join
+from temper.infer.engine import generate, stream
+from temper.model.convert import load_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerateConfig:
+    """Options of `temper generate`."""
+
+    checkpoint: str = ""
+    """Directory in Hugging Face layout: config.json, model.safetensors, tokenizer.json (e.g. runs/x/final)."""
+    prompt: list[str] = field(default_factory=list)
+    """Prompt text; repeat the flag for a batch of prompts."""
+    max_new_tokens: int = 128
+    """Most tokens generated per prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens (None: off)."""
+    top_p: float | None = None
+    """Sample only within the smallest set of tokens whose probability reaches p (None: off)."""
+    repetition_penalty: float = 1.0
+    """Penalise tokens already present (CTRL); 1.0 is off, 1.1-1.3 is typical."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a completion ends before the first one; repeat the flag for several."""
+    seed: int | None = None
+    """Seed for sampling; the same seed gives the same text."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.temperature < 0 or self.max_new_tokens < 0:
+            raise ValueError("temperature and max_new_tokens must be >= 0")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def safe_to_print(text: str, stops: list[str]) -> int:
+    """How much of `text` can be printed now: hold back a tail that may still become a stop string,
+    and an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives)."""
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    end = len(text) - hold
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return end
+
+
+def _eos_ids(checkpoint: str) -> list[int]:
+    path = safe_join(checkpoint, "generation_config.json")
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(GenerateConfig, argv, prog="generate")
+    if not cfg.checkpoint or not cfg.prompt:
+        print("temper generate: --checkpoint and at least one --prompt are required", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_file(str(safe_join(cfg.checkpoint, "tokenizer.json")))
+    prompts = [tokenizer.encode(p).ids for p in cfg.prompt]
+    bases = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+
+    def decode(row: int, ids: list[int]) -> str:
+        # Decode with the prompt so that tokenizers that drop a leading space (Metaspace) keep it.
+        full = tokenizer.decode(prompts[row] + ids, skip_special_tokens=True)
+        return full[len(bases[row]) :] if full.startswith(bases[row]) else tokenizer.decode(ids, skip_special_tokens=True)
+
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+              repetition_penalty=cfg.repetition_penalty, stop_token_ids=_eos_ids(cfg.checkpoint), seed=cfg.seed)
+    # Stop strings are text, so the row's tokens are decoded each step to find them.
+    should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None
+    out = sys.stdout
+
+    if len(prompts) == 1:
+        out.write(cfg.prompt[0])
+        out.flush()
+        ids: list[int] = []
+        printed = 0
+        for step in stream(model, prompts, should_stop=should_stop, **kw):
+            if step[0] is not None:
+                ids.append(step[0])
+                text, _ = cut_at_stop(decode(0, ids), cfg.stop)
+                end = safe_to_print(text, cfg.stop)
+                if end > printed:
+                    out.write(text[printed:end])
+                    out.flush()
+                    printed = end
+        text, _ = cut_at_stop(decode(0, ids), cfg.stop)
+        out.write(text[printed:] + "\n")
+        out.flush()
+        return 0
+
+    completions = generate(model, prompts, should_stop=should_stop, **kw)
+    for i, (prompt, ids) in enumerate(zip(cfg.prompt, completions, strict=True)):
+        text, _ = cut_at_stop(decode(i, ids), cfg.stop)
+        out.write(f"--- [{i}]\n{prompt}{text}\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

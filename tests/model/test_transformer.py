@@ -1,0 +1,96 @@
+"""The Transformer's numbers: parameter and FLOP counts by hand, causality, the KV cache and padding."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from temper.model.config import PRESETS, ModelConfig
+from temper.model.transformer import Transformer
+
+
+def _model(name: str, **over) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(replace(PRESETS[name], **over)).eval()
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(dim=65, n_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="mlp"):
+        ModelConfig(mlp="relu")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelConfig(pos="rope", rope_scaling={"rope_type": "yarn"})
+    assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
+    assert ModelConfig(dim=64).hidden_dim == 256  # 4*dim
+
+
+def test_debug_counts_by_hand():
+    m = Transformer(PRESETS["debug"])  # vocab 256, dim 64, 2 layers, ffn 256, seq 128, biases, tied
+    V, C, L, F, S = 256, 64, 2, 256, 128
+    per_layer_matmul = 4 * C * C + 2 * C * F  # q, k, v, o + up, down
+    per_layer_rest = 4 * C + F + C + 2 * 2 * C  # biases of q, k, v, o, up, down + two LayerNorms
+    assert m.num_params() == V * C + S * C + L * (per_layer_matmul + per_layer_rest) + 2 * C == 124672
+    assert m.num_params(exclude_embedding=True) == 124672 - S * C  # the tied embedding is the head
+    N = L * per_layer_matmul + V * C  # the tied head counts, the lookups do not
+    assert m.flops_per_token(S) == 6 * N + 12 * L * C * S == 884736
+
+
+def test_preset_sizes_on_meta():
+    with torch.device("meta"):
+        gpt2 = Transformer(PRESETS["gpt2-124m"])
+        llama = Transformer(PRESETS["llama-3.2-1b"])
+        llama125 = Transformer(PRESETS["llama-125m"])
+    assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
+    assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
+    assert 120e6 < llama125.num_params() < 130e6
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+    m = _model("debug-llama")
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-llama"])
+def test_kv_cache_and_left_padding_match_full_forward(name):
+    m = _model(name)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        full = m(x)  # (2, 12, V)
+        cache = m.new_cache(2, 16)
+        parts = [m(x[:, :7], cache=cache), m(x[:, 7:8], cache=cache), m(x[:, 8:12], cache=cache)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+        assert cache.length == 12
+        # Row 0 left-padded by 3: the same logits as the 9-token sequence alone.
+        short = x[:1, 3:]
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)
+        valid = torch.arange(12)[None] >= 3
+        pos = (valid.cumsum(-1) - 1).clamp(min=0)
+        out = m(padded, positions=pos, attn_mask=valid)
+        torch.testing.assert_close(out[:, 3:], m(short), rtol=0, atol=1e-5)
+        assert torch.isfinite(out).all()
+
+
+def test_dropout_only_in_training():
+    m = _model("debug", dropout=0.5)
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+        m.train()
+        assert not torch.equal(m(x), m(x))
+
+
+def test_init_scales_residual_projections():
+    m = Transformer(replace(PRESETS["debug"], n_layers=8, dim=256, n_heads=4))
+    std = lambda t: t.float().std().item()
+    assert abs(std(m.layers[0].attn.q_proj.weight) - 0.02) < 2e-3
+    assert abs(std(m.layers[0].attn.o_proj.weight) - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8)
+    assert m.layers[0].mlp.up_proj.bias.abs().sum() == 0

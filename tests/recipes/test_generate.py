@@ -1,0 +1,49 @@
+"""`temper generate` end to end on a tiny checkpoint: streamed text equals the engine's, stop strings cut."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from temper.infer.engine import generate
+from temper.model.config import PRESETS
+from temper.model.convert import save_hf
+from temper.model.transformer import Transformer
+from temper.recipes.generate import cut_at_stop, main, safe_to_print
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "a dog ran to the cat"] * 10, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    save_hf(model, cfg, tmp_path / "final", tokenizer_json=tmp_path / "tokenizer.json")
+    return tmp_path / "final", model, tok
+
+
+def test_greedy_stream_matches_engine_and_stop_cuts(checkpoint, capsys):
+    path, model, tok = checkpoint
+    args = ["--checkpoint", str(path), "--prompt", "the cat", "--max_new_tokens=12", "--temperature=0", "--device=cpu"]
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    ids = tok.encode("the cat").ids
+    expected = "the cat" + tok.decode(ids + generate(model.eval(), [ids], max_new_tokens=12, temperature=0)[0])[7:]
+    assert streamed == expected + "\n"
+    stop = expected[9:11]  # a piece of the completion
+    assert main(args + ["--stop", stop]) == 0
+    assert capsys.readouterr().out == expected[: expected.index(stop, 7)] + "\n"
+    assert main(args + ["--prompt", "a dog"]) == 0  # a batch of two prompts
+    assert capsys.readouterr().out.count("--- [") == 2
+
+
+def test_stop_helpers():
+    assert cut_at_stop("hello world", ["wor", "lo"]) == ("hel", True)
+    assert safe_to_print("hello wo", ["world"]) == 6  # "wo" may still become "world"
+    assert safe_to_print("abc\ufffd", []) == 3
