@@ -97,7 +97,8 @@ def test_exact_resume(char_data, tmp_path, extra):
 def _cli(char_data, run_dir, name, *extra, env=None):
     cmd = [sys.executable, "-m", "temper", "pretrain", *TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}",
            f"--run.name={name}", *extra]
-    return subprocess.Popen(cmd, env={**os.environ, "TEMPER_FAULT": env or ""}, stdout=subprocess.PIPE,
+    env = {**os.environ, "TEMPER_FAULT": env or "", "OMP_NUM_THREADS": "1"}  # as the in-process runs
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -152,8 +153,8 @@ def test_ddp_two_ranks_equal_one_process(char_data, tmp_path):
     vs, vd = metrics(tmp_path / "single", "val"), metrics(tmp_path / "ddp", "val")
     torch.testing.assert_close(vd[8]["val_loss"], vs[8]["val_loss"], rtol=1e-6, atol=1e-7)
     wa, wb = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    for k in wa:  # Adam divides by sqrt(v): near-zero biases amplify 1e-7 reduction-order noise to ~1e-6
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
 
 
 def test_nonfinite_skip_and_rollback(char_data, tmp_path):
@@ -179,7 +180,7 @@ def test_resume_with_a_different_config_fails_unless_overridden(char_data, tmp_p
 
 
 def test_bad_input_is_named(char_data, tmp_path):
-    with pytest.raises(Exception, match="manifest"):
+    with pytest.raises(Exception, match="temper prepare"):
         train(tmp_path / "nowhere", tmp_path, "x")
     with pytest.raises(ValueError, match="run name"):
         train(char_data, tmp_path, "../escape")

@@ -64,6 +64,7 @@ class ShardWriter:
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.split = split
         self.vocab_size = vocab_size
         self.dtype = dtype_for(vocab_size)

@@ -128,11 +128,29 @@ def read_documents(
     exclude: Sequence[str] = (),
     stats: ReadStats | None = None,
 ) -> Iterator[Document]:
-    """Stream the documents of `inputs`; pass a `ReadStats` to see what was skipped or repaired.
+    """Stream the documents of `inputs` (paths, directories, globs); see `read_files`."""
+    return read_files(expand_inputs(inputs, exclude), text_field=text_field, txt_docs=txt_docs,
+                      on_error=on_error, max_skip_fraction=max_skip_fraction, strict_utf8=strict_utf8,
+                      max_line_bytes=max_line_bytes, stats=stats)
 
-    Arguments are checked and the file list expanded now; files are read as the iterator is
-    consumed. `txt_docs` says what a document is in a text file: the whole "file", a blank-line
-    separated "paragraph", or a "line".
+
+def read_files(
+    files: Sequence[str | os.PathLike],
+    *,
+    text_field: str = "text",
+    txt_docs: str = "file",
+    on_error: str = "fail",
+    max_skip_fraction: float = 0.01,
+    strict_utf8: bool = False,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    stats: ReadStats | None = None,
+) -> Iterator[Document]:
+    """Stream the documents of `files`, in order; pass a `ReadStats` to see what was skipped or
+    repaired.
+
+    Arguments are checked now; files are read as the iterator is consumed. `txt_docs` says what
+    a document is in a text file: the whole "file", a blank-line separated "paragraph", or a
+    "line". JSONL files are recognised by name (.jsonl, .ndjson, optionally .gz).
     """
     if txt_docs not in TXT_DOCS:
         raise ValueError(f"txt_docs must be one of {TXT_DOCS}, got {txt_docs!r}")
@@ -142,10 +160,9 @@ def read_documents(
         raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
-    files = expand_inputs(inputs, exclude)
     reader = _Reader(text_field, txt_docs, on_error, max_skip_fraction, strict_utf8, max_line_bytes,
                      stats if stats is not None else ReadStats())
-    return reader.read(files)
+    return reader.read([Path(f) for f in files])
 
 
 def _lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:

@@ -142,4 +142,5 @@ def encode_batch(tok: Tokenizer, texts: list[str], dtype: np.dtype | type = np.u
 
 def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
     """Text of `ids`, special tokens included (the inverse of encoding plus the eot marker)."""
-    return tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+    return tok.decode(ids, skip_special_tokens=False)

@@ -28,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from temper import config
 from temper.data import shards
-from temper.data.sources import MAX_LINE_BYTES, DataError, Document, ReadStats, expand_inputs, read_documents
+from temper.data.sources import MAX_LINE_BYTES, DataError, Document, ReadStats, expand_inputs, read_files
 from temper.data.tokenizer import (
     EOT,
     TokenizerError,
@@ -171,7 +172,7 @@ def prepare(cfg: PrepareConfig) -> str:
     tail = _TailSplit(writers, cfg.val_fraction) if cfg.split == "tail" else None
     short = 0
     workers = cfg.workers or min(4, os.cpu_count() or 1)
-    docs = _documents(cfg, stats)
+    docs = _documents(cfg, files, stats)
     bar = tqdm(total=_estimate_bytes(files), unit="B", unit_scale=True, desc="encode",
                disable=not cfg.progress, file=sys.stderr)
     for chunk, encoded in _encode_chunks(_chunks(docs), tok, workers, shards.dtype_for(vocab)):
@@ -208,11 +209,11 @@ def _auto(token: str) -> str | None:
     return None if token == "auto" else token
 
 
-def _documents(cfg: PrepareConfig, stats: ReadStats) -> Iterator[Document]:
-    docs = read_documents(
-        cfg.input, text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error=cfg.on_error,
+def _documents(cfg: PrepareConfig, files: list[Path], stats: ReadStats) -> Iterator[Document]:
+    docs = read_files(
+        files, text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error=cfg.on_error,
         max_skip_fraction=cfg.max_skip_fraction, strict_utf8=cfg.strict_utf8,
-        max_line_bytes=cfg.max_line_bytes, exclude=cfg.exclude, stats=stats,
+        max_line_bytes=cfg.max_line_bytes, stats=stats,
     )
     return islice(docs, cfg.max_documents) if cfg.max_documents else docs
 
@@ -224,12 +225,12 @@ def _unit_hash(text: str, seed: int, purpose: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _estimate_bytes(files: list) -> int:
+def _estimate_bytes(files: list[Path]) -> int:
     # gzip'd text is typically 3-4x smaller; only used for sampling rates and the progress bar.
     return sum(os.path.getsize(f) * (3 if str(f).endswith(".gz") else 1) for f in files)
 
 
-def _tokenizer_sample(cfg: PrepareConfig, files: list, out_stats: dict) -> list[str]:
+def _tokenizer_sample(cfg: PrepareConfig, files: list[Path], out_stats: dict) -> list[str]:
     """Texts to train on. char: every document (each character must be in the vocabulary).
     bpe: train-split documents chosen by hash at the rate that gives about train_bytes, so the
     sample spreads over the whole corpus instead of its first files, and val stays unseen."""
@@ -237,7 +238,7 @@ def _tokenizer_sample(cfg: PrepareConfig, files: list, out_stats: dict) -> list[
     cap = tc.train_bytes if tc.kind == "bpe" else 0
     rate = min(1.0, cap / max(1, _estimate_bytes(files))) if cap else 1.0
     texts, size = [], 0
-    docs = _documents(cfg, ReadStats())  # this pass's counts are not reported: step 3 reads again
+    docs = _documents(cfg, files, ReadStats())  # this pass's counts are not reported: step 3 reads again
     for doc in tqdm(docs, desc=f"read for {tc.kind} tokenizer", unit=" docs", disable=not cfg.progress,
                     file=sys.stderr):
         if tc.kind == "bpe":

@@ -107,7 +107,7 @@ class EvalConfig:
     every: int = 50
     """Validation loss every N steps (and at the end); 0 disables."""
     batches: int = 8
-    """Micro-batches of the validation split per evaluation (the same fixed windows every time)."""
+    """Validation batches of micro_batch_size x ranks sequences (the same fixed windows every time)."""
 
 
 @dataclass
@@ -289,7 +289,8 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                                     keep_last_n=cfg.checkpoint.keep_last_n)
 
     def validate() -> float:
-        batches = [val_data.batch(i * micro, micro, d.device) for i in range(d.rank, cfg.eval.batches, d.world)]
+        batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
+                   for i in range(cfg.eval.batches)]
         return eval_loss(train_model, batches, amp_dtype)
 
     if d.is_main:
