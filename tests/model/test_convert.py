@@ -86,6 +86,8 @@ def test_llama3_scaling_is_exercised():
 @pytest.mark.parametrize("name", ["debug", "debug-llama"])
 def test_temper_to_hf_directory_round_trip(tmp_path, name):
     cfg = replace(PRESETS[name], vocab_size=120, tie_embeddings=name == "debug")
+    if name == "debug-llama":  # untied, GQA and llama3 scaling, written in the rope_scaling spelling
+        cfg = replace(cfg, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     model = Transformer(cfg).eval()
     _randomize(model)
     tok = tmp_path / "tok.json"

@@ -105,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         full = tokenizer.decode(prompts[row] + ids, skip_special_tokens=True)
         return full[len(bases[row]) :] if full.startswith(bases[row]) else tokenizer.decode(ids, skip_special_tokens=True)
 
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+    room = model.cfg.max_seq_len - max(len(p) for p in prompts)
+    if room <= 0:
+        print(f"temper generate: a prompt fills the model's {model.cfg.max_seq_len}-token context", file=sys.stderr)
+        return 2
+    if cfg.max_new_tokens > room:
+        print(f"temper generate: max_new_tokens lowered to {room} to fit the context", file=sys.stderr)
+    kw = dict(max_new_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
               repetition_penalty=cfg.repetition_penalty, stop_token_ids=_eos_ids(cfg.checkpoint), seed=cfg.seed)
     # Stop strings are text, so the row's tokens are decoded each step to find them.
     should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None

@@ -27,7 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Literal
 
@@ -98,7 +98,7 @@ class PrepareConfig:
     """How the tokenizer is trained or loaded."""
     split: Literal["document", "tail"] = "document"
     """document: each document goes to val by a hash of its text and seed; tail: the last val_fraction of each file's tokens."""
-    val_fraction: float = 0.005
+    val_fraction: float = 0.01
     """Fraction of documents (or of each file's tokens, split=tail) that go to the val split."""
     seed: int = 0
     """Seed of the val split and of the tokenizer's training sample."""
@@ -246,8 +246,11 @@ def _tokenizer_sample(cfg: PrepareConfig, files: list[Path], out_stats: dict) ->
                 continue
             if rate < 1.0 and _unit_hash(doc.text, cfg.seed, "tokenizer") >= rate:
                 continue
-        texts.append(doc.text)
-        size += len(doc.text)
+        text = doc.text
+        if cfg.split == "tail" and tc.kind == "bpe":  # keep the val tail unseen (by characters)
+            text = text[: int(len(text) * (1 - cfg.val_fraction))]
+        texts.append(text)
+        size += len(text)
         if (cap and size >= cap) or (tc.train_docs and len(texts) >= tc.train_docs):
             break
     if not texts:
@@ -273,7 +276,9 @@ def _encode_chunks(chunks: Iterator[list[Document]], tok: Tokenizer, workers: in
     """Encode chunks in `workers` processes, yielding them in input order. At most 2 chunks per
     worker are in flight, so memory stays bounded however large the corpus (Pool.imap would read
     the whole input ahead)."""
-    if workers <= 1:
+    head = list(islice(chunks, 2))
+    chunks = chain(head, chunks)
+    if workers <= 1 or len(head) < 2:  # one chunk: starting processes would cost more than it saves
         encoder = plain_text_encoder(tok)
         for chunk in chunks:
             yield chunk, encode_batch(encoder, [d.text for d in chunk], dtype)
