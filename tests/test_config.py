@@ -86,3 +86,8 @@ def test_help_lists_every_key_with_its_doc(capsys):
     out = capsys.readouterr().out
     assert "--inner.lr=0.001  (float)  Peak learning rate." in out
     assert "--inputs=[]" in out and "Input globs." in out
+
+
+def test_text_flags_are_taken_verbatim():
+    cfg = config.parse(Outer, ["--name=yes", "--inputs", "null", "--inputs=[INST] hi", "--steps=null"])
+    assert cfg.name == "yes" and cfg.inputs == ["null", "[INST] hi"] and cfg.steps is None

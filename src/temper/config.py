@@ -190,18 +190,30 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def _is_list_key(cls: type, dotted: str) -> bool:
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted key, or None when it is not a field (or inside a dict field)."""
     tp: Any = cls
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(tp):
-            return False
+            return None
         tp = _hints(tp).get(part)
-        if tp is None:
-            return False
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in typing.get_args(tp))
-    return origin in (list, tuple) or tp in (list, tuple)
+    return tp
+
+
+def _members(tp: Any) -> tuple:
+    """The alternatives of a Union (or the type itself), None excluded."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+    return (tp,)
+
+
+def _is_list(tp: Any) -> bool:
+    return any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in _members(tp))
+
+
+def _is_text(tp: Any) -> bool:
+    """str or list[str]: a flag's value is taken verbatim (`--prompt yes` is the word, not True)."""
+    return any(a is str or typing.get_args(a) == (str,) or typing.get_args(a)[:1] == (str,) for a in _members(tp))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -242,10 +254,14 @@ def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str
         if key == "config":
             files.append(raw)
             continue
-        value = yaml.safe_load(raw) if raw.strip() else raw
-        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
-            value = raw  # a string that merely looks like YAML structure (e.g. "a: b")
-        if _is_list_key(cls, key) and key in flags:
+        tp = _field_type(cls, key)
+        if _is_text(tp) or not raw.strip():
+            value: Any = raw
+        else:
+            value = yaml.safe_load(raw)
+            if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
+                value = raw  # a string that merely looks like YAML structure (e.g. "a: b")
+        if _is_list(tp) and key in flags:
             prev = flags[key]
             flags[key] = (prev if isinstance(prev, list) else [prev]) + (value if isinstance(value, list) else [value])
         else:

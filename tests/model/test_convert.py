@@ -56,7 +56,8 @@ def _hf_to_temper(hf) -> Transformer:
 CASES = {
     "gpt2": lambda: _hf_gpt2(),
     "gpt2-untied": lambda: _hf_gpt2(tie_word_embeddings=False),
-    "llama-gqa-untied-llama3": lambda: _hf_llama(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+    # A copy: transformers writes rope_theta into the dict it is given.
+    "llama-gqa-untied-llama3": lambda: _hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
                                                  tie_word_embeddings=False),
     "llama-tied-bias": lambda: _hf_llama(num_key_value_heads=4, tie_word_embeddings=True,
                                          attention_bias=True, mlp_bias=True),

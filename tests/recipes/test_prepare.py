@@ -44,7 +44,7 @@ def decoded_docs(out, split):
 
 def test_shards_decode_to_the_documents_each_followed_by_eot(tmp_path):
     src = corpus(tmp_path)
-    out = run(tmp_path, src, val_fraction=0.2)
+    out = run(tmp_path, src, val_fraction=0.2, tokenizer=TokenizerConfig(vocab_size=300, train_bytes=3000))
     originals = [d.text + EOT for d in read_documents(str(src))]
     train, val = decoded_docs(out, "train"), decoded_docs(out, "val")
     assert 10 < len(val) < 40 and len(train) + len(val) == len(originals)
@@ -54,6 +54,8 @@ def test_shards_decode_to_the_documents_each_followed_by_eot(tmp_path):
     assert set(m) == {"format", "version", "dtype", "vocab_size", "eot_id", "tokenizer", "splits", "stats"}
     assert (m["dtype"], m["vocab_size"], m["eot_id"], m["tokenizer"]) == ("uint16", 300, 0, "tokenizer.json")
     assert m["stats"]["config"]["val_fraction"] == 0.2
+    sample = m["stats"]["tokenizer"]  # a bottom-k sample of train documents within train_bytes
+    assert 2500 < sample["trained_on_chars"] <= 3000 and sample["trained_on_documents"] > 10
 
 
 def test_val_split_is_deterministic_and_independent_of_workers(tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ ever held in memory, however long it is on disk.
 Bad input is expected, not exceptional. Invalid UTF-8 becomes U+FFFD (counted) or, with
 `strict_utf8`, an error naming file:line and byte offset; a byte-order mark, NUL characters and
 lone surrogates from JSON escapes (which the Rust tokenizer cannot take) are repaired and
-counted; CRLF becomes LF; empty and whitespace-only documents are dropped and counted. A bad
-record (invalid JSON, not an object, missing field, line too long, truncated gzip) either stops
-the run (`on_error="fail"`) with a `DataError` naming file:line, or is skipped and counted by
-reason (`on_error="skip"`) until more than `max_skip_fraction` of all records are bad.
+counted; CRLF line ends of text files become LF; empty and whitespace-only documents are
+dropped and counted. A bad record (invalid JSON, not an object, missing field, line too long,
+truncated gzip) either stops the run (`on_error="fail"`) with a `DataError` naming file:line,
+or is skipped and counted by reason (`on_error="skip"`) until more than `max_skip_fraction` of
+all records are bad.
 Messages never contain the record's content, which may be private.
 
 It does not filter for quality, deduplicate or tokenize: see filters.py, dedup.py, tokenizer.py.
@@ -292,7 +293,7 @@ class _Reader:
                 self._problem("not_object", where, f"expected a JSON object, got {kind}")
                 continue
             if field_ not in obj:
-                keys = ", ".join(sorted(obj)[:10])
+                keys = ", ".join(k[:40] for k in sorted(obj)[:10])  # names help; values never shown
                 self._problem(f"missing_field:{field_}", where, f"missing field {field_!r} (keys: {keys})")
                 continue
             value = obj[field_]

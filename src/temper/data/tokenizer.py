@@ -78,7 +78,7 @@ def _train_char(texts: Iterable[str], special_tokens: list[str]) -> Tokenizer:
     for text in texts:
         chars.update(text)
     if not chars:
-        raise ValueError("cannot build a character tokenizer from no text")
+        raise TokenizerError("cannot build a character tokenizer from no text")
     vocab = {c: i for i, c in enumerate(sorted(chars))}
     # No pre-tokenizer and no merges: the BPE model then maps each character to its id.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -19,13 +19,14 @@ loader reads the shards).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import multiprocessing as mp
 import os
 import sys
 import sysconfig
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -159,7 +160,7 @@ def prepare(cfg: PrepareConfig) -> str:
     if cfg.tokenizer.kind == "file":
         tok = load_tokenizer(cfg.tokenizer.path)
     else:
-        texts = _tokenizer_sample(cfg, files, sample_stats)
+        texts = _tokenizer_texts(cfg, files, sample_stats)
         tok = train_tokenizer(texts, cfg.tokenizer.kind, cfg.tokenizer.vocab_size,
                               cfg.tokenizer.special_tokens, show_progress=cfg.progress)
     vocab = vocab_size(tok)
@@ -226,37 +227,38 @@ def _unit_hash(text: str, seed: int, purpose: str) -> float:
 
 
 def _estimate_bytes(files: list[Path]) -> int:
-    # gzip'd text is typically 3-4x smaller; only used for sampling rates and the progress bar.
+    # gzip'd text is typically 3-4x smaller; only the progress bar uses this.
     return sum(os.path.getsize(f) * (3 if str(f).endswith(".gz") else 1) for f in files)
 
 
-def _tokenizer_sample(cfg: PrepareConfig, files: list[Path], out_stats: dict) -> list[str]:
-    """Texts to train on. char: every document (each character must be in the vocabulary).
-    bpe: train-split documents chosen by hash at the rate that gives about train_bytes, so the
-    sample spreads over the whole corpus instead of its first files, and val stays unseen."""
+def _tokenizer_texts(cfg: PrepareConfig, files: list[Path], out_stats: dict) -> Iterable[str]:
+    """What the tokenizer learns from. char: every document, streamed (each character of the
+    corpus must be in the vocabulary). bpe: a sample of the train documents, the ones with the
+    smallest hashes that fit in train_bytes / train_docs (a bottom-k sample): spread over the
+    whole corpus instead of its first files, the same on every run, and blind to val."""
     tc = cfg.tokenizer
-    cap = tc.train_bytes if tc.kind == "bpe" else 0
-    rate = min(1.0, cap / max(1, _estimate_bytes(files))) if cap else 1.0
-    texts, size = [], 0
     docs = _documents(cfg, files, ReadStats())  # this pass's counts are not reported: step 3 reads again
-    for doc in tqdm(docs, desc=f"read for {tc.kind} tokenizer", unit=" docs", disable=not cfg.progress,
-                    file=sys.stderr):
-        if tc.kind == "bpe":
-            if cfg.split == "document" and _unit_hash(doc.text, cfg.seed, "val") < cfg.val_fraction:
-                continue
-            if rate < 1.0 and _unit_hash(doc.text, cfg.seed, "tokenizer") >= rate:
-                continue
+    docs = tqdm(docs, desc=f"read for the {tc.kind} tokenizer", unit=" docs", disable=not cfg.progress,
+                file=sys.stderr)
+    if tc.kind == "char":
+        return (doc.text for doc in docs)
+    heap: list[tuple[float, str]] = []  # (-hash, text): the largest hash on top, popped first
+    size = 0
+    for doc in docs:
         text = doc.text
-        if cfg.split == "tail" and tc.kind == "bpe":  # keep the val tail unseen (by characters)
+        if cfg.split == "document" and _unit_hash(text, cfg.seed, "val") < cfg.val_fraction:
+            continue
+        if cfg.split == "tail":  # keep each document's val tail unseen (by characters)
             text = text[: int(len(text) * (1 - cfg.val_fraction))]
-        texts.append(text)
+        heapq.heappush(heap, (-_unit_hash(text, cfg.seed, "tokenizer"), text))
         size += len(text)
-        if (cap and size >= cap) or (tc.train_docs and len(texts) >= tc.train_docs):
-            break
-    if not texts:
-        raise DataError("no documents to train the tokenizer on")
-    out_stats.update(trained_on_documents=len(texts), trained_on_chars=size)
-    return texts
+        while len(heap) > 1 and ((tc.train_bytes and size > tc.train_bytes)
+                                 or (tc.train_docs and len(heap) > tc.train_docs)):
+            size -= len(heapq.heappop(heap)[1])
+    if not heap:
+        raise DataError("no train documents to train the tokenizer on")
+    out_stats.update(trained_on_documents=len(heap), trained_on_chars=size)
+    return [text for _, text in sorted(heap, reverse=True)]
 
 
 def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
