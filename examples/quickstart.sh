@@ -14,5 +14,5 @@ if [ "${1:-}" = "--input" ]; then INPUT_ARGS=(--input "$2"); fi
 temper prepare --config configs/quickstart-prepare.yaml "${INPUT_ARGS[@]}"
 temper pretrain --config configs/quickstart.yaml
 temper generate --checkpoint runs/quickstart/final --max_new_tokens 160 --temperature 0.8 --top_k 40 \
-  --prompt "def " --prompt "class " --prompt "import os"
+  --prompt "def" --prompt "class" --prompt "import os"
 echo "report: runs/quickstart/report.md"

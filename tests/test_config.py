@@ -91,3 +91,7 @@ def test_help_lists_every_key_with_its_doc(capsys):
 def test_text_flags_are_taken_verbatim():
     cfg = config.parse(Outer, ["--name=yes", "--inputs", "null", "--inputs=[INST] hi", "--steps=null"])
     assert cfg.name == "yes" and cfg.inputs == ["null", "[INST] hi"] and cfg.steps is None
+    assert config.parse(Outer, ["--inputs=[]"]).inputs == []
+    assert config.parse(Outer, ["--inputs=[a, b]"]).inputs == ["a", "b"]
+    with pytest.raises(config.ConfigError, match="--steps"):
+        config.parse(Outer, ["--steps=\x00"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import generate, pretrain, prepare
+from temper.recipes import generate, prepare, pretrain
 
 COMMANDS = {
     "prepare": prepare.main,

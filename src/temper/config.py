@@ -255,10 +255,14 @@ def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str
             files.append(raw)
             continue
         tp = _field_type(cls, key)
-        if _is_text(tp) or not raw.strip():
+        yaml_list = _is_list(tp) and raw.strip().startswith("[") and raw.strip().endswith("]")
+        if (_is_text(tp) and not yaml_list) or not raw.strip():
             value: Any = raw
         else:
-            value = yaml.safe_load(raw)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--{key}: cannot read value {raw!r}: {e}") from None
             if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
                 value = raw  # a string that merely looks like YAML structure (e.g. "a: b")
         if _is_list(tp) and key in flags:

@@ -90,7 +90,7 @@ class TokenWindows:
         ids = self.window_ids(start, count)
         shard_of = np.searchsorted(self._cum, ids, side="right") - 1
         rows = np.empty((count, self.seq_len + 1), dtype=np.int64)
-        for row, (w, s) in enumerate(zip(ids, shard_of)):
+        for row, (w, s) in enumerate(zip(ids, shard_of, strict=True)):
             local = int(w - self._cum[s])
             offset = local if self.order == "random" else local * self.seq_len
             rows[row] = self.shards[s][offset : offset + self.seq_len + 1]
