@@ -127,8 +127,11 @@ class PrepareConfig:
             raise ValueError("out: the output directory name contains a NUL byte")
         if not self.input:
             raise ValueError("input: name at least one file, directory or glob")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1]")
+        if self.val_fraction == 1.0 and self.tokenizer.kind != "file":
+            raise ValueError("val_fraction=1 (a held-out set only) needs tokenizer.kind=file: there is no "
+                             "training text to learn a tokenizer from")
         for name in ("min_tokens", "shard_tokens", "max_line_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")

@@ -70,6 +70,9 @@ class DataConfig:
     """Directory written by `temper prepare` (manifest.json, shards, tokenizer.json)."""
     order: Literal["random", "sequential"] = "random"
     """random: windows at hashed offsets; sequential: each non-overlapping window once per epoch, shuffled."""
+    val_dir: str = ""
+    """Directory whose `val` split is the validation set (e.g. a separately prepared held-out file);
+    empty: the `val` split of `dir`. Must use the same tokenizer."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training."""
 
@@ -251,8 +254,13 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
 
     train_data = TokenWindows(cfg.data.dir, "train", seq_len, seed=cfg.run.seed, order=cfg.data.order, verify=cfg.data.verify)
-    has_val = cfg.eval.every > 0 and read_manifest(cfg.data.dir)["splits"].get("val", {}).get("tokens", 0) > seq_len
-    val_data = TokenWindows(cfg.data.dir, "val", seq_len, order="sequential", verify=cfg.data.verify) if has_val else None
+    val_dir = cfg.data.val_dir or cfg.data.dir
+    val_manifest = read_manifest(val_dir)
+    if val_manifest["vocab_size"] != manifest["vocab_size"]:
+        raise config.ConfigError(f"data.val_dir {val_dir} has vocab_size {val_manifest['vocab_size']}, "
+                                 f"data.dir {cfg.data.dir} has {manifest['vocab_size']}: prepare both with one tokenizer")
+    has_val = cfg.eval.every > 0 and val_manifest["splits"].get("val", {}).get("tokens", 0) > seq_len
+    val_data = TokenWindows(val_dir, "val", seq_len, order="sequential", verify=cfg.data.verify) if has_val else None
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     model = Transformer(model_cfg).to(d.device)
