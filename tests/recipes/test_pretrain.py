@@ -204,3 +204,25 @@ def test_final_is_a_hugging_face_checkpoint(char_data, tmp_path):
     x = torch.randint(0, 60, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), theirs(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_run(char_data, tmp_path):
+    assert train(char_data, tmp_path, "plain", "--train.steps=4") == 0
+    assert train(char_data, tmp_path, "ckpt", "--train.steps=4", "--train.activation_checkpointing=1") == 0
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    torch.testing.assert_close([a[s]["loss"] for s in a], [b[s]["loss"] for s in b], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(char_data, tmp_path, precision):
+    assert train(char_data, tmp_path, precision, f"--train.precision={precision}", "--train.steps=6") == 0
+    losses = [m["loss"] for m in metrics(tmp_path / precision).values()]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_compiled_training(char_data, tmp_path):
+    assert train(char_data, tmp_path, "gpu", "--run.device=cuda", "--train.precision=bf16", "--train.compile=true",
+                 "--train.steps=20") == 0
+    losses = [m["loss"] for m in metrics(tmp_path / "gpu").values()]
+    assert losses[-1] < losses[0]
