@@ -302,6 +302,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         return eval_loss(train_model, batches, amp_dtype)
 
     if d.is_main:
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
         print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
               f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.world} ranks), "
               f"{amp_dtype}, run dir {run_dir}")
