@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ import yaml
 
 from temper import config, faults
 from temper.data.loader import TokenWindows, rank_slice
-from temper.data.shards import read_manifest
-from temper.files import atomic_write_text, safe_join, safe_name
+from temper.data.shards import ShardError, read_manifest
+from temper.files import UnsafePath, atomic_write_text, safe_join, safe_name
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
@@ -222,7 +223,13 @@ class _SigtermFlag:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(config.parse(PretrainConfig, argv, prog="pretrain"))
+    cfg = config.parse(PretrainConfig, argv, prog="pretrain")
+    try:
+        return run(cfg)
+    except (ShardError, ckpt.CheckpointCorrupt, UnsafePath) as e:
+        # Bad input, not a bug: one clear line naming the file, no traceback.
+        print(f"temper pretrain: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 def run(cfg: PretrainConfig) -> int:
