@@ -1,4 +1,5 @@
-"""KV-cache generation equals full recomputation; sampling is reproducible and its filters behave."""
+"""KV-cache generation equals full recomputation, within the context and past it (nanoGPT's crop);
+sampling is reproducible and its filters behave."""
 
 from dataclasses import replace
 
@@ -12,9 +13,9 @@ from temper.model.transformer import Transformer
 PROMPTS = [[5, 17, 99, 3, 42, 8, 8, 1], [7], [200, 11, 12, 13]]  # different lengths: left padding
 
 
-def _model(name: str) -> Transformer:
+def _model(name: str, **changes) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(replace(PRESETS[name], vocab_size=256))
+    model = Transformer(replace(PRESETS[name], vocab_size=256, **changes))
     with torch.no_grad():  # sharper than init, so greedy paths branch on the prompt
         for p in model.parameters():
             p.mul_(4.0)
@@ -79,9 +80,48 @@ def test_repetition_penalty():
     assert len(set(penalised)) == len(penalised) and not set(penalised) & {1, 2, 3}
 
 
-def test_rejects_too_long_requests():
+def _reference(model: Transformer, prompt: list[int], n: int, margin: int) -> list[int]:
+    """Greedy by full recomputation of each step's window, one prompt alone: with margin 0 the window is
+    nanoGPT's crop `tokens[-max_seq_len:]`; else a full window is cut to its last max_seq_len - margin."""
+    C, seq = model.cfg.max_seq_len, list(prompt)
+    lo = max(0, len(seq) - C)
+    for _ in range(n):
+        if margin == 0:
+            window = seq[-C:]
+        else:
+            lo = len(seq) - (C - margin) if len(seq) - lo > C else lo
+            window = seq[lo:]
+        logits = model(torch.tensor([window]))[0, -1]  # positions 0.. of the window
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-llama"])
+@pytest.mark.parametrize("margin", [0, None])
+def test_generation_past_the_context_equals_cropped_recompute(name, margin):
+    model = _model(name, max_seq_len=16)
+    prompts = PROMPTS + [list(range(30, 50))]  # the last one is longer than the context
+    n = 60  # several contexts' worth
+    cached = generate(model, prompts, max_new_tokens=n, temperature=0, window_margin=margin)
+    expected = [_reference(model, p, n, 4 if margin is None else margin) for p in prompts]  # None: 16 // 4
+    assert cached == expected
+    assert all(len(o) == n for o in cached) and len({tuple(o[-16:]) for o in cached}) == 4
+    assert generate(model, prompts, max_new_tokens=n, temperature=0, window_margin=margin, use_cache=False) == expected
+    assert generate(model, prompts[2:3], max_new_tokens=n, temperature=0, window_margin=margin) == expected[2:3]
+
+
+def test_sampling_past_the_context_cached_equals_recompute_and_finished_rows():
+    model = _model("debug", max_seq_len=16)
+    kw = dict(max_new_tokens=50, temperature=1.0, top_k=50, seed=7)
+    assert generate(model, PROMPTS, **kw) == generate(model, PROMPTS, **kw, use_cache=False)
+    ref = generate(model, PROMPTS, max_new_tokens=50, temperature=0)
+    hooked = generate(model, PROMPTS, max_new_tokens=50, temperature=0, should_stop=lambda i, t: i == 1 and len(t) == 5)
+    assert hooked == [ref[0], ref[1][:5], ref[2]]  # a row that finished early does not disturb the others
+
+
+def test_rejects_bad_requests():
     model = _model("debug")
-    with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, [[1] * 100], max_new_tokens=29)
+    with pytest.raises(ValueError, match="window_margin"):
+        generate(model, [[1] * 100], max_new_tokens=29, window_margin=128)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], max_new_tokens=1)

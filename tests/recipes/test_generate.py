@@ -1,4 +1,5 @@
-"""`temper generate` end to end on a tiny checkpoint: streamed text equals the engine's, stop strings cut."""
+"""`temper generate` end to end on a tiny checkpoint: streamed text equals the engine's, stop strings cut,
+and generation goes on past the model's context."""
 
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ def checkpoint(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the cat sat on the mat", "a dog ran to the cat"] * 10, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size())
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=32)
     torch.manual_seed(0)
     model = Transformer(cfg)
     save_hf(model, cfg, tmp_path / "final", tokenizer_json=tmp_path / "tokenizer.json")
@@ -41,6 +42,20 @@ def test_greedy_stream_matches_engine_and_stop_cuts(checkpoint, capsys):
     assert capsys.readouterr().out == expected[: expected.index(stop, 7)] + "\n"
     assert main(args + ["--prompt", "a dog"]) == 0  # a batch of two prompts
     assert capsys.readouterr().out.count("--- [") == 2
+
+
+def test_generates_past_the_context_and_crops_long_prompts(checkpoint, capsys):
+    path, model, tok = checkpoint
+    for prompt, too_long in [("the cat", False), ("a dog ran to the cat " * 8, True)]:  # the context is 32 tokens
+        ids = tok.encode(prompt).ids
+        assert (len(ids) > 32) == too_long
+        args = ["--checkpoint", str(path), "--prompt", prompt, "--max_new_tokens=100", "--temperature=0", "--device=cpu"]
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        new = generate(model.eval(), [ids], max_new_tokens=100, temperature=0)[0]
+        assert len(new) == 100  # three times the context
+        assert out == prompt + tok.decode(ids + new)[len(prompt) :] + "\n"
+        assert ("only its last 32" in err) == too_long
 
 
 def test_stop_helpers():

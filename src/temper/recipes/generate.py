@@ -5,6 +5,8 @@ Steps:
   2. load the model (config.json + model.safetensors) and tokenizer.json from --checkpoint;
   3. encode the prompts; the checkpoint's eos ids (generation_config.json) stop a row;
   4. generate with the KV-cache engine: one prompt streams text as it comes, several run as a batch;
+     past the model's context each row goes on from its most recent tokens (nanoGPT's crop), so
+     max_new_tokens is not bounded by max_seq_len, and a longer prompt keeps its last max_seq_len;
   5. cut each completion at the first --stop string (held back while it could still be forming).
 
 It does not train, serve or evaluate; sampling itself lives in `temper.infer.engine`.
@@ -36,7 +38,7 @@ class GenerateConfig:
     prompt: list[str] = field(default_factory=list)
     """Prompt text; repeat the flag for a batch of prompts."""
     max_new_tokens: int = 128
-    """Most tokens generated per prompt."""
+    """Most tokens generated per prompt; past the model's context it conditions on the most recent tokens."""
     temperature: float = 0.8
     """Softmax temperature; 0 picks the most likely token (greedy)."""
     top_k: int | None = None
@@ -105,13 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         full = tokenizer.decode(prompts[row] + ids, skip_special_tokens=True)
         return full[len(bases[row]) :] if full.startswith(bases[row]) else tokenizer.decode(ids, skip_special_tokens=True)
 
-    room = model.cfg.max_seq_len - max(len(p) for p in prompts)
-    if room <= 0:
-        print(f"temper generate: a prompt fills the model's {model.cfg.max_seq_len}-token context", file=sys.stderr)
-        return 2
-    if cfg.max_new_tokens > room:
-        print(f"temper generate: max_new_tokens lowered to {room} to fit the context", file=sys.stderr)
-    kw = dict(max_new_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+    context = model.cfg.max_seq_len
+    for i, p in enumerate(prompts):
+        if len(p) > context:  # the engine keeps the last `context` tokens, as nanoGPT's crop does
+            print(f"temper generate: prompt {i} has {len(p)} tokens; only its last {context} (the context) are used",
+                  file=sys.stderr)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
               repetition_penalty=cfg.repetition_penalty, stop_token_ids=_eos_ids(cfg.checkpoint), seed=cfg.seed)
     # Stop strings are text, so the row's tokens are decoded each step to find them.
     should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None
