@@ -7,6 +7,7 @@ turn NaN at an exact step on an exact rank. Rather than monkeypatching, the code
     TEMPER_FAULT="kill_during_save:step=6"                  checkpoint.py: SIGKILL mid-write
     TEMPER_FAULT="nan_loss:step=3:rank=1"                   train/step.py: NaN loss on rank 1
     TEMPER_FAULT="crash:step=5:rank=1:once=/tmp/marker"     pretrain loop: crash once, not after restart
+    TEMPER_FAULT="sigterm:step=0" / "sigterm_in_eval:step=4"  pretrain loop: SIGTERM to itself mid-step / mid-eval
 
 Several specs are separated by `;`. Keys: `step` and `rank` (either left out means any), and
 `once=<path>` (fire only while the marker file does not exist; firing creates it, so a restarted

@@ -139,6 +139,18 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(char_data, tmp_path):
     assert [ref[s]["loss"] for s in range(k + 1, 61)] == [term[s]["loss"] for s in range(k + 1, 61)]
 
 
+@pytest.mark.parametrize("fault, saved_at", [("sigterm:step=0", 1), ("sigterm_in_eval:step=4", 4)],
+                         ids=["first-step", "during-eval"])
+def test_sigterm_in_the_first_step_or_in_eval(char_data, tmp_path, fault, saved_at):
+    """Row 15 (b, c): the signal is handled at the next step boundary; the resumed run matches."""
+    assert train(char_data, tmp_path, "ref") == 0
+    assert train(char_data, tmp_path, "term", env=fault) == pretrain.EXIT_PREEMPTED
+    saved = sorted(p.name for p in (tmp_path / "term" / "checkpoints").glob("step-*"))
+    assert saved[-1] == f"step-{saved_at:07d}"
+    assert train(char_data, tmp_path, "term") == 0
+    assert_same_run(tmp_path / "ref", tmp_path / "term")
+
+
 def test_ddp_two_ranks_equal_one_process(char_data, tmp_path):
     """Row 10 end to end: torchrun 2 ranks x micro-batch 2 == 1 process x micro-batch 4."""
     assert train(char_data, tmp_path, "single", "--train.micro_batch_size=4") == 0

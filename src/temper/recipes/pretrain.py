@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -304,6 +305,8 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                                     keep_last_n=cfg.checkpoint.keep_last_n)
 
     def validate() -> float:
+        if faults.active("sigterm_in_eval", step=step, rank=d.rank):
+            os.kill(os.getpid(), signal.SIGTERM)
         batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
                    for i in range(cfg.eval.batches)]
         return eval_loss(train_model, batches, amp_dtype)
@@ -323,6 +326,8 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         while step < cfg.train.steps:
             if faults.active("crash", step=step, rank=d.rank):
                 raise SystemExit(f"TEMPER_FAULT crash at step {step} on rank {d.rank}")
+            if faults.active("sigterm", step=step, rank=d.rank):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of this step
             lr = lr_at(step - skipped, cfg.train.steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             batches = [train_data.batch(rank_slice(samples, micro, m, d.rank, d.world), micro, d.device)
