@@ -13,6 +13,7 @@ the same run) and peak memory, with the temper/transformers ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -21,17 +22,22 @@ import time
 
 import torch
 
-from temper.model.config import PRESETS
+from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
 from temper.model.transformer import Transformer
 from temper.train.optim import OptimConfig, build_optimizer
-from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, train_step
+from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, throughput, train_step
+
+
+def bench_config(shape: str, vocab: int, seq: int) -> ModelConfig:
+    """The preset at this sequence length, without dropout or long-context RoPE scaling."""
+    cfg = PRESETS[shape]
+    return dataclasses.replace(cfg, vocab_size=vocab or cfg.vocab_size, max_seq_len=max(seq, 64),
+                               dropout=0.0, rope_scaling=None)
 
 
 def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
-    cfg = PRESETS[shape]
-    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": vocab or cfg.vocab_size, "max_seq_len": max(seq, 64),
-                       "dropout": 0.0, "rope_scaling": None})
+    cfg = bench_config(shape, vocab, seq)
     torch.manual_seed(0)
     if impl == "temper":
         model = Transformer(cfg)
@@ -45,7 +51,6 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
 
 
 def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, compile: bool, vocab: int) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg, model = build(impl, shape, vocab, seq, device)
@@ -76,9 +81,8 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    tokens_per_s = batch * seq * steps / seconds
     return {
-        "impl": impl, "shape": shape, "tokens_per_s": tokens_per_s, "device": str(device),
+        "impl": impl, "shape": shape, "tokens": batch * seq * steps, "seconds": seconds, "device": str(device),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
     }
@@ -111,10 +115,8 @@ def main() -> None:
     header = "| shape | impl | tokens/s | MFU (measured peak) | MFU (datasheet) | peak mem GiB | temper / transformers |"
     print(header + "\n|" + "---|" * 7)
     for shape in a.shapes:
-        cfg = PRESETS[shape]
         with torch.device("meta"):
-            fpt = Transformer(type(cfg)(**{**cfg.__dict__, "max_seq_len": max(a.seq, 64),
-                                           "vocab_size": a.vocab or cfg.vocab_size})).flops_per_token(a.seq)
+            fpt = Transformer(bench_config(shape, a.vocab, a.seq)).flops_per_token(a.seq)
         results = {}
         for impl in ("transformers", "temper"):
             cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(a.batch), "--seq", str(a.seq),
@@ -123,12 +125,12 @@ def main() -> None:
             if out.returncode != 0:
                 print(f"| {shape} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} |")
                 continue
-            results[impl] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            ratio = (f"{r['tokens_per_s'] / results['transformers']['tokens_per_s']:.2f}x"
-                     if impl == "temper" and "transformers" in results else "")
-            mfu_m = r["tokens_per_s"] * fpt / measured
-            mfu_d = f"{r['tokens_per_s'] * fpt / datasheet:.1%}" if datasheet else "n/a"
-            print(f"| {shape} | {impl} | {r['tokens_per_s']:,.0f} | {mfu_m:.1%} | {mfu_d} | {r['peak_mem_gib']:.2f} | {ratio} |",
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            tokens_per_s, mfu_m = throughput(r["tokens"], r["seconds"], fpt, measured)
+            mfu_d = f"{throughput(r['tokens'], r['seconds'], fpt, datasheet)[1]:.1%}" if datasheet else "n/a"
+            results[impl] = tokens_per_s
+            ratio = f"{tokens_per_s / results['transformers']:.2f}x" if impl == "temper" and "transformers" in results else ""
+            print(f"| {shape} | {impl} | {tokens_per_s:,.0f} | {mfu_m:.1%} | {mfu_d} | {r['peak_mem_gib']:.2f} | {ratio} |",
                   flush=True)
 
 

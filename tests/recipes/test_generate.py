@@ -62,3 +62,12 @@ def test_stop_helpers():
     assert cut_at_stop("hello world", ["wor", "lo"]) == ("hel", True)
     assert safe_to_print("hello wo", ["world"]) == 6  # "wo" may still become "world"
     assert safe_to_print("abc\ufffd", []) == 3
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "tokenizer.json").write_text("{}")
+    assert main(["--checkpoint", str(tmp_path / "half"), "--prompt", "hi"]) == 2
+    assert "no config.json" in capsys.readouterr().err

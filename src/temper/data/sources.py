@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 MAX_LINE_BYTES = 64 << 20
 TXT_DOCS = ("file", "paragraph", "line")
@@ -117,22 +117,9 @@ def expand_inputs(inputs: str | Sequence[str], exclude: Sequence[str] = ()) -> l
     return [Path(f) for f in files]
 
 
-def read_documents(
-    inputs: str | Sequence[str],
-    *,
-    text_field: str = "text",
-    txt_docs: str = "file",
-    on_error: str = "fail",
-    max_skip_fraction: float = 0.01,
-    strict_utf8: bool = False,
-    max_line_bytes: int = MAX_LINE_BYTES,
-    exclude: Sequence[str] = (),
-    stats: ReadStats | None = None,
-) -> Iterator[Document]:
-    """Stream the documents of `inputs` (paths, directories, globs); see `read_files`."""
-    return read_files(expand_inputs(inputs, exclude), text_field=text_field, txt_docs=txt_docs,
-                      on_error=on_error, max_skip_fraction=max_skip_fraction, strict_utf8=strict_utf8,
-                      max_line_bytes=max_line_bytes, stats=stats)
+def read_documents(inputs: str | Sequence[str], *, exclude: Sequence[str] = (), **options: Any) -> Iterator[Document]:
+    """Stream the documents of `inputs` (paths, directories, globs); `options` as for `read_files`."""
+    return read_files(expand_inputs(inputs, exclude), **options)
 
 
 def read_files(

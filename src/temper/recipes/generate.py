@@ -25,6 +25,7 @@ from temper.config import parse
 from temper.files import safe_join
 from temper.infer.engine import generate, stream
 from temper.model.convert import load_hf
+from temper.train.parallel import pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.checkpoint or not cfg.prompt:
         print("temper generate: --checkpoint and at least one --prompt are required", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype)
-    tokenizer = Tokenizer.from_file(str(safe_join(cfg.checkpoint, "tokenizer.json")))
+    tokenizer_path = safe_join(cfg.checkpoint, "tokenizer.json")
+    try:
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"{cfg.checkpoint}: no tokenizer.json")
+        model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype)
+    except (OSError, ValueError) as e:  # a wrong path or a checkpoint we cannot read: one line, no traceback
+        print(f"temper generate: {e}", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     prompts = [tokenizer.encode(p).ids for p in cfg.prompt]
     bases = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
 
