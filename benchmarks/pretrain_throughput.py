@@ -1,12 +1,17 @@
 """Pretraining throughput: temper against `transformers` on the same shape, batch, precision and optimizer.
 
 Each (implementation, shape) runs in its own subprocess so that peak memory is its own. Both
-sides run forward -> cross-entropy -> backward -> clip -> AdamW step; temper through its real
-`train_step`, transformers as its users train it (`model(input_ids, labels=...)`). Prints a
-table of tokens/s, MFU (against the datasheet peak on known GPUs and a matmul peak measured in
-the same run) and peak memory, with the temper/transformers ratio.
+sides run forward -> cross-entropy -> backward -> clip -> AdamW step with the same optimizer
+(temper's: fused AdamW, which is also the Hugging Face Trainer's default); temper through its
+real `train_step`, transformers as its users train it (`model(input_ids, labels=...)`).
+
+A shared machine drifts by 10-20% between runs, so the two sides alternate `--repeats` times
+(order flipped each round) and the table reports the median tokens/s of each, its spread, and
+the ratio of medians. MFU is against the datasheet peak on known GPUs and a matmul peak
+measured in the same run.
 
     python benchmarks/pretrain_throughput.py                      # CPU: debug and gpt2-124m shapes
+    python benchmarks/pretrain_throughput.py --shapes gpt2-124m --steps 3 --repeats 5
     python benchmarks/pretrain_throughput.py --shapes gpt2-124m llama-3.2-1b --batch 16 --seq 1024 --compile
 """
 
@@ -16,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -97,6 +103,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (0: keep)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
@@ -106,32 +113,45 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    measured = measured_matmul_peak_flops(device, torch_dtype)
+    # n=2048 on CPU: the 1024 the recipes use for a quick estimate under-reads a 2-core peak by ~1/3.
+    measured = measured_matmul_peak_flops(device, torch_dtype, None if device.type == "cuda" else 2048)
     datasheet = datasheet_peak_flops(device, torch_dtype)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{dtype}, batch {a.batch} x seq {a.seq}, {a.steps} timed steps, compile={a.compile}")
+          f"{dtype}, batch {a.batch} x seq {a.seq}, {a.steps} timed steps x {a.repeats} alternating runs, compile={a.compile}")
     print(f"measured {dtype} matmul peak: {measured / 1e12:.2f} TFLOP/s"
           + (f"; datasheet {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
-    header = "| shape | impl | tokens/s | MFU (measured peak) | MFU (datasheet) | peak mem GiB | temper / transformers |"
-    print(header + "\n|" + "---|" * 7)
+    header = ("| shape | impl | tokens/s (median) | min-max | MFU (measured peak) | MFU (datasheet) | peak mem GiB "
+              "| temper / transformers |")
+    print(header + "\n|" + "---|" * 8)
     for shape in a.shapes:
         with torch.device("meta"):
             fpt = Transformer(bench_config(shape, a.vocab, a.seq)).flops_per_token(a.seq)
-        results = {}
+        runs: dict[str, list[dict]] = {"transformers": [], "temper": []}
+        failed: dict[str, str] = {}
+        for r in range(a.repeats):
+            for impl in (("transformers", "temper") if r % 2 == 0 else ("temper", "transformers")):
+                if impl in failed:
+                    continue
+                cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(a.batch), "--seq", str(a.seq),
+                       "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab)] + (["--compile"] if a.compile else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    failed[impl] = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                    continue
+                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        medians = {}
         for impl in ("transformers", "temper"):
-            cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(a.batch), "--seq", str(a.seq),
-                   "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab)] + (["--compile"] if a.compile else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"| {shape} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            if impl in failed:
+                print(f"| {shape} | {impl} | failed: {failed[impl]} |")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            tokens_per_s, mfu_m = throughput(r["tokens"], r["seconds"], fpt, measured)
-            mfu_d = f"{throughput(r['tokens'], r['seconds'], fpt, datasheet)[1]:.1%}" if datasheet else "n/a"
-            results[impl] = tokens_per_s
-            ratio = f"{tokens_per_s / results['transformers']:.2f}x" if impl == "temper" and "transformers" in results else ""
-            print(f"| {shape} | {impl} | {tokens_per_s:,.0f} | {mfu_m:.1%} | {mfu_d} | {r['peak_mem_gib']:.2f} | {ratio} |",
-                  flush=True)
+            rates = [r["tokens"] / r["seconds"] for r in runs[impl]]
+            medians[impl] = tokens_per_s = statistics.median(rates)
+            mfu_m = throughput(int(tokens_per_s), 1.0, fpt, measured)[1]
+            mfu_d = f"{throughput(int(tokens_per_s), 1.0, fpt, datasheet)[1]:.1%}" if datasheet else "n/a"
+            mem = max(r["peak_mem_gib"] for r in runs[impl])
+            ratio = f"{tokens_per_s / medians['transformers']:.2f}x" if impl == "temper" and "transformers" in medians else ""
+            print(f"| {shape} | {impl} | {tokens_per_s:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {mfu_m:.1%} | {mfu_d} "
+                  f"| {mem:.2f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,17 @@ def test_lr_continuity_is_a_pure_function_of_the_step():
     assert uninterrupted == resumed
 
 
-def test_adamw_fused_off_on_cpu():
-    m = nn.Linear(2, 2)
-    opt = build_optimizer(m, OptimConfig(), "cpu")
-    assert not opt.defaults.get("fused")
-    loss = m(torch.ones(1, 2)).sum()
-    loss.backward()
-    opt.step()
+def test_adamw_fused_on_cpu_matches_the_per_tensor_loop():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(a, OptimConfig(weight_decay=0.1), "cpu")
+    loop = build_optimizer(b, OptimConfig(weight_decay=0.1, fused=False), "cpu")
+    assert fused.defaults["fused"] and not loop.defaults.get("fused")
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for m, opt in ((a, fused), (b, loop)):
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
