@@ -1,14 +1,15 @@
 """End-to-end pretraining on real text with the RELIABILITY harness's tiny model.
 
 Rows 1, 2, 4 (exact resume: plain, with dropout, with accumulation), 6 (kill -9 mid-checkpoint),
-10 (torchrun DDP == one process), 14 (skip / rollback), 15 (SIGTERM), 31 (resume mismatch) and
-the Hugging Face export of `final/`.
+10 (torchrun DDP == one process), 14 (skip / rollback), 15 (SIGTERM), 31 (resume mismatch),
+the Hugging Face export of `final/`, and training on a weighted mixture of two datasets.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,25 @@ def char_data(tmp_path_factory, request) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def more_data(char_data, tmp_path_factory) -> Path:
+    """A second dataset: later Shakespeare text, encoded with char_data's tokenizer."""
+    from tests.conftest import SHARED_DATA
+
+    root = tmp_path_factory.mktemp("more")
+    text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text()[200_000:230_000]
+    (root / "more.txt").write_text(text)
+    out = root / "more"
+    assert prepare.main([f"--input={root / 'more.txt'}", f"--out={out}", "--tokenizer.kind=file",
+                         f"--tokenizer.path={char_data / 'tokenizer.json'}", "--txt_docs=paragraph",
+                         "--val_fraction=0.1", "--workers=1", "--progress=false"]) == 0
+    return out
+
+
 def train(char_data, run_dir, name, *extra, env=None):
-    argv = [*TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}", f"--run.name={name}", *extra]
+    """char_data: one prepared directory, or a list of them (a mixture, given as repeated flags)."""
+    data = [f"--data.dir={d}" for d in (char_data if isinstance(char_data, list) else [char_data])]
+    argv = [*TINY, *data, f"--run.dir={run_dir}", f"--run.name={name}", *extra]
     old = os.environ.pop("TEMPER_FAULT", None)
     if env:
         os.environ["TEMPER_FAULT"] = env
@@ -238,3 +256,45 @@ def test_gpu_bf16_compiled_training(char_data, tmp_path):
                  "--train.steps=20") == 0
     losses = [m["loss"] for m in metrics(tmp_path / "gpu").values()]
     assert losses[-1] < losses[0]
+
+
+def test_mixture_of_two_datasets_trains_reports_each_and_resumes_exactly(char_data, more_data, tmp_path):
+    """Two prepared dirs mixed 3:1: per-dataset val losses, their weighted mean, and a bitwise exact resume."""
+    mix, weights = [char_data, more_data], "--data.weights=[3,1]"
+    assert train(mix, tmp_path, "ref", weights) == 0
+    with pytest.raises(SystemExit):
+        train(mix, tmp_path, "resumed", weights, env="crash:step=5")
+    assert train(mix, tmp_path, "resumed", weights) == 0
+    assert_same_run(tmp_path / "ref", tmp_path / "resumed")
+    val = metrics(tmp_path / "ref", "val")
+    assert sorted(val) == [4, 8]
+    for row in val.values():
+        assert row["val_loss"] == pytest.approx((3 * row["val_loss/data"] + row["val_loss/more"]) / 4)
+    resumed = metrics(tmp_path / "resumed", "val")[8]
+    assert all(resumed[k] == val[8][k] for k in ("val_loss", "val_loss/data", "val_loss/more"))
+    # The mixture is part of the data order: resuming with other weights is a config mismatch.
+    with pytest.raises(ConfigError, match="data.weights"):
+        train(mix, tmp_path, "resumed", "--data.weights=[1,1]", "--train.steps=9")
+    # A mixture is not the first dataset alone.
+    assert train(char_data, tmp_path, "single", "--train.steps=1") == 0
+    assert metrics(tmp_path / "single")[1]["loss"] != metrics(tmp_path / "ref")[1]["loss"]
+
+
+def test_mixture_of_different_tokenizers_is_refused(char_data, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(char_data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(manifest | {"vocab_size": manifest["vocab_size"] + 1}))
+    with pytest.raises(ConfigError, match=f"different tokenizers .*{char_data} has vocab_size.*{other} has vocab_size"):
+        train([char_data, other], tmp_path, "x", "--data.weights=[1,1]")
+    # Same size, different ids (two BPEs of one vocab_size): the vocabularies are compared too.
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ConfigError, match="different vocabularies"):
+        train([char_data, other], tmp_path, "x", "--data.weights=[1,1]")
+    with pytest.raises(ConfigError, match="2 data dirs need 2 weights"):
+        train([char_data, char_data], tmp_path, "x")

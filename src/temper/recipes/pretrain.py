@@ -2,7 +2,8 @@
 
 Steps, in the order the loop below runs them:
  1. parse the config; join the process group when launched by torchrun (DDP; gloo on CPU)
- 2. open the train/val shards; build the model from a preset plus `model.*` overrides
+ 2. open the train/val shards (one prepared directory, or several mixed by weight); build the
+    model from a preset plus `model.*` overrides
  3. build AdamW; wrap the model (activation checkpointing -> compile -> DDP)
  4. resume from the newest valid checkpoint when there is one (`run.resume=auto`)
  5. loop: lr from the schedule -> this rank's micro-batches -> one train step -> log;
@@ -27,8 +28,9 @@ import torch.distributed as dist
 import yaml
 
 from temper import config, faults
-from temper.data.loader import TokenWindows, rank_slice
+from temper.data.loader import MixedWindows, TokenWindows, rank_slice
 from temper.data.shards import ShardError, read_manifest
+from temper.data.tokenizer import load_tokenizer
 from temper.files import UnsafePath, atomic_write_text, safe_join, safe_name
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import save_hf
@@ -68,15 +70,34 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = "data/stdlib"
-    """Directory written by `temper prepare` (manifest.json, shards, tokenizer.json)."""
+    dir: str | list[str] = "data/stdlib"
+    """Directory written by `temper prepare` (manifest.json, shards, tokenizer.json), or a list of them
+    (one tokenizer) to train on their mixture, drawn in the proportions of `weights`."""
+    weights: list[float] = field(default_factory=list)
+    """With a list of dirs: each one's share of the training samples, normalised (drawn exactly in every
+    block of 1024 samples). E.g. --data.dir=[data/web,data/code] --data.weights=[0.8,0.2]."""
     order: Literal["random", "sequential"] = "random"
-    """random: windows at hashed offsets; sequential: each non-overlapping window once per epoch, shuffled."""
+    """random: windows at hashed offsets; sequential: each non-overlapping window once per epoch, shuffled
+    (per directory, in a mixture)."""
     val_dir: str = ""
     """Directory whose `val` split is the validation set (e.g. a separately prepared held-out file);
-    empty: the `val` split of `dir`. Must use the same tokenizer."""
+    empty: the `val` split of each `dir`, reported per directory in a mixture. Must use the same tokenizer."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training."""
+
+    @property
+    def dirs(self) -> list[str]:
+        return [self.dir] if isinstance(self.dir, str) else list(self.dir)
+
+    def __post_init__(self) -> None:
+        if not self.dirs or not all(self.dirs):
+            raise ValueError("dir: name a prepared directory (or a list of them)")
+        if len(self.dirs) > 1 and len(self.weights) != len(self.dirs):
+            raise ValueError(f"weights: {len(self.dirs)} data dirs need {len(self.dirs)} weights, got {self.weights}")
+        if len(self.dirs) == 1 and len(self.weights) > 1:
+            raise ValueError(f"weights: {len(self.weights)} weights for a single data dir")
+        if not all(math.isfinite(w) and w > 0 for w in self.weights):
+            raise ValueError(f"weights must be finite and > 0, got {self.weights}")
 
 
 @dataclass
@@ -184,22 +205,49 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 
 # What must match between a checkpoint and the resuming run for the resume to be exact.
-RESUME_KEYS = ("model", "train.seq_len", "train.global_batch_tokens", "train.steps", "schedule", "optim.lr", "data.order", "run.seed")
+RESUME_KEYS = ("model", "train.seq_len", "train.global_batch_tokens", "train.steps", "schedule", "optim.lr", "data.order",
+               "data.weights", "run.seed")
+_MISSING = object()
 
 
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
     return tree
 
 
 def check_resume_config(saved: dict, current: dict, allow: bool) -> None:
-    diffs = [k for k in RESUME_KEYS if _lookup(saved, k) != _lookup(current, k)]
+    # A key missing from the checkpoint's config was added to temper after it was written: not a change.
+    diffs = [k for k in RESUME_KEYS if _lookup(saved, k) is not _MISSING and _lookup(saved, k) != _lookup(current, k)]
     if diffs and not allow:
         detail = "; ".join(f"{k}: checkpoint {_lookup(saved, k)!r} vs now {_lookup(current, k)!r}" for k in diffs)
         raise config.ConfigError(
             f"resume config mismatch ({detail}); pass --run.override_checkpoint_config=true to resume anyway"
         )
+
+
+def check_same_tokenizer(dirs: list[str], manifests: list[dict]) -> None:
+    """Mixed datasets must share one tokenizer: the same vocab_size, end-of-text id and vocabulary."""
+    first = manifests[0]
+    if any((m["vocab_size"], m.get("eot_id")) != (first["vocab_size"], first.get("eot_id")) for m in manifests):
+        detail = "; ".join(f"{d} has vocab_size {m['vocab_size']}, eot_id {m.get('eot_id')}"
+                           for d, m in zip(dirs, manifests, strict=True))
+        raise config.ConfigError(f"data.dir mixes datasets of different tokenizers ({detail}): prepare them with "
+                                 f"one tokenizer (temper prepare --tokenizer.kind=file --tokenizer.path=...)")
+    # Two BPEs of the same size share vocab_size and eot_id but not the meaning of their ids.
+    paths = [safe_join(d, m["tokenizer"]) for d, m in zip(dirs, manifests, strict=True)]
+    if all(p.is_file() for p in paths):
+        vocab = load_tokenizer(paths[0]).get_vocab()
+        for d, p in zip(dirs[1:], paths[1:], strict=True):
+            if load_tokenizer(p).get_vocab() != vocab:
+                raise config.ConfigError(f"data.dir mixes datasets of different tokenizers: {dirs[0]} and {d} have "
+                                         f"the same vocab_size but different vocabularies; prepare them with one tokenizer")
+
+
+def source_names(dirs: list[str]) -> list[str]:
+    """Short names for the metrics (`val_loss/<name>`): each directory's last part, made unique."""
+    names = [Path(d).name or f"data{i}" for i, d in enumerate(dirs)]
+    return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 class _SigtermFlag:
@@ -243,7 +291,11 @@ def run(cfg: PretrainConfig) -> int:
 
 def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
-    manifest = read_manifest(cfg.data.dir)
+    dirs, names = cfg.data.dirs, source_names(cfg.data.dirs)
+    manifests = [read_manifest(x) for x in dirs]
+    if len(dirs) > 1:
+        check_same_tokenizer(dirs, manifests)
+    manifest = manifests[0]
     model_cfg = build_model_config(cfg, manifest["vocab_size"])
     seq_len = cfg.train.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
@@ -261,14 +313,27 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
 
-    train_data = TokenWindows(cfg.data.dir, "train", seq_len, seed=cfg.run.seed, order=cfg.data.order, verify=cfg.data.verify)
-    val_dir = cfg.data.val_dir or cfg.data.dir
-    val_manifest = read_manifest(val_dir)
-    if val_manifest["vocab_size"] != manifest["vocab_size"]:
-        raise config.ConfigError(f"data.val_dir {val_dir} has vocab_size {val_manifest['vocab_size']}, "
-                                 f"data.dir {cfg.data.dir} has {manifest['vocab_size']}: prepare both with one tokenizer")
-    has_val = cfg.eval.every > 0 and val_manifest["splits"].get("val", {}).get("tokens", 0) > seq_len
-    val_data = TokenWindows(val_dir, "val", seq_len, order="sequential", verify=cfg.data.verify) if has_val else None
+    # Each source of a mixture gets its own seed, so two "random" sources do not draw the same offsets.
+    sources = [TokenWindows(x, "train", seq_len, seed=cfg.run.seed + i, order=cfg.data.order, verify=cfg.data.verify)
+               for i, x in enumerate(dirs)]
+    train_data = sources[0] if len(dirs) == 1 else MixedWindows(sources, cfg.data.weights, seed=cfg.run.seed,
+                                                                names=names)
+    if cfg.data.val_dir:
+        val_manifest = read_manifest(cfg.data.val_dir)
+        if val_manifest["vocab_size"] != manifest["vocab_size"]:
+            raise config.ConfigError(f"data.val_dir {cfg.data.val_dir} has vocab_size {val_manifest['vocab_size']}, "
+                                     f"data.dir {dirs[0]} has {manifest['vocab_size']}: prepare both with one tokenizer")
+        candidates = [("", cfg.data.val_dir, val_manifest, 1.0)]
+    else:
+        weights = cfg.data.weights if len(dirs) > 1 else [1.0]
+        candidates = [(n if len(dirs) > 1 else "", x, m, w)
+                      for n, x, m, w in zip(names, dirs, manifests, weights, strict=True)]
+    # (name, windows, weight) of each validation set; "" names the only one. A mixture's val_loss is the
+    # mean of its sources' val losses weighted like the training mixture: the loss of the mixture itself
+    # (a source without a val split is left out and the others' weights renormalised).
+    val_sets = [(n, TokenWindows(x, "val", seq_len, order="sequential", verify=cfg.data.verify), w)
+                for n, x, m, w in candidates
+                if cfg.eval.every > 0 and m["splits"].get("val", {}).get("tokens", 0) > seq_len]
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     model = Transformer(model_cfg).to(d.device)
@@ -304,18 +369,28 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         return ckpt.save_checkpoint(run_dir, at_step, model=model, optimizer=optimizer, state=state,
                                     keep_last_n=cfg.checkpoint.keep_last_n)
 
-    def validate() -> float:
+    def validate() -> dict[str, float]:
         if faults.active("sigterm_in_eval", step=step, rank=d.rank):
             os.kill(os.getpid(), signal.SIGTERM)
-        batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
-                   for i in range(cfg.eval.batches)]
-        return eval_loss(train_model, batches, amp_dtype)
+        losses = {}
+        for name, val_data, _ in val_sets:
+            batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
+                       for i in range(cfg.eval.batches)]
+            losses[name] = eval_loss(train_model, batches, amp_dtype)
+        if len(val_sets) == 1 and val_sets[0][0] == "":
+            return {"val_loss": losses[""]}
+        total = sum(w for _, _, w in val_sets)
+        mean = sum(w * losses[name] for name, _, w in val_sets) / total
+        return {"val_loss": mean, **{f"val_loss/{name}": loss for name, loss in losses.items()}}
 
     if d.is_main:
         print(yaml.safe_dump(resolved, sort_keys=False), end="")
         print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
               f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.world} ranks), "
               f"{amp_dtype}, run dir {run_dir}")
+        if len(dirs) > 1:
+            mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(names, train_data.weights, strict=True))
+            print(f"temper pretrain: mixture of {len(dirs)} datasets by share of samples: {mix}")
     sigterm = _SigtermFlag()
     logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=step, rank=d.rank,
                        tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=resolved,
@@ -362,9 +437,10 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": samples * seq_len,
                                   "step_time_s": elapsed / cfg.log.every, "skipped_steps": skipped})
                 window_tokens, window_start = 0, time.perf_counter()
-            if val_data is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            if val_sets and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 val = validate()
-                logger.log(step, {"val_loss": val, "val_ppl": math.exp(min(val, 80.0))}, kind="val")
+                logger.log(step, {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 80.0)),
+                                  **val}, kind="val")
                 window_start = time.perf_counter()  # validation time is not training throughput
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
             if saved:
@@ -381,7 +457,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
 
     if d.is_main:
         final = run_dir / "final"
-        save_hf(unwrap(model), model_cfg, final, tokenizer_json=Path(cfg.data.dir) / manifest["tokenizer"])
+        save_hf(unwrap(model), model_cfg, final, tokenizer_json=Path(dirs[0]) / manifest["tokenizer"])
         report = write_report(run_dir)
         print(f"final model: {final}\nreport: {report}")
     return 0
