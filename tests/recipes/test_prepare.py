@@ -7,6 +7,8 @@ import json
 import pytest
 
 from temper import config
+from temper.data.dedup import DedupConfig
+from temper.data.filters import FilterConfig
 from temper.data.shards import load_index, load_split, read_manifest
 from temper.data.sources import read_documents
 from temper.data.tokenizer import EOT, decode, load_tokenizer
@@ -14,12 +16,17 @@ from temper.recipes import prepare as prep
 from temper.recipes.prepare import PrepareConfig, TokenizerConfig, main, prepare
 
 
+def name(i: int) -> str:
+    """A word for i (letters only: exact dedup normalises digits away)."""
+    return "".join(chr(97 + (i // 26**k) % 26) for k in range(3))
+
+
 def corpus(tmp_path, n=120):
     src = tmp_path / "src"
     src.mkdir()
     with open(src / "a.jsonl", "w") as f:
         for i in range(n):
-            f.write(json.dumps({"text": f"document {i}: " + "lorem ipsum dolor " * (i % 7 + 1)}) + "\n")
+            f.write(json.dumps({"text": f"document {name(i)}: " + "lorem ipsum dolor " * (i % 7 + 1)}) + "\n")
     (src / "b.txt").write_text("def f(x):\n    return x * 2\n\n# a file is one document\n")
     (src / "c.md").write_text(f"# Title\n\nquoting {EOT} inside a document\n")
     return src
@@ -58,17 +65,16 @@ def test_shards_decode_to_the_documents_each_followed_by_eot(tmp_path):
     assert 2500 < sample["trained_on_chars"] <= 3000 and sample["trained_on_documents"] > 10
 
 
-def test_val_split_is_deterministic_and_independent_of_workers(tmp_path, monkeypatch):
+def test_val_split_is_deterministic_and_independent_of_workers(tmp_path):
     src = corpus(tmp_path, n=400)
-    monkeypatch.setattr(prep, "_CHUNK_DOCS", 16)  # many chunks, so that two workers share them
     shas = {}
-    for name, workers, seed in [("w1", 1, 0), ("w2", 2, 0), ("seed1", 1, 1)]:
-        out = run(tmp_path, src, out=name, workers=workers, seed=seed, val_fraction=0.1, shard_tokens=2000)
+    for out, workers, seed in [("w1", 1, 0), ("w2", 2, 0), ("seed1", 1, 1)]:
+        out = run(tmp_path, src, out=out, workers=workers, seed=seed, val_fraction=0.1, shard_bytes=4000)
         splits = read_manifest(out)["splits"]
         assert len(splits["train"]["shards"]) > 1
-        shas[name] = {s: [x["sha256"] for x in v["shards"]] for s, v in splits.items()}
-    assert shas["w1"] == shas["w2"]
-    assert shas["w1"]["val"] != shas["seed1"]["val"]
+        shas[out] = {s: [x["sha256"] for x in v["shards"]] for s, v in splits.items()}
+    assert shas[str(tmp_path / "w1")] == shas[str(tmp_path / "w2")]
+    assert shas[str(tmp_path / "w1")]["val"] != shas[str(tmp_path / "seed1")]["val"]
 
 
 def test_tinyshakespeare_char_tail_split_reproduces_nanogpt(tmp_path, shared_data):
@@ -146,3 +152,145 @@ def test_config_rejects_bad_values(tmp_path):
     assert cfg.out.endswith("x/../y") and cfg.split == "tail"  # '..' in the user's own path is fine
     docs = config.field_docs(PrepareConfig)
     assert all(docs.get(f.name) for f in dataclasses.fields(PrepareConfig))
+
+
+# ---- the corpus-scale pipeline: resume, dedup, filters, decontamination, report ----------------------
+
+def words_doc(seed: int, n: int = 80) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["river", "stone", "light", "garden", "window", "music", "paper", "silver", "forest", "cloud",
+             "market", "bridge", "winter", "letter", "candle", "harbor", "meadow", "engine", "valley", "story"]
+    return " ".join(rng.choice(vocab) + name(rng.randrange(2000)) for _ in range(n))
+
+
+def test_rerun_does_nothing_and_an_interrupted_run_resumes(tmp_path, monkeypatch):
+    src = corpus(tmp_path)
+    (src / "d.txt").write_text("a fourth file, so that the run can stop after some files")
+    reference = run(tmp_path, src, out="ref")
+    calls = []
+    real_filter, real_tokenize = prep._filter_unit, prep._tokenize_unit
+
+    def count(task):
+        def wrapped(r, i):
+            calls.append((task.__name__, i))
+            return task(r, i)
+        return wrapped
+
+    def crash_on_third(r, i):
+        if i == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the tokenize stage
+        return real_tokenize(r, i)
+
+    monkeypatch.setattr(prep, "_filter_unit", count(real_filter))
+    monkeypatch.setattr(prep, "_tokenize_unit", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, src, out="resumed")
+    assert not (tmp_path / "resumed/manifest.json").exists()
+    assert sorted(calls) == [("_filter_unit", i) for i in range(4)]
+    calls.clear()
+    monkeypatch.setattr(prep, "_tokenize_unit", count(real_tokenize))
+    run(tmp_path, src, out="resumed")
+    assert sorted(calls) == [("_tokenize_unit", 2), ("_tokenize_unit", 3)]  # only what was left
+    assert read_manifest(tmp_path / "resumed")["splits"] == read_manifest(reference)["splits"]
+    assert not (tmp_path / "resumed" / prep.WORK).exists()
+
+    calls.clear()
+    cfg = PrepareConfig(input=[str(src)], out=str(tmp_path / "resumed"), workers=1, progress=False,
+                        tokenizer=TokenizerConfig(vocab_size=300))
+    assert "nothing to do" in prepare(cfg) and calls == []
+    (src / "d.txt").write_text("the fourth file changed, so everything is prepared again")
+    assert "nothing to do" not in prepare(cfg) and len(calls) == 8
+
+
+def test_exact_and_near_duplicates_are_removed_across_files_and_reported(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    base = [words_doc(i) for i in range(30)]
+    near = base[3].split()
+    near[10] = "changed"  # one word of 80: Jaccard of 5-word shingles ~0.94
+    with open(src / "a.jsonl", "w") as f:
+        for i, text in enumerate(base):
+            f.write(json.dumps({"text": text, "id": f"a{i}"}) + "\n")
+    with open(src / "b.jsonl", "w") as f:
+        f.write(json.dumps({"text": "  " + base[5].upper() + "!!", "id": "b0"}) + "\n")  # exact after normalising
+        f.write(json.dumps({"text": " ".join(near), "id": "b1"}) + "\n")
+        f.write(json.dumps({"text": words_doc(999), "id": "b2"}) + "\n")
+    out = run(tmp_path, src, val_fraction=0.0, id_field="id", rejects=True, workers=2,
+              dedup=DedupConfig(exact=True, near=True, threshold=0.8))
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    d = report["stages"]["dedup"]
+    assert (d["documents_in"], d["documents_out"], d["exact_duplicates"], d["near_duplicates"]) == (33, 31, 1, 1)
+    assert {(p["kind"], p["duplicate"], p["kept"]) for p in d["examples"]} == {
+        ("exact", f"{src / 'b.jsonl'}:1", f"{src / 'a.jsonl'}:6"), ("near", f"{src / 'b.jsonl'}:2", f"{src / 'a.jsonl'}:4")}
+    assert decoded_docs(out, "train")[-1] == words_doc(999) + EOT
+    rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("b0", "exact_duplicate"), ("b1", "near_duplicate")]
+    assert rejects[1]["text"] == " ".join(near)
+
+
+def test_quality_language_and_decontamination_filters_drop_and_count(tmp_path, shared_data):
+    gsm8k = json.loads((shared_data / "gsm8k/test.jsonl").read_text().splitlines()[0])["question"]
+    english = [p for p in (shared_data / "tinyshakespeare/input.txt").read_text().split("\n\n") if len(p.split()) > 60]
+    docs = english[:20] + [
+        "Der schnelle braune Fuchs springt über den faulen Hund, und die Katze schläft den ganzen Tag auf dem "
+        "warmen Sofa im Wohnzimmer, während draußen der Regen fällt und die Kinder in der Schule sind. Am Abend "
+        "kocht die Familie gemeinsam eine Suppe mit frischem Gemüse aus dem Garten, und danach lesen alle noch "
+        "ein Buch, bevor sie müde ins Bett gehen und von einem langen Sommer am See träumen.",
+        "buy now " * 40,  # repetition
+        english[21] + " " + gsm8k + " " + english[22],  # a test question inside a training document
+    ]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text((shared_data / "gsm8k/test.jsonl").read_text())
+    out = run(tmp_path, src, val_fraction=0.0, rejects=True,
+              # min_stop_words=0: Gopher's stop words are English, so they would catch the German one first
+              filters=FilterConfig(quality=True, languages=["en"], min_words=20, min_stop_words=0),
+              decontaminate=prep.DecontaminateConfig(files=[str(qa)]))
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    f = report["stages"]["filter"]
+    assert f["documents_in"] == 23 and f["documents_out"] == 20
+    assert f["rejected"]["language"] == 1 and f["rejected"]["contaminated"] == 1 and sum(f["rejected"].values()) == 3
+    assert report["languages"] == {"en": 20}
+    assert len(decoded_docs(out, "train")) == 20
+    assert sum(1 for _ in (tmp_path / "out/rejects.jsonl").open()) == 3
+
+
+def test_report_follows_the_documents_through_every_stage(tmp_path):
+    src = corpus(tmp_path)
+    with open(src / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": "x"}) + "\n")  # one character: too short after tokenizing
+        f.write(json.dumps({"text": f"document {name(0)}: lorem ipsum dolor "}) + "\n")  # exact duplicate
+    run(tmp_path, src, val_fraction=0.1)
+    r = json.loads((tmp_path / "out/report.json").read_text())
+    st = r["stages"]
+    assert st["filter"]["documents_in"] == 124 and st["filter"]["documents_out"] == 124
+    assert st["dedup"]["documents_out"] == 123 == st["tokenize"]["documents_in"]
+    assert st["tokenize"]["documents_out"] == 122 == sum(r["documents"].values()) and st["tokenize"]["short"] == 1
+    assert st["tokenize"]["bytes_out"] < st["tokenize"]["bytes_in"] <= st["filter"]["bytes_in"]
+    assert sum(st["tokenize"]["tokens"].values()) == sum(s["tokens"] for s in read_manifest(tmp_path / "out")["splits"].values())
+    assert set(r["seconds"]) >= {"filter", "dedup", "tokenizer", "tokenize", "shard", "total"}
+
+
+def test_perplexity_band_keeps_the_documents_a_model_finds_likely(tmp_path):
+    import torch
+
+    from temper.model.config import PRESETS
+    from temper.model.convert import save_hf
+    from temper.model.transformer import Transformer
+
+    src = corpus(tmp_path, n=40)
+    first = run(tmp_path, src, out="first", val_fraction=0.0)
+    model_dir = tmp_path / "model"
+    cfg = dataclasses.replace(PRESETS["debug"], vocab_size=300)
+    torch.manual_seed(0)
+    save_hf(Transformer(cfg), cfg, model_dir, tokenizer_json=tmp_path / "first/tokenizer.json")
+    scorer = prep._PerplexityScorer(prep.PerplexityConfig(model=str(model_dir)))
+    ppl = sorted(scorer.perplexity(d.text) for d in read_documents(str(src)))
+    cut = ppl[len(ppl) // 2]
+    run(tmp_path, src, out="band", val_fraction=0.0, perplexity=prep.PerplexityConfig(model=str(model_dir), max=cut),
+        tokenizer=TokenizerConfig(kind="file", path=first))
+    rejected = json.loads((tmp_path / "band/report.json").read_text())["stages"]["filter"]["rejected"]
+    assert rejected == {"perplexity_high": sum(p > cut for p in ppl)} and 0 < rejected["perplexity_high"] < len(ppl)

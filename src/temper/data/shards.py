@@ -90,6 +90,32 @@ class ShardWriter:
         if self._tokens >= self.shard_tokens:
             self._close_shard()
 
+    def add_documents(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        """Append documents that already end with their end-of-text id (another writer's output):
+        `tokens` holds them back to back and `starts` their offsets. Copied in slices of whole
+        documents, so `tokens` may be a memory map of any size."""
+        tokens, starts = np.asarray(tokens), np.asarray(starts, dtype=np.int64)
+        ends = np.append(starts[1:], len(tokens))
+        i = 0
+        while i < len(starts):
+            if self._file is None:
+                self._open()
+            # Take documents until this shard is full (a shard closes after the document that fills it).
+            room = self.shard_tokens - self._tokens
+            j = int(np.searchsorted(ends, starts[i] + room, side="left")) + 1
+            j = min(max(j, i + 1), len(starts))
+            part = np.ascontiguousarray(tokens[starts[i]:ends[j - 1]], dtype=self.dtype)
+            if part.size and part.max() >= self.vocab_size:
+                raise ValueError(f"token id out of range for vocab_size {self.vocab_size}")
+            self._offsets.extend((starts[i:j] - starts[i] + self._tokens).tolist())
+            data = part.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._tokens += part.size
+            if self._tokens >= self.shard_tokens:
+                self._close_shard()
+            i = j
+
     def close(self) -> dict:
         """Finish the last shard; return {"tokens", "documents", "shards": [...]}."""
         if self._file is not None:
