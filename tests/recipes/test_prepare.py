@@ -3,6 +3,8 @@ shakespeare_char numbers are reproduced, bad input is reported, the manifest com
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,10 +109,12 @@ def test_main_reports_bad_input_by_file_line_and_leaves_no_manifest(tmp_path, ca
     assert main(args) == 0 and read_manifest(out)
     with open(src / "a.jsonl", "a") as f:
         f.write('{"text": "fine"}\n{"text": \n[1]\n')
-    assert main(args) == 1
+    assert main(args + ["--strict"]) == 1
     assert f"{src / 'a.jsonl'}:32: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out/manifest.json").exists()  # the old one is gone: incomplete
-    assert main(args + ["--on_error=skip", "--max_skip_fraction=0.1"]) == 0
+    assert main(args) == 1  # 2 bad records of 35 is above the default max_skip_fraction (1%)
+    assert "2 of 35 records were bad input" in capsys.readouterr().err
+    assert main(args + ["--max_skip_fraction=0.1"]) == 0
     stats = read_manifest(out)["stats"]["read"]
     assert stats["errors"] == {"malformed_json": 1, "not_object": 1} and stats["documents"] == 33
     assert "bad input skipped malformed_json=1, not_object=1" in capsys.readouterr().out
@@ -294,3 +298,75 @@ def test_perplexity_band_keeps_the_documents_a_model_finds_likely(tmp_path):
         tokenizer=TokenizerConfig(kind="file", path=first))
     rejected = json.loads((tmp_path / "band/report.json").read_text())["stages"]["filter"]["rejected"]
     assert rejected == {"perplexity_high": sum(p > cut for p in ppl)} and 0 < rejected["perplexity_high"] < len(ppl)
+
+
+def test_every_kind_of_bad_input_is_reported_counted_and_skipped(tmp_path, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "good.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"good document {name(i)} with a few words"}) + "\n")
+        f.write("[1]\n")  # not an object
+    (src / "program.txt").write_bytes(Path(sys.executable).resolve().read_bytes()[:65536])  # binary
+    (src / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))  # invalid UTF-8
+    (src / "empty.txt").write_bytes(b"")
+    with open(src / "giant.jsonl", "w") as f:  # one 100 MB line, never read into memory
+        f.write('{"text": "')
+        block = "x" * (1 << 20)
+        for _ in range(100):
+            f.write(block)
+        f.write('"}\n')
+    gz = gzip.compress(b"".join(json.dumps({"text": f"zipped {name(i)}"}).encode() + b"\n" for i in range(50)))
+    (src / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])  # truncated gzip
+    pq.write_table(pa.table({"body": ["no text column here"]}), src / "table.parquet")
+    args = ["--input", str(src), "--out", str(tmp_path / "out"), "--workers=1", "--progress=false",
+            "--tokenizer.kind=char", "--max_line_bytes=1000000"]
+    assert main(args + ["--max_skip_fraction=0.05"]) == 0
+    read = read_manifest(tmp_path / "out")["stats"]["read"]
+    assert read["errors"] == {"not_object": 1, "binary": 1, "too_long": 1, "truncated_gzip": 1,
+                              "missing_field:text": 1}
+    assert read["dropped"]["empty_file"] == 1 and read["repaired"]["invalid_utf8"] == 4
+    printed = capsys.readouterr().out
+    for where in (f"{src / 'good.jsonl'}:301", f"{src / 'giant.jsonl'}:1", str(src / "program.txt"),
+                  str(src / "cut.jsonl.gz"), str(src / "table.parquet")):
+        assert where in printed
+    assert main(args + ["--strict"]) == 1
+    assert str(src / "cut.jsonl.gz") in capsys.readouterr().err  # the first bad file in sorted order
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path):
+    """Peak RSS of `temper prepare` on a corpus 4x bigger than a small one grows by far less than the
+    corpus: documents are streamed, and what is kept per document is a few numbers."""
+    import subprocess
+
+    import numpy as np
+
+    def make(path, docs):
+        rng = np.random.default_rng(0)
+        words = np.array([w + s for w in ("stone", "river", "light", "paper", "cloud", "glass", "field", "north")
+                          for s in ("", "s", "ed", "ing", "er", "ly", "ness", "ful")])
+        with open(path, "w") as f:
+            for chunk in range(0, docs, 1000):
+                picks = words[rng.integers(0, len(words), size=(1000, 400))]
+                f.writelines(json.dumps({"text": " ".join(row)}) + "\n" for row in picks)
+        return path.stat().st_size
+
+    def peak_rss(corpus):
+        code = ("import resource, sys; from temper.recipes.prepare import main; rc = main(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        args = [sys.executable, "-c", code, "--input", str(corpus), "--out", str(corpus) + ".out", "--workers=1",
+                "--progress=false", "--tokenizer.vocab_size=512", "--tokenizer.train_bytes=2000000"]
+        done = subprocess.run(args, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.strip().splitlines()[-1]) * 1024
+    small = make(tmp_path / "small.jsonl", 3000)
+    big = make(tmp_path / "big.jsonl", 12000)
+    growth = peak_rss(tmp_path / "big.jsonl") - peak_rss(tmp_path / "small.jsonl")
+    assert big > 4 * small * 0.95 and big > 35e6
+    assert growth < (big - small) / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB for {(big - small) / 2**20:.0f} MiB more text"

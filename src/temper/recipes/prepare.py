@@ -177,10 +177,11 @@ class PrepareConfig:
     """Worker processes (0: every CPU core; 1: all in this process)."""
     shard_bytes: int = 1 << 30
     """Size of a shard file (a shard closes after the document that reaches it)."""
-    on_error: Literal["fail", "skip"] = "fail"
-    """A bad record (invalid JSON, missing field, binary file, giant line, truncated gzip): fail naming file:line, or skip and count it."""
+    strict: bool = False
+    """Fail on the first bad record (invalid JSON, missing field, binary file, giant line, truncated gzip), naming
+    file:line; by default bad records are skipped, counted and listed in the summary and report."""
     max_skip_fraction: float = 0.01
-    """With on_error=skip, abort when more than this fraction of the records are bad."""
+    """Fail when more than this fraction of the records are bad, even without strict."""
     strict_utf8: bool = False
     """Fail on invalid UTF-8 (naming file:line and byte offset) instead of replacing it with U+FFFD."""
     max_line_bytes: int = MAX_LINE_BYTES
@@ -420,7 +421,7 @@ def _documents(run: _Run, i: int, stats: ReadStats | None = None, limit: int | N
     # The skip fraction is checked over the whole corpus once every file is read (a file with one
     # bad line of two is not a reason to stop), so each file's reader only counts.
     docs = read_files(
-        [run.files[i]], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error=cfg.on_error,
+        [run.files[i]], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error="fail" if cfg.strict else "skip",
         max_skip_fraction=1.0, strict_utf8=cfg.strict_utf8, max_line_bytes=cfg.max_line_bytes,
         stats=stats, id_field=cfg.id_field,
     )
