@@ -552,3 +552,28 @@ def test_reading_streams_a_corpus_many_times_larger_than_the_memory_cap(tmp_path
         assert result["capped"] and result["vm_peak"] <= result["limit"] < corpus / 6, result
     else:
         assert result["rss_growth"] < corpus / 4, result
+
+
+def test_a_big_file_read_in_parts_gives_the_same_documents_and_line_numbers(tmp_path):
+    from temper.data.sources import FilePart, split_file
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(3000):
+            f.write(json.dumps({"text": f"doc {i} " + "y" * (i % 200)}) + "\n")
+            if i == 1500:
+                f.write('{"text": "' + "z" * 100_000 + '"}\n')  # a long line across a part boundary
+            if i % 11 == 0:
+                f.write("\n")
+    parts = split_file(path, 40_000)
+    assert len(parts) > 5 and all(isinstance(p, FilePart) for p in parts)
+    assert [p.start for p in parts[1:]] == [p.end for p in parts[:-1]] and parts[-1].end == path.stat().st_size
+    whole_stats, part_stats = ReadStats(), ReadStats()
+    whole = [(d.text, d.line) for d in read_files([path], stats=whole_stats, max_line_bytes=50_000, on_error="skip")]
+    split = [(d.text, d.line) for d in read_files(parts, stats=part_stats, max_line_bytes=50_000, on_error="skip")]
+    assert split == whole and len(whole) == 3000
+    assert part_stats.as_dict() == whole_stats.as_dict() and whole_stats.files == 1
+    assert split_file(path, 0) == [path] and split_file(str(path) + "", 10**9) == [path]
+    gz = tmp_path / "big.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert split_file(gz, 40_000) == [gz]  # a compressed stream cannot be entered in the middle

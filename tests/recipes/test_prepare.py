@@ -67,11 +67,13 @@ def test_shards_decode_to_the_documents_each_followed_by_eot(tmp_path):
     assert 2500 < sample["trained_on_chars"] <= 3000 and sample["trained_on_documents"] > 10
 
 
-def test_val_split_is_deterministic_and_independent_of_workers(tmp_path):
+def test_val_split_is_deterministic_and_independent_of_workers_and_parts(tmp_path):
     src = corpus(tmp_path, n=400)
     shas = {}
-    for out, workers, seed in [("w1", 1, 0), ("w2", 2, 0), ("seed1", 1, 1)]:
-        out = run(tmp_path, src, out=out, workers=workers, seed=seed, val_fraction=0.1, shard_bytes=4000)
+    # w2 also cuts a.jsonl into parts that its two workers read at once
+    for out, workers, seed, part_bytes in [("w1", 1, 0, 0), ("w2", 2, 0, 3000), ("seed1", 1, 1, 0)]:
+        out = run(tmp_path, src, out=out, workers=workers, seed=seed, val_fraction=0.1, shard_bytes=4000,
+                  part_bytes=part_bytes)
         splits = read_manifest(out)["splits"]
         assert len(splits["train"]["shards"]) > 1
         shas[out] = {s: [x["sha256"] for x in v["shards"]] for s, v in splits.items()}

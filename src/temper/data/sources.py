@@ -169,13 +169,58 @@ def expand_inputs(inputs: str | Sequence[str], exclude: Sequence[str] = ()) -> l
     return [Path(f) for f in files]
 
 
+@dataclass(frozen=True)
+class FilePart:
+    """Bytes [start, end) of a line-oriented file, cut at line starts, whose first line is
+    `first_line`: a big file is read by several processes at once, each a part, and the documents
+    still carry their file's true line numbers."""
+
+    path: Path
+    start: int
+    end: int
+    first_line: int
+
+
+def split_file(path: str | os.PathLike, part_bytes: int, txt_docs: str = "file") -> list[FilePart | Path]:
+    """`path` cut into parts of about `part_bytes` at line starts, or `[path]` when it cannot or
+    need not be cut: only uncompressed JSONL and line-per-document text files can be read from
+    the middle. One pass over the file counts the lines before each part."""
+    path = Path(path)
+    size = path.stat().st_size
+    name = path.name.lower()
+    line_oriented = _format(path) == "jsonl" or (_format(path) == "text" and txt_docs == "line")
+    if part_bytes <= 0 or size <= part_bytes or not line_oriented or _strip_compression(name) != name:
+        return [path]
+    bounds = [0]
+    with open(path, "rb") as f:
+        for target in range(part_bytes, size, part_bytes):
+            if target <= bounds[-1]:
+                continue
+            f.seek(target - 1)
+            while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                pass  # the rest of the line that straddles the target (bounded reads: it may be huge)
+            if f.tell() < size:
+                bounds.append(f.tell())
+        bounds.append(size)
+        parts, line = [], 1
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            parts.append(FilePart(path, start, end, line))
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                block = f.read(min(_CHUNK, left))
+                line += block.count(b"\n")
+                left -= len(block)
+    return parts
+
+
 def read_documents(inputs: str | Sequence[str], *, exclude: Sequence[str] = (), **options: Any) -> Iterator[Document]:
     """Stream the documents of `inputs` (paths, directories, globs); `options` as for `read_files`."""
     return read_files(expand_inputs(inputs, exclude), **options)
 
 
 def read_files(
-    files: Sequence[str | os.PathLike],
+    files: Sequence[str | os.PathLike | FilePart],
     *,
     text_field: str = "text",
     id_field: str = "",
@@ -195,7 +240,8 @@ def read_files(
     "line". JSONL (.jsonl, .ndjson, optionally .gz / .zst) and Parquet (.parquet) files are
     recognised by name; their text is in `text_field`. With `id_field`, a document's `id` is that
     field as a string (None where a record lacks it); with `meta_fields`, its `meta` holds those
-    of the fields that the record has. Text files have neither.
+    of the fields that the record has. Text files have neither. A `FilePart` (from `split_file`)
+    is read like a file of its own that starts at its line.
     """
     if txt_docs not in TXT_DOCS:
         raise ValueError(f"txt_docs must be one of {TXT_DOCS}, got {txt_docs!r}")
@@ -209,7 +255,7 @@ def read_files(
         raise ValueError(f"meta_fields must be a sequence of field names, got the string {meta_fields!r}")
     reader = _Reader(text_field, id_field, tuple(meta_fields), txt_docs, on_error, max_skip_fraction,
                      strict_utf8, max_line_bytes, stats if stats is not None else ReadStats())
-    return reader.read([Path(f) for f in files])
+    return reader.read([f if isinstance(f, FilePart) else Path(f) for f in files])
 
 
 # -- files and formats -------------------------------------------------------------------------
@@ -250,12 +296,14 @@ def _open(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:
+def _lines(f: BinaryIO, max_bytes: int, part: FilePart | None = None) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield (line number, byte offset, line) with its newline; line is None when it is longer
-    than `max_bytes`, and then it was skipped in bounded reads instead of being loaded."""
-    offset = 0
-    number = 0
-    while line := f.readline(max_bytes + 1):
+    than `max_bytes`, and then it was skipped in bounded reads instead of being loaded. With a
+    `part`, `f` is positioned at its start and reading stops at its end."""
+    offset = part.start if part else 0
+    number = part.first_line - 1 if part else 0
+    end = part.end if part else None
+    while (end is None or offset < end) and (line := f.readline(max_bytes + 1)):
         number += 1
         size = len(line)
         if size > max_bytes and not line.endswith(b"\n"):
@@ -402,14 +450,15 @@ class _Reader:
         self.max_line_bytes = max_line_bytes
         self.stats = stats
 
-    def read(self, files: list[Path]) -> Iterator[Document]:
-        for path in files:
-            self.stats.files += 1
+    def read(self, files: list[Path | FilePart]) -> Iterator[Document]:
+        for item in files:
+            path, part = (item.path, item) if isinstance(item, FilePart) else (item, None)
+            self.stats.files += part is None or part.start == 0
             try:
                 if _format(path) == "parquet":
                     yield from self._parquet(path)
                 else:
-                    yield from self._stream(path)
+                    yield from self._stream(path, part)
             except _ZstdTruncated as e:
                 self._problem("truncated_zst", str(path), "truncated zstd file", e)
             except _ZstdCorrupt as e:
@@ -487,10 +536,12 @@ class _Reader:
 
     # -- formats -----------------------------------------------------------------------------
 
-    def _stream(self, path: Path) -> Iterator[Document]:
+    def _stream(self, path: Path, part: FilePart | None = None) -> Iterator[Document]:
         """A text or JSONL file, possibly compressed: its head is looked at first, then it is
         opened again and streamed (a decompressing stream cannot go back)."""
         with _open(path) as f:
+            if part is not None:
+                f.seek(part.start)
             head = f.read(_SNIFF_BYTES)
         if not head:
             self.stats.dropped["empty_file"] += 1
@@ -499,11 +550,13 @@ class _Reader:
             self._problem("binary", str(path), why)
             return
         with _open(path) as f:
-            yield from (self._jsonl(f, path) if _format(path) == "jsonl" else self._text(f, path))
+            if part is not None:
+                f.seek(part.start)
+            yield from (self._jsonl(f, path, part) if _format(path) == "jsonl" else self._text(f, path, part))
 
-    def _jsonl(self, f: BinaryIO, path: Path) -> Iterator[Document]:
+    def _jsonl(self, f: BinaryIO, path: Path, part: FilePart | None = None) -> Iterator[Document]:
         field_ = self.text_field
-        for number, offset, raw in _lines(f, self.max_line_bytes):
+        for number, offset, raw in _lines(f, self.max_line_bytes, part):
             where = f"{path}:{number}"
             if raw is None:
                 self._problem("too_long", where, f"line exceeds max_line_bytes ({self.max_line_bytes})")
@@ -593,7 +646,7 @@ class _Reader:
         meta = {k: extra[k] for k in self.meta_fields if k in extra} if self.meta_fields else None
         yield from self._emit(value, path, row, from_json=False, id_=id_, meta=meta)
 
-    def _text(self, f: BinaryIO, path: Path) -> Iterator[Document]:
+    def _text(self, f: BinaryIO, path: Path, part: FilePart | None = None) -> Iterator[Document]:
         if self.txt_docs == "file":
             raw = self._read_capped(f)
             if raw is None:
@@ -605,7 +658,7 @@ class _Reader:
         start = (1, 0)  # its (line, offset)
         size = 0
         too_long = False
-        for number, offset, raw in _lines(f, self.max_line_bytes):
+        for number, offset, raw in _lines(f, self.max_line_bytes, part):
             if self.txt_docs == "line":
                 if raw is None:
                     self._problem("too_long", f"{path}:{number}",

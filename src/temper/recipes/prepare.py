@@ -53,7 +53,16 @@ from temper.data.dedup import (
     find_near_duplicates,
 )
 from temper.data.filters import DocumentFilter, FilterConfig
-from temper.data.sources import MAX_LINE_BYTES, DataError, Document, ReadStats, expand_inputs, read_files
+from temper.data.sources import (
+    MAX_LINE_BYTES,
+    DataError,
+    Document,
+    FilePart,
+    ReadStats,
+    expand_inputs,
+    read_files,
+    split_file,
+)
 from temper.data.tokenizer import (
     EOT,
     TokenizerError,
@@ -175,6 +184,8 @@ class PrepareConfig:
     """Read at most this many documents (0: all), for quick trials."""
     workers: int = 0
     """Worker processes (0: every CPU core; 1: all in this process)."""
+    part_bytes: int = 32 << 20
+    """Cut uncompressed JSONL and line-per-document text files bigger than this into parts that workers read in parallel (0: never)."""
     shard_bytes: int = 1 << 30
     """Size of a shard file (a shard closes after the document that reaches it)."""
     strict: bool = False
@@ -236,7 +247,7 @@ def prepare(cfg: PrepareConfig) -> str:
     # 2. filter
     t = time.perf_counter()
     run.stage("filter", _filter_unit, ordered=bool(cfg.max_documents))
-    unit_stats = [run.load_json(i, "filter") for i in range(len(files))]
+    unit_stats = [run.load_json(i, "filter") for i in range(len(run.units))]
     read = _merge_read_stats(s["read"] for s in unit_stats)
     _check_skip_fraction(cfg, read)
     seconds["filter"] = time.perf_counter() - t
@@ -257,7 +268,7 @@ def prepare(cfg: PrepareConfig) -> str:
     t = time.perf_counter()
     run.tokenizer_json, run.vocab, run.eot = tok.to_str(), vocab, eot
     run.stage("tokenize", _tokenize_unit)
-    tokenized = [run.load_json(i, "tokenize") for i in range(len(files))]
+    tokenized = [run.load_json(i, "tokenize") for i in range(len(run.units))]
     seconds["tokenize"] = time.perf_counter() - t
 
     # 6. shard, report, manifest (last)
@@ -265,7 +276,7 @@ def prepare(cfg: PrepareConfig) -> str:
     shards.clear_output(out)
     splits = _write_shards(run, out, vocab, eot, cfg.shard_bytes)
     if cfg.rejects:
-        _concatenate((run.unit_file(i, "rejects.jsonl") for i in range(len(files))), out / REJECTS)
+        _concatenate((run.unit_file(i, "rejects.jsonl") for i in range(len(run.units))), out / REJECTS)
     save_tokenizer(tok, out / shards.TOKENIZER)
     seconds["shard"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
@@ -336,6 +347,10 @@ class _Run:
 
     def __init__(self, cfg: PrepareConfig, files: list[Path], work: Path):
         self.cfg, self.files, self.work = cfg, files, work
+        # One task per unit: a file, or a part of a big line-oriented one (split=tail cuts each
+        # whole file, so its files stay whole).
+        part_bytes = cfg.part_bytes if cfg.split == "document" else 0
+        self.units = [u for f in files for u in split_file(f, part_bytes, cfg.txt_docs)]
         self.tokenizer_json: str | None = None
         self.vocab = 0
         self.eot: int | None = None
@@ -352,10 +367,10 @@ class _Run:
 
     def stage(self, name: str, task: Callable[[_Run, int], dict], ordered: bool = False) -> None:
         """Run `task(run, i)` for every file whose `<name>.json` is missing, in worker processes."""
-        todo = [i for i in range(len(self.files)) if not self.unit_file(i, f"{name}.json").exists()]
+        todo = [i for i in range(len(self.units)) if not self.unit_file(i, f"{name}.json").exists()]
         if not todo:
             return
-        sizes = {i: _size(self.files[i]) for i in todo}
+        sizes = {i: _size(self.units[i]) for i in todo}
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=name,
                    disable=not self.cfg.progress, file=sys.stderr)
         # max_documents: in order, in this process, so that each file knows what the earlier ones read
@@ -370,8 +385,8 @@ class _Run:
             bar.close()
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size
+def _size(unit: Path | FilePart) -> int:
+    return unit.end - unit.start if isinstance(unit, FilePart) else unit.stat().st_size
 
 
 def _map(task: Callable, run: _Run, todo: list[int], workers: int) -> Iterator[tuple[int, Any]]:
@@ -421,7 +436,7 @@ def _documents(run: _Run, i: int, stats: ReadStats | None = None, limit: int | N
     # The skip fraction is checked over the whole corpus once every file is read (a file with one
     # bad line of two is not a reason to stop), so each file's reader only counts.
     docs = read_files(
-        [run.files[i]], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error="fail" if cfg.strict else "skip",
+        [run.units[i]], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error="fail" if cfg.strict else "skip",
         max_skip_fraction=1.0, strict_utf8=cfg.strict_utf8, max_line_bytes=cfg.max_line_bytes,
         stats=stats, id_field=cfg.id_field,
     )
@@ -607,7 +622,7 @@ class _Signatures:
 
     def __init__(self, run: _Run, offsets: np.ndarray, total: int):
         self.offsets, self.total = offsets, total
-        self.maps = [np.load(run.unit_file(i, "sig.npy"), mmap_mode="r") for i in range(len(run.files))]
+        self.maps = [np.load(run.unit_file(i, "sig.npy"), mmap_mode="r") for i in range(len(run.units))]
 
     def __len__(self) -> int:
         return self.total
@@ -629,7 +644,7 @@ def _dedup(run: _Run) -> dict:
     done = run.work / "dedup.json"
     if done.exists():
         return json.loads(done.read_text())
-    units = [run.load_arrays(i, "filter") for i in range(len(run.files))]
+    units = [run.load_arrays(i, "filter") for i in range(len(run.units))]
     counts = np.array([len(u["fate"]) for u in units], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     fate = np.concatenate([u["fate"] for u in units]) if units else np.zeros(0, np.int16)
@@ -659,7 +674,8 @@ def _dedup(run: _Run) -> dict:
 
 def _where(run: _Run, units: list[dict], offsets: np.ndarray, g: int) -> str:
     u = int(np.searchsorted(offsets, g, side="right") - 1)
-    return f"{run.files[u]}:{int(units[u]['line'][g - offsets[u]])}"
+    unit = run.units[u]
+    return f"{unit.path if isinstance(unit, FilePart) else unit}:{int(units[u]['line'][g - offsets[u]])}"
 
 
 def _final_fates(run: _Run) -> tuple[np.ndarray, np.ndarray]:
@@ -682,7 +698,7 @@ def _tokenizer(run: _Run, cfg: PrepareConfig):
     if saved.exists():
         return load_tokenizer(saved), json.loads(stats_file.read_text())
     fate, offsets = _final_fates(run)
-    units = [run.load_arrays(i, "filter") for i in range(len(run.files))]
+    units = [run.load_arrays(i, "filter") for i in range(len(run.units))]
     kept = fate == KEEP
     if tc.kind == "bpe" and cfg.split == "document" and len(fate):
         kept &= ~np.concatenate([u["val"] for u in units])
@@ -719,7 +735,7 @@ def _tokenizer(run: _Run, cfg: PrepareConfig):
 
 
 def _map_collect(run: _Run, task: Callable) -> list[tuple[int, Any]]:
-    todo = [i for i in range(len(run.files)) if run.selected[run.offsets[i]:_end(run, i)].any()]
+    todo = [i for i in range(len(run.units)) if run.selected[run.offsets[i]:_end(run, i)].any()]
     workers = min(run.cfg.workers or os.cpu_count() or 1, len(todo))
     return list(_map(task, run, todo, workers))
 
@@ -856,7 +872,7 @@ def _write_shards(run: _Run, out: Path, vocab: int, eot: int | None, shard_bytes
     splits = {}
     for split in ("train", "val"):
         writer = shards.ShardWriter(out, split, vocab, eot, shard_tokens=per_shard)
-        for i in range(len(run.files)):
+        for i in range(len(run.units)):
             piece = run.work / f"unit-{i:06d}.tokens"
             if not piece.exists():
                 continue
@@ -890,7 +906,7 @@ def _report(cfg: PrepareConfig, run: _Run, read: dict, dedup: dict,
             tokenized: list[dict], splits: dict, seconds: dict, sample_stats: dict, vocab: int) -> dict:
     """report.json: documents and bytes in and out of every stage, and why the others left."""
     fate, _ = _final_fates(run)
-    nbytes = np.concatenate([run.load_arrays(i, "filter")["bytes"] for i in range(len(run.files))]) \
+    nbytes = np.concatenate([run.load_arrays(i, "filter")["bytes"] for i in range(len(run.units))]) \
         if len(fate) else np.zeros(0, np.int64)
     fates = Counter()
     languages = Counter()
