@@ -413,8 +413,10 @@ _worker_run: _Run | None = None
 def _init_worker(run: _Run, workers: int) -> None:
     global _worker_run
     _worker_run = run
-    # Processes already use every core: the Rust thread pool inside each would oversubscribe them.
+    # Processes already use every core: the Rust thread pools inside each (tokenizers', rensa's)
+    # would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
 
 
 def _call(args: tuple[Callable, int]) -> tuple[int, dict]:
