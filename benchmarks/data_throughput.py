@@ -1,6 +1,11 @@
 """Data-stage throughput: temper's corpus tools against their peers on the same documents.
 
-Sections (one `bench_*` function each, all printing into one markdown table):
+Sections (one `bench_*` function each, each printing a markdown table):
+- stages: MB/s of every stage of `temper prepare` (Gopher/C4 quality rules + fastText language
+  ID, exact + MinHash dedup, tokenize with a given 8k BPE, shard) at each `--workers` count,
+  run as the CLI in its own process and read from its report.json; and the tokenize stage
+  against plain `tokenizers` batch encoding (`Tokenizer.encode_batch`, its Rust thread pool on
+  every core) of the same text in the same run.
 - minhash: temper's MinHash signatures (`MinHasher`, rensa inside) and LSH dedup against
   `datasketch` (MinHash with the same num_perm and shingles, `update_batch`; MinHashLSH with the
   same bands x rows, query + insert, candidates verified by estimated Jaccard as temper does),
@@ -26,9 +31,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,6 +203,71 @@ def bench_minhash(texts: Sequence[str], cfg: dedup.DedupConfig, repeats: int = 3
     return rows
 
 
+_PLAIN_TOKENIZE = """
+import json, sys, time
+from tokenizers import Tokenizer
+texts = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
+tok = Tokenizer.from_file(sys.argv[2])
+t = time.perf_counter()
+tok.encode_batch(texts, add_special_tokens=False)
+print(time.perf_counter() - t)
+"""
+
+
+def bench_stages(texts: Sequence[str], workers: Sequence[int], repeats: int, part_bytes: int) -> list[dict]:
+    """(stage, workers, MB/s) rows from `temper prepare` runs, plus the plain tokenizers row."""
+    tmp = Path(tempfile.mkdtemp(prefix="temper-bench-"))
+    try:
+        corpus = tmp / "corpus.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+        env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+        prepare = [sys.executable, "-m", "temper", "prepare", "--input", str(corpus), "--progress=false"]
+        subprocess.run(prepare + ["--out", str(tmp / "tok"), "--tokenizer.vocab_size=8192", "--dedup.exact=false"],
+                       check=True, capture_output=True, env=env)
+        tokenizer = tmp / "tok" / "tokenizer.json"
+        full = ["--filters.quality=true", "--filters.languages=[en]", "--dedup.near=true", "--tokenizer.kind=file",
+                f"--tokenizer.path={tokenizer}", f"--part_bytes={part_bytes}"]
+        rates: dict[tuple[str, int], list[float]] = {}
+        for r in range(repeats):
+            for w in workers if r % 2 == 0 else list(reversed(workers)):
+                out = tmp / f"w{w}"
+                subprocess.run(prepare + full + ["--out", str(out), f"--workers={w}"], check=True, capture_output=True,
+                               env=env)
+                report = json.loads((out / "report.json").read_text())
+                for stage in ("filter", "dedup", "tokenize"):
+                    st = report["stages"][stage]
+                    rates.setdefault((stage, w), []).append(st["bytes_in"] / 1e6 / max(st["seconds"], 1e-3))
+                total = report["stages"]["filter"]["bytes_in"] / 1e6 / report["seconds"]["total"]
+                rates.setdefault(("whole prepare", w), []).append(total)
+                shutil.rmtree(out)
+            plain = subprocess.run([sys.executable, "-c", _PLAIN_TOKENIZE, str(corpus), str(tokenizer)], check=True,
+                                   capture_output=True, text=True, env=env)
+            mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+            rates.setdefault(("plain tokenizers encode_batch", 0), []).append(mb / float(plain.stdout.strip()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    plain_rate = statistics.median(rates[("plain tokenizers encode_batch", 0)])
+    for (stage, w), values in rates.items():
+        rate = statistics.median(values)
+        base = statistics.median(rates[(stage, workers[0])]) if w else rate
+        rows.append({"stage": stage, "workers": w or "all threads", "MB/s": rate,
+                     "scaling": rate / base, "vs plain": rate / plain_rate if stage.startswith(("tokenize", "plain")) else None})
+    return rows
+
+
+def print_stage_table(rows: list[dict], header: str) -> None:
+    print(header)
+    print()
+    print("| stage | workers | MB/s | vs workers=" + str(rows[0]["workers"]) + " | vs plain tokenizers |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        vs = f"{r['vs plain']:.2f}x" if r["vs plain"] is not None else ""
+        print(f"| {r['stage']} | {r['workers']} | {r['MB/s']:.2f} | {r['scaling']:.2f}x | {vs} |")
+    print()
+
+
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     print()
@@ -216,15 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bands", type=int, default=16)
     ap.add_argument("--shingle-size", type=int, default=5)
     ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--sections", nargs="+", choices=("stages", "minhash"), default=["stages", "minhash"])
+    ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="worker counts of the stages section")
+    ap.add_argument("--part-bytes", type=int, default=1 << 20,
+                    help="prepare's part_bytes in the stages section (the corpus is one file)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before rensa's first call starts its pool
     if not args.data.exists():
         print(f"no data at {args.data}: pass --data", file=sys.stderr)
         return 1
     texts = load_documents(args.data, args.split, args.docs)
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    if "stages" in args.sections:  # first: it runs in child processes with every core
+        rows = bench_stages(texts, args.workers, args.repeats, args.part_bytes)
+        print_stage_table(rows, f"`temper prepare` stages on {len(texts):,} WikiText-2 {args.split}s ({mb:.1f} MB) "
+                                f"in one JSONL file cut into {args.part_bytes / 2**20:g} MiB parts, median of {args.repeats}")
+    if "minhash" not in args.sections:
+        return 0
     cfg = dedup.DedupConfig(near=True, num_perm=args.num_perm, bands=args.bands,
                             shingle_size=args.shingle_size, threshold=args.threshold)
-    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     rows = bench_minhash(texts, cfg, args.repeats, args.steps)
     print_table(rows, f"{len(texts):,} WikiText-2 {args.split}s ({mb:.1f} MB), num_perm={cfg.num_perm}, "
                       f"bands={cfg.bands}, shingle={cfg.shingle_size} words, threshold={cfg.threshold}, "

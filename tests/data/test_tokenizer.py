@@ -55,6 +55,13 @@ def test_special_token_text_in_a_document_is_encoded_as_plain_text():
     [ids] = encode_batch(plain_text_encoder(tok), [text], np.uint16)
     assert ids.dtype == np.uint16 and eot_id(tok) not in ids.tolist()
     assert decode(tok, ids) == text
+    # in a batch, only that text takes the slow safe path; every text keeps its place and ids
+    safe = Tokenizer.from_str(tok.to_str())
+    safe.encode_special_tokens = True
+    batch = CORPUS + [text] + CORPUS[:2] + [f"{EOT}{EOT}"]
+    got = encode_batch(plain_text_encoder(tok), batch, np.uint32)
+    assert [g.tolist() for g in got] == [e.ids for e in safe.encode_batch(batch, add_special_tokens=False)]
+    assert plain_text_encoder(tok).encode_ids(text) == ids.tolist()
 
 
 def test_save_and_load_give_the_same_tokenizer(tmp_path):

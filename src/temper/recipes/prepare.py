@@ -79,8 +79,8 @@ from temper.files import atomic_write_json
 WORK = ".prepare"  # the work directory inside `out`, removed when the manifest is written
 REPORT = "report.json"
 REJECTS = "rejects.jsonl"
-_BATCH_CHARS = 1 << 20  # documents encoded / hashed together: big enough to amortise the calls
-_BATCH_DOCS = 1024
+_BATCH_CHARS = 4 << 20  # documents encoded / hashed together: big enough to amortise the calls
+_BATCH_DOCS = 8192
 # Fates of a document, stored per document as int8 codes; filter reasons get codes after these.
 KEEP, EXACT_DUP, NEAR_DUP, SHORT = 0, 1, 2, 3
 _FATES = ["kept", "exact_duplicate", "near_duplicate", "short"]
@@ -246,7 +246,10 @@ def prepare(cfg: PrepareConfig) -> str:
 
     # 2. filter
     t = time.perf_counter()
-    run.stage("filter", _filter_unit, ordered=bool(cfg.max_documents))
+    if cfg.max_documents:
+        run.first_documents(_filter_unit)
+    else:
+        run.stage("filter", _filter_unit)
     unit_stats = [run.load_json(i, "filter") for i in range(len(run.units))]
     read = _merge_read_stats(s["read"] for s in unit_stats)
     _check_skip_fraction(cfg, read)
@@ -354,6 +357,20 @@ class _Run:
         self.tokenizer_json: str | None = None
         self.vocab = 0
         self.eot: int | None = None
+        self.read_so_far = 0  # documents read by the units before the current one (max_documents)
+
+    def first_documents(self, task: Callable[[_Run, int], dict]) -> None:
+        """max_documents: filter the units in order, in this process, until that many documents
+        are read; the units after that one are dropped from the run."""
+        self.read_so_far = 0
+        for i in range(len(self.units)):
+            done = self.unit_file(i, "filter.json")
+            if not done.exists():
+                atomic_write_json(done, task(self, i))
+            self.read_so_far += json.loads(done.read_text())["documents"]
+            if self.read_so_far >= self.cfg.max_documents:
+                self.units = self.units[: i + 1]
+                return
 
     def unit_file(self, i: int, name: str) -> Path:
         return self.work / f"unit-{i:06d}.{name}"
@@ -365,16 +382,15 @@ class _Run:
         with np.load(self.unit_file(i, f"{stage}.npz")) as z:
             return dict(z)
 
-    def stage(self, name: str, task: Callable[[_Run, int], dict], ordered: bool = False) -> None:
-        """Run `task(run, i)` for every file whose `<name>.json` is missing, in worker processes."""
+    def stage(self, name: str, task: Callable[[_Run, int], dict]) -> None:
+        """Run `task(run, i)` for every unit whose `<name>.json` is missing, in worker processes."""
         todo = [i for i in range(len(self.units)) if not self.unit_file(i, f"{name}.json").exists()]
         if not todo:
             return
         sizes = {i: _size(self.units[i]) for i in todo}
         bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=name,
                    disable=not self.cfg.progress, file=sys.stderr)
-        # max_documents: in order, in this process, so that each file knows what the earlier ones read
-        workers = 1 if ordered else min(self.cfg.workers or os.cpu_count() or 1, len(todo))
+        workers = min(self.cfg.workers or os.cpu_count() or 1, len(todo))
         results = _map(task, self, todo, workers)
         try:
             for i, result in results:
@@ -479,8 +495,8 @@ def _filter_unit(run: _Run, i: int) -> dict:
     sc.reasons = []
     stats = ReadStats()
     limit = None
-    if cfg.max_documents:  # an ordered stage: the earlier files' counts are on disk
-        limit = max(0, cfg.max_documents - sum(run.load_json(j, "filter")["documents"] for j in range(i)))
+    if cfg.max_documents:  # units run in order (first_documents): the earlier ones read so many
+        limit = cfg.max_documents - run.read_so_far
     fate, nbytes, line, val, sample, language = [], [], [], [], [], []
     languages: list[str] = []
     keys, sigs = [], []
@@ -576,7 +592,7 @@ class _PerplexityScorer:
         import torch
         import torch.nn.functional as F
 
-        ids = self.tok.encode(text, add_special_tokens=False).ids[: self.pc.max_tokens]
+        ids = self.tok.encode_ids(text)[: self.pc.max_tokens]
         if len(ids) < 2:
             return math.inf
         x = torch.tensor([ids])
