@@ -12,7 +12,7 @@ from temper import config
 from temper.data.dedup import DedupConfig
 from temper.data.filters import FilterConfig
 from temper.data.shards import load_index, load_split, read_manifest
-from temper.data.sources import read_documents
+from temper.data.sources import expand_inputs, read_documents
 from temper.data.tokenizer import EOT, decode, load_tokenizer
 from temper.recipes import prepare as prep
 from temper.recipes.prepare import PrepareConfig, TokenizerConfig, main, prepare
@@ -173,8 +173,13 @@ def words_doc(seed: int, n: int = 80) -> str:
 
 def test_rerun_does_nothing_and_an_interrupted_run_resumes(tmp_path, monkeypatch):
     src = corpus(tmp_path)
-    (src / "d.txt").write_text("a fourth file, so that the run can stop after some files")
+    for name_ in ("b.txt", "c.md", "d.txt"):  # about as big as a.jsonl: several units of work
+        (src / name_).write_text(" ".join(words_doc(k) for k in range(len(name_) * 10, len(name_) * 10 + 10)))
     reference = run(tmp_path, src, out="ref")
+    cfg = PrepareConfig(input=[str(src)], out=str(tmp_path / "resumed"), workers=1, progress=False,
+                        tokenizer=TokenizerConfig(vocab_size=300))
+    n = len(prep._Run(cfg, expand_inputs(cfg.input), tmp_path).units)
+    assert n >= 2
     calls = []
     real_filter, real_tokenize = prep._filter_unit, prep._tokenize_unit
 
@@ -184,30 +189,28 @@ def test_rerun_does_nothing_and_an_interrupted_run_resumes(tmp_path, monkeypatch
             return task(r, i)
         return wrapped
 
-    def crash_on_third(r, i):
-        if i == 2:
+    def crash_on_last(r, i):
+        if i == n - 1:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the tokenize stage
         return real_tokenize(r, i)
 
     monkeypatch.setattr(prep, "_filter_unit", count(real_filter))
-    monkeypatch.setattr(prep, "_tokenize_unit", crash_on_third)
+    monkeypatch.setattr(prep, "_tokenize_unit", crash_on_last)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, src, out="resumed")
+        prepare(cfg)
     assert not (tmp_path / "resumed/manifest.json").exists()
-    assert sorted(calls) == [("_filter_unit", i) for i in range(4)]
+    assert sorted(calls) == [("_filter_unit", i) for i in range(n)]
     calls.clear()
     monkeypatch.setattr(prep, "_tokenize_unit", count(real_tokenize))
-    run(tmp_path, src, out="resumed")
-    assert sorted(calls) == [("_tokenize_unit", 2), ("_tokenize_unit", 3)]  # only what was left
+    prepare(cfg)
+    assert calls == [("_tokenize_unit", n - 1)]  # only what was left
     assert read_manifest(tmp_path / "resumed")["splits"] == read_manifest(reference)["splits"]
     assert not (tmp_path / "resumed" / prep.WORK).exists()
 
     calls.clear()
-    cfg = PrepareConfig(input=[str(src)], out=str(tmp_path / "resumed"), workers=1, progress=False,
-                        tokenizer=TokenizerConfig(vocab_size=300))
     assert "nothing to do" in prepare(cfg) and calls == []
-    (src / "d.txt").write_text("the fourth file changed, so everything is prepared again")
-    assert "nothing to do" not in prepare(cfg) and len(calls) == 8
+    (src / "d.txt").write_text((src / "b.txt").read_text() + " changed")  # so everything is prepared again
+    assert "nothing to do" not in prepare(cfg) and len(calls) == 2 * n
 
 
 def test_exact_and_near_duplicates_are_removed_across_files_and_reported(tmp_path):

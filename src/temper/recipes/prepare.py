@@ -350,10 +350,22 @@ class _Run:
 
     def __init__(self, cfg: PrepareConfig, files: list[Path], work: Path):
         self.cfg, self.files, self.work = cfg, files, work
-        # One task per unit: a file, or a part of a big line-oriented one (split=tail cuts each
-        # whole file, so its files stay whole).
+        # One task per unit: consecutive small files together, a big line-oriented file in parts
+        # (split=tail cuts each whole file, so its files stay whole). About four units per worker
+        # balance the load; fewer, bigger ones would cost less per unit.
         part_bytes = cfg.part_bytes if cfg.split == "document" else 0
-        self.units = [u for f in files for u in split_file(f, part_bytes, cfg.txt_docs)]
+        items = [u for f in files for u in split_file(f, part_bytes, cfg.txt_docs)]
+        target = sum(map(_size, items)) / (4 * (cfg.workers or os.cpu_count() or 1))
+        if part_bytes:
+            target = min(target, part_bytes)
+        self.units: list[list[Path | FilePart]] = []
+        size = target
+        for item in items:
+            if size >= target:
+                self.units.append([])
+                size = 0
+            self.units[-1].append(item)
+            size += _size(item)
         self.tokenizer_json: str | None = None
         self.vocab = 0
         self.eot: int | None = None
@@ -401,8 +413,14 @@ class _Run:
             bar.close()
 
 
-def _size(unit: Path | FilePart) -> int:
+def _size(unit: Path | FilePart | list[Path | FilePart]) -> int:
+    if isinstance(unit, list):
+        return sum(map(_size, unit))
     return unit.end - unit.start if isinstance(unit, FilePart) else unit.stat().st_size
+
+
+def _path(item: Path | FilePart) -> str:
+    return str(item.path if isinstance(item, FilePart) else item)
 
 
 def _map(task: Callable, run: _Run, todo: list[int], workers: int) -> Iterator[tuple[int, Any]]:
@@ -454,7 +472,7 @@ def _documents(run: _Run, i: int, stats: ReadStats | None = None, limit: int | N
     # The skip fraction is checked over the whole corpus once every file is read (a file with one
     # bad line of two is not a reason to stop), so each file's reader only counts.
     docs = read_files(
-        [run.units[i]], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error="fail" if cfg.strict else "skip",
+        run.units[i], text_field=cfg.text_field, txt_docs=cfg.txt_docs, on_error="fail" if cfg.strict else "skip",
         max_skip_fraction=1.0, strict_utf8=cfg.strict_utf8, max_line_bytes=cfg.max_line_bytes,
         stats=stats, id_field=cfg.id_field,
     )
@@ -497,7 +515,8 @@ def _filter_unit(run: _Run, i: int) -> dict:
     limit = None
     if cfg.max_documents:  # units run in order (first_documents): the earlier ones read so many
         limit = cfg.max_documents - run.read_so_far
-    fate, nbytes, line, val, sample, language = [], [], [], [], [], []
+    fate, nbytes, line, val, sample, language, source = [], [], [], [], [], [], []
+    sources = {_path(item): k for k, item in enumerate(run.units[i])}
     languages: list[str] = []
     keys, sigs = [], []
     batch: list[str] = []
@@ -527,6 +546,7 @@ def _filter_unit(run: _Run, i: int) -> dict:
         fate.append(code)
         nbytes.append(len(text.encode("utf-8", "surrogatepass")))
         line.append(doc.line)
+        source.append(sources[doc.source])
         val.append(_unit_hash(text, cfg.seed, "val") < cfg.val_fraction)
         sample.append(_unit_hash(text, cfg.seed, "tokenizer"))
         # Every document gets a key and signature row (rejected ones are skipped in dedup), so
@@ -539,7 +559,7 @@ def _filter_unit(run: _Run, i: int) -> dict:
     P = cfg.dedup.num_perm
     arrays = {
         "fate": np.asarray(fate, np.int16), "bytes": np.asarray(nbytes, np.int64),
-        "line": np.asarray(line, np.int64), "val": np.asarray(val, bool),
+        "line": np.asarray(line, np.int64), "source": np.asarray(source, np.int32), "val": np.asarray(val, bool),
         "sample": np.asarray(sample, np.float64), "language": np.asarray(language, np.int16),
         "exact": np.concatenate(keys) if keys else np.zeros(0, np.uint64),
     }
@@ -692,8 +712,8 @@ def _dedup(run: _Run) -> dict:
 
 def _where(run: _Run, units: list[dict], offsets: np.ndarray, g: int) -> str:
     u = int(np.searchsorted(offsets, g, side="right") - 1)
-    unit = run.units[u]
-    return f"{unit.path if isinstance(unit, FilePart) else unit}:{int(units[u]['line'][g - offsets[u]])}"
+    k = g - offsets[u]
+    return f"{_path(run.units[u][int(units[u]['source'][k])])}:{int(units[u]['line'][k])}"
 
 
 def _final_fates(run: _Run) -> tuple[np.ndarray, np.ndarray]:
