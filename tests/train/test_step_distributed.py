@@ -1,8 +1,8 @@
 """Rows 10 and 14 on real gloo process groups: 2-rank DDP == one process with the same global
 batch (padded, unequal lengths), and a NaN on rank 1 stops the update on both ranks."""
 
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -17,19 +17,15 @@ from .test_step import TinyLM, padded_batch
 pytestmark = pytest.mark.distributed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir, fault):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, out_dir, fault):
     if fault:
         os.environ["TEMPER_FAULT"] = fault
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port that another test's processes could still hold, and a
+    # timeout so that a lost peer fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg-store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(TinyLM())
@@ -50,7 +46,7 @@ def _worker(rank, world, port, out_dir, fault):
 
 
 def run_ranks(tmp_path, fault=None):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), fault), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), fault), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
