@@ -177,7 +177,7 @@ def test_rerun_does_nothing_and_an_interrupted_run_resumes(tmp_path, monkeypatch
         (src / name_).write_text(" ".join(words_doc(k) for k in range(len(name_) * 10, len(name_) * 10 + 10)))
     reference = run(tmp_path, src, out="ref")
     cfg = PrepareConfig(input=[str(src)], out=str(tmp_path / "resumed"), workers=1, progress=False,
-                        tokenizer=TokenizerConfig(vocab_size=300))
+                        tokenizer=TokenizerConfig(vocab_size=300), part_bytes=4000)  # several units of work
     n = len(prep._Run(cfg, expand_inputs(cfg.input), tmp_path).units)
     assert n >= 2
     calls = []

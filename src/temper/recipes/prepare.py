@@ -185,7 +185,7 @@ class PrepareConfig:
     workers: int = 0
     """Worker processes (0: every CPU core; 1: all in this process)."""
     part_bytes: int = 32 << 20
-    """Cut uncompressed JSONL and line-per-document text files bigger than this into parts that workers read in parallel (0: never)."""
+    """Cut uncompressed JSONL and line-per-document text files into parts of at most this size (smaller when needed to give every worker about four) that workers read in parallel (0: never)."""
     shard_bytes: int = 1 << 30
     """Size of a shard file (a shard closes after the document that reaches it)."""
     strict: bool = False
@@ -353,11 +353,11 @@ class _Run:
         # One task per unit: consecutive small files together, a big line-oriented file in parts
         # (split=tail cuts each whole file, so its files stay whole). About four units per worker
         # balance the load; fewer, bigger ones would cost less per unit.
+        target = sum(map(_size, files)) / (4 * (cfg.workers or os.cpu_count() or 1))
         part_bytes = cfg.part_bytes if cfg.split == "document" else 0
-        items = [u for f in files for u in split_file(f, part_bytes, cfg.txt_docs)]
-        target = sum(map(_size, items)) / (4 * (cfg.workers or os.cpu_count() or 1))
         if part_bytes:
-            target = min(target, part_bytes)
+            target = part_bytes = int(min(part_bytes, max(target, 1 << 20)))
+        items = [u for f in files for u in split_file(f, part_bytes, cfg.txt_docs)]
         self.units: list[list[Path | FilePart]] = []
         size = target
         for item in items:
