@@ -357,7 +357,7 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path):
         words = np.array([w + s for w in ("stone", "river", "light", "paper", "cloud", "glass", "field", "north")
                           for s in ("", "s", "ed", "ing", "er", "ly", "ness", "ful")])
         with open(path, "w") as f:
-            for chunk in range(0, docs, 1000):
+            for _ in range(docs // 1000):
                 picks = words[rng.integers(0, len(words), size=(1000, 400))]
                 f.writelines(json.dumps({"text": " ".join(row)}) + "\n" for row in picks)
         return path.stat().st_size
