@@ -41,6 +41,11 @@ def _worker(rank, world, out_dir, fault):
                 break
         torch.save({"losses": losses, "error": error, "params": [p.detach() for p in model.module.parameters()]},
                    f"{out_dir}/rank{rank}.pt")
+        # DDP's reducer holds the process group: freed after destroy_process_group, gloo's teardown
+        # can wait forever on a peer that already left (seen with torch 2.13). Free it while both
+        # ranks are still here.
+        del model, opt
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
