@@ -126,6 +126,18 @@ class ReadStats:
         self.repaired.update(other.repaired)
         self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
 
+    def check_fraction(self, max_skip_fraction: float, final: bool = True) -> None:
+        """Raise DataError when more than `max_skip_fraction` of the records were bad. Before the
+        end (`final=False`) only once enough records were seen for the fraction to mean something."""
+        bad, seen = sum(self.errors.values()), self.records
+        if seen == 0 or (not final and seen < _MIN_RECORDS_FOR_EARLY_ABORT):
+            return
+        if bad > max_skip_fraction * seen:
+            raise DataError(
+                f"{bad} of {seen} records were bad input ({bad / seen:.1%}), above "
+                f"max_skip_fraction={max_skip_fraction}: {dict(self.errors)}; first ones: {self.examples[:3]}"
+            )
+
     def as_dict(self) -> dict:
         return {
             "files": self.files,
@@ -134,6 +146,12 @@ class ReadStats:
             "dropped": dict(self.dropped),
             "repaired": dict(self.repaired),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReadStats:
+        """Stats that travelled as JSON: `as_dict()`, with "examples" when it was added."""
+        return cls(d["files"], d["documents"], Counter(d["errors"]), Counter(d["dropped"]),
+                   Counter(d["repaired"]), list(d.get("examples", [])))
 
 
 def expand_inputs(inputs: str | Sequence[str], exclude: Sequence[str] = ()) -> list[Path]:
@@ -481,15 +499,7 @@ class _Reader:
         self._check_fraction(final=False)
 
     def _check_fraction(self, final: bool) -> None:
-        bad, seen = sum(self.stats.errors.values()), self.stats.records
-        if seen == 0 or (not final and seen < _MIN_RECORDS_FOR_EARLY_ABORT):
-            return
-        if bad > self.max_skip_fraction * seen:
-            raise DataError(
-                f"{bad} of {seen} records were bad input ({bad / seen:.1%}), above "
-                f"max_skip_fraction={self.max_skip_fraction}: {dict(self.stats.errors)}; "
-                f"first ones: {self.stats.examples[:3]}"
-            )
+        self.stats.check_fraction(self.max_skip_fraction, final)
 
     def _decode(self, raw: bytes, path: Path, line: int, offset: int) -> str:
         try:

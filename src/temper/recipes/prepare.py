@@ -251,8 +251,11 @@ def prepare(cfg: PrepareConfig) -> str:
     else:
         run.stage("filter", _filter_unit)
     unit_stats = [run.load_json(i, "filter") for i in range(len(run.units))]
-    read = _merge_read_stats(s["read"] for s in unit_stats)
-    _check_skip_fraction(cfg, read)
+    read_stats = ReadStats()
+    for s in unit_stats:
+        read_stats.merge(ReadStats.from_dict(s["read"]))
+    read_stats.check_fraction(cfg.max_skip_fraction)
+    read = {**read_stats.as_dict(), "examples": read_stats.examples}
     seconds["filter"] = time.perf_counter() - t
 
     # 3. dedup (global: one process, memory O(documents))
@@ -610,7 +613,8 @@ class _PerplexityScorer:
 
     def perplexity(self, text: str) -> float:
         import torch
-        import torch.nn.functional as F
+
+        from temper.train.step import token_loss_sum
 
         ids = self.tok.encode_ids(text)[: self.pc.max_tokens]
         if len(ids) < 2:
@@ -618,8 +622,7 @@ class _PerplexityScorer:
         x = torch.tensor([ids])
         with torch.no_grad():
             logits = self.model(x[:, :-1])
-        nll = F.cross_entropy(logits[0].float(), x[0, 1:])
-        return math.exp(nll.item())
+        return math.exp(token_loss_sum(logits, x[:, 1:]).item() / (len(ids) - 1))
 
     def reason(self, text: str) -> str | None:
         ppl = self.perplexity(text)
@@ -628,29 +631,6 @@ class _PerplexityScorer:
         if self.pc.max and ppl > self.pc.max:
             return "perplexity_high"
         return None
-
-
-def _merge_read_stats(dicts: Iterator[dict]) -> dict:
-    total = {"files": 0, "documents": 0, "errors": Counter(), "dropped": Counter(), "repaired": Counter(),
-             "examples": []}
-    for d in dicts:
-        total["files"] += d["files"]
-        total["documents"] += d["documents"]
-        for k in ("errors", "dropped", "repaired"):
-            total[k].update(d[k])
-        total["examples"] += d.get("examples", [])
-    total["examples"] = total["examples"][:10]
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in total.items()}
-
-
-def _check_skip_fraction(cfg: PrepareConfig, read: dict) -> None:
-    bad = sum(read["errors"].values())
-    seen = read["documents"] + bad + sum(read["dropped"].values())
-    if seen and bad > cfg.max_skip_fraction * seen:
-        raise DataError(
-            f"{bad} of {seen} records were bad input ({bad / seen:.1%}), above max_skip_fraction="
-            f"{cfg.max_skip_fraction}: {read['errors']}; first ones: {read['examples'][:3]}"
-        )
 
 
 # ---- 3. dedup --------------------------------------------------------------------------------------
