@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from temper import config
+from temper.data import pipeline
 from temper.data.dedup import DedupConfig
 from temper.data.filters import FilterConfig
 from temper.data.shards import load_index, load_split, read_manifest
@@ -178,34 +179,34 @@ def test_rerun_does_nothing_and_an_interrupted_run_resumes(tmp_path, monkeypatch
     reference = run(tmp_path, src, out="ref")
     cfg = PrepareConfig(input=[str(src)], out=str(tmp_path / "resumed"), workers=1, progress=False,
                         tokenizer=TokenizerConfig(vocab_size=300), part_bytes=4000)  # several units of work
-    n = len(prep._Run(cfg, expand_inputs(cfg.input), tmp_path).units)
+    n = len(pipeline.Run(cfg, expand_inputs(cfg.input), "x").units)
     assert n >= 2
     calls = []
-    real_filter, real_tokenize = prep._filter_unit, prep._tokenize_unit
+    real_filter, real_tokenize = pipeline._filter_unit, pipeline._tokenize_unit
 
     def count(task):
-        def wrapped(r, i):
-            calls.append((task.__name__, i))
-            return task(r, i)
+        def wrapped(cfg, unit, *args):
+            calls.append((task.__name__, unit.index))
+            return task(cfg, unit, *args)
         return wrapped
 
-    def crash_on_last(r, i):
-        if i == n - 1:
+    def crash_on_last(cfg, unit, *args):
+        if unit.index == n - 1:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the tokenize stage
-        return real_tokenize(r, i)
+        return real_tokenize(cfg, unit, *args)
 
-    monkeypatch.setattr(prep, "_filter_unit", count(real_filter))
-    monkeypatch.setattr(prep, "_tokenize_unit", crash_on_last)
+    monkeypatch.setattr(pipeline, "_filter_unit", count(real_filter))
+    monkeypatch.setattr(pipeline, "_tokenize_unit", crash_on_last)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
     assert not (tmp_path / "resumed/manifest.json").exists()
     assert sorted(calls) == [("_filter_unit", i) for i in range(n)]
     calls.clear()
-    monkeypatch.setattr(prep, "_tokenize_unit", count(real_tokenize))
+    monkeypatch.setattr(pipeline, "_tokenize_unit", count(real_tokenize))
     prepare(cfg)
     assert calls == [("_tokenize_unit", n - 1)]  # only what was left
     assert read_manifest(tmp_path / "resumed")["splits"] == read_manifest(reference)["splits"]
-    assert not (tmp_path / "resumed" / prep.WORK).exists()
+    assert not (tmp_path / "resumed" / pipeline.WORK).exists()
 
     calls.clear()
     assert "nothing to do" in prepare(cfg) and calls == []
@@ -296,8 +297,8 @@ def test_perplexity_band_keeps_the_documents_a_model_finds_likely(tmp_path):
     cfg = dataclasses.replace(PRESETS["debug"], vocab_size=300)
     torch.manual_seed(0)
     save_hf(Transformer(cfg), cfg, model_dir, tokenizer_json=tmp_path / "first/tokenizer.json")
-    scorer = prep._PerplexityScorer(prep.PerplexityConfig(model=str(model_dir)))
-    ppl = sorted(scorer.perplexity(d.text) for d in read_documents(str(src)))
+    scorer = prep.PerplexityScorer(prep.PerplexityConfig(model=str(model_dir)))
+    ppl = sorted(scorer(d.text) for d in read_documents(str(src)))
     cut = ppl[len(ppl) // 2]
     run(tmp_path, src, out="band", val_fraction=0.0, perplexity=prep.PerplexityConfig(model=str(model_dir), max=cut),
         tokenizer=TokenizerConfig(kind="file", path=first))

@@ -27,7 +27,7 @@ words' hashes. The MinHash itself is rensa's (Rust); see `MinHasher` for the ben
 chose it.
 
 It does not read files, write the per-unit arrays, or decide which evaluation files to load:
-that is `temper prepare`'s job (recipes/prepare.py). It does not filter for quality (filters.py).
+that is `temper prepare`'s job (pipeline.py). It does not filter for quality (filters.py).
 """
 
 from __future__ import annotations
