@@ -1,15 +1,25 @@
-"""Hugging Face parity: HF model -> temper and temper -> HF directory give the same logits (fp32, 1e-5)."""
+"""Hugging Face parity for six architectures, both directions: logits (fp32, 1e-4) and greedy
+generations equal; checkpoint directories (sharded, pickled, hub snapshots) and their bad input."""
 
 import json
+import os
+import struct
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from temper.infer.engine import generate
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import (
+    SUPPORTED_ARCHITECTURES,
+    CheckpointError,
     from_hf_config,
     from_hf_state_dict,
+    hf_architecture,
     load_hf,
     save_hf,
     to_hf_config,
@@ -20,6 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}  # short, so 40-token inputs use the scaled band
+WINDOW = 8  # sliding windows shorter than the inputs, so the window is exercised
 
 
 def _randomize(model: torch.nn.Module, std: float = 0.2) -> None:
@@ -30,20 +41,37 @@ def _randomize(model: torch.nn.Module, std: float = 0.2) -> None:
             p.normal_(0.0, std)
 
 
-def _hf_gpt2(**over):
-    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  bos_token_id=0, eos_token_id=0, **over)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+def _hf(config_cls: str, model_cls: str, **kw):
+    cfg = getattr(transformers, config_cls)(**kw)
+    model = getattr(transformers, model_cls)(cfg).eval()
     _randomize(model)
+    model.generation_config.eos_token_id = None  # generate the full length
+    model.generation_config.pad_token_id = 0
     return model
 
 
-def _hf_llama(**over):
-    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+_SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(kw | over))).eval()
-    _randomize(model)
-    return model
+
+CASES = {
+    "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
+                        n_head=4, bos_token_id=0, eos_token_id=0),
+    "gpt2-untied": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
+                               n_head=4, tie_word_embeddings=False),
+    # A copy of the scaling: transformers writes rope_theta into the dict it is given.
+    "llama3-gqa-untied": lambda: _hf("LlamaConfig", "LlamaForCausalLM", **_SMALL, rope_theta=500000.0,
+                                     rope_scaling=dict(LLAMA3_SCALING), tie_word_embeddings=False),
+    "llama2-tied-bias-linear-rope": lambda: _hf("LlamaConfig", "LlamaForCausalLM", **_SMALL | {"num_key_value_heads": 4},
+                                                tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                                                rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral-window-wide-heads": lambda: _hf("MistralConfig", "MistralForCausalLM", **_SMALL, head_dim=24,
+                                             sliding_window=WINDOW, tie_word_embeddings=False),
+    "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
+    "gemma": lambda: _hf("GemmaConfig", "GemmaForCausalLM", **_SMALL | {"num_key_value_heads": 1}, head_dim=32,
+                         hidden_act="gelu_pytorch_tanh"),
+    "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
+                               tie_word_embeddings=False, pad_token_id=0),
+}
 
 
 def _hf_to_temper(hf) -> Transformer:
@@ -53,39 +81,51 @@ def _hf_to_temper(hf) -> Transformer:
     return model
 
 
-CASES = {
-    "gpt2": lambda: _hf_gpt2(),
-    "gpt2-untied": lambda: _hf_gpt2(tie_word_embeddings=False),
-    # A copy: transformers writes rope_theta into the dict it is given.
-    "llama-gqa-untied-llama3": lambda: _hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
-                                                 tie_word_embeddings=False),
-    "llama-tied-bias": lambda: _hf_llama(num_key_value_heads=4, tie_word_embeddings=True,
-                                         attention_bias=True, mlp_bias=True),
-}
+@pytest.mark.parametrize("case", CASES)
+def test_hf_to_temper_logits_and_greedy_generation(case):
+    hf = CASES[case]()
+    model = _hf_to_temper(hf)
+    assert model.cfg.hf_architecture == hf.config.architectures[0] if hf.config.architectures else True
+    x = torch.randint(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+        prompt = torch.randint(0, hf.config.vocab_size, (1, 6))
+        ours = generate(model, prompt.tolist(), max_new_tokens=26, temperature=0.0)[0]
+        theirs = hf.generate(prompt, max_new_tokens=26, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert ours == theirs[0, 6:].tolist()
+
+
+def test_variant_features_are_exercised():
+    """Each family's parity above would fail without its feature (guards against vacuous tests)."""
+    x = torch.randint(0, 101, (1, 40))
+    for case, field_, off in [("llama3-gqa-untied", "rope_scaling", None), ("mistral-window-wide-heads", "sliding_window", None),
+                              ("gemma", "scale_embeddings", False), ("llama2-tied-bias-linear-rope", "rope_scaling", None)]:
+        hf = CASES[case]()
+        model = _hf_to_temper(hf)
+        other = Transformer(replace(model.cfg, **{field_: off})).eval()
+        other.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (other(x) - hf(x).logits).abs().max() > 1e-3, (case, field_)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_hf_to_temper_logits(case):
+def test_temper_export_loads_in_transformers(tmp_path, case):
     hf = CASES[case]()
     model = _hf_to_temper(hf)
-    x = torch.randint(0, hf.config.vocab_size, (2, 40))
+    out = save_hf(model, model.cfg, tmp_path / "hf", generation_config={"eos_token_id": 3})
+    back_hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back_hf).__name__ == type(hf).__name__
+    x = torch.randint(0, model.cfg.vocab_size, (2, 30))
     with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-5)
-
-
-def test_llama3_scaling_is_exercised():
-    """The llama3 case above would fail if the scaling were ignored (guards against a vacuous test)."""
-    hf = CASES["llama-gqa-untied-llama3"]()
-    model = _hf_to_temper(hf)
-    unscaled = Transformer(replace(model.cfg, rope_scaling=None)).eval()
-    unscaled.load_state_dict(model.state_dict())
-    x = torch.randint(0, 101, (1, 40))
-    with torch.no_grad():
-        assert (unscaled(x) - hf(x).logits).abs().max() > 1e-3
+        ref = model(x)
+        torch.testing.assert_close(back_hf(x).logits, ref, rtol=0, atol=1e-4)
+        back, back_cfg = load_hf(out)
+        assert back_cfg == model.cfg
+        torch.testing.assert_close(back(x), ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["debug", "debug-llama"])
-def test_temper_to_hf_directory_round_trip(tmp_path, name):
+def test_presets_export_as_the_architecture_their_fields_match(tmp_path, name):
     cfg = replace(PRESETS[name], vocab_size=120, tie_embeddings=name == "debug")
     if name == "debug-llama":  # untied, GQA and llama3 scaling, written in the rope_scaling spelling
         cfg = replace(cfg, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
@@ -96,16 +136,27 @@ def test_temper_to_hf_directory_round_trip(tmp_path, name):
     out = save_hf(model, cfg, tmp_path / "hf", tokenizer_json=tok, generation_config={"eos_token_id": 3})
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 3
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == to_hf_config(cfg)["architectures"][0]
+    assert type(hf).__name__ == {"debug": "GPT2LMHeadModel", "debug-llama": "LlamaForCausalLM"}[name]
     x = torch.randint(0, 120, (2, 30))
     with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(hf(x).logits, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
         back, back_cfg = load_hf(out)
-        assert back_cfg == replace(cfg, ffn_dim=cfg.hidden_dim)  # the default resolved, nothing else lost
-        torch.testing.assert_close(back(x), ref, rtol=0, atol=0)
+        assert back_cfg == replace(cfg, ffn_dim=cfg.hidden_dim, hf_architecture=type(hf).__name__)
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_architecture_is_chosen_by_fields():
+    llama = PRESETS["debug-llama"]
+    assert hf_architecture(llama) == "LlamaForCausalLM"
+    assert hf_architecture(replace(llama, sliding_window=16)) == "MistralForCausalLM"
+    assert hf_architecture(replace(llama, qkv_bias=True)) == "Qwen2ForCausalLM"
+    gemma = replace(llama, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, tie_embeddings=True)
+    assert hf_architecture(gemma) == "GemmaForCausalLM"
+    with pytest.raises(ValueError, match="GemmaForCausalLM cannot express this model: it needs mlp='geglu'"):
+        to_hf_config(replace(gemma, tie_embeddings=False))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM cannot express this model"):
+        to_hf_config(replace(llama, hf_architecture="Qwen2ForCausalLM"))
 
 
 def test_gpt2_without_biases_exports_zero_biases(tmp_path):
@@ -118,24 +169,132 @@ def test_gpt2_without_biases_exports_zero_biases(tmp_path):
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
 
 
-def test_unsupported_inputs_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="GPT2LMHeadModel, LlamaForCausalLM"):
+def test_sharded_export_reads_back_everywhere_and_a_single_file_replaces_it(tmp_path):
+    hf = CASES["llama3-gqa-untied"]()
+    model = _hf_to_temper(hf)
+    out = save_hf(model, model.cfg, tmp_path / "hf", max_shard_bytes=60_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(transformers.AutoModelForCausalLM.from_pretrained(out)(x).logits, model(x),
+                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(load_hf(out)[0](x), model(x), rtol=0, atol=0)
+    save_hf(model, model.cfg, out)  # unsharded now: the old shards and index must not linger
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_in_low_precision(tmp_path, dtype):
+    hf = CASES["qwen2-qkv-bias-tied"]()
+    model = _hf_to_temper(hf)
+    save_hf(model, model.cfg, tmp_path)
+    low, _ = load_hf(tmp_path, dtype=dtype)
+    assert {p.dtype for p in low.parameters()} == {dtype}
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        ref = model(x)
+        assert (low(x).float() - ref).abs().max() < 0.05 * ref.abs().max()
+        # A bf16 checkpoint read as bf16 goes straight into place: the same values.
+        save_hf(low, low.cfg, tmp_path / "low")
+        again, _ = load_hf(tmp_path / "low", dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), low.state_dict().values()))
+
+
+def test_pickled_weights_only_when_allowed_and_never_code(tmp_path):
+    hf = CASES["mistral-window-wide-heads"]()
+    hf.config.save_pretrained(tmp_path / "bin")  # an older checkpoint: config + pickled state dict
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_hf(tmp_path / "bin")
+    model, _ = load_hf(tmp_path / "bin", allow_pickle=True)
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model.embed_tokens.weight": Evil()}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_hf(tmp_path / "bin", allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_reads_a_hub_snapshot_of_symlinks(tmp_path):
+    """The layout huggingface_hub.snapshot_download writes: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    hf = CASES["gemma"]()
+    model = _hf_to_temper(hf)
+    src = save_hf(model, model.cfg, tmp_path / "src", max_shard_bytes=100_000)
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        os.replace(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    x = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(snap)[0](x), model(x), rtol=0, atol=0)
+
+
+def _llama_dir(tmp_path, **over):
+    hf = CASES["llama3-gqa-untied"]()
+    hf.save_pretrained(tmp_path)
+    return tmp_path, {k: v.clone() for k, v in hf.state_dict().items()}
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match=", ".join(SUPPORTED_ARCHITECTURES)):
         from_hf_config({"architectures": ["BertForMaskedLM"]})
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
         to_hf_config(ModelConfig(pos="rope", norm="layernorm", mlp="gelu"))
-    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(PRESETS["debug"])))
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match="never read"):
-        load_hf(tmp_path)
+
+    root, sd = _llama_dir(tmp_path / "a")
+    weights = root / "model.safetensors"
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in sd.items() if k != name}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"missing tensors \\['{name}'\\]"):
+        load_hf(root)
+    save_file(sd | {"model.layers.0.extra.weight": torch.zeros(2)}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight' for LlamaForCausalLM"):
+        load_hf(root)
+    save_file(sd | {name: torch.zeros(96, 63)}, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{name} has shape \[96, 63\], expected \[96, 64\]"):
+        load_hf(root)
+
+    good = weights.read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    weights.write_bytes(struct.pack("<Q", 10**12) + good[8:])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        load_hf(root)
+    weights.write_bytes(good[:8] + b"{not json" + good[17:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load_hf(root)
+    header = json.loads(good[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"] = [0, 10**9]
+    body = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(body)) + body + good[8 + n:])
+    with pytest.raises(CheckpointError, match=f"tensor '{first}' has out-of-range offsets"):
+        load_hf(root)
+
+    (root / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+        load_hf(root)
 
 
 def test_sharded_index_refuses_escaping_names(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(to_hf_config(PRESETS["debug"])))
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"transformer.wte.weight": "../../etc/passwd.safetensors"}}))
-    with pytest.raises(ValueError, match="escapes"):
+    with pytest.raises(CheckpointError, match="escapes"):
         load_hf(tmp_path)
 
 
@@ -152,9 +311,43 @@ def test_published_configs_map_to_presets():
         "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 128256,
     }
-    assert from_hf_config(llama) == PRESETS["llama-3.2-1b"]
-    assert from_hf_config(to_hf_config(PRESETS["llama-3.2-1b"])) == PRESETS["llama-3.2-1b"]
+    preset = replace(PRESETS["llama-3.2-1b"], hf_architecture="LlamaForCausalLM")
+    assert from_hf_config(llama) == preset
+    assert from_hf_config(to_hf_config(PRESETS["llama-3.2-1b"])) == preset
     gpt2 = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "n_ctx": 1024, "n_embd": 768,
             "n_head": 12, "n_layer": 12, "n_positions": 1024, "layer_norm_epsilon": 1e-05, "vocab_size": 50257,
             "model_type": "gpt2", "resid_pdrop": 0.1}
-    assert from_hf_config(gpt2) == replace(PRESETS["gpt2-124m"], vocab_size=50257, ffn_dim=3072)
+    assert from_hf_config(gpt2) == replace(PRESETS["gpt2-124m"], vocab_size=50257, ffn_dim=3072,
+                                           hf_architecture="GPT2LMHeadModel")
+
+
+_PEAK = """
+import sys, torch
+from temper.model.config import PRESETS
+from temper.model.convert import load_hf
+from temper.model.transformer import Transformer
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+with torch.device("meta"):
+    Transformer(PRESETS["debug-llama"])  # torch's one-time set-up (~80 MB) is not the loader's
+base = rss()
+model, cfg = load_hf(sys.argv[1])
+# VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print((peak - base) / weights)
+"""
+
+
+@pytest.mark.slow
+def test_loading_holds_the_weights_once(tmp_path):
+    """Peak memory of load_hf over the weights' size, in a fresh process (~200 MB of weights)."""
+    cfg = replace(PRESETS["debug-llama"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                  ffn_dim=1536, tie_embeddings=False)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    save_hf(model, cfg, tmp_path)
+    del model
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], capture_output=True, text=True, check=True)
+    ratio = float(out.stdout.strip())
+    assert ratio < 1.2, f"peak memory of loading is {ratio:.2f}x the weights"

@@ -1,7 +1,8 @@
 """ModelConfig: the shape and the variant of a decoder, and the named presets.
 
-A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying), never by
-matching a model's name, so one `Transformer` covers GPT-2, GPT-3 and Llama shapes. This module
+A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying, window), never
+by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Gemma
+and Phi-3 shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -10,10 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-MLP_KINDS = ("gelu", "swiglu")
+MLP_KINDS = ("gelu", "swiglu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POS_KINDS = ("learned", "rope")
-ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+}
 
 
 @dataclass
@@ -27,7 +31,9 @@ class ModelConfig:
     n_layers: int = 2
     """Number of transformer blocks."""
     n_heads: int = 4
-    """Query heads per attention layer; head_dim = dim // n_heads."""
+    """Query heads per attention layer."""
+    head_size: int | None = None
+    """Width of one attention head; None means dim // n_heads (Gemma: 256 whatever the width)."""
     n_kv_heads: int | None = None
     """Key/value heads; None means n_heads (multi-head), fewer means grouped-query attention."""
     ffn_dim: int | None = None
@@ -35,31 +41,41 @@ class ModelConfig:
     max_seq_len: int = 256
     """Longest sequence: rows of the learned position table or of the RoPE table."""
     mlp: str = "gelu"
-    """MLP kind: "gelu" (GPT-2, tanh approximation) or "swiglu" (Llama)."""
+    """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama) or "geglu" (Gemma: gated, tanh GELU)."""
     norm: str = "layernorm"
     """Normalisation kind: "layernorm" (GPT-2) or "rmsnorm" (Llama)."""
     norm_eps: float = 1e-5
     """Epsilon added to the variance in every norm."""
+    norm_unit_offset: bool = False
+    """RMSNorm scales by (1 + weight), in float32, and its weight starts at 0 (Gemma)."""
     pos: str = "learned"
     """Position kind: "learned" absolute embeddings (GPT-2) or "rope" rotary embeddings (Llama)."""
     rope_theta: float = 10000.0
     """RoPE base wavelength."""
     rope_scaling: dict | None = None
-    """Llama-3.1 RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+    """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1) or {"rope_type": "linear", "factor"} (position interpolation)."""
+    sliding_window: int | None = None
+    """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
     bias: bool = True
     """Biases in every linear layer and in LayerNorm."""
+    qkv_bias: bool = False
+    """Biases in the query, key and value projections even when `bias` is off (Qwen2)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(dim) (Gemma)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation (GPT-2)."""
+    hf_architecture: str | None = None
+    """The Hugging Face architecture written on export (set when loaded from one; None: chosen from the fields). The model never reads it."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be positive and divide n_heads ({self.n_heads})")
@@ -71,11 +87,18 @@ class ModelConfig:
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' needs an even head_dim (dim / n_heads), got {self.head_dim}")
         if self.rope_scaling is not None:
-            if self.rope_scaling.get("rope_type") != "llama3":
-                raise ValueError(f"rope_scaling: only rope_type 'llama3' is supported, got {self.rope_scaling!r}")
-            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_SCALING_KEYS:
+                raise ValueError(f"rope_scaling: rope_type must be one of {sorted(ROPE_SCALING_KEYS)}, got {self.rope_scaling!r}")
+            missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling is missing {missing}")
+        if self.head_size is not None and self.head_size <= 0:
+            raise ValueError(f"head_size must be positive or None, got {self.head_size}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            raise ValueError("norm_unit_offset needs norm='rmsnorm'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
@@ -83,7 +106,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        """head_size with None resolved."""
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -97,7 +121,7 @@ class ModelConfig:
             return self.ffn_dim
         if self.mlp == "gelu":
             return 4 * self.dim
-        return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # Llama: 2/3 of 4*dim, multiple of 256
+        return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # gated (Llama): 2/3 of 4*dim, multiple of 256
 
 
 _GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)

@@ -1,90 +1,68 @@
-"""Hugging Face <-> temper: configs, state dicts, and checkpoint directories in the HF layout.
+"""Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-One function pair per family: GPT-2 (`GPT2LMHeadModel`: learned positions, LayerNorm, GELU) and
-Llama (`LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU, GQA). The family is chosen from config fields,
-never from a model's name. Directories hold `config.json` + `model.safetensors` (or a sharded
-safetensors index); pickled weights (`pytorch_model.bin`) are never read.
+Six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Gemma
+(`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads) and Phi-3
+(`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
+`ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
+of each architecture are described once, as a list of rules (HF tensor = these temper tensors
+concatenated, maybe transposed), which serve both directions.
 
-It does not touch tokenizers beyond copying `tokenizer.json`, and it does not need `transformers`
-(only the tests import it, to prove that both directions give the same logits).
+Loading builds the model on the meta device, allocates it once in the asked dtype and reads each
+tensor straight into its parameter, so a model is never held twice. Directories hold
+`config.json` + `model.safetensors` or shards with `model.safetensors.index.json` (symlinks, as
+`huggingface_hub.snapshot_download` writes them, are followed); pickled `pytorch_model*.bin` files
+are read only when asked, with `torch.load(weights_only=True)`.
+
+It does not read or write tokenizer files beyond copying `tokenizer.json` (data/tokenizer.py does),
+and it does not need `transformers` (only the tests import it, to prove both directions).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from temper.files import atomic_write_json, fsync_dir, safe_join
 from temper.model.config import ModelConfig
 from temper.model.transformer import Transformer
 
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, PHI3 = (
+    "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+    "Phi3ForCausalLM",
+)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, PHI3)
+_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gemma": GEMMA, "phi3": PHI3}
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
+MAX_SHARD_BYTES = 5 << 30  # transformers' default shard size: a file per ~5 GB
 
 
-def hf_family(cfg: ModelConfig) -> str:
-    """"gpt2" or "llama": which Hugging Face architecture can express `cfg` exactly."""
-    if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.kv_heads == cfg.n_heads:
-        return "gpt2"
-    if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-        return "llama"
-    raise ValueError(
-        f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}, "
-        f"n_kv_heads={cfg.n_kv_heads}: GPT2LMHeadModel needs learned/layernorm/gelu without GQA, "
-        "LlamaForCausalLM needs rope/rmsnorm/swiglu"
-    )
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as it is: the message names the file."""
 
 
 # ---- configs ------------------------------------------------------------------------------------
 
 
-def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A `config.json` that `transformers.AutoConfig` reads as GPT2LMHeadModel or LlamaForCausalLM."""
-    if hf_family(cfg) == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.dim,
-            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.hidden_dim,
-            "activation_function": "gelu_new",  # the tanh approximation, as GPT-2 was trained
-            "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
-            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": None, "eos_token_id": None, "use_cache": True,
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        # The rope_theta / rope_scaling spelling of Meta's published configs: transformers 4.x reads
-        # it as is and 5.x converts it to `rope_parameters`.
-        "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
-        "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
-        "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
-        "pretraining_tp": 1, "bos_token_id": None, "eos_token_id": None, "use_cache": True,
-    }
-
-
 def _architecture(d: dict[str, Any]) -> str:
     archs = d.get("architectures") or []
-    if archs:
-        return archs[0]
-    return {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}.get(d.get("model_type", ""), "<none given>")
+    return archs[0] if archs else _MODEL_TYPES.get(d.get("model_type", ""), "<none given>")
 
 
 def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Hugging Face `config.json`; anything temper cannot reproduce exactly fails."""
     arch = _architecture(d)
-    if arch == "GPT2LMHeadModel":
+    if arch == GPT2:
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation_function {act!r} is not supported (temper uses tanh GELU)")
@@ -97,46 +75,235 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
             max_seq_len=d.get("n_positions", 1024), mlp="gelu", norm="layernorm",
             norm_eps=d.get("layer_norm_epsilon", 1e-5), pos="learned", bias=True,
             tie_embeddings=d.get("tie_word_embeddings", True), dropout=0.0,
-            init_std=d.get("initializer_range", 0.02),
+            init_std=d.get("initializer_range", 0.02), hf_architecture=GPT2,
         )
-    if arch == "LlamaForCausalLM":
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"Llama hidden_act {d['hidden_act']!r} is not supported (temper uses SwiGLU)")
-        dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-        if d.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"head_dim={d['head_dim']} != hidden_size/num_attention_heads is not supported")
-        attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
-        if attention_bias != mlp_bias:
-            raise ValueError("attention_bias and mlp_bias must agree (temper's `bias` covers both)")
-        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})  # 4.x / 5.x spellings
-        theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "llama3":
-            scaling = {"rope_type": "llama3", **{k: rope[k] for k in
-                       ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
-        elif rope_type in (None, "default"):
-            scaling = None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return _from_llama_like(d, arch)
+
+
+def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
+    """Llama and the architectures that differ from it by a few fields."""
+    name = arch.removesuffix("ForCausalLM")
+    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+    if arch == GEMMA:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
+        if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
+    elif act != "silu":
+        raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    head_dim = d.get("head_dim") or dim // n_heads
+    theta, scaling, rope = _rope(d)
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper rotates whole heads)")
+    bias = qkv_bias = False
+    if arch == LLAMA:
+        bias = bool(d.get("attention_bias", False))
+        if bias != bool(d.get("mlp_bias", False)):
+            raise ValueError("Llama attention_bias and mlp_bias must agree (temper's `bias` covers both)")
+    elif arch == QWEN2:
+        qkv_bias = True
+        if d.get("use_sliding_window"):
+            raise ValueError("Qwen2 use_sliding_window=true is not supported (its window covers only some layers)")
+    elif d.get("attention_bias"):
+        raise ValueError(f"{name} attention_bias=true is not supported")
+    window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if arch == GEMMA else "swiglu",
+        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=arch == GEMMA,
+        pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window,
+        bias=bias, qkv_bias=qkv_bias, tie_embeddings=d.get("tie_word_embeddings", arch == GEMMA),
+        scale_embeddings=arch == GEMMA, dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        hf_architecture=arch,
+    )
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
+    """(theta, temper's rope_scaling, the raw dict) from either spelling: transformers 4.x
+    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`."""
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}}, rope
+    if kind == "linear":
+        return theta, {"rope_type": "linear", "factor": rope["factor"]}, rope
+    if kind in (None, "default"):
+        return theta, None, rope
+    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear and llama3)")
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
+    arch = cfg.hf_architecture
+    if arch is None:
+        if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
+            arch = GPT2
+        elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
+            arch = GEMMA
+        elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+            arch = QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window else LLAMA
         else:
-            raise ValueError(f"rope type {rope_type!r} is not supported (temper reads default and llama3)")
-        return ModelConfig(
-            vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048), mlp="swiglu", norm="rmsnorm",
-            norm_eps=d.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=float(theta), rope_scaling=scaling,
-            bias=attention_bias, tie_embeddings=d.get("tie_word_embeddings", False), dropout=0.0,
-            init_std=d.get("initializer_range", 0.02),
-        )
-    raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
+                "GPT2LMHeadModel needs learned/layernorm/gelu, the others rope/rmsnorm/swiglu (geglu: Gemma)")
+    why = _cannot_express(arch, cfg)
+    if why:
+        raise ValueError(f"{arch} cannot express this model: {why}")
+    return arch
 
 
-# ---- state dicts --------------------------------------------------------------------------------
+def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
+    """Why `arch` cannot hold `cfg` exactly, or None."""
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return f"temper writes {', '.join(SUPPORTED_ARCHITECTURES)}"
+    gemma_parts = (cfg.mlp == "geglu", cfg.norm_unit_offset, cfg.scale_embeddings)
+    if arch == GPT2:
+        if (cfg.pos, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
+            return "it needs learned positions, LayerNorm and a GELU MLP"
+        if cfg.kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.dim:
+            return "it has no grouped-query attention or head_size"
+        return "it has no sliding window" if cfg.sliding_window else None
+    if (cfg.pos, cfg.norm) != ("rope", "rmsnorm"):
+        return "it needs RoPE and RMSNorm"
+    if arch == GEMMA:
+        if not all(gemma_parts) or not cfg.tie_embeddings:
+            return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
+    elif any(gemma_parts) or cfg.mlp != "swiglu":
+        return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
+    if arch == LLAMA and cfg.qkv_bias and not cfg.bias:
+        return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
+    if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
+        return "it has biases on q, k and v only"
+    if arch in (MISTRAL, GEMMA, PHI3) and (cfg.bias or cfg.qkv_bias):
+        return "it has no biases"
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3):
+        return "it has no sliding window"
+    return None
 
 
-def _check_keys(got: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
-    missing, unexpected = sorted(expected - got.keys()), sorted(got.keys() - expected)
-    if missing or unexpected:
-        raise KeyError(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                       f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A `config.json` that `transformers.AutoConfig` reads as the architecture `hf_architecture` picks."""
+    arch = hf_architecture(cfg)
+    if arch == GPT2:
+        return {
+            "architectures": [GPT2], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.dim,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.hidden_dim,
+            "activation_function": "gelu_new",  # the tanh approximation, as GPT-2 was trained
+            "layer_norm_epsilon": cfg.norm_eps, "initializer_range": cfg.init_std,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": None, "eos_token_id": None, "use_cache": True,
+        }
+    d = {
+        "architectures": [arch], "model_type": next(k for k, v in _MODEL_TYPES.items() if v == arch),
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "gelu_pytorch_tanh" if arch == GEMMA else "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        # The rope_theta / rope_scaling spelling of the published configs: transformers 4.x reads
+        # it as is and 5.x converts it to `rope_parameters`.
+        "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+        "pad_token_id": None, "use_cache": True,  # token ids come from generation_config (save_hf)
+    }
+    if arch == LLAMA:
+        d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+    elif arch in (MISTRAL, PHI3):
+        d["sliding_window"] = cfg.sliding_window
+        if arch == PHI3:
+            d |= {"original_max_position_embeddings": cfg.max_seq_len, "resid_pdrop": cfg.dropout,
+                  "embd_pdrop": cfg.dropout, "partial_rotary_factor": 1.0}
+    elif arch == QWEN2:
+        d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    elif arch == GEMMA:
+        d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    return d
+
+
+# ---- weights: one list of rules per architecture, read both ways ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One Hugging Face tensor: temper's `parts` concatenated along dim 0, transposed if asked
+    (GPT-2's Conv1D stores (in, out)). Fused projections (GPT-2 c_attn, Phi-3 qkv_proj and
+    gate_up_proj) have several parts."""
+
+    hf: str
+    parts: tuple[str, ...]
+    transpose: bool = False
+
+
+def _rules(cfg: ModelConfig) -> list[_Rule]:
+    """Every tensor of the Hugging Face checkpoint of `cfg`, in the architecture's order."""
+    arch = hf_architecture(cfg)
+    keys = _native_keys(cfg)
+    rules: list[_Rule] = []
+    if arch == GPT2:
+        # GPT-2 always has biases: a temper model without them is exported with zero ones.
+        add = lambda hf, *parts, t=False: rules.append(_Rule("transformer." + hf, parts, t))
+        add("wte.weight", "tok_emb.weight")
+        add("wpe.weight", "pos_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"h.{i}."
+            for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+                add(f"{h}{hf_norm}.weight", f"{p}{norm}.weight")
+                add(f"{h}{hf_norm}.bias", f"{p}{norm}.bias")
+            for t in ("weight", "bias"):
+                add(f"{h}attn.c_attn.{t}", *(f"{p}attn.{n}_proj.{t}" for n in "qkv"), t=t == "weight")
+                add(f"{h}attn.c_proj.{t}", f"{p}attn.o_proj.{t}", t=t == "weight")
+                add(f"{h}mlp.c_fc.{t}", f"{p}mlp.up_proj.{t}", t=t == "weight")
+                add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
+        add("ln_f.weight", "norm.weight")
+        add("ln_f.bias", "norm.bias")
+    else:
+        add = lambda hf, *parts: rules.append(_Rule(hf, parts))
+        add("model.embed_tokens.weight", "tok_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"model.layers.{i}."
+            add(h + "input_layernorm.weight", p + "attn_norm.weight")
+            add(h + "post_attention_layernorm.weight", p + "mlp_norm.weight")
+            if arch == PHI3:
+                add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
+                add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
+                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
+                continue
+            for n in "qkvo":
+                for t in ("weight", "bias"):
+                    if f"{p}attn.{n}_proj.{t}" in keys:
+                        add(f"{h}self_attn.{n}_proj.{t}", f"{p}attn.{n}_proj.{t}")
+            for n in ("gate", "up", "down"):
+                for t in ("weight", "bias"):
+                    if f"{p}mlp.{n}_proj.{t}" in keys:
+                        add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
+        add("model.norm.weight", "norm.weight")
+    if not cfg.tie_embeddings:
+        rules.append(_Rule("lm_head.weight", ("head.weight",)))
+    return rules
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """HF tensors that carry nothing to load: recomputed buffers, and a tied head saved anyway."""
+    return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
+            or (name == "lm_head.weight" and cfg.tie_embeddings))
+
+
+def _canonical(name: str, arch: str) -> str:
+    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix."""
+    if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
 
 
 def _native_keys(cfg: ModelConfig) -> set[str]:
@@ -144,113 +311,65 @@ def _native_keys(cfg: ModelConfig) -> set[str]:
         return set(Transformer(cfg).state_dict().keys())
 
 
-def gpt2_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """temper -> GPT2LMHeadModel. HF GPT-2 uses Conv1D, whose weights are (in, out): transposed.
-
-    A temper model without biases gets zero biases, which GPT-2 always has (the same function).
-    """
-    C = cfg.dim
-
-    def b(key: str, n: int) -> torch.Tensor:
-        ref = sd["tok_emb.weight"]
-        return sd[key] if key in sd else torch.zeros(n, dtype=ref.dtype, device=ref.device)
-
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
-           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": b("norm.bias", C)}
-    for i in range(cfg.n_layers):
-        p, h = f"layers.{i}.", f"transformer.h.{i}."
-        qkv = torch.cat([sd[p + f"attn.{n}_proj.weight"] for n in "qkv"])  # (3C, C)
-        out |= {
-            h + "ln_1.weight": sd[p + "attn_norm.weight"], h + "ln_1.bias": b(p + "attn_norm.bias", C),
-            h + "attn.c_attn.weight": qkv.t(),
-            h + "attn.c_attn.bias": torch.cat([b(p + f"attn.{n}_proj.bias", C) for n in "qkv"]),
-            h + "attn.c_proj.weight": sd[p + "attn.o_proj.weight"].t(), h + "attn.c_proj.bias": b(p + "attn.o_proj.bias", C),
-            h + "ln_2.weight": sd[p + "mlp_norm.weight"], h + "ln_2.bias": b(p + "mlp_norm.bias", C),
-            h + "mlp.c_fc.weight": sd[p + "mlp.up_proj.weight"].t(), h + "mlp.c_fc.bias": b(p + "mlp.up_proj.bias", cfg.hidden_dim),
-            h + "mlp.c_proj.weight": sd[p + "mlp.down_proj.weight"].t(), h + "mlp.c_proj.bias": b(p + "mlp.down_proj.bias", C),
-        }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["head.weight"]
-    return out
+def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    parts = []
+    for p in rule.parts:
+        if p in sd:
+            parts.append(sd[p])
+        else:  # a bias temper leaves out (GPT-2 export): zeros, the same function
+            w = sd[p.removesuffix(".bias") + ".weight"]
+            parts.append(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    t = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return t.t() if rule.transpose else t
 
 
-def gpt2_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel (or bare GPT2Model) -> temper; splits c_attn into q, k, v and un-transposes Conv1D."""
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()
-          if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of old checkpoints
-    C = cfg.dim
-    out = {"tok_emb.weight": sd.pop("wte.weight"), "pos_emb.weight": sd.pop("wpe.weight"),
-           "norm.weight": sd.pop("ln_f.weight"), "norm.bias": sd.pop("ln_f.bias")}
-    for i in range(cfg.n_layers):
-        p, h = f"layers.{i}.", f"h.{i}."
-        qkv_w, qkv_b = sd.pop(h + "attn.c_attn.weight").t(), sd.pop(h + "attn.c_attn.bias")  # (3C, C), (3C,)
-        for j, n in enumerate("qkv"):
-            out[p + f"attn.{n}_proj.weight"] = qkv_w[j * C : (j + 1) * C]
-            out[p + f"attn.{n}_proj.bias"] = qkv_b[j * C : (j + 1) * C]
-        out |= {
-            p + "attn_norm.weight": sd.pop(h + "ln_1.weight"), p + "attn_norm.bias": sd.pop(h + "ln_1.bias"),
-            p + "attn.o_proj.weight": sd.pop(h + "attn.c_proj.weight").t(), p + "attn.o_proj.bias": sd.pop(h + "attn.c_proj.bias"),
-            p + "mlp_norm.weight": sd.pop(h + "ln_2.weight"), p + "mlp_norm.bias": sd.pop(h + "ln_2.bias"),
-            p + "mlp.up_proj.weight": sd.pop(h + "mlp.c_fc.weight").t(), p + "mlp.up_proj.bias": sd.pop(h + "mlp.c_fc.bias"),
-            p + "mlp.down_proj.weight": sd.pop(h + "mlp.c_proj.weight").t(), p + "mlp.down_proj.bias": sd.pop(h + "mlp.c_proj.bias"),
-        }
-    head = sd.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise KeyError("untied GPT-2 checkpoint without lm_head.weight")
-        out["head.weight"] = head
-    if sd:
-        raise KeyError(f"unexpected GPT-2 weights: {sorted(sd)[:8]}")
-    return out
-
-
-_LLAMA_LAYER = {  # temper name -> HF name, inside layer i
-    "attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-    **{f"attn.{n}_proj.{t}": f"self_attn.{n}_proj.{t}" for n in "qkvo" for t in ("weight", "bias")},
-    **{f"mlp.{n}_proj.{t}": f"mlp.{n}_proj.{t}" for n in ("gate", "up", "down") for t in ("weight", "bias")},
-}
-
-
-def _llama_names(cfg: ModelConfig) -> dict[str, str]:
-    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "head.weight": "lm_head.weight"}
-    for i in range(cfg.n_layers):
-        names |= {f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in _LLAMA_LAYER.items()}
-    return names
-
-
-def llama_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """temper -> LlamaForCausalLM: a renaming (temper uses HF's half-split RoPE layout, so no permutation)."""
-    names = _llama_names(cfg)
-    return {names[k]: v for k, v in sd.items()}
-
-
-def llama_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM -> temper; a tied checkpoint's lm_head.weight (if saved) is dropped."""
-    back = {v: k for k, v in _llama_names(cfg).items()}
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and cfg.tie_embeddings):
-            continue  # a recomputed buffer, or the tied head that is tok_emb
-        if k not in back:
-            raise KeyError(f"unexpected Llama weight {k!r}")
-        out[back[k]] = v
-    return out
+def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    if rule.transpose:
+        t = t.t()
+    return list(t.split(sizes)) if len(sizes) > 1 else [t]
 
 
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """temper state dict -> Hugging Face names and layouts (contiguous, ready for safetensors)."""
     sd = _strip_wrappers(sd)
     _check_keys(sd, _native_keys(cfg), "temper state dict")
-    out = gpt2_to_hf(cfg, sd) if hf_family(cfg) == "gpt2" else llama_to_hf(cfg, sd)
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {r.hf: _to_hf(r, sd).detach().contiguous() for r in _rules(cfg)}
 
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face state dict -> temper names and layouts (contiguous, so `assign=True` loads are fast)."""
-    out = gpt2_from_hf(cfg, sd) if hf_family(cfg) == "gpt2" else llama_from_hf(cfg, sd)
-    _check_keys(out, _native_keys(cfg), "Hugging Face checkpoint")
+    """Hugging Face state dict (in memory) -> temper names and layouts."""
+    arch = hf_architecture(cfg)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    rules = {r.hf: r for r in _rules(cfg)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if _ignored(name, cfg):
+            continue
+        rule = rules.get(_canonical(name, arch))
+        if rule is None:
+            raise KeyError(f"unexpected {arch} weight {name!r}")
+        _check_shape(rule, t.shape, shapes, "state dict")
+        out |= dict(zip(rule.parts, _to_temper(rule, t, [shapes[p][0] for p in rule.parts]), strict=True))
+    _check_keys(out, set(shapes), "Hugging Face checkpoint")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_shape(rule: _Rule, got: torch.Size | tuple, shapes: dict[str, torch.Size], where: str) -> None:
+    first = shapes[rule.parts[0]]
+    expected = (sum(shapes[p][0] for p in rule.parts), *first[1:])
+    if rule.transpose:
+        expected = expected[::-1]
+    if tuple(got) != tuple(expected):
+        raise CheckpointError(f"{where}: {rule.hf} has shape {list(got)}, expected {list(expected)} "
+                              f"(temper {', '.join(rule.parts)})")
+
+
+def _check_keys(got: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - got.keys()), sorted(got.keys() - expected)
+    if missing or unexpected:
+        raise KeyError(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                       f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
 
 
 def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -262,26 +381,230 @@ def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---- directories --------------------------------------------------------------------------------
+# ---- weight files ------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor, each straight into a given tensor when it can.
+
+    Written here rather than taken from `safetensors.safe_open` for two reasons: its tensors are
+    copies out of a memory map whose touched pages count again towards the process's memory (a
+    loaded model would be held ~twice at the peak), and a damaged header is reported here by file
+    and tensor. The format: an 8-byte little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}} and the data, offsets relative to its start.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} bytes, file has {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        header.pop("__metadata__", None)
+        self.start, data = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {e!r}") from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not (0 <= begin <= end <= data) or end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name!r} has out-of-range offsets [{begin}, {end}] "
+                                      f"(data section {data} bytes, tensor {nbytes} bytes)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor `name` into `out`, a contiguous CPU tensor of its dtype and shape."""
+        _, _, begin, end = self.entries[name]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if end > begin and f.readinto(view) != end - begin:
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, _, _ = self.entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+
+class _PickledFile:
+    """A `pytorch_model*.bin` file, read with torch.load(weights_only=True): no code runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds for a damaged or unsafe pickle
+            raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: not a state dict of tensors")
+        self.tensors = sd
+        self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in sd.items()}
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.tensors[name])
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def _member(root: Path, name: str, index: Path) -> Path:
+    """A file named by an index, refused when the name leaves the directory. Checked on the name,
+    not the resolved path: a snapshot's files are symlinks into the hub cache's blobs/."""
+    parts = Path(name).parts
+    if "\x00" in name or Path(name).is_absolute() or ".." in parts or not parts:
+        raise CheckpointError(f"{index}: shard path {name!r} escapes {root}")
+    return root / name
+
+
+def _weight_files(root: Path, allow_pickle: bool) -> list[SafetensorsFile | _PickledFile]:
+    """The weight files of a checkpoint directory, safetensors first."""
+    for single, index, kind in (("model.safetensors", "model.safetensors.index.json", SafetensorsFile),
+                                ("pytorch_model.bin", "pytorch_model.bin.index.json", _PickledFile)):
+        names: list[Path] = []
+        if (root / single).is_file():
+            names = [root / single]
+        elif (root / index).is_file():
+            try:
+                weight_map = json.loads((root / index).read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{root / index}: not a weight index ({e})") from None
+            names = [_member(root, n, root / index) for n in sorted(set(weight_map.values()))]
+        if not names:
+            continue
+        if kind is _PickledFile and not allow_pickle:
+            raise CheckpointError(
+                f"{root}: only pickled weights ({names[0].name}); pass allow_pickle=True (--allow-pickle) to read "
+                "them with torch.load(weights_only=True), or convert them to safetensors")
+        missing = [p.name for p in names if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{root}: the index names missing files {missing[:3]}")
+        return [kind(p) for p in names]
+    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    raise FileNotFoundError(f"{root}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                            f"(found {found[:10]})")
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory's config.json."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json")
+    try:
+        return from_hf_config(json.loads(config_path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing key {e}") from None
+
+
+def load_hf(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> tuple[Transformer, ModelConfig]:
+    """Build a Transformer (in eval mode) from a Hugging Face checkpoint directory.
+
+    The model is built on the meta device, allocated once on `device` in `dtype`, and every
+    checkpoint tensor is read into its place (through one temporary tensor when it must be split,
+    transposed or cast), so the weights are never held twice.
+    """
+    root = Path(path)
+    cfg = read_hf_config(root)
+    arch = hf_architecture(cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    params = model.state_dict()
+    shapes = {k: v.shape for k, v in params.items()}
+    rules = {r.hf: r for r in _rules(cfg)}
+    seen: dict[str, Path] = {}
+    with torch.no_grad():
+        for f in _weight_files(root, allow_pickle):
+            for name, (src_dtype, shape, _, _) in f.entries.items():
+                if _ignored(name, cfg):
+                    continue
+                key = _canonical(name, arch)
+                rule = rules.get(key)
+                if rule is None:
+                    raise CheckpointError(f"{f.path}: unexpected tensor {name!r} for {arch}")
+                if key in seen:
+                    raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
+                seen[key] = f.path
+                _check_shape(rule, shape, shapes, str(f.path))
+                targets = [params[p] for p in rule.parts]
+                if len(targets) == 1 and not rule.transpose and src_dtype == dtype and targets[0].device.type == "cpu":
+                    f.read_into(name, targets[0])  # straight into place
+                    continue
+                pieces = _to_temper(rule, f.read(name), [t.shape[0] for t in targets])
+                for target, piece in zip(targets, pieces, strict=True):
+                    target.copy_(piece)
+    missing = [r.hf for r in rules.values() if r.hf not in seen]
+    if missing:
+        raise CheckpointError(f"{root}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}")
+    model.init_buffers(device)
+    return model.eval(), cfg
 
 
 def save_hf(
     model_or_state: nn.Module | dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, *,
     tokenizer_json: str | Path | None = None, generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write `config.json`, `model.safetensors`, `generation_config.json` (and `tokenizer.json`) to out_dir.
+    """Write `config.json`, the weights, `generation_config.json` (and `tokenizer.json`) to out_dir.
 
-    generation_config's bos/eos/pad token ids are also written into config.json, where some
-    readers look for them. Every file is written to a temporary name and renamed into place.
+    Weights above `max_shard_bytes` are split into `model-0000k-of-0000n.safetensors` files with a
+    `model.safetensors.index.json`, as transformers writes them; weight files of an earlier save
+    that the new one does not use are removed. generation_config's bos/eos/pad token ids are also
+    written into config.json, where some readers look for them. Every file is written to a
+    temporary name and renamed into place.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.cpu() for k, v in to_hf_state_dict(cfg, sd).items()}
-    weights = safe_join(out_dir, "model.safetensors")
-    tmp = weights.with_name(".model.safetensors.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})  # "format" is required by transformers
-    os.replace(tmp, weights)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        target = safe_join(out_dir, name)
+        tmp = target.with_name(f".{name}.tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})  # "format" is required by transformers
+        os.replace(tmp, target)
+    index = out_dir / "model.safetensors.index.json"
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: n for n, shard in zip(names, shards, strict=True) for k in shard}
+        atomic_write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    stale = [p for p in out_dir.glob("model*.safetensors") if p.name not in names]
+    for old in stale + ([index] if len(shards) == 1 else []):
+        old.unlink(missing_ok=True)
     fsync_dir(out_dir)
     gen = dict(generation_config or {})
     hf_cfg = to_hf_config(cfg)
@@ -297,44 +620,3 @@ def save_hf(
             os.replace(tmp_tok, target)
     return out_dir
 
-
-def _weight_files(root: Path) -> list[Path]:
-    single = safe_join(root, "model.safetensors")
-    if single.is_file():
-        return [single]
-    index = safe_join(root, "model.safetensors.index.json")
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        bad = [n for n in names if not n.endswith(".safetensors")]
-        if bad:
-            raise ValueError(f"{index}: weight_map names non-safetensors files {bad[:3]}")
-        return [safe_join(root, n) for n in names]  # safe_join refuses '../' and absolute names
-    found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    raise FileNotFoundError(
-        f"{root}: no model.safetensors or model.safetensors.index.json (found {found[:10]}); "
-        "pickled weights (.bin, .pt) are never read: convert them to safetensors first"
-    )
-
-
-def load_hf(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[Transformer, ModelConfig]:
-    """Build a Transformer (in eval mode) from a Hugging Face directory of config.json + safetensors.
-
-    The model is built on the meta device and the loaded tensors are assigned, so the weights are
-    held in memory once.
-    """
-    root = Path(path)
-    config_path = safe_join(root, "config.json")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{root}: no config.json")
-    cfg = from_hf_config(json.loads(config_path.read_text(encoding="utf-8")))
-    hf_sd: dict[str, torch.Tensor] = {}
-    for f in _weight_files(root):
-        hf_sd.update(load_file(str(f), device=str(device)))
-    sd = {k: v.to(dtype) for k, v in from_hf_state_dict(cfg, hf_sd).items()}
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.init_buffers(device)
-    return model.eval(), cfg

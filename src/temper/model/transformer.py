@@ -1,7 +1,8 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama) comes from `ModelConfig` fields: learned positions or RoPE,
-LayerNorm or RMSNorm, GELU or SwiGLU MLP, multi-head or grouped-query attention, biases, tying.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Gemma, Phi-3) comes from `ModelConfig` fields:
+learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
+grouped-query attention, a sliding window, biases, tying, embedding scaling.
 Attention always goes through `F.scaled_dot_product_attention`, so a GPU picks flash attention.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
@@ -56,31 +57,38 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does."""
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    unit_offset: scale by (1 + weight) and cast after the product, as Gemma does; the weight then
+    starts at 0, and checkpoints store it in that form.
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Upcast so that bf16 activations do not lose the mean of squares; cast back before the
-        # weight, matching the Hugging Face Llama reference bit for bit in float32.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * y
+        # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
+        # the weight, Gemma after: each matches its Hugging Face reference bit for bit in float32.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * y.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.dim, cfg.norm_eps)
+        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies (head_dim/2,) in float32 (Su et al. 2021), with Llama-3.1 scaling.
+    """RoPE inverse frequencies (head_dim/2,) in float32 (Su et al. 2021), with linear or Llama-3.1 scaling.
 
     Llama-3.1 scaling (Meta, "The Llama 3 Herd of Models", 2024) divides the low frequencies by
     `factor`, keeps the high ones, and interpolates smoothly in between, so a model trained on
@@ -89,6 +97,8 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
     s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        return inv_freq / s["factor"]
     if s:
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
@@ -120,9 +130,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
         # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -161,12 +172,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2, tanh approximation) or SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")."""
+    """GELU MLP (GPT-2, tanh approximation), or gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants
+    Improve Transformer"): act(gate(x)) * up(x)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hidden = cfg.hidden_dim
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.silu = cfg.mlp == "swiglu"
         if self.gated:
             self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
@@ -175,7 +188,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+            gate = self.gate_proj(x)  # (B, T, F)
+            h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * self.up_proj(x)  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
         return self.resid_drop(self.down_proj(h))  # (B, T, C)
@@ -276,6 +290,8 @@ class Transformer(nn.Module):
         if positions is None and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(tokens)  # (B, T, C)
+        if self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
+            x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         rope = None
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[start : start + T] if positions is None else self.pos_emb(positions)
@@ -298,22 +314,24 @@ class Transformer(nn.Module):
         weight = self.tok_emb.weight if self.head is None else self.head.weight
         return F.linear(x, weight)  # (B, T, V)
 
-    @staticmethod
     def _attention_mask(
-        attn_mask: torch.Tensor | None, B: int, T: int, start: int, device: torch.device
+        self, attn_mask: torch.Tensor | None, B: int, T: int, start: int, device: torch.device
     ) -> tuple[torch.Tensor | None, bool]:
         """(mask for SDPA, is_causal). Without padding, avoid a mask so SDPA can pick flash attention."""
-        if attn_mask is None:
+        S = start + T
+        window = self.cfg.sliding_window
+        if attn_mask is None and (window is None or S <= window):
             if start == 0:
                 return None, True  # plain causal prefill / training
             if T == 1:
                 return None, False  # one new query sees every cached key
-        elif attn_mask.dim() == 4:
-            return attn_mask, False
-        S = start + T
         q_pos = torch.arange(start, S, device=device)  # (T,)
         k_pos = torch.arange(S, device=device)  # (S,)
         mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if window is not None:  # the last `window` keys, the query's own included (Mistral)
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        if attn_mask is not None and attn_mask.dim() == 4:
+            return (attn_mask & mask) if window is not None else attn_mask, False
         if attn_mask is None:
             return mask[None, None], False  # (1, 1, T, S)
         if attn_mask.shape != (B, S):
@@ -357,6 +375,8 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6*N (forward + backward matmuls) + 12*L*d*T (attention scores).
 
-        The PaLM appendix B / nanoGPT accounting; biases and norms are elementwise and left out.
+        The PaLM appendix B / nanoGPT accounting; biases and norms are elementwise and left out. d is
+        the attention width n_heads * head_dim (d_model, except where head_size sets it apart).
         """
-        return float(6 * self.matmul_params() + 12 * self.cfg.n_layers * self.cfg.dim * seq_len)
+        c = self.cfg
+        return float(6 * self.matmul_params() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
