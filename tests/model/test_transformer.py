@@ -59,9 +59,17 @@ def test_causal_future_tokens_do_not_change_the_past():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-@pytest.mark.parametrize("name", ["debug", "debug-llama"])
+VARIANTS = {
+    "debug": {}, "debug-llama": {},
+    # Mistral's window (shorter than the sequence), Gemma's parts, Qwen2's q/k/v biases, a wide head.
+    "window-gemma-qkv": {"sliding_window": 5, "mlp": "geglu", "norm_unit_offset": True, "scale_embeddings": True,
+                         "qkv_bias": True, "head_size": 24},
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_kv_cache_and_left_padding_match_full_forward(name):
-    m = _model(name)
+    m = _model("debug-llama" if name.startswith("window") else name, **VARIANTS[name])
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         full = m(x)  # (2, 12, V)
@@ -94,3 +102,17 @@ def test_init_scales_residual_projections():
     assert abs(std(m.layers[0].attn.q_proj.weight) - 0.02) < 2e-3
     assert abs(std(m.layers[0].attn.o_proj.weight) - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8)
     assert m.layers[0].mlp.up_proj.bias.abs().sum() == 0
+
+
+def test_sliding_window_limits_what_a_query_sees():
+    m = _model("debug-llama", sliding_window=4)
+    x = torch.randint(0, 256, (1, 12))
+    y = x.clone()
+    y[0, 0] = (y[0, 0] + 1) % 256  # token 0 is outside the window of positions 4..: they must not change
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert not torch.allclose(a[:, :4], b[:, :4])
+    # Position 4 sees tokens 1..4 directly, but token 0 still reaches it through earlier layers' positions 1..3.
+    one_layer = _model("debug-llama", sliding_window=4, n_layers=1)
+    with torch.no_grad():
+        torch.testing.assert_close(one_layer(x)[:, 4:], one_layer(y)[:, 4:], rtol=0, atol=0)

@@ -56,6 +56,8 @@ class GenerateConfig:
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "auto"
     """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+    allow_pickle: bool = False
+    """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"{cfg.checkpoint}: no tokenizer.json")
-        model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype)
+        model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
     except (OSError, ValueError) as e:  # a wrong path or a checkpoint we cannot read: one line, no traceback
         print(f"temper generate: {e}", file=sys.stderr)
         return 2
