@@ -6,20 +6,30 @@ model with no merges whose vocabulary is the corpus' characters, sorted, as nano
 shakespeare_char builds it). Any Hugging Face `tokenizer.json` can be loaded instead. The
 tokenizer is saved as `tokenizer.json`, the file every HF library reads.
 
-It does not read files of documents (sources.py), write shards (shards.py) or render chat
-templates (sft.py).
+A whole Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json,
+chat_template.jinja, additional_chat_templates/) loads into an `HFTokenizer`: the pipeline plus
+its special tokens and chat templates, encoding exactly as `transformers.AutoTokenizer` does
+(see `HFTokenizer` for the one case where temper follows tokenizer.json and transformers 5 does
+not), and writes back so that AutoTokenizer reloads it identically.
+
+It does not read files of documents (sources.py), write shards (shards.py), render chat
+templates (chat.py) or build training examples from chats (sft.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from temper.files import atomic_write_text
+from temper.data.chat import Message, render_chat_template, select_chat_template
+from temper.files import atomic_write_json, atomic_write_text, safe_name
 
 EOT = "<|endoftext|>"
 KINDS = ("bpe", "char")
@@ -183,3 +193,411 @@ def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
     """Text of `ids`, special tokens included (the inverse of encoding plus the eot marker)."""
     ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
     return tok.decode(ids, skip_special_tokens=False)
+
+
+# ---- Hugging Face tokenizer directories -----------------------------------------------------
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# The named special tokens of transformers (`SPECIAL_TOKENS_ATTRIBUTES`), in its order.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Written as tokenizer_class: every transformers version then runs tokenizer.json as written
+# (a model-specific class such as LlamaTokenizer may rebuild the pipeline, see HFTokenizer).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# Files that, next to tokenizer.json, mean a tokenizer in another format.
+OTHER_FORMATS = {"tokenizer.model": "a SentencePiece model", "tekken.json": "a Mistral tekken vocabulary",
+                 "vocab.json": "a GPT-2 style vocab.json + merges.txt", "vocab.txt": "a WordPiece vocab.txt"}
+
+
+@dataclass(eq=False)
+class HFTokenizer:
+    """A Hugging Face tokenizer directory in memory: the `tokenizers` pipeline and its settings.
+
+    Encoding is tokenizer.json's pipeline, as transformers' `TokenizersBackend` runs it, and BOS/EOS
+    are added only by its post-processor: transformers 5 drops tokenizer_config.json's
+    `add_bos_token`/`add_eos_token` whenever tokenizer.json exists, so they are ignored here too
+    (`add_bos`/`add_eos` report what the post-processor does). A named special token that is in
+    the vocabulary but not an added token becomes one (transformers does the same), so its text
+    in the input encodes as the token. Deliberate differences from transformers 5.23:
+    - a special token missing from the vocabulary is an error (transformers appends a new id,
+      which the model has no embedding for);
+    - `tokenizer_class` LlamaTokenizer(Fast) is not used to rebuild the pipeline: transformers
+      replaces a non-byte-level tokenizer.json's normalizer/pre-tokenizer by its own Metaspace,
+      which changes Llama-2's ids for " Hello" and after special tokens ("<s>Hello"); the file
+      matches SentencePiece, which the model was trained with. `save_hf_tokenizer` writes a
+      class that makes every transformers version run the file as written.
+    `split_special_tokens` is applied to `tokenizer` (the object is owned by this one).
+    """
+
+    tokenizer: Tokenizer
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    """Named special tokens: "bos_token", "eos_token", "pad_token", ... and model-specific ones
+    ("image_token"); templates see them under these names."""
+    chat_templates: dict[str, str] = field(default_factory=dict)
+    """Jinja chat templates by name; "default" is the one used unless another is asked for."""
+    model_max_length: int | None = None
+    """Longest input the model takes, when the directory says (transformers: 10**30 when absent)."""
+    clean_up_tokenization_spaces: bool = False
+    """Remove spaces before punctuation on decode; transformers ignores it for BPE models, as here."""
+    split_special_tokens: bool = False
+    """Encode special-token text in the input as plain text instead of as the token."""
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.special_tokens if not k.endswith("_token")]
+        if bad:
+            raise TokenizerError(f"special token names end in '_token' (bos_token, ...), got {bad}")
+        missing = [f"{k}={v!r}" for k, v in self.special_tokens.items() if self.tokenizer.token_to_id(v) is None]
+        if missing:
+            raise TokenizerError(f"special tokens not in the tokenizer's vocabulary: {', '.join(missing)}")
+        make_special(self.tokenizer, self.special_tokens.values())
+        self.tokenizer.encode_special_tokens = self.split_special_tokens
+
+    def token_id(self, key: str) -> int | None:
+        """Id of the named special token `key` ("bos_token", ...), None when the tokenizer has none."""
+        content = self.special_tokens.get(key)
+        return None if content is None else self.tokenizer.token_to_id(content)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        return self.special_tokens.get("pad_token")
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens.get("unk_token")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id("pad_token")
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether `encode(text)` starts with the BOS token (decided by tokenizer.json's post-processor)."""
+        prefix, _ = self._added_by_post_processor()
+        return self.bos_id is not None and self.bos_id in prefix
+
+    @property
+    def add_eos(self) -> bool:
+        """Whether `encode(text)` ends with the EOS token."""
+        _, suffix = self._added_by_post_processor()
+        return self.eos_id is not None and self.eos_id in suffix
+
+    def _added_by_post_processor(self) -> tuple[list[int], list[int]]:
+        # Probing beats reading the post-processor's JSON: Sequence, TemplateProcessing and
+        # RobertaProcessing all nest differently, and only their behaviour matters.
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        full = self.tokenizer.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start], full[start + len(plain):]
+        return full, []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, as `AutoTokenizer(...).encode(text, add_special_tokens=...)`."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, as `AutoTokenizer(...).decode`."""
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        # transformers skips this cleanup for BPE models: it deletes real spaces before punctuation
+        if self.clean_up_tokenization_spaces and type(self.tokenizer.model).__name__ != "BPE":
+            text = clean_up_tokenization(text)
+        return text
+
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        template: str | None = None,
+        **variables: Any,
+    ) -> str:
+        """The chat as text, as `apply_chat_template(messages, tokenize=False, ...)`.
+
+        `template` names one of `chat_templates` or is a template's text; by default "tool_use"
+        when tools are given and it exists, else "default". The special tokens are passed to the
+        template (`bos_token`, ...) unless `variables` override them.
+        """
+        text = select_chat_template(self.chat_templates, template, has_tools=tools is not None)
+        return render_chat_template(text, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                    documents=documents, **{**self.special_tokens, **variables})
+
+    def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        template: str | None = None,
+        **variables: Any,
+    ) -> list[int]:
+        """Token ids of the rendered chat, as `apply_chat_template(messages, tokenize=True, ...)`.
+
+        The text is encoded without adding special tokens: templates write their own BOS
+        (`{{ bos_token }}`), and the post-processor would add a second one.
+        """
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                documents=documents, template=template, **variables)
+        return self.encode(text, add_special_tokens=False)
+
+
+def make_special(tok: Tokenizer, tokens: Iterable[str]) -> None:
+    """Make vocabulary tokens that a config calls special into added special tokens, as transformers does.
+
+    An added token is matched in the input text before the model splits it, so "<s>" in the text
+    then encodes as the token instead of as characters.
+    """
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}
+    new = [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(tokens) if t not in added]
+    if new:
+        tok.add_special_tokens(new)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """Remove the spaces that word-level detokenization leaves before punctuation (transformers' rule)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """Load a Hugging Face tokenizer directory (or the directory of a tokenizer.json path).
+
+    Reads tokenizer.json (required), tokenizer_config.json (special tokens as strings or
+    AddedToken objects, chat templates, model_max_length), special_tokens_map.json where
+    transformers does, chat_template.jinja and additional_chat_templates/*.jinja. Raises
+    TokenizerError naming the file and the problem for anything it cannot use.
+    """
+    directory = Path(path)
+    if directory.is_file() and directory.name == TOKENIZER_JSON:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise TokenizerError(f"{directory} is not a directory: expected a Hugging Face tokenizer directory")
+    if not (directory / TOKENIZER_JSON).is_file():
+        raise TokenizerError(_missing_tokenizer_json(directory))
+    tok = load_tokenizer(directory / TOKENIZER_JSON)
+    config_path = directory / TOKENIZER_CONFIG
+    config = _read_json_object(config_path) if config_path.is_file() else {}
+    special = _special_tokens(config, config_path)
+    extra = _extra_special_tokens(config, config_path)
+    if "added_tokens_decoder" in config:
+        _apply_added_tokens(tok, config["added_tokens_decoder"], config_path)
+    elif (directory / SPECIAL_TOKENS_MAP).is_file():
+        # transformers reads this legacy file only when the config has no added_tokens_decoder,
+        # and then lets it override the config's tokens
+        special.update(_special_tokens(_read_json_object(directory / SPECIAL_TOKENS_MAP), directory / SPECIAL_TOKENS_MAP))
+    missing = [f"{k}={v!r}" for k, v in [*special.items(), *(("extra", t) for t in extra)] if tok.token_to_id(v) is None]
+    if missing:
+        raise TokenizerError(f"{config_path}: special tokens not in the vocabulary of {directory / TOKENIZER_JSON}: "
+                             f"{', '.join(missing)} (transformers would append them at new ids, which the model "
+                             f"has no embeddings for)")
+    make_special(tok, extra)
+    return HFTokenizer(
+        tokenizer=tok,
+        special_tokens=special,
+        chat_templates=_chat_templates(config, config_path, directory),
+        model_max_length=_optional_int(config, "model_max_length", config_path),
+        clean_up_tokenization_spaces=_flag(config, "clean_up_tokenization_spaces", config_path),
+        split_special_tokens=_flag(config, "split_special_tokens", config_path),
+    )
+
+
+def save_hf_tokenizer(tok: HFTokenizer, path: str | os.PathLike) -> None:
+    """Write `tok` as a Hugging Face tokenizer directory that AutoTokenizer reloads identically.
+
+    The layout is transformers 5's `save_pretrained`: tokenizer.json, tokenizer_config.json, the
+    default chat template in chat_template.jinja and the others in additional_chat_templates/.
+    Each file is written atomically. Template files of an earlier save that `tok` lacks are
+    removed, because transformers would load them. The config also records `added_tokens_decoder`
+    (so that a stale special_tokens_map.json is not read) and `add_bos_token`/`add_eos_token` as
+    the post-processor behaves, for readers such as llama.cpp's converter; transformers 5
+    ignores both.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / TOKENIZER_JSON, tok.tokenizer.to_str(pretty=True))
+    templates = dict(tok.chat_templates)
+    default = templates.pop("default", None)
+    for name in templates:
+        safe_name(name, what="chat template name")  # becomes a file name
+    _remove_stale_templates(directory, keep_default=default is not None, keep=set(templates))
+    if default is not None:
+        atomic_write_text(directory / CHAT_TEMPLATE_FILE, default)
+    for name, text in templates.items():
+        atomic_write_text(directory / CHAT_TEMPLATE_DIR / f"{name}.jinja", text)
+    config: dict[str, Any] = {
+        "tokenizer_class": PORTABLE_TOKENIZER_CLASS,
+        **tok.special_tokens,
+        "add_bos_token": tok.add_bos,
+        "add_eos_token": tok.add_eos,
+        "clean_up_tokenization_spaces": tok.clean_up_tokenization_spaces,
+        "added_tokens_decoder": {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.tokenizer.get_added_tokens_decoder().items())
+        },
+    }
+    if tok.model_max_length is not None:
+        config["model_max_length"] = tok.model_max_length
+    if tok.split_special_tokens:
+        config["split_special_tokens"] = True
+    atomic_write_json(directory / TOKENIZER_CONFIG, config)
+
+
+def _missing_tokenizer_json(directory: Path) -> str:
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+    listing = ", ".join(found[:20]) + (f", ... ({len(found)} entries)" if len(found) > 20 else "") or "nothing"
+    msg = f"no {TOKENIZER_JSON} in {directory} (found: {listing})"
+    other = [f"{name} ({what})" for name, what in OTHER_FORMATS.items() if (directory / name).is_file()]
+    if other:
+        msg += (f"; {', '.join(other)} is not read here: convert it once with transformers "
+                f"(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write {TOKENIZER_JSON}")
+    return msg
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _special_tokens(config: Mapping[str, Any], where: Path) -> dict[str, str]:
+    """Named special tokens of a config, as transformers 5 collects them.
+
+    The standard names may be strings or AddedToken objects ({"content": ..., ...}); other
+    `*_token` keys with a string value ("image_token") and a dict `extra_special_tokens` are
+    model-specific tokens, which transformers also passes to chat templates.
+    """
+    out = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        if config.get(key) is not None:
+            out[key] = _token_content(config[key], key, where)
+    out |= {k: v for k, v in config.items() if k.endswith("_token") and k not in out and isinstance(v, str)}
+    if isinstance(config.get("extra_special_tokens"), dict):
+        out |= {k: _token_content(v, f"extra_special_tokens.{k}", where) for k, v in config["extra_special_tokens"].items()}
+    return out
+
+
+def _extra_special_tokens(config: Mapping[str, Any], where: Path) -> list[str]:
+    """Unnamed special tokens: `additional_special_tokens` (transformers 4) or a list `extra_special_tokens` (5)."""
+    out = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key)
+        if isinstance(value, list):
+            out += [_token_content(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+        elif value is not None and not (key == "extra_special_tokens" and isinstance(value, dict)):
+            raise TokenizerError(f"{where}: {key} must be a list of tokens, got {type(value).__name__}")
+    return out
+
+
+def _token_content(value: Any, key: str, where: Path) -> str:
+    if isinstance(value, dict):
+        value = value.get("content")
+        if not isinstance(value, str):
+            raise TokenizerError(f"{where}: {key} is an object without a string 'content'")
+    if not isinstance(value, str):
+        raise TokenizerError(f"{where}: {key} must be a string or an AddedToken object, got {type(value).__name__}")
+    return value
+
+
+def _apply_added_tokens(tok: Tokenizer, added: Any, where: Path) -> None:
+    """Check the config's added tokens against tokenizer.json's, and add those it only has as vocabulary.
+
+    transformers appends a missing one at a new id; a mismatch means the two files come from
+    different tokenizers, and a model would see ids it was not trained with, so it is an error.
+    """
+    if not isinstance(added, dict):
+        raise TokenizerError(f"{where}: added_tokens_decoder must be an object of id -> token")
+    new = []
+    known = {t.content for t in tok.get_added_tokens_decoder().values()}
+    for key, spec in added.items():
+        content = spec.get("content") if isinstance(spec, dict) else None
+        if not isinstance(content, str) or not str(key).isdigit():
+            raise TokenizerError(f"{where}: added_tokens_decoder entry {key!r} is not an id with a token object")
+        actual = tok.token_to_id(content)
+        if actual != int(key):
+            found = "is not in tokenizer.json" if actual is None else f"has id {actual} in tokenizer.json"
+            raise TokenizerError(f"{where}: added token {content!r} has id {key} here but {found}")
+        if content not in known:
+            special = bool(spec.get("special", False))
+            new.append(AddedToken(content, single_word=bool(spec.get("single_word", False)),
+                                  lstrip=bool(spec.get("lstrip", False)), rstrip=bool(spec.get("rstrip", False)),
+                                  normalized=bool(spec.get("normalized", not special)), special=special))
+    if new:
+        tok.add_tokens(new)
+
+
+def _chat_templates(config: Mapping[str, Any], where: Path, directory: Path) -> dict[str, str]:
+    files = {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            files[p.name.removesuffix(".jinja")] = p.read_text(encoding="utf-8")
+    if files:  # transformers: template files take priority over the config's entries, which it drops
+        return files
+    value = config.get("chat_template")
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
+    ):
+        return {t["name"]: t["template"] for t in value}
+    raise TokenizerError(f"{where}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
+                         f"objects, got {type(value).__name__}")
+
+
+def _remove_stale_templates(directory: Path, keep_default: bool, keep: set[str]) -> None:
+    if not keep_default:
+        (directory / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        for p in (directory / CHAT_TEMPLATE_DIR).glob("*.jinja"):
+            if p.name.removesuffix(".jinja") not in keep:
+                p.unlink()
+
+
+def _optional_int(config: Mapping[str, Any], key: str, where: Path) -> int | None:
+    value = config.get(key)
+    if isinstance(value, float) and value.is_integer():  # some configs write 1e30 or 2048.0
+        value = int(value)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TokenizerError(f"{where}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _flag(config: Mapping[str, Any], key: str, where: Path) -> bool:
+    value = config.get(key)  # null counts as unset, as in transformers
+    if value is not None and not isinstance(value, bool):
+        raise TokenizerError(f"{where}: {key} must be true or false, got {value!r}")
+    return bool(value)
