@@ -8,7 +8,10 @@ pytest.importorskip("huggingface_hub")
 
 
 def test_offline_download_fails_clearly(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: maybe done already
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     assert download.main(["someone/no-such-model", f"--out={tmp_path / 'out'}"]) == 1
     err = capsys.readouterr().err

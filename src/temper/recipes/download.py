@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         path = snapshot_download(cfg.repo_id, revision=cfg.revision, local_dir=cfg.out or None,
                                  allow_patterns=PATTERNS + (PICKLED if cfg.allow_pickle else []))
     except Exception as e:  # the hub client raises its own kinds for offline, missing or gated repos
-        print(f"temper download: {cfg.repo_id}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"temper download: {cfg.repo_id}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     try:
         model_cfg = read_hf_config(path)
