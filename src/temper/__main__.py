@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import generate, prepare, pretrain
+from temper.recipes import download, estimate, generate, prepare, pretrain
 
 COMMANDS = {
     "prepare": prepare.main,
     "pretrain": pretrain.main,
     "generate": generate.main,
+    "estimate": estimate.main,
+    "download": download.main,
 }
 
 

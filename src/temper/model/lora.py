@@ -83,19 +83,25 @@ def apply_lora(
     that exist, so a typo never trains nothing.
     """
     targets = tuple(targets)
+    if "head" in targets:  # Transformer.forward multiplies by head.weight (tied or not) without calling the module
+        raise ValueError("LoRA target 'head': the output head is applied through its weight, so an adapter there "
+                         "would never run; adapt the blocks' linear layers")
+    if rank <= 0 or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"rank must be > 0 and dropout in [0, 1), got rank={rank}, dropout={dropout}")
+    linears = [(f"{parent_name}.{name}" if parent_name else name, parent, name, child)
+               for parent_name, parent in model.named_modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    names = {name for _, _, name, _ in linears}
+    missing = [t for t in targets if t not in names]
+    if missing:  # checked before anything changes, so a typo leaves the model as it was
+        raise ValueError(f"LoRA targets {missing} match no nn.Linear; the model has {sorted(names)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    swapped, linears = [], set()
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                linears.add(name)
-                if name in targets:
-                    setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
-                    swapped.append(f"{parent_name}.{name}" if parent_name else name)
-    missing = [t for t in targets if not any(s.rsplit(".", 1)[-1] == t for s in swapped)]
-    if missing:
-        raise ValueError(f"LoRA targets {missing} match no nn.Linear; the model has {sorted(linears)}")
+    swapped = []
+    for dotted, parent, name, child in linears:
+        if name in targets:
+            setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+            swapped.append(dotted)
     return swapped
 
 

@@ -1,0 +1,166 @@
+"""The memory estimate: components by hand, and the predicted peak against a measured training step.
+
+The measured peak is the largest total of distinct live tensor storages during a real
+`train_step` (forward, backward, clipping, AdamW), counted by `LiveTensorBytes`; the issue asks
+for 15%, and on a CPU the estimate lands within about 1%, so the bound here is 5%: a change in
+what autograd saves (ours or PyTorch's) shows up as a failure, not as silent drift.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from temper.model.config import PRESETS
+from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
+from temper.model.transformer import Transformer
+from temper.train.memory import (
+    NF4_BYTES,
+    LiveTensorBytes,
+    LoRAShape,
+    RunShape,
+    estimate,
+    human_bytes,
+    measure_train_step,
+    rules_of_thumb,
+)
+from temper.train.optim import OptimConfig, build_optimizer
+from temper.train.parallel import apply_activation_checkpointing
+from temper.train.step import train_step
+
+
+def test_full_training_is_16_bytes_per_parameter():
+    cfg = PRESETS["debug"]  # learned positions: no RoPE buffers
+    n = Transformer(cfg).num_params()
+    est = estimate(cfg, RunShape(recipe="pretrain", precision="bf16"))
+    assert est["parameters"].bytes == 4 * n  # float32 master weights even under bf16 autocast
+    assert est["gradients"].bytes == 4 * n
+    assert est["optimizer states"].bytes == 8 * n
+    assert est.trainable == est.params == n
+    assert "16 B per trained param" in rules_of_thumb(est, cfg, RunShape())[1]
+
+
+def test_lora_and_qlora_counts_by_hand():
+    cfg = PRESETS["debug-llama"]  # dim 64, q 64, k/v 32, ffn 192, 2 layers, untied? no: tied
+    n = Transformer(cfg).num_params()
+    r = 8
+    adapters = cfg.n_layers * r * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
+    lora = LoRAShape(rank=r)
+    fp32 = estimate(cfg, RunShape(recipe="lora", precision="fp32", lora=lora))
+    bf16 = estimate(cfg, RunShape(recipe="lora", precision="bf16", lora=lora))
+    rope = 2 * cfg.max_seq_len * cfg.head_dim // 2 * 4  # cos and sin tables, float32
+    assert fp32.trainable == adapters and fp32.params == n + adapters
+    assert fp32["parameters"].bytes == 4 * (n + adapters) + rope
+    assert bf16["parameters"].bytes == 2 * n + 4 * adapters + rope  # the frozen base in bf16
+    assert bf16["gradients"].bytes == 4 * adapters and bf16["optimizer states"].bytes == 8 * adapters
+    block_linears = cfg.n_layers * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192)
+    q = estimate(cfg, RunShape(recipe="qlora", precision="bf16", lora=lora))
+    assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
+
+
+def test_kv_cache_is_what_the_model_allocates():
+    cfg = PRESETS["debug-llama"]
+    est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
+    cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
+    assert est["KV cache (generation)"].bytes == cache.k.nbytes + cache.v.nbytes
+
+
+def test_sharding_divides_what_it_shards():
+    cfg = PRESETS["debug"]
+    n = Transformer(cfg).num_params()  # 124672
+    block = 4 * (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 2 * 2 * 64  # the largest FSDP unit: 49984
+    base = estimate(cfg, RunShape(world_size=8))
+    assert base["gradients"].bytes == 2 * 4 * n  # DDP: gradients plus its buckets
+    s1 = estimate(cfg, RunShape(world_size=8, sharding="optimizer"))
+    assert s1["optimizer states"].bytes == 8 * n // 8 and s1["parameters"].bytes == 4 * n
+    s2 = estimate(cfg, RunShape(world_size=8, sharding="gradients"))
+    assert s2["gradients"].bytes == 4 * n // 8 + 4 * block  # plus one unit's before its reduce-scatter
+    assert s2["optimizer states"].bytes == n and s2["parameters"].bytes == 4 * n
+    s3 = estimate(cfg, RunShape(world_size=8, sharding="parameters", precision="bf16"))
+    assert s3["parameters"].bytes == 4 * n // 8 + 2 * block * 2  # two gathered bf16 units
+    assert s3.peak < s2.peak < s1.peak < base.peak
+    one = estimate(cfg, RunShape(world_size=1, sharding="parameters"))
+    assert any("saves no memory" in note for note in one.notes)
+
+
+def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
+             accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0):
+    cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout)
+    lora = lora or LoRAShape(rank=8)
+    run = RunShape(recipe=recipe, precision=precision, micro_batch_size=batch, seq_len=seq, device="cpu",
+                   accumulation_steps=accumulation, activation_checkpointing=ckpt, lora=lora)
+    amp = None if precision == "fp32" else torch.bfloat16
+    model = Transformer(cfg)
+    if recipe == "lora":
+        apply_lora(model, lora.rank, 2.0 * lora.rank, lora.targets, lora.dropout)
+        for p in model.parameters():  # the estimate's convention: the frozen base in the compute dtype
+            if not p.requires_grad and amp is not None:
+                p.data = p.data.to(amp)
+    apply_activation_checkpointing(model, ckpt)
+    optimizer = build_optimizer(model, OptimConfig(), "cpu")
+    x = torch.randint(0, cfg.vocab_size, (batch * accumulation, seq + 1))
+    batches = [(x[i * batch:(i + 1) * batch, :-1], x[i * batch:(i + 1) * batch, 1:]) for i in range(accumulation)]
+    train_step(model, optimizer, batches, step=0, amp_dtype=amp)  # AdamW's states exist from the second step on
+    measured = measure_train_step(model, optimizer, batches,
+                                  lambda: train_step(model, optimizer, batches, step=1, amp_dtype=amp))
+    return estimate(cfg, run), measured
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-llama"])
+@pytest.mark.parametrize("recipe", ["pretrain", "lora"])
+@pytest.mark.parametrize("ckpt", [0, 1])
+def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
+    est, measured = _measure(preset, recipe, "fp32", ckpt)
+    assert est.peak == pytest.approx(measured.peak, rel=0.05), (human_bytes(est.peak), human_bytes(measured.peak))
+    for part in ("parameters", "optimizer states"):
+        assert est.at_peak[part] == pytest.approx(measured.at_peak.get(part, 0), rel=0.01, abs=64)
+    # Not the sum of the components: gradients and activations do not peak together.
+    assert measured.peak < sum(c.bytes for c in est.components[:4])
+
+
+@pytest.mark.parametrize("preset, recipe, precision, ckpt, kw", [
+    ("debug", "pretrain", "bf16", 0, {}),  # autocast: 2-byte matmuls, a cast weight copy each, float32 residual
+    ("debug-llama", "pretrain", "bf16", 1, {}),
+    ("debug", "lora", "bf16", 0, {}),  # a bf16 frozen base, float32 adapters
+    ("debug-llama", "lora", "fp32", 0, {"lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS), dropout=0.1)}),
+    ("debug-llama", "pretrain", "fp32", 0, {"batch": 2, "accumulation": 2}),  # gradients live through the 2nd
+    ("debug", "pretrain", "fp32", 0, {"dropout": 0.1}),  # CPU SDPA falls back to the math kernel: T x T per head
+])
+def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
+    est, measured = _measure(preset, recipe, precision, ckpt, **kw)
+    assert est.peak == pytest.approx(measured.peak, rel=0.05), (human_bytes(est.peak), human_bytes(measured.peak))
+
+
+def test_live_tensor_bytes_counts_storages_once_and_frees_them():
+    tracker = LiveTensorBytes()
+    with tracker:
+        a = torch.ones(1000)  # 4000 B
+        view = a[10:]  # a view: no new storage
+        b = a * 2  # 4000 B more
+        del b
+        c = torch.zeros(250, dtype=torch.float64)  # 2000 B, after b was freed
+    assert tracker.peak == 8000 and tracker.current == 6000
+    assert view.untyped_storage().nbytes() == 4000 and c.nbytes == 2000
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe, ckpt", [("pretrain", 0), ("pretrain", 1), ("lora", 0), ("lora", 1)])
+def test_estimate_matches_cuda_max_memory_allocated(recipe, ckpt):
+    cfg = replace(PRESETS["debug-llama"], max_seq_len=256)
+    run = RunShape(recipe=recipe, precision="bf16", micro_batch_size=8, seq_len=256, device="cuda",
+                   activation_checkpointing=ckpt, lora=LoRAShape(rank=8))
+    model = Transformer(cfg)
+    if recipe == "lora":
+        apply_lora(model, 8, 16.0)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.bfloat16()
+    model.cuda()
+    apply_activation_checkpointing(model, ckpt)
+    optimizer = build_optimizer(model, OptimConfig(), "cuda")
+    x = torch.randint(0, cfg.vocab_size, (8, 257), device="cuda")
+    batches = [(x[:, :-1], x[:, 1:])]
+    train_step(model, optimizer, batches, step=0, amp_dtype=torch.bfloat16)
+    measured = measure_train_step(model, optimizer, batches,
+                                  lambda: train_step(model, optimizer, batches, step=1, amp_dtype=torch.bfloat16))
+    assert estimate(cfg, run).peak == pytest.approx(measured.cuda_max_allocated, rel=0.15)
