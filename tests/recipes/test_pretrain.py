@@ -224,8 +224,11 @@ def test_final_is_a_hugging_face_checkpoint(char_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     assert train(char_data, tmp_path, "hf", "--train.steps=2") == 0
     final = tmp_path / "hf" / "final"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (final / name).exists(), name
+    hf_tok = transformers.AutoTokenizer.from_pretrained(final)
+    assert hf_tok.eos_token_id == json.loads((final / "generation_config.json").read_text())["eos_token_id"]
+    assert hf_tok.decode(hf_tok("To be, or not")["input_ids"]) == "To be, or not"
     assert (tmp_path / "hf" / "report.md").exists()
     from temper.model.convert import load_hf
 

@@ -30,7 +30,7 @@ import yaml
 from temper import config, faults
 from temper.data.loader import MixedWindows, TokenWindows, rank_slice
 from temper.data.shards import ShardError, read_manifest
-from temper.data.tokenizer import load_tokenizer
+from temper.data.tokenizer import HFTokenizer, load_tokenizer, save_hf_tokenizer
 from temper.files import UnsafePath, atomic_write_text, safe_join, safe_name
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import save_hf
@@ -457,7 +457,12 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
 
     if d.is_main:
         final = run_dir / "final"
-        save_hf(unwrap(model), model_cfg, final, tokenizer_json=Path(dirs[0]) / manifest["tokenizer"])
+        tok = load_tokenizer(Path(dirs[0]) / manifest["tokenizer"])
+        eot = manifest.get("eot_id")
+        save_hf(unwrap(model), model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
+        # tokenizer.json + tokenizer_config.json: AutoTokenizer then knows the end-of-text token too.
+        special = {} if eot is None else {"eos_token": tok.id_to_token(eot)}
+        save_hf_tokenizer(HFTokenizer(tok, special), final)
         report = write_report(run_dir)
         print(f"final model: {final}\nreport: {report}")
     return 0
