@@ -93,3 +93,37 @@ def test_throughput_and_mfu():
     tps, mfu = throughput(tokens=1000, seconds=2.0, flops_per_token=6e6, peak_flops=1e10)
     assert tps == 500 and mfu == pytest.approx(0.3)
     assert throughput(10, 1.0, 1.0, None)[1] == 0.0
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-llama"])
+def test_packed_and_unpacked_examples_give_the_same_update(preset):
+    """SFT-style examples (a prompt not learnt, a response learnt) trained one per padded row, or
+    packed into shared rows with document masks and restarting positions: the same loss and the
+    same gradients (an SGD step of lr 1 applies them as they are; Adam's normalised update would
+    magnify float32 rounding in near-zero gradients)."""
+    import numpy as np
+
+    from temper.data.packing import pack_documents, pad_batch
+    from temper.model.config import PRESETS
+    from temper.model.transformer import Transformer
+
+    rng = np.random.default_rng(0)
+    lengths = [5, 17, 9, 30, 12, 3, 21]
+    docs = [rng.integers(0, 256, n) for n in lengths]
+    masks = [np.arange(n) >= n // 3 for n in lengths]  # the first third is the prompt
+    torch.manual_seed(0)
+    base = Transformer(PRESETS[preset]).train()
+
+    def one_step(batch) -> tuple[float, nn.Module]:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        mb = (batch.tokens, batch.targets, {"positions": batch.positions, "attn_mask": batch.attention_mask()})
+        return train_step(model, opt, [mb], step=0).loss, model
+
+    packed = pack_documents(docs, 40, loss_masks=masks)
+    unpacked = pad_batch(docs, range(len(docs)), loss_masks=masks)
+    assert len(packed.tokens) < len(unpacked.tokens)  # it did pack
+    (loss_p, model_p), (loss_u, model_u) = one_step(packed), one_step(unpacked)
+    assert loss_p == pytest.approx(loss_u, rel=1e-6)
+    for (name, a), b in zip(model_p.named_parameters(), model_u.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7, msg=name)

@@ -27,6 +27,10 @@ from temper import faults
 IGNORE_INDEX = -100
 
 
+# (inputs (B, T), targets (B, T)) or with a dict of model keyword arguments (positions, attn_mask).
+MicroBatch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm was NaN/inf on some rank; raised before the optimizer step."""
 
@@ -59,9 +63,9 @@ def _world() -> tuple[int, bool]:
     return (dist.get_world_size() if on else 1), on
 
 
-def global_valid_tokens(micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> int:
+def global_valid_tokens(micro_batches: Sequence[MicroBatch], device: torch.device) -> int:
     """Count of valid target tokens over all micro-batches on all ranks (one all-reduce)."""
-    local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    local = sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)
     world, on = _world()
     if not on:
         return local
@@ -80,7 +84,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: Sequence[MicroBatch],
     *,
     step: int,
     amp_dtype: torch.dtype | None = None,
@@ -89,7 +93,9 @@ def train_step(
     label_smoothing: float = 0.0,
     on_nonfinite: str = "fail",
 ) -> StepResult:
-    """One optimizer update over `micro_batches` (this rank's share of the global batch).
+    """One optimizer update over `micro_batches` (this rank's share of the global batch): each is
+    (inputs, targets) or (inputs, targets, model keyword arguments), e.g. the positions and
+    document mask of packed sequences.
 
     Gradients are synchronised once, on the last micro-batch (DDP's `no_sync` for the others).
     Non-finite loss or gradient norm is detected on every rank identically (one all-reduce) and
@@ -105,12 +111,12 @@ def train_step(
     # that `/ total_tokens` expects.
     scale = world / max(total_tokens, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *extra) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, amp_dtype):
-                logits = model(x)  # (B, T, V)
+                logits = model(x, **(extra[0] if extra else {}))  # (B, T, V)
             summed = token_loss_sum(logits, y, label_smoothing)
             if faults.active("nan_loss", step=step, rank=rank):
                 summed = summed * float("nan")
@@ -150,7 +156,7 @@ def train_step(
 @torch.no_grad()
 def eval_loss(
     model: nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[MicroBatch],
     amp_dtype: torch.dtype | None = None,
 ) -> float:
     """Mean loss per valid token over `batches` on all ranks (each rank passes its own share)."""
@@ -158,9 +164,9 @@ def eval_loss(
     model.eval()
     device = batches[0][0].device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
+    for x, y, *extra in batches:
         with autocast(device, amp_dtype):
-            logits = model(x)
+            logits = model(x, **(extra[0] if extra else {}))
         totals[0] += token_loss_sum(logits, y).double()
         totals[1] += (y != IGNORE_INDEX).sum()
     if _world()[1]:
