@@ -323,14 +323,12 @@ def test_published_configs_map_to_presets():
 
 _PEAK = """
 import sys, torch
-from temper.model.config import PRESETS
 from temper.model.convert import load_hf
-from temper.model.transformer import Transformer
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
-with torch.device("meta"):
-    Transformer(PRESETS["debug-llama"])  # torch's one-time set-up (~80 MB) is not the loader's
+dtype = getattr(torch, sys.argv[2])
+load_hf(sys.argv[3], dtype=dtype)[0](torch.zeros(1, 2, dtype=torch.long))  # one-time set-up and code pages
 base = rss()
-model, cfg = load_hf(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model, cfg = load_hf(sys.argv[1], dtype=dtype)
 with torch.no_grad():
     for p in model.parameters():  # a memory-mapped weight is resident once it is read
         p.sum()
@@ -351,9 +349,11 @@ def test_loading_holds_the_weights_once(tmp_path, dtype):
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
-    save_hf(model, cfg, tmp_path)
+    save_hf(model, cfg, tmp_path / "big")
     del model
-    out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path), dtype], capture_output=True, text=True,
-                         check=True)
+    tiny = replace(PRESETS["debug-llama"], vocab_size=300)
+    save_hf(Transformer(tiny), tiny, tmp_path / "tiny")
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "big"), dtype, str(tmp_path / "tiny")],
+                         capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip())
     assert ratio < 1.2, f"peak memory of loading is {ratio:.2f}x the weights"
