@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import download, estimate, generate, prepare, pretrain
+from temper.recipes import download, estimate, generate, prepare, pretrain, sft
 
 COMMANDS = {
     "prepare": prepare.main,
     "pretrain": pretrain.main,
+    "sft": sft.main,
     "generate": generate.main,
     "estimate": estimate.main,
     "download": download.main,

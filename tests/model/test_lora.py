@@ -1,5 +1,7 @@
-"""LoRA by module swap: the model is unchanged at init, only adapters train, merging is exact, counts by hand."""
+"""LoRA by module swap: the model is unchanged at init, only adapters train, merging is exact (plain,
+rsLoRA, DoRA), counts by hand; a LoRALinear computes what PEFT's computes, gradients included."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -96,7 +98,115 @@ def test_a_target_that_matches_nothing_names_the_linears():
         apply_lora(_model("debug"), rank=2, alpha=2, targets=("q_proj", "gate_proj"))  # GELU MLP: no gate
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_model("debug"), rank=0, alpha=2)
-    model = _model("llama-125m", n_layers=1, vocab_size=64)  # an untied head is an nn.Linear ...
-    with pytest.raises(ValueError, match="head"):  # ... that forward never calls: an adapter there would not run
+    model = _model("debug")  # a tied head is tok_emb.weight: no layer of its own to adapt
+    with pytest.raises(ValueError, match="tied to tok_emb"):
         apply_lora(model, rank=2, alpha=2, targets=("q_proj", "head"))
     assert all(p.requires_grad for p in model.parameters())  # a refused call changes nothing
+    apply_lora(model, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="already have LoRA adapters"):
+        apply_lora(model, rank=2, alpha=2, targets=("q_proj",))
+
+
+def _randomize_adapters(model: nn.Module, std: float = 0.1) -> None:
+    """A trained-looking update, not the zero it starts from (DoRA's magnitude moved off ||W||)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_a.normal_(0, std)
+                m.lora_b.normal_(0, std)
+                if m.lora_magnitude is not None:
+                    m.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(m.lora_magnitude))
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+def test_merge_is_exact_for_every_variant_and_the_untied_head(variant):
+    model = _model("debug-llama", tie_embeddings=False)  # an untied head: an nn.Linear that forward calls
+    swapped = apply_lora(model, rank=4, alpha=8, targets=ALL_LINEAR_TARGETS + ("head",), dropout=0.1,
+                         rslora=variant == "rslora", dora=variant == "dora")
+    assert "head" in swapped and len(swapped) == 7 * 2 + 1 and isinstance(model.head, LoRALinear)
+    head = model.head
+    assert head.scale == (8 / math.sqrt(4) if variant == "rslora" else 8 / 4)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        base = model(x)
+        _randomize_adapters(model)
+        model.eval()
+        adapted = model(x)
+        assert (adapted - base).abs().max() > 0.05  # the update (the head's included) changes the function
+        trained_b = head.lora_b.clone()
+        head.lora_b.zero_()
+        assert (model(x) - adapted).abs().max() > 1e-3  # the head's adapter runs
+        head.lora_b.copy_(trained_b)
+        merged = merge_lora(model)(x)
+    assert (merged - adapted).abs().max().item() < 1e-5
+    assert type(model.head) is nn.Linear and not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_dora_starts_as_the_base_and_trains_its_magnitude():
+    model = _model("debug-llama")
+    x = torch.randint(0, 256, (2, 16))
+    before = model(x)
+    apply_lora(model, rank=4, alpha=8, targets=ALL_LINEAR_TARGETS, dora=True)
+    q = model.layers[0].attn.q_proj
+    torch.testing.assert_close(q.lora_magnitude, torch.linalg.norm(q.weight, dim=1), rtol=0, atol=0)
+    assert torch.equal(model(x), before)  # m = ||W||, B = 0: W' = W exactly
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_a", "lora_b", "lora_magnitude"}
+    assert len(lora_parameters(model)) == 3 * 7 * 2
+    model(x).square().mean().backward()
+    assert torch.count_nonzero(q.lora_magnitude.grad) > 0
+
+
+def _peft_pair(variant: str, dropout: float):
+    """The same nn.Linear (bias and all) adapted by temper and by PEFT, with equal adapter weights."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40)
+    ours = LoRALinear(nn.Linear(24, 40), rank=3, alpha=5, dropout=dropout, rslora=variant == "rslora",
+                      dora=variant == "dora")
+    ours.weight.data.copy_(base.weight)
+    ours.bias.data.copy_(base.bias)
+    holder = nn.Module()
+    holder.proj = base
+    config = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=dropout, target_modules=["proj"],
+                             use_rslora=variant == "rslora", use_dora=variant == "dora")
+    theirs = peft.inject_adapter_in_model(config, holder).proj
+    with torch.no_grad():
+        ours.lora_a.normal_(0, 0.3)
+        ours.lora_b.normal_(0, 0.3)
+        theirs.lora_A["default"].weight.copy_(ours.lora_a)
+        theirs.lora_B["default"].weight.copy_(ours.lora_b)
+        if variant == "dora":
+            # PEFT initialised m from the norm with B = 0; give both the same moved magnitude
+            ours.lora_magnitude.copy_(torch.linalg.norm(base.weight, dim=1) * (1 + 0.3 * torch.randn(40)))
+            theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_layer_matches_peft_forward_and_gradients(variant, dropout):
+    """PEFT's lora.Linear is the reference: outputs and gradients of x, A, B (and DoRA's m, whose
+    norm both treat as a constant) agree, in training mode with the same dropout mask."""
+    ours, theirs = _peft_pair(variant, dropout)
+    theirs_params = [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight]
+    ours_params = [ours.lora_a, ours.lora_b]
+    if variant == "dora":
+        theirs_params.append(theirs.lora_magnitude_vector["default"].weight)
+        ours_params.append(ours.lora_magnitude)
+    x = torch.randn(5, 7, 24)
+    outs, grads = [], []
+    for layer, params in ((ours, ours_params), (theirs, theirs_params)):
+        layer.train()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(3)  # the same dropout mask for both
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, 40)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in params])
+    # The same operations in the same order (alpha / r = 5 / 3 is not a power of two, so a product
+    # taken in another order would round differently): bit-identical, DoRA included.
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for g_ours, g_theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=0)

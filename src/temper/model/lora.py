@@ -1,15 +1,23 @@
-"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") by module swap.
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") by module swap,
+with rsLoRA scaling and DoRA.
 
 `apply_lora` replaces the named `nn.Linear` children of a built model with `LoRALinear`, which
 keeps the frozen weight W and adds a trainable low-rank update: y = x W^T + b + s * (drop(x) A^T) B^T
-with A (r, in), B (out, r) and s = alpha / r. B starts at zero, so the wrapped model computes exactly
-what it computed before. Every other parameter is frozen: only A and B get gradients and optimizer
-states. `merge_lora` folds s * B @ A into W and gives back plain `nn.Linear` modules.
+with A (r, in), B (out, r) and s = alpha / r, or alpha / sqrt(r) with rsLoRA. B starts at zero, so
+the wrapped model computes exactly what it computed before. Every other parameter is frozen: only
+the adapters get gradients and optimizer states. `merge_lora` folds the update into W and gives
+back plain `nn.Linear` modules.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") adds a trainable magnitude
+m (out,): W' = m * (W + sBA) / ||W + sBA||, the norm taken over each output row (the paper's
+column norm of W^T) and treated as a constant in backward (§4.3). The forward is computed as PEFT
+computes it, so an adapter trained here gives PEFT's numbers and back.
 
 The swapped module keeps W and b under their own names (`q_proj.weight`, `q_proj.bias`) and adds
-`q_proj.lora_a`, `q_proj.lora_b`, so a base state dict loads before or after the swap. It does not
-quantize the base weights (QLoRA), save or load adapters, or train: those belong to the fine-tuning
-recipe and to `quant.py`.
+`q_proj.lora_a`, `q_proj.lora_b` (and `q_proj.lora_magnitude`), so a base state dict loads before
+or after the swap. W may be a torchao NF4 tensor (QLoRA, see `quant.py`): the forward calls
+`F.linear`, which torchao dispatches to its NF4 kernel, and merging dequantizes. This module does
+not quantize, read or write adapter files (`peft_io.py`), or train.
 """
 
 from __future__ import annotations
@@ -28,16 +36,23 @@ ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable rank-r update scaled by alpha / r."""
+    """A frozen linear layer plus a trainable rank-r update scaled by alpha / r (rsLoRA: alpha / sqrt(r)),
+    and with `dora` a trainable magnitude per output row."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, *,
+        rslora: bool = False, dora: bool = False,
+    ) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.rslora, self.dropout_p = rank, alpha, rslora, dropout
+        # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows,
+        # where alpha / r shrinks it and slows learning at large ranks.
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         # The base's own Parameters, frozen, under the base's names (no copy, no new state-dict keys).
         self.weight = base.weight
         self.bias = base.bias
@@ -48,73 +63,114 @@ class LoRALinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))  # (r, in)
         self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, **kw))  # (out, r)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **kw)) if dora else None  # (out,)
         # p = 0 is an Identity, not Dropout(0): no copy of x is made and saved for backward.
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A as nn.Linear initialises its weight (Kaiming uniform), B = 0: the update starts at zero."""
+        """A as nn.Linear initialises its weight (Kaiming uniform), B = 0: the update starts at zero;
+        DoRA's magnitude starts at ||W||, so W' = W."""
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
+        if self.lora_magnitude is not None:
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self.weight_norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
-        xa = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            xa = xa.to(self.lora_a.dtype)  # a bfloat16 base feeds float32 adapters; under autocast, autocast casts
-        h = F.linear(xa, self.lora_a)  # (..., r)
-        return y + (F.linear(h, self.lora_b) * self.scale).to(y.dtype)  # (..., out)
+        y = F.linear(x, self.weight, self.bias)  # (..., out); an NF4 weight goes to torchao's linear_nf4
+        xd = self.dropout(x)
+        xa = xd if torch.is_autocast_enabled(x.device.type) else xd.to(self.lora_a.dtype)  # else autocast casts
+        h = F.linear(F.linear(xa, self.lora_a), self.lora_b)  # (..., out)
+        if self.lora_magnitude is None:
+            return y + (h * self.scale).to(y.dtype)  # (..., out)
+        # DoRA as PEFT computes it (same operations, same order): y + (g - 1) * x W^T + g * x A^T B^T * s
+        # with g = m / ||W + sBA||, which is g * x (W + sBA)^T + b without forming W'. With dropout
+        # active, PEFT feeds the dropped-out x to both W-terms of the correction, and so does this.
+        g = self.lora_magnitude / self.weight_norm()  # (out,); the norm is a constant (Liu et al. §4.3)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            wx = F.linear(xd, self.weight)
+        else:
+            wx = y if self.bias is None else y - self.bias
+        return (y + ((g - 1) * wx + g * h * self.scale)).to(y.dtype)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
-        """s * B @ A (out, in) in float32: what merging adds to W."""
+        """s * B @ A (out, in) in float32: the low-rank update of W."""
         return self.scale * (self.lora_b.float() @ self.lora_a.float())
 
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + sBA|| of each output row (out,) in float32, without gradient (DoRA's denominator)."""
+        return torch.linalg.norm(self.weight.to(torch.float32) + self.delta_weight(), dim=1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight of the equivalent plain linear layer, in float32: W + sBA, times m / ||W + sBA|| with DoRA."""
+        w = self.weight.to(torch.float32) + self.delta_weight()  # an NF4 W is dequantized by .to
+        if self.lora_magnitude is not None:
+            w = w * (self.lora_magnitude.float() / torch.linalg.norm(w, dim=1))[:, None]
+        return w
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+                f"{', rslora' if self.rslora else ''}{', dora' if self.lora_magnitude is not None else ''}")
+
+
+def find_linears(model: nn.Module, targets: Iterable[str], what: str = "LoRA") -> list[tuple[str, nn.Module, str]]:
+    """(dotted name, parent, child name) of every `nn.Linear` or `LoRALinear` whose own name is in `targets`.
+
+    Targets match a child's own name (`q_proj` matches `layers.3.attn.q_proj`). A target that matches
+    nothing raises, naming the linear layers that exist, so a typo never trains (or quantizes) nothing.
+    """
+    targets = tuple(targets)
+    if "head" in targets and getattr(model, "head", False) is None:
+        raise ValueError(f"{what} target 'head': this model's output head is tied to tok_emb (tie_embeddings=True), "
+                         "so there is no separate head layer; adapt the blocks' linear layers")
+    found = [(f"{parent_name}.{name}" if parent_name else name, parent, name, child)
+             for parent_name, parent in model.named_modules()
+             for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
+    names = {name for _, _, name, _ in found}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"{what} targets {missing} match no nn.Linear; the model has {sorted(names)}")
+    return [(dotted, parent, name) for dotted, parent, name, _ in found if name in targets]
 
 
 def apply_lora(
-    model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = ATTENTION_TARGETS, dropout: float = 0.0
+    model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = ATTENTION_TARGETS, dropout: float = 0.0,
+    *, rslora: bool = False, dora: bool = False,
 ) -> list[str]:
-    """Swap every `nn.Linear` child named in `targets` for a `LoRALinear`; freeze everything else.
+    """Swap every `nn.Linear` child named in `targets` (`head` included, when untied) for a `LoRALinear`;
+    freeze everything else. Returns the dotted names of the swapped modules.
 
-    Targets match a child's own name (`q_proj` matches `layers.3.attn.q_proj`). Returns the dotted
-    names of the swapped modules; a target that matches nothing raises, naming the linear layers
-    that exist, so a typo never trains nothing.
+    Checks everything before changing anything, so a refused call leaves the model as it was.
     """
-    targets = tuple(targets)
-    if "head" in targets:  # Transformer.forward multiplies by head.weight (tied or not) without calling the module
-        raise ValueError("LoRA target 'head': the output head is applied through its weight, so an adapter there "
-                         "would never run; adapt the blocks' linear layers")
     if rank <= 0 or not 0.0 <= dropout < 1.0:
         raise ValueError(f"rank must be > 0 and dropout in [0, 1), got rank={rank}, dropout={dropout}")
-    linears = [(f"{parent_name}.{name}" if parent_name else name, parent, name, child)
-               for parent_name, parent in model.named_modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    names = {name for _, _, name, _ in linears}
-    missing = [t for t in targets if t not in names]
-    if missing:  # checked before anything changes, so a typo leaves the model as it was
-        raise ValueError(f"LoRA targets {missing} match no nn.Linear; the model has {sorted(names)}")
+    found = find_linears(model, targets)
+    adapted = [dotted for dotted, parent, name in found if isinstance(getattr(parent, name), LoRALinear)]
+    if adapted:
+        raise ValueError(f"{adapted[:4]} already have LoRA adapters; merge_lora first to stack another")
     for p in model.parameters():
         p.requires_grad_(False)
-    swapped = []
-    for dotted, parent, name, child in linears:
-        if name in targets:
-            setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
-            swapped.append(dotted)
-    return swapped
+    for _, parent, name in found:
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, rslora=rslora, dora=dora))
+    return [dotted for dotted, _, _ in found]
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every `LoRALinear` by a plain `nn.Linear` with weight W + s * B @ A (in place; returns `model`)."""
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every `LoRALinear` by a frozen plain `nn.Linear` holding its merged weight (in place; returns `model`).
+
+    dtype: of the new layers' weight and bias; default the base weight's (an NF4 base's is the dtype
+    it was quantized from), so a QLoRA model merges into a bf16 model ready for export.
+    """
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                w = child.weight
+                dt = dtype or child.weight.dtype
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device=w.device, dtype=w.dtype)
+                                   device=child.lora_a.device, dtype=dt)
                 with torch.no_grad():
-                    linear.weight.copy_((w.float() + child.delta_weight()).to(w.dtype))
+                    linear.weight.copy_(child.merged_weight())
                     if child.bias is not None:
                         linear.bias.copy_(child.bias)
                 linear.requires_grad_(False)
@@ -123,5 +179,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapters' parameters (A and B of every `LoRALinear`), in module order."""
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)]
+    """The adapters' parameters (A, B and DoRA's magnitude of every `LoRALinear`), in module order."""
+    return [p for m in model.modules() if isinstance(m, LoRALinear)
+            for p in (m.lora_a, m.lora_b, m.lora_magnitude) if p is not None]

@@ -1,0 +1,210 @@
+"""PEFT's LoRA adapter format, both ways: temper's adapters <-> `adapter_config.json` + `adapter_model.safetensors`.
+
+`save_peft` writes the files that `peft.PeftModel.from_pretrained` reads onto the Hugging Face model
+that `convert.save_hf` exports, giving the same logits; `load_peft` reads the files that PEFT's
+`save_pretrained` writes and swaps adapters into a temper model with the file's rank, alpha,
+dropout, rsLoRA and DoRA settings, again with the same logits. Plain LoRA, rsLoRA and DoRA, on
+every architecture `convert.py` knows, the untied output head (`lm_head`) included.
+
+Names come from `convert.py`'s rules: each Hugging Face linear layer is one temper layer, or
+several stacked by rows (GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`), and PEFT adapts
+the fused layer with one A and one B where temper has one adapter per part:
+- reading, the fused update s * B A splits by rows of B into parts that share A: exact.
+- writing, the parts' adapters stack into one of k times the rank, k the most parts adapted in one
+  fused layer: A = [A_q; A_k; A_v], B = blockdiag(B_q, B_k, B_v), and alpha times k (rsLoRA:
+  sqrt(k)) so that the scale s is unchanged; the other layers' adapters get zero rows up to that
+  rank, since a PEFT config holds one rank. Exact as well, DoRA included: its norm and magnitude
+  are per output row, and rows do not mix. A part left unadapted has B rows of zero and (DoRA) the
+  magnitude ||W|| of its rows, so its scale is exactly 1.
+
+It does not read PEFT's other methods (prompt or prefix tuning, IA3, ...), rank or alpha patterns,
+`modules_to_save`, adapter biases, adapters on only some layers, or pickled `adapter_model.bin`
+files: each is refused with what was found. It never changes the model's base weights: PEFT's copy
+of an adapted head's base weight (`lm_head.base_layer.weight`) is not read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from temper.files import atomic_write_json, fsync_dir, safe_join
+from temper.model.config import ModelConfig
+from temper.model.convert import GPT2, _rules, hf_architecture
+from temper.model.lora import LoRALinear, apply_lora
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PeftModel > LoraModel > the transformers model
+_A, _B, _M, _BASE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".base_layer.weight"
+# Config keys of LoRA variants and options whose adapters temper cannot run: refused when set.
+_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "layers_to_transform",
+                "layer_replication", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
+                "velora_config", "monteclora_config", "kasa_config", "mica", "trainable_token_indices",
+                "target_parameters")
+
+
+def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Each Hugging Face linear layer -> the temper linear layers stacked in it by rows."""
+    sites = {}
+    for rule in _rules(cfg):
+        parts = tuple(p.removesuffix(".weight") for p in rule.parts)
+        if rule.hf.endswith(".weight") and all(
+                isinstance(model.get_submodule(p), (nn.Linear, LoRALinear)) for p in parts):
+            sites[rule.hf.removesuffix(".weight")] = parts
+    return sites
+
+
+def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter directory for the `hf_architecture(cfg)` model."""
+    arch = hf_architecture(cfg)
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not loras:
+        raise ValueError("the model has no LoRA adapters to save: apply_lora first")
+    settings = {n: (m.rank, m.alpha, m.rslora, m.lora_magnitude is not None, m.dropout_p) for n, m in loras.items()}
+    first = next(iter(settings.values()))
+    odd = [n for n, s in settings.items() if s != first]
+    if odd:
+        raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
+    rank, alpha, rslora, dora, dropout = first
+    sites = _sites(model, cfg)
+    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts})
+    if stray:
+        raise ValueError(f"{stray[:4]} have no counterpart in {arch}")
+    k = max(sum(p in loras for p in parts) for parts in sites.values())  # the most adapted parts in one layer
+    r = rank * k
+    tensors: dict[str, torch.Tensor] = {}
+    targets = set()
+    with torch.no_grad():
+        for hf, parts in sites.items():
+            mods = [model.get_submodule(p) for p in parts]
+            if not any(isinstance(m, LoRALinear) for m in mods):
+                continue
+            a = torch.zeros(r, mods[0].in_features)  # (r, in)
+            b = torch.zeros(sum(m.out_features for m in mods), r)  # (out, r)
+            magnitude, row, col = [], 0, 0
+            for m in mods:
+                if isinstance(m, LoRALinear):
+                    a[col:col + rank] = m.lora_a.float().cpu()
+                    b[row:row + m.out_features, col:col + rank] = m.lora_b.float().cpu()
+                    col += rank
+                    magnitude.append(m.lora_magnitude)
+                elif dora:  # an unadapted part of a fused layer: g = ||W|| / ||W + 0|| = 1
+                    magnitude.append(torch.linalg.norm(m.weight.to(torch.float32), dim=1))
+                row += m.out_features
+            key = _PREFIX + hf
+            tensors[key + _A], tensors[key + _B] = a, b
+            if dora:
+                tensors[key + _M] = torch.cat([t.float().cpu() for t in magnitude])
+            targets.add(re.sub(r"^.*\.\d+\.", "", hf))  # "self_attn.q_proj", "attn.c_attn", "lm_head"
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
+        "r": r, "lora_alpha": alpha * (math.sqrt(k) if rslora else k), "lora_dropout": dropout,
+        "target_modules": sorted(targets), "use_rslora": rslora, "use_dora": dora, "bias": "none",
+        "fan_in_fan_out": arch == GPT2,  # GPT-2's Conv1D stores (in, out); PEFT resets it per nn.Linear
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = safe_join(out_dir, ADAPTER_WEIGHTS)
+    tmp = target.with_name(f".{ADAPTER_WEIGHTS}.tmp")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, target)
+    fsync_dir(out_dir)
+    atomic_write_json(safe_join(out_dir, ADAPTER_CONFIG), config)
+    return out_dir
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter config")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise ValueError(f"{path}: peft_type {kind!r} is not supported; temper reads LoRA adapters "
+                         "(peft_type 'LORA', with rsLoRA and DoRA)")
+    for key in _UNSUPPORTED:
+        if config.get(key):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config['bias']!r} is not supported (temper's adapters have no biases)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise ValueError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
+    return config
+
+
+def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> list[str]:
+    """Swap in the LoRA adapters of a PEFT adapter directory (made on the `hf_architecture(cfg)` model).
+
+    Applies LoRA with the config's r, lora_alpha, lora_dropout, use_rslora and use_dora to the
+    temper layers whose Hugging Face layers the file adapts, and copies the tensors in. Every key,
+    shape and layer is checked before the model changes. Returns the names of the adapted layers.
+    """
+    root = Path(adapter_dir)
+    config = _read_config(root / ADAPTER_CONFIG)
+    path = root / ADAPTER_WEIGHTS
+    if not path.is_file():
+        pickled = " (only a pickled adapter_model.bin: convert it to safetensors)" if (
+            root / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"{path}: no such adapter weights file{pickled}")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    r, dora = int(config["r"]), bool(config.get("use_dora"))
+    arch = hf_architecture(cfg)
+    sites = _sites(model, cfg)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        kind = next((s for s in (_A, _B, _M, _BASE) if key.endswith(s)), None)
+        if kind is None or not key.startswith(_PREFIX) or (kind == _M and not dora):
+            raise ValueError(f"{path}: unexpected tensor {key!r}; temper reads {_PREFIX}<layer>"
+                             f"{{{_A}, {_B}}} (and {_M} with use_dora)")
+        site = key[len(_PREFIX):-len(kind)]
+        if site not in sites:
+            raise ValueError(f"{path}: {key!r} adapts {site!r}, which is not a linear layer of this {arch} model "
+                             f"(it has e.g. {sorted(sites)[:3]})")
+        if kind != _BASE:
+            found.setdefault(site, {})[kind] = t
+    kinds = {p.rsplit(".", 1)[-1] for site in found for p in sites[site]}  # temper's targets
+    unadapted = [s for s, parts in sites.items() if s not in found and any(p.rsplit(".", 1)[-1] in kinds for p in parts)]
+    if unadapted:
+        raise ValueError(f"{path}: no adapter for {unadapted[:4]}; temper adapts a target in every layer")
+    for site, got in found.items():
+        mods = [model.get_submodule(p) for p in sites[site]]
+        n_out = sum(m.out_features for m in mods)
+        shapes = {_A: (r, mods[0].in_features), _B: (n_out, r)} | ({_M: (n_out,)} if dora else {})
+        for kind, shape in shapes.items():
+            key = _PREFIX + site + kind
+            if kind not in got:
+                raise ValueError(f"{path}: missing tensor {key!r}")
+            if tuple(got[kind].shape) != shape:
+                raise ValueError(f"{path}: {key} has shape {list(got[kind].shape)}, expected {list(shape)} "
+                                 f"(r={r}, temper {', '.join(sites[site])})")
+    swapped = apply_lora(model, r, config["lora_alpha"], sorted(kinds), config.get("lora_dropout") or 0.0,
+                         rslora=bool(config.get("use_rslora")), dora=dora)
+    with torch.no_grad():
+        for site, got in found.items():
+            row = 0
+            for p in sites[site]:
+                m = model.get_submodule(p)
+                m.lora_a.copy_(got[_A])  # the parts of a fused layer share its A
+                m.lora_b.copy_(got[_B][row:row + m.out_features])
+                if dora:
+                    m.lora_magnitude.copy_(got[_M][row:row + m.out_features])
+                row += m.out_features
+    return swapped

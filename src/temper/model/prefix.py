@@ -1,0 +1,154 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
+
+`apply_prefix` gives every attention layer P learned key/value slots (`Attention.prefix`) that every
+query attends to before the sequence's own keys, and freezes everything else: only the prefixes
+train. The slots are keys and values as attention uses them (RoPE, if any, is already in them:
+they have no position of their own), and the model prepends them at every step without storing them
+in the KV cache, so cached generation needs nothing special.
+
+Initialisation: N(0, init_std), as PEFT's prefix embedding, or the keys and values that real tokens
+produce at positions 0..P-1 (the paper's §7.2: initialising with real words' activations helps in
+low-data settings). Optionally the paper's reparameterisation (§4.3): training the slots directly is
+unstable, so each layer's keys and values are computed by an MLP from a smaller matrix, P = MLP(P').
+The paper shares one MLP across layers; here each layer has its own, which keeps a layer's prefix one
+self-contained module. After training only P is kept: `save_prefix` writes the computed keys and
+values, and `load_prefix` reads them back as plain parameters.
+
+It does not read or write PEFT's prefix-tuning format, do prompt tuning (learned input embeddings),
+or train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from temper.files import atomic_write_bytes
+from temper.model.transformer import Transformer
+
+
+class Prefix(nn.Module):
+    """The P learned key/value slots of one attention layer: forward() -> (k, v), each (Hkv, P, D).
+
+    kv: the slots themselves (2, Hkv, P, D), trained directly; or, with `hidden`, computed by an MLP
+    hidden -> hidden -> 2*Hkv*D from a (P, hidden) matrix (Li & Liang §4.3).
+    """
+
+    def __init__(
+        self, n_kv_heads: int, n_tokens: int, head_dim: int, *, hidden: int | None = None,
+        init_std: float = 1.0, kv: torch.Tensor | None = None, device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = (n_kv_heads, n_tokens, head_dim)
+        kw = {"device": device, "dtype": torch.float32}  # trained: float32 whatever the model's dtype
+        self.kv = self.embed = self.mlp = None
+        if hidden is None:
+            init = torch.randn(2, *self.shape, **kw) * init_std if kv is None else kv.to(**kw)
+            self.kv = nn.Parameter(init)  # (2, Hkv, P, D)
+        else:
+            self.embed = nn.Parameter(torch.randn(n_tokens, hidden, **kw) * init_std)  # (P, hidden)
+            self.mlp = nn.Sequential(nn.Linear(hidden, hidden, **kw), nn.Tanh(),
+                                     nn.Linear(hidden, 2 * n_kv_heads * head_dim, **kw))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.kv
+        if kv is None:
+            Hkv, P, D = self.shape
+            kv = self.mlp(self.embed).view(P, 2, Hkv, D).permute(1, 2, 0, 3)  # (2, Hkv, P, D)
+        return kv[0], kv[1]
+
+
+def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
+    """Freeze the model and give layer i the prefix make(i); returns the prefixes' module names."""
+    if any(layer.attn.prefix is not None for layer in model.layers):
+        raise ValueError("the model already has a prefix: remove_prefix first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, layer in enumerate(model.layers):
+        layer.attn.prefix = make(i)
+    return [f"layers.{i}.attn.prefix" for i in range(len(model.layers))]
+
+
+@torch.no_grad()
+def _token_kv(model: Transformer, tokens: Sequence[int]) -> torch.Tensor:
+    """The keys and values (L, 2, Hkv, P, D) that `tokens` produce in every layer, read from a KV cache."""
+    was_training = model.training
+    model.eval()  # no dropout in the activations taken
+    cache = model.new_cache(1, len(tokens))
+    model(torch.tensor([list(tokens)], device=model.tok_emb.weight.device), cache=cache)
+    model.train(was_training)
+    return torch.stack([cache.k[:, 0], cache.v[:, 0]], dim=1).float()  # (L, 2, Hkv, P, D)
+
+
+def apply_prefix(
+    model: Transformer, n_tokens: int, *, hidden: int | None = None, init_std: float = 1.0,
+    init_tokens: Sequence[int] | None = None,
+) -> list[str]:
+    """Give every attention layer `n_tokens` trainable key/value slots and freeze everything else.
+
+    hidden: train through the reparameterisation MLP of that width (None: train the slots directly).
+    init_tokens: n_tokens token ids whose keys and values start the slots (direct slots only).
+    Returns the names of the prefix modules; `prefix_parameters` gives what to optimise.
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
+    c = model.cfg
+    device = model.tok_emb.weight.device
+    kv = None
+    if init_tokens is not None:
+        if hidden is not None or len(init_tokens) != n_tokens:
+            raise ValueError(f"init_tokens needs hidden=None and {n_tokens} tokens, got hidden={hidden} and "
+                             f"{len(init_tokens)} tokens")
+        kv = _token_kv(model, init_tokens)  # before any prefix is attached
+    return _attach(model, lambda i: Prefix(c.kv_heads, n_tokens, c.head_dim, hidden=hidden, init_std=init_std,
+                                           kv=None if kv is None else kv[i], device=device))
+
+
+def prefix_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every `Prefix` in the model, in module order."""
+    return [p for m in model.modules() if isinstance(m, Prefix) for p in m.parameters()]
+
+
+def remove_prefix(model: Transformer) -> Transformer:
+    """Take the prefixes off (in place): the base model again, exportable as such."""
+    for layer in model.layers:
+        layer.attn.prefix = None
+    return model
+
+
+def save_prefix(model: Transformer, path: str | Path) -> Path:
+    """Write each layer's keys and values, as attention uses them, to a safetensors file: `layers.{i}.k`
+    and `layers.{i}.v`, each (Hkv, P, D) in float32. A reparameterisation MLP is evaluated, not saved."""
+    tensors = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            if layer.attn.prefix is None:
+                raise ValueError(f"layer {i} has no prefix: apply_prefix first")
+            k, v = layer.attn.prefix()
+            tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"] = (t.float().cpu().contiguous() for t in (k, v))
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+    return Path(path)
+
+
+def load_prefix(model: Transformer, path: str | Path) -> list[str]:
+    """Give the model the prefix saved by `save_prefix` (as trainable slots) and freeze everything else."""
+    tensors = load_file(path)
+    c = model.cfg
+    expected = {f"layers.{i}.{kv}" for i in range(c.n_layers) for kv in "kv"}
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: expected tensors layers.0..{c.n_layers - 1}.k/v; missing "
+                         f"{sorted(expected - set(tensors))[:4]}, unexpected {sorted(set(tensors) - expected)[:4]}")
+    first = tensors["layers.0.k"]
+    n_tokens = first.shape[1] if first.dim() == 3 else 0
+    for name, t in tensors.items():
+        if tuple(t.shape) != (c.kv_heads, n_tokens, c.head_dim):
+            raise ValueError(f"{path}: {name} has shape {list(t.shape)}, expected "
+                             f"[{c.kv_heads}, {n_tokens}, {c.head_dim}] (n_kv_heads, n_tokens, head_dim)")
+    device = model.tok_emb.weight.device
+    return _attach(model, lambda i: Prefix(
+        c.kv_heads, n_tokens, c.head_dim, kv=torch.stack([tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"]]),
+        device=device))

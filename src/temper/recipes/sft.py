@@ -1,0 +1,367 @@
+"""`temper sft`: fine-tune a Hugging Face checkpoint on instruction or chat data (full, LoRA, QLoRA, prefix).
+
+Steps, in the order `run` takes them:
+ 1. parse the config; load the tokenizer (tokenizer.json + tokenizer_config.json, chat template)
+ 2. read the examples (data/sft.py): Alpaca, chat `messages` or ShareGPT records -> token ids and
+    the mask of the tokens to learn (every assistant turn and its end-of-turn token, never the
+    prompt); hold out `val_fraction` of them by a hash of their index and the seed
+ 3. `--check`: print tokenized examples with the learnt tokens marked, the learnt fraction and the
+    lengths, and stop (failing on an example with nothing to learn)
+ 4. load the model (model/convert.py) and apply the method: full (every weight trains), lora
+    (model/lora.py), qlora (NF4 base, model/quant.py, then LoRA), prefix (model/prefix.py)
+ 5. batches: each epoch, the examples in a seeded order, packed into rows of `seq_len` tokens with
+    document masks and restarting positions (or one per row); rows are consumed in a fixed order,
+    so the batch at any step is a function of (seed, step) and a resumed run continues exactly
+ 6. the loop: learning-rate schedule, `train_step` (the one place for the loss), log, validation
+    loss on the held-out examples, checkpoints of what trains (and the optimizer), SIGTERM-safe
+ 7. final/: the merged model in Hugging Face layout with the tokenizer files (full, lora, qlora),
+    plus the adapter in PEFT's format (lora) or the prefix weights (prefix)
+
+It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+
+from temper import config, faults
+from temper.data.packing import collate_rows, plan_packing
+from temper.data.sft import (
+    SFTDataConfig,
+    SFTDataError,
+    SFTExample,
+    SFTStats,
+    check_examples,
+    format_report,
+    load_sft_examples,
+)
+from temper.data.tokenizer import TokenizerError, load_hf_tokenizer, save_hf_tokenizer
+from temper.files import atomic_write_text, safe_join, safe_name
+from temper.model.convert import CheckpointError, load_hf, save_hf
+from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
+from temper.train import checkpoint as ckpt
+from temper.train.log import RunLogger, write_report
+from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.parallel import pick_device
+from temper.train.step import eval_loss, train_step
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    """Rank r of each adapter (A is r x in, B is out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r) B A, or alpha / sqrt(r) with rslora."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per output row."""
+
+
+@dataclass
+class PrefixConfig:
+    n_tokens: int = 16
+    """Learned key/value slots per layer (Li & Liang 2021)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "sft"
+    """Run directory name under `dir`."""
+    dir: str = "runs"
+    """Parent of run directories."""
+    seed: int = 0
+    """Seed of the adapters' init, the example order and the val split."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    resume: str = "auto"
+    """"auto": from the newest valid checkpoint of the run; "never"; or a checkpoint directory."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training examples (steps = epochs x rows / rows per step, unless `steps` is set)."""
+    steps: int = 0
+    """Optimizer steps (0: from epochs)."""
+    micro_batch_size: int = 4
+    """Rows per forward pass."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 0
+    """Tokens per row (0: data.max_length)."""
+    pack: bool = True
+    """Pack several examples per row (document masks keep them apart); off: one example per row."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype of the forward pass ("auto": bf16 on a GPU that has it, else fp32)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    """Validation loss on the held-out examples every this many steps (0: only at the end)."""
+    val_fraction: float = 0.05
+    """Share of the examples held out for validation (by a hash of the example's position and the seed)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last_n: int = 2
+    """Complete checkpoints to keep (0: all)."""
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""
+    """Hugging Face checkpoint directory to fine-tune (config.json, safetensors, tokenizer files), e.g. runs/x/final."""
+    method: Literal["full", "lora", "qlora", "prefix"] = "lora"
+    """What trains: every weight, LoRA adapters, LoRA over an NF4-quantized base, or a learned prefix."""
+    check: bool = False
+    """Print tokenized examples with the learnt tokens marked and the length statistics, then stop."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """The examples and how they are rendered."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA / QLoRA adapters."""
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    """Prefix tuning."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives and how it starts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches and the step."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0))
+    """AdamW."""
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
+    """Learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    log_every: int = 1
+    """Log training metrics every this many steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse(SFTConfig, argv, prog="sft")
+    try:
+        return run(cfg)
+    except (SFTDataError, TokenizerError, CheckpointError, ckpt.CheckpointCorrupt, FileNotFoundError) as e:
+        print(f"temper sft: {e}", file=sys.stderr)  # bad input: one line naming the file, no traceback
+        return 2
+
+
+def run(cfg: SFTConfig) -> int:
+    if not cfg.model:
+        raise config.ConfigError("model: give a Hugging Face checkpoint directory")
+    # 1-2. tokenizer and examples
+    tok = load_hf_tokenizer(cfg.model)
+    stats = SFTStats()
+    examples = load_sft_examples(cfg.data, tok, stats)
+    # 3. the checker
+    report = check_examples(examples, tok, max_length=cfg.data.max_length, stats=stats)
+    if cfg.check:
+        print(format_report(report))
+        return 0 if report.ok else 1
+    if not report.ok:
+        print(format_report(report), file=sys.stderr)
+        return 1
+    train_ex, val_ex = split(examples, cfg.eval.val_fraction, cfg.run.seed)
+
+    # 4. model and method
+    device = pick_device(cfg.run.device)
+    amp_dtype = _precision(cfg.train.precision, device)
+    model, model_cfg = load_hf(cfg.model, device=device, dtype=torch.float32)
+    torch.manual_seed(cfg.run.seed)
+    apply_method(model, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+
+    # 5. batches
+    seq_len = cfg.train.seq_len or cfg.data.max_length
+    rows = RowOrder(train_ex, seq_len, cfg.train.pack, cfg.run.seed)
+    per_step = cfg.train.micro_batch_size * cfg.train.accumulation
+    steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows.per_epoch / per_step))
+    val_rows = RowOrder(val_ex, seq_len, cfg.train.pack, cfg.run.seed) if val_ex else None
+    pad = tok.pad_id if tok.pad_id is not None else 0
+
+    def batch(indices: list[int], order: RowOrder) -> tuple:
+        b = collate_rows(order.docs, [order.row(i) for i in indices], seq_len, loss_masks=order.masks, pad_id=pad)
+        return (b.tokens.to(device), b.targets.to(device),
+                {"positions": b.positions.to(device), "attn_mask": b.attention_mask().to(device)})
+
+    # 6. the loop
+    run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
+    resolved = config.to_dict(cfg) | {"model_config": model_cfg.__dict__, "steps": steps, "seq_len": seq_len}
+    step = 0
+    resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=device,
+                                     strict=cfg.method == "full")
+        step = state["step"]
+        ckpt.restore_rng(resume_from, 0)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml(cfg))
+        atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"temper sft: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} parameters train; "
+          f"{len(train_ex)} train / {len(val_ex)} val examples, {rows.per_epoch} rows of {seq_len} per epoch, "
+          f"{steps} steps of {per_step} rows; {stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
+
+    def save(at: int) -> None:
+        sd = model.state_dict() if cfg.method == "full" else {n: p for n, p in model.named_parameters() if n in trainable}
+        ckpt.save_checkpoint(run_dir, at, model={k: v.detach() for k, v in sd.items()}, optimizer=optimizer,
+                             state={"step": at, "config": resolved}, keep_last_n=cfg.checkpoint.keep_last_n)
+
+    def validate() -> float:
+        assert val_rows is not None
+        idx = list(range(val_rows.per_epoch))
+        mbs = [batch(idx[i:i + cfg.train.micro_batch_size], val_rows) for i in range(0, len(idx), cfg.train.micro_batch_size)]
+        return eval_loss(model, mbs, amp_dtype)
+
+    logger = RunLogger(run_dir, total_steps=steps, start_step=step, rank=0, config=resolved, progress=cfg.progress)
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    try:
+        while step < steps:
+            if faults.active("crash", step=step, rank=0):
+                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
+            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            set_lr(optimizer, lr)
+            first = step * per_step
+            mbs = [batch(list(range(first + m * cfg.train.micro_batch_size, first + (m + 1) * cfg.train.micro_batch_size)), rows)
+                   for m in range(cfg.train.accumulation)]
+            result = train_step(model, optimizer, mbs, step=step, amp_dtype=amp_dtype, clip_norm=cfg.train.grad_clip)
+            step += 1
+            tokens += result.tokens
+            if step % cfg.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - t0
+                logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                                  "trained_tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": first / rows.per_epoch})
+                t0, tokens = time.perf_counter(), 0
+            if val_rows is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps):
+                logger.log(step, {"val_loss": validate()}, kind="val")
+                t0 = time.perf_counter()
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
+                save(step)
+                t0 = time.perf_counter()
+    finally:
+        logger.close()
+
+    # 7. final/
+    final = run_dir / "final"
+    export(model, model_cfg, cfg, tok, final)
+    write_report(run_dir)
+    print(f"final model: {final}")
+    return 0
+
+
+def _precision(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Train and val examples, by a hash of each example's position and the seed (stable across runs)."""
+    def to_val(i: int) -> bool:
+        h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2**64 < val_fraction
+    train = [e for i, e in enumerate(examples) if not to_val(i)]
+    val = [e for i, e in enumerate(examples) if to_val(i)]
+    if not train:
+        raise SFTDataError("data", "eval.val_fraction", "val_fraction", f"no training examples left after holding out {val_fraction}")
+    return train, val
+
+
+class RowOrder:
+    """Rows of packed examples in training order: epoch e shuffles the examples with (seed, e),
+    packs them (best-fit-decreasing) and shuffles the rows, so row g is a function of (seed, g)."""
+
+    def __init__(self, examples: list[SFTExample], seq_len: int, pack: bool, seed: int):
+        self.docs = [e.ids for e in examples]
+        self.masks = [e.loss_mask for e in examples]
+        self.seq_len, self.pack, self.seed = seq_len, pack, seed
+        self._epochs: list[list] = []
+        self.per_epoch = len(self._epoch(0))
+
+    def _epoch(self, e: int) -> list:
+        while len(self._epochs) <= e:
+            rng = np.random.default_rng([self.seed, len(self._epochs)])
+            order = rng.permutation(len(self.docs))
+            if self.pack:
+                rows = plan_packing([len(self.docs[i]) for i in order], self.seq_len, overflow="truncate")
+                rows = [[p._replace(doc=int(order[p.doc])) for p in row] for row in rows]
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            else:
+                from temper.data.packing import Piece
+
+                rows = [[Piece(int(i), 0, min(len(self.docs[i]), self.seq_len))] for i in order]
+            self._epochs.append(rows)
+        return self._epochs[e]
+
+    def row(self, g: int) -> list:
+        e, k = divmod(g, self.per_epoch) if self.per_epoch else (0, 0)
+        rows = self._epoch(e)
+        return rows[k % len(rows)]
+
+
+def apply_method(model: torch.nn.Module, cfg: SFTConfig) -> None:
+    """Make only what the method trains trainable (full: everything)."""
+    lc = cfg.lora
+    if cfg.method == "full":
+        return
+    if cfg.method == "prefix":
+        from temper.model.prefix import apply_prefix
+
+        apply_prefix(model, cfg.prefix.n_tokens)
+        return
+    if cfg.method == "qlora":
+        from temper.model.quant import quantize_nf4
+
+        quantize_nf4(model)
+    apply_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout,
+               rslora=lc.rslora, dora=lc.dora)
+
+
+def export(model: torch.nn.Module, model_cfg, cfg: SFTConfig, tok, final: Path) -> None:
+    """final/: the merged model in Hugging Face layout with the tokenizer files; the adapter in
+    PEFT's format (lora, qlora) or the prefix weights (prefix) beside it."""
+    gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
+    if cfg.method in ("lora", "qlora"):
+        from temper.model.peft_io import save_peft
+
+        save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=cfg.model)
+        merged = merge_lora(model)
+        if cfg.method == "qlora":  # the NF4 layers without adapters too; QLoRA's merged model is bf16
+            from temper.model.quant import dequantize
+
+            merged = dequantize(merged, torch.bfloat16).to(torch.bfloat16)
+        save_hf(merged, model_cfg, final, generation_config=gen)
+    elif cfg.method == "prefix":
+        from temper.model.prefix import remove_prefix, save_prefix
+
+        save_prefix(model, final / "prefix.safetensors")
+        save_hf(remove_prefix(model), model_cfg, final, generation_config=gen)  # the base, unchanged
+    else:
+        save_hf(model, model_cfg, final, generation_config=gen)
+    save_hf_tokenizer(tok, final)
