@@ -239,6 +239,8 @@ def run(cfg: SFTConfig) -> int:
         return eval_loss(model, mbs, amp_dtype)
 
     logger = RunLogger(run_dir, total_steps=steps, start_step=step, rank=0, config=resolved, progress=cfg.progress)
+    if step == 0 and val_rows is not None:  # the starting point, to see the held-out loss fall
+        logger.log(0, {"val_loss": validate()}, kind="val")
     model.train()
     t0, tokens = time.perf_counter(), 0
     try:
