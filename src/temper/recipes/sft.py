@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from temper import config, faults
-from temper.data.packing import collate_rows, plan_packing
+from temper.data.packing import Piece, collate_rows, plan_packing
 from temper.data.sft import (
     SFTDataConfig,
     SFTDataError,
@@ -315,8 +315,6 @@ class RowOrder:
                 rows = [[p._replace(doc=int(order[p.doc])) for p in row] for row in rows]
                 rows = [rows[i] for i in rng.permutation(len(rows))]
             else:
-                from temper.data.packing import Piece
-
                 rows = [[Piece(int(i), 0, min(len(self.docs[i]), self.seq_len))] for i in order]
             self._epochs.append(rows)
         return self._epochs[e]
