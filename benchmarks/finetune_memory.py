@@ -87,11 +87,21 @@ def peak_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, step: Callabl
     tracker = LiveTensorBytes()
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     for t in [*model.parameters(), *model.buffers(), *states, x, y]:
-        tracker.track(t)
+        for leaf in _leaves(t):
+            tracker.track(leaf)
     tracker.mark_peak("start")
     with tracker:
         step(x, y)
     return tracker.peak
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's bytes: a wrapper subclass (torchao's NF4) reports its
+    dense size as its storage, so its inner tensors are counted instead."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [leaf for n in names for leaf in _leaves(getattr(t, n))]
+    return [t]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,14 @@ that gave it, and the peak of a training step. The peak is not the sum of the co
 backward the gradients grow as the saved activations are freed, so the peak is the largest of
 three moments of temper's `train_step` (see `_moments`):
 
-  * the start of backward, at the cross-entropy: every saved activation, the logits, the float32
-    log-probabilities, their gradient and the gradient of the logits (4 x B*T*V*4 bytes in fp32;
-    this is often the largest single term, Wijmans et al. 2024 "Cut Your Losses");
+  * the start of backward, at the cross-entropy: every saved activation, the float32
+    log-probabilities, their gradient and the gradient of the logits (3 x B*T*V*4 bytes in fp32;
+    `train_step` frees the logits themselves first; this is often the largest single term,
+    Wijmans et al. 2024 "Cut Your Losses");
   * each block's backward (recomputed first under activation checkpointing), with the gradients
     of the blocks above it already made;
-  * the end of backward: every gradient, plus the logits that `train_step` still holds, plus two
-    vocabulary-sized contributions to a tied embedding's gradient that autograd sums at the end.
+  * the end of backward: every gradient, plus two vocabulary-sized contributions to a tied
+    embedding's gradient that autograd sums at the end.
 
 What temper's training actually does, and so what is counted (read from `train/step.py`,
 `recipes/pretrain.py`, `model/transformer.py`):
@@ -531,7 +532,8 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
     moments = _moments(
         p=p_bytes, s=s_bytes, g=g_bytes, accumulating=run.accumulation_steps > 1, tokens=tokens, stored=stored,
         in_backward=in_backward, wcopy=wcopy, recast=recast, wcopy_head=wcopy_tail, dequant=dequant,
-        tail=tail.total, logits=a * V, loss=4 * V + 8 * V, g_blocks=[g_share * n for n in c.block_trainable],
+        tail=tail.total, logits=0, loss=4 * V + 8 * V,  # train_step frees the logits before backward
+        g_blocks=[g_share * n for n in c.block_trainable],
         g_down=[g_share * n for n in c.down_trainable], g_late=g_share * c.late_trainable,
         tied_extra=8 * V * d if c.tied_trained else 0, checkpointed=checkpointed,
     )
@@ -578,7 +580,7 @@ def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, s
 
     p, s, g: parameters, optimizer states, gradients (bytes); per token: stored (each block's saved
     tensors, its input if checkpointed), in_backward (each block's saved and transient tensors
-    during its backward), tail, logits (held by train_step), loss (log-probabilities and two
+    during its backward), tail, logits (0: train_step frees them before backward), loss (log-probabilities and two
     gradients); whole bytes: wcopy / recast (autocast weight copies of a block kept / recomputed),
     wcopy_head, dequant (qlora), g_blocks / g_down (a block's gradients / its down_proj's), g_late
     (the lookups' gradients, made last), tied_extra (the tied embedding's two contributions).
@@ -603,7 +605,7 @@ def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, s
         if not accumulating:
             g_done += g_blocks[i]
     end = tokens * logits + tied_extra
-    out.append((p + s + g + end, "backward ends: parameters + optimizer states + gradients + the logits"
+    out.append((p + s + g + end, "backward ends: parameters + optimizer states + gradients"
                 + (" + two vocab x dim contributions to the tied embedding's gradient" if tied_extra else ""),
                 {"gradients": g, "activations": end}))
     return out
