@@ -311,8 +311,12 @@ def tokenizers(tmp_path_factory) -> dict[str, tuple[HFTokenizer, object]]:
     """(temper's, AutoTokenizer's) tokenizer of each family."""
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return family_tokenizers(tmp_path_factory.mktemp("chat"))
+
+
+def family_tokenizers(root) -> dict[str, tuple[HFTokenizer, object]]:
+    """(temper's, AutoTokenizer's) tokenizer of each family, trained on the shared data, under root."""
     corpus = training_corpus(SHARED_DATA)
-    root = tmp_path_factory.mktemp("chat")
     llama2 = llama2_style(corpus)
     trained = {"llama3": llama3_style(corpus), "qwen2": qwen2_style(corpus), "mistral": llama2,
                "gemma": with_tokens(llama2, GEMMA_TOKENS), "phi3": with_tokens(llama2, PHI3_TOKENS)}

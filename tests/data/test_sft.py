@@ -29,11 +29,10 @@ from temper.data.sft import (
     tokenize_record,
 )
 from temper.data.sources import DataError
-from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.data.tokenizer import HFTokenizer
 from tests.conftest import SHARED_DATA
-from tests.data.test_chat import CHAT_CONFIGS, GEMMA_TOKENS, PHI3_TOKENS, with_tokens
 from tests.data.test_chat import TEMPLATES as CHAT_TEMPLATES
-from tests.data.test_tokenizer import llama2_style, llama3_style, qwen2_style, training_corpus, write_hf_dir
+from tests.data.test_chat import family_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,17 +62,7 @@ def families(tmp_path_factory) -> dict[str, tuple[HFTokenizer, object]]:
     """(temper's, AutoTokenizer's) tokenizer of each family of test_chat.py's templates."""
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
-    corpus = training_corpus(SHARED_DATA)
-    root = tmp_path_factory.mktemp("sft")
-    llama2 = llama2_style(corpus)
-    trained = {"llama3": llama3_style(corpus), "qwen2": qwen2_style(corpus), "mistral": llama2,
-               "gemma": with_tokens(llama2, GEMMA_TOKENS), "phi3": with_tokens(llama2, PHI3_TOKENS)}
-    out = {}
-    for family, tok in trained.items():
-        directory = write_hf_dir(root / family, tok, CHAT_CONFIGS[family])
-        out[family] = (load_hf_tokenizer(directory),
-                       transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
-    return out
+    return family_tokenizers(tmp_path_factory.mktemp("sft"))
 
 
 def trained_runs(example: SFTExample, decode) -> list[str]:

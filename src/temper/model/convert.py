@@ -509,7 +509,7 @@ class _PickledFile:
         self.entries = {k: (v.dtype, tuple(v.shape), 0, 0) for k, v in sd.items()}
 
     def mapped(self, name: str) -> torch.Tensor | None:
-        return self.tensors[name]  # torch.load(mmap=True) already maps the file
+        return self.tensors[name]  # already a map of the file (loaded with mmap=True)
 
     def read(self, name: str, rows: slice = slice(None), scratch: torch.Tensor | None = None) -> torch.Tensor:
         return self.tensors[name][rows]
