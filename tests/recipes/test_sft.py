@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from temper import config
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
 from temper.model.convert import load_hf, save_hf
@@ -82,6 +83,8 @@ def test_resume_continues_exactly(base, tmp_path, monkeypatch):
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    with pytest.raises(config.ConfigError, match="made with other lora"):  # not the same run: refused
+        sft.main(args(base, tmp_path, "resumed", "--train.steps=6", "--checkpoint.every=3", "--lora.rank=4"))
 
 
 @pytest.mark.parametrize("method", ["full", "qlora", "prefix"])

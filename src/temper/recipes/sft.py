@@ -23,6 +23,7 @@ It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate b
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 import time
@@ -197,6 +198,9 @@ def run(cfg: SFTConfig) -> int:
 
     # 5. batches
     seq_len = cfg.train.seq_len or cfg.data.max_length
+    if seq_len > model_cfg.max_seq_len:
+        raise config.ConfigError(f"train.seq_len (or data.max_length) = {seq_len} exceeds the model's context "
+                                 f"{model_cfg.max_seq_len}: lower data.max_length")
     rows = RowOrder(train_ex, seq_len, cfg.train.pack, cfg.run.seed)
     per_step = cfg.train.micro_batch_size * cfg.train.accumulation
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows.per_epoch / per_step))
@@ -214,6 +218,11 @@ def run(cfg: SFTConfig) -> int:
     step = 0
     resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
     if resume_from is not None:
+        saved = json.loads((resume_from / ckpt.STATE_FILE).read_text())["config"]
+        changed = [k for k in RESUME_KEYS if saved.get(k) != resolved.get(k)]
+        if changed:  # a resumed run must be the same run, or it is not a continuation
+            raise config.ConfigError(f"{resume_from} was made with other {', '.join(changed)}: "
+                                     "use the same settings, another run.name, or run.resume=never")
         state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=device,
                                      strict=cfg.method == "full")
         step = state["step"]
@@ -275,6 +284,10 @@ def run(cfg: SFTConfig) -> int:
     write_report(run_dir)
     print(f"final model: {final}")
     return 0
+
+
+# What must match between a checkpoint and the run that resumes from it.
+RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train", "optim", "schedule", "steps", "seq_len")
 
 
 def _precision(name: str, device: torch.device) -> torch.dtype | None:
