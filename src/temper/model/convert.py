@@ -247,7 +247,7 @@ class _Rule:
     transpose: bool = False
 
 
-def _rules(cfg: ModelConfig) -> list[_Rule]:
+def hf_rules(cfg: ModelConfig) -> list[_Rule]:
     """Every tensor of the Hugging Face checkpoint of `cfg`, in the architecture's order."""
     arch = hf_architecture(cfg)
     keys = _native_keys(cfg)
@@ -361,7 +361,7 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     """temper state dict -> Hugging Face names and layouts (contiguous, ready for safetensors)."""
     sd = _strip_wrappers(sd)
     _check_keys(sd, _native_keys(cfg), "temper state dict")
-    return {r.hf: _to_hf(r, sd).detach().contiguous() for r in _rules(cfg)}
+    return {r.hf: _to_hf(r, sd).detach().contiguous() for r in hf_rules(cfg)}
 
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -369,7 +369,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     arch = hf_architecture(cfg)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
-    rules = {r.hf: r for r in _rules(cfg)}
+    rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if _ignored(name, cfg):
@@ -583,7 +583,7 @@ def load_hf(
     with torch.device("meta"):
         model = Transformer(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    rules = {r.hf: r for r in _rules(cfg)}
+    rules = {r.hf: r for r in hf_rules(cfg)}
     seen: dict[str, Path] = {}
     sd: dict[str, torch.Tensor] = {}
     scratch = torch.empty(0, dtype=torch.uint8)

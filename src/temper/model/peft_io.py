@@ -39,7 +39,7 @@ from torch import nn
 
 from temper.files import atomic_write_json, fsync_dir, safe_join
 from temper.model.config import ModelConfig
-from temper.model.convert import GPT2, _rules, hf_architecture
+from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,7 +56,7 @@ _UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias",
 def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Each Hugging Face linear layer -> the temper linear layers stacked in it by rows."""
     sites = {}
-    for rule in _rules(cfg):
+    for rule in hf_rules(cfg):
         parts = tuple(p.removesuffix(".weight") for p in rule.parts)
         if rule.hf.endswith(".weight") and all(
                 isinstance(model.get_submodule(p), (nn.Linear, LoRALinear)) for p in parts):

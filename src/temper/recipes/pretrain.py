@@ -44,6 +44,7 @@ from temper.train.step import (
     datasheet_peak_flops,
     eval_loss,
     measured_matmul_peak_flops,
+    resolve_precision,
     throughput,
     train_step,
 )
@@ -195,13 +196,6 @@ def build_model_config(cfg: PretrainConfig, data_vocab: int) -> ModelConfig:
     if model_cfg.vocab_size < data_vocab:
         raise config.ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's {data_vocab}")
     return model_cfg
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 # What must match between a checkpoint and the resuming run for the resume to be exact.

@@ -54,7 +54,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger, write_report
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import pick_device
-from temper.train.step import eval_loss, train_step
+from temper.train.step import eval_loss, resolve_precision, train_step
 
 
 @dataclass
@@ -189,7 +189,7 @@ def run(cfg: SFTConfig) -> int:
 
     # 4. model and method
     device = pick_device(cfg.run.device)
-    amp_dtype = _precision(cfg.train.precision, device)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
     model, model_cfg = load_hf(cfg.model, device=device, dtype=torch.float32)
     torch.manual_seed(cfg.run.seed)
     apply_method(model, cfg)
@@ -288,12 +288,6 @@ def run(cfg: SFTConfig) -> int:
 
 # What must match between a checkpoint and the run that resumes from it.
 RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train", "optim", "schedule", "steps", "seq_len")
-
-
-def _precision(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:

@@ -74,6 +74,14 @@ def global_valid_tokens(micro_batches: Sequence[MicroBatch], device: torch.devic
     return int(t.item())
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of a recipe's `train.precision`: "auto" is bf16 on a GPU that has it, else fp32."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; fp32 runs without autocast."""
     if dtype is None or dtype == torch.float32:
