@@ -471,7 +471,7 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
     if stage or N > 1:
         notes.append("sharding and data-parallel terms are formulas (ZeRO, DDP buckets), not yet checked by a measurement")
     if qlora:
-        notes.append("qlora: NF4 storage is a formula (temper's quantized base is a later issue), not yet measured")
+        notes.append("qlora: NF4 storage is 0.516 B/param (model/quant.py measures torchao's tensors); the QLoRA step's activations are not yet measured")
 
     # parameters
     nf4 = c.frozen_linears if qlora else 0
