@@ -293,7 +293,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None, last_only: bool = False,
+        attn_mask: torch.Tensor | None = None, last_only: bool = False, logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
 
@@ -303,6 +303,8 @@ class Transformer(nn.Module):
         attn_mask: (B, S) bool, True for real tokens, over all S = cached + T keys (causality is added
             here), or a full (B, 1, T, S) bool mask used as is.
         last_only: return only the last position's logits (B, 1, V), saving the head's matmul in decoding.
+        logits_at: (B, T) bool; return logits (N, V) for its N True positions only, in row-major
+            order: scoring a few continuation tokens then skips the head (T x V) on the rest.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -331,10 +333,12 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, C)
         x = self.norm(x)
         if self.head is None:
-            return F.linear(x, self.tok_emb.weight)  # (B, T, V), the tied head
-        return self.head(x)  # (B, T, V); a module call, so an adapter swapped in for it runs
+            return F.linear(x, self.tok_emb.weight)  # (B, T, V) or (N, V), the tied head
+        return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs
 
     def _attention_mask(
         self, attn_mask: torch.Tensor | None, B: int, T: int, start: int, device: torch.device

@@ -1,0 +1,180 @@
+"""Run a task on a model: examples -> model calls -> per-example records -> metrics with standard errors.
+
+Multiple-choice questions become (context, continuation) requests, tokenized as lm-eval-harness
+does (`encode_pair`) and scored together (`loglik.score`, which runs a shared context once).
+Generative examples are completed with the KV-cache engine, a batch of similar-length prompts at a
+time, greedy or sampled with a seed, and cut at the task's stop strings. A prompt longer than the
+context leaves room for the answer: it keeps its last max_seq_len - max_new_tokens tokens, as
+lm-eval does, and the cut is counted.
+
+It does not read checkpoints or write reports (see `temper.recipes.evaluate`, `temper.eval.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from temper.data.tokenizer import HFTokenizer
+from temper.eval import metrics as M
+from temper.eval.loglik import Request, encode_pair, score
+from temper.eval.tasks import Example, Generation, MultipleChoice, Task, TaskError
+from temper.infer.engine import generate
+
+
+@dataclass
+class TaskResult:
+    """What one task measured: metric -> value and metric -> standard error, and every example."""
+
+    task: str
+    n: int
+    metrics: dict[str, float]
+    stderr: dict[str, float]
+    examples: list[dict[str, Any]] = field(repr=False)
+    truncated: int = 0
+    """Examples cut from the left to fit the model's context."""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything a report may plot: the calibration bins of a multiple-choice task."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How generative tasks sample."""
+
+    max_new_tokens: int | None = None
+    """Most tokens per answer (None: the task's own limit)."""
+    temperature: float = 0.0
+    """0 is greedy; above 0 samples, reproducibly for a given seed."""
+    top_p: float | None = None
+    seed: int = 1234
+    batch_size: int = 16
+
+
+def prefix_id(tok: HFTokenizer) -> int:
+    """The token that stands for an empty context: BOS, else EOS (lm-eval's `prefix_token_id`)."""
+    found = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    if found is None:
+        raise TaskError("the tokenizer has neither a BOS nor an EOS token to stand for an empty context")
+    return found
+
+
+def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Request]:
+    """Text pairs -> token requests, as lm-eval's `loglikelihood` builds them (empty contexts included)."""
+    out = []
+    for context, continuation in pairs:
+        if context:
+            out.append(encode_pair(tok.encode, context, continuation))
+            continue
+        cont = tok.encode(continuation, add_special_tokens=False)
+        p = prefix_id(tok)
+        out.append(Request((p,), tuple(cont)) if cont[0] != p else Request((cont[0],), tuple(cont[1:])))
+    return out
+
+
+def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Example], *,
+             batch_tokens: int = 16384, generation: GenerationSettings = GenerationSettings(),
+             progress: Callable[[int], None] | None = None) -> TaskResult:
+    """Score `examples` of `task` with `model` (a temper Transformer, in eval mode)."""
+    if not examples:
+        raise TaskError(f"{task.name}: no examples to evaluate (an empty task)")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "multiple_choice":
+            result = _multiple_choice(model, tok, task, examples, batch_tokens, progress)  # type: ignore[arg-type]
+        else:
+            result = _generate(model, tok, task, examples, generation, progress)  # type: ignore[arg-type]
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _multiple_choice(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[MultipleChoice],
+                     batch_tokens: int, progress: Callable[[int], None] | None) -> TaskResult:
+    pairs = [ex.pairs() for ex in examples]
+    requests = requests_for(tok, [p for ps in pairs for p in ps])
+    scores = score(model, requests, batch_tokens=batch_tokens, progress=progress)
+    records, at = [], 0
+    for ex, ps in zip(examples, pairs, strict=True):
+        s = scores[at:at + len(ps)]
+        at += len(ps)
+        lls = [x.logprob for x in s]
+        records.append({"doc_id": ex.doc_id, "gold": ex.gold, "logprobs": lls, "greedy": [x.greedy for x in s],
+                        "truncated": max(x.truncated for x in s), **M.multiple_choice(lls, ex.gold, ex.norm_chars)})
+    acc = [r["acc"] for r in records]
+    acc_norm = [r["acc_norm"] for r in records]
+    conf = [r["confidence"] for r in records]
+    ece = M.expected_calibration_error(conf, acc)
+    return TaskResult(
+        task.name, len(records),
+        metrics={"acc": M.mean(acc), "acc_norm": M.mean(acc_norm), "ece": ece},
+        stderr={"acc": M.mean_stderr(acc), "acc_norm": M.mean_stderr(acc_norm),
+                "ece": M.bootstrap_stderr(M.expected_calibration_error, [conf, acc])},
+        examples=records, truncated=sum(r["truncated"] > 0 for r in records),
+        extra={"calibration_bins": M.calibration_bins(conf, acc)},
+    )
+
+
+def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Generation],
+              settings: GenerationSettings, progress: Callable[[int], None] | None) -> TaskResult:
+    if task.score is None and not task.corpus_metrics:
+        raise TaskError(f"{task.name}: a generative task needs a scorer or corpus metrics")
+    max_new = settings.max_new_tokens or task.max_new_tokens
+    room = model.cfg.max_seq_len - max_new
+    if room < 1:
+        raise TaskError(f"{task.name}: max_new_tokens={max_new} leaves no room for a prompt in the model's "
+                        f"context of {model.cfg.max_seq_len} tokens")
+    prompts = [tok.encode(ex.prompt) for ex in examples]
+    cut = [max(0, len(p) - room) for p in prompts]
+    prompts = [p[c:] for p, c in zip(prompts, cut, strict=True)]
+    stop_ids = [i for i in (tok.eos_id,) if i is not None]
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    completions: list[str] = [""] * len(examples)
+    for b in range(0, len(order), settings.batch_size):
+        rows = order[b:b + settings.batch_size]
+        batch = [prompts[i] for i in rows]
+
+        def text_of(row: int, ids: list[int], rows: list[int] = rows) -> str:
+            # Decoded with the prompt so that tokenizers that drop a leading space (Metaspace) keep it.
+            base = tok.decode(prompts[rows[row]], skip_special_tokens=True)
+            full = tok.decode(prompts[rows[row]] + ids, skip_special_tokens=True)
+            return full[len(base):] if full.startswith(base) else tok.decode(ids, skip_special_tokens=True)
+
+        stopped = (lambda row, ids: _cut(text_of(row, ids), task.stop)[1]) if task.stop else None
+        with torch.no_grad():
+            outs = generate(model, batch, max_new_tokens=max_new, temperature=settings.temperature,
+                            top_p=settings.top_p, stop_token_ids=stop_ids, should_stop=stopped,
+                            seed=settings.seed + b)
+        for row, ids in enumerate(outs):
+            completions[rows[row]] = _cut(text_of(row, ids), task.stop)[0]
+        if progress is not None:
+            progress(len(rows))
+    records = []
+    for ex, text, c in zip(examples, completions, cut, strict=True):
+        per = task.score(text, ex) if task.score is not None else {}
+        records.append({"doc_id": ex.doc_id, "prompt_tokens_cut": c, "completion": text, "target": ex.target, **per})
+    names = sorted({k for r in records for k, v in r.items() if isinstance(v, float)} - {"prompt_tokens_cut"})
+    values = {k: [r[k] for r in records] for k in names}
+    result = TaskResult(task.name, len(records), {k: M.mean(v) for k, v in values.items()},
+                        {k: M.mean_stderr(v) for k, v in values.items()}, records, truncated=sum(c > 0 for c in cut))
+    if task.corpus_metrics:
+        from temper.eval.text_metrics import corpus_metrics  # sacrebleu / rouge-score: only when asked for
+
+        for name, (value, err) in corpus_metrics(task.corpus_metrics, completions,
+                                                 [ex.target for ex in examples]).items():
+            result.metrics[name], result.stderr[name] = value, err
+    return result
+
+
+def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)

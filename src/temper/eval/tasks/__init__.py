@@ -1,0 +1,207 @@
+"""Benchmark tasks: what a task file gives the runner, and the registry of task names.
+
+A task is a small file of this package that reads a local data file (JSON Lines, a JSON array,
+either optionally gzipped) and turns each record into an example:
+- `MultipleChoice`: contexts and continuations whose log-likelihoods are compared
+  (`acc`, `acc_norm` and calibration, exactly as lm-eval-harness scores them);
+- `Generation`: a prompt to complete, and a scorer for the completion (exact match after answer
+  extraction, BLEU, ROUGE, ...).
+Few-shot examples come from a second file (the task's training split), chosen by a seeded
+sample that does not depend on the example being asked, unless the task fixes them.
+
+It does not run a model (see `temper.eval.run`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+class TaskError(ValueError):
+    """A task file or option that cannot be used; the message names the file and line or the key."""
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    """One question: the choice whose continuation is most likely after its context is the answer.
+
+    Most tasks share one context and score one continuation per choice (ARC: "Question: ...
+    Answer:" then " <choice>"). WinoGrande does the reverse: one context per choice (the sentence
+    up to the blank, filled with the choice) and one shared continuation (the rest).
+    """
+
+    doc_id: int
+    contexts: tuple[str, ...]
+    """One shared context, or one per choice."""
+    continuations: tuple[str, ...]
+    """One per choice, or one shared."""
+    gold: int
+    """Index of the correct choice."""
+    norm_chars: tuple[int, ...]
+    """Characters of each choice, the divisor of `acc_norm` (lm-eval: the choice text, without the
+    space that joins it to the context)."""
+
+    @property
+    def n_choices(self) -> int:
+        return max(len(self.contexts), len(self.continuations))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(context, continuation) of each choice."""
+        n = self.n_choices
+        ctx = self.contexts * n if len(self.contexts) == 1 else self.contexts
+        cont = self.continuations * n if len(self.continuations) == 1 else self.continuations
+        return list(zip(ctx, cont, strict=True))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt to complete; `target` is the reference the completion is scored against."""
+
+    doc_id: int
+    prompt: str
+    target: str
+
+
+Example = MultipleChoice | Generation
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How a task builds its examples; every task accepts these."""
+
+    num_fewshot: int | None = None
+    """Solved examples put before each question (None: the task's default)."""
+    fewshot_path: Path | None = None
+    """File to draw them from (None: the task's default, usually its training split)."""
+    seed: int = 1234
+    """Seed of the few-shot sample (lm-eval's default seed)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: how to read its file, and for generative tasks how to score a completion."""
+
+    name: str
+    kind: Literal["multiple_choice", "generate"]
+    load: Callable[[Path, TaskOptions], list[Example]]
+    """Read the data file into examples (raises TaskError naming file:line and the field)."""
+    data: str | None = None
+    """Default data file, relative to the data root (`temper evaluate --data_root`)."""
+    description: str = ""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first of these strings (and at the tokenizer's end-of-text)."""
+    max_new_tokens: int = 256
+    score: Callable[[str, Generation], dict[str, float]] | None = None
+    """Per-example metrics of a completion (generative tasks); each is averaged over the task."""
+    corpus_metrics: tuple[str, ...] = ()
+    """Metrics computed over all completions at once: "bleu", "rouge1", "rouge2", "rougeL"."""
+
+
+# ---- reading task files --------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location "file:line", record) of each object of a .jsonl / .json array file (.gz allowed)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such file") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise TaskError(f"{path}: truncated or corrupt gzip file ({e})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise TaskError(f"{path}:{line}: invalid UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        records = [(f"{path}[{i}]", obj) for i, obj in enumerate(items)]
+    else:
+        records = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for where, obj in records:
+        if not isinstance(obj, dict):
+            raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not records:
+        raise TaskError(f"{path}: no records (an empty task)")
+    return records
+
+
+def field_of(record: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...] = str) -> Any:
+    """record[key], checked to be a `kind`; a missing or wrong field names the file:line and key."""
+    if key not in record:
+        raise TaskError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise TaskError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def choice_index(value: Any, n: int, where: str, key: str) -> int:
+    """A gold label as an index into n choices (ints, or digit strings as some datasets store them)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        raise TaskError(f"{where}: field {key!r} must be a choice index in [0, {n}), got {value!r}")
+    return value
+
+
+def fewshot_sample(pool: Sequence[Any], k: int, seed: int) -> list[Any]:
+    """The same k examples for every question: a seeded sample of the pool, in sampled order."""
+    if k > len(pool):
+        raise TaskError(f"num_fewshot={k} but the few-shot file has only {len(pool)} examples")
+    return random.Random(seed).sample(list(pool), k)
+
+
+def with_shots(shots: Sequence[tuple[str, str]], query: str) -> str:
+    """lm-eval's few-shot prompt: "question answer" of each shot, then the query, blank-line separated."""
+    return "".join(f"{q} {a}\n\n" for q, a in shots) + query
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+
+def _registry() -> dict[str, Task]:
+    # Imported here, not at the top: each task module imports the types above.
+    from temper.eval.tasks import arc
+
+    tasks = [*arc.TASKS]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, Task] = {}
+"""Every task by name; filled on first use by `all_tasks`."""
+
+
+def all_tasks() -> dict[str, Task]:
+    if not TASKS:
+        TASKS.update(_registry())
+    return TASKS
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`; an unknown name lists the known ones."""
+    tasks = all_tasks()
+    if name not in tasks:
+        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
+    return tasks[name]
