@@ -301,3 +301,20 @@ def test_mixture_of_different_tokenizers_is_refused(char_data, tmp_path):
         train([char_data, other], tmp_path, "x", "--data.weights=[1,1]")
     with pytest.raises(ConfigError, match="2 data dirs need 2 weights"):
         train([char_data, char_data], tmp_path, "x")
+
+
+def test_tasks_run_during_training_as_temper_evaluate_scores_final(char_data, tmp_path, shared_data):
+    from temper.recipes import evaluate
+
+    arc = f"arc_easy={shared_data / 'arc-easy' / 'validation.jsonl'}"
+    assert train(char_data, tmp_path, "tasks", f"--eval.tasks.names=[{arc}]", "--eval.tasks.every=4",
+                 "--eval.tasks.limit=12") == 0
+    logged = metrics(tmp_path / "tasks", kind="tasks")
+    assert sorted(logged) == [4, 8] and {"arc_easy/acc", "arc_easy/acc_norm", "arc_easy/ece"} <= logged[8].keys()
+    out = tmp_path / "eval"
+    assert evaluate.main([f"--checkpoint={tmp_path / 'tasks'}", f"--tasks=[{arc}]", "--limit=12", f"--out={out}",
+                          "--progress=false"]) == 0
+    final = json.loads((out / "results.json").read_text())["results"]["arc_easy"]["metrics"]
+    assert final["acc"] == logged[8]["arc_easy/acc"] and final["acc_norm"] == logged[8]["arc_easy/acc_norm"]
+    with pytest.raises(ConfigError, match="eval.tasks: unknown task 'arc_eazy'"):
+        train(char_data, tmp_path, "bad", "--eval.tasks.names=[arc_eazy]", "--eval.tasks.every=4")

@@ -69,11 +69,15 @@ def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Req
     out = []
     for context, continuation in pairs:
         if context:
-            out.append(encode_pair(tok.encode, context, continuation))
-            continue
-        cont = tok.encode(continuation, add_special_tokens=False)
-        p = prefix_id(tok)
-        out.append(Request((p,), tuple(cont)) if cont[0] != p else Request((cont[0],), tuple(cont[1:])))
+            req = encode_pair(tok.encode, context, continuation)
+        else:
+            cont = tok.encode(continuation, add_special_tokens=False)
+            p = prefix_id(tok)
+            req = Request((p,), tuple(cont)) if not cont or cont[0] != p else Request((p,), tuple(cont[1:]))
+        if not req.continuation:
+            raise TaskError(f"the continuation {continuation!r} (after {context[-40:]!r}) encodes to no tokens "
+                            "with this tokenizer, so it cannot be scored")
+        out.append(req)
     return out
 
 
@@ -178,3 +182,42 @@ def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """The text before the earliest stop string, and whether one was found."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
+
+
+@dataclass
+class TaskSuiteConfig:
+    """Benchmark tasks run during training, their metrics logged next to the loss (kind "tasks")."""
+
+    names: list[str] = field(default_factory=list)
+    """Tasks as for `temper evaluate --tasks`: "arc_easy", or "arc_easy=path/to/file.jsonl"."""
+    every: int = 0
+    """Run them every N steps and at the end; 0: never."""
+    limit: int | None = 200
+    """Only the first N examples of each task (None: all): a quick signal during training."""
+    num_fewshot: int | None = None
+    """Solved examples before each question (None: each task's default)."""
+    data_root: str = "../shared/data"
+    """Where the tasks' default files are."""
+    batch_tokens: int = 16384
+    """Most tokens in one scoring forward pass."""
+
+
+class TaskSuite:
+    """The tasks of a training run: read once at start (bad input fails before training), run on demand."""
+
+    def __init__(self, cfg: TaskSuiteConfig, tok: HFTokenizer) -> None:
+        from temper.eval.tasks import TaskOptions, load_task
+
+        self.cfg, self.tok = cfg, tok
+        self.tasks = [load_task(name, cfg.data_root, TaskOptions(cfg.num_fewshot), cfg.limit) for name in cfg.names]
+
+    def due(self, step: int, last_step: int) -> bool:
+        return bool(self.tasks) and self.cfg.every > 0 and (step % self.cfg.every == 0 or step == last_step)
+
+    def run(self, model: nn.Module) -> dict[str, float]:
+        """{"task/metric": value} of every task; `model` is the bare (unwrapped) model."""
+        out: dict[str, float] = {}
+        for task, examples in self.tasks:
+            r = run_task(model, self.tok, task, examples, batch_tokens=self.cfg.batch_tokens)
+            out.update({f"{r.task}/{k}": v for k, v in r.metrics.items()})
+        return out

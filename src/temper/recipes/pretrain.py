@@ -31,6 +31,8 @@ from temper import config, faults
 from temper.data.loader import MixedWindows, TokenWindows, rank_slice
 from temper.data.shards import ShardError, read_manifest
 from temper.data.tokenizer import HFTokenizer, load_tokenizer, save_hf_tokenizer
+from temper.eval.run import TaskSuite, TaskSuiteConfig
+from temper.eval.tasks import TaskError
 from temper.files import UnsafePath, atomic_write_text, safe_join, safe_name
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import save_hf
@@ -41,6 +43,7 @@ from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_
 from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed, unwrap
 from temper.train.step import (
     NonFiniteLoss,
+    autocast,
     datasheet_peak_flops,
     eval_loss,
     measured_matmul_peak_flops,
@@ -135,6 +138,8 @@ class EvalConfig:
     """Validation loss every N steps (and at the end); 0 disables."""
     batches: int = 8
     """Validation batches of micro_batch_size x ranks sequences (the same fixed windows every time)."""
+    tasks: TaskSuiteConfig = field(default_factory=TaskSuiteConfig)
+    """Benchmark tasks (ARC, GSM8K, ...) run on rank 0 every `eval.tasks.every` steps, logged as kind "tasks"."""
 
 
 @dataclass
@@ -329,6 +334,15 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 for n, x, m, w in candidates
                 if cfg.eval.every > 0 and m["splits"].get("val", {}).get("tokens", 0) > seq_len]
 
+    # The end-of-text token is the tokenizer's EOS: in final/'s tokenizer files, and for the tasks.
+    tok = load_tokenizer(Path(dirs[0]) / manifest["tokenizer"])
+    eot = manifest.get("eot_id")
+    hf_tok = HFTokenizer(tok, {} if eot is None else {"eos_token": tok.id_to_token(eot)})
+    try:  # on every rank, so that bad task input stops them all
+        tasks = TaskSuite(cfg.eval.tasks, hf_tok)
+    except TaskError as e:
+        raise config.ConfigError(f"eval.tasks: {e}") from None
+
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     model = Transformer(model_cfg).to(d.device)
     optimizer = build_optimizer(model, cfg.optim, d.device.type)
@@ -436,6 +450,10 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 logger.log(step, {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 80.0)),
                                   **val}, kind="val")
                 window_start = time.perf_counter()  # validation time is not training throughput
+            if d.is_main and tasks.due(step, cfg.train.steps):
+                with autocast(d.device, amp_dtype):
+                    logger.log(step, tasks.run(unwrap(model)), kind="tasks")
+                window_start = time.perf_counter()
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
             if saved:
                 save(step)
@@ -451,12 +469,8 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
 
     if d.is_main:
         final = run_dir / "final"
-        tok = load_tokenizer(Path(dirs[0]) / manifest["tokenizer"])
-        eot = manifest.get("eot_id")
         save_hf(unwrap(model), model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
-        # tokenizer.json + tokenizer_config.json: AutoTokenizer then knows the end-of-text token too.
-        special = {} if eot is None else {"eos_token": tok.id_to_token(eot)}
-        save_hf_tokenizer(HFTokenizer(tok, special), final)
+        save_hf_tokenizer(hf_tok, final)  # with tokenizer_config.json: AutoTokenizer knows the end-of-text token
         report = write_report(run_dir)
         print(f"final model: {final}\nreport: {report}")
     return 0

@@ -19,7 +19,7 @@ import json
 import random
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +94,8 @@ class Task:
     """Read the data file into examples (raises TaskError naming file:line and the field)."""
     data: str | None = None
     """Default data file, relative to the data root (`temper evaluate --data_root`)."""
+    fewshot_data: str | None = None
+    """Default file of few-shot examples (the training split), relative to the data root."""
     description: str = ""
     stop: tuple[str, ...] = ()
     """Generation ends before the first of these strings (and at the tokenizer's end-of-text)."""
@@ -205,3 +207,20 @@ def get_task(name: str) -> Task:
     if name not in tasks:
         raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
     return tasks[name]
+
+
+def load_task(spec: str, data_root: str | Path, options: TaskOptions = TaskOptions(),
+              limit: int | None = None) -> tuple[Task, list[Example]]:
+    """A task and its first `limit` examples from a spec "name" (its default file under data_root)
+    or "name=path/to/file.jsonl"; few-shot examples default to the task's own training file."""
+    name, _, path = spec.partition("=")
+    task = get_task(name.strip())
+    root = Path(data_root)
+    if not path:
+        if task.data is None:
+            raise TaskError(f"task {task.name!r} has no default data file: give one as {task.name}=path/to/file.jsonl")
+        path = str(root / task.data)
+    if options.fewshot_path is None and task.fewshot_data is not None:  # read only when shots are asked for
+        options = replace(options, fewshot_path=root / task.fewshot_data)
+    examples = task.load(Path(path), options)
+    return task, examples[:limit] if limit is not None else examples

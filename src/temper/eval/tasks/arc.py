@@ -62,7 +62,7 @@ def load(path: Path, options: TaskOptions) -> list[MultipleChoice]:
 
 
 TASKS = [
-    Task("arc_easy", "multiple_choice", load, data="arc-easy/test.jsonl",
+    Task("arc_easy", "multiple_choice", load, data="arc-easy/test.jsonl", fewshot_data="arc-easy/train.jsonl",
          description="ARC-Easy science questions (lm-eval arc_easy)"),
     Task("arc_challenge", "multiple_choice", load, data=None,
          description="ARC-Challenge science questions (lm-eval arc_challenge); give the file"),

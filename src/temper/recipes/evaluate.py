@@ -1,0 +1,204 @@
+"""`temper evaluate`: score a checkpoint on benchmark tasks and perplexity; write a JSON and Markdown report.
+
+Steps:
+  1. parse EvaluateConfig from flags / YAML;
+  2. load the model and its tokenizer from --checkpoint (Hugging Face layout, e.g. runs/x/final;
+     a run directory means its final/); a checkpoint without tokenizer files is an error;
+  3. for each task of --tasks ("arc_easy", or "arc_easy=path/to/test.jsonl"): read its examples
+     (its default file under --data_root unless given), score them, print the metrics;
+  4. perplexity of --perplexity.files (text, JSONL or Parquet) or of a prepared --perplexity.data_dir;
+  5. write <out>/results.json, samples/<task>.jsonl, report.md and plots/.
+
+It does not train; `temper pretrain` and `temper sft` run the same tasks during training
+(`eval.tasks`). lm-eval-harness's own tasks run on a temper checkpoint with `temper lm-eval`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from temper.config import parse
+from temper.data.shards import load_split, read_manifest
+from temper.data.sources import read_documents
+from temper.data.tokenizer import load_hf_tokenizer
+from temper.eval.perplexity import Document, document, perplexity
+from temper.eval.report import write_report
+from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
+from temper.eval.tasks import TaskError, TaskOptions, all_tasks, load_task
+from temper.model.convert import load_hf
+from temper.train.parallel import pick_device
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PerplexityConfig:
+    """Perplexity and bits per byte of text (files or prepared shards)."""
+
+    files: list[str] = field(default_factory=list)
+    """Text to score: .txt, .jsonl(.gz) or .parquet files, directories or globs."""
+    data_dir: str = ""
+    """Or a directory made by `temper prepare`: its token shards (documents split at end-of-text)."""
+    split: str = "val"
+    """Split of data_dir to score."""
+    txt_docs: str = "paragraph"
+    """What a document is in a .txt file: the whole "file", a blank-line separated "paragraph", a "line"."""
+    text_field: str = "text"
+    """Field holding the text in JSONL / Parquet files."""
+    seq_len: int | None = None
+    """Tokens of context per prediction (default: the model's context)."""
+    stride: int | None = None
+    """Tokens scored per window (default: seq_len, disjoint windows as lm-eval); smaller gives more context."""
+    max_documents: int | None = None
+    """Score only the first N documents (None: all)."""
+
+
+@dataclass
+class GenerationConfig:
+    """How generative tasks (GSM8K, completion) produce their answers."""
+
+    max_new_tokens: int | None = None
+    """Most tokens per answer (None: the task's own limit)."""
+    temperature: float = 0.0
+    """0 is greedy; above 0 samples, reproducibly for the seed."""
+    top_p: float | None = None
+    """Nucleus sampling mass (None: off)."""
+    seed: int = 1234
+    """Seed of sampling (and of few-shot selection)."""
+    batch_size: int = 16
+    """Prompts generated together."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of `temper evaluate`."""
+
+    checkpoint: str = ""
+    """Hugging Face layout directory (config.json, weights, tokenizer files), or a run directory (its final/)."""
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to run: "arc_easy" reads its default file under data_root, "arc_easy=path/file.jsonl" another."""
+    data_root: str = "../shared/data"
+    """Where the tasks' default files are."""
+    limit: int | None = None
+    """Only the first N examples of each task (None: all)."""
+    num_fewshot: int | None = None
+    """Solved examples before each question (None: each task's default)."""
+    fewshot_path: str = ""
+    """File the few-shot examples come from (default: the task's training file under data_root)."""
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_tokens: int = 16384
+    """Most tokens (rows x longest row) in one forward pass of log-likelihood scoring."""
+    out: str = ""
+    """Output directory (default: runs/eval/<checkpoint's name>)."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+    allow_pickle: bool = False
+    """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
+    progress: bool = True
+    """Show a progress bar per task."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
+
+
+def checkpoint_dir(path: str) -> Path:
+    """The Hugging Face layout directory of `path` (a run directory means its final/)."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        return p / "final"
+    return p
+
+
+def perplexity_documents(cfg: PerplexityConfig, tok) -> list[Document]:
+    """The documents of cfg.files (tokenized here) or of cfg.data_dir's shards (decoded for their bytes)."""
+    docs: list[Document] = []
+    if cfg.files:
+        for d in read_documents(cfg.files, text_field=cfg.text_field, txt_docs=cfg.txt_docs):
+            if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+                break
+            if d.text.strip():
+                docs.append(document(d.text, tok.encode(d.text, add_special_tokens=False)))
+        return docs
+    eot = read_manifest(cfg.data_dir).get("eot_id")
+    for shard in load_split(cfg.data_dir, cfg.split):
+        cuts = np.flatnonzero(shard == eot) if eot is not None else np.array([], dtype=np.int64)
+        for piece in np.split(np.asarray(shard), cuts + 1):
+            ids = [int(t) for t in piece if t != eot]
+            if ids and (cfg.max_documents is None or len(docs) < cfg.max_documents):
+                docs.append(document(tok.decode(ids), ids))
+    return docs
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(EvaluateConfig, argv, prog="evaluate")
+    ppl_wanted = bool(cfg.perplexity.files or cfg.perplexity.data_dir)
+    if not cfg.checkpoint or not (cfg.tasks or ppl_wanted):
+        known = ", ".join(sorted(all_tasks()))
+        print("temper evaluate: --checkpoint and at least one of --tasks, --perplexity.files, --perplexity.data_dir "
+              f"are required; tasks: {known}", file=sys.stderr)
+        return 2
+    device = pick_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    ckpt = checkpoint_dir(cfg.checkpoint)
+    options = TaskOptions(cfg.num_fewshot, Path(cfg.fewshot_path) if cfg.fewshot_path else None, cfg.generation.seed)
+    try:  # everything that can fail on input fails before the model is loaded
+        tok = load_hf_tokenizer(ckpt)
+        tasks = [load_task(spec, cfg.data_root, options, cfg.limit) for spec in cfg.tasks]
+        docs = perplexity_documents(cfg.perplexity, tok) if ppl_wanted else []
+        model, _ = load_hf(ckpt, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
+    except (OSError, ValueError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
+        print(f"temper evaluate: {e}", file=sys.stderr)
+        return 2
+    g = cfg.generation
+    settings = GenerationSettings(g.max_new_tokens, g.temperature, g.top_p, g.seed, g.batch_size)
+    results: list[TaskResult] = []
+    for task, examples in tasks:
+        with tqdm(total=len(examples), desc=task.name, unit="ex", disable=not cfg.progress) as bar:
+            try:
+                result = run_task(model, tok, task, examples, batch_tokens=cfg.batch_tokens, generation=settings,
+                                  progress=bar.update)
+            except TaskError as e:
+                print(f"temper evaluate: {e}", file=sys.stderr)
+                return 2
+        results.append(result)
+        _print(result)
+    if ppl_wanted:
+        p = cfg.perplexity
+        with tqdm(desc="perplexity", unit="window", disable=not cfg.progress) as bar:
+            try:
+                result = perplexity(model, docs, prefix_id(tok), seq_len=p.seq_len, stride=p.stride,
+                                    batch_tokens=cfg.batch_tokens, progress=bar.update)
+            except ValueError as e:
+                print(f"temper evaluate: {e}", file=sys.stderr)
+                return 2
+        results.append(result)
+        _print(result)
+    out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / ckpt.resolve().name
+    report = write_report(out, results, {"checkpoint": str(ckpt), "config": asdict(cfg), "device": str(device),
+                                         "dtype": str(dtype).removeprefix("torch.")})
+    print(f"temper evaluate: wrote {out / 'results.json'} and {report}")
+    return 0
+
+
+def _print(r: TaskResult) -> None:
+    cut = f", {r.truncated} truncated to fit the context" if r.truncated else ""
+    metrics = ", ".join(f"{k} {v:.4f} ± {r.stderr.get(k, float('nan')):.4f}" for k, v in r.metrics.items())
+    print(f"{r.task}: {metrics} (n={r.n}{cut}, {r.seconds:.1f}s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
