@@ -8,10 +8,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from temper.infer.engine import generate
+from temper.infer.text import cut_at_stop, safe_to_print
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
-from temper.recipes.generate import cut_at_stop, main, safe_to_print
+from temper.recipes.generate import main
 
 
 @pytest.fixture

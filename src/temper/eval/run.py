@@ -25,6 +25,7 @@ from temper.eval import metrics as M
 from temper.eval.loglik import Request, encode_pair, score
 from temper.eval.tasks import Example, Generation, MultipleChoice, Task, TaskError
 from temper.infer.engine import generate
+from temper.infer.text import completion_text, cut_at_stop
 
 
 @dataclass
@@ -141,24 +142,22 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     prompts = [p[c:] for p, c in zip(prompts, cut, strict=True)]
     stop_ids = [i for i in (tok.eos_id,) if i is not None]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     completions: list[str] = [""] * len(examples)
     for b in range(0, len(order), settings.batch_size):
         rows = order[b:b + settings.batch_size]
         batch = [prompts[i] for i in rows]
 
         def text_of(row: int, ids: list[int], rows: list[int] = rows) -> str:
-            # Decoded with the prompt so that tokenizers that drop a leading space (Metaspace) keep it.
-            base = tok.decode(prompts[rows[row]], skip_special_tokens=True)
-            full = tok.decode(prompts[rows[row]] + ids, skip_special_tokens=True)
-            return full[len(base):] if full.startswith(base) else tok.decode(ids, skip_special_tokens=True)
+            return completion_text(decode, prompts[rows[row]], ids)
 
-        stopped = (lambda row, ids: _cut(text_of(row, ids), task.stop)[1]) if task.stop else None
+        stopped = (lambda row, ids: cut_at_stop(text_of(row, ids), task.stop)[1]) if task.stop else None
         with torch.no_grad():
             outs = generate(model, batch, max_new_tokens=max_new, temperature=settings.temperature,
                             top_p=settings.top_p, stop_token_ids=stop_ids, should_stop=stopped,
                             seed=settings.seed + b)
         for row, ids in enumerate(outs):
-            completions[rows[row]] = _cut(text_of(row, ids), task.stop)[0]
+            completions[rows[row]] = cut_at_stop(text_of(row, ids), task.stop)[0]
         if progress is not None:
             progress(len(rows))
     records = []
@@ -176,12 +175,6 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
                                                  [ex.target for ex in examples]).items():
             result.metrics[name], result.stderr[name] = value, err
     return result
-
-
-def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from temper.config import parse
 from temper.files import safe_join
 from temper.infer.engine import generate, stream
+from temper.infer.text import completion_text, cut_at_stop, safe_to_print
 from temper.model.convert import load_hf
 from temper.train.parallel import pick_device
 
@@ -68,22 +69,6 @@ class GenerateConfig:
             raise ValueError("stop strings must be non-empty")
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def safe_to_print(text: str, stops: list[str]) -> int:
-    """How much of `text` can be printed now: hold back a tail that may still become a stop string,
-    and an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives)."""
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    end = len(text) - hold
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    return end
-
-
 def _eos_ids(checkpoint: str) -> list[int]:
     path = safe_join(checkpoint, "generation_config.json")
     if not path.is_file():
@@ -109,12 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     prompts = [tokenizer.encode(p).ids for p in cfg.prompt]
-    bases = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
 
     def decode(row: int, ids: list[int]) -> str:
-        # Decode with the prompt so that tokenizers that drop a leading space (Metaspace) keep it.
-        full = tokenizer.decode(prompts[row] + ids, skip_special_tokens=True)
-        return full[len(bases[row]) :] if full.startswith(bases[row]) else tokenizer.decode(ids, skip_special_tokens=True)
+        return completion_text(lambda x: tokenizer.decode(x, skip_special_tokens=True), prompts[row], ids)
 
     context = model.cfg.max_seq_len
     for i, p in enumerate(prompts):
