@@ -2,7 +2,9 @@
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
 1e-4), for six architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up included), plain LoRA,
-rsLoRA and DoRA; bad adapter files fail naming the key."""
+rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
+RoPE architectures (GQA, Gemma's head_dim, Phi-3), greedy generation included; GPT-2's learned
+positions and sliding windows are refused, and the test shows why."""
 
 import json
 from dataclasses import replace
@@ -11,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from temper.infer.engine import generate
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
 from temper.model.lora import ALL_LINEAR_TARGETS, LoRALinear, apply_lora
-from temper.model.peft_io import load_peft, save_peft
+from temper.model.peft_io import load_peft, load_peft_prefix, save_peft, save_peft_prefix
+from temper.model.prefix import apply_prefix, set_prefix
 from temper.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -35,11 +39,14 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
+# Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
+PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "gemma": CONFIGS["gemma"],
+                "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None)}
 
 
 def _model(case: str) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(CONFIGS[case]).eval()
+    model = Transformer((CONFIGS | PREFIX_CASES)[case]).eval()
     with torch.no_grad():  # large random weights everywhere, so no mismatch hides behind init
         for p in model.parameters():
             p.normal_(0.0, 0.2)
@@ -185,3 +192,114 @@ def test_save_peft_refuses_what_one_peft_config_cannot_hold(tmp_path):
     apply_lora(model, rank=4, alpha=4, targets=("v_proj",))
     with pytest.raises(ValueError, match=r"one \(rank, alpha, rslora, dora, dropout\)"):
         save_peft(model, model.cfg, tmp_path)
+
+
+P = 5  # virtual tokens
+
+
+@pytest.mark.parametrize("hidden", [None, 16], ids=["slots", "mlp"])
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_save_peft_prefix_loads_in_peft_with_the_same_logits(tmp_path, case, hidden):
+    model = _model(case)
+    hf = _hf(model, tmp_path)
+    torch.manual_seed(1)
+    apply_prefix(model, P, hidden=hidden, init_std=0.5)  # random slots, or an MLP's output
+    out = save_peft_prefix(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
+    config = json.loads((out / "adapter_config.json").read_text())
+    c = model.cfg
+    assert config["num_attention_heads"] == c.kv_heads and config["token_dim"] == c.kv_heads * c.head_dim
+    assert load_file(out / "adapter_model.safetensors")["prompt_embeddings"].shape == (P, c.n_layers * 2 * c.kv_heads
+                                                                                       * c.head_dim)
+    theirs = peft.PeftModel.from_pretrained(hf, out).eval()
+    x = _x(model)
+    with torch.no_grad():
+        ours = model(x)
+        torch.testing.assert_close(theirs(x).logits, ours, rtol=0, atol=1e-4)
+        with theirs.disable_adapter():
+            assert (ours - theirs(x).logits).abs().max() > 0.1  # ... and the prefix matters
+        back = _model(case)  # and temper reads its own file back
+        load_peft_prefix(back, back.cfg, out)
+        torch.testing.assert_close(back(x), ours, rtol=0, atol=1e-5)
+    if case == "llama" and hidden is None:  # cached generation: PEFT's cache positions agree with temper's
+        prompt = x[0, :6]
+        new = theirs.generate(input_ids=prompt[None], attention_mask=torch.ones(1, 6, dtype=torch.long),
+                              max_new_tokens=10, do_sample=False, min_new_tokens=10)
+        assert generate(model, [prompt.tolist()], max_new_tokens=10, temperature=0.0)[0] == new[0, 6:].tolist()
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["slots", "projection"])
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_load_peft_prefix_reads_what_peft_saves(tmp_path, case, projection):
+    model = _model(case)
+    hf = _hf(model, tmp_path)
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                     encoder_hidden_size=24)
+    theirs = peft.get_peft_model(hf, config)
+    _randomize_adapters(theirs.prompt_encoder.named_parameters())
+    theirs.save_pretrained(tmp_path / "adapter")  # with a projection: its output, evaluated
+    assert len(load_peft_prefix(model, model.cfg, tmp_path / "adapter")) == model.cfg.n_layers
+    x = _x(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "mistral"])
+def test_peft_prefix_is_refused_where_peft_computes_something_else(tmp_path, case):
+    """PEFT puts the input at positions P..P+T-1, after the prefix: GPT-2's learned positions move with
+    it (PEFT's logits are temper's with the input at P.., not temper's), and Mistral's window then
+    hides the prefix from later queries."""
+    model = _model(case)
+    hf = _hf(model, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    _randomize_adapters(theirs.prompt_encoder.named_parameters())
+    theirs.save_pretrained(tmp_path / "adapter")
+    match = "learned position embeddings" if case == "gpt2" else "sliding_window=8"
+    with pytest.raises(ValueError, match=match):
+        load_peft_prefix(model, model.cfg, tmp_path / "adapter")
+    apply_prefix(model, P)
+    with pytest.raises(ValueError, match=match):
+        save_peft_prefix(model, model.cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    if case == "gpt2":  # PEFT's layout read by hand (no RoPE: nothing to rotate), to show the cause
+        c = model.cfg
+        emb = load_file(tmp_path / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+        ours = _model(case)
+        set_prefix(ours, emb.view(P, c.n_layers, 2, c.kv_heads, c.head_dim).permute(1, 2, 3, 0, 4))
+        x = _x(model)
+        with torch.no_grad():
+            peft_logits = theirs.eval()(x).logits
+            shifted = ours(x, positions=torch.arange(P, P + x.shape[1]).expand_as(x))
+            torch.testing.assert_close(shifted, peft_logits, rtol=0, atol=1e-4)
+            assert (ours(x) - peft_logits).abs().max() > 0.1
+
+
+def test_bad_peft_prefixes_fail_naming_the_key(tmp_path):
+    model = _model("llama")
+    apply_prefix(model, P)
+    out = save_peft_prefix(model, model.cfg, tmp_path / "adapter")
+    weights, config_path = out / "adapter_model.safetensors", out / "adapter_config.json"
+    tensors, config = load_file(weights), json.loads(config_path.read_text())
+
+    def fails(match: str, reader=load_peft_prefix) -> None:
+        fresh = _model("llama")
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            reader(fresh, fresh.cfg, out)
+        assert all(layer.attn.prefix is None for layer in fresh.layers)  # the model is left as it was
+        save_file(tensors, weights)
+        config_path.write_text(json.dumps(config))
+
+    fails("peft_type 'PREFIX_TUNING' is not supported here, 'LORA' is;.* load_peft_prefix", reader=load_peft)
+    config_path.write_text(json.dumps(config | {"peft_type": "PROMPT_TUNING"}))
+    fails("peft_type 'PROMPT_TUNING' is not supported here, 'PREFIX_TUNING' is")
+    config_path.write_text(json.dumps(config | {"num_layers": 3}))
+    fails(r"adapter_config.json: num_layers=3, this model needs 2")
+    config_path.write_text(json.dumps(config | {"token_dim": 64, "num_attention_heads": 4}))
+    fails(r"token_dim=64, this model needs 32 \(n_layers 2, n_kv_heads 2 x head_dim 16\)")
+    config_path.write_text(json.dumps(config | {"task_type": "SEQ_2_SEQ_LM"}))
+    fails("task_type='SEQ_2_SEQ_LM'")
+    save_file({"prompt_embeddings": torch.zeros(P, 64)}, weights)
+    fails(r"prompt_embeddings has shape \[5, 64\], expected \[5, 128\]")
+    save_file(tensors | {"prompt_encoder.weight": torch.zeros(1)}, weights)
+    fails(r"expected the one tensor 'prompt_embeddings', found \['prompt_embeddings', 'prompt_encoder.weight'\]")
+    weights.unlink()
+    fails("adapter_model.safetensors: no such adapter weights file")

@@ -1,7 +1,12 @@
 """`temper sft` end to end on a tiny Llama-layout checkpoint and the real Alpaca rows: the checker,
-LoRA / full / QLoRA / prefix runs whose loss falls, exact resume, and final/ in Hugging Face layout."""
+LoRA / full / QLoRA / prefix runs whose loss falls, exact resume, final/ in Hugging Face layout with
+the adapter in PEFT's format (the prefix one loaded by PEFT itself), and torchrun DDP on 2 ranks
+equal to one process with the same global batch."""
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from temper import config
-from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
 from temper.model.convert import load_hf, save_hf
+from temper.model.peft_io import load_peft_prefix
 from temper.model.transformer import Transformer
 from temper.recipes import sft
 
@@ -94,7 +100,57 @@ def test_other_methods_learn(base, tmp_path, method):
                          "--lora.targets=[q_proj,v_proj,head]")) == 0
     loss = losses(tmp_path / method)
     assert sum(loss[-4:]) / 4 < sum(loss[:4]) / 4, loss
-    assert (tmp_path / method / "final" / "model.safetensors").exists()
+    final = tmp_path / method / "final"
+    assert (final / "model.safetensors").exists()
+    if method != "prefix":
+        return
+    # The prefix is final/adapter/ in PEFT's format, on the unchanged base in final/: PEFT gives temper's logits.
+    assert sorted(p.name for p in (final / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    ours, cfg = load_hf(final)
+    load_peft_prefix(ours, cfg, final / "adapter")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(final),
+                                            final / "adapter").eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
+
+
+def test_prefix_on_a_model_peft_cannot_match_is_refused_before_training(base, tmp_path):
+    gpt2 = tmp_path / "gpt2"  # learned positions: PEFT's prefix shifts them (model/peft_io.py)
+    cfg = replace(PRESETS["debug"], vocab_size=load_hf(base)[1].vocab_size, max_seq_len=512)
+    save_hf(Transformer(cfg), cfg, gpt2)
+    save_hf_tokenizer(load_hf_tokenizer(base), gpt2)
+    with pytest.raises(config.ConfigError, match="method=prefix: .*learned position embeddings"):
+        sft.main(args(gpt2, tmp_path, "gpt2-prefix", "--method=prefix", "--train.steps=2"))
+    assert not (tmp_path / "gpt2-prefix").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method, val_fraction", [("lora", "0.1"), ("prefix", "0.02")])
+def test_ddp_two_ranks_equal_one_process(base, tmp_path, method, val_fraction):
+    """torchrun 2 ranks x 2 rows == 1 process x 4 rows: the same losses, held-out losses and adapter.
+    5 held-out rows split 3 + 2 over the ranks (lora); 2 leave rank 1 none (prefix)."""
+    common = (f"--method={method}", "--train.steps=4", "--eval.every=2", f"--eval.val_fraction={val_fraction}",
+              "--lora.dropout=0", "--optim.lr=2e-3", "--run.device=cpu")  # no dropout: its masks differ by rank
+    assert sft.main(args(base, tmp_path, "single", *common)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
+           "sft", *args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
+    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 steps of 4 rows (2 x 1 accum x 2 ranks)" in out.stdout
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        single, ddp = losses(tmp_path / "single", kind, key), losses(tmp_path / "ddp", kind, key)
+        assert len(ddp) == (4 if kind == "train" else 3)
+        torch.testing.assert_close(ddp, single, rtol=1e-5, atol=0)
+    a = load_file(tmp_path / "single" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ddp" / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # Adam's first steps divide by sqrt(v): 1e-7 reduction-order noise shows at about 2e-7
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-0000004").glob("rng-rank*")) == [
+        "rng-rank0.pt", "rng-rank1.pt"]
 
 
 def test_bad_data_is_named(base, tmp_path, capsys):

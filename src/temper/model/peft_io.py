@@ -1,4 +1,5 @@
-"""PEFT's LoRA adapter format, both ways: temper's adapters <-> `adapter_config.json` + `adapter_model.safetensors`.
+"""PEFT's adapter formats, both ways: temper's LoRA adapters and prefixes <-> `adapter_config.json` +
+`adapter_model.safetensors`.
 
 `save_peft` writes the files that `peft.PeftModel.from_pretrained` reads onto the Hugging Face model
 that `convert.save_hf` exports, giving the same logits; `load_peft` reads the files that PEFT's
@@ -17,7 +18,20 @@ the fused layer with one A and one B where temper has one adapter per part:
   are per output row, and rows do not mix. A part left unadapted has B rows of zero and (DoRA) the
   magnitude ||W|| of its rows, so its scale is exactly 1.
 
-It does not read PEFT's other methods (prompt or prefix tuning, IA3, ...), rank or alpha patterns,
+Prefix tuning (`save_peft_prefix`, `load_peft_prefix`): PEFT keeps one `prompt_embeddings` matrix
+(P, L * 2 * Hkv * D) that `PeftModel.get_prompt` views as (P, L * 2, Hkv, D): per virtual token, layer
+by layer, the key then the value, kv-head by kv-head (PEFT sizes it by num_key_value_heads on GQA
+models, its `_prepare_prompt_learning_config`), and hands the result to transformers as a KV cache
+of P entries. The model then places the input after the cache, at positions P..P+T-1 (PeftModel
+even shifts given position_ids by P), where temper's prefix leaves it at 0..T-1. With RoPE that
+shift rotates every query and key by P more: scores between tokens keep their relative positions,
+and the prefix keys, which no rotation reaches, are stored rotated by position P, since
+R(P + t) q . R(P) k = R(t) q . k. Exact, GQA included. Two cases cannot be matched and are refused
+(`peft_prefix_refusal`): learned position embeddings (GPT-2), which the shift changes for every input
+token, and a sliding window, under which transformers hides the prefix (cached positions 0..P-1)
+from the queries at positions >= window, where temper's prefix stays visible to every query.
+
+It does not read PEFT's other methods (prompt tuning, IA3, ...), rank or alpha patterns,
 `modules_to_save`, adapter biases, adapters on only some layers, or pickled `adapter_model.bin`
 files: each is refused with what was found. It never changes the model's base weights: PEFT's copy
 of an adapted head's base weight (`lm_head.base_layer.weight`) is not read.
@@ -41,11 +55,14 @@ from temper.files import atomic_write_json, fsync_dir, safe_join
 from temper.model.config import ModelConfig
 from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
+from temper.model.prefix import prefix_kv, set_prefix
+from temper.model.transformer import Transformer, apply_rope, rope_inv_freq
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel > LoraModel > the transformers model
 _A, _B, _M, _BASE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".base_layer.weight"
+_PROMPT = "prompt_embeddings"  # prefix tuning's one tensor
 # Config keys of LoRA variants and options whose adapters temper cannot run: refused when set.
 _UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "layers_to_transform",
                 "layer_replication", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
@@ -114,6 +131,11 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
+    return _write(out_dir, tensors, config)
+
+
+def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """The weights, then the config: a directory with a config always has its weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = safe_join(out_dir, ADAPTER_WEIGHTS)
@@ -125,17 +147,36 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
     return out_dir
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, peft_type: str) -> dict[str, Any]:
+    """The adapter config at `path`, which must be of `peft_type`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such adapter config")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
-    kind = config.get("peft_type")
-    if kind != "LORA":
-        raise ValueError(f"{path}: peft_type {kind!r} is not supported; temper reads LoRA adapters "
-                         "(peft_type 'LORA', with rsLoRA and DoRA)")
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    if kind != peft_type:
+        raise ValueError(f"{path}: peft_type {kind!r} is not supported here, {peft_type!r} is; temper reads "
+                         "'LORA' adapters (with rsLoRA and DoRA) with load_peft and 'PREFIX_TUNING' ones with "
+                         "load_peft_prefix")
+    return config
+
+
+def _read_weights(root: Path) -> dict[str, torch.Tensor]:
+    path = root / ADAPTER_WEIGHTS
+    if not path.is_file():
+        pickled = " (only a pickled adapter_model.bin: convert it to safetensors)" if (
+            root / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"{path}: no such adapter weights file{pickled}")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config = _read_json(path, "LORA")
     for key in _UNSUPPORTED:
         if config.get(key):
             raise ValueError(f"{path}: {key}={config[key]!r} is not supported")
@@ -157,14 +198,7 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
     root = Path(adapter_dir)
     config = _read_config(root / ADAPTER_CONFIG)
     path = root / ADAPTER_WEIGHTS
-    if not path.is_file():
-        pickled = " (only a pickled adapter_model.bin: convert it to safetensors)" if (
-            root / "adapter_model.bin").is_file() else ""
-        raise FileNotFoundError(f"{path}: no such adapter weights file{pickled}")
-    try:
-        tensors = load_file(path)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    tensors = _read_weights(root)
     r, dora = int(config["r"]), bool(config.get("use_dora"))
     arch = hf_architecture(cfg)
     sites = _sites(model, cfg)
@@ -208,3 +242,79 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
                     m.lora_magnitude.copy_(got[_M][row:row + m.out_features])
                 row += m.out_features
     return swapped
+
+
+def peft_prefix_refusal(cfg: ModelConfig) -> str | None:
+    """Why PEFT's prefix tuning would compute something else than temper's prefix on this model; None
+    when it computes the same (see the module docstring)."""
+    if cfg.pos != "rope":
+        return (f"PEFT's prefix tuning places the input after the prefix, at positions P..P+T-1 (transformers "
+                f"counts the prefix as cached tokens), temper's prefix leaves it at 0..T-1; with {cfg.pos} position "
+                f"embeddings ({hf_architecture(cfg)}) that moves every token's position embedding, so no PEFT "
+                "prefix file gives temper's logits")
+    if cfg.sliding_window is not None:
+        return (f"with sliding_window={cfg.sliding_window}, transformers hides PEFT's prefix (cached positions "
+                f"0..P-1) from queries at positions >= {cfg.sliding_window}, temper's prefix stays visible to "
+                "every query; only a model without a sliding window can be matched")
+    return None
+
+
+def _rotate(k: torch.Tensor, position: int, cfg: ModelConfig) -> torch.Tensor:
+    """Keys (..., D) rotated as RoPE rotates a key at `position` (negative: rotated back)."""
+    angle = position * rope_inv_freq(cfg)  # (D/2,), the float32 product of temper's and HF's tables
+    return apply_rope(k, angle.cos(), angle.sin())
+
+
+def save_peft_prefix(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
+                     base_model_name_or_path: str = "") -> Path:
+    """Write the model's prefix as a PEFT prefix-tuning adapter for the `hf_architecture(cfg)` model."""
+    refusal = peft_prefix_refusal(cfg)
+    if refusal:
+        raise ValueError(f"cannot write the prefix in PEFT's format: {refusal}")
+    kv = prefix_kv(model)  # (L, 2, Hkv, P, D)
+    L, _, H, P, D = kv.shape
+    kv[:, 0] = _rotate(kv[:, 0], P, cfg)  # PEFT's input starts at position P: R(P+t) q . R(P) k = R(t) q . k
+    config = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
+        "num_virtual_tokens": P, "num_layers": L, "token_dim": H * D, "num_attention_heads": H,
+        "encoder_hidden_size": H * D, "num_transformer_submodules": 1, "prefix_projection": False,
+        "inference_mode": True, "modules_to_save": None,
+    }
+    return _write(out_dir, {_PROMPT: kv.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)}, config)
+
+
+def load_peft_prefix(model: Transformer, cfg: ModelConfig, adapter_dir: str | Path) -> list[str]:
+    """Give the model the prefix of a PEFT prefix-tuning adapter directory (made on the
+    `hf_architecture(cfg)` model) as trainable slots, and freeze everything else.
+
+    The config and the tensor are checked against the model before it changes; a prefix saved with
+    `prefix_projection` holds its evaluated keys and values, as any other. Returns the prefix modules' names.
+    """
+    root = Path(adapter_dir)
+    config_path = root / ADAPTER_CONFIG
+    config = _read_json(config_path, "PREFIX_TUNING")
+    refusal = peft_prefix_refusal(cfg)
+    if refusal:
+        raise ValueError(f"{root}: cannot read a PEFT prefix onto this model: {refusal}")
+    H, D = cfg.kv_heads, cfg.head_dim
+    expected = {"task_type": "CAUSAL_LM", "num_transformer_submodules": 1, "num_layers": cfg.n_layers,
+                "token_dim": H * D, "num_attention_heads": H}
+    for key, want in expected.items():
+        if config.get(key) not in (None, want):  # None or absent: PEFT derives it from the model, as here
+            raise ValueError(f"{config_path}: {key}={config[key]!r}, this model needs {want!r} (n_layers "
+                             f"{cfg.n_layers}, n_kv_heads {H} x head_dim {D})")
+    P = config.get("num_virtual_tokens")
+    if not isinstance(P, int) or P <= 0:
+        raise ValueError(f"{config_path}: num_virtual_tokens must be a positive integer, got {P!r}")
+    tensors = _read_weights(root)
+    path = root / ADAPTER_WEIGHTS
+    if set(tensors) != {_PROMPT}:
+        raise ValueError(f"{path}: expected the one tensor {_PROMPT!r}, found {sorted(tensors)[:4]}")
+    emb = tensors[_PROMPT]
+    shape = (P, cfg.n_layers * 2 * H * D)
+    if tuple(emb.shape) != shape:
+        raise ValueError(f"{path}: {_PROMPT} has shape {list(emb.shape)}, expected {list(shape)} "
+                         f"(num_virtual_tokens, n_layers {cfg.n_layers} x 2 x n_kv_heads {H} x head_dim {D})")
+    kv = emb.float().view(P, cfg.n_layers, 2, H, D).permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, Hkv, P, D)
+    kv[:, 0] = _rotate(kv[:, 0], -P, cfg)  # back to temper's input at 0..T-1 (module docstring)
+    return set_prefix(model, kv)

@@ -11,23 +11,20 @@ produce at positions 0..P-1 (the paper's §7.2: initialising with real words' ac
 low-data settings). Optionally the paper's reparameterisation (§4.3): training the slots directly is
 unstable, so each layer's keys and values are computed by an MLP from a smaller matrix, P = MLP(P').
 The paper shares one MLP across layers; here each layer has its own, which keeps a layer's prefix one
-self-contained module. After training only P is kept: `save_prefix` writes the computed keys and
-values, and `load_prefix` reads them back as plain parameters.
+self-contained module. After training only P is kept: `prefix_kv` gives the computed keys and
+values, and `set_prefix` puts them back as plain parameters.
 
-It does not read or write PEFT's prefix-tuning format, do prompt tuning (learned input embeddings),
-or train.
+It does not read or write files (PEFT's prefix-tuning format is `peft_io.py`'s), do prompt tuning
+(learned input embeddings), or train.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
-from temper.files import atomic_write_bytes
 from temper.model.transformer import Transformer
 
 
@@ -120,35 +117,24 @@ def remove_prefix(model: Transformer) -> Transformer:
     return model
 
 
-def save_prefix(model: Transformer, path: str | Path) -> Path:
-    """Write each layer's keys and values, as attention uses them, to a safetensors file: `layers.{i}.k`
-    and `layers.{i}.v`, each (Hkv, P, D) in float32. A reparameterisation MLP is evaluated, not saved."""
-    tensors = {}
+def prefix_kv(model: Transformer) -> torch.Tensor:
+    """Every layer's prefix keys and values as attention uses them: (L, 2, Hkv, P, D) float32 on the
+    CPU, detached. A reparameterisation MLP is evaluated: this is all a trained prefix is."""
+    kv = []
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             if layer.attn.prefix is None:
                 raise ValueError(f"layer {i} has no prefix: apply_prefix first")
-            k, v = layer.attn.prefix()
-            tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"] = (t.float().cpu().contiguous() for t in (k, v))
-    atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
-    return Path(path)
+            kv.append(torch.stack(layer.attn.prefix()).float().cpu())
+    return torch.stack(kv)
 
 
-def load_prefix(model: Transformer, path: str | Path) -> list[str]:
-    """Give the model the prefix saved by `save_prefix` (as trainable slots) and freeze everything else."""
-    tensors = load_file(path)
+def set_prefix(model: Transformer, kv: torch.Tensor) -> list[str]:
+    """Give the model the prefix kv (L, 2, Hkv, P, D), as in `prefix_kv`, as trainable slots and freeze
+    everything else; returns the prefix modules' names."""
     c = model.cfg
-    expected = {f"layers.{i}.{kv}" for i in range(c.n_layers) for kv in "kv"}
-    if set(tensors) != expected:
-        raise ValueError(f"{path}: expected tensors layers.0..{c.n_layers - 1}.k/v; missing "
-                         f"{sorted(expected - set(tensors))[:4]}, unexpected {sorted(set(tensors) - expected)[:4]}")
-    first = tensors["layers.0.k"]
-    n_tokens = first.shape[1] if first.dim() == 3 else 0
-    for name, t in tensors.items():
-        if tuple(t.shape) != (c.kv_heads, n_tokens, c.head_dim):
-            raise ValueError(f"{path}: {name} has shape {list(t.shape)}, expected "
-                             f"[{c.kv_heads}, {n_tokens}, {c.head_dim}] (n_kv_heads, n_tokens, head_dim)")
+    if kv.dim() != 5 or kv.shape[:3] != (c.n_layers, 2, c.kv_heads) or kv.shape[4] != c.head_dim:
+        raise ValueError(f"prefix keys and values of shape {list(kv.shape)}, expected [{c.n_layers}, 2, "
+                         f"{c.kv_heads}, n_tokens, {c.head_dim}] (n_layers, k/v, n_kv_heads, n_tokens, head_dim)")
     device = model.tok_emb.weight.device
-    return _attach(model, lambda i: Prefix(
-        c.kv_heads, n_tokens, c.head_dim, kv=torch.stack([tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"]]),
-        device=device))
+    return _attach(model, lambda i: Prefix(c.kv_heads, kv.shape[3], c.head_dim, kv=kv[i], device=device))

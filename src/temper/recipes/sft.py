@@ -7,15 +7,19 @@ Steps, in the order `run` takes them:
     prompt); hold out `val_fraction` of them by a hash of their index and the seed
  3. `--check`: print tokenized examples with the learnt tokens marked, the learnt fraction and the
     lengths, and stop (failing on an example with nothing to learn)
- 4. load the model (model/convert.py) and apply the method: full (every weight trains), lora
-    (model/lora.py), qlora (NF4 base, model/quant.py, then LoRA), prefix (model/prefix.py)
+ 4. join the process group when launched by torchrun (DDP; gloo on CPU); load the model
+    (model/convert.py) and apply the method: full (every weight trains), lora (model/lora.py), qlora
+    (NF4 base, model/quant.py, then LoRA), prefix (model/prefix.py); wrap it in DDP, which reduces
+    only the gradients of what trains
  5. batches: each epoch, the examples in a seeded order, packed into rows of `seq_len` tokens with
     document masks and restarting positions (or one per row); rows are consumed in a fixed order,
-    so the batch at any step is a function of (seed, step) and a resumed run continues exactly
+    so the batch at any step is a function of (seed, step) and a resumed run continues exactly;
+    each rank takes its micro-batches of a step's rows (loader.rank_slice), so N ranks with the same
+    global batch train on the same rows as one process, and the loss is normalised over all of them
  6. the loop: learning-rate schedule, `train_step` (the one place for the loss), log, validation
-    loss on the held-out examples, checkpoints of what trains (and the optimizer), SIGTERM-safe
- 7. final/: the merged model in Hugging Face layout with the tokenizer files (full, lora, qlora),
-    plus the adapter in PEFT's format (lora) or the prefix weights (prefix)
+    loss on the held-out examples, atomic checkpoints of what trains (and the optimizer)
+ 7. final/ (rank 0 writes it): the merged model in Hugging Face layout with the tokenizer files
+    (full, lora, qlora), plus the adapter in PEFT's format (lora, qlora, prefix)
 
 It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate benchmarks.
 """
@@ -33,9 +37,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from temper import config, faults
+from temper.data.loader import rank_slice
 from temper.data.packing import Piece, collate_rows, plan_packing
 from temper.data.sft import (
     SFTDataConfig,
@@ -46,15 +52,16 @@ from temper.data.sft import (
     format_report,
     load_sft_examples,
 )
-from temper.data.tokenizer import TokenizerError, load_hf_tokenizer, save_hf_tokenizer
+from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer, save_hf_tokenizer
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
+from temper.model.peft_io import peft_prefix_refusal, save_peft, save_peft_prefix
 from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger, write_report
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
-from temper.train.parallel import pick_device
-from temper.train.step import eval_loss, resolve_precision, train_step
+from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed
+from temper.train.step import IGNORE_INDEX, eval_loss, resolve_precision, train_step
 
 
 @dataclass
@@ -100,9 +107,9 @@ class TrainConfig:
     steps: int = 0
     """Optimizer steps (0: from epochs)."""
     micro_batch_size: int = 4
-    """Rows per forward pass."""
+    """Rows per forward pass, on each rank."""
     accumulation: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step, on each rank: a step is micro_batch_size x accumulation x ranks rows."""
     seq_len: int = 0
     """Tokens per row (0: data.max_length)."""
     pack: bool = True
@@ -186,15 +193,29 @@ def run(cfg: SFTConfig) -> int:
         print(format_report(report), file=sys.stderr)
         return 1
     train_ex, val_ex = split(examples, cfg.eval.val_fraction, cfg.run.seed)
+    d = init_distributed(cfg.run.device)  # torchrun: one process per rank (DDP); else a single process
+    try:
+        return _train(cfg, d, tok, stats, train_ex, val_ex)
+    finally:
+        shutdown_distributed()
 
+
+def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train_ex: list[SFTExample],
+           val_ex: list[SFTExample]) -> int:
     # 4. model and method
-    device = pick_device(cfg.run.device)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    model, model_cfg = load_hf(cfg.model, device=device, dtype=torch.float32)
-    torch.manual_seed(cfg.run.seed)
+    amp_dtype = resolve_precision(cfg.train.precision, d.device)
+    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    if cfg.method == "prefix":
+        refusal = peft_prefix_refusal(model_cfg)  # refused now, not after training, when final/ is written
+        if refusal:
+            raise config.ConfigError(f"method=prefix: {refusal}")
+    torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg)
+    if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.run.seed + d.rank)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    optimizer = build_optimizer(model, cfg.optim, d.device.type)
+    train_model = parallelize(model, d)  # DDP with world > 1: it reduces only parameters that require grad
 
     # 5. batches
     seq_len = cfg.train.seq_len or cfg.data.max_length
@@ -202,66 +223,81 @@ def run(cfg: SFTConfig) -> int:
         raise config.ConfigError(f"train.seq_len (or data.max_length) = {seq_len} exceeds the model's context "
                                  f"{model_cfg.max_seq_len}: lower data.max_length")
     rows = RowOrder(train_ex, seq_len, cfg.train.pack, cfg.run.seed)
-    per_step = cfg.train.micro_batch_size * cfg.train.accumulation
+    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
+    per_step = micro * accum * d.world  # rows per optimizer step, over all ranks
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows.per_epoch / per_step))
     val_rows = RowOrder(val_ex, seq_len, cfg.train.pack, cfg.run.seed) if val_ex else None
     pad = tok.pad_id if tok.pad_id is not None else 0
 
-    def batch(indices: list[int], order: RowOrder) -> tuple:
-        b = collate_rows(order.docs, [order.row(i) for i in indices], seq_len, loss_masks=order.masks, pad_id=pad)
-        return (b.tokens.to(device), b.targets.to(device),
-                {"positions": b.positions.to(device), "attn_mask": b.attention_mask().to(device)})
+    def batch(order: RowOrder, start: int, n: int) -> tuple:
+        """Rows start .. start + n - 1 of `order`, on this rank's device."""
+        b = collate_rows(order.docs, [order.row(i) for i in range(start, start + n)], seq_len,
+                         loss_masks=order.masks, pad_id=pad)
+        return (b.tokens.to(d.device), b.targets.to(d.device),
+                {"positions": b.positions.to(d.device), "attn_mask": b.attention_mask().to(d.device)})
 
     # 6. the loop
     run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
-    resolved = config.to_dict(cfg) | {"model_config": model_cfg.__dict__, "steps": steps, "seq_len": seq_len}
+    resolved = config.to_dict(cfg) | {"model_config": model_cfg.__dict__, "steps": steps, "seq_len": seq_len,
+                                      "batch_rows": per_step}
     step = 0
     resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
     if resume_from is not None:
         saved = json.loads((resume_from / ckpt.STATE_FILE).read_text())["config"]
-        changed = [k for k in RESUME_KEYS if saved.get(k) != resolved.get(k)]
+        # A key missing from an older checkpoint's config is not a change.
+        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != resolved[k]]
         if changed:  # a resumed run must be the same run, or it is not a continuation
             raise config.ConfigError(f"{resume_from} was made with other {', '.join(changed)}: "
                                      "use the same settings, another run.name, or run.resume=never")
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=device,
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=d.device,
                                      strict=cfg.method == "full")
         step = state["step"]
-        ckpt.restore_rng(resume_from, 0)
-    else:
+        ckpt.restore_rng(resume_from, d.rank)
+    elif d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", config.to_yaml(cfg))
         atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"temper sft: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} parameters train; "
-          f"{len(train_ex)} train / {len(val_ex)} val examples, {rows.per_epoch} rows of {seq_len} per epoch, "
-          f"{steps} steps of {per_step} rows; {stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
+    if d.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"temper sft: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} parameters train; "
+              f"{len(train_ex)} train / {len(val_ex)} val examples, {rows.per_epoch} rows of {seq_len} per epoch, "
+              f"{steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks); "
+              f"{stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
 
-    def save(at: int) -> None:
+    def save(at: int) -> None:  # every rank: rank 0 writes the weights, each rank its RNG
         sd = model.state_dict() if cfg.method == "full" else {n: p for n, p in model.named_parameters() if n in trainable}
         ckpt.save_checkpoint(run_dir, at, model={k: v.detach() for k, v in sd.items()}, optimizer=optimizer,
                              state={"step": at, "config": resolved}, keep_last_n=cfg.checkpoint.keep_last_n)
 
     def validate() -> float:
+        """The loss over every held-out row: micro-batches dealt to the ranks as training's are, so the
+        rows are the same whatever the world size. A rank left without one scores a row whose targets
+        are all ignored, since every rank must join eval_loss's all-reduce."""
         assert val_rows is not None
-        idx = list(range(val_rows.per_epoch))
-        mbs = [batch(idx[i:i + cfg.train.micro_batch_size], val_rows) for i in range(0, len(idx), cfg.train.micro_batch_size)]
-        return eval_loss(model, mbs, amp_dtype)
+        n = val_rows.per_epoch
+        starts = [rank_slice(0, micro, m, d.rank, d.world) for m in range(math.ceil(n / (micro * d.world)))]
+        mbs = [batch(val_rows, s, min(micro, n - s)) for s in starts if s < n]
+        if not mbs:
+            x, y, kw = batch(val_rows, 0, 1)
+            mbs = [(x, torch.full_like(y, IGNORE_INDEX), kw)]
+        return eval_loss(model, mbs, amp_dtype)  # the unwrapped model: DDP's forward is for training
 
-    logger = RunLogger(run_dir, total_steps=steps, start_step=step, rank=0, config=resolved, progress=cfg.progress)
+    logger = RunLogger(run_dir, total_steps=steps, start_step=step, rank=d.rank, config=resolved,
+                       progress=cfg.progress)
     if step == 0 and val_rows is not None:  # the starting point, to see the held-out loss fall
         logger.log(0, {"val_loss": validate()}, kind="val")
-    model.train()
+    train_model.train()
     t0, tokens = time.perf_counter(), 0
     try:
         while step < steps:
-            if faults.active("crash", step=step, rank=0):
+            if faults.active("crash", step=step, rank=d.rank):
                 raise SystemExit(f"TEMPER_FAULT crash at step {step}")
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
-            mbs = [batch(list(range(first + m * cfg.train.micro_batch_size, first + (m + 1) * cfg.train.micro_batch_size)), rows)
-                   for m in range(cfg.train.accumulation)]
-            result = train_step(model, optimizer, mbs, step=step, amp_dtype=amp_dtype, clip_norm=cfg.train.grad_clip)
+            mbs = [batch(rows, rank_slice(first, micro, m, d.rank, d.world), micro) for m in range(accum)]
+            result = train_step(train_model, optimizer, mbs, step=step, amp_dtype=amp_dtype,
+                                clip_norm=cfg.train.grad_clip)
             step += 1
             tokens += result.tokens
             if step % cfg.log_every == 0 or step == steps:
@@ -278,16 +314,20 @@ def run(cfg: SFTConfig) -> int:
     finally:
         logger.close()
 
-    # 7. final/
-    final = run_dir / "final"
-    export(model, model_cfg, cfg, tok, final)
-    write_report(run_dir)
-    print(f"final model: {final}")
+    # 7. final/, written by rank 0; the others wait, so that every rank returns only once it is complete
+    if d.is_main:
+        final = run_dir / "final"
+        export(model, model_cfg, cfg, tok, final)
+        write_report(run_dir)
+        print(f"final model: {final}")
+    if d.world > 1:
+        dist.barrier()
     return 0
 
 
 # What must match between a checkpoint and the run that resumes from it.
-RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train", "optim", "schedule", "steps", "seq_len")
+RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train", "optim", "schedule", "steps", "seq_len",
+               "batch_rows")
 
 
 def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
@@ -351,12 +391,10 @@ def apply_method(model: torch.nn.Module, cfg: SFTConfig) -> None:
 
 
 def export(model: torch.nn.Module, model_cfg, cfg: SFTConfig, tok, final: Path) -> None:
-    """final/: the merged model in Hugging Face layout with the tokenizer files; the adapter in
-    PEFT's format (lora, qlora) or the prefix weights (prefix) beside it."""
+    """final/: the merged model in Hugging Face layout with the tokenizer files (for prefix, the base
+    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix)."""
     gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
     if cfg.method in ("lora", "qlora"):
-        from temper.model.peft_io import save_peft
-
         save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=cfg.model)
         merged = merge_lora(model)
         if cfg.method == "qlora":  # the NF4 layers without adapters too; QLoRA's merged model is bf16
@@ -365,9 +403,9 @@ def export(model: torch.nn.Module, model_cfg, cfg: SFTConfig, tok, final: Path) 
             merged = dequantize(merged, torch.bfloat16).to(torch.bfloat16)
         save_hf(merged, model_cfg, final, generation_config=gen)
     elif cfg.method == "prefix":
-        from temper.model.prefix import remove_prefix, save_prefix
+        from temper.model.prefix import remove_prefix
 
-        save_prefix(model, final / "prefix.safetensors")
+        save_peft_prefix(model, model_cfg, final / "adapter", base_model_name_or_path=cfg.model)
         save_hf(remove_prefix(model), model_cfg, final, generation_config=gen)  # the base, unchanged
     else:
         save_hf(model, model_cfg, final, generation_config=gen)
