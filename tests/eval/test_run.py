@@ -59,7 +59,6 @@ def test_arc_prompts_and_fewshot(shared_data):
                      TaskOptions(num_fewshot=5, fewshot_path=shared_data / "arc-easy" / "train.jsonl"))
     shots = five[0].contexts[0].split("\n\n")
     assert len(shots) == 6 and shots[-1] == first.contexts[0] and all(s.startswith("Question: ") for s in shots)
-    assert five[1].contexts[0].split("\n\n")[:5] == shots[:5]  # the same shots for every question
 
 
 def _run(checkpoint: Path, tmp_path: Path, *flags: str) -> int:

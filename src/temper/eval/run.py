@@ -115,13 +115,12 @@ def _multiple_choice(model: nn.Module, tok: HFTokenizer, task: Task, examples: S
         records.append({"doc_id": ex.doc_id, "gold": ex.gold, "logprobs": lls, "greedy": [x.greedy for x in s],
                         "truncated": max(x.truncated for x in s), **M.multiple_choice(lls, ex.gold, ex.norm_chars)})
     acc = [r["acc"] for r in records]
-    acc_norm = [r["acc_norm"] for r in records]
     conf = [r["confidence"] for r in records]
-    ece = M.expected_calibration_error(conf, acc)
+    values = {name: [r[name] for r in records] for name in task.mc_metrics}
     return TaskResult(
         task.name, len(records),
-        metrics={"acc": M.mean(acc), "acc_norm": M.mean(acc_norm), "ece": ece},
-        stderr={"acc": M.mean_stderr(acc), "acc_norm": M.mean_stderr(acc_norm),
+        metrics={**{k: M.mean(v) for k, v in values.items()}, "ece": M.expected_calibration_error(conf, acc)},
+        stderr={**{k: M.mean_stderr(v) for k, v in values.items()},
                 "ece": M.bootstrap_stderr(M.expected_calibration_error, [conf, acc])},
         examples=records, truncated=sum(r["truncated"] > 0 for r in records),
         extra={"calibration_bins": M.calibration_bins(conf, acc)},
@@ -140,7 +139,10 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     prompts = [tok.encode(ex.prompt) for ex in examples]
     cut = [max(0, len(p) - room) for p in prompts]
     prompts = [p[c:] for p, c in zip(prompts, cut, strict=True)]
-    stop_ids = [i for i in (tok.eos_id,) if i is not None]
+    # A stop string that is one special token (<|im_end|>) is decoded away by skip_special_tokens,
+    # so it stops as a token id; lm-eval, which decodes with special tokens, stops there too.
+    special = [i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special and t.content in task.stop]
+    stop_ids = sorted({*special, *([tok.eos_id] if tok.eos_id is not None else [])})
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     completions: list[str] = [""] * len(examples)
@@ -164,7 +166,7 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     for ex, text, c in zip(examples, completions, cut, strict=True):
         per = task.score(text, ex) if task.score is not None else {}
         records.append({"doc_id": ex.doc_id, "prompt_tokens_cut": c, "completion": text, "target": ex.target, **per})
-    names = sorted({k for r in records for k, v in r.items() if isinstance(v, float)} - {"prompt_tokens_cut"})
+    names = sorted({k for r in records for k, v in r.items() if isinstance(v, float)})
     values = {k: [r[k] for r in records] for k in names}
     result = TaskResult(task.name, len(records), {k: M.mean(v) for k, v in values.items()},
                         {k: M.mean_stderr(v) for k, v in values.items()}, records, truncated=sum(c > 0 for c in cut))

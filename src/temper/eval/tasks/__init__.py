@@ -6,8 +6,9 @@ either optionally gzipped) and turns each record into an example:
   (`acc`, `acc_norm` and calibration, exactly as lm-eval-harness scores them);
 - `Generation`: a prompt to complete, and a scorer for the completion (exact match after answer
   extraction, BLEU, ROUGE, ...).
-Few-shot examples come from a second file (the task's training split), chosen by a seeded
-sample that does not depend on the example being asked, unless the task fixes them.
+Few-shot examples come from a second file (the task's training split), drawn for each question
+in turn from one seeded generator, as lm-eval-harness's default sampler draws them
+(`fewshot_draws`), unless the task fixes them (GSM8K-CoT's exemplars).
 
 It does not run a model (see `temper.eval.run`).
 """
@@ -21,7 +22,9 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 
 class TaskError(ValueError):
@@ -100,6 +103,8 @@ class Task:
     stop: tuple[str, ...] = ()
     """Generation ends before the first of these strings (and at the tokenizer's end-of-text)."""
     max_new_tokens: int = 256
+    mc_metrics: tuple[str, ...] = ("acc", "acc_norm")
+    """Multiple choice: which of acc / acc_norm the task reports (ECE always comes with acc)."""
     score: Callable[[str, Generation], dict[str, float]] | None = None
     """Per-example metrics of a completion (generative tasks); each is averaged over the task."""
     corpus_metrics: tuple[str, ...] = ()
@@ -168,11 +173,35 @@ def choice_index(value: Any, n: int, where: str, key: str) -> int:
     return value
 
 
-def fewshot_sample(pool: Sequence[Any], k: int, seed: int) -> list[Any]:
-    """The same k examples for every question: a seeded sample of the pool, in sampled order."""
-    if k > len(pool):
-        raise TaskError(f"num_fewshot={k} but the few-shot file has only {len(pool)} examples")
-    return random.Random(seed).sample(list(pool), k)
+def fewshot_draws(pool: Sequence[tuple[dict[str, Any], T]], k: int, seed: int, questions: Sequence[dict[str, Any]],
+                  exclude_question: bool) -> list[list[T]]:
+    """The k shots of each question, drawn exactly as lm-eval 0.4.13's default `ContextSampler`.
+
+    `pool` holds (record, shot) pairs of the few-shot file. lm-eval seeds one generator once and
+    draws in question order, so question i's shots depend on i: they equal lm-eval's only when the
+    questions are read in file order from the first. When the task names no few-shot split and no
+    test split (hellaswag, piqa, winogrande: `fewshot_split == test_split`, both None), lm-eval
+    treats the pool as possibly holding the question itself: it draws k + 1, drops records equal
+    to the question, keeps the first k, and redraws from the pool without the question if too few
+    are left.
+    """
+    if k == 0:
+        return [[] for _ in questions]  # lm-eval returns before touching the generator
+    need = k + 1 if exclude_question else k
+    if need > len(pool):
+        raise TaskError(f"num_fewshot={k} needs {need} examples in the few-shot file"
+                        f"{' (lm-eval draws one spare)' if exclude_question else ''}, but it has {len(pool)}")
+    rng = random.Random(seed)
+    draws = []
+    for question in questions:
+        if not exclude_question:
+            draws.append([shot for _, shot in rng.sample(pool, k)])
+            continue
+        picked = [shot for record, shot in rng.sample(pool, k + 1) if record != question][:k]
+        if len(picked) < k:  # the question appeared more than once in the draw
+            picked = [shot for _, shot in rng.sample([p for p in pool if p[0] != question], k)]
+        draws.append(picked)
+    return draws
 
 
 def with_shots(shots: Sequence[tuple[str, str]], query: str) -> str:
@@ -185,9 +214,9 @@ def with_shots(shots: Sequence[tuple[str, str]], query: str) -> str:
 
 def _registry() -> dict[str, Task]:
     # Imported here, not at the top: each task module imports the types above.
-    from temper.eval.tasks import arc
+    from temper.eval.tasks import arc, completion, gsm8k, hellaswag, piqa, winogrande
 
-    tasks = [*arc.TASKS]
+    tasks = [*arc.TASKS, *hellaswag.TASKS, *piqa.TASKS, *winogrande.TASKS, *gsm8k.TASKS, *completion.TASKS]
     return {t.name: t for t in tasks}
 
 

@@ -16,7 +16,7 @@ from temper.eval.tasks import (
     TaskError,
     TaskOptions,
     choice_index,
-    fewshot_sample,
+    fewshot_draws,
     field_of,
     read_records,
     with_shots,
@@ -46,17 +46,21 @@ def _prompt(question: str) -> str:
 
 
 def load(path: Path, options: TaskOptions) -> list[MultipleChoice]:
-    questions = [_question(r, where) for where, r in read_records(path)]
+    raw = read_records(path)
+    records = [r for _, r in raw]
+    questions = [_question(r, where) for where, r in raw]
     k = options.num_fewshot or 0
-    shots: list[tuple[str, str]] = []
+    shots: list[list[tuple[str, str]]] = [[] for _ in questions]
     if k:
         if options.fewshot_path is None:
             raise TaskError("arc: num_fewshot > 0 needs a few-shot file (the training split): --fewshot_path")
-        pool = [_question(r, where) for where, r in read_records(options.fewshot_path)]
-        shots = [(_prompt(q), texts[gold]) for q, texts, gold in fewshot_sample(pool, k, options.seed)]
+        pool = [(r, (_prompt(q), texts[gold])) for where, r in read_records(options.fewshot_path)
+                for q, texts, gold in [_question(r, where)]]
+        # arc has a test split apart from its few-shot split: lm-eval draws exactly k per question
+        shots = fewshot_draws(pool, k, options.seed, records, exclude_question=False)
     return [
-        MultipleChoice(doc_id=i, contexts=(with_shots(shots, _prompt(q)),), continuations=tuple(f" {t}" for t in texts),
-                       gold=gold, norm_chars=tuple(len(t) for t in texts))
+        MultipleChoice(doc_id=i, contexts=(with_shots(shots[i], _prompt(q)),),
+                       continuations=tuple(f" {t}" for t in texts), gold=gold, norm_chars=tuple(len(t) for t in texts))
         for i, (q, texts, gold) in enumerate(questions)
     ]
 
