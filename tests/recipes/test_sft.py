@@ -159,3 +159,15 @@ def test_bad_data_is_named(base, tmp_path, capsys):
     assert sft.main(args(base, tmp_path, "bad", f"--data.files=[{bad}]")) == 2
     err = capsys.readouterr().err
     assert f"{bad}:1" in err and "role" in err
+
+
+def test_tasks_run_before_and_during_training(base, tmp_path):
+    arc = ALPACA.parents[1] / "arc-easy" / "validation.jsonl"
+    assert sft.main(args(base, tmp_path, "tasks", "--train.steps=4", f"--eval.tasks.names=[arc_easy={arc}]",
+                         "--eval.tasks.every=2", "--eval.tasks.limit=6")) == 0
+    accs = losses(tmp_path / "tasks", kind="tasks", key="arc_easy/acc")
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "tasks" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "tasks"]
+    assert steps == [0, 2, 4] and all(0 <= a <= 1 for a in accs)
+    with pytest.raises(config.ConfigError, match="eval.tasks: .*no such file"):
+        sft.main(args(base, tmp_path, "bad", f"--eval.tasks.names=[arc_easy={tmp_path / 'none.jsonl'}]"))

@@ -53,6 +53,8 @@ from temper.data.sft import (
     load_sft_examples,
 )
 from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer, save_hf_tokenizer
+from temper.eval.run import TaskSuite, TaskSuiteConfig
+from temper.eval.tasks import TaskError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
@@ -61,7 +63,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger, write_report
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed
-from temper.train.step import IGNORE_INDEX, eval_loss, resolve_precision, train_step
+from temper.train.step import IGNORE_INDEX, autocast, eval_loss, resolve_precision, train_step
 
 
 @dataclass
@@ -126,6 +128,8 @@ class EvalConfig:
     """Validation loss on the held-out examples every this many steps (0: only at the end)."""
     val_fraction: float = 0.05
     """Share of the examples held out for validation (by a hash of the example's position and the seed)."""
+    tasks: TaskSuiteConfig = field(default_factory=TaskSuiteConfig)
+    """Benchmark tasks (ARC, GSM8K, ...) run on rank 0 at step 0 and every `eval.tasks.every` steps (kind "tasks")."""
 
 
 @dataclass
@@ -193,15 +197,19 @@ def run(cfg: SFTConfig) -> int:
         print(format_report(report), file=sys.stderr)
         return 1
     train_ex, val_ex = split(examples, cfg.eval.val_fraction, cfg.run.seed)
+    try:
+        tasks = TaskSuite(cfg.eval.tasks, tok)  # read now: bad task input fails before training
+    except TaskError as e:
+        raise config.ConfigError(f"eval.tasks: {e}") from None
     d = init_distributed(cfg.run.device)  # torchrun: one process per rank (DDP); else a single process
     try:
-        return _train(cfg, d, tok, stats, train_ex, val_ex)
+        return _train(cfg, d, tok, stats, train_ex, val_ex, tasks)
     finally:
         shutdown_distributed()
 
 
 def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train_ex: list[SFTExample],
-           val_ex: list[SFTExample]) -> int:
+           val_ex: list[SFTExample], tasks: TaskSuite) -> int:
     # 4. model and method
     amp_dtype = resolve_precision(cfg.train.precision, d.device)
     model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
@@ -286,6 +294,14 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                        progress=cfg.progress)
     if step == 0 and val_rows is not None:  # the starting point, to see the held-out loss fall
         logger.log(0, {"val_loss": validate()}, kind="val")
+
+    def run_tasks(step: int) -> None:
+        if d.is_main and tasks.due(step, steps):
+            with autocast(d.device, amp_dtype):
+                logger.log(step, tasks.run(model), kind="tasks")  # the unwrapped model, adapters included
+
+    if step == 0:
+        run_tasks(0)
     train_model.train()
     t0, tokens = time.perf_counter(), 0
     try:
@@ -307,6 +323,9 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                 t0, tokens = time.perf_counter(), 0
             if val_rows is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps):
                 logger.log(step, {"val_loss": validate()}, kind="val")
+                t0 = time.perf_counter()
+            if tasks.due(step, steps):
+                run_tasks(step)
                 t0 = time.perf_counter()
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
                 save(step)
