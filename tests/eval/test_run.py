@@ -117,3 +117,23 @@ def test_bad_checkpoints_and_tasks_are_named(checkpoint, tmp_path, capsys):
     assert "no default data file: give one as arc_challenge=path" in capsys.readouterr().err
     assert _run(checkpoint, tmp_path) == 2
     assert "at least one of --tasks" in capsys.readouterr().err
+
+
+def test_perplexity_of_shards_equals_perplexity_of_their_text(checkpoint, tmp_path):
+    from temper.recipes import prepare
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i} tells of the river and the hill, {i * 7} miles away." for i in range(30)))
+    data = tmp_path / "data"
+    assert prepare.main([f"--input={text}", f"--out={data}", "--tokenizer.kind=file",
+                         f"--tokenizer.path={checkpoint / 'tokenizer.json'}", "--tokenizer.eot_token=<|endoftext|>",
+                         "--txt_docs=paragraph", "--val_fraction=0", "--dedup.exact=false", "--workers=1", "--progress=false"]) == 0
+    results = {}
+    for name, flags in {"files": [f"--perplexity.files=[{text}]"],
+                        "shards": [f"--perplexity.data_dir={data}", "--perplexity.split=train"]}.items():
+        out = tmp_path / name
+        assert evaluate.main([f"--checkpoint={checkpoint}", f"--out={out}", "--progress=false",
+                              "--perplexity.seq_len=12", *flags]) == 0
+        results[name] = json.loads((out / "results.json").read_text())["results"]["perplexity"]
+    assert results["files"]["counts"] == results["shards"]["counts"]
+    assert results["files"]["metrics"] == pytest.approx(results["shards"]["metrics"], rel=1e-6)

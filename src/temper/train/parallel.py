@@ -79,7 +79,9 @@ def parallelize(
         model = torch.compile(model)
     if dist_info.world > 1:
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # The only buffers are the RoPE tables, computed identically on every rank: re-broadcasting
+        # them before every forward (DDP's default) would only cost time.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return model
 
 
