@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import download, estimate, evaluate, generate, prepare, pretrain, sft
+from temper.recipes import download, estimate, evaluate, generate, lm_eval, prepare, pretrain, sft
 
 COMMANDS = {
     "prepare": prepare.main,
@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": generate.main,
     "estimate": estimate.main,
     "download": download.main,
+    "lm-eval": lm_eval.main,
     "evaluate": evaluate.main,
 }
 

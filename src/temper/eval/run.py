@@ -65,12 +65,20 @@ def prefix_id(tok: HFTokenizer) -> int:
     return found
 
 
+def encode_text(tok: HFTokenizer, text: str) -> list[int]:
+    """Token ids as lm-eval's `hf` backend encodes text: with the tokenizer's special tokens (a BOS
+    where it adds one), unless the text already starts with the prefix token's text."""
+    has = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    prefix = tok.decode([has]) if has is not None else ""
+    return tok.encode(text, add_special_tokens=not (prefix and text.startswith(prefix)))
+
+
 def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Request]:
     """Text pairs -> token requests, as lm-eval's `loglikelihood` builds them (empty contexts included)."""
     out = []
     for context, continuation in pairs:
         if context:
-            req = encode_pair(tok.encode, context, continuation)
+            req = encode_pair(lambda text: encode_text(tok, text), context, continuation)
         else:
             cont = tok.encode(continuation, add_special_tokens=False)
             p = prefix_id(tok)
@@ -136,7 +144,7 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     if room < 1:
         raise TaskError(f"{task.name}: max_new_tokens={max_new} leaves no room for a prompt in the model's "
                         f"context of {model.cfg.max_seq_len} tokens")
-    prompts = [tok.encode(ex.prompt) for ex in examples]
+    prompts = [encode_text(tok, ex.prompt) for ex in examples]
     cut = [max(0, len(p) - room) for p in prompts]
     prompts = [p[c:] for p, c in zip(prompts, cut, strict=True)]
     # A stop string that is one special token (<|im_end|>) is decoded away by skip_special_tokens,

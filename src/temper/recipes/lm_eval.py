@@ -1,0 +1,157 @@
+"""`temper lm-eval ...`: lm-evaluation-harness's command line, with temper checkpoints as model "temper".
+
+    temper lm-eval --model temper --model_args checkpoint=runs/x/final --tasks arc_easy --device cpu
+    temper lm-eval --model temper --model_args checkpoint=runs/x/final,batch_tokens=32768,max_gen_toks=128 ...
+
+Every other argument is lm-eval's own (`temper lm-eval --help`, `temper lm-eval ls tasks`).
+lm-eval 0.4.13 finds models only in its own package (lm_eval/models/__init__.py's MODEL_MAPPING;
+the registry reads no plugin entry points), so the bare `lm_eval` command cannot see "temper".
+
+Steps:
+  1. `register()`: "temper" becomes an lm-eval model name, built from model_args
+     `checkpoint=DIR` (Hugging Face layout: config.json, the weights, tokenizer.json) and
+     optionally `device` (default: cuda when available), `dtype` (default: bfloat16 on a GPU,
+     float32 on the CPU), `batch_tokens`, `max_gen_toks`, `seed`, `allow_pickle`;
+  2. run lm-eval's own `cli_evaluate` with the remaining arguments.
+
+From Python:
+
+    import lm_eval
+    from temper.recipes.lm_eval import register
+    register()
+    lm_eval.simple_evaluate(model="temper", model_args="checkpoint=runs/x/final", tasks=["arc_easy"])
+
+A model in memory needs no checkpoint: `simple_evaluate(model=TemperLM(model, tokenizer), ...)` with
+`temper.eval.lm_eval_adapter.TemperLM`, which does the scoring and generation. This recipe only
+loads checkpoints (the eval stage does not import `temper.model`). lm-eval is an optional
+dependency: without it the command says how to install it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.model.convert import load_hf
+from temper.model.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
+
+_registered: type | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None / "auto": cuda when available. A CUDA device on a machine without one falls back to the CPU
+    with a warning, as lm-eval's `hf` does: lm-eval's command line passes "cuda:0" unless told."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s asked for, but CUDA is not available: using the CPU", device)
+        return torch.device("cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None / "auto": bfloat16 on a GPU, float32 on the CPU; else one of DTYPES (or a torch.dtype)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[name]
+
+
+def load_checkpoint(checkpoint: str | Path, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Transformer, HFTokenizer]:
+    """The model (eval mode) and tokenizer of a Hugging Face layout directory such as runs/x/final.
+
+    The tokenizer is read first: lm-eval cannot score text without it, and the error names the
+    directory and what it holds before any weights are read.
+    """
+    root = Path(checkpoint)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {root}: not a directory (expected a Hugging Face layout directory "
+                                f"with config.json, model.safetensors and tokenizer.json, e.g. runs/<name>/final)")
+    try:
+        tokenizer = load_hf_tokenizer(root)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {root}: lm-eval needs the checkpoint's tokenizer: {e}") from None
+    dev = resolve_device(device)
+    model, _ = load_hf(root, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
+    return model, tokenizer
+
+
+def register() -> type:
+    """Make "temper" an lm-eval model name (idempotent) and return its class.
+
+    Raises ModuleNotFoundError with a one-line install hint when lm-eval is missing.
+    """
+    global _registered
+    from temper.eval.lm_eval_adapter import TemperLM  # imports lm-eval, or says how to install it
+
+    if _registered is not None:
+        return _registered
+    # lm-eval fills its registry with its own models only while the registry is empty
+    # (`get_model`), so they are put in first: registering "temper" alone would hide "hf".
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.registry import model_registry, register_model
+
+    class TemperCheckpointLM(TemperLM):
+        """lm-eval model "temper": a temper checkpoint directory (model_args checkpoint=DIR)."""
+
+        def __init__(self, checkpoint: str = "", device: str | None = None, dtype: str | None = None,
+                     allow_pickle: bool | str = False, **options: Any) -> None:
+            if not checkpoint:
+                raise ValueError("model 'temper' needs model_args checkpoint=DIR (a Hugging Face layout directory "
+                                 "such as runs/<name>/final)")
+            pickle_ok = str(allow_pickle).lower() in ("1", "true", "yes")
+            model, tokenizer = load_checkpoint(checkpoint, device, dtype, allow_pickle=pickle_ok)
+            super().__init__(model, tokenizer, **options)
+            self.checkpoint = str(checkpoint)
+
+    if "temper" in model_registry:  # registered by an earlier import of this module (e.g. a reload)
+        _registered = model_registry.get("temper")
+    else:
+        _registered = register_model("temper")(TemperCheckpointLM)
+    return _registered
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        register()
+    except ModuleNotFoundError as e:
+        print(f"temper lm-eval: {e}", file=sys.stderr)
+        return 2
+    from lm_eval.__main__ import cli_evaluate
+
+    # lm-eval's parser reads sys.argv (and inserts its "run" subcommand there).
+    saved = sys.argv
+    sys.argv = ["temper lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as e:  # argparse's --help and usage errors, or an exit with a message
+        if isinstance(e.code, str):
+            print(f"temper lm-eval: {e.code}", file=sys.stderr)
+            return 1
+        return e.code or 0
+    except (OSError, ValueError) as e:  # a wrong path, an unreadable checkpoint, a bad option: one line
+        print(f"temper lm-eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
