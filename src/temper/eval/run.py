@@ -68,8 +68,7 @@ def prefix_id(tok: HFTokenizer) -> int:
 def encode_text(tok: HFTokenizer, text: str) -> list[int]:
     """Token ids as lm-eval's `hf` backend encodes text: with the tokenizer's special tokens (a BOS
     where it adds one), unless the text already starts with the prefix token's text."""
-    has = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    prefix = tok.decode([has]) if has is not None else ""
+    prefix = tok.decode([prefix_id(tok)]) if tok.bos_id is not None or tok.eos_id is not None else ""
     return tok.encode(text, add_special_tokens=not (prefix and text.startswith(prefix)))
 
 
@@ -114,7 +113,16 @@ def _multiple_choice(model: nn.Module, tok: HFTokenizer, task: Task, examples: S
                      batch_tokens: int, progress: Callable[[int], None] | None) -> TaskResult:
     pairs = [ex.pairs() for ex in examples]
     requests = requests_for(tok, [p for ps in pairs for p in ps])
-    scores = score(model, requests, batch_tokens=batch_tokens, progress=progress)
+    done = [0, 0]  # requests scored, examples reported
+
+    def advance(n: int) -> None:  # progress in examples, from the scorer's progress in requests
+        done[0] += n
+        now = done[0] * len(examples) // len(requests)
+        if progress is not None and now > done[1]:
+            progress(now - done[1])
+            done[1] = now
+
+    scores = score(model, requests, batch_tokens=batch_tokens, progress=advance)
     records, at = [], 0
     for ex, ps in zip(examples, pairs, strict=True):
         s = scores[at:at + len(ps)]
