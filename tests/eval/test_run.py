@@ -105,6 +105,14 @@ def test_bad_task_files_are_named(checkpoint, tmp_path, capsys, content, flags, 
     assert message in capsys.readouterr().err
 
 
+def test_help_names_every_task():
+    from temper.config import field_docs
+    from temper.eval.tasks import all_tasks
+
+    known = field_docs(evaluate.EvaluateConfig)["tasks"].split("Known: ")[1].rstrip(".").split(", ")
+    assert sorted(known) == sorted(all_tasks())
+
+
 def test_bad_checkpoints_and_tasks_are_named(checkpoint, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

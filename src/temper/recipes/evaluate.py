@@ -82,7 +82,8 @@ class EvaluateConfig:
     checkpoint: str = ""
     """Hugging Face layout directory (config.json, weights, tokenizer files), or a run directory (its final/)."""
     tasks: list[str] = field(default_factory=list)
-    """Tasks to run: "arc_easy" reads its default file under data_root, "arc_easy=path/file.jsonl" another."""
+    """Tasks to run: "arc_easy" reads its default file under data_root, "arc_easy=path/file.jsonl" another.
+    Known: arc_easy, arc_challenge, hellaswag, piqa, winogrande, gsm8k, gsm8k_cot, completion."""
     data_root: str = "../shared/data"
     """Where the tasks' default files are."""
     limit: int | None = None
