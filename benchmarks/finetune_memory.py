@@ -1,12 +1,22 @@
 """Fine-tuning memory and speed: temper's full, LoRA and QLoRA steps against transformers (full)
-and peft (LoRA) on the same model shape, batch and precision, in one run.
+and peft (LoRA, and QLoRA over bitsandbytes) on the same model shape, batch and precision, in one run.
 
 Every side trains the same Llama-shaped model (random weights, exported once by temper and loaded
 by transformers) on the same random tokens, with AdamW. Memory is the peak of live tensor bytes
 during one steady-state step (forward, backward, optimizer step), counted by the same meter for
 every side (`temper.train.memory.LiveTensorBytes`, which sees every tensor storage); speed is
 tokens per second over `--steps` steps after a warm-up, the sides alternating, medians reported.
-peft's QLoRA needs bitsandbytes on CUDA, so on a CPU the QLoRA row has no peer.
+
+peft's QLoRA is peft's LoRA over a transformers model loaded with bitsandbytes' `BitsAndBytesConfig`
+(NF4, double quantization, block 64 with scales in blocks of 256 as temper's torchao layout, compute
+dtype float32 as every side here), the blocks' linear layers in 4 bits, embeddings and head in
+float32, all frozen but the adapters: what temper's QLoRA side is. `prepare_model_for_kbit_training`
+is not called: it would turn on activation checkpointing whatever `--checkpointing` says, and its
+other work (casting the non-4-bit weights to float32, freezing them) is already so here.
+bitsandbytes is optional (`pip install bitsandbytes`): without it (or without a backend for the device: it has a CPU backend
+since 0.45) the QLoRA row says why it has no peer. Its 4-bit weights (`Params4bit`, packed uint8)
+are plain tensor storages for the meter; their quantization state (8-bit absmax, the float32
+scales of those, code tables) is not a parameter or buffer, so it is tracked from the start too.
 
     python benchmarks/finetune_memory.py                       # CPU shape: dim 512, 8 layers, seq 256
     python benchmarks/finetune_memory.py --device cuda --dim 4096 --layers 32 --heads 32 --kv-heads 8 \\
@@ -55,11 +65,43 @@ def temper_side(cfg, method: str, device: str, rank: int, ckpt: bool) -> tuple[t
     return model, opt, step
 
 
+def bnb_missing(device: str) -> str | None:
+    """Why peft's QLoRA cannot run on `device` (None when it can): bitsandbytes absent or without a backend."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64 * 256, device=device), quant_type="nf4", compress_statistics=True)
+    except Exception as e:  # ImportError, or no kernel for the device: either way no peer
+        return f"bitsandbytes: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def bnb_side(path: str, device: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                     Callable]:
+    """peft LoRA over a 4-bit NF4 transformers model (bitsandbytes): the peer of temper's QLoRA."""
+    import transformers
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    # A 4-bit model cannot be moved with .to(): it is quantized as it is loaded onto its device.
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
+                                                              device_map={"": str(dev)})
+    return _hf_train(model, "lora", rank, ckpt)
+
+
 def hf_side(path: str, method: str, device: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
                                                                              Callable]:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device)
+    return _hf_train(model, method, rank, ckpt)
+
+
+def _hf_train(model: torch.nn.Module, method: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module,
+                                                                                  torch.optim.Optimizer, Callable]:
     if ckpt:
         model.gradient_checkpointing_enable()
     if method == "lora":
@@ -86,13 +128,25 @@ def peak_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, step: Callabl
     step(x, y)
     tracker = LiveTensorBytes()
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    for t in [*model.parameters(), *model.buffers(), *states, x, y]:
+    for t in [*model.parameters(), *model.buffers(), *_quant_states(model), *states, x, y]:
         for leaf in _leaves(t):
             tracker.track(leaf)
     tracker.mark_peak("start")
     with tracker:
         step(x, y)
     return tracker.peak
+
+
+def _quant_states(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors of bitsandbytes' 4-bit weights' quantization state (absmax, nested absmax, code
+    tables): held by the weights, not registered as parameters or buffers."""
+    out = []
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            out += [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
+            qs = getattr(qs, "state2", None)
+    return out
 
 
 def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
@@ -135,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             ("lora", "peft"): lambda: hf_side(tmp, "lora", args.device, args.rank, args.checkpointing),
             ("qlora", "temper"): lambda: temper_side(cfg, "qlora", args.device, args.rank, args.checkpointing),
         }
+        no_qlora_peer = bnb_missing(args.device)
+        if no_qlora_peer is None:
+            sides[("qlora", "peft")] = lambda: bnb_side(tmp, args.device, args.rank, args.checkpointing)
         results: dict = {k: {"peak": 0, "tps": []} for k in sides}
         for r in range(args.repeats):
             for key in (list(sides) if r % 2 == 0 else list(reversed(sides))):
@@ -161,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         mem = f"{ours['peak'] / res['peak']:.2f}x" if impl != "temper" else ""
         speed = f"{statistics.median(ours['tps']) / tps:.2f}x" if impl != "temper" else ""
         print(f"| {method} | {impl} | {res['peak'] / 2**20:.1f} | {tps:,.0f} | {mem} | {speed} |")
+    if no_qlora_peer is not None:
+        print(f"\nqlora: no peft peer ({no_qlora_peer})")
+    else:
+        import bitsandbytes
+
+        print(f"\nqlora peer: peft LoRA over bitsandbytes {bitsandbytes.__version__} NF4 (double quantization, "
+              f"compute dtype float32)")
     return 0
 
 
