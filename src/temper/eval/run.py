@@ -44,17 +44,20 @@ class TaskResult:
     """Anything a report may plot: the calibration bins of a multiple-choice task."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class GenerationSettings:
-    """How generative tasks sample."""
+    """How generative tasks (GSM8K, completion) produce their answers."""
 
     max_new_tokens: int | None = None
     """Most tokens per answer (None: the task's own limit)."""
     temperature: float = 0.0
-    """0 is greedy; above 0 samples, reproducibly for a given seed."""
+    """0 is greedy; above 0 samples, reproducibly for the seed."""
     top_p: float | None = None
+    """Nucleus sampling mass (None: off)."""
     seed: int = 1234
+    """Seed of sampling (and of few-shot selection in `temper evaluate`)."""
     batch_size: int = 16
+    """Prompts generated together."""
 
 
 def prefix_id(tok: HFTokenizer) -> int:
@@ -90,7 +93,7 @@ def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Req
 
 
 def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Example], *,
-             batch_tokens: int = 16384, generation: GenerationSettings = GenerationSettings(),
+             batch_tokens: int = 16384, generation: GenerationSettings | None = None,
              progress: Callable[[int], None] | None = None) -> TaskResult:
     """Score `examples` of `task` with `model` (a temper Transformer, in eval mode)."""
     if not examples:
@@ -102,7 +105,8 @@ def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[
         if task.kind == "multiple_choice":
             result = _multiple_choice(model, tok, task, examples, batch_tokens, progress)  # type: ignore[arg-type]
         else:
-            result = _generate(model, tok, task, examples, generation, progress)  # type: ignore[arg-type]
+            result = _generate(model, tok, task, examples, generation or GenerationSettings(),
+                               progress)  # type: ignore[arg-type]
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - start

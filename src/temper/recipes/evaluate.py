@@ -60,22 +60,6 @@ class PerplexityConfig:
 
 
 @dataclass
-class GenerationConfig:
-    """How generative tasks (GSM8K, completion) produce their answers."""
-
-    max_new_tokens: int | None = None
-    """Most tokens per answer (None: the task's own limit)."""
-    temperature: float = 0.0
-    """0 is greedy; above 0 samples, reproducibly for the seed."""
-    top_p: float | None = None
-    """Nucleus sampling mass (None: off)."""
-    seed: int = 1234
-    """Seed of sampling (and of few-shot selection)."""
-    batch_size: int = 16
-    """Prompts generated together."""
-
-
-@dataclass
 class EvaluateConfig:
     """Options of `temper evaluate`."""
 
@@ -93,7 +77,7 @@ class EvaluateConfig:
     fewshot_path: str = ""
     """File the few-shot examples come from (default: the task's training file under data_root)."""
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     batch_tokens: int = 16384
     """Most tokens (rows x longest row) in one forward pass of log-likelihood scoring."""
     out: str = ""
@@ -164,13 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
         print(f"temper evaluate: {e}", file=sys.stderr)
         return 2
-    g = cfg.generation
-    settings = GenerationSettings(g.max_new_tokens, g.temperature, g.top_p, g.seed, g.batch_size)
     results: list[TaskResult] = []
     for task, examples in tasks:
         with tqdm(total=len(examples), desc=task.name, unit="ex", disable=not cfg.progress) as bar:
             try:
-                result = run_task(model, tok, task, examples, batch_tokens=cfg.batch_tokens, generation=settings,
+                result = run_task(model, tok, task, examples, batch_tokens=cfg.batch_tokens, generation=cfg.generation,
                                   progress=bar.update)
             except TaskError as e:
                 print(f"temper evaluate: {e}", file=sys.stderr)

@@ -209,6 +209,36 @@ def with_shots(shots: Sequence[tuple[str, str]], query: str) -> str:
     return "".join(f"{q} {a}\n\n" for q, a in shots) + query
 
 
+Question = Callable[[dict[str, Any], str], tuple[str, list[str], int]]
+"""(record, "file:line") -> (prompt, choices, gold): one task's reading of one record."""
+
+
+def load_choice_questions(task: str, path: Path, options: TaskOptions, question: Question, *,
+                          exclude_question: bool) -> list[MultipleChoice]:
+    """The usual multiple-choice task (ARC, HellaSwag, PIQA): one context, the few-shot examples then
+    the prompt, and the continuations " {choice}", acc_norm dividing by each choice's characters.
+
+    exclude_question: the few-shot file may hold the question itself (no separate test split),
+    so lm-eval draws a spare shot and drops it (see `fewshot_draws`).
+    """
+    records = read_records(path)
+    questions = [question(r, where) for where, r in records]
+    k = options.num_fewshot or 0
+    pool: list[tuple[dict[str, Any], tuple[str, str]]] = []
+    if k:
+        if options.fewshot_path is None:
+            raise TaskError(f"{task}: num_fewshot > 0 needs a few-shot file (the training split): --fewshot_path")
+        for where, r in read_records(options.fewshot_path):
+            prompt, choices, gold = question(r, where)
+            pool.append((r, (prompt, choices[gold])))
+    shots = fewshot_draws(pool, k, options.seed, [r for _, r in records], exclude_question)
+    return [
+        MultipleChoice(doc_id=i, contexts=(with_shots(shots[i], prompt),),
+                       continuations=tuple(f" {c}" for c in choices), gold=gold, norm_chars=tuple(len(c) for c in choices))
+        for i, (prompt, choices, gold) in enumerate(questions)
+    ]
+
+
 # ---- the registry ------------------------------------------------------------------------------
 
 

@@ -16,10 +16,8 @@ from temper.eval.tasks import (
     TaskError,
     TaskOptions,
     choice_index,
-    fewshot_draws,
     field_of,
-    read_records,
-    with_shots,
+    load_choice_questions,
 )
 
 
@@ -38,31 +36,12 @@ def _question(record: dict, where: str) -> tuple[str, list[str], int]:
         gold = choice_index(field_of(record, where, "label", (int, str)), len(texts), where, "label")
     if len(texts) < 2 or not all(isinstance(t, str) and t for t in texts):
         raise TaskError(f"{where}: field 'choices' must hold at least two non-empty strings")
-    return question, texts, gold
-
-
-def _prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
+    return f"Question: {question}\nAnswer:", texts, gold
 
 
 def load(path: Path, options: TaskOptions) -> list[MultipleChoice]:
-    raw = read_records(path)
-    records = [r for _, r in raw]
-    questions = [_question(r, where) for where, r in raw]
-    k = options.num_fewshot or 0
-    shots: list[list[tuple[str, str]]] = [[] for _ in questions]
-    if k:
-        if options.fewshot_path is None:
-            raise TaskError("arc: num_fewshot > 0 needs a few-shot file (the training split): --fewshot_path")
-        pool = [(r, (_prompt(q), texts[gold])) for where, r in read_records(options.fewshot_path)
-                for q, texts, gold in [_question(r, where)]]
-        # arc has a test split apart from its few-shot split: lm-eval draws exactly k per question
-        shots = fewshot_draws(pool, k, options.seed, records, exclude_question=False)
-    return [
-        MultipleChoice(doc_id=i, contexts=(with_shots(shots[i], _prompt(q)),),
-                       continuations=tuple(f" {t}" for t in texts), gold=gold, norm_chars=tuple(len(t) for t in texts))
-        for i, (q, texts, gold) in enumerate(questions)
-    ]
+    # arc has a test split apart from its few-shot split: lm-eval draws exactly k per question
+    return load_choice_questions("arc", path, options, _question, exclude_question=False)
 
 
 TASKS = [

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from temper.eval.tasks import (
     MultipleChoice,
@@ -25,10 +24,8 @@ from temper.eval.tasks import (
     TaskError,
     TaskOptions,
     choice_index,
-    fewshot_draws,
     field_of,
-    read_records,
-    with_shots,
+    load_choice_questions,
 )
 
 
@@ -57,22 +54,7 @@ def _question(record: dict, where: str) -> tuple[str, list[str], int]:
 
 
 def load(path: Path, options: TaskOptions) -> list[MultipleChoice]:
-    records = read_records(path)
-    questions = [_question(r, where) for where, r in records]
-    k = options.num_fewshot or 0
-    pool: list[tuple[dict[str, Any], tuple[str, str]]] = []
-    if k:
-        if options.fewshot_path is None:
-            raise TaskError("hellaswag: num_fewshot > 0 needs a few-shot file (the training split): --fewshot_path")
-        for where, r in read_records(options.fewshot_path):
-            q, texts, gold = _question(r, where)
-            pool.append((r, (q, texts[gold])))
-    shots = fewshot_draws(pool, k, options.seed, [r for _, r in records], exclude_question=True)
-    return [
-        MultipleChoice(doc_id=i, contexts=(with_shots(shots[i], q),), continuations=tuple(f" {t}" for t in texts),
-                       gold=gold, norm_chars=tuple(len(t) for t in texts))
-        for i, (q, texts, gold) in enumerate(questions)
-    ]
+    return load_choice_questions("hellaswag", path, options, _question, exclude_question=True)
 
 
 TASKS = [

@@ -13,18 +13,14 @@ the labels in a separate file: merge them into the records first.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from temper.eval.tasks import (
     MultipleChoice,
     Task,
-    TaskError,
     TaskOptions,
     choice_index,
-    fewshot_draws,
     field_of,
-    read_records,
-    with_shots,
+    load_choice_questions,
 )
 
 
@@ -36,22 +32,7 @@ def _question(record: dict, where: str) -> tuple[str, list[str], int]:
 
 
 def load(path: Path, options: TaskOptions) -> list[MultipleChoice]:
-    records = read_records(path)
-    questions = [_question(r, where) for where, r in records]
-    k = options.num_fewshot or 0
-    pool: list[tuple[dict[str, Any], tuple[str, str]]] = []
-    if k:
-        if options.fewshot_path is None:
-            raise TaskError("piqa: num_fewshot > 0 needs a few-shot file (the training split): --fewshot_path")
-        for where, r in read_records(options.fewshot_path):
-            q, sols, gold = _question(r, where)
-            pool.append((r, (q, sols[gold])))
-    shots = fewshot_draws(pool, k, options.seed, [r for _, r in records], exclude_question=True)
-    return [
-        MultipleChoice(doc_id=i, contexts=(with_shots(shots[i], q),), continuations=tuple(f" {s}" for s in sols),
-                       gold=gold, norm_chars=tuple(len(s) for s in sols))
-        for i, (q, sols, gold) in enumerate(questions)
-    ]
+    return load_choice_questions("piqa", path, options, _question, exclude_question=True)
 
 
 TASKS = [
