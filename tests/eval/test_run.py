@@ -145,3 +145,11 @@ def test_perplexity_of_shards_equals_perplexity_of_their_text(checkpoint, tmp_pa
         results[name] = json.loads((out / "results.json").read_text())["results"]["perplexity"]
     assert results["files"]["counts"] == results["shards"]["counts"]
     assert results["files"]["metrics"] == pytest.approx(results["shards"]["metrics"], rel=1e-6)
+
+
+def test_bad_settings_are_named(checkpoint, tmp_path):
+    from temper.config import ConfigError
+
+    for flag, key in [("--generation.batch_size=0", "generation"), ("--dtype=float8", "dtype"), ("--limit=0", "limit")]:
+        with pytest.raises(ConfigError, match=key):
+            _run(checkpoint, tmp_path, "--tasks=[arc_easy]", flag)

@@ -44,8 +44,7 @@ from tqdm import tqdm
 
 from temper.data.tokenizer import HFTokenizer
 from temper.eval.loglik import Request, score
-from temper.eval.run import encode_text
-from temper.infer.engine import generate
+from temper.eval.run import encode_text, generate_all, prefix_id
 
 MISSING_LM_EVAL = "lm-eval is not installed: pip install 'temper[eval]'"
 
@@ -101,8 +100,6 @@ class TemperLM(TemplateLM):
             batch_size, "batch_size")
         self.seed = int(seed)
         self._device = next(model.parameters()).device
-        # lm-eval's `hf` encodes a text that already starts with the prefix token's text without the
-        # tokenizer's special tokens, so that a template that writes the BOS itself does not get two.
 
     # ---- what lm-eval asks of a model --------------------------------------------------------
 
@@ -115,8 +112,7 @@ class TemperLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         """The context of an empty context: BOS, else EOS (lm-eval's `hf` rule)."""
-        bos = self.tokenizer.bos_id
-        return bos if bos is not None else self.eot_token_id
+        return prefix_id(self.tokenizer)
 
     @property
     def max_length(self) -> int:
@@ -216,20 +212,16 @@ class TemperLM(TemplateLM):
                                      f"model's context of {self.max_length} tokens")
                 sampling = self._sampling(opts)
                 # lm-eval's left truncation: the context keeps its last max_length - max_gen_toks tokens.
-                prompts = {i: self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members}
-                order = sorted(members, key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+                prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members]
                 # A row ends once its decoded text holds a stop string (the engine works on ids only).
-                stopped = (lambda row, ids, stops=stops: any(s in self.tok_decode(ids) for s in stops)) if stops else None
-                for b in range(0, len(order), self.batch_size):
-                    rows = order[b:b + self.batch_size]
-                    completions = generate(self.model, [prompts[i] for i in rows], max_new_tokens=max_new,
-                                           stop_token_ids=[self.eot_token_id], should_stop=stopped,
-                                           seed=self.seed + b, **sampling)
-                    for i, ids in zip(rows, completions, strict=True):
-                        # Decoded alone, as `hf` decodes the new tokens, then cut at the first stop string.
-                        out[i] = postprocess_generated_text(self.tok_decode(ids), stops, None)
-                        self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
-                    bar.update(len(rows))
+                stopped = (lambda _, ids, stops=stops: any(s in self.tok_decode(ids) for s in stops)) if stops else None
+                completions = generate_all(self.model, prompts, max_new_tokens=max_new, batch_size=self.batch_size,
+                                           seed=self.seed, stop_token_ids=[self.eot_token_id], stopped=stopped,
+                                           progress=bar.update, **sampling)
+                for i, ids in zip(members, completions, strict=True):
+                    # Decoded alone, as `hf` decodes the new tokens, then cut at the first stop string.
+                    out[i] = postprocess_generated_text(self.tok_decode(ids), stops, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
     @staticmethod

@@ -59,6 +59,10 @@ class GenerationSettings:
     batch_size: int = 16
     """Prompts generated together."""
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.temperature < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1 and temperature >= 0, got {self}")
+
 
 def prefix_id(tok: HFTokenizer) -> int:
     """The token that stands for an empty context: BOS, else EOS (lm-eval's `prefix_token_id`)."""
@@ -147,6 +151,26 @@ def _multiple_choice(model: nn.Module, tok: HFTokenizer, task: Task, examples: S
     )
 
 
+def generate_all(model: nn.Module, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int,
+                 seed: int, stop_token_ids: Sequence[int] = (), stopped: Callable[[int, list[int]], bool] | None = None,
+                 progress: Callable[[int], None] | None = None, **sampling: Any) -> list[list[int]]:
+    """The new tokens of every prompt: prompts of similar length batched together (longest first),
+    batch b sampled with seed + b. `stopped(i, ids)` ends prompt i's row (stop strings)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        should_stop = None if stopped is None else (lambda r, ids, rows=rows: stopped(rows[r], ids))
+        with torch.no_grad():
+            new = generate(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                           stop_token_ids=stop_token_ids, should_stop=should_stop, seed=seed + b, **sampling)
+        for i, ids in zip(rows, new, strict=True):
+            out[i] = ids
+        if progress is not None:
+            progress(len(rows))
+    return out
+
+
 def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Generation],
               settings: GenerationSettings, progress: Callable[[int], None] | None) -> TaskResult:
     if task.score is None and not task.corpus_metrics:
@@ -163,25 +187,13 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     # so it stops as a token id; lm-eval, which decodes with special tokens, stops there too.
     special = [i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special and t.content in task.stop]
     stop_ids = sorted({*special, *([tok.eos_id] if tok.eos_id is not None else [])})
-    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    completions: list[str] = [""] * len(examples)
-    for b in range(0, len(order), settings.batch_size):
-        rows = order[b:b + settings.batch_size]
-        batch = [prompts[i] for i in rows]
-
-        def text_of(row: int, ids: list[int], rows: list[int] = rows) -> str:
-            return completion_text(decode, prompts[rows[row]], ids)
-
-        stopped = (lambda row, ids: cut_at_stop(text_of(row, ids), task.stop)[1]) if task.stop else None
-        with torch.no_grad():
-            outs = generate(model, batch, max_new_tokens=max_new, temperature=settings.temperature,
-                            top_p=settings.top_p, stop_token_ids=stop_ids, should_stop=stopped,
-                            seed=settings.seed + b)
-        for row, ids in enumerate(outs):
-            completions[rows[row]] = cut_at_stop(text_of(row, ids), task.stop)[0]
-        if progress is not None:
-            progress(len(rows))
+    text_of = lambda i, ids: completion_text(decode, prompts[i], ids)  # noqa: E731
+    stopped = (lambda i, ids: cut_at_stop(text_of(i, ids), task.stop)[1]) if task.stop else None
+    outs = generate_all(model, prompts, max_new_tokens=max_new, batch_size=settings.batch_size, seed=settings.seed,
+                        stop_token_ids=stop_ids, stopped=stopped, progress=progress,
+                        temperature=settings.temperature, top_p=settings.top_p)
+    completions = [cut_at_stop(text_of(i, ids), task.stop)[0] for i, ids in enumerate(outs)]
     records = []
     for ex, text, c in zip(examples, completions, cut, strict=True):
         per = task.score(text, ex) if task.score is not None else {}
@@ -215,6 +227,10 @@ class TaskSuiteConfig:
     """Where the tasks' default files are."""
     batch_tokens: int = 16384
     """Most tokens in one scoring forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or (self.limit is not None and self.limit < 1) or self.batch_tokens < 1:
+            raise ValueError(f"every must be >= 0, limit and batch_tokens >= 1, got {self}")
 
 
 class TaskSuite:

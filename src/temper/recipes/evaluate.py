@@ -32,9 +32,7 @@ from temper.eval.report import write_report
 from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
 from temper.eval.tasks import TaskError, TaskOptions, all_tasks, load_task
 from temper.model.convert import load_hf
-from temper.train.parallel import pick_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from temper.train.parallel import pick_device, pick_dtype
 
 
 @dataclass
@@ -92,8 +90,7 @@ class EvaluateConfig:
     """Show a progress bar per task."""
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
+        pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_tokens < 1:
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"are required; tasks: {known}", file=sys.stderr)
         return 2
     device = pick_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = pick_dtype(cfg.dtype, device)
     ckpt = checkpoint_dir(cfg.checkpoint)
     options = TaskOptions(cfg.num_fewshot, Path(cfg.fewshot_path) if cfg.fewshot_path else None, cfg.generation.seed)
     try:  # everything that can fail on input fails before the model is loaded

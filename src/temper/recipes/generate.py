@@ -26,9 +26,7 @@ from temper.files import safe_join
 from temper.infer.engine import generate, stream
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
 from temper.model.convert import load_hf
-from temper.train.parallel import pick_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from temper.train.parallel import pick_device, pick_dtype
 
 
 @dataclass
@@ -61,8 +59,7 @@ class GenerateConfig:
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {self.dtype!r}")
+        pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
         if self.temperature < 0 or self.max_new_tokens < 0:
             raise ValueError("temperature and max_new_tokens must be >= 0")
         if any(not s for s in self.stop):
@@ -83,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print("temper generate: --checkpoint and at least one --prompt are required", file=sys.stderr)
         return 2
     device = pick_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = pick_dtype(cfg.dtype, device)
     tokenizer_path = safe_join(cfg.checkpoint, "tokenizer.json")
     try:
         if not tokenizer_path.is_file():

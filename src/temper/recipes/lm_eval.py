@@ -39,8 +39,7 @@ import torch
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
 from temper.model.convert import load_hf
 from temper.model.transformer import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from temper.train.parallel import pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None / "auto": bfloat16 on a GPU, float32 on the CPU; else one of DTYPES (or a torch.dtype)."""
+    """None / "auto": bfloat16 on a GPU, float32 on the CPU; else a name (or a torch.dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[name]
+    return pick_dtype("auto" if dtype is None else str(dtype).removeprefix("torch."), device)
 
 
 def load_checkpoint(checkpoint: str | Path, device: str | torch.device | None = None,

@@ -40,6 +40,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model can be loaded in for inference (`--dtype`), by name."""
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Weights' dtype for inference: "auto" is bfloat16 on a GPU and float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {list(WEIGHT_DTYPES)}, got {name!r}")
+    return WEIGHT_DTYPES[name]
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group that torchrun describes, or run as a single process."""
     device = pick_device(device_name)
