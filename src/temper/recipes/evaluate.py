@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from temper.config import parse
-from temper.data.shards import load_split, read_manifest
+from temper.data.shards import ShardError, load_split, read_manifest
 from temper.data.sources import read_documents
 from temper.data.tokenizer import load_hf_tokenizer
 from temper.eval.perplexity import Document, document, perplexity
@@ -119,8 +119,10 @@ def perplexity_documents(cfg: PerplexityConfig, tok) -> list[Document]:
     for shard in load_split(cfg.data_dir, cfg.split):
         cuts = np.flatnonzero(shard == eot) if eot is not None else np.array([], dtype=np.int64)
         for piece in np.split(np.asarray(shard), cuts + 1):
-            ids = [int(t) for t in piece if t != eot]
-            if ids and (cfg.max_documents is None or len(docs) < cfg.max_documents):
+            if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
+                return docs
+            ids = piece[piece != eot].tolist() if eot is not None else piece.tolist()
+            if ids:
                 docs.append(document(tok.decode(ids), ids))
     return docs
 
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [load_task(spec, cfg.data_root, options, cfg.limit) for spec in cfg.tasks]
         docs = perplexity_documents(cfg.perplexity, tok) if ppl_wanted else []
         model, _ = load_hf(ckpt, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
-    except (OSError, ValueError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
+    except (OSError, ValueError, ShardError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
         print(f"temper evaluate: {e}", file=sys.stderr)
         return 2
     results: list[TaskResult] = []
