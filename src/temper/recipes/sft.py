@@ -258,7 +258,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
             raise config.ConfigError(f"{resume_from} was made with other {', '.join(changed)}: "
                                      "use the same settings, another run.name, or run.resume=never")
         state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=d.device,
-                                     strict=cfg.method == "full")
+                                     trainable_only=cfg.method != "full")
         step = state["step"]
         ckpt.restore_rng(resume_from, d.rank)
     elif d.is_main:

@@ -332,9 +332,12 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     map_location: str | torch.device = "cpu",
-    strict: bool = True,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Verify `path`, load weights into `model` and state into `optimizer` in place; return state.json.
+
+    trainable_only: the checkpoint holds exactly the parameters that require grad (adapters over a
+    frozen base loaded from elsewhere); a missing or an extra one is an error, as in a full load.
 
     RNG is restored separately by `restore_rng`, after the caller has fast-forwarded its data
     loader (RELIABILITY.md row 2: restoring it before would let the fast-forward consume it).
@@ -347,12 +350,14 @@ def load_checkpoint(
         aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
     for dropped, stored in aliases.items():
         sd[dropped] = sd[stored]
-    result = unwrap(model).load_state_dict(sd, strict=strict)
-    if not strict and (result.missing_keys or result.unexpected_keys):
-        warnings.warn(
-            f"{path.name}: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}",
-            stacklevel=2,
-        )
+    target = unwrap(model)
+    if trainable_only:
+        expected = {n for n, p in target.named_parameters() if p.requires_grad}
+        missing, extra = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        if missing or extra:
+            raise ValueError(f"{path.name} does not hold the trainable parameters: missing {missing[:8]}, "
+                             f"unexpected {extra[:8]}")
+    target.load_state_dict(sd, strict=not trainable_only)
     if optimizer is not None:
         if not (path / OPTIM_FILE).is_file():
             raise ValueError(f"{path.name} has no {OPTIM_FILE}: it was saved without an optimizer")
