@@ -96,6 +96,8 @@ def test_long_contexts_are_cut_from_the_left_and_counted(checkpoint, tmp_path):
      "bad.jsonl:2: missing field 'label'"),
     ('{"question": "Q?", "choices": ["a", "b"], "label": 2}\n', [], "bad.jsonl:1: field 'label' must be a choice index"),
     ("\n\n", [], "bad.jsonl: no records (an empty task)"),
+    ('{"question": "Q?", "choices": ["a", "b"], "label": 0}\n{"question": \n', [], "bad.jsonl:2: invalid JSON"),
+    ('[1, 2]', [], "bad.jsonl[0]: expected a JSON object, got int"),
     ('{"question": "Q?", "choices": ["a", "b"], "label": 0}\n', ["--num_fewshot=3"], "needs a few-shot file"),
 ])
 def test_bad_task_files_are_named(checkpoint, tmp_path, capsys, content, flags, message):

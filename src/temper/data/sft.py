@@ -55,22 +55,18 @@ It does not pack or pad examples (packing.py takes `ids` and `loss_mask`), rende
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import sys
-import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from temper.data.chat import ChatTemplateError
 from temper.data.packing import IGNORE_INDEX
-from temper.data.sources import DataError, expand_inputs
+from temper.data.sources import DataError, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt")
@@ -126,15 +122,8 @@ class SFTDataConfig:
             raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
 
 
-class SFTDataError(DataError):
+class SFTDataError(RecordError):
     """A record that cannot become an example: the message names file, line or index, and key."""
-
-    def __init__(self, where: str, key: str, reason: str, message: str) -> None:
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
-        self.where = where
-        self.key = key
-        self.reason = reason
-        """Short name of the problem, the key of `SFTStats.skipped`."""
 
 
 @dataclass
@@ -219,11 +208,11 @@ def read_sft_records(files: str | Sequence[str], *, format: str = "auto", strict
         name = path.name.lower().removesuffix(".gz")
         if not name.endswith(SUFFIXES):
             raise DataError(f"{path}: SFT data must be JSON or JSON Lines ({', '.join(SUFFIXES)}, optionally .gz)")
-        for where, obj in _json_objects(path):
+        for where, obj in json_records(path):
             stats.records += 1
             try:
-                if isinstance(obj, SFTDataError):
-                    raise obj
+                if isinstance(obj, RecordError):  # an unreadable line
+                    raise SFTDataError(obj.where, obj.key, obj.reason, obj.message)
                 records.append(parse_record(obj, where, format))
             except SFTDataError as e:
                 _skip(e, strict, stats)
@@ -236,36 +225,6 @@ def _skip(error: SFTDataError, strict: bool, stats: SFTStats) -> None:
     stats.skipped[error.reason] += 1
     if len(stats.problems) < MAX_LISTED:
         stats.problems.append(str(error))
-
-
-def _json_objects(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, value) of each record of a JSON array or JSON Lines file; a bad line's value is its SFTDataError."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from e
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    if raw.lstrip()[:1] == b"[":  # a JSON array; JSON Lines records are objects
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        for i, obj in enumerate(data):
-            yield f"{path}[{i}]", obj
-        return
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue  # blank lines (a trailing one is common) are not records
-        where = f"{path}:{number}"
-        try:
-            yield where, json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield where, SFTDataError(where, "", "invalid_utf8", f"invalid UTF-8 at column {e.start + 1} ({e.reason})")
-        except json.JSONDecodeError as e:
-            yield where, SFTDataError(where, "", "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def parse_record(obj: Any, where: str, format: str = "auto") -> SFTRecord:

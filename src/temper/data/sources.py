@@ -81,6 +81,16 @@ class DataError(ValueError):
     """Input that cannot be read as documents. The message names file:line, never the content."""
 
 
+class RecordError(DataError):
+    """One record that cannot be used: the message names its file and line (or index) and the key."""
+
+    def __init__(self, where: str, key: str, reason: str, message: str) -> None:
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        self.where, self.key, self.message = where, key, message
+        self.reason = reason
+        """Short name of the problem, for counting skipped records by kind."""
+
+
 @dataclass(frozen=True)
 class Document:
     """One document of raw text and where it came from."""
@@ -274,6 +284,40 @@ def read_files(
     reader = _Reader(text_field, id_field, tuple(meta_fields), txt_docs, on_error, max_skip_fraction,
                      strict_utf8, max_line_bytes, stats if stats is not None else ReadStats())
     return reader.read([f if isinstance(f, FilePart) else Path(f) for f in files])
+
+
+def json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, value) of each record of a JSON array or JSON Lines file (.gz allowed): location is
+    "file:line" or "file[index]"; a bad line's value is its `RecordError`, for the caller to skip or
+    raise. A file that cannot be read as a whole (corrupt gzip, a JSON array that does not parse,
+    invalid UTF-8 in an array) raises `DataError`."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip file ({e})") from e
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if raw.lstrip()[:1] == b"[":  # a JSON array; JSON Lines records are objects
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        for i, obj in enumerate(data):
+            yield f"{path}[{i}]", obj
+        return
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue  # blank lines (a trailing one is common) are not records
+        where = f"{path}:{number}"
+        try:
+            yield where, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield where, RecordError(where, "", "invalid_utf8", f"invalid UTF-8 at column {e.start + 1} ({e.reason})")
+        except json.JSONDecodeError as e:
+            yield where, RecordError(where, "", "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+
 
 
 # -- files and formats -------------------------------------------------------------------------

@@ -15,14 +15,13 @@ It does not run a model (see `temper.eval.run`).
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from temper.data.sources import DataError, RecordError, json_records
 
 T = TypeVar("T")
 
@@ -115,39 +114,22 @@ class Task:
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location "file:line", record) of each object of a .jsonl / .json array file (.gz allowed)."""
+    """(location "file:line", record) of each object of a .jsonl / .json array file (.gz allowed).
+
+    A task is scored on all its records, so a bad one stops it (skipping would change the number)."""
     path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{path}: no such file")
+    records = []
     try:
-        raw = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such file") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise TaskError(f"{path}: truncated or corrupt gzip file ({e})") from None
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise TaskError(f"{path}:{line}: invalid UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        records = [(f"{path}[{i}]", obj) for i, obj in enumerate(items)]
-    else:
-        records = []
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
-    for where, obj in records:
-        if not isinstance(obj, dict):
-            raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for where, obj in json_records(path):
+            if isinstance(obj, RecordError):
+                raise obj
+            if not isinstance(obj, dict):
+                raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            records.append((where, obj))
+    except DataError as e:
+        raise TaskError(str(e)) from None
     if not records:
         raise TaskError(f"{path}: no records (an empty task)")
     return records
