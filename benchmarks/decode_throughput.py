@@ -1,0 +1,275 @@
+"""Decode throughput: temper's generation engine against `transformers`' `generate`, same model, one run.
+
+The model is a preset of `temper.model.config.PRESETS` (or the benchmark's default "llama-small":
+Llama-shaped, dim 512, 8 layers, 8 heads, 4 kv heads, SwiGLU, RMSNorm, RoPE, 32k vocabulary,
+untied head) with random weights. temper builds it, exports it with `save_hf` to a temporary
+directory, and transformers loads that directory with `AutoModelForCausalLM.from_pretrained`
+(sdpa attention), so both sides run the same weights in the same dtype on the same device.
+
+Both decode greedily the same prompts (random token ids, all of --prompt-len tokens, so neither
+side pads) for exactly --new-tokens tokens (transformers: min_new_tokens, and no end-of-text id).
+Only the decode is timed: the clock is read when each step's tokens reach the host (temper: each
+step `stream` yields; transformers: each `put` of a streamer, which `generate` calls after every
+step), so decode tokens/s = batch * (N - 1) / (time of the last step - time of the first), prefill
+excluded. The sides alternate --repeats times after a warm-up of each (which also compiles), CUDA
+is synchronised before every clock read, and the table reports the median of each side and
+temper / transformers.
+
+--compile: temper compiles its decode step; transformers uses a static cache with its own
+automatic `torch.compile` of the forward (`cache_implementation="static"`, the documented route;
+on a CPU `CompileConfig._compile_all_devices` switches it on, with mode "default").
+
+On CUDA the JSON rows also hold the bytes a decode step must read (weights of every matrix
+product + the KV cache at the mean context length), the device's memory bandwidth measured here
+(a large device-to-device copy, bytes read + written over CUDA-event time), the tokens/s that
+bandwidth allows, `batch * bandwidth / bytes per step`, and each side's share of it.
+
+Agreement: greedy tokens of both sides compared row by row up to the first difference (random
+weights in bf16 can tip a near-tie late, so it is reported, not asserted).
+
+    python benchmarks/decode_throughput.py                                 # CPU fp32, batch 1 and 8
+    python benchmarks/decode_throughput.py --batch 1 --new-tokens 128 --repeats 5
+    python benchmarks/decode_throughput.py --device cuda --shape llama-3.2-1b --compile --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from temper.infer import engine
+from temper.model.config import PRESETS, ModelConfig
+from temper.model.convert import save_hf
+from temper.model.transformer import Transformer
+
+# The default shape: small enough that both sides decode on two CPU cores in about a minute.
+SHAPES: dict[str, ModelConfig] = {
+    "llama-small": dataclasses.replace(PRESETS["llama-125m"], dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                                       ffn_dim=1408, max_seq_len=2048),
+    **PRESETS,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+Runner = Callable[[torch.Tensor, int], "Timed"]  # (prompts (B, P), new tokens) -> Timed
+
+
+@dataclasses.dataclass
+class Timed:
+    """New token ids (B, n), and the clock when the first and the last of them reached the host."""
+
+    tokens: torch.Tensor
+    first: float
+    last: float
+
+
+class Clock:
+    """Per-step clock readings taken where each side hands its new tokens to the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def tick(self) -> None:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the two sides ---------------------------------------------------------------------------------
+
+
+def temper_runner(model: Transformer, device: torch.device, compile: bool) -> Runner:
+    """Greedy generation through temper's engine, timed at each streamed step."""
+    if compile and getattr(engine, "decode_step", None) is None:
+        print("# temper: this engine has no decode_step to compile; temper runs eager", file=sys.stderr)
+
+    def run(prompts: torch.Tensor, n: int) -> Timed:
+        clock, out = Clock(device), []
+        for step in engine.stream(model, prompts.tolist(), max_new_tokens=n, temperature=0):
+            clock.tick()
+            out.append(step)
+        return Timed(torch.tensor(out).T, clock.stamps[0], clock.stamps[-1])
+
+    return run
+
+
+def hf_runner(path: Path, device: torch.device, dtype: torch.dtype, compile: bool) -> tuple[Runner, Any]:
+    """Greedy generation through transformers' `generate` on the exported checkpoint, timed by a streamer
+    (`generate` hands it each step's tokens on the host, a sync it makes every step anyway)."""
+    from transformers import AutoModelForCausalLM, CompileConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    gen = hf.generation_config
+    gen.eos_token_id = gen.pad_token_id = gen.bos_token_id = None  # decode exactly N tokens
+    if compile:
+        gen.cache_implementation = "static"
+        if device.type != "cuda":  # its automatic compile is GPU-only unless told; CUDA graphs need a GPU
+            gen.compile_config = CompileConfig(mode="default")
+            gen.compile_config._compile_all_devices = True
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.clock, self.prompt_seen = Clock(device), False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:  # the first put is the prompt
+                self.clock.tick()
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    @torch.inference_mode()
+    def run(prompts: torch.Tensor, n: int) -> Timed:
+        stamps = Stamps()
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, streamer=stamps)
+        return Timed(out[:, prompts.shape[1]:], stamps.clock.stamps[0], stamps.clock.stamps[-1])
+
+    return run, hf
+
+
+# ---- memory bandwidth (CUDA) -----------------------------------------------------------------------
+
+
+def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Bytes per second of a device-to-device copy of `nbytes` (read + written), timed by CUDA events."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes * iters / seconds
+
+
+def step_bytes(model: Transformer, batch: int, context: float, itemsize: int) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) one decode step reads: every matrix product's weights (the
+    embedding lookup reads a row per token, left out) and keys + values of `context` tokens per row."""
+    c = model.cfg
+    kv = int(2 * c.n_layers * batch * c.kv_heads * c.head_dim * context * itemsize)
+    return model.matmul_params() * itemsize, kv
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """Tokens equal before each row's first difference, summed over rows; and the total compared."""
+    same = 0
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        for s, t in zip(x, y, strict=False):
+            if s != t:
+                break
+            same += 1
+    return same, a.numel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-small", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1:
+        p.error("--new-tokens must be >= 2, --repeats and --prompt-len >= 1")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = dataclasses.replace(SHAPES[args.shape], dropout=0.0,
+                              max_seq_len=min(SHAPES[args.shape].max_seq_len,
+                                              max(2048, args.prompt_len + args.new_tokens)))
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        p.error(f"--prompt-len + --new-tokens must fit the context of {cfg.max_seq_len}")
+
+    torch.manual_seed(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Transformer(cfg).to(dtype)
+        save_hf(model, cfg, tmp)
+        model = model.to(device).eval()
+        hf_run, hf = hf_runner(Path(tmp), device, dtype, args.compile)
+    sides: dict[str, Runner] = {"temper": temper_runner(model, device, args.compile), "transformers": hf_run}
+    print(f"# {args.shape}: {model.num_params() / 1e6:.1f}M parameters, {cfg.dim}d, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads, {cfg.kv_heads} kv heads; {device}, {str(dtype).removeprefix('torch.')}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, compile={args.compile}, "
+          f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    bandwidth = measured_bandwidth(device) if device.type == "cuda" else None
+
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(args.seed)
+    N = args.new_tokens
+    for batch in args.batch:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
+        outputs = {name: run(prompts, N).tokens.cpu() for name, run in sides.items()}  # warm-up (and compilation)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(args.repeats):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                t = sides[name](prompts, N)
+                times[name].append(batch * (N - 1) / (t.last - t.first))
+        same, total = agreement(outputs["temper"], outputs["transformers"])
+        for name in sides:
+            row: dict[str, Any] = {
+                "shape": args.shape, "batch": batch, "impl": name, "tokens_per_s": statistics.median(times[name]),
+                "spread": [min(times[name]), max(times[name])], "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."), "prompt_len": args.prompt_len, "new_tokens": N,
+                "compile": args.compile, "greedy_agree": same, "greedy_compared": total,
+            }
+            if bandwidth is not None:
+                w, kv = step_bytes(model, batch, args.prompt_len + N / 2, dtype.itemsize)
+                bound = batch * bandwidth / (w + kv)
+                row |= {"weight_bytes": w, "kv_bytes_per_step": kv, "bandwidth_bytes_per_s": bandwidth,
+                        "bandwidth_bound_tokens_per_s": bound, "share_of_bound": row["tokens_per_s"] / bound}
+            rows.append(row)
+    del hf
+
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"# wrote {args.json}", file=sys.stderr)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cuda = "bandwidth_bound_tokens_per_s" in rows[0]
+    head = "| shape | batch | temper tok/s | transformers tok/s | temper / transformers | greedy agree |"
+    print(head + (" bound tok/s | temper share | transformers share |" if cuda else ""))
+    print("|" + "---|" * (9 if cuda else 6))
+    by = {(r["shape"], r["batch"], r["impl"]): r for r in rows}
+    for shape, batch in dict.fromkeys((r["shape"], r["batch"]) for r in rows):
+        t, h = by[shape, batch, "temper"], by[shape, batch, "transformers"]
+        line = (f"| {shape} | {batch} | {t['tokens_per_s']:.1f} | {h['tokens_per_s']:.1f} | "
+                f"{t['tokens_per_s'] / h['tokens_per_s']:.2f}x | {t['greedy_agree']}/{t['greedy_compared']} |")
+        if cuda:
+            line += (f" {t['bandwidth_bound_tokens_per_s']:.0f} | {t['share_of_bound']:.0%} | "
+                     f"{h['share_of_bound']:.0%} |")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
