@@ -1,52 +1,60 @@
 """Fine-tuning memory and speed: temper's full, LoRA and QLoRA steps against transformers (full)
 and peft (LoRA, and QLoRA over bitsandbytes) on the same model shape, batch and precision, in one run.
 
-Every side trains the same Llama-shaped model (random weights, exported once by temper and loaded
-by transformers) on the same random tokens, with AdamW. Memory is the peak of live tensor bytes
-during one steady-state step (forward, backward, optimizer step), counted by the same meter for
-every side (`temper.train.memory.LiveTensorBytes`, which sees every tensor storage); speed is
+Every side builds the same Llama-shaped model with random weights directly on the device (an 8B
+shape needs no download and no 16 GB file), in `--dtype` (float32 on CPU, bfloat16 on a GPU, the
+same for every side), and trains it on the same random tokens with AdamW over its trainable
+parameters. Memory is the peak of one steady-state step (forward, backward, optimizer step): on a
+GPU `torch.cuda.max_memory_allocated`, on the CPU the live tensor bytes counted by the same meter
+for every side (`temper.train.memory.LiveTensorBytes`, which sees every tensor storage); speed is
 tokens per second over `--steps` steps after a warm-up, the sides alternating, medians reported.
+After its first step every side must have changed all its trainable parameters (a side whose
+adapters got no gradient, e.g. under reentrant checkpointing with frozen inputs, would look fast).
 
-peft's QLoRA is peft's LoRA over a transformers model loaded with bitsandbytes' `BitsAndBytesConfig`
-(NF4, double quantization, block 64 with scales in blocks of 256 as temper's torchao layout, compute
-dtype float32 as every side here), the blocks' linear layers in 4 bits, embeddings and head in
-float32, all frozen but the adapters: what temper's QLoRA side is. `prepare_model_for_kbit_training`
-is not called: it would turn on activation checkpointing whatever `--checkpointing` says, and its
-other work (casting the non-4-bit weights to float32, freezing them) is already so here.
-bitsandbytes is optional (`pip install bitsandbytes`): without it (or without a backend for the device: it has a CPU backend
-since 0.45) the QLoRA row says why it has no peer. Its 4-bit weights (`Params4bit`, packed uint8)
-are plain tensor storages for the meter; their quantization state (8-bit absmax, the float32
-scales of those, code tables) is not a parameter or buffer, so it is tracked from the start too.
+peft's QLoRA is peft's LoRA over the transformers model whose blocks' linear layers are replaced by
+bitsandbytes `Linear4bit` (NF4, double quantization, block 64; compute dtype `--dtype`), which is
+what `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds, done
+here in memory from random weights. Embeddings and head stay in `--dtype`, frozen; only the adapters
+train: what temper's QLoRA side is. `prepare_model_for_kbit_training` is not called: it would turn
+on activation checkpointing whatever `--checkpointing` says and cast the other weights to float32.
+bitsandbytes is optional (`pip install bitsandbytes`): without it (or without a backend for the
+device: it has a CPU backend since 0.45) the QLoRA row says why it has no peer. Its 4-bit weights
+(`Params4bit`, packed uint8) are plain tensor storages for the meter; their quantization state
+(8-bit absmax, the float32 scales of those, code tables) is not a parameter or buffer, so it is
+tracked from the start too.
 
     python benchmarks/finetune_memory.py                       # CPU shape: dim 512, 8 layers, seq 256
-    python benchmarks/finetune_memory.py --device cuda --dim 4096 --layers 32 --heads 32 --kv-heads 8 \\
-        --ffn 14336 --vocab 128256 --seq 2048 --checkpointing   # Llama-3-8B shape on a GPU
+    python benchmarks/finetune_memory.py --device cuda --shape llama-3-8b --seq 2048 --batch 1 \\
+        --checkpointing --methods lora qlora --repeats 1     # Llama-3-8B shape on a GPU, bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from torch import nn
 
-from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.config import PRESETS, ModelConfig
+from temper.model.convert import to_hf_config
 from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.memory import LiveTensorBytes
 from temper.train.step import train_step
 
+Side = tuple[nn.Module, torch.optim.Optimizer, Callable]
 
-def temper_side(cfg, method: str, device: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
-                                                                                 Callable]:
+
+def temper_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, rank: int, ckpt: bool) -> Side:
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device)
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype)
     if method == "qlora":
         from temper.model.quant import quantize_nf4
 
@@ -76,34 +84,43 @@ def bnb_missing(device: str) -> str | None:
     return None
 
 
-def bnb_side(path: str, device: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
-                                                                     Callable]:
-    """peft LoRA over a 4-bit NF4 transformers model (bitsandbytes): the peer of temper's QLoRA."""
+def hf_model(cfg: ModelConfig, device: str, dtype: torch.dtype) -> nn.Module:
+    """The transformers model of this shape, random weights made on `device`."""
     import transformers
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    # A 4-bit model cannot be moved with .to(): it is quantized as it is loaded onto its device.
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
-                                                              device_map={"": str(dev)})
+    config = transformers.AutoConfig.for_model(**to_hf_config(cfg))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+
+
+def bnb_side(cfg: ModelConfig, device: str, dtype: torch.dtype, rank: int, ckpt: bool) -> Side:
+    """peft LoRA over a transformers model whose blocks' linear layers are bitsandbytes NF4: the peer of temper's QLoRA."""
+    import bitsandbytes as bnb
+
+    model = hf_model(cfg, device, dtype)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name in ALL_LINEAR_TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, quant_type="nf4", compress_statistics=True, device="meta")
+                # Params4bit quantizes (64-weight blocks, double-quantized scales) when moved to a device.
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64).to(child.weight.device)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+    model.is_loaded_in_4bit = True  # what from_pretrained sets: peft then wraps Linear4bit with its 4-bit LoRA layer
     return _hf_train(model, "lora", rank, ckpt)
 
 
-def hf_side(path: str, method: str, device: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer,
-                                                                             Callable]:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device)
-    return _hf_train(model, method, rank, ckpt)
+def hf_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, rank: int, ckpt: bool) -> Side:
+    return _hf_train(hf_model(cfg, device, dtype), method, rank, ckpt)
 
 
-def _hf_train(model: torch.nn.Module, method: str, rank: int, ckpt: bool) -> tuple[torch.nn.Module,
-                                                                                  torch.optim.Optimizer, Callable]:
-    if ckpt:
-        model.gradient_checkpointing_enable()
+def _hf_train(model: nn.Module, method: str, rank: int, ckpt: bool) -> Side:
+    if ckpt:  # non-reentrant, as temper's: reentrant checkpointing with frozen inputs would drop the adapters' gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora":
         import peft
 
@@ -122,10 +139,16 @@ def _hf_train(model: torch.nn.Module, method: str, rank: int, ckpt: bool) -> tup
     return model, opt, step
 
 
-def peak_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, step: Callable, x: torch.Tensor,
-               y: torch.Tensor) -> int:
-    """Peak live tensor bytes of one steady-state step (after a first step made the optimizer state)."""
+def peak_bytes(model: nn.Module, opt: torch.optim.Optimizer, step: Callable, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak bytes of one steady-state step (after a first step made the optimizer state): the CUDA
+    allocator's peak on a GPU, live tensor bytes on the CPU."""
     step(x, y)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(x, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
     tracker = LiveTensorBytes()
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     for t in [*model.parameters(), *model.buffers(), *_quant_states(model), *states, x, y]:
@@ -137,7 +160,7 @@ def peak_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, step: Callabl
     return tracker.peak
 
 
-def _quant_states(model: torch.nn.Module) -> list[torch.Tensor]:
+def _quant_states(model: nn.Module) -> list[torch.Tensor]:
     """The tensors of bitsandbytes' 4-bit weights' quantization state (absmax, nested absmax, code
     tables): held by the weights, not registered as parameters or buffers."""
     out = []
@@ -158,9 +181,18 @@ def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
     return [t]
 
 
+def unchanged_after_a_step(trainable: list[nn.Parameter], step: Callable, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Run one step; how many trainable tensors it left unchanged (0 for a side that trains what it should)."""
+    before = [p.detach().clone() for p in trainable]
+    step(x, y)
+    return sum(bool(torch.equal(b, p.detach())) for b, p in zip(before, trainable))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, else fp32")
+    ap.add_argument("--shape", default="", help="a preset (e.g. llama-3-8b); else the --dim/--layers/... shape")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
@@ -172,59 +204,90 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every side")
+    ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
-    cfg = replace(PRESETS["debug-llama"], dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                  n_kv_heads=args.kv_heads, ffn_dim=args.ffn, vocab_size=args.vocab, max_seq_len=args.seq,
-                  tie_embeddings=False)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
+        args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if args.shape:
+        cfg = replace(PRESETS[args.shape], max_seq_len=args.seq, dropout=0.0)
+    else:
+        cfg = replace(PRESETS["debug-llama"], dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads, ffn_dim=args.ffn, vocab_size=args.vocab, max_seq_len=args.seq,
+                      tie_embeddings=False)
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
     y = torch.roll(x, -1, dims=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        save_hf(Transformer(cfg), cfg, tmp)
-        sides = {
-            ("full", "temper"): lambda: temper_side(cfg, "full", args.device, args.rank, args.checkpointing),
-            ("full", "transformers"): lambda: hf_side(tmp, "full", args.device, args.rank, args.checkpointing),
-            ("lora", "temper"): lambda: temper_side(cfg, "lora", args.device, args.rank, args.checkpointing),
-            ("lora", "peft"): lambda: hf_side(tmp, "lora", args.device, args.rank, args.checkpointing),
-            ("qlora", "temper"): lambda: temper_side(cfg, "qlora", args.device, args.rank, args.checkpointing),
-        }
-        no_qlora_peer = bnb_missing(args.device)
-        if no_qlora_peer is None:
-            sides[("qlora", "peft")] = lambda: bnb_side(tmp, args.device, args.rank, args.checkpointing)
-        results: dict = {k: {"peak": 0, "tps": []} for k in sides}
-        for r in range(args.repeats):
-            for key in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+    ckpt, rank, dev = args.checkpointing, args.rank, args.device
+    peers = {"full": "transformers", "lora": "peft", "qlora": "peft"}
+    sides: dict[tuple[str, str], Callable[[], Side]] = {}
+    for m in args.methods:
+        sides[(m, "temper")] = lambda m=m: temper_side(cfg, m, dev, dtype, rank, ckpt)
+        if m != "qlora":
+            sides[(m, peers[m])] = lambda m=m: hf_side(cfg, m, dev, dtype, rank, ckpt)
+    no_qlora_peer = bnb_missing(args.device) if "qlora" in args.methods else None
+    if "qlora" in args.methods and no_qlora_peer is None:
+        sides[("qlora", "peft")] = lambda: bnb_side(cfg, dev, dtype, rank, ckpt)
+    results: dict = {k: {"peak": 0, "tps": [], "error": None} for k in sides}
+    for r in range(args.repeats):
+        for key in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            if results[key]["error"]:
+                continue
+            try:
                 model, opt, step = sides[key]()
                 model.train()
                 if r == 0:
+                    trainable = [p for p in model.parameters() if p.requires_grad]
+                    if unchanged_after_a_step(trainable, step, x, y):
+                        raise RuntimeError("some trainable parameters did not change in a step")
                     results[key]["peak"] = peak_bytes(model, opt, step, x, y)
                 step(x, y)  # warm-up
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
                 for _ in range(args.steps):
                     step(x, y)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 results[key]["tps"].append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
-                del model, opt, step
-    print(f"dim {args.dim}, {args.layers} layers, vocab {args.vocab}, batch {args.batch} x {args.seq}, "
-          f"LoRA r={args.rank} on every linear layer of the blocks, fp32, {args.device}, "
-          f"checkpointing {'on' if args.checkpointing else 'off'}, median of {args.repeats}\n")
-    print("| method | implementation | peak live tensors (MiB) | tokens/s | temper's peak / peer's | temper's tokens/s / peer's |")
+            except Exception as e:  # one side failing (e.g. out of memory) must not hide the others
+                results[key]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            model = opt = step = None
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    meter = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "live tensors"
+    print(f"{args.shape or 'custom'} shape: dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, batch "
+          f"{args.batch} x {args.seq}, LoRA r={args.rank} on every linear layer of the blocks, {dtype}, {args.device}, "
+          f"checkpointing {'on' if ckpt else 'off'}, median of {args.repeats}\n")
+    print(f"| method | implementation | peak GiB ({meter}) | tokens/s | temper's peak / peer's | temper's tokens/s / peer's |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
+    rows = []
     for (method, impl), res in results.items():
+        if res["error"] or not res["tps"]:
+            print(f"| {method} | {impl} | failed: {res['error']} | | | |")
+            rows.append({"method": method, "impl": impl, "error": res["error"]})
+            continue
         tps = statistics.median(res["tps"])
         ours = results[(method, "temper")]
-        mem = f"{ours['peak'] / res['peak']:.2f}x" if impl != "temper" else ""
-        speed = f"{statistics.median(ours['tps']) / tps:.2f}x" if impl != "temper" else ""
-        print(f"| {method} | {impl} | {res['peak'] / 2**20:.1f} | {tps:,.0f} | {mem} | {speed} |")
+        ok = impl != "temper" and not ours["error"] and ours["tps"]
+        mem = ours["peak"] / res["peak"] if ok else None
+        speed = statistics.median(ours["tps"]) / tps if ok else None
+        rows.append({"method": method, "impl": impl, "peak_gib": res["peak"] / 2**30, "tokens_per_s": tps,
+                     "temper_peak_ratio": mem, "temper_speed_ratio": speed})
+        print(f"| {method} | {impl} | {res['peak'] / 2**30:.2f} | {tps:,.0f} | {'' if mem is None else f'{mem:.2f}x'} "
+              f"| {'' if speed is None else f'{speed:.2f}x'} |")
     if no_qlora_peer is not None:
         print(f"\nqlora: no peft peer ({no_qlora_peer})")
-    else:
+    elif "qlora" in args.methods:
         import bitsandbytes
 
         print(f"\nqlora peer: peft LoRA over bitsandbytes {bitsandbytes.__version__} NF4 (double quantization, "
-              f"compute dtype float32)")
+              f"compute dtype {dtype})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": args.shape or "custom", "seq": args.seq, "batch": args.batch, "dtype": str(dtype),
+                       "checkpointing": ckpt, "meter": meter, "qlora_peer_missing": no_qlora_peer, "rows": rows}, f,
+                      indent=1)
     return 0
 
 

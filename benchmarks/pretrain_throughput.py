@@ -12,13 +12,14 @@ measured in the same run.
 
     python benchmarks/pretrain_throughput.py                      # CPU: debug and gpt2-124m shapes
     python benchmarks/pretrain_throughput.py --shapes gpt2-124m --steps 3 --repeats 5
-    python benchmarks/pretrain_throughput.py --shapes gpt2-124m llama-3.2-1b --batch 16 --seq 1024 --compile
+    python benchmarks/pretrain_throughput.py --shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --modes eager compile
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import resource
 import statistics
@@ -32,6 +33,7 @@ from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
 from temper.model.transformer import Transformer
 from temper.train.optim import OptimConfig, build_optimizer
+from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, throughput, train_step
 
 
@@ -61,7 +63,10 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg, model = build(impl, shape, vocab, seq, device)
     opt = build_optimizer(model, OptimConfig(lr=1e-4), device.type)
-    train_model = torch.compile(model) if compile else model
+    if impl == "temper":  # temper's own wrapping: each block compiled in place
+        train_model = parallelize(model, DistInfo(0, 0, 1, device), compile=compile)
+    else:  # as transformers' users (and its Trainer's torch_compile=True) do: the whole model
+        train_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
 
@@ -76,19 +81,22 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for i in range(2):  # warmup (and compile)
+    t0 = time.perf_counter()
+    for i in range(3 if compile else 2):  # warmup (and compile)
         one_step(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
-        one_step(i + 2)
+        one_step(i + 3)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return {
-        "impl": impl, "shape": shape, "tokens": batch * seq * steps, "seconds": seconds, "device": str(device),
+        "impl": impl, "shape": shape, "compile": compile, "tokens": batch * seq * steps, "seconds": seconds,
+        "warmup_s": warmup_s, "device": str(device),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
     }
@@ -97,18 +105,27 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["debug", "gpt2-124m"])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="one per shape, or one for all")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"],
+                   help="run each side eager, under torch.compile, or both (one process per side runs them in turn)")
+    p.add_argument("--compile", action="store_true", help="same as --modes compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick dry run)")
     p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (0: keep)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
+    p.add_argument("--json", help="also write every row (tokens/s, MFU, memory, the peaks) to this file")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    modes = ["compile"] if a.compile else a.modes
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     if a.child:
-        print(json.dumps(measure(a.child[0], a.child[1], a.batch, a.seq, a.steps, dtype, a.compile, a.vocab)))
+        if a.compile_backend != "inductor":  # nn.Module.compile and torch.compile both read this name
+            torch.compile = functools.partial(torch.compile, backend=a.compile_backend)
+        for mode in modes:
+            print(json.dumps(measure(a.child[0], a.child[1], a.batch[0], a.seq, a.steps, dtype, mode == "compile",
+                                     a.vocab)), flush=True)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,42 +133,57 @@ def main() -> None:
     # n=2048 on CPU: the 1024 the recipes use for a quick estimate under-reads a 2-core peak by ~1/3.
     measured = measured_matmul_peak_flops(device, torch_dtype, None if device.type == "cuda" else 2048)
     datasheet = datasheet_peak_flops(device, torch_dtype)
+    batches = dict(zip(a.shapes, a.batch * len(a.shapes) if len(a.batch) == 1 else a.batch, strict=True))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{dtype}, batch {a.batch} x seq {a.seq}, {a.steps} timed steps x {a.repeats} alternating runs, compile={a.compile}")
+          f"{dtype}, seq {a.seq}, {a.steps} timed steps x {a.repeats} alternating runs, modes {modes}")
     print(f"measured {dtype} matmul peak: {measured / 1e12:.2f} TFLOP/s"
           + (f"; datasheet {datasheet / 1e12:.0f} TFLOP/s" if datasheet else ""))
-    header = ("| shape | impl | tokens/s (median) | min-max | MFU (measured peak) | MFU (datasheet) | peak mem GiB "
-              "| temper / transformers |")
-    print(header + "\n|" + "---|" * 8)
+    header = ("| shape | batch | mode | impl | tokens/s (median) | min-max | MFU (measured peak) | MFU (datasheet) "
+              "| peak mem GiB | warm-up s | temper / transformers |")
+    print(header + "\n|" + "---|" * 11, flush=True)
+    rows = []
     for shape in a.shapes:
         with torch.device("meta"):
             fpt = Transformer(bench_config(shape, a.vocab, a.seq)).flops_per_token(a.seq)
-        runs: dict[str, list[dict]] = {"transformers": [], "temper": []}
+        runs: dict[tuple[str, str], list[dict]] = {(impl, m): [] for m in modes for impl in ("transformers", "temper")}
         failed: dict[str, str] = {}
         for r in range(a.repeats):
             for impl in (("transformers", "temper") if r % 2 == 0 else ("temper", "transformers")):
                 if impl in failed:
                     continue
-                cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(a.batch), "--seq", str(a.seq),
-                       "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab)] + (["--compile"] if a.compile else [])
+                cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(batches[shape]), "--seq",
+                       str(a.seq), "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab),
+                       "--compile-backend", a.compile_backend, "--modes", *modes]
                 out = subprocess.run(cmd, capture_output=True, text=True)
+                for line in out.stdout.strip().splitlines():
+                    row = json.loads(line)
+                    runs[(impl, "compile" if row["compile"] else "eager")].append(row)
                 if out.returncode != 0:
                     failed[impl] = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        for mode in modes:
+            medians = {}
+            for impl in ("transformers", "temper"):
+                if not runs[(impl, mode)]:
+                    print(f"| {shape} | {batches[shape]} | {mode} | {impl} | failed: {failed.get(impl, '?')} |")
+                    rows.append({"shape": shape, "mode": mode, "impl": impl, "error": failed.get(impl, "?")})
                     continue
-                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        medians = {}
-        for impl in ("transformers", "temper"):
-            if impl in failed:
-                print(f"| {shape} | {impl} | failed: {failed[impl]} |")
-                continue
-            rates = [r["tokens"] / r["seconds"] for r in runs[impl]]
-            medians[impl] = tokens_per_s = statistics.median(rates)
-            mfu_m = throughput(int(tokens_per_s), 1.0, fpt, measured)[1]
-            mfu_d = f"{throughput(int(tokens_per_s), 1.0, fpt, datasheet)[1]:.1%}" if datasheet else "n/a"
-            mem = max(r["peak_mem_gib"] for r in runs[impl])
-            ratio = f"{tokens_per_s / medians['transformers']:.2f}x" if impl == "temper" and "transformers" in medians else ""
-            print(f"| {shape} | {impl} | {tokens_per_s:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {mfu_m:.1%} | {mfu_d} "
-                  f"| {mem:.2f} | {ratio} |", flush=True)
+                rates = [r["tokens"] / r["seconds"] for r in runs[(impl, mode)]]
+                medians[impl] = tokens_per_s = statistics.median(rates)
+                mfu_m = throughput(int(tokens_per_s), 1.0, fpt, measured)[1]
+                mfu_d = throughput(int(tokens_per_s), 1.0, fpt, datasheet)[1] if datasheet else None
+                mem = max(r["peak_mem_gib"] for r in runs[(impl, mode)])
+                warm = statistics.median(r["warmup_s"] for r in runs[(impl, mode)])
+                ratio = tokens_per_s / medians["transformers"] if impl == "temper" and "transformers" in medians else None
+                rows.append({"shape": shape, "batch": batches[shape], "seq": a.seq, "mode": mode, "impl": impl,
+                             "tokens_per_s": tokens_per_s, "mfu_measured": mfu_m, "mfu_datasheet": mfu_d,
+                             "peak_mem_gib": mem, "warmup_s": warm, "ratio_vs_transformers": ratio})
+                print(f"| {shape} | {batches[shape]} | {mode} | {impl} | {tokens_per_s:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} "
+                      f"| {mfu_m:.1%} | {'n/a' if mfu_d is None else f'{mfu_d:.1%}'} | {mem:.2f} | {warm:.1f} "
+                      f"| {'' if ratio is None else f'{ratio:.2f}x'} |", flush=True)
+        if a.json:  # after every shape, so that a run cut short keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({"device": str(device), "dtype": dtype, "measured_peak_flops": measured,
+                           "datasheet_peak_flops": datasheet, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ if not SHARED_DATA.exists():  # CI clones main with shared/ beside it, as in the
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(request):
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    # On a GPU some kernels (e.g. the embedding's backward) have no deterministic variant: GPU tests
+    # check behaviour, not bits, so there a non-deterministic kernel warns instead of failing.
+    torch.use_deterministic_algorithms(True, warn_only=request.node.get_closest_marker("gpu") is not None)
     torch.manual_seed(0)
     yield
     torch.use_deterministic_algorithms(False)

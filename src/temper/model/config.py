@@ -152,6 +152,11 @@ PRESETS: dict[str, ModelConfig] = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    # Llama-3-8B's shape (Meta, "The Llama 3 Herd of Models", 2024): the usual LoRA / QLoRA target.
+    "llama-3-8b": replace(
+        _LLAMA, vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+        max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False, norm_eps=1e-5,
+    ),
     # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
     "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),
     "gpt3-175b": replace(_GPT3, dim=12288, n_layers=96, n_heads=96),

@@ -1,4 +1,4 @@
-"""Process groups and model wrapping: activation checkpointing -> torch.compile -> DDP.
+"""Process groups and model wrapping: activation checkpointing -> torch.compile (per block) -> DDP.
 
 `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; `init_distributed` reads them and picks NCCL on GPU,
 gloo on CPU. `parallelize` applies the wrappers in the order that composes (checkpointing is
@@ -89,7 +89,11 @@ def parallelize(
     """Wrap `model` for training; returns the module to call (the original stays reachable)."""
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        model = torch.compile(model)
+        # Each block compiled in place (torchtitan's way): identical blocks share one compiled graph,
+        # so compile time does not grow with depth, and parameter names stay the plain model's (no
+        # `_orig_mod.` prefix), so checkpoints do not depend on whether a run compiled.
+        for block in model.layers:
+            block.compile()
     if dist_info.world > 1:
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         # The only buffers are the RoPE tables, computed identically on every rank: re-broadcasting

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One prepared check of every GPU claim, at most ~8 minutes on one H100/H200:
+#   tests       the `gpu`-marked tests
+#   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
+#   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile:
+#               GPT-2 124M (batch 16 x 1024) and the Llama-3.2-1B shape (batch 4 x 1024), bf16
+#   decode      decode tokens/s of a 1B model at batch 1 (and 8) against transformers, and as a share of the
+#               memory-bandwidth bound
+#   finetune    LoRA and QLoRA on a Llama-3-8B shape (seq 2048, micro-batch 1, activation checkpointing),
+#               peak memory and tokens/s against peft (+ bitsandbytes), weights made on the GPU (no download)
+#   shakespeare nanoGPT's baby GPT on tinyshakespeare, compiled, cut at its time limit; the last val loss
+# Each part runs under its own time limit (one hang cannot eat the rest) and writes its rows as JSON;
+# the end writes gpu_check.md (one table) and gpu_check.json, plus logs.tar.gz, into OUT_DIR.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]             # on a GPU (default OUT_DIR: out/gpu_check)
+#   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # the same parts on the CPU with tiny shapes (a test runs this)
+#   GPU_CHECK_PARTS="train decode" GPU_CHECK_LIMIT_train=100 bash benchmarks/gpu_check.sh   # some parts, another limit
+# Needs temper importable (an installed venv, or PYTHONPATH=src) with torch, transformers, peft, torchao,
+# and bitsandbytes for the QLoRA peer; tinyshakespeare from TEMPER_SHARED_DATA (default ../shared/data).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT_DIR=$(mkdir -p "${1:-out/gpu_check}" && cd "${1:-out/gpu_check}" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS, which the test harness asks for
+DATA=${TEMPER_SHARED_DATA:-../shared/data}
+PARTS=${GPU_CHECK_PARTS:-tests peaks train decode finetune shakespeare}
+echo "gpu_check: dry_run=$DRY parts=[$PARTS] work=$WORK out=$OUT_DIR python=$PY"
+
+# part NAME LIMIT_S CMD...: run CMD with its log in $WORK/NAME.log; record rc and seconds in parts.jsonl.
+part() {
+  local name=$1 t0 rc
+  local var="GPU_CHECK_LIMIT_$1" limit=${!var:-$2}  # e.g. GPU_CHECK_LIMIT_train=100 overrides a part's limit
+  shift 2
+  case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+  echo "== $name (limit ${limit}s): $*"
+  t0=$(date +%s%N)
+  timeout --kill-after=15 "$limit" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  tail -n 25 "$WORK/$name.log"
+  printf '{"part": "%s", "rc": %d, "ms": %d, "limit_s": %d}\n' "$name" "$rc" \
+    $((($(date +%s%N) - t0) / 1000000)) "$limit" >>"$WORK/parts.jsonl"
+  echo "== $name: rc=$rc"
+}
+
+if [ "$DRY" = 1 ]; then
+  DEV=cpu
+  TRAIN=(--shapes debug-llama --batch 2 --seq 64 --steps 2 --repeats 1 --modes eager compile
+         --compile-backend aot_eager --dtype fp32)
+  DECODE=(--device cpu --shape debug-llama --batch 1 2 --prompt-len 16 --new-tokens 8 --repeats 1)
+  FINETUNE=(--device cpu --dim 256 --layers 2 --heads 4 --kv-heads 2 --ffn 512 --vocab 512 --seq 64 --batch 1
+            --steps 1 --repeats 1 --checkpointing --methods lora qlora)
+  SHAKE=(--preset=debug --model.dim=32 --model.n_layers=2 --model.n_heads=2 --model.max_seq_len=32
+         --train.steps=6 --train.micro_batch_size=2 --eval.every=3 --eval.batches=2 --run.device=cpu)
+  SHAKE_CHARS=50000
+else
+  DEV=cuda
+  TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1 --modes eager compile
+         --dtype bf16)
+  DECODE=(--device cuda --shape llama-3.2-1b --batch 1 8 --prompt-len 128 --new-tokens 256 --repeats 3 --compile)
+  FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing
+            --methods lora qlora)
+  SHAKE=(--config configs/shakespeare-char.yaml --train.compile=true --eval.every=500 --checkpoint.every=0)
+  SHAKE_CHARS=0
+fi
+
+part tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
+part peaks 30 "$PY" benchmarks/gpu_check.py peaks --device "$DEV" --json "$WORK/peaks.json"
+part train 200 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
+part decode 75 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
+part finetune 150 "$PY" benchmarks/finetune_memory.py "${FINETUNE[@]}" --json "$WORK/finetune.json"
+TEXT="$DATA/tinyshakespeare/input.txt"
+if [ "$SHAKE_CHARS" != 0 ]; then head -c "$SHAKE_CHARS" "$TEXT" >"$WORK/input.txt" && TEXT="$WORK/input.txt"; fi
+part shakespeare 120 bash -c "$(printf '%q ' "$PY" -m temper prepare --input "$TEXT" --out "$WORK/shakespeare_char" \
+  --tokenizer.kind=char --tokenizer.special_tokens=[] --tokenizer.eot_token= --split=tail --val_fraction=0.1 \
+  --progress=false) && $(printf '%q ' "$PY" -m temper pretrain "${SHAKE[@]}" --data.dir="$WORK/shakespeare_char" \
+  --run.dir="$WORK/runs" --run.name=shakespeare --log.progress=false)"
+
+"$PY" benchmarks/gpu_check.py report --work "$WORK" --out "$OUT_DIR" --dry-run "$DRY"
+rc=$?
+tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls ./*.log ./*.json ./*.jsonl 2>/dev/null)
+cat "$OUT_DIR/gpu_check.md"
+exit $rc
