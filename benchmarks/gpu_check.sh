@@ -33,7 +33,8 @@ echo "gpu_check: dry_run=$DRY parts=[$PARTS] work=$WORK out=$OUT_DIR python=$PY"
 # part NAME LIMIT_S CMD...: run CMD with its log in $WORK/NAME.log; record rc and seconds in parts.jsonl.
 part() {
   local name=$1 t0 rc
-  local var="GPU_CHECK_LIMIT_$1" limit=${!var:-$2}  # e.g. GPU_CHECK_LIMIT_train=100 overrides a part's limit
+  local var="GPU_CHECK_LIMIT_$1"
+  local limit=${!var:-$2}  # e.g. GPU_CHECK_LIMIT_train=100 overrides a part's limit
   shift 2
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit}s): $*"
