@@ -10,14 +10,17 @@ Both decode greedily the same prompts (random token ids, all of --prompt-len tok
 side pads) for exactly --new-tokens tokens (transformers: min_new_tokens, and no end-of-text id).
 Only the decode is timed: the clock is read when each step's tokens reach the host (temper: each
 step `stream` yields; transformers: each `put` of a streamer, which `generate` calls after every
-step), so decode tokens/s = batch * (N - 1) / (time of the last step - time of the first), prefill
-excluded. The sides alternate --repeats times after a warm-up of each (which also compiles), CUDA
-is synchronised before every clock read, and the table reports the median of each side and
+step), so decode tokens/s = batch * steps / (time of the last step - time of the first), prefill
+excluded. On a GPU temper reads tokens every 8 steps, as its `generate` does there (transformers
+syncs every step), so its clock starts when the first 8 have arrived and counts the N - 8 after.
+The sides alternate --repeats times after a warm-up of each (which also compiles), CUDA is
+synchronised before every clock read, and the table reports the median of each side and
 temper / transformers.
 
---compile: temper compiles its decode step; transformers uses a static cache with its own
-automatic `torch.compile` of the forward (`cache_implementation="static"`, the documented route;
-on a CPU `CompileConfig._compile_all_devices` switches it on, with mode "default").
+--compile: temper compiles its decode step (`compiled_decode_step`: inductor, fullgraph, CUDA graphs
+on a GPU); transformers uses a static cache with its own automatic `torch.compile` of the forward
+(`cache_implementation="static"`, the documented route; on a CPU `CompileConfig._compile_all_devices`
+switches it on, with mode "default").
 
 On CUDA the JSON rows also hold the bytes a decode step must read (weights of every matrix
 product + the KV cache at the mean context length), the device's memory bandwidth measured here
@@ -59,17 +62,20 @@ SHAPES: dict[str, ModelConfig] = {
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SYNC_EVERY = 8  # temper on a GPU: steps between host reads of the tokens (`generate`'s default there)
 
 Runner = Callable[[torch.Tensor, int], "Timed"]  # (prompts (B, P), new tokens) -> Timed
 
 
 @dataclasses.dataclass
 class Timed:
-    """New token ids (B, n), and the clock when the first and the last of them reached the host."""
+    """New token ids (B, n), and the clock when the first (burst) and the last of them reached the host."""
 
     tokens: torch.Tensor
     first: float
     last: float
+    first_step: int = 1
+    """How many steps had reached the host at `first` (the decode timed is steps first_step .. n - 1)."""
 
 
 class Clock:
@@ -92,16 +98,18 @@ def sync(device: torch.device) -> None:
 
 
 def temper_runner(model: Transformer, device: torch.device, compile: bool) -> Runner:
-    """Greedy generation through temper's engine, timed at each streamed step."""
-    if compile and getattr(engine, "decode_step", None) is None:
-        print("# temper: this engine has no decode_step to compile; temper runs eager", file=sys.stderr)
+    """Greedy generation through temper's engine (`stream`, which drives prefill / decode_step), timed at
+    each step it yields. On a GPU it reads tokens on the host every `SYNC_EVERY` steps, as `generate`
+    does there, so steps arrive in bursts: the clock runs from the end of the first burst to the last."""
+    every = SYNC_EVERY if device.type == "cuda" else 1
 
     def run(prompts: torch.Tensor, n: int) -> Timed:
         clock, out = Clock(device), []
-        for step in engine.stream(model, prompts.tolist(), max_new_tokens=n, temperature=0):
+        for step in engine.stream(model, prompts.tolist(), max_new_tokens=n, temperature=0, compile=compile,
+                                  sync_every=every):
             clock.tick()
             out.append(step)
-        return Timed(torch.tensor(out).T, clock.stamps[0], clock.stamps[-1])
+        return Timed(torch.tensor(out).T, clock.stamps[min(every, n) - 1], clock.stamps[-1], min(every, n))
 
     return run
 
@@ -199,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1:
-        p.error("--new-tokens must be >= 2, --repeats and --prompt-len >= 1")
+    if args.new_tokens <= SYNC_EVERY or args.repeats < 1 or args.prompt_len < 1:
+        p.error(f"--new-tokens must be > {SYNC_EVERY}, --repeats and --prompt-len >= 1")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cfg = dataclasses.replace(SHAPES[args.shape], dropout=0.0,
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeats):
             for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
                 t = sides[name](prompts, N)
-                times[name].append(batch * (N - 1) / (t.last - t.first))
+                times[name].append(batch * (N - t.first_step) / (t.last - t.first))
         same, total = agreement(outputs["temper"], outputs["transformers"])
         for name in sides:
             row: dict[str, Any] = {

@@ -1,12 +1,24 @@
 """KV-cache generation equals full recomputation, within the context and past it (nanoGPT's crop);
-sampling is reproducible and its filters behave."""
+prefill / decode_step over the static cache equal a full forward and compile to one graph; a forked
+prompt samples what separate runs with the same seeds sample; sampling is reproducible and its filters behave."""
 
 from dataclasses import replace
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
-from temper.infer.engine import apply_repetition_penalty, filter_logits, generate, sample_next, stream
+from temper.infer.cache import new_cache, reset, select
+from temper.infer.engine import (
+    apply_repetition_penalty,
+    decode_step,
+    filter_logits,
+    generate,
+    gumbel_noise,
+    prefill,
+    sample_next,
+    stream,
+)
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 
@@ -125,3 +137,124 @@ def test_rejects_bad_requests():
         generate(model, [[1] * 100], max_new_tokens=29, window_margin=128)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], max_new_tokens=1)
+
+
+# ---- prefill / decode_step / fork ----------------------------------------------------------------
+
+VARIANTS = {"debug": {}, "debug-llama": {}, "window": {"sliding_window": 5}}  # window: Mistral's, on debug-llama
+
+
+def _variant(name: str) -> Transformer:
+    return _model("debug-llama" if name == "window" else name, **VARIANTS[name])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_decode_equals_full_recompute(name):
+    """Rows of different lengths prefilled together, then decoded: every step's logits are a full forward's
+    over that row alone (fp32 tolerance), and the greedy tokens agree wherever the top-2 margin exceeds it."""
+    model, tol = _variant(name), 1e-4
+    rows = [list(p) for p in PROMPTS]
+    with torch.inference_mode():
+        cache = new_cache(model, len(rows), 24)
+        logits = prefill(model, cache, rows)
+        for _ in range(10):
+            for i, row in enumerate(rows):
+                full = model(torch.tensor([row]))[0, -1]
+                torch.testing.assert_close(logits[i], full, rtol=0, atol=tol)
+                top2 = full.topk(2).values
+                if top2[0] - top2[1] > tol:
+                    assert int(logits[i].argmax()) == int(full.argmax())
+            nxt = logits.argmax(-1)
+            for row, t in zip(rows, nxt.tolist(), strict=True):
+                row.append(t)
+            assert cache.lengths.tolist() == [len(r) - 1 for r in rows]
+            logits = decode_step(model, cache, nxt[:, None])
+
+
+def test_rows_are_admitted_and_retired_independently():
+    """Continuous batching: a row reset and refilled mid-decode computes what it would alone, and the
+    rows beside it are untouched by its prefill."""
+    model = _model("debug-llama")
+    with torch.inference_mode():
+        cache = new_cache(model, 3, 32)
+        first = prefill(model, cache, PROMPTS[:2], rows=[0, 1])
+        assert cache.lengths.tolist() == [8, 1, 0]
+        toks = torch.stack([first.argmax(-1)[0], first.argmax(-1)[1], torch.tensor(0)])[:, None]
+        for _ in range(3):
+            out = decode_step(model, cache, toks)
+            toks = out.argmax(-1, keepdim=True)
+        before = cache.k[:, :2].clone(), cache.lengths[:2].clone()
+        reset(cache, [2])
+        late = prefill(model, cache, [PROMPTS[2]], rows=[2])  # admitted while rows 0 and 1 are mid-way
+        assert torch.equal(cache.k[:, :2], before[0]) and torch.equal(cache.lengths[:2], before[1])
+        torch.testing.assert_close(late[0], model(torch.tensor([PROMPTS[2]]))[0, -1], rtol=0, atol=1e-4)
+        toks[2] = late.argmax(-1)
+        out = decode_step(model, cache, toks)
+        alone = model(torch.tensor([PROMPTS[2] + [int(toks[2])]]))[0, -1]
+        torch.testing.assert_close(out[2], alone, rtol=0, atol=1e-4)
+
+
+def test_decode_step_compiles_once_for_every_length():
+    """fullgraph capture, and no recompilation as rows grow, restart or change (same cache shape)."""
+    model = _model("debug-llama", sliding_window=6)
+    counter = CompileCounter()
+    step = torch.compile(decode_step, backend=counter, fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(2):  # a second cache of the same shape reuses the graph
+            cache = new_cache(model, 3, 32)
+            logits = prefill(model, cache, PROMPTS)
+            for i in range(8):
+                if i == 4:
+                    reset(cache, [1])
+                    logits[1] = prefill(model, cache, [[9, 9, 9]], rows=[1])[0]
+                expected = decode_step(model, select(cache, range(3)), logits.argmax(-1, keepdim=True))
+                logits = step(model, cache, logits.argmax(-1, keepdim=True))
+                torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    assert counter.frame_count == 1
+
+
+def test_forked_samples_equal_separate_runs():
+    """One prefill forked into n rows (seeds s .. s+n-1) samples what n runs of the prompt alone do."""
+    model = _model("debug-llama")
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    forked = generate(model, PROMPTS[:2], num_samples=3, seed=100, **kw)
+    separate = [generate(model, [p], seed=100 + 3 * i + j, **kw)[0] for i, p in enumerate(PROMPTS[:2]) for j in range(3)]
+    assert forked == separate
+    assert len({tuple(o) for o in forked}) == 6  # the samples differ
+    assert generate(model, PROMPTS[:2], num_samples=3, seed=100, use_cache=False, **kw) == forked
+    greedy = generate(model, PROMPTS[:1], num_samples=2, max_new_tokens=6, temperature=0)
+    assert greedy[0] == greedy[1] == generate(model, PROMPTS[:1], max_new_tokens=6, temperature=0)[0]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    model = _model("debug")
+    kw = dict(max_new_tokens=10, temperature=0.9)
+    together = generate(model, PROMPTS, seed=[7, 8, 9], **kw)
+    assert together == [generate(model, [p], seed=s, **kw)[0] for p, s in zip(PROMPTS, [7, 8, 9], strict=True)]
+    assert together == generate(model, PROMPTS, seed=7, **kw)  # an int seed s: row r gets s + r
+
+
+def test_seeded_draws_follow_the_softmax():
+    """Gumbel-max with hashed noise is a sample of softmax(logits / T): frequencies over many seeds."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    n = 20000
+    draws = sample_next(logits.expand(n, 5), temperature=1.5, seeds=torch.arange(n), step=3)
+    freq = torch.bincount(draws, minlength=5).float() / n
+    torch.testing.assert_close(freq, (logits[0] / 1.5).softmax(-1), rtol=0, atol=0.015)
+    g = gumbel_noise(torch.arange(4), 0, 1000)
+    assert abs(float(g.mean()) - 0.5772) < 0.05 and abs(float(g.std()) - 1.2825) < 0.06  # Gumbel(0, 1)
+    assert not torch.equal(gumbel_noise(torch.tensor([1]), 0, 50), gumbel_noise(torch.tensor([1]), 1, 50))
+    assert not torch.equal(gumbel_noise(torch.tensor([1]), 0, 50), gumbel_noise(torch.tensor([2]), 0, 50))
+
+
+def test_reading_tokens_every_few_steps_changes_nothing():
+    """generate's sync_every (host reads of the tokens every k steps) gives the per-step result,
+    stop ids and should_stop included, within the context and past it."""
+    model = _model("debug", max_seq_len=16)
+    ref = generate(model, PROMPTS, max_new_tokens=30, temperature=0)
+    stop = ref[0][5]
+    kw = dict(max_new_tokens=30, temperature=0.8, seed=3, stop_token_ids=[stop],
+              should_stop=lambda i, t: i == 1 and len(t) == 7)
+    assert generate(model, PROMPTS, sync_every=1, **kw) == generate(model, PROMPTS, sync_every=5, **kw)
+    steps = list(stream(model, PROMPTS, max_new_tokens=30, temperature=0, stop_token_ids=[stop]))
+    assert len(steps) <= 30 and all(len(s) == 3 for s in steps)

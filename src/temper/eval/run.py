@@ -2,8 +2,9 @@
 
 Multiple-choice questions become (context, continuation) requests, tokenized as lm-eval-harness
 does (`encode_pair`) and scored together (`loglik.score`, which runs a shared context once).
-Generative examples are completed with the KV-cache engine, a batch of similar-length prompts at a
-time, greedy or sampled with a seed, and cut at the task's stop strings. A prompt longer than the
+Generative examples are completed with the engine (`temper.infer.engine.generate`, the one decoding
+loop), a batch of similar-length prompts at a time, greedy or sampled (prompt i with seed + i, so
+the text does not depend on the batching), and cut at the task's stop strings. A prompt longer than the
 context leaves room for the answer: it keeps its last max_seq_len - max_new_tokens tokens, as
 lm-eval does, and the cut is counted.
 
@@ -98,8 +99,11 @@ def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Req
 
 def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Example], *,
              batch_tokens: int = 16384, generation: GenerationSettings | None = None,
-             progress: Callable[[int], None] | None = None) -> TaskResult:
-    """Score `examples` of `task` with `model` (a temper Transformer, in eval mode)."""
+             progress: Callable[[int], None] | None = None, stop_token_ids: Sequence[int] = ()) -> TaskResult:
+    """Score `examples` of `task` with `model` (a temper Transformer, in eval mode).
+
+    stop_token_ids: where generation ends besides the tokenizer's EOS (the checkpoint's, `temper.infer.load`).
+    """
     if not examples:
         raise TaskError(f"{task.name}: no examples to evaluate (an empty task)")
     start = time.perf_counter()
@@ -110,7 +114,7 @@ def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[
             result = _multiple_choice(model, tok, task, examples, batch_tokens, progress)  # type: ignore[arg-type]
         else:
             result = _generate(model, tok, task, examples, generation or GenerationSettings(),
-                               progress)  # type: ignore[arg-type]
+                               progress, stop_token_ids)  # type: ignore[arg-type]
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - start
@@ -155,7 +159,7 @@ def generate_all(model: nn.Module, prompts: Sequence[list[int]], *, max_new_toke
                  seed: int, stop_token_ids: Sequence[int] = (), stopped: Callable[[int, list[int]], bool] | None = None,
                  progress: Callable[[int], None] | None = None, **sampling: Any) -> list[list[int]]:
     """The new tokens of every prompt: prompts of similar length batched together (longest first),
-    batch b sampled with seed + b. `stopped(i, ids)` ends prompt i's row (stop strings)."""
+    prompt i sampled with seed + i whatever its batch. `stopped(i, ids)` ends prompt i's row (stop strings)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(order), batch_size):
@@ -163,7 +167,8 @@ def generate_all(model: nn.Module, prompts: Sequence[list[int]], *, max_new_toke
         should_stop = None if stopped is None else (lambda r, ids, rows=rows: stopped(rows[r], ids))
         with torch.no_grad():
             new = generate(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
-                           stop_token_ids=stop_token_ids, should_stop=should_stop, seed=seed + b, **sampling)
+                           stop_token_ids=stop_token_ids, should_stop=should_stop, seed=[seed + i for i in rows],
+                           **sampling)
         for i, ids in zip(rows, new, strict=True):
             out[i] = ids
         if progress is not None:
@@ -172,7 +177,8 @@ def generate_all(model: nn.Module, prompts: Sequence[list[int]], *, max_new_toke
 
 
 def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Generation],
-              settings: GenerationSettings, progress: Callable[[int], None] | None) -> TaskResult:
+              settings: GenerationSettings, progress: Callable[[int], None] | None,
+              stop_token_ids: Sequence[int]) -> TaskResult:
     if task.score is None and not task.corpus_metrics:
         raise TaskError(f"{task.name}: a generative task needs a scorer or corpus metrics")
     max_new = settings.max_new_tokens or task.max_new_tokens
@@ -186,7 +192,7 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     # A stop string that is one special token (<|im_end|>) is decoded away by skip_special_tokens,
     # so it stops as a token id; lm-eval, which decodes with special tokens, stops there too.
     special = [i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special and t.content in task.stop]
-    stop_ids = sorted({*special, *([tok.eos_id] if tok.eos_id is not None else [])})
+    stop_ids = sorted({*special, *stop_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     text_of = lambda i, ids: completion_text(decode, prompts[i], ids)  # noqa: E731
     stopped = (lambda i, ids: cut_at_stop(text_of(i, ids), task.stop)[1]) if task.stop else None

@@ -1,20 +1,35 @@
-"""Token generation with a KV cache: batched prompts of any lengths, sampling, streaming, past the context.
+"""Token generation over a static KV cache: prefill, a compilable decode step, sampling, and the driver.
 
-Prompts are left-padded into one batch; a key-padding mask and per-row positions make every row
-compute exactly what it would alone. Each step runs the model on one new token per row, reusing
-the cached keys and values, then samples: repetition penalty, temperature, top-k, top-p.
+The engine is three plain functions over `temper.model.transformer.KVCache` (per-row lengths; see
+`temper.infer.cache` for reset / fork / select), after gpt-fast and nanochat:
+  - `prefill(model, cache, prompts, rows)`: append each prompt to its row, return its last logits;
+  - `decode_step(model, cache, tokens)`: one token per row -> next-token logits (B, V). Shapes never
+    change between steps, so `compiled_decode_step()` is one `torch.compile(fullgraph=True)` graph
+    (CUDA graphs with mode="reduce-overhead") that does not recompile as the rows grow;
+  - `sample_next(logits, ...)`: repetition penalty, temperature, top-k, top-p, per-row seeds.
+`stream` / `generate` drive them for a batch of prompts; the evaluation runner, lm-eval, `temper
+generate` and RL rollouts all go through them, and a server schedules rows with the same three.
+
+Prompts of different lengths need no padding: each row's tokens sit at slots 0.. of its cache row
+and positions restart at 0 per row, so every row computes exactly what it would alone.
+
+Sampling with per-row seeds is batch-independent: row r's draw at step t is the Gumbel-max of its
+filtered logits with noise that is a hash of (seed_r, t, token id) (counter-based, as SGLang's
+seeded sampling), so a prompt forked into n rows with seeds s..s+n-1 gives what n separate runs with
+those seeds give, whatever else shares the batch, and the draw needs no generator state.
 
 Generation does not stop at the model's context (max_seq_len): like nanoGPT's `idx[:, -block_size:]`
 crop, each row conditions on a window of its most recent tokens, at positions 0.. from the window's
 start (so learned positions and RoPE both work). A prompt longer than the context keeps its last
 max_seq_len tokens. When a row's window is full, it is cut to its last max_seq_len - window_margin
-tokens, which are re-encoded into the cache, and it grows again from there; window_margin=0 is
-nanoGPT's exact sliding window (one re-encode per step). Either way every step computes exactly what
-a fresh forward pass over each row's window would. It does not shift cached keys in place (llama.cpp's
-RoPE "context shift", approximate and RoPE-only) nor keep "attention sink" tokens (StreamingLLM, Xiao et al. 2023).
+tokens, which are re-encoded into its (reset) cache row, and it grows again from there;
+window_margin=0 is nanoGPT's exact sliding window (one re-encode per step). Either way every step
+computes exactly what a fresh forward pass over each row's window would. It does not shift cached
+keys in place (llama.cpp's RoPE "context shift", approximate and RoPE-only) nor keep "attention
+sink" tokens (StreamingLLM, Xiao et al. 2023).
 
-It works on token ids only (it imports `temper.model`, never `temper.data`): decoding text and
-stop *strings* belong to the caller, which can end a row through the `should_stop` hook.
+It works on token ids only: decoding text and stop *strings* belong to the caller, which can end a
+row through the `should_stop` hook. Loading a checkpoint for inference is `temper.infer.load`.
 """
 
 from __future__ import annotations
@@ -24,7 +39,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from temper.infer.cache import fork, new_cache, reset, select, write_back
 from temper.model.transformer import KVCache
+
+Prompts = Sequence[Sequence[int]] | torch.Tensor
+
+# ---- sampling ------------------------------------------------------------------------------------
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -57,26 +77,136 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+# splitmix64's finalizer constants (Steele et al. 2014), as signed int64.
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's bijective 64-bit mixer on int64 (wrapping products; logical shifts by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(B, V) float32 Gumbel(0, 1) noise, a pure function of (seeds[b], step, token id)."""
+    row = _mix(_mix(seeds.long() + _GOLDEN) + step)  # (B,)
+    x = _mix(row[:, None] + torch.arange(vocab, device=seeds.device) * _GOLDEN)  # (B, V)
+    u = (((x >> 40) & ((1 << 24) - 1)).float() + 0.5) / (1 << 24)  # uniform in (0, 1), 24 bits
+    return -torch.log(-torch.log(u))
+
+
 def sample_next(
     logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None, step: int = 0,
 ) -> torch.Tensor:
-    """One token per row (B,) from logits (B, V): argmax when temperature is 0, else a filtered sample."""
+    """One token per row (B,) from logits (B, V): argmax when temperature is 0, else a filtered sample.
+
+    With `seeds` (B,) the draw is the Gumbel-max (argmax of logits + Gumbel noise, exactly a sample of
+    the softmax) with noise hashed from (seeds[b], step): each row's draw depends on its own seed and
+    step only. Without, `torch.multinomial` draws with `generator`.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
+    if seeds is not None:
+        return (logits + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---- prefill and decode --------------------------------------------------------------------------
+
+
+def _pad(prompts: Prompts, lengths: Sequence[int] | None, pad_id: int, device: torch.device
+         ) -> tuple[torch.Tensor, list[int]]:
+    """(n, T) right-padded tokens and each row's count."""
+    if isinstance(prompts, torch.Tensor):
+        counts = list(lengths) if lengths is not None else [prompts.shape[1]] * prompts.shape[0]
+        return prompts.to(device), counts
+    counts = [len(p) for p in prompts]
+    out = torch.full((len(prompts), max(counts, default=0)), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    return out.to(device), counts
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[int] | None = None, *,
+            lengths: Sequence[int] | None = None, pad_id: int = 0) -> torch.Tensor:
+    """Append each prompt's tokens to its cache row, after what the row holds; return the logits
+    (n, V) float32 that follow each prompt's last token.
+
+    prompts: n lists of token ids, or an (n, T) tensor (right-padded when `lengths` gives each row's
+        count). Rows of different lengths run as one right-padded batch: a padding token only sees
+        real tokens before it, and the rows' lengths are set to their real counts, so the slots the
+        padding wrote stay masked until overwritten.
+    rows: the cache rows (default 0..n-1). Other rows are untouched: when `rows` is not the whole
+        cache, those rows are copied out (`cache.select`), run, and put back.
+    Raises ValueError when a row would outgrow the cache (the one host sync of a prefill).
+    """
+    tokens, counts = _pad(prompts, lengths, pad_id, cache.lengths.device)
+    n, T = tokens.shape
+    rows = list(range(n)) if rows is None else list(rows)
+    if len(rows) != n or n == 0 or min(counts) < 1:
+        raise ValueError(f"prefill needs one non-empty prompt per row: {n} prompts, {len(rows)} rows")
+    whole = rows == list(range(cache.k.shape[1]))
+    part = cache if whole else select(cache, rows)
+    before = part.lengths.clone()
+    count = torch.tensor(counts, device=tokens.device)
+    room = min(cache.max_len, model.cfg.max_seq_len)
+    if int((before + count).max()) > room:
+        raise ValueError(f"a prompt does not fit its cache row ({room} tokens): lengths {before.tolist()} + {counts}")
+    last = torch.arange(T, device=tokens.device)[None, :] == (count - 1)[:, None]  # (n, T)
+    logits = model(tokens, cache=part, logits_at=last)  # (n, V)
+    part.lengths.copy_(before + count)
+    if not whole:
+        write_back(cache, rows, part)
+    return logits.float()
+
+
+def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row, tokens (B, 1), at each row's next slot; return next-token logits (B, V) float32.
+
+    Every row advances by one (an idle row computes garbage that nobody reads; its length stops at
+    the cache's size). Nothing here reads a value back to the host or changes a shape, so it
+    compiles to one graph (`compiled_decode_step`).
+    """
+    return model(tokens, cache=cache, last_only=True)[:, -1].float()
+
+
+_COMPILED: dict[str, Callable[[nn.Module, KVCache, torch.Tensor], torch.Tensor]] = {}
+
+
+def compiled_decode_step(mode: str | None = None) -> Callable[[nn.Module, KVCache, torch.Tensor], torch.Tensor]:
+    """`decode_step` through `torch.compile(fullgraph=True)` (inductor), one compiled function per mode.
+
+    mode None: "reduce-overhead" (CUDA graphs) when CUDA is available, else the default. It compiles
+    once per (model, batch, cache size, dtype); the rows' lengths are tensor values, not shapes.
+    """
+    if mode is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    if mode not in _COMPILED:
+        # dynamic=False: one graph per batch and cache size, never a dynamic-shape one (slower, and CUDA
+        # graphs re-record per shape anyway) after dynamo has seen a second size.
+        _COMPILED[mode] = torch.compile(decode_step, fullgraph=True, mode=mode, dynamic=False)
+    return _COMPILED[mode]
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
 def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-           top_p: float | None, repetition_penalty: float, window_margin: int, vocab_size: int, max_seq_len: int) -> None:
+           top_p: float | None, repetition_penalty: float, window_margin: int, vocab_size: int, max_seq_len: int,
+           num_samples: int) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if any(not 0 <= t < vocab_size for p in prompts for t in p):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-    if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0:
-        raise ValueError("max_new_tokens and temperature must be >= 0, repetition_penalty > 0")
+    if max_new_tokens < 0 or temperature < 0 or repetition_penalty <= 0 or num_samples < 1:
+        raise ValueError("max_new_tokens and temperature must be >= 0, repetition_penalty > 0, num_samples >= 1")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -85,130 +215,201 @@ def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: f
         raise ValueError(f"window_margin must be in [0, max_seq_len={max_seq_len}), got {window_margin}")
 
 
-def _refill(model: nn.Module, cache: KVCache, tokens: torch.Tensor, rows: list[int], shift: int, lo: int, hi: int) -> None:
-    """Drop the first `shift` cache slots, then re-encode tokens[rows, lo:hi] at positions 0.. into the
-    last hi - lo slots of those rows; the other rows keep their keys and values (moved down by `shift`)."""
-    if len(rows) == cache.k.shape[1]:  # every row's window now starts at lo: refill the emptied cache in place
-        cache.crop(0)
-        if hi > lo:
-            model(tokens[:, lo:hi], cache=cache, last_only=True)
-        return
-    if shift:
-        n = cache.length - shift
-        for layer in (*cache.k, *cache.v):  # (B, Hkv, S_max, D); a layer at a time bounds the copy's memory
-            layer[:, :, :n] = layer[:, :, shift : shift + n].clone()
-        cache.crop(n)
-    if rows and hi > lo:
-        fresh = model.new_cache(len(rows), hi - lo)
-        model(tokens[rows, lo:hi], cache=fresh, last_only=True)
-        idx, end = torch.tensor(rows, device=tokens.device), cache.length
-        cache.k[:, idx, :, end - (hi - lo) : end] = fresh.k  # (L, len(rows), Hkv, hi - lo, D)
-        cache.v[:, idx, :, end - (hi - lo) : end] = fresh.v
+def _row_seeds(seed: int | Sequence[int] | None, B: int, device: torch.device) -> torch.Tensor:
+    """(B,) seeds: row r of an int seed s gets s + r; None draws them from torch's global generator."""
+    if seed is None:
+        return torch.randint(0, 2**62, (B,), device=device)
+    if isinstance(seed, int):
+        return torch.arange(seed, seed + B, device=device)
+    if len(seed) != B:
+        raise ValueError(f"seed: one per row ({B}), got {len(seed)}")
+    return torch.tensor(list(seed), dtype=torch.long, device=device)
+
+
+def _run(
+    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+    top_k: int | None, top_p: float | None, repetition_penalty: float, stop_token_ids: Sequence[int],
+    seed: int | Sequence[int] | None, use_cache: bool, pad_id: int,
+    should_stop: Callable[[int, list[int]], bool] | None, window_margin: int | None, num_samples: int,
+    compile: bool | str, sync_every: int,
+) -> Iterator[list[int | None]]:
+    """The one decoding loop (see `stream`): device work every step, host bookkeeping every `sync_every`
+    steps (and whenever a window must be cut), where the buffered steps are yielded one by one."""
+    cfg = model.cfg
+    C = cfg.max_seq_len
+    margin = C // 4 if window_margin is None else window_margin
+    _check(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, margin, cfg.vocab_size, C,
+           num_samples)
+    device = next(model.parameters()).device
+    n = num_samples
+    P, lens = len(prompts), [len(p) for p in prompts]
+    B = P * n  # prompt i's samples are rows i*n .. i*n + n - 1
+    L, total = max(lens), max(lens) + max_new_tokens
+    # Row r's tokens so far, left-padded: prompt, then output from column L. The model never sees the padding.
+    tokens = torch.full((P, total), pad_id, dtype=torch.long)
+    seen = torch.zeros((P, cfg.vocab_size), dtype=torch.bool)  # (B, V): tokens to penalise
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p) : L] = torch.as_tensor(list(p), dtype=torch.long)
+        seen[i, list(p)] = True
+    tokens = tokens.to(device).repeat_interleave(n, 0)  # (B, total)
+    seen = seen.to(device).repeat_interleave(n, 0) if repetition_penalty != 1.0 else None
+    seeds = _row_seeds(seed, B, device) if temperature > 0 else None
+    stop_ids = set(stop_token_ids)
+    # Row r conditions on columns start[r]:cur of `tokens` (its window, at positions 0..); a prompt longer
+    # than the context keeps its last C tokens. Its cache row holds the window but for its last token,
+    # which the next decode step feeds.
+    start = [L - min(lens[r // n], C) for r in range(B)]
+    # Past the context, a full window is cut to `keep` tokens and re-encoded, then grows by one token per
+    # cheap cached step: one re-encode of `keep` tokens every margin + 1 steps. Cutting a quarter of the
+    # context costs about 3 prefilled tokens per new token (prefill is much faster per token than a
+    # decode step) while every token still sees at least 3/4 of the context; margin = 0 would re-encode
+    # every step, as nanoGPT's crop does. Each row fills up at its own step (so that it computes what it
+    # would alone), and only the rows that are full and unfinished are re-encoded.
+    keep = C - margin
+    cache = new_cache(model, B, min(C, total)) if use_cache and max_new_tokens else None
+    step_fn = decode_step
+    if compile and cache is not None:
+        step_fn = compiled_decode_step(compile if isinstance(compile, str) else None)
+    cols = torch.arange(total, device=device)
+
+    def windows(cur: int) -> tuple[torch.Tensor, list[int]]:
+        """Each row's window, right-padded: (B, T) tokens and the counts."""
+        first = torch.tensor(start, device=device)  # (B,)
+        counts = [cur - s for s in start]
+        idx = (first[:, None] + cols[: max(counts)]).clamp(max=cur - 1)  # (B, T); the tail repeats a token
+        return tokens.gather(1, idx), counts
+
+    def recompute(cur: int) -> torch.Tensor:  # use_cache=False: each row's whole window, no cache
+        window, counts = windows(cur)
+        last = cols[: window.shape[1]][None, :] == torch.tensor(counts, device=device)[:, None] - 1
+        return model(window, logits_at=last).float()  # (B, V)
+
+    finished, outputs = [False] * B, [[] for _ in range(B)]
+
+    def settle(new: list[int]) -> list[int | None]:
+        """One step's tokens -> what `stream` yields, ending rows on stop ids and `should_stop`."""
+        out: list[int | None] = []
+        for r, t in enumerate(new):
+            if finished[r] or t in stop_ids:
+                finished[r] = True
+                out.append(None)
+                continue
+            outputs[r].append(t)
+            out.append(t)
+            if should_stop is not None and should_stop(r, outputs[r]):
+                finished[r] = True
+        return out
+
+    was_training = model.training
+    model.eval()
+    try:
+        if not max_new_tokens:
+            return
+        cur = L
+        if cache is None:
+            logits = recompute(cur)
+        else:  # each prompt once, into the first of its rows, then forked into the others
+            window, counts = windows(cur)
+            firsts = list(range(0, B, n))
+            logits = prefill(model, cache, window[firsts], firsts, lengths=[counts[r] for r in firsts])
+            if n > 1:
+                for r in firsts:
+                    fork(cache, r, range(r + 1, r + n))
+                logits = logits.repeat_interleave(n, 0)
+        pending: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step)
+            tokens[:, cur] = nxt
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            pending.append(nxt)
+            cur += 1
+            last = step == max_new_tokens - 1
+            full = cur - min(start) > C  # some window would overfill with the token fed next
+            if len(pending) >= sync_every or last or full:
+                for new in zip(*torch.stack(pending, 1).tolist(), strict=True):  # (B, k) -> k steps
+                    yield settle(list(new))
+                    if all(finished):
+                        return
+                pending = []
+            if last:
+                break
+            if full:  # flushed above, so `finished` is current
+                restart, refill = [], []
+                for r in range(B):
+                    if cur - start[r] > C:  # a finished row's output no longer matters: it keeps just the token fed next
+                        start[r] = cur - (1 if finished[r] else keep)
+                        restart.append(r)
+                        if not finished[r]:
+                            refill.append(r)
+                if cache is not None:
+                    reset(cache, restart)
+                    if refill and keep > 1:
+                        prefill(model, cache, tokens[refill, cur - keep : cur - 1], refill)
+            if cache is None:
+                logits = recompute(cur)
+            else:
+                if step_fn is not decode_step:  # CUDA graphs: this step's outputs may overwrite the last one's
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step_fn(model, cache, tokens[:, cur - 1 : cur])
+    finally:
+        model.train(was_training)
 
 
 @torch.inference_mode()
 def stream(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-    stop_token_ids: Sequence[int] = (), seed: int | None = None, use_cache: bool = True, pad_id: int = 0,
-    should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
+    stop_token_ids: Sequence[int] = (), seed: int | Sequence[int] | None = None, use_cache: bool = True,
+    pad_id: int = 0, should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
+    num_samples: int = 1, compile: bool | str = False, sync_every: int = 1,
 ) -> Iterator[list[int | None]]:
-    """Yield, per step, one entry per prompt: its new token id, or None once that row has finished.
+    """Yield, per step, one entry per row: its new token id, or None once that row has finished.
 
+    Rows are the prompts, or with num_samples=n, n rows per prompt (prompt i's are i*n .. i*n + n - 1):
+    each prompt is prefilled once and its cache row forked into the other n - 1.
     A row finishes on a token in stop_token_ids (which is not yielded) or when
     `should_stop(row, tokens_so_far)` returns True (the token that triggered it is yielded).
+    seed: an int s gives row r the seed s + r (so row r of one run equals a run of its prompt alone with
+    seed s + r); a sequence gives one seed per row; None draws them from torch's global generator.
     window_margin: past the context, a full window is cut to its last max_seq_len - window_margin
     tokens (None: a quarter of the context; 0: nanoGPT's crop to the last max_seq_len every step).
     The repetition penalty counts every token so far, inside the window or not.
     `use_cache=False` recomputes each row's window every step (the reference the cache is tested on).
+    compile: run `decode_step` compiled (True: `compiled_decode_step()`'s mode, or a mode's name).
+    sync_every: steps run on the device between reads of their tokens on the host; > 1 lets a GPU queue
+    steps without waiting, and the steps then arrive in bursts of that many (see `generate`).
     The model runs in eval mode meanwhile; its mode is restored afterwards.
     """
-    cfg = model.cfg
-    C = cfg.max_seq_len
-    margin = C // 4 if window_margin is None else window_margin
-    _check(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, margin, cfg.vocab_size, C)
-    device = next(model.parameters()).device
-    B, lens = len(prompts), [len(p) for p in prompts]
-    L, total = max(lens), max(lens) + max_new_tokens
-    tokens = torch.full((B, total), pad_id, dtype=torch.long)  # (B, L + new): left-padded prompts, then output
-    seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool)  # (B, V): tokens to penalise
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p) : L] = torch.tensor(p, dtype=torch.long)
-        seen[i, list(p)] = True
-    tokens, seen = tokens.to(device), seen.to(device)
-    cols = torch.arange(total, device=device)
-    # Row i conditions on columns start[i]:cur of `tokens`, at positions 0..; the columns before (its
-    # padding, tokens that slid out) are masked. A prompt longer than the context keeps its last C tokens.
-    start = [L - min(n, C) for n in lens]
-    # Past the context, a full window is cut to `keep` tokens and re-encoded, then grows by one token per
-    # cheap cached step: one re-encode of `keep` tokens every margin + 1 steps. Cutting a quarter of the
-    # context costs about 3 prefilled tokens per new token (prefill is much faster per token than a
-    # decode step) while every token still sees at least 3/4 of the context; margin = 0 would re-encode
-    # every step, as nanoGPT's crop does. Each row fills up at its own step (so that it computes what it
-    # would alone), and only the rows that are full are re-encoded.
-    keep = C - margin
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(B, min(C, total)) if use_cache else None  # slot j holds column min(start) + j
-    stop_ids, rows = set(stop_token_ids), torch.arange(B, device=device)
-    finished, outputs = [False] * B, [[] for _ in range(B)]
-
-    def run(lo: int, hi: int) -> torch.Tensor:  # logits (B, V) for the last of tokens[:, lo:hi]
-        first = torch.tensor(start, device=device)[:, None]  # (B, 1): where each row's window starts
-        pos = (cols[lo:hi] - first).clamp(min=0)  # (B, T)
-        # Equal windows need no mask (the fast path: SDPA may use flash); else mask every key before a row's window.
-        mask = cols[min(start) : hi] >= first if len(set(start)) > 1 else None  # (B, S)
-        return model(tokens[:, lo:hi], positions=pos, cache=cache, attn_mask=mask, last_only=True)[:, -1].float()
-
-    was_training = model.training
-    model.eval()
-    try:
-        cur = L
-        logits = run(min(start), L) if max_new_tokens else None
-        for step in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
-            tokens[:, cur] = nxt
-            seen[rows, nxt] = True
-            out: list[int | None] = []
-            for i, t in enumerate(nxt.tolist()):
-                if finished[i] or t in stop_ids:
-                    finished[i] = True
-                    out.append(None)
-                    continue
-                outputs[i].append(t)
-                out.append(t)
-                if should_stop is not None and should_stop(i, outputs[i]):
-                    finished[i] = True
-            yield out
-            cur += 1
-            if all(finished) or step == max_new_tokens - 1:
-                break
-            full = [i for i in range(B) if cur - start[i] > C]  # windows that the new token would overfill
-            if full:
-                before = min(start)
-                for i in full:  # a finished row's output no longer matters: it keeps just the new token, for free
-                    start[i] = cur - (1 if finished[i] else keep)
-                if cache is not None:
-                    refill = [i for i in full if not finished[i]]
-                    _refill(model, cache, tokens, refill, min(start) - before, cur - keep, cur - 1)
-            logits = run(cur - 1, cur) if use_cache else run(min(start), cur)
-    finally:
-        model.train(was_training)
+    yield from _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
+                    use_cache=use_cache, pad_id=pad_id, should_stop=should_stop, window_margin=window_margin,
+                    num_samples=num_samples, compile=compile, sync_every=max(1, sync_every))
 
 
+@torch.inference_mode()
 def generate(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-    stop_token_ids: Sequence[int] = (), seed: int | None = None, use_cache: bool = True, pad_id: int = 0,
-    should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
+    stop_token_ids: Sequence[int] = (), seed: int | Sequence[int] | None = None, use_cache: bool = True,
+    pad_id: int = 0, should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
+    num_samples: int = 1, compile: bool | str = False, sync_every: int | None = None,
 ) -> list[list[int]]:
-    """The new token ids of each prompt (prompt not included, stop token not included); see `stream`."""
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream(
-        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed, use_cache=use_cache,
-        pad_id=pad_id, should_stop=should_stop, window_margin=window_margin,
-    ):
+    """The new token ids of each row (prompt not included, stop token not included); see `stream`.
+
+    sync_every: steps run on the device between reads of their tokens on the host (None: 1 on the
+    CPU, where there is nothing to overlap, 8 on a GPU, which then queues steps without waiting; a
+    batch whose rows all stopped runs at most sync_every - 1 steps too many, whose tokens are dropped).
+    """
+    device = next(model.parameters()).device
+    every = sync_every if sync_every is not None else (1 if device.type == "cpu" else 8)
+    outputs: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+    for step in _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
+                     use_cache=use_cache, pad_id=pad_id, should_stop=should_stop, window_margin=window_margin,
+                     num_samples=num_samples, compile=compile, sync_every=max(1, every)):
         for i, t in enumerate(step):
             if t is not None:
                 outputs[i].append(t)

@@ -22,10 +22,18 @@ from temper.model.config import ModelConfig
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, filled left to right as tokens arrive.
+    """Preallocated keys and values of every layer, with a fill length per row (a static cache).
 
-    All rows share one fill length: prompts of different lengths are left-padded by the caller,
-    who also passes a key-padding mask and per-row positions. No tensor is reallocated per step.
+    Row b holds the keys and values of its tokens at slots 0 .. lengths[b] - 1, and slot j is
+    position j of that row (RoPE, learned positions): rows fill, empty and restart independently,
+    so one batch can hold requests of different lengths (continuous batching, RL rollouts) and
+    `temper.infer.cache` can fork, reset and refill rows. New keys and values are scattered at
+    each row's own slots, and attention always spans all `max_len` slots behind a mask built from
+    the lengths, so no tensor changes shape between decode steps (what `torch.compile` and CUDA
+    graphs need; gpt-fast's static cache, with per-row lengths).
+
+    A row never grows past `max_len`: writes past the end land on the last slot (so an idle row
+    of a static batch cannot fail), which the engine avoids for live rows by checking on the host.
     """
 
     def __init__(
@@ -35,25 +43,31 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
         self.max_len = max_len
-        self.length = 0  # slots filled so far, the same for every row
+
+    @property
+    def length(self) -> int:
+        """The longest row's length, read on the host (a device sync: for tests and checks, not per step)."""
+        return int(self.lengths.max())
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) the slots, and positions, of T new tokens per row: right after each row's filled slots."""
+        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        return pos.clamp(max=self.max_len - 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, Hkv, T, D) keys and values after the filled slots; return all of them."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # views, (B, Hkv, S, D)
+        """Write the new (B, Hkv, T, D) keys and values at each row's next T slots; return every slot's
+        (B, Hkv, S_max, D), for attention behind the mask of `Transformer._attention_mask`."""
+        B, H, T, D = k.shape
+        slots = self.positions(T)[:, None, :, None].expand(B, H, T, D)  # (B, Hkv, T, D)
+        self.k[layer].scatter_(2, slots, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
-        """Mark `n` more slots as filled (the model calls this once per forward, after every layer)."""
-        self.length += n
-
-    def crop(self, length: int) -> None:
-        """Forget every slot from `length` on (e.g. rejected speculative tokens)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
-        self.length = length
+        """Mark `n` more slots of every row as filled (the model calls this once per forward, after every layer)."""
+        self.lengths.add_(n).clamp_(max=self.max_len)
 
 
 class RMSNorm(nn.Module):
@@ -170,6 +184,8 @@ class Attention(nn.Module):
             S = k.shape[2]
             qg = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
             mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
+            # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
+            mg = mg.contiguous()  # (B|1, 1, G*T, S)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p)
             y = y.view(B, self.n_heads, T, self.head_dim)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
@@ -297,36 +313,41 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
 
-        positions: (B, T) per-row positions (left-padded batches); default: the next T positions
-            after what `cache` holds (0.. T-1 without a cache).
-        cache: a `KVCache` from `new_cache`; the new keys/values are appended and its length grows by T.
-        attn_mask: (B, S) bool, True for real tokens, over all S = cached + T keys (causality is added
-            here), or a full (B, 1, T, S) bool mask used as is.
+        positions: (B, T) per-row positions (left-padded batches); default 0 .. T-1. Not with a cache.
+        cache: a `KVCache` from `new_cache`: the tokens go to each row's next slots, at positions equal to
+            those slots, and see what the row holds before them (causally); every row's length grows by T.
+            Callers fill rows of different lengths through `temper.infer.engine.prefill`.
+        attn_mask: (B, S) bool, True for real tokens, over all S = T keys (causality is added here),
+            or a full (B, 1, T, S) bool mask used as is. Not with a cache.
         last_only: return only the last position's logits (B, 1, V), saving the head's matmul in decoding.
         logits_at: (B, T) bool; return logits (N, V) for its N True positions only, in row-major
             order: scoring a few continuation tokens then skips the head (T x V) on the rest.
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} + {T} do not fit")
-        if positions is None and start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if cache is not None:
+            if positions is not None or attn_mask is not None:
+                raise ValueError("with a KV cache, positions and the mask come from its per-row lengths: pass neither")
+            if T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens per row; {T} do not fit")
+            positions = cache.positions(T)  # (B, T): each row's next slots
+        elif positions is None and T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(tokens)  # (B, T, C)
         if self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         rope = None
         if self.pos_emb is not None:
-            pe = self.pos_emb.weight[start : start + T] if positions is None else self.pos_emb(positions)
+            pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
             x = x + pe  # (B, T, C)
         else:
             if positions is None:
-                cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D/2)
+                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
             else:
                 cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
             rope = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
         x = self.drop(x)
-        mask, causal = self._attention_mask(attn_mask, B, T, start, tokens.device)
+        mask, causal = self._attention_mask(attn_mask, B, T, tokens.device, positions if cache is not None else None,
+                                            cache.max_len if cache is not None else 0)
         for layer in self.layers:
             x = layer(x, rope, mask, causal, cache)  # (B, T, C)
         if cache is not None:
@@ -341,31 +362,39 @@ class Transformer(nn.Module):
         return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs
 
     def _attention_mask(
-        self, attn_mask: torch.Tensor | None, B: int, T: int, start: int, device: torch.device
+        self, attn_mask: torch.Tensor | None, B: int, T: int, device: torch.device,
+        cache_positions: torch.Tensor | None = None, cache_len: int = 0,
     ) -> tuple[torch.Tensor | None, bool]:
-        """(mask for SDPA, is_causal). Without padding, avoid a mask so SDPA can pick flash attention."""
-        S = start + T
+        """(mask for SDPA, is_causal). Without padding, avoid a mask so SDPA can pick flash attention.
+
+        With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
+        the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
+        later tokens, or stale ones of a row that restarted), within the sliding window.
+        """
         window = self.cfg.sliding_window
-        if attn_mask is None and (window is None or S <= window):
-            if start == 0:
-                return None, True  # plain causal prefill / training
-            if T == 1:
-                return None, False  # one new query sees every cached key
-        q_pos = torch.arange(start, S, device=device)  # (T,)
-        k_pos = torch.arange(S, device=device)  # (S,)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
-        if window is not None:  # the last `window` keys, the query's own included (Mistral)
-            mask &= k_pos[None, :] > q_pos[:, None] - window
+        if cache_positions is not None:
+            k_pos = torch.arange(cache_len, device=device)  # (S_max,)
+            q_pos = cache_positions[:, :, None]  # (B, T, 1)
+            mask = k_pos <= q_pos  # (B, T, S_max)
+            if window is not None:  # the last `window` keys, the query's own included (Mistral)
+                mask &= k_pos > q_pos - window
+            return mask[:, None], False  # (B, 1, T, S_max)
+        if attn_mask is None and (window is None or T <= window):
+            return None, True  # plain causal prefill / training
+        q_pos = torch.arange(T, device=device)  # (T,)
+        mask = q_pos[None, :] <= q_pos[:, None]  # (T, T) causal
+        if window is not None:
+            mask &= q_pos[None, :] > q_pos[:, None] - window
         if attn_mask is not None and attn_mask.dim() == 4:
             return (attn_mask & mask) if window is not None else attn_mask, False
         if attn_mask is None:
-            return mask[None, None], False  # (1, 1, T, S)
-        if attn_mask.shape != (B, S):
-            raise ValueError(f"attn_mask must be (batch, cached + new) = {(B, S)}, got {tuple(attn_mask.shape)}")
+            return mask[None, None], False  # (1, 1, T, T)
+        if attn_mask.shape != (B, T):
+            raise ValueError(f"attn_mask must be (batch, tokens) = {(B, T)}, got {tuple(attn_mask.shape)}")
         # A padding query still sees itself, so no row is fully masked (that would give NaN, and NaN
         # values in a padded slot poison real rows through 0 * NaN in the next layer).
-        mask = (mask & attn_mask[:, None, :]) | (k_pos[None, :] == q_pos[:, None])  # (B, T, S)
-        return mask[:, None], False  # (B, 1, T, S)
+        mask = (mask & attn_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (B, T, T)
+        return mask[:, None], False  # (B, 1, T, T)
 
     # ---- inference helpers and accounting ------------------------------------------------------
 

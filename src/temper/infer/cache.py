@@ -1,0 +1,81 @@
+"""Rows of the static KV cache: allocate, reset, fork, and take a few rows out and put them back.
+
+The cache is `temper.model.transformer.KVCache`: keys and values (L, B, Hkv, S_max, D) and a (B,)
+tensor of per-row lengths; row b holds its tokens at slots 0 .. lengths[b] - 1, slot j at position
+j. The model writes and reads it; this module moves rows around for the callers that schedule
+them: the engine (a prompt prefilled once and forked into n rows for n samples), a server that
+admits a request into a free row and retires it when done (continuous batching), RL rollouts.
+Every function here works on device tensors and never reads a length back to the host.
+
+It does not run the model (`temper.infer.engine.prefill` / `decode_step` do) or decide which row
+holds what (the caller's bookkeeping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from temper.model.transformer import KVCache
+
+
+def new_cache(model: nn.Module, batch: int, max_len: int, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> KVCache:
+    """An empty cache of `batch` rows of up to `max_len` tokens (default: the weights' device and dtype).
+
+    Its tensors are marked as static addresses (as transformers' StaticCache does), so CUDA graphs of a
+    compiled decode step read and write them in place instead of copying them in and out each step.
+    """
+    if not 0 < max_len <= model.cfg.max_seq_len:
+        raise ValueError(f"a cache row holds 1 .. max_seq_len={model.cfg.max_seq_len} tokens, got {max_len}")
+    cache = model.new_cache(batch, max_len, device=device, dtype=dtype)
+    for t in (cache.k, cache.v, cache.lengths):
+        torch._dynamo.mark_static_address(t)
+    return cache
+
+
+def _index(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    idx = torch.as_tensor(rows, dtype=torch.long, device=cache.lengths.device).reshape(-1)
+    if idx.numel() and isinstance(rows, Sequence) and not all(0 <= r < cache.k.shape[1] for r in rows):
+        raise ValueError(f"rows must be in [0, {cache.k.shape[1]}), got {list(rows)}")
+    return idx
+
+
+def reset(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> None:
+    """Empty `rows` (their stale keys and values stay, masked, until overwritten)."""
+    cache.lengths[_index(cache, rows)] = 0
+
+
+def fork(cache: KVCache, src: int, dst: Sequence[int] | torch.Tensor) -> None:
+    """Copy row `src` (keys, values, length) into every row of `dst`: a prompt prefilled once, then
+    sampled n times (best-of-n, GRPO groups) without prefilling it n times."""
+    idx = _index(cache, dst)
+    n = idx.numel()
+    if not isinstance(dst, torch.Tensor) and src in dst:
+        raise ValueError(f"cannot fork row {src} into itself")
+    # Copies of the source first: index_put refuses a source that shares memory with its destination.
+    cache.k[:, idx] = cache.k[:, src : src + 1].clone().expand(-1, n, -1, -1, -1)  # (L, n, Hkv, S_max, D)
+    cache.v[:, idx] = cache.v[:, src : src + 1].clone().expand(-1, n, -1, -1, -1)
+    cache.lengths[idx] = cache.lengths[src].clone()
+
+
+def select(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> KVCache:
+    """A new cache holding a copy of `rows` (in that order): the model runs on it alone, and
+    `write_back` returns the rows, so a prefill of a few rows leaves every other row untouched."""
+    idx = _index(cache, rows)
+    L, _, H, S, D = cache.k.shape
+    part = KVCache(L, idx.numel(), H, S, D, device=cache.k.device, dtype=cache.k.dtype)
+    part.k.copy_(cache.k[:, idx])
+    part.v.copy_(cache.v[:, idx])
+    part.lengths.copy_(cache.lengths[idx])
+    return part
+
+
+def write_back(cache: KVCache, rows: Sequence[int] | torch.Tensor, part: KVCache) -> None:
+    """Put the rows of `part` (from `select(cache, rows)`) back into `cache`."""
+    idx = _index(cache, rows)
+    cache.k[:, idx] = part.k
+    cache.v[:, idx] = part.v
+    cache.lengths[idx] = part.lengths
