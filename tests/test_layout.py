@@ -13,9 +13,9 @@ ALLOWED = {
     "data": set(),
     "model": set(),
     "train": {"data", "model"},
-    "infer": {"model"},
+    "infer": {"model", "data"},
     "align": {"train", "infer", "data"},
-    "eval": {"infer", "data"},
+    "eval": {"infer", "model", "data"},
     "rag": {"infer", "data", "model"},
     "recipes": {"data", "model", "train", "infer", "align", "eval", "rag"},
 }

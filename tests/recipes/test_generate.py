@@ -1,12 +1,14 @@
 """`temper generate` end to end on a tiny checkpoint: streamed text equals the engine's, stop strings cut,
-and generation goes on past the model's context."""
+generation goes on past the model's context, and chats go through the tokenizer's chat template."""
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
 from temper.infer.engine import generate
 from temper.infer.text import cut_at_stop, safe_to_print
 from temper.model.config import PRESETS
@@ -67,8 +69,61 @@ def test_stop_helpers():
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
-    assert "no tokenizer.json" in capsys.readouterr().err
+    assert "nowhere: not a directory" in capsys.readouterr().err
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "tokenizer.json").write_text("{}")
     assert main(["--checkpoint", str(tmp_path / "half"), "--prompt", "hi"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A Qwen2.5-style checkpoint: its family tokenizer (ChatML tokens) with Qwen2.5's real chat template,
+    <|im_end|> and <|endoftext|> as generation_config's eos ids, a random model."""
+    from tests.conftest import SHARED_DATA
+    from tests.data.test_chat import QWEN25
+    from tests.data.test_tokenizer import qwen2_style, training_corpus
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    root = tmp_path_factory.mktemp("chat") / "final"
+    tok = qwen2_style(training_corpus(SHARED_DATA))
+    hf = HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, chat_templates={"default": QWEN25})
+    save_hf_tokenizer(hf, root)
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=256)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    save_hf(model, cfg, root, generation_config={"eos_token_id": eos})
+    return root, model.eval(), hf, eos
+
+
+def test_chat_goes_through_the_chat_template(chat_checkpoint, capsys):
+    """--chat messages (and --system + --prompt) are rendered by the tokenizer's template up to the
+    assistant's turn; the reply is what the engine generates from those ids, stopping on the eos ids."""
+    path, model, tok, eos = chat_checkpoint
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital?"}]
+    ids = tok.encode_chat(chat, add_generation_prompt=True)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    new = generate(model, [ids], max_new_tokens=10, temperature=0, stop_token_ids=eos)[0]
+    assert len(new) == 10  # random weights: no eos within 10 tokens, so the whole reply is compared
+    reply = tok.decode(ids + new, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+    base = ["--checkpoint", str(path), "--max_new_tokens=10", "--temperature=0", "--device=cpu"]
+    assert main(base + ["--chat", json.dumps(chat)]) == 0
+    assert capsys.readouterr().out == reply + "\n"
+    assert main(base + ["--system", "Answer briefly.", "--prompt", "What is the capital?"]) == 0
+    assert capsys.readouterr().out == reply + "\n"
+    assert main(base + ["--system", "Answer briefly.", "--prompt", "What is the capital?", "--prompt", "Hi"]) == 0
+    assert capsys.readouterr().out.startswith(f"--- [0]\n{reply}\n--- [1]\n")
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assert theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+
+
+def test_chat_needs_a_template_and_one_form(checkpoint, chat_checkpoint, capsys):
+    path, _, _ = checkpoint
+    chat = json.dumps([{"role": "user", "content": "hi"}])
+    assert main(["--checkpoint", str(path), "--chat", chat, "--device=cpu"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="either --chat"):
+        main(["--checkpoint", str(chat_checkpoint[0]), "--chat", chat, "--prompt", "x"])

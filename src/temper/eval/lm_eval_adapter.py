@@ -9,9 +9,8 @@ be evaluated mid-training without an export:
     lm_eval.simple_evaluate(model=TemperLM(model, tokenizer), tasks=["arc_easy"])
 
 The model name "temper" (`--model temper --model_args checkpoint=DIR`) is registered by
-`temper.recipes.lm_eval.register()`, which loads a checkpoint: `temper.eval` may not import
-`temper.model` (DESIGN.md, import direction), and loading is the recipe's job, as for every other
-command. `temper lm-eval ...` is lm-eval's own command line with "temper" registered.
+`temper.recipes.lm_eval.register()`, which loads a checkpoint with `temper.infer.load` (as `temper
+generate` and `temper evaluate` do): loading is the recipe's job, as for every other command. `temper lm-eval ...` is lm-eval's own command line with "temper" registered.
 
 The numbers are lm-eval's `hf` backend's, computed by temper's code:
 - `loglikelihood`: lm-eval's own tokenization (`TemplateLM.loglikelihood`: `_encode_pair`, the
@@ -75,15 +74,17 @@ class TemperLM(TemplateLM):
     def __init__(
         self, model: nn.Module, tokenizer: HFTokenizer, *, batch_tokens: int | str = 16384,
         max_gen_toks: int | str = 256, batch_size: int | str | None = 16, seed: int | str = 1234,
-        max_batch_size: int | str | None = None,
+        max_batch_size: int | str | None = None, stop_token_ids: Sequence[int] = (),
     ) -> None:
         """
         batch_tokens: most tokens (rows x longest row) in one scoring forward pass (`loglik.score`).
         max_gen_toks: tokens generated when a task does not say (lm-eval's `hf` default: 256).
         batch_size: prompts generated together; lm-eval's command line passes its --batch_size
             here ("auto": 16). Scoring batches by `batch_tokens` instead.
-        seed: seed of sampled generation (batch b uses seed + b).
+        seed: seed of sampled generation (the i-th prompt of a request group uses seed + i).
         max_batch_size: accepted because lm-eval passes it; unused.
+        stop_token_ids: ids that also end generation besides the end-of-text token (a checkpoint's
+            generation_config eos ids, which `hf` stops on too through `generate`).
         Numbers may arrive as strings (lm-eval's "key=value" model_args).
         """
         super().__init__()
@@ -99,6 +100,7 @@ class TemperLM(TemplateLM):
         self.batch_size = 16 if batch_size is None or str(batch_size).startswith("auto") else _positive_int(
             batch_size, "batch_size")
         self.seed = int(seed)
+        self.stop_token_ids = sorted({int(i) for i in stop_token_ids})
         self._device = next(model.parameters()).device
 
     # ---- what lm-eval asks of a model --------------------------------------------------------
@@ -215,8 +217,9 @@ class TemperLM(TemplateLM):
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members]
                 # A row ends once its decoded text holds a stop string (the engine works on ids only).
                 stopped = (lambda _, ids, stops=stops: any(s in self.tok_decode(ids) for s in stops)) if stops else None
+                stop_ids = sorted({self.eot_token_id, *self.stop_token_ids})
                 completions = generate_all(self.model, prompts, max_new_tokens=max_new, batch_size=self.batch_size,
-                                           seed=self.seed, stop_token_ids=[self.eot_token_id], stopped=stopped,
+                                           seed=self.seed, stop_token_ids=stop_ids, stopped=stopped,
                                            progress=bar.update, **sampling)
                 for i, ids in zip(members, completions, strict=True):
                     # Decoded alone, as `hf` decodes the new tokens, then cut at the first stop string.

@@ -2,8 +2,9 @@
 
 Steps:
   1. parse EvaluateConfig from flags / YAML;
-  2. load the model and its tokenizer from --checkpoint (Hugging Face layout, e.g. runs/x/final;
-     a run directory means its final/); a checkpoint without tokenizer files is an error;
+  2. open --checkpoint with `temper.infer.load` (the loader `generate` and `lm-eval` use: Hugging
+     Face layout, e.g. runs/x/final; a run directory means its final/): its tokenizer and stop ids,
+     then, once the tasks and documents have been read, its weights; no tokenizer files is an error;
   3. for each task of --tasks ("arc_easy", or "arc_easy=path/to/test.jsonl"): read its examples
      (its default file under --data_root unless given), score them, print the metrics;
   4. perplexity of --perplexity.files (text, JSONL or Parquet) or of a prepared --perplexity.data_dir;
@@ -26,12 +27,11 @@ from tqdm import tqdm
 from temper.config import parse
 from temper.data.shards import ShardError, load_split, read_manifest
 from temper.data.sources import read_documents
-from temper.data.tokenizer import load_hf_tokenizer
 from temper.eval.perplexity import Document, document, perplexity
 from temper.eval.report import write_report
 from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
 from temper.eval.tasks import TaskError, TaskOptions, all_tasks, load_task
-from temper.model.convert import load_hf
+from temper.infer.load import open_checkpoint
 from temper.train.parallel import pick_device, pick_dtype
 
 
@@ -97,14 +97,6 @@ class EvaluateConfig:
             raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
 
 
-def checkpoint_dir(path: str) -> Path:
-    """The Hugging Face layout directory of `path` (a run directory means its final/)."""
-    p = Path(path)
-    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
-        return p / "final"
-    return p
-
-
 def perplexity_documents(cfg: PerplexityConfig, tok) -> list[Document]:
     """The documents of cfg.files (tokenized here) or of cfg.data_dir's shards (decoded for their bytes)."""
     docs: list[Document] = []
@@ -137,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    ckpt = checkpoint_dir(cfg.checkpoint)
     options = TaskOptions(cfg.num_fewshot, Path(cfg.fewshot_path) if cfg.fewshot_path else None, cfg.generation.seed)
     try:  # everything that can fail on input fails before the model is loaded
-        tok = load_hf_tokenizer(ckpt)
+        ckpt = open_checkpoint(cfg.checkpoint)
+        tok = ckpt.tokenizer
         tasks = [load_task(spec, cfg.data_root, options, cfg.limit) for spec in cfg.tasks]
         docs = perplexity_documents(cfg.perplexity, tok) if ppl_wanted else []
-        model, _ = load_hf(ckpt, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
+        model = ckpt.load(device, dtype, allow_pickle=cfg.allow_pickle).model
     except (OSError, ValueError, ShardError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
         print(f"temper evaluate: {e}", file=sys.stderr)
         return 2
@@ -152,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=len(examples), desc=task.name, unit="ex", disable=not cfg.progress) as bar:
             try:
                 result = run_task(model, tok, task, examples, batch_tokens=cfg.batch_tokens, generation=cfg.generation,
-                                  progress=bar.update)
+                                  progress=bar.update, stop_token_ids=ckpt.stop_ids)
             except TaskError as e:
                 print(f"temper evaluate: {e}", file=sys.stderr)
                 return 2
@@ -169,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         results.append(result)
         _print(result)
-    out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / ckpt.resolve().name
-    report = write_report(out, results, {"checkpoint": str(ckpt), "config": asdict(cfg), "device": str(device),
+    out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / ckpt.path.resolve().name
+    report = write_report(out, results, {"checkpoint": str(ckpt.path), "config": asdict(cfg), "device": str(device),
                                          "dtype": str(dtype).removeprefix("torch.")})
     print(f"temper evaluate: wrote {out / 'results.json'} and {report}")
     return 0

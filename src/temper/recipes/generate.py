@@ -1,12 +1,15 @@
-"""`temper generate`: complete prompts with a checkpoint in Hugging Face layout, streaming to the terminal.
+"""`temper generate`: complete prompts or chats with a checkpoint in Hugging Face layout, streaming to the terminal.
 
 Steps:
   1. parse GenerateConfig from flags / YAML;
-  2. load the model (config.json + model.safetensors) and tokenizer.json from --checkpoint;
-  3. encode the prompts; the checkpoint's eos ids (generation_config.json) stop a row;
-  4. generate with the KV-cache engine: one prompt streams text as it comes, several run as a batch;
-     past the model's context each row goes on from its most recent tokens (nanoGPT's crop), so
-     max_new_tokens is not bounded by max_seq_len, and a longer prompt keeps its last max_seq_len;
+  2. load the model, tokenizer, chat template and stop ids from --checkpoint (`temper.infer.load`,
+     the loader `evaluate` and `lm-eval` use);
+  3. encode the prompts, or render the chat (--chat messages, or --system with each --prompt as the
+     user's turn) through the tokenizer's chat template, ending where the assistant's reply begins;
+  4. generate with the engine (`temper.infer.engine`): one prompt streams text as it comes, several
+     run as a batch; past the model's context each row goes on from its most recent tokens
+     (nanoGPT's crop), so max_new_tokens is not bounded by max_seq_len, and a longer prompt keeps
+     its last max_seq_len;
   5. cut each completion at the first --stop string (held back while it could still be forming).
 
 It does not train, serve or evaluate; sampling itself lives in `temper.infer.engine`.
@@ -14,18 +17,17 @@ It does not train, serve or evaluate; sampling itself lives in `temper.infer.eng
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 
 from temper.config import parse
-from temper.files import safe_join
+from temper.data.chat import ChatTemplateError
 from temper.infer.engine import generate, stream
+from temper.infer.load import Loaded, load_for_inference
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
-from temper.model.convert import load_hf
 from temper.train.parallel import pick_device, pick_dtype
 
 
@@ -37,6 +39,13 @@ class GenerateConfig:
     """Directory in Hugging Face layout: config.json, model.safetensors, tokenizer.json (e.g. runs/x/final)."""
     prompt: list[str] = field(default_factory=list)
     """Prompt text; repeat the flag for a batch of prompts."""
+    chat: list[dict[str, Any]] = field(default_factory=list)
+    """A conversation to answer, as JSON messages rendered by the chat template: '[{"role": "user", "content": "hi"}]'
+    (repeat the flag to add messages)."""
+    system: str | None = None
+    """With --prompt: each prompt becomes a chat, this system turn (none when '') then the prompt as the user's."""
+    chat_template: str = ""
+    """Which of the tokenizer's chat templates renders chats ('': its default)."""
     max_new_tokens: int = 128
     """Most tokens generated per prompt; past the model's context it conditions on the most recent tokens."""
     temperature: float = 0.8
@@ -50,11 +59,13 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     """Stop strings: a completion ends before the first one; repeat the flag for several."""
     seed: int | None = None
-    """Seed for sampling; the same seed gives the same text."""
+    """Seed for sampling; the same seed gives the same text (prompt i of a batch uses seed + i)."""
     device: str = "auto"
     """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
     dtype: str = "auto"
     """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+    compile: bool = False
+    """Compile the decode step (torch.compile; CUDA graphs on a GPU): worth it for long generations."""
     allow_pickle: bool = False
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
 
@@ -64,33 +75,45 @@ class GenerateConfig:
             raise ValueError("temperature and max_new_tokens must be >= 0")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.chat and (self.prompt or self.system is not None):
+            raise ValueError("give either --chat (a whole conversation) or --prompt (with --system for chats), not both")
+        if any(not isinstance(m.get("role"), str) for m in self.chat):
+            raise ValueError(f"every --chat message needs a 'role' (and 'content'), got {self.chat}")
 
 
-def _eos_ids(checkpoint: str) -> list[int]:
-    path = safe_join(checkpoint, "generation_config.json")
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+def chats(cfg: GenerateConfig) -> list[list[dict[str, Any]]] | None:
+    """The conversations to answer (None: plain prompts)."""
+    if cfg.chat:
+        return [list(cfg.chat)]
+    if cfg.system is None:
+        return None
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    return [[*system, {"role": "user", "content": p}] for p in cfg.prompt]
+
+
+def encode(loaded: Loaded, cfg: GenerateConfig) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt or chat, and the text printed before its completion (a chat prints none)."""
+    conversations = chats(cfg)
+    if conversations is None:
+        return [loaded.tokenizer.encode(p) for p in cfg.prompt], list(cfg.prompt)
+    template = cfg.chat_template or None
+    return [loaded.encode_chat(c, template) for c in conversations], [""] * len(conversations)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, prog="generate")
-    if not cfg.checkpoint or not cfg.prompt:
-        print("temper generate: --checkpoint and at least one --prompt are required", file=sys.stderr)
+    if not cfg.checkpoint or not (cfg.prompt or cfg.chat):
+        print("temper generate: --checkpoint and at least one --prompt (or a --chat) are required", file=sys.stderr)
         return 2
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    tokenizer_path = safe_join(cfg.checkpoint, "tokenizer.json")
     try:
-        if not tokenizer_path.is_file():
-            raise FileNotFoundError(f"{cfg.checkpoint}: no tokenizer.json")
-        model, _ = load_hf(cfg.checkpoint, device=device, dtype=dtype, allow_pickle=cfg.allow_pickle)
-    except (OSError, ValueError) as e:  # a wrong path or a checkpoint we cannot read: one line, no traceback
+        loaded = load_for_inference(cfg.checkpoint, device=device, dtype=pick_dtype(cfg.dtype, device),
+                                    allow_pickle=cfg.allow_pickle)
+        prompts, shown = encode(loaded, cfg)
+    except (OSError, ValueError, ChatTemplateError) as e:  # a wrong path, an unreadable checkpoint, no template
         print(f"temper generate: {e}", file=sys.stderr)
         return 2
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    prompts = [tokenizer.encode(p).ids for p in cfg.prompt]
+    model, tokenizer = loaded.model, loaded.tokenizer
 
     def decode(row: int, ids: list[int]) -> str:
         return completion_text(lambda x: tokenizer.decode(x, skip_special_tokens=True), prompts[row], ids)
@@ -101,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"temper generate: prompt {i} has {len(p)} tokens; only its last {context} (the context) are used",
                   file=sys.stderr)
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-              repetition_penalty=cfg.repetition_penalty, stop_token_ids=_eos_ids(cfg.checkpoint), seed=cfg.seed)
+              repetition_penalty=cfg.repetition_penalty, stop_token_ids=loaded.stop_ids, seed=cfg.seed,
+              compile=cfg.compile)
     # Stop strings are text, so the row's tokens are decoded each step to find them.
     should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None
     out = sys.stdout
 
     if len(prompts) == 1:
-        out.write(cfg.prompt[0])
+        out.write(shown[0])
         out.flush()
         ids: list[int] = []
         printed = 0
@@ -126,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     completions = generate(model, prompts, should_stop=should_stop, **kw)
-    for i, (prompt, ids) in enumerate(zip(cfg.prompt, completions, strict=True)):
+    for i, (prompt, ids) in enumerate(zip(shown, completions, strict=True)):
         text, _ = cut_at_stop(decode(i, ids), cfg.stop)
         out.write(f"--- [{i}]\n{prompt}{text}\n")
     out.flush()

@@ -9,7 +9,8 @@ the registry reads no plugin entry points), so the bare `lm_eval` command cannot
 
 Steps:
   1. `register()`: "temper" becomes an lm-eval model name, built from model_args
-     `checkpoint=DIR` (Hugging Face layout: config.json, the weights, tokenizer.json) and
+     `checkpoint=DIR` (Hugging Face layout: config.json, the weights, tokenizer.json, read by
+     `temper.infer.load`, as `temper generate` and `temper evaluate` read it) and
      optionally `device` (default: cuda when available), `dtype` (default: bfloat16 on a GPU,
      float32 on the CPU), `batch_tokens`, `max_gen_toks`, `seed`, `allow_pickle`;
   2. run lm-eval's own `cli_evaluate` with the remaining arguments.
@@ -23,7 +24,7 @@ From Python:
 
 A model in memory needs no checkpoint: `simple_evaluate(model=TemperLM(model, tokenizer), ...)` with
 `temper.eval.lm_eval_adapter.TemperLM`, which does the scoring and generation. This recipe only
-loads checkpoints (the eval stage does not import `temper.model`). lm-eval is an optional
+loads checkpoints (with `temper.infer.load`, the one loader). lm-eval is an optional
 dependency: without it the command says how to install it.
 """
 
@@ -36,9 +37,7 @@ from typing import Any
 
 import torch
 
-from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
-from temper.model.convert import load_hf
-from temper.model.transformer import Transformer
+from temper.infer.load import Loaded, open_checkpoint
 from temper.train.parallel import pick_dtype
 
 log = logging.getLogger(__name__)
@@ -66,23 +65,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_checkpoint(checkpoint: str | Path, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, allow_pickle: bool = False) -> tuple[Transformer, HFTokenizer]:
-    """The model (eval mode) and tokenizer of a Hugging Face layout directory such as runs/x/final.
-
-    The tokenizer is read first: lm-eval cannot score text without it, and the error names the
-    directory and what it holds before any weights are read.
-    """
-    root = Path(checkpoint)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint {root}: not a directory (expected a Hugging Face layout directory "
-                                f"with config.json, model.safetensors and tokenizer.json, e.g. runs/<name>/final)")
-    try:
-        tokenizer = load_hf_tokenizer(root)
-    except ValueError as e:
-        raise ValueError(f"checkpoint {root}: lm-eval needs the checkpoint's tokenizer: {e}") from None
+                    dtype: str | torch.dtype | None = None, allow_pickle: bool = False) -> Loaded:
+    """A Hugging Face layout directory such as runs/x/final through `temper.infer.load` (the loader
+    `generate` and `evaluate` use): model (eval mode), tokenizer, stop ids. The tokenizer is read
+    before the weights, so a checkpoint without one fails naming the directory and what it holds."""
     dev = resolve_device(device)
-    model, _ = load_hf(root, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
-    return model, tokenizer
+    ckpt = open_checkpoint(checkpoint)
+    return ckpt.load(dev, resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
 
 
 def register() -> type:
@@ -109,8 +98,8 @@ def register() -> type:
                 raise ValueError("model 'temper' needs model_args checkpoint=DIR (a Hugging Face layout directory "
                                  "such as runs/<name>/final)")
             pickle_ok = str(allow_pickle).lower() in ("1", "true", "yes")
-            model, tokenizer = load_checkpoint(checkpoint, device, dtype, allow_pickle=pickle_ok)
-            super().__init__(model, tokenizer, **options)
+            loaded = load_checkpoint(checkpoint, device, dtype, allow_pickle=pickle_ok)
+            super().__init__(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_ids, **options)
             self.checkpoint = str(checkpoint)
 
     if "temper" in model_registry:  # registered by an earlier import of this module (e.g. a reload)

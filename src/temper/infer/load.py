@@ -1,0 +1,134 @@
+"""One way to load a checkpoint for inference: model, tokenizer, chat template and stop ids.
+
+`temper generate`, `temper evaluate`, `temper lm-eval` (and the server) all call
+`load_for_inference`, so they read the same files in the same order and stop generating on the
+same tokens:
+  1. the directory: Hugging Face layout (config.json, weights, tokenizer files); a run directory
+     (runs/<name>) means its final/;
+  2. config.json (the model's shape), before anything large is read;
+  3. the tokenizer directory (tokenizer.json, tokenizer_config.json, chat templates), so a
+     checkpoint without one fails naming what the directory holds, before the weights are read;
+  4. the weights (`temper.model.convert.load_hf`: safetensors, pickled .bin only when allowed);
+  5. stop ids: generation_config.json's eos_token_id (an id or a list: Llama 3 instruct stops on
+     <|eot_id|> and <|end_of_text|>), config.json's, and the tokenizer's EOS, as transformers'
+     `generate` and lm-eval's `hf` backend stop on them.
+
+`open_checkpoint` does all but step 4, so a recipe can check the rest of its input against the
+tokenizer before the weights are read; `Checkpoint.load` then reads them.
+Every failure is a ValueError or OSError whose message starts with "checkpoint DIR:".
+It does not pick a device or dtype ("auto" is the recipes' choice, `temper.train.parallel`), or generate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.model.config import ModelConfig
+from temper.model.convert import load_hf, read_hf_config
+from temper.model.transformer import Transformer
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint says about generating, read without its weights: shape, tokenizer, stop ids."""
+
+    path: Path
+    """The Hugging Face layout directory actually read."""
+    config: ModelConfig
+    tokenizer: HFTokenizer
+    stop_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation (generation_config.json, config.json, the tokenizer's EOS)."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's default chat template (None: it has none, so chats cannot be rendered)."""
+        return self.tokenizer.chat_templates.get("default")
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], template: str | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the chat template (`template` names another of the
+        tokenizer's), ending where the assistant's reply begins (add_generation_prompt), as transformers'
+        `apply_chat_template(..., tokenize=True)`."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, template=template)
+
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             allow_pickle: bool = False) -> Loaded:
+        """Read the weights: the model (eval mode) on `device` in `dtype`."""
+        try:
+            model, _ = load_hf(self.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        except (OSError, ValueError) as e:
+            raise _named(e, self.path) from None
+        return Loaded(self.path, self.config, self.tokenizer, self.stop_ids, model=model)
+
+
+@dataclass(kw_only=True)
+class Loaded(Checkpoint):
+    """A checkpoint ready to generate: its model (eval mode) too."""
+
+    model: Transformer
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The Hugging Face layout directory of `path` (a run directory means its final/)."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        return p / "final"
+    return p
+
+
+def _eos_ids(path: Path) -> list[int]:
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return ids
+
+
+def _named(e: Exception, root: Path) -> Exception:
+    """The error, its message starting with "checkpoint DIR:" once."""
+    message = str(e).removeprefix(f"{root}: ")
+    if not message.startswith(f"checkpoint {root}:"):
+        message = f"checkpoint {root}: {message}"
+    return (OSError if isinstance(e, OSError) else ValueError)(message)
+
+
+def open_checkpoint(checkpoint: str | Path) -> Checkpoint:
+    """Steps 1-3 and 5 of the module docstring: everything but the weights, so that a caller can check
+    its other input (tasks, documents) against the tokenizer before reading gigabytes."""
+    root = checkpoint_dir(checkpoint)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {root}: not a directory (expected a Hugging Face layout directory with "
+                                f"config.json, model.safetensors and tokenizer.json, e.g. runs/<name>/final)")
+    try:
+        cfg = read_hf_config(root)
+        tokenizer = load_hf_tokenizer(root)
+        vocab = tokenizer.tokenizer.get_vocab_size()
+        if vocab > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab} tokens but the model only {cfg.vocab_size} embeddings")
+        stop = {*_eos_ids(root / "generation_config.json"), *_eos_ids(root / "config.json")}
+    except (OSError, ValueError) as e:
+        raise _named(e, root) from None
+    if tokenizer.eos_id is not None:
+        stop.add(tokenizer.eos_id)
+    bad = sorted(i for i in stop if not 0 <= i < cfg.vocab_size)
+    if bad:
+        raise ValueError(f"checkpoint {root}: stop ids {bad} are outside the vocabulary of {cfg.vocab_size}")
+    return Checkpoint(path=root, config=cfg, tokenizer=tokenizer, stop_ids=sorted(stop))
+
+
+def load_for_inference(
+    checkpoint: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> Loaded:
+    """Load `checkpoint` (see the module docstring): its model on `device` in `dtype`, tokenizer, chat
+    template and stop ids. `open_checkpoint(checkpoint).load(device, dtype, allow_pickle)`."""
+    return open_checkpoint(checkpoint).load(device, dtype, allow_pickle)
