@@ -16,10 +16,10 @@ class TinyLM(nn.Module):
         self.mix = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, vocab)
 
-    def forward(self, x):
+    def forward(self, x, hidden_only=False):
         h = self.emb(x)
-        h = h + torch.cumsum(self.mix(h), dim=1) / torch.arange(1, x.size(1) + 1).view(1, -1, 1)
-        return self.head(torch.tanh(h))
+        h = torch.tanh(h + torch.cumsum(self.mix(h), dim=1) / torch.arange(1, x.size(1) + 1).view(1, -1, 1))
+        return h if hidden_only else self.head(h)
 
 
 def padded_batch(seed=0, batch=4, seq=6, vocab=17):

@@ -310,6 +310,7 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None, cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None, last_only: bool = False, logits_at: torch.Tensor | None = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
 
@@ -322,6 +323,8 @@ class Transformer(nn.Module):
         last_only: return only the last position's logits (B, 1, V), saving the head's matmul in decoding.
         logits_at: (B, T) bool; return logits (N, V) for its N True positions only, in row-major
             order: scoring a few continuation tokens then skips the head (T x V) on the rest.
+        hidden_only: return the final (normed) hidden states (B, T, C) instead of logits: a loss that
+            runs the output layer itself (train.losses' chunked cross-entropy) or another head (model.heads).
         """
         B, T = tokens.shape
         if cache is not None:
@@ -357,6 +360,8 @@ class Transformer(nn.Module):
         elif logits_at is not None:
             x = x[logits_at]  # (N, C)
         x = self.norm(x)
+        if hidden_only:  # the final hidden states, for a head applied outside (train.losses, model.heads)
+            return x  # (B, T, C) or (N, C)
         if self.head is None:
             return F.linear(x, self.tok_emb.weight)  # (B, T, V) or (N, V), the tied head
         return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs

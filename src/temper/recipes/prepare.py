@@ -146,7 +146,7 @@ class PerplexityScorer:
     def __call__(self, text: str) -> float:
         import torch
 
-        from temper.train.step import token_loss_sum
+        from temper.train.losses import token_loss_sum
 
         ids = self.tok.encode_ids(text)[: self.max_tokens]
         if len(ids) < 2:

@@ -39,6 +39,7 @@ from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger, write_report
+from temper.train.losses import LMLoss
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed, unwrap
 from temper.train.step import (
@@ -405,6 +406,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                        progress=cfg.log.progress)
     train_model.train()
     window_tokens, window_start = 0, time.perf_counter()
+    loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
     try:
         while step < cfg.train.steps:
             if faults.active("crash", step=step, rank=d.rank):
@@ -417,7 +419,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                        for m in range(accum)]
             try:
                 result = train_step(train_model, optimizer, batches, step=step, amp_dtype=amp_dtype, scaler=scaler,
-                                    clip_norm=cfg.train.grad_clip, label_smoothing=cfg.train.label_smoothing,
+                                    clip_norm=cfg.train.grad_clip, loss_fn=loss_fn,
                                     on_nonfinite="fail" if cfg.train.on_nonfinite == "rollback" else cfg.train.on_nonfinite)
             except NonFiniteLoss:
                 last = ckpt.find_resume_checkpoint(run_dir, "auto") if cfg.train.on_nonfinite == "rollback" else None

@@ -5,10 +5,11 @@ that gave it, and the peak of a training step. The peak is not the sum of the co
 backward the gradients grow as the saved activations are freed, so the peak is the largest of
 three moments of temper's `train_step` (see `_moments`):
 
-  * the start of backward, at the cross-entropy: every saved activation, the float32
-    log-probabilities, their gradient and the gradient of the logits (3 x B*T*V*4 bytes in fp32;
-    `train_step` frees the logits themselves first; this is often the largest single term,
-    Wijmans et al. 2024 "Cut Your Losses");
+  * the loss, forward and as backward starts: every saved activation, plus what the chunked
+    cross-entropy holds (train/losses.py): the gradients of the hidden states and of the output
+    weight it computes as it goes, and one chunk's logits and float32 working copy. The full
+    B*T*V logits, often the largest single term otherwise (Wijmans et al. 2024 "Cut Your Losses"),
+    never exist;
   * each block's backward (recomputed first under activation checkpointing), with the gradients
     of the blocks above it already made;
   * the end of backward: every gradient, plus two vocabulary-sized contributions to a tied
@@ -72,6 +73,7 @@ from torch.utils._pytree import tree_map_only
 from temper.model.config import ModelConfig
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
+from temper.train.losses import CHUNK_LOGIT_BYTES
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
 Sharding = Literal["none", "optimizer", "gradients", "parameters"]
@@ -425,9 +427,44 @@ def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool) -> _Saved:
         s.add("embedding dropout mask", t.mask(t.r) * cfg.dim)
     _norm(s, "final norm", model.norm, cfg.dim, grad_out, t)
     head_weight = model.tok_emb.weight if model.head is None else model.head.weight
-    if head_weight.requires_grad:  # F.linear(x, weight) under autocast: one cast of x, kept
+    if not _plain_head(model) and head_weight.requires_grad:  # a head run as a module keeps its cast input
         s.add("final norm output (head input)", t.a * cfg.dim)
     return s
+
+
+def _plain_head(model: Transformer) -> bool:
+    """Whether the loss runs the output layer through the chunked `linear_cross_entropy` (train/losses.py)."""
+    return model.head is None or (type(model.head) is nn.Linear and model.head.bias is None)
+
+
+def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool) -> tuple[float, float, str]:
+    """(bytes alive beside the saved activations at the loss's forward peak, and as backward starts; formula).
+
+    The chunked loss (train/losses.py) holds the final hidden states and their copy in the compute
+    dtype, the gradients it computes as it goes (hidden: tokens x d, weight: V x d in float32) and one
+    chunk of n tokens: its logits, one float32 (n, V) working copy and the logits' gradient; backward
+    scales both gradients into new tensors. A head run as a module (e.g. LoRA on it) instead makes
+    the full logits: float32 log-probabilities and two gradients per token (~12 B x V).
+    """
+    cfg = model.cfg
+    V, d, a = cfg.vocab_size, cfg.dim, t.a
+    head_weight = model.tok_emb.weight if model.head is None else model.head.weight
+    h = t.norm_out() if isinstance(model.norm, nn.LayerNorm) else t.r  # the final norm's output
+    if not _plain_head(model):
+        return tokens * 12 * V, tokens * 12 * V, f"full logits: 12 B x V = {12 * V} B per token"
+    n = min(tokens, max(1, CHUNK_LOGIT_BYTES // (4 * V)))
+    w = head_weight.element_size()
+    trained = head_weight.requires_grad
+    grad_h = tokens * d * a if hidden_grad else 0
+    grad_w = 4 * V * d if trained else 0
+    held = tokens * d * h + (tokens * d * a if h != a else 0) + (V * d * a if w != a else 0) + grad_h + grad_w
+    chunk = n * V * (a + 4 + a if a != 4 else 4)  # logits, float32 copy, gradient in the logits' dtype
+    if trained:  # after a chunk: its gradient and the weight gradient's product, in a and float32
+        chunk = max(chunk, n * V * a + V * d * (a + (4 if a != 4 else 0)))
+    backward = grad_h + grad_w + (tokens * d * (a + (h if h != a else 0)) if hidden_grad else 0) \
+        + (V * d * (4 + (w if w != 4 else 0)) if trained else 0)
+    formula = f"chunked: {n} tokens x V x {a + 4 + a if a != 4 else 4} B at a time + gradients of hidden and weight"
+    return held + chunk, backward, formula
 
 
 # ---- the estimate -------------------------------------------------------------------------------
@@ -517,6 +554,7 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
         blocks.append(_block_saved(block, cfg, t, grad, 0.0 if full else run.lora.dropout, cfg.pos == "rope", T))
         grad = blocks[-1].grad_out
     tail = _tail_saved(model, t, grad)
+    loss_fwd, loss_bwd, loss_formula = _loss_bytes(model, t, tokens, grad)
     stored = [t.r * d if ck else b.saved.total for ck, b in zip(checkpointed, blocks)]
     # A block's backward: its saved tensors (recomputed if checkpointed, beside the input the
     # checkpoint holds unless they share it) and the transient gradients.
@@ -532,7 +570,7 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
     moments = _moments(
         p=p_bytes, s=s_bytes, g=g_bytes, accumulating=run.accumulation_steps > 1, tokens=tokens, stored=stored,
         in_backward=in_backward, wcopy=wcopy, recast=recast, wcopy_head=wcopy_tail, dequant=dequant,
-        tail=tail.total, logits=0, loss=4 * V + 8 * V,  # train_step frees the logits before backward
+        tail=tail.total, loss_forward=loss_fwd, loss_backward=loss_bwd,
         g_blocks=[g_share * n for n in c.block_trainable],
         g_down=[g_share * n for n in c.down_trainable], g_late=g_share * c.late_trainable,
         tied_extra=8 * V * d if c.tied_trained else 0, checkpointed=checkpointed,
@@ -545,7 +583,7 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
     a_formula = (
         f"B*T = {tokens} tokens x ({L} blocks x {human_bytes(typical.total)}"
         + (f" ({sum(checkpointed)} of them checkpointed: input only, {t.r}d = {human_bytes(t.r * d)})" if k else "")
-        + f" + tail {human_bytes(tail.total)} + logits and loss V x ({a} + 4 + 8) B)"
+        + f" + tail {human_bytes(tail.total)}) + the loss ({loss_formula})"
         + (f" + autocast weight copies {a} B x {_m(wcopies / a)}" if wcopies else "")
         + (f" + one dequantized weight {human_bytes(dequant)}" if dequant else "")
         + f"; largest at: {act_moment.split(':')[0]}"
@@ -574,23 +612,25 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
 
 def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, stored: list[float],
              in_backward: list[float], wcopy: list[float], recast: list[float], wcopy_head: float, dequant: float,
-             tail: float, logits: float, loss: float, g_blocks: list[float], g_down: list[float], g_late: float,
-             tied_extra: float, checkpointed: list[bool]) -> list[tuple[float, str, dict[str, float]]]:
+             tail: float, loss_forward: float, loss_backward: float, g_blocks: list[float], g_down: list[float],
+             g_late: float, tied_extra: float, checkpointed: list[bool]) -> list[tuple[float, str, dict[str, float]]]:
     """The step's candidate peaks (module docstring): (bytes, what it is, {gradients, activations}).
 
     p, s, g: parameters, optimizer states, gradients (bytes); per token: stored (each block's saved
     tensors, its input if checkpointed), in_backward (each block's saved and transient tensors
-    during its backward), tail, logits (0: train_step frees them before backward), loss (log-probabilities and two
-    gradients); whole bytes: wcopy / recast (autocast weight copies of a block kept / recomputed),
+    during its backward), tail; whole bytes: loss_forward / loss_backward (the loss's own tensors at
+    its forward peak and as backward starts, `_loss_bytes`), wcopy / recast (autocast weight copies of a block kept / recomputed),
     wcopy_head, dequant (qlora), g_blocks / g_down (a block's gradients / its down_proj's), g_late
     (the lookups' gradients, made last), tied_extra (the tied embedding's two contributions).
     """
     g_before = g if accumulating else 0.0  # earlier micro-batches' gradients, alive through this one
     out = []
-    acts = tokens * (sum(stored) + tail + logits + loss) + sum(wcopy) + wcopy_head + dequant
-    out.append((p + s + g_before + acts, "backward starts, at the cross-entropy: parameters + optimizer states"
-                + (" + gradients" if accumulating else "") + " + every saved activation + the loss's gradients",
-                {"gradients": g_before, "activations": acts}))
+    saved = tokens * (sum(stored) + tail) + sum(wcopy) + wcopy_head + dequant
+    for what, loss in (("the loss, computing its first chunk", loss_forward),
+                       ("backward starts, at the loss", loss_backward)):
+        out.append((p + s + g_before + saved + loss, f"{what}: parameters + optimizer states"
+                    + (" + gradients" if accumulating else "") + " + every saved activation + the loss's tensors",
+                    {"gradients": g_before, "activations": saved + loss}))
     # Each block's backward, top down: the gradients above it exist (the head's and final norm's
     # are g - sum(g_blocks) - g_late), the blocks below still hold their saved tensors. The peak of
     # a block's backward is in its MLP, when down_proj's is the only gradient of the block made.
@@ -598,13 +638,13 @@ def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, s
     for i in reversed(range(len(stored))):
         g_now = g_done + (0.0 if accumulating else g_down[i])
         # (a recomputed block casts its weights again for its own backward: `recast`)
-        live = tokens * (sum(stored[:i]) + in_backward[i] + logits) + sum(wcopy[: i + 1]) + recast[i] + dequant
+        live = tokens * (sum(stored[:i]) + in_backward[i]) + sum(wcopy[: i + 1]) + recast[i] + dequant
         out.append((p + s + g_now + live, f"block {i}'s backward" + (" (recomputed)" if checkpointed[i] else "")
                     + ": parameters + optimizer states + gradients so far + the saved tensors below it",
                     {"gradients": g_now, "activations": live}))
         if not accumulating:
             g_done += g_blocks[i]
-    end = tokens * logits + tied_extra
+    end = tied_extra
     out.append((p + s + g + end, "backward ends: parameters + optimizer states + gradients"
                 + (" + two vocab x dim contributions to the tied embedding's gradient" if tied_extra else ""),
                 {"gradients": g, "activations": end}))
@@ -623,7 +663,8 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         f"LoRA/QLoRA: the frozen base (2 B or ~{NF4_BYTES:.2f} B/param) + 16 B per adapter param "
         f"({_m(k)} trainable here)" if run.recipe in ("lora", "qlora") else
         "LoRA/QLoRA: the frozen base (2 B or ~0.52 B/param) + 16 B per adapter param",
-        "activations grow as micro_batch_size x seq_len; the logits' float32 loss costs ~16 B x vocab per token; "
+        "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (256 MiB in float32), "
+        "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
         f"KV cache in bf16: 2 x layers x kv_heads x head_dim x 2 B = {human_bytes(kv_token)} per token",
         "sharding over N devices divides the optimizer states (optimizer), also the gradients (gradients), "

@@ -1,10 +1,13 @@
 """THE training step: the one place for loss normalisation, accumulation, clipping, non-finite
 checks, tokens/s and MFU. Every recipe calls these functions; none re-implements them.
 
-Loss normalisation: every micro-batch's summed token loss is divided by the number of valid
-target tokens in the whole *global* batch (all micro-batches on all ranks), so gradient
-accumulation and data parallelism give exactly the update of one big batch even when sequences
-have different numbers of valid tokens (torchtune PR #1875, transformers PR #34191).
+The objective is a plug-in (`train.losses.Loss`): it returns the sum of its per-unit losses and the
+count of units (valid target tokens, preference pairs, ...). Each micro-batch's sum is
+back-propagated as it is; after the last one the sums and counts of every micro-batch on every
+data-parallel rank are added in one all-reduce and the gradients are scaled once by
+world / global count, so gradient accumulation and data parallelism give exactly the update of one
+big batch even when micro-batches hold different numbers of units (torchtune PR #1875,
+transformers PR #34191).
 
 It does not build models, optimizers or data; it does not decide when to save or log.
 """
@@ -15,20 +18,20 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from temper import faults
+from temper.train.losses import IGNORE_INDEX, Batch, LMLoss, Loss, token_loss_sum
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Batch", "MicroBatch", "NonFiniteLoss", "StepResult", "autocast", "eval_loss",
+           "resolve_precision", "throughput", "token_loss_sum", "train_step"]
 
-
-# (inputs (B, T), targets (B, T)) or with a dict of model keyword arguments (positions, attn_mask).
-MicroBatch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]
+# A Batch, or (inputs (B, T), targets (B, T)[, dict of model keyword arguments: positions, attn_mask]).
+MicroBatch = Batch | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -38,40 +41,20 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class StepResult:
     loss: float
-    """Mean loss per valid token over the global batch."""
+    """Mean loss per counted unit (valid token, pair, ...) over the global batch."""
     grad_norm: float
     """Global gradient norm before clipping."""
     tokens: int
-    """Valid target tokens in the global batch."""
+    """Units the loss is normalised by over the global batch (valid target tokens for LM losses)."""
     skipped: bool
     """True when the non-finite policy skipped the update."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The loss's metrics, as global means per counted unit."""
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy over the valid (not IGNORE_INDEX) targets, computed in float32."""
-    return F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)),  # (B*T, V)
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-        label_smoothing=label_smoothing,
-    )
-
-
-def _world() -> tuple[int, bool]:
+def _world(group: dist.ProcessGroup | None) -> tuple[int, bool]:
     on = dist.is_available() and dist.is_initialized()
-    return (dist.get_world_size() if on else 1), on
-
-
-def global_valid_tokens(micro_batches: Sequence[MicroBatch], device: torch.device) -> int:
-    """Count of valid target tokens over all micro-batches on all ranks (one all-reduce)."""
-    local = sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    world, on = _world()
-    if not on:
-        return local
-    t = torch.tensor([local], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+    return (dist.get_world_size(group) if on else 1), on
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
@@ -95,58 +78,66 @@ def train_step(
     micro_batches: Sequence[MicroBatch],
     *,
     step: int,
+    loss_fn: Loss | None = None,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     clip_norm: float = 1.0,
-    label_smoothing: float = 0.0,
     on_nonfinite: str = "fail",
+    dp_group: dist.ProcessGroup | None = None,
 ) -> StepResult:
-    """One optimizer update over `micro_batches` (this rank's share of the global batch): each is
-    (inputs, targets) or (inputs, targets, model keyword arguments), e.g. the positions and
-    document mask of packed sequences.
+    """One optimizer update over `micro_batches` (this rank's share of the global batch).
 
+    loss_fn: the objective (default: next-token cross-entropy, `LMLoss()`); dp_group: the
+    data-parallel group its sums and counts are reduced over (default: the whole world).
     Gradients are synchronised once, on the last micro-batch (DDP's `no_sync` for the others).
-    Non-finite loss or gradient norm is detected on every rank identically (one all-reduce) and
-    handled before `optimizer.step()`: "fail" raises NonFiniteLoss with parameters untouched;
+    Non-finite loss or gradient norm is detected on every rank identically (the same all-reduce)
+    and handled before `optimizer.step()`: "fail" raises NonFiniteLoss with parameters untouched;
     "skip" drops the update, leaving parameters and optimizer state as they were. ("rollback" is
     the caller's: it catches NonFiniteLoss and reloads a checkpoint.)
     """
-    device = micro_batches[0][0].device
-    world, distributed = _world()
+    loss_fn = loss_fn or LMLoss()
+    batches = [Batch.of(mb) for mb in micro_batches]
+    device = batches[0].inputs.device
+    world, distributed = _world(dp_group)
     rank = dist.get_rank() if distributed else 0
-    total_tokens = global_valid_tokens(micro_batches, device)
-    # DDP averages gradients over ranks; multiplying by world turns that average into the sum
-    # that `/ total_tokens` expects.
-    scale = world / max(total_tokens, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for i, (x, y, *extra) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
+    count = torch.zeros((), device=device, dtype=torch.float32)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, amp_dtype):
-                logits = model(x, **(extra[0] if extra else {}))  # (B, T, V)
-            summed = token_loss_sum(logits, y, label_smoothing)
-            # The loss's backward needs its log-probabilities, not the logits: freed now, the peak of
-            # backward is B*T*V logits smaller (65 MiB for 2 x 256 tokens of a 32k vocab in fp32).
-            del logits
+                out = loss_fn(model, batch)
+            summed = out.loss_sum
             if faults.active("nan_loss", step=step, rank=rank):
                 summed = summed * float("nan")
-            loss = summed * scale
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            (scaler.scale(summed) if scaler is not None else summed).backward()
         loss_sum += summed.detach()
+        count += out.count
+        for k, v in out.metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
 
+    # One all-reduce gives every rank the global loss, count, metrics and whether any rank saw a
+    # non-finite value; it is the only host sync of the step besides reading the gradient norm.
+    names = sorted(metric_sums)
+    stats = torch.stack([loss_sum, count, (~torch.isfinite(loss_sum)).float(), *(metric_sums[k] for k in names)])
+    if distributed:
+        dist.all_reduce(stats, group=dp_group)
+    total = stats[1].clamp(min=1)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    # DDP averages gradients over ranks; world / total turns each rank's summed gradient into the
+    # gradient of the global mean. Done once here, not per micro-batch.
+    if grads:
+        torch._foreach_mul_(grads, world / total)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
-
-    # One all-reduce tells every rank the global loss and whether any rank saw a non-finite value.
-    stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
-    if distributed:
-        dist.all_reduce(stats)
-    global_loss = stats[0].item() / max(total_tokens, 1)
+    host = torch.cat([stats, grad_norm.reshape(1).to(stats)]).tolist()
+    global_loss, n_units, any_nonfinite, norm = host[0] / max(host[1], 1), int(host[1]), host[2] > 0, host[-1]
     # With a GradScaler an inf gradient norm is fp16 overflow, which the scaler skips by design.
-    nonfinite = stats[1].item() > 0 or (scaler is None and not math.isfinite(grad_norm.item()))
+    nonfinite = any_nonfinite or (scaler is None and not math.isfinite(norm))
 
     skipped = False
     if nonfinite:
@@ -161,7 +152,8 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=global_loss, grad_norm=float(grad_norm), tokens=total_tokens, skipped=skipped)
+    metrics = {k: host[3 + j] / max(host[1], 1) for j, k in enumerate(names)}
+    return StepResult(loss=global_loss, grad_norm=norm, tokens=n_units, skipped=skipped, metrics=metrics)
 
 
 @torch.no_grad()
@@ -169,19 +161,22 @@ def eval_loss(
     model: nn.Module,
     batches: Sequence[MicroBatch],
     amp_dtype: torch.dtype | None = None,
+    loss_fn: Loss | None = None,
+    dp_group: dist.ProcessGroup | None = None,
 ) -> float:
-    """Mean loss per valid token over `batches` on all ranks (each rank passes its own share)."""
+    """Mean loss per counted unit over `batches` on all ranks (each rank passes its own share)."""
+    loss_fn = loss_fn or LMLoss()
     was_training = model.training
     model.eval()
-    device = batches[0][0].device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y, *extra in batches:
-        with autocast(device, amp_dtype):
-            logits = model(x, **(extra[0] if extra else {}))
-        totals[0] += token_loss_sum(logits, y).double()
-        totals[1] += (y != IGNORE_INDEX).sum()
-    if _world()[1]:
-        dist.all_reduce(totals)
+    totals = None
+    for mb in batches:
+        batch = Batch.of(mb)
+        with autocast(batch.inputs.device, amp_dtype):
+            out = loss_fn(model, batch)
+        t = torch.stack([out.loss_sum.double(), torch.as_tensor(out.count, device=out.loss_sum.device).double()])
+        totals = t if totals is None else totals + t
+    if _world(dp_group)[1]:
+        dist.all_reduce(totals, group=dp_group)
     model.train(was_training)
     return (totals[0] / totals[1].clamp(min=1)).item()
 

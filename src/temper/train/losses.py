@@ -1,0 +1,218 @@
+"""Losses and log-probabilities: the one place each is computed, for every recipe.
+
+A training objective is a `Loss`: called on (model, micro-batch) it returns a `LossOut` — the
+*sum* of its per-unit losses, the *count* of units it is normalised by (valid target tokens,
+preference pairs, response tokens), and metrics as sums over the same units. `train_step` adds
+the sums and counts of every micro-batch on every rank and divides once, so accumulation and data
+parallelism give the update of one big batch whatever the objective.
+
+The language-model loss never holds the full (tokens x vocabulary) logits: `linear_cross_entropy`
+runs the output layer and the cross-entropy a chunk of tokens at a time and computes the gradients
+of the hidden states and of the output weight as it goes (the chunked "fused linear cross-entropy"
+of Liger-Kernel, Hsu et al. 2024), so a 128k vocabulary costs a few hundred MiB instead of
+~16 bytes x vocabulary per token, and the matrix products are the ones autograd would run.
+
+It does not build batches (data/), run the optimizer (step.py) or own a model's heads (model/heads.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+CHUNK_LOGIT_BYTES = 256 * 2**20
+"""Float32 logits held at once by `linear_cross_entropy`: tokens per chunk = this / (4 x vocabulary)."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch: inputs and targets, the model's keyword arguments, and objective-specific tensors.
+
+    targets are IGNORE_INDEX where nothing is learnt (prompt, padding). `model_kwargs` go to the
+    model's forward (positions and document mask of packed rows). `extra` carries what other
+    objectives need, by name: pair indices, rewards, advantages, old and reference log-probs.
+    """
+
+    inputs: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T)
+    model_kwargs: dict = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, mb: Batch | tuple) -> Batch:
+        """A Batch from itself or from the (inputs, targets[, model_kwargs]) tuples recipes build."""
+        return mb if isinstance(mb, Batch) else cls(mb[0], mb[1], mb[2] if len(mb) > 2 else {})
+
+
+@dataclass
+class LossOut:
+    loss_sum: torch.Tensor
+    """Sum of the per-unit losses (float32, with gradient)."""
+    count: torch.Tensor | int
+    """Units the sum is normalised by (e.g. valid target tokens), summed over every micro-batch and rank."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Sums over the same units (no gradient); reported as their global means."""
+
+
+class Loss(Protocol):
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut: ...
+
+
+def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of a chunk (float32) and, with `grad`, its gradient w.r.t. the logits in
+    their dtype: softmax - ((1 - s) * one_hot + s / V), zero on ignored rows (PyTorch's label smoothing).
+
+    Works in place on one float32 copy of the logits (the logits themselves when already float32),
+    so a chunk costs its logits plus one float32 (n, V) tensor at most.
+    """
+    lf = logits.float()  # (n, V)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)[:, None]  # (n, 1)
+    lf = lf.sub_(lf.amax(dim=-1, keepdim=True))  # shifted so that exp cannot overflow
+    picked = lf.gather(1, safe).squeeze(1)  # (n,)
+    mean = lf.mean(dim=-1) if smoothing else None
+    p = lf.exp_()  # (n, V) unnormalised probabilities
+    z = p.sum(dim=-1)  # (n,)
+    lse = z.log()
+    nll = lse - picked
+    if mean is not None:
+        nll = (1 - smoothing) * nll + smoothing * (lse - mean)
+    loss = torch.where(valid, nll, 0.0).sum()
+    if not grad:
+        return loss, None
+    g = p.div_(z[:, None])  # softmax
+    g.scatter_add_(1, safe, torch.full(safe.shape, -(1 - smoothing), dtype=g.dtype, device=g.device))
+    if smoothing:
+        g.sub_(smoothing / g.shape[-1])
+    return loss, g.mul_(valid[:, None]).to(logits.dtype)
+
+
+_compiled_chunk_ce: Callable | None = None
+
+
+def _chunk_ce_fn(device: torch.device) -> Callable:
+    """The chunk's loss and gradient: compiled on CUDA (one fused pass over the logits instead of ~8
+    elementwise kernels), plain PyTorch elsewhere (CPU tests need no compiler)."""
+    global _compiled_chunk_ce
+    if device.type != "cuda":
+        return _chunk_ce
+    if _compiled_chunk_ce is None:
+        _compiled_chunk_ce = torch.compile(_chunk_ce, dynamic=True)
+    return _compiled_chunk_ce
+
+
+def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, chunk: int,
+               need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)  # (N, C), (V, C): one cast of the weight, not one per chunk
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        chunk_ce = _chunk_ce_fn(h.device)
+        for lo in range(0, h.shape[0], chunk):
+            hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
+            loss, g = chunk_ce(hc @ w.T, tc, smoothing, need_h or need_w)  # logits (n, V)
+            total += loss
+            if grad_h is not None:
+                torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
+            if grad_w is not None:
+                grad_w += (g.T @ hc).float()  # (V, C), accumulated in float32
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss in forward, with both gradients computed there; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
+                chunk: int) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         label_smoothing: float = 0.0, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets.
+
+    hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
+    where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
+    loss is taken in float32. Equals `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`.
+    """
+    chunk = chunk_tokens or max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk)
+    with torch.no_grad():  # evaluation: no gradient is computed at all
+        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False)[0]
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over the valid (not IGNORE_INDEX) targets of full logits, in float32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum", label_smoothing=label_smoothing)
+
+
+def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of the model's output layer on its final hidden states (B, T, C) or (N, C).
+
+    A plain weight (tied embedding, or an `nn.Linear` head without bias) goes through the chunked
+    `linear_cross_entropy`; any other head (LoRA on the head, say) runs as a module, then the loss.
+    """
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    head = model.head
+    if head is None:
+        return linear_cross_entropy(h, model.tok_emb.weight, t, label_smoothing=label_smoothing)
+    if type(head) is nn.Linear and head.bias is None:
+        return linear_cross_entropy(h, head.weight, t, label_smoothing=label_smoothing)
+    return token_loss_sum(head(h), t, label_smoothing)
+
+
+@dataclass
+class LMLoss:
+    """Next-token cross-entropy over the valid targets: pretraining and SFT (targets carry the loss mask)."""
+
+    label_smoothing: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        from temper.train.parallel import unwrap
+
+        hidden = model(batch.inputs, hidden_only=True, **batch.model_kwargs)  # (B, T, C), through DDP/compile
+        count = (batch.targets != IGNORE_INDEX).sum()
+        return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing), count)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position (B, T) in float32, with gradient; 0 where the target is IGNORE_INDEX.
+
+    The building block of DPO, PPO, GRPO and distillation: a sequence's log-probability is the sum
+    over its response tokens (`sequence_logprobs`).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    valid = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return torch.where(valid, picked, 0.0)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's valid targets (B,), float32, with gradient."""
+    return token_logprobs(logits, targets).sum(-1)
