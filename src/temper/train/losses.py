@@ -28,7 +28,15 @@ from torch import nn
 IGNORE_INDEX = -100
 
 CHUNK_LOGIT_BYTES = 256 * 2**20
-"""Float32 logits held at once by `linear_cross_entropy`: tokens per chunk = this / (4 x vocabulary)."""
+"""Float32 logits held at once by `linear_cross_entropy` when the output weight trains (a quarter of
+it when frozen): tokens per chunk = this / (4 x vocabulary)."""
+
+
+def chunk_tokens(vocab_size: int, weight_trained: bool) -> int:
+    """Tokens per chunk of the loss. A trained output weight's float32 gradient is read and written by
+    every chunk, so it gets fewer, larger chunks; a frozen one (LoRA, QLoRA) is only read, so its
+    chunks are 4x smaller, which keeps a 128k vocabulary under 64 MiB of float32 logits."""
+    return max(1, (CHUNK_LOGIT_BYTES if weight_trained else CHUNK_LOGIT_BYTES // 4) // (4 * vocab_size))
 
 
 @dataclass
@@ -65,15 +73,19 @@ class Loss(Protocol):
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut: ...
 
 
-def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of a chunk (float32) and, with `grad`, its gradient w.r.t. the logits in
-    their dtype: softmax - ((1 - s) * one_hot + s / V), zero on ignored rows (PyTorch's label smoothing).
+    """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32) and, with `grad`, its
+    gradient w.r.t. the logits in their dtype: softmax - ((1 - s) * one_hot + s / V), zero on ignored
+    rows (PyTorch's label smoothing).
 
-    Works in place on one float32 copy of the logits (the logits themselves when already float32),
-    so a chunk costs its logits plus one float32 (n, V) tensor at most.
+    Works in place on one float32 copy of the logits (the logits themselves when already float32):
+    a chunk costs one float32 (n, V) tensor and its gradient.
     """
+    logits = hidden @ weight.T  # (n, V)
+    dtype = logits.dtype
     lf = logits.float()  # (n, V)
+    del logits  # freed here when the float32 copy is a new tensor
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)[:, None]  # (n, 1)
     lf = lf.sub_(lf.amax(dim=-1, keepdim=True))  # shifted so that exp cannot overflow
@@ -92,7 +104,7 @@ def _chunk_ce(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, gra
     g.scatter_add_(1, safe, torch.full(safe.shape, -(1 - smoothing), dtype=g.dtype, device=g.device))
     if smoothing:
         g.sub_(smoothing / g.shape[-1])
-    return loss, g.mul_(valid[:, None]).to(logits.dtype)
+    return loss, g.mul_(valid[:, None]).to(dtype)
 
 
 _compiled_chunk_ce: Callable | None = None
@@ -122,13 +134,21 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         chunk_ce = _chunk_ce_fn(h.device)
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
-            loss, g = chunk_ce(hc @ w.T, tc, smoothing, need_h or need_w)  # logits (n, V)
+            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w)  # g: (n, V)
             total += loss
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
             if grad_w is not None:
-                grad_w += (g.T @ hc).float()  # (V, C), accumulated in float32
+                grad_w = _add_weight_grad(grad_w, g, hc)  # (V, C)
     return total, grad_h, grad_w
+
+
+def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_w + g.T @ h, accumulated in float32: on CUDA by the matrix product itself (cuBLAS adds
+    bf16 products into a float32 output), elsewhere through a product in the inputs' dtype."""
+    if g.is_cuda and g.dtype != grad_w.dtype:
+        return torch.addmm(grad_w, g.T, h, out_dtype=grad_w.dtype)
+    return grad_w.add_((g.T @ h).to(grad_w.dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -151,14 +171,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         label_smoothing: float = 0.0, chunk_tokens: int | None = None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, chunk: int | None = None) -> torch.Tensor:
     """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets.
 
     hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
     where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
     loss is taken in float32. Equals `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`.
+    chunk: tokens per chunk (default `chunk_tokens`).
     """
-    chunk = chunk_tokens or max(1, CHUNK_LOGIT_BYTES // (4 * weight.shape[0]))
+    chunk = chunk or chunk_tokens(weight.shape[0], weight.requires_grad)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk)
     with torch.no_grad():  # evaluation: no gradient is computed at all

@@ -73,7 +73,7 @@ from torch.utils._pytree import tree_map_only
 from temper.model.config import ModelConfig
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
-from temper.train.losses import CHUNK_LOGIT_BYTES
+from temper.train.losses import chunk_tokens
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
 Sharding = Literal["none", "optimizer", "gradients", "parameters"]
@@ -452,18 +452,18 @@ def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool) 
     h = t.norm_out() if isinstance(model.norm, nn.LayerNorm) else t.r  # the final norm's output
     if not _plain_head(model):
         return tokens * 12 * V, tokens * 12 * V, f"full logits: 12 B x V = {12 * V} B per token"
-    n = min(tokens, max(1, CHUNK_LOGIT_BYTES // (4 * V)))
-    w = head_weight.element_size()
     trained = head_weight.requires_grad
+    n = min(tokens, chunk_tokens(V, trained))
+    w = head_weight.element_size()
     grad_h = tokens * d * a if hidden_grad else 0
     grad_w = 4 * V * d if trained else 0
     held = tokens * d * h + (tokens * d * a if h != a else 0) + (V * d * a if w != a else 0) + grad_h + grad_w
-    chunk = n * V * (a + 4 + a if a != 4 else 4)  # logits, float32 copy, gradient in the logits' dtype
+    chunk = n * V * (4 + a if a != 4 else 4)  # the logits or their gradient, and one float32 working copy
     if trained:  # after a chunk: its gradient and the weight gradient's product, in a and float32
         chunk = max(chunk, n * V * a + V * d * (a + (4 if a != 4 else 0)))
     backward = grad_h + grad_w + (tokens * d * (a + (h if h != a else 0)) if hidden_grad else 0) \
         + (V * d * (4 + (w if w != 4 else 0)) if trained else 0)
-    formula = f"chunked: {n} tokens x V x {a + 4 + a if a != 4 else 4} B at a time + gradients of hidden and weight"
+    formula = f"chunked: {n} tokens x V x {4 + a if a != 4 else 4} B at a time + gradients of hidden and weight"
     return held + chunk, backward, formula
 
 
@@ -663,7 +663,7 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         f"LoRA/QLoRA: the frozen base (2 B or ~{NF4_BYTES:.2f} B/param) + 16 B per adapter param "
         f"({_m(k)} trainable here)" if run.recipe in ("lora", "qlora") else
         "LoRA/QLoRA: the frozen base (2 B or ~0.52 B/param) + 16 B per adapter param",
-        "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (256 MiB in float32), "
+        "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (64-256 MiB in float32), "
         "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
         f"KV cache in bf16: 2 x layers x kv_heads x head_dim x 2 B = {human_bytes(kv_token)} per token",

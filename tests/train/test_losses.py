@@ -1,0 +1,129 @@
+"""The one place losses are computed: the chunked linear cross-entropy equals PyTorch's on full logits
+(values and both gradients, ignored targets, label smoothing, autocast), on CPU and, compiled, on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.model.config import PRESETS
+from temper.model.lora import apply_lora
+from temper.model.transformer import Transformer
+from temper.train.losses import (
+    IGNORE_INDEX,
+    Batch,
+    LMLoss,
+    chunk_tokens,
+    linear_cross_entropy,
+    sequence_logprobs,
+    token_logprobs,
+    token_loss_sum,
+)
+
+
+def _case(n=37, c=16, v=50, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g, dtype=dtype).to(device).requires_grad_()
+    w = torch.randn(v, c, generator=g, dtype=dtype).to(device).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    t[::5] = IGNORE_INDEX
+    return h, w, t
+
+
+def _reference(h, w, t, smoothing=0.0, scale=0.37):
+    loss = F.cross_entropy((h @ w.T).float(), t, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=smoothing)
+    gh, gw = torch.autograd.grad(loss * scale, (h, w))
+    return loss.detach(), gh, gw
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_linear_cross_entropy_equals_full_logits(smoothing, chunk):
+    h, w, t = _case()
+    ref, gh, gw = _reference(h, w, t, smoothing)
+    loss = linear_cross_entropy(h, w, t, label_smoothing=smoothing, chunk=chunk)
+    got_h, got_w = torch.autograd.grad(loss * 0.37, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_h, gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, gw, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_autocast_and_without_grad():
+    h, w, t = _case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = linear_cross_entropy(h, w, t, chunk=8)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)  # both from the same bf16 products
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, t).requires_grad is False
+    only_h = linear_cross_entropy(h, w.detach(), t)  # a frozen weight: no weight gradient is made
+    torch.testing.assert_close(torch.autograd.grad(only_h, h)[0], _reference(h, w, t, scale=1.0)[1])
+
+
+def test_chunks_are_smaller_for_a_frozen_weight():
+    assert chunk_tokens(128256, True) // 4 == chunk_tokens(128256, False)
+    assert chunk_tokens(128256, False) * 128256 * 4 <= 64 * 2**20
+
+
+@pytest.mark.parametrize("name", ["debug", "debug-llama"])
+def test_lm_loss_equals_cross_entropy_of_the_model_logits(name):
+    """Tied (debug) and untied heads; with LoRA on the head the loss runs it as a module."""
+    torch.manual_seed(0)
+    model = Transformer(PRESETS[name])
+    x = torch.randint(0, 256, (3, 20))
+    y = torch.roll(x, -1, 1)
+    y[1, 5:] = IGNORE_INDEX
+    for lora_head in (False, True):
+        if lora_head and model.head is not None:
+            apply_lora(model, 4, 8.0, ["head"])
+            with torch.no_grad():
+                model.head.lora_b.normal_()
+        out = LMLoss()(model, Batch(x, y))
+        ref = token_loss_sum(model(x), y)
+        torch.testing.assert_close(out.loss_sum, ref, rtol=1e-5, atol=1e-5)
+        assert int(out.count) == int((y != IGNORE_INDEX).sum())
+        grads = torch.autograd.grad(out.loss_sum, [p for p in model.parameters() if p.requires_grad])
+        refs = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+        for a, b in zip(grads, refs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_and_sequence_logprobs():
+    logits = torch.randn(2, 5, 7)
+    t = torch.randint(0, 7, (2, 5))
+    t[0, 3:] = IGNORE_INDEX
+    lp = token_logprobs(logits, t)
+    ref = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(lp[t != IGNORE_INDEX], ref[t != IGNORE_INDEX])
+    assert (lp[t == IGNORE_INDEX] == 0).all()
+    torch.testing.assert_close(sequence_logprobs(logits, t), lp.sum(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_on_cuda_compiled_equals_full_logits(dtype):
+    """The compiled chunk kernel and the float32-accumulated weight gradient, against PyTorch's loss."""
+    h, w, t = _case(n=3000, c=256, v=5000, dtype=dtype, device="cuda")
+    ref, gh, gw = _reference(h, w, t, 0.1)
+    loss = linear_cross_entropy(h, w, t, label_smoothing=0.1, chunk=512)
+    got_h, got_w = torch.autograd.grad(loss * 0.37, (h, w))
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(got_h, gh, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_w, gw, rtol=1e-4, atol=1e-5)
+    else:  # bf16 products on both sides, rounded at different points: compare relative norms
+        assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
+        for got, want in ((got_h, gh), (got_w, gw)):
+            assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_head_modules_that_are_not_plain_linear_layers_still_work():
+    model = Transformer(PRESETS["debug-llama"])
+    model.head = nn.Linear(64, 256, bias=True)
+    x = torch.randint(0, 256, (2, 9))
+    out = LMLoss()(model, Batch(x, x))
+    torch.testing.assert_close(out.loss_sum, token_loss_sum(model(x), x))
