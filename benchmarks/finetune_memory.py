@@ -31,6 +31,7 @@ tracked from the start too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -46,12 +47,14 @@ from temper.model.convert import to_hf_config
 from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.memory import LiveTensorBytes
+from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import train_step
 
 Side = tuple[nn.Module, torch.optim.Optimizer, Callable]
 
 
-def temper_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, rank: int, ckpt: bool) -> Side:
+def temper_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, rank: int, ckpt: bool,
+                compile: bool = False, offload: bool = False) -> Side:
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg).to(dtype)
@@ -61,10 +64,9 @@ def temper_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, 
         quantize_nf4(model)
     if method in ("lora", "qlora"):
         apply_lora(model, rank, 2 * rank, ALL_LINEAR_TARGETS)
-    if ckpt:
-        from temper.train.parallel import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model, every=1)
+    # temper's own wrapping, as `--train.activation_checkpointing 1 --train.compile true` does
+    parallelize(model, DistInfo(0, 0, 1, torch.device(device)), activation_checkpointing=int(ckpt),
+                activation_offload=offload, compile=compile)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -206,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every side")
+    ap.add_argument("--compile", action="store_true",
+                    help="temper's blocks compiled (rows 'temper+compile'); a side that fails to compile runs eager")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick dry run)")
+    ap.add_argument("--offload", nargs="*", default=[], choices=["full", "lora", "qlora"],
+                    help="for these methods temper offloads the checkpointed inputs to CPU (needs --checkpointing)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    if args.compile_backend != "inductor":  # nn.Module.compile and torch.compile both read this name
+        torch.compile = functools.partial(torch.compile, backend=args.compile_backend)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[
         args.dtype if args.dtype != "auto" else ("bf16" if args.device.startswith("cuda") else "fp32")]
     if args.shape:
@@ -222,44 +231,58 @@ def main(argv: list[str] | None = None) -> int:
     peers = {"full": "transformers", "lora": "peft", "qlora": "peft"}
     sides: dict[tuple[str, str], Callable[[], Side]] = {}
     for m in args.methods:
-        sides[(m, "temper")] = lambda m=m: temper_side(cfg, m, dev, dtype, rank, ckpt)
+        offload = m in args.offload
+        name = "temper" + ("+compile" if args.compile else "") + ("+offload" if offload else "")
+        sides[(m, name)] = lambda m=m, o=offload: temper_side(cfg, m, dev, dtype, rank, ckpt, args.compile, o)
         if m != "qlora":
             sides[(m, peers[m])] = lambda m=m: hf_side(cfg, m, dev, dtype, rank, ckpt)
     no_qlora_peer = bnb_missing(args.device) if "qlora" in args.methods else None
     if "qlora" in args.methods and no_qlora_peer is None:
         sides[("qlora", "peft")] = lambda: bnb_side(cfg, dev, dtype, rank, ckpt)
     results: dict = {k: {"peak": 0, "tps": [], "error": None} for k in sides}
+
+    def run(key: tuple[str, str], first: bool) -> None:
+        model = opt = step = None
+        try:
+            model, opt, step = sides[key]()
+            model.train()
+            if first:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                if unchanged_after_a_step(trainable, step, x, y):
+                    raise RuntimeError("some trainable parameters did not change in a step")
+                results[key]["peak"] = peak_bytes(model, opt, step, x, y)
+            step(x, y)  # warm-up
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(x, y)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            results[key]["tps"].append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
+        except Exception as e:  # one side failing (e.g. out of memory) must not hide the others
+            results[key]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"# {key}: {results[key]['error']}", file=sys.stderr, flush=True)
+        del model, opt, step
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
     for r in range(args.repeats):
         for key in (list(sides) if r % 2 == 0 else list(reversed(sides))):
             if results[key]["error"]:
                 continue
-            try:
-                model, opt, step = sides[key]()
-                model.train()
-                if r == 0:
-                    trainable = [p for p in model.parameters() if p.requires_grad]
-                    if unchanged_after_a_step(trainable, step, x, y):
-                        raise RuntimeError("some trainable parameters did not change in a step")
-                    results[key]["peak"] = peak_bytes(model, opt, step, x, y)
-                step(x, y)  # warm-up
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    step(x, y)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                results[key]["tps"].append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
-            except Exception as e:  # one side failing (e.g. out of memory) must not hide the others
-                results[key]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            model = opt = step = None
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            run(key, first=r == 0)
+            method, impl = key
+            if results[key]["error"] and "+compile" in impl and (method, impl.replace("+compile", "")) not in sides:
+                eager = (method, impl.replace("+compile", ""))  # measure it uncompiled rather than not at all
+                sides[eager] = lambda m=method, o="+offload" in impl: temper_side(cfg, m, dev, dtype, rank, ckpt, False, o)
+                results[eager] = {"peak": 0, "tps": [], "error": None}
+                run(eager, first=True)
     meter = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "live tensors"
     print(f"{args.shape or 'custom'} shape: dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, batch "
           f"{args.batch} x {args.seq}, LoRA r={args.rank} on every linear layer of the blocks, {dtype}, {args.device}, "
           f"checkpointing {'on' if ckpt else 'off'}, median of {args.repeats}\n")
-    print(f"| method | implementation | peak GiB ({meter}) | tokens/s | temper's peak / peer's | temper's tokens/s / peer's |")
+    print(f"| method | implementation | peak GiB ({meter}) | tokens/s | peak / peer's | tokens/s / peer's |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     rows = []
     for (method, impl), res in results.items():
@@ -268,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": method, "impl": impl, "error": res["error"]})
             continue
         tps = statistics.median(res["tps"])
-        ours = results[(method, "temper")]
-        ok = impl != "temper" and not ours["error"] and ours["tps"]
-        mem = ours["peak"] / res["peak"] if ok else None
-        speed = statistics.median(ours["tps"]) / tps if ok else None
+        peer = results.get((method, peers[method]), {})
+        ok = impl.startswith("temper") and peer and not peer["error"] and peer["tps"]
+        mem = res["peak"] / peer["peak"] if ok else None
+        speed = tps / statistics.median(peer["tps"]) if ok else None
         rows.append({"method": method, "impl": impl, "peak_gib": res["peak"] / 2**30, "tokens_per_s": tps,
                      "temper_peak_ratio": mem, "temper_speed_ratio": speed})
         print(f"| {method} | {impl} | {res['peak'] / 2**30:.2f} | {tps:,.0f} | {'' if mem is None else f'{mem:.2f}x'} "

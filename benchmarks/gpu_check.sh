@@ -53,17 +53,17 @@ if [ "$DRY" = 1 ]; then
          --compile-backend aot_eager --dtype fp32)
   DECODE=(--device cpu --shape debug-llama --batch 1 2 --prompt-len 16 --new-tokens 8 --repeats 1)
   FINETUNE=(--device cpu --dim 256 --layers 2 --heads 4 --kv-heads 2 --ffn 512 --vocab 512 --seq 64 --batch 1
-            --steps 1 --repeats 1 --checkpointing --methods lora qlora)
+            --steps 1 --repeats 1 --checkpointing --methods lora qlora --compile --compile-backend aot_eager --offload qlora)
   SHAKE=(--preset=debug --model.dim=32 --model.n_layers=2 --model.n_heads=2 --model.max_seq_len=32
          --train.steps=6 --train.micro_batch_size=2 --eval.every=3 --eval.batches=2 --run.device=cpu)
   SHAKE_CHARS=50000
 else
   DEV=cuda
-  TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1 --modes eager compile
+  TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1 --modes ${GPU_CHECK_TRAIN_MODES:-eager compile}
          --dtype bf16)
   DECODE=(--device cuda --shape llama-3.2-1b --batch 1 8 --prompt-len 128 --new-tokens 256 --repeats 3 --compile)
   FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing
-            --methods lora qlora)
+            --methods lora qlora --compile --offload qlora)
   SHAKE=(--config configs/shakespeare-char.yaml --train.compile=true --eval.every=500 --checkpoint.every=0)
   SHAKE_CHARS=0
 fi

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
+    offload_wrapper,
 )
 
 
@@ -73,21 +74,30 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int) -> None:
-    """Recompute every `every`-th block's activations in backward instead of storing them."""
+def apply_activation_checkpointing(model: nn.Module, every: int, offload: bool = False) -> None:
+    """Recompute every `every`-th block's activations in backward instead of storing them.
+
+    offload: also keep each checkpointed block's input in pinned CPU memory until its backward (the
+    checkpoint saves its inputs through autograd's saved-tensor hooks, which `offload_wrapper`'s
+    `save_on_cpu` moves off the device): the last activations that scale with depth leave the GPU,
+    for one copy each way per block (Unsloth's offloaded gradient checkpointing does the same).
+    """
     if every <= 0:
         return
     layers = model.layers
     for i in range(len(layers)):
         if i % every == 0:
             layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            if offload:
+                layers[i] = offload_wrapper(layers[i])
 
 
 def parallelize(
-    model: nn.Module, dist_info: DistInfo, *, activation_checkpointing: int = 0, compile: bool = False
+    model: nn.Module, dist_info: DistInfo, *, activation_checkpointing: int = 0, activation_offload: bool = False,
+    compile: bool = False,
 ) -> nn.Module:
     """Wrap `model` for training; returns the module to call (the original stays reachable)."""
-    apply_activation_checkpointing(model, activation_checkpointing)
+    apply_activation_checkpointing(model, activation_checkpointing, activation_offload)
     if compile:
         # Each block compiled in place (torchtitan's way): identical blocks share one compiled graph,
         # so compile time does not grow with depth, and parameter names stay the plain model's (no
