@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--new-tokens must be > {SYNC_EVERY}, --repeats and --prompt-len >= 1")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cfg = dataclasses.replace(SHAPES[args.shape], dropout=0.0,
+    # Without long-context RoPE scaling: the context is cut to what the run needs, and transformers
+    # rewrites a llama3 scaling whose original context exceeds max_position_embeddings.
+    cfg = dataclasses.replace(SHAPES[args.shape], dropout=0.0, rope_scaling=None,
                               max_seq_len=min(SHAPES[args.shape].max_seq_len,
                                               max(2048, args.prompt_len + args.new_tokens)))
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:

@@ -187,7 +187,7 @@ class Attention(nn.Module):
             # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
             mg = mg.contiguous()  # (B|1, 1, G*T, S)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p)
-            y = y.view(B, self.n_heads, T, self.head_dim)  # (B, H, T, D)
+            y = y.reshape(B, self.n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
