@@ -31,7 +31,7 @@ def test_gpu_check_dry_run_runs_every_part_and_writes_the_report(shared_data, tm
         (i, m) for i in ("temper", "transformers") for m in ("eager", "compile")}
     assert {r["impl"] for r in report["decode"]["rows"] if r.get("tokens_per_s")} == {"temper", "transformers"}
     ft = {(r["method"], r["impl"]) for r in report["finetune"]["rows"] if "peak_gib" in r}
-    assert {("lora", "temper"), ("lora", "peft"), ("qlora", "temper")} <= ft
+    assert {("lora", "temper+compile"), ("lora", "peft"), ("qlora", "temper+compile+offload")} <= ft
     assert report["shakespeare"]["val_loss"] > 0 and report["peaks"]["bf16_matmul_flops"] > 0
     assert all(g["met"] is None for g in report["goals"])  # tiny CPU shapes: goals are not judged
     md = (out / "gpu_check.md").read_text()

@@ -65,7 +65,7 @@ def test_linear_cross_entropy_under_autocast_and_without_grad():
 
 
 def test_chunks_are_smaller_for_a_frozen_weight():
-    assert chunk_tokens(128256, True) // 4 == chunk_tokens(128256, False)
+    assert chunk_tokens(128256, True) >= 4096 and chunk_tokens(128256, False) <= 130
     assert chunk_tokens(128256, False) * 128256 * 4 <= 64 * 2**20
 
 

@@ -9,8 +9,8 @@ parallelism give the update of one big batch whatever the objective.
 The language-model loss never holds the full (tokens x vocabulary) logits: `linear_cross_entropy`
 runs the output layer and the cross-entropy a chunk of tokens at a time and computes the gradients
 of the hidden states and of the output weight as it goes (the chunked "fused linear cross-entropy"
-of Liger-Kernel, Hsu et al. 2024), so a 128k vocabulary costs a few hundred MiB instead of
-~16 bytes x vocabulary per token, and the matrix products are the ones autograd would run.
+of Liger-Kernel, Hsu et al. 2024), so the loss holds one chunk of logits (`chunk_tokens`) instead of ~16 bytes x vocabulary per
+token, and the matrix products are the ones autograd would run.
 
 It does not build batches (data/), run the optimizer (step.py) or own a model's heads (model/heads.py).
 """
@@ -27,16 +27,22 @@ from torch import nn
 
 IGNORE_INDEX = -100
 
-CHUNK_LOGIT_BYTES = 256 * 2**20
-"""Float32 logits held at once by `linear_cross_entropy` when the output weight trains (a quarter of
-it when frozen): tokens per chunk = this / (4 x vocabulary)."""
+TRAINED_CHUNK_BYTES = 2 * 2**30
+FROZEN_CHUNK_BYTES = 64 * 2**20
 
 
 def chunk_tokens(vocab_size: int, weight_trained: bool) -> int:
-    """Tokens per chunk of the loss. A trained output weight's float32 gradient is read and written by
-    every chunk, so it gets fewer, larger chunks; a frozen one (LoRA, QLoRA) is only read, so its
-    chunks are 4x smaller, which keeps a 128k vocabulary under 64 MiB of float32 logits."""
-    return max(1, (CHUNK_LOGIT_BYTES if weight_trained else CHUNK_LOGIT_BYTES // 4) // (4 * vocab_size))
+    """Tokens per chunk of `linear_cross_entropy`: float32 logits of at most 2 GiB when the output
+    weight trains, 64 MiB when it is frozen.
+
+    A trained weight's float32 gradient (V x d) is read and written by every chunk, and its
+    product with the chunk is only ~6n FLOPs per byte of that traffic, so small chunks would make
+    the loss memory-bound: large chunks keep it a matrix-product cost (still no B*T*V logits in
+    bf16 + float32 + log-probabilities, as plain autograd keeps). A frozen weight (LoRA, QLoRA) is
+    only read, so small chunks cost little and keep a 128k vocabulary's loss under 64 MiB.
+    """
+    budget = TRAINED_CHUNK_BYTES if weight_trained else FROZEN_CHUNK_BYTES
+    return max(1, budget // (4 * vocab_size))
 
 
 @dataclass

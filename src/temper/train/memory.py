@@ -663,7 +663,7 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         f"LoRA/QLoRA: the frozen base (2 B or ~{NF4_BYTES:.2f} B/param) + 16 B per adapter param "
         f"({_m(k)} trainable here)" if run.recipe in ("lora", "qlora") else
         "LoRA/QLoRA: the frozen base (2 B or ~0.52 B/param) + 16 B per adapter param",
-        "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (64-256 MiB in float32), "
+        "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (<= 64 MiB in float32 for a frozen head), "
         "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
         f"KV cache in bf16: 2 x layers x kv_heads x head_dim x 2 B = {human_bytes(kv_token)} per token",
