@@ -61,7 +61,8 @@ else
   DEV=cuda
   TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1 --modes ${GPU_CHECK_TRAIN_MODES:-eager compile}
          --dtype bf16)
-  DECODE=(--device cuda --shape llama-3.2-1b --batch 1 8 --prompt-len 128 --new-tokens 256 --repeats 3 --compile)
+  DECODE=(--device cuda --shape llama-3.2-1b --batch ${GPU_CHECK_DECODE_BATCH:-1 8} --prompt-len 128 --new-tokens 256
+          --repeats 2 --compile)
   FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing
             --methods lora qlora --compile --offload qlora)
   SHAKE=(--config configs/shakespeare-char.yaml --train.compile=true --eval.every=500 --checkpoint.every=0)
