@@ -30,6 +30,7 @@ from temper.eval.tasks import TaskOptions, get_task  # noqa: E402
 from temper.model.convert import load_hf, save_hf  # noqa: E402
 from temper.recipes import lm_eval as recipe  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.greedy import assert_greedy_agrees, next_token_logits, top2_margin  # noqa: E402
 
 N_QUESTIONS = 40
 TASK = "arc_easy_local"
@@ -149,6 +150,16 @@ def _logprobs(sample: dict) -> list[float]:
     return [lp for lp, _ in sample["filtered_resps"]]
 
 
+TOL = 1e-4  # temper's and hf's log-likelihoods and logits agree to this (measured: about 1e-6)
+
+
+def _undecided(sample: dict) -> bool:
+    """Whether rounding within TOL could change the question's answer: acc is the argmax of the
+    choices' log-likelihoods, acc_norm of them per character of the choice (tests/greedy.py)."""
+    lps, chars = _logprobs(sample), map(len, sample["doc"]["choices"]["text"])
+    return min(top2_margin(lps), top2_margin([lp / n for lp, n in zip(lps, chars, strict=True)])) <= 2 * TOL
+
+
 @pytest.mark.parametrize("shots", [0, 5])
 def test_runner_matches_lm_eval_hf_on_arc_easy(checkpoint, arc, hf_runs, shots, shared_data):
     model, _ = load_hf(checkpoint)
@@ -162,11 +173,14 @@ def test_runner_matches_lm_eval_hf_on_arc_easy(checkpoint, arc, hf_runs, shots, 
     assert [ex.pairs() for ex in examples] == [[tuple(a) for a in s["arguments"]] for s in samples]
     for ours, theirs in zip(result.examples, samples, strict=True):
         assert ours["gold"] == theirs["target"]
-        assert ours["logprobs"] == pytest.approx(_logprobs(theirs), abs=1e-4, rel=0)
+        assert ours["logprobs"] == pytest.approx(_logprobs(theirs), abs=TOL, rel=0)
+        # is_greedy is False for every choice here, each 0.98 or more below the top logit at some token.
         assert ours["greedy"] == [g for _, g in theirs["filtered_resps"]]
-        assert (ours["acc"], ours["acc_norm"]) == (theirs["acc"], theirs["acc_norm"])
+        if not _undecided(theirs):  # (none is: the closest two choices are 3e-4 per character apart)
+            assert (ours["acc"], ours["acc_norm"]) == (theirs["acc"], theirs["acc_norm"])
+    undecided = sum(map(_undecided, samples))
     for metric in ("acc", "acc_norm"):
-        assert result.metrics[metric] == sum(s[metric] for s in samples) / N_QUESTIONS
+        assert abs(result.metrics[metric] - sum(s[metric] for s in samples) / N_QUESTIONS) <= undecided / N_QUESTIONS
     # Not vacuous: the choices' scores differ, and the answers are not all one index.
     assert len({round(lp, 3) for r in result.examples for lp in r["logprobs"]}) > 100
     assert len({r["gold"] for r in result.examples}) > 1
@@ -178,9 +192,10 @@ def test_temper_lm_eval_model_matches_hf_and_the_runner(checkpoint, arc, hf_samp
     recipe.register()
     ours = _evaluate("temper", {"checkpoint": str(checkpoint), "dtype": "float32"}, arc)
     for a, b in zip(ours, hf_samples, strict=True):
-        assert _logprobs(a) == pytest.approx(_logprobs(b), abs=1e-4, rel=0)
+        assert _logprobs(a) == pytest.approx(_logprobs(b), abs=TOL, rel=0)
         assert [g for _, g in a["filtered_resps"]] == [g for _, g in b["filtered_resps"]]
-        assert (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])
+        if not _undecided(b):
+            assert (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])
 
 
 def test_empty_and_bos_contexts_match_hf(hf, temper_lm):
@@ -192,7 +207,7 @@ def test_empty_and_bos_contexts_match_hf(hf, temper_lm):
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
     ours = temper_lm.loglikelihood(requests, disable_tqdm=True)
     theirs = hf.loglikelihood(requests, disable_tqdm=True)
-    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-4, rel=0)
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=TOL, rel=0)
     assert [g for _, g in ours] == [g for _, g in theirs]
     assert temper_lm.tok_encode(pairs[1][0]).count(temper_lm.prefix_token_id) == 1
 
@@ -230,6 +245,29 @@ def _stop_in_middle(text: str) -> str:
     raise AssertionError(f"no stop string to cut {text!r}")
 
 
+def _generate_ids(lm, prompts: list[str], stops: list[str]) -> tuple[list[str], list[list[int]]]:
+    """_generate's texts, and the new token ids of each: the last ids `lm` decoded to that text."""
+    decoded: dict[str, list[int]] = {}
+    decode = lm.tok_decode
+
+    def spy(tokens, *args, **kwargs):
+        text = decode(tokens, *args, **kwargs)
+        decoded[text] = [tokens] if isinstance(tokens, int) else list(tokens)
+        return text
+
+    lm.tok_decode = spy
+    try:
+        texts = _generate(lm, prompts, stops)
+    finally:
+        del lm.tok_decode
+    eot = lm.eot_token_id  # hf keeps a row's end of text and pads after it; temper's engine stops before it
+    return texts, [ids[:ids.index(eot)] if eot in ids else ids for ids in map(decoded.__getitem__, texts)]
+
+
+def _cut(text: str, stop: str) -> str:
+    return text[:text.index(stop)] if stop in text else text
+
+
 def test_greedy_generate_until_matches_hf(sharp_pair, arc, shared_data):
     hf, ours = sharp_pair
     rows = [json.loads(line) for line in (arc / "flat.jsonl").read_text().splitlines()[:3]]
@@ -237,14 +275,22 @@ def test_greedy_generate_until_matches_hf(sharp_pair, arc, shared_data):
     prompts = [f"Question: {r['question']}\nAnswer:" for r in rows] + [_paragraphs()[-1]]
     assert len(ours.tok_encode(prompts[-1])) > ours.max_length
     never = ["\x00\x01\x02"] * len(prompts)
-    free = _generate(hf, prompts, never)
-    assert _generate(ours, prompts, never) == free
+    free, free_ids = _generate_ids(hf, prompts, never)
+    our_free, our_ids = _generate_ids(ours, prompts, never)
     assert len(set(free)) == len(free) and min(map(len, free)) > 20
-    stops = [_stop_in_middle(t) for t in free]
+    for prompt, text, ids, our_text, new in zip(prompts, free, free_ids, our_free, our_ids, strict=True):
+        context = ours.tok_encode(prompt)[-(ours.max_length - 24):]
+        # The same tokens wherever a step is decisive (this model has a step whose top two logits are 4e-5
+        # apart, which rounding may decide either way), so the same text when every step is.
+        if assert_greedy_agrees(new, ids, next_token_logits(ours.model, context, new), tol=TOL) == len(new):
+            assert our_text == text
+    # Stop strings cut each side's own text where lm-eval cuts it; hf, the reference, checks the rule.
+    stops = [_stop_in_middle(t) for t in our_free]
     cut = _generate(hf, prompts, stops)
-    assert cut == [t[:t.index(s)] for t, s in zip(free, stops, strict=True)]
-    assert all(len(c) >= len(t) // 3 for c, t in zip(cut, free, strict=True))
-    assert _generate(ours, prompts, stops) == cut
+    assert cut == [_cut(t, s) for t, s in zip(free, stops, strict=True)]
+    our_cut = _generate(ours, prompts, stops)
+    assert our_cut == [_cut(t, s) for t, s in zip(our_free, stops, strict=True)]
+    assert all(len(c) >= len(t) // 3 for c, t in zip(our_cut, our_free, strict=True))
 
 
 def test_sampling_and_unsupported_options(sharp_pair):
@@ -281,7 +327,7 @@ def test_command_line_runs_lm_eval_with_the_temper_model(checkpoint, arc, hf_sam
     assert TASK in capsys.readouterr().out
     (results,) = out.rglob("results_*.json")
     acc = json.loads(results.read_text())["results"][TASK]["acc,none"]
-    assert acc == sum(s["acc"] for s in hf_samples[:8]) / 8
+    assert abs(acc - sum(s["acc"] for s in hf_samples[:8]) / 8) <= sum(map(_undecided, hf_samples[:8])) / 8
 
 
 def test_lm_eval_stays_optional():

@@ -1,5 +1,6 @@
 """Hugging Face parity for six architectures, both directions: logits (fp32, 1e-4) and greedy
-generations equal; checkpoint directories (sharded, pickled, hub snapshots) and their bad input."""
+generations equal (wherever a step is not a near-tie: tests/greedy.py); checkpoint directories
+(sharded, pickled, hub snapshots) and their bad input."""
 
 import json
 import os
@@ -25,6 +26,7 @@ from temper.model.convert import (
     to_hf_config,
 )
 from temper.model.transformer import Transformer
+from tests.greedy import assert_greedy_agrees, next_token_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,7 +94,8 @@ def test_hf_to_temper_logits_and_greedy_generation(case):
         prompt = torch.randint(0, hf.config.vocab_size, (1, 6))
         ours = generate(model, prompt.tolist(), max_new_tokens=26, temperature=0.0)[0]
         theirs = hf.generate(prompt, max_new_tokens=26, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert ours == theirs[0, 6:].tolist()
+    # Equal tokens wherever the step is decisive (top two logits further apart than the logits' 1e-4).
+    assert_greedy_agrees(ours, theirs[0, 6:].tolist(), next_token_logits(model, prompt[0].tolist(), ours), tol=1e-4)
 
 
 def test_variant_features_are_exercised():

@@ -63,13 +63,19 @@ def test_check_prints_marked_examples_and_passes(base, tmp_path, capsys):
 
 
 def test_lora_learns_and_exports_a_merged_model_and_a_peft_adapter(base, tmp_path):
-    assert sft.main(args(base, tmp_path, "lora", "--train.steps=30", "--optim.lr=1e-2", "--eval.val_fraction=0.05",
+    assert sft.main(args(base, tmp_path, "lora", "--train.steps=30", "--optim.lr=5e-3", "--eval.val_fraction=0.05",
                          "--lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,head]")) == 0
     run = tmp_path / "lora"
     loss = losses(run)
-    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5, loss
-    # Pinned (seeded model, tokenizer, order and adapters): a change in masking, packing or the step shows here.
-    assert loss[0] == pytest.approx(6.4431, abs=2e-4) and loss[-1] == pytest.approx(5.5832, abs=2e-3), loss
+    assert len(loss) == 30 and sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5, loss
+    # Pinned (seeded model, tokenizer, order and adapters): step 1 is masking and packing, steps 2-5 the
+    # update. Measured on ATen's AVX-512, AVX2 and default kernels and MKL's CBWR=COMPATIBLE path: every
+    # one of the 30 losses within 1e-6 of the others.
+    assert loss[:5] == pytest.approx([6.443085, 6.449753, 6.435060, 6.324458, 6.203119], abs=2e-5), loss
+    # Step 30 loosely: a run that is stable at this lr keeps those 1e-6 differences at 1e-6 (at lr 1e-2 a
+    # loss spike near step 15 amplified them to 0.09 by step 30), while a 10% higher lr or 2 fewer warmup
+    # steps move it by 5e-3 or more, and another packing or data order by 0.06 or more.
+    assert loss[-1] == pytest.approx(5.517987, abs=1e-3), loss
     final = run / "final"
     assert (final / "adapter" / "adapter_config.json").exists() and (final / "tokenizer_config.json").exists()
     merged, cfg = load_hf(final)
