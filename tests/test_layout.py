@@ -1,8 +1,13 @@
-"""The README's "where does X happen" table and the import-direction rule of DESIGN.md stay true."""
+"""The README's "where does X happen" table, the import-direction rule of DESIGN.md, and nothing shipped
+leaning on this workplace's ../shared folder, stay true."""
 
 import ast
 import re
 from pathlib import Path
+
+import pytest
+
+from temper.eval.tasks import DEFAULT_DATA_ROOT, TaskError, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "temper"
@@ -61,3 +66,17 @@ def test_import_direction():
             elif parts[1] not in ALLOWED[stage]:
                 bad.append(f"{path.relative_to(ROOT)} imports {mod}")
     assert not bad, bad
+
+
+def test_nothing_shipped_depends_on_the_workplace_shared_folder():
+    """../shared holds this project's tests' data and design notes; a user's machine has neither, so no
+    module reads from it, defaults to it or points a reader at it."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in SRC.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "shared/" in line or "RELIABILITY" in line]
+    assert not hits, hits
+
+
+def test_a_task_without_its_file_names_the_file_and_how_to_give_it(tmp_path):
+    assert not DEFAULT_DATA_ROOT.startswith("..")
+    with pytest.raises(TaskError, match=r"arc_easy: no data file .*arc-easy/test.jsonl: give one as arc_easy=path"):
+        load_task("arc_easy", tmp_path)

@@ -1,7 +1,7 @@
 """The one fault-injection hook: failures on demand, driven by the TEMPER_FAULT environment variable.
 
-Reliability tests (../shared/RELIABILITY.md rows 6, 7, 14, 16) need a process to die or a loss to
-turn NaN at an exact step on an exact rank. Rather than monkeypatching, the code under test asks
+Reliability tests (kill -9 mid-checkpoint, retention safety, non-finite losses, elastic restarts)
+need a process to die or a loss to turn NaN at an exact step on an exact rank. Rather than monkeypatching, the code under test asks
 `active(name, step=..., rank=...)` at the one point where the fault belongs, e.g.
 
     TEMPER_FAULT="kill_during_save:step=6"                  checkpoint.py: SIGKILL mid-write

@@ -24,7 +24,7 @@ from torch import nn
 from temper.data.tokenizer import HFTokenizer
 from temper.eval import metrics as M
 from temper.eval.loglik import Request, encode_pair, score
-from temper.eval.tasks import Example, Generation, MultipleChoice, Task, TaskError
+from temper.eval.tasks import DEFAULT_DATA_ROOT, Example, Generation, MultipleChoice, Task, TaskError
 from temper.infer.engine import generate
 from temper.infer.text import completion_text, cut_at_stop
 
@@ -229,7 +229,7 @@ class TaskSuiteConfig:
     """Only the first N examples of each task (None: all): a quick signal during training."""
     num_fewshot: int | None = None
     """Solved examples before each question (None: each task's default)."""
-    data_root: str = "../shared/data"
+    data_root: str = DEFAULT_DATA_ROOT
     """Where the tasks' default files are."""
     batch_tokens: int = 16384
     """Most tokens in one scoring forward pass."""

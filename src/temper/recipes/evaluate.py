@@ -30,7 +30,7 @@ from temper.data.sources import read_documents
 from temper.eval.perplexity import Document, document, perplexity
 from temper.eval.report import write_report
 from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
-from temper.eval.tasks import TaskError, TaskOptions, all_tasks, load_task
+from temper.eval.tasks import DEFAULT_DATA_ROOT, TaskError, TaskOptions, all_tasks, load_task
 from temper.infer.load import open_checkpoint
 from temper.train.parallel import pick_device, pick_dtype
 
@@ -66,7 +66,7 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)
     """Tasks to run: "arc_easy" reads its default file under data_root, "arc_easy=path/file.jsonl" another.
     Known: arc_easy, arc_challenge, hellaswag, piqa, winogrande, gsm8k, gsm8k_cot, completion."""
-    data_root: str = "../shared/data"
+    data_root: str = DEFAULT_DATA_ROOT
     """Where the tasks' default files are."""
     limit: int | None = None
     """Only the first N examples of each task (None: all)."""

@@ -340,7 +340,8 @@ def load_checkpoint(
     frozen base loaded from elsewhere); a missing or an extra one is an error, as in a full load.
 
     RNG is restored separately by `restore_rng`, after the caller has fast-forwarded its data
-    loader (RELIABILITY.md row 2: restoring it before would let the fast-forward consume it).
+    loader: restoring it before would let the fast-forward consume it, and a resumed run with dropout
+    would then draw other masks than the uninterrupted one.
     """
     path = Path(path)
     _read_manifest(path, verify=True)

@@ -1,8 +1,8 @@
 """Optimizer parameter groups and learning-rate schedules.
 
 The schedule is a pure function of the optimizer-step count, so resuming a run needs no scheduler
-object: `lr_at(step, cfg)` after a resume is the uninterrupted value by construction
-(RELIABILITY row 5). This module does not run the step itself (that is `train/step.py`).
+object: `lr_at(step, cfg)` after a resume is the uninterrupted value by construction (a scheduler
+object restored out of step with the optimizer is a classic resume bug, Lightning #1772). This module does not run the step itself (that is `train/step.py`).
 """
 
 from __future__ import annotations

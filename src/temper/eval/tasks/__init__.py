@@ -86,6 +86,11 @@ class TaskOptions:
     """Seed of the few-shot sample (lm-eval's default seed)."""
 
 
+DEFAULT_DATA_ROOT = "data/eval"
+"""Where tasks named without a file look for theirs: `<root>/<task's data path>`, e.g.
+data/eval/arc-easy/validation.jsonl (the README's 'Evaluation data' lists each task's files and sources)."""
+
+
 @dataclass(frozen=True)
 class Task:
     """A task: how to read its file, and for generative tasks how to score a completion."""
@@ -261,6 +266,9 @@ def load_task(spec: str, data_root: str | Path, options: TaskOptions = TaskOptio
         if task.data is None:
             raise TaskError(f"task {task.name!r} has no default data file: give one as {task.name}=path/to/file.jsonl")
         path = str(root / task.data)
+        if not Path(path).is_file():
+            raise TaskError(f"{task.name}: no data file {path}: give one as {task.name}=path/to/file.jsonl, or put the "
+                            f"task's files under the data root (now {root}) as the README's 'Evaluation data' lists them")
     if options.fewshot_path is None and task.fewshot_data is not None:  # read only when shots are asked for
         options = replace(options, fewshot_path=root / task.fewshot_data)
     examples = task.load(Path(path), options)

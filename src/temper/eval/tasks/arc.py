@@ -2,7 +2,7 @@
 
 Scored as lm-eval-harness's `arc_easy` / `arc_challenge`: context "Question: {question}\\nAnswer:",
 continuation " {choice}", metrics acc and acc_norm; zero-shot by default. Reads two layouts:
-- flat: {"question": str, "choices": [str, ...], "label": int} (../shared/data/arc-easy);
+- flat: {"question": str, "choices": [str, ...], "label": int} (one row per question, lm-eval's order);
 - Hugging Face `ai2_arc`: {"question": str, "choices": {"text": [...], "label": ["A", ...]}, "answerKey": "A"}.
 """
 

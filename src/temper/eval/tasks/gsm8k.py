@@ -18,7 +18,7 @@ and target alike and both are lower-cased (ignore_case); a completion with no ma
 Reads the GSM8K layout (openai/grade-school-math, Hugging Face `openai/gsm8k` "main"), one JSON
 object per problem: {"question": str, "answer": str ending "#### <number>"}. The target is the
 text after the last "####". `gsm8k` takes its few-shot problems from `--fewshot_path`, or else from
-train.jsonl.gz / train.jsonl beside the data file (../shared/data/gsm8k/ holds both).
+train.jsonl.gz / train.jsonl beside the data file (as openai/grade-school-math ships them).
 
 It does not check the arithmetic of the chain of thought, only the final number.
 """
