@@ -213,6 +213,19 @@ def test_decode_step_compiles_once_for_every_length():
     assert counter.frame_count == 1
 
 
+def test_generate_with_a_compiled_step_equals_eager(monkeypatch):
+    """generate(compile=...) drives the compiled decode step (here dynamo with the eager backend, as inductor
+    would take minutes on a CPU test) and gets the eager engine's tokens, past the context too."""
+    from temper.infer import engine
+
+    counter = CompileCounter()
+    monkeypatch.setitem(engine._COMPILED, "test", torch.compile(decode_step, backend=counter, fullgraph=True))
+    model = _model("debug-llama", max_seq_len=16)
+    kw = dict(max_new_tokens=30, temperature=0.7, seed=5, repetition_penalty=1.1)
+    assert generate(model, PROMPTS, compile="test", **kw) == generate(model, PROMPTS, **kw)
+    assert counter.frame_count == 1
+
+
 def test_forked_samples_equal_separate_runs():
     """One prefill forked into n rows (seeds s .. s+n-1) samples what n runs of the prompt alone do."""
     model = _model("debug-llama")
