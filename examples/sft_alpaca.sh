@@ -21,7 +21,7 @@ SFT=(--model runs/sft-base/final --data.files="[$DATA/alpaca/alpaca_gpt4_en_demo
 temper sft "${SFT[@]}" --check | tail -n 12
 temper sft "${SFT[@]}" --run.resume never --method lora --lora.rank 16 --lora.alpha 32 \
   --lora.targets "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]" --train.epochs 3 \
-  --train.micro_batch_size 8 --optim.lr 2e-3 --eval.every 100 --log_every 25 --progress false
+  --train.micro_batch_size 8 --optim.lr 2e-3 --eval.every 100 --log.every 25 --log.progress false
 echo "held-out loss (step: val_loss):"
 python - <<'PY'
 import json

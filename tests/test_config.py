@@ -95,3 +95,32 @@ def test_text_flags_are_taken_verbatim():
     assert config.parse(Outer, ["--inputs=[a, b]"]).inputs == ["a", "b"]
     with pytest.raises(config.ConfigError, match="--steps"):
         config.parse(Outer, ["--steps=\x00"])
+
+
+def test_every_training_recipe_exposes_the_same_sections():
+    """run / train / eval / checkpoint / log mean the same in every training recipe: each is (a subclass
+    of) the scaffold's section, so `--train.compile`, `--checkpoint.keep_last_n`, `--eval.every=0`, ...
+    behave alike everywhere."""
+    import typing
+
+    from temper.recipes import pretrain, sft
+    from temper.train import run
+
+    base = {"run": run.RunSection, "train": run.TrainSection, "eval": run.EvalSection,
+            "checkpoint": run.CheckpointSection, "log": run.LogSection}
+    assert set(base) == set(run.SECTIONS)
+    for recipe in (pretrain.PretrainConfig, sft.SFTConfig):
+        hints = typing.get_type_hints(recipe)
+        for name, section in base.items():
+            assert issubclass(hints[name], section), (recipe.__name__, name)
+        defaults = recipe()
+        assert defaults.checkpoint.keep_last_n == 3 and defaults.train.on_nonfinite == "fail"
+
+
+def test_a_sections_own_defaults_survive_an_override_of_one_key():
+    """sft's optimizer defaults (lr 2e-4, no weight decay) stay when only --optim.lr is given."""
+    from temper.recipes.sft import SFTConfig
+
+    cfg = config.parse(SFTConfig, ["--optim.lr=5e-3", "--run.name=x"])
+    assert cfg.optim.lr == 5e-3 and cfg.optim.weight_decay == 0.0 and cfg.run.seed == 0
+    assert cfg.schedule.warmup_steps == 10

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import keyword
 import sys
 import textwrap
 import types
@@ -58,13 +59,20 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def key_of(field_name: str) -> str:
+    """The config key of a dataclass field: its name, but `from_` (a Python keyword with the
+    underscore Python needs) is the key `from`, so that `--init.from=...` reads as it should."""
+    bare = field_name.rstrip("_")
+    return bare if bare != field_name and keyword.iskeyword(bare) else field_name
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
-        keys.append(prefix + f.name)
+        keys.append(prefix + key_of(f.name))
         if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, prefix + f.name + ".")
+            keys += _all_keys(tp, prefix + key_of(f.name) + ".")
     return keys
 
 
@@ -138,7 +146,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build `cls` from a nested mapping, strictly: every key must be a field of the dataclass."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {key_of(f.name): f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -146,7 +154,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             suggestion = difflib.get_close_matches(str(key), sorted(names), n=1)
             hint = f" (did you mean '{prefix}{suggestion[0]}'?)" if suggestion else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[names[key]] = _coerce(value, hints[names[key]], prefix + key)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -166,7 +174,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    def keys(v: Any) -> Any:  # dataclasses.asdict keeps field names; the config's keys drop a keyword's "_"
+        return {key_of(k): keys(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    tree = plain(dataclasses.asdict(cfg))
+    return keys(tree) if any(f.name != key_of(f.name) for f in _fields_deep(type(cfg))) else tree
+
+
+def _fields_deep(cls: type) -> list[dataclasses.Field]:
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(f)
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _fields_deep(tp)
+    return out
 
 
 def to_yaml(cfg: Any) -> str:
@@ -196,7 +218,7 @@ def _field_type(cls: type, dotted: str) -> Any:
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(tp):
             return None
-        tp = _hints(tp).get(part)
+        tp = _hints(tp).get({key_of(f.name): f.name for f in dataclasses.fields(tp)}.get(part, part))
     return tp
 
 
@@ -288,11 +310,11 @@ def help_text(cls: type, prog: str = "") -> str:
             tp = hints[f.name]
             value = getattr(instance, f.name)
             if dataclasses.is_dataclass(tp):
-                lines.append(f"\n[{prefix}{f.name}] {docs.get(f.name, '')}")
-                walk(tp, prefix + f.name + ".", value)
+                lines.append(f"\n[{prefix}{key_of(f.name)}] {docs.get(f.name, '')}")
+                walk(tp, prefix + key_of(f.name) + ".", value)
             else:
                 type_name = str(tp).replace("typing.", "") if typing.get_args(tp) else tp.__name__
-                lines.append(f"  --{prefix}{f.name}={value!r}  ({type_name})  {docs.get(f.name, '')}")
+                lines.append(f"  --{prefix}{key_of(f.name)}={value!r}  ({type_name})  {docs.get(f.name, '')}")
 
     walk(cls, "", cls())
     return "\n".join(lines)
@@ -305,7 +327,9 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str = "") -> T:
         print(help_text(cls, prog))
         raise SystemExit(0)
     files, flags = overrides_from_argv(cls, argv)
-    tree: dict[str, Any] = {}
+    # Start from the defaults of the whole tree, so that a section's own defaults (a recipe's
+    # `field(default_factory=lambda: OptimConfig(lr=2e-4))`) survive an override of one of its keys.
+    tree: dict[str, Any] = to_dict(cls())
     for f in files:
         tree = _merge(tree, load_yaml(f))
     tree = _merge(tree, flags)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from temper.config import ConfigError
 from temper.recipes import prepare, pretrain
+from temper.train.run import EXIT_PREEMPTED
 
 TINY = [
     "--preset=debug", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
@@ -146,7 +147,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(char_data, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == pretrain.EXIT_PREEMPTED, out
+    assert proc.returncode == EXIT_PREEMPTED, out
     saved = sorted((tmp_path / "term" / "checkpoints").glob("step-*"))
     assert len(saved) == 1
     k = int(saved[0].name.split("-")[1])
@@ -162,7 +163,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(char_data, tmp_path):
 def test_sigterm_in_the_first_step_or_in_eval(char_data, tmp_path, fault, saved_at):
     """Row 15 (b, c): the signal is handled at the next step boundary; the resumed run matches."""
     assert train(char_data, tmp_path, "ref") == 0
-    assert train(char_data, tmp_path, "term", env=fault) == pretrain.EXIT_PREEMPTED
+    assert train(char_data, tmp_path, "term", env=fault) == EXIT_PREEMPTED
     saved = sorted(p.name for p in (tmp_path / "term" / "checkpoints").glob("step-*"))
     assert saved[-1] == f"step-{saved_at:07d}"
     assert train(char_data, tmp_path, "term") == 0
@@ -318,3 +319,18 @@ def test_tasks_run_during_training_as_temper_evaluate_scores_final(char_data, tm
     assert final["acc"] == logged[8]["arc_easy/acc"] and final["acc_norm"] == logged[8]["arc_easy/acc_norm"]
     with pytest.raises(ConfigError, match="eval.tasks: unknown task 'arc_eazy'"):
         train(char_data, tmp_path, "bad", "--eval.tasks.names=[arc_eazy]", "--eval.tasks.every=4")
+
+
+def test_continued_pretraining_starts_from_the_given_weights(char_data, tmp_path):
+    """--init.from: a run directory (its final/), a Hugging Face directory or a temper checkpoint."""
+    assert train(char_data, tmp_path, "base") == 0
+    assert train(char_data, tmp_path, "fresh", "--run.seed=7") == 0
+    first = lambda name: metrics(tmp_path / name)[1]["loss"]  # noqa: E731
+    assert train(char_data, tmp_path, "from-run", f"--init.from={tmp_path / 'base'}", "--run.seed=7") == 0
+    assert first("from-run") < first("fresh") - 0.3  # it starts where the base ended, not from scratch
+    last = sorted((tmp_path / "base" / "checkpoints").glob("step-*"))[-1]  # the weights final/ holds
+    assert train(char_data, tmp_path, "from-ckpt", f"--init.from={last}", "--run.seed=7") == 0
+    assert train(char_data, tmp_path, "from-hf", f"--init.from={tmp_path / 'base' / 'final'}", "--run.seed=7") == 0
+    assert first("from-ckpt") == pytest.approx(first("from-run"), rel=1e-6) == first("from-hf")
+    with pytest.raises(ConfigError, match="fixes the model's shape: model.dim=64"):
+        train(char_data, tmp_path, "bad", f"--init.from={last}", "--model.dim=64")

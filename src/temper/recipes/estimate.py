@@ -76,12 +76,15 @@ def _config_at(path: Path) -> ModelConfig:
     if hf.is_file():
         return from_hf_config(json.loads(hf.read_text(encoding="utf-8")))
     if state.is_file():  # a temper checkpoint: its state.json stores the resolved run config
-        saved = json.loads(state.read_text(encoding="utf-8")).get("config", {}).get("model")
+        resolved = json.loads(state.read_text(encoding="utf-8")).get("config", {})
     elif run.is_file():
-        saved = (yaml.safe_load(run.read_text(encoding="utf-8")) or {}).get("model")
+        resolved = yaml.safe_load(run.read_text(encoding="utf-8")) or {}
     else:
         raise FileNotFoundError(f"model.path {path}: no config.json (Hugging Face), state.json (temper checkpoint) "
                                 "or config.resolved.yaml (temper run directory)")
+    # sft's `model` is the checkpoint it started from; every training recipe stores the shape as model_config
+    # (pretrain's `model` section is the shape too).
+    saved = resolved.get("model_config", resolved.get("model"))
     if not isinstance(saved, dict):
         raise ValueError(f"model.path {path}: its saved config has no model section")
     return config.from_dict(ModelConfig, saved, prefix=f"{path} model.")

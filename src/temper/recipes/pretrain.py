@@ -17,15 +17,11 @@ import dataclasses
 import math
 import os
 import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-import yaml
 
 from temper import config, faults
 from temper.data.loader import MixedWindows, TokenWindows, rank_slice
@@ -33,44 +29,32 @@ from temper.data.shards import ShardError, read_manifest
 from temper.data.tokenizer import HFTokenizer, load_tokenizer, save_hf_tokenizer
 from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
-from temper.files import UnsafePath, atomic_write_text, safe_join, safe_name
+from temper.files import UnsafePath, safe_join
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import save_hf
+from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
-from temper.train.log import RunLogger, write_report
+from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
-from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed, unwrap
-from temper.train.step import (
-    NonFiniteLoss,
-    autocast,
-    datasheet_peak_flops,
-    eval_loss,
-    measured_matmul_peak_flops,
-    resolve_precision,
-    throughput,
-    train_step,
+from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed, unwrap
+from temper.train.run import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    Run,
+    RunSection,
+    TrainSection,
+    print_error,
 )
-
-EXIT_PREEMPTED = 143
-"""Exit code after a SIGTERM was handled by writing a checkpoint (128 + SIGTERM, as a shell reports it)."""
+from temper.train.step import NonFiniteLoss, autocast, eval_loss
 
 
 @dataclass
-class RunConfig:
-    name: str = "pretrain"
-    """Run name: the run directory is <dir>/<name> (a plain name, no '/' or '..')."""
-    dir: str = "runs"
-    """Parent directory of run directories."""
-    seed: int = 1337
-    """Seed for model init, data order and dropout."""
-    device: str = "auto"
-    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
-    resume: str = "auto"
-    """auto: continue from the newest valid checkpoint if any; never: start fresh; or a checkpoint path."""
-    override_checkpoint_config: bool = False
-    """Allow resuming with a model, batch, sequence or schedule config that differs from the checkpoint's."""
+class InitSection:
+    from_: str = ""
+    """Weights to start from (continued pretraining): a Hugging Face directory, a temper run's final/ or
+    run directory, or a temper checkpoint (step-NNNNNNN); empty: random init of the preset."""
 
 
 @dataclass
@@ -106,61 +90,18 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 200
-    """Optimizer steps."""
-    micro_batch_size: int = 8
-    """Sequences per forward pass on each rank."""
+class TrainConfig(TrainSection):
     seq_len: int = 0
     """Tokens per sequence; 0 means the model's max_seq_len."""
     global_batch_tokens: int = 0
     """Tokens per optimizer step over all ranks; a multiple of micro_batch_size * seq_len * world.
     0 means one micro-batch per rank (no accumulation)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on a GPU that supports it, else fp32. fp16 uses a gradient scaler."""
-    compile: bool = False
-    """torch.compile the model."""
-    activation_checkpointing: int = 0
-    """Recompute activations of every k-th block in backward; 0 disables."""
-    label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
-    on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
-    """On a NaN/inf loss: fail (raise before the optimizer step), skip the update, or reload the last
-    checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
-    rollback_skip_steps: int = 1
-    """rollback only: how many steps' batches to skip, counted from the batch that failed."""
 
 
 @dataclass
-class EvalConfig:
-    every: int = 50
-    """Validation loss every N steps (and at the end); 0 disables."""
-    batches: int = 8
-    """Validation batches of micro_batch_size x ranks sequences (the same fixed windows every time)."""
+class EvalConfig(EvalSection):
     tasks: TaskSuiteConfig = field(default_factory=TaskSuiteConfig)
     """Benchmark tasks (ARC, GSM8K, ...) run on rank 0 every `eval.tasks.every` steps, logged as kind "tasks"."""
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 100
-    """Save every N steps (and at the end); 0 saves only at the end and on SIGTERM."""
-    keep_last_n: int = 3
-    """Checkpoints to keep (>= 2, or 0 to keep all); older ones go only after a new one is complete."""
-
-
-@dataclass
-class LogConfig:
-    every: int = 1
-    """Log train metrics every N steps."""
-    tensorboard: bool = False
-    """Also write TensorBoard events to <run>/tb."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb`)."""
-    progress: bool = True
-    """Show a progress bar."""
 
 
 @dataclass
@@ -169,7 +110,9 @@ class PretrainConfig:
     """Model shape from temper.model.config.PRESETS; `model.*` keys override its fields."""
     model: dict = field(default_factory=dict)
     """Overrides of ModelConfig fields, e.g. {dim: 384, n_layers: 6}; vocab_size defaults to the data's."""
-    run: RunConfig = field(default_factory=RunConfig)
+    init: InitSection = field(default_factory=InitSection)
+    """Where the weights start."""
+    run: RunSection = field(default_factory=lambda: RunSection(name="pretrain"))
     """Run identity, seed, device and resume."""
     data: DataConfig = field(default_factory=DataConfig)
     """Token shards."""
@@ -181,18 +124,16 @@ class PretrainConfig:
     """Learning-rate schedule."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpointing."""
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogSection = field(default_factory=LogSection)
     """Metrics and progress."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.train.steps <= 0 or self.train.micro_batch_size <= 0:
-            raise ValueError("train.steps and train.micro_batch_size must be > 0")
-        if self.checkpoint.keep_last_n == 1:
-            raise ValueError("checkpoint.keep_last_n=1 is unsafe (a crash while saving leaves nothing); use >= 2 or 0")
+        if self.train.steps <= 0:
+            raise ValueError("train.steps must be > 0")
 
 
 def build_model_config(cfg: PretrainConfig, data_vocab: int) -> ModelConfig:
@@ -207,23 +148,6 @@ def build_model_config(cfg: PretrainConfig, data_vocab: int) -> ModelConfig:
 # What must match between a checkpoint and the resuming run for the resume to be exact.
 RESUME_KEYS = ("model", "train.seq_len", "train.global_batch_tokens", "train.steps", "schedule", "optim.lr", "data.order",
                "data.weights", "run.seed")
-_MISSING = object()
-
-
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
-    return tree
-
-
-def check_resume_config(saved: dict, current: dict, allow: bool) -> None:
-    # A key missing from the checkpoint's config was added to temper after it was written: not a change.
-    diffs = [k for k in RESUME_KEYS if _lookup(saved, k) is not _MISSING and _lookup(saved, k) != _lookup(current, k)]
-    if diffs and not allow:
-        detail = "; ".join(f"{k}: checkpoint {_lookup(saved, k)!r} vs now {_lookup(current, k)!r}" for k in diffs)
-        raise config.ConfigError(
-            f"resume config mismatch ({detail}); pass --run.override_checkpoint_config=true to resume anyway"
-        )
 
 
 def check_same_tokenizer(dirs: list[str], manifests: list[dict]) -> None:
@@ -250,35 +174,12 @@ def source_names(dirs: list[str]) -> list[str]:
     return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-class _SigtermFlag:
-    """SIGTERM only sets a flag; the loop saves at the next step boundary (never mid-accumulation)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def any_rank(self, d: DistInfo) -> bool:
-        if d.world == 1:
-            return self.raised
-        flag = torch.tensor([float(self.raised)], device=d.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(PretrainConfig, argv, prog="pretrain")
     try:
         return run(cfg)
-    except (ShardError, ckpt.CheckpointCorrupt, UnsafePath) as e:
-        # Bad input, not a bug: one clear line naming the file, no traceback.
-        print(f"temper pretrain: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except (ShardError, ckpt.CheckpointCorrupt, UnsafePath, CheckpointError) as e:
+        return print_error("pretrain", f"{type(e).__name__}: {e}")  # bad input: one line naming the file
 
 
 def run(cfg: PretrainConfig) -> int:
@@ -289,14 +190,38 @@ def run(cfg: PretrainConfig) -> int:
         shutdown_distributed()
 
 
+def initial_model(cfg: PretrainConfig, data_vocab: int, device: torch.device) -> tuple[Transformer, ModelConfig]:
+    """The preset's random init, or the weights of `init.from` (continued pretraining) with their shape."""
+    if not cfg.init.from_:
+        model_cfg = build_model_config(cfg, data_vocab)
+        torch.manual_seed(cfg.run.seed)  # identical init on every rank
+        return Transformer(model_cfg).to(device), model_cfg
+    src = Path(cfg.init.from_)
+    if (src / ckpt.STATE_FILE).is_file():  # a temper checkpoint: its config, then its weights
+        model_cfg = config.from_dict(ModelConfig, ckpt.read_state(src)["config"]["model"], prefix="init.from model.")
+        model = Transformer(model_cfg).to(device)
+        ckpt.load_checkpoint(src, model=model, optimizer=None, map_location=device)
+    else:  # Hugging Face layout, or a temper run directory (its final/)
+        model, model_cfg = load_hf(src / "final" if (src / "final" / "config.json").is_file() else src,
+                                   device=device, dtype=torch.float32)
+    if model_cfg.vocab_size < data_vocab:
+        raise config.ConfigError(f"init.from {src}: vocab_size {model_cfg.vocab_size} is smaller than the data's "
+                                 f"{data_vocab}: prepare the data with the model's tokenizer")
+    # The shape is the checkpoint's: a model.* key may restate it, never change it.
+    clash = {k: (v, getattr(model_cfg, k, None)) for k, v in cfg.model.items() if getattr(model_cfg, k, None) != v}
+    if clash:
+        detail = ", ".join(f"model.{k}={v!r} (the checkpoint has {c!r})" for k, (v, c) in clash.items())
+        raise config.ConfigError(f"init.from {src} fixes the model's shape: {detail}")
+    return model, model_cfg
+
+
 def _train(cfg: PretrainConfig, d: DistInfo) -> int:
-    run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
     dirs, names = cfg.data.dirs, source_names(cfg.data.dirs)
     manifests = [read_manifest(x) for x in dirs]
     if len(dirs) > 1:
         check_same_tokenizer(dirs, manifests)
     manifest = manifests[0]
-    model_cfg = build_model_config(cfg, manifest["vocab_size"])
+    model, model_cfg = initial_model(cfg, manifest["vocab_size"], d.device)
     seq_len = cfg.train.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise config.ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
@@ -312,6 +237,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     samples_per_step = micro * accum * d.world
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
+    run = Run("pretrain", cfg, d, resolved, resume_keys=RESUME_KEYS)
 
     # Each source of a mixture gets its own seed, so two "random" sources do not draw the same offsets.
     sources = [TokenWindows(x, "train", seq_len, seed=cfg.run.seed + i, order=cfg.data.order, verify=cfg.data.verify)
@@ -332,8 +258,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     # mean of its sources' val losses weighted like the training mixture: the loss of the mixture itself
     # (a source without a val split is left out and the others' weights renormalised).
     val_sets = [(n, TokenWindows(x, "val", seq_len, order="sequential", verify=cfg.data.verify), w)
-                for n, x, m, w in candidates
-                if cfg.eval.every > 0 and m["splits"].get("val", {}).get("tokens", 0) > seq_len]
+                for n, x, m, w in candidates if m["splits"].get("val", {}).get("tokens", 0) > seq_len]
 
     # The end-of-text token is the tokenizer's EOS: in final/'s tokenizer files, and for the tasks.
     tok = load_tokenizer(Path(dirs[0]) / manifest["tokenizer"])
@@ -344,39 +269,18 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     except TaskError as e:
         raise config.ConfigError(f"eval.tasks: {e}") from None
 
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank
-    model = Transformer(model_cfg).to(d.device)
     optimizer = build_optimizer(model, cfg.optim, d.device.type)
-    amp_dtype = resolve_precision(cfg.train.precision, d.device)
-    scaler = torch.amp.GradScaler(d.device.type) if amp_dtype == torch.float16 else None
-    train_model = parallelize(
-        model, d, activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile
-    )
-
-    step, samples, skipped = 0, 0, 0
-    resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=d.device)
-        check_resume_config(state["config"], resolved, cfg.run.override_checkpoint_config)
-        step, samples, skipped = state["step"], state["samples"], state["skipped_steps"]
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(resume_from, d.rank)
+    train_model = run.wrap(model)
+    state = run.resume(model, optimizer)
+    step, samples, skipped = (state["step"], state["samples"], state["skipped_steps"]) if state else (0, 0, 0)
+    if state:
+        run.restore_rng(state)  # the loader is a function of `samples`: nothing to fast-forward first
     else:
         torch.manual_seed(cfg.run.seed + d.rank)  # dropout differs per rank, reproducibly
-        if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", config.to_yaml(cfg))
-            atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-
-    flops_per_token = model.flops_per_token(seq_len)
-    peak = datasheet_peak_flops(d.device, amp_dtype) or measured_matmul_peak_flops(d.device, amp_dtype)
+    loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
 
     def save(at_step: int) -> Path:
-        state = {"step": at_step, "samples": samples, "skipped_steps": skipped, "config": resolved,
-                 "scaler": scaler.state_dict() if scaler is not None else None}
-        return ckpt.save_checkpoint(run_dir, at_step, model=model, optimizer=optimizer, state=state,
-                                    keep_last_n=cfg.checkpoint.keep_last_n)
+        return run.save(at_step, model, optimizer, samples=samples, skipped_steps=skipped)
 
     def validate() -> dict[str, float]:
         if faults.active("sigterm_in_eval", step=step, rank=d.rank):
@@ -385,7 +289,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         for name, val_data, _ in val_sets:
             batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
                        for i in range(cfg.eval.batches)]
-            losses[name] = eval_loss(train_model, batches, amp_dtype)
+            losses[name] = eval_loss(train_model, batches, run.amp_dtype, loss_fn)
         if len(val_sets) == 1 and val_sets[0][0] == "":
             return {"val_loss": losses[""]}
         total = sum(w for _, _, w in val_sets)
@@ -393,86 +297,61 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         return {"val_loss": mean, **{f"val_loss/{name}": loss for name, loss in losses.items()}}
 
     if d.is_main:
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
         print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
               f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.world} ranks), "
-              f"{amp_dtype}, run dir {run_dir}")
+              f"{run.amp_dtype}, run dir {run.dir}" + (f", from {cfg.init.from_}" if cfg.init.from_ else ""))
         if len(dirs) > 1:
             mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(names, train_data.weights, strict=True))
             print(f"temper pretrain: mixture of {len(dirs)} datasets by share of samples: {mix}")
-    sigterm = _SigtermFlag()
-    logger = RunLogger(run_dir, total_steps=cfg.train.steps, start_step=step, rank=d.rank,
-                       tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, config=resolved,
-                       progress=cfg.log.progress)
-    train_model.train()
-    window_tokens, window_start = 0, time.perf_counter()
-    loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
-    try:
-        while step < cfg.train.steps:
+    total = cfg.train.steps
+    with run:
+        logger = run.logging(total, step, model.flops_per_token(seq_len))
+        train_model.train()
+        while step < total:
             if faults.active("crash", step=step, rank=d.rank):
                 raise SystemExit(f"TEMPER_FAULT crash at step {step} on rank {d.rank}")
             if faults.active("sigterm", step=step, rank=d.rank):
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of this step
-            lr = lr_at(step - skipped, cfg.train.steps, cfg.optim.lr, cfg.schedule)
+            lr = lr_at(step - skipped, total, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             batches = [train_data.batch(rank_slice(samples, micro, m, d.rank, d.world), micro, d.device)
                        for m in range(accum)]
             try:
-                result = train_step(train_model, optimizer, batches, step=step, amp_dtype=amp_dtype, scaler=scaler,
-                                    clip_norm=cfg.train.grad_clip, loss_fn=loss_fn,
-                                    on_nonfinite="fail" if cfg.train.on_nonfinite == "rollback" else cfg.train.on_nonfinite)
+                result = run.step(train_model, optimizer, batches, loss_fn, step)
             except NonFiniteLoss:
-                last = ckpt.find_resume_checkpoint(run_dir, "auto") if cfg.train.on_nonfinite == "rollback" else None
-                if last is None:
+                if cfg.train.on_nonfinite != "rollback":
                     raise
-                # PaLM §5.1: restart from the last checkpoint and skip the batches around the spike.
                 bad_samples = samples
-                state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, map_location=d.device)
-                ckpt.restore_rng(last, d.rank)
-                step, skipped = state["step"], state["skipped_steps"]
-                logger.rewind(step)
+                back = run.rollback(model, optimizer)
+                step, skipped = back["step"], back["skipped_steps"]
                 samples = bad_samples + cfg.train.rollback_skip_steps * samples_per_step
                 logger.message(f"non-finite loss: rolled back to step {step}, skipping to sample {samples}")
                 continue
             samples += samples_per_step
             skipped += result.skipped
             step += 1
-            window_tokens += result.tokens
-            if step % cfg.log.every == 0 or step == cfg.train.steps:
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s, mfu = throughput(window_tokens, elapsed, flops_per_token, peak)
-                logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": samples * seq_len,
-                                  "step_time_s": elapsed / cfg.log.every, "skipped_steps": skipped})
-                window_tokens, window_start = 0, time.perf_counter()
-            if val_sets and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            run.log_train(step, total, result, lr, tokens=samples * seq_len, skipped_steps=skipped)
+            if val_sets and run.eval_due(step, total):
                 val = validate()
                 logger.log(step, {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 80.0)),
                                   **val}, kind="val")
-                window_start = time.perf_counter()  # validation time is not training throughput
-            if d.is_main and tasks.due(step, cfg.train.steps):
-                with autocast(d.device, amp_dtype):
+                run.restart_clock()  # validation time is not training throughput
+            if d.is_main and tasks.due(step, total):
+                with autocast(d.device, run.amp_dtype):
                     logger.log(step, tasks.run(unwrap(model)), kind="tasks")
-                window_start = time.perf_counter()
-            saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
+                run.restart_clock()
+            saved = run.save_due(step, total)
             if saved:
                 save(step)
-                window_start = time.perf_counter()
-            if sigterm.any_rank(d):
+            if run.preempted():
                 if not saved:
                     save(step)
-                logger.message(f"SIGTERM: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
-                return EXIT_PREEMPTED
-    finally:
-        logger.close()
-        sigterm.restore()
+                return run.stop_preempted(step)
 
     if d.is_main:
-        final = run_dir / "final"
+        final = run.dir / "final"
         save_hf(unwrap(model), model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
         save_hf_tokenizer(hf_tok, final)  # with tokenizer_config.json: AutoTokenizer knows the end-of-text token
-        report = write_report(run_dir)
+        report = write_report(run.dir)
         print(f"final model: {final}\nreport: {report}")
     return 0

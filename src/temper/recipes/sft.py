@@ -26,11 +26,12 @@ It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
+import os
+import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +39,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from temper import config, faults
 from temper.data.loader import rank_slice
@@ -55,15 +55,29 @@ from temper.data.sft import (
 from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer, save_hf_tokenizer
 from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
-from temper.files import atomic_write_text, safe_join, safe_name
 from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
 from temper.model.peft_io import peft_prefix_refusal, save_peft, save_peft_prefix
 from temper.train import checkpoint as ckpt
-from temper.train.log import RunLogger, write_report
+from temper.train.log import write_report
+from temper.train.losses import LMLoss
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
-from temper.train.parallel import DistInfo, init_distributed, parallelize, shutdown_distributed
-from temper.train.step import IGNORE_INDEX, autocast, eval_loss, resolve_precision, train_step
+from temper.train.parallel import (
+    DistInfo,
+    init_distributed,
+    remove_activation_checkpointing,
+    shutdown_distributed,
+)
+from temper.train.run import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    Run,
+    RunSection,
+    TrainSection,
+    print_error,
+)
+from temper.train.step import IGNORE_INDEX, NonFiniteLoss, autocast, eval_loss
 
 
 @dataclass
@@ -89,55 +103,28 @@ class PrefixConfig:
 
 
 @dataclass
-class RunConfig:
-    name: str = "sft"
-    """Run directory name under `dir`."""
-    dir: str = "runs"
-    """Parent of run directories."""
-    seed: int = 0
-    """Seed of the adapters' init, the example order and the val split."""
-    device: str = "auto"
-    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
-    resume: str = "auto"
-    """"auto": from the newest valid checkpoint of the run; "never"; or a checkpoint directory."""
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    """Passes over the training examples (steps = epochs x rows / rows per step, unless `steps` is set)."""
+class TrainConfig(TrainSection):
     steps: int = 0
     """Optimizer steps (0: from epochs)."""
     micro_batch_size: int = 4
     """Rows per forward pass, on each rank."""
+    epochs: float = 1.0
+    """Passes over the training examples (steps = epochs x rows / rows per step, unless `steps` is set)."""
     accumulation: int = 1
     """Micro-batches per optimizer step, on each rank: a step is micro_batch_size x accumulation x ranks rows."""
     seq_len: int = 0
     """Tokens per row (0: data.max_length)."""
     pack: bool = True
     """Pack several examples per row (document masks keep them apart); off: one example per row."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: off)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast dtype of the forward pass ("auto": bf16 on a GPU that has it, else fp32)."""
 
 
 @dataclass
-class EvalConfig:
-    every: int = 50
-    """Validation loss on the held-out examples every this many steps (0: only at the end)."""
+class EvalConfig(EvalSection):
     val_fraction: float = 0.05
-    """Share of the examples held out for validation (by a hash of the example's position and the seed)."""
+    """Share of the examples held out for validation (by a hash of the example's position and the seed); every
+    held-out row is scored (`batches` does not apply)."""
     tasks: TaskSuiteConfig = field(default_factory=TaskSuiteConfig)
     """Benchmark tasks (ARC, GSM8K, ...) run on rank 0 at step 0 and every `eval.tasks.every` steps (kind "tasks")."""
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 100
-    """Save a checkpoint every this many steps (and at the end)."""
-    keep_last_n: int = 2
-    """Complete checkpoints to keep (0: all)."""
 
 
 @dataclass
@@ -154,7 +141,7 @@ class SFTConfig:
     """LoRA / QLoRA adapters."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     """Prefix tuning."""
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunSection = field(default_factory=lambda: RunSection(name="sft", seed=0))
     """Where the run lives and how it starts."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batches and the step."""
@@ -164,12 +151,10 @@ class SFTConfig:
     """Learning-rate schedule."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpoints."""
-    log_every: int = 1
-    """Log training metrics every this many steps."""
-    progress: bool = True
-    """Show a progress bar."""
+    log: LogSection = field(default_factory=LogSection)
+    """Metrics and progress."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(cfg)
     except (SFTDataError, TokenizerError, CheckpointError, ckpt.CheckpointCorrupt, FileNotFoundError) as e:
-        print(f"temper sft: {e}", file=sys.stderr)  # bad input: one line naming the file, no traceback
-        return 2
+        return print_error("sft", e)  # bad input: one line naming the file, no traceback
 
 
 def run(cfg: SFTConfig) -> int:
@@ -211,7 +195,6 @@ def run(cfg: SFTConfig) -> int:
 def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train_ex: list[SFTExample],
            val_ex: list[SFTExample], tasks: TaskSuite) -> int:
     # 4. model and method
-    amp_dtype = resolve_precision(cfg.train.precision, d.device)
     model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
     if cfg.method == "prefix":
         refusal = peft_prefix_refusal(model_cfg)  # refused now, not after training, when final/ is written
@@ -221,9 +204,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
     apply_method(model, cfg)
     if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.run.seed + d.rank)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg.optim, d.device.type)
-    train_model = parallelize(model, d)  # DDP with world > 1: it reduces only parameters that require grad
 
     # 5. batches
     seq_len = cfg.train.seq_len or cfg.data.max_length
@@ -244,38 +225,28 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         return (b.tokens.to(d.device), b.targets.to(d.device),
                 {"positions": b.positions.to(d.device), "attn_mask": b.attention_mask().to(d.device)})
 
-    # 6. the loop
-    run_dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
-    resolved = config.to_dict(cfg) | {"model_config": model_cfg.__dict__, "steps": steps, "seq_len": seq_len,
-                                      "batch_rows": per_step}
-    step = 0
-    resume_from = ckpt.find_resume_checkpoint(run_dir, cfg.run.resume)
-    if resume_from is not None:
-        saved = json.loads((resume_from / ckpt.STATE_FILE).read_text())["config"]
-        # A key missing from an older checkpoint's config is not a change.
-        changed = [k for k in RESUME_KEYS if k in saved and saved[k] != resolved[k]]
-        if changed:  # a resumed run must be the same run, or it is not a continuation
-            raise config.ConfigError(f"{resume_from} was made with other {', '.join(changed)}: "
-                                     "use the same settings, another run.name, or run.resume=never")
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, map_location=d.device,
-                                     trainable_only=cfg.method != "full")
-        step = state["step"]
-        ckpt.restore_rng(resume_from, d.rank)
-    elif d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml(cfg))
-        atomic_write_text(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
+    # 6. the loop, on the scaffold every training recipe shares
+    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
+                                      "seq_len": seq_len, "batch_rows": per_step}
+    run = Run("sft", cfg, d, resolved, resume_keys=RESUME_KEYS)
+    train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad
+    state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
+    step, offset = (state["step"], state.get("row_offset", 0)) if state else (0, 0)
+    if state:
+        run.restore_rng(state)
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"temper sft: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} parameters train; "
               f"{len(train_ex)} train / {len(val_ex)} val examples, {rows.per_epoch} rows of {seq_len} per epoch, "
-              f"{steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks); "
+              f"{steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; "
               f"{stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
+    loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
+
+    trainable = set(ckpt.trainable_names(model))
 
     def save(at: int) -> None:  # every rank: rank 0 writes the weights, each rank its RNG
-        sd = model.state_dict() if cfg.method == "full" else {n: p for n, p in model.named_parameters() if n in trainable}
-        ckpt.save_checkpoint(run_dir, at, model={k: v.detach() for k, v in sd.items()}, optimizer=optimizer,
-                             state={"step": at, "config": resolved}, keep_last_n=cfg.checkpoint.keep_last_n)
+        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
+        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer, row_offset=offset)
 
     def validate() -> float:
         """The loss over every held-out row: micro-batches dealt to the ranks as training's are, so the
@@ -288,56 +259,62 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         if not mbs:
             x, y, kw = batch(val_rows, 0, 1)
             mbs = [(x, torch.full_like(y, IGNORE_INDEX), kw)]
-        return eval_loss(model, mbs, amp_dtype)  # the unwrapped model: DDP's forward is for training
+        return eval_loss(model, mbs, run.amp_dtype, loss_fn)  # the unwrapped model: DDP's forward is for training
 
-    logger = RunLogger(run_dir, total_steps=steps, start_step=step, rank=d.rank, config=resolved,
-                       progress=cfg.progress)
-    if step == 0 and val_rows is not None:  # the starting point, to see the held-out loss fall
-        logger.log(0, {"val_loss": validate()}, kind="val")
+    def run_tasks(at: int) -> None:
+        if d.is_main and tasks.due(at, steps):
+            with autocast(d.device, run.amp_dtype):
+                logger.log(at, tasks.run(model), kind="tasks")  # the unwrapped model, adapters included
+        run.restart_clock()
 
-    def run_tasks(step: int) -> None:
-        if d.is_main and tasks.due(step, steps):
-            with autocast(d.device, amp_dtype):
-                logger.log(step, tasks.run(model), kind="tasks")  # the unwrapped model, adapters included
-
-    if step == 0:
-        run_tasks(0)
-    train_model.train()
-    t0, tokens = time.perf_counter(), 0
-    try:
+    with run:
+        logger = run.logging(steps, step, model.flops_per_token(seq_len))
+        if step == 0 and val_rows is not None:  # the starting point, to see the held-out loss fall
+            logger.log(0, {"val_loss": validate()}, kind="val")
+        if step == 0:
+            run_tasks(0)
+        train_model.train()
         while step < steps:
             if faults.active("crash", step=step, rank=d.rank):
                 raise SystemExit(f"TEMPER_FAULT crash at step {step}")
+            if faults.active("sigterm", step=step, rank=d.rank):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of this step
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
-            first = step * per_step
+            first = offset + step * per_step
             mbs = [batch(rows, rank_slice(first, micro, m, d.rank, d.world), micro) for m in range(accum)]
-            result = train_step(train_model, optimizer, mbs, step=step, amp_dtype=amp_dtype,
-                                clip_norm=cfg.train.grad_clip)
+            try:
+                result = run.step(train_model, optimizer, mbs, loss_fn, step)
+            except NonFiniteLoss:
+                if cfg.train.on_nonfinite != "rollback":
+                    raise
+                bad = step
+                back = run.rollback(model, optimizer, trainable_only=cfg.method != "full")
+                step = back["step"]
+                # Skip the rows of the bad step and `rollback_skip_steps - 1` more (PaLM §5.1).
+                offset = back.get("row_offset", 0) + (bad - step + cfg.train.rollback_skip_steps) * per_step
+                logger.message(f"non-finite loss: rolled back to step {step}, skipping to row {offset + step * per_step}")
+                continue
             step += 1
-            tokens += result.tokens
-            if step % cfg.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - t0
-                logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                                  "trained_tokens_per_s": tokens / max(elapsed, 1e-9), "epoch": first / rows.per_epoch})
-                t0, tokens = time.perf_counter(), 0
-            if val_rows is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or step == steps):
+            run.log_train(step, steps, result, lr, epoch=first / rows.per_epoch)
+            if val_rows is not None and run.eval_due(step, steps):
                 logger.log(step, {"val_loss": validate()}, kind="val")
-                t0 = time.perf_counter()
+                run.restart_clock()
             if tasks.due(step, steps):
                 run_tasks(step)
-                t0 = time.perf_counter()
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
+            saved = run.save_due(step, steps)
+            if saved:
                 save(step)
-                t0 = time.perf_counter()
-    finally:
-        logger.close()
+            if run.preempted():
+                if not saved:
+                    save(step)
+                return run.stop_preempted(step)
 
     # 7. final/, written by rank 0; the others wait, so that every rank returns only once it is complete
     if d.is_main:
-        final = run_dir / "final"
-        export(model, model_cfg, cfg, tok, final)
-        write_report(run_dir)
+        final = run.dir / "final"
+        export(remove_activation_checkpointing(model), model_cfg, cfg, tok, final)
+        write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()
@@ -345,8 +322,9 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
 
 
 # What must match between a checkpoint and the run that resumes from it.
-RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train", "optim", "schedule", "steps", "seq_len",
-               "batch_rows")
+RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train.micro_batch_size", "train.epochs",
+               "train.accumulation", "train.seq_len", "train.pack", "train.steps", "train.label_smoothing",
+               "optim", "schedule", "steps", "seq_len", "batch_rows", "run.seed")
 
 
 def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:

@@ -47,6 +47,8 @@ from temper import faults
 from temper.files import atomic_write_text, fsync_dir, safe_join, safe_torch_load, sha256_file
 from temper.train.parallel import unwrap
 
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
 STATE_FILE = "state.json"
@@ -326,6 +328,18 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Pa
 # ---------------------------------------------------------------------------------------- load
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """State-dict names of the parameters that train: as `state_dict()` spells them, without the
+    `_checkpoint_wrapped_module.` that activation checkpointing adds to module paths."""
+    return [n.replace(_CHECKPOINT_PREFIX, "") for n, p in model.named_parameters() if p.requires_grad]
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's state.json (step, the run's resolved config, the recipe's counters), without
+    reading weights: a resume checks its settings first."""
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -353,7 +367,7 @@ def load_checkpoint(
         sd[dropped] = sd[stored]
     target = unwrap(model)
     if trainable_only:
-        expected = {n for n, p in target.named_parameters() if p.requires_grad}
+        expected = set(trainable_names(target))
         missing, extra = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
         if missing or extra:
             raise ValueError(f"{path.name} does not hold the trainable parameters: missing {missing[:8]}, "

@@ -1,10 +1,11 @@
 """Losses and log-probabilities: the one place each is computed, for every recipe.
 
-A training objective is a `Loss`: called on (model, micro-batch) it returns a `LossOut` — the
-*sum* of its per-unit losses, the *count* of units it is normalised by (valid target tokens,
-preference pairs, response tokens), and metrics as sums over the same units. `train_step` adds
-the sums and counts of every micro-batch on every rank and divides once, so accumulation and data
-parallelism give the update of one big batch whatever the objective.
+A training objective is a `Loss`: `count(batch)` is the number of units its loss is normalised by
+(valid target tokens, preference pairs, response tokens), known from the batch alone; called on
+(model, micro-batch) it returns a `LossOut` — the *sum* of its per-unit losses and metrics as sums
+over the same units. `train_step` divides every micro-batch's sum by the global count of all
+micro-batches on all ranks, so accumulation and data parallelism give the update of one big batch
+whatever the objective.
 
 The language-model loss never holds the full (tokens x vocabulary) logits: `linear_cross_entropy`
 runs the output layer and the cross-entropy a chunk of tokens at a time and computes the gradients
@@ -69,13 +70,15 @@ class Batch:
 class LossOut:
     loss_sum: torch.Tensor
     """Sum of the per-unit losses (float32, with gradient)."""
-    count: torch.Tensor | int
-    """Units the sum is normalised by (e.g. valid target tokens), summed over every micro-batch and rank."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Sums over the same units (no gradient); reported as their global means."""
 
 
 class Loss(Protocol):
+    def count(self, batch: Batch) -> torch.Tensor:
+        """Units this batch's loss sum is normalised by, from the batch alone (before any forward pass)."""
+        ...
+
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut: ...
 
 
@@ -211,7 +214,7 @@ def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Te
         return linear_cross_entropy(h, model.tok_emb.weight, t, label_smoothing=label_smoothing)
     if type(head) is nn.Linear and head.bias is None:
         return linear_cross_entropy(h, head.weight, t, label_smoothing=label_smoothing)
-    return token_loss_sum(head(h), t, label_smoothing)
+    return token_loss_sum(head(hidden), targets, label_smoothing)  # the model's own (B, T, C) call, as in forward
 
 
 @dataclass
@@ -220,12 +223,14 @@ class LMLoss:
 
     label_smoothing: float = 0.0
 
+    def count(self, batch: Batch) -> torch.Tensor:
+        return (batch.targets != IGNORE_INDEX).sum()
+
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         from temper.train.parallel import unwrap
 
         hidden = model(batch.inputs, hidden_only=True, **batch.model_kwargs)  # (B, T, C), through DDP/compile
-        count = (batch.targets != IGNORE_INDEX).sum()
-        return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing), count)
+        return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    ActivationWrapper,
     CheckpointImpl,
     checkpoint_wrapper,
     offload_wrapper,
@@ -109,6 +110,16 @@ def parallelize(
         # The only buffers are the RoPE tables, computed identically on every rank: re-broadcasting
         # them before every forward (DDP's default) would only cost time.
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return model
+
+
+def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Put the plain blocks back (in place; returns `model`), e.g. before exporting adapters by module name."""
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        while isinstance(layer, ActivationWrapper):
+            layer = layer._checkpoint_wrapped_module
+        layers[i] = layer
     return model
 
 

@@ -1,13 +1,12 @@
 """THE training step: the one place for loss normalisation, accumulation, clipping, non-finite
 checks, tokens/s and MFU. Every recipe calls these functions; none re-implements them.
 
-The objective is a plug-in (`train.losses.Loss`): it returns the sum of its per-unit losses and the
-count of units (valid target tokens, preference pairs, ...). Each micro-batch's sum is
-back-propagated as it is; after the last one the sums and counts of every micro-batch on every
-data-parallel rank are added in one all-reduce and the gradients are scaled once by
-world / global count, so gradient accumulation and data parallelism give exactly the update of one
-big batch even when micro-batches hold different numbers of units (torchtune PR #1875,
-transformers PR #34191).
+The objective is a plug-in (`train.losses.Loss`): it counts the units a batch's loss is normalised
+by (valid target tokens, preference pairs, ...) and returns the sum of its per-unit losses. Every
+micro-batch's sum is divided by the count over every micro-batch on every data-parallel rank (one
+all-reduce before the first forward), so gradient accumulation and data parallelism give exactly
+the update of one big batch even when micro-batches hold different numbers of units (torchtune PR
+#1875, transformers PR #34191).
 
 It does not build models, optimizers or data; it does not decide when to save or log.
 """
@@ -100,8 +99,13 @@ def train_step(
     device = batches[0].inputs.device
     world, distributed = _world(dp_group)
     rank = dist.get_rank() if distributed else 0
+    count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
+    if distributed:
+        dist.all_reduce(count, group=dp_group)
+    # DDP averages gradients over ranks; multiplying by world turns that average into the sum that
+    # dividing by the global count expects. Computed on the device: no host sync before the forward.
+    scale = (world / count.clamp(min=1)).float()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    count = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -112,30 +116,25 @@ def train_step(
             summed = out.loss_sum
             if faults.active("nan_loss", step=step, rank=rank):
                 summed = summed * float("nan")
-            (scaler.scale(summed) if scaler is not None else summed).backward()
+            loss = summed * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += summed.detach()
-        count += out.count
         for k, v in out.metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
 
-    # One all-reduce gives every rank the global loss, count, metrics and whether any rank saw a
-    # non-finite value; it is the only host sync of the step besides reading the gradient norm.
-    names = sorted(metric_sums)
-    stats = torch.stack([loss_sum, count, (~torch.isfinite(loss_sum)).float(), *(metric_sums[k] for k in names)])
-    if distributed:
-        dist.all_reduce(stats, group=dp_group)
-    total = stats[1].clamp(min=1)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grads = [p.grad for p in params if p.grad is not None]
-    # DDP averages gradients over ranks; world / total turns each rank's summed gradient into the
-    # gradient of the global mean. Done once here, not per micro-batch.
-    if grads:
-        torch._foreach_mul_(grads, world / total)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
-    host = torch.cat([stats, grad_norm.reshape(1).to(stats)]).tolist()
-    global_loss, n_units, any_nonfinite, norm = host[0] / max(host[1], 1), int(host[1]), host[2] > 0, host[-1]
+    # One all-reduce tells every rank the global loss and metrics and whether any rank saw a
+    # non-finite value; reading it (with the gradient norm) is the step's one host sync.
+    names = sorted(metric_sums)
+    stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), *(metric_sums[k] for k in names)])
+    if distributed:
+        dist.all_reduce(stats, group=dp_group)
+    host = torch.cat([stats.double(), grad_norm.reshape(1).double(), count.reshape(1)]).tolist()
+    n_units = max(int(host[-1]), 1)
+    global_loss, any_nonfinite, norm = host[0] / n_units, host[1] > 0, host[-2]
     # With a GradScaler an inf gradient norm is fp16 overflow, which the scaler skips by design.
     nonfinite = any_nonfinite or (scaler is None and not math.isfinite(norm))
 
@@ -152,8 +151,8 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {k: host[3 + j] / max(host[1], 1) for j, k in enumerate(names)}
-    return StepResult(loss=global_loss, grad_norm=norm, tokens=n_units, skipped=skipped, metrics=metrics)
+    metrics = {k: host[2 + j] / n_units for j, k in enumerate(names)}
+    return StepResult(loss=global_loss, grad_norm=norm, tokens=int(host[-1]), skipped=skipped, metrics=metrics)
 
 
 @torch.no_grad()
@@ -173,7 +172,7 @@ def eval_loss(
         batch = Batch.of(mb)
         with autocast(batch.inputs.device, amp_dtype):
             out = loss_fn(model, batch)
-        t = torch.stack([out.loss_sum.double(), torch.as_tensor(out.count, device=out.loss_sum.device).double()])
+        t = torch.stack([out.loss_sum.double(), torch.as_tensor(loss_fn.count(batch), device=out.loss_sum.device).double()])
         totals = t if totals is None else totals + t
     if _world(dp_group)[1]:
         dist.all_reduce(totals, group=dp_group)

@@ -1,0 +1,47 @@
+"""Heads on a model's final hidden states: the scalar head of reward and value models.
+
+`Transformer(tokens, hidden_only=True)` gives the final (normed) hidden states (B, T, C) of any
+model, tied output layer or not; a head maps them to what an objective needs. The language-model
+head is the model's own output layer (`Transformer.head`, or the tied embedding), which
+`train.losses` applies chunk by chunk; a reward model (Bradley-Terry, Ouyang et al. 2022) or a PPO
+value function puts a `ScalarHead` on the same hidden states and reads it at the positions it
+scores, e.g. each sequence's last real token (`last_positions`).
+
+It does not compute losses (train/losses.py, align/) or decide which tokens are scored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ScalarHead(nn.Module):
+    """hidden (..., C) -> one score per position (...): a linear layer to a single output.
+
+    Initialised N(0, std 1/sqrt(C + 1)) with zero bias, as OpenAI's lm-human-preferences reward head
+    (Ziegler et al. 2019), so that initial scores are O(1) whatever the width.
+    """
+
+    def __init__(self, dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1, bias=bias)
+        nn.init.normal_(self.score.weight, std=1.0 / (dim + 1) ** 0.5)
+        if bias:
+            nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden).squeeze(-1)  # (...,)
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last True position (B,) in a (B, T) bool mask of real tokens (right padding
+    or not: the last real token wherever it is); a row with none gets 0."""
+    T = mask.shape[-1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    return torch.where(mask, idx, 0).amax(dim=-1)  # (B,)
+
+
+def score_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values (B, T) read at one position per row (B,): a sequence's reward at its last token."""
+    return values.gather(-1, positions.unsqueeze(-1)).squeeze(-1)  # (B,)

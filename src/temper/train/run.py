@@ -1,0 +1,345 @@
+"""The scaffold every training recipe shares: what a run is around its loop, written once.
+
+A recipe's config embeds the same sections with the same meanings — `run` (name, directory, seed,
+device, resume), `train` (the step: micro-batch, clipping, precision, compile, activation
+checkpointing, label smoothing, non-finite policy), `eval`, `checkpoint` and `log` — and extends
+`train`/`eval` with its own fields. `Run` then does, for every recipe alike: the run directory and
+its saved config, resume from the newest valid checkpoint with a check on the typed fields that
+must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (checkpointing,
+compile, DDP), one optimizer step with the non-finite policy, tokens/s and MFU, checkpoints, and
+SIGTERM (a checkpoint at the next step boundary, then exit code 143).
+
+The loop itself stays in the recipe, visible: it decides what a batch is and when to evaluate.
+This module does not build models or data, and computes no loss (`train/losses.py`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from temper import config
+from temper.files import atomic_write_text, safe_join, safe_name
+from temper.train import checkpoint as ckpt
+from temper.train.log import RunLogger
+from temper.train.losses import Loss
+from temper.train.parallel import DistInfo, parallelize, unwrap
+from temper.train.step import (
+    MicroBatch,
+    NonFiniteLoss,
+    StepResult,
+    datasheet_peak_flops,
+    measured_matmul_peak_flops,
+    resolve_precision,
+    throughput,
+    train_step,
+)
+
+EXIT_PREEMPTED = 143
+"""Exit code after a SIGTERM was handled by writing a checkpoint (128 + SIGTERM, as a shell reports it)."""
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    """Run name: the run directory is <dir>/<name> (a plain name, no '/' or '..')."""
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1337
+    """Seed for model init, data order and dropout."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint if any; never: start fresh; or a checkpoint path."""
+    override_checkpoint_config: bool = False
+    """Allow resuming with settings that differ from the checkpoint's (model, batch, schedule, ...)."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 200
+    """Optimizer steps (a recipe may derive them from epochs when 0)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on each rank."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, else fp32. fp16 uses a gradient scaler."""
+    compile: bool = False
+    """torch.compile each block (one compiled graph for identical blocks; parameter names unchanged)."""
+    activation_checkpointing: int = 0
+    """Recompute activations of every k-th block in backward; 0 disables."""
+    activation_offload: bool = False
+    """With activation_checkpointing: keep the checkpointed blocks' inputs in CPU memory until backward."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
+    """On a NaN/inf loss: fail (raise before the optimizer step), skip the update, or reload the last
+    checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
+    rollback_skip_steps: int = 1
+    """rollback only: how many steps' batches to skip, counted from the batch that failed."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.micro_batch_size <= 0:
+            raise ValueError("steps must be >= 0 and micro_batch_size > 0")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class EvalSection:
+    every: int = 50
+    """Validation every N steps and at the end; 0: only at the end."""
+    batches: int = 8
+    """Validation batches of micro_batch_size x ranks sequences (recipes with a fixed held-out set use all of it)."""
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100
+    """Save every N steps, at the end and on SIGTERM; 0: only at the end and on SIGTERM."""
+    keep_last_n: int = 3
+    """Checkpoints to keep (>= 2, or 0 to keep all); older ones go only after a new one is complete."""
+
+    def __post_init__(self) -> None:
+        if self.keep_last_n == 1:
+            raise ValueError("keep_last_n=1 is unsafe (a crash while saving leaves nothing); use >= 2 or 0")
+        if self.every < 0 or self.keep_last_n < 0:
+            raise ValueError("every and keep_last_n must be >= 0")
+
+
+@dataclass
+class LogSection:
+    every: int = 1
+    """Log train metrics every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to <run>/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+SECTIONS = ("run", "train", "eval", "checkpoint", "log")
+"""The config sections every training recipe has, with the types above (a test checks it)."""
+
+_MISSING = object()
+
+
+def lookup(tree: dict, dotted: str) -> Any:
+    """tree["a"]["b"] for "a.b", or a sentinel when a part is missing."""
+    for part in dotted.split("."):
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
+    return tree
+
+
+def check_resume_config(saved: dict, current: dict, keys: Sequence[str], allow: bool) -> None:
+    """Refuse to resume when a setting in `keys` differs from the checkpoint's (a key missing from the
+    checkpoint was added to temper after it was written: not a change)."""
+    diffs = [k for k in keys if lookup(saved, k) is not _MISSING and lookup(saved, k) != lookup(current, k)]
+    if diffs and not allow:
+        detail = "; ".join(f"{k}: checkpoint {lookup(saved, k)!r} vs now {lookup(current, k)!r}" for k in diffs)
+        raise config.ConfigError(
+            f"resume config mismatch ({detail}); pass --run.override_checkpoint_config=true to resume anyway "
+            "(or another run.name, or run.resume=never)"
+        )
+
+
+class _SigtermFlag:
+    """SIGTERM only sets a flag; the loop saves at the next step boundary (never mid-accumulation)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def any_rank(self, d: DistInfo) -> bool:
+        if d.world == 1:
+            return self.raised
+        flag = torch.tensor([float(self.raised)], device=d.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Run:
+    """One training run around a recipe's loop (module docstring). Typical use:
+
+        run = Run("pretrain", cfg, d, resolved, resume_keys=RESUME_KEYS)
+        train_model = run.wrap(model)
+        state = run.resume(model, optimizer) or {}
+        with run.logging(total_steps, start_step, flops_per_token):
+            while step < total: result = run.step(train_model, optimizer, batches, loss_fn, step); ...
+    """
+
+    def __init__(self, recipe: str, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
+        self.recipe, self.cfg, self.d, self.resolved = recipe, cfg, d, resolved
+        self.resume_keys = tuple(resume_keys)
+        self.dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
+        self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
+        self.scaler = torch.amp.GradScaler(d.device.type) if self.amp_dtype == torch.float16 else None
+        self.logger: RunLogger | None = None
+        self._sigterm: _SigtermFlag | None = None
+        self._flops_per_token = 0.0
+        self._peak: float | None = None
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    # ---- model and resume ------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing -> compile -> DDP, as `train` says; returns the module to call."""
+        t = self.cfg.train
+        return parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
+                           activation_offload=t.activation_offload, compile=t.compile)
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict | None:
+        """The newest valid checkpoint's state (model, optimizer, scaler and RNG restored) after checking
+        its settings against this run's; or, for a fresh run, None after writing config.yaml and
+        config.resolved.yaml (rank 0). Every rank prints nothing; rank 0 prints the resolved config."""
+        start = ckpt.find_resume_checkpoint(self.dir, self.cfg.run.resume)
+        if self.d.is_main:
+            print(yaml.safe_dump(self.resolved, sort_keys=False, default_flow_style=None), end="")
+        if start is None:
+            if self.d.is_main:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.dir / "config.yaml", config.to_yaml(self.cfg))
+                atomic_write_text(self.dir / "config.resolved.yaml",
+                                  yaml.safe_dump(self.resolved, sort_keys=False, default_flow_style=None))
+            return None
+        saved = ckpt.read_state(start)["config"]  # checked before any weight is read
+        check_resume_config(saved, self.resolved, self.resume_keys, self.cfg.run.override_checkpoint_config)
+        state = ckpt.load_checkpoint(start, model=model, optimizer=optimizer, map_location=self.d.device,
+                                     trainable_only=trainable_only)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        state["path"] = start
+        return state
+
+    def restore_rng(self, state: dict) -> None:
+        """Restore every device's RNG from the checkpoint: after the data loader was fast-forwarded,
+        so that fast-forwarding does not consume the restored stream."""
+        ckpt.restore_rng(state["path"], self.d.rank)
+
+    # ---- the loop's pieces -----------------------------------------------------------------------
+
+    def logging(self, total_steps: int, start_step: int, flops_per_token: float) -> RunLogger:
+        """Open the run's logger (metrics.jsonl, progress, TensorBoard / W&B) and SIGTERM flag; the loop
+        uses `run.logger`, and `run.close()` (or the `with` block) ends both."""
+        log = self.cfg.log
+        self.logger = RunLogger(self.dir, total_steps=total_steps, start_step=start_step, rank=self.d.rank,
+                                tensorboard=log.tensorboard, wandb=log.wandb, config=self.resolved,
+                                progress=log.progress)
+        self._sigterm = _SigtermFlag()
+        self._flops_per_token = flops_per_token
+        # The datasheet peak on known GPUs; else a bf16/fp32 matmul measured now (the honest denominator).
+        self._peak = datasheet_peak_flops(self.d.device, self.amp_dtype) or \
+            measured_matmul_peak_flops(self.d.device, self.amp_dtype)
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+        return self.logger
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        if self._sigterm is not None:
+            self._sigterm.restore()
+            self._sigterm = None
+
+    def step(self, train_model: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[MicroBatch],
+             loss_fn: Loss, step: int) -> StepResult:
+        """One optimizer step with this run's precision, scaler, clipping and non-finite policy.
+        "rollback" raises NonFiniteLoss for the recipe's loop, which calls `rollback`."""
+        t = self.cfg.train
+        result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
+                            scaler=self.scaler, clip_norm=t.grad_clip,
+                            on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
+        self._window_tokens += result.tokens
+        return result
+
+    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
+        """After a non-finite loss with on_nonfinite=rollback: reload the newest checkpoint (PaLM §5.1:
+        restart from before the spike and skip the batches around it); re-raises when there is none."""
+        last = ckpt.find_resume_checkpoint(self.dir, "auto") if self.cfg.train.on_nonfinite == "rollback" else None
+        if last is None:
+            raise NonFiniteLoss("non-finite loss and no checkpoint to roll back to")
+        state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, map_location=self.d.device,
+                                     trainable_only=trainable_only)
+        ckpt.restore_rng(last, self.d.rank)
+        self.logger.rewind(state["step"])
+        return state
+
+    def log_train(self, step: int, total_steps: int, result: StepResult, lr: float, **extra: float) -> None:
+        """Every `log.every` steps (and the last): loss, lr, gradient norm, tokens/s and MFU over the
+        steps since the last line (evaluation and checkpoint time excluded), plus the recipe's extras."""
+        if step % self.cfg.log.every and step != total_steps:
+            return
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize(self.d.device)
+        elapsed = time.perf_counter() - self._window_start
+        tokens_per_s, mfu = throughput(self._window_tokens, elapsed, self._flops_per_token, self._peak)
+        self.logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                               "tokens_per_s": tokens_per_s, "mfu": mfu,
+                               "step_time_s": elapsed / max(self.cfg.log.every, 1), **result.metrics, **extra})
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start a new throughput window (after evaluation or a checkpoint, which are not training time)."""
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    def eval_due(self, step: int, total_steps: int) -> bool:
+        every = self.cfg.eval.every
+        return step == total_steps or bool(every and step % every == 0)
+
+    def save_due(self, step: int, total_steps: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return step == total_steps or bool(every and step % every == 0)
+
+    def save(self, step: int, model: nn.Module | dict, optimizer: torch.optim.Optimizer, **state: Any) -> Path:
+        """A complete checkpoint (atomic; retention after it is written) with the resolved config,
+        the scaler and the recipe's own state (data position, counters)."""
+        full = {"step": step, "config": self.resolved,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state}
+        path = ckpt.save_checkpoint(self.dir, step, model=model, optimizer=optimizer, state=full,
+                                    keep_last_n=self.cfg.checkpoint.keep_last_n)
+        self.restart_clock()
+        return path
+
+    def preempted(self) -> bool:
+        """Whether SIGTERM reached any rank (all ranks answer alike); the loop then makes sure a
+        checkpoint of this step exists and returns `stop_preempted(step)`."""
+        return self._sigterm is not None and self._sigterm.any_rank(self.d)
+
+    def stop_preempted(self, step: int) -> int:
+        self.logger.message(f"SIGTERM: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
+        return EXIT_PREEMPTED
+
+
+def print_error(recipe: str, e: BaseException) -> int:
+    """Bad input, not a bug: one line naming the file, no traceback; exit code 2."""
+    print(f"temper {recipe}: {e}", file=sys.stderr)
+    return 2
+
+
+__all__ = ["EXIT_PREEMPTED", "SECTIONS", "CheckpointSection", "EvalSection", "LogSection", "Run", "RunSection",
+           "TrainSection", "check_resume_config", "print_error", "unwrap"]
