@@ -116,3 +116,30 @@ def test_sliding_window_limits_what_a_query_sees():
     one_layer = _model("debug-llama", sliding_window=4, n_layers=1)
     with torch.no_grad():
         torch.testing.assert_close(one_layer(x)[:, 4:], one_layer(y)[:, 4:], rtol=0, atol=0)
+
+
+def test_attention_runs_on_a_tensor_parallel_shard_of_its_heads():
+    """Head counts come from the projections (views with -1): two shards of half the query and kv heads
+    each (column-split q/k/v, row-split o_proj, as tensor parallelism splits them) add up to the whole."""
+    import copy
+    from dataclasses import replace
+
+    from temper.model.config import PRESETS
+    from temper.model.transformer import Attention
+
+    cfg = replace(PRESETS["debug-llama"], n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    full = Attention(cfg, 0).eval()
+    x = torch.randn(2, 7, cfg.dim)
+    want = full(x, None, None, True, None)
+    D = cfg.head_dim
+    out = 0
+    for part in range(2):
+        shard = copy.deepcopy(full)
+        q, kv = slice(part * 2 * D, (part + 1) * 2 * D), slice(part * D, (part + 1) * D)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            layer = getattr(shard, name)
+            layer.weight = torch.nn.Parameter(layer.weight[rows].clone())
+        shard.o_proj.weight = torch.nn.Parameter(shard.o_proj.weight[:, q].clone())
+        out = out + shard(x, None, None, True, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -160,9 +160,12 @@ class Attention(nn.Module):
         mask: torch.Tensor | None, causal: bool, cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
+        # of the projections holds a slice of the heads and runs this same code on it.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        n_heads, n_kv_heads = q.shape[2], k.shape[2]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
@@ -171,7 +174,7 @@ class Attention(nn.Module):
         if self.prefix is not None:
             k, v, mask, causal = self._with_prefix(k, v, mask, causal, T)
         dropout_p = self.dropout if self.training else 0.0
-        groups = self.n_heads // self.n_kv_heads
+        groups = n_heads // n_kv_heads
         if groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(
@@ -182,13 +185,13 @@ class Attention(nn.Module):
             # whole cache every step. Fold each kv head's query group into the query axis instead:
             # (B, Hkv, G*T, D) queries against the un-repeated (B, Hkv, S, D) keys.
             S = k.shape[2]
-            qg = q.reshape(B, self.n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
+            qg = q.reshape(B, n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
             mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
             # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
             mg = mg.contiguous()  # (B|1, 1, G*T, S)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p)
-            y = y.reshape(B, self.n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+            y = y.reshape(B, n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
     def _with_prefix(
