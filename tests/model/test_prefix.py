@@ -120,3 +120,23 @@ def test_prefix_kv_and_set_prefix_give_the_same_logits():
         set_prefix(_model("llama-window"), kv[..., :8])
     with pytest.raises(ValueError, match="layer 0 has no prefix"):
         prefix_kv(_model("llama-window"))
+
+
+def test_the_prefix_is_a_module_swap_that_comes_off_cleanly():
+    """apply_prefix swaps each attention layer for a PrefixAttention sharing its projections (state dict
+    names unchanged, plus prefix.*); remove_prefix swaps plain layers back, outputs as before."""
+    from temper.model.prefix import PrefixAttention
+    from temper.model.transformer import Attention
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["debug-llama"]).eval()
+    x = torch.randint(0, 256, (2, 9))
+    before, names = model(x), set(model.state_dict())
+    q = model.layers[0].attn.q_proj
+    apply_prefix(model, 3)
+    assert isinstance(model.layers[0].attn, PrefixAttention) and model.layers[0].attn.q_proj is q
+    assert set(model.state_dict()) - names == {f"layers.{i}.attn.prefix.kv" for i in range(len(model.layers))}
+    assert not torch.equal(model(x), before)
+    remove_prefix(model)
+    assert type(model.layers[0].attn) is Attention and model.layers[0].attn.q_proj is q
+    assert set(model.state_dict()) == names and torch.equal(model(x), before)

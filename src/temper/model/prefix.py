@@ -1,8 +1,8 @@
 """Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
 
-`apply_prefix` gives every attention layer P learned key/value slots (`Attention.prefix`) that every
-query attends to before the sequence's own keys, and freezes everything else: only the prefixes
-train. The slots are keys and values as attention uses them (RoPE, if any, is already in them:
+`apply_prefix` swaps every attention layer for a `PrefixAttention` (the same projections, plus P
+learned key/value slots that every query attends to before the sequence's own keys) and freezes
+everything else: only the prefixes train. `remove_prefix` swaps the plain layers back. The slots are keys and values as attention uses them (RoPE, if any, is already in them:
 they have no position of their own), and the model prepends them at every step without storing them
 in the KV cache, so cached generation needs nothing special.
 
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from temper.model.transformer import Transformer
+from temper.model.transformer import Attention, Transformer
 
 
 class Prefix(nn.Module):
@@ -59,14 +59,52 @@ class Prefix(nn.Module):
         return kv[0], kv[1]
 
 
+class PrefixAttention(Attention):
+    """An `Attention` whose keys and values start with its prefix's P slots (not stored in the KV
+    cache: they are the same every step); every query sees every slot. It shares the plain layer's
+    projections, under the same names, so state dicts only gain `prefix.*`."""
+
+    prefix: Prefix
+
+    @classmethod
+    def swap_in(cls, attn: Attention, prefix: Prefix) -> PrefixAttention:
+        new = cls.__new__(cls)
+        new.__dict__ = dict(attn.__dict__)  # the same projections, settings and hooks
+        new._modules, new._parameters, new._buffers = dict(attn._modules), dict(attn._parameters), dict(attn._buffers)
+        new.prefix = prefix
+        return new
+
+    def plain(self) -> Attention:
+        """The layer without its prefix: the same projections in a plain `Attention`."""
+        old = Attention.__new__(Attention)
+        old.__dict__ = dict(self.__dict__)
+        old._modules = {k: m for k, m in self._modules.items() if k != "prefix"}
+        old._parameters, old._buffers = dict(self._parameters), dict(self._buffers)
+        return old
+
+    def extend_kv(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        pk, pv = self.prefix()  # (Hkv, P, D) each
+        B, S, P = k.shape[0], k.shape[2], pk.shape[1]
+        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, Hkv, P+S, D)
+        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)  # (B, Hkv, P+S, D)
+        if mask is None and not causal:
+            return k, v, None, False  # one query row that sees everything
+        if mask is None:  # causal over the sequence, as a mask now that keys outnumber queries
+            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]  # (1, 1, T, S)
+        seen = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=mask.device)
+        return k, v, torch.cat([seen, mask], dim=-1), False  # (B|1, 1, T, P+S)
+
+
 def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
-    """Freeze the model and give layer i the prefix make(i); returns the prefixes' module names."""
-    if any(layer.attn.prefix is not None for layer in model.layers):
+    """Freeze the model and swap in layer i's attention with the prefix make(i); returns the prefixes' names."""
+    if any(isinstance(layer.attn, PrefixAttention) for layer in model.layers):
         raise ValueError("the model already has a prefix: remove_prefix first")
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(model.layers):
-        layer.attn.prefix = make(i)
+        layer.attn = PrefixAttention.swap_in(layer.attn, make(i))
     return [f"layers.{i}.attn.prefix" for i in range(len(model.layers))]
 
 
@@ -113,7 +151,8 @@ def prefix_parameters(model: nn.Module) -> list[nn.Parameter]:
 def remove_prefix(model: Transformer) -> Transformer:
     """Take the prefixes off (in place): the base model again, exportable as such."""
     for layer in model.layers:
-        layer.attn.prefix = None
+        if isinstance(layer.attn, PrefixAttention):
+            layer.attn = layer.attn.plain()
     return model
 
 
@@ -123,7 +162,7 @@ def prefix_kv(model: Transformer) -> torch.Tensor:
     kv = []
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
-            if layer.attn.prefix is None:
+            if not isinstance(layer.attn, PrefixAttention):
                 raise ValueError(f"layer {i} has no prefix: apply_prefix first")
             kv.append(torch.stack(layer.attn.prefix()).float().cpu())
     return torch.stack(kv)

@@ -151,9 +151,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
-        # Prefix tuning (model/prefix.py) sets a module returning (k, v) of shape (Hkv, P, D): P
-        # learned keys and values that every query sees before the sequence's own.
-        self.prefix: nn.Module | None = None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -171,8 +168,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        if self.prefix is not None:
-            k, v, mask, causal = self._with_prefix(k, v, mask, causal, T)
+        k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
         dropout_p = self.dropout if self.training else 0.0
         groups = n_heads // n_kv_heads
         if groups == 1 or mask is None:
@@ -194,21 +190,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
-    def _with_prefix(
+    def extend_kv(
         self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, T: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        """Prepend the learned prefix to keys and values (not to the cache: it is the same every
-        step) and widen the mask: every query sees every prefix slot."""
-        pk, pv = self.prefix()  # (Hkv, P, D) each
-        B, S, P = k.shape[0], k.shape[2], pk.shape[1]
-        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, Hkv, P+S, D)
-        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)  # (B, Hkv, P+S, D)
-        if mask is None and not causal:
-            return k, v, None, False  # one query row that sees everything
-        if mask is None:  # causal over the sequence, as a mask now that keys outnumber queries
-            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]  # (1, 1, T, S)
-        seen = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=mask.device)
-        return k, v, torch.cat([seen, mask], dim=-1), False  # (B|1, 1, T, P+S)
+        """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
+        (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
+        return k, v, mask, causal
 
 
 class MLP(nn.Module):
