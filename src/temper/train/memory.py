@@ -454,7 +454,7 @@ def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool) 
         return tokens * 12 * V, tokens * 12 * V, f"full logits: 12 B x V = {12 * V} B per token"
     trained = head_weight.requires_grad
     n = min(tokens, chunk_tokens(V, trained))
-    w = head_weight.element_size()
+    w = 4 if trained else a  # the estimate's convention: float32 master weights train, a frozen base is in a
     grad_h = tokens * d * a if hidden_grad else 0
     grad_w = 4 * V * d if trained else 0
     held = tokens * d * h + (tokens * d * a if h != a else 0) + (V * d * a if w != a else 0) + grad_h + grad_w
