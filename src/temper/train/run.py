@@ -33,7 +33,7 @@ from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger
 from temper.train.losses import Loss
-from temper.train.parallel import DistInfo, parallelize, unwrap
+from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import (
     MicroBatch,
     NonFiniteLoss,
@@ -183,9 +183,12 @@ class Run:
 
         run = Run("pretrain", cfg, d, resolved, resume_keys=RESUME_KEYS)
         train_model = run.wrap(model)
-        state = run.resume(model, optimizer) or {}
-        with run.logging(total_steps, start_step, flops_per_token):
-            while step < total: result = run.step(train_model, optimizer, batches, loss_fn, step); ...
+        state = run.resume(model, optimizer)          # None for a fresh run
+        with run:
+            logger = run.logging(total_steps, start_step, flops_per_token)
+            while step < total:
+                result = run.step(train_model, optimizer, batches, loss_fn, step)
+                run.log_train(...); eval, run.save(...), run.preempted() ...
     """
 
     def __init__(self, recipe: str, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
@@ -335,11 +338,7 @@ class Run:
         return EXIT_PREEMPTED
 
 
-def print_error(recipe: str, e: BaseException) -> int:
+def print_error(recipe: str, e: BaseException | str) -> int:
     """Bad input, not a bug: one line naming the file, no traceback; exit code 2."""
     print(f"temper {recipe}: {e}", file=sys.stderr)
     return 2
-
-
-__all__ = ["EXIT_PREEMPTED", "SECTIONS", "CheckpointSection", "EvalSection", "LogSection", "Run", "RunSection",
-           "TrainSection", "check_resume_config", "print_error", "unwrap"]
