@@ -177,18 +177,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     def keys(v: Any) -> Any:  # dataclasses.asdict keeps field names; the config's keys drop a keyword's "_"
         return {key_of(k): keys(x) for k, x in v.items()} if isinstance(v, dict) else v
 
-    tree = plain(dataclasses.asdict(cfg))
-    return keys(tree) if any(f.name != key_of(f.name) for f in _fields_deep(type(cfg))) else tree
-
-
-def _fields_deep(cls: type) -> list[dataclasses.Field]:
-    out = []
-    for f in dataclasses.fields(cls):
-        out.append(f)
-        tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += _fields_deep(tp)
-    return out
+    return keys(plain(dataclasses.asdict(cfg)))
 
 
 def to_yaml(cfg: Any) -> str:

@@ -334,3 +334,9 @@ def test_continued_pretraining_starts_from_the_given_weights(char_data, tmp_path
     assert first("from-ckpt") == pytest.approx(first("from-run"), rel=1e-6) == first("from-hf")
     with pytest.raises(ConfigError, match="fixes the model's shape: model.dim=64"):
         train(char_data, tmp_path, "bad", f"--init.from={last}", "--model.dim=64")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text("{not json")
+    for src, why in [(tmp_path / "none", "no such directory"), (char_data, "no config.json"),
+                     (tmp_path / "broken", "Expecting property name")]:
+        with pytest.raises(ConfigError, match=f"init.from {src}: .*{why}"):  # one line, before any training
+            train(char_data, tmp_path, "bad", f"--init.from={src}")

@@ -21,6 +21,7 @@ from temper.model.convert import load_hf, save_hf
 from temper.model.peft_io import load_peft_prefix
 from temper.model.transformer import Transformer
 from temper.recipes import sft
+from temper.train.step import NonFiniteLoss
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
@@ -203,3 +204,23 @@ def test_sft_has_the_scaffolds_features(base, tmp_path, monkeypatch):
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in train)
     assert any((tmp_path / "ref" / "tb").iterdir())
     assert estimate.main([f"--model.path={saved and tmp_path / 'term' / 'checkpoints' / saved[0]}"]) == 0
+
+
+def test_rollback_skips_the_bad_rows_and_finishes(base, tmp_path, monkeypatch):
+    """on_nonfinite=rollback in sft: a NaN at step 3 reloads step 2's checkpoint and resumes one step's
+    rows past the bad ones; the run ends with every step logged once and the losses finite. A NaN that
+    comes back whatever the data gives up after three rollbacks instead of looping forever."""
+    monkeypatch.setenv("TEMPER_FAULT", f"nan_loss:step=3:once={tmp_path / 'fired'}")
+    assert sft.main(args(base, tmp_path, "rb", "--train.steps=5", "--checkpoint.every=2",
+                         "--train.on_nonfinite=rollback")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rb" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert all(r["loss"] == r["loss"] for r in train)
+    assert train[2]["epoch"] > train[1]["epoch"] + 1.5 * (train[1]["epoch"] - train[0]["epoch"])  # rows skipped
+    monkeypatch.setenv("TEMPER_FAULT", "nan_loss:step=3")  # every time step 3 runs: rollback gives up
+    with pytest.raises(NonFiniteLoss, match="after 3 rollbacks to step-0000002"):
+        sft.main(args(base, tmp_path, "stuck", "--train.steps=5", "--checkpoint.every=2",
+                      "--train.on_nonfinite=rollback"))
+    with pytest.raises(NonFiniteLoss):  # the default policy fails before the optimizer step
+        sft.main(args(base, tmp_path, "fail", "--train.steps=5"))

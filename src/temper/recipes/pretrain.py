@@ -197,13 +197,21 @@ def initial_model(cfg: PretrainConfig, data_vocab: int, device: torch.device) ->
         torch.manual_seed(cfg.run.seed)  # identical init on every rank
         return Transformer(model_cfg).to(device), model_cfg
     src = Path(cfg.init.from_)
-    if (src / ckpt.STATE_FILE).is_file():  # a temper checkpoint: its config, then its weights
-        model_cfg = config.from_dict(ModelConfig, ckpt.read_state(src)["config"]["model"], prefix="init.from model.")
-        model = Transformer(model_cfg).to(device)
-        ckpt.load_checkpoint(src, model=model, optimizer=None, map_location=device)
-    else:  # Hugging Face layout, or a temper run directory (its final/)
-        model, model_cfg = load_hf(src / "final" if (src / "final" / "config.json").is_file() else src,
-                                   device=device, dtype=torch.float32)
+    if not src.is_dir():
+        raise config.ConfigError(f"init.from {src}: no such directory")
+    try:
+        if (src / ckpt.STATE_FILE).is_file():  # a temper checkpoint: its config, then its weights
+            saved = ckpt.read_state(src).get("config", {}).get("model")
+            if not isinstance(saved, dict):
+                raise ValueError(f"{ckpt.STATE_FILE} has no model section")
+            model_cfg = config.from_dict(ModelConfig, saved, prefix="init.from model.")
+            model = Transformer(model_cfg).to(device)
+            ckpt.load_checkpoint(src, model=model, optimizer=None, map_location=device)
+        else:  # Hugging Face layout, or a temper run directory (its final/)
+            model, model_cfg = load_hf(src / "final" if (src / "final" / "config.json").is_file() else src,
+                                       device=device, dtype=torch.float32)
+    except (OSError, ValueError, CheckpointError, ckpt.CheckpointCorrupt) as e:  # not a checkpoint we can read
+        raise config.ConfigError(f"init.from {src}: {e}") from None
     if model_cfg.vocab_size < data_vocab:
         raise config.ConfigError(f"init.from {src}: vocab_size {model_cfg.vocab_size} is smaller than the data's "
                                  f"{data_vocab}: prepare the data with the model's tokenizer")
@@ -237,7 +245,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     samples_per_step = micro * accum * d.world
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
-    run = Run("pretrain", cfg, d, resolved, resume_keys=RESUME_KEYS)
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
 
     # Each source of a mixture gets its own seed, so two "random" sources do not draw the same offsets.
     sources = [TokenWindows(x, "train", seq_len, seed=cfg.run.seed + i, order=cfg.data.order, verify=cfg.data.verify)

@@ -228,7 +228,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
                                       "seq_len": seq_len, "batch_rows": per_step}
-    run = Run("sft", cfg, d, resolved, resume_keys=RESUME_KEYS)
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step, offset = (state["step"], state.get("row_offset", 0)) if state else (0, 0)
@@ -291,8 +291,8 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                 bad = step
                 back = run.rollback(model, optimizer, trainable_only=cfg.method != "full")
                 step = back["step"]
-                # Skip the rows of the bad step and `rollback_skip_steps - 1` more (PaLM §5.1).
-                offset = back.get("row_offset", 0) + (bad - step + cfg.train.rollback_skip_steps) * per_step
+                # Resume `rollback_skip_steps` steps' rows past the bad step's first row (PaLM §5.1).
+                offset += (bad - step + cfg.train.rollback_skip_steps) * per_step
                 logger.message(f"non-finite loss: rolled back to step {step}, skipping to row {offset + step * per_step}")
                 continue
             step += 1

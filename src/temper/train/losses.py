@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from temper.train.parallel import unwrap
+
 IGNORE_INDEX = -100
 
 TRAINED_CHUNK_BYTES = 2 * 2**30
@@ -227,8 +229,6 @@ class LMLoss:
         return (batch.targets != IGNORE_INDEX).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
-        from temper.train.parallel import unwrap
-
         hidden = model(batch.inputs, hidden_only=True, **batch.model_kwargs)  # (B, T, C), through DDP/compile
         return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing))
 

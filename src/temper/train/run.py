@@ -45,6 +45,9 @@ from temper.train.step import (
     train_step,
 )
 
+MAX_ROLLBACKS = 3
+"""on_nonfinite=rollback gives up (NonFiniteLoss) on the 4th return to the same checkpoint."""
+
 EXIT_PREEMPTED = 143
 """Exit code after a SIGTERM was handled by writing a checkpoint (128 + SIGTERM, as a shell reports it)."""
 
@@ -181,7 +184,7 @@ class _SigtermFlag:
 class Run:
     """One training run around a recipe's loop (module docstring). Typical use:
 
-        run = Run("pretrain", cfg, d, resolved, resume_keys=RESUME_KEYS)
+        run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
         train_model = run.wrap(model)
         state = run.resume(model, optimizer)          # None for a fresh run
         with run:
@@ -191,8 +194,8 @@ class Run:
                 run.log_train(...); eval, run.save(...), run.preempted() ...
     """
 
-    def __init__(self, recipe: str, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
-        self.recipe, self.cfg, self.d, self.resolved = recipe, cfg, d, resolved
+    def __init__(self, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
+        self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
         self.dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
         self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
@@ -202,6 +205,7 @@ class Run:
         self._flops_per_token = 0.0
         self._peak: float | None = None
         self._window_tokens, self._window_start = 0, time.perf_counter()
+        self._rollbacks: dict[str, int] = {}
 
     # ---- model and resume ------------------------------------------------------------------------
 
@@ -212,9 +216,9 @@ class Run:
                            activation_offload=t.activation_offload, compile=t.compile)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict | None:
-        """The newest valid checkpoint's state (model, optimizer, scaler and RNG restored) after checking
-        its settings against this run's; or, for a fresh run, None after writing config.yaml and
-        config.resolved.yaml (rank 0). Every rank prints nothing; rank 0 prints the resolved config."""
+        """The newest valid checkpoint's state (model, optimizer and scaler restored; RNG by `restore_rng`)
+        after checking its settings against this run's; or, for a fresh run, None after writing
+        config.yaml and config.resolved.yaml. Rank 0 prints the resolved config either way."""
         start = ckpt.find_resume_checkpoint(self.dir, self.cfg.run.resume)
         if self.d.is_main:
             print(yaml.safe_dump(self.resolved, sort_keys=False, default_flow_style=None), end="")
@@ -283,9 +287,14 @@ class Run:
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
         """After a non-finite loss with on_nonfinite=rollback: reload the newest checkpoint (PaLM §5.1:
         restart from before the spike and skip the batches around it); re-raises when there is none."""
-        last = ckpt.find_resume_checkpoint(self.dir, "auto") if self.cfg.train.on_nonfinite == "rollback" else None
+        last = ckpt.find_resume_checkpoint(self.dir, "auto")
         if last is None:
             raise NonFiniteLoss("non-finite loss and no checkpoint to roll back to")
+        # A loss that turns non-finite whatever the data (a diverged learning rate, say) would send the
+        # run back to the same checkpoint forever: give up after MAX_ROLLBACKS returns to one checkpoint.
+        self._rollbacks[last.name] = self._rollbacks.get(last.name, 0) + 1
+        if self._rollbacks[last.name] > MAX_ROLLBACKS:
+            raise NonFiniteLoss(f"non-finite loss again after {MAX_ROLLBACKS} rollbacks to {last.name}: giving up")
         state = ckpt.load_checkpoint(last, model=model, optimizer=optimizer, map_location=self.d.device,
                                      trainable_only=trainable_only)
         ckpt.restore_rng(last, self.d.rank)
