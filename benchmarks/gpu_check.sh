@@ -71,7 +71,7 @@ else
   SHAKE_CHARS=0
 fi
 
-part tests 45 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
+part tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
 part peaks 15 "$PY" benchmarks/gpu_check.py peaks --device "$DEV" --json "$WORK/peaks.json"
 part train 140 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
 part decode 110 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"

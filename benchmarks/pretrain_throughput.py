@@ -58,7 +58,8 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
     return cfg, model.to(device)
 
 
-def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, compile: bool, vocab: int) -> dict:
+def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, compile: bool, vocab: int,
+            profile: int = 0) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg, model = build(impl, shape, vocab, seq, device)
@@ -94,6 +95,15 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if profile:  # where the time goes: the top kernels of a few more steps, printed to stderr
+        with torch.profiler.profile() as prof:
+            for i in range(profile):
+                one_step(i + 3 + steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"# profile {impl} compile={compile}\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
+              file=sys.stderr)
     return {
         "impl": impl, "shape": shape, "compile": compile, "tokens": batch * seq * steps, "seconds": seconds,
         "warmup_s": warmup_s, "device": str(device),
@@ -116,6 +126,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (0: keep)")
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     p.add_argument("--json", help="also write every row (tokens/s, MFU, memory, the peaks) to this file")
+    p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per side; print the top kernels")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     modes = ["compile"] if a.compile else a.modes
@@ -125,7 +136,7 @@ def main() -> None:
             torch.compile = functools.partial(torch.compile, backend=a.compile_backend)
         for mode in modes:
             print(json.dumps(measure(a.child[0], a.child[1], a.batch[0], a.seq, a.steps, dtype, mode == "compile",
-                                     a.vocab)), flush=True)
+                                     a.vocab, a.profile)), flush=True)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,8 +164,10 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(batches[shape]), "--seq",
                        str(a.seq), "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab),
-                       "--compile-backend", a.compile_backend, "--modes", *modes]
+                       "--compile-backend", a.compile_backend, "--modes", *modes, "--profile", str(a.profile)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
+                if a.profile:
+                    print("\n".join(ln for ln in out.stderr.splitlines() if "Warning" not in ln), flush=True)
                 for line in out.stdout.strip().splitlines():
                     row = json.loads(line)
                     runs[(impl, "compile" if row["compile"] else "eager")].append(row)

@@ -29,11 +29,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10} {doc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     from temper.config import ConfigError
+    from temper.errors import InputError
 
+    # The one error boundary: bad input is one line and exit code 2; anything else is a bug and keeps
+    # its traceback.
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
     except ConfigError as e:
         print(f"temper {argv[0]}: config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"temper {argv[0]}: {e}", file=sys.stderr)
         return 2
 
 

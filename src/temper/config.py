@@ -25,10 +25,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from temper.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or flag that cannot become the typed config; the message names the key."""
 
 

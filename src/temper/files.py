@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from temper.errors import InputError
 
-class UnsafePath(ValueError):
+
+class UnsafePath(InputError):
     """A user-supplied name would resolve outside the directory it must stay in."""
 
 

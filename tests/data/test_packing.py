@@ -11,14 +11,13 @@ from temper.data.packing import (
     IGNORE_INDEX,
     Piece,
     bucket_by_length,
-    document_causal_mask,
     pack_documents,
     pad_batch,
     padding_fraction,
     plan_packing,
 )
 from temper.model.config import PRESETS
-from temper.model.transformer import Transformer
+from temper.model.transformer import Segments, Transformer
 from temper.train.step import IGNORE_INDEX as TRAIN_IGNORE_INDEX
 from temper.train.step import token_loss_sum
 
@@ -41,19 +40,6 @@ def test_ignore_index_agrees_with_the_train_step():
     assert packing.IGNORE_INDEX == TRAIN_IGNORE_INDEX
 
 
-def test_document_causal_mask():
-    mask = document_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],  # padding sees only itself: no fully masked row, no NaN
-    ], dtype=torch.bool)
-    assert mask.shape == (1, 1, 6, 6) and torch.equal(mask[0, 0], expected)
-
-
 @pytest.mark.parametrize("preset", ["debug", "debug-llama"])
 def test_packed_rows_give_the_logits_and_loss_of_separate_documents(preset):
     """The key property: attention stops at document boundaries and positions restart, so each
@@ -66,7 +52,7 @@ def test_packed_rows_give_the_logits_and_loss_of_separate_documents(preset):
     batch = pack_documents(docs, seq_len=24)
     assert batch.tokens.shape[1] == 24 and batch.tokens.shape[0] < len(docs)
     with torch.no_grad():
-        packed = model(batch.tokens, positions=batch.positions, attn_mask=batch.attention_mask())  # (B, T, V)
+        packed = model(batch.tokens, positions=batch.positions, segments=Segments(batch.doc_ids))  # (B, T, V)
         assert torch.isfinite(packed).all()  # padding rows included
         packed_loss, alone_loss = token_loss_sum(packed, batch.targets), torch.zeros(())
         for r, row in enumerate(batch.pieces):
@@ -92,7 +78,7 @@ def test_bucketed_padded_batch_gives_the_logits_of_separate_documents():
     batch = pad_batch(docs, [2, 0, 1], pad_to_multiple_of=8)
     assert batch.tokens.shape == (3, 16) and batch.padding_fraction == pytest.approx(1 - 22 / 48)
     with torch.no_grad():
-        padded = model(batch.tokens, attn_mask=batch.doc_ids >= 0)  # (B, S) padding mask
+        padded = model(batch.tokens, segments=Segments.padding(batch.doc_ids >= 0))
         for r, i in enumerate([2, 0, 1]):
             n = len(docs[i])
             torch.testing.assert_close(padded[r, :n], model(torch.from_numpy(docs[i])[None])[0],

@@ -4,9 +4,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.transformer import Transformer
+from temper.model.transformer import Segments, Transformer
 
 
 def _model(name: str, **over) -> Transformer:
@@ -82,7 +83,7 @@ def test_kv_cache_and_left_padding_match_full_forward(name):
         padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)
         valid = torch.arange(12)[None] >= 3
         pos = (valid.cumsum(-1) - 1).clamp(min=0)
-        out = m(padded, positions=pos, attn_mask=valid)
+        out = m(padded, positions=pos, segments=Segments.padding(valid))
         torch.testing.assert_close(out[:, 3:], m(short), rtol=0, atol=1e-5)
         assert torch.isfinite(out).all()
 
@@ -143,3 +144,47 @@ def test_attention_runs_on_a_tensor_parallel_shard_of_its_heads():
         shard.o_proj.weight = torch.nn.Parameter(shard.o_proj.weight[:, q].clone())
         out = out + shard(x, None, None, True, None)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_mask_documents_padding_and_a_shared_prefix():
+    docs = Segments(torch.tensor([[0, 0, 1, 1, 1, -1]]))
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself: no fully masked row, no NaN
+    ], dtype=torch.bool)
+    assert torch.equal(docs.dense(), expected[None, None])
+    # Two continuations (1, 2) of one context (0): each sees the context and itself, not the other.
+    shared = Segments(torch.tensor([[0, 0, 1, 1, 2, -1]]), shared_prefix=True).dense()[0, 0]
+    assert shared[3].tolist() == [1, 1, 1, 1, 0, 0] and shared[4].tolist() == [1, 1, 0, 0, 1, 0]
+    assert torch.equal(Segments.padding(torch.tensor([[True, True, False]])).ids, torch.tensor([[0, 0, -1]]))
+
+
+def test_segments_give_flex_attention_the_same_mask_as_sdpa():
+    """`Segments.mask_mod` is a FlexAttention mask_mod: the block mask built from it attends exactly as
+    the dense mask does under SDPA, so a GPU path can skip the masked blocks of packed rows."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 2, 256, 16
+    ids = torch.tensor([[0] * 100 + [1] * 130 + [-1] * 26, [0] * 40 + [1] * 40 + [2] * 176])
+    seg = Segments(ids)
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.dense())
+    block = create_block_mask(seg.mask_mod, B, None, T, T, device="cpu", BLOCK_SIZE=128)
+    flex = flex_attention(q, k, v, block_mask=block)
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    assert block.sparsity() > 0  # whole blocks skipped, not just masked
+
+
+def test_segments_with_a_sliding_window_and_a_wrong_shape():
+    m = _model("debug-llama", sliding_window=3)
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        whole = m(x, segments=Segments(torch.zeros(1, 8, dtype=torch.long)))
+        torch.testing.assert_close(whole, m(x), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"segments.ids must be \(batch, tokens\) = \(1, 8\), got \(1, 7\)"):
+            m(x, segments=Segments(torch.zeros(1, 7, dtype=torch.long)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from temper.model.transformer import Segments
 from temper.train.step import IGNORE_INDEX, NonFiniteLoss, eval_loss, throughput, token_loss_sum, train_step
 
 
@@ -117,7 +118,7 @@ def test_packed_and_unpacked_examples_give_the_same_update(preset):
     def one_step(batch) -> tuple[float, nn.Module]:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        mb = (batch.tokens, batch.targets, {"positions": batch.positions, "attn_mask": batch.attention_mask()})
+        mb = (batch.tokens, batch.targets, {"positions": batch.positions, "segments": Segments(batch.doc_ids)})
         return train_step(model, opt, [mb], step=0).loss, model
 
     packed = pack_documents(docs, 40, loss_masks=masks)

@@ -30,6 +30,8 @@ import jinja2.nodes
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from temper.errors import InputError
+
 # Older jinja2 releases have known sandbox escapes (CVE-2024-56326, CVE-2025-27516); transformers
 # refuses them for the same reason.
 MIN_JINJA = (3, 1, 6)
@@ -39,7 +41,7 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 Message = Mapping[str, Any]
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """A chat template that cannot be compiled or rendered, or that refused the conversation."""
 
 

@@ -5,7 +5,7 @@ Two ways to batch examples of different lengths (SFT conversations, preference p
   bin packing (Johnson 1973; Krell et al. 2021, "Efficient Sequence Packing without
   Cross-contamination"). Each token records which document of its row it belongs to and its
   position within that document, so attention can stop at document boundaries
-  (`document_causal_mask`) and positions restart at 0: a packed row then gives the logits of
+  (the model's `Segments(doc_ids)`) and positions restart at 0: a packed row then gives the logits of
   running its documents one by one, without their padding.
 - bucketing: each row holds one example, and examples of similar length share a batch (sorted
   within large shuffled pools, then the batches shuffled), so little of a padded batch is
@@ -16,7 +16,7 @@ IGNORE_INDEX at padding, at a document's last token (nothing of it follows) and 
 caller's loss mask says a token is not to be learnt (SFT prompts).
 
 It does not read shards, tokenize or render chat templates, and knows nothing of models; it
-builds the tensors that a model's `positions` and `attn_mask` arguments take.
+builds the tensors that a model's `positions` and `Segments` take.
 """
 
 from __future__ import annotations
@@ -63,10 +63,6 @@ class PackedBatch:
         """Share of the B*T slots that hold padding."""
         return float((self.doc_ids < 0).double().mean()) if self.doc_ids.numel() else 0.0
 
-    def attention_mask(self) -> torch.Tensor:
-        """The (B, 1, T, T) bool mask for the model's `attn_mask`: see `document_causal_mask`."""
-        return document_causal_mask(self.doc_ids)
-
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch on `device` (through pinned memory to a GPU, so the copy overlaps compute)."""
         pinned = torch.device(device).type == "cuda"
@@ -76,20 +72,6 @@ class PackedBatch:
 
         return PackedBatch(move(self.tokens), move(self.targets), move(self.positions), move(self.doc_ids),
                            self.pieces)
-
-
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where query t may attend to key s: s <= t and both in one document.
-
-    A padding token (doc id < 0) sees only itself: a fully masked row would make softmax NaN, and
-    a NaN in a padded slot poisons real rows through 0 * NaN in the next layer.
-    """
-    B, T = doc_ids.shape
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    real = (doc_ids >= 0)[:, :, None]  # (B, T, 1)
-    eye = torch.eye(T, dtype=torch.bool, device=doc_ids.device)
-    return ((same & causal & real) | eye)[:, None]  # (B, 1, T, T)
 
 
 def plan_packing(
@@ -221,8 +203,8 @@ def pad_batch(
     """One document per row (a batch from `bucket_by_length`), right-padded to the longest.
 
     `pad_to_multiple_of` rounds the width up (e.g. to 8 for tensor cores, or to limit the number
-    of shapes a compiled model sees). The model may take `attention_mask()` or just the (B, T)
-    padding mask `doc_ids >= 0`; positions are 0.. T-1 either way.
+    of shapes a compiled model sees). `doc_ids` is 0 on real tokens and -1 on padding, the model's
+    segments as they are; positions are 0 .. T-1.
     """
     longest = max((len(docs[i]) for i in indices), default=0)
     width = -(-max(longest, 1) // pad_to_multiple_of) * pad_to_multiple_of

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from temper.errors import InputError
 from temper.files import atomic_write_json, safe_join, sha256_file
 
 FORMAT = "temper-shards"
@@ -39,7 +40,7 @@ TOKENIZER = "tokenizer.json"
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{5}\.(bin|idx)$")
 
 
-class ShardError(Exception):
+class ShardError(InputError):
     """A prepared data directory cannot be used."""
 
 

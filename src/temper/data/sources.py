@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from temper.errors import InputError
+
 MAX_LINE_BYTES = 64 << 20
 TXT_DOCS = ("file", "paragraph", "line")
 ON_ERROR = ("fail", "skip")
@@ -77,7 +79,7 @@ _NOT_TEXT = bytes(sorted(set(range(32)) - set(b"\a\b\t\n\v\f\r\x1b") | {0x7F}))
 _MIN_RECORDS_FOR_EARLY_ABORT = 1000
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input that cannot be read as documents. The message names file:line, never the content."""
 
 

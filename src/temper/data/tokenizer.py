@@ -29,6 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from temper.data.chat import Message, render_chat_template, select_chat_template
+from temper.errors import InputError
 from temper.files import atomic_write_json, atomic_write_text, safe_name
 
 EOT = "<|endoftext|>"
@@ -38,7 +39,7 @@ KINDS = ("bpe", "char")
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer file that cannot be used, or a token it lacks."""
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from temper.model.transformer import Segments
+
 
 @dataclass(frozen=True)
 class Request:
@@ -139,16 +141,10 @@ def score(model: nn.Module, requests: Sequence[Request], *, batch_tokens: int = 
         # logits_at returns the scored positions in row-major order: the k-th True of `scored`.
         logit_row = (scored.view(-1).cumsum(0) - 1)[predict_at].to(device)  # (N_targets,)
         tokens, positions, scored = tokens.to(device), positions.to(device), scored.to(device)
-        mask = None
-        if any(len(row.conts) > 1 for row in batch):
-            segments = segments.to(device)
-            idx = torch.arange(tokens.shape[1], device=device)
-            seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
-            mask = (idx[None, :] <= idx[:, None]) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k >= 0)
-            mask |= torch.eye(tokens.shape[1], dtype=torch.bool, device=device)  # padding sees itself
-            mask = mask[:, None]  # (B, 1, T, T)
-        # Right padding needs no mask without sharing: causal attention never looks ahead.
-        logits = model(tokens, positions=positions, attn_mask=mask, logits_at=scored)  # (N_scored, V)
+        # Continuations side by side see the shared context (id 0) and themselves; right padding alone
+        # needs no mask, as causal attention never looks ahead.
+        shared = Segments(segments.to(device), shared_prefix=True) if any(len(r.conts) > 1 for r in batch) else None
+        logits = model(tokens, positions=positions, segments=shared, logits_at=scored)  # (N_scored, V)
         logprobs = F.log_softmax(logits.float(), dim=-1)[logit_row]  # (N_targets, V)
         target = torch.tensor(targets, device=device)  # (N_targets,)
         token_lp = logprobs.gather(-1, target[:, None])[:, 0].tolist()

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from temper.errors import InputError
 from temper.files import atomic_write_json, fsync_dir, safe_join
 from temper.model.config import ModelConfig
 from temper.model.transformer import Transformer
@@ -50,7 +51,7 @@ MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory or file that cannot be read as it is: the message names the file."""
 
 

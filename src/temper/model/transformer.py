@@ -13,12 +13,63 @@ Hugging Face files, and `temper.train.parallel` wraps `self.layers` from outside
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from temper.model.config import ModelConfig
+
+
+@dataclass
+class Segments:
+    """Which earlier tokens each token may attend to: the model's one mask type, for packed documents
+    and padding alike (and for rows that score several continuations of one shared context).
+
+    ids: (B, T) int64. Tokens of a row with the same id form one sequence: a packed document, or the
+        whole row of a padded batch. A token sees the earlier tokens of its own id; -1 marks padding.
+    shared_prefix: id 0 is a context that every other id of its row continues (`eval.loglik` scores the
+        choices of a question side by side after one copy of it): tokens of any id also see id 0.
+
+    One rule (`mask_mod`) serves both attention paths: `dense` evaluates it into SDPA's (B, 1, T, T) bool
+    mask, and FlexAttention's `create_block_mask(segments.mask_mod, ...)` turns it into the block-sparse
+    form, which skips the masked blocks of a packed row instead of computing them.
+    """
+
+    ids: torch.Tensor
+    shared_prefix: bool = False
+
+    @classmethod
+    def padding(cls, valid: torch.Tensor) -> Segments:
+        """One sequence per row from a (B, T) bool mask of real tokens (False: padding, anywhere in the row)."""
+        return cls(valid.long() - 1)  # real -> 0, padding -> -1
+
+    @property
+    def mask_mod(self):
+        """visible(b, h, q, k): whether query q of row b may attend to key k, for broadcastable index
+        tensors (FlexAttention's mask_mod; h, the head, is unused).
+
+        A padding query sees only itself: a fully masked row would make softmax NaN, and a NaN in a
+        padded slot poisons real rows through 0 * NaN in the next layer."""
+        ids, shared = self.ids, self.shared_prefix
+
+        def visible(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            seg_q, seg_k = ids[b, q], ids[b, k]
+            same = (seg_k == seg_q) | (seg_k == 0) if shared else seg_k == seg_q
+            return ((k <= q) & same & (seg_k >= 0)) | (k == q)
+
+        return visible
+
+    def dense(self) -> torch.Tensor:
+        """(B, 1, T, T) bool: `mask_mod` at every (query, key) pair, for SDPA's attn_mask."""
+        B, T = self.ids.shape
+        idx = torch.arange(T, device=self.ids.device)
+        b = torch.arange(B, device=self.ids.device)[:, None, None]  # (B, 1, 1)
+        return self.mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]  # (B, 1, T, T)
+
+    def to(self, device: torch.device | str) -> Segments:
+        return Segments(self.ids.to(device), self.shared_prefix)
 
 
 class KVCache:
@@ -299,7 +350,7 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None, last_only: bool = False, logits_at: torch.Tensor | None = None,
+        segments: Segments | None = None, last_only: bool = False, logits_at: torch.Tensor | None = None,
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
@@ -308,8 +359,8 @@ class Transformer(nn.Module):
         cache: a `KVCache` from `new_cache`: the tokens go to each row's next slots, at positions equal to
             those slots, and see what the row holds before them (causally); every row's length grows by T.
             Callers fill rows of different lengths through `temper.infer.engine.prefill`.
-        attn_mask: (B, S) bool, True for real tokens, over all S = T keys (causality is added here),
-            or a full (B, 1, T, S) bool mask used as is. Not with a cache.
+        segments: which tokens form one sequence (packed documents, padding): see `Segments`. Default: the
+            whole row is one causal sequence. Not with a cache.
         last_only: return only the last position's logits (B, 1, V), saving the head's matmul in decoding.
         logits_at: (B, T) bool; return logits (N, V) for its N True positions only, in row-major
             order: scoring a few continuation tokens then skips the head (T x V) on the rest.
@@ -318,7 +369,7 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         if cache is not None:
-            if positions is not None or attn_mask is not None:
+            if positions is not None or segments is not None:
                 raise ValueError("with a KV cache, positions and the mask come from its per-row lengths: pass neither")
             if T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} tokens per row; {T} do not fit")
@@ -339,7 +390,7 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
             rope = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
         x = self.drop(x)
-        mask, causal = self._attention_mask(attn_mask, B, T, tokens.device, positions if cache is not None else None,
+        mask, causal = self._attention_mask(segments, B, T, tokens.device, positions if cache is not None else None,
                                             cache.max_len if cache is not None else 0)
         for layer in self.layers:
             x = layer(x, rope, mask, causal, cache)  # (B, T, C)
@@ -357,10 +408,10 @@ class Transformer(nn.Module):
         return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs
 
     def _attention_mask(
-        self, attn_mask: torch.Tensor | None, B: int, T: int, device: torch.device,
+        self, segments: Segments | None, B: int, T: int, device: torch.device,
         cache_positions: torch.Tensor | None = None, cache_len: int = 0,
     ) -> tuple[torch.Tensor | None, bool]:
-        """(mask for SDPA, is_causal). Without padding, avoid a mask so SDPA can pick flash attention.
+        """(mask for SDPA, is_causal). Without segments, avoid a mask so SDPA can pick flash attention.
 
         With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
         the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
@@ -374,22 +425,15 @@ class Transformer(nn.Module):
             if window is not None:  # the last `window` keys, the query's own included (Mistral)
                 mask &= k_pos > q_pos - window
             return mask[:, None], False  # (B, 1, T, S_max)
-        if attn_mask is None and (window is None or T <= window):
+        if segments is None and (window is None or T <= window):
             return None, True  # plain causal prefill / training
-        q_pos = torch.arange(T, device=device)  # (T,)
-        mask = q_pos[None, :] <= q_pos[:, None]  # (T, T) causal
-        if window is not None:
-            mask &= q_pos[None, :] > q_pos[:, None] - window
-        if attn_mask is not None and attn_mask.dim() == 4:
-            return (attn_mask & mask) if window is not None else attn_mask, False
-        if attn_mask is None:
-            return mask[None, None], False  # (1, 1, T, T)
-        if attn_mask.shape != (B, T):
-            raise ValueError(f"attn_mask must be (batch, tokens) = {(B, T)}, got {tuple(attn_mask.shape)}")
-        # A padding query still sees itself, so no row is fully masked (that would give NaN, and NaN
-        # values in a padded slot poison real rows through 0 * NaN in the next layer).
-        mask = (mask & attn_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (B, T, T)
-        return mask[:, None], False  # (B, 1, T, T)
+        if segments is not None and segments.ids.shape != (B, T):
+            raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
+        idx = torch.arange(T, device=device)  # (T,)
+        mask = (idx[None, :] <= idx[:, None])[None, None] if segments is None else segments.dense()  # (B|1, 1, T, T)
+        if window is not None:  # counted in indices: the keys within `window` of the query, itself included
+            mask = mask & (idx[None, :] > idx[:, None] - window)
+        return mask, False
 
     # ---- inference helpers and accounting ------------------------------------------------------
 

@@ -58,6 +58,7 @@ from temper.eval.tasks import TaskError
 from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
 from temper.model.peft_io import peft_prefix_refusal, save_peft, save_peft_prefix
+from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import LMLoss
@@ -223,7 +224,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         b = collate_rows(order.docs, [order.row(i) for i in range(start, start + n)], seq_len,
                          loss_masks=order.masks, pad_id=pad)
         return (b.tokens.to(d.device), b.targets.to(d.device),
-                {"positions": b.positions.to(d.device), "attn_mask": b.attention_mask().to(d.device)})
+                {"positions": b.positions.to(d.device), "segments": Segments(b.doc_ids.to(d.device))})
 
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,

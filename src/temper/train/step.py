@@ -29,7 +29,7 @@ from temper.train.losses import IGNORE_INDEX, Batch, LMLoss, Loss, token_loss_su
 __all__ = ["IGNORE_INDEX", "Batch", "MicroBatch", "NonFiniteLoss", "StepResult", "autocast", "eval_loss",
            "resolve_precision", "throughput", "token_loss_sum", "train_step"]
 
-# A Batch, or (inputs (B, T), targets (B, T)[, dict of model keyword arguments: positions, attn_mask]).
+# A Batch, or (inputs (B, T), targets (B, T)[, dict of model keyword arguments: positions, segments]).
 MicroBatch = Batch | tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]
 
 

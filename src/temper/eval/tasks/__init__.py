@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from temper.data.sources import DataError, RecordError, json_records
+from temper.errors import InputError
 
 T = TypeVar("T")
 
 
-class TaskError(ValueError):
+class TaskError(InputError):
     """A task file or option that cannot be used; the message names the file and line or the key."""
 
 
