@@ -45,3 +45,26 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
 def score_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """values (B, T) read at one position per row (B,): a sequence's reward at its last token."""
     return values.gather(-1, positions.unsqueeze(-1)).squeeze(-1)  # (B,)
+
+
+class RewardModel(nn.Module):
+    """A decoder whose output is one score per sequence: a `ScalarHead` on its final hidden states, read
+    at each row's last real token (the Bradley-Terry reward model of InstructGPT; the layout of Hugging
+    Face's `*ForSequenceClassification` with one label). The backbone's own output layer is unused.
+
+    forward(tokens (B, T), last (B,): index of each row's last real token, **model kwargs) -> (B,) scores.
+    """
+
+    def __init__(self, backbone: nn.Module, bias: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ScalarHead(backbone.cfg.dim, bias=bias)
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    def forward(self, tokens: torch.Tensor, *, last: torch.Tensor, **kwargs) -> torch.Tensor:
+        hidden = self.backbone(tokens, hidden_only=True, **kwargs)  # (B, T, C)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.head(hidden[rows, last]).float()  # (B,): only the scored positions go through the head

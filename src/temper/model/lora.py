@@ -22,8 +22,9 @@ not quantize, read or write adapter files (`peft_io.py`), or train.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,7 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **kw)) if dora else None  # (out,)
         # p = 0 is an Identity, not Dropout(0): no copy of x is made and saved for backward.
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -79,6 +81,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out); an NF4 weight goes to torchao's linear_nf4
+        if not self.enabled:  # the base model, e.g. DPO's reference (`adapters_disabled`)
+            return y
         xd = self.dropout(x)
         xa = xd if torch.is_autocast_enabled(x.device.type) else xd.to(self.lora_a.dtype)  # else autocast casts
         h = F.linear(F.linear(xa, self.lora_a), self.lora_b)  # (..., out)
@@ -176,6 +180,21 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
                 linear.requires_grad_(False)
                 setattr(parent, name, linear)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every `LoRALinear` of `model` computes its frozen base layer alone: the model
+    before fine-tuning, from the same weights. DPO's reference policy under LoRA is this, with no
+    second copy of the base (PEFT's `disable_adapter`)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,190 @@
+"""Objectives on preference pairs: the Bradley-Terry reward loss, and DPO and its family.
+
+A batch of P pairs is 2P rows, the P chosen responses first and then the P rejected ones in the same
+order (TRL's layout, `data.prefs` collates it); targets are IGNORE_INDEX outside the responses, so a
+row's summed target log-probability is log pi(response | prompt). Each objective is a `train.losses`
+`Loss`: its unit is the pair, `train_step` divides the summed per-pair losses by the global number of
+pairs, and its metrics are sums over pairs that are logged as means, under TRL's names.
+
+DPO-family losses, with pi_c, pi_r the policy's summed log-probs, ref_c, ref_r the reference's, n_c,
+n_r the response lengths, and z the scaled margin:
+- `sigmoid`  DPO (Rafailov et al. 2023): z = beta * ((pi_c - ref_c) - (pi_r - ref_r)); -log sigmoid(z).
+             With `label_smoothing` e > 0, conservative DPO: -(1 - e) log sigmoid(z) - e log sigmoid(-z).
+- `ipo`      IPO (Azar et al. 2023), on per-token log-ratios as TRL and the authors compute it:
+             ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2.
+- `simpo`    SimPO (Meng et al. 2024), reference-free and length-normalised:
+             z = beta * (pi_c / n_c - pi_r / n_r) - gamma; the sigmoid loss of z (label smoothing as above).
+- `orpo`     ORPO (Hong et al. 2024), reference-free, on top of the chosen response's SFT loss: with
+             a = pi / n (mean token log-prob), -a_c - beta * log sigmoid(log odds(a_c) - log odds(a_r)),
+             log odds(a) = a - log(1 - exp(a)).
+The reference log-probs come from the batch (`extra["ref_logps"]`, precomputed once) or from a
+`reference` function: a frozen copy of the base (`frozen_reference`), or, under LoRA, the policy's own
+weights with the adapters off (`adapters_off_reference`: no second copy of the model).
+
+It does not build batches (data/prefs.py), run the optimizer (train/step.py) or own the models' heads
+(model/heads.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.model.lora import adapters_disabled
+from temper.train.losses import IGNORE_INDEX, Batch, LossOut, token_logprobs
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+Reference = Callable[[Batch], torch.Tensor]
+"""batch -> (2P,) summed log-probs of every row's targets under the reference policy, without gradient."""
+
+
+def pairs(batch: Batch) -> int:
+    rows = batch.inputs.shape[0]
+    if rows % 2:
+        raise ValueError(f"a preference batch holds chosen and rejected rows of P pairs (2P rows), got {rows} rows")
+    return rows // 2
+
+
+def response_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (2P,) with gradient, response lengths (2P,)) of every row's targets."""
+    logits = model(batch.inputs, **batch.model_kwargs)  # (2P, T, V)
+    return token_logprobs(logits, batch.targets).sum(-1), (batch.targets != IGNORE_INDEX).sum(-1)
+
+
+def frozen_reference(reference_model: nn.Module) -> Reference:
+    """The reference policy as a separate frozen model (full fine-tuning: a copy of the starting weights)."""
+    reference_model.requires_grad_(False)
+
+    @torch.no_grad()
+    def reference(batch: Batch) -> torch.Tensor:
+        return response_logprobs(reference_model, batch)[0]
+
+    return reference
+
+
+def adapters_off_reference(model: nn.Module) -> Reference:
+    """The reference policy of a LoRA run: the policy's own model with every adapter switched off."""
+
+    @torch.no_grad()
+    def reference(batch: Batch) -> torch.Tensor:
+        with adapters_disabled(model):
+            return response_logprobs(model, batch)[0]
+
+    return reference
+
+
+def _sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - e) log sigmoid(z) - e log sigmoid(-z): the logistic loss, with the labels flipped at rate e."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012): log(-expm1(a)) near 0,
+    log1p(-exp(a)) below -log 2."""
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+@dataclass
+class PreferenceLoss:
+    """DPO and its family on a batch of pairs; see the module docstring for each `kind`."""
+
+    kind: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1
+    """DPO's inverse temperature of the implicit reward; ORPO's weight of the odds-ratio term."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's label is flipped (conservative DPO; sigmoid and simpo only)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin."""
+    reference: Reference | None = None
+    """Where the reference log-probs come from when the batch does not carry them (`extra["ref_logps"]`)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {self.kind!r}; choose one of {PREFERENCE_LOSSES}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(pairs(batch), device=batch.inputs.device)
+
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
+        if "ref_logps" in batch.extra:
+            return batch.extra["ref_logps"].float()
+        if self.reference is None:
+            raise ValueError(f"{self.kind} needs reference log-probs: give the loss a reference, or the batch "
+                             "extra['ref_logps']")
+        return self.reference(batch).float()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        P = pairs(batch)
+        logps, lengths = response_logprobs(model, batch)  # (2P,), (2P,)
+        n = lengths.clamp(min=1).float()
+        b = self.beta
+        if self.kind in REFERENCE_FREE:
+            avg = logps / n  # (2P,) mean token log-prob
+            avg_c, avg_r = avg[:P], avg[P:]
+            shown_c, shown_r = avg_c, avg_r  # TRL's CPO / ORPO log these, and rewards = beta * them
+            rewards_c, rewards_r = b * avg_c.detach(), b * avg_r.detach()
+            metrics = {}
+            if self.kind == "simpo":
+                losses = _sigmoid_loss(b * (avg_c - avg_r) - self.simpo_gamma, self.label_smoothing)
+            else:
+                log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+                ratio = F.logsigmoid(log_odds)
+                nll = -avg_c
+                losses = nll - b * ratio
+                metrics = {"nll_loss": nll.detach().sum(), "log_odds_ratio": ratio.detach().sum(),
+                           "log_odds_chosen": log_odds.detach().sum()}
+        else:
+            ref = self.reference_logps(batch)  # (2P,)
+            ratio = logps - ref  # (2P,) log pi / pi_ref of each response
+            ratio_c, ratio_r = ratio[:P], ratio[P:]
+            if self.kind == "sigmoid":
+                losses = _sigmoid_loss(b * (ratio_c - ratio_r), self.label_smoothing)
+            else:  # ipo
+                losses = ((ratio_c / n[:P] - ratio_r / n[P:]) - 1 / (2 * b)) ** 2
+            shown_c, shown_r = logps[:P], logps[P:]
+            rewards_c, rewards_r = b * ratio_c.detach(), b * ratio_r.detach()
+            metrics = {}
+        metrics |= {
+            "rewards/chosen": rewards_c.sum(), "rewards/rejected": rewards_r.sum(),
+            "rewards/accuracies": (rewards_c > rewards_r).float().sum(),
+            "rewards/margins": (rewards_c - rewards_r).sum(),
+            "logps/chosen": shown_c.detach().sum(), "logps/rejected": shown_r.detach().sum(),
+        }
+        return LossOut(losses.sum(), metrics)
+
+
+@dataclass
+class RewardLoss:
+    """Bradley-Terry loss of a reward model (`model.heads.RewardModel`) on pairs: -log sigmoid(r_c - r_r - m),
+    with an optional per-pair margin m (`extra["margin"]`, as in Llama 2) and reward centering
+    (Eisenstein et al. 2023): + coef * (r_c + r_r)^2, which keeps scores near zero without changing
+    which response is preferred. The reward model reads each row at `extra["last"]`, its last real token."""
+
+    center_coef: float = 0.0
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(pairs(batch), device=batch.inputs.device)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        P = pairs(batch)
+        scores = model(batch.inputs, last=batch.extra["last"], **batch.model_kwargs)  # (2P,)
+        r_c, r_r = scores[:P], scores[P:]
+        margin = batch.extra.get("margin")
+        diff = r_c - r_r - (margin.float() if margin is not None else 0.0)
+        losses = -F.logsigmoid(diff)
+        if self.center_coef:
+            losses = losses + self.center_coef * (r_c + r_r) ** 2
+        gap = (r_c - r_r).detach()
+        return LossOut(losses.sum(), {"accuracy": (gap > 0).float().sum(), "margin": gap.sum(),
+                                      "rewards/chosen": r_c.detach().sum(), "rewards/rejected": r_r.detach().sum()})

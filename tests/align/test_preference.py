@@ -1,0 +1,213 @@
+"""Preference losses against TRL's own implementations, on the same model and batch.
+
+TRL's trainers compute their losses inside methods that read the trainer's attributes; the tests
+call those methods unbound on a namespace holding just those attributes, so what is compared is
+TRL's code, not a transcription of it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from temper.align.preference import PreferenceLoss, RewardLoss, adapters_off_reference, frozen_reference
+from temper.model.config import PRESETS
+from temper.model.convert import to_hf_config, to_hf_state_dict
+from temper.model.heads import RewardModel, last_positions
+from temper.model.lora import apply_lora
+from temper.model.transformer import Transformer
+from temper.train.losses import IGNORE_INDEX, Batch
+
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+
+P, T = 3, 14
+
+
+def _models():
+    torch.manual_seed(0)
+    cfg = PRESETS["debug-llama"]
+    policy = Transformer(cfg).eval()
+    reference = Transformer(cfg).eval()  # another random model: the log-ratios are far from zero
+    return cfg, policy, reference
+
+
+def _hf(model: Transformer):
+    hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(model.cfg))
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    hf.load_state_dict(to_hf_state_dict(model.cfg, model.state_dict()), strict=False)
+    return hf
+
+
+def _pairs(vocab: int):
+    """Right-padded rows of prompts + responses of different lengths: TRL's input_ids, attention_mask and
+    completion_mask, and temper's Batch of the same tokens (targets only on the responses)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(2 * P, T, dtype=torch.long)
+    attn = torch.zeros(2 * P, T, dtype=torch.long)
+    comp = torch.zeros(2 * P, T, dtype=torch.long)
+    for r in range(2 * P):
+        prompt, resp = 3 + r % 3, 2 + (5 * r) % 7
+        ids[r, :prompt + resp] = torch.randint(1, vocab, (prompt + resp,), generator=g)
+        attn[r, :prompt + resp] = 1
+        comp[r, prompt:prompt + resp] = 1
+    targets = torch.where(comp[:, 1:].bool(), ids[:, 1:], IGNORE_INDEX)
+    return ids, attn, comp, Batch(ids[:, :-1], targets)
+
+
+def _trl_dpo(loss_type: str, beta: float, hf_policy, ref_logps, ids, attn, comp):
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(hf_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    ns = SimpleNamespace(model=hf_policy, accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
+                         precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+                         loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
+                         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                         _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
+              "ref_chosen_logps": ref_logps[:P], "ref_rejected_logps": ref_logps[P:]}
+    loss = DPOTrainer._compute_loss(ns, hf_policy, inputs, False)
+    return loss, {k: v[-1] for k, v in ns._metrics["eval"].items()}
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trl_dpo_trainer(kind):
+    cfg, policy, reference = _models()
+    ids, attn, comp, batch = _pairs(cfg.vocab_size)
+    loss_fn = PreferenceLoss(kind, beta=0.3, reference=frozen_reference(reference))
+    ref_logps = loss_fn.reference_logps(batch)
+    out = loss_fn(policy, batch)
+    ours = out.loss_sum / loss_fn.count(batch)
+    theirs, metrics = _trl_dpo(kind, 0.3, _hf(policy), ref_logps, ids, attn, comp)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"):
+        assert out.metrics[name].item() / P == pytest.approx(metrics[name], rel=1e-5, abs=1e-5), name
+
+
+def _cpo_namespace(loss_type: str, beta: float, label_smoothing: float, gamma: float):
+    return SimpleNamespace(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma,
+                           cpo_alpha=0.0, alpha=0.0, accelerator=SimpleNamespace(device=torch.device("cpu")))
+
+
+def _avg_logps(policy, batch):
+    from temper.align.preference import response_logprobs
+
+    with torch.no_grad():
+        logps, n = response_logprobs(policy, batch)
+    return logps / n
+
+
+def test_simpo_equals_trl_cpo_trainer():
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    cfg, policy, _ = _models()
+    *_, batch = _pairs(cfg.vocab_size)
+    loss_fn = PreferenceLoss("simpo", beta=2.0, label_smoothing=0.1, simpo_gamma=0.7)
+    out = loss_fn(policy, batch)
+    avg = _avg_logps(policy, batch)
+    losses, rc, rr = CPOTrainer.cpo_loss(_cpo_namespace("simpo", 2.0, 0.1, 0.7), avg[:P], avg[P:])
+    torch.testing.assert_close(out.loss_sum / P, losses.mean(), rtol=1e-5, atol=1e-6)
+    assert out.metrics["rewards/chosen"].item() / P == pytest.approx(rc.mean().item(), rel=1e-5)
+    assert out.metrics["rewards/margins"].item() / P == pytest.approx((rc - rr).mean().item(), rel=1e-5)
+
+
+def test_conservative_dpo_is_the_label_smoothed_sigmoid_of_trl():
+    """cDPO's loss on the log-ratios is CPO's label-smoothed sigmoid loss on them (the same formula)."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    cfg, policy, reference = _models()
+    *_, batch = _pairs(cfg.vocab_size)
+    loss_fn = PreferenceLoss("sigmoid", beta=0.5, label_smoothing=0.2, reference=frozen_reference(reference))
+    out = loss_fn(policy, batch)
+    from temper.align.preference import response_logprobs
+
+    with torch.no_grad():
+        ratio = response_logprobs(policy, batch)[0] - loss_fn.reference_logps(batch)
+    losses, *_ = CPOTrainer.cpo_loss(_cpo_namespace("sigmoid", 0.5, 0.2, 0.0), ratio[:P], ratio[P:])
+    torch.testing.assert_close(out.loss_sum / P, losses.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_orpo_equals_trl_orpo_trainer_on_equal_lengths():
+    """ORPO's SFT term is per-pair mean NLL (the paper's); TRL averages over the batch's tokens, so the
+    two agree when the chosen responses have equal lengths, as here."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    cfg, policy, _ = _models()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, cfg.vocab_size, (2 * P, T), generator=g)
+    targets = ids[:, 1:].clone()
+    targets[:, :4] = IGNORE_INDEX  # a 5-token prompt, the same 9-token response length everywhere
+    batch = Batch(ids[:, :-1], targets)
+    loss_fn = PreferenceLoss("orpo", beta=0.25)
+    out = loss_fn(policy, batch)
+    avg = _avg_logps(policy, batch)
+    ns = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    losses, rc, rr, ratio, log_odds = ORPOTrainer.odds_ratio_loss(ns, avg[:P], avg[P:])
+    nll = -avg[:P].mean()
+    torch.testing.assert_close(out.loss_sum / P, nll - losses.mean(), rtol=1e-5, atol=1e-6)
+    assert out.metrics["log_odds_ratio"].item() / P == pytest.approx(ratio.item(), rel=1e-5)
+    assert out.metrics["log_odds_chosen"].item() / P == pytest.approx(log_odds.item(), rel=1e-5)
+
+
+def test_reward_loss_equals_trl_reward_trainer():
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    cfg, policy, _ = _models()
+    ids, attn, comp, batch = _pairs(cfg.vocab_size)
+    torch.manual_seed(3)
+    model = RewardModel(policy)
+    last = last_positions(attn.bool())
+    margin = torch.tensor([0.0, 0.5, 1.0])
+    rbatch = Batch(ids, ids, extra={"last": last, "margin": margin})
+    loss_fn = RewardLoss(center_coef=0.01)
+    out = loss_fn(model, rbatch)
+
+    scores = model(ids, last=last).detach()
+    trainer_model = SimpleNamespace(training=True)
+
+    def hf_like(**inputs):  # the sequence-classification output TRL reads: logits (2P, 1)
+        return SimpleNamespace(logits=scores[:, None])
+
+    ns = SimpleNamespace(model=trainer_model, args=SimpleNamespace(center_rewards_coefficient=0.01),
+                         accelerator=SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t),
+                         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    theirs = RewardTrainer.compute_loss(ns, hf_like, {"input_ids": ids, "attention_mask": attn, "margin": margin})
+    torch.testing.assert_close(out.loss_sum / P, theirs, rtol=1e-5, atol=1e-6)
+    assert out.metrics["accuracy"].item() / P == pytest.approx(ns._metrics["train"]["accuracy"][-1])
+    assert out.metrics["margin"].item() / P == pytest.approx(ns._metrics["train"]["margin"][-1], rel=1e-5)
+
+
+def test_lora_reference_is_the_base_without_a_second_copy():
+    """Adapters off gives the base model's log-probs exactly, and the policy's differ once B is nonzero."""
+    cfg, policy, _ = _models()
+    *_, batch = _pairs(cfg.vocab_size)
+    base = copy.deepcopy(policy)
+    apply_lora(policy, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)
+    ref = adapters_off_reference(policy)(batch)
+    torch.testing.assert_close(ref, frozen_reference(base)(batch), rtol=0, atol=1e-5)
+    loss_fn = PreferenceLoss("sigmoid", reference=adapters_off_reference(policy))
+    out = loss_fn(policy, batch)
+    assert out.metrics["rewards/margins"].abs().item() > 0
+    out.loss_sum.backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_bad_batches_are_refused():
+    cfg, policy, _ = _models()
+    with pytest.raises(ValueError, match="unknown preference loss 'dpo'"):
+        PreferenceLoss("dpo")
+    with pytest.raises(ValueError, match=r"\(2P rows\), got 3 rows"):
+        PreferenceLoss("simpo")(policy, Batch(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        PreferenceLoss("sigmoid")(policy, _pairs(cfg.vocab_size)[-1])
