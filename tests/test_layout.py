@@ -19,7 +19,7 @@ ALLOWED = {
     "model": set(),
     "train": {"data", "model"},
     "infer": {"model", "data"},
-    "align": {"train", "infer", "data"},
+    "align": {"train", "infer", "data", "model"},
     "eval": {"infer", "model", "data"},
     "rag": {"infer", "data", "model"},
     "recipes": {"data", "model", "train", "infer", "align", "eval", "rag"},
