@@ -79,7 +79,8 @@ part finetune 110 "$PY" benchmarks/finetune_memory.py "${FINETUNE[@]}" --json "$
 TEXT="$DATA/tinyshakespeare/input.txt"
 if [ "$SHAKE_CHARS" != 0 ]; then head -c "$SHAKE_CHARS" "$TEXT" >"$WORK/input.txt" && TEXT="$WORK/input.txt"; fi
 part shakespeare 60 bash -c "$(printf '%q ' "$PY" -m temper prepare --input "$TEXT" --out "$WORK/shakespeare_char" \
-  --tokenizer.kind=char --tokenizer.special_tokens=[] --tokenizer.eot_token= --split=tail --val_fraction=0.1 \
+  --tokenizer.kind=char --tokenizer.special_tokens=[] --tokenizer.eot_token= --tokenizer.unknown=error --split=tail \
+  --val_fraction=0.1 \
   --progress=false) && $(printf '%q ' "$PY" -m temper pretrain "${SHAKE[@]}" --data.dir="$WORK/shakespeare_char" \
   --run.dir="$WORK/runs" --run.name=shakespeare --log.progress=false)"
 

@@ -8,7 +8,8 @@ bash scripts/install.sh
 . .venv/bin/activate
 DATA=${SHARED_DATA:-../shared/data}
 temper prepare --input "$DATA/tinyshakespeare/input.txt" --out data/shakespeare_char \
-  --tokenizer.kind=char --tokenizer.special_tokens=[] --tokenizer.eot_token= --split=tail --val_fraction=0.1
+  --tokenizer.kind=char --tokenizer.special_tokens=[] --tokenizer.eot_token= --tokenizer.unknown=error \
+  --split=tail --val_fraction=0.1
 if [ "${1:-gpu}" = "cpu" ]; then
   temper pretrain --config configs/shakespeare-char-cpu.yaml
   temper generate --checkpoint runs/shakespeare-char-cpu/final --prompt "ROMEO:" --max_new_tokens 300 --temperature 0.8

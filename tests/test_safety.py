@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from temper import faults
+from temper.errors import InputError
 from temper.files import UnsafePath, safe_join, safe_name, safe_torch_load, sha256_file
 from temper.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -150,6 +151,53 @@ def test_no_unrestricted_torch_load_or_trusted_remote_code_in_src() -> None:
                     if isinstance(key, ast.Constant) and key.value == "trust_remote_code" and _is_true(value):
                         problems.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: literal trust_remote_code True")
     assert not problems, "\n".join(problems)
+
+
+# Third-party entry points that run a repository's code when told to: a call in src must say
+# trust_remote_code=<a variable> (threaded from the user's flag), never leave it to the library's default.
+_REMOTE_CODE_CALLS = ("from_pretrained", "load_dataset", "pipeline", "AutoConfig", "AutoModel", "AutoTokenizer")
+
+
+def _implicit_remote_code(tree: ast.AST) -> list[ast.Call]:
+    def name(call: ast.Call) -> str:
+        return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
+    return [c for c in _calls(tree)
+            if name(c) in _REMOTE_CODE_CALLS and not any(k.arg == "trust_remote_code" for k in c.keywords)]
+
+
+def test_remote_code_flag_is_explicit_at_every_third_party_loader_in_src() -> None:
+    problems = [f"{path.relative_to(SRC.parent)}:{call.lineno}: {ast.unparse(call.func)}(...) without trust_remote_code="
+                for path in sorted(SRC.rglob("*.py"))
+                for call in _implicit_remote_code(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not problems, "\n".join(problems)
+    caught = _implicit_remote_code(ast.parse("AutoModel.from_pretrained(p)\nload_dataset(d, trust_remote_code=t)"))
+    assert [c.lineno for c in caught] == [1]
+
+
+def test_every_checkpoint_loader_takes_the_flag_and_refuses_true_without_a_pinned_commit(tmp_path) -> None:
+    """Row 29: the flag reaches every loader (lm-eval's --trust_remote_code arrives as model_args), False by
+    default, and True is refused unless `revision` is a 40-hex commit, before anything is read."""
+    import inspect
+
+    from temper.infer.load import load_for_inference, open_checkpoint
+    from temper.model.convert import load_hf
+    from temper.recipes.lm_eval import load_checkpoint
+
+    loaders = (load_hf, open_checkpoint, load_for_inference, load_checkpoint)
+    for fn in loaders:
+        params = inspect.signature(fn).parameters
+        assert params["trust_remote_code"].default is False and params["revision"].default is None, fn.__name__
+        for revision in (None, "main", "v1.0", "0" * 39, "g" * 40):
+            with pytest.raises(InputError, match="trust_remote_code=True needs revision=<a 40-hex commit id>"):
+                fn(tmp_path, trust_remote_code=True, revision=revision)
+        with pytest.raises(InputError, match="no config.json|not a directory"):  # pinned: on to reading the files
+            fn(tmp_path / "nowhere", trust_remote_code=True, revision="0123456789abcdef" * 2 + "01234567")
+    pytest.importorskip("lm_eval")
+    from temper.recipes.lm_eval import register
+
+    with pytest.raises(InputError, match="trust_remote_code=True needs revision"):  # --trust_remote_code
+        register()(checkpoint=str(tmp_path), trust_remote_code="True")
 
 
 def test_lint_catches_what_it_should() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import download, estimate, evaluate, generate, lm_eval, prepare, pretrain, sft
+from temper.recipes import download, dpo, estimate, evaluate, generate, lm_eval, prepare, pretrain, sft
 
 COMMANDS = {
     "prepare": prepare.main,
     "pretrain": pretrain.main,
     "sft": sft.main,
+    "dpo": dpo.main,
     "generate": generate.main,
     "estimate": estimate.main,
     "download": download.main,
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"temper {argv[0]}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and exits 143)
+        print(f"temper {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

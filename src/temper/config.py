@@ -30,8 +30,16 @@ from temper.errors import InputError
 T = TypeVar("T")
 
 
+# The characters str.splitlines() breaks at, written as escapes in a message: a key or value typed
+# with one of them must not turn a one-line error into several.
+_BREAKS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")}
+
+
 class ConfigError(InputError):
-    """A config file or flag that cannot become the typed config; the message names the key."""
+    """A config file or flag that cannot become the typed config; the message names the key, on one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(str(message).translate(_BREAKS))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -229,6 +237,16 @@ def _is_text(tp: Any) -> bool:
     return any(a is str or typing.get_args(a) == (str,) or typing.get_args(a)[:1] == (str,) for a in _members(tp))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line, what is wrong and where: its own message spans several lines
+    (it quotes the text, with a caret under the spot)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return " ".join(x for x in (e.context, e.problem) if x) + where
+    return " ".join(str(e).split())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file; a clear error for a missing file or a document that is not a mapping."""
     path = Path(path)
@@ -236,8 +254,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from e
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: invalid YAML: collections nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     return data
@@ -275,7 +297,9 @@ def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as e:
-                raise ConfigError(f"--{key}: cannot read value {raw!r}: {e}") from None
+                raise ConfigError(f"--{key}: cannot read value {raw!r}: {yaml_problem(e)}") from None
+            except RecursionError:
+                raise ConfigError(f"--{key}: cannot read value {raw[:40]!r}...: nested too deeply") from None
             if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
                 value = raw  # a string that merely looks like YAML structure (e.g. "a: b")
         if _is_list(tp) and key in flags:

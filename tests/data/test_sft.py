@@ -26,6 +26,7 @@ from temper.data.sft import (
     load_sft_examples,
     parse_record,
     read_sft_records,
+    skip_summary,
     tokenize_record,
 )
 from temper.data.sources import DataError
@@ -130,8 +131,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(fam
     tokenize_record(SFTRecord(CHAT[:2], "chat.jsonl:8"), ours, chat_template=REWRITES_HISTORY)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}])
     stats = SFTStats()
-    examples = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=REWRITES_HISTORY, strict=False),
-                                 ours, stats)
+    examples = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=REWRITES_HISTORY, strict=False,
+                                               max_skip_fraction=0.5), ours, stats)
     assert [e.where for e in examples] == [f"{path}:2"]
     assert stats.skipped == {"prefix_mismatch": 1} and stats.problems[0].startswith(f"{path}:1: turn 1: ")
 
@@ -345,8 +346,35 @@ def test_load_refuses_a_chat_template_the_tokenizer_lacks_and_empty_results(fami
     with pytest.raises(DataError, match="no chat template: use template=alpaca"):
         load_sft_examples(SFTDataConfig(files=[str(path)]), ours)
     bad = write_jsonl(tmp_path / "b.jsonl", [{"messages": [U, U]}])
-    with pytest.raises(DataError, match="no SFT examples left from 1 records: skipped {'role_order': 1}"):
-        load_sft_examples(SFTDataConfig(files=[str(bad)], template="alpaca", strict=False), ours)
+    with pytest.raises(DataError, match=f"no SFT examples left in {bad} from 1 records: skipped {{'role_order': 1}}"):
+        load_sft_examples(SFTDataConfig(files=[str(bad)], template="alpaca", strict=False, max_skip_fraction=1), ours)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=f"no SFT records in {empty}: the data is empty"):
+        load_sft_examples(SFTDataConfig(files=[str(empty)], template="alpaca"), ours)
+    with pytest.raises(DataError, match="no SFT data files given: pass --data.files"):
+        load_sft_examples(SFTDataConfig(template="alpaca"), ours)
+
+
+def test_skipped_records_are_reported_and_too_many_stop(families, tmp_path):
+    """strict=false with 18 bad records of 20: stops naming the counts and the first records, as prepare
+    does; allowed by max_skip_fraction, it trains on 2 and says how many were skipped, why and where."""
+    ours, _ = families["llama3"]
+    rows = [GOOD] + [{"messages": [U, U]}] * 9 + ["{not json"] * 9 + [GOOD]
+    path = write_jsonl(tmp_path / "mostly_bad.jsonl", rows)
+    with pytest.raises(DataError, match=re.escape("18 of 20 records were bad input (90.0%), above max_skip_fraction=0.01")
+                       + f".*{re.escape(str(path))}:2: "):
+        load_sft_examples(SFTDataConfig(files=[str(path)], template="alpaca", strict=False), ours)
+    stats = SFTStats()
+    examples = load_sft_examples(SFTDataConfig(files=[str(path)], template="alpaca", strict=False,
+                                               max_skip_fraction=0.9), ours, stats)
+    assert [e.where for e in examples] == [f"{path}:1", f"{path}:20"]
+    line = skip_summary(stats)
+    assert line.startswith("bad records skipped: 18 of 20 (role_order 9, invalid_json 9); first: ")
+    assert f"{path}:2: " in line and f"{path}:4: " in line and "\n" not in line
+    assert skip_summary(SFTStats()) == ""
+    with pytest.raises(ValueError, match="max_skip_fraction"):
+        SFTDataConfig(max_skip_fraction=1.5)
 
 
 # ---- the check --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from temper.data.shards import (
     load_index,
     load_split,
     read_manifest,
+    tokenizer_path,
     write_manifest,
 )
 from temper.files import UnsafePath
@@ -113,3 +114,41 @@ def test_no_separator_when_eot_is_none(tmp_path):
     assert load_split(tmp_path, "train")[0].tolist() == [1, 2, 3]
     assert load_index(tmp_path, "train")[0].tolist() == [0, 2]
     assert read_manifest(tmp_path)["eot_id"] is None
+
+
+@pytest.mark.parametrize("tokenizer", ["/etc/passwd", "../tokenizer.json", "a/../../x.json"])
+def test_manifest_tokenizer_cannot_point_outside_the_directory(tmp_path, tokenizer):
+    """The manifest is input: its tokenizer is confined to the data directory as its shards are."""
+    write(tmp_path / "d", [[1, 2]])
+    manifest = json.loads((tmp_path / "d/manifest.json").read_text())
+    (tmp_path / "d/manifest.json").write_text(json.dumps({**manifest, "tokenizer": tokenizer}))
+    with pytest.raises(UnsafePath, match=rf"{tmp_path / 'd/manifest.json'}: tokenizer: path .* (is absolute|escapes)"):
+        read_manifest(tmp_path / "d")
+    with pytest.raises(UnsafePath):
+        tokenizer_path(tmp_path / "d", manifest | {"tokenizer": tokenizer})
+    assert tokenizer_path(tmp_path / "d", manifest) == (tmp_path / "d/tokenizer.json").resolve()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["splits"]["train"]["shards"][0].pop("tokens"), r"splits.train.shards\[0\].tokens is missing"),
+    (lambda m: m["splits"]["train"].pop("shards"), "splits.train.shards is missing"),
+    (lambda m: m.pop("vocab_size"), "vocab_size is missing"),
+    (lambda m: m.pop("splits"), "splits is missing"),
+    (lambda m: m.update(vocab_size="1000"), "vocab_size must be an integer, got str"),
+    (lambda m: m.update(splits=[]), "splits must be an object, got list"),
+    (lambda m: m["splits"].update(train=3), "splits.train must be an object, got int"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(file=None), r"splits.train.shards\[0\].file must be a string"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(documents=-1), r"splits.train.shards\[0\].documents must not be negative"),
+    (lambda m: m["splits"]["train"]["shards"].append("x"), r"splits.train.shards\[1\] must be an object"),
+    (lambda m: m.update(dtype="float32"), "dtype is 'float32'"),
+    (lambda m: m.update(eot_id=5000), "eot_id must be null or an id below vocab_size"),
+    (lambda m: m.update(tokenizer=7), "tokenizer must be a string, got int"),
+])
+def test_manifest_with_a_missing_or_wrong_typed_key_names_the_key_and_file(tmp_path, edit, message):
+    write(tmp_path, [[1, 2]])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for reader in (read_manifest, lambda d: load_split(d, "train"), lambda d: load_index(d, "train")):
+        with pytest.raises(ShardCorrupt, match=f"{tmp_path / 'manifest.json'}: {message}"):
+            reader(tmp_path)

@@ -22,8 +22,12 @@ from tokenizers import (
 
 from temper.data.tokenizer import (
     EOT,
+    MAX_VOCAB_SIZE,
+    UNK,
     HFTokenizer,
     TokenizerError,
+    TokenizerNotFound,
+    UnknownCounter,
     decode,
     encode_batch,
     eot_id,
@@ -35,6 +39,7 @@ from temper.data.tokenizer import (
     train_tokenizer,
     vocab_size,
 )
+from temper.errors import InputError
 from temper.files import UnsafePath
 from tests.conftest import SHARED_DATA
 
@@ -48,14 +53,48 @@ CORPUS = [
 
 def test_char_tokenizer_on_tinyshakespeare_is_nanogpts(shared_data):
     text = (shared_data / "tinyshakespeare/input.txt").read_text()
-    tok = train_tokenizer([text], "char", special_tokens=[])
+    tok = train_tokenizer([text], "char", special_tokens=[], unknown="error")  # no unknown token: nanoGPT's 65
     assert vocab_size(tok) == 65
     chars = sorted(set(text))  # nanoGPT: stoi = {ch: i for i, ch in enumerate(chars)}
     head = text[:2000]
     assert tok.encode(head).ids == [chars.index(c) for c in head]
     assert decode(tok, tok.encode(text).ids) == text
-    with_eot = train_tokenizer([text], "char")
-    assert vocab_size(with_eot) == 66 and eot_id(with_eot) == 65
+    with_eot = train_tokenizer([text], "char")  # the characters keep their ids; EOT, then UNK, follow them
+    assert vocab_size(with_eot) == 67 and eot_id(with_eot) == 65 and with_eot.token_to_id(UNK) == 66
+    assert with_eot.encode(head).ids == [chars.index(c) for c in head]
+
+
+PROMPT = "日本語 ☃ 𝄞"  # no character but the spaces is in a corpus of ASCII text
+
+
+def test_char_tokenizer_encodes_unknown_characters_as_a_counted_unk_token():
+    tok = train_tokenizer(["hello world"], "char")
+    unk, space = tok.token_to_id(UNK), tok.token_to_id(" ")
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    assert ids == [unk, unk, unk, space, unk, space, unk]  # one per character, none dropped
+    counter = UnknownCounter(tok)
+    assert counter.active and not counter.drops and counter.count(PROMPT, ids) == 5
+    assert counter.describe(PROMPT, 5) == "5 characters ('☃', '日', '本', '語', '𝄞') not in the tokenizer's vocabulary"
+    assert counter.count("hello", tok.encode("hello").ids) == 0
+    # the literal text of UNK in a document is characters, not the token (it is not an added token)
+    literal = train_tokenizer([f"hello {UNK}"], "char")
+    assert plain_text_encoder(literal).encode_ids(UNK) == [literal.token_to_id(c) for c in UNK]
+
+
+def test_unknown_characters_that_a_tokenizer_drops_are_counted():
+    """A tokenizer without an unknown token (unknown="error", or one saved by an older temper) drops
+    them in `tokenizers`: the counter finds each one, special-token text aside when it is matched as the token."""
+    tok = train_tokenizer(["hello world"], "char", unknown="error")
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    assert len(ids) == 2  # the two spaces: what `generate` conditioned on
+    counter = UnknownCounter(tok)
+    assert counter.drops and counter.count(PROMPT, ids) == 5 and counter.missing(PROMPT)[0] == "☃"
+    text = f"{EOT}hello"
+    assert counter.count(text, tok.encode(text).ids) == 0  # <|endoftext|> is the token here
+    plain = UnknownCounter(tok, added_are_tokens=False)  # as prepare encodes it: '<', '|', ... are characters
+    assert plain.count(text, plain_text_encoder(tok).encode_ids(text)) == 9  # < | n f t x t | >
+    byte_level = train_tokenizer(CORPUS, "bpe", vocab_size=280)
+    assert not UnknownCounter(byte_level).active  # every byte is in its alphabet
 
 
 def test_bpe_has_the_asked_vocab_and_round_trips_any_text():
@@ -89,8 +128,9 @@ def test_save_and_load_give_the_same_tokenizer(tmp_path):
     for where in (tmp_path / "tokenizer.json", tmp_path):
         loaded = load_tokenizer(where)
         assert [e.ids for e in loaded.encode_batch(CORPUS)] == [e.ids for e in tok.encode_batch(CORPUS)]
-    with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+    with pytest.raises(TokenizerNotFound, match="no tokenizer at") as missing:
         load_tokenizer(tmp_path / "missing")
+    assert isinstance(missing.value, InputError) and isinstance(missing.value, FileNotFoundError)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "bad.json")
@@ -113,6 +153,11 @@ def test_bad_arguments():
         train_tokenizer(CORPUS, "wordpiece")
     with pytest.raises(ValueError, match="smaller than the 256 byte symbols"):
         train_tokenizer(CORPUS, "bpe", vocab_size=200)
+    # the Rust trainer would allocate about 70 GB and abort the process
+    with pytest.raises(TokenizerError, match=f"vocab_size 1000000000 is above the maximum of {MAX_VOCAB_SIZE:,}"):
+        train_tokenizer(CORPUS, "bpe", vocab_size=10**9)
+    with pytest.raises(TokenizerError, match="unknown must be one of"):
+        train_tokenizer(CORPUS, "char", unknown="drop")
 
 
 # ---- Hugging Face tokenizer directories: parity with transformers.AutoTokenizer --------------
@@ -420,6 +465,27 @@ def test_save_writes_what_auto_tokenizer_reloads_identically(family_dirs, tmp_pa
         assert_same_encoding(again, theirs, MIXED)
         assert [(i, t.content, t.special, t.rstrip) for i, t in sorted(theirs.added_tokens_decoder.items())] == [
             (i, t.content, t.special, t.rstrip) for i, t in sorted(ours.tokenizer.get_added_tokens_decoder().items())]
+
+
+def test_chat_template_is_saved_both_as_jinja_and_in_tokenizer_config(tmp_path):
+    """RELIABILITY row 30: chat_template.jinja and tokenizer_config.json's chat_template, identical;
+    readers that know only one of them (transformers 4.4x, vLLM, TGI) find the template."""
+    tok = train_tokenizer(["hello world: user assistant"], "char")
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": EOT}, {"default": template}), tmp_path / "one")
+    config = json.loads((tmp_path / "one/tokenizer_config.json").read_text())
+    assert config["chat_template"] == (tmp_path / "one/chat_template.jinja").read_text() == template
+    several = {"default": template, "rag": "R{{ documents | length }}"}
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": EOT}, several), tmp_path / "two")
+    config = json.loads((tmp_path / "two/tokenizer_config.json").read_text())
+    assert config["chat_template"] == [{"name": "default", "template": template},
+                                       {"name": "rag", "template": "R{{ documents | length }}"}]
+    assert (tmp_path / "two/additional_chat_templates/rag.jinja").read_text() == several["rag"]
+    (tmp_path / "one/chat_template.jinja").unlink()  # the config alone still gives the template
+    assert load_hf_tokenizer(tmp_path / "one").chat_templates == {"default": template}
+    chat = [{"role": "user", "content": "hello"}]
+    assert auto_tokenizer(tmp_path / "one").apply_chat_template(chat, tokenize=False) == "user: hello\n"
+    assert auto_tokenizer(tmp_path / "two").chat_template == several
 
 
 def test_save_removes_stale_templates_and_survives_a_stale_special_tokens_map(family_dirs, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from temper.eval.perplexity import Document, blocks, document, perplexity
+from temper.data.tokenizer import EOT, UNK, HFTokenizer, TokenizerError, train_tokenizer
+from temper.eval.perplexity import Document, blocks, document, encode_document, ids_document, perplexity
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 
@@ -87,3 +88,43 @@ def test_counts_and_bad_settings():
         perplexity(model, [d], prefix_id=0, seq_len=65)
     with pytest.raises(ValueError, match="empty"):
         perplexity(model, [Document((), 0, 0)], prefix_id=0)
+
+
+PROMPT = "日本語 ☃ 𝄞"  # 18 bytes, 7 characters: none but the spaces is in the tokenizers' corpus
+
+
+def _char_tokenizer(unknown: str) -> HFTokenizer:
+    return HFTokenizer(train_tokenizer(["hello world"], "char", unknown=unknown), {"eos_token": EOT})
+
+
+def test_every_byte_of_the_text_is_scored_unknown_characters_as_the_unknown_token():
+    """A character tokenizer that dropped them scored 58 tokens of 78 bytes: bits per byte understated."""
+    tok = _char_tokenizer("unk")
+    d = encode_document(tok, f"hello {PROMPT}", "f.txt:3")
+    unk, space = tok.tokenizer.token_to_id(UNK), tok.tokenizer.token_to_id(" ")
+    assert d.tokens[-7:] == (unk, unk, unk, space, unk, space, unk)  # one token scored per character
+    assert (len(d.tokens), d.n_bytes, d.n_unknown) == (13, 24, 5)
+    r = perplexity(_model(), [d, encode_document(tok, "hello", "f.txt:5")], prefix_id=0)
+    assert (r.extra["tokens"], r.extra["bytes"], r.extra["unknown"]) == (18, 29, 5)
+    with pytest.raises(TokenizerError, match=r"^f.txt:3: 5 characters \('☃', '日', '本', '語', '𝄞'\) not in the "
+                                             r"tokenizer's vocabulary, which has no unknown token and would drop them"):
+        encode_document(_char_tokenizer("error"), f"hello {PROMPT}", "f.txt:3")
+    assert encode_document(_char_tokenizer("error"), "hello", "f.txt:5").n_unknown == 0
+
+
+def test_a_shards_unknown_token_counts_one_byte_never_its_text():
+    tok = _char_tokenizer("unk")
+    ids = tok.encode(f"hello {PROMPT}", add_special_tokens=False)
+    d = ids_document(tok, ids, tok.tokenizer.token_to_id(UNK))
+    assert (d.n_bytes, d.n_unknown) == (len("hello   ") + 5, 5)  # not 7 bytes of "<|unk|>" each
+    assert ids_document(tok, ids[:5]).n_bytes == 5
+
+
+def test_evaluate_reads_files_with_every_byte_counted_and_stops_where_characters_would_be_dropped(tmp_path):
+    from temper.recipes.evaluate import PerplexityConfig, perplexity_documents
+
+    (tmp_path / "t.txt").write_text(f"hello world\n\nhello {PROMPT}\n")
+    docs = perplexity_documents(PerplexityConfig(files=[str(tmp_path / "t.txt")]), _char_tokenizer("unk"))
+    assert [(d.n_bytes, d.n_unknown) for d in docs] == [(11, 0), (24, 5)]
+    with pytest.raises(TokenizerError, match=rf"^{tmp_path / 't.txt'}:3: 5 characters"):
+        perplexity_documents(PerplexityConfig(files=[str(tmp_path / "t.txt")]), _char_tokenizer("error"))

@@ -127,3 +127,45 @@ def test_chat_needs_a_template_and_one_form(checkpoint, chat_checkpoint, capsys)
     assert "no chat template" in capsys.readouterr().err
     with pytest.raises(ValueError, match="either --chat"):
         main(["--checkpoint", str(chat_checkpoint[0]), "--chat", chat, "--prompt", "x"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--top_p=1.5", "top_p must be in (0, 1], got 1.5"),
+    ("--prompt=", "--prompt is empty"),
+    ("--temperature=-1", "temperature must be >= 0"),
+    ("--temperature=nan", "temperature must be >= 0"),
+    ("--top_k=-1", "top_k must be >= 0"),
+    ("--max_new_tokens=0", "max_new_tokens must be >= 1"),
+    ("--repetition_penalty=0", "repetition_penalty must be > 0"),
+])
+def test_bad_sampling_flags_are_one_line_before_the_model_loads(tmp_path, capsys, flag, message):
+    """Issue 13: each used to be a traceback from the engine, after the model had loaded. The checkpoint
+    here does not exist: the flag is refused first."""
+    from temper.__main__ import main as temper
+
+    prompt = [] if flag.startswith("--prompt") else ["--prompt=hi"]
+    assert temper(["generate", f"--checkpoint={tmp_path / 'nowhere'}", *prompt, flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("temper generate: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("unknown", ["unk", "error"])
+def test_prompt_characters_outside_a_char_vocabulary_are_never_dropped_silently(tmp_path, capsys, unknown):
+    """The prompt '日本語 ☃ 𝄞' once conditioned on its two spaces: now it is the unknown token, with a
+    note, or (a tokenizer without one) an error naming the prompt."""
+    from temper.data.tokenizer import EOT, train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat"], "char", unknown=unknown)
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": EOT}), tmp_path / "tok")
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=32)
+    save_hf(Transformer(cfg), cfg, tmp_path / "final", tokenizer_json=tmp_path / "tok" / "tokenizer.json")
+    args = ["--checkpoint", str(tmp_path / "final"), "--prompt", "日本語 ☃ 𝄞", "--max_new_tokens=2", "--device=cpu"]
+    said = "5 characters ('☃', '日', '本', '語', '𝄞') not in the tokenizer's vocabulary"
+    if unknown == "unk":
+        assert main(args) == 0
+        assert f"temper generate: note: --prompt '日本語 ☃ 𝄞': {said}, encoded as <|unk|>" in capsys.readouterr().err
+    else:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"temper generate: --prompt '日本語 ☃ 𝄞': {said}, which has no unknown token")
+        assert err.count("\n") == 1

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from temper import config
+from temper.__main__ import main as temper_main
 from temper.data import pipeline
 from temper.data.dedup import DedupConfig
 from temper.data.filters import FilterConfig
 from temper.data.shards import load_index, load_split, read_manifest
 from temper.data.sources import expand_inputs, read_documents
-from temper.data.tokenizer import EOT, decode, load_tokenizer
+from temper.data.tokenizer import EOT, UNK, decode, load_tokenizer
 from temper.recipes import prepare as prep
 from temper.recipes.prepare import PrepareConfig, TokenizerConfig, main, prepare
 
@@ -84,7 +85,7 @@ def test_val_split_is_deterministic_and_independent_of_workers_and_parts(tmp_pat
 
 def test_tinyshakespeare_char_tail_split_reproduces_nanogpt(tmp_path, shared_data):
     out = run(tmp_path, shared_data / "tinyshakespeare/input.txt", split="tail", val_fraction=0.1,
-              tokenizer=TokenizerConfig(kind="char", special_tokens=[], eot_token=""))
+              tokenizer=TokenizerConfig(kind="char", special_tokens=[], eot_token="", unknown="error"))
     m = read_manifest(out)
     # nanoGPT data/shakespeare_char/prepare.py: vocab 65, train 1,003,854 and val 111,540 tokens
     assert (m["vocab_size"], m["eot_id"], m["dtype"]) == (65, None, "uint16")
@@ -112,10 +113,10 @@ def test_main_reports_bad_input_by_file_line_and_leaves_no_manifest(tmp_path, ca
     assert main(args) == 0 and read_manifest(out)
     with open(src / "a.jsonl", "a") as f:
         f.write('{"text": "fine"}\n{"text": \n[1]\n')
-    assert main(args + ["--strict"]) == 1
+    assert main(args + ["--strict"]) == 2
     assert f"{src / 'a.jsonl'}:32: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out/manifest.json").exists()  # the old one is gone: incomplete
-    assert main(args) == 1  # 2 bad records of 35 is above the default max_skip_fraction (1%)
+    assert main(args) == 2  # 2 bad records of 35 is above the default max_skip_fraction (1%)
     assert "2 of 35 records were bad input" in capsys.readouterr().err
     assert main(args + ["--max_skip_fraction=0.1"]) == 0
     stats = read_manifest(out)["stats"]["read"]
@@ -136,6 +137,71 @@ def test_loaded_tokenizer_gives_the_same_shards(tmp_path):
     first = run(tmp_path, src, out="first")
     again = run(tmp_path, src, out="again", tokenizer=TokenizerConfig(kind="file", path=first))
     assert read_manifest(first)["splits"] == read_manifest(again)["splits"]
+
+
+def test_unknown_characters_are_counted_as_unk_or_stop_the_run(tmp_path, capsys):
+    """A tokenizer loaded from a file meets characters it has no token for: by default they become its
+    unknown token and the summary counts them; unknown=error stops at the first, naming file:line; a
+    tokenizer without an unknown token (an older temper's char tokenizer) would drop them, so it stops."""
+    (tmp_path / "train.txt").write_text("hello world, a text of plain letters.\n")
+    (tmp_path / "new.txt").write_text("hello world\n\nhello 日本語 ☃ 𝄞 world\n")
+    for unknown in ("unk", "error"):
+        run(tmp_path, tmp_path / "train.txt", out=f"tok-{unknown}", val_fraction=0.0,
+            tokenizer=TokenizerConfig(kind="char", unknown=unknown))
+    base = ["--input", str(tmp_path / "new.txt"), "--workers=1", "--progress=false", "--txt_docs=paragraph",
+            "--val_fraction=0", "--tokenizer.kind=file"]
+    assert main(base + [f"--out={tmp_path / 'a'}", f"--tokenizer.path={tmp_path / 'tok-unk'}"]) == 0
+    assert "unknown characters (not in the tokenizer's vocabulary, encoded as its unknown token): 5" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a/report.json").read_text())["stages"]["tokenize"]["unknown_chars"] == 5
+    tok = load_tokenizer(tmp_path / "a")
+    assert decoded_docs(tmp_path / "a", "train")[1] == f"hello {UNK}{UNK}{UNK} {UNK} {UNK} world{EOT}"
+    for path, unknown, why in [(tmp_path / "tok-unk", "error", "tokenizer.unknown=error"),
+                               (tmp_path / "tok-error", "unk", "which has no unknown token and would drop them")]:
+        assert main(base + [f"--out={tmp_path / 'b'}", f"--tokenizer.path={path}", f"--tokenizer.unknown={unknown}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"temper prepare: {tmp_path / 'new.txt'}:3: 5 characters ('☃', '日', '本', '語', '𝄞') "
+                              f"not in the tokenizer's vocabulary") and why in err and err.count("\n") == 1
+        assert not (tmp_path / "b/manifest.json").exists()
+    assert tok.token_to_id(UNK) is not None
+
+
+def test_vocab_size_is_bounded_before_the_trainer_can_abort(tmp_path, capsys):
+    """10**9 made the Rust BPE trainer allocate 70 GB and abort the process (SIGABRT)."""
+    args = ["prepare", f"--input={corpus(tmp_path)}", f"--out={tmp_path / 'out'}", "--tokenizer.vocab_size=1000000000"]
+    assert temper_main(args) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.vocab_size=1000000000 is above the maximum of 2,097,152" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_or_under_one_is_one_line(tmp_path, capsys):
+    src = corpus(tmp_path)
+    (tmp_path / "file").write_text("not a directory")
+    for out, says in [(tmp_path / "file", "is a file"), (tmp_path / "file/sub/dir", f"is under {tmp_path / 'file'}, which is a file")]:
+        assert temper_main(["prepare", f"--input={src}", f"--out={out}", "--progress=false"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"temper prepare: out={out} {says}: give a directory for the shards and manifest\n"
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_out_that_is_the_input_is_refused_before_anything_is_touched(tmp_path, capsys):
+    """--out equal to --input would read the earlier output as input, then overwrite it."""
+    src = corpus(tmp_path)
+    args = ["--workers=1", "--progress=false", "--tokenizer.kind=char"]
+    assert main([f"--input={src}", f"--out={src}", *args]) == 2
+    assert "is also an input directory" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == ["a.jsonl", "b.txt", "c.md"]
+    # an input directory above --out: the second run would read the first one's output
+    out = src / "prepared"
+    assert main([f"--input={src}", f"--out={out}", *args]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([f"--input={src}", f"--out={out}", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"input {out / 'manifest.json'} is in out={out}, where prepare writes manifest.json" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([f"--input={src}", f"--out={out}", f"--exclude={out}/*", *args]) == 0  # as the message says
+    # a source file next to the output that prepare does not write is fine (nanoGPT's layout)
+    assert main([f"--input={src / 'b.txt'}", f"--out={src}", *args]) == 0
 
 
 def test_default_input_is_the_stdlib_without_installed_packages(tmp_path):
@@ -341,7 +407,7 @@ def test_every_kind_of_bad_input_is_reported_counted_and_skipped(tmp_path, capsy
     for where in (f"{src / 'good.jsonl'}:301", f"{src / 'giant.jsonl'}:1", str(src / "program.txt"),
                   str(src / "cut.jsonl.gz"), str(src / "table.parquet")):
         assert where in printed
-    assert main(args + ["--strict"]) == 1
+    assert main(args + ["--strict"]) == 2
     assert str(src / "cut.jsonl.gz") in capsys.readouterr().err  # the first bad file in sorted order
 
 
@@ -376,3 +442,16 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tmp_path):
     growth = peak_rss(tmp_path / "big.jsonl") - peak_rss(tmp_path / "small.jsonl")
     assert big > 4 * small * 0.95 and big > 35e6
     assert growth < (big - small) / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB for {(big - small) / 2**20:.0f} MiB more text"
+
+
+@pytest.mark.parametrize("damage,says", [("missing", "no tokenizer at"), ("corrupt", "is not a valid tokenizer.json")])
+def test_a_data_directory_without_a_usable_tokenizer_is_one_line(tmp_path, capsys, damage, says):
+    out = run(tmp_path, corpus(tmp_path, n=30), tokenizer=TokenizerConfig(kind="char"))
+    tokenizer = Path(out) / "tokenizer.json"
+    tokenizer.unlink() if damage == "missing" else tokenizer.write_text('{"model": ')
+    args = ["pretrain", f"--data.dir={out}", f"--run.dir={tmp_path / 'runs'}", "--preset=debug", "--model.dim=16",
+            "--model.n_layers=1", "--model.n_heads=1", "--model.max_seq_len=16", "--train.steps=1",
+            "--log.progress=false", "--run.device=cpu"]
+    assert temper_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("temper pretrain: ") and str(tokenizer) in err and says in err and err.count("\n") == 1

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from temper.config import ConfigError
 from temper.recipes import prepare, pretrain
+from temper.train import checkpoint as ckpt
 from temper.train.run import EXIT_PREEMPTED
 
 TINY = [
@@ -158,6 +159,76 @@ def test_sigterm_writes_a_checkpoint_and_resume_matches(char_data, tmp_path):
     assert [ref[s]["loss"] for s in range(k + 1, 61)] == [term[s]["loss"] for s in range(k + 1, 61)]
 
 
+def _wait_for_lines(path: Path, n: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < n):
+        time.sleep(0.05)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_like_sigterm(char_data, tmp_path):
+    """Issue 13: the first Ctrl-C is a SIGTERM (checkpoint at the step boundary, exit 143), no traceback."""
+    proc = _cli(char_data, tmp_path, "int", "--train.steps=400", "--checkpoint.every=0", "--eval.every=0")
+    _wait_for_lines(tmp_path / "int" / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    assert "Traceback" not in out and "Ctrl-C again to exit at once" in out
+    saved = sorted((tmp_path / "int" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and f"SIGINT: checkpoint at step {int(saved[0].name[5:])} written" in out
+    ckpt.verify_checkpoint(saved[0])
+
+
+def test_resume_when_every_checkpoint_is_corrupt_refuses_unless_asked(char_data, tmp_path, capsys):
+    """Issue 13: resume=auto with only corrupt checkpoints names each and refuses (it used to start from step 0
+    and truncate metrics.jsonl); checkpoint.fresh_if_corrupt starts again and keeps the old run's files."""
+    assert train(char_data, tmp_path, "c", "--train.steps=4") == 0
+    run = tmp_path / "c"
+    for step in (2, 4):
+        path = run / "checkpoints" / f"step-{step:07d}" / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-1] + b"x")
+    history = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train(char_data, tmp_path, "c", "--train.steps=4") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "every checkpoint in" in err and "--checkpoint.fresh_if_corrupt=true" in err
+    assert "step-0000002/model.safetensors sha256 mismatch" in err and "step-0000004/model.safetensors sha256" in err
+    assert (run / "metrics.jsonl").read_text() == history  # nothing touched
+    assert train(char_data, tmp_path, "c", "--train.steps=4", "--checkpoint.fresh_if_corrupt=true") == 0
+    assert "starting again from step 0" in capsys.readouterr().err
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert names == ["step-0000002", "step-0000002.corrupt", "step-0000004", "step-0000004.corrupt"]
+    [old] = run.glob("metrics.*.jsonl")
+    assert old.read_text() == history
+    assert sorted(metrics(run)) == [1, 2, 3, 4]
+
+
+def test_a_second_process_on_a_run_directory_is_refused(char_data, tmp_path, capsys):
+    """Issue 13: a run directory in use is locked; the second process is told who holds it, before loading
+    anything; the lock goes with its holder, even on kill -9."""
+    script = tmp_path / "hold_lock.py"
+    script.write_text(LOCK_HOLDER)
+    holder = subprocess.Popen([sys.executable, str(script), str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train(char_data, tmp_path, "busy") == 2
+        err = capsys.readouterr().err
+        assert f"in use by another training process (pid {holder.pid} on " in err and "hold_lock.py" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(char_data, tmp_path, "busy", "--train.steps=1") == 0
+
+
+LOCK_HOLDER = """import sys, time
+from pathlib import Path
+from temper.train.run import locked_run_dir
+with locked_run_dir(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
 @pytest.mark.parametrize("fault, saved_at", [("sigterm:step=0", 1), ("sigterm_in_eval:step=4", 4)],
                          ids=["first-step", "during-eval"])
 def test_sigterm_in_the_first_step_or_in_eval(char_data, tmp_path, fault, saved_at):
@@ -213,6 +284,7 @@ def test_resume_with_a_different_config_fails_unless_overridden(char_data, tmp_p
 def test_bad_input_is_named(char_data, tmp_path, capsys):
     assert train(tmp_path / "nowhere", tmp_path, "x") == 2
     assert "temper prepare" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # a start that fails leaves no run directory behind
     assert train(char_data, tmp_path, "../escape") == 2
     assert "invalid run name '../escape'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="did you mean 'train.steps'"):

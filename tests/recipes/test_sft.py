@@ -224,3 +224,57 @@ def test_rollback_skips_the_bad_rows_and_finishes(base, tmp_path, monkeypatch):
                       "--train.on_nonfinite=rollback"))
     with pytest.raises(NonFiniteLoss):  # the default policy fails before the optimizer step
         sft.main(args(base, tmp_path, "fail", "--train.steps=5"))
+
+
+GOOD = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello there"}]}
+
+
+def own_data(base: Path, tmp: Path, name: str, *extra: str) -> list[str]:
+    """`args` without the Alpaca file (a repeated list flag adds to the list)."""
+    return [a for a in args(base, tmp, name) if not a.startswith("--data.files=")] + list(extra)
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("temper sft: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_skipped_records_are_reported_and_too_many_stop(base, tmp_path, capsys):
+    """Issue 13: strict=false with 18 bad records of 20 used to train on 2 and say nothing."""
+    from temper.__main__ import main as temper
+
+    data = tmp_path / "mostly_bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [GOOD] + [{"messages": [GOOD["messages"][0]] * 2}] * 18
+                            + [GOOD]))
+    common = own_data(base, tmp_path, "skip", f"--data.files=[{data}]", "--data.strict=false", "--train.steps=1",
+                  "--eval.val_fraction=0")
+    assert temper(["sft", *common]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "18 of 20 records were bad input (90.0%), above max_skip_fraction=0.01" in err and f"{data}:2: " in err
+    assert not (tmp_path / "skip" / "checkpoints").exists()
+    assert temper(["sft", *common, "--data.max_skip_fraction=0.9"]) == 0
+    err = capsys.readouterr().err
+    assert f"temper sft: bad records skipped: 18 of 20 (role_order 18); first: {data}:2: " in err
+
+
+def test_bad_data_files_and_run_names_are_one_line(base, tmp_path, capsys):
+    """Issue 13: an empty, missing or absent data file, no examples left, or a run name that would escape:
+    one line naming what is wrong (the run name before anything loads)."""
+    from temper.__main__ import main as temper
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [GOOD["messages"][0], {"role": "assistant", "content": "x " * 400}]}))
+    cases = [
+        ([f"--data.files=[{empty}]"], f"no SFT records in {empty}: the data is empty"),
+        ([f"--data.files=[{tmp_path / 'none.jsonl'}]"], f"input '{tmp_path / 'none.jsonl'}': no such file"),
+        (["--data.files=[]"], "no SFT data files given: pass --data.files"),
+        ([f"--data.files=[{long}]", "--data.overflow=drop"], "no SFT examples left in"),
+    ]
+    for extra, message in cases:
+        assert temper(["sft", *own_data(base, tmp_path, "x", *extra)]) == 2
+        assert message in _one_line(capsys.readouterr().err)
+    nowhere = tmp_path / "no_model"
+    assert temper(["sft", *args(nowhere, tmp_path, "../x")]) == 2
+    assert "invalid run name '../x'" in _one_line(capsys.readouterr().err)

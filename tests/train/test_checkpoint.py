@@ -20,13 +20,16 @@ import safetensors
 import torch
 from torch import nn
 
+from temper.errors import InputError
 from temper.train.checkpoint import (
     CheckpointCorrupt,
+    NoValidCheckpoint,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    set_aside,
     verify_checkpoint,
 )
 
@@ -287,6 +290,28 @@ def test_corrupt_checkpoint_detected(tmp_path: Path, corruption: str) -> None:
         find_resume_checkpoint(tmp_path, "step-0000004")  # a name under checkpoints/ works too
     with pytest.warns(UserWarning, match=message):
         assert find_resume_checkpoint(tmp_path, "auto") == tmp_path / "checkpoints" / "step-0000002"
+
+
+def test_auto_refuses_when_every_checkpoint_is_corrupt(tmp_path: Path) -> None:
+    """Issue 13: not a silent fresh start. Each checkpoint is named with why it failed; set_aside keeps them
+    out of the way (a new save of the same step leaves them alone)."""
+    model, opt = _fresh()
+    two = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, state={})
+    four = save_checkpoint(tmp_path, 4, model=model, optimizer=opt, state={})
+    _flip_byte(two / "model.safetensors")
+    (four / "manifest.json").unlink()
+    with pytest.raises(NoValidCheckpoint) as e:
+        find_resume_checkpoint(tmp_path, "auto")
+    assert isinstance(e.value, CheckpointCorrupt) and isinstance(e.value, InputError)
+    assert str(e.value) == (f"every checkpoint in {tmp_path / 'checkpoints'} is corrupt (step-0000004: missing "
+                            "manifest.json (incomplete save?); step-0000002/model.safetensors sha256 mismatch)")
+    assert [p for p, _ in e.value.corrupt] == [four, two]
+    assert set_aside([two]) == [two.with_name("step-0000002.corrupt")]
+    save_checkpoint(tmp_path, 2, model=model, optimizer=opt, state={})
+    _flip_byte(two / "model.safetensors")
+    assert set_aside([two, four]) == [two.with_name("step-0000002.corrupt.1"), four.with_name("step-0000004.corrupt")]
+    assert find_resume_checkpoint(tmp_path, "auto") is None
+    assert (tmp_path / "checkpoints" / "step-0000002.corrupt" / "model.safetensors").exists()
 
 
 def test_tampered_manifest_cannot_point_outside(tmp_path: Path) -> None:

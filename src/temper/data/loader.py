@@ -20,6 +20,7 @@ examples (`data/packing.py`) and knows nothing of models.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -216,3 +217,13 @@ def rank_slice(step_start: int, micro_batch: int, micro_step: int, rank: int, wo
     and micro steps is exactly that range whatever the world size.
     """
     return step_start + (micro_step * world + rank) * micro_batch
+
+
+def split_holdout(items: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) items: item i is held out by a hash of (seed, i), so the split is stable
+    across runs, world sizes and added items (the examples of sft, the pairs of dpo and reward)."""
+    def held_out(i: int) -> bool:
+        h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2**64 < val_fraction
+    flags = [held_out(i) for i in range(len(items))]
+    return [x for x, f in zip(items, flags) if not f], [x for x, f in zip(items, flags) if f]

@@ -60,13 +60,16 @@ from temper.data.sources import (
 )
 from temper.data.tokenizer import (
     EOT,
+    MAX_VOCAB_SIZE,
+    UnknownCounter,
+    check_unknown,
     encode_batch,
     load_tokenizer,
     plain_text_encoder,
     save_tokenizer,
     train_tokenizer,
 )
-from temper.files import atomic_write_json
+from temper.files import UnsafePath, atomic_write_json
 
 WORK = ".prepare"  # the work directory inside `out`, removed when the manifest is written
 REPORT = "report.json"
@@ -96,12 +99,17 @@ class TokenizerConfig:
     """Train the BPE on a sample of about this many bytes of text (0: all); training time grows with it."""
     train_docs: int = 0
     """Train the BPE on at most this many documents (0: no cap)."""
+    unknown: Literal["unk", "error"] = "unk"
+    """A character the tokenizer has no token for: unk (char: a reserved <|unk|> token) encodes it as the unknown token
+    and counts it in the summary; error stops, naming file:line. A tokenizer without an unknown token fails either way."""
 
     def __post_init__(self) -> None:
         if self.kind == "file" and not self.path:
             raise ValueError("tokenizer.kind=file needs tokenizer.path")
         if self.kind == "bpe" and self.vocab_size < 257:
             raise ValueError(f"tokenizer.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256")
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise ValueError(f"tokenizer.vocab_size={self.vocab_size} is above the maximum of {MAX_VOCAB_SIZE:,}")
 
 
 @dataclass
@@ -356,7 +364,7 @@ def already_prepared(out: Path, fingerprint: str) -> bool:
     """Whether `out` holds a complete output of the same fingerprint, its files all there."""
     try:
         manifest = shards.read_manifest(out)
-    except shards.ShardError:
+    except (shards.ShardError, UnsafePath):  # an old output to replace
         return False
     if manifest.get("stats", {}).get("fingerprint") != fingerprint:
         return False
@@ -364,7 +372,7 @@ def already_prepared(out: Path, fingerprint: str) -> bool:
         for split in manifest["splits"]:
             shards.load_index(out, split, verify=False)
             shards.load_split(out, split, verify=False)
-    except shards.ShardError:
+    except (shards.ShardError, UnsafePath):
         return False
     return True
 
@@ -655,7 +663,8 @@ def get_tokenizer(run: Run) -> tuple[Tokenizer, dict]:
     for _, part in sorted(run.map(_tokenizer_texts_unit, jobs), key=lambda r: r[0]):
         texts += part
     stats = {"trained_on_documents": len(texts), "trained_on_chars": sum(map(len, texts))} if tc.kind == "bpe" else {}
-    tok = train_tokenizer(texts, tc.kind, tc.vocab_size, tc.special_tokens, show_progress=cfg.progress)
+    tok = train_tokenizer(texts, tc.kind, tc.vocab_size, tc.special_tokens, show_progress=cfg.progress,
+                          unknown=tc.unknown)
     save_tokenizer(tok, saved)
     atomic_write_json(stats_file, stats)
     return tok, stats
@@ -687,7 +696,8 @@ def tokenize(run: Run, vocab: int, eot: int | None) -> list[dict]:
 def _tokenize_unit(cfg: PipelineConfig, unit: Unit, fate: np.ndarray, tokenizer: Path, vocab: int,
                    eot: int | None) -> dict:
     key = f"tokenizer:{tokenizer}:{tokenizer.stat().st_mtime_ns}"
-    encoder = _cached(key, lambda: plain_text_encoder(load_tokenizer(tokenizer)))
+    encoder, unknown = _cached(key, lambda: _encoder(load_tokenizer(tokenizer)))
+    unknown_chars = 0
     fate = fate.copy()
     arrays = unit.load_arrays("filter")
     filtered = unit.load_json("filter")
@@ -714,7 +724,10 @@ def _tokenize_unit(cfg: PipelineConfig, unit: Unit, fate: np.ndarray, tokenizer:
             yield batch
 
     def write(batch: list[tuple[int, Document]], encoded: list[np.ndarray]) -> None:
+        nonlocal unknown_chars
         for (k, doc), ids in zip(batch, encoded, strict=True):
+            if unknown.active:
+                unknown_chars += check_unknown(unknown, doc.text, ids, f"{doc.source}:{doc.line}", cfg.tokenizer.unknown)
             if len(ids) < cfg.min_tokens:
                 fate[k] = SHORT
                 _reject(rejects, doc, "short")
@@ -748,7 +761,13 @@ def _tokenize_unit(cfg: PipelineConfig, unit: Unit, fate: np.ndarray, tokenizer:
     return {"splits": {s: {"tokens": v["tokens"], "documents": v["documents"]} for s, v in splits.items()},
             "fates": dict(Counter(_reason(c, filtered["reasons"]) for c in fate.tolist())),
             "kept_bytes": int(arrays["bytes"][kept].sum()), "short": int((fate == SHORT).sum()),
+            "unknown_chars": unknown_chars,
             "languages": {filtered["languages"][c]: int(m) for c, m in zip(codes.tolist(), n.tolist()) if c >= 0}}
+
+
+def _encoder(tok: Tokenizer) -> tuple[Any, UnknownCounter]:
+    """The corpus encoder and the counter of its unknown characters (special-token text is plain text)."""
+    return plain_text_encoder(tok), UnknownCounter(tok, added_are_tokens=False)
 
 
 def _reason(code: int, reasons: list[str]) -> str:
@@ -867,7 +886,7 @@ def report(run: Run, read: dict, dedup: dict, tokenized: list[dict], splits: dic
             "tokenize": {"documents_in": int(after_dedup.sum()), "bytes_in": int(nbytes[after_dedup].sum()),
                          "documents_out": kept_docs, "bytes_out": sum(t["kept_bytes"] for t in tokenized),
                          "seconds": round(seconds["tokenize"], 2), "short": int(outcomes.get("short", 0)),
-                         "tokens": tokens},
+                         "unknown_chars": sum(t.get("unknown_chars", 0) for t in tokenized), "tokens": tokens},
             "shard": {"shards": {s: len(v["shards"]) for s, v in splits.items()}, "seconds": round(seconds["shard"], 2)},
         },
         "languages": dict(languages.most_common()),
@@ -892,6 +911,9 @@ def summary(report: dict, out: str) -> str:
     ]
     if read["repaired"]:
         lines.append(f"  repaired characters: {_counts(read['repaired'])}")
+    if st["tokenize"]["unknown_chars"]:
+        lines.append(f"  unknown characters (not in the tokenizer's vocabulary, encoded as its unknown token): "
+                     f"{st['tokenize']['unknown_chars']:,}")
     lines += [f"  skipped: {e}" for e in read["examples"][:5]]
     if report["languages"]:
         lines.append(f"  languages: {_counts(dict(list(report['languages'].items())[:8]))}")

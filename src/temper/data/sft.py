@@ -42,7 +42,8 @@ Length: an example longer than `max_length` is truncated (its start is kept: the
 much of the response as fits; an example left with no trained token is dropped) or dropped, and
 counted. Bad input (unknown role, wrong role order, empty or missing content, a value that is not a
 string, invalid JSON) raises `SFTDataError` naming the file, the line (JSON Lines) or index (JSON
-array: `file[3]`) and the key, or with `strict=False` is skipped and counted.
+array: `file[3]`) and the key, or with `strict=False` is skipped and counted (`skip_summary` says how
+many, why and where), and more than `max_skip_fraction` of bad records stops, as in `prepare`.
 
 `check_examples` + `format_report` are the check to run before training (`temper sft --check`):
 a few examples with the trained text marked, the share of trained tokens, whether every example
@@ -66,7 +67,7 @@ import numpy as np
 
 from temper.data.chat import ChatTemplateError
 from temper.data.packing import IGNORE_INDEX
-from temper.data.sources import DataError, RecordError, expand_inputs, json_records
+from temper.data.sources import DataError, ReadStats, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt")
@@ -112,12 +113,16 @@ class SFTDataConfig:
     """Over-long examples: truncate (keep the start, cut the response; dropped if nothing trained is left) or drop."""
     strict: bool = True
     """Stop at the first bad record (naming file, line and key); false: skip bad records and count them."""
+    max_skip_fraction: float = 0.01
+    """With strict=false: stop when more than this fraction of the records are bad (as `prepare` does)."""
     train_on_prompt: bool = False
     """Train on every token (prompt and system turns included), not only on the assistant turns."""
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length} must be at least 2")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.template == "alpaca" and (self.system_prompt or self.chat_template):
             raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
 
@@ -523,7 +528,7 @@ def fit_length(example: SFTExample, max_length: int, overflow: str = "truncate")
 def load_sft_examples(cfg: SFTDataConfig, tokenizer: HFTokenizer, stats: SFTStats | None = None) -> list[SFTExample]:
     """Read, check, tokenize and fit to `cfg.max_length` the examples of `cfg.files`, counting in `stats`."""
     if not cfg.files:
-        raise DataError("no SFT data files given (files)")
+        raise DataError("no SFT data files given: pass --data.files=[FILE.jsonl, ...]")
     if cfg.template == "chat" and not tokenizer.chat_templates and not cfg.chat_template:
         raise DataError("template=chat but the tokenizer has no chat template: use template=alpaca, or a tokenizer "
                         "directory with one (chat_template.jinja or tokenizer_config.json's chat_template)")
@@ -544,10 +549,32 @@ def load_sft_examples(cfg: SFTDataConfig, tokenizer: HFTokenizer, stats: SFTStat
         stats.eos_added += fitted.eos_added
         examples.append(fitted)
     stats.examples = len(examples)
+    check_skipped(stats, cfg.max_skip_fraction)
     if not examples:
-        raise DataError(f"no SFT examples left from {stats.records} records: skipped {dict(stats.skipped)}, "
+        files = ", ".join(cfg.files)
+        if not stats.records:
+            raise DataError(f"no SFT records in {files}: the data is empty")
+        raise DataError(f"no SFT examples left in {files} from {stats.records} records: skipped {dict(stats.skipped)}, "
                         f"dropped {dict(stats.dropped)}; first problems: {stats.problems[:3]}")
     return examples
+
+
+def check_skipped(stats: SFTStats, max_skip_fraction: float) -> None:
+    """Raise DataError when more than `max_skip_fraction` of the records were bad: `prepare`'s rule and
+    message (`ReadStats.check_fraction`), on SFT's counts."""
+    bad = sum(stats.skipped.values())
+    ReadStats(documents=stats.records - bad, errors=Counter(stats.skipped),
+              examples=list(stats.problems)).check_fraction(max_skip_fraction)
+
+
+def skip_summary(stats: SFTStats, n: int = 3) -> str:
+    """One line on the bad records skipped (strict=false), "" when none: how many, by reason, and the first
+    `n` with their file:line and what was wrong."""
+    if not stats.skipped:
+        return ""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in stats.skipped.most_common())
+    return (f"bad records skipped: {sum(stats.skipped.values())} of {stats.records} ({reasons}); first: "
+            + "; ".join(stats.problems[:n]))
 
 
 # ---- the check ------------------------------------------------------------------------------------
@@ -651,8 +678,7 @@ def format_report(report: CheckReport, color: bool | None = None) -> str:
     stats = report.stats
     if stats is not None:
         if stats.skipped:
-            lines.append(f"bad records skipped: {sum(stats.skipped.values())} of {stats.records} {dict(stats.skipped)}")
-            lines += [f"  {p}" for p in stats.problems[:3]]
+            lines.append(skip_summary(stats))
         if stats.dropped:
             lines.append(f"dropped for length: {dict(stats.dropped)}")
         if stats.eos_added:

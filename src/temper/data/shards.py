@@ -12,7 +12,9 @@ in its shard), the `tokenizer.json`, and a `manifest.json` with sizes and sha256
                                       "index_sha256"}, ...]}, "val": {...}},
      "stats": {...}}
 
-The manifest is written atomically and last, so a directory without one is incomplete. A
+The manifest is input like any other: `read_manifest` checks every key the readers use (naming the
+key and the file), and every file it names, the tokenizer's included, must lie inside the
+directory. The manifest is written atomically and last, so a directory without one is incomplete. A
 document never spans two shards (a shard closes after the document that fills it), so the
 `.idx` offsets are plain positions. `eot_id` is null only when documents were concatenated
 without a separator on purpose (nanoGPT's shakespeare_char).
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from temper.errors import InputError
-from temper.files import atomic_write_json, safe_join, sha256_file
+from temper.files import UnsafePath, atomic_write_json, safe_join, sha256_file
 
 FORMAT = "temper-shards"
 VERSION = 1
@@ -50,6 +52,11 @@ class DataNotPrepared(ShardError, FileNotFoundError):
 
 class ShardCorrupt(ShardError):
     """A shard, index or manifest does not match what the manifest promises."""
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether `name` is a shard or index file name (`train-00000.bin`), which prepare may delete."""
+    return bool(_SHARD_FILE.match(name))
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -200,7 +207,62 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise ShardCorrupt(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise ShardError(f"{path} has format version {manifest.get('version')}; this temper reads {VERSION}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def tokenizer_path(data_dir: str | os.PathLike, manifest: dict | None = None) -> Path:
+    """The tokenizer.json a prepared directory names, inside it (read_manifest checks that)."""
+    manifest = read_manifest(data_dir) if manifest is None else manifest
+    return safe_join(data_dir, manifest["tokenizer"])
+
+
+# Keys of a manifest, of each split and of each shard, with their types: a manifest edited by hand
+# or by another tool fails here with the key's name instead of deep in the loader.
+_INT = (int,)
+_MANIFEST_KEYS = {"dtype": (str,), "vocab_size": _INT, "tokenizer": (str,), "splits": (dict,)}
+_SPLIT_KEYS = {"tokens": _INT, "documents": _INT, "shards": (list,)}
+_SHARD_KEYS = {"file": (str,), "index": (str,), "tokens": _INT, "documents": _INT, "sha256": (str,)}
+_TYPE_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Every key the readers use is there with its type, ids and counts are not negative, the
+    dtype is one prepare writes, and the tokenizer file is inside the directory."""
+    _check_keys(manifest, _MANIFEST_KEYS, "", path)
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise ShardCorrupt(f"{path}: dtype is {manifest['dtype']!r}; expected 'uint16' or 'uint32'")
+    if manifest["vocab_size"] < 1:
+        raise ShardCorrupt(f"{path}: vocab_size must be positive, got {manifest['vocab_size']}")
+    eot = manifest.get("eot_id")
+    if eot is not None and (not isinstance(eot, int) or isinstance(eot, bool) or not 0 <= eot < manifest["vocab_size"]):
+        raise ShardCorrupt(f"{path}: eot_id must be null or an id below vocab_size, got {eot!r}")
+    try:
+        safe_join(path.parent, manifest["tokenizer"])
+    except UnsafePath as e:  # the manifest is input: it must not make temper read /etc/passwd
+        raise UnsafePath(f"{path}: tokenizer: {e}") from None
+    for name, split in manifest["splits"].items():
+        if not isinstance(split, dict):
+            raise ShardCorrupt(f"{path}: splits.{name} must be an object, got {type(split).__name__}")
+        _check_keys(split, _SPLIT_KEYS, f"splits.{name}.", path)
+        for i, shard in enumerate(split["shards"]):
+            where = f"splits.{name}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise ShardCorrupt(f"{path}: {where} must be an object, got {type(shard).__name__}")
+            _check_keys(shard, _SHARD_KEYS, where + ".", path)
+            if shard.get("index_sha256") is not None and not isinstance(shard["index_sha256"], str):
+                raise ShardCorrupt(f"{path}: {where}.index_sha256 must be a string")
+
+
+def _check_keys(obj: dict, keys: dict[str, tuple[type, ...]], prefix: str, path: Path) -> None:
+    for key, types in keys.items():
+        if key not in obj:
+            raise ShardCorrupt(f"{path}: {prefix}{key} is missing: run `temper prepare` again")
+        value = obj[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ShardCorrupt(f"{path}: {prefix}{key} must be {_TYPE_NAMES[types[0]]}, got {type(value).__name__}")
+        if types is _INT and value < 0:
+            raise ShardCorrupt(f"{path}: {prefix}{key} must not be negative, got {value}")
 
 
 def load_split(data_dir: str | os.PathLike, split: str, verify: bool = True) -> list[np.ndarray]:
@@ -233,7 +295,7 @@ def _shards(manifest: dict, data_dir: str | os.PathLike, split: str) -> list[dic
     splits = manifest.get("splits", {})
     if split not in splits:
         raise ShardError(f"{data_dir} has no split {split!r} (it has: {', '.join(splits) or 'none'})")
-    return splits[split]["shards"]
+    return splits[split]["shards"]  # checked by read_manifest
 
 
 def _checked(data_dir: str | os.PathLike, name: str, size: int, sha256: str | None) -> Path:

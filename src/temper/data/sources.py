@@ -69,6 +69,7 @@ _CHUNK = 1 << 20
 _SNIFF_BYTES = 8 << 10
 _PARQUET_BATCH_ROWS = 256
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAKS = re.compile(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
 _REPLACEMENT = "\ufffd".encode()
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 # file(1)'s table of bytes that never occur in text (encoding.c, text_chars "F"): the C0 controls
@@ -80,7 +81,11 @@ _MIN_RECORDS_FOR_EARLY_ABORT = 1000
 
 
 class DataError(InputError):
-    """Input that cannot be read as documents. The message names file:line, never the content."""
+    """Input that cannot be read as documents. The message names file:line, never the content, and
+    is one line: a library's own message (pyarrow's, zstd's) that spans lines is joined."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
 
 
 class RecordError(DataError):
@@ -325,6 +330,11 @@ def json_records(path: Path) -> Iterator[tuple[str, Any]]:
 # -- files and formats -------------------------------------------------------------------------
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks (and the spaces around them) made single spaces: an error is one line."""
+    return _LINE_BREAKS.sub(" ", text).strip()
+
+
 def _format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(_PARQUET_SUFFIXES):
@@ -537,6 +547,7 @@ class _Reader:
 
     def _problem(self, reason: str, where: str, message: str, cause: BaseException | None = None) -> None:
         """A bad record: raise (on_error="fail") or count it and go on."""
+        message = one_line(message)  # a library's message (pyarrow's, zstd's) may span lines
         if self.on_error == "fail":
             raise DataError(f"{where}: {message}") from cause
         self.stats.errors[reason] += 1

@@ -3,8 +3,14 @@
 Two kinds can be trained here: a byte-level BPE (GPT-2's scheme: every byte is in the base
 alphabet, so any text encodes without unknown tokens) and a character-level tokenizer (a BPE
 model with no merges whose vocabulary is the corpus' characters, sorted, as nanoGPT's
-shakespeare_char builds it). Any Hugging Face `tokenizer.json` can be loaded instead. The
-tokenizer is saved as `tokenizer.json`, the file every HF library reads.
+shakespeare_char builds it, then the special tokens, then by default an unknown token `UNK`).
+Any Hugging Face `tokenizer.json` can be loaded instead. The tokenizer is saved as
+`tokenizer.json`, the file every HF library reads.
+
+A character outside a tokenizer's vocabulary is never lost silently: `UnknownCounter` counts the
+characters that became the unknown token, or that a tokenizer without one (a BPE without
+`unk_token`, such as a character tokenizer of `unknown="error"`) would drop, so that callers
+count them or stop.
 
 A whole Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json,
 chat_template.jinja, additional_chat_templates/) loads into an `HFTokenizer`: the pipeline plus
@@ -33,7 +39,15 @@ from temper.errors import InputError
 from temper.files import atomic_write_json, atomic_write_text, safe_name
 
 EOT = "<|endoftext|>"
+UNK = "<|unk|>"
 KINDS = ("bpe", "char")
+# What happens to a character the tokenizer has no token for: it becomes UNK and is counted, or it
+# is an error naming where it is.
+UNKNOWN_MODES = ("unk", "error")
+# Far above any real vocabulary (the largest, Gemma's, is 262,144) and small enough that the BPE
+# trainer's tables fit in memory: 10**9 makes it allocate about 70 GB and abort the process, and
+# tokenizers 0.23 already touches 27 GB at 2**22 (but 45 MB at 2**21).
+MAX_VOCAB_SIZE = 1 << 21
 # End-of-text tokens of common families, tried in order when none is named: GPT-2 and Qwen,
 # Llama 3, Llama 2 and Mistral, Gemma.
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
@@ -43,29 +57,40 @@ class TokenizerError(InputError):
     """A tokenizer file that cannot be used, or a token it lacks."""
 
 
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer.json where one is expected."""
+
+
 def train_tokenizer(
     texts: Iterable[str],
     kind: str = "bpe",
     vocab_size: int = 4096,
     special_tokens: Sequence[str] = (EOT,),
     show_progress: bool = False,
+    unknown: str = "unk",
 ) -> Tokenizer:
     """Train a "bpe" (byte-level, `vocab_size` including special tokens) or "char" tokenizer.
 
     For "char", `vocab_size` is ignored: the vocabulary is every character of `texts` (sorted,
-    ids 0..n-1) followed by the special tokens. A character not seen in training is dropped by
-    encode, so train it on the whole corpus.
+    ids 0..n-1, as nanoGPT), then the special tokens, then with `unknown="unk"` the token UNK,
+    which every character not seen in training encodes to. With `unknown="error"` there is no
+    UNK (nanoGPT's exact vocabulary) and such a character is dropped by encode: `UnknownCounter`
+    finds it, so that the caller can stop. A byte-level BPE has no unknown characters.
     """
+    if unknown not in UNKNOWN_MODES:
+        raise TokenizerError(f"unknown must be one of {UNKNOWN_MODES}, got {unknown!r}")
     if kind == "bpe":
         return _train_bpe(texts, vocab_size, list(special_tokens), show_progress)
     if kind == "char":
-        return _train_char(texts, list(special_tokens))
+        return _train_char(texts, list(special_tokens), unk=UNK if unknown == "unk" else None)
     raise ValueError(f"tokenizer kind must be one of {KINDS}, got {kind!r}")
 
 
 def _train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str],
                show_progress: bool) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise TokenizerError(f"vocab_size {vocab_size} is above the maximum of {MAX_VOCAB_SIZE:,}")
     if vocab_size < len(alphabet) + len(special_tokens):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the 256 byte symbols plus "
                          f"{len(special_tokens)} special tokens")
@@ -84,17 +109,22 @@ def _train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str],
     return tok
 
 
-def _train_char(texts: Iterable[str], special_tokens: list[str]) -> Tokenizer:
+def _train_char(texts: Iterable[str], special_tokens: list[str], unk: str | None) -> Tokenizer:
     chars: set[str] = set()
     for text in texts:
         chars.update(text)
     if not chars:
         raise TokenizerError("cannot build a character tokenizer from no text")
     vocab = {c: i for i, c in enumerate(sorted(chars))}
-    # No pre-tokenizer and no merges: the BPE model then maps each character to its id.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # The special tokens and UNK join the model's vocabulary so that their ids follow the
+    # characters' in this order (setdefault: a special token that is also a character keeps its id).
+    for token in [*special_tokens, *([unk] if unk else [])]:
+        vocab.setdefault(token, len(vocab))
+    # No pre-tokenizer and no merges: the BPE model then maps each character to its id, and a
+    # character outside the vocabulary to UNK (one each: fuse_unk is off, so they can be counted).
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     tok.decoder = decoders.Fuse()  # join tokens with "" (the default joins with spaces)
-    tok.add_special_tokens(special_tokens)
+    tok.add_special_tokens(special_tokens)  # matched in text before the model (UNK is not: it is never typed)
     return tok
 
 
@@ -104,7 +134,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: expected a Hugging Face tokenizer.json")
+        raise TokenizerNotFound(f"no tokenizer at {path}: expected a Hugging Face tokenizer.json")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
@@ -132,6 +162,74 @@ def eot_id(tok: Tokenizer, token: str | None = None) -> int:
 def vocab_size(tok: Tokenizer) -> int:
     """Number of ids the tokenizer can produce, special tokens included."""
     return tok.get_vocab_size(with_added_tokens=True)
+
+
+class UnknownCounter:
+    """Counts the characters of a text that a tokenizer has no token for.
+
+    `tokenizers` maps them to the model's unknown token when it has one, and otherwise a BPE
+    without byte fallback or a byte-level pre-tokenizer (an old temper character tokenizer, or
+    one of `unknown="error"`) drops them without a trace. The first are counted in the ids; the
+    second are found as the characters missing from the tokenizer's single-character tokens, which
+    is exact for a character tokenizer (its base alphabet). Other tokenizers (byte-level BPE,
+    byte fallback) represent every character: `active` is False and nothing is counted.
+    `added_are_tokens`: the encoder matches added-token text (`<|endoftext|>`) as the token, so
+    its characters need not be in the alphabet; PlainTextEncoder encodes it as plain text.
+    """
+
+    def __init__(self, tok: Tokenizer, added_are_tokens: bool = True) -> None:
+        spec = json.loads(tok.to_str())
+        model = spec.get("model") or {}
+        unk = model.get("unk_token")
+        self.unk_id = tok.token_to_id(unk) if unk else None
+        self.unk_token = unk if self.unk_id is not None else None
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+        self.alphabet: frozenset[str] | None = None
+        if model.get("type") == "BPE" and not byte_level and not model.get("byte_fallback"):
+            self.alphabet = frozenset(t for t in model.get("vocab", {}) if len(t) == 1)
+        self.drops = self.alphabet is not None and self.unk_id is None
+        self.active = self.unk_id is not None or self.drops
+        self.normalizer = tok.normalizer
+        self.added = [t.content for t in tok.get_added_tokens_decoder().values()] if added_are_tokens else []
+
+    def missing(self, text: str) -> list[str]:
+        """The distinct characters of `text` outside the alphabet, sorted (empty when it is not known)."""
+        if self.alphabet is None:
+            return []
+        for token in self.added:
+            text = text.replace(token, "")
+        if self.normalizer is not None:
+            text = self.normalizer.normalize_str(text)
+        return sorted(set(text) - self.alphabet)
+
+    def count(self, text: str, ids: Sequence[int] | np.ndarray) -> int:
+        """How many characters of `text` became the unknown token or were dropped in `ids`."""
+        if self.unk_id is not None:
+            return int(np.count_nonzero(np.asarray(ids) == self.unk_id))
+        if not self.drops:
+            return 0
+        missing = self.missing(text)
+        return sum(text.count(c) for c in missing) if missing else 0
+
+    def describe(self, text: str, n: int) -> str:
+        """'3 characters ('日', '本', ...) are not in the tokenizer's vocabulary': for messages."""
+        shown = ", ".join(repr(c) for c in self.missing(text)[:5])
+        return f"{n} character{'s' if n != 1 else ''}{f' ({shown})' if shown else ''} not in the tokenizer's vocabulary"
+
+
+def check_unknown(counter: UnknownCounter, text: str, ids: Sequence[int] | np.ndarray, where: str,
+                  unknown: str = "unk") -> int:
+    """How many characters of `text` are the unknown token in `ids` (to be reported); a TokenizerError
+    naming `where` (file:line, a flag) when `unknown="error"`, or when the tokenizer has no unknown
+    token and dropped them (nothing else would show they are gone)."""
+    n = counter.count(text, ids) if counter.active else 0
+    if n and counter.drops:
+        raise TokenizerError(f"{where}: {counter.describe(text, n)}, which has no unknown token and would drop "
+                             f"them: use a tokenizer that covers the text, or one with an unknown token")
+    if n and unknown == "error":
+        raise TokenizerError(f"{where}: {counter.describe(text, n)} (tokenizer.unknown=error; unk encodes them as "
+                             f"{counter.unk_token} and counts them)")
+    return n
 
 
 class PlainTextEncoder:
@@ -431,6 +529,9 @@ def save_hf_tokenizer(tok: HFTokenizer, path: str | os.PathLike) -> None:
 
     The layout is transformers 5's `save_pretrained`: tokenizer.json, tokenizer_config.json, the
     default chat template in chat_template.jinja and the others in additional_chat_templates/.
+    The templates are also written, identical, to tokenizer_config.json's `chat_template` (a string,
+    or a list of {"name", "template"} when there are several), which readers other than
+    transformers 5 (transformers 4.4x, vLLM, llama.cpp's converter, TGI) take them from.
     Each file is written atomically. Template files of an earlier save that `tok` lacks are
     removed, because transformers would load them. The config also records `added_tokens_decoder`
     (so that a stale special_tokens_map.json is not read) and `add_bos_token`/`add_eos_token` as
@@ -461,11 +562,20 @@ def save_hf_tokenizer(tok: HFTokenizer, path: str | os.PathLike) -> None:
             for i, t in sorted(tok.tokenizer.get_added_tokens_decoder().items())
         },
     }
+    if tok.chat_templates:
+        config["chat_template"] = _config_chat_template(tok.chat_templates)
     if tok.model_max_length is not None:
         config["model_max_length"] = tok.model_max_length
     if tok.split_special_tokens:
         config["split_special_tokens"] = True
     atomic_write_json(directory / TOKENIZER_CONFIG, config)
+
+
+def _config_chat_template(templates: Mapping[str, str]) -> str | list[dict[str, str]]:
+    """tokenizer_config.json's `chat_template`: the text of a lone default template, else a list of them by name."""
+    if list(templates) == ["default"]:
+        return templates["default"]
+    return [{"name": name, "template": text} for name, text in templates.items()]
 
 
 def _missing_tokenizer_json(directory: Path) -> str:

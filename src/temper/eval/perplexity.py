@@ -12,6 +12,9 @@ Reported, each with a standard error over documents (the delta method for a rati
 token perplexity exp(nll / tokens), bits per byte nll / (ln 2 * UTF-8 bytes), byte perplexity
 2 ** bits_per_byte and word perplexity exp(nll / words), the last three as lm-eval's `wikitext`.
 Bytes and words do not depend on the tokenizer, so they compare models with different vocabularies.
+They are counted from the text itself, never from decoded tokens: a character the tokenizer has no
+token for is scored as its unknown token (and counted), and one it would drop is an error, since
+its bytes would count with nothing scored for them and bits per byte would be understated.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
+from temper.data.tokenizer import HFTokenizer, UnknownCounter, check_unknown
 from temper.eval.loglik import Request, score
 from temper.eval.run import TaskResult
 
@@ -35,11 +40,33 @@ class Document:
     tokens: tuple[int, ...]
     n_bytes: int
     n_words: int
+    n_unknown: int = 0
+    """Characters the tokenizer has no token for, each scored as its unknown token."""
 
 
-def document(text: str, tokens: Sequence[int]) -> Document:
+def document(text: str, tokens: Sequence[int], n_unknown: int = 0) -> Document:
     """A `Document` of `text`, counting bytes and words as lm-eval's wikitext task does."""
-    return Document(tuple(tokens), len(text.encode("utf-8")), len(re.split(r"\s+", text)))
+    return Document(tuple(tokens), len(text.encode("utf-8")), len(re.split(r"\s+", text)), n_unknown)
+
+
+def encode_document(tok: HFTokenizer, text: str, where: str, counter: UnknownCounter | None = None) -> Document:
+    """`text` tokenized for scoring (no special tokens added); its unknown characters counted, or an
+    error naming `where` (file:line) when the tokenizer would drop them. Pass one `counter` for many texts."""
+    counter = counter or UnknownCounter(tok.tokenizer, added_are_tokens=not tok.split_special_tokens)
+    ids = tok.encode(text, add_special_tokens=False)
+    return document(text, ids, check_unknown(counter, text, ids, where))
+
+
+def ids_document(tok: HFTokenizer, ids: Sequence[int], unk: int | None = None) -> Document:
+    """A `Document` of token ids (a prepared shard's), its bytes those of the text they decode to.
+
+    The shards keep no text, so the character behind an unknown token (id `unk`, from
+    `UnknownCounter(tok.tokenizer).unk_id`) is not known: it counts as one byte, the least a character
+    has, so that bits per byte may be overstated but never understated.
+    """
+    n = int(np.count_nonzero(np.asarray(ids) == unk)) if unk is not None else 0
+    text = tok.decode([i for i in ids if i != unk] if n else ids)
+    return Document(tuple(ids), len(text.encode("utf-8")) + n, len(re.split(r"\s+", text)), n)
 
 
 def blocks(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -97,7 +124,8 @@ def perplexity(model: nn.Module, docs: Sequence[Document], prefix_id: int, *, se
     records = [{"doc_id": i, "tokens": len(d.tokens), "bytes": d.n_bytes, "nll": v}
                for i, (d, v) in enumerate(zip(docs, nll, strict=True))]
     counts = {"documents": len(docs), "tokens": sum(len(d.tokens) for d in docs), "bytes": sum(d.n_bytes for d in docs),
-              "words": sum(d.n_words for d in docs), "nll": sum(nll), "seq_len": seq_len, "stride": stride}
+              "words": sum(d.n_words for d in docs), "unknown": sum(d.n_unknown for d in docs), "nll": sum(nll),
+              "seq_len": seq_len, "stride": stride}
     return TaskResult(name, len(docs), metrics, stderr, records, seconds=time.perf_counter() - begin, extra=counts)
 
 

@@ -15,13 +15,14 @@ same tokens:
 
 `open_checkpoint` does all but step 4, so a recipe can check the rest of its input against the
 tokenizer before the weights are read; `Checkpoint.load` then reads them.
-Every failure is a ValueError or OSError whose message starts with "checkpoint DIR:".
+Every failure is a CheckpointError (an InputError: one line at the command's boundary) whose
+message starts with "checkpoint DIR:". Files are named and symlinks followed by
+`temper.files.checkpoint_file`, the rule every loader shares (a hub-cache snapshot reads as it is).
 It does not pick a device or dtype ("auto" is the recipes' choice, `temper.train.parallel`), or generate.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,10 @@ from typing import Any
 import torch
 
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.errors import InputError
+from temper.files import check_remote_code, checkpoint_file, read_json_object
 from temper.model.config import ModelConfig
-from temper.model.convert import load_hf, read_hf_config
+from temper.model.convert import CheckpointError, load_hf, read_hf_config
 from temper.model.transformer import Transformer
 
 
@@ -82,53 +85,59 @@ def checkpoint_dir(path: str | Path) -> Path:
     return p
 
 
-def _eos_ids(path: Path) -> list[int]:
-    try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a JSON object ({e})") from None
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+def _eos_ids(root: Path, name: str) -> list[int]:
+    """The eos_token_id of JSON file `name` (an id or a list of ids; absent: none)."""
+    path = checkpoint_file(root, name)
+    eos = read_json_object(path, CheckpointError).get("eos_token_id") if path.is_file() else None
+    ids = [] if eos is None else [eos] if type(eos) is int else eos
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
     return ids
 
 
-def _named(e: Exception, root: Path) -> Exception:
-    """The error, its message starting with "checkpoint DIR:" once."""
+def _named(e: Exception, root: Path) -> CheckpointError:
+    """The error as a CheckpointError, its message starting with "checkpoint DIR:" once."""
     message = str(e).removeprefix(f"{root}: ")
     if not message.startswith(f"checkpoint {root}:"):
         message = f"checkpoint {root}: {message}"
-    return (OSError if isinstance(e, OSError) else ValueError)(message)
+    return CheckpointError(message)
 
 
-def open_checkpoint(checkpoint: str | Path) -> Checkpoint:
+def open_checkpoint(checkpoint: str | Path, *, trust_remote_code: bool = False,
+                    revision: str | None = None) -> Checkpoint:
     """Steps 1-3 and 5 of the module docstring: everything but the weights, so that a caller can check
-    its other input (tasks, documents) against the tokenizer before reading gigabytes."""
+    its other input (tasks, documents) against the tokenizer before reading gigabytes. No code of the
+    checkpoint runs; `trust_remote_code=True` is refused without a pinned `revision`."""
     root = checkpoint_dir(checkpoint)
+    try:
+        check_remote_code(trust_remote_code, revision)
+    except InputError as e:
+        raise _named(e, root) from None
     if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint {root}: not a directory (expected a Hugging Face layout directory with "
-                                f"config.json, model.safetensors and tokenizer.json, e.g. runs/<name>/final)")
+        raise CheckpointError(f"checkpoint {root}: not a directory (expected a Hugging Face layout directory with "
+                              f"config.json, model.safetensors and tokenizer.json, e.g. runs/<name>/final)")
     try:
         cfg = read_hf_config(root)
         tokenizer = load_hf_tokenizer(root)
         vocab = tokenizer.tokenizer.get_vocab_size()
         if vocab > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {vocab} tokens but the model only {cfg.vocab_size} embeddings")
-        stop = {*_eos_ids(root / "generation_config.json"), *_eos_ids(root / "config.json")}
+        stop = {*_eos_ids(root, "generation_config.json"), *_eos_ids(root, "config.json")}
     except (OSError, ValueError) as e:
         raise _named(e, root) from None
     if tokenizer.eos_id is not None:
         stop.add(tokenizer.eos_id)
     bad = sorted(i for i in stop if not 0 <= i < cfg.vocab_size)
     if bad:
-        raise ValueError(f"checkpoint {root}: stop ids {bad} are outside the vocabulary of {cfg.vocab_size}")
+        raise CheckpointError(f"checkpoint {root}: stop ids {bad} are outside the vocabulary of {cfg.vocab_size}")
     return Checkpoint(path=root, config=cfg, tokenizer=tokenizer, stop_ids=sorted(stop))
 
 
 def load_for_inference(
     checkpoint: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, trust_remote_code: bool = False, revision: str | None = None,
 ) -> Loaded:
     """Load `checkpoint` (see the module docstring): its model on `device` in `dtype`, tokenizer, chat
-    template and stop ids. `open_checkpoint(checkpoint).load(device, dtype, allow_pickle)`."""
-    return open_checkpoint(checkpoint).load(device, dtype, allow_pickle)
+    template and stop ids. `open_checkpoint(checkpoint, ...).load(device, dtype, allow_pickle)`."""
+    return open_checkpoint(checkpoint, trust_remote_code=trust_remote_code, revision=revision).load(
+        device, dtype, allow_pickle)

@@ -10,9 +10,11 @@ concatenated, maybe transposed), which serve both directions.
 
 Loading builds the model on the meta device, allocates it once in the asked dtype and reads each
 tensor straight into its parameter, so a model is never held twice. Directories hold
-`config.json` + `model.safetensors` or shards with `model.safetensors.index.json` (symlinks, as
-`huggingface_hub.snapshot_download` writes them, are followed); pickled `pytorch_model*.bin` files
-are read only when asked, with `torch.load(weights_only=True)`.
+`config.json` + `model.safetensors` or shards with `model.safetensors.index.json`, named and their
+symlinks followed by `temper.files.checkpoint_file` (so a `huggingface_hub` snapshot reads as it is,
+and an index cannot name a file outside the directory); pickled `pytorch_model*.bin` files are read
+only when asked, with `torch.load(weights_only=True)`. Every fault of the input is a CheckpointError
+naming the file (and the key or tensor).
 
 It does not read or write tokenizer files beyond copying `tokenizer.json` (data/tokenizer.py does),
 and it does not need `transformers` (only the tests import it, to prove both directions).
@@ -32,11 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from temper.errors import InputError
-from temper.files import atomic_write_json, fsync_dir, safe_join
+from temper.files import (
+    UnsafePath,
+    atomic_write_json,
+    check_remote_code,
+    checkpoint_file,
+    fsync_dir,
+    read_json_object,
+    safe_join,
+    save_safetensors,
+)
 from temper.model.config import ModelConfig
 from temper.model.transformer import Transformer
 
@@ -63,8 +73,47 @@ def _architecture(d: dict[str, Any]) -> str:
     return archs[0] if archs else _MODEL_TYPES.get(d.get("model_type", ""), "<none given>")
 
 
+# The type of every config.json field temper reads (None allowed only where the code falls back
+# to a default on a null), so that "hidden_size": "64" fails naming the key, not deep in a model.
+_INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "num_hidden_layers"), _INT),
+    **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor"), _FLOAT),
+    "rope_theta": (*_FLOAT, type(None)),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
+                     "scale_attn_by_inverse_layer_idx"), _BOOL),
+    **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
+    "hidden_activation": (*_STR, type(None)),
+    "architectures": (list, type(None)),
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), (dict, type(None))),
+}
+_ROPE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "rope_type": _STR, "type": _STR, "factor": _FLOAT, "low_freq_factor": _FLOAT, "high_freq_factor": _FLOAT,
+    "original_max_position_embeddings": _INT, "rope_theta": _FLOAT, "partial_rotary_factor": _FLOAT,
+}
+_TYPE_NAMES = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STR: "a string"}
+
+
+def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], prefix: str = "") -> None:
+    for key, allowed in types.items():
+        value = d.get(key)
+        if key not in d or isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+            continue
+        want = _TYPE_NAMES.get(allowed) or " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"key {prefix + key!r} must be {want}, got {value!r}")
+
+
 def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Hugging Face `config.json`; anything temper cannot reproduce exactly fails."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+    _check_types(d, _FIELD_TYPES)
+    if not all(isinstance(a, str) for a in d.get("architectures") or []):
+        raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        _check_types(d.get(key) or {}, _ROPE_FIELD_TYPES, prefix=f"{key}.")
     arch = _architecture(d)
     if arch == GPT2:
         act = d.get("activation_function", "gelu_new")
@@ -419,6 +468,54 @@ _DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 100 << 20  # the safetensors reader's own limit: a bigger header is an attack, not a model
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook that refuses a key given twice (json.loads would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice")
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _header_entry(path: Path, name: str, e: Any, data: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked against a data section of `data` bytes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(e, dict):
+        raise CheckpointError(f"{where}: header entry must be an object, got {e!r}")
+    if e.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {e.get('dtype')!r} (temper reads {', '.join(_DTYPES)})")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets must be two integers [begin, end], got {offsets!r}")
+    dtype, (begin, end) = _DTYPES[e["dtype"]], offsets
+    if not 0 <= begin <= end <= data:
+        raise CheckpointError(f"{where} has out-of-range offsets [{begin}, {end}] (data section {data} bytes)")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(f"{where}: offsets [{begin}, {end}] hold {end - begin} bytes, but {e['dtype']} "
+                              f"shape {shape} needs {nbytes}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_no_overlap(path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]) -> None:
+    """Two tensors whose bytes overlap would alias each other once mapped: refuse the file."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (prev_begin, prev_end, prev), (begin, end, name) in zip(spans, spans[1:], strict=False):
+        if begin < prev_end:  # sorted by begin: any overlap shows up between neighbours
+            raise CheckpointError(f"{path}: tensor {name!r} (offsets [{begin}, {end}]) overlaps tensor {prev!r} "
+                                  f"([{prev_begin}, {prev_end}])")
+
+
 class SafetensorsFile:
     """A safetensors file read tensor by tensor: memory-mapped, or copied out with plain reads.
 
@@ -429,6 +526,11 @@ class SafetensorsFile:
     copy, and its pages are read on first use. The format: an 8-byte little-endian header size, a
     JSON header {name: {dtype, shape, data_offsets: [begin, end]}} and the data, offsets relative
     to its start.
+
+    Every entry is checked as the format's own reader checks it: a header of at
+    most 100 MiB, a known dtype, a shape of non-negative integers, integer offsets inside the data
+    section that hold exactly dtype x shape bytes, and no two tensors sharing bytes (overlapping
+    offsets would alias one tensor's memory as another's).
     """
 
     def __init__(self, path: Path):
@@ -439,27 +541,22 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} bytes, over the "
+                                      f"{MAX_HEADER_BYTES >> 20} MiB limit)")
+            if n > size - 8:
                 raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} bytes, file has {size})")
             try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.start, data = 8 + n, size - 8 - n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {e!r}") from None
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not (0 <= begin <= end <= data) or end - begin != nbytes:
-                raise CheckpointError(f"{path}: tensor {name!r} has out-of-range offsets [{begin}, {end}] "
-                                      f"(data section {data} bytes, tensor {nbytes} bytes)")
-            self.entries[name] = (dtype, shape, begin, end)
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: _header_entry(path, name, e, data) for name, e in header.items()}
+        _check_no_overlap(path, self.entries)
         self._map: mmap.mmap | None = None
 
     def mapped(self, name: str) -> torch.Tensor | None:
@@ -516,13 +613,26 @@ class _PickledFile:
         return self.tensors[name][rows]
 
 
-def _member(root: Path, name: str, index: Path) -> Path:
-    """A file named by an index, refused when the name leaves the directory. Checked on the name,
-    not the resolved path: a snapshot's files are symlinks into the hub cache's blobs/."""
-    parts = Path(name).parts
-    if "\x00" in name or Path(name).is_absolute() or ".." in parts or not parts:
-        raise CheckpointError(f"{index}: shard path {name!r} escapes {root}")
-    return root / name
+def _member(root: Path, name: str) -> Path:
+    """`checkpoint_file` (the one rule for names and symlinks in a checkpoint directory), its
+    errors as CheckpointError."""
+    try:
+        return checkpoint_file(root, name)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _index_members(root: Path, index: Path) -> list[Path]:
+    """The files an index's weight_map names, each refused when its name leaves the directory."""
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a weight index (weight_map must map tensor names to file names)")
+    for tensor, name in weight_map.items():
+        try:
+            checkpoint_file(root, name)
+        except UnsafePath:
+            raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to {name!r}, which escapes {root}") from None
+    return [_member(root, n) for n in sorted(set(weight_map.values()))]
 
 
 def _weight_files(root: Path, allow_pickle: bool) -> list[SafetensorsFile | _PickledFile]:
@@ -530,14 +640,10 @@ def _weight_files(root: Path, allow_pickle: bool) -> list[SafetensorsFile | _Pic
     for single, index, kind in (("model.safetensors", "model.safetensors.index.json", SafetensorsFile),
                                 ("pytorch_model.bin", "pytorch_model.bin.index.json", _PickledFile)):
         names: list[Path] = []
-        if (root / single).is_file():
+        if _member(root, single).is_file():
             names = [root / single]
-        elif (root / index).is_file():
-            try:
-                weight_map = json.loads((root / index).read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{root / index}: not a weight index ({e})") from None
-            names = [_member(root, n, root / index) for n in sorted(set(weight_map.values()))]
+        elif _member(root, index).is_file():
+            names = _index_members(root, root / index)
         if not names:
             continue
         if kind is _PickledFile and not allow_pickle:
@@ -549,34 +655,43 @@ def _weight_files(root: Path, allow_pickle: bool) -> list[SafetensorsFile | _Pic
             raise CheckpointError(f"{root}: the index names missing files {missing[:3]}")
         return [kind(p) for p in names]
     found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    raise FileNotFoundError(f"{root}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+    raise CheckpointError(f"{root}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
                             f"(found {found[:10]})")
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory's config.json."""
-    config_path = Path(path) / "config.json"
+    """The ModelConfig of a checkpoint directory's config.json; any fault is a CheckpointError
+    naming the file (and the key)."""
+    config_path = _member(Path(path), "config.json")
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json")
+        raise CheckpointError(f"{path}: no config.json")
+    d = read_json_object(config_path, CheckpointError)
     try:
-        return from_hf_config(json.loads(config_path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from None
+        return from_hf_config(d)
     except KeyError as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from None
+    except ValueError as e:  # a field of the wrong type, an architecture or option temper cannot reproduce
+        raise CheckpointError(f"{config_path}: {e}") from None
 
 
 def load_hf(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, trust_remote_code: bool = False, revision: str | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Build a Transformer (in eval mode) from a Hugging Face checkpoint directory.
+
+    No code of the checkpoint ever runs: `trust_remote_code` is taken only to refuse True without a
+    pinned `revision` (`temper.files.check_remote_code`), as every loader does.
 
     The model is built on the meta device and given its weights: on the CPU, a tensor stored as
     temper uses it is a copy-on-write map of the file (no copy at all); any other is read into a
     new tensor of its final device and dtype (through one temporary when it must be split,
     transposed or cast). The weights are never held twice.
     """
+    try:
+        check_remote_code(trust_remote_code, revision)
+    except InputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     root = Path(path)
     cfg = read_hf_config(root)
     arch = hf_architecture(cfg)
@@ -648,7 +763,7 @@ def save_hf(
     for name, shard in zip(names, shards, strict=True):
         target = safe_join(out_dir, name)
         tmp = target.with_name(f".{name}.tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})  # "format" is required by transformers
+        save_safetensors(shard, tmp, metadata={"format": "pt"})  # "format" is required by transformers
         os.replace(tmp, target)
     index = out_dir / "model.safetensors.index.json"
     if len(shards) > 1:

@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from temper.files import atomic_write_json, fsync_dir, safe_join
+from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.config import ModelConfig
 from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
@@ -140,7 +140,7 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     target = safe_join(out_dir, ADAPTER_WEIGHTS)
     tmp = target.with_name(f".{ADAPTER_WEIGHTS}.tmp")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_safetensors({n: t.contiguous() for n, t in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, target)
     fsync_dir(out_dir)
     atomic_write_json(safe_join(out_dir, ADAPTER_CONFIG), config)

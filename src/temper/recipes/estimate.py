@@ -16,7 +16,6 @@ against measured peaks), and it does not choose a batch size for you.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 import yaml
 
 from temper import config
-from temper.files import UnsafePath, safe_join
+from temper.errors import InputError
+from temper.files import checkpoint_file, read_json_object
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import from_hf_config
+from temper.model.convert import read_hf_config
 from temper.train.memory import Estimate, RunShape, estimate, human_bytes, rules_of_thumb
 
 
@@ -72,22 +72,30 @@ def _config_at(path: Path) -> ModelConfig:
         path = path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"model.path {path}: no such directory")
-    hf, state, run = (safe_join(path, n) for n in ("config.json", "state.json", "config.resolved.yaml"))
+    # checkpoint_file: the loaders' one rule, so a hub-cache snapshot (symlinks into ../../blobs/) reads here too
+    hf, state, run = (checkpoint_file(path, n) for n in ("config.json", "state.json", "config.resolved.yaml"))
     if hf.is_file():
-        return from_hf_config(json.loads(hf.read_text(encoding="utf-8")))
+        return read_hf_config(path)
     if state.is_file():  # a temper checkpoint: its state.json stores the resolved run config
-        resolved = json.loads(state.read_text(encoding="utf-8")).get("config", {})
+        resolved = read_json_object(state).get("config", {})
     elif run.is_file():
-        resolved = yaml.safe_load(run.read_text(encoding="utf-8")) or {}
+        resolved = _read_yaml(run)
     else:
         raise FileNotFoundError(f"model.path {path}: no config.json (Hugging Face), state.json (temper checkpoint) "
                                 "or config.resolved.yaml (temper run directory)")
     # sft's `model` is the checkpoint it started from; every training recipe stores the shape as model_config
     # (pretrain's `model` section is the shape too).
-    saved = resolved.get("model_config", resolved.get("model"))
+    saved = resolved.get("model_config", resolved.get("model")) if isinstance(resolved, dict) else None
     if not isinstance(saved, dict):
         raise ValueError(f"model.path {path}: its saved config has no model section")
     return config.from_dict(ModelConfig, saved, prefix=f"{path} model.")
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: not a YAML file ({' '.join(str(e).split())})") from None
 
 
 def render(est: Estimate, cfg: ModelConfig, run: RunShape, name: str) -> str:
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(model_cfg, cfg.run)
     except config.ConfigError:
         raise
-    except (OSError, ValueError, UnsafePath) as e:  # a bad path, an unreadable config, a LoRA target that matches nothing
+    except (OSError, ValueError) as e:  # a bad path, an unreadable config, a LoRA target that matches nothing
         print(f"temper estimate: {e}", file=sys.stderr)
         return 2
     name = cfg.model.path or cfg.model.preset or "debug"

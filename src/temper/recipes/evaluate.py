@@ -27,7 +27,8 @@ from tqdm import tqdm
 from temper.config import parse
 from temper.data.shards import ShardError, load_split, read_manifest
 from temper.data.sources import read_documents
-from temper.eval.perplexity import Document, document, perplexity
+from temper.data.tokenizer import UnknownCounter
+from temper.eval.perplexity import Document, encode_document, ids_document, perplexity
 from temper.eval.report import write_report
 from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
 from temper.eval.tasks import DEFAULT_DATA_ROOT, TaskError, TaskOptions, all_tasks, load_task
@@ -100,12 +101,13 @@ class EvaluateConfig:
 def perplexity_documents(cfg: PerplexityConfig, tok) -> list[Document]:
     """The documents of cfg.files (tokenized here) or of cfg.data_dir's shards (decoded for their bytes)."""
     docs: list[Document] = []
+    counter = UnknownCounter(tok.tokenizer, added_are_tokens=not tok.split_special_tokens)
     if cfg.files:
         for d in read_documents(cfg.files, text_field=cfg.text_field, txt_docs=cfg.txt_docs):
             if cfg.max_documents is not None and len(docs) >= cfg.max_documents:
                 break
             if d.text.strip():
-                docs.append(document(d.text, tok.encode(d.text, add_special_tokens=False)))
+                docs.append(encode_document(tok, d.text, f"{d.source}:{d.line}", counter))
         return docs
     eot = read_manifest(cfg.data_dir).get("eot_id")
     for shard in load_split(cfg.data_dir, cfg.split):
@@ -115,7 +117,7 @@ def perplexity_documents(cfg: PerplexityConfig, tok) -> list[Document]:
                 return docs
             ids = piece[piece != eot].tolist() if eot is not None else piece.tolist()
             if ids:
-                docs.append(document(tok.decode(ids), ids))
+                docs.append(ids_document(tok, ids, counter.unk_id))
     return docs
 
 

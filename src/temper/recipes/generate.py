@@ -17,6 +17,7 @@ It does not train, serve or evaluate; sampling itself lives in `temper.infer.eng
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from temper.config import parse
 from temper.data.chat import ChatTemplateError
+from temper.data.tokenizer import UnknownCounter, check_unknown
 from temper.infer.engine import generate, stream
 from temper.infer.load import Loaded, load_for_inference
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
@@ -71,8 +73,19 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
-        if self.temperature < 0 or self.max_new_tokens < 0:
-            raise ValueError("temperature and max_new_tokens must be >= 0")
+        # Checked here, before the model loads: the engine's own checks would come after, as a traceback.
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        if any(not p for p in self.prompt):
+            raise ValueError("--prompt is empty: give the text to continue")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if self.chat and (self.prompt or self.system is not None):
@@ -95,7 +108,13 @@ def encode(loaded: Loaded, cfg: GenerateConfig) -> tuple[list[list[int]], list[s
     """Token ids of each prompt or chat, and the text printed before its completion (a chat prints none)."""
     conversations = chats(cfg)
     if conversations is None:
-        return [loaded.tokenizer.encode(p) for p in cfg.prompt], list(cfg.prompt)
+        ids = [loaded.tokenizer.encode(p) for p in cfg.prompt]
+        counter = UnknownCounter(loaded.tokenizer.tokenizer, added_are_tokens=not loaded.tokenizer.split_special_tokens)
+        for p, x in zip(cfg.prompt, ids, strict=True):  # a dropped character is an error, an unknown one a note
+            if n := check_unknown(counter, p, x, f"--prompt {p!r}"):
+                print(f"temper generate: note: --prompt {p!r}: {counter.describe(p, n)}, encoded as "
+                      f"{counter.unk_token}", file=sys.stderr)
+        return ids, list(cfg.prompt)
     template = cfg.chat_template or None
     return [loaded.encode_chat(c, template) for c in conversations], [""] * len(conversations)
 
@@ -114,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"temper generate: {e}", file=sys.stderr)
         return 2
     model, tokenizer = loaded.model, loaded.tokenizer
+    for i, p in enumerate(prompts):
+        if not p:
+            print(f"temper generate: prompt {i} encodes to no tokens: give text the tokenizer knows", file=sys.stderr)
+            return 2
 
     def decode(row: int, ids: list[int]) -> str:
         return completion_text(lambda x: tokenizer.decode(x, skip_special_tokens=True), prompts[row], ids)

@@ -65,12 +65,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_checkpoint(checkpoint: str | Path, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None, allow_pickle: bool = False) -> Loaded:
+                    dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
     """A Hugging Face layout directory such as runs/x/final through `temper.infer.load` (the loader
     `generate` and `evaluate` use): model (eval mode), tokenizer, stop ids. The tokenizer is read
     before the weights, so a checkpoint without one fails naming the directory and what it holds."""
     dev = resolve_device(device)
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, trust_remote_code=trust_remote_code, revision=revision)
     return ckpt.load(dev, resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
 
 
@@ -93,12 +94,15 @@ def register() -> type:
         """lm-eval model "temper": a temper checkpoint directory (model_args checkpoint=DIR)."""
 
         def __init__(self, checkpoint: str = "", device: str | None = None, dtype: str | None = None,
-                     allow_pickle: bool | str = False, **options: Any) -> None:
+                     allow_pickle: bool | str = False, trust_remote_code: bool | str = False,
+                     revision: str | None = None, **options: Any) -> None:
             if not checkpoint:
                 raise ValueError("model 'temper' needs model_args checkpoint=DIR (a Hugging Face layout directory "
                                  "such as runs/<name>/final)")
             pickle_ok = str(allow_pickle).lower() in ("1", "true", "yes")
-            loaded = load_checkpoint(checkpoint, device, dtype, allow_pickle=pickle_ok)
+            trust = str(trust_remote_code).lower() in ("1", "true", "yes")  # lm-eval's --trust_remote_code
+            loaded = load_checkpoint(checkpoint, device, dtype, allow_pickle=pickle_ok, trust_remote_code=trust,
+                                     revision=revision)
             super().__init__(loaded.model, loaded.tokenizer, stop_token_ids=loaded.stop_ids, **options)
             self.checkpoint = str(checkpoint)
 

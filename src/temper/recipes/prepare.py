@@ -4,14 +4,16 @@ Steps, in the order `prepare` runs them (the stages live in data/pipeline.py; ea
 units of the input in `workers` processes with a progress bar, and keeps its results in
 `<out>/.prepare/`, so an interrupted run resumes where it stopped and re-running a finished one
 does nothing):
- 1. list the input files; fingerprint them (path, size, mtime) with the config
+ 1. list the input files; check `out` (a directory, not one of the inputs, holding no input that
+    prepare would overwrite); fingerprint the inputs (path, size, mtime) with the config
  2. filter: read every document, apply the quality and language filters (data/filters.py), the
     decontamination n-grams and the perplexity band (scored here, with a model); record per
     document its fate, size, split and its exact-dedup key and MinHash signature
  3. dedup: across the whole corpus, drop exact then near duplicates (the first one is kept)
  4. tokenizer: train a byte-level BPE on a sample of the kept train documents (about
     `tokenizer.train_bytes`), or a character-level one on every kept character, or load a file
- 5. tokenize: read the documents again, encode the kept ones and split them into train and val:
+ 5. tokenize: read the documents again, encode the kept ones (counting the characters the tokenizer
+    has no token for, or stopping at the first: `tokenizer.unknown`) and split them into train and val:
     by a hash of each document's text and the seed ("document"; the same whatever the number of
     workers), or the last `val_fraction` of each file's tokens ("tail", as nanoGPT's shakespeare)
  6. shard: concatenate the units' tokens in input order into shards of about `shard_bytes`
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from temper import config
+from temper.config import ConfigError
 from temper.data import pipeline, shards
 from temper.data.pipeline import (  # noqa: F401  (the config's parts, importable from the recipe)
     DecontaminateConfig,
@@ -40,15 +43,15 @@ from temper.data.pipeline import (  # noqa: F401  (the config's parts, importabl
     PipelineConfig,
     TokenizerConfig,
 )
-from temper.data.sources import DataError, expand_inputs
+from temper.data.sources import expand_inputs
 from temper.data.tokenizer import (
-    TokenizerError,
     eot_id,
     load_tokenizer,
     plain_text_encoder,
     save_tokenizer,
     vocab_size,
 )
+from temper.errors import InputError
 from temper.files import atomic_write_json
 
 
@@ -69,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     print(config.to_yaml(cfg), end="")
     try:
         summary = prepare(cfg)
-    except (DataError, TokenizerError, shards.ShardError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError) as e:  # DataError, TokenizerError, ShardError, ConfigError, UnsafePath
         print(f"temper prepare: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary)
     return 0
 
@@ -82,7 +85,11 @@ def prepare(cfg: PipelineConfig) -> str:
     # 1. inputs (checked before anything is written), fingerprint
     files = expand_inputs(cfg.input, cfg.exclude)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, cfg.input, files)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out={cfg.out}: cannot create the directory: {e.strerror}") from None
     fingerprint = pipeline.fingerprint(cfg, files)
     if pipeline.already_prepared(out, fingerprint):
         return f"{out} is already prepared from the same input and config: nothing to do"
@@ -125,6 +132,40 @@ def prepare(cfg: PipelineConfig) -> str:
     shards.write_manifest(out, vocab_size=vocab, eot_id=eot, splits=splits, stats=run_stats)
     shutil.rmtree(run.work, ignore_errors=True)
     return pipeline.summary(report, cfg.out)
+
+
+def check_output(out: Path, inputs: list[str], files: list[Path]) -> None:
+    """Refuse, before anything is written, an `out` that is not a directory that can be made, or one
+    where prepare would overwrite or delete its own input: the input directory itself, or an input
+    file that is one of prepare's outputs (an earlier run's manifest, shards, tokenizer, report)."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == out else f"is under {p}, which is a file"
+                raise ConfigError(f"out={out} {where}: give a directory for the shards and manifest")
+            break
+    resolved = out.resolve()
+    for pattern in inputs:
+        if os.path.isdir(pattern) and Path(pattern).resolve() == resolved:
+            raise ConfigError(f"out={out} is also an input directory: prepare would read and then overwrite its "
+                              f"own output; write it to another directory")
+    for f in files:
+        rel = _relative(f.resolve(), resolved)
+        if rel is not None and _written_by_prepare(rel):
+            raise ConfigError(f"input {f} is in out={out}, where prepare writes {rel}: it would be overwritten or "
+                              f"deleted; write the output to another directory (or --exclude the file)")
+
+
+def _relative(path: Path, root: Path) -> Path | None:
+    return path.relative_to(root) if root == path or root in path.parents else None
+
+
+def _written_by_prepare(rel: Path) -> bool:
+    """Whether prepare writes or deletes `rel` (relative to out)."""
+    if rel.parts and rel.parts[0] == pipeline.WORK:
+        return True
+    outputs = {shards.MANIFEST, shards.TOKENIZER, pipeline.REPORT, pipeline.REJECTS, pipeline.REJECTS + ".tmp"}
+    return len(rel.parts) == 1 and (rel.name in outputs or shards.is_shard_file(rel.name))
 
 
 def _auto(token: str) -> str | None:

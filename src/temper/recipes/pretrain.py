@@ -43,9 +43,12 @@ from temper.train.run import (
     EvalSection,
     LogSection,
     Run,
+    RunDirBusy,
     RunSection,
     TrainSection,
+    locked_run_dir,
     print_error,
+    run_directory,
 )
 from temper.train.step import NonFiniteLoss, autocast, eval_loss
 
@@ -178,16 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(PretrainConfig, argv, prog="pretrain")
     try:
         return run(cfg)
-    except (ShardError, ckpt.CheckpointCorrupt, UnsafePath, CheckpointError) as e:
+    except (ShardError, ckpt.CheckpointCorrupt, UnsafePath, CheckpointError, RunDirBusy) as e:
         return print_error("pretrain", f"{type(e).__name__}: {e}")  # bad input: one line naming the file
 
 
 def run(cfg: PretrainConfig) -> int:
-    d = init_distributed(cfg.run.device)
-    try:
-        return _train(cfg, d)
-    finally:
-        shutdown_distributed()
+    # The run name is checked, and the run directory locked against a second process, before anything loads.
+    with locked_run_dir(run_directory(cfg.run)):
+        d = init_distributed(cfg.run.device)
+        try:
+            return _train(cfg, d)
+        finally:
+            shutdown_distributed()
 
 
 def initial_model(cfg: PretrainConfig, data_vocab: int, device: torch.device) -> tuple[Transformer, ModelConfig]:

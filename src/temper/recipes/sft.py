@@ -27,13 +27,11 @@ It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -41,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from temper import config, faults
-from temper.data.loader import rank_slice
+from temper.data.loader import rank_slice, split_holdout
 from temper.data.packing import Piece, collate_rows, plan_packing
 from temper.data.sft import (
     SFTDataConfig,
@@ -51,17 +49,20 @@ from temper.data.sft import (
     check_examples,
     format_report,
     load_sft_examples,
+    skip_summary,
 )
-from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer, save_hf_tokenizer
+from temper.data.sources import DataError
+from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer
 from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
-from temper.model.convert import CheckpointError, load_hf, save_hf
-from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
-from temper.model.peft_io import peft_prefix_refusal, save_peft, save_peft_prefix
+from temper.files import UnsafePath
+from temper.model.convert import CheckpointError, load_hf
+from temper.model.peft_io import peft_prefix_refusal
 from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import LMLoss
+from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
@@ -74,33 +75,14 @@ from temper.train.run import (
     EvalSection,
     LogSection,
     Run,
+    RunDirBusy,
     RunSection,
     TrainSection,
+    locked_run_dir,
     print_error,
+    run_directory,
 )
 from temper.train.step import IGNORE_INDEX, NonFiniteLoss, autocast, eval_loss
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 16
-    """Rank r of each adapter (A is r x in, B is out x r)."""
-    alpha: float = 32.0
-    """Scale numerator: the update is (alpha / r) B A, or alpha / sqrt(r) with rslora."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
-    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head."""
-    rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
-    dora: bool = False
-    """Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per output row."""
-
-
-@dataclass
-class PrefixConfig:
-    n_tokens: int = 16
-    """Learned key/value slots per layer (Li & Liang 2021)."""
 
 
 @dataclass
@@ -162,17 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(SFTConfig, argv, prog="sft")
     try:
         return run(cfg)
-    except (SFTDataError, TokenizerError, CheckpointError, ckpt.CheckpointCorrupt, FileNotFoundError) as e:
+    except (DataError, TokenizerError, CheckpointError, ckpt.CheckpointCorrupt, FileNotFoundError, UnsafePath,
+            RunDirBusy) as e:
         return print_error("sft", e)  # bad input: one line naming the file, no traceback
 
 
 def run(cfg: SFTConfig) -> int:
     if not cfg.model:
         raise config.ConfigError("model: give a Hugging Face checkpoint directory")
+    run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
     # 1-2. tokenizer and examples
     tok = load_hf_tokenizer(cfg.model)
     stats = SFTStats()
     examples = load_sft_examples(cfg.data, tok, stats)
+    if stats.skipped and not cfg.check:  # --check's report says it too
+        print(f"temper sft: {skip_summary(stats)}", file=sys.stderr)
     # 3. the checker
     report = check_examples(examples, tok, max_length=cfg.data.max_length, stats=stats)
     if cfg.check:
@@ -186,11 +172,12 @@ def run(cfg: SFTConfig) -> int:
         tasks = TaskSuite(cfg.eval.tasks, tok)  # read now: bad task input fails before training
     except TaskError as e:
         raise config.ConfigError(f"eval.tasks: {e}") from None
-    d = init_distributed(cfg.run.device)  # torchrun: one process per rank (DDP); else a single process
-    try:
-        return _train(cfg, d, tok, stats, train_ex, val_ex, tasks)
-    finally:
-        shutdown_distributed()
+    with locked_run_dir(run_dir):  # a second process on this run directory is refused
+        d = init_distributed(cfg.run.device)  # torchrun: one process per rank (DDP); else a single process
+        try:
+            return _train(cfg, d, tok, stats, train_ex, val_ex, tasks)
+        finally:
+            shutdown_distributed()
 
 
 def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train_ex: list[SFTExample],
@@ -202,7 +189,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         if refusal:
             raise config.ConfigError(f"method=prefix: {refusal}")
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
-    apply_method(model, cfg)
+    apply_method(model, cfg.method, cfg.lora, cfg.prefix)
     if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.run.seed + d.rank)
     optimizer = build_optimizer(model, cfg.optim, d.device.type)
@@ -314,7 +301,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
     # 7. final/, written by rank 0; the others wait, so that every rank returns only once it is complete
     if d.is_main:
         final = run.dir / "final"
-        export(remove_activation_checkpointing(model), model_cfg, cfg, tok, final)
+        export_finetuned(remove_activation_checkpointing(model), model_cfg, cfg.method, tok, final, cfg.model)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:
@@ -329,12 +316,7 @@ RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train.micro_batch_s
 
 
 def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """Train and val examples, by a hash of each example's position and the seed (stable across runs)."""
-    def to_val(i: int) -> bool:
-        h = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
-        return int.from_bytes(h, "little") / 2**64 < val_fraction
-    train = [e for i, e in enumerate(examples) if not to_val(i)]
-    val = [e for i, e in enumerate(examples) if to_val(i)]
+    train, val = split_holdout(examples, val_fraction, seed)
     if not train:
         raise SFTDataError("data", "eval.val_fraction", "val_fraction", f"no training examples left after holding out {val_fraction}")
     return train, val
@@ -368,43 +350,3 @@ class RowOrder:
         e, k = divmod(g, self.per_epoch) if self.per_epoch else (0, 0)
         rows = self._epoch(e)
         return rows[k % len(rows)]
-
-
-def apply_method(model: torch.nn.Module, cfg: SFTConfig) -> None:
-    """Make only what the method trains trainable (full: everything)."""
-    lc = cfg.lora
-    if cfg.method == "full":
-        return
-    if cfg.method == "prefix":
-        from temper.model.prefix import apply_prefix
-
-        apply_prefix(model, cfg.prefix.n_tokens)
-        return
-    if cfg.method == "qlora":
-        from temper.model.quant import quantize_nf4
-
-        quantize_nf4(model)
-    apply_lora(model, rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout,
-               rslora=lc.rslora, dora=lc.dora)
-
-
-def export(model: torch.nn.Module, model_cfg, cfg: SFTConfig, tok, final: Path) -> None:
-    """final/: the merged model in Hugging Face layout with the tokenizer files (for prefix, the base
-    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix)."""
-    gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
-    if cfg.method in ("lora", "qlora"):
-        save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=cfg.model)
-        merged = merge_lora(model)
-        if cfg.method == "qlora":  # the NF4 layers without adapters too; QLoRA's merged model is bf16
-            from temper.model.quant import dequantize
-
-            merged = dequantize(merged, torch.bfloat16).to(torch.bfloat16)
-        save_hf(merged, model_cfg, final, generation_config=gen)
-    elif cfg.method == "prefix":
-        from temper.model.prefix import remove_prefix
-
-        save_peft_prefix(model, model_cfg, final / "adapter", base_model_name_or_path=cfg.model)
-        save_hf(remove_prefix(model), model_cfg, final, generation_config=gen)  # the base, unchanged
-    else:
-        save_hf(model, model_cfg, final, generation_config=gen)
-    save_hf_tokenizer(tok, final)

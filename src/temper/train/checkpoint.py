@@ -15,7 +15,8 @@ only then updates `latest` and applies retention (OLMo writes into a temporary d
 torchtitan treats a step dir without its `.metadata` as absent). A process killed mid-save leaves
 only a `.tmp` dir, which is ignored and removed by the next save or resume. On load every file is
 checked against the manifest's sha256, and `resume="auto"` skips a corrupt newest checkpoint
-with a warning, falling back to the previous valid one.
+with a warning, falling back to the previous valid one; when every one is corrupt it refuses
+(`NoValidCheckpoint`, naming each and why) rather than start again from step 0 unasked.
 
 Under torch.distributed every rank calls `save_checkpoint`: parameters are replicated (DDP), so
 rank 0 writes model, optimizer and state, each rank writes its own RNG file. The run dir must be
@@ -44,7 +45,15 @@ import torch.distributed as dist
 from torch import nn
 
 from temper import faults
-from temper.files import atomic_write_text, fsync_dir, safe_join, safe_torch_load, sha256_file
+from temper.errors import InputError
+from temper.files import (
+    atomic_write_text,
+    fsync_dir,
+    safe_join,
+    safe_torch_load,
+    save_safetensors,
+    sha256_file,
+)
 from temper.train.parallel import unwrap
 
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -58,8 +67,22 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _ALIASES_KEY = "temper.aliases"  # safetensors metadata: {"dropped name": "stored name"}
 
 
-class CheckpointCorrupt(Exception):
+class CheckpointCorrupt(InputError):
     """A checkpoint is incomplete or its files do not match its manifest."""
+
+
+class NoValidCheckpoint(CheckpointCorrupt):
+    """resume=auto found checkpoints but none verifies: starting over would silently drop the run's
+    progress, so the caller decides (`corrupt` lists each directory and why it failed)."""
+
+    def __init__(self, root: Path, corrupt: list[tuple[Path, str]]) -> None:
+        detail = "; ".join(why for _, why in corrupt)  # each message names its directory
+        super().__init__(f"every checkpoint in {root} is corrupt ({detail})")
+        self.corrupt = corrupt
+
+
+class CheckpointNotFound(InputError, FileNotFoundError):
+    """An explicitly named checkpoint to resume from does not exist."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -183,6 +206,21 @@ def _apply_retention(root: Path, keep_last_n: int, keep: Path) -> None:
         shutil.rmtree(doomed)
 
 
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Rename checkpoint directories to `<name>.corrupt` (`.corrupt.1`, ... if taken): kept for a
+    post-mortem, but no longer a step directory, so neither resume, retention nor a new save of the
+    same step touches them."""
+    moved = []
+    for path in paths:
+        target, n = path.with_name(f"{path.name}.corrupt"), 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt.{n}")
+        path.rename(target)
+        moved.append(target)
+    return moved
+
+
 def clean_stale_tmp(checkpoints_dir: str | os.PathLike) -> None:
     """Remove `*.tmp` leftovers of saves, deletions or `latest` updates that a crash interrupted."""
     root = Path(checkpoints_dir)
@@ -206,7 +244,7 @@ def _write_model(path: Path, model: nn.Module | Mapping[str, torch.Tensor], step
             f.write(blob[: len(blob) // 2])
             _flush(f)
         faults.kill_now()
-    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    save_safetensors(tensors, path, metadata=metadata)  # the mode of every other file, not 0600
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -299,8 +337,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Pa
     """Pick the checkpoint to resume from.
 
     "never" / "" / None: None. "auto": the newest checkpoint that verifies; corrupt newer ones
-    are skipped with a warning (None when there is none). Anything else is a path (absolute, or
-    a directory name under `<run_dir>/checkpoints/`), which must verify: no fallback.
+    are skipped with a warning; None when there is no checkpoint, `NoValidCheckpoint` when there
+    are some and none verifies. Anything else is a path (absolute, or a directory name under
+    `<run_dir>/checkpoints/`), which must verify: no fallback.
     """
     if resume in (None, "", "never"):
         return None
@@ -309,18 +348,24 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Pa
         # One cleaner: ranks may get here before joining the process group, hence RANK too.
         if _rank_world()[0] == 0 and os.environ.get("RANK", "0") == "0":
             clean_stale_tmp(root)
+        corrupt: list[tuple[Path, str]] = []
         for path in reversed(_step_dirs(run_dir)):
             try:
                 verify_checkpoint(path)
-                return path
             except CheckpointCorrupt as e:
-                warnings.warn(f"skipping checkpoint {path}: CheckpointCorrupt: {e}", stacklevel=2)
+                corrupt.append((path, str(e)))  # the message names the directory
+                continue
+            for bad, why in corrupt:
+                warnings.warn(f"skipping checkpoint {bad}: CheckpointCorrupt: {why}", stacklevel=2)
+            return path
+        if corrupt:
+            raise NoValidCheckpoint(root, corrupt)
         return None
     path = Path(resume)
     if not path.is_absolute() and not path.exists() and root.is_dir():
         path = safe_join(root, resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"resume checkpoint {resume!r} not found")
+        raise CheckpointNotFound(f"resume checkpoint {resume!r} not found")
     verify_checkpoint(path)
     return path
 

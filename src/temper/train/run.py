@@ -7,7 +7,8 @@ checkpointing, label smoothing, non-finite policy), `eval`, `checkpoint` and `lo
 its saved config, resume from the newest valid checkpoint with a check on the typed fields that
 must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (checkpointing,
 compile, DDP), one optimizer step with the non-finite policy, tokens/s and MFU, checkpoints, and
-SIGTERM (a checkpoint at the next step boundary, then exit code 143).
+SIGTERM or a first Ctrl-C (a checkpoint at the next step boundary, then exit code 143; a second
+Ctrl-C ends the process at once). `locked_run_dir` keeps a second process off a run directory in use.
 
 The loop itself stays in the recipe, visible: it decides what a batch is and when to evaluate.
 This module does not build models or data, and computes no loss (`train/losses.py`).
@@ -15,11 +16,17 @@ This module does not build models or data, and computes no loss (`train/losses.p
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,10 +36,11 @@ import yaml
 from torch import nn
 
 from temper import config
+from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger
-from temper.train.losses import Loss
+from temper.train.losses import Batch, Loss
 from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import (
     MicroBatch,
@@ -49,7 +57,11 @@ MAX_ROLLBACKS = 3
 """on_nonfinite=rollback gives up (NonFiniteLoss) on the 4th return to the same checkpoint."""
 
 EXIT_PREEMPTED = 143
-"""Exit code after a SIGTERM was handled by writing a checkpoint (128 + SIGTERM, as a shell reports it)."""
+"""Exit code after a SIGTERM (or a first Ctrl-C) was handled by writing a checkpoint (128 + SIGTERM, as a
+shell reports it)."""
+
+LOCK_FILE = "temper.lock"
+"""In the run directory: locked (flock) by the process training in it, and naming it."""
 
 
 @dataclass
@@ -115,6 +127,9 @@ class CheckpointSection:
     """Save every N steps, at the end and on SIGTERM; 0: only at the end and on SIGTERM."""
     keep_last_n: int = 3
     """Checkpoints to keep (>= 2, or 0 to keep all); older ones go only after a new one is complete."""
+    fresh_if_corrupt: bool = False
+    """With run.resume=auto, when every checkpoint is corrupt: start again from step 0 instead of refusing (the
+    corrupt ones are kept, renamed step-N.corrupt, and the old metrics.jsonl is kept as metrics.<time>.jsonl)."""
 
     def __post_init__(self) -> None:
         if self.keep_last_n == 1:
@@ -160,15 +175,92 @@ def check_resume_config(saved: dict, current: dict, keys: Sequence[str], allow: 
         )
 
 
+def run_directory(section: RunSection) -> Path:
+    """<run.dir>/<run.name>, the name checked first (a plain name: no '/', '..'): callers check it before
+    loading anything, so a bad name costs nothing."""
+    return safe_join(section.dir, safe_name(section.name, what="run name"))
+
+
+class RunDirBusy(InputError):
+    """Another process is training in this run directory."""
+
+
+@contextmanager
+def locked_run_dir(run_dir: Path, rank: int | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` while training in it: a second `pretrain`/`sft` there would clean
+    up the first one's checkpoint in progress as a crash's leftover, or save over it. flock on LOCK_FILE,
+    which the kernel releases however the holder ends (kill -9 included), so a stale lock cannot block
+    a restart. Only the main process of a torchrun job (RANK 0, read from the environment when `rank` is
+    None: this runs before the process group exists) locks; the other ranks share its directory."""
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
+        yield
+        return
+    created, locked = not run_dir.exists(), False
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise config.ConfigError(f"run directory {run_dir}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise RunDirBusy(f"run directory {run_dir} is in use by another training process ({_holder(fd)}): "
+                             f"wait for it to end or stop it, or choose another run.name") from None
+        except OSError as e:  # a filesystem without locks: train, but say that nothing guards the directory
+            print(f"temper: warning: cannot lock {run_dir / LOCK_FILE} ({e.strerror or e}); a second process on "
+                  f"this run directory would not be refused", file=sys.stderr)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield
+    finally:
+        if created and locked:  # never a directory another process holds
+            _remove_if_unused(run_dir)
+        os.close(fd)  # releases the lock
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A start that failed before writing anything (bad data, a refused setting) leaves no run directory
+    behind: one holding only the lock file goes (while still locked, so no other process is using it)."""
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # best effort: an empty run directory is harmless
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as the holder wrote it into the lock file."""
+    try:
+        me = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {me['pid']} on {me['host']}, started {me['started']}: {me['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has not written its pid yet"
+
+
 class _SigtermFlag:
-    """SIGTERM only sets a flag; the loop saves at the next step boundary (never mid-accumulation)."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), only sets a flag; the loop saves at the next step boundary
+    (never mid-accumulation) and exits with EXIT_PREEMPTED. A second Ctrl-C ends the process at once:
+    SIGINT's default action, no traceback, the steps since the last checkpoint lost."""
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.name = ""
+        """The signal that came first ("SIGTERM" or "SIGINT")."""
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+        self.name = self.name or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
+            # os.write, not print: a handler that prints while the loop prints can raise "reentrant call".
+            os.write(2, b"\ntemper: Ctrl-C: writing a checkpoint at the end of this step, then exiting; "
+                        b"Ctrl-C again to exit at once\n")
 
     def any_rank(self, d: DistInfo) -> bool:
         if d.world == 1:
@@ -178,7 +270,8 @@ class _SigtermFlag:
         return flag.item() > 0
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Run:
@@ -197,7 +290,7 @@ class Run:
     def __init__(self, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
         self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
-        self.dir = safe_join(cfg.run.dir, safe_name(cfg.run.name, what="run name"))
+        self.dir = run_directory(cfg.run)
         self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.amp_dtype == torch.float16 else None
         self.logger: RunLogger | None = None
@@ -219,7 +312,15 @@ class Run:
         """The newest valid checkpoint's state (model, optimizer and scaler restored; RNG by `restore_rng`)
         after checking its settings against this run's; or, for a fresh run, None after writing
         config.yaml and config.resolved.yaml. Rank 0 prints the resolved config either way."""
-        start = ckpt.find_resume_checkpoint(self.dir, self.cfg.run.resume)
+        try:
+            start = ckpt.find_resume_checkpoint(self.dir, self.cfg.run.resume)
+        except ckpt.NoValidCheckpoint as e:
+            if not self.cfg.checkpoint.fresh_if_corrupt:
+                raise ckpt.CheckpointCorrupt(
+                    f"{e}; refusing to start again from step 0: pass --checkpoint.fresh_if_corrupt=true to do so "
+                    "(keeping them as step-N.corrupt and the old metrics), or --run.resume=<checkpoint path>") from None
+            self._start_over(e)
+            start = None
         if self.d.is_main:
             print(yaml.safe_dump(self.resolved, sort_keys=False, default_flow_style=None), end="")
         if start is None:
@@ -237,6 +338,25 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         state["path"] = start
         return state
+
+    def _start_over(self, e: ckpt.NoValidCheckpoint) -> None:
+        """checkpoint.fresh_if_corrupt: step 0 again, the old run kept for a post-mortem: its checkpoints
+        renamed step-N.corrupt (out of resume's and retention's way) and its metrics.jsonl renamed
+        metrics.<time>.jsonl (the new run's steps restart at 1, so one file would hold each step twice)."""
+        if self.d.world > 1:
+            dist.barrier()  # every rank has looked at the checkpoints before rank 0 moves them
+        if self.d.is_main:
+            moved = ckpt.set_aside([path for path, _ in e.corrupt])
+            metrics = self.dir / "metrics.jsonl"
+            kept = ""
+            if metrics.exists():
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+                metrics.rename(metrics.with_name(f"metrics.{stamp}.jsonl"))
+                kept = f", old metrics in metrics.{stamp}.jsonl"
+            print(f"temper: {e}; starting again from step 0 (checkpoint.fresh_if_corrupt): kept as "
+                  f"{', '.join(p.name for p in moved)}{kept}", file=sys.stderr)
+        if self.d.world > 1:
+            dist.barrier()
 
     def restore_rng(self, state: dict) -> None:
         """Restore every device's RNG from the checkpoint: after the data loader was fast-forwarded,
@@ -281,13 +401,18 @@ class Run:
         result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
                             scaler=self.scaler, clip_norm=t.grad_clip,
                             on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
-        self._window_tokens += result.tokens
+        # Throughput counts the positions the model ran (padding and prompts included: compute was spent
+        # on them), not the loss's units, which are pairs for preference losses.
+        self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.world
         return result
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
         """After a non-finite loss with on_nonfinite=rollback: reload the newest checkpoint (PaLM §5.1:
         restart from before the spike and skip the batches around it); re-raises when there is none."""
-        last = ckpt.find_resume_checkpoint(self.dir, "auto")
+        try:
+            last = ckpt.find_resume_checkpoint(self.dir, "auto")
+        except ckpt.NoValidCheckpoint as e:
+            raise NonFiniteLoss(f"non-finite loss and no valid checkpoint to roll back to: {e}") from None
         if last is None:
             raise NonFiniteLoss("non-finite loss and no checkpoint to roll back to")
         # A loss that turns non-finite whatever the data (a diverged learning rate, say) would send the
@@ -343,7 +468,8 @@ class Run:
         return self._sigterm is not None and self._sigterm.any_rank(self.d)
 
     def stop_preempted(self, step: int) -> int:
-        self.logger.message(f"SIGTERM: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
+        name = (self._sigterm.name if self._sigterm is not None else "") or "SIGTERM"  # "": another rank's signal
+        self.logger.message(f"{name}: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
         return EXIT_PREEMPTED
 
 

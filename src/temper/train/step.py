@@ -155,7 +155,6 @@ def train_step(
     return StepResult(loss=global_loss, grad_norm=norm, tokens=int(host[-1]), skipped=skipped, metrics=metrics)
 
 
-@torch.no_grad()
 def eval_loss(
     model: nn.Module,
     batches: Sequence[MicroBatch],
@@ -164,20 +163,38 @@ def eval_loss(
     dp_group: dist.ProcessGroup | None = None,
 ) -> float:
     """Mean loss per counted unit over `batches` on all ranks (each rank passes its own share)."""
+    return eval_metrics(model, batches, amp_dtype, loss_fn, dp_group)["loss"]
+
+
+@torch.no_grad()
+def eval_metrics(
+    model: nn.Module,
+    batches: Sequence[MicroBatch],
+    amp_dtype: torch.dtype | None = None,
+    loss_fn: Loss | None = None,
+    dp_group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """{"loss": mean loss per counted unit, and every metric of the loss as its mean per unit} over
+    `batches` on all ranks (each rank passes its own share; every rank must pass at least one)."""
     loss_fn = loss_fn or LMLoss()
     was_training = model.training
     model.eval()
-    totals = None
+    sums: dict[str, torch.Tensor] = {}
     for mb in batches:
         batch = Batch.of(mb)
         with autocast(batch.inputs.device, amp_dtype):
             out = loss_fn(model, batch)
-        t = torch.stack([out.loss_sum.double(), torch.as_tensor(loss_fn.count(batch), device=out.loss_sum.device).double()])
-        totals = t if totals is None else totals + t
+        count = torch.as_tensor(loss_fn.count(batch), device=out.loss_sum.device)
+        for k, v in {"loss": out.loss_sum, "count": count, **out.metrics}.items():
+            sums[k] = sums.get(k, 0) + v.detach().double()
+    names = sorted(sums)
+    totals = torch.stack([sums[k] for k in names])
     if _world(dp_group)[1]:
         dist.all_reduce(totals, group=dp_group)
     model.train(was_training)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    values = dict(zip(names, totals.tolist(), strict=True))
+    n = max(values.pop("count"), 1)
+    return {k: v / n for k, v in values.items()}
 
 
 # Datasheet dense peaks (FLOP/s) for MFU, by device-name substring and dtype.

@@ -1,0 +1,729 @@
+"""Preference pairs -> prompt, chosen and rejected token ids with loss masks, batches and the check.
+
+A pair is a prompt and two responses to it, one preferred. Four record formats, recognised per
+record by their keys (or forced by `PrefDataConfig.format`), read from JSON arrays, JSON Lines
+(.json, .jsonl, .ndjson, optionally .gz) or Parquet (.parquet, one record a row):
+- hh-rlhf (Anthropic's Helpful-Harmless): `chosen` and `rejected`, each a whole transcript of
+  "\\n\\nHuman: ..." / "\\n\\nAssistant: ..." turns. The prompt is their common start, up to and
+  including the last "\\n\\nAssistant:" both share; the responses are what follows it. Two
+  Assistant turns in a row (4 prompts of harmless-base's test split) become one turn joined by a
+  blank line, since chat templates require turns to alternate. An empty reply ("Assistant:" with
+  nothing after it) is a response the data prefers 4 times in that split: it is kept (the model
+  learns to end the turn at once), unlike an empty response in the other formats.
+- messages (UltraFeedback, TRL's conversational format): `prompt` (a string, or a list of
+  {"role", "content"} messages; absent: the messages that `chosen` and `rejected` share before
+  their last one) and `chosen` / `rejected` as message lists whose last, assistant, message is the
+  response (the prompt's messages at their start are stripped) or as the response's string.
+- LLaMA-Factory: `conversations` (ShareGPT {"from", "value"} turns), optional `system`, and
+  `chosen` / `rejected` as one {"from": "gpt", "value"} turn each.
+- plain: `prompt`, `chosen`, `rejected` strings.
+The prompt is held as messages (optional system turn, then user and assistant alternating,
+ending with user) and, where the record has it as text, as that text; responses are the
+assistant turn's content and, for hh-rlhf, also the text exactly as it follows the prompt.
+
+Two prompt formats, each the same rendering as sft.py's (its functions are reused):
+- "chat": the tokenizer's chat template. A side's ids are those of the conversation prompt +
+  response, as sft.py tokenizes it; the response is its last assistant turn, trained up to and
+  including the token that ends the turn (EOS inserted when the template writes none), and the
+  prompt is everything before it, the same for both sides (checked).
+- "plain": BOS (what the tokenizer's post-processor puts before text), the prompt text, the
+  response text (encoded with the prompt, as the model reads it; the prompt's own ids must be its
+  start) and EOS. This is what TRL's DPOTrainer does for non-conversational pairs, and for
+  hh-rlhf it is the transcript the data was collected as.
+
+Length: `fit_pair` fits the longer side within `max_length` by cutting the prompt's START (its
+end, the turn being answered, matters most; BOS stays), down to `max_prompt_length` tokens, then
+the responses' ends. What was cut is counted per pair and in `PrefStats`.
+
+`collate_pairs` builds one batch of 2P rows for P pairs, the chosen rows first and then the
+rejected ones (TRL's `concatenated_forward` order), right-padded, with next-token targets that
+are IGNORE_INDEX except where a response token is predicted. `check_pairs` + `format_pref_check`
+are the check before training: a few pairs with the learnt tokens of both sides marked.
+
+Bad input (a missing `rejected`, chosen identical to rejected, an empty response, a value of the
+wrong type, a transcript with no Assistant turn, prompts the two sides do not share) raises
+`PrefDataError` (a RecordError, like sft's SFTDataError) naming the file, the line (JSON Lines,
+Parquet row) or index (JSON array) and the key; with `strict=False` the record is skipped and
+counted, up to `max_skip_fraction`. Messages name keys, never the record's content.
+
+It does not compute log-probs or losses (align/), tokenize unpaired (KTO) data, or read
+LLaMA-Factory's Alpaca-style preference rows (`instruction` + `chosen` strings).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from temper.data.packing import IGNORE_INDEX, pad_batch
+from temper.data.sft import (
+    _MISSING,
+    MAX_LISTED,
+    ROLES,
+    SHAREGPT_ROLES,
+    SUFFIXES,
+    CheckReport,
+    SFTDataError,
+    SFTExample,
+    SFTStats,
+    _check_order,
+    _eos,
+    _kind,
+    _prefix_tokens,
+    _runs,
+    _skip,
+    _system,
+    _text,
+    _tokenize_chat,
+    _turns,
+    check_examples,
+    check_skipped,
+    skip_summary,
+)
+from temper.data.sources import DataError, RecordError, expand_inputs, json_records
+from temper.data.tokenizer import HFTokenizer
+
+FORMATS = ("auto", "hh-rlhf", "messages", "llamafactory", "plain")
+TEMPLATES = ("chat", "plain")
+SIDES = ("chosen", "rejected")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass
+class PrefDataConfig:
+    """Where preference pairs come from and how they become tokens and loss masks."""
+
+    files: list[str] = field(default_factory=list)
+    """JSON arrays, JSON Lines (.json, .jsonl, .ndjson, optionally .gz) or Parquet files: paths, directories or globs."""
+    format: Literal["auto", "hh-rlhf", "messages", "llamafactory", "plain"] = "auto"
+    """Record format: auto (per record, by its keys), hh-rlhf (transcripts), messages (UltraFeedback), llamafactory, plain."""
+    template: Literal["chat", "plain"] = "chat"
+    """Prompt format: the tokenizer's chat template, or the prompt text as it is (BOS + prompt + response + EOS)."""
+    chat_template: str = ""
+    """Which of the tokenizer's chat templates to use ('': its default)."""
+    system_prompt: str = ""
+    """System turn put first in prompts that have none (template=chat; '': none added)."""
+    max_length: int = 1024
+    """Longest row (prompt + response) in tokens; longer pairs lose the prompt's start, then the responses' ends."""
+    max_prompt_length: int = 0
+    """Tokens of the prompt kept at least when cutting for max_length (0: half of max_length)."""
+    strict: bool = True
+    """Stop at the first bad record (naming file, line and key); false: skip bad records and count them."""
+    max_skip_fraction: float = 0.01
+    """With strict=false: stop when more than this fraction of the records are bad."""
+
+    def __post_init__(self) -> None:
+        _check_lengths(self.max_length, self.max_prompt_length or None)
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.template == "plain" and (self.system_prompt or self.chat_template):
+            raise ValueError("system_prompt and chat_template apply to template=chat; a plain prompt has neither")
+
+
+class PrefDataError(RecordError):
+    """A record that cannot become a preference pair: the message names file, line or index, and key."""
+
+
+@dataclass
+class PrefRecord:
+    """One preference pair read from a file, checked but not tokenized."""
+
+    prompt: list[dict[str, str]]
+    """The prompt's turns: an optional system turn, then user and assistant alternating, ending with user."""
+    chosen: str
+    """The preferred response, as the content of an assistant turn."""
+    rejected: str
+    """The other response."""
+    where: str
+    """Where it was read: "file:line" (JSON Lines, Parquet row), or "file[index]" (JSON array, 0-based)."""
+    prompt_text: str | None = None
+    """The prompt as text, when the record has it so (plain, hh-rlhf, a string `prompt`); template=plain uses it."""
+    chosen_text: str | None = None
+    """The chosen response as it follows `prompt_text` in the record's text (hh-rlhf: with its leading space); None: `chosen`."""
+    rejected_text: str | None = None
+    """The rejected response as it follows `prompt_text`; None: `rejected`."""
+
+
+@dataclass
+class PrefExample:
+    """One tokenized pair: a row is the prompt followed by one response."""
+
+    prompt: np.ndarray
+    """Prompt ids, int32 (P,): template, turns and generation prompt up to the response."""
+    chosen: np.ndarray
+    """Chosen response ids, int32 (C,): the response, the token that ends it, any template text after that."""
+    rejected: np.ndarray
+    """Rejected response ids, int32 (R,)."""
+    chosen_mask: np.ndarray
+    """bool (C,): True where the token is learnt (the response and its end-of-turn token, not layout after it)."""
+    rejected_mask: np.ndarray
+    """bool (R,)."""
+    where: str
+    """The record it came from."""
+    prompt_cut: int = 0
+    """Tokens cut from the prompt's start by `fit_pair`."""
+    chosen_cut: int = 0
+    """Tokens cut from the chosen response's end."""
+    rejected_cut: int = 0
+    """Tokens cut from the rejected response's end."""
+    eos_added: bool = False
+    """EOS was inserted after assistant turns because the chat template ends them with no special token."""
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.prompt_cut or self.chosen_cut or self.rejected_cut)
+
+    def row(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss_mask) of the row prompt + `side` ("chosen" or "rejected"); the mask is False on the prompt."""
+        ids, mask = (self.chosen, self.chosen_mask) if side == "chosen" else (self.rejected, self.rejected_mask)
+        return (np.concatenate([self.prompt, ids]).astype(np.int32),
+                np.concatenate([np.zeros(len(self.prompt), dtype=bool), mask]))
+
+
+@dataclass
+class PrefStats(SFTStats):
+    """What reading, tokenizing and fitting saw (`examples` counts pairs; `truncated` pairs cut to max_length)."""
+
+    prompt_tokens_cut: int = 0
+    """Tokens cut from the start of prompts, over all pairs."""
+    response_tokens_cut: int = 0
+    """Tokens cut from the end of responses, chosen and rejected together, over all pairs."""
+
+
+def _check_lengths(max_length: int, max_prompt_length: int | None) -> None:
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be at least 2 (a prompt token and a response token)")
+    if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1 and less than "
+                         f"max_length={max_length}, leaving room for the responses")
+
+
+@contextmanager
+def _as_pref_error(side: str = "") -> Iterator[None]:
+    """sft.py's helpers raise SFTDataError; a pair's errors are PrefDataErrors, their key under `side`."""
+    try:
+        yield
+    except SFTDataError as e:
+        key = f"{side}, {e.key}" if side and e.key else side or e.key
+        raise PrefDataError(e.where, key, e.reason, e.message) from None
+
+
+# ---- reading records ---------------------------------------------------------------------------
+
+
+def read_pref_records(files: str | Sequence[str], *, format: str = "auto", strict: bool = True,
+                      stats: PrefStats | None = None) -> list[PrefRecord]:
+    """The preference pairs of `files` (paths, directories, globs), in file order, checked.
+
+    A bad record raises `PrefDataError`, or with `strict=False` is skipped and counted in `stats`.
+    A file that cannot be read as a whole (a JSON array that does not parse, corrupt gzip or
+    Parquet) always raises DataError.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    stats = stats if stats is not None else PrefStats()
+    records = []
+    for path in expand_inputs(files):
+        for where, obj in _file_records(path):
+            stats.records += 1
+            try:
+                if isinstance(obj, RecordError):  # an unreadable line
+                    raise PrefDataError(obj.where, obj.key, obj.reason, obj.message)
+                records.append(parse_pref_record(obj, where, format))
+            except PrefDataError as e:
+                _skip(e, strict, stats)
+    return records
+
+
+def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
+    name = path.name.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return parquet_records(path)
+    if name.removesuffix(".gz").endswith(SUFFIXES):
+        return json_records(path)
+    raise DataError(f"{path}: preference data must be JSON, JSON Lines ({', '.join(SUFFIXES)}, optionally .gz) "
+                    f"or Parquet ({', '.join(PARQUET_SUFFIXES)})")
+
+
+def parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("file:row", record as a dict) of each row of a Parquet file, rows 1-based; nested columns
+    (lists of messages) become lists of dicts. A file pyarrow cannot read raises DataError."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'temper[data]'") from None
+    row = 0
+    try:
+        with pq.ParquetFile(path) as f:
+            for batch in f.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False):
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield f"{path}:{row}", obj
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise  # the machine's problem, not the file's
+    except (pa.ArrowException, OSError) as e:  # pyarrow raises OSError for damaged pages
+        after = f" after row {row}" if row else ""
+        raise DataError(f"{path}: corrupt Parquet file{after} ({e})") from None
+
+
+def parse_pref_record(obj: Any, where: str, format: str = "auto") -> PrefRecord:
+    """One JSON value (or Parquet row) -> a checked pair; raises PrefDataError naming `where` and the key."""
+    if not isinstance(obj, dict):
+        raise PrefDataError(where, "", "not_object", f"expected a JSON object, got {_kind(obj)}")
+    if format == "auto":
+        format = _detect(obj, where)
+    parse = {"hh-rlhf": _hh_rlhf, "messages": _messages, "llamafactory": _llamafactory, "plain": _plain}.get(format)
+    if parse is None:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    with _as_pref_error():
+        record = parse(obj, where)
+    if record.chosen.strip() == record.rejected.strip():
+        raise PrefDataError(where, "rejected", "identical", "identical to chosen: the pair prefers nothing")
+    return record
+
+
+def _detect(obj: Mapping[str, Any], where: str) -> str:
+    if "conversations" in obj:
+        return "llamafactory"
+    response = obj.get("chosen", obj.get("rejected"))
+    if "prompt" in obj:
+        return "messages" if isinstance(obj["prompt"], list) or isinstance(response, list) else "plain"
+    if "chosen" in obj or "rejected" in obj:
+        return "messages" if isinstance(response, list) else "hh-rlhf"
+    keys = ", ".join(k[:40] for k in sorted(obj)[:10])
+    raise PrefDataError(where, "", "unknown_format", "cannot tell the format: expected 'chosen' and 'rejected' "
+                        "(hh-rlhf transcripts or message lists), with 'prompt' (messages or plain strings) or "
+                        f"'conversations' (LLaMA-Factory); keys: {keys}")
+
+
+def _hh_rlhf(obj: Mapping[str, Any], where: str) -> PrefRecord:
+    chosen = _text(obj.get("chosen", _MISSING), where, "chosen")
+    rejected = _text(obj.get("rejected", _MISSING), where, "rejected")
+    for side, text in zip(SIDES, (chosen, rejected)):
+        if ASSISTANT not in text:
+            raise PrefDataError(where, side, "no_assistant_turn", "a transcript with no '\\n\\nAssistant:' turn")
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(ASSISTANT, 0, shared)
+    if cut < 0:
+        raise PrefDataError(where, "rejected", "no_shared_prompt", "differs from chosen before their first "
+                            "'\\n\\nAssistant:' turn: the two transcripts share no prompt")
+    cut += len(ASSISTANT)
+    responses = chosen[cut:], rejected[cut:]
+    for side, text in zip(SIDES, responses):
+        if HUMAN in text:
+            raise PrefDataError(where, side, "not_one_response", "holds a '\\n\\nHuman:' turn after the last "
+                                "'\\n\\nAssistant:' the transcripts share: they must differ in their last reply only")
+    prompt = _hh_turns(chosen[:cut - len(ASSISTANT)], where)
+    return PrefRecord(prompt, responses[0].strip(), responses[1].strip(), where, prompt_text=chosen[:cut],
+                      chosen_text=responses[0], rejected_text=responses[1])
+
+
+def _hh_turns(transcript: str, where: str) -> list[dict[str, str]]:
+    """The turns of a transcript before its response, two of the same speaker in a row joined by a blank line."""
+    parts = _HH_TURN.split("\n\n" + transcript.lstrip())  # tolerate a first "Human:" without the blank line
+    if parts[0].strip() or len(parts) == 1:
+        raise PrefDataError(where, "chosen", "bad_transcript", "expected a transcript starting with '\\n\\nHuman:'")
+    turns: list[dict[str, str]] = []
+    for speaker, text in zip(parts[1::2], parts[2::2]):
+        role, content = _HH_ROLES[speaker], text.strip()
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + content
+        else:
+            turns.append({"role": role, "content": content})
+    if turns[0]["role"] != "user":
+        raise PrefDataError(where, "chosen", "role_order", "the transcript must start with a '\\n\\nHuman:' turn")
+    if turns[-1]["role"] != "user":
+        raise PrefDataError(where, "chosen", "role_order", "the response follows an Assistant turn: expected a "
+                            "Human turn before the last '\\n\\nAssistant:'")
+    return turns
+
+
+def _messages(obj: Mapping[str, Any], where: str) -> PrefRecord:
+    value = obj.get("prompt", _MISSING)
+    prompt_text = None
+    if value is _MISSING:
+        prompt = None  # the messages both sides share before their response
+    elif isinstance(value, str):
+        prompt_text = _text(value, where, "prompt")
+        prompt = [{"role": "user", "content": prompt_text}]
+    else:
+        prompt = _turns(obj, where, "prompt", "role", "content", {r: r for r in ROLES})
+    contexts, responses = [], []
+    for side in SIDES:
+        context, response = _side(obj, where, side, prompt)
+        contexts.append(context)
+        responses.append(response)
+    if prompt is None:
+        if contexts[0] != contexts[1]:
+            raise PrefDataError(where, "rejected", "prompt_mismatch", "its messages before the response differ from "
+                                "chosen's: the two sides must share their prompt")
+        prompt = contexts[0]
+        if not prompt:
+            raise PrefDataError(where, "chosen", "no_prompt", "no prompt: give 'prompt', or the user turn before the "
+                                "response in chosen and rejected")
+    _check_prompt(prompt, where, "prompt[{}].role" if isinstance(value, list) else "chosen[{}].role")
+    return PrefRecord(prompt, responses[0], responses[1], where, prompt_text=prompt_text)
+
+
+def _side(obj: Mapping[str, Any], where: str, side: str,
+          prompt: list[dict[str, str]] | None) -> tuple[list[dict[str, str]], str]:
+    """(messages before the response, the response) of one side of a messages record."""
+    value = obj.get(side, _MISSING)
+    if value is _MISSING:
+        raise PrefDataError(where, side, "missing_field", "missing")
+    if isinstance(value, str):
+        if prompt is None:
+            raise PrefDataError(where, "prompt", "missing_field", f"missing, and {side} is a string, not a conversation")
+        return [], _text(value, where, side)
+    messages = _turns(obj, where, side, "role", "content", {r: r for r in ROLES})
+    if not messages:
+        raise PrefDataError(where, side, "empty_conversation", "no messages")
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
+        raise PrefDataError(where, f"{side}[{last}].role", "role_order", "the last message must be the assistant's "
+                            "response")
+    context = messages[:last]
+    if prompt is not None:
+        if context[:len(prompt)] == prompt:
+            context = context[len(prompt):]
+        if context:
+            raise PrefDataError(where, side, "prompt_mismatch", f"holds {len(context)} messages before its response "
+                                f"that are not the prompt's: the two sides must share the prompt")
+    return context, messages[last]["content"]
+
+
+def _llamafactory(obj: Mapping[str, Any], where: str) -> PrefRecord:
+    system = _system(obj, where)
+    prompt = system + _turns(obj, where, "conversations", "from", "value", SHAREGPT_ROLES)
+    _check_prompt(prompt, where, "conversations[{}].from", added=len(system))
+    responses = []
+    for side in SIDES:
+        turn = obj.get(side, _MISSING)
+        if turn is _MISSING:
+            raise PrefDataError(where, side, "missing_field", "missing")
+        if not isinstance(turn, dict):
+            raise PrefDataError(where, side, "not_object", f"expected an object {{'from': 'gpt', 'value': ...}}, "
+                                f"got {_kind(turn)}")
+        speaker = turn.get("from", "gpt")
+        if not isinstance(speaker, str) or SHAREGPT_ROLES.get(speaker) != "assistant":
+            raise PrefDataError(where, f"{side}.from", "role_order", "the response must be the assistant's ('gpt')")
+        responses.append(_text(turn.get("value", _MISSING), where, f"{side}.value"))
+    return PrefRecord(prompt, responses[0], responses[1], where)
+
+
+def _plain(obj: Mapping[str, Any], where: str) -> PrefRecord:
+    prompt = _text(obj.get("prompt", _MISSING), where, "prompt")
+    chosen = _text(obj.get("chosen", _MISSING), where, "chosen")
+    rejected = _text(obj.get("rejected", _MISSING), where, "rejected")
+    return PrefRecord([{"role": "user", "content": prompt}], chosen, rejected, where, prompt_text=prompt)
+
+
+def _check_prompt(prompt: list[dict[str, str]], where: str, key: str, added: int = 0) -> None:
+    """sft.py's turn order with the response after the prompt: optional system turn, then user and
+    assistant alternating from user; so the prompt ends with a user turn. An error at the response's
+    place (one past the prompt) is reported on the prompt's last turn."""
+    if len(prompt) == added:
+        raise PrefDataError(where, key.split("[")[0], "no_prompt", "no turns: the responses answer nothing")
+    try:
+        _check_order([*prompt, {"role": "assistant", "content": ""}], where, key, added=added)
+    except SFTDataError as e:
+        if e.key != key.format(len(prompt) - added):
+            raise
+        raise PrefDataError(where, key.format(max(len(prompt) - 1 - added, 0)), "role_order",
+                            "the prompt must end with a user turn (the responses answer it)") from None
+
+
+# ---- tokenizing ---------------------------------------------------------------------------------
+
+
+def tokenize_pair(
+    record: PrefRecord,
+    tokenizer: HFTokenizer,
+    *,
+    template: str = "chat",
+    chat_template: str | None = None,
+    system_prompt: str = "",
+) -> PrefExample:
+    """One pair -> prompt ids and both responses' ids and loss masks (see the module docstring); no length limit.
+
+    Raises PrefDataError naming the record and the side when the chat template refuses the
+    conversation or breaks the prefix property, a plain prompt is asked of a conversation, or
+    the two responses tokenize to the same ids.
+    """
+    if template == "plain" and (system_prompt or chat_template):
+        raise ValueError("system_prompt and chat_template apply to template=chat; a plain prompt has neither")
+    if template == "chat":
+        prompt = record.prompt
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        sides = [_chat_side(prompt, response, tokenizer, chat_template, record.where, side)
+                 for side, response in zip(SIDES, (record.chosen, record.rejected))]
+        if sides[0][0] != sides[1][0]:
+            raise PrefDataError(record.where, "rejected", "prefix_mismatch", "the chat template renders the prompt "
+                                "differently before the two responses")
+        prompt_ids = sides[0][0]
+        eos_added = sides[0][3] or sides[1][3]
+    elif template == "plain":
+        prompt_ids, sides = _plain_sides(record, tokenizer)
+        eos_added = False
+    else:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    (_, chosen, chosen_mask, *_), (_, rejected, rejected_mask, *_) = sides
+    if chosen == rejected:
+        raise PrefDataError(record.where, "rejected", "identical", "tokenizes to the same ids as chosen")
+    ids = lambda x: np.asarray(x, dtype=np.int32)
+    masks = lambda x: np.asarray(x, dtype=bool)
+    return PrefExample(ids(prompt_ids), ids(chosen), ids(rejected), masks(chosen_mask), masks(rejected_mask),
+                       record.where, eos_added=eos_added)
+
+
+def _chat_side(prompt: list[dict[str, str]], response: str, tokenizer: HFTokenizer, template: str | None,
+               where: str, side: str) -> tuple[list[int], list[int], list[bool], bool]:
+    """(prompt ids, response ids, response mask, EOS added) of prompt + response, tokenized as sft.py does.
+
+    The response is the last run of trained tokens (the final assistant turn); sft's rule trains
+    every assistant turn, so the prompt's earlier ones are cut off with everything before it."""
+    with _as_pref_error(side):
+        ids, mask, eos_added = _tokenize_chat([*prompt, {"role": "assistant", "content": response}], tokenizer,
+                                              template, where)
+    start = len(mask) - 1 - mask[::-1].index(True)
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids[:start], ids[start:], mask[start:], eos_added
+
+
+def _plain_sides(record: PrefRecord, tokenizer: HFTokenizer) -> tuple[list[int], list[tuple]]:
+    text = record.prompt_text
+    if text is None:
+        if [m["role"] for m in record.prompt] != ["user"]:
+            raise PrefDataError(record.where, "prompt", "not_text", f"template=plain needs a prompt text, and this "
+                                f"prompt is a conversation of {len(record.prompt)} turns: use template=chat")
+        text = record.prompt[0]["content"]
+    with _as_pref_error():
+        eos = _eos(tokenizer, record.where)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    sides = []
+    texts = (record.chosen if record.chosen_text is None else record.chosen_text,
+             record.rejected if record.rejected_text is None else record.rejected_text)
+    for side, response in zip(SIDES, texts):
+        # Encoded with the prompt, as the model reads it: the prompt's own ids must be its start.
+        full = tokenizer.encode(text + response, add_special_tokens=False)
+        if full[:len(prompt_ids)] != prompt_ids:
+            raise PrefDataError(record.where, side, "prefix_mismatch", "the prompt's tokens are not a prefix of the "
+                                "tokens of prompt + response (the response's start merges with the prompt's end)")
+        ids = [*full[len(prompt_ids):], eos]
+        sides.append((None, ids, [True] * len(ids)))
+    return _prefix_tokens(tokenizer) + prompt_ids, sides
+
+
+def fit_pair(example: PrefExample, max_length: int, max_prompt_length: int | None = None, *,
+             bos_id: int | None = None) -> PrefExample:
+    """`example` with both rows (prompt + response) within `max_length` tokens, and what was cut.
+
+    The prompt loses its start first (its end is the turn being answered), down to
+    `max_prompt_length` tokens (default half of max_length); then the responses lose their ends.
+    When the prompt starts with `bos_id`, that token stays: the model has always seen it first.
+    A response keeps at least its first token, which is learnt.
+    """
+    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
+    _check_lengths(max_length, max_prompt_length)
+    n_prompt = len(example.prompt)
+    over = n_prompt + max(len(example.chosen), len(example.rejected)) - max_length
+    if over <= 0:
+        return example
+    keep = max(n_prompt - over, min(n_prompt, max_prompt_length))
+    head = 1 if bos_id is not None and n_prompt and keep and example.prompt[0] == bos_id else 0
+    prompt = np.concatenate([example.prompt[:head], example.prompt[n_prompt - keep + head:]])
+    room = max_length - keep
+    return PrefExample(
+        prompt, example.chosen[:room].copy(), example.rejected[:room].copy(), example.chosen_mask[:room].copy(),
+        example.rejected_mask[:room].copy(), example.where,
+        prompt_cut=example.prompt_cut + n_prompt - keep,
+        chosen_cut=example.chosen_cut + max(len(example.chosen) - room, 0),
+        rejected_cut=example.rejected_cut + max(len(example.rejected) - room, 0),
+        eos_added=example.eos_added,
+    )
+
+
+def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer, stats: PrefStats | None = None) -> list[PrefExample]:
+    """Read, check, tokenize and fit to `cfg.max_length` the pairs of `cfg.files`, counting in `stats`."""
+    if not cfg.files:
+        raise DataError("no preference data files given: pass --data.files=[FILE.jsonl, ...]")
+    if cfg.template == "chat" and not tokenizer.chat_templates and not cfg.chat_template:
+        raise DataError("template=chat but the tokenizer has no chat template: use template=plain, or a tokenizer "
+                        "directory with one (chat_template.jinja or tokenizer_config.json's chat_template)")
+    stats = stats if stats is not None else PrefStats()
+    examples = []
+    for record in read_pref_records(cfg.files, format=cfg.format, strict=cfg.strict, stats=stats):
+        try:
+            example = tokenize_pair(record, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
+                                    system_prompt=cfg.system_prompt)
+        except PrefDataError as e:
+            _skip(e, cfg.strict, stats)
+            continue
+        fitted = fit_pair(example, cfg.max_length, cfg.max_prompt_length or None, bos_id=tokenizer.bos_id)
+        stats.truncated += fitted.truncated
+        stats.prompt_tokens_cut += fitted.prompt_cut
+        stats.response_tokens_cut += fitted.chosen_cut + fitted.rejected_cut
+        stats.eos_added += fitted.eos_added
+        examples.append(fitted)
+    stats.examples = len(examples)
+    check_skipped(stats, cfg.max_skip_fraction)
+    if not examples:
+        files = ", ".join(cfg.files)
+        if not stats.records:
+            raise DataError(f"no preference records in {files}: the data is empty")
+        raise DataError(f"no preference pairs left in {files} from {stats.records} records: skipped "
+                        f"{dict(stats.skipped)}; first problems: {stats.problems[:3]}")
+    return examples
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefBatch:
+    """2P rows for P pairs: rows 0..P-1 are prompt + chosen, rows P..2P-1 prompt + rejected, in pair order."""
+
+    inputs: torch.Tensor
+    """(2P, T) int64 token ids, right-padded with pad_id."""
+    targets: torch.Tensor
+    """(2P, T) int64: the next token where it is a learnt response token, IGNORE_INDEX elsewhere
+    (predicting the prompt, at padding, at a row's last token)."""
+    n_pairs: int
+    response_tokens: torch.Tensor
+    """(2P,) int64: learnt targets per row (the response tokens predicted, end-of-turn token included)."""
+    lengths: torch.Tensor
+    """(2P,) int64: real (unpadded) tokens per row."""
+
+    def to(self, device: torch.device | str) -> PrefBatch:
+        return PrefBatch(self.inputs.to(device), self.targets.to(device), self.n_pairs,
+                         self.response_tokens.to(device), self.lengths.to(device))
+
+
+def collate_pairs(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_multiple_of: int = 1) -> PrefBatch:
+    """P pairs -> one batch of 2P rows, chosen rows first (TRL's order), padded to the longest row
+    rounded up to `pad_to_multiple_of`; targets by packing.py's `pad_batch` from the loss masks."""
+    if not examples:
+        raise ValueError("collate_pairs needs at least one pair")
+    rows = [e.row(side) for side in SIDES for e in examples]
+    docs, masks = [ids for ids, _ in rows], [mask for _, mask in rows]
+    batch = pad_batch(docs, range(len(docs)), pad_to_multiple_of=pad_to_multiple_of, loss_masks=masks, pad_id=pad_id)
+    return PrefBatch(batch.tokens, batch.targets, len(examples), (batch.targets != IGNORE_INDEX).sum(1),
+                     torch.tensor([len(d) for d in docs], dtype=torch.int64))
+
+
+# ---- the check ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefCheckReport:
+    """What `check_pairs` found; `ok` is False when training on these pairs would be wrong."""
+
+    pairs: int
+    chosen: CheckReport
+    """sft's check of the prompt + chosen rows (learnt share, end-of-turn tokens, lengths before truncation)."""
+    rejected: CheckReport
+    """The same of the prompt + rejected rows."""
+    truncated: int
+    prompt_tokens_cut: int
+    response_tokens_cut: int
+    identical: list[str] = field(default_factory=list)
+    """Where pairs whose two rows are the same tokens (after truncation) came from (the first MAX_LISTED)."""
+    n_identical: int = 0
+    shown: list[tuple[str, str, list[tuple[str, bool]], list[tuple[str, bool]]]] = field(default_factory=list)
+    """The first pairs as (where, prompt text, chosen runs, rejected runs), runs being (text, learnt)."""
+    stats: PrefStats | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.pairs > 0 and self.chosen.ok and self.rejected.ok and self.n_identical == 0
+
+
+def check_pairs(examples: Sequence[PrefExample], tokenizer: HFTokenizer, *, max_length: int | None = None,
+                n_show: int = 3, stats: PrefStats | None = None) -> PrefCheckReport:
+    """Look at tokenized pairs as the trainer will see them: sft's check of each side's rows, plus
+    pairs left identical by truncation; `format_pref_check` prints it."""
+    def side_examples(side: str) -> list[SFTExample]:
+        out = []
+        for e in examples:
+            ids, mask = e.row(side)
+            out.append(SFTExample(ids, mask, e.where, len(ids) + e.prompt_cut + getattr(e, f"{side}_cut"),
+                                  e.eos_added))
+        return out
+
+    identical = [e.where for e in examples if np.array_equal(e.chosen, e.rejected)]
+    shown = []
+    for e in examples[:n_show]:
+        runs = [_runs(SFTExample(ids, mask, e.where, len(ids)), tokenizer)
+                for ids, mask in ((e.chosen, e.chosen_mask), (e.rejected, e.rejected_mask))]
+        shown.append((e.where, tokenizer.decode(e.prompt), runs[0], runs[1]))
+    return PrefCheckReport(
+        pairs=len(examples),
+        chosen=check_examples(side_examples("chosen"), tokenizer, max_length=max_length, n_show=0),
+        rejected=check_examples(side_examples("rejected"), tokenizer, max_length=max_length, n_show=0),
+        truncated=sum(e.truncated for e in examples),
+        prompt_tokens_cut=sum(e.prompt_cut for e in examples),
+        response_tokens_cut=sum(e.chosen_cut + e.rejected_cut for e in examples),
+        identical=identical[:MAX_LISTED],
+        n_identical=len(identical),
+        shown=shown,
+        stats=stats,
+    )
+
+
+def format_pref_check(report: PrefCheckReport, color: bool | None = None) -> str:
+    """The report as text: learnt tokens in green (color, by default when stdout is a terminal) or in [[...]]."""
+    if color is None:
+        color = sys.stdout.isatty()
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    lines = [f"Preference data check: {report.pairs} pairs"]
+    for side, r in (("chosen", report.chosen), ("rejected", report.rejected)):
+        line = f"{side}: {r.tokens} tokens, {r.trained_tokens} learnt ({r.trained_fraction:.1%})"
+        if r.lengths:
+            lens = r.lengths
+            line += (f"; row lengths before truncation: min {lens['min']:.0f}, median {lens['median']:.0f}, "
+                     f"p95 {lens['p95']:.0f}, max {lens['max']:.0f}")
+        lines.append(line + f"; ends with a learnt EOS / end-of-turn token: {r.ends_with_stop} of {r.examples}")
+    if report.truncated:
+        lines.append(f"truncated: {report.truncated} pairs, {report.prompt_tokens_cut} tokens cut from prompts' starts "
+                     f"and {report.response_tokens_cut} from responses' ends")
+    stats = report.stats
+    if stats is not None and stats.skipped:
+        lines.append(skip_summary(stats))
+    if stats is not None and stats.eos_added:
+        lines.append(f"EOS inserted after assistant turns (the template ends them with no special token): "
+                     f"{stats.eos_added} pairs")
+    mark = lambda runs: "".join(f"{open_}{text}{close}" if learnt else text for text, learnt in runs)
+    for i, (where, prompt, chosen, rejected) in enumerate(report.shown, 1):
+        lines.append(f"--- pair {i} ({where}); learnt text {'in green' if color else 'in [[...]]'} ---")
+        lines += [f"prompt: {prompt}", f"chosen: {mark(chosen)}", f"rejected: {mark(rejected)}"]
+    if report.ok:
+        lines.append("OK")
+        return "\n".join(lines)
+    if report.pairs == 0:
+        lines.append("FAIL: no pairs")
+    for side, r in (("chosen", report.chosen), ("rejected", report.rejected)):
+        if r.n_no_trained:
+            lines.append(f"FAIL: {r.n_no_trained} {side} responses have no learnt token: {', '.join(r.no_trained)}")
+        if r.n_no_stop:
+            lines.append(f"FAIL: {r.n_no_stop} untruncated {side} responses do not end with a learnt EOS / "
+                         f"end-of-turn token, so the model would not learn to stop: {', '.join(r.no_stop)}")
+    if report.n_identical:
+        lines.append(f"FAIL: {report.n_identical} pairs have identical chosen and rejected tokens (cut to the same "
+                     f"start?): {', '.join(report.identical)}")
+    return "\n".join(lines)

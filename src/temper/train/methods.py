@@ -1,0 +1,85 @@
+"""What trains in a fine-tuning run, and what it leaves behind: the method of every recipe that starts
+from a Hugging Face checkpoint (sft, reward, dpo, distill).
+
+`apply_method` makes only what the method trains trainable: full (every weight), lora (model/lora.py),
+qlora (an NF4 base from model/quant.py, then LoRA) or prefix (model/prefix.py). `export_finetuned`
+writes final/: the merged model in Hugging Face layout with the tokenizer files, and the adapter in
+PEFT's format under final/adapter/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from temper.data.tokenizer import save_hf_tokenizer
+from temper.model.convert import save_hf
+from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
+from temper.model.peft_io import save_peft, save_peft_prefix
+
+Method = Literal["full", "lora", "qlora", "prefix"]
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    """Rank r of each adapter (A is r x in, B is out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the update is (alpha / r) B A, or alpha / sqrt(r) with rslora."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per output row."""
+
+
+@dataclass
+class PrefixConfig:
+    n_tokens: int = 16
+    """Learned key/value slots per layer (Li & Liang 2021)."""
+
+
+def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: PrefixConfig | None = None) -> None:
+    """Make only what the method trains trainable (full: everything), in place."""
+    if method == "full":
+        return
+    if method == "prefix":
+        from temper.model.prefix import apply_prefix
+
+        apply_prefix(model, (prefix or PrefixConfig()).n_tokens)
+        return
+    if method == "qlora":
+        from temper.model.quant import quantize_nf4
+
+        quantize_nf4(model)
+    apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout,
+               rslora=lora.rslora, dora=lora.dora)
+
+
+def export_finetuned(model: nn.Module, model_cfg, method: Method, tok, final: Path, base: str) -> None:
+    """final/: the merged model in Hugging Face layout with the tokenizer files (for prefix, the base
+    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix), naming `base` as its base model."""
+    gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
+    if method in ("lora", "qlora"):
+        save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=base)
+        merged = merge_lora(model)
+        if method == "qlora":  # the NF4 layers without adapters too; QLoRA's merged model is bf16
+            from temper.model.quant import dequantize
+
+            merged = dequantize(merged, torch.bfloat16).to(torch.bfloat16)
+        save_hf(merged, model_cfg, final, generation_config=gen)
+    elif method == "prefix":
+        from temper.model.prefix import remove_prefix
+
+        save_peft_prefix(model, model_cfg, final / "adapter", base_model_name_or_path=base)
+        save_hf(remove_prefix(model), model_cfg, final, generation_config=gen)  # the base, unchanged
+    else:
+        save_hf(model, model_cfg, final, generation_config=gen)
+    save_hf_tokenizer(tok, final)
