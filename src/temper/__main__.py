@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import sys
 
-from temper.recipes import download, dpo, estimate, evaluate, generate, lm_eval, prepare, pretrain, sft
+from temper.recipes import (
+    distill,
+    download,
+    dpo,
+    estimate,
+    evaluate,
+    generate,
+    lm_eval,
+    prepare,
+    pretrain,
+    reward,
+    sft,
+)
 
 COMMANDS = {
     "prepare": prepare.main,
     "pretrain": pretrain.main,
     "sft": sft.main,
+    "reward": reward.main,
     "dpo": dpo.main,
+    "distill": distill.main,
     "generate": generate.main,
     "estimate": estimate.main,
     "download": download.main,

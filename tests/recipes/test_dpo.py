@@ -2,46 +2,20 @@
 and full runs whose held-out reward accuracy is logged and whose loss falls, the precomputed
 reference equal to the live one, exact resume, and torchrun DDP on 2 ranks equal to one process."""
 
-import gzip
 import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
-from temper.model.config import PRESETS
-from temper.model.convert import save_hf
-from temper.model.transformer import Transformer
 from temper.recipes import dpo
-
-HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from tests.recipes.conftest import HH
 
 pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data not found at {HH}")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny Llama-layout model with a ChatML tokenizer, and the first 64 hh-rlhf pairs."""
-    root = tmp_path_factory.mktemp("base")
-    lines = gzip.open(HH, "rt", encoding="utf-8").read().splitlines()[:64]
-    data = root / "pairs.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    texts = [json.loads(x)["chosen"] for x in lines]
-    tok = train_tokenizer(texts, "bpe", 500, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    hf_tok = HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML})
-    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=256, tie_embeddings=False)
-    torch.manual_seed(0)
-    save_hf(Transformer(cfg), cfg, root / "model")
-    save_hf_tokenizer(hf_tok, root / "model")
-    return root / "model", data
 
 
 def args(base, tmp: Path, name: str, *extra: str) -> list[str]:
@@ -55,16 +29,16 @@ def rows(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("kind", "train") == kind]
 
 
-def test_check_prints_both_sides(base, tmp_path, capsys):
-    assert dpo.main(args(base, tmp_path, "check", "--check")) == 0
+def test_check_prints_both_sides(hh_base, tmp_path, capsys):
+    assert dpo.main(args(hh_base, tmp_path, "check", "--check")) == 0
     out = capsys.readouterr().out
     assert "[[" in out and "chosen" in out.lower() and "rejected" in out.lower()
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "orpo"])
-def test_lora_learns_the_preferences(base, tmp_path, kind):
+def test_lora_learns_the_preferences(hh_base, tmp_path, kind):
     """On the training pairs the margin grows and the loss falls; TRL's metrics are logged."""
-    assert dpo.main(args(base, tmp_path, kind, f"--loss.kind={kind}", "--train.steps=8", "--eval.every=8")) == 0
+    assert dpo.main(args(hh_base, tmp_path, kind, f"--loss.kind={kind}", "--train.steps=8", "--eval.every=8")) == 0
     train = rows(tmp_path / kind, "train")
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
@@ -75,24 +49,24 @@ def test_lora_learns_the_preferences(base, tmp_path, kind):
     assert (tmp_path / kind / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_full_and_precomputed_reference_give_the_same_run(base, tmp_path):
+def test_full_and_precomputed_reference_give_the_same_run(hh_base, tmp_path):
     """A frozen copy computing the reference every step, or its log-probs computed once: one run."""
     common = ("--method=full", "--train.steps=3", "--optim.lr=1e-3")
-    assert dpo.main(args(base, tmp_path, "live", *common)) == 0
-    assert dpo.main(args(base, tmp_path, "pre", *common, "--loss.reference=precomputed")) == 0
+    assert dpo.main(args(hh_base, tmp_path, "live", *common)) == 0
+    assert dpo.main(args(hh_base, tmp_path, "pre", *common, "--loss.reference=precomputed")) == 0
     live, pre = rows(tmp_path / "live", "train"), rows(tmp_path / "pre", "train")
     torch.testing.assert_close([r["loss"] for r in pre], [r["loss"] for r in live], rtol=1e-5, atol=1e-6)
     assert live[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
 
 
-def test_resume_continues_exactly(base, tmp_path, monkeypatch):
+def test_resume_continues_exactly(hh_base, tmp_path, monkeypatch):
     common = ("--train.steps=4", "--checkpoint.every=2")
-    assert dpo.main(args(base, tmp_path, "straight", *common)) == 0
+    assert dpo.main(args(hh_base, tmp_path, "straight", *common)) == 0
     monkeypatch.setenv("TEMPER_FAULT", "crash:step=2")
     with pytest.raises(SystemExit, match="crash at step 2"):
-        dpo.main(args(base, tmp_path, "resumed", *common))
+        dpo.main(args(hh_base, tmp_path, "resumed", *common))
     monkeypatch.delenv("TEMPER_FAULT")
-    assert dpo.main(args(base, tmp_path, "resumed", *common)) == 0
+    assert dpo.main(args(hh_base, tmp_path, "resumed", *common)) == 0
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -100,11 +74,11 @@ def test_resume_continues_exactly(base, tmp_path, monkeypatch):
 
 
 @pytest.mark.distributed
-def test_ddp_two_ranks_equal_one_process(base, tmp_path):
+def test_ddp_two_ranks_equal_one_process(hh_base, tmp_path):
     common = ("--train.steps=3", "--eval.every=3", "--run.device=cpu")
-    assert dpo.main(args(base, tmp_path, "single", *common)) == 0
+    assert dpo.main(args(hh_base, tmp_path, "single", *common)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "dpo", *args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
+           "dpo", *args(hh_base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
     env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -227,3 +227,18 @@ def split_holdout(items: Sequence, val_fraction: float, seed: int) -> tuple[list
         return int.from_bytes(h, "little") / 2**64 < val_fraction
     flags = [held_out(i) for i in range(len(items))]
     return [x for x, f in zip(items, flags) if not f], [x for x, f in zip(items, flags) if f]
+
+
+class EpochOrder:
+    """Items in training order: epoch e is a permutation of the n items seeded by (seed, e), so the g-th
+    item of training is a function of (seed, g) alone and a resumed run continues exactly."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def item(self, g: int) -> int:
+        e, k = divmod(g, self.n)
+        if e not in self._epochs:
+            self._epochs[e] = np.random.default_rng([self.seed, e]).permutation(self.n)
+        return int(self._epochs[e][k])

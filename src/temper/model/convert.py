@@ -69,8 +69,24 @@ class CheckpointError(InputError):
 
 
 def _architecture(d: dict[str, Any]) -> str:
+    """The causal-LM architecture of a config: a `*ForSequenceClassification` (reward model) checkpoint
+    holds the same decoder, with a score head instead of the language-model head."""
     archs = d.get("architectures") or []
-    return archs[0] if archs else _MODEL_TYPES.get(d.get("model_type", ""), "<none given>")
+    arch = archs[0] if archs else _MODEL_TYPES.get(d.get("model_type", ""), "<none given>")
+    if isinstance(arch, str) and arch.endswith(SEQ_CLS_SUFFIX):
+        return GPT2 if arch == "GPT2" + SEQ_CLS_SUFFIX else arch.removesuffix(SEQ_CLS_SUFFIX) + "ForCausalLM"
+    return arch
+
+
+SEQ_CLS_SUFFIX = "ForSequenceClassification"
+SCORE = "score.weight"
+"""The one-label head of a `*ForSequenceClassification` checkpoint: (1, hidden) scores the last real token."""
+
+
+def sequence_classification_architecture(cfg: ModelConfig) -> str:
+    """`LlamaForCausalLM` -> `LlamaForSequenceClassification` (`GPT2LMHeadModel` -> `GPT2ForSequenceClassification`)."""
+    arch = hf_architecture(cfg)
+    return ("GPT2" if arch == GPT2 else arch.removesuffix("ForCausalLM")) + SEQ_CLS_SUFFIX
 
 
 # The type of every config.json field temper reads (None allowed only where the code falls back
@@ -732,12 +748,46 @@ def load_hf(
     return model.eval(), cfg
 
 
+def load_score_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, torch.Tensor, ModelConfig]:
+    """(decoder, score weight (1, dim), config) of a one-label `*ForSequenceClassification` checkpoint
+    (a reward model, from temper's `save_hf(..., score=...)` or from transformers), on the CPU.
+
+    Such a checkpoint has no language-model head; an untied decoder gets a zero one, which nothing
+    reads (the score head replaces it)."""
+    root = Path(path)
+    cfg = read_hf_config(root)
+    arch = hf_architecture(cfg)
+    sd: dict[str, torch.Tensor] = {}
+    score = None
+    for f in _weight_files(root, allow_pickle=False):
+        for name in f.entries:
+            if name == SCORE:
+                score = f.read(name).to(dtype)
+            elif not _ignored(name, cfg) and name != "lm_head.weight":
+                sd[_canonical(name, arch)] = f.read(name).to(dtype)
+    if score is None or score.shape != (1, cfg.dim):
+        raise CheckpointError(f"{root}: not a one-label sequence-classification checkpoint: "
+                              f"{'no ' + SCORE if score is None else f'{SCORE} has shape {tuple(score.shape)}'}")
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = torch.zeros(cfg.vocab_size, cfg.dim, dtype=dtype)
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(from_hf_state_dict(cfg, sd), strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    return model.eval(), score, cfg
+
+
 def save_hf(
     model_or_state: nn.Module | dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, *,
     tokenizer_json: str | Path | None = None, generation_config: dict[str, Any] | None = None,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_shard_bytes: int = MAX_SHARD_BYTES, score: torch.Tensor | None = None,
 ) -> Path:
     """Write `config.json`, the weights, `generation_config.json` (and `tokenizer.json`) to out_dir.
+
+    score: (1, dim) weight of a reward model's head: the checkpoint is then a one-label
+    `*ForSequenceClassification` (`score.weight` in place of the language-model head), which
+    transformers scores at each row's last token that is not `pad_token_id` (give it in generation_config).
 
     Weights above `max_shard_bytes` are split into `model-0000k-of-0000n.safetensors` files with a
     `model.safetensors.index.json`, as transformers writes them; weight files of an earlier save
@@ -749,6 +799,9 @@ def save_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.cpu() for k, v in to_hf_state_dict(cfg, sd).items()}
+    if score is not None:
+        tensors.pop("lm_head.weight", None)
+        tensors[SCORE] = score.detach().reshape(1, cfg.dim).cpu().contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -778,6 +831,9 @@ def save_hf(
     hf_cfg = to_hf_config(cfg)
     hf_cfg |= {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if score is not None:
+        hf_cfg |= {"architectures": [sequence_classification_architecture(cfg)], "num_labels": 1,
+                   "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
     atomic_write_json(safe_join(out_dir, "config.json"), hf_cfg)
     atomic_write_json(safe_join(out_dir, "generation_config.json"), gen)
     if tokenizer_json is not None:

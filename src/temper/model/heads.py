@@ -59,12 +59,37 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = ScalarHead(backbone.cfg.dim, bias=bias)
+        if getattr(backbone, "head", None) is not None:  # the unused language-model head never trains
+            backbone.head.requires_grad_(False)
 
+    # What training code reads off a decoder (its config, its blocks for checkpointing and compile,
+    # its size for MFU) is the backbone's.
     @property
     def cfg(self):
         return self.backbone.cfg
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def num_params(self) -> int:
+        return self.backbone.num_params() + sum(p.numel() for p in self.head.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.backbone.flops_per_token(seq_len)
 
     def forward(self, tokens: torch.Tensor, *, last: torch.Tensor, **kwargs) -> torch.Tensor:
         hidden = self.backbone(tokens, hidden_only=True, **kwargs)  # (B, T, C)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return self.head(hidden[rows, last]).float()  # (B,): only the scored positions go through the head
+
+
+def load_reward_model(path, dtype: torch.dtype = torch.float32) -> RewardModel:
+    """A `RewardModel` from a one-label `*ForSequenceClassification` checkpoint directory (on the CPU)."""
+    from temper.model.convert import load_score_hf
+
+    backbone, score, _ = load_score_hf(path, dtype)
+    model = RewardModel(backbone)
+    with torch.no_grad():
+        model.head.score.weight.copy_(score)
+    return model.eval()

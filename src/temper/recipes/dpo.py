@@ -34,13 +34,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from temper import config, faults
 from temper.align.preference import PreferenceLoss, adapters_off_reference, frozen_reference
-from temper.data.loader import rank_slice, split_holdout
+from temper.data.loader import EpochOrder, rank_slice, split_holdout
 from temper.data.prefs import (
     PrefDataConfig,
     PrefStats,
@@ -184,7 +183,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     # 5. batches of pairs: pair g of training is a function of (seed, g)
-    order = PairOrder(len(train_pairs), cfg.run.seed)
+    order = EpochOrder(len(train_pairs), cfg.run.seed)
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
     per_step = micro * accum * d.world  # pairs per optimizer step, over all ranks
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
@@ -256,7 +255,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
             set_lr(optimizer, lr)
             first = step * per_step
             starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
-            mbs = [batch(train_pairs, [order.pair(g) for g in range(s, s + micro)], train_ref) for s in starts]
+            mbs = [batch(train_pairs, [order.item(g) for g in range(s, s + micro)], train_ref) for s in starts]
             try:
                 result = run.step(train_model, optimizer, mbs, loss_fn, step)
             except NonFiniteLoss:
@@ -293,18 +292,3 @@ def split(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
     if not train:
         raise config.ConfigError(f"eval.val_fraction: no training pairs left after holding out {val_fraction}")
     return train, val
-
-
-class PairOrder:
-    """Training pairs in order: epoch e is a permutation seeded by (seed, e), so pair g is a function
-    of (seed, g) and a resumed run continues exactly."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._epochs: dict[int, np.ndarray] = {}
-
-    def pair(self, g: int) -> int:
-        e, k = divmod(g, self.n)
-        if e not in self._epochs:
-            self._epochs[e] = np.random.default_rng([self.seed, e]).permutation(self.n)
-        return int(self._epochs[e][k])

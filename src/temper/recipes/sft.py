@@ -34,14 +34,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from temper import config, faults
 from temper.data.loader import rank_slice, split_holdout
-from temper.data.packing import Piece, collate_rows, plan_packing
+from temper.data.packing import collate_rows
 from temper.data.sft import (
+    RowOrder,
     SFTDataConfig,
     SFTDataError,
     SFTExample,
@@ -320,33 +320,3 @@ def split(examples: list[SFTExample], val_fraction: float, seed: int) -> tuple[l
     if not train:
         raise SFTDataError("data", "eval.val_fraction", "val_fraction", f"no training examples left after holding out {val_fraction}")
     return train, val
-
-
-class RowOrder:
-    """Rows of packed examples in training order: epoch e shuffles the examples with (seed, e),
-    packs them (best-fit-decreasing) and shuffles the rows, so row g is a function of (seed, g)."""
-
-    def __init__(self, examples: list[SFTExample], seq_len: int, pack: bool, seed: int):
-        self.docs = [e.ids for e in examples]
-        self.masks = [e.loss_mask for e in examples]
-        self.seq_len, self.pack, self.seed = seq_len, pack, seed
-        self._epochs: list[list] = []
-        self.per_epoch = len(self._epoch(0))
-
-    def _epoch(self, e: int) -> list:
-        while len(self._epochs) <= e:
-            rng = np.random.default_rng([self.seed, len(self._epochs)])
-            order = rng.permutation(len(self.docs))
-            if self.pack:
-                rows = plan_packing([len(self.docs[i]) for i in order], self.seq_len, overflow="truncate")
-                rows = [[p._replace(doc=int(order[p.doc])) for p in row] for row in rows]
-                rows = [rows[i] for i in rng.permutation(len(rows))]
-            else:
-                rows = [[Piece(int(i), 0, min(len(self.docs[i]), self.seq_len))] for i in order]
-            self._epochs.append(rows)
-        return self._epochs[e]
-
-    def row(self, g: int) -> list:
-        e, k = divmod(g, self.per_epoch) if self.per_epoch else (0, 0)
-        rows = self._epoch(e)
-        return rows[k % len(rows)]

@@ -1,0 +1,272 @@
+"""`temper reward`: train a reward model on preference pairs: a decoder with a scalar head, Bradley-Terry loss.
+
+Steps, in the order `run` takes them:
+ 1. parse the config; load the tokenizer (its chat template renders the prompts)
+ 2. read the pairs (data/prefs.py): hh-rlhf transcripts, prompt + chosen/rejected messages, or
+    LLaMA-Factory records -> prompt, chosen and rejected token ids; hold out `val_fraction` of them by
+    a hash of their index and the seed
+ 3. `--check`: print pairs as the model will read them, and stop
+ 4. join the process group when launched by torchrun (DDP; gloo on CPU); load the decoder, put a
+    scalar head on its final hidden states (model/heads.py RewardModel), read at each sequence's last
+    token, and apply the method: full (every weight) or lora (adapters on the decoder; the head
+    always trains)
+ 5. batches: each epoch, the pairs in a seeded order; a step's pairs are dealt to the ranks
+    (loader.rank_slice), each micro-batch the chosen rows of its pairs then the rejected ones
+ 6. the loop: learning-rate schedule, `train_step` with `align.preference.RewardLoss` (margin-free
+    Bradley-Terry, optional reward centering), the pairwise accuracy and mean margin on the training
+    and held-out pairs, atomic checkpoints of what trains (and the optimizer)
+ 7. final/ (rank 0 writes it): the reward model in Hugging Face's `*ForSequenceClassification` layout
+    (one label, `score.weight`), which `transformers` loads and `model.heads.load_reward_model` reads back
+
+It does not optimise a policy against the reward (`temper dpo`; PPO and best-of-n sample with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from temper import config, faults
+from temper.align.preference import RewardLoss
+from temper.data.loader import EpochOrder, rank_slice, split_holdout
+from temper.data.prefs import (
+    PrefDataConfig,
+    PrefStats,
+    check_pairs,
+    collate_pairs,
+    format_pref_check,
+    load_pref_examples,
+)
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, save_hf_tokenizer
+from temper.model.convert import load_hf, save_hf
+from temper.model.heads import RewardModel
+from temper.model.lora import merge_lora
+from temper.train import checkpoint as ckpt
+from temper.train.log import write_report
+from temper.train.losses import Batch
+from temper.train.methods import LoRAConfig, apply_method
+from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.parallel import (
+    DistInfo,
+    init_distributed,
+    shutdown_distributed,
+)
+from temper.train.run import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    Run,
+    RunSection,
+    TrainSection,
+    locked_run_dir,
+    run_directory,
+)
+from temper.train.step import NonFiniteLoss, eval_metrics
+
+
+@dataclass
+class LossConfig:
+    center_coef: float = 0.0
+    """Reward centering (Eisenstein et al. 2023): + coef * (r_chosen + r_rejected)^2 keeps scores near 0; TRL uses 0.01."""
+
+
+@dataclass
+class TrainConfig(TrainSection):
+    steps: int = 0
+    """Optimizer steps (0: from epochs)."""
+    micro_batch_size: int = 2
+    """Pairs per forward pass, on each rank (twice as many rows)."""
+    epochs: float = 1.0
+    """Passes over the training pairs."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step, on each rank: a step is micro_batch_size x accumulation x ranks pairs."""
+
+
+@dataclass
+class EvalConfig(EvalSection):
+    val_fraction: float = 0.05
+    """Share of the pairs held out (by a hash of the pair's position and the seed); every held-out pair is scored."""
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""
+    """Hugging Face checkpoint directory of the decoder to start from (usually an SFT result), e.g. runs/sft/final."""
+    method: Literal["full", "lora"] = "full"
+    """What trains besides the score head: every weight, or LoRA adapters on the decoder."""
+    check: bool = False
+    """Print tokenized pairs, then stop."""
+    data: PrefDataConfig = field(default_factory=PrefDataConfig)
+    """The preference pairs and how they are rendered."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The Bradley-Terry loss."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (method=lora)."""
+    run: RunSection = field(default_factory=lambda: RunSection(name="reward", seed=0))
+    """Where the run lives and how it starts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches and the step."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))
+    """AdamW (reward models train ~1 epoch at 1e-5 .. 1e-6 full, ~1e-4 LoRA)."""
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
+    """Learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpoints."""
+    log: LogSection = field(default_factory=LogSection)
+    """Metrics and progress."""
+
+
+# What must match between a checkpoint and the run that resumes from it.
+RESUME_KEYS = ("model", "method", "data", "loss", "lora", "train.micro_batch_size", "train.epochs",
+               "train.accumulation", "train.steps", "optim", "schedule", "steps", "pairs_per_step", "run.seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(config.parse(RewardConfig, argv, prog="reward"))  # bad input: __main__ prints one line
+
+
+def run(cfg: RewardConfig) -> int:
+    if not cfg.model:
+        raise config.ConfigError("model: give a Hugging Face checkpoint directory")
+    run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
+    # 1-2. tokenizer and pairs
+    tok = load_hf_tokenizer(cfg.model)
+    stats = PrefStats()
+    pairs = load_pref_examples(cfg.data, tok, stats)
+    # 3. the checker
+    report = check_pairs(pairs, tok, max_length=cfg.data.max_length, stats=stats)
+    if cfg.check or not report.ok:
+        print(format_pref_check(report), file=sys.stdout if cfg.check else sys.stderr)
+        return 0 if report.ok else 1
+    train_pairs, val_pairs = split(pairs, cfg.eval.val_fraction, cfg.run.seed)
+    with locked_run_dir(run_dir):  # a second process on this run directory is refused
+        d = init_distributed(cfg.run.device)
+        try:
+            return _train(cfg, d, tok, stats, train_pairs, val_pairs)
+        finally:
+            shutdown_distributed()
+
+
+def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
+    # 4. the reward model and method
+    backbone, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    torch.manual_seed(cfg.run.seed)  # the same head and adapters on every rank
+    model = RewardModel(backbone).to(d.device)
+    apply_method(backbone, cfg.method, cfg.lora)
+    model.head.requires_grad_(True)  # the head always trains, LoRA or not
+    if d.rank:
+        torch.manual_seed(cfg.run.seed + d.rank)
+    loss_fn = RewardLoss(cfg.loss.center_coef)
+    optimizer = build_optimizer(model, cfg.optim, d.device.type)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+
+    # 5. batches of pairs: pair g of training is a function of (seed, g)
+    order = EpochOrder(len(train_pairs), cfg.run.seed)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
+    per_step = micro * accum * d.world  # pairs per optimizer step, over all ranks
+    steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
+
+    def batch(source: list, idx: list[int]) -> Batch:
+        b = collate_pairs([source[i] for i in idx], pad_id=pad)  # chosen rows, then rejected
+        last = (b.lengths - 1).clamp(min=0)  # each row's last real token: its end-of-turn
+        return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"last": last.to(d.device)})
+
+    # 6. the loop, on the scaffold every training recipe shares
+    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
+                                      "pairs_per_step": per_step}
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
+    train_model = run.wrap(model)
+    state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
+    step = state["step"] if state else 0
+    if state:
+        run.restore_rng(state)
+    if d.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"temper reward: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} "
+              f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps of "
+              f"{per_step} pairs ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; {stats.truncated} pairs "
+              f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
+    trainable = set(ckpt.trainable_names(model))
+
+    def save(at: int) -> None:
+        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
+        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer)
+
+    def validate() -> dict[str, float]:
+        """Loss and TRL's metrics over every held-out pair, pair i scored by rank i mod world (a rank
+        left without one scores pair 0 too: every rank must join the all-reduce)."""
+        n = len(val_pairs)
+        idx = [i for i in range(n) if i % d.world == d.rank] or [0]
+        mbs = [batch(val_pairs, idx[lo:lo + micro]) for lo in range(0, len(idx), micro)]
+        metrics = eval_metrics(model, mbs, run.amp_dtype, loss_fn)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    with run:
+        logger = run.logging(steps, step, model.flops_per_token(cfg.data.max_length))
+        if step == 0 and val_pairs:
+            logger.log(0, validate(), kind="val")
+        train_model.train()
+        while step < steps:
+            if faults.active("crash", step=step, rank=d.rank):
+                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
+            if faults.active("sigterm", step=step, rank=d.rank):
+                os.kill(os.getpid(), signal.SIGTERM)
+            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            set_lr(optimizer, lr)
+            first = step * per_step
+            starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
+            mbs = [batch(train_pairs, [order.item(g) for g in range(s, s + micro)]) for s in starts]
+            try:
+                result = run.step(train_model, optimizer, mbs, loss_fn, step)
+            except NonFiniteLoss:
+                if cfg.train.on_nonfinite != "rollback":
+                    raise
+                step = run.rollback(model, optimizer, trainable_only=cfg.method != "full")["step"]
+                continue
+            step += 1
+            run.log_train(step, steps, result, lr, epoch=first / max(len(train_pairs), 1))
+            if val_pairs and run.eval_due(step, steps):
+                logger.log(step, validate(), kind="val")
+                run.restart_clock()
+            saved = run.save_due(step, steps)
+            if saved:
+                save(step)
+            if run.preempted():
+                if not saved:
+                    save(step)
+                return run.stop_preempted(step)
+
+    # 7. final/
+    if d.is_main:
+        final = run.dir / "final"
+        export_reward_model(model, model_cfg, tok, final)
+        write_report(run.dir)
+        print(f"final model: {final}")
+    if d.world > 1:
+        dist.barrier()
+    return 0
+
+
+def split(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    train, val = split_holdout(pairs, val_fraction, seed)
+    if not train:
+        raise config.ConfigError(f"eval.val_fraction: no training pairs left after holding out {val_fraction}")
+    return train, val
+
+
+def export_reward_model(model: RewardModel, model_cfg, tok: HFTokenizer, final) -> None:
+    """final/: the decoder (adapters merged) and the score head as one-label `*ForSequenceClassification`,
+    which scores each row at its last token that is not `pad_token_id`, with the tokenizer files."""
+    gen = {k: v for k, v in (("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)) if v is not None}
+    save_hf(merge_lora(model.backbone), model_cfg, final, generation_config=gen, score=model.head.score.weight)
+    save_hf_tokenizer(tok, final)
