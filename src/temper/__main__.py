@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from temper.recipes import (
+    best_of_n,
     distill,
     download,
     dpo,
@@ -24,6 +25,7 @@ COMMANDS = {
     "sft": sft.main,
     "reward": reward.main,
     "dpo": dpo.main,
+    "best-of-n": best_of_n.main,
     "distill": distill.main,
     "generate": generate.main,
     "estimate": estimate.main,

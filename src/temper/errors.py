@@ -8,4 +8,9 @@ Anything else escaping a command is a bug and keeps its traceback. Each stage's 
 
 
 class InputError(ValueError):
-    """Bad input: the message names the file and line, or the key, and says what is wrong with it."""
+    """Bad input: the message names the file and line, or the key, and says what is wrong with it.
+
+    Always one line: a message that spans several (a parser's, a library's) is joined with " / "."""
+
+    def __str__(self) -> str:
+        return " / ".join(line.strip() for line in super().__str__().splitlines() if line.strip())

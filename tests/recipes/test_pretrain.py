@@ -90,6 +90,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def assert_same_run(a: Path, b: Path, steps=range(5, 9)):
     ma, mb = metrics(a), metrics(b)
     assert [ma[s]["loss"] for s in steps] == [mb[s]["loss"] for s in steps]  # bit for bit
+    assert [ma[s]["lr"] for s in steps] == [mb[s]["lr"] for s in steps]  # row 5: the cosine lr after a resume
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -53,9 +53,16 @@ def pairs(batch: Batch) -> int:
 
 
 def response_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs (2P,) with gradient, response lengths (2P,)) of every row's targets."""
-    logits = model(batch.inputs, **batch.model_kwargs)  # (2P, T, V)
-    return token_logprobs(logits, batch.targets).sum(-1), (batch.targets != IGNORE_INDEX).sum(-1)
+    """(summed log-probs (2P,) with gradient, response lengths (2P,)) of every row's targets.
+
+    The output layer runs only at the response positions (`logits_at`): prompts and padding, often
+    most of a preference batch, never become (T x V) logits."""
+    scored = batch.targets != IGNORE_INDEX  # (2P, T)
+    logits = model(batch.inputs, logits_at=scored, **batch.model_kwargs)  # (N, V), row-major
+    picked = token_logprobs(logits, batch.targets[scored])  # (N,)
+    rows = scored.nonzero()[:, 0]  # the row of each scored position, in the same order
+    logps = torch.zeros(scored.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
+    return logps, scored.sum(-1)
 
 
 def frozen_reference(reference_model: nn.Module) -> Reference:

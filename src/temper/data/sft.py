@@ -66,7 +66,7 @@ from typing import Any, Literal
 import numpy as np
 
 from temper.data.chat import ChatTemplateError
-from temper.data.packing import IGNORE_INDEX
+from temper.data.packing import IGNORE_INDEX, Piece, plan_packing
 from temper.data.sources import DataError, ReadStats, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
 
@@ -698,3 +698,33 @@ def format_report(report: CheckReport, color: bool | None = None) -> str:
             lines.append(f"FAIL: {report.n_no_stop} untruncated examples do not end with a trained EOS / end-of-turn "
                          f"token, so the model would not learn to stop: {', '.join(report.no_stop)}")
     return "\n".join(lines)
+
+
+class RowOrder:
+    """Rows of packed examples in training order: epoch e shuffles the examples with (seed, e),
+    packs them (best-fit-decreasing) and shuffles the rows, so row g is a function of (seed, g)."""
+
+    def __init__(self, examples: list[SFTExample], seq_len: int, pack: bool, seed: int):
+        self.docs = [e.ids for e in examples]
+        self.masks = [e.loss_mask for e in examples]
+        self.seq_len, self.pack, self.seed = seq_len, pack, seed
+        self._epochs: list[list] = []
+        self.per_epoch = len(self._epoch(0))
+
+    def _epoch(self, e: int) -> list:
+        while len(self._epochs) <= e:
+            rng = np.random.default_rng([self.seed, len(self._epochs)])
+            order = rng.permutation(len(self.docs))
+            if self.pack:
+                rows = plan_packing([len(self.docs[i]) for i in order], self.seq_len, overflow="truncate")
+                rows = [[p._replace(doc=int(order[p.doc])) for p in row] for row in rows]
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            else:
+                rows = [[Piece(int(i), 0, min(len(self.docs[i]), self.seq_len))] for i in order]
+            self._epochs.append(rows)
+        return self._epochs[e]
+
+    def row(self, g: int) -> list:
+        e, k = divmod(g, self.per_epoch) if self.per_epoch else (0, 0)
+        rows = self._epoch(e)
+        return rows[k % len(rows)]

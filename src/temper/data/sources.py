@@ -505,6 +505,18 @@ def _arrow_text_kind(pa: Any, type_: Any) -> str | None:
     return "null" if pa.types.is_null(type_) else None
 
 
+def _text_values(pa: Any, column: Any, kind: str) -> list:
+    """A batch's text column as Python values, strings as bytes: pyarrow does not check the UTF-8 of
+    a file's strings (its to_pylist raises on bad bytes), so they are decoded as in every other
+    format, repaired and counted or, with strict_utf8, an error naming file:row."""
+    if kind == "str":
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        column = column.cast(pa.large_binary() if pa.types.is_large_string(column.type)
+                             else pa.binary_view() if pa.types.is_string_view(column.type) else pa.binary())
+    return column.to_pylist()
+
+
 # -- reading -----------------------------------------------------------------------------------
 
 
@@ -684,14 +696,15 @@ class _Reader:
                 batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field_, *extra],
                                           use_threads=False)  # callers run one reader per process
                 for batch in batches:
-                    texts = batch.column(field_).to_pylist()
+                    texts = _text_values(pa, batch.column(field_), kind)
                     columns = {c: batch.column(c).to_pylist() for c in extra}
                     for i, value in enumerate(texts):
                         row += 1
                         yield from self._parquet_row(value, path, row, {c: v[i] for c, v in columns.items()})
         except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
             raise  # the machine's problem, not the file's (pyarrow's ArrowMemoryError is a MemoryError)
-        except (pa.ArrowException, OSError) as e:  # pyarrow raises OSError for damaged pages
+        # pyarrow raises OSError for damaged pages, UnicodeDecodeError for bad UTF-8 in an id or meta column
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             after = f" after row {row}" if row else ""
             self._problem("corrupt_parquet", str(path), f"corrupt Parquet file{after} ({e})", e)
 

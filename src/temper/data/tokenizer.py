@@ -667,13 +667,20 @@ def _apply_added_tokens(tok: Tokenizer, added: Any, where: Path) -> None:
         tok.add_tokens(new)
 
 
+def _template_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: chat template is not UTF-8 (byte {e.start})") from None
+
+
 def _chat_templates(config: Mapping[str, Any], where: Path, directory: Path) -> dict[str, str]:
     files = {}
     if (directory / CHAT_TEMPLATE_FILE).is_file():
-        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        files["default"] = _template_file(directory / CHAT_TEMPLATE_FILE)
     if (directory / CHAT_TEMPLATE_DIR).is_dir():
         for p in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
-            files[p.name.removesuffix(".jinja")] = p.read_text(encoding="utf-8")
+            files[p.name.removesuffix(".jinja")] = _template_file(p)
     if files:  # transformers: template files take priority over the config's entries, which it drops
         return files
     value = config.get("chat_template")

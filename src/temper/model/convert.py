@@ -506,7 +506,7 @@ def _header_entry(path: Path, name: str, e: Any, data: int) -> tuple[torch.dtype
     where = f"{path}: tensor {name!r}"
     if not isinstance(e, dict):
         raise CheckpointError(f"{where}: header entry must be an object, got {e!r}")
-    if e.get("dtype") not in _DTYPES:
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {e.get('dtype')!r} (temper reads {', '.join(_DTYPES)})")
     shape, offsets = e.get("shape"), e.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):

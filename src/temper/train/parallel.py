@@ -11,6 +11,8 @@ It does not own the training loop or the data order.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
     offload_wrapper,
 )
+
+from temper.config import ConfigError
 
 
 @dataclass
@@ -39,7 +43,10 @@ class DistInfo:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,6 +62,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return WEIGHT_DTYPES[name]
 
 
+ELASTIC_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+"""torchrun's setting that gives each restart of a job a new TCP store."""
+
+
+def shared_store_restarts() -> bool:
+    """Whether torchrun may restart this job (--max-restarts > 0) while its workers share the launcher's TCP
+    store, which outlives a restart with the failed attempt's keys in it: the restarted gloo/NCCL group can
+    then connect to a dead worker (seen with torch 2.13, about one restart in two on 2 CPU ranks)."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group that torchrun describes, or run as a single process."""
     device = pick_device(device_name)
@@ -62,6 +81,10 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         return DistInfo(0, 0, 1, device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if rank == 0 and shared_store_restarts():
+        print(f"temper: warning: torchrun --max-restarts with its shared TCP store: a restarted job may read the "
+              f"dead workers' addresses and fail to connect or hang (pytorch#135712); launch torchrun with "
+              f"{ELASTIC_STORE_FIX}", file=sys.stderr)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -71,7 +94,15 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group; in a recipe's `finally`, also when the loop failed (a non-finite loss, a crash).
+
+    Leaving on an exception, the failed frames (held by its traceback) still hold the DDP model, and with it the
+    group: gloo's teardown then runs when the model is freed later, after the peer has left, and can wait for it
+    forever. Their locals are dropped first, so that the model goes before the group as on a normal return."""
     if dist.is_initialized():
+        failed = sys.exc_info()[1]
+        if failed is not None:
+            traceback.clear_frames(failed.__traceback__)  # frames still running (the caller's) are skipped
         dist.destroy_process_group()
 
 

@@ -1,0 +1,515 @@
+"""`temper distill`: train a smaller student on a teacher's next-token distributions (knowledge distillation).
+
+Steps, in the order `run` takes them:
+ 1. parse the config; open the teacher (config.json and tokenizer, no weights yet); the student's
+    tokenizer (student.from) and the data's (data.dir) must be the teacher's: the same vocabulary,
+    token for token, since the losses compare distributions id by id
+ 2. data: pretraining windows of prepared shards (data.dir, as `temper pretrain`), or SFT examples
+    (data.files, as `temper sft`: rendered with the teacher's tokenizer, learnt on the responses only,
+    `eval.val_fraction` held out by hash, packed with document masks)
+ 3. join the process group when launched by torchrun (DDP; gloo on CPU); the student: a Hugging Face
+    checkpoint or temper run (student.from), or `student.preset` + `student.model` from scratch (seeded as
+    `temper pretrain` seeds it, so both start alike); the teacher frozen, its weights in the run's
+    precision (it never trains)
+ 4. the teacher's distributions: computed on the fly inside the loss (no_grad), or, with teacher.cache,
+    its top-k log-probs written once to <run>/teacher_cache (align/topk_cache.py) for every unit of the
+    data (a window, an example), reused by every epoch and by a resumed run, and the teacher freed
+ 5. the loop on the scaffold every training recipe shares: lr -> this rank's micro-batches (with their
+    cached top-k) -> `train_step` with `align.distill.DistillLoss` (alpha * divergence + (1 - alpha) * CE;
+    logged as loss, kl or jsd, ce) -> validation: the student's cross-entropy on held-out data (val_loss,
+    the number `temper pretrain` and `temper sft` report) and, with a resident teacher, val_kl / val_jsd;
+    checkpoints, SIGTERM
+ 6. final/ (rank 0): the full student in Hugging Face layout with the teacher's tokenizer files
+
+It does not train the teacher (`temper pretrain`, `temper sft`) or distil with on-policy samples (GKD's
+student-generated sequences).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from temper import config, faults
+from temper.align.distill import DistillLoss
+from temper.align.topk_cache import TopKCache, build_cache, fingerprint, open_cache
+from temper.data.loader import TokenWindows, rank_slice, split_holdout
+from temper.data.packing import Piece, collate_rows
+from temper.data.sft import (
+    RowOrder,
+    SFTDataConfig,
+    SFTExample,
+    SFTStats,
+    check_examples,
+    format_report,
+    load_sft_examples,
+    skip_summary,
+)
+from temper.data.shards import read_manifest, tokenizer_path
+from temper.data.tokenizer import HFTokenizer, load_tokenizer
+from temper.infer.load import Checkpoint, open_checkpoint
+from temper.model.config import PRESETS, ModelConfig
+from temper.model.transformer import Segments, Transformer
+from temper.train.log import write_report
+from temper.train.losses import IGNORE_INDEX, Batch, LMLoss
+from temper.train.methods import export_finetuned
+from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.parallel import (
+    DistInfo,
+    init_distributed,
+    remove_activation_checkpointing,
+    shutdown_distributed,
+)
+from temper.train.run import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    Run,
+    RunSection,
+    TrainSection,
+    locked_run_dir,
+    run_directory,
+)
+from temper.train.step import NonFiniteLoss, eval_metrics
+
+CACHE_DIR = "teacher_cache"
+
+
+@dataclass
+class TeacherSection:
+    path: str = ""
+    """Teacher checkpoint: a Hugging Face directory or a temper run directory (its final/)."""
+    cache: bool = False
+    """Write the teacher's top-k log-probs once to <run>/teacher_cache and train from them (every epoch, and on
+    resume) instead of running the teacher on every step; the teacher is then not kept in memory."""
+    top_k: int = 32
+    """Ids cached per position (k x 6 bytes per token in float16)."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Precision of the cached log-probs."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class StudentSection:
+    from_: str = ""
+    """Start from these weights: a Hugging Face directory or a temper run directory (its final/); empty: a
+    random init of `preset`."""
+    preset: str = "debug"
+    """Model shape from temper.model.config.PRESETS when starting from scratch."""
+    model: dict = field(default_factory=dict)
+    """Overrides of the preset's ModelConfig fields, e.g. {dim: 256, n_layers: 4}; vocab_size is the teacher's."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.from_ and self.model:
+            raise ValueError("model overrides apply to a student from scratch; student.from fixes the shape")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: generalised JSD (GKD)."""
+    beta: float = 0.5
+    """jsd only: the teacher's weight in the mixture, 0 < beta < 1 (TRL's beta)."""
+    temperature: float = 1.0
+    """Softens both distributions (logits / temperature) in the divergence; the CE uses the raw logits."""
+    alpha: float = 0.5
+    """Weight of the divergence; 1 - alpha weighs the hard-label cross-entropy."""
+
+    def __post_init__(self) -> None:
+        DistillLoss(self.kind, self.beta, self.temperature, self.alpha)  # its checks, named by this section
+
+
+@dataclass
+class DataConfig(SFTDataConfig):
+    dir: str = ""
+    """Pretraining data: a directory written by `temper prepare` (manifest.json, shards, tokenizer.json).
+    Give it, or SFT `files` (rendered with the teacher's tokenizer), not both."""
+    order: Literal["random", "sequential"] = "sequential"
+    """data.dir only: sequential (each non-overlapping window once per epoch, shuffled; needed by teacher.cache)
+    or random (windows at hashed offsets, as pretrain's default)."""
+    verify: bool = True
+    """data.dir only: check every shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class TrainConfig(TrainSection):
+    steps: int = 0
+    """Optimizer steps (0: from epochs)."""
+    epochs: float = 1.0
+    """Passes over the training windows or examples (unless `steps` is set)."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step, on each rank: a step is micro_batch_size x accumulation x ranks rows."""
+    seq_len: int = 0
+    """Tokens per row (0: the student's max_seq_len for data.dir, data.max_length for SFT files)."""
+    pack: bool = True
+    """SFT files: pack several examples per row (document masks keep them apart)."""
+
+
+@dataclass
+class EvalConfig(EvalSection):
+    val_fraction: float = 0.05
+    """SFT files: share of the examples held out (by a hash of the position and the seed); every held-out row
+    is scored. data.dir: the prepared `val` split, `batches` micro-batches of it."""
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    """The model distilled from, and whether its top-k log-probs are cached."""
+    student: StudentSection = field(default_factory=StudentSection)
+    """The model trained."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The divergence and its mix with the hard labels."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Pretraining shards, or SFT files and how they are rendered."""
+    run: RunSection = field(default_factory=lambda: RunSection(name="distill"))
+    """Where the run lives and how it starts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches and the step."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpoints."""
+    log: LogSection = field(default_factory=LogSection)
+    """Metrics and progress."""
+
+
+# What must match between a checkpoint and the run that resumes from it.
+RESUME_KEYS = ("teacher", "student", "loss", "data", "train.micro_batch_size", "train.epochs", "train.accumulation",
+               "train.seq_len", "train.pack", "train.steps", "train.label_smoothing", "optim", "schedule", "model",
+               "steps", "seq_len", "rows_per_step", "run.seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(config.parse(DistillConfig, argv, prog="distill"))  # bad input: __main__ prints one line
+
+
+def check_same_tokenizer(key: str, where: str | Path, vocab: dict[str, int], teacher_vocab: dict[str, int],
+                         teacher: Path) -> None:
+    """ConfigError naming `key` unless `vocab` is the teacher's, token for token."""
+    if vocab == teacher_vocab:
+        return
+    differ = sum(vocab.get(t) != i for t, i in teacher_vocab.items()) + len(vocab.keys() - teacher_vocab.keys())
+    raise config.ConfigError(
+        f"{key} {where}: its tokenizer is not the teacher's ({teacher}): {differ} of {len(teacher_vocab)} tokens "
+        f"differ or are missing; distillation compares next-token distributions id by id, so both need one tokenizer")
+
+
+def run(cfg: DistillConfig) -> int:
+    if not cfg.teacher.path:
+        raise config.ConfigError("teacher.path: give the teacher's checkpoint (a Hugging Face directory or a run)")
+    if bool(cfg.data.dir) == bool(cfg.data.files):
+        raise config.ConfigError("data: give pretraining shards (data.dir) or SFT files (data.files), one of the two")
+    run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
+    # 1. the teacher's shape and tokenizer, then every other tokenizer against it, before any weights
+    teacher = open_checkpoint(cfg.teacher.path)
+    tok = teacher.tokenizer
+    teacher_vocab = tok.tokenizer.get_vocab()
+    student = None
+    if cfg.student.from_:
+        student = open_checkpoint(cfg.student.from_)
+        check_same_tokenizer("student.from", student.path, student.tokenizer.tokenizer.get_vocab(), teacher_vocab,
+                             teacher.path)
+        if student.config.vocab_size != teacher.config.vocab_size:
+            raise config.ConfigError(f"student.from {student.path}: vocab_size {student.config.vocab_size} differs from "
+                                     f"the teacher's {teacher.config.vocab_size}: their logits must have one size")
+    if cfg.teacher.top_k > teacher.config.vocab_size:
+        raise config.ConfigError(f"teacher.top_k={cfg.teacher.top_k} exceeds the vocabulary ({teacher.config.vocab_size})")
+    # 2. data
+    examples: tuple[list[SFTExample], list[SFTExample]] | None = None
+    if cfg.data.dir:
+        manifest = read_manifest(cfg.data.dir)
+        data_vocab = load_tokenizer(tokenizer_path(cfg.data.dir, manifest)).get_vocab()
+        check_same_tokenizer("data.dir", cfg.data.dir, data_vocab, teacher_vocab, teacher.path)
+        if cfg.teacher.cache and cfg.data.order != "sequential":
+            raise config.ConfigError("teacher.cache needs data.order=sequential: the cache holds one teacher pass per "
+                                     "window, and random order draws windows at any offset")
+    else:
+        examples = _sft_examples(cfg, tok)
+        if examples is None:
+            return 1
+    with locked_run_dir(run_dir):  # a second process on this run directory is refused
+        d = init_distributed(cfg.run.device)
+        try:
+            return _train(cfg, d, teacher, student, examples)
+        finally:
+            shutdown_distributed()
+
+
+def _sft_examples(cfg: DistillConfig, tok: HFTokenizer) -> tuple[list[SFTExample], list[SFTExample]] | None:
+    """(train, held-out) SFT examples, rendered with the teacher's tokenizer; None (after printing why) when
+    the checker fails."""
+    stats = SFTStats()
+    examples = load_sft_examples(cfg.data, tok, stats)
+    if stats.skipped:
+        print(f"temper distill: {skip_summary(stats)}", file=sys.stderr)
+    report = check_examples(examples, tok, max_length=cfg.data.max_length, stats=stats)
+    if not report.ok:
+        print(format_report(report), file=sys.stderr)
+        return None
+    train, val = split_holdout(examples, cfg.eval.val_fraction, cfg.run.seed)
+    if not train:
+        raise config.ConfigError(f"eval.val_fraction: no training examples left after holding out {cfg.eval.val_fraction}")
+    return train, val
+
+
+def _student(cfg: DistillConfig, student: Checkpoint | None, teacher: Checkpoint,
+             device: torch.device) -> tuple[Transformer, ModelConfig]:
+    """The student's weights (student.from), or the preset's random init with the teacher's vocabulary, seeded
+    by run.seed as `temper pretrain` seeds it."""
+    if student is not None:
+        return student.load(device, torch.float32).model.train(), student.config
+    base = dataclasses.asdict(PRESETS[cfg.student.preset]) | {"vocab_size": teacher.config.vocab_size}
+    model_cfg = config.from_dict(ModelConfig, base | cfg.student.model, prefix="student.model.")
+    if model_cfg.vocab_size != teacher.config.vocab_size:
+        raise config.ConfigError(f"student.model.vocab_size={model_cfg.vocab_size} differs from the teacher's "
+                                 f"{teacher.config.vocab_size}: their logits must have one size")
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank
+    return Transformer(model_cfg).to(device), model_cfg
+
+
+def _teacher_fingerprint(teacher: Checkpoint) -> dict:
+    """What identifies the teacher's weights without hashing them: its directory, shape and weight files."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher.path.iterdir()
+                   if p.suffix in (".safetensors", ".bin"))
+    return {"path": str(teacher.path.resolve()), "config": dataclasses.asdict(teacher.config), "files": files}
+
+
+def _examples_digest(examples: list[SFTExample]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.asarray(e.ids, dtype=np.int64).tobytes())
+        h.update(np.packbits(np.asarray(e.loss_mask, dtype=bool)).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class Data:
+    """What the loop draws: a step's micro-batches as a function of the global row index (so a resumed run and
+    any world size see the same rows), the held-out batches, and the units the top-k cache is built over."""
+
+    def __init__(self, cfg: DistillConfig, d: DistInfo, tok: HFTokenizer, seq_len: int,
+                 examples: tuple[list[SFTExample], list[SFTExample]] | None):
+        self.cfg, self.d, self.seq_len = cfg, d, seq_len
+        self.cache: TopKCache | None = None
+        self.sft = examples is not None
+        self.pad = tok.pad_id if tok.pad_id is not None else 0
+        if examples is None:  # pretraining windows
+            self.windows = TokenWindows(cfg.data.dir, "train", seq_len, seed=cfg.run.seed, order=cfg.data.order,
+                                        verify=cfg.data.verify)
+            manifest = read_manifest(cfg.data.dir)
+            has_val = manifest["splits"].get("val", {}).get("tokens", 0) > seq_len
+            self.val_windows = TokenWindows(cfg.data.dir, "val", seq_len, order="sequential",
+                                            verify=cfg.data.verify) if has_val else None
+            self.per_epoch = self.windows.num_windows
+            self.identity = {"dir": str(Path(cfg.data.dir).resolve()), "train": manifest["splits"]["train"]}
+        else:
+            train, val = examples
+            self.rows = RowOrder(train, seq_len, cfg.train.pack, cfg.run.seed)
+            self.val_rows = RowOrder(val, seq_len, cfg.train.pack, cfg.run.seed) if val else None
+            self.per_epoch = self.rows.per_epoch
+            self.identity = {"examples": _examples_digest(train)}
+
+    def _rows(self, order: RowOrder, pieces: list[list[Piece]], with_cache: bool) -> Batch:
+        b = collate_rows(order.docs, pieces, self.seq_len, loss_masks=order.masks, pad_id=self.pad)
+        dev = self.d.device
+        extra = self.cache.positions([p.doc for row in pieces for p in row], dev) if with_cache and self.cache else {}
+        return Batch(b.tokens.to(dev), b.targets.to(dev),
+                     {"positions": b.positions.to(dev), "segments": Segments(b.doc_ids.to(dev))}, extra)
+
+    def train_batch(self, start: int, n: int) -> Batch:
+        """Training rows start .. start + n - 1, with their cached top-k when there is a cache."""
+        if self.sft:
+            return self._rows(self.rows, [self.rows.row(i) for i in range(start, start + n)], True)
+        x, y = self.windows.batch(start, n, self.d.device)
+        extra = self.cache.positions(self.windows.window_ids(start, n), self.d.device) if self.cache else {}
+        return Batch(x, y, extra=extra)
+
+    def val_batches(self, micro: int) -> list[Batch]:
+        """This rank's share of the held-out rows (every rank gets at least one batch: all must join the
+        all-reduce; a rank left without rows scores one whose targets are all ignored)."""
+        d = self.d
+        if not self.sft:
+            if self.val_windows is None:
+                return []
+            return [Batch(*self.val_windows.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device))
+                    for i in range(self.cfg.eval.batches)]
+        if self.val_rows is None:
+            return []
+        n = self.val_rows.per_epoch
+        starts = [rank_slice(0, micro, m, d.rank, d.world) for m in range(math.ceil(n / (micro * d.world)))]
+        out = [self._rows(self.val_rows, [self.val_rows.row(i) for i in range(s, min(s + micro, n))], False)
+               for s in starts if s < n]
+        if not out:
+            b = self._rows(self.val_rows, [self.val_rows.row(0)], False)
+            out = [Batch(b.inputs, torch.full_like(b.targets, IGNORE_INDEX), b.model_kwargs)]
+        return out
+
+    # ---- the cache's units: every window (data.dir) or training example (SFT), one per row ----------
+
+    def unit_counts(self) -> list[int]:
+        if not self.sft:
+            return [self.seq_len] * self.windows.num_windows
+        ends = [min(len(doc), self.seq_len) for doc in self.rows.docs]
+        return [int(np.asarray(m[1:e + 1]).sum()) for m, e in zip(self.rows.masks, ends, strict=True)]
+
+    def unit_batch(self, j: int, micro: int) -> tuple[list[int], Batch]:
+        """Cache batch j: units j * micro ... in one row each (windows in epoch 0's order, examples in order)."""
+        lo = j * micro
+        if not self.sft:
+            n = min(micro, self.windows.num_windows - lo)
+            return self.windows.window_ids(lo, n).tolist(), Batch(*self.windows.batch(lo, n, self.d.device))
+        units = list(range(lo, min(lo + micro, len(self.rows.docs))))
+        pieces = [[Piece(u, 0, min(len(self.rows.docs[u]), self.seq_len))] for u in units]
+        return units, self._rows(self.rows, pieces, False)
+
+    def n_units(self) -> int:
+        return self.windows.num_windows if not self.sft else len(self.rows.docs)
+
+
+def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ckpt: Checkpoint | None,
+           examples: tuple[list[SFTExample], list[SFTExample]] | None) -> int:
+    # 3. student and teacher
+    model, model_cfg = _student(cfg, student_ckpt, teacher_ckpt, d.device)
+    if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.run.seed + d.rank)
+    seq_len = cfg.train.seq_len or (cfg.data.max_length if examples is not None else model_cfg.max_seq_len)
+    for who, limit in (("the student", model_cfg.max_seq_len), ("the teacher", teacher_ckpt.config.max_seq_len)):
+        if seq_len > limit:
+            raise config.ConfigError(f"train.seq_len = {seq_len} exceeds the context of {who} ({limit})")
+    tok = teacher_ckpt.tokenizer
+    data = Data(cfg, d, tok, seq_len, examples)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
+    per_step = micro * accum * d.world  # rows per optimizer step, over all ranks
+    if not cfg.train.steps and not data.sft and cfg.data.order == "random":
+        raise config.ConfigError("train.steps: give the number of steps (data.order=random has no epochs)")
+    steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.per_epoch / per_step))
+    optimizer = build_optimizer(model, cfg.optim, d.device.type)
+
+    resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg), "steps": steps, "seq_len": seq_len,
+                                      "rows_per_step": per_step}
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
+    train_model = run.wrap(model)
+    state = run.resume(model, optimizer)  # settings checked before the teacher's weights are read
+    step = state["step"] if state else 0
+    if state:
+        run.restore_rng(state)
+
+    def load_teacher() -> nn.Module:
+        """The teacher never trains: its weights in the autocast dtype (bf16 on a GPU; float32 on a CPU)."""
+        return teacher_ckpt.load(d.device, run.amp_dtype).model.requires_grad_(False)
+
+    # 4. the teacher's top-k cache, built once (reused by every epoch and on resume): the teacher is then
+    # read only to build it, and not kept
+    teacher: nn.Module | None = None
+    if cfg.teacher.cache:
+        meta = {"teacher": _teacher_fingerprint(teacher_ckpt), "data": data.identity, "seq_len": seq_len,
+                "k": cfg.teacher.top_k, "dtype": cfg.teacher.cache_dtype}
+        expected = fingerprint(meta)
+        cache, why = open_cache(run.dir / CACHE_DIR, expected)
+        if cache is None:
+            if d.is_main:
+                print(f"temper distill: building the teacher's top-{cfg.teacher.top_k} cache ({why})", file=sys.stderr)
+            n_batches = math.ceil(data.n_units() / micro)
+            cache = build_cache(run.dir / CACHE_DIR, load_teacher(), n_batches, lambda j: data.unit_batch(j, micro),
+                                data.unit_counts(), k=cfg.teacher.top_k, dtype=cfg.teacher.cache_dtype,
+                                fingerprint=expected, amp_dtype=run.amp_dtype, rank=d.rank, world=d.world,
+                                log=(lambda m: print(f"temper distill: {m}", file=sys.stderr)) if d.is_main else None)
+        elif d.is_main:
+            print(f"temper distill: reusing the teacher's top-{cache.k} cache at {cache.path}", file=sys.stderr)
+        data.cache = cache
+    else:
+        teacher = load_teacher()
+    lc = cfg.loss
+    loss_fn = DistillLoss(lc.kind, lc.beta, lc.temperature, lc.alpha, cfg.train.label_smoothing, teacher)
+    # Validation reports the student's cross-entropy as val_loss (alpha 0), and the divergence when the teacher is here.
+    val_loss_fn = DistillLoss(lc.kind, lc.beta, lc.temperature, 0.0, 0.0, teacher) if teacher is not None else LMLoss()
+    flops = model.flops_per_token(seq_len) + (teacher.flops_per_token(seq_len) / 3 if teacher is not None else 0.0)
+
+    if d.is_main:
+        source = cfg.student.from_ or f"preset {cfg.student.preset}"
+        how = f"top-{cfg.teacher.top_k} cache" if cfg.teacher.cache else "teacher on the fly"
+        print(f"temper distill: {lc.kind} (alpha {lc.alpha}, T {lc.temperature}) from {teacher_ckpt.path} into a "
+              f"{model.num_params() / 1e6:.2f}M student ({source}), {how}; {data.per_epoch} rows of {seq_len} per "
+              f"epoch, {steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}")
+
+    def save(at: int) -> None:
+        run.save(at, model, optimizer)
+
+    def validate() -> dict[str, float]:
+        batches = data.val_batches(micro)
+        if not batches:
+            return {}
+        m = eval_metrics(model, batches, run.amp_dtype, val_loss_fn)  # the unwrapped model: DDP's forward is for training
+        return {f"val_{k}": v for k, v in m.items() if k != "ce"}
+
+    # 5. the loop
+    with run:
+        logger = run.logging(steps, step, flops)
+        if step == 0:
+            val = validate()
+            if val:
+                logger.log(0, val, kind="val")
+        train_model.train()
+        while step < steps:
+            if faults.active("crash", step=step, rank=d.rank):
+                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
+            if faults.active("sigterm", step=step, rank=d.rank):
+                os.kill(os.getpid(), signal.SIGTERM)
+            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            set_lr(optimizer, lr)
+            first = step * per_step
+            mbs = [data.train_batch(rank_slice(first, micro, m, d.rank, d.world), micro) for m in range(accum)]
+            try:
+                result = run.step(train_model, optimizer, mbs, loss_fn, step)
+            except NonFiniteLoss:
+                if cfg.train.on_nonfinite != "rollback":
+                    raise
+                step = run.rollback(model, optimizer)["step"]
+                continue
+            step += 1
+            run.log_train(step, steps, result, lr, epoch=first / max(data.per_epoch, 1))
+            if run.eval_due(step, steps):
+                val = validate()
+                if val:
+                    logger.log(step, val, kind="val")
+                run.restart_clock()
+            saved = run.save_due(step, steps)
+            if saved:
+                save(step)
+            if run.preempted():
+                if not saved:
+                    save(step)
+                return run.stop_preempted(step)
+
+    # 6. final/
+    if d.is_main:
+        final = run.dir / "final"
+        export_finetuned(remove_activation_checkpointing(model), model_cfg, "full", tok, final,
+                         cfg.student.from_ or cfg.student.preset)
+        write_report(run.dir)
+        print(f"final model: {final}")
+    if d.world > 1:
+        dist.barrier()
+    return 0
