@@ -379,7 +379,7 @@ def test_fuzz_parquet_files(fuzz, tmp_path):
 
 
 TOP_CONFIGS = {"prepare": "PrepareConfig", "pretrain": "PretrainConfig", "sft": "SFTConfig", "dpo": "DPOConfig",
-               "reward": "RewardConfig", "distill": "DistillConfig",
+               "reward": "RewardConfig", "distill": "DistillConfig", "best-of-n": "BestOfNConfig",
                "generate": "GenerateConfig", "estimate": "EstimateConfig", "download": "DownloadConfig",
                "evaluate": "EvaluateConfig"}
 
@@ -744,6 +744,7 @@ ENTRY_EXAMPLES = EXAMPLES if LONG_EXAMPLES else 10  # a case may run a recipe's 
 PATH_FLAGS = {"prepare": ["input", "out"], "pretrain": ["data.dir", "run.dir"], "sft": ["model", "data.files", "run.dir"],
               "dpo": ["model", "data.files", "run.dir"], "reward": ["model", "data.files", "run.dir"],
               "distill": ["teacher", "student", "data.files", "data.dir", "run.dir"],
+              "best-of-n": ["model", "prompts", "out", "scorer.model"],
               "generate": ["checkpoint"], "evaluate": ["checkpoint", "out"], "estimate": ["model.path"],
               "download": ["out"], "lm-eval": []}
 

@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 
 from temper import config, faults
+from temper.align.pairs import PairEvalConfig, PairTrainConfig, split_pairs, step_pairs, val_batches
 from temper.align.preference import RewardLoss
-from temper.data.loader import EpochOrder, rank_slice, split_holdout
+from temper.data.loader import EpochOrder
 from temper.data.prefs import (
     PrefDataConfig,
     PrefStats,
@@ -61,11 +62,9 @@ from temper.train.parallel import (
 )
 from temper.train.run import (
     CheckpointSection,
-    EvalSection,
     LogSection,
     Run,
     RunSection,
-    TrainSection,
     locked_run_dir,
     run_directory,
 )
@@ -76,24 +75,6 @@ from temper.train.step import NonFiniteLoss, eval_metrics
 class LossConfig:
     center_coef: float = 0.0
     """Reward centering (Eisenstein et al. 2023): + coef * (r_chosen + r_rejected)^2 keeps scores near 0; TRL uses 0.01."""
-
-
-@dataclass
-class TrainConfig(TrainSection):
-    steps: int = 0
-    """Optimizer steps (0: from epochs)."""
-    micro_batch_size: int = 2
-    """Pairs per forward pass, on each rank (twice as many rows)."""
-    epochs: float = 1.0
-    """Passes over the training pairs."""
-    accumulation: int = 1
-    """Micro-batches per optimizer step, on each rank: a step is micro_batch_size x accumulation x ranks pairs."""
-
-
-@dataclass
-class EvalConfig(EvalSection):
-    val_fraction: float = 0.05
-    """Share of the pairs held out (by a hash of the pair's position and the seed); every held-out pair is scored."""
 
 
 @dataclass
@@ -112,13 +93,13 @@ class RewardConfig:
     """LoRA adapters (method=lora)."""
     run: RunSection = field(default_factory=lambda: RunSection(name="reward", seed=0))
     """Where the run lives and how it starts."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PairTrainConfig = field(default_factory=PairTrainConfig)
     """Batches and the step."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))
     """AdamW (reward models train ~1 epoch at 1e-5 .. 1e-6 full, ~1e-4 LoRA)."""
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
     """Learning-rate schedule."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: PairEvalConfig = field(default_factory=PairEvalConfig)
     """Validation."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Checkpoints."""
@@ -148,7 +129,7 @@ def run(cfg: RewardConfig) -> int:
     if cfg.check or not report.ok:
         print(format_pref_check(report), file=sys.stdout if cfg.check else sys.stderr)
         return 0 if report.ok else 1
-    train_pairs, val_pairs = split(pairs, cfg.eval.val_fraction, cfg.run.seed)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.eval.val_fraction, cfg.run.seed)
     with locked_run_dir(run_dir):  # a second process on this run directory is refused
         d = init_distributed(cfg.run.device)
         try:
@@ -203,11 +184,8 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
         run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer)
 
     def validate() -> dict[str, float]:
-        """Loss and TRL's metrics over every held-out pair, pair i scored by rank i mod world (a rank
-        left without one scores pair 0 too: every rank must join the all-reduce)."""
-        n = len(val_pairs)
-        idx = [i for i in range(n) if i % d.world == d.rank] or [0]
-        mbs = [batch(val_pairs, idx[lo:lo + micro]) for lo in range(0, len(idx), micro)]
+        """Loss and metrics over every held-out pair (`align.pairs.val_batches` deals them to the ranks)."""
+        mbs = [batch(val_pairs, idx) for idx in val_batches(len(val_pairs), micro, d)]
         metrics = eval_metrics(model, mbs, run.amp_dtype, loss_fn)
         return {f"val_{k}": v for k, v in metrics.items()}
 
@@ -224,8 +202,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
-            starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
-            mbs = [batch(train_pairs, [order.item(g) for g in range(s, s + micro)]) for s in starts]
+            mbs = [batch(train_pairs, idx) for idx in step_pairs(order, step, micro, accum, d)]
             try:
                 result = run.step(train_model, optimizer, mbs, loss_fn, step)
             except NonFiniteLoss:
@@ -255,13 +232,6 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
     if d.world > 1:
         dist.barrier()
     return 0
-
-
-def split(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    train, val = split_holdout(pairs, val_fraction, seed)
-    if not train:
-        raise config.ConfigError(f"eval.val_fraction: no training pairs left after holding out {val_fraction}")
-    return train, val
 
 
 def export_reward_model(model: RewardModel, model_cfg, tok: HFTokenizer, final) -> None:
