@@ -211,3 +211,48 @@ def test_bad_batches_are_refused():
         PreferenceLoss("simpo")(policy, Batch(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)))
     with pytest.raises(ValueError, match="needs reference log-probs"):
         PreferenceLoss("sigmoid")(policy, _pairs(cfg.vocab_size)[-1])
+
+
+def test_kto_equals_trl_kto_trainer():
+    """KTO's loss and metrics against TRL's KTOTrainer on the same examples and mismatched KL rows."""
+    from trl.trainer.kto_trainer import KTOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from temper.align.preference import KTOLoss
+
+    cfg, policy, reference = _models()
+    ids, attn, comp, batch = _pairs(cfg.vocab_size)  # 2P rows: here 2P unpaired examples
+    n = 2 * P
+    kl_ids, kl_attn, kl_comp, kl_batch = _pairs(cfg.vocab_size)
+    g = torch.Generator().manual_seed(7)
+    kl_ids = torch.where(kl_comp.bool(), torch.randint(1, cfg.vocab_size, kl_ids.shape, generator=g), kl_ids)
+    kl_batch = Batch(kl_ids[:, :-1], torch.where(kl_comp[:, 1:].bool(), kl_ids[:, 1:], IGNORE_INDEX))
+    label = torch.tensor([True, False, True, True, False, False])
+    both = Batch(torch.cat([batch.inputs, kl_batch.inputs]), torch.cat([batch.targets, kl_batch.targets]),
+                 extra={"label": label})
+    loss_fn = KTOLoss(beta=0.3, desirable_weight=1.0, undesirable_weight=1.5, reference=frozen_reference(reference))
+    ref = frozen_reference(reference)(both)
+    out = loss_fn(policy, both)
+
+    hf = _hf(policy)
+    add_fused_lm_head(hf, outputs=("log_probs", "entropy", "mean_logits"))
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    ns = SimpleNamespace(model=hf, accelerator=acc, calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+                         beta=0.3, desirable_weight=1.0, undesirable_weight=1.5, aux_loss_enabled=False,
+                         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                         _tp_size=1)
+    ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+    inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp, "KL_input_ids": kl_ids,
+              "KL_attention_mask": kl_attn, "KL_completion_mask": kl_comp, "label": label,
+              "ref_logps": ref[:n], "ref_KL_logps": ref[n:]}
+    with torch.no_grad():
+        theirs = KTOTrainer._compute_loss(ns, hf, inputs, False)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    torch.testing.assert_close(out.loss_sum / n, theirs.float(), rtol=1e-5, atol=1e-6)
+    metrics = ns._metrics["eval"]
+    assert out.metrics["kl"].item() / n == pytest.approx(metrics["kl"][-1], rel=1e-5, abs=1e-6)
+    n_good = int(label.sum())
+    assert out.metrics["rewards/desirable"].item() / n_good == pytest.approx(metrics["rewards/chosen"][-1],
+                                                                             rel=1e-5, abs=1e-5)
+    assert out.metrics["rewards/undesirable"].item() / (n - n_good) == pytest.approx(metrics["rewards/rejected"][-1],
+                                                                                     rel=1e-5, abs=1e-5)

@@ -25,6 +25,7 @@ from temper.data.prefs import (
     PrefStats,
     check_pairs,
     collate_pairs,
+    collate_unpaired,
     fit_pair,
     format_pref_check,
     load_pref_examples,
@@ -253,6 +254,23 @@ def test_collate_puts_the_chosen_rows_first_and_learns_only_response_targets(tok
         assert (batch.targets[r, :len(examples[r % 2].prompt) - 1] == IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="at least one pair"):
         collate_pairs([])
+
+
+def test_collate_unpaired_adds_mismatched_kl_rows(tok):
+    """KTO's batch: the 2P examples of collate_pairs, then row k's prompt with row k-1's response."""
+    examples = [tokenize_pair(PrefRecord(PROMPT, "4", "five", "a:1"), tok),
+                tokenize_pair(PrefRecord(MULTI, "It is four.", "5", "a:2"), tok)]
+    batch = collate_unpaired(examples, pad_id=tok.pad_id)
+    paired = collate_pairs(examples, pad_id=tok.pad_id)
+    assert batch.n_pairs == 2 and batch.inputs.shape[0] == 8
+    assert batch.lengths[:4].tolist() == paired.lengths.tolist()
+    parts = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+    for k in range(4):
+        prompt, response = parts[k][0], parts[k - 1][1]
+        want = np.concatenate([prompt, response]).tolist()
+        assert batch.inputs[4 + k, :len(want)].tolist() == want
+        assert (batch.targets[4 + k, :len(prompt) - 1] == IGNORE_INDEX).all()  # learnt: the response only
+        assert int((batch.targets[4 + k] != IGNORE_INDEX).sum()) == int(batch.response_tokens[4 + k]) > 0
 
 
 # ---- the check ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Objectives on preference pairs: the Bradley-Terry reward loss, and DPO and its family.
+"""Objectives on preferences: the Bradley-Terry reward loss, DPO and its family, and KTO.
 
 A batch of P pairs is 2P rows, the P chosen responses first and then the P rejected ones in the same
 order (TRL's layout, `data.prefs` collates it); targets are IGNORE_INDEX outside the responses, so a
@@ -17,6 +17,7 @@ n_r the response lengths, and z the scaled margin:
 - `orpo`     ORPO (Hong et al. 2024), reference-free, on top of the chosen response's SFT loss: with
              a = pi / n (mean token log-prob), -a_c - beta * log sigmoid(log odds(a_c) - log odds(a_r)),
              log odds(a) = a - log(1 - exp(a)).
+`KTOLoss` is the unpaired objective (KTO): each response alone, labelled desirable or undesirable.
 The reference log-probs come from the batch (`extra["ref_logps"]`, precomputed once) or from a
 `reference` function: a frozen copy of the base (`frozen_reference`), or, under LoRA, the policy's own
 weights with the adapters off (`adapters_off_reference`: no second copy of the model).
@@ -169,6 +170,53 @@ class PreferenceLoss:
             "logps/chosen": shown_c.detach().sum(), "logps/rejected": shown_r.detach().sum(),
         }
         return LossOut(losses.sum(), metrics)
+
+
+@dataclass
+class KTOLoss:
+    """KTO (Ethayarajh et al. 2024) on unpaired examples, each a response labelled desirable or not.
+
+    A batch holds n example rows and then n KL rows: each example's prompt with another example's
+    response (TRL's mismatched pairs), whose policy / reference log-ratio, averaged, estimates the KL
+    term z = max(0, mean(log pi(y'|x) - log ref(y'|x))), held constant. With r = log pi(y|x) - log ref(y|x):
+    a desirable response costs w_D * (1 - sigmoid(beta (r - z))), an undesirable one
+    w_U * (1 - sigmoid(beta (z - r))). `extra["label"]` (n,) bool marks the desirable; `extra["ref_logps"]`
+    (2n,) may carry the reference's log-probs of all rows, precomputed.
+
+    z is estimated per micro-batch, from its own KL rows (TRL averages those estimates over ranks), so
+    unlike the other losses KTO's update depends a little on how a step is split into micro-batches.
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: Reference | None = None
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(pairs(batch), device=batch.inputs.device)  # n examples (and n KL rows)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        n = pairs(batch)
+        examples = Batch(batch.inputs[:n], batch.targets[:n], batch.model_kwargs)
+        logps, _ = response_logprobs(model, examples)  # (n,) with gradient
+        with torch.no_grad():  # the KL rows only estimate a constant
+            kl_logps, _ = response_logprobs(model, Batch(batch.inputs[n:], batch.targets[n:], batch.model_kwargs))
+        ref = batch.extra["ref_logps"].float() if "ref_logps" in batch.extra else None
+        if ref is None:
+            if self.reference is None:
+                raise ValueError("kto needs reference log-probs: give the loss a reference, or the batch extra['ref_logps']")
+            ref = self.reference(batch).float()
+        kl = (kl_logps - ref[n:]).mean().clamp(min=0)
+        ratio = logps - ref[:n]  # (n,)
+        good = batch.extra["label"].bool()
+        losses = torch.where(good, self.desirable_weight * (1 - torch.sigmoid(self.beta * (ratio - kl))),
+                             self.undesirable_weight * (1 - torch.sigmoid(self.beta * (kl - ratio))))
+        rewards = self.beta * ratio.detach()
+        return LossOut(losses.sum(), {
+            "kl": kl * n, "rewards/accuracies": ((rewards > 0) == good).float().sum(),
+            "rewards/desirable": torch.where(good, rewards, 0.0).sum(),
+            "rewards/undesirable": torch.where(good, 0.0, rewards).sum(),
+        })
 
 
 @dataclass

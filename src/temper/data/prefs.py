@@ -621,9 +621,27 @@ def collate_pairs(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_mu
     if not examples:
         raise ValueError("collate_pairs needs at least one pair")
     rows = [e.row(side) for side in SIDES for e in examples]
+    return _collate(rows, len(examples), pad_id, pad_to_multiple_of)
+
+
+def collate_unpaired(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_multiple_of: int = 1) -> PrefBatch:
+    """P pairs as 2P unpaired examples for KTO (rows 0..P-1 desirable, P..2P-1 undesirable, as
+    `collate_pairs`), then 2P KL rows: row k's prompt with row k-1's response (cyclically), TRL's
+    mismatched pairs, whose log-ratios estimate KTO's reference point. 4P rows in all."""
+    if not examples:
+        raise ValueError("collate_unpaired needs at least one pair")
+    parts = [(e.prompt, e.chosen, e.chosen_mask) for e in examples] + [
+        (e.prompt, e.rejected, e.rejected_mask) for e in examples]
+    mismatched = [(parts[k][0], *parts[k - 1][1:]) for k in range(len(parts))]
+    rows = [(np.concatenate([p, r]).astype(np.int32), np.concatenate([np.zeros(len(p), dtype=bool), m]))
+            for p, r, m in parts + mismatched]
+    return _collate(rows, len(examples), pad_id, pad_to_multiple_of)
+
+
+def _collate(rows: list[tuple[np.ndarray, np.ndarray]], n_pairs: int, pad_id: int, multiple: int) -> PrefBatch:
     docs, masks = [ids for ids, _ in rows], [mask for _, mask in rows]
-    batch = pad_batch(docs, range(len(docs)), pad_to_multiple_of=pad_to_multiple_of, loss_masks=masks, pad_id=pad_id)
-    return PrefBatch(batch.tokens, batch.targets, len(examples), (batch.targets != IGNORE_INDEX).sum(1),
+    batch = pad_batch(docs, range(len(docs)), pad_to_multiple_of=multiple, loss_masks=masks, pad_id=pad_id)
+    return PrefBatch(batch.tokens, batch.targets, n_pairs, (batch.targets != IGNORE_INDEX).sum(1),
                      torch.tensor([len(d) for d in docs], dtype=torch.int64))
 
 

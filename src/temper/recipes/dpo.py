@@ -39,13 +39,14 @@ import torch.distributed as dist
 
 from temper import config, faults
 from temper.align.pairs import PairEvalConfig, PairTrainConfig, split_pairs, step_pairs, val_batches
-from temper.align.preference import PreferenceLoss, adapters_off_reference, frozen_reference
+from temper.align.preference import KTOLoss, PreferenceLoss, adapters_off_reference, frozen_reference
 from temper.data.loader import EpochOrder
 from temper.data.prefs import (
     PrefDataConfig,
     PrefStats,
     check_pairs,
     collate_pairs,
+    collate_unpaired,
     format_pref_check,
     load_pref_examples,
 )
@@ -75,8 +76,9 @@ from temper.train.step import NonFiniteLoss, eval_metrics
 
 @dataclass
 class LossConfig:
-    kind: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
-    """sigmoid (DPO; cDPO with label_smoothing), ipo, simpo (reference-free), orpo (reference-free, with SFT loss)."""
+    kind: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid (DPO; cDPO with label_smoothing), ipo, simpo (reference-free), orpo (reference-free, with SFT loss),
+    kto (each pair as a desirable and an undesirable example, unpaired)."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)."""
     label_smoothing: float = 0.0
@@ -84,7 +86,16 @@ class LossConfig:
     simpo_gamma: float = 0.5
     """SimPO's target reward margin."""
     reference: Literal["model", "precomputed"] = "model"
-    """The reference's log-probs: computed alongside every step, or once for every pair before training."""
+    """The reference's log-probs: computed alongside every step, or once for every pair before training (not kto)."""
+    desirable_weight: float = 1.0
+    """KTO's weight of the desirable examples' loss."""
+    undesirable_weight: float = 1.0
+    """KTO's weight of the undesirable examples' loss."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "kto" and self.reference == "precomputed":
+            raise ValueError("reference=precomputed does not apply to kto: its KL rows pair each prompt with another "
+                             "example's response in the same micro-batch")
 
 
 @dataclass
@@ -116,6 +127,8 @@ class DPOConfig:
     log: LogSection = field(default_factory=LogSection)
     """Metrics and progress."""
 
+
+NEEDS_REFERENCE = ("sigmoid", "ipo", "kto")
 
 # What must match between a checkpoint and the run that resumes from it.
 RESUME_KEYS = ("model", "method", "data", "loss", "lora", "train.micro_batch_size", "train.epochs",
@@ -151,15 +164,17 @@ def run(cfg: DPOConfig) -> int:
 def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
     # 4. policy, method and reference
     model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
-    reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in ("sigmoid", "ipo") else None
+    reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg.method, cfg.lora)
     if d.rank:
         torch.manual_seed(cfg.run.seed + d.rank)
     reference = None
-    if cfg.loss.kind in ("sigmoid", "ipo"):
+    if cfg.loss.kind in NEEDS_REFERENCE:
         reference = frozen_reference(reference_model) if reference_model is not None else adapters_off_reference(model)
-    loss_fn = PreferenceLoss(cfg.loss.kind, cfg.loss.beta, cfg.loss.label_smoothing, cfg.loss.simpo_gamma, reference)
+    lc = cfg.loss
+    loss_fn = (KTOLoss(lc.beta, lc.desirable_weight, lc.undesirable_weight, reference) if lc.kind == "kto" else
+               PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, reference))
     optimizer = build_optimizer(model, cfg.optim, d.device.type)
     pad = tok.pad_id if tok.pad_id is not None else 0
 
@@ -170,7 +185,12 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
 
     def batch(source: list, idx: list[int], ref: torch.Tensor | None) -> Batch:
-        b = collate_pairs([source[i] for i in idx], pad_id=pad)  # chosen rows, then rejected
+        examples = [source[i] for i in idx]
+        if cfg.loss.kind == "kto":  # 2P examples (chosen desirable), then their 2P mismatched KL rows
+            b = collate_unpaired(examples, pad_id=pad)
+            label = torch.arange(2 * len(idx)) < len(idx)
+            return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"label": label.to(d.device)})
+        b = collate_pairs(examples, pad_id=pad)  # chosen rows, then rejected
         extra = {}
         if ref is not None:  # (n, 2) per pair: chosen, rejected -> (2P,) in the batch's row order
             r = ref[idx]
