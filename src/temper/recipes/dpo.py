@@ -1,4 +1,4 @@
-"""`temper dpo`: align a checkpoint to preference pairs with DPO, conservative DPO, IPO, SimPO or ORPO.
+"""`temper dpo`: align a checkpoint to preference pairs with DPO, conservative DPO, IPO, SimPO, ORPO or KTO.
 
 Steps, in the order `run` takes them:
  1. parse the config; load the tokenizer (its chat template renders the prompts)
