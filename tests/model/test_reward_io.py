@@ -40,3 +40,9 @@ def test_a_causal_lm_is_not_a_reward_model(tmp_path):
     save_hf(Transformer(cfg), cfg, tmp_path)
     with pytest.raises(CheckpointError, match="not a one-label sequence-classification checkpoint: no score.weight"):
         load_reward_model(tmp_path)
+
+
+def test_reward_model_flops_leave_out_the_unused_language_model_head():
+    cfg = PRESETS["debug-llama"]
+    model = RewardModel(Transformer(cfg))
+    assert model.backbone.flops_per_token(64) - model.flops_per_token(64) == 6 * cfg.vocab_size * cfg.dim
