@@ -210,7 +210,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
 
     train_ref, val_ref = precompute(train_pairs), precompute(val_pairs)
     if train_ref is not None:  # the reference is no longer needed: free a full run's second copy
-        loss_fn.reference, reference_model = None, None
+        loss_fn.reference = reference = reference_model = None
 
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
