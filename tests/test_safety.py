@@ -189,14 +189,14 @@ def test_every_checkpoint_loader_takes_the_flag_and_refuses_true_without_a_pinne
         params = inspect.signature(fn).parameters
         assert params["trust_remote_code"].default is False and params["revision"].default is None, fn.__name__
         for revision in (None, "main", "v1.0", "0" * 39, "g" * 40):
-            with pytest.raises(InputError, match="trust_remote_code=True needs revision=<a 40-hex commit id>"):
+            with pytest.raises(InputError, match="trust_remote_code needs revision=<a 40-hex commit id>"):
                 fn(tmp_path, trust_remote_code=True, revision=revision)
         with pytest.raises(InputError, match="no config.json|not a directory"):  # pinned: on to reading the files
             fn(tmp_path / "nowhere", trust_remote_code=True, revision="0123456789abcdef" * 2 + "01234567")
     pytest.importorskip("lm_eval")
     from temper.recipes.lm_eval import register
 
-    with pytest.raises(InputError, match="trust_remote_code=True needs revision"):  # --trust_remote_code
+    with pytest.raises(InputError, match="trust_remote_code needs revision"):  # --trust_remote_code
         register()(checkpoint=str(tmp_path), trust_remote_code="True")
 
 

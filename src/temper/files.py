@@ -87,7 +87,7 @@ def read_json_object(path: str | os.PathLike, error: type[InputError] = InputErr
 
 
 def check_remote_code(trust_remote_code: bool, revision: str | None) -> None:
-    """Refuse `trust_remote_code=True` unless `revision` pins a commit (40 hex digits).
+    """Refuse a true `trust_remote_code` unless `revision` pins a commit (40 hex digits).
 
     temper's own loaders never run a repository's code (they map known architectures onto their
     own model), but every loader takes the flag so that a caller forwarding one (lm-eval's
@@ -96,7 +96,7 @@ def check_remote_code(trust_remote_code: bool, revision: str | None) -> None:
     """
     if trust_remote_code is not False and not (
         isinstance(revision, str) and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)):
-        raise InputError(f"trust_remote_code=True needs revision=<a 40-hex commit id> so that the code is the "
+        raise InputError(f"trust_remote_code needs revision=<a 40-hex commit id> so that the code is the "
                          f"code reviewed, got revision={revision!r}")
 
 

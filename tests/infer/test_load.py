@@ -126,6 +126,6 @@ def test_a_hub_snapshot_reads_through_every_entry_point(run_dir, tmp_path, capsy
 def test_trust_remote_code_is_threaded_and_needs_a_pinned_commit(run_dir):
     path, _, _ = run_dir
     for load in (open_checkpoint, load_for_inference):
-        with pytest.raises(CheckpointError, match="trust_remote_code=True needs revision=<a 40-hex commit"):
+        with pytest.raises(CheckpointError, match="trust_remote_code needs revision=<a 40-hex commit"):
             load(path, trust_remote_code=True, revision="main")
     assert open_checkpoint(path, trust_remote_code=True, revision="a" * 40).path == path / "final"

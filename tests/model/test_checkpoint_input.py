@@ -154,6 +154,6 @@ def test_trust_remote_code_needs_a_pinned_commit(tmp_path):
     cfg = PRESETS["debug"]
     out = save_hf(Transformer(cfg), cfg, tmp_path / "hf")
     for revision in (None, "main", "v1.0", "A" * 40, "0" * 39):
-        with pytest.raises(CheckpointError, match=f"{out}: trust_remote_code=True needs revision=<a 40-hex commit"):
+        with pytest.raises(CheckpointError, match=f"{out}: trust_remote_code needs revision=<a 40-hex commit"):
             load_hf(out, trust_remote_code=True, revision=revision)
     assert load_hf(out, trust_remote_code=True, revision="0123456789abcdef" * 2 + "01234567")[1].dim == cfg.dim

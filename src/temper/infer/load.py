@@ -107,7 +107,7 @@ def open_checkpoint(checkpoint: str | Path, *, trust_remote_code: bool = False,
                     revision: str | None = None) -> Checkpoint:
     """Steps 1-3 and 5 of the module docstring: everything but the weights, so that a caller can check
     its other input (tasks, documents) against the tokenizer before reading gigabytes. No code of the
-    checkpoint runs; `trust_remote_code=True` is refused without a pinned `revision`."""
+    checkpoint runs; a true `trust_remote_code` is refused without a pinned `revision`."""
     root = checkpoint_dir(checkpoint)
     try:
         check_remote_code(trust_remote_code, revision)
