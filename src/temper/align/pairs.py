@@ -1,5 +1,6 @@
 """What the recipes that train on preference pairs share (`temper reward`, `temper dpo`): their batch
-and validation config sections, the held-out split, and which pairs each rank's micro-batches hold.
+and validation config sections, the steps before training (read, check and split the pairs, lock the
+run directory, join the process group), and which pairs each rank's micro-batches hold.
 
 A step's pairs follow the training order (`data.loader.EpochOrder`, a function of the seed and the
 pair's global index) and are dealt to ranks and micro-batches by `loader.rank_slice`, so N ranks with
@@ -8,12 +9,23 @@ the same global batch train on the pairs one process would.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from temper.config import ConfigError
 from temper.data.loader import EpochOrder, rank_slice, split_holdout
-from temper.train.parallel import DistInfo
-from temper.train.run import EvalSection, TrainSection
+from temper.data.prefs import PrefStats, check_pairs, format_pref_check, load_pref_examples
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
+from temper.train.run import EvalSection, TrainSection, locked_run_dir, run_directory
+
+# What must match between a checkpoint and the run that resumes from it.
+RESUME_KEYS = ("model", "method", "data", "loss", "lora", "train.micro_batch_size", "train.epochs",
+               "train.accumulation", "train.steps", "optim", "schedule", "steps", "pairs_per_step", "run.seed")
+
+Train = Callable[..., int]
+"""train(cfg, d, tok, stats, train_pairs, val_pairs) -> exit code: a recipe's own steps from the model on."""
 
 
 @dataclass
@@ -32,6 +44,29 @@ class PairTrainConfig(TrainSection):
 class PairEvalConfig(EvalSection):
     val_fraction: float = 0.05
     """Share of the pairs held out (by a hash of the pair's position and the seed); every held-out pair is scored."""
+
+
+def run_on_pairs(cfg, train: Train) -> int:
+    """The steps every pair recipe takes before its model: the tokenizer of `cfg.model`, the pairs of
+    `cfg.data`, the check (printed and stopping with `cfg.check`, or when it fails), the held-out split;
+    then `train` under the run directory's lock, in the process group torchrun describes."""
+    if not cfg.model:
+        raise ConfigError("model: give a Hugging Face checkpoint directory")
+    run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
+    tok: HFTokenizer = load_hf_tokenizer(cfg.model)
+    stats = PrefStats()
+    pairs = load_pref_examples(cfg.data, tok, stats)
+    report = check_pairs(pairs, tok, max_length=cfg.data.max_length, stats=stats)
+    if cfg.check or not report.ok:
+        print(format_pref_check(report), file=sys.stdout if cfg.check else sys.stderr)
+        return 0 if report.ok else 1
+    train_pairs, val_pairs = split_pairs(pairs, cfg.eval.val_fraction, cfg.run.seed)
+    with locked_run_dir(run_dir):  # a second process on this run directory is refused
+        d = init_distributed(cfg.run.device)
+        try:
+            return train(cfg, d, tok, stats, train_pairs, val_pairs)
+        finally:
+            shutdown_distributed()
 
 
 def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:

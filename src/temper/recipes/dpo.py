@@ -30,7 +30,6 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,19 +37,22 @@ import torch
 import torch.distributed as dist
 
 from temper import config, faults
-from temper.align.pairs import PairEvalConfig, PairTrainConfig, split_pairs, step_pairs, val_batches
+from temper.align.pairs import (
+    RESUME_KEYS,
+    PairEvalConfig,
+    PairTrainConfig,
+    run_on_pairs,
+    step_pairs,
+    val_batches,
+)
 from temper.align.preference import KTOLoss, PreferenceLoss, adapters_off_reference, frozen_reference
 from temper.data.loader import EpochOrder
 from temper.data.prefs import (
     PrefDataConfig,
-    PrefStats,
-    check_pairs,
     collate_pairs,
     collate_unpaired,
-    format_pref_check,
-    load_pref_examples,
 )
-from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.data.tokenizer import HFTokenizer
 from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
@@ -59,17 +61,13 @@ from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
-    init_distributed,
     remove_activation_checkpointing,
-    shutdown_distributed,
 )
 from temper.train.run import (
     CheckpointSection,
     LogSection,
     Run,
     RunSection,
-    locked_run_dir,
-    run_directory,
 )
 from temper.train.step import NonFiniteLoss, eval_metrics
 
@@ -130,35 +128,13 @@ class DPOConfig:
 
 NEEDS_REFERENCE = ("sigmoid", "ipo", "kto")
 
-# What must match between a checkpoint and the run that resumes from it.
-RESUME_KEYS = ("model", "method", "data", "loss", "lora", "train.micro_batch_size", "train.epochs",
-               "train.accumulation", "train.steps", "optim", "schedule", "steps", "pairs_per_step", "run.seed")
-
 
 def main(argv: list[str] | None = None) -> int:
     return run(config.parse(DPOConfig, argv, prog="dpo"))  # bad input: __main__ prints one line
 
 
 def run(cfg: DPOConfig) -> int:
-    if not cfg.model:
-        raise config.ConfigError("model: give a Hugging Face checkpoint directory")
-    run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
-    # 1-2. tokenizer and pairs
-    tok = load_hf_tokenizer(cfg.model)
-    stats = PrefStats()
-    pairs = load_pref_examples(cfg.data, tok, stats)
-    # 3. the checker
-    report = check_pairs(pairs, tok, max_length=cfg.data.max_length, stats=stats)
-    if cfg.check or not report.ok:
-        print(format_pref_check(report), file=sys.stdout if cfg.check else sys.stderr)
-        return 0 if report.ok else 1
-    train_pairs, val_pairs = split_pairs(pairs, cfg.eval.val_fraction, cfg.run.seed)
-    with locked_run_dir(run_dir):  # a second process on this run directory is refused
-        d = init_distributed(cfg.run.device)
-        try:
-            return _train(cfg, d, tok, stats, train_pairs, val_pairs)
-        finally:
-            shutdown_distributed()
+    return run_on_pairs(cfg, _train)  # steps 1-3, then _train
 
 
 def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
