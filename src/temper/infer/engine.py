@@ -117,6 +117,16 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) per row (B,) float32 under softmax(logits / temperature) (temperature 0: softmax(logits)).
+
+    The distribution a training forward computes (RL's "old" log-probs): before repetition penalty,
+    top-k and top-p, which shape the draw but not the policy being trained.
+    """
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    return scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 # ---- prefill and decode --------------------------------------------------------------------------
 
 
@@ -231,10 +241,11 @@ def _run(
     top_k: int | None, top_p: float | None, repetition_penalty: float, stop_token_ids: Sequence[int],
     seed: int | Sequence[int] | None, use_cache: bool, pad_id: int,
     should_stop: Callable[[int, list[int]], bool] | None, window_margin: int | None, num_samples: int,
-    compile: bool | str, sync_every: int,
+    compile: bool | str, sync_every: int, logprobs: list[list[float]] | None = None,
 ) -> Iterator[list[int | None]]:
     """The one decoding loop (see `stream`): device work every step, host bookkeeping every `sync_every`
-    steps (and whenever a window must be cut), where the buffered steps are yielded one by one."""
+    steps (and whenever a window must be cut), where the buffered steps are yielded one by one.
+    logprobs: when given, row r's kept tokens' log-probs are appended to logprobs[r] (see `generate`)."""
     cfg = model.cfg
     C = cfg.max_seq_len
     margin = C // 4 if window_margin is None else window_margin
@@ -286,7 +297,7 @@ def _run(
 
     finished, outputs = [False] * B, [[] for _ in range(B)]
 
-    def settle(new: list[int]) -> list[int | None]:
+    def settle(new: list[int], logps: list[float] | None) -> list[int | None]:
         """One step's tokens -> what `stream` yields, ending rows on stop ids and `should_stop`."""
         out: list[int | None] = []
         for r, t in enumerate(new):
@@ -295,6 +306,8 @@ def _run(
                 out.append(None)
                 continue
             outputs[r].append(t)
+            if logps is not None:
+                logprobs[r].append(logps[r])
             out.append(t)
             if should_stop is not None and should_stop(r, outputs[r]):
                 finished[r] = True
@@ -317,7 +330,9 @@ def _run(
                     fork(cache, r, range(r + 1, r + n))
                 logits = logits.repeat_interleave(n, 0)
         pending: list[torch.Tensor] = []
+        pending_logps: list[torch.Tensor] = []
         for step in range(max_new_tokens):
+            raw = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step)
@@ -325,15 +340,19 @@ def _run(
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             pending.append(nxt)
+            if logprobs is not None:
+                pending_logps.append(token_logprob(raw, nxt, temperature))
             cur += 1
             last = step == max_new_tokens - 1
             full = cur - min(start) > C  # some window would overfill with the token fed next
             if len(pending) >= sync_every or last or full:
-                for new in zip(*torch.stack(pending, 1).tolist(), strict=True):  # (B, k) -> k steps
-                    yield settle(list(new))
+                steps = torch.stack(pending, 1).tolist()  # (B, k)
+                step_logps = torch.stack(pending_logps, 1).tolist() if logprobs is not None else None
+                for k, new in enumerate(zip(*steps, strict=True)):  # k steps
+                    yield settle(list(new), None if step_logps is None else [row[k] for row in step_logps])
                     if all(finished):
                         return
-                pending = []
+                pending, pending_logps = [], []
             if last:
                 break
             if full:  # flushed above, so `finished` is current
@@ -414,3 +433,29 @@ def generate(
             if t is not None:
                 outputs[i].append(t)
     return outputs
+
+
+@torch.inference_mode()
+def generate_with_logprobs(
+    model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, stop_token_ids: Sequence[int] = (),
+    seed: int | Sequence[int] | None = None, pad_id: int = 0,
+    should_stop: Callable[[int, list[int]], bool] | None = None, num_samples: int = 1, compile: bool | str = False,
+    sync_every: int | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """`generate`, with each kept token's log-prob (`token_logprob`) from the same pass: RL rollouts.
+
+    No repetition penalty (it would make the sampling distribution differ from the policy's).
+    """
+    device = next(model.parameters()).device
+    every = sync_every if sync_every is not None else (1 if device.type == "cpu" else 8)
+    outputs: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+    logprobs: list[list[float]] = [[] for _ in outputs]
+    for step in _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, repetition_penalty=1.0, stop_token_ids=stop_token_ids, seed=seed,
+                     use_cache=True, pad_id=pad_id, should_stop=should_stop, window_margin=None,
+                     num_samples=num_samples, compile=compile, sync_every=max(1, every), logprobs=logprobs):
+        for i, t in enumerate(step):
+            if t is not None:
+                outputs[i].append(t)
+    return outputs, logprobs
