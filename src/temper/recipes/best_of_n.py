@@ -25,13 +25,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from temper import config
 from temper.align.rewards import RULES, ModelReward
-from temper.data.sources import DataError, RecordError, expand_inputs, json_records
+from temper.data.prompts import read_prompts
+from temper.data.sources import RecordError
 from temper.data.tokenizer import load_hf_tokenizer
 from temper.files import atomic_write_text
 from temper.infer.engine import generate
@@ -91,53 +92,8 @@ class BestOfNConfig:
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
 
 
-@dataclass
-class PromptRecord:
-    where: str
-    messages: list[dict[str, Any]]
-    answer: str | None
-
-
 def main(argv: list[str] | None = None) -> int:
     return run(config.parse(BestOfNConfig, argv, prog="best-of-n"))  # bad input: __main__ prints one line
-
-
-def read_prompts(files: list[str]) -> list[PromptRecord]:
-    """The prompt records of `files`, in order; a bad record stops with its file:line and key."""
-    out = []
-    for path in expand_inputs(files):
-        for where, obj in json_records(path):
-            if isinstance(obj, RecordError):
-                raise obj
-            if not isinstance(obj, dict):
-                raise RecordError(where, "", "not_object", f"a record must be a JSON object, got {type(obj).__name__}")
-            out.append(_prompt_record(where, obj))
-    if not out:
-        raise DataError(f"no prompts in {files}")
-    return out
-
-
-def _prompt_record(where: str, obj: dict) -> PromptRecord:
-    answer = obj.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise RecordError(where, "answer", "wrong_type", f"must be text or a number, got {type(answer).__name__}")
-    answer = None if answer is None else str(answer)
-    for key in ("prompt", "question"):
-        if key in obj:
-            if not isinstance(obj[key], str) or not obj[key].strip():
-                raise RecordError(where, key, "wrong_type", "must be non-empty text")
-            return PromptRecord(where, [{"role": "user", "content": obj[key]}], answer)
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in msgs):
-            raise RecordError(where, "messages", "wrong_type", "must be a list of {role, content} objects")
-        while msgs and msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]  # the reply to replace
-        if not msgs:
-            raise RecordError(where, "messages", "empty", "no turn left to answer")
-        return PromptRecord(where, [dict(m) for m in msgs], answer)
-    raise RecordError(where, "prompt", "missing", "a record needs 'prompt', 'messages' or 'question'")
 
 
 def run(cfg: BestOfNConfig) -> int:
