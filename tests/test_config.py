@@ -124,3 +124,60 @@ def test_a_sections_own_defaults_survive_an_override_of_one_key():
     cfg = config.parse(SFTConfig, ["--optim.lr=5e-3", "--run.name=x"])
     assert cfg.optim.lr == 5e-3 and cfg.optim.weight_decay == 0.0 and cfg.run.seed == 0
     assert cfg.schedule.warmup_steps == 10
+
+
+@dataclass
+class Item:
+    rule: str = ""
+    """What scores."""
+    weight: float = 1.0
+    """How much it counts."""
+
+    def __post_init__(self):
+        if not self.rule:
+            raise ValueError("rule: required")
+
+
+@dataclass
+class WithList:
+    items: list[Item] = field(default_factory=lambda: [Item("a")])
+    """Weighted items."""
+    inner: Inner = field(default_factory=Inner)
+    """A section."""
+
+
+def test_a_list_of_sections_from_yaml_and_from_one_flag(tmp_path):
+    """A list of sections (a recipe's weighted rewards) is a YAML list of mappings in a file, and one YAML
+    flow value on the command line; several flags append; each item is checked as its section."""
+    f = tmp_path / "c.yaml"
+    f.write_text("items:\n  - rule: x\n    weight: 2\n  - {rule: y}\n")
+    assert config.parse(WithList, ["--config", str(f)]).items == [Item("x", 2.0), Item("y", 1.0)]
+    assert config.parse(WithList, ["--items=[{rule: x, weight: 2}, {rule: y}]"]).items == [Item("x", 2.0), Item("y")]
+    assert config.parse(WithList, ["--items", "[{rule: x}]", "--items={rule: y}"]).items == [Item("x"), Item("y")]
+    assert config.parse(WithList, []).items == [Item("a")]
+    cfg = WithList(items=[Item("p", 0.5)])
+    f.write_text(config.to_yaml(cfg))
+    assert config.parse(WithList, ["--config", str(f)]) == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--items=[{rulee: x}]"], "unknown config key 'items[0].rulee' (did you mean 'items[0].rule'?)"),
+    (["--items=[{rule: x}, {weight: 2}]"], "section 'items[1]': rule: required"),
+    (["--items=[{rule: x, weight: heavy}]"], "items[0].weight: expected a number, got 'heavy'"),
+    (["--items=[x]"], "items[0]: expected a section (mapping), got 'x'"),
+    (["--items=[{rule: x}"], "--items: cannot read value"),
+    # A key inside a list would replace the whole list with a one-item list of mostly defaults.
+    (["--items.weight=2"], "--items.weight: items is a list, given whole: --items='[...]'"),
+])
+def test_bad_list_of_sections_names_the_item_and_key(argv, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(WithList, argv)
+    assert message in str(e.value)
+
+
+def test_help_shows_a_list_of_sections_as_yaml_with_its_item_keys(capsys):
+    with pytest.raises(SystemExit):
+        config.parse(WithList, ["--help"])
+    out = capsys.readouterr().out
+    assert "--items='[{rule: a, weight: 1.0}]'  (list of sections)  Weighted items." in out
+    assert "rule: (str)  What scores." in out and "weight: (float)  How much it counts." in out

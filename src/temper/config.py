@@ -232,6 +232,14 @@ def _is_list(tp: Any) -> bool:
     return any(typing.get_origin(a) in (list, tuple) or a in (list, tuple) for a in _members(tp))
 
 
+def _list_above(cls: type, dotted: str) -> str | None:
+    """The list field a dotted key reaches into, if any: a list (of sections too) is given whole, as
+    one YAML value, never key by key (`--rewards.weight=2` would silently replace the whole list)."""
+    parts = dotted.split(".")
+    heads = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return next((head for head in heads if _is_list(_field_type(cls, head))), None)
+
+
 def _is_text(tp: Any) -> bool:
     """str or list[str]: a flag's value is taken verbatim (`--prompt yes` is the word, not True)."""
     return any(a is str or typing.get_args(a) == (str,) or typing.get_args(a)[:1] == (str,) for a in _members(tp))
@@ -289,6 +297,9 @@ def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str
         if key == "config":
             files.append(raw)
             continue
+        head = _list_above(cls, key)
+        if head is not None:
+            raise ConfigError(f"--{key}: {head} is a list, given whole: --{head}='[...]' (a YAML list)")
         tp = _field_type(cls, key)
         yaml_list = _is_list(tp) and raw.strip().startswith("[") and raw.strip().endswith("]")
         if (_is_text(tp) and not yaml_list) or not raw.strip():
@@ -313,6 +324,16 @@ def overrides_from_argv(cls: type, argv: list[str]) -> tuple[list[str], dict[str
     return files, tree
 
 
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if typing.get_args(tp) else tp.__name__
+
+
+def _section_item(tp: Any) -> type | None:
+    """The item dataclass of a list-of-sections field (list[RewardConfig]), else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (list, tuple) else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
+
+
 def help_text(cls: type, prog: str = "") -> str:
     """`--help`: every key with its type, default and docstring, derived from the dataclasses."""
     lines = [f"usage: temper {prog} [--config FILE.yaml] [--section.key=value ...]", ""]
@@ -327,9 +348,14 @@ def help_text(cls: type, prog: str = "") -> str:
             if dataclasses.is_dataclass(tp):
                 lines.append(f"\n[{prefix}{key_of(f.name)}] {docs.get(f.name, '')}")
                 walk(tp, prefix + key_of(f.name) + ".", value)
+            elif (item := _section_item(tp)) is not None:  # a list of sections: one YAML value, its item keys below
+                flow = yaml.safe_dump([to_dict(v) for v in value], default_flow_style=True, width=1 << 30).strip()
+                lines.append(f"  --{prefix}{key_of(f.name)}='{flow}'  (list of sections)  {docs.get(f.name, '')}")
+                item_docs, item_hints = field_docs(item), _hints(item)
+                lines.extend(f"      {key_of(g.name)}: ({_type_name(item_hints[g.name])})  {item_docs.get(g.name, '')}"
+                             for g in dataclasses.fields(item))
             else:
-                type_name = str(tp).replace("typing.", "") if typing.get_args(tp) else tp.__name__
-                lines.append(f"  --{prefix}{key_of(f.name)}={value!r}  ({type_name})  {docs.get(f.name, '')}")
+                lines.append(f"  --{prefix}{key_of(f.name)}={value!r}  ({_type_name(tp)})  {docs.get(f.name, '')}")
 
     walk(cls, "", cls())
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from temper import config
-from temper.align.rewards import RULES, ModelReward
+from temper.align.rewards import NEEDS_ANSWER, RULES, ModelReward
 from temper.data.prompts import read_prompts
 from temper.data.sources import RecordError
 from temper.data.tokenizer import load_hf_tokenizer
@@ -44,8 +44,9 @@ from temper.model.heads import load_reward_model
 class ScorerConfig:
     model: str = ""
     """A reward model's checkpoint directory (`temper reward`'s final/, or any one-label *ForSequenceClassification)."""
-    rule: Literal["", "final_number"] = ""
-    """Or a rule: final_number (the response's last number equals the record's `answer`)."""
+    rule: Literal["", "gsm8k_strict", "gsm8k_flexible", "final_number", "exact_match", "think_format",
+                  "hash_answer_format"] = ""
+    """Or a rule of `align.rewards.RULES`: gsm8k_strict, gsm8k_flexible, final_number, exact_match (these compare with the record's `answer`), think_format, hash_answer_format."""
 
 
 @dataclass
@@ -106,7 +107,7 @@ def run(cfg: BestOfNConfig) -> int:
     if out.is_dir():
         raise config.ConfigError(f"out: {out} is a directory; give a file name")
     records = read_prompts(cfg.prompts)
-    if cfg.scorer.rule and any(r.answer is None for r in records):
+    if cfg.scorer.rule in NEEDS_ANSWER and any(r.answer is None for r in records):
         bad = next(r for r in records if r.answer is None)
         raise RecordError(bad.where, "answer", "missing", f"the {cfg.scorer.rule} rule needs each record's answer")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
