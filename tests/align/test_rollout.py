@@ -5,11 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from temper.align.rl import token_logprobs_of
 from temper.align.rollout import (
     RolloutConfig,
     collate_rollouts,
     logprob_mismatch,
-    policy_logprobs,
     rollout,
 )
 from temper.data.tokenizer import HFTokenizer, train_tokenizer
@@ -41,7 +41,8 @@ def test_engine_logprobs_equal_a_training_forward(tiny):
     assert [r.completion for r in rollouts] == outs and [r.logprobs for r in rollouts] == lps
     batch = collate_rollouts(rollouts, pad_id=0)
     model.train()
-    fresh = policy_logprobs(model, batch, temperature=0.7)
+    with torch.no_grad():
+        fresh = token_logprobs_of(model, batch, temperature=0.7)
     scored = batch.targets != IGNORE_INDEX
     assert int(scored.sum()) == sum(len(o) for o in outs)
     torch.testing.assert_close(fresh[scored], batch.extra["old_logps"][scored], atol=1e-5, rtol=0)

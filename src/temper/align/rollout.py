@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from temper.align.rl import token_logprobs_of
 from temper.data.tokenizer import HFTokenizer
 from temper.infer.engine import generate_with_logprobs
-from temper.train.losses import IGNORE_INDEX, Batch, token_logprobs
+from temper.train.losses import IGNORE_INDEX, Batch
 
 
 @dataclass
@@ -69,9 +70,12 @@ class Rollout:
 
 
 def rollout(model: nn.Module, tokenizer: HFTokenizer, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *,
-            seeds: Sequence[int], stop_ids: Sequence[int]) -> list[Rollout]:
-    """cfg.n rollouts of each prompt, prompt i's at i*n .. i*n + n - 1; `seeds` gives one per rollout
-    (the engine's per-row seeds: a rollout depends on its seed only, not on what shares the batch)."""
+            seeds: Sequence[int], stop_ids: Sequence[int], greedy: bool = False, n: int | None = None
+            ) -> list[Rollout]:
+    """n (default cfg.n) rollouts of each prompt, prompt i's at i*n .. i*n + n - 1; `seeds` gives one per
+    rollout (the engine's per-row seeds: a rollout depends on its seed only, not on what shares the
+    batch). greedy: temperature 0 (evaluation), log-probs then under softmax(logits)."""
+    n = cfg.n if n is None else n
     stops, ends = list(cfg.stop), set(stop_ids)
     tail = max((len(s) for s in stops), default=0) + 2  # tokens whose text can hold a stop string's end
 
@@ -81,14 +85,14 @@ def rollout(model: nn.Module, tokenizer: HFTokenizer, prompts: Sequence[Sequence
         return bool(stops) and any(s in tokenizer.decode(tokens[-tail:], skip_special_tokens=True) for s in stops)
 
     completions, logprobs = generate_with_logprobs(
-        model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, seed=list(seeds), should_stop=should_stop, num_samples=cfg.n)
+        model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
+        top_k=cfg.top_k, top_p=cfg.top_p, seed=list(seeds), should_stop=should_stop, num_samples=n)
     out = []
     for r, (ids, lps) in enumerate(zip(completions, logprobs, strict=True)):
         text = tokenizer.decode(ids, skip_special_tokens=True)
         cut = [text.index(s) for s in stops if s in text]
         stopped = bool(ids) and (ids[-1] in ends or bool(cut))
-        out.append(Rollout(list(prompts[r // cfg.n]), ids, lps, text[:min(cut)] if cut else text, not stopped))
+        out.append(Rollout(list(prompts[r // n]), ids, lps, text[:min(cut)] if cut else text, not stopped))
     return out
 
 
@@ -116,24 +120,14 @@ def collate_rollouts(rollouts: Sequence[Rollout], *, pad_id: int = 0, device: to
     return Batch(inputs.to(device), targets.to(device), extra={k: v.to(device) for k, v in extra.items()})
 
 
-@torch.no_grad()
-def policy_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-probs of the batch's targets under `model` at `temperature` (0 where not scored), no gradient:
-    a reference policy's, or the policy's own in training mode."""
-    scored = batch.targets != IGNORE_INDEX
-    logits = model(batch.inputs, logits_at=scored, **batch.model_kwargs)  # (N, V)
-    out = torch.zeros(scored.shape, device=logits.device)
-    out[scored] = token_logprobs(logits.float() / temperature, batch.targets[scored])
-    return out
-
-
 def logprob_mismatch(model: nn.Module, batch: Batch, temperature: float) -> float:
     """Mean |log-prob from the rollout - log-prob of a training-mode forward| over the scored tokens."""
     scored = batch.targets != IGNORE_INDEX
     was = model.training
     model.train()
     try:
-        fresh = policy_logprobs(model, batch, temperature)
+        with torch.no_grad():
+            fresh = token_logprobs_of(model, batch, temperature)
     finally:
         model.train(was)
     return float((fresh - batch.extra["old_logps"]).abs()[scored].mean()) if scored.any() else 0.0
