@@ -25,6 +25,7 @@ from temper.align.rewards import (
     hash_answer_format,
     think_format,
 )
+from temper.config import ConfigError
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, save_hf_tokenizer, train_tokenizer
 from temper.errors import InputError
 from temper.eval.tasks import TaskOptions
@@ -232,3 +233,19 @@ def test_build_rewards_rejects_empty_duplicate_and_missing_before_loading(tmp_pa
         build_rewards([RewardConfig(model=str(reward_models[0])), RewardConfig(model=str(tmp_path / "missing"))])
     with pytest.raises(ValueError, match="2 prompts, 1 responses and 1 references"):
         build_rewards([RewardConfig(rule="exact_match")]).score_many([Q, Q], ["8"], ["8"])
+
+
+def test_a_python_function_is_a_reward(tmp_path):
+    f = tmp_path / "my_rewards.py"
+    f.write_text("def brevity(prompt, response, answer):\n    return -len(response) / 10\n")
+    scorer = build_rewards([RewardConfig(function=f"{f}:brevity", weight=2.0), RewardConfig(rule="exact_match")])
+    totals, columns = scorer.score_many([[{"role": "user", "content": "q"}]] * 2, ["7", "seven"], ["7", "7"])
+    assert columns == {"function:brevity": [-0.1, -0.5], "exact_match": [1.0, 0.0]}
+    assert totals == pytest.approx([0.8, -1.0])
+    assert build_rewards([RewardConfig(function="math:sqrt")]).names == ["function:sqrt"]
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.function: .*no function 'nope'"):
+        build_rewards([RewardConfig(function=f"{f}:nope")])
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.function: .*not a file"):
+        build_rewards([RewardConfig(function="missing.py:f")])
+    with pytest.raises(ValueError, match="exactly one"):
+        RewardConfig(rule="exact_match", function="math:sqrt")

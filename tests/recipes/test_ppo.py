@@ -41,7 +41,7 @@ def test_a_run_logs_trl_metrics_and_adapts_the_kl_coefficient(arith, tmp_path):
                          "--kl.horizon=10")) == 0
     train, val = rows(tmp_path / "run", "train"), rows(tmp_path / "run", "val")
     for key in ("loss", "objective/scores", "objective/kl", "objective/rlhf_reward", "objective/non_score_reward",
-                "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+                "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
                 "val/clipfrac_avg", "val/explained_variance", "policy/entropy_avg", "completion_length", "kl_coef",
                 "logp_mismatch", "reward/model"):
         assert key in train[0], key

@@ -19,6 +19,8 @@ float. Best-of-n sampling ranks a prompt's candidates by it; GRPO and PPO train 
     may be empty, and a chat template that writes "<think>" into the prompt leaves the response without one.
   - `hash_answer_format`: GSM8K's "reasoning, then a last line '#### N'": some text, then "#### " and a
     number (the strict pattern's) at the start of the last line, with nothing after it and no other "####".
+- A Python function of the user's (`function: "my_rewards.py:brevity"` or `"package.module:name"`), with
+  the signature of a rule, imported when the run starts (TRL's `reward_funcs` as callables).
 - `ModelReward`: a `model.heads.RewardModel` scoring the rendered conversation at its last token,
   through the reward model's own tokenizer and chat template (it need not share the policy's).
 - `RewardConfig` / `build_rewards` / `Rewards`: several of them with weights; the total is
@@ -30,6 +32,8 @@ It does not check the arithmetic of a chain of thought, only its form and its fi
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -172,12 +176,17 @@ class RewardConfig:
     """A rule: gsm8k_strict, gsm8k_flexible, final_number, exact_match (these need each record's `answer`), think_format, hash_answer_format."""
     model: str = ""
     """Or a reward model's checkpoint directory (`temper reward`'s final/, or any one-label *ForSequenceClassification)."""
+    function: str = ""
+    """Or a Python function f(prompt_messages, response, answer) -> float: "file.py:name" or "package.module:name"."""
     weight: float = 1.0
     """Its weight in the total reward (0: computed and logged only; negative: a penalty)."""
 
     def __post_init__(self) -> None:
-        if bool(self.rule) == bool(self.model):
-            raise ValueError("give exactly one of rule (a reward rule) and model (a reward model's directory)")
+        if sum(map(bool, (self.rule, self.model, self.function))) != 1:
+            raise ValueError("give exactly one of rule (a reward rule), model (a reward model's directory) and "
+                             "function (file.py:name or module:name)")
+        if self.function and (self.function.count(":") != 1 or not all(self.function.split(":"))):
+            raise ValueError(f"function: {self.function!r} must be 'file.py:name' or 'package.module:name'")
         if self.rule and self.rule not in RULES:
             close = [r for r in RULES if r.startswith(self.rule)] or difflib.get_close_matches(self.rule, list(RULES), n=1)
             hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
@@ -228,7 +237,28 @@ def _names(configs: Sequence[RewardConfig]) -> list[str]:
     short = [Path(m).name for m in models]
     label = {m: "model" if len(models) == 1 else f"model:{s}" if short.count(s) == 1 else f"model:{m}"
              for m, s in zip(models, short)}
-    return [c.rule or label[c.model] for c in configs]
+    return [c.rule or (f"function:{c.function.split(':')[1]}" if c.function else label[c.model]) for c in configs]
+
+
+def load_function(spec: str) -> RewardFn:
+    """The callable `spec` names: "path/to/file.py:name" (the file run as a module) or "package.module:name"."""
+    where, name = spec.split(":")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ConfigError(f"function: {where} is not a file")
+            loader = importlib.util.spec_from_file_location(f"temper_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as e:
+        raise ConfigError(f"function: cannot import {where}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"function: {where} has no function {name!r}")
+    return fn
 
 
 def build_rewards(configs: Sequence[RewardConfig], device: torch.device | str = "cpu",
@@ -248,6 +278,12 @@ def build_rewards(configs: Sequence[RewardConfig], device: torch.device | str = 
     for i, (c, name) in enumerate(zip(configs, names)):
         if c.rule:
             parts.append((name, c.weight, RULES[c.rule]))
+            continue
+        if c.function:
+            try:
+                parts.append((name, c.weight, load_function(c.function)))
+            except ConfigError as e:
+                raise ConfigError(f"rewards[{i}].{e}") from None
             continue
         tokenizer = load_hf_tokenizer(c.model)
         if not tokenizer.chat_templates:

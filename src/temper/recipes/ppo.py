@@ -326,6 +326,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             explained = float(explained_variance(values, returns, mask, distributed=d.world > 1))
             sums = {"objective/scores": (float(scores.sum()), len(outs)),
                     "objective/kl": (float(seq_kl.sum()), len(outs)),
+                    "objective/entropy": (float(-(whole.extra["old_logps"] * mask).sum()), len(outs)),
                     "objective/non_score_reward": (float(-kl_ctl.value * seq_kl.sum()), len(outs)),
                     "objective/rlhf_reward": (float(scores.sum() - kl_ctl.value * seq_kl.sum()), len(outs)),
                     "completion_length": (float(mask.sum()), len(outs)),
