@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from temper.align.distill import DistillLoss, generalized_jsd
+from temper.align.distill import DistillLoss, generalized_jsd, topk_logprobs
 from temper.align.topk_cache import build_cache, fingerprint, open_cache
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
@@ -173,3 +173,92 @@ def test_top_k_cache_renormalises_both_on_the_teachers_ids(tmp_path):
     log_q = torch.log_softmax(s_logits.gather(-1, ids) / 2.0, -1)
     expected = (p_t * (p_t.log() - log_q)).sum()
     torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def _unchunked(kind, student, teacher, batch, extra, temperature, alpha):
+    """The loss on full (N, V) logits of both models: the formula the chunked loss must equal."""
+    valid = batch.targets != IGNORE_INDEX
+    logits = student(batch.inputs)[valid].float()
+    ce = F.cross_entropy(logits, batch.targets[valid], reduction="sum")
+    if extra:
+        s, t = topk_logprobs(logits, extra["teacher_ids"], extra["teacher_logps"], temperature)
+    else:
+        with torch.no_grad():
+            t_logits = teacher(batch.inputs)[valid].float()
+        s, t = torch.log_softmax(logits / temperature, -1), torch.log_softmax(t_logits / temperature, -1)
+    beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, 0.7)
+    div = generalized_jsd(s, t, beta).sum()
+    return alpha * div + (1 - alpha) * ce, div, ce
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_loss_equals_full_logits_in_value_and_gradient(tmp_path, kind, cached):
+    """Chunks of 3 positions (fewer than a row's 7; 16 valid positions, so the last chunk is partial) give the
+    loss, metrics and every student gradient of the loss on the full logits."""
+    student, teacher = _models()
+    student.train()
+    batch = _batch()
+    extra = _build(tmp_path, teacher, k=6)[0].positions([0, 1, 2]) if cached else {}
+    loss_fn = DistillLoss(kind, beta=0.7, temperature=1.5, alpha=0.4, teacher=None if cached else teacher, chunk=3)
+    out = loss_fn(student, Batch(batch.inputs, batch.targets, extra=extra))
+    out.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    loss, div, ce = _unchunked(kind, student, teacher, batch, extra, 1.5, 0.4)
+    loss.backward()
+    torch.testing.assert_close(out.loss_sum, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics[loss_fn.metric], div.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["ce"], ce.detach(), rtol=1e-5, atol=1e-5)
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_no_logits_are_kept_for_the_backward(kind):
+    """What autograd saves between forward and backward, counted by a saved-tensors hook (deterministic, unlike a
+    peak-memory reading): no (positions x V) tensor, only the hidden states; the full-logit loss keeps 20-40 x V
+    bytes per position (module docstring)."""
+    student, teacher = _models()
+    batch = _batch()
+    vocab_sized = []
+    weights = {p.untyped_storage().data_ptr() for p in [*student.parameters(), *teacher.parameters()]}
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[-1] == V and t.untyped_storage().data_ptr() not in weights:
+            vocab_sized.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = DistillLoss(kind, temperature=2.0, teacher=teacher, chunk=4)(student, batch)
+        _unchunked(kind, student, teacher, batch, {}, 2.0, 0.5)[0].backward()  # the control: it keeps them
+    n = int((batch.targets != IGNORE_INDEX).sum())
+    assert vocab_sized and all(shape == (n, V) for shape in vocab_sized)  # all from the control
+    vocab_sized.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = DistillLoss(kind, temperature=2.0, teacher=teacher, chunk=4)(student, batch)
+    assert vocab_sized == []
+    out.loss_sum.backward()
+    assert student.tok_emb.weight.grad is not None
+
+
+def test_a_batch_without_valid_targets_still_has_a_graph():
+    """A rank left with only ignored targets must still take part in the backward (DDP)."""
+    student, teacher = _models()
+    batch = _batch()
+    empty = Batch(batch.inputs, torch.full_like(batch.targets, IGNORE_INDEX))
+    out = DistillLoss("jsd", teacher=teacher, chunk=4)(student, empty)
+    assert out.loss_sum.item() == 0 and out.loss_sum.requires_grad
+    out.loss_sum.backward()
+
+
+def test_cache_is_built_a_chunk_of_positions_at_a_time(tmp_path, monkeypatch):
+    """The teacher's output layer and softmax in chunks of 3 positions write the cache the full logits give."""
+    import temper.align.topk_cache as topk_cache
+
+    _, teacher = _models()
+    whole, _ = _build(tmp_path, teacher, k=5, name="whole")
+    monkeypatch.setattr(topk_cache, "distill_chunk_tokens", lambda vocab: 3)
+    chunked, _ = _build(tmp_path, teacher, k=5, name="chunked")
+    assert np.array_equal(chunked.ids, whole.ids)
+    np.testing.assert_allclose(chunked.logps, whole.logps, rtol=1e-6, atol=1e-6)  # matrix products of other shapes

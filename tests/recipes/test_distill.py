@@ -7,22 +7,28 @@ that differ are refused in one line; torchrun DDP on 2 ranks equals one process.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from temper.__main__ import main as temper_main
+from temper.align.distill import DistillLoss
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
 from temper.model.convert import load_hf, save_hf
 from temper.model.transformer import Transformer
 from temper.recipes import distill, prepare, pretrain
+from temper.train import checkpoint as ckpt
+from temper.train.losses import IGNORE_INDEX
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
@@ -192,8 +198,10 @@ def test_sft_rows_cache_equals_on_the_fly_across_epochs(chat_teacher, tmp_path):
 
 @pytest.mark.distributed
 def test_ddp_two_ranks_equal_one_process(char_data, teacher, tmp_path):
-    """With the top-k cache built by both ranks (each its share of the windows) and the teacher on the fly."""
-    for name, extra in (("fly", ()), ("cache", ("--teacher.cache=true", "--teacher.top_k=8"))):
+    """With the top-k cache built by both ranks (each its share of the windows), the teacher on the fly, and
+    on-policy steps (each rank samples its rows, seeded by their global index)."""
+    for name, extra in (("fly", ()), ("cache", ("--teacher.cache=true", "--teacher.top_k=8")),
+                        ("gkd", ("--on_policy.lmbda=1", "--on_policy.max_new_tokens=6"))):
         common = ("--train.steps=3", "--eval.every=3", *extra)
         assert distill.main(args(teacher, char_data, tmp_path, f"single-{name}", *common)) == 0
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
@@ -206,3 +214,108 @@ def test_ddp_two_ranks_equal_one_process(char_data, teacher, tmp_path):
         torch.testing.assert_close([r["kl"] for r in ddp], [r["kl"] for r in single], rtol=1e-4, atol=1e-6)
         sv, dv = rows(tmp_path / f"single-{name}", "val"), rows(tmp_path / f"ddp-{name}", "val")
         torch.testing.assert_close(dv[-1]["val_loss"], sv[-1]["val_loss"], rtol=1e-5, atol=0)
+
+
+def test_student_from_a_temper_checkpoint_or_a_run_without_final(char_data, teacher, tmp_path, capsys):
+    """student.from takes a run's checkpoints/step-N (its shape from the stored config, its tokenizer the run's
+    data's) and a run directory without final/ (its newest checkpoint): both start from the weights the teacher's
+    final/ export holds, loss for loss. A path that is none of these is refused in one line naming it."""
+    step = ckpt.list_checkpoints(teacher)[-1]
+    no_final = tmp_path / "no_final"
+    shutil.copytree(teacher / "checkpoints", no_final / "checkpoints")
+    losses = {}
+    for name, src in (("hf", teacher / "final"), ("step", step), ("run", no_final)):
+        assert distill.main([f"--teacher.path={teacher}", f"--data.dir={char_data}", f"--student.from={src}",
+                             *loop(tmp_path, name), "--train.steps=2"]) == 0
+        losses[name] = [r["loss"] for r in rows(tmp_path / name)]
+    assert losses["step"] == losses["hf"] and losses["run"] == losses["hf"]
+    assert load_hf(tmp_path / "step" / "final")[1].dim == 64  # the teacher's shape, from the checkpoint's config
+    capsys.readouterr()
+    for bad in (tmp_path / "absent", tmp_path / "no_final" / "checkpoints"):
+        code = temper_main(["distill", f"--teacher.path={teacher}", f"--data.dir={char_data}", f"--student.from={bad}",
+                            *loop(tmp_path, "bad")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "student.from" in err and str(bad) in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sft_prompt_is_the_example_before_its_last_learnt_span():
+    ids = np.arange(10)
+    assert distill.sft_prompt(ids, np.array([0, 0, 0, 1, 1, 0, 0, 1, 1, 1], bool)) == [0, 1, 2, 3, 4, 5, 6]
+    assert distill.sft_prompt(ids, np.ones(10, bool)) == [0]  # all learnt: the first token prompts
+    assert distill.sft_prompt(ids, np.zeros(10, bool)) == list(range(10))  # nothing learnt: nothing to sample
+
+
+def test_sampled_batch_holds_the_students_samples_as_targets():
+    """lmbda = 1's batch: each prompt continued by the student (seeded per prompt, whatever else is in the batch),
+    the prompt unlearnt, the sampled tokens the targets, and the distillation loss on them finite."""
+    V, seq = 50, 16
+    cfg = replace(PRESETS["debug"], vocab_size=V, max_seq_len=seq)
+    torch.manual_seed(0)
+    student, teacher = Transformer(cfg), Transformer(cfg).eval()
+    data = torch.randint(0, V, (3, seq), generator=torch.Generator().manual_seed(1))
+    prompts = [data[0, :5].tolist(), data[1, :9].tolist(), data[2, :3].tolist()]
+    kw = {"seq_len": seq, "temperature": 1.0, "max_new_tokens": 0, "stop_ids": [], "pad_id": 0, "pack": False}
+    batch = distill.sampled_batch(student, prompts, [11, 12, 13], **kw)
+    assert student.training  # generation ran in eval mode and restored it
+    valid = batch.targets != IGNORE_INDEX
+    for r, p in enumerate(prompts):
+        assert torch.equal(batch.inputs[r, :len(p)], torch.tensor(p))
+        assert not valid[r, :len(p) - 1].any() and valid[r, len(p) - 1:seq - 1].all()  # to the row's end
+        assert torch.equal(batch.targets[r, :seq - 1][valid[r, :seq - 1]], batch.inputs[r, len(p):])
+    assert not torch.equal(batch.inputs[:, 5:], data[:, 5:])  # not the data's continuation
+    alone = distill.sampled_batch(student, prompts[1:2], [12], **kw)
+    assert torch.equal(alone.inputs[0], batch.inputs[1])
+    capped = distill.sampled_batch(student, prompts, [11, 12, 13], **kw | {"max_new_tokens": 2, "pack": True})
+    assert int((capped.targets != IGNORE_INDEX).sum()) == 6 and capped.inputs.shape[0] < 3  # packed
+    out = DistillLoss("jsd", alpha=1.0, teacher=teacher)(student, batch)
+    assert torch.isfinite(out.loss_sum) and out.loss_sum > 0
+
+
+def test_on_policy_off_is_todays_run_and_on_policy_resumes_exactly(char_data, teacher, tmp_path):
+    """lmbda 0 (with every other on-policy option set) is the off-policy run, loss for loss. lmbda 0.5 draws
+    on-policy steps from (seed, step): run.seed 1337 gives steps 0-3 off, off, on, off; a crash before step 2
+    and a restart end with the weights and losses of the straight run."""
+    steps = ("--train.steps=4", "--checkpoint.every=2")
+    on = ("--on_policy.max_new_tokens=8", "--on_policy.temperature=0.9", "--on_policy.prompt_tokens=12")
+    assert distill.main(args(teacher, char_data, tmp_path, "off", *steps)) == 0
+    assert distill.main(args(teacher, char_data, tmp_path, "zero", *steps, *on, "--on_policy.lmbda=0")) == 0
+    assert [r["loss"] for r in rows(tmp_path / "zero")] == [r["loss"] for r in rows(tmp_path / "off")]
+    half = (*steps, *on, "--on_policy.lmbda=0.5")
+    assert distill.main(args(teacher, char_data, tmp_path, "straight", *half)) == 0
+    straight = rows(tmp_path / "straight")
+    assert [r["on_policy"] for r in straight] == [0.0, 0.0, 1.0, 0.0]
+    assert all(math.isfinite(r["loss"]) for r in straight)
+    assert straight[2]["loss"] == straight[2]["kl"]  # on-policy: the divergence alone
+    assert [r["loss"] for r in straight[:2]] == [r["loss"] for r in rows(tmp_path / "off")[:2]]  # before any sample
+    os.environ["TEMPER_FAULT"] = "crash:step=2"
+    try:
+        with pytest.raises(SystemExit, match="crash at step 2"):
+            distill.main(args(teacher, char_data, tmp_path, "resumed", *half))
+    finally:
+        del os.environ["TEMPER_FAULT"]
+    assert distill.main(args(teacher, char_data, tmp_path, "resumed", *half)) == 0
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(tmp_path / "resumed")] == [r["loss"] for r in straight]
+
+
+def test_on_policy_sft_samples_the_responses(chat_teacher, tmp_path):
+    """lmbda 1 on SFT rows: every step samples each example's response after its prompt; the loss is finite."""
+    assert distill.main([f"--teacher.path={chat_teacher}", f"--data.files=[{ALPACA}]", "--data.max_length=128",
+                         "--student.preset=debug-llama", "--student.model={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1}",
+                         f"--run.dir={tmp_path}", "--run.name=gkd", "--train.micro_batch_size=4", "--train.steps=2",
+                         "--eval.every=0", "--eval.val_fraction=0.1", "--log.progress=false", "--run.device=cpu",
+                         "--checkpoint.every=0", "--on_policy.lmbda=1", "--on_policy.max_new_tokens=8",
+                         "--loss.kind=jsd"]) == 0
+    train = rows(tmp_path / "gkd")
+    assert [r["on_policy"] for r in train] == [1.0, 1.0]
+    assert all(math.isfinite(r["loss"]) and r["loss"] == r["jsd"] for r in train)
+
+
+def test_on_policy_with_a_top_k_cache_is_refused(char_data, teacher, tmp_path, capsys):
+    code = temper_main(["distill", *args(teacher, char_data, tmp_path, "c"), "--teacher.cache=true",
+                        "--on_policy.lmbda=0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "on_policy.lmbda" in err and "teacher.cache" in err

@@ -24,6 +24,19 @@ The teacher's distribution comes from one of two places:
   cache with k = V gives the on-the-fly loss exactly. The price: the student is not pushed off ids
   outside the teacher's top k by D; the hard-label term (alpha < 1) still trains the full softmax.
 
+Memory: the loss never holds the (N x V) logits of either model for the backward pass. The student
+returns its final hidden states (`hidden_only`), the teacher its own (no_grad), and the output
+layers, softmaxes and divergence run `chunk` positions at a time under `torch.utils.checkpoint`: a
+chunk's logits are freed after its forward and recomputed in the backward, so the graph keeps the
+(N x C) hidden states plus one chunk's tensors at a time, and the gradient is the unchunked one. At
+V = 128256 in float32 the unchunked loss kept 20 x V bytes per valid token from forward to backward
+for forward KL (24 x V reverse KL, 40 x V JSD): 2.6 / 3.1 / 5.1 MB per token, 10-20 GB for a 4k-token
+micro-batch, before the teacher's logits; now it keeps 0 bytes of logits per token (the hidden
+states, C x 4 bytes, which the model computes anyway) and at most one chunk's ~20-40 x V x chunk
+bytes at a time (`distill_chunk_tokens`: 523 positions at that vocabulary, about 1.3-2.7 GB). The
+price: each chunk's output layers run twice (the head's matrix product of student and teacher is
+recomputed in the backward).
+
 It does not build batches or caches (recipes/distill.py, align/topk_cache.py) or run the optimizer.
 """
 
@@ -35,11 +48,29 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from temper.train.losses import IGNORE_INDEX, Batch, LossOut
+from temper.train.parallel import unwrap
 
 DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
+CHUNK_BYTES = 256 * 2**20
+
+
+def distill_chunk_tokens(vocab_size: int) -> int:
+    """Positions per chunk of the loss: one float32 (chunk x V) tensor of at most 256 MiB (the chunk holds
+    about 5-10 of them at once). Large enough that the output weight's gradient, a (V x C) product added
+    once per chunk, stays a matrix-product cost rather than a memory-bound one."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output layer on final hidden states (n, C) -> (n, V), as its forward applies it: the
+    tied embedding, or the head as a module call (so an adapter on the head runs)."""
+    if model.head is None:
+        return F.linear(hidden, model.tok_emb.weight)
+    return model.head(hidden)
 
 
 def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -84,6 +115,8 @@ class DistillLoss:
     """Of the hard-label cross-entropy."""
     teacher: nn.Module | None = None
     """The frozen teacher, run on every batch that does not carry cached top-k log-probs."""
+    chunk: int = 0
+    """Positions per chunk of the output layers and the loss (0: `distill_chunk_tokens` of the vocabulary)."""
 
     def __post_init__(self) -> None:
         if self.kind not in DISTILL_KINDS:
@@ -94,6 +127,8 @@ class DistillLoss:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.chunk < 0:
+            raise ValueError(f"chunk must be >= 0 (0: from the vocabulary), got {self.chunk}")
         if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()
 
@@ -109,32 +144,53 @@ class DistillLoss:
     def count(self, batch: Batch) -> torch.Tensor:
         return (batch.targets != IGNORE_INDEX).sum()
 
-    def teacher_logits(self, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits (N, V) at the valid positions, without gradient."""
+    def teacher_hidden(self, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states (N, C_t) at the valid positions, without gradient."""
         if self.teacher is None:
             raise ValueError("distillation needs the teacher: give the loss a teacher model, or the batch "
                              "extra['teacher_ids'] and extra['teacher_logps'] from a top-k cache")
         with torch.no_grad():
-            return self.teacher(batch.inputs, logits_at=valid, **batch.model_kwargs)
+            return self.teacher(batch.inputs, logits_at=valid, hidden_only=True, **batch.model_kwargs)
 
-    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
-        valid = batch.targets != IGNORE_INDEX  # (B, T)
-        logits = model(batch.inputs, logits_at=valid, **batch.model_kwargs).float()  # (N, V), through DDP/compile
-        ce = F.cross_entropy(logits, batch.targets[valid], reduction="sum", label_smoothing=self.label_smoothing)
+    def _chunk(self, student: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, teacher_hidden: torch.Tensor | None,
+               ids: torch.Tensor | None, logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(divergence sum, cross-entropy sum) of one chunk of positions, from the student's hidden states and
+        the teacher's hidden states or its cached top-k."""
+        logits = output_logits(student, hidden).float()  # (n, V)
+        ce = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.label_smoothing)
         T = self.temperature
-        if "teacher_ids" in batch.extra:
-            ids, logps = batch.extra["teacher_ids"], batch.extra["teacher_logps"]
-            if ids.shape[0] != logits.shape[0]:
-                raise ValueError(f"the batch carries teacher top-k for {ids.shape[0]} positions but has "
-                                 f"{logits.shape[0]} valid targets")
-            student, teacher = topk_logprobs(logits, ids, logps, T)
+        if ids is not None:
+            s, t = topk_logprobs(logits, ids, logps, T)
         else:
-            teacher_logits = self.teacher_logits(batch, valid).float()  # (N, V)
+            with torch.no_grad():
+                teacher_logits = output_logits(self.teacher, teacher_hidden).float()  # (n, V)
             if teacher_logits.shape != logits.shape:
                 raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                                  f"{tuple(logits.shape)} differ: the vocabularies must have one size")
-            student = torch.log_softmax(logits / T, dim=-1)
-            teacher = torch.log_softmax(teacher_logits / T, dim=-1)
-        div = generalized_jsd(student, teacher, self.effective_beta).sum()
+            s, t = torch.log_softmax(logits / T, dim=-1), torch.log_softmax(teacher_logits / T, dim=-1)
+        return generalized_jsd(s, t, self.effective_beta).sum(), ce
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        valid = batch.targets != IGNORE_INDEX  # (B, T)
+        hidden = model(batch.inputs, logits_at=valid, hidden_only=True, **batch.model_kwargs)  # (N, C), through DDP
+        student, targets, n = unwrap(model), batch.targets[valid], hidden.shape[0]
+        ids = logps = teacher_hidden = None
+        if "teacher_ids" in batch.extra:
+            ids, logps = batch.extra["teacher_ids"], batch.extra["teacher_logps"]
+            if ids.shape[0] != n:
+                raise ValueError(f"the batch carries teacher top-k for {ids.shape[0]} positions but has "
+                                 f"{n} valid targets")
+        else:
+            teacher_hidden = self.teacher_hidden(batch, valid)  # (N, C_t)
+        chunk = self.chunk or distill_chunk_tokens(student.cfg.vocab_size)
+        keep_graph = torch.is_grad_enabled() and hidden.requires_grad
+        div = ce = torch.zeros((), device=hidden.device)
+        for lo in range(0, max(n, 1), chunk):  # one empty chunk when no target is valid: a loss with a graph
+            part = slice(lo, lo + chunk)
+            args = (student, hidden[part], targets[part], None if teacher_hidden is None else teacher_hidden[part],
+                    None if ids is None else ids[part], None if logps is None else logps[part])
+            # Checkpointed: the chunk's logits are recomputed in the backward instead of kept (module docstring).
+            d, c = checkpoint(self._chunk, *args, use_reentrant=False) if keep_graph else self._chunk(*args)
+            div, ce = div + d, ce + c
         loss = self.alpha * div + (1 - self.alpha) * ce
         return LossOut(loss, {self.metric: div.detach(), "ce": ce.detach()})

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from temper.align.distill import distill_chunk_tokens, output_logits
 from temper.files import atomic_write_json, fsync_dir, sha256_file
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.step import autocast
@@ -109,6 +110,25 @@ def open_cache(path: str | Path, expected: str, verify: bool = True) -> tuple[To
     return TopKCache(path, k, offsets, ids, logps), ""
 
 
+def _top_k(teacher: nn.Module, batch: Batch, valid: torch.Tensor, k: int, amp_dtype: torch.dtype | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's k most likely next tokens (N, k) int32 and their log-probs (N, k) float32 at the valid
+    positions: the output layer and the softmax a chunk of positions at a time (`distill_chunk_tokens`), so a
+    128k vocabulary never holds the batch's (N x V) logits."""
+    with autocast(batch.inputs.device, amp_dtype):
+        hidden = teacher(batch.inputs, logits_at=valid, hidden_only=True, **batch.model_kwargs)  # (N, C)
+        chunk = distill_chunk_tokens(teacher.cfg.vocab_size)
+        ids, logps = [], []
+        for lo in range(0, hidden.shape[0], chunk):
+            logits = output_logits(teacher, hidden[lo:lo + chunk])  # (n, V)
+            top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) each
+            ids.append(top.indices.to(torch.int32).cpu())
+            logps.append(top.values.cpu())
+    if not ids:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+    return torch.cat(ids).numpy(), torch.cat(logps).numpy()
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -150,10 +170,7 @@ def build_cache(
             want = [int(offsets[u + 1] - offsets[u]) for u in units]
             if per_row != want:
                 raise ValueError(f"cache batch {j}: rows have {per_row} valid targets, the units {want}")
-            with autocast(batch.inputs.device, amp_dtype):
-                logits = teacher(batch.inputs, logits_at=valid, **batch.model_kwargs)  # (N, V)
-            top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # (N, k) each
-            top_ids, top_logps = top.indices.to(torch.int32).cpu().numpy(), top.values.cpu().numpy()
+            top_ids, top_logps = _top_k(teacher, batch, valid, k, amp_dtype)
             row = 0
             for u, n in zip(units, want, strict=True):
                 a = int(offsets[u])

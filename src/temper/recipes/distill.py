@@ -8,9 +8,9 @@ Steps, in the order `run` takes them:
     (data.files, as `temper sft`: rendered with the teacher's tokenizer, learnt on the responses only,
     `eval.val_fraction` held out by hash, packed with document masks)
  3. join the process group when launched by torchrun (DDP; gloo on CPU); the student: a Hugging Face
-    checkpoint or temper run (student.from), or `student.preset` + `student.model` from scratch (seeded as
-    `temper pretrain` seeds it, so both start alike); the teacher frozen, its weights in the run's
-    precision (it never trains)
+    checkpoint, a temper training checkpoint (step-N) or run (student.from, `open_student`), or
+    `student.preset` + `student.model` from scratch (seeded as `temper pretrain` seeds it, so both start
+    alike); the teacher frozen, its weights in the run's precision (it never trains)
  4. the teacher's distributions: computed on the fly inside the loss (no_grad), or, with teacher.cache,
     its top-k log-probs written once to <run>/teacher_cache (align/topk_cache.py) for every unit of the
     data (a window, an example), reused by every epoch and by a resumed run, and the teacher freed
@@ -21,8 +21,15 @@ Steps, in the order `run` takes them:
     checkpoints, SIGTERM
  6. final/ (rank 0): the full student in Hugging Face layout with the teacher's tokenizer files
 
-It does not train the teacher (`temper pretrain`, `temper sft`) or distil with on-policy samples (GKD's
-student-generated sequences).
+On-policy distillation (GKD, Agarwal et al. 2024; TRL's GKDTrainer `lmbda`): with probability
+on_policy.lmbda a step's responses are the student's own samples instead of the data's. Each row's prompt
+(an SFT example up to its last learnt span, or a window's first on_policy.prompt_tokens tokens) is
+continued by `infer.engine.generate` with a seed per global row, the teacher scores those tokens and the
+step takes the divergence alone (cross-entropy on the student's own samples would only reinforce them).
+The coin and the seeds are functions of (run.seed, step, row), so a resumed run and any world size
+sample alike; with lmbda = 0 nothing is drawn and the run is the off-policy one.
+
+It does not train the teacher (`temper pretrain`, `temper sft`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from temper import config, faults
 from temper.align.distill import DistillLoss
 from temper.align.topk_cache import TopKCache, build_cache, fingerprint, open_cache
 from temper.data.loader import TokenWindows, rank_slice, split_holdout
-from temper.data.packing import Piece, collate_rows
+from temper.data.packing import Piece, collate_rows, plan_packing
 from temper.data.sft import (
     RowOrder,
     SFTDataConfig,
@@ -58,10 +65,13 @@ from temper.data.sft import (
     skip_summary,
 )
 from temper.data.shards import read_manifest, tokenizer_path
-from temper.data.tokenizer import HFTokenizer, load_tokenizer
-from temper.infer.load import Checkpoint, open_checkpoint
+from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, load_tokenizer
+from temper.errors import InputError
+from temper.infer.engine import generate
+from temper.infer.load import Checkpoint, checkpoint_dir, open_checkpoint
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.transformer import Segments, Transformer
+from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss
 from temper.train.methods import export_finetuned
@@ -82,7 +92,7 @@ from temper.train.run import (
     locked_run_dir,
     run_directory,
 )
-from temper.train.step import NonFiniteLoss, eval_metrics
+from temper.train.step import NonFiniteLoss, autocast, eval_metrics
 
 CACHE_DIR = "teacher_cache"
 
@@ -107,8 +117,9 @@ class TeacherSection:
 @dataclass
 class StudentSection:
     from_: str = ""
-    """Start from these weights: a Hugging Face directory or a temper run directory (its final/); empty: a
-    random init of `preset`."""
+    """Start from these weights: a Hugging Face directory, a temper training checkpoint (a run's
+    checkpoints/step-NNNNNNN/, its shape from the checkpoint's stored config), or a temper run directory (its
+    final/, or without one its newest checkpoint); empty: a random init of `preset`."""
     preset: str = "debug"
     """Model shape from temper.model.config.PRESETS when starting from scratch."""
     model: dict = field(default_factory=dict)
@@ -122,6 +133,25 @@ class StudentSection:
 
 
 @dataclass
+class OnPolicySection:
+    lmbda: float = 0.0
+    """Probability that a step trains on the student's own samples instead of the data's responses (GKD's
+    lambda, TRL's `lmbda`), drawn per step from (run.seed, step); 0: off, the data's tokens only."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's responses (1: its own distribution; 0: greedy)."""
+    max_new_tokens: int = 0
+    """Tokens sampled per response, at most to the end of the row (0: up to the end of the row, train.seq_len)."""
+    prompt_tokens: int = 0
+    """data.dir only: the first this many tokens of each window are the prompt (0: half the window)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if self.temperature < 0 or self.max_new_tokens < 0 or self.prompt_tokens < 0:
+            raise ValueError("temperature, max_new_tokens and prompt_tokens must be >= 0")
+
+
+@dataclass
 class LossConfig:
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     """forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); jsd: generalised JSD (GKD)."""
@@ -130,10 +160,13 @@ class LossConfig:
     temperature: float = 1.0
     """Softens both distributions (logits / temperature) in the divergence; the CE uses the raw logits."""
     alpha: float = 0.5
-    """Weight of the divergence; 1 - alpha weighs the hard-label cross-entropy."""
+    """Weight of the divergence; 1 - alpha weighs the hard-label cross-entropy (on-policy steps: the divergence alone)."""
+    chunk: int = 0
+    """Positions per chunk of both models' output layers and the loss (0: from the vocabulary, about 256 MiB of
+    float32 logits); the full (tokens x vocabulary) logits are never held."""
 
     def __post_init__(self) -> None:
-        DistillLoss(self.kind, self.beta, self.temperature, self.alpha)  # its checks, named by this section
+        DistillLoss(self.kind, self.beta, self.temperature, self.alpha, chunk=self.chunk)  # its checks, named here
 
 
 @dataclass
@@ -177,6 +210,8 @@ class DistillConfig:
     """The model trained."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The divergence and its mix with the hard labels."""
+    on_policy: OnPolicySection = field(default_factory=OnPolicySection)
+    """GKD: steps on the student's own samples."""
     data: DataConfig = field(default_factory=DataConfig)
     """Pretraining shards, or SFT files and how they are rendered."""
     run: RunSection = field(default_factory=lambda: RunSection(name="distill"))
@@ -196,7 +231,7 @@ class DistillConfig:
 
 
 # What must match between a checkpoint and the run that resumes from it.
-RESUME_KEYS = ("teacher", "student", "loss", "data", "train.micro_batch_size", "train.epochs", "train.accumulation",
+RESUME_KEYS = ("teacher", "student", "loss", "on_policy", "data", "train.micro_batch_size", "train.epochs", "train.accumulation",
                "train.seq_len", "train.pack", "train.steps", "train.label_smoothing", "optim", "schedule", "model",
                "steps", "seq_len", "rows_per_step", "run.seed")
 
@@ -221,6 +256,9 @@ def run(cfg: DistillConfig) -> int:
         raise config.ConfigError("teacher.path: give the teacher's checkpoint (a Hugging Face directory or a run)")
     if bool(cfg.data.dir) == bool(cfg.data.files):
         raise config.ConfigError("data: give pretraining shards (data.dir) or SFT files (data.files), one of the two")
+    if cfg.on_policy.lmbda > 0 and cfg.teacher.cache:
+        raise config.ConfigError("on_policy.lmbda > 0 needs the teacher on the fly (teacher.cache=false): a cache "
+                                 "holds the teacher's distributions on the data's tokens, not on the student's samples")
     run_dir = run_directory(cfg.run)  # a bad run.name fails before anything loads
     # 1. the teacher's shape and tokenizer, then every other tokenizer against it, before any weights
     teacher = open_checkpoint(cfg.teacher.path)
@@ -228,9 +266,9 @@ def run(cfg: DistillConfig) -> int:
     teacher_vocab = tok.tokenizer.get_vocab()
     student = None
     if cfg.student.from_:
-        student = open_checkpoint(cfg.student.from_)
-        check_same_tokenizer("student.from", student.path, student.tokenizer.tokenizer.get_vocab(), teacher_vocab,
-                             teacher.path)
+        student = open_student(cfg.student.from_)
+        where = student.path if student.hf else f"{student.path} (the tokenizer of its run, {student.tokenizer_from})"
+        check_same_tokenizer("student.from", where, student.vocab, teacher_vocab, teacher.path)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise config.ConfigError(f"student.from {student.path}: vocab_size {student.config.vocab_size} differs from "
                                      f"the teacher's {teacher.config.vocab_size}: their logits must have one size")
@@ -274,12 +312,100 @@ def _sft_examples(cfg: DistillConfig, tok: HFTokenizer) -> tuple[list[SFTExample
     return train, val
 
 
-def _student(cfg: DistillConfig, student: Checkpoint | None, teacher: Checkpoint,
+@dataclass
+class StudentCheckpoint:
+    """What student.from holds, read without its weights: the shape and the tokenizer to check."""
+
+    path: Path
+    """The Hugging Face directory or the temper checkpoint (step-N) read."""
+    config: ModelConfig
+    vocab: dict[str, int]
+    tokenizer_from: Path
+    """Where the tokenizer was read: the Hugging Face directory, or the tokenizer a checkpoint's run trained with."""
+    hf: Checkpoint | None = None
+    """The Hugging Face checkpoint; None for a temper training checkpoint."""
+
+    def load(self, device: torch.device) -> Transformer:
+        """The weights, in float32, in train mode."""
+        if self.hf is not None:
+            return self.hf.load(device, torch.float32).model.train()
+        model = Transformer(self.config).to(device)
+        try:
+            ckpt.load_checkpoint(self.path, model=model, optimizer=None, map_location=device)  # verified (sha256)
+        except RuntimeError as e:  # load_state_dict: names missing or unexpected
+            raise config.ConfigError(f"student.from {self.path}: its {ckpt.MODEL_FILE} does not hold the whole model "
+                                     f"({str(e).splitlines()[-1].strip()}); a LoRA run's checkpoint holds only its "
+                                     f"adapters: start from its final/ export") from None
+        except (OSError, ValueError) as e:
+            raise config.ConfigError(f"student.from {self.path}: {e}") from None
+        return model.train()
+
+
+def open_student(path: str) -> StudentCheckpoint:
+    """student.from: a Hugging Face directory; a temper run directory (its final/, or without one its newest
+    checkpoint: a step-N directory exists only once its save completed, and loading verifies its checksums);
+    or a temper training checkpoint (step-N: the model config stored in its state.json, the tokenizer of the
+    run that wrote it). Anything else: a ConfigError naming the path."""
+    src = Path(path)
+    if not src.is_dir():
+        raise config.ConfigError(f"student.from {src}: not a directory (give a Hugging Face directory, a temper "
+                                 f"run directory or one of its checkpoints/step-NNNNNNN)")
+    step = src if (src / ckpt.STATE_FILE).is_file() else None
+    if step is None and not (checkpoint_dir(src) / "config.json").is_file() and ckpt.list_checkpoints(src):
+        step = ckpt.list_checkpoints(src)[-1]
+    if step is None:
+        try:
+            hf = open_checkpoint(src)
+        except InputError as e:  # "checkpoint DIR: ...": named by the key too, with what else it could have been
+            raise config.ConfigError(f"student.from {src}: not a Hugging Face directory, a temper run or one of its "
+                                     f"checkpoints/step-NNNNNNN ({e})") from None
+        return StudentCheckpoint(hf.path, hf.config, hf.tokenizer.tokenizer.get_vocab(), hf.path, hf)
+    try:
+        saved = ckpt.read_state(step).get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"its {ckpt.STATE_FILE} stores no run config")
+        shape = saved.get("model_config", saved.get("model"))  # sft, dpo, reward: model_config; pretrain, distill: model
+        if not isinstance(shape, dict):
+            raise ValueError(f"its {ckpt.STATE_FILE} stores no model config")
+        model_cfg = config.from_dict(ModelConfig, shape, prefix="model.")
+    except (OSError, ValueError, AttributeError) as e:  # ConfigError is a ValueError
+        raise config.ConfigError(f"student.from {step}: not a readable temper checkpoint ({e})") from None
+    where, vocab = _run_tokenizer(step, saved)
+    return StudentCheckpoint(step, model_cfg, vocab, where)
+
+
+def _run_tokenizer(step: Path, saved: dict) -> tuple[Path, dict[str, int]]:
+    """The tokenizer the run of checkpoint `step` trained with (a checkpoint stores none): its teacher's (distill),
+    its base model's (sft, dpo, reward) or its data's (pretrain), as its stored config names them."""
+    def section(name: str, key: str) -> object:
+        value = saved.get(name)
+        return value.get(key) if isinstance(value, dict) else None
+
+    teacher, base, data = section("teacher", "path"), saved.get("model"), section("data", "dir")
+    try:
+        if isinstance(teacher, str) and teacher:
+            where = checkpoint_dir(teacher)
+            return where, load_hf_tokenizer(where).tokenizer.get_vocab()
+        if isinstance(base, str) and base:
+            where = checkpoint_dir(base)
+            return where, load_hf_tokenizer(where).tokenizer.get_vocab()
+        data = data[0] if isinstance(data, list) and data else data
+        if isinstance(data, str) and data:
+            where = tokenizer_path(data)
+            return where, load_tokenizer(where).get_vocab()
+    except (InputError, OSError, ValueError) as e:
+        raise config.ConfigError(f"student.from {step}: a checkpoint stores no tokenizer, and the one its run trained "
+                                 f"with cannot be read to check against the teacher's: {e}") from None
+    raise config.ConfigError(f"student.from {step}: a checkpoint stores no tokenizer, and its run's config names none "
+                             f"(teacher.path, model or data.dir) to check against the teacher's")
+
+
+def _student(cfg: DistillConfig, student: StudentCheckpoint | None, teacher: Checkpoint,
              device: torch.device) -> tuple[Transformer, ModelConfig]:
     """The student's weights (student.from), or the preset's random init with the teacher's vocabulary, seeded
     by run.seed as `temper pretrain` seeds it."""
     if student is not None:
-        return student.load(device, torch.float32).model.train(), student.config
+        return student.load(device), student.config
     base = dataclasses.asdict(PRESETS[cfg.student.preset]) | {"vocab_size": teacher.config.vocab_size}
     model_cfg = config.from_dict(ModelConfig, base | cfg.student.model, prefix="student.model.")
     if model_cfg.vocab_size != teacher.config.vocab_size:
@@ -303,6 +429,55 @@ def _examples_digest(examples: list[SFTExample]) -> str:
         h.update(np.packbits(np.asarray(e.loss_mask, dtype=bool)).tobytes())
         h.update(b"|")
     return h.hexdigest()
+
+
+ON_POLICY_STREAM = 0x676B64  # "gkd": the on-policy draws' stream, apart from any other use of run.seed
+
+
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether `step` trains on the student's samples: a draw from (seed, step) alone, so resume and every
+    rank agree; never with lmbda 0, always with lmbda 1."""
+    return lmbda > 0 and float(np.random.default_rng([seed, step, ON_POLICY_STREAM]).random()) < lmbda
+
+
+def sample_seed(seed: int, row: int, piece: int) -> int:
+    """The sampling seed of piece `piece` of global row `row`: the same whatever the batch or rank."""
+    return int(np.random.SeedSequence([seed, row, piece, ON_POLICY_STREAM]).generate_state(1, np.uint64)[0] >> 2)
+
+
+def sft_prompt(ids: np.ndarray, mask: np.ndarray) -> list[int]:
+    """An SFT example's prompt for on-policy sampling: its tokens before its last learnt span (TRL's GKD
+    samples the last assistant turn after the conversation before it), at least its first token; all of
+    it when nothing in it is learnt."""
+    m = np.asarray(mask, dtype=bool)
+    starts = np.flatnonzero(m & ~np.concatenate([[False], m[:-1]]))  # first token of each learnt span
+    end = max(int(starts[-1]), 1) if len(starts) else len(m)
+    return [int(t) for t in np.asarray(ids)[:end]]
+
+
+def sampled_batch(model: nn.Module, prompts: list[list[int]], seeds: list[int], *, seq_len: int, temperature: float,
+                  max_new_tokens: int, stop_ids: list[int], pad_id: int, pack: bool,
+                  amp_dtype: torch.dtype | None = None) -> Batch:
+    """The prompts continued by the student's samples (`infer.engine.generate`, one seed per prompt, each to
+    at most max_new_tokens (0: no limit) and the row's end, stopping after a stop id), as a Batch whose targets
+    are the sampled tokens alone: one sequence per row, or packed with document masks."""
+    room = [seq_len - len(p) for p in prompts]
+    longest = max(room)
+    new = min(max_new_tokens, longest) if max_new_tokens else longest
+    device = next(model.parameters()).device
+    stops = set(stop_ids)
+    with autocast(device, amp_dtype):  # eval mode meanwhile; generate restores the model's mode
+        outs = generate(model, prompts, max_new_tokens=max(new, 0), temperature=temperature, seed=seeds,
+                        pad_id=pad_id, should_stop=lambda _, toks: toks[-1] in stops)
+    docs = [np.asarray(p + o[:r], dtype=np.int64) for p, o, r in zip(prompts, outs, room, strict=True)]
+    masks = [np.arange(len(doc)) >= len(p) for doc, p in zip(docs, prompts, strict=True)]
+    if pack:
+        rows = plan_packing([len(doc) for doc in docs], seq_len, overflow="truncate")
+    else:
+        rows = [[Piece(i, 0, len(doc))] for i, doc in enumerate(docs)]
+    b = collate_rows(docs, rows, seq_len, loss_masks=masks, pad_id=pad_id)
+    return Batch(b.tokens.to(device), b.targets.to(device),
+                 {"positions": b.positions.to(device), "segments": Segments(b.doc_ids.to(device))})
 
 
 class Data:
@@ -346,6 +521,20 @@ class Data:
         extra = self.cache.positions(self.windows.window_ids(start, n), self.d.device) if self.cache else {}
         return Batch(x, y, extra=extra)
 
+    def prompts(self, start: int, n: int, prompt_tokens: int) -> tuple[list[list[int]], list[int]]:
+        """On-policy prompts of training rows start .. start + n - 1 and their sampling seeds: each window's first
+        prompt_tokens tokens, or each SFT example of the rows up to its last learnt span."""
+        seed = self.cfg.run.seed
+        if not self.sft:
+            x, _ = self.windows.batch(start, n)
+            return [row[:prompt_tokens] for row in x.tolist()], [sample_seed(seed, start + i, 0) for i in range(n)]
+        prompts, seeds = [], []
+        for g in range(start, start + n):
+            for k, piece in enumerate(self.rows.row(g)):
+                prompts.append(sft_prompt(self.rows.docs[piece.doc][: piece.stop], self.rows.masks[piece.doc][: piece.stop]))
+                seeds.append(sample_seed(seed, g, k))
+        return prompts, seeds
+
     def val_batches(self, micro: int) -> list[Batch]:
         """This rank's share of the held-out rows (every rank gets at least one batch: all must join the
         all-reduce; a rank left without rows scores one whose targets are all ignored)."""
@@ -388,7 +577,7 @@ class Data:
         return self.windows.num_windows if not self.sft else len(self.rows.docs)
 
 
-def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ckpt: Checkpoint | None,
+def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ckpt: StudentCheckpoint | None,
            examples: tuple[list[SFTExample], list[SFTExample]] | None) -> int:
     # 3. student and teacher
     model, model_cfg = _student(cfg, student_ckpt, teacher_ckpt, d.device)
@@ -441,10 +630,24 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
         data.cache = cache
     else:
         teacher = load_teacher()
-    lc = cfg.loss
-    loss_fn = DistillLoss(lc.kind, lc.beta, lc.temperature, lc.alpha, cfg.train.label_smoothing, teacher)
+    lc, op = cfg.loss, cfg.on_policy
+    loss_fn = DistillLoss(lc.kind, lc.beta, lc.temperature, lc.alpha, cfg.train.label_smoothing, teacher, lc.chunk)
+    # On-policy steps: the divergence alone (GKD); cross-entropy on the student's own samples would reinforce them.
+    on_policy_loss = DistillLoss(lc.kind, lc.beta, lc.temperature, 1.0, 0.0, teacher, lc.chunk)
     # Validation reports the student's cross-entropy as val_loss (alpha 0), and the divergence when the teacher is here.
-    val_loss_fn = DistillLoss(lc.kind, lc.beta, lc.temperature, 0.0, 0.0, teacher) if teacher is not None else LMLoss()
+    val_loss_fn = (DistillLoss(lc.kind, lc.beta, lc.temperature, 0.0, 0.0, teacher, lc.chunk) if teacher is not None
+                   else LMLoss())
+    prompt_tokens = op.prompt_tokens or seq_len // 2
+    if op.lmbda > 0 and not data.sft and not 0 < prompt_tokens < seq_len:
+        raise config.ConfigError(f"on_policy.prompt_tokens={op.prompt_tokens} leaves no room to sample in rows of "
+                                 f"train.seq_len={seq_len}")
+
+    def sampled(start: int) -> Batch:
+        """Micro-batch `start`'s rows with the student's samples for responses."""
+        prompts, seeds = data.prompts(start, micro, prompt_tokens)
+        return sampled_batch(model, prompts, seeds, seq_len=seq_len, temperature=op.temperature,
+                             max_new_tokens=op.max_new_tokens, stop_ids=teacher_ckpt.stop_ids, pad_id=data.pad,
+                             pack=data.sft and cfg.train.pack, amp_dtype=run.amp_dtype)
     flops = model.flops_per_token(seq_len) + (teacher.flops_per_token(seq_len) / 3 if teacher is not None else 0.0)
 
     if d.is_main:
@@ -480,16 +683,19 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
-            mbs = [data.train_batch(rank_slice(first, micro, m, d.rank, d.world), micro) for m in range(accum)]
+            starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
+            on_policy = on_policy_step(cfg.run.seed, step, op.lmbda)
+            mbs = [sampled(s) if on_policy else data.train_batch(s, micro) for s in starts]
             try:
-                result = run.step(train_model, optimizer, mbs, loss_fn, step)
+                result = run.step(train_model, optimizer, mbs, on_policy_loss if on_policy else loss_fn, step)
             except NonFiniteLoss:
                 if cfg.train.on_nonfinite != "rollback":
                     raise
                 step = run.rollback(model, optimizer)["step"]
                 continue
             step += 1
-            run.log_train(step, steps, result, lr, epoch=first / max(data.per_epoch, 1))
+            extra = {"on_policy": float(on_policy)} if op.lmbda > 0 else {}
+            run.log_train(step, steps, result, lr, epoch=first / max(data.per_epoch, 1), **extra)
             if run.eval_due(step, steps):
                 val = validate()
                 if val:
