@@ -745,6 +745,7 @@ PATH_FLAGS = {"prepare": ["input", "out"], "pretrain": ["data.dir", "run.dir"], 
               "dpo": ["model", "data.files", "run.dir"], "reward": ["model", "data.files", "run.dir"],
               "distill": ["teacher", "student", "data.files", "data.dir", "run.dir"],
               "best-of-n": ["model", "prompts", "out", "scorer.model"],
+              "grpo": ["model", "data.prompts", "run.dir"], "ppo": ["model", "data.prompts", "value.model", "run.dir"],
               "generate": ["checkpoint"], "evaluate": ["checkpoint", "out"], "estimate": ["model.path"],
               "download": ["out"], "lm-eval": []}
 
