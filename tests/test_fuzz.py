@@ -380,7 +380,8 @@ def test_fuzz_parquet_files(fuzz, tmp_path):
 
 TOP_CONFIGS = {"prepare": "PrepareConfig", "pretrain": "PretrainConfig", "sft": "SFTConfig", "dpo": "DPOConfig",
                "reward": "RewardConfig", "distill": "DistillConfig", "best-of-n": "BestOfNConfig",
-               "generate": "GenerateConfig", "estimate": "EstimateConfig", "download": "DownloadConfig",
+               "generate": "GenerateConfig", "serve": "ServeConfig", "estimate": "EstimateConfig",
+               "download": "DownloadConfig",
                "evaluate": "EvaluateConfig"}
 
 
@@ -746,7 +747,8 @@ PATH_FLAGS = {"prepare": ["input", "out"], "pretrain": ["data.dir", "run.dir"], 
               "distill": ["teacher", "student", "data.files", "data.dir", "run.dir"],
               "best-of-n": ["model", "prompts", "out", "scorer.model"],
               "grpo": ["model", "data.prompts", "run.dir"], "ppo": ["model", "data.prompts", "value.model", "run.dir"],
-              "generate": ["checkpoint"], "evaluate": ["checkpoint", "out"], "estimate": ["model.path"],
+              "generate": ["checkpoint"], "serve": ["checkpoint"], "evaluate": ["checkpoint", "out"],
+              "estimate": ["model.path"],
               "download": ["out"], "lm-eval": []}
 
 

@@ -22,7 +22,8 @@ ALLOWED = {
     "align": {"train", "infer", "data", "model"},
     "eval": {"infer", "model", "data"},
     "rag": {"infer", "data", "model"},
-    "recipes": {"data", "model", "train", "infer", "align", "eval", "rag"},
+    "serve": {"infer", "data", "model"},
+    "recipes": {"data", "model", "train", "infer", "align", "eval", "rag", "serve"},
 }
 BASE = {"config", "files", "faults", "errors"}
 

@@ -18,6 +18,7 @@ from temper.recipes import (
     prepare,
     pretrain,
     reward,
+    serve,
     sft,
 )
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "ppo": ppo.main,
     "distill": distill.main,
     "generate": generate.main,
+    "serve": serve.main,
     "estimate": estimate.main,
     "download": download.main,
     "lm-eval": lm_eval.main,

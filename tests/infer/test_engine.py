@@ -271,3 +271,13 @@ def test_reading_tokens_every_few_steps_changes_nothing():
     assert generate(model, PROMPTS, sync_every=1, **kw) == generate(model, PROMPTS, sync_every=5, **kw)
     steps = list(stream(model, PROMPTS, max_new_tokens=30, temperature=0, stop_token_ids=[stop]))
     assert len(steps) <= 30 and all(len(s) == 3 for s in steps)
+
+
+def test_per_row_steps_draw_what_each_row_draws_alone():
+    """A server's rows are at different steps: a (B,) step tensor gives row b its draw at steps[b]."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    seeds, steps = torch.tensor([1, 2, 3, 4]), torch.tensor([0, 5, 2, 9])
+    together = sample_next(logits, temperature=0.9, top_k=20, top_p=0.9, seeds=seeds, step=steps)
+    alone = [sample_next(logits[b : b + 1], temperature=0.9, top_k=20, top_p=0.9, seeds=seeds[b : b + 1],
+                         step=int(steps[b])).item() for b in range(4)]
+    assert together.tolist() == alone

@@ -90,8 +90,11 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, V) float32 Gumbel(0, 1) noise, a pure function of (seeds[b], step, token id)."""
+def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, V) float32 Gumbel(0, 1) noise, a pure function of (seeds[b], step, token id).
+
+    step: an int for every row, or a (B,) tensor of each row's own step (a server's rows started at
+    different times): row b's noise is the same either way."""
     row = _mix(_mix(seeds.long() + _GOLDEN) + step)  # (B,)
     x = _mix(row[:, None] + torch.arange(vocab, device=seeds.device) * _GOLDEN)  # (B, V)
     u = (((x >> 40) & ((1 << 24) - 1)).float() + 0.5) / (1 << 24)  # uniform in (0, 1), 24 bits
@@ -100,13 +103,14 @@ def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 
 def sample_next(
     logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None, step: int = 0,
+    generator: torch.Generator | None = None, seeds: torch.Tensor | None = None, step: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """One token per row (B,) from logits (B, V): argmax when temperature is 0, else a filtered sample.
 
     With `seeds` (B,) the draw is the Gumbel-max (argmax of logits + Gumbel noise, exactly a sample of
     the softmax) with noise hashed from (seeds[b], step): each row's draw depends on its own seed and
-    step only. Without, `torch.multinomial` draws with `generator`.
+    step only (`step` (B,): each row's own, as a server's rows that joined the batch at different steps).
+    Without, `torch.multinomial` draws with `generator`.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -145,7 +149,7 @@ def _pad(prompts: Prompts, lengths: Sequence[int] | None, pad_id: int, device: t
 
 @torch.inference_mode()
 def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[int] | None = None, *,
-            lengths: Sequence[int] | None = None, pad_id: int = 0) -> torch.Tensor:
+            lengths: Sequence[int] | None = None, pad_id: int = 0, all_logits: bool = False) -> torch.Tensor:
     """Append each prompt's tokens to its cache row, after what the row holds; return the logits
     (n, V) float32 that follow each prompt's last token.
 
@@ -155,6 +159,8 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
         padding wrote stay masked until overwritten.
     rows: the cache rows (default 0..n-1). Other rows are untouched: when `rows` is not the whole
         cache, those rows are copied out (`cache.select`), run, and put back.
+    all_logits: return the logits after every real token instead, (sum of the counts, V) row by row: a
+        target scoring k drafted tokens in one pass (`temper.infer.speculative`).
     Raises ValueError when a row would outgrow the cache (the one host sync of a prefill).
     """
     tokens, counts = _pad(prompts, lengths, pad_id, cache.lengths.device)
@@ -169,8 +175,9 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     room = min(cache.max_len, model.cfg.max_seq_len)
     if int((before + count).max()) > room:
         raise ValueError(f"a prompt does not fit its cache row ({room} tokens): lengths {before.tolist()} + {counts}")
-    last = torch.arange(T, device=tokens.device)[None, :] == (count - 1)[:, None]  # (n, T)
-    logits = model(tokens, cache=part, logits_at=last)  # (n, V)
+    cols = torch.arange(T, device=tokens.device)[None, :]
+    at = cols < count[:, None] if all_logits else cols == (count - 1)[:, None]  # (n, T)
+    logits = model(tokens, cache=part, logits_at=at)  # (n, V), or (sum of counts, V)
     part.lengths.copy_(before + count)
     if not whole:
         write_back(cache, rows, part)

@@ -1,0 +1,408 @@
+"""Continuous batching: requests join and leave one running batch of KV-cache rows at every decode step.
+
+A server cannot wait for a whole batch to finish before starting the next one: short answers would
+wait for long ones and new requests for everybody. Orca (Yu et al. 2022, "iteration-level
+scheduling") and vLLM instead schedule at every step: a request is admitted into free rows of the
+running batch as soon as there are some, decodes beside the others one token per step, and leaves
+(its rows freed) as soon as it stops. Here the rows are those of one static `KVCache` (gpt-fast's,
+with per-row lengths), so every decode step has the same shapes (one compiled graph) and a row's
+computation does not depend on its neighbours: a request's greedy output is what
+`engine.generate` gives for it alone, and its seeded samples too (the draw hashes the row's own
+seed and step, see `temper.infer.engine`).
+
+`Scheduler` owns the model and the cache and runs them in ONE background thread (the model is not
+thread-safe, and one thread keeps the batch whole). Callers (the asyncio server, tests) `submit` a
+`Request` with a `deliver` callback and get a `Ticket`; the thread calls `deliver` with `Token`,
+`Finished` and `Failed` events (an asyncio caller hops them onto its loop with
+`loop.call_soon_threadsafe`). Each iteration of the thread:
+  1. drops cancelled requests (a client that went away) and those past their deadline, freeing
+     their rows at once;
+  2. admits waiting requests, first come first served, into free rows: one `prefill` of their
+     prompts; a request for n choices is prefilled once and `fork`ed into n rows, choice i seeded
+     with seed + i (as `generate(num_samples=n, seed=s)`);
+  3. samples one token per live row with that request's temperature / top-k / top-p (rows grouped
+     by settings), with its log-prob (`token_logprob`), and delivers it; a row ends on a stop id
+     (not delivered: "stop"), at max_tokens or when its cache row is full ("length");
+  4. runs ONE `decode_step` over all rows (idle rows compute garbage nobody reads).
+This loop is the server's only decoding loop, built from the engine's prefill / decode_step / fork /
+sample_next, as DESIGN.md's seam for new ways to generate asks. The waiting queue is bounded:
+`submit` raises `QueueFull` when it is full (an HTTP 429), so load beyond capacity is refused at
+once instead of piling up latency.
+
+It does not tokenize, cut stop strings (text: the caller decodes and `cancel`s a choice whose text
+reached one) or know HTTP (`temper.serve.app`). No prefix caching: a shared system prompt is
+prefilled again for every request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from temper.infer.cache import fork, new_cache, reset
+from temper.infer.engine import decode_step, prefill, sample_next, token_logprob
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full: the caller should answer "try again later" (HTTP 429)."""
+
+
+class NotRunning(RuntimeError):
+    """The scheduler is stopped (or stopping): no request is accepted (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete n times, with its sampling settings (checked by the caller)."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    temperature: float = 1.0
+    """0: greedy (argmax)."""
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    """Choice i samples with seed + i; None: a random seed."""
+    n: int = 1
+    stop_ids: Sequence[int] = ()
+    """Token ids that end a choice (not delivered): the checkpoint's EOS ids."""
+    top_logprobs: int = 0
+    """How many of the most likely tokens (with log-probs) to deliver beside each sampled one."""
+    timeout_s: float | None = None
+    """Seconds from submission after which the request fails with "timeout" and its rows are freed."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """Choice `index` produced `token`, with log p(token) under softmax(logits / temperature)."""
+
+    index: int
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Choice `index` ended: "stop" (a stop id) or "length" (max_tokens, or its cache row is full)."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The whole request ended without finishing: "timeout", "shutdown" or "error"."""
+
+    reason: str
+    message: str
+
+
+Event = Token | Finished | Failed
+Deliver = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request: what `cancel` takes. Its rows and state belong to the scheduler's thread."""
+
+    request: Request
+    deliver: Deliver
+    deadline: float | None
+    seeds: list[int]
+    rows: list[int | None] = field(default_factory=list)
+    """Choice i's cache row (None once it ended); empty while waiting."""
+    cancelled: set[int] = field(default_factory=set)
+    """Choices cancelled while the request waited: ended as soon as it is admitted."""
+    done: bool = False
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    index: int  # the choice
+    seed: int
+    generated: int = 0  # tokens sampled so far: the step of the next draw
+    held: int = 0  # tokens in the cache row
+
+
+class Scheduler:
+    """Continuous batching over `slots` rows of one KV cache, in a background thread (module docstring).
+
+    model: in eval mode, on its device; max_len: tokens per cache row (default and at most the
+    model's context); max_queue: requests that may wait for rows; max_prefill_tokens: prompt tokens
+    admitted per iteration (at least one request), which bounds a prefill's memory and the pause it
+    causes to running rows; step_fn: `decode_step` or a compiled one (`compiled_decode_step()`).
+    """
+
+    def __init__(self, model: nn.Module, *, slots: int = 16, max_queue: int = 64, max_len: int | None = None,
+                 max_prefill_tokens: int = 8192, step_fn: Callable = decode_step) -> None:
+        context = model.cfg.max_seq_len
+        self.max_len = context if max_len is None else max_len
+        if slots < 1 or max_queue < 0 or not 0 < self.max_len <= context or max_prefill_tokens < 1:
+            raise ValueError(f"need slots >= 1, max_queue >= 0, max_len in [1, {context}] and max_prefill_tokens "
+                             f">= 1, got {slots}, {max_queue}, {self.max_len}, {max_prefill_tokens}")
+        self.model, self.slots, self.max_queue = model, slots, max_queue
+        self.max_prefill_tokens, self.step_fn = max_prefill_tokens, step_fn
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._cancels: list[tuple[Ticket, int | None]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row | None] = [None] * slots
+        self._running = 0
+        self.tokens_generated = 0
+        """Tokens delivered since start (a Prometheus counter reads it)."""
+        self.steps = 0
+        """Decode steps run since start."""
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+
+    # ---- the caller's side (any thread) ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread (again after `stop`); a no-op while it runs."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._main, name="temper-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread; running and waiting requests get Failed("shutdown")."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def submit(self, request: Request, deliver: Deliver) -> Ticket:
+        """Queue `request`; `deliver` is called from the scheduler's thread with its events.
+
+        Raises QueueFull when max_queue requests wait already, NotRunning when stopped, ValueError
+        when it can never be admitted (more choices than slots, an empty prompt or one that leaves
+        no room in a cache row).
+        """
+        if not 1 <= request.n <= self.slots:
+            raise ValueError(f"n must be in [1, {self.slots}] (the server's slots), got {request.n}")
+        if not 0 < len(request.prompt) <= self.max_len:
+            raise ValueError(f"the prompt must have 1 .. {self.max_len} tokens, got {len(request.prompt)}")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        base = request.seed if request.seed is not None else random.getrandbits(62)
+        deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
+        ticket = Ticket(request, deliver, deadline, [base + i for i in range(request.n)])
+        with self._lock:
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise NotRunning("the scheduler is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue={self.max_queue})")
+            self._waiting.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket, index: int | None = None) -> None:
+        """End choice `index` of `ticket` (None: all of it) and free its rows at the next iteration.
+
+        Nothing more is delivered for what was cancelled: the caller asked (a stop string) or left.
+        """
+        with self._lock:
+            self._cancels.append((ticket, index))
+            self._lock.notify_all()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for rows."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        return self._running
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Tokens delivered per second over the last `window` seconds."""
+        now = time.monotonic()
+        while True:
+            try:
+                steps = tuple(self._recent)  # the scheduler's thread appends meanwhile
+                break
+            except RuntimeError:
+                continue
+        return sum(n for t, n in steps if now - t <= window) / window
+
+    # ---- the scheduler's thread ------------------------------------------------------------------
+
+    def _main(self) -> None:
+        device = next(self.model.parameters()).device
+        self.model.eval()  # the server owns the model: no dropout
+        with torch.inference_mode():
+            self._cache = new_cache(self.model, self.slots, self.max_len)
+            self._logits = torch.zeros(self.slots, self.model.cfg.vocab_size, device=device)
+            self._feed = [0] * self.slots  # the token each row is fed next (idle rows: anything)
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._cancels and not self._running:
+                        self._lock.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                    cancels, self._cancels = self._cancels, []
+                try:
+                    self._iterate(cancels)
+                except Exception as e:  # a bug or out of memory: fail what runs, keep serving
+                    log.exception("scheduler iteration failed")
+                    self._fail_all("error", f"generation failed: {type(e).__name__}: {e}")
+            self._fail_all("shutdown", "the server is shutting down")
+
+    def _iterate(self, cancels: list[tuple[Ticket, int | None]]) -> None:
+        for ticket, index in cancels:
+            self._cancel(ticket, index)
+        self._expire(time.monotonic())
+        self._admit()
+        live = [r for r, row in enumerate(self._rows) if row is not None]
+        if not live:
+            return
+        self._sample(live)
+        live = [r for r, row in enumerate(self._rows) if row is not None]
+        self._running = len(live)
+        if live:
+            self.steps += 1
+            feed = torch.tensor(self._feed, device=self._logits.device)[:, None]  # (slots, 1)
+            if self.step_fn is decode_step:
+                self._logits = decode_step(self.model, self._cache, feed)
+            else:  # CUDA graphs: the next step's outputs overwrite this one's, which admissions write into
+                torch.compiler.cudagraph_mark_step_begin()
+                self._logits = self.step_fn(self.model, self._cache, feed).clone()
+            for r in live:
+                self._rows[r].held += 1
+
+    def _free(self, ticket: Ticket, index: int) -> None:
+        row = ticket.rows[index]
+        if row is not None:
+            self._rows[row] = None
+            ticket.rows[index] = None
+            reset(self._cache, [row])
+        if all(r is None for r in ticket.rows):
+            ticket.done = True
+        self._running = sum(r is not None for r in self._rows)
+
+    def _end(self, ticket: Ticket) -> None:
+        """Take `ticket` out of the queue or the batch, delivering nothing."""
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+        for i in range(len(ticket.rows)):
+            self._free(ticket, i)
+        ticket.done = True
+
+    def _cancel(self, ticket: Ticket, index: int | None) -> None:
+        if index is None:
+            self._end(ticket)
+        elif not ticket.rows:  # a choice of a waiting request has no row yet
+            ticket.cancelled.add(index)
+        elif 0 <= index < len(ticket.rows):
+            self._free(ticket, index)
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+        running = {row.ticket for row in self._rows if row is not None}
+        for ticket in [*waiting, *running]:
+            if ticket.deadline is not None and now > ticket.deadline and not ticket.done:
+                self._end(ticket)
+                ticket.deliver(Failed("timeout", f"the request ran past its {ticket.request.timeout_s:g} s timeout"))
+
+    def _admit(self) -> None:
+        free = [r for r, row in enumerate(self._rows) if row is None]
+        admitted: list[Ticket] = []
+        budget = self.max_prefill_tokens
+        with self._lock:
+            while self._waiting and self._waiting[0].request.n <= len(free):
+                size = len(self._waiting[0].request.prompt)
+                if admitted and size > budget:
+                    break
+                ticket = self._waiting.popleft()
+                ticket.rows, free = free[: ticket.request.n], free[ticket.request.n :]
+                budget -= size
+                admitted.append(ticket)
+        if not admitted:
+            return
+        firsts = [t.rows[0] for t in admitted]
+        reset(self._cache, [r for t in admitted for r in t.rows])
+        logits = prefill(self.model, self._cache, [list(t.request.prompt) for t in admitted], firsts)
+        for ticket, first, lg in zip(admitted, firsts, logits, strict=True):
+            if len(ticket.rows) > 1:
+                fork(self._cache, first, ticket.rows[1:])
+            for i, r in enumerate(ticket.rows):
+                self._logits[r] = lg
+                self._rows[r] = _Row(ticket, i, ticket.seeds[i], held=len(ticket.request.prompt))
+            for i in sorted(ticket.cancelled):
+                self._cancel(ticket, i)
+
+    def _sample(self, live: list[int]) -> None:
+        """One token per live row (step 3 of the module docstring), delivered; ended rows freed."""
+        groups: dict[tuple[float, int | None, float | None], list[int]] = collections.defaultdict(list)
+        for r in live:
+            q = self._rows[r].ticket.request
+            groups[(q.temperature, q.top_k or None, q.top_p)].append(r)
+        device = self._logits.device
+        out: dict[int, tuple[int, float, tuple[tuple[int, float], ...]]] = {}
+        for (temperature, top_k, top_p), rows in groups.items():
+            idx = torch.tensor(rows, device=device)
+            logits = self._logits[idx]  # (G, V)
+            seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
+            steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
+            tokens = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
+            logps = token_logprob(logits, tokens, temperature)
+            k = max(self._rows[r].ticket.request.top_logprobs for r in rows)
+            top: list[tuple[tuple[int, float], ...]] = [()] * len(rows)
+            if k:
+                scaled = logits.float() / temperature if temperature > 0 else logits.float()
+                values, ids = scaled.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+                top = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+            for r, t, lp, tp in zip(rows, tokens.tolist(), logps.tolist(), top, strict=True):
+                out[r] = (t, lp, tp[: self._rows[r].ticket.request.top_logprobs])
+        delivered = 0
+        for r in live:
+            row = self._rows[r]
+            t, lp, tp = out[r]
+            ticket, q = row.ticket, row.ticket.request
+            row.generated += 1
+            if t in q.stop_ids:
+                self._finish(ticket, row.index, "stop")
+                continue
+            ticket.deliver(Token(row.index, t, lp, tp))
+            delivered += 1
+            if row.generated >= q.max_tokens or row.held >= self.max_len:
+                self._finish(ticket, row.index, "length")
+            else:
+                self._feed[r] = t
+        self.tokens_generated += delivered
+        now = time.monotonic()
+        self._recent.append((now, delivered))
+        while self._recent and now - self._recent[0][0] > 60:
+            self._recent.popleft()
+
+    def _finish(self, ticket: Ticket, index: int, reason: str) -> None:
+        self._free(ticket, index)
+        ticket.deliver(Finished(index, reason))
+
+    def _fail_all(self, reason: str, message: str) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        tickets = {row.ticket for row in self._rows if row is not None} | set(waiting)
+        for ticket in tickets:
+            self._end(ticket)
+            ticket.deliver(Failed(reason, message))
+        self._running = 0

@@ -1,0 +1,168 @@
+"""`temper serve CHECKPOINT`: an OpenAI-compatible HTTP server with continuous batching.
+
+Steps:
+  1. parse ServeConfig from flags / YAML (the checkpoint also as the first positional argument, as
+     `vllm serve` and `litgpt serve` take it);
+  2. refuse to start without an API key (--api_key or the TEMPER_API_KEY environment variable)
+     unless the host is loopback and --no_auth is given, before anything is loaded;
+  3. load the model, tokenizer, chat template and stop ids (`temper.infer.load`, as `generate`);
+  4. build the scheduler (`temper.infer.scheduler`: --slots cache rows decoding together, a queue of
+     --max_queue) and the app (`temper.serve.app`), and run it on uvicorn; the scheduler's thread
+     starts with the app and stops when uvicorn shuts down (Ctrl-C, SIGTERM).
+
+It does not train or evaluate, and it does not reload a checkpoint that changes on disk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from temper.config import ConfigError, parse
+from temper.infer.engine import compiled_decode_step, decode_step
+from temper.infer.load import open_checkpoint
+from temper.train.parallel import pick_device, pick_dtype
+
+KEY_ENV = "TEMPER_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """Options of `temper serve`."""
+
+    checkpoint: str = ""
+    """Directory in Hugging Face layout (e.g. runs/x/final; a run directory means its final/); also positional."""
+    host: str = "127.0.0.1"
+    """Address to listen on; anything but loopback needs an API key."""
+    port: int = 8000
+    """TCP port."""
+    slots: int = 16
+    """Requests' rows decoding together (the KV cache's batch): more is more throughput and memory."""
+    max_queue: int = 64
+    """Requests that may wait for a free row; more are refused with 429 at once."""
+    api_key: str | None = None
+    """The Bearer key clients must send (default: the TEMPER_API_KEY environment variable)."""
+    no_auth: bool = False
+    """Serve without a key: allowed on a loopback host only."""
+    served_model_name: str = ""
+    """The model id clients name ('': the checkpoint argument, as vLLM)."""
+    max_len: int | None = None
+    """Tokens per cache row, prompt and completion together (None: the model's context)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted (413 beyond)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted, in tokens (None: the row's size minus one)."""
+    max_tokens: int | None = None
+    """Largest max_tokens a request may ask (None: the row's size)."""
+    max_n: int = 8
+    """Most choices (n) per request; at most --slots."""
+    request_timeout_s: float = 600.0
+    """A request running longer is stopped (504, or an error event in a stream) and its rows freed."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu", "cuda", "cuda:1", ..."""
+    dtype: str = "auto"
+    """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+    compile: bool = False
+    """Compile the decode step (torch.compile; CUDA graphs on a GPU)."""
+    allow_pickle: bool = False
+    """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
+    log_level: str = "info"
+    """uvicorn's log level: "critical", "error", "warning", "info", "debug"."""
+
+    def __post_init__(self) -> None:
+        pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for key in ("slots", "max_body_bytes", "max_n"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        for key in ("max_len", "max_prompt_tokens", "max_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or null), got {getattr(self, key)}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError(f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(cfg: ServeConfig, environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The key to require, or None when serving without one is allowed; else a ConfigError that says how."""
+    key = cfg.api_key if cfg.api_key is not None else environ.get(KEY_ENV)
+    key = key.strip() if key else None
+    if key and cfg.no_auth:
+        raise ConfigError("--no_auth and an API key (--api_key or TEMPER_API_KEY) contradict each other: give one")
+    if key:
+        return key
+    if not cfg.no_auth:
+        raise ConfigError(f"an API key is required: pass --api_key KEY or set {KEY_ENV} (or, on a loopback host "
+                          f"only, --no_auth)")
+    if not is_loopback(cfg.host):
+        raise ConfigError(f"--no_auth is refused on host {cfg.host!r}: anyone who can reach it could use the model; "
+                          f"listen on 127.0.0.1 or give an API key")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv[0] = f"--checkpoint={argv[0]}"
+    cfg = parse(ServeConfig, argv, prog="serve")
+    if not cfg.checkpoint:
+        print("temper serve: give the checkpoint: temper serve runs/x/final [--port 8000 ...]", file=sys.stderr)
+        return 2
+    key = api_key(cfg)
+    device = pick_device(cfg.device)
+    checkpoint = open_checkpoint(cfg.checkpoint)  # config and tokenizer: fails before the weights are read
+    if cfg.max_len is not None and cfg.max_len > checkpoint.config.max_seq_len:
+        raise ConfigError(f"max_len={cfg.max_len} is over the model's context ({checkpoint.config.max_seq_len})")
+    loaded = checkpoint.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle)
+
+    import uvicorn  # the serve extra: imported only when serving
+
+    from temper.infer.scheduler import Scheduler
+    from temper.serve.app import ServeSettings, create_app
+
+    step = compiled_decode_step() if cfg.compile else decode_step
+    scheduler = Scheduler(loaded.model, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len, step_fn=step)
+    settings = ServeSettings(
+        model_name=cfg.served_model_name or cfg.checkpoint, api_key=key, max_body_bytes=cfg.max_body_bytes,
+        max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.slots),
+        request_timeout_s=cfg.request_timeout_s)
+    app = create_app(loaded, scheduler, settings)
+    print(f"temper serve: {settings.model_name!r} on http://{cfg.host}:{cfg.port}/v1 ({cfg.slots} slots, "
+          f"{'API key required' if key else 'no auth, loopback only'})", file=sys.stderr)
+    # uvicorn handles SIGINT / SIGTERM: it stops accepting, waits a little for open streams, then runs
+    # the app's lifespan shutdown, which stops the scheduler's thread. Afterwards it raises the signal
+    # again for the previous handler: for a server that is the normal way to stop, so it exits 0.
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, ws="none",
+                                           timeout_graceful_shutdown=5, server_header=False))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("temper serve: stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

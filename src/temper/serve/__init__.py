@@ -1,0 +1,1 @@
+"""`temper serve`'s HTTP side: an OpenAI-compatible API over the continuous-batching scheduler."""

@@ -1,0 +1,629 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the continuous-batching scheduler.
+
+Clients written for OpenAI's API (its Python client, LangChain, curl scripts) work unchanged:
+`/v1/models`, `/v1/completions`, `/v1/chat/completions` (rendered by the checkpoint's chat
+template, in jinja's sandbox), with max_tokens, temperature, top_p, top_k (vLLM's extension), seed,
+stop, n, logprobs, streaming as server-sent events (`data: {...}` chunks in OpenAI's chunk shape,
+then `data: [DONE]`), `usage`, and errors in OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}`: 400 (bad JSON, a bad parameter, named), 401 (no or a wrong key), 404 (unknown model or
+route), 413 (body over the cap), 429 (the queue is full), 503 (stopped) and 504 (timed out).
+`/health` answers without a key; `/metrics` is Prometheus text (queue length, running rows, tokens
+generated and per second, request latency and time-to-first-token histograms).
+
+Every request becomes one `temper.infer.scheduler.Request` per prompt; the scheduler's thread sends
+token events back onto the event loop (`loop.call_soon_threadsafe`). Text is this module's job:
+each choice's tokens are decoded as `temper generate` decodes them (`temper.infer.text`), a stop
+string cuts the text and cancels that choice's row, and a stream holds back a tail that may still
+become a stop string. A client that disconnects cancels its request, which frees its rows at the
+next decode step.
+
+Secure by default: a Bearer key is checked (constant-time) on every route
+but `/health` and the chat page at `/` (static HTML, no model access); bodies, prompts, max_tokens
+and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
+Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
+or 20 (chat) most likely tokens. Not supported (400 when set): echo, suffix, best_of != n, logit_bias,
+presence/frequency penalties, tools, response formats other than text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from temper.errors import InputError
+from temper.infer.load import Loaded
+from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
+from temper.infer.text import completion_text, cut_at_stop, safe_to_print
+
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}
+"""Routes answered without a key: the liveness probe and the chat page (which asks for the key itself)."""
+
+
+@dataclass
+class ServeSettings:
+    """What the API accepts: the served name, the key and the caps (see `temper.recipes.serve`)."""
+
+    model_name: str
+    api_key: str | None = None
+    """The Bearer key every request but /health needs (None: no auth; the recipe allows it on loopback only)."""
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    """None: the cache row's size minus one (room for one token)."""
+    max_tokens: int | None = None
+    """The largest max_tokens a request may ask (None: the cache row's size)."""
+    max_n: int = 8
+    """The most choices per request (also at most the scheduler's slots)."""
+    max_prompts: int = 16
+    """The most prompts in one /v1/completions request."""
+    request_timeout_s: float | None = 600.0
+    """A request running longer fails with 504 (a stream ends with an error event) and its rows are freed."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; `param` names the parameter at fault."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+# ---- reading a request ---------------------------------------------------------------------------
+
+
+async def read_json(request: HTTPRequest, cap: int) -> dict[str, Any]:
+    """The body as a JSON object, refused (413) as soon as it passes `cap` bytes, before parsing."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"the request body is {declared} bytes; this server accepts at most {cap}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise APIError(413, f"the request body is over {cap} bytes, the most this server accepts")
+    try:
+        data = json.loads(bytes(body))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _int(body: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) is not int:
+        raise APIError(400, f"{key} must be an integer, got {value!r}", key)
+    if value < lo or (hi is not None and value > hi):
+        raise APIError(400, f"{key} must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}", key)
+    return value
+
+
+def _float(body: Mapping[str, Any], key: str, default: float | None, lo: float, hi: float,
+           open_low: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise APIError(400, f"{key} must be a number, got {value!r}", key)
+    if value < lo or value > hi or (open_low and value == lo):
+        raise APIError(400, f"{key} must be in {'(' if open_low else '['}{lo}, {hi}], got {value}", key)
+    return float(value)
+
+
+def _bool(body: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise APIError(400, f"{key} must be true or false, got {value!r}", key)
+    return value
+
+
+def _unsupported(body: Mapping[str, Any], key: str, allowed: Callable[[Any], bool], what: str) -> None:
+    if key in body and body[key] is not None and not allowed(body[key]):
+        raise APIError(400, f"{key} is not supported by this server ({what})", key)
+
+
+@dataclass
+class Sampling:
+    """The parameters shared by both endpoints, checked."""
+
+    max_tokens: int | None
+    """None: the endpoint's default (16 for completions, as OpenAI; the rest of the context for chat)."""
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    n: int
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def read_sampling(body: Mapping[str, Any], settings: ServeSettings, slots: int) -> Sampling:
+    max_tokens = _int(body, "max_tokens", None, 1)
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        max_tokens = _int(body, "max_completion_tokens", None, 1)
+    top_p = _float(body, "top_p", None, 0.0, 1.0, open_low=True)
+    top_k = _int(body, "top_k", None, -1)  # vLLM's extension; -1 and 0 are off
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+        raise APIError(400, "stop must be a non-empty string or a list of at most 16 of them", "stop")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options")
+    n = _int(body, "n", 1, 1, min(settings.max_n, slots))
+    _unsupported(body, "best_of", lambda v: v == n, "best_of must equal n")
+    for key in ("presence_penalty", "frequency_penalty"):
+        _unsupported(body, key, lambda v: v == 0, "only 0")
+    _unsupported(body, "logit_bias", lambda v: v == {}, "no logit_bias")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=None if top_p == 1.0 else top_p,
+        top_k=top_k if top_k and top_k > 0 else None,
+        n=n,
+        seed=_int(body, "seed", None, -(2**62), 2**62),
+        stop=stops,
+        stream=_bool(body, "stream"),
+        include_usage=_bool(options or {}, "include_usage"),
+    )
+
+
+def read_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Chat messages as plain dicts of strings (content parts of type "text" joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string role", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if content is not None and not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+        message = {"role": m["role"], "content": content}
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
+    return out
+
+
+# ---- a request's choices -------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One choice's tokens and text so far; `add` decodes and cuts at stop strings."""
+
+    prompt: list[int]
+    decode: Callable[[list[int]], str]
+    stops: list[str]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    """Where each token's text starts in `text`."""
+    text: str = ""
+    sent: int = 0
+    """Characters of `text` already streamed."""
+    logged: int = 0
+    """Tokens whose log-probs were already streamed."""
+    finish_reason: str | None = None
+    cut: bool = False
+    """A stop string ended the text."""
+
+    def add(self, ev: Token) -> bool:
+        """Append a token; True when a stop string was reached (the text is cut before it)."""
+        self.offsets.append(len(self.text))
+        self.tokens.append(ev.token)
+        self.logprobs.append(ev.logprob)
+        self.tops.append(ev.top)
+        self.text, hit = cut_at_stop(completion_text(self.decode, self.prompt, self.tokens), self.stops)
+        if hit:
+            self.finish_reason, self.cut = "stop", True
+        return hit
+
+    def kept(self) -> int:
+        """Tokens whose text starts inside the (possibly cut) text."""
+        return sum(1 for o in self.offsets if o < len(self.text)) if self.cut else len(self.tokens)
+
+    def pending_text(self) -> str:
+        """The text that can be streamed now (all of it once finished), marked as sent."""
+        end = len(self.text) if self.finish_reason else safe_to_print(self.text, self.stops)
+        delta, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
+        return delta
+
+
+class Job:
+    """One HTTP request's tickets (one per prompt) and the events the scheduler's thread sends back."""
+
+    def __init__(self, scheduler: Scheduler, requests: list[Request], choices: list[Choice]) -> None:
+        self.scheduler, self.choices = scheduler, choices
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.n = requests[0].n
+        self.tickets: list[Ticket] = []
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            for p, request in enumerate(requests):
+                self.tickets.append(scheduler.submit(request, self._deliver(loop, p)))
+        except QueueFull as e:
+            self.cancel()
+            raise APIError(429, f"the server is busy ({e}): retry later", code="rate_limit_exceeded") from None
+        except NotRunning as e:
+            self.cancel()
+            raise APIError(503, f"the server is not generating ({e})", code="unavailable") from None
+        except ValueError as e:
+            self.cancel()
+            raise APIError(400, str(e)) from None
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, prompt: int) -> Callable[[Any], None]:
+        def deliver(ev: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+                loop.call_soon_threadsafe(self.queue.put_nowait, (prompt, ev))
+        return deliver
+
+    def cancel(self) -> None:
+        for t in self.tickets:
+            self.scheduler.cancel(t)
+
+    async def events(self) -> AsyncIterator[tuple[int, Choice]]:
+        """(choice index, its Choice) after each token or finish, until every choice finished.
+
+        Raises APIError 504 on a timeout and 503 when the scheduler stops or fails."""
+        while any(c.finish_reason is None for c in self.choices):
+            prompt, ev = await self.queue.get()
+            if isinstance(ev, Failed):
+                for c in self.choices:
+                    c.finish_reason = c.finish_reason or "error"
+                status = 504 if ev.reason == "timeout" else 503
+                raise APIError(status, ev.message, code=ev.reason)
+            i = prompt * self.n + ev.index
+            choice = self.choices[i]
+            if choice.finish_reason is not None:
+                continue  # tokens already on their way when a stop string cancelled the choice
+            if isinstance(ev, Token):
+                if self.first_token is None:
+                    self.first_token = time.monotonic()
+                if choice.add(ev):
+                    self.scheduler.cancel(self.tickets[prompt], ev.index)
+            elif isinstance(ev, Finished):
+                choice.finish_reason = ev.reason
+            yield i, choice
+
+
+async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+    """Cancel `job` when the client goes away (its body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    job.queue.put_nowait((0, Failed("disconnect", "the client disconnected")))
+
+
+# ---- the app -------------------------------------------------------------------------------------
+
+
+class SchedulerCollector:
+    """Prometheus gauges and a counter read from the scheduler at scrape time."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.scheduler
+        yield GaugeMetricFamily("temper_queue_length", "Requests waiting for cache rows", value=s.queued)
+        yield GaugeMetricFamily("temper_running_rows", "Cache rows decoding now", value=s.running)
+        yield GaugeMetricFamily("temper_slots", "Cache rows in the running batch", value=s.slots)
+        yield CounterMetricFamily("temper_tokens_generated", "Tokens generated since start", value=s.tokens_generated)
+        yield GaugeMetricFamily("temper_tokens_per_second", "Tokens generated per second over the last 10 s",
+                                value=s.tokens_per_second())
+
+
+def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
+    """The API for `loaded` (tokenizer, chat template, stop ids) generating on `scheduler`.
+
+    The scheduler's thread starts with the app (its lifespan) and stops when the app shuts down.
+    """
+    tokenizer, context = loaded.tokenizer, scheduler.max_len
+    max_prompt = min(settings.max_prompt_tokens or context - 1, context - 1)
+    max_tokens_cap = min(settings.max_tokens or context, context)
+    registry = CollectorRegistry()
+    registry.register(SchedulerCollector(scheduler))
+    latency = Histogram("temper_request_latency_seconds", "Time from a request's arrival to its last token",
+                        registry=registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+    ttft = Histogram("temper_time_to_first_token_seconds", "Time from a request's arrival to its first token",
+                     registry=registry, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="temper", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.settings = scheduler, settings
+
+    @app.middleware("http")
+    async def authenticate(request: HTTPRequest, call_next: Callable[[HTTPRequest], Awaitable[Response]]
+                           ) -> Response:
+        if settings.api_key is not None and (request.method, request.url.path) not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            scheme, _, key = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+                message = "a Bearer API key is required" if not given else "the API key is not valid"
+                return APIError(401, message, code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(InputError)
+    async def input_error(request: HTTPRequest, e: InputError) -> JSONResponse:  # e.g. a template's refusal
+        return APIError(400, str(e)).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/")
+    async def page() -> Response:
+        index = STATIC / "index.html"
+        if not index.is_file():
+            raise APIError(404, "no chat page is installed; the API is under /v1")
+        return FileResponse(index, media_type="text/html")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(settings.model_name)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        _check_model({"model": name}, settings)
+        return _model_card(settings.model_name)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    def submit(prompts: list[list[int]], s: Sampling, default_max_tokens: int | None, top_logprobs: int,
+               param: str) -> Job:
+        """Check the prompts' lengths against the caps and the context, and queue one request per prompt."""
+        requests = []
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, f"{param} encodes to no tokens", param)
+            if len(ids) > max_prompt:
+                raise APIError(400, f"{param} has {len(ids)} tokens; this server takes at most {max_prompt}",
+                               param, "context_length_exceeded")
+            if s.max_tokens is not None and (s.max_tokens > max_tokens_cap or len(ids) + s.max_tokens > context):
+                raise APIError(400, f"max_tokens={s.max_tokens} with a {len(ids)}-token prompt is more than the "
+                                    f"{context}-token context (or the cap of {max_tokens_cap})", "max_tokens",
+                               "context_length_exceeded")
+            wanted = s.max_tokens or min(default_max_tokens or max_tokens_cap, max_tokens_cap)
+            requests.append(Request(ids, max_tokens=min(wanted, context - len(ids)), temperature=s.temperature,
+                                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, n=s.n, stop_ids=loaded.stop_ids,
+                                    top_logprobs=top_logprobs, timeout_s=settings.request_timeout_s))
+        return Job(scheduler, requests, [Choice(ids, decode, s.stop) for ids in prompts for _ in range(s.n)])
+
+    def observe(job: Job) -> None:
+        latency.observe(time.monotonic() - job.started)
+        if job.first_token is not None:
+            ttft.observe(job.first_token - job.started)
+
+    def usage(job: Job, prompts: list[list[int]]) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(c.kept() for c in job.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def collect(request: HTTPRequest, job: Job) -> None:
+        """Wait for every choice (the non-streaming answer), cancelling if the client leaves."""
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            async for _ in job.events():
+                pass
+        finally:
+            watcher.cancel()
+            job.cancel()
+            observe(job)
+
+    def sse(job: Job, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except APIError as e:  # the status line is sent already: an error event, as OpenAI's streams do
+                yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+            finally:
+                job.cancel()  # a client that left (or an error): free the rows now
+                observe(job)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def new_tokens(c: Choice) -> tuple[str, int, int]:
+        """A stream's next piece of a choice: its text, and the range of its tokens not yet streamed."""
+        start, end = c.logged, c.kept() if c.finish_reason else len(c.tokens)
+        c.logged = end
+        return c.pending_text(), start, end
+
+    # ---- /v1/completions ----
+
+    def completion_logprobs(c: Choice, start: int, end: int, k: int) -> dict[str, Any]:
+        return {"tokens": [token_text(t) for t in c.tokens[start:end]],
+                "token_logprobs": c.logprobs[start:end],
+                "top_logprobs": [{token_text(t): lp for t, lp in top} for top in c.tops[start:end]] if k else None,
+                "text_offset": c.offsets[start:end]}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        _check_model(body, settings)
+        _unsupported(body, "echo", lambda v: v is False, "echo is off")
+        _unsupported(body, "suffix", lambda v: v == "", "no suffix")
+        logprobs = _int(body, "logprobs", None, 0, 5)
+        s = read_sampling(body, settings, scheduler.slots)
+        prompts = await asyncio.to_thread(_encode_prompts, body.get("prompt"), tokenizer, loaded.config.vocab_size,
+                                          settings.max_prompts)
+        job = submit(prompts, s, 16, logprobs or 0, "prompt")  # 16: OpenAI's default max_tokens here
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+
+        if s.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                async for i, c in job.events():
+                    text, start, end = new_tokens(c)
+                    if text or c.finish_reason or (logprobs is not None and end > start):
+                        lp = completion_logprobs(c, start, end, logprobs) if logprobs is not None else None
+                        yield head | {"choices": [{"index": i, "text": text, "logprobs": lp,
+                                                   "finish_reason": c.finish_reason}]}
+                if s.include_usage:
+                    yield head | {"choices": [], "usage": usage(job, prompts)}
+            return sse(job, chunks())
+
+        await collect(request, job)
+        out = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                "logprobs": completion_logprobs(c, 0, c.kept(), logprobs) if logprobs is not None else None}
+               for i, c in enumerate(job.choices)]
+        return JSONResponse(head | {"choices": out, "usage": usage(job, prompts)})
+
+    # ---- /v1/chat/completions ----
+
+    def chat_logprobs(c: Choice, start: int, end: int) -> dict[str, Any]:
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            text = token_text(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"content": [entry(t, lp) | {"top_logprobs": [entry(u, v) for u, v in top]}
+                            for t, lp, top in zip(c.tokens[start:end], c.logprobs[start:end], c.tops[start:end],
+                                                  strict=True)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        _check_model(body, settings)
+        messages = read_messages(body)
+        want_logprobs = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, 0, 20) or 0
+        _unsupported(body, "tools", lambda v: v == [], "no tools")
+        _unsupported(body, "tool_choice", lambda v: v == "none", "no tools")
+        _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
+        s = read_sampling(body, settings, scheduler.slots)
+        if loaded.chat_template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        ids = await asyncio.to_thread(loaded.encode_chat, messages)
+        job = submit([ids], s, None, top if want_logprobs else 0, "messages")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+
+        if s.stream:
+            head = head | {"object": "chat.completion.chunk"}
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                for i in range(len(job.choices)):
+                    yield head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]}
+                async for i, c in job.events():
+                    text, start, end = new_tokens(c)
+                    lp = chat_logprobs(c, start, end) if want_logprobs and end > start else None
+                    if text or lp:
+                        yield head | {"choices": [{"index": i, "delta": {"content": text}, "logprobs": lp,
+                                                   "finish_reason": None}]}
+                    if c.finish_reason:
+                        yield head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                   "finish_reason": c.finish_reason}]}
+                if s.include_usage:
+                    yield head | {"choices": [], "usage": usage(job, [ids])}
+            return sse(job, chunks())
+
+        await collect(request, job)
+        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c, 0, c.kept()) if want_logprobs else None,
+                "finish_reason": c.finish_reason} for i, c in enumerate(job.choices)]
+        return JSONResponse(head | {"object": "chat.completion", "choices": out, "usage": usage(job, [ids])})
+
+    return app
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "temper"}
+
+
+def _check_model(body: Mapping[str, Any], settings: ServeSettings) -> None:
+    name = body.get("model")
+    if name is not None and name != settings.model_name:
+        raise APIError(404, f"the model {str(name)[:200]!r} does not exist; this server serves "
+                            f"{settings.model_name!r}", "model", "model_not_found")
+
+
+def _encode_prompts(prompt: Any, tokenizer: Any, vocab: int, max_prompts: int) -> list[list[int]]:
+    """/v1/completions' prompt: a string, a list of strings, a list of token ids or a list of those."""
+    if isinstance(prompt, str):
+        prompts: Sequence[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings or a list of token ids", "prompt")
+    if len(prompts) > max_prompts:
+        raise APIError(400, f"at most {max_prompts} prompts per request, got {len(prompts)}", "prompt")
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p))
+        elif isinstance(p, list) and all(type(t) is int and 0 <= t < vocab for t in p):
+            out.append(list(p))
+        else:
+            raise APIError(400, f"prompt: each prompt must be a string or a list of token ids in [0, {vocab})",
+                           "prompt")
+    return out

@@ -1,0 +1,180 @@
+"""Continuous batching: whatever shares the batch, and whenever a request joins it, its greedy and seeded
+output equals `engine.generate` of it alone; the queue is bounded; cancelled and timed-out requests free
+their rows at once."""
+
+import queue
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from temper.infer.engine import generate, generate_with_logprobs
+from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Token
+from temper.model.config import PRESETS
+from temper.model.transformer import Transformer
+
+STOP = 3
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["debug-llama"], vocab_size=256, max_seq_len=64))
+    with torch.no_grad():  # sharper than init, so greedy paths branch on the prompt
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+class Collector:
+    """A request's events, gathered from the scheduler's thread."""
+
+    def __init__(self, n: int = 1) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.reasons: dict[int, str] = {}
+        self.failed: Failed | None = None
+        self.done = threading.Event()
+        self.n = n
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, Token):
+            self.tokens[ev.index].append(ev.token)
+            self.logprobs[ev.index].append(ev.logprob)
+        elif isinstance(ev, Finished):
+            self.reasons[ev.index] = ev.reason
+            if len(self.reasons) == self.n:
+                self.done.set()
+        else:
+            self.failed = ev
+            self.done.set()
+
+    def wait(self) -> "Collector":
+        assert self.done.wait(20), "the request did not finish"
+        return self
+
+
+def _prompts(k: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(4, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(k)]
+
+
+def test_requests_joining_at_any_step_equal_generate_alone(model):
+    """More requests than slots, of different lengths and settings, arriving while others decode:
+    greedy and seeded outputs (and log-probs) are what generate gives for each alone."""
+    sched = Scheduler(model, slots=4, max_queue=32)
+    sched.start()
+    try:
+        prompts = _prompts(10)
+        settings = [dict(temperature=0.0), dict(temperature=0.8, top_k=20, seed=7), dict(temperature=1.0, top_p=0.9,
+                                                                                         seed=11)]
+        runs = []
+        for i, p in enumerate(prompts):
+            kw = settings[i % 3]
+            c = Collector(2 if i == 4 else 1)
+            sched.submit(Request(p, max_tokens=5 + i, stop_ids=[STOP], n=c.n, **kw), c)
+            runs.append((p, 5 + i, kw, c))
+            if i % 4 == 1:
+                time.sleep(0.01)  # later requests join a running batch
+        for p, max_tokens, kw, c in runs:
+            c.wait()
+            want, logps = generate_with_logprobs(model, [p], max_new_tokens=max_tokens, stop_token_ids=[STOP],
+                                                 num_samples=c.n, **kw)
+            assert c.tokens == want
+            for got, ref in zip(c.logprobs, logps, strict=True):
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=0, atol=1e-4)
+            assert all(r in ("stop", "length") for r in c.reasons.values())
+        assert sched.running == 0 and sched.queued == 0 and sched.tokens_generated > 0
+    finally:
+        sched.stop()
+
+
+def test_full_rows_end_with_length_and_bad_requests_are_refused(model):
+    sched = Scheduler(model, slots=2, max_queue=1, max_len=16)
+    with pytest.raises(NotRunning):
+        sched.submit(Request([5], max_tokens=1), Collector())
+    sched.start()
+    try:
+        c = Collector()
+        sched.submit(Request(list(range(4, 14)), max_tokens=50, temperature=0.0), c)
+        assert c.wait().reasons == {0: "length"} and len(c.tokens[0]) == 16 - 10 + 1  # the last is never fed
+        with pytest.raises(ValueError, match="n must be"):
+            sched.submit(Request([5], max_tokens=1, n=3), Collector())
+        with pytest.raises(ValueError, match="prompt"):
+            sched.submit(Request([], max_tokens=1), Collector())
+    finally:
+        sched.stop()
+
+
+def test_queue_is_bounded_and_cancel_frees_rows_at_once(model):
+    sched = Scheduler(model, slots=1, max_queue=1)
+    sched.start()
+    try:
+        long = Collector()
+        ticket = sched.submit(Request([5, 6, 7], max_tokens=10_000, temperature=0.0), long)
+        deadline = time.monotonic() + 10
+        while sched.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sched.running == 1
+        waiting = Collector()
+        sched.submit(Request([9], max_tokens=3, temperature=0.0), waiting)
+        assert sched.queued == 1
+        with pytest.raises(QueueFull):
+            sched.submit(Request([9], max_tokens=3), Collector())
+        sched.cancel(ticket)  # the waiting request gets the row at the next iteration
+        waiting.wait()
+        assert waiting.tokens == generate(model, [[9]], max_new_tokens=3, temperature=0.0)
+        assert not long.done.is_set() and sched.running == 0
+    finally:
+        sched.stop()
+
+
+def test_timeouts_fail_the_request_and_free_its_rows(model):
+    sched = Scheduler(model, slots=2, max_queue=4)
+    sched.start()
+    try:
+        c = Collector(2)
+
+        def slow(ev) -> None:  # a slow step: the rows cannot fill up before the deadline
+            time.sleep(0.01)
+            c(ev)
+
+        sched.submit(Request([5, 6], max_tokens=10_000, n=2, timeout_s=0.2), slow)
+        c.wait()
+        assert c.failed is not None and c.failed.reason == "timeout"
+        assert sched.running == 0
+    finally:
+        sched.stop()
+    stopped = Collector()
+    sched.start()  # a stopped scheduler starts again; stopping fails what was running
+    sched.submit(Request([5], max_tokens=10_000), stopped)
+    sched.stop()
+    assert stopped.wait().failed.reason == "shutdown"
+
+
+def test_a_choice_cancelled_mid_way_leaves_its_sibling_alone(model):
+    sched = Scheduler(model, slots=2, max_queue=4)
+    events: queue.Queue = queue.Queue()
+    sched.start()
+    try:
+        ticket = sched.submit(Request([5, 6], max_tokens=12, n=2, temperature=0.9, seed=3), events.put)
+        first = events.get(timeout=10)
+        assert isinstance(first, Token)
+        sched.cancel(ticket, 1)
+        got: list[int] = [first.token] if first.index == 0 else []
+        while True:
+            ev = events.get(timeout=10)
+            if isinstance(ev, Finished) and ev.index == 0:
+                break
+            if isinstance(ev, Token) and ev.index == 0:
+                got.append(ev.token)
+        assert got == generate(model, [[5, 6]], max_new_tokens=12, temperature=0.9, seed=3)[0]
+    finally:
+        sched.stop()

@@ -1,0 +1,310 @@
+"""`temper serve` against the official `openai` client on a real uvicorn server on 127.0.0.1: completions,
+chat, streaming, n > 1, stop strings, seeds, usage, the error shapes (400, 401, 404, 413, 429), a
+disconnect freeing its row, and 64 concurrent streams each equal to what the request gives alone."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+import uvicorn
+
+from temper.__main__ import main as temper_main
+from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
+from temper.infer.engine import generate, generate_with_logprobs
+from temper.infer.load import load_for_inference
+from temper.infer.scheduler import Scheduler
+from temper.infer.text import completion_text, cut_at_stop
+from temper.model.config import PRESETS
+from temper.model.convert import save_hf
+from temper.model.transformer import Transformer
+from temper.serve.app import ServeSettings, create_app
+
+KEY = "sk-test-0123456789"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+WORDS = ("the cat sat on a mat while the dog ran far away from home and the bird sang in the tall green "
+         "tree near a river where fish swim under the bright sun all day long").split()
+
+
+def _checkpoint(root: Path, context: int) -> Path:
+    """A tiny Llama-layout model with a ChatML tokenizer; weights sharpened so greedy paths branch."""
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    tok = train_tokenizer(texts, "bpe", 320, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf_tok = HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML})
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=context)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    save_hf(model, cfg, root)
+    save_hf_tokenizer(hf_tok, root)
+    return root
+
+
+@contextlib.contextmanager
+def serving(path: Path, slots: int, max_queue: int, **settings):
+    """A real uvicorn server on a free 127.0.0.1 port, in a thread: (base url, scheduler, loaded, app)."""
+    torch.set_num_threads(1)  # as the tests' harness, which a module fixture runs before
+    loaded = load_for_inference(path)
+    sched = Scheduler(loaded.model, slots=slots, max_queue=max_queue)
+    app = create_app(loaded, sched, ServeSettings(model_name="tiny", api_key=KEY, **settings))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", sched, loaded, app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving(_checkpoint(tmp_path_factory.mktemp("tiny"), 128), slots=16, max_queue=64,
+                 max_body_bytes=4096, max_n=4) as s:
+        yield s
+
+
+def _client(url: str, key: str | None = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=30)
+
+
+def _post(url: str, path: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    return _request(url, "POST", path, body, key)
+
+
+def _request(url: str, method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _alone(loaded, ids: list[int], **kw) -> list[int]:
+    return generate(loaded.model, [ids], stop_token_ids=loaded.stop_ids, **kw)[0]
+
+
+def _text(loaded, prompt: list[int], ids: list[int]) -> str:
+    return completion_text(lambda x: loaded.tokenizer.decode(x, skip_special_tokens=True), prompt, ids)
+
+
+def test_completions_chat_and_streams_equal_generate_alone(server):
+    url, _, loaded, _ = server
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    prompt = "the cat sat on"
+    ids = loaded.tokenizer.encode(prompt)
+    want = _alone(loaded, ids, max_new_tokens=12, temperature=0)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == _text(loaded, ids, want)
+    assert out.choices[0].finish_reason == ("length" if len(want) == 12 else "stop")
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(want))
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "where is the dog"}]
+    chat_ids = loaded.encode_chat(messages)
+    want, logps = generate_with_logprobs(loaded.model, [chat_ids], max_new_tokens=10, temperature=0,
+                                         stop_token_ids=loaded.stop_ids)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True)
+    assert chat.choices[0].message.content == _text(loaded, chat_ids, want[0])
+    assert chat.usage.prompt_tokens == len(chat_ids) and chat.usage.total_tokens == len(chat_ids) + len(want[0])
+    torch.testing.assert_close(torch.tensor([t.logprob for t in chat.choices[0].logprobs.content]),
+                               torch.tensor(logps[0]), rtol=0, atol=1e-4)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+
+
+def test_n_seeds_and_stop_strings(server):
+    url, _, loaded, _ = server
+    client = _client(url)
+    prompt = "the bird sang"
+    ids = loaded.tokenizer.encode(prompt)
+    kw = dict(model="tiny", prompt=prompt, max_tokens=10, temperature=1.0, top_p=0.95, n=3, seed=5)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    want = generate(loaded.model, [ids], max_new_tokens=10, temperature=1.0, top_p=0.95, num_samples=3, seed=5,
+                    stop_token_ids=loaded.stop_ids)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] == [_text(loaded, ids, w) for w in want]
+    assert [c.index for c in a.choices] == [0, 1, 2] and a.usage.completion_tokens == sum(map(len, want))
+
+    batch = client.completions.create(model="tiny", prompt=["the cat", "a dog ran"], n=2, max_tokens=6, temperature=0,
+                                      logprobs=2)
+    for i, p in enumerate(["the cat", "a dog ran"]):  # prompt i's choices are i*n .. i*n + n - 1
+        p_ids = loaded.tokenizer.encode(p)
+        want_ids = _alone(loaded, p_ids, max_new_tokens=6, temperature=0)
+        for c in batch.choices[2 * i : 2 * i + 2]:
+            assert c.text == _text(loaded, p_ids, want_ids)
+            assert len(c.logprobs.token_logprobs) == len(want_ids) and len(c.logprobs.top_logprobs[0]) == 2
+            assert max(c.logprobs.top_logprobs[0].values()) == pytest.approx(c.logprobs.token_logprobs[0])  # greedy
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "zzz"])
+    assert cut.choices[0].text == cut_at_stop(full, [stop])[0] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_errors_in_openai_shape(server):
+    url, _, _, app = server
+    for route in app.routes:  # every route but the liveness probe and the static chat page needs the key
+        for method in sorted(route.methods - {"HEAD"}):
+            path = route.path.replace("{name:path}", "tiny")
+            status, _ = _request(url, method, path, key=None)
+            assert status in ((200,) if path == "/health" else (200, 404) if path == "/" else (401,)), (method, path)
+    assert _request(url, "GET", "/no/such/route", key=None)[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, key=None).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, key="sk-wrong").completions.create(model="tiny", prompt="the", max_tokens=1)
+    status, body = _post(url, "/v1/completions", b'{"prompt": "the"}', key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert urllib.request.urlopen(f"{url}/health", timeout=10).status == 200  # open: a liveness probe
+    status, body = _post(url, "/v1/completions", b'{"prompt": "' + b"a" * 5000 + b'"}')
+    assert status == 413 and set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = _post(url, "/v1/completions", b'{"prompt": "the", ')
+    assert status == 400 and "JSON" in body["error"]["message"]
+    for bad, param in [({"temperature": -1}, "temperature"), ({"n": 100}, "n"), ({"max_tokens": "5"}, "max_tokens"),
+                       ({"stop": [""]}, "stop"), ({"top_p": 0}, "top_p"), ({"max_tokens": 1000}, "max_tokens"),
+                       ({"prompt": 5}, "prompt"), ({"echo": True}, "echo")]:
+        status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the"} | bad).encode())
+        assert (status, body["error"]["param"]) == (400, param), (bad, body)
+    assert _post(url, "/v1/completions", b'{"prompt": "the", "max_tokens": 1000}')[1]["error"]["code"] == \
+        "context_length_exceeded"
+    status, body = _post(url, "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}')
+    assert (status, body["error"]["param"]) == (400, "messages")
+    with pytest.raises(openai.NotFoundError):
+        _client(url).completions.create(model="gpt-4", prompt="the", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        _client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                             temperature=5)
+    metrics = urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}),
+                                     timeout=10).read().decode()
+    for name in ("temper_queue_length", "temper_running_rows", "temper_tokens_generated_total",
+                 "temper_tokens_per_second", "temper_request_latency_seconds_bucket",
+                 "temper_time_to_first_token_seconds_bucket"):
+        assert name in metrics
+
+
+def test_64_concurrent_streams_equal_each_request_alone(server):
+    url, sched, loaded, _ = server
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    prompts = [" ".join(WORDS[i % 20 : i % 20 + 1 + i % 5]) for i in range(64)]
+    lengths = [4 + i % 9 for i in range(64)]
+
+    async def one(prompt: str, max_tokens: int) -> str:
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def everyone() -> list[str]:
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths, strict=True)))
+        finally:
+            await client.close()
+
+    texts = asyncio.run(everyone())
+    for p, n, text in zip(prompts, lengths, texts, strict=True):
+        ids = loaded.tokenizer.encode(p)
+        assert text == _text(loaded, ids, _alone(loaded, ids, max_new_tokens=n, temperature=0)), p
+    assert sched.running == 0 and sched.queued == 0
+
+
+def test_queue_full_gives_429_and_a_disconnect_frees_the_row(tmp_path):
+    ckpt = _checkpoint(tmp_path / "long", 2048)
+    with serving(ckpt, slots=1, max_queue=1) as (url, sched, _, _):
+        client = _client(url)
+        stream = client.completions.create(model="tiny", prompt="the", max_tokens=2000, temperature=0, stream=True)
+        next(iter(stream))
+        assert sched.running == 1
+        waiting = threading.Thread(target=lambda: client.completions.create(model="tiny", prompt="a", max_tokens=2))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while sched.queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="tiny", prompt="the", max_tokens=1)
+        before = sched.tokens_generated
+        stream.close()  # the client goes away mid-stream: its row is freed, the waiting request runs
+        waiting.join(10)
+        assert not waiting.is_alive()
+        deadline = time.monotonic() + 10
+        while sched.running and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sched.running == 0 and sched.queued == 0
+        assert sched.tokens_generated - before < 1000  # the abandoned stream did not run to its end
+    with serving(ckpt, slots=1, max_queue=1, request_timeout_s=0.3) as (url, sched, _, _):
+        with pytest.raises(openai.InternalServerError) as e:
+            _client(url).completions.create(model="tiny", prompt="the", max_tokens=2000)
+        assert e.value.status_code == 504
+        with pytest.raises(openai.APIError, match="timeout"):  # a stream ends with an error event
+            list(_client(url).completions.create(model="tiny", prompt="the", max_tokens=2000, stream=True))
+        assert sched.running == 0
+
+
+def test_serve_refuses_to_start_without_a_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TEMPER_API_KEY", raising=False)
+    assert temper_main(["serve", str(tmp_path)]) == 2
+    assert "an API key is required" in capsys.readouterr().err
+    assert temper_main(["serve", str(tmp_path), "--no-auth", "--host", "0.0.0.0"]) == 2
+    assert "--no_auth is refused on host '0.0.0.0'" in capsys.readouterr().err
+    assert temper_main(["serve", str(tmp_path), "--no-auth"]) == 2  # allowed: then the missing checkpoint
+    assert "checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_command_starts_and_stops_on_sigint(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt", 64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"TEMPER_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "temper", "serve", str(ckpt), "--port", str(port), "--slots", "2",
+                             "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                    break
+            time.sleep(0.1)
+        out = _client(f"http://127.0.0.1:{port}").completions.create(model=str(ckpt), prompt="the", max_tokens=3)
+        assert out.usage.prompt_tokens > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
