@@ -44,10 +44,9 @@ from typing import Any
 import torch
 
 from temper.config import ConfigError
+from temper.data.answers import exact_match_scores
 from temper.data.sources import DataError
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
-from temper.eval.tasks import Generation
-from temper.eval.tasks import gsm8k as gsm8k_task
 from temper.model.heads import RewardModel, load_reward_model
 
 Messages = Sequence[Mapping[str, Any]]
@@ -88,7 +87,7 @@ def gsm8k_target(reference: str) -> str:
 
 def _gsm8k(metric: str, rule: str, response: str, reference: str | None) -> float:
     target = gsm8k_target(_reference(rule, reference))
-    return gsm8k_task.score(response, Generation(doc_id=0, prompt="", target=target))[metric]
+    return exact_match_scores(response, target)[metric]
 
 
 def gsm8k_strict(prompt: Messages, response: str, reference: str | None) -> float:

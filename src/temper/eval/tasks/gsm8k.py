@@ -25,10 +25,10 @@ It does not check the arithmetic of the chain of thought, only the final number.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from temper.data.answers import STRICT, STRICT_COT, exact_match_scores
 from temper.eval.tasks import (
     Generation,
     Task,
@@ -39,17 +39,6 @@ from temper.eval.tasks import (
     read_records,
     with_shots,
 )
-
-STRICT = r"#### (\-?[0-9\.\,]+)"
-"""gsm8k's strict-match filter: the number after "#### " (first match)."""
-STRICT_COT = r"The answer is (\-?[0-9\.\,]+)."
-"""gsm8k_cot's strict-match filter (the unescaped "." matches any character, as in lm-eval)."""
-FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
-"""Both tasks' flexible-extract filter: the last number-like run of the completion."""
-IGNORE = (",", r"\$", "(?s).*#### ", r"\.$")
-"""The exact_match `regexes_to_ignore` of both tasks, deleted in this order."""
-INVALID = "[invalid]"
-"""lm-eval's RegexFilter fallback when nothing matches (never equal to a normalised number)."""
 
 # The 8 exemplars of Wei et al. 2022 (chain-of-thought prompting), as gsm8k-cot.yaml lists them.
 COT_EXEMPLARS: tuple[tuple[str, str], ...] = (
@@ -84,42 +73,17 @@ COT_EXEMPLARS: tuple[tuple[str, str], ...] = (
 )
 
 
-# ---- scoring -------------------------------------------------------------------------------------
-
-
-def extract(text: str, pattern: str, group_select: int) -> str:
-    """lm-eval's RegexFilter: match `group_select` of all matches; of a match with several groups,
-    the first non-empty one; stripped; INVALID when nothing matches."""
-    matches = re.findall(pattern, text)
-    if not matches:
-        return INVALID
-    match = matches[group_select]
-    if isinstance(match, tuple):
-        match = next((g for g in match if g), INVALID)
-    return match.strip()
-
-
-def normalize(text: str) -> str:
-    """lm-eval's exact_match preparation for GSM8K: delete `IGNORE` matches in order, lower-case."""
-    for pattern in IGNORE:
-        text = re.sub(pattern, "", text)
-    return text.lower()
-
-
-def _score(completion: str, target: str, strict: str) -> dict[str, float]:
-    gold = normalize(target)
-    return {"exact_match_strict": float(normalize(extract(completion, strict, 0)) == gold),
-            "exact_match_flexible": float(normalize(extract(completion, FLEXIBLE, -1)) == gold)}
+# ---- scoring: lm-eval's filters (data/answers.py) -------------------------------------------------
 
 
 def score(completion: str, example: Generation) -> dict[str, float]:
     """`gsm8k`'s two exact-match metrics of one completion (1.0 or 0.0 each)."""
-    return _score(completion, example.target, STRICT)
+    return exact_match_scores(completion, example.target, STRICT)
 
 
 def score_cot(completion: str, example: Generation) -> dict[str, float]:
     """`gsm8k_cot`'s two exact-match metrics of one completion (1.0 or 0.0 each)."""
-    return _score(completion, example.target, STRICT_COT)
+    return exact_match_scores(completion, example.target, STRICT_COT)
 
 
 # ---- reading -------------------------------------------------------------------------------------
