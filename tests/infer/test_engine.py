@@ -10,13 +10,14 @@ from torch._dynamo.testing import CompileCounter
 
 from temper.infer.cache import new_cache, reset, select
 from temper.infer.engine import (
+    _inverse_cdf,
     apply_repetition_penalty,
     decode_step,
     filter_logits,
     generate,
-    gumbel_noise,
     prefill,
     sample_next,
+    seeded_uniform,
     stream,
 )
 from temper.model.config import PRESETS
@@ -248,16 +249,27 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 
 
 def test_seeded_draws_follow_the_softmax():
-    """Gumbel-max with hashed noise is a sample of softmax(logits / T): frequencies over many seeds."""
+    """The inverse CDF at a hashed uniform is a sample of softmax(logits / T): frequencies over many seeds."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
     n = 20000
     draws = sample_next(logits.expand(n, 5), temperature=1.5, seeds=torch.arange(n), step=3)
     freq = torch.bincount(draws, minlength=5).float() / n
     torch.testing.assert_close(freq, (logits[0] / 1.5).softmax(-1), rtol=0, atol=0.015)
-    g = gumbel_noise(torch.arange(4), 0, 1000)
-    assert abs(float(g.mean()) - 0.5772) < 0.05 and abs(float(g.std()) - 1.2825) < 0.06  # Gumbel(0, 1)
-    assert not torch.equal(gumbel_noise(torch.tensor([1]), 0, 50), gumbel_noise(torch.tensor([1]), 1, 50))
-    assert not torch.equal(gumbel_noise(torch.tensor([1]), 0, 50), gumbel_noise(torch.tensor([2]), 0, 50))
+    u = seeded_uniform(torch.arange(20000), 0)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01  # U(0, 1)
+    assert abs(float(u.std()) - 12 ** -0.5) < 0.01 and u.unique().numel() == u.numel()
+    assert seeded_uniform(torch.tensor([1]), 0) != seeded_uniform(torch.tensor([1]), 1)
+    assert seeded_uniform(torch.tensor([1]), 0) != seeded_uniform(torch.tensor([2]), 0)
+
+
+def test_seeded_draws_never_pick_a_filtered_token():
+    """Top-k / top-p leave tokens of probability 0: no uniform number, the extremes included, lands on one."""
+    logits = torch.tensor([[0.0, -float("inf"), 1.0, -float("inf")]]).expand(3, 4)
+    assert _inverse_cdf(logits.softmax(-1), torch.tensor([0.0, 1 - 2**-53, 1.0], dtype=torch.float64)).tolist() == \
+        [0, 2, 2]
+    logits = torch.randn(4000, 30, generator=torch.Generator().manual_seed(0))
+    draws = sample_next(logits, temperature=1.0, top_k=3, seeds=torch.arange(4000))
+    assert (logits.topk(3, dim=-1).indices == draws[:, None]).any(-1).all()
 
 
 def test_reading_tokens_every_few_steps_changes_nothing():
