@@ -169,3 +169,55 @@ def test_prompt_characters_outside_a_char_vocabulary_are_never_dropped_silently(
         err = capsys.readouterr().err
         assert err.startswith(f"temper generate: --prompt '日本語 ☃ 𝄞': {said}, which has no unknown token")
         assert err.count("\n") == 1
+
+
+def test_speculative_decoding_prints_the_plain_greedy_text(checkpoint, tmp_path, capsys):
+    """Issue 16 item 4: --draft (another model on the same tokenizer) and --prompt_lookup change how
+    many passes the model makes, not the greedy text; the acceptance rate goes to stderr."""
+    path, model, tok = checkpoint
+    cfg = replace(model.cfg, n_layers=1)
+    torch.manual_seed(1)
+    save_hf(Transformer(cfg), cfg, tmp_path / "draft", tokenizer_json=tmp_path / "tokenizer.json")
+    base = ["--checkpoint", str(path), "--prompt", "the cat", "--max_new_tokens=40", "--temperature=0", "--device=cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--draft", str(tmp_path / "draft")], ["--prompt_lookup=2", "--num_draft_tokens=3"]):
+        assert main(base + extra) == 0
+        out, err = capsys.readouterr()
+        assert out == plain
+        assert "temper generate: speculative decoding: accepted " in err and "drafted tokens" in err
+    stop = plain[9:11]
+    assert main(base + ["--prompt_lookup=2", "--stop", stop]) == 0
+    assert capsys.readouterr().out == plain[: plain.index(stop, 7)] + "\n"
+    assert main(base + ["--prompt", "a dog", "--prompt_lookup=2"]) == 0  # one prompt after another
+    assert capsys.readouterr().out.startswith(f"--- [0]\n{plain}--- [1]\na dog")
+
+
+def test_a_draft_with_another_tokenizer_is_one_clear_line(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["completely different words here"] * 10, trainer)
+    tok.save(str(tmp_path / "other.json"))
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=32)
+    save_hf(Transformer(cfg), cfg, tmp_path / "other", tokenizer_json=tmp_path / "other.json")
+    args = ["--checkpoint", str(path), "--prompt", "the cat", "--device=cpu", "--draft", str(tmp_path / "other")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"temper generate: draft {tmp_path / 'other'}: its tokenizer is not the model's") and \
+        err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt_lookup=2", "--draft=x"], "either --draft"),
+    (["--prompt_lookup=-1"], "prompt_lookup must be >= 0"),
+    (["--prompt_lookup=2", "--num_draft_tokens=0"], "num_draft_tokens >= 1"),
+    (["--prompt_lookup=2", "--repetition_penalty=1.2"], "neither --repetition_penalty nor --compile"),
+])
+def test_bad_speculative_flags_are_one_line_before_the_model_loads(tmp_path, capsys, flags, message):
+    from temper.__main__ import main as temper
+
+    assert temper(["generate", f"--checkpoint={tmp_path / 'nowhere'}", "--prompt=hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("temper generate: ") and message in err and len(err.strip().splitlines()) == 1, err

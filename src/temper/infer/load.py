@@ -11,7 +11,10 @@ same tokens:
   4. the weights (`temper.model.convert.load_hf`: safetensors, pickled .bin only when allowed);
   5. stop ids: generation_config.json's eos_token_id (an id or a list: Llama 3 instruct stops on
      <|eot_id|> and <|end_of_text|>), config.json's, and the tokenizer's EOS, as transformers'
-     `generate` and lm-eval's `hf` backend stop on them.
+     `generate` and lm-eval's `hf` backend stop on them;
+  6. with `quant` ("int8", "int4", "nf4"), the blocks' linear weights quantized in place
+     (`temper.model.quant.quantize_for_inference`; whether the kind runs on the device is checked
+     before the weights are read).
 
 `open_checkpoint` does all but step 4, so a recipe can check the rest of its input against the
 tokenizer before the weights are read; `Checkpoint.load` then reads them.
@@ -61,10 +64,18 @@ class Checkpoint:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, template=template)
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             allow_pickle: bool = False) -> Loaded:
-        """Read the weights: the model (eval mode) on `device` in `dtype`."""
+             allow_pickle: bool = False, quant: str | None = None) -> Loaded:
+        """Read the weights: the model (eval mode) on `device` in `dtype`, its linear weights quantized to
+        `quant` ("int8", "int4", "nf4"; None or "": as stored)."""
         try:
+            if quant:
+                from temper.model.quant import check_quant, quantize_for_inference
+
+                check_quant(quant, device, dtype)  # before reading gigabytes
             model, _ = load_hf(self.path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+            if quant:
+                quantize_for_inference(model, quant)
+                _unmap(model)
         except (OSError, ValueError) as e:
             raise _named(e, self.path) from None
         return Loaded(self.path, self.config, self.tokenizer, self.stop_ids, model=model)
@@ -75,6 +86,19 @@ class Loaded(Checkpoint):
     """A checkpoint ready to generate: its model (eval mode) too."""
 
     model: Transformer
+
+
+def _unmap(model: torch.nn.Module) -> None:
+    """Copy out the weights that are still copy-on-write views of the checkpoint file (`load_hf` maps
+    weights stored in the dtype asked for), once the others are quantized: while one view lives the
+    whole file stays mapped, and the pages quantizing read would count as resident memory for good."""
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if type(p) is torch.nn.Parameter and not p.untyped_storage().resizable():  # a map of the file
+                if id(p) not in copies:  # a tied weight: one copy, still shared
+                    copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                setattr(module, name, copies[id(p)])
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -136,8 +160,10 @@ def open_checkpoint(checkpoint: str | Path, *, trust_remote_code: bool = False,
 def load_for_inference(
     checkpoint: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False, trust_remote_code: bool = False, revision: str | None = None,
+    quant: str | None = None,
 ) -> Loaded:
-    """Load `checkpoint` (see the module docstring): its model on `device` in `dtype`, tokenizer, chat
-    template and stop ids. `open_checkpoint(checkpoint, ...).load(device, dtype, allow_pickle)`."""
+    """Load `checkpoint` (see the module docstring): its model on `device` in `dtype` (its linear weights
+    in `quant`: "int8", "int4", "nf4"), tokenizer, chat template and stop ids.
+    `open_checkpoint(checkpoint, ...).load(device, dtype, allow_pickle, quant)`."""
     return open_checkpoint(checkpoint, trust_remote_code=trust_remote_code, revision=revision).load(
-        device, dtype, allow_pickle)
+        device, dtype, allow_pickle, quant)

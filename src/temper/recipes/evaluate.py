@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -87,6 +88,9 @@ class EvaluateConfig:
     """Weights' dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
     allow_pickle: bool = False
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
+    quant: Literal["", "int8", "int4", "nf4"] = ""
+    """Quantize the blocks' linear weights after loading (torchao, weight-only): "int8", "int4" (4-bit, groups
+    of 64; on CUDA bfloat16 only) or "nf4" (QLoRA's NormalFloat); embeddings, norms and head stay in --dtype."""
     progress: bool = True
     """Show a progress bar per task."""
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = ckpt.tokenizer
         tasks = [load_task(spec, cfg.data_root, options, cfg.limit) for spec in cfg.tasks]
         docs = perplexity_documents(cfg.perplexity, tok) if ppl_wanted else []
-        model = ckpt.load(device, dtype, allow_pickle=cfg.allow_pickle).model
+        model = ckpt.load(device, dtype, allow_pickle=cfg.allow_pickle, quant=cfg.quant).model
     except (OSError, ValueError, ShardError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
         print(f"temper evaluate: {e}", file=sys.stderr)
         return 2

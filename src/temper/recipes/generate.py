@@ -9,7 +9,9 @@ Steps:
   4. generate with the engine (`temper.infer.engine`): one prompt streams text as it comes, several
      run as a batch; past the model's context each row goes on from its most recent tokens
      (nanoGPT's crop), so max_new_tokens is not bounded by max_seq_len, and a longer prompt keeps
-     its last max_seq_len;
+     its last max_seq_len; with --draft or --prompt_lookup, speculative decoding
+     (`temper.infer.speculative`: the same greedy text, the same sampling distribution, fewer target
+     passes), one prompt after another;
   5. cut each completion at the first --stop string (held back while it could still be forming).
 
 It does not train, serve or evaluate; sampling itself lives in `temper.infer.engine`.
@@ -19,16 +21,18 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TextIO
 
 import torch
 
-from temper.config import parse
+from temper.config import ConfigError, parse
 from temper.data.chat import ChatTemplateError
 from temper.data.tokenizer import UnknownCounter, check_unknown
 from temper.infer.engine import generate, stream
-from temper.infer.load import Loaded, load_for_inference
+from temper.infer.load import Checkpoint, Loaded, load_for_inference, open_checkpoint
+from temper.infer.speculative import SpeculativeStats, speculative_stream
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
 from temper.train.parallel import pick_device, pick_dtype
 
@@ -70,6 +74,17 @@ class GenerateConfig:
     """Compile the decode step (torch.compile; CUDA graphs on a GPU): worth it for long generations."""
     allow_pickle: bool = False
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
+    draft: str = ""
+    """Speculative decoding with this draft checkpoint (the same tokenizer; e.g. a `temper distill` student):
+    it drafts --num_draft_tokens tokens, the model verifies them in one pass. The output is unchanged."""
+    prompt_lookup: int = 0
+    """Speculative decoding with prompt lookup: drafts copy what followed an earlier occurrence of the last
+    N tokens (N down to 1) in the prompt and output, no draft model; 0: off. Pays off on repetitive text."""
+    num_draft_tokens: int = 4
+    """Tokens drafted per verification pass with --draft or --prompt_lookup."""
+    quant: Literal["", "int8", "int4", "nf4"] = ""
+    """Quantize the blocks' linear weights after loading (torchao, weight-only): "int8", "int4" (4-bit, groups
+    of 64; on CUDA bfloat16 only) or "nf4" (QLoRA's NormalFloat); embeddings, norms and head stay in --dtype."""
 
     def __post_init__(self) -> None:
         pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
@@ -92,6 +107,19 @@ class GenerateConfig:
             raise ValueError("give either --chat (a whole conversation) or --prompt (with --system for chats), not both")
         if any(not isinstance(m.get("role"), str) for m in self.chat):
             raise ValueError(f"every --chat message needs a 'role' (and 'content'), got {self.chat}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.prompt_lookup < 0 or self.num_draft_tokens < 1:
+            raise ValueError(f"prompt_lookup must be >= 0 (0: off) and num_draft_tokens >= 1, got "
+                             f"{self.prompt_lookup} and {self.num_draft_tokens}")
+        if not (self.draft or self.prompt_lookup):
+            return
+        if self.draft and self.prompt_lookup:
+            raise ValueError("give either --draft (a draft model) or --prompt_lookup (n-gram drafts), not both")
+        if self.repetition_penalty != 1.0 or self.compile:
+            raise ValueError("speculative decoding (--draft, --prompt_lookup) takes neither --repetition_penalty "
+                             "nor --compile")
 
 
 def chats(cfg: GenerateConfig) -> list[list[dict[str, Any]]] | None:
@@ -119,6 +147,57 @@ def encode(loaded: Loaded, cfg: GenerateConfig) -> tuple[list[list[int]], list[s
     return [loaded.encode_chat(c, template) for c in conversations], [""] * len(conversations)
 
 
+def open_draft(cfg: GenerateConfig) -> Checkpoint:
+    """The --draft checkpoint without its weights, once it is known to share the model's vocabulary: drafts
+    are verified token id by token id."""
+    target, draft = open_checkpoint(cfg.checkpoint), open_checkpoint(cfg.draft)
+    theirs, ours = draft.tokenizer.tokenizer.get_vocab(), target.tokenizer.tokenizer.get_vocab()
+    if theirs != ours:
+        differ = sum(theirs.get(t) != i for t, i in ours.items()) + len(theirs.keys() - ours.keys())
+        raise ConfigError(f"draft {draft.path}: its tokenizer is not the model's ({target.path}): {differ} of "
+                          f"{len(ours)} tokens differ or are missing; drafts are verified token id by token id")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"draft {draft.path}: vocab_size {draft.config.vocab_size} differs from the model's "
+                          f"{target.config.vocab_size}: their next-token distributions must have one size")
+    return draft
+
+
+def write_streamed(out: TextIO, tokens: Iterable[int], text_of: Callable[[list[int]], str], stop: list[str]) -> None:
+    """Print a completion as its tokens come, holding back text that may still become a stop string; it
+    ends at the first stop string."""
+    ids: list[int] = []
+    printed = 0
+    for t in tokens:
+        ids.append(t)
+        text, stopped = cut_at_stop(text_of(ids), stop)
+        end = safe_to_print(text, stop)
+        if end > printed:
+            out.write(text[printed:end])
+            out.flush()
+            printed = end
+        if stopped:
+            break
+    text, _ = cut_at_stop(text_of(ids), stop)
+    out.write(text[printed:] + "\n")
+    out.flush()
+
+
+def speculative(cfg: GenerateConfig, model: torch.nn.Module, draft: torch.nn.Module | None, prompts: list[list[int]],
+                shown: list[str], decode: Callable[[int, list[int]], str], stop_ids: list[int]) -> int:
+    """Speculative decoding of each prompt in turn (it runs one at a time), streamed, then the acceptance
+    rate on stderr. Prompt i samples with seed + i."""
+    stats = SpeculativeStats()
+    for i, prompt in enumerate(prompts):
+        sys.stdout.write(shown[i] if len(prompts) == 1 else f"--- [{i}]\n{shown[i]}")
+        tokens = speculative_stream(
+            model, prompt, draft=draft, prompt_lookup=cfg.prompt_lookup or None, k=cfg.num_draft_tokens,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            seed=None if cfg.seed is None else cfg.seed + i, stop_token_ids=stop_ids, stats=stats)
+        write_streamed(sys.stdout, tokens, lambda ids, i=i: decode(i, ids), cfg.stop)
+    print(f"temper generate: speculative decoding: {stats.describe()}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, prog="generate")
     if not cfg.checkpoint or not (cfg.prompt or cfg.chat):
@@ -126,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(cfg.device)
     try:
+        draft = open_draft(cfg) if cfg.draft else None  # checked before any weights are read
         loaded = load_for_inference(cfg.checkpoint, device=device, dtype=pick_dtype(cfg.dtype, device),
-                                    allow_pickle=cfg.allow_pickle)
+                                    allow_pickle=cfg.allow_pickle, quant=cfg.quant)
         prompts, shown = encode(loaded, cfg)
+        draft_model = draft.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle).model if draft else None
     except (OSError, ValueError, ChatTemplateError) as e:  # a wrong path, an unreadable checkpoint, no template
         print(f"temper generate: {e}", file=sys.stderr)
         return 2
@@ -152,24 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     # Stop strings are text, so the row's tokens are decoded each step to find them.
     should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None
     out = sys.stdout
+    if draft_model is not None or cfg.prompt_lookup:
+        return speculative(cfg, model, draft_model, prompts, shown, decode, loaded.stop_ids)
 
     if len(prompts) == 1:
         out.write(shown[0])
         out.flush()
-        ids: list[int] = []
-        printed = 0
-        for step in stream(model, prompts, should_stop=should_stop, **kw):
-            if step[0] is not None:
-                ids.append(step[0])
-                text, _ = cut_at_stop(decode(0, ids), cfg.stop)
-                end = safe_to_print(text, cfg.stop)
-                if end > printed:
-                    out.write(text[printed:end])
-                    out.flush()
-                    printed = end
-        text, _ = cut_at_stop(decode(0, ids), cfg.stop)
-        out.write(text[printed:] + "\n")
-        out.flush()
+        steps = stream(model, prompts, should_stop=should_stop, **kw)
+        write_streamed(out, (s[0] for s in steps if s[0] is not None), lambda ids: decode(0, ids), cfg.stop)
         return 0
 
     completions = generate(model, prompts, should_stop=should_stop, **kw)
