@@ -292,7 +292,7 @@ def test_serve_command_starts_and_stops_on_sigint(tmp_path):
         port = s.getsockname()[1]
     env = os.environ | {"TEMPER_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "temper", "serve", str(ckpt), "--port", str(port), "--slots", "2",
-                             "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--log_level", "warning", "--quant", "int8"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

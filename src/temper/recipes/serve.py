@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -71,6 +72,8 @@ class ServeConfig:
     """Compile the decode step (torch.compile; CUDA graphs on a GPU)."""
     allow_pickle: bool = False
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
+    quant: Literal["", "int8", "int4", "nf4"] = ""
+    """Weight-only quantization of the linear layers: int8, int4 (torchao) or nf4; "": none."""
     log_level: str = "info"
     """uvicorn's log level: "critical", "error", "warning", "info", "debug"."""
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = open_checkpoint(cfg.checkpoint)  # config and tokenizer: fails before the weights are read
     if cfg.max_len is not None and cfg.max_len > checkpoint.config.max_seq_len:
         raise ConfigError(f"max_len={cfg.max_len} is over the model's context ({checkpoint.config.max_seq_len})")
-    loaded = checkpoint.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle)
+    loaded = checkpoint.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle, quant=cfg.quant or None)
 
     import uvicorn  # the serve extra: imported only when serving
 
