@@ -16,8 +16,10 @@ The pairs are hh-rlhf's (`--data`, the harmless-base test split by default): eac
 split at the last "Assistant:" turn the two share, tokenized with a byte-level BPE of `--vocab`
 tokens trained on them, responses ending in EOS, fitted into `--max-length` by keeping the prompt's
 end. Without the file (or with `--data synthetic`) random tokens of similar lengths are used. Step
-s takes pairs s*P .. s*P+P-1 on both sides (TRL's sampler is sequential), padded to the longest of
-its 2P rows. TRL gets the token ids as text of one word per id, read back by a word-level
+s takes pairs s*P .. s*P+P-1 on both sides (TRL's sampler is sequential). TRL pads them to the
+longest of its 2P rows; temper, as its recipe does (`--layout shared`), collates one row per pair, the
+prompt once and both responses behind it (`collate_pairs_shared`: the same log-probs, losses and
+gradients, with the prompt computed once), or with `--layout padded` TRL's 2P padded rows. TRL gets the token ids as text of one word per id, read back by a word-level
 tokenizer, so its tokenization (in `DPOTrainer.__init__`) yields exactly these ids.
 
 What is timed: `--warmup` steps, then `--steps` steps, each from the end of one optimizer step
@@ -153,6 +155,15 @@ def step_tokens(pairs: list, per_step: int) -> tuple[list[int], list[int]]:
     return real, padded
 
 
+def shared_positions(pairs: list, a: argparse.Namespace) -> int:
+    """Positions (padding included) of temper's batches in the layout it runs."""
+    if a.layout == "padded":
+        return sum(step_tokens(pairs, a.pairs)[1])
+    # one row per pair: prompt, then both responses, each behind a copy of the prompt's last token
+    rows = [len(p) + len(c) + len(r) + 1 for p, c, r in pairs]
+    return sum(len(rows[s:s + a.pairs]) * max(rows[s:s + a.pairs]) for s in range(0, len(rows), a.pairs))
+
+
 # ---- the sides ------------------------------------------------------------------------------------
 
 
@@ -188,10 +199,9 @@ def temper_lora(model: torch.nn.Module, rank: int) -> None:
 
 def run_temper(a: argparse.Namespace, work: Path, pairs: list) -> dict:
     """temper's DPO recipe's pieces: load_hf, apply_method, the reference, PreferenceLoss, collate_pairs, train_step."""
-    from temper.align.preference import PreferenceLoss, adapters_off_reference, frozen_reference
-    from temper.data.prefs import PrefExample, collate_pairs
+    from temper.align.preference import PreferenceLoss, adapters_off_reference, as_batch, frozen_reference
+    from temper.data.prefs import PrefExample, collate_pairs, collate_pairs_shared
     from temper.model.convert import load_hf
-    from temper.train.losses import Batch
     from temper.train.optim import OptimConfig, build_optimizer
     from temper.train.step import train_step
 
@@ -211,12 +221,13 @@ def run_temper(a: argparse.Namespace, work: Path, pairs: list) -> dict:
         return PrefExample(arr(p), arr(c), arr(r), np.ones(len(c), bool), np.ones(len(r), bool), "bench")
 
     examples = [example(*p) for p in pairs]
+    collate = collate_pairs_shared if a.layout == "shared" else collate_pairs
     rss_built = rss_gib()
     times, checks = [], {}
     t = time.perf_counter()
     for s in range(a.warmup + a.steps):
-        b = collate_pairs(examples[s * a.pairs:(s + 1) * a.pairs], pad_id=PAD)
-        res = train_step(model, opt, [Batch(b.inputs, b.targets)], step=s, loss_fn=loss_fn)
+        b = collate(examples[s * a.pairs:(s + 1) * a.pairs], pad_id=PAD)
+        res = train_step(model, opt, [as_batch(b, "cpu")], step=s, loss_fn=loss_fn)
         now = time.perf_counter()
         times.append(now - t)
         t = now
@@ -369,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--max-length", type=int, default=256, help="tokens of a row (prompt + response)")
     p.add_argument("--pairs", type=int, default=2, help="pairs per optimizer step (2x rows)")
+    p.add_argument("--layout", choices=["shared", "padded"], default="shared",
+                   help="temper's batch: one row per pair, its prompt once (the recipe's), or 2P padded rows")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -416,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_config(a)
     n_params = sum(np.prod(s) for s in _param_shapes(cfg))
     print(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, ffn {cfg.ffn_dim}, "
-          f"vocab {cfg.vocab_size} ({n_params / 1e6:.1f}M parameters), fp32, CPU, {torch.get_num_threads()} threads; "
+          f"vocab {cfg.vocab_size} ({n_params / 1e6:.1f}M parameters), fp32, CPU, {a.threads or torch.get_num_threads()} threads; "
           f"data: {source}, {a.pairs} pairs per step, max length {a.max_length}; {statistics.mean(real):,.0f} real "
-          f"tokens per step ({1 - sum(real) / sum(padded):.0%} of the padded positions are padding); sigmoid DPO, "
+          f"tokens per step ({1 - sum(real) / sum(padded):.0%} of the padded positions are padding; temper's "
+          f"{a.layout} layout computes {shared_positions(pairs, a) / sum(padded):.0%} of the padded positions); sigmoid DPO, "
           f"beta {a.beta}, lr {a.lr}; LoRA r={a.rank} alpha {2 * a.rank} on q/k/v/o; {a.steps} timed steps after "
           f"{a.warmup} warm-up, median of {a.repeats} alternating runs\n")
     print("| method | impl | tokens/s (median) | min-max | peak RSS GiB | after imports GiB | peak - imports GiB "

@@ -256,3 +256,139 @@ def test_kto_equals_trl_kto_trainer():
                                                                              rel=1e-5, abs=1e-5)
     assert out.metrics["rewards/undesirable"].item() / (n - n_good) == pytest.approx(metrics["rewards/rejected"][-1],
                                                                                      rel=1e-5, abs=1e-5)
+
+
+def test_kto_on_unpaired_examples_equals_trl_with_unequal_labels():
+    """Unpaired data, 5 desirable and 1 undesirable: `collate_kto`'s rows and KL rows against TRL's own KL
+    completions (its rotation by one within the batch) and collator, and KTO's loss and metrics against TRL's."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from temper.align.preference import KTOLoss
+    from temper.data.prefs import UnpairedExample, collate_kto
+
+    cfg, policy, reference = _models()
+    g = torch.Generator().manual_seed(5)
+    labels = [True, True, False, True, True, True]
+    examples = []
+    for k, label in enumerate(labels):
+        prompt = torch.randint(1, cfg.vocab_size, (2 + k % 3,), generator=g).int().numpy()
+        completion = torch.randint(1, cfg.vocab_size, (1 + (3 * k) % 5,), generator=g).int().numpy()
+        examples.append(UnpairedExample(prompt, completion, completion > -1, label, f"u:{k}"))
+    b, label = collate_kto(examples)
+    batch = Batch(b.inputs, b.targets, extra={"label": label})
+    n = len(examples)
+    loss_fn = KTOLoss(beta=0.2, desirable_weight=1.0, undesirable_weight=2.0)
+    ref = frozen_reference(reference)(batch)
+    batch.extra["ref_logps"] = ref
+    out = loss_fn(policy, batch)
+
+    rows = [{"prompt_ids": e.prompt.tolist(), "completion_ids": e.completion.tolist(), "label": e.label}
+            for e in examples]
+    completions = [r["completion_ids"] for r in rows]
+    for r, kl in zip(rows, [completions[-1]] + completions[:-1]):  # TRL's add_kl_completion_ids
+        r["KL_completion_ids"] = kl
+    inputs = DataCollatorForUnpairedPreference(pad_token_id=0)(rows)
+    for prefix, key in (("", "ref_logps"), ("KL_", "ref_KL_logps")):  # the reference on TRL's own rows
+        ids, comp = inputs[f"{prefix}input_ids"], inputs[f"{prefix}completion_mask"]
+        rows_batch = Batch(ids[:, :-1], torch.where(comp[:, 1:].bool(), ids[:, 1:], IGNORE_INDEX))
+        inputs[key] = frozen_reference(reference)(rows_batch)
+    hf = _hf(policy)
+    add_fused_lm_head(hf, outputs=("log_probs", "entropy", "mean_logits"))
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    ns = SimpleNamespace(model=hf, accelerator=acc, calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+                         beta=0.2, desirable_weight=1.0, undesirable_weight=2.0, aux_loss_enabled=False,
+                         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                         _tp_size=1)
+    ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+    with torch.no_grad():
+        theirs = KTOTrainer._compute_loss(ns, hf, inputs, False)
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    torch.testing.assert_close(out.loss_sum / loss_fn.count(batch), theirs.float(), rtol=1e-5, atol=1e-6)
+    metrics = ns._metrics["eval"]
+    assert out.metrics["kl"].item() / n == pytest.approx(metrics["kl"][-1], rel=1e-5, abs=1e-6)
+    assert metrics["kl"][-1] > 0  # not clamped: the KL rows' pairing shows in the loss
+    assert out.metrics["rewards/desirable"].item() / 5 == pytest.approx(metrics["rewards/chosen"][-1], rel=1e-5,
+                                                                        abs=1e-5)
+    assert out.metrics["rewards/undesirable"].item() == pytest.approx(metrics["rewards/rejected"][-1], rel=1e-5,
+                                                                      abs=1e-5)
+
+
+def _pref_examples(vocab: int, n: int = 3) -> list:
+    """Pairs with prompts and responses of different lengths (one prompt of a single token), loss masks
+    that leave a response's last token unlearnt (template layout after the end of turn)."""
+    import numpy as np
+
+    from temper.data.prefs import PrefExample
+
+    g = np.random.default_rng(3)
+    out = []
+    for k in range(n):
+        prompt, c, r = (g.integers(1, vocab, size).astype(np.int32) for size in (1 + 4 * k, 2 + k, 5 - k))
+        mask_c, mask_r = np.ones(len(c), bool), np.ones(len(r), bool)
+        mask_c[-1] = k % 2 == 0
+        out.append(PrefExample(prompt, c, r, mask_c, mask_r, f"t:{k}"))
+    return out
+
+
+def _loss_and_grads(loss_fn, model, batch):
+    model.zero_grad()
+    out = loss_fn(model, batch)
+    out.loss_sum.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "orpo", "kto"])
+def test_shared_prompt_batches_equal_padded_ones(kind):
+    """One row per pair (the prompt once, both responses behind it, `collate_pairs_shared` /
+    `collate_unpaired_shared`) gives the padded batch's losses, metrics and gradients: the same
+    sequences in the same order, each response seeing only its prompt and itself."""
+    from temper.align.preference import KTOLoss, as_batch
+    from temper.data.prefs import (
+        collate_pairs,
+        collate_pairs_shared,
+        collate_unpaired,
+        collate_unpaired_shared,
+    )
+
+    cfg, policy, reference = _models()
+    examples = _pref_examples(cfg.vocab_size)
+    ref = frozen_reference(reference)
+    if kind == "kto":
+        loss_fn, padded, shared = KTOLoss(beta=0.3, undesirable_weight=1.5, reference=ref), collate_unpaired, \
+            collate_unpaired_shared
+        extra = {"label": torch.arange(2 * len(examples)) < len(examples)}
+    else:
+        loss_fn, padded, shared, extra = PreferenceLoss(kind, beta=0.2, reference=ref), collate_pairs, \
+            collate_pairs_shared, {}
+    a, b = padded(examples, pad_id=0), shared(examples, pad_id=0)
+    assert b.inputs.shape[0] == a.inputs.shape[0] // 2 and b.inputs.numel() < a.inputs.numel()
+    assert torch.equal(b.response_tokens, a.response_tokens) and torch.equal(b.lengths, a.lengths)
+    out_a, grads_a = _loss_and_grads(loss_fn, policy, as_batch(a, "cpu", extra))
+    out_b, grads_b = _loss_and_grads(loss_fn, policy, as_batch(b, "cpu", extra))
+    assert loss_fn.count(as_batch(b, "cpu", extra)) == loss_fn.count(as_batch(a, "cpu", extra))
+    torch.testing.assert_close(out_b.loss_sum, out_a.loss_sum, rtol=1e-5, atol=1e-5)
+    for name, value in out_a.metrics.items():
+        torch.testing.assert_close(out_b.metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(ref(as_batch(b, "cpu")), ref(as_batch(a, "cpu")), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_rows_hold_each_response_after_its_prompt():
+    """The layout: prompt minus its last token (segment 0), then last prompt token + chosen (1) and last
+    prompt token + rejected (2), positions continuing the prompt's in each branch, targets only where a
+    learnt response token is predicted, each mapped to its sequence in `collate_pairs`' order."""
+    from temper.data.prefs import collate_pairs_shared
+
+    e = _pref_examples(100, n=2)[1]  # prompt 5, chosen 3 (the last not learnt), rejected 4
+    b = collate_pairs_shared([e, e])
+    row = b.inputs[0, :4 + 4 + 5].tolist()
+    assert row == e.prompt[:4].tolist() + e.prompt[4:].tolist() + e.chosen.tolist() + e.prompt[4:].tolist() + \
+        e.rejected.tolist()
+    assert b.segment_ids[0, :13].tolist() == [0] * 4 + [1] * 4 + [2] * 5
+    assert b.positions[0, :13].tolist() == [0, 1, 2, 3] + [4, 5, 6, 7] + [4, 5, 6, 7, 8]
+    assert b.targets[0, :13].tolist() == [IGNORE_INDEX] * 4 + e.chosen[:2].tolist() + [IGNORE_INDEX] * 2 + \
+        e.rejected.tolist() + [IGNORE_INDEX]
+    assert b.seq[1, :13].tolist() == [-1] * 4 + [1] * 2 + [-1] * 2 + [3] * 4 + [-1]  # pair 1: chosen 1, rejected 3
+    assert b.response_tokens.tolist() == [2, 2, 4, 4] and b.lengths.tolist() == [8, 8, 9, 9]

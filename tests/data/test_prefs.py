@@ -23,15 +23,20 @@ from temper.data.prefs import (
     PrefExample,
     PrefRecord,
     PrefStats,
+    UnpairedRecord,
     check_pairs,
+    collate_kto,
     collate_pairs,
     collate_unpaired,
     fit_pair,
+    fit_unpaired,
     format_pref_check,
+    is_unpaired_data,
     load_pref_examples,
     parse_pref_record,
     read_pref_records,
     tokenize_pair,
+    tokenize_unpaired,
 )
 from temper.data.sources import DataError, RecordError
 from temper.data.tokenizer import HFTokenizer, train_tokenizer
@@ -420,3 +425,135 @@ def test_config_is_typed_documented_and_rejects_impossible_combinations():
         PrefDataConfig(template="plain", system_prompt="Be kind.")
     with pytest.raises(ValueError, match="max_prompt_length"):
         PrefDataConfig(max_length=8, max_prompt_length=8)
+
+
+# ---- unpaired examples (KTO) ------------------------------------------------------------------------
+
+A4 = {"role": "assistant", "content": "4"}
+UNPAIRED_FORMS = {
+    "strings": {"prompt": "What is 2+2?", "completion": "4", "label": True},
+    "TRL's conversational form": {"prompt": [Q], "completion": [A4], "label": True},
+    "completion holding the prompt": {"prompt": [Q], "completion": [Q, A4], "label": True},
+    "no prompt (the completion's context)": {"completion": [Q, A4], "label": True},
+}
+
+
+@pytest.mark.parametrize("form", list(UNPAIRED_FORMS))
+def test_unpaired_records_read_as_one_example_each_with_its_label(form, tok):
+    record = parse_pref_record(UNPAIRED_FORMS[form], "u:1")
+    assert (record.prompt, record.completion, record.label, record.where) == (PROMPT, "4", True, "u:1")
+    assert parse_pref_record(UNPAIRED_FORMS[form], "u:1", "unpaired") == record
+    example = tokenize_unpaired(record, tok)
+    pair = tokenize_pair(PrefRecord(PROMPT, "4", "5", "u:1"), tok)  # rendered as a pair's side is
+    assert example.prompt.tolist() == pair.prompt.tolist() and example.completion.tolist() == pair.chosen.tolist()
+    ids, mask = example.row()
+    assert learnt(tok, ids, mask) == ["4<|im_end|>"]
+
+
+def test_unpaired_plain_rows_truncation_and_loading(tok, tmp_path):
+    record = parse_pref_record({"prompt": "What is 2+2?", "completion": "4", "label": False}, "p:1")
+    example = tokenize_unpaired(record, tok, template="plain")
+    ids, mask = example.row()
+    assert ids.tolist() == tok.encode("What is 2+2?4") + [tok.eos_id] and learnt(tok, ids, mask) == ["4</s>"]
+    assert example.label is False
+
+    long_prompt = " ".join(f"word{i}" for i in range(60)) + " What is 2+2?"
+    example = tokenize_unpaired(UnpairedRecord([{"role": "user", "content": long_prompt}], "five is wrong", True,
+                                               "a:1"), tok)
+    n_prompt, n_completion = len(example.prompt), len(example.completion)
+    assert fit_unpaired(example, n_prompt + n_completion) is example
+    fitted = fit_unpaired(example, 12, 10, bos_id=tok.bos_id)  # the rule of fit_pair: prompt's start, then the end
+    assert fitted.prompt[0] == tok.bos_id and fitted.prompt[1:].tolist() == example.prompt[-9:].tolist()
+    assert fitted.completion.tolist() == example.completion[:2].tolist() and fitted.mask.all()
+    assert (fitted.prompt_cut, fitted.completion_cut, fitted.truncated) == (n_prompt - 10, n_completion - 2, True)
+
+    path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": long_prompt, "completion": "five is wrong", "label": False},
+                                              {"prompt": [Q], "completion": [A4], "label": True}])
+    assert is_unpaired_data(PrefDataConfig(files=[str(path)]))
+    assert not is_unpaired_data(PrefDataConfig(files=[str(write_jsonl(tmp_path / "p.jsonl", [FORMS["plain"]]))]))
+    stats = PrefStats()
+    kept = load_pref_examples(PrefDataConfig(files=[str(path)], max_length=12, max_prompt_length=10), tok, stats)
+    assert [(e.where, e.label) for e in kept] == [(f"{path}:1", False), (f"{path}:2", True)]
+    assert (stats.examples, stats.truncated) == (2, 2)
+    assert stats.response_tokens_cut == sum(e.completion_cut for e in kept) > 0
+    assert all(len(e.prompt) + len(e.completion) <= 12 for e in kept)
+
+
+def test_collate_kto_gives_each_example_once_then_its_kl_row(tok):
+    examples = [tokenize_unpaired(UnpairedRecord(PROMPT, "4", True, "u:1"), tok),
+                tokenize_unpaired(UnpairedRecord(MULTI, "It is four.", True, "u:2"), tok),
+                tokenize_unpaired(UnpairedRecord(PROMPT, "five", False, "u:3"), tok)]
+    batch, label = collate_kto(examples, pad_id=tok.pad_id)
+    assert label.tolist() == [True, True, False] and batch.n_pairs == 3 and batch.inputs.shape[0] == 6
+    for k, e in enumerate(examples):
+        for row, response in ((k, e.completion), (3 + k, examples[k - 1].completion)):  # TRL's rotation by one
+            want = np.concatenate([e.prompt, response]).tolist()
+            assert batch.inputs[row, :len(want)].tolist() == want
+            assert int(batch.response_tokens[row]) == int((batch.targets[row] != IGNORE_INDEX).sum()) > 0
+            assert (batch.targets[row, :len(e.prompt) - 1] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="at least one example"):
+        collate_kto([])
+
+
+def test_check_of_unpaired_examples_shows_labels_and_learnt_tokens(tok):
+    examples = [tokenize_unpaired(UnpairedRecord(MULTI, "4", True, "u:1"), tok),
+                tokenize_unpaired(UnpairedRecord(PROMPT, "five", False, "u:2"), tok),
+                tokenize_unpaired(UnpairedRecord(PROMPT, "It is four.", True, "u:3"), tok)]
+    report = check_pairs(examples, tok, max_length=64, n_show=2)
+    assert report.ok and (report.examples, report.desirable, report.undesirable) == (3, 2, 1)
+    assert report.rows.trained_tokens == sum(int(e.mask.sum()) for e in examples)
+    text = format_pref_check(report, color=False)
+    assert text.startswith("Preference data check: 3 unpaired examples, 2 desirable and 1 undesirable")
+    assert "--- example 2 (u:2, undesirable); learnt text in [[...]] ---" in text and "example 3" not in text
+    assert "completion: [[five<|im_end|>]]\n" in text and text.endswith("OK")
+    no_stop = dataclasses.replace(examples[1], mask=np.r_[examples[1].mask[:-2], False, False])
+    report = check_pairs([no_stop], tok)
+    assert not report.ok
+    assert "FAIL: 1 untruncated completions do not end with a learnt EOS" in format_pref_check(report, color=False)
+
+
+GOOD_UNPAIRED = {"prompt": "Q", "completion": "4", "label": True}
+BAD_UNPAIRED = {
+    "missing label": ({"prompt": "Q", "completion": "4"}, "label", "missing_field"),
+    "label a number": ({"prompt": "Q", "completion": "4", "label": 1}, "label", "not_bool"),
+    "label a string": ({"prompt": "Q", "completion": "4", "label": "true"}, "label", "not_bool"),
+    "label null": ({"prompt": "Q", "completion": "4", "label": None}, "label", "not_bool"),
+    "missing completion": ({"prompt": "Q", "label": True}, "completion", "missing_field"),
+    "empty completion": ({"prompt": "Q", "completion": " ", "label": True}, "completion", "empty_content"),
+    "empty message completion": ({"prompt": [Q], "completion": [{"role": "assistant", "content": ""}], "label": False},
+                                 "completion[0].content", "empty_content"),
+    "no completion messages": ({"prompt": [Q], "completion": [], "label": True}, "completion", "empty_conversation"),
+    "completion ends with the user": ({"prompt": [Q], "completion": [Q], "label": True}, "completion[0].role",
+                                      "role_order"),
+    "string completion without prompt": ({"completion": "4", "label": True}, "prompt", "missing_field"),
+    "no prompt at all": ({"completion": [A4], "label": True}, "completion", "no_prompt"),
+    "empty prompt": ({"prompt": "", "completion": "4", "label": True}, "prompt", "empty_content"),
+    "prompt ends with the assistant": ({"prompt": [Q, A4], "completion": "4", "label": True}, "prompt[1].role",
+                                       "role_order"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UNPAIRED))
+def test_bad_unpaired_records_name_file_line_and_key(case, tmp_path):
+    record, key, reason = BAD_UNPAIRED[case]
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD_UNPAIRED, record, GOOD_UNPAIRED])
+    where = f"{path}:2"
+    with pytest.raises(PrefDataError, match="^" + re.escape(f"{where}: {key}: ")) as e:
+        read_pref_records(str(path))
+    assert (e.value.where, e.value.key, e.value.reason) == (where, key, reason)
+    stats = PrefStats()
+    assert [r.where for r in read_pref_records(str(path), strict=False, stats=stats)] == [f"{path}:1", f"{path}:3"]
+    assert stats.skipped == {reason: 1}
+
+
+def test_pairs_and_unpaired_examples_do_not_mix(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD, GOOD, GOOD_UNPAIRED])
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: an unpaired example (prompt, completion, label) after "
+                                                  f"a preference pair (chosen, rejected) (the first at {path}:1)")):
+        read_pref_records(str(path), strict=False)
+    bad_pair_first = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "chosen": "4"}, GOOD_UNPAIRED])
+    with pytest.raises(DataError, match=re.escape(f"{bad_pair_first}:2: an unpaired example")):  # by keys, bad or not
+        read_pref_records(str(bad_pair_first), strict=False)
+    assert not is_unpaired_data(PrefDataConfig(files=[str(bad_pair_first)]))  # what the recipes look at first
+    assert is_unpaired_data(PrefDataConfig(files=[str(path)], format="unpaired"))
+    assert isinstance(parse_pref_record(GOOD_UNPAIRED, "u", "unpaired"), UnpairedRecord)

@@ -3,6 +3,7 @@ and full runs whose held-out reward accuracy is logged and whose loss falls, the
 reference equal to the live one, exact resume, and torchrun DDP on 2 ranks equal to one process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from temper.recipes import dpo
+from temper.__main__ import main as temper_main
+from temper.config import ConfigError
+from temper.data.prefs import read_pref_records
+from temper.recipes import dpo, reward
 from tests.recipes.conftest import HH
 
 pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data not found at {HH}")
@@ -60,6 +64,65 @@ def test_kto_learns_from_the_pairs_unpaired(hh_base, tmp_path):
     assert "val_rewards/accuracies" in rows(tmp_path / "kto", "val")[-1]
     with pytest.raises(ValueError, match="reference=precomputed does not apply to kto"):
         dpo.main(args(hh_base, tmp_path, "kto2", "--loss.kind=kto", "--loss.reference=precomputed"))
+
+
+def unpaired_file(hh_base, path: Path, n_desirable: int, n_undesirable: int) -> Path:
+    """TRL's unpaired KTO records in its conversational form: the first pairs' chosen responses as
+    desirable examples, then the first pairs' rejected ones as undesirable examples."""
+    pairs = read_pref_records(str(hh_base[1]))
+    rows = [{"prompt": r.prompt, "completion": [{"role": "assistant", "content": r.chosen}], "label": True}
+            for r in pairs[:n_desirable]]
+    rows += [{"prompt": r.prompt, "completion": [{"role": "assistant", "content": r.rejected}], "label": False}
+             for r in pairs[:n_undesirable]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_kto_trains_on_unpaired_examples_each_once_with_its_label(hh_base, tmp_path, capsys):
+    """12 desirable and 4 undesirable examples, one epoch in 2 steps of 8: each example is seen once with its
+    own label (the logged counts sum to the data's), the imbalance is reported, KTO's metrics are written."""
+    data = unpaired_file(hh_base, tmp_path / "kto.jsonl", 12, 4)
+    assert dpo.main(args((hh_base[0], data), tmp_path, "kto", "--loss.kind=kto", "--train.steps=2",
+                         "--train.micro_batch_size=8", "--eval.val_fraction=0")) == 0
+    out = capsys.readouterr()
+    assert "kto on unpaired examples: 12 desirable, 4 undesirable in training" in out.out
+    assert "16 train / 0 val examples, 2 steps of 8 examples" in out.out
+    assert "warning: desirable_weight x 12 desirable / (undesirable_weight x 4 undesirable) = 3" in out.err
+    assert "loss.desirable_weight in [0.333, 0.444]" in out.err
+    train = rows(tmp_path / "kto", "train")
+    assert [r["step"] for r in train] == [1, 2]
+    assert sum(r["count/desirable"] for r in train) == 12 and sum(r["count/undesirable"] for r in train) == 4
+    for r in train:
+        assert math.isfinite(r["loss"]) and r["kl"] >= 0
+        assert {"rewards/desirable", "rewards/undesirable", "rewards/accuracies"} <= set(r)
+    assert (tmp_path / "kto" / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+    assert dpo.main(args((hh_base[0], data), tmp_path, "check", "--loss.kind=kto", "--check")) == 0
+    out = capsys.readouterr().out
+    assert "16 unpaired examples, 12 desirable and 4 undesirable" in out and "undesirable); learnt text" not in out
+    assert "completion: [[" in out and out.rstrip().endswith("OK")
+
+
+def test_unpaired_data_with_another_loss_fails_before_anything_loads(hh_base, tmp_path, capsys):
+    data = unpaired_file(hh_base, tmp_path / "kto.jsonl", 3, 3)
+    nowhere = (tmp_path / "no-model", data)  # the error comes before the model's directory is read
+    with pytest.raises(ConfigError, match=r"^loss\.kind=sigmoid: the data is unpaired examples"):
+        dpo.main(args(nowhere, tmp_path, "dpo"))
+    assert temper_main(["dpo", *args(nowhere, tmp_path, "orpo", "--loss.kind=orpo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("temper dpo: config error: loss.kind=orpo: the data is unpaired") and err.count("\n") == 1
+    with pytest.raises(ConfigError, match=r"^train\.micro_batch_size=1: kto on unpaired examples needs at least 2"):
+        dpo.main(args(nowhere, tmp_path, "kto", "--loss.kind=kto", "--train.micro_batch_size=1"))
+    with pytest.raises(ConfigError, match=r"^data\.files: the data is unpaired examples .* needs pairs"):
+        reward.main([f"--model={nowhere[0]}", f"--data.files=[{data}]", f"--run.dir={tmp_path}"])
+
+
+def test_kto_balance_warning_follows_the_papers_range():
+    assert dpo.kto_balance_warning(10, 10, 1.0, 1.0) == ""
+    assert dpo.kto_balance_warning(12, 10, 1.0, 1.0) == ""  # 1.2 is in [1, 4/3]
+    assert dpo.kto_balance_warning(10, 30, 3.0, 1.0) == ""  # weighted: 30 / 30
+    assert "= 0.5, outside" in dpo.kto_balance_warning(10, 20, 1.0, 1.0)
+    assert "all 5 training examples are desirable" in dpo.kto_balance_warning(5, 0, 1.0, 1.0)
 
 
 def test_full_and_precomputed_reference_give_the_same_run(hh_base, tmp_path):

@@ -2,7 +2,11 @@
 
 A batch of P pairs is 2P rows, the P chosen responses first and then the P rejected ones in the same
 order (TRL's layout, `data.prefs` collates it); targets are IGNORE_INDEX outside the responses, so a
-row's summed target log-probability is log pi(response | prompt). Each objective is a `train.losses`
+row's summed target log-probability is log pi(response | prompt). A shared-prompt batch
+(`data.prefs.collate_pairs_shared`, made a `Batch` by `as_batch`) holds one row per pair instead, its
+prompt once and both responses behind it, and maps each scored position to its sequence
+(`extra["seq"]`): `response_logprobs` returns the same (2P,) sequences in the same order either way, so
+every loss below runs unchanged on both layouts. Each objective is a `train.losses`
 `Loss`: its unit is the pair, `train_step` divides the summed per-pair losses by the global number of
 pairs, and its metrics are sums over pairs that are logged as means, under TRL's names.
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.model.lora import adapters_disabled
+from temper.model.transformer import Segments
 from temper.train.losses import IGNORE_INDEX, Batch, LossOut, token_logprobs
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
@@ -47,23 +52,71 @@ Reference = Callable[[Batch], torch.Tensor]
 
 
 def pairs(batch: Batch) -> int:
-    rows = batch.inputs.shape[0]
-    if rows % 2:
-        raise ValueError(f"a preference batch holds chosen and rejected rows of P pairs (2P rows), got {rows} rows")
-    return rows // 2
+    seqs = sequences(batch)
+    if seqs % 2:
+        raise ValueError(f"a preference batch holds the chosen and rejected sequences of P pairs (2P rows), "
+                         f"got {seqs} rows")
+    return seqs // 2
+
+
+def sequences(batch: Batch) -> int:
+    """The batch's scored sequences: one per row, or, in a shared-prompt batch (`as_batch` of
+    `data.prefs.collate_pairs_shared`), as many as its `extra["response_tokens"]` counts."""
+    counts = batch.extra.get("response_tokens")
+    return batch.inputs.shape[0] if counts is None else counts.shape[0]
+
+
+def as_batch(b, device: torch.device | str, extra: dict | None = None) -> Batch:
+    """A `data.prefs.PrefBatch` as the losses' `Batch` on `device`. A shared-prompt batch (one row per
+    pair, `collate_pairs_shared`) brings its positions and `Segments` as model arguments, and the
+    position -> sequence map (`extra["seq"]`) and per-sequence response lengths that `response_logprobs`
+    sums by."""
+    extra = dict(extra or {})
+    kwargs = {}
+    if b.seq is not None:
+        kwargs = {"positions": b.positions.to(device), "segments": Segments(b.segment_ids.to(device), shared_prefix=True)}
+        extra |= {"seq": b.seq.to(device), "response_tokens": b.response_tokens.to(device)}
+    return Batch(b.inputs.to(device), b.targets.to(device), kwargs, extra)
 
 
 def response_logprobs(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs (2P,) with gradient, response lengths (2P,)) of every row's targets.
+    """(summed log-probs (S,) with gradient, response lengths (S,)) of every sequence's targets: one
+    sequence per row, or by `extra["seq"]` (a shared-prompt batch: each row holds a prompt and
+    several responses), in the same (S,) order either way.
 
     The output layer runs only at the response positions (`logits_at`): prompts and padding, often
     most of a preference batch, never become (T x V) logits."""
-    scored = batch.targets != IGNORE_INDEX  # (2P, T)
+    scored = batch.targets != IGNORE_INDEX  # (R, T)
     logits = model(batch.inputs, logits_at=scored, **batch.model_kwargs)  # (N, V), row-major
     picked = token_logprobs(logits, batch.targets[scored])  # (N,)
-    rows = scored.nonzero()[:, 0]  # the row of each scored position, in the same order
-    logps = torch.zeros(scored.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
-    return logps, scored.sum(-1)
+    seq = batch.extra.get("seq")
+    if seq is None:
+        index, lengths = scored.nonzero()[:, 0], scored.sum(-1)  # the row of each scored position
+    else:
+        index, lengths = seq[scored], batch.extra["response_tokens"]
+    logps = torch.zeros(lengths.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, index, picked)
+    return logps, lengths
+
+
+def halves(batch: Batch) -> tuple[Batch, Batch]:
+    """The first and the second half of a batch's rows, holding the first and the second half of its
+    sequences (KTO: examples, then KL rows), as two batches, each with its own model arguments and
+    sequence map."""
+    h = batch.inputs.shape[0] // 2
+    kw = batch.model_kwargs
+    parts = []
+    for rows in (slice(None, h), slice(h, None)):
+        kwargs = dict(kw)
+        if "positions" in kw:
+            kwargs["positions"] = kw["positions"][rows]
+        if "segments" in kw:
+            kwargs["segments"] = Segments(kw["segments"].ids[rows], kw["segments"].shared_prefix)
+        parts.append(Batch(batch.inputs[rows], batch.targets[rows], kwargs))
+    if "seq" in batch.extra:  # the second half's sequences are numbered from 0 again
+        n, seq, counts = sequences(batch) // 2, batch.extra["seq"], batch.extra["response_tokens"]
+        parts[0].extra |= {"seq": seq[:h], "response_tokens": counts[:n]}
+        parts[1].extra |= {"seq": torch.where(seq[h:] >= 0, seq[h:] - n, -1), "response_tokens": counts[n:]}
+    return parts[0], parts[1]
 
 
 def frozen_reference(reference_model: nn.Module) -> Reference:
@@ -197,10 +250,10 @@ class KTOLoss:
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         n = pairs(batch)
-        examples = Batch(batch.inputs[:n], batch.targets[:n], batch.model_kwargs)
+        examples, kl_rows = halves(batch)
         logps, _ = response_logprobs(model, examples)  # (n,) with gradient
         with torch.no_grad():  # the KL rows only estimate a constant
-            kl_logps, _ = response_logprobs(model, Batch(batch.inputs[n:], batch.targets[n:], batch.model_kwargs))
+            kl_logps, _ = response_logprobs(model, kl_rows)
         ref = batch.extra["ref_logps"].float() if "ref_logps" in batch.extra else None
         if ref is None:
             if self.reference is None:

@@ -1,8 +1,9 @@
 """Preference pairs -> prompt, chosen and rejected token ids with loss masks, batches and the check.
 
-A pair is a prompt and two responses to it, one preferred. Four record formats, recognised per
-record by their keys (or forced by `PrefDataConfig.format`), read from JSON arrays, JSON Lines
-(.json, .jsonl, .ndjson, optionally .gz) or Parquet (.parquet, one record a row):
+A pair is a prompt and two responses to it, one preferred. Four record formats of pairs, and one of
+unpaired examples, recognised per record by their keys (or forced by `PrefDataConfig.format`), read
+from JSON arrays, JSON Lines (.json, .jsonl, .ndjson, optionally .gz) or Parquet (.parquet, one
+record a row):
 - hh-rlhf (Anthropic's Helpful-Harmless): `chosen` and `rejected`, each a whole transcript of
   "\\n\\nHuman: ..." / "\\n\\nAssistant: ..." turns. The prompt is their common start, up to and
   including the last "\\n\\nAssistant:" both share; the responses are what follows it. Two
@@ -17,6 +18,11 @@ record by their keys (or forced by `PrefDataConfig.format`), read from JSON arra
 - LLaMA-Factory: `conversations` (ShareGPT {"from", "value"} turns), optional `system`, and
   `chosen` / `rejected` as one {"from": "gpt", "value"} turn each.
 - plain: `prompt`, `chosen`, `rejected` strings.
+- unpaired (TRL's "unpaired preference" type, what KTO trains on): `prompt`, `completion` and
+  `label` (true: desirable, false: undesirable), prompt and completion as strings or, in TRL's
+  conversational form, message lists (`prompt` absent: the completion's messages before its last,
+  assistant, one). Each record is one example, an `UnpairedExample` (`tokenize_unpaired`,
+  `fit_unpaired`, `collate_kto`, `check_unpaired`); the files hold pairs or unpaired examples, not both.
 The prompt is held as messages (optional system turn, then user and assistant alternating,
 ending with user) and, where the record has it as text, as that text; responses are the
 assistant turn's content and, for hh-rlhf, also the text exactly as it follows the prompt.
@@ -37,7 +43,9 @@ the responses' ends. What was cut is counted per pair and in `PrefStats`.
 
 `collate_pairs` builds one batch of 2P rows for P pairs, the chosen rows first and then the
 rejected ones (TRL's `concatenated_forward` order), right-padded, with next-token targets that
-are IGNORE_INDEX except where a response token is predicted. `check_pairs` + `format_pref_check`
+are IGNORE_INDEX except where a response token is predicted. `collate_pairs_shared` holds the same
+2P sequences in P rows, one per pair: the prompt once, then each response behind it (the model's
+`Segments` with a shared prefix), so the prompt is computed once. `check_pairs` + `format_pref_check`
 are the check before training: a few pairs with the learnt tokens of both sides marked.
 
 Bad input (a missing `rejected`, chosen identical to rejected, an empty response, a value of the
@@ -46,17 +54,18 @@ wrong type, a transcript with no Assistant turn, prompts the two sides do not sh
 Parquet row) or index (JSON array) and the key; with `strict=False` the record is skipped and
 counted, up to `max_skip_fraction`. Messages name keys, never the record's content.
 
-It does not compute log-probs or losses (align/), tokenize unpaired (KTO) data, or read
-LLaMA-Factory's Alpaca-style preference rows (`instruction` + `chosen` strings).
+It does not compute log-probs or losses (align/), or read LLaMA-Factory's Alpaca-style preference
+rows (`instruction` + `chosen` strings).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,7 +101,7 @@ from temper.data.sft import (
 from temper.data.sources import DataError, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
 
-FORMATS = ("auto", "hh-rlhf", "messages", "llamafactory", "plain")
+FORMATS = ("auto", "hh-rlhf", "messages", "llamafactory", "plain", "unpaired")
 TEMPLATES = ("chat", "plain")
 SIDES = ("chosen", "rejected")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -108,8 +117,9 @@ class PrefDataConfig:
 
     files: list[str] = field(default_factory=list)
     """JSON arrays, JSON Lines (.json, .jsonl, .ndjson, optionally .gz) or Parquet files: paths, directories or globs."""
-    format: Literal["auto", "hh-rlhf", "messages", "llamafactory", "plain"] = "auto"
-    """Record format: auto (per record, by its keys), hh-rlhf (transcripts), messages (UltraFeedback), llamafactory, plain."""
+    format: Literal["auto", "hh-rlhf", "messages", "llamafactory", "plain", "unpaired"] = "auto"
+    """Record format: auto (per record, by its keys), hh-rlhf (transcripts), messages (UltraFeedback), llamafactory,
+    plain, unpaired (prompt, completion, label: KTO's examples)."""
     template: Literal["chat", "plain"] = "chat"
     """Prompt format: the tokenizer's chat template, or the prompt text as it is (BOS + prompt + response + EOS)."""
     chat_template: str = ""
@@ -158,6 +168,22 @@ class PrefRecord:
 
 
 @dataclass
+class UnpairedRecord:
+    """One unpaired example read from a file (KTO's data), checked but not tokenized."""
+
+    prompt: list[dict[str, str]]
+    """The prompt's turns, as `PrefRecord.prompt`."""
+    completion: str
+    """The response, as the content of an assistant turn."""
+    label: bool
+    """True: a desirable completion; False: an undesirable one."""
+    where: str
+    """Where it was read, as `PrefRecord.where`."""
+    prompt_text: str | None = None
+    """The prompt as text, when the record has it so (a string `prompt`); template=plain uses it."""
+
+
+@dataclass
 class PrefExample:
     """One tokenized pair: a row is the prompt followed by one response."""
 
@@ -189,13 +215,49 @@ class PrefExample:
     def row(self, side: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, loss_mask) of the row prompt + `side` ("chosen" or "rejected"); the mask is False on the prompt."""
         ids, mask = (self.chosen, self.chosen_mask) if side == "chosen" else (self.rejected, self.rejected_mask)
-        return (np.concatenate([self.prompt, ids]).astype(np.int32),
-                np.concatenate([np.zeros(len(self.prompt), dtype=bool), mask]))
+        return _row(self.prompt, ids, mask)
+
+
+@dataclass
+class UnpairedExample:
+    """One tokenized unpaired example (KTO): a prompt and one completion labelled desirable or not."""
+
+    prompt: np.ndarray
+    """Prompt ids, int32, as `PrefExample.prompt`."""
+    completion: np.ndarray
+    """Completion ids, int32, as `PrefExample.chosen`."""
+    mask: np.ndarray
+    """bool: True where the completion's token is learnt."""
+    label: bool
+    """True: desirable."""
+    where: str
+    """The record it came from."""
+    prompt_cut: int = 0
+    """Tokens cut from the prompt's start by `fit_unpaired`."""
+    completion_cut: int = 0
+    """Tokens cut from the completion's end."""
+    eos_added: bool = False
+    """EOS was inserted after assistant turns because the chat template ends them with no special token."""
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.prompt_cut or self.completion_cut)
+
+    def row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss_mask) of the row prompt + completion; the mask is False on the prompt."""
+        return _row(self.prompt, self.completion, self.mask)
+
+
+def _row(prompt: np.ndarray, response: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss mask) of prompt + response, learnt where the response's mask is."""
+    return (np.concatenate([prompt, response]).astype(np.int32),
+            np.concatenate([np.zeros(len(prompt), dtype=bool), mask]))
 
 
 @dataclass
 class PrefStats(SFTStats):
-    """What reading, tokenizing and fitting saw (`examples` counts pairs; `truncated` pairs cut to max_length)."""
+    """What reading, tokenizing and fitting saw (`examples` counts pairs, or unpaired examples; `truncated`
+    those cut to max_length)."""
 
     prompt_tokens_cut: int = 0
     """Tokens cut from the start of prompts, over all pairs."""
@@ -225,20 +287,27 @@ def _as_pref_error(side: str = "") -> Iterator[None]:
 
 
 def read_pref_records(files: str | Sequence[str], *, format: str = "auto", strict: bool = True,
-                      stats: PrefStats | None = None) -> list[PrefRecord]:
-    """The preference pairs of `files` (paths, directories, globs), in file order, checked.
+                      stats: PrefStats | None = None) -> list[PrefRecord] | list[UnpairedRecord]:
+    """The preference pairs (or unpaired examples) of `files` (paths, directories, globs), in file order, checked.
 
     A bad record raises `PrefDataError`, or with `strict=False` is skipped and counted in `stats`.
     A file that cannot be read as a whole (a JSON array that does not parse, corrupt gzip or
-    Parquet) always raises DataError.
+    Parquet), or an unpaired example among pairs (or a pair among unpaired examples), always
+    raises DataError: no recipe trains on both.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     stats = stats if stats is not None else PrefStats()
     records = []
+    first: tuple[bool, str] | None = None  # (unpaired, where) of the first object, by its keys
     for path in expand_inputs(files):
         for where, obj in _file_records(path):
             stats.records += 1
+            if format == "auto" and isinstance(obj, dict):  # by keys, bad or not: as `is_unpaired_data` looks
+                first = first or (_is_unpaired(obj), where)
+                if _is_unpaired(obj) != first[0]:
+                    raise DataError(f"{where}: {_data_kind(not first[0])} after {_data_kind(first[0])} (the first "
+                                    f"at {first[1]}): the data must be all pairs or all unpaired examples")
             try:
                 if isinstance(obj, RecordError):  # an unreadable line
                     raise PrefDataError(obj.where, obj.key, obj.reason, obj.message)
@@ -246,6 +315,10 @@ def read_pref_records(files: str | Sequence[str], *, format: str = "auto", stric
             except PrefDataError as e:
                 _skip(e, strict, stats)
     return records
+
+
+def _data_kind(unpaired: bool) -> str:
+    return "an unpaired example (prompt, completion, label)" if unpaired else "a preference pair (chosen, rejected)"
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -280,23 +353,46 @@ def parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: corrupt Parquet file{after} ({e})") from None
 
 
-def parse_pref_record(obj: Any, where: str, format: str = "auto") -> PrefRecord:
-    """One JSON value (or Parquet row) -> a checked pair; raises PrefDataError naming `where` and the key."""
+def parse_pref_record(obj: Any, where: str, format: str = "auto") -> PrefRecord | UnpairedRecord:
+    """One JSON value (or Parquet row) -> a checked pair (or unpaired example); raises PrefDataError
+    naming `where` and the key."""
     if not isinstance(obj, dict):
         raise PrefDataError(where, "", "not_object", f"expected a JSON object, got {_kind(obj)}")
     if format == "auto":
         format = _detect(obj, where)
-    parse = {"hh-rlhf": _hh_rlhf, "messages": _messages, "llamafactory": _llamafactory, "plain": _plain}.get(format)
+    parse = {"hh-rlhf": _hh_rlhf, "messages": _messages, "llamafactory": _llamafactory, "plain": _plain,
+             "unpaired": _unpaired}.get(format)
     if parse is None:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     with _as_pref_error():
         record = parse(obj, where)
+    if isinstance(record, UnpairedRecord):
+        return record
     if record.chosen.strip() == record.rejected.strip():
         raise PrefDataError(where, "rejected", "identical", "identical to chosen: the pair prefers nothing")
     return record
 
 
+def is_unpaired_data(cfg: PrefDataConfig) -> bool:
+    """Whether `cfg.files` hold unpaired examples (KTO's data) rather than pairs, by the format or the
+    first record that is an object: a cheap look before anything loads (the full read refuses a mix)."""
+    if cfg.format != "auto":
+        return cfg.format == "unpaired"
+    for path in expand_inputs(cfg.files) if cfg.files else ():
+        with closing(_file_records(path)) as records:
+            for _, obj in records:
+                if isinstance(obj, dict):
+                    return _is_unpaired(obj)
+    return False
+
+
+def _is_unpaired(obj: Mapping[str, Any]) -> bool:
+    return "completion" in obj or ("label" in obj and "chosen" not in obj and "rejected" not in obj)
+
+
 def _detect(obj: Mapping[str, Any], where: str) -> str:
+    if _is_unpaired(obj):
+        return "unpaired"
     if "conversations" in obj:
         return "llamafactory"
     response = obj.get("chosen", obj.get("rejected"))
@@ -307,7 +403,8 @@ def _detect(obj: Mapping[str, Any], where: str) -> str:
     keys = ", ".join(k[:40] for k in sorted(obj)[:10])
     raise PrefDataError(where, "", "unknown_format", "cannot tell the format: expected 'chosen' and 'rejected' "
                         "(hh-rlhf transcripts or message lists), with 'prompt' (messages or plain strings) or "
-                        f"'conversations' (LLaMA-Factory); keys: {keys}")
+                        "'conversations' (LLaMA-Factory), or unpaired 'prompt', 'completion' and 'label' (KTO); "
+                        f"keys: {keys}")
 
 
 def _hh_rlhf(obj: Mapping[str, Any], where: str) -> PrefRecord:
@@ -432,6 +529,34 @@ def _plain(obj: Mapping[str, Any], where: str) -> PrefRecord:
     return PrefRecord([{"role": "user", "content": prompt}], chosen, rejected, where, prompt_text=prompt)
 
 
+def _unpaired(obj: Mapping[str, Any], where: str) -> UnpairedRecord:
+    """TRL's unpaired preference record: `prompt` and `completion` as strings or message lists (see
+    `_side`: absent, the prompt is the completion's messages before its response), and a boolean `label`."""
+    value = obj.get("prompt", _MISSING)
+    prompt_text = None
+    if value is _MISSING:
+        prompt = None
+    elif isinstance(value, str):
+        prompt_text = _text(value, where, "prompt")
+        prompt = [{"role": "user", "content": prompt_text}]
+    else:
+        prompt = _turns(obj, where, "prompt", "role", "content", {r: r for r in ROLES})
+    context, completion = _side(obj, where, "completion", prompt)
+    if prompt is None:
+        prompt = context
+        if not prompt:
+            raise PrefDataError(where, "completion", "no_prompt", "no prompt: give 'prompt', or the user turn "
+                                "before the response in completion")
+    _check_prompt(prompt, where, "prompt[{}].role" if isinstance(value, list) else "completion[{}].role")
+    label = obj.get("label", _MISSING)
+    if label is _MISSING:
+        raise PrefDataError(where, "label", "missing_field", "missing: true for a desirable completion, false for "
+                            "an undesirable one")
+    if not isinstance(label, bool):
+        raise PrefDataError(where, "label", "not_bool", f"expected true or false, got {_kind(label)}")
+    return UnpairedRecord(prompt, completion, label, where, prompt_text=prompt_text)
+
+
 def _check_prompt(prompt: list[dict[str, str]], where: str, key: str, added: int = 0) -> None:
     """sft.py's turn order with the response after the prompt: optional system turn, then user and
     assistant alternating from user; so the prompt ends with a user turn. An error at the response's
@@ -507,27 +632,54 @@ def _chat_side(prompt: list[dict[str, str]], response: str, tokenizer: HFTokeniz
 
 
 def _plain_sides(record: PrefRecord, tokenizer: HFTokenizer) -> tuple[list[int], list[tuple]]:
-    text = record.prompt_text
-    if text is None:
-        if [m["role"] for m in record.prompt] != ["user"]:
-            raise PrefDataError(record.where, "prompt", "not_text", f"template=plain needs a prompt text, and this "
-                                f"prompt is a conversation of {len(record.prompt)} turns: use template=chat")
-        text = record.prompt[0]["content"]
-    with _as_pref_error():
-        eos = _eos(tokenizer, record.where)
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    sides = []
     texts = (record.chosen if record.chosen_text is None else record.chosen_text,
              record.rejected if record.rejected_text is None else record.rejected_text)
-    for side, response in zip(SIDES, texts):
+    return _plain_rows(record.prompt, record.prompt_text, list(zip(SIDES, texts)), tokenizer, record.where)
+
+
+def _plain_rows(prompt: list[dict[str, str]], text: str | None, responses: list[tuple[str, str]],
+                tokenizer: HFTokenizer, where: str) -> tuple[list[int], list[tuple]]:
+    """(BOS + prompt ids, [(None, response ids + EOS, all-learnt mask)] per (key, response)) of template=plain."""
+    if text is None:
+        if [m["role"] for m in prompt] != ["user"]:
+            raise PrefDataError(where, "prompt", "not_text", f"template=plain needs a prompt text, and this "
+                                f"prompt is a conversation of {len(prompt)} turns: use template=chat")
+        text = prompt[0]["content"]
+    with _as_pref_error():
+        eos = _eos(tokenizer, where)
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    sides = []
+    for side, response in responses:
         # Encoded with the prompt, as the model reads it: the prompt's own ids must be its start.
         full = tokenizer.encode(text + response, add_special_tokens=False)
         if full[:len(prompt_ids)] != prompt_ids:
-            raise PrefDataError(record.where, side, "prefix_mismatch", "the prompt's tokens are not a prefix of the "
+            raise PrefDataError(where, side, "prefix_mismatch", "the prompt's tokens are not a prefix of the "
                                 "tokens of prompt + response (the response's start merges with the prompt's end)")
         ids = [*full[len(prompt_ids):], eos]
         sides.append((None, ids, [True] * len(ids)))
     return _prefix_tokens(tokenizer) + prompt_ids, sides
+
+
+def tokenize_unpaired(record: UnpairedRecord, tokenizer: HFTokenizer, *, template: str = "chat",
+                      chat_template: str | None = None, system_prompt: str = "") -> UnpairedExample:
+    """One unpaired example -> prompt ids and the completion's ids and loss mask, rendered as
+    `tokenize_pair` renders each side of a pair; no length limit. Raises PrefDataError as it does."""
+    if template == "plain" and (system_prompt or chat_template):
+        raise ValueError("system_prompt and chat_template apply to template=chat; a plain prompt has neither")
+    if template == "chat":
+        prompt = record.prompt
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        prompt_ids, ids, mask, eos_added = _chat_side(prompt, record.completion, tokenizer, chat_template,
+                                                      record.where, "completion")
+    elif template == "plain":
+        prompt_ids, [(_, ids, mask)] = _plain_rows(record.prompt, record.prompt_text, [("completion", record.completion)],
+                                                   tokenizer, record.where)
+        eos_added = False
+    else:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    return UnpairedExample(np.asarray(prompt_ids, dtype=np.int32), np.asarray(ids, dtype=np.int32),
+                           np.asarray(mask, dtype=bool), record.label, record.where, eos_added=eos_added)
 
 
 def fit_pair(example: PrefExample, max_length: int, max_prompt_length: int | None = None, *,
@@ -539,28 +691,53 @@ def fit_pair(example: PrefExample, max_length: int, max_prompt_length: int | Non
     When the prompt starts with `bos_id`, that token stays: the model has always seen it first.
     A response keeps at least its first token, which is learnt.
     """
-    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
-    _check_lengths(max_length, max_prompt_length)
-    n_prompt = len(example.prompt)
-    over = n_prompt + max(len(example.chosen), len(example.rejected)) - max_length
-    if over <= 0:
+    fitted = _fit_prompt(example.prompt, max(len(example.chosen), len(example.rejected)), max_length,
+                         max_prompt_length, bos_id)
+    if fitted is None:
         return example
-    keep = max(n_prompt - over, min(n_prompt, max_prompt_length))
-    head = 1 if bos_id is not None and n_prompt and keep and example.prompt[0] == bos_id else 0
-    prompt = np.concatenate([example.prompt[:head], example.prompt[n_prompt - keep + head:]])
-    room = max_length - keep
+    prompt, room = fitted
     return PrefExample(
         prompt, example.chosen[:room].copy(), example.rejected[:room].copy(), example.chosen_mask[:room].copy(),
         example.rejected_mask[:room].copy(), example.where,
-        prompt_cut=example.prompt_cut + n_prompt - keep,
+        prompt_cut=example.prompt_cut + len(example.prompt) - len(prompt),
         chosen_cut=example.chosen_cut + max(len(example.chosen) - room, 0),
         rejected_cut=example.rejected_cut + max(len(example.rejected) - room, 0),
         eos_added=example.eos_added,
     )
 
 
-def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer, stats: PrefStats | None = None) -> list[PrefExample]:
-    """Read, check, tokenize and fit to `cfg.max_length` the pairs of `cfg.files`, counting in `stats`."""
+def fit_unpaired(example: UnpairedExample, max_length: int, max_prompt_length: int | None = None, *,
+                 bos_id: int | None = None) -> UnpairedExample:
+    """`example` with its row within `max_length` tokens, cut as `fit_pair` cuts a pair's, and what was cut."""
+    fitted = _fit_prompt(example.prompt, len(example.completion), max_length, max_prompt_length, bos_id)
+    if fitted is None:
+        return example
+    prompt, room = fitted
+    return dataclasses.replace(example, prompt=prompt, completion=example.completion[:room].copy(),
+                               mask=example.mask[:room].copy(),
+                               prompt_cut=example.prompt_cut + len(example.prompt) - len(prompt),
+                               completion_cut=example.completion_cut + max(len(example.completion) - room, 0))
+
+
+def _fit_prompt(prompt: np.ndarray, longest: int, max_length: int, max_prompt_length: int | None,
+                bos_id: int | None) -> tuple[np.ndarray, int] | None:
+    """(the prompt cut at its start, room left for a response) so that prompt + the `longest` response
+    fit `max_length` (see `fit_pair`); None when they already do."""
+    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
+    _check_lengths(max_length, max_prompt_length)
+    n_prompt = len(prompt)
+    over = n_prompt + longest - max_length
+    if over <= 0:
+        return None
+    keep = max(n_prompt - over, min(n_prompt, max_prompt_length))
+    head = 1 if bos_id is not None and n_prompt and keep and prompt[0] == bos_id else 0
+    return np.concatenate([prompt[:head], prompt[n_prompt - keep + head:]]), max_length - keep
+
+
+def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer,
+                       stats: PrefStats | None = None) -> list[PrefExample] | list[UnpairedExample]:
+    """Read, check, tokenize and fit to `cfg.max_length` the pairs (or unpaired examples) of `cfg.files`,
+    counting in `stats`."""
     if not cfg.files:
         raise DataError("no preference data files given: pass --data.files=[FILE.jsonl, ...]")
     if cfg.template == "chat" and not tokenizer.chat_templates and not cfg.chat_template:
@@ -569,16 +746,18 @@ def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer, stats: PrefS
     stats = stats if stats is not None else PrefStats()
     examples = []
     for record in read_pref_records(cfg.files, format=cfg.format, strict=cfg.strict, stats=stats):
+        unpaired = isinstance(record, UnpairedRecord)
+        tokenize, fit = (tokenize_unpaired, fit_unpaired) if unpaired else (tokenize_pair, fit_pair)
         try:
-            example = tokenize_pair(record, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
-                                    system_prompt=cfg.system_prompt)
+            example = tokenize(record, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
+                               system_prompt=cfg.system_prompt)
         except PrefDataError as e:
             _skip(e, cfg.strict, stats)
             continue
-        fitted = fit_pair(example, cfg.max_length, cfg.max_prompt_length or None, bos_id=tokenizer.bos_id)
+        fitted = fit(example, cfg.max_length, cfg.max_prompt_length or None, bos_id=tokenizer.bos_id)
         stats.truncated += fitted.truncated
         stats.prompt_tokens_cut += fitted.prompt_cut
-        stats.response_tokens_cut += fitted.chosen_cut + fitted.rejected_cut
+        stats.response_tokens_cut += (fitted.completion_cut if unpaired else fitted.chosen_cut + fitted.rejected_cut)
         stats.eos_added += fitted.eos_added
         examples.append(fitted)
     stats.examples = len(examples)
@@ -587,7 +766,7 @@ def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer, stats: PrefS
         files = ", ".join(cfg.files)
         if not stats.records:
             raise DataError(f"no preference records in {files}: the data is empty")
-        raise DataError(f"no preference pairs left in {files} from {stats.records} records: skipped "
+        raise DataError(f"no preference pairs or examples left in {files} from {stats.records} records: skipped "
                         f"{dict(stats.skipped)}; first problems: {stats.problems[:3]}")
     return examples
 
@@ -609,10 +788,21 @@ class PrefBatch:
     """(2P,) int64: learnt targets per row (the response tokens predicted, end-of-turn token included)."""
     lengths: torch.Tensor
     """(2P,) int64: real (unpadded) tokens per row."""
+    positions: torch.Tensor | None = None
+    """Shared-prompt batches only (`collate_pairs_shared`): (R, T) int64 position of each token in its
+    own prompt + response sequence (a response's positions continue its prompt's)."""
+    segment_ids: torch.Tensor | None = None
+    """Shared-prompt batches only: (R, T) int64 ids for the model's `Segments(ids, shared_prefix=True)`:
+    0 the prompt, 1, 2, ... each response branch, -1 padding."""
+    seq: torch.Tensor | None = None
+    """Shared-prompt batches only: (R, T) int64, the sequence (0 .. 2P-1, this class's row order) whose
+    target each position holds, -1 where none; `response_tokens` and `lengths` are then per sequence."""
 
     def to(self, device: torch.device | str) -> PrefBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PrefBatch(self.inputs.to(device), self.targets.to(device), self.n_pairs,
-                         self.response_tokens.to(device), self.lengths.to(device))
+                         self.response_tokens.to(device), self.lengths.to(device), move(self.positions),
+                         move(self.segment_ids), move(self.seq))
 
 
 def collate_pairs(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_multiple_of: int = 1) -> PrefBatch:
@@ -632,10 +822,92 @@ def collate_unpaired(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to
         raise ValueError("collate_unpaired needs at least one pair")
     parts = [(e.prompt, e.chosen, e.chosen_mask) for e in examples] + [
         (e.prompt, e.rejected, e.rejected_mask) for e in examples]
+    return _collate(_with_kl_rows(parts), len(examples), pad_id, pad_to_multiple_of)
+
+
+def collate_kto(examples: Sequence[UnpairedExample], *, pad_id: int = 0,
+                pad_to_multiple_of: int = 1) -> tuple[PrefBatch, torch.Tensor]:
+    """n unpaired examples -> (a batch of their n rows then n KL rows, as `collate_unpaired`'s; their
+    labels (n,) bool). The batch's `n_pairs` is n: KTO's unit is the example."""
+    if not examples:
+        raise ValueError("collate_kto needs at least one example")
+    rows = _with_kl_rows([(e.prompt, e.completion, e.mask) for e in examples])
+    return (_collate(rows, len(examples), pad_id, pad_to_multiple_of),
+            torch.tensor([e.label for e in examples], dtype=torch.bool))
+
+
+def _with_kl_rows(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The rows of (prompt, response, mask) examples, then their KL rows: row k's prompt with row k-1's
+    response (cyclically), TRL's mismatched pairs whose log-ratios estimate KTO's reference point."""
     mismatched = [(parts[k][0], *parts[k - 1][1:]) for k in range(len(parts))]
-    rows = [(np.concatenate([p, r]).astype(np.int32), np.concatenate([np.zeros(len(p), dtype=bool), m]))
-            for p, r, m in parts + mismatched]
-    return _collate(rows, len(examples), pad_id, pad_to_multiple_of)
+    return [_row(p, r, m) for p, r, m in parts + mismatched]
+
+
+def collate_pairs_shared(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_multiple_of: int = 1) -> PrefBatch:
+    """P pairs -> P rows, one per pair: its prompt once, then the chosen and the rejected response, each
+    seeing only the prompt and itself (`segment_ids` for `Segments(shared_prefix=True)`, positions
+    restarting where the prompt ends). The prompt, most of a pair's tokens, is computed once instead
+    of twice, and no row is padded to the longest other pair's row + response.
+
+    Sequences keep `collate_pairs`' order (2P: chosen 0..P-1, then rejected), so the same per-sequence
+    log-probs, losses and gradients come out (float round-off aside). A response's first target is
+    predicted at the prompt's last token, so that token starts each branch instead of ending the shared
+    part: one extra token per branch, and every scored position is predicted once."""
+    if not examples:
+        raise ValueError("collate_pairs_shared needs at least one pair")
+    P = len(examples)
+    return _collate_shared([(e.prompt, [(e.chosen, e.chosen_mask, k), (e.rejected, e.rejected_mask, P + k)])
+                            for k, e in enumerate(examples)], P, pad_id, pad_to_multiple_of)
+
+
+def collate_unpaired_shared(examples: Sequence[PrefExample], *, pad_id: int = 0, pad_to_multiple_of: int = 1) -> PrefBatch:
+    """`collate_unpaired`'s 4P sequences (2P examples, then their 2P mismatched KL rows, in its order) with
+    prompts shared as in `collate_pairs_shared`: P example rows (pair k's prompt, chosen, rejected), then
+    P KL rows (pair k's prompt with the two responses `collate_unpaired` gives it: those of examples
+    k - 1 and P + k - 1, cyclically). KTO splits such a batch into halves: the first half of the rows holds
+    the first half of the sequences."""
+    if not examples:
+        raise ValueError("collate_unpaired_shared needs at least one pair")
+    P = len(examples)
+    resp = [(e.chosen, e.chosen_mask) for e in examples] + [(e.rejected, e.rejected_mask) for e in examples]
+    rows = [(e.prompt, [(e.chosen, e.chosen_mask, k), (e.rejected, e.rejected_mask, P + k)])
+            for k, e in enumerate(examples)]
+    rows += [(e.prompt, [(*resp[k - 1], 2 * P + k), (*resp[P + k - 1], 3 * P + k)]) for k, e in enumerate(examples)]
+    return _collate_shared(rows, P, pad_id, pad_to_multiple_of)
+
+
+def _collate_shared(groups: list[tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, int]]]], n_pairs: int,
+                    pad_id: int, multiple: int) -> PrefBatch:
+    """One row per group (prompt, [(response ids, loss mask, sequence index), ...])."""
+    n_seq = sum(len(branches) for _, branches in groups)
+    rows = []
+    lengths, learnt = np.zeros(n_seq, np.int64), np.zeros(n_seq, np.int64)
+    for prompt, branches in groups:
+        shared = max(len(prompt) - 1, 0)  # the prompt's last token starts each branch (it predicts the response)
+        parts = [(prompt[:shared], np.full(shared, IGNORE_INDEX), np.arange(shared), 0, -1)]
+        for b, (resp, mask, k) in enumerate(branches, start=1):
+            ids = np.concatenate([prompt, resp]).astype(np.int64)
+            full_mask = np.concatenate([np.zeros(len(prompt), dtype=bool), mask])
+            targets = np.where(full_mask[1:], ids[1:], IGNORE_INDEX)  # next-token targets where learnt
+            targets = np.append(targets, IGNORE_INDEX)[shared:]
+            parts.append((ids[shared:], targets, np.arange(shared, len(ids)), b, k))
+            lengths[k], learnt[k] = len(ids), int((targets != IGNORE_INDEX).sum())
+        rows.append(parts)
+    longest = max(sum(len(part[0]) for part in parts) for parts in rows)
+    width = -(-max(longest, 1) // multiple) * multiple
+    R = len(rows)
+    tokens, targets = np.full((R, width), pad_id, np.int64), np.full((R, width), IGNORE_INDEX, np.int64)
+    positions, seg, seq = np.zeros((R, width), np.int64), np.full((R, width), -1, np.int64), np.full((R, width), -1, np.int64)
+    for r, parts in enumerate(rows):
+        col = 0
+        for ids, tgt, pos, b, k in parts:
+            span = slice(col, col + len(ids))
+            tokens[r, span], targets[r, span], positions[r, span], seg[r, span] = ids, tgt, pos, b
+            seq[r, span] = np.where(tgt != IGNORE_INDEX, k, -1)
+            col += len(ids)
+    as_t = torch.from_numpy
+    return PrefBatch(as_t(tokens), as_t(targets), n_pairs, as_t(learnt), as_t(lengths), as_t(positions),
+                     as_t(seg), as_t(seq))
 
 
 def _collate(rows: list[tuple[np.ndarray, np.ndarray]], n_pairs: int, pad_id: int, multiple: int) -> PrefBatch:
@@ -672,10 +944,38 @@ class PrefCheckReport:
         return self.pairs > 0 and self.chosen.ok and self.rejected.ok and self.n_identical == 0
 
 
-def check_pairs(examples: Sequence[PrefExample], tokenizer: HFTokenizer, *, max_length: int | None = None,
-                n_show: int = 3, stats: PrefStats | None = None) -> PrefCheckReport:
+@dataclass
+class UnpairedCheckReport:
+    """What `check_unpaired` found; `ok` is False when training on these examples would be wrong."""
+
+    examples: int
+    desirable: int
+    """Examples labelled desirable (the rest are undesirable)."""
+    rows: CheckReport
+    """sft's check of the prompt + completion rows."""
+    truncated: int
+    prompt_tokens_cut: int
+    response_tokens_cut: int
+    shown: list[tuple[str, bool, str, list[tuple[str, bool]]]] = field(default_factory=list)
+    """The first examples as (where, label, prompt text, completion runs), runs being (text, learnt)."""
+    stats: PrefStats | None = None
+
+    @property
+    def undesirable(self) -> int:
+        return self.examples - self.desirable
+
+    @property
+    def ok(self) -> bool:
+        return self.examples > 0 and self.rows.ok
+
+
+def check_pairs(examples: Sequence[PrefExample] | Sequence[UnpairedExample], tokenizer: HFTokenizer, *,
+                max_length: int | None = None, n_show: int = 3,
+                stats: PrefStats | None = None) -> PrefCheckReport | UnpairedCheckReport:
     """Look at tokenized pairs as the trainer will see them: sft's check of each side's rows, plus
-    pairs left identical by truncation; `format_pref_check` prints it."""
+    pairs left identical by truncation; `format_pref_check` prints it. Unpaired examples go to `check_unpaired`."""
+    if examples and isinstance(examples[0], UnpairedExample):
+        return check_unpaired(examples, tokenizer, max_length=max_length, n_show=n_show, stats=stats)
     def side_examples(side: str) -> list[SFTExample]:
         out = []
         for e in examples:
@@ -704,29 +1004,34 @@ def check_pairs(examples: Sequence[PrefExample], tokenizer: HFTokenizer, *, max_
     )
 
 
-def format_pref_check(report: PrefCheckReport, color: bool | None = None) -> str:
+def check_unpaired(examples: Sequence[UnpairedExample], tokenizer: HFTokenizer, *, max_length: int | None = None,
+                   n_show: int = 3, stats: PrefStats | None = None) -> UnpairedCheckReport:
+    """Look at tokenized unpaired examples as the trainer will see them: their labels and sft's check of their rows."""
+    rows = []
+    for e in examples:
+        ids, mask = e.row()
+        rows.append(SFTExample(ids, mask, e.where, len(ids) + e.prompt_cut + e.completion_cut, e.eos_added))
+    shown = [(e.where, e.label, tokenizer.decode(e.prompt),
+              _runs(SFTExample(e.completion, e.mask, e.where, len(e.completion)), tokenizer))
+             for e in examples[:n_show]]
+    return UnpairedCheckReport(
+        examples=len(examples), desirable=sum(e.label for e in examples),
+        rows=check_examples(rows, tokenizer, max_length=max_length, n_show=0),
+        truncated=sum(e.truncated for e in examples), prompt_tokens_cut=sum(e.prompt_cut for e in examples),
+        response_tokens_cut=sum(e.completion_cut for e in examples), shown=shown, stats=stats)
+
+
+def format_pref_check(report: PrefCheckReport | UnpairedCheckReport, color: bool | None = None) -> str:
     """The report as text: learnt tokens in green (color, by default when stdout is a terminal) or in [[...]]."""
     if color is None:
         color = sys.stdout.isatty()
     open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
-    lines = [f"Preference data check: {report.pairs} pairs"]
-    for side, r in (("chosen", report.chosen), ("rejected", report.rejected)):
-        line = f"{side}: {r.tokens} tokens, {r.trained_tokens} learnt ({r.trained_fraction:.1%})"
-        if r.lengths:
-            lens = r.lengths
-            line += (f"; row lengths before truncation: min {lens['min']:.0f}, median {lens['median']:.0f}, "
-                     f"p95 {lens['p95']:.0f}, max {lens['max']:.0f}")
-        lines.append(line + f"; ends with a learnt EOS / end-of-turn token: {r.ends_with_stop} of {r.examples}")
-    if report.truncated:
-        lines.append(f"truncated: {report.truncated} pairs, {report.prompt_tokens_cut} tokens cut from prompts' starts "
-                     f"and {report.response_tokens_cut} from responses' ends")
-    stats = report.stats
-    if stats is not None and stats.skipped:
-        lines.append(skip_summary(stats))
-    if stats is not None and stats.eos_added:
-        lines.append(f"EOS inserted after assistant turns (the template ends them with no special token): "
-                     f"{stats.eos_added} pairs")
     mark = lambda runs: "".join(f"{open_}{text}{close}" if learnt else text for text, learnt in runs)
+    if isinstance(report, UnpairedCheckReport):
+        return _format_unpaired_check(report, color, mark)
+    lines = [f"Preference data check: {report.pairs} pairs"]
+    lines += [_rows_line(side, r) for side, r in (("chosen", report.chosen), ("rejected", report.rejected))]
+    lines += _cut_lines(report, "pairs")
     for i, (where, prompt, chosen, rejected) in enumerate(report.shown, 1):
         lines.append(f"--- pair {i} ({where}); learnt text {'in green' if color else 'in [[...]]'} ---")
         lines += [f"prompt: {prompt}", f"chosen: {mark(chosen)}", f"rejected: {mark(rejected)}"]
@@ -744,4 +1049,50 @@ def format_pref_check(report: PrefCheckReport, color: bool | None = None) -> str
     if report.n_identical:
         lines.append(f"FAIL: {report.n_identical} pairs have identical chosen and rejected tokens (cut to the same "
                      f"start?): {', '.join(report.identical)}")
+    return "\n".join(lines)
+
+
+def _rows_line(side: str, r: CheckReport) -> str:
+    line = f"{side}: {r.tokens} tokens, {r.trained_tokens} learnt ({r.trained_fraction:.1%})"
+    if r.lengths:
+        lens = r.lengths
+        line += (f"; row lengths before truncation: min {lens['min']:.0f}, median {lens['median']:.0f}, "
+                 f"p95 {lens['p95']:.0f}, max {lens['max']:.0f}")
+    return line + f"; ends with a learnt EOS / end-of-turn token: {r.ends_with_stop} of {r.examples}"
+
+
+def _cut_lines(report: PrefCheckReport | UnpairedCheckReport, unit: str) -> list[str]:
+    """The lines on truncation, skipped records and inserted EOS tokens."""
+    lines = []
+    if report.truncated:
+        lines.append(f"truncated: {report.truncated} {unit}, {report.prompt_tokens_cut} tokens cut from prompts' "
+                     f"starts and {report.response_tokens_cut} from responses' ends")
+    stats = report.stats
+    if stats is not None and stats.skipped:
+        lines.append(skip_summary(stats))
+    if stats is not None and stats.eos_added:
+        lines.append(f"EOS inserted after assistant turns (the template ends them with no special token): "
+                     f"{stats.eos_added} {unit}")
+    return lines
+
+
+def _format_unpaired_check(report: UnpairedCheckReport, color: bool, mark: Callable) -> str:
+    lines = [f"Preference data check: {report.examples} unpaired examples, {report.desirable} desirable and "
+             f"{report.undesirable} undesirable", _rows_line("completion", report.rows)]
+    lines += _cut_lines(report, "examples")
+    for i, (where, label, prompt, runs) in enumerate(report.shown, 1):
+        lines.append(f"--- example {i} ({where}, {'desirable' if label else 'undesirable'}); learnt text "
+                     f"{'in green' if color else 'in [[...]]'} ---")
+        lines += [f"prompt: {prompt}", f"completion: {mark(runs)}"]
+    if report.ok:
+        lines.append("OK")
+        return "\n".join(lines)
+    r = report.rows
+    if report.examples == 0:
+        lines.append("FAIL: no examples")
+    if r.n_no_trained:
+        lines.append(f"FAIL: {r.n_no_trained} completions have no learnt token: {', '.join(r.no_trained)}")
+    if r.n_no_stop:
+        lines.append(f"FAIL: {r.n_no_stop} untruncated completions do not end with a learnt EOS / end-of-turn token, "
+                     f"so the model would not learn to stop: {', '.join(r.no_stop)}")
     return "\n".join(lines)

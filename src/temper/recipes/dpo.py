@@ -4,7 +4,9 @@ Steps, in the order `run` takes them:
  1. parse the config; load the tokenizer (its chat template renders the prompts)
  2. read the pairs (data/prefs.py): hh-rlhf transcripts, prompt + chosen/rejected messages, or
     LLaMA-Factory records -> prompt, chosen and rejected token ids, learnt on the responses only;
-    hold out `val_fraction` of them by a hash of their index and the seed
+    or, for KTO only, unpaired examples (TRL's prompt, completion, label records; a look at the
+    first record refuses them with any other loss before anything loads), each trained once with
+    its own label; hold out `val_fraction` of them by a hash of their index and the seed
  3. `--check`: print pairs with the learnt tokens of both sides marked, and stop
  4. join the process group when launched by torchrun (DDP; gloo on CPU); load the policy and apply
     the method (full, lora, qlora); the reference policy is the starting model: under LoRA the same
@@ -12,8 +14,10 @@ Steps, in the order `run` takes them:
     `loss.reference=precomputed`, its log-probs computed once before the first step (SimPO and ORPO
     need none)
  5. batches: each epoch, the pairs in a seeded order; a step's pairs are dealt to the ranks
-    (loader.rank_slice), each micro-batch the chosen rows of its pairs then the rejected ones, so
-    the loss is normalised over all the step's pairs on all ranks
+    (loader.rank_slice), each micro-batch one row per pair: its prompt once, then the chosen and the
+    rejected response (`collate_pairs_shared`), scored as its 2P chosen then rejected sequences, so
+    the loss is normalised over all the step's pairs on all ranks (unpaired data: examples stand
+    for pairs, a micro-batch being its examples' rows then their KL rows, TRL's mismatched pairs)
  6. the loop: learning-rate schedule, `train_step` with `align.preference.PreferenceLoss`, TRL's
     metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps), the
     held-out loss and reward accuracy, atomic checkpoints of what trains (and the optimizer)
@@ -30,6 +34,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,12 +50,21 @@ from temper.align.pairs import (
     step_pairs,
     val_batches,
 )
-from temper.align.preference import KTOLoss, PreferenceLoss, adapters_off_reference, frozen_reference
+from temper.align.preference import (
+    KTOLoss,
+    PreferenceLoss,
+    adapters_off_reference,
+    as_batch,
+    frozen_reference,
+)
 from temper.data.loader import EpochOrder
 from temper.data.prefs import (
     PrefDataConfig,
-    collate_pairs,
-    collate_unpaired,
+    UnpairedExample,
+    collate_kto,
+    collate_pairs_shared,
+    collate_unpaired_shared,
+    is_unpaired_data,
 )
 from temper.data.tokenizer import HFTokenizer
 from temper.model.convert import load_hf
@@ -76,7 +90,7 @@ from temper.train.step import NonFiniteLoss, eval_metrics
 class LossConfig:
     kind: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
     """sigmoid (DPO; cDPO with label_smoothing), ipo, simpo (reference-free), orpo (reference-free, with SFT loss),
-    kto (each pair as a desirable and an undesirable example, unpaired)."""
+    kto (each pair as a desirable and an undesirable example, or unpaired prompt/completion/label examples)."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)."""
     label_smoothing: float = 0.0
@@ -134,10 +148,55 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: DPOConfig) -> int:
+    check_unpaired(cfg, is_unpaired_data(cfg.data))  # by the first record, before the tokenizer loads
     return run_on_pairs(cfg, _train)  # steps 1-3, then _train
 
 
+def check_unpaired(cfg: DPOConfig, unpaired: bool) -> None:
+    """Unpaired examples train only with KTO, whose KL rows need a second example in each micro-batch
+    (with one, TRL refuses too: the KL estimate would be the example's own log-ratio)."""
+    if not unpaired:
+        return
+    if cfg.loss.kind != "kto":
+        raise config.ConfigError(f"loss.kind={cfg.loss.kind}: the data is unpaired examples (prompt, completion, "
+                                 "label), which only loss.kind=kto trains on; give pairs (chosen, rejected) for "
+                                 f"{cfg.loss.kind}")
+    if cfg.train.micro_batch_size < 2:
+        raise config.ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size}: kto on unpaired examples "
+                                 "needs at least 2 per micro-batch, since each prompt's KL row takes another "
+                                 "example's completion")
+
+
+def kto_balance_warning(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                        undesirable_weight: float) -> str:
+    """A warning ("" for none) when w_D n_D / (w_U n_U) is outside [1, 4/3], the range the KTO paper
+    recommends (Ethayarajh et al. 2024, eq. 8), with the weights that would bring it in, as TRL's."""
+    if not n_desirable or not n_undesirable:
+        kind = "desirable" if n_desirable else "undesirable"
+        return (f"all {n_desirable + n_undesirable} training examples are {kind}: KTO's other term has nothing "
+                "to learn from")
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if 1.0 <= ratio <= 4 / 3:
+        return ""
+    d_lo = undesirable_weight * n_undesirable / n_desirable
+    u_hi = desirable_weight * n_desirable / n_undesirable
+    return (f"desirable_weight x {n_desirable} desirable / (undesirable_weight x {n_undesirable} undesirable) = "
+            f"{ratio:.3g}, outside the [1, 4/3] the KTO paper recommends: set EITHER loss.desirable_weight in "
+            f"[{d_lo:.3g}, {d_lo * 4 / 3:.3g}] OR loss.undesirable_weight in [{u_hi * 3 / 4:.3g}, {u_hi:.3g}]")
+
+
 def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
+    unpaired = isinstance(train_pairs[0], UnpairedExample)  # as `run` found (the files hold one kind)
+    unit = "examples" if unpaired else "pairs"
+    if unpaired and d.is_main:
+        n_good = sum(e.label for e in train_pairs)
+        print(f"temper dpo: kto on unpaired examples: {n_good} desirable, {len(train_pairs) - n_good} undesirable "
+              f"in training")
+        warning = kto_balance_warning(n_good, len(train_pairs) - n_good, cfg.loss.desirable_weight,
+                                      cfg.loss.undesirable_weight)
+        if warning:
+            print(f"temper dpo: warning: {warning}", file=sys.stderr)
+
     # 4. policy, method and reference
     model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
@@ -162,16 +221,19 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
 
     def batch(source: list, idx: list[int], ref: torch.Tensor | None) -> Batch:
         examples = [source[i] for i in idx]
-        if cfg.loss.kind == "kto":  # 2P examples (chosen desirable), then their 2P mismatched KL rows
-            b = collate_unpaired(examples, pad_id=pad)
-            label = torch.arange(2 * len(idx)) < len(idx)
+        if unpaired:  # n examples with their labels, then their n mismatched KL rows
+            b, label = collate_kto(examples, pad_id=pad)
             return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"label": label.to(d.device)})
-        b = collate_pairs(examples, pad_id=pad)  # chosen rows, then rejected
+        if cfg.loss.kind == "kto":  # 2P examples (chosen desirable), then their 2P mismatched KL rows
+            b = collate_unpaired_shared(examples, pad_id=pad)  # one row per pair's prompt: see collate_pairs_shared
+            label = torch.arange(2 * len(idx)) < len(idx)
+            return as_batch(b, d.device, {"label": label.to(d.device)})
+        b = collate_pairs_shared(examples, pad_id=pad)  # one row per pair, its prompt once; chosen, then rejected
         extra = {}
         if ref is not None:  # (n, 2) per pair: chosen, rejected -> (2P,) in the batch's row order
             r = ref[idx]
             extra["ref_logps"] = torch.cat([r[:, 0], r[:, 1]]).to(d.device)
-        return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra=extra)
+        return as_batch(b, d.device, extra)
 
     def precompute(source: list) -> torch.Tensor | None:
         """(n, 2) reference log-probs of every pair, once (loss.reference=precomputed)."""
@@ -200,10 +262,15 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"temper dpo: {cfg.loss.kind} ({cfg.method}) on {cfg.model}: {n_train:,} of {model.num_params():,} "
-              f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps of "
-              f"{per_step} pairs ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; {stats.truncated} pairs "
+              f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val {unit}, {steps} steps of "
+              f"{per_step} {unit} ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; {stats.truncated} {unit} "
               f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
     trainable = set(ckpt.trainable_names(model))
+
+    def label_counts(first: int) -> dict[str, float]:
+        """The labels of the step's examples on all ranks (those from global index `first` on)."""
+        good = sum(train_pairs[order.item(g)].label for g in range(first, first + per_step))
+        return {"count/desirable": good, "count/undesirable": per_step - good}
 
     def save(at: int) -> None:
         sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
@@ -237,7 +304,8 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
                 step = run.rollback(model, optimizer, trainable_only=cfg.method != "full")["step"]
                 continue
             step += 1
-            run.log_train(step, steps, result, lr, epoch=first / max(len(train_pairs), 1))
+            run.log_train(step, steps, result, lr, epoch=first / max(len(train_pairs), 1),
+                          **(label_counts(first) if unpaired else {}))
             if val_pairs and run.eval_due(step, steps):
                 logger.log(step, validate(), kind="val")
                 run.restart_clock()

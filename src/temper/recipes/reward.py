@@ -47,6 +47,7 @@ from temper.data.loader import EpochOrder
 from temper.data.prefs import (
     PrefDataConfig,
     collate_pairs,
+    is_unpaired_data,
 )
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
 from temper.model.convert import load_hf, save_hf
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: RewardConfig) -> int:
+    if is_unpaired_data(cfg.data):  # by the first record, before anything loads
+        raise config.ConfigError("data.files: the data is unpaired examples (prompt, completion, label), which only "
+                                 "`temper dpo --loss.kind=kto` trains on; a reward model needs pairs (chosen, rejected)")
     return run_on_pairs(cfg, _train)  # steps 1-3, then _train
 
 
