@@ -178,3 +178,83 @@ def test_a_choice_cancelled_mid_way_leaves_its_sibling_alone(model):
         assert got == generate(model, [[5, 6]], max_new_tokens=12, temperature=0.9, seed=3)[0]
     finally:
         sched.stop()
+
+
+@pytest.fixture(scope="module")
+def small():
+    """16 tokens: greedy paths soon repeat, so prompt lookup's drafts are accepted in part."""
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["debug-llama"], vocab_size=16, max_seq_len=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "self"])
+def test_speculation_alone_and_beside_others_equals_plain_greedy(small, drafter):
+    """A request alone speculates (prompt lookup, or the model drafting for itself: every draft kept);
+    one arriving meanwhile turns it back to plain steps, and it speculates again once alone. Greedy
+    tokens and log-probs are generate's for each alone, whenever that happens."""
+    model = small
+    kw = {"lookup": dict(prompt_lookup=2), "self": dict(draft=model)}[drafter]
+    sched = Scheduler(model, slots=4, max_queue=4, num_draft_tokens=3, **kw)
+    sched.start()
+    try:
+        long, short = Collector(), Collector()
+        first, second = list(range(4, 14)), [9, 10]
+        drafted: list[int] = []  # when the second request joins, and when it leaves
+
+        def on_long(ev) -> None:  # the second request joins at the first's 8th token (on the scheduler's thread)
+            long(ev)
+            if isinstance(ev, Token) and len(long.tokens[0]) == 8:
+                drafted.append(sched.speculative.drafted)
+                sched.submit(Request(second, max_tokens=6, temperature=0.0), on_short)
+
+        def on_short(ev) -> None:
+            short(ev)
+            if isinstance(ev, Finished):
+                drafted.append(sched.speculative.drafted)
+
+        sched.submit(Request(first, max_tokens=40, temperature=0.0, top_logprobs=2), on_long)
+        for prompt, c, n in ((first, long, 40), (second, short, 6)):
+            c.wait()
+            want, logps = generate_with_logprobs(model, [prompt], max_new_tokens=n, temperature=0.0)
+            assert c.tokens == want and c.reasons == {0: "length"}
+            torch.testing.assert_close(torch.tensor(c.logprobs[0]), torch.tensor(logps[0]), rtol=0, atol=1e-4)
+        assert len(long.tokens[0]) > 8 + 6  # it was still running when the second one left
+        stats = sched.speculative
+        assert 0 < drafted[0] == drafted[1] < stats.drafted  # before the visit, none during it, after it again
+        assert 0 < stats.accepted <= stats.drafted
+        assert stats.tokens == stats.target_passes + stats.accepted  # each pass: its accepted drafts and one token
+        if drafter == "self":
+            assert stats.accepted == stats.drafted
+        assert sched.running == 0
+    finally:
+        sched.stop()
+
+
+def test_speculation_keeps_stop_ids_limits_and_samples(small):
+    """A full cache row still ends with "length" after the same tokens; a stop id among accepted drafts
+    ends the request there; sampled requests (seeded) run to their max_tokens. The model drafts for
+    itself: every draft is accepted, so each round commits num_draft_tokens + 1 tokens."""
+    model = small
+    sched = Scheduler(model, slots=2, max_queue=4, max_len=16, draft=model, num_draft_tokens=4)
+    sched.start()
+    try:
+        full = Collector()
+        sched.submit(Request(list(range(4, 14)), max_tokens=50, temperature=0.0), full)
+        assert full.wait().reasons == {0: "length"}
+        assert full.tokens == generate(model, [list(range(4, 14))], max_new_tokens=7, temperature=0.0)
+        plain = generate(model, [[5, 6, 7, 5, 6]], max_new_tokens=10, temperature=0.0)[0]
+        stop = plain[3]  # token 0 is sampled, 1..4 are the first round's drafts, 5 is the model's own
+        assert plain.index(stop) == 3
+        stopped = Collector()
+        sched.submit(Request([5, 6, 7, 5, 6], max_tokens=10, temperature=0.0, stop_ids=[stop]), stopped)
+        assert stopped.wait().reasons == {0: "stop"} and stopped.tokens == [plain[: plain.index(stop)]]
+        sampled = Collector()
+        sched.submit(Request([5, 6], max_tokens=9, temperature=0.9, top_k=8, seed=1), sampled)
+        assert sampled.wait().reasons == {0: "length"} and len(sampled.tokens[0]) == 9
+        assert sched.speculative.accepted == sched.speculative.drafted > 0
+    finally:
+        sched.stop()

@@ -24,7 +24,7 @@ import uvicorn
 
 from temper.__main__ import main as temper_main
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
-from temper.infer.engine import generate, generate_with_logprobs
+from temper.infer.engine import decode_step, generate, generate_with_logprobs
 from temper.infer.load import load_for_inference
 from temper.infer.scheduler import Scheduler
 from temper.infer.text import completion_text, cut_at_stop
@@ -57,11 +57,11 @@ def _checkpoint(root: Path, context: int) -> Path:
 
 
 @contextlib.contextmanager
-def serving(path: Path, slots: int, max_queue: int, **settings):
+def serving(path: Path, slots: int, max_queue: int, scheduler_kw: dict | None = None, **settings):
     """A real uvicorn server on a free 127.0.0.1 port, in a thread: (base url, scheduler, loaded, app)."""
     torch.set_num_threads(1)  # as the tests' harness, which a module fixture runs before
     loaded = load_for_inference(path)
-    sched = Scheduler(loaded.model, slots=slots, max_queue=max_queue)
+    sched = Scheduler(loaded.model, slots=slots, max_queue=max_queue, **(scheduler_kw or {}))
     app = create_app(loaded, sched, ServeSettings(model_name="tiny", api_key=KEY, **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -100,7 +100,8 @@ def _request(url: str, method: str, path: str, body: bytes | None = None, key: s
     req = urllib.request.Request(url + path, data=body, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
+            data = r.read()
+            return r.status, json.loads(data) if r.headers.get_content_type() == "application/json" else {}
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -242,9 +243,17 @@ def test_64_concurrent_streams_equal_each_request_alone(server):
     assert sched.running == 0 and sched.queued == 0
 
 
+def _slow_step(model, cache, tokens):
+    """A decode step that takes at least 2 ms (RELIABILITY row 23's artificial per-token sleep): a long
+    request is still running when the test acts on it, however fast the machine."""
+    time.sleep(0.002)
+    return decode_step(model, cache, tokens)
+
+
 def test_queue_full_gives_429_and_a_disconnect_frees_the_row(tmp_path):
     ckpt = _checkpoint(tmp_path / "long", 2048)
-    with serving(ckpt, slots=1, max_queue=1) as (url, sched, _, _):
+    slow = {"step_fn": _slow_step}
+    with serving(ckpt, slots=1, max_queue=1, scheduler_kw=slow) as (url, sched, _, _):
         client = _client(url)
         stream = client.completions.create(model="tiny", prompt="the", max_tokens=2000, temperature=0, stream=True)
         next(iter(stream))
@@ -265,7 +274,7 @@ def test_queue_full_gives_429_and_a_disconnect_frees_the_row(tmp_path):
             time.sleep(0.005)
         assert sched.running == 0 and sched.queued == 0
         assert sched.tokens_generated - before < 1000  # the abandoned stream did not run to its end
-    with serving(ckpt, slots=1, max_queue=1, request_timeout_s=0.3) as (url, sched, _, _):
+    with serving(ckpt, slots=1, max_queue=1, scheduler_kw=slow, request_timeout_s=0.3) as (url, sched, _, _):
         with pytest.raises(openai.InternalServerError) as e:
             _client(url).completions.create(model="tiny", prompt="the", max_tokens=2000)
         assert e.value.status_code == 504
@@ -308,3 +317,49 @@ def test_serve_command_starts_and_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft"])
+def test_speculative_serving_equals_plain_greedy(tmp_path, drafter):
+    """`temper serve --prompt_lookup 2` or `--draft` (the model itself, loaded again: every draft accepted):
+    greedy completions, alone and two at once, equal plain decoding's; /metrics counts the drafts."""
+    ckpt = _checkpoint(tmp_path, 128)
+    kw = {"prompt_lookup": {"prompt_lookup": 2}, "draft": {"draft": load_for_inference(ckpt).model}}[drafter]
+    with serving(ckpt, slots=4, max_queue=8, scheduler_kw=kw | {"num_draft_tokens": 3}) as (url, sched, loaded, _):
+        client = _client(url)
+        prompts = ["the cat sat on the mat while the cat", "where is the dog"]
+        want = [_text(loaded, ids, _alone(loaded, ids, max_new_tokens=24, temperature=0))
+                for ids in map(loaded.tokenizer.encode, prompts)]
+        for p, w in zip(prompts, want, strict=True):
+            assert client.completions.create(model="tiny", prompt=p, max_tokens=24, temperature=0).choices[0].text == w
+        streamed = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == want[0]
+        together: list[str] = [""] * 2
+
+        def one(i: int) -> None:
+            together[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=24,
+                                                    temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert together == want
+        scrape = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        metrics = urllib.request.urlopen(scrape, timeout=10).read().decode()
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("temper_speculative")}
+        drafted = values["temper_speculative_drafted_tokens_total"]
+        accepted = values["temper_speculative_accepted_tokens_total"]
+        assert drafted == sched.speculative.drafted > 0 and 0 < accepted <= drafted
+        assert values["temper_speculative_acceptance_rate"] == pytest.approx(accepted / drafted)
+        if drafter == "draft":
+            assert accepted == drafted
+
+
+def test_serve_speculation_options_are_checked(tmp_path, capsys):
+    for args, message in [(["--draft", str(tmp_path), "--prompt_lookup", "2"], "not both"),
+                          (["--prompt_lookup", "2", "--num_draft_tokens", "0"], "num_draft_tokens >= 1")]:
+        assert temper_main(["serve", str(tmp_path), "--no-auth", *args]) == 2
+        assert message in capsys.readouterr().err

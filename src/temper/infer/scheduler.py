@@ -23,11 +23,28 @@ thread-safe, and one thread keeps the batch whole). Callers (the asyncio server,
   3. samples one token per live row with that request's temperature / top-k / top-p (rows grouped
      by settings), with its log-prob (`token_logprob`), and delivers it; a row ends on a stop id
      (not delivered: "stop"), at max_tokens or when its cache row is full ("length");
-  4. runs ONE `decode_step` over all rows (idle rows compute garbage nobody reads).
+  4. runs ONE `decode_step` over all rows (idle rows compute garbage nobody reads); or, with a
+     drafter (a draft model or prompt lookup) while exactly one request with n = 1 runs and none
+     waits, a speculative round on its row instead (below).
 This loop is the server's only decoding loop, built from the engine's prefill / decode_step / fork /
 sample_next, as DESIGN.md's seam for new ways to generate asks. The waiting queue is bounded:
 `submit` raises `QueueFull` when it is full (an HTTP 429), so load beyond capacity is refused at
 once instead of piling up latency.
+
+Speculative decoding (`temper.infer.speculative`) pays off at batch 1, where a decode step reads all
+the weights for one token; a batch already shares those reads among its rows. So it runs only while
+one request (n = 1) is alone: each iteration, a `Speculator` drafts k tokens after the row's
+sequence, the target verifies them in one `prefill(..., all_logits=True)` on the request's own cache
+row, and the row's length is set back past the rejected drafts, so the row holds exactly its
+accepted tokens, as with plain steps. The accepted drafts and the target's own token are delivered
+at once (log-probs from the verifying pass); that last token is fed next, by the next round or, as
+soon as another request arrives, by the batch's plain `decode_step` (the draft model's cache, kept
+per request while it speculates, is dropped then, and prefilled again when it is alone again).
+Greedy output is unchanged (up to rounding: a pass over k + 1 tokens may round differently from
+one-token steps); sampled tokens keep the target's distribution (exact rejection sampling), but a
+speculated request draws from a torch.Generator seeded from its seed and position, not the engine's
+hashed draws, so a seeded request's text depends on whether it ran alone. Drafted and accepted
+counts are kept (`speculative`, for /metrics) and logged per request.
 
 It does not tokenize, cut stop strings (text: the caller decodes and `cancel`s a choice whose text
 reached one) or know HTTP (`temper.serve.app`). No prefix caching: a shared system prompt is
@@ -49,6 +66,7 @@ from torch import nn
 
 from temper.infer.cache import fork, new_cache, reset
 from temper.infer.engine import decode_step, prefill, sample_next, token_logprob
+from temper.infer.speculative import Round, SpeculativeStats, Speculator, check_drafter
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +150,12 @@ class _Row:
     ticket: Ticket
     index: int  # the choice
     seed: int
+    seq: list[int]  # the prompt and the tokens delivered: what a drafter continues
     generated: int = 0  # tokens sampled so far: the step of the next draw
     held: int = 0  # tokens in the cache row
+    pending: bool = False  # a speculative round chose (and delivered) the token in _feed: no sampling before it is fed
+    spec: Speculator | None = None  # while it speculates: its drafter (the draft model's cache) and sampler
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
 class Scheduler:
@@ -143,16 +165,25 @@ class Scheduler:
     model's context); max_queue: requests that may wait for rows; max_prefill_tokens: prompt tokens
     admitted per iteration (at least one request), which bounds a prefill's memory and the pause it
     causes to running rows; step_fn: `decode_step` or a compiled one (`compiled_decode_step()`).
+    draft (a draft model with the model's vocabulary, on its device) or prompt_lookup (the n-gram
+    size): speculative decoding of a request running alone, num_draft_tokens per round.
     """
 
     def __init__(self, model: nn.Module, *, slots: int = 16, max_queue: int = 64, max_len: int | None = None,
-                 max_prefill_tokens: int = 8192, step_fn: Callable = decode_step) -> None:
+                 max_prefill_tokens: int = 8192, step_fn: Callable = decode_step, draft: nn.Module | None = None,
+                 prompt_lookup: int | None = None, num_draft_tokens: int = 4) -> None:
         context = model.cfg.max_seq_len
         self.max_len = context if max_len is None else max_len
         if slots < 1 or max_queue < 0 or not 0 < self.max_len <= context or max_prefill_tokens < 1:
             raise ValueError(f"need slots >= 1, max_queue >= 0, max_len in [1, {context}] and max_prefill_tokens "
                              f">= 1, got {slots}, {max_queue}, {self.max_len}, {max_prefill_tokens}")
         self.model, self.slots, self.max_queue = model, slots, max_queue
+        if draft is not None or prompt_lookup is not None:
+            check_drafter(model, draft, prompt_lookup, num_draft_tokens)
+            draft = draft.eval() if draft is not None else None
+        self.draft, self.prompt_lookup, self.num_draft_tokens = draft, prompt_lookup, num_draft_tokens
+        self.speculative = SpeculativeStats() if draft is not None or prompt_lookup is not None else None
+        """Drafted and accepted tokens since start (None: no drafter); Prometheus reads it."""
         self.max_prefill_tokens, self.step_fn = max_prefill_tokens, step_fn
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -164,7 +195,7 @@ class Scheduler:
         self.tokens_generated = 0
         """Tokens delivered since start (a Prometheus counter reads it)."""
         self.steps = 0
-        """Decode steps run since start."""
+        """Decode steps (or speculative rounds) run since start."""
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
 
     # ---- the caller's side (any thread) ----------------------------------------------------------
@@ -273,23 +304,77 @@ class Scheduler:
         live = [r for r, row in enumerate(self._rows) if row is not None]
         if not live:
             return
-        self._sample(live)
+        fresh = [r for r in live if not self._rows[r].pending]  # a pending row's token is chosen already
+        if fresh:
+            self._sample(fresh)
         live = [r for r, row in enumerate(self._rows) if row is not None]
         self._running = len(live)
-        if live:
-            self.steps += 1
-            feed = torch.tensor(self._feed, device=self._logits.device)[:, None]  # (slots, 1)
-            if self.step_fn is decode_step:
-                self._logits = decode_step(self.model, self._cache, feed)
-            else:  # CUDA graphs: the next step's outputs overwrite this one's, which admissions write into
-                torch.compiler.cudagraph_mark_step_begin()
-                self._logits = self.step_fn(self.model, self._cache, feed).clone()
-            for r in live:
-                self._rows[r].held += 1
+        if not live:
+            return
+        self.steps += 1
+        if self._alone(live):
+            self._speculate(live[0])
+            return
+        feed = torch.tensor(self._feed, device=self._logits.device)[:, None]  # (slots, 1)
+        if self.step_fn is decode_step:
+            self._logits = decode_step(self.model, self._cache, feed)
+        else:  # CUDA graphs: the next step's outputs overwrite this one's, which admissions write into
+            torch.compiler.cudagraph_mark_step_begin()
+            self._logits = self.step_fn(self.model, self._cache, feed).clone()
+        for r in live:
+            row = self._rows[r]
+            row.held += 1
+            row.pending, row.spec = False, None  # decoding in the batch: its draft cache is freed
+
+    def _alone(self, live: list[int]) -> bool:
+        """Whether to speculate: a drafter is set and one request with n = 1 runs while none waits."""
+        return (self.speculative is not None and len(live) == 1 and self._rows[live[0]].ticket.request.n == 1
+                and not self._waiting)
+
+    def _speculate(self, r: int) -> None:
+        """One speculative round on row r (the module docstring): deliver what it commits, end the row
+        on a stop id or at its limits, else leave its last token pending in _feed."""
+        row = self._rows[r]
+        ticket, q = row.ticket, row.ticket.request
+        if row.spec is None:  # a Generator seeded from the seed and the position: no draws reused on a return
+            row.spec = Speculator(self.model, draft=self.draft, prompt_lookup=self.prompt_lookup,
+                                  k=self.num_draft_tokens, temperature=q.temperature, top_k=q.top_k or None,
+                                  top_p=q.top_p, seed=hash((row.seed, row.generated)), total=self.max_len)
+        # The row holds seq[:-1]: its last token and the drafts must fit, and so must the tokens delivered.
+        room = min(self.max_len - row.held - 1, q.max_tokens - row.generated - 1)
+        done = row.spec.round(self._cache, r, row.seq, room)
+        row.held += 1 + done.accepted
+        for stats in (self.speculative, row.stats):
+            stats.count(done)
+        delivered = self._deliver_round(row, done)
+        for stats in (self.speculative, row.stats):
+            stats.tokens += delivered
+        self._count(delivered)
+        if delivered < len(done.tokens):
+            self._finish(ticket, row.index, "stop")
+        elif row.generated >= q.max_tokens or row.held >= self.max_len:
+            self._finish(ticket, row.index, "length")
+        else:
+            self._feed[r], row.pending = done.tokens[-1], True
+
+    def _deliver_round(self, row: _Row, done: Round) -> int:
+        """Deliver a round's tokens up to a stop id (not delivered); how many were delivered."""
+        q = row.ticket.request
+        tokens = torch.tensor(done.tokens, device=done.logits.device)
+        logps, tops = _logprobs(done.logits, tokens, q.temperature, q.top_logprobs)
+        for i, (t, lp, tp) in enumerate(zip(done.tokens, logps, tops, strict=True)):
+            row.generated += 1
+            if t in q.stop_ids:
+                return i
+            row.ticket.deliver(Token(row.index, t, lp, tp))
+            row.seq.append(t)
+        return len(done.tokens)
 
     def _free(self, ticket: Ticket, index: int) -> None:
         row = ticket.rows[index]
         if row is not None:
+            if self._rows[row].stats.target_passes:
+                log.info("speculative decoding: %s", self._rows[row].stats.describe())
             self._rows[row] = None
             ticket.rows[index] = None
             reset(self._cache, [row])
@@ -346,7 +431,8 @@ class Scheduler:
                 fork(self._cache, first, ticket.rows[1:])
             for i, r in enumerate(ticket.rows):
                 self._logits[r] = lg
-                self._rows[r] = _Row(ticket, i, ticket.seeds[i], held=len(ticket.request.prompt))
+                self._rows[r] = _Row(ticket, i, ticket.seeds[i], list(ticket.request.prompt),
+                                     held=len(ticket.request.prompt))
             for i in sorted(ticket.cancelled):
                 self._cancel(ticket, i)
 
@@ -364,14 +450,9 @@ class Scheduler:
             seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
             steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
             tokens = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
-            logps = token_logprob(logits, tokens, temperature)
             k = max(self._rows[r].ticket.request.top_logprobs for r in rows)
-            top: list[tuple[tuple[int, float], ...]] = [()] * len(rows)
-            if k:
-                scaled = logits.float() / temperature if temperature > 0 else logits.float()
-                values, ids = scaled.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
-                top = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-            for r, t, lp, tp in zip(rows, tokens.tolist(), logps.tolist(), top, strict=True):
+            logps, top = _logprobs(logits, tokens, temperature, k)
+            for r, t, lp, tp in zip(rows, tokens.tolist(), logps, top, strict=True):
                 out[r] = (t, lp, tp[: self._rows[r].ticket.request.top_logprobs])
         delivered = 0
         for r in live:
@@ -383,11 +464,16 @@ class Scheduler:
                 self._finish(ticket, row.index, "stop")
                 continue
             ticket.deliver(Token(row.index, t, lp, tp))
+            row.seq.append(t)
             delivered += 1
             if row.generated >= q.max_tokens or row.held >= self.max_len:
                 self._finish(ticket, row.index, "length")
             else:
                 self._feed[r] = t
+        self._count(delivered)
+
+    def _count(self, delivered: int) -> None:
+        """Tokens delivered by one iteration, for tokens_generated and tokens_per_second."""
         self.tokens_generated += delivered
         now = time.monotonic()
         self._recent.append((now, delivered))
@@ -406,3 +492,15 @@ class Scheduler:
             self._end(ticket)
             ticket.deliver(Failed(reason, message))
         self._running = 0
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, k: int
+              ) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+    """log p of each row's token (logits (n, V), tokens (n,)) and each row's k most likely tokens with
+    theirs (k = 0: none), under softmax(logits / temperature) (temperature 0: softmax(logits))."""
+    logps = token_logprob(logits, tokens, temperature).tolist()
+    if not k:
+        return logps, [()] * len(logps)
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    values, ids = scaled.log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return logps, [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

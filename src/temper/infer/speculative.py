@@ -24,6 +24,10 @@ window_margin tokens when full; see `temper.infer.engine`): a round never drafts
 each token sees exactly the window plain decoding gives it. The draft model windows its own context
 the same way; its windows only change how many drafts are accepted.
 
+`Speculator` is one round (draft, verify, roll back) on a cache row its caller owns: `speculative_stream`
+runs it on a row of its own; `temper serve`'s scheduler (`temper.infer.scheduler`) on a request's row
+of the running batch while that request decodes alone.
+
 One prompt at a time (batch 1: the latency mode of a server or of `temper generate`); sampled draws
 come from one torch.Generator seeded with `seed` (reproducible, but not the engine's per-row Gumbel
 draws: the same seed samples other text than plain decoding). It does not apply a repetition
@@ -41,6 +45,7 @@ from torch import nn
 
 from temper.infer.cache import new_cache, reset
 from temper.infer.engine import _check, decode_step, filter_logits, prefill
+from temper.model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,27 @@ class SpeculativeStats:
         """accepted / drafted (0 when nothing was drafted)."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def count(self, done: Round) -> None:
+        """Add one round's drafts, acceptances and target pass (tokens are counted as they are yielded)."""
+        self.drafted += done.drafted
+        self.accepted += done.accepted
+        self.target_passes += 1
+
     def describe(self) -> str:
         """One line for a log or a terminal."""
         return (f"accepted {self.accepted} of {self.drafted} drafted tokens ({100 * self.acceptance_rate:.1f}%); "
                 f"{self.tokens} tokens in {self.target_passes} target passes")
+
+
+@dataclass
+class Round:
+    """What one round committed: the accepted drafts then the target's own token, and the target's
+    logits (len(tokens), V) each of them was drawn from (for log-probs)."""
+
+    drafted: int
+    accepted: int
+    tokens: list[int]
+    logits: torch.Tensor
 
 
 class _Sampler:
@@ -153,14 +175,6 @@ class _Target:
             self.prefill_window(seq)
         return self.context + self.start - cur
 
-    def score(self, seq: list[int], drafts: list[int]) -> torch.Tensor:
-        """Logits (k + 1, V) after seq[-1] and after each draft, in one pass."""
-        return prefill(self.model, self.cache, [[seq[-1], *drafts]], all_logits=True)
-
-    def commit(self, cur: int, accepted: int) -> None:
-        """Keep seq[start:cur] and the accepted drafts; the new token is fed next round."""
-        self.cache.lengths.fill_(cur - self.start + accepted)
-
 
 class _DraftModel:
     """A small model drafting with its own cache, which holds seq[start:fed]."""
@@ -220,10 +234,36 @@ class _PromptLookup:
         pass
 
 
-def _checked(target: nn.Module, prompt_ids: Sequence[int], draft: nn.Module | None, prompt_lookup: int | None,
-             k: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-             window_margin: int | None) -> int:
-    """The window margin after checking every argument (ValueError naming the one that is wrong)."""
+class Speculator:
+    """Speculative rounds for one sequence: its drafter and sampler; the target's cache row is the caller's.
+
+    total: the most tokens the sequence reaches (the draft model's cache size, at most its context).
+    seed: the sampler's torch.Generator (None: a random one).
+    """
+
+    def __init__(self, target: nn.Module, *, draft: nn.Module | None, prompt_lookup: int | None, k: int,
+                 temperature: float, top_k: int | None, top_p: float | None, seed: int | None, total: int) -> None:
+        self.target, self.k = target, k
+        self.sampler = _Sampler(temperature, top_k, top_p, seed, next(target.parameters()).device)
+        self.drafter = _DraftModel(draft, total) if draft is not None else _PromptLookup(prompt_lookup or 0)
+
+    def round(self, cache: KVCache, row: int, seq: list[int], room: int) -> Round:
+        """Draft up to min(k, room) tokens after seq, score seq[-1] and them in one pass on cache row
+        `row` (which holds the window before seq[-1]), accept, and roll the row back past the rejected
+        drafts: it then holds the accepted drafts too, and the round's last token is fed next round."""
+        room = min(self.k, room, self.drafter.limit())
+        drafts, q = self.drafter.propose(seq, room, self.sampler) if room > 0 else ([], None)
+        logits = prefill(self.target, cache, [[seq[-1], *drafts]], [row], all_logits=True)  # (k + 1, V)
+        accepted, nxt = self.sampler.verify(logits, drafts, q)
+        if accepted < len(drafts):  # roll back: the rejected drafts' slots stay, masked, until overwritten
+            cache.lengths[row] -= len(drafts) - accepted
+        if drafts:
+            self.drafter.commit(len(seq), accepted, len(drafts))
+        return Round(len(drafts), accepted, [*drafts[:accepted], nxt], logits[: accepted + 1])
+
+
+def check_drafter(target: nn.Module, draft: nn.Module | None, prompt_lookup: int | None, k: int) -> None:
+    """ValueError unless there is exactly one drafter, usable with `target`, and k >= 1."""
     if (draft is None) == (prompt_lookup is None):
         raise ValueError("speculative decoding needs one drafter: a draft model or prompt_lookup=n, not both")
     if prompt_lookup is not None and prompt_lookup < 1:
@@ -233,6 +273,13 @@ def _checked(target: nn.Module, prompt_ids: Sequence[int], draft: nn.Module | No
     if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) is not the target's "
                          f"({target.cfg.vocab_size}): drafts are verified token id by token id")
+
+
+def _checked(target: nn.Module, prompt_ids: Sequence[int], draft: nn.Module | None, prompt_lookup: int | None,
+             k: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+             window_margin: int | None) -> int:
+    """The window margin after checking every argument (ValueError naming the one that is wrong)."""
+    check_drafter(target, draft, prompt_lookup, k)
     context = target.cfg.max_seq_len
     margin = context // 4 if window_margin is None else window_margin
     _check([list(prompt_ids)], max_new_tokens, temperature, top_k, top_p, 1.0, margin, target.cfg.vocab_size,
@@ -259,27 +306,19 @@ def speculative_stream(
     stats = SpeculativeStats() if stats is None else stats
     seq, stop = list(prompt_ids), set(stop_token_ids)
     total = len(seq) + max_new_tokens
-    sampler = _Sampler(temperature, top_k, top_p, seed, next(target.parameters()).device)
     models = [m for m in (target, draft) if m is not None]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
     try:
         verifier = _Target(target, len(seq), total, margin)
-        drafter = _DraftModel(draft, total) if draft is not None else _PromptLookup(prompt_lookup or 0)
+        spec = Speculator(target, draft=draft, prompt_lookup=prompt_lookup, k=k, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, total=total)
         verifier.prefill_window(seq)
         while len(seq) < total:
-            cur = len(seq)
-            room = min(k, total - cur - 1, verifier.room(seq), drafter.limit())
-            drafts, q = drafter.propose(seq, room, sampler) if room > 0 else ([], None)
-            accepted, nxt = sampler.verify(verifier.score(seq, drafts), drafts, q)
-            verifier.commit(cur, accepted)
-            if drafts:
-                drafter.commit(cur, accepted, len(drafts))
-            stats.drafted += len(drafts)
-            stats.accepted += accepted
-            stats.target_passes += 1
-            for t in [*drafts[:accepted], nxt]:
+            done = spec.round(verifier.cache, 0, seq, min(total - len(seq) - 1, verifier.room(seq)))
+            stats.count(done)
+            for t in done.tokens:
                 if t in stop:
                     return
                 seq.append(t)

@@ -147,10 +147,10 @@ def encode(loaded: Loaded, cfg: GenerateConfig) -> tuple[list[list[int]], list[s
     return [loaded.encode_chat(c, template) for c in conversations], [""] * len(conversations)
 
 
-def open_draft(cfg: GenerateConfig) -> Checkpoint:
-    """The --draft checkpoint without its weights, once it is known to share the model's vocabulary: drafts
-    are verified token id by token id."""
-    target, draft = open_checkpoint(cfg.checkpoint), open_checkpoint(cfg.draft)
+def open_draft(checkpoint: str, draft_path: str) -> Checkpoint:
+    """The draft checkpoint without its weights, once it is known to share the model's vocabulary: drafts
+    are verified token id by token id (`generate` and `serve`)."""
+    target, draft = open_checkpoint(checkpoint), open_checkpoint(draft_path)
     theirs, ours = draft.tokenizer.tokenizer.get_vocab(), target.tokenizer.tokenizer.get_vocab()
     if theirs != ours:
         differ = sum(theirs.get(t) != i for t, i in ours.items()) + len(theirs.keys() - ours.keys())
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = pick_device(cfg.device)
     try:
-        draft = open_draft(cfg) if cfg.draft else None  # checked before any weights are read
+        draft = open_draft(cfg.checkpoint, cfg.draft) if cfg.draft else None  # checked before any weights are read
         loaded = load_for_inference(cfg.checkpoint, device=device, dtype=pick_dtype(cfg.dtype, device),
                                     allow_pickle=cfg.allow_pickle, quant=cfg.quant)
         prompts, shown = encode(loaded, cfg)

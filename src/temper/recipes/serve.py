@@ -8,7 +8,9 @@ Steps:
   3. load the model, tokenizer, chat template and stop ids (`temper.infer.load`, as `generate`);
   4. build the scheduler (`temper.infer.scheduler`: --slots cache rows decoding together, a queue of
      --max_queue) and the app (`temper.serve.app`), and run it on uvicorn; the scheduler's thread
-     starts with the app and stops when uvicorn shuts down (Ctrl-C, SIGTERM).
+     starts with the app and stops when uvicorn shuts down (Ctrl-C, SIGTERM). With --draft DIR or
+     --prompt_lookup N, a request that runs alone is decoded speculatively (see the scheduler's
+     docstring); its acceptance rate is logged per request and counted on /metrics.
 
 It does not train or evaluate, and it does not reload a checkpoint that changes on disk.
 """
@@ -16,6 +18,7 @@ It does not train or evaluate, and it does not reload a checkpoint that changes 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import signal
 import sys
@@ -27,6 +30,7 @@ import torch
 from temper.config import ConfigError, parse
 from temper.infer.engine import compiled_decode_step, decode_step
 from temper.infer.load import open_checkpoint
+from temper.recipes.generate import open_draft
 from temper.train.parallel import pick_device, pick_dtype
 
 KEY_ENV = "TEMPER_API_KEY"
@@ -75,7 +79,18 @@ class ServeConfig:
     quant: Literal["", "int8", "int4", "nf4"] = ""
     """Weight-only quantization of the linear layers: int8, int4 (torchao) or nf4; "": none."""
     log_level: str = "info"
-    """uvicorn's log level: "critical", "error", "warning", "info", "debug"."""
+    """uvicorn's log level, and temper's (speculative decoding's acceptance rate is an info line): "critical",
+    "error", "warning", "info", "debug"."""
+    draft: str = ""
+    """Speculative decoding with this draft checkpoint (the same tokenizer; e.g. a `temper distill` student) while a
+    request (n = 1) runs alone: it drafts --num_draft_tokens tokens, the model verifies them in one pass. Greedy
+    output is unchanged and sampling keeps the model's distribution, but a seeded request may then draw other text
+    than it would beside others."""
+    prompt_lookup: int = 0
+    """Speculative decoding with prompt lookup (drafts copy what followed an earlier occurrence of the last N tokens,
+    N down to 1; no draft model) while a request runs alone, as --draft; 0: off. Pays off on repetitive text."""
+    num_draft_tokens: int = 4
+    """Tokens drafted per verification pass with --draft or --prompt_lookup."""
 
     def __post_init__(self) -> None:
         pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
@@ -93,6 +108,11 @@ class ServeConfig:
             raise ValueError(f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}")
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.prompt_lookup < 0 or self.num_draft_tokens < 1:
+            raise ValueError(f"prompt_lookup must be >= 0 (0: off) and num_draft_tokens >= 1, got "
+                             f"{self.prompt_lookup} and {self.num_draft_tokens}")
+        if self.draft and self.prompt_lookup:
+            raise ValueError("give either --draft (a draft model) or --prompt_lookup (n-gram drafts), not both")
 
 
 def is_loopback(host: str) -> bool:
@@ -122,6 +142,17 @@ def api_key(cfg: ServeConfig, environ: dict[str, str] | os._Environ = os.environ
     return None
 
 
+def log_to_stderr(level: str) -> None:
+    """temper's own log lines (the scheduler's: failures, speculative decoding's acceptance per request) on
+    stderr beside uvicorn's, at its level."""
+    logger = logging.getLogger("temper")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
@@ -135,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = open_checkpoint(cfg.checkpoint)  # config and tokenizer: fails before the weights are read
     if cfg.max_len is not None and cfg.max_len > checkpoint.config.max_seq_len:
         raise ConfigError(f"max_len={cfg.max_len} is over the model's context ({checkpoint.config.max_seq_len})")
-    loaded = checkpoint.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle, quant=cfg.quant or None)
+    draft = open_draft(cfg.checkpoint, cfg.draft) if cfg.draft else None  # its vocabulary checked, no weights yet
+    dtype = pick_dtype(cfg.dtype, device)
+    loaded = checkpoint.load(device, dtype, cfg.allow_pickle, quant=cfg.quant or None)
+    draft_model = draft.load(device, dtype, cfg.allow_pickle).model if draft else None
 
     import uvicorn  # the serve extra: imported only when serving
 
@@ -143,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     from temper.serve.app import ServeSettings, create_app
 
     step = compiled_decode_step() if cfg.compile else decode_step
-    scheduler = Scheduler(loaded.model, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len, step_fn=step)
+    log_to_stderr(cfg.log_level)
+    scheduler = Scheduler(loaded.model, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len, step_fn=step,
+                          draft=draft_model, prompt_lookup=cfg.prompt_lookup or None,
+                          num_draft_tokens=cfg.num_draft_tokens)
     settings = ServeSettings(
         model_name=cfg.served_model_name or cfg.checkpoint, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.slots),
         request_timeout_s=cfg.request_timeout_s)
     app = create_app(loaded, scheduler, settings)
-    print(f"temper serve: {settings.model_name!r} on http://{cfg.host}:{cfg.port}/v1 ({cfg.slots} slots, "
+    speculation = (f", speculative decoding alone with {cfg.draft or f'prompt lookup {cfg.prompt_lookup}'}"
+                   if cfg.draft or cfg.prompt_lookup else "")
+    print(f"temper serve: {settings.model_name!r} on http://{cfg.host}:{cfg.port}/v1 ({cfg.slots} slots{speculation}, "
           f"{'API key required' if key else 'no auth, loopback only'})", file=sys.stderr)
     # uvicorn handles SIGINT / SIGTERM: it stops accepting, waits a little for open streams, then runs
     # the app's lifespan shutdown, which stops the scheduler's thread. Afterwards it raises the signal

@@ -8,7 +8,8 @@ then `data: [DONE]`), `usage`, and errors in OpenAI's shape `{"error": {"message
 "code"}}`: 400 (bad JSON, a bad parameter, named), 401 (no or a wrong key), 404 (unknown model or
 route), 413 (body over the cap), 429 (the queue is full), 503 (stopped) and 504 (timed out).
 `/health` answers without a key; `/metrics` is Prometheus text (queue length, running rows, tokens
-generated and per second, request latency and time-to-first-token histograms).
+generated and per second, request latency and time-to-first-token histograms; with speculative
+decoding, draft tokens drafted and accepted, and their ratio).
 
 Every request becomes one `temper.infer.scheduler.Request` per prompt; the scheduler's thread sends
 token events back onto the event loop (`loop.call_soon_threadsafe`). Text is this module's job:
@@ -355,6 +356,14 @@ class SchedulerCollector:
         yield CounterMetricFamily("temper_tokens_generated", "Tokens generated since start", value=s.tokens_generated)
         yield GaugeMetricFamily("temper_tokens_per_second", "Tokens generated per second over the last 10 s",
                                 value=s.tokens_per_second())
+        if s.speculative is not None:  # speculative decoding (--draft, --prompt_lookup)
+            spec = s.speculative
+            yield CounterMetricFamily("temper_speculative_drafted_tokens", "Draft tokens the model verified since "
+                                      "start (speculative decoding)", value=spec.drafted)
+            yield CounterMetricFamily("temper_speculative_accepted_tokens", "Draft tokens accepted since start",
+                                      value=spec.accepted)
+            yield GaugeMetricFamily("temper_speculative_acceptance_rate", "Accepted / drafted tokens since start",
+                                    value=spec.acceptance_rate)
 
 
 def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
