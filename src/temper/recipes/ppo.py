@@ -1,5 +1,7 @@
-"""`temper ppo`: RLHF with PPO: a policy that samples, a reward that scores, a value function, and a KL
-penalty that keeps the policy near its frozen starting point.
+"""`temper ppo`: RLHF with PPO: sampled answers, a reward, a value function, a KL penalty to the start.
+
+A policy samples, a reward scores, a value function estimates what is to come, and a KL penalty keeps
+the policy near its frozen starting point.
 
 Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") and Stiennon et al. 2020, as
 TRL's PPOTrainer and OpenRLHF run it: each completion token's reward is -kl_coef * KL(policy || reference)
