@@ -37,8 +37,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from temper import config, faults
+from temper import config
 from temper.align.distill import DistillLoss
 from temper.align.topk_cache import TopKCache, build_cache, fingerprint, open_cache
 from temper.data.loader import TokenWindows, rank_slice, split_holdout
@@ -676,10 +674,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
                 logger.log(0, val, kind="val")
         train_model.train()
         while step < steps:
-            if faults.active("crash", step=step, rank=d.rank):
-                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
-            if faults.active("sigterm", step=step, rank=d.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            run.inject_faults(step)
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step

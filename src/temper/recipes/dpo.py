@@ -32,8 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,7 +39,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from temper import config, faults
+from temper import config
 from temper.align.pairs import (
     RESUME_KEYS,
     PairEvalConfig,
@@ -288,10 +286,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
             logger.log(0, validate(), kind="val")
         train_model.train()
         while step < steps:
-            if faults.active("crash", step=step, rank=d.rank):
-                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
-            if faults.active("sigterm", step=step, rank=d.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            run.inject_faults(step)
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
@@ -306,16 +301,8 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
             step += 1
             run.log_train(step, steps, result, lr, epoch=first / max(len(train_pairs), 1),
                           **(label_counts(first) if unpaired else {}))
-            if val_pairs and run.eval_due(step, steps):
-                logger.log(step, validate(), kind="val")
-                run.restart_clock()
-            saved = run.save_due(step, steps)
-            if saved:
-                save(step)
-            if run.preempted():
-                if not saved:
-                    save(step)
-                return run.stop_preempted(step)
+            if (stop := run.after_step(step, steps, save, validate if val_pairs else None)) is not None:
+                return stop
 
     # 7. final/
     if d.is_main:

@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from temper import config, faults
+from temper import config
 from temper.align.online import (
     OnlineEvalConfig,
     PromptDataConfig,
@@ -203,10 +201,7 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
         if step == 0 and val_prompts.ids:
             logger.log(0, validate(), kind="val")
         while step < steps:
-            if faults.active("crash", step=step, rank=d.rank):
-                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
-            if faults.active("sigterm", step=step, rank=d.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            run.inject_faults(step)
             # 3. rollouts, rewards, advantages
             globals_ = step_prompts(order, step, per_step, d)
             idx = [order.item(g) for g in globals_]
@@ -242,16 +237,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
             step += 1
             run.log_train(step, steps, result, lr, **stats)
             # 5. held-out prompts, checkpoints
-            if val_prompts.ids and run.eval_due(step, steps):
-                logger.log(step, validate(), kind="val")
-                run.restart_clock()
-            saved = run.save_due(step, steps)
-            if saved:
-                save(step)
-            if run.preempted():
-                if not saved:
-                    save(step)
-                return run.stop_preempted(step)
+            if (stop := run.after_step(step, steps, save, validate if val_prompts.ids else None)) is not None:
+                return stop
 
     # 6. final/
     if d.is_main:

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from temper import config, faults
+from temper import config
 from temper.align.online import (
     OnlineEvalConfig,
     PromptDataConfig,
@@ -80,7 +78,7 @@ from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
-from temper.train.losses import Batch
+from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import remove_activation_checkpointing
@@ -212,7 +210,7 @@ def select(batch: Batch, rows: list[int]) -> Batch:
     """The rows of a rollout batch, cut after their last real column."""
     idx = torch.tensor(rows, device=batch.inputs.device)
     targets = batch.targets[idx]
-    T = int((targets != -100).nonzero()[:, 1].max()) + 1 if (targets != -100).any() else 1
+    T = int((targets != IGNORE_INDEX).nonzero()[:, 1].max()) + 1 if (targets != IGNORE_INDEX).any() else 1
     return Batch(batch.inputs[idx, :T], targets[:, :T], extra={k: v[idx, :T] for k, v in batch.extra.items()})
 
 
@@ -293,10 +291,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
         if step == 0 and val_prompts.ids:
             logger.log(0, validate(), kind="val")
         while step < steps:
-            if faults.active("crash", step=step, rank=d.rank):
-                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
-            if faults.active("sigterm", step=step, rank=d.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            run.inject_faults(step)
             # 3. rollouts, scores, reference log-probs and values, rewards, advantages
             globals_ = step_prompts(order, step, per_step, d)
             idx = [order.item(g) for g in globals_]
@@ -306,7 +301,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             if p.missing_eos_penalty is not None:
                 scores = scores - p.missing_eos_penalty * torch.tensor([float(o.truncated) for o in outs])
             whole = collate_rollouts(outs, pad_id=pad, device=d.device)
-            mask = whole.targets != -100
+            mask = whole.targets != IGNORE_INDEX
             ref_logps, values = torch.zeros(mask.shape, device=d.device), torch.zeros(mask.shape, device=d.device)
             with torch.no_grad():
                 for lo in range(0, len(outs), cfg.train.micro_batch_size):
@@ -314,9 +309,9 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
                     b = select(whole, rows)
                     T = b.inputs.shape[1]
                     ref_logps[rows, :T] = reference(b)
-                    _, v = model(b.inputs, logits_at=b.targets != -100)
+                    _, v = model(b.inputs, logits_at=b.targets != IGNORE_INDEX)
                     values[rows, :T] = torch.zeros(b.targets.shape, device=d.device).masked_scatter(
-                        b.targets != -100, v)
+                        b.targets != IGNORE_INDEX, v)
             token_rewards, kl = kl_penalized_rewards(whole.extra["old_logps"], ref_logps, scores.to(d.device), mask,
                                                      kl_ctl.value, cfg.kl.estimator)
             if p.whiten_rewards:
@@ -362,16 +357,8 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             run.log_train(step, steps, result, lr, kl_coef=kl_ctl.value, **{"val/explained_variance": explained},
                           **stats)
             # 5. held-out prompts, checkpoints
-            if val_prompts.ids and run.eval_due(step, steps):
-                logger.log(step, validate(), kind="val")
-                run.restart_clock()
-            saved = run.save_due(step, steps)
-            if saved:
-                save(step)
-            if run.preempted():
-                if not saved:
-                    save(step)
-                return run.stop_preempted(step)
+            if (stop := run.after_step(step, steps, save, validate if val_prompts.ids else None)) is not None:
+                return stop
 
     # 6. final/
     if d.is_main:

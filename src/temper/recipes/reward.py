@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from temper import config, faults
+from temper import config
 from temper.align.pairs import (
     RESUME_KEYS,
     PairEvalConfig,
@@ -174,10 +172,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
             logger.log(0, validate(), kind="val")
         train_model.train()
         while step < steps:
-            if faults.active("crash", step=step, rank=d.rank):
-                raise SystemExit(f"TEMPER_FAULT crash at step {step}")
-            if faults.active("sigterm", step=step, rank=d.rank):
-                os.kill(os.getpid(), signal.SIGTERM)
+            run.inject_faults(step)
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
@@ -191,16 +186,8 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
                 continue
             step += 1
             run.log_train(step, steps, result, lr, epoch=first / max(len(train_pairs), 1))
-            if val_pairs and run.eval_due(step, steps):
-                logger.log(step, validate(), kind="val")
-                run.restart_clock()
-            saved = run.save_due(step, steps)
-            if saved:
-                save(step)
-            if run.preempted():
-                if not saved:
-                    save(step)
-                return run.stop_preempted(step)
+            if (stop := run.after_step(step, steps, save, validate if val_pairs else None)) is not None:
+                return stop
 
     # 7. final/
     if d.is_main:

@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from temper import config
+from temper import config, faults
 from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
@@ -461,6 +461,30 @@ class Run:
                                     keep_last_n=self.cfg.checkpoint.keep_last_n)
         self.restart_clock()
         return path
+
+    def inject_faults(self, step: int) -> None:
+        """Test hooks at the top of a step (`TEMPER_FAULT`): a crash, or a SIGTERM to this process."""
+        if faults.active("crash", step=step, rank=self.d.rank):
+            raise SystemExit(f"TEMPER_FAULT crash at step {step}")
+        if faults.active("sigterm", step=step, rank=self.d.rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def after_step(self, step: int, total_steps: int, save: Callable[[int], Any],
+                   validate: Callable[[], dict[str, float]] | None) -> int | None:
+        """What follows optimizer step `step` in every recipe: the held-out metrics when due (`validate`,
+        None: nothing held out), a checkpoint when due (`save(step)`), and after a SIGTERM a checkpoint
+        of this step if there is none yet; then the exit code to stop with, else None to go on."""
+        if validate is not None and self.eval_due(step, total_steps):
+            self.logger.log(step, validate(), kind="val")
+            self.restart_clock()
+        saved = self.save_due(step, total_steps)
+        if saved:
+            save(step)
+        if self.preempted():
+            if not saved:
+                save(step)
+            return self.stop_preempted(step)
+        return None
 
     def preempted(self) -> bool:
         """Whether SIGTERM reached any rank (all ranks answer alike); the loop then makes sure a
