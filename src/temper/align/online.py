@@ -33,7 +33,7 @@ from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
 from temper.infer.load import open_checkpoint
 from temper.train.losses import Batch
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
-from temper.train.run import EvalSection, locked_run_dir, run_directory
+from temper.train.run import EvalSection, TrainSection, locked_run_dir, run_directory
 
 
 @dataclass
@@ -47,6 +47,22 @@ class PromptDataConfig:
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
+
+
+@dataclass
+class OnlineTrainConfig(TrainSection):
+    steps: int = 100
+    """Rollout steps, each followed by the recipe's optimizer steps on its rollouts."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step over all ranks (a multiple of the ranks, for ppo of ranks x ppo.minibatches);
+    each gives rollout.n completions."""
+    micro_batch_size: int = 16
+    """Completions per forward pass, on each rank."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or self.prompts_per_step < 1:
+            raise ValueError("steps and prompts_per_step must be at least 1")
 
 
 @dataclass

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from temper import config
 from temper.align.online import (
     OnlineEvalConfig,
+    OnlineTrainConfig,
     PromptDataConfig,
     check_context,
     evaluate_greedy,
@@ -61,7 +62,7 @@ from temper.train.log import write_report
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import remove_activation_checkpointing
-from temper.train.run import CheckpointSection, LogSection, Run, RunSection, TrainSection
+from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
 
 RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "loss", "lora", "train.prompts_per_step",
@@ -90,21 +91,6 @@ class GRPOLossConfig:
 
 
 @dataclass
-class GRPOTrainConfig(TrainSection):
-    steps: int = 100
-    """Rollout steps (each followed by loss.iterations optimizer steps)."""
-    prompts_per_step: int = 8
-    """Prompts sampled per step over all ranks (a multiple of the ranks); each gives rollout.n completions."""
-    micro_batch_size: int = 16
-    """Completions per forward pass, on each rank."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError("steps and prompts_per_step must be at least 1")
-
-
-@dataclass
 class GRPOConfig:
     model: str = ""
     """Hugging Face checkpoint directory of the policy (usually an SFT result), e.g. runs/sft/final."""
@@ -122,7 +108,7 @@ class GRPOConfig:
     """LoRA / QLoRA adapters."""
     run: RunSection = field(default_factory=lambda: RunSection(name="grpo", seed=0))
     """Where the run lives and how it starts."""
-    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+    train: OnlineTrainConfig = field(default_factory=OnlineTrainConfig)
     """Batches and the step."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0))
     """AdamW (TRL's GRPO default lr is 1e-6 full; LoRA takes ~1e-5 .. 1e-4)."""

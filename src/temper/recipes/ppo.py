@@ -51,6 +51,7 @@ import torch.distributed as dist
 from temper import config
 from temper.align.online import (
     OnlineEvalConfig,
+    OnlineTrainConfig,
     PromptDataConfig,
     check_context,
     evaluate_greedy,
@@ -82,7 +83,7 @@ from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
 from temper.train.parallel import remove_activation_checkpointing
-from temper.train.run import CheckpointSection, LogSection, Run, RunSection, TrainSection
+from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
 
 RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "value", "kl", "ppo", "lora",
@@ -144,21 +145,6 @@ class PPOSection:
 
 
 @dataclass
-class PPOTrainConfig(TrainSection):
-    steps: int = 100
-    """Rollout steps (each followed by ppo.epochs x ppo.minibatches optimizer steps)."""
-    prompts_per_step: int = 8
-    """Prompts sampled per step over all ranks (a multiple of ranks x ppo.minibatches)."""
-    micro_batch_size: int = 8
-    """Completions per forward pass, on each rank."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError("steps and prompts_per_step must be at least 1")
-
-
-@dataclass
 class PPOConfig:
     model: str = ""
     """Hugging Face checkpoint directory of the policy (usually an SFT result), e.g. runs/sft/final."""
@@ -180,7 +166,7 @@ class PPOConfig:
     """LoRA / QLoRA adapters."""
     run: RunSection = field(default_factory=lambda: RunSection(name="ppo", seed=0))
     """Where the run lives and how it starts."""
-    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    train: OnlineTrainConfig = field(default_factory=lambda: OnlineTrainConfig(micro_batch_size=8))
     """Batches and the step."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-6, weight_decay=0.0))
     """AdamW (TRL's PPO default lr is 3e-6 full; LoRA takes ~1e-5 .. 1e-4)."""
