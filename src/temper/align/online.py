@@ -122,7 +122,7 @@ def run_on_prompts(cfg, train: Train) -> int:
         val_idx = val_idx[:cfg.eval.max_prompts]
     pick = lambda idx: Prompts([prompts.records[i] for i in idx], [prompts.ids[i] for i in idx])  # noqa: E731
     with locked_run_dir(run_dir):  # a second process on this run directory is refused
-        d = init_distributed(cfg.run.device)
+        d = init_distributed(cfg.run.device, cfg.train.parallel)
         try:
             return train(cfg, d, tok, stop_ids, pick(train_idx), pick(val_idx))
         finally:
@@ -157,8 +157,8 @@ def check_context(train: Prompts, val: Prompts, max_new_tokens: int, context: in
 def step_prompts(order: EpochOrder, step: int, per_step: int, d: DistInfo) -> list[int]:
     """Global indices (positions in training order) of this rank's prompts at `step`: the rank-th of
     `world` equal blocks of the step's `per_step` prompts."""
-    share = per_step // d.world
-    first = step * per_step + d.rank * share
+    share = per_step // d.dp_world
+    first = step * per_step + d.dp_rank * share
     return list(range(first, first + share))
 
 
@@ -193,7 +193,7 @@ def global_means(d: DistInfo, sums: dict[str, tuple[float, float]]) -> dict[str,
     names = sorted(sums)
     t = torch.tensor([[sums[k][0], sums[k][1]] for k in names], dtype=torch.float64, device=d.device)
     if d.world > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=d.dp_group)
     return {k: float(t[i, 0] / t[i, 1]) if t[i, 1] else 0.0 for i, k in enumerate(names)}
 
 
@@ -203,7 +203,7 @@ def evaluate_greedy(model: nn.Module, tok: HFTokenizer, prompts: Prompts, reward
     """Held-out prompts answered greedily (temperature 0) and scored: the mean total reward and each
     component's mean (for a correctness rule, the accuracy), and the mean completion length.
     Prompt i is answered by rank i mod world."""
-    mine = [i for i in range(len(prompts.ids)) if i % d.world == d.rank]
+    mine = [i for i in range(len(prompts.ids)) if i % d.dp_world == d.dp_rank]
     sums: dict[str, list[float]] = {}
     for lo in range(0, len(mine), batch_prompts):
         idx = mine[lo:lo + batch_prompts]

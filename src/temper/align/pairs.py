@@ -62,7 +62,7 @@ def run_on_pairs(cfg, train: Train) -> int:
         return 0 if report.ok else 1
     train_pairs, val_pairs = split_pairs(pairs, cfg.eval.val_fraction, cfg.run.seed)
     with locked_run_dir(run_dir):  # a second process on this run directory is refused
-        d = init_distributed(cfg.run.device)
+        d = init_distributed(cfg.run.device, cfg.train.parallel)
         try:
             return train(cfg, d, tok, stats, train_pairs, val_pairs)
         finally:
@@ -79,13 +79,13 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
 
 def step_pairs(order: EpochOrder, step: int, micro: int, accum: int, d: DistInfo) -> list[list[int]]:
     """The training pairs of this rank's micro-batches at optimizer step `step`, one list per micro-batch."""
-    first = step * micro * accum * d.world
-    starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
+    first = step * micro * accum * d.dp_world
+    starts = [rank_slice(first, micro, m, d.dp_rank, d.dp_world) for m in range(accum)]
     return [[order.item(g) for g in range(s, s + micro)] for s in starts]
 
 
 def val_batches(n: int, micro: int, d: DistInfo) -> list[list[int]]:
     """This rank's held-out pairs in micro-batches: pair i is scored by rank i mod world. A rank left
     without one scores pair 0 too, since every rank must join the metrics' all-reduce."""
-    idx = [i for i in range(n) if i % d.world == d.rank] or [0]
+    idx = [i for i in range(n) if i % d.dp_world == d.dp_rank] or [0]
     return [idx[lo:lo + micro] for lo in range(0, len(idx), micro)]

@@ -73,7 +73,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss
 from temper.train.methods import export_finetuned
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
     init_distributed,
@@ -286,7 +286,7 @@ def run(cfg: DistillConfig) -> int:
         if examples is None:
             return 1
     with locked_run_dir(run_dir):  # a second process on this run directory is refused
-        d = init_distributed(cfg.run.device)
+        d = init_distributed(cfg.run.device, cfg.train.parallel)
         try:
             return _train(cfg, d, teacher, student, examples)
         finally:
@@ -540,12 +540,12 @@ class Data:
         if not self.sft:
             if self.val_windows is None:
                 return []
-            return [Batch(*self.val_windows.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device))
+            return [Batch(*self.val_windows.batch(rank_slice(0, micro, i, d.dp_rank, d.dp_world), micro, d.device))
                     for i in range(self.cfg.eval.batches)]
         if self.val_rows is None:
             return []
         n = self.val_rows.per_epoch
-        starts = [rank_slice(0, micro, m, d.rank, d.world) for m in range(math.ceil(n / (micro * d.world)))]
+        starts = [rank_slice(0, micro, m, d.dp_rank, d.dp_world) for m in range(math.ceil(n / (micro * d.dp_world)))]
         out = [self._rows(self.val_rows, [self.val_rows.row(i) for i in range(s, min(s + micro, n))], False)
                for s in starts if s < n]
         if not out:
@@ -579,8 +579,8 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
            examples: tuple[list[SFTExample], list[SFTExample]] | None) -> int:
     # 3. student and teacher
     model, model_cfg = _student(cfg, student_ckpt, teacher_ckpt, d.device)
-    if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.run.seed + d.rank)
+    if d.dp_rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
     seq_len = cfg.train.seq_len or (cfg.data.max_length if examples is not None else model_cfg.max_seq_len)
     for who, limit in (("the student", model_cfg.max_seq_len), ("the teacher", teacher_ckpt.config.max_seq_len)):
         if seq_len > limit:
@@ -588,16 +588,16 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
     tok = teacher_ckpt.tokenizer
     data = Data(cfg, d, tok, seq_len, examples)
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
-    per_step = micro * accum * d.world  # rows per optimizer step, over all ranks
+    per_step = micro * accum * d.dp_world  # rows per optimizer step, over all ranks
     if not cfg.train.steps and not data.sft and cfg.data.order == "random":
         raise config.ConfigError("train.steps: give the number of steps (data.order=random has no epochs)")
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.per_epoch / per_step))
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
 
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg), "steps": steps, "seq_len": seq_len,
                                       "rows_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer)  # settings checked before the teacher's weights are read
     step = state["step"] if state else 0
     if state:
@@ -621,7 +621,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
             n_batches = math.ceil(data.n_units() / micro)
             cache = build_cache(run.dir / CACHE_DIR, load_teacher(), n_batches, lambda j: data.unit_batch(j, micro),
                                 data.unit_counts(), k=cfg.teacher.top_k, dtype=cfg.teacher.cache_dtype,
-                                fingerprint=expected, amp_dtype=run.amp_dtype, rank=d.rank, world=d.world,
+                                fingerprint=expected, amp_dtype=run.amp_dtype, rank=d.dp_rank, world=d.dp_world,
                                 log=(lambda m: print(f"temper distill: {m}", file=sys.stderr)) if d.is_main else None)
         elif d.is_main:
             print(f"temper distill: reusing the teacher's top-{cache.k} cache at {cache.path}", file=sys.stderr)
@@ -653,7 +653,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
         how = f"top-{cfg.teacher.top_k} cache" if cfg.teacher.cache else "teacher on the fly"
         print(f"temper distill: {lc.kind} (alpha {lc.alpha}, T {lc.temperature}) from {teacher_ckpt.path} into a "
               f"{model.num_params() / 1e6:.2f}M student ({source}), {how}; {data.per_epoch} rows of {seq_len} per "
-              f"epoch, {steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}")
+              f"epoch, {steps} steps of {per_step} rows ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}")
 
     def save(at: int) -> None:
         run.save(at, model, optimizer)
@@ -678,7 +678,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = step * per_step
-            starts = [rank_slice(first, micro, m, d.rank, d.world) for m in range(accum)]
+            starts = [rank_slice(first, micro, m, d.dp_rank, d.dp_world) for m in range(accum)]
             on_policy = on_policy_step(cfg.run.seed, step, op.lmbda)
             mbs = [sampled(s) if on_policy else data.train_batch(s, micro) for s in starts]
             try:

@@ -70,7 +70,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
     remove_activation_checkpointing,
@@ -200,21 +200,20 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg.method, cfg.lora)
-    if d.rank:
-        torch.manual_seed(cfg.run.seed + d.rank)
+    if d.dp_rank:
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
     reference = None
     if cfg.loss.kind in NEEDS_REFERENCE:
         reference = frozen_reference(reference_model) if reference_model is not None else adapters_off_reference(model)
     lc = cfg.loss
     loss_fn = (KTOLoss(lc.beta, lc.desirable_weight, lc.undesirable_weight, reference) if lc.kind == "kto" else
                PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, reference))
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     # 5. batches of pairs: pair g of training is a function of (seed, g)
     order = EpochOrder(len(train_pairs), cfg.run.seed)
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
-    per_step = micro * accum * d.world  # pairs per optimizer step, over all ranks
+    per_step = micro * accum * d.dp_world  # pairs per optimizer step, over all ranks
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
 
     def batch(source: list, idx: list[int], ref: torch.Tensor | None) -> Batch:
@@ -253,6 +252,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
                                       "pairs_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step = state["step"] if state else 0
     if state:
@@ -261,7 +261,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"temper dpo: {cfg.loss.kind} ({cfg.method}) on {cfg.model}: {n_train:,} of {model.num_params():,} "
               f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val {unit}, {steps} steps of "
-              f"{per_step} {unit} ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; {stats.truncated} {unit} "
+              f"{per_step} {unit} ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}; {stats.truncated} {unit} "
               f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
     trainable = set(ckpt.trainable_names(model))
 

@@ -60,7 +60,7 @@ from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import remove_activation_checkpointing
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
@@ -136,24 +136,23 @@ def run(cfg: GRPOConfig) -> int:
 
 
 def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
-    if cfg.train.prompts_per_step % d.world:
+    if cfg.train.prompts_per_step % d.dp_world:
         raise config.ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the "
-                                 f"{d.world} ranks")
+                                 f"{d.dp_world} data-parallel ranks")
     # 2. policy, method, reference, rewards
     model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.beta > 0 else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg.method, cfg.lora)
-    if d.rank:
-        torch.manual_seed(cfg.run.seed + d.rank)
+    if d.dp_rank:
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
     temperature = cfg.rollout.temperature
     reference = reference_policy(model, reference_model, temperature) if cfg.loss.beta > 0 else None
     rewards = build_rewards(cfg.rewards, d.device)
     lc = cfg.loss
     loss_fn = GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
                        beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens)
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
@@ -162,6 +161,7 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg)}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step = state["step"] if state else 0
     if state:

@@ -81,7 +81,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import remove_activation_checkpointing
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
@@ -211,9 +211,9 @@ def minibatch_rows(step_prompts_of_rank: list[int], n: int, minibatches: int) ->
 
 def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     per_step, n, M = cfg.train.prompts_per_step, cfg.rollout.n, cfg.ppo.minibatches
-    if per_step % (d.world * M):
+    if per_step % (d.dp_world * M):
         raise config.ConfigError(f"train.prompts_per_step={per_step} must be a multiple of ranks x ppo.minibatches "
-                                 f"= {d.world} x {M}")
+                                 f"= {d.dp_world} x {M}")
     # 2. policy, value, reference, rewards
     policy, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
@@ -229,8 +229,8 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     torch.manual_seed(cfg.run.seed)  # the same adapters and value head on every rank
     apply_method(policy, cfg.method, cfg.lora)
     model = ActorCritic(policy, value_model).to(d.device)
-    if d.rank:
-        torch.manual_seed(cfg.run.seed + d.rank)
+    if d.dp_rank:
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
     temperature = cfg.rollout.temperature
     reference = reference_policy(policy, reference_model, temperature)
     rewards = build_rewards(cfg.rewards, d.device)
@@ -239,7 +239,6 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
                       temperature=temperature)
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps = cfg.train.steps
@@ -249,6 +248,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg)}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     partial = cfg.method != "full"
     state = run.resume(model, optimizer, trainable_only=partial)
     step = state["step"] if state else 0

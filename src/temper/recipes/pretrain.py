@@ -36,8 +36,8 @@ from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import LMLoss
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
-from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed, unwrap
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
+from temper.train.parallel import DistInfo, full_state_dict, init_distributed, materialize, shutdown_distributed, unwrap
 from temper.train.run import (
     CheckpointSection,
     EvalSection,
@@ -188,19 +188,28 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: PretrainConfig) -> int:
     # The run name is checked, and the run directory locked against a second process, before anything loads.
     with locked_run_dir(run_directory(cfg.run)):
-        d = init_distributed(cfg.run.device)
+        d = init_distributed(cfg.run.device, cfg.train.parallel)
         try:
             return _train(cfg, d)
         finally:
             shutdown_distributed()
 
 
-def initial_model(cfg: PretrainConfig, data_vocab: int, device: torch.device) -> tuple[Transformer, ModelConfig]:
-    """The preset's random init, or the weights of `init.from` (continued pretraining) with their shape."""
+def initial_model(cfg: PretrainConfig, data_vocab: int, d: DistInfo) -> tuple[Transformer, ModelConfig, dict | None]:
+    """The preset's random init, or the weights of `init.from` (continued pretraining) with their shape.
+
+    Under a sharded layout a random init is built on the meta device, and its weights (third value) exist
+    once, on rank 0's CPU: `parallel.materialize` deals each rank its slices after the layout is applied, so
+    no rank holds the whole model on its device and every layout starts from the one-process weights."""
+    device = d.device
     if not cfg.init.from_:
         model_cfg = build_model_config(cfg, data_vocab)
         torch.manual_seed(cfg.run.seed)  # identical init on every rank
-        return Transformer(model_cfg).to(device), model_cfg
+        if d.sharded:
+            full = Transformer(model_cfg).state_dict() if d.is_main else None
+            with torch.device("meta"):
+                return Transformer(model_cfg), model_cfg, full
+        return Transformer(model_cfg).to(device), model_cfg, None
     src = Path(cfg.init.from_)
     if not src.is_dir():
         raise config.ConfigError(f"init.from {src}: no such directory")
@@ -225,7 +234,7 @@ def initial_model(cfg: PretrainConfig, data_vocab: int, device: torch.device) ->
     if clash:
         detail = ", ".join(f"model.{k}={v!r} (the checkpoint has {c!r})" for k, (v, c) in clash.items())
         raise config.ConfigError(f"init.from {src} fixes the model's shape: {detail}")
-    return model, model_cfg
+    return model, model_cfg, None
 
 
 def _train(cfg: PretrainConfig, d: DistInfo) -> int:
@@ -234,20 +243,20 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     if len(dirs) > 1:
         check_same_tokenizer(dirs, manifests)
     manifest = manifests[0]
-    model, model_cfg = initial_model(cfg, manifest["vocab_size"], d.device)
+    model, model_cfg, full_weights = initial_model(cfg, manifest["vocab_size"], d)
     seq_len = cfg.train.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise config.ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     micro = cfg.train.micro_batch_size
-    tokens_per_micro_step = micro * seq_len * d.world
+    tokens_per_micro_step = micro * seq_len * d.dp_world
     global_tokens = cfg.train.global_batch_tokens or tokens_per_micro_step
     if global_tokens % tokens_per_micro_step:
         raise config.ConfigError(
             f"train.global_batch_tokens={global_tokens} is not a multiple of micro_batch_size * seq_len * world "
-            f"= {micro} * {seq_len} * {d.world} = {tokens_per_micro_step}"
+            f"= {micro} * {seq_len} * {d.dp_world} = {tokens_per_micro_step}"
         )
     accum = global_tokens // tokens_per_micro_step
-    samples_per_step = micro * accum * d.world
+    samples_per_step = micro * accum * d.dp_world
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
@@ -282,14 +291,17 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     except TaskError as e:
         raise config.ConfigError(f"eval.tasks: {e}") from None
 
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
     train_model = run.wrap(model)
+    if any(p.is_meta for p in model.parameters()):  # built on the meta device: rank 0's init, each rank its slices
+        materialize(model, full_weights, d.device)
+        del full_weights
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer)
     step, samples, skipped = (state["step"], state["samples"], state["skipped_steps"]) if state else (0, 0, 0)
     if state:
         run.restore_rng(state)  # the loader is a function of `samples`: nothing to fast-forward first
     else:
-        torch.manual_seed(cfg.run.seed + d.rank)  # dropout differs per rank, reproducibly
+        torch.manual_seed(cfg.run.seed + d.dp_rank)  # dropout differs per rank, reproducibly
     loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
 
     def save(at_step: int) -> Path:
@@ -300,7 +312,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
         losses = {}
         for name, val_data, _ in val_sets:
-            batches = [val_data.batch(rank_slice(0, micro, i, d.rank, d.world), micro, d.device)
+            batches = [val_data.batch(rank_slice(0, micro, i, d.dp_rank, d.dp_world), micro, d.device)
                        for i in range(cfg.eval.batches)]
             losses[name] = eval_loss(train_model, batches, run.amp_dtype, loss_fn)
         if len(val_sets) == 1 and val_sets[0][0] == "":
@@ -311,7 +323,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
 
     if d.is_main:
         print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
-              f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.world} ranks), "
+              f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.dp_world} data-parallel ranks), "
               f"{run.amp_dtype}, run dir {run.dir}" + (f", from {cfg.init.from_}" if cfg.init.from_ else ""))
         if len(dirs) > 1:
             mix = ", ".join(f"{n} {w:.3f}" for n, w in zip(names, train_data.weights, strict=True))
@@ -327,7 +339,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of this step
             lr = lr_at(step - skipped, total, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
-            batches = [train_data.batch(rank_slice(samples, micro, m, d.rank, d.world), micro, d.device)
+            batches = [train_data.batch(rank_slice(samples, micro, m, d.dp_rank, d.dp_world), micro, d.device)
                        for m in range(accum)]
             try:
                 result = run.step(train_model, optimizer, batches, loss_fn, step)
@@ -349,7 +361,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 logger.log(step, {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 80.0)),
                                   **val}, kind="val")
                 run.restart_clock()  # validation time is not training throughput
-            if d.is_main and tasks.due(step, total):
+            if (d.is_main or d.sharded) and tasks.due(step, total):  # a sharded forward needs every rank
                 with autocast(d.device, run.amp_dtype):
                     logger.log(step, tasks.run(unwrap(model)), kind="tasks")
                 run.restart_clock()
@@ -361,9 +373,10 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                     save(step)
                 return run.stop_preempted(step)
 
+    weights = full_state_dict(model)  # every rank: a sharded model's slices gather on rank 0
     if d.is_main:
         final = run.dir / "final"
-        save_hf(unwrap(model), model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
+        save_hf(weights, model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
         save_hf_tokenizer(hf_tok, final)  # with tokenizer_config.json: AutoTokenizer knows the end-of-text token
         report = write_report(run.dir)
         print(f"final model: {final}\nreport: {report}")

@@ -55,7 +55,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import Batch
 from temper.train.methods import LoRAConfig, apply_method
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
 )
@@ -122,16 +122,15 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
     model = RewardModel(backbone).to(d.device)
     apply_method(backbone, cfg.method, cfg.lora)
     model.head.requires_grad_(True)  # the head always trains, LoRA or not
-    if d.rank:
-        torch.manual_seed(cfg.run.seed + d.rank)
+    if d.dp_rank:
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
     loss_fn = RewardLoss(cfg.loss.center_coef)
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     # 5. batches of pairs: pair g of training is a function of (seed, g)
     order = EpochOrder(len(train_pairs), cfg.run.seed)
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
-    per_step = micro * accum * d.world  # pairs per optimizer step, over all ranks
+    per_step = micro * accum * d.dp_world  # pairs per optimizer step, over all ranks
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
 
     def batch(source: list, idx: list[int]) -> Batch:
@@ -144,6 +143,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
                                       "pairs_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step = state["step"] if state else 0
     if state:
@@ -152,7 +152,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"temper reward: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} "
               f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps of "
-              f"{per_step} pairs ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; {stats.truncated} pairs "
+              f"{per_step} pairs ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}; {stats.truncated} pairs "
               f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
     trainable = set(ckpt.trainable_names(model))
 

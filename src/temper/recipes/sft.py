@@ -63,7 +63,7 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned
-from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, set_lr
+from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
     init_distributed,
@@ -173,7 +173,7 @@ def run(cfg: SFTConfig) -> int:
     except TaskError as e:
         raise config.ConfigError(f"eval.tasks: {e}") from None
     with locked_run_dir(run_dir):  # a second process on this run directory is refused
-        d = init_distributed(cfg.run.device)  # torchrun: one process per rank (DDP); else a single process
+        d = init_distributed(cfg.run.device, cfg.train.parallel)  # torchrun: one process per rank (DDP); else a single process
         try:
             return _train(cfg, d, tok, stats, train_ex, val_ex, tasks)
         finally:
@@ -190,9 +190,8 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
             raise config.ConfigError(f"method=prefix: {refusal}")
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg.method, cfg.lora, cfg.prefix)
-    if d.rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
-        torch.manual_seed(cfg.run.seed + d.rank)
-    optimizer = build_optimizer(model, cfg.optim, d.device.type)
+    if d.dp_rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
+        torch.manual_seed(cfg.run.seed + d.dp_rank)
 
     # 5. batches
     seq_len = cfg.train.seq_len or cfg.data.max_length
@@ -201,7 +200,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                                  f"{model_cfg.max_seq_len}: lower data.max_length")
     rows = RowOrder(train_ex, seq_len, cfg.train.pack, cfg.run.seed)
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation
-    per_step = micro * accum * d.world  # rows per optimizer step, over all ranks
+    per_step = micro * accum * d.dp_world  # rows per optimizer step, over all ranks
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows.per_epoch / per_step))
     val_rows = RowOrder(val_ex, seq_len, cfg.train.pack, cfg.run.seed) if val_ex else None
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -218,6 +217,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                                       "seq_len": seq_len, "batch_rows": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad
+    optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step, offset = (state["step"], state.get("row_offset", 0)) if state else (0, 0)
     if state:
@@ -226,7 +226,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"temper sft: {cfg.method} on {cfg.model}: {n_train:,} of {model.num_params():,} parameters train; "
               f"{len(train_ex)} train / {len(val_ex)} val examples, {rows.per_epoch} rows of {seq_len} per epoch, "
-              f"{steps} steps of {per_step} rows ({micro} x {accum} accum x {d.world} ranks), {run.amp_dtype}; "
+              f"{steps} steps of {per_step} rows ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}; "
               f"{stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
     loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
 
@@ -242,7 +242,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
         are all ignored, since every rank must join eval_loss's all-reduce."""
         assert val_rows is not None
         n = val_rows.per_epoch
-        starts = [rank_slice(0, micro, m, d.rank, d.world) for m in range(math.ceil(n / (micro * d.world)))]
+        starts = [rank_slice(0, micro, m, d.dp_rank, d.dp_world) for m in range(math.ceil(n / (micro * d.dp_world)))]
         mbs = [batch(val_rows, s, min(micro, n - s)) for s in starts if s < n]
         if not mbs:
             x, y, kw = batch(val_rows, 0, 1)
@@ -270,7 +270,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             set_lr(optimizer, lr)
             first = offset + step * per_step
-            mbs = [batch(rows, rank_slice(first, micro, m, d.rank, d.world), micro) for m in range(accum)]
+            mbs = [batch(rows, rank_slice(first, micro, m, d.dp_rank, d.dp_world), micro) for m in range(accum)]
             try:
                 result = run.step(train_model, optimizer, mbs, loss_fn, step)
             except NonFiniteLoss:

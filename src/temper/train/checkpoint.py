@@ -18,12 +18,16 @@ checked against the manifest's sha256, and `resume="auto"` skips a corrupt newes
 with a warning, falling back to the previous valid one; when every one is corrupt it refuses
 (`NoValidCheckpoint`, naming each and why) rather than start again from step 0 unasked.
 
-Under torch.distributed every rank calls `save_checkpoint`: parameters are replicated (DDP), so
-rank 0 writes model, optimizer and state, each rank writes its own RNG file. The run dir must be
-on a filesystem that all ranks see.
+Under torch.distributed every rank calls `save_checkpoint`. With replicated parameters (DDP) rank 0
+writes model, optimizer and state, each rank its own RNG file. With sharded parameters (FSDP2,
+tensor or pipeline parallel: DTensors) the model and optimizer go to `dcp/` through
+`torch.distributed.checkpoint` instead, every rank writing its own shards (`__<rank>_0.distcp`, and
+`.metadata` from rank 0), keyed by parameter name: a load reshards them to whatever layout the
+resuming run has (4 ranks to 2, to 1 process, to DDP), and a replicated checkpoint loads into a
+sharded run as well. The run dir must be on a filesystem that all ranks see.
 
-It does not export Hugging Face models (model/convert.py), does not decide when to save (the
-recipe's loop does), and does not reshard FSDP/TP state (not supported here yet).
+It does not export Hugging Face models (model/convert.py) and does not decide when to save (the
+recipe's loop does).
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from temper import faults
 from temper.errors import InputError
@@ -54,11 +67,13 @@ from temper.files import (
     save_safetensors,
     sha256_file,
 )
-from temper.train.parallel import unwrap
+from temper.train.parallel import is_sharded, unwrap
 
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 MODEL_FILE = "model.safetensors"
+DCP_DIR = "dcp"
+"""A sharded checkpoint's model and optimizer, written by torch.distributed.checkpoint (every rank its shards)."""
 OPTIM_FILE = "optim.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
@@ -100,11 +115,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep_last_n: int = 3,
+    module: nn.Module | None = None,
 ) -> Path:
     """Write the checkpoint for `step` atomically and return its directory. Every rank must call it.
 
     `keep_last_n` complete checkpoints are kept (0 keeps all); older ones are deleted only after
-    the new one is complete. Saving a step that already exists replaces it.
+    the new one is complete. Saving a step that already exists replaces it. module: the model whose
+    parameters the optimizer holds, when `model` is a state dict (it names the optimizer's states in a
+    sharded checkpoint).
     """
     _check_keep_last_n(keep_last_n)
     if step < 0:
@@ -119,6 +137,12 @@ def save_checkpoint(
         ok = _attempt(_prepare_tmp, root, tmp)
     _all_ok(ok, "preparing", tmp)
 
+    if isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: every rank sends rank 0 its shard of the states
+        optimizer.consolidate_state_dict(to=0)
+    if is_sharded(model):
+        ok = _attempt(_write_sharded, tmp, model, optimizer, module)
+        _all_ok(ok, "writing shards of", tmp)
+        model, optimizer = None, None  # in dcp/ now; rank 0 writes the state, every rank its RNG
     ok = _attempt(_write_rank_files, tmp, rank, step, model, optimizer, state)
     _all_ok(ok, "writing", tmp)
 
@@ -146,11 +170,23 @@ def _prepare_tmp(root: Path, tmp: Path) -> None:
     tmp.mkdir()
 
 
+def _write_sharded(tmp: Path, model: nn.Module | Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
+                   module: nn.Module | None) -> None:
+    """Every rank writes its shards of the model and optimizer into `tmp/dcp` (names, not ids, key the states)."""
+    owner = unwrap(model) if isinstance(model, nn.Module) else module
+    content: dict[str, Any] = {"model": get_model_state_dict(owner) if isinstance(model, nn.Module) else dict(model)}
+    if optimizer is not None:
+        if owner is None:
+            raise ValueError("saving a sharded optimizer needs the model (module=) to name its states")
+        content["optim"] = get_optimizer_state_dict(owner, optimizer)
+    dcp.save(content, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))
+
+
 def _write_rank_files(
     tmp: Path,
     rank: int,
     step: int,
-    model: nn.Module | Mapping[str, torch.Tensor],
+    model: nn.Module | Mapping[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
 ) -> None:
@@ -159,7 +195,8 @@ def _write_rank_files(
             state_text = json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n"
         except TypeError as e:
             raise TypeError(f"checkpoint state must be JSON-serialisable: {e}") from e
-        _write_model(tmp / MODEL_FILE, model, step)
+        if model is not None:
+            _write_model(tmp / MODEL_FILE, model, step)
         if optimizer is not None:
             with open(tmp / OPTIM_FILE, "wb") as f:
                 torch.save(optimizer.state_dict(), f)
@@ -177,7 +214,8 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, world: int, keep_last
     if missing:
         raise RuntimeError(f"{tmp}: missing {missing}; does every rank see the same run dir?")
     files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())
+        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*")) if p.is_file()
     }
     manifest = {"step": step, "files": files, "world_size": world, "complete": True}
     # The manifest goes last: its presence is what makes the directory a checkpoint.
@@ -312,7 +350,8 @@ def _read_manifest(path: Path, *, verify: bool) -> dict[str, Any]:
                 raise ValueError("a file entry lacks sha256/bytes")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorrupt(f"{label}/{MANIFEST_FILE} unreadable: {e}") from e
-    required = [MODEL_FILE, STATE_FILE] + [_rng_file(r) for r in range(world)]
+    weights = f"{DCP_DIR}/.metadata" if any(n.startswith(f"{DCP_DIR}/") for n in files) else MODEL_FILE
+    required = [weights, STATE_FILE] + [_rng_file(r) for r in range(world)]
     for name in required:
         if name not in files:
             raise CheckpointCorrupt(f"{label}/{MANIFEST_FILE} does not list {name}")
@@ -404,6 +443,9 @@ def load_checkpoint(
     """
     path = Path(path)
     _read_manifest(path, verify=True)
+    if (path / DCP_DIR).is_dir():
+        _load_sharded(path, model, optimizer, trainable_only)
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     model_path = path / MODEL_FILE
     sd = safetensors.torch.load_file(model_path, device="cpu")
     with safetensors.safe_open(model_path, framework="pt") as f:
@@ -417,12 +459,52 @@ def load_checkpoint(
         if missing or extra:
             raise ValueError(f"{path.name} does not hold the trainable parameters: missing {missing[:8]}, "
                              f"unexpected {extra[:8]}")
+    if optimizer is not None and not (path / OPTIM_FILE).is_file():
+        raise ValueError(f"{path.name} has no {OPTIM_FILE}: it was saved without an optimizer")
+    if is_sharded(target):  # a replicated checkpoint into a sharded run: each rank keeps its slices
+        full = StateDictOptions(full_state_dict=True, strict=not trainable_only)
+        set_model_state_dict(target, sd, options=full)
+        if optimizer is not None:
+            saved = safe_torch_load(path / OPTIM_FILE, map_location="cpu")
+            set_optimizer_state_dict(target, optimizer, _named_optim_state(target, optimizer, saved), options=full)
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     target.load_state_dict(sd, strict=not trainable_only)
     if optimizer is not None:
-        if not (path / OPTIM_FILE).is_file():
-            raise ValueError(f"{path.name} has no {OPTIM_FILE}: it was saved without an optimizer")
         optimizer.load_state_dict(safe_torch_load(path / OPTIM_FILE, map_location=map_location))
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool) -> None:
+    """Read `path/dcp` into the model and optimizer in whatever layout they have now: DCP reads, on each rank,
+    the slices of the saved shards that this rank's own shards cover."""
+    target = unwrap(model)
+    content: dict[str, Any] = {"model": get_model_state_dict(target)}
+    if trainable_only:
+        keep = set(trainable_names(target))
+        content["model"] = {k: v for k, v in content["model"].items() if k in keep}
+    if optimizer is not None:
+        content["optim"] = get_optimizer_state_dict(target, optimizer)
+    try:
+        dcp.load(content, checkpoint_id=path / DCP_DIR)
+    except Exception as e:  # DCP names the missing or mismatched key
+        raise CheckpointCorrupt(f"{path.name}/{DCP_DIR}: cannot load into this model: {e}") from e
+    set_model_state_dict(target, content["model"], options=StateDictOptions(strict=not trainable_only))
+    if optimizer is not None:
+        set_optimizer_state_dict(target, optimizer, content["optim"])
+
+
+def _named_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """`optimizer.state_dict()` as saved by a replicated run (states keyed by position) keyed by parameter name,
+    as `set_optimizer_state_dict` takes it: the i-th saved position is the i-th parameter this optimizer holds
+    (both built by the same `param_groups`)."""
+    names = {id(p): n.replace(_CHECKPOINT_PREFIX, "") for n, p in model.named_parameters()}
+    now = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(ids) != len(now):
+        raise CheckpointCorrupt(f"the checkpoint's optimizer holds {len(ids)} parameters, this run's {len(now)}")
+    name_of = dict(zip(ids, now, strict=True))
+    return {"state": {name_of[i]: st for i, st in saved["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
 # ----------------------------------------------------------------------------------------- RNG

@@ -104,13 +104,20 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused kernel on CUDA and CPU unless `cfg.fused` is off."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, *,
+                    shard_states: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; the fused kernel on CUDA and CPU unless `cfg.fused` is off.
+
+    shard_states: ZeRO-1 (Rajbhandari et al. 2020) for replicated (DDP) models: each rank keeps the AdamW
+    states of its share of the parameters, steps them, and broadcasts them (`ZeroRedundancyOptimizer`).
+    """
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     fused = cfg.fused and device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
-    )
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused or None}
+    if shard_states:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

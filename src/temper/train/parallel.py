@@ -1,19 +1,29 @@
-"""Process groups and model wrapping: activation checkpointing -> torch.compile (per block) -> DDP.
+"""Process groups, the device mesh, and the layouts a model is trained in.
 
-`torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; `init_distributed` reads them and picks NCCL on GPU,
-gloo on CPU. `parallelize` applies the wrappers in the order that composes (checkpointing is
-inside compile so the compiled graph recomputes; DDP is outermost so its gradient hooks see the
-compiled module's parameters). FSDP2 and tensor parallel are later issues and will slot in here.
+`torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; `init_distributed` reads them, picks NCCL on GPU and gloo
+on CPU, and lays the ranks out on a named device mesh (pp, dp_replicate, dp_shard, tp) from a
+`ParallelConfig` (torchtitan's layout: tensor parallel innermost, on the fastest links). Data is dealt,
+and token counts and losses reduced, over the data-parallel ranks only (`DistInfo.dp_rank`,
+`dp_world`, `dp_group`): the ranks of one tensor-parallel group see the same batch.
+
+`parallelize` applies the layouts in place, in the order that composes: tensor parallel (DTensor
+`parallelize_module`) -> activation checkpointing -> compile (per block) -> FSDP2 (`fully_shard` per
+block, then the root) or DDP. Checkpointing sits inside compile so the compiled graph recomputes;
+data parallelism is outermost so its gradient hooks see the compiled blocks' parameters. The default
+layout (every rank a replica) is DDP, as before FSDP2 existed here.
 
 It does not own the training loop or the data order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,8 +34,73 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
     offload_wrapper,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from temper.config import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are laid out: degrees of the mesh dimensions, whose product is the world size."""
+
+    dp_shard: int = 1
+    """FSDP2 (ZeRO-3) degree: parameters, gradients and optimizer states sharded over this many data-parallel
+    ranks; 1: no sharding; -1: every rank the other dimensions leave."""
+    dp_replicate: int = -1
+    """Replicas of the model (DDP; with dp_shard > 1, HSDP's replicate dimension); -1: every rank the other
+    dimensions leave."""
+    tp: int = 1
+    """Tensor-parallel degree: attention heads and MLP columns split over this many ranks (Megatron-LM)."""
+    pp: int = 1
+    """Pipeline-parallel degree: the blocks split into this many stages."""
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
+    """Pipeline schedule (torch.distributed.pipelining); Interleaved1F1B runs two stages per rank."""
+    pp_microbatches: int = 0
+    """Pipeline micro-batches each micro-batch is split into; 0: the number of stages."""
+    reshard_after_forward: bool = True
+    """FSDP2: free the gathered parameters after each block's forward (ZeRO-3) or keep them until its backward
+    (ZeRO-2: less communication, more memory)."""
+    offload: bool = False
+    """FSDP2: keep the parameters, gradients and optimizer states in CPU memory; the optimizer step runs on the CPU."""
+    zero1: bool = False
+    """DDP only: shard the optimizer states over the replicas (ZeRO-1, `ZeroRedundancyOptimizer`)."""
+    sequence_parallel: bool = True
+    """With tp > 1: shard the norms' and residuals' activations by sequence between the tensor-parallel regions."""
+
+    def __post_init__(self) -> None:
+        for key in ("dp_shard", "dp_replicate"):
+            if getattr(self, key) == 0 or getattr(self, key) < -1:
+                raise ValueError(f"{key} must be >= 1, or -1 for the ranks left over")
+        if self.dp_shard == -1 and self.dp_replicate == -1:
+            raise ValueError("dp_shard and dp_replicate cannot both be -1: set one of them")
+        for key in ("tp", "pp"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.pp_microbatches < 0:
+            raise ValueError("pp_microbatches must be >= 0")
+
+    def degrees(self, world: int) -> dict[str, int]:
+        """{pp, dp_replicate, dp_shard, tp} for `world` ranks, the -1 filled in; a ConfigError names what does not fit."""
+        fixed = self.pp * self.tp * max(self.dp_shard, 1) * max(self.dp_replicate, 1)
+        if world % fixed:
+            raise ConfigError(f"train.parallel: pp={self.pp} x tp={self.tp} x dp_shard={self.dp_shard} x dp_replicate="
+                              f"{self.dp_replicate} does not divide the world size {world}")
+        rest = world // fixed
+        shard = rest if self.dp_shard == -1 else self.dp_shard
+        replicate = rest if self.dp_replicate == -1 else self.dp_replicate
+        if self.pp * self.tp * shard * replicate != world:
+            raise ConfigError(f"train.parallel: pp={self.pp} x tp={self.tp} x dp_shard={shard} x dp_replicate="
+                              f"{replicate} = {self.pp * self.tp * shard * replicate} ranks, but the world size is {world}")
+        if self.zero1 and shard > 1:
+            raise ConfigError("train.parallel.zero1 shards optimizer states under DDP; with dp_shard > 1 FSDP2 "
+                              "shards them already (ZeRO-3): drop one of them")
+        return {"pp": self.pp, "dp_replicate": replicate, "dp_shard": shard, "tp": self.tp}
+
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+"""The device mesh's dimensions, outermost first: tensor parallel innermost, on the fastest links."""
 
 
 @dataclass
@@ -34,10 +109,54 @@ class DistInfo:
     local_rank: int
     world: int
     device: torch.device
+    mesh: DeviceMesh | None = None
+    """The named device mesh (MESH_DIMS); None when every rank is a plain replica (DDP, or one process)."""
+    layout: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout the mesh was built from."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def degree(self, dim: str) -> int:
+        """The size of mesh dimension `dim` (pp, dp_replicate, dp_shard, tp); dp_replicate is the world without a mesh."""
+        if self.mesh is None:
+            return self.world if dim == "dp_replicate" else 1
+        return self.mesh[dim].size()
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel ranks: each sees its own share of a batch."""
+        return self.degree("dp_replicate") * self.degree("dp_shard")
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (the ranks of one tp/pp group share it)."""
+        if self.mesh is None:
+            return self.rank
+        return self.mesh["dp_replicate"].get_local_rank() * self.degree("dp_shard") + self.mesh["dp_shard"].get_local_rank()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The group that data sums (tokens, losses, metrics) are reduced over; None: the whole world."""
+        if self.mesh is None or self.dp_world == self.world:
+            return None
+        return self.mesh["dp"].get_group()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are DTensors split over ranks (FSDP2, TP or PP), so checkpoints go through DCP."""
+        return self.mesh is not None and (self.degree("dp_shard") > 1 or self.degree("tp") > 1 or self.degree("pp") > 1)
+
+
+def build_mesh(device: torch.device, world: int, layout: ParallelConfig) -> DeviceMesh | None:
+    """The device mesh for `layout`, or None for the plain layout (every rank a replica: DDP)."""
+    deg = layout.degrees(world)
+    if deg["dp_replicate"] == world:
+        return None
+    mesh = init_device_mesh(device.type, tuple(deg[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # the data-parallel ranks as one dimension
+    return mesh
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,11 +193,14 @@ def shared_store_restarts() -> bool:
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
 
 
-def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group that torchrun describes, or run as a single process."""
+def init_distributed(device_name: str = "auto", layout: ParallelConfig | None = None) -> DistInfo:
+    """Join the process group that torchrun describes and lay the ranks out as `layout` says (default: every
+    rank a replica), or run as a single process."""
     device = pick_device(device_name)
+    layout = layout or ParallelConfig()
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return DistInfo(0, 0, 1, device)
+        layout.degrees(1)  # a layout for several ranks is refused here too, not silently ignored
+        return DistInfo(0, 0, 1, device, layout=layout)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if rank == 0 and shared_store_restarts():
@@ -90,7 +212,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world, device)
+    return DistInfo(rank, local_rank, world, device, build_mesh(device, world, layout), layout)
 
 
 def shutdown_distributed() -> None:
@@ -126,9 +248,18 @@ def apply_activation_checkpointing(model: nn.Module, every: int, offload: bool =
 
 def parallelize(
     model: nn.Module, dist_info: DistInfo, *, activation_checkpointing: int = 0, activation_offload: bool = False,
-    compile: bool = False,
+    compile: bool = False, amp_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Wrap `model` for training; returns the module to call (the original stays reachable)."""
+    """Apply `dist_info`'s layout to `model` in place; returns the module to call (the original stays reachable:
+    FSDP2 and tensor parallel change it in place, DDP wraps it).
+
+    amp_dtype: the training precision; under FSDP2 the gathered parameters are cast to it (bf16 compute,
+    fp32 gradient reduction and fp32 sharded master weights: FSDP2's `MixedPrecisionPolicy`).
+    """
+    mesh, layout = dist_info.mesh, dist_info.layout
+    if mesh is not None and dist_info.degree("tp") > 1:
+        from temper.train.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
     apply_activation_checkpointing(model, activation_checkpointing, activation_offload)
     if compile:
         # Each block compiled in place (torchtitan's way): identical blocks share one compiled graph,
@@ -136,12 +267,118 @@ def parallelize(
         # `_orig_mod.` prefix), so checkpoints do not depend on whether a run compiled.
         for block in model.layers:
             block.compile()
-    if dist_info.world > 1:
+    if mesh is not None and dist_info.dp_world > 1:
+        apply_fsdp(model, dp_mesh(dist_info), reshard_after_forward=layout.reshard_after_forward,
+                   offload=layout.offload, param_dtype=amp_dtype)
+    elif dist_info.world > 1 and mesh is None:
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         # The only buffers are the RoPE tables, computed identically on every rank: re-broadcasting
         # them before every forward (DDP's default) would only cost time.
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return model
+
+
+def dp_mesh(d: DistInfo) -> DeviceMesh:
+    """The mesh FSDP2 shards over: (dp_replicate, dp_shard) for HSDP, else the data-parallel ranks as one
+    dimension (with tensor or pipeline parallel and no dp_shard, the replicas are sharded too: FSDP2 is the
+    data parallelism that composes with DTensor parameters)."""
+    if d.degree("dp_replicate") > 1 and d.degree("dp_shard") > 1:
+        return d.mesh["dp_replicate", "dp_shard"]
+    return d.mesh["dp"]
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, offload: bool = False,
+               param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: each block one unit (its parameters gathered for its forward and backward only), then the root
+    (embeddings, final norm, head).
+
+    The root keeps its parameters gathered after the forward: the loss runs the output layer on the final
+    hidden states outside the forward (`train.losses.head_cross_entropy`), and the backward needs them at once.
+    """
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if param_dtype in (None, torch.float32) else param_dtype, reduce_dtype=torch.float32)
+    common = {"mesh": mesh, "mp_policy": policy}
+    if offload:
+        common["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for block in model.layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
+    fully_shard(model, reshard_after_forward=False, **common)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally, without the data-parallel reduction (all micro-batches but the last):
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`; a no-op for a plain module."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def is_sharded(model: nn.Module | Mapping[str, torch.Tensor]) -> bool:
+    """Whether any parameter (or tensor of a state dict) is a DTensor: checkpoints then go through DCP."""
+    tensors = model.values() if isinstance(model, Mapping) else (t for _, t in unwrap(model).state_dict().items())
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, whatever their layout: DTensor shards (FSDP2, TP) are
+    reduced over their meshes, one norm per mesh (a 2-D layout mixes meshes), and the stages of a pipeline
+    over `pp_group`. Returns a plain scalar tensor."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p.grad)
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(params)).device if params else "cpu")
+    for grads in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total = total.to(norm.device) + norm.float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
+
+
+def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients so that their global norm `norm` (`grad_norm`) is at most `max_norm`."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.item() if isinstance(p.grad, DTensor) else coef.to(p.grad.device))
+
+
+def materialize(model: nn.Module, full: Mapping[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Give a model built on the meta device and parallelised its weights: `full` is the whole state dict on
+    rank 0 (None on the others, which hold no full copy); each tensor is broadcast from rank 0 in turn and
+    every rank keeps its own slice. Any layout thus starts from exactly the weights of one process.
+    A pipeline stage takes the tensors it holds and ignores the rest."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, dict(full) if full is not None else {}, options=options)
+    target = unwrap(model)
+    if hasattr(target, "init_buffers"):
+        target.init_buffers(device)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU of rank 0 ({} on the other ranks), whatever its layout: every
+    rank must call it when the model is sharded (each sends its slices). Plain tensors, canonical names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    target = unwrap(model)
+    if not is_sharded(target):
+        return dict(target.state_dict())  # checkpoint_wrapper's state-dict hooks drop its prefix
+    return get_model_state_dict(target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def remove_activation_checkpointing(model: nn.Module) -> nn.Module:

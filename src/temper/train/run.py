@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,8 @@ from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger
 from temper.train.losses import Batch, Loss
-from temper.train.parallel import DistInfo, parallelize
+from temper.train.optim import build_optimizer
+from temper.train.parallel import DistInfo, ParallelConfig, parallelize
 from temper.train.step import (
     MicroBatch,
     NonFiniteLoss,
@@ -103,6 +104,8 @@ class TrainSection:
     checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
     rollback_skip_steps: int = 1
     """rollback only: how many steps' batches to skip, counted from the batch that failed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the ranks of a torchrun job are laid out: DDP (default), FSDP2 / HSDP / ZeRO-1, tensor and pipeline parallel."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch_size <= 0:
@@ -299,14 +302,25 @@ class Run:
         self._peak: float | None = None
         self._window_tokens, self._window_start = 0, time.perf_counter()
         self._rollbacks: dict[str, int] = {}
+        self.model: nn.Module | None = None
+        """The model `wrap` laid out (its optimizer's parameters)."""
 
     # ---- model and resume ------------------------------------------------------------------------
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Activation checkpointing -> compile -> DDP, as `train` says; returns the module to call."""
+        """The layout `train.parallel` says (tensor parallel -> activation checkpointing -> compile -> FSDP2 or
+        DDP), in place; returns the module to call. Build the optimizer after it (`build_optimizer`): FSDP2
+        and tensor parallel replace the parameters with DTensors."""
         t = self.cfg.train
+        self.model = model
         return parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
-                           activation_offload=t.activation_offload, compile=t.compile)
+                           activation_offload=t.activation_offload, compile=t.compile, amp_dtype=self.amp_dtype)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the (wrapped) model's trainable parameters, its states sharded over the replicas with
+        `train.parallel.zero1`."""
+        zero1 = self.cfg.train.parallel.zero1 and self.d.dp_world > 1
+        return build_optimizer(model, self.cfg.optim, self.d.device.type, shard_states=zero1)
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict | None:
         """The newest valid checkpoint's state (model, optimizer and scaler restored; RNG by `restore_rng`)
@@ -399,11 +413,11 @@ class Run:
         "rollback" raises NonFiniteLoss for the recipe's loop, which calls `rollback`."""
         t = self.cfg.train
         result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
-                            scaler=self.scaler, clip_norm=t.grad_clip,
+                            scaler=self.scaler, clip_norm=t.grad_clip, dp_group=self.d.dp_group,
                             on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
         # Throughput counts the positions the model ran (padding and prompts included: compute was spent
         # on them), not the loss's units, which are pairs for preference losses.
-        self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.world
+        self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.dp_world
         return result
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
@@ -458,7 +472,7 @@ class Run:
         full = {"step": step, "config": self.resolved,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state}
         path = ckpt.save_checkpoint(self.dir, step, model=model, optimizer=optimizer, state=full,
-                                    keep_last_n=self.cfg.checkpoint.keep_last_n)
+                                    keep_last_n=self.cfg.checkpoint.keep_last_n, module=self.model)
         self.restart_clock()
         return path
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from temper import faults
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss, Loss, token_loss_sum
+from temper.train.parallel import clip_grads, no_grad_sync
+from temper.train.parallel import grad_norm as global_grad_norm
 
 __all__ = ["IGNORE_INDEX", "Batch", "MicroBatch", "NonFiniteLoss", "StepResult", "autocast", "eval_loss",
            "resolve_precision", "throughput", "token_loss_sum", "train_step"]
@@ -109,8 +112,7 @@ def train_step(
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with contextlib.nullcontext() if last else no_grad_sync(model):
             with autocast(device, amp_dtype):
                 out = loss_fn(model, batch)
             summed = out.loss_sum
@@ -125,7 +127,12 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
+    if any(isinstance(p, DTensor) for p in params):  # sharded (FSDP2, TP): a norm per mesh, then the global one
+        grad_norm = global_grad_norm(params)
+        if clip_norm > 0:
+            clip_grads(params, clip_norm, grad_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else math.inf)
     # One all-reduce tells every rank the global loss and metrics and whether any rank saw a
     # non-finite value; reading it (with the gradient norm) is the step's one host sync.
     names = sorted(metric_sums)
