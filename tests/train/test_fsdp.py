@@ -1,0 +1,131 @@
+"""FSDP2 and ZeRO layouts of `temper pretrain` against one process, and sharded checkpoints that reshard.
+
+Every layout trains the same global batch (4 sequences per step) as the one-process reference: FSDP2
+(ZeRO-3) on 2 and 4 ranks, HSDP (2 replicas x 2 shards), ZeRO-2 with CPU offload, ZeRO-1 under DDP, and
+FSDP2 with gradient accumulation (micro-batch 1, no reduce-scatter but on the last micro-batch). Reductions
+run in another order than one process's sums, so losses match to 1e-6 relative and weights (after Adam,
+which turns 1e-7 into ~1e-6 on near-zero biases) to 1e-5, as for DDP (RELIABILITY row 10).
+
+A 4-rank FSDP2 checkpoint (DCP shards) resumes on 2 FSDP2 ranks, on one process and on 2 DDP ranks, and a
+DDP checkpoint (safetensors) on 2 FSDP2 ranks: each continues with the reference's losses (row 13).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.recipes import test_pretrain
+from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
+
+char_data = test_pretrain.char_data
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = ["--train.steps=4", "--eval.every=2"]
+"""4 steps, a checkpoint every 2 (TINY), validation at steps 2 and 4: under a sharded layout too."""
+
+LAYOUTS = {
+    "fsdp2": (2, 2, ["--train.parallel.dp_shard=2"]),
+    "fsdp4": (4, 1, ["--train.parallel.dp_shard=4"]),
+    "hsdp": (4, 1, ["--train.parallel.dp_shard=2", "--train.parallel.dp_replicate=2"]),
+    "zero2_offload": (2, 2, ["--train.parallel.dp_shard=2", "--train.parallel.reshard_after_forward=false",
+                             "--train.parallel.offload=true"]),
+    "zero1": (2, 2, ["--train.parallel.zero1=true"]),
+    "fsdp2_accum": (2, 1, ["--train.parallel.dp_shard=2", "--train.global_batch_tokens=128"]),
+}
+"""name: (ranks, micro-batch, flags); ranks x micro-batch (x accumulation) = 4 sequences of 32 tokens."""
+
+
+def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> str:
+    """`temper pretrain` under torchrun; returns its output (the test fails on a non-zero exit)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "temper", "pretrain", *TINY, *STEPS, f"--data.dir={data}", f"--run.dir={root}", f"--run.name={name}",
+           f"--train.micro_batch_size={micro}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(char_data, tmp_path_factory) -> Path:
+    """The one-process reference (micro-batch 4) and each layout of LAYOUTS, in one directory."""
+    root = tmp_path_factory.mktemp("fsdp")
+    torch.set_num_threads(1)
+    assert train(char_data, root, "ref", *STEPS, "--train.micro_batch_size=4") == 0
+    for name, (ranks, micro, flags) in LAYOUTS.items():
+        torchrun(root, char_data, name, ranks, micro, *flags)
+    return root
+
+
+def assert_same_training(ref: Path, got: Path, steps=range(1, 5), val: bool = True) -> None:
+    """val: also compare validation losses (their batches are micro-batch x ranks sequences: the same only when
+    the layout's micro-batch x ranks is the reference's)."""
+    a, b = metrics(ref), metrics(got)
+    assert sorted(b) == list(steps)
+    torch.testing.assert_close([b[s]["loss"] for s in steps], [a[s]["loss"] for s in steps], rtol=1e-6, atol=1e-7)
+    va, vb = metrics(ref, "val"), metrics(got, "val")
+    assert sorted(vb) == [s for s in (2, 4) if s in steps]
+    if val:
+        torch.testing.assert_close([vb[s]["val_loss"] for s in vb], [va[s]["val_loss"] for s in vb],
+                                   rtol=1e-6, atol=1e-7)
+    wa, wb = final_weights(ref), final_weights(got)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_process(runs, layout):
+    ranks, micro, _ = LAYOUTS[layout]
+    assert_same_training(runs / "ref", runs / layout, val=ranks * micro == 4)
+
+
+def test_sharded_checkpoint_is_dcp_shards_with_a_verified_manifest(runs):
+    step = runs / "fsdp4" / "checkpoints" / "step-0000002"
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert manifest["world_size"] == 4
+    shards = sorted(n for n in manifest["files"] if n.startswith("dcp/"))
+    assert shards == ["dcp/.metadata"] + [f"dcp/__{r}_0.distcp" for r in range(4)]
+    assert "model.safetensors" not in manifest["files"]  # no rank ever held the whole model to write it
+    ddp_like = runs / "zero1" / "checkpoints" / "step-0000002"  # ZeRO-1: the states consolidated on rank 0
+    assert (ddp_like / "model.safetensors").is_file() and (ddp_like / "optim.pt").is_file()
+
+
+@pytest.mark.parametrize("target", ["fsdp2", "one_process", "ddp"])
+def test_four_rank_checkpoint_resumes_in_another_layout(runs, char_data, target):
+    """Row 13 for sharded state: the 4-rank FSDP2 step-2 checkpoint, resumed by 2 FSDP2 ranks, one process or
+    2 DDP ranks, continues with the reference's steps 3-4 (DCP reads each rank's slices of the saved shards)."""
+    name = f"from4_{target}"
+    (runs / name / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs / "fsdp4" / "checkpoints" / "step-0000002", runs / name / "checkpoints" / "step-0000002")
+    if target == "one_process":
+        assert train(char_data, runs, name, *STEPS, "--train.micro_batch_size=4") == 0
+    else:
+        torchrun(runs, char_data, name, 2, 2, *(["--train.parallel.dp_shard=2"] if target == "fsdp2" else []))
+    assert_same_training(runs / "ref", runs / name, steps=range(3, 5))
+
+
+def test_replicated_checkpoint_resumes_sharded(runs, char_data):
+    """The one-process reference's step-2 checkpoint (model.safetensors + optim.pt) resumed under FSDP2:
+    every rank keeps its slices of the weights and of the AdamW states (keyed by position, mapped to names)."""
+    name = "from_ref_fsdp2"
+    (runs / name / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs / "ref" / "checkpoints" / "step-0000002", runs / name / "checkpoints" / "step-0000002")
+    torchrun(runs, char_data, name, 2, 2, "--train.parallel.dp_shard=2")
+    assert_same_training(runs / "ref", runs / name, steps=range(3, 5))
+
+
+def test_a_layout_that_does_not_fit_the_world_is_refused(char_data, tmp_path):
+    from temper.config import ConfigError
+
+    with pytest.raises(ConfigError, match="world size 1"):
+        train(char_data, tmp_path, "bad", *STEPS, "--train.parallel.dp_shard=2")
