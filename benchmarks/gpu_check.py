@@ -111,6 +111,7 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
     decode = _load(work / "decode.json") or []
     decode = {"rows": decode} if isinstance(decode, list) else decode
     finetune = _load(work / "finetune.json") or {"rows": []}
+    scaleout = _load(work / "scaleout.json") or {"rows": []}
     tests, shake = _tests(work), _shakespeare(work)
 
     goals = []
@@ -190,11 +191,22 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
                      f"| {_fmt(r['temper_peak_ratio'], '.2f')} | {_fmt(r['temper_speed_ratio'], '.2f')} |")
     if finetune.get("qlora_peer_missing"):
         lines.append(f"\nQLoRA peer missing: {finetune['qlora_peer_missing']}")
+    lines += ["", "## Scale-out on one GPU: FSDP2 against DDP, each over a one-rank group (overheads only)", "",
+              "| layout | tokens/s | MFU meas. | MFU datasheet | step s | step / DDP's |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    ddp_step = next((r["step_s"] for r in scaleout["rows"] if r.get("layout") == "ddp" and "step_s" in r), None)
+    for r in scaleout["rows"]:
+        if "step_s" not in r:
+            lines.append(f"| {r.get('layout')} | failed: {r.get('error')} | | | | |")
+            continue
+        lines.append(f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {_fmt(r.get('mfu_measured'), '.1%')} "
+                     f"| {_fmt(r.get('mfu_datasheet'), '.1%')} | {r['step_s']:.3f} "
+                     f"| {_fmt(ddp_step and r['step_s'] / ddp_step, '.2f')} |")
     lines += ["", "## Shakespeare", "", json.dumps(shake)]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     (out / "gpu_check.json").write_text(json.dumps(
         {"dry_run": dry_run, "parts": parts, "peaks": pk, "goals": goals, "tests": tests, "train": train,
-         "decode": decode, "finetune": finetune, "shakespeare": shake}, indent=1))
+         "decode": decode, "finetune": finetune, "shakespeare": shake, "scaleout": scaleout}, indent=1))
     return 0 if parts and all(p["rc"] == 0 for p in parts) else 1
 
 

@@ -9,6 +9,8 @@
 #   finetune    LoRA and QLoRA on a Llama-3-8B shape (seq 2048, micro-batch 1, activation checkpointing),
 #               peak memory and tokens/s against peft (+ bitsandbytes), weights made on the GPU (no download)
 #   shakespeare nanoGPT's baby GPT on tinyshakespeare, compiled, cut at its time limit; the last val loss
+#   scaleout    tokens/s and MFU of FSDP2 against DDP on the Llama-3.2-1B shape (batch 4 x 1024, bf16, eager), each
+#               over a one-rank group: the same code paths as on many GPUs, so this compares overheads only
 # Each part runs under its own time limit (one hang cannot eat the rest) and writes its rows as JSON;
 # the end writes gpu_check.md (one table) and gpu_check.json, plus logs.tar.gz, into OUT_DIR.
 #
@@ -27,7 +29,7 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS, which the test harness asks for
 DATA=${TEMPER_SHARED_DATA:-../shared/data}
-PARTS=${GPU_CHECK_PARTS:-tests peaks train decode finetune shakespeare}
+PARTS=${GPU_CHECK_PARTS:-tests peaks train decode finetune shakespeare scaleout}
 echo "gpu_check: dry_run=$DRY parts=[$PARTS] work=$WORK out=$OUT_DIR python=$PY"
 
 # part NAME LIMIT_S CMD...: run CMD with its log in $WORK/NAME.log; record rc and seconds in parts.jsonl.
@@ -57,6 +59,7 @@ if [ "$DRY" = 1 ]; then
   SHAKE=(--preset=debug --model.dim=32 --model.n_layers=2 --model.n_heads=2 --model.max_seq_len=32
          --train.steps=6 --train.micro_batch_size=2 --eval.every=3 --eval.batches=2 --run.device=cpu)
   SHAKE_CHARS=50000
+  SCALEOUT=(--device cpu --dim 64 --layers 2 --batch 2 --seq 64 --steps 2 --dtype fp32)
 else
   DEV=cuda
   # Compiled only by default: eager GPT-2 was measured in the first GPU run, and every compiled side costs
@@ -69,6 +72,7 @@ else
             --methods lora qlora --compile --offload qlora)
   SHAKE=(--config configs/shakespeare-char.yaml --train.compile=true --eval.every=500 --checkpoint.every=0)
   SHAKE_CHARS=0
+  SCALEOUT=(--device cuda --shape llama-3.2-1b --batch 4 --seq 1024 --warmup 2 --steps 8 --dtype bf16)
 fi
 
 part tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
@@ -83,6 +87,8 @@ part shakespeare 60 bash -c "$(printf '%q ' "$PY" -m temper prepare --input "$TE
   --val_fraction=0.1 \
   --progress=false) && $(printf '%q ' "$PY" -m temper pretrain "${SHAKE[@]}" --data.dir="$WORK/shakespeare_char" \
   --run.dir="$WORK/runs" --run.name=shakespeare --log.progress=false)"
+part scaleout 60 "$PY" benchmarks/scale_out.py --ranks 1 --layouts ddp fsdp2 "${SCALEOUT[@]}" --timeout 50 \
+  --json "$WORK/scaleout.json"
 
 "$PY" benchmarks/gpu_check.py report --work "$WORK" --out "$OUT_DIR" --dry-run "$DRY"
 rc=$?

@@ -21,11 +21,11 @@ def test_gpu_check_dry_run_runs_every_part_and_writes_the_report(shared_data, tm
     env = {**os.environ, "TEMPER_SHARED_DATA": str(shared_data), "TMPDIR": str(tmp_path)}
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=280)
+                          capture_output=True, text=True, timeout=340)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     parts = {p["part"]: p["rc"] for p in report["parts"]}
-    assert parts == dict.fromkeys(["tests", "peaks", "train", "decode", "finetune", "shakespeare"], 0)
+    assert parts == dict.fromkeys(["tests", "peaks", "train", "decode", "finetune", "shakespeare", "scaleout"], 0)
     # Every part left its numbers: both sides of both modes, both decode sides, LoRA and QLoRA with peers.
     assert {(r["impl"], r["mode"]) for r in report["train"]["rows"] if "tokens_per_s" in r} == {
         (i, m) for i in ("temper", "transformers") for m in ("eager", "compile")}
@@ -33,6 +33,7 @@ def test_gpu_check_dry_run_runs_every_part_and_writes_the_report(shared_data, tm
     ft = {(r["method"], r["impl"]) for r in report["finetune"]["rows"] if "peak_gib" in r}
     assert {("lora", "temper+compile"), ("lora", "peft"), ("qlora", "temper+compile+offload")} <= ft
     assert report["shakespeare"]["val_loss"] > 0 and report["peaks"]["bf16_matmul_flops"] > 0
+    assert {r["layout"] for r in report["scaleout"]["rows"] if r.get("tokens_per_s")} == {"ddp", "fsdp2"}
     assert all(g["met"] is None for g in report["goals"])  # tiny CPU shapes: goals are not judged
     md = (out / "gpu_check.md").read_text()
     assert "| goal | target | measured | met |" in md and "failed:" not in md

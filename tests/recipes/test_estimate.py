@@ -12,6 +12,7 @@ from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
 from temper.recipes.estimate import main
 from temper.train.memory import RunShape, estimate, human_bytes
+from temper.train.parallel import ParallelConfig
 
 RUN = ["--run.micro_batch_size=4", "--run.seq_len=64", "--run.precision=fp32"]
 
@@ -65,8 +66,10 @@ def test_bad_input_fails_naming_the_key(tmp_path, capsys):
     assert "unknown preset 'gpt5'" in err and "debug, debug-llama, gpt2-124m" in err
     assert temper_main(["estimate", "--run.micro_batch_size=-1"]) == 2
     assert "micro_batch_size must be > 0, got -1" in capsys.readouterr().err
-    assert temper_main(["estimate", "--run.sharding=zero3"]) == 2
-    assert "run.sharding" in capsys.readouterr().err
+    assert temper_main(["estimate", "--run.parallel.dp_shard=0"]) == 2
+    assert "run.parallel" in capsys.readouterr().err
+    assert temper_main(["estimate", "--run.world_size=3", "--run.parallel.dp_shard=2"]) == 2
+    assert "does not divide the world size 3" in capsys.readouterr().err
     assert temper_main(["estimate", "--model.preset=debug", f"--model.path={tmp_path}"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main([f"--model.path={tmp_path / 'nowhere'}"]) == 2
@@ -77,7 +80,16 @@ def test_bad_input_fails_naming_the_key(tmp_path, capsys):
     assert "match no nn.Linear" in capsys.readouterr().err
 
 
-def test_sharding_parameters_on_one_device_is_allowed_but_says_it_saves_nothing(capsys):
-    assert main(["--model.preset=debug", "--run.sharding=parameters", "--run.world_size=1"]) == 0
+def test_a_layout_prints_per_rank_figures(capsys):
+    flags = ["--run.world_size=4", "--run.parallel.dp_shard=2", "--run.parallel.tp=2", "--run.parallel.sequence_parallel=true"]
+    assert main(["--model.preset=debug-llama", *RUN, *flags]) == 0
     out = capsys.readouterr().out
-    assert "sharding=parameters with world_size=1 divides by 1: it saves no memory" in out
+    layout = ParallelConfig(dp_shard=2, tp=2, sequence_parallel=True)
+    expected = estimate(PRESETS["debug-llama"], RunShape(micro_batch_size=4, seq_len=64, precision="fp32", world_size=4,
+                                                       parallel=layout))
+    assert "4 ranks: FSDP2 over 2 (ZeRO-3), tp 2 (sequence parallel)" in out
+    for c in expected.components:
+        assert f"| {c.name} | {human_bytes(c.bytes)} | {c.formula} |" in out
+    assert f"**{human_bytes(expected.peak)}**" in _peak_line(out)
+    one = estimate(PRESETS["debug-llama"], RunShape(micro_batch_size=4, seq_len=64, precision="fp32"))
+    assert expected["parameters"].bytes < one["parameters"].bytes / 3  # a quarter, and the replicated norms

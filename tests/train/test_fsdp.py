@@ -27,7 +27,7 @@ from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
 
 char_data = test_pretrain.char_data
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]  # the fixture runs 7 jobs
 
 STEPS = ["--train.steps=4", "--eval.every=2"]
 """4 steps, a checkpoint every 2 (TINY), validation at steps 2 and 4: under a sharded layout too."""
@@ -40,6 +40,7 @@ LAYOUTS = {
                              "--train.parallel.offload=true"]),
     "zero1": (2, 2, ["--train.parallel.zero1=true"]),
     "fsdp2_accum": (2, 1, ["--train.parallel.dp_shard=2", "--train.global_batch_tokens=128"]),
+    "fsdp2_async": (2, 2, ["--train.parallel.dp_shard=2", "--checkpoint.async_save=true"]),
 }
 """name: (ranks, micro-batch, flags); ranks x micro-batch (x accumulation) = 4 sequences of 32 tokens."""
 
@@ -122,6 +123,29 @@ def test_replicated_checkpoint_resumes_sharded(runs, char_data):
     shutil.copytree(runs / "ref" / "checkpoints" / "step-0000002", runs / name / "checkpoints" / "step-0000002")
     torchrun(runs, char_data, name, 2, 2, "--train.parallel.dp_shard=2")
     assert_same_training(runs / "ref", runs / name, steps=range(3, 5))
+
+
+def test_async_checkpoint_holds_the_weights_of_its_step(runs):
+    """Row 9: an asynchronous save copies the shards before training goes on, so its step-2 checkpoint holds
+    exactly the synchronous run's step-2 weights and AdamW states, though steps 3-4 ran while it was written;
+    every checkpoint was committed (none left as .tmp)."""
+    from temper import config
+    from temper.model.config import ModelConfig
+    from temper.model.transformer import Transformer
+    from temper.train.checkpoint import load_checkpoint, read_state
+
+    def load(run: str) -> tuple[dict, dict]:
+        path = runs / run / "checkpoints" / "step-0000002"
+        model = Transformer(config.from_dict(ModelConfig, read_state(path)["config"]["model"]))
+        opt = torch.optim.AdamW(model.parameters())
+        load_checkpoint(path, model=model, optimizer=opt)
+        return model.state_dict(), opt.state_dict()["state"]
+
+    (wa, sa), (wb, sb) = load("fsdp2"), load("fsdp2_async")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert sorted(p.name for p in (runs / "fsdp2_async" / "checkpoints").iterdir()) == [
+        "latest", "step-0000002", "step-0000004"]
 
 
 def test_a_layout_that_does_not_fit_the_world_is_refused(char_data, tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from temper.config import ConfigError
 from temper.model.config import PRESETS
 from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
 from temper.model.transformer import Transformer
@@ -25,7 +26,7 @@ from temper.train.memory import (
     rules_of_thumb,
 )
 from temper.train.optim import OptimConfig, build_optimizer
-from temper.train.parallel import apply_activation_checkpointing
+from temper.train.parallel import ParallelConfig, apply_activation_checkpointing
 from temper.train.step import train_step
 
 
@@ -65,22 +66,36 @@ def test_kv_cache_is_what_the_model_allocates():
     assert est["KV cache (generation)"].bytes == cache.k.nbytes + cache.v.nbytes
 
 
-def test_sharding_divides_what_it_shards():
-    cfg = PRESETS["debug"]
+def test_layouts_divide_what_they_shard():
+    """Per-rank figures by hand (tests/train/test_memory_distributed.py checks them against measured steps)."""
+    cfg = PRESETS["debug"]  # every dimension divides 8: FSDP2 pads nothing
     n = Transformer(cfg).num_params()  # 124672
-    block = 4 * (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 2 * 2 * 64  # the largest FSDP unit: 49984
-    base = estimate(cfg, RunShape(world_size=8))
-    assert base["gradients"].bytes == 2 * 4 * n  # DDP: gradients plus its buckets
-    s1 = estimate(cfg, RunShape(world_size=8, sharding="optimizer"))
-    assert s1["optimizer states"].bytes == 8 * n // 8 and s1["parameters"].bytes == 4 * n
-    s2 = estimate(cfg, RunShape(world_size=8, sharding="gradients"))
-    assert s2["gradients"].bytes == 4 * n // 8 + 4 * block  # plus one unit's before its reduce-scatter
-    assert s2["optimizer states"].bytes == n and s2["parameters"].bytes == 4 * n
-    s3 = estimate(cfg, RunShape(world_size=8, sharding="parameters", precision="bf16"))
-    assert s3["parameters"].bytes == 4 * n // 8 + 2 * block * 2  # two gathered bf16 units
-    assert s3.peak < s2.peak < s1.peak < base.peak
-    one = estimate(cfg, RunShape(world_size=1, sharding="parameters"))
-    assert any("saves no memory" in note for note in one.notes)
+    ddp = estimate(cfg, RunShape(world_size=8))
+    assert ddp["gradients"].bytes == 2 * 4 * n  # DDP: gradients plus its buckets
+    zero1 = estimate(cfg, RunShape(world_size=8, parallel=ParallelConfig(zero1=True)))
+    assert zero1["optimizer states"].bytes == 8 * n // 8 and zero1["parameters"].bytes == 4 * n
+    zero3 = estimate(cfg, RunShape(world_size=8, parallel=ParallelConfig(dp_shard=8)))
+    assert [zero3[c].bytes for c in ("parameters", "gradients", "optimizer states")] == [4 * n // 8, 4 * n // 8, n]
+    zero2 = estimate(cfg, RunShape(world_size=8, parallel=ParallelConfig(dp_shard=8, reshard_after_forward=False)))
+    assert zero2["parameters"].bytes == zero3["parameters"].bytes
+    assert zero2["gathered (FSDP2)"].bytes > zero3["gathered (FSDP2)"].bytes  # every unit stays gathered
+    assert zero3.peak < zero2.peak < zero1.peak < ddp.peak
+    # tp=2: q/k/v and up split by rows (biases too), o/down by columns, the embedding by vocabulary rows
+    halved = cfg.n_layers * (3 * (64 * 64 + 64) + 64 * 64 + (256 * 64 + 256) + 64 * 256) // 2 + 256 * 64 // 2
+    tp = estimate(cfg, RunShape(world_size=2, parallel=ParallelConfig(tp=2)))
+    assert tp["parameters"].bytes == 4 * (n - halved)
+    assert tp["KV cache (generation)"].bytes == ddp["KV cache (generation)"].bytes // 2  # half the heads
+    # pp=2: a stage holds one block of two and the embeddings, or the other and the final norm and (tied) head
+    pp = estimate(cfg, RunShape(world_size=2, micro_batch_size=2, parallel=ParallelConfig(pp=2)))
+    block = 4 * (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 2 * 2 * 64
+    assert pp["parameters"].bytes in (4 * (block + 256 * 64 + 128 * 64), 4 * (block + 256 * 64 + 2 * 64))
+    assert any("pipeline: the" in note for note in pp.notes)
+    # offload: the shards move to host memory, what is in flight stays on the device
+    off = estimate(cfg, RunShape(world_size=8, parallel=ParallelConfig(dp_shard=8, offload=True)))
+    assert off.host == 16 * n // 8 and off["parameters"].bytes == 0
+    assert off.peak <= zero3.peak - zero3["parameters"].bytes - zero3["optimizer states"].bytes
+    with pytest.raises(ConfigError, match="run.parallel"):
+        RunShape(world_size=3, parallel=ParallelConfig(dp_shard=2))
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,

@@ -14,6 +14,7 @@ It does not compute advantages or losses (align/rl.py) or run the optimizer (tra
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from temper.data.loader import EpochOrder, split_holdout
 from temper.data.prompts import PromptRecord, read_prompts
 from temper.data.sources import RecordError
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.infer.engine import join
 from temper.infer.load import open_checkpoint
 from temper.train.losses import Batch
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
@@ -202,11 +204,16 @@ def evaluate_greedy(model: nn.Module, tok: HFTokenizer, prompts: Prompts, reward
                     stop_ids: Sequence[int], d: DistInfo, batch_prompts: int = 16) -> dict[str, float]:
     """Held-out prompts answered greedily (temperature 0) and scored: the mean total reward and each
     component's mean (for a correctness rule, the accuracy), and the mean completion length.
-    Prompt i is answered by rank i mod world."""
+    Prompt i is answered by rank i mod world, in as many rounds on every rank: a rank out of prompts takes
+    part in the others' generation (`engine.join`: a sharded model's forward needs every rank)."""
     mine = [i for i in range(len(prompts.ids)) if i % d.dp_world == d.dp_rank]
     sums: dict[str, list[float]] = {}
-    for lo in range(0, len(mine), batch_prompts):
+    rounds = math.ceil(math.ceil(len(prompts.ids) / d.dp_world) / batch_prompts)
+    for lo in range(0, rounds * batch_prompts, batch_prompts):
         idx = mine[lo:lo + batch_prompts]
+        if not idx:
+            join(model)
+            continue
         outs = rollout(model, tok, [prompts.ids[i] for i in idx], cfg, seeds=[0] * len(idx), stop_ids=stop_ids,
                        greedy=True, n=1)
         total, columns = score(rewards, [prompts.records[i] for i in idx], outs, 1)

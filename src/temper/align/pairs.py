@@ -4,19 +4,25 @@ run directory, join the process group), and which pairs each rank's micro-batche
 
 A step's pairs follow the training order (`data.loader.EpochOrder`, a function of the seed and the
 pair's global index) and are dealt to ranks and micro-batches by `loader.rank_slice`, so N ranks with
-the same global batch train on the pairs one process would.
+the same global batch train on the pairs one process would. Held-out pairs are dealt so that every rank
+scores as many micro-batches (a sharded model's forward pass needs every rank): a rank short of pairs
+scores a void one (`void`, `IgnoreVoid`), which runs the model and counts for nothing.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from temper.config import ConfigError
 from temper.data.loader import EpochOrder, rank_slice, split_holdout
 from temper.data.prefs import PrefStats, check_pairs, format_pref_check, load_pref_examples
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
+from temper.train.losses import Batch, Loss, LossOut
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
 from temper.train.run import EvalSection, TrainSection, locked_run_dir, run_directory
 
@@ -85,7 +91,36 @@ def step_pairs(order: EpochOrder, step: int, micro: int, accum: int, d: DistInfo
 
 
 def val_batches(n: int, micro: int, d: DistInfo) -> list[list[int]]:
-    """This rank's held-out pairs in micro-batches: pair i is scored by rank i mod world. A rank left
-    without one scores pair 0 too, since every rank must join the metrics' all-reduce."""
-    idx = [i for i in range(n) if i % d.dp_world == d.dp_rank] or [0]
-    return [idx[lo:lo + micro] for lo in range(0, len(idx), micro)]
+    """This rank's held-out pairs in micro-batches: pair i is scored by rank i mod world. Every rank gets as
+    many micro-batches, at least one (every rank joins the metrics' all-reduce, and a sharded model's forward
+    needs every rank): one whose pairs have run out is empty, for the recipe to score as `void`."""
+    idx = [i for i in range(n) if i % d.dp_world == d.dp_rank]
+    rounds = max(1, math.ceil(math.ceil(n / d.dp_world) / micro))
+    return [idx[k * micro:(k + 1) * micro] for k in range(rounds)]
+
+
+VOID = "void"
+"""A micro-batch's extra that marks it void: built from pair 0 to run the model, counted as no pair."""
+
+
+def void(idx: list[int]) -> dict[str, torch.Tensor]:
+    """The extra of a micro-batch of the pairs `idx`: {VOID: ...} when there are none (build it from pair 0)."""
+    return {} if idx else {VOID: torch.ones(())}
+
+
+@dataclass
+class IgnoreVoid:
+    """`loss` that scores a void micro-batch (`void`) as nothing: its forward pass runs, its count, loss and
+    metrics are zero."""
+
+    loss: Loss
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        n = torch.as_tensor(self.loss.count(batch))
+        return n * 0 if VOID in batch.extra else n
+
+    def __call__(self, model, batch: Batch) -> LossOut:
+        out = self.loss(model, batch)
+        if VOID not in batch.extra:
+            return out
+        return LossOut(out.loss_sum * 0, {k: v * 0 for k, v in out.metrics.items()})

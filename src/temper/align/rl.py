@@ -370,7 +370,7 @@ class ActorCritic(nn.Module):
     its value model). Parameters are named policy.* and value.*.
 
     forward(tokens (B, T), logits_at (B, T) bool, **model kwargs) -> (logits (N, V), values (N,) float32) at
-    the N True positions, in row-major order.
+    the N True positions, in row-major order; with policy_only=True, the policy's own output alone (`Actor`).
     """
 
     def __init__(self, policy: nn.Module, value_model: RewardModel | None = None) -> None:
@@ -404,13 +404,37 @@ class ActorCritic(nn.Module):
         head = self.policy.head
         return F.linear(hidden, self.policy.tok_emb.weight) if head is None else head(hidden)
 
-    def forward(self, tokens: torch.Tensor, *, logits_at: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, *, logits_at: torch.Tensor | None = None, policy_only: bool = False,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        if policy_only:
+            return self.policy(tokens, logits_at=logits_at, **kwargs)
         hidden = self.policy(tokens, logits_at=logits_at, hidden_only=True, **kwargs)  # (N, C)
         logits = self._lm_head(hidden)  # (N, V)
         if self.shared:
             return logits, self.value(hidden).float()
         value_hidden = self.value.backbone(tokens, logits_at=logits_at, hidden_only=True, **kwargs)  # (N, C)
         return logits, self.value.head(value_hidden).float()
+
+
+class Actor(nn.Module):
+    """An `ActorCritic`'s policy as a model of its own, called through the `ActorCritic` (`policy_only`): what
+    samples rollouts, scores their log-probs and, with its adapters off, is the LoRA reference. Calling the
+    policy directly would skip the hooks a sharded layout puts on the whole module (FSDP2's root gathers the
+    embeddings, the final norm and the output layer)."""
+
+    def __init__(self, actor_critic: ActorCritic) -> None:
+        super().__init__()
+        self.actor_critic = actor_critic
+
+    @property
+    def cfg(self):
+        return self.actor_critic.policy.cfg
+
+    def new_cache(self, *args, **kwargs):
+        return self.actor_critic.policy.new_cache(*args, **kwargs)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.actor_critic(tokens, policy_only=True, **kwargs)
 
 
 @dataclass

@@ -30,19 +30,95 @@ sink" tokens (StreamingLLM, Xiao et al. 2023).
 
 It works on token ids only: decoding text and stop *strings* belong to the caller, which can end a
 row through the `should_stop` hook. Loading a checkpoint for inference is `temper.infer.load`.
+
+A training recipe's sharded model (FSDP2, tensor parallel) generates too, every rank its own prompts: its
+forward pass is a collective, so the ranks run in lockstep (each pass announced by a one-value all-reduce;
+a rank done early answers the others' passes until all are, `join` for a rank with nothing to generate),
+and without gradient under no_grad, never inference_mode (whose tensors FSDP2 could not reuse in training).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from temper.infer.cache import fork, new_cache, reset, select, write_back
 from temper.model.transformer import KVCache
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
+
+# ---- sharded models ------------------------------------------------------------------------------
+
+
+def collective(model: nn.Module) -> bool:
+    """Whether `model`'s forward pass is a collective over ranks (parameters sharded by FSDP2 or tensor
+    parallel, as a training recipe lays them out): every rank must then run as many forward passes as the
+    others, and passes without gradient run under no_grad rather than inference_mode (FSDP2 keeps the
+    buffers it gathers parameters into between calls: made in inference mode, training could not write them)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return (any(isinstance(m, FSDPModule) for m in model.modules())
+            or any(isinstance(p, DTensor) for p in model.parameters()))
+
+
+def _without_grad(fn: Callable) -> Callable:
+    """Run `fn(model, ...)` (a function or a generator) under inference_mode, or no_grad for a sharded model."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        mode = torch.no_grad() if collective(model) else torch.inference_mode()
+        return mode(fn)(model, *args, **kwargs)
+
+    return wrapper
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class _Lockstep:
+    """A sharded model as one rank's generation sees it: each forward pass is announced to the other ranks
+    first (one small all-reduce), and a rank whose generation ends early (its rows stopped, it had fewer new
+    tokens to make, no window to re-encode) answers the others' announced passes with a one-token pass of
+    its own (`finish`) until every rank is done, so that the passes' gathers line up on every rank."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def __getattr__(self, name: str):  # cfg, new_cache, parameters, eval, train, training: the model's
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        _any_rank(True, self.device)
+        return self.model(*args, **kwargs)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in, from a one-token pass: FSDP2's mixed precision gathers the
+        parameters in another dtype than the one they are stored in, and the KV cache must take the former."""
+        return self(torch.zeros((1, 1), dtype=torch.long, device=self.device), last_only=True).dtype
+
+    def finish(self) -> None:
+        idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        while _any_rank(False, self.device):
+            self.model(idle, last_only=True)
+
+
+@torch.no_grad()
+def join(model: nn.Module) -> None:
+    """Take part in the other ranks' generation without generating (a rank with no prompts in a round of a
+    sharded evaluation): answer their forward passes until all are done. A no-op for a model that is not sharded."""
+    if collective(model):
+        _Lockstep(model).finish()
+
 
 # ---- sampling ------------------------------------------------------------------------------------
 
@@ -158,7 +234,7 @@ def _pad(prompts: Prompts, lengths: Sequence[int] | None, pad_id: int, device: t
     return out.to(device), counts
 
 
-@torch.inference_mode()
+@_without_grad
 def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[int] | None = None, *,
             lengths: Sequence[int] | None = None, pad_id: int = 0, all_logits: bool = False) -> torch.Tensor:
     """Append each prompt's tokens to its cache row, after what the row holds; return the logits
@@ -254,7 +330,18 @@ def _row_seeds(seed: int | Sequence[int] | None, B: int, device: torch.device) -
     return torch.tensor(list(seed), dtype=torch.long, device=device)
 
 
-def _run(
+def _run(model: nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> Iterator[list[int | None]]:
+    """`_decode`; for a sharded model in lockstep with the other ranks (`_Lockstep`), which all call it: a
+    rank that is done early keeps answering the others' forward passes, so none waits forever."""
+    if not collective(model):
+        yield from _decode(model, prompts, **kwargs)
+        return
+    lock = _Lockstep(model)
+    yield from _decode(lock, prompts, **(kwargs | {"compile": False}))  # the plain step: calls go through the lock
+    lock.finish()
+
+
+def _decode(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
     top_k: int | None, top_p: float | None, repetition_penalty: float, stop_token_ids: Sequence[int],
     seed: int | Sequence[int] | None, use_cache: bool, pad_id: int,
@@ -295,7 +382,8 @@ def _run(
     # every step, as nanoGPT's crop does. Each row fills up at its own step (so that it computes what it
     # would alone), and only the rows that are full and unfinished are re-encoded.
     keep = C - margin
-    cache = new_cache(model, B, min(C, total)) if use_cache and max_new_tokens else None
+    dtype = model.compute_dtype() if isinstance(model, _Lockstep) and use_cache and max_new_tokens else None
+    cache = new_cache(model, B, min(C, total), dtype=dtype) if use_cache and max_new_tokens else None
     step_fn = decode_step
     if compile and cache is not None:
         step_fn = compiled_decode_step(compile if isinstance(compile, str) else None)
@@ -395,7 +483,7 @@ def _run(
         model.train(was_training)
 
 
-@torch.inference_mode()
+@_without_grad
 def stream(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
@@ -426,7 +514,7 @@ def stream(
                     num_samples=num_samples, compile=compile, sync_every=max(1, sync_every))
 
 
-@torch.inference_mode()
+@_without_grad
 def generate(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
@@ -453,7 +541,7 @@ def generate(
     return outputs
 
 
-@torch.inference_mode()
+@_without_grad
 def generate_with_logprobs(
     model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token_ids: Sequence[int] = (),

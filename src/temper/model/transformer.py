@@ -366,8 +366,12 @@ class Transformer(nn.Module):
             order: scoring a few continuation tokens then skips the head (T x V) on the rest.
         hidden_only: return the final (normed) hidden states (B, T, C) instead of logits: a loss that
             runs the output layer itself (train.losses' chunked cross-entropy) or another head (model.heads).
+
+        A pipeline stage (`train.pipeline`: a model without some of its parts) runs its own: without `tok_emb`
+        it takes the previous stage's hidden states (B, T, C) for `tokens`, and without `norm` it returns its
+        last block's hidden states.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         if cache is not None:
             if positions is not None or segments is not None:
                 raise ValueError("with a KV cache, positions and the mask come from its per-row lengths: pass neither")
@@ -376,26 +380,30 @@ class Transformer(nn.Module):
             positions = cache.positions(T)  # (B, T): each row's next slots
         elif positions is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = self.tok_emb(tokens)  # (B, T, C)
-        if self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
+        first = self.tok_emb is not None  # the first pipeline stage, or the whole model
+        x = self.tok_emb(tokens) if first else tokens  # (B, T, C)
+        if first and self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         rope = None
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
             x = x + pe  # (B, T, C)
-        else:
+        elif self.cfg.pos == "rope":
             if positions is None:
                 cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
             else:
                 cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
             rope = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
-        x = self.drop(x)
+        if first:
+            x = self.drop(x)
         mask, causal = self._attention_mask(segments, B, T, tokens.device, positions if cache is not None else None,
                                             cache.max_len if cache is not None else 0)
         for layer in self.layers:
             x = layer(x, rope, mask, causal, cache)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
+        if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
+            return x  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif logits_at is not None:
@@ -440,11 +448,15 @@ class Transformer(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the weights' device/dtype)."""
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the weights' device/dtype).
+
+        It holds the key/value heads of this model's attention modules: under tensor parallelism, the
+        rank's share of them (`train.tensor_parallel` sets `Attention.n_kv_heads` to it)."""
         p = self.tok_emb.weight
         c = self.cfg
+        kv_heads = self.layers[0].attn.n_kv_heads
         return KVCache(
-            c.n_layers, batch, c.kv_heads, max_len, c.head_dim, device=device or p.device, dtype=dtype or p.dtype
+            c.n_layers, batch, kv_heads, max_len, c.head_dim, device=device or p.device, dtype=dtype or p.dtype
         )
 
     def num_params(self, exclude_embedding: bool = False) -> int:

@@ -19,7 +19,7 @@ Steps, in the order `run` takes them:
     logged as loss, kl or jsd, ce) -> validation: the student's cross-entropy on held-out data (val_loss,
     the number `temper pretrain` and `temper sft` report) and, with a resident teacher, val_kl / val_jsd;
     checkpoints, SIGTERM
- 6. final/ (rank 0): the full student in Hugging Face layout with the teacher's tokenizer files
+ 6. final/ (rank 0, a sharded model gathered there first): the full student in Hugging Face layout with the teacher's tokenizer files
 
 On-policy distillation (GKD, Agarwal et al. 2024; TRL's GKDTrainer `lmbda`): with probability
 on_policy.lmbda a step's responses are the student's own samples instead of the data's. Each row's prompt
@@ -77,7 +77,6 @@ from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
     init_distributed,
-    remove_activation_checkpointing,
     shutdown_distributed,
 )
 from temper.train.run import (
@@ -534,8 +533,9 @@ class Data:
         return prompts, seeds
 
     def val_batches(self, micro: int) -> list[Batch]:
-        """This rank's share of the held-out rows (every rank gets at least one batch: all must join the
-        all-reduce; a rank left without rows scores one whose targets are all ignored)."""
+        """This rank's share of the held-out rows, in as many batches on every rank, at least one (all join the
+        all-reduce, and a sharded model's forward needs every rank): where a rank's rows have run out, a row
+        whose targets are all ignored."""
         d = self.d
         if not self.sft:
             if self.val_windows is None:
@@ -546,11 +546,13 @@ class Data:
             return []
         n = self.val_rows.per_epoch
         starts = [rank_slice(0, micro, m, d.dp_rank, d.dp_world) for m in range(math.ceil(n / (micro * d.dp_world)))]
-        out = [self._rows(self.val_rows, [self.val_rows.row(i) for i in range(s, min(s + micro, n))], False)
-               for s in starts if s < n]
-        if not out:
-            b = self._rows(self.val_rows, [self.val_rows.row(0)], False)
-            out = [Batch(b.inputs, torch.full_like(b.targets, IGNORE_INDEX), b.model_kwargs)]
+        out = []
+        for s in starts:
+            if s < n:
+                out.append(self._rows(self.val_rows, [self.val_rows.row(i) for i in range(s, min(s + micro, n))], False))
+            else:
+                b = self._rows(self.val_rows, [self.val_rows.row(0)], False)
+                out.append(Batch(b.inputs, torch.full_like(b.targets, IGNORE_INDEX), b.model_kwargs))
         return out
 
     # ---- the cache's units: every window (data.dir) or training example (SFT), one per row ----------
@@ -662,7 +664,8 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
         batches = data.val_batches(micro)
         if not batches:
             return {}
-        m = eval_metrics(model, batches, run.amp_dtype, val_loss_fn)  # the unwrapped model: DDP's forward is for training
+        # the unwrapped model: DDP's forward is for training (FSDP2's is the model itself)
+        m = eval_metrics(model, batches, run.amp_dtype, val_loss_fn, d.dp_group)
         return {f"val_{k}": v for k, v in m.items() if k != "ce"}
 
     # 5. the loop
@@ -704,10 +707,11 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
                     save(step)
                 return run.stop_preempted(step)
 
-    # 6. final/
+    # 6. final/ (a sharded model gathered on rank 0 first)
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_finetuned(remove_activation_checkpointing(model), model_cfg, "full", tok, final,
+        export_finetuned(exported, model_cfg, "full", tok, final,
                          cfg.student.from_ or cfg.student.preset)
         write_report(run.dir)
         print(f"final model: {final}")

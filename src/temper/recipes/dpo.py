@@ -21,8 +21,8 @@ Steps, in the order `run` takes them:
  6. the loop: learning-rate schedule, `train_step` with `align.preference.PreferenceLoss`, TRL's
     metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps), the
     held-out loss and reward accuracy, atomic checkpoints of what trains (and the optimizer)
- 7. final/ (rank 0 writes it): the merged model in Hugging Face layout with the tokenizer files,
-    plus the adapter in PEFT's format (lora, qlora)
+ 7. final/ (rank 0 writes it, a sharded model gathered there first): the merged model in Hugging Face
+    layout with the tokenizer files, plus the adapter in PEFT's format (lora, qlora)
 
 It does not train reward models (`temper reward`) or sample (`temper generate`, PPO and GRPO).
 """
@@ -42,11 +42,13 @@ import torch.distributed as dist
 from temper import config
 from temper.align.pairs import (
     RESUME_KEYS,
+    IgnoreVoid,
     PairEvalConfig,
     PairTrainConfig,
     run_on_pairs,
     step_pairs,
     val_batches,
+    void,
 )
 from temper.align.preference import (
     KTOLoss,
@@ -71,10 +73,7 @@ from temper.train.log import write_report
 from temper.train.losses import Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
-from temper.train.parallel import (
-    DistInfo,
-    remove_activation_checkpointing,
-)
+from temper.train.parallel import DistInfo
 from temper.train.run import (
     CheckpointSection,
     LogSection,
@@ -217,6 +216,11 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
 
     def batch(source: list, idx: list[int], ref: torch.Tensor | None) -> Batch:
+        b = _batch(source, idx or [0], ref)  # no pairs: a void batch of pair 0 (align.pairs.val_batches)
+        b.extra |= void(idx)
+        return b
+
+    def _batch(source: list, idx: list[int], ref: torch.Tensor | None) -> Batch:
         examples = [source[i] for i in idx]
         if unpaired:  # n examples with their labels, then their n mismatched KL rows
             b, label = collate_kto(examples, pad_id=pad)
@@ -277,7 +281,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     def validate() -> dict[str, float]:
         """Loss and metrics over every held-out pair (`align.pairs.val_batches` deals them to the ranks)."""
         mbs = [batch(val_pairs, idx, val_ref) for idx in val_batches(len(val_pairs), micro, d)]
-        metrics = eval_metrics(model, mbs, run.amp_dtype, loss_fn)
+        metrics = eval_metrics(model, mbs, run.amp_dtype, IgnoreVoid(loss_fn), d.dp_group)
         return {f"val_{k}": v for k, v in metrics.items()}
 
     with run:
@@ -304,10 +308,11 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
             if (stop := run.after_step(step, steps, save, validate if val_pairs else None)) is not None:
                 return stop
 
-    # 7. final/
+    # 7. final/ (a sharded model gathered on rank 0 first)
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_finetuned(remove_activation_checkpointing(model), model_cfg, cfg.method, tok, final, cfg.model)
+        export_finetuned(exported, model_cfg, cfg.method, tok, final, cfg.model)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:

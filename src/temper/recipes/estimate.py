@@ -5,9 +5,13 @@ Steps:
      Face directory (config.json), a temper checkpoint (state.json) or a temper run directory
      (config.resolved.yaml); no weights are read;
   2. estimate each component with `temper.train.memory.estimate` (the model is built on the meta device);
-  3. print a table: component, bytes per device, formula; the training step's peak and the moment
-     it happens; the KV cache and what generation needs; the per-block saved tensors; the rules of
-     thumb; and notes (e.g. sharding over one device saves nothing).
+  3. print a table: component, bytes per rank, formula; the training step's peak and the moment
+     it happens; host memory under CPU offload; the KV cache and what generation needs; the per-block
+     saved tensors; the rules of thumb; and notes.
+
+The layout is `run.parallel` (the training recipes' `train.parallel`: dp_shard, dp_replicate, tp, pp,
+zero1, offload, ...) over `run.world_size` ranks, e.g. `--run.world_size=8 --run.parallel.dp_shard=4
+--run.parallel.tp=2`: every figure is one rank's (the pipeline stage that peaks higher).
 
 It does not run a step or measure anything (`benchmarks/memory_estimate.py` checks the estimate
 against measured peaks), and it does not choose a batch size for you.
@@ -27,7 +31,7 @@ from temper.errors import InputError
 from temper.files import checkpoint_file, read_json_object
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import read_hf_config
-from temper.train.memory import Estimate, RunShape, estimate, human_bytes, rules_of_thumb
+from temper.train.memory import Estimate, RunShape, describe_layout, estimate, human_bytes, rules_of_thumb
 
 
 @dataclass
@@ -55,7 +59,7 @@ class EstimateConfig:
     model: ModelSource = field(default_factory=ModelSource)
     """The model."""
     run: RunShape = field(default_factory=RunShape)
-    """The run: recipe, precision, batch, sequence, checkpointing, sharding, world size, adapters."""
+    """The run: recipe, precision, batch, sequence, checkpointing, world size and parallel layout, adapters."""
 
 
 def read_model_config(source: ModelSource) -> ModelConfig:
@@ -106,18 +110,21 @@ def render(est: Estimate, cfg: ModelConfig, run: RunShape, name: str) -> str:
         f"temper estimate: {name} ({est.params:,} params, {est.trainable:,} trainable), "
         f"recipe {run.recipe}, {run.precision} on {run.device}, micro-batch {run.micro_batch_size} x {T} tokens"
         + (f" x {run.accumulation_steps} accumulated" if run.accumulation_steps > 1 else "")
-        + f", activation checkpointing {ck}, sharding {run.sharding} over {run.world_size} device(s)",
+        + f", activation checkpointing {ck}, {describe_layout(run)}",
         "",
-        "| component | per device | formula |",
+        "| component | per rank | formula |",
         "| --- | ---: | --- |",
     ]
-    for c in est.components[:4]:
-        lines.append(f"| {c.name} | {human_bytes(c.bytes)} | {c.formula} |")
+    later = ("host memory (CPU offload)", "KV cache (generation)")  # after the peak: not in the device's step
+    for c in est.components:
+        if c.name not in later:
+            lines.append(f"| {c.name} | {human_bytes(c.bytes)} | {c.formula} |")
     alive = " + ".join(f"{k} {human_bytes(v)}" for k, v in est.at_peak.items() if v)
     lines.append(f"| **training peak** | **{human_bytes(est.peak)}** | {est.peak_formula} ({alive}); "
                  "not the sum of the rows: gradients grow as activations are freed |")
-    kv = est.components[4]
-    lines.append(f"| {kv.name} | {human_bytes(kv.bytes)} | {kv.formula} |")
+    for name in later:
+        if any(c.name == name for c in est.components):
+            lines.append(f"| {name} | {human_bytes(est[name].bytes)} | {est[name].formula} |")
     lines.append(f"| generation total | {human_bytes(est.inference)} | weights in {run.precision}"
                  + (" (NF4 base)" if run.recipe == "qlora" else "") + " + KV cache |")
     lines += ["", "saved for backward by one block, per token: "

@@ -21,8 +21,8 @@ Steps, in the order `run` takes them:
     training forward's log-probs
  5. greedy answers to the held-out prompts, scored (accuracy for a correctness rule), every
     eval.every steps; atomic checkpoints of what trains and the optimizer
- 6. final/ (rank 0): the merged model in Hugging Face layout with the tokenizer, and the adapter
-    in PEFT's format (lora, qlora)
+ 6. final/ (rank 0, a sharded model gathered there first): the merged model in Hugging Face layout with
+    the tokenizer, and the adapter in PEFT's format (lora, qlora)
 
 It does not train with a value model (`temper ppo`) or from preference pairs (`temper dpo`).
 """
@@ -61,7 +61,6 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
-from temper.train.parallel import remove_activation_checkpointing
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
 
@@ -226,10 +225,11 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
             if (stop := run.after_step(step, steps, save, validate if val_prompts.ids else None)) is not None:
                 return stop
 
-    # 6. final/
+    # 6. final/ (a sharded model gathered on rank 0 first)
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_finetuned(remove_activation_checkpointing(model), model_cfg, cfg.method, tok, final, cfg.model)
+        export_finetuned(exported, model_cfg, cfg.method, tok, final, cfg.model)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:

@@ -15,9 +15,10 @@ Steps, in the order `run` takes them:
  2. join the process group when launched by torchrun (DDP; gloo on CPU); load the policy, apply the
     method (full, lora, qlora); the value function: a scalar head on the policy (value.kind=shared) or
     a separate decoder initialised from a reward model's export (value.kind=separate, TRL's layout);
-    policy and value are one `align.rl.ActorCritic`, which DDP wraps. The reference: a frozen copy
-    (full) or the policy with its adapters off (LoRA, QLoRA: no second copy). The rewards: a reward
-    model (`temper reward`'s export) and/or rules, weighted
+    policy and value are one `align.rl.ActorCritic`, which DDP wraps (or FSDP2 shards: the policy samples
+    and scores through it, `align.rl.Actor`). The reference: a frozen copy (full) or the policy with its
+    adapters off (LoRA, QLoRA: no second copy). The rewards: a reward model (`temper reward`'s export)
+    and/or rules, weighted
  3. each step: this rank's share of the step's prompts, rollout.n completions each on the engine with
     their log-probs (seeded by (seed, prompt, sample): resume and DDP sample the same); scores (with
     `missing_eos_penalty` for completions cut at max_new_tokens); the reference's log-probs and the
@@ -31,8 +32,8 @@ Steps, in the order `run` takes them:
     loss/value_avg, val/clipfrac_avg, val/ratio, val/explained_variance, the KL coefficient, the
     completion length; greedy answers to held-out prompts scored every eval.every steps; checkpoints
     of what trains, the optimizer and the KL coefficient
- 6. final/ (rank 0): the policy merged, in Hugging Face layout with the tokenizer (the adapter in
-    PEFT's format for lora, qlora); the value function is not exported
+ 6. final/ (rank 0, a sharded model gathered there first): the policy merged, in Hugging Face layout
+    with the tokenizer (the adapter in PEFT's format for lora, qlora); the value function is not exported
 
 It does not train group-relative policies (`temper grpo`) or from pairs (`temper dpo`).
 """
@@ -64,6 +65,7 @@ from temper.align.online import (
 )
 from temper.align.rewards import RewardConfig, build_rewards
 from temper.align.rl import (
+    Actor,
     ActorCritic,
     AdaptiveKLController,
     FixedKLController,
@@ -82,7 +84,6 @@ from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
-from temper.train.parallel import remove_activation_checkpointing
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss
 
@@ -229,10 +230,11 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     torch.manual_seed(cfg.run.seed)  # the same adapters and value head on every rank
     apply_method(policy, cfg.method, cfg.lora)
     model = ActorCritic(policy, value_model).to(d.device)
+    actor = Actor(model)  # the policy, called through `model`: what a sharded layout's hooks sit on
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)
     temperature = cfg.rollout.temperature
-    reference = reference_policy(policy, reference_model, temperature)
+    reference = reference_policy(actor, reference_model, temperature)
     rewards = build_rewards(cfg.rewards, d.device)
     p = cfg.ppo
     loss_fn = PPOLoss(cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
@@ -268,7 +270,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
         run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer, kl_ctl=kl_ctl.state_dict())
 
     def validate() -> dict[str, float]:
-        metrics = evaluate_greedy(policy, tok, val_prompts, rewards, cfg.rollout, stop_ids, d)
+        metrics = evaluate_greedy(actor, tok, val_prompts, rewards, cfg.rollout, stop_ids, d)
         return {f"val_{k}": v for k, v in metrics.items()}
 
     with run:
@@ -281,7 +283,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             # 3. rollouts, scores, reference log-probs and values, rewards, advantages
             globals_ = step_prompts(order, step, per_step, d)
             idx = [order.item(g) for g in globals_]
-            outs = rollout(policy, tok, [train_prompts.ids[i] for i in idx], cfg.rollout,
+            outs = rollout(actor, tok, [train_prompts.ids[i] for i in idx], cfg.rollout,
                            seeds=rollout_seeds(cfg.run.seed, globals_, n), stop_ids=stop_ids)
             scores, columns = score(rewards, [train_prompts.records[i] for i in idx], outs, n)
             if p.missing_eos_penalty is not None:
@@ -314,7 +316,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
                     "objective/rlhf_reward": (float(scores.sum() - kl_ctl.value * seq_kl.sum()), len(outs)),
                     "completion_length": (float(mask.sum()), len(outs)),
                     "truncated": (float(sum(o.truncated for o in outs)), len(outs)),
-                    "logp_mismatch": (logprob_mismatch(policy, select(whole, [0]), temperature), 1)}
+                    "logp_mismatch": (logprob_mismatch(actor, select(whole, [0]), temperature), 1)}
             sums |= {f"reward/{k}": (float(v.sum()), len(outs)) for k, v in columns.items()}
             stats = global_means(d, sums)
             # 4. epochs of minibatches
@@ -346,10 +348,11 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             if (stop := run.after_step(step, steps, save, validate if val_prompts.ids else None)) is not None:
                 return stop
 
-    # 6. final/
+    # 6. final/ (a sharded model gathered on rank 0 first)
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_finetuned(remove_activation_checkpointing(policy), model_cfg, cfg.method, tok, final, cfg.model)
+        export_finetuned(exported.policy, model_cfg, cfg.method, tok, final, cfg.model)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:

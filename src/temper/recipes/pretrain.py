@@ -37,7 +37,8 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
-from temper.train.parallel import DistInfo, full_state_dict, init_distributed, materialize, shutdown_distributed, unwrap
+from temper.train.parallel import DistInfo, init_distributed, materialize, shutdown_distributed, unwrap
+from temper.train.pipeline import is_stage, whole_model
 from temper.train.run import (
     CheckpointSection,
     EvalSection,
@@ -259,7 +260,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     samples_per_step = micro * accum * d.dp_world
     resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
-    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS, deepspeed=True)
 
     # Each source of a mixture gets its own seed, so two "random" sources do not draw the same offsets.
     sources = [TokenWindows(x, "train", seq_len, seed=cfg.run.seed + i, order=cfg.data.order, verify=cfg.data.verify)
@@ -291,11 +292,13 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
     except TaskError as e:
         raise config.ConfigError(f"eval.tasks: {e}") from None
 
-    train_model = run.wrap(model)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(seq_len)  # the whole model's, before
+    train_model = run.wrap(model)  # a pipeline stage keeps only its own parts
     if any(p.is_meta for p in model.parameters()):  # built on the meta device: rank 0's init, each rank its slices
         materialize(model, full_weights, d.device)
         del full_weights
     optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
+    run.check_tasks(bool(tasks.tasks))
     state = run.resume(model, optimizer)
     step, samples, skipped = (state["step"], state["samples"], state["skipped_steps"]) if state else (0, 0, 0)
     if state:
@@ -314,7 +317,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         for name, val_data, _ in val_sets:
             batches = [val_data.batch(rank_slice(0, micro, i, d.dp_rank, d.dp_world), micro, d.device)
                        for i in range(cfg.eval.batches)]
-            losses[name] = eval_loss(train_model, batches, run.amp_dtype, loss_fn)
+            losses[name] = eval_loss(train_model, batches, run.amp_dtype, run.eval_loss_fn(loss_fn))
         if len(val_sets) == 1 and val_sets[0][0] == "":
             return {"val_loss": losses[""]}
         total = sum(w for _, _, w in val_sets)
@@ -322,7 +325,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         return {"val_loss": mean, **{f"val_loss/{name}": loss for name, loss in losses.items()}}
 
     if d.is_main:
-        print(f"temper pretrain: {model.num_params() / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
+        print(f"temper pretrain: {n_params / 1e6:.2f}M parameters, {d.world} rank(s) on {d.device}, "
               f"{global_tokens} tokens/step ({micro} x {seq_len} x {accum} accum x {d.dp_world} data-parallel ranks), "
               f"{run.amp_dtype}, run dir {run.dir}" + (f", from {cfg.init.from_}" if cfg.init.from_ else ""))
         if len(dirs) > 1:
@@ -330,7 +333,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
             print(f"temper pretrain: mixture of {len(dirs)} datasets by share of samples: {mix}")
     total = cfg.train.steps
     with run:
-        logger = run.logging(total, step, model.flops_per_token(seq_len))
+        logger = run.logging(total, step, flops_per_token)
         train_model.train()
         while step < total:
             if faults.active("crash", step=step, rank=d.rank):
@@ -361,9 +364,13 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                 logger.log(step, {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 80.0)),
                                   **val}, kind="val")
                 run.restart_clock()  # validation time is not training throughput
-            if (d.is_main or d.sharded) and tasks.due(step, total):  # a sharded forward needs every rank
-                with autocast(d.device, run.amp_dtype):
-                    logger.log(step, tasks.run(unwrap(model)), kind="tasks")
+            if (d.is_main or d.sharded or run.engine) and tasks.due(step, total):  # a sharded forward: every rank
+                # Pipeline stages are gathered into the whole model on rank 0, which runs the tasks alone.
+                scorer = whole_model(model) if is_stage(model) else unwrap(model)
+                if scorer is not None:
+                    with autocast(d.device, run.amp_dtype):
+                        logger.log(step, tasks.run(scorer), kind="tasks")
+                del scorer
                 run.restart_clock()
             saved = run.save_due(step, total)
             if saved:
@@ -373,10 +380,10 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
                     save(step)
                 return run.stop_preempted(step)
 
-    weights = full_state_dict(model)  # every rank: a sharded model's slices gather on rank 0
+    exported = run.exported_model()  # every rank: a sharded model's slices gather on rank 0
     if d.is_main:
         final = run.dir / "final"
-        save_hf(weights, model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
+        save_hf(exported, model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
         save_hf_tokenizer(hf_tok, final)  # with tokenizer_config.json: AutoTokenizer knows the end-of-text token
         report = write_report(run.dir)
         print(f"final model: {final}\nreport: {report}")

@@ -15,8 +15,9 @@ Steps, in the order `run` takes them:
  6. the loop: learning-rate schedule, `train_step` with `align.preference.RewardLoss` (margin-free
     Bradley-Terry, optional reward centering), the pairwise accuracy and mean margin on the training
     and held-out pairs, atomic checkpoints of what trains (and the optimizer)
- 7. final/ (rank 0 writes it): the reward model in Hugging Face's `*ForSequenceClassification` layout
-    (one label, `score.weight`), which `transformers` loads and `model.heads.load_reward_model` reads back
+ 7. final/ (rank 0 writes it, a sharded model gathered there first): the reward model in Hugging Face's
+    `*ForSequenceClassification` layout (one label, `score.weight`), which `transformers` loads and
+    `model.heads.load_reward_model` reads back
 
 It does not optimise a policy against the reward (`temper dpo`; PPO and best-of-n sample with it).
 """
@@ -34,11 +35,13 @@ import torch.distributed as dist
 from temper import config
 from temper.align.pairs import (
     RESUME_KEYS,
+    IgnoreVoid,
     PairEvalConfig,
     PairTrainConfig,
     run_on_pairs,
     step_pairs,
     val_batches,
+    void,
 )
 from temper.align.preference import RewardLoss
 from temper.data.loader import EpochOrder
@@ -134,9 +137,9 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(train_pairs) / per_step))
 
     def batch(source: list, idx: list[int]) -> Batch:
-        b = collate_pairs([source[i] for i in idx], pad_id=pad)  # chosen rows, then rejected
+        b = collate_pairs([source[i] for i in idx or [0]], pad_id=pad)  # chosen rows, then rejected
         last = (b.lengths - 1).clamp(min=0)  # each row's last real token: its end-of-turn
-        return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"last": last.to(d.device)})
+        return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"last": last.to(d.device)} | void(idx))
 
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
@@ -163,7 +166,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
     def validate() -> dict[str, float]:
         """Loss and metrics over every held-out pair (`align.pairs.val_batches` deals them to the ranks)."""
         mbs = [batch(val_pairs, idx) for idx in val_batches(len(val_pairs), micro, d)]
-        metrics = eval_metrics(model, mbs, run.amp_dtype, loss_fn)
+        metrics = eval_metrics(model, mbs, run.amp_dtype, IgnoreVoid(loss_fn), d.dp_group)
         return {f"val_{k}": v for k, v in metrics.items()}
 
     with run:
@@ -189,10 +192,11 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
             if (stop := run.after_step(step, steps, save, validate if val_pairs else None)) is not None:
                 return stop
 
-    # 7. final/
+    # 7. final/ (a sharded model gathered on rank 0 first)
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_reward_model(model, model_cfg, tok, final)
+        export_reward_model(exported, model_cfg, tok, final)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:

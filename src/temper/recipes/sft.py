@@ -18,8 +18,8 @@ Steps, in the order `run` takes them:
     global batch train on the same rows as one process, and the loss is normalised over all of them
  6. the loop: learning-rate schedule, `train_step` (the one place for the loss), log, validation
     loss on the held-out examples, atomic checkpoints of what trains (and the optimizer)
- 7. final/ (rank 0 writes it): the merged model in Hugging Face layout with the tokenizer files
-    (full, lora, qlora), plus the adapter in PEFT's format (lora, qlora, prefix)
+ 7. final/ (rank 0 writes it, a sharded model gathered there first): the merged model in Hugging Face
+    layout with the tokenizer files (full, lora, qlora), plus the adapter in PEFT's format (lora, qlora, prefix)
 
 It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate benchmarks.
 """
@@ -64,12 +64,7 @@ from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
-from temper.train.parallel import (
-    DistInfo,
-    init_distributed,
-    remove_activation_checkpointing,
-    shutdown_distributed,
-)
+from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
 from temper.train.run import (
     CheckpointSection,
     EvalSection,
@@ -215,9 +210,10 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
                                       "seq_len": seq_len, "batch_rows": per_step}
-    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
+    run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS, deepspeed=True)
     train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad
     optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
+    run.check_tasks(bool(tasks.tasks))
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
     step, offset = (state["step"], state.get("row_offset", 0)) if state else (0, 0)
     if state:
@@ -238,19 +234,25 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
 
     def validate() -> float:
         """The loss over every held-out row: micro-batches dealt to the ranks as training's are, so the
-        rows are the same whatever the world size. A rank left without one scores a row whose targets
-        are all ignored, since every rank must join eval_loss's all-reduce."""
+        rows are the same whatever the world size. Every rank scores as many micro-batches (a sharded
+        model's forward needs every rank, and every rank joins eval_loss's all-reduce): where a rank's rows
+        have run out, a row whose targets are all ignored."""
         assert val_rows is not None
         n = val_rows.per_epoch
         starts = [rank_slice(0, micro, m, d.dp_rank, d.dp_world) for m in range(math.ceil(n / (micro * d.dp_world)))]
-        mbs = [batch(val_rows, s, min(micro, n - s)) for s in starts if s < n]
-        if not mbs:
-            x, y, kw = batch(val_rows, 0, 1)
-            mbs = [(x, torch.full_like(y, IGNORE_INDEX), kw)]
-        return eval_loss(model, mbs, run.amp_dtype, loss_fn)  # the unwrapped model: DDP's forward is for training
+        mbs = []
+        for s in starts:
+            if s < n:
+                mbs.append(batch(val_rows, s, min(micro, n - s)))
+            else:
+                x, y, kw = batch(val_rows, 0, 1)
+                mbs.append((x, torch.full_like(y, IGNORE_INDEX), kw))
+        # the unwrapped model: DDP's forward is for training (FSDP2's is the model itself)
+        return eval_loss(model, mbs, run.amp_dtype, run.eval_loss_fn(loss_fn), d.dp_group)
 
     def run_tasks(at: int) -> None:
-        if d.is_main and tasks.due(at, steps):
+        # Rank 0's tasks, or under a sharded layout every rank's (the same inputs): its forward needs every rank.
+        if (d.is_main or d.sharded or run.engine) and tasks.due(at, steps):
             with autocast(d.device, run.amp_dtype):
                 logger.log(at, tasks.run(model), kind="tasks")  # the unwrapped model, adapters included
         run.restart_clock()
@@ -298,10 +300,12 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                     save(step)
                 return run.stop_preempted(step)
 
-    # 7. final/, written by rank 0; the others wait, so that every rank returns only once it is complete
+    # 7. final/, written by rank 0 (a sharded model gathered there first); the others wait, so that every rank
+    # returns only once it is complete
+    exported = run.exported_model()
     if d.is_main:
         final = run.dir / "final"
-        export_finetuned(remove_activation_checkpointing(model), model_cfg, cfg.method, tok, final, cfg.model)
+        export_finetuned(exported, model_cfg, cfg.method, tok, final, cfg.model)
         write_report(run.dir)
         print(f"final model: {final}")
     if d.world > 1:

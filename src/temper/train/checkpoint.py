@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from temper import faults
+from temper.config import ConfigError
 from temper.errors import InputError
 from temper.files import (
     atomic_write_text,
@@ -78,6 +79,9 @@ OPTIM_FILE = "optim.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
+FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+"""A sharded checkpoint's optimizer states and hyperparameters keyed by parameter name (`param_groups.<name>.lr`):
+pipeline stages hold different parameters, so one list of names per group would differ between ranks."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _ALIASES_KEY = "temper.aliases"  # safetensors metadata: {"dropped name": "stored name"}
 
@@ -116,13 +120,18 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last_n: int = 3,
     module: nn.Module | None = None,
-) -> Path:
+    async_write: bool = False,
+) -> Path | PendingSave:
     """Write the checkpoint for `step` atomically and return its directory. Every rank must call it.
 
     `keep_last_n` complete checkpoints are kept (0 keeps all); older ones are deleted only after
     the new one is complete. Saving a step that already exists replaces it. module: the model whose
     parameters the optimizer holds, when `model` is a state dict (it names the optimizer's states in a
     sharded checkpoint).
+
+    async_write (sharded models only): copy the shards to CPU memory now and write them in a background thread
+    while training goes on (`dcp.async_save`); returns a `PendingSave` whose `wait()` (every rank) finishes the
+    write and commits the checkpoint. Until then it is a `.tmp` directory, invisible to resume.
     """
     _check_keep_last_n(keep_last_n)
     if step < 0:
@@ -139,17 +148,60 @@ def save_checkpoint(
 
     if isinstance(optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: every rank sends rank 0 its shard of the states
         optimizer.consolidate_state_dict(to=0)
+    pending = None
     if is_sharded(model):
-        ok = _attempt(_write_sharded, tmp, model, optimizer, module)
-        _all_ok(ok, "writing shards of", tmp)
-        model, optimizer = None, None  # in dcp/ now; rank 0 writes the state, every rank its RNG
+        box: list[PendingSave | None] = []
+        written = _attempt(lambda: box.append(_write_sharded(tmp, model, optimizer, module, async_write)))
+        _all_ok(written, "writing shards of", tmp)
+        pending = box[0]
+        model, optimizer = None, None  # in dcp/ (or on their way); rank 0 writes the state, every rank its RNG
     ok = _attempt(_write_rank_files, tmp, rank, step, model, optimizer, state)
     _all_ok(ok, "writing", tmp)
+    if pending is not None:
+        pending.commit = lambda: _commit_all(root, tmp, final, step, world, keep_last_n)
+        return pending
+    _commit_all(root, tmp, final, step, world, keep_last_n)
+    return final
 
+
+def _commit_all(root: Path, tmp: Path, final: Path, step: int, world: int, keep_last_n: int) -> None:
+    """Rank 0 commits the written directory; every rank learns whether it succeeded."""
+    rank, ok = _rank_world()[0], True
     if rank == 0:
         ok = _attempt(_commit, root, tmp, final, step, world, keep_last_n)
     _all_ok(ok, "committing", tmp)
-    return final
+
+
+class PendingSave:
+    """A checkpoint whose shards are being written in the background (`save_checkpoint(async_write=True)`).
+
+    The shards were copied to CPU memory before `save_checkpoint` returned, so the training steps that follow
+    cannot change what is written. `wait()` on every rank joins the writer, then commits
+    the checkpoint (manifest, rename, `latest`, retention) exactly as a synchronous save does."""
+
+    def __init__(self, future: Any, tmp: Path) -> None:
+        self.future, self.tmp = future, tmp
+        self.commit: Callable[[], None] = lambda: None
+        self.final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+
+    def wait(self) -> Path:
+        _all_ok(_attempt(self.future.result), "writing shards of", self.tmp)
+        self.commit()
+        return self.final
+
+
+_ASYNC_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def _async_group() -> dist.ProcessGroup | None:
+    """A gloo group for the background writer's collectives (NCCL must not be driven from a second thread
+    while training uses it); created on the first asynchronous save of a process group, by every rank."""
+    if not dist.is_initialized():
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[key] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[key]
 
 
 def _check_keep_last_n(keep_last_n: int) -> None:
@@ -171,15 +223,19 @@ def _prepare_tmp(root: Path, tmp: Path) -> None:
 
 
 def _write_sharded(tmp: Path, model: nn.Module | Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
-                   module: nn.Module | None) -> None:
+                   module: nn.Module | None, async_write: bool = False) -> PendingSave | None:
     """Every rank writes its shards of the model and optimizer into `tmp/dcp` (names, not ids, key the states)."""
     owner = unwrap(model) if isinstance(model, nn.Module) else module
     content: dict[str, Any] = {"model": get_model_state_dict(owner) if isinstance(model, nn.Module) else dict(model)}
     if optimizer is not None:
         if owner is None:
             raise ValueError("saving a sharded optimizer needs the model (module=) to name its states")
-        content["optim"] = get_optimizer_state_dict(owner, optimizer)
-    dcp.save(content, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))
+        content["optim"] = get_optimizer_state_dict(owner, optimizer, options=FLAT_OPTIM)
+    writer = dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True)
+    if async_write:
+        return PendingSave(dcp.async_save(content, storage_writer=writer, process_group=_async_group()), tmp)
+    dcp.save(content, storage_writer=writer)
+    return None
 
 
 def _write_rank_files(
@@ -461,6 +517,11 @@ def load_checkpoint(
                              f"unexpected {extra[:8]}")
     if optimizer is not None and not (path / OPTIM_FILE).is_file():
         raise ValueError(f"{path.name} has no {OPTIM_FILE}: it was saved without an optimizer")
+    if getattr(target, "pipeline_stages", None) is not None:
+        # Its optimizer states are keyed by position in the whole model's optimizer, which a stage does not hold.
+        raise ConfigError(f"{path.name} is a replicated checkpoint (model.safetensors): it cannot resume a pipeline-"
+                          f"parallel run (train.parallel.pp > 1); resume it without pp, or start from its weights "
+                          f"with init.from")
     if is_sharded(target):  # a replicated checkpoint into a sharded run: each rank keeps its slices
         full = StateDictOptions(full_state_dict=True, strict=not trainable_only)
         set_model_state_dict(target, sd, options=full)
@@ -470,7 +531,10 @@ def load_checkpoint(
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     target.load_state_dict(sd, strict=not trainable_only)
     if optimizer is not None:
-        optimizer.load_state_dict(safe_torch_load(path / OPTIM_FILE, map_location=map_location))
+        saved = safe_torch_load(path / OPTIM_FILE, map_location=map_location)
+        if len(saved["param_groups"]) != len(optimizer.param_groups):  # written when empty groups were kept
+            saved["param_groups"] = [g for g in saved["param_groups"] if g["params"]]
+        optimizer.load_state_dict(saved)
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
@@ -483,14 +547,14 @@ def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         keep = set(trainable_names(target))
         content["model"] = {k: v for k, v in content["model"].items() if k in keep}
     if optimizer is not None:
-        content["optim"] = get_optimizer_state_dict(target, optimizer)
+        content["optim"] = get_optimizer_state_dict(target, optimizer, options=FLAT_OPTIM)
     try:
         dcp.load(content, checkpoint_id=path / DCP_DIR)
     except Exception as e:  # DCP names the missing or mismatched key
         raise CheckpointCorrupt(f"{path.name}/{DCP_DIR}: cannot load into this model: {e}") from e
     set_model_state_dict(target, content["model"], options=StateDictOptions(strict=not trainable_only))
     if optimizer is not None:
-        set_optimizer_state_dict(target, optimizer, content["optim"])
+        set_optimizer_state_dict(target, optimizer, content["optim"], options=FLAT_OPTIM)
 
 
 def _named_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:

@@ -11,7 +11,10 @@ The language-model loss never holds the full (tokens x vocabulary) logits: `line
 runs the output layer and the cross-entropy a chunk of tokens at a time and computes the gradients
 of the hidden states and of the output weight as it goes (the chunked "fused linear cross-entropy"
 of Liger-Kernel, Hsu et al. 2024), so the loss holds one chunk of logits (`chunk_tokens`) instead of ~16 bytes x vocabulary per
-token, and the matrix products are the ones autograd would run.
+token, and the matrix products are the ones autograd would run. Under tensor parallelism the output weight is a
+DTensor split by vocabulary rows: each rank computes its slice of every chunk's logits, and the max, the sum of
+exponentials and the target's logit are all-reduced over the tensor-parallel ranks (Megatron-LM's
+vocab-parallel cross-entropy), so every rank gets the whole loss and no rank the whole logits.
 
 It does not build batches (data/), run the optimizer (step.py) or own a model's heads (model/heads.py).
 """
@@ -20,11 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from temper.train.parallel import unwrap
 
@@ -118,6 +124,66 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return loss, g.mul_(valid[:, None]).to(dtype)
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows, from `start`, of an output layer of `size` rows split over the ranks of `group`."""
+
+    group: dist.ProcessGroup
+    start: int
+    size: int
+
+
+def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
+                      grad: bool, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_chunk_ce` when `weight` holds this rank's rows of the vocabulary (`shard`): the logits' max, the sum
+    of their exponentials, the target's logit (on the rank that holds its row) and, for label smoothing, the
+    sum of the logits are all-reduced over `shard.group` (two all-reduces a chunk; Shoeybi et al. 2019), so
+    every rank returns the whole loss, and the gradient of its own slice of the logits."""
+    logits = hidden @ weight.T  # (n, V/tp)
+    dtype = logits.dtype
+    lf = logits.float()  # (n, V/tp)
+    del logits
+    valid = targets != IGNORE_INDEX
+    mx = lf.amax(dim=-1)  # (n,)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=shard.group)
+    lf = lf.sub_(mx[:, None])  # shifted by the global max, so that exp cannot overflow
+    local = targets - shard.start
+    mine = valid & (local >= 0) & (local < lf.shape[1])  # the target's row is on this rank
+    safe = torch.where(mine, local, 0)[:, None]  # (n, 1)
+    picked = torch.where(mine, lf.gather(1, safe).squeeze(1), 0.0)  # (n,)
+    total = lf.sum(dim=-1) if smoothing else torch.zeros_like(picked)
+    p = lf.exp_()  # (n, V/tp) unnormalised probabilities
+    sums = torch.stack([picked, p.sum(dim=-1), total])  # (3, n)
+    dist.all_reduce(sums, group=shard.group)
+    picked, z, total = sums
+    lse = z.log()
+    nll = lse - picked
+    if smoothing:
+        nll = (1 - smoothing) * nll + smoothing * (lse - total / shard.size)
+    loss = torch.where(valid, nll, 0.0).sum()
+    if not grad:
+        return loss, None
+    g = p.div_(z[:, None])  # this rank's slice of the softmax
+    g.scatter_add_(1, safe, torch.where(mine, -(1 - smoothing), 0.0)[:, None].to(g.dtype))
+    if smoothing:
+        g.sub_(smoothing / shard.size)
+    return loss, g.mul_(valid[:, None]).to(dtype)
+
+
+def _vocab_slice(weight: DTensor) -> tuple[torch.Tensor, VocabShard]:
+    """This rank's rows of an output weight split by vocabulary (tensor parallel), as a plain tensor whose
+    gradient flows back into the DTensor's slice.
+
+    Only a split over the tensor-parallel mesh dimension ("tp") is one: a weight still sharded by FSDP2 over
+    the data-parallel ranks (which hold other tokens) must not be mistaken for it."""
+    mesh = weight.device_mesh
+    if mesh.mesh_dim_names != ("tp",) or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"an output weight split over ranks must be split by vocabulary rows over the 'tp' mesh "
+                         f"dimension (Shard(0)), got {tuple(weight.placements)} over {mesh.mesh_dim_names}")
+    local = weight.to_local()  # (V/tp, C)
+    return local, VocabShard(mesh.get_group(), mesh.get_local_rank() * local.shape[0], weight.shape[0])
+
+
 _compiled_chunk_ce: Callable | None = None
 
 
@@ -133,8 +199,10 @@ def _chunk_ce_fn(device: torch.device) -> Callable:
 
 
 def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, chunk: int,
-               need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time."""
+               need_h: bool, need_w: bool, shard: VocabShard | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `shard`: the
+    weight is this rank's vocabulary rows (tensor parallel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
@@ -142,7 +210,7 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        chunk_ce = _chunk_ce_fn(h.device)
+        chunk_ce = _chunk_ce_fn(h.device) if shard is None else partial(_chunk_ce_sharded, shard=shard)
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
             loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w)  # g: (n, V)
@@ -151,6 +219,8 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
             if grad_w is not None:
                 grad_w = _add_weight_grad(grad_w, g, hc)  # (V, C)
+        if shard is not None and grad_h is not None:
+            dist.all_reduce(grad_h, group=shard.group)  # each vocabulary slice gives a part of d loss / d hidden
     return total, grad_h, grad_w
 
 
@@ -167,8 +237,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                chunk: int) -> torch.Tensor:
-        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2])
+                chunk: int, shard: VocabShard | None) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], shard)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -178,7 +248,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -188,13 +258,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
     where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
     loss is taken in float32. Equals `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`.
-    chunk: tokens per chunk (default `chunk_tokens`).
+    chunk: tokens per chunk (default `chunk_tokens`). A DTensor `weight` split by vocabulary rows (tensor
+    parallel; `hidden` and `targets` whole on every rank) gives every rank the whole loss, computed on its slice.
     """
+    shard = None
+    if isinstance(weight, DTensor):
+        weight, shard = _vocab_slice(weight)
     chunk = chunk or chunk_tokens(weight.shape[0], weight.requires_grad)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, shard)
     with torch.no_grad():  # evaluation: no gradient is computed at all
-        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False)[0]
+        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, shard)[0]
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

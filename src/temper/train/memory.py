@@ -1,7 +1,7 @@
 """Memory per device before a run starts: parameters, gradients, optimizer states, activations, KV cache.
 
-`estimate(model_cfg, run)` returns, for one device, the bytes of each component with the formula
-that gave it, and the peak of a training step. The peak is not the sum of the components: during
+`estimate(model_cfg, run)` returns, for one device (one rank of a parallel layout), the bytes of
+each component with the formula that gave it, and the peak of a training step. The peak is not the sum of the components: during
 backward the gradients grow as the saved activations are freed, so the peak is the largest of
 three moments of temper's `train_step` (see `_moments`):
 
@@ -37,11 +37,37 @@ What temper's training actually does, and so what is counted (read from `train/s
   * activation checkpointing (`train.activation_checkpointing = k`: every k-th block, as
     `train/parallel.py` wraps them; Chen et al. 2016): a wrapped block keeps only its input and
     is recomputed, whole, in its backward.
-  * sharding (Rajbhandari et al. 2020, ZeRO): "optimizer" divides the optimizer states by the
-    world size, "gradients" also the gradients, "parameters" also the parameters, plus two
-    gathered units (the one computing and the one prefetched, as FSDP2 does). Unsharded data
-    parallelism (DDP) keeps a second copy of the gradients in its buckets. These are formulas
-    only: temper's FSDP2 is a later issue, and they are not validated by a measurement here.
+  * the parallel layout (`RunShape.parallel`, the recipes' `train.parallel`, over `world_size`
+    ranks; every figure is one rank's), as `train/parallel.py` builds it:
+    - DDP keeps a second copy of the gradients in its buckets (allocated once, alive throughout);
+      ZeRO-1 (`zero1`, Rajbhandari et al. 2020) divides the optimizer states by the replicas.
+    - FSDP2 (`dp_shard`; over every data-parallel rank when a mesh exists, over dp_shard only under
+      HSDP) keeps each parameter's dim-0 shard, padded to a multiple of the shard degree, and its
+      float32 gradient and AdamW shards. In flight (torch 2.x's FSDP2, read and measured): the root
+      unit (embeddings, final norm, head) is gathered in the compute dtype from its forward to the
+      end of backward; a block's unit is gathered for its forward, with the previous block's
+      all-gather buffer kept until this one's is copied out (3 units at once), and again for its
+      backward, with the next one prefetched (2); its gradients are made whole in the compute dtype,
+      copied into a float32 reduce-scatter input that is kept until the next block's reduce-scatter
+      (gloo on a CPU reduces a copy of it as well), and leave a float32 shard. With
+      reshard_after_forward off (ZeRO-2) every block's unit stays gathered from its forward to its
+      backward. With accumulation, each unit's whole gradients are summed in float32 until the last
+      micro-batch. Under mixed precision the gathered weights are already in the compute dtype, so
+      the residual stream is too and autocast makes no weight copies. CPU offload moves the shards
+      (and the optimizer step) to host memory (`Estimate.host`); the device keeps what is in flight.
+    - tensor parallel (`tp`, Megatron-LM; `train/tensor_parallel.py`'s plan): q/k/v, gate/up,
+      o/down, the token embedding and the head are split by tp, norms are whole; inside attention
+      and the MLP the activations are split by tp, the norms' and the residual stream's only with
+      sequence parallel (Korthikanti et al. 2022), and the regions' inputs never (each rank
+      multiplies the whole, all-gathered, input); the loss holds a vocabulary slice of each chunk.
+    - pipeline parallel (`pp`): a stage holds its share of the blocks, the first the embeddings,
+      the last the final norm, head and loss (a tied embedding both); a micro-batch is split into
+      pp_microbatches, and the first stage keeps the activations of as many of them as its
+      schedule runs forwards before the first backward (1F1B: pp; GPipe: all; Interleaved1F1B:
+      from its warm-up). The estimate is the stage that peaks higher. These pipeline terms are
+      formulas, not yet checked by a measurement.
+    DDP, ZeRO-1, FSDP2 (ZeRO-2/3, HSDP) and tensor parallel are checked against measured steps on
+    gloo ranks (tests/train/test_memory_distributed.py).
   * KV cache: what `Transformer.new_cache(batch, seq_len)` allocates for generation, in the compute
     dtype: 2 (k and v) x layers x batch x seq_len x kv_heads x head_dim.
   * QLoRA (Dettmers et al. 2023): the blocks' linear weights in NF4, 4 bits plus double-quantized
@@ -61,23 +87,26 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
+from temper.config import ConfigError
 from temper.model.config import ModelConfig
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
+from temper.train.parallel import ParallelConfig
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
-Sharding = Literal["none", "optimizer", "gradients", "parameters"]
-SHARDINGS: tuple[str, ...] = ("none", "optimizer", "gradients", "parameters")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per NF4 weight with double quantization (QLoRA §3): 4 bits, an 8-bit scale per 64, a float32 per 256 scales."""
@@ -121,10 +150,11 @@ class RunShape:
     """Micro-batches per optimizer step; > 1 keeps the gradients alive through every forward."""
     activation_checkpointing: int = 0
     """Recompute every k-th block in backward (as train.activation_checkpointing); 0 disables."""
-    sharding: Sharding = "none"
-    """What is split over the data-parallel devices: none (DDP), optimizer, gradients, parameters (ZeRO-1/2/3)."""
     world_size: int = 1
-    """Data-parallel devices."""
+    """Ranks in all (torchrun's WORLD_SIZE): the product of the layout's degrees; micro_batch_size is per rank."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the ranks are laid out, as the training recipes' train.parallel: DDP by default (ZeRO-1 with zero1),
+    FSDP2 with dp_shard (ZeRO-2 with reshard_after_forward false, HSDP with dp_replicate, offload), tp, pp."""
     device: Literal["cuda", "cpu"] = "cuda"
     """Where it runs: CUDA's autocast computes LayerNorm in float32 and keeps 1-byte dropout masks, a CPU's neither."""
     lora: LoRAShape = field(default_factory=LoRAShape)
@@ -137,8 +167,14 @@ class RunShape:
         for key in ("seq_len", "activation_checkpointing"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.sharding not in SHARDINGS:
-            raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        try:
+            self.parallel.degrees(self.world_size)
+        except ConfigError as e:  # the training recipes' key is train.parallel; here it is run.parallel
+            raise ConfigError(str(e).replace("train.parallel", "run.parallel") + f" (run.world_size={self.world_size})") from None
+        microbatches = self.parallel.pp_microbatches or self.parallel.pp
+        if self.parallel.pp > 1 and self.micro_batch_size % microbatches:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not split into {microbatches} pipeline "
+                             "micro-batches (parallel.pp_microbatches, default parallel.pp)")
 
 
 @dataclass
@@ -152,16 +188,17 @@ class Component:
 
 @dataclass
 class Estimate:
-    """The estimate for one device; `peak` is what the training step reaches, not the sum of the lines."""
+    """The estimate for one device (rank); `peak` is what the training step reaches, not the sum of the lines."""
 
     components: list[Component]
-    """parameters, gradients, optimizer states, activations, KV cache (generation; not in the training peak)."""
+    """parameters, gradients, optimizer states, activations, KV cache (generation; not in the training peak);
+    under FSDP2 "gathered (FSDP2)" (its largest transient), under CPU offload "host memory (CPU offload)"."""
     peak: int
     """Peak bytes of one training step on one device."""
     peak_formula: str
     """Which moment of the step is the peak, and its sum."""
     at_peak: dict[str, int]
-    """What is alive at the peak: parameters, gradients, optimizer states, activations."""
+    """What is alive at the peak: parameters, gradients, optimizer states, activations (and FSDP2's gathered)."""
     block_terms: list[tuple[str, float]]
     """Saved bytes per token of one (not checkpointed) block, by tensor."""
     params: int
@@ -172,6 +209,8 @@ class Estimate:
     """Warnings and assumptions worth printing."""
     inference: int
     """Weights in the compute dtype (NF4 for qlora) plus the KV cache: what generation needs."""
+    host: int = 0
+    """Host memory of this rank: its shards of parameters, gradients and optimizer states under CPU offload."""
 
     def __getitem__(self, name: str) -> Component:
         for c in self.components:
@@ -210,7 +249,11 @@ def build_meta(cfg: ModelConfig, run: RunShape) -> Transformer:
     return model
 
 
-def _count(model: Transformer) -> _Counts:
+def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
+    """The counts of `model`; `size`: each parameter's elements on this rank by id (default: all of them)."""
+    def n(p: nn.Parameter) -> int:
+        return p.numel() if size is None else size[id(p)]
+
     def unique(params: Any) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
         for p in params:
@@ -222,36 +265,118 @@ def _count(model: Transformer) -> _Counts:
     frozen_linears = 0
     autocast_block = []
     for block in model.layers:
-        n = 0
+        k = 0
         for m in block.modules():
             if isinstance(m, (nn.Linear, LoRALinear)):
                 if m.weight.requires_grad:
-                    n += m.weight.numel()
+                    k += n(m.weight)
                 else:
-                    frozen_linears += m.weight.numel()
+                    frozen_linears += n(m.weight)
             if isinstance(m, LoRALinear):
-                n += m.lora_a.numel() + m.lora_b.numel()
-        autocast_block.append(n)
+                k += n(m.lora_a) + n(m.lora_b)
+        autocast_block.append(k)
     head_weight = model.tok_emb.weight if model.head is None else model.head.weight
     tail = [p for p in everything if id(p) not in block_ids]
     lookups = ([model.pos_emb.weight] if model.pos_emb is not None else []) + ([model.tok_emb.weight] if model.head is not None else [])
     return _Counts(
-        params=sum(p.numel() for p in everything),
+        params=sum(n(p) for p in everything),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        trainable=sum(p.numel() for p in everything if p.requires_grad),
-        frozen=sum(p.numel() for p in everything if not p.requires_grad),
+        trainable=sum(n(p) for p in everything if p.requires_grad),
+        frozen=sum(n(p) for p in everything if not p.requires_grad),
         frozen_linears=frozen_linears,
-        block_params=sum(p.numel() for p in unique(model.layers[0].parameters())),
-        block_trainable=[sum(p.numel() for p in unique(b.parameters()) if p.requires_grad) for b in model.layers],
-        late_trainable=sum(p.numel() for p in lookups if p.requires_grad),
-        down_trainable=[sum(p.numel() for p in b.mlp.down_proj.parameters() if p.requires_grad) for b in model.layers],
+        block_params=sum(n(p) for p in unique(model.layers[0].parameters())),
+        block_trainable=[sum(n(p) for p in unique(b.parameters()) if p.requires_grad) for b in model.layers],
+        late_trainable=sum(n(p) for p in lookups if p.requires_grad),
+        down_trainable=[sum(n(p) for p in b.mlp.down_proj.parameters() if p.requires_grad) for b in model.layers],
         autocast_block=autocast_block,
-        autocast_tail=head_weight.numel() if head_weight.requires_grad else 0,
-        embedding_unit=sum(p.numel() for p in tail),
-        largest_frozen_linear=max((m.weight.numel() for m in model.layers.modules()
+        autocast_tail=n(head_weight) if head_weight.requires_grad else 0,
+        embedding_unit=sum(n(p) for p in tail),
+        largest_frozen_linear=max((n(m.weight) for m in model.layers.modules()
                                    if isinstance(m, (nn.Linear, LoRALinear)) and not m.weight.requires_grad), default=0),
         tied_trained=model.head is None and model.tok_emb.weight.requires_grad,
     )
+
+
+# ---- the layout: what one rank holds ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One rank's cut of the run, as `train.parallel` builds it from `ParallelConfig.degrees`."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1  # data-parallel ranks: each runs its own micro-batches
+    shard: int = 1  # FSDP2's shard degree (dp_shard under HSDP, else every data-parallel rank); 1: no FSDP2
+    ddp: bool = False  # replicas kept in step by DDP (its gradient buckets)
+    zero1: bool = False
+    reshard: bool = True  # FSDP2's reshard_after_forward
+    offload: bool = False
+    sp: bool = False  # sequence parallel (with tp > 1)
+    microbatches: int = 1  # pipeline micro-batches per micro-batch
+    in_flight: float = 1.0  # micro-batches of this rank's blocks whose activations the first stage holds at once
+    schedule: str = ""
+
+    @property
+    def fsdp(self) -> bool:
+        return self.shard > 1
+
+
+def _layout(run: RunShape) -> _Layout:
+    par = run.parallel
+    deg = par.degrees(run.world_size)
+    tp, pp, replicate, shard = deg["tp"], deg["pp"], deg["dp_replicate"], deg["dp_shard"]
+    dp = replicate * shard
+    mesh = replicate != run.world_size  # `build_mesh`: no mesh when every rank is a replica (DDP)
+    fsdp = mesh and dp > 1  # `parallelize`: with a mesh, data parallelism is FSDP2 (HSDP over two dimensions)
+    microbatches = (par.pp_microbatches or pp) if pp > 1 else 1
+    # Micro-batches of the first stage's blocks alive at once, from the schedules' warm-up: GPipe runs every
+    # forward first; 1F1B at most pp before its first backward; Interleaved1F1B (two stages of half the blocks
+    # per rank) 3 pp - 2 warm-up forwards of a half plus one (torch.distributed.pipelining).
+    in_flight = {"GPipe": microbatches, "1F1B": min(pp, microbatches),
+                 "Interleaved1F1B": min(3 * pp - 1, 2 * microbatches) / 2}[par.pp_schedule] if pp > 1 else 1
+    return _Layout(
+        tp=tp, pp=pp, dp=dp, shard=(shard if replicate > 1 and shard > 1 else dp) if fsdp else 1,
+        ddp=not mesh and dp > 1, zero1=par.zero1 and not mesh and dp > 1, reshard=par.reshard_after_forward,
+        offload=par.offload and fsdp, sp=par.sequence_parallel and tp > 1, microbatches=microbatches,
+        in_flight=in_flight, schedule=par.pp_schedule if pp > 1 else "")
+
+
+_COLUMNS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROWS = ("o_proj", "down_proj")
+
+
+def _tp_shape(name: str, p: nn.Parameter, tp: int) -> tuple[int, int]:
+    """(rows, columns) of this rank's slice of parameter `name` under `train.tensor_parallel`'s plan: q/k/v and
+    gate/up split by output rows (weights and biases), o/down by input columns, the token embedding and the
+    head by vocabulary rows; norms, positions and LoRA adapters whole."""
+    rows = p.shape[0] if p.dim() else 1
+    cols = p.numel() // max(rows, 1)
+    if tp == 1:
+        return rows, cols
+    module, kind = (name.split(".") + [""])[-3:-1] if "." in name else ("", name)
+    if (module in _COLUMNS and kind in ("weight", "bias")) or name in ("tok_emb.weight", "head.weight"):
+        return -(-rows // tp), cols
+    if module in _ROWS and kind == "weight":
+        return rows, -(-cols // tp)
+    return rows, cols
+
+
+def _sizes(model: Transformer, lay: _Layout, stage: str) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """Elements of each parameter (by id) on this rank: (computed with: its tensor-parallel slice; stored:
+    FSDP2's shard of that slice, dim 0 padded to a multiple of the shard degree as FSDP2 pads it; gathered:
+    the padded slice FSDP2 all-gathers). `stage` (pipeline): "first" holds the embeddings and the blocks,
+    "last" the blocks, the final norm and the head (a tied embedding on both), "all" everything."""
+    compute, stored, gathered = {}, {}, {}
+    lookups = {"tok_emb.weight", "pos_emb.weight"}
+    for name, p in model.named_parameters():
+        on_stage = not (
+            (stage == "first" and not name.startswith("layers.") and name not in lookups)
+            or (stage == "last" and name in lookups and not (name == "tok_emb.weight" and model.head is None)))
+        rows, cols = _tp_shape(name, p, lay.tp) if on_stage else (0, 0)
+        local_rows = -(-rows // lay.shard)
+        compute[id(p)], stored[id(p)], gathered[id(p)] = rows * cols, local_rows * cols, local_rows * lay.shard * cols
+    return compute, stored, gathered
 
 
 # ---- activations: what autograd saves, op by op -------------------------------------------------
@@ -342,6 +467,29 @@ class _BlockMem:
     grad_out: bool  # whether the block's output needs a gradient
     transient: float  # extra bytes per token during its backward
     input_shared: bool  # whether `saved` holds the block's input tensor itself
+    transient_residual: float = 0.0  # the part of `transient` that is the residual stream's gradient
+
+    def split(self, tp: int, sp: bool) -> tuple[float, float]:
+        """(saved, transient) bytes per token on one of `tp` tensor-parallel ranks (Korthikanti et al. 2022):
+        what lives inside the parallel regions (heads, MLP columns) is split; the norms and the residual
+        stream only with sequence parallel; the regions' inputs never (each rank multiplies the whole input,
+        all-gathered under sequence parallel)."""
+        if tp == 1:
+            return self.saved.total, self.transient
+        outer = tp if sp else 1
+        saved = sum(n / (1 if _region_input(label) else outer if _outside(label) else tp)
+                    for label, n in self.saved.terms)
+        return saved, self.transient_residual / outer + (self.transient - self.transient_residual) / tp
+
+
+def _region_input(label: str) -> bool:
+    """A norm's output as the matmuls of a tensor-parallel region keep it, or a LoRA adapter's term."""
+    return label.startswith(("attn_norm output", "mlp_norm output")) or "LoRA" in label
+
+
+def _outside(label: str) -> bool:
+    """A norm's saved tensors or a residual dropout mask: split by sequence under sequence parallel."""
+    return label.startswith(("attn_norm", "mlp_norm")) or "residual" in label
 
 
 def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, lora_dropout: float,
@@ -413,18 +561,21 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     transient = t.r * d + ((3 if gated else 2) - down_keeps) * t.a * f if (mlp_grad or grad_mid) else 0
     # The saved set holds the block's input itself when its first norm kept it uncast.
     shares_input = grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
-    return _BlockMem(s, grad_mid or mlp_grad, transient, shares_input)
+    return _BlockMem(s, grad_mid or mlp_grad, transient, shares_input, t.r * d if transient else 0.0)
 
 
-def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool) -> _Saved:
-    """Embedding, final norm and head, per token (the logits and the loss are counted apart)."""
+def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "all") -> _Saved:
+    """Embedding, final norm and head, per token (the logits and the loss are counted apart); a pipeline's
+    "first" stage has the embedding only, its "last" the final norm and head only."""
     cfg = model.cfg
     s = _Saved()
     s.add("token ids and targets", 16)
-    if model.tok_emb.weight.requires_grad:
+    if model.tok_emb.weight.requires_grad and stage != "last":
         s.add("embedding indices", 8)
-    if cfg.dropout > 0 and model.tok_emb.weight.requires_grad:
+    if cfg.dropout > 0 and model.tok_emb.weight.requires_grad and stage != "last":
         s.add("embedding dropout mask", t.mask(t.r) * cfg.dim)
+    if stage == "first":
+        return s
     _norm(s, "final norm", model.norm, cfg.dim, grad_out, t)
     head_weight = model.tok_emb.weight if model.head is None else model.head.weight
     if not _plain_head(model) and head_weight.requires_grad:  # a head run as a module keeps its cast input
@@ -437,24 +588,27 @@ def _plain_head(model: Transformer) -> bool:
     return model.head is None or (type(model.head) is nn.Linear and model.head.bias is None)
 
 
-def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool) -> tuple[float, float, str]:
+def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool, vocab: int = 0,
+                gathered: bool = False) -> tuple[float, float, str]:
     """(bytes alive beside the saved activations at the loss's forward peak, and as backward starts; formula).
 
     The chunked loss (train/losses.py) holds the final hidden states and their copy in the compute
     dtype, the gradients it computes as it goes (hidden: tokens x d, weight: V x d in float32) and one
     chunk of n tokens: its logits, one float32 (n, V) working copy and the logits' gradient; backward
     scales both gradients into new tensors. A head run as a module (e.g. LoRA on it) instead makes
-    the full logits: float32 log-probabilities and two gradients per token (~12 B x V).
+    the full logits: float32 log-probabilities and two gradients per token (~12 B x V). `vocab`: the
+    output layer's rows on this rank (its vocabulary slice under tensor parallel; 0: all of them);
+    `gathered`: FSDP2 hands the loss the weight already in the compute dtype (no cast copy).
     """
     cfg = model.cfg
-    V, d, a = cfg.vocab_size, cfg.dim, t.a
+    V, d, a = vocab or cfg.vocab_size, cfg.dim, t.a
     head_weight = model.tok_emb.weight if model.head is None else model.head.weight
     h = t.norm_out() if isinstance(model.norm, nn.LayerNorm) else t.r  # the final norm's output
     if not _plain_head(model):
         return tokens * 12 * V, tokens * 12 * V, f"full logits: 12 B x V = {12 * V} B per token"
     trained = head_weight.requires_grad
     n = min(tokens, chunk_tokens(V, trained))
-    w = 4 if trained else a  # the estimate's convention: float32 master weights train, a frozen base is in a
+    w = 4 if trained and not gathered else a  # the estimate's convention: float32 master weights train, a frozen base is in a
     grad_h = tokens * d * a if hidden_grad else 0
     grad_w = 4 * V * d if trained else 0
     held = tokens * d * h + (tokens * d * a if h != a else 0) + (V * d * a if w != a else 0) + grad_h + grad_w
@@ -485,32 +639,65 @@ def _m(n: float) -> str:
 
 
 def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
-    """Bytes per device of each component of a training run of `cfg` shaped by `run`, and the step's peak."""
-    model = build_meta(cfg, run)
-    c = _count(model)
-    L, V, d = cfg.n_layers, cfg.vocab_size, cfg.dim
+    """Bytes per rank of each component of a training run of `cfg` shaped by `run`, and the step's peak.
+
+    Under a pipeline (parallel.pp > 1) the figures are those of the stage that peaks higher: the first
+    (embeddings, the most micro-batches in flight) or the last (final norm, head and loss)."""
+    lay = _layout(run)
+    if lay.pp == 1:
+        return _estimate_rank(cfg, run, lay, "all")
+    first, last = (_estimate_rank(cfg, run, lay, stage) for stage in ("first", "last"))
+    est, other, names = (first, last, ("first", "last")) if first.peak >= last.peak else (last, first, ("last", "first"))
+    est.notes.append(f"pipeline: the {names[0]} stage's figures; the {names[1]} stage peaks at {human_bytes(other.peak)}")
+    return est
+
+
+@dataclass
+class _Fsdp:
+    """FSDP2's gathered parameters and communication buffers at each moment of the step (bytes; module docstring)."""
+
+    forward: float  # the last block's forward: its unit, its all-gather buffer and the previous block's
+    loss: float
+    block: list[float]  # each block's backward
+    reduce: list[float]  # each block's reduce-scatter, as its whole gradients are copied in
+    reduce_grads: list[float]  # those whole gradients (counted as gradients)
+    gloo: list[float]  # gloo (a CPU) then reduces a copy of the input, the whole gradients freed: 0 elsewhere
+    end: float  # the root's reduce-scatter
+    end_grads: float
+
+
+def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) -> Estimate:
+    """`estimate` for one rank of pipeline stage `stage` ("all" without a pipeline)."""
+    blocks = -(-cfg.n_layers // lay.pp)  # this stage's blocks (the first stages take any remainder)
+    whole = build_meta(cfg, run)
+    model = whole if lay.pp == 1 else build_meta(replace(cfg, n_layers=blocks), run)
+    compute, kept, gathered = _sizes(model, lay, stage)
+    total = _count(whole)
+    cg = _count(model, compute)  # what this rank computes with: its tensor-parallel slice of this stage
+    c = _count(model, kept)  # what it keeps: FSDP2's shard of that
+    cu = _count(model, gathered)  # what FSDP2 gathers: the slice, padded
+    L, V, d = model.cfg.n_layers, -(-cfg.vocab_size // lay.tp), cfg.dim
     B, T = run.micro_batch_size, run.seq_len or cfg.max_seq_len
-    tokens = B * T
+    tokens = B * T // lay.microbatches
     a = DTYPE_BYTES[run.precision]
     full = run.recipe in ("pretrain", "full")
     qlora = run.recipe == "qlora"
     autocast = run.precision != "fp32"
-    t = _Dtypes(r=4 if full else a, a=a, autocast=autocast, cuda=run.device == "cuda")
-    N = run.world_size
-    stage = SHARDINGS.index(run.sharding)  # 0 none, 1 optimizer, 2 gradients, 3 parameters
+    # FSDP2's MixedPrecisionPolicy gathers every weight in the compute dtype, the embedding's included: the
+    # residual stream is then in it too, and autocast has no float32 weight left to cast.
+    cast_gathered = lay.fsdp and autocast
+    t = _Dtypes(r=4 if full and not cast_gathered else a, a=a, autocast=autocast, cuda=run.device == "cuda")
     notes: list[str] = []
-    if stage and N == 1:
-        notes.append(f"sharding={run.sharding} with world_size=1 divides by 1: it saves no memory")
     if T > cfg.max_seq_len:
         notes.append(f"seq_len {T} exceeds the model's max_seq_len {cfg.max_seq_len}: training would refuse it")
     if cfg.dropout > 0 and run.device == "cpu":
         notes.append("dropout > 0 on a CPU: SDPA falls back to its math kernel and keeps T x T probabilities per head")
-    if stage or N > 1:
-        notes.append("sharding and data-parallel terms are formulas (ZeRO, DDP buckets), not yet checked by a measurement")
     if qlora:
         notes.append("qlora: NF4 storage is 0.516 B/param (model/quant.py measures torchao's tensors); the QLoRA step's activations are not yet measured")
+    notes += _layout_notes(run, lay)
+    share = _share(lay, stage, blocks, cfg.n_layers)
 
-    # parameters
+    # parameters, gradients and optimizer states: this rank's share
     nf4 = c.frozen_linears if qlora else 0
     if full:
         p_bytes = 4 * c.params + c.buffer_bytes
@@ -524,130 +711,280 @@ def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
         )
     if c.buffer_bytes:
         p_formula += f" + {human_bytes(c.buffer_bytes)} RoPE tables"
-    unit = max(c.block_params, c.embedding_unit)  # FSDP2 units: each block, and the root (embeddings, head)
-    if stage >= 3:
-        p_bytes = math.ceil(p_bytes / N) + 2 * unit * a
-        p_formula = f"({p_formula}) / {N} devices + 2 gathered units (computing, prefetched) x {_m(unit)} x {a} B"
-
-    # gradients and optimizer states: float32, trainable parameters only
     g_bytes = 4 * c.trainable
     g_formula = f"4 B x {_m(c.trainable)} trainable params (float32)"
-    if stage >= 2:
-        g_bytes = math.ceil(g_bytes / N) + (4 * unit if N > 1 else 0)
-        g_formula += f" / {N} devices" + (f" + one unit's before its reduce-scatter (4 B x {_m(unit)})" if N > 1 else "")
-    elif N > 1:
-        g_bytes *= 2
+    buckets = g_bytes if lay.ddp else 0
+    if lay.ddp:
+        g_bytes += buckets
         g_formula += " x 2 (DDP's gradient buckets are a second copy)"
     s_bytes = ADAMW_STATE_BYTES * c.trainable
     s_formula = f"8 B x {_m(c.trainable)} trainable params (AdamW exp_avg + exp_avg_sq, float32)"
-    if stage >= 1:
-        s_bytes = math.ceil(s_bytes / N)
-        s_formula += f" / {N} devices"
-    g_share = 4 / (N if stage >= 2 else 1)  # gradient bytes per trainable parameter on this device
+    if lay.zero1:
+        s_bytes = math.ceil(s_bytes / lay.dp)
+        s_formula += f" / {lay.dp} replicas (ZeRO-1)"
+    if share:
+        p_formula, g_formula, s_formula = (f"{f}; {share}" for f in (p_formula, g_formula, s_formula))
 
     # activations, per token unless said otherwise
     k = run.activation_checkpointing
     checkpointed = [k > 0 and i % k == 0 for i in range(L)]
     grad = full  # the embedding's output needs a gradient only when the embedding trains
-    blocks: list[_BlockMem] = []
+    mems: list[_BlockMem] = []
     for block in model.layers:
-        blocks.append(_block_saved(block, cfg, t, grad, 0.0 if full else run.lora.dropout, cfg.pos == "rope", T))
-        grad = blocks[-1].grad_out
-    tail = _tail_saved(model, t, grad)
-    loss_fwd, loss_bwd, loss_formula = _loss_bytes(model, t, tokens, grad)
-    stored = [t.r * d if ck else b.saved.total for ck, b in zip(checkpointed, blocks)]
+        mems.append(_block_saved(block, model.cfg, t, grad, 0.0 if full else run.lora.dropout, cfg.pos == "rope", T))
+        grad = mems[-1].grad_out
+    tail = _tail_saved(model, t, grad, stage)
+    if stage == "first":
+        loss_fwd, loss_bwd, loss_formula = 0.0, 0.0, "on the last stage"
+    else:
+        loss_fwd, loss_bwd, loss_formula = _loss_bytes(model, t, tokens, grad, V, gathered=cast_gathered)
+    split = [m.split(lay.tp, lay.sp) for m in mems]
+    resid = t.r * d / (lay.tp if lay.sp else 1)  # a checkpointed block's input on this rank
+    stored = [resid if ck else sv for ck, (sv, _) in zip(checkpointed, split)]
     # A block's backward: its saved tensors (recomputed if checkpointed, beside the input the
     # checkpoint holds unless they share it) and the transient gradients.
-    in_backward = [b.saved.total + b.transient + (t.r * d if ck and not b.input_shared else 0)
-                   for ck, b in zip(checkpointed, blocks)]
+    in_backward = [sv + tr + (resid if ck and not m.input_shared else 0)
+                   for ck, m, (sv, tr) in zip(checkpointed, mems, split)]
     # Whole tensors: autocast's 2-byte weight copies, saved by every matmul of a block that is not
     # recomputed (the trained weights; lora/qlora: only the adapters, the base is already 2-byte),
-    # and qlora's one dequantized weight at a time.
-    wcopy = [a * n if autocast and not ck and stage < 3 else 0 for ck, n in zip(checkpointed, c.autocast_block)]
-    recast = [a * n if autocast and ck and stage < 3 else 0 for ck, n in zip(checkpointed, c.autocast_block)]
-    wcopy_tail = a * c.autocast_tail if autocast and stage < 3 else 0
-    dequant = a * c.largest_frozen_linear if qlora else 0
-    moments = _moments(
-        p=p_bytes, s=s_bytes, g=g_bytes, accumulating=run.accumulation_steps > 1, tokens=tokens, stored=stored,
+    # and qlora's one dequantized weight at a time. FSDP2 gathers the weights in the compute dtype already.
+    copies = autocast and not lay.fsdp
+    wcopy = [a * n if copies and not ck else 0 for ck, n in zip(checkpointed, cg.autocast_block)]
+    recast = [a * n if copies and ck else 0 for ck, n in zip(checkpointed, cg.autocast_block)]
+    wcopy_tail = a * cg.autocast_tail if copies else 0
+    dequant = a * cg.largest_frozen_linear if qlora else 0
+    in_flight = _in_flight(lay, stage)
+    held = (in_flight - 1) * tokens * sum(stored)  # the stage's other micro-batches in flight (pipeline)
+    accumulating = run.accumulation_steps > 1 or lay.microbatches > 1
+
+    # Gradients as backward makes them: each block's (during its MLP backward only down_proj's), the
+    # head's and final norm's from the loss on (`g_tail`), the lookups' last (`g_late`). Under FSDP2 they
+    # are made whole in the gathered dtype and only a block's float32 shard stays after its reduce-scatter.
+    fsdp = None
+    if lay.fsdp:
+        pd = a  # the gathered dtype (fp32 runs: 4)
+        # With accumulation, FSDP2 sums each unit's whole gradients in float32 until the last micro-batch's
+        # reduce-scatter, which frees them: a block's backward then leaves its shard less its sum.
+        summed = [4.0 * n if accumulating else 0.0 for n in cu.block_trainable]
+        g_blocks = [4.0 * n - acc for n, acc in zip(c.block_trainable, summed)]
+        g_down = [pd * n for n in cg.down_trainable]
+        g_late = pd * cg.late_trainable
+        g_tail = pd * (cg.trainable - sum(cg.block_trainable)) - g_late
+        g_held = 4.0 * cu.trainable if accumulating else 0.0
+        g_end = 4.0 * c.trainable
+        tied_extra = 2 * pd * V * d if cg.tied_trained and stage == "all" else 0
+        fsdp = _fsdp_terms(cg, cu, lay, pd, run.device == "cpu", accumulating)
+    else:
+        g_blocks = [4.0 * n for n in c.block_trainable]
+        g_down = [4.0 * n for n in c.down_trainable]
+        g_late = 4.0 * c.late_trainable
+        g_tail = 4.0 * c.trainable - sum(g_blocks) - g_late
+        g_held = float(buckets)
+        g_end = float(g_bytes)
+        tied_extra = 8 * V * d if c.tied_trained and stage == "all" else 0
+    host = 0
+    p_dev, s_dev = p_bytes, s_bytes
+    if lay.offload:  # FSDP2's CPUOffloadPolicy: the shards live in host memory, where the optimizer steps
+        host = p_bytes - c.buffer_bytes + 4 * c.trainable + s_bytes
+        p_dev, s_dev, g_blocks, g_end = c.buffer_bytes, 0, [0.0] * L, g_held
+    moments = _moments(  # (FSDP2's accumulation is its own: g_held and g_blocks above)
+        p=p_dev, s=s_dev, g=g_end, accumulating=accumulating and not lay.fsdp, tokens=tokens, stored=stored,
         in_backward=in_backward, wcopy=wcopy, recast=recast, wcopy_head=wcopy_tail, dequant=dequant,
-        tail=tail.total, loss_forward=loss_fwd, loss_backward=loss_bwd,
-        g_blocks=[g_share * n for n in c.block_trainable],
-        g_down=[g_share * n for n in c.down_trainable], g_late=g_share * c.late_trainable,
-        tied_extra=8 * V * d if c.tied_trained else 0, checkpointed=checkpointed,
+        tail=tail.total, loss_forward=loss_fwd, loss_backward=loss_bwd, g_blocks=g_blocks, g_down=g_down,
+        g_late=g_late, tied_extra=tied_extra, checkpointed=checkpointed, g_tail=g_tail, g_held=g_held,
+        held=held, fsdp=fsdp,
     )
     peak, peak_formula, alive = max(moments, key=lambda m: m[0])
     _, act_moment, act_alive = max(moments, key=lambda m: m[2]["activations"])  # the activations' own peak
     act_bytes = act_alive["activations"]
-    typical = blocks[-1].saved
+    typical = mems[-1].saved
     wcopies = sum(wcopy) + wcopy_tail
     a_formula = (
-        f"B*T = {tokens} tokens x ({L} blocks x {human_bytes(typical.total)}"
-        + (f" ({sum(checkpointed)} of them checkpointed: input only, {t.r}d = {human_bytes(t.r * d)})" if k else "")
-        + f" + tail {human_bytes(tail.total)}) + the loss ({loss_formula})"
+        f"B*T = {tokens} tokens x ({L} blocks x {human_bytes(split[-1][0])}"
+        + (f" ({sum(checkpointed)} of them checkpointed: input only, {human_bytes(resid)})" if k else "")
+        + f" + tail {human_bytes(tail.total)})"
+        + (f" + the loss ({loss_formula})" if stage != "first" else "")
         + (f" + autocast weight copies {a} B x {_m(wcopies / a)}" if wcopies else "")
         + (f" + one dequantized weight {human_bytes(dequant)}" if dequant else "")
+        + (f" + {in_flight - 1:g} more micro-batches in flight ({lay.schedule})" if in_flight > 1 else "")
+        + (f"; tensor parallel: / {lay.tp} inside attention and MLP"
+           + (", and the norms and residuals (sequence parallel)" if lay.sp else "") if lay.tp > 1 else "")
         + f"; largest at: {act_moment.split(':')[0]}"
     )
 
-    kv = 2 * L * B * T * cfg.kv_heads * cfg.head_dim * a
-    kv_formula = f"2 (k, v) x {L} layers x B*T = {tokens} x {cfg.kv_heads} kv heads x {cfg.head_dim} head_dim x {a} B"
+    kv_heads = cfg.kv_heads // lay.tp if cfg.kv_heads % lay.tp == 0 else -(-cfg.kv_heads // lay.tp)
+    kv = 2 * L * B * T * kv_heads * cfg.head_dim * a
+    kv_formula = f"2 (k, v) x {L} layers x B*T = {B * T} x {kv_heads} kv heads x {cfg.head_dim} head_dim x {a} B"
     # For generation the adapters merge into the weights they adapt, except into NF4 ones.
-    base = c.params - (0 if full else c.trainable)
-    weights = round(NF4_BYTES * nf4 + a * (base - nf4) + (a * c.trainable if nf4 else 0))
+    nf4_c = cg.frozen_linears if qlora else 0
+    base = cg.params - (0 if full else cg.trainable)
+    weights = round(NF4_BYTES * nf4_c + a * (base - nf4_c) + (a * cg.trainable if nf4_c else 0))
+    if lay.offload:
+        p_formula, g_formula, s_formula = (f"in host memory (offload){'' if not b else ': ' + human_bytes(b) + ' RoPE tables on the device'}"
+                                           for b in (c.buffer_bytes, 0, 0))
     components = [
-        Component("parameters", p_bytes, p_formula),
-        Component("gradients", g_bytes, g_formula),
-        Component("optimizer states", s_bytes, s_formula),
+        Component("parameters", p_dev, p_formula),
+        Component("gradients", 0 if lay.offload else g_bytes, g_formula),
+        Component("optimizer states", s_dev, s_formula),
         Component("activations", int(act_bytes), a_formula),
         Component("KV cache (generation)", kv, kv_formula),
     ]
+    at_peak = {"parameters": p_dev, "gradients": int(alive["gradients"]), "optimizer states": s_dev,
+               "activations": int(alive["activations"])}
+    if fsdp is not None:
+        most = max(m[2]["gathered"] for m in moments)
+        components.append(Component("gathered (FSDP2)", int(most), _fsdp_formula(lay, cu, a, run.device == "cpu")))
+        at_peak["gathered"] = int(alive["gathered"])
+    if lay.offload:
+        components.append(Component("host memory (CPU offload)", host, "this rank's shards of parameters, gradients "
+                                    f"and optimizer states ({share}); the other rows are on the device"))
     return Estimate(
-        components=components, peak=int(peak), peak_formula=peak_formula,
-        at_peak={"parameters": p_bytes, "gradients": int(alive["gradients"]), "optimizer states": s_bytes,
-                 "activations": int(alive["activations"])},
-        block_terms=typical.terms, params=c.params, trainable=c.trainable, notes=notes,
-        inference=weights + kv,
+        components=components, peak=int(peak), peak_formula=peak_formula, at_peak=at_peak,
+        block_terms=typical.terms, params=total.params, trainable=total.trainable, notes=notes,
+        inference=weights + kv, host=host,
     )
+
+
+def _fsdp_terms(cg: _Counts, cu: _Counts, lay: _Layout, pd: int, cpu: bool, accumulating: bool) -> _Fsdp:
+    """FSDP2's gathered parameters and communication buffers at each moment (module docstring), from the
+    gathered (padded) counts `cu` in the gathered dtype `pd`, and its whole gradients from `cg` (summed in
+    float32 under accumulation, where they are counted already)."""
+    L = len(cu.block_trainable)
+    unit, root = pd * cu.block_params, pd * cu.embedding_unit
+    rs = [4.0 * n for n in cu.block_trainable]  # float32 reduce-scatter inputs of the trained parameters
+    keep = [rs[i + 1] if i + 1 < L else 0.0 for i in range(L)]  # the block above's, kept
+    root_rs = 4.0 * (cu.trainable - sum(cu.block_trainable))
+    if lay.reshard:
+        forward, loss = root + 3 * unit, root
+        block = [root + unit + (unit if i else 0) + keep[i] for i in range(L)]
+        reduce = [root + (unit if i else 0) + rs[i] for i in range(L)]  # its own unit resharded first
+    else:  # ZeRO-2: every unit stays gathered from its forward to its backward
+        forward, loss = root + (L + 2) * unit, root + L * unit
+        block = [root + (i + 1) * unit + keep[i] for i in range(L)]
+        reduce = [root + i * unit + rs[i] for i in range(L)]
+    return _Fsdp(forward=forward, loss=loss, block=block, reduce=reduce,
+                 reduce_grads=[0.0 if accumulating else pd * n for n in cg.block_trainable],
+                 gloo=[r if cpu else 0.0 for r in rs], end=root_rs * (2 if cpu else 1),
+                 end_grads=(4 if accumulating else pd) * (cg.trainable - sum(cg.block_trainable)))
+
+
+def _fsdp_formula(lay: _Layout, cu: _Counts, pd: int, cpu: bool) -> str:
+    unit, root = human_bytes(pd * cu.block_params), human_bytes(pd * cu.embedding_unit)
+    gathered = ("the root unit (embeddings, final norm, head) " + root + " throughout, "
+                + ("a block's unit " + unit + " for its forward and backward (3 at once at an all-gather, 2 in "
+                   "backward with the next one prefetched)" if lay.reshard else
+                   "every block's unit " + unit + " from its forward to its backward (reshard_after_forward off)"))
+    return (f"largest of: {gathered}, in {pd} B; plus a block's float32 reduce-scatter input, kept until the "
+            "next block's" + (" (and gloo's copy of it)" if cpu else "") + "; transient, not in the rows above")
+
+
+def _share(lay: _Layout, stage: str, blocks: int, n_layers: int) -> str:
+    """What part of the model one rank holds, in words ('' for all of it)."""
+    parts = []
+    if lay.pp > 1:
+        held = {"first": "+ the embeddings", "last": "+ the final norm and head"}[stage]
+        parts.append(f"pipeline {stage} stage: {blocks} of {n_layers} blocks {held}")
+    if lay.tp > 1:
+        parts.append(f"tensor parallel: 1/{lay.tp} of the block matrices and vocabulary rows")
+    if lay.fsdp:
+        parts.append(f"FSDP2: a 1/{lay.shard} shard (dim 0 padded to a multiple of {lay.shard})")
+    return "this rank: " + ", ".join(parts) if parts else ""
+
+
+def _in_flight(lay: _Layout, stage: str) -> float:
+    """Micro-batches whose activations of this stage's blocks are alive at once (pipeline schedules' warm-up:
+    GPipe runs every forward first; 1F1B at most pp - rank before its first backward; Interleaved1F1B, two
+    stages of half the blocks per rank, 2 (pp - 1 - rank) + pp forwards of a half, plus one)."""
+    if lay.pp == 1:
+        return 1.0
+    rank = 0 if stage == "first" else lay.pp - 1
+    if lay.schedule == "GPipe":
+        return float(lay.microbatches)
+    if lay.schedule == "Interleaved1F1B":
+        return min(2 * (lay.pp - 1 - rank) + lay.pp + 1, 2 * lay.microbatches) / 2
+    return float(min(lay.pp - rank, lay.microbatches))
+
+
+def _layout_notes(run: RunShape, lay: _Layout) -> list[str]:
+    par, notes = run.parallel, []
+    if par.offload and not lay.fsdp:
+        notes.append("parallel.offload moves FSDP2's shards to host memory: without FSDP2 (dp_shard > 1, or a mesh "
+                     "with several data-parallel ranks) training ignores it, and so does this estimate")
+    if par.zero1 and not lay.zero1:
+        notes.append("parallel.zero1 shards optimizer states over DDP replicas only: ignored here")
+    if lay.pp > 1:
+        notes.append("pipeline terms (stages, micro-batches in flight from the schedule's warm-up) are formulas, "
+                     "not yet checked by a measurement")
+    if lay.offload:
+        notes.append("CPU offload: the device/host split is a formula (a CPU-only measurement cannot tell them apart)")
+    if lay.fsdp and run.recipe == "qlora":
+        notes.append("qlora under FSDP2: NF4 weights are counted as sharded and gathered like dense ones")
+    return notes
 
 
 def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, stored: list[float],
              in_backward: list[float], wcopy: list[float], recast: list[float], wcopy_head: float, dequant: float,
              tail: float, loss_forward: float, loss_backward: float, g_blocks: list[float], g_down: list[float],
-             g_late: float, tied_extra: float, checkpointed: list[bool]) -> list[tuple[float, str, dict[str, float]]]:
-    """The step's candidate peaks (module docstring): (bytes, what it is, {gradients, activations}).
+             g_late: float, tied_extra: float, checkpointed: list[bool], g_tail: float, g_held: float = 0.0,
+             held: float = 0.0, fsdp: _Fsdp | None = None) -> list[tuple[float, str, dict[str, float]]]:
+    """The step's candidate peaks (module docstring): (bytes, what it is, {gradients, activations, gathered}).
 
-    p, s, g: parameters, optimizer states, gradients (bytes); per token: stored (each block's saved
-    tensors, its input if checkpointed), in_backward (each block's saved and transient tensors
+    p, s, g: parameters, optimizer states, gradients (bytes; g as backward ends); per token: stored (each
+    block's saved tensors, its input if checkpointed), in_backward (each block's saved and transient tensors
     during its backward), tail; whole bytes: loss_forward / loss_backward (the loss's own tensors at
     its forward peak and as backward starts, `_loss_bytes`), wcopy / recast (autocast weight copies of a block kept / recomputed),
-    wcopy_head, dequant (qlora), g_blocks / g_down (a block's gradients / its down_proj's), g_late
-    (the lookups' gradients, made last), tied_extra (the tied embedding's two contributions).
+    wcopy_head, dequant (qlora), g_blocks / g_down (a block's gradients as kept / its down_proj's as made),
+    g_tail (the head's and final norm's, from the loss on), g_late (the lookups' gradients, made last),
+    tied_extra (the tied embedding's two contributions), g_held (gradient bytes alive throughout: DDP's
+    buckets, FSDP2's accumulators), held (activations alive throughout: other micro-batches in flight),
+    fsdp (FSDP2's gathered parameters and buffers).
     """
-    g_before = g if accumulating else 0.0  # earlier micro-batches' gradients, alive through this one
+    g_before = g if accumulating else g_held  # earlier micro-batches' gradients, alive through this one
+    f = fsdp or _Fsdp(0.0, 0.0, *([[0.0] * len(stored)] * 4), 0.0, 0.0)
     out = []
-    saved = tokens * (sum(stored) + tail) + sum(wcopy) + wcopy_head + dequant
+    saved = tokens * (sum(stored) + tail) + sum(wcopy) + wcopy_head + dequant + held
+    if fsdp is not None:  # the last block's forward, as its all-gather is copied out
+        before = tokens * sum(stored[:-1]) + sum(wcopy[:-1]) + dequant + held
+        out.append((p + s + g_before + before + f.forward, "the last block's forward: parameters + optimizer states"
+                    + " + the saved tensors below it + gathered units", {"gradients": g_before, "activations": before,
+                                                                          "gathered": f.forward}))
     for what, loss in (("the loss, computing its first chunk", loss_forward),
                        ("backward starts, at the loss", loss_backward)):
-        out.append((p + s + g_before + saved + loss, f"{what}: parameters + optimizer states"
-                    + (" + gradients" if accumulating else "") + " + every saved activation + the loss's tensors",
-                    {"gradients": g_before, "activations": saved + loss}))
+        out.append((p + s + g_before + saved + loss + f.loss, f"{what}: parameters + optimizer states"
+                    + (" + gradients" if accumulating else "") + " + every saved activation + the loss's tensors"
+                    + (" + gathered units" if fsdp is not None else ""),
+                    {"gradients": g_before, "activations": saved + loss, "gathered": f.loss}))
     # Each block's backward, top down: the gradients above it exist (the head's and final norm's
-    # are g - sum(g_blocks) - g_late), the blocks below still hold their saved tensors. The peak of
-    # a block's backward is in its MLP, when down_proj's is the only gradient of the block made.
-    g_done = g if accumulating else g - sum(g_blocks) - g_late
+    # are g_tail), the blocks below still hold their saved tensors. The peak of a block's backward is
+    # in its MLP, when down_proj's is the only gradient of the block made.
+    g_done = g if accumulating else g_held + g_tail
     for i in reversed(range(len(stored))):
         g_now = g_done + (0.0 if accumulating else g_down[i])
         # (a recomputed block casts its weights again for its own backward: `recast`)
-        live = tokens * (sum(stored[:i]) + in_backward[i]) + sum(wcopy[: i + 1]) + recast[i] + dequant
-        out.append((p + s + g_now + live, f"block {i}'s backward" + (" (recomputed)" if checkpointed[i] else "")
-                    + ": parameters + optimizer states + gradients so far + the saved tensors below it",
-                    {"gradients": g_now, "activations": live}))
+        live = tokens * (sum(stored[:i]) + in_backward[i]) + sum(wcopy[: i + 1]) + recast[i] + dequant + held
+        out.append((p + s + g_now + live + f.block[i], f"block {i}'s backward" + (" (recomputed)" if checkpointed[i] else "")
+                    + ": parameters + optimizer states + gradients so far + the saved tensors below it"
+                    + (" + gathered units" if fsdp is not None else ""),
+                    {"gradients": g_now, "activations": live, "gathered": f.block[i]}))
+        if fsdp is not None:  # its reduce-scatter: its whole gradients copied into the float32 input
+            below = tokens * sum(stored[:i]) + sum(wcopy[:i]) + dequant + held
+            g_rs = g_done + f.reduce_grads[i]
+            out.append((p + s + g_rs + below + f.reduce[i], f"block {i}'s reduce-scatter: parameters + optimizer "
+                        "states + gradients so far + its whole gradients + the saved tensors below it + gathered "
+                        "units and buffers", {"gradients": g_rs, "activations": below, "gathered": f.reduce[i]}))
+            if f.gloo[i]:  # then its whole gradients are freed, and gloo reduces a copy into the new shard
+                g_gloo = g_done + g_blocks[i]
+                out.append((p + s + g_gloo + below + f.reduce[i] + f.gloo[i], f"block {i}'s reduce-scatter in gloo: "
+                            "parameters + optimizer states + gradients so far + the saved tensors below it + gathered "
+                            "units and buffers, gloo's copy", {"gradients": g_gloo, "activations": below,
+                                                               "gathered": f.reduce[i] + f.gloo[i]}))
         if not accumulating:
             g_done += g_blocks[i]
     end = tied_extra
-    out.append((p + s + g + end, "backward ends: parameters + optimizer states + gradients"
-                + (" + two vocab x dim contributions to the tied embedding's gradient" if tied_extra else ""),
-                {"gradients": g, "activations": end}))
+    out.append((p + s + g + end + f.end_grads + f.end, "backward ends: parameters + optimizer states + gradients"
+                + (" + two vocab x dim contributions to the tied embedding's gradient" if tied_extra else "")
+                + (" + the root's reduce-scatter" if fsdp is not None else ""),
+                {"gradients": g + f.end_grads, "activations": end, "gathered": f.end}))
     return out
 
 
@@ -667,9 +1004,29 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
         f"KV cache in bf16: 2 x layers x kv_heads x head_dim x 2 B = {human_bytes(kv_token)} per token",
-        "sharding over N devices divides the optimizer states (optimizer), also the gradients (gradients), "
-        "also the parameters (parameters) by N",
+        "over N data-parallel ranks: ZeRO-1 (zero1) divides the optimizer states by N, FSDP2 (dp_shard) the "
+        "parameters, gradients and optimizer states (plus gathered units in flight), DDP nothing (its gradient "
+        "buckets double the gradients); tp divides the block matrices and the activations inside attention and MLP",
     ]
+
+
+def describe_layout(run: RunShape) -> str:
+    """The layout of `run` in words, e.g. "8 ranks: FSDP2 over 4 (ZeRO-3), tp 2 (sequence parallel)"."""
+    lay = _layout(run)
+    if run.world_size == 1:
+        return "one device"
+    parts = []
+    if lay.ddp:
+        parts.append(f"DDP over {lay.dp}" + (" with ZeRO-1 (optimizer states sharded)" if lay.zero1 else ""))
+    if lay.fsdp:
+        replicas = lay.dp // lay.shard
+        parts.append(f"FSDP2 over {lay.shard} ({'ZeRO-3' if lay.reshard else 'ZeRO-2: reshard_after_forward off'})"
+                     + (f" x {replicas} replicas (HSDP)" if replicas > 1 else "") + (", CPU offload" if lay.offload else ""))
+    if lay.tp > 1:
+        parts.append(f"tp {lay.tp}" + (" (sequence parallel)" if lay.sp else ""))
+    if lay.pp > 1:
+        parts.append(f"pp {lay.pp} ({lay.schedule}, {lay.microbatches} micro-batches)")
+    return f"{run.world_size} ranks: " + (", ".join(parts) or "replicas without data parallelism")
 
 
 # ---- measuring the same thing on a real step ----------------------------------------------------
@@ -683,11 +1040,14 @@ class LiveTensorBytes(TorchDispatchMode):
     batch) are added with `track`. Each storage has a role ("parameters", "gradients", "optimizer
     states", "activations" by default) so that the peak can be split like the estimate. It sees
     tensors, not the allocator: caching, fragmentation and kernels' scratch space are not counted.
+    A storage's size is read again after every op, because FSDP2 frees and re-allocates its gathered
+    parameters by resizing their storages in place (no op the mode sees). Memory that no visible
+    tensor owns (DDP's gradient buckets, allocated by its C++ reducer) is added with `hold`.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._live: dict[int, tuple[int, int]] = {}  # id(storage) -> (serial, nbytes)
+        self._live: dict[int, list[Any]] = {}  # id(storage) -> [serial, nbytes, weakref to the storage]
         self._role: dict[int, str] = {}  # serial -> role
         self._serial = itertools.count()
         self.current = 0
@@ -695,28 +1055,64 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak_op = ""
         self._peak_live: list[tuple[int, int]] = []
         self.default_role = "activations"
+        self._held: int | None = None  # the key of `hold`'s bytes
 
     def track(self, tensor: torch.Tensor, role: str | None = None) -> None:
-        """Count `tensor`'s storage from now on (once); `role` relabels a storage already counted."""
-        storage = tensor.untyped_storage()
+        """Count `tensor`'s storage from now on (once); `role` relabels a storage already counted.
+
+        A DTensor (FSDP2, tensor parallel) counts its local shard: what this rank holds."""
+        storage = _local(tensor).untyped_storage()
         key = id(storage)
         if key in self._live:
             if role is not None:
                 self._role[self._live[key][0]] = role
             return
         serial, n = next(self._serial), storage.nbytes()
-        self._live[key] = (serial, n)
+        self._live[key] = [serial, n, weakref.ref(storage)]
         self._role[serial] = role or self.default_role
         self.current += n
         weakref.finalize(storage, self._free, key)
 
+    def hold(self, nbytes: int, role: str) -> None:
+        """Count `nbytes` that exist already but that no tensor tracked so far owns, from now on (DDP's gradient
+        buckets, allocated by its C++ reducer). An untracked storage that an op later writes into (the reducer
+        copying gradients into a bucket) is taken to be part of it: counted once, from then on as itself."""
+        serial = next(self._serial)
+        self._held = -1 - serial
+        self._live[self._held] = [serial, nbytes, None]
+        self._role[serial] = role
+        self.current += nbytes
+
+    def _claim(self, args: Any, out: Any) -> None:
+        """Move the outputs that an op wrote into a storage nobody tracked from the held bytes to themselves."""
+        entry = self._live.get(self._held) if self._held is not None else None
+        if entry is None or not entry[1]:
+            return
+        inputs = {id(_local(t).untyped_storage()) for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = _local(t).untyped_storage()
+            if id(storage) in inputs and id(storage) not in self._live and storage.nbytes() <= entry[1]:
+                entry[1] -= storage.nbytes()
+                self.current -= storage.nbytes()
+                self.track(t, self._role[entry[0]])
+
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key)[1]
 
+    def _resized(self) -> None:
+        for entry in self._live.values():
+            storage = entry[2]() if entry[2] is not None else None
+            if storage is not None and storage.nbytes() != entry[1]:
+                self.current += storage.nbytes() - entry[1]
+                entry[1] = storage.nbytes()
+
     def mark_peak(self, where: str = "") -> None:
+        self._resized()
         if self.current > self.peak:
             self.peak, self.peak_op = self.current, where
-            self._peak_live = list(self._live.values())
+            self._peak_live = [(serial, n) for serial, n, _ in self._live.values()]
 
     def at_peak(self) -> dict[str, int]:
         """Bytes alive at the peak by role (roles as known now: a tensor that became a gradient counts as one)."""
@@ -728,6 +1124,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        self._claim((args, kwargs), out)
         tree_map_only(torch.Tensor, self.track, out)
         self.mark_peak(str(func))
         return out
@@ -746,6 +1143,11 @@ class Measured:
     cuda_max_allocated: int | None = None
     """On CUDA: torch.cuda.max_memory_allocated over the step, less what was allocated at its start that is
     not a tensor of the run (cuBLAS's workspace, a few MiB that would swamp a debug model)."""
+    at_step: dict[str, int] = field(default_factory=dict)
+    """parameters, gradients, optimizer states this rank holds as the optimizer step starts: distinct local
+    storages (a DTensor's shard, FSDP2's padding included; DDP's gradient buckets among the gradients)."""
+    buckets: int = 0
+    """Bytes of DDP's gradient buckets (counted as gradients, at the peak and at the step)."""
 
 
 def measure_train_step(
@@ -755,18 +1157,27 @@ def measure_train_step(
     """Run `step()` (e.g. `lambda: train_step(model, optimizer, batches, step=1)`) under `LiveTensorBytes`.
 
     Weights, buffers, existing gradients and optimizer states, and the batch are counted from the
-    start; gradients are labelled as autograd assigns them, optimizer states as `optimizer.step`
-    makes them. Run it on the second step to see the steady state (the first has no AdamW state
-    until its end).
+    start; gradients are labelled as autograd assigns them (FSDP2's shards as the optimizer step
+    starts), optimizer states as `optimizer.step` makes them. Run it on the second step to see the
+    steady state (the first has no AdamW state until its end); under DDP on the third (DDP
+    re-allocates its gradient buckets once, in the second step's forward: they would count twice).
+    `model` is the module that is called: a DDP wrapper, an FSDP2 or plain module.
     """
     tracker = LiveTensorBytes()
+    inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    buckets = 0
+    if isinstance(model, DistributedDataParallel) and not model.gradient_as_bucket_view:
+        # The reducer's flat buckets are allocated in C++, out of the mode's sight; DDP reports their sizes.
+        sizes = str(model._get_ddp_logging_data().get("bucket_sizes", ""))
+        buckets = sum(int(n) for n in sizes.split(",") if n.strip())
+        tracker.hold(buckets, "gradients")
     for p in model.parameters():
         tracker.track(p, "parameters")
         if p.grad is not None:
             tracker.track(p.grad, "gradients")
     for b in model.buffers():
         tracker.track(b, "parameters")
-    for state in optimizer.state.values():
+    for state in inner.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
                 tracker.track(v, "optimizer states")
@@ -774,11 +1185,21 @@ def measure_train_step(
         tracker.track(x)
         tracker.track(y)
     tracker.mark_peak("start")
+    at_step: dict[str, int] = {}
 
     def grad_hook(p: torch.Tensor) -> None:
         tracker.track(p.grad, "gradients")
 
     def pre(*_: Any) -> None:
+        if not at_step:  # the first call (ZeroRedundancyOptimizer's own, before its inner optimizer's)
+            params = [p for g in optimizer.param_groups for p in g["params"]]  # ZeRO-1: all, inner: its share
+            grads = [p.grad for p in params if p.grad is not None]
+            for grad in grads:  # FSDP2 sets its shards' .grad itself: no autograd hook sees them
+                tracker.track(grad, "gradients")
+            states = [v for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+            at_step.update({"parameters": _storage_bytes(params + list(model.buffers())),
+                            "gradients": _storage_bytes(grads) + buckets,
+                            "optimizer states": _storage_bytes(states)})
         tracker.default_role = "optimizer states"
 
     def post(*_: Any) -> None:
@@ -801,4 +1222,19 @@ def measure_train_step(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         cuda_peak = torch.cuda.max_memory_allocated(device) - other
-    return Measured(peak=tracker.peak, at_peak=tracker.at_peak(), op=tracker.peak_op, cuda_max_allocated=cuda_peak)
+    return Measured(peak=tracker.peak, at_peak=tracker.at_peak(), op=tracker.peak_op, cuda_max_allocated=cuda_peak,
+                    at_step=at_step, buckets=buckets)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this rank holds); any other tensor itself."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a DTensor: its local shard's)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = _local(t).untyped_storage()
+        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(seen.values())

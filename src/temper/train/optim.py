@@ -111,7 +111,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, *,
     shard_states: ZeRO-1 (Rajbhandari et al. 2020) for replicated (DDP) models: each rank keeps the AdamW
     states of its share of the parameters, steps them, and broadcasts them (`ZeroRedundancyOptimizer`).
     """
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    # An empty group (LoRA trains only matrices) is left out: torch's flattened optimizer state dict, which
+    # sharded checkpoints use, cannot load one.
+    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings) if g["params"]]
     fused = cfg.fused and device_type in ("cuda", "cpu")
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused or None}
     if shard_states:

@@ -6,11 +6,12 @@ on CPU, and lays the ranks out on a named device mesh (pp, dp_replicate, dp_shar
 and token counts and losses reduced, over the data-parallel ranks only (`DistInfo.dp_rank`,
 `dp_world`, `dp_group`): the ranks of one tensor-parallel group see the same batch.
 
-`parallelize` applies the layouts in place, in the order that composes: tensor parallel (DTensor
-`parallelize_module`) -> activation checkpointing -> compile (per block) -> FSDP2 (`fully_shard` per
-block, then the root) or DDP. Checkpointing sits inside compile so the compiled graph recomputes;
-data parallelism is outermost so its gradient hooks see the compiled blocks' parameters. The default
-layout (every rank a replica) is DDP, as before FSDP2 existed here.
+`parallelize` applies the layouts in place, in the order that composes (torchtitan's): pipeline parallel (the
+model pruned to this rank's stages, `train.pipeline`) -> tensor parallel (DTensor `parallelize_module`) ->
+activation checkpointing -> compile (per block) -> FSDP2 (`fully_shard` per block, then each stage's root) or
+DDP. Checkpointing sits inside compile so the compiled graph recomputes; data parallelism is outermost so
+its gradient hooks see the compiled blocks' parameters. The default layout (every rank a replica) is DDP, as
+before FSDP2 existed here.
 
 It does not own the training loop or the data order.
 """
@@ -66,8 +67,10 @@ class ParallelConfig:
     """FSDP2: keep the parameters, gradients and optimizer states in CPU memory; the optimizer step runs on the CPU."""
     zero1: bool = False
     """DDP only: shard the optimizer states over the replicas (ZeRO-1, `ZeroRedundancyOptimizer`)."""
-    sequence_parallel: bool = True
-    """With tp > 1: shard the norms' and residuals' activations by sequence between the tensor-parallel regions."""
+    sequence_parallel: bool = False
+    """With tp > 1: shard the norms' and residuals' activations by sequence between the tensor-parallel regions
+    (less activation memory; every forward's length must then divide by tp, so generation, as in GRPO/PPO
+    rollouts and generative tasks, needs it off)."""
 
     def __post_init__(self) -> None:
         for key in ("dp_shard", "dp_replicate"):
@@ -251,12 +254,20 @@ def parallelize(
     compile: bool = False, amp_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Apply `dist_info`'s layout to `model` in place; returns the module to call (the original stays reachable:
-    FSDP2 and tensor parallel change it in place, DDP wraps it).
+    FSDP2 and tensor parallel change it in place, DDP wraps it). Under pp > 1, `model` keeps only this rank's
+    stages' parts (the optimizer's, checkpoints' and export's module) and the returned `train.pipeline.Pipeline`
+    runs them, for `train_step` and `eval_metrics`.
 
     amp_dtype: the training precision; under FSDP2 the gathered parameters are cast to it (bf16 compute,
     fp32 gradient reduction and fp32 sharded master weights: FSDP2's `MixedPrecisionPolicy`).
     """
     mesh, layout = dist_info.mesh, dist_info.layout
+    pipelined = mesh is not None and dist_info.degree("pp") > 1
+    if pipelined:
+        from temper.train import pipeline
+        pipeline.check_layout(model.cfg, layout, amp_dtype)
+        stage_ids = pipeline.stage_ids(dist_info)
+        pipeline.split(model, stage_ids, pipeline.n_stages(layout))
     if mesh is not None and dist_info.degree("tp") > 1:
         from temper.train.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
@@ -267,14 +278,18 @@ def parallelize(
         # `_orig_mod.` prefix), so checkpoints do not depend on whether a run compiled.
         for block in model.layers:
             block.compile()
+    # A stage's module is what the schedule calls, and so what FSDP2 gathers the root parameters for.
+    stages = pipeline.stage_modules(model, stage_ids, pipeline.n_stages(layout)) if pipelined else [model]
     if mesh is not None and dist_info.dp_world > 1:
         apply_fsdp(model, dp_mesh(dist_info), reshard_after_forward=layout.reshard_after_forward,
-                   offload=layout.offload, param_dtype=amp_dtype)
+                   offload=layout.offload, param_dtype=amp_dtype, roots=stages)
     elif dist_info.world > 1 and mesh is None:
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         # The only buffers are the RoPE tables, computed identically on every rank: re-broadcasting
         # them before every forward (DDP's default) would only cost time.
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    if pipelined:
+        return pipeline.Pipeline(stages, stage_ids, dist_info)
     return model
 
 
@@ -288,9 +303,9 @@ def dp_mesh(d: DistInfo) -> DeviceMesh:
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, offload: bool = False,
-               param_dtype: torch.dtype | None = None) -> None:
+               param_dtype: torch.dtype | None = None, roots: list[nn.Module] | None = None) -> None:
     """FSDP2: each block one unit (its parameters gathered for its forward and backward only), then the root
-    (embeddings, final norm, head).
+    (embeddings, final norm, head): `model`, or each of `roots` (the modules that are called: pipeline stages).
 
     The root keeps its parameters gathered after the forward: the loss runs the output layer on the final
     hidden states outside the forward (`train.losses.head_cross_entropy`), and the backward needs them at once.
@@ -302,7 +317,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: boo
         common["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **common)
-    fully_shard(model, reshard_after_forward=False, **common)
+    for root in roots or [model]:
+        fully_shard(root, reshard_after_forward=False, **common)
 
 
 @contextlib.contextmanager
@@ -323,7 +339,10 @@ def no_grad_sync(model: nn.Module) -> Iterator[None]:
 
 
 def is_sharded(model: nn.Module | Mapping[str, torch.Tensor]) -> bool:
-    """Whether any parameter (or tensor of a state dict) is a DTensor: checkpoints then go through DCP."""
+    """Whether any parameter (or tensor of a state dict) is a DTensor, or the model holds only some pipeline
+    stages: checkpoints then go through DCP."""
+    if isinstance(model, nn.Module) and getattr(unwrap(model), "pipeline_stages", None) is not None:
+        return True
     tensors = model.values() if isinstance(model, Mapping) else (t for _, t in unwrap(model).state_dict().items())
     return any(isinstance(t, DTensor) for t in tensors)
 
@@ -376,6 +395,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     target = unwrap(model)
+    if getattr(target, "pipeline_stages", None) is not None:  # stages on other ranks: gathered on rank 0
+        from temper.train.pipeline import gather_state_dict
+        return gather_state_dict(target)
     if not is_sharded(target):
         return dict(target.state_dict())  # checkpoint_wrapper's state-dict hooks drop its prefix
     return get_model_state_dict(target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -6,7 +6,8 @@ checkpointing, label smoothing, non-finite policy), `eval`, `checkpoint` and `lo
 `train`/`eval` with its own fields. `Run` then does, for every recipe alike: the run directory and
 its saved config, resume from the newest valid checkpoint with a check on the typed fields that
 must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (checkpointing,
-compile, DDP), one optimizer step with the non-finite policy, tokens/s and MFU, checkpoints, and
+compile, DDP or FSDP2), one optimizer step with the non-finite policy, tokens/s and MFU, checkpoints, the
+trained model as one plain module for final/ whatever the layout (`exported_model`), and
 SIGTERM or a first Ctrl-C (a checkpoint at the next step boundary, then exit code 143; a second
 Ctrl-C ends the process at once). `locked_run_dir` keeps a second process off a run directory in use.
 
@@ -16,7 +17,9 @@ This module does not build models or data, and computes no loss (`train/losses.p
 
 from __future__ import annotations
 
+import copy
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -42,7 +45,13 @@ from temper.train import checkpoint as ckpt
 from temper.train.log import RunLogger
 from temper.train.losses import Batch, Loss
 from temper.train.optim import build_optimizer
-from temper.train.parallel import DistInfo, ParallelConfig, parallelize
+from temper.train.parallel import (
+    DistInfo,
+    ParallelConfig,
+    full_state_dict,
+    parallelize,
+    remove_activation_checkpointing,
+)
 from temper.train.step import (
     MicroBatch,
     NonFiniteLoss,
@@ -106,10 +115,17 @@ class TrainSection:
     """rollback only: how many steps' batches to skip, counted from the batch that failed."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How the ranks of a torchrun job are laid out: DDP (default), FSDP2 / HSDP / ZeRO-1, tensor and pipeline parallel."""
+    deepspeed: str = ""
+    """A DeepSpeed JSON config (ZeRO stage 1-3, CPU offload) for DeepSpeed to shard and step the model, temper
+    keeping its loss normalisation (`pip install temper[deepspeed]`; pretrain and sft, under torchrun). Its
+    checkpoints hold the weights only (DeepSpeed's own reader unpickles): such a run does not resume."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch_size <= 0:
             raise ValueError("steps must be >= 0 and micro_batch_size > 0")
+        if self.deepspeed and (self.parallel != ParallelConfig() or self.on_nonfinite == "rollback"):
+            raise ValueError("deepspeed: DeepSpeed lays out and steps the model itself: leave train.parallel at its "
+                             "default, and on_nonfinite at fail or skip (rollback needs a resumable checkpoint)")
         if self.activation_offload and not self.activation_checkpointing:
             raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -133,6 +149,9 @@ class CheckpointSection:
     fresh_if_corrupt: bool = False
     """With run.resume=auto, when every checkpoint is corrupt: start again from step 0 instead of refusing (the
     corrupt ones are kept, renamed step-N.corrupt, and the old metrics.jsonl is kept as metrics.<time>.jsonl)."""
+    async_save: bool = False
+    """Sharded layouts (FSDP2, TP, PP): copy the shards to CPU memory and write them in a background thread while
+    training goes on; the checkpoint is committed when the next save starts or the run ends."""
 
     def __post_init__(self) -> None:
         if self.keep_last_n == 1:
@@ -290,7 +309,12 @@ class Run:
                 run.log_train(...); eval, run.save(...), run.preempted() ...
     """
 
-    def __init__(self, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str]) -> None:
+    def __init__(self, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str],
+                 deepspeed: bool = False) -> None:
+        """deepspeed: the recipe evaluates inside `gathered()`, so `train.deepspeed` may be used."""
+        if cfg.train.deepspeed and not deepspeed:
+            raise config.ConfigError("train.deepspeed: this recipe does not run under DeepSpeed (pretrain and sft do); "
+                                     "use train.parallel (FSDP2: dp_shard) instead")
         self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
         self.dir = run_directory(cfg.run)
@@ -304,6 +328,14 @@ class Run:
         self._rollbacks: dict[str, int] = {}
         self.model: nn.Module | None = None
         """The model `wrap` laid out (its optimizer's parameters)."""
+        self.engine: Any = None
+        """The DeepSpeed engine with train.deepspeed (built by `build_optimizer`), else None."""
+        self._engine_module: Any = None
+        self._pending: ckpt.PendingSave | None = None
+        """A checkpoint being written in the background (checkpoint.async_save)."""
+        self._skeleton: nn.Module | None = None
+        """Under a sharded layout, the model's structure before `wrap` with meta tensors for weights: what
+        `exported_model` gathers the trained weights into."""
 
     # ---- model and resume ------------------------------------------------------------------------
 
@@ -313,14 +345,68 @@ class Run:
         and tensor parallel replace the parameters with DTensors."""
         t = self.cfg.train
         self.model = model
+        if t.deepspeed:  # DeepSpeed lays the model out itself, in `build_optimizer`
+            if self.d.world == 1:
+                raise config.ConfigError("train.deepspeed runs under torchrun (it needs a process group)")
+            self._skeleton = skeleton(model)
+            return model
+        if self.d.sharded:
+            self._skeleton = skeleton(model)
         return parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
                            activation_offload=t.activation_offload, compile=t.compile, amp_dtype=self.amp_dtype)
+
+    def exported_model(self) -> nn.Module | None:
+        """The trained model (as `wrap` was given it: adapters, heads and all) as one plain module, for final/, on
+        rank 0; None on the other ranks. Every rank must call it: a sharded model's slices are gathered
+        (`parallel.full_state_dict`) into the structure `wrap` kept, on the CPU; a replicated model is returned
+        itself, without activation checkpointing."""
+        if self._skeleton is None:
+            return remove_activation_checkpointing(self.model) if self.d.is_main else None
+        weights = self._engine_module.full_state_dict(self.engine) if self.engine else full_state_dict(self.model)
+        if not self.d.is_main:
+            return None
+        model = self._skeleton
+        kept = {n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if not t.is_meta}
+        extra = model.load_state_dict({k: v for k, v in weights.items() if k not in kept}, strict=False,
+                                      assign=True).unexpected_keys
+        if extra:
+            raise RuntimeError(f"exported model: gathered weights it has no place for: {extra[:8]}")
+        for m in model.modules():  # tables that are not saved (RoPE's), computed again
+            if hasattr(m, "init_buffers"):
+                m.init_buffers("cpu")
+        left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"exported model: no gathered weights for {left[:8]}")
+        return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """AdamW over the (wrapped) model's trainable parameters, its states sharded over the replicas with
         `train.parallel.zero1`."""
-        zero1 = self.cfg.train.parallel.zero1 and self.d.dp_world > 1
-        return build_optimizer(model, self.cfg.optim, self.d.device.type, shard_states=zero1)
+        t = self.cfg.train
+        zero1 = t.parallel.zero1 and self.d.dp_world > 1
+        optimizer = build_optimizer(model, self.cfg.optim, self.d.device.type, shard_states=zero1)
+        if not t.deepspeed:
+            return optimizer
+        from temper.train import deepspeed_engine as dse  # the optional extra
+
+        ds_config = dse.load_config(t.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=1,
+                                    dp_world=self.d.dp_world, grad_clip=t.grad_clip, precision=t.precision)
+        self._engine_module, self.engine = dse, dse.initialize(model, optimizer, ds_config)
+        return self.engine.optimizer
+
+    def eval_loss_fn(self, loss_fn: Loss) -> Loss:
+        """The loss to evaluate with: `loss_fn`, or under DeepSpeed ZeRO-3 `loss_fn` run inside the engine's
+        forward, which gathers the partitioned parameters it reads (the head, outside the model's forward)."""
+        if self.engine is None or self.engine.zero_optimization_stage() != 3:
+            return loss_fn
+        return self._engine_module.EngineLoss(self.engine, loss_fn)
+
+    def check_tasks(self, wanted: bool) -> None:
+        """Benchmark tasks generate with the model outside any step: refused under DeepSpeed ZeRO-3, which keeps
+        only a partition of every parameter on each rank."""
+        if wanted and self.engine is not None and self.engine.zero_optimization_stage() == 3:
+            raise config.ConfigError("eval.tasks cannot run under train.deepspeed with ZeRO stage 3; use stage 1-2, "
+                                     "or train.parallel.dp_shard (FSDP2)")
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict | None:
         """The newest valid checkpoint's state (model, optimizer and scaler restored; RNG by `restore_rng`)
@@ -344,6 +430,9 @@ class Run:
                 atomic_write_text(self.dir / "config.resolved.yaml",
                                   yaml.safe_dump(self.resolved, sort_keys=False, default_flow_style=None))
             return None
+        if self.engine is not None:
+            raise config.ConfigError(f"train.deepspeed: {start} exists, and a DeepSpeed run does not resume (its "
+                                     f"checkpoints hold the weights only): pass --run.resume=never, or another run.name")
         saved = ckpt.read_state(start)["config"]  # checked before any weight is read
         check_resume_config(saved, self.resolved, self.resume_keys, self.cfg.run.override_checkpoint_config)
         state = ckpt.load_checkpoint(start, model=model, optimizer=optimizer, map_location=self.d.device,
@@ -398,9 +487,13 @@ class Run:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(failed=exc[0] is not None)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the logger and the signal handlers; first commit a checkpoint still being written, unless the
+        run failed (a peer may be gone: the unfinished checkpoint stays a `.tmp` directory, ignored)."""
+        if self._pending is not None and not failed:
+            self.wait_for_save()
         if self.logger is not None:
             self.logger.close()
         if self._sigterm is not None:
@@ -412,9 +505,14 @@ class Run:
         """One optimizer step with this run's precision, scaler, clipping and non-finite policy.
         "rollback" raises NonFiniteLoss for the recipe's loop, which calls `rollback`."""
         t = self.cfg.train
-        result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
-                            scaler=self.scaler, clip_norm=t.grad_clip, dp_group=self.d.dp_group,
-                            on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
+        if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
+            result = self._engine_module.deepspeed_step(self.engine, batches, step=step, loss_fn=loss_fn,
+                                                        amp_dtype=self.amp_dtype, on_nonfinite=t.on_nonfinite,
+                                                        dp_group=self.d.dp_group)
+        else:
+            result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
+                                scaler=self.scaler, clip_norm=t.grad_clip, dp_group=self.d.dp_group,
+                                on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
         # Throughput counts the positions the model ran (padding and prompts included: compute was spent
         # on them), not the loss's units, which are pairs for preference losses.
         self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.dp_world
@@ -423,6 +521,7 @@ class Run:
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
         """After a non-finite loss with on_nonfinite=rollback: reload the newest checkpoint (PaLM §5.1:
         restart from before the spike and skip the batches around it); re-raises when there is none."""
+        self.wait_for_save()
         try:
             last = ckpt.find_resume_checkpoint(self.dir, "auto")
         except ckpt.NoValidCheckpoint as e:
@@ -448,7 +547,9 @@ class Run:
         if self.d.device.type == "cuda":
             torch.cuda.synchronize(self.d.device)
         elapsed = time.perf_counter() - self._window_start
-        tokens_per_s, mfu = throughput(self._window_tokens, elapsed, self._flops_per_token, self._peak)
+        # tokens/s over the whole job, against the peak of every device in it (each runs 1/world of the FLOPs).
+        peak = self._peak * self.d.world if self._peak else None
+        tokens_per_s, mfu = throughput(self._window_tokens, elapsed, self._flops_per_token, peak)
         self.logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                                "tokens_per_s": tokens_per_s, "mfu": mfu,
                                "step_time_s": elapsed / max(self.cfg.log.every, 1), **result.metrics, **extra})
@@ -469,12 +570,25 @@ class Run:
     def save(self, step: int, model: nn.Module | dict, optimizer: torch.optim.Optimizer, **state: Any) -> Path:
         """A complete checkpoint (atomic; retention after it is written) with the resolved config,
         the scaler and the recipe's own state (data position, counters)."""
+        self.wait_for_save()  # one checkpoint in flight at a time, committed in order
+        if self.engine is not None:  # the weights only, gathered on rank 0 (the recipe's selection of them)
+            weights = self._engine_module.full_state_dict(self.engine)
+            model, optimizer = {k: v for k, v in weights.items() if not isinstance(model, dict) or k in model}, None
         full = {"step": step, "config": self.resolved,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state}
         path = ckpt.save_checkpoint(self.dir, step, model=model, optimizer=optimizer, state=full,
-                                    keep_last_n=self.cfg.checkpoint.keep_last_n, module=self.model)
+                                    keep_last_n=self.cfg.checkpoint.keep_last_n, module=self.model,
+                                    async_write=self.cfg.checkpoint.async_save)
+        if isinstance(path, ckpt.PendingSave):
+            self._pending, path = path, path.final
         self.restart_clock()
         return path
+
+    def wait_for_save(self) -> None:
+        """Finish and commit the checkpoint being written in the background, if any (every rank)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     def inject_faults(self, step: int) -> None:
         """Test hooks at the top of a step (`TEMPER_FAULT`): a crash, or a SIGTERM to this process."""
@@ -509,6 +623,21 @@ class Run:
         name = (self._sigterm.name if self._sigterm is not None else "") or "SIGTERM"  # "": another rank's signal
         self.logger.message(f"{name}: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
         return EXIT_PREEMPTED
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules whose parameters and buffers are meta tensors (no memory), shared ones shared
+    alike: the structure a sharded model's weights are gathered into (`load_state_dict(..., assign=True)`).
+
+    A frozen weight of a tensor subclass (QLoRA's NF4 base, 4 bits a weight) is copied as it is instead: it is
+    the same after training, and a meta stand-in of a subclass cannot be assigned to."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if type(t) not in (torch.Tensor, nn.Parameter) and not t.requires_grad:
+            continue  # deep-copied
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def print_error(recipe: str, e: BaseException | str) -> int:

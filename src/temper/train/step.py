@@ -6,7 +6,9 @@ by (valid target tokens, preference pairs, ...) and returns the sum of its per-u
 micro-batch's sum is divided by the count over every micro-batch on every data-parallel rank (one
 all-reduce before the first forward), so gradient accumulation and data parallelism give exactly
 the update of one big batch even when micro-batches hold different numbers of units (torchtune PR
-#1875, transformers PR #34191).
+#1875, transformers PR #34191). Under pipeline parallelism (`train.pipeline.Pipeline`) the step's
+micro-batches run as one schedule and the last stage computes the same scaled sums; the gradient
+norm then sums over the stages, and every stage learns the loss from the last.
 
 It does not build models, optimizers or data; it does not decide when to save or log.
 """
@@ -28,6 +30,7 @@ from temper import faults
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss, Loss, token_loss_sum
 from temper.train.parallel import clip_grads, no_grad_sync
 from temper.train.parallel import grad_norm as global_grad_norm
+from temper.train.pipeline import Pipeline
 
 __all__ = ["IGNORE_INDEX", "Batch", "MicroBatch", "NonFiniteLoss", "StepResult", "autocast", "eval_loss",
            "resolve_precision", "throughput", "token_loss_sum", "train_step"]
@@ -100,6 +103,9 @@ def train_step(
     loss_fn = loss_fn or LMLoss()
     batches = [Batch.of(mb) for mb in micro_batches]
     device = batches[0].inputs.device
+    pipe = model if isinstance(model, Pipeline) else None
+    if pipe is not None:
+        dp_group = pipe.dp_group  # not the whole world, which holds each batch once per stage
     world, distributed = _world(dp_group)
     rank = dist.get_rank() if distributed else 0
     count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
@@ -110,25 +116,32 @@ def train_step(
     scale = (world / count.clamp(min=1)).float()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else no_grad_sync(model):
-            with autocast(device, amp_dtype):
-                out = loss_fn(model, batch)
-            summed = out.loss_sum
-            if faults.active("nan_loss", step=step, rank=rank):
-                summed = summed * float("nan")
-            loss = summed * scale
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += summed.detach()
-        for k, v in out.metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+    if pipe is not None:  # one schedule over every micro-batch; the last stage runs the loss, scaled alike
+        with autocast(device, amp_dtype):
+            metric_sums = pipe.run(batches, loss_fn, backward=True, scale=scale, scaler=scaler,
+                                   poison=faults.active("nan_loss", step=step, rank=rank))
+        loss_sum = metric_sums.pop("loss")
+    else:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else no_grad_sync(model):
+                with autocast(device, amp_dtype):
+                    out = loss_fn(model, batch)
+                summed = out.loss_sum
+                if faults.active("nan_loss", step=step, rank=rank):
+                    summed = summed * float("nan")
+                loss = summed * scale
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += summed.detach()
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
 
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(isinstance(p, DTensor) for p in params):  # sharded (FSDP2, TP): a norm per mesh, then the global one
-        grad_norm = global_grad_norm(params)
+    if pipe is not None or any(isinstance(p, DTensor) for p in params):
+        # sharded (FSDP2, TP): a norm per mesh, then the global one; pipeline stages: summed over the stages
+        grad_norm = global_grad_norm(params, pipe.pp_group if pipe is not None else None)
         if clip_norm > 0:
             clip_grads(params, clip_norm, grad_norm)
     else:
@@ -187,13 +200,21 @@ def eval_metrics(
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    for mb in batches:
-        batch = Batch.of(mb)
-        with autocast(batch.inputs.device, amp_dtype):
-            out = loss_fn(model, batch)
-        count = torch.as_tensor(loss_fn.count(batch), device=out.loss_sum.device)
-        for k, v in {"loss": out.loss_sum, "count": count, **out.metrics}.items():
-            sums[k] = sums.get(k, 0) + v.detach().double()
+    if isinstance(model, Pipeline):  # one forward-only schedule; every stage gets the last one's sums
+        dp_group = model.dp_group
+        bs = [Batch.of(mb) for mb in batches]
+        with autocast(bs[0].inputs.device, amp_dtype):
+            sums = {k: v.double() for k, v in model.run(bs, loss_fn, backward=False).items()}
+        sums["count"] = torch.stack([torch.as_tensor(loss_fn.count(b), device=sums["loss"].device)
+                                     for b in bs]).sum().double()
+    else:
+        for mb in batches:
+            batch = Batch.of(mb)
+            with autocast(batch.inputs.device, amp_dtype):
+                out = loss_fn(model, batch)
+            count = torch.as_tensor(loss_fn.count(batch), device=out.loss_sum.device)
+            for k, v in {"loss": out.loss_sum, "count": count, **out.metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
     names = sorted(sums)
     totals = torch.stack([sums[k] for k in names])
     if _world(dp_group)[1]:
