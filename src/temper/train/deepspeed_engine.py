@@ -42,7 +42,7 @@ from torch import nn
 from temper import faults
 from temper.config import ConfigError
 from temper.train.losses import Batch, LMLoss, Loss, LossOut
-from temper.train.step import MicroBatch, NonFiniteLoss, StepResult, autocast
+from temper.train.step import MicroBatch, NonFiniteLoss, StepResult, autocast, loss_scale
 
 AUTO = "auto"
 """A DeepSpeed config value that temper fills in (Hugging Face's convention for DeepSpeed configs)."""
@@ -181,10 +181,8 @@ def deepspeed_step(
     loss_fn = loss_fn or LMLoss()
     batches = [Batch.of(mb) for mb in micro_batches]
     device = batches[0].inputs.device
-    world, rank = dist.get_world_size(dp_group), dist.get_rank()
-    count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
-    dist.all_reduce(count, group=dp_group)
-    scale = (world / count.clamp(min=1)).float()
+    rank = dist.get_rank()
+    count, scale = loss_scale(loss_fn, batches, dp_group)  # train_step's normalisation, the one definition
     own_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: dict[str, torch.Tensor] = {}

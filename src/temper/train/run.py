@@ -42,6 +42,7 @@ from temper import config, faults
 from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
+from temper.train import deepspeed_engine as dse
 from temper.train.log import RunLogger
 from temper.train.losses import Batch, Loss
 from temper.train.optim import build_optimizer
@@ -311,7 +312,8 @@ class Run:
 
     def __init__(self, cfg: Any, d: DistInfo, resolved: dict, *, resume_keys: Sequence[str],
                  deepspeed: bool = False) -> None:
-        """deepspeed: the recipe evaluates inside `gathered()`, so `train.deepspeed` may be used."""
+        """deepspeed: the recipe evaluates with `eval_loss_fn` and calls `check_tasks`, so `train.deepspeed` may be
+        used."""
         if cfg.train.deepspeed and not deepspeed:
             raise config.ConfigError("train.deepspeed: this recipe does not run under DeepSpeed (pretrain and sft do); "
                                      "use train.parallel (FSDP2: dp_shard) instead")
@@ -330,7 +332,6 @@ class Run:
         """The model `wrap` laid out (its optimizer's parameters)."""
         self.engine: Any = None
         """The DeepSpeed engine with train.deepspeed (built by `build_optimizer`), else None."""
-        self._engine_module: Any = None
         self._pending: ckpt.PendingSave | None = None
         """A checkpoint being written in the background (checkpoint.async_save)."""
         self._skeleton: nn.Module | None = None
@@ -362,7 +363,7 @@ class Run:
         itself, without activation checkpointing."""
         if self._skeleton is None:
             return remove_activation_checkpointing(self.model) if self.d.is_main else None
-        weights = self._engine_module.full_state_dict(self.engine) if self.engine else full_state_dict(self.model)
+        weights = dse.full_state_dict(self.engine) if self.engine else full_state_dict(self.model)
         if not self.d.is_main:
             return None
         model = self._skeleton
@@ -387,11 +388,9 @@ class Run:
         optimizer = build_optimizer(model, self.cfg.optim, self.d.device.type, shard_states=zero1)
         if not t.deepspeed:
             return optimizer
-        from temper.train import deepspeed_engine as dse  # the optional extra
-
         ds_config = dse.load_config(t.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=1,
                                     dp_world=self.d.dp_world, grad_clip=t.grad_clip, precision=t.precision)
-        self._engine_module, self.engine = dse, dse.initialize(model, optimizer, ds_config)
+        self.engine = dse.initialize(model, optimizer, ds_config)  # imports deepspeed, the optional extra
         return self.engine.optimizer
 
     def eval_loss_fn(self, loss_fn: Loss) -> Loss:
@@ -399,7 +398,7 @@ class Run:
         forward, which gathers the partitioned parameters it reads (the head, outside the model's forward)."""
         if self.engine is None or self.engine.zero_optimization_stage() != 3:
             return loss_fn
-        return self._engine_module.EngineLoss(self.engine, loss_fn)
+        return dse.EngineLoss(self.engine, loss_fn)
 
     def check_tasks(self, wanted: bool) -> None:
         """Benchmark tasks generate with the model outside any step: refused under DeepSpeed ZeRO-3, which keeps
@@ -506,9 +505,8 @@ class Run:
         "rollback" raises NonFiniteLoss for the recipe's loop, which calls `rollback`."""
         t = self.cfg.train
         if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
-            result = self._engine_module.deepspeed_step(self.engine, batches, step=step, loss_fn=loss_fn,
-                                                        amp_dtype=self.amp_dtype, on_nonfinite=t.on_nonfinite,
-                                                        dp_group=self.d.dp_group)
+            result = dse.deepspeed_step(self.engine, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
+                                        on_nonfinite=t.on_nonfinite, dp_group=self.d.dp_group)
         else:
             result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
                                 scaler=self.scaler, clip_norm=t.grad_clip, dp_group=self.d.dp_group,
@@ -572,7 +570,7 @@ class Run:
         the scaler and the recipe's own state (data position, counters)."""
         self.wait_for_save()  # one checkpoint in flight at a time, committed in order
         if self.engine is not None:  # the weights only, gathered on rank 0 (the recipe's selection of them)
-            weights = self._engine_module.full_state_dict(self.engine)
+            weights = dse.full_state_dict(self.engine)
             model, optimizer = {k: v for k, v in weights.items() if not isinstance(model, dict) or k in model}, None
         full = {"step": step, "config": self.resolved,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state}

@@ -77,6 +77,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def loss_scale(loss_fn: Loss, batches: Sequence[Batch], dp_group: dist.ProcessGroup | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the global count of units the step's loss is normalised by, the factor each micro-batch's loss sum is
+    multiplied by before its backward): world / count. One all-reduce, before the first forward.
+
+    The data-parallel reduction (DDP, FSDP2, DeepSpeed) averages gradients over the ranks; multiplying by world
+    turns that average into the sum that dividing by the global count expects. Computed on the device: no host
+    sync before the forward."""
+    world, distributed = _world(dp_group)
+    device = batches[0].inputs.device
+    count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
+    if distributed:
+        dist.all_reduce(count, group=dp_group)
+    return count, (world / count.clamp(min=1)).float()
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -106,14 +122,9 @@ def train_step(
     pipe = model if isinstance(model, Pipeline) else None
     if pipe is not None:
         dp_group = pipe.dp_group  # not the whole world, which holds each batch once per stage
-    world, distributed = _world(dp_group)
+    distributed = _world(dp_group)[1]
     rank = dist.get_rank() if distributed else 0
-    count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
-    if distributed:
-        dist.all_reduce(count, group=dp_group)
-    # DDP averages gradients over ranks; multiplying by world turns that average into the sum that
-    # dividing by the global count expects. Computed on the device: no host sync before the forward.
-    scale = (world / count.clamp(min=1)).float()
+    count, scale = loss_scale(loss_fn, batches, dp_group)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: dict[str, torch.Tensor] = {}
     if pipe is not None:  # one schedule over every micro-batch; the last stage runs the loss, scaled alike
