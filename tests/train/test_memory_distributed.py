@@ -18,6 +18,9 @@ gloo runs collectives on its own threads, and a buffer that an asynchronous redu
 freed when that thread lets go of it: now and then one rank's step peaks a block's buffer higher than
 the same step elsewhere (+3.8% seen under FSDP2). The measured peak is the smallest over both ranks and
 two steps (a late free only adds), and no rank's step may exceed the estimate by more than 10%.
+
+A pipeline (pp=2, 1F1B, two pipeline micro-batches; the model untied, as pipelines require) is checked
+per stage: each rank against the estimate of its stage (`estimate(..., stage=)`), with the same bars.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ TWO = {
     "fsdp_accum": (ParallelConfig(dp_shard=2), 2),  # 2 micro-batches of 1: FSDP2 sums whole gradients until the last
     "tp": (ParallelConfig(tp=2, sequence_parallel=False), 1),
     "tp_sp": (ParallelConfig(tp=2, sequence_parallel=True), 1),
+    "pp": (ParallelConfig(pp=2), 1),  # 1F1B, 2 pipeline micro-batches of 1 sequence; the model untied (`_cfg`)
 }
 """name: (layout, micro-batches the step accumulates over: BATCH sequences in all)."""
 FOUR = {
@@ -61,6 +65,7 @@ FOUR = {
     "fsdp": (ParallelConfig(dp_shard=4), 1),
     "hsdp": (ParallelConfig(dp_shard=2, dp_replicate=2), 1),
     "tp_fsdp": (ParallelConfig(tp=2, dp_shard=2), 1),
+    "pp_fsdp": (ParallelConfig(pp=2, dp_shard=2), 1),
 }
 
 
@@ -75,7 +80,7 @@ def _worker(rank: int, world: int, out_dir: str, layouts: dict[str, tuple[Parall
         for name, (layout, accumulation) in layouts.items():
             d = init_distributed("cpu", layout)  # the group exists: lays the ranks out on a mesh
             torch.manual_seed(0)
-            model = Transformer(CFG)
+            model = Transformer(_cfg(layout))
             train_model = parallelize(model, d)
             optimizer = build_optimizer(model, OptimConfig(), "cpu", shard_states=layout.zero1)
             x = torch.randint(0, CFG.vocab_size, (BATCH, SEQ + 1))  # the same on every rank (tp ranks share it)
@@ -87,7 +92,7 @@ def _worker(rank: int, world: int, out_dir: str, layouts: dict[str, tuple[Parall
                                            functools.partial(train_step, train_model, optimizer, batches, step=step))
                         for step in (2, 3)]
             results[name] = {"peaks": [m.peak for m in measured], "at_step": measured[0].at_step,
-                             "buckets": measured[0].buckets}
+                             "buckets": measured[0].buckets, "stage": _stage(d)}
             # DDP's reducer holds the group: free it while every rank is still here (test_step_distributed.py).
             del train_model, model, optimizer
             dist.barrier()
@@ -97,14 +102,27 @@ def _worker(rank: int, world: int, out_dir: str, layouts: dict[str, tuple[Parall
         dist.destroy_process_group()
 
 
+def _cfg(layout: ParallelConfig):
+    """The model of `layout`: a pipeline holds the embedding and the head on different stages, so untied."""
+    return replace(CFG, tie_embeddings=False) if layout.pp > 1 else CFG
+
+
+def _stage(d) -> str | None:
+    """This rank's pipeline stage as the estimate names it (None without a pipeline)."""
+    if d.mesh is None or d.degree("pp") == 1:
+        return None
+    return "first" if d.mesh["pp"].get_local_rank() == 0 else "last"
+
+
 def _run(tmp_path, world: int, layouts: dict[str, tuple[ParallelConfig, int]]) -> list[dict]:
     mp.spawn(_worker, args=(world, str(tmp_path), layouts), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def _estimate(world: int, layout: ParallelConfig, accumulation: int = 1):
-    return estimate(CFG, RunShape(precision="fp32", micro_batch_size=BATCH // accumulation, seq_len=SEQ, device="cpu",
-                                  accumulation_steps=accumulation, world_size=world, parallel=layout))
+def _estimate(world: int, layout: ParallelConfig, accumulation: int = 1, stage: str | None = None):
+    return estimate(_cfg(layout), RunShape(precision="fp32", micro_batch_size=BATCH // accumulation, seq_len=SEQ,
+                                           device="cpu", accumulation_steps=accumulation, world_size=world,
+                                           parallel=layout), stage=stage)
 
 
 def _model_states(rank: dict) -> int:
@@ -115,17 +133,19 @@ def _model_states(rank: dict) -> int:
 def _check_estimates(ranks: list[dict], world: int, layouts: dict[str, tuple[ParallelConfig, int]]) -> list[str]:
     rows = []
     for name, (layout, accumulation) in layouts.items():
-        est = _estimate(world, layout, accumulation)
-        for part in PARTS:
-            mean = sum(r[name]["at_step"][part] for r in ranks) / world  # ZeRO-1's partitions are uneven
-            assert est[part].bytes == pytest.approx(mean, rel=0.01), (name, part, est[part].bytes, mean)
-        peaks = [p for r in ranks for p in r[name]["peaks"]]
-        assert est.peak == pytest.approx(min(peaks), rel=0.05), (name, human_bytes(est.peak), human_bytes(min(peaks)))
-        assert max(peaks) <= 1.1 * est.peak, (name, human_bytes(est.peak), human_bytes(max(peaks)))
-        rows.append(f"{world} ranks {name}: " + ", ".join(
-            f"{part} {est[part].bytes} est / {ranks[0][name]['at_step'][part]} measured" for part in PARTS)
-            + f"; peak {est.peak} est / {min(peaks)}..{max(peaks)} measured (est / measured "
-            f"{est.peak / min(peaks):.4f}..{est.peak / max(peaks):.4f})")
+        for stage in sorted({r[name]["stage"] for r in ranks}, key=str):  # a pipeline's stages hold different parts
+            group = [r for r in ranks if r[name]["stage"] == stage]
+            est, label = _estimate(world, layout, accumulation, stage), name + (f" ({stage} stage)" if stage else "")
+            for part in PARTS:
+                mean = sum(r[name]["at_step"][part] for r in group) / len(group)  # ZeRO-1's partitions are uneven
+                assert est[part].bytes == pytest.approx(mean, rel=0.01), (label, part, est[part].bytes, mean)
+            peaks = [p for r in group for p in r[name]["peaks"]]
+            assert est.peak == pytest.approx(min(peaks), rel=0.05), (label, human_bytes(est.peak), human_bytes(min(peaks)))
+            assert max(peaks) <= 1.1 * est.peak, (label, human_bytes(est.peak), human_bytes(max(peaks)))
+            rows.append(f"{world} ranks {label}: " + ", ".join(
+                f"{part} {est[part].bytes} est / {group[0][name]['at_step'][part]} measured" for part in PARTS)
+                + f"; peak {est.peak} est / {min(peaks)}..{max(peaks)} measured (est / measured "
+                f"{est.peak / min(peaks):.4f}..{est.peak / max(peaks):.4f})")
     print("\n".join(rows))
     return rows
 

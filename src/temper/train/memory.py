@@ -61,13 +61,14 @@ What temper's training actually does, and so what is counted (read from `train/s
       sequence parallel (Korthikanti et al. 2022), and the regions' inputs never (each rank
       multiplies the whole, all-gathered, input); the loss holds a vocabulary slice of each chunk.
     - pipeline parallel (`pp`): a stage holds its share of the blocks, the first the embeddings,
-      the last the final norm, head and loss (a tied embedding both); a micro-batch is split into
+      the last the final norm, head and loss (pipelines refuse tied embeddings); a micro-batch is split into
       pp_microbatches, and the first stage keeps the activations of as many of them as its
       schedule runs forwards before the first backward (1F1B: pp; GPipe: all; Interleaved1F1B:
-      from its warm-up). The estimate is the stage that peaks higher. These pipeline terms are
-      formulas, not yet checked by a measurement.
-    DDP, ZeRO-1, FSDP2 (ZeRO-2/3, HSDP) and tensor parallel are checked against measured steps on
-    gloo ranks (tests/train/test_memory_distributed.py).
+      from its warm-up) during the schedule's first backward, which makes the gradients; the later
+      backwards add into whole gradients with fewer in flight. The estimate is the stage that peaks
+      higher (`estimate(..., stage=)` gives either).
+    DDP, ZeRO-1, FSDP2 (ZeRO-2/3, HSDP), tensor and pipeline parallel (1F1B; 1F1B x FSDP2) are checked
+    against measured steps on gloo ranks (tests/train/test_memory_distributed.py).
   * KV cache: what `Transformer.new_cache(batch, seq_len)` allocates for generation, in the compute
     dtype: 2 (k and v) x layers x batch x seq_len x kv_heads x head_dim.
   * QLoRA (Dettmers et al. 2023): the blocks' linear weights in NF4, 4 bits plus double-quantized
@@ -83,6 +84,7 @@ device (a CPU has no allocator counter) so that the estimate can be checked agai
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -314,7 +316,6 @@ class _Layout:
     offload: bool = False
     sp: bool = False  # sequence parallel (with tp > 1)
     microbatches: int = 1  # pipeline micro-batches per micro-batch
-    in_flight: float = 1.0  # micro-batches of this rank's blocks whose activations the first stage holds at once
     schedule: str = ""
 
     @property
@@ -330,16 +331,11 @@ def _layout(run: RunShape) -> _Layout:
     mesh = replicate != run.world_size  # `build_mesh`: no mesh when every rank is a replica (DDP)
     fsdp = mesh and dp > 1  # `parallelize`: with a mesh, data parallelism is FSDP2 (HSDP over two dimensions)
     microbatches = (par.pp_microbatches or pp) if pp > 1 else 1
-    # Micro-batches of the first stage's blocks alive at once, from the schedules' warm-up: GPipe runs every
-    # forward first; 1F1B at most pp before its first backward; Interleaved1F1B (two stages of half the blocks
-    # per rank) 3 pp - 2 warm-up forwards of a half plus one (torch.distributed.pipelining).
-    in_flight = {"GPipe": microbatches, "1F1B": min(pp, microbatches),
-                 "Interleaved1F1B": min(3 * pp - 1, 2 * microbatches) / 2}[par.pp_schedule] if pp > 1 else 1
     return _Layout(
         tp=tp, pp=pp, dp=dp, shard=(shard if replicate > 1 and shard > 1 else dp) if fsdp else 1,
         ddp=not mesh and dp > 1, zero1=par.zero1 and not mesh and dp > 1, reshard=par.reshard_after_forward,
         offload=par.offload and fsdp, sp=par.sequence_parallel and tp > 1, microbatches=microbatches,
-        in_flight=in_flight, schedule=par.pp_schedule if pp > 1 else "")
+        schedule=par.pp_schedule if pp > 1 else "")
 
 
 _COLUMNS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -638,14 +634,19 @@ def _m(n: float) -> str:
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.4g}M" if n >= 1e6 else f"{n / 1e3:.4g}K" if n >= 1e3 else str(n)
 
 
-def estimate(cfg: ModelConfig, run: RunShape) -> Estimate:
+def estimate(cfg: ModelConfig, run: RunShape, stage: Literal["first", "last"] | None = None) -> Estimate:
     """Bytes per rank of each component of a training run of `cfg` shaped by `run`, and the step's peak.
 
     Under a pipeline (parallel.pp > 1) the figures are those of the stage that peaks higher: the first
-    (embeddings, the most micro-batches in flight) or the last (final norm, head and loss)."""
+    (embeddings, the most micro-batches in flight) or the last (final norm, head and loss); `stage` asks
+    for one of them (a rank of the first or the last pipeline stage)."""
     lay = _layout(run)
     if lay.pp == 1:
         return _estimate_rank(cfg, run, lay, "all")
+    if stage is not None:
+        if stage not in ("first", "last"):
+            raise ValueError(f"stage must be 'first' or 'last', got {stage!r}")
+        return _estimate_rank(cfg, run, lay, stage)
     first, last = (_estimate_rank(cfg, run, lay, stage) for stage in ("first", "last"))
     est, other, names = (first, last, ("first", "last")) if first.peak >= last.peak else (last, first, ("last", "first"))
     est.notes.append(f"pipeline: the {names[0]} stage's figures; the {names[1]} stage peaks at {human_bytes(other.peak)}")
@@ -753,7 +754,9 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     recast = [a * n if copies and ck else 0 for ck, n in zip(checkpointed, cg.autocast_block)]
     wcopy_tail = a * cg.autocast_tail if copies else 0
     dequant = a * cg.largest_frozen_linear if qlora else 0
-    in_flight = _in_flight(lay, stage)
+    # A pipeline runs a step's micro-batches, each split into pp_microbatches, as one schedule of `chunks`.
+    chunks = lay.microbatches * run.accumulation_steps if lay.pp > 1 else 1
+    in_flight = _in_flight(replace(lay, microbatches=chunks), stage)
     held = (in_flight - 1) * tokens * sum(stored)  # the stage's other micro-batches in flight (pipeline)
     accumulating = run.accumulation_steps > 1 or lay.microbatches > 1
 
@@ -787,13 +790,27 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     if lay.offload:  # FSDP2's CPUOffloadPolicy: the shards live in host memory, where the optimizer steps
         host = p_bytes - c.buffer_bytes + 4 * c.trainable + s_bytes
         p_dev, s_dev, g_blocks, g_end = c.buffer_bytes, 0, [0.0] * L, g_held
-    moments = _moments(  # (FSDP2's accumulation is its own: g_held and g_blocks above)
-        p=p_dev, s=s_dev, g=g_end, accumulating=accumulating and not lay.fsdp, tokens=tokens, stored=stored,
+    moments_at = functools.partial(  # (FSDP2's accumulation is its own: g_held and g_blocks above)
+        _moments, p=p_dev, s=s_dev, g=g_end, tokens=tokens, stored=stored,
         in_backward=in_backward, wcopy=wcopy, recast=recast, wcopy_head=wcopy_tail, dequant=dequant,
         tail=tail.total, loss_forward=loss_fwd, loss_backward=loss_bwd, g_blocks=g_blocks, g_down=g_down,
-        g_late=g_late, tied_extra=tied_extra, checkpointed=checkpointed, g_tail=g_tail, g_held=g_held,
-        held=held, fsdp=fsdp,
-    )
+        g_late=g_late, tied_extra=tied_extra, checkpointed=checkpointed, g_tail=g_tail, g_held=g_held, fsdp=fsdp)
+    if lay.pp > 1:
+        # The schedule's first backward makes the gradients (zero_grad left none; FSDP2 sums them whole, in
+        # float32, block by block) while the warm-up's other micro-batches are in flight; the later ones add
+        # into whole gradients with at most chunks - 1 in flight (1F1B's steady state and cool-down, GPipe's
+        # drain): measured on gloo ranks (tests/train/test_memory_distributed.py).
+        later = max(min(in_flight, chunks - 1) - 1, 0) * tokens * sum(stored)
+        if lay.fsdp and chunks > 1:
+            moments = moments_at(accumulating=False, held=held, g_held=0.0, g=4.0 * cu.trainable,
+                                 g_blocks=[4.0 * n for n in cu.block_trainable])
+        else:
+            moments = moments_at(accumulating=False, held=held)
+        if chunks > 1:
+            moments += [(b, f"{what} (a later pipeline micro-batch)", alive) for b, what, alive in
+                        moments_at(accumulating=not lay.fsdp, held=later)]
+    else:
+        moments = moments_at(accumulating=accumulating and not lay.fsdp, held=held)
     peak, peak_formula, alive = max(moments, key=lambda m: m[0])
     _, act_moment, act_alive = max(moments, key=lambda m: m[2]["activations"])  # the activations' own peak
     act_bytes = act_alive["activations"]
@@ -912,9 +929,9 @@ def _layout_notes(run: RunShape, lay: _Layout) -> list[str]:
                      "with several data-parallel ranks) training ignores it, and so does this estimate")
     if par.zero1 and not lay.zero1:
         notes.append("parallel.zero1 shards optimizer states over DDP replicas only: ignored here")
-    if lay.pp > 1:
-        notes.append("pipeline terms (stages, micro-batches in flight from the schedule's warm-up) are formulas, "
-                     "not yet checked by a measurement")
+    if lay.pp > 1 and lay.schedule != "1F1B":
+        notes.append(f"pipeline terms for pp_schedule={lay.schedule} (micro-batches in flight from its warm-up) are "
+                     "formulas; 1F1B is checked against a measured step")
     if lay.offload:
         notes.append("CPU offload: the device/host split is a formula (a CPU-only measurement cannot tell them apart)")
     if lay.fsdp and run.recipe == "qlora":
