@@ -78,6 +78,18 @@ def train(char_data, run_dir, name, *extra, env=None):
             os.environ["TEMPER_FAULT"] = old
 
 
+def torchrun_train(char_data, run_dir, name, ranks: int, *extra: str, fault: str = "") -> str:
+    """`temper pretrain` with TINY under `torchrun --standalone` on `ranks` gloo processes (the layout tests' runs);
+    returns its output, and fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "temper", "pretrain", *TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}", f"--run.name={name}",
+           *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": fault}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out.stdout + out.stderr
+
+
 def metrics(run: Path, kind: str = "train") -> dict[int, dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if r["kind"] == kind}

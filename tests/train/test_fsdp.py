@@ -13,17 +13,14 @@ DDP checkpoint (safetensors) on 2 FSDP2 ranks: each continues with the reference
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
+from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
 
 char_data = test_pretrain.char_data
 
@@ -46,14 +43,8 @@ LAYOUTS = {
 
 
 def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> str:
-    """`temper pretrain` under torchrun; returns its output (the test fails on a non-zero exit)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "temper", "pretrain", *TINY, *STEPS, f"--data.dir={data}", f"--run.dir={root}", f"--run.name={name}",
-           f"--train.micro_batch_size={micro}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out.stdout + out.stderr
+    """`temper pretrain` (STEPS, micro-batch `micro`) under torchrun; returns its output."""
+    return torchrun_train(data, root, name, ranks, *STEPS, f"--train.micro_batch_size={micro}", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,6 @@ its final/ export generates text.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ from temper.train.parallel import ParallelConfig, apply_activation_checkpointing
 from temper.train.pipeline import StageLayers, check_layout, split, split_batch, stage_blocks, stage_modules
 from tests.conftest import SHARED_DATA
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
+from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
 
 char_data = test_pretrain.char_data
 
@@ -143,12 +140,7 @@ def test_a_replicated_checkpoint_does_not_resume_a_stage(tmp_path):
 
 
 def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "temper", "pretrain", *TINY, *COMMON, f"--data.dir={data}", f"--run.dir={root}", f"--run.name={name}",
-           f"--train.micro_batch_size={micro}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": FAULT}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    torchrun_train(data, root, name, ranks, *COMMON, f"--train.micro_batch_size={micro}", *extra, fault=FAULT)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from temper.config import ConfigError
 from temper.model.config import PRESETS, ModelConfig
 from temper.train.tensor_parallel import check_tensor_parallel
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
+from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
 
 char_data = test_pretrain.char_data
 
@@ -60,13 +60,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
 
 
 def torchrun(root: Path, data: Path, name: str, model: str, ranks: int, micro: int, *extra: str) -> str:
-    """`temper pretrain` under torchrun; returns its output (the test fails on a non-zero exit)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "temper", "pretrain", *TINY, *STEPS, *MODELS[model], f"--data.dir={data}", f"--run.dir={root}",
-           f"--run.name={name}", f"--train.micro_batch_size={micro}", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out.stdout + out.stderr
+    """`temper pretrain` of MODELS[model] (STEPS, micro-batch `micro`) under torchrun; returns its output."""
+    return torchrun_train(data, root, name, ranks, *STEPS, *MODELS[model], f"--train.micro_batch_size={micro}", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -694,18 +694,9 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
             step += 1
             extra = {"on_policy": float(on_policy)} if op.lmbda > 0 else {}
             run.log_train(step, steps, result, lr, epoch=first / max(data.per_epoch, 1), **extra)
-            if run.eval_due(step, steps):
-                val = validate()
-                if val:
-                    logger.log(step, val, kind="val")
-                run.restart_clock()
-            saved = run.save_due(step, steps)
-            if saved:
-                save(step)
-            if run.preempted():
-                if not saved:
-                    save(step)
-                return run.stop_preempted(step)
+            stop = run.after_step(step, steps, save, validate)
+            if stop is not None:
+                return stop
 
     # 6. final/ (a sharded model gathered on rank 0 first)
     exported = run.exported_model()

@@ -21,8 +21,8 @@ module that owns it runs, and temper's LM loss reads the output head's weight ou
 parameters (DeepSpeed's `register_external_parameter`).
 
 It does not build models, optimizers, data or schedules, and it does not save checkpoints: DeepSpeed's
-`save_checkpoint` format is read back with an unrestricted pickle (`torch.load(weights_only=False)`),
-which temper never does. It does not run on one process without torch.distributed, and it does not
+`save_checkpoint` format is read back by DeepSpeed with an unrestricted pickle (torch's loader with
+weights-only mode off), which temper never does. It does not run on one process without torch.distributed, and it does not
 compose with `train.parallel` (DeepSpeed is the data-parallel layout) or torch's GradScaler.
 """
 

@@ -598,10 +598,13 @@ class Run:
     def after_step(self, step: int, total_steps: int, save: Callable[[int], Any],
                    validate: Callable[[], dict[str, float]] | None) -> int | None:
         """What follows optimizer step `step` in every recipe: the held-out metrics when due (`validate`,
-        None: nothing held out), a checkpoint when due (`save(step)`), and after a SIGTERM a checkpoint
-        of this step if there is none yet; then the exit code to stop with, else None to go on."""
+        None: nothing held out; an empty dict from it logs nothing), a checkpoint when due (`save(step)`), and
+        after a SIGTERM a checkpoint of this step if there is none yet; then the exit code to stop with, else
+        None to go on."""
         if validate is not None and self.eval_due(step, total_steps):
-            self.logger.log(step, validate(), kind="val")
+            val = validate()
+            if val:
+                self.logger.log(step, val, kind="val")
             self.restart_clock()
         saved = self.save_due(step, total_steps)
         if saved:
