@@ -67,6 +67,18 @@ def test_resume_continues_exactly(hh_base, tmp_path, monkeypatch):
     assert [r["loss"] for r in rows(tmp_path / "straight", "train")] == [r["loss"] for r in rows(tmp_path / "resumed", "train")]
 
 
+def test_tracked_in_mlflow(hh_base, tmp_path):
+    """--log.mlflow in a recipe other than pretrain (the scaffold's, which every training recipe shares)."""
+    pytest.importorskip("mlflow")
+    from temper.train.log import default_mlflow_uri
+    from tests.train.test_mlflow import assert_tracked
+
+    assert reward.main(args(hh_base, tmp_path, "m", "--method=lora", "--train.steps=2", "--eval.every=2",
+                            "--log.mlflow=true")) == 0
+    _, run = assert_tracked(default_mlflow_uri(tmp_path / "m"), tmp_path / "m")
+    assert run.data.params["method"] == "lora" and "val/val_accuracy" in run.data.metrics
+
+
 @pytest.mark.distributed
 def test_ddp_two_ranks_equal_one_process(hh_base, tmp_path):
     common = ("--train.steps=3", "--run.device=cpu")

@@ -70,7 +70,6 @@ from temper.infer.load import Checkpoint, checkpoint_dir, open_checkpoint
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.transformer import Segments, Transformer
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss
 from temper.train.methods import export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
@@ -704,7 +703,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
         final = run.dir / "final"
         export_finetuned(exported, model_cfg, "full", tok, final,
                          cfg.student.from_ or cfg.student.preset)
-        write_report(run.dir)
+        run.write_report(final)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()

@@ -69,7 +69,6 @@ from temper.data.prefs import (
 from temper.data.tokenizer import HFTokenizer
 from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
@@ -313,7 +312,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     if d.is_main:
         final = run.dir / "final"
         export_finetuned(exported, model_cfg, cfg.method, tok, final, cfg.model)
-        write_report(run.dir)
+        run.write_report(final)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()

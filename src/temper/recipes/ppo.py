@@ -80,7 +80,6 @@ from temper.data.loader import EpochOrder
 from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
@@ -353,7 +352,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     if d.is_main:
         final = run.dir / "final"
         export_finetuned(exported.policy, model_cfg, cfg.method, tok, final, cfg.model)
-        write_report(run.dir)
+        run.write_report(final)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()

@@ -34,7 +34,6 @@ from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import CheckpointError, load_hf, save_hf
 from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, materialize, shutdown_distributed, unwrap
@@ -385,6 +384,6 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         final = run.dir / "final"
         save_hf(exported, model_cfg, final, generation_config={} if eot is None else {"eos_token_id": eot})
         save_hf_tokenizer(hf_tok, final)  # with tokenizer_config.json: AutoTokenizer knows the end-of-text token
-        report = write_report(run.dir)
+        report = run.write_report(final)
         print(f"final model: {final}\nreport: {report}")
     return 0

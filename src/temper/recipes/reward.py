@@ -55,7 +55,6 @@ from temper.model.convert import load_hf, save_hf
 from temper.model.heads import RewardModel
 from temper.model.lora import merge_lora
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import Batch
 from temper.train.methods import LoRAConfig, apply_method
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
@@ -197,7 +196,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
     if d.is_main:
         final = run.dir / "final"
         export_reward_model(exported, model_cfg, tok, final)
-        write_report(run.dir)
+        run.write_report(final)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()

@@ -60,7 +60,6 @@ from temper.model.convert import CheckpointError, load_hf
 from temper.model.peft_io import peft_prefix_refusal
 from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
-from temper.train.log import write_report
 from temper.train.losses import LMLoss
 from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
@@ -306,7 +305,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
     if d.is_main:
         final = run.dir / "final"
         export_finetuned(exported, model_cfg, cfg.method, tok, final, cfg.model)
-        write_report(run.dir)
+        run.write_report(final)
         print(f"final model: {final}")
     if d.world > 1:
         dist.barrier()

@@ -351,19 +351,27 @@ def grad_norm(params: list[torch.Tensor], pp_group: dist.ProcessGroup | None = N
     """The global L2 norm of the parameters' gradients, whatever their layout: DTensor shards (FSDP2, TP) are
     reduced over their meshes, one norm per mesh (a 2-D layout mixes meshes), and the stages of a pipeline
     over `pp_group`. Returns a plain scalar tensor."""
-    by_mesh: dict[object, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            by_mesh.setdefault(key, []).append(p.grad)
-    total = torch.zeros((), dtype=torch.float32, device=next(iter(params)).device if params else "cpu")
-    for grads in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total = total.to(norm.device) + norm.float() ** 2
+    grads = [p.grad for p in params if p.grad is not None]
+    total = squared_norm(grads, next(iter(params)).device if params else torch.device("cpu"))
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()
+
+
+def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The squared global L2 norm of `tensors` (gradients, weights, updates) whatever their layout: DTensor shards
+    are reduced over their meshes, one norm per mesh (a 2-D layout mixes meshes), so every rank of a mesh must
+    call it with the same tensors in the same order. A float32 scalar, on `device` (0 for no tensors) or on the
+    device the norms were computed on."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_mesh.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(t)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total = total.to(norm.device) + norm.float() ** 2
+    return total
 
 
 def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:

@@ -6,10 +6,12 @@ checkpointing, label smoothing, non-finite policy), `eval`, `checkpoint` and `lo
 `train`/`eval` with its own fields. `Run` then does, for every recipe alike: the run directory and
 its saved config, resume from the newest valid checkpoint with a check on the typed fields that
 must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (checkpointing,
-compile, DDP or FSDP2), one optimizer step with the non-finite policy, tokens/s and MFU, checkpoints, the
-trained model as one plain module for final/ whatever the layout (`exported_model`), and
-SIGTERM or a first Ctrl-C (a checkpoint at the next step boundary, then exit code 143; a second
-Ctrl-C ends the process at once). `locked_run_dir` keeps a second process off a run directory in use.
+compile, DDP or FSDP2), one optimizer step with the non-finite policy, tokens/s and MFU, parameter counts and
+every log.monitor_every steps the numbers by parameter group (`train.monitor`), checkpoints, the
+trained model as one plain module for final/ whatever the layout (`exported_model`), the report (sent with
+final/ to MLflow under log.mlflow: `write_report`), and SIGTERM or a first Ctrl-C (a checkpoint at the next
+step boundary, then exit code 143; a second Ctrl-C ends the process at once). `locked_run_dir` keeps a second
+process off a run directory in use.
 
 The loop itself stays in the recipe, visible: it decides what a batch is and when to evaluate.
 This module does not build models or data, and computes no loss (`train/losses.py`).
@@ -43,8 +45,9 @@ from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
 from temper.train import deepspeed_engine as dse
-from temper.train.log import RunLogger
+from temper.train.log import RunLogger, report_files, write_report
 from temper.train.losses import Batch, Loss
+from temper.train.monitor import CommTimer, Monitor, param_counts
 from temper.train.optim import build_optimizer
 from temper.train.parallel import (
     DistInfo,
@@ -169,8 +172,27 @@ class LogSection:
     """Also write TensorBoard events to <run>/tb."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
+    mlflow: bool = False
+    """Also track the run in MLflow (`pip install 'temper[experiments]'`): the config as params, metrics per step,
+    the report and final/ as artifacts."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (http://..., sqlite:..., file:..., databricks); "": a local store shared by the runs of
+    <run.dir>, <run.dir>/mlflow.db with artifacts in <run.dir>/mlartifacts."""
+    mlflow_experiment: str = "temper"
+    """MLflow experiment the run is filed under (created when missing)."""
     progress: bool = True
     """Show a progress bar."""
+    monitor_every: int = 0
+    """Every N optimizer steps also log, by parameter group (embedding, attention, mlp, norm, head, lora, prefix,
+    other), gradient norms and update/weight ratios, the learning rate of each optimizer group and, under DDP, the
+    share of the step spent in gradient all-reduce; 0: never. A multiple of `every` (they go on logged lines)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.monitor_every < 0:
+            raise ValueError("every must be >= 1 and monitor_every >= 0")
+        if self.monitor_every % self.every:
+            raise ValueError(f"monitor_every ({self.monitor_every}) must be a multiple of every ({self.every}): "
+                             "the monitored numbers are written on logged lines")
 
 
 SECTIONS = ("run", "train", "eval", "checkpoint", "log")
@@ -317,6 +339,9 @@ class Run:
         if cfg.train.deepspeed and not deepspeed:
             raise config.ConfigError("train.deepspeed: this recipe does not run under DeepSpeed (pretrain and sft do); "
                                      "use train.parallel (FSDP2: dp_shard) instead")
+        if cfg.train.deepspeed and cfg.log.monitor_every:
+            raise config.ConfigError("log.monitor_every: DeepSpeed steps the model itself, so its steps cannot be "
+                                     "measured by parameter group; leave it at 0 under train.deepspeed")
         self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
         self.dir = run_directory(cfg.run)
@@ -328,6 +353,7 @@ class Run:
         self._peak: float | None = None
         self._window_tokens, self._window_start = 0, time.perf_counter()
         self._rollbacks: dict[str, int] = {}
+        self._preempted = False
         self.model: nn.Module | None = None
         """The model `wrap` laid out (its optimizer's parameters)."""
         self.engine: Any = None
@@ -337,6 +363,13 @@ class Run:
         self._skeleton: nn.Module | None = None
         """Under a sharded layout, the model's structure before `wrap` with meta tensors for weights: what
         `exported_model` gathers the trained weights into."""
+        self.monitor = Monitor() if cfg.log.monitor_every else None
+        """What `step` measures by parameter group every log.monitor_every steps (None: never)."""
+        self._monitored: dict[str, float] = {}
+        """The last monitored step's numbers, until the next logged line carries them."""
+        self.param_counts: tuple[int, int] | None = None
+        """(total, trainable) parameters of the model `wrap` was given, for the first logged line."""
+        self._counts_due = False
 
     # ---- model and resume ------------------------------------------------------------------------
 
@@ -346,6 +379,7 @@ class Run:
         and tensor parallel replace the parameters with DTensors."""
         t = self.cfg.train
         self.model = model
+        self.param_counts = param_counts(model)  # the whole model: before a pipeline split or FSDP2's sharding
         if t.deepspeed:  # DeepSpeed lays the model out itself, in `build_optimizer`
             if self.d.world == 1:
                 raise config.ConfigError("train.deepspeed runs under torchrun (it needs a process group)")
@@ -353,8 +387,13 @@ class Run:
             return model
         if self.d.sharded:
             self._skeleton = skeleton(model)
-        return parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
-                           activation_offload=t.activation_offload, compile=t.compile, amp_dtype=self.amp_dtype)
+        wrapped = parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
+                              activation_offload=t.activation_offload, compile=t.compile, amp_dtype=self.amp_dtype)
+        if self.monitor is not None and isinstance(wrapped, nn.parallel.DistributedDataParallel):
+            # Registered only when monitoring: DDP's built-in all-reduce otherwise, without a Python hook.
+            self.monitor.comm = CommTimer(cuda=self.d.device.type == "cuda")
+            wrapped.register_comm_hook(None, self.monitor.comm.hook)
+        return wrapped
 
     def exported_model(self) -> nn.Module | None:
         """The trained model (as `wrap` was given it: adapters, heads and all) as one plain module, for final/, on
@@ -379,6 +418,17 @@ class Run:
         if left:
             raise RuntimeError(f"exported model: no gathered weights for {left[:8]}")
         return model
+
+    def write_report(self, final: Path | None = None) -> Path:
+        """After the loop, on rank 0, once `final/` is written: report.md with its plots (`log.write_report`);
+        with log.mlflow, the report and `final` uploaded as the MLflow run's artifacts report/ and final/."""
+        path = write_report(self.dir)
+        if self.logger is not None:
+            for file in report_files(self.dir):
+                self.logger.log_artifacts(file, "report")
+            if final is not None:
+                self.logger.log_artifacts(final, "final")
+        return path
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """AdamW over the (wrapped) model's trainable parameters, its states sharded over the replicas with
@@ -468,14 +518,16 @@ class Run:
     # ---- the loop's pieces -----------------------------------------------------------------------
 
     def logging(self, total_steps: int, start_step: int, flops_per_token: float) -> RunLogger:
-        """Open the run's logger (metrics.jsonl, progress, TensorBoard / W&B) and SIGTERM flag; the loop
+        """Open the run's logger (metrics.jsonl, progress, TensorBoard / W&B / MLflow) and SIGTERM flag; the loop
         uses `run.logger`, and `run.close()` (or the `with` block) ends both."""
         log = self.cfg.log
         self.logger = RunLogger(self.dir, total_steps=total_steps, start_step=start_step, rank=self.d.rank,
-                                tensorboard=log.tensorboard, wandb=log.wandb, config=self.resolved,
-                                progress=log.progress)
+                                tensorboard=log.tensorboard, wandb=log.wandb, mlflow=log.mlflow,
+                                mlflow_uri=log.mlflow_uri, mlflow_experiment=log.mlflow_experiment,
+                                config=self.resolved, progress=log.progress)
         self._sigterm = _SigtermFlag()
         self._flops_per_token = flops_per_token
+        self._counts_due = self.param_counts is not None  # on the first line this process logs
         # The datasheet peak on known GPUs; else a bf16/fp32 matmul measured now (the honest denominator).
         self._peak = datasheet_peak_flops(self.d.device, self.amp_dtype) or \
             measured_matmul_peak_flops(self.d.device, self.amp_dtype)
@@ -494,7 +546,7 @@ class Run:
         if self._pending is not None and not failed:
             self.wait_for_save()
         if self.logger is not None:
-            self.logger.close()
+            self.logger.close("FAILED" if failed else "KILLED" if self._preempted else "FINISHED")
         if self._sigterm is not None:
             self._sigterm.restore()
             self._sigterm = None
@@ -504,13 +556,24 @@ class Run:
         """One optimizer step with this run's precision, scaler, clipping and non-finite policy.
         "rollback" raises NonFiniteLoss for the recipe's loop, which calls `rollback`."""
         t = self.cfg.train
+        every = self.cfg.log.monitor_every
+        # `step` counts optimizer steps from 0: step + 1 is the number the loop logs it as (grpo and ppo make
+        # several updates a logged step: the last monitored one's numbers go on the next logged line).
+        monitor = self.monitor if every and (step + 1) % every == 0 else None
         if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
             result = dse.deepspeed_step(self.engine, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
                                         on_nonfinite=t.on_nonfinite, dp_group=self.d.dp_group)
         else:
-            result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
-                                scaler=self.scaler, clip_norm=t.grad_clip, dp_group=self.d.dp_group,
-                                on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
+            try:
+                result = train_step(train_model, optimizer, batches, step=step, loss_fn=loss_fn,
+                                    amp_dtype=self.amp_dtype, scaler=self.scaler, clip_norm=t.grad_clip,
+                                    dp_group=self.d.dp_group, monitor=monitor,
+                                    on_nonfinite="fail" if t.on_nonfinite == "rollback" else t.on_nonfinite)
+            finally:
+                if monitor is not None and monitor.comm is not None:
+                    monitor.comm.on = False  # a failed step leaves no timing on for the next ones
+        if result.monitored:
+            self._monitored = result.monitored
         # Throughput counts the positions the model ran (padding and prompts included: compute was spent
         # on them), not the loss's units, which are pairs for preference losses.
         self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.dp_world
@@ -535,6 +598,7 @@ class Run:
                                      trainable_only=trainable_only)
         ckpt.restore_rng(last, self.d.rank)
         self.logger.rewind(state["step"])
+        self._monitored = {}  # measured after the checkpoint: those steps run again
         return state
 
     def log_train(self, step: int, total_steps: int, result: StepResult, lr: float, **extra: float) -> None:
@@ -548,9 +612,15 @@ class Run:
         # tokens/s over the whole job, against the peak of every device in it (each runs 1/world of the FLOPs).
         peak = self._peak * self.d.world if self._peak else None
         tokens_per_s, mfu = throughput(self._window_tokens, elapsed, self._flops_per_token, peak)
+        once = {}
+        if self._counts_due:  # parameter counts on the first line each process start logs (kind "train")
+            once = dict(zip(("params_total", "params_trainable"), self.param_counts, strict=True))
+            self._counts_due = False
         self.logger.log(step, {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                                "tokens_per_s": tokens_per_s, "mfu": mfu,
-                               "step_time_s": elapsed / max(self.cfg.log.every, 1), **result.metrics, **extra})
+                               "step_time_s": elapsed / max(self.cfg.log.every, 1), **result.metrics,
+                               **self._monitored, **once, **extra})
+        self._monitored = {}
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -622,6 +692,7 @@ class Run:
 
     def stop_preempted(self, step: int) -> int:
         name = (self._sigterm.name if self._sigterm is not None else "") or "SIGTERM"  # "": another rank's signal
+        self._preempted = True
         self.logger.message(f"{name}: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
         return EXIT_PREEMPTED
 

@@ -10,6 +10,10 @@ the update of one big batch even when micro-batches hold different numbers of un
 micro-batches run as one schedule and the last stage computes the same scaled sums; the gradient
 norm then sums over the stages, and every stage learns the loss from the last.
 
+On a step the run monitors (`log.monitor_every`), it also hands a `train.monitor.Monitor` the gradients before
+clipping and the weights around the optimizer step: per-group gradient norms, update/weight ratios, learning
+rates and DDP's communication share come back in `StepResult.monitored`.
+
 It does not build models, optimizers or data; it does not decide when to save or log.
 """
 
@@ -28,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from temper import faults
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss, Loss, token_loss_sum
+from temper.train.monitor import Monitor
 from temper.train.parallel import clip_grads, no_grad_sync
 from temper.train.parallel import grad_norm as global_grad_norm
 from temper.train.pipeline import Pipeline
@@ -55,6 +60,9 @@ class StepResult:
     """True when the non-finite policy skipped the update."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The loss's metrics, as global means per counted unit."""
+    monitored: dict[str, float] = field(default_factory=dict)
+    """On a monitored step (`monitor` given): per-group gradient norms, update/weight ratios, learning rates and
+    the communication share (`train.monitor.Monitor.numbers`); else empty."""
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, bool]:
@@ -105,6 +113,7 @@ def train_step(
     clip_norm: float = 1.0,
     on_nonfinite: str = "fail",
     dp_group: dist.ProcessGroup | None = None,
+    monitor: Monitor | None = None,
 ) -> StepResult:
     """One optimizer update over `micro_batches` (this rank's share of the global batch).
 
@@ -115,6 +124,7 @@ def train_step(
     and handled before `optimizer.step()`: "fail" raises NonFiniteLoss with parameters untouched;
     "skip" drops the update, leaving parameters and optimizer state as they were. ("rollback" is
     the caller's: it catches NonFiniteLoss and reloads a checkpoint.)
+    monitor: measure this step by parameter group too (`StepResult.monitored`; every rank must pass one or none).
     """
     loss_fn = loss_fn or LMLoss()
     batches = [Batch.of(mb) for mb in micro_batches]
@@ -124,6 +134,8 @@ def train_step(
         dp_group = pipe.dp_group  # not the whole world, which holds each batch once per stage
     distributed = _world(dp_group)[1]
     rank = dist.get_rank() if distributed else 0
+    if monitor is not None:
+        monitor.begin(model, optimizer, device)
     count, scale = loss_scale(loss_fn, batches, dp_group)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: dict[str, torch.Tensor] = {}
@@ -150,6 +162,8 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if monitor is not None:
+        monitor.gradients()  # before clipping, as grad_norm
     if pipe is not None or any(isinstance(p, DTensor) for p in params):
         # sharded (FSDP2, TP): a norm per mesh, then the global one; pipeline stages: summed over the stages
         grad_norm = global_grad_norm(params, pipe.pp_group if pipe is not None else None)
@@ -169,6 +183,11 @@ def train_step(
     # With a GradScaler an inf gradient norm is fp16 overflow, which the scaler skips by design.
     nonfinite = any_nonfinite or (scaler is None and not math.isfinite(norm))
 
+    # The update/weight ratio only where the weights move: not on a skipped step, nor on one the fp16 scaler
+    # skips (an overflow: an infinite gradient norm).
+    measure_update = monitor is not None and not nonfinite and math.isfinite(norm)
+    if measure_update:
+        monitor.before_update()
     skipped = False
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)
@@ -182,8 +201,12 @@ def train_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if measure_update:
+        monitor.after_update()
     metrics = {k: host[2 + j] / n_units for j, k in enumerate(names)}
-    return StepResult(loss=global_loss, grad_norm=norm, tokens=int(host[-1]), skipped=skipped, metrics=metrics)
+    monitored = monitor.numbers(optimizer, pipe.pp_group if pipe is not None else None) if monitor is not None else {}
+    return StepResult(loss=global_loss, grad_norm=norm, tokens=int(host[-1]), skipped=skipped, metrics=metrics,
+                      monitored=monitored)
 
 
 def eval_loss(
