@@ -4,7 +4,9 @@
 
 A unit is a task's share of the input: consecutive small files, or a part of a big line-oriented
 file. Each stage runs one function per unit in a pool of spawned processes kept for the whole
-run (starting one costs ~0.4 s of imports: a pool per stage showed in the tokenize stage's speed).
+run (starting one costs ~0.4 s of imports: a pool per stage showed in the tokenize stage's speed),
+or with `executor=ray` as one Ray task per unit, on a local Ray or a cluster: the same function,
+the same files, the same output bytes (`Run.map` is the only difference).
 A unit's results are files in the work directory `<out>/.prepare/`, its `<stage>.json` renamed
 into place last as its completion marker, so an interrupted run resumes where it stopped.
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -186,7 +190,16 @@ class PipelineConfig:
     max_documents: int = 0
     """Read at most this many documents (0: all), for quick trials."""
     workers: int = 0
-    """Worker processes (0: every CPU core; 1: all in this process)."""
+    """Worker processes (0: every CPU core; 1: all in this process). executor=ray: the local Ray's CPUs; on a cluster
+    only what the units are sized for (about four per worker, at most part_bytes each)."""
+    executor: Literal["processes", "ray"] = "processes"
+    """How the units of a stage run: processes (a pool of `workers` spawned processes) or ray (one Ray task per unit,
+    `pip install 'temper[ray]'`). Units read the input paths and write their results to `out`'s work directory, so
+    on a cluster of several machines the input and `out` must be on a filesystem every node mounts at the same path,
+    and every node needs the same temper installed."""
+    ray_address: str = ""
+    """executor=ray: '' starts a local Ray with `workers` CPUs (stopped at the end); 'auto' or host:port joins a
+    running cluster (left running)."""
     part_bytes: int = 32 << 20
     """Cut uncompressed JSONL and line-per-document text files into parts of at most this size (smaller when needed to give every worker about four) that workers read in parallel (0: never)."""
     shard_bytes: int = 1 << 30
@@ -218,6 +231,10 @@ class PipelineConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.workers < 0 or self.max_documents < 0:
             raise ValueError("workers and max_documents must be >= 0")
+        if self.ray_address and self.executor != "ray":
+            raise ValueError(f"ray_address={self.ray_address!r} needs executor=ray")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("executor=ray needs Ray, which is not installed: pip install 'temper[ray]'")
 
 
 # ---- units, the run, the worker pool ----------------------------------------------------------------
@@ -246,9 +263,11 @@ class Unit:
 
 
 class Run:
-    """One prepare: its config, the input cut into units, the work directory and the worker pool.
+    """One prepare: its config, the input cut into units, the work directory and the worker pool
+    (or, executor=ray, the connection to Ray).
 
-    Use it as a context manager: leaving it stops the pool (also on Ctrl-C or an error).
+    Use it as a context manager: leaving it stops the pool, or the local Ray it started (also on
+    Ctrl-C or an error).
     """
 
     def __init__(self, cfg: PipelineConfig, files: list[Path], fingerprint: str):
@@ -273,6 +292,7 @@ class Run:
             size += _size(item)
         self.units = [Unit(i, tuple(g), self.work) for i, g in enumerate(groups)]
         self._pool: Any = None
+        self._ray: _Ray | None = None
 
     def __enter__(self) -> Run:
         return self
@@ -282,12 +302,19 @@ class Run:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
 
     def map(self, task: Callable, jobs: list[tuple]) -> Iterator[tuple[int, Any]]:
         """(k, task(*jobs[k])) for every job, in any order: in this process when one would do
-        (one worker, or a single job before the pool exists), else in the pool."""
+        (one worker, or a single job before the pool exists), else in the pool or as Ray tasks."""
         if self._pool is None and min(self.workers, len(jobs)) <= 1:
             return ((k, task(*job)) for k, job in enumerate(jobs))
+        if self.cfg.executor == "ray":
+            if self._ray is None:
+                self._ray = _Ray(self.cfg.ray_address, self.workers)
+            return self._ray.map(task, jobs)
         if self._pool is None:
             # spawn, not fork: this process may already run tokenizers' Rust thread pool, which fork breaks.
             self._pool = mp.get_context("spawn").Pool(self.workers, initializer=_init_worker)
@@ -306,16 +333,54 @@ class Run:
         return [u.load_json(name) for u in self.units]
 
 
+# Processes already use every core: the Rust thread pools inside each (tokenizers', rensa's)
+# would oversubscribe them.
+_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+
+
 def _init_worker() -> None:
-    # Processes already use every core: the Rust thread pools inside each (tokenizers', rensa's)
-    # would oversubscribe them.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ.update(_WORKER_ENV)
 
 
 def _call(job: tuple[int, Callable, tuple]) -> tuple[int, Any]:
     k, task, args = job
     return k, task(*args)
+
+
+class _Ray:
+    """executor=ray: a connection to Ray (a local one started here, or a cluster joined) that runs
+    each job as a task of one CPU, `_call` as in the pool, in workers with the pool's environment."""
+
+    def __init__(self, address: str, workers: int):
+        import ray  # lazily: an extra (PipelineConfig checked that it is installed)
+
+        self.ray = ray
+        self.started = not ray.is_initialized()  # a caller's own ray.init is used and left running
+        if self.started:
+            ray.init(address=address or "local", num_cpus=None if address else workers, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        self.pending: list[Any] = []
+        self.call = ray.remote(num_cpus=1, runtime_env={"env_vars": _WORKER_ENV})(_call)
+
+    def map(self, task: Callable, jobs: list[tuple]) -> Iterator[tuple[int, Any]]:
+        """Submit every job, then yield (k, result) as each finishes; a task's exception is raised
+        as itself (a DataError stays one), not wrapped in Ray's."""
+        ray = self.ray
+        self.pending = [self.call.remote((k, task, job)) for k, job in enumerate(jobs)]
+        while self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=1)
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None
+            yield result
+
+    def close(self) -> None:
+        for ref in self.pending:  # tasks left by an error or Ctrl-C must not go on writing on a cluster
+            self.ray.cancel(ref, force=True)
+        self.pending = []
+        if self.started:
+            self.ray.shutdown()
 
 
 def _size(item: Path | FilePart) -> int:
@@ -349,7 +414,8 @@ def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
 def fingerprint(cfg: PipelineConfig, files: list[Path]) -> str:
     """Hash of everything that decides the output: the config (less how it is run) and each input
     file's path, size and modification time. Equal fingerprints: the same output."""
-    settings = {k: v for k, v in config.to_dict(cfg).items() if k not in ("workers", "progress")}
+    settings = {k: v for k, v in config.to_dict(cfg).items()
+                if k not in ("workers", "executor", "ray_address", "progress")}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
         st = f.stat()

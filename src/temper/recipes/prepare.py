@@ -1,9 +1,9 @@
 """`temper prepare`: raw text -> clean, deduplicated documents -> a tokenizer and token shards.
 
 Steps, in the order `prepare` runs them (the stages live in data/pipeline.py; each runs over
-units of the input in `workers` processes with a progress bar, and keeps its results in
-`<out>/.prepare/`, so an interrupted run resumes where it stopped and re-running a finished one
-does nothing):
+units of the input in `workers` processes, or as Ray tasks with `--executor=ray`, with a progress
+bar, and keeps its results in `<out>/.prepare/`, so an interrupted run resumes where it stopped and
+re-running a finished one does nothing):
  1. list the input files; check `out` (a directory, not one of the inputs, holding no input that
     prepare would overwrite); fingerprint the inputs (path, size, mtime) with the config
  2. filter: read every document, apply the quality and language filters (data/filters.py), the
