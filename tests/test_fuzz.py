@@ -382,7 +382,7 @@ TOP_CONFIGS = {"prepare": "PrepareConfig", "pretrain": "PretrainConfig", "sft": 
                "reward": "RewardConfig", "distill": "DistillConfig", "best-of-n": "BestOfNConfig",
                "generate": "GenerateConfig", "serve": "ServeConfig", "estimate": "EstimateConfig",
                "download": "DownloadConfig",
-               "evaluate": "EvaluateConfig"}
+               "evaluate": "EvaluateConfig", "scaling": "ScalingConfig", "sweep": "SweepConfig"}
 
 
 def recipe_configs() -> dict[str, type]:
@@ -749,7 +749,8 @@ PATH_FLAGS = {"prepare": ["input", "out"], "pretrain": ["data.dir", "run.dir"], 
               "grpo": ["model", "data.prompts", "run.dir"], "ppo": ["model", "data.prompts", "value.model", "run.dir"],
               "generate": ["checkpoint"], "serve": ["checkpoint"], "evaluate": ["checkpoint", "out"],
               "estimate": ["model.path"],
-              "download": ["out"], "lm-eval": []}
+              "download": ["out"], "lm-eval": [], "scaling": ["data", "val_dir", "dir"],
+              "sweep": ["base_config", "space", "dir"]}
 
 
 def entry_paths(root: Path) -> list[str]:

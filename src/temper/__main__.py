@@ -18,8 +18,10 @@ from temper.recipes import (
     prepare,
     pretrain,
     reward,
+    scaling,
     serve,
     sft,
+    sweep,
 )
 
 COMMANDS = {
@@ -35,9 +37,11 @@ COMMANDS = {
     "generate": generate.main,
     "serve": serve.main,
     "estimate": estimate.main,
+    "scaling": scaling.main,
     "download": download.main,
     "lm-eval": lm_eval.main,
     "evaluate": evaluate.main,
+    "sweep": sweep.main,
 }
 
 
