@@ -121,3 +121,12 @@ def test_runs_that_cannot_support_a_fit():
     assert [k.budget for k in fewer.curves] == [1e18, 1e20, 1e21] and fewer.skipped[0][0] == 1e19
     with pytest.raises(FitError, match="no budgets given"):
         fit_isoflop(runs)  # no budget labels
+
+
+def test_a_nearly_flat_isoflop_curve_is_skipped_not_extrapolated():
+    """A parabola through almost equal losses has its vertex anywhere (e^800 parameters here): that budget is
+    skipped with its reason rather than trusted (or overflowing), as a bootstrap resample can draw it."""
+    flat = [Point(math.exp(x), 1e12 / 6 / math.exp(x), 2.0 + 1e-6 * (x - 800) ** 2 / 1e5, budget=1e12)
+            for x in (10.0, 11.0, 12.0)]
+    fit = fit_isoflop([*isoflop_runs(noise=0.001, seed=0), *flat])
+    assert [c for c, _ in fit.skipped] == [1e12] and "outside the sampled sizes" in fit.skipped[0][1]

@@ -257,6 +257,10 @@ def _numeric_optimum(loss: Callable[[Any, Any], Any], flops: float, flops_per_to
     return n, flops / flops_per_token(n)
 
 
+FAR = math.log(100.0)
+"""How far (a factor, in log space) outside the sampled sizes an IsoFLOP minimum is still trusted."""
+
+
 def _vertex(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float, float] | None:
     """(coefficients, x at the minimum, y there) of the least-squares parabola, or None when it opens down."""
     c2, c1, c0 = (float(c) for c in np.polyfit(x, y, 2))
@@ -282,6 +286,11 @@ def fit_isoflop(points: Sequence[Point]) -> IsoFlopFit:
         in_d = _vertex(np.log([p.d for p in group]), y)
         if in_n is None or in_d is None:
             skipped.append((c, "the losses curve downwards: no minimum"))
+            continue
+        log_d = np.log([p.d for p in group])
+        if not (x.min() - FAR <= in_n[1] <= x.max() + FAR and log_d.min() - FAR <= in_d[1] <= log_d.max() + FAR):
+            # A nearly flat parabola (a bootstrap resample of few distinct runs) puts its vertex anywhere.
+            skipped.append((c, "its minimum lies over 100x outside the sampled sizes: the curve does not locate it"))
             continue
         coeffs, xm, ym = in_n
         curves.append(IsoFlopCurve(budget=c, coeffs=coeffs, n_opt=math.exp(xm), d_opt=math.exp(in_d[1]),
