@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 # Gopher's "stop word" rule: a document must hold at least two of these English words. Counted
-# as occurrences, as datatrove and Dolma do; "The" at the start of a sentence counts too.
+# as occurrences, as Dolma does (datatrove 0.10 counts distinct lower-case words, so "the ... the"
+# passes here and fails there: benchmarks/prepare_vs_datatrove.py); "The" at a sentence's start counts too.
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 _STOP_FORMS = frozenset(v for w in STOP_WORDS for v in (w, w.capitalize(), w.upper()))
 # Lines that start with one of these are bullet points (Gopher's rule names "a bullet point";
