@@ -382,7 +382,8 @@ TOP_CONFIGS = {"prepare": "PrepareConfig", "pretrain": "PretrainConfig", "sft": 
                "reward": "RewardConfig", "distill": "DistillConfig", "best-of-n": "BestOfNConfig",
                "generate": "GenerateConfig", "serve": "ServeConfig", "estimate": "EstimateConfig",
                "download": "DownloadConfig",
-               "evaluate": "EvaluateConfig", "scaling": "ScalingConfig", "sweep": "SweepConfig"}
+               "evaluate": "EvaluateConfig", "scaling": "ScalingConfig", "sweep": "SweepConfig",
+               "rag": "IndexConfig"}  # rag: its `index` subcommand (command_argv puts the name first)
 
 
 def recipe_configs() -> dict[str, type]:
@@ -750,7 +751,7 @@ PATH_FLAGS = {"prepare": ["input", "out"], "pretrain": ["data.dir", "run.dir"], 
               "generate": ["checkpoint"], "serve": ["checkpoint"], "evaluate": ["checkpoint", "out"],
               "estimate": ["model.path"],
               "download": ["out"], "lm-eval": [], "scaling": ["data", "val_dir", "dir"],
-              "sweep": ["base_config", "space", "dir"]}
+              "sweep": ["base_config", "space", "dir"], "rag": ["inputs", "out", "model", "tokenizer"]}
 
 
 def entry_paths(root: Path) -> list[str]:
@@ -816,6 +817,8 @@ def command_argv(draw, command: str, paths: list[str]):
     argv += [f"--{flag}={draw(st.sampled_from(paths))}" for flag in PATH_FLAGS[command]]
     if command == "download":  # and it is offline (below): no network
         argv.insert(0, draw(st.sampled_from(["", "x/y", "../..", "a" * 200])))
+    if command == "rag":
+        argv.insert(0, "index")
     return argv
 
 

@@ -17,6 +17,7 @@ from temper.recipes import (
     ppo,
     prepare,
     pretrain,
+    rag,
     reward,
     scaling,
     serve,
@@ -42,6 +43,7 @@ COMMANDS = {
     "lm-eval": lm_eval.main,
     "evaluate": evaluate.main,
     "sweep": sweep.main,
+    "rag": rag.main,
 }
 
 

@@ -10,7 +10,10 @@ Steps:
      --max_queue) and the app (`temper.serve.app`), and run it on uvicorn; the scheduler's thread
      starts with the app and stops when uvicorn shuts down (Ctrl-C, SIGTERM). With --draft DIR or
      --prompt_lookup N, a request that runs alone is decoded speculatively (see the scheduler's
-     docstring); its acceptance rate is logged per request and counted on /metrics.
+     docstring); its acceptance rate is logged per request and counted on /metrics. With --rag.index DIR
+     (an index of `temper rag index`), chat completions are answered from the --rag.k passages retrieved for
+     the last user message (`temper.rag.answer.retrieval_chat`), numbered [1]..[n] in a system turn, and the
+     response carries their "citations".
 
 It does not train or evaluate, and it does not reload a checkpoint that changes on disk.
 """
@@ -22,18 +25,44 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from temper.config import ConfigError, parse
 from temper.infer.engine import compiled_decode_step, decode_step
-from temper.infer.load import open_checkpoint
+from temper.infer.load import Loaded, open_checkpoint
 from temper.recipes.generate import open_draft
 from temper.train.parallel import pick_device, pick_dtype
 
+if TYPE_CHECKING:
+    from temper.serve.app import RagHook
+
 KEY_ENV = "TEMPER_API_KEY"
+
+
+@dataclass
+class RagServeConfig:
+    """Retrieval-augmented chat (`--rag.index DIR`)."""
+
+    index: str = ""
+    """An index directory built by `temper rag index` ('': no retrieval)."""
+    k: int = 4
+    """Passages retrieved per chat request (those that fit the budget are used)."""
+    mode: Literal["auto", "sparse", "dense", "hybrid"] = "auto"
+    """BM25, embeddings, or both fused by reciprocal rank; auto: hybrid when the index has vectors."""
+    embedder: str = ""
+    """The query embedding checkpoint ('': the model the index's manifest names; another one is refused)."""
+    budget: int | None = None
+    """Most prompt tokens, passages and conversation together (None: the context less a quarter, at most 256,
+    left for the answer); a request's max_tokens may lower it."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"rag.k must be >= 1, got {self.k}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"rag.budget must be >= 1 (or null), got {self.budget}")
 
 
 @dataclass
@@ -91,6 +120,8 @@ class ServeConfig:
     N down to 1; no draft model) while a request runs alone, as --draft; 0: off. Pays off on repetitive text."""
     num_draft_tokens: int = 4
     """Tokens drafted per verification pass with --draft or --prompt_lookup."""
+    rag: RagServeConfig = field(default_factory=RagServeConfig)
+    """Answer chats from retrieved passages, with citations."""
 
     def __post_init__(self) -> None:
         pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
@@ -153,6 +184,27 @@ def log_to_stderr(level: str) -> None:
     logger.setLevel(level.upper())
 
 
+def rag_hook(cfg: RagServeConfig, loaded: Loaded, context: int, device: torch.device | str = "cpu"
+             ) -> RagHook | None:
+    """The app's retrieval hook for --rag.* (None without --rag.index): the index opened and verified, the query
+    embedder loaded and checked against it, before the server starts."""
+    if not cfg.index:
+        return None
+    from temper.rag.answer import retrieval_chat
+    from temper.rag.index import Index
+    from temper.rag.retrieve import pick_mode, query_embedder
+
+    if loaded.chat_template is None:
+        raise ConfigError(f"--rag.index: checkpoint {loaded.path} has no chat template, and retrieval answers chats")
+    index = Index.open(cfg.index)
+    mode = pick_mode(index, cfg.mode)
+    embedder = query_embedder(index, cfg.embedder, device=device) if mode != "sparse" else None
+    if embedder is not None:
+        index.check_embedder(embedder)
+    budget = cfg.budget if cfg.budget is not None else context - max(1, min(256, context // 4))
+    return retrieval_chat(index, loaded.encode_chat, k=cfg.k, mode=mode, embedder=embedder, budget=budget)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
@@ -185,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         model_name=cfg.served_model_name or cfg.checkpoint, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.slots),
         request_timeout_s=cfg.request_timeout_s)
-    app = create_app(loaded, scheduler, settings)
+    rag = rag_hook(cfg.rag, loaded, scheduler.max_len, device)
+    app = create_app(loaded, scheduler, settings, rag)
     speculation = (f", speculative decoding alone with {cfg.draft or f'prompt lookup {cfg.prompt_lookup}'}"
                    if cfg.draft or cfg.prompt_lookup else "")
     print(f"temper serve: {settings.model_name!r} on http://{cfg.host}:{cfg.port}/v1 ({cfg.slots} slots{speculation}, "

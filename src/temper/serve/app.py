@@ -24,6 +24,12 @@ and n are capped; nothing from a request reaches a shell, a path or a template o
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
 or 20 (chat) most likely tokens. Not supported (400 when set): echo, suffix, best_of != n, logit_bias,
 presence/frequency penalties, tools, response formats other than text.
+
+Retrieval (`temper serve --rag.index DIR`): `create_app` takes a `rag` hook, built by the recipe from
+`temper.rag` (this package may not import it), that turns a chat's messages and its prompt budget into the
+prompt's token ids with numbered passages and their citations; the chat response then carries a
+top-level "citations" list ({n, source, title, chunk_id}; in a stream, on the first chunk), which the
+official client exposes as an extra field.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Requ
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
 
 STATIC = Path(__file__).parent / "static"
+RagHook = Callable[[list[dict[str, Any]], int], tuple[list[int], list[dict[str, Any]]]]
+"""(messages, the prompt's most tokens) -> (the prompt's token ids, with retrieved passages, and their citations)."""
 OPEN_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}
 """Routes answered without a key: the liveness probe and the chat page (which asks for the key itself)."""
 
@@ -366,8 +374,9 @@ class SchedulerCollector:
                                     value=spec.acceptance_rate)
 
 
-def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
-    """The API for `loaded` (tokenizer, chat template, stop ids) generating on `scheduler`.
+def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, rag: RagHook | None = None) -> FastAPI:
+    """The API for `loaded` (tokenizer, chat template, stop ids) generating on `scheduler`; with `rag`, chats
+    are answered from retrieved passages and their responses carry the citations.
 
     The scheduler's thread starts with the app (its lifespan) and stops when the app shuts down.
     """
@@ -570,7 +579,13 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) ->
         s = read_sampling(body, settings, scheduler.slots)
         if loaded.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
-        ids = await asyncio.to_thread(loaded.encode_chat, messages)
+        if rag is None:
+            ids = await asyncio.to_thread(loaded.encode_chat, messages)
+            cited: dict[str, Any] = {}
+        else:  # room for the request's max_tokens (the hook keeps its own default room when it gives none)
+            room = max_prompt if s.max_tokens is None else min(max_prompt, context - s.max_tokens)
+            ids, citations = await asyncio.to_thread(rag, messages, room)
+            cited = {"citations": citations}
         job = submit([ids], s, None, top if want_logprobs else 0, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
 
@@ -579,8 +594,9 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) ->
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 for i in range(len(job.choices)):
-                    yield head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]}
+                    yield head | (cited if i == 0 else {}) | {
+                        "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]}
                 async for i, c in job.events():
                     text, start, end = new_tokens(c)
                     lp = chat_logprobs(c, start, end) if want_logprobs and end > start else None
@@ -598,7 +614,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings) ->
         out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(c, 0, c.kept()) if want_logprobs else None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(job.choices)]
-        return JSONResponse(head | {"object": "chat.completion", "choices": out, "usage": usage(job, [ids])})
+        return JSONResponse(head | {"object": "chat.completion", "choices": out, "usage": usage(job, [ids])} | cited)
 
     return app
 

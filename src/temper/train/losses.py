@@ -322,3 +322,55 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of each row's valid targets (B,), float32, with gradient."""
     return token_logprobs(logits, targets).sum(-1)
+
+
+Encode = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""encode(model, tokens (N, T), mask (N, T) bool) -> (N, C) L2-normalised embeddings, with gradient."""
+
+
+@dataclass
+class InfoNCELoss:
+    """Contrastive loss of a bi-encoder with in-batch negatives (InfoNCE, van den Oord et al. 2018; DPR, Karpukhin
+    et al. 2020): each query's positive is its own passage, every other passage of the micro-batch a negative.
+
+    The batch: `inputs` (2B, T) holds the B queries' tokens then their B passages' tokens, right-padded (a causal
+    model's real tokens never see the padding after them), `extra["mask"]` (2B, T) marks the real tokens, and
+    `targets` is all IGNORE_INDEX (no token is predicted). One forward pass embeds both halves, so DDP sees one
+    forward per backward. `encode` turns the model's output into normalised embeddings (the recipe passes
+    `rag.embed.pool` over the hidden states: train/ may not import rag/).
+
+    count = B queries; the sum is over queries of -log softmax(q . p / temperature)[own passage], plus with
+    `symmetric` the passage->query direction, the two averaged. The negatives are the micro-batch's passages:
+    accumulation or more ranks add queries, not negatives to each query's softmax (DPR's in-batch setting).
+    Metrics: `accuracy`, the share of queries whose own passage scores highest in the micro-batch.
+    """
+
+    encode: Encode
+    temperature: float = 0.05
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch.inputs.shape[0] // 2)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        b = batch.inputs.shape[0] // 2
+        emb = self.encode(model, batch.inputs, batch.extra["mask"]).float()  # (2B, C)
+        q, p = emb[:b], emb[b:]
+        return LossOut(*info_nce(q, p, self.temperature, self.symmetric))
+
+
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float, symmetric: bool = False
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(summed InfoNCE over the B queries, {"accuracy": number of queries ranking their own passage first}) for
+    embeddings q (B, C) and their positives p (B, C), row i of p the positive of row i of q."""
+    logits = q @ p.T / temperature  # (B, B): query i against every passage
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.T, labels, reduction="sum")) / 2
+    correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
+    return loss, {"accuracy": correct}
