@@ -103,6 +103,9 @@ def test_labelled_roundtrip_and_errors(tmp_path):
         path.write_text('{"query": "ok", "relevant": [0]}\n' + bad + "\n")
         with pytest.raises(InputError, match=rf"set.jsonl:2: .*{msg}"):
             read_labelled(path)
+    path.write_bytes(b'{"query": "ok", "relevant": [0]}\n{"query": "\xff"}\n')  # invalid UTF-8: named, no traceback
+    with pytest.raises(InputError, match=r"set.jsonl:2: invalid UTF-8"):
+        read_labelled(path)
     path.write_text("\n")
     with pytest.raises(InputError, match="empty"):
         read_labelled(path)

@@ -24,7 +24,6 @@ It does not chunk, index or train (`pool` is differentiable so that training can
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from temper.data.tokenizer import HFTokenizer
 from temper.errors import InputError
+from temper.files import read_json_object
 from temper.infer.load import open_checkpoint
 from temper.model.transformer import Transformer
 
@@ -136,11 +136,8 @@ def _retriever_defaults(root: Path) -> dict[str, Any]:
     path = root / "retriever.json"
     if not path.is_file():
         return {}
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(d, dict) or not set(d) <= {"pooling", "max_len"}:
+    d = read_json_object(path)
+    if not set(d) <= {"pooling", "max_len"}:
         raise InputError(f"{path}: expected a JSON object with 'pooling' and 'max_len', got {d!r}"[:300])
     return d
 

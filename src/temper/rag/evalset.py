@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from temper.data.sources import json_records
 from temper.errors import InputError
 from temper.rag.ict import split_sentences
 
@@ -114,35 +115,28 @@ def write_labelled(path: str | Path, queries: Sequence[LabelledQuery]) -> None:
 def read_labelled(path: str | Path) -> list[LabelledQuery]:
     """Read a labelled set; a bad line raises InputError naming file:line and the field."""
     out = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the labelled set ({e.strerror})") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected an object with 'query' and 'relevant'")
-            query, relevant, answer = rec.get("query"), rec.get("relevant"), rec.get("answer")
-            if not isinstance(query, str) or not query.strip():
-                raise InputError(f"{where}: 'query' must be a non-empty string")
-            if not isinstance(relevant, list) or not all(type(i) is int for i in relevant):
-                raise InputError(f"{where}: 'relevant' must be a list of chunk ids (integers)")
-            if answer is None:
-                answers: tuple[str, ...] = ()
-            elif isinstance(answer, str):
-                answers = (answer,)
-            elif isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
-                answers = tuple(answer)
-            else:
-                raise InputError(f"{where}: 'answer' must be a string or a non-empty list of strings")
-            out.append(LabelledQuery(query, tuple(relevant), answers))
+    if not Path(path).is_file():
+        raise InputError(f"{path}: cannot read the labelled set (no such file)")
+    # The readers' JSON Lines parser: gzip, a BOM, invalid UTF-8 and bad JSON named by file:line.
+    for where, rec in json_records(Path(path)):
+        if isinstance(rec, Exception):
+            raise rec
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected an object with 'query' and 'relevant'")
+        query, relevant, answer = rec.get("query"), rec.get("relevant"), rec.get("answer")
+        if not isinstance(query, str) or not query.strip():
+            raise InputError(f"{where}: 'query' must be a non-empty string")
+        if not isinstance(relevant, list) or not all(type(i) is int for i in relevant):
+            raise InputError(f"{where}: 'relevant' must be a list of chunk ids (integers)")
+        if answer is None:
+            answers: tuple[str, ...] = ()
+        elif isinstance(answer, str):
+            answers = (answer,)
+        elif isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
+            answers = tuple(answer)
+        else:
+            raise InputError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+        out.append(LabelledQuery(query, tuple(relevant), answers))
     if not out:
         raise InputError(f"{path}: the labelled set is empty")
     return out
