@@ -19,6 +19,7 @@ from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
 from temper.rag.embed import load_embedder
 from temper.rag.ict import ict_pairs
+from temper.recipes.rag import RetrieverDataConfig, read_pairs
 from temper.recipes.rag import main as rag
 from temper.train.log import read_metrics
 from tests.conftest import SHARED_DATA
@@ -100,6 +101,19 @@ def test_pairs_from_jsonl_with_accumulation_and_bad_input(wiki, tmp_path):
         rag(["train", *base, f"--data.files={data}", "--data.ict=true", "--data.passage_sentences=1"])
     with pytest.raises(ConfigError, match="temperature"):
         rag(["train", *base, f"--data.files={data}", "--temperature=0", "--run.name=t"])
+
+
+def test_ict_passages_stay_inside_a_document(tmp_path):
+    """--data.txt_docs=line makes each line a document: no passage mixes two of WikiText's paragraphs."""
+    text = tmp_path / "two.txt"
+    text.write_text("Alpha one two three four. Alpha five six seven eight.\n"
+                    "Beta one two three four. Beta five six seven eight.\n"
+                    "Gamma one two three four. Gamma five six seven eight.\n")
+    per_line = read_pairs(RetrieverDataConfig(files=[str(text)], ict=True, txt_docs="line"), seed=0)
+    assert len(per_line) == 3
+    assert all(len({w for w in (p.query + " " + p.passage).split() if w[0].isupper()}) == 1 for p in per_line)
+    whole = read_pairs(RetrieverDataConfig(files=[str(text)], ict=True, remove_prob=0.0), seed=0)
+    assert len(whole) == 2 and "Alpha" in whole[0].passage and "Beta" in whole[0].passage  # 4-sentence windows
 
 
 @pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""`temper rag <index|...>`: retrieval-augmented generation: build an index of documents, ask, evaluate, train.
+"""`temper rag <index|ask|eval|evalset|train>`: retrieval-augmented generation: build an index of documents, ask, evaluate, train.
 
 `temper rag index` steps:
   1. parse IndexConfig from flags / YAML;
@@ -15,6 +15,16 @@
   2. per question: retrieve the top --k chunks (`temper.rag.retrieve`: BM25, dense, or reciprocal-rank fusion);
   3. fit them into the prompt's token budget, numbered [1]..[n], and answer with the engine (`temper.rag.answer`);
   4. print the answer and each number's source (marking those the answer cites), or one JSON object with --json.
+
+`temper rag eval` steps: open the index and the labelled set (ids checked against the index); retrieve every
+query's ranking; score recall@k, hit@k, MRR and nDCG@k; with --checkpoint, answer the queries that carry an answer
+and score SQuAD exact match and token F1.
+
+`temper rag evalset` steps: draw sentences of the index's chunks as queries (`temper.rag.evalset`); with
+--masked_index, build a copy of the index with those sentences cut out, with the same model and chunking.
+
+`temper rag train` steps: see `train_main` (pairs, or inverse-cloze pairs from raw text -> InfoNCE through the run
+scaffold's `train_step` -> final/ with retriever.json).
 
 Each subcommand is a function `<name>_main(argv)` registered in SUBCOMMANDS; this file holds their loops,
 the modules under `temper.rag` their parts.
@@ -158,8 +168,11 @@ def index_main(argv: list[str]) -> int:
         index.add(chunks, embedder)
     seconds = time.perf_counter() - started
     kind = index.manifest["dense"]["kind"]
-    print(f"temper rag index: {n_docs} documents -> {len(chunks)} chunks {'added' if cfg.add else 'indexed'} "
-          f"({len(index.chunks)} in {cfg.out}; dense: {kind}) in {seconds:.1f} s ({n_docs / max(seconds, 1e-9):.1f} docs/s)")
+    articles = sum(1 for c in chunks if c.position == 0)  # with --articles, the documents that were indexed
+    what = f"{n_docs} documents ({articles} articles)" if cfg.articles else f"{n_docs} documents"
+    rate = (articles if cfg.articles else n_docs) / max(seconds, 1e-9)
+    print(f"temper rag index: {what} -> {len(chunks)} chunks {'added' if cfg.add else 'indexed'} "
+          f"({len(index.chunks)} in {cfg.out}; dense: {kind}) in {seconds:.1f} s ({rate:.1f} docs/s)")
     return 0
 
 
@@ -411,6 +424,9 @@ class RetrieverDataConfig:
     """ict: sentences per passage."""
     remove_prob: float = 0.9
     """ict: how often the query sentence is removed from its passage."""
+    txt_docs: Literal["file", "paragraph", "line"] = "file"
+    """ict: what a document is in a text file (passages never cross documents): the whole file, a blank-line
+    separated paragraph, or a line (WikiText's paragraphs)."""
     max_pairs: int = 0
     """Use at most this many pairs (the first ones); 0: all."""
 
@@ -463,7 +479,7 @@ def read_pairs(data: RetrieverDataConfig, seed: int) -> list[Pair]:
     if not data.files:
         raise ConfigError("data.files: give the pairs (JSON Lines of {query, passage}) or raw text with --data.ict")
     if data.ict:
-        texts = (doc.text for doc in read_documents(data.files))
+        texts = (doc.text for doc in read_documents(data.files, txt_docs=data.txt_docs))
         pairs = ict_pairs(texts, seed=seed, passage_sentences=data.passage_sentences, remove_prob=data.remove_prob)
     else:
         pairs = []
@@ -578,7 +594,8 @@ def _train_retriever(cfg: RetrieverTrainConfig, d: Any, train_pairs: list[Pair],
         return {f"val_{k}": v for k, v in metrics.items()}
 
     with run:
-        logger = run.logging(steps, step, model.flops_per_token(emb.max_len))
+        head = 6 * model.cfg.vocab_size * model.cfg.dim  # hidden_only: the LM head never runs
+        logger = run.logging(steps, step, model.flops_per_token(emb.max_len) - head)
         if step == 0 and val_pairs:
             logger.log(0, validate(), kind="val")
         train_model.train()
