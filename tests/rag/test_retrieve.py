@@ -15,7 +15,7 @@ from temper.model.transformer import Transformer
 from temper.rag.chunks import chunk_documents
 from temper.rag.embed import load_embedder
 from temper.rag.index import EmbedderMismatchError, Index
-from temper.rag.retrieve import QueryError, pick_mode, query_embedder, retrieve, rrf
+from temper.rag.retrieve import QueryError, pick_mode, query_embedder, retrieve, retrieve_many, rrf
 from tests.rag.test_answer import tiny_checkpoint, wikitext_lines
 
 
@@ -50,6 +50,14 @@ def test_sparse_dense_and_hybrid_rankings(built):
     assert [(h.id, h.score) for h in hybrid] == rrf(both)[:5]
     assert all(h.chunk is index.chunks[h.id] for h in hybrid)
     assert pick_mode(index, "auto") == "hybrid"
+
+    queries = [line[:90] for line in lines[:12]]  # padded batches embed as one query at a time does
+    for mode in ("sparse", "dense", "hybrid"):
+        many = retrieve_many(index, queries, k=5, mode=mode, embedder=embedder)
+        assert [[h.id for h in hs] for hs in many] == [[h.id for h in retrieve(index, q, k=5, mode=mode,
+                                                                                embedder=embedder)] for q in queries]
+    with pytest.raises(QueryError, match="query 2 is empty"):
+        retrieve_many(index, ["battle", " "], k=3)
 
 
 def test_queries_from_another_model_or_bad_queries_fail_clearly(built):

@@ -306,7 +306,7 @@ def eval_main(argv: list[str]) -> int:
 
     from temper.rag.evalset import read_labelled
     from temper.rag.metrics import exact_match, retrieval_scores, token_f1
-    from temper.rag.retrieve import pick_mode, query_embedder, retrieve
+    from temper.rag.retrieve import pick_mode, query_embedder, retrieve_many
 
     cfg = parse(EvalConfig, argv, prog="rag eval")
     if not cfg.index or not cfg.data:
@@ -327,7 +327,7 @@ def eval_main(argv: list[str]) -> int:
     if embedder is not None:
         index.check_embedder(embedder)
     depth = max(max(cfg.ks), cfg.answer_k if cfg.checkpoint else 1)
-    hits = [retrieve(index, q.query, k=depth, mode=mode, embedder=embedder) for q in labelled]
+    hits = retrieve_many(index, [q.query for q in labelled], k=depth, mode=mode, embedder=embedder)
     scores: dict[str, Any] = {"queries": len(labelled), "mode": mode, "index": cfg.index, "data": cfg.data}
     scores.update(retrieval_scores([[h.id for h in hs] for hs in hits], [set(q.relevant) for q in labelled],
                                    ks=sorted(set(cfg.ks))))
