@@ -78,6 +78,12 @@ def _row(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items()) and "error" not in r), None)
 
 
+def _fastest_compiled(rows: list[dict], **match) -> dict | None:
+    """The faster of temper's compile scopes (per block, "compile"; the whole model, "compile-model") measured."""
+    found = [r for m in ("compile", "compile-model") if (r := _row(rows, impl="temper", mode=m, **match))]
+    return max(found, key=lambda r: r["tokens_per_s"], default=None)
+
+
 def _tests(work: Path) -> dict:
     log = (work / "tests.log").read_text(errors="replace") if (work / "tests.log").exists() else ""
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", log)}
@@ -119,15 +125,16 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
     goals.append(_goal("gpu-marked tests pass", "0 failed", f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                        f"{t.get('skipped', 0)} skipped", (t.get("failed", 0) + t.get("error", 0) + t.get("errors", 0) == 0
                                                           and t.get("passed", 0) > 0) if not dry_run else None))
-    g2 = _row(train["rows"], shape="gpt2-124m", impl="temper", mode="compile")
+    g2 = _fastest_compiled(train["rows"], shape="gpt2-124m")
     goals.append(_goal("GPT-2 124M, temper + compile (b16 x 1024, bf16)", f">= 1.2 x {NANOGPT_COMPILE_TOKENS_PER_S:,.0f} "
-                       "(nanoGPT + compile, H100) tokens/s", _fmt(g2 and g2["tokens_per_s"], ",.0f"),
+                       "(nanoGPT + compile, H100) tokens/s",
+                       _fmt(g2 and g2["tokens_per_s"], ",.0f") + (f" ({g2['mode']})" if g2 else ""),
                        g2 and g2["tokens_per_s"] >= 1.2 * NANOGPT_COMPILE_TOKENS_PER_S))
-    ll = _row(train["rows"], shape="llama-3.2-1b", impl="temper", mode="compile")
+    ll = _fastest_compiled(train["rows"], shape="llama-3.2-1b")
     hf = _row(train["rows"], shape="llama-3.2-1b", impl="transformers", mode="compile")
     ratio = ll and hf and ll["tokens_per_s"] / hf["tokens_per_s"]
     goals.append(_goal("Llama-3.2-1B shape, temper + compile vs transformers + compile (b4 x 1024)", ">= 1.3x",
-                       _fmt(ratio, ".2f") + "x", ratio and ratio >= 1.3))
+                       _fmt(ratio, ".2f") + "x" + (f" ({ll['mode']})" if ll else ""), ratio and ratio >= 1.3))
     d1 = _row(decode.get("rows", []), impl="temper", batch=1)
     share = d1 and d1.get("share_of_bound")
     goals.append(_goal("decode, 1B at batch 1: share of the bandwidth bound", ">= 75%", _fmt(share, ".1%"),

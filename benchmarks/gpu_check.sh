@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One prepared check of every GPU claim, at most ~8 minutes on one H100/H200:
+# One prepared check of every GPU claim, about 9 minutes on one H100/H200 (the parts' limits add up to 11):
 #   tests       the `gpu`-marked tests
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
-#   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile:
-#               GPT-2 124M (batch 16 x 1024) and the Llama-3.2-1B shape (batch 4 x 1024), bf16
+#   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,
+#               and compile-model: the whole model and its loss as one graph, train.compile_scope=model):
+#               GPT-2 124M (batch 16 x 1024) and the Llama-3.2-1B shape (batch 4 x 1024), bf16; and temper +
+#               compile + float8 linear layers (train.float8; skipped, with the reason, below compute capability 8.9)
 #   decode      decode tokens/s of a 1B model at batch 1 (and 8) against transformers, and as a share of the
 #               memory-bandwidth bound
 #   finetune    LoRA and QLoRA on a Llama-3-8B shape (seq 2048, micro-batch 1, activation checkpointing),
@@ -51,7 +53,7 @@ part() {
 
 if [ "$DRY" = 1 ]; then
   DEV=cpu
-  TRAIN=(--shapes debug-llama --batch 2 --seq 64 --steps 2 --repeats 1 --modes eager compile
+  TRAIN=(--shapes debug-llama --batch 2 --seq 64 --steps 2 --repeats 1 --modes eager compile compile-model float8
          --compile-backend aot_eager --dtype fp32)
   DECODE=(--device cpu --shape debug-llama --batch 1 2 --prompt-len 16 --new-tokens 8 --repeats 1)
   FINETUNE=(--device cpu --dim 256 --layers 2 --heads 4 --kv-heads 2 --ffn 512 --vocab 512 --seq 64 --batch 1
@@ -65,7 +67,7 @@ else
   # Compiled only by default: eager GPT-2 was measured in the first GPU run, and every compiled side costs
   # 10-40 s of compilation. Decode at batch 1 only: each batch size compiles its own CUDA graph (~60 s a side).
   TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1
-         --modes ${GPU_CHECK_TRAIN_MODES:-compile} --dtype bf16)
+         --modes ${GPU_CHECK_TRAIN_MODES:-compile compile-model float8} --dtype bf16)
   DECODE=(--device cuda --shape llama-3.2-1b --batch ${GPU_CHECK_DECODE_BATCH:-1} --prompt-len 128 --new-tokens 256
           --repeats 2 --compile)
   FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing
@@ -77,7 +79,7 @@ fi
 
 part tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
 part peaks 15 "$PY" benchmarks/gpu_check.py peaks --device "$DEV" --json "$WORK/peaks.json"
-part train 140 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
+part train 260 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
 part decode 110 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
 part finetune 110 "$PY" benchmarks/finetune_memory.py "${FINETUNE[@]}" --json "$WORK/finetune.json"
 TEXT="$DATA/tinyshakespeare/input.txt"

@@ -10,9 +10,18 @@ A shared machine drifts by 10-20% between runs, so the two sides alternate `--re
 the ratio of medians. MFU is against the datasheet peak on known GPUs and a matmul peak
 measured in the same run.
 
+Modes: eager; compile (temper: each block compiled in place, `train.compile_scope=blocks`; transformers: the whole
+model, as its users and its Trainer compile it); compile-model (temper: the whole model and its loss as one graph,
+`train.compile_scope=model`, against the same transformers + compile runs, which are not measured twice); float8
+(temper + compile per block with `train.float8`: the blocks' linear layers in float8 through torchao, against
+transformers + compile; a CUDA GPU of compute capability >= 8.9 only, skipped elsewhere with the reason printed;
+its MFU is over the same bf16 peaks, as torchtitan reports it).
+
     python benchmarks/pretrain_throughput.py                      # CPU: debug and gpt2-124m shapes
     python benchmarks/pretrain_throughput.py --shapes gpt2-124m --steps 3 --repeats 5
     python benchmarks/pretrain_throughput.py --shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --modes eager compile
+    python benchmarks/pretrain_throughput.py --shapes gpt2-124m --batch 16 --seq 1024 --modes compile compile-model
+    python benchmarks/pretrain_throughput.py --shapes llama-3.2-1b --batch 4 --seq 1024 --modes compile float8  # H100
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import torch
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
 from temper.model.transformer import Transformer
+from temper.train.float8 import float8_refusal
+from temper.train.losses import CompiledLoss, LMLoss
 from temper.train.optim import OptimConfig, build_optimizer
 from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, throughput, train_step
@@ -58,14 +69,25 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
     return cfg, model.to(device)
 
 
-def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, compile: bool, vocab: int,
+MODES = ("eager", "compile", "compile-model", "float8")
+PEER_MODE = {"eager": "eager", "compile": "compile", "compile-model": "compile", "float8": "compile"}
+"""The transformers run each of temper's modes is compared with: it compiles the whole model in either scope."""
+
+
+def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name: str, mode: str, vocab: int,
             profile: int = 0) -> dict:
+    compile = mode != "eager"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg, model = build(impl, shape, vocab, seq, device)
     opt = build_optimizer(model, OptimConfig(lr=1e-4), device.type)
-    if impl == "temper":  # temper's own wrapping: each block compiled in place
-        train_model = parallelize(model, DistInfo(0, 0, 1, device), compile=compile)
+    loss_fn = None
+    if impl == "temper":  # temper's own wrapping: each block, or the whole model, compiled in place
+        scope = "model" if mode == "compile-model" else "blocks"
+        train_model = parallelize(model, DistInfo(0, 0, 1, device), compile=compile, compile_scope=scope,
+                                  float8=mode == "float8")
+        if scope == "model":  # as `Run.step` does under train.compile_scope=model: the loss in the model's graph
+            loss_fn = CompiledLoss(LMLoss())
     else:  # as transformers' users (and its Trainer's torch_compile=True) do: the whole model
         train_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -73,7 +95,7 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
 
     def one_step(i: int) -> None:
         if impl == "temper":
-            train_step(train_model, opt, [(inputs, targets)], step=i, amp_dtype=dtype)
+            train_step(train_model, opt, [(inputs, targets)], step=i, amp_dtype=dtype, loss_fn=loss_fn)
         else:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = train_model(input_ids=inputs, labels=inputs).loss
@@ -102,10 +124,10 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"# profile {impl} compile={compile}\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
+        print(f"# profile {impl} {mode}\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
               file=sys.stderr)
     return {
-        "impl": impl, "shape": shape, "compile": compile, "tokens": batch * seq * steps, "seconds": seconds,
+        "impl": impl, "shape": shape, "mode": mode, "compile": compile, "tokens": batch * seq * steps, "seconds": seconds,
         "warmup_s": warmup_s, "device": str(device),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if device.type == "cuda"
                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
@@ -119,8 +141,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compile"],
-                   help="run each side eager, under torch.compile, or both (one process per side runs them in turn)")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=MODES,
+                   help="run each side eager, under torch.compile (temper: per block, or compile-model: the whole model "
+                        "and its loss; float8: per block with float8 linear layers, temper only, CUDA capability >= 8.9), "
+                        "or several (one process per side runs them in turn)")
     p.add_argument("--compile", action="store_true", help="same as --modes compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick dry run)")
     p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (0: keep)")
@@ -135,11 +159,15 @@ def main() -> None:
         if a.compile_backend != "inductor":  # nn.Module.compile and torch.compile both read this name
             torch.compile = functools.partial(torch.compile, backend=a.compile_backend)
         for mode in modes:
-            print(json.dumps(measure(a.child[0], a.child[1], a.batch[0], a.seq, a.steps, dtype, mode == "compile",
-                                     a.vocab, a.profile)), flush=True)
+            print(json.dumps(measure(a.child[0], a.child[1], a.batch[0], a.seq, a.steps, dtype, mode, a.vocab,
+                                     a.profile)), flush=True)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    refusal = float8_refusal(device) if "float8" in modes else None
+    if refusal:  # not a failure: the other modes still run (gpu_check.sh's CPU dry run asks for it)
+        print(f"# mode float8 skipped: {refusal}", flush=True)
+        modes = [m for m in modes if m != "float8"]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     # n=2048 on CPU: the 1024 the recipes use for a quick estimate under-reads a 2-core peak by ~1/3.
     measured = measured_matmul_peak_flops(device, torch_dtype, None if device.type == "cuda" else 2048)
@@ -156,36 +184,45 @@ def main() -> None:
     for shape in a.shapes:
         with torch.device("meta"):
             fpt = Transformer(bench_config(shape, a.vocab, a.seq)).flops_per_token(a.seq)
-        runs: dict[tuple[str, str], list[dict]] = {(impl, m): [] for m in modes for impl in ("transformers", "temper")}
+        runs: dict[tuple[str, str], list[dict]] = {(impl, m): [] for m in MODES for impl in ("transformers", "temper")}
         failed: dict[str, str] = {}
         for r in range(a.repeats):
             for impl in (("transformers", "temper") if r % 2 == 0 else ("temper", "transformers")):
                 if impl in failed:
                     continue
+                # transformers measures each mode it is compared in once (compile-model's peer is its compile)
+                side_modes = modes if impl == "temper" else list(dict.fromkeys(PEER_MODE[m] for m in modes))
                 cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(batches[shape]), "--seq",
                        str(a.seq), "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab),
-                       "--compile-backend", a.compile_backend, "--modes", *modes, "--profile", str(a.profile)]
+                       "--compile-backend", a.compile_backend, "--modes", *side_modes, "--profile", str(a.profile)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if a.profile:
                     print("\n".join(ln for ln in out.stderr.splitlines() if "Warning" not in ln), flush=True)
                 for line in out.stdout.strip().splitlines():
                     row = json.loads(line)
-                    runs[(impl, "compile" if row["compile"] else "eager")].append(row)
+                    runs[(impl, row["mode"])].append(row)
                 if out.returncode != 0:
                     failed[impl] = (out.stderr.strip().splitlines() or ["no output"])[-1]
         for mode in modes:
             medians = {}
             for impl in ("transformers", "temper"):
-                if not runs[(impl, mode)]:
+                # transformers' runs of a mode also listed: only the reference of temper's ratio, not a row again
+                peer_only = impl == "transformers" and PEER_MODE[mode] != mode and PEER_MODE[mode] in modes
+                side = runs[(impl, PEER_MODE[mode] if impl == "transformers" else mode)]
+                if peer_only and not side:
+                    continue
+                if not side:
                     print(f"| {shape} | {batches[shape]} | {mode} | {impl} | failed: {failed.get(impl, '?')} |")
                     rows.append({"shape": shape, "mode": mode, "impl": impl, "error": failed.get(impl, "?")})
                     continue
-                rates = [r["tokens"] / r["seconds"] for r in runs[(impl, mode)]]
+                rates = [r["tokens"] / r["seconds"] for r in side]
                 medians[impl] = tokens_per_s = statistics.median(rates)
+                if peer_only:
+                    continue
                 mfu_m = throughput(int(tokens_per_s), 1.0, fpt, measured)[1]
                 mfu_d = throughput(int(tokens_per_s), 1.0, fpt, datasheet)[1] if datasheet else None
-                mem = max(r["peak_mem_gib"] for r in runs[(impl, mode)])
-                warm = statistics.median(r["warmup_s"] for r in runs[(impl, mode)])
+                mem = max(r["peak_mem_gib"] for r in side)
+                warm = statistics.median(r["warmup_s"] for r in side)
                 ratio = tokens_per_s / medians["transformers"] if impl == "temper" and "transformers" in medians else None
                 rows.append({"shape": shape, "batch": batches[shape], "seq": a.seq, "mode": mode, "impl": impl,
                              "tokens_per_s": tokens_per_s, "mfu_measured": mfu_m, "mfu_datasheet": mfu_d,

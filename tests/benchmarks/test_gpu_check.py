@@ -16,6 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _row(rows: list[dict], impl: str, mode: str) -> dict:
+    return next(r for r in rows if r["impl"] == impl and r["mode"] == mode)
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_part_and_writes_the_report(shared_data, tmp_path):
     env = {**os.environ, "TEMPER_SHARED_DATA": str(shared_data), "TMPDIR": str(tmp_path)}
@@ -26,9 +30,11 @@ def test_gpu_check_dry_run_runs_every_part_and_writes_the_report(shared_data, tm
     report = json.loads((out / "gpu_check.json").read_text())
     parts = {p["part"]: p["rc"] for p in report["parts"]}
     assert parts == dict.fromkeys(["tests", "peaks", "train", "decode", "finetune", "shakespeare", "scaleout"], 0)
-    # Every part left its numbers: both sides of both modes, both decode sides, LoRA and QLoRA with peers.
+    # Every part left its numbers: both sides of both modes (and temper's whole-model compile, against the same
+    # transformers + compile), both decode sides, LoRA and QLoRA with peers.
     assert {(r["impl"], r["mode"]) for r in report["train"]["rows"] if "tokens_per_s" in r} == {
-        (i, m) for i in ("temper", "transformers") for m in ("eager", "compile")}
+        (i, m) for i in ("temper", "transformers") for m in ("eager", "compile")} | {("temper", "compile-model")}
+    assert _row(report["train"]["rows"], "temper", "compile-model")["ratio_vs_transformers"] > 0
     assert {r["impl"] for r in report["decode"]["rows"] if r.get("tokens_per_s")} == {"temper", "transformers"}
     ft = {(r["method"], r["impl"]) for r in report["finetune"]["rows"] if "peak_gib" in r}
     assert {("lora", "temper+compile"), ("lora", "peft"), ("qlora", "temper+compile+offload")} <= ft

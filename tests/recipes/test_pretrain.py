@@ -7,6 +7,7 @@ the Hugging Face export of `final/`, and training on a weighted mixture of two d
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -125,6 +126,34 @@ def test_exact_resume(char_data, tmp_path, extra):
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(set(steps))  # row 32: no duplicated steps after resume
+
+
+def test_whole_model_compile_trains_as_eager_and_resumes_exactly(char_data, tmp_path, monkeypatch):
+    """train.compile_scope=model (the model and its loss as one graph; aot_eager here: dynamo and autograd tracing
+    without code generation, quick on a CPU): the eager run's losses and weights, under the same names, and an
+    exact resume from the step-4 checkpoint."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    compiled = ["--train.compile=true", "--train.compile_scope=model"]
+    try:
+        assert train(char_data, tmp_path, "eager") == 0
+        assert train(char_data, tmp_path, "ref", *compiled) == 0
+        with pytest.raises(SystemExit):
+            train(char_data, tmp_path, "resumed", *compiled, env="crash:step=5")
+        assert train(char_data, tmp_path, "resumed", *compiled) == 0
+    finally:
+        torch._dynamo.reset()
+    assert_same_run(tmp_path / "ref", tmp_path / "resumed")
+    eager, ref = metrics(tmp_path / "eager"), metrics(tmp_path / "ref")
+    assert eager.keys() == ref.keys() == set(range(1, 9))
+    for s in eager:
+        assert ref[s]["loss"] == pytest.approx(eager[s]["loss"], rel=1e-5)
+    we, wc = final_weights(tmp_path / "eager"), final_weights(tmp_path / "ref")
+    assert we.keys() == wc.keys()  # no `_orig_mod.` prefix: checkpoints do not depend on the scope
+    for k in we:
+        torch.testing.assert_close(wc[k], we[k], rtol=1e-5, atol=1e-5, msg=k)
+    ckpt_e, ckpt_c = (load_file(r / "checkpoints/step-0000004/model.safetensors") for r in (tmp_path / "eager", tmp_path / "ref"))
+    assert ckpt_e.keys() == ckpt_c.keys()
 
 
 def _cli(char_data, run_dir, name, *extra, env=None):

@@ -1,5 +1,5 @@
-"""Wrapping for training: per-block compile (one graph for identical blocks, the plain model's names)
-and activation checkpointing with the checkpointed inputs offloaded to CPU memory (same gradients)."""
+"""Wrapping for training: per-block compile (one graph for identical blocks, the plain model's names), whole-model
+compile with the loss (the eager step's numbers, the plain model's names; refused under a device mesh) and activation checkpointing with the checkpointed inputs offloaded to CPU memory (same gradients)."""
 
 import copy
 import functools
@@ -10,16 +10,26 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
+from temper.config import ConfigError
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
+from temper.train.losses import CompiledLoss, LMLoss
 from temper.train.parallel import (
+    MESH_DIMS,
     DistInfo,
+    ParallelConfig,
     apply_activation_checkpointing,
+    clip_grads,
+    grad_norm,
     parallelize,
     shared_store_restarts,
     shutdown_distributed,
 )
+from temper.train.run import TrainSection
+from temper.train.step import train_step
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -55,6 +65,79 @@ def test_compiling_per_block_keeps_names_and_compiles_one_graph(monkeypatch):
         model(x).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1  # six identical blocks, one compiled graph
     torch._dynamo.reset()
+
+
+def test_compiling_the_whole_model_and_its_loss_keeps_names_and_the_step(monkeypatch):
+    """train.compile_scope=model: the model compiled in place (no `_orig_mod.` in its names) and the loss compiled
+    with its forward (`CompiledLoss`, one graph); two steps equal the eager ones (aot_eager: no code generation,
+    so the same kernels and the same numbers up to summation order)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = Transformer(replace(PRESETS["debug-llama"], n_layers=2))
+    model = copy.deepcopy(eager)
+    names = list(model.state_dict())
+    assert parallelize(model, CPU, compile=True, compile_scope="model") is model
+    assert list(model.state_dict()) == names and list(dict(model.named_parameters())) == names
+    x = torch.randint(0, 256, (2, 2, 17))
+    batches = [(x[i, :, :-1], x[i, :, 1:]) for i in range(2)]  # two micro-batches: accumulation
+    results = {}
+    for name, m, loss in (("eager", eager, LMLoss()), ("compiled", model, CompiledLoss(LMLoss()))):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        results[name] = [train_step(m, opt, batches, step=s, loss_fn=loss) for s in range(2)]
+    assert counters["stats"]["unique_graphs"] == 1  # the forward and the loss, one graph (same shapes: no recompile)
+    for a, b in zip(results["eager"], results["compiled"], strict=True):
+        assert (a.tokens, a.skipped) == (b.tokens, b.skipped)
+        torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.grad_norm, a.grad_norm, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(eager.state_dict().items(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+
+
+def test_whole_model_compile_is_refused_where_it_cannot_work(tmp_path):
+    """Under a device mesh (FSDP2, tensor or pipeline parallel) the scope is refused, naming the key: by the config
+    when its degrees say so, and by `parallelize` for any mesh."""
+    with pytest.raises(ValueError, match="compile_scope=model needs compile=true"):
+        TrainSection(compile_scope="model")
+    for layout in (ParallelConfig(dp_shard=2), ParallelConfig(tp=2), ParallelConfig(pp=2)):
+        with pytest.raises(ValueError, match="compile_scope=model compiles the whole model"):
+            TrainSection(compile=True, compile_scope="model", parallel=layout)
+    TrainSection(compile=True, compile_scope="model")  # one process or DDP: fine
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1, 1, 1), mesh_dim_names=MESH_DIMS)
+        d = DistInfo(0, 0, 1, torch.device("cpu"), mesh=mesh, layout=ParallelConfig(dp_shard=1))
+        with pytest.raises(ConfigError, match="train.compile_scope=model"):
+            parallelize(Transformer(PRESETS["debug-llama"]), d, compile=True, compile_scope="model")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clipping_sharded_gradients_never_reads_the_norm_on_the_host(tmp_path):
+    """clip_grads scales DTensor gradients (FSDP2, TP) by the coefficient as a tensor (no `.item()` per parameter,
+    a host sync each on a GPU): bit for bit what scaling by the coefficient read on the host gave, and what the
+    plain gradients get."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        plain = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+        for p in plain:
+            p.grad = torch.randn_like(p) * 3
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in plain]
+        for p, q in zip(sharded, plain, strict=True):
+            p.grad = distribute_tensor(q.grad.clone(), mesh, [Shard(0)])
+        norm = grad_norm(plain)
+        coef = torch.clamp(1.0 / (norm + 1e-6), max=1.0).item()  # the host read this replaces
+        expected = [q.grad * coef for q in plain]
+        clip_grads(sharded, 1.0, grad_norm(sharded))
+        clip_grads(plain, 1.0, norm)
+        for p, q, e in zip(sharded, plain, expected, strict=True):
+            assert torch.equal(p.grad.to_local(), e) and torch.equal(q.grad, e)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_torchrun_restarts_over_a_shared_store_are_flagged(monkeypatch):

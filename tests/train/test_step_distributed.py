@@ -2,6 +2,7 @@
 batch (padded, unequal lengths), and a NaN on rank 1 stops the update on both ranks."""
 
 import datetime
+import functools
 import os
 
 import pytest
@@ -10,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from temper.train.losses import CompiledLoss, LMLoss
+from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import NonFiniteLoss, train_step
 
 from .test_step import TinyLM, padded_batch
@@ -17,7 +20,7 @@ from .test_step import TinyLM, padded_batch
 pytestmark = pytest.mark.distributed
 
 
-def _worker(rank, world, out_dir, fault):
+def _worker(rank, world, out_dir, fault, compiled=False):
     if fault:
         os.environ["TEMPER_FAULT"] = fault
     torch.set_num_threads(1)
@@ -28,14 +31,21 @@ def _worker(rank, world, out_dir, fault):
                             timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(TinyLM())
+        loss_fn = None
+        if compiled:  # train.compile_scope=model: compiled in place, then DDP; the loss compiled with the forward
+            torch.compile = functools.partial(torch.compile, backend="aot_eager")
+            model = parallelize(TinyLM(), DistInfo(rank, rank, world, torch.device("cpu")), compile=True,
+                                compile_scope="model")
+            loss_fn = CompiledLoss(LMLoss())
+        else:
+            model = nn.parallel.DistributedDataParallel(TinyLM())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses, error = [], None
         for step in range(5):
             x, y = padded_batch(step)
             half = slice(rank * 2, rank * 2 + 2)  # this rank's half of the global batch of 4
             try:
-                losses.append(train_step(model, opt, [(x[half], y[half])], step=step).loss)
+                losses.append(train_step(model, opt, [(x[half], y[half])], step=step, loss_fn=loss_fn).loss)
             except NonFiniteLoss:
                 error = step
                 break
@@ -50,8 +60,8 @@ def _worker(rank, world, out_dir, fault):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, fault=None):
-    mp.spawn(_worker, args=(2, str(tmp_path), fault), nprocs=2, join=True)
+def run_ranks(tmp_path, fault=None, compiled=False):
+    mp.spawn(_worker, args=(2, str(tmp_path), fault, compiled), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -65,6 +75,20 @@ def test_ddp_equals_single_process(tmp_path):
         torch.testing.assert_close(r["losses"], single, rtol=1e-6, atol=1e-7)
         for a, b in zip(r["params"], model.parameters()):
             torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_ddp_with_the_whole_model_compiled_equals_single_process(tmp_path):
+    """train.compile_scope=model under DDP (the model compiled in place, DDP around it, the loss compiled with the
+    forward: dynamo breaks at DDP's forward) gives the eager single process's losses and weights (aot_eager)."""
+    ranks = run_ranks(tmp_path, compiled=True)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    single = [train_step(model, opt, [padded_batch(step)], step=step).loss for step in range(5)]
+    for r in ranks:
+        torch.testing.assert_close(r["losses"], single, rtol=1e-5, atol=1e-6)
+        for a, b in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_nan_on_one_rank_fails_on_both_before_the_update(tmp_path):

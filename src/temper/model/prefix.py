@@ -65,6 +65,7 @@ class PrefixAttention(Attention):
     projections, under the same names, so state dicts only gain `prefix.*`."""
 
     prefix: Prefix
+    takes_block_mask = False  # its slots lie outside a block mask's key axis: it extends SDPA's dense mask
 
     @classmethod
     def swap_in(cls, attn: Attention, prefix: Prefix) -> PrefixAttention:

@@ -3,7 +3,9 @@
 Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Gemma, Phi-3) comes from `ModelConfig` fields:
 learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
 grouped-query attention, a sliding window, biases, tying, embedding scaling.
-Attention always goes through `F.scaled_dot_product_attention`, so a GPU picks flash attention.
+Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
+needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
+the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -13,11 +15,14 @@ Hugging Face files, and `temper.train.parallel` wraps `self.layers` from outside
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from temper.model.config import ModelConfig
 
@@ -70,6 +75,29 @@ class Segments:
 
     def to(self, device: torch.device | str) -> Segments:
         return Segments(self.ids.to(device), self.shared_prefix)
+
+
+ATTN_IMPLS = ("auto", "sdpa", "flex")
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_COMPILED_FLEX: dict[str, tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]] = {}
+
+
+def _flex_kernels(device_type: str) -> tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]:
+    """(create_block_mask, flex_attention) for a device: compiled once per process on CUDA, where eager
+    flex_attention runs an unfused reference (slower than SDPA) and compiled create_block_mask never
+    builds the dense T x T mask; eager elsewhere (CPU tests; a CPU run picks SDPA unless told otherwise).
+
+    Compiled on first use, not at import (torch.compile's setup costs seconds). Inside a compiled region (a
+    block compiled in place, or the whole model) the plain functions: the enclosing graph traces them and
+    compiles the flex kernel itself."""
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return create_block_mask, flex_attention
+    if device_type not in _COMPILED_FLEX:
+        _COMPILED_FLEX[device_type] = (torch.compile(create_block_mask), torch.compile(flex_attention))
+    return _COMPILED_FLEX[device_type]
 
 
 class KVCache:
@@ -187,7 +215,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache."""
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache.
+
+    The mask is SDPA's bool tensor (or None with `causal`), or a FlexAttention `BlockMask` built once
+    per forward by `Transformer._attention_mask` and shared by every layer (never with a cache)."""
+
+    takes_block_mask: ClassVar[bool] = True
+    """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
+    axis says False, and the model then gives it SDPA's dense mask."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -205,7 +240,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None, causal: bool, cache: KVCache | None,
+        mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
@@ -222,7 +257,13 @@ class Attention(nn.Module):
         k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
         dropout_p = self.dropout if self.training else 0.0
         groups = n_heads // n_kv_heads
-        if groups == 1 or mask is None:
+        if isinstance(mask, BlockMask):
+            # Block-sparse: whole masked blocks (other documents of a packed row) are skipped, and GQA
+            # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
+            # mask when attention dropout is off.
+            flex = _flex_kernels(q.device.type)[1]
+            y = flex(q, k, v, block_mask=mask, enable_gqa=groups > 1)  # (B, H, T, D)
+        elif groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=groups > 1
@@ -242,8 +283,8 @@ class Attention(nn.Module):
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
     def extend_kv(
-        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, T: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask | None, bool]:
         """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
         (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
         return k, v, mask, causal
@@ -285,10 +326,15 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None, causal: bool = True, cache: KVCache | None = None,
+        mask: torch.Tensor | BlockMask | None = None, causal: bool = True, cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
         return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+
+
+def _causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The mask_mod of one causal sequence per row."""
+    return k <= q
 
 
 class Transformer(nn.Module):
@@ -298,6 +344,13 @@ class Transformer(nn.Module):
     mlp_norm, mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
     so state dicts never hold the same tensor twice).
     """
+
+    attn_impl: str = "auto"
+    """The kernel of masked forwards without a KV cache (packed documents, padding, a window shorter than
+    the sequence): "flex" (FlexAttention's block mask, compiled on CUDA), "sdpa" (a dense (B, 1, T, T)
+    mask) or "auto" (flex on CUDA, sdpa elsewhere: a CPU has no fused flex kernel, and torch no CPU flex
+    backward). Set on the instance (`model.attn_impl = "sdpa"`): a choice of kernel, not of the model, so
+    no ModelConfig field (those are exported, and compared when a run resumes)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -418,8 +471,10 @@ class Transformer(nn.Module):
     def _attention_mask(
         self, segments: Segments | None, B: int, T: int, device: torch.device,
         cache_positions: torch.Tensor | None = None, cache_len: int = 0,
-    ) -> tuple[torch.Tensor | None, bool]:
-        """(mask for SDPA, is_causal). Without segments, avoid a mask so SDPA can pick flash attention.
+    ) -> tuple[torch.Tensor | BlockMask | None, bool]:
+        """(mask, is_causal). Without segments, avoid a mask so SDPA can pick flash attention; where a mask
+        is needed (segments, a window shorter than T), a FlexAttention block mask when `_use_flex` says so
+        (one per forward, shared by every layer), else SDPA's dense mask.
 
         With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
         the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
@@ -437,11 +492,41 @@ class Transformer(nn.Module):
             return None, True  # plain causal prefill / training
         if segments is not None and segments.ids.shape != (B, T):
             raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
+        visible = self._mask_mod(segments)
+        rows = B if segments is not None else 1  # a plain causal (windowed) mask is the same for every row
+        if self._use_flex(device):
+            make_block_mask = _flex_kernels(device.type)[0]
+            return make_block_mask(visible, rows, None, T, T, device=device), False
         idx = torch.arange(T, device=device)  # (T,)
-        mask = (idx[None, :] <= idx[:, None])[None, None] if segments is None else segments.dense()  # (B|1, 1, T, T)
-        if window is not None:  # counted in indices: the keys within `window` of the query, itself included
-            mask = mask & (idx[None, :] > idx[:, None] - window)
-        return mask, False
+        b = torch.arange(rows, device=device)[:, None, None]  # (B|1, 1, 1)
+        return visible(b, None, idx[None, :, None], idx[None, None, :])[:, None], False  # (B|1, 1, T, T)
+
+    def _mask_mod(self, segments: Segments | None) -> MaskMod:
+        """The one rule of a forward without a cache, as a FlexAttention mask_mod (broadcastable indices):
+        `segments.mask_mod`, or plain causality, within the sliding window."""
+        window = self.cfg.sliding_window
+        base = segments.mask_mod if segments is not None else _causal
+        if window is None:
+            return base
+
+        def windowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            # counted in indices: the keys within `window` of the query, itself included (Mistral)
+            return base(b, h, q, k) & (k > q - window)
+
+        return windowed
+
+    def _use_flex(self, device: torch.device) -> bool:
+        """Whether this masked, cache-free forward takes a block mask (`attn_impl`)."""
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.attn_impl == "sdpa" or (self.attn_impl == "auto" and device.type != "cuda"):
+            return False
+        # FlexAttention has no attention dropout: a training forward that drops attention probabilities
+        # keeps SDPA (and its dense mask) rather than silently training without that dropout.
+        if self.training and self.cfg.dropout > 0:
+            return False
+        # An attention module that adds keys of its own (prefix tuning) takes the dense mask it extends.
+        return all(m.takes_block_mask for m in self.modules() if isinstance(m, Attention))
 
     # ---- inference helpers and accounting ------------------------------------------------------
 

@@ -307,6 +307,23 @@ class LMLoss:
         return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing))
 
 
+class CompiledLoss:
+    """`loss` with its call under torch.compile: the model's forward and the loss after it (for `LMLoss`, the
+    chunked output layer and cross-entropy) traced as one graph, so no eager launches are left between them
+    (train.compile_scope=model). `count` stays the plain loss's. Under DDP the trace breaks at DDP's forward:
+    the model then runs its own compiled graph (compiled in place by `parallelize`) and the loss one more."""
+
+    def __init__(self, loss: Loss) -> None:
+        self.loss = loss
+        self._call = torch.compile(loss.__call__)
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return self.loss.count(batch)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        return self._call(model, batch)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position (B, T) in float32, with gradient; 0 where the target is IGNORE_INDEX.
 

@@ -8,9 +8,10 @@ and token counts and losses reduced, over the data-parallel ranks only (`DistInf
 
 `parallelize` applies the layouts in place, in the order that composes (torchtitan's): pipeline parallel (the
 model pruned to this rank's stages, `train.pipeline`) -> tensor parallel (DTensor `parallelize_module`) ->
-activation checkpointing -> compile (per block) -> FSDP2 (`fully_shard` per block, then each stage's root) or
-DDP. Checkpointing sits inside compile so the compiled graph recomputes; data parallelism is outermost so
-its gradient hooks see the compiled blocks' parameters. The default layout (every rank a replica) is DDP, as
+float8 linear layers (`train.float8`) -> activation checkpointing -> compile (per block, or the whole model on one
+process or under DDP) -> FSDP2 (`fully_shard` per block, then each stage's root) or DDP. Checkpointing sits inside
+compile so the compiled graph recomputes; data parallelism is outermost so its gradient hooks see the compiled
+blocks' parameters. The default layout (every rank a replica) is DDP, as
 before FSDP2 existed here.
 
 It does not own the training loop or the data order.
@@ -251,7 +252,8 @@ def apply_activation_checkpointing(model: nn.Module, every: int, offload: bool =
 
 def parallelize(
     model: nn.Module, dist_info: DistInfo, *, activation_checkpointing: int = 0, activation_offload: bool = False,
-    compile: bool = False, amp_dtype: torch.dtype | None = None,
+    compile: bool = False, amp_dtype: torch.dtype | None = None, float8: bool = False,
+    compile_scope: Literal["blocks", "model"] = "blocks",
 ) -> nn.Module:
     """Apply `dist_info`'s layout to `model` in place; returns the module to call (the original stays reachable:
     FSDP2 and tensor parallel change it in place, DDP wraps it). Under pp > 1, `model` keeps only this rank's
@@ -260,6 +262,10 @@ def parallelize(
 
     amp_dtype: the training precision; under FSDP2 the gathered parameters are cast to it (bf16 compute,
     fp32 gradient reduction and fp32 sharded master weights: FSDP2's `MixedPrecisionPolicy`).
+    compile_scope: with `compile`, what one compiled graph covers: "blocks" (each block, every layout) or "model"
+    (the whole model, one process or DDP only: a ConfigError under any device mesh; `check_compile_scope`).
+    float8: the blocks' linear layers compute in float8 (`train.float8.apply_float8`; a ConfigError on a device
+    without float8 matrix products).
     """
     mesh, layout = dist_info.mesh, dist_info.layout
     pipelined = mesh is not None and dist_info.degree("pp") > 1
@@ -271,8 +277,16 @@ def parallelize(
     if mesh is not None and dist_info.degree("tp") > 1:
         from temper.train.tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
+    if float8:  # torchtitan's place: before checkpointing, compile and FSDP2 wrap the layers (tp > 1 is refused)
+        from temper.train.float8 import apply_float8
+        apply_float8(model, dist_info.device)
     apply_activation_checkpointing(model, activation_checkpointing, activation_offload)
-    if compile:
+    if compile and compile_scope == "model":
+        check_compile_scope(dist_info)
+        # The whole model in place: one graph (embedding, blocks, final norm) instead of one call per block
+        # plus eager ops around them, so fewer launches and guard checks a step; names stay unprefixed too.
+        model.compile()
+    elif compile:
         # Each block compiled in place (torchtitan's way): identical blocks share one compiled graph,
         # so compile time does not grow with depth, and parameter names stay the plain model's (no
         # `_orig_mod.` prefix), so checkpoints do not depend on whether a run compiled.
@@ -291,6 +305,17 @@ def parallelize(
     if pipelined:
         return pipeline.Pipeline(stages, stage_ids, dist_info)
     return model
+
+
+def check_compile_scope(d: DistInfo) -> None:
+    """Refuse train.compile_scope=model under a device mesh (FSDP2 / HSDP, tensor or pipeline parallel): FSDP2's
+    per-block gather and free hooks and a pipeline's stage boundaries sit inside the model, where one whole-model
+    graph would have to trace them (torchtitan compiles per block for this reason). One process and DDP (which
+    wraps the compiled model, its gradient hooks outside the graph) are fine."""
+    if d.mesh is not None:
+        raise ConfigError(f"train.compile_scope=model compiles the whole model as one graph, which works on one "
+                          f"process or under DDP only; this layout ({d.layout}) shards or splits the model: use "
+                          f"train.compile_scope=blocks")
 
 
 def dp_mesh(d: DistInfo) -> DeviceMesh:
@@ -377,9 +402,15 @@ def squared_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Ten
 def clip_grads(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
     """Scale the gradients so that their global norm `norm` (`grad_norm`) is at most `max_norm`."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    # A 0-dim tensor, never `.item()`: a DTensor takes it as a replicated scalar, and reading it on the host
+    # would wait for the whole backward (once per parameter). One copy per device (CPU-offloaded gradients).
+    on: dict[torch.device, torch.Tensor] = {}
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(coef.item() if isinstance(p.grad, DTensor) else coef.to(p.grad.device))
+            device = p.grad.device
+            if device not in on:
+                on[device] = coef.to(device)
+            p.grad.mul_(on[device])
 
 
 def materialize(model: nn.Module, full: Mapping[str, torch.Tensor] | None, device: torch.device) -> None:

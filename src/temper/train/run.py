@@ -5,7 +5,7 @@ device, resume), `train` (the step: micro-batch, clipping, precision, compile, a
 checkpointing, label smoothing, non-finite policy), `eval`, `checkpoint` and `log` — and extends
 `train`/`eval` with its own fields. `Run` then does, for every recipe alike: the run directory and
 its saved config, resume from the newest valid checkpoint with a check on the typed fields that
-must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (checkpointing,
+must not change, the autocast dtype and the fp16 grad scaler, the model's wrapping (float8, checkpointing,
 compile, DDP or FSDP2), one optimizer step with the non-finite policy, tokens/s and MFU, parameter counts and
 every log.monitor_every steps the numbers by parameter group (`train.monitor`), checkpoints, the
 trained model as one plain module for final/ whatever the layout (`exported_model`), the report (sent with
@@ -45,8 +45,9 @@ from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
 from temper.train import checkpoint as ckpt
 from temper.train import deepspeed_engine as dse
+from temper.train.float8 import check_float8, remove_float8
 from temper.train.log import RunLogger, report_files, write_report
-from temper.train.losses import Batch, Loss
+from temper.train.losses import Batch, CompiledLoss, Loss
 from temper.train.monitor import CommTimer, Monitor, param_counts
 from temper.train.optim import build_optimizer
 from temper.train.parallel import (
@@ -106,6 +107,14 @@ class TrainSection:
     """auto: bf16 autocast on a GPU that supports it, else fp32. fp16 uses a gradient scaler."""
     compile: bool = False
     """torch.compile each block (one compiled graph for identical blocks; parameter names unchanged)."""
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    """With compile: what is compiled. blocks: each block in place (every layout); model: the whole model in place
+    and, in the training step, the model's forward and the loss after it as one graph (fewer kernel launches and
+    less host work a step; one process or DDP only: not with FSDP2, tensor or pipeline parallel, nor DeepSpeed; under
+    DDP the gradients' all-reduce starts after the whole backward instead of overlapping it). Parameter names and
+    checkpoints are the same for both."""
+    float8: bool = False
+    """The blocks' linear layers in float8 (torchao, tensorwise scaling; CUDA compute capability >= 8.9, full weights)."""
     activation_checkpointing: int = 0
     """Recompute activations of every k-th block in backward; 0 disables."""
     activation_offload: bool = False
@@ -130,6 +139,18 @@ class TrainSection:
         if self.deepspeed and (self.parallel != ParallelConfig() or self.on_nonfinite == "rollback"):
             raise ValueError("deepspeed: DeepSpeed lays out and steps the model itself: leave train.parallel at its "
                              "default, and on_nonfinite at fail or skip (rollback needs a resumable checkpoint)")
+        if self.float8 and self.deepspeed:
+            raise ValueError("float8: DeepSpeed lays out the model itself, without temper's float8 layers; drop one of them")
+        if self.float8 and self.parallel.tp > 1:
+            raise ValueError("float8 does not compose with tensor parallel (parallel.tp > 1) here: use FSDP2 "
+                             "(parallel.dp_shard) or DDP")
+        if self.compile_scope == "model":
+            if not self.compile:
+                raise ValueError("compile_scope=model needs compile=true (it says what is compiled)")
+            p = self.parallel
+            if p.dp_shard > 1 or p.tp > 1 or p.pp > 1 or self.deepspeed:
+                raise ValueError("compile_scope=model compiles the whole model as one graph: one process or DDP "
+                                 "only, not with parallel.dp_shard, tp or pp > 1 nor deepspeed; use compile_scope=blocks")
         if self.activation_offload and not self.activation_checkpointing:
             raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -310,7 +331,7 @@ class _SigtermFlag:
     def any_rank(self, d: DistInfo) -> bool:
         if d.world == 1:
             return self.raised
-        flag = torch.tensor([float(self.raised)], device=d.device)
+        flag = torch.full((1,), float(self.raised), device=d.device)  # filled there: no blocking copy to the device
         dist.all_reduce(flag)
         return flag.item() > 0
 
@@ -342,6 +363,8 @@ class Run:
         if cfg.train.deepspeed and cfg.log.monitor_every:
             raise config.ConfigError("log.monitor_every: DeepSpeed steps the model itself, so its steps cannot be "
                                      "measured by parameter group; leave it at 0 under train.deepspeed")
+        if cfg.train.float8:  # refused before the model is laid out, the data read or a step taken
+            check_float8(d.device)
         self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
         self.dir = run_directory(cfg.run)
@@ -370,6 +393,8 @@ class Run:
         self.param_counts: tuple[int, int] | None = None
         """(total, trainable) parameters of the model `wrap` was given, for the first logged line."""
         self._counts_due = False
+        self._compiled: dict[int, CompiledLoss] = {}
+        """Under train.compile_scope=model, each loss `step` compiled with the model, by id (`_compiled_loss`)."""
 
     # ---- model and resume ------------------------------------------------------------------------
 
@@ -388,7 +413,9 @@ class Run:
         if self.d.sharded:
             self._skeleton = skeleton(model)
         wrapped = parallelize(model, self.d, activation_checkpointing=t.activation_checkpointing,
-                              activation_offload=t.activation_offload, compile=t.compile, amp_dtype=self.amp_dtype)
+                              activation_offload=t.activation_offload, compile=t.compile,
+                              compile_scope=t.compile_scope, amp_dtype=self.amp_dtype,
+                              float8=t.float8)
         if self.monitor is not None and isinstance(wrapped, nn.parallel.DistributedDataParallel):
             # Registered only when monitoring: DDP's built-in all-reduce otherwise, without a Python hook.
             self.monitor.comm = CommTimer(cuda=self.d.device.type == "cuda")
@@ -399,9 +426,9 @@ class Run:
         """The trained model (as `wrap` was given it: adapters, heads and all) as one plain module, for final/, on
         rank 0; None on the other ranks. Every rank must call it: a sharded model's slices are gathered
         (`parallel.full_state_dict`) into the structure `wrap` kept, on the CPU; a replicated model is returned
-        itself, without activation checkpointing."""
+        itself, without activation checkpointing or float8 layers."""
         if self._skeleton is None:
-            return remove_activation_checkpointing(self.model) if self.d.is_main else None
+            return remove_float8(remove_activation_checkpointing(self.model)) if self.d.is_main else None
         weights = dse.full_state_dict(self.engine) if self.engine else full_state_dict(self.model)
         if not self.d.is_main:
             return None
@@ -560,6 +587,8 @@ class Run:
         # `step` counts optimizer steps from 0: step + 1 is the number the loop logs it as (grpo and ppo make
         # several updates a logged step: the last monitored one's numbers go on the next logged line).
         monitor = self.monitor if every and (step + 1) % every == 0 else None
+        if t.compile and t.compile_scope == "model" and self.engine is None:
+            loss_fn = self._compiled_loss(loss_fn)
         if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
             result = dse.deepspeed_step(self.engine, batches, step=step, loss_fn=loss_fn, amp_dtype=self.amp_dtype,
                                         on_nonfinite=t.on_nonfinite, dp_group=self.d.dp_group)
@@ -578,6 +607,14 @@ class Run:
         # on them), not the loss's units, which are pairs for preference losses.
         self._window_tokens += sum(Batch.of(b).inputs.numel() for b in batches) * self.d.dp_world
         return result
+
+    def _compiled_loss(self, loss_fn: Loss) -> CompiledLoss:
+        """train.compile_scope=model: `loss_fn` compiled with the model's forward; kept for each loss object the
+        recipe passes (distill alternates two), so that its compiled graph is reused step after step."""
+        compiled = self._compiled.get(id(loss_fn))
+        if compiled is None or compiled.loss is not loss_fn:
+            compiled = self._compiled[id(loss_fn)] = CompiledLoss(loss_fn)
+        return compiled
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False) -> dict:
         """After a non-finite loss with on_nonfinite=rollback: reload the newest checkpoint (PaLM §5.1:

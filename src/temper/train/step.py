@@ -95,7 +95,10 @@ def loss_scale(loss_fn: Loss, batches: Sequence[Batch], dp_group: dist.ProcessGr
     sync before the forward."""
     world, distributed = _world(dp_group)
     device = batches[0].inputs.device
-    count = torch.stack([torch.as_tensor(loss_fn.count(b), device=device) for b in batches]).sum().double()
+    # A count on the CPU (a loss that counts from shapes) is copied without waiting for the device: a blocking
+    # copy would synchronise the stream once per micro-batch.
+    count = torch.stack([torch.as_tensor(loss_fn.count(b)).to(device, non_blocking=True)
+                         for b in batches]).sum().double()
     if distributed:
         dist.all_reduce(count, group=dp_group)
     return count, (world / count.clamp(min=1)).float()
