@@ -333,6 +333,8 @@ def test_bad_input_is_named(char_data, tmp_path, capsys):
         train(char_data, tmp_path, "x", "--train.stepz=3")
     with pytest.raises(ConfigError, match="not a multiple"):
         train(char_data, tmp_path, "x", "--train.global_batch_tokens=100")
+    with pytest.raises(ConfigError, match="train.attention=flex trains on CUDA only"):
+        train(char_data, tmp_path, "x", "--train.attention=flex", "--run.device=cpu")
 
 
 def test_final_is_a_hugging_face_checkpoint(char_data, tmp_path):

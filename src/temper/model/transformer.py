@@ -349,8 +349,8 @@ class Transformer(nn.Module):
     """The kernel of masked forwards without a KV cache (packed documents, padding, a window shorter than
     the sequence): "flex" (FlexAttention's block mask, compiled on CUDA), "sdpa" (a dense (B, 1, T, T)
     mask) or "auto" (flex on CUDA, sdpa elsewhere: a CPU has no fused flex kernel, and torch no CPU flex
-    backward). Set on the instance (`model.attn_impl = "sdpa"`): a choice of kernel, not of the model, so
-    no ModelConfig field (those are exported, and compared when a run resumes)."""
+    backward). Set on the instance (`model.attn_impl = "sdpa"`; training recipes: `--train.attention`): a
+    choice of kernel, not of the model, so no ModelConfig field (those are exported, and compared on resume)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

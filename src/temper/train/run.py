@@ -43,6 +43,7 @@ from torch import nn
 from temper import config, faults
 from temper.errors import InputError
 from temper.files import atomic_write_text, safe_join, safe_name
+from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
 from temper.train import deepspeed_engine as dse
 from temper.train.float8 import check_float8, remove_float8
@@ -113,6 +114,9 @@ class TrainSection:
     less host work a step; one process or DDP only: not with FSDP2, tensor or pipeline parallel, nor DeepSpeed; under
     DDP the gradients' all-reduce starts after the whole backward instead of overlapping it). Parameter names and
     checkpoints are the same for both."""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """Kernel of masked attention (packed documents, padding): flex (FlexAttention block mask; CUDA), sdpa (dense
+    mask) or auto (flex on CUDA, sdpa elsewhere); unmasked causal batches always take SDPA's flash kernel."""
     float8: bool = False
     """The blocks' linear layers in float8 (torchao, tensorwise scaling; CUDA compute capability >= 8.9, full weights)."""
     activation_checkpointing: int = 0
@@ -365,6 +369,9 @@ class Run:
                                      "measured by parameter group; leave it at 0 under train.deepspeed")
         if cfg.train.float8:  # refused before the model is laid out, the data read or a step taken
             check_float8(d.device)
+        if cfg.train.attention == "flex" and d.device.type != "cuda":
+            raise config.ConfigError(f"train.attention=flex trains on CUDA only (torch has no FlexAttention backward "
+                                     f"on {d.device.type}); use auto or sdpa")
         self.cfg, self.d, self.resolved = cfg, d, resolved
         self.resume_keys = tuple(resume_keys)
         self.dir = run_directory(cfg.run)
@@ -404,6 +411,9 @@ class Run:
         and tensor parallel replace the parameters with DTensors."""
         t = self.cfg.train
         self.model = model
+        for m in model.modules():  # the kernel of masked attention, on every decoder (a head's or value model's too)
+            if isinstance(m, Transformer):
+                m.attn_impl = t.attention
         self.param_counts = param_counts(model)  # the whole model: before a pipeline split or FSDP2's sharding
         if t.deepspeed:  # DeepSpeed lays the model out itself, in `build_optimizer`
             if self.d.world == 1:
