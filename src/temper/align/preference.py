@@ -175,7 +175,7 @@ class PreferenceLoss:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
     def count(self, batch: Batch) -> torch.Tensor:
-        return torch.tensor(pairs(batch), device=batch.inputs.device)
+        return torch.tensor(pairs(batch))  # on the host: `train_step` copies it without a stream sync
 
     def reference_logps(self, batch: Batch) -> torch.Tensor:
         if "ref_logps" in batch.extra:
@@ -246,7 +246,7 @@ class KTOLoss:
     reference: Reference | None = None
 
     def count(self, batch: Batch) -> torch.Tensor:
-        return torch.tensor(pairs(batch), device=batch.inputs.device)  # n examples (and n KL rows)
+        return torch.tensor(pairs(batch))  # n examples (and n KL rows); on the host, as DPO's
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         n = pairs(batch)
@@ -282,7 +282,7 @@ class RewardLoss:
     center_coef: float = 0.0
 
     def count(self, batch: Batch) -> torch.Tensor:
-        return torch.tensor(pairs(batch), device=batch.inputs.device)
+        return torch.tensor(pairs(batch))  # on the host: `train_step` copies it without a stream sync
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         P = pairs(batch)
