@@ -66,8 +66,10 @@ else
   DEV=cuda
   # Compiled only by default: eager GPT-2 was measured in the first GPU run, and every compiled side costs
   # 10-40 s of compilation. Decode at batch 1 only: each batch size compiles its own CUDA graph (~60 s a side).
+  # --child-timeout: each side's process per shape gets 60 s (4 of them in the part's 260), keeping the modes it
+  # measured, so a slow compile costs its own row, not the Llama shape's (which two earlier runs lost that way).
   TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1
-         --modes ${GPU_CHECK_TRAIN_MODES:-compile compile-model float8} --dtype bf16)
+         --modes ${GPU_CHECK_TRAIN_MODES:-compile compile-model float8} --dtype bf16 --child-timeout 60)
   DECODE=(--device cuda --shape llama-3.2-1b --batch ${GPU_CHECK_DECODE_BATCH:-1} --prompt-len 128 --new-tokens 256
           --repeats 2 --compile)
   FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing

@@ -151,6 +151,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the median is reported")
     p.add_argument("--json", help="also write every row (tokens/s, MFU, memory, the peaks) to this file")
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps per side; print the top kernels")
+    p.add_argument("--child-timeout", type=float, default=0,
+                   help="seconds one side's process may take for one shape (0: no limit); the modes it measured "
+                        "before the limit are kept, the rest reported as timed out")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     modes = ["compile"] if a.compile else a.modes
@@ -195,14 +198,19 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", impl, shape, "--batch", str(batches[shape]), "--seq",
                        str(a.seq), "--steps", str(a.steps), "--dtype", dtype, "--vocab", str(a.vocab),
                        "--compile-backend", a.compile_backend, "--modes", *side_modes, "--profile", str(a.profile)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout or None)
+                    stdout, stderr, returncode = out.stdout, out.stderr, out.returncode
+                except subprocess.TimeoutExpired as e:  # its output so far is bytes whatever text= says
+                    stdout = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+                    stderr, returncode = f"timed out after {a.child_timeout:.0f} s (--child-timeout)", -1
                 if a.profile:
-                    print("\n".join(ln for ln in out.stderr.splitlines() if "Warning" not in ln), flush=True)
-                for line in out.stdout.strip().splitlines():
+                    print("\n".join(ln for ln in stderr.splitlines() if "Warning" not in ln), flush=True)
+                for line in stdout.strip().splitlines():
                     row = json.loads(line)
                     runs[(impl, row["mode"])].append(row)
-                if out.returncode != 0:
-                    failed[impl] = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                if returncode != 0:
+                    failed[impl] = (stderr.strip().splitlines() or ["no output"])[-1]
         for mode in modes:
             medians = {}
             for impl in ("transformers", "temper"):
