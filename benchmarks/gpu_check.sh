@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check of every GPU claim, about 9 minutes on one H100/H200 (the parts' limits add up to 11):
+# One prepared check of every GPU claim, about 9 minutes on one H100/H200 (the parts' limits add up to 12):
 #   tests       the `gpu`-marked tests
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
 #   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,
@@ -79,7 +79,9 @@ else
   SCALEOUT=(--device cuda --shape llama-3.2-1b --batch 4 --seq 1024 --warmup 2 --steps 8 --dtype bf16)
 fi
 
-part tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
+# Verbose, so that a part cut at its limit still shows which tests passed; -o timeout (pytest-timeout, when
+# installed; ignored otherwise) fails a hung test alone. The compiled flex and float8 tests compile for a while.
+part tests 120 "$PY" -m pytest -v -p no:cacheprovider -o timeout=90 -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
 part peaks 15 "$PY" benchmarks/gpu_check.py peaks --device "$DEV" --json "$WORK/peaks.json"
 part train 260 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
 part decode 110 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
