@@ -2,51 +2,16 @@
 the whole re-encoded prompt, passages skipped rather than cut, a question over the budget refused), and the answer
 equal to the engine's own generation on the prompt that names the passages [1]..[n], with citations mapped back."""
 
-import gzip
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
-import torch
 
-from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.infer.engine import generate
 from temper.infer.load import load_for_inference
 from temper.infer.text import completion_text
-from temper.model.config import PRESETS
-from temper.model.convert import save_hf
-from temper.model.transformer import Transformer
 from temper.rag.answer import Answer, Citation, augment_messages, completion_prompt, fit
 from temper.rag.chunks import Chunk
 from temper.rag.retrieve import Hit, QueryError, rrf
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def wikitext_lines(shared_data: Path, n: int) -> list[str]:
-    """The first n non-empty, non-heading lines of WikiText-2's validation split."""
-    out = []
-    with gzip.open(shared_data / "wikitext-2" / "valid.txt.gz", "rt", encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("="):
-                out.append(line)
-                if len(out) == n:
-                    break
-    return out
-
-
-def tiny_checkpoint(root: Path, texts: list[str], context: int = 256, chat: bool = True) -> Path:
-    """A debug Llama-layout model and a BPE tokenizer trained on `texts` (ChatML template when `chat`)."""
-    tok = train_tokenizer(texts, "bpe", 400, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    hf_tok = HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-                         {"default": CHATML} if chat else {})
-    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=context)
-    torch.manual_seed(0)
-    save_hf(Transformer(cfg), cfg, root)
-    save_hf_tokenizer(hf_tok, root)
-    return root
+from tests.rag.tiny import tiny_checkpoint, wikitext_lines
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from temper.rag.evalset import read_labelled, write_labelled
 from temper.rag.index import Index
 from temper.rag.metrics import exact_match, retrieval_scores, token_f1
 from temper.rag.retrieve import retrieve
-
-from .test_answer import tiny_checkpoint
+from tests.rag.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

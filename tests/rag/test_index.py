@@ -28,8 +28,7 @@ from temper.rag.index import (
     Index,
     RagIndexError,
 )
-
-from .test_answer import tiny_checkpoint
+from tests.rag.tiny import tiny_checkpoint
 
 WIKI_HEAD = 4000  # lines of WikiText-2's test split read by these tests: a dozen articles
 

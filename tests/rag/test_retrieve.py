@@ -16,7 +16,7 @@ from temper.rag.chunks import chunk_documents
 from temper.rag.embed import load_embedder
 from temper.rag.index import EmbedderMismatchError, Index
 from temper.rag.retrieve import QueryError, pick_mode, query_embedder, retrieve, retrieve_many, rrf
-from tests.rag.test_answer import tiny_checkpoint, wikitext_lines
+from tests.rag.tiny import tiny_checkpoint, wikitext_lines
 
 
 @pytest.fixture

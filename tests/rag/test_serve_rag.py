@@ -23,7 +23,7 @@ from temper.rag.index import Index
 from temper.rag.retrieve import retrieve
 from temper.recipes.serve import ServeConfig, rag_hook
 from temper.serve.app import ServeSettings, create_app
-from tests.rag.test_answer import tiny_checkpoint, wikitext_lines
+from tests.rag.tiny import tiny_checkpoint, wikitext_lines
 
 
 def test_served_chat_answers_from_the_index_with_citations(tmp_path, shared_data):
