@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from temper.model.config import PRESETS
@@ -210,3 +211,45 @@ def test_layer_matches_peft_forward_and_gradients(variant, dropout):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     for g_ours, g_theirs in zip(*grads, strict=True):
         torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=0)
+
+
+def test_bf16_activations_give_autograds_numbers_without_a_float32_copy_saved():
+    """On bf16 activations the float32 adapters' A product saves x itself, not its float32 copy (half the
+    bytes, shared by q, k and v): output and gradients are plain autograd's of the cast, bit for bit."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 40, bias=True).to(torch.bfloat16), rank=4, alpha=5)
+    nn.init.normal_(layer.lora_b, std=0.1)
+    x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+    w = torch.linspace(-1, 1, 40)
+    xi = x.clone().requires_grad_(True)
+    y = layer(xi)
+    saved = _saved_tensors(y.grad_fn)
+    assert any(t is xi for t in saved)  # x itself, not a float32 copy of it
+    assert not [t.shape for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
+    (y.float() * w).sum().backward()
+    got = [y, xi.grad, layer.lora_a.grad, layer.lora_b.grad]
+    a, b = layer.lora_a.detach().clone().requires_grad_(), layer.lora_b.detach().clone().requires_grad_()
+    xr = x.clone().requires_grad_(True)
+    yr = F.linear(xr, layer.weight, layer.bias) + (F.linear(F.linear(xr.to(torch.float32), a), b) * layer.scale).to(
+        torch.bfloat16)
+    (yr.float() * w).sum().backward()
+    for g, r in zip(got, [yr, xr.grad, a.grad, b.grad], strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def _saved_tensors(fn) -> list[torch.Tensor]:
+    """Every tensor the autograd graph under `fn` saved for backward."""
+    out, seen, todo = [], set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        for name in dir(f):
+            if name.startswith("_saved_"):
+                v = getattr(f, name)
+                out += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        if hasattr(f, "saved_tensors"):  # a custom autograd.Function's node
+            out += [t for t in f.saved_tensors if isinstance(t, torch.Tensor)]
+        todo += [n for n, _ in f.next_functions]
+    return out

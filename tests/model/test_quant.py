@@ -15,7 +15,7 @@ from temper.model.lora import ALL_LINEAR_TARGETS, LoRALinear, apply_lora, lora_p
 from temper.model.transformer import Transformer
 
 pytest.importorskip("torchao")
-from temper.model.quant import dequantize, is_nf4, quantize_nf4, storage_bytes  # noqa: E402
+from temper.model.quant import dequantize, is_nf4, nf4_linear, nf4_to, quantize_nf4, storage_bytes  # noqa: E402
 
 try:
     from torchao.quantization import to_nf4
@@ -63,6 +63,24 @@ def test_f_linear_runs_torchaos_linear_nf4():
     assert torch.equal(y, F.linear(x, w.to(torch.bfloat16)))
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sliced_dequantization_is_torchaos_bit_for_bit(bias):
+    torch.manual_seed(0)
+    w = to_nf4(torch.randn(512, 256, dtype=torch.bfloat16) * 0.02)  # 8 scaler blocks of 64 * 256 weights
+    for chunk in (64 * 256, 3 * 64 * 256, 1 << 30):  # slices of 1 and 3 scaler blocks (the last one short), one pass
+        assert torch.equal(nf4_to(w, torch.bfloat16, chunk), w.to(torch.bfloat16))
+        assert torch.equal(nf4_to(w, torch.float32, chunk), w.to(torch.float32))
+    b = torch.randn(512, dtype=torch.bfloat16) if bias else None
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = nf4_linear(x, w, b)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, w, b)  # torchao's linear_nf4
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
 
 
 def test_stores_about_half_a_byte_per_weight():

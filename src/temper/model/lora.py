@@ -36,6 +36,30 @@ ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
 """Every linear layer of a block: QLoRA (Dettmers et al. 2023, §4) needs these to match full fine-tuning."""
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """F.linear(x.to(weight.dtype), weight), saving x in its own dtype and casting it again in backward.
+
+    The adapters' A product on bf16 activations: autograd would save the float32 copy of x, twice x's
+    bytes, once per adapter (q, k and v each their own), all alive while a checkpointed block is
+    recomputed. Saving x itself (which q, k and v share) costs half or less. The backward runs the
+    products autograd runs for the cast and `F.linear` (x's gradient grad @ W cast back to x's dtype,
+    W's grad^T @ x), so the gradients are the same, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)  # (..., r)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, r)
+        gx = g.mm(weight).to(x.dtype).view(x.shape) if ctx.needs_input_grad[0] else None  # (..., in)
+        gw = g.t().mm(x.reshape(-1, x.shape[-1]).to(weight.dtype)) if ctx.needs_input_grad[1] else None  # (r, in)
+        return gx, gw
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable rank-r update scaled by alpha / r (rsLoRA: alpha / sqrt(r)),
     and with `dora` a trainable magnitude per output row."""
@@ -80,14 +104,24 @@ class LoRALinear(nn.Module):
                 self.lora_magnitude.copy_(self.weight_norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out); an NF4 weight goes to torchao's linear_nf4
+        if hasattr(self.weight, "quantized_data"):  # NF4 (QLoRA): torchao's product, dequantized in slices
+            from temper.model.quant import nf4_linear  # not at the top: quant imports this module
+
+            y = nf4_linear(x, self.weight, self.bias)  # (..., out)
+        else:
+            y = F.linear(x, self.weight, self.bias)  # (..., out)
         if not self.enabled:  # the base model, e.g. DPO's reference (`adapters_disabled`)
             return y
         xd = self.dropout(x)
-        xa = xd if torch.is_autocast_enabled(x.device.type) else xd.to(self.lora_a.dtype)  # else autocast casts
-        h = F.linear(F.linear(xa, self.lora_a), self.lora_b)  # (..., out)
+        if torch.is_autocast_enabled(x.device.type) or xd.dtype == self.lora_a.dtype:  # autocast casts, or no cast
+            xa = F.linear(xd, self.lora_a)  # (..., r)
+        else:  # bf16 activations, float32 adapters: save x, not its float32 copy, for A's gradient
+            xa = _UpcastLinear.apply(xd, self.lora_a)  # (..., r)
         if self.lora_magnitude is None:
-            return y + (h * self.scale).to(y.dtype)  # (..., out)
+            # Scaled in place and cast without a name holding it: the float32 (..., out) product is freed
+            # before the sum, not kept beside it (same operations, same numbers).
+            return y + F.linear(xa, self.lora_b).mul_(self.scale).to(y.dtype)  # (..., out)
+        h = F.linear(xa, self.lora_b)  # (..., out)
         # DoRA as PEFT computes it (same operations, same order): y + (g - 1) * x W^T + g * x A^T B^T * s
         # with g = m / ||W + sBA||, which is g * x (W + sBA)^T + b without forming W'. With dropout
         # active, PEFT feeds the dropped-out x to both W-terms of the correction, and so does this.

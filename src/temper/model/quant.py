@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from temper.errors import InputError
@@ -118,6 +119,64 @@ def _set_nf4(layer: nn.Module, block_size: int, scaler_block_size: int) -> None:
     """The layer's weight in NF4, frozen."""
     layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), block_size, scaler_block_size),
                                 requires_grad=False)
+
+
+NF4_CHUNK = 1 << 22
+"""Weights `nf4_to` dequantizes at a time (a multiple of torchao's scaler block, 64 * 256 weights)."""
+
+
+def nf4_to(w: torch.Tensor, dtype: torch.dtype, chunk: int | None = None) -> torch.Tensor:
+    """`w.to(dtype)` of an NF4 weight, bit for bit, with its temporaries bounded by `chunk` weights (default
+    `NF4_CHUNK`).
+
+    torchao's dequantization runs over the whole weight at once: two int64 code tensors (16 bytes
+    per pair of weights), the looked-up and scaled halves and their interleaving, ~7x a bf16 copy of
+    the weight (784 MiB for one of Llama-3-8B's MLP projections) on top of the result. The same
+    element-wise operations over `chunk` weights at a time give the same values into one output.
+    Eager only: under torch.compile torchao's version is traced and fused instead.
+    """
+    block, sblock, chunk = w.block_size, w.scaler_block_size, chunk or NF4_CHUNK
+    n = w.numel()
+    if not w.is_contiguous() or n % (block * sblock):  # a transposed view, or another layout: torchao's own path
+        return w.to(dtype)
+    step = max(chunk // (block * sblock), 1) * block * sblock  # whole double-quantization blocks; the last may be short
+    out = None
+    for lo in range(0, n, step):
+        codes = w.quantized_data[lo // 2 : (lo + step) // 2]  # two 4-bit codes a byte
+        first = w.nf4[(codes >> 4).to(torch.long)]  # torchao's operations, in its order, on a slice
+        second = w.nf4[(codes & 0b1111).to(torch.long)]
+        qs = w.quantized_scalers[lo // block : (lo + step) // block].view(-1, sblock)
+        qf = w.quantization_factor[lo // (block * sblock) : (lo + step) // (block * sblock)]
+        scalers = (qs / qf.unsqueeze(-1)).flatten().to(w.dtype) + w.scaler_mean
+        repeated = scalers.unsqueeze(-1).expand(scalers.size(0), block // 2).flatten()
+        pairs = torch.stack([first * repeated, second * repeated], dim=-1).view(-1)  # interleaved
+        if out is None:
+            out = torch.empty(n, dtype=pairs.dtype, device=pairs.device)
+        out[lo : lo + step] = pairs
+    return out.view(w.shape).to(dtype)
+
+
+class _LinearNF4(torch.autograd.Function):
+    """torchao's `linear_nf4` (x @ W^T for an NF4 W, no gradient for W), dequantizing through `nf4_to`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return F.linear(x, nf4_to(w, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        return grad @ nf4_to(w, grad.dtype), None
+
+
+def nf4_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)` for an NF4 `w`, the numbers torchao gives, with less memory in eager mode
+    (`nf4_to`); under torch.compile, torchao's own (traced and fused)."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, w, bias)
+    y = _LinearNF4.apply(x, w)
+    return y if bias is None else y + bias  # as torchao adds it
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
