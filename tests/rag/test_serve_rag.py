@@ -2,19 +2,12 @@
 engine's own greedy answer to the conversation with the retrieved passages in a system turn, and the response
 carries their citations (also on a stream's first chunk); a prompt budget too small for the question is a 400."""
 
-import socket
-import threading
-import time
-
 import openai
 import pytest
-import uvicorn
 
 from temper.config import parse
 from temper.data.sources import Document
 from temper.infer.engine import generate
-from temper.infer.load import load_for_inference
-from temper.infer.scheduler import Scheduler
 from temper.infer.text import completion_text
 from temper.rag.answer import fit_messages
 from temper.rag.chunks import chunk_documents
@@ -22,8 +15,8 @@ from temper.rag.embed import load_embedder
 from temper.rag.index import Index
 from temper.rag.retrieve import retrieve
 from temper.recipes.serve import ServeConfig, rag_hook
-from temper.serve.app import ServeSettings, create_app
 from tests.rag.tiny import tiny_checkpoint, wikitext_lines
+from tests.serve.test_server import KEY, serving
 
 
 def test_served_chat_answers_from_the_index_with_citations(tmp_path, shared_data):
@@ -32,24 +25,11 @@ def test_served_chat_answers_from_the_index_with_citations(tmp_path, shared_data
     embedder = load_embedder(path, max_len=64)
     docs = [Document(text, "valid.txt.gz", i + 1) for i, text in enumerate(lines)]
     index = Index.build(tmp_path / "index", list(chunk_documents(docs, embedder.tokenizer, 40, 8)), embedder)
-    cfg = parse(ServeConfig, [f"--checkpoint={path}", f"--rag.index={index.root}", "--rag.k=3", "--no_auth"],
-                prog="serve")
+    cfg = parse(ServeConfig, [f"--checkpoint={path}", f"--rag.index={index.root}", "--rag.k=3"], prog="serve")
     assert cfg.rag.mode == "auto"
-    loaded = load_for_inference(path)
-    sched = Scheduler(loaded.model, slots=2, max_queue=4)
-    hook = rag_hook(cfg.rag, loaded, sched.max_len)
-    app = create_app(loaded, sched, ServeSettings(model_name="tiny"), hook)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none",
-                               max_retries=0, timeout=30)
+    with serving(path, slots=2, max_queue=4, hook=lambda loaded, sched: rag_hook(cfg.rag, loaded, sched.max_len)) \
+            as (url, _, loaded, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
         messages = [{"role": "user", "content": lines[5][:80]}]
         out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
 
@@ -71,7 +51,3 @@ def test_served_chat_answers_from_the_index_with_citations(tmp_path, shared_data
         with pytest.raises(openai.BadRequestError, match="over the prompt's budget"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": " ".join(lines)}],
                                            max_tokens=8)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

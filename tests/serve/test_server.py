@@ -57,12 +57,14 @@ def _checkpoint(root: Path, context: int) -> Path:
 
 
 @contextlib.contextmanager
-def serving(path: Path, slots: int, max_queue: int, scheduler_kw: dict | None = None, **settings):
-    """A real uvicorn server on a free 127.0.0.1 port, in a thread: (base url, scheduler, loaded, app)."""
+def serving(path: Path, slots: int, max_queue: int, scheduler_kw: dict | None = None, hook=None, **settings):
+    """A real uvicorn server on a free 127.0.0.1 port, in a thread: (base url, scheduler, loaded, app).
+    hook: called with (loaded, scheduler), it returns the app's retrieval hook (`temper serve --rag.index`)."""
     torch.set_num_threads(1)  # as the tests' harness, which a module fixture runs before
     loaded = load_for_inference(path)
     sched = Scheduler(loaded.model, slots=slots, max_queue=max_queue, **(scheduler_kw or {}))
-    app = create_app(loaded, sched, ServeSettings(model_name="tiny", api_key=KEY, **settings))
+    app = create_app(loaded, sched, ServeSettings(model_name="tiny", api_key=KEY, **settings),
+                     hook(loaded, sched) if hook else None)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))

@@ -65,30 +65,21 @@ def run_ranks(tmp_path, fault=None, compiled=False):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def test_ddp_equals_single_process(tmp_path):
-    ranks = run_ranks(tmp_path)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "whole-model-compiled"])
+def test_ddp_equals_single_process(tmp_path, compiled):
+    """2 DDP ranks give the single eager process's losses and weights; also with train.compile_scope=model under
+    DDP (the model compiled in place, DDP around it, the loss compiled with the forward: dynamo breaks at DDP's
+    forward; aot_eager), to the looser tolerance of a traced graph's reordered sums."""
+    ranks = run_ranks(tmp_path, compiled=compiled)
     torch.manual_seed(0)
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     single = [train_step(model, opt, [padded_batch(step)], step=step).loss for step in range(5)]
+    loss_tol, param_tol = ((1e-5, 1e-6), (1e-5, 1e-5)) if compiled else ((1e-6, 1e-7), (1e-6, 1e-7))
     for r in ranks:
-        torch.testing.assert_close(r["losses"], single, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r["losses"], single, rtol=loss_tol[0], atol=loss_tol[1])
         for a, b in zip(r["params"], model.parameters()):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
-
-
-def test_ddp_with_the_whole_model_compiled_equals_single_process(tmp_path):
-    """train.compile_scope=model under DDP (the model compiled in place, DDP around it, the loss compiled with the
-    forward: dynamo breaks at DDP's forward) gives the eager single process's losses and weights (aot_eager)."""
-    ranks = run_ranks(tmp_path, compiled=True)
-    torch.manual_seed(0)
-    model = TinyLM()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    single = [train_step(model, opt, [padded_batch(step)], step=step).loss for step in range(5)]
-    for r in ranks:
-        torch.testing.assert_close(r["losses"], single, rtol=1e-5, atol=1e-6)
-        for a, b in zip(r["params"], model.parameters()):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b.detach(), rtol=param_tol[0], atol=param_tol[1])
 
 
 def test_nan_on_one_rank_fails_on_both_before_the_update(tmp_path):

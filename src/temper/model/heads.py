@@ -76,9 +76,8 @@ class RewardModel(nn.Module):
         return self.backbone.num_params() + sum(p.numel() for p in self.head.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The decoder's, without its language-model head (V x d, never run here): for a small model that
-        head is most of the matmul weights, and counting it would inflate MFU several times over."""
-        return self.backbone.flops_per_token(seq_len) - 6 * self.cfg.vocab_size * self.cfg.dim
+        """The decoder's, without its language-model head (never run here)."""
+        return self.backbone.flops_per_token(seq_len, head=False)
 
     def forward(self, tokens: torch.Tensor, *, last: torch.Tensor, **kwargs) -> torch.Tensor:
         hidden = self.backbone(tokens, hidden_only=True, **kwargs)  # (B, T, C)

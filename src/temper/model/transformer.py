@@ -563,11 +563,15 @@ class Transformer(nn.Module):
         n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return n + (self.tok_emb.weight.numel() if self.head is None else 0)  # a tied head is tok_emb
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, *, head: bool = True) -> float:
         """Training FLOPs per token: 6*N (forward + backward matmuls) + 12*L*d*T (attention scores).
 
         The PaLM appendix B / nanoGPT accounting; biases and norms are elementwise and left out. d is
         the attention width n_heads * head_dim (d_model, except where head_size sets it apart).
+        head=False: without the language-model head (V x d), for callers that never run it (a reward head on
+        the hidden states, a retriever pooling them): for a small model that head is most of the matmul
+        weights, and counting it would inflate MFU several times over.
         """
         c = self.cfg
-        return float(6 * self.matmul_params() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
+        lm_head = 0 if head else 6 * c.vocab_size * c.dim
+        return float(6 * self.matmul_params() - lm_head + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)

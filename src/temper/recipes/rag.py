@@ -594,8 +594,7 @@ def _train_retriever(cfg: RetrieverTrainConfig, d: Any, train_pairs: list[Pair],
         return {f"val_{k}": v for k, v in metrics.items()}
 
     with run:
-        head = 6 * model.cfg.vocab_size * model.cfg.dim  # hidden_only: the LM head never runs
-        logger = run.logging(steps, step, model.flops_per_token(emb.max_len) - head)
+        logger = run.logging(steps, step, model.flops_per_token(emb.max_len, head=False))  # hidden_only
         if step == 0 and val_pairs:
             logger.log(0, validate(), kind="val")
         train_model.train()
