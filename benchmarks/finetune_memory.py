@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every side")
     ap.add_argument("--compile", action="store_true",
                     help="temper's blocks compiled (rows 'temper+compile'); a side that fails to compile runs eager")
+    ap.add_argument("--eager", nargs="*", default=[], choices=["full", "lora", "qlora"],
+                    help="with --compile, also measure temper uncompiled for these methods (rows 'temper')")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick dry run)")
     ap.add_argument("--offload", nargs="*", default=[], choices=["full", "lora", "qlora"],
                     help="for these methods temper offloads the checkpointed inputs to CPU (needs --checkpointing)")
@@ -232,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     sides: dict[tuple[str, str], Callable[[], Side]] = {}
     for m in args.methods:
         offload = m in args.offload
-        name = "temper" + ("+compile" if args.compile else "") + ("+offload" if offload else "")
-        sides[(m, name)] = lambda m=m, o=offload: temper_side(cfg, m, dev, dtype, rank, ckpt, args.compile, o)
+        suffix = "+offload" if offload else ""
+        for compiled in [args.compile] + ([False] if args.compile and m in args.eager else []):
+            name = "temper" + ("+compile" if compiled else "") + suffix
+            sides[(m, name)] = lambda m=m, o=offload, c=compiled: temper_side(cfg, m, dev, dtype, rank, ckpt, c, o)
         if m != "qlora":
             sides[(m, peers[m])] = lambda m=m: hf_side(cfg, m, dev, dtype, rank, ckpt)
     no_qlora_peer = bnb_missing(args.device) if "qlora" in args.methods else None

@@ -18,8 +18,10 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it measures: `report` runs after every part and stays instant
+    import torch
 
 NANOGPT_COMPILE_TOKENS_PER_S = 467e3
 """nanoGPT + torch.compile, GPT-2 124M, batch 16 x 1024, bf16 on one H100: the issue's reference figure
@@ -28,6 +30,8 @@ NANOGPT_COMPILE_TOKENS_PER_S = 467e3
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes per second of a device-to-device copy, counting bytes read plus bytes written."""
+    import torch
+
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
     reps = 20 if device.type == "cuda" else 3
@@ -43,6 +47,8 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def peaks(device_name: str, out: str) -> None:
+    import torch
+
     from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops
 
     device = torch.device(device_name)
@@ -159,7 +165,7 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
             g["met"] = None
 
     lines = [f"# GPU check{' (dry run: CPU, tiny shapes; goals not judged)' if dry_run else ''}", "",
-             f"device: {pk.get('device', 'n/a')}, torch {pk.get('torch', torch.__version__)}; measured bf16 matmul peak "
+             f"device: {pk.get('device', 'n/a')}, torch {pk.get('torch', 'n/a')}; measured bf16 matmul peak "
              f"{_fmt(pk.get('bf16_matmul_flops') and pk['bf16_matmul_flops'] / 1e12, '.0f')} TFLOP/s (datasheet "
              f"{_fmt(pk.get('datasheet_bf16_flops') and pk['datasheet_bf16_flops'] / 1e12, '.0f')}); copy bandwidth "
              f"{_fmt(pk.get('copy_bytes_per_s') and pk['copy_bytes_per_s'] / 1e12, '.2f')} TB/s (read + write)", "",

@@ -24,11 +24,12 @@ the process group in turn, since a launch costs more than a run of these tiny mo
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
 from temper.recipes import distill, dpo, grpo, ppo, reward, sft
 from tests.recipes import test_sft
+from tests.train.test_multinode import free_port
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ALPACA = DATA / "alpaca" / "stanford_alpaca_first100.json"
@@ -87,15 +89,30 @@ def cases(hh_base, arith, wide) -> dict[str, tuple[str, list[str], int]]:
 def drive(spec: str) -> None:
     """Under torchrun: each run of the spec's "runs" ([recipe, argv]) crashes at step 2 and resumes.
 
-    Each call joins the process group anew, through a store of its own on the next of the spec's "ports": a
-    second group on torchrun's store would find the first one's keys under the same names and can wait on them
-    forever."""
+    Each call joins the process group anew, through a store of its own on a port that rank 0 picks just
+    before the call and hands rank 1 in a file beside the spec: a second group on torchrun's store would find
+    the first one's keys under the same names and can wait on them forever, and ports picked minutes ahead
+    can meanwhile be taken (gloo's own connections bind free ports too)."""
     content = json.loads(Path(spec).read_text())
-    ports = iter(content["ports"])
+    rank, calls = int(os.environ["RANK"]), iter(range(10**6))
 
     def call(recipe: str, argv: list[str]) -> int:
-        os.environ |= {"MASTER_PORT": str(next(ports)), "TORCHELASTIC_USE_AGENT_STORE": "False"}
+        port_file = Path(spec).with_name(f"port-{next(calls)}")
+        if rank == 0:
+            port_file.with_suffix(".tmp").write_text(str(free_port()))
+            port_file.with_suffix(".tmp").rename(port_file)  # whole, or not there yet
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert time.monotonic() < deadline, f"rank 0 never wrote {port_file}"
+            time.sleep(0.05)
+        os.environ |= {"MASTER_PORT": port_file.read_text(), "TORCHELASTIC_USE_AGENT_STORE": "False"}
         return RECIPES[recipe].main(argv)
+
+    def left(recipe: str) -> None:
+        """The run's groups are gone with it (`parallel.release_dtensor_caches`), and their threads too."""
+        gc.collect()
+        import torch._C._distributed_c10d as c10d_c
+        assert not gloo_threads(), f"{recipe}: gloo threads outlive the run: {gloo_threads()} works {c10d_c._get_work_registry_size()}"
 
     for recipe, argv in content["runs"]:
         os.environ["TEMPER_FAULT"] = "crash:step=2"
@@ -104,20 +121,16 @@ def drive(spec: str) -> None:
             raise AssertionError(f"{recipe}: the crash at step 2 did not happen")
         except SystemExit as e:
             assert "crash at step 2" in str(e), e
+        left(recipe)  # after the `except`: the crash's traceback no longer holds the run's frames
         os.environ["TEMPER_FAULT"] = ""
         assert call(recipe, argv) == 0, recipe
+        left(recipe)
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free now (all held open at once while they are picked)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def gloo_threads() -> list[str]:
+    """This process's threads that gloo process groups run (by their Linux thread names)."""
+    names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +143,23 @@ def runs(hh_base, arith, base, tmp_path_factory) -> Path:
         assert RECIPES[recipe].main([*argv, f"--run.name={name}-one", f"--train.micro_batch_size={micro}"]) == 0
         spec.append([recipe, [*argv, f"--run.name={name}-fsdp", f"--train.micro_batch_size={micro // 2}",
                               "--train.parallel.dp_shard=2"]])
-    (root / "spec.json").write_text(json.dumps({"runs": spec, "ports": free_ports(2 * len(spec))}))
+    (root / "spec.json").write_text(json.dumps({"runs": spec}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--module",
            "tests.recipes.test_recipes_sharded", str(root / "spec.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[2])
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    assert out.returncode == 0, failure_report(out.stdout + out.stderr)
     return root
+
+
+def failure_report(log: str) -> str:
+    """The lines that name a cause, from anywhere in the log (a rank that aborts prints one line, which the
+    other rank's long traceback would push out of a plain tail), then the tail."""
+    causes = [line for line in log.splitlines() if any(k in line for k in CAUSES)]
+    return "\n".join(["causes:", *causes[:40], "tail:", log[-4000:]])
+
+
+CAUSES = ("terminate called", "what():", "Fatal Python error", "Error:", "Exception:", "Segmentation fault")
 
 
 def metrics(run: Path, kind: str) -> dict[int, dict]:

@@ -6,6 +6,7 @@ a NaN on one rank is skipped (or raised) with the parameters untouched. Skipped 
 import datetime
 import json
 import os
+import sys
 from dataclasses import replace
 
 import pytest
@@ -82,6 +83,13 @@ def _worker(rank: int, world: int, out_dir: str, ds_path: str, model_key: str, f
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # DeepSpeed keeps its groups after destroy_process_group (deepspeed.utils.groups, and ZeRO-3's attributes on
+    # the parameters), so their gloo threads would be torn down in interpreter finalization, which can abort the
+    # process after its work is done ("terminate called without an active exception", pytorch#179291; seen in
+    # CI): a worker that finished leaves without finalization.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_deepspeed(tmp_path, zero: dict, model_key: str = "tied", fault: str = "", policy: str = "fail") -> dict:

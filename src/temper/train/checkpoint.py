@@ -38,6 +38,7 @@ import random
 import re
 import shutil
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,10 @@ class PendingSave:
         return self.final
 
 
-_ASYNC_GROUPS: dict[int, dist.ProcessGroup] = {}
+_ASYNC_GROUPS: weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup] = weakref.WeakKeyDictionary()
+"""The default group -> its gloo group for background writes. Keyed by the group itself, not its id(): a
+process that leaves and joins again (a sweep, the tests) could get a new default group at the freed one's
+address and be handed the old, destroyed gloo group."""
 
 
 def _async_group() -> dist.ProcessGroup | None:
@@ -198,10 +202,10 @@ def _async_group() -> dist.ProcessGroup | None:
     while training uses it); created on the first asynchronous save of a process group, by every rank."""
     if not dist.is_initialized():
         return None
-    key = id(dist.group.WORLD)
-    if key not in _ASYNC_GROUPS:
-        _ASYNC_GROUPS[key] = dist.new_group(backend="gloo")
-    return _ASYNC_GROUPS[key]
+    world = dist.group.WORLD
+    if world not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[world] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[world]
 
 
 def _check_keep_last_n(keep_last_n: int) -> None:

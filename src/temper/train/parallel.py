@@ -19,7 +19,9 @@ It does not own the training loop or the data order.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import sys
 import traceback
@@ -30,6 +32,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     ActivationWrapper,
     CheckpointImpl,
@@ -216,6 +219,10 @@ def init_distributed(device_name: str = "auto", layout: ParallelConfig | None = 
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # The groups a finished run left in reference cycles go before finalization (see release_dtensor_caches);
+        # unregistered first, so that a process that joins again registers it once.
+        atexit.unregister(gc.collect)
+        atexit.register(gc.collect)
     return DistInfo(rank, local_rank, world, device, build_mesh(device, world, layout), layout)
 
 
@@ -230,6 +237,34 @@ def shutdown_distributed() -> None:
         if failed is not None:
             traceback.clear_frames(failed.__traceback__)  # frames still running (the caller's) are skipped
         dist.destroy_process_group()
+        release_dtensor_caches()
+
+
+def release_dtensor_caches() -> None:
+    """Empty torch's DTensor caches (sharding propagation, redistribution plans, mesh topology).
+
+    They key on DeviceMeshes, which hold their process groups, and `destroy_process_group` does not stop a
+    gloo group's threads: those live as long as the group object. Left in the caches, the groups of a finished
+    run keep their threads, their sockets to the peers and rank 0's TCP store until interpreter exit, where
+    tearing them down can abort the process ("terminate called without an active exception", as in
+    pytorch#179291), and a process that joins again (a sweep, the tests) runs beside them. With the caches
+    empty, the groups go with the last model or tensor that holds them (`init_distributed` also collects once
+    at exit, while the interpreter is whole). The caches are torch's private functions, each cleared only where
+    it exists."""
+    import torch.distributed.tensor._collective_utils as collective_utils
+    import torch.distributed.tensor._redistribute as redistribute
+    import torch.distributed.tensor.debug as debug
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    for clear in (getattr(debug, "_clear_python_sharding_prop_cache", None),
+                  getattr(debug, "_clear_fast_path_sharding_prop_cache", None),
+                  getattr(getattr(propagator, "_propagate_tensor_meta_cached", None), "cache_clear", None),
+                  getattr(getattr(redistribute, "_gen_transform_infos", None), "cache_clear", None),
+                  getattr(redistribute, "clear_redistribute_planner_cache", None),
+                  getattr(getattr(getattr(collective_utils, "MeshTopoInfo", None), "build_from_mesh", None),
+                          "cache_clear", None)):
+        if clear is not None:
+            clear()
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int, offload: bool = False) -> None:
@@ -430,8 +465,14 @@ def materialize(model: nn.Module, full: Mapping[str, torch.Tensor] | None, devic
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on the CPU of rank 0 ({} on the other ranks), whatever its layout: every
-    rank must call it when the model is sharded (each sends its slices). Plain tensors, canonical names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    rank must call it when the model is sharded (each sends its slices). Plain tensors, canonical names.
+
+    A sharded model's parameters are gathered one at a time here rather than by `get_model_state_dict`'s
+    full_state_dict option, which waits for a gathered tensor only when it is itself an AsyncCollectiveTensor:
+    a tensor subclass that gathers its inner tensors through functional collectives (torchao's NF4Tensor, so
+    QLoRA under FSDP2) came back with them in flight, rank 0 could read them unfinished, and their works stayed
+    in torch's registry on every rank, holding the group's connections past `destroy_process_group`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     target = unwrap(model)
     if getattr(target, "pipeline_stages", None) is not None:  # stages on other ranks: gathered on rank 0
@@ -439,7 +480,26 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return gather_state_dict(target)
     if not is_sharded(target):
         return dict(target.state_dict())  # checkpoint_wrapper's state-dict hooks drop its prefix
-    return get_model_state_dict(target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    main, full = dist.get_rank() == 0, {}
+    for name, value in get_model_state_dict(target).items():  # canonical names, each rank's slices
+        if isinstance(value, DTensor):
+            if value.device.type != value.device_mesh.device_type:  # offloaded slices (CPUOffloadPolicy)
+                value = value.to(value.device_mesh.device_type)
+            value = _waited(value.full_tensor())
+        if main:
+            full[name] = value.cpu() if isinstance(value, torch.Tensor) else value
+    return full
+
+
+def _waited(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with every functional collective behind it finished: its own, or its inner tensors' for a
+    subclass (`__tensor_flatten__`)."""
+    if isinstance(tensor, AsyncCollectiveTensor):
+        return tensor.wait()
+    if hasattr(tensor, "__tensor_flatten__"):
+        for attr in tensor.__tensor_flatten__()[0]:
+            torch.ops._c10d_functional.wait_tensor(getattr(tensor, attr))
+    return tensor
 
 
 def remove_activation_checkpointing(model: nn.Module) -> nn.Module:
