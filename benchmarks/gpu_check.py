@@ -140,7 +140,7 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
     hf = _row(train["rows"], shape="llama-3.2-1b", impl="transformers", mode="compile")
     ratio = ll and hf and ll["tokens_per_s"] / hf["tokens_per_s"]
     goals.append(_goal("Llama-3.2-1B shape, temper + compile vs transformers + compile (b4 x 1024)", ">= 1.3x",
-                       _fmt(ratio, ".2f") + "x" + (f" ({ll['mode']})" if ll else ""), ratio and ratio >= 1.3))
+                       _fmt(ratio, ".2f") + ("x" if ratio else "") + (f" ({ll['mode']})" if ll else ""), ratio and ratio >= 1.3))
     d1 = _row(decode.get("rows", []), impl="temper", batch=1)
     share = d1 and d1.get("share_of_bound")
     goals.append(_goal("decode, 1B at batch 1: share of the bandwidth bound", ">= 75%", _fmt(share, ".1%"),
@@ -156,7 +156,11 @@ def report(work: Path, out: Path, dry_run: bool) -> int:
                            low and low["peak_gib"] <= peak_max))
         speed = fast and fast["temper_speed_ratio"]
         goals.append(_goal(f"{method.upper()} 8B shape: tokens/s vs {peer}", ">= 1.5x",
-                           f"{_fmt(speed, '.2f')}x ({fast and fast['impl']})", speed and speed >= 1.5))
+                           f"{_fmt(speed, '.2f')}{'x' if speed else ''} ({fast and fast['impl']})", speed and speed >= 1.5))
+        # The two goals are one configuration's: the rows above may be two (eager the leaner, compiled the faster).
+        both = [r for r in ours if r["peak_gib"] <= peak_max and (r.get("temper_speed_ratio") or 0) >= 1.5]
+        goals.append(_goal(f"{method.upper()} 8B shape: both in one configuration", "both above",
+                           ", ".join(r["impl"] for r in both) or "none", bool(both) if ours else None))
     val = shake and shake["val_loss"]
     goals.append(_goal("tinyshakespeare (baby GPT) val loss", "<= 1.5",
                        f"{_fmt(val, '.4f')} at step {shake and shake['val_step']}", val is not None and val <= 1.5))
