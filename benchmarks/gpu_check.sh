@@ -2,16 +2,16 @@
 # One prepared check of every GPU claim, about 9 minutes on one H100/H200. The parts run in the order of what
 # they decide (the train part holds the open speed gaps) under limits that add up to 11 minutes; the report
 # is rewritten after every part, so a run cut short (a 10-minute command limit) keeps what it measured:
-#   tests       the `gpu`-marked tests
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
 #   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,
 #               and compile-model: the whole model and its loss as one graph, train.compile_scope=model):
 #               GPT-2 124M (batch 16 x 1024) and the Llama-3.2-1B shape (batch 4 x 1024), bf16; and temper +
 #               compile + float8 linear layers (train.float8; skipped, with the reason, below compute capability 8.9)
-#   decode      decode tokens/s of a 1B model at batch 1 (and 8) against transformers, and as a share of the
-#               memory-bandwidth bound
+#   tests       the `gpu`-marked tests
 #   finetune    LoRA and QLoRA on a Llama-3-8B shape (seq 2048, micro-batch 1, activation checkpointing), temper
 #               compiled and eager, peak memory and tokens/s against peft (+ bitsandbytes), weights made on the GPU
+#   decode      decode tokens/s of a 1B model at batch 1 (and 8) against transformers, and as a share of the
+#               memory-bandwidth bound
 #   shakespeare nanoGPT's baby GPT on tinyshakespeare, compiled, cut at its time limit; the last val loss
 #   scaleout    tokens/s and MFU of FSDP2 against DDP on the Llama-3.2-1B shape (batch 4 x 1024, bf16, eager), each
 #               over a one-rank group: the same code paths as on many GPUs, so this compares overheads only
@@ -33,7 +33,7 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS, which the test harness asks for
 DATA=${TEMPER_SHARED_DATA:-../shared/data}
-PARTS=${GPU_CHECK_PARTS:-tests peaks train decode finetune shakespeare scaleout}
+PARTS=${GPU_CHECK_PARTS:-peaks train tests finetune decode shakespeare scaleout}
 echo "gpu_check: dry_run=$DRY parts=[$PARTS] work=$WORK out=$OUT_DIR python=$PY"
 
 # The report and the logs as they stand: after every part, and at the end.

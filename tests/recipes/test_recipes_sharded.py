@@ -25,6 +25,7 @@ the process group in turn, since a launch costs more than a run of these tiny mo
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._C._distributed_c10d import _get_work_registry_size
 
 from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
@@ -94,7 +96,7 @@ def drive(spec: str) -> None:
     the first one's keys under the same names and can wait on them forever, and ports picked minutes ahead
     can meanwhile be taken (gloo's own connections bind free ports too)."""
     content = json.loads(Path(spec).read_text())
-    rank, calls = int(os.environ["RANK"]), iter(range(10**6))
+    rank, calls = int(os.environ["RANK"]), itertools.count()
 
     def call(recipe: str, argv: list[str]) -> int:
         port_file = Path(spec).with_name(f"port-{next(calls)}")
@@ -109,10 +111,11 @@ def drive(spec: str) -> None:
         return RECIPES[recipe].main(argv)
 
     def left(recipe: str) -> None:
-        """The run's groups are gone with it (`parallel.release_dtensor_caches`), and their threads too."""
+        """The run's groups are gone with it (`parallel.release_dtensor_caches`), and their threads too; the
+        count of works left in torch's registry (`parallel.full_state_dict`) says what would still hold one."""
         gc.collect()
-        import torch._C._distributed_c10d as c10d_c
-        assert not gloo_threads(), f"{recipe}: gloo threads outlive the run: {gloo_threads()} works {c10d_c._get_work_registry_size()}"
+        assert not gloo_threads(), (f"{recipe}: gloo threads outlive the run: {gloo_threads()}; "
+                                    f"{_get_work_registry_size()} works in torch's registry")
 
     for recipe, argv in content["runs"]:
         os.environ["TEMPER_FAULT"] = "crash:step=2"
