@@ -30,7 +30,15 @@ from temper.model.lora import apply_lora
 from temper.model.transformer import Transformer
 from temper.train.float8 import apply_float8, float8_refusal, remove_float8
 from temper.train.optim import OptimConfig, build_optimizer
-from temper.train.parallel import DistInfo, ParallelConfig, apply_fsdp, build_mesh, dp_mesh, full_state_dict
+from temper.train.parallel import (
+    DistInfo,
+    ParallelConfig,
+    apply_fsdp,
+    build_mesh,
+    dp_mesh,
+    full_state_dict,
+    shutdown_distributed,
+)
 from temper.train.step import train_step
 from tests.recipes.test_pretrain import char_data, metrics, train  # noqa: F401  (char_data: a pytest fixture)
 
@@ -173,7 +181,7 @@ def _fsdp_worker(rank: int, out_dir: str, batches: list) -> None:
         del model, opt
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()  # as a recipe leaves: DTensor's caches let go of the groups
 
 
 @pytest.mark.distributed

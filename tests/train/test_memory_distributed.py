@@ -40,7 +40,7 @@ from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 from temper.train.memory import RunShape, estimate, human_bytes, measure_train_step
 from temper.train.optim import OptimConfig, build_optimizer
-from temper.train.parallel import ParallelConfig, init_distributed, parallelize
+from temper.train.parallel import ParallelConfig, init_distributed, parallelize, shutdown_distributed
 from temper.train.step import train_step
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, out_dir: str, layouts: dict[str, tuple[Parall
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(results, f)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()  # as a recipe leaves: DTensor's caches let go of the groups
 
 
 def _cfg(layout: ParallelConfig):

@@ -219,10 +219,6 @@ def init_distributed(device_name: str = "auto", layout: ParallelConfig | None = 
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-        # The groups a finished run left in reference cycles go before finalization (see release_dtensor_caches);
-        # unregistered first, so that a process that joins again registers it once.
-        atexit.unregister(gc.collect)
-        atexit.register(gc.collect)
     return DistInfo(rank, local_rank, world, device, build_mesh(device, world, layout), layout)
 
 
@@ -238,6 +234,11 @@ def shutdown_distributed() -> None:
             traceback.clear_frames(failed.__traceback__)  # frames still running (the caller's) are skipped
         dist.destroy_process_group()
         release_dtensor_caches()
+        # What no longer holds a group goes now, and what the caller still holds (its model) goes at exit but
+        # before finalization; unregistered first, so that a process that leaves again registers it once.
+        gc.collect()
+        atexit.unregister(gc.collect)
+        atexit.register(gc.collect)
 
 
 def release_dtensor_caches() -> None:
@@ -248,8 +249,8 @@ def release_dtensor_caches() -> None:
     run keep their threads, their sockets to the peers and rank 0's TCP store until interpreter exit, where
     tearing them down can abort the process ("terminate called without an active exception", as in
     pytorch#179291), and a process that joins again (a sweep, the tests) runs beside them. With the caches
-    empty, the groups go with the last model or tensor that holds them (`init_distributed` also collects once
-    at exit, while the interpreter is whole). The caches are torch's private functions, each cleared only where
+    empty, the groups go with the last model or tensor that holds them (`shutdown_distributed` also collects,
+    now and at exit, while the interpreter is whole). The caches are torch's private functions, each cleared only where
     it exists."""
     import torch.distributed.tensor._collective_utils as collective_utils
     import torch.distributed.tensor._redistribute as redistribute
