@@ -250,8 +250,8 @@ def release_dtensor_caches() -> None:
     tearing them down can abort the process ("terminate called without an active exception", as in
     pytorch#179291), and a process that joins again (a sweep, the tests) runs beside them. With the caches
     empty, the groups go with the last model or tensor that holds them (`shutdown_distributed` also collects,
-    now and at exit, while the interpreter is whole). The caches are torch's private functions, each cleared only where
-    it exists."""
+    now and at exit, while the interpreter is whole). The caches are torch's private functions, each cleared
+    only where it exists."""
     import torch.distributed.tensor._collective_utils as collective_utils
     import torch.distributed.tensor._redistribute as redistribute
     import torch.distributed.tensor.debug as debug
