@@ -2,19 +2,24 @@
 and peft (LoRA, and QLoRA over bitsandbytes) on the same model shape, batch and precision, in one run.
 
 Every side builds the same Llama-shaped model with random weights directly on the device (an 8B
-shape needs no download and no 16 GB file), in `--dtype` (float32 on CPU, bfloat16 on a GPU, the
-same for every side), and trains it on the same random tokens with AdamW over its trainable
-parameters. Memory is the peak of one steady-state step (forward, backward, optimizer step): on a
-GPU `torch.cuda.max_memory_allocated`, on the CPU the live tensor bytes counted by the same meter
-for every side (`temper.train.memory.LiveTensorBytes`, which sees every tensor storage); speed is
-tokens per second over `--steps` steps after a warm-up, the sides alternating, medians reported.
+shape needs no download and no 16 GB file) and trains it on the same random tokens with AdamW over its
+trainable parameters, in `--dtype` (float32 on CPU, bfloat16 on a GPU, the same for every side) as the
+recipes run it: bf16 is autocast around the forward, the frozen base of lora/qlora held in bf16 and full
+fine-tuning's weights in float32 (`temper.train.methods.base_dtype`, what `temper sft` loads; a Hugging
+Face Trainer with `bf16=True` over a model loaded with `torch_dtype=torch.bfloat16` does the same), the
+adapters in float32. Memory is the peak of one steady-state step (forward, backward, optimizer step):
+on a GPU `torch.cuda.max_memory_allocated`; on the CPU the bytes of the tensors alive as the step
+starts plus the highest net total of what the step allocates, from the profiler's memory events,
+which see every allocation, a compiled graph's buffers included (a TorchDispatchMode meter would not:
+dynamo runs a frame eagerly under one). Speed is tokens per second over `--steps` steps after a
+warm-up, the sides alternating, medians reported.
 After its first step every side must have changed all its trainable parameters (a side whose
 adapters got no gradient, e.g. under reentrant checkpointing with frozen inputs, would look fast).
 
 peft's QLoRA is peft's LoRA over the transformers model whose blocks' linear layers are replaced by
 bitsandbytes `Linear4bit` (NF4, double quantization, block 64; compute dtype `--dtype`), which is
 what `from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds, done
-here in memory from random weights. Embeddings and head stay in `--dtype`, frozen; only the adapters
+here in memory from random weights. Embeddings and head stay in the base's dtype, frozen; only the adapters
 train: what temper's QLoRA side is. `prepare_model_for_kbit_training` is not called: it would turn
 on activation checkpointing whatever `--checkpointing` says and cast the other weights to float32.
 bitsandbytes is optional (`pip install bitsandbytes`): without it (or without a backend for the
@@ -44,11 +49,11 @@ from torch import nn
 
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
-from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
+from temper.model.lora import ALL_LINEAR_TARGETS
 from temper.model.transformer import Transformer
-from temper.train.memory import LiveTensorBytes
+from temper.train.methods import LoRAConfig, apply_method, base_dtype
 from temper.train.parallel import DistInfo, parallelize
-from temper.train.step import train_step
+from temper.train.step import autocast, train_step
 
 Side = tuple[nn.Module, torch.optim.Optimizer, Callable]
 
@@ -57,20 +62,15 @@ def temper_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, 
                 compile: bool = False, offload: bool = False) -> Side:
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(cfg).to(dtype)
-    if method == "qlora":
-        from temper.model.quant import quantize_nf4
-
-        quantize_nf4(model)
-    if method in ("lora", "qlora"):
-        apply_lora(model, rank, 2 * rank, ALL_LINEAR_TARGETS)
+        model = Transformer(cfg).to(base_dtype(method, dtype))  # as `temper sft` loads it
+    apply_method(model, method, LoRAConfig(rank, 2 * rank, 0.0, list(ALL_LINEAR_TARGETS)), amp_dtype=dtype)
     # temper's own wrapping, as `--train.activation_checkpointing 1 --train.compile true` does
     parallelize(model, DistInfo(0, 0, 1, torch.device(device)), activation_checkpointing=int(ckpt),
                 activation_offload=offload, compile=compile)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        train_step(model, opt, [(x, y)], step=1)
+        train_step(model, opt, [(x, y)], step=1, amp_dtype=dtype)
 
     return model, opt, step
 
@@ -100,7 +100,7 @@ def bnb_side(cfg: ModelConfig, device: str, dtype: torch.dtype, rank: int, ckpt:
     """peft LoRA over a transformers model whose blocks' linear layers are bitsandbytes NF4: the peer of temper's QLoRA."""
     import bitsandbytes as bnb
 
-    model = hf_model(cfg, device, dtype)
+    model = hf_model(cfg, device, base_dtype("qlora", dtype))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name in ALL_LINEAR_TARGETS:
@@ -113,14 +113,14 @@ def bnb_side(cfg: ModelConfig, device: str, dtype: torch.dtype, rank: int, ckpt:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
     model.is_loaded_in_4bit = True  # what from_pretrained sets: peft then wraps Linear4bit with its 4-bit LoRA layer
-    return _hf_train(model, "lora", rank, ckpt)
+    return _hf_train(model, "lora", rank, ckpt, dtype)
 
 
 def hf_side(cfg: ModelConfig, method: str, device: str, dtype: torch.dtype, rank: int, ckpt: bool) -> Side:
-    return _hf_train(hf_model(cfg, device, dtype), method, rank, ckpt)
+    return _hf_train(hf_model(cfg, device, base_dtype(method, dtype)), method, rank, ckpt, dtype)
 
 
-def _hf_train(model: nn.Module, method: str, rank: int, ckpt: bool) -> Side:
+def _hf_train(model: nn.Module, method: str, rank: int, ckpt: bool, dtype: torch.dtype) -> Side:
     if ckpt:  # non-reentrant, as temper's: reentrant checkpointing with frozen inputs would drop the adapters' gradients
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora":
@@ -132,7 +132,8 @@ def _hf_train(model: nn.Module, method: str, rank: int, ckpt: bool) -> Side:
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = model(input_ids=x, labels=x).loss
+        with autocast(x.device, dtype):  # as the Trainer's bf16=True does
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # as transformers' Trainer does (max_grad_norm=1.0), as temper does
         opt.step()
@@ -143,7 +144,8 @@ def _hf_train(model: nn.Module, method: str, rank: int, ckpt: bool) -> Side:
 
 def peak_bytes(model: nn.Module, opt: torch.optim.Optimizer, step: Callable, x: torch.Tensor, y: torch.Tensor) -> int:
     """Peak bytes of one steady-state step (after a first step made the optimizer state): the CUDA
-    allocator's peak on a GPU, live tensor bytes on the CPU."""
+    allocator's peak on a GPU; on the CPU, the tensors alive as the step starts plus the highest net total
+    of the step's own allocations."""
     step(x, y)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,15 +153,27 @@ def peak_bytes(model: nn.Module, opt: torch.optim.Optimizer, step: Callable, x: 
         step(x, y)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    tracker = LiveTensorBytes()
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    alive = {}  # storage address -> bytes: a storage once, however many tensors view it
     for t in [*model.parameters(), *model.buffers(), *_quant_states(model), *states, x, y]:
         for leaf in _leaves(t):
-            tracker.track(leaf)
-    tracker.mark_peak("start")
-    with tracker:
-        step(x, y)
-    return tracker.peak
+            alive[leaf.untyped_storage().data_ptr()] = leaf.untyped_storage().nbytes()
+    return sum(alive.values()) + _cpu_allocation_peak(lambda: step(x, y))
+
+
+def _cpu_allocation_peak(fn: Callable[[], None]) -> int:
+    """The highest net bytes that `fn` has allocated on the CPU at any moment, from the profiler's memory
+    events (every allocation of PyTorch's CPU allocator, a compiled graph's buffers included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    net = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        net += e.nbytes()  # negative for a free
+        peak = max(peak, net)
+    return peak
 
 
 def _quant_states(model: nn.Module) -> list[torch.Tensor]:
@@ -282,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 sides[eager] = lambda m=method, o="+offload" in impl: temper_side(cfg, m, dev, dtype, rank, ckpt, False, o)
                 results[eager] = {"peak": 0, "tps": [], "error": None}
                 run(eager, first=True)
-    meter = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "live tensors"
+    meter = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "CPU allocations"
     print(f"{args.shape or 'custom'} shape: dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, batch "
           f"{args.batch} x {args.seq}, LoRA r={args.rank} on every linear layer of the blocks, {dtype}, {args.device}, "
           f"checkpointing {'on' if ckpt else 'off'}, median of {args.repeats}\n")

@@ -125,6 +125,34 @@ def test_other_methods_learn(base, tmp_path, method):
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
+def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp_path, monkeypatch, method):
+    """Under bf16 autocast the frozen base is loaded in bf16 (QLoRA's NF4 dequantizes to it); the adapters
+    train in float32; the run learns and exports, with a first loss within bf16's error of float32's."""
+    seen = {}
+    real = sft.Run.wrap
+
+    def wrap(self, model):
+        seen.update({n: p.dtype for n, p in model.named_parameters()}, nf4=[
+            m.weight.to(torch.bfloat16).dtype for m in model.modules() if hasattr(getattr(m, "weight", None),
+                                                                                 "quantized_data")])
+        return real(self, model)
+
+    monkeypatch.setattr(sft.Run, "wrap", wrap)
+    common = (f"--method={method}", "--train.steps=12", "--optim.lr=1e-2", "--lora.targets=[q_proj,v_proj,gate_proj]")
+    assert sft.main(args(base, tmp_path, "bf16", *common, "--train.precision=bf16")) == 0
+    trained = {n: dt for n, dt in seen.items() if n != "nf4" and ("lora_" in n or "prefix" in n)}
+    frozen = {n: dt for n, dt in seen.items() if n != "nf4" and n not in trained}
+    assert trained and set(trained.values()) == {torch.float32}, trained
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    assert (method == "qlora") == bool(seen["nf4"])  # NF4 weights, quantized from the bf16 base
+    assert sft.main(args(base, tmp_path, "fp32", *common, "--train.steps=1")) == 0
+    loss, reference = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert loss[0] == pytest.approx(reference[0], rel=1e-2) and sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
+    exported = load_file(tmp_path / "bf16" / "final" / "model.safetensors")  # the model it trained: bf16
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
+
+
 def test_prefix_on_a_model_peft_cannot_match_is_refused_before_training(base, tmp_path):
     gpt2 = tmp_path / "gpt2"  # learned positions: PEFT's prefix shifts them (model/peft_io.py)
     cfg = replace(PRESETS["debug"], vocab_size=load_hf(base)[1].vocab_size, max_seq_len=512)

@@ -13,7 +13,7 @@ import torch
 
 from temper.config import ConfigError
 from temper.model.config import PRESETS
-from temper.model.lora import ALL_LINEAR_TARGETS, apply_lora
+from temper.model.lora import ALL_LINEAR_TARGETS
 from temper.model.transformer import Transformer
 from temper.train.memory import (
     NF4_BYTES,
@@ -25,6 +25,7 @@ from temper.train.memory import (
     measure_train_step,
     rules_of_thumb,
 )
+from temper.train.methods import LoRAConfig, apply_method
 from temper.train.optim import OptimConfig, build_optimizer
 from temper.train.parallel import ParallelConfig, apply_activation_checkpointing
 from temper.train.step import train_step
@@ -106,11 +107,9 @@ def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4
                    accumulation_steps=accumulation, activation_checkpointing=ckpt, lora=lora)
     amp = None if precision == "fp32" else torch.bfloat16
     model = Transformer(cfg)
-    if recipe == "lora":
-        apply_lora(model, lora.rank, 2.0 * lora.rank, lora.targets, lora.dropout)
-        for p in model.parameters():  # the estimate's convention: the frozen base in the compute dtype
-            if not p.requires_grad and amp is not None:
-                p.data = p.data.to(amp)
+    if recipe == "lora":  # as the recipes apply it: the frozen base in the compute dtype
+        apply_method(model, "lora", LoRAConfig(lora.rank, 2.0 * lora.rank, lora.dropout, list(lora.targets)),
+                     amp_dtype=amp or torch.float32)
     apply_activation_checkpointing(model, ckpt)
     optimizer = build_optimizer(model, OptimConfig(), "cpu")
     x = torch.randint(0, cfg.vocab_size, (batch * accumulation, seq + 1))
@@ -166,10 +165,7 @@ def test_estimate_matches_cuda_max_memory_allocated(recipe, ckpt):
                    activation_checkpointing=ckpt, lora=LoRAShape(rank=8))
     model = Transformer(cfg)
     if recipe == "lora":
-        apply_lora(model, 8, 16.0)
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.bfloat16()
+        apply_method(model, "lora", LoRAConfig(8, 16.0, 0.0), amp_dtype=torch.bfloat16)
     model.cuda()
     apply_activation_checkpointing(model, ckpt)
     optimizer = build_optimizer(model, OptimConfig(), "cuda")

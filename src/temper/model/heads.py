@@ -31,7 +31,9 @@ class ScalarHead(nn.Module):
             nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden).squeeze(-1)  # (...,)
+        # A float32 head that trains on a bf16 frozen backbone (LoRA under bf16, `train.methods.base_dtype`) takes
+        # its hidden states in its own dtype outside autocast (e.g. PPO's value pass while scoring rollouts).
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)  # (...,)
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ from temper.data.tokenizer import HFTokenizer
 from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
 from temper.train.losses import Batch
-from temper.train.methods import LoRAConfig, apply_method, export_finetuned
+from temper.train.methods import LoRAConfig, apply_method, base_dtype, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo
 from temper.train.run import (
@@ -79,7 +79,7 @@ from temper.train.run import (
     Run,
     RunSection,
 )
-from temper.train.step import NonFiniteLoss, eval_metrics
+from temper.train.step import NonFiniteLoss, eval_metrics, resolve_precision
 
 
 @dataclass
@@ -194,10 +194,11 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
             print(f"temper dpo: warning: {warning}", file=sys.stderr)
 
     # 4. policy, method and reference
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    amp = resolve_precision(cfg.train.precision, d.device)
+    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
-    apply_method(model, cfg.method, cfg.lora)
+    apply_method(model, cfg.method, cfg.lora, amp_dtype=amp)
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)
     reference = None

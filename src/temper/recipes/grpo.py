@@ -58,10 +58,10 @@ from temper.align.rollout import RolloutConfig, logprob_mismatch, rollout
 from temper.data.loader import EpochOrder
 from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
-from temper.train.methods import LoRAConfig, apply_method, export_finetuned
+from temper.train.methods import LoRAConfig, apply_method, base_dtype, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
-from temper.train.step import NonFiniteLoss
+from temper.train.step import NonFiniteLoss, resolve_precision
 
 RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "loss", "lora", "train.prompts_per_step",
                "train.micro_batch_size", "train.steps", "optim", "schedule", "run.seed")
@@ -138,11 +138,12 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
         raise config.ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the "
                                  f"{d.dp_world} data-parallel ranks")
     # 2. policy, method, reference, rewards
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    amp = resolve_precision(cfg.train.precision, d.device)
+    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.beta > 0 else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
-    apply_method(model, cfg.method, cfg.lora)
+    apply_method(model, cfg.method, cfg.lora, amp_dtype=amp)
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)
     temperature = cfg.rollout.temperature

@@ -84,7 +84,7 @@ from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
-from temper.train.step import NonFiniteLoss
+from temper.train.step import NonFiniteLoss, resolve_precision
 
 RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "value", "kl", "ppo", "lora",
                "train.prompts_per_step", "train.micro_batch_size", "train.steps", "optim", "schedule", "run.seed")
@@ -215,6 +215,8 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
         raise config.ConfigError(f"train.prompts_per_step={per_step} must be a multiple of ranks x ppo.minibatches "
                                  f"= {d.dp_world} x {M}")
     # 2. policy, value, reference, rewards
+    amp = resolve_precision(cfg.train.precision, d.device)
+    # float32: a separate value model copies the policy and trains whole; `apply_method` casts the frozen base
     policy, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
     reference_model = copy.deepcopy(policy) if cfg.method == "full" else None
@@ -227,7 +229,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
             value_model = RewardModel(copy.deepcopy(policy))
         value_model = value_model.to(d.device).train()
     torch.manual_seed(cfg.run.seed)  # the same adapters and value head on every rank
-    apply_method(policy, cfg.method, cfg.lora)
+    apply_method(policy, cfg.method, cfg.lora, amp_dtype=amp)
     model = ActorCritic(policy, value_model).to(d.device)
     actor = Actor(model)  # the policy, called through `model`: what a sharded layout's hooks sit on
     if d.dp_rank:

@@ -56,7 +56,7 @@ from temper.model.heads import RewardModel
 from temper.model.lora import merge_lora
 from temper.train import checkpoint as ckpt
 from temper.train.losses import Batch
-from temper.train.methods import LoRAConfig, apply_method
+from temper.train.methods import LoRAConfig, apply_method, base_dtype
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
@@ -67,7 +67,7 @@ from temper.train.run import (
     Run,
     RunSection,
 )
-from temper.train.step import NonFiniteLoss, eval_metrics
+from temper.train.step import NonFiniteLoss, eval_metrics, resolve_precision
 
 
 @dataclass
@@ -119,10 +119,11 @@ def run(cfg: RewardConfig) -> int:
 
 def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
     # 4. the reward model and method
-    backbone, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    amp = resolve_precision(cfg.train.precision, d.device)
+    backbone, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
     torch.manual_seed(cfg.run.seed)  # the same head and adapters on every rank
     model = RewardModel(backbone).to(d.device)
-    apply_method(backbone, cfg.method, cfg.lora)
+    apply_method(backbone, cfg.method, cfg.lora, amp_dtype=amp)
     model.head.requires_grad_(True)  # the head always trains, LoRA or not
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)

@@ -61,7 +61,7 @@ from temper.model.peft_io import peft_prefix_refusal
 from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss
-from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned
+from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, base_dtype, export_finetuned
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
 from temper.train.run import (
@@ -76,7 +76,7 @@ from temper.train.run import (
     print_error,
     run_directory,
 )
-from temper.train.step import IGNORE_INDEX, NonFiniteLoss, autocast, eval_loss
+from temper.train.step import IGNORE_INDEX, NonFiniteLoss, autocast, eval_loss, resolve_precision
 
 
 @dataclass
@@ -177,13 +177,14 @@ def run(cfg: SFTConfig) -> int:
 def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train_ex: list[SFTExample],
            val_ex: list[SFTExample], tasks: TaskSuite) -> int:
     # 4. model and method
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=torch.float32)
+    amp = resolve_precision(cfg.train.precision, d.device)
+    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
     if cfg.method == "prefix":
         refusal = peft_prefix_refusal(model_cfg)  # refused now, not after training, when final/ is written
         if refusal:
             raise config.ConfigError(f"method=prefix: {refusal}")
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
-    apply_method(model, cfg.method, cfg.lora, cfg.prefix)
+    apply_method(model, cfg.method, cfg.lora, cfg.prefix, amp_dtype=amp)
     if d.dp_rank:  # other dropout masks on the other ranks; rank 0 keeps the single-process stream
         torch.manual_seed(cfg.run.seed + d.dp_rank)
 

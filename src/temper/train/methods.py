@@ -2,7 +2,12 @@
 from a Hugging Face checkpoint (sft, reward, dpo, distill).
 
 `apply_method` makes only what the method trains trainable: full (every weight), lora (model/lora.py),
-qlora (an NF4 base from model/quant.py, then LoRA) or prefix (model/prefix.py). `export_finetuned`
+qlora (an NF4 base from model/quant.py, then LoRA) or prefix (model/prefix.py). Under bf16 or fp16
+mixed precision the frozen base of lora, qlora and prefix is held in that dtype (`base_dtype`), as
+PEFT users load it (`torch_dtype=torch.bfloat16`) and torchtune and litgpt keep it: a weight that never
+changes needs no float32 master copy, and autocast would cast it for every product anyway. That
+halves the base's bytes, and QLoRA's NF4 weights dequantize straight to the compute dtype. What
+trains (adapters, prefixes, heads) stays float32. `export_finetuned`
 writes final/: the merged model in Hugging Face layout with the tokenizer files, and the adapter in
 PEFT's format under final/adapter/.
 """
@@ -46,10 +51,26 @@ class PrefixConfig:
     """Learned key/value slots per layer (Li & Liang 2021)."""
 
 
-def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: PrefixConfig | None = None) -> None:
-    """Make only what the method trains trainable (full: everything), in place."""
+def base_dtype(method: Method, amp_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a run of `method` under autocast to `amp_dtype` holds its frozen base in: the compute dtype
+    for lora, qlora and prefix under bf16/fp16, else float32 (full fine-tuning keeps float32 master weights)."""
+    return amp_dtype if method != "full" and amp_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: PrefixConfig | None = None,
+                 amp_dtype: torch.dtype = torch.float32) -> None:
+    """Make only what the method trains trainable (full: everything), in place.
+
+    amp_dtype: the run's autocast dtype (`Run.amp_dtype`); lora, qlora and prefix first cast every parameter
+    of `model`, all of which they freeze, to `base_dtype` (a model loaded in it is left as it is; buffers such
+    as RoPE's tables keep their float32), so that what they add to train is the only float32 left."""
     if method == "full":
         return
+    dtype = base_dtype(method, amp_dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # the same Parameter: tied weights stay tied
     if method == "prefix":
         from temper.model.prefix import apply_prefix
 
