@@ -237,6 +237,29 @@ def test_bf16_activations_give_autograds_numbers_without_a_float32_copy_saved():
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
+def test_under_autocast_the_update_is_added_by_the_product_itself():
+    """Under bf16 autocast y + s (x A^T) B^T is one addmm: no separate (..., out) tensor for the update, and
+    in backward y's gradient is the output's own (no scaled copy). The numbers are float32's within bf16's
+    rounding; no (..., out) tensor is saved for backward."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 40, bias=True).to(torch.bfloat16), rank=4, alpha=5)
+    nn.init.normal_(layer.lora_b, std=0.1)
+    x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+    w = torch.linspace(-1, 1, 40)
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xi)
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name() in ("ViewBackward0", "AddmmBackward0")
+    assert not [t.shape for t in _saved_tensors(y.grad_fn) if t.numel() == 3 * 7 * 40]  # no (..., out) activation
+    (y.float() * w).sum().backward()
+    a, b = layer.lora_a.detach().clone().requires_grad_(), layer.lora_b.detach().clone().requires_grad_()
+    xr = x.float().requires_grad_(True)
+    yr = F.linear(xr, layer.weight.float(), layer.bias.float()) + F.linear(F.linear(xr, a), b) * layer.scale
+    (yr * w).sum().backward()
+    for g, r in zip([y, xi.grad, layer.lora_a.grad, layer.lora_b.grad], [yr, xr.grad, a.grad, b.grad], strict=True):
+        torch.testing.assert_close(g.float(), r, rtol=2e-2, atol=2e-2)
+
+
 def _saved_tensors(fn) -> list[torch.Tensor]:
     """Every tensor the autograd graph under `fn` saved for backward."""
     out, seen, todo = [], set(), [fn]

@@ -30,7 +30,9 @@ import torch
 
 from temper.config import ConfigError
 from temper.model.config import PRESETS, ModelConfig
-from temper.train.tensor_parallel import check_tensor_parallel
+from temper.model.lora import apply_lora
+from temper.model.transformer import Transformer
+from temper.train.tensor_parallel import check_splittable_layers, check_tensor_parallel
 from tests.recipes import test_pretrain
 from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
 
@@ -214,3 +216,12 @@ def test_a_model_that_does_not_split_is_refused():
         check_tensor_parallel(replace(llama, vocab_size=61), 2)
     with pytest.raises(ConfigError, match="tp=2 must divide the model's n_heads 3, n_kv_heads 3, ffn hidden dim 75$"):
         check_tensor_parallel(ModelConfig(dim=72, n_heads=3, ffn_dim=75), 2)
+
+
+def test_adapted_layers_are_refused_with_the_key():
+    """LoRA's adapted layers are not plain `nn.Linear`s, which torch's styles split: one line naming the key."""
+    model = Transformer(PRESETS["debug-llama"])
+    check_splittable_layers(model)
+    apply_lora(model, 4, 8.0, ["v_proj", "down_proj"])
+    with pytest.raises(ConfigError, match=r"train\.parallel\.tp .*layers\.0\.attn\.v_proj \(LoRALinear\).*dp_shard"):
+        check_splittable_layers(model)

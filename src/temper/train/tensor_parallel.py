@@ -57,6 +57,26 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         raise ConfigError(f"train.parallel.tp={tp} must divide the model's {', '.join(bad)}{hint}")
 
 
+def check_splittable_layers(model: nn.Module) -> None:
+    """Refuse a model whose layers the plan splits are not plain `nn.Linear` (LoRA's adapted layers: lora,
+    qlora), which torch's tensor-parallel styles cannot split, with the key and what to use instead."""
+    names = [f"layers.{i}.{p}" for i in range(len(model.layers))
+             for p in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                       "mlp.down_proj")] + ["head"]
+    odd = [f"{n} ({type(m).__name__})" for n in names
+           if (m := _submodule(model, n)) is not None and type(m) is not nn.Linear]
+    if odd:
+        raise ConfigError(f"train.parallel.tp splits plain linear layers; {odd[0]} is not one (LoRA and QLoRA adapt "
+                          f"them): shard adapters with train.parallel.dp_shard (FSDP2) instead")
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # no such layer (a GELU MLP has no gate, a tied model no head)
+        return None
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Split `model` (a `Transformer`, on any device, meta included) over the 1-D `tp_mesh`, in place.
 
@@ -67,6 +87,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     """
     tp = tp_mesh.size()
     check_tensor_parallel(model.cfg, tp)
+    check_splittable_layers(model)
     # Between the parallel regions the residual stream is split by sequence, or whole on every rank.
     between: Placement = Shard(1) if sequence_parallel else Replicate()
     # The embedding is split by vocabulary rows (each rank looks up its rows, zeros elsewhere, then an
