@@ -133,9 +133,8 @@ def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp
     real = sft.Run.wrap
 
     def wrap(self, model):
-        seen.update({n: p.dtype for n, p in model.named_parameters()}, nf4=[
-            m.weight.to(torch.bfloat16).dtype for m in model.modules() if hasattr(getattr(m, "weight", None),
-                                                                                 "quantized_data")])
+        seen.update({n: p.dtype for n, p in model.named_parameters()}, nf4=[  # an NF4 weight's dtype: its source's
+            m.weight.dtype for m in model.modules() if hasattr(getattr(m, "weight", None), "quantized_data")])
         return real(self, model)
 
     monkeypatch.setattr(sft.Run, "wrap", wrap)
@@ -145,7 +144,7 @@ def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp
     frozen = {n: dt for n, dt in seen.items() if n != "nf4" and n not in trained}
     assert trained and set(trained.values()) == {torch.float32}, trained
     assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
-    assert (method == "qlora") == bool(seen["nf4"])  # NF4 weights, quantized from the bf16 base
+    assert seen["nf4"] == ([torch.bfloat16] * 14 if method == "qlora" else [])  # 2 blocks x 7 layers, from bf16
     assert sft.main(args(base, tmp_path, "fp32", *common, "--train.steps=1")) == 0
     loss, reference = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
     assert loss[0] == pytest.approx(reference[0], rel=1e-2) and sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
