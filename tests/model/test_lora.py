@@ -213,14 +213,18 @@ def test_layer_matches_peft_forward_and_gradients(variant, dropout):
         torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=0)
 
 
-def test_bf16_activations_give_autograds_numbers_without_a_float32_copy_saved():
-    """On bf16 activations the float32 adapters' A product saves x itself, not its float32 copy (half the
-    bytes, shared by q, k and v): output and gradients are plain autograd's of the cast, bit for bit."""
+def _bf16_layer() -> tuple[LoRALinear, torch.Tensor, torch.Tensor]:
+    """A bf16 linear layer with float32 adapters (B nonzero), a bf16 input (3, 7, 48) and output weights (40,)."""
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(48, 40, bias=True).to(torch.bfloat16), rank=4, alpha=5)
     nn.init.normal_(layer.lora_b, std=0.1)
-    x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
-    w = torch.linspace(-1, 1, 40)
+    return layer, torch.randn(3, 7, 48, dtype=torch.bfloat16), torch.linspace(-1, 1, 40)
+
+
+def test_bf16_activations_give_autograds_numbers_without_a_float32_copy_saved():
+    """On bf16 activations the float32 adapters' A product saves x itself, not its float32 copy (half the
+    bytes, shared by q, k and v): output and gradients are plain autograd's of the cast, bit for bit."""
+    layer, x, w = _bf16_layer()
     xi = x.clone().requires_grad_(True)
     y = layer(xi)
     saved = _saved_tensors(y.grad_fn)
@@ -241,11 +245,7 @@ def test_under_autocast_the_update_is_added_by_the_product_itself():
     """Under bf16 autocast y + s (x A^T) B^T is one addmm: no separate (..., out) tensor for the update, and
     in backward y's gradient is the output's own (no scaled copy). The numbers are float32's within bf16's
     rounding; no (..., out) tensor is saved for backward."""
-    torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(48, 40, bias=True).to(torch.bfloat16), rank=4, alpha=5)
-    nn.init.normal_(layer.lora_b, std=0.1)
-    x = torch.randn(3, 7, 48, dtype=torch.bfloat16)
-    w = torch.linspace(-1, 1, 40)
+    layer, x, w = _bf16_layer()
     xi = x.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(xi)
