@@ -86,7 +86,8 @@ else
           --repeats 2 --compile)
   # Every side as the recipes run it (bf16 autocast, the frozen base in bf16). Compiled peaks predicted on CPU from
   # the allocator's events (1-3 layers, extrapolated to 32; QLoRA's checkpointed inputs offloaded): LoRA 16.4 GiB,
-  # QLoRA 6.56 (the same prediction of the code the H200 measured at 7.46 gave 7.34). Eager rows too.
+  # QLoRA 6.56 (the same prediction of the code the H200 measured at 7.46 gave 7.34), and 5.58 now that offload
+  # also holds QLoRA's frozen 128k x 4096 bf16 token table (0.98 GiB) in host memory. Eager rows too.
   FINETUNE=(--device cuda --shape llama-3-8b --seq 2048 --batch 1 --steps 3 --repeats 1 --checkpointing
             --methods lora qlora --compile --eager lora qlora --offload qlora)
   SHAKE=(--config configs/shakespeare-char.yaml --train.compile=true --eval.every=500 --checkpoint.every=0)

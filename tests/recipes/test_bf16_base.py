@@ -10,11 +10,16 @@ import torch
 
 from temper.recipes import dpo, grpo, ppo, reward
 from temper.train import run as run_module
+from temper.train.parallel import HostEmbedding
 from tests.recipes import test_dpo, test_grpo, test_ppo, test_reward
 
+# dpo and reward also offload activations, which holds their untied base's frozen token table in host memory
+# (`train.parallel.HostEmbedding`; a reward model's is its backbone's).
+OFFLOAD = ("--train.activation_checkpointing=1", "--train.activation_offload=true")
 CASES = {
-    "dpo": lambda hh, ar, tmp, *a: dpo.main(test_dpo.args(hh, tmp, "r", *a, "--eval.every=2")),
-    "reward": lambda hh, ar, tmp, *a: reward.main(test_reward.args(hh, tmp, "r", *a, "--method=lora", "--eval.every=2")),
+    "dpo": lambda hh, ar, tmp, *a: dpo.main(test_dpo.args(hh, tmp, "r", *a, *OFFLOAD, "--eval.every=2")),
+    "reward": lambda hh, ar, tmp, *a: reward.main(test_reward.args(hh, tmp, "r", *a, *OFFLOAD, "--method=lora",
+                                                                   "--eval.every=2")),
     "grpo": lambda hh, ar, tmp, *a: grpo.main(test_grpo.args(ar, tmp, "r", *a, "--loss.beta=0.1", "--eval.every=2")),
     "ppo": lambda hh, ar, tmp, *a: ppo.main(test_ppo.args(ar, tmp, "r", *a, "--eval.every=2")),
     "ppo-separate-value": lambda hh, ar, tmp, *a: ppo.main(test_ppo.args(ar, tmp, "r", *a, "--value.kind=separate")),
@@ -30,7 +35,10 @@ def test_lora_under_bf16_holds_a_bf16_base(case, hh_base, arith, tmp_path, monke
     def wrap(self, model):
         for n, p in model.named_parameters():
             (trains if p.requires_grad else frozen)[n] = p.dtype
-        return real(self, model)
+        wrapped = real(self, model)
+        on_host = [n for n, m in model.named_modules() if isinstance(m, HostEmbedding)]
+        assert on_host == (["backbone.tok_emb"] if case == "reward" else ["tok_emb"] if case == "dpo" else []), on_host
+        return wrapped
 
     monkeypatch.setattr(run_module.Run, "wrap", wrap)
     assert CASES[case](hh_base, arith, tmp_path, "--train.precision=bf16", "--train.steps=2") == 0

@@ -166,12 +166,15 @@ def test_prefix_on_a_model_peft_cannot_match_is_refused_before_training(base, tm
 @pytest.mark.parametrize("method, val_fraction", [("lora", "0.1"), ("prefix", "0.02")])
 def test_ddp_two_ranks_equal_one_process(base, tmp_path, method, val_fraction):
     """torchrun 2 ranks x 2 rows == 1 process x 4 rows: the same losses, held-out losses and adapter.
-    5 held-out rows split 3 + 2 over the ranks (lora); 2 leave rank 1 none (prefix)."""
+    5 held-out rows split 3 + 2 over the ranks (lora); 2 leave rank 1 none (prefix). The ranks also checkpoint
+    and offload activations, which moves the frozen token table to host memory (DDP must not broadcast it) and
+    changes no number."""
     common = (f"--method={method}", "--train.steps=4", "--eval.every=2", f"--eval.val_fraction={val_fraction}",
               "--lora.dropout=0", "--optim.lr=2e-3", "--run.device=cpu")  # no dropout: its masks differ by rank
     assert sft.main(args(base, tmp_path, "single", *common)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "sft", *args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
+           "sft", *args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2",
+                        "--train.activation_checkpointing=1", "--train.activation_offload=true")]
     env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

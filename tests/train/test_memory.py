@@ -27,7 +27,7 @@ from temper.train.memory import (
 )
 from temper.train.methods import LoRAConfig, apply_method
 from temper.train.optim import OptimConfig, build_optimizer
-from temper.train.parallel import ParallelConfig, apply_activation_checkpointing
+from temper.train.parallel import DistInfo, ParallelConfig, apply_activation_checkpointing, parallelize
 from temper.train.step import train_step
 
 
@@ -99,6 +99,24 @@ def test_layouts_divide_what_they_shard():
         RunShape(world_size=3, parallel=ParallelConfig(dp_shard=2))
 
 
+def test_activation_offload_moves_the_checkpointed_inputs_and_a_frozen_table_to_host_memory():
+    """By hand: each checkpointed input (B*T x dim, bf16 residual stream in lora) waits on the host, and without a
+    device mesh the frozen untied token table (V x dim, bf16) is held there; FSDP2 keeps sharding the table."""
+    cfg = replace(PRESETS["debug-llama"], tie_embeddings=False)
+    shape = dict(recipe="lora", precision="bf16", micro_batch_size=4, seq_len=128, activation_checkpointing=1)
+    kept, off = (estimate(cfg, RunShape(**shape, activation_offload=o)) for o in (False, True))
+    table, inputs = 2 * cfg.vocab_size * cfg.dim, cfg.n_layers * 4 * 128 * 2 * cfg.dim
+    assert off.host == table + inputs and kept.host == 0
+    assert off["parameters"].bytes == kept["parameters"].bytes - table
+    assert off.peak < kept.peak - table
+    sharded = estimate(cfg, RunShape(**shape, activation_offload=True, world_size=2, parallel=ParallelConfig(dp_shard=2)))
+    assert sharded.host == inputs
+    tied = estimate(PRESETS["debug-llama"], RunShape(**shape, activation_offload=True))  # the table is the head too
+    assert tied.host == inputs
+    with pytest.raises(ValueError, match="activation_offload needs activation_checkpointing"):
+        RunShape(activation_offload=True)
+
+
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
              accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0):
     cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout)
@@ -158,16 +176,20 @@ def test_live_tensor_bytes_counts_storages_once_and_frees_them():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe, ckpt", [("pretrain", 0), ("pretrain", 1), ("lora", 0), ("lora", 1)])
-def test_estimate_matches_cuda_max_memory_allocated(recipe, ckpt):
-    cfg = replace(PRESETS["debug-llama"], max_seq_len=256)
+@pytest.mark.parametrize("recipe, ckpt, offload", [("pretrain", 0, False), ("pretrain", 1, False), ("lora", 0, False),
+                                                   ("lora", 1, False), ("lora", 1, True)])
+def test_estimate_matches_cuda_max_memory_allocated(recipe, ckpt, offload):
+    """(activation offload: an untied model with a large vocabulary, whose frozen table leaves the device)"""
+    cfg = replace(PRESETS["debug-llama"], max_seq_len=256,
+                  **({"vocab_size": 32768, "tie_embeddings": False} if offload else {}))
     run = RunShape(recipe=recipe, precision="bf16", micro_batch_size=8, seq_len=256, device="cuda",
-                   activation_checkpointing=ckpt, lora=LoRAShape(rank=8))
+                   activation_checkpointing=ckpt, activation_offload=offload, lora=LoRAShape(rank=8))
     model = Transformer(cfg)
     if recipe == "lora":
         apply_method(model, "lora", LoRAConfig(8, 16.0, 0.0), amp_dtype=torch.bfloat16)
     model.cuda()
-    apply_activation_checkpointing(model, ckpt)
+    parallelize(model, DistInfo(0, 0, 1, torch.device("cuda")), activation_checkpointing=ckpt,
+                activation_offload=offload)
     optimizer = build_optimizer(model, OptimConfig(), "cuda")
     x = torch.randint(0, cfg.vocab_size, (8, 257), device="cuda")
     batches = [(x[:, :-1], x[:, 1:])]

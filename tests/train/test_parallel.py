@@ -17,14 +17,17 @@ from temper.config import ConfigError
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 from temper.train.losses import CompiledLoss, LMLoss
+from temper.train.methods import LoRAConfig, apply_method
 from temper.train.parallel import (
     MESH_DIMS,
     DistInfo,
+    HostEmbedding,
     ParallelConfig,
     apply_activation_checkpointing,
     clip_grads,
     grad_norm,
     parallelize,
+    remove_host_embeddings,
     shared_store_restarts,
     shutdown_distributed,
 )
@@ -50,6 +53,73 @@ def test_checkpointing_with_and_without_offload_gives_the_same_gradients(offload
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_activation_offload_holds_a_frozen_untied_embedding_on_the_host():
+    """Under activation offload a LoRA model's frozen, untied token table becomes a `HostEmbedding`: the same state
+    dict (names, order, tensors), no parameter any more (callers read the device off the first one), the same
+    gradients; the KV cache still takes the weights' dtype; the export puts a plain frozen embedding back. A
+    trained or tied table stays where it is."""
+    torch.manual_seed(0)
+    plain = Transformer(replace(PRESETS["debug-llama"], tie_embeddings=False))
+    apply_method(plain, "lora", LoRAConfig(dropout=0.0))
+    model = copy.deepcopy(plain)
+    parallelize(model, CPU, activation_checkpointing=1, activation_offload=True)
+    assert isinstance(model.tok_emb, HostEmbedding) and model.tok_emb.weight.device.type == "cpu"
+    assert "tok_emb.weight" not in dict(model.named_parameters())
+    assert list(model.state_dict()) == list(plain.state_dict())
+    x = torch.randint(0, 256, (2, 24))
+    for m in (model, plain):
+        m(x).float().pow(2).mean().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert len(got) == len(ref) > 0
+    for (_, a), b in zip(got.items(), ref.values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    host_table = model.tok_emb.weight
+    model.tok_emb.weight = host_table.double()  # a dtype of its own: the cache follows the weights', not the table's
+    assert model.new_cache(1, 4).k.dtype == torch.float32
+    model.tok_emb.weight = host_table
+    remove_host_embeddings(model)
+    assert type(model.tok_emb) is torch.nn.Embedding and not model.tok_emb.weight.requires_grad
+    torch.testing.assert_close(model.tok_emb.weight, plain.tok_emb.weight, rtol=0, atol=0)
+    for cfg, method in ((PRESETS["debug-llama"], "lora"), (replace(PRESETS["debug-llama"], tie_embeddings=False), "full")):
+        kept = Transformer(cfg)  # tied (the head's weight too), or trained (its gradient is made on the device)
+        apply_method(kept, method, LoRAConfig())
+        parallelize(kept, CPU, activation_checkpointing=1, activation_offload=True)
+        assert type(kept.tok_emb) is torch.nn.Embedding
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_host_held_table_leaves_the_device_and_changes_no_number():
+    """On CUDA the table's bytes leave the device, a bf16 LoRA step's loss and gradients are the device table's,
+    and greedy generation (the engine reads its device off the parameters, the cache off the weights) is the same."""
+    from temper.infer.engine import generate
+
+    cfg = replace(PRESETS["debug-llama"], tie_embeddings=False, vocab_size=32768, max_seq_len=256)
+    gpu = DistInfo(0, 0, 1, torch.device("cuda"))
+    x = torch.randint(0, cfg.vocab_size, (2, 129), device="cuda")
+    out = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg).cuda()
+        apply_method(model, "lora", LoRAConfig(dropout=0.0), amp_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        parallelize(model, gpu, activation_checkpointing=1, activation_offload=offload)
+        freed = before - torch.cuda.memory_allocated()
+        assert freed == (cfg.vocab_size * cfg.dim * 2 if offload else 0)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        text = generate(model.eval(), [[1, 2, 3], [4, 5]], max_new_tokens=8, temperature=0.0)
+        out[offload] = loss.detach(), grads, text
+        del model
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=0)
+    for a, b in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert out[True][2] == out[False][2]
 
 
 def test_compiling_per_block_keeps_names_and_compiles_one_graph(monkeypatch):

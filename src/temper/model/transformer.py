@@ -537,7 +537,9 @@ class Transformer(nn.Module):
 
         It holds the key/value heads of this model's attention modules: under tensor parallelism, the
         rank's share of them (`train.tensor_parallel` sets `Attention.n_kv_heads` to it)."""
-        p = self.tok_emb.weight
+        # The final norm's weight: on the compute device and in the compute dtype even where a frozen input table
+        # is held in host memory (train.parallel.HostEmbedding).
+        p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
         kv_heads = self.layers[0].attn.n_kv_heads
         return KVCache(

@@ -106,6 +106,8 @@ def render(est: Estimate, cfg: ModelConfig, run: RunShape, name: str) -> str:
     """The report as Markdown: a table of components, the per-block terms, rules of thumb and notes."""
     T = run.seq_len or cfg.max_seq_len
     ck = f"every {run.activation_checkpointing} block(s)" if run.activation_checkpointing else "off"
+    if run.activation_offload:
+        ck += ", offloaded to host memory"
     lines = [
         f"temper estimate: {name} ({est.params:,} params, {est.trainable:,} trainable), "
         f"recipe {run.recipe}, {run.precision} on {run.device}, micro-batch {run.micro_batch_size} x {T} tokens"

@@ -36,7 +36,9 @@ What temper's training actually does, and so what is counted (read from `train/s
     gradient (the embedding is frozen), so its first norm saves nothing.
   * activation checkpointing (`train.activation_checkpointing = k`: every k-th block, as
     `train/parallel.py` wraps them; Chen et al. 2016): a wrapped block keeps only its input and
-    is recomputed, whole, in its backward.
+    is recomputed, whole, in its backward. With activation offload (`train.activation_offload`) that input
+    waits in host memory until its block's backward copies it back, and without a device mesh a frozen,
+    untied token embedding is held there too (`train.parallel.HostEmbedding`; `Estimate.host`).
   * the parallel layout (`RunShape.parallel`, the recipes' `train.parallel`, over `world_size`
     ranks; every figure is one rank's), as `train/parallel.py` builds it:
     - DDP keeps a second copy of the gradients in its buckets (allocated once, alive throughout);
@@ -152,6 +154,9 @@ class RunShape:
     """Micro-batches per optimizer step; > 1 keeps the gradients alive through every forward."""
     activation_checkpointing: int = 0
     """Recompute every k-th block in backward (as train.activation_checkpointing); 0 disables."""
+    activation_offload: bool = False
+    """With activation_checkpointing (as train.activation_offload): the checkpointed inputs wait in host memory,
+    and without a device mesh (one process, DDP) a frozen, untied token embedding is held there too."""
     world_size: int = 1
     """Ranks in all (torchrun's WORLD_SIZE): the product of the layout's degrees; micro_batch_size is per rank."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -169,6 +174,8 @@ class RunShape:
         for key in ("seq_len", "activation_checkpointing"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
         try:
             self.parallel.degrees(self.world_size)
         except ConfigError as e:  # the training recipes' key is train.parallel; here it is run.parallel
@@ -212,7 +219,8 @@ class Estimate:
     inference: int
     """Weights in the compute dtype (NF4 for qlora) plus the KV cache: what generation needs."""
     host: int = 0
-    """Host memory of this rank: its shards of parameters, gradients and optimizer states under CPU offload."""
+    """Host memory of this rank: its shards of parameters, gradients and optimizer states under CPU offload;
+    the checkpointed inputs and a frozen token embedding under activation offload."""
 
     def __getitem__(self, name: str) -> Component:
         for c in self.components:
@@ -314,6 +322,7 @@ class _Layout:
     zero1: bool = False
     reshard: bool = True  # FSDP2's reshard_after_forward
     offload: bool = False
+    mesh: bool = False  # a device mesh (FSDP2, tp or pp); none for one process or DDP
     sp: bool = False  # sequence parallel (with tp > 1)
     microbatches: int = 1  # pipeline micro-batches per micro-batch
     schedule: str = ""
@@ -333,7 +342,7 @@ def _layout(run: RunShape) -> _Layout:
     microbatches = (par.pp_microbatches or pp) if pp > 1 else 1
     return _Layout(
         tp=tp, pp=pp, dp=dp, shard=(shard if replicate > 1 and shard > 1 else dp) if fsdp else 1,
-        ddp=not mesh and dp > 1, zero1=par.zero1 and not mesh and dp > 1, reshard=par.reshard_after_forward,
+        ddp=not mesh and dp > 1, mesh=mesh, zero1=par.zero1 and not mesh and dp > 1, reshard=par.reshard_after_forward,
         offload=par.offload and fsdp, sp=par.sequence_parallel and tp > 1, microbatches=microbatches,
         schedule=par.pp_schedule if pp > 1 else "")
 
@@ -710,6 +719,11 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
             ([f"{NF4_BYTES:.3f} B x {_m(nf4)} NF4 block weights"] if nf4 else [])
             + [f"{a} B x {_m(dense)} frozen {run.precision} weights", f"4 B x {_m(c.trainable)} float32 adapters"]
         )
+    # `train.parallel.hold_frozen_embeddings_on_host`: without a device mesh, a frozen untied input table
+    table = a * V * d if run.activation_offload and not full and not lay.mesh and model.head is not None else 0
+    if table:
+        p_bytes -= table
+        p_formula += f", less the token embedding ({human_bytes(table)}, held in host memory)"
     if c.buffer_bytes:
         p_formula += f" + {human_bytes(c.buffer_bytes)} RoPE tables"
     g_bytes = 4 * c.trainable
@@ -741,7 +755,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
         loss_fwd, loss_bwd, loss_formula = _loss_bytes(model, t, tokens, grad, V, gathered=cast_gathered)
     split = [m.split(lay.tp, lay.sp) for m in mems]
     resid = t.r * d / (lay.tp if lay.sp else 1)  # a checkpointed block's input on this rank
-    stored = [resid if ck else sv for ck, (sv, _) in zip(checkpointed, split)]
+    # (under activation offload a checkpointed input waits in host memory, and comes back for its block's backward)
+    stored = [(0.0 if run.activation_offload else resid) if ck else sv for ck, (sv, _) in zip(checkpointed, split)]
     # A block's backward: its saved tensors (recomputed if checkpointed, beside the input the
     # checkpoint holds unless they share it) and the transient gradients.
     in_backward = [sv + tr + (resid if ck and not m.input_shared else 0)
@@ -790,6 +805,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     if lay.offload:  # FSDP2's CPUOffloadPolicy: the shards live in host memory, where the optimizer steps
         host = p_bytes - c.buffer_bytes + 4 * c.trainable + s_bytes
         p_dev, s_dev, g_blocks, g_end = c.buffer_bytes, 0, [0.0] * L, g_held
+    offloaded = in_flight * tokens * resid * sum(checkpointed) if run.activation_offload else 0
+    host += round(offloaded) + table
     moments_at = functools.partial(  # (FSDP2's accumulation is its own: g_held and g_blocks above)
         _moments, p=p_dev, s=s_dev, g=g_end, tokens=tokens, stored=stored,
         in_backward=in_backward, wcopy=wcopy, recast=recast, wcopy_head=wcopy_tail, dequant=dequant,
@@ -818,7 +835,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     wcopies = sum(wcopy) + wcopy_tail
     a_formula = (
         f"B*T = {tokens} tokens x ({L} blocks x {human_bytes(split[-1][0])}"
-        + (f" ({sum(checkpointed)} of them checkpointed: input only, {human_bytes(resid)})" if k else "")
+        + (f" ({sum(checkpointed)} of them checkpointed: input only, {human_bytes(resid)}"
+           + (", in host memory until its backward" if run.activation_offload else "") + ")" if k else "")
         + f" + tail {human_bytes(tail.total)})"
         + (f" + the loss ({loss_formula})" if stage != "first" else "")
         + (f" + autocast weight copies {a} B x {_m(wcopies / a)}" if wcopies else "")
@@ -852,9 +870,16 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
         most = max(m[2]["gathered"] for m in moments)
         components.append(Component("gathered (FSDP2)", int(most), _fsdp_formula(lay, cu, a, run.device == "cpu")))
         at_peak["gathered"] = int(alive["gathered"])
-    if lay.offload:
-        components.append(Component("host memory (CPU offload)", host, "this rank's shards of parameters, gradients "
-                                    f"and optimizer states ({share}); the other rows are on the device"))
+    if host:
+        held_there = ([f"this rank's shards of parameters, gradients and optimizer states ({share})"] if lay.offload else [])
+        if offloaded:
+            held_there.append(f"the checkpointed inputs: {sum(checkpointed)} x B*T = {tokens} x {human_bytes(resid)}"
+                              + (f" x {in_flight:g} micro-batches in flight" if in_flight > 1 else "")
+                              + " (activation offload)")
+        if table:
+            held_there.append(f"the frozen token embedding: {a} B x {V} x {d}")
+        components.append(Component("host memory (CPU offload)", host, "; ".join(held_there)
+                                    + "; the other rows are on the device"))
     return Estimate(
         components=components, peak=int(peak), peak_formula=peak_formula, at_peak=at_peak,
         block_terms=typical.terms, params=total.params, trainable=total.trainable, notes=notes,
@@ -932,7 +957,7 @@ def _layout_notes(run: RunShape, lay: _Layout) -> list[str]:
     if lay.pp > 1 and lay.schedule != "1F1B":
         notes.append(f"pipeline terms for pp_schedule={lay.schedule} (micro-batches in flight from its warm-up) are "
                      "formulas; 1F1B is checked against a measured step")
-    if lay.offload:
+    if lay.offload or run.activation_offload:
         notes.append("CPU offload: the device/host split is a formula (a CPU-only measurement cannot tell them apart)")
     if lay.fsdp and run.recipe == "qlora":
         notes.append("qlora under FSDP2: NF4 weights are counted as sharded and gathered like dense ones")

@@ -57,6 +57,7 @@ from temper.train.parallel import (
     full_state_dict,
     parallelize,
     remove_activation_checkpointing,
+    remove_host_embeddings,
 )
 from temper.train.step import (
     MicroBatch,
@@ -122,7 +123,8 @@ class TrainSection:
     activation_checkpointing: int = 0
     """Recompute activations of every k-th block in backward; 0 disables."""
     activation_offload: bool = False
-    """With activation_checkpointing: keep the checkpointed blocks' inputs in CPU memory until backward."""
+    """With activation_checkpointing: keep the checkpointed blocks' inputs in CPU memory until backward, and (one
+    process or DDP) a frozen, untied token embedding there too: each forward copies over only the rows it reads."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
@@ -436,9 +438,11 @@ class Run:
         """The trained model (as `wrap` was given it: adapters, heads and all) as one plain module, for final/, on
         rank 0; None on the other ranks. Every rank must call it: a sharded model's slices are gathered
         (`parallel.full_state_dict`) into the structure `wrap` kept, on the CPU; a replicated model is returned
-        itself, without activation checkpointing or float8 layers."""
+        itself, without activation checkpointing, float8 layers or host-held embeddings."""
         if self._skeleton is None:
-            return remove_float8(remove_activation_checkpointing(self.model)) if self.d.is_main else None
+            if not self.d.is_main:
+                return None
+            return remove_float8(remove_host_embeddings(remove_activation_checkpointing(self.model)))
         weights = dse.full_state_dict(self.engine) if self.engine else full_state_dict(self.model)
         if not self.d.is_main:
             return None
