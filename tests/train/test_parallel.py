@@ -67,7 +67,7 @@ def test_activation_offload_holds_a_frozen_untied_embedding_on_the_host():
     parallelize(model, CPU, activation_checkpointing=1, activation_offload=True)
     assert isinstance(model.tok_emb, HostEmbedding) and model.tok_emb.weight.device.type == "cpu"
     assert "tok_emb.weight" not in dict(model.named_parameters())
-    assert list(model.state_dict()) == list(plain.state_dict())
+    assert list(model.state_dict()) == list(plain.state_dict()) and model.num_params() == plain.num_params()
     x = torch.randint(0, 256, (2, 24))
     for m in (model, plain):
         m(x).float().pow(2).mean().backward()

@@ -393,7 +393,7 @@ class ActorCritic(nn.Module):
         return self.policy.layers
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # each shared tensor once
+        return self.policy.num_params() + sum(p.numel() for p in self.value.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """The policy's, plus the separate value decoder's (without its unused language-model head)."""

@@ -553,6 +553,8 @@ class Transformer(nn.Module):
         unless it is tied (then it is also the output head, which does a matrix product).
         """
         n = sum(p.numel() for p in self.parameters())
+        if self.tok_emb is not None and not isinstance(self.tok_emb.weight, nn.Parameter):
+            n += self.tok_emb.weight.numel()  # a frozen table training holds in host memory, as a buffer
         if exclude_embedding:
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
