@@ -51,6 +51,7 @@ from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
 from temper.model.lora import ALL_LINEAR_TARGETS
 from temper.model.transformer import Transformer
+from temper.train.memory import storage_leaves
 from temper.train.methods import LoRAConfig, apply_method, base_dtype
 from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import autocast, train_step
@@ -156,7 +157,7 @@ def peak_bytes(model: nn.Module, opt: torch.optim.Optimizer, step: Callable, x: 
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     alive = {}  # storage address -> bytes: a storage once, however many tensors view it
     for t in [*model.parameters(), *model.buffers(), *_quant_states(model), *states, x, y]:
-        for leaf in _leaves(t):
+        for leaf in storage_leaves(t):
             alive[leaf.untyped_storage().data_ptr()] = leaf.untyped_storage().nbytes()
     return sum(alive.values()) + _cpu_allocation_peak(lambda: step(x, y))
 
@@ -186,15 +187,6 @@ def _quant_states(model: nn.Module) -> list[torch.Tensor]:
             out += [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
             qs = getattr(qs, "state2", None)
     return out
-
-
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold a tensor's bytes: a wrapper subclass (torchao's NF4) reports its
-    dense size as its storage, so its inner tensors are counted instead."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [leaf for n in names for leaf in _leaves(getattr(t, n))]
-    return [t]
 
 
 def print_profile(name: str, step: Callable[[], None], cuda: bool) -> None:

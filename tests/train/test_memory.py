@@ -117,16 +117,19 @@ def test_activation_offload_moves_the_checkpointed_inputs_and_a_frozen_table_to_
         RunShape(activation_offload=True)
 
 
+NF4_DIMS = {"dim": 256, "ffn_dim": 512, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 2048, "tie_embeddings": False}
+
+
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
-             accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0):
-    cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout)
+             accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0, dims: dict | None = None):
+    cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout, **(dims or {}))
     lora = lora or LoRAShape(rank=8)
     run = RunShape(recipe=recipe, precision=precision, micro_batch_size=batch, seq_len=seq, device="cpu",
                    accumulation_steps=accumulation, activation_checkpointing=ckpt, lora=lora)
     amp = None if precision == "fp32" else torch.bfloat16
     model = Transformer(cfg)
-    if recipe == "lora":  # as the recipes apply it: the frozen base in the compute dtype
-        apply_method(model, "lora", LoRAConfig(lora.rank, 2.0 * lora.rank, lora.dropout, list(lora.targets)),
+    if recipe in ("lora", "qlora"):  # as the recipes apply it: the frozen base in the compute dtype
+        apply_method(model, recipe, LoRAConfig(lora.rank, 2.0 * lora.rank, lora.dropout, list(lora.targets)),
                      amp_dtype=amp or torch.float32)
     apply_activation_checkpointing(model, ckpt)
     optimizer = build_optimizer(model, OptimConfig(), "cpu")
@@ -157,6 +160,10 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "lora", "fp32", 0, {"lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS), dropout=0.1)}),
     ("debug-llama", "pretrain", "fp32", 0, {"batch": 2, "accumulation": 2}),  # gradients live through the 2nd
     ("debug", "pretrain", "fp32", 0, {"dropout": 0.1}),  # CPU SDPA falls back to the math kernel: T x T per head
+    # NF4 blocks (widths its 64 x 256-value blocks divide), each layer dequantized in turn; packed weights counted as
+    # their inner tensors (a dense-sized wrapper otherwise)
+    ("debug-llama", "qlora", "bf16", 0, {"dims": NF4_DIMS}),
+    ("debug-llama", "qlora", "bf16", 1, {"dims": NF4_DIMS}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)

@@ -703,7 +703,7 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     if cfg.dropout > 0 and run.device == "cpu":
         notes.append("dropout > 0 on a CPU: SDPA falls back to its math kernel and keeps T x T probabilities per head")
     if qlora:
-        notes.append("qlora: NF4 storage is 0.516 B/param (model/quant.py measures torchao's tensors); the QLoRA step's activations are not yet measured")
+        notes.append("qlora: NF4 storage is 0.516 B/param (model/quant.py measures torchao's tensors)")
     notes += _layout_notes(run, lay)
     share = _share(lay, stage, blocks, cfg.n_layers)
 
@@ -1102,8 +1102,12 @@ class LiveTensorBytes(TorchDispatchMode):
     def track(self, tensor: torch.Tensor, role: str | None = None) -> None:
         """Count `tensor`'s storage from now on (once); `role` relabels a storage already counted.
 
-        A DTensor (FSDP2, tensor parallel) counts its local shard: what this rank holds."""
-        storage = _local(tensor).untyped_storage()
+        A DTensor (FSDP2, tensor parallel) counts its local shard: what this rank holds; a wrapper subclass
+        (torchao's NF4) its inner tensors (`storage_leaves`)."""
+        for leaf in storage_leaves(tensor):
+            self._track_storage(leaf.untyped_storage(), role)
+
+    def _track_storage(self, storage: torch.UntypedStorage, role: str | None) -> None:
         key = id(storage)
         if key in self._live:
             if role is not None:
@@ -1130,15 +1134,17 @@ class LiveTensorBytes(TorchDispatchMode):
         entry = self._live.get(self._held) if self._held is not None else None
         if entry is None or not entry[1]:
             return
-        inputs = {id(_local(t).untyped_storage()) for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+        inputs = {id(leaf.untyped_storage()) for t in tree_leaves(args) if isinstance(t, torch.Tensor)
+                  for leaf in storage_leaves(t)}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
-            storage = _local(t).untyped_storage()
-            if id(storage) in inputs and id(storage) not in self._live and storage.nbytes() <= entry[1]:
-                entry[1] -= storage.nbytes()
-                self.current -= storage.nbytes()
-                self.track(t, self._role[entry[0]])
+            for leaf in storage_leaves(t):
+                storage = leaf.untyped_storage()
+                if id(storage) in inputs and id(storage) not in self._live and storage.nbytes() <= entry[1]:
+                    entry[1] -= storage.nbytes()
+                    self.current -= storage.nbytes()
+                    self._track_storage(storage, self._role[entry[0]])
 
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key)[1]
@@ -1268,15 +1274,22 @@ def measure_train_step(
                     at_step=at_step, buckets=buckets)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (what this rank holds); any other tensor itself."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+def storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s bytes on this rank: a DTensor's local shard, a wrapper subclass's
+    inner tensors (torchao's NF4Tensor reports its dense size as its storage: 4x its packed bytes in bf16)."""
+    if isinstance(tensor, DTensor):
+        return storage_leaves(tensor._local_tensor)
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [leaf for name in names for leaf in storage_leaves(getattr(tensor, name))]
+    return [tensor]
 
 
 def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (a DTensor: its local shard's)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        storage = _local(t).untyped_storage()
-        seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+        for leaf in storage_leaves(t):
+            storage = leaf.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
     return sum(seen.values())
