@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check of every GPU claim, about 9 minutes on one H100/H200. The parts run in the order of what
-# they decide (the train part holds the open speed gaps) under limits that add up to 11.5 minutes; the report
+# they decide (the train part holds the open speed gaps) under limits that add up to 12 minutes; the report
 # is rewritten after every part, so a run cut short (a 10-minute command limit) keeps what it measured:
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
 #   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,
@@ -101,7 +101,7 @@ part peaks 15 "$PY" benchmarks/gpu_check.py peaks --device "$DEV" --json "$WORK/
 part train 240 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WORK/train.json"
 # Verbose, so that a part cut at its limit still shows which tests passed; -o timeout (pytest-timeout, when
 # installed; ignored otherwise) fails a hung test alone. The compiled flex and float8 tests compile for a while.
-part tests 100 "$PY" -m pytest -v -p no:cacheprovider -o timeout=80 -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
+part tests 120 "$PY" -m pytest -v -p no:cacheprovider -o timeout=80 -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
 part finetune 150 "$PY" benchmarks/finetune_memory.py "${FINETUNE[@]}" --json "$WORK/finetune.json"
 part decode 90 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
 TEXT="$DATA/tinyshakespeare/input.txt"

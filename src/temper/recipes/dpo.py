@@ -267,16 +267,13 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
               f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val {unit}, {steps} steps of "
               f"{per_step} {unit} ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}; {stats.truncated} {unit} "
               f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
-    trainable = set(ckpt.trainable_names(model))
-
     def label_counts(first: int) -> dict[str, float]:
         """The labels of the step's examples on all ranks (those from global index `first` on)."""
         good = sum(train_pairs[order.item(g)].label for g in range(first, first + per_step))
         return {"count/desirable": good, "count/undesirable": per_step - good}
 
     def save(at: int) -> None:
-        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
-        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer)
+        run.save(at, ckpt.weights_to_save(model, cfg.method != "full"), optimizer)
 
     def validate() -> dict[str, float]:
         """Loss and metrics over every held-out pair (`align.pairs.val_batches` deals them to the ranks)."""

@@ -171,11 +171,9 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
               f"parameters train; {len(train_prompts.ids)} train / {len(val_prompts.ids)} held-out prompts; "
               f"{steps} steps of {per_step} prompts x {n} completions, {lc.iterations} update(s) each; "
               f"rewards: {', '.join(f'{w:g} x {name}' for name, w, _ in rewards.parts)}")
-    trainable = set(ckpt.trainable_names(model))
 
     def save(at: int) -> None:
-        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
-        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer)
+        run.save(at, ckpt.weights_to_save(model, cfg.method != "full"), optimizer)
 
     def validate() -> dict[str, float]:
         metrics = evaluate_greedy(model, tok, val_prompts, rewards, cfg.rollout, stop_ids, d)

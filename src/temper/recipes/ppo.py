@@ -264,11 +264,9 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
               f"{model.num_params():,} parameters train; {len(train_prompts.ids)} train / {len(val_prompts.ids)} "
               f"held-out prompts; {steps} steps of {per_step} prompts x {n}, {p.epochs} epochs x {M} minibatches; "
               f"rewards: {', '.join(f'{w:g} x {name}' for name, w, _ in rewards.parts)}")
-    trainable = set(ckpt.trainable_names(model))
 
     def save(at: int) -> None:
-        sd = {k: v for k, v in model.state_dict().items() if not partial or k in trainable}
-        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer, kl_ctl=kl_ctl.state_dict())
+        run.save(at, ckpt.weights_to_save(model, partial), optimizer, kl_ctl=kl_ctl.state_dict())
 
     def validate() -> dict[str, float]:
         metrics = evaluate_greedy(actor, tok, val_prompts, rewards, cfg.rollout, stop_ids, d)

@@ -157,11 +157,9 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
               f"parameters train; {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps of "
               f"{per_step} pairs ({micro} x {accum} accum x {d.dp_world} ranks), {run.amp_dtype}; {stats.truncated} pairs "
               f"truncated ({stats.prompt_tokens_cut} prompt, {stats.response_tokens_cut} response tokens cut)")
-    trainable = set(ckpt.trainable_names(model))
 
     def save(at: int) -> None:
-        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
-        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer)
+        run.save(at, ckpt.weights_to_save(model, cfg.method != "full"), optimizer)
 
     def validate() -> dict[str, float]:
         """Loss and metrics over every held-out pair (`align.pairs.val_batches` deals them to the ranks)."""

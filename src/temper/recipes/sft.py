@@ -226,11 +226,8 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
               f"{stats.truncated} truncated, {sum(stats.dropped.values())} dropped")
     loss_fn = LMLoss(label_smoothing=cfg.train.label_smoothing)
 
-    trainable = set(ckpt.trainable_names(model))
-
     def save(at: int) -> None:  # every rank: rank 0 writes the weights, each rank its RNG
-        sd = {k: v for k, v in model.state_dict().items() if cfg.method == "full" or k in trainable}
-        run.save(at, {k: v.detach() for k, v in sd.items()}, optimizer, row_offset=offset)
+        run.save(at, ckpt.weights_to_save(model, cfg.method != "full"), optimizer, row_offset=offset)
 
     def validate() -> float:
         """The loss over every held-out row: micro-batches dealt to the ranks as training's are, so the

@@ -478,6 +478,13 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n.replace(_CHECKPOINT_PREFIX, "") for n, p in model.named_parameters() if p.requires_grad]
 
 
+def weights_to_save(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """`model`'s state dict, detached, for `save_checkpoint`: with `trainable_only`, just the parameters that train
+    (adapters over a frozen base loaded from elsewhere), as `load_checkpoint(..., trainable_only=True)` reads them."""
+    names = set(trainable_names(model)) if trainable_only else None
+    return {k: v.detach() for k, v in model.state_dict().items() if names is None or k in names}
+
+
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's state.json (step, the run's resolved config, the recipe's counters), without
     reading weights: a resume checks its settings first."""
