@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from profiling import print_top_kernels
 
 from temper.infer import engine
 from temper.model.config import PRESETS, ModelConfig
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more run of each side (the same shapes: no new compilation); "
+                        "top kernels to stderr, a kernel's calls / --new-tokens being how often one step runs it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (both sides)")
     args = p.parse_args(argv)
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
                 t = sides[name](prompts, N)
                 times[name].append(batch * (N - t.first_step) / (t.last - t.first))
         same, total = agreement(outputs["temper"], outputs["transformers"])
+        for name in sides if args.profile else ():
+            print_top_kernels(f"{name} batch {batch}, {N} new tokens", functools.partial(sides[name], prompts, N),
+                              device.type == "cuda")
         for name in sides:
             row: dict[str, Any] = {
                 "shape": args.shape, "batch": batch, "impl": name, "tokens_per_s": statistics.median(times[name]),

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from profiling import print_top_kernels
 from torch import nn
 
 from temper.model.config import PRESETS, ModelConfig
@@ -189,17 +190,6 @@ def _quant_states(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def print_profile(name: str, step: Callable[[], None], cuda: bool) -> None:
-    """Where one step's time goes, to stderr: the top kernels by self time (the device's on a GPU), for comparing
-    a side's kernels with its peer's (QLoRA's dequantization against bitsandbytes', say)."""
-    with torch.profiler.profile() as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    print(f"# profile {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr, flush=True)
-
-
 def unchanged_after_a_step(trainable: list[nn.Parameter], step: Callable, x: torch.Tensor, y: torch.Tensor) -> int:
     """Run one step; how many trainable tensors it left unchanged (0 for a side that trains what it should)."""
     before = [p.detach().clone() for p in trainable]
@@ -284,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             results[key]["tps"].append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
             if first and key[0] in args.profile:
-                print_profile(" ".join(key), functools.partial(step, x, y), args.device.startswith("cuda"))
+                print_top_kernels(" ".join(key), functools.partial(step, x, y), args.device.startswith("cuda"))
         except Exception as e:  # one side failing (e.g. out of memory) must not hide the others
             results[key]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             print(f"# {key}: {results[key]['error']}", file=sys.stderr, flush=True)

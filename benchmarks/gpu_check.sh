@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check of every GPU claim, about 9 minutes on one H100/H200. The parts run in the order of what
-# they decide (the train part holds the open speed gaps) under limits that add up to 12 minutes; the report
+# they decide (the train part holds the open speed gaps) under limits that add up to 12 minutes and 10 s; the report
 # is rewritten after every part, so a run cut short (a 10-minute command limit) keeps what it measured:
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
 #   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,
@@ -67,7 +67,7 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu
   TRAIN=(--shapes debug-llama --batch 2 --seq 64 --steps 2 --repeats 1 --modes eager compile compile-model float8
          --compile-backend aot_eager --dtype fp32)
-  DECODE=(--device cpu --shape debug-llama --batch 1 2 --prompt-len 16 --new-tokens 8 --repeats 1)
+  DECODE=(--device cpu --shape debug-llama --batch 1 2 --prompt-len 16 --new-tokens 8 --repeats 1 --profile)
   FINETUNE=(--device cpu --dim 256 --layers 2 --heads 4 --kv-heads 2 --ffn 512 --vocab 512 --seq 64 --batch 1
             --steps 1 --repeats 1 --checkpointing --methods lora qlora --compile --compile-backend aot_eager
             --eager lora qlora --offload qlora --profile qlora)
@@ -81,10 +81,12 @@ else
   # 10-40 s of compilation. Decode at batch 1 only: each batch size compiles its own CUDA graph (~60 s a side).
   # --child-timeout: each side's process per shape gets 60 s (4 of them in the part's 260), keeping the modes it
   # measured, so a slow compile costs its own row, not the Llama shape's (which two earlier runs lost that way).
+  # Decode --profile: one more run of each side, profiled (decode was 34% of the bandwidth bound: which kernels,
+  # how many a step, how long each), in decode.log.
   TRAIN=(--shapes gpt2-124m llama-3.2-1b --batch 16 4 --seq 1024 --steps 10 --repeats 1
          --modes ${GPU_CHECK_TRAIN_MODES:-compile compile-model float8} --dtype bf16 --child-timeout 60)
   DECODE=(--device cuda --shape llama-3.2-1b --batch ${GPU_CHECK_DECODE_BATCH:-1} --prompt-len 128 --new-tokens 256
-          --repeats 2 --compile)
+          --repeats 2 --compile --profile)
   # Every side as the recipes run it (bf16 autocast, the frozen base in bf16). Compiled peaks predicted on CPU from
   # the allocator's events (1-3 layers, extrapolated to 32; QLoRA's checkpointed inputs offloaded): LoRA 16.4 GiB,
   # QLoRA 6.56 (the same prediction of the code the H200 measured at 7.46 gave 7.34), and 5.58 now that offload
@@ -103,7 +105,7 @@ part train 240 "$PY" benchmarks/pretrain_throughput.py "${TRAIN[@]}" --json "$WO
 # installed; ignored otherwise) fails a hung test alone. The compiled flex and float8 tests compile for a while.
 part tests 120 "$PY" -m pytest -v -p no:cacheprovider -o timeout=80 -m gpu $(grep -rl "mark.gpu" tests --include='test_*.py')
 part finetune 150 "$PY" benchmarks/finetune_memory.py "${FINETUNE[@]}" --json "$WORK/finetune.json"
-part decode 90 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
+part decode 100 "$PY" benchmarks/decode_throughput.py "${DECODE[@]}" --json "$WORK/decode.json"
 TEXT="$DATA/tinyshakespeare/input.txt"
 if [ "$SHAKE_CHARS" != 0 ]; then head -c "$SHAKE_CHARS" "$TEXT" >"$WORK/input.txt" && TEXT="$WORK/input.txt"; fi
 part shakespeare 45 bash -c "$(printf '%q ' "$PY" -m temper prepare --input "$TEXT" --out "$WORK/shakespeare_char" \

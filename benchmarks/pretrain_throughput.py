@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+from profiling import print_top_kernels
 
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.convert import to_hf_config
@@ -118,14 +119,8 @@ def measure(impl: str, shape: str, batch: int, seq: int, steps: int, dtype_name:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if profile:  # where the time goes: the top kernels of a few more steps, printed to stderr
-        with torch.profiler.profile() as prof:
-            for i in range(profile):
-                one_step(i + 3 + steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"# profile {impl} {mode}\n" + prof.key_averages().table(sort_by=sort, row_limit=30),
-              file=sys.stderr)
+        print_top_kernels(f"{impl} {mode}", lambda: [one_step(i + 3 + steps) for i in range(profile)],
+                          device.type == "cuda", rows=30)
     return {
         "impl": impl, "shape": shape, "mode": mode, "compile": compile, "tokens": batch * seq * steps, "seconds": seconds,
         "warmup_s": warmup_s, "device": str(device),
