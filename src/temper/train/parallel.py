@@ -295,8 +295,8 @@ class HostEmbedding(nn.Module):
     Why: a large-vocabulary model's input table is a large share of what a QLoRA run keeps on the GPU
     (Llama-3-8B: 128,256 x 4,096 in bf16, 1 GiB beside 3.4 GiB of NF4 blocks), yet a step reads only B*T of
     its rows and never trains it. The lookup runs where the table is, into pinned memory, and the (B, T, C)
-    rows are copied to the device (16 MiB for a 2,048-token sequence): one small host-to-device copy a forward
-    and a wait for the token ids, as `offload_wrapper` already pays per checkpointed block. The table is a
+    rows are copied to the device (16 MiB for a 2,048-token sequence): one small host-to-device copy a forward,
+    as `offload_wrapper` makes per checkpointed block, and a wait for the token ids to reach the host. The table is a
     persistent buffer named `weight`, so state dicts and checkpoints still hold `tok_emb.weight`, and
     `parameters()` (whose first entry callers take for the model's device) no longer yields it.
     """
