@@ -336,7 +336,8 @@ def remove_host_embeddings(model: nn.Module) -> nn.Module:
     """Put plain (frozen) embeddings back in place of `HostEmbedding`s, their tables where they are; returns `model`."""
     for m in list(model.modules()):
         if isinstance(getattr(m, "tok_emb", None), HostEmbedding):
-            m.tok_emb = nn.Embedding.from_pretrained(m.tok_emb.weight, freeze=True)
+            table = m.tok_emb.weight
+            m.tok_emb = nn.Embedding(*table.shape, _weight=table, _freeze=True)
     return model
 
 
