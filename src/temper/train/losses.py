@@ -219,6 +219,7 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
             if grad_w is not None:
                 grad_w = _add_weight_grad(grad_w, g, hc)  # (V, C)
+            del g  # before the next chunk's logits: one chunk's (n, V) tensors alive at a time, not two
         if shard is not None and grad_h is not None:
             dist.all_reduce(grad_h, group=shard.group)  # each vocabulary slice gives a part of d loss / d hidden
     return total, grad_h, grad_w
