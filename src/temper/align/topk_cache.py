@@ -122,6 +122,7 @@ def _top_k(teacher: nn.Module, batch: Batch, valid: torch.Tensor, k: int, amp_dt
         for lo in range(0, hidden.shape[0], chunk):
             logits = output_logits(teacher, hidden[lo:lo + chunk])  # (n, V)
             top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) each
+            del logits  # before the next chunk's: one chunk's logits alive at a time
             ids.append(top.indices.to(torch.int32).cpu())
             logps.append(top.values.cpu())
     if not ids:
