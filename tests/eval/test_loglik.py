@@ -77,3 +77,16 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation():
 def test_empty_request_is_refused():
     with pytest.raises(ValueError, match="request 1"):
         score(_model("debug"), [Request((1,), (2,)), Request((1,), ())])
+
+
+def test_scores_do_not_depend_on_how_many_rows_of_log_probabilities_are_made_at_once(monkeypatch):
+    """The float32 log-softmax runs a chunk of rows at a time (`LOGPROB_CHUNK_BYTES`), so a large vocabulary never
+    holds a batch's whole (N, V) log-probabilities: rows are independent, so chunks of 3 rows give the numbers of
+    one chunk, bit for bit."""
+    from temper.eval import loglik
+
+    model = _model("debug-llama")
+    requests = _requests(random.Random(1), 6, model.cfg.vocab_size, 12)
+    whole = score(model, requests)
+    monkeypatch.setattr(loglik, "LOGPROB_CHUNK_BYTES", 3 * 4 * model.cfg.vocab_size)
+    assert score(model, requests) == whole

@@ -145,10 +145,8 @@ def score(model: nn.Module, requests: Sequence[Request], *, batch_tokens: int = 
         # needs no mask, as causal attention never looks ahead.
         shared = Segments(segments.to(device), shared_prefix=True) if any(len(r.conts) > 1 for r in batch) else None
         logits = model(tokens, positions=positions, segments=shared, logits_at=scored)  # (N_scored, V)
-        logprobs = F.log_softmax(logits.float(), dim=-1)[logit_row]  # (N_targets, V)
-        target = torch.tensor(targets, device=device)  # (N_targets,)
-        token_lp = logprobs.gather(-1, target[:, None])[:, 0].tolist()
-        hit = (logprobs.argmax(-1) == target).tolist()
+        token_lp, hit = _target_logprobs(logits, logit_row, torch.tensor(targets, device=device))
+        del logits  # before the next batch's forward
         at = 0
         for row in batch:
             for i, cont in zip(row.items, row.conts, strict=True):
@@ -158,6 +156,29 @@ def score(model: nn.Module, requests: Sequence[Request], *, batch_tokens: int = 
         if progress is not None:
             progress(sum(len(row.items) for row in batch))
     return out  # type: ignore[return-value]
+
+
+LOGPROB_CHUNK_BYTES = 64 * 2**20
+"""Float32 log-probabilities made at once by `_target_logprobs`."""
+
+
+def _target_logprobs(logits: torch.Tensor, rows_of: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[list[float], list[bool]]:
+    """log p(target) of each target and whether it is the argmax: target i is predicted by `logits[rows_of[i]]`
+    (logits (N, V)). The float32 log-softmax runs a chunk of targets at a time (rows are independent, so the
+    numbers are the whole tensor's): a large vocabulary's batch never holds (N, V) float32 log-probabilities, nor
+    a row-indexed copy of its logits (16,384 scored tokens of a 128k vocabulary: 8 GiB each in float32)."""
+    rows = max(1, LOGPROB_CHUNK_BYTES // (4 * logits.shape[-1]))
+    token_lp, hit = [], []
+    for lo in range(0, targets.shape[0], rows):
+        logprobs = F.log_softmax(logits[rows_of[lo:lo + rows]].float(), dim=-1)  # (n, V)
+        t = targets[lo:lo + rows, None]  # (n, 1)
+        token_lp.append(logprobs.gather(-1, t)[:, 0])
+        hit.append(logprobs.argmax(-1) == t[:, 0])
+        del logprobs
+    if not token_lp:
+        return [], []
+    return torch.cat(token_lp).tolist(), torch.cat(hit).tolist()
 
 
 def _layout(batch: list[_Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
