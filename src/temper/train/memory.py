@@ -108,7 +108,7 @@ from temper.model.config import ModelConfig
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
-from temper.train.parallel import ParallelConfig
+from temper.train.parallel import ParallelConfig, can_hold_on_host
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -719,8 +719,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
             ([f"{NF4_BYTES:.3f} B x {_m(nf4)} NF4 block weights"] if nf4 else [])
             + [f"{a} B x {_m(dense)} frozen {run.precision} weights", f"4 B x {_m(c.trainable)} float32 adapters"]
         )
-    # `train.parallel.hold_frozen_embeddings_on_host`: without a device mesh, a frozen untied input table
-    table = a * V * d if run.activation_offload and not full and not lay.mesh and model.head is not None else 0
+    # `train.parallel.hold_frozen_embeddings_on_host`: without a device mesh, the tables it can hold on the host
+    table = a * V * d if run.activation_offload and not lay.mesh and can_hold_on_host(model) else 0
     if table:
         p_bytes -= table
         p_formula += f", less the token embedding ({human_bytes(table)}, held in host memory)"

@@ -319,15 +319,21 @@ class HostEmbedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, held on {self.weight.device.type}"
 
 
+def can_hold_on_host(model: Transformer) -> bool:
+    """Whether activation offload moves `model`'s token table to host memory (without a device mesh): only a frozen,
+    untied one. A trained table needs its gradient on the device, and a tied one is the output head's weight too.
+    (`train.memory` counts the same tables, on the model it builds on the meta device.)"""
+    emb = model.tok_emb
+    return isinstance(emb, nn.Embedding) and not emb.weight.requires_grad and model.head is not None
+
+
 def hold_frozen_embeddings_on_host(model: nn.Module) -> list[str]:
-    """Swap every decoder's frozen, untied token embedding for a `HostEmbedding` (in place); returns the swapped
-    tables' state-dict names. A trained table needs its gradient on the device, and a tied one is the output
-    head's weight too: both stay."""
+    """Swap every decoder's token embedding that `can_hold_on_host` for a `HostEmbedding` (in place); returns the
+    swapped tables' state-dict names."""
     names = []
     for name, m in model.named_modules():
-        emb = getattr(m, "tok_emb", None) if isinstance(m, Transformer) else None
-        if isinstance(emb, nn.Embedding) and not emb.weight.requires_grad and m.head is not None:
-            m.tok_emb = HostEmbedding(emb.weight)
+        if isinstance(m, Transformer) and can_hold_on_host(m):
+            m.tok_emb = HostEmbedding(m.tok_emb.weight)
             names.append(f"{name}.tok_emb.weight".lstrip("."))
     return names
 
