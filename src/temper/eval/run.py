@@ -4,7 +4,9 @@ Multiple-choice questions become (context, continuation) requests, tokenized as 
 does (`encode_pair`) and scored together (`loglik.score`, which runs a shared context once).
 Generative examples are completed with the engine (`temper.infer.engine.generate`, the one decoding
 loop), a batch of similar-length prompts at a time, greedy or sampled (prompt i with seed + i, so
-the text does not depend on the batching), and cut at the task's stop strings. A prompt longer than the
+the text does not depend on the batching), and cut at the task's stop strings; a code task's completions
+are then run with their tests (`temper.eval.sandbox`) and scored by pass@k over each problem's
+samples. A prompt longer than the
 context leaves room for the answer: it keeps its last max_seq_len - max_new_tokens tokens, as
 lm-eval does, and the cut is counted.
 
@@ -24,6 +26,7 @@ from torch import nn
 from temper.data.tokenizer import HFTokenizer
 from temper.eval import metrics as M
 from temper.eval.loglik import Request, encode_pair, score
+from temper.eval.sandbox import Limits, run_all
 from temper.eval.tasks import DEFAULT_DATA_ROOT, Example, Generation, MultipleChoice, Task, TaskError
 from temper.infer.engine import generate
 from temper.infer.text import completion_text, cut_at_stop
@@ -59,10 +62,19 @@ class GenerationSettings:
     """Seed of sampling (and of few-shot selection in `temper evaluate`)."""
     batch_size: int = 16
     """Prompts generated together."""
+    num_samples: int = 1
+    """Completions per prompt, for code tasks' pass@k (k = 1, 10, 100 up to it); above 1 needs temperature > 0."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.temperature < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError(f"batch_size and max_new_tokens must be >= 1 and temperature >= 0, got {self}")
+        if self.num_samples < 1 or (self.num_samples > 1 and self.temperature == 0):
+            raise ValueError(f"num_samples must be >= 1, and above 1 needs temperature > 0 (greedy samples are all "
+                             f"the same), got num_samples={self.num_samples}, temperature={self.temperature}")
+
+
+PASS_AT = (1, 10, 100)
+"""The k of the pass@k a code task reports, those up to its samples per problem (Chen et al. 2021's)."""
 
 
 def prefix_id(tok: HFTokenizer) -> int:
@@ -97,15 +109,29 @@ def requests_for(tok: HFTokenizer, pairs: Sequence[tuple[str, str]]) -> list[Req
     return out
 
 
+def check_runnable(task: Task, generation: GenerationSettings, sandbox: Limits | None) -> None:
+    """Refuse, before any model runs, a code task without leave to run its code, and samples it cannot score."""
+    if task.program is not None and sandbox is None:
+        raise TaskError(f"{task.name} runs the code the model writes: allow it with --allow_code_execution "
+                        "(limited processes, not a security boundary: evaluate untrusted models in a container)")
+    if generation.num_samples > 1 and task.program is None:
+        raise TaskError(f"{task.name}: num_samples > 1 is for code tasks' pass@k; this task scores one completion "
+                        "per prompt")
+
+
 def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Example], *,
              batch_tokens: int = 16384, generation: GenerationSettings | None = None,
-             progress: Callable[[int], None] | None = None, stop_token_ids: Sequence[int] = ()) -> TaskResult:
+             progress: Callable[[int], None] | None = None, stop_token_ids: Sequence[int] = (),
+             sandbox: Limits | None = None) -> TaskResult:
     """Score `examples` of `task` with `model` (a temper Transformer, in eval mode).
 
     stop_token_ids: where generation ends besides the tokenizer's EOS (the checkpoint's, `temper.infer.load`).
+    sandbox: the limits of the programs a code task runs; None refuses to run them (`check_runnable`).
     """
     if not examples:
         raise TaskError(f"{task.name}: no examples to evaluate (an empty task)")
+    generation = generation or GenerationSettings()
+    check_runnable(task, generation, sandbox)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -113,8 +139,8 @@ def run_task(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[
         if task.kind == "multiple_choice":
             result = _multiple_choice(model, tok, task, examples, batch_tokens, progress)  # type: ignore[arg-type]
         else:
-            result = _generate(model, tok, task, examples, generation or GenerationSettings(),
-                               progress, stop_token_ids)  # type: ignore[arg-type]
+            result = _generate(model, tok, task, examples, generation, progress, stop_token_ids,
+                               sandbox)  # type: ignore[arg-type]
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - start
@@ -178,9 +204,9 @@ def generate_all(model: nn.Module, prompts: Sequence[list[int]], *, max_new_toke
 
 def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence[Generation],
               settings: GenerationSettings, progress: Callable[[int], None] | None,
-              stop_token_ids: Sequence[int]) -> TaskResult:
-    if task.score is None and not task.corpus_metrics:
-        raise TaskError(f"{task.name}: a generative task needs a scorer or corpus metrics")
+              stop_token_ids: Sequence[int], sandbox: Limits | None) -> TaskResult:
+    if task.score is None and not task.corpus_metrics and task.program is None:
+        raise TaskError(f"{task.name}: a generative task needs a scorer, corpus metrics or a program")
     max_new = settings.max_new_tokens or task.max_new_tokens
     room = model.cfg.max_seq_len - max_new
     if room < 1:
@@ -194,12 +220,17 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
     special = [i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special and t.content in task.stop]
     stop_ids = sorted({*special, *stop_token_ids, *([tok.eos_id] if tok.eos_id is not None else [])})
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    text_of = lambda i, ids: completion_text(decode, prompts[i], ids)  # noqa: E731
-    stopped = (lambda i, ids: cut_at_stop(text_of(i, ids), task.stop)[1]) if task.stop else None
-    outs = generate_all(model, prompts, max_new_tokens=max_new, batch_size=settings.batch_size, seed=settings.seed,
-                        stop_token_ids=stop_ids, stopped=stopped, progress=progress,
+    n = settings.num_samples  # sample j of prompt i is row i * n + j, with seed + i * n + j
+    rows = [p for p in prompts for _ in range(n)]
+    text_of = lambda r, ids: completion_text(decode, rows[r], ids)  # noqa: E731
+    stopped = (lambda r, ids: cut_at_stop(text_of(r, ids), task.stop)[1]) if task.stop else None
+    step = None if progress is None or n == 1 else _every(n, progress)  # progress in prompts, not rows
+    outs = generate_all(model, rows, max_new_tokens=max_new, batch_size=settings.batch_size, seed=settings.seed,
+                        stop_token_ids=stop_ids, stopped=stopped, progress=step or progress,
                         temperature=settings.temperature, top_p=settings.top_p)
-    completions = [cut_at_stop(text_of(i, ids), task.stop)[0] for i, ids in enumerate(outs)]
+    completions = [cut_at_stop(text_of(r, ids), task.stop)[0] for r, ids in enumerate(outs)]
+    if task.program is not None:
+        return _run_code(task, examples, completions, n, cut, sandbox)  # type: ignore[arg-type]  # not None: checked
     records = []
     for ex, text, c in zip(examples, completions, cut, strict=True):
         per = task.score(text, ex) if task.score is not None else {}
@@ -215,6 +246,38 @@ def _generate(model: nn.Module, tok: HFTokenizer, task: Task, examples: Sequence
                                                  [ex.target for ex in examples]).items():
             result.metrics[name], result.stderr[name] = value, err
     return result
+
+
+def _every(n: int, progress: Callable[[int], None]) -> Callable[[int], None]:
+    """A progress callback counting rows that reports whole prompts of n rows each."""
+    rows = [0]
+
+    def step(k: int) -> None:
+        before, rows[0] = rows[0] // n, rows[0] + k
+        if rows[0] // n > before:
+            progress(rows[0] // n - before)
+
+    return step
+
+
+def _run_code(task: Task, examples: Sequence[Generation], completions: Sequence[str], n: int, cut: Sequence[int],
+              sandbox: Limits) -> TaskResult:
+    """Run every completion's program (`task.program`); pass@k of each problem over its n samples."""
+    programs = [task.program(text, examples[r // n]) for r, text in enumerate(completions)]  # type: ignore[misc]
+    outcomes = run_all(programs, sandbox)
+    ks = [k for k in PASS_AT if k <= n]
+    records = []
+    for i, ex in enumerate(examples):
+        mine = outcomes[i * n:(i + 1) * n]
+        passed = sum(o.passed for o in mine)
+        records.append({"doc_id": ex.doc_id, "prompt_tokens_cut": cut[i], "completions": list(completions[i * n:(i + 1) * n]),
+                        "status": [o.status for o in mine], "detail": [o.detail for o in mine], "passed": passed,
+                        **{f"pass@{k}": M.pass_at_k(n, passed, k) for k in ks}})
+    values = {f"pass@{k}": [r[f"pass@{k}"] for r in records] for k in ks}
+    statuses = [s for r in records for s in r["status"]]
+    return TaskResult(task.name, len(records), {k: M.mean(v) for k, v in values.items()},
+                      {k: M.mean_stderr(v) for k, v in values.items()}, records, truncated=sum(c > 0 for c in cut),
+                      extra={"samples_per_problem": n, **{s: statuses.count(s) for s in ("passed", "failed", "timed out")}})
 
 
 @dataclass
@@ -233,6 +296,8 @@ class TaskSuiteConfig:
     """Where the tasks' default files are."""
     batch_tokens: int = 16384
     """Most tokens in one scoring forward pass."""
+    allow_code_execution: bool = False
+    """Let code tasks (humaneval, mbpp) run the code the model writes (`temper.eval.sandbox`'s default limits)."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or (self.limit is not None and self.limit < 1) or self.batch_tokens < 1:
@@ -246,7 +311,10 @@ class TaskSuite:
         from temper.eval.tasks import TaskOptions, load_task
 
         self.cfg, self.tok = cfg, tok
+        self.sandbox = Limits() if cfg.allow_code_execution else None
         self.tasks = [load_task(name, cfg.data_root, TaskOptions(cfg.num_fewshot), cfg.limit) for name in cfg.names]
+        for task, _ in self.tasks:
+            check_runnable(task, GenerationSettings(), self.sandbox)
 
     def due(self, step: int, last_step: int) -> bool:
         return bool(self.tasks) and self.cfg.every > 0 and (step % self.cfg.every == 0 or step == last_step)
@@ -255,6 +323,6 @@ class TaskSuite:
         """{"task/metric": value} of every task; `model` is the bare (unwrapped) model."""
         out: dict[str, float] = {}
         for task, examples in self.tasks:
-            r = run_task(model, self.tok, task, examples, batch_tokens=self.cfg.batch_tokens)
+            r = run_task(model, self.tok, task, examples, batch_tokens=self.cfg.batch_tokens, sandbox=self.sandbox)
             out.update({f"{r.task}/{k}": v for k, v in r.metrics.items()})
         return out

@@ -6,7 +6,8 @@ Steps:
      Face layout, e.g. runs/x/final; a run directory means its final/): its tokenizer and stop ids,
      then, once the tasks and documents have been read, its weights; no tokenizer files is an error;
   3. for each task of --tasks ("arc_easy", or "arc_easy=path/to/test.jsonl"): read its examples
-     (its default file under --data_root unless given), score them, print the metrics;
+     (its default file under --data_root unless given), score them (code tasks: run what the model
+     wrote against the tests, with --allow_code_execution), print the metrics;
   4. perplexity of --perplexity.files (text, JSONL or Parquet) or of a prepared --perplexity.data_dir;
   5. write <out>/results.json, samples/<task>.jsonl, report.md and plots/.
 
@@ -31,7 +32,8 @@ from temper.data.sources import read_documents
 from temper.data.tokenizer import UnknownCounter
 from temper.eval.perplexity import Document, encode_document, ids_document, perplexity
 from temper.eval.report import write_report
-from temper.eval.run import GenerationSettings, TaskResult, prefix_id, run_task
+from temper.eval.run import GenerationSettings, TaskResult, check_runnable, prefix_id, run_task
+from temper.eval.sandbox import Limits
 from temper.eval.tasks import DEFAULT_DATA_ROOT, TaskError, TaskOptions, all_tasks, load_task
 from temper.infer.load import open_checkpoint
 from temper.train.parallel import pick_device, pick_dtype
@@ -67,7 +69,7 @@ class EvaluateConfig:
     """Hugging Face layout directory (config.json, weights, tokenizer files), or a run directory (its final/)."""
     tasks: list[str] = field(default_factory=list)
     """Tasks to run: "arc_easy" reads its default file under data_root, "arc_easy=path/file.jsonl" another.
-    Known: arc_easy, arc_challenge, hellaswag, piqa, winogrande, gsm8k, gsm8k_cot, completion."""
+    Known: arc_easy, arc_challenge, hellaswag, piqa, winogrande, gsm8k, gsm8k_cot, completion, humaneval, mbpp."""
     data_root: str = DEFAULT_DATA_ROOT
     """Where the tasks' default files are."""
     limit: int | None = None
@@ -78,6 +80,11 @@ class EvaluateConfig:
     """File the few-shot examples come from (default: the task's training file under data_root)."""
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    allow_code_execution: bool = False
+    """Let code tasks (humaneval, mbpp) run the code the model writes, in limited processes (`temper.eval.sandbox`).
+    Not a security boundary: evaluate an untrusted model inside a container or a VM without network."""
+    sandbox: Limits = field(default_factory=Limits)
+    """Limits of each program a code task runs."""
     batch_tokens: int = 16384
     """Most tokens (rows x longest row) in one forward pass of log-likelihood scoring."""
     out: str = ""
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = open_checkpoint(cfg.checkpoint)
         tok = ckpt.tokenizer
         tasks = [load_task(spec, cfg.data_root, options, cfg.limit) for spec in cfg.tasks]
+        sandbox = cfg.sandbox if cfg.allow_code_execution else None
+        for task, _ in tasks:
+            check_runnable(task, cfg.generation, sandbox)
         docs = perplexity_documents(cfg.perplexity, tok) if ppl_wanted else []
         model = ckpt.load(device, dtype, allow_pickle=cfg.allow_pickle, quant=cfg.quant).model
     except (OSError, ValueError, ShardError) as e:  # TaskError, TokenizerError, DataError, CheckpointError: one line
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=len(examples), desc=task.name, unit="ex", disable=not cfg.progress) as bar:
             try:
                 result = run_task(model, tok, task, examples, batch_tokens=cfg.batch_tokens, generation=cfg.generation,
-                                  progress=bar.update, stop_token_ids=ckpt.stop_ids)
+                                  progress=bar.update, stop_token_ids=ckpt.stop_ids, sandbox=sandbox)
             except TaskError as e:
                 print(f"temper evaluate: {e}", file=sys.stderr)
                 return 2

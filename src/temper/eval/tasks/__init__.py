@@ -5,7 +5,8 @@ either optionally gzipped) and turns each record into an example:
 - `MultipleChoice`: contexts and continuations whose log-likelihoods are compared
   (`acc`, `acc_norm` and calibration, exactly as lm-eval-harness scores them);
 - `Generation`: a prompt to complete, and a scorer for the completion (exact match after answer
-  extraction, BLEU, ROUGE, ...).
+  extraction, BLEU, ROUGE, ...), or a program that tests it (code tasks: run in `temper.eval.sandbox`,
+  scored by pass@k).
 Few-shot examples come from a second file (the task's training split), drawn for each question
 in turn from one seeded generator, as lm-eval-harness's default sampler draws them
 (`fewshot_draws`), unless the task fixes them (GSM8K-CoT's exemplars).
@@ -114,6 +115,9 @@ class Task:
     """Per-example metrics of a completion (generative tasks); each is averaged over the task."""
     corpus_metrics: tuple[str, ...] = ()
     """Metrics computed over all completions at once: "bleu", "rouge1", "rouge2", "rougeL"."""
+    program: Callable[[str, Generation], str] | None = None
+    """Code tasks: the program that tests a completion (the completion, then the example's tests in
+    `target`); it passes when it runs to its end (`temper.eval.sandbox`), and the task reports pass@k."""
 
 
 # ---- reading task files --------------------------------------------------------------------------
@@ -232,9 +236,10 @@ def load_choice_questions(task: str, path: Path, options: TaskOptions, question:
 
 def _registry() -> dict[str, Task]:
     # Imported here, not at the top: each task module imports the types above.
-    from temper.eval.tasks import arc, completion, gsm8k, hellaswag, piqa, winogrande
+    from temper.eval.tasks import arc, code, completion, gsm8k, hellaswag, piqa, winogrande
 
-    tasks = [*arc.TASKS, *hellaswag.TASKS, *piqa.TASKS, *winogrande.TASKS, *gsm8k.TASKS, *completion.TASKS]
+    tasks = [*arc.TASKS, *hellaswag.TASKS, *piqa.TASKS, *winogrande.TASKS, *gsm8k.TASKS, *completion.TASKS,
+             *code.TASKS]
     return {t.name: t for t in tasks}
 
 
