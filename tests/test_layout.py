@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "temper"
 
 # stage -> temper stages it may import (DESIGN.md "Import direction"); top-level helper modules
-# (config, files, faults, errors) sit below every stage.
+# (config, files, faults, errors, sandbox) sit below every stage.
 ALLOWED = {
     "data": set(),
     "model": set(),
@@ -25,7 +25,7 @@ ALLOWED = {
     "serve": {"infer", "data", "model"},
     "recipes": {"data", "model", "train", "infer", "align", "eval", "rag", "serve"},
 }
-BASE = {"config", "files", "faults", "errors"}
+BASE = {"config", "files", "faults", "errors", "sandbox"}
 
 
 def test_readme_table_paths_exist():

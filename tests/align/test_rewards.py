@@ -138,6 +138,27 @@ def test_format_rules_need_no_reference_and_best_of_n_offers_every_rule():
     assert set(typing.get_args(typing.get_type_hints(ScorerConfig)["rule"])) == {"", *RULES}
 
 
+TESTS = "assert double(2) == 4\nassert double(-3) == -6"
+CODE_CASES = [
+    ("Here it is:\n```python\ndef double(x):\n    return 2 * x\n```\nIt doubles.", 1.0),
+    ("def double(x):\n    return x + x\n", 1.0),  # no fence: the whole response is the code
+    ("First try:\n```python\ndef double(x):\n    return x\n```\nFixed:\n```\ndef double(x):\n    return 2*x\n```", 1.0),
+    ("```python\ndef double(x):\n    return x * x\n```", 0.0),  # wrong: an assert fails
+    ("```python\nimport sys\nsys.exit(0)\n```", 0.0),  # leaving before the tests is not passing them
+    ("I cannot write that function.", 0.0),
+]
+
+
+def test_code_tests_runs_the_responses_last_code_block_then_the_reference_tests():
+    rewards = build_rewards([RewardConfig(rule="code_tests", weight=2.0)])
+    assert rewards.needs_answer == ["code_tests"]
+    responses = [r for r, _ in CODE_CASES]
+    totals, columns = rewards.score_many([Q] * len(responses), responses, [TESTS] * len(responses))
+    assert columns["code_tests"] == [want for _, want in CODE_CASES]  # in order, though run in parallel
+    assert totals == [2 * want for _, want in CODE_CASES]
+    assert [RULES["code_tests"](Q, r, TESTS) for r in responses[:2]] == [1.0, 1.0]  # one at a time (best-of-n)
+
+
 # ---- the weighted combination ---------------------------------------------------------------------
 
 

@@ -2,15 +2,17 @@
 right function passes and one that does not fails; pass@k over sampled completions; bad files refused."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from temper.eval.metrics import pass_at_k
 from temper.eval.run import GenerationSettings, TaskSuite, TaskSuiteConfig, encode_text, run_task
-from temper.eval.sandbox import Limits, run_python
 from temper.eval.tasks import Generation, TaskError, TaskOptions, get_task
+from temper.sandbox import Limits, run_python
 from tests.eval.test_tasks import _lm_eval_task, _write
 
 # HumanEval-format problems (openai_humaneval's fields), written for these tests.
@@ -110,6 +112,17 @@ def test_bad_code_task_files_are_refused_naming_the_line(name, rows, options, me
     with pytest.raises(TaskError, match=None) as e:
         _load(name, _write(tmp_path / "bad.jsonl", rows), **options)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20, 200])
+def test_pass_at_k_is_the_unbiased_estimator_of_chen_et_al(n):
+    for c in range(n + 1):
+        for k in {1, 2, 10, n} & set(range(1, n + 1)):
+            exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+            assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    assert pass_at_k(n, 0, 1) == 0.0 and pass_at_k(n, n, 1) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(n, 0, n + 1)
 
 
 # ---- end to end ----------------------------------------------------------------------------------

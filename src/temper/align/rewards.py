@@ -19,6 +19,9 @@ float. Best-of-n sampling ranks a prompt's candidates by it; GRPO and PPO train 
     may be empty, and a chat template that writes "<think>" into the prompt leaves the response without one.
   - `hash_answer_format`: GSM8K's "reasoning, then a last line '#### N'": some text, then "#### " and a
     number (the strict pattern's) at the start of the last line, with nothing after it and no other "####".
+  - `code_tests`: the response's code (its last fenced block, as TRL's code reward reads it, or else the
+    whole response) followed by the reference (assert statements) runs to its end in `temper.sandbox`:
+    a limited process per response, a batch's responses in parallel. It runs what the model writes.
 - A Python function of the user's (`function: "my_rewards.py:brevity"` or `"package.module:name"`), with
   the signature of a rule, imported when the run starts (TRL's `reward_funcs` as callables).
 - `ModelReward`: a `model.heads.RewardModel` scoring the rendered conversation at its last token,
@@ -48,6 +51,7 @@ from temper.data.answers import exact_match_scores
 from temper.data.sources import DataError
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
 from temper.model.heads import RewardModel, load_reward_model
+from temper.sandbox import Limits, run_all
 
 Messages = Sequence[Mapping[str, Any]]
 RewardFn = Callable[[Messages, str, str | None], float]
@@ -126,6 +130,31 @@ def hash_answer_format(prompt: Messages, response: str, reference: str | None = 
     return float(HASH_ANSWER.fullmatch(response) is not None)
 
 
+FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+"""A fenced code block, untagged or tagged Python; its body is group 1."""
+
+
+def response_code(response: str) -> str:
+    """The code a response gives: its last fenced block (TRL's code reward reads the last ```python block), or
+    the whole response when it has none (a completion that is only code)."""
+    blocks = FENCED.findall(response)
+    return blocks[-1] if blocks else response
+
+
+class CodeTests:
+    """The `code_tests` rule: 1.0 when the response's code, then the record's tests (its reference: assert
+    statements), runs to its end in `temper.sandbox` (its default limits), else 0.0. `score_many` runs a
+    batch in parallel."""
+
+    def __call__(self, prompt: Messages, response: str, reference: str | None) -> float:
+        return self.score_many([response], [reference])[0]
+
+    def score_many(self, responses: Sequence[str], references: Sequence[str | None]) -> list[float]:
+        programs = [response_code(r) + "\n" + _reference("code_tests", a) for r, a in zip(responses, references,
+                                                                                         strict=True)]
+        return [float(o.passed) for o in run_all(programs, Limits())]
+
+
 RULES: dict[str, RewardFn] = {
     "gsm8k_strict": gsm8k_strict,
     "gsm8k_flexible": gsm8k_flexible,
@@ -133,8 +162,9 @@ RULES: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "think_format": think_format,
     "hash_answer_format": hash_answer_format,
+    "code_tests": CodeTests(),
 }
-NEEDS_ANSWER = frozenset({"gsm8k_strict", "gsm8k_flexible", "final_number", "exact_match"})
+NEEDS_ANSWER = frozenset({"gsm8k_strict", "gsm8k_flexible", "final_number", "exact_match", "code_tests"})
 """The rules that compare against each record's reference `answer` (a recipe checks its records up front)."""
 
 
@@ -172,7 +202,7 @@ class ModelReward:
 @dataclass
 class RewardConfig:
     rule: str = ""
-    """A rule: gsm8k_strict, gsm8k_flexible, final_number, exact_match (these need each record's `answer`), think_format, hash_answer_format."""
+    """A rule: gsm8k_strict, gsm8k_flexible, final_number, exact_match, code_tests (these need each record's `answer`; code_tests runs the response's code with it), think_format, hash_answer_format."""
     model: str = ""
     """Or a reward model's checkpoint directory (`temper reward`'s final/, or any one-label *ForSequenceClassification)."""
     function: str = ""
@@ -197,7 +227,8 @@ class RewardConfig:
 class Rewards:
     """Weighted reward functions: total = sum(weight_i * r_i), with every component's values for logging.
 
-    `parts` is [(name, weight, function)]; a `ModelReward` scores all responses in batches, a rule one by one.
+    `parts` is [(name, weight, function)]; a `ModelReward` scores all responses in batches, `code_tests` runs
+    them in parallel, any other rule scores them one by one.
     """
 
     def __init__(self, parts: Sequence[tuple[str, float, RewardFn]], batch_size: int | None = None):
@@ -223,6 +254,8 @@ class Rewards:
         for name, _, fn in self.parts:
             if isinstance(fn, ModelReward):
                 columns[name] = fn.score_many(list(zip(prompts, responses)), self.batch_size) if n else []
+            elif isinstance(fn, CodeTests):
+                columns[name] = fn.score_many(responses, refs)
             else:
                 columns[name] = [float(fn(p, r, a)) for p, r, a in zip(prompts, responses, refs)]
         totals = [sum(w * columns[name][i] for name, w, _ in self.parts) for i in range(n)]

@@ -5,7 +5,7 @@ does (`encode_pair`) and scored together (`loglik.score`, which runs a shared co
 Generative examples are completed with the engine (`temper.infer.engine.generate`, the one decoding
 loop), a batch of similar-length prompts at a time, greedy or sampled (prompt i with seed + i, so
 the text does not depend on the batching), and cut at the task's stop strings; a code task's completions
-are then run with their tests (`temper.eval.sandbox`) and scored by pass@k over each problem's
+are then run with their tests (`temper.sandbox`) and scored by pass@k over each problem's
 samples. A prompt longer than the
 context leaves room for the answer: it keeps its last max_seq_len - max_new_tokens tokens, as
 lm-eval does, and the cut is counted.
@@ -26,10 +26,10 @@ from torch import nn
 from temper.data.tokenizer import HFTokenizer
 from temper.eval import metrics as M
 from temper.eval.loglik import Request, encode_pair, score
-from temper.eval.sandbox import Limits, run_all
 from temper.eval.tasks import DEFAULT_DATA_ROOT, Example, Generation, MultipleChoice, Task, TaskError
 from temper.infer.engine import generate
 from temper.infer.text import completion_text, cut_at_stop
+from temper.sandbox import Limits, run_all
 
 
 @dataclass
@@ -297,7 +297,7 @@ class TaskSuiteConfig:
     batch_tokens: int = 16384
     """Most tokens in one scoring forward pass."""
     allow_code_execution: bool = False
-    """Let code tasks (humaneval, mbpp) run the code the model writes (`temper.eval.sandbox`'s default limits)."""
+    """Let code tasks (humaneval, mbpp) run the code the model writes (`temper.sandbox`'s default limits)."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or (self.limit is not None and self.limit < 1) or self.batch_tokens < 1:

@@ -45,8 +45,8 @@ class ScorerConfig:
     model: str = ""
     """A reward model's checkpoint directory (`temper reward`'s final/, or any one-label *ForSequenceClassification)."""
     rule: Literal["", "gsm8k_strict", "gsm8k_flexible", "final_number", "exact_match", "think_format",
-                  "hash_answer_format"] = ""
-    """Or a rule of `align.rewards.RULES`: gsm8k_strict, gsm8k_flexible, final_number, exact_match (these compare with the record's `answer`), think_format, hash_answer_format."""
+                  "hash_answer_format", "code_tests"] = ""
+    """Or a rule of `align.rewards.RULES`: gsm8k_strict, gsm8k_flexible, final_number, exact_match, code_tests (these compare with, or run, the record's `answer`), think_format, hash_answer_format."""
 
 
 @dataclass

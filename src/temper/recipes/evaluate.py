@@ -33,9 +33,9 @@ from temper.data.tokenizer import UnknownCounter
 from temper.eval.perplexity import Document, encode_document, ids_document, perplexity
 from temper.eval.report import write_report
 from temper.eval.run import GenerationSettings, TaskResult, check_runnable, prefix_id, run_task
-from temper.eval.sandbox import Limits
 from temper.eval.tasks import DEFAULT_DATA_ROOT, TaskError, TaskOptions, all_tasks, load_task
 from temper.infer.load import open_checkpoint
+from temper.sandbox import Limits
 from temper.train.parallel import pick_device, pick_dtype
 
 
@@ -81,7 +81,7 @@ class EvaluateConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     allow_code_execution: bool = False
-    """Let code tasks (humaneval, mbpp) run the code the model writes, in limited processes (`temper.eval.sandbox`).
+    """Let code tasks (humaneval, mbpp) run the code the model writes, in limited processes (`temper.sandbox`).
     Not a security boundary: evaluate an untrusted model inside a container or a VM without network."""
     sandbox: Limits = field(default_factory=Limits)
     """Limits of each program a code task runs."""

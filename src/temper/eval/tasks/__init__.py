@@ -5,7 +5,7 @@ either optionally gzipped) and turns each record into an example:
 - `MultipleChoice`: contexts and continuations whose log-likelihoods are compared
   (`acc`, `acc_norm` and calibration, exactly as lm-eval-harness scores them);
 - `Generation`: a prompt to complete, and a scorer for the completion (exact match after answer
-  extraction, BLEU, ROUGE, ...), or a program that tests it (code tasks: run in `temper.eval.sandbox`,
+  extraction, BLEU, ROUGE, ...), or a program that tests it (code tasks: run in `temper.sandbox`,
   scored by pass@k).
 Few-shot examples come from a second file (the task's training split), drawn for each question
 in turn from one seeded generator, as lm-eval-harness's default sampler draws them
@@ -117,7 +117,7 @@ class Task:
     """Metrics computed over all completions at once: "bleu", "rouge1", "rouge2", "rougeL"."""
     program: Callable[[str, Generation], str] | None = None
     """Code tasks: the program that tests a completion (the completion, then the example's tests in
-    `target`); it passes when it runs to its end (`temper.eval.sandbox`), and the task reports pass@k."""
+    `target`); it passes when it runs to its end (`temper.sandbox`), and the task reports pass@k."""
 
 
 # ---- reading task files --------------------------------------------------------------------------

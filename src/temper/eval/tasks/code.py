@@ -10,7 +10,7 @@
   and "\\n[DONE]"; lm-eval's first_n sampler); generation stops at "[DONE]" within 256 tokens. The
   program run is the completion, then the three asserts. `test_setup_code` is not run, as in lm-eval.
 
-Each completion's program runs in `temper.eval.sandbox` (`temper evaluate --allow_code_execution`),
+Each completion's program runs in `temper.sandbox` (`temper evaluate --allow_code_execution`),
 and the task reports pass@k (`temper.eval.metrics.pass_at_k`) over the samples of each problem.
 
 Reads the Hugging Face layouts, one JSON object per problem: HumanEval {"task_id", "prompt", "test",

