@@ -2,6 +2,7 @@
 failing is reported (and none hangs the evaluation), and the guard keeps its honest mistakes contained."""
 
 import os
+import signal
 import sys
 import time
 
@@ -87,6 +88,16 @@ def test_a_timeout_kills_what_the_program_started(tmp_path):
             return
         time.sleep(0.05)
     pytest.fail(f"the program's child {pid} outlived the timeout")
+
+
+@pytest.mark.skipif(not hasattr(signal, "pidfd_send_signal"), reason="kills its worker through a pidfd (Linux)")
+def test_a_program_that_kills_its_worker_fails_and_the_next_one_gets_a_new_worker():
+    killer = "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n" \
+             "import time\ntime.sleep(60)\n"
+    start = time.perf_counter()
+    outs = run_all([killer, "assert True\n"], Limits(timeout_s=30.0, workers=1))
+    assert [(o.status, o.detail) for o in outs] == [("failed", "the sandbox's worker process died"), ("passed", "")]
+    assert time.perf_counter() - start < 10.0  # the orphaned program was ended, not waited for
 
 
 def test_run_all_keeps_the_order_of_the_programs():
