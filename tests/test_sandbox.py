@@ -104,6 +104,7 @@ def test_run_all_keeps_the_order_of_the_programs():
     programs = [f"assert {i} % 3 != 0\n" for i in range(12)]
     outs = run_all(programs, Limits(timeout_s=5.0, workers=4))
     assert [o.passed for o in outs] == [i % 3 != 0 for i in range(12)]
+    assert run_all([]) == []
 
 
 def test_limits_are_checked():

@@ -252,6 +252,8 @@ def run_all(programs: Sequence[str], limits: Limits = Limits(),
     """Outcomes of `programs`, in order, `limits.workers` at a time (a thread and a worker process each)."""
     if sys.platform == "win32":  # no fork, setrlimit or sessions
         raise RuntimeError("running generated code needs a POSIX system (fork, resource limits, sessions)")
+    if not programs:
+        return []
     workers = limits.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = max(1, min(workers, len(programs)))
     idle: queue.SimpleQueue = queue.SimpleQueue()
