@@ -90,7 +90,15 @@ def test_a_timeout_kills_what_the_program_started(tmp_path):
     pytest.fail(f"the program's child {pid} outlived the timeout")
 
 
-@pytest.mark.skipif(not hasattr(signal, "pidfd_send_signal"), reason="kills its worker through a pidfd (Linux)")
+def _has_pidfd() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return hasattr(signal, "pidfd_send_signal")
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        return False
+
+
+@pytest.mark.skipif(not _has_pidfd(), reason="kills its worker through a pidfd (Linux 5.3+)")
 def test_a_program_that_kills_its_worker_fails_and_the_next_one_gets_a_new_worker():
     killer = "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n" \
              "import time\ntime.sleep(60)\n"
