@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check of every GPU claim, about 9 minutes on one H100/H200. The parts run in the order of what
-# they decide (the train part holds the open speed gaps) under limits that add up to 12 minutes; the report
+# they decide (the train part holds the open speed gaps) under limits that add up to 715 s (11 min 55 s); the report
 # is rewritten after every part, so a run cut short (a 10-minute command limit) keeps what it measured:
 #   peaks       measured bf16 matmul peak and device-to-device copy bandwidth (the MFU and decode denominators)
 #   train       pretraining tokens/s and MFU, temper and transformers, eager and torch.compile (temper: per block,

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from temper import config
-from temper.align.rewards import NEEDS_ANSWER, RULES, ModelReward
+from temper.align.rewards import NEEDS_ANSWER, RULES, ModelReward, Rewards
 from temper.data.prompts import read_prompts
 from temper.data.sources import RecordError
 from temper.data.tokenizer import load_hf_tokenizer
@@ -115,10 +115,9 @@ def run(cfg: BestOfNConfig) -> int:
     policy = load_for_inference(cfg.model, device=device)
     if policy.chat_template is None:
         raise config.ConfigError(f"model: {cfg.model}'s tokenizer has no chat template to render the prompts")
-    if cfg.scorer.model:
-        scorer = ModelReward(load_reward_model(cfg.scorer.model), load_hf_tokenizer(cfg.scorer.model), device)
-    else:
-        rule = RULES[cfg.scorer.rule]
+    fn = (ModelReward(load_reward_model(cfg.scorer.model), load_hf_tokenizer(cfg.scorer.model), device)
+          if cfg.scorer.model else RULES[cfg.scorer.rule])
+    scorer = Rewards([("score", 1.0, fn)])  # the RL recipes' scoring: a model in one batch, code_tests in parallel
 
     # 2-3. sample, score, keep
     lines, best, every, empty = [], [], [], 0
@@ -132,10 +131,7 @@ def run(cfg: BestOfNConfig) -> int:
         texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
         for i, record in enumerate(batch):
             cands = texts[i * cfg.n:(i + 1) * cfg.n]
-            if cfg.scorer.model:
-                scores = scorer.score_many([(record.messages, c) for c in cands])
-            else:
-                scores = [rule(record.messages, c, record.answer) for c in cands]
+            scores = scorer.score_many([record.messages] * cfg.n, cands, [record.answer] * cfg.n)[0]
             order = sorted(range(cfg.n), key=lambda j: (-scores[j], j))  # best first, ties to the earliest
             kept = order[:1] if cfg.keep == "best" else [j for j in order if scores[j] >= cfg.threshold]
             best.append(scores[order[0]])

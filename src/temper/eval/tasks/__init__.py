@@ -196,9 +196,10 @@ def fewshot_draws(pool: Sequence[tuple[dict[str, Any], T]], k: int, seed: int, q
     return draws
 
 
-def with_shots(shots: Sequence[tuple[str, str]], query: str) -> str:
-    """lm-eval's few-shot prompt: "question answer" of each shot, then the query, blank-line separated."""
-    return "".join(f"{q} {a}\n\n" for q, a in shots) + query
+def with_shots(shots: Sequence[tuple[str, str]], query: str, target_delimiter: str = " ") -> str:
+    """lm-eval's few-shot prompt: question, target_delimiter, answer of each shot, then the query, blank-line
+    separated."""
+    return "".join(f"{q}{target_delimiter}{a}\n\n" for q, a in shots) + query
 
 
 Question = Callable[[dict[str, Any], str], tuple[str, list[str], int]]

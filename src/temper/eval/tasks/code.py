@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from temper.eval.tasks import Generation, Task, TaskError, TaskOptions, field_of, read_records
+from temper.eval.tasks import Generation, Task, TaskError, TaskOptions, field_of, read_records, with_shots
 
 # MBPP's prompt split, task ids 2, 3 and 4: the three solved problems lm-eval's mbpp.yaml puts before each
 # question (utils.list_fewshot_samples), with the dataset's own \r\n line ends.
@@ -88,12 +88,12 @@ def load_mbpp(path: Path, options: TaskOptions) -> list[Generation]:
                         "--fewshot_path is not used")
     if k > len(MBPP_SHOTS):
         raise TaskError(f"mbpp: num_fewshot={k} but there are only {len(MBPP_SHOTS)} solved problems")
-    # lm-eval: each shot is its query, its code and "\n[DONE]" (target_delimiter ""), blank-line separated
-    shots = "".join(f"{_mbpp_query(text, tests)}{code}\n[DONE]\n\n" for text, code, tests in MBPP_SHOTS[:k])
+    shots = [(_mbpp_query(text, tests), f"{code}\n[DONE]") for text, code, tests in MBPP_SHOTS[:k]]
     out = []
     for i, (where, r) in enumerate(read_records(path)):
         text, tests = _mbpp_problem(r, where)
-        out.append(Generation(doc_id=i, prompt=shots + _mbpp_query(text, tests), target="\n".join(tests)))
+        prompt = with_shots(shots, _mbpp_query(text, tests), target_delimiter="")  # mbpp.yaml's target_delimiter
+        out.append(Generation(doc_id=i, prompt=prompt, target="\n".join(tests)))
     return out
 
 
