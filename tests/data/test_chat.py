@@ -204,6 +204,99 @@ QWEN25 = (
     '{%- endif %}\n'
 )
 
+# Qwen3's chat template, from the Qwen/Qwen3 checkpoints' tokenizer_config.json (ChatML; a <think> block in the turns after the last user query only,
+# reasoning read from `reasoning_content` or from the content's "<think>...</think>"; enable_thinking=false).
+QWEN3 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+
 # mistralai/Mistral-7B-Instruct-v0.2 tokenizer_config.json, original (no system role), and the
 # later mistralai "v1" template with an optional system message; both as quoted in
 # ggml-org/llama.cpp tests/test-chat-template.cpp.
@@ -289,6 +382,7 @@ TOOL_CHAT = [
 
 # template -> the tiny tokenizer of its family (see test_tokenizer.py) that encodes it
 TEMPLATES = {"llama3": (LLAMA3, "llama3"), "llama3.1": (LLAMA31, "llama3"), "qwen2.5": (QWEN25, "qwen2"),
+             "qwen3": (QWEN3, "qwen2"),
              "mistral-v0.2": (MISTRAL_V02, "mistral"), "mistral-v1": (MISTRAL_V1, "mistral"),
              "gemma": (GEMMA, "gemma"), "phi3": (PHI3, "phi3")}
 # Gemma and Phi-3 use a Llama-2 style pipeline with their control tokens added; Phi-3's strip
@@ -370,7 +464,7 @@ def test_the_template_writes_bos_once(tokenizers):
         assert ours.encode(ours.render_chat(chat, template=template))[:2] == [ours.bos_id] * 2  # the trap
 
 
-@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5"])
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5", "qwen3"])
 def test_tool_templates_render_tools_and_tool_calls_as_transformers(name, tokenizers):
     template, family = TEMPLATES[name]
     ours, theirs = tokenizers[family]
@@ -379,6 +473,22 @@ def test_tool_templates_render_tools_and_tool_calls_as_transformers(name, tokeni
         assert assert_renders_as_transformers(ours, theirs, template, TOOL_CHAT[:2], tools=TOOLS, add_generation_prompt=prompt)
     text = ours.render_chat(TOOL_CHAT, tools=TOOLS, template=template)
     assert "Zürich" in text and '"get_weather"' in text and "None" not in text
+
+
+def test_qwen3_reasoning_in_the_last_turns_only_as_transformers(tokenizers):
+    """Reasoning as `reasoning_content` (or its aliases) or inline "<think>...</think>": kept after the last user
+    query, dropped before it; enable_thinking=false closes an empty block in the generation prompt."""
+    ours, theirs = tokenizers["qwen2"]
+    chat = [{"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+            {"role": "user", "content": "And 3 + 3?"},
+            {"role": "assistant", "content": "6", "thinking": "add again"}]
+    for kwargs in ({}, {"add_generation_prompt": True, "enable_thinking": False}):
+        for upto in (2, 3, 4):
+            assert assert_renders_as_transformers(ours, theirs, QWEN3, chat[:upto], **kwargs)
+    text = ours.render_chat(chat, template=QWEN3)
+    assert "add them" not in text and "<think>\nadd again\n</think>\n\n6" in text
+    assert ours.render_chat(chat[:2], template=QWEN3).endswith("<think>\nadd them\n</think>\n\n4<|im_end|>\n")
 
 
 def test_template_variables_tojson_reasoning_and_generation_tag_as_transformers(tokenizers):

@@ -81,7 +81,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 # ---- the chat template ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CHAT_TEMPLATES))
+@pytest.mark.parametrize("name", list(END_OF_TURN))  # Qwen3's renders past turns otherwise: its own test below
 def test_chat_ids_equal_transformers_and_exactly_every_assistant_turn_is_trained(name, families):
     template, family = CHAT_TEMPLATES[name]
     ours, theirs = families[family]
@@ -135,6 +135,34 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_record(fam
                                                max_skip_fraction=0.5), ours, stats)
     assert [e.where for e in examples] == [f"{path}:2"]
     assert stats.skipped == {"prefix_mismatch": 1} and stats.problems[0].startswith(f"{path}:1: turn 1: ")
+
+
+def test_qwen3_trains_each_turn_as_the_model_answers_it(families, tmp_path):
+    """Qwen3's template writes a <think> block in the final turn and drops it from past ones, as at inference, so
+    a turn renders otherwise once others follow: turns=all refuses naming the record and the way out; turns=last
+    trains the conversation's final turn, with the ids of transformers' rendering; turns=each makes one such
+    example per assistant turn, each the conversation up to it."""
+    ours, theirs = families["qwen2"]
+    template = CHAT_TEMPLATES["qwen3"][0]
+
+    def rendered(chat: list[dict]) -> list[int]:
+        return theirs.apply_chat_template(chat, chat_template=template, tokenize=True, return_dict=False)
+
+    with pytest.raises(SFTDataError, match=r"^chat\.jsonl:3: turn 1: .*prefix.*turns=each"):
+        tokenize_record(SFTRecord(CHAT, "chat.jsonl:3"), ours, chat_template=template)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}])
+    last = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=template, turns="last"), ours)
+    assert [e.ids.tolist() for e in last] == [rendered(CHAT), rendered(CHAT[:2])]
+    assert [trained_runs(e, theirs.decode) for e in last] == [
+        ["<think>\n\n</think>\n\nYou are welcome.<|im_end|>"], ["<think>\n\n</think>\n\nGut, danke.\nUnd dir?<|im_end|>"]]
+    each = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=template, turns="each"), ours)
+    cuts = [(1, 1), (1, 3), (1, 5), (2, 1)]  # (line, assistant turn)
+    assert [e.where for e in each] == [f"{path}:{line} turn {k}" for line, k in cuts]
+    for example, (_, k) in zip(each, cuts, strict=True):
+        assert example.ids.tolist() == rendered(CHAT[:k + 1])
+        assert trained_runs(example, theirs.decode) == [f"<think>\n\n</think>\n\n{CHAT[k]['content']}<|im_end|>"]
+    with pytest.raises(ValueError, match="turns applies to template=chat"):
+        SFTDataConfig(files=[str(path)], template="alpaca", turns="each")
 
 
 def test_system_prompt_is_added_where_a_conversation_has_none(families):

@@ -1,9 +1,9 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for six architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up included), plain LoRA,
+1e-4), for seven architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
-RoPE architectures (GQA, Gemma's head_dim, Phi-3), greedy generation included (equal wherever a
+RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
 refused, and the test shows why."""
 
@@ -30,6 +30,7 @@ _LLAMA = replace(PRESETS["debug-llama"], vocab_size=101, tie_embeddings=False)  
 CONFIGS = {
     "llama": replace(_LLAMA, hf_architecture="LlamaForCausalLM"),
     "qwen2": replace(_LLAMA, qkv_bias=True, hf_architecture="Qwen2ForCausalLM"),  # q/k/v biases
+    "qwen3": replace(_LLAMA, qk_norm=True, head_size=24, hf_architecture="Qwen3ForCausalLM"),  # q/k norms, wide heads
     "gemma": replace(_LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, tie_embeddings=True,
                      head_size=32, n_kv_heads=1, hf_architecture="GemmaForCausalLM"),  # tied: no head adapter
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
@@ -42,7 +43,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
-PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "gemma": CONFIGS["gemma"],
+PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "qwen3": CONFIGS["qwen3"], "gemma": CONFIGS["gemma"],
                 "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None)}
 
 

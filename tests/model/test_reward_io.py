@@ -15,10 +15,11 @@ transformers = pytest.importorskip("transformers")
 PAD = 0
 
 
-@pytest.mark.parametrize("preset,tied", [("debug-llama", False), ("debug-llama", True), ("debug", True)])
-def test_reward_model_round_trips_through_transformers(tmp_path, preset, tied):
+@pytest.mark.parametrize("preset,tied,over", [("debug-llama", False, {}), ("debug-llama", True, {}), ("debug", True, {}),
+                                              ("debug-llama", True, {"qk_norm": True})])  # Qwen3ForSequenceClassification
+def test_reward_model_round_trips_through_transformers(tmp_path, preset, tied, over):
     torch.manual_seed(0)
-    cfg = replace(PRESETS[preset], tie_embeddings=tied)
+    cfg = replace(PRESETS[preset], tie_embeddings=tied, **over)
     model = RewardModel(Transformer(cfg)).eval()
     save_hf(model.backbone, cfg, tmp_path, generation_config={"pad_token_id": PAD}, score=model.head.score.weight)
     tokens = torch.randint(1, cfg.vocab_size, (3, 12))

@@ -44,9 +44,12 @@ def test_preset_sizes_on_meta():
         gpt2 = Transformer(PRESETS["gpt2-124m"])
         llama = Transformer(PRESETS["llama-3.2-1b"])
         llama125 = Transformer(PRESETS["llama-125m"])
+        qwen3_small, qwen3_8b = Transformer(PRESETS["qwen3-0.6b"]), Transformer(PRESETS["qwen3-8b"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
+    assert qwen3_small.num_params() == 596_049_920  # Qwen/Qwen3-0.6B
+    assert qwen3_8b.num_params() == 8_190_735_360  # Qwen/Qwen3-8B
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -62,9 +65,9 @@ def test_causal_future_tokens_do_not_change_the_past():
 
 VARIANTS = {
     "debug": {}, "debug-llama": {},
-    # Mistral's window (shorter than the sequence), Gemma's parts, Qwen2's q/k/v biases, a wide head.
+    # Mistral's window (shorter than the sequence), Gemma's parts, Qwen2's q/k/v biases, Qwen3's q/k norms, a wide head.
     "window-gemma-qkv": {"sliding_window": 5, "mlp": "geglu", "norm_unit_offset": True, "scale_embeddings": True,
-                         "qkv_bias": True, "head_size": 24},
+                         "qkv_bias": True, "qk_norm": True, "head_size": 24},
 }
 
 

@@ -125,6 +125,47 @@ def test_other_methods_learn(base, tmp_path, method):
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
+def test_a_qwen3_checkpoint_learns_multi_turn_chats_turn_by_turn_and_exports_as_qwen3(tmp_path, capsys):
+    """Qwen3 end to end: a Qwen3ForCausalLM checkpoint (q/k norms, heads wider than dim / n_heads) with Qwen3's
+    chat template, whose past turns render without their <think> block, so two-turn chats train with turns=each
+    (two examples each); LoRA learns, and the merged final/ is a Qwen3ForCausalLM that transformers runs to
+    temper's logits, with its PEFT adapter beside it."""
+    from tests.data.test_chat import QWEN3
+
+    rows = json.loads(ALPACA.read_text())
+    tok = train_tokenizer([r["instruction"] + " " + r["output"] for r in rows], "bpe", 600,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    base = tmp_path / "qwen3"
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
+                  qk_norm=True, head_size=32)
+    assert cfg.n_heads * cfg.head_dim > cfg.dim
+    torch.manual_seed(0)
+    save_hf(Transformer(cfg), cfg, base)
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": QWEN3}),
+                      base)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": a["instruction"]}, {"role": "assistant", "content": a["output"]},
+        {"role": "user", "content": b["instruction"]}, {"role": "assistant", "content": b["output"]}]}) + "\n"
+        for a, b in zip(rows[:40:2], rows[1:40:2], strict=True)))
+    flags = [f"--model={base}", f"--data.files=[{chats}]", "--data.max_length=256", f"--run.dir={tmp_path}",
+             "--train.micro_batch_size=4", "--log.progress=false", "--eval.every=0"]
+    assert sft.main([*flags, "--run.name=all", "--train.steps=1"]) == 2  # turns=all: the past turn cannot be found
+    assert f"{chats}:1: turn 1: the chat template breaks the prefix property" in capsys.readouterr().err
+    assert sft.main([*flags, "--run.name=each", "--data.turns=each", "--train.steps=12", "--optim.lr=1e-2"]) == 0
+    loss = losses(tmp_path / "each")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
+    transformers = pytest.importorskip("transformers")
+    final = tmp_path / "each" / "final"
+    ours, got = load_hf(final)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    assert got.hf_architecture == type(theirs).__name__ == "Qwen3ForCausalLM"
+    assert (final / "adapter" / "adapter_config.json").exists()
+    x = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
 def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp_path, monkeypatch, method):
     """Under bf16 autocast the frozen base is loaded in bf16 (QLoRA's NF4 dequantizes to it); the adapters

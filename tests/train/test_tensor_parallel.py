@@ -5,7 +5,8 @@ batch of one process (4 sequences a step) with its losses and final weights; a t
 gradients) of a tensor-parallel model equal one process's.
 
 Two models: Llama-like (RoPE, RMSNorm, SwiGLU, grouped-query attention with 4 query and 2 key/value heads,
-tied embeddings: the vocabulary-parallel head is the embedding) and GPT-2-like (learned positions, LayerNorm,
+Qwen3's q/k norms: one weight over heads split by rank, tied embeddings: the vocabulary-parallel head is the
+embedding) and GPT-2-like (learned positions, LayerNorm,
 biases, an untied head). Dropout is 0: under tensor parallel each rank draws masks for its slices, so a run
 with dropout is not one process's bit for bit. The char vocabulary (61) is padded to 64 to split over 2 ranks.
 
@@ -43,7 +44,7 @@ STEPS = ["--train.steps=4", "--eval.every=2"]
 
 MODELS = {
     "llama": ["--preset=debug-llama", "--model.n_heads=4", "--model.n_kv_heads=2", "--model.ffn_dim=64",
-              "--model.vocab_size=64"],
+              "--model.vocab_size=64", "--model.qk_norm=true"],
     "gpt": ["--model.tie_embeddings=false", "--model.vocab_size=64"],
 }
 """Flags after TINY (dim 32, 2 layers, max_seq_len 32)."""
@@ -137,7 +138,7 @@ WORKER = textwrap.dedent('''
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))["tp"]
     configs = {
         "llama": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
-                         max_seq_len=32),
+                         max_seq_len=32, qk_norm=True),
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
     }
     prompts = [[1, 2, 3, 4, 5], [9, 8], [17, 30, 41, 52, 63, 7, 11]]  # padded prefill: the masked GQA path

@@ -28,7 +28,7 @@ to stop. With the chat template an assistant turn is found by rendering the conv
 with `add_generation_prompt=True` and up to and including it: the first must be a prefix of the
 second, and the second of the whole conversation, in token ids (a template that renders earlier
 turns differently once more follow, such as one that drops past reasoning, is refused naming the
-record). The turn's tokens are those between the two; the token that ends it is the last special
+record, unless `turns` says otherwise: see below). The turn's tokens are those between the two; the token that ends it is the last special
 token among them that is followed by nothing but whitespace (`<|eot_id|>`, `<|im_end|>`,
 `<end_of_turn>`, `</s>` ...), and that whitespace (Qwen's "\\n" after `<|im_end|>`) is left
 untrained: it is template layout that the model never generates, since decoding stops at the end
@@ -37,6 +37,13 @@ inserted after the turn and trained (the ids then differ from `apply_chat_templa
 tokens, counted in `SFTStats.eos_added`): without it the model could not learn to stop. With the
 Alpaca prompt the response and the appended EOS are trained. `train_on_prompt` trains every token
 but the first, which nothing in the example precedes.
+
+Which assistant turns (`turns`): "all" of them, in one example; the "last" one only, the earlier ones
+being context (LLaMA-Factory's `mask_history`); or "each" in an example of its own, the conversation
+cut after it and only its last turn trained. "last" and "each" only need the prefix property up to the
+final turn, so they serve templates that render past turns unlike the current one: Qwen3's writes a
+`<think>` block in the final assistant turn only, and drops past ones, as at inference; with "each"
+every turn is trained as the model will see it when it answers.
 
 Length: an example longer than `max_length` is truncated (its start is kept: the prompt, and as
 much of the response as fits; an example left with no trained token is dropped) or dropped, and
@@ -117,6 +124,8 @@ class SFTDataConfig:
     """With strict=false: stop when more than this fraction of the records are bad (as `prepare` does)."""
     train_on_prompt: bool = False
     """Train on every token (prompt and system turns included), not only on the assistant turns."""
+    turns: Literal["all", "last", "each"] = "all"
+    """Assistant turns trained (template=chat): all, the last only, or each in its own example (Qwen3's template)."""
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -125,6 +134,8 @@ class SFTDataConfig:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.template == "alpaca" and (self.system_prompt or self.chat_template):
             raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
+        if self.template == "alpaca" and self.turns != "all":
+            raise ValueError("turns applies to template=chat; the Alpaca prompt holds one turn")
 
 
 class SFTDataError(RecordError):
@@ -380,12 +391,14 @@ def tokenize_record(
     chat_template: str | None = None,
     system_prompt: str = "",
     train_on_prompt: bool = False,
+    last_turn_only: bool = False,
 ) -> SFTExample:
     """One record -> ids and loss mask (see the module docstring for what is trained); no length limit.
 
     Raises SFTDataError (naming the record, and as "turn k" the turn's index in the conversation
     as rendered, system turn included) when the chat template refuses the conversation or breaks
     the prefix property, or the Alpaca prompt is asked for a conversation it cannot hold.
+    last_turn_only: train the final assistant turn only (turns=last; chat template only).
     """
     if template == "alpaca" and (system_prompt or chat_template):
         raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
@@ -393,7 +406,7 @@ def tokenize_record(
         messages = record.messages
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        ids, mask, eos_added = _tokenize_chat(messages, tokenizer, chat_template, record.where)
+        ids, mask, eos_added = _tokenize_chat(messages, tokenizer, chat_template, record.where, last_turn_only)
     elif template == "alpaca":
         ids, mask = _tokenize_alpaca(record, tokenizer)
         eos_added = False
@@ -403,6 +416,13 @@ def tokenize_record(
         mask = [True] * len(ids)
         mask[0] = False  # nothing in the example precedes its first token, so nothing predicts it
     return SFTExample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool), record.where, len(ids), eos_added)
+
+
+def each_turn(record: SFTRecord) -> list[SFTRecord]:
+    """The conversation cut after each of its assistant turns (turns=each), in order: "turn k" in `where` is the
+    turn's index in the record's messages."""
+    return [SFTRecord(record.messages[:k + 1], f"{record.where} turn {k}", record.instruction, record.input)
+            for k, m in enumerate(record.messages) if m["role"] == "assistant"]
 
 
 def _eos(tokenizer: HFTokenizer, where: str) -> int:
@@ -457,12 +477,12 @@ def _special_ids(tokenizer: HFTokenizer) -> frozenset[int]:
 
 
 def _tokenize_chat(messages: list[dict[str, str]], tokenizer: HFTokenizer, template: str | None,
-                   where: str) -> tuple[list[int], list[bool], bool]:
+                   where: str, last_turn_only: bool = False) -> tuple[list[int], list[bool], bool]:
     try:
         full = tokenizer.encode_chat(messages, template=template)
         spans = []
         for k, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or (last_turn_only and k < len(messages) - 1):
                 continue
             prompt = tokenizer.encode_chat(messages[:k], add_generation_prompt=True, template=template)
             # The last turn's conversation is the whole one (records end with an assistant turn).
@@ -471,7 +491,8 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: HFTokenizer, templ
                 what = ("the generation prompt's" if upto[:len(prompt)] != prompt else "this turn's")
                 raise SFTDataError(where, f"turn {k}", "prefix_mismatch",
                                    f"the chat template breaks the prefix property: {what} tokens are not a prefix of "
-                                   f"those of the longer conversation, so the assistant turn cannot be located")
+                                   f"those of the longer conversation, so the assistant turn cannot be located (a "
+                                   f"template that renders past turns otherwise: train with turns=each or turns=last)")
             if len(upto) == len(prompt):
                 raise SFTDataError(where, f"turn {k}", "empty_turn", "the chat template writes nothing for this "
                                    "assistant turn")
@@ -536,18 +557,21 @@ def load_sft_examples(cfg: SFTDataConfig, tokenizer: HFTokenizer, stats: SFTStat
     examples = []
     for record in read_sft_records(cfg.files, format=cfg.format, strict=cfg.strict, stats=stats):
         try:
-            example = tokenize_record(record, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
-                                      system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt)
-        except SFTDataError as e:
+            made = [tokenize_record(part, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
+                                    system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
+                                    last_turn_only=cfg.turns != "all")
+                    for part in (each_turn(record) if cfg.turns == "each" else [record])]
+        except SFTDataError as e:  # a record is kept or skipped whole
             _skip(e, cfg.strict, stats)
             continue
-        fitted = fit_length(example, cfg.max_length, cfg.overflow)
-        if fitted is None:
-            stats.dropped["too_long" if cfg.overflow == "drop" else "nothing_trained_left"] += 1
-            continue
-        stats.truncated += fitted.truncated
-        stats.eos_added += fitted.eos_added
-        examples.append(fitted)
+        for example in made:
+            fitted = fit_length(example, cfg.max_length, cfg.overflow)
+            if fitted is None:
+                stats.dropped["too_long" if cfg.overflow == "drop" else "nothing_trained_left"] += 1
+                continue
+            stats.truncated += fitted.truncated
+            stats.eos_added += fitted.eos_added
+            examples.append(fitted)
     stats.examples = len(examples)
     check_skipped(stats, cfg.max_skip_fraction)
     if not examples:

@@ -1,8 +1,8 @@
 """ModelConfig: the shape and the variant of a decoder, and the named presets.
 
 A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying, window), never
-by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Gemma
-and Phi-3 shapes. This module
+by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
+Gemma and Phi-3 shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -60,6 +60,8 @@ class ModelConfig:
     """Biases in every linear layer and in LayerNorm."""
     qkv_bias: bool = False
     """Biases in the query, key and value projections even when `bias` is off (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key, before RoPE (Qwen3; Dehghani et al. 2023): it bounds attention logits."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     scale_embeddings: bool = False
@@ -99,6 +101,8 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.norm_unit_offset and self.norm != "rmsnorm":
             raise ValueError("norm_unit_offset needs norm='rmsnorm'")
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise ValueError("qk_norm needs norm='rmsnorm'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
@@ -156,6 +160,16 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3-8b": replace(
         _LLAMA, vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
         max_seq_len=8192, rope_theta=500000.0, tie_embeddings=False, norm_eps=1e-5,
+    ),
+    # Qwen3-0.6B and Qwen3-8B (Qwen team, "Qwen3 Technical Report", 2025): 128-wide heads whatever the width
+    # (attention wider than the residual stream in the 0.6B), q/k norms, no biases.
+    "qwen3-0.6b": replace(
+        _LLAMA, vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_size=128, ffn_dim=3072,
+        max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=True,
+    ),
+    "qwen3-8b": replace(
+        _LLAMA, vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_size=128, ffn_dim=12288,
+        max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False,
     ),
     # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
     "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),

@@ -1,9 +1,9 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
-(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Gemma
-(`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads) and Phi-3
-(`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
+Seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
+(`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
+embeddings, wide heads) and Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
@@ -50,12 +50,13 @@ from temper.files import (
 from temper.model.config import ModelConfig
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, PHI3 = (
-    "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
-    "Phi3ForCausalLM",
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, PHI3 = (
+    "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "GemmaForCausalLM", "Phi3ForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, PHI3)
-_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gemma": GEMMA, "phi3": PHI3}
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, PHI3)
+_MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
+                "phi3": PHI3}
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
@@ -171,10 +172,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError("Llama attention_bias and mlp_bias must agree (temper's `bias` covers both)")
-    elif arch == QWEN2:
-        qkv_bias = True
+    elif arch in (QWEN2, QWEN3):
+        qkv_bias = arch == QWEN2
         if d.get("use_sliding_window"):
-            raise ValueError("Qwen2 use_sliding_window=true is not supported (its window covers only some layers)")
+            raise ValueError(f"{name} use_sliding_window=true is not supported (its window covers only some layers)")
+        if arch == QWEN3 and d.get("attention_bias"):  # on q, k, v and o, but not the MLP: temper's `bias` is all
+            raise ValueError("Qwen3 attention_bias=true is not supported")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
@@ -185,7 +188,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if arch == GEMMA else "swiglu",
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=arch == GEMMA,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window,
-        bias=bias, qkv_bias=qkv_bias, tie_embeddings=d.get("tie_word_embeddings", arch == GEMMA),
+        bias=bias, qkv_bias=qkv_bias, qk_norm=arch == QWEN3, tie_embeddings=d.get("tie_word_embeddings", arch == GEMMA),
         scale_embeddings=arch == GEMMA, dropout=0.0, init_std=d.get("initializer_range", 0.02),
         hf_architecture=arch,
     )
@@ -216,7 +219,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-            arch = QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window else LLAMA
+            arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
+                    else LLAMA)
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
@@ -249,8 +253,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, GEMMA, PHI3) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, GEMMA, PHI3) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
+    if cfg.qk_norm != (arch == QWEN3):
+        return "it has q/k norms" if arch == QWEN3 else "it has no q/k norms (Qwen3ForCausalLM does)"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3):
         return "it has no sliding window"
     return None
@@ -292,8 +298,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if arch == PHI3:
             d |= {"original_max_position_embeddings": cfg.max_seq_len, "resid_pdrop": cfg.dropout,
                   "embd_pdrop": cfg.dropout, "partial_rotary_factor": 1.0}
-    elif arch == QWEN2:
+    elif arch in (QWEN2, QWEN3):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+        if arch == QWEN3:
+            d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
     return d
@@ -352,6 +360,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}attn.{n}_proj.{t}" in keys:
                         add(f"{h}self_attn.{n}_proj.{t}", f"{p}attn.{n}_proj.{t}")
+            for n in ("q_norm", "k_norm"):
+                if f"{p}attn.{n}.weight" in keys:
+                    add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:

@@ -1,8 +1,8 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Gemma, Phi-3) comes from `ModelConfig` fields:
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3) comes from `ModelConfig` fields:
 learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
-grouped-query attention, a sliding window, biases, tying, embedding scaling.
+grouped-query attention, query/key norms, a sliding window, biases, tying, embedding scaling.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
 the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`.
@@ -235,6 +235,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
+        # Qwen3: one RMSNorm of width head_dim shared by every query head, one by every key head.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -249,6 +252,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         n_heads, n_kv_heads = q.shape[2], k.shape[2]
+        if self.q_norm is not None:  # each head's vector normalised before it is rotated
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
@@ -341,7 +346,7 @@ class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
-    mlp_norm, mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
+    attn.{q,k}_norm (qk_norm only), mlp_norm, mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
     so state dicts never hold the same tensor twice).
     """
 

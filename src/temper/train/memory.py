@@ -423,8 +423,10 @@ def _keeps_input(module: nn.Module) -> bool:
     return isinstance(module, LoRALinear) or (isinstance(module, nn.Linear) and module.weight.requires_grad)
 
 
-def _norm(s: _Saved, label: str, norm: nn.Module, d: int, grad_in: bool, t: _Dtypes) -> int:
-    """Save what the norm keeps; return its output's bytes per element."""
+def _norm(s: _Saved, label: str, norm: nn.Module, d: int, grad_in: bool, t: _Dtypes, rows: int = 1,
+          in_bytes: int | None = None) -> int:
+    """Save what the norm keeps, for `rows` vectors of width d / rows per token (a q/k norm: one per head) of
+    `in_bytes` per element (default: the residual stream's); return its output's bytes per element."""
     trained = any(p.requires_grad for p in norm.parameters())
     if isinstance(norm, nn.LayerNorm):
         if grad_in or trained:  # native_layer_norm keeps its input, mean and rstd
@@ -434,9 +436,9 @@ def _norm(s: _Saved, label: str, norm: nn.Module, d: int, grad_in: bool, t: _Dty
     # RMSNorm: rms_norm(x.float()) keeps the float32 input and rstd; weight * y keeps y when the weight trains.
     if grad_in:
         s.add(f"{label} input (float32)", 4 * d)
-        s.add(f"{label} rstd", 4)
+        s.add(f"{label} rstd", 4 * rows)
     if trained:
-        s.add(f"{label} normalised", t.r * d)
+        s.add(f"{label} normalised", (in_bytes or t.r) * d)
     return t.r
 
 
@@ -514,6 +516,9 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     _lora_hidden(s, qkv + [attn.o_proj], t)
     attn_grad = grad_in or any(wants_grad(m) for m in qkv)
     q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
+    if attn.q_norm is not None:  # Qwen3: normalised per head, in float32, before RoPE
+        _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=q_out // cfg.head_dim, in_bytes=t.a)
+        _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=kv_out // cfg.head_dim, in_bytes=t.a)
     if attn_grad and cfg.dropout > 0 and not t.cuda:
         # A CPU has no fused kernel with attention dropout: SDPA's math path (in float32 on a CPU,
         # whatever the inputs) keeps the scaled q and k (k and v repeated to every query head under

@@ -121,6 +121,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         if not sequence_parallel:
             _replicate(block.attn_norm, tp_mesh)
             _replicate(block.mlp_norm, tp_mesh)
+        for norm in (attn.q_norm, attn.k_norm):  # Qwen3: one weight for every head, over this rank's heads
+            if norm is not None:  # input (B, T, H/tp, D): split by heads, so the weight's gradient adds up over ranks
+                _replicate(norm, tp_mesh, inputs=Shard(2), local_output=True)
         # One DTensor input shared by q, k and v (gate and up): their partial input gradients add up
         # before a single all-reduce, instead of one each (torchtitan's PrepareModuleInput).
         _first_arg_to(attn, tp_mesh, between, Replicate(), local=False)
@@ -146,21 +149,23 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         raise ValueError(f"tensor parallel has no layout for parameters {plain}")
 
 
-def _replicate(module: nn.Module, mesh: DeviceMesh, *, local_output: bool = False) -> None:
+def _replicate(module: nn.Module, mesh: DeviceMesh, *, inputs: Placement | None = None, local_output: bool = False
+               ) -> None:
     """`module`'s parameters as DTensors replicated over `mesh` (its values as they are on each rank), and
-    its plain inputs taken as replicated; its output stays a DTensor unless `local_output`."""
+    its plain inputs taken as laid out as `inputs` (default: replicated); its output stays a DTensor unless
+    `local_output`."""
+    inputs = inputs or Replicate()
 
     def partition(_name: str, mod: nn.Module, mesh: DeviceMesh) -> None:
         for name, p in mod.named_parameters(recurse=False):
             mod.register_parameter(name, nn.Parameter(DTensor.from_local(p, mesh, (Replicate(),), run_check=False),
                                                       requires_grad=p.requires_grad))
 
-    def inputs(_mod: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
-        return tuple(_to(a, mesh, Replicate(), Replicate(), local=False) if isinstance(a, torch.Tensor) else a
-                     for a in args)
+    def take(_mod: nn.Module, args: tuple, mesh: DeviceMesh) -> tuple:
+        return tuple(_to(a, mesh, inputs, inputs, local=False) if isinstance(a, torch.Tensor) else a for a in args)
 
     output = (lambda _mod, out, _mesh: out.to_local()) if local_output else None
-    distribute_module(module, mesh, partition, inputs, output)
+    distribute_module(module, mesh, partition, take, output)
 
 
 def _to(x: torch.Tensor, mesh: DeviceMesh, src: Placement, dst: Placement, *, local: bool) -> torch.Tensor:
