@@ -163,6 +163,13 @@ def test_qwen3_trains_each_turn_as_the_model_answers_it(families, tmp_path):
         assert trained_runs(example, theirs.decode) == [f"<think>\n\n</think>\n\n{CHAT[k]['content']}<|im_end|>"]
     with pytest.raises(ValueError, match="turns applies to template=chat"):
         SFTDataConfig(files=[str(path)], template="alpaca", turns="each")
+    # enable_thinking=false: the empty <think> block is the generation prompt's, so context, no longer trained.
+    quiet = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=template, turns="each",
+                                            chat_template_kwargs={"enable_thinking": False}), ours)
+    assert [e.ids.tolist() for e in quiet] == [e.ids.tolist() for e in each]
+    assert [trained_runs(e, theirs.decode) for e in quiet] == [[f"{CHAT[k]['content']}<|im_end|>"] for _, k in cuts]
+    with pytest.raises(ValueError, match="chat template variable 'messages'"):
+        SFTDataConfig(files=[str(path)], chat_template_kwargs={"messages": []})
 
 
 def test_system_prompt_is_added_where_a_conversation_has_none(families):

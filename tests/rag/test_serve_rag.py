@@ -42,6 +42,9 @@ def test_served_chat_answers_from_the_index_with_citations(tmp_path, shared_data
         assert out.usage.prompt_tokens == len(ids)
         assert out.model_extra["citations"] == [c.to_dict() for c in cites] and cites
         assert cites[0].source == hits[0].chunk.source  # the best passage is [1]
+        # Template variables reach the retrieval hook's rendering (this template reads none: the same prompt).
+        assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body={
+            "chat_template_kwargs": {"enable_thinking": False}}).usage.prompt_tokens == len(ids)
 
         stream = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                                      stream=True))

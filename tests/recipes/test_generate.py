@@ -120,6 +120,24 @@ def test_chat_goes_through_the_chat_template(chat_checkpoint, capsys):
     assert theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
 
 
+def test_chat_template_kwargs_reach_the_template(chat_checkpoint, capsys):
+    """Qwen3's template with --chat_template_kwargs '{enable_thinking: false}': the prompt closes an empty <think>
+    block, as transformers' apply_chat_template(..., enable_thinking=False) renders it."""
+    from tests.data.test_chat import QWEN3
+
+    path, model, tok, eos = chat_checkpoint
+    chat = [{"role": "user", "content": "What is the capital?"}]
+    ids = tok.encode_chat(chat, add_generation_prompt=True, template=QWEN3, enable_thinking=False)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    new = generate(model, [ids], max_new_tokens=10, temperature=0, stop_token_ids=eos)[0]
+    reply = tok.decode(ids + new, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+    base = ["--checkpoint", str(path), "--max_new_tokens=10", "--temperature=0", "--device=cpu", "--chat", json.dumps(chat)]
+    assert main(base + [f"--chat_template={QWEN3}", "--chat_template_kwargs={enable_thinking: false}"]) == 0
+    assert capsys.readouterr().out == reply + "\n"
+    with pytest.raises(ValueError, match="chat template variable 'add_generation_prompt'"):
+        main(base + ["--chat_template_kwargs={add_generation_prompt: false}"])
+
+
 def test_chat_needs_a_template_and_one_form(checkpoint, chat_checkpoint, capsys):
     path, _, _ = checkpoint
     chat = json.dumps([{"role": "user", "content": "hi"}])

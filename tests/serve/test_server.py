@@ -34,8 +34,11 @@ from temper.model.transformer import Transformer
 from temper.serve.app import ServeSettings, create_app
 
 KEY = "sk-test-0123456789"
+# ChatML, with Qwen3's switch: enable_thinking=false closes an empty <think> block in the generation prompt.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+          "{% endif %}")
 WORDS = ("the cat sat on a mat while the dog ran far away from home and the bird sang in the tall green "
          "tree near a river where fish swim under the bright sun all day long").split()
 
@@ -145,6 +148,14 @@ def test_completions_chat_and_streams_equal_generate_alone(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+    # Template variables, as vLLM takes them (the client sends them through extra_body).
+    quiet_ids = loaded.encode_chat(messages, enable_thinking=False)
+    assert len(quiet_ids) > len(chat_ids)
+    quiet = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert quiet.usage.prompt_tokens == len(quiet_ids)
+    assert quiet.choices[0].message.content == _text(loaded, quiet_ids, _alone(loaded, quiet_ids, max_new_tokens=10,
+                                                                                 temperature=0))
 
 
 def test_n_seeds_and_stop_strings(server):
@@ -208,6 +219,10 @@ def test_errors_in_openai_shape(server):
         "context_length_exceeded"
     status, body = _post(url, "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}')
     assert (status, body["error"]["param"]) == (400, "messages")
+    hi = [{"role": "user", "content": "hi"}]
+    for bad in (5, {"messages": []}, {"not a name": 1}):
+        status, body = _post(url, "/v1/chat/completions", json.dumps({"messages": hi, "chat_template_kwargs": bad}).encode())
+        assert (status, body["error"]["param"]) == (400, "chat_template_kwargs"), (bad, body)
     with pytest.raises(openai.NotFoundError):
         _client(url).completions.create(model="gpt-4", prompt="the", max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="temperature"):

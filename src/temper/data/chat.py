@@ -98,6 +98,24 @@ def render_chat_template(
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 
+RENDERER_NAMES = ("messages", "tools", "documents", "add_generation_prompt")
+"""Names the renderer sets itself, which a template's extra variables may not replace."""
+
+
+def check_template_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Extra names a chat template reads (`chat_template_kwargs`: Qwen3's `enable_thinking`, ...), checked: each a
+    Python identifier, none of RENDERER_NAMES, every value JSON data. Raises ValueError naming the key."""
+    for key, value in variables.items():
+        if not isinstance(key, str) or not key.isidentifier() or key in RENDERER_NAMES:
+            raise ValueError(f"chat template variable {key!r}: give a name the template reads, not one of "
+                             f"{', '.join(RENDERER_NAMES)}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"chat template variable {key!r}: {value!r} is not JSON data") from None
+    return dict(variables)
+
+
 def select_chat_template(templates: Mapping[str, str], name: str | None = None, has_tools: bool = False) -> str:
     """The template text to use, by transformers' rule (`get_chat_template`).
 

@@ -72,7 +72,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from temper.data.chat import ChatTemplateError
+from temper.data.chat import ChatTemplateError, check_template_variables
 from temper.data.packing import IGNORE_INDEX, Piece, plan_packing
 from temper.data.sources import DataError, ReadStats, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
@@ -112,6 +112,8 @@ class SFTDataConfig:
     """Prompt format: the tokenizer's chat template, or the Stanford Alpaca prompt (one instruction, one response)."""
     chat_template: str = ""
     """Which of the tokenizer's chat templates to use ('': its default)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables for the chat template, as apply_chat_template takes them: '{enable_thinking: false}' (Qwen3)."""
     system_prompt: str = ""
     """System turn put first in conversations that have none (template=chat; '': none added)."""
     max_length: int = 2048
@@ -136,6 +138,9 @@ class SFTDataConfig:
             raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
         if self.template == "alpaca" and self.turns != "all":
             raise ValueError("turns applies to template=chat; the Alpaca prompt holds one turn")
+        if self.template == "alpaca" and self.chat_template_kwargs:
+            raise ValueError("chat_template_kwargs apply to template=chat")
+        check_template_variables(self.chat_template_kwargs)
 
 
 class SFTDataError(RecordError):
@@ -392,6 +397,7 @@ def tokenize_record(
     system_prompt: str = "",
     train_on_prompt: bool = False,
     last_turn_only: bool = False,
+    template_variables: Mapping[str, Any] | None = None,
 ) -> SFTExample:
     """One record -> ids and loss mask (see the module docstring for what is trained); no length limit.
 
@@ -399,6 +405,7 @@ def tokenize_record(
     as rendered, system turn included) when the chat template refuses the conversation or breaks
     the prefix property, or the Alpaca prompt is asked for a conversation it cannot hold.
     last_turn_only: train the final assistant turn only (turns=last; chat template only).
+    template_variables: extra names the chat template reads (`enable_thinking`, ...).
     """
     if template == "alpaca" and (system_prompt or chat_template):
         raise ValueError("system_prompt and chat_template apply to template=chat; the Alpaca prompt has neither")
@@ -406,7 +413,8 @@ def tokenize_record(
         messages = record.messages
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        ids, mask, eos_added = _tokenize_chat(messages, tokenizer, chat_template, record.where, last_turn_only)
+        ids, mask, eos_added = _tokenize_chat(messages, tokenizer, chat_template, record.where, last_turn_only,
+                                              template_variables)
     elif template == "alpaca":
         ids, mask = _tokenize_alpaca(record, tokenizer)
         eos_added = False
@@ -476,17 +484,20 @@ def _special_ids(tokenizer: HFTokenizer) -> frozenset[int]:
     return frozenset(i for i, t in tokenizer.tokenizer.get_added_tokens_decoder().items() if t.special)
 
 
-def _tokenize_chat(messages: list[dict[str, str]], tokenizer: HFTokenizer, template: str | None,
-                   where: str, last_turn_only: bool = False) -> tuple[list[int], list[bool], bool]:
+def _tokenize_chat(messages: list[dict[str, str]], tokenizer: HFTokenizer, template: str | None, where: str,
+                   last_turn_only: bool = False, variables: Mapping[str, Any] | None = None
+                   ) -> tuple[list[int], list[bool], bool]:
+    variables = variables or {}
     try:
-        full = tokenizer.encode_chat(messages, template=template)
+        full = tokenizer.encode_chat(messages, template=template, **variables)
         spans = []
         for k, message in enumerate(messages):
             if message["role"] != "assistant" or (last_turn_only and k < len(messages) - 1):
                 continue
-            prompt = tokenizer.encode_chat(messages[:k], add_generation_prompt=True, template=template)
+            prompt = tokenizer.encode_chat(messages[:k], add_generation_prompt=True, template=template, **variables)
             # The last turn's conversation is the whole one (records end with an assistant turn).
-            upto = full if k == len(messages) - 1 else tokenizer.encode_chat(messages[:k + 1], template=template)
+            upto = full if k == len(messages) - 1 else tokenizer.encode_chat(messages[:k + 1], template=template,
+                                                                             **variables)
             if upto[:len(prompt)] != prompt or full[:len(upto)] != upto:
                 what = ("the generation prompt's" if upto[:len(prompt)] != prompt else "this turn's")
                 raise SFTDataError(where, f"turn {k}", "prefix_mismatch",
@@ -559,7 +570,7 @@ def load_sft_examples(cfg: SFTDataConfig, tokenizer: HFTokenizer, stats: SFTStat
         try:
             made = [tokenize_record(part, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
                                     system_prompt=cfg.system_prompt, train_on_prompt=cfg.train_on_prompt,
-                                    last_turn_only=cfg.turns != "all")
+                                    last_turn_only=cfg.turns != "all", template_variables=cfg.chat_template_kwargs)
                     for part in (each_turn(record) if cfg.turns == "each" else [record])]
         except SFTDataError as e:  # a record is kept or skipped whole
             _skip(e, cfg.strict, stats)

@@ -57,11 +57,12 @@ class Checkpoint:
         """The tokenizer's default chat template (None: it has none, so chats cannot be rendered)."""
         return self.tokenizer.chat_templates.get("default")
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], template: str | None = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], template: str | None = None,
+                    **variables: Any) -> list[int]:
         """Token ids of a conversation rendered by the chat template (`template` names another of the
         tokenizer's), ending where the assistant's reply begins (add_generation_prompt), as transformers'
-        `apply_chat_template(..., tokenize=True)`."""
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, template=template)
+        `apply_chat_template(..., tokenize=True, **variables)` (`enable_thinking=False` for Qwen3)."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, template=template, **variables)
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              allow_pickle: bool = False, quant: str | None = None) -> Loaded:

@@ -128,14 +128,15 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], hits: Sequence[Hit],
     return augment_messages(messages, used), ids, citations(used)
 
 
-def retrieval_chat(index: Index, encode_chat: Callable[[list[dict[str, Any]]], list[int]], *, k: int, mode: Mode,
+def retrieval_chat(index: Index, encode_chat: Callable[..., list[int]], *, k: int, mode: Mode,
                    embedder: Embedder | None, budget: int
-                   ) -> Callable[[list[dict[str, Any]], int], tuple[list[int], list[dict[str, Any]]]]:
-    """The server's retrieval (`temper.serve.app.RagHook`): (messages, room) -> the prompt's token ids holding the
-    passages retrieved for the last user message, within min(room, budget) tokens, and their citations."""
-    def hook(messages: list[dict[str, Any]], room: int) -> tuple[list[int], list[dict[str, Any]]]:
+                   ) -> Callable[..., tuple[list[int], list[dict[str, Any]]]]:
+    """The server's retrieval (`temper.serve.app.RagHook`): (messages, room, **chat template variables) -> the
+    prompt's token ids holding the passages retrieved for the last user message, within min(room, budget) tokens,
+    and their citations."""
+    def hook(messages: list[dict[str, Any]], room: int, **variables: Any) -> tuple[list[int], list[dict[str, Any]]]:
         hits = retrieve(index, last_user_text(messages), k=k, mode=mode, embedder=embedder)
-        _, ids, cites = fit_messages(messages, hits, encode_chat, min(room, budget))
+        _, ids, cites = fit_messages(messages, hits, lambda chat: encode_chat(chat, **variables), min(room, budget))
         return ids, [c.to_dict() for c in cites]
     return hook
 

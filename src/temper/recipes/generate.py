@@ -28,7 +28,7 @@ from typing import Any, Literal, TextIO
 import torch
 
 from temper.config import ConfigError, parse
-from temper.data.chat import ChatTemplateError
+from temper.data.chat import ChatTemplateError, check_template_variables
 from temper.data.tokenizer import UnknownCounter, check_unknown
 from temper.infer.engine import generate, stream
 from temper.infer.load import Checkpoint, Loaded, load_for_inference, open_checkpoint
@@ -52,6 +52,8 @@ class GenerateConfig:
     """With --prompt: each prompt becomes a chat, this system turn (none when '') then the prompt as the user's."""
     chat_template: str = ""
     """Which of the tokenizer's chat templates renders chats ('': its default)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables for the chat template, as transformers' apply_chat_template takes them: '{enable_thinking: false}'."""
     max_new_tokens: int = 128
     """Most tokens generated per prompt; past the model's context it conditions on the most recent tokens."""
     temperature: float = 0.8
@@ -107,6 +109,7 @@ class GenerateConfig:
             raise ValueError("give either --chat (a whole conversation) or --prompt (with --system for chats), not both")
         if any(not isinstance(m.get("role"), str) for m in self.chat):
             raise ValueError(f"every --chat message needs a 'role' (and 'content'), got {self.chat}")
+        check_template_variables(self.chat_template_kwargs)
         self._check_speculative()
 
     def _check_speculative(self) -> None:
@@ -144,7 +147,8 @@ def encode(loaded: Loaded, cfg: GenerateConfig) -> tuple[list[list[int]], list[s
                       f"{counter.unk_token}", file=sys.stderr)
         return ids, list(cfg.prompt)
     template = cfg.chat_template or None
-    return [loaded.encode_chat(c, template) for c in conversations], [""] * len(conversations)
+    return ([loaded.encode_chat(c, template, **cfg.chat_template_kwargs) for c in conversations],
+            [""] * len(conversations))
 
 
 def open_draft(checkpoint: str, draft_path: str) -> Checkpoint:

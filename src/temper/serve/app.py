@@ -53,14 +53,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from temper.data.chat import check_template_variables
 from temper.errors import InputError
 from temper.infer.load import Loaded
 from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
 
 STATIC = Path(__file__).parent / "static"
-RagHook = Callable[[list[dict[str, Any]], int], tuple[list[int], list[dict[str, Any]]]]
-"""(messages, the prompt's most tokens) -> (the prompt's token ids, with retrieved passages, and their citations)."""
+RagHook = Callable[..., tuple[list[int], list[dict[str, Any]]]]
+"""(messages, the prompt's most tokens, **chat template variables) -> (the prompt's token ids, with retrieved
+passages, and their citations)."""
 OPEN_PATHS = {("GET", "/health"), ("GET", "/"), ("HEAD", "/")}
 """Routes answered without a key: the liveness probe and the chat page (which asks for the key itself)."""
 
@@ -156,6 +158,20 @@ def _bool(body: Mapping[str, Any], key: str, default: bool = False) -> bool:
     if type(value) is not bool:
         raise APIError(400, f"{key} must be true or false, got {value!r}", key)
     return value
+
+
+def read_template_variables(body: Mapping[str, Any]) -> dict[str, Any]:
+    """`chat_template_kwargs`: extra variables for the chat template, as vLLM and SGLang take them (the OpenAI
+    client sends them through `extra_body`), e.g. {"enable_thinking": false} for Qwen3."""
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise APIError(400, f"chat_template_kwargs must be an object, got {value!r}", "chat_template_kwargs")
+    try:
+        return check_template_variables(value)
+    except ValueError as e:
+        raise APIError(400, str(e), "chat_template_kwargs") from None
 
 
 def _unsupported(body: Mapping[str, Any], key: str, allowed: Callable[[Any], bool], what: str) -> None:
@@ -571,6 +587,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         body = await read_json(request, settings.max_body_bytes)
         _check_model(body, settings)
         messages = read_messages(body)
+        variables = read_template_variables(body)
         want_logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, 0, 20) or 0
         _unsupported(body, "tools", lambda v: v == [], "no tools")
@@ -580,11 +597,11 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         if loaded.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         if rag is None:
-            ids = await asyncio.to_thread(loaded.encode_chat, messages)
+            ids = await asyncio.to_thread(loaded.encode_chat, messages, None, **variables)
             cited: dict[str, Any] = {}
         else:  # room for the request's max_tokens (the hook keeps its own default room when it gives none)
             room = max_prompt if s.max_tokens is None else min(max_prompt, context - s.max_tokens)
-            ids, citations = await asyncio.to_thread(rag, messages, room)
+            ids, citations = await asyncio.to_thread(rag, messages, room, **variables)
             cited = {"citations": citations}
         job = submit([ids], s, None, top if want_logprobs else 0, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
