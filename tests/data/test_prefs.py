@@ -183,6 +183,29 @@ def test_chat_rows_are_the_templates_ids_and_only_the_response_and_its_end_token
     assert with_system.prompt.tolist() == tok.encode_chat([SYSTEM, Q], add_generation_prompt=True)
 
 
+def test_qwen3_pairs_keep_past_turns_as_history_and_their_variables(tok):
+    """Qwen3's template renders a past assistant turn without its <think> block and the answered one with it: the
+    prompt is the conversation as it stands before the answer, and only the answer (its block included) is learnt;
+    enable_thinking=false makes that empty block the prompt's."""
+    from tests.data.test_chat import QWEN3
+
+    qwen3 = dataclasses.replace(tok, chat_templates={"default": QWEN3})
+    history = [Q, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}, {"role": "user", "content": "3+3?"}]
+    record = PrefRecord(history, "6", "7", "a:1")
+    example = tokenize_pair(record, qwen3)
+    assert example.prompt.tolist() == qwen3.encode_chat(history, add_generation_prompt=True)
+    assert "add" not in tok.decode(example.prompt)  # the past turn's reasoning is dropped, as at inference
+    for side, response in (("chosen", "6"), ("rejected", "7")):
+        ids, mask = example.row(side)
+        assert ids.tolist() == qwen3.encode_chat([*history, {"role": "assistant", "content": response}])
+        assert learnt(tok, ids, mask) == [f"<think>\n\n</think>\n\n{response}<|im_end|>"]
+    quiet = tokenize_pair(record, qwen3, template_variables={"enable_thinking": False})
+    assert tok.decode(quiet.prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert learnt(tok, *quiet.row("chosen")) == ["6<|im_end|>"]
+    with pytest.raises(ValueError, match="apply to template=chat"):
+        PrefDataConfig(files=["x.jsonl"], template="plain", chat_template_kwargs={"enable_thinking": False})
+
+
 def test_plain_rows_are_bos_prompt_response_eos(tok):
     record = parse_pref_record(FORMS["plain"], "p:1")
     example = tokenize_pair(record, tok, template="plain")

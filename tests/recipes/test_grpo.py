@@ -3,6 +3,7 @@ log-probs agree with training's, a KL to the reference starts at 0, exact resume
 torchrun DDP on 2 ranks equal to one process. Rewards: a rule and a (random) reward model, so that
 groups have unequal rewards from the first step."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,6 +79,23 @@ def test_bad_settings_fail_before_training(arith, tmp_path):
         grpo.main([*args(arith, tmp_path, "x"), f"--data.prompts=[{no_answer}]"])
     with pytest.raises(InputError, match="context"):
         grpo.main([*args(arith, tmp_path, "x"), "--rollout.max_new_tokens=120", "--data.max_prompt_length=64"])
+
+
+def test_prompts_render_with_the_chat_template_variables(arith, tmp_path):
+    """--data.chat_template_kwargs reach the template (Qwen3's enable_thinking=false closes an empty <think>)."""
+    from temper.align.online import render
+    from temper.data.prompts import read_prompts
+    from temper.data.tokenizer import load_hf_tokenizer
+    from tests.recipes.conftest import CHATML
+
+    switch = "{% if enable_thinking is false %}<think></think>{% endif %}"
+    tok = dataclasses.replace(load_hf_tokenizer(arith[0]), chat_templates={"default": CHATML + switch})
+    records = read_prompts([str(arith[2])])[:3]
+    (plain, _), (quiet, _) = (render(tok, records, 256, v) for v in (None, {"enable_thinking": False}))
+    assert [tok.decode(q[len(p):]) for p, q in zip(plain.ids, quiet.ids, strict=True)] == ["<think></think>"] * 3
+    assert all(q[:len(p)] == p for p, q in zip(plain.ids, quiet.ids, strict=True))
+    with pytest.raises(ValueError, match="chat template variable 'add_generation_prompt'"):
+        grpo.main([*args(arith, tmp_path, "x"), "--data.chat_template_kwargs={add_generation_prompt: false}"])
 
 
 @pytest.mark.distributed

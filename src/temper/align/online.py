@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from temper.align.rewards import NEEDS_ANSWER, RewardConfig, Rewards
 from temper.align.rl import TokenReference, adapters_off_token_reference, frozen_token_reference
 from temper.align.rollout import Rollout, RolloutConfig, collate_rollouts, rollout
 from temper.config import ConfigError
+from temper.data.chat import check_template_variables
 from temper.data.loader import EpochOrder, split_holdout
 from temper.data.prompts import PromptRecord, read_prompts
 from temper.data.sources import RecordError
@@ -45,10 +47,13 @@ class PromptDataConfig:
     when a rule reward needs it. Rendered with the policy's chat template."""
     max_prompt_length: int = 256
     """A longer rendered prompt keeps its last max_prompt_length tokens (counted and reported)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables for the chat template, as apply_chat_template takes them: '{enable_thinking: false}' (Qwen3)."""
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        check_template_variables(self.chat_template_kwargs)
 
 
 @dataclass
@@ -113,7 +118,7 @@ def run_on_prompts(cfg, train: Train) -> int:
     missing = next((r for r in records if r.answer is None), None)
     if needs and missing is not None:
         raise RecordError(missing.where, "answer", "missing", f"the {needs[0]} reward needs each record's answer")
-    prompts, cut = render(tok, records, cfg.data.max_prompt_length)
+    prompts, cut = render(tok, records, cfg.data.max_prompt_length, cfg.data.chat_template_kwargs)
     if cut:
         print(f"temper: {cut} of {len(records)} prompts longer than data.max_prompt_length="
               f"{cfg.data.max_prompt_length} keep their last tokens", file=sys.stderr)
@@ -137,12 +142,13 @@ def check_rewards(configs: Sequence[RewardConfig]) -> None:
                           "--rewards='[{model: runs/reward/final}]'")
 
 
-def render(tok: HFTokenizer, records: Sequence[PromptRecord], max_len: int) -> tuple[Prompts, int]:
-    """Each record's conversation through the chat template, ready for the assistant's turn; a prompt
-    over `max_len` tokens keeps its last ones. Returns the prompts and how many were cut."""
+def render(tok: HFTokenizer, records: Sequence[PromptRecord], max_len: int,
+           variables: Mapping[str, Any] | None = None) -> tuple[Prompts, int]:
+    """Each record's conversation through the chat template (with its extra `variables`), ready for the assistant's
+    turn; a prompt over `max_len` tokens keeps its last ones. Returns the prompts and how many were cut."""
     ids, cut = [], 0
     for r in records:
-        row = tok.encode_chat(r.messages, add_generation_prompt=True)
+        row = tok.encode_chat(r.messages, add_generation_prompt=True, **(variables or {}))
         cut += len(row) > max_len
         ids.append(row[-max_len:])
     return Prompts(list(records), ids), cut

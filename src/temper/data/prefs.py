@@ -73,6 +73,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from temper.data.chat import check_template_variables
 from temper.data.packing import IGNORE_INDEX, pad_batch
 from temper.data.sft import (
     _MISSING,
@@ -124,6 +125,8 @@ class PrefDataConfig:
     """Prompt format: the tokenizer's chat template, or the prompt text as it is (BOS + prompt + response + EOS)."""
     chat_template: str = ""
     """Which of the tokenizer's chat templates to use ('': its default)."""
+    chat_template_kwargs: dict = field(default_factory=dict)
+    """Extra variables for the chat template, as apply_chat_template takes them: '{enable_thinking: false}' (Qwen3)."""
     system_prompt: str = ""
     """System turn put first in prompts that have none (template=chat; '': none added)."""
     max_length: int = 1024
@@ -139,8 +142,10 @@ class PrefDataConfig:
         _check_lengths(self.max_length, self.max_prompt_length or None)
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
-        if self.template == "plain" and (self.system_prompt or self.chat_template):
-            raise ValueError("system_prompt and chat_template apply to template=chat; a plain prompt has neither")
+        if self.template == "plain" and (self.system_prompt or self.chat_template or self.chat_template_kwargs):
+            raise ValueError("system_prompt and chat_template(_kwargs) apply to template=chat; a plain prompt has "
+                             "neither")
+        check_template_variables(self.chat_template_kwargs)
 
 
 class PrefDataError(RecordError):
@@ -582,8 +587,10 @@ def tokenize_pair(
     template: str = "chat",
     chat_template: str | None = None,
     system_prompt: str = "",
+    template_variables: Mapping[str, Any] | None = None,
 ) -> PrefExample:
     """One pair -> prompt ids and both responses' ids and loss masks (see the module docstring); no length limit.
+    `template_variables`: extra names the chat template reads (`enable_thinking`, ...).
 
     Raises PrefDataError naming the record and the side when the chat template refuses the
     conversation or breaks the prefix property, a plain prompt is asked of a conversation, or
@@ -595,7 +602,7 @@ def tokenize_pair(
         prompt = record.prompt
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
-        sides = [_chat_side(prompt, response, tokenizer, chat_template, record.where, side)
+        sides = [_chat_side(prompt, response, tokenizer, chat_template, record.where, side, template_variables)
                  for side, response in zip(SIDES, (record.chosen, record.rejected))]
         if sides[0][0] != sides[1][0]:
             raise PrefDataError(record.where, "rejected", "prefix_mismatch", "the chat template renders the prompt "
@@ -617,17 +624,15 @@ def tokenize_pair(
 
 
 def _chat_side(prompt: list[dict[str, str]], response: str, tokenizer: HFTokenizer, template: str | None,
-               where: str, side: str) -> tuple[list[int], list[int], list[bool], bool]:
-    """(prompt ids, response ids, response mask, EOS added) of prompt + response, tokenized as sft.py does.
-
-    The response is the last run of trained tokens (the final assistant turn); sft's rule trains
-    every assistant turn, so the prompt's earlier ones are cut off with everything before it."""
+               where: str, side: str, variables: Mapping[str, Any] | None = None
+               ) -> tuple[list[int], list[int], list[bool], bool]:
+    """(prompt ids, response ids, response mask, EOS added) of prompt + response, tokenized as sft.py's turns=last
+    does: the response is the final assistant turn, the prompt everything before it, earlier assistant turns as the
+    template renders them in a conversation's history (Qwen3's without their <think> blocks)."""
     with _as_pref_error(side):
         ids, mask, eos_added = _tokenize_chat([*prompt, {"role": "assistant", "content": response}], tokenizer,
-                                              template, where)
-    start = len(mask) - 1 - mask[::-1].index(True)
-    while start > 0 and mask[start - 1]:
-        start -= 1
+                                              template, where, last_turn_only=True, variables=variables)
+    start = mask.index(True)
     return ids[:start], ids[start:], mask[start:], eos_added
 
 
@@ -661,7 +666,8 @@ def _plain_rows(prompt: list[dict[str, str]], text: str | None, responses: list[
 
 
 def tokenize_unpaired(record: UnpairedRecord, tokenizer: HFTokenizer, *, template: str = "chat",
-                      chat_template: str | None = None, system_prompt: str = "") -> UnpairedExample:
+                      chat_template: str | None = None, system_prompt: str = "",
+                      template_variables: Mapping[str, Any] | None = None) -> UnpairedExample:
     """One unpaired example -> prompt ids and the completion's ids and loss mask, rendered as
     `tokenize_pair` renders each side of a pair; no length limit. Raises PrefDataError as it does."""
     if template == "plain" and (system_prompt or chat_template):
@@ -671,7 +677,7 @@ def tokenize_unpaired(record: UnpairedRecord, tokenizer: HFTokenizer, *, templat
         if system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         prompt_ids, ids, mask, eos_added = _chat_side(prompt, record.completion, tokenizer, chat_template,
-                                                      record.where, "completion")
+                                                      record.where, "completion", template_variables)
     elif template == "plain":
         prompt_ids, [(_, ids, mask)] = _plain_rows(record.prompt, record.prompt_text, [("completion", record.completion)],
                                                    tokenizer, record.where)
@@ -750,7 +756,7 @@ def load_pref_examples(cfg: PrefDataConfig, tokenizer: HFTokenizer,
         tokenize, fit = (tokenize_unpaired, fit_unpaired) if unpaired else (tokenize_pair, fit_pair)
         try:
             example = tokenize(record, tokenizer, template=cfg.template, chat_template=cfg.chat_template or None,
-                               system_prompt=cfg.system_prompt)
+                               system_prompt=cfg.system_prompt, template_variables=cfg.chat_template_kwargs)
         except PrefDataError as e:
             _skip(e, cfg.strict, stats)
             continue
