@@ -1,4 +1,4 @@
-"""Hugging Face parity for seven architectures, both directions: logits (fp32, 1e-4) and greedy
+"""Hugging Face parity for eight architectures, both directions: logits (fp32, 1e-4) and greedy
 generations equal (wherever a step is not a near-tie: tests/greedy.py); checkpoint directories
 (sharded, pickled, hub snapshots) and their bad input."""
 
@@ -73,6 +73,11 @@ CASES = {
                                             tie_word_embeddings=False),
     "gemma": lambda: _hf("GemmaConfig", "GemmaForCausalLM", **_SMALL | {"num_key_value_heads": 1}, head_dim=32,
                          hidden_act="gelu_pytorch_tanh"),
+    # Local (windowed) and global layers alternating, each kind with its RoPE base, the global one scaled.
+    "gemma3-local-global": lambda: _hf("Gemma3TextConfig", "Gemma3ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                       head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                       sliding_window_pattern=2, rope_theta=50000.0, rope_local_base_freq=100.0,
+                                       rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
 }
@@ -103,16 +108,18 @@ def test_hf_to_temper_logits_and_greedy_generation(case):
 def test_variant_features_are_exercised():
     """Each family's parity above would fail without its feature (guards against vacuous tests)."""
     x = torch.randint(0, 101, (1, 40))
-    for case, field_, off in [("llama3-gqa-untied", "rope_scaling", None), ("mistral-window-wide-heads", "sliding_window", None),
-                              ("gemma", "scale_embeddings", False), ("llama2-tied-bias-linear-rope", "rope_scaling", None),
-                              ("qwen3-qk-norm-wide-heads", "qk_norm", False)]:
+    for case, off in [("llama3-gqa-untied", {"rope_scaling": None}), ("mistral-window-wide-heads", {"sliding_window": None}),
+                      ("gemma", {"scale_embeddings": False}), ("llama2-tied-bias-linear-rope", {"rope_scaling": None}),
+                      ("qwen3-qk-norm-wide-heads", {"qk_norm": False}), ("gemma3-local-global", {"sandwich_norm": False}),
+                      ("gemma3-local-global", {"rope_local_theta": 50000.0}),  # the global base everywhere
+                      ("gemma3-local-global", {"global_every": None, "rope_local_theta": None})]:  # all windowed
         hf = CASES[case]()
         model = _hf_to_temper(hf)
-        other = Transformer(replace(model.cfg, **{field_: off})).eval()
+        other = Transformer(replace(model.cfg, **off)).eval()
         missing, _ = other.load_state_dict(model.state_dict(), strict=False)  # without q/k norms: fewer tensors
         assert not missing
         with torch.no_grad():
-            assert (other(x) - hf(x).logits).abs().max() > 1e-3, (case, field_)
+            assert (other(x) - hf(x).logits).abs().max() > 1e-3, (case, off)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -345,6 +352,28 @@ def test_published_configs_map_to_presets():
     assert from_hf_config(to_hf_config(PRESETS["qwen3-0.6b"])) == preset
     with pytest.raises(ValueError, match="Qwen3 attention_bias=true is not supported"):
         from_hf_config(qwen3 | {"attention_bias": True})
+    gemma3 = {  # google/gemma-3-1b-it
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+        "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+        "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+        "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144,
+    }
+    preset = replace(PRESETS["gemma3-1b"], hf_architecture="Gemma3ForCausalLM")
+    assert from_hf_config(gemma3) == preset
+    assert from_hf_config(to_hf_config(PRESETS["gemma3-1b"])) == preset
+    # transformers 5 writes the layer types out and one RoPE per type: the same model.
+    new = transformers.Gemma3TextConfig(**{k: v for k, v in gemma3.items() if k != "architectures"}).to_dict()
+    assert "layer_types" in new and "full_attention" in new["rope_parameters"]
+    assert from_hf_config(new | {"architectures": ["Gemma3ForCausalLM"]}) == preset
+    for bad, why in [({"query_pre_attn_scalar": 168}, "query_pre_attn_scalar=168 is not supported"),
+                     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+                     ({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "layer_types .* not supported")]:
+        with pytest.raises(ValueError, match=why):
+            from_hf_config(gemma3 | bad)
 
 
 _PEAK = """

@@ -43,6 +43,9 @@ CASES = {
     "shared-prefix-gqa": ("debug-llama", {}, SHARED, True),
     "packed-window-gqa": ("debug-llama", {"sliding_window": 5}, PACKED, False),
     "window-without-segments": ("debug-llama", {"sliding_window": 5}, None, False),
+    # Gemma 3's layout: a windowed layer (its own RoPE base) then a global one, so two masks in one forward.
+    "packed-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0,
+                                            "sandwich_norm": True, "qk_norm": True}, PACKED, False),
 }
 
 
@@ -84,7 +87,7 @@ def test_the_kernel_choice():
     mask, causal = m._attention_mask(seg, 2, 24, cpu)
     assert isinstance(mask, BlockMask) and not causal
     assert m._attention_mask(None, 2, 24, cpu) == (None, True)  # SDPA's is_causal (flash on a GPU)
-    cache_mask, _ = m._attention_mask(None, 2, 1, cpu, torch.zeros(2, 1, dtype=torch.long), 8)
+    cache_mask, _ = m._attention_mask(None, 2, 1, cpu, cache_positions=torch.zeros(2, 1, dtype=torch.long), cache_len=8)
     assert isinstance(cache_mask, torch.Tensor)  # decoding with a cache
     m.train()  # attention dropout: flex has none, so training keeps SDPA and its dense mask
     assert isinstance(m._attention_mask(seg, 2, 24, cpu)[0], torch.Tensor)

@@ -13,10 +13,13 @@ from temper.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 PAD = 0
+GEMMA3 = {"mlp": "geglu", "norm_unit_offset": True, "scale_embeddings": True, "qk_norm": True, "sandwich_norm": True,
+          "sliding_window": 4, "global_every": 2, "rope_local_theta": 100.0}
 
 
 @pytest.mark.parametrize("preset,tied,over", [("debug-llama", False, {}), ("debug-llama", True, {}), ("debug", True, {}),
-                                              ("debug-llama", True, {"qk_norm": True})])  # Qwen3ForSequenceClassification
+                                              ("debug-llama", True, {"qk_norm": True}),  # Qwen3ForSequenceClassification
+                                              ("debug-llama", True, GEMMA3)])  # Gemma3TextForSequenceClassification
 def test_reward_model_round_trips_through_transformers(tmp_path, preset, tied, over):
     torch.manual_seed(0)
     cfg = replace(PRESETS[preset], tie_embeddings=tied, **over)

@@ -45,11 +45,14 @@ def test_preset_sizes_on_meta():
         llama = Transformer(PRESETS["llama-3.2-1b"])
         llama125 = Transformer(PRESETS["llama-125m"])
         qwen3_small, qwen3_8b = Transformer(PRESETS["qwen3-0.6b"]), Transformer(PRESETS["qwen3-8b"])
+        gemma3_270m, gemma3_1b = Transformer(PRESETS["gemma3-270m"]), Transformer(PRESETS["gemma3-1b"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
     assert qwen3_small.num_params() == 596_049_920  # Qwen/Qwen3-0.6B
     assert qwen3_8b.num_params() == 8_190_735_360  # Qwen/Qwen3-8B
+    assert gemma3_270m.num_params() == 268_098_176  # google/gemma-3-270m
+    assert gemma3_1b.num_params() == 999_885_952  # google/gemma-3-1b-pt
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -68,6 +71,8 @@ VARIANTS = {
     # Mistral's window (shorter than the sequence), Gemma's parts, Qwen2's q/k/v biases, Qwen3's q/k norms, a wide head.
     "window-gemma-qkv": {"sliding_window": 5, "mlp": "geglu", "norm_unit_offset": True, "scale_embeddings": True,
                          "qkv_bias": True, "qk_norm": True, "head_size": 24},
+    # Gemma 3's layout: a windowed layer with its own RoPE base, then a global one; norms on the sublayers' outputs.
+    "window-local-global": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True},
 }
 
 

@@ -139,6 +139,11 @@ WORKER = textwrap.dedent('''
     configs = {
         "llama": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
                          max_seq_len=32, qk_norm=True),
+        # Gemma 3's parts: sandwich norms on the sublayers' outputs, a windowed layer (own RoPE base) then a global one.
+        "gemma3": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
+                          max_seq_len=32, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True,
+                          sandwich_norm=True, sliding_window=6, global_every=2, rope_local_theta=100.0,
+                          tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
     }
     prompts = [[1, 2, 3, 4, 5], [9, 8], [17, 30, 41, 52, 63, 7, 11]]  # padded prefill: the masked GQA path

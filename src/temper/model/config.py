@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma and Phi-3 shapes. This module
+Gemma, Gemma 3 and Phi-3 shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -56,6 +56,12 @@ class ModelConfig:
     """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1) or {"rope_type": "linear", "factor"} (position interpolation)."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
+    global_every: int | None = None
+    """With sliding_window: the last layer of every group of this many attends to all earlier tokens, the others
+    within the window (Gemma 3: 6, five local layers to one global); None: every layer within the window."""
+    rope_local_theta: float | None = None
+    """RoPE base of the windowed layers where global_every mixes them with global ones (Gemma 3: 10000); rope_theta
+    and rope_scaling then apply to the global layers only. None: rope_theta everywhere."""
     bias: bool = True
     """Biases in every linear layer and in LayerNorm."""
     qkv_bias: bool = False
@@ -66,6 +72,8 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(dim) (Gemma)."""
+    sandwich_norm: bool = False
+    """Normalise each sublayer's output too, before it joins the residual stream (Gemma 2 and 3)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -103,6 +111,12 @@ class ModelConfig:
             raise ValueError("norm_unit_offset needs norm='rmsnorm'")
         if self.qk_norm and self.norm != "rmsnorm":
             raise ValueError("qk_norm needs norm='rmsnorm'")
+        if self.global_every is not None and (self.sliding_window is None or self.global_every < 2):
+            raise ValueError(f"global_every={self.global_every} needs a sliding_window and a group of at least 2 layers")
+        if self.rope_local_theta is not None and (self.global_every is None or self.pos != "rope"
+                                                  or self.rope_local_theta <= 0):
+            raise ValueError(f"rope_local_theta={self.rope_local_theta} needs pos='rope', global_every and a positive "
+                             "base")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
@@ -112,6 +126,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         """head_size with None resolved."""
         return self.head_size or self.dim // self.n_heads
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""
+        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -131,6 +151,11 @@ class ModelConfig:
 _GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)
 _GPT3 = ModelConfig(max_seq_len=2048, vocab_size=50257)
 _LLAMA = ModelConfig(mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+_GEMMA3 = replace(
+    _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True, sandwich_norm=True, norm_eps=1e-6,
+    max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512, global_every=6,
+    tie_embeddings=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
@@ -170,6 +195,14 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": replace(
         _LLAMA, vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_size=128, ffn_dim=12288,
         max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False,
+    ),
+    # Gemma 3's text models (Gemma team, "Gemma 3 Technical Report", 2025): five local layers (a 512-token window,
+    # RoPE base 10k) to one global (base 1M), 256-wide heads, one kv head, q/k norms and sandwich norms.
+    "gemma3-270m": replace(
+        _GEMMA3, vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_size=256, ffn_dim=2048,
+    ),
+    "gemma3-1b": replace(
+        _GEMMA3, vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_size=256, ffn_dim=6912,
     ),
     # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
     "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),

@@ -1,9 +1,11 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
-embeddings, wide heads) and Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
+embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's parts, q/k norms, norms on the
+sublayers' outputs, local windowed layers with their own RoPE base between global ones) and Phi-3
+(`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
@@ -50,13 +52,13 @@ from temper.files import (
 from temper.model.config import ModelConfig
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, PHI3 = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3 = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Phi3ForCausalLM",
+    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, PHI3)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3)
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "phi3": PHI3}
+                "gemma3_text": GEMMA3, "phi3": PHI3}
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
@@ -75,11 +77,14 @@ def _architecture(d: dict[str, Any]) -> str:
     archs = d.get("architectures") or []
     arch = archs[0] if archs else _MODEL_TYPES.get(d.get("model_type", ""), "<none given>")
     if isinstance(arch, str) and arch.endswith(SEQ_CLS_SUFFIX):
-        return GPT2 if arch == "GPT2" + SEQ_CLS_SUFFIX else arch.removesuffix(SEQ_CLS_SUFFIX) + "ForCausalLM"
+        causal = {v: k for k, v in _SEQ_CLS_NAMES.items()}
+        return causal.get(arch, arch.removesuffix(SEQ_CLS_SUFFIX) + "ForCausalLM")
     return arch
 
 
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
+_SEQ_CLS_NAMES = {GPT2: "GPT2ForSequenceClassification", GEMMA3: "Gemma3TextForSequenceClassification"}
+"""The reward-model architectures not named by swapping ForCausalLM for ForSequenceClassification."""
 SCORE = "score.weight"
 """The one-label head of a `*ForSequenceClassification` checkpoint: (1, hidden) scores the last real token."""
 
@@ -87,7 +92,7 @@ SCORE = "score.weight"
 def sequence_classification_architecture(cfg: ModelConfig) -> str:
     """`LlamaForCausalLM` -> `LlamaForSequenceClassification` (`GPT2LMHeadModel` -> `GPT2ForSequenceClassification`)."""
     arch = hf_architecture(cfg)
-    return ("GPT2" if arch == GPT2 else arch.removesuffix("ForCausalLM")) + SEQ_CLS_SUFFIX
+    return _SEQ_CLS_NAMES.get(arch, arch.removesuffix("ForCausalLM") + SEQ_CLS_SUFFIX)
 
 
 # The type of every config.json field temper reads (None allowed only where the code falls back
@@ -97,7 +102,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers"), _INT),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
-    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor"), _FLOAT),
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
+                     "query_pre_attn_scalar", "rope_local_base_freq"), _FLOAT),
+    **dict.fromkeys(("final_logit_softcapping", "attn_logit_softcapping"), (*_FLOAT, type(None))),
+    "sliding_window_pattern": _INT,
+    "layer_types": (list, type(None)),
+    "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
                      "scale_attn_by_inverse_layer_idx"), _BOOL),
@@ -156,14 +166,21 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     """Llama and the architectures that differ from it by a few fields."""
     name = arch.removesuffix("ForCausalLM")
     act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-    if arch == GEMMA:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
+    gemma = arch in (GEMMA, GEMMA3)
+    if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
     elif act != "silu":
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or dim // n_heads
-    theta, scaling, rope = _rope(d)
+    window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
+    every = local_theta = None
+    if arch == GEMMA3:
+        window, every, theta, local_theta, scaling = _gemma3_layers(d, head_dim)
+        rope = {}
+    else:
+        theta, scaling, rope = _rope(d)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper rotates whole heads)")
@@ -180,18 +197,63 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             raise ValueError("Qwen3 attention_bias=true is not supported")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
-    window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if arch == GEMMA else "swiglu",
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=arch == GEMMA,
-        pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window,
-        bias=bias, qkv_bias=qkv_bias, qk_norm=arch == QWEN3, tie_embeddings=d.get("tie_word_embeddings", arch == GEMMA),
-        scale_embeddings=arch == GEMMA, dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
+        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
+        pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window, global_every=every,
+        rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
+        qk_norm=arch in (QWEN3, GEMMA3), tie_embeddings=d.get("tie_word_embeddings", gemma),
+        scale_embeddings=gemma, sandwich_norm=arch == GEMMA3, dropout=0.0, init_std=d.get("initializer_range", 0.02),
         hf_architecture=arch,
     )
+
+
+def _gemma3_layers(d: dict[str, Any], head_dim: int) -> tuple[int | None, int | None, float, float | None, dict | None]:
+    """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a Gemma 3 config.
+
+    Its `layer_types` (or the older `sliding_window_pattern`) say which layers attend within the window and which
+    to everything; temper lays them out as the last of every `global_every` layers global, which is Gemma 3's
+    pattern. The two kinds have their own RoPE: `rope_parameters` per layer type (transformers 5) or `rope_theta`,
+    `rope_scaling` (global) and `rope_local_base_freq` (the published spelling)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(key) is not None:
+            raise ValueError(f"Gemma 3 {key}={d[key]} is not supported")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
+    if d.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise ValueError(f"Gemma 3 query_pre_attn_scalar={d['query_pre_attn_scalar']} is not supported (temper scales "
+                         f"attention scores by head_dim ** -0.5, head_dim={head_dim})")
+    n, window, pattern = d["num_hidden_layers"], d.get("sliding_window"), d.get("sliding_window_pattern", 6)
+    types = d.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                     for i in range(n)]
+    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one set per layer type
+        spellings = {kind: dict(params.get(kind) or {}) for kind in ("full_attention", "sliding_attention")}
+    else:
+        spellings = {"full_attention": {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)},
+                     "sliding_attention": {"rope_theta": d.get("rope_local_base_freq", 1e4)}}
+    for kind, values in spellings.items():
+        _check_types(values, _ROPE_FIELD_TYPES, prefix=f"rope_parameters.{kind}.")
+    (theta, scaling, _), (local, local_scaling, _) = (_rope({"rope_parameters": spellings[k]})
+                                                      for k in ("full_attention", "sliding_attention"))
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if window is None or len(full) == n:  # every layer global
+        return None, None, theta, None, scaling
+    if not full:  # every layer within the window: one RoPE, the local one
+        return window, None, local, None, local_scaling
+    every = full[0] + 1
+    if types != ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]:
+        raise ValueError(f"Gemma 3 layer_types {types!r} are not supported (temper makes the last of every N layers "
+                         f"global)")
+    if local_scaling:
+        raise ValueError("Gemma 3 RoPE scaling of the sliding-window layers is not supported")
+    return window, every, theta, local, scaling
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
@@ -217,7 +279,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
-            arch = GEMMA
+            arch = GEMMA3 if cfg.sandwich_norm else GEMMA
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else LLAMA)
@@ -244,7 +306,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has no sliding window" if cfg.sliding_window else None
     if (cfg.pos, cfg.norm) != ("rope", "rmsnorm"):
         return "it needs RoPE and RMSNorm"
-    if arch == GEMMA:
+    if arch in (GEMMA, GEMMA3):
         if not all(gemma_parts) or not cfg.tie_embeddings:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
@@ -253,11 +315,19 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, GEMMA, PHI3) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    if cfg.qk_norm != (arch == QWEN3):
-        return "it has q/k norms" if arch == QWEN3 else "it has no q/k norms (Qwen3ForCausalLM does)"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3):
+    if cfg.qk_norm != (arch in (QWEN3, GEMMA3)):
+        return "it has q/k norms" if arch in (QWEN3, GEMMA3) else "it has no q/k norms (Qwen3 and Gemma 3 do)"
+    if cfg.sandwich_norm != (arch == GEMMA3):
+        return ("it has norms on the sublayers' outputs" if arch == GEMMA3
+                else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM does)")
+    if (cfg.global_every or cfg.rope_local_theta) and arch != GEMMA3:
+        return "it has no global layers between windowed ones (Gemma3ForCausalLM does)"
+    windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
+    if arch == GEMMA3 and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
+        return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA3):
         return "it has no sliding window"
     return None
 
@@ -282,7 +352,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if arch == GEMMA else "silu",
+        "hidden_act": "gelu_pytorch_tanh" if arch in (GEMMA, GEMMA3) else "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         # The rope_theta / rope_scaling spelling of the published configs: transformers 4.x reads
         # it as is and 5.x converts it to `rope_parameters`.
@@ -304,6 +374,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    elif arch == GEMMA3:  # rope_theta and rope_scaling above are the global layers'
+        d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.head_dim,
+              "sliding_window": cfg.sliding_window, "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "final_logit_softcapping": None,
+              "attn_logit_softcapping": None, "use_bidirectional_attention": False}
     return d
 
 
@@ -348,8 +423,12 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
         add("model.embed_tokens.weight", "tok_emb.weight")
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
-            add(h + "input_layernorm.weight", p + "attn_norm.weight")
-            add(h + "post_attention_layernorm.weight", p + "mlp_norm.weight")
+            # Gemma 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
+            norms = ((("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
+                      ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+                     if arch == GEMMA3 else (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")))
+            for theirs, ours in norms:
+                add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
                 add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")

@@ -1,8 +1,9 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3) comes from `ModelConfig` fields:
-learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
-grouped-query attention, query/key norms, a sliding window, biases, tying, embedding scaling.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3) comes from `ModelConfig`
+fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
+grouped-query attention, query/key norms, a sliding window (on every layer, or local layers between global
+ones with their own RoPE base), norms on the sublayers' outputs, biases, tying, embedding scaling.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
 the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -218,7 +219,8 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache.
 
     The mask is SDPA's bool tensor (or None with `causal`), or a FlexAttention `BlockMask` built once
-    per forward by `Transformer._attention_mask` and shared by every layer (never with a cache)."""
+    per forward by `Transformer._attention_mask` and shared by every layer of the same window (never with a
+    cache)."""
 
     takes_block_mask: ClassVar[bool] = True
     """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
@@ -320,21 +322,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019)."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
+    `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.window = cfg.window_of(layer_idx)  # which mask (and, with rope_local_theta, which RoPE table) it takes
+        self.local_rope = self.window is not None and cfg.rope_local_theta is not None
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
+        self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | BlockMask | None = None, causal: bool = True, cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
-        return x + self.mlp(self.mlp_norm(x))  # (B, T, C)
+        h = self.attn(self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
+        x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+        h = self.mlp(self.mlp_norm(x))  # (B, T, C)
+        return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))  # (B, T, C)
 
 
 def _causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -346,7 +355,8 @@ class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
-    attn.{q,k}_norm (qk_norm only), mlp_norm, mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
+    attn.{q,k}_norm (qk_norm only), attn_out_norm and mlp_out_norm (sandwich_norm only), mlp_norm,
+    mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
     so state dicts never hold the same tensor twice).
     """
 
@@ -367,21 +377,27 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":  # tables, not weights: non-persistent, rebuilt by init_buffers()
-            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+            for name in ("rope", "rope_local") if cfg.rope_local_theta is not None else ("rope",):
+                self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+                self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the RoPE cos/sin tables in float32, e.g. after building on the meta device."""
+        """(Re)compute the RoPE cos/sin tables in float32, e.g. after building on the meta device; with
+        rope_local_theta, also the windowed layers' (their own base, unscaled, as Gemma 3's)."""
         if self.cfg.pos != "rope":
             return
         device = self.rope_cos.device if device is None else device
-        inv_freq = rope_inv_freq(self.cfg, device)  # (D/2,)
-        angles = torch.outer(torch.arange(self.cfg.max_seq_len, device=device).float(), inv_freq)  # (S, D/2)
-        self.rope_cos = angles.cos()
-        self.rope_sin = angles.sin()
+        positions = torch.arange(self.cfg.max_seq_len, device=device).float()
+        tables = {"rope": self.cfg}
+        if self.cfg.rope_local_theta is not None:
+            tables["rope_local"] = replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
+        for name, cfg in tables.items():
+            angles = torch.outer(positions, rope_inv_freq(cfg, device))  # (S, D/2)
+            setattr(self, f"{name}_cos", angles.cos())
+            setattr(self, f"{name}_sin", angles.sin())
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -442,22 +458,24 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens) if first else tokens  # (B, T, C)
         if first and self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
-        rope = None
+        ropes: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {False: None}  # by Block.local_rope
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
             x = x + pe  # (B, T, C)
         elif self.cfg.pos == "rope":
-            if positions is None:
-                cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
-            else:
-                cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
-            rope = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
+            for local in {layer.local_rope for layer in self.layers}:
+                cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
+                cos, sin = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])  # (B|T, ...)
+                ropes[local] = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
         if first:
             x = self.drop(x)
-        mask, causal = self._attention_mask(segments, B, T, tokens.device, positions if cache is not None else None,
-                                            cache.max_len if cache is not None else 0)
+        # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.
+        masks = {window: self._attention_mask(segments, B, T, tokens.device, window,
+                                              positions if cache is not None else None,
+                                              cache.max_len if cache is not None else 0)
+                 for window in {layer.window for layer in self.layers}}
         for layer in self.layers:
-            x = layer(x, rope, mask, causal, cache)  # (B, T, C)
+            x = layer(x, ropes[layer.local_rope], *masks[layer.window], cache)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
@@ -474,7 +492,7 @@ class Transformer(nn.Module):
         return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs
 
     def _attention_mask(
-        self, segments: Segments | None, B: int, T: int, device: torch.device,
+        self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | None = None,
         cache_positions: torch.Tensor | None = None, cache_len: int = 0,
     ) -> tuple[torch.Tensor | BlockMask | None, bool]:
         """(mask, is_causal). Without segments, avoid a mask so SDPA can pick flash attention; where a mask
@@ -483,9 +501,8 @@ class Transformer(nn.Module):
 
         With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
         the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
-        later tokens, or stale ones of a row that restarted), within the sliding window.
+        later tokens, or stale ones of a row that restarted), within the sliding `window` (a layer's).
         """
-        window = self.cfg.sliding_window
         if cache_positions is not None:
             k_pos = torch.arange(cache_len, device=device)  # (S_max,)
             q_pos = cache_positions[:, :, None]  # (B, T, 1)
@@ -497,7 +514,7 @@ class Transformer(nn.Module):
             return None, True  # plain causal prefill / training
         if segments is not None and segments.ids.shape != (B, T):
             raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
-        visible = self._mask_mod(segments)
+        visible = self._mask_mod(segments, window)
         rows = B if segments is not None else 1  # a plain causal (windowed) mask is the same for every row
         if self._use_flex(device):
             make_block_mask = _flex_kernels(device.type)[0]
@@ -506,10 +523,9 @@ class Transformer(nn.Module):
         b = torch.arange(rows, device=device)[:, None, None]  # (B|1, 1, 1)
         return visible(b, None, idx[None, :, None], idx[None, None, :])[:, None], False  # (B|1, 1, T, T)
 
-    def _mask_mod(self, segments: Segments | None) -> MaskMod:
+    def _mask_mod(self, segments: Segments | None, window: int | None) -> MaskMod:
         """The one rule of a forward without a cache, as a FlexAttention mask_mod (broadcastable indices):
-        `segments.mask_mod`, or plain causality, within the sliding window."""
-        window = self.cfg.sliding_window
+        `segments.mask_mod`, or plain causality, within the sliding `window`."""
         base = segments.mask_mod if segments is not None else _causal
         if window is None:
             return base

@@ -496,7 +496,7 @@ def _region_input(label: str) -> bool:
 
 def _outside(label: str) -> bool:
     """A norm's saved tensors or a residual dropout mask: split by sequence under sequence parallel."""
-    return label.startswith(("attn_norm", "mlp_norm")) or "residual" in label
+    return label.startswith(("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm")) or "residual" in label
 
 
 def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, lora_dropout: float,
@@ -538,6 +538,9 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     attn_grad = attn_grad or wants_grad(attn.o_proj)
     if attn_grad and cfg.dropout > 0:
         s.add("attention residual dropout mask", t.mask(t.a) * d)
+    if block.attn_out_norm is not None:  # Gemma 3: the output normalised before it joins the residual stream
+        _norm(s, "attn_out_norm", block.attn_out_norm, d, attn_grad, t, in_bytes=t.a)
+        attn_grad = attn_grad or wants_grad(block.attn_out_norm)
     grad_mid = grad_in or attn_grad
 
     # MLP half
@@ -565,13 +568,22 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     mlp_grad = mlp_grad or wants_grad(mlp.down_proj)
     if mlp_grad and cfg.dropout > 0:
         s.add("MLP residual dropout mask", t.mask(t.a) * d)
+    out_norm_bytes = 0.0  # what the MLP's output norm keeps: its backward, the first of the block's, frees it
+    if block.mlp_out_norm is not None:
+        before = s.total
+        _norm(s, "mlp_out_norm", block.mlp_out_norm, d, mlp_grad, t, in_bytes=t.a)
+        out_norm_bytes = s.total - before
+        mlp_grad = mlp_grad or wants_grad(block.mlp_out_norm)
     # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
     # the hidden (d(act*up), then d act and d up for a gated MLP; d GELU-output and d up for GELU),
     # while down_proj's saved input has just been freed (measured on a recomputed block).
     transient = t.r * d + ((3 if gated else 2) - down_keeps) * t.a * f if (mlp_grad or grad_mid) else 0
     # The saved set holds the block's input itself when its first norm kept it uncast.
     shares_input = grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
-    return _BlockMem(s, grad_mid or mlp_grad, transient, shares_input, t.r * d if transient else 0.0)
+    # By then the output norm's saved tensors are gone: counted against the peak as a negative residual-like term
+    # (both are split by sequence alone under tensor parallel).
+    residual = (t.r * d if transient else 0.0) - (out_norm_bytes if transient else 0.0)
+    return _BlockMem(s, grad_mid or mlp_grad, transient - (out_norm_bytes if transient else 0.0), shares_input, residual)
 
 
 def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "all") -> _Saved:
