@@ -347,6 +347,50 @@ GEMMA = (
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 
+# Gemma 3's chat template (google/gemma-3-*-it tokenizer_config.json): a system turn goes into the first user
+# turn, the assistant is "model", content is trimmed; images become <start_of_image>.
+GEMMA3 = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
 # microsoft/Phi-3-mini-4k-instruct, April 2024 (system messages dropped), as quoted in
 # llama.cpp tests/test-chat-template.cpp ("Phi-3-mini").
 PHI3 = (
@@ -384,7 +428,7 @@ TOOL_CHAT = [
 TEMPLATES = {"llama3": (LLAMA3, "llama3"), "llama3.1": (LLAMA31, "llama3"), "qwen2.5": (QWEN25, "qwen2"),
              "qwen3": (QWEN3, "qwen2"),
              "mistral-v0.2": (MISTRAL_V02, "mistral"), "mistral-v1": (MISTRAL_V1, "mistral"),
-             "gemma": (GEMMA, "gemma"), "phi3": (PHI3, "phi3")}
+             "gemma": (GEMMA, "gemma"), "gemma3": (GEMMA3, "gemma"), "phi3": (PHI3, "phi3")}
 # Gemma and Phi-3 use a Llama-2 style pipeline with their control tokens added; Phi-3's strip
 # the whitespace after them (rstrip), as in its tokenizer.json.
 GEMMA_TOKENS = [AddedToken(t, special=True, normalized=False)

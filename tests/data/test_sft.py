@@ -39,7 +39,7 @@ transformers = pytest.importorskip("transformers")
 
 # The token each real template (tests/data/test_chat.py) ends an assistant turn with.
 END_OF_TURN = {"llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "mistral-v0.2": "</s>",
-               "mistral-v1": "</s>", "gemma": "<end_of_turn>", "phi3": "<|end|>"}
+               "mistral-v1": "</s>", "gemma": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>"}
 SYSTEM = {"role": "system", "content": "You are terse."}
 CHAT = [
     {"role": "user", "content": "Hi! Wie geht's? 你好"},
