@@ -75,7 +75,7 @@ CASES = {
                          hidden_act="gelu_pytorch_tanh"),
     # Local (windowed) and global layers alternating, each kind with its RoPE base, the global one scaled.
     "gemma3-local-global": lambda: _hf("Gemma3TextConfig", "Gemma3ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
-                                       head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                       head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,  # 27B's way
                                        sliding_window_pattern=2, rope_theta=50000.0, rope_local_base_freq=100.0,
                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
@@ -112,6 +112,7 @@ def test_variant_features_are_exercised():
                       ("gemma", {"scale_embeddings": False}), ("llama2-tied-bias-linear-rope", {"rope_scaling": None}),
                       ("qwen3-qk-norm-wide-heads", {"qk_norm": False}), ("gemma3-local-global", {"sandwich_norm": False}),
                       ("gemma3-local-global", {"rope_local_theta": 50000.0}),  # the global base everywhere
+                      ("gemma3-local-global", {"attn_scale_dim": None}),  # 1 / sqrt(head_dim)
                       ("gemma3-local-global", {"global_every": None, "rope_local_theta": None})]:  # all windowed
         hf = CASES[case]()
         model = _hf_to_temper(hf)
@@ -176,6 +177,44 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(gemma, tie_embeddings=False))
     with pytest.raises(ValueError, match="Qwen2ForCausalLM cannot express this model"):
         to_hf_config(replace(llama, hf_architecture="Qwen2ForCausalLM"))
+
+
+def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
+    """Gemma 3 4B, 12B and 27B are published as Gemma3ForConditionalGeneration: temper reads the text model (its
+    sparse text_config over Gemma3TextConfig's defaults, its tensors under language_model.) with transformers'
+    logits for text, leaves the vision tower out, and exports a text-only Gemma3ForCausalLM."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                sliding_window_pattern=2, max_position_embeddings=128, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    hf = _hf("Gemma3Config", "Gemma3ForConditionalGeneration", text_config=text, vision_config=vision,
+             mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    hf.save_pretrained(tmp_path / "it")
+    model, cfg = load_hf(tmp_path / "it")
+    assert cfg.hf_architecture == "Gemma3ForCausalLM" and cfg.global_every == 2 and cfg.rope_local_theta == 1e4
+    x = torch.randint(0, 290, (2, 40))  # below the image tokens
+    with torch.no_grad():
+        ref = hf(input_ids=x).logits
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
+        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "text")).eval()
+        assert type(back).__name__ == "Gemma3ForCausalLM"
+        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+    published = {  # google/gemma-3-4b-it: its text_config names only what differs from the defaults
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+        "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+        "model_type": "gemma3", "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                                                "model_type": "gemma3_text", "num_hidden_layers": 34,
+                                                "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                                "sliding_window": 1024},
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    }
+    assert from_hf_config(published) == replace(
+        PRESETS["gemma3-1b"], vocab_size=262208, dim=2560, n_layers=34, n_heads=8, n_kv_heads=4, ffn_dim=10240,
+        max_seq_len=131072, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        hf_architecture="Gemma3ForCausalLM")
+    with pytest.raises(ValueError, match="text_config"):
+        from_hf_config(published | {"text_config": [1]})
 
 
 def test_gpt2_without_biases_exports_zero_biases(tmp_path):
@@ -369,8 +408,8 @@ def test_published_configs_map_to_presets():
     new = transformers.Gemma3TextConfig(**{k: v for k, v in gemma3.items() if k != "architectures"}).to_dict()
     assert "layer_types" in new and "full_attention" in new["rope_parameters"]
     assert from_hf_config(new | {"architectures": ["Gemma3ForCausalLM"]}) == preset
-    for bad, why in [({"query_pre_attn_scalar": 168}, "query_pre_attn_scalar=168 is not supported"),
-                     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+    assert from_hf_config(gemma3 | {"query_pre_attn_scalar": 168}).attn_scale_dim == 168  # Gemma 3 27B's
+    for bad, why in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
                      ({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "layer_types .* not supported")]:
         with pytest.raises(ValueError, match=why):
             from_hf_config(gemma3 | bad)

@@ -74,6 +74,8 @@ class ModelConfig:
     """Multiply token embeddings by sqrt(dim) (Gemma)."""
     sandwich_norm: bool = False
     """Normalise each sublayer's output too, before it joins the residual stream (Gemma 2 and 3)."""
+    attn_scale_dim: int | None = None
+    """Scale attention scores by attn_scale_dim ** -0.5 instead of head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -119,6 +121,8 @@ class ModelConfig:
                              "base")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_scale_dim is not None and self.attn_scale_dim <= 0:
+            raise ValueError(f"attn_scale_dim must be positive or None, got {self.attn_scale_dim}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 

@@ -4,8 +4,9 @@ Eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCaus
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's parts, q/k norms, norms on the
-sublayers' outputs, local windowed layers with their own RoPE base between global ones) and Phi-3
-(`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
+sublayers' outputs, local windowed layers with their own RoPE base between global ones; also read out of the
+image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower) and
+Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
@@ -57,8 +58,20 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3 = (
     "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
 )
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3)
+GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma3_text": GEMMA3, "phi3": PHI3}
+                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT}
+# transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+}
+_GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                         "language_model.lm_head.": "lm_head."}
+"""Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
+_GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
@@ -103,7 +116,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers"), _INT),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
-                     "query_pre_attn_scalar", "rope_local_base_freq"), _FLOAT),
+                     "rope_local_base_freq"), _FLOAT),
+    "query_pre_attn_scalar": _INT,
     **dict.fromkeys(("final_logit_softcapping", "attn_logit_softcapping"), (*_FLOAT, type(None))),
     "sliding_window_pattern": _INT,
     "layer_types": (list, type(None)),
@@ -139,6 +153,12 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     _check_types(d, _FIELD_TYPES)
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
+    if _architecture(d) == GEMMA3_IMAGE_TEXT:  # its text model, as a Gemma3ForCausalLM (the vision tower is left out)
+        text = d.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise ValueError(f"key 'text_config' must be an object, got {text!r}")
+        tied = d.get("tie_word_embeddings", True)
+        return from_hf_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text, "architectures": [GEMMA3]})
     for key in ("rope_scaling", "rope_parameters"):
         _check_types(d.get(key) or {}, _ROPE_FIELD_TYPES, prefix=f"{key}.")
     arch = _architecture(d)
@@ -177,7 +197,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
     every = local_theta = None
     if arch == GEMMA3:
-        window, every, theta, local_theta, scaling = _gemma3_layers(d, head_dim)
+        window, every, theta, local_theta, scaling = _gemma3_layers(d)
         rope = {}
     else:
         theta, scaling, rope = _rope(d)
@@ -207,11 +227,13 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3), tie_embeddings=d.get("tie_word_embeddings", gemma),
         scale_embeddings=gemma, sandwich_norm=arch == GEMMA3, dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        attn_scale_dim=(int(d["query_pre_attn_scalar"]) if arch == GEMMA3
+                        and d.get("query_pre_attn_scalar", head_dim) != head_dim else None),
         hf_architecture=arch,
     )
 
 
-def _gemma3_layers(d: dict[str, Any], head_dim: int) -> tuple[int | None, int | None, float, float | None, dict | None]:
+def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
     """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a Gemma 3 config.
 
     Its `layer_types` (or the older `sliding_window_pattern`) say which layers attend within the window and which
@@ -223,9 +245,6 @@ def _gemma3_layers(d: dict[str, Any], head_dim: int) -> tuple[int | None, int | 
             raise ValueError(f"Gemma 3 {key}={d[key]} is not supported")
     if d.get("use_bidirectional_attention"):
         raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
-    if d.get("query_pre_attn_scalar", head_dim) != head_dim:
-        raise ValueError(f"Gemma 3 query_pre_attn_scalar={d['query_pre_attn_scalar']} is not supported (temper scales "
-                         f"attention scores by head_dim ** -0.5, head_dim={head_dim})")
     n, window, pattern = d["num_hidden_layers"], d.get("sliding_window"), d.get("sliding_window_pattern", 6)
     types = d.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                                      for i in range(n)]
@@ -322,6 +341,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.sandwich_norm != (arch == GEMMA3):
         return ("it has norms on the sublayers' outputs" if arch == GEMMA3
                 else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM does)")
+    if cfg.attn_scale_dim is not None and arch != GEMMA3:
+        return "it scales attention scores by head_dim ** -0.5 (Gemma3ForCausalLM has query_pre_attn_scalar)"
     if (cfg.global_every or cfg.rope_local_theta) and arch != GEMMA3:
         return "it has no global layers between windowed ones (Gemma3ForCausalLM does)"
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
@@ -375,7 +396,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
     elif arch == GEMMA3:  # rope_theta and rope_scaling above are the global layers'
-        d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.head_dim,
+        d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
+              "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
               "sliding_window": cfg.sliding_window, "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
               "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "final_logit_softcapping": None,
               "attn_logit_softcapping": None, "use_bidirectional_attention": False}
@@ -453,15 +475,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-    """HF tensors that carry nothing to load: recomputed buffers, and a tied head saved anyway."""
+    """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, and the vision
+    tower of a Gemma 3 image-text checkpoint."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
-            or (name == "lm_head.weight" and cfg.tie_embeddings))
+            or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
+            or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION)))
 
 
 def _canonical(name: str, arch: str) -> str:
-    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix."""
+    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix; a Gemma 3 image-text one
+    keeps its text model's under `language_model.`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
         return "transformer." + name
+    if arch == GEMMA3:
+        for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
+            if name.startswith(prefix):
+                return to + name[len(prefix):]
     return name
 
 

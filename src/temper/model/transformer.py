@@ -242,6 +242,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -269,11 +270,11 @@ class Attention(nn.Module):
             # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
             # mask when attention dropout is off.
             flex = _flex_kernels(q.device.type)[1]
-            y = flex(q, k, v, block_mask=mask, enable_gqa=groups > 1)  # (B, H, T, D)
+            y = flex(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=groups > 1)  # (B, H, T, D)
         elif groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=groups > 1
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.scale, enable_gqa=groups > 1
             )  # (B, H, T, D)
         else:
             # With a mask, enable_gqa falls back to the math kernel, and repeating K/V would copy the
@@ -284,7 +285,7 @@ class Attention(nn.Module):
             mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
             # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
             mg = mg.contiguous()  # (B|1, 1, G*T, S)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p, scale=self.scale)
             y = y.reshape(B, n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
