@@ -27,17 +27,19 @@ from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenize
 from temper.infer.engine import decode_step, generate, generate_with_logprobs
 from temper.infer.load import load_for_inference
 from temper.infer.scheduler import Scheduler
-from temper.infer.text import completion_text, cut_at_stop
+from temper.infer.text import THINK_TAGS, completion_text, cut_at_stop
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
 from temper.serve.app import ServeSettings, create_app
 
 KEY = "sk-test-0123456789"
-# ChatML, with Qwen3's switch: enable_thinking=false closes an empty <think> block in the generation prompt.
+# ChatML, with a thinking switch: enable_thinking=false closes an empty <think> block in the generation prompt
+# (Qwen3's way), true opens one (DeepSeek-R1's way), so the reply starts inside it.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+          "{% if enable_thinking is defined and enable_thinking is true %}{{ '<think>\\n' }}{% endif %}"
           "{% endif %}")
 WORDS = ("the cat sat on a mat while the dog ran far away from home and the bird sang in the tall green "
          "tree near a river where fish swim under the bright sun all day long").split()
@@ -88,7 +90,7 @@ def serving(path: Path, slots: int, max_queue: int, scheduler_kw: dict | None = 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with serving(_checkpoint(tmp_path_factory.mktemp("tiny"), 128), slots=16, max_queue=64,
-                 max_body_bytes=4096, max_n=4) as s:
+                 max_body_bytes=4096, max_n=4, reasoning_tags=THINK_TAGS) as s:  # --reasoning_parser think
         yield s
 
 
@@ -156,6 +158,18 @@ def test_completions_chat_and_streams_equal_generate_alone(server):
     assert quiet.usage.prompt_tokens == len(quiet_ids)
     assert quiet.choices[0].message.content == _text(loaded, quiet_ids, _alone(loaded, quiet_ids, max_new_tokens=10,
                                                                                  temperature=0))
+    assert quiet.choices[0].message.model_extra["reasoning_content"] is None  # no block opened: all content
+    # A prompt that opens the thinking block: the reply is reasoning until </think> (here, all of it), as vLLM's
+    # reasoning parsers give it, whole and streamed.
+    think_ids = loaded.encode_chat(messages, enable_thinking=True)
+    want = _text(loaded, think_ids, _alone(loaded, think_ids, max_new_tokens=10, temperature=0))
+    kw = dict(model="tiny", messages=messages, max_tokens=10, temperature=0,
+              extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    thought = client.chat.completions.create(**kw).choices[0].message
+    assert (thought.model_extra["reasoning_content"], thought.content) == (want, "") and want.strip()
+    streamed = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in streamed) == want
+    assert not "".join(d.content or "" for d in streamed)
 
 
 def test_n_seeds_and_stop_strings(server):

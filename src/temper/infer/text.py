@@ -1,7 +1,8 @@
-"""From generated token ids to text: the completion's text, stop strings, and what is safe to stream.
+"""From generated token ids to text: the completion's text, stop strings, what is safe to stream, and a
+reasoning model's thinking apart from its answer.
 
 The engine works on ids; every caller that shows or scores text (`temper generate`, the
-evaluation runner, the server) needs the same three things, so they live here once.
+evaluation runner, the server) needs the same things, so they live here once.
 It does not tokenize: the caller passes its tokenizer's decode.
 """
 
@@ -35,3 +36,51 @@ def safe_to_print(text: str, stops: Sequence[str]) -> int:
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
     return end
+
+
+THINK_TAGS = ("<think>", "</think>")
+"""The tags around a reasoning model's thinking (Qwen3, DeepSeek-R1, QwQ)."""
+
+
+class ReasoningSplitter:
+    """A reply split into reasoning and answer as it streams, at the thinking tags (the `reasoning_content` of
+    vLLM's reasoning parsers, which OpenAI-style clients read).
+
+    Reasoning is what lies between an opening tag at the reply's start (whitespace before it dropped) and the
+    closing tag; with `thinking` (the prompt already opened the block, as DeepSeek-R1's template does) it starts
+    with the reply. The answer is everything after the closing tag, verbatim, or the whole reply when no block
+    opens. A tag split across pieces is held back until it is decided, so the pieces' outputs join to what the
+    whole reply gives at once."""
+
+    def __init__(self, tags: tuple[str, str] = THINK_TAGS, thinking: bool = False) -> None:
+        self.open, self.close = tags
+        self.state = "reasoning" if thinking else "start"
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(reasoning, answer) this piece decides; `final` (the reply's end) releases what was held back."""
+        self.held += text
+        reasoning = ""
+        while True:
+            if self.state == "start":  # does the reply open a block?
+                head = self.held.lstrip()
+                if head.startswith(self.open):
+                    self.held, self.state = head[len(self.open):], "reasoning"
+                elif final or not self.open.startswith(head):
+                    self.state = "answer"
+                else:
+                    return reasoning, ""  # whitespace, or the opening tag's start: not decided yet
+            elif self.state == "reasoning":
+                end = self.held.find(self.close)
+                if end >= 0:
+                    reasoning += self.held[:end]
+                    self.held, self.state = self.held[end + len(self.close):], "answer"
+                    continue
+                keep = 0 if final else max((k for k in range(1, len(self.close)) if self.held.endswith(self.close[:k])),
+                                           default=0)
+                cut = len(self.held) - keep
+                reasoning, self.held = reasoning + self.held[:cut], self.held[cut:]
+                return reasoning, ""
+            else:
+                answer, self.held = self.held, ""
+                return reasoning, answer

@@ -33,6 +33,7 @@ import torch
 from temper.config import ConfigError, parse
 from temper.infer.engine import compiled_decode_step, decode_step
 from temper.infer.load import Loaded, open_checkpoint
+from temper.infer.text import THINK_TAGS
 from temper.recipes.generate import open_draft
 from temper.train.parallel import pick_device, pick_dtype
 
@@ -107,6 +108,9 @@ class ServeConfig:
     """Also read pickled pytorch_model*.bin weights (with torch.load(weights_only=True), so no code runs)."""
     quant: Literal["", "int8", "int4", "nf4"] = ""
     """Weight-only quantization of the linear layers: int8, int4 (torchao) or nf4; "": none."""
+    reasoning_parser: Literal["", "think"] = ""
+    """think: chat replies' <think>...</think> block goes to `reasoning_content`, the rest to `content` (Qwen3,
+    DeepSeek-R1: vLLM's reasoning parsers); "": the whole reply is content."""
     log_level: str = "info"
     """uvicorn's log level, and temper's (speculative decoding's acceptance rate is an info line): "critical",
     "error", "warning", "info", "debug"."""
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServeSettings(
         model_name=cfg.served_model_name or cfg.checkpoint, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.slots),
-        request_timeout_s=cfg.request_timeout_s)
+        request_timeout_s=cfg.request_timeout_s, reasoning_tags=THINK_TAGS if cfg.reasoning_parser == "think" else None)
     rag = rag_hook(cfg.rag, loaded, scheduler.max_len, device)
     app = create_app(loaded, scheduler, settings, rag)
     speculation = (f", speculative decoding alone with {cfg.draft or f'prompt lookup {cfg.prompt_lookup}'}"

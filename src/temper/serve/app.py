@@ -57,7 +57,7 @@ from temper.data.chat import check_template_variables
 from temper.errors import InputError
 from temper.infer.load import Loaded
 from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
-from temper.infer.text import completion_text, cut_at_stop, safe_to_print
+from temper.infer.text import ReasoningSplitter, completion_text, cut_at_stop, safe_to_print
 
 STATIC = Path(__file__).parent / "static"
 RagHook = Callable[..., tuple[list[int], list[dict[str, Any]]]]
@@ -85,6 +85,8 @@ class ServeSettings:
     """The most prompts in one /v1/completions request."""
     request_timeout_s: float | None = 600.0
     """A request running longer fails with 504 (a stream ends with an error event) and its rows are freed."""
+    reasoning_tags: tuple[str, str] | None = None
+    """Chat replies split at these tags into `reasoning_content` and `content` (None: all content)."""
 
 
 class APIError(Exception):
@@ -605,6 +607,17 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
             cited = {"citations": citations}
         job = submit([ids], s, None, top if want_logprobs else 0, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        tags = settings.reasoning_tags
+        # The prompt may open the thinking block itself (DeepSeek-R1's template): the reply then starts inside it.
+        thinking = tags is not None and loaded.tokenizer.decode(ids[-8:]).rstrip().endswith(tags[0])
+        splitters = [ReasoningSplitter(tags, thinking) for _ in job.choices] if tags else None
+
+        def delta(i: int, text: str, final: bool) -> dict[str, str]:
+            """A choice's new text as the message's fields: content, or reasoning_content and content."""
+            if splitters is None:
+                return {"content": text}
+            reasoning, answer = splitters[i].feed(text, final)
+            return {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
 
         if s.stream:
             head = head | {"object": "chat.completion.chunk"}
@@ -617,8 +630,9 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
                 async for i, c in job.events():
                     text, start, end = new_tokens(c)
                     lp = chat_logprobs(c, start, end) if want_logprobs and end > start else None
-                    if text or lp:
-                        yield head | {"choices": [{"index": i, "delta": {"content": text}, "logprobs": lp,
+                    fields = delta(i, text, bool(c.finish_reason))
+                    if any(fields.values()) or lp:
+                        yield head | {"choices": [{"index": i, "delta": fields or {"content": ""}, "logprobs": lp,
                                                    "finish_reason": None}]}
                     if c.finish_reason:
                         yield head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
@@ -628,7 +642,14 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
             return sse(job, chunks())
 
         await collect(request, job)
-        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
+        def message(i: int, c: Choice) -> dict[str, Any]:
+            if splitters is None:
+                return {"role": "assistant", "content": c.text}
+            fields = delta(i, c.text, final=True)
+            return {"role": "assistant", "content": fields.get("content", ""),
+                    "reasoning_content": fields.get("reasoning_content")}
+
+        out = [{"index": i, "message": message(i, c),
                 "logprobs": chat_logprobs(c, 0, c.kept()) if want_logprobs else None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(job.choices)]
         return JSONResponse(head | {"object": "chat.completion", "choices": out, "usage": usage(job, [ids])} | cited)

@@ -1,0 +1,31 @@
+"""A reasoning model's reply split into thinking and answer (`ReasoningSplitter`): the same split whatever pieces
+the reply streams in, tags held back while split across pieces, and replies without a block left whole."""
+
+import pytest
+
+from temper.infer.text import ReasoningSplitter
+
+CASES = [
+    # (reply, the prompt opened the block, reasoning, answer)
+    ("<think>\nadd them\n</think>\n\n4", False, "\nadd them\n", "\n\n4"),  # Qwen3
+    ("\n <think>a</think>b", False, "a", "b"),  # whitespace before the block is layout
+    ("add them\n</think>\n\n4", True, "add them\n", "\n\n4"),  # DeepSeek-R1: the prompt ends with <think>
+    ("just 4", False, "", "just 4"),  # no block: all answer
+    ("4 <think>x</think>", False, "", "4 <think>x</think>"),  # a block later on is part of the answer
+    ("<think>cut off by max_tokens", False, "cut off by max_tokens", ""),
+    ("<thi", False, "", "<thi"),  # a tag's start that never completes is text
+    ("still </thin", True, "still </thin", ""),
+    ("", False, "", ""),
+]
+
+
+@pytest.mark.parametrize("reply, thinking, reasoning, answer", CASES)
+def test_the_split_is_the_same_for_every_way_the_reply_streams(reply, thinking, reasoning, answer):
+    cuts = [(i, j) for i in range(len(reply) + 1) for j in range(i, len(reply) + 1)]
+    for i, j in cuts:  # three pieces, every pair of cut points
+        splitter = ReasoningSplitter(thinking=thinking)
+        got = [splitter.feed(reply[:i]), splitter.feed(reply[i:j]), splitter.feed(reply[j:], final=True)]
+        assert ("".join(r for r, _ in got), "".join(a for _, a in got)) == (reasoning, answer), (i, j)
+    splitter = ReasoningSplitter(thinking=thinking)  # a character at a time: no part of a tag leaks into either side
+    streamed = [splitter.feed(ch) for ch in reply] + [splitter.feed("", final=True)]
+    assert ("".join(r for r, _ in streamed), "".join(a for _, a in streamed)) == (reasoning, answer)
