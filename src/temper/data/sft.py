@@ -28,7 +28,8 @@ to stop. With the chat template an assistant turn is found by rendering the conv
 with `add_generation_prompt=True` and up to and including it: the first must be a prefix of the
 second, and the second of the whole conversation, in token ids (a template that renders earlier
 turns differently once more follow, such as one that drops past reasoning, is refused naming the
-record, unless `turns` says otherwise: see below). The turn's tokens are those between the two; the token that ends it is the last special
+record, unless `turns` says otherwise: see below). The turn's tokens are those between the two; the
+token that ends it is the last special
 token among them that is followed by nothing but whitespace (`<|eot_id|>`, `<|im_end|>`,
 `<end_of_turn>`, `</s>` ...), and that whitespace (Qwen's "\\n" after `<|im_end|>`) is left
 untrained: it is template layout that the model never generates, since decoding stops at the end

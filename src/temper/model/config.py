@@ -67,7 +67,8 @@ class ModelConfig:
     qkv_bias: bool = False
     """Biases in the query, key and value projections even when `bias` is off (Qwen2)."""
     qk_norm: bool = False
-    """RMSNorm over each head's query and key, before RoPE (Qwen3; Dehghani et al. 2023): it bounds attention logits."""
+    """RMSNorm over each head's query and key, before RoPE (Qwen3, Gemma 3; Dehghani et al. 2023): it bounds
+    attention logits."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     scale_embeddings: bool = False
@@ -75,7 +76,7 @@ class ModelConfig:
     sandwich_norm: bool = False
     """Normalise each sublayer's output too, before it joins the residual stream (Gemma 2 and 3)."""
     attn_scale_dim: int | None = None
-    """Scale attention scores by attn_scale_dim ** -0.5 instead of head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
+    """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -114,7 +115,7 @@ class ModelConfig:
         if self.qk_norm and self.norm != "rmsnorm":
             raise ValueError("qk_norm needs norm='rmsnorm'")
         if self.global_every is not None and (self.sliding_window is None or self.global_every < 2):
-            raise ValueError(f"global_every={self.global_every} needs a sliding_window and a group of at least 2 layers")
+            raise ValueError(f"global_every={self.global_every} needs a sliding_window and groups of 2 layers or more")
         if self.rope_local_theta is not None and (self.global_every is None or self.pos != "rope"
                                                   or self.rope_local_theta <= 0):
             raise ValueError(f"rope_local_theta={self.rope_local_theta} needs pos='rope', global_every and a positive "

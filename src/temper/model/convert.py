@@ -398,7 +398,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif arch == GEMMA3:  # rope_theta and rope_scaling above are the global layers'
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
-              "sliding_window": cfg.sliding_window, "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "sliding_window": cfg.sliding_window,
+              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention"
+                              for i in range(cfg.n_layers)],
               "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "final_logit_softcapping": None,
               "attn_logit_softcapping": None, "use_bidirectional_attention": False}
     return d
@@ -446,9 +448,10 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
             # Gemma 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
-            norms = ((("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
-                      ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
-                     if arch == GEMMA3 else (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")))
+            norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
+            if arch == GEMMA3:
+                norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
+                         ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if arch == PHI3:

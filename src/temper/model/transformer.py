@@ -237,7 +237,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
-        # Qwen3: one RMSNorm of width head_dim shared by every query head, one by every key head.
+        # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head.
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -466,7 +466,8 @@ class Transformer(nn.Module):
         elif self.cfg.pos == "rope":
             for local in {layer.local_rope for layer in self.layers}:
                 cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
-                cos, sin = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])  # (B|T, ...)
+                # (T, D/2), or (B, T, D/2) at given positions
+                cos, sin = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
                 ropes[local] = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
         if first:
             x = self.drop(x)

@@ -53,7 +53,7 @@ class GenerateConfig:
     chat_template: str = ""
     """Which of the tokenizer's chat templates renders chats ('': its default)."""
     chat_template_kwargs: dict = field(default_factory=dict)
-    """Extra variables for the chat template, as transformers' apply_chat_template takes them: '{enable_thinking: false}'."""
+    """Extra variables for the chat template, as apply_chat_template takes them: '{enable_thinking: false}' (Qwen3)."""
     max_new_tokens: int = 128
     """Most tokens generated per prompt; past the model's context it conditions on the most recent tokens."""
     temperature: float = 0.8

@@ -580,10 +580,10 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     transient = t.r * d + ((3 if gated else 2) - down_keeps) * t.a * f if (mlp_grad or grad_mid) else 0
     # The saved set holds the block's input itself when its first norm kept it uncast.
     shares_input = grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
-    # By then the output norm's saved tensors are gone: counted against the peak as a negative residual-like term
-    # (both are split by sequence alone under tensor parallel).
-    residual = (t.r * d if transient else 0.0) - (out_norm_bytes if transient else 0.0)
-    return _BlockMem(s, grad_mid or mlp_grad, transient - (out_norm_bytes if transient else 0.0), shares_input, residual)
+    # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
+    # that is split by sequence alone under tensor parallel, as they are.
+    freed = out_norm_bytes if transient else 0.0
+    return _BlockMem(s, grad_mid or mlp_grad, transient - freed, shares_input, (t.r * d if transient else 0.0) - freed)
 
 
 def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "all") -> _Saved:

@@ -121,7 +121,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         if not sequence_parallel:
             _replicate(block.attn_norm, tp_mesh)
             _replicate(block.mlp_norm, tp_mesh)
-        for norm in (attn.q_norm, attn.k_norm):  # Qwen3: one weight for every head, over this rank's heads
+        for norm in (attn.q_norm, attn.k_norm):  # Qwen3, Gemma 3: one weight for every head, over this rank's heads
             if norm is not None:  # input (B, T, H/tp, D): split by heads, so the weight's gradient adds up over ranks
                 _replicate(norm, tp_mesh, inputs=Shard(2), local_output=True)
         for norm in (block.attn_out_norm, block.mlp_out_norm):  # Gemma 3: on o_proj's / down_proj's output, laid
