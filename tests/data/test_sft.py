@@ -172,6 +172,29 @@ def test_qwen3_trains_each_turn_as_the_model_answers_it(families, tmp_path):
         SFTDataConfig(files=[str(path)], chat_template_kwargs={"messages": []})
 
 
+def test_reasoning_reaches_the_template_and_is_trained_in_qwen3s_think_block(families, tmp_path):
+    """An assistant turn's reasoning (`reasoning_content`, or its alias `thinking`) is kept for the template: with
+    Qwen3's and turns=each, every turn trains its own <think> block, with transformers' ids; reasoning on a
+    turn that is not the assistant's is refused naming the key."""
+    ours, theirs = families["qwen2"]
+    template = CHAT_TEMPLATES["qwen3"][0]
+    chat = [dict(m) for m in CHAT[:4]]
+    chat[1]["reasoning_content"] = "They greet me."
+    chat[3]["thinking"] = "Print it."
+    path = write_jsonl(tmp_path / "r.jsonl", [{"messages": chat}])
+    each = load_sft_examples(SFTDataConfig(files=[str(path)], chat_template=template, turns="each"), ours)
+    named = [dict(m) for m in chat]
+    named[3]["reasoning_content"] = named[3].pop("thinking")
+    for example, k, thought in zip(each, (1, 3), ("They greet me.", "Print it."), strict=True):
+        assert example.ids.tolist() == theirs.apply_chat_template(named[:k + 1], chat_template=template,
+                                                                  tokenize=True, return_dict=False)
+        assert trained_runs(example, theirs.decode) == [f"<think>\n{thought}\n</think>\n\n{chat[k]['content']}<|im_end|>"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi", "reasoning_content": "x"},
+                                                             {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(SFTDataError, match=r"bad\.jsonl:1: messages\[0\]\.reasoning_content: only an assistant turn"):
+        load_sft_examples(SFTDataConfig(files=[str(bad)], chat_template=template), ours)
+
+
 def test_system_prompt_is_added_where_a_conversation_has_none(families):
     ours, theirs = families["llama3"]
     template = CHAT_TEMPLATES["llama3"][0]

@@ -4,7 +4,8 @@ Three record formats, recognised per record by their keys (or forced by `SFTData
 read from JSON arrays or JSON Lines (.json, .jsonl, .ndjson, optionally .gz):
 - Alpaca: `instruction`, optional `input`, `output`; optional `system` and `history` (a list of
   [user, assistant] pairs before the instruction, as LLaMA-Factory writes multi-turn Alpaca rows);
-- chat: `messages`, a list of {"role": "system" | "user" | "assistant", "content": str};
+- chat: `messages`, a list of {"role": "system" | "user" | "assistant", "content": str}, an assistant turn
+  optionally with its reasoning (`reasoning_content`, `thinking` or `reasoning`: a str the template renders);
 - ShareGPT: `conversations`, a list of {"from": "human" | "gpt" | "system" | "user" | "assistant",
   "value": str}, optional top-level `system`.
 Every record becomes one conversation: an optional system turn first, then user and assistant
@@ -73,7 +74,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from temper.data.chat import ChatTemplateError, check_template_variables
+from temper.data.chat import REASONING_FIELDS, ChatTemplateError, check_template_variables
 from temper.data.packing import IGNORE_INDEX, Piece, plan_packing
 from temper.data.sources import DataError, ReadStats, RecordError, expand_inputs, json_records
 from temper.data.tokenizer import HFTokenizer
@@ -153,7 +154,8 @@ class SFTRecord:
     """One conversation read from a file, checked but not tokenized."""
 
     messages: list[dict[str, str]]
-    """The turns in order, each {"role": "system" | "user" | "assistant", "content": str}."""
+    """The turns in order, each {"role": "system" | "user" | "assistant", "content": str}; an assistant turn may
+    add "reasoning_content"."""
     where: str
     """Where it was read: "file:line" (JSON Lines) or "file[index]" (JSON array, 0-based)."""
     instruction: str | None = None
@@ -323,8 +325,16 @@ def _turns(obj: Mapping[str, Any], where: str, key: str, role_key: str, content_
         if role not in roles:
             raise SFTDataError(where, f"{at}.{role_key}", "unknown_role",
                                f"unknown role {role[:40]!r} (expected one of {', '.join(roles)})")
-        content = _text(turn.get(content_key, _MISSING), where, f"{at}.{content_key}")
-        messages.append({"role": roles[role], "content": content})
+        message = {"role": roles[role], "content": _text(turn.get(content_key, _MISSING), where, f"{at}.{content_key}")}
+        # A reasoning model's thinking (`reasoning_content`, or an alias), kept for templates that render it (Qwen3's
+        # <think> block); only an assistant turn has one.
+        field = next((f for f in REASONING_FIELDS if turn.get(f) is not None), None)
+        if field is not None:
+            if message["role"] != "assistant":
+                raise SFTDataError(where, f"{at}.{field}", "not_assistant", "only an assistant turn carries reasoning")
+            if reasoning := _text(turn[field], where, f"{at}.{field}", optional=True):
+                message["reasoning_content"] = reasoning
+        messages.append(message)
     return messages
 
 
