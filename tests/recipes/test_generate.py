@@ -136,6 +136,8 @@ def test_chat_template_kwargs_reach_the_template(chat_checkpoint, capsys):
     assert capsys.readouterr().out == reply + "\n"
     with pytest.raises(ValueError, match="chat template variable 'add_generation_prompt'"):
         main(base + ["--chat_template_kwargs={add_generation_prompt: false}"])
+    with pytest.raises(ValueError, match="apply to chats"):  # a plain --prompt renders no template
+        main(["--checkpoint", str(path), "--prompt", "hi", "--chat_template_kwargs={enable_thinking: false}"])
 
 
 def test_chat_needs_a_template_and_one_form(checkpoint, chat_checkpoint, capsys):

@@ -134,7 +134,7 @@ class ModelConfig:
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""
-        if self.sliding_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+        if self.sliding_window is None or is_global_layer(layer, self.global_every):
             return None
         return self.sliding_window
 
@@ -151,6 +151,12 @@ class ModelConfig:
         if self.mlp == "gelu":
             return 4 * self.dim
         return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # gated (Llama): 2/3 of 4*dim, multiple of 256
+
+
+def is_global_layer(layer: int, every: int | None) -> bool:
+    """Whether layer `layer` (0-based) attends globally when the last of every `every` layers does (Gemma 3's
+    pattern, and transformers' `sliding_window_pattern`); None: none does."""
+    return bool(every) and (layer + 1) % every == 0
 
 
 _GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)

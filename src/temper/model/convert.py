@@ -50,7 +50,7 @@ from temper.files import (
     safe_join,
     save_safetensors,
 )
-from temper.model.config import ModelConfig
+from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
 GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3 = (
@@ -245,9 +245,10 @@ def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, fl
             raise ValueError(f"Gemma 3 {key}={d[key]} is not supported")
     if d.get("use_bidirectional_attention"):
         raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
-    n, window, pattern = d["num_hidden_layers"], d.get("sliding_window"), d.get("sliding_window_pattern", 6)
-    types = d.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                                     for i in range(n)]
+    n, window = d["num_hidden_layers"], d.get("sliding_window")
+    every_nth = lambda every: ["full_attention" if is_global_layer(i, every) else "sliding_attention"  # noqa: E731
+                               for i in range(n)]
+    types = d.get("layer_types") or every_nth(d.get("sliding_window_pattern", 6))
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
                          f"layers, got {types!r}")
@@ -267,7 +268,7 @@ def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, fl
     if not full:  # every layer within the window: one RoPE, the local one
         return window, None, local, None, local_scaling
     every = full[0] + 1
-    if types != ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]:
+    if types != every_nth(every):
         raise ValueError(f"Gemma 3 layer_types {types!r} are not supported (temper makes the last of every N layers "
                          f"global)")
     if local_scaling:

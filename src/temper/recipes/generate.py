@@ -110,6 +110,9 @@ class GenerateConfig:
         if any(not isinstance(m.get("role"), str) for m in self.chat):
             raise ValueError(f"every --chat message needs a 'role' (and 'content'), got {self.chat}")
         check_template_variables(self.chat_template_kwargs)
+        if self.chat_template_kwargs and not self.chat and self.system is None:
+            raise ValueError("--chat_template_kwargs apply to chats: give --chat, or --prompt with --system ('' for "
+                             "none)")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

@@ -609,6 +609,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         tags = settings.reasoning_tags
         # The prompt may open the thinking block itself (DeepSeek-R1's template): the reply then starts inside it.
+        # Its last few tokens hold the tag (one token in those vocabularies, a few characters' worth in any other).
         thinking = tags is not None and loaded.tokenizer.decode(ids[-8:]).rstrip().endswith(tags[0])
         splitters = [ReasoningSplitter(tags, thinking) for _ in job.choices] if tags else None
 
