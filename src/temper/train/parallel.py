@@ -552,10 +552,37 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(value, DTensor):
             if value.device.type != value.device_mesh.device_type:  # offloaded slices (CPUOffloadPolicy)
                 value = value.to(value.device_mesh.device_type)
-            value = _waited(value.full_tensor())
+            value = _gathered_rows(value)
+            value = _waited(value.full_tensor()) if isinstance(value, DTensor) else value
         if main:
             full[name] = value.cpu() if isinstance(value, torch.Tensor) else value
     return full
+
+
+def _gathered_rows(value: DTensor) -> torch.Tensor | DTensor:
+    """The whole tensor of an FSDP2 parameter (rows sharded over one mesh dimension, replicated over any other:
+    FSDP, HSDP), gathered by one blocking `all_gather_into_tensor` into plain tensors; an NF4 slice is dequantized
+    first (its rows, exactly: its blocks never straddle two ranks). `value` itself for another layout.
+
+    Why not `DTensor.full_tensor()` here: it gathers through functional collectives, which over gloo crashed or
+    hung about one export in seven in the sharded recipe tests (heap corruption at the all-gather; a gloo worker
+    spinning in an all-gather that never completed), while blocking collectives of the process group did not."""
+    from temper.model.quant import is_nf4, nf4_to
+
+    sharded = [i for i, p in enumerate(value.placements) if not p.is_replicate()]
+    if len(sharded) != 1 or not value.placements[sharded[0]].is_shard(dim=0):  # not _StridedShard (FSDP2 x TP)
+        return value
+    group, local = value.device_mesh.get_group(sharded[0]), value.to_local()
+    if is_nf4(local):
+        local = nf4_to(local, local.dtype)
+    world, rows = dist.get_world_size(group), value.shape[0]
+    per_rank = -(-rows // world)  # torch.chunk's sizes: ceil(rows / world) each, the last ones short or empty
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    out = local.new_empty((world * per_rank, *local.shape[1:]))
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    counts = [min(per_rank, max(rows - r * per_rank, 0)) for r in range(world)]
+    return torch.cat([out[r * per_rank: r * per_rank + n] for r, n in enumerate(counts)])
 
 
 def _waited(tensor: torch.Tensor) -> torch.Tensor:
