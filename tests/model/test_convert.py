@@ -80,6 +80,13 @@ CASES = {
                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
+    # Mixtures of experts: 4 experts, each token to 2 (Mixtral's weights renormalised over the 2, Qwen3-MoE's
+    # not: norm_topk_prob off, as its config class defaults), the router's choices differing token by token.
+    "mixtral-experts-window": lambda: _hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, num_local_experts=4,
+                                          num_experts_per_tok=2, sliding_window=WINDOW),
+    "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
+                                     moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                                     norm_topk_prob=False),
 }
 
 
@@ -113,7 +120,9 @@ def test_variant_features_are_exercised():
                       ("qwen3-qk-norm-wide-heads", {"qk_norm": False}), ("gemma3-local-global", {"sandwich_norm": False}),
                       ("gemma3-local-global", {"rope_local_theta": 50000.0}),  # the global base everywhere
                       ("gemma3-local-global", {"attn_scale_dim": None}),  # 1 / sqrt(head_dim)
-                      ("gemma3-local-global", {"global_every": None, "rope_local_theta": None})]:  # all windowed
+                      ("gemma3-local-global", {"global_every": None, "rope_local_theta": None}),  # all windowed
+                      ("mixtral-experts-window", {"experts_per_token": 1}),
+                      ("qwen3-moe-experts", {"renormalize_experts": True})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -177,6 +186,13 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(gemma, tie_embeddings=False))
     with pytest.raises(ValueError, match="Qwen2ForCausalLM cannot express this model"):
         to_hf_config(replace(llama, hf_architecture="Qwen2ForCausalLM"))
+    experts = replace(llama, n_experts=4)
+    assert hf_architecture(experts) == "MixtralForCausalLM"
+    assert hf_architecture(replace(experts, qk_norm=True)) == "Qwen3MoeForCausalLM"
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: its MLP is dense"):
+        to_hf_config(replace(experts, hf_architecture="LlamaForCausalLM"))
+    with pytest.raises(ValueError, match="MixtralForCausalLM cannot express this model: it renormalises"):
+        to_hf_config(replace(experts, renormalize_experts=False))
 
 
 def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
@@ -409,6 +425,37 @@ def test_published_configs_map_to_presets():
     assert "layer_types" in new and "full_attention" in new["rope_parameters"]
     assert from_hf_config(new | {"architectures": ["Gemma3ForCausalLM"]}) == preset
     assert from_hf_config(gemma3 | {"query_pre_attn_scalar": 168}).attn_scale_dim == 168  # Gemma 3 27B's
+    mixtral = {  # mistralai/Mixtral-8x7B-v0.1
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+        "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0",
+        "use_cache": True, "vocab_size": 32000,
+    }
+    qwen3_moe = {  # Qwen/Qwen3-30B-A3B
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    }
+    for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b")):
+        preset = replace(PRESETS[name], hf_architecture=published["architectures"][0])
+        assert from_hf_config(published) == preset
+        assert from_hf_config(to_hf_config(PRESETS[name])) == preset
+    for bad, match in [(mixtral | {"router_jitter_noise": 0.1}, "Mixtral router_jitter_noise=0.1 is not supported"),
+                       (mixtral | {"num_experts_per_tok": 9}, "num_experts_per_tok=9 must be between 1 and the 8"),
+                       (qwen3_moe | {"decoder_sparse_step": 2}, "decoder_sparse_step=2 .* is not supported"),
+                       (qwen3_moe | {"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is not supported"),
+                       (qwen3_moe | {"num_experts": "128"}, "key 'num_experts' must be an integer")]:
+        with pytest.raises(ValueError, match=match):
+            from_hf_config(bad)
     for bad, why in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
                      ({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "layer_types .* not supported")]:
         with pytest.raises(ValueError, match=why):

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for eight architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up included), plain LoRA,
+1e-4), for ten architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from temper.infer.engine import generate
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
-from temper.model.lora import ALL_LINEAR_TARGETS, LoRALinear, apply_lora
-from temper.model.peft_io import load_peft, load_peft_prefix, save_peft, save_peft_prefix
+from temper.model.lora import ALL_LINEAR_TARGETS, ATTENTION_TARGETS, LoRALinear, apply_lora
+from temper.model.peft_io import load_peft, load_peft_prefix, peft_lora_refusal, save_peft, save_peft_prefix
 from temper.model.prefix import apply_prefix, set_prefix
 from temper.model.transformer import Transformer
 from tests.greedy import assert_greedy_agrees, next_token_logits
@@ -39,10 +39,16 @@ CONFIGS = {
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
+    # Mixtures of experts: attention and head adapters (PEFT keeps the experts' fused: test_expert_adapters_...).
+    "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
+    "qwen3_moe": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, renormalize_experts=False,
+                         hf_architecture="Qwen3MoeForCausalLM"),
 }
-HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture
+HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
@@ -66,6 +72,7 @@ def _hf(model: Transformer, tmp_path):
 
 def _targets(case: str) -> tuple[str, ...]:
     linears = tuple(t for t in ALL_LINEAR_TARGETS if case != "gpt2" or t != "gate_proj")
+    linears = ATTENTION_TARGETS if CONFIGS[case].n_experts else linears
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 
@@ -145,6 +152,17 @@ def test_load_peft_reads_what_peft_saves(tmp_path, case, variant):
     x = _x(model)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+def test_expert_adapters_are_refused_by_name(tmp_path):
+    """PEFT keeps LoRA on experts fused over them (transformers 5's stacked gate_up_proj / down_proj parameters),
+    which temper does not write: refused naming the layer, while attention adapters of the same model are saved."""
+    model = _model("qwen3_moe")
+    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "down_proj"))
+    assert "layers.0.mlp.experts.0.down_proj and 7 more adapt experts" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="PEFT stores fused over the experts"):
+        save_peft(model, model.cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def _adapter(tmp_path):

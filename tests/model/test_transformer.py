@@ -46,6 +46,7 @@ def test_preset_sizes_on_meta():
         llama125 = Transformer(PRESETS["llama-125m"])
         qwen3_small, qwen3_8b = Transformer(PRESETS["qwen3-0.6b"]), Transformer(PRESETS["qwen3-8b"])
         gemma3_270m, gemma3_1b = Transformer(PRESETS["gemma3-270m"]), Transformer(PRESETS["gemma3-1b"])
+        mixtral, qwen3_moe = Transformer(PRESETS["mixtral-8x7b"]), Transformer(PRESETS["qwen3-30b-a3b"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -53,6 +54,12 @@ def test_preset_sizes_on_meta():
     assert qwen3_8b.num_params() == 8_190_735_360  # Qwen/Qwen3-8B
     assert gemma3_270m.num_params() == 268_098_176  # google/gemma-3-270m
     assert gemma3_1b.num_params() == 999_885_952  # google/gemma-3-1b-pt
+    assert mixtral.num_params() == 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
+    assert qwen3_moe.num_params() == 30_532_122_624  # Qwen/Qwen3-30B-A3B
+    # FLOPs count the experts a token runs (2 of 8; 8 of 128): the published 12.9B and 3.3B active parameters
+    # (the input embedding included there, as a lookup not here).
+    assert mixtral.matmul_params() + mixtral.tok_emb.weight.numel() == 12_879_659_008
+    assert qwen3_moe.matmul_params() + qwen3_moe.tok_emb.weight.numel() == 3_352_821_760
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -73,12 +80,14 @@ VARIANTS = {
                          "qkv_bias": True, "qk_norm": True, "head_size": 24},
     # Gemma 3's layout: a windowed layer with its own RoPE base, then a global one; norms on the sublayers' outputs.
     "window-local-global": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True},
+    # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
+    "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
 }
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_kv_cache_and_left_padding_match_full_forward(name):
-    m = _model("debug-llama" if name.startswith("window") else name, **VARIANTS[name])
+    m = _model("debug" if name == "debug" else "debug-llama", **VARIANTS[name])
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         full = m(x)  # (2, 12, V)

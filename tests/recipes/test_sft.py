@@ -166,6 +166,44 @@ def test_a_qwen3_checkpoint_learns_multi_turn_chats_turn_by_turn_and_exports_as_
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_mixture_of_experts_fine_tunes_and_exports_as_itself(tmp_path, capsys, method):
+    """Qwen3-MoE end to end (4 experts, 2 per token, unnormalised weights): LoRA on the attention (the default
+    targets) writes its PEFT adapter; QLoRA on every projection, each expert's included (NF4 by module swap),
+    learns and says why no PEFT adapter is written. Either way final/ is a Qwen3MoeForCausalLM that transformers
+    runs to temper's logits."""
+    rows = json.loads(ALPACA.read_text())
+    tok = train_tokenizer([r["instruction"] + " " + r["output"] for r in rows], "bpe", 600,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    base = tmp_path / "qwen3_moe"
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
+                  dim=128, n_kv_heads=4, qk_norm=True, n_experts=4, expert_ffn_dim=128, renormalize_experts=False)
+    torch.manual_seed(0)
+    save_hf(Transformer(cfg), cfg, base)
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML}),
+                      base)
+    extra = (["--lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"] if method == "qlora"
+             else ["--train.router_aux_loss_coef=0.01"])  # with the routers' load-balancing loss (not trained here)
+    assert sft.main([*args(base, tmp_path, method, f"--method={method}", "--train.steps=10", "--optim.lr=1e-2",
+                          *extra)]) == 0
+    loss = losses(tmp_path / method)
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
+    aux = losses(tmp_path / method, key="router_aux")
+    assert len(aux) == (10 if method == "lora" else 0) and all(0 < a <= 4 for a in aux), aux  # at most E = 4
+    final = tmp_path / method / "final"
+    assert (final / "adapter").exists() == (method == "lora")
+    if method == "qlora":
+        assert "final/adapter not written: layers.0.mlp.experts.0.gate_proj and 23 more adapt experts" in (
+            capsys.readouterr().out)
+    transformers = pytest.importorskip("transformers")
+    ours, got = load_hf(final)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert got.hf_architecture == type(theirs).__name__ == "Qwen3MoeForCausalLM"
+    x = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
 def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp_path, monkeypatch, method):
     """Under bf16 autocast the frozen base is loaded in bf16 (QLoRA's NF4 dequantizes to it); the adapters

@@ -1,5 +1,6 @@
 """The one place losses are computed: the chunked linear cross-entropy equals PyTorch's on full logits
-(values and both gradients, ignored targets, label smoothing, autocast), on CPU and, compiled, on a GPU."""
+(values and both gradients, ignored targets, label smoothing, autocast), on CPU and, compiled, on a GPU; the routers'
+load-balancing loss of a mixture of experts equals transformers' (Mixtral, padding masked)."""
 
 import pytest
 import torch
@@ -8,11 +9,12 @@ from torch import nn
 
 from temper.model.config import PRESETS
 from temper.model.lora import apply_lora
-from temper.model.transformer import Transformer
+from temper.model.transformer import Segments, Transformer
 from temper.train.losses import (
     IGNORE_INDEX,
     Batch,
     LMLoss,
+    RouterBalance,
     chunk_tokens,
     linear_cross_entropy,
     sequence_logprobs,
@@ -127,3 +129,40 @@ def test_head_modules_that_are_not_plain_linear_layers_still_work():
     x = torch.randint(0, 256, (2, 9))
     out = LMLoss()(model, Batch(x, x))
     torch.testing.assert_close(out.loss_sum, token_loss_sum(model(x), x))
+
+
+def test_router_balance_equals_transformers_mixtral_aux_loss():
+    """`RouterBalance(LMLoss(), coef)` on a Mixtral checkpoint: its loss per token is transformers' (cross-entropy +
+    coef * load_balancing_loss_func with output_router_logits), padding masked out of both terms, and so are the
+    routers' gradients; the aux term itself is logged, and a balanced router would score k = 2."""
+    transformers = pytest.importorskip("transformers")
+    from temper.model.convert import from_hf_config, from_hf_state_dict
+
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.02)).train()
+    cfg = from_hf_config(hf.config.to_dict())
+    model = Transformer(cfg).train()
+    model.load_state_dict(from_hf_state_dict(cfg, hf.state_dict()))
+    x = torch.randint(0, 101, (2, 12))
+    real = torch.ones_like(x, dtype=torch.bool)
+    real[1, 8:] = False  # right padding
+    labels = x.masked_fill(~real, IGNORE_INDEX)
+    theirs = hf(x, attention_mask=real.long(), labels=labels)
+    batch = Batch(x, torch.cat([labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1), {"segments": Segments.padding(real)})
+    loss = RouterBalance(LMLoss(), 0.02)
+    out = loss(model, batch)
+    n = loss.count(batch)
+    torch.testing.assert_close(out.loss_sum / n, theirs.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.metrics["router_aux"] / n, theirs.aux_loss, rtol=1e-6, atol=1e-6)
+    assert abs(theirs.aux_loss.item() - 2) > 1e-3  # not the balanced value: the term is exercised
+    (out.loss_sum / n).backward()
+    theirs.loss.backward()
+    for i in range(2):
+        torch.testing.assert_close(model.layers[i].mlp.router.weight.grad, hf.model.layers[i].mlp.gate.weight.grad,
+                                   rtol=1e-5, atol=1e-7)
+    assert all(m.routing is None for m in model.modules() if hasattr(m, "routing"))  # recorded for one call only
+    with pytest.raises(ValueError, match="the model has no mixture of experts"):
+        RouterBalance(LMLoss(), 0.02)(Transformer(PRESETS["debug"]), batch)

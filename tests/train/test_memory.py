@@ -120,6 +120,9 @@ def test_activation_offload_moves_the_checkpointed_inputs_and_a_frozen_table_to_
 NF4_DIMS = {"dim": 256, "ffn_dim": 512, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 2048, "tie_embeddings": False}
 
 
+EXPERTS = {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 96}
+
+
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
              accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0, dims: dict | None = None,
              offload: bool = False):
@@ -165,6 +168,13 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     # their inner tensors (a dense-sized wrapper otherwise)
     ("debug-llama", "qlora", "bf16", 0, {"dims": NF4_DIMS}),
     ("debug-llama", "qlora", "bf16", 1, {"dims": NF4_DIMS}),
+    # A mixture of experts (Mixtral's, Qwen3-MoE's): the router's float32 probabilities and int64 choices, each
+    # expert's MLP terms for the rows routed to it (k per token however they are spread), and a backward that runs
+    # one expert at a time
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": EXPERTS}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": EXPERTS}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": EXPERTS}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": EXPERTS, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)

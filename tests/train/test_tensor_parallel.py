@@ -222,6 +222,9 @@ def test_a_model_that_does_not_split_is_refused():
         check_tensor_parallel(replace(llama, vocab_size=61), 2)
     with pytest.raises(ConfigError, match="tp=2 must divide the model's n_heads 3, n_kv_heads 3, ffn hidden dim 75$"):
         check_tensor_parallel(ModelConfig(dim=72, n_heads=3, ffn_dim=75), 2)
+    with pytest.raises(ConfigError, match=r"tp=2 does not split a mixture of experts \(n_experts=4\): shard it with "
+                                          r"train\.parallel\.dp_shard"):
+        check_tensor_parallel(replace(llama, n_experts=4), 2)
 
 
 def test_adapted_layers_are_refused_with_the_key():

@@ -1,8 +1,8 @@
 """ModelConfig: the shape and the variant of a decoder, and the named presets.
 
-A model is chosen by its fields (MLP kind, norm kind, position kind, biases, tying, window), never
+A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 3 and Phi-3 shapes. This module
+Gemma, Gemma 3, Phi-3, Mixtral and Qwen3-MoE shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -77,6 +77,15 @@ class ModelConfig:
     """Normalise each sublayer's output too, before it joins the residual stream (Gemma 2 and 3)."""
     attn_scale_dim: int | None = None
     """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
+    n_experts: int = 0
+    """Experts in each block's MLP, a sparse mixture (Shazeer et al. 2017; Mixtral, Qwen3-MoE); 0: one dense MLP."""
+    experts_per_token: int = 2
+    """With n_experts: the experts each token is routed to, the top k of the router's softmax."""
+    expert_ffn_dim: int | None = None
+    """With n_experts: each expert's hidden width; None: the MLP's (ffn_dim)."""
+    renormalize_experts: bool = True
+    """With n_experts: rescale the chosen experts' router probabilities to sum to 1 (Mixtral; Qwen3-MoE's
+    norm_topk_prob); False weighs them by their softmax over all experts."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -124,6 +133,13 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attn_scale_dim is not None and self.attn_scale_dim <= 0:
             raise ValueError(f"attn_scale_dim must be positive or None, got {self.attn_scale_dim}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_per_token <= self.n_experts):
+            raise ValueError(f"n_experts={self.n_experts} must be 0 or positive, and experts_per_token="
+                             f"{self.experts_per_token} between 1 and n_experts")
+        if self.n_experts and self.mlp == "gelu":
+            raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
+        if self.expert_ffn_dim is not None and self.expert_ffn_dim <= 0:
+            raise ValueError(f"expert_ffn_dim must be positive or None, got {self.expert_ffn_dim}")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 
@@ -151,6 +167,11 @@ class ModelConfig:
         if self.mlp == "gelu":
             return 4 * self.dim
         return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # gated (Llama): 2/3 of 4*dim, multiple of 256
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        """expert_ffn_dim with None resolved."""
+        return self.expert_ffn_dim or self.hidden_dim
 
 
 def is_global_layer(layer: int, every: int | None) -> bool:
@@ -214,6 +235,17 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "gemma3-1b": replace(
         _GEMMA3, vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_size=256, ffn_dim=6912,
+    ),
+    # Mixtures of experts. Mixtral-8x7B (Jiang et al. 2024): Mistral-7B's shape with 8 experts of its MLP's size, 2
+    # per token (46.7B parameters, 12.9B active). Qwen3-30B-A3B: 128 narrow experts, 8 per token, q/k norms.
+    "mixtral-8x7b": replace(
+        _LLAMA, vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=32768,
+        rope_theta=1000000.0, tie_embeddings=False, norm_eps=1e-5, n_experts=8, experts_per_token=2,
+    ),
+    "qwen3-30b-a3b": replace(
+        _LLAMA, vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_size=128, ffn_dim=6144,
+        max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False, n_experts=128,
+        experts_per_token=8, expert_ffn_dim=768,
     ),
     # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
     "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),

@@ -1,12 +1,13 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Ten architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's parts, q/k norms, norms on the
 sublayers' outputs, local windowed layers with their own RoPE base between global ones; also read out of the
-image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower) and
-Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections). Reading a config maps its fields onto
+image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
+Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), Mixtral (`MixtralForCausalLM`: Mistral with a
+mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
@@ -53,14 +54,16 @@ from temper.files import (
 from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3 = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT}
+                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "mixtral": MIXTRAL,
+                "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -113,7 +116,10 @@ def sequence_classification_architecture(cfg: ModelConfig) -> str:
 _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "num_hidden_layers"), _INT),
+                     "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
+                     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"), _INT),
+    **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise"), _FLOAT),
+    "mlp_only_layers": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
                      "rope_local_base_freq"), _FLOAT),
@@ -124,7 +130,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
-                     "scale_attn_by_inverse_layer_idx"), _BOOL),
+                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits"), _BOOL),
     **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
     "hidden_activation": (*_STR, type(None)),
     "architectures": (list, type(None)),
@@ -194,7 +200,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or dim // n_heads
-    window = d.get("sliding_window") if arch in (MISTRAL, PHI3) else None
+    window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL) else None
     every = local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
@@ -209,12 +215,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError("Llama attention_bias and mlp_bias must agree (temper's `bias` covers both)")
-    elif arch in (QWEN2, QWEN3):
+    elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         qkv_bias = arch == QWEN2
         if d.get("use_sliding_window"):
             raise ValueError(f"{name} use_sliding_window=true is not supported (its window covers only some layers)")
-        if arch == QWEN3 and d.get("attention_bias"):  # on q, k, v and o, but not the MLP: temper's `bias` is all
-            raise ValueError("Qwen3 attention_bias=true is not supported")
+        if arch != QWEN2 and d.get("attention_bias"):  # on q, k, v and o, but not the MLP: temper's `bias` is all
+            raise ValueError(f"{name} attention_bias=true is not supported")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
     return ModelConfig(
@@ -225,12 +231,35 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window, global_every=every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3), tie_embeddings=d.get("tie_word_embeddings", gemma),
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE), tie_embeddings=d.get("tie_word_embeddings", gemma),
         scale_embeddings=gemma, sandwich_norm=arch == GEMMA3, dropout=0.0, init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=(int(d["query_pre_attn_scalar"]) if arch == GEMMA3
                         and d.get("query_pre_attn_scalar", head_dim) != head_dim else None),
-        hf_architecture=arch,
+        hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
     )
+
+
+def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture-of-experts config (Mixtral: experts of intermediate_size, the top k's
+    probabilities always renormalised; Qwen3-MoE: moe_intermediate_size, norm_topk_prob). The load-balancing loss
+    (router_aux_loss_coef with output_router_logits) is a training choice, not the model's: it is not read."""
+    name = arch.removesuffix("ForCausalLM")
+    n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
+    if not n or n <= 0:
+        raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
+    k = d.get("num_experts_per_tok", 2)
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the {n} experts")
+    if d.get("router_jitter_noise"):
+        raise ValueError(f"{name} router_jitter_noise={d['router_jitter_noise']} is not supported (temper's router "
+                         "takes its input as it is)")
+    if arch == MIXTRAL:
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
+    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+        raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step')} with mlp_only_layers="
+                         f"{d.get('mlp_only_layers')} is not supported (temper puts experts in every layer)")
+    return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 768),
+            "renormalize_experts": bool(d.get("norm_topk_prob", False))}
 
 
 def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
@@ -300,6 +329,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA3 if cfg.sandwich_norm else GEMMA
+        elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
+            arch = QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else LLAMA)
@@ -335,10 +366,16 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    if cfg.qk_norm != (arch in (QWEN3, GEMMA3)):
-        return "it has q/k norms" if arch in (QWEN3, GEMMA3) else "it has no q/k norms (Qwen3 and Gemma 3 do)"
+    normed = (QWEN3, GEMMA3, QWEN3_MOE)
+    if cfg.qk_norm != (arch in normed):
+        return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE and Gemma 3 do)"
+    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
+        return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
+                else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
+    if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
+        return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if cfg.sandwich_norm != (arch == GEMMA3):
         return ("it has norms on the sublayers' outputs" if arch == GEMMA3
                 else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM does)")
@@ -349,7 +386,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
     if arch == GEMMA3 and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA3):
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA3, MIXTRAL):
         return "it has no sliding window"
     return None
 
@@ -385,14 +422,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if arch == LLAMA:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
-    elif arch in (MISTRAL, PHI3):
+    elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
         if arch == PHI3:
             d |= {"original_max_position_embeddings": cfg.max_seq_len, "resid_pdrop": cfg.dropout,
                   "embd_pdrop": cfg.dropout, "partial_rotary_factor": 1.0}
-    elif arch in (QWEN2, QWEN3):
+    elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
-        if arch == QWEN3:
+        if arch != QWEN2:
             d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
@@ -404,6 +441,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                               for i in range(cfg.n_layers)],
               "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "final_logit_softcapping": None,
               "attn_logit_softcapping": None, "use_bidirectional_attention": False}
+    if arch == MIXTRAL:  # its experts are intermediate_size wide
+        d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "router_jitter_noise": 0.0, "output_router_logits": False}
+    elif arch == QWEN3_MOE:
+        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}
     return d
 
 
@@ -468,6 +512,13 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for n in ("q_norm", "k_norm"):
                 if f"{p}attn.{n}.weight" in keys:
                     add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
+            if cfg.n_experts:  # transformers 5 fuses the experts in memory but reads and writes them one by one
+                moe = f"{h}block_sparse_moe." if arch == MIXTRAL else f"{h}mlp."
+                add(f"{moe}gate.weight", f"{p}mlp.router.weight")
+                names = ("w1", "w3", "w2") if arch == MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+                for j in range(cfg.n_experts):
+                    for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
+                        add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
@@ -560,6 +611,8 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
+    if arch in MOE_ARCHITECTURES:
+        sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):
             continue
@@ -570,6 +623,31 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         out |= dict(zip(rule.parts, _to_temper(rule, t, [shapes[p][0] for p in rule.parts]), strict=True))
     _check_keys(out, set(shapes), "Hugging Face checkpoint")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+_FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+"""transformers 5's in-memory experts: (E, 2F, D) gate and up stacked, (E, D, F) down."""
+
+
+def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """A transformers 5 model's own state dict (`model.state_dict()`, experts stacked as `_FUSED_EXPERTS`) in the
+    per-expert names its `save_pretrained` writes, which the rules describe; other names pass unchanged."""
+    out = {}
+    moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch == MIXTRAL
+                             else (".mlp.", ("gate_proj", "up_proj", "down_proj")))
+    for name, t in sd.items():
+        if name.endswith(_FUSED_EXPERTS[0]):
+            stem = name.removesuffix(_FUSED_EXPERTS[0]) + moe + "experts."
+            for j, (g, u) in enumerate(zip(*t.chunk(2, dim=1), strict=True)):
+                out[f"{stem}{j}.{gate}.weight"], out[f"{stem}{j}.{up}.weight"] = g, u
+        elif name.endswith(_FUSED_EXPERTS[1]):
+            stem = name.removesuffix(_FUSED_EXPERTS[1]) + moe + "experts."
+            out |= {f"{stem}{j}.{down}.weight": w for j, w in enumerate(t)}
+        elif name.endswith(".mlp.gate.weight"):
+            out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
+        else:
+            out[name] = t
+    return out
 
 
 def _check_shape(rule: _Rule, got: torch.Size | tuple, shapes: dict[str, torch.Size], where: str) -> None:
@@ -850,7 +928,10 @@ def load_hf(
                 key = _canonical(name, arch)
                 rule = rules.get(key)
                 if rule is None:
-                    raise CheckpointError(f"{f.path}: unexpected tensor {name!r} for {arch}")
+                    fused = (" (experts stacked in one tensor, as save_pretrained(save_original_format=False) "
+                             "writes them: save with the default to write them one by one)"
+                             if name.endswith(_FUSED_EXPERTS) else "")
+                    raise CheckpointError(f"{f.path}: unexpected tensor {name!r} for {arch}{fused}")
                 if key in seen:
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path

@@ -81,12 +81,26 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     return sites
 
 
+def peft_lora_refusal(model: nn.Module) -> str | None:
+    """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: adapters on a mixture's experts,
+    which PEFT (0.17 on, with transformers 5) keeps fused over the experts, as `target_parameters` of the stacked
+    gate_up_proj and down_proj."""
+    experts = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and ".experts." in n]
+    if experts:
+        return (f"{experts[0]} and {len(experts) - 1} more adapt experts, which PEFT stores fused over the experts "
+                "(target_parameters), a layout temper does not write; the merged model holds them")
+    return None
+
+
 def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
     """Write the model's LoRA adapters as a PEFT adapter directory for the `hf_architecture(cfg)` model."""
     arch = hf_architecture(cfg)
     loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not loras:
         raise ValueError("the model has no LoRA adapters to save: apply_lora first")
+    refusal = peft_lora_refusal(model)
+    if refusal:
+        raise ValueError(refusal)
     settings = {n: (m.rank, m.alpha, m.rslora, m.lora_magnitude is not None, m.dropout_p) for n, m in loras.items()}
     first = next(iter(settings.values()))
     odd = [n for n, s in settings.items() if s != first]

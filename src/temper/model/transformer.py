@@ -1,7 +1,8 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3) comes from `ModelConfig`
-fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP, multi-head or
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3, Mixtral, Qwen3-MoE) comes from
+`ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP or a mixture of
+gated experts, multi-head or
 grouped-query attention, query/key norms, a sliding window (on every layer, or local layers between global
 ones with their own RoPE base), norms on the sublayers' outputs, biases, tying, embedding scaling.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
@@ -302,9 +303,9 @@ class MLP(nn.Module):
     """GELU MLP (GPT-2, tanh approximation), or gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants
     Improve Transformer"): act(gate(x)) * up(x)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
         super().__init__()
-        hidden = cfg.hidden_dim
+        hidden = hidden or cfg.hidden_dim
         self.gated = cfg.mlp in ("swiglu", "geglu")
         self.silu = cfg.mlp == "swiglu"
         if self.gated:
@@ -322,6 +323,50 @@ class MLP(nn.Module):
         return self.resid_drop(self.down_proj(h))  # (B, T, C)
 
 
+class MoE(nn.Module):
+    """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a linear
+    router scores the experts for each token, and the token's output is the sum of its top-k experts' outputs,
+    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`).
+
+    The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
+    reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
+    and each expert runs once on its rows (one host sync per layer for the group sizes; a grouped GEMM kernel
+    would be faster on a GPU with many experts). Every expert runs, on zero rows if none chose it, so each
+    parameter gets a gradient in every step and DDP / FSDP2 reduce the same tensors on every rank."""
+
+    routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """When a list, each forward with gradients appends its (router probabilities (N, E), chosen experts (N, k)):
+    training's load-balancing loss (`train.losses.RouterBalance`) reads them; None records nothing."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.k, self.renormalize = cfg.experts_per_token, cfg.renormalize_experts
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        # The softmax in float32 and the weights cast back, as Mixtral's and Qwen3-MoE's references route.
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
+        if self.routing is not None and torch.is_grad_enabled():
+            self.routing.append((probs, chosen))
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype).flatten()  # (N*k,)
+        order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)  # (N, C)
+        for expert, slots in zip(self.experts, order.split(counts), strict=True):
+            rows = slots // self.k  # (n_e,) the tokens routed to this expert
+            y = expert(x[rows]) * weights[slots, None]  # (n_e, C)
+            # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
+            # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
+            out.index_put_((rows,), y.to(out.dtype), accumulate=True)
+        return out.view(B, T, C)  # (B, T, C)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
     `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3)."""
@@ -334,7 +379,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
 
     def forward(
@@ -357,7 +402,7 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only), attn_out_norm and mlp_out_norm (sandwich_norm only), mlp_norm,
-    mlp.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
+    mlp.{gate,up,down}_proj, or with n_experts mlp.router and mlp.experts.{j}.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
     so state dicts never hold the same tensor twice).
     """
 
@@ -588,6 +633,9 @@ class Transformer(nn.Module):
     def matmul_params(self) -> int:
         """N of the FLOP formula: weights of every matrix product, output head included, lookups excluded."""
         n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for moe in (m for m in self.modules() if isinstance(m, MoE)):  # a token runs only k of the experts
+            experts = sum(m.weight.numel() for m in moe.experts.modules() if isinstance(m, nn.Linear))
+            n -= experts * (len(moe.experts) - moe.k) // len(moe.experts)
         return n + (self.tok_emb.weight.numel() if self.head is None else 0)  # a tied head is tok_emb
 
     def flops_per_token(self, seq_len: int, *, head: bool = True) -> float:

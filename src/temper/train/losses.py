@@ -308,6 +308,55 @@ class LMLoss:
         return LossOut(head_cross_entropy(unwrap(model), hidden, batch.targets, self.label_smoothing))
 
 
+@dataclass
+class RouterBalance:
+    """`loss` plus `coef` times the load-balancing loss of a mixture of experts' routers (Switch Transformer, Fedus
+    et al. 2022, eq. 4): E * sum_e f_e * P_e, f_e the share of routing slots (each token's k) given to expert e and
+    P_e its mean router probability, over the real tokens of every MoE layer's forward with gradients, pooled over
+    the layers as transformers' `load_balancing_loss_func` pools them (so it equals that of Mixtral and Qwen3-MoE
+    with output_router_logits; a balanced router scores k). Added as coef * aux per counted unit, so the step's
+    normalisation gives the mean over micro-batches and ranks; logged as `router_aux`.
+
+    Real tokens: those `segments` (the batch's model_kwargs) does not mark as padding, in a forward of the batch's
+    shape; every token of any other forward (a recipe's second pass, e.g. a value model's)."""
+
+    loss: Loss
+    coef: float
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return self.loss.count(batch)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        from temper.config import ConfigError
+        from temper.model.transformer import MoE
+
+        layers = [m for m in model.modules() if isinstance(m, MoE)]
+        if not layers:
+            raise ConfigError("train.router_aux_loss_coef: the model has no mixture of experts (model.n_experts=0)")
+        for m in layers:
+            m.routing = []
+        try:
+            out = self.loss(model, batch)
+            routed = [r for m in layers for r in m.routing]
+        finally:
+            for m in layers:
+                m.routing = None
+        segments = batch.model_kwargs.get("segments")
+        real = (segments.ids >= 0).flatten() if segments is not None else None  # (B*T,)
+        n_experts = routed[0][0].shape[-1]
+        slots = torch.zeros(n_experts, device=routed[0][0].device)  # (E,) tokens' k slots routed to each expert
+        probs = torch.zeros(n_experts, device=slots.device)  # (E,) summed router probabilities
+        tokens = torch.zeros((), device=slots.device)
+        for p, chosen in routed:  # (N, E), (N, k)
+            w = real.float() if real is not None and real.numel() == p.shape[0] else torch.ones(p.shape[0], device=p.device)
+            slots = slots + torch.zeros_like(slots).index_add_(0, chosen.flatten(), w.repeat_interleave(chosen.shape[1]))
+            probs = probs + (p.float() * w[:, None]).sum(0)
+            tokens = tokens + w.sum()
+        aux = n_experts * (slots / tokens.clamp(min=1) * probs / tokens.clamp(min=1)).sum()
+        units = self.loss.count(batch).float()
+        return LossOut(out.loss_sum + self.coef * aux * units, {**out.metrics, "router_aux": aux.detach() * units})
+
+
 class CompiledLoss:
     """`loss` with its call under torch.compile: the model's forward and the loss after it (for `LMLoss`, the
     chunked output layer and cross-entropy) traced as one graph, so no eager launches are left between them

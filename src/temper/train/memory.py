@@ -33,7 +33,10 @@ What temper's training actually does, and so what is counted (read from `train/s
     weight needs only itself to pass the gradient on), SDPA's q, k, v, output and float32
     log-sum-exp (flash / memory-efficient kernels: no T x T matrix), the MLP's pre-activations
     (GELU: up; SwiGLU/GeGLU: gate, act(gate), up). In LoRA the first block's input needs no
-    gradient (the embedding is frozen), so its first norm saves nothing.
+    gradient (the embedding is frozen), so its first norm saves nothing. A mixture of experts keeps its
+    router's float32 probabilities and int64 choices, and each expert's MLP terms for the rows routed to
+    it: k rows per token in all, however unevenly they are spread; only the backward's transient (one
+    expert at a time) assumes balanced routing.
   * activation checkpointing (`train.activation_checkpointing = k`: every k-th block, as
     `train/parallel.py` wraps them; Chen et al. 2016): a wrapped block keeps only its input and
     is recomputed, whole, in its backward. With activation offload (`train.activation_offload`) that input
@@ -106,7 +109,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from temper.config import ConfigError
 from temper.model.config import ModelConfig
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
-from temper.model.transformer import Transformer
+from temper.model.transformer import MoE, Transformer
 from temper.train.losses import chunk_tokens
 from temper.train.parallel import ParallelConfig, can_hold_on_host
 
@@ -297,7 +300,8 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
         block_params=sum(n(p) for p in unique(model.layers[0].parameters())),
         block_trainable=[sum(n(p) for p in unique(b.parameters()) if p.requires_grad) for b in model.layers],
         late_trainable=sum(n(p) for p in lookups if p.requires_grad),
-        down_trainable=[sum(n(p) for p in b.mlp.down_proj.parameters() if p.requires_grad) for b in model.layers],
+        down_trainable=[sum(n(p) for m in _down_projs(b.mlp) for p in m.parameters() if p.requires_grad)
+                        for b in model.layers],
         autocast_block=autocast_block,
         autocast_tail=n(head_weight) if head_weight.requires_grad else 0,
         embedding_unit=sum(n(p) for p in tail),
@@ -305,6 +309,13 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
                                    if isinstance(m, (nn.Linear, LoRALinear)) and not m.weight.requires_grad), default=0),
         tied_trained=model.head is None and model.tok_emb.weight.requires_grad,
     )
+
+
+def _down_projs(mlp: nn.Module) -> list[nn.Module]:
+    """The MLP's output projection whose gradient exists when its backward peaks: for a mixture, the last
+    expert's (backward runs the experts in reverse, and peaks in the first it runs, with every other's saved
+    tensors still held)."""
+    return [mlp.experts[-1].down_proj if isinstance(mlp, MoE) else mlp.down_proj]
 
 
 # ---- the layout: what one rank holds ------------------------------------------------------------
@@ -545,27 +556,10 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
     # MLP half
     h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t)
-    gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
-    readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
-    _readers(s, "mlp_norm output", readers, h_bytes, t, lora_dropout, grad_mid)
-    _lora_hidden(s, readers + [mlp.down_proj], t)
-    f = mlp.up_proj.out_features
-    up_grad = grad_mid or wants_grad(mlp.up_proj)
-    down_keeps = _keeps_input(mlp.down_proj) and not (isinstance(mlp.down_proj, LoRALinear) and lora_dropout > 0)
-    if gated:
-        gate_grad = grad_mid or wants_grad(mlp.gate_proj)
-        s.add("gate pre-activation", t.a * f if gate_grad else 0)
-        s.add("act(gate)", t.a * f if up_grad else 0)  # the product keeps each factor for the other's gradient
-        s.add("up", t.a * f if gate_grad else 0)
-        s.add("act(gate) * up (down_proj input)", t.a * f if down_keeps else 0)
-        mlp_grad = gate_grad or up_grad
+    if isinstance(mlp, MoE):
+        mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, grad_mid)
     else:
-        s.add("up (GELU input)", t.a * f if up_grad else 0)
-        s.add("GELU output (down_proj input)", t.a * f if down_keeps else 0)
-        mlp_grad = up_grad
-    if lora_dropout > 0:
-        _readers(s, "MLP hidden", [mlp.down_proj], t.a, t, lora_dropout, mlp_grad)
-    mlp_grad = mlp_grad or wants_grad(mlp.down_proj)
+        mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, grad_mid)
     if mlp_grad and cfg.dropout > 0:
         s.add("MLP residual dropout mask", t.mask(t.a) * d)
     out_norm_bytes = 0.0  # what the MLP's output norm keeps: its backward, the first of the block's, frees it
@@ -575,15 +569,69 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         out_norm_bytes = s.total - before
         mlp_grad = mlp_grad or wants_grad(block.mlp_out_norm)
     # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
-    # the hidden (d(act*up), then d act and d up for a gated MLP; d GELU-output and d up for GELU),
-    # while down_proj's saved input has just been freed (measured on a recomputed block).
-    transient = t.r * d + ((3 if gated else 2) - down_keeps) * t.a * f if (mlp_grad or grad_mid) else 0
+    # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
+    transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
     # The saved set holds the block's input itself when its first norm kept it uncast.
     shares_input = grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
     # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
     # that is split by sequence alone under tensor parallel, as they are.
     freed = out_norm_bytes if transient else 0.0
     return _BlockMem(s, grad_mid or mlp_grad, transient - freed, shares_input, (t.r * d if transient else 0.0) - freed)
+
+
+def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes, lora_dropout: float,
+               grad_in: bool) -> tuple[bool, float]:
+    """What a dense MLP keeps per row it runs, under labels starting `label`; returns (whether its output needs a
+    gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP;
+    d GELU-output and d up for GELU; less down_proj's input, freed by then)."""
+    gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
+    readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
+    _readers(s, label + "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
+    _lora_hidden(s, readers + [mlp.down_proj], t)
+    f = mlp.up_proj.out_features
+    wants_grad = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
+    up_grad = grad_in or wants_grad(mlp.up_proj)
+    down_keeps = _keeps_input(mlp.down_proj) and not (isinstance(mlp.down_proj, LoRALinear) and lora_dropout > 0)
+    if gated:
+        gate_grad = grad_in or wants_grad(mlp.gate_proj)
+        s.add(label + "gate pre-activation", t.a * f if gate_grad else 0)
+        s.add(label + "act(gate)", t.a * f if up_grad else 0)  # the product keeps each factor for the other's gradient
+        s.add(label + "up", t.a * f if gate_grad else 0)
+        s.add(label + "act(gate) * up (down_proj input)", t.a * f if down_keeps else 0)
+        mlp_grad = gate_grad or up_grad
+    else:
+        s.add(label + "up (GELU input)", t.a * f if up_grad else 0)
+        s.add(label + "GELU output (down_proj input)", t.a * f if down_keeps else 0)
+        mlp_grad = up_grad
+    if lora_dropout > 0:
+        _readers(s, label + "MLP hidden", [mlp.down_proj], t.a, t, lora_dropout, mlp_grad)
+    return mlp_grad or wants_grad(mlp.down_proj), ((3 if gated else 2) - down_keeps) * t.a * f
+
+
+def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_dropout: float,
+                   grad_in: bool) -> tuple[bool, float]:
+    """What `MoE.forward` keeps per token: the router's input, float32 probabilities and choices, the routing's
+    int64 indices, and each expert's dense-MLP terms for the k rows a token is routed to (in total over the
+    experts, however unevenly they are routed). Returns what `_mlp_saved` does, the transient per token: one
+    expert's hidden gradients (backward runs the experts one at a time, each on k / n_experts of the tokens when the
+    routing is balanced), and two gradients of the experts' input, since each expert's gather (`x[rows]`) returns it
+    whole (zeros off its rows) to be summed into the other."""
+    k, n = moe.k, len(moe.experts)
+    router_grad = grad_in or any(p.requires_grad for p in moe.router.parameters())
+    _readers(s, "mlp_norm output", [moe.router], in_bytes, t, lora_dropout, grad_in)
+    if router_grad:
+        s.add("router probabilities (float32)", 4 * n)
+        s.add("chosen experts (int64)", 8 * k)
+        if moe.renormalize:
+            s.add("top-k weights and their sum", 4 * (k + 1))
+    s.add("routing order and rows (int64)", 16 * k)
+    one = _Saved()
+    expert_grad, hidden = _mlp_saved(one, "experts: ", moe.experts[0], in_bytes, t, lora_dropout, grad_in)
+    for label, nbytes in one.terms:
+        s.add(label, k * nbytes)
+    s.add("experts' outputs (for the routing weights' gradient)", k * t.a * d if router_grad else 0)
+    s.add("routing weights (for the outputs' gradient)", 4 * k if expert_grad else 0)
+    return expert_grad or router_grad, k * hidden / n + 2 * in_bytes * d
 
 
 def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "all") -> _Saved:
@@ -667,6 +715,10 @@ def estimate(cfg: ModelConfig, run: RunShape, stage: Literal["first", "last"] | 
     (embeddings, the most micro-batches in flight) or the last (final norm, head and loss); `stage` asks
     for one of them (a rank of the first or the last pipeline stage)."""
     lay = _layout(run)
+    if lay.tp > 1:
+        from temper.train.tensor_parallel import check_tensor_parallel
+
+        check_tensor_parallel(cfg, lay.tp)  # what training refuses is not estimated
     if lay.pp == 1:
         return _estimate_rank(cfg, run, lay, "all")
     if stage is not None:

@@ -24,7 +24,7 @@ from torch import nn
 from temper.data.tokenizer import save_hf_tokenizer
 from temper.model.convert import save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
-from temper.model.peft_io import save_peft, save_peft_prefix
+from temper.model.peft_io import peft_lora_refusal, save_peft, save_peft_prefix
 
 Method = Literal["full", "lora", "qlora", "prefix"]
 
@@ -86,10 +86,15 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
 
 def export_finetuned(model: nn.Module, model_cfg, method: Method, tok, final: Path, base: str) -> None:
     """final/: the merged model in Hugging Face layout with the tokenizer files (for prefix, the base
-    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix), naming `base` as its base model."""
+    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix; not adapters on experts, `peft_lora_refusal`),
+    naming `base` as its base model."""
     gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
     if method in ("lora", "qlora"):
-        save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=base)
+        refusal = peft_lora_refusal(model)
+        if refusal:
+            print(f"final/adapter not written: {refusal}")
+        else:
+            save_peft(model, model_cfg, final / "adapter", base_model_name_or_path=base)
         merged = merge_lora(model)
         if method == "qlora":  # the NF4 layers without adapters too; QLoRA's merged model is bf16
             from temper.model.quant import dequantize

@@ -48,7 +48,7 @@ from temper.train import checkpoint as ckpt
 from temper.train import deepspeed_engine as dse
 from temper.train.float8 import check_float8, remove_float8
 from temper.train.log import RunLogger, report_files, write_report
-from temper.train.losses import Batch, CompiledLoss, Loss
+from temper.train.losses import Batch, CompiledLoss, Loss, RouterBalance
 from temper.train.monitor import CommTimer, Monitor, param_counts
 from temper.train.optim import build_optimizer
 from temper.train.parallel import (
@@ -127,6 +127,9 @@ class TrainSection:
     process or DDP) a frozen, untied token embedding there too: each forward copies over only the rows it reads."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    router_aux_loss_coef: float = 0.0
+    """A mixture of experts: add this times its routers' load-balancing loss (Mixtral trained with 0.02, Qwen3-MoE
+    0.001; transformers' router_aux_loss_coef with output_router_logits); 0: none, as transformers fine-tunes."""
     on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
     """On a NaN/inf loss: fail (raise before the optimizer step), skip the update, or reload the last
     checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
@@ -161,6 +164,11 @@ class TrainSection:
             raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.router_aux_loss_coef and (self.parallel.pp > 1 or self.compile_scope == "model"):
+            raise ValueError("router_aux_loss_coef reads the routers of the model the loss runs: not with "
+                             "parallel.pp > 1 (the loss sees the last stage) nor compile_scope=model")
 
 
 @dataclass
@@ -601,6 +609,8 @@ class Run:
         # `step` counts optimizer steps from 0: step + 1 is the number the loop logs it as (grpo and ppo make
         # several updates a logged step: the last monitored one's numbers go on the next logged line).
         monitor = self.monitor if every and (step + 1) % every == 0 else None
+        if t.router_aux_loss_coef:
+            loss_fn = RouterBalance(loss_fn, t.router_aux_loss_coef)
         if t.compile and t.compile_scope == "model" and self.engine is None:
             loss_fn = self._compiled_loss(loss_fn)
         if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
