@@ -35,9 +35,9 @@ def _model(name: str, **changes) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["debug", "debug-llama"])
+@pytest.mark.parametrize("name", ["debug", "debug-llama", "experts"])
 def test_cached_greedy_equals_full_recompute_batched(name):
-    model = _model(name)
+    model = _model("debug-llama", n_experts=4, expert_ffn_dim=48) if name == "experts" else _model(name)
     cached = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
     full = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
     alone = [generate(model, [p], max_new_tokens=12, temperature=0)[0] for p in PROMPTS]
@@ -225,6 +225,14 @@ def test_generate_with_a_compiled_step_equals_eager(monkeypatch):
     kw = dict(max_new_tokens=30, temperature=0.7, seed=5, repetition_penalty=1.1)
     assert generate(model, PROMPTS, compile="test", **kw) == generate(model, PROMPTS, **kw)
     assert counter.frame_count == 1
+
+
+def test_a_mixture_of_experts_is_refused_a_compiled_decode_step():
+    """Its experts' rows are sized on the host each step: no one graph holds that; the flag is named."""
+    from temper.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile: a mixture of experts"):
+        generate(_model("debug-llama", n_experts=4), PROMPTS, max_new_tokens=2, compile="test")
 
 
 def test_forked_samples_equal_separate_runs():

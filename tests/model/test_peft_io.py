@@ -39,7 +39,7 @@ CONFIGS = {
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
-    # Mixtures of experts: attention and head adapters (PEFT keeps the experts' fused: test_expert_adapters_...).
+    # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "qwen3_moe": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, renormalize_experts=False,
                          hf_architecture="Qwen3MoeForCausalLM"),
@@ -154,13 +154,64 @@ def test_load_peft_reads_what_peft_saves(tmp_path, case, variant):
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
 
 
-def test_expert_adapters_are_refused_by_name(tmp_path):
-    """PEFT keeps LoRA on experts fused over them (transformers 5's stacked gate_up_proj / down_proj parameters),
-    which temper does not write: refused naming the layer, while attention adapters of the same model are saved."""
+MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers (transformers 5 names)
+    "mixtral": ["q_proj", "w1", "w2", "w3"],
+    "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
+                                     ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
+    """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
+    one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
+    temper reads its own file back."""
+    model = _model(case)
+    hf = _hf(model, tmp_path)
+    apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral")
+    _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    out = save_peft(model, model.cfg, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"gate_up_proj" if "up_proj" in targets else None, "down_proj"
+                                                if "down_proj" in targets else None, "gate.weight" if "router" in
+                                                targets else None} - {None}
+    theirs = peft.PeftModel.from_pretrained(hf, out).eval()
+    x = _x(model)
+    with torch.no_grad():
+        ours = model(x)
+        torch.testing.assert_close(theirs(x).logits, ours, rtol=0, atol=1e-4)
+        with theirs.disable_adapter():
+            assert (ours - theirs(x).logits).abs().max() > 1e-2  # ... and the adapter matters
+        back = _model(case)
+        load_peft(back, back.cfg, out)
+        torch.testing.assert_close(back(x), ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
+    model = _model(case)
+    hf = _hf(model, tmp_path)
+    targets = "all-linear" if all_linear else MOE_TARGETS[case]
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "adapter")
+    swapped = load_peft(model, model.cfg, tmp_path / "adapter")
+    assert sum(".experts." in n for n in swapped) == 2 * 4 * 3  # 2 layers x 4 experts x gate, up, down
+    assert sum(n.endswith("mlp.router") for n in swapped) == (2 if all_linear else 0)
+    assert all(p.requires_grad for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b))
+    x = _x(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+def test_dora_on_experts_is_refused_by_name(tmp_path):
+    """PEFT adapts stacked experts as parameters, where it has no DoRA: refused naming the layer, nothing written."""
     model = _model("qwen3_moe")
-    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "down_proj"))
-    assert "layers.0.mlp.experts.0.down_proj and 7 more adapt experts" in peft_lora_refusal(model)
-    with pytest.raises(ValueError, match="PEFT stores fused over the experts"):
+    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "down_proj"), dora=True)
+    assert "layers.0.mlp.experts.0.down_proj and 7 more are DoRA adapters" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="which PEFT adapts as parameters, without DoRA"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

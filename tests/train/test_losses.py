@@ -151,7 +151,8 @@ def test_router_balance_equals_transformers_mixtral_aux_loss():
     real[1, 8:] = False  # right padding
     labels = x.masked_fill(~real, IGNORE_INDEX)
     theirs = hf(x, attention_mask=real.long(), labels=labels)
-    batch = Batch(x, torch.cat([labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1), {"segments": Segments.padding(real)})
+    targets = torch.cat([labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1)
+    batch = Batch(x, targets, {"segments": Segments.padding(real)})
     loss = RouterBalance(LMLoss(), 0.02)
     out = loss(model, batch)
     n = loss.count(batch)

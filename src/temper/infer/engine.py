@@ -49,7 +49,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from temper.infer.cache import fork, new_cache, reset, select, write_back
-from temper.model.transformer import KVCache
+from temper.model.transformer import KVCache, MoE
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
 
@@ -299,6 +299,16 @@ def compiled_decode_step(mode: str | None = None) -> Callable[[nn.Module, KVCach
     return _COMPILED[mode]
 
 
+def check_compiled_decode(model: nn.Module) -> None:
+    """Refuse, naming the flag, a model whose decode step is not one graph: a mixture of experts sizes each expert's
+    rows on the host (`MoE.forward`), which a fullgraph compile (CUDA graphs) cannot hold."""
+    from temper.config import ConfigError
+
+    if any(isinstance(m, MoE) for m in model.modules()):
+        raise ConfigError("compile: a mixture of experts sizes its experts' rows on the host at every step, which "
+                          "one compiled decode graph cannot hold; decode without compile")
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 
@@ -386,6 +396,7 @@ def _decode(
     cache = new_cache(model, B, min(C, total), dtype=dtype) if use_cache and max_new_tokens else None
     step_fn = decode_step
     if compile and cache is not None:
+        check_compiled_decode(model)
         step_fn = compiled_decode_step(compile if isinstance(compile, str) else None)
     cols = torch.arange(total, device=device)
 

@@ -7,8 +7,8 @@ embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's part
 sublayers' outputs, local windowed layers with their own RoPE base between global ones; also read out of the
 image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
 Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), Mixtral (`MixtralForCausalLM`: Mistral with a
-mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps its fields onto
-`ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
+mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps
+its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
 

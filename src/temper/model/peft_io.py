@@ -5,7 +5,9 @@
 that `convert.save_hf` exports, giving the same logits; `load_peft` reads the files that PEFT's
 `save_pretrained` writes and swaps adapters into a temper model with the file's rank, alpha,
 dropout, rsLoRA and DoRA settings, again with the same logits. Plain LoRA, rsLoRA and DoRA, on
-every architecture `convert.py` knows, the untied output head (`lm_head`) included.
+every architecture `convert.py` knows, the untied output head (`lm_head`) included; a mixture of experts'
+experts and router are adapted as PEFT adapts transformers 5's stacked experts, as parameters (below `_moe_layers`;
+no DoRA there, as in PEFT).
 
 Names come from `convert.py`'s rules: each Hugging Face linear layer is one temper layer, or
 several stacked by rows (GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`), and PEFT adapts
@@ -31,7 +33,7 @@ R(P + t) q . R(P) k = R(t) q . k. Exact, GQA included. Two cases cannot be match
 token, and a sliding window, under which transformers hides the prefix (cached positions 0..P-1)
 from the queries at positions >= window, where temper's prefix stays visible to every query.
 
-It does not read PEFT's other methods (prompt tuning, IA3, ...), rank or alpha patterns,
+It does not read PEFT's other methods (prompt tuning, IA3, ...), rank or alpha patterns (but gate_up_proj's),
 `modules_to_save`, adapter biases, adapters on only some layers, or pickled `adapter_model.bin`
 files: each is refused with what was found. It never changes the model's base weights: PEFT's copy
 of an adapted head's base weight (`lm_head.base_layer.weight`) is not read.
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +67,20 @@ _PREFIX = "base_model.model."  # PeftModel > LoraModel > the transformers model
 _A, _B, _M, _BASE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".base_layer.weight"
 _PROMPT = "prompt_embeddings"  # prefix tuning's one tensor
 # Config keys of LoRA variants and options whose adapters temper cannot run: refused when set.
-_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "lora_bias", "layers_to_transform",
+_UNSUPPORTED = ("modules_to_save", "lora_bias", "layers_to_transform",
                 "layer_replication", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config",
-                "velora_config", "monteclora_config", "kasa_config", "mica", "trainable_token_indices",
-                "target_parameters")
+                "velora_config", "monteclora_config", "kasa_config", "mica", "trainable_token_indices")
+"""(rank_pattern, alpha_pattern and target_parameters are read for a mixture of experts only: `_load_moe_plan`.)"""
 
 
 def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """Each Hugging Face linear layer -> the temper linear layers stacked in it by rows."""
+    """Each Hugging Face linear layer -> the temper linear layers stacked in it by rows (a mixture's router and
+    experts apart: `_save_moe`, `_load_moe_plan`)."""
     sites = {}
     for rule in hf_rules(cfg):
         parts = tuple(p.removesuffix(".weight") for p in rule.parts)
+        if any(".mlp.experts." in p or p.endswith(".mlp.router") for p in parts):
+            continue
         if rule.hf.endswith(".weight") and all(
                 isinstance(model.get_submodule(p), (nn.Linear, LoRALinear)) for p in parts):
             sites[rule.hf.removesuffix(".weight")] = parts
@@ -82,13 +88,13 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 
 def peft_lora_refusal(model: nn.Module) -> str | None:
-    """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: adapters on a mixture's experts,
-    which PEFT (0.17 on, with transformers 5) keeps fused over the experts, as `target_parameters` of the stacked
-    gate_up_proj and down_proj."""
-    experts = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and ".experts." in n]
-    if experts:
-        return (f"{experts[0]} and {len(experts) - 1} more adapt experts, which PEFT stores fused over the experts "
-                "(target_parameters), a layout temper does not write; the merged model holds them")
+    """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
+    router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA."""
+    moe = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.lora_magnitude is not None
+           and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+    if moe:
+        return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
+                "adapts as parameters, without DoRA; the merged model holds them")
     return None
 
 
@@ -108,10 +114,12 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
         raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
     rank, alpha, rslora, dora, dropout = first
     sites = _sites(model, cfg)
-    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts})
+    moe_tensors, moe_config = _save_moe(model, rank, alpha, rslora)
+    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_config.pop("covered")))
     if stray:
         raise ValueError(f"{stray[:4]} have no counterpart in {arch}")
     k = max(sum(p in loras for p in parts) for parts in sites.values())  # the most adapted parts in one layer
+    k = max(k, 1)  # none: every adapter is a mixture's
     r = rank * k
     tensors: dict[str, torch.Tensor] = {}
     targets = set()
@@ -144,8 +152,8 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
         "fan_in_fan_out": arch == GPT2,  # GPT-2's Conv1D stores (in, out); PEFT resets it per nn.Linear
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {},
-    }
-    return _write(out_dir, tensors, config)
+    } | moe_config
+    return _write(out_dir, tensors | moe_tensors, config)
 
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -217,12 +225,15 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
     arch = hf_architecture(cfg)
     sites = _sites(model, cfg)
     found: dict[str, dict[str, torch.Tensor]] = {}
+    moe = _load_moe_plan(model, config, tensors, path)
     for key, t in tensors.items():
         kind = next((s for s in (_A, _B, _M, _BASE) if key.endswith(s)), None)
         if kind is None or not key.startswith(_PREFIX) or (kind == _M and not dora):
             raise ValueError(f"{path}: unexpected tensor {key!r}; temper reads {_PREFIX}<layer>"
                              f"{{{_A}, {_B}}} (and {_M} with use_dora)")
         site = key[len(_PREFIX):-len(kind)]
+        if key in moe.keys:
+            continue
         if site not in sites:
             raise ValueError(f"{path}: {key!r} adapts {site!r}, which is not a linear layer of this {arch} model "
                              f"(it has e.g. {sorted(sites)[:3]})")
@@ -243,8 +254,10 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
             if tuple(got[kind].shape) != shape:
                 raise ValueError(f"{path}: {key} has shape {list(got[kind].shape)}, expected {list(shape)} "
                                  f"(r={r}, temper {', '.join(sites[site])})")
+    rslora = bool(config.get("use_rslora"))
     swapped = apply_lora(model, r, config["lora_alpha"], sorted(kinds), config.get("lora_dropout") or 0.0,
-                         rslora=bool(config.get("use_rslora")), dora=dora)
+                         rslora=rslora, dora=dora) if kinds else []
+    swapped += moe.apply(model, rslora)
     with torch.no_grad():
         for site, got in found.items():
             row = 0
@@ -256,6 +269,159 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
                     m.lora_magnitude.copy_(got[_M][row:row + m.out_features])
                 row += m.out_features
     return swapped
+
+
+# ---- a mixture's experts and router: adapted as parameters (PEFT's target_parameters) ---------------------------
+#
+# transformers 5 holds each MoE layer's experts stacked, as parameters of one `experts` module: gate_up_proj
+# (E, 2F, D), gate over up, and down_proj (E, D, F); PEFT adapts them with one LoRA per parameter, rank r_p over the
+# experts at once: A (E * r_p, in), expert-major, and B (out, r_p * E), expert-minor, so that expert e's update is
+# s * B.view(out, r_p, E)[:, :, e] @ A.view(E, r_p, in)[e]. With both targeted, the gate_up one is the inner
+# wrapper (`experts.base_layer.lora_*`) and the down one the outer (`experts.lora_*`). temper's gate and up adapters
+# of an expert stack into gate_up's as a fused layer's parts do (rank 2r: PEFT's own rank_pattern when its targets
+# are gate_proj and up_proj). The router is the `gate` module's `weight` parameter: one plain (r, D), (E, r) pair.
+
+_GATE_UP, _DOWN, _ROUTER = "gate_up_proj", "down_proj", "gate.weight"
+_GATE_UP_PATTERN = r".*\.gate_up_proj"  # PEFT's key for gate_up's rank and alpha
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(the HF prefix of its mlp, e.g. "model.layers.3.mlp", the MoE module) of each mixture layer."""
+    from temper.model.transformer import MoE
+
+    return [(f"model.layers.{i}.mlp", block.mlp) for i, block in enumerate(getattr(model, "layers", []))
+            if isinstance(block.mlp, MoE)]
+
+
+def _stacked(loras: list[list[nn.Module]], rank: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (A, B) of one stacked parameter from each expert's parts (a block of rows each, zero where a part has
+    no adapter)."""
+    n, k = len(loras), len(loras[0])
+    a = torch.zeros(n, k * rank, in_features)  # (E, r_p, in)
+    b = torch.zeros(sum(m.out_features for m in loras[0]), k * rank, n)  # (out, r_p, E)
+    for e, parts in enumerate(loras):
+        row = 0
+        for j, m in enumerate(parts):
+            if isinstance(m, LoRALinear):
+                a[e, j * rank:(j + 1) * rank] = m.lora_a.float().cpu()
+                b[row:row + m.out_features, j * rank:(j + 1) * rank, e] = m.lora_b.float().cpu()
+            row += m.out_features
+    return a.reshape(n * k * rank, in_features), b.reshape(b.shape[0], k * rank * n)
+
+
+def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The mixture layers' adapters in PEFT's form, and the config keys they need (plus "covered": the temper
+    modules written)."""
+    tensors: dict[str, torch.Tensor] = {}
+    targets = set()
+    for hf, moe in _moe_layers(model):
+        experts = [[e.gate_proj, e.up_proj] for e in moe.experts], [[e.down_proj] for e in moe.experts]
+        adapted = [any(isinstance(m, LoRALinear) for parts in group for m in parts) for group in experts]
+        for name, group, on, inner in ((_GATE_UP, experts[0], adapted[0], adapted[1]),
+                                       (_DOWN, experts[1], adapted[1], False)):
+            if on:
+                a, b = _stacked(group, rank, group[0][0].in_features)
+                key = f"{_PREFIX}{hf}.experts{'.base_layer' if inner else ''}"
+                tensors[key + _A], tensors[key + _B] = a, b
+                targets.add(name)
+        if isinstance(moe.router, LoRALinear):
+            tensors[f"{_PREFIX}{hf}.gate{_A}"] = moe.router.lora_a.float().cpu()
+            tensors[f"{_PREFIX}{hf}.gate{_B}"] = moe.router.lora_b.float().cpu()
+            targets.add(_ROUTER)
+    covered = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
+               and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+    if not targets:
+        return {}, {"covered": []}
+    config: dict = {"target_parameters": sorted(targets), "covered": covered,
+                    "lora_dropout": 0.0}  # PEFT refuses dropout on adapted parameters; it never changes the function
+    if _GATE_UP in targets:  # gate over up: twice the rank, and alpha to keep the scale
+        config |= {"rank_pattern": {_GATE_UP_PATTERN: 2 * rank},
+                   "alpha_pattern": {_GATE_UP_PATTERN: alpha * (math.sqrt(2) if rslora else 2)}}
+    return tensors, config
+
+
+@dataclass
+class _MoePlan:
+    """What `load_peft` takes from a file's target_parameters: the keys it reads, and how to apply them."""
+
+    keys: set[str] = field(default_factory=set)
+    groups: list[tuple[tuple[str, ...], int, float, list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]]] = field(
+        default_factory=list)  # (temper targets, rank, alpha, [(parent, child name, A, B)])
+
+    def apply(self, model: nn.Module, rslora: bool) -> list[str]:
+        """Swap in the adapters, group by group (each its own rank), and copy the tensors in."""
+        swapped = []
+        for targets, rank, alpha, copies in self.groups:
+            trained = [p for p in model.parameters() if p.requires_grad]  # apply_lora freezes all else
+            swapped += apply_lora(model, rank, alpha, targets, rslora=rslora)
+            for p in trained:
+                p.requires_grad_(True)
+            with torch.no_grad():
+                for parent, name, a, b in copies:
+                    getattr(parent, name).lora_a.copy_(a)
+                    getattr(parent, name).lora_b.copy_(b)
+        return swapped
+
+
+def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+                   ) -> _MoePlan:
+    """Read and check a file's adapters of the mixture layers (`target_parameters`) before the model changes."""
+    params = config.get("target_parameters") or []
+    plan = _MoePlan()
+    for key in ("rank_pattern", "alpha_pattern"):  # read for gate_up_proj alone
+        if set(config.get(key) or {}) - ({_GATE_UP_PATTERN} if _GATE_UP in params else set()):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported (temper reads {_GATE_UP_PATTERN!r}, "
+                             "the rank and alpha of a mixture's gate_up_proj)")
+    if not params:
+        return plan
+    layers = _moe_layers(model)
+    odd = sorted(set(params) - {_GATE_UP, _DOWN, _ROUTER})
+    if odd or not layers:
+        raise ValueError(f"{path}: target_parameters={params!r} is not supported (temper reads {_GATE_UP!r}, "
+                         f"{_DOWN!r} and {_ROUTER!r} of a mixture of experts)")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: use_dora with target_parameters is not supported (PEFT has no DoRA there)")
+    r, alpha = int(config["r"]), config["lora_alpha"]
+    ranks = {_GATE_UP: (int((config.get("rank_pattern") or {}).get(_GATE_UP_PATTERN, r)),
+                        (config.get("alpha_pattern") or {}).get(_GATE_UP_PATTERN, alpha)),
+             _DOWN: (r, alpha), _ROUTER: (r, alpha)}
+    copies: dict[str, list] = {name: [] for name in params}
+    for hf, moe in layers:
+        n = len(moe.experts)
+        for name in params:
+            inner = name == _GATE_UP and _DOWN in params
+            key = f"{_PREFIX}{hf}.{'gate' if name == _ROUTER else 'experts'}{'.base_layer' if inner else ''}"
+            rank = ranks[name][0]
+            e0 = moe.experts[0]
+            if name == _ROUTER:
+                shapes = {_A: (rank, moe.router.in_features), _B: (n, rank)}
+            elif name == _GATE_UP:
+                shapes = {_A: (n * rank, e0.gate_proj.in_features), _B: (2 * e0.gate_proj.out_features, rank * n)}
+            else:
+                shapes = {_A: (n * rank, e0.down_proj.in_features), _B: (e0.down_proj.out_features, rank * n)}
+            for kind, shape in shapes.items():
+                if key + kind not in tensors:
+                    raise ValueError(f"{path}: missing tensor {key + kind!r} ({name} of a mixture layer)")
+                if tuple(tensors[key + kind].shape) != shape:
+                    raise ValueError(f"{path}: {key + kind} has shape {list(tensors[key + kind].shape)}, expected "
+                                     f"{list(shape)} ({name}, rank {rank}, {n} experts)")
+                plan.keys.add(key + kind)
+            a, b = tensors[key + _A], tensors[key + _B]
+            if name == _ROUTER:
+                copies[name].append((moe, "router", a, b))
+                continue
+            a, b = a.view(n, rank, -1), b.view(b.shape[0], rank, n)
+            for e, expert in enumerate(moe.experts):
+                parts = ("gate_proj", "up_proj") if name == _GATE_UP else ("down_proj",)
+                row = 0
+                for part in parts:  # the parts of gate_up share its A (a fused layer's rule)
+                    out = getattr(expert, part).out_features
+                    copies[name].append((expert, part, a[e], b[row:row + out, :, e]))
+                    row += out
+    for name in params:
+        targets = {_GATE_UP: ("gate_proj", "up_proj"), _DOWN: ("down_proj",), _ROUTER: ("router",)}[name]
+        plan.groups.append((targets, *ranks[name], copies[name]))
+    return plan
 
 
 def peft_prefix_refusal(cfg: ModelConfig) -> str | None:

@@ -402,8 +402,8 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only), attn_out_norm and mlp_out_norm (sandwich_norm only), mlp_norm,
-    mlp.{gate,up,down}_proj, or with n_experts mlp.router and mlp.experts.{j}.{gate,up,down}_proj}, norm, head (untied only; a tied head reuses tok_emb.weight,
-    so state dicts never hold the same tensor twice).
+    mlp.{gate,up,down}_proj, or with n_experts mlp.router and mlp.experts.{j}.{gate,up,down}_proj}, norm,
+    head (untied only; a tied head reuses tok_emb.weight, so state dicts never hold the same tensor twice).
     """
 
     attn_impl: str = "auto"

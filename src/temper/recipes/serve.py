@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from temper.config import ConfigError, parse
-from temper.infer.engine import compiled_decode_step, decode_step
+from temper.infer.engine import check_compiled_decode, compiled_decode_step, decode_step
 from temper.infer.load import Loaded, open_checkpoint
 from temper.infer.text import THINK_TAGS
 from temper.recipes.generate import open_draft
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     from temper.infer.scheduler import Scheduler
     from temper.serve.app import ServeSettings, create_app
 
+    if cfg.compile:
+        check_compiled_decode(loaded.model)
     step = compiled_decode_step() if cfg.compile else decode_step
     log_to_stderr(cfg.log_level)
     scheduler = Scheduler(loaded.model, slots=cfg.slots, max_queue=cfg.max_queue, max_len=cfg.max_len, step_fn=step,

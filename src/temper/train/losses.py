@@ -348,8 +348,10 @@ class RouterBalance:
         probs = torch.zeros(n_experts, device=slots.device)  # (E,) summed router probabilities
         tokens = torch.zeros((), device=slots.device)
         for p, chosen in routed:  # (N, E), (N, k)
-            w = real.float() if real is not None and real.numel() == p.shape[0] else torch.ones(p.shape[0], device=p.device)
-            slots = slots + torch.zeros_like(slots).index_add_(0, chosen.flatten(), w.repeat_interleave(chosen.shape[1]))
+            same = real is not None and real.numel() == p.shape[0]
+            w = real.float() if same else torch.ones(p.shape[0], device=p.device)  # (N,)
+            slots = slots + torch.zeros_like(slots).index_add_(0, chosen.flatten(),
+                                                               w.repeat_interleave(chosen.shape[1]))
             probs = probs + (p.float() * w[:, None]).sum(0)
             tokens = tokens + w.sum()
         aux = n_experts * (slots / tokens.clamp(min=1) * probs / tokens.clamp(min=1)).sum()

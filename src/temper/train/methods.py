@@ -86,8 +86,8 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
 
 def export_finetuned(model: nn.Module, model_cfg, method: Method, tok, final: Path, base: str) -> None:
     """final/: the merged model in Hugging Face layout with the tokenizer files (for prefix, the base
-    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix; not adapters on experts, `peft_lora_refusal`),
-    naming `base` as its base model."""
+    unchanged), and final/adapter/ in PEFT's format (lora, qlora, prefix; not DoRA on a mixture's experts, which PEFT
+    cannot hold: `peft_lora_refusal`), naming `base` as its base model."""
     gen = {"eos_token_id": tok.eos_id} if tok.eos_id is not None else {}
     if method in ("lora", "qlora"):
         refusal = peft_lora_refusal(model)
