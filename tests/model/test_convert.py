@@ -260,6 +260,23 @@ def test_sharded_export_reads_back_everywhere_and_a_single_file_replaces_it(tmp_
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("case", ["mixtral-experts-window", "qwen3-moe-experts"])
+def test_mixtures_of_experts_in_bf16_round_as_their_references(tmp_path, case):
+    """In bf16 Mixtral weighs its experts' outputs by float32 routing weights and rounds their sum once; Qwen3-MoE
+    rounds the weights first: each as its reference (`expert_weights_float32`, read from the architecture), where the
+    other rounding moves logits by a few bf16 steps."""
+    CASES[case]().save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours, cfg = load_hf(tmp_path, dtype=torch.bfloat16)
+    assert cfg.expert_weights_float32 == (case == "mixtral-experts-window")
+    other = Transformer(replace(cfg, expert_weights_float32=not cfg.expert_weights_float32)).to(torch.bfloat16)
+    other.load_state_dict(ours.state_dict())
+    x = torch.randint(0, 101, (4, 40))
+    with torch.no_grad():
+        ref = theirs(x).logits.float()
+        assert (ours(x).float() - ref).abs().max() <= 1e-3 < (other.eval()(x).float() - ref).abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_in_low_precision(tmp_path, dtype):
     hf = CASES["qwen2-qkv-bias-tied"]()

@@ -86,6 +86,10 @@ class ModelConfig:
     renormalize_experts: bool = True
     """With n_experts: rescale the chosen experts' router probabilities to sum to 1 (Mixtral; Qwen3-MoE's
     norm_topk_prob); False weighs them by their softmax over all experts."""
+    expert_weights_float32: bool = False
+    """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
+    False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
+    checkpoint's architecture, so that 16-bit logits equal its reference's too."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -194,6 +198,9 @@ PRESETS: dict[str, ModelConfig] = {
     "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
     # The same size with every Llama feature switched on, GQA included (2 kv heads for 4 query heads).
     "debug-llama": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128),
+    # The same with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
+    "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                         max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),
     "gpt2-124m": replace(_GPT2, dim=768, n_layers=12, n_heads=12),
     "gpt2-350m": replace(_GPT2, dim=1024, n_layers=24, n_heads=16),
     "gpt2-774m": replace(_GPT2, dim=1280, n_layers=36, n_heads=20),
@@ -241,6 +248,7 @@ PRESETS: dict[str, ModelConfig] = {
     "mixtral-8x7b": replace(
         _LLAMA, vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=32768,
         rope_theta=1000000.0, tie_embeddings=False, norm_eps=1e-5, n_experts=8, experts_per_token=2,
+        expert_weights_float32=True,
     ),
     "qwen3-30b-a3b": replace(
         _LLAMA, vocab_size=151936, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_size=128, ffn_dim=6144,

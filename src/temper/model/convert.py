@@ -254,7 +254,7 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         raise ValueError(f"{name} router_jitter_noise={d['router_jitter_noise']} is not supported (temper's router "
                          "takes its input as it is)")
     if arch == MIXTRAL:
-        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step')} with mlp_only_layers="
                          f"{d.get('mlp_only_layers')} is not supported (temper puts experts in every layer)")
@@ -374,6 +374,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
+    # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if cfg.sandwich_norm != (arch == GEMMA3):

@@ -340,7 +340,8 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.k, self.renormalize = cfg.experts_per_token, cfg.renormalize_experts
+        self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
+                                                          cfg.expert_weights_float32)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
 
@@ -354,17 +355,18 @@ class MoE(nn.Module):
             self.routing.append((probs, chosen))
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype).flatten()  # (N*k,)
+        weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
         order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(x)  # (N, C)
+        # float32 weights: the weighted outputs are summed in float32 and rounded once, as Mixtral's reference does.
+        out = torch.zeros_like(x, dtype=weights.dtype if self.float32_weights else x.dtype)  # (N, C)
         for expert, slots in zip(self.experts, order.split(counts), strict=True):
             rows = slots // self.k  # (n_e,) the tokens routed to this expert
             y = expert(x[rows]) * weights[slots, None]  # (n_e, C)
             # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
             # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
             out.index_put_((rows,), y.to(out.dtype), accumulate=True)
-        return out.view(B, T, C)  # (B, T, C)
+        return out.view(B, T, C).to(x.dtype)  # (B, T, C)
 
 
 class Block(nn.Module):

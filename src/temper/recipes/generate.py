@@ -30,7 +30,7 @@ import torch
 from temper.config import ConfigError, parse
 from temper.data.chat import ChatTemplateError, check_template_variables
 from temper.data.tokenizer import UnknownCounter, check_unknown
-from temper.infer.engine import generate, stream
+from temper.infer.engine import check_compiled_decode, generate, stream
 from temper.infer.load import Checkpoint, Loaded, load_for_inference, open_checkpoint
 from temper.infer.speculative import SpeculativeStats, speculative_stream
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                     allow_pickle=cfg.allow_pickle, quant=cfg.quant)
         prompts, shown = encode(loaded, cfg)
         draft_model = draft.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle).model if draft else None
+        if cfg.compile:
+            check_compiled_decode(loaded.model)
     except (OSError, ValueError, ChatTemplateError) as e:  # a wrong path, an unreadable checkpoint, no template
         print(f"temper generate: {e}", file=sys.stderr)
         return 2
