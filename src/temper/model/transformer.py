@@ -348,7 +348,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
-        # The softmax in float32 and the weights cast back, as Mixtral's and Qwen3-MoE's references route.
+        # The softmax in float32, as Mixtral's and Qwen3-MoE's references route; the weights stay float32 for Mixtral.
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
         weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
         if self.routing is not None and torch.is_grad_enabled():

@@ -341,6 +341,8 @@ class RouterBalance:
         finally:
             for m in layers:
                 m.routing = None
+        if not routed:  # no forward with gradients
+            return out
         segments = batch.model_kwargs.get("segments")
         real = (segments.ids >= 0).flatten() if segments is not None else None  # (B*T,)
         n_experts = routed[0][0].shape[-1]
