@@ -35,9 +35,8 @@ from temper.model.convert import save_hf
 from temper.model.heads import RewardModel, load_reward_model
 from temper.model.transformer import Transformer
 from temper.recipes.best_of_n import ScorerConfig
+from tests.templates import CHATML
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 Q = [{"role": "user", "content": "What is 3 + 5?"}]
 
 

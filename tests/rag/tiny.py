@@ -10,9 +10,7 @@ from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenize
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
 from temper.model.transformer import Transformer
-
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from tests.templates import CHATML
 
 
 def wikitext_lines(shared_data: Path, n: int) -> list[str]:

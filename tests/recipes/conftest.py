@@ -14,10 +14,9 @@ from temper.model.config import PRESETS
 from temper.model.convert import save_hf
 from temper.model.heads import RewardModel
 from temper.model.transformer import Transformer
+from tests.templates import CHATML
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")

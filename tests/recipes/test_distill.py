@@ -29,10 +29,9 @@ from temper.model.transformer import Transformer
 from temper.recipes import distill, prepare, pretrain
 from temper.train import checkpoint as ckpt
 from temper.train.losses import IGNORE_INDEX
+from tests.templates import CHATML
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 STUDENT = "--student.model={dim: 32, n_layers: 1, n_heads: 2, max_seq_len: 32}"
 
 

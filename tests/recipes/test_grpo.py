@@ -86,7 +86,7 @@ def test_prompts_render_with_the_chat_template_variables(arith, tmp_path):
     from temper.align.online import render
     from temper.data.prompts import read_prompts
     from temper.data.tokenizer import load_hf_tokenizer
-    from tests.recipes.conftest import CHATML
+    from tests.templates import CHATML
 
     switch = "{% if enable_thinking is false %}<think></think>{% endif %}"
     tok = dataclasses.replace(load_hf_tokenizer(arith[0]), chat_templates={"default": CHATML + switch})

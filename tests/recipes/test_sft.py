@@ -22,10 +22,9 @@ from temper.model.peft_io import load_peft_prefix
 from temper.model.transformer import Transformer
 from temper.recipes import sft
 from temper.train.step import NonFiniteLoss
+from tests.templates import CHATML
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 pytestmark = pytest.mark.skipif(not ALPACA.exists(), reason=f"shared data not found at {ALPACA}")
 
