@@ -90,14 +90,15 @@ def weight_bytes(model: nn.Module) -> int:
 
 def quantize_nf4(
     model: nn.Module, targets: Iterable[str] = ALL_LINEAR_TARGETS, block_size: int = 64,
-    scaler_block_size: int = 256,
+    scaler_block_size: int = 256, device: torch.device | str | None = None,
 ) -> list[str]:
     """Replace the weight of every linear layer named in `targets` by its NF4 form, frozen; returns their names.
 
     Targets match a child's own name as in `apply_lora` (the blocks' linear layers by default: QLoRA
     keeps embeddings and the head in the compute dtype). The NF4 weight dequantizes to the dtype the
     weight had, so quantize a bf16 model to compute in bf16. A weight's size must be a multiple of
-    block_size * scaler_block_size (torchao's layout); every weight is checked before any changes.
+    block_size * scaler_block_size (torchao's layout); every weight is checked before any changes. `device`:
+    move each weight there first, one at a time (default: quantize where it is).
     """
     _need_torchao("nf4")
     found = find_linears(model, targets, "NF4")
@@ -111,14 +112,17 @@ def quantize_nf4(
     if unfit:
         raise ValueError(f"cannot quantize to NF4: {'; '.join(unfit[:4])}{'...' if len(unfit) > 4 else ''}")
     for _, parent, name in found:
-        _set_nf4(getattr(parent, name), block_size, scaler_block_size)
+        _set_nf4(getattr(parent, name), block_size, scaler_block_size, device)
     return [dotted for dotted, _, _ in found]
 
 
-def _set_nf4(layer: nn.Module, block_size: int, scaler_block_size: int) -> None:
-    """The layer's weight in NF4, frozen."""
-    layer.weight = nn.Parameter(to_nf4(layer.weight.detach().contiguous(), block_size, scaler_block_size),
-                                requires_grad=False)
+def _set_nf4(layer: nn.Module, block_size: int, scaler_block_size: int,
+             device: torch.device | str | None = None) -> None:
+    """The layer's weight in NF4 (on `device`, default its own), frozen."""
+    w = layer.weight.detach().to(device or layer.weight.device).contiguous()
+    layer.weight = nn.Parameter(to_nf4(w, block_size, scaler_block_size), requires_grad=False)
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.data.to(w.device)
 
 
 NF4_CHUNK = 1 << 22

@@ -67,10 +67,9 @@ from temper.data.prefs import (
     is_unpaired_data,
 )
 from temper.data.tokenizer import HFTokenizer
-from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
 from temper.train.losses import Batch
-from temper.train.methods import LoRAConfig, apply_method, base_dtype, export_finetuned
+from temper.train.methods import LoRAConfig, apply_method, export_finetuned, load_base
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo
 from temper.train.run import (
@@ -195,7 +194,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
 
     # 4. policy, method and reference
     amp = resolve_precision(cfg.train.precision, d.device)
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
+    model, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank
     apply_method(model, cfg.method, cfg.lora, amp_dtype=amp)

@@ -56,9 +56,8 @@ from temper.align.rewards import RewardConfig, build_rewards
 from temper.align.rl import GRPOLoss, group_advantages
 from temper.align.rollout import RolloutConfig, logprob_mismatch, rollout
 from temper.data.loader import EpochOrder
-from temper.model.convert import load_hf
 from temper.train import checkpoint as ckpt
-from temper.train.methods import LoRAConfig, apply_method, base_dtype, export_finetuned
+from temper.train.methods import LoRAConfig, apply_method, export_finetuned, load_base
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.run import CheckpointSection, LogSection, Run, RunSection
 from temper.train.step import NonFiniteLoss, resolve_precision
@@ -139,7 +138,7 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
                                  f"{d.dp_world} data-parallel ranks")
     # 2. policy, method, reference, rewards
     amp = resolve_precision(cfg.train.precision, d.device)
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
+    model, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.beta > 0 else None
     torch.manual_seed(cfg.run.seed)  # the same adapters on every rank

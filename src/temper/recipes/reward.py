@@ -51,12 +51,12 @@ from temper.data.prefs import (
     is_unpaired_data,
 )
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
-from temper.model.convert import load_hf, save_hf
+from temper.model.convert import save_hf
 from temper.model.heads import RewardModel
 from temper.model.lora import merge_lora
 from temper.train import checkpoint as ckpt
 from temper.train.losses import Batch
-from temper.train.methods import LoRAConfig, apply_method, base_dtype
+from temper.train.methods import LoRAConfig, apply_method, load_base
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import (
     DistInfo,
@@ -120,7 +120,7 @@ def run(cfg: RewardConfig) -> int:
 def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: list, val_pairs: list) -> int:
     # 4. the reward model and method
     amp = resolve_precision(cfg.train.precision, d.device)
-    backbone, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
+    backbone, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     torch.manual_seed(cfg.run.seed)  # the same head and adapters on every rank
     model = RewardModel(backbone).to(d.device)
     apply_method(backbone, cfg.method, cfg.lora, amp_dtype=amp)

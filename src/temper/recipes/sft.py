@@ -56,12 +56,12 @@ from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer
 from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
 from temper.files import UnsafePath
-from temper.model.convert import CheckpointError, load_hf
+from temper.model.convert import CheckpointError
 from temper.model.peft_io import peft_prefix_refusal
 from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss
-from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, base_dtype, export_finetuned
+from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned, load_base
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
 from temper.train.run import (
@@ -178,7 +178,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
            val_ex: list[SFTExample], tasks: TaskSuite) -> int:
     # 4. model and method
     amp = resolve_precision(cfg.train.precision, d.device)
-    model, model_cfg = load_hf(cfg.model, device=d.device, dtype=base_dtype(cfg.method, amp))
+    model, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     if cfg.method == "prefix":
         refusal = peft_prefix_refusal(model_cfg)  # refused now, not after training, when final/ is written
         if refusal:

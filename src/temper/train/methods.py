@@ -7,7 +7,9 @@ mixed precision the frozen base of lora, qlora and prefix is held in that dtype 
 PEFT users load it (`torch_dtype=torch.bfloat16`) and torchtune and litgpt keep it: a weight that never
 changes needs no float32 master copy, and autocast would cast it for every product anyway. That
 halves the base's bytes, and QLoRA's NF4 weights dequantize straight to the compute dtype. What
-trains (adapters, prefixes, heads) stays float32. `export_finetuned`
+trains (adapters, prefixes, heads) stays float32. `load_base` reads the checkpoint for a method: QLoRA's
+on the host, its block weights quantized on the device one at a time, so the device never holds the
+16-bit base (bitsandbytes' loading does the same). `export_finetuned`
 writes final/: the merged model in Hugging Face layout with the tokenizer files, and the adapter in
 PEFT's format under final/adapter/.
 """
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 from temper.data.tokenizer import save_hf_tokenizer
-from temper.model.convert import save_hf
+from temper.model.config import ModelConfig
+from temper.model.convert import load_hf, save_hf
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
 from temper.model.peft_io import peft_lora_refusal, save_peft, save_peft_prefix
 
@@ -57,6 +60,29 @@ def base_dtype(method: Method, amp_dtype: torch.dtype) -> torch.dtype:
     return amp_dtype if method != "full" and amp_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def load_base(path: str | Path, method: Method, device: torch.device, amp_dtype: torch.dtype
+              ) -> tuple[nn.Module, ModelConfig]:
+    """The checkpoint to fine-tune with `method`, on `device` in `base_dtype`. For qlora it is read on the host (a
+    checkpoint stored in that dtype is memory-mapped: pages are read as they are used), and each block weight QLoRA
+    quantizes goes to the device alone and becomes NF4 there, before the rest follows: the device's peak is the NF4
+    model and one 16-bit weight, not the 16-bit model (Llama-3-8B: ~5.7 GB, not ~16 GB; Qwen3-30B-A3B: ~17 GB, not
+    ~61 GB). `apply_method` then finds the NF4 weights in place."""
+    dtype = base_dtype(method, amp_dtype)
+    if method != "qlora":
+        return load_hf(path, device=device, dtype=dtype)
+    from temper.model.quant import is_nf4, quantize_nf4
+
+    model, cfg = load_hf(path, device="cpu", dtype=dtype)
+    quantize_nf4(model, device=device)
+    for m in model.modules():  # what stays in 16 bits: embeddings, norms, routers, the head; RoPE's tables
+        for p in m.parameters(recurse=False):
+            if not is_nf4(p):
+                p.data = p.data.to(device)
+        for name, b in m.named_buffers(recurse=False):
+            m._buffers[name] = b.to(device)
+    return model, cfg
+
+
 def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: PrefixConfig | None = None,
                  amp_dtype: torch.dtype = torch.float32) -> None:
     """Make only what the method trains trainable (full: everything), in place.
@@ -77,9 +103,10 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
         apply_prefix(model, (prefix or PrefixConfig()).n_tokens)
         return
     if method == "qlora":
-        from temper.model.quant import quantize_nf4
+        from temper.model.quant import is_nf4, quantize_nf4
 
-        quantize_nf4(model)
+        if not any(is_nf4(p) for p in model.parameters()):  # `load_base` quantizes as it loads
+            quantize_nf4(model)
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout,
                rslora=lora.rslora, dora=lora.dora)
 
