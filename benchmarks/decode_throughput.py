@@ -33,6 +33,7 @@ weights in bf16 can tip a near-tie late, so it is reported, not asserted).
     python benchmarks/decode_throughput.py                                 # CPU fp32, batch 1 and 8
     python benchmarks/decode_throughput.py --batch 1 --new-tokens 128 --repeats 5 --threads 1
     python benchmarks/decode_throughput.py --device cuda --shape llama-3.2-1b --compile --json out.json
+    python benchmarks/decode_throughput.py --shape qwen3-moe-small   # a mixture: 64 experts, 8 per token
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ from temper.model.transformer import Transformer
 SHAPES: dict[str, ModelConfig] = {
     "llama-small": dataclasses.replace(PRESETS["llama-125m"], dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
                                        ffn_dim=1408, max_seq_len=2048),
+    # Qwen3-30B-A3B's layout, small: 64 experts of which a token runs 8, q/k norms.
+    "qwen3-moe-small": dataclasses.replace(PRESETS["qwen3-30b-a3b"], vocab_size=32000, dim=512, n_layers=8,
+                                           n_heads=8, n_kv_heads=4, head_size=64, ffn_dim=1408, n_experts=64,
+                                           expert_ffn_dim=256, max_seq_len=2048),
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,10 +181,17 @@ def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int =
 
 def step_bytes(model: Transformer, batch: int, context: float, itemsize: int) -> tuple[int, int]:
     """(weight bytes, KV-cache bytes) one decode step reads: every matrix product's weights (the
-    embedding lookup reads a row per token, left out) and keys + values of `context` tokens per row."""
+    embedding lookup reads a row per token, left out) and keys + values of `context` tokens per row.
+    A mixture's experts: those the batch's rows choose, E * (1 - (1 - k/E) ** batch) of each layer's E
+    when the routing is uniform (k at batch 1)."""
     c = model.cfg
     kv = int(2 * c.n_layers * batch * c.kv_heads * c.head_dim * context * itemsize)
-    return model.matmul_params() * itemsize, kv
+    weights = model.matmul_params()
+    if c.n_experts:
+        per_expert = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
+        chosen = c.n_experts * (1 - (1 - c.experts_per_token / c.n_experts) ** batch)
+        weights += round(c.n_layers * per_expert * (chosen - c.experts_per_token))
+    return weights * itemsize, kv
 
 
 # ---- the run ---------------------------------------------------------------------------------------

@@ -198,9 +198,6 @@ PRESETS: dict[str, ModelConfig] = {
     "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
     # The same size with every Llama feature switched on, GQA included (2 kv heads for 4 query heads).
     "debug-llama": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=128),
-    # The same with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
-    "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                         max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),
     "gpt2-124m": replace(_GPT2, dim=768, n_layers=12, n_heads=12),
     "gpt2-350m": replace(_GPT2, dim=1024, n_layers=24, n_heads=16),
     "gpt2-774m": replace(_GPT2, dim=1280, n_layers=36, n_heads=20),
@@ -255,6 +252,9 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False, n_experts=128,
         experts_per_token=8, expert_ffn_dim=768,
     ),
+    # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
+    "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                         max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),
     # Shapes for FLOP and memory estimates (Brown et al. 2020, table 2.1); never built in tests.
     "gpt3-6.7b": replace(_GPT3, dim=4096, n_layers=32, n_heads=32),
     "gpt3-175b": replace(_GPT3, dim=12288, n_layers=96, n_heads=96),

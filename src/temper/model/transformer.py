@@ -331,8 +331,9 @@ class MoE(nn.Module):
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
     and each expert runs once on its rows (one host sync per layer for the group sizes; a grouped GEMM kernel
-    would be faster on a GPU with many experts). Every expert runs, on zero rows if none chose it, so each
-    parameter gets a gradient in every step and DDP / FSDP2 reduce the same tensors on every rank."""
+    would be faster on a GPU with many experts). With gradients every expert runs, on zero rows if none chose it,
+    so each parameter gets a gradient in every step and DDP / FSDP2 reduce the same tensors on every rank; without,
+    only the chosen ones (decoding one token runs k of them)."""
 
     routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """When a list, each forward with gradients appends its (router probabilities (N, E), chosen experts (N, k)):
@@ -361,6 +362,8 @@ class MoE(nn.Module):
         # float32 weights: the weighted outputs are summed in float32 and rounded once, as Mixtral's reference does.
         out = torch.zeros_like(x, dtype=weights.dtype if self.float32_weights else x.dtype)  # (N, C)
         for expert, slots in zip(self.experts, order.split(counts), strict=True):
+            if not len(slots) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
+                continue
             rows = slots // self.k  # (n_e,) the tokens routed to this expert
             y = expert(x[rows]) * weights[slots, None]  # (n_e, C)
             # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
