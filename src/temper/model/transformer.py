@@ -359,16 +359,16 @@ class MoE(nn.Module):
         weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
         order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        rows, scale = (order // self.k).split(counts), weights[order, None].split(counts)  # per expert: tokens, weights
         # float32 weights: the weighted outputs are summed in float32 and rounded once, as Mixtral's reference does.
         out = torch.zeros_like(x, dtype=weights.dtype if self.float32_weights else x.dtype)  # (N, C)
-        for expert, slots in zip(self.experts, order.split(counts), strict=True):
-            if not len(slots) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
+        for expert, r, w in zip(self.experts, rows, scale, strict=True):
+            if not len(r) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
                 continue
-            rows = slots // self.k  # (n_e,) the tokens routed to this expert
-            y = expert(x[rows]) * weights[slots, None]  # (n_e, C)
+            y = expert(x[r]) * w  # (n_e, C)
             # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
             # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
-            out.index_put_((rows,), y.to(out.dtype), accumulate=True)
+            out.index_put_((r,), y.to(out.dtype), accumulate=True)
         return out.view(B, T, C).to(x.dtype)  # (B, T, C)
 
 
