@@ -256,8 +256,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if arch == MIXTRAL:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
-        raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step')} with mlp_only_layers="
-                         f"{d.get('mlp_only_layers')} is not supported (temper puts experts in every layer)")
+        raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
+                         f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
     return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 768),
             "renormalize_experts": bool(d.get("norm_topk_prob", False))}
 
