@@ -80,6 +80,8 @@ CASES = {
                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
+    # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
+    "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # Mixtures of experts: 4 experts, each token to 2 (Mixtral's weights renormalised over the 2, Qwen3-MoE's
     # not: norm_topk_prob off, as its config class defaults), the router's choices differing token by token.
     "mixtral-experts-window": lambda: _hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, num_local_experts=4,
@@ -260,16 +262,22 @@ def test_sharded_export_reads_back_everywhere_and_a_single_file_replaces_it(tmp_
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("case", ["mixtral-experts-window", "qwen3-moe-experts"])
-def test_mixtures_of_experts_in_bf16_round_as_their_references(tmp_path, case):
-    """In bf16 Mixtral weighs its experts' outputs by float32 routing weights and rounds their sum once; Qwen3-MoE
-    rounds the weights first: each as its reference (`expert_weights_float32`, read from the architecture), where the
-    other rounding moves logits by a few bf16 steps."""
+ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (read from the architecture)
+    "mixtral-experts-window": ("expert_weights_float32",),  # float32 routing weights, their sum rounded once
+    "qwen3-moe-experts": ("expert_weights_float32",),  # the weights rounded first
+    "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
+}
+
+
+@pytest.mark.parametrize("case", list(ROUNDING))
+def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
+    """In bf16 each reference rounds at its own points; temper rounds at the same ones (its fields, read from the
+    architecture), where the other choice moves logits by a few bf16 steps."""
     CASES[case]().save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ours, cfg = load_hf(tmp_path, dtype=torch.bfloat16)
-    assert cfg.expert_weights_float32 == (case == "mixtral-experts-window")
-    other = Transformer(replace(cfg, expert_weights_float32=not cfg.expert_weights_float32)).to(torch.bfloat16)
+    assert all(getattr(cfg, f) == (case != "qwen3-moe-experts") for f in ROUNDING[case])
+    other = Transformer(replace(cfg, **{f: not getattr(cfg, f) for f in ROUNDING[case]})).to(torch.bfloat16)
     other.load_state_dict(ours.state_dict())
     x = torch.randint(0, 101, (4, 40))
     with torch.no_grad():

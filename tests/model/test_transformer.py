@@ -80,6 +80,8 @@ VARIANTS = {
                          "qkv_bias": True, "qk_norm": True, "head_size": 24},
     # Gemma 3's layout: a windowed layer with its own RoPE base, then a global one; norms on the sublayers' outputs.
     "window-local-global": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True},
+    # OLMo 2's blocks: no pre-norms, norms on the sublayers' outputs, q/k norms over all heads at once.
+    "olmo2": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True},
     # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
     "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
 }

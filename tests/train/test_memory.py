@@ -121,6 +121,7 @@ NF4_DIMS = {"dim": 256, "ffn_dim": 512, "n_heads": 4, "n_kv_heads": 2, "vocab_si
 
 
 EXPERTS = {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 96}
+OLMO2 = {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -175,6 +176,9 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "pretrain", "bf16", 0, {"dims": EXPERTS}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": EXPERTS}),
     ("debug-llama", "lora", "bf16", 0, {"dims": EXPERTS, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
+    # OLMo 2's blocks: no first norm (q, k, v keep the residual stream itself), q/k norms with one rstd per token
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": OLMO2}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": OLMO2, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)

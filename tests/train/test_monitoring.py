@@ -69,6 +69,10 @@ def test_roles_of_temper_parameter_names():
     assert param_role("stages.0.tok_emb.weight") == "embedding"
     assert param_role("layers.0.attn.prefix.mlp.0.weight") == "prefix"
     assert param_role("value.score.weight") == "head"  # PPO's value head
+    # the norms of Qwen3, Gemma 3 and OLMo 2 (on queries and keys, on the sublayers' outputs); a mixture's router
+    assert {param_role(f"layers.0.{n}.weight") for n in ("attn.q_norm", "attn.k_norm", "attn_out_norm",
+                                                           "mlp_out_norm")} == {"norm"}
+    assert param_role("layers.0.mlp.router.weight") == param_role("layers.0.mlp.experts.3.up_proj.weight") == "mlp"
     apply_lora(model, rank=2, alpha=4)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     groups = role_groups(model, optimizer)

@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 3, Phi-3, Mixtral and Qwen3-MoE shapes. This module
+Gemma, Gemma 3, Phi-3, OLMo 2, Mixtral and Qwen3-MoE shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -48,10 +48,16 @@ class ModelConfig:
     """Epsilon added to the variance in every norm."""
     norm_unit_offset: bool = False
     """RMSNorm scales by (1 + weight), in float32, and its weight starts at 0 (Gemma)."""
+    norm_cast_after: bool = False
+    """RMSNorm scales by its weight before rounding to the activations' dtype (OLMo 2); False: after (Llama). The
+    same in float32."""
     pos: str = "learned"
     """Position kind: "learned" absolute embeddings (GPT-2) or "rope" rotary embeddings (Llama)."""
     rope_theta: float = 10000.0
     """RoPE base wavelength."""
+    rope_float32: bool = False
+    """Rotate queries and keys in float32 and round after (OLMo 2); False: in the activations' dtype (Llama). The
+    same in float32."""
     rope_scaling: dict | None = None
     """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1) or {"rope_type": "linear", "factor"} (position interpolation)."""
     sliding_window: int | None = None
@@ -69,12 +75,18 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head's query and key, before RoPE (Qwen3, Gemma 3; Dehghani et al. 2023): it bounds
     attention logits."""
+    qk_norm_whole: bool = False
+    """With qk_norm: one RMSNorm over all the query heads' values together (and one over the keys'), not one per
+    head (OLMo 2)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(dim) (Gemma)."""
     sandwich_norm: bool = False
     """Normalise each sublayer's output too, before it joins the residual stream (Gemma 2 and 3)."""
+    pre_norm: bool = True
+    """Normalise each sublayer's input; False (with sandwich_norm): only its output, the residual stream itself
+    entering attention and MLP (OLMo 2)."""
     attn_scale_dim: int | None = None
     """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
     n_experts: int = 0
@@ -127,6 +139,11 @@ class ModelConfig:
             raise ValueError("norm_unit_offset needs norm='rmsnorm'")
         if self.qk_norm and self.norm != "rmsnorm":
             raise ValueError("qk_norm needs norm='rmsnorm'")
+        if self.qk_norm_whole and not self.qk_norm:
+            raise ValueError("qk_norm_whole needs qk_norm")
+        if not self.pre_norm and not self.sandwich_norm:
+            raise ValueError("pre_norm=false needs sandwich_norm (a block normalises its sublayers' inputs, outputs "
+                             "or both)")
         if self.global_every is not None and (self.sliding_window is None or self.global_every < 2):
             raise ValueError(f"global_every={self.global_every} needs a sliding_window and groups of 2 layers or more")
         if self.rope_local_theta is not None and (self.global_every is None or self.pos != "rope"

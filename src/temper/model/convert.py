@@ -1,12 +1,13 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Ten architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Eleven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's parts, q/k norms, norms on the
 sublayers' outputs, local windowed layers with their own RoPE base between global ones; also read out of the
 image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
-Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), Mixtral (`MixtralForCausalLM`: Mistral with a
+Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
+sublayers' outputs only, q/k norms over all heads at once), Mixtral (`MixtralForCausalLM`: Mistral with a
 mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps
 its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
@@ -54,15 +55,16 @@ from temper.files import (
 from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
+    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM", "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE)
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "mixtral": MIXTRAL,
+                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "mixtral": MIXTRAL,
                 "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
@@ -231,8 +233,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window, global_every=every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE), tie_embeddings=d.get("tie_word_embeddings", gemma),
-        scale_embeddings=gemma, sandwich_norm=arch == GEMMA3, dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, OLMO2), qk_norm_whole=arch == OLMO2,
+        tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
+        sandwich_norm=arch in (GEMMA3, OLMO2), pre_norm=arch != OLMO2, norm_cast_after=arch == OLMO2,
+        rope_float32=arch == OLMO2, dropout=0.0,
+        init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=(int(d["query_pre_attn_scalar"]) if arch == GEMMA3
                         and d.get("query_pre_attn_scalar", head_dim) != head_dim else None),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
@@ -329,6 +334,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA3 if cfg.sandwich_norm else GEMMA
+        elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
+            arch = OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             arch = QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
@@ -366,20 +373,23 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE)
+    normed = (QWEN3, GEMMA3, QWEN3_MOE, OLMO2)
     if cfg.qk_norm != (arch in normed):
-        return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE and Gemma 3 do)"
+        return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
+    if (cfg.qk_norm_whole, cfg.pre_norm) != (arch == OLMO2, arch != OLMO2):
+        return ("its q/k norms span all heads and its blocks normalise only the sublayers' outputs" if arch == OLMO2
+                else "it normalises each head's query and key and each sublayer's input (Olmo2ForCausalLM does not)")
     if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
-    if cfg.sandwich_norm != (arch == GEMMA3):
-        return ("it has norms on the sublayers' outputs" if arch == GEMMA3
-                else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM does)")
+    if cfg.sandwich_norm != (arch in (GEMMA3, OLMO2)):
+        return ("it has norms on the sublayers' outputs" if arch in (GEMMA3, OLMO2)
+                else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM and Olmo2ForCausalLM do)")
     if cfg.attn_scale_dim is not None and arch != GEMMA3:
         return "it scales attention scores by head_dim ** -0.5 (Gemma3ForCausalLM has query_pre_attn_scalar)"
     if (cfg.global_every or cfg.rope_local_theta) and arch != GEMMA3:
@@ -434,6 +444,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    elif arch == OLMO2:
+        d["attention_bias"] = False
     elif arch == GEMMA3:  # rope_theta and rope_scaling above are the global layers'
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
@@ -498,6 +510,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             if arch == GEMMA3:
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+            elif arch == OLMO2:  # the outputs' norms only
+                norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if arch == PHI3:

@@ -1,10 +1,10 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3, Mixtral, Qwen3-MoE) comes from
-`ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP or a mixture of
-gated experts, multi-head or
-grouped-query attention, query/key norms, a sliding window (on every layer, or local layers between global
-ones with their own RoPE base), norms on the sublayers' outputs, biases, tying, embedding scaling.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3, OLMo 2, Mixtral, Qwen3-MoE) comes
+from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP or a mixture of
+gated experts, multi-head or grouped-query attention, query/key norms (per head or over all heads), a sliding
+window (on every layer, or local layers between global ones with their own RoPE base), norms on the sublayers'
+inputs, outputs or both, biases, tying, embedding scaling.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
 the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`.
@@ -155,13 +155,13 @@ class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does.
 
     unit_offset: scale by (1 + weight) and cast after the product, as Gemma does; the weight then
-    starts at 0, and checkpoints store it in that form.
+    starts at 0, and checkpoints store it in that form. cast_after: scale by the weight, then cast (OLMo 2).
     """
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, cast_after: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.unit_offset = unit_offset
+        self.unit_offset, self.cast_after = unit_offset, cast_after
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def reset_parameters(self) -> None:
@@ -169,16 +169,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
-        # the weight, Gemma after: each matches its Hugging Face reference bit for bit in float32.
+        # the weight, Gemma and OLMo 2 after: each matches its Hugging Face reference bit for bit, in bf16 too.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:
             return (y * (1.0 + self.weight.float())).to(x.dtype)
+        if self.cast_after:
+            return (self.weight * y).to(x.dtype)
         return self.weight * y.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset)
+        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -238,9 +240,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
-        # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head.
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
+        # one over all the query heads' values at once, one over the keys'.
+        self.qk_norm_whole = cfg.qk_norm_whole
+        q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
+                            else (self.head_dim, self.head_dim))
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
@@ -252,14 +258,17 @@ class Attention(nn.Module):
         B, T, C = x.shape
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
         # of the projections holds a slice of the heads and runs this same code on it.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
+        if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         n_heads, n_kv_heads = q.shape[2], k.shape[2]
-        if self.q_norm is not None:  # each head's vector normalised before it is rotated
+        if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
@@ -374,16 +383,17 @@ class MoE(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
-    `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3)."""
+    `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3), and without
+    `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.window = cfg.window_of(layer_idx)  # which mask (and, with rope_local_theta, which RoPE table) it takes
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
-        self.attn_norm = make_norm(cfg)
+        self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
         self.attn = Attention(cfg, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
-        self.mlp_norm = make_norm(cfg)
+        self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
 
@@ -391,9 +401,9 @@ class Block(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | BlockMask | None = None, causal: bool = True, cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
+        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
         x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
-        h = self.mlp(self.mlp_norm(x))  # (B, T, C)
+        h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))  # (B, T, C)
         return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))  # (B, T, C)
 
 
@@ -518,7 +528,8 @@ class Transformer(nn.Module):
                 cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
                 # (T, D/2), or (B, T, D/2) at given positions
                 cos, sin = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
-                ropes[local] = (cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype))  # (B|1, T, 1, D/2)
+                dtype = torch.float32 if self.cfg.rope_float32 else x.dtype
+                ropes[local] = (cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype))  # (B|1, T, 1, D/2)
         if first:
             x = self.drop(x)
         # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.

@@ -434,10 +434,13 @@ def _keeps_input(module: nn.Module) -> bool:
     return isinstance(module, LoRALinear) or (isinstance(module, nn.Linear) and module.weight.requires_grad)
 
 
-def _norm(s: _Saved, label: str, norm: nn.Module, d: int, grad_in: bool, t: _Dtypes, rows: int = 1,
+def _norm(s: _Saved, label: str, norm: nn.Module | None, d: int, grad_in: bool, t: _Dtypes, rows: int = 1,
           in_bytes: int | None = None) -> int:
     """Save what the norm keeps, for `rows` vectors of width d / rows per token (a q/k norm: one per head) of
-    `in_bytes` per element (default: the residual stream's); return its output's bytes per element."""
+    `in_bytes` per element (default: the residual stream's); return its output's bytes per element (None, no norm:
+    the input's, passed on)."""
+    if norm is None:
+        return in_bytes or t.r
     trained = any(p.requires_grad for p in norm.parameters())
     if isinstance(norm, nn.LayerNorm):
         if grad_in or trained:  # native_layer_norm keeps its input, mean and rstd
@@ -527,9 +530,10 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     _lora_hidden(s, qkv + [attn.o_proj], t)
     attn_grad = grad_in or any(wants_grad(m) for m in qkv)
     q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
-    if attn.q_norm is not None:  # Qwen3: normalised per head, in float32, before RoPE
-        _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=q_out // cfg.head_dim, in_bytes=t.a)
-        _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=kv_out // cfg.head_dim, in_bytes=t.a)
+    if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
+        heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
+        _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
+        _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
     if attn_grad and cfg.dropout > 0 and not t.cuda:
         # A CPU has no fused kernel with attention dropout: SDPA's math path (in float32 on a CPU,
         # whatever the inputs) keeps the scaled q and k (k and v repeated to every query head under
@@ -572,7 +576,9 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
     transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
     # The saved set holds the block's input itself when its first norm kept it uncast.
-    shares_input = grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
+    # (Without a first norm, OLMo 2's, q, k and v keep the input itself where they keep it uncast.)
+    shares_input = (grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
+                    if block.attn_norm is not None else t.r == t.a and any(_keeps_input(m) for m in qkv))
     # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
     # that is split by sequence alone under tensor parallel, as they are.
     freed = out_norm_bytes if transient else 0.0

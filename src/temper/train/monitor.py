@@ -35,7 +35,7 @@ ROLES = ("embedding", "attention", "mlp", "norm", "head", "lora", "prefix", "oth
 # parameter its role; wrappers' prefixes (DDP's module., activation checkpointing's, a pipeline's stages.N.) are
 # other components and do not match.
 _EMBEDDINGS = {"tok_emb", "pos_emb"}
-_NORMS = {"norm", "attn_norm", "mlp_norm"}
+_NORMS = {"norm", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"}
 _HEADS = {"head", "score"}
 
 
