@@ -282,7 +282,9 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
     x = torch.randint(0, 101, (4, 40))
     with torch.no_grad():
         ref = theirs(x).logits.float()
-        assert (ours(x).float() - ref).abs().max() <= 1e-3 < (other.eval()(x).float() - ref).abs().max()
+        # Relative to the other rounding's error, not pinned: another CPU's bf16 kernels may round a sum differently
+        # on both sides (0.0 here; the other rounding: a few bf16 steps).
+        assert (ours(x).float() - ref).abs().max() * 4 < (other.eval()(x).float() - ref).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

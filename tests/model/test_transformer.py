@@ -24,6 +24,13 @@ def test_config_validation_names_the_field():
         ModelConfig(mlp="relu")
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig(pos="rope", rope_scaling={"rope_type": "yarn"})
+    for bad, match in [({"n_experts": 4}, "n_experts needs a gated MLP"),
+                       ({"mlp": "swiglu", "n_experts": 4, "experts_per_token": 5}, "experts_per_token=5 between 1"),
+                       ({"mlp": "swiglu", "expert_ffn_dim": 32}, "expert_ffn_dim=32 needs n_experts"),
+                       ({"norm": "rmsnorm", "qk_norm_whole": True}, "qk_norm_whole needs qk_norm"),
+                       ({"pre_norm": False}, "pre_norm=false needs sandwich_norm")]:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
     assert ModelConfig(dim=64).hidden_dim == 256  # 4*dim
 

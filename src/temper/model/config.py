@@ -159,8 +159,8 @@ class ModelConfig:
                              f"{self.experts_per_token} between 1 and n_experts")
         if self.n_experts and self.mlp == "gelu":
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
-        if self.expert_ffn_dim is not None and self.expert_ffn_dim <= 0:
-            raise ValueError(f"expert_ffn_dim must be positive or None, got {self.expert_ffn_dim}")
+        if self.expert_ffn_dim is not None and (self.expert_ffn_dim <= 0 or not self.n_experts):
+            raise ValueError(f"expert_ffn_dim={self.expert_ffn_dim} needs n_experts and a positive width")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 

@@ -114,8 +114,8 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
         raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
     rank, alpha, rslora, dora, dropout = first
     sites = _sites(model, cfg)
-    moe_tensors, moe_config = _save_moe(model, rank, alpha, rslora)
-    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_config.pop("covered")))
+    moe_tensors, moe_config, moe_written = _save_moe(model, rank, alpha, rslora)
+    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_written))
     if stray:
         raise ValueError(f"{stray[:4]} have no counterpart in {arch}")
     k = max(sum(p in loras for p in parts) for parts in sites.values())  # the most adapted parts in one layer
@@ -309,9 +309,9 @@ def _stacked(loras: list[list[nn.Module]], rank: int, in_features: int) -> tuple
     return a.reshape(n * k * rank, in_features), b.reshape(b.shape[0], k * rank * n)
 
 
-def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """The mixture layers' adapters in PEFT's form, and the config keys they need (plus "covered": the temper
-    modules written)."""
+def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool
+              ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The mixture layers' adapters in PEFT's form, the config keys they need, and the temper modules written."""
     tensors: dict[str, torch.Tensor] = {}
     targets = set()
     for hf, moe in _moe_layers(model):
@@ -328,16 +328,16 @@ def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool) -> tuple[
             tensors[f"{_PREFIX}{hf}.gate{_A}"] = moe.router.lora_a.float().cpu()
             tensors[f"{_PREFIX}{hf}.gate{_B}"] = moe.router.lora_b.float().cpu()
             targets.add(_ROUTER)
-    covered = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
+    written = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
                and (".mlp.experts." in n or n.endswith(".mlp.router"))]
     if not targets:
-        return {}, {"covered": []}
-    config: dict = {"target_parameters": sorted(targets), "covered": covered,
+        return {}, {}, []
+    config: dict = {"target_parameters": sorted(targets),
                     "lora_dropout": 0.0}  # PEFT refuses dropout on adapted parameters; it never changes the function
     if _GATE_UP in targets:  # gate over up: twice the rank, and alpha to keep the scale
         config |= {"rank_pattern": {_GATE_UP_PATTERN: 2 * rank},
                    "alpha_pattern": {_GATE_UP_PATTERN: alpha * (math.sqrt(2) if rslora else 2)}}
-    return tensors, config
+    return tensors, config, written
 
 
 @dataclass

@@ -300,8 +300,7 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
         block_params=sum(n(p) for p in unique(model.layers[0].parameters())),
         block_trainable=[sum(n(p) for p in unique(b.parameters()) if p.requires_grad) for b in model.layers],
         late_trainable=sum(n(p) for p in lookups if p.requires_grad),
-        down_trainable=[sum(n(p) for m in _down_projs(b.mlp) for p in m.parameters() if p.requires_grad)
-                        for b in model.layers],
+        down_trainable=[sum(n(p) for p in _down_proj(b.mlp).parameters() if p.requires_grad) for b in model.layers],
         autocast_block=autocast_block,
         autocast_tail=n(head_weight) if head_weight.requires_grad else 0,
         embedding_unit=sum(n(p) for p in tail),
@@ -311,11 +310,11 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
     )
 
 
-def _down_projs(mlp: nn.Module) -> list[nn.Module]:
+def _down_proj(mlp: nn.Module) -> nn.Module:
     """The MLP's output projection whose gradient exists when its backward peaks: for a mixture, the last
     expert's (backward runs the experts in reverse, and peaks in the first it runs, with every other's saved
     tensors still held)."""
-    return [mlp.experts[-1].down_proj if isinstance(mlp, MoE) else mlp.down_proj]
+    return mlp.experts[-1].down_proj if isinstance(mlp, MoE) else mlp.down_proj
 
 
 # ---- the layout: what one rank holds ------------------------------------------------------------
@@ -429,6 +428,11 @@ class _Saved:
         return sum(n for _, n in self.terms)
 
 
+def _wants_grad(module: nn.Module) -> bool:
+    """Whether any of the module's parameters trains."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _keeps_input(module: nn.Module) -> bool:
     """A linear layer keeps its input for backward when its weight trains or it carries an adapter."""
     return isinstance(module, LoRALinear) or (isinstance(module, nn.Linear) and module.weight.requires_grad)
@@ -520,15 +524,12 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     d = cfg.dim
     attn, mlp = block.attn, block.mlp
 
-    def wants_grad(m: nn.Module) -> bool:
-        return any(p.requires_grad for p in m.parameters())
-
     # attention half
     h_bytes = _norm(s, "attn_norm", block.attn_norm, d, grad_in, t)
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     _readers(s, "attn_norm output", qkv, h_bytes, t, lora_dropout, grad_in)
     _lora_hidden(s, qkv + [attn.o_proj], t)
-    attn_grad = grad_in or any(wants_grad(m) for m in qkv)
+    attn_grad = grad_in or any(_wants_grad(m) for m in qkv)
     q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
     if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
         heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
@@ -550,12 +551,12 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         s.add("log-sum-exp", 4 * cfg.n_heads)
     _readers(s, "attention output", [attn.o_proj] if not attn_grad or lora_dropout > 0 else [], t.a, t,
              lora_dropout, attn_grad)
-    attn_grad = attn_grad or wants_grad(attn.o_proj)
+    attn_grad = attn_grad or _wants_grad(attn.o_proj)
     if attn_grad and cfg.dropout > 0:
         s.add("attention residual dropout mask", t.mask(t.a) * d)
     if block.attn_out_norm is not None:  # Gemma 3: the output normalised before it joins the residual stream
         _norm(s, "attn_out_norm", block.attn_out_norm, d, attn_grad, t, in_bytes=t.a)
-        attn_grad = attn_grad or wants_grad(block.attn_out_norm)
+        attn_grad = attn_grad or _wants_grad(block.attn_out_norm)
     grad_mid = grad_in or attn_grad
 
     # MLP half
@@ -571,7 +572,7 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         before = s.total
         _norm(s, "mlp_out_norm", block.mlp_out_norm, d, mlp_grad, t, in_bytes=t.a)
         out_norm_bytes = s.total - before
-        mlp_grad = mlp_grad or wants_grad(block.mlp_out_norm)
+        mlp_grad = mlp_grad or _wants_grad(block.mlp_out_norm)
     # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
     # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
     transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
@@ -595,11 +596,10 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
     _readers(s, label + "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
     _lora_hidden(s, readers + [mlp.down_proj], t)
     f = mlp.up_proj.out_features
-    wants_grad = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
-    up_grad = grad_in or wants_grad(mlp.up_proj)
+    up_grad = grad_in or _wants_grad(mlp.up_proj)
     down_keeps = _keeps_input(mlp.down_proj) and not (isinstance(mlp.down_proj, LoRALinear) and lora_dropout > 0)
     if gated:
-        gate_grad = grad_in or wants_grad(mlp.gate_proj)
+        gate_grad = grad_in or _wants_grad(mlp.gate_proj)
         s.add(label + "gate pre-activation", t.a * f if gate_grad else 0)
         s.add(label + "act(gate)", t.a * f if up_grad else 0)  # the product keeps each factor for the other's gradient
         s.add(label + "up", t.a * f if gate_grad else 0)
@@ -611,7 +611,7 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
         mlp_grad = up_grad
     if lora_dropout > 0:
         _readers(s, label + "MLP hidden", [mlp.down_proj], t.a, t, lora_dropout, mlp_grad)
-    return mlp_grad or wants_grad(mlp.down_proj), ((3 if gated else 2) - down_keeps) * t.a * f
+    return mlp_grad or _wants_grad(mlp.down_proj), ((3 if gated else 2) - down_keeps) * t.a * f
 
 
 def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_dropout: float,
@@ -623,7 +623,7 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     routing is balanced), and two gradients of the experts' input, since each expert's gather (`x[rows]`) returns it
     whole (zeros off its rows) to be summed into the other."""
     k, n = moe.k, len(moe.experts)
-    router_grad = grad_in or any(p.requires_grad for p in moe.router.parameters())
+    router_grad = grad_in or _wants_grad(moe.router)
     _readers(s, "mlp_norm output", [moe.router], in_bytes, t, lora_dropout, grad_in)
     if router_grad:
         s.add("router probabilities (float32)", 4 * n)
