@@ -78,6 +78,11 @@ CASES = {
                                        head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,  # 27B's way
                                        sliding_window_pattern=2, rope_theta=50000.0, rope_local_base_freq=100.0,
                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # Gemma 2: windowed layers alternating with global ones, one RoPE; scores and logits capped low enough that
+    # the caps bend most of them (the published 50 and 30 would barely touch these tiny models').
+    "gemma2-softcap-local-global": lambda: _hf("Gemma2Config", "Gemma2ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                               head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                               attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
@@ -123,6 +128,9 @@ def test_variant_features_are_exercised():
                       ("gemma3-local-global", {"rope_local_theta": 50000.0}),  # the global base everywhere
                       ("gemma3-local-global", {"attn_scale_dim": None}),  # 1 / sqrt(head_dim)
                       ("gemma3-local-global", {"global_every": None, "rope_local_theta": None}),  # all windowed
+                      ("gemma2-softcap-local-global", {"attn_softcap": None}),
+                      ("gemma2-softcap-local-global", {"logit_softcap": None}),
+                      ("gemma2-softcap-local-global", {"global_every": None}),  # all windowed
                       ("mixtral-experts-window", {"experts_per_token": 1}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:
         hf = CASES[case]()
@@ -285,6 +293,22 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
         # Relative to the other rounding's error, not pinned: another CPU's bf16 kernels may round a sum differently
         # on both sides (0.0 here; the other rounding: a few bf16 steps).
         assert (ours(x).float() - ref).abs().max() * 4 < (other.eval()(x).float() - ref).abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_gemma2_bf16_scores_are_capped_where_its_reference_caps_them(tmp_path):
+    """Gemma 2's eager reference caps the scores in bf16, then takes a float32 softmax; temper's written-out
+    attention does the same. FlexAttention (the GPU's path) caps them in float32 inside its kernel: a few bf16 steps
+    away, the measure of the other rounding."""
+    CASES["gemma2-softcap-local-global"]().save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = load_hf(tmp_path, dtype=torch.bfloat16)[0].eval()
+    x = torch.randint(0, 101, (4, 40))
+    with torch.no_grad():
+        ref = theirs(x).logits.float()
+        error = (ours(x).float() - ref).abs().max()
+        ours.attn_impl = "flex"
+        assert error * 4 < (ours(x).float() - ref).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -452,6 +476,28 @@ def test_published_configs_map_to_presets():
     assert "layer_types" in new and "full_attention" in new["rope_parameters"]
     assert from_hf_config(new | {"architectures": ["Gemma3ForCausalLM"]}) == preset
     assert from_hf_config(gemma3 | {"query_pre_attn_scalar": 168}).attn_scale_dim == 168  # Gemma 3 27B's
+    gemma2 = {  # google/gemma-2-2b
+        "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+        "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+        "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+        "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+        "transformers_version": "4.42.4", "use_cache": True, "vocab_size": 256000,
+    }
+    preset = replace(PRESETS["gemma-2-2b"], hf_architecture="Gemma2ForCausalLM")
+    assert from_hf_config(gemma2) == preset
+    assert from_hf_config(to_hf_config(PRESETS["gemma-2-2b"])) == preset
+    new = transformers.Gemma2Config(**{k: v for k, v in gemma2.items() if k != "architectures"}).to_dict()
+    assert new["layer_types"][:2] == ["sliding_attention", "full_attention"]  # transformers 5 writes them out
+    assert from_hf_config(new | {"architectures": ["Gemma2ForCausalLM"]}) == preset
+    # Gemma 2 27B scales by query_pre_attn_scalar = 144; absent keys take Gemma2Config's defaults (50, 30, 256).
+    assert from_hf_config(gemma2 | {"query_pre_attn_scalar": 144}).attn_scale_dim == 144
+    bare = {k: v for k, v in gemma2.items() if k not in ("attn_logit_softcapping", "final_logit_softcapping",
+                                                         "query_pre_attn_scalar")}
+    assert from_hf_config(bare) == preset
+    assert from_hf_config(gemma2 | {"attn_logit_softcapping": None}).attn_softcap is None
     mixtral = {  # mistralai/Mixtral-8x7B-v0.1
         "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
@@ -483,10 +529,15 @@ def test_published_configs_map_to_presets():
                        (qwen3_moe | {"num_experts": "128"}, "key 'num_experts' must be an integer")]:
         with pytest.raises(ValueError, match=match):
             from_hf_config(bad)
-    for bad, why in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
-                     ({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "layer_types .* not supported")]:
+    assert from_hf_config(gemma3 | {"final_logit_softcapping": 30.0}).logit_softcap == 30.0  # read where set
+    for bad, why in [({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "Gemma 3 layer_types .* not"),
+                     ({"attn_logit_softcapping": -1.0}, "attn_softcap must be positive")]:
         with pytest.raises(ValueError, match=why):
             from_hf_config(gemma3 | bad)
+    with pytest.raises(ValueError, match="Gemma 2 layer_types .* not supported"):
+        from_hf_config(gemma2 | {"layer_types": ["full_attention", "sliding_attention"] * 13})
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it caps neither"):
+        to_hf_config(replace(PRESETS["debug-llama"], logit_softcap=30.0, hf_architecture="LlamaForCausalLM"))
 
 
 _PEAK = """

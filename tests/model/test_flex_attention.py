@@ -46,6 +46,10 @@ CASES = {
     # Gemma 3's layout: a windowed layer (its own RoPE base) then a global one, so two masks in one forward.
     "packed-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0,
                                             "sandwich_norm": True, "qk_norm": True}, PACKED, False),
+    # Gemma 2's capped scores: FlexAttention's score_mod against the written-out form, with and without a mask.
+    "packed-capped-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "attn_softcap": 0.02},
+                                   PACKED, False),
+    "capped-without-segments": ("debug-llama", {"attn_softcap": 0.02}, None, False),
 }
 
 

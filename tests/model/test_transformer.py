@@ -54,6 +54,7 @@ def test_preset_sizes_on_meta():
         qwen3_small, qwen3_8b = Transformer(PRESETS["qwen3-0.6b"]), Transformer(PRESETS["qwen3-8b"])
         gemma3_270m, gemma3_1b = Transformer(PRESETS["gemma3-270m"]), Transformer(PRESETS["gemma3-1b"])
         mixtral, qwen3_moe = Transformer(PRESETS["mixtral-8x7b"]), Transformer(PRESETS["qwen3-30b-a3b"])
+        gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -62,6 +63,8 @@ def test_preset_sizes_on_meta():
     assert gemma3_270m.num_params() == 268_098_176  # google/gemma-3-270m
     assert gemma3_1b.num_params() == 999_885_952  # google/gemma-3-1b-pt
     assert mixtral.num_params() == 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
+    # google/gemma-2-2b, -9b, -27b
+    assert [m.num_params() for m in gemma2] == [2_614_341_888, 9_241_705_984, 27_227_128_320]
     assert qwen3_moe.num_params() == 30_532_122_624  # Qwen/Qwen3-30B-A3B
     # FLOPs count the experts a token runs (2 of 8; 8 of 128): the published 12.9B and 3.3B active parameters
     # (the input embedding included there, as a lookup not here).
@@ -89,6 +92,9 @@ VARIANTS = {
     "window-local-global": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True},
     # OLMo 2's blocks: no pre-norms, norms on the sublayers' outputs, q/k norms over all heads at once.
     "olmo2": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True},
+    # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend init-size scores).
+    "gemma2-caps": {"sliding_window": 5, "global_every": 2, "sandwich_norm": True, "attn_softcap": 0.02,
+                    "logit_softcap": 2.0},
     # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
     "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
 }

@@ -2,6 +2,8 @@
 (values and both gradients, ignored targets, label smoothing, autocast), on CPU and, compiled, on a GPU; the routers'
 load-balancing loss of a mixture of experts equals transformers' (Mixtral, padding masked)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,11 @@ def _case(n=37, c=16, v=50, dtype=torch.float32, device="cpu", seed=0):
     return h, w, t
 
 
-def _reference(h, w, t, smoothing=0.0, scale=0.37):
-    loss = F.cross_entropy((h @ w.T).float(), t, ignore_index=IGNORE_INDEX, reduction="sum",
-                           label_smoothing=smoothing)
+def _reference(h, w, t, smoothing=0.0, scale=0.37, cap=None):
+    logits = (h @ w.T).float()
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
     gh, gw = torch.autograd.grad(loss * scale, (h, w))
     return loss.detach(), gh, gw
 
@@ -49,6 +53,38 @@ def test_linear_cross_entropy_equals_full_logits(smoothing, chunk):
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got_h, gh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_w, gw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_of_capped_logits(smoothing):
+    """Gemma 2's logit softcap inside the chunks: the loss of cap * tanh(logits / cap), and both gradients through
+    the cap's slope, equal autograd's on the full logits; a frozen weight gives the hidden gradient alone."""
+    h, w, t = _case()
+    w = (w * 3).detach().requires_grad_()  # logits up to ~60: the cap of 2 bends nearly all of them
+    ref, gh, gw = _reference(h, w, t, smoothing, cap=2.0)
+    loss = linear_cross_entropy(h, w, t, label_smoothing=smoothing, chunk=8, softcap=2.0)
+    got_h, got_w = torch.autograd.grad(loss * 0.37, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_h, gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, gw, rtol=1e-5, atol=1e-6)
+    assert (loss - _reference(h, w, t, smoothing)[0]).abs() > 1.0  # the cap changes the loss
+    frozen = linear_cross_entropy(h, w.detach(), t, label_smoothing=smoothing, softcap=2.0)
+    torch.testing.assert_close(torch.autograd.grad(frozen * 0.37, h)[0], gh, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, label_smoothing=smoothing, softcap=2.0), ref)
+
+
+def test_a_capped_model_loss_goes_through_its_logits():
+    """`LMLoss` on a model with `logit_softcap`: the chunked loss (tied head) and a head run as a module both equal
+    the cross-entropy of the model's own (capped) logits."""
+    model = Transformer(replace(PRESETS["debug-llama"], logit_softcap=0.5))
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = token_loss_sum(model(x), x)
+        assert model(x).abs().max() <= 0.5
+        torch.testing.assert_close(LMLoss()(model, Batch(x, x)).loss_sum, ref)
+        model.head = nn.Linear(64, 256, bias=True)
+        torch.testing.assert_close(LMLoss()(model, Batch(x, x)).loss_sum, token_loss_sum(model(x), x))
 
 
 def test_linear_cross_entropy_under_autocast_and_without_grad():

@@ -65,14 +65,6 @@ def distill_chunk_tokens(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output layer on final hidden states (n, C) -> (n, V), as its forward applies it: the
-    tied embedding, or the head as a module call (so an adapter on the head runs)."""
-    if model.head is None:
-        return F.linear(hidden, model.tok_emb.weight)
-    return model.head(hidden)
-
-
 def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-position generalised JSD (..., V) -> (...) of two log-prob tensors: forward KL(t || s) at beta 0,
     reverse KL(s || t) at beta 1, else beta KL(t || m) + (1 - beta) KL(s || m), m = (1 - beta) p_s + beta p_t
@@ -156,14 +148,14 @@ class DistillLoss:
                ids: torch.Tensor | None, logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(divergence sum, cross-entropy sum) of one chunk of positions, from the student's hidden states and
         the teacher's hidden states or its cached top-k."""
-        logits = output_logits(student, hidden).float()  # (n, V)
+        logits = student.logits(hidden).float()  # (n, V)
         ce = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.label_smoothing)
         T = self.temperature
         if ids is not None:
             s, t = topk_logprobs(logits, ids, logps, T)
         else:
             with torch.no_grad():
-                teacher_logits = output_logits(self.teacher, teacher_hidden).float()  # (n, V)
+                teacher_logits = self.teacher.logits(teacher_hidden).float()  # (n, V)
             if teacher_logits.shape != logits.shape:
                 raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                                  f"{tuple(logits.shape)} differ: the vocabularies must have one size")

@@ -35,7 +35,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from temper.model.heads import RewardModel, ScalarHead, last_positions
@@ -400,16 +399,12 @@ class ActorCritic(nn.Module):
         extra = 6 * self.cfg.dim if self.shared else self.value.flops_per_token(seq_len)
         return self.policy.flops_per_token(seq_len) + extra
 
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.policy.head
-        return F.linear(hidden, self.policy.tok_emb.weight) if head is None else head(hidden)
-
     def forward(self, tokens: torch.Tensor, *, logits_at: torch.Tensor | None = None, policy_only: bool = False,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         if policy_only:
             return self.policy(tokens, logits_at=logits_at, **kwargs)
         hidden = self.policy(tokens, logits_at=logits_at, hidden_only=True, **kwargs)  # (N, C)
-        logits = self._lm_head(hidden)  # (N, V)
+        logits = self.policy.logits(hidden)  # (N, V)
         if self.shared:
             return logits, self.value(hidden).float()
         value_hidden = self.value.backbone(tokens, logits_at=logits_at, hidden_only=True, **kwargs)  # (N, C)

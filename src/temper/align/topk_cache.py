@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from temper.align.distill import distill_chunk_tokens, output_logits
+from temper.align.distill import distill_chunk_tokens
 from temper.files import atomic_write_json, fsync_dir, sha256_file
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.step import autocast
@@ -120,7 +120,7 @@ def _top_k(teacher: nn.Module, batch: Batch, valid: torch.Tensor, k: int, amp_dt
         chunk = distill_chunk_tokens(teacher.cfg.vocab_size)
         ids, logps = [], []
         for lo in range(0, hidden.shape[0], chunk):
-            logits = output_logits(teacher, hidden[lo:lo + chunk])  # (n, V)
+            logits = teacher.logits(hidden[lo:lo + chunk])  # (n, V)
             top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # (n, k) each
             del logits  # before the next chunk's: one chunk's logits alive at a time
             ids.append(top.indices.to(torch.int32).cpu())

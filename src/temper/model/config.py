@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 3, Phi-3, OLMo 2, Mixtral and Qwen3-MoE shapes. This module
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2, Mixtral and Qwen3-MoE shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -89,6 +89,11 @@ class ModelConfig:
     entering attention and MLP (OLMo 2)."""
     attn_scale_dim: int | None = None
     """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
+    attn_softcap: float | None = None
+    """Cap attention scores smoothly at +-c: c * tanh(score / c), after scaling, before the mask and softmax (Gemma 2:
+    50). None: uncapped, which lets SDPA's fused kernels run (a capped score needs FlexAttention or the math form)."""
+    logit_softcap: float | None = None
+    """Cap the output logits smoothly at +-c: c * tanh(logit / c) (Gemma 2: 30); None: uncapped."""
     n_experts: int = 0
     """Experts in each block's MLP, a sparse mixture (Shazeer et al. 2017; Mixtral, Qwen3-MoE); 0: one dense MLP."""
     experts_per_token: int = 2
@@ -152,6 +157,9 @@ class ModelConfig:
                              "base")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("attn_softcap", "logit_softcap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
         if self.attn_scale_dim is not None and self.attn_scale_dim <= 0:
             raise ValueError(f"attn_scale_dim must be positive or None, got {self.attn_scale_dim}")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_per_token <= self.n_experts):
@@ -204,6 +212,11 @@ def is_global_layer(layer: int, every: int | None) -> bool:
 _GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)
 _GPT3 = ModelConfig(max_seq_len=2048, vocab_size=50257)
 _LLAMA = ModelConfig(mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+_GEMMA2 = replace(
+    _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norm=True, norm_eps=1e-6,
+    max_seq_len=8192, sliding_window=4096, global_every=2, attn_softcap=50.0, logit_softcap=30.0, tie_embeddings=True,
+    vocab_size=256000,
+)
 _GEMMA3 = replace(
     _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True, sandwich_norm=True, norm_eps=1e-6,
     max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512, global_every=6,
@@ -249,6 +262,12 @@ PRESETS: dict[str, ModelConfig] = {
         _LLAMA, vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_size=128, ffn_dim=12288,
         max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False,
     ),
+    # Gemma 2 (Gemma team, "Gemma 2: Improving Open Language Models at a Practical Size", 2024): windowed layers (4096
+    # tokens) alternating with global ones, attention scores capped at +-50 and logits at +-30, sandwich norms.
+    "gemma-2-2b": replace(_GEMMA2, dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_size=256, ffn_dim=9216),
+    "gemma-2-9b": replace(_GEMMA2, dim=3584, n_layers=42, n_heads=16, n_kv_heads=8, head_size=256, ffn_dim=14336),
+    "gemma-2-27b": replace(_GEMMA2, dim=4608, n_layers=46, n_heads=32, n_kv_heads=16, head_size=128, ffn_dim=36864,
+                           attn_scale_dim=144),
     # Gemma 3's text models (Gemma team, "Gemma 3 Technical Report", 2025): five local layers (a 512-token window,
     # RoPE base 10k) to one global (base 1M), 256-wide heads, one kv head, q/k norms and sandwich norms.
     "gemma3-270m": replace(

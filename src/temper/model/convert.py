@@ -1,11 +1,12 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Eleven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twelve architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
-embeddings, wide heads), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma's parts, q/k norms, norms on the
-sublayers' outputs, local windowed layers with their own RoPE base between global ones; also read out of the
-image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
+embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
+layers alternating with global ones, capped attention scores and logits), Gemma 3's text model
+(`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with their own RoPE base; also
+read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
 Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
 sublayers' outputs only, q/k norms over all heads at once), Mixtral (`MixtralForCausalLM`: Mistral with a
 mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps
@@ -55,16 +56,17 @@ from temper.files import (
 from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM", "MixtralForCausalLM",
-    "Qwen3MoeForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
+    "MixtralForCausalLM", "Qwen3MoeForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE)
+GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "mixtral": MIXTRAL,
+                "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "mixtral": MIXTRAL,
                 "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
@@ -194,7 +196,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     """Llama and the architectures that differ from it by a few fields."""
     name = arch.removesuffix("ForCausalLM")
     act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-    gemma = arch in (GEMMA, GEMMA3)
+    gemma = arch in GEMMAS
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
@@ -209,6 +211,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope = {}
     else:
         theta, scaling, rope = _rope(d)
+    if arch == GEMMA2:  # one RoPE; the windowed layers alternate with global ones
+        window, every = _window_layers(d, "Gemma 2", 2)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper rotates whole heads)")
@@ -225,6 +229,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             raise ValueError(f"{name} attention_bias=true is not supported")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
+    # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256)
+    scalar = d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3) else head_dim
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
@@ -235,12 +241,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, OLMO2), qk_norm_whole=arch == OLMO2,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
-        sandwich_norm=arch in (GEMMA3, OLMO2), pre_norm=arch != OLMO2, norm_cast_after=arch == OLMO2,
+        sandwich_norm=arch in (GEMMA2, GEMMA3, OLMO2), pre_norm=arch != OLMO2, norm_cast_after=arch == OLMO2,
         rope_float32=arch == OLMO2, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
-        attn_scale_dim=(int(d["query_pre_attn_scalar"]) if arch == GEMMA3
-                        and d.get("query_pre_attn_scalar", head_dim) != head_dim else None),
+        attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
+        **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
     )
 
 
@@ -267,25 +273,45 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
             "renormalize_experts": bool(d.get("norm_topk_prob", False))}
 
 
-def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
-    """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a Gemma 3 config.
+def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
+    """Gemma 2's (and, where set, Gemma 3's) capped attention scores and logits, with their config classes'
+    defaults (Gemma 2: 50 and 30; Gemma 3: none)."""
+    defaults = (50.0, 30.0) if arch == GEMMA2 else (None, None)
+    caps = [d.get(key, default) for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"),
+                                                          defaults, strict=True)]
+    return {"attn_softcap": caps[0] and float(caps[0]), "logit_softcap": caps[1] and float(caps[1])}
 
-    Its `layer_types` (or the older `sliding_window_pattern`) say which layers attend within the window and which
-    to everything; temper lays them out as the last of every `global_every` layers global, which is Gemma 3's
-    pattern. The two kinds have their own RoPE: `rope_parameters` per layer type (transformers 5) or `rope_theta`,
-    `rope_scaling` (global) and `rope_local_base_freq` (the published spelling)."""
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if d.get(key) is not None:
-            raise ValueError(f"Gemma 3 {key}={d[key]} is not supported")
-    if d.get("use_bidirectional_attention"):
-        raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
+
+def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[int | None, int | None]:
+    """(sliding_window, global_every) of a config whose `layer_types` (or older `sliding_window_pattern`; else
+    every `default_every`-th layer global) say which layers attend within the window and which to everything.
+    temper lays them out as the last of every `global_every` layers global, Gemma 2's and 3's pattern. (None,
+    None): every layer global; (window, None): every layer within the window."""
     n, window = d["num_hidden_layers"], d.get("sliding_window")
     every_nth = lambda every: ["full_attention" if is_global_layer(i, every) else "sliding_attention"  # noqa: E731
                                for i in range(n)]
-    types = d.get("layer_types") or every_nth(d.get("sliding_window_pattern", 6))
+    types = d.get("layer_types") or every_nth(d.get("sliding_window_pattern", default_every))
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
                          f"layers, got {types!r}")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if window is None or len(full) == n:
+        return None, None
+    if not full:
+        return window, None
+    if types != every_nth(full[0] + 1):
+        raise ValueError(f"{name} layer_types {types!r} are not supported (temper makes the last of every N layers "
+                         f"global)")
+    return window, full[0] + 1
+
+
+def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
+    """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a Gemma 3 config: its layers
+    (`_window_layers`), each kind with its own RoPE: `rope_parameters` per layer type (transformers 5) or
+    `rope_theta`, `rope_scaling` (global) and `rope_local_base_freq` (the published spelling)."""
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
+    window, every = _window_layers(d, "Gemma 3", 6)
     params = d.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one set per layer type
         spellings = {kind: dict(params.get(kind) or {}) for kind in ("full_attention", "sliding_attention")}
@@ -296,15 +322,10 @@ def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, fl
         _check_types(values, _ROPE_FIELD_TYPES, prefix=f"rope_parameters.{kind}.")
     (theta, scaling, _), (local, local_scaling, _) = (_rope({"rope_parameters": spellings[k]})
                                                       for k in ("full_attention", "sliding_attention"))
-    full = [i for i, t in enumerate(types) if t == "full_attention"]
-    if window is None or len(full) == n:  # every layer global
+    if window is None:  # every layer global
         return None, None, theta, None, scaling
-    if not full:  # every layer within the window: one RoPE, the local one
+    if every is None:  # every layer within the window: one RoPE, the local one
         return window, None, local, None, local_scaling
-    every = full[0] + 1
-    if types != every_nth(every):
-        raise ValueError(f"Gemma 3 layer_types {types!r} are not supported (temper makes the last of every N layers "
-                         f"global)")
     if local_scaling:
         raise ValueError("Gemma 3 RoPE scaling of the sliding-window layers is not supported")
     return window, every, theta, local, scaling
@@ -333,7 +354,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
-            arch = GEMMA3 if cfg.sandwich_norm else GEMMA
+            arch = GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
@@ -364,7 +385,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has no sliding window" if cfg.sliding_window else None
     if (cfg.pos, cfg.norm) != ("rope", "rmsnorm"):
         return "it needs RoPE and RMSNorm"
-    if arch in (GEMMA, GEMMA3):
+    if arch in GEMMAS:
         if not all(gemma_parts) or not cfg.tie_embeddings:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
@@ -373,7 +394,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, GEMMA, GEMMA3, PHI3, OLMO2, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, OLMO2, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, OLMO2)
     if cfg.qk_norm != (arch in normed):
@@ -387,17 +408,21 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
-    if cfg.sandwich_norm != (arch in (GEMMA3, OLMO2)):
-        return ("it has norms on the sublayers' outputs" if arch in (GEMMA3, OLMO2)
-                else "it has no norms on the sublayers' outputs (Gemma3ForCausalLM and Olmo2ForCausalLM do)")
-    if cfg.attn_scale_dim is not None and arch != GEMMA3:
-        return "it scales attention scores by head_dim ** -0.5 (Gemma3ForCausalLM has query_pre_attn_scalar)"
-    if (cfg.global_every or cfg.rope_local_theta) and arch != GEMMA3:
-        return "it has no global layers between windowed ones (Gemma3ForCausalLM does)"
+    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, OLMO2)):
+        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, OLMO2)
+                else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and Olmo2ForCausalLM do)")
+    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3):
+        return "it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar)"
+    if cfg.global_every and arch not in (GEMMA2, GEMMA3):
+        return "it has no global layers between windowed ones (Gemma 2 and 3 do)"
+    if cfg.rope_local_theta and arch != GEMMA3:
+        return "it has one RoPE base for every layer (Gemma3ForCausalLM has rope_local_base_freq)"
+    if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3):
+        return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
     if arch == GEMMA3 and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA3, MIXTRAL):
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA2, GEMMA3, MIXTRAL):
         return "it has no sliding window"
     return None
 
@@ -422,7 +447,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": "gelu_pytorch_tanh" if arch in (GEMMA, GEMMA3) else "silu",
+        "hidden_act": "gelu_pytorch_tanh" if arch in GEMMAS else "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         # The rope_theta / rope_scaling spelling of the published configs: transformers 4.x reads
         # it as is and 5.x converts it to `rope_parameters`.
@@ -446,14 +471,15 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
     elif arch == OLMO2:
         d["attention_bias"] = False
-    elif arch == GEMMA3:  # rope_theta and rope_scaling above are the global layers'
+    elif arch in (GEMMA2, GEMMA3):  # Gemma 3: rope_theta and rope_scaling above are the global layers'
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
               "sliding_window": cfg.sliding_window,
               "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention"
                               for i in range(cfg.n_layers)],
-              "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "final_logit_softcapping": None,
-              "attn_logit_softcapping": None, "use_bidirectional_attention": False}
+              "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
+        if arch == GEMMA3:
+            d |= {"rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "use_bidirectional_attention": False}
     if arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
@@ -505,9 +531,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
         add("model.embed_tokens.weight", "tok_emb.weight")
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
-            # Gemma 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
+            # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
-            if arch == GEMMA3:
+            if arch in (GEMMA2, GEMMA3):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch == OLMO2:  # the outputs' norms only

@@ -1,13 +1,14 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3, Phi-3, OLMo 2, Mixtral, Qwen3-MoE) comes
-from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU MLP or a mixture of
-gated experts, multi-head or grouped-query attention, query/key norms (per head or over all heads), a sliding
-window (on every layer, or local layers between global ones with their own RoPE base), norms on the sublayers'
-inputs, outputs or both, biases, tying, embedding scaling.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2, Mixtral,
+Qwen3-MoE) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU
+MLP or a mixture of gated experts, multi-head or grouped-query attention, query/key norms (per head or over all
+heads), a sliding window (on every layer, or local layers between global ones with their own RoPE base), norms on
+the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention scores and logits.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
-the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`.
+the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2),
+which SDPA cannot take, go through FlexAttention where it is chosen, else through `_capped_attention`.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -250,6 +251,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -280,7 +282,10 @@ class Attention(nn.Module):
             # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
             # mask when attention dropout is off.
             flex = _flex_kernels(q.device.type)[1]
-            y = flex(q, k, v, block_mask=mask, scale=self.scale, enable_gqa=groups > 1)  # (B, H, T, D)
+            score_mod = None if self.softcap is None else _tanh_cap(self.softcap)
+            y = flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale, enable_gqa=groups > 1)  # (B, H, T, D)
+        elif self.softcap is not None:
+            y = _capped_attention(q, k, v, mask, causal, self.scale, self.softcap, dropout_p)  # (B, H, T, D)
         elif groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(
@@ -306,6 +311,43 @@ class Attention(nn.Module):
         """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
         (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
         return k, v, mask, causal
+
+
+def _tanh_cap(cap: float) -> Callable[..., torch.Tensor]:
+    """FlexAttention's score_mod of capped scores: c * tanh(score / c), on the scaled score, before the mask."""
+
+    def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(score / cap) * cap
+
+    return capped
+
+
+def _capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None,
+    cap: float, dropout_p: float,
+) -> torch.Tensor:
+    """Attention with scores capped at +-cap (Gemma 2), written out: SDPA takes no hook on the scores, and
+    FlexAttention (which does) has no CPU backward. It keeps the T x S scores, as Gemma 2's reference does.
+
+    The reference's order and dtypes: the scaled scores in the inputs' dtype, divided by the cap, tanh, times the
+    cap, the mask, a float32 softmax rounded back, so 16-bit outputs equal its own. Each kv head's query group is
+    folded into the query axis (as SDPA's masked path above), so keys and values are never repeated per head.
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B|1, 1, T, S) bool, or None (causal: the T queries are the last
+    T positions of the S keys; else every key is seen). Returns (B, H, T, D)."""
+    B, H, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    groups = H // n_kv
+    if mask is None and causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
+    scores = q.reshape(B, n_kv, groups * T, D) @ k.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
+    scores = torch.tanh(scores / cap) * cap  # (B, Hkv, G*T, S)
+    if mask is not None:  # an additive -inf, which (unlike masked_fill) keeps no mask for backward
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = (scores.view(B, n_kv, groups, T, S) + bias.unsqueeze(2)).view(B, n_kv, groups * T, S)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v).view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -550,9 +592,16 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if hidden_only:  # the final hidden states, for a head applied outside (train.losses, model.heads)
             return x  # (B, T, C) or (N, C)
-        if self.head is None:
-            return F.linear(x, self.tok_emb.weight)  # (B, T, V) or (N, V), the tied head
-        return self.head(x)  # (B, T, V) or (N, V); a module call, so an adapter swapped in for it runs
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final hidden states (..., C) -> (..., V): the tied embedding, or the head as a module
+        call (so an adapter swapped in for it runs), then `logit_softcap`. The one place logits are made, for
+        `forward` and for losses and rollouts that take `hidden_only` states (`train.losses`' chunked loss fuses
+        the same steps)."""
+        logits = F.linear(hidden, self.tok_emb.weight) if self.head is None else self.head(hidden)
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2's order, for its 16-bit rounding
 
     def _attention_mask(
         self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | None = None,
@@ -573,8 +622,8 @@ class Transformer(nn.Module):
             if window is not None:  # the last `window` keys, the query's own included (Mistral)
                 mask &= k_pos > q_pos - window
             return mask[:, None], False  # (B, 1, T, S_max)
-        if segments is None and (window is None or T <= window):
-            return None, True  # plain causal prefill / training
+        if segments is None and (window is None or T <= window) and not (self.cfg.attn_softcap and self._use_flex(device)):
+            return None, True  # plain causal prefill / training (capped scores on CUDA: flex, with a causal block mask)
         if segments is not None and segments.ids.shape != (B, T):
             raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
         visible = self._mask_mod(segments, window)

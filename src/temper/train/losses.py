@@ -90,19 +90,35 @@ class Loss(Protocol):
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut: ...
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32) and, with `grad`, its
-    gradient w.r.t. the logits in their dtype: softmax - ((1 - s) * one_hot + s / V), zero on ignored
-    rows (PyTorch's label smoothing).
-
-    Works in place on one float32 copy of the logits (the logits themselves when already float32):
-    a chunk costs one float32 (n, V) tensor and its gradient.
-    """
+def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None
+                  ) -> tuple[torch.Tensor, torch.dtype, torch.Tensor | None]:
+    """(a chunk's logits `hidden @ weight.T` in float32, their dtype, and with a `cap` the capped logits'
+    slope tanh(z / c), for `_capped_grad`). Capped (Gemma 2's logit softcap): c * tanh(z / c), in float32."""
     logits = hidden @ weight.T  # (n, V)
     dtype = logits.dtype
     lf = logits.float()  # (n, V)
     del logits  # freed here when the float32 copy is a new tensor
+    if cap is None:
+        return lf, dtype, None
+    slope = lf.div_(cap).tanh_()  # (n, V) tanh(z / c), in place on the chunk's own logits; kept for the gradient
+    return slope * cap, dtype, slope
+
+
+def _capped_grad(g: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
+    """The gradient w.r.t. the raw logits from the capped ones': times d(c tanh(z / c))/dz = 1 - tanh^2 (in place)."""
+    return g if slope is None else g.mul_(slope.square_().neg_().add_(1))
+
+
+def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool,
+              cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32; capped at +-cap when given) and,
+    with `grad`, its gradient w.r.t. the logits in their dtype: softmax - ((1 - s) * one_hot + s / V), zero on
+    ignored rows (PyTorch's label smoothing).
+
+    Works in place on one float32 copy of the logits (the logits themselves when already float32):
+    a chunk costs one float32 (n, V) tensor and its gradient (a capped chunk one more: the cap's slope).
+    """
+    lf, dtype, slope = _float_logits(hidden, weight, cap)  # (n, V)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)[:, None]  # (n, 1)
     lf = lf.sub_(lf.amax(dim=-1, keepdim=True))  # shifted so that exp cannot overflow
@@ -121,7 +137,7 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     g.scatter_add_(1, safe, torch.full(safe.shape, -(1 - smoothing), dtype=g.dtype, device=g.device))
     if smoothing:
         g.sub_(smoothing / g.shape[-1])
-    return loss, g.mul_(valid[:, None]).to(dtype)
+    return loss, _capped_grad(g.mul_(valid[:, None]), slope).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -134,15 +150,12 @@ class VocabShard:
 
 
 def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                      grad: bool, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      grad: bool, cap: float | None, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_chunk_ce` when `weight` holds this rank's rows of the vocabulary (`shard`): the logits' max, the sum
     of their exponentials, the target's logit (on the rank that holds its row) and, for label smoothing, the
     sum of the logits are all-reduced over `shard.group` (two all-reduces a chunk; Shoeybi et al. 2019), so
     every rank returns the whole loss, and the gradient of its own slice of the logits."""
-    logits = hidden @ weight.T  # (n, V/tp)
-    dtype = logits.dtype
-    lf = logits.float()  # (n, V/tp)
-    del logits
+    lf, dtype, slope = _float_logits(hidden, weight, cap)  # (n, V/tp)
     valid = targets != IGNORE_INDEX
     mx = lf.amax(dim=-1)  # (n,)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=shard.group)
@@ -167,7 +180,7 @@ def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     g.scatter_add_(1, safe, torch.where(mine, -(1 - smoothing), 0.0)[:, None].to(g.dtype))
     if smoothing:
         g.sub_(smoothing / shard.size)
-    return loss, g.mul_(valid[:, None]).to(dtype)
+    return loss, _capped_grad(g.mul_(valid[:, None]), slope).to(dtype)
 
 
 def _vocab_slice(weight: DTensor) -> tuple[torch.Tensor, VocabShard]:
@@ -199,10 +212,10 @@ def _chunk_ce_fn(device: torch.device) -> Callable:
 
 
 def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, chunk: int,
-               need_h: bool, need_w: bool, shard: VocabShard | None = None
+               need_h: bool, need_w: bool, cap: float | None = None, shard: VocabShard | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `shard`: the
-    weight is this rank's vocabulary rows (tensor parallel)."""
+    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `cap`: the logits'
+    softcap; `shard`: the weight is this rank's vocabulary rows (tensor parallel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
@@ -213,7 +226,7 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         chunk_ce = _chunk_ce_fn(h.device) if shard is None else partial(_chunk_ce_sharded, shard=shard)
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
-            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w)  # g: (n, V)
+            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w, cap)  # g: (n, V)
             total += loss
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
@@ -238,8 +251,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                chunk: int, shard: VocabShard | None) -> torch.Tensor:
-        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], shard)
+                chunk: int, cap: float | None, shard: VocabShard | None) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], cap,
+                                           shard)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -249,12 +263,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         label_smoothing: float = 0.0, chunk: int | None = None) -> torch.Tensor:
-    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets.
+                         label_smoothing: float = 0.0, chunk: int | None = None, softcap: float | None = None
+                         ) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets; with `softcap`,
+    of the capped logits softcap * tanh(logits / softcap) (`ModelConfig.logit_softcap`, Gemma 2).
 
     hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
     where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
@@ -267,9 +283,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         weight, shard = _vocab_slice(weight)
     chunk = chunk or chunk_tokens(weight.shape[0], weight.requires_grad)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, shard)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, softcap, shard)
     with torch.no_grad():  # evaluation: no gradient is computed at all
-        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, shard)[0]
+        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, softcap, shard)[0]
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -286,12 +302,12 @@ def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Te
     `linear_cross_entropy`; any other head (LoRA on the head, say) runs as a module, then the loss.
     """
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    head = model.head
+    head, cap = model.head, model.cfg.logit_softcap
     if head is None:
-        return linear_cross_entropy(h, model.tok_emb.weight, t, label_smoothing=label_smoothing)
+        return linear_cross_entropy(h, model.tok_emb.weight, t, label_smoothing=label_smoothing, softcap=cap)
     if type(head) is nn.Linear and head.bias is None:
-        return linear_cross_entropy(h, head.weight, t, label_smoothing=label_smoothing)
-    return token_loss_sum(head(hidden), targets, label_smoothing)  # the model's own (B, T, C) call, as in forward
+        return linear_cross_entropy(h, head.weight, t, label_smoothing=label_smoothing, softcap=cap)
+    return token_loss_sum(model.logits(hidden), targets, label_smoothing)  # the model's own (B, T, C) call
 
 
 @dataclass
