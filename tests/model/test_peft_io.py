@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for eleven architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
+1e-4), for twelve architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -36,6 +36,9 @@ CONFIGS = {
     "gemma3": replace(_LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, tie_embeddings=True,
                       head_size=32, n_kv_heads=1, qk_norm=True, sandwich_norm=True, sliding_window=8, global_every=2,
                       rope_local_theta=100.0, hf_architecture="Gemma3ForCausalLM"),  # a local then a global layer
+    "gemma2": replace(_LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, tie_embeddings=True,
+                      head_size=32, sandwich_norm=True, sliding_window=8, global_every=2, attn_softcap=5.0,
+                      logit_softcap=3.0, hf_architecture="Gemma2ForCausalLM"),  # capped scores and logits
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,

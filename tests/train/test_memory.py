@@ -165,6 +165,9 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "lora", "fp32", 0, {"lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS), dropout=0.1)}),
     ("debug-llama", "pretrain", "fp32", 0, {"batch": 2, "accumulation": 2}),  # gradients live through the 2nd
     ("debug", "pretrain", "fp32", 0, {"dropout": 0.1}),  # CPU SDPA falls back to the math kernel: T x T per head
+    # Gemma 2's caps: the written-out attention keeps T x T per head; the loss's chunks keep the cap's slope.
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": {"attn_softcap": 50.0, "logit_softcap": 30.0}}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": {"attn_softcap": 50.0, "logit_softcap": 30.0}}),
     # NF4 blocks (widths its 64 x 256-value blocks divide), each layer dequantized in turn; packed weights counted as
     # their inner tensors (a dense-sized wrapper otherwise)
     ("debug-llama", "qlora", "bf16", 0, {"dims": NF4_DIMS}),

@@ -139,10 +139,12 @@ WORKER = textwrap.dedent('''
     configs = {
         "llama": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
                          max_seq_len=32, qk_norm=True),
-        # Gemma 3's parts: sandwich norms on the sublayers' outputs, a windowed layer (own RoPE base) then a global one.
+        # Gemma 3's parts: sandwich norms on the sublayers' outputs, a windowed layer (own RoPE base) then a global one;
+        # Gemma 2's capped scores and logits (low caps, to bend init-size values; the loss caps each vocabulary slice).
         "gemma3": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
                           max_seq_len=32, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True,
                           sandwich_norm=True, sliding_window=6, global_every=2, rope_local_theta=100.0,
+                          attn_softcap=0.1, logit_softcap=0.3,
                           tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
     }
@@ -185,8 +187,9 @@ WORKER = textwrap.dedent('''
                 except ValueError as e:
                     assert "sequence_parallel" in str(e), e
                 continue
-            # Weights large enough (init_std 0.5) that greedy decoding does not repeat one token.
-            ref, tp = pair(replace(cfg, init_std=0.5), sp)
+            # Weights large enough (init_std 0.5) that greedy decoding does not repeat one token (and a logit cap
+            # that leaves their top ones apart: a low one would round them all to the cap).
+            ref, tp = pair(replace(cfg, init_std=0.5, logit_softcap=cfg.logit_softcap and 50.0), sp)
             assert tp.new_cache(3, 16).k.shape[2] == cfg.kv_heads // 2  # this rank's kv heads
             want = generate(ref, prompts, max_new_tokens=12, temperature=0)
             got = generate(tp, prompts, max_new_tokens=12, temperature=0)

@@ -468,7 +468,9 @@ class Transformer(nn.Module):
     the sequence): "flex" (FlexAttention's block mask, compiled on CUDA), "sdpa" (a dense (B, 1, T, T)
     mask) or "auto" (flex on CUDA, sdpa elsewhere: a CPU has no fused flex kernel, and torch no CPU flex
     backward). Set on the instance (`model.attn_impl = "sdpa"`; training recipes: `--train.attention`): a
-    choice of kernel, not of the model, so no ModelConfig field (those are exported, and compared on resume)."""
+    choice of kernel, not of the model, so no ModelConfig field (those are exported, and compared on resume).
+    With `attn_softcap`, "flex" serves unmasked forwards too (a causal block mask), and "sdpa" means the
+    written-out `_capped_attention`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

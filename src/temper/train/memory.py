@@ -81,7 +81,8 @@ What temper's training actually does, and so what is counted (read from `train/s
     4/16384 bytes per weight; one linear layer is dequantized at a time (transient).
 
 Attention dropout on a CPU sends SDPA to its math kernel, which keeps T x T probabilities per head
-(counted); CUDA's fused kernels take dropout without them. The estimate counts tensors, as
+(counted); CUDA's fused kernels take dropout without them. Capped scores (Gemma 2) keep T x T per head too
+where FlexAttention does not run (a CPU, or dropout): the capped scores and the float32 probabilities (counted). The estimate counts tensors, as
 `torch.cuda.max_memory_allocated` does; it does not count the CUDA context (~0.5 GB), allocator
 caching and fragmentation, kernels' workspaces, or what torch.compile saves instead. `LiveTensorBytes` / `measure_train_step` measure the same thing on any
 device (a CPU has no allocator counter) so that the estimate can be checked against a real step.
@@ -535,7 +536,15 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
         _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
         _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
-    if attn_grad and cfg.dropout > 0 and not t.cuda:
+    if attn_grad and cfg.attn_softcap and not (t.cuda and cfg.dropout == 0):
+        # Capped scores (Gemma 2) without FlexAttention (a CPU; dropout): `_capped_attention` keeps q (its grouped
+        # copy), k, v and, per head, T x T: the capped scores, the float32 probabilities and their cast (with dropout
+        # its mask and the dropped ones), and the output.
+        s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + 2 * kv_out))
+        per_score = t.a + 4 + (t.a if t.a != 4 else 0) + (1 + t.a if cfg.dropout > 0 else 0)
+        s.add("capped scores and probabilities (T x T per head)", seq_len * cfg.n_heads * per_score)
+        s.add("attention output", t.a * q_out)
+    elif attn_grad and cfg.dropout > 0 and not t.cuda:
         # A CPU has no fused kernel with attention dropout: SDPA's math path (in float32 on a CPU,
         # whatever the inputs) keeps the scaled q and k (k and v repeated to every query head under
         # GQA), the T x T probabilities, the dropout mask and the dropped probabilities, per head.
@@ -670,7 +679,8 @@ def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool, 
 
     The chunked loss (train/losses.py) holds the final hidden states and their copy in the compute
     dtype, the gradients it computes as it goes (hidden: tokens x d, weight: V x d in float32) and one
-    chunk of n tokens: its logits, one float32 (n, V) working copy and the logits' gradient; backward
+    chunk of n tokens: its logits, one float32 (n, V) working copy (capped logits: and the cap's float32 slope)
+    and the logits' gradient; backward
     scales both gradients into new tensors. A head run as a module (e.g. LoRA on it) instead makes
     the full logits: float32 log-probabilities and two gradients per token (~12 B x V). `vocab`: the
     output layer's rows on this rank (its vocabulary slice under tensor parallel; 0: all of them);
@@ -688,12 +698,14 @@ def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool, 
     grad_h = tokens * d * a if hidden_grad else 0
     grad_w = 4 * V * d if trained else 0
     held = tokens * d * h + (tokens * d * a if h != a else 0) + (V * d * a if w != a else 0) + grad_h + grad_w
-    chunk = n * V * (4 + a if a != 4 else 4)  # the logits or their gradient, and one float32 working copy
+    # the logits or their gradient, and one float32 working copy; capped logits (Gemma 2) keep the cap's slope too
+    per_logit = (4 + a if a != 4 else 4) + (4 if cfg.logit_softcap else 0)
+    chunk = n * V * per_logit
     if trained:  # after a chunk: its gradient and the weight gradient's product, in a and float32
         chunk = max(chunk, n * V * a + V * d * (a + (4 if a != 4 else 0)))
     backward = grad_h + grad_w + (tokens * d * (a + (h if h != a else 0)) if hidden_grad else 0) \
         + (V * d * (4 + (w if w != 4 else 0)) if trained else 0)
-    formula = f"chunked: {n} tokens x V x {4 + a if a != 4 else 4} B at a time + gradients of hidden and weight"
+    formula = f"chunked: {n} tokens x V x {per_logit} B at a time + gradients of hidden and weight"
     return held + chunk, backward, formula
 
 
