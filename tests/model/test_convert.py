@@ -3,6 +3,7 @@ generations equal (wherever a step is not a near-tie: tests/greedy.py); checkpoi
 (sharded, pickled, hub snapshots) and their bad input."""
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from temper.model.convert import (
     save_hf,
     to_hf_config,
 )
+from temper.model.rope import rope_attention_factor
 from temper.model.transformer import Transformer
 from tests.greedy import assert_greedy_agrees, next_token_logits
 
@@ -87,6 +89,16 @@ CASES = {
                                tie_word_embeddings=False, pad_token_id=0),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
+    # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
+    # length short, so 40-token inputs use the stretched band).
+    "olmo3-yarn-local-global": lambda: _hf("Olmo3Config", "Olmo3ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                           sliding_window=WINDOW, tie_word_embeddings=False, pad_token_id=0,
+                                           rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16,
+                                                         "original_max_position_embeddings": 16}),
+    # YaRN (Qwen2.5's and Qwen3's long contexts) with DeepSeek's attention factor from mscale and mscale_all_dim.
+    "qwen2-yarn": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=False,
+                              rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                            "mscale": 0.707, "mscale_all_dim": 1.0}),
     # Mixtures of experts: 4 experts, each token to 2 (Mixtral's weights renormalised over the 2, Qwen3-MoE's
     # not: norm_topk_prob off, as its config class defaults), the router's choices differing token by token.
     "mixtral-experts-window": lambda: _hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, num_local_experts=4,
@@ -131,6 +143,12 @@ def test_variant_features_are_exercised():
                       ("gemma2-softcap-local-global", {"attn_softcap": None}),
                       ("gemma2-softcap-local-global", {"logit_softcap": None}),
                       ("gemma2-softcap-local-global", {"global_every": None}),  # all windowed
+                      ("olmo3-yarn-local-global", {"rope_local_theta": None}),  # the windowed layers stretched too
+                      ("olmo3-yarn-local-global", {"sliding_window": None, "global_every": None,
+                                                   "rope_local_theta": None, "rope_scaling": None}),
+                      ("qwen2-yarn", {"rope_scaling": None}),
+                      ("qwen2-yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 16}}),  # 0.1 ln 4 + 1
                       ("mixtral-experts-window", {"experts_per_token": 1}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:
         hf = CASES[case]()
@@ -376,8 +394,10 @@ def _llama_dir(tmp_path, **over):
 def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=", ".join(SUPPORTED_ARCHITECTURES)):
         from_hf_config({"architectures": ["BertForMaskedLM"]})
-    with pytest.raises(ValueError, match="rope type 'yarn'"):
-        from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope type 'longrope'"):
+        from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="key 'rope_scaling.beta_fast' must be a number or null, got '32'"):
+        from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "beta_fast": "32"}})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
         to_hf_config(ModelConfig(pos="rope", norm="layernorm", mlp="gelu"))
 
@@ -498,6 +518,29 @@ def test_published_configs_map_to_presets():
                                                          "query_pre_attn_scalar")}
     assert from_hf_config(bare) == preset
     assert from_hf_config(gemma2 | {"attn_logit_softcapping": None}).attn_softcap is None
+    # Qwen's long-context recipe adds YaRN to the published config; the attention factor is 0.1 ln(factor) + 1.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    long = from_hf_config(qwen3 | {"rope_scaling": yarn})
+    assert long.rope_scaling == yarn and rope_attention_factor(long) == pytest.approx(1 + 0.1 * math.log(4))
+    assert from_hf_config(qwen3 | {"rope_scaling": {"type": "yarn", "factor": None}}).rope_scaling == {
+        "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 40960}  # transformers' defaults
+    # OLMo 3 as published (transformers 4.57's spelling: rope_theta, and rope_scaling for the global layers) and as
+    # transformers 5 writes it (one RoPE per layer type): one model, its windowed layers at the base, unscaled.
+    olmo3 = {"architectures": ["Olmo3ForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
+             "max_position_embeddings": 65536, "rms_norm_eps": 1e-06, "rope_theta": 500000, "sliding_window": 4096,
+             "rope_scaling": {"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "yarn"},
+             "tie_word_embeddings": False, "vocab_size": 100278, "model_type": "olmo3"}
+    cfg = from_hf_config(olmo3)
+    assert (cfg.sliding_window, cfg.global_every, cfg.rope_local_theta) == (4096, 4, 500000.0)
+    assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.window_of(3) is None and cfg.window_of(2) == 4096
+    new = transformers.Olmo3Config(**{k: v for k, v in olmo3.items() if k != "architectures"}).to_dict()
+    assert from_hf_config(new | {"architectures": ["Olmo3ForCausalLM"]}) == cfg == from_hf_config(to_hf_config(cfg))
+    with pytest.raises(ValueError, match="OLMo 3 layer_types .* not supported"):
+        from_hf_config(olmo3 | {"layer_types": ["full_attention"] + ["sliding_attention"] * 31})
+    with pytest.raises(ValueError, match="Olmo3ForCausalLM cannot express this model: its windowed layers share"):
+        to_hf_config(replace(cfg, rope_local_theta=10000.0))
     mixtral = {  # mistralai/Mixtral-8x7B-v0.1
         "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,

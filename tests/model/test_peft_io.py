@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for twelve architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
+1e-4), for thirteen architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -43,6 +43,10 @@ CONFIGS = {
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
                      hf_architecture="Olmo2ForCausalLM"),  # post-norms only, q/k norms over all heads
+    "olmo3": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True, sliding_window=8,
+                     global_every=2, rope_local_theta=10000.0, rope_scaling={
+                         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+                     hf_architecture="Olmo3ForCausalLM"),  # a windowed layer, then a global one under YaRN
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),

@@ -92,6 +92,10 @@ VARIANTS = {
     "window-local-global": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True},
     # OLMo 2's blocks: no pre-norms, norms on the sublayers' outputs, q/k norms over all heads at once.
     "olmo2": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True},
+    # OLMo 3's: OLMo 2's blocks, a windowed layer then a global one stretched by YaRN (its original length 4).
+    "olmo3-yarn": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True,
+                   "sliding_window": 5, "global_every": 2, "rope_local_theta": 10000.0,
+                   "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}},
     # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend init-size scores).
     "gemma2-caps": {"sliding_window": 5, "global_every": 2, "sandwich_norm": True, "attn_softcap": 0.02,
                     "logit_softcap": 2.0},

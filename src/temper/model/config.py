@@ -17,7 +17,8 @@ POS_KINDS = ("learned", "rope")
 ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
-}
+    "yarn": ("factor", "original_max_position_embeddings"),  # optional: attention_factor, beta_fast, beta_slow,
+}                                                             # mscale, mscale_all_dim, truncate
 
 
 @dataclass
@@ -59,7 +60,10 @@ class ModelConfig:
     """Rotate queries and keys in float32 and round after (OLMo 2); False: in the activations' dtype (Llama). The
     same in float32."""
     rope_scaling: dict | None = None
-    """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1) or {"rope_type": "linear", "factor"} (position interpolation)."""
+    """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (Llama 3.1), {"rope_type": "yarn", "factor", "original_max_position_embeddings"}
+    and YaRN's optional keys (Qwen2.5/Qwen3 long contexts, OLMo 3), or {"rope_type": "linear", "factor"} (position
+    interpolation). `temper.model.rope` computes each."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
     global_every: int | None = None

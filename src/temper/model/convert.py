@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Twelve architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -8,7 +8,8 @@ layers alternating with global ones, capped attention scores and logits), Gemma 
 (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with their own RoPE base; also
 read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
 Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
-sublayers' outputs only, q/k norms over all heads at once), Mixtral (`MixtralForCausalLM`: Mistral with a
+sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three
+windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
 mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps
 its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
@@ -56,17 +57,21 @@ from temper.files import (
 from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
-    "MixtralForCausalLM", "Qwen3MoeForCausalLM",
+    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
 )
-SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, MIXTRAL, QWEN3_MOE)
+SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
+                           QWEN3_MOE)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
+OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "mixtral": MIXTRAL,
+                "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "olmo3": OLMO3,
+                "mixtral": MIXTRAL,
                 "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
@@ -141,10 +146,14 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("rope_scaling", "rope_parameters"), (dict, type(None))),
 }
 _ROPE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "rope_type": _STR, "type": _STR, "factor": _FLOAT, "low_freq_factor": _FLOAT, "high_freq_factor": _FLOAT,
+    "rope_type": _STR, "type": _STR, "low_freq_factor": _FLOAT, "high_freq_factor": _FLOAT,
     "original_max_position_embeddings": _INT, "rope_theta": _FLOAT, "partial_rotary_factor": _FLOAT,
+    **dict.fromkeys(("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
+                    (*_FLOAT, type(None))),  # YaRN's (a null factor: DeepSeek-V3's ratio of lengths)
+    "truncate": _BOOL,
 }
-_TYPE_NAMES = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STR: "a string"}
+_TYPE_NAMES = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STR: "a string",
+               (*_FLOAT, type(None)): "a number or null"}
 
 
 def _check_types(d: dict[str, Any], types: dict[str, tuple[type, ...]], prefix: str = "") -> None:
@@ -209,6 +218,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
         rope = {}
+    elif arch == OLMO3:  # its windowed layers take the global layers' base, unscaled
+        window, every, theta, local_theta, scaling = _local_global_rope(d, "OLMo 3", 4, 500000.0, None, None)
+        rope = {}
     else:
         theta, scaling, rope = _rope(d)
     if arch == GEMMA2:  # one RoPE; the windowed layers alternate with global ones
@@ -239,10 +251,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window, global_every=every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, OLMO2), qk_norm_whole=arch == OLMO2,
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS), qk_norm_whole=arch in OLMOS,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
-        sandwich_norm=arch in (GEMMA2, GEMMA3, OLMO2), pre_norm=arch != OLMO2, norm_cast_after=arch == OLMO2,
-        rope_float32=arch == OLMO2, dropout=0.0,
+        sandwich_norm=arch in (GEMMA2, GEMMA3, *OLMOS), pre_norm=arch not in OLMOS, norm_cast_after=arch in OLMOS,
+        rope_float32=arch in OLMOS, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
@@ -306,29 +318,40 @@ def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[in
 
 
 def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
-    """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a Gemma 3 config: its layers
-    (`_window_layers`), each kind with its own RoPE: `rope_parameters` per layer type (transformers 5) or
-    `rope_theta`, `rope_scaling` (global) and `rope_local_base_freq` (the published spelling)."""
+    """`_local_global_rope` of a Gemma 3 config: its windowed layers' own base is `rope_local_base_freq`."""
     if d.get("use_bidirectional_attention"):
         raise ValueError("Gemma 3 use_bidirectional_attention=true is not supported (temper's decoder is causal)")
-    window, every = _window_layers(d, "Gemma 3", 6)
+    return _local_global_rope(d, "Gemma 3", 6, 1e6, "rope_local_base_freq", 1e4)
+
+
+def _local_global_rope(d: dict[str, Any], name: str, default_every: int, default_theta: float,
+                       local_key: str | None, local_default: float | None
+                       ) -> tuple[int | None, int | None, float, float | None, dict | None]:
+    """(sliding_window, global_every, rope_theta, rope_local_theta, rope_scaling) of a config whose windowed layers
+    (`_window_layers`) have a RoPE of their own (Gemma 3, OLMo 3): `rope_parameters` per layer type (transformers
+    5), or `rope_theta`, `rope_scaling` (the global layers') and the local base `local_key` (None: rope_theta, as
+    OLMo 3's windowed layers take it, unscaled). rope_local_theta is None where both kinds rotate alike."""
+    window, every = _window_layers(d, name, default_every)
     params = d.get("rope_parameters") or {}
+    theta = d.get("rope_theta", default_theta)
     if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one set per layer type
         spellings = {kind: dict(params.get(kind) or {}) for kind in ("full_attention", "sliding_attention")}
     else:
-        spellings = {"full_attention": {**(d.get("rope_scaling") or {}), "rope_theta": d.get("rope_theta", 1e6)},
-                     "sliding_attention": {"rope_theta": d.get("rope_local_base_freq", 1e4)}}
+        local = d.get(local_key, local_default) if local_key else theta
+        spellings = {"full_attention": {**(d.get("rope_scaling") or {}), "rope_theta": theta},
+                     "sliding_attention": {"rope_theta": local}}
     for kind, values in spellings.items():
         _check_types(values, _ROPE_FIELD_TYPES, prefix=f"rope_parameters.{kind}.")
-    (theta, scaling, _), (local, local_scaling, _) = (_rope({"rope_parameters": spellings[k]})
+    length = {"max_position_embeddings": d.get("max_position_embeddings", 2048)}  # YaRN's default original length
+    (theta, scaling, _), (local, local_scaling, _) = (_rope({"rope_parameters": spellings[k], **length})
                                                       for k in ("full_attention", "sliding_attention"))
     if window is None:  # every layer global
         return None, None, theta, None, scaling
     if every is None:  # every layer within the window: one RoPE, the local one
         return window, None, local, None, local_scaling
     if local_scaling:
-        raise ValueError("Gemma 3 RoPE scaling of the sliding-window layers is not supported")
-    return window, every, theta, local, scaling
+        raise ValueError(f"{name} RoPE scaling of the sliding-window layers is not supported")
+    return window, every, theta, None if local == theta and not scaling else local, scaling
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
@@ -342,9 +365,19 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
         return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}}, rope
     if kind == "linear":
         return theta, {"rope_type": "linear", "factor": rope["factor"]}, rope
+    if kind == "yarn":  # as transformers standardises it: the original length defaults to the model's, and without
+        # a factor (DeepSeek-V3) the factor is the ratio of the two
+        old_len = rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 2048)
+        factor = rope.get("factor") or d.get("max_position_embeddings", 2048) / old_len
+        optional = {k: rope[k] for k in _YARN_OPTIONAL if rope.get(k) is not None}
+        return theta, {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": old_len,
+                       **optional}, rope
     if kind in (None, "default"):
         return theta, None, rope
-    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear and llama3)")
+    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3 and yarn)")
+
+
+_YARN_OPTIONAL = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -356,7 +389,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
-            arch = OLMO2
+            arch = OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             arch = QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
@@ -394,35 +427,38 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, OLMO2, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE, OLMO2)
+    normed = (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS)
     if cfg.qk_norm != (arch in normed):
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
-    if (cfg.qk_norm_whole, cfg.pre_norm) != (arch == OLMO2, arch != OLMO2):
-        return ("its q/k norms span all heads and its blocks normalise only the sublayers' outputs" if arch == OLMO2
-                else "it normalises each head's query and key and each sublayer's input (Olmo2ForCausalLM does not)")
+    if (cfg.qk_norm_whole, cfg.pre_norm) != (arch in OLMOS, arch not in OLMOS):
+        return ("its q/k norms span all heads and its blocks normalise only the sublayers' outputs" if arch in OLMOS
+                else "it normalises each head's query and key and each sublayer's input (OLMo 2 and 3 do not)")
     if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
-    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, OLMO2)):
-        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, OLMO2)
-                else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and Olmo2ForCausalLM do)")
+    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *OLMOS)):
+        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *OLMOS)
+                else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
     if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3):
         return "it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar)"
-    if cfg.global_every and arch not in (GEMMA2, GEMMA3):
-        return "it has no global layers between windowed ones (Gemma 2 and 3 do)"
-    if cfg.rope_local_theta and arch != GEMMA3:
-        return "it has one RoPE base for every layer (Gemma3ForCausalLM has rope_local_base_freq)"
+    if cfg.global_every and arch not in LOCAL_GLOBAL:
+        return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
+    if cfg.rope_local_theta and not (arch == GEMMA3 or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
+        return ("its windowed layers share the global layers' RoPE base (Gemma3ForCausalLM has "
+                "rope_local_base_freq)")
     if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3):
         return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
-    if arch == GEMMA3 and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
+    if arch in (GEMMA3, OLMO3) and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3, GEMMA2, GEMMA3, MIXTRAL):
+    if arch == PHI3 and cfg.rope_scaling:  # transformers gives its top-level original length priority over the scaling's
+        return "its RoPE scaling is longrope's (temper writes no other for Phi-3)"
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
 
@@ -471,6 +507,15 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
     elif arch == OLMO2:
         d["attention_bias"] = False
+    elif arch == OLMO3:  # one RoPE per layer type, written out: transformers 5 would give a flat config's windowed
+        # layers Olmo3Config's default base, not rope_theta
+        d |= {"attention_bias": False, "sliding_window": cfg.sliding_window,
+              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "rope_scaling": None,
+              "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                     **(cfg.rope_scaling or {})},
+                                  "sliding_attention": {"rope_type": "default",
+                                                        "rope_theta": cfg.rope_local_theta or cfg.rope_theta}}}
     elif arch in (GEMMA2, GEMMA3):  # Gemma 3: rope_theta and rope_scaling above are the global layers'
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
@@ -536,7 +581,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             if arch in (GEMMA2, GEMMA3):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
-            elif arch == OLMO2:  # the outputs' norms only
+            elif arch in OLMOS:  # the outputs' norms only
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")

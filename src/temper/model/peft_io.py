@@ -59,7 +59,8 @@ from temper.model.config import ModelConfig
 from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
-from temper.model.transformer import Transformer, apply_rope, rope_inv_freq
+from temper.model.rope import rope_inv_freq
+from temper.model.transformer import Transformer, apply_rope
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from temper.model.config import ModelConfig
+from temper.model.rope import rope_tables
 
 
 @dataclass
@@ -183,30 +184,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
-
-
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies (head_dim/2,) in float32 (Su et al. 2021), with linear or Llama-3.1 scaling.
-
-    Llama-3.1 scaling (Meta, "The Llama 3 Herd of Models", 2024) divides the low frequencies by
-    `factor`, keeps the high ones, and interpolates smoothly in between, so a model trained on
-    `original_max_position_embeddings` tokens stretches to longer contexts.
-    """
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
-    s = cfg.rope_scaling
-    if s and s["rope_type"] == "linear":  # position interpolation (Chen et al. 2023): positions / factor
-        return inv_freq / s["factor"]
-    if s:
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_len = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -495,14 +472,13 @@ class Transformer(nn.Module):
         if self.cfg.pos != "rope":
             return
         device = self.rope_cos.device if device is None else device
-        positions = torch.arange(self.cfg.max_seq_len, device=device).float()
         tables = {"rope": self.cfg}
         if self.cfg.rope_local_theta is not None:
             tables["rope_local"] = replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
         for name, cfg in tables.items():
-            angles = torch.outer(positions, rope_inv_freq(cfg, device))  # (S, D/2)
-            setattr(self, f"{name}_cos", angles.cos())
-            setattr(self, f"{name}_sin", angles.sin())
+            cos, sin = rope_tables(cfg, self.cfg.max_seq_len, device)  # (S, D/2) each
+            setattr(self, f"{name}_cos", cos)
+            setattr(self, f"{name}_sin", sin)
 
     @torch.no_grad()
     def init_weights(self) -> None:

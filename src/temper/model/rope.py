@@ -1,0 +1,85 @@
+"""RoPE's tables (Su et al. 2021): the inverse frequencies of each scaling and the cos/sin tables built from them.
+
+Scalings stretch a model trained on `original_max_position_embeddings` tokens to longer contexts: linear position
+interpolation, Llama 3.1's, and YaRN's (Qwen2.5 and Qwen3 long contexts, OLMo 3). Each matches transformers'
+`modeling_rope_utils` to the float32 bit, so checkpoints load with their reference's logits.
+
+It does not rotate anything: `transformer.apply_rope` does, with these tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from temper.model.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim/2,) in float32, with `cfg.rope_scaling` applied."""
+    d = cfg.head_dim
+    base_freq = cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d)  # (D/2,)
+    inv_freq = 1.0 / base_freq
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        return inv_freq / s["factor"]
+    if s and s["rope_type"] == "yarn":
+        return _yarn_inv_freq(base_freq, cfg.rope_theta, s)
+    if s:
+        # Llama 3.1 (Meta, "The Llama 3 Herd of Models", 2024) divides the low frequencies by `factor`, keeps the
+        # high ones, and interpolates smoothly in between.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def _yarn_inv_freq(base_freq: torch.Tensor, theta: float, s: dict) -> torch.Tensor:
+    """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension"): the dimensions that turn more than
+    `beta_fast` times over the original context keep their frequency, those that turn fewer than `beta_slow` times
+    are interpolated by `factor`, with a linear ramp between (its ends floored and ceiled unless `truncate` is off)."""
+    d = 2 * len(base_freq)
+    old_len = s["original_max_position_embeddings"]
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original context
+        return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=base_freq.device) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)  # (D/2,) 0: keep, 1: interpolate
+    keep = 1 - ramp
+    return 1.0 / (s["factor"] * base_freq) * (1 - keep) + 1.0 / base_freq * keep
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (so q.k by its square): `attention_factor` when given, else
+    0.1 ln(factor) + 1, or DeepSeek's ratio of two such terms (`mscale`, `mscale_all_dim`); 1 for other scalings."""
+    s = cfg.rope_scaling
+    if not s or s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (max_len, head_dim/2) float32, of positions 0 .. max_len-1, scaled by YaRN's factor."""
+    angles = torch.outer(torch.arange(max_len, device=device).float(), rope_inv_freq(cfg, device))  # (S, D/2)
+    scale = rope_attention_factor(cfg)
+    return angles.cos() * scale, angles.sin() * scale
