@@ -99,6 +99,13 @@ CASES = {
     "qwen2-yarn": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=False,
                               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                                             "mscale": 0.707, "mscale_all_dim": 1.0}),
+    # GPT-OSS: a sink per head, 8-token windows alternating with global layers, YaRN, biases everywhere, 4 experts
+    # with clamped SwiGLU (gate and up interleaved, stacked), 2 per token.
+    "gpt-oss-sinks-experts": lambda: _hf("GptOssConfig", "GptOssForCausalLM", **_SMALL | {"intermediate_size": 32},
+                                         head_dim=32, sliding_window=WINDOW, num_local_experts=4,
+                                         num_experts_per_tok=2, rope_parameters={
+                                             "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                             "truncate": False, "original_max_position_embeddings": 16}),
     # Mixtures of experts: 4 experts, each token to 2 (Mixtral's weights renormalised over the 2, Qwen3-MoE's
     # not: norm_topk_prob off, as its config class defaults), the router's choices differing token by token.
     "mixtral-experts-window": lambda: _hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, num_local_experts=4,
@@ -149,6 +156,9 @@ def test_variant_features_are_exercised():
                       ("qwen2-yarn", {"rope_scaling": None}),
                       ("qwen2-yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                        "original_max_position_embeddings": 16}}),  # 0.1 ln 4 + 1
+                      ("gpt-oss-sinks-experts", {"attn_sinks": False}),
+                      ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
+                      ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:
         hf = CASES[case]()
@@ -327,6 +337,36 @@ def test_gemma2_bf16_scores_are_capped_where_its_reference_caps_them(tmp_path):
         error = (ours(x).float() - ref).abs().max()
         ours.attn_impl = "flex"
         assert error * 4 < (ours(x).float() - ref).abs().max()
+
+
+def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
+    """GPT-OSS is published with its experts in MXFP4 (`*_blocks`: two FP4 values a byte, `*_scales`: a power of two
+    per 32): temper dequantizes them to transformers' values (its own `convert_moe_packed_tensors`), so the logits
+    equal those of the model holding the dequantized weights; a half without the other fails naming it."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf = CASES["gpt-oss-sinks-experts"]()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    for name in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        E, d_in, d_out = sd[name].shape
+        blocks = torch.randint(0, 256, (E, d_out, d_in // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(121, 128, (E, d_out, d_in // 32), generator=g, dtype=torch.uint8)  # 2^-6 .. 2^0
+        sd.pop(name)
+        sd[f"{name}_blocks"], sd[f"{name}_scales"] = blocks, scales
+        hf.get_parameter(name).data.copy_(convert_moe_packed_tensors(blocks, scales).float())
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = hf.config.to_dict() | {"quantization_config": {"quant_method": "mxfp4"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, cfg = load_hf(tmp_path)
+    x = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+    sd.pop("model.layers.1.mlp.experts.down_proj_scales")
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="down_proj_blocks has no scales tensor"):
+        load_hf(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -561,7 +601,24 @@ def test_published_configs_map_to_presets():
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
     }
-    for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b")):
+    gpt_oss = {  # openai/gpt-oss-20b (its experts in MXFP4: `test_gpt_oss_mxfp4_experts_...`)
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+        "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
+        "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
+        "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+        "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                                                "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+    }
+    with pytest.raises(ValueError, match="quantization_config 'gptq' is not supported"):
+        from_hf_config(qwen3 | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b"), (gpt_oss, "gpt-oss-20b")):
         preset = replace(PRESETS[name], hf_architecture=published["architectures"][0])
         assert from_hf_config(published) == preset
         assert from_hf_config(to_hf_config(PRESETS[name])) == preset

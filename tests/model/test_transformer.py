@@ -55,6 +55,7 @@ def test_preset_sizes_on_meta():
         gemma3_270m, gemma3_1b = Transformer(PRESETS["gemma3-270m"]), Transformer(PRESETS["gemma3-1b"])
         mixtral, qwen3_moe = Transformer(PRESETS["mixtral-8x7b"]), Transformer(PRESETS["qwen3-30b-a3b"])
         gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
+        gpt_oss = [Transformer(PRESETS[f"gpt-oss-{size}"]) for size in ("20b", "120b")]
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -65,6 +66,10 @@ def test_preset_sizes_on_meta():
     assert mixtral.num_params() == 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
     # google/gemma-2-2b, -9b, -27b
     assert [m.num_params() for m in gemma2] == [2_614_341_888, 9_241_705_984, 27_227_128_320]
+    # openai/gpt-oss-20b and -120b: 20.91B and 116.83B, of which 3.61B and 5.13B active (the model card's count:
+    # matrix weights without biases or the input embedding, 4 of the experts)
+    assert [m.num_params() for m in gpt_oss] == [20_914_757_184, 116_829_156_672]
+    assert [m.matmul_params() for m in gpt_oss] == [3_607_142_400, 5_131_100_160]
     assert qwen3_moe.num_params() == 30_532_122_624  # Qwen/Qwen3-30B-A3B
     # FLOPs count the experts a token runs (2 of 8; 8 of 128): the published 12.9B and 3.3B active parameters
     # (the input embedding included there, as a lookup not here).

@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2, Mixtral and Qwen3-MoE shapes. This module
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE and GPT-OSS shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -98,6 +98,14 @@ class ModelConfig:
     50). None: uncapped, which lets SDPA's fused kernels run (a capped score needs FlexAttention or the math form)."""
     logit_softcap: float | None = None
     """Cap the output logits smoothly at +-c: c * tanh(logit / c) (Gemma 2: 30); None: uncapped."""
+    attn_sinks: bool = False
+    """A learned logit per query head that each softmax spreads over too, with no value behind it, so a query may
+    attend to nothing (GPT-OSS; Xiao et al. 2023's attention sinks, learned)."""
+    swiglu_limit: float | None = None
+    """GPT-OSS's clamped SwiGLU: the gate clamped above at the limit (7) and up to +-limit, then
+    gate * sigmoid(swiglu_alpha * gate) * (up + 1); None: Llama's silu(gate) * up."""
+    swiglu_alpha: float = 1.702
+    """With swiglu_limit: the gain in the gate's sigmoid (GPT-OSS: 1.702, the GELU approximation's)."""
     n_experts: int = 0
     """Experts in each block's MLP, a sparse mixture (Shazeer et al. 2017; Mixtral, Qwen3-MoE); 0: one dense MLP."""
     experts_per_token: int = 2
@@ -164,6 +172,8 @@ class ModelConfig:
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        if self.swiglu_limit is not None and (self.mlp != "swiglu" or not self.swiglu_limit > 0):
+            raise ValueError(f"swiglu_limit={self.swiglu_limit} needs mlp='swiglu' and a positive limit")
         if self.attn_scale_dim is not None and self.attn_scale_dim <= 0:
             raise ValueError(f"attn_scale_dim must be positive or None, got {self.attn_scale_dim}")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_per_token <= self.n_experts):
@@ -220,6 +230,13 @@ _GEMMA2 = replace(
     _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norm=True, norm_eps=1e-6,
     max_seq_len=8192, sliding_window=4096, global_every=2, attn_softcap=50.0, logit_softcap=30.0, tie_embeddings=True,
     vocab_size=256000,
+)
+_GPT_OSS = replace(
+    _LLAMA, vocab_size=201088, dim=2880, n_heads=64, n_kv_heads=8, head_size=64, ffn_dim=2880, max_seq_len=131072,
+    rope_theta=150000.0, rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                       "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+    sliding_window=128, global_every=2, bias=True, tie_embeddings=False, norm_cast_after=True, attn_sinks=True,
+    swiglu_limit=7.0, experts_per_token=4,
 )
 _GEMMA3 = replace(
     _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True, sandwich_norm=True, norm_eps=1e-6,
@@ -292,6 +309,10 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, tie_embeddings=False, n_experts=128,
         experts_per_token=8, expert_ffn_dim=768,
     ),
+    # GPT-OSS (OpenAI, "gpt-oss-120b & gpt-oss-20b Model Card", 2025): 32 or 128 experts with clamped SwiGLU, 4 per
+    # token; biases everywhere, a sink per head, 128-token windows alternating with global layers, YaRN to 131k.
+    "gpt-oss-20b": replace(_GPT_OSS, n_layers=24, n_experts=32),
+    "gpt-oss-120b": replace(_GPT_OSS, n_layers=36, n_experts=128),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

@@ -57,21 +57,21 @@ from temper.files import (
 from temper.model.config import ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
-    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM",
+    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE)
+                           QWEN3_MOE, GPT_OSS)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "olmo3": OLMO3,
-                "mixtral": MIXTRAL,
+                "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
@@ -181,6 +181,11 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     for key in ("rope_scaling", "rope_parameters"):
         _check_types(d.get(key) or {}, _ROPE_FIELD_TYPES, prefix=f"{key}.")
     arch = _architecture(d)
+    quant = (d.get("quantization_config") or {}).get("quant_method") if isinstance(d.get("quantization_config"), dict) \
+        else d.get("quantization_config")
+    if quant and not (arch == GPT_OSS and quant == "mxfp4"):
+        raise ValueError(f"quantization_config {quant!r} is not supported (temper reads 16- and 32-bit weights, and "
+                         "GPT-OSS's MXFP4 experts); load the unquantized checkpoint, then QLoRA or quantize in temper")
     if arch == GPT2:
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -221,10 +226,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     elif arch == OLMO3:  # its windowed layers take the global layers' base, unscaled
         window, every, theta, local_theta, scaling = _local_global_rope(d, "OLMo 3", 4, 500000.0, None, None)
         rope = {}
+    elif arch == GPT_OSS and not (d.get("rope_scaling") or d.get("rope_parameters")):
+        theta, scaling, rope = _rope(d | {"rope_parameters": _GPT_OSS_ROPE})  # GptOssConfig's default
     else:
         theta, scaling, rope = _rope(d)
-    if arch == GEMMA2:  # one RoPE; the windowed layers alternate with global ones
-        window, every = _window_layers(d, "Gemma 2", 2)
+    if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
+        window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper rotates whole heads)")
@@ -239,6 +246,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             raise ValueError(f"{name} use_sliding_window=true is not supported (its window covers only some layers)")
         if arch != QWEN2 and d.get("attention_bias"):  # on q, k, v and o, but not the MLP: temper's `bias` is all
             raise ValueError(f"{name} attention_bias=true is not supported")
+    elif arch == GPT_OSS:  # its experts and router always have biases: temper's `bias` is every layer's
+        bias = True
+        if not d.get("attention_bias", True):
+            raise ValueError("GptOss attention_bias=false is not supported (its experts and router have biases; "
+                             "temper's `bias` covers every layer)")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
     # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256)
@@ -253,13 +265,20 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS), qk_norm_whole=arch in OLMOS,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
-        sandwich_norm=arch in (GEMMA2, GEMMA3, *OLMOS), pre_norm=arch not in OLMOS, norm_cast_after=arch in OLMOS,
-        rope_float32=arch in OLMOS, dropout=0.0,
+        sandwich_norm=arch in (GEMMA2, GEMMA3, *OLMOS), pre_norm=arch not in OLMOS,
+        norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
         **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
+        **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
+            "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
     )
+
+
+_GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}
+"""GptOssConfig's RoPE when a config gives none."""
 
 
 def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -278,6 +297,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
                          "takes its input as it is)")
     if arch == MIXTRAL:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True}
+    if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
                          f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
@@ -391,7 +412,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = QWEN3_MOE if cfg.qk_norm else MIXTRAL
+            arch = GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else LLAMA)
@@ -423,11 +444,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    if arch == LLAMA and cfg.qkv_bias and not cfg.bias:
+    if arch in (LLAMA, GPT_OSS) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, *MOE_ARCHITECTURES) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS)
     if cfg.qk_norm != (arch in normed):
@@ -439,7 +460,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
-    if arch == MIXTRAL and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
+    if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *OLMOS)):
         return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *OLMOS)
@@ -453,11 +474,18 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "rope_local_base_freq)")
     if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3):
         return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
+    oss_parts = (cfg.attn_sinks, cfg.swiglu_limit is not None)
+    if arch == GPT_OSS and not (all(oss_parts) and cfg.bias):
+        return "it has attention sinks, clamped SwiGLU experts and biases on every layer"
+    if arch != GPT_OSS and any(oss_parts):
+        return "it has no attention sinks or clamped SwiGLU (GptOssForCausalLM does)"
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
     if arch in (GEMMA3, OLMO3) and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling:  # transformers gives its top-level original length priority over the scaling's
         return "its RoPE scaling is longrope's (temper writes no other for Phi-3)"
+    if arch == GPT_OSS and (cfg.expert_weights_float32 or cfg.rope_local_theta):
+        return "it rounds the routing weights first, and has one RoPE"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -525,6 +553,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
         if arch == GEMMA3:
             d |= {"rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "use_bidirectional_attention": False}
+    if arch == GPT_OSS:  # one RoPE, written out: GptOssConfig would take a missing one for its YaRN default
+        d |= {"attention_bias": True, "sliding_window": cfg.sliding_window,
+              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "output_router_logits": False,
+              "rope_scaling": None,
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
     if arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
@@ -542,11 +577,29 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 class _Rule:
     """One Hugging Face tensor: temper's `parts` concatenated along dim 0, transposed if asked
     (GPT-2's Conv1D stores (in, out)). Fused projections (GPT-2 c_attn, Phi-3 qkv_proj and
-    gate_up_proj) have several parts."""
+    gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says."""
 
     hf: str
     parts: tuple[str, ...]
     transpose: bool = False
+    stacked: str = ""
+
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(F, ...) gate and up rows -> (2F, ...) rows gate_0, up_0, gate_1, ... (GPT-OSS's gate_up layout)."""
+    return torch.stack((gate, up), dim=1).flatten(0, 1)
+
+
+_STACKED: dict[str, tuple[Any, Any]] = {
+    # name: (temper parts -> the HF tensor, the HF tensor -> temper parts). GPT-OSS stacks its experts, (in, out)
+    # each, gate and up interleaved by columns: gate_up_proj (E, D, 2F), down_proj (E, F, D), and their biases.
+    "gate_up": (lambda ps: torch.stack([_interleave(g, u).t() for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                lambda t: [w for e in t for w in (e[:, 0::2].t(), e[:, 1::2].t())]),
+    "gate_up_bias": (lambda ps: torch.stack([_interleave(g, u) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                     lambda t: [b for e in t for b in (e[0::2], e[1::2])]),
+    "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t: [e.t() for e in t]),
+    "down_bias": (lambda ps: torch.stack(ps), lambda t: list(t)),
+}
 
 
 def hf_rules(cfg: ModelConfig) -> list[_Rule]:
@@ -598,7 +651,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for n in ("q_norm", "k_norm"):
                 if f"{p}attn.{n}.weight" in keys:
                     add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
-            if cfg.n_experts:  # transformers 5 fuses the experts in memory but reads and writes them one by one
+            if arch == GPT_OSS:  # the experts stacked (`_STACKED`), the router with its bias, a sink per head
+                add(f"{h}self_attn.sinks", f"{p}attn.sinks")
+                add(f"{h}mlp.router.weight", f"{p}mlp.router.weight")
+                add(f"{h}mlp.router.bias", f"{p}mlp.router.bias")
+                experts = range(cfg.n_experts)
+                for name, parts in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+                    for t, suffix in (("weight", ""), ("bias", "_bias")):
+                        rules.append(_Rule(f"{h}mlp.experts.{name}{suffix}", tuple(
+                            f"{p}mlp.experts.{j}.{n}_proj.{t}" for j in experts for n in parts),
+                            stacked=name.removesuffix("_proj") + suffix))
+            elif cfg.n_experts:  # transformers 5 fuses the experts in memory but reads and writes them one by one
                 moe = f"{h}block_sparse_moe." if arch == MIXTRAL else f"{h}mlp."
                 add(f"{moe}gate.weight", f"{p}mlp.router.weight")
                 names = ("w1", "w3", "w2") if arch == MIXTRAL else ("gate_proj", "up_proj", "down_proj")
@@ -648,6 +711,8 @@ def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
         else:  # a bias temper leaves out (GPT-2 export): zeros, the same function
             w = sd[p.removesuffix(".bias") + ".weight"]
             parts.append(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    if rule.stacked:
+        return _STACKED[rule.stacked][0](parts)
     t = torch.cat(parts) if len(parts) > 1 else parts[0]
     return t.t() if rule.transpose else t
 
@@ -678,6 +743,8 @@ def _read_into(f: SafetensorsFile | _PickledFile, name: str, rule: _Rule, outs: 
 
 
 def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    if rule.stacked:
+        return _STACKED[rule.stacked][1](t)
     if rule.transpose:
         t = t.t()
     return list(t.split(sizes)) if len(sizes) > 1 else [t]
@@ -697,7 +764,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in MOE_ARCHITECTURES:
+    if arch in (MIXTRAL, QWEN3_MOE):
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):
@@ -741,6 +808,8 @@ def _check_shape(rule: _Rule, got: torch.Size | tuple, shapes: dict[str, torch.S
     expected = (sum(shapes[p][0] for p in rule.parts), *first[1:])
     if rule.transpose:
         expected = expected[::-1]
+    if rule.stacked:  # what the stacking makes of the parts' shapes, worked out on the meta device
+        expected = tuple(_STACKED[rule.stacked][0]([torch.empty(shapes[p], device="meta") for p in rule.parts]).shape)
     if tuple(got) != tuple(expected):
         raise CheckpointError(f"{where}: {rule.hf} has shape {list(got)}, expected {list(expected)} "
                               f"(temper {', '.join(rule.parts)})")
@@ -1005,12 +1074,21 @@ def load_hf(
     rules = {r.hf: r for r in hf_rules(cfg)}
     seen: dict[str, Path] = {}
     sd: dict[str, torch.Tensor] = {}
+    mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a quantized tensor's blocks or scales, until both are read
     scratch = torch.empty(0, dtype=torch.uint8)
     with torch.no_grad():
         for f in _weight_files(root, allow_pickle):
             for name, (src_dtype, shape, _, _) in f.entries.items():
                 if _ignored(name, cfg):
                     continue
+                whole = None  # a tensor read whole: the stacked experts (GPT-OSS), dequantized from MXFP4 or not
+                if arch == GPT_OSS and name.endswith(("_blocks", "_scales")):
+                    name, half = name.rsplit("_", 1)
+                    mxfp4.setdefault(name, {})[half] = f.read(f"{name}_{half}")
+                    if len(mxfp4[name]) < 2:
+                        continue
+                    whole = _dequantize_mxfp4(mxfp4[name].pop("blocks"), mxfp4.pop(name)["scales"], f.path, name)
+                    shape = whole.shape
                 key = _canonical(name, arch)
                 rule = rules.get(key)
                 if rule is None:
@@ -1022,6 +1100,11 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path
                 _check_shape(rule, shape, shapes, str(f.path))
+                if rule.stacked:  # every expert's part copied out of the whole (one layer's, at a time)
+                    whole = f.read(name) if whole is None else whole
+                    sd |= {p: t.to(device, dtype, copy=True).contiguous()
+                           for p, t in zip(rule.parts, _to_temper(rule, whole, []), strict=True)}
+                    continue
                 if len(rule.parts) == 1 and not rule.transpose and src_dtype == dtype and device.type == "cpu":
                     view = f.mapped(name)
                     if view is not None:
@@ -1030,12 +1113,37 @@ def load_hf(
                 outs = [torch.empty(shapes[p], dtype=dtype, device=device) for p in rule.parts]
                 sd.update(zip(rule.parts, outs, strict=True))
                 scratch = _read_into(f, name, rule, outs, scratch)
+    if mxfp4:
+        name, half = next((n, next(iter(h))) for n, h in mxfp4.items())
+        raise CheckpointError(f"{root}: {name}_{half} has no {'scales' if half == 'blocks' else 'blocks'} tensor")
     missing = [r.hf for r in rules.values() if r.hf not in seen]
     if missing:
         raise CheckpointError(f"{root}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}")
     model.load_state_dict(sd, strict=True, assign=True)
     model.init_buffers(device)
     return model.eval(), cfg
+
+
+_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, path: Path, name: str) -> torch.Tensor:
+    """GPT-OSS's MXFP4 experts (the OCP microscaling format): blocks (E, out, G, 16) uint8, two FP4 (E2M1) values a
+    byte, low nibble first; scales (E, out, G) uint8, a power of two biased by 127 for each 32 values. Returns the
+    (E, in = 32 G, out) weights in bf16, which holds every such value exactly; one expert at a time, since the
+    index tensors are 4 bytes a value."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1:] != (16,) or (
+            blocks.shape[:-1] != scales.shape or blocks.dim() != 4):
+        raise CheckpointError(f"{path}: {name}_blocks {list(blocks.shape)} ({blocks.dtype}) and _scales "
+                              f"{list(scales.shape)} ({scales.dtype}) are not MXFP4 (uint8 (E, out, G, 16) and (E, out, G))")
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.bfloat16)
+    E, out, G, _ = blocks.shape
+    weights = torch.empty(E, out, G * 32, dtype=torch.bfloat16)
+    for e in range(E):
+        values = torch.stack((lut[(blocks[e] & 0x0F).int()], lut[(blocks[e] >> 4).int()]), dim=-1)  # (out, G, 16, 2)
+        exponents = scales[e].int()[..., None] - 127  # (out, G, 1)
+        weights[e] = torch.ldexp(values.view(out, G, 32), exponents).view(out, G * 32)
+    return weights.transpose(1, 2)  # (E, in, out)
 
 
 def load_score_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, torch.Tensor, ModelConfig]:

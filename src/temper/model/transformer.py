@@ -1,14 +1,15 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2, Mixtral,
-Qwen3-MoE) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU or GeGLU
-MLP or a mixture of gated experts, multi-head or grouped-query attention, query/key norms (per head or over all
-heads), a sliding window (on every layer, or local layers between global ones with their own RoPE base), norms on
-the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention scores and logits.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral,
+Qwen3-MoE, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU
+(clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts, multi-head or grouped-query attention, query/key
+norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
+own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
+scores and logits, attention sinks.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
-the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2),
-which SDPA cannot take, go through FlexAttention where it is chosen, else through `_capped_attention`.
+the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2) and sinks
+(GPT-OSS), which SDPA cannot take, go through FlexAttention where it is chosen, else through `_written_attention`.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -25,7 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from temper.model.config import ModelConfig
 from temper.model.rope import rope_tables
@@ -229,6 +230,8 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
         self.softcap = cfg.attn_softcap
+        # GPT-OSS: one learned logit per query head, a softmax column with no value behind it.
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -259,10 +262,15 @@ class Attention(nn.Module):
             # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
             # mask when attention dropout is off.
             flex = _flex_kernels(q.device.type)[1]
-            score_mod = None if self.softcap is None else _tanh_cap(self.softcap)
-            y = flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=self.scale, enable_gqa=groups > 1)  # (B, H, T, D)
-        elif self.softcap is not None:
-            y = _capped_attention(q, k, v, mask, causal, self.scale, self.softcap, dropout_p)  # (B, H, T, D)
+            kw = {"score_mod": None if self.softcap is None else _tanh_cap(self.softcap), "block_mask": mask,
+                  "scale": self.scale, "enable_gqa": groups > 1}
+            if self.sinks is None:
+                y = flex(q, k, v, **kw)  # (B, H, T, D)
+            else:  # the sinks' share of each softmax, from its log-sum-exp: y * sum e^s / (sum e^s + e^sink)
+                y, aux = flex(q, k, v, **kw, return_aux=AuxRequest(lse=True))  # (B, H, T, D), lse (B, H, T)
+                y = y * torch.sigmoid(aux.lse - self.sinks[:, None]).unsqueeze(-1).to(y.dtype)
+        elif self.softcap is not None or self.sinks is not None:
+            y = _written_attention(q, k, v, mask, causal, self.scale, self.softcap, self.sinks, dropout_p)  # (B, H, T, D)
         elif groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(
@@ -299,29 +307,35 @@ def _tanh_cap(cap: float) -> Callable[..., torch.Tensor]:
     return capped
 
 
-def _capped_attention(
+def _written_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None,
-    cap: float, dropout_p: float,
+    cap: float | None, sinks: torch.Tensor | None, dropout_p: float,
 ) -> torch.Tensor:
-    """Attention with scores capped at +-cap (Gemma 2), written out: SDPA takes no hook on the scores, and
-    FlexAttention (which does) has no CPU backward. It keeps the T x S scores, as Gemma 2's reference does.
+    """Attention with scores capped at +-cap (Gemma 2) or a sink logit per head (GPT-OSS), written out: SDPA takes
+    no hook on the scores, and FlexAttention (which does) has no CPU backward. It keeps the T x S scores, as the
+    references do.
 
-    The reference's order and dtypes: the scaled scores in the inputs' dtype, divided by the cap, tanh, times the
-    cap, the mask, a float32 softmax rounded back, so 16-bit outputs equal its own. Each kv head's query group is
-    folded into the query axis (as SDPA's masked path above), so keys and values are never repeated per head.
+    Gemma 2's order and dtypes: the scaled scores in the inputs' dtype, divided by the cap, tanh, times the cap, the
+    mask, a float32 softmax rounded back, so 16-bit outputs equal its own. Each kv head's query group is folded into
+    the query axis (as SDPA's masked path above), so keys and values are never repeated per head.
     q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B|1, 1, T, S) bool, or None (causal: the T queries are the last
-    T positions of the S keys; else every key is seen). Returns (B, H, T, D)."""
+    T positions of the S keys; else every key is seen); sinks: (H,). Returns (B, H, T, D)."""
     B, H, T, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     groups = H // n_kv
     if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
     scores = q.reshape(B, n_kv, groups * T, D) @ k.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
-    scores = torch.tanh(scores / cap) * cap  # (B, Hkv, G*T, S)
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap  # (B, Hkv, G*T, S)
     if mask is not None:  # an additive -inf, which (unlike masked_fill) keeps no mask for backward
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         scores = (scores.view(B, n_kv, groups, T, S) + bias.unsqueeze(2)).view(B, n_kv, groups * T, S)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
+    if sinks is not None:  # one more column per query: its head's sink, dropped after the softmax
+        sink = sinks.to(scores.dtype).view(1, n_kv, groups, 1, 1).expand(B, -1, -1, T, -1).reshape(B, n_kv, -1, 1)
+        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :S].to(q.dtype)
+    else:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return (probs @ v).view(B, H, T, D)
@@ -336,6 +350,7 @@ class MLP(nn.Module):
         hidden = hidden or cfg.hidden_dim
         self.gated = cfg.mlp in ("swiglu", "geglu")
         self.silu = cfg.mlp == "swiglu"
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         if self.gated:
             self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
@@ -343,7 +358,10 @@ class MLP(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
+        if self.limit is not None:  # GPT-OSS's clamped SwiGLU
+            gate, up = self.gate_proj(x).clamp(max=self.limit), self.up_proj(x).clamp(-self.limit, self.limit)
+            h = gate * torch.sigmoid(gate * self.alpha) * (up + 1)  # (B, T, F)
+        elif self.gated:
             gate = self.gate_proj(x)  # (B, T, F)
             h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * self.up_proj(x)  # (B, T, F)
         else:
@@ -371,7 +389,7 @@ class MoE(nn.Module):
         super().__init__()
         self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
                                                           cfg.expert_weights_float32)
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -446,8 +464,8 @@ class Transformer(nn.Module):
     mask) or "auto" (flex on CUDA, sdpa elsewhere: a CPU has no fused flex kernel, and torch no CPU flex
     backward). Set on the instance (`model.attn_impl = "sdpa"`; training recipes: `--train.attention`): a
     choice of kernel, not of the model, so no ModelConfig field (those are exported, and compared on resume).
-    With `attn_softcap`, "flex" serves unmasked forwards too (a causal block mask), and "sdpa" means the
-    written-out `_capped_attention`."""
+    With `attn_softcap` or `attn_sinks`, "flex" serves unmasked forwards too (a causal block mask), and "sdpa"
+    means the written-out `_written_attention`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -495,6 +513,8 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, RMSNorm)):
                 m.reset_parameters()
+            elif isinstance(m, Attention) and m.sinks is not None:
+                nn.init.zeros_(m.sinks)  # no pull towards the sink at first
         for m in self.modules():
             out = m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP) else None
             if out is not None:
@@ -600,8 +620,9 @@ class Transformer(nn.Module):
             if window is not None:  # the last `window` keys, the query's own included (Mistral)
                 mask &= k_pos > q_pos - window
             return mask[:, None], False  # (B, 1, T, S_max)
-        if segments is None and (window is None or T <= window) and not (self.cfg.attn_softcap and self._use_flex(device)):
-            return None, True  # plain causal prefill / training (capped scores on CUDA: flex, with a causal block mask)
+        written = self.cfg.attn_softcap or self.cfg.attn_sinks  # scores SDPA cannot compute: flex, where it is chosen
+        if segments is None and (window is None or T <= window) and not (written and self._use_flex(device)):
+            return None, True  # plain causal prefill / training (capped scores, sinks on CUDA: a causal block mask)
         if segments is not None and segments.ids.shape != (B, T):
             raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
         visible = self._mask_mod(segments, window)

@@ -81,8 +81,9 @@ What temper's training actually does, and so what is counted (read from `train/s
     4/16384 bytes per weight; one linear layer is dequantized at a time (transient).
 
 Attention dropout on a CPU sends SDPA to its math kernel, which keeps T x T probabilities per head
-(counted); CUDA's fused kernels take dropout without them. Capped scores (Gemma 2) keep T x T per head too
-where FlexAttention does not run (a CPU, or dropout): the capped scores and the float32 probabilities (counted). The estimate counts tensors, as
+(counted); CUDA's fused kernels take dropout without them. Capped scores (Gemma 2) and sinks (GPT-OSS) keep
+T x T per head too where FlexAttention does not run (a CPU, or dropout): the scores and the float32 probabilities
+(counted). The estimate counts tensors, as
 `torch.cuda.max_memory_allocated` does; it does not count the CUDA context (~0.5 GB), allocator
 caching and fragmentation, kernels' workspaces, or what torch.compile saves instead. `LiveTensorBytes` / `measure_train_step` measure the same thing on any
 device (a CPU has no allocator counter) so that the estimate can be checked against a real step.
@@ -536,10 +537,10 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
         _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
         _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
-    if attn_grad and cfg.attn_softcap and not (t.cuda and cfg.dropout == 0):
-        # Capped scores (Gemma 2) without FlexAttention (a CPU; dropout): `_capped_attention` keeps q (its grouped
-        # copy), k, v and, per head, T x T: the capped scores, the float32 probabilities and their cast (with dropout
-        # its mask and the dropped ones), and the output.
+    if attn_grad and (cfg.attn_softcap or cfg.attn_sinks) and not (t.cuda and cfg.dropout == 0):
+        # Capped scores (Gemma 2) or sinks (GPT-OSS) without FlexAttention (a CPU; dropout): `_written_attention`
+        # keeps q (its grouped copy), k, v and, per head, T x T: the scores, the float32 probabilities and their
+        # cast (with dropout its mask and the dropped ones), and the output.
         s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + 2 * kv_out))
         per_score = t.a + 4 + (t.a if t.a != 4 else 0) + (1 + t.a if cfg.dropout > 0 else 0)
         s.add("capped scores and probabilities (T x T per head)", seq_len * cfg.n_heads * per_score)
