@@ -50,6 +50,10 @@ CASES = {
     "packed-capped-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "attn_softcap": 0.02},
                                    PACKED, False),
     "capped-without-segments": ("debug-llama", {"attn_softcap": 0.02}, None, False),
+    # GPT-OSS's sinks: applied to FlexAttention's output through its log-sum-exp, against the written-out column.
+    "packed-sinks-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "attn_sinks": True},
+                                  PACKED, False),
+    "sinks-without-segments": ("debug-llama", {"attn_sinks": True}, None, False),
 }
 
 
@@ -128,15 +132,21 @@ def test_flex_under_compile(scope):
 
 
 @pytest.mark.gpu
-def test_compiled_flex_on_cuda_matches_sdpa():
+@pytest.mark.parametrize("over", [{}, {"attn_softcap": 0.5, "attn_sinks": True}])
+def test_compiled_flex_on_cuda_matches_sdpa(over):
     """The compiled CUDA kernels, called from eager blocks and traced inside blocks compiled in place
-    (`train.parallel`'s compile): float32 logits and gradients agree with SDPA's dense mask, and bf16 flex
+    (`train.parallel`'s compile): float32 logits and gradients agree with SDPA's dense mask (with capped scores and
+    sinks: with the written-out attention, the sinks' gradient through flex's log-sum-exp included), and bf16 flex
     is as close to the float32 reference as bf16 SDPA is."""
     T = 512  # several 128-token blocks, so that whole blocks are skipped
     ids = torch.cat([torch.full((n,), i) for i, n in enumerate((200, 150, 100))] + [torch.full((62,), -1)])
     ids = torch.stack([ids, torch.zeros(T, dtype=torch.long)])
     kw = {"positions": _positions(ids).cuda(), "segments": Segments(ids.cuda())}
-    m = _model("debug-llama", max_seq_len=T, sliding_window=300).cuda()
+    m = _model("debug-llama", max_seq_len=T, sliding_window=300, **over).cuda()
+    if over:
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.attn.sinks.normal_()  # sinks that differ by head
     x = torch.randint(0, 256, (2, T), device="cuda")
 
     def run(impl: str, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirteen architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
+1e-4), for fourteen architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -52,12 +52,15 @@ CONFIGS = {
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "qwen3_moe": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, renormalize_experts=False,
                          hf_architecture="Qwen3MoeForCausalLM"),
+    "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
+                       sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
 }
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
@@ -219,6 +222,26 @@ def test_dora_on_experts_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="which PEFT adapts as parameters, without DoRA"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_gpt_oss_expert_adapters_are_refused_by_name(tmp_path):
+    """GPT-OSS stacks its experts (in, out), gate and up interleaved: temper writes no PEFT form for adapters there
+    (its attention adapters are written, above), and reads none: both refused, nothing written."""
+    model = _model("gpt_oss")
+    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "gate_proj"))
+    assert "layers.0.mlp.experts.0.gate_proj and 7 more adapt GPT-OSS's experts" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="whose stacked, interleaved layout"):
+        save_peft(model, model.cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
+              out / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="not GPT-OSS's"):
+        load_peft(_model("gpt_oss"), model.cfg, out)
 
 
 def _adapter(tmp_path):

@@ -104,6 +104,9 @@ VARIANTS = {
     # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend init-size scores).
     "gemma2-caps": {"sliding_window": 5, "global_every": 2, "sandwich_norm": True, "attn_softcap": 0.02,
                     "logit_softcap": 2.0},
+    # GPT-OSS's: a sink per head, biases everywhere, experts with clamped SwiGLU (clamped low, to bind at init).
+    "gpt-oss": {"attn_sinks": True, "bias": True, "n_experts": 4, "experts_per_token": 2, "swiglu_limit": 0.05,
+                "sliding_window": 5, "global_every": 2},
     # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
     "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
 }

@@ -168,6 +168,11 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     # Gemma 2's caps: the written-out attention keeps T x T per head; the loss's chunks keep the cap's slope.
     ("debug-llama", "pretrain", "fp32", 0, {"dims": {"attn_softcap": 50.0, "logit_softcap": 30.0}}),
     ("debug-llama", "lora", "bf16", 0, {"dims": {"attn_softcap": 50.0, "logit_softcap": 30.0}}),
+    # GPT-OSS's parts: sinks (T x T + 1 per head, written out), experts with clamped SwiGLU (six hidden-sized terms).
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": {"n_experts": 4, "expert_ffn_dim": 32, "bias": True,
+                                                     "attn_sinks": True, "swiglu_limit": 7.0}}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": {"n_experts": 4, "expert_ffn_dim": 32, "bias": True,
+                                                 "attn_sinks": True, "swiglu_limit": 7.0}}),
     # NF4 blocks (widths its 64 x 256-value blocks divide), each layer dequantized in turn; packed weights counted as
     # their inner tensors (a dense-sized wrapper otherwise)
     ("debug-llama", "qlora", "bf16", 0, {"dims": NF4_DIMS}),

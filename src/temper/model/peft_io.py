@@ -90,9 +90,14 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
-    router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA."""
-    moe = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.lora_magnitude is not None
-           and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+    router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of GPT-OSS's
+    experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for."""
+    in_moe = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
+              and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+    if in_moe and getattr(getattr(model, "cfg", None), "attn_sinks", False):
+        return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt GPT-OSS's experts or router, whose stacked, interleaved "
+                "layout temper writes no PEFT adapter for (adapt the attention for one); the merged model holds them")
+    moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
                 "adapts as parameters, without DoRA; the merged model holds them")
@@ -377,9 +382,9 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
         return plan
     layers = _moe_layers(model)
     odd = sorted(set(params) - {_GATE_UP, _DOWN, _ROUTER})
-    if odd or not layers:
+    if odd or not layers or getattr(getattr(model, "cfg", None), "attn_sinks", False):
         raise ValueError(f"{path}: target_parameters={params!r} is not supported (temper reads {_GATE_UP!r}, "
-                         f"{_DOWN!r} and {_ROUTER!r} of a mixture of experts)")
+                         f"{_DOWN!r} and {_ROUTER!r} of Mixtral's and Qwen3-MoE's experts, not GPT-OSS's)")
     if config.get("use_dora"):
         raise ValueError(f"{path}: use_dora with target_parameters is not supported (PEFT has no DoRA there)")
     r, alpha = int(config["r"]), config["lora_alpha"]

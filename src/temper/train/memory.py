@@ -542,7 +542,8 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         # keeps q (its grouped copy), k, v and, per head, T x T: the scores, the float32 probabilities and their
         # cast (with dropout its mask and the dropped ones), and the output.
         s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + 2 * kv_out))
-        per_score = t.a + 4 + (t.a if t.a != 4 else 0) + (1 + t.a if cfg.dropout > 0 else 0)
+        per_score = ((t.a if cfg.attn_softcap else 0) + 4 + (t.a if t.a != 4 else 0)  # capped ones; probabilities
+                     + (1 + t.a if cfg.dropout > 0 else 0))
         s.add("capped scores and probabilities (T x T per head)", seq_len * cfg.n_heads * per_score)
         s.add("attention output", t.a * q_out)
     elif attn_grad and cfg.dropout > 0 and not t.cuda:
@@ -608,7 +609,15 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
     f = mlp.up_proj.out_features
     up_grad = grad_in or _wants_grad(mlp.up_proj)
     down_keeps = _keeps_input(mlp.down_proj) and not (isinstance(mlp.down_proj, LoRALinear) and lora_dropout > 0)
-    if gated:
+    if gated and getattr(mlp, "limit", None) is not None:  # GPT-OSS's clamped SwiGLU: g * sigmoid(alpha g) * (u + 1)
+        gate_grad = grad_in or _wants_grad(mlp.gate_proj)
+        for name in ("gate pre-clamp", "clamped gate", "sigmoid(alpha * gate)", "up + 1"):
+            s.add(label + name, t.a * f if gate_grad else 0)
+        for name in ("up pre-clamp", "gate * sigmoid"):
+            s.add(label + name, t.a * f if up_grad else 0)
+        s.add(label + "clamped SwiGLU output (down_proj input)", t.a * f if down_keeps else 0)
+        mlp_grad = gate_grad or up_grad
+    elif gated:
         gate_grad = grad_in or _wants_grad(mlp.gate_proj)
         s.add(label + "gate pre-activation", t.a * f if gate_grad else 0)
         s.add(label + "act(gate)", t.a * f if up_grad else 0)  # the product keeps each factor for the other's gradient
