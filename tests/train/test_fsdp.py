@@ -76,16 +76,18 @@ def assert_same_training(ref: Path, got: Path, steps=range(1, 5), val: bool = Tr
 
 
 def test_a_mixture_of_experts_trains_like_one_process(char_data, tmp_path):
-    """Mixtral's layout (4 experts, 2 per token) on 2 FSDP2 ranks and on 2 DDP ranks: every expert runs on every
-    rank, on the rows routed to it or on none, so each rank reduces the same gradients (DDP would stop at a
-    parameter without one), and the losses and weights are one process's."""
-    experts = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false",
-               "--model.ffn_dim=48", "--model.n_experts=4"]
+    """GPT-OSS's layout (4 experts with clamped SwiGLU, 2 per token, biases everywhere, a sink per head) on 2 FSDP2
+    ranks and on 2 DDP ranks: every expert runs on every rank, on the rows routed to it or on none, so each rank
+    reduces the same gradients (DDP would stop at a parameter without one), and the losses and weights are one
+    process's; final/ is a GptOssForCausalLM."""
+    experts = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=true",
+               "--model.ffn_dim=48", "--model.n_experts=4", "--model.attn_sinks=true", "--model.swiglu_limit=7.0"]
     assert train(char_data, tmp_path, "ref", *STEPS, "--train.micro_batch_size=4", *experts) == 0
     for name, flags in (("fsdp2", ["--train.parallel.dp_shard=2"]), ("ddp", [])):
         torchrun(tmp_path, char_data, name, 2, 2, *flags, *experts)
         assert_same_training(tmp_path / "ref", tmp_path / name)
-    assert json.loads((tmp_path / "fsdp2" / "final" / "config.json").read_text())["num_local_experts"] == 4
+    exported = json.loads((tmp_path / "fsdp2" / "final" / "config.json").read_text())
+    assert exported["num_local_experts"] == 4 and exported["architectures"] == ["GptOssForCausalLM"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

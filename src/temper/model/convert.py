@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Thirteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fourteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -10,7 +10,9 @@ read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4
 Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
 sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three
 windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
-mixture of experts in every MLP) and Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one). Reading a config maps
+mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one) and GPT-OSS
+(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
+published). Reading a config maps
 its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
