@@ -20,7 +20,10 @@ class TinyLM(nn.Module):
     def forward(self, x, hidden_only=False):
         h = self.emb(x)
         h = torch.tanh(h + torch.cumsum(self.mix(h), dim=1) / torch.arange(1, x.size(1) + 1).view(1, -1, 1))
-        return h if hidden_only else self.head(h)
+        return h if hidden_only else self.logits(h)
+
+    def logits(self, h):  # the output layer on final hidden states, as `Transformer.logits`
+        return self.head(h)
 
 
 def padded_batch(seed=0, batch=4, seq=6, vocab=17):

@@ -301,12 +301,11 @@ def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Te
     A plain weight (tied embedding, or an `nn.Linear` head without bias) goes through the chunked
     `linear_cross_entropy`; any other head (LoRA on the head, say) runs as a module, then the loss.
     """
-    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    head, cap = model.head, model.cfg.logit_softcap
-    if head is None:
-        return linear_cross_entropy(h, model.tok_emb.weight, t, label_smoothing=label_smoothing, softcap=cap)
-    if type(head) is nn.Linear and head.bias is None:
-        return linear_cross_entropy(h, head.weight, t, label_smoothing=label_smoothing, softcap=cap)
+    head = model.head
+    if head is None or (type(head) is nn.Linear and head.bias is None):
+        weight = model.tok_emb.weight if head is None else head.weight
+        h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        return linear_cross_entropy(h, weight, t, label_smoothing=label_smoothing, softcap=model.cfg.logit_softcap)
     return token_loss_sum(model.logits(hidden), targets, label_smoothing)  # the model's own (B, T, C) call
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -186,12 +185,13 @@ def split_batch(batch: Batch, n: int) -> list[Batch]:
 
 class StageOutput:
     """The last stage's output posing as the model for a `Loss`: calling it returns the final hidden states the
-    pipeline computed (the model's kwargs were the stages'), or the head's logits on them; `head` is the stage's,
-    for a loss that runs the output layer itself (`losses.head_cross_entropy`). So a pipeline runs the losses that
+    pipeline computed (the model's kwargs were the stages'), or the stage's logits on them; `head` and `cfg` are the
+    stage's, for a loss that runs the output layer itself (`losses.head_cross_entropy`). So a pipeline runs the losses that
     call the model once on their batch and sum over its rows (language-model losses)."""
 
     def __init__(self, stage: Transformer, hidden: torch.Tensor) -> None:
-        self.head, self.tok_emb, self.hidden = stage.head, stage.tok_emb, hidden
+        self.cfg, self.head, self.tok_emb, self.hidden = stage.cfg, stage.head, stage.tok_emb, hidden
+        self.logits = stage.logits
 
     def __call__(self, tokens: torch.Tensor, *, hidden_only: bool = False, last_only: bool = False,
                  logits_at: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
@@ -200,9 +200,7 @@ class StageOutput:
             x = x[:, -1:]  # (B, 1, C)
         elif logits_at is not None:
             x = x[logits_at]  # (N, C)
-        if hidden_only:
-            return x
-        return self.head(x) if self.head is not None else F.linear(x, self.tok_emb.weight)
+        return x if hidden_only else self.logits(x)
 
 
 class Pipeline(nn.Module):
