@@ -230,6 +230,8 @@ def test_a_model_that_does_not_split_is_refused():
         check_tensor_parallel(replace(llama, n_experts=4), 2)
     with pytest.raises(ConfigError, match=r"tp=2 does not split OLMo 2's blocks"):
         check_tensor_parallel(replace(llama, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True), 2)
+    with pytest.raises(ConfigError, match=r"tp=2 does not split attention sinks"):
+        check_tensor_parallel(replace(llama, attn_sinks=True), 2)
 
 
 def test_adapted_layers_are_refused_with_the_key():

@@ -49,14 +49,17 @@ from temper.model.config import ModelConfig
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     """Refuse a model whose heads, MLP columns or vocabulary do not split evenly over `tp` ranks, mixtures of
-    experts (the plan splits one dense MLP; expert parallelism is not built) and OLMo 2's blocks (a q/k norm over all
-    heads needs statistics across the ranks' heads)."""
+    experts (the plan splits one dense MLP; expert parallelism is not built), OLMo 2's blocks (a q/k norm over all
+    heads needs statistics across the ranks' heads) and attention sinks (the plan has no layout for them)."""
     if cfg.n_experts:
         raise ConfigError(f"train.parallel.tp={tp} does not split a mixture of experts (n_experts={cfg.n_experts}): "
                           "shard it with train.parallel.dp_shard (FSDP2) instead")
     if cfg.qk_norm_whole or not cfg.pre_norm:
         raise ConfigError(f"train.parallel.tp={tp} does not split OLMo 2's blocks (q/k norms over all heads, no "
                           "pre-norms): shard it with train.parallel.dp_shard (FSDP2) instead")
+    if cfg.attn_sinks:
+        raise ConfigError(f"train.parallel.tp={tp} does not split attention sinks (one per head, kept whole): shard "
+                          "it with train.parallel.dp_shard (FSDP2) instead")
     sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads, "ffn hidden dim": cfg.hidden_dim,
              "vocab_size": cfg.vocab_size}
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
