@@ -22,13 +22,18 @@ def test_config_validation_names_the_field():
         ModelConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="mlp"):
         ModelConfig(mlp="relu")
-    with pytest.raises(ValueError, match="rope_scaling"):
+    with pytest.raises(ValueError, match="rope_scaling is missing"):
         ModelConfig(pos="rope", rope_scaling={"rope_type": "yarn"})
+    with pytest.raises(ValueError, match=r"rope_scaling: unknown keys \['beta_fst'\] for rope_type 'yarn'"):
+        ModelConfig(pos="rope", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                              "beta_fst": 16})
     for bad, match in [({"n_experts": 4}, "n_experts needs a gated MLP"),
                        ({"mlp": "swiglu", "n_experts": 4, "experts_per_token": 5}, "experts_per_token=5 between 1"),
                        ({"mlp": "swiglu", "expert_ffn_dim": 32}, "expert_ffn_dim=32 needs n_experts"),
                        ({"norm": "rmsnorm", "qk_norm_whole": True}, "qk_norm_whole needs qk_norm"),
-                       ({"pre_norm": False}, "pre_norm=false needs sandwich_norm")]:
+                       ({"pre_norm": False}, "pre_norm=false needs sandwich_norm"),
+                       ({"attn_softcap": 0.0}, "attn_softcap must be positive or None, got 0.0"),
+                       ({"swiglu_limit": 7.0}, "swiglu_limit=7.0 needs mlp='swiglu'")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
@@ -101,7 +106,8 @@ VARIANTS = {
     "olmo3-yarn": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True,
                    "sliding_window": 5, "global_every": 2, "rope_local_theta": 10000.0,
                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}},
-    # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend init-size scores).
+    # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend
+    # init-size scores).
     "gemma2-caps": {"sliding_window": 5, "global_every": 2, "sandwich_norm": True, "attn_softcap": 0.02,
                     "logit_softcap": 2.0},
     # GPT-OSS's: a sink per head, biases everywhere, experts with clamped SwiGLU (clamped low, to bind at init).

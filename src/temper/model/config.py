@@ -17,8 +17,9 @@ POS_KINDS = ("learned", "rope")
 ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
-    "yarn": ("factor", "original_max_position_embeddings"),  # optional: attention_factor, beta_fast, beta_slow,
-}                                                             # mscale, mscale_all_dim, truncate
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
 
 @dataclass
@@ -148,6 +149,10 @@ class ModelConfig:
             missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling is missing {missing}")
+            known = {"rope_type", *ROPE_SCALING_KEYS[kind], *(YARN_OPTIONAL_KEYS if kind == "yarn" else ())}
+            if set(self.rope_scaling) - known:
+                raise ValueError(f"rope_scaling: unknown keys {sorted(set(self.rope_scaling) - known)} for "
+                                 f"rope_type {kind!r} (it reads {sorted(known)})")
         if self.head_size is not None and self.head_size <= 0:
             raise ValueError(f"head_size must be positive or None, got {self.head_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:

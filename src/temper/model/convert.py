@@ -6,7 +6,8 @@ Fourteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForC
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
 layers alternating with global ones, capped attention scores and logits), Gemma 3's text model
 (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with their own RoPE base; also
-read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower),
+read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their
+vision tower),
 Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
 sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three
 windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
@@ -56,7 +57,7 @@ from temper.files import (
     safe_join,
     save_safetensors,
 )
-from temper.model.config import ModelConfig, is_global_layer
+from temper.model.config import YARN_OPTIONAL_KEYS, ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
 GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS = (
@@ -72,8 +73,8 @@ LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between globa
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
-                "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2, "olmo3": OLMO3,
-                "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
+                "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
+                "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
@@ -183,8 +184,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     for key in ("rope_scaling", "rope_parameters"):
         _check_types(d.get(key) or {}, _ROPE_FIELD_TYPES, prefix=f"{key}.")
     arch = _architecture(d)
-    quant = (d.get("quantization_config") or {}).get("quant_method") if isinstance(d.get("quantization_config"), dict) \
-        else d.get("quantization_config")
+    quant = d.get("quantization_config")
+    quant = quant.get("quant_method") if isinstance(quant, dict) else quant
     if quant and not (arch == GPT_OSS and quant == "mxfp4"):
         raise ValueError(f"quantization_config {quant!r} is not supported (temper reads 16- and 32-bit weights, and "
                          "GPT-OSS's MXFP4 experts); load the unquantized checkpoint, then QLoRA or quantize in temper")
@@ -392,15 +393,12 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
         # a factor (DeepSeek-V3) the factor is the ratio of the two
         old_len = rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 2048)
         factor = rope.get("factor") or d.get("max_position_embeddings", 2048) / old_len
-        optional = {k: rope[k] for k in _YARN_OPTIONAL if rope.get(k) is not None}
+        optional = {k: rope[k] for k in YARN_OPTIONAL_KEYS if rope.get(k) is not None}
         return theta, {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": old_len,
                        **optional}, rope
     if kind in (None, "default"):
         return theta, None, rope
     raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3 and yarn)")
-
-
-_YARN_OPTIONAL = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -486,8 +484,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling:  # transformers gives its top-level original length priority over the scaling's
         return "its RoPE scaling is longrope's (temper writes no other for Phi-3)"
-    if arch == GPT_OSS and (cfg.expert_weights_float32 or cfg.rope_local_theta):
-        return "it rounds the routing weights first, and has one RoPE"
+    if arch == GPT_OSS and cfg.expert_weights_float32:
+        return "it rounds the routing weights before it weighs the experts' outputs"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -540,7 +538,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif arch == OLMO3:  # one RoPE per layer type, written out: transformers 5 would give a flat config's windowed
         # layers Olmo3Config's default base, not rope_theta
         d |= {"attention_bias": False, "sliding_window": cfg.sliding_window,
-              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "layer_types": _layer_types(cfg),
               "rope_scaling": None,
               "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                                      **(cfg.rope_scaling or {})},
@@ -550,14 +548,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
               "sliding_window": cfg.sliding_window,
-              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention"
-                              for i in range(cfg.n_layers)],
+              "layer_types": _layer_types(cfg),
               "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
         if arch == GEMMA3:
             d |= {"rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "use_bidirectional_attention": False}
     if arch == GPT_OSS:  # one RoPE, written out: GptOssConfig would take a missing one for its YaRN default
         d |= {"attention_bias": True, "sliding_window": cfg.sliding_window,
-              "layer_types": ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)],
+              "layer_types": _layer_types(cfg),
               "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "output_router_logits": False,
               "rope_scaling": None,
@@ -570,6 +567,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
               "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}
     return d
+
+
+def _layer_types(cfg: ModelConfig) -> list[str]:
+    """transformers' `layer_types`: which layers attend within the sliding window."""
+    return ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)]
 
 
 # ---- weights: one list of rules per architecture, read both ways ------------------------------------
@@ -1137,7 +1139,8 @@ def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, path: Path, na
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1:] != (16,) or (
             blocks.shape[:-1] != scales.shape or blocks.dim() != 4):
         raise CheckpointError(f"{path}: {name}_blocks {list(blocks.shape)} ({blocks.dtype}) and _scales "
-                              f"{list(scales.shape)} ({scales.dtype}) are not MXFP4 (uint8 (E, out, G, 16) and (E, out, G))")
+                              f"{list(scales.shape)} ({scales.dtype}) are not MXFP4 (uint8 (E, out, G, 16) and "
+                              "(E, out, G))")
     lut = torch.tensor(_FP4_E2M1, dtype=torch.bfloat16)
     E, out, G, _ = blocks.shape
     weights = torch.empty(E, out, G * 32, dtype=torch.bfloat16)

@@ -8,8 +8,9 @@ own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, 
 scores and logits, attention sinks.
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
-the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2) and sinks
-(GPT-OSS), which SDPA cannot take, go through FlexAttention where it is chosen, else through `_written_attention`.
+the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2)
+and sinks (GPT-OSS), which SDPA cannot take, go through FlexAttention where it is chosen, else through
+`_written_attention`.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -270,7 +271,8 @@ class Attention(nn.Module):
                 y, aux = flex(q, k, v, **kw, return_aux=AuxRequest(lse=True))  # (B, H, T, D), lse (B, H, T)
                 y = y * torch.sigmoid(aux.lse - self.sinks[:, None]).unsqueeze(-1).to(y.dtype)
         elif self.softcap is not None or self.sinks is not None:
-            y = _written_attention(q, k, v, mask, causal, self.scale, self.softcap, self.sinks, dropout_p)  # (B, H, T, D)
+            y = _written_attention(q, k, v, mask, causal, self.scale, self.softcap, self.sinks,
+                                   dropout_p)  # (B, H, T, D)
         elif groups == 1 or mask is None:
             # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
             y = F.scaled_dot_product_attention(

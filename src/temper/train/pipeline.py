@@ -185,9 +185,9 @@ def split_batch(batch: Batch, n: int) -> list[Batch]:
 
 class StageOutput:
     """The last stage's output posing as the model for a `Loss`: calling it returns the final hidden states the
-    pipeline computed (the model's kwargs were the stages'), or the stage's logits on them; `head` and `cfg` are the
-    stage's, for a loss that runs the output layer itself (`losses.head_cross_entropy`). So a pipeline runs the losses that
-    call the model once on their batch and sum over its rows (language-model losses)."""
+    pipeline computed (the model's kwargs were the stages'), or the stage's logits on them; `head` and `cfg` are
+    the stage's, for a loss that runs the output layer itself (`losses.head_cross_entropy`). So a pipeline runs
+    the losses that call the model once on their batch and sum over its rows (language-model losses)."""
 
     def __init__(self, stage: Transformer, hidden: torch.Tensor) -> None:
         self.cfg, self.head, self.tok_emb, self.hidden = stage.cfg, stage.head, stage.tok_emb, hidden
