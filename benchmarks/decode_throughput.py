@@ -34,6 +34,7 @@ weights in bf16 can tip a near-tie late, so it is reported, not asserted).
     python benchmarks/decode_throughput.py --batch 1 --new-tokens 128 --repeats 5 --threads 1
     python benchmarks/decode_throughput.py --device cuda --shape llama-3.2-1b --compile --json out.json
     python benchmarks/decode_throughput.py --shape qwen3-moe-small   # a mixture: 64 experts, 8 per token
+    python benchmarks/decode_throughput.py --shape gemma2-small      # capped scores; also gpt-oss-small (sinks)
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ SHAPES: dict[str, ModelConfig] = {
     "qwen3-moe-small": dataclasses.replace(PRESETS["qwen3-30b-a3b"], vocab_size=32000, dim=512, n_layers=8,
                                            n_heads=8, n_kv_heads=4, head_size=64, ffn_dim=1408, n_experts=64,
                                            expert_ffn_dim=256, max_seq_len=2048),
+    # Gemma 2's layout, small: capped scores (the written-out attention on a CPU) and logits, alternating windows.
+    "gemma2-small": dataclasses.replace(PRESETS["gemma-2-2b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8,
+                                        n_kv_heads=4, head_size=64, ffn_dim=1408, max_seq_len=2048),
+    # GPT-OSS's layout, small: sinks, biases, 32 clamped-SwiGLU experts of which a token runs 4, 128-token windows.
+    "gpt-oss-small": dataclasses.replace(PRESETS["gpt-oss-20b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8,
+                                         n_kv_heads=4, head_size=64, ffn_dim=256, max_seq_len=2048),
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,13 +128,20 @@ def temper_runner(model: Transformer, device: torch.device, compile: bool) -> Ru
     return run
 
 
+def hf_attention(path: Path) -> str:
+    """transformers' SDPA, or its eager attention for the models SDPA cannot serve (capped scores, sinks)."""
+    config = json.loads((path / "config.json").read_text())
+    return "eager" if config.get("attn_logit_softcapping") or config.get("model_type") == "gpt_oss" else "sdpa"
+
+
 def hf_runner(path: Path, device: torch.device, dtype: torch.dtype, compile: bool) -> tuple[Runner, Any]:
     """Greedy generation through transformers' `generate` on the exported checkpoint, timed by a streamer
     (`generate` hands it each step's tokens on the host, a sync it makes every step anyway)."""
     from transformers import AutoModelForCausalLM, CompileConfig
     from transformers.generation.streamers import BaseStreamer
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    attention = hf_attention(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device).eval()
     gen = hf.generation_config
     gen.eos_token_id = gen.pad_token_id = gen.bos_token_id = None  # decode exactly N tokens
     if compile:

@@ -37,9 +37,10 @@ import sys
 import time
 
 import torch
+from decode_throughput import SHAPES
 from profiling import print_top_kernels
 
-from temper.model.config import PRESETS, ModelConfig
+from temper.model.config import ModelConfig
 from temper.model.convert import to_hf_config
 from temper.model.transformer import Transformer
 from temper.train.float8 import float8_refusal
@@ -51,7 +52,7 @@ from temper.train.step import datasheet_peak_flops, measured_matmul_peak_flops, 
 
 def bench_config(shape: str, vocab: int, seq: int) -> ModelConfig:
     """The preset at this sequence length, without dropout or long-context RoPE scaling."""
-    cfg = PRESETS[shape]
+    cfg = SHAPES[shape]  # the presets, and the small shapes of the families (decode_throughput.SHAPES)
     return dataclasses.replace(cfg, vocab_size=vocab or cfg.vocab_size, max_seq_len=max(seq, 64),
                                dropout=0.0, rope_scaling=None)
 
@@ -66,7 +67,8 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
 
         hf_cfg = to_hf_config(cfg)
         config = transformers.AutoConfig.for_model(**hf_cfg)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        written = cfg.attn_softcap or cfg.attn_sinks  # transformers' SDPA cannot take capped scores or sinks
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager" if written else "sdpa")
     return cfg, model.to(device)
 
 
