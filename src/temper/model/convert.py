@@ -1088,6 +1088,8 @@ def load_hf(
                 whole = None  # a tensor read whole: the stacked experts (GPT-OSS), dequantized from MXFP4 or not
                 if arch == GPT_OSS and name.endswith(("_blocks", "_scales")):
                     name, half = name.rsplit("_", 1)
+                    if half in mxfp4.get(name, {}):
+                        raise CheckpointError(f"{f.path}: tensor {name + '_' + half!r} is in two files")
                     mxfp4.setdefault(name, {})[half] = f.read(f"{name}_{half}")
                     if len(mxfp4[name]) < 2:
                         continue

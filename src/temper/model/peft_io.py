@@ -94,7 +94,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for."""
     in_moe = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
               and (".mlp.experts." in n or n.endswith(".mlp.router"))]
-    if in_moe and getattr(getattr(model, "cfg", None), "attn_sinks", False):
+    if in_moe and _stacked_experts(model):
         return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt GPT-OSS's experts or router, whose stacked, interleaved "
                 "layout temper writes no PEFT adapter for (adapt the attention for one); the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
@@ -102,6 +102,13 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
                 "adapts as parameters, without DoRA; the merged model holds them")
     return None
+
+
+def _stacked_experts(model: nn.Module) -> bool:
+    """Whether the model's Hugging Face checkpoint stores its experts stacked, (in, out), gate and up interleaved
+    (GPT-OSS: `convert._STACKED`), which temper's PEFT reader and writer do not lay out."""
+    cfg = getattr(model, "cfg", None)
+    return cfg is not None and cfg.n_experts > 0 and any(r.stacked for r in hf_rules(cfg))
 
 
 def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
@@ -382,7 +389,7 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
         return plan
     layers = _moe_layers(model)
     odd = sorted(set(params) - {_GATE_UP, _DOWN, _ROUTER})
-    if odd or not layers or getattr(getattr(model, "cfg", None), "attn_sinks", False):
+    if odd or not layers or _stacked_experts(model):
         raise ValueError(f"{path}: target_parameters={params!r} is not supported (temper reads {_GATE_UP!r}, "
                          f"{_DOWN!r} and {_ROUTER!r} of Mixtral's and Qwen3-MoE's experts, not GPT-OSS's)")
     if config.get("use_dora"):

@@ -300,11 +300,17 @@ class Attention(nn.Module):
         return k, v, mask, causal
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2's smooth cap at +-cap: cap * tanh(x / cap), divided first as its reference does (for its 16-bit
+    rounding). Attention scores (`attn_softcap`) and logits (`logit_softcap`) alike."""
+    return torch.tanh(x / cap) * cap
+
+
 def _tanh_cap(cap: float) -> Callable[..., torch.Tensor]:
-    """FlexAttention's score_mod of capped scores: c * tanh(score / c), on the scaled score, before the mask."""
+    """FlexAttention's score_mod of capped scores (`softcap`), on the scaled score, before the mask."""
 
     def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(score / cap) * cap
+        return softcap(score, cap)
 
     return capped
 
@@ -329,7 +335,7 @@ def _written_attention(
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
     scores = q.reshape(B, n_kv, groups * T, D) @ k.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
     if cap is not None:
-        scores = torch.tanh(scores / cap) * cap  # (B, Hkv, G*T, S)
+        scores = softcap(scores, cap)  # (B, Hkv, G*T, S)
     if mask is not None:  # an additive -inf, which (unlike masked_fill) keeps no mask for backward
         bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         scores = (scores.view(B, n_kv, groups, T, S) + bias.unsqueeze(2)).view(B, n_kv, groups * T, S)
@@ -600,8 +606,7 @@ class Transformer(nn.Module):
         `forward` and for losses and rollouts that take `hidden_only` states (`train.losses`' chunked loss fuses
         the same steps)."""
         logits = F.linear(hidden, self.tok_emb.weight) if self.head is None else self.head(hidden)
-        cap = self.cfg.logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap  # Gemma 2's order, for its 16-bit rounding
+        return logits if self.cfg.logit_softcap is None else softcap(logits, self.cfg.logit_softcap)
 
     def _attention_mask(
         self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | None = None,
