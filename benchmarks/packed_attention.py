@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from temper.data.packing import pack_documents
+from temper.model.attention import Segments
 from temper.model.config import PRESETS
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import train_step
 

@@ -16,8 +16,9 @@ from temper.data.packing import (
     padding_fraction,
     plan_packing,
 )
+from temper.model.attention import Segments
 from temper.model.config import PRESETS
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train.step import IGNORE_INDEX as TRAIN_IGNORE_INDEX
 from temper.train.step import token_loss_sum
 

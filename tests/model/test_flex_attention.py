@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from temper.model.attention import Segments
 from temper.model.config import PRESETS
 from temper.model.prefix import apply_prefix
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 
 # A CPU runs flex_attention's eager reference on purpose: torch's advice to compile it is for speed.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

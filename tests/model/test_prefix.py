@@ -125,8 +125,8 @@ def test_prefix_kv_and_set_prefix_give_the_same_logits():
 def test_the_prefix_is_a_module_swap_that_comes_off_cleanly():
     """apply_prefix swaps each attention layer for a PrefixAttention sharing its projections (state dict
     names unchanged, plus prefix.*); remove_prefix swaps plain layers back, outputs as before."""
+    from temper.model.attention import Attention
     from temper.model.prefix import PrefixAttention
-    from temper.model.transformer import Attention
 
     torch.manual_seed(0)
     model = Transformer(PRESETS["debug-llama"]).eval()

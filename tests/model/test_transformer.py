@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from temper.model.attention import Segments
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 
 
 def _model(name: str, **over) -> Transformer:
@@ -175,8 +176,8 @@ def test_attention_runs_on_a_tensor_parallel_shard_of_its_heads():
     import copy
     from dataclasses import replace
 
+    from temper.model.attention import Attention
     from temper.model.config import PRESETS
-    from temper.model.transformer import Attention
 
     cfg = replace(PRESETS["debug-llama"], n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)

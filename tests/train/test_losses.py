@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from temper.model.attention import Segments
 from temper.model.config import PRESETS
 from temper.model.lora import apply_lora
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train.losses import (
     IGNORE_INDEX,
     Batch,

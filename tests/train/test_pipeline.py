@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from temper.config import ConfigError
+from temper.model.attention import Segments
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train.checkpoint import load_checkpoint, save_checkpoint
 from temper.train.losses import Batch
 from temper.train.parallel import ParallelConfig, apply_activation_checkpointing

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from temper.model.transformer import Segments
+from temper.model.attention import Segments
 from temper.train.step import IGNORE_INDEX, NonFiniteLoss, eval_loss, throughput, token_loss_sum, train_step
 
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from temper.model.attention import Segments
 from temper.model.lora import adapters_disabled
-from temper.model.transformer import Segments
 from temper.train.losses import IGNORE_INDEX, Batch, LossOut, token_logprobs
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from temper.model.transformer import Segments
+from temper.model.attention import Segments
 
 
 @dataclass(frozen=True)

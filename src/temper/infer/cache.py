@@ -1,6 +1,6 @@
 """Rows of the static KV cache: allocate, reset, fork, and take a few rows out and put them back.
 
-The cache is `temper.model.transformer.KVCache`: keys and values (L, B, Hkv, S_max, D) and a (B,)
+The cache is `temper.model.attention.KVCache`: keys and values (L, B, Hkv, S_max, D) and a (B,)
 tensor of per-row lengths; row b holds its tokens at slots 0 .. lengths[b] - 1, slot j at position
 j. The model writes and reads it; this module moves rows around for the callers that schedule
 them: the engine (a prompt prefilled once and forked into n rows for n samples), a server that
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from temper.model.transformer import KVCache
+from temper.model.attention import KVCache
 
 
 def new_cache(model: nn.Module, batch: int, max_len: int, device: torch.device | str | None = None,

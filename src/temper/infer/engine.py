@@ -1,6 +1,6 @@
 """Token generation over a static KV cache: prefill, a compilable decode step, sampling, and the driver.
 
-The engine is three plain functions over `temper.model.transformer.KVCache` (per-row lengths; see
+The engine is three plain functions over `temper.model.attention.KVCache` (per-row lengths; see
 `temper.infer.cache` for reset / fork / select), after gpt-fast and nanochat:
   - `prefill(model, cache, prompts, rows)`: append each prompt to its row, return its last logits;
   - `decode_step(model, cache, tokens)`: one token per row -> next-token logits (B, V). Shapes never
@@ -49,7 +49,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from temper.infer.cache import fork, new_cache, reset, select, write_back
-from temper.model.transformer import KVCache, MoE
+from temper.model.attention import KVCache
+from temper.model.layers import MoE
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from temper.infer.cache import new_cache, reset
 from temper.infer.engine import _check, decode_step, filter_logits, prefill
-from temper.model.transformer import KVCache
+from temper.model.attention import KVCache
 
 log = logging.getLogger(__name__)
 

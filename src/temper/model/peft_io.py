@@ -55,12 +55,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
+from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig
 from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
-from temper.model.transformer import Transformer, apply_rope
+from temper.model.transformer import Transformer
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -300,7 +301,7 @@ _GATE_UP_PATTERN = r".*\.gate_up_proj"  # PEFT's key for gate_up's rank and alph
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(the HF prefix of its mlp, e.g. "model.layers.3.mlp", the MoE module) of each mixture layer."""
-    from temper.model.transformer import MoE
+    from temper.model.layers import MoE
 
     return [(f"model.layers.{i}.mlp", block.mlp) for i, block in enumerate(getattr(model, "layers", []))
             if isinstance(block.mlp, MoE)]

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from temper.model.transformer import Attention, Transformer
+from temper.model.attention import Attention
+from temper.model.transformer import Transformer
 
 
 class Prefix(nn.Module):

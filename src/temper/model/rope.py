@@ -4,7 +4,7 @@ Scalings stretch a model trained on `original_max_position_embeddings` tokens to
 interpolation, Llama 3.1's, and YaRN's (Qwen2.5 and Qwen3 long contexts, OLMo 3). Each matches transformers'
 `modeling_rope_utils` to the float32 bit, so checkpoints load with their reference's logits.
 
-It does not rotate anything: `transformer.apply_rope` does, with these tables.
+It does not rotate anything: `attention.apply_rope` does, with these tables.
 """
 
 from __future__ import annotations

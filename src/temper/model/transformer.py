@@ -1,4 +1,4 @@
-"""The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V), and its KV cache.
+"""The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
 Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral,
 Qwen3-MoE, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU
@@ -6,11 +6,8 @@ Qwen3-MoE, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, 
 norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
 own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
 scores and logits, attention sinks.
-Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
-needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
-the sequence), through FlexAttention's block-sparse kernel: see `Transformer.attn_impl`. Capped scores (Gemma 2)
-and sinks (GPT-OSS), which SDPA cannot take, go through FlexAttention where it is chosen, else through
-`_written_attention`.
+The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, norms, MLPs and
+experts in `model/layers.py`; this file stacks them into blocks and the model, and builds each forward's masks.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -20,410 +17,26 @@ Hugging Face files, and `temper.train.parallel` wraps `self.layers` from outside
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
+from temper.model.attention import (
+    ATTN_IMPLS,
+    Attention,
+    KVCache,
+    MaskMod,
+    Segments,
+    causal_mask_mod,
+    flex_kernels,
+    softcap,
+)
 from temper.model.config import ModelConfig
+from temper.model.layers import MLP, MoE, RMSNorm, make_norm
 from temper.model.rope import rope_tables
-
-
-@dataclass
-class Segments:
-    """Which earlier tokens each token may attend to: the model's one mask type, for packed documents
-    and padding alike (and for rows that score several continuations of one shared context).
-
-    ids: (B, T) int64. Tokens of a row with the same id form one sequence: a packed document, or the
-        whole row of a padded batch. A token sees the earlier tokens of its own id; -1 marks padding.
-    shared_prefix: id 0 is a context that every other id of its row continues (`eval.loglik` scores the
-        choices of a question side by side after one copy of it): tokens of any id also see id 0.
-
-    One rule (`mask_mod`) serves both attention paths: `dense` evaluates it into SDPA's (B, 1, T, T) bool
-    mask, and FlexAttention's `create_block_mask(segments.mask_mod, ...)` turns it into the block-sparse
-    form, which skips the masked blocks of a packed row instead of computing them.
-    """
-
-    ids: torch.Tensor
-    shared_prefix: bool = False
-
-    @classmethod
-    def padding(cls, valid: torch.Tensor) -> Segments:
-        """One sequence per row from a (B, T) bool mask of real tokens (False: padding, anywhere in the row)."""
-        return cls(valid.long() - 1)  # real -> 0, padding -> -1
-
-    @property
-    def mask_mod(self):
-        """visible(b, h, q, k): whether query q of row b may attend to key k, for broadcastable index
-        tensors (FlexAttention's mask_mod; h, the head, is unused).
-
-        A padding query sees only itself: a fully masked row would make softmax NaN, and a NaN in a
-        padded slot poisons real rows through 0 * NaN in the next layer."""
-        ids, shared = self.ids, self.shared_prefix
-
-        def visible(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            seg_q, seg_k = ids[b, q], ids[b, k]
-            same = (seg_k == seg_q) | (seg_k == 0) if shared else seg_k == seg_q
-            return ((k <= q) & same & (seg_k >= 0)) | (k == q)
-
-        return visible
-
-    def dense(self) -> torch.Tensor:
-        """(B, 1, T, T) bool: `mask_mod` at every (query, key) pair, for SDPA's attn_mask."""
-        B, T = self.ids.shape
-        idx = torch.arange(T, device=self.ids.device)
-        b = torch.arange(B, device=self.ids.device)[:, None, None]  # (B, 1, 1)
-        return self.mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]  # (B, 1, T, T)
-
-    def to(self, device: torch.device | str) -> Segments:
-        return Segments(self.ids.to(device), self.shared_prefix)
-
-
-ATTN_IMPLS = ("auto", "sdpa", "flex")
-
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-_COMPILED_FLEX: dict[str, tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]] = {}
-
-
-def _flex_kernels(device_type: str) -> tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]:
-    """(create_block_mask, flex_attention) for a device: compiled once per process on CUDA, where eager
-    flex_attention runs an unfused reference (slower than SDPA) and compiled create_block_mask never
-    builds the dense T x T mask; eager elsewhere (CPU tests; a CPU run picks SDPA unless told otherwise).
-
-    Compiled on first use, not at import (torch.compile's setup costs seconds). Inside a compiled region (a
-    block compiled in place, or the whole model) the plain functions: the enclosing graph traces them and
-    compiles the flex kernel itself."""
-    if device_type != "cuda" or torch.compiler.is_compiling():
-        return create_block_mask, flex_attention
-    if device_type not in _COMPILED_FLEX:
-        _COMPILED_FLEX[device_type] = (torch.compile(create_block_mask), torch.compile(flex_attention))
-    return _COMPILED_FLEX[device_type]
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, with a fill length per row (a static cache).
-
-    Row b holds the keys and values of its tokens at slots 0 .. lengths[b] - 1, and slot j is
-    position j of that row (RoPE, learned positions): rows fill, empty and restart independently,
-    so one batch can hold requests of different lengths (continuous batching, RL rollouts) and
-    `temper.infer.cache` can fork, reset and refill rows. New keys and values are scattered at
-    each row's own slots, and attention always spans all `max_len` slots behind a mask built from
-    the lengths, so no tensor changes shape between decode steps (what `torch.compile` and CUDA
-    graphs need; gpt-fast's static cache, with per-row lengths).
-
-    A row never grows past `max_len`: writes past the end land on the last slot (so an idle row
-    of a static batch cannot fail), which the engine avoids for live rows by checking on the host.
-    """
-
-    def __init__(
-        self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
-        self.max_len = max_len
-
-    @property
-    def length(self) -> int:
-        """The longest row's length, read on the host (a device sync: for tests and checks, not per step)."""
-        return int(self.lengths.max())
-
-    def positions(self, T: int) -> torch.Tensor:
-        """(B, T) the slots, and positions, of T new tokens per row: right after each row's filled slots."""
-        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        return pos.clamp(max=self.max_len - 1)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, Hkv, T, D) keys and values at each row's next T slots; return every slot's
-        (B, Hkv, S_max, D), for attention behind the mask of `Transformer._attention_mask`."""
-        B, H, T, D = k.shape
-        slots = self.positions(T)[:, None, :, None].expand(B, H, T, D)  # (B, Hkv, T, D)
-        self.k[layer].scatter_(2, slots, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, slots, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
-    def advance(self, n: int) -> None:
-        """Mark `n` more slots of every row as filled (the model calls this once per forward, after every layer)."""
-        self.lengths.add_(n).clamp_(max=self.max_len)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does.
-
-    unit_offset: scale by (1 + weight) and cast after the product, as Gemma does; the weight then
-    starts at 0, and checkpoints store it in that form. cast_after: scale by the weight, then cast (OLMo 2).
-    """
-
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False, cast_after: bool = False) -> None:
-        super().__init__()
-        self.eps = eps
-        self.unit_offset, self.cast_after = unit_offset, cast_after
-        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
-        # the weight, Gemma and OLMo 2 after: each matches its Hugging Face reference bit for bit, in bf16 too.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        if self.unit_offset:
-            return (y * (1.0 + self.weight.float())).to(x.dtype)
-        if self.cast_after:
-            return (self.weight * y).to(x.dtype)
-        return self.weight * y.to(x.dtype)
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (Su et al. 2021).
-
-    The half-split pairing (not interleaved pairs) is the Hugging Face layout, so Llama weights
-    load without permuting q and k. x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2).
-    """
-    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache.
-
-    The mask is SDPA's bool tensor (or None with `causal`), or a FlexAttention `BlockMask` built once
-    per forward by `Transformer._attention_mask` and shared by every layer of the same window (never with a
-    cache)."""
-
-    takes_block_mask: ClassVar[bool] = True
-    """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
-    axis says False, and the model then gives it SDPA's dense mask."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx  # which slice of the KV cache this layer owns
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
-        # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
-        qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
-        # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
-        # one over all the query heads' values at once, one over the keys'.
-        self.qk_norm_whole = cfg.qk_norm_whole
-        q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
-                            else (self.head_dim, self.head_dim))
-        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
-        self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
-        self.softcap = cfg.attn_softcap
-        # GPT-OSS: one learned logit per query head, a softmax column with no value behind it.
-        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
-
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
-        # of the projections holds a slice of the heads and runs this same code on it.
-        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
-        if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
-        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        n_heads, n_kv_heads = q.shape[2], k.shape[2]
-        if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
-        dropout_p = self.dropout if self.training else 0.0
-        groups = n_heads // n_kv_heads
-        if isinstance(mask, BlockMask):
-            # Block-sparse: whole masked blocks (other documents of a packed row) are skipped, and GQA
-            # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
-            # mask when attention dropout is off.
-            flex = _flex_kernels(q.device.type)[1]
-            kw = {"score_mod": None if self.softcap is None else _tanh_cap(self.softcap), "block_mask": mask,
-                  "scale": self.scale, "enable_gqa": groups > 1}
-            if self.sinks is None:
-                y = flex(q, k, v, **kw)  # (B, H, T, D)
-            else:  # the sinks' share of each softmax, from its log-sum-exp: y * sum e^s / (sum e^s + e^sink)
-                y, aux = flex(q, k, v, **kw, return_aux=AuxRequest(lse=True))  # (B, H, T, D), lse (B, H, T)
-                y = y * torch.sigmoid(aux.lse - self.sinks[:, None]).unsqueeze(-1).to(y.dtype)
-        elif self.softcap is not None or self.sinks is not None:
-            y = _written_attention(q, k, v, mask, causal, self.scale, self.softcap, self.sinks,
-                                   dropout_p)  # (B, H, T, D)
-        elif groups == 1 or mask is None:
-            # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.scale, enable_gqa=groups > 1
-            )  # (B, H, T, D)
-        else:
-            # With a mask, enable_gqa falls back to the math kernel, and repeating K/V would copy the
-            # whole cache every step. Fold each kv head's query group into the query axis instead:
-            # (B, Hkv, G*T, D) queries against the un-repeated (B, Hkv, S, D) keys.
-            S = k.shape[2]
-            qg = q.reshape(B, n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
-            mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
-            # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
-            mg = mg.contiguous()  # (B|1, 1, G*T, S)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p, scale=self.scale)
-            y = y.reshape(B, n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.resid_drop(self.o_proj(y))  # (B, T, C)
-
-    def extend_kv(
-        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool, T: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask | None, bool]:
-        """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
-        (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
-        return k, v, mask, causal
-
-
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """Gemma 2's smooth cap at +-cap: cap * tanh(x / cap), divided first as its reference does (for its 16-bit
-    rounding). Attention scores (`attn_softcap`) and logits (`logit_softcap`) alike."""
-    return torch.tanh(x / cap) * cap
-
-
-def _tanh_cap(cap: float) -> Callable[..., torch.Tensor]:
-    """FlexAttention's score_mod of capped scores (`softcap`), on the scaled score, before the mask."""
-
-    def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return softcap(score, cap)
-
-    return capped
-
-
-def _written_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None,
-    cap: float | None, sinks: torch.Tensor | None, dropout_p: float,
-) -> torch.Tensor:
-    """Attention with scores capped at +-cap (Gemma 2) or a sink logit per head (GPT-OSS), written out: SDPA takes
-    no hook on the scores, and FlexAttention (which does) has no CPU backward. It keeps the T x S scores, as the
-    references do.
-
-    Gemma 2's order and dtypes: the scaled scores in the inputs' dtype, divided by the cap, tanh, times the cap, the
-    mask, a float32 softmax rounded back, so 16-bit outputs equal its own. Each kv head's query group is folded into
-    the query axis (as SDPA's masked path above), so keys and values are never repeated per head.
-    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B|1, 1, T, S) bool, or None (causal: the T queries are the last
-    T positions of the S keys; else every key is seen); sinks: (H,). Returns (B, H, T, D)."""
-    B, H, T, D = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    groups = H // n_kv
-    if mask is None and causal:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
-    scores = q.reshape(B, n_kv, groups * T, D) @ k.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
-    if cap is not None:
-        scores = softcap(scores, cap)  # (B, Hkv, G*T, S)
-    if mask is not None:  # an additive -inf, which (unlike masked_fill) keeps no mask for backward
-        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        scores = (scores.view(B, n_kv, groups, T, S) + bias.unsqueeze(2)).view(B, n_kv, groups * T, S)
-    if sinks is not None:  # one more column per query: its head's sink, dropped after the softmax
-        sink = sinks.to(scores.dtype).view(1, n_kv, groups, 1, 1).expand(B, -1, -1, T, -1).reshape(B, n_kv, -1, 1)
-        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :S].to(q.dtype)
-    else:
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
-    if dropout_p:
-        probs = F.dropout(probs, dropout_p)
-    return (probs @ v).view(B, H, T, D)
-
-
-class MLP(nn.Module):
-    """GELU MLP (GPT-2, tanh approximation), or gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants
-    Improve Transformer"): act(gate(x)) * up(x)."""
-
-    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or cfg.hidden_dim
-        self.gated = cfg.mlp in ("swiglu", "geglu")
-        self.silu = cfg.mlp == "swiglu"
-        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
-        if self.gated:
-            self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.limit is not None:  # GPT-OSS's clamped SwiGLU
-            gate, up = self.gate_proj(x).clamp(max=self.limit), self.up_proj(x).clamp(-self.limit, self.limit)
-            h = gate * torch.sigmoid(gate * self.alpha) * (up + 1)  # (B, T, F)
-        elif self.gated:
-            gate = self.gate_proj(x)  # (B, T, F)
-            h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * self.up_proj(x)  # (B, T, F)
-        else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
-        return self.resid_drop(self.down_proj(h))  # (B, T, C)
-
-
-class MoE(nn.Module):
-    """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a linear
-    router scores the experts for each token, and the token's output is the sum of its top-k experts' outputs,
-    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`).
-
-    The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
-    reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
-    and each expert runs once on its rows (one host sync per layer for the group sizes; a grouped GEMM kernel
-    would be faster on a GPU with many experts). With gradients every expert runs, on zero rows if none chose it,
-    so each parameter gets a gradient in every step and DDP / FSDP2 reduce the same tensors on every rank; without,
-    only the chosen ones (decoding one token runs k of them)."""
-
-    routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    """When a list, each forward with gradients appends its (router probabilities (N, E), chosen experts (N, k)):
-    training's load-balancing loss (`train.losses.RouterBalance`) reads them; None records nothing."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
-                                                          cfg.expert_weights_float32)
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
-        self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        x = x.reshape(B * T, C)  # (N, C)
-        # The softmax in float32, as Mixtral's and Qwen3-MoE's references route; the weights stay float32 for Mixtral.
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
-        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
-        if self.routing is not None and torch.is_grad_enabled():
-            self.routing.append((probs, chosen))
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
-        order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
-        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        rows, scale = (order // self.k).split(counts), weights[order, None].split(counts)  # per expert: tokens, weights
-        # float32 weights: the weighted outputs are summed in float32 and rounded once, as Mixtral's reference does.
-        out = torch.zeros_like(x, dtype=weights.dtype if self.float32_weights else x.dtype)  # (N, C)
-        for expert, r, w in zip(self.experts, rows, scale, strict=True):
-            if not len(r) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
-                continue
-            y = expert(x[r]) * w  # (n_e, C)
-            # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
-            # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
-            out.index_put_((r,), y.to(out.dtype), accumulate=True)
-        return out.view(B, T, C).to(x.dtype)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -452,11 +65,6 @@ class Block(nn.Module):
         return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))  # (B, T, C)
 
 
-def _causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The mask_mod of one causal sequence per row."""
-    return k <= q
-
-
 class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
@@ -473,7 +81,7 @@ class Transformer(nn.Module):
     backward). Set on the instance (`model.attn_impl = "sdpa"`; training recipes: `--train.attention`): a
     choice of kernel, not of the model, so no ModelConfig field (those are exported, and compared on resume).
     With `attn_softcap` or `attn_sinks`, "flex" serves unmasked forwards too (a causal block mask), and "sdpa"
-    means the written-out `_written_attention`."""
+    means the written-out `attention._written_attention`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -635,7 +243,7 @@ class Transformer(nn.Module):
         visible = self._mask_mod(segments, window)
         rows = B if segments is not None else 1  # a plain causal (windowed) mask is the same for every row
         if self._use_flex(device):
-            make_block_mask = _flex_kernels(device.type)[0]
+            make_block_mask = flex_kernels(device.type)[0]
             return make_block_mask(visible, rows, None, T, T, device=device), False
         idx = torch.arange(T, device=device)  # (T,)
         b = torch.arange(rows, device=device)[:, None, None]  # (B|1, 1, 1)
@@ -644,7 +252,7 @@ class Transformer(nn.Module):
     def _mask_mod(self, segments: Segments | None, window: int | None) -> MaskMod:
         """The one rule of a forward without a cache, as a FlexAttention mask_mod (broadcastable indices):
         `segments.mask_mod`, or plain causality, within the sliding `window`."""
-        base = segments.mask_mod if segments is not None else _causal
+        base = segments.mask_mod if segments is not None else causal_mask_mod
         if window is None:
             return base
 

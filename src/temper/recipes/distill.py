@@ -67,8 +67,9 @@ from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, load_tokenizer
 from temper.errors import InputError
 from temper.infer.engine import generate
 from temper.infer.load import Checkpoint, checkpoint_dir, open_checkpoint
+from temper.model.attention import Segments
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
 from temper.train.losses import IGNORE_INDEX, Batch, LMLoss
 from temper.train.methods import export_finetuned

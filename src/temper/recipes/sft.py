@@ -56,9 +56,9 @@ from temper.data.tokenizer import HFTokenizer, TokenizerError, load_hf_tokenizer
 from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
 from temper.files import UnsafePath
+from temper.model.attention import Segments
 from temper.model.convert import CheckpointError
 from temper.model.peft_io import peft_prefix_refusal
-from temper.model.transformer import Segments
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss
 from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned, load_base

@@ -343,7 +343,7 @@ class RouterBalance:
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         from temper.config import ConfigError
-        from temper.model.transformer import MoE
+        from temper.model.layers import MoE
 
         layers = [m for m in model.modules() if isinstance(m, MoE)]
         if not layers:

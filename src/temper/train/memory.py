@@ -16,7 +16,7 @@ three moments of temper's `train_step` (see `_moments`):
     embedding's gradient that autograd sums at the end.
 
 What temper's training actually does, and so what is counted (read from `train/step.py`,
-`recipes/pretrain.py`, `model/transformer.py`):
+`recipes/pretrain.py`, `model/transformer.py`, `model/attention.py`, `model/layers.py`):
 
   * precision. pretrain/full keep float32 weights, float32 gradients and float32 AdamW states
     (exp_avg, exp_avg_sq: 8 bytes per trainable parameter); bf16/fp16 is `torch.autocast` around
@@ -110,8 +110,9 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from temper.config import ConfigError
 from temper.model.config import ModelConfig
+from temper.model.layers import MoE
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
-from temper.model.transformer import MoE, Transformer
+from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
 from temper.train.parallel import ParallelConfig, can_hold_on_host
 

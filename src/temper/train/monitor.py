@@ -31,9 +31,9 @@ from temper.train.parallel import squared_norm
 ROLES = ("embedding", "attention", "mlp", "norm", "head", "lora", "prefix", "other")
 """The groups parameters are measured in, in the order every rank reduces them."""
 
-# Module names of temper's models (model/transformer.py, lora.py, prefix.py, heads.py, align/rl.py) that give a
-# parameter its role; wrappers' prefixes (DDP's module., activation checkpointing's, a pipeline's stages.N.) are
-# other components and do not match.
+# Module names of temper's models (model/transformer.py, attention.py, layers.py, lora.py, prefix.py, heads.py,
+# align/rl.py) that give a parameter its role; wrappers' prefixes (DDP's module., activation checkpointing's, a
+# pipeline's stages.N.) are other components and do not match.
 _EMBEDDINGS = {"tok_emb", "pos_emb"}
 _NORMS = {"norm", "attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"}
 _HEADS = {"head", "score"}

@@ -30,8 +30,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.tensor import DTensor
 
 from temper.config import ConfigError
+from temper.model.attention import Segments
 from temper.model.config import ModelConfig
-from temper.model.transformer import Segments, Transformer
+from temper.model.transformer import Transformer
 from temper.train.losses import Batch, Loss, LossOut
 from temper.train.parallel import DistInfo, ParallelConfig, unwrap
 

@@ -1,0 +1,313 @@
+"""How tokens see each other: the mask (`Segments`), the static KV cache, RoPE's rotation and the attention layer.
+
+Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
+needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than
+the sequence), through FlexAttention's block-sparse kernel (`Transformer.attn_impl` chooses). Capped scores
+(Gemma 2) and sinks (GPT-OSS), which SDPA cannot take, go through FlexAttention where it is chosen, else through
+`_written_attention`.
+
+It does not build masks for a whole forward (`Transformer._attention_mask` does, once per window) nor compute
+the RoPE tables (`model/rope.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
+
+from temper.model.config import ModelConfig
+from temper.model.layers import RMSNorm
+
+
+@dataclass
+class Segments:
+    """Which earlier tokens each token may attend to: the model's one mask type, for packed documents
+    and padding alike (and for rows that score several continuations of one shared context).
+
+    ids: (B, T) int64. Tokens of a row with the same id form one sequence: a packed document, or the
+        whole row of a padded batch. A token sees the earlier tokens of its own id; -1 marks padding.
+    shared_prefix: id 0 is a context that every other id of its row continues (`eval.loglik` scores the
+        choices of a question side by side after one copy of it): tokens of any id also see id 0.
+
+    One rule (`mask_mod`) serves both attention paths: `dense` evaluates it into SDPA's (B, 1, T, T) bool
+    mask, and FlexAttention's `create_block_mask(segments.mask_mod, ...)` turns it into the block-sparse
+    form, which skips the masked blocks of a packed row instead of computing them.
+    """
+
+    ids: torch.Tensor
+    shared_prefix: bool = False
+
+    @classmethod
+    def padding(cls, valid: torch.Tensor) -> Segments:
+        """One sequence per row from a (B, T) bool mask of real tokens (False: padding, anywhere in the row)."""
+        return cls(valid.long() - 1)  # real -> 0, padding -> -1
+
+    @property
+    def mask_mod(self):
+        """visible(b, h, q, k): whether query q of row b may attend to key k, for broadcastable index
+        tensors (FlexAttention's mask_mod; h, the head, is unused).
+
+        A padding query sees only itself: a fully masked row would make softmax NaN, and a NaN in a
+        padded slot poisons real rows through 0 * NaN in the next layer."""
+        ids, shared = self.ids, self.shared_prefix
+
+        def visible(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            seg_q, seg_k = ids[b, q], ids[b, k]
+            same = (seg_k == seg_q) | (seg_k == 0) if shared else seg_k == seg_q
+            return ((k <= q) & same & (seg_k >= 0)) | (k == q)
+
+        return visible
+
+    def dense(self) -> torch.Tensor:
+        """(B, 1, T, T) bool: `mask_mod` at every (query, key) pair, for SDPA's attn_mask."""
+        B, T = self.ids.shape
+        idx = torch.arange(T, device=self.ids.device)
+        b = torch.arange(B, device=self.ids.device)[:, None, None]  # (B, 1, 1)
+        return self.mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]  # (B, 1, T, T)
+
+    def to(self, device: torch.device | str) -> Segments:
+        return Segments(self.ids.to(device), self.shared_prefix)
+
+
+ATTN_IMPLS = ("auto", "sdpa", "flex")
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_COMPILED_FLEX: dict[str, tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]] = {}
+
+
+def flex_kernels(device_type: str) -> tuple[Callable[..., BlockMask], Callable[..., torch.Tensor]]:
+    """(create_block_mask, flex_attention) for a device: compiled once per process on CUDA, where eager
+    flex_attention runs an unfused reference (slower than SDPA) and compiled create_block_mask never
+    builds the dense T x T mask; eager elsewhere (CPU tests; a CPU run picks SDPA unless told otherwise).
+
+    Compiled on first use, not at import (torch.compile's setup costs seconds). Inside a compiled region (a
+    block compiled in place, or the whole model) the plain functions: the enclosing graph traces them and
+    compiles the flex kernel itself."""
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return create_block_mask, flex_attention
+    if device_type not in _COMPILED_FLEX:
+        _COMPILED_FLEX[device_type] = (torch.compile(create_block_mask), torch.compile(flex_attention))
+    return _COMPILED_FLEX[device_type]
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, with a fill length per row (a static cache).
+
+    Row b holds the keys and values of its tokens at slots 0 .. lengths[b] - 1, and slot j is
+    position j of that row (RoPE, learned positions): rows fill, empty and restart independently,
+    so one batch can hold requests of different lengths (continuous batching, RL rollouts) and
+    `temper.infer.cache` can fork, reset and refill rows. New keys and values are scattered at
+    each row's own slots, and attention always spans all `max_len` slots behind a mask built from
+    the lengths, so no tensor changes shape between decode steps (what `torch.compile` and CUDA
+    graphs need; gpt-fast's static cache, with per-row lengths).
+
+    A row never grows past `max_len`: writes past the end land on the last slot (so an idle row
+    of a static batch cannot fail), which the engine avoids for live rows by checking on the host.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        """The longest row's length, read on the host (a device sync: for tests and checks, not per step)."""
+        return int(self.lengths.max())
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) the slots, and positions, of T new tokens per row: right after each row's filled slots."""
+        pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        return pos.clamp(max=self.max_len - 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, Hkv, T, D) keys and values at each row's next T slots; return every slot's
+        (B, Hkv, S_max, D), for attention behind the mask of `Transformer._attention_mask`."""
+        B, H, T, D = k.shape
+        slots = self.positions(T)[:, None, :, None].expand(B, H, T, D)  # (B, Hkv, T, D)
+        self.k[layer].scatter_(2, slots, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        """Mark `n` more slots of every row as filled (the model calls this once per forward, after every layer)."""
+        self.lengths.add_(n).clamp_(max=self.max_len)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (Su et al. 2021).
+
+    The half-split pairing (not interleaved pairs) is the Hugging Face layout, so Llama weights
+    load without permuting q and k. x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache.
+
+    The mask is SDPA's bool tensor (or None with `causal`), or a FlexAttention `BlockMask` built once
+    per forward by `Transformer._attention_mask` and shared by every layer of the same window (never with a
+    cache)."""
+
+    takes_block_mask: ClassVar[bool] = True
+    """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
+    axis says False, and the model then gives it SDPA's dense mask."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which slice of the KV cache this layer owns
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
+        # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
+        # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
+        # one over all the query heads' values at once, one over the keys'.
+        self.qk_norm_whole = cfg.qk_norm_whole
+        q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
+                            else (self.head_dim, self.head_dim))
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
+        # GPT-OSS: one learned logit per query head, a softmax column with no value behind it.
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
+        # of the projections holds a slice of the heads and runs this same code on it.
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
+        if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        n_heads, n_kv_heads = q.shape[2], k.shape[2]
+        if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+        k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
+        dropout_p = self.dropout if self.training else 0.0
+        groups = n_heads // n_kv_heads
+        if isinstance(mask, BlockMask):
+            # Block-sparse: whole masked blocks (other documents of a packed row) are skipped, and GQA
+            # reads the shared kv heads in the kernel. No dropout here: the model only builds a block
+            # mask when attention dropout is off.
+            flex = flex_kernels(q.device.type)[1]
+            kw = {"score_mod": None if self.softcap is None else _tanh_cap(self.softcap), "block_mask": mask,
+                  "scale": self.scale, "enable_gqa": groups > 1}
+            if self.sinks is None:
+                y = flex(q, k, v, **kw)  # (B, H, T, D)
+            else:  # the sinks' share of each softmax, from its log-sum-exp: y * sum e^s / (sum e^s + e^sink)
+                y, aux = flex(q, k, v, **kw, return_aux=AuxRequest(lse=True))  # (B, H, T, D), lse (B, H, T)
+                y = y * torch.sigmoid(aux.lse - self.sinks[:, None]).unsqueeze(-1).to(y.dtype)
+        elif self.softcap is not None or self.sinks is not None:
+            y = _written_attention(q, k, v, mask, causal, self.scale, self.softcap, self.sinks,
+                                   dropout_p)  # (B, H, T, D)
+        elif groups == 1 or mask is None:
+            # Without a mask, SDPA's flash kernel handles GQA natively (enable_gqa): no K/V copies.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=self.scale, enable_gqa=groups > 1
+            )  # (B, H, T, D)
+        else:
+            # With a mask, enable_gqa falls back to the math kernel, and repeating K/V would copy the
+            # whole cache every step. Fold each kv head's query group into the query axis instead:
+            # (B, Hkv, G*T, D) queries against the un-repeated (B, Hkv, S, D) keys.
+            S = k.shape[2]
+            qg = q.reshape(B, n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
+            mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
+            # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
+            mg = mg.contiguous()  # (B|1, 1, G*T, S)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p, scale=self.scale)
+            y = y.reshape(B, n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return self.resid_drop(self.o_proj(y))  # (B, T, C)
+
+    def extend_kv(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask | None, bool]:
+        """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
+        (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
+        return k, v, mask, causal
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2's smooth cap at +-cap: cap * tanh(x / cap), divided first as its reference does (for its 16-bit
+    rounding). Attention scores (`attn_softcap`) and logits (`logit_softcap`) alike."""
+    return torch.tanh(x / cap) * cap
+
+
+def _tanh_cap(cap: float) -> Callable[..., torch.Tensor]:
+    """FlexAttention's score_mod of capped scores (`softcap`), on the scaled score, before the mask."""
+
+    def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return softcap(score, cap)
+
+    return capped
+
+
+def _written_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float | None,
+    cap: float | None, sinks: torch.Tensor | None, dropout_p: float,
+) -> torch.Tensor:
+    """Attention with scores capped at +-cap (Gemma 2) or a sink logit per head (GPT-OSS), written out: SDPA takes
+    no hook on the scores, and FlexAttention (which does) has no CPU backward. It keeps the T x S scores, as the
+    references do.
+
+    Gemma 2's order and dtypes: the scaled scores in the inputs' dtype, divided by the cap, tanh, times the cap, the
+    mask, a float32 softmax rounded back, so 16-bit outputs equal its own. Each kv head's query group is folded into
+    the query axis (as SDPA's masked path above), so keys and values are never repeated per head.
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B|1, 1, T, S) bool, or None (causal: the T queries are the last
+    T positions of the S keys; else every key is seen); sinks: (H,). Returns (B, H, T, D)."""
+    B, H, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    groups = H // n_kv
+    if mask is None and causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
+    scores = q.reshape(B, n_kv, groups * T, D) @ k.transpose(-1, -2) * (D**-0.5 if scale is None else scale)
+    if cap is not None:
+        scores = softcap(scores, cap)  # (B, Hkv, G*T, S)
+    if mask is not None:  # an additive -inf, which (unlike masked_fill) keeps no mask for backward
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = (scores.view(B, n_kv, groups, T, S) + bias.unsqueeze(2)).view(B, n_kv, groups * T, S)
+    if sinks is not None:  # one more column per query: its head's sink, dropped after the softmax
+        sink = sinks.to(scores.dtype).view(1, n_kv, groups, 1, 1).expand(B, -1, -1, T, -1).reshape(B, n_kv, -1, 1)
+        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :S].to(q.dtype)
+    else:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v).view(B, H, T, D)
+
+
+def causal_mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The mask_mod of one causal sequence per row."""
+    return k <= q

@@ -1,0 +1,122 @@
+"""The layers that act on each position alone: norms, the MLP and the mixture of experts.
+
+They hold no state between tokens: attention (`model/attention.py`) is the one layer that mixes positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does.
+
+    unit_offset: scale by (1 + weight) and cast after the product, as Gemma does; the weight then
+    starts at 0, and checkpoints store it in that form. cast_after: scale by the weight, then cast (OLMo 2).
+    """
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, cast_after: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset, self.cast_after = unit_offset, cast_after
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
+        # the weight, Gemma and OLMo 2 after: each matches its Hugging Face reference bit for bit, in bf16 too.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
+        if self.cast_after:
+            return (self.weight * y).to(x.dtype)
+        return self.weight * y.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2, tanh approximation), or gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants
+    Improve Transformer"): act(gate(x)) * up(x)."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or cfg.hidden_dim
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.silu = cfg.mlp == "swiglu"
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.dim, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.limit is not None:  # GPT-OSS's clamped SwiGLU
+            gate, up = self.gate_proj(x).clamp(max=self.limit), self.up_proj(x).clamp(-self.limit, self.limit)
+            h = gate * torch.sigmoid(gate * self.alpha) * (up + 1)  # (B, T, F)
+        elif self.gated:
+            gate = self.gate_proj(x)  # (B, T, F)
+            h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+        return self.resid_drop(self.down_proj(h))  # (B, T, C)
+
+
+class MoE(nn.Module):
+    """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a linear
+    router scores the experts for each token, and the token's output is the sum of its top-k experts' outputs,
+    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`).
+
+    The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
+    reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
+    and each expert runs once on its rows (one host sync per layer for the group sizes; a grouped GEMM kernel
+    would be faster on a GPU with many experts). With gradients every expert runs, on zero rows if none chose it,
+    so each parameter gets a gradient in every step and DDP / FSDP2 reduce the same tensors on every rank; without,
+    only the chosen ones (decoding one token runs k of them)."""
+
+    routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """When a list, each forward with gradients appends its (router probabilities (N, E), chosen experts (N, k)):
+    training's load-balancing loss (`train.losses.RouterBalance`) reads them; None records nothing."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
+                                                          cfg.expert_weights_float32)
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
+        self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        # The softmax in float32, as Mixtral's and Qwen3-MoE's references route; the weights stay float32 for Mixtral.
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
+        if self.routing is not None and torch.is_grad_enabled():
+            self.routing.append((probs, chosen))
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
+        order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        rows, scale = (order // self.k).split(counts), weights[order, None].split(counts)  # per expert: tokens, weights
+        # float32 weights: the weighted outputs are summed in float32 and rounded once, as Mixtral's reference does.
+        out = torch.zeros_like(x, dtype=weights.dtype if self.float32_weights else x.dtype)  # (N, C)
+        for expert, r, w in zip(self.experts, rows, scale, strict=True):
+            if not len(r) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
+                continue
+            y = expert(x[r]) * w  # (n_e, C)
+            # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
+            # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
+            out.index_put_((r,), y.to(out.dtype), accumulate=True)
+        return out.view(B, T, C).to(x.dtype)  # (B, T, C)
