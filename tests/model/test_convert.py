@@ -35,6 +35,7 @@ transformers = pytest.importorskip("transformers")
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}  # short, so 40-token inputs use the scaled band
 WINDOW = 8  # sliding windows shorter than the inputs, so the window is exercised
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 4.0, 9.0, 20.0]}
 
 
 def _randomize(model: torch.nn.Module, std: float = 0.2) -> None:
@@ -87,6 +88,11 @@ CASES = {
                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
+    # Phi-4-mini's way: half of each head rotated, LongRoPE with an original length short enough that 40-token inputs
+    # take the long table (and greedy generation crosses to it), embeddings tied.
+    "phi4mini-partial-longrope": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, partial_rotary_factor=0.5,
+                                             tie_word_embeddings=True, pad_token_id=0,
+                                             original_max_position_embeddings=16, rope_scaling=dict(LONGROPE)),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -156,6 +162,13 @@ def test_variant_features_are_exercised():
                       ("qwen2-yarn", {"rope_scaling": None}),
                       ("qwen2-yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                        "original_max_position_embeddings": 16}}),  # 0.1 ln 4 + 1
+                      ("phi4mini-partial-longrope", {"rope_scaling": None}),
+                      ("phi4mini-partial-longrope", {"rope_scaling": {  # the short table at every length
+                          "rope_type": "longrope", "short_factor": LONGROPE["short_factor"], "factor": 8.0,
+                          "long_factor": LONGROPE["short_factor"], "original_max_position_embeddings": 16}}),
+                      ("phi4mini-partial-longrope", {"rope_dim": None, "rope_scaling": {  # whole heads rotated
+                          "rope_type": "longrope", "short_factor": LONGROPE["short_factor"] * 2, "factor": 8.0,
+                          "long_factor": LONGROPE["long_factor"] * 2, "original_max_position_embeddings": 16}}),
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
@@ -434,8 +447,20 @@ def _llama_dir(tmp_path, **over):
 def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=", ".join(SUPPORTED_ARCHITECTURES)):
         from_hf_config({"architectures": ["BertForMaskedLM"]})
-    with pytest.raises(ValueError, match="rope type 'longrope'"):
-        from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    llama = to_hf_config(PRESETS["debug-llama"])
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        from_hf_config(llama | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"rope_scaling is missing \['short_factor', 'long_factor'\]"):
+        from_hf_config(llama | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_scaling.long_factor must be 8 positive numbers"):
+        from_hf_config(llama | {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                 "long_factor": [1.0] * 7}})
+    with pytest.raises(ValueError, match="key 'rope_scaling.short_factor' must be list, got 'x'"):
+        from_hf_config(llama | {"rope_scaling": {"rope_type": "longrope", "short_factor": "x"}})
+    with pytest.raises(ValueError, match="Llama partial_rotary_factor=0.5 is not supported"):
+        from_hf_config(llama | {"partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it rotates whole heads"):
+        to_hf_config(replace(PRESETS["debug-llama"], rope_dim=8))
     with pytest.raises(ValueError, match="key 'rope_scaling.beta_fast' must be a number or null, got '32'"):
         from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "beta_fast": "32"}})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):

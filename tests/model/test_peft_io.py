@@ -50,6 +50,9 @@ CONFIGS = {
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
+    "phi4mini-longrope": replace(_LLAMA, rope_dim=8, hf_architecture="Phi3ForCausalLM", rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 4.0, 9.0, 20.0],
+        "factor": 8.0, "original_max_position_embeddings": 16}),
     "qwen3_moe": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, renormalize_experts=False,
                          hf_architecture="Qwen3MoeForCausalLM"),
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
@@ -58,6 +61,7 @@ CONFIGS = {
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -65,7 +69,8 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
 PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "qwen3": CONFIGS["qwen3"], "gemma": CONFIGS["gemma"],
-                "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None)}
+                "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None),
+                "phi4mini-partial-no-window": replace(CONFIGS["phi3"], sliding_window=None, rope_dim=8)}  # 8 of 16 rotate
 
 
 def _model(case: str) -> Transformer:
@@ -113,7 +118,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
-    fused = case in ("gpt2", "phi3")  # q, k, v stacked in one adapter of rank 3 * 4
+    fused = case in ("gpt2", "phi3", "phi4mini-longrope")  # q, k, v stacked in one adapter of rank 3 * 4
     assert config["r"] == (12 if fused else 4) and config["use_dora"] == (variant == "dora")
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.1)
 
@@ -351,17 +356,17 @@ def test_load_peft_prefix_reads_what_peft_saves(tmp_path, case, projection):
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["gpt2", "mistral"])
+@pytest.mark.parametrize("case", ["gpt2", "mistral", "phi4mini-longrope"])
 def test_peft_prefix_is_refused_where_peft_computes_something_else(tmp_path, case):
     """PEFT puts the input at positions P..P+T-1, after the prefix: GPT-2's learned positions move with
-    it (PEFT's logits are temper's with the input at P.., not temper's), and Mistral's window then
-    hides the prefix from later queries."""
+    it (PEFT's logits are temper's with the input at P.., not temper's), Mistral's window then
+    hides the prefix from later queries, and LongRoPE switches tables P tokens earlier."""
     model = _model(case)
     hf = _hf(model, tmp_path)
     theirs = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     _randomize_adapters(theirs.prompt_encoder.named_parameters())
     theirs.save_pretrained(tmp_path / "adapter")
-    match = "learned position embeddings" if case == "gpt2" else "sliding_window=8"
+    match = {"gpt2": "learned position embeddings", "mistral": "sliding_window=8", "phi4mini-longrope": "LongRoPE"}[case]
     with pytest.raises(ValueError, match=match):
         load_peft_prefix(model, model.cfg, tmp_path / "adapter")
     apply_prefix(model, P)

@@ -237,7 +237,8 @@ def _pad(prompts: Prompts, lengths: Sequence[int] | None, pad_id: int, device: t
 
 @_without_grad
 def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[int] | None = None, *,
-            lengths: Sequence[int] | None = None, pad_id: int = 0, all_logits: bool = False) -> torch.Tensor:
+            lengths: Sequence[int] | None = None, pad_id: int = 0, all_logits: bool = False,
+            last_logits: int = 1) -> torch.Tensor:
     """Append each prompt's tokens to its cache row, after what the row holds; return the logits
     (n, V) float32 that follow each prompt's last token.
 
@@ -249,6 +250,7 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
         cache, those rows are copied out (`cache.select`), run, and put back.
     all_logits: return the logits after every real token instead, (sum of the counts, V) row by row: a
         target scoring k drafted tokens in one pass (`temper.infer.speculative`).
+    last_logits: return the logits after each row's last `last_logits` tokens, (n * last_logits, V) row by row.
     Raises ValueError when a row would outgrow the cache (the one host sync of a prefill).
     """
     tokens, counts = _pad(prompts, lengths, pad_id, cache.lengths.device)
@@ -263,13 +265,35 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     room = min(cache.max_len, model.cfg.max_seq_len)
     if int((before + count).max()) > room:
         raise ValueError(f"a prompt does not fit its cache row ({room} tokens): lengths {before.tolist()} + {counts}")
+    length = long_rope_length(model)
+    if length is not None and n > 1 and any(b + c <= length < b + T for b, c in zip(before.tolist(), counts)):
+        # LongRoPE takes its table by a row's last position, padding's included: one row at a time instead
+        return torch.cat([prefill(model, cache, tokens[i : i + 1, : counts[i]], [rows[i]], all_logits=all_logits,
+                                  last_logits=last_logits) for i in range(n)])
     cols = torch.arange(T, device=tokens.device)[None, :]
-    at = cols < count[:, None] if all_logits else cols == (count - 1)[:, None]  # (n, T)
+    at = (cols < count[:, None]) & (all_logits | (cols >= (count - last_logits)[:, None]))  # (n, T)
     logits = model(tokens, cache=part, logits_at=at)  # (n, V), or (sum of counts, V)
     part.lengths.copy_(before + count)
     if not whole:
         write_back(cache, rows, part)
     return logits.float()
+
+
+def long_rope_length(model: nn.Module) -> int | None:
+    """LongRoPE's original length (Phi-3.5, Phi-4-mini), None for other models. A forward over a row longer than
+    that rotates all its tokens by the long table (`Transformer._rope_at`), so a token's logits depend
+    on how long its sequence is; the decoding loops keep that exact (`crosses_long_rope`)."""
+    scaling = model.cfg.rope_scaling or {}
+    return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+
+
+def crosses_long_rope(model: nn.Module, held: int, new: int) -> bool:
+    """Whether feeding `new` tokens to a cache row that holds `held` crosses LongRoPE's original length: that
+    forward takes the long table while the row's cached keys, and every layer's states above them, came from the
+    short one. Its caller then encodes the row again, whole, as transformers' Phi-3 does at that step (its
+    generate drops the cache there), so that the row computes what a fresh forward over it would."""
+    length = long_rope_length(model)
+    return length is not None and 0 < held <= length < held + new
 
 
 def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -410,8 +434,11 @@ def _decode(
 
     def recompute(cur: int) -> torch.Tensor:  # use_cache=False: each row's whole window, no cache
         window, counts = windows(cur)
-        last = cols[: window.shape[1]][None, :] == torch.tensor(counts, device=device)[:, None] - 1
-        return model(window, logits_at=last).float()  # (B, V)
+        count = torch.tensor(counts, device=device)[:, None]  # (B, 1)
+        last = cols[: window.shape[1]][None, :] == count - 1
+        # Each row's own positions (its padding repeats the last one): a row is then as long as it is alone
+        positions = cols[: window.shape[1]][None, :].minimum(count - 1)  # (B, T)
+        return model(window, positions=positions, logits_at=last).float()  # (B, V)
 
     finished, outputs = [False] * B, [[] for _ in range(B)]
 
@@ -491,6 +518,12 @@ def _decode(
                 if step_fn is not decode_step:  # CUDA graphs: this step's outputs may overwrite the last one's
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = step_fn(model, cache, tokens[:, cur - 1 : cur])
+                switch = [r for r in range(B) if crosses_long_rope(model, cur - 1 - start[r], 1)]
+                if switch:  # those rows' steps are replaced: each row's whole window, encoded again
+                    reset(cache, switch)
+                    window, counts = windows(cur)
+                    again = prefill(model, cache, window[switch], switch, lengths=[counts[r] for r in switch])
+                    logits = logits.index_copy(0, torch.tensor(switch, device=device), again)
     finally:
         model.train(was_training)
 

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from temper.infer.cache import fork, new_cache, reset
-from temper.infer.engine import decode_step, prefill, sample_next, token_logprob
+from temper.infer.engine import crosses_long_rope, decode_step, prefill, sample_next, token_logprob
 from temper.infer.speculative import Round, SpeculativeStats, Speculator, check_drafter
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,9 @@ class Scheduler:
             self._logits = self.step_fn(self.model, self._cache, feed).clone()
         for r in live:
             row = self._rows[r]
+            if crosses_long_rope(self.model, row.held, 1):  # its step replaced: the whole row encoded again
+                reset(self._cache, [r])
+                self._logits[r] = prefill(self.model, self._cache, [row.seq], [r])[0]
             row.held += 1
             row.pending, row.spec = False, None  # decoding in the batch: its draft cache is freed
 

@@ -44,7 +44,14 @@ import torch
 from torch import nn
 
 from temper.infer.cache import new_cache, reset
-from temper.infer.engine import _check, decode_step, filter_logits, prefill
+from temper.infer.engine import (
+    _check,
+    crosses_long_rope,
+    decode_step,
+    filter_logits,
+    long_rope_length,
+    prefill,
+)
 from temper.model.attention import KVCache
 
 log = logging.getLogger(__name__)
@@ -252,8 +259,16 @@ class Speculator:
         `row` (which holds the window before seq[-1]), accept, and roll the row back past the rejected
         drafts: it then holds the accepted drafts too, and the round's last token is fed next round."""
         room = min(self.k, room, self.drafter.limit())
+        held, length = int(cache.lengths[row]), long_rope_length(self.target)  # held: the window before seq[-1]
+        if length is not None and held < length:  # LongRoPE: a pass ends before its original length or starts at it
+            room = min(room, length - 1 - held)  # (each token's logits then take the table they take alone)
         drafts, q = self.drafter.propose(seq, room, self.sampler) if room > 0 else ([], None)
-        logits = prefill(self.target, cache, [[seq[-1], *drafts]], [row], all_logits=True)  # (k + 1, V)
+        if crosses_long_rope(self.target, held, 1 + len(drafts)):  # the whole window encoded again, with them
+            reset(cache, [row])
+            logits = prefill(self.target, cache, [[*seq[len(seq) - 1 - held :], *drafts]], [row],
+                             last_logits=1 + len(drafts))  # (k + 1, V)
+        else:
+            logits = prefill(self.target, cache, [[seq[-1], *drafts]], [row], all_logits=True)  # (k + 1, V)
         accepted, nxt = self.sampler.verify(logits, drafts, q)
         if accepted < len(drafts):  # roll back: the rejected drafts' slots stay, masked, until overwritten
             cache.lengths[row] -= len(drafts) - accepted

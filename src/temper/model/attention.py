@@ -151,8 +151,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (Su et al. 2021).
 
     The half-split pairing (not interleaved pairs) is the Hugging Face layout, so Llama weights
-    load without permuting q and k. x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2).
+    load without permuting q and k. x: (B, T, H, D); cos, sin: (B or 1, T, 1, R/2), R <= D: a partial rotary model
+    (Phi-4-mini) rotates the leading R dimensions of each head and passes the rest through.
     """
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 

@@ -18,8 +18,10 @@ ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "factor", "original_max_position_embeddings"),
 }
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
+ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",)}  # rope_type -> keys it may take
 
 
 @dataclass
@@ -57,14 +59,18 @@ class ModelConfig:
     """Position kind: "learned" absolute embeddings (GPT-2) or "rope" rotary embeddings (Llama)."""
     rope_theta: float = 10000.0
     """RoPE base wavelength."""
+    rope_dim: int | None = None
+    """How many leading dimensions of each head RoPE rotates (Phi-4-mini: 96 of 128); the rest pass through
+    unrotated. None: the whole head."""
     rope_float32: bool = False
     """Rotate queries and keys in float32 and round after (OLMo 2); False: in the activations' dtype (Llama). The
     same in float32."""
     rope_scaling: dict | None = None
     """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} (Llama 3.1), {"rope_type": "yarn", "factor", "original_max_position_embeddings"}
-    and YaRN's optional keys (Qwen2.5/Qwen3 long contexts, OLMo 3), or {"rope_type": "linear", "factor"} (position
-    interpolation). `temper.model.rope` computes each."""
+    and YaRN's optional keys (Qwen2.5/Qwen3 long contexts, OLMo 3), {"rope_type": "longrope", "short_factor",
+    "long_factor", "factor", "original_max_position_embeddings"} and optionally "attention_factor" (Phi-3.5,
+    Phi-4-mini), or {"rope_type": "linear", "factor"} (position interpolation). `temper.model.rope` computes each."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
     global_every: int | None = None
@@ -140,6 +146,12 @@ class ModelConfig:
         for name, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("pos", POS_KINDS)):
             if getattr(self, name) not in kinds:
                 raise ValueError(f"{name} must be one of {kinds}, got {getattr(self, name)!r}")
+        if self.head_size is not None and self.head_size <= 0:
+            raise ValueError(f"head_size must be positive or None, got {self.head_size}")
+        if self.rope_dim is not None and (self.pos != "rope" or self.rope_dim % 2
+                                          or not 0 < self.rope_dim <= self.head_dim):
+            raise ValueError(f"rope_dim={self.rope_dim} needs pos='rope' and an even width up to head_dim "
+                             f"({self.head_dim})")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' needs an even head_dim (dim / n_heads), got {self.head_dim}")
         if self.rope_scaling is not None:
@@ -149,12 +161,16 @@ class ModelConfig:
             missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling is missing {missing}")
-            known = {"rope_type", *ROPE_SCALING_KEYS[kind], *(YARN_OPTIONAL_KEYS if kind == "yarn" else ())}
+            known = {"rope_type", *ROPE_SCALING_KEYS[kind], *ROPE_OPTIONAL_KEYS.get(kind, ())}
             if set(self.rope_scaling) - known:
                 raise ValueError(f"rope_scaling: unknown keys {sorted(set(self.rope_scaling) - known)} for "
                                  f"rope_type {kind!r} (it reads {sorted(known)})")
-        if self.head_size is not None and self.head_size <= 0:
-            raise ValueError(f"head_size must be positive or None, got {self.head_size}")
+            for key in ("short_factor", "long_factor") if kind == "longrope" else ():
+                factors = self.rope_scaling[key]
+                if (not isinstance(factors, (list, tuple)) or len(factors) != self.rotary_dim // 2
+                        or not all(isinstance(f, (int, float)) and f > 0 for f in factors)):
+                    raise ValueError(f"rope_scaling.{key} must be {self.rotary_dim // 2} positive numbers, one per "
+                                     f"rotated pair of a head's dimensions, got {factors!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.norm_unit_offset and self.norm != "rmsnorm":
@@ -195,6 +211,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """head_size with None resolved."""
         return self.head_size or self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """rope_dim with None resolved: the leading dimensions of each head that RoPE rotates."""
+        return self.rope_dim or self.head_dim
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""

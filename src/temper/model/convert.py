@@ -8,9 +8,9 @@ layers alternating with global ones, capped attention scores and logits), Gemma 
 (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with their own RoPE base; also
 read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their
 vision tower),
-Phi-3 (`Phi3ForCausalLM`: fused qkv and gate_up projections), OLMo 2 (`Olmo2ForCausalLM`: norms on the
-sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three
-windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
+Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial rotary),
+OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3
+(`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
 mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one) and GPT-OSS
 (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
 published). Reading a config maps
@@ -57,7 +57,7 @@ from temper.files import (
     safe_join,
     save_safetensors,
 )
-from temper.model.config import YARN_OPTIONAL_KEYS, ModelConfig, is_global_layer
+from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, is_global_layer
 from temper.model.transformer import Transformer
 
 GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS = (
@@ -129,7 +129,8 @@ _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
-                     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"), _INT),
+                     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                     "original_max_position_embeddings"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise"), _FLOAT),
     "mlp_only_layers": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
@@ -153,7 +154,7 @@ _ROPE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "original_max_position_embeddings": _INT, "rope_theta": _FLOAT, "partial_rotary_factor": _FLOAT,
     **dict.fromkeys(("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
                     (*_FLOAT, type(None))),  # YaRN's (a null factor: DeepSeek-V3's ratio of lengths)
-    "truncate": _BOOL,
+    "truncate": _BOOL, "short_factor": (list,), "long_factor": (list,),  # LongRoPE's
 }
 _TYPE_NAMES = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STR: "a string",
                (*_FLOAT, type(None)): "a number or null"}
@@ -232,12 +233,14 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     elif arch == GPT_OSS and not (d.get("rope_scaling") or d.get("rope_parameters")):
         theta, scaling, rope = _rope(d | {"rope_parameters": _GPT_OSS_ROPE})  # GptOssConfig's default
     else:
-        theta, scaling, rope = _rope(d)
+        theta, scaling, rope = _rope(d, phi3=arch == PHI3)
     if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper rotates whole heads)")
+    if partial != 1.0 and (arch != PHI3 or not 0 < partial <= 1):  # Phi-4-mini's; the others' references rotate whole heads
+        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's "
+                         "architecture, between 0 and 1)")
+    rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
     bias = qkv_bias = False
     if arch == LLAMA:
         bias = bool(d.get("attention_bias", False))
@@ -264,7 +267,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
-        pos="rope", rope_theta=float(theta), rope_scaling=scaling, sliding_window=window, global_every=every,
+        pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
+        global_every=every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS), qk_norm_whole=arch in OLMOS,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
@@ -378,27 +382,32 @@ def _local_global_rope(d: dict[str, Any], name: str, default_every: int, default
     return window, every, theta, None if local == theta and not scaling else local, scaling
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, dict | None, dict]:
+def _rope(d: dict[str, Any], phi3: bool = False) -> tuple[float, dict | None, dict]:
     """(theta, temper's rope_scaling, the raw dict) from either spelling: transformers 4.x
-    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`."""
+    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`. phi3: Phi3Config's readings (below)."""
     rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if phi3 and kind in ("su", "yarn"):  # Phi3Config reads both as LongRoPE (its early name, "su")
+        kind = "longrope"
+    max_len = d.get("max_position_embeddings", 2048)
+    # The original length of Llama 3.1's, YaRN's and LongRoPE's scaling: as transformers standardises it, a top-level
+    # key (Phi-3's configs keep it there, and Phi3Config defaults it to 4096) over the scaling's, else the model's.
+    old_len = (d.get("original_max_position_embeddings", 4096 if phi3 else None)
+               or rope.get("original_max_position_embeddings") or max_len)
     if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}}, rope
+        keys = ("factor", "low_freq_factor", "high_freq_factor")
+        return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}, "original_max_position_embeddings": old_len}, rope
     if kind == "linear":
         return theta, {"rope_type": "linear", "factor": rope["factor"]}, rope
-    if kind == "yarn":  # as transformers standardises it: the original length defaults to the model's, and without
-        # a factor (DeepSeek-V3) the factor is the ratio of the two
-        old_len = rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 2048)
-        factor = rope.get("factor") or d.get("max_position_embeddings", 2048) / old_len
-        optional = {k: rope[k] for k in YARN_OPTIONAL_KEYS if rope.get(k) is not None}
-        return theta, {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": old_len,
-                       **optional}, rope
+    if kind in ("yarn", "longrope"):  # without a factor (DeepSeek-V3, Phi-3) the ratio of the two lengths
+        optional = {k: rope[k] for k in ROPE_OPTIONAL_KEYS[kind] if rope.get(k) is not None}
+        tables = {k: rope[k] for k in ("short_factor", "long_factor") if k in rope} if kind == "longrope" else {}
+        return theta, {"rope_type": kind, **tables, "factor": rope.get("factor") or max_len / old_len,
+                       "original_max_position_embeddings": old_len, **optional}, rope
     if kind in (None, "default"):
         return theta, None, rope
-    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3 and yarn)")
+    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3, yarn and longrope)")
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -482,8 +491,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     windowed = any(cfg.window_of(i) for i in range(cfg.n_layers))
     if arch in (GEMMA3, OLMO3) and windowed and cfg.rope_scaling and cfg.rope_local_theta is None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
-    if arch == PHI3 and cfg.rope_scaling:  # transformers gives its top-level original length priority over the scaling's
-        return "its RoPE scaling is longrope's (temper writes no other for Phi-3)"
+    if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
+        return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
+    if cfg.rope_dim is not None and (arch != PHI3 or int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
+        return ("it rotates whole heads (Phi3ForCausalLM has partial_rotary_factor)" if arch != PHI3
+                else f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly")
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
@@ -524,9 +536,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
-        if arch == PHI3:
-            d |= {"original_max_position_embeddings": cfg.max_seq_len, "resid_pdrop": cfg.dropout,
-                  "embd_pdrop": cfg.dropout, "partial_rotary_factor": 1.0}
+        if arch == PHI3:  # its original length at the top, where transformers reads it first
+            d |= {"original_max_position_embeddings": (cfg.rope_scaling or {}).get("original_max_position_embeddings",
+                                                                                    cfg.max_seq_len),
+                  "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+                  "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
         if arch != QWEN2:

@@ -446,6 +446,9 @@ def peft_prefix_refusal(cfg: ModelConfig) -> str | None:
                 f"counts the prefix as cached tokens), temper's prefix leaves it at 0..T-1; with {cfg.pos} position "
                 f"embeddings ({hf_architecture(cfg)}) that moves every token's position embedding, so no PEFT "
                 "prefix file gives temper's logits")
+    if (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        return ("with LongRoPE, transformers switches to the long table by the last position, which PEFT's prefix "
+                "moves P later than temper's, so the two switch at different lengths")
     if cfg.sliding_window is not None:
         return (f"with sliding_window={cfg.sliding_window}, transformers hides PEFT's prefix (cached positions "
                 f"0..P-1) from queries at positions >= {cfg.sliding_window}, temper's prefix stays visible to "

@@ -1,8 +1,10 @@
 """RoPE's tables (Su et al. 2021): the inverse frequencies of each scaling and the cos/sin tables built from them.
 
 Scalings stretch a model trained on `original_max_position_embeddings` tokens to longer contexts: linear position
-interpolation, Llama 3.1's, and YaRN's (Qwen2.5 and Qwen3 long contexts, OLMo 3). Each matches transformers'
-`modeling_rope_utils` to the float32 bit, so checkpoints load with their reference's logits.
+interpolation, Llama 3.1's, YaRN's (Qwen2.5 and Qwen3 long contexts, OLMo 3) and LongRoPE's (Phi-3.5, Phi-4-mini),
+which has a second table for sequences beyond the original length. Each matches transformers' `modeling_rope_utils`
+to the float32 bit, so checkpoints load with their reference's logits. A head's leading `rotary_dim` dimensions are
+rotated (all of them but for a partial rotary model).
 
 It does not rotate anything: `attention.apply_rope` does, with these tables.
 """
@@ -16,9 +18,10 @@ import torch
 from temper.model.config import ModelConfig
 
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies (head_dim/2,) in float32, with `cfg.rope_scaling` applied."""
-    d = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None, long: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies (rotary_dim/2,) in float32, with `cfg.rope_scaling` applied; `long`: LongRoPE's
+    table for sequences beyond the original length."""
+    d = cfg.rotary_dim
     base_freq = cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d)  # (D/2,)
     inv_freq = 1.0 / base_freq
     s = cfg.rope_scaling
@@ -26,6 +29,11 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) ->
         return inv_freq / s["factor"]
     if s and s["rope_type"] == "yarn":
         return _yarn_inv_freq(base_freq, cfg.rope_theta, s)
+    if s and s["rope_type"] == "longrope":
+        # LongRoPE (Ding et al. 2024): a searched stretch per frequency, one set for sequences within the original
+        # length and one for longer ones.
+        stretch = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (stretch * base_freq)
     if s:
         # Llama 3.1 (Meta, "The Llama 3 Herd of Models", 2024) divides the low frequencies by `factor`, keeps the
         # high ones, and interpolates smoothly in between.
@@ -61,13 +69,17 @@ def _yarn_inv_freq(base_freq: torch.Tensor, theta: float, s: dict) -> torch.Tens
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """The factor YaRN multiplies cos and sin by (so q.k by its square): `attention_factor` when given, else
-    0.1 ln(factor) + 1, or DeepSeek's ratio of two such terms (`mscale`, `mscale_all_dim`); 1 for other scalings."""
+    """The factor YaRN and LongRoPE multiply cos and sin by (so q.k by its square): `attention_factor` when given,
+    else YaRN's 0.1 ln(factor) + 1, or DeepSeek's ratio of two such terms (`mscale`, `mscale_all_dim`), or
+    LongRoPE's sqrt(1 + ln(factor) / ln(original length)); 1 for other scalings."""
     s = cfg.rope_scaling
-    if not s or s["rope_type"] != "yarn":
+    if not s or s["rope_type"] not in ("yarn", "longrope"):
         return 1.0
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
+    if s["rope_type"] == "longrope":
+        factor = s["factor"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -77,9 +89,10 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return mscale(s["factor"])
 
 
-def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str | None = None
+def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str | None = None, long: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (max_len, head_dim/2) float32, of positions 0 .. max_len-1, scaled by YaRN's factor."""
-    angles = torch.outer(torch.arange(max_len, device=device).float(), rope_inv_freq(cfg, device))  # (S, D/2)
+    """(cos, sin), each (max_len, rotary_dim/2) float32, of positions 0 .. max_len-1, scaled by the attention
+    factor; `long`: LongRoPE's long table."""
+    angles = torch.outer(torch.arange(max_len, device=device).float(), rope_inv_freq(cfg, device, long))  # (S, D/2)
     scale = rope_attention_factor(cfg)
     return angles.cos() * scale, angles.sin() * scale

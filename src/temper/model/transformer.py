@@ -92,25 +92,36 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.pos == "rope":  # tables, not weights: non-persistent, rebuilt by init_buffers()
-            for name in ("rope", "rope_local") if cfg.rope_local_theta is not None else ("rope",):
-                self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
-                self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        scaling = cfg.rope_scaling or {}
+        # LongRoPE: rows longer than this original length take the long table (`_rope_at`)
+        self.long_rope_after = (scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope"
+                                else None)
+        for name in self._rope_tables():  # tables, not weights: non-persistent, rebuilt by init_buffers()
+            self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
+            self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------
 
+    def _rope_tables(self) -> dict[str, tuple[ModelConfig, bool]]:
+        """The RoPE tables the model keeps, by buffer prefix, as (the config they are computed from, LongRoPE's long
+        table or not): its own; with rope_local_theta the windowed layers' (their own base, unscaled, as Gemma 3's);
+        with LongRoPE the long one."""
+        c = self.cfg
+        if c.pos != "rope":
+            return {}
+        tables = {"rope": (c, False)}
+        if c.rope_local_theta is not None:
+            tables["rope_local"] = (replace(c, rope_theta=c.rope_local_theta, rope_scaling=None), False)
+        if self.long_rope_after is not None:
+            tables["rope_long"] = (c, True)
+        return tables
+
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the RoPE cos/sin tables in float32, e.g. after building on the meta device; with
-        rope_local_theta, also the windowed layers' (their own base, unscaled, as Gemma 3's)."""
-        if self.cfg.pos != "rope":
-            return
-        device = self.rope_cos.device if device is None else device
-        tables = {"rope": self.cfg}
-        if self.cfg.rope_local_theta is not None:
-            tables["rope_local"] = replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
-        for name, cfg in tables.items():
-            cos, sin = rope_tables(cfg, self.cfg.max_seq_len, device)  # (S, D/2) each
+        """(Re)compute the RoPE cos/sin tables in float32, e.g. after building on the meta device."""
+        for name, (cfg, long) in self._rope_tables().items():
+            device = device or self.rope_cos.device
+            cos, sin = rope_tables(cfg, self.cfg.max_seq_len, device, long)  # (S, R/2) each
             setattr(self, f"{name}_cos", cos)
             setattr(self, f"{name}_sin", sin)
 
@@ -180,12 +191,10 @@ class Transformer(nn.Module):
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
             x = x + pe  # (B, T, C)
         elif self.cfg.pos == "rope":
+            dtype = torch.float32 if self.cfg.rope_float32 else x.dtype
             for local in {layer.local_rope for layer in self.layers}:
-                cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
-                # (T, D/2), or (B, T, D/2) at given positions
-                cos, sin = (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
-                dtype = torch.float32 if self.cfg.rope_float32 else x.dtype
-                ropes[local] = (cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype))  # (B|1, T, 1, D/2)
+                cos, sin = self._rope_at("rope_local" if local else "rope", T, positions)  # (B|1, T, R/2)
+                ropes[local] = (cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype))  # (B|1, T, 1, R/2)
         if first:
             x = self.drop(x)
         # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.
@@ -215,6 +224,23 @@ class Transformer(nn.Module):
         the same steps)."""
         logits = F.linear(hidden, self.tok_emb.weight) if self.head is None else self.head(hidden)
         return logits if self.cfg.logit_softcap is None else softcap(logits, self.cfg.logit_softcap)
+
+    def _rope_at(self, name: str, T: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of table `name` at this forward's positions: (T, R/2) for 0 .. T-1, else (B, T, R/2).
+
+        With LongRoPE, a row longer than the original length (its last position + 1) takes the long table for every
+        one of its positions, as transformers' Phi-3 does. transformers decides once for the batch, by its longest
+        row; temper decides per row where positions or a cache give each row's own, so that a decoded row's logits
+        never depend on the rows batched with it (without them a padded row counts its padding, as in
+        transformers' training)."""
+        cos, sin = getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin")
+        if self.long_rope_after is None or name != "rope":
+            return (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
+        if positions is None:
+            return (self.rope_long_cos[:T], self.rope_long_sin[:T]) if T > self.long_rope_after else (cos[:T], sin[:T])
+        long = (positions.amax(dim=1) >= self.long_rope_after)[:, None, None]  # (B, 1, 1) no host sync
+        return (torch.where(long, self.rope_long_cos[positions], cos[positions]),
+                torch.where(long, self.rope_long_sin[positions], sin[positions]))
 
     def _attention_mask(
         self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | None = None,
