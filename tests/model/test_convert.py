@@ -93,6 +93,9 @@ CASES = {
     "phi4mini-partial-longrope": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, partial_rotary_factor=0.5,
                                              tie_word_embeddings=True, pad_token_id=0,
                                              original_max_position_embeddings=16, rope_scaling=dict(LONGROPE)),
+    # SmolLM3: a layer without positions (NoPE) after every RoPE one here (the published models: after every three).
+    "smollm3-nope": lambda: _hf("SmolLM3Config", "SmolLM3ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                no_rope_layer_interval=2, tie_word_embeddings=True, pad_token_id=0),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -169,6 +172,7 @@ def test_variant_features_are_exercised():
                       ("phi4mini-partial-longrope", {"rope_dim": None, "rope_scaling": {  # whole heads rotated
                           "rope_type": "longrope", "short_factor": LONGROPE["short_factor"] * 2, "factor": 8.0,
                           "long_factor": LONGROPE["long_factor"] * 2, "original_max_position_embeddings": 16}}),
+                      ("smollm3-nope", {"nope_every": None}), ("smollm3-nope", {"nope_every": 4}),
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
@@ -244,6 +248,9 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(experts, hf_architecture="LlamaForCausalLM"))
     with pytest.raises(ValueError, match="MixtralForCausalLM cannot express this model: it renormalises"):
         to_hf_config(replace(experts, renormalize_experts=False))
+    assert hf_architecture(replace(llama, nope_every=4)) == "SmolLM3ForCausalLM"
+    with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
+        to_hf_config(replace(llama, nope_every=4, sliding_window=16))
 
 
 def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
@@ -461,6 +468,12 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         from_hf_config(llama | {"partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it rotates whole heads"):
         to_hf_config(replace(PRESETS["debug-llama"], rope_dim=8))
+    smol = to_hf_config(replace(PRESETS["debug-llama"], n_layers=4, nope_every=2))
+    assert from_hf_config(smol).nope_every == 2
+    with pytest.raises(ValueError, match=r"SmolLM3 no_rope_layers \[1, 0, 0, 1\] are not supported"):
+        from_hf_config(smol | {"no_rope_layers": [1, 0, 0, 1]})
+    with pytest.raises(ValueError, match="SmolLM3 use_sliding_window=true is not supported"):
+        from_hf_config(smol | {"use_sliding_window": True, "sliding_window": 8})
     with pytest.raises(ValueError, match="key 'rope_scaling.beta_fast' must be a number or null, got '32'"):
         from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "beta_fast": "32"}})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):

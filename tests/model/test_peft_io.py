@@ -50,6 +50,7 @@ CONFIGS = {
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
+    "smollm3": replace(_LLAMA, nope_every=2, hf_architecture="SmolLM3ForCausalLM"),  # layer 1 of 2 without RoPE
     "phi4mini-longrope": replace(_LLAMA, rope_dim=8, hf_architecture="Phi3ForCausalLM", rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 4.0, 9.0, 20.0],
         "factor": 8.0, "original_max_position_embeddings": 16}),
@@ -70,7 +71,8 @@ VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
 PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "qwen3": CONFIGS["qwen3"], "gemma": CONFIGS["gemma"],
                 "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None),
-                "phi4mini-partial-no-window": replace(CONFIGS["phi3"], sliding_window=None, rope_dim=8)}  # 8 of 16 rotate
+                "phi4mini-partial-no-window": replace(CONFIGS["phi3"], sliding_window=None, rope_dim=8),  # 8 of 16 rotate
+                "smollm3": CONFIGS["smollm3"]}  # its NoPE layers' prefix keys are not rotated
 
 
 def _model(case: str) -> Transformer:

@@ -76,6 +76,9 @@ class ModelConfig:
     global_every: int | None = None
     """With sliding_window: the last layer of every group of this many attends to all earlier tokens, the others
     within the window (Gemma 3: 6, five local layers to one global); None: every layer within the window."""
+    nope_every: int | None = None
+    """The last layer of every group of this many takes no positions at all (NoPE, Kazemnejad et al. 2023; SmolLM3:
+    4, three RoPE layers then one without); None: every layer rotates."""
     rope_local_theta: float | None = None
     """RoPE base of the windowed layers where global_every mixes them with global ones (Gemma 3: 10000); rope_theta
     and rope_scaling then apply to the global layers only. None: rope_theta everywhere."""
@@ -188,6 +191,8 @@ class ModelConfig:
                                                   or self.rope_local_theta <= 0):
             raise ValueError(f"rope_local_theta={self.rope_local_theta} needs pos='rope', global_every and a positive "
                              "base")
+        if self.nope_every is not None and (self.pos != "rope" or self.nope_every < 1):
+            raise ValueError(f"nope_every={self.nope_every} needs pos='rope' and groups of 1 layer or more")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("attn_softcap", "logit_softcap"):
@@ -219,7 +224,7 @@ class ModelConfig:
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""
-        if self.sliding_window is None or is_global_layer(layer, self.global_every):
+        if self.sliding_window is None or last_of_every(layer, self.global_every):
             return None
         return self.sliding_window
 
@@ -243,9 +248,10 @@ class ModelConfig:
         return self.expert_ffn_dim or self.hidden_dim
 
 
-def is_global_layer(layer: int, every: int | None) -> bool:
-    """Whether layer `layer` (0-based) attends globally when the last of every `every` layers does (Gemma 3's
-    pattern, and transformers' `sliding_window_pattern`); None: none does."""
+def last_of_every(layer: int, every: int | None) -> bool:
+    """Whether layer `layer` (0-based) is the last of a group of `every` layers: the global one among windowed
+    layers (Gemma 3's pattern, and transformers' `sliding_window_pattern`), or the one without positions
+    (`nope_every`); None: no layer is."""
     return bool(every) and (layer + 1) % every == 0
 
 

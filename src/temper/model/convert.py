@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Fourteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -11,9 +11,10 @@ vision tower),
 Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial rotary),
 OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3
 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
-mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one) and GPT-OSS
+mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one), GPT-OSS
 (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
-published). Reading a config maps
+published) and SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three).
+Reading a config maps
 its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
 of each architecture are described once, as a list of rules (HF tensor = these temper tensors
 concatenated, maybe transposed), which serve both directions.
@@ -57,16 +58,16 @@ from temper.files import (
     safe_join,
     save_safetensors,
 )
-from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, is_global_layer
+from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, last_of_every
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS, SMOLLM3 = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
-    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
+    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM", "SmolLM3ForCausalLM",
 )
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
@@ -75,7 +76,7 @@ GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
-                "qwen3_moe": QWEN3_MOE}
+                "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -132,7 +133,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
                      "original_max_position_embeddings"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise"), _FLOAT),
-    "mlp_only_layers": (list, type(None)),
+    "mlp_only_layers": (list, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
                      "rope_local_base_freq"), _FLOAT),
@@ -241,6 +242,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's "
                          "architecture, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
+    nope_every = _nope_layers(d) if arch == SMOLLM3 else None
     bias = qkv_bias = False
     if arch == LLAMA:
         bias = bool(d.get("attention_bias", False))
@@ -268,7 +270,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
-        global_every=every,
+        global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS), qk_norm_whole=arch in OLMOS,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
@@ -328,7 +330,7 @@ def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[in
     temper lays them out as the last of every `global_every` layers global, Gemma 2's and 3's pattern. (None,
     None): every layer global; (window, None): every layer within the window."""
     n, window = d["num_hidden_layers"], d.get("sliding_window")
-    every_nth = lambda every: ["full_attention" if is_global_layer(i, every) else "sliding_attention"  # noqa: E731
+    every_nth = lambda every: ["full_attention" if last_of_every(i, every) else "sliding_attention"  # noqa: E731
                                for i in range(n)]
     types = d.get("layer_types") or every_nth(d.get("sliding_window_pattern", default_every))
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
@@ -343,6 +345,23 @@ def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[in
         raise ValueError(f"{name} layer_types {types!r} are not supported (temper makes the last of every N layers "
                          f"global)")
     return window, full[0] + 1
+
+
+def _nope_layers(d: dict[str, Any]) -> int | None:
+    """nope_every of a SmolLM3 config: its `no_rope_layers` (1: the layer rotates, 0: NoPE), else a NoPE layer at the
+    end of every `no_rope_layer_interval` (4) layers. temper lays NoPE layers out as the last of every N."""
+    n = d["num_hidden_layers"]
+    if d.get("use_sliding_window"):
+        raise ValueError("SmolLM3 use_sliding_window=true is not supported (its window covers only the NoPE layers)")
+    flags = d.get("no_rope_layers") or [int((i + 1) % d.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    if len(flags) < n or set(flags[:n]) - {0, 1}:
+        raise ValueError(f"key 'no_rope_layers' must give 1 (RoPE) or 0 (NoPE) for each of the {n} layers, got {flags!r}")
+    nope = [i for i in range(n) if not flags[i]]
+    every = nope[0] + 1 if nope else None
+    if [i for i in range(n) if last_of_every(i, every)] != nope:
+        raise ValueError(f"SmolLM3 no_rope_layers {flags[:n]!r} are not supported (temper makes the last of every N "
+                         "layers NoPE)")
+    return every
 
 
 def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
@@ -424,7 +443,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
-                    else LLAMA)
+                    else SMOLLM3 if cfg.nope_every else LLAMA)
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
@@ -457,7 +476,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE) and (cfg.bias or cfg.qkv_bias):
+    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE, SMOLLM3) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS)
     if cfg.qk_norm != (arch in normed):
@@ -498,6 +517,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 else f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly")
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
+    if bool(cfg.nope_every) != (arch == SMOLLM3):
+        return "it has NoPE layers (nope_every)" if arch == SMOLLM3 else "it rotates every layer (SmolLM3 does not)"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -541,6 +562,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == SMOLLM3:
+        d |= {"no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(cfg.n_layers)],
+              "no_rope_layer_interval": cfg.nope_every, "use_sliding_window": False, "sliding_window": None,
+              "attention_bias": False, "mlp_bias": False}
     elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
         if arch != QWEN2:

@@ -56,7 +56,7 @@ from torch import nn
 
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
-from temper.model.config import ModelConfig
+from temper.model.config import ModelConfig, last_of_every
 from temper.model.convert import GPT2, hf_architecture, hf_rules
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
@@ -456,10 +456,12 @@ def peft_prefix_refusal(cfg: ModelConfig) -> str | None:
     return None
 
 
-def _rotate(k: torch.Tensor, position: int, cfg: ModelConfig) -> torch.Tensor:
-    """Keys (..., D) rotated as RoPE rotates a key at `position` (negative: rotated back)."""
+def _rotate(kv: torch.Tensor, position: int, cfg: ModelConfig) -> None:
+    """Rotate the keys of prefix_kv's (L, 2, Hkv, P, D) in place as RoPE rotates a key at `position` (negative: back),
+    in the layers that rotate (not NoPE ones)."""
     angle = position * rope_inv_freq(cfg)  # (D/2,), the float32 product of temper's and HF's tables
-    return apply_rope(k, angle.cos(), angle.sin())
+    layers = [i for i in range(cfg.n_layers) if not last_of_every(i, cfg.nope_every)]
+    kv[layers, 0] = apply_rope(kv[layers, 0], angle.cos(), angle.sin())
 
 
 def save_peft_prefix(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
@@ -470,7 +472,7 @@ def save_peft_prefix(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
         raise ValueError(f"cannot write the prefix in PEFT's format: {refusal}")
     kv = prefix_kv(model)  # (L, 2, Hkv, P, D)
     L, _, H, P, D = kv.shape
-    kv[:, 0] = _rotate(kv[:, 0], P, cfg)  # PEFT's input starts at position P: R(P+t) q . R(P) k = R(t) q . k
+    _rotate(kv, P, cfg)  # PEFT's input starts at position P: R(P+t) q . R(P) k = R(t) q . k
     config = {
         "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
         "num_virtual_tokens": P, "num_layers": L, "token_dim": H * D, "num_attention_heads": H,
@@ -513,5 +515,5 @@ def load_peft_prefix(model: Transformer, cfg: ModelConfig, adapter_dir: str | Pa
         raise ValueError(f"{path}: {_PROMPT} has shape {list(emb.shape)}, expected {list(shape)} "
                          f"(num_virtual_tokens, n_layers {cfg.n_layers} x 2 x n_kv_heads {H} x head_dim {D})")
     kv = emb.float().view(P, cfg.n_layers, 2, H, D).permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, Hkv, P, D)
-    kv[:, 0] = _rotate(kv[:, 0], -P, cfg)  # back to temper's input at 0..T-1 (module docstring)
+    _rotate(kv, -P, cfg)  # back to temper's input at 0..T-1 (module docstring)
     return set_prefix(model, kv)

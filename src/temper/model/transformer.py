@@ -34,7 +34,7 @@ from temper.model.attention import (
     flex_kernels,
     softcap,
 )
-from temper.model.config import ModelConfig
+from temper.model.config import ModelConfig, last_of_every
 from temper.model.layers import MLP, MoE, RMSNorm, make_norm
 from temper.model.rope import rope_tables
 
@@ -48,6 +48,7 @@ class Block(nn.Module):
         super().__init__()
         self.window = cfg.window_of(layer_idx)  # which mask (and, with rope_local_theta, which RoPE table) it takes
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
+        self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every)  # NoPE layers do not
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
         self.attn = Attention(cfg, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
@@ -203,7 +204,7 @@ class Transformer(nn.Module):
                                               cache.max_len if cache is not None else 0)
                  for window in {layer.window for layer in self.layers}}
         for layer in self.layers:
-            x = layer(x, ropes[layer.local_rope], *masks[layer.window], cache)  # (B, T, C)
+            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.window], cache)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
