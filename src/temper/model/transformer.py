@@ -131,8 +131,13 @@ class Transformer(nn.Module):
         """GPT-2 init: N(0, init_std) weights, zero biases, residual outputs scaled by 1/sqrt(2*n_layers).
 
         The scaling keeps the residual stream's variance independent of depth (Radford et al. 2019).
-        Safe to call after `to_empty()` when the model was built on the meta device.
+        Safe to call after `to_empty()` when the model was built on the meta device. On the meta device itself it
+        draws nothing (there are no values, and torch's meta normal_ costs ~1 ms a tensor: seconds for the 18k
+        tensors of a 128-expert model); whoever materialises the model loads or initialises its weights.
         """
+        if next(self.parameters()).is_meta:
+            self.init_buffers()
+            return
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):

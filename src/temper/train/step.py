@@ -20,6 +20,7 @@ It does not build models, optimizers or data; it does not decide when to save or
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -279,22 +280,26 @@ def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | No
     return next((v for (k, d), v in DATASHEET_PEAK.items() if k in name and d == dtype), None)
 
 
+@functools.cache
 def measured_matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
-    """Achieved FLOP/s of a large square matmul on this device: the honest MFU denominator."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+    """Achieved FLOP/s of a large square matmul on this device: the honest MFU denominator. Measured once per
+    process and (device, dtype); on a CPU for about a quarter of a second (a 16-bit CPU matmul runs at a few
+    GFLOP/s: three products of 1024^2 took 9 s, at the start of every run)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 512)
     # Full-rank random operands, drawn without touching the global RNG (a resumed run must not
     # see a different random stream because it measured its peak).
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    reps = 20 if device.type == "cuda" else 3
     a @ b  # warmup
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    reps, t0 = 0, time.perf_counter()
+    while reps < (20 if cuda else 1) or not cuda and time.perf_counter() - t0 < 0.25:
         a @ b
-    if device.type == "cuda":
+        reps += 1
+    if cuda:
         torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
