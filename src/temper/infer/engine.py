@@ -26,7 +26,8 @@ tokens, which are re-encoded into its (reset) cache row, and it grows again from
 window_margin=0 is nanoGPT's exact sliding window (one re-encode per step). Either way every step
 computes exactly what a fresh forward pass over each row's window would. It does not shift cached
 keys in place (llama.cpp's RoPE "context shift", approximate and RoPE-only) nor keep "attention
-sink" tokens (StreamingLLM, Xiao et al. 2023).
+sink" tokens (StreamingLLM, Xiao et al. 2023). For the same reason a LongRoPE model's row (Phi-3.5, Phi-4-mini) is
+encoded again, whole, at the step where it outgrows the original length (`crosses_long_rope`).
 
 It works on token ids only: decoding text and stop *strings* belong to the caller, which can end a
 row through the `should_stop` hook. Loading a checkpoint for inference is `temper.infer.load`.

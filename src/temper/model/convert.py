@@ -10,14 +10,13 @@ read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4
 vision tower),
 Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial rotary),
 OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3
-(`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a
-mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one), GPT-OSS
-(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
-published) and SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three).
-Reading a config maps
-its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights
-of each architecture are described once, as a list of rules (HF tensor = these temper tensors
-concatenated, maybe transposed), which serve both directions.
+(`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
+(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3
+with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored
+stacked, in MXFP4 as published) and SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
+every three). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
+temper tensors concatenated, maybe transposed), which serve both directions.
 
 Loading builds the model on the meta device, allocates it once in the asked dtype and reads each
 tensor straight into its parameter, so a model is never held twice. Directories hold
@@ -238,7 +237,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0 and (arch != PHI3 or not 0 < partial <= 1):  # Phi-4-mini's; the others' references rotate whole heads
+    if partial != 1.0 and (arch != PHI3 or not 0 < partial <= 1):  # Phi-4-mini's; the others rotate whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's "
                          "architecture, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
@@ -355,7 +354,8 @@ def _nope_layers(d: dict[str, Any]) -> int | None:
         raise ValueError("SmolLM3 use_sliding_window=true is not supported (its window covers only the NoPE layers)")
     flags = d.get("no_rope_layers") or [int((i + 1) % d.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
     if len(flags) < n or set(flags[:n]) - {0, 1}:
-        raise ValueError(f"key 'no_rope_layers' must give 1 (RoPE) or 0 (NoPE) for each of the {n} layers, got {flags!r}")
+        raise ValueError(f"key 'no_rope_layers' must give 1 (RoPE) or 0 (NoPE) for each of the {n} layers, got "
+                         f"{flags!r}")
     nope = [i for i in range(n) if not flags[i]]
     every = nope[0] + 1 if nope else None
     if [i for i in range(n) if last_of_every(i, every)] != nope:
@@ -416,7 +416,8 @@ def _rope(d: dict[str, Any], phi3: bool = False) -> tuple[float, dict | None, di
                or rope.get("original_max_position_embeddings") or max_len)
     if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor")
-        return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}, "original_max_position_embeddings": old_len}, rope
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}, "original_max_position_embeddings": old_len}
+        return theta, scaling, rope
     if kind == "linear":
         return theta, {"rope_type": "linear", "factor": rope["factor"]}, rope
     if kind in ("yarn", "longrope"):  # without a factor (DeepSeek-V3, Phi-3) the ratio of the two lengths
@@ -517,8 +518,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 else f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly")
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if bool(cfg.nope_every) != (arch == SMOLLM3):
-        return "it has NoPE layers (nope_every)" if arch == SMOLLM3 else "it rotates every layer (SmolLM3 does not)"
+    if cfg.nope_every and arch != SMOLLM3:
+        return "it rotates every layer (SmolLM3ForCausalLM has NoPE layers)"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -564,7 +565,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == SMOLLM3:
         d |= {"no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(cfg.n_layers)],
-              "no_rope_layer_interval": cfg.nope_every, "use_sliding_window": False, "sliding_window": None,
+              "no_rope_layer_interval": cfg.nope_every or 4, "use_sliding_window": False, "sliding_window": None,
               "attention_bias": False, "mlp_bias": False}
     elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
