@@ -384,3 +384,21 @@ def test_bad_data_files_and_run_names_are_one_line(base, tmp_path, capsys):
     nowhere = tmp_path / "no_model"
     assert temper(["sft", *args(nowhere, tmp_path, "../x")]) == 2
     assert "invalid run name '../x'" in _one_line(capsys.readouterr().err)
+
+
+def test_neftune_noise_changes_training_and_resumes_exactly(base, tmp_path, monkeypatch):
+    """--train.neftune_alpha: step 1's loss moves off the noiseless run's (the noise is in the training forward),
+    and a run stopped by SIGTERM resumes drawing the noise it would have drawn (the generators are checkpointed)."""
+    from temper.train.run import EXIT_PREEMPTED
+
+    assert sft.main(args(base, tmp_path, "plain", "--train.steps=1", "--checkpoint.every=0")) == 0
+    common = ("--train.steps=3", "--checkpoint.every=0", "--train.neftune_alpha=5")
+    assert sft.main(args(base, tmp_path, "ref", *common)) == 0
+    monkeypatch.setenv("TEMPER_FAULT", "sigterm:step=1")
+    assert sft.main(args(base, tmp_path, "term", *common)) == EXIT_PREEMPTED
+    monkeypatch.delenv("TEMPER_FAULT")
+    assert sft.main(args(base, tmp_path, "term", *common)) == 0
+    assert losses(tmp_path / "term") == losses(tmp_path / "ref")
+    assert abs(losses(tmp_path / "ref")[0] - losses(tmp_path / "plain")[0]) > 1e-3
+    with pytest.raises(config.ConfigError, match="section .train.: neftune_alpha must be >= 0, got -1.0"):
+        sft.main(args(base, tmp_path, "bad", "--train.neftune_alpha=-1"))

@@ -58,3 +58,30 @@ def test_qlora_never_holds_the_16bit_base_on_the_gpu(tmp_path):
     assert all(p.device.type == "cuda" for p in model.parameters())
     # The NF4 model and one weight in flight: about a third of the bf16 base here (loading it whole peaks above it).
     assert held < peak < 0.6 * base_bytes, (peak, held, base_bytes)
+
+
+def test_neftune_draws_transformers_noise_while_training_only():
+    """The same seed gives the same noise as transformers' hook (bit for bit), within alpha / sqrt(T * C); an
+    evaluating model's embeddings are untouched, and removing the hook restores the plain model."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    from temper.train.methods import add_neftune
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["debug-llama"])
+    tokens = torch.randint(0, 256, (2, 24))
+    plain = model.tok_emb(tokens)
+    handle = add_neftune(model, 5.0)
+    torch.manual_seed(7)
+    ours = model.tok_emb(tokens)
+    model.tok_emb.neftune_noise_alpha = 5.0
+    torch.manual_seed(7)
+    theirs = neftune_post_forward_hook(model.tok_emb, (tokens,), plain)
+    assert torch.equal(ours, theirs)
+    bound = 5.0 / (24 * 64) ** 0.5
+    assert 0.9 * bound < (ours - plain).abs().max() <= bound
+    model.eval()
+    assert torch.equal(model.tok_emb(tokens), plain)
+    model.train()
+    handle.remove()
+    assert torch.equal(model.tok_emb(tokens), plain)

@@ -61,7 +61,14 @@ from temper.model.convert import CheckpointError
 from temper.model.peft_io import peft_prefix_refusal
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss
-from temper.train.methods import LoRAConfig, PrefixConfig, apply_method, export_finetuned, load_base
+from temper.train.methods import (
+    LoRAConfig,
+    PrefixConfig,
+    add_neftune,
+    apply_method,
+    export_finetuned,
+    load_base,
+)
 from temper.train.optim import OptimConfig, ScheduleConfig, lr_at, set_lr
 from temper.train.parallel import DistInfo, init_distributed, shutdown_distributed
 from temper.train.run import (
@@ -93,6 +100,14 @@ class TrainConfig(TrainSection):
     """Tokens per row (0: data.max_length)."""
     pack: bool = True
     """Pack several examples per row (document masks keep them apart); off: one example per row."""
+    neftune_alpha: float = 0.0
+    """NEFTune's noise on the input embeddings while training, alpha / sqrt(seq_len x width) (the paper and TRL
+    suggest 5); 0: none."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.neftune_alpha < 0:
+            raise ValueError(f"neftune_alpha must be >= 0, got {self.neftune_alpha}")
 
 
 @dataclass
@@ -212,6 +227,8 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                                       "seq_len": seq_len, "batch_rows": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS, deepspeed=True)
     train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad
+    if cfg.train.neftune_alpha:  # on the embedding the layout left in place (a host-held table is its own module)
+        add_neftune(model, cfg.train.neftune_alpha)
     optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors
     run.check_tasks(bool(tasks.tasks))
     state = run.resume(model, optimizer, trainable_only=cfg.method != "full")
@@ -313,6 +330,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
 # What must match between a checkpoint and the run that resumes from it.
 RESUME_KEYS = ("model", "method", "data", "lora", "prefix", "train.micro_batch_size", "train.epochs",
                "train.accumulation", "train.seq_len", "train.pack", "train.steps", "train.label_smoothing",
+               "train.neftune_alpha",
                "optim", "schedule", "steps", "seq_len", "batch_rows", "run.seed")
 
 

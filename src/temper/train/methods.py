@@ -11,7 +11,8 @@ trains (adapters, prefixes, heads) stays float32. `load_base` reads the checkpoi
 on the host, its block weights quantized on the device one at a time, so the device never holds the
 16-bit base (bitsandbytes' loading does the same). `export_finetuned`
 writes final/: the merged model in Hugging Face layout with the tokenizer files, and the adapter in
-PEFT's format under final/adapter/.
+PEFT's format under final/adapter/. `add_neftune` is NEFTune's noise on the input embeddings, a regulariser
+of instruction tuning that any method can take.
 """
 
 from __future__ import annotations
@@ -109,6 +110,26 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
             quantize_nf4(model)
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout,
                rslora=lora.rslora, dora=lora.dora)
+
+
+def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle | None:
+    """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning"): while the model trains,
+    add uniform noise of magnitude alpha / sqrt(T * C) to its input embeddings (T: the row's length, padding and
+    packed neighbours included; C: the width), computed as transformers' `neftune_post_forward_hook` computes it
+    (so the same seed draws the same noise). A forward hook on `tok_emb`, installed from outside as adapters are;
+    the noise comes from the device's generator, which checkpoints save, so a resumed run draws what it would
+    have. None where the model has no input embedding (a later pipeline stage)."""
+    emb = getattr(model, "tok_emb", None)
+    if emb is None:
+        return None
+
+    def noisy(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return out
+        scale = alpha / torch.sqrt(torch.tensor(out.size(1) * out.size(2)))  # float32, as transformers rounds it
+        return out + torch.zeros_like(out).uniform_(-scale, scale)
+
+    return emb.register_forward_hook(noisy)
 
 
 def export_finetuned(model: nn.Module, model_cfg, method: Method, tok, final: Path, base: str) -> None:
