@@ -96,6 +96,11 @@ CASES = {
     # SmolLM3: a layer without positions (NoPE) after every RoPE one here (the published models: after every three).
     "smollm3-nope": lambda: _hf("SmolLM3Config", "SmolLM3ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                 no_rope_layer_interval=2, tie_word_embeddings=True, pad_token_id=0),
+    # Granite: the embeddings, each sublayer's output, the attention scores and the logits scaled (milder than the
+    # published 12, 0.22, 1/128 and 16, so that each changes these tiny models' logits), biases everywhere.
+    "granite-multipliers": lambda: _hf("GraniteConfig", "GraniteForCausalLM", **_SMALL, embedding_multiplier=4.0,
+                                       residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0,
+                                       attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -173,6 +178,8 @@ def test_variant_features_are_exercised():
                           "rope_type": "longrope", "short_factor": LONGROPE["short_factor"] * 2, "factor": 8.0,
                           "long_factor": LONGROPE["long_factor"] * 2, "original_max_position_embeddings": 16}}),
                       ("smollm3-nope", {"nope_every": None}), ("smollm3-nope", {"nope_every": 4}),
+                      *(("granite-multipliers", {k: None}) for k in ("embed_multiplier", "residual_multiplier",
+                                                                      "logit_divisor", "attn_scale_dim")),
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
@@ -249,6 +256,9 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="MixtralForCausalLM cannot express this model: it renormalises"):
         to_hf_config(replace(experts, renormalize_experts=False))
     assert hf_architecture(replace(llama, nope_every=4)) == "SmolLM3ForCausalLM"
+    assert hf_architecture(replace(llama, residual_multiplier=0.5)) == "GraniteForCausalLM"
+    with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it has no embedding, residual"):
+        to_hf_config(replace(llama, logit_divisor=8.0, sliding_window=16))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
 
@@ -468,6 +478,9 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         from_hf_config(llama | {"partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it rotates whole heads"):
         to_hf_config(replace(PRESETS["debug-llama"], rope_dim=8))
+    with pytest.raises(ValueError, match="Granite attention_multiplier=0.3 is not supported"):
+        from_hf_config(to_hf_config(replace(PRESETS["debug-llama"], residual_multiplier=0.5))
+                       | {"attention_multiplier": 0.3})
     smol = to_hf_config(replace(PRESETS["debug-llama"], n_layers=4, nope_every=2))
     assert from_hf_config(smol).nope_every == 2
     with pytest.raises(ValueError, match=r"SmolLM3 no_rope_layers \[1, 0, 0, 1\] are not supported"):

@@ -51,6 +51,8 @@ CONFIGS = {
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "smollm3": replace(_LLAMA, nope_every=2, hf_architecture="SmolLM3ForCausalLM"),  # layer 1 of 2 without RoPE
+    "granite": replace(_LLAMA, embed_multiplier=4.0, residual_multiplier=0.5, logit_divisor=2.0, attn_scale_dim=1024,
+                       hf_architecture="GraniteForCausalLM"),
     "phi4mini-longrope": replace(_LLAMA, rope_dim=8, hf_architecture="Phi3ForCausalLM", rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 4.0, 9.0, 20.0],
         "factor": 8.0, "original_max_position_embeddings": 16}),

@@ -17,6 +17,7 @@ from temper.train.losses import (
     IGNORE_INDEX,
     Batch,
     LMLoss,
+    LogitForm,
     RouterBalance,
     chunk_tokens,
     linear_cross_entropy,
@@ -35,8 +36,10 @@ def _case(n=37, c=16, v=50, dtype=torch.float32, device="cpu", seed=0):
     return h, w, t
 
 
-def _reference(h, w, t, smoothing=0.0, scale=0.37, cap=None):
+def _reference(h, w, t, smoothing=0.0, scale=0.37, cap=None, divisor=None):
     logits = (h @ w.T).float()
+    if divisor is not None:
+        logits = logits / divisor
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
@@ -63,22 +66,37 @@ def test_linear_cross_entropy_of_capped_logits(smoothing):
     h, w, t = _case()
     w = (w * 3).detach().requires_grad_()  # logits up to ~60: the cap of 2 bends nearly all of them
     ref, gh, gw = _reference(h, w, t, smoothing, cap=2.0)
-    loss = linear_cross_entropy(h, w, t, label_smoothing=smoothing, chunk=8, softcap=2.0)
+    loss = linear_cross_entropy(h, w, t, label_smoothing=smoothing, chunk=8, form=LogitForm(cap=2.0))
     got_h, got_w = torch.autograd.grad(loss * 0.37, (h, w))
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(got_h, gh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_w, gw, rtol=1e-5, atol=1e-6)
     assert (loss - _reference(h, w, t, smoothing)[0]).abs() > 1.0  # the cap changes the loss
-    frozen = linear_cross_entropy(h, w.detach(), t, label_smoothing=smoothing, softcap=2.0)
+    frozen = linear_cross_entropy(h, w.detach(), t, label_smoothing=smoothing, form=LogitForm(cap=2.0))
     torch.testing.assert_close(torch.autograd.grad(frozen * 0.37, h)[0], gh, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, t, label_smoothing=smoothing, softcap=2.0), ref)
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, label_smoothing=smoothing, form=LogitForm(cap=2.0)), ref)
+
+
+def test_linear_cross_entropy_of_divided_and_capped_logits():
+    """Granite's logits_scaling inside the chunks (and with a cap after it): loss and both gradients equal autograd's
+    on the full logits, and the divisor changes them."""
+    h, w, t = _case()
+    w = (w * 3).detach().requires_grad_()
+    for form in (LogitForm(divisor=8.0), LogitForm(divisor=8.0, cap=2.0)):
+        ref, gh, gw = _reference(h, w, t, 0.1, cap=form.cap, divisor=form.divisor)
+        loss = linear_cross_entropy(h, w, t, label_smoothing=0.1, chunk=8, form=form)
+        got_h, got_w = torch.autograd.grad(loss * 0.37, (h, w))
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(got_h, gh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_w, gw, rtol=1e-5, atol=1e-6)
+        assert (loss - _reference(h, w, t, 0.1, cap=form.cap)[0]).abs() > 1.0
 
 
 def test_a_capped_model_loss_goes_through_its_logits():
-    """`LMLoss` on a model with `logit_softcap`: the chunked loss (tied head) and a head run as a module both equal
-    the cross-entropy of the model's own (capped) logits."""
-    model = Transformer(replace(PRESETS["debug-llama"], logit_softcap=0.5))
+    """`LMLoss` on a model with `logit_divisor` and `logit_softcap`: the chunked loss (tied head) and a head run as a
+    module both equal the cross-entropy of the model's own (divided, capped) logits."""
+    model = Transformer(replace(PRESETS["debug-llama"], logit_softcap=0.5, logit_divisor=0.25))
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         ref = token_loss_sum(model(x), x)

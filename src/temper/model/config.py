@@ -129,6 +129,13 @@ class ModelConfig:
     """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
     False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
     checkpoint's architecture, so that 16-bit logits equal its reference's too."""
+    embed_multiplier: float | None = None
+    """Input embeddings are multiplied by this (Granite's embedding_multiplier); None: by 1 (Gemma's sqrt(dim) is
+    scale_embeddings)."""
+    residual_multiplier: float | None = None
+    """Each sublayer's output is multiplied by this before it joins the residual stream (Granite); None: by 1."""
+    logit_divisor: float | None = None
+    """Logits are divided by this (Granite's logits_scaling), before any logit_softcap; None: by 1."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
@@ -195,7 +202,7 @@ class ModelConfig:
             raise ValueError(f"nope_every={self.nope_every} needs pos='rope' and groups of 1 layer or more")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("attn_softcap", "logit_softcap"):
+        for name in ("attn_softcap", "logit_softcap", "embed_multiplier", "residual_multiplier", "logit_divisor"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
         if self.swiglu_limit is not None and (self.mlp != "swiglu" or not self.swiglu_limit > 0):

@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Fifteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Sixteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -13,8 +13,9 @@ OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
 (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3
 with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored
-stacked, in MXFP4 as published) and SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
-every three). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
+every three) and Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
+the attention scores and the logits). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
 fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
 temper tensors concatenated, maybe transposed), which serve both directions.
 
@@ -60,13 +61,14 @@ from temper.files import (
 from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, last_of_every
 from temper.model.transformer import Transformer
 
-GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS, SMOLLM3 = (
+GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL, QWEN3_MOE, GPT_OSS = (
     "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
-    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM", "SmolLM3ForCausalLM",
+    "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
+SMOLLM3, GRANITE = "SmolLM3ForCausalLM", "GraniteForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
@@ -75,7 +77,7 @@ GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
-                "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3}
+                "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -131,7 +133,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
                      "original_max_position_embeddings"), _INT),
-    **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise"), _FLOAT),
+    **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
+                     "attention_multiplier", "logits_scaling"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
@@ -243,10 +246,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
     nope_every = _nope_layers(d) if arch == SMOLLM3 else None
     bias = qkv_bias = False
-    if arch == LLAMA:
+    if arch in (LLAMA, GRANITE):
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
-            raise ValueError("Llama attention_bias and mlp_bias must agree (temper's `bias` covers both)")
+            raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
     elif arch in (QWEN2, QWEN3, QWEN3_MOE):
         qkv_bias = arch == QWEN2
         if d.get("use_sliding_window"):
@@ -260,8 +263,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                              "temper's `bias` covers every layer)")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
-    # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256)
-    scalar = d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3) else head_dim
+    # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256), Granite by
+    # attention_multiplier
+    scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3)
+              else _scale_dim(d.get("attention_multiplier", 1.0)) if arch == GRANITE else head_dim)
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
@@ -281,7 +286,26 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
+        **(_multipliers(d) if arch == GRANITE else {}),
     )
+
+
+def _multipliers(d: dict[str, Any]) -> dict[str, float | None]:
+    """Granite's multipliers of the embeddings, the sublayers' outputs and (dividing) the logits; 1 is None."""
+    values = {ours: float(d.get(theirs, 1.0)) for ours, theirs in (
+        ("embed_multiplier", "embedding_multiplier"), ("residual_multiplier", "residual_multiplier"),
+        ("logit_divisor", "logits_scaling"))}
+    return {k: None if v == 1.0 else v for k, v in values.items()}
+
+
+def _scale_dim(multiplier: float) -> int:
+    """attn_scale_dim of Granite's attention_multiplier m: the whole number d with d ** -0.5 == m exactly (the
+    published ones are 1/64 and 1/128)."""
+    dim = round(multiplier ** -2) if multiplier > 0 else 0
+    if dim < 1 or dim ** -0.5 != multiplier:
+        raise ValueError(f"Granite attention_multiplier={multiplier} is not supported (temper scales scores by "
+                         "d ** -0.5 for a whole number d)")
+    return dim
 
 
 _GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -443,8 +467,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             arch = GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else MIXTRAL
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+            granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
-                    else SMOLLM3 if cfg.nope_every else LLAMA)
+                    else SMOLLM3 if cfg.nope_every else GRANITE if granite else LLAMA)
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
@@ -473,7 +498,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    if arch in (LLAMA, GPT_OSS) and cfg.qkv_bias and not cfg.bias:
+    if arch in (LLAMA, GPT_OSS, GRANITE) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
@@ -494,8 +519,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *OLMOS)):
         return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *OLMOS)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
-    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3):
-        return "it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar)"
+    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GRANITE):
+        return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
+                "attention_multiplier)")
+    if (cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor) and arch != GRANITE:
+        return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
     if cfg.rope_local_theta and not (arch == GEMMA3 or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
@@ -556,6 +584,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if arch == LLAMA:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+    elif arch == GRANITE:
+        d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "embedding_multiplier": cfg.embed_multiplier or 1.0,
+              "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
+              "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5}
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
         if arch == PHI3:  # its original length at the top, where transformers reads it first

@@ -42,7 +42,8 @@ from temper.model.rope import rope_tables
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
     `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3), and without
-    `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2)."""
+    `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2); with `residual_multiplier` m, x + m * attn(norm(x))
+    (Granite)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -55,15 +56,21 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _joining(self, h: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
+        """A sublayer's output as it joins the residual stream: normalised (sandwich_norm), scaled (Granite)."""
+        h = h if out_norm is None else out_norm(h)
+        return h if self.residual_multiplier is None else h * self.residual_multiplier
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | BlockMask | None = None, causal: bool = True, cache: KVCache | None = None,
     ) -> torch.Tensor:
         h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
-        x = x + (h if self.attn_out_norm is None else self.attn_out_norm(h))
+        x = x + self._joining(h, self.attn_out_norm)
         h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))  # (B, T, C)
-        return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))  # (B, T, C)
+        return x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
 
 
 class Transformer(nn.Module):
@@ -192,6 +199,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens) if first else tokens  # (B, T, C)
         if first and self.cfg.scale_embeddings:  # Gemma: the factor rounded to the weights' dtype, as its reference does
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
+        if first and self.cfg.embed_multiplier is not None:  # Granite: the float factor, as its reference multiplies
+            x = x * self.cfg.embed_multiplier
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {False: None}  # by Block.local_rope
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
@@ -225,10 +234,12 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on final hidden states (..., C) -> (..., V): the tied embedding, or the head as a module
-        call (so an adapter swapped in for it runs), then `logit_softcap`. The one place logits are made, for
-        `forward` and for losses and rollouts that take `hidden_only` states (`train.losses`' chunked loss fuses
-        the same steps)."""
+        call (so an adapter swapped in for it runs), divided by `logit_divisor`, then `logit_softcap`. The one place
+        logits are made, for `forward` and for losses and rollouts that take `hidden_only` states (`train.losses`'
+        chunked loss fuses the same steps)."""
         logits = F.linear(hidden, self.tok_emb.weight) if self.head is None else self.head(hidden)
+        if self.cfg.logit_divisor is not None:
+            logits = logits / self.cfg.logit_divisor
         return logits if self.cfg.logit_softcap is None else softcap(logits, self.cfg.logit_softcap)
 
     def _rope_at(self, name: str, T: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

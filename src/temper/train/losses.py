@@ -90,35 +90,53 @@ class Loss(Protocol):
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut: ...
 
 
-def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None
+@dataclass(frozen=True)
+class LogitForm:
+    """What the model does to `hidden @ weight.T` before the softmax (`Transformer.logits`): divide by `divisor`
+    (Granite's logits_scaling), then cap at +-`cap` (Gemma 2's softcap); None: neither."""
+
+    divisor: float | None = None
+    cap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LogitForm:
+        return cls(model.cfg.logit_divisor, model.cfg.logit_softcap)
+
+
+def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, form: LogitForm
                   ) -> tuple[torch.Tensor, torch.dtype, torch.Tensor | None]:
-    """(a chunk's logits `hidden @ weight.T` in float32, their dtype, and with a `cap` the capped logits'
-    slope tanh(z / c), for `_capped_grad`). Capped (Gemma 2's logit softcap): c * tanh(z / c), in float32."""
+    """(a chunk's logits `hidden @ weight.T` in float32 in the model's `form`, their dtype, and with a cap the
+    capped logits' slope tanh(z / c), for `_raw_grad`). Divided and capped c * tanh(z / c) in float32, in place."""
     logits = hidden @ weight.T  # (n, V)
     dtype = logits.dtype
     lf = logits.float()  # (n, V)
     del logits  # freed here when the float32 copy is a new tensor
-    if cap is None:
+    if form.divisor is not None:
+        lf = lf.div_(form.divisor)
+    if form.cap is None:
         return lf, dtype, None
-    slope = lf.div_(cap).tanh_()  # (n, V) tanh(z / c), in place on the chunk's own logits; kept for the gradient
-    return slope * cap, dtype, slope
+    slope = lf.div_(form.cap).tanh_()  # (n, V) tanh(z / c), in place on the chunk's own logits; kept for the gradient
+    return slope * form.cap, dtype, slope
 
 
-def _capped_grad(g: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
-    """The gradient w.r.t. the raw logits from the capped ones': times d(c tanh(z / c))/dz = 1 - tanh^2 (in place)."""
-    return g if slope is None else g.mul_(slope.square_().neg_().add_(1))
+def _raw_grad(g: torch.Tensor, slope: torch.Tensor | None, form: LogitForm) -> torch.Tensor:
+    """The gradient w.r.t. the raw logits from the formed ones' (in place): times the cap's slope
+    d(c tanh(z / c))/dz = 1 - tanh^2, then divided by the divisor."""
+    if slope is not None:
+        g = g.mul_(slope.square_().neg_().add_(1))
+    return g if form.divisor is None else g.div_(form.divisor)
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool,
-              cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32; capped at +-cap when given) and,
+              form: LogitForm = LogitForm()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32, in the model's `form`) and,
     with `grad`, its gradient w.r.t. the logits in their dtype: softmax - ((1 - s) * one_hot + s / V), zero on
     ignored rows (PyTorch's label smoothing).
 
     Works in place on one float32 copy of the logits (the logits themselves when already float32):
     a chunk costs one float32 (n, V) tensor and its gradient (a capped chunk one more: the cap's slope).
     """
-    lf, dtype, slope = _float_logits(hidden, weight, cap)  # (n, V)
+    lf, dtype, slope = _float_logits(hidden, weight, form)  # (n, V)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)[:, None]  # (n, 1)
     lf = lf.sub_(lf.amax(dim=-1, keepdim=True))  # shifted so that exp cannot overflow
@@ -137,7 +155,7 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     g.scatter_add_(1, safe, torch.full(safe.shape, -(1 - smoothing), dtype=g.dtype, device=g.device))
     if smoothing:
         g.sub_(smoothing / g.shape[-1])
-    return loss, _capped_grad(g.mul_(valid[:, None]), slope).to(dtype)
+    return loss, _raw_grad(g.mul_(valid[:, None]), slope, form).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -150,12 +168,12 @@ class VocabShard:
 
 
 def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                      grad: bool, cap: float | None, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      grad: bool, form: LogitForm, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_chunk_ce` when `weight` holds this rank's rows of the vocabulary (`shard`): the logits' max, the sum
     of their exponentials, the target's logit (on the rank that holds its row) and, for label smoothing, the
     sum of the logits are all-reduced over `shard.group` (two all-reduces a chunk; Shoeybi et al. 2019), so
     every rank returns the whole loss, and the gradient of its own slice of the logits."""
-    lf, dtype, slope = _float_logits(hidden, weight, cap)  # (n, V/tp)
+    lf, dtype, slope = _float_logits(hidden, weight, form)  # (n, V/tp)
     valid = targets != IGNORE_INDEX
     mx = lf.amax(dim=-1)  # (n,)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=shard.group)
@@ -180,7 +198,7 @@ def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     g.scatter_add_(1, safe, torch.where(mine, -(1 - smoothing), 0.0)[:, None].to(g.dtype))
     if smoothing:
         g.sub_(smoothing / shard.size)
-    return loss, _capped_grad(g.mul_(valid[:, None]), slope).to(dtype)
+    return loss, _raw_grad(g.mul_(valid[:, None]), slope, form).to(dtype)
 
 
 def _vocab_slice(weight: DTensor) -> tuple[torch.Tensor, VocabShard]:
@@ -212,10 +230,10 @@ def _chunk_ce_fn(device: torch.device) -> Callable:
 
 
 def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, chunk: int,
-               need_h: bool, need_w: bool, cap: float | None = None, shard: VocabShard | None = None
+               need_h: bool, need_w: bool, form: LogitForm = LogitForm(), shard: VocabShard | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `cap`: the logits'
-    softcap; `shard`: the weight is this rank's vocabulary rows (tensor parallel)."""
+    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `form`: the logits'
+    divisor and softcap; `shard`: the weight is this rank's vocabulary rows (tensor parallel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
@@ -226,7 +244,7 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         chunk_ce = _chunk_ce_fn(h.device) if shard is None else partial(_chunk_ce_sharded, shard=shard)
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
-            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w, cap)  # g: (n, V)
+            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w, form)  # g: (n, V)
             total += loss
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
@@ -251,8 +269,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                chunk: int, cap: float | None, shard: VocabShard | None) -> torch.Tensor:
-        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], cap,
+                chunk: int, form: LogitForm, shard: VocabShard | None) -> torch.Tensor:
+        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], form,
                                            shard)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -267,10 +285,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         label_smoothing: float = 0.0, chunk: int | None = None, softcap: float | None = None
+                         label_smoothing: float = 0.0, chunk: int | None = None, form: LogitForm = LogitForm()
                          ) -> torch.Tensor:
-    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets; with `softcap`,
-    of the capped logits softcap * tanh(logits / softcap) (`ModelConfig.logit_softcap`, Gemma 2).
+    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets, of the logits in
+    the model's `form`: divided by `form.divisor` (Granite), capped at +-`form.cap` (Gemma 2).
 
     hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
     where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
@@ -283,9 +301,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         weight, shard = _vocab_slice(weight)
     chunk = chunk or chunk_tokens(weight.shape[0], weight.requires_grad)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, softcap, shard)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, form, shard)
     with torch.no_grad():  # evaluation: no gradient is computed at all
-        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, softcap, shard)[0]
+        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, form, shard)[0]
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -305,7 +323,7 @@ def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Te
     if head is None or (type(head) is nn.Linear and head.bias is None):
         weight = model.tok_emb.weight if head is None else head.weight
         h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        return linear_cross_entropy(h, weight, t, label_smoothing=label_smoothing, softcap=model.cfg.logit_softcap)
+        return linear_cross_entropy(h, weight, t, label_smoothing=label_smoothing, form=LogitForm.of(model))
     return token_loss_sum(model.logits(hidden), targets, label_smoothing)  # the model's own (B, T, C) call
 
 
