@@ -124,6 +124,11 @@ CASES = {
     # not: norm_topk_prob off, as its config class defaults), the router's choices differing token by token.
     "mixtral-experts-window": lambda: _hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, num_local_experts=4,
                                           num_experts_per_tok=2, sliding_window=WINDOW),
+    # Qwen2-MoE: Qwen2's q/k/v biases, 4 experts, 2 per token (not renormalised), and a shared expert gated by a
+    # sigmoid, every token's.
+    "qwen2-moe-shared-expert": lambda: _hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_SMALL, moe_intermediate_size=40,
+                                           shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2,
+                                           tie_word_embeddings=False),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -184,6 +189,8 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
+                      ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
+                      ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)

@@ -58,6 +58,8 @@ CONFIGS = {
         "factor": 8.0, "original_max_position_embeddings": 16}),
     "qwen3_moe": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, renormalize_experts=False,
                          hf_architecture="Qwen3MoeForCausalLM"),
+    "qwen2_moe": replace(_LLAMA, n_experts=4, qkv_bias=True, renormalize_experts=False, shared_expert_ffn_dim=48,
+                         shared_expert_gate=True, hf_architecture="Qwen2MoeForCausalLM"),  # a gated shared expert
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
 }
@@ -67,6 +69,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -184,12 +187,13 @@ def test_load_peft_reads_what_peft_saves(tmp_path, case, variant):
 MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers (transformers 5 names)
     "mixtral": ["q_proj", "w1", "w2", "w3"],
     "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the shared expert's too
 }
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -218,6 +222,25 @@ def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     assert sum(".experts." in n for n in swapped) == 2 * 4 * 3  # 2 layers x 4 experts x gate, up, down
     assert sum(n.endswith("mlp.router") for n in swapped) == (2 if all_linear else 0)
     assert all(p.requires_grad for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b))
+    x = _x(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj"]])
+def test_peft_module_names_reach_a_shared_expert_not_the_routed_ones(tmp_path, targets):
+    """Qwen2-MoE under PEFT: module names adapt its shared expert (and, all-linear, its gate), while the routed experts,
+    stacked parameters in transformers 5, take target_parameters only. temper reads such a file with PEFT's logits,
+    leaving its routed experts' projections of the same names alone."""
+    model = _model("qwen2_moe")
+    hf = _hf(model, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "adapter")
+    swapped = load_peft(model, model.cfg, tmp_path / "adapter")
+    assert not any(".experts." in n for n in swapped)
+    assert sum(".shared_expert." in n for n in swapped) == 2 * 3
+    assert sum(n.endswith("shared_expert_gate") for n in swapped) == (2 if targets == "all-linear" else 0)
     x = _x(model)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)

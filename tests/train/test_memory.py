@@ -184,6 +184,9 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "pretrain", "bf16", 0, {"dims": EXPERTS}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": EXPERTS}),
     ("debug-llama", "lora", "bf16", 0, {"dims": EXPERTS, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
+    # Qwen2-MoE's shared expert: a dense MLP every token runs, reading the router's input, and its sigmoid gate
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": EXPERTS | {"shared_expert_ffn_dim": 96, "shared_expert_gate": True}}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": EXPERTS | {"shared_expert_ffn_dim": 96, "shared_expert_gate": True}}),
     # OLMo 2's blocks: no first norm (q, k, v keep the residual stream itself), q/k norms with one rstd per token
     ("debug-llama", "pretrain", "fp32", 0, {"dims": OLMO2}),
     ("debug-llama", "lora", "bf16", 0, {"dims": OLMO2, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),

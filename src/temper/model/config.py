@@ -125,6 +125,11 @@ class ModelConfig:
     renormalize_experts: bool = True
     """With n_experts: rescale the chosen experts' router probabilities to sum to 1 (Mixtral; Qwen3-MoE's
     norm_topk_prob); False weighs them by their softmax over all experts."""
+    shared_expert_ffn_dim: int | None = None
+    """With n_experts: the hidden width of a shared expert, an MLP every token runs beside its routed ones (Qwen2-MoE);
+    None: none."""
+    shared_expert_gate: bool = False
+    """With a shared expert: weigh its output by sigmoid(a learned linear function of the token) (Qwen2-MoE)."""
     expert_weights_float32: bool = False
     """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
     False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
@@ -216,6 +221,10 @@ class ModelConfig:
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
         if self.expert_ffn_dim is not None and (self.expert_ffn_dim <= 0 or not self.n_experts):
             raise ValueError(f"expert_ffn_dim={self.expert_ffn_dim} needs n_experts and a positive width")
+        if self.shared_expert_ffn_dim is not None and (self.shared_expert_ffn_dim <= 0 or not self.n_experts):
+            raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} needs n_experts and a positive width")
+        if self.shared_expert_gate and self.shared_expert_ffn_dim is None:
+            raise ValueError("shared_expert_gate needs a shared expert (shared_expert_ffn_dim)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 

@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Sixteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Seventeen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -14,8 +14,9 @@ OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
 (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3
 with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored
 stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
-every three) and Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
-the attention scores and the logits). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+every three), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
+the attention scores and the logits) and Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
+gated shared one). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
 fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
 temper tensors concatenated, maybe transposed), which serve both directions.
 
@@ -66,18 +67,19 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE = "SmolLM3ForCausalLM", "GraniteForCausalLM"
+SMOLLM3, GRANITE, QWEN2_MOE = "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE)
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
-                "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE}
+                "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
+                "qwen2_moe": QWEN2_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -132,7 +134,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
-                     "original_max_position_embeddings"), _INT),
+                     "original_max_position_embeddings", "shared_expert_intermediate_size"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
@@ -250,11 +252,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
-    elif arch in (QWEN2, QWEN3, QWEN3_MOE):
-        qkv_bias = arch == QWEN2
+    elif arch in (QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE):
+        qkv_bias = arch == QWEN2 or arch == QWEN2_MOE and bool(d.get("qkv_bias", True))
         if d.get("use_sliding_window"):
             raise ValueError(f"{name} use_sliding_window=true is not supported (its window covers only some layers)")
-        if arch != QWEN2 and d.get("attention_bias"):  # on q, k, v and o, but not the MLP: temper's `bias` is all
+        if arch in (QWEN3, QWEN3_MOE) and d.get("attention_bias"):  # on q, k, v and o, not the MLP: `bias` is all
             raise ValueError(f"{name} attention_bias=true is not supported")
     elif arch == GPT_OSS:  # its experts and router always have biases: temper's `bias` is every layer's
         bias = True
@@ -334,8 +336,11 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
                          f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
-    return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 768),
-            "renormalize_experts": bool(d.get("norm_topk_prob", False))}
+    fields = {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False)),
+              "expert_ffn_dim": d.get("moe_intermediate_size", 1408 if arch == QWEN2_MOE else 768)}
+    if arch == QWEN2_MOE:  # Qwen2MoeConfig's defaults
+        fields |= {"shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 5632), "shared_expert_gate": True}
+    return fields
 
 
 def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
@@ -465,7 +470,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else MIXTRAL
+            arch = (GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else QWEN2_MOE if cfg.shared_expert_ffn_dim
+                    else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
@@ -502,6 +508,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
+    if arch == QWEN2_MOE and cfg.bias:
+        return "it has biases on q, k and v at most"
     if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE, SMOLLM3) and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS)
@@ -516,6 +524,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
+    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch == QWEN2_MOE,) * 2:
+        return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
+                else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
     if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *OLMOS)):
         return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *OLMOS)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
@@ -599,9 +610,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(cfg.n_layers)],
               "no_rope_layer_interval": cfg.nope_every or 4, "use_sliding_window": False, "sliding_window": None,
               "attention_bias": False, "mlp_bias": False}
-    elif arch in (QWEN2, QWEN3, QWEN3_MOE):
+    elif arch in (QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE):
         d |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
-        if arch != QWEN2:
+        if arch in (QWEN3, QWEN3_MOE):
             d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
@@ -634,10 +645,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
-    elif arch == QWEN3_MOE:
+    elif arch in (QWEN3_MOE, QWEN2_MOE):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
               "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}
+        if arch == QWEN2_MOE:
+            d |= {"qkv_bias": cfg.qkv_bias, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim}
     return d
 
 
@@ -744,6 +757,11 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for j in range(cfg.n_experts):
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
+                if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names
+                    for n in ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                              "shared_expert_gate"):
+                        if f"{p}mlp.{n}.weight" in keys:
+                            add(f"{moe}{n}.weight", f"{p}mlp.{n}.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
@@ -840,7 +858,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (MIXTRAL, QWEN3_MOE):
+    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE):
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):

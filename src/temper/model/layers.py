@@ -76,7 +76,8 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a linear
     router scores the experts for each token, and the token's output is the sum of its top-k experts' outputs,
-    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`).
+    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`), plus, with
+    `shared_expert_ffn_dim`, a shared expert's output that every token computes (Qwen2-MoE: gated by a sigmoid).
 
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
@@ -95,6 +96,9 @@ class MoE(nn.Module):
                                                           cfg.expert_weights_float32)
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
+        # Qwen2-MoE: an MLP every token runs, its output weighed by a sigmoid gate, added to the routed experts'
+        self.shared_expert = MLP(cfg, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
+        self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -119,4 +123,10 @@ class MoE(nn.Module):
             # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
             # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
             out.index_put_((r,), y.to(out.dtype), accumulate=True)
-        return out.view(B, T, C).to(x.dtype)  # (B, T, C)
+        out = out.to(x.dtype)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)  # (N, C)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(B, T, C)  # (B, T, C)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -184,16 +184,17 @@ def find_linears(model: nn.Module, targets: Iterable[str], what: str = "LoRA") -
 
 def apply_lora(
     model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = ATTENTION_TARGETS, dropout: float = 0.0,
-    *, rslora: bool = False, dora: bool = False,
+    *, rslora: bool = False, dora: bool = False, only: Collection[str] | None = None,
 ) -> list[str]:
     """Swap every `nn.Linear` child named in `targets` (`head` included, when untied) for a `LoRALinear`;
-    freeze everything else. Returns the dotted names of the swapped modules.
+    freeze everything else. Returns the dotted names of the swapped modules. only: of those, just these dotted
+    names (a PEFT file's layers: a shared expert's down_proj, not the routed experts' of the same name).
 
     Checks everything before changing anything, so a refused call leaves the model as it was.
     """
     if rank <= 0 or not 0.0 <= dropout < 1.0:
         raise ValueError(f"rank must be > 0 and dropout in [0, 1), got rank={rank}, dropout={dropout}")
-    found = find_linears(model, targets)
+    found = [f for f in find_linears(model, targets) if only is None or f[0] in only]
     adapted = [dotted for dotted, parent, name in found if isinstance(getattr(parent, name), LoRALinear)]
     if adapted:
         raise ValueError(f"{adapted[:4]} already have LoRA adapters; merge_lora first to stack another")

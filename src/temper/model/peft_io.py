@@ -270,7 +270,7 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
                                  f"(r={r}, temper {', '.join(sites[site])})")
     rslora = bool(config.get("use_rslora"))
     swapped = apply_lora(model, r, config["lora_alpha"], sorted(kinds), config.get("lora_dropout") or 0.0,
-                         rslora=rslora, dora=dora) if kinds else []
+                         rslora=rslora, dora=dora, only={p for site in found for p in sites[site]}) if kinds else []
     swapped += moe.apply(model, rslora)
     with torch.no_grad():
         for site, got in found.items():
@@ -365,9 +365,10 @@ class _MoePlan:
     def apply(self, model: nn.Module, rslora: bool) -> list[str]:
         """Swap in the adapters, group by group (each its own rank), and copy the tensors in."""
         swapped = []
+        routed = {n for n, _ in model.named_modules() if ".mlp.experts." in n or n.endswith(".mlp.router")}
         for targets, rank, alpha, copies in self.groups:
             trained = [p for p in model.parameters() if p.requires_grad]  # apply_lora freezes all else
-            swapped += apply_lora(model, rank, alpha, targets, rslora=rslora)
+            swapped += apply_lora(model, rank, alpha, targets, rslora=rslora, only=routed)  # not a shared expert
             for p in trained:
                 p.requires_grad_(True)
             with torch.no_grad():

@@ -599,13 +599,15 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
 
 def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes, lora_dropout: float,
-               grad_in: bool) -> tuple[bool, float]:
+               grad_in: bool, inputs: bool = True) -> tuple[bool, float]:
     """What a dense MLP keeps per row it runs, under labels starting `label`; returns (whether its output needs a
     gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP;
-    d GELU-output and d up for GELU; less down_proj's input, freed by then)."""
+    d GELU-output and d up for GELU; less down_proj's input, freed by then). inputs=False: its input's copies are
+    counted by the caller, with the other layers that read the same tensor."""
     gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
     readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
-    _readers(s, label + "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
+    if inputs:
+        _readers(s, label + "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
     _lora_hidden(s, readers + [mlp.down_proj], t)
     f = mlp.up_proj.out_features
     up_grad = grad_in or _wants_grad(mlp.up_proj)
@@ -644,7 +646,10 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     whole (zeros off its rows) to be summed into the other."""
     k, n = moe.k, len(moe.experts)
     router_grad = grad_in or _wants_grad(moe.router)
-    _readers(s, "mlp_norm output", [moe.router], in_bytes, t, lora_dropout, grad_in)
+    shared, gate = moe.shared_expert, moe.shared_expert_gate
+    readers = [moe.router] + ([shared.gate_proj, shared.up_proj] if shared is not None else []) + (
+        [gate] if gate is not None else [])  # the router, the shared expert and its gate read the norm's output
+    _readers(s, "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
     if router_grad:
         s.add("router probabilities (float32)", 4 * n)
         s.add("chosen experts (int64)", 8 * k)
@@ -657,7 +662,16 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
         s.add(label, k * nbytes)
     s.add("experts' outputs (for the routing weights' gradient)", k * t.a * d if router_grad else 0)
     s.add("routing weights (for the outputs' gradient)", 4 * k if expert_grad else 0)
-    return expert_grad or router_grad, k * hidden / n + 2 * in_bytes * d
+    transient = k * hidden / n
+    if shared is not None:  # every token's: a dense MLP's terms, and its gate's sigmoid * output
+        shared_grad, shared_hidden = _mlp_saved(s, "shared expert: ", shared, in_bytes, t, lora_dropout, grad_in,
+                                                inputs=False)
+        transient = max(transient, shared_hidden)  # backward runs it before the routed experts
+        gate_grad = gate is not None and (grad_in or _wants_grad(gate))
+        s.add("shared expert's output (for its gate's gradient)", t.a * d if gate_grad else 0)
+        s.add("sigmoid(gate) (for the shared output's gradient)", t.a if gate is not None and shared_grad else 0)
+        expert_grad = expert_grad or shared_grad or gate_grad
+    return expert_grad or router_grad, transient + 2 * in_bytes * d
 
 
 def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "all") -> _Saved:
