@@ -129,6 +129,9 @@ CASES = {
     "qwen2-moe-shared-expert": lambda: _hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_SMALL, moe_intermediate_size=40,
                                            shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2,
                                            tie_word_embeddings=False),
+    # OLMoE: Llama's blocks with q/k norms over all heads, 4 experts of intermediate_size, 2 per token.
+    "olmoe-experts": lambda: _hf("OlmoeConfig", "OlmoeForCausalLM", **_SMALL, num_experts=4, num_experts_per_tok=2,
+                                 tie_word_embeddings=False),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -189,6 +192,7 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
+                      ("olmoe-experts", {"qk_norm_whole": False, "qk_norm": False}),
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:

@@ -60,6 +60,8 @@ CONFIGS = {
                          hf_architecture="Qwen3MoeForCausalLM"),
     "qwen2_moe": replace(_LLAMA, n_experts=4, qkv_bias=True, renormalize_experts=False, shared_expert_ffn_dim=48,
                          shared_expert_gate=True, hf_architecture="Qwen2MoeForCausalLM"),  # a gated shared expert
+    "olmoe": replace(_LLAMA, n_experts=4, qk_norm=True, qk_norm_whole=True, renormalize_experts=False,
+                     hf_architecture="OlmoeForCausalLM"),  # q/k norms over all heads
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
 }
@@ -70,6 +72,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -188,6 +191,7 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
     "mixtral": ["q_proj", "w1", "w2", "w3"],
     "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the shared expert's too
+    "olmoe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
@@ -210,7 +214,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)

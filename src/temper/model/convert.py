@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Seventeen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Eighteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -15,8 +15,9 @@ OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
 with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored
 stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
 every three), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
-the attention scores and the logits) and Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
-gated shared one). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
+gated shared one) and OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts). Reading a
+config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
 fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
 temper tensors concatenated, maybe transposed), which serve both directions.
 
@@ -67,19 +68,21 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE = "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM"
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE = ("SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM",
+                                     "OlmoeForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE)
+WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
-                "qwen2_moe": QWEN2_MOE}
+                "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -137,7 +140,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "original_max_position_embeddings", "shared_expert_intermediate_size"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling"), _FLOAT),
-    "mlp_only_layers": (list, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
+    "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
                      "rope_local_base_freq"), _FLOAT),
@@ -278,7 +281,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS), qk_norm_whole=arch in OLMOS,
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *WHOLE_QK_NORM), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
         sandwich_norm=arch in (GEMMA2, GEMMA3, *OLMOS), pre_norm=arch not in OLMOS,
         norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
@@ -331,6 +334,10 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
                          "takes its input as it is)")
     if arch == MIXTRAL:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True}
+    if arch == OLMOE:  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
+        if d.get("clip_qkv") is not None:
+            raise ValueError(f"Olmoe clip_qkv={d['clip_qkv']} is not supported (temper does not clamp q, k and v)")
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False))}
     if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
@@ -470,8 +477,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = (GPT_OSS if cfg.attn_sinks else QWEN3_MOE if cfg.qk_norm else QWEN2_MOE if cfg.shared_expert_ffn_dim
-                    else MIXTRAL)
+            arch = (GPT_OSS if cfg.attn_sinks else QWEN2_MOE if cfg.shared_expert_ffn_dim else OLMOE
+                    if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
@@ -510,20 +517,26 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v only"
     if arch == QWEN2_MOE and cfg.bias:
         return "it has biases on q, k and v at most"
-    if arch in (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE, SMOLLM3) and (cfg.bias or cfg.qkv_bias):
+    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
+    if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE, *OLMOS)
+    normed = (QWEN3, GEMMA3, QWEN3_MOE, *WHOLE_QK_NORM)
     if cfg.qk_norm != (arch in normed):
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
-    if (cfg.qk_norm_whole, cfg.pre_norm) != (arch in OLMOS, arch not in OLMOS):
-        return ("its q/k norms span all heads and its blocks normalise only the sublayers' outputs" if arch in OLMOS
-                else "it normalises each head's query and key and each sublayer's input (OLMo 2 and 3 do not)")
+    if cfg.qk_norm_whole != (arch in WHOLE_QK_NORM):
+        return ("its q/k norms span all heads" if arch in WHOLE_QK_NORM
+                else "it normalises each head's query and key (OLMo 2 and 3 and OLMoE normalise all heads at once)")
+    if cfg.pre_norm != (arch not in OLMOS):
+        return ("its blocks normalise only the sublayers' outputs" if arch in OLMOS
+                else "it normalises each sublayer's input (OLMo 2 and 3 do not)")
     if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
+    if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
+        return "its experts are ffn_dim wide (intermediate_size)"
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch == QWEN2_MOE,) * 2:
         return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
@@ -645,6 +658,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
+    elif arch == OLMOE:
+        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": None,
+              "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}
     elif arch in (QWEN3_MOE, QWEN2_MOE):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
@@ -858,7 +874,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE):
+    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE):
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):
