@@ -101,6 +101,9 @@ CASES = {
     "granite-multipliers": lambda: _hf("GraniteConfig", "GraniteForCausalLM", **_SMALL, embedding_multiplier=4.0,
                                        residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0,
                                        attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    # Seed-OSS: Llama with q/k/v biases (attention_bias; o_proj's attention_out_bias and the MLP's off), wide heads.
+    "seed-oss-qkv-bias": lambda: _hf("SeedOssConfig", "SeedOssForCausalLM", **_SMALL, head_dim=24,
+                                     tie_word_embeddings=False),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -489,6 +492,9 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         from_hf_config(llama | {"partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it rotates whole heads"):
         to_hf_config(replace(PRESETS["debug-llama"], rope_dim=8))
+    with pytest.raises(ValueError, match=r"SeedOss attention_bias, attention_out_bias, mlp_bias = \(False, False, True\)"):
+        from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"architectures": ["SeedOssForCausalLM"],
+                                                               "mlp_bias": True})
     with pytest.raises(ValueError, match="Granite attention_multiplier=0.3 is not supported"):
         from_hf_config(to_hf_config(replace(PRESETS["debug-llama"], residual_multiplier=0.5))
                        | {"attention_multiplier": 0.3})

@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Eighteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Nineteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -16,8 +16,8 @@ with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, exp
 stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
 every three), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
 the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
-gated shared one) and OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts). Reading a
-config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts) and Seed-OSS
+(`SeedOssForCausalLM`: Llama with q/k/v biases). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
 fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
 temper tensors concatenated, maybe transposed), which serve both directions.
 
@@ -68,10 +68,10 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE = ("SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM",
-                                     "OlmoeForCausalLM")
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS = ("SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM",
+                                               "OlmoeForCausalLM", "SeedOssForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
@@ -82,7 +82,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
-                "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE}
+                "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -255,6 +255,13 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
+    elif arch == SEED_OSS:  # its q/k/v biases (attention_bias), o_proj's and the MLP's apart
+        flags = tuple(bool(d.get(key, default)) for key, default in (
+            ("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False)))
+        if flags not in ((True, False, False), (False, False, False), (True, True, True)):
+            raise ValueError(f"SeedOss attention_bias, attention_out_bias, mlp_bias = {flags} is not supported (temper "
+                             "has biases on q, k and v alone, or on every layer)")
+        qkv_bias, bias = flags[0] and not flags[1], flags[1]
     elif arch in (QWEN2, QWEN3, QWEN3_MOE, QWEN2_MOE):
         qkv_bias = arch == QWEN2 or arch == QWEN2_MOE and bool(d.get("qkv_bias", True))
         if d.get("use_sliding_window"):
@@ -619,6 +626,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == SEED_OSS:
+        d |= {"attention_bias": cfg.bias or cfg.qkv_bias, "attention_out_bias": cfg.bias, "mlp_bias": cfg.bias,
+              "residual_dropout": cfg.dropout}
     elif arch == SMOLLM3:
         d |= {"no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(cfg.n_layers)],
               "no_rope_layer_interval": cfg.nope_every or 4, "use_sliding_window": False, "sliding_window": None,
