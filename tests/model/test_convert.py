@@ -104,6 +104,10 @@ CASES = {
     # Seed-OSS: Llama with q/k/v biases (attention_bias; o_proj's attention_out_bias and the MLP's off), wide heads.
     "seed-oss-qkv-bias": lambda: _hf("SeedOssConfig", "SeedOssForCausalLM", **_SMALL, head_dim=24,
                                      tie_word_embeddings=False),
+    # EXAONE 4: OLMo 2's post-norm blocks with per-head q/k norms; windowed layers with RoPE alternating with global
+    # ones without (NoPE).
+    "exaone4-local-global-nope": lambda: _hf("Exaone4Config", "Exaone4ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                             sliding_window=WINDOW, sliding_window_pattern=2, tie_word_embeddings=False),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -196,6 +200,8 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
                       ("olmoe-experts", {"qk_norm_whole": False, "qk_norm": False}),
+                      ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too
+                      ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
                       ("qwen3-moe-experts", {"renormalize_experts": True})]:
@@ -495,6 +501,13 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"SeedOss attention_bias, attention_out_bias, mlp_bias = \(False, False, True\)"):
         from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"architectures": ["SeedOssForCausalLM"],
                                                                "mlp_bias": True})
+    exaone = to_hf_config(replace(PRESETS["debug-llama"], n_layers=4, sliding_window=8, global_every=2, nope_every=2,
+                                  qk_norm=True, pre_norm=False, sandwich_norm=True))
+    assert exaone["architectures"] == ["Exaone4ForCausalLM"]
+    del exaone["layer_types"]
+    assert from_hf_config(exaone | {"sliding_window_pattern": "LG"}).global_every == 2
+    with pytest.raises(ValueError, match="EXAONE 4 sliding_window_pattern='LGL' is not supported"):
+        from_hf_config(exaone | {"sliding_window_pattern": "LGL"})
     with pytest.raises(ValueError, match="Granite attention_multiplier=0.3 is not supported"):
         from_hf_config(to_hf_config(replace(PRESETS["debug-llama"], residual_multiplier=0.5))
                        | {"attention_multiplier": 0.3})

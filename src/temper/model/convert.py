@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Nineteen architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
 embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
@@ -16,8 +16,9 @@ with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, exp
 stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
 every three), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
 the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
-gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts) and Seed-OSS
-(`SeedOssForCausalLM`: Llama with q/k/v biases). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
+gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), Seed-OSS
+(`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
+per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
 fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
 temper tensors concatenated, maybe transposed), which serve both directions.
 
@@ -68,13 +69,15 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS = ("SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM",
-                                               "OlmoeForCausalLM", "SeedOssForCausalLM")
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4 = (
+    "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
+    "Exaone4ForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS)  # windowed layers between global ones
+POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE)
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
@@ -82,7 +85,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
-                "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS}
+                "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
+                "exaone4": EXAONE4}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -146,7 +150,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "rope_local_base_freq"), _FLOAT),
     "query_pre_attn_scalar": _INT,
     **dict.fromkeys(("final_logit_softcapping", "attn_logit_softcapping"), (*_FLOAT, type(None))),
-    "sliding_window_pattern": _INT,
+    "sliding_window_pattern": (*_INT, *_STR),
     "layer_types": (list, type(None)),
     "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
@@ -244,12 +248,14 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         theta, scaling, rope = _rope(d, phi3=arch == PHI3)
     if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
+    if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
+        window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0 and (arch != PHI3 or not 0 < partial <= 1):  # Phi-4-mini's; the others rotate whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's "
                          "architecture, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
-    nope_every = _nope_layers(d) if arch == SMOLLM3 else None
+    nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
         bias = bool(d.get("attention_bias", False))
@@ -288,9 +294,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, *WHOLE_QK_NORM), qk_norm_whole=arch in WHOLE_QK_NORM,
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
-        sandwich_norm=arch in (GEMMA2, GEMMA3, *OLMOS), pre_norm=arch not in OLMOS,
+        sandwich_norm=arch in (GEMMA2, GEMMA3, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
@@ -389,6 +395,17 @@ def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[in
     return window, full[0] + 1
 
 
+def _exaone_pattern(d: dict[str, Any]) -> int:
+    """EXAONE 4's `sliding_window_pattern` as a group size: an int, or "LLLG" (local layers, then a global one)."""
+    pattern = d.get("sliding_window_pattern", 4)
+    if isinstance(pattern, str):
+        if len(pattern) < 2 or pattern.upper() != "L" * (len(pattern) - 1) + "G":
+            raise ValueError(f"EXAONE 4 sliding_window_pattern={pattern!r} is not supported (temper makes the last of "
+                             "every N layers global: 'LLLG')")
+        return len(pattern)
+    return pattern
+
+
 def _nope_layers(d: dict[str, Any]) -> int | None:
     """nope_every of a SmolLM3 config: its `no_rope_layers` (1: the layer rotates, 0: NoPE), else a NoPE layer at the
     end of every `no_rope_layer_interval` (4) layers. temper lays NoPE layers out as the last of every N."""
@@ -482,7 +499,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
-            arch = OLMO3 if cfg.sliding_window else OLMO2
+            arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             arch = (GPT_OSS if cfg.attn_sinks else QWEN2_MOE if cfg.shared_expert_ffn_dim else OLMOE
                     if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
@@ -524,18 +541,18 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v only"
     if arch == QWEN2_MOE and cfg.bias:
         return "it has biases on q, k and v at most"
-    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *OLMOS, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
+    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE, *WHOLE_QK_NORM)
+    normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM)
     if cfg.qk_norm != (arch in normed):
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
     if cfg.qk_norm_whole != (arch in WHOLE_QK_NORM):
         return ("its q/k norms span all heads" if arch in WHOLE_QK_NORM
                 else "it normalises each head's query and key (OLMo 2 and 3 and OLMoE normalise all heads at once)")
-    if cfg.pre_norm != (arch not in OLMOS):
-        return ("its blocks normalise only the sublayers' outputs" if arch in OLMOS
-                else "it normalises each sublayer's input (OLMo 2 and 3 do not)")
+    if cfg.pre_norm != (arch not in POST_NORM):
+        return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
+                else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
     if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
@@ -547,8 +564,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch == QWEN2_MOE,) * 2:
         return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
-    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *OLMOS)):
-        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *OLMOS)
+    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *POST_NORM)):
+        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
     if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GRANITE):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
@@ -577,8 +594,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 else f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly")
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch != SMOLLM3:
+    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4):
         return "it rotates every layer (SmolLM3ForCausalLM has NoPE layers)"
+    if arch == EXAONE4 and cfg.nope_every != cfg.global_every:
+        return "its global layers, and they alone, take no positions (nope_every = global_every)"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -626,6 +645,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == EXAONE4:
+        d |= {"sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.global_every or 0,
+              "layer_types": _layer_types(cfg)}
     elif arch == SEED_OSS:
         d |= {"attention_bias": cfg.bias or cfg.qkv_bias, "attention_out_bias": cfg.bias, "mlp_bias": cfg.bias,
               "residual_dropout": cfg.dropout}
@@ -749,7 +771,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             if arch in (GEMMA2, GEMMA3):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
-            elif arch in OLMOS:  # the outputs' norms only
+            elif arch in POST_NORM:  # the outputs' norms only
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
