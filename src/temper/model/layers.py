@@ -1,6 +1,6 @@
 """The layers that act on each position alone: norms, the MLP and the mixture of experts.
 
-They hold no state between tokens: attention (`model/attention.py`) is the one layer that mixes positions.
+They do not mix positions (attention does, `model/attention.py`) nor stack themselves into blocks (`transformer.py`).
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
     if s["rope_type"] == "longrope":
-        factor = s["factor"]
-        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
+        factor, old_len = s["factor"], s["original_max_position_embeddings"]
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
