@@ -108,6 +108,10 @@ CASES = {
     # ones without (NoPE).
     "exaone4-local-global-nope": lambda: _hf("Exaone4Config", "Exaone4ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                              sliding_window=WINDOW, sliding_window_pattern=2, tie_word_embeddings=False),
+    # GLM-4: norms on the sublayers' inputs and outputs, q/k/v biases, half of each head rotated in adjacent pairs
+    # (interleaved RoPE), gate and up fused.
+    "glm4-sandwich-interleaved-rope": lambda: _hf("Glm4Config", "Glm4ForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
+                                                  tie_word_embeddings=False),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -200,6 +204,8 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
                       ("olmoe-experts", {"qk_norm_whole": False, "qk_norm": False}),
+                      ("glm4-sandwich-interleaved-rope", {"rope_dim": None}),  # whole heads rotated
+                      ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
                       ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too
                       ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),

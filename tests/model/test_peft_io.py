@@ -51,6 +51,7 @@ CONFIGS = {
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "smollm3": replace(_LLAMA, nope_every=2, hf_architecture="SmolLM3ForCausalLM"),  # layer 1 of 2 without RoPE
+    "glm4": replace(_LLAMA, qkv_bias=True, rope_dim=8, sandwich_norm=True, hf_architecture="Glm4ForCausalLM"),
     "granite": replace(_LLAMA, embed_multiplier=4.0, residual_multiplier=0.5, logit_divisor=2.0, attn_scale_dim=1024,
                        hf_architecture="GraniteForCausalLM"),
     "phi4mini-longrope": replace(_LLAMA, rope_dim=8, hf_architecture="Phi3ForCausalLM", rope_scaling={
@@ -69,6 +70,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -80,7 +82,8 @@ VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "qwen3": CONFIGS["qwen3"], "gemma": CONFIGS["gemma"],
                 "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None),
                 "phi4mini-partial-no-window": replace(CONFIGS["phi3"], sliding_window=None, rope_dim=8),  # 8 of 16 rotate
-                "smollm3": CONFIGS["smollm3"]}  # its NoPE layers' prefix keys are not rotated
+                "smollm3": CONFIGS["smollm3"],  # its NoPE layers' prefix keys are not rotated
+                "glm4": CONFIGS["glm4"]}  # its prefix keys' rotated dims in adjacent pairs
 
 
 def _model(case: str) -> Transformer:
@@ -128,8 +131,9 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
-    fused = case in ("gpt2", "phi3", "phi4mini-longrope")  # q, k, v stacked in one adapter of rank 3 * 4
-    assert config["r"] == (12 if fused else 4) and config["use_dora"] == (variant == "dora")
+    # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
+    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8}
+    assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.1)
 
 

@@ -1,26 +1,26 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Twenty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
-(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
-(`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
-embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed
-layers alternating with global ones, capped attention scores and logits), Gemma 3's text model
-(`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with their own RoPE base; also
-read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their
-vision tower),
-Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial rotary),
-OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3
-(`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
-(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3
-with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored
-stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after
-every three), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
-the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a
-gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), Seed-OSS
+Twenty-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
+norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
+(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
+capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
+norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
+checkpoints of the 4B, 12B and 27B, without their vision tower), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
+fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
+outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
+one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
+Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
+experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer
+without positions, NoPE, after every three), GLM-4 (`Glm4ForCausalLM`: sandwich norms, half of each head rotated in
+adjacent pairs), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs, the
+attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
+shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
-per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto `ModelConfig` fields; anything temper cannot reproduce exactly
-fails with the reason. The weights of each architecture are described once, as a list of rules (HF tensor = these
-temper tensors concatenated, maybe transposed), which serve both directions.
+per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto
+`ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights of each architecture
+are described once, as a list of rules (HF tensor = these temper tensors concatenated, maybe transposed), which serve
+both directions.
 
 Loading builds the model on the meta device, allocates it once in the asked dtype and reads each
 tensor straight into its parameter, so a model is never held twice. Directories hold
@@ -69,11 +69,12 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4 = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4 = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4)
+SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
@@ -86,7 +87,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
-                "exaone4": EXAONE4}
+                "exaone4": EXAONE4, "glm4": GLM4}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -144,7 +145,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "original_max_position_embeddings", "shared_expert_intermediate_size"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling"), _FLOAT),
-    "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)), "no_rope_layer_interval": _INT,
+    "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
+    "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
                      "rope_local_base_freq"), _FLOAT),
@@ -250,10 +252,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
         window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
-    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0 and (arch != PHI3 or not 0 < partial <= 1):  # Phi-4-mini's; the others rotate whole heads
-        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's "
-                         "architecture, between 0 and 1)")
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if arch == GLM4 else 1.0))
+    if partial != 1.0 and (arch not in (PHI3, GLM4) or not 0 < partial <= 1):  # the others rotate whole heads
+        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
+                         "GLM-4's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
     bias = qkv_bias = False
@@ -261,6 +263,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
+    elif arch == GLM4:  # attention_bias: q, k and v's (Glm4Config's default)
+        qkv_bias = bool(d.get("attention_bias", True))
     elif arch == SEED_OSS:  # its q/k/v biases (attention_bias), o_proj's and the MLP's apart
         flags = tuple(bool(d.get(key, default)) for key, default in (
             ("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False)))
@@ -296,7 +300,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
-        sandwich_norm=arch in (GEMMA2, GEMMA3, *POST_NORM), pre_norm=arch not in POST_NORM,
+        sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
@@ -503,6 +507,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             arch = (GPT_OSS if cfg.attn_sinks else QWEN2_MOE if cfg.shared_expert_ffn_dim else OLMOE
                     if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
+        elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
+            arch = GLM4
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
@@ -539,7 +545,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch == QWEN2_MOE and cfg.bias:
+    if arch in (QWEN2_MOE, GLM4) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
@@ -564,8 +570,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch == QWEN2_MOE,) * 2:
         return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
-    if cfg.sandwich_norm != (arch in (GEMMA2, GEMMA3, *POST_NORM)):
-        return ("it has norms on the sublayers' outputs" if arch in (GEMMA2, GEMMA3, *POST_NORM)
+    if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
+        return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
     if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GRANITE):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
@@ -589,9 +595,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and (arch != PHI3 or int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
-        return ("it rotates whole heads (Phi3ForCausalLM has partial_rotary_factor)" if arch != PHI3
-                else f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly")
+    if cfg.rope_dim is not None and arch not in (PHI3, GLM4):
+        return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
+    if cfg.rope_dim is not None and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim:
+        return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
     if cfg.nope_every and arch not in (SMOLLM3, EXAONE4):
@@ -645,6 +652,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == GLM4:
+        d |= {"attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == EXAONE4:
         d |= {"sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.global_every or 0,
               "layer_types": _layer_types(cfg)}
@@ -714,12 +723,27 @@ def _layer_types(cfg: ModelConfig) -> list[str]:
 class _Rule:
     """One Hugging Face tensor: temper's `parts` concatenated along dim 0, transposed if asked
     (GPT-2's Conv1D stores (in, out)). Fused projections (GPT-2 c_attn, Phi-3 qkv_proj and
-    gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says."""
+    gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says.
+    `rope_pairs` (head_dim, rotated dims): rows of query or key heads whose rotated dims the checkpoint keeps as
+    adjacent pairs (GLM-4's interleaved RoPE) and temper as two halves (`rope_pair_rows`)."""
 
     hf: str
     parts: tuple[str, ...]
     transpose: bool = False
     stacked: str = ""
+    rope_pairs: tuple[int, int] | None = None
+
+
+def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int], to_hf: bool) -> torch.Tensor:
+    """Rows (heads * head_dim, ...) with each head's first r rows reordered between the two RoPE layouts: adjacent
+    pairs (x0, x1), (x2, x3), ... (the checkpoint's) and halves x0, x2, ..., x1, x3, ... (temper's), which rotate
+    alike; q . k is the same sum in either order. Moving the rows once, at load and export, keeps one RoPE kernel."""
+    head_dim, r = pairs
+    heads = t.reshape(-1, head_dim, *t.shape[1:])  # (H, D, ...)
+    rot = heads[:, :r]
+    rot = (torch.stack((rot[:, : r // 2], rot[:, r // 2:]), dim=2).flatten(1, 2) if to_hf
+           else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
+    return torch.cat((rot, heads[:, r:]), dim=1).reshape(t.shape)
 
 
 def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -773,11 +797,23 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in POST_NORM:  # the outputs' norms only
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+            elif arch == GLM4:  # sandwich norms under its own names
+                norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
+                         ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
                 add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
+                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
+                continue
+            if arch == GLM4:  # q and k rows in RoPE's adjacent pairs; gate and up fused
+                for n in "qkvo":
+                    for t in ("weight", "bias"):
+                        if f"{p}attn.{n}_proj.{t}" in keys:
+                            rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",), rope_pairs=(
+                                (cfg.head_dim, cfg.rotary_dim) if n in "qk" else None)))
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
@@ -855,6 +891,8 @@ def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
             parts.append(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     if rule.stacked:
         return _STACKED[rule.stacked][0](parts)
+    if rule.rope_pairs:
+        return rope_pair_rows(parts[0], rule.rope_pairs, to_hf=True)
     t = torch.cat(parts) if len(parts) > 1 else parts[0]
     return t.t() if rule.transpose else t
 
@@ -887,6 +925,8 @@ def _read_into(f: SafetensorsFile | _PickledFile, name: str, rule: _Rule, outs: 
 def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     if rule.stacked:
         return _STACKED[rule.stacked][1](t)
+    if rule.rope_pairs:
+        return [rope_pair_rows(t, rule.rope_pairs, to_hf=False)]
     if rule.transpose:
         t = t.t()
     return list(t.split(sizes)) if len(sizes) > 1 else [t]
@@ -1244,7 +1284,7 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path
                 _check_shape(rule, shape, shapes, str(f.path))
-                if rule.stacked:  # every expert's part copied out of the whole (one layer's, at a time)
+                if rule.stacked or rule.rope_pairs:  # whole: every expert's part copied out, or RoPE's rows moved
                     whole = f.read(name) if whole is None else whole
                     sd |= {p: t.to(device, dtype, copy=True).contiguous()
                            for p, t in zip(rule.parts, _to_temper(rule, whole, []), strict=True)}

@@ -57,7 +57,7 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.convert import GPT2, hf_architecture, hf_rules
+from temper.model.convert import GPT2, hf_architecture, hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
@@ -87,6 +87,12 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
                 isinstance(model.get_submodule(p), (nn.Linear, LoRALinear)) for p in parts):
             sites[rule.hf.removesuffix(".weight")] = parts
     return sites
+
+
+def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Each Hugging Face layer whose output rows are RoPE's adjacent pairs in the checkpoint (GLM-4's q and k) -> its
+    (head_dim, rotated dims): an adapter's B and DoRA magnitude rows move with the weight's (`rope_pair_rows`)."""
+    return {r.hf.removesuffix(".weight"): r.rope_pairs for r in hf_rules(cfg) if r.rope_pairs}
 
 
 def peft_lora_refusal(model: nn.Module) -> str | None:
@@ -127,7 +133,7 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
     if odd:
         raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
     rank, alpha, rslora, dora, dropout = first
-    sites = _sites(model, cfg)
+    sites, pairs = _sites(model, cfg), _rope_pairs(cfg)
     moe_tensors, moe_config, moe_written = _save_moe(model, rank, alpha, rslora)
     stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_written))
     if stray:
@@ -155,9 +161,10 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
                     magnitude.append(torch.linalg.norm(m.weight.to(torch.float32), dim=1))
                 row += m.out_features
             key = _PREFIX + hf
-            tensors[key + _A], tensors[key + _B] = a, b
+            tensors[key + _A], tensors[key + _B] = a, b if hf not in pairs else rope_pair_rows(b, pairs[hf], to_hf=True)
             if dora:
-                tensors[key + _M] = torch.cat([t.float().cpu() for t in magnitude])
+                m = torch.cat([t.float().cpu() for t in magnitude])
+                tensors[key + _M] = m if hf not in pairs else rope_pair_rows(m, pairs[hf], to_hf=True)
             targets.add(re.sub(r"^.*\.\d+\.", "", hf))  # "self_attn.q_proj", "attn.c_attn", "lm_head"
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
@@ -272,8 +279,11 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
     swapped = apply_lora(model, r, config["lora_alpha"], sorted(kinds), config.get("lora_dropout") or 0.0,
                          rslora=rslora, dora=dora, only={p for site in found for p in sites[site]}) if kinds else []
     swapped += moe.apply(model, rslora)
+    pairs = _rope_pairs(cfg)
     with torch.no_grad():
         for site, got in found.items():
+            if site in pairs:  # back to temper's rows (halves) from the checkpoint's (adjacent pairs)
+                got = {k: rope_pair_rows(v, pairs[site], to_hf=False) if k in (_B, _M) else v for k, v in got.items()}
             row = 0
             for p in sites[site]:
                 m = model.get_submodule(p)
@@ -465,6 +475,14 @@ def _rotate(kv: torch.Tensor, position: int, cfg: ModelConfig) -> None:
     kv[layers, 0] = apply_rope(kv[layers, 0], angle.cos(), angle.sin())
 
 
+def _key_layout(kv: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> None:
+    """Move the prefix keys' dims (L, 2, Hkv, P, D) in place between temper's RoPE layout and the checkpoint's where
+    they differ (GLM-4's adjacent pairs: `rope_pair_rows`, on the last axis)."""
+    pairs = next(iter(_rope_pairs(cfg).values()), None)
+    if pairs is not None:
+        kv[:, 0] = rope_pair_rows(kv[:, 0].movedim(-1, 0), pairs, to_hf).movedim(0, -1)
+
+
 def save_peft_prefix(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
                      base_model_name_or_path: str = "") -> Path:
     """Write the model's prefix as a PEFT prefix-tuning adapter for the `hf_architecture(cfg)` model."""
@@ -474,6 +492,7 @@ def save_peft_prefix(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
     kv = prefix_kv(model)  # (L, 2, Hkv, P, D)
     L, _, H, P, D = kv.shape
     _rotate(kv, P, cfg)  # PEFT's input starts at position P: R(P+t) q . R(P) k = R(t) q . k
+    _key_layout(kv, cfg, to_hf=True)
     config = {
         "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
         "num_virtual_tokens": P, "num_layers": L, "token_dim": H * D, "num_attention_heads": H,
@@ -516,5 +535,6 @@ def load_peft_prefix(model: Transformer, cfg: ModelConfig, adapter_dir: str | Pa
         raise ValueError(f"{path}: {_PROMPT} has shape {list(emb.shape)}, expected {list(shape)} "
                          f"(num_virtual_tokens, n_layers {cfg.n_layers} x 2 x n_kv_heads {H} x head_dim {D})")
     kv = emb.float().view(P, cfg.n_layers, 2, H, D).permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, Hkv, P, D)
+    _key_layout(kv, cfg, to_hf=False)
     _rotate(kv, -P, cfg)  # back to temper's input at 0..T-1 (module docstring)
     return set_prefix(model, kv)
