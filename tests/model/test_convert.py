@@ -521,6 +521,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     assert from_hf_config(smol).nope_every == 2
     with pytest.raises(ValueError, match=r"SmolLM3 no_rope_layers \[1, 0, 0, 1\] are not supported"):
         from_hf_config(smol | {"no_rope_layers": [1, 0, 0, 1]})
+    with pytest.raises(ValueError, match="key 'no_rope_layer_interval' must be a positive number of layers, got 0"):
+        from_hf_config({k: v for k, v in smol.items() if k != "no_rope_layers"} | {"no_rope_layer_interval": 0})
     with pytest.raises(ValueError, match="SmolLM3 use_sliding_window=true is not supported"):
         from_hf_config(smol | {"use_sliding_window": True, "sliding_window": 8})
     with pytest.raises(ValueError, match="key 'rope_scaling.beta_fast' must be a number or null, got '32'"):

@@ -399,6 +399,8 @@ def test_neftune_noise_changes_training_and_resumes_exactly(base, tmp_path, monk
     monkeypatch.delenv("TEMPER_FAULT")
     assert sft.main(args(base, tmp_path, "term", *common)) == 0
     assert losses(tmp_path / "term") == losses(tmp_path / "ref")
-    assert abs(losses(tmp_path / "ref")[0] - losses(tmp_path / "plain")[0]) > 1e-3
+    # Without the noise the two step-1 losses are the same computation, bit for bit; with it they differ by 1.4e-3
+    # here, far above any kernel's rounding (~1e-6).
+    assert abs(losses(tmp_path / "ref")[0] - losses(tmp_path / "plain")[0]) > 1e-4
     with pytest.raises(config.ConfigError, match="section .train.: neftune_alpha must be >= 0, got -1.0"):
         sft.main(args(base, tmp_path, "bad", "--train.neftune_alpha=-1"))

@@ -79,7 +79,7 @@ def test_neftune_draws_transformers_noise_while_training_only():
     theirs = neftune_post_forward_hook(model.tok_emb, (tokens,), plain)
     assert torch.equal(ours, theirs)
     bound = 5.0 / (24 * 64) ** 0.5
-    assert 0.9 * bound < (ours - plain).abs().max() <= bound
+    assert 0.9 * bound < (ours - plain).abs().max() <= bound * (1 + 1e-6)  # (the sum rounded once)
     model.eval()
     assert torch.equal(model.tok_emb(tokens), plain)
     model.train()

@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from temper.infer.cache import fork, new_cache, reset, select, write_back
 from temper.model.attention import KVCache
 from temper.model.layers import MoE
+from temper.model.rope import long_rope_length
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
 
@@ -259,6 +260,12 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     rows = list(range(n)) if rows is None else list(rows)
     if len(rows) != n or n == 0 or min(counts) < 1:
         raise ValueError(f"prefill needs one non-empty prompt per row: {n} prompts, {len(rows)} rows")
+    length = long_rope_length(model.cfg)
+    if length is not None and n > 1 and any(b + c <= length < b + T for b, c in zip(cache.lengths[rows].tolist(),
+                                                                                    counts)):
+        # LongRoPE takes its table by a row's last position, padding's included: one row at a time instead
+        return torch.cat([prefill(model, cache, tokens[i : i + 1, : counts[i]], [rows[i]], all_logits=all_logits,
+                                  last_logits=last_logits) for i in range(n)])
     whole = rows == list(range(cache.k.shape[1]))
     part = cache if whole else select(cache, rows)
     before = part.lengths.clone()
@@ -266,11 +273,6 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     room = min(cache.max_len, model.cfg.max_seq_len)
     if int((before + count).max()) > room:
         raise ValueError(f"a prompt does not fit its cache row ({room} tokens): lengths {before.tolist()} + {counts}")
-    length = long_rope_length(model)
-    if length is not None and n > 1 and any(b + c <= length < b + T for b, c in zip(before.tolist(), counts)):
-        # LongRoPE takes its table by a row's last position, padding's included: one row at a time instead
-        return torch.cat([prefill(model, cache, tokens[i : i + 1, : counts[i]], [rows[i]], all_logits=all_logits,
-                                  last_logits=last_logits) for i in range(n)])
     cols = torch.arange(T, device=tokens.device)[None, :]
     at = (cols < count[:, None]) & (all_logits | (cols >= (count - last_logits)[:, None]))  # (n, T)
     logits = model(tokens, cache=part, logits_at=at)  # (n, V), or (sum of counts, V)
@@ -280,20 +282,12 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     return logits.float()
 
 
-def long_rope_length(model: nn.Module) -> int | None:
-    """LongRoPE's original length (Phi-3.5, Phi-4-mini), None for other models. A forward over a row longer than
-    that rotates all its tokens by the long table (`Transformer._rope_at`), so a token's logits depend
-    on how long its sequence is; the decoding loops keep that exact (`crosses_long_rope`)."""
-    scaling = model.cfg.rope_scaling or {}
-    return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
-
-
 def crosses_long_rope(model: nn.Module, held: int, new: int) -> bool:
     """Whether feeding `new` tokens to a cache row that holds `held` crosses LongRoPE's original length: that
     forward takes the long table while the row's cached keys, and every layer's states above them, came from the
     short one. Its caller then encodes the row again, whole, as transformers' Phi-3 does at that step (its
     generate drops the cache there), so that the row computes what a fresh forward over it would."""
-    length = long_rope_length(model)
+    length = long_rope_length(model.cfg)
     return length is not None and 0 < held <= length < held + new
 
 

@@ -49,10 +49,10 @@ from temper.infer.engine import (
     crosses_long_rope,
     decode_step,
     filter_logits,
-    long_rope_length,
     prefill,
 )
 from temper.model.attention import KVCache
+from temper.model.rope import long_rope_length
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class Speculator:
         `row` (which holds the window before seq[-1]), accept, and roll the row back past the rejected
         drafts: it then holds the accepted drafts too, and the round's last token is fed next round."""
         room = min(self.k, room, self.drafter.limit())
-        held, length = int(cache.lengths[row]), long_rope_length(self.target)  # held: the window before seq[-1]
+        held, length = int(cache.lengths[row]), long_rope_length(self.target.cfg)  # held: the window before seq[-1]
         if length is not None and held < length:  # LongRoPE: a pass ends before its original length or starts at it
             room = min(room, length - 1 - held)  # (each token's logits then take the table they take alone)
         drafts, q = self.drafter.propose(seq, room, self.sampler) if room > 0 else ([], None)

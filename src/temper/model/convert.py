@@ -416,7 +416,10 @@ def _nope_layers(d: dict[str, Any]) -> int | None:
     n = d["num_hidden_layers"]
     if d.get("use_sliding_window"):
         raise ValueError("SmolLM3 use_sliding_window=true is not supported (its window covers only the NoPE layers)")
-    flags = d.get("no_rope_layers") or [int((i + 1) % d.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    interval = d.get("no_rope_layer_interval", 4)
+    if interval < 1:
+        raise ValueError(f"key 'no_rope_layer_interval' must be a positive number of layers, got {interval}")
+    flags = d.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
     if len(flags) < n or set(flags[:n]) - {0, 1}:
         raise ValueError(f"key 'no_rope_layers' must give 1 (RoPE) or 0 (NoPE) for each of the {n} layers, got "
                          f"{flags!r}")
@@ -808,19 +811,16 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
-            if arch == GLM4:  # q and k rows in RoPE's adjacent pairs; gate and up fused
-                for n in "qkvo":
-                    for t in ("weight", "bias"):
-                        if f"{p}attn.{n}_proj.{t}" in keys:
-                            rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",), rope_pairs=(
-                                (cfg.head_dim, cfg.rotary_dim) if n in "qk" else None)))
-                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
-                continue
+            pairs = (cfg.head_dim, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
             for n in "qkvo":
                 for t in ("weight", "bias"):
                     if f"{p}attn.{n}_proj.{t}" in keys:
-                        add(f"{h}self_attn.{n}_proj.{t}", f"{p}attn.{n}_proj.{t}")
+                        rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",),
+                                           rope_pairs=pairs if n in "qk" else None))
+            if arch == GLM4:  # gate and up fused, as Phi-3's
+                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
+                continue
             for n in ("q_norm", "k_norm"):
                 if f"{p}attn.{n}.weight" in keys:
                     add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")

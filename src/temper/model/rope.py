@@ -89,6 +89,14 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return mscale(s["factor"])
 
 
+def long_rope_length(cfg: ModelConfig) -> int | None:
+    """LongRoPE's original length (Phi-3.5, Phi-4-mini): a forward over a row longer than it rotates every one of the
+    row's tokens by the long table (`Transformer._rope_at`), so decoding encodes a row again when it crosses it
+    (`temper.infer.engine.crosses_long_rope`). None for other scalings."""
+    s = cfg.rope_scaling or {}
+    return s["original_max_position_embeddings"] if s.get("rope_type") == "longrope" else None
+
+
 def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str | None = None, long: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (max_len, rotary_dim/2) float32, of positions 0 .. max_len-1, scaled by the attention

@@ -36,7 +36,7 @@ from temper.model.attention import (
 )
 from temper.model.config import ModelConfig, last_of_every
 from temper.model.layers import MLP, MoE, RMSNorm, make_norm
-from temper.model.rope import rope_tables
+from temper.model.rope import long_rope_length, rope_tables
 
 
 class Block(nn.Module):
@@ -100,10 +100,6 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        scaling = cfg.rope_scaling or {}
-        # LongRoPE: rows longer than this original length take the long table (`_rope_at`)
-        self.long_rope_after = (scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope"
-                                else None)
         for name in self._rope_tables():  # tables, not weights: non-persistent, rebuilt by init_buffers()
             self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
             self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
@@ -121,7 +117,7 @@ class Transformer(nn.Module):
         tables = {"rope": (c, False)}
         if c.rope_local_theta is not None:
             tables["rope_local"] = (replace(c, rope_theta=c.rope_local_theta, rope_scaling=None), False)
-        if self.long_rope_after is not None:
+        if long_rope_length(c) is not None:
             tables["rope_long"] = (c, True)
         return tables
 
@@ -251,11 +247,12 @@ class Transformer(nn.Module):
         never depend on the rows batched with it (without them a padded row counts its padding, as in
         transformers' training)."""
         cos, sin = getattr(self, f"{name}_cos"), getattr(self, f"{name}_sin")
-        if self.long_rope_after is None or name != "rope":
+        length = long_rope_length(self.cfg) if name == "rope" else None
+        if length is None:
             return (cos[:T], sin[:T]) if positions is None else (cos[positions], sin[positions])
         if positions is None:
-            return (self.rope_long_cos[:T], self.rope_long_sin[:T]) if T > self.long_rope_after else (cos[:T], sin[:T])
-        long = (positions.amax(dim=1) >= self.long_rope_after)[:, None, None]  # (B, 1, 1) no host sync
+            return (self.rope_long_cos[:T], self.rope_long_sin[:T]) if T > length else (cos[:T], sin[:T])
+        long = (positions.amax(dim=1) >= length)[:, None, None]  # (B, 1, 1) no host sync
         return (torch.where(long, self.rope_long_cos[positions], cos[positions]),
                 torch.where(long, self.rope_long_sin[positions], sin[positions]))
 
