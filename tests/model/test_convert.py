@@ -55,6 +55,16 @@ def _hf(config_cls: str, model_cls: str, **kw):
     return model
 
 
+def _with_choice_bias(model):
+    """DeepSeek-V3's choice bias is a buffer, left at zero by `_randomize`: give it values that move choices."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
+    return model
+
+
 _SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
 
@@ -143,6 +153,12 @@ CASES = {
     # OLMoE: Llama's blocks with q/k norms over all heads, 4 experts of intermediate_size, 2 per token.
     "olmoe-experts": lambda: _hf("OlmoeConfig", "OlmoeForCausalLM", **_SMALL, num_experts=4, num_experts_per_tok=2,
                                  tie_word_embeddings=False),
+    # GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a choice bias, 2 of 4 groups of experts kept, weights scaled) with
+    # a shared expert, a dense first layer, per-head q/k norms, q/k/v biases, half of each head rotated (in halves).
+    "glm4-moe-sigmoid-groups": lambda: _with_choice_bias(_hf(
+        "Glm4MoeConfig", "Glm4MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=32,
+        moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, tie_word_embeddings=False, pad_token_id=0)),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -210,7 +226,11 @@ def test_variant_features_are_exercised():
                       ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
-                      ("qwen3-moe-experts", {"renormalize_experts": True})]:
+                      ("qwen3-moe-experts", {"renormalize_experts": True}),
+                      ("glm4-moe-sigmoid-groups", {"expert_choice_bias": False}),
+                      ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
+                      ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
+                      ("glm4-moe-sigmoid-groups", {"rope_dim": None})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -357,6 +377,7 @@ def test_sharded_export_reads_back_everywhere_and_a_single_file_replaces_it(tmp_
 ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (read from the architecture)
     "mixtral-experts-window": ("expert_weights_float32",),  # float32 routing weights, their sum rounded once
     "qwen3-moe-experts": ("expert_weights_float32",),  # the weights rounded first
+    "glm4-moe-sigmoid-groups": ("expert_weights_float32",),  # float32 routing weights (its router float32 too)
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
 }
 
@@ -705,9 +726,21 @@ def test_published_configs_map_to_presets():
         "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
         "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
     }
+    glm45_air = {  # zai-org/GLM-4.5-Air (its multi-token-prediction layer skipped: num_nextn_predict_layers)
+        "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 4096, "partial_rotary_factor": 0.5, "initializer_range": 0.02, "intermediate_size": 10944,
+        "max_position_embeddings": 131072, "model_type": "glm4_moe", "moe_intermediate_size": 1408, "n_group": 1,
+        "n_routed_experts": 128, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+        "num_experts_per_tok": 8, "num_hidden_layers": 46, "num_key_value_heads": 8, "num_nextn_predict_layers": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000, "routed_scaling_factor": 1.0,
+        "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.54.0",
+        "use_cache": True, "use_qk_norm": False, "vocab_size": 151552, "first_k_dense_replace": 1,
+    }
     with pytest.raises(ValueError, match="quantization_config 'gptq' is not supported"):
         from_hf_config(qwen3 | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
-    for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b"), (gpt_oss, "gpt-oss-20b")):
+    for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b"), (gpt_oss, "gpt-oss-20b"),
+                            (glm45_air, "glm-4.5-air")):
         preset = replace(PRESETS[name], hf_architecture=published["architectures"][0])
         assert from_hf_config(published) == preset
         assert from_hf_config(to_hf_config(PRESETS[name])) == preset
@@ -715,7 +748,11 @@ def test_published_configs_map_to_presets():
                        (mixtral | {"num_experts_per_tok": 9}, "num_experts_per_tok=9 must be between 1 and the 8"),
                        (qwen3_moe | {"decoder_sparse_step": 2}, "decoder_sparse_step=2 .* is not supported"),
                        (qwen3_moe | {"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is not supported"),
-                       (qwen3_moe | {"num_experts": "128"}, "key 'num_experts' must be an integer")]:
+                       (qwen3_moe | {"num_experts": "128"}, "key 'num_experts' must be an integer"),
+                       (glm45_air | {"first_k_dense_replace": 46}, "first_k_dense_replace=46 must leave a layer"),
+                       (glm45_air | {"n_group": 3, "topk_group": 2}, "n_group=3 with topk_group=2 is not supported"),
+                       (glm45_air | {"n_shared_experts": 0}, "n_shared_experts=0 is not supported"),
+                       (glm45_air | {"routed_scaling_factor": "2.5"}, "'routed_scaling_factor' must be a number")]:
         with pytest.raises(ValueError, match=match):
             from_hf_config(bad)
     assert from_hf_config(gemma3 | {"final_logit_softcapping": 30.0}).logit_softcap == 30.0  # read where set
@@ -725,6 +762,10 @@ def test_published_configs_map_to_presets():
             from_hf_config(gemma3 | bad)
     with pytest.raises(ValueError, match="Gemma 2 layer_types .* not supported"):
         from_hf_config(gemma2 | {"layer_types": ["full_attention", "sliding_attention"] * 13})
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM cannot express this model: it routes by a softmax"):
+        to_hf_config(replace(PRESETS["qwen3-30b-a3b"], routed_scaling=2.5, hf_architecture="Qwen3MoeForCausalLM"))
+    with pytest.raises(ValueError, match="Glm4MoeForCausalLM cannot express this model: it scores experts by sigmoids"):
+        to_hf_config(replace(PRESETS["glm-4.5-air"], expert_choice_bias=False))
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it caps neither"):
         to_hf_config(replace(PRESETS["debug-llama"], logit_softcap=30.0, hf_architecture="LlamaForCausalLM"))
 

@@ -34,7 +34,13 @@ def test_config_validation_names_the_field():
                        ({"norm": "rmsnorm", "qk_norm_whole": True}, "qk_norm_whole needs qk_norm"),
                        ({"pre_norm": False}, "pre_norm=false needs sandwich_norm"),
                        ({"attn_softcap": 0.0}, "attn_softcap must be positive or None, got 0.0"),
-                       ({"swiglu_limit": 7.0}, "swiglu_limit=7.0 needs mlp='swiglu'")]:
+                       ({"swiglu_limit": 7.0}, "swiglu_limit=7.0 needs mlp='swiglu'"),
+                       ({"routed_scaling": 2.5}, "routed_scaling needs n_experts"),
+                       ({"mlp": "swiglu", "n_experts": 6, "expert_groups": 4}, "expert_groups=4 needs n_experts"),
+                       ({"mlp": "swiglu", "n_experts": 8, "experts_per_token": 4, "expert_groups": 4},
+                        "its groups must hold experts_per_token=4"),
+                       ({"mlp": "swiglu", "n_experts": 8, "n_layers": 2, "dense_layers": 2}, "dense_layers=2 needs"),
+                       ({"mlp": "swiglu", "n_experts": 8, "router_scores": "relu"}, "router_scores must be one of")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
@@ -62,6 +68,7 @@ def test_preset_sizes_on_meta():
         mixtral, qwen3_moe = Transformer(PRESETS["mixtral-8x7b"]), Transformer(PRESETS["qwen3-30b-a3b"])
         gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
         gpt_oss = [Transformer(PRESETS[f"gpt-oss-{size}"]) for size in ("20b", "120b")]
+        glm45 = [Transformer(PRESETS[name]) for name in ("glm-4.5", "glm-4.5-air")]
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -81,6 +88,10 @@ def test_preset_sizes_on_meta():
     # (the input embedding included there, as a lookup not here).
     assert mixtral.matmul_params() + mixtral.tok_emb.weight.numel() == 12_879_659_008
     assert qwen3_moe.matmul_params() + qwen3_moe.tok_emb.weight.numel() == 3_352_821_760
+    # zai-org/GLM-4.5 and -Air: the published 355B and 106B total, 32B and 12B active (without the embeddings and
+    # head; the totals without the multi-token-prediction layer, which temper does not build)
+    assert [m.num_params() for m in glm45] == [352_797_814_784, 106_852_245_504]
+    assert [m.matmul_params() - m.head.weight.numel() for m in glm45] == [32_078_069_760, 12_181_569_536]
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -116,6 +127,11 @@ VARIANTS = {
                 "sliding_window": 5, "global_every": 2},
     # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
     "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
+    # DeepSeek-V3's and GLM-4.5's: sigmoid scores, a choice bias, 2 of 4 groups, scaled weights, a shared expert, a
+    # dense first layer.
+    "deepseek-routing": {"n_experts": 8, "experts_per_token": 2, "expert_ffn_dim": 32, "router_scores": "sigmoid",
+                         "expert_choice_bias": True, "expert_groups": 4, "expert_groups_per_token": 2,
+                         "routed_scaling": 2.5, "shared_expert_ffn_dim": 32, "dense_layers": 1},
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 MLP_KINDS = ("gelu", "swiglu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POS_KINDS = ("learned", "rope")
+ROUTER_SCORES = ("softmax", "sigmoid")
 ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
@@ -130,6 +131,24 @@ class ModelConfig:
     None: none."""
     shared_expert_gate: bool = False
     """With a shared expert: weigh its output by sigmoid(a learned linear function of the token) (Qwen2-MoE)."""
+    router_scores: str = "softmax"
+    """With n_experts: how the router scores the experts: "softmax" over them (Mixtral, Qwen3-MoE), or "sigmoid" of
+    each, computed in float32 from float32 inputs (DeepSeek-V3, GLM-4.5)."""
+    expert_choice_bias: bool = False
+    """With n_experts: a per-expert bias (a float32 buffer, not trained by gradient) added to the scores when choosing
+    the experts only, not to their weights (DeepSeek-V3's auxiliary-loss-free balancing, its e_score_correction_bias;
+    training moves it with `train.expert_bias_rate`)."""
+    expert_groups: int = 1
+    """With n_experts: split the experts into this many groups; each token first keeps the expert_groups_per_token
+    groups whose two best scores sum highest, then chooses its experts among them (DeepSeek-V3's node-limited
+    routing); 1: no groups."""
+    expert_groups_per_token: int = 1
+    """With expert_groups: the groups each token chooses its experts from."""
+    routed_scaling: float = 1.0
+    """With n_experts: the chosen experts' weights are multiplied by this, after renormalising (DeepSeek-V3: 2.5)."""
+    dense_layers: int = 0
+    """With n_experts: the first this many blocks have a dense MLP of ffn_dim instead of experts (DeepSeek-V3's and
+    GLM-4.5's first_k_dense_replace)."""
     expert_weights_float32: bool = False
     """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
     False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
@@ -225,6 +244,24 @@ class ModelConfig:
             raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} needs n_experts and a positive width")
         if self.shared_expert_gate and self.shared_expert_ffn_dim is None:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_ffn_dim)")
+        if self.router_scores not in ROUTER_SCORES:
+            raise ValueError(f"router_scores must be one of {ROUTER_SCORES}, got {self.router_scores!r}")
+        routing = {"router_scores": self.router_scores != "softmax", "expert_choice_bias": self.expert_choice_bias,
+                   "routed_scaling": self.routed_scaling != 1.0}
+        if not self.n_experts and any(routing.values()):
+            raise ValueError(f"{next(k for k, v in routing.items() if v)} needs n_experts")
+        groups, per_token = self.expert_groups, self.expert_groups_per_token
+        if groups != 1 and not (self.n_experts and groups > 1 and self.n_experts % groups == 0
+                                and self.n_experts // groups >= 2):
+            raise ValueError(f"expert_groups={groups} needs n_experts ({self.n_experts}) split into groups of 2 or more")
+        if not 1 <= per_token <= groups or groups > 1 and self.experts_per_token > per_token * self.n_experts // groups:
+            raise ValueError(f"expert_groups_per_token={per_token} must be between 1 and expert_groups ({groups}), "
+                             f"and its groups must hold experts_per_token={self.experts_per_token} experts")
+        if not self.routed_scaling > 0:
+            raise ValueError(f"routed_scaling must be positive, got {self.routed_scaling}")
+        if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
+            raise ValueError(f"dense_layers={self.dense_layers} needs n_experts and fewer than n_layers "
+                             f"({self.n_layers}) layers")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 
@@ -290,6 +327,11 @@ _GEMMA3 = replace(
     _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, qk_norm=True, sandwich_norm=True, norm_eps=1e-6,
     max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512, global_every=6,
     tie_embeddings=True,
+)
+_GLM45 = replace(
+    _LLAMA, vocab_size=151552, n_heads=96, n_kv_heads=8, head_size=128, rope_dim=64, max_seq_len=131072,
+    rope_theta=1000000.0, norm_eps=1e-5, qkv_bias=True, tie_embeddings=False, n_experts=128, experts_per_token=8,
+    router_scores="sigmoid", expert_choice_bias=True, expert_weights_float32=True,
 )
 
 PRESETS: dict[str, ModelConfig] = {
@@ -361,6 +403,13 @@ PRESETS: dict[str, ModelConfig] = {
     # token; biases everywhere, a sink per head, 128-token windows alternating with global layers, YaRN to 131k.
     "gpt-oss-20b": replace(_GPT_OSS, n_layers=24, n_experts=32),
     "gpt-oss-120b": replace(_GPT_OSS, n_layers=36, n_experts=128),
+    # GLM-4.5 and GLM-4.5-Air (Zhipu AI, "GLM-4.5: Agentic, Reasoning, and Coding (ARC) Foundation Models", 2025):
+    # DeepSeek-V3's routing (sigmoid scores, a choice bias, weights scaled) over 160 or 128 narrow experts, 8 per token,
+    # beside a shared one, after 3 or 1 dense layers; 96 query heads, half of each rotated, q/k/v biases.
+    "glm-4.5": replace(_GLM45, dim=5120, n_layers=92, ffn_dim=12288, qk_norm=True, n_experts=160, expert_ffn_dim=1536,
+                       shared_expert_ffn_dim=1536, routed_scaling=2.5, dense_layers=3),
+    "glm-4.5-air": replace(_GLM45, dim=4096, n_layers=46, ffn_dim=10944, expert_ffn_dim=1408,
+                           shared_expert_ffn_dim=1408, dense_layers=1),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

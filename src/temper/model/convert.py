@@ -69,17 +69,18 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4 = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM", "Glm4ForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE)
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
+GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE)
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
@@ -87,7 +88,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
-                "exaone4": EXAONE4, "glm4": GLM4}
+                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -142,9 +143,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
-                     "original_max_position_embeddings", "shared_expert_intermediate_size"), _INT),
+                     "original_max_position_embeddings", "shared_expert_intermediate_size", "n_routed_experts",
+                     "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                     "num_nextn_predict_layers"), _INT),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
-                     "attention_multiplier", "logits_scaling"), _FLOAT),
+                     "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
@@ -157,7 +160,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
-                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits"), _BOOL),
+                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits", "use_qk_norm"),
+                    _BOOL),
     **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
     "hidden_activation": (*_STR, type(None)),
     "architectures": (list, type(None)),
@@ -252,8 +256,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
         window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
-    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if arch == GLM4 else 1.0))
-    if partial != 1.0 and (arch not in (PHI3, GLM4) or not 0 < partial <= 1):  # the others rotate whole heads
+    glm = arch in GLM
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 1.0))
+    if partial != 1.0 and (arch not in (PHI3, *GLM) or not 0 < partial <= 1):  # the others rotate whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
                          "GLM-4's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
@@ -263,8 +268,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
-    elif arch == GLM4:  # attention_bias: q, k and v's (Glm4Config's default)
-        qkv_bias = bool(d.get("attention_bias", True))
+    elif glm:  # attention_bias: q, k and v's (Glm4Config's default: on; Glm4MoeConfig's: off)
+        qkv_bias = bool(d.get("attention_bias", arch == GLM4))
     elif arch == SEED_OSS:  # its q/k/v biases (attention_bias), o_proj's and the MLP's apart
         flags = tuple(bool(d.get(key, default)) for key, default in (
             ("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False)))
@@ -298,7 +303,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM), qk_norm_whole=arch in WHOLE_QK_NORM,
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM) or arch == GLM4_MOE and bool(
+            d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
@@ -340,6 +346,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     probabilities always renormalised; Qwen3-MoE: moe_intermediate_size, norm_topk_prob). The load-balancing loss
     (router_aux_loss_coef with output_router_logits) is a training choice, not the model's: it is not read."""
     name = arch.removesuffix("ForCausalLM")
+    if arch == GLM4_MOE:
+        return _sigmoid_experts(d, name)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
@@ -365,6 +373,31 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if arch == QWEN2_MOE:  # Qwen2MoeConfig's defaults
         fields |= {"shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 5632), "shared_expert_gate": True}
     return fields
+
+
+def _sigmoid_experts(d: dict[str, Any], name: str) -> dict[str, Any]:
+    """DeepSeek-V3's routing, as GLM-4.5 takes it: sigmoid scores, a choice bias, groups of experts, scaled weights,
+    shared experts beside the routed ones (n_shared_experts of them, one MLP that wide) and dense first layers;
+    Glm4MoeConfig's defaults. Multi-token-prediction layers (num_nextn_predict_layers) are not read: their tensors,
+    after the last layer's, are skipped on loading (as transformers skips them)."""
+    n, k = d.get("n_routed_experts", 128), d.get("num_experts_per_tok", 8)
+    groups, per_token, dense = d.get("n_group", 1), d.get("topk_group", 1), d.get("first_k_dense_replace", 1)
+    width, shared = d.get("moe_intermediate_size", 1408), d.get("n_shared_experts", 1)
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the n_routed_experts={n}")
+    if not 0 <= dense < d["num_hidden_layers"]:
+        raise ValueError(f"{name} first_k_dense_replace={dense} must leave a layer with experts of the "
+                         f"{d['num_hidden_layers']} layers")
+    if groups < 1 or n % groups or not 1 <= per_token <= groups or (groups > 1 and n // groups < 2):
+        raise ValueError(f"{name} n_group={groups} with topk_group={per_token} is not supported (the "
+                         f"n_routed_experts={n} split in groups of 2 or more, topk_group of them kept)")
+    if shared < 1:
+        raise ValueError(f"{name} n_shared_experts={shared} is not supported (temper reads 1 or more)")
+    return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", True)),
+            "expert_ffn_dim": width, "shared_expert_ffn_dim": width * shared, "router_scores": "sigmoid",
+            "expert_choice_bias": True, "expert_groups": groups, "expert_groups_per_token": per_token,
+            "expert_weights_float32": True,
+            "routed_scaling": float(d.get("routed_scaling_factor", 1.0)), "dense_layers": dense}
 
 
 def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
@@ -508,7 +541,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = (GPT_OSS if cfg.attn_sinks else QWEN2_MOE if cfg.shared_expert_ffn_dim else OLMOE
+            arch = (GPT_OSS if cfg.attn_sinks else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE
+                    if cfg.shared_expert_ffn_dim else OLMOE
                     if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
             arch = GLM4
@@ -548,13 +582,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (QWEN2_MOE, GLM4) and cfg.bias:
+    if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM)
-    if cfg.qk_norm != (arch in normed):
+    if cfg.qk_norm != (arch in normed) and arch != GLM4_MOE:  # GLM-4.5's are optional (use_qk_norm)
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
     if cfg.qk_norm_whole != (arch in WHOLE_QK_NORM):
         return ("its q/k norms span all heads" if arch in WHOLE_QK_NORM
@@ -570,9 +604,18 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
-    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch == QWEN2_MOE,) * 2:
+    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (QWEN2_MOE, GLM4_MOE),
+                                                                            arch == QWEN2_MOE):
         return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
+                else "its experts have shared ones beside them, ungated" if arch == GLM4_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
+    deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
+    if arch == GLM4_MOE and (not all(deepseek) or cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim):
+        return ("it scores experts by sigmoids, chooses them with a bias, and its shared experts are a whole number of "
+                "experts wide")
+    if arch != GLM4_MOE and (any(deepseek) or cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 or cfg.dense_layers):
+        return ("it routes by a softmax, without a choice bias, groups of experts, scaling or dense layers "
+                "(Glm4MoeForCausalLM has them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
         return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
@@ -598,7 +641,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, GLM4):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if cfg.rope_dim is not None and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
@@ -655,7 +698,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
-    elif arch == GLM4:
+    elif arch in GLM:
         d |= {"attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == EXAONE4:
         d |= {"sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.global_every or 0,
@@ -699,7 +742,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "output_router_logits": False,
               "rope_scaling": None,
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
-    if arch == MIXTRAL:  # its experts are intermediate_size wide
+    if arch == GLM4_MOE:  # no multi-token-prediction layers: temper trains none
+        d |= {"use_qk_norm": cfg.qk_norm, "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
+              "n_shared_experts": cfg.shared_expert_ffn_dim // cfg.expert_hidden_dim,
+              "routed_scaling_factor": cfg.routed_scaling, "n_group": cfg.expert_groups,
+              "topk_group": cfg.expert_groups_per_token, "first_k_dense_replace": cfg.dense_layers,
+              "num_nextn_predict_layers": 0, "output_router_logits": False}
+    elif arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
     elif arch == OLMOE:
@@ -834,18 +884,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         rules.append(_Rule(f"{h}mlp.experts.{name}{suffix}", tuple(
                             f"{p}mlp.experts.{j}.{n}_proj.{t}" for j in experts for n in parts),
                             stacked=name.removesuffix("_proj") + suffix))
-            elif cfg.n_experts:  # transformers 5 fuses the experts in memory but reads and writes them one by one
+            elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
+                # them one by one
                 moe = f"{h}block_sparse_moe." if arch == MIXTRAL else f"{h}mlp."
                 add(f"{moe}gate.weight", f"{p}mlp.router.weight")
+                if cfg.expert_choice_bias:
+                    add(f"{moe}gate.e_score_correction_bias", f"{p}mlp.choice_bias")
                 names = ("w1", "w3", "w2") if arch == MIXTRAL else ("gate_proj", "up_proj", "down_proj")
                 for j in range(cfg.n_experts):
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
-                if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names
-                    for n in ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
-                              "shared_expert_gate"):
-                        if f"{p}mlp.{n}.weight" in keys:
-                            add(f"{moe}{n}.weight", f"{p}mlp.{n}.weight")
+                if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
+                    shared = "shared_experts" if arch == GLM4_MOE else "shared_expert"
+                    for n in ("gate_proj", "up_proj", "down_proj"):
+                        add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
+                    if cfg.shared_expert_gate:
+                        add(f"{moe}shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
@@ -860,8 +914,15 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, and the vision
     tower of a Gemma 3 image-text checkpoint."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
+            or (cfg.hf_architecture == GLM4_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION)))
+
+
+def _layer_index(name: str) -> int:
+    """i of a "model.layers.{i}." tensor; -1 for others."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else -1
 
 
 def _canonical(name: str, arch: str) -> str:
@@ -946,7 +1007,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE):
+    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE):
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):
@@ -1251,8 +1312,9 @@ def load_hf(
     arch = hf_architecture(cfg)
     device = torch.device(device)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)  # the dtype of each tensor: a few stay float32 (`MoE._apply`)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     seen: dict[str, Path] = {}
     sd: dict[str, torch.Tensor] = {}
@@ -1286,15 +1348,16 @@ def load_hf(
                 _check_shape(rule, shape, shapes, str(f.path))
                 if rule.stacked or rule.rope_pairs:  # whole: every expert's part copied out, or RoPE's rows moved
                     whole = f.read(name) if whole is None else whole
-                    sd |= {p: t.to(device, dtype, copy=True).contiguous()
+                    sd |= {p: t.to(device, dtypes[p], copy=True).contiguous()
                            for p, t in zip(rule.parts, _to_temper(rule, whole, []), strict=True)}
                     continue
-                if len(rule.parts) == 1 and not rule.transpose and src_dtype == dtype and device.type == "cpu":
+                if (len(rule.parts) == 1 and not rule.transpose and src_dtype == dtypes[rule.parts[0]]
+                        and device.type == "cpu"):
                     view = f.mapped(name)
                     if view is not None:
                         sd[rule.parts[0]] = view
                         continue
-                outs = [torch.empty(shapes[p], dtype=dtype, device=device) for p in rule.parts]
+                outs = [torch.empty(shapes[p], dtype=dtypes[p], device=device) for p in rule.parts]
                 sd.update(zip(rule.parts, outs, strict=True))
                 scratch = _read_into(f, name, rule, outs, scratch)
     if mxfp4:

@@ -74,10 +74,14 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a linear
-    router scores the experts for each token, and the token's output is the sum of its top-k experts' outputs,
-    weighted by their softmax probabilities (renormalised over the k with `renormalize_experts`), plus, with
-    `shared_expert_ffn_dim`, a shared expert's output that every token computes (Qwen2-MoE: gated by a sigmoid).
+    """A sparse mixture of gated MLPs (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; Qwen3-MoE): a router scores
+    the experts for each token, and the token's output is the sum of its top-k experts' outputs, weighted by their
+    scores (renormalised over the k with `renormalize_experts`), plus, with `shared_expert_ffn_dim`, a shared expert's
+    output that every token computes (Qwen2-MoE: gated by a sigmoid; DeepSeek-V3: not).
+
+    Scores are a softmax over the experts, or each expert's sigmoid (DeepSeek-V3, GLM-4.5: `router_scores`); DeepSeek-V3
+    chooses by the scores plus a bias it moves to balance the load (`expert_choice_bias`), among the best groups of
+    experts (`expert_groups`), and scales the weights (`routed_scaling`).
 
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
@@ -88,28 +92,69 @@ class MoE(nn.Module):
 
     routing: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """When a list, each forward with gradients appends its (router probabilities (N, E), chosen experts (N, k)):
-    training's load-balancing loss (`train.losses.RouterBalance`) reads them; None records nothing."""
+    training's load-balancing loss (`train.losses.RouterBalance`) and the choice bias's update read them (sigmoid
+    scores are normalised to sum to 1, as DeepSeek-V3's balance loss takes them); None records nothing."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
                                                           cfg.expert_weights_float32)
+        self.sigmoid, self.scaling = cfg.router_scores == "sigmoid", cfg.routed_scaling
+        self.groups, self.groups_per_token = cfg.expert_groups, cfg.expert_groups_per_token
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
+        self.choice_bias: torch.Tensor | None  # (E,)
+        self.register_buffer("choice_bias", torch.zeros(cfg.n_experts) if cfg.expert_choice_bias else None)
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_hidden_dim) for _ in range(cfg.n_experts))
         # Qwen2-MoE: an MLP every token runs, its output weighed by a sigmoid gate, added to the routed experts'
         self.shared_expert = MLP(cfg, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
         self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Casting the model leaves the choice bias and a sigmoid router float32, as transformers keeps them
+        (`_keep_in_fp32_modules_strict`): the published biases differ by less than a bf16 step of their size, so a
+        rounded one would choose other experts."""
+        kept = [(self, "choice_bias")] + [(self.router, n) for n in ("weight", "bias") if self.sigmoid]
+        before = [getattr(owner, n) for owner, n in kept]
+        super()._apply(fn, recurse)
+        for (owner, name), old in zip(kept, before, strict=True):
+            new = getattr(owner, name)
+            if old is None or new is None or new.dtype == torch.float32:
+                continue
+            value = (torch.empty_like(new, dtype=torch.float32) if old.is_meta or new.is_meta
+                     else old.detach().to(new.device))
+            if isinstance(new, nn.Parameter):
+                new.data = value
+            else:
+                setattr(owner, name, value)
+        return self
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights
+        (N, k) float32."""
+        if self.sigmoid:  # in float32 whatever the dtypes, as DeepSeek-V3's and GLM-4.5's references score
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if self.router.bias is None else self.router.bias.float()
+                scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float(), bias))  # (N, E)
+        else:  # the softmax in float32, as Mixtral's and Qwen3-MoE's references route
+            scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
+        choice = scores if self.choice_bias is None else scores + self.choice_bias  # (N, E)
+        if self.groups > 1:  # keep the groups whose two best experts score highest (DeepSeek-V3)
+            grouped = choice.unflatten(-1, (self.groups, -1))  # (N, G, E / G)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.groups_per_token, dim=-1).indices  # (N, g)
+            kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best, True)  # (N, G)
+            choice = grouped.masked_fill(~kept[..., None], float("-inf")).flatten(-2)  # (N, E)
+        chosen = choice.topk(self.k, dim=-1).indices  # (N, k)
+        weights = scores.gather(-1, chosen)  # (N, k)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return scores, chosen, weights * self.scaling if self.scaling != 1.0 else weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
-        # The softmax in float32, as Mixtral's and Qwen3-MoE's references route; the weights stay float32 for Mixtral.
-        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
-        weights, chosen = probs.topk(self.k, dim=-1)  # (N, k) each
+        scores, chosen, weights = self.route(x)  # (N, E), (N, k), (N, k)
         if self.routing is not None and torch.is_grad_enabled():
-            self.routing.append((probs, chosen))
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            self.routing.append((scores / scores.sum(-1, keepdim=True) if self.sigmoid else scores, chosen))
         weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
         order = chosen.flatten().argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()

@@ -54,7 +54,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
-        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.residual_multiplier = cfg.residual_multiplier
 
@@ -78,7 +78,8 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only), attn_out_norm and mlp_out_norm (sandwich_norm only), mlp_norm,
-    mlp.{gate,up,down}_proj, or with n_experts mlp.router and mlp.experts.{j}.{gate,up,down}_proj}, norm,
+    mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert and
+    the buffer mlp.choice_bias where configured}, norm,
     head (untied only; a tied head reuses tok_emb.weight, so state dicts never hold the same tensor twice).
     """
 
@@ -151,6 +152,8 @@ class Transformer(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first
+            elif isinstance(m, MoE) and m.choice_bias is not None:
+                nn.init.zeros_(m.choice_bias)  # no expert favoured until training's balancing moves it
         for m in self.modules():
             out = m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP) else None
             if out is not None:
