@@ -63,6 +63,11 @@ CONFIGS = {
                          shared_expert_gate=True, hf_architecture="Qwen2MoeForCausalLM"),  # a gated shared expert
     "olmoe": replace(_LLAMA, n_experts=4, qk_norm=True, qk_norm_whole=True, renormalize_experts=False,
                      hf_architecture="OlmoeForCausalLM"),  # q/k norms over all heads
+    # GLM-4.5: a dense layer, then one of 4 sigmoid-scored experts in 2 groups beside a shared one; half of each head
+    # rotated, q/k/v biases
+    "glm4_moe": replace(_LLAMA, n_experts=4, qkv_bias=True, rope_dim=8, expert_ffn_dim=40, shared_expert_ffn_dim=40,
+                        router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
+                        dense_layers=1, expert_weights_float32=True, hf_architecture="Glm4MoeForCausalLM"),
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
 }
@@ -75,6 +80,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -196,19 +202,23 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
     "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the shared expert's too
     "olmoe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+    "glm4_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the dense layer's and shared expert's too
 }
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
     temper reads its own file back."""
     model = _model(case)
     hf = _hf(model, tmp_path)
-    apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral")
+    # GLM-4.5: not its dense layer's or shared expert's MLP, which PEFT cannot adapt (test_glm45_dense_and_shared_...)
+    only = {n for n, _ in model.named_modules() if ".mlp." not in n or ".experts." in n or n.endswith("router")}
+    apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral",
+               only=only if case == "glm4_moe" else None)
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -218,7 +228,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)
@@ -227,12 +237,26 @@ def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
     theirs.save_pretrained(tmp_path / "adapter")
     swapped = load_peft(model, model.cfg, tmp_path / "adapter")
-    assert sum(".experts." in n for n in swapped) == 2 * 4 * 3  # 2 layers x 4 experts x gate, up, down
-    assert sum(n.endswith("mlp.router") for n in swapped) == (2 if all_linear else 0)
+    layers = model.cfg.n_layers - model.cfg.dense_layers  # with experts
+    assert sum(".experts." in n for n in swapped) == layers * 4 * 3  # 4 experts x gate, up, down
+    assert sum(n.endswith("mlp.router") for n in swapped) == (layers if all_linear else 0)
     assert all(p.requires_grad for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b))
     x = _x(model)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", ["0.mlp.down_proj", "1.mlp.shared_expert.up_proj"])
+def test_glm45_dense_and_shared_expert_adapters_are_refused_by_name(tmp_path, layer):
+    """PEFT takes GLM-4.5's gate_proj, up_proj and down_proj module names for its routed experts' stacked parameters,
+    though its dense layers and shared experts have linear layers of those names: their adapters, which no PEFT file
+    can hold, are refused naming the layer, and nothing is written."""
+    model = _model("glm4_moe")
+    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "gate_proj", "up_proj", "down_proj"),
+               only={n for n, _ in model.named_modules() if n.endswith(("q_proj", "experts.0.up_proj", layer))})
+    with pytest.raises(ValueError, match=rf"layers.{layer} and 0 more adapt Glm4MoeForCausalLM's dense or shared"):
+        save_peft(model, model.cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj"]])

@@ -131,10 +131,10 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights
         (N, k) float32."""
-        if self.sigmoid:  # in float32 whatever the dtypes, as DeepSeek-V3's and GLM-4.5's references score
+        if self.sigmoid:  # in the router's dtype, float32 however the model is cast (`_apply`; FSDP2's 16-bit
+            # compute weights aside), as DeepSeek-V3's and GLM-4.5's references score; a LoRA router adds its update
             with torch.autocast(x.device.type, enabled=False):
-                bias = None if self.router.bias is None else self.router.bias.float()
-                scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float(), bias))  # (N, E)
+                scores = torch.sigmoid(self.router(x.to(self.router.weight.dtype)).float())  # (N, E)
         else:  # the softmax in float32, as Mixtral's and Qwen3-MoE's references route
             scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
         choice = scores if self.choice_bias is None else scores + self.choice_bias  # (N, E)

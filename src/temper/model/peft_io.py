@@ -57,7 +57,7 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.convert import GPT2, hf_architecture, hf_rules, rope_pair_rows
+from temper.model.convert import GLM4_MOE, GPT2, hf_architecture, hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
@@ -95,12 +95,27 @@ def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {r.hf.removesuffix(".weight"): r.rope_pairs for r in hf_rules(cfg) if r.rope_pairs}
 
 
+_EXPERT_NAMES_ONLY = (GLM4_MOE,)
+"""Architectures whose gate_proj, up_proj and down_proj module names PEFT turns into its routed experts' parameters
+(its `_MOE_TARGET_MODULE_MAPPING`, for transformers 5), though their dense layers and shared experts have linear layers
+of those names too: a PEFT file cannot adapt those."""
+
+
 def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of GPT-OSS's
-    experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for."""
-    in_moe = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
-              and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+    experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for; an adapter of
+    GLM-4.5's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
+    loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
+        mlp = [n for n in loras if ".mlp." in n and ".mlp.experts." not in n and not n.endswith(".mlp.router")]
+        if mlp:
+            return (f"{mlp[0]} and {len(mlp) - 1} more adapt {hf_architecture(cfg)}'s dense or shared-expert MLP "
+                    "layers, whose module names (gate_proj, up_proj, down_proj) PEFT takes for its routed experts' "
+                    "parameters, so no PEFT file holds them (adapt the attention and the routed experts for one); the "
+                    "merged model holds them")
+    in_moe = [n for n in loras if ".mlp.experts." in n or n.endswith(".mlp.router")]
     if in_moe and _stacked_experts(model):
         return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt GPT-OSS's experts or router, whose stacked, interleaved "
                 "layout temper writes no PEFT adapter for (adapt the attention for one); the merged model holds them")
