@@ -350,11 +350,15 @@ class RouterBalance:
     with output_router_logits; a balanced router scores k). Added as coef * aux per counted unit, so the step's
     normalisation gives the mean over micro-batches and ranks; logged as `router_aux`.
 
+    With `loads` (a list) it also adds up, for each layer with a choice bias, the slots each expert took, over the
+    calls of a step (its micro-batches), for `balance_choice_bias` to move the biases after the step.
+
     Real tokens: those `segments` (the batch's model_kwargs) does not mark as padding, in a forward of the batch's
     shape; every token of any other forward (a recipe's second pass, e.g. a value model's)."""
 
     loss: Loss
-    coef: float
+    coef: float = 0.0
+    loads: list[torch.Tensor] | None = None
 
     def count(self, batch: Batch) -> torch.Tensor:
         return self.loss.count(batch)
@@ -365,33 +369,69 @@ class RouterBalance:
 
         layers = [m for m in model.modules() if isinstance(m, MoE)]
         if not layers:
-            raise ConfigError("train.router_aux_loss_coef: the model has no mixture of experts (model.n_experts=0)")
+            key = "router_aux_loss_coef" if self.coef else "expert_bias_rate"
+            raise ConfigError(f"train.{key}: the model has no mixture of experts (model.n_experts=0)")
+        if self.loads is not None and not any(m.choice_bias is not None for m in layers):
+            raise ConfigError("train.expert_bias_rate: the model's experts have no choice bias "
+                              "(model.expert_choice_bias=false)")
         for m in layers:
             m.routing = []
         try:
             out = self.loss(model, batch)
-            routed = [r for m in layers for r in m.routing]
+            routed = [(m, m.routing) for m in layers]
         finally:
             for m in layers:
                 m.routing = None
-        if not routed:  # no forward with gradients
+        if not any(records for _, records in routed):  # no forward with gradients
             return out
         segments = batch.model_kwargs.get("segments")
         real = (segments.ids >= 0).flatten() if segments is not None else None  # (B*T,)
-        n_experts = routed[0][0].shape[-1]
-        slots = torch.zeros(n_experts, device=routed[0][0].device)  # (E,) tokens' k slots routed to each expert
-        probs = torch.zeros(n_experts, device=slots.device)  # (E,) summed router probabilities
-        tokens = torch.zeros((), device=slots.device)
-        for p, chosen in routed:  # (N, E), (N, k)
-            same = real is not None and real.numel() == p.shape[0]
-            w = real.float() if same else torch.ones(p.shape[0], device=p.device)  # (N,)
-            slots = slots + torch.zeros_like(slots).index_add_(0, chosen.flatten(),
-                                                               w.repeat_interleave(chosen.shape[1]))
-            probs = probs + (p.float() * w[:, None]).sum(0)
-            tokens = tokens + w.sum()
+        n_experts = layers[0].router.out_features
+        device = routed[0][1][0][0].device
+        slots = torch.zeros(n_experts, device=device)  # (E,) tokens' k slots routed to each expert, all layers
+        probs = torch.zeros(n_experts, device=device)  # (E,) summed router probabilities
+        tokens = torch.zeros((), device=device)
+        biased = [m for m in layers if m.choice_bias is not None]
+        if self.loads is not None and not self.loads:
+            self.loads.extend(torch.zeros(n_experts, device=device) for _ in biased)
+        for m, records in routed:
+            for p, chosen in records:  # (N, E), (N, k)
+                same = real is not None and real.numel() == p.shape[0]
+                w = real.float() if same else torch.ones(p.shape[0], device=p.device)  # (N,)
+                taken = torch.zeros_like(slots).index_add_(0, chosen.flatten(), w.repeat_interleave(chosen.shape[1]))
+                slots = slots + taken
+                probs = probs + (p.float() * w[:, None]).sum(0)
+                tokens = tokens + w.sum()
+                if self.loads is not None and m.choice_bias is not None:
+                    self.loads[biased.index(m)] += taken.detach()
+        if not self.coef:
+            return out
         aux = n_experts * (slots / tokens.clamp(min=1) * probs / tokens.clamp(min=1)).sum()
         units = self.loss.count(batch).float()
         return LossOut(out.loss_sum + self.coef * aux * units, {**out.metrics, "router_aux": aux.detach() * units})
+
+
+def balance_choice_bias(model: nn.Module, loads: list[torch.Tensor], rate: float,
+                        group: dist.ProcessGroup | None = None) -> float:
+    """DeepSeek-V3's auxiliary-loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy
+    for Mixture-of-Experts"): after a step, each expert's choice bias moves by `rate` towards balance, up if it took
+    fewer of its layer's routing slots than the mean expert, down if more, so that later tokens route around the crowd
+    without a loss term pulling on the router's weights. `loads`: `RouterBalance`'s per-layer sums on this rank,
+    added up here over `group` (the data-parallel ranks), so every rank moves its biases alike. Returns the step's
+    largest violation, max load / mean load - 1 over the layers (the paper's MaxVio), before the move."""
+    from temper.model.layers import MoE
+
+    biased = [m for m in model.modules() if isinstance(m, MoE) and m.choice_bias is not None]
+    if not loads:  # no forward with gradients
+        return 0.0
+    total = torch.stack(loads)  # (L, E)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    mean = total.mean(-1, keepdim=True)  # (L, 1)
+    with torch.no_grad():
+        for m, load, mu in zip(biased, total, mean, strict=True):
+            m.choice_bias += rate * torch.sign(mu - load).to(m.choice_bias.device)
+    return float((total.amax(-1) / mean.squeeze(-1).clamp(min=1e-9) - 1).max())
 
 
 class CompiledLoss:

@@ -48,7 +48,7 @@ from temper.train import checkpoint as ckpt
 from temper.train import deepspeed_engine as dse
 from temper.train.float8 import check_float8, remove_float8
 from temper.train.log import RunLogger, report_files, write_report
-from temper.train.losses import Batch, CompiledLoss, Loss, RouterBalance
+from temper.train.losses import Batch, CompiledLoss, Loss, RouterBalance, balance_choice_bias
 from temper.train.monitor import CommTimer, Monitor, param_counts
 from temper.train.optim import build_optimizer
 from temper.train.parallel import (
@@ -130,6 +130,10 @@ class TrainSection:
     router_aux_loss_coef: float = 0.0
     """A mixture of experts: add this times its routers' load-balancing loss (Mixtral trained with 0.02, Qwen3-MoE
     0.001; transformers' router_aux_loss_coef with output_router_logits); 0: none, as transformers fine-tunes."""
+    expert_bias_rate: float = 0.0
+    """Experts with a choice bias (model.expert_choice_bias): after each step move each expert's bias by this, up if it
+    took fewer than its layer's mean share of the step's tokens, down if more (DeepSeek-V3's auxiliary-loss-free
+    balancing: 0.001); logged as `expert_maxvio`, the most loaded expert's excess over the mean. 0: the biases stay."""
     on_nonfinite: Literal["fail", "skip", "rollback"] = "fail"
     """On a NaN/inf loss: fail (raise before the optimizer step), skip the update, or reload the last
     checkpoint and skip `rollback_skip_steps` steps' worth of data past the bad batch."""
@@ -166,9 +170,12 @@ class TrainSection:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        if self.router_aux_loss_coef and (self.parallel.pp > 1 or self.compile_scope == "model"):
-            raise ValueError("router_aux_loss_coef reads the routers of the model the loss runs: not with "
-                             "parallel.pp > 1 (the loss sees the last stage) nor compile_scope=model")
+        if self.expert_bias_rate < 0:
+            raise ValueError(f"expert_bias_rate must be >= 0, got {self.expert_bias_rate}")
+        for key in ("router_aux_loss_coef", "expert_bias_rate"):
+            if getattr(self, key) and (self.parallel.pp > 1 or self.compile_scope == "model"):
+                raise ValueError(f"{key} reads the routers of the model the loss runs: not with parallel.pp > 1 (the "
+                                 "loss sees the last stage) nor compile_scope=model")
 
 
 @dataclass
@@ -609,8 +616,9 @@ class Run:
         # `step` counts optimizer steps from 0: step + 1 is the number the loop logs it as (grpo and ppo make
         # several updates a logged step: the last monitored one's numbers go on the next logged line).
         monitor = self.monitor if every and (step + 1) % every == 0 else None
-        if t.router_aux_loss_coef:
-            loss_fn = RouterBalance(loss_fn, t.router_aux_loss_coef)
+        balance = None
+        if t.router_aux_loss_coef or t.expert_bias_rate:
+            loss_fn = balance = RouterBalance(loss_fn, t.router_aux_loss_coef, [] if t.expert_bias_rate else None)
         if t.compile and t.compile_scope == "model" and self.engine is None:
             loss_fn = self._compiled_loss(loss_fn)
         if self.engine is not None:  # DeepSpeed clips and steps; the loss is normalised as in train_step
@@ -625,6 +633,9 @@ class Run:
             finally:
                 if monitor is not None and monitor.comm is not None:
                     monitor.comm.on = False  # a failed step leaves no timing on for the next ones
+        if balance is not None and balance.loads is not None and not result.skipped:
+            result.metrics["expert_maxvio"] = balance_choice_bias(train_model, balance.loads, t.expert_bias_rate,
+                                                                  self.d.dp_group)
         if result.monitored:
             self._monitored = result.monitored
         # Throughput counts the positions the model ran (padding and prompts included: compute was spent
