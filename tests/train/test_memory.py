@@ -121,6 +121,9 @@ NF4_DIMS = {"dim": 256, "ffn_dim": 512, "n_heads": 4, "n_kv_heads": 2, "vocab_si
 
 
 EXPERTS = {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 96}
+GLM45 = {"n_layers": 3, "n_experts": 8, "experts_per_token": 2, "expert_ffn_dim": 48, "router_scores": "sigmoid",
+         "expert_choice_bias": True, "expert_groups": 4, "expert_groups_per_token": 2, "routed_scaling": 2.5,
+         "shared_expert_ffn_dim": 48, "dense_layers": 1, "qkv_bias": True, "rope_dim": 8, "expert_weights_float32": True}
 OLMO2 = {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True}
 
 
@@ -187,6 +190,9 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     # Qwen2-MoE's shared expert: a dense MLP every token runs, reading the router's input, and its sigmoid gate
     ("debug-llama", "pretrain", "fp32", 0, {"dims": EXPERTS | {"shared_expert_ffn_dim": 96, "shared_expert_gate": True}}),
     ("debug-llama", "lora", "bf16", 0, {"dims": EXPERTS | {"shared_expert_ffn_dim": 96, "shared_expert_gate": True}}),
+    # GLM-4.5's: a dense first layer, then experts scored by a float32 sigmoid router, beside an ungated shared one
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": GLM45}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": GLM45, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
     # OLMo 2's blocks: no first norm (q, k, v keep the residual stream itself), q/k norms with one rstd per token
     ("debug-llama", "pretrain", "fp32", 0, {"dims": OLMO2}),
     ("debug-llama", "lora", "bf16", 0, {"dims": OLMO2, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
