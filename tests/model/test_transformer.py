@@ -40,7 +40,9 @@ def test_config_validation_names_the_field():
                        ({"mlp": "swiglu", "n_experts": 8, "experts_per_token": 4, "expert_groups": 4},
                         "its groups must hold experts_per_token=4"),
                        ({"mlp": "swiglu", "n_experts": 8, "n_layers": 2, "dense_layers": 2}, "dense_layers=2 needs"),
-                       ({"mlp": "swiglu", "n_experts": 8, "router_scores": "relu"}, "router_scores must be one of")]:
+                       ({"mlp": "swiglu", "n_experts": 8, "router_scores": "relu"}, "router_scores must be one of"),
+                       ({"pos": "rope", "kv_lora_rank": 16}, "kv_lora_rank=16 .* needs a positive rank"),
+                       ({"q_lora_rank": 16}, "q_lora_rank=16 needs kv_lora_rank")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
@@ -69,6 +71,7 @@ def test_preset_sizes_on_meta():
         gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
         gpt_oss = [Transformer(PRESETS[f"gpt-oss-{size}"]) for size in ("20b", "120b")]
         glm45 = [Transformer(PRESETS[name]) for name in ("glm-4.5", "glm-4.5-air")]
+        deepseek_v3 = Transformer(PRESETS["deepseek-v3"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -92,6 +95,9 @@ def test_preset_sizes_on_meta():
     # head; the totals without the multi-token-prediction layer, which temper does not build)
     assert [m.num_params() for m in glm45] == [352_797_814_784, 106_852_245_504]
     assert [m.matmul_params() - m.head.weight.numel() for m in glm45] == [32_078_069_760, 12_181_569_536]
+    # deepseek-ai/DeepSeek-V3: the published 671B total (without its multi-token-prediction layer), 37B active
+    assert deepseek_v3.num_params() == 671_026_404_352
+    assert deepseek_v3.matmul_params() + deepseek_v3.tok_emb.weight.numel() == 37_551_276_032
 
 
 def test_causal_future_tokens_do_not_change_the_past():
@@ -127,6 +133,9 @@ VARIANTS = {
                 "sliding_window": 5, "global_every": 2},
     # Mixtral's and Qwen3-MoE's MLPs: 4 experts, 2 per token; a padded row's tokens are routed like any others.
     "experts": {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 32},
+    # DeepSeek-V3's latent attention: keys and values from a cached latent, queries through theirs, narrower values.
+    "latent": {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24,
+               "v_head_size": 12},
     # DeepSeek-V3's and GLM-4.5's: sigmoid scores, a choice bias, 2 of 4 groups, scaled weights, a shared expert, a
     # dense first layer.
     "deepseek-routing": {"n_experts": 8, "experts_per_token": 2, "expert_ffn_dim": 32, "router_scores": "sigmoid",

@@ -66,7 +66,7 @@ def select(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> KVCache:
     `write_back` returns the rows, so a prefill of a few rows leaves every other row untouched."""
     idx = _index(cache, rows)
     L, _, H, S, D = cache.k.shape
-    part = KVCache(L, idx.numel(), H, S, D, device=cache.k.device, dtype=cache.k.dtype)
+    part = KVCache(L, idx.numel(), H, S, D, device=cache.k.device, dtype=cache.k.dtype, v_dim=cache.v.shape[-1])
     part.k.copy_(cache.k[:, idx])
     part.v.copy_(cache.v[:, idx])
     part.lengths.copy_(cache.lengths[idx])

@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_bloc
 
 from temper.model.config import ModelConfig
 from temper.model.layers import RMSNorm
+from temper.model.rope import yarn_score_multiplier
 
 
 @dataclass
@@ -115,11 +116,11 @@ class KVCache:
 
     def __init__(
         self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, v_dim: int | None = None,
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        shape = (n_layers, batch, n_kv_heads, max_len)
+        self.k = torch.zeros(*shape, head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
+        self.v = torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, Dv)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
         self.max_len = max_len
 
@@ -134,12 +135,12 @@ class KVCache:
         return pos.clamp(max=self.max_len - 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, Hkv, T, D) keys and values at each row's next T slots; return every slot's
-        (B, Hkv, S_max, D), for attention behind the mask of `Transformer._attention_mask`."""
-        B, H, T, D = k.shape
-        slots = self.positions(T)[:, None, :, None].expand(B, H, T, D)  # (B, Hkv, T, D)
-        self.k[layer].scatter_(2, slots, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, slots, v.to(self.v.dtype))
+        """Write the new (B, Hkv, T, D) keys and (B, Hkv, T, Dv) values at each row's next T slots; return every
+        slot's, for attention behind the mask of `Transformer._attention_mask`."""
+        B, H, T, _ = k.shape
+        slots = self.positions(T)[:, None, :, None]  # (B, 1, T, 1)
+        self.k[layer].scatter_(2, slots.expand(k.shape), k.to(self.k.dtype))
+        self.v[layer].scatter_(2, slots.expand(v.shape), v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
@@ -176,6 +177,16 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slice of the KV cache this layer owns
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
+        # GPT-OSS: one learned logit per query head, a softmax column with no value behind it.
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
+        self.make_projections(cfg)
+
+    def make_projections(self, cfg: ModelConfig) -> None:
+        """The layers that make queries, keys and values (`project` runs them) and the output projection."""
         # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
         # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
         qkv_bias = cfg.bias or cfg.qkv_bias
@@ -190,17 +201,22 @@ class Attention(nn.Module):
                             else (self.head_dim, self.head_dim))
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
-        self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
-        self.softcap = cfg.attn_softcap
-        # GPT-OSS: one learned logit per query head, a softmax column with no value behind it.
-        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
     ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.project(x, rope, cache)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv); S = cached + T
+        k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
+        y = self.attend(q, k, v, mask, causal)  # (B, H, T, Dv)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*Dv)
+        return self.resid_drop(self.o_proj(y))  # (B, T, C)
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), rotated, and every key and value (B, Hkv, S, D): the cache's and these T tokens'."""
         B, T, C = x.shape
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
         # of the projections holds a slice of the heads and runs this same code on it.
@@ -210,7 +226,6 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        n_heads, n_kv_heads = q.shape[2], k.shape[2]
         if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -218,7 +233,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
+        return q, k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool,
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v: (B, H, T, Dv), through the kernel the mask and the variant call for."""
+        B, n_heads, T, D = q.shape
+        n_kv_heads = k.shape[1]
         dropout_p = self.dropout if self.training else 0.0
         groups = n_heads // n_kv_heads
         if isinstance(mask, BlockMask):
@@ -246,14 +268,13 @@ class Attention(nn.Module):
             # whole cache every step. Fold each kv head's query group into the query axis instead:
             # (B, Hkv, G*T, D) queries against the un-repeated (B, Hkv, S, D) keys.
             S = k.shape[2]
-            qg = q.reshape(B, n_kv_heads, groups * T, self.head_dim)  # (B, Hkv, G*T, D)
+            qg = q.reshape(B, n_kv_heads, groups * T, D)  # (B, Hkv, G*T, D)
             mg = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, groups * T, S)
             # Materialised: with a stride-0 query axis (one decode query) the CPU kernel runs ~40x slower.
             mg = mg.contiguous()  # (B|1, 1, G*T, S)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, dropout_p=dropout_p, scale=self.scale)
-            y = y.reshape(B, n_heads, T, self.head_dim)  # (B, H, T, D); CUDA kernels may return it strided
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        return self.resid_drop(self.o_proj(y))  # (B, T, C)
+            y = y.reshape(B, n_heads, T, v.shape[-1])  # (B, H, T, Dv); CUDA kernels may return it strided
+        return y
 
     def extend_kv(
         self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool, T: int
@@ -261,6 +282,60 @@ class Attention(nn.Module):
         """Keys, values and mask as attention uses them: unchanged here. An adapter that adds keys
         (prefix tuning, `model/prefix.py`) is a subclass swapped in for this module, not a slot in it."""
         return k, v, mask, causal
+
+
+class LatentAttention(Attention):
+    """Multi-head latent attention (DeepSeek-AI 2024, "DeepSeek-V2", section 2.1; DeepSeek-V3): each token's keys and
+    values come from one latent of kv_lora_rank values (normalised), expanded per head by kv_b_proj, beside one
+    rotated key part (rope_dim values) that every head shares; queries come through their own low-rank latent
+    (q_lora_rank) or one q_proj. A head's query and key are its unrotated dimensions, then the rotated ones.
+
+    The KV cache holds the latent (as the "keys" of one kv head, kv_lora_rank wide) and the rotated key part (as its
+    "values", rope_dim wide): 576 values a token for DeepSeek-V3, where its 128 heads' keys and values would take
+    40960. Each step expands the whole cache again, as transformers' reference does; folding kv_b_proj into the
+    queries and the output (DeepSeek's absorbed form) would spare that, and is not done here."""
+
+    takes_block_mask = True
+
+    def make_projections(self, cfg: ModelConfig) -> None:
+        self.rope_dim, self.kv_rank, self.v_dim = cfg.rotary_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        self.nope_dim = self.head_dim - self.rope_dim
+        # The latents' norms take 1e-6 whatever norm_eps says, as DeepSeek's reference and transformers build them
+        norm = lambda n: RMSNorm(n, 1e-6, cfg.norm_unit_offset, cfg.norm_cast_after)  # noqa: E731
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = norm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = norm(self.kv_rank)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.n_kv_heads = 1  # what the cache holds: one latent
+        multiplier = yarn_score_multiplier(cfg)
+        if multiplier != 1.0:  # DeepSeek's YaRN scales every dimension's scores, not only the rotated ones'
+            self.scale = self.head_dim ** -0.5 * multiplier
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_pass, q_rot = q.view(B, T, -1, self.head_dim).split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, .)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, R)
+        latent, k_rot = self.kv_a_layernorm(latent), k_rot.unsqueeze(2)  # (B, T, r), (B, T, 1, R)
+        if rope is not None:
+            q_rot, k_rot = apply_rope(q_rot, *rope).to(q.dtype), apply_rope(k_rot, *rope).to(k_rot.dtype)
+        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # (B, H, T, D)
+        latent, k_rot = latent.unsqueeze(1), k_rot.transpose(1, 2)  # (B, 1, T, r), (B, 1, T, R)
+        if cache is not None:
+            latent, k_rot = cache.update(self.layer_idx, latent, k_rot)  # (B, 1, S, r), (B, 1, S, R)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, -1, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_pass, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, D - R), (B, H, S, Dv)
+        k = torch.cat((k_pass, k_rot.expand(-1, k_pass.shape[1], -1, -1)), dim=-1)  # (B, H, S, D)
+        return q, k, v
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -309,7 +384,7 @@ def _written_attention(
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, Hkv, G*T, S)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
-    return (probs @ v).view(B, H, T, D)
+    return (probs @ v).view(B, H, T, v.shape[-1])
 
 
 def causal_mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

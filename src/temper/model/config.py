@@ -41,6 +41,16 @@ class ModelConfig:
     """Width of one attention head; None means dim // n_heads (Gemma: 256 whatever the width)."""
     n_kv_heads: int | None = None
     """Key/value heads; None means n_heads (multi-head), fewer means grouped-query attention."""
+    kv_lora_rank: int | None = None
+    """Multi-head latent attention (DeepSeek-V2 and V3): every head's keys and values come from one normalised latent
+    of this width per token, which the KV cache holds in their place, beside the key's rotated part (rope_dim wide,
+    shared by the heads); each head's query and key are its head_size - rope_dim unrotated dimensions, then rope_dim
+    rotated ones. None: key and value projections per kv head."""
+    q_lora_rank: int | None = None
+    """With kv_lora_rank: queries through a normalised latent of this width (DeepSeek-V3: 1536); None: one q_proj."""
+    v_head_size: int | None = None
+    """With kv_lora_rank: each head's value width (DeepSeek-V3: 128, beside 192-wide queries and keys); None:
+    head_size."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     max_seq_len: int = 256
@@ -244,6 +254,16 @@ class ModelConfig:
             raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} needs n_experts and a positive width")
         if self.shared_expert_gate and self.shared_expert_ffn_dim is None:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_ffn_dim)")
+        if self.kv_lora_rank is not None and not (
+                self.kv_lora_rank > 0 and self.pos == "rope" and self.rope_dim is not None and self.rope_dim < self.head_dim
+                and self.kv_heads == self.n_heads and not (self.qk_norm or self.bias or self.qkv_bias)):
+            raise ValueError(f"kv_lora_rank={self.kv_lora_rank} (latent attention) needs a positive rank, pos='rope' with "
+                             f"rope_dim below head_dim ({self.head_dim}), as many kv heads as heads, and no q/k norms "
+                             "or attention biases")
+        for name in ("q_lora_rank", "v_head_size"):
+            if getattr(self, name) is not None and (self.kv_lora_rank is None or getattr(self, name) <= 0):
+                raise ValueError(f"{name}={getattr(self, name)} needs kv_lora_rank (latent attention) and a positive "
+                                 "width")
         if self.router_scores not in ROUTER_SCORES:
             raise ValueError(f"router_scores must be one of {ROUTER_SCORES}, got {self.router_scores!r}")
         routing = {"router_scores": self.router_scores != "softmax", "expert_choice_bias": self.expert_choice_bias,
@@ -269,6 +289,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """head_size with None resolved."""
         return self.head_size or self.dim // self.n_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        """v_head_size with None resolved: the width of each head's value and output."""
+        return self.v_head_size or self.head_dim
 
     @property
     def rotary_dim(self) -> int:
@@ -410,6 +435,18 @@ PRESETS: dict[str, ModelConfig] = {
                        shared_expert_ffn_dim=1536, routed_scaling=2.5, dense_layers=3),
     "glm-4.5-air": replace(_GLM45, dim=4096, n_layers=46, ffn_dim=10944, expert_ffn_dim=1408,
                            shared_expert_ffn_dim=1408, dense_layers=1),
+    # DeepSeek-V3 (DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024; R1 and Kimi K2 share the architecture): latent
+    # attention (a 512-wide latent and 64 rotated dims cached per token; queries through a 1536-wide latent), 256
+    # experts in 8 groups, 8 per token from 4 groups, a shared expert, 3 dense layers; YaRN to 160k.
+    "deepseek-v3": replace(
+        _LLAMA, vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, head_size=192, rope_dim=64, kv_lora_rank=512,
+        q_lora_rank=1536, v_head_size=128, ffn_dim=18432, max_seq_len=163840, norm_eps=1e-6, tie_embeddings=False,
+        rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        n_experts=256, experts_per_token=8, expert_ffn_dim=2048, shared_expert_ffn_dim=2048, router_scores="sigmoid",
+        expert_choice_bias=True, expert_groups=8, expert_groups_per_token=4, routed_scaling=2.5, dense_layers=3,
+        expert_weights_float32=True,
+    ),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

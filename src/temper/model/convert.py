@@ -71,18 +71,20 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3 = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
-                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE)
+                           QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
+                           DEEPSEEK_V3)
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3)
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # DeepSeek-V3's routing, shared experts and dense first layers
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
@@ -90,7 +92,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
-                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE}
+                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v3": DEEPSEEK_V3}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -147,7 +149,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
                      "original_max_position_embeddings", "shared_expert_intermediate_size", "n_routed_experts",
                      "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
-                     "num_nextn_predict_layers"), _INT),
+                     "num_nextn_predict_layers", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                     "moe_layer_freq"), _INT),
+    **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
+    **dict.fromkeys(("topk_method", "scoring_func"), _STR),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
@@ -162,8 +167,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
-                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits", "use_qk_norm"),
-                    _BOOL),
+                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits", "use_qk_norm",
+                     "rope_interleave"), _BOOL),
     **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
     "hidden_activation": (*_STR, type(None)),
     "architectures": (list, type(None)),
@@ -242,6 +247,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or dim // n_heads
+    latent = _latent_attention(d) if arch == DEEPSEEK_V3 else {}
+    if latent:  # its config's head_dim is the rotated part's
+        head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL) else None
     every = local_theta = None
     if arch == GEMMA3:
@@ -263,7 +271,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if partial != 1.0 and (arch not in (PHI3, *GLM) or not 0 < partial <= 1):  # the others rotate whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
                          "GLM-4's architectures, between 0 and 1)")
-    rope_dim = int(head_dim * partial) if partial != 1.0 else None  # as transformers rounds it
+    rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
@@ -312,7 +320,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
-        hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}),
+        hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}), **latent,
         **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
@@ -348,8 +356,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     probabilities always renormalised; Qwen3-MoE: moe_intermediate_size, norm_topk_prob). The load-balancing loss
     (router_aux_loss_coef with output_router_logits) is a training choice, not the model's: it is not read."""
     name = arch.removesuffix("ForCausalLM")
-    if arch == GLM4_MOE:
-        return _sigmoid_experts(d, name)
+    if arch in SIGMOID_MOE:
+        return _sigmoid_experts(d, arch)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
@@ -377,14 +385,27 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     return fields
 
 
-def _sigmoid_experts(d: dict[str, Any], name: str) -> dict[str, Any]:
-    """DeepSeek-V3's routing, as GLM-4.5 takes it: sigmoid scores, a choice bias, groups of experts, scaled weights,
-    shared experts beside the routed ones (n_shared_experts of them, one MLP that wide) and dense first layers;
-    Glm4MoeConfig's defaults. Multi-token-prediction layers (num_nextn_predict_layers) are not read: their tensors,
-    after the last layer's, are skipped on loading (as transformers skips them)."""
-    n, k = d.get("n_routed_experts", 128), d.get("num_experts_per_tok", 8)
-    groups, per_token, dense = d.get("n_group", 1), d.get("topk_group", 1), d.get("first_k_dense_replace", 1)
-    width, shared = d.get("moe_intermediate_size", 1408), d.get("n_shared_experts", 1)
+_SIGMOID_MOE_DEFAULTS = {  # Glm4MoeConfig's and DeepseekV3Config's
+    GLM4_MOE: {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+               "moe_intermediate_size": 1408, "routed_scaling_factor": 1.0},
+    DEEPSEEK_V3: {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3,
+                  "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5},
+}
+
+
+def _sigmoid_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """DeepSeek-V3's routing (GLM-4.5 takes it too): sigmoid scores, a choice bias, groups of experts, scaled weights,
+    shared experts beside the routed ones (n_shared_experts of them, one MLP that wide) and dense first layers.
+    Multi-token-prediction layers (num_nextn_predict_layers) are not read: their tensors, after the last layer's, are
+    skipped on loading (as transformers skips them). DeepSeek's own keys say the same routing or are refused."""
+    name = arch.removesuffix("ForCausalLM")
+    d = _SIGMOID_MOE_DEFAULTS[arch] | {k: v for k, v in d.items() if v is not None}
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if d.get(key, want) != want:
+            raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads DeepSeek-V3's {want!r})")
+    n, k = d["n_routed_experts"], d.get("num_experts_per_tok", 8)
+    groups, per_token, dense = d["n_group"], d["topk_group"], d["first_k_dense_replace"]
+    width, shared = d["moe_intermediate_size"], d.get("n_shared_experts", 1)
     if not 1 <= k <= n:
         raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the n_routed_experts={n}")
     if not 0 <= dense < d["num_hidden_layers"]:
@@ -399,7 +420,25 @@ def _sigmoid_experts(d: dict[str, Any], name: str) -> dict[str, Any]:
             "expert_ffn_dim": width, "shared_expert_ffn_dim": width * shared, "router_scores": "sigmoid",
             "expert_choice_bias": True, "expert_groups": groups, "expert_groups_per_token": per_token,
             "expert_weights_float32": True,
-            "routed_scaling": float(d.get("routed_scaling_factor", 1.0)), "dense_layers": dense}
+            "routed_scaling": float(d["routed_scaling_factor"]), "dense_layers": dense}
+
+
+def _latent_attention(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of DeepSeek-V3's latent attention (DeepseekV3Config's defaults), with head_dim: the
+    unrotated and rotated dims of a query or key head."""
+    nope, rope = d.get("qk_nope_head_dim", 128), d.get("qk_rope_head_dim", 64)
+    if not d.get("rope_interleave", True):
+        raise ValueError("DeepseekV3 rope_interleave=false is not supported (temper reads DeepSeek's interleaved "
+                         "rotary layout, as its checkpoints are published)")
+    if d.get("attention_bias"):
+        raise ValueError("DeepseekV3 attention_bias=true is not supported (temper's latent attention has no biases)")
+    if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
+        raise ValueError(f"DeepseekV3 num_key_value_heads={d['num_key_value_heads']} must equal num_attention_heads "
+                         f"({d['num_attention_heads']}): latent attention expands keys and values for every head")
+    v = d.get("v_head_dim", 128)
+    return {"head_dim": nope + rope, "rope_dim": rope, "kv_lora_rank": d.get("kv_lora_rank", 512),
+            "q_lora_rank": d.get("q_lora_rank", 1536),
+            "v_head_size": None if v in (None, nope + rope) else v}
 
 
 def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
@@ -543,7 +582,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = (GPT_OSS if cfg.attn_sinks else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE
+            arch = (GPT_OSS if cfg.attn_sinks else DEEPSEEK_V3 if cfg.kv_lora_rank else GLM4_MOE
+                    if cfg.router_scores == "sigmoid" else QWEN2_MOE
                     if cfg.shared_expert_ffn_dim else OLMOE
                     if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
@@ -590,6 +630,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM)
+    if bool(cfg.kv_lora_rank) != (arch == DEEPSEEK_V3):
+        return ("its attention is latent (kv_lora_rank), with experts" if arch == DEEPSEEK_V3
+                else "it has no latent attention (DeepseekV3ForCausalLM has)")
     if cfg.qk_norm != (arch in normed) and arch != GLM4_MOE:  # GLM-4.5's are optional (use_qk_norm)
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
     if cfg.qk_norm_whole != (arch in WHOLE_QK_NORM):
@@ -606,16 +649,17 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
-    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (QWEN2_MOE, GLM4_MOE),
+    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (QWEN2_MOE, *SIGMOID_MOE),
                                                                             arch == QWEN2_MOE):
         return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
-                else "its experts have shared ones beside them, ungated" if arch == GLM4_MOE
+                else "its experts have shared ones beside them, ungated" if arch in SIGMOID_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
-    if arch == GLM4_MOE and (not all(deepseek) or cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim):
+    if arch in SIGMOID_MOE and (not all(deepseek) or cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim):
         return ("it scores experts by sigmoids, chooses them with a bias, and its shared experts are a whole number of "
                 "experts wide")
-    if arch != GLM4_MOE and (any(deepseek) or cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 or cfg.dense_layers):
+    if arch not in SIGMOID_MOE and (any(deepseek) or cfg.expert_groups != 1 or cfg.routed_scaling != 1.0
+                                    or cfg.dense_layers):
         return ("it routes by a softmax, without a choice bias, groups of experts, scaling or dense layers "
                 "(Glm4MoeForCausalLM has them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
@@ -643,9 +687,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, DEEPSEEK_V3):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
-    if cfg.rope_dim is not None and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim:
+    if (cfg.rope_dim is not None and arch != DEEPSEEK_V3
+            and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
@@ -744,13 +789,21 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "output_router_logits": False,
               "rope_scaling": None,
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
-    if arch == GLM4_MOE:  # no multi-token-prediction layers: temper trains none
-        d |= {"use_qk_norm": cfg.qk_norm, "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+    if arch == DEEPSEEK_V3:  # its rotated dims in adjacent pairs, as DeepSeek publishes them (`rope_pair_rows`)
+        d |= {"head_dim": cfg.rotary_dim, "qk_rope_head_dim": cfg.rotary_dim, "kv_lora_rank": cfg.kv_lora_rank,
+              "qk_nope_head_dim": cfg.head_dim - cfg.rotary_dim, "q_lora_rank": cfg.q_lora_rank,
+              "v_head_dim": cfg.v_head_dim, "rope_interleave": True, "attention_bias": False,
+              "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                        **(cfg.rope_scaling or {})}}
+    if arch in SIGMOID_MOE:  # no multi-token-prediction layers: temper trains none
+        d |= {"n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
               "n_shared_experts": cfg.shared_expert_ffn_dim // cfg.expert_hidden_dim,
               "routed_scaling_factor": cfg.routed_scaling, "n_group": cfg.expert_groups,
               "topk_group": cfg.expert_groups_per_token, "first_k_dense_replace": cfg.dense_layers,
               "num_nextn_predict_layers": 0, "output_router_logits": False}
+        if arch == GLM4_MOE:
+            d["use_qk_norm"] = cfg.qk_norm
     elif arch == MIXTRAL:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
@@ -779,26 +832,29 @@ class _Rule:
     """One Hugging Face tensor: temper's `parts` concatenated along dim 0, transposed if asked
     (GPT-2's Conv1D stores (in, out)). Fused projections (GPT-2 c_attn, Phi-3 qkv_proj and
     gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says.
-    `rope_pairs` (head_dim, rotated dims): rows of query or key heads whose rotated dims the checkpoint keeps as
-    adjacent pairs (GLM-4's interleaved RoPE) and temper as two halves (`rope_pair_rows`)."""
+    `rope_pairs` (head_dim, first rotated row, rotated dims): rows of query or key heads whose rotated dims the
+    checkpoint keeps as adjacent pairs (GLM-4's and DeepSeek's interleaved RoPE) and temper as two halves
+    (`rope_pair_rows`)."""
 
     hf: str
     parts: tuple[str, ...]
     transpose: bool = False
     stacked: str = ""
-    rope_pairs: tuple[int, int] | None = None
+    rope_pairs: tuple[int, int, int] | None = None
 
 
-def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int], to_hf: bool) -> torch.Tensor:
-    """Rows (heads * head_dim, ...) with each head's first r rows reordered between the two RoPE layouts: adjacent
-    pairs (x0, x1), (x2, x3), ... (the checkpoint's) and halves x0, x2, ..., x1, x3, ... (temper's), which rotate
-    alike; q . k is the same sum in either order. Moving the rows once, at load and export, keeps one RoPE kernel."""
-    head_dim, r = pairs
+def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int, int], to_hf: bool) -> torch.Tensor:
+    """Rows (heads * head_dim, ...) with the r rotated rows of each head, from row `start` on, reordered between the
+    two RoPE layouts: adjacent pairs (x0, x1), (x2, x3), ... (the checkpoint's) and halves x0, x2, ..., x1, x3, ...
+    (temper's), which rotate alike; q . k is the same sum in either order. Moving the rows once, at load and export,
+    keeps one RoPE kernel. GLM-4 rotates each head's first rows; DeepSeek's latent attention its last (and the rotated
+    key part after the latent, as one head)."""
+    head_dim, start, r = pairs
     heads = t.reshape(-1, head_dim, *t.shape[1:])  # (H, D, ...)
-    rot = heads[:, :r]
+    rot = heads[:, start:start + r]
     rot = (torch.stack((rot[:, : r // 2], rot[:, r // 2:]), dim=2).flatten(1, 2) if to_hf
            else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
-    return torch.cat((rot, heads[:, r:]), dim=1).reshape(t.shape)
+    return torch.cat((heads[:, :start], rot, heads[:, start + r:]), dim=1).reshape(t.shape)
 
 
 def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -863,7 +919,15 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
-            pairs = (cfg.head_dim, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
+            if arch == DEEPSEEK_V3:  # latent attention: q through its latent or not, k and v through theirs
+                for n in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                          "kv_b_proj", "o_proj"):
+                    if f"{p}attn.{n}.weight" in keys:  # rotated dims last in each head, and after the latent
+                        rows = (cfg.kv_lora_rank + cfg.rotary_dim, cfg.kv_lora_rank, cfg.rotary_dim) if n.startswith(
+                            "kv_a_proj") else (cfg.head_dim, cfg.head_dim - cfg.rotary_dim, cfg.rotary_dim)
+                        rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
+                                           if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
+            pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
             for n in "qkvo":
                 for t in ("weight", "bias"):
                     if f"{p}attn.{n}_proj.{t}" in keys:
@@ -897,7 +961,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
                 if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
-                    shared = "shared_experts" if arch == GLM4_MOE else "shared_expert"
+                    shared = "shared_experts" if arch in SIGMOID_MOE else "shared_expert"
                     for n in ("gate_proj", "up_proj", "down_proj"):
                         add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
                     if cfg.shared_expert_gate:
@@ -916,7 +980,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, and the vision
     tower of a Gemma 3 image-text checkpoint."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
-            or (cfg.hf_architecture == GLM4_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
+            or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION)))
 
@@ -1009,7 +1073,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE):
+    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, *SIGMOID_MOE):
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):

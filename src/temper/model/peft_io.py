@@ -89,9 +89,10 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     return sites
 
 
-def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Each Hugging Face layer whose output rows are RoPE's adjacent pairs in the checkpoint (GLM-4's q and k) -> its
-    (head_dim, rotated dims): an adapter's B and DoRA magnitude rows move with the weight's (`rope_pair_rows`)."""
+def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """Each Hugging Face layer whose output rows are RoPE's adjacent pairs in the checkpoint (GLM-4's q and k,
+    DeepSeek's q_b_proj and kv_a_proj_with_mqa) -> its (head_dim, first rotated row, rotated dims): an adapter's B
+    and DoRA magnitude rows move with the weight's (`rope_pair_rows`)."""
     return {r.hf.removesuffix(".weight"): r.rope_pairs for r in hf_rules(cfg) if r.rope_pairs}
 
 

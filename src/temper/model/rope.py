@@ -80,13 +80,24 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     if s["rope_type"] == "longrope":
         factor, old_len = s["factor"], s["original_max_position_embeddings"]
         return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
-    return mscale(s["factor"])
+        return _mscale(s["factor"], s["mscale"]) / _mscale(s["factor"], s["mscale_all_dim"])
+    return _mscale(s["factor"])
+
+
+def _mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 m ln(factor) + 1 (1 without stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn_score_multiplier(cfg: ModelConfig) -> float:
+    """What DeepSeek's latent attention multiplies its softmax scale by under YaRN with `mscale_all_dim`:
+    mscale(factor, mscale_all_dim) squared, on every dimension's scores, not only the rotated ones (transformers'
+    `yarn_apply_mscale`); 1 otherwise."""
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") != "yarn" or not s.get("mscale_all_dim"):
+        return 1.0
+    return _mscale(s["factor"], s["mscale_all_dim"]) ** 2
 
 
 def long_rope_length(cfg: ModelConfig) -> int | None:

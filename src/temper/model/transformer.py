@@ -28,6 +28,7 @@ from temper.model.attention import (
     ATTN_IMPLS,
     Attention,
     KVCache,
+    LatentAttention,
     MaskMod,
     Segments,
     causal_mask_mod,
@@ -51,7 +52,7 @@ class Block(nn.Module):
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
         self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every)  # NoPE layers do not
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = (LatentAttention if cfg.kv_lora_rank else Attention)(cfg, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
@@ -332,8 +333,10 @@ class Transformer(nn.Module):
         p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
         kv_heads = self.layers[0].attn.n_kv_heads
+        # Latent attention caches each token's latent and the rotated key part it shares over heads (LatentAttention)
+        k_dim, v_dim = (c.kv_lora_rank, c.rotary_dim) if c.kv_lora_rank else (c.head_dim, None)
         return KVCache(
-            c.n_layers, batch, kv_heads, max_len, c.head_dim, device=device or p.device, dtype=dtype or p.dtype
+            c.n_layers, batch, kv_heads, max_len, k_dim, device=device or p.device, dtype=dtype or p.dtype, v_dim=v_dim
         )
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -364,11 +367,13 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6*N (forward + backward matmuls) + 12*L*d*T (attention scores).
 
         The PaLM appendix B / nanoGPT accounting; biases and norms are elementwise and left out. d is
-        the attention width n_heads * head_dim (d_model, except where head_size sets it apart).
+        the attention width n_heads * head_dim (d_model, except where head_size sets it apart); with values of
+        another width (latent attention), the mean of the query's and the value's, 6 * L * H * (D + Dv) * T.
         head=False: without the language-model head (V x d), for callers that never run it (a reward head on
         the hidden states, a retriever pooling them): for a small model that head is most of the matmul
         weights, and counting it would inflate MFU several times over.
         """
         c = self.cfg
         lm_head = 0 if head else 6 * c.vocab_size * c.dim
-        return float(6 * self.matmul_params() - lm_head + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len)
+        attention = 6 * c.n_layers * c.n_heads * (c.head_dim + c.v_head_dim) * seq_len
+        return float(6 * self.matmul_params() - lm_head + attention)
