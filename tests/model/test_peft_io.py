@@ -17,8 +17,21 @@ from safetensors.torch import load_file, save_file
 from temper.infer.engine import generate
 from temper.model.config import PRESETS
 from temper.model.convert import save_hf
-from temper.model.lora import ALL_LINEAR_TARGETS, ATTENTION_TARGETS, LoRALinear, apply_lora
-from temper.model.peft_io import load_peft, load_peft_prefix, peft_lora_refusal, save_peft, save_peft_prefix
+from temper.model.lora import (
+    ALL_LINEAR_TARGETS,
+    ATTENTION_TARGETS,
+    LATENT_ATTENTION_TARGETS,
+    LoRALinear,
+    apply_lora,
+)
+from temper.model.peft_io import (
+    load_peft,
+    load_peft_prefix,
+    peft_lora_refusal,
+    peft_prefix_refusal,
+    save_peft,
+    save_peft_prefix,
+)
 from temper.model.prefix import apply_prefix, set_prefix
 from temper.model.transformer import Transformer
 from tests.greedy import assert_greedy_agrees, next_token_logits
@@ -68,6 +81,11 @@ CONFIGS = {
     "glm4_moe": replace(_LLAMA, n_experts=4, qkv_bias=True, rope_dim=8, expert_ffn_dim=40, shared_expert_ffn_dim=40,
                         router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
                         dense_layers=1, expert_weights_float32=True, hf_architecture="Glm4MoeForCausalLM"),
+    # DeepSeek-V3: latent attention (its rotated rows in adjacent pairs in the checkpoint) and GLM-4.5's routing
+    "deepseek_v3": replace(_LLAMA, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16, q_lora_rank=24,
+                           v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=40,
+                           router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
+                           dense_layers=1, expert_weights_float32=True, hf_architecture="DeepseekV3ForCausalLM"),
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
 }
@@ -81,6 +99,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "olmoe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -109,6 +128,8 @@ def _hf(model: Transformer, tmp_path):
 def _targets(case: str) -> tuple[str, ...]:
     linears = tuple(t for t in ALL_LINEAR_TARGETS if case != "gpt2" or t != "gate_proj")
     linears = ATTENTION_TARGETS if CONFIGS[case].n_experts else linears
+    if CONFIGS[case].kv_lora_rank:  # latent attention's projections
+        linears = (*LATENT_ATTENTION_TARGETS, "o_proj")
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 
@@ -203,12 +224,13 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
     "qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the shared expert's too
     "olmoe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
     "glm4_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the dense layer's and shared expert's too
+    "deepseek_v3": ["q_b_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -217,8 +239,10 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
     hf = _hf(model, tmp_path)
     # GLM-4.5: not its dense layer's or shared expert's MLP, which PEFT cannot adapt (test_glm45_dense_and_shared_...)
     only = {n for n, _ in model.named_modules() if ".mlp." not in n or ".experts." in n or n.endswith("router")}
+    if model.cfg.kv_lora_rank:  # latent attention's queries
+        targets = tuple("q_b_proj" if t == "q_proj" else t for t in targets)
     apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral",
-               only=only if case == "glm4_moe" else None)
+               only=only if case in ("glm4_moe", "deepseek_v3") else None)
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -228,7 +252,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)
@@ -443,6 +467,14 @@ def test_peft_prefix_is_refused_where_peft_computes_something_else(tmp_path, cas
             shifted = ours(x, positions=torch.arange(P, P + x.shape[1]).expand_as(x))
             torch.testing.assert_close(shifted, peft_logits, rtol=0, atol=1e-4)
             assert (ours(x) - peft_logits).abs().max() > 0.1
+
+
+def test_prefix_tuning_is_refused_on_latent_attention(tmp_path):
+    """Latent attention caches a latent per token, not keys and values: no prefix of keys and values fits it."""
+    model = _model("deepseek_v3")
+    with pytest.raises(ValueError, match="latent attention .* does not cache: use LoRA"):
+        apply_prefix(model, P)
+    assert peft_prefix_refusal(model.cfg).startswith("latent attention (DeepSeek-V3) caches one latent per token")
 
 
 def test_bad_peft_prefixes_fail_naming_the_key(tmp_path):

@@ -113,7 +113,7 @@ class MoE(nn.Module):
         """Casting the model leaves the choice bias and a sigmoid router float32, as transformers keeps them
         (`_keep_in_fp32_modules_strict`): the published biases differ by less than a bf16 step of their size, so a
         rounded one would choose other experts."""
-        kept = [(self, "choice_bias")] + [(self.router, n) for n in ("weight", "bias") if self.sigmoid]
+        kept = self._float32_slots()
         before = [getattr(owner, n) for owner, n in kept]
         super()._apply(fn, recurse)
         for (owner, name), old in zip(kept, before, strict=True):
@@ -127,6 +127,13 @@ class MoE(nn.Module):
             else:
                 setattr(owner, name, value)
         return self
+
+    def _float32_slots(self) -> list[tuple[nn.Module, str]]:
+        return [(self, "choice_bias")] + [(self.router, n) for n in ("weight", "bias") if self.sigmoid]
+
+    def float32_tensors(self) -> list[torch.Tensor]:
+        """What stays float32 when the model is cast (`_apply`): the choice bias and a sigmoid router's weights."""
+        return [t for owner, n in self._float32_slots() if (t := getattr(owner, n)) is not None]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights

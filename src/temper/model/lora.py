@@ -34,6 +34,16 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 """The attention projections: the default targets (Hu et al. 2021 adapt W_q and W_v; all four is PEFT's common choice)."""
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
 """Every linear layer of a block: QLoRA (Dettmers et al. 2023, §4) needs these to match full fine-tuning."""
+LATENT_ATTENTION_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+"""Latent attention's projections beside o_proj (DeepSeek-V3; q_proj too where it has no query latent), in place of
+k_proj and v_proj."""
+
+
+def block_linears(model: nn.Module) -> tuple[str, ...]:
+    """The names of ALL_LINEAR_TARGETS and LATENT_ATTENTION_TARGETS that `model` has: every linear layer of its blocks
+    (what QLoRA quantizes by default)."""
+    names = {name for m in model.modules() for name, c in m.named_children() if isinstance(c, (nn.Linear, LoRALinear))}
+    return tuple(t for t in ALL_LINEAR_TARGETS + LATENT_ATTENTION_TARGETS if t in names)
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -57,7 +57,7 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.convert import GLM4_MOE, GPT2, hf_architecture, hf_rules, rope_pair_rows
+from temper.model.convert import DEEPSEEK_V3, GLM4_MOE, GPT2, hf_architecture, hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
@@ -96,7 +96,7 @@ def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
     return {r.hf.removesuffix(".weight"): r.rope_pairs for r in hf_rules(cfg) if r.rope_pairs}
 
 
-_EXPERT_NAMES_ONLY = (GLM4_MOE,)
+_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V3)
 """Architectures whose gate_proj, up_proj and down_proj module names PEFT turns into its routed experts' parameters
 (its `_MOE_TARGET_MODULE_MAPPING`, for transformers 5), though their dense layers and shared experts have linear layers
 of those names too: a PEFT file cannot adapt those."""
@@ -106,7 +106,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of GPT-OSS's
     experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for; an adapter of
-    GLM-4.5's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
+    GLM-4.5's or DeepSeek-V3's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -468,6 +468,9 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
 def peft_prefix_refusal(cfg: ModelConfig) -> str | None:
     """Why PEFT's prefix tuning would compute something else than temper's prefix on this model; None
     when it computes the same (see the module docstring)."""
+    if cfg.kv_lora_rank:
+        return ("latent attention (DeepSeek-V3) caches one latent per token, not keys and values, so a prefix of keys "
+                "and values has no place in it")
     if cfg.pos != "rope":
         return (f"PEFT's prefix tuning places the input after the prefix, at positions P..P+T-1 (transformers "
                 f"counts the prefix as cached tokens), temper's prefix leaves it at 0..T-1; with {cfg.pos} position "

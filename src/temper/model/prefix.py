@@ -103,6 +103,9 @@ def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
     """Freeze the model and swap in layer i's attention with the prefix make(i); returns the prefixes' names."""
     if any(isinstance(layer.attn, PrefixAttention) for layer in model.layers):
         raise ValueError("the model already has a prefix: remove_prefix first")
+    if model.cfg.kv_lora_rank:
+        raise ValueError("prefix tuning needs keys and values per head, which latent attention (DeepSeek-V3, "
+                         "kv_lora_rank) does not cache: use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(model.layers):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.errors import InputError
-from temper.model.lora import ALL_LINEAR_TARGETS, find_linears
+from temper.model.lora import block_linears, find_linears
 
 try:
     from torchao.quantization import NF4Tensor, to_nf4
@@ -89,19 +89,19 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def quantize_nf4(
-    model: nn.Module, targets: Iterable[str] = ALL_LINEAR_TARGETS, block_size: int = 64,
+    model: nn.Module, targets: Iterable[str] | None = None, block_size: int = 64,
     scaler_block_size: int = 256, device: torch.device | str | None = None,
 ) -> list[str]:
     """Replace the weight of every linear layer named in `targets` by its NF4 form, frozen; returns their names.
 
-    Targets match a child's own name as in `apply_lora` (the blocks' linear layers by default: QLoRA
+    Targets match a child's own name as in `apply_lora` (`block_linears`, the blocks' linear layers, by default: QLoRA
     keeps embeddings and the head in the compute dtype). The NF4 weight dequantizes to the dtype the
     weight had, so quantize a bf16 model to compute in bf16. A weight's size must be a multiple of
     block_size * scaler_block_size (torchao's layout); every weight is checked before any changes. `device`:
     move each weight there first, one at a time (default: quantize where it is).
     """
     _need_torchao("nf4")
-    found = find_linears(model, targets, "NF4")
+    found = find_linears(model, block_linears(model) if targets is None else targets, "NF4")
     unfit = []
     for dotted, parent, name in found:
         w = getattr(parent, name).weight
@@ -247,7 +247,7 @@ def _torchao_config(kind: str, group: int | None, device: torch.device):
 
 
 def quantize_for_inference(
-    model: nn.Module, kind: str, group_size: int | None = None, targets: Iterable[str] = ALL_LINEAR_TARGETS,
+    model: nn.Module, kind: str, group_size: int | None = None, targets: Iterable[str] | None = None,
 ) -> list[str]:
     """Quantize the weights of the linear layers named in `targets` to `kind` ("int8", "int4", "nf4"), in
     place, for generation; returns their names. See the module docstring for the formats and kernels.
@@ -257,7 +257,7 @@ def quantize_for_inference(
     engine (prefill, decode_step, KV cache, `torch.compile`) and cannot be trained.
     """
     _need_torchao(kind)
-    found = find_linears(model, targets, "quantization")
+    found = find_linears(model, block_linears(model) if targets is None else targets, "quantization")
     if not found:
         return []
     weight = getattr(found[0][1], found[0][2]).weight

@@ -27,6 +27,7 @@ from torch import nn
 from temper.data.tokenizer import save_hf_tokenizer
 from temper.model.config import ModelConfig
 from temper.model.convert import load_hf, save_hf
+from temper.model.layers import MoE
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
 from temper.model.peft_io import peft_lora_refusal, save_peft, save_peft_prefix
 
@@ -42,7 +43,8 @@ class LoRAConfig:
     dropout: float = 0.05
     """Dropout on the adapter's input."""
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
-    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head."""
+    """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head; latent attention
+    (DeepSeek-V3) has q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj instead."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     dora: bool = False
@@ -94,9 +96,10 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
     if method == "full":
         return
     dtype = base_dtype(method, amp_dtype)
+    kept = {id(t) for m in model.modules() if isinstance(m, MoE) for t in m.float32_tensors()}  # sigmoid routers
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != dtype and id(p) not in kept:
                 p.data = p.data.to(dtype)  # the same Parameter: tied weights stay tied
     if method == "prefix":
         from temper.model.prefix import apply_prefix
