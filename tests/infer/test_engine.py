@@ -142,11 +142,14 @@ def test_rejects_bad_requests():
 
 # ---- prefill / decode_step / fork ----------------------------------------------------------------
 
-VARIANTS = {"debug": {}, "debug-llama": {}, "window": {"sliding_window": 5}}  # window: Mistral's, on debug-llama
+VARIANTS = {"debug": {}, "debug-llama": {}, "window": {"sliding_window": 5},  # window: Mistral's, on debug-llama
+            # latent: DeepSeek-V3's attention, whose cache holds a latent and the rotated key part per token
+            "latent": {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24,
+                       "v_head_size": 12}}
 
 
 def _variant(name: str) -> Transformer:
-    return _model("debug-llama" if name == "window" else name, **VARIANTS[name])
+    return _model("debug-llama" if name in ("window", "latent") else name, **VARIANTS[name])
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -18,9 +18,9 @@ from temper.model.transformer import Transformer
 STOP = 3
 
 
-def _model() -> Transformer:
+def _model(**changes) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(replace(PRESETS["debug-llama"], vocab_size=256, max_seq_len=64))
+    model = Transformer(replace(PRESETS["debug-llama"], vocab_size=256, max_seq_len=64, **changes))
     with torch.no_grad():  # sharper than init, so greedy paths branch on the prompt
         for p in model.parameters():
             p.mul_(4.0)
@@ -30,6 +30,10 @@ def _model() -> Transformer:
 @pytest.fixture(scope="module")
 def model():
     return _model()
+
+
+LATENT = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24, "v_head_size": 12}
+"""DeepSeek-V3's latent attention: its cache rows (a latent and the rotated key part per token) move alike."""
 
 
 class Collector:
@@ -66,9 +70,11 @@ def _prompts(k: int) -> list[list[int]]:
             for _ in range(k)]
 
 
-def test_requests_joining_at_any_step_equal_generate_alone(model):
+@pytest.mark.parametrize("attention", ["grouped", "latent"])
+def test_requests_joining_at_any_step_equal_generate_alone(model, attention):
     """More requests than slots, of different lengths and settings, arriving while others decode:
     greedy and seeded outputs (and log-probs) are what generate gives for each alone."""
+    model = model if attention == "grouped" else _model(**LATENT)
     sched = Scheduler(model, slots=4, max_queue=32)
     sched.start()
     try:

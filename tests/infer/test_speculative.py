@@ -61,6 +61,19 @@ def test_greedy_equals_plain_decoding(target, drafter):
                 assert stats.acceptance_rate == 1.0 and stats.target_passes < 60 / k + 8
 
 
+def test_latent_attention_speculates_exactly():
+    """DeepSeek-V3's latent attention, whose cache holds a latent and the rotated key part per token: speculation
+    (a smaller drafter of its kind, prompt lookup) rolls its cache back and forth and still decodes what plain greedy
+    decoding does, past the context too."""
+    latent = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24,
+              "v_head_size": 12}
+    target = _model(0, max_seq_len=32, **latent)
+    for kw in ({"draft": _model(1, max_seq_len=16, n_layers=1, **latent)}, {"prompt_lookup": 2}):
+        for prompt in PROMPTS:
+            plain = generate(target, [prompt], max_new_tokens=40, temperature=0)[0]
+            assert speculative_generate(target, prompt, k=4, max_new_tokens=40, temperature=0, **kw)[0] == plain
+
+
 def test_prompt_lookup_drafts_what_followed_the_earliest_match():
     look = _PromptLookup(2)
     assert look.propose([1, 2, 3, 9, 1, 2, 4, 1, 2], 3, None)[0] == [3, 9, 1]  # the bigram [1, 2], first occurrence

@@ -230,6 +230,8 @@ def test_a_model_that_does_not_split_is_refused():
     with pytest.raises(ConfigError, match=r"tp=2 does not split a mixture of experts \(n_experts=4\): shard it with "
                                           r"train\.parallel\.dp_shard"):
         check_tensor_parallel(replace(llama, n_experts=4), 2)
+    with pytest.raises(ConfigError, match=r"tp=2 does not split latent attention \(kv_lora_rank=16"):
+        check_tensor_parallel(replace(llama, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16), 2)
     with pytest.raises(ConfigError, match=r"tp=2 does not split OLMo 2's blocks"):
         check_tensor_parallel(replace(llama, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True), 2)
     with pytest.raises(ConfigError, match=r"tp=2 does not split attention sinks"):

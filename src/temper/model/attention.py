@@ -1,4 +1,6 @@
-"""How tokens see each other: the mask (`Segments`), the static KV cache, RoPE's rotation and the attention layer.
+"""How tokens see each other: the mask (`Segments`), the static KV cache, RoPE's rotation and the attention layers:
+`Attention` (multi-head and grouped-query) and `LatentAttention` (DeepSeek's), which differ in how they make queries,
+keys and values (`project`) and share how they attend (`attend`).
 
 Attention goes through `F.scaled_dot_product_attention` (a GPU picks flash attention when no mask is
 needed), or, for masked forwards without a KV cache (packed documents, padding, a window shorter than

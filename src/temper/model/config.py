@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5 and GPT-OSS shapes. This module
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3 and GPT-OSS shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 

@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Twenty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -17,7 +17,8 @@ adjacent pairs), Granite (`GraniteForCausalLM`: Llama with multipliers of the em
 attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
 shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
-shared expert, after dense first layers; half of each head rotated, in halves), Seed-OSS
+shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
+that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights of each architecture

@@ -1,8 +1,9 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
 Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral,
-Qwen3-MoE, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or RMSNorm, GELU, SwiGLU
-(clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts, multi-head or grouped-query attention, query/key
+Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or
+RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-routed,
+after dense layers), multi-head, grouped-query or latent attention, query/key
 norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
 own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
 scores and logits, attention sinks.
