@@ -91,23 +91,24 @@ def test_a_mixture_of_experts_trains_like_one_process(char_data, tmp_path):
 
 
 def test_choice_biases_move_alike_on_every_rank(char_data, tmp_path):
-    """GLM-4.5's routing (sigmoid scores, a choice bias, 2 groups of 2 experts, scaled weights, a shared expert, a
-    dense first layer) balanced DeepSeek-V3's way (train.expert_bias_rate) on 2 FSDP2 ranks: the loads are summed
-    over the ranks before the biases move, so losses, the logged MaxVio, weights and biases are one process's; final/
-    is a Glm4MoeForCausalLM whose biases moved."""
-    glm = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false",
-           "--model.ffn_dim=48", "--model.n_experts=4", "--model.router_scores=sigmoid",
-           "--model.expert_choice_bias=true", "--model.expert_groups=2", "--model.routed_scaling=2.5",
-           "--model.shared_expert_ffn_dim=48", "--model.dense_layers=1", "--train.expert_bias_rate=0.01"]
-    assert train(char_data, tmp_path, "ref", *STEPS, "--train.micro_batch_size=4", *glm) == 0
-    torchrun(tmp_path, char_data, "fsdp2", 2, 2, "--train.parallel.dp_shard=2", *glm)
+    """DeepSeek-V3's layout (latent attention; sigmoid scores, a choice bias, 2 groups of 4 experts, scaled weights, a
+    shared expert, a dense first layer) balanced its way (train.expert_bias_rate) on 2 FSDP2 ranks: the loads are
+    summed over the ranks before the biases move, so losses, the logged MaxVio, weights and biases are one
+    process's; final/ is a DeepseekV3ForCausalLM whose biases moved."""
+    deepseek = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false",
+                "--model.head_size=24", "--model.rope_dim=8", "--model.kv_lora_rank=16", "--model.q_lora_rank=24",
+                "--model.v_head_size=12", "--model.ffn_dim=48", "--model.n_experts=8", "--model.router_scores=sigmoid",
+                "--model.expert_choice_bias=true", "--model.expert_groups=2", "--model.routed_scaling=2.5",
+                "--model.shared_expert_ffn_dim=48", "--model.dense_layers=1", "--train.expert_bias_rate=0.01"]
+    assert train(char_data, tmp_path, "ref", *STEPS, "--train.micro_batch_size=4", *deepseek) == 0
+    torchrun(tmp_path, char_data, "fsdp2", 2, 2, "--train.parallel.dp_shard=2", *deepseek)
     assert_same_training(tmp_path / "ref", tmp_path / "fsdp2")
     a, b = metrics(tmp_path / "ref"), metrics(tmp_path / "fsdp2")
     assert [b[s]["expert_maxvio"] for s in range(1, 5)] == [a[s]["expert_maxvio"] for s in range(1, 5)]
     biases = {k: v for k, v in final_weights(tmp_path / "fsdp2").items() if k.endswith("e_score_correction_bias")}
     assert len(biases) == 1 and all(v.abs().max() > 0 for v in biases.values())  # one MoE layer; its biases moved
     exported = json.loads((tmp_path / "fsdp2" / "final" / "config.json").read_text())
-    assert exported["architectures"] == ["Glm4MoeForCausalLM"] and exported["first_k_dense_replace"] == 1
+    assert exported["architectures"] == ["DeepseekV3ForCausalLM"] and exported["first_k_dense_replace"] == 1
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
