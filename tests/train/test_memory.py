@@ -13,7 +13,7 @@ import torch
 
 from temper.config import ConfigError
 from temper.model.config import PRESETS
-from temper.model.lora import ALL_LINEAR_TARGETS
+from temper.model.lora import ALL_LINEAR_TARGETS, LATENT_ATTENTION_TARGETS
 from temper.model.transformer import Transformer
 from temper.train.memory import (
     NF4_BYTES,
@@ -60,8 +60,9 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-def test_kv_cache_is_what_the_model_allocates():
-    cfg = PRESETS["debug-llama"]
+@pytest.mark.parametrize("latent", [False, True])
+def test_kv_cache_is_what_the_model_allocates(latent):
+    cfg = replace(PRESETS["debug-llama"], **(MLA if latent else {}))  # latent attention: a latent and a rotated key
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
     assert est["KV cache (generation)"].bytes == cache.k.nbytes + cache.v.nbytes
@@ -124,6 +125,7 @@ EXPERTS = {"n_experts": 4, "experts_per_token": 2, "expert_ffn_dim": 96}
 GLM45 = {"n_layers": 3, "n_experts": 8, "experts_per_token": 2, "expert_ffn_dim": 48, "router_scores": "sigmoid",
          "expert_choice_bias": True, "expert_groups": 4, "expert_groups_per_token": 2, "routed_scaling": 2.5,
          "shared_expert_ffn_dim": 48, "dense_layers": 1, "qkv_bias": True, "rope_dim": 8, "expert_weights_float32": True}
+MLA = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 32, "q_lora_rank": 48, "v_head_size": 16}
 OLMO2 = {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True}
 
 
@@ -196,6 +198,11 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     # OLMo 2's blocks: no first norm (q, k, v keep the residual stream itself), q/k norms with one rstd per token
     ("debug-llama", "pretrain", "fp32", 0, {"dims": OLMO2}),
     ("debug-llama", "lora", "bf16", 0, {"dims": OLMO2, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
+    # DeepSeek-V3's latent attention: latents and their norms, v a view of kv_b_proj's output, narrower values (math kernel)
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": MLA}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": MLA}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": MLA, "lora": LoRAShape(rank=4, targets=list(LATENT_ATTENTION_TARGETS) + [
+        "o_proj", "gate_proj", "up_proj", "down_proj"])}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)

@@ -32,7 +32,9 @@ What temper's training actually does, and so what is counted (read from `train/s
     inputs and statistics, a linear layer's input only when its weight is trained (a frozen base
     weight needs only itself to pass the gradient on), SDPA's q, k, v, output and float32
     log-sum-exp (flash / memory-efficient kernels: no T x T matrix), the MLP's pre-activations
-    (GELU: up; SwiGLU/GeGLU: gate, act(gate), up). In LoRA the first block's input needs no
+    (GELU: up; SwiGLU/GeGLU: gate, act(gate), up). Latent attention (DeepSeek-V3) keeps its latents' RMSNorm
+    terms and the inputs of the layers that expand them, and SDPA's v is a view of kv_b_proj's whole output (keys'
+    and values' parts, kept together). In LoRA the first block's input needs no
     gradient (the embedding is frozen), so its first norm saves nothing. A mixture of experts keeps its
     router's float32 probabilities and int64 choices, and each expert's MLP terms for the rows routed to
     it: k rows per token in all, however unevenly they are spread; only the backward's transient (one
@@ -75,13 +77,15 @@ What temper's training actually does, and so what is counted (read from `train/s
     DDP, ZeRO-1, FSDP2 (ZeRO-2/3, HSDP), tensor and pipeline parallel (1F1B; 1F1B x FSDP2) are checked
     against measured steps on gloo ranks (tests/train/test_memory_distributed.py).
   * KV cache: what `Transformer.new_cache(batch, seq_len)` allocates for generation, in the compute
-    dtype: 2 (k and v) x layers x batch x seq_len x kv_heads x head_dim.
+    dtype: 2 (k and v) x layers x batch x seq_len x kv_heads x head_dim; for latent attention, each token's latent
+    and rotated key part: layers x batch x seq_len x (kv_lora_rank + rope_dim).
   * QLoRA (Dettmers et al. 2023): the blocks' linear weights in NF4, 4 bits plus double-quantized
     block scales (an 8-bit absmax per 64 weights, a float32 scale per 256 of those): 0.5 + 1/64 +
     4/16384 bytes per weight; one linear layer is dequantized at a time (transient).
 
-Attention dropout on a CPU sends SDPA to its math kernel, which keeps T x T probabilities per head
-(counted); CUDA's fused kernels take dropout without them. Capped scores (Gemma 2) and sinks (GPT-OSS) keep
+Attention dropout on a CPU sends SDPA to its math kernel, which keeps T x T probabilities per head, and
+whose backward makes two T x T gradients per head at once (counted), as do values of another width than the
+keys (latent attention's); CUDA's fused kernels take both without them. Capped scores (Gemma 2) and sinks (GPT-OSS) keep
 T x T per head too where FlexAttention does not run (a CPU, or dropout): the scores and the float32 probabilities
 (counted). The estimate counts tensors, as
 `torch.cuda.max_memory_allocated` does; it does not count the CUDA context (~0.5 GB), allocator
@@ -109,6 +113,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from temper.config import ConfigError
+from temper.model.attention import LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
@@ -131,7 +136,8 @@ class LoRAShape:
     rank: int = 16
     """Rank r of every adapter: A is (r, in), B is (out, r)."""
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
-    """Names of the linear layers that get adapters: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj."""
+    """Names of the linear layers that get adapters: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (latent
+    attention: q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj, and q_proj without q_lora_rank)."""
     dropout: float = 0.0
     """Dropout on the adapters' input; > 0 saves a copy of each target's input and a mask (1 byte on CUDA)."""
 
@@ -529,39 +535,49 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
     # attention half
     h_bytes = _norm(s, "attn_norm", block.attn_norm, d, grad_in, t)
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    _readers(s, "attn_norm output", qkv, h_bytes, t, lora_dropout, grad_in)
-    _lora_hidden(s, qkv + [attn.o_proj], t)
-    attn_grad = grad_in or any(_wants_grad(m) for m in qkv)
-    q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
-    if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
-        heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
-        _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
-        _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
+    _lora_hidden(s, list(attn.modules()), t)
+    if isinstance(attn, LatentAttention):
+        first, attn_grad, (q_out, k_out, v_out) = _latent_saved(s, attn, h_bytes, t, lora_dropout, grad_in)
+    else:
+        first = [attn.q_proj, attn.k_proj, attn.v_proj]
+        _readers(s, "attn_norm output", first, h_bytes, t, lora_dropout, grad_in)
+        attn_grad = grad_in or any(_wants_grad(m) for m in first)
+        q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
+        k_out = v_out = kv_out
+        if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
+            heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
+            _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
+            _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
+    o_in = attn.o_proj.in_features  # the values' width over every query head: the attention output's
+    scores_grad = 0  # per token, the T x T gradients a math-kernel backward makes at once (below)
+    fused = False  # whether SDPA keeps its output, o_proj's input (the written-out and math paths leave it to o_proj)
     if attn_grad and (cfg.attn_softcap or cfg.attn_sinks) and not (t.cuda and cfg.dropout == 0):
         # Capped scores (Gemma 2) or sinks (GPT-OSS) without FlexAttention (a CPU; dropout): `_written_attention`
         # keeps q (its grouped copy), k, v and, per head, T x T: the scores, the float32 probabilities and their
-        # cast (with dropout its mask and the dropped ones), and the output.
-        s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + 2 * kv_out))
+        # cast (with dropout its mask and the dropped ones).
+        s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + k_out + v_out))
         per_score = ((t.a if cfg.attn_softcap else 0) + 4 + (t.a if t.a != 4 else 0)  # capped ones; probabilities
                      + (1 + t.a if cfg.dropout > 0 else 0))
         s.add("capped scores and probabilities (T x T per head)", seq_len * cfg.n_heads * per_score)
-        s.add("attention output", t.a * q_out)
-    elif attn_grad and cfg.dropout > 0 and not t.cuda:
-        # A CPU has no fused kernel with attention dropout: SDPA's math path (in float32 on a CPU,
-        # whatever the inputs) keeps the scaled q and k (k and v repeated to every query head under
-        # GQA), the T x T probabilities, the dropout mask and the dropped probabilities, per head.
-        s.add("scaled q, k, v (math kernel, float32)", 4 * (2 * q_out + (q_out if kv_out < q_out else kv_out)))
-        s.add("attention probabilities, mask, dropped (T x T per head)", seq_len * cfg.n_heads * 3 * 4)
-        s.add("attention output", t.a * q_out)
+    elif attn_grad and not t.cuda and (cfg.dropout > 0 or o_in != q_out):
+        # A CPU has no fused kernel with attention dropout, nor for values of another width than the keys
+        # (latent attention's): SDPA's math path (in float32 on a CPU, whatever the inputs) keeps the scaled q and k
+        # and v (k and v repeated to every query head under GQA) and the T x T probabilities per head (with dropout
+        # the mask and the dropped ones too). Its backward holds the probabilities' and the scores' gradients
+        # (float32, T x T per head) at once.
+        s.add("scaled q, k, v (math kernel, float32)", 4 * (2 * q_out + o_in))
+        s.add("attention probabilities" + (", mask, dropped" if cfg.dropout > 0 else "") + " (T x T per head)",
+              seq_len * cfg.n_heads * 4 * (3 if cfg.dropout > 0 else 1))
+        scores_grad = 2 * 4 * seq_len * cfg.n_heads
     elif attn_grad:
         # SDPA (flash / memory-efficient) keeps q, k, v (after RoPE: new tensors, cast to the compute
-        # dtype), its output and a float32 log-sum-exp per head and query. The output, viewed as
-        # (B, T, H*D), is also o_proj's input: one tensor.
-        s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + 2 * kv_out))
-        s.add("attention output", t.a * q_out)
+        # dtype; latent attention's v, a view, keeps kv_b_proj's whole output), its output and a float32
+        # log-sum-exp per head and query. The output, viewed as (B, T, H*Dv), is also o_proj's input: one tensor.
+        s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + k_out + v_out))
+        s.add("attention output", t.a * o_in)
         s.add("log-sum-exp", 4 * cfg.n_heads)
-    _readers(s, "attention output", [attn.o_proj] if not attn_grad or lora_dropout > 0 else [], t.a, t,
+        fused = True
+    _readers(s, "attention output", [attn.o_proj] if not fused or lora_dropout > 0 else [], t.a, t,
              lora_dropout, attn_grad)
     attn_grad = attn_grad or _wants_grad(attn.o_proj)
     if attn_grad and cfg.dropout > 0:
@@ -570,6 +586,7 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         _norm(s, "attn_out_norm", block.attn_out_norm, d, attn_grad, t, in_bytes=t.a)
         attn_grad = attn_grad or _wants_grad(block.attn_out_norm)
     grad_mid = grad_in or attn_grad
+    attn_half = s.total
 
     # MLP half
     h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t)
@@ -591,11 +608,45 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     # The saved set holds the block's input itself when its first norm kept it uncast.
     # (Without a first norm, OLMo 2's, q, k and v keep the input itself where they keep it uncast.)
     shares_input = (grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
-                    if block.attn_norm is not None else t.r == t.a and any(_keeps_input(m) for m in qkv))
+                    if block.attn_norm is not None else t.r == t.a and any(_keeps_input(m) for m in first))
     # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
     # that is split by sequence alone under tensor parallel, as they are.
     freed = out_norm_bytes if transient else 0.0
+    # Under SDPA's math kernel it may peak in attention instead: its T x T gradients, the MLP half's saved tensors
+    # freed by then.
+    if scores_grad:
+        transient = max(transient, t.r * d + scores_grad - (s.total - attn_half - freed))
     return _BlockMem(s, grad_mid or mlp_grad, transient - freed, shares_input, (t.r * d if transient else 0.0) - freed)
+
+
+def _latent_saved(s: _Saved, attn: LatentAttention, in_bytes: int, t: _Dtypes, lora_dropout: float,
+                  grad_in: bool) -> tuple[list[nn.Module], bool, tuple[int, int, int]]:
+    """What `LatentAttention.project` keeps per token (DeepSeek-V2/V3): the inputs of the layers reading the
+    block's normalised input, and each latent's RMSNorm and the input of the layer that expands it per head. The
+    rotation, the splits and the concatenations keep nothing. Returns (those first layers, whether q, k or v needs a
+    gradient, the widths of q, k and v as SDPA keeps them: its v is a view of kv_b_proj's output, which stays whole)."""
+    plain_q = getattr(attn, "q_proj", None)  # without q_lora_rank
+    first = [attn.q_a_proj if plain_q is None else plain_q, attn.kv_a_proj_with_mqa]
+    _readers(s, "attn_norm output", first, in_bytes, t, lora_dropout, grad_in)
+    q_grad = grad_in or _wants_grad(first[0])
+    if plain_q is None:
+        q_grad = _latent(s, "q_a_layernorm", attn.q_a_layernorm, attn.q_b_proj, q_grad, t, lora_dropout)
+    kv_grad = grad_in or _wants_grad(attn.kv_a_proj_with_mqa)
+    if kv_grad and t.a == 4:  # in float32 the norm keeps the latent itself, a view: its rotated columns stay too
+        s.add("kv_a_proj_with_mqa output's rotated part (viewed by the latent)", 4 * attn.rope_dim)
+    kv_grad = _latent(s, "kv_a_layernorm", attn.kv_a_layernorm, attn.kv_b_proj, kv_grad, t, lora_dropout)
+    width = attn.n_heads * attn.head_dim
+    return first, q_grad or kv_grad, (width, width, attn.kv_b_proj.out_features)
+
+
+def _latent(s: _Saved, label: str, norm: nn.Module, expand: nn.Module, grad_in: bool, t: _Dtypes,
+            lora_dropout: float) -> bool:
+    """A latent (a matmul's output, in the compute dtype), its RMSNorm and the layer that expands it: what they keep;
+    returns whether the expansion's output needs a gradient."""
+    out_bytes = _norm(s, label, norm, expand.in_features, grad_in, t, in_bytes=t.a)
+    grad = grad_in or _wants_grad(norm)
+    _readers(s, label + " output", [expand], out_bytes, t, lora_dropout, grad)
+    return grad or _wants_grad(expand)
 
 
 def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes, lora_dropout: float,
@@ -959,9 +1010,9 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
         + f"; largest at: {act_moment.split(':')[0]}"
     )
 
-    kv_heads = cfg.kv_heads // lay.tp if cfg.kv_heads % lay.tp == 0 else -(-cfg.kv_heads // lay.tp)
-    kv = 2 * L * B * T * kv_heads * cfg.head_dim * a
-    kv_formula = f"2 (k, v) x {L} layers x B*T = {B * T} x {kv_heads} kv heads x {cfg.head_dim} head_dim x {a} B"
+    width, per_layer = _kv_width(cfg, lay.tp)
+    kv = L * B * T * width * a
+    kv_formula = f"{L} layers x B*T = {B * T} x {per_layer} x {a} B"
     # For generation the adapters merge into the weights they adapt, except into NF4 ones.
     nf4_c = cg.frozen_linears if qlora else 0
     base = cg.params - (0 if full else cg.trainable)
@@ -1142,10 +1193,21 @@ def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, s
     return out
 
 
+def _kv_width(cfg: ModelConfig, tp: int = 1) -> tuple[int, str]:
+    """Values per token and layer that `Transformer.new_cache` holds on one of `tp` tensor-parallel ranks, and what
+    they are: each kv head's key and value, or latent attention's latent and the rotated key part that every head
+    shares (tensor parallel refuses latent attention)."""
+    if cfg.kv_lora_rank:
+        return cfg.kv_lora_rank + cfg.rotary_dim, f"({cfg.kv_lora_rank} latent + {cfg.rotary_dim} rotated key)"
+    kv_heads = -(-cfg.kv_heads // tp)
+    return 2 * kv_heads * cfg.head_dim, f"2 (k, v) x {kv_heads} kv heads x {cfg.head_dim} head_dim"
+
+
 def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
     """The numbers to remember, applied to this model."""
     n, k = est.params, est.trainable
-    kv_token = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * 2
+    width, per_layer = _kv_width(cfg)
+    kv_token = cfg.n_layers * width * 2
     return [
         f"weights: 4 B/param in fp32, 2 in bf16/fp16, ~{NF4_BYTES:.2f} in NF4: {_m(n)} params -> "
         f"{human_bytes(4 * n)} / {human_bytes(2 * n)} / {human_bytes(NF4_BYTES * n)}",
@@ -1157,7 +1219,7 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (<= 64 MiB in float32 for a frozen head), "
         "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
-        f"KV cache in bf16: 2 x layers x kv_heads x head_dim x 2 B = {human_bytes(kv_token)} per token",
+        f"KV cache in bf16: layers x {per_layer} x 2 B = {human_bytes(kv_token)} per token",
         "over N data-parallel ranks: ZeRO-1 (zero1) divides the optimizer states by N, FSDP2 (dp_shard) the "
         "parameters, gradients and optimizer states (plus gathered units in flight), DDP nothing (its gradient "
         "buckets double the gradients); tp divides the block matrices and the activations inside attention and MLP",
