@@ -35,6 +35,7 @@ weights in bf16 can tip a near-tie late, so it is reported, not asserted).
     python benchmarks/decode_throughput.py --device cuda --shape llama-3.2-1b --compile --json out.json
     python benchmarks/decode_throughput.py --shape qwen3-moe-small   # a mixture: 64 experts, 8 per token
     python benchmarks/decode_throughput.py --shape gemma2-small      # capped scores; also gpt-oss-small (sinks)
+    python benchmarks/decode_throughput.py --shape deepseek-v3-small # latent attention; also glm4.5-small
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ SHAPES: dict[str, ModelConfig] = {
     # GPT-OSS's layout, small: sinks, biases, 32 clamped-SwiGLU experts of which a token runs 4, 128-token windows.
     "gpt-oss-small": dataclasses.replace(PRESETS["gpt-oss-20b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8,
                                          n_kv_heads=4, head_size=64, ffn_dim=256, max_seq_len=2048),
+    # GLM-4.5's layout, small: sigmoid-routed experts (a choice bias, 64 of them, 8 per token) beside a shared one,
+    # after a dense layer; half of each head rotated.
+    "glm4.5-small": dataclasses.replace(PRESETS["glm-4.5-air"], vocab_size=32000, dim=512, n_layers=8, n_heads=8,
+                                        n_kv_heads=4, head_size=64, rope_dim=32, ffn_dim=1408, n_experts=64,
+                                        expert_ffn_dim=256, shared_expert_ffn_dim=256, max_seq_len=2048),
+    # DeepSeek-V3's layout, small: latent attention (a 128-wide latent and 32 rotated dims cached per token) and the
+    # same routing in 4 groups, 2 of them kept per token.
+    "deepseek-v3-small": dataclasses.replace(
+        PRESETS["deepseek-v3"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, head_size=96,
+        rope_dim=32, kv_lora_rank=128, q_lora_rank=192, v_head_size=64, ffn_dim=1408, n_experts=64, expert_ffn_dim=256,
+        shared_expert_ffn_dim=256, expert_groups=4, expert_groups_per_token=2, dense_layers=1, max_seq_len=2048,
+        rope_scaling=None),
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from temper.model.attention import Segments
+from temper.model.attention import LatentAttention, Segments
 from temper.model.config import PRESETS, ModelConfig
 from temper.model.transformer import Transformer
 
@@ -162,6 +162,28 @@ def test_kv_cache_and_left_padding_match_full_forward(name):
         out = m(padded, positions=pos, segments=Segments.padding(valid))
         torch.testing.assert_close(out[:, 3:], m(short), rtol=0, atol=1e-5)
         assert torch.isfinite(out).all()
+
+
+def test_latent_attention_decodes_absorbed_as_it_computes_expanded(monkeypatch):
+    """Decoding over a latent cache takes DeepSeek-V2's absorbed form (kv_b_proj folded into the queries and the
+    output), where it costs fewer products, and gives the expanded form's logits; a long prefill stays expanded."""
+    m = _model("debug-llama", **VARIANTS["latent"])
+    attn = m.layers[0].attn
+    assert attn._absorbs(1, 64) and attn._absorbs(4, 64) and not attn._absorbs(64, 64)
+    x = torch.randint(0, 256, (2, 20))
+    runs, expansions = {}, []
+    for layer in m.layers:
+        layer.attn.kv_b_proj.register_forward_hook(lambda *_: expansions.append(1))  # the expanded form's call
+    for form in ("absorbed", "expanded"):
+        if form == "expanded":
+            monkeypatch.setattr(LatentAttention, "_absorbs", lambda self, T, S: False)
+        with torch.no_grad():
+            cache = m.new_cache(2, 64)
+            runs[form] = torch.cat([m(x[:, :12], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(12, 20)], 1)
+        assert len(expansions) == (0 if form == "absorbed" else 2 * 9)  # 2 layers x 9 forwards
+    torch.testing.assert_close(runs["absorbed"], runs["expanded"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(runs["absorbed"], m(x), rtol=0, atol=1e-5)
 
 
 def test_dropout_only_in_training():

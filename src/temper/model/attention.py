@@ -294,10 +294,11 @@ class LatentAttention(Attention):
 
     The KV cache holds the latent (as the "keys" of one kv head, kv_lora_rank wide) and the rotated key part (as its
     "values", rope_dim wide): 576 values a token for DeepSeek-V3, where its 128 heads' keys and values would take
-    40960. Each step expands the whole cache again, as transformers' reference does; folding kv_b_proj into the
-    queries and the output (DeepSeek's absorbed form) would spare that, and is not done here."""
-
-    takes_block_mask = True
+    40960. Attending to it takes one of two forms, whichever costs fewer products (`_absorbs`): expanded, every
+    head's keys and values made from the latents, as transformers' reference does (training, prefill); or absorbed
+    (DeepSeek-V2's inference form, for decoding a few tokens over a long cache): kv_b_proj's key rows folded into the
+    queries, which then attend to the latents themselves as one shared kv head, and its value rows applied to the
+    output, so nothing the size of the cache is expanded per step."""
 
     def make_projections(self, cfg: ModelConfig) -> None:
         self.rope_dim, self.kv_rank, self.v_dim = cfg.rotary_dim, cfg.kv_lora_rank, cfg.v_head_dim
@@ -315,13 +316,40 @@ class LatentAttention(Attention):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
         self.n_kv_heads = 1  # what the cache holds: one latent
-        multiplier = yarn_score_multiplier(cfg)
-        if multiplier != 1.0:  # DeepSeek's YaRN scales every dimension's scores, not only the rotated ones'
-            self.scale = self.head_dim ** -0.5 * multiplier
+        # DeepSeek's YaRN scales every dimension's scores, not only the rotated ones'; explicit for the absorbed form,
+        # whose queries are not head_dim wide
+        self.scale = self.head_dim ** -0.5 * yarn_score_multiplier(cfg)
 
-    def project(
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        if cache is None or not self._absorbs(x.shape[1], cache.max_len):
+            return super().forward(x, rope, mask, causal, cache)
+        B, T, C = x.shape
+        q_pass, q_rot, latent, k_rot = self._latents(x, rope, cache)  # (B, T, H, D-R), (B, T, H, R), (B, 1, S, r|R)
+        w = self.kv_b_proj.weight.view(-1, self.nope_dim + self.v_dim, self.kv_rank)  # (H, D-R + Dv, r)
+        q_latent = torch.einsum("bthd,hdr->bhtr", q_pass, w[:, : self.nope_dim])  # (B, H, T, r)
+        q = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1)  # (B, H, T, r + R)
+        y = self.attend(q, torch.cat((latent, k_rot), dim=-1), latent, mask, causal)  # (B, H, T, r)
+        y = torch.einsum("bhtr,hvr->bthv", y, w[:, self.nope_dim:]).reshape(B, T, -1)  # (B, T, H*Dv)
+        return self.resid_drop(self.o_proj(y))  # (B, T, C)
+
+    def _absorbs(self, T: int, S: int) -> bool:
+        """Whether the absorbed form takes fewer multiply-adds for T queries over S cached slots than the expanded
+        one, and can: kv_b_proj a plain layer (not LoRA's, quantized or NF4), whose weight it reads directly."""
+        if type(self.kv_b_proj) is not nn.Linear or type(self.kv_b_proj.weight) is not nn.Parameter:
+            return False
+        H, r, R, dn, dv = self.n_heads, self.kv_rank, self.rope_dim, self.nope_dim, self.v_dim
+        expanded = S * r * H * (dn + dv) + T * S * H * (dn + R + dv)
+        absorbed = T * H * dn * r + T * S * H * (2 * r + R) + T * H * r * dv
+        return absorbed < expanded
+
+    def _latents(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries' unrotated and rotated parts (B, T, H, D - R), (B, T, H, R), and every latent and rotated key
+        part (B, 1, S, r), (B, 1, S, R): the cache's and these T tokens'."""
         B, T, C = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_pass, q_rot = q.view(B, T, -1, self.head_dim).split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, .)
@@ -329,10 +357,18 @@ class LatentAttention(Attention):
         latent, k_rot = self.kv_a_layernorm(latent), k_rot.unsqueeze(2)  # (B, T, r), (B, T, 1, R)
         if rope is not None:
             q_rot, k_rot = apply_rope(q_rot, *rope).to(q.dtype), apply_rope(k_rot, *rope).to(k_rot.dtype)
-        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # (B, H, T, D)
         latent, k_rot = latent.unsqueeze(1), k_rot.transpose(1, 2)  # (B, 1, T, r), (B, 1, T, R)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)  # (B, 1, S, r), (B, 1, S, R)
+        return q_pass, q_rot, latent, k_rot
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The expanded form: every head's keys and values made from the latents."""
+        B = x.shape[0]
+        q_pass, q_rot, latent, k_rot = self._latents(x, rope, cache)
+        q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # (B, H, T, D)
         S = latent.shape[2]
         kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, -1, self.nope_dim + self.v_dim).transpose(1, 2)
         k_pass, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, D - R), (B, H, S, Dv)
