@@ -168,6 +168,13 @@ CASES = {
         first_k_dense_replace=1, routed_scaling_factor=2.5, tie_word_embeddings=False, pad_token_id=0,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
                       "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8})),
+    # DeepSeek-V3's attention with one q_proj (no query latent) and values as wide as queries and keys (SDPA's fused
+    # kernel on a CPU), unscaled RoPE.
+    "deepseek-v3-plain-q": lambda: _with_choice_bias(_hf(
+        "DeepseekV3Config", "DeepseekV3ForCausalLM", **_SMALL | {"num_hidden_layers": 2, "num_key_value_heads": 4},
+        kv_lora_rank=24, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+        moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, tie_word_embeddings=False, pad_token_id=0)),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),

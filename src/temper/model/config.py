@@ -72,7 +72,7 @@ class ModelConfig:
     """RoPE base wavelength."""
     rope_dim: int | None = None
     """How many leading dimensions of each head RoPE rotates (Phi-4-mini: 96 of 128); the rest pass through
-    unrotated. None: the whole head."""
+    unrotated (latent attention rotates its last ones instead). None: the whole head."""
     rope_float32: bool = False
     """Rotate queries and keys in float32 and round after (OLMo 2); False: in the activations' dtype (Llama). The
     same in float32."""
@@ -254,12 +254,12 @@ class ModelConfig:
             raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} needs n_experts and a positive width")
         if self.shared_expert_gate and self.shared_expert_ffn_dim is None:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_ffn_dim)")
-        if self.kv_lora_rank is not None and not (
-                self.kv_lora_rank > 0 and self.pos == "rope" and self.rope_dim is not None and self.rope_dim < self.head_dim
-                and self.kv_heads == self.n_heads and not (self.qk_norm or self.bias or self.qkv_bias)):
-            raise ValueError(f"kv_lora_rank={self.kv_lora_rank} (latent attention) needs a positive rank, pos='rope' with "
-                             f"rope_dim below head_dim ({self.head_dim}), as many kv heads as heads, and no q/k norms "
-                             "or attention biases")
+        latent_ok = (self.pos == "rope" and self.rope_dim is not None and self.rope_dim < self.head_dim
+                     and self.kv_heads == self.n_heads and not (self.qk_norm or self.bias or self.qkv_bias))
+        if self.kv_lora_rank is not None and not (self.kv_lora_rank > 0 and latent_ok):
+            raise ValueError(f"kv_lora_rank={self.kv_lora_rank} (latent attention) needs a positive rank, pos='rope' "
+                             f"with rope_dim below head_dim ({self.head_dim}), as many kv heads as heads, and no q/k "
+                             "norms or attention biases")
         for name in ("q_lora_rank", "v_head_size"):
             if getattr(self, name) is not None and (self.kv_lora_rank is None or getattr(self, name) <= 0):
                 raise ValueError(f"{name}={getattr(self, name)} needs kv_lora_rank (latent attention) and a positive "
@@ -297,7 +297,7 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """rope_dim with None resolved: the leading dimensions of each head that RoPE rotates."""
+        """rope_dim with None resolved: the dimensions of each head that RoPE rotates."""
         return self.rope_dim or self.head_dim
 
     def window_of(self, layer: int) -> int | None:
@@ -439,8 +439,9 @@ PRESETS: dict[str, ModelConfig] = {
     # attention (a 512-wide latent and 64 rotated dims cached per token; queries through a 1536-wide latent), 256
     # experts in 8 groups, 8 per token from 4 groups, a shared expert, 3 dense layers; YaRN to 160k.
     "deepseek-v3": replace(
-        _LLAMA, vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, head_size=192, rope_dim=64, kv_lora_rank=512,
-        q_lora_rank=1536, v_head_size=128, ffn_dim=18432, max_seq_len=163840, norm_eps=1e-6, tie_embeddings=False,
+        _LLAMA, vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, head_size=192, rope_dim=64,
+        kv_lora_rank=512, q_lora_rank=1536, v_head_size=128, ffn_dim=18432, max_seq_len=163840, norm_eps=1e-6,
+        tie_embeddings=False,
         rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
         n_experts=256, experts_per_token=8, expert_ffn_dim=2048, shared_expert_ffn_dim=2048, router_scores="sigmoid",

@@ -928,12 +928,13 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                             "kv_a_proj") else (cfg.head_dim, cfg.head_dim - cfg.rotary_dim, cfg.rotary_dim)
                         rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
-            pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
-            for n in "qkvo":
-                for t in ("weight", "bias"):
-                    if f"{p}attn.{n}_proj.{t}" in keys:
-                        rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",),
-                                           rope_pairs=pairs if n in "qk" else None))
+            else:
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
+                for n in "qkvo":
+                    for t in ("weight", "bias"):
+                        if f"{p}attn.{n}_proj.{t}" in keys:
+                            rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",),
+                                               rope_pairs=pairs if n in "qk" else None))
             if arch == GLM4:  # gate and up fused, as Phi-3's
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
