@@ -1324,7 +1324,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current -= self._live.pop(key)[1]
 
     def _resized(self) -> None:
-        for entry in self._live.values():
+        # A copy: a storage freed meanwhile (a collection the loop's allocations trigger) drops its entry from `_live`
+        for entry in list(self._live.values()):
             storage = entry[2]() if entry[2] is not None else None
             if storage is not None and storage.nbytes() != entry[1]:
                 self.current += storage.nbytes() - entry[1]
@@ -1334,7 +1335,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self._resized()
         if self.current > self.peak:
             self.peak, self.peak_op = self.current, where
-            self._peak_live = [(serial, n) for serial, n, _ in self._live.values()]
+            self._peak_live = [(serial, n) for serial, n, _ in list(self._live.values())]
 
     def at_peak(self) -> dict[str, int]:
         """Bytes alive at the peak by role (roles as known now: a tensor that became a gradient counts as one)."""
