@@ -71,7 +71,7 @@ def test_preset_sizes_on_meta():
         gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
         gpt_oss = [Transformer(PRESETS[f"gpt-oss-{size}"]) for size in ("20b", "120b")]
         glm45 = [Transformer(PRESETS[name]) for name in ("glm-4.5", "glm-4.5-air")]
-        deepseek_v3 = Transformer(PRESETS["deepseek-v3"])
+        deepseek_v3, kimi_k2 = Transformer(PRESETS["deepseek-v3"]), Transformer(PRESETS["kimi-k2"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -98,6 +98,9 @@ def test_preset_sizes_on_meta():
     # deepseek-ai/DeepSeek-V3: the published 671B total (without its multi-token-prediction layer), 37B active
     assert deepseek_v3.num_params() == 671_026_404_352
     assert deepseek_v3.matmul_params() + deepseek_v3.tok_emb.weight.numel() == 37_551_276_032
+    # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
+    assert kimi_k2.num_params() == 1_026_408_209_408
+    assert kimi_k2.matmul_params() + kimi_k2.tok_emb.weight.numel() == 32_860_471_296
 
 
 def test_causal_future_tokens_do_not_change_the_past():

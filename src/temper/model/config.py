@@ -358,6 +358,16 @@ _GLM45 = replace(
     rope_theta=1000000.0, norm_eps=1e-5, qkv_bias=True, tie_embeddings=False, n_experts=128, experts_per_token=8,
     router_scores="sigmoid", expert_choice_bias=True, expert_weights_float32=True,
 )
+_DEEPSEEK_V3 = replace(
+    _LLAMA, vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, head_size=192, rope_dim=64,
+    kv_lora_rank=512, q_lora_rank=1536, v_head_size=128, ffn_dim=18432, max_seq_len=163840, norm_eps=1e-6,
+    tie_embeddings=False,
+    rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    n_experts=256, experts_per_token=8, expert_ffn_dim=2048, shared_expert_ffn_dim=2048, router_scores="sigmoid",
+    expert_choice_bias=True, expert_groups=8, expert_groups_per_token=4, routed_scaling=2.5, dense_layers=3,
+    expert_weights_float32=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
@@ -438,15 +448,14 @@ PRESETS: dict[str, ModelConfig] = {
     # DeepSeek-V3 (DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024; R1 and Kimi K2 share the architecture): latent
     # attention (a 512-wide latent and 64 rotated dims cached per token; queries through a 1536-wide latent), 256
     # experts in 8 groups, 8 per token from 4 groups, a shared expert, 3 dense layers; YaRN to 160k.
-    "deepseek-v3": replace(
-        _LLAMA, vocab_size=129280, dim=7168, n_layers=61, n_heads=128, n_kv_heads=128, head_size=192, rope_dim=64,
-        kv_lora_rank=512, q_lora_rank=1536, v_head_size=128, ffn_dim=18432, max_seq_len=163840, norm_eps=1e-6,
-        tie_embeddings=False,
-        rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-        n_experts=256, experts_per_token=8, expert_ffn_dim=2048, shared_expert_ffn_dim=2048, router_scores="sigmoid",
-        expert_choice_bias=True, expert_groups=8, expert_groups_per_token=4, routed_scaling=2.5, dense_layers=3,
-        expert_weights_float32=True,
+    "deepseek-v3": _DEEPSEEK_V3,
+    # Kimi K2 (Moonshot AI, "Kimi K2: Open Agentic Intelligence", 2025): DeepSeek-V3's architecture with 64 heads, 384
+    # experts in one group, one dense layer and a larger vocabulary (1.03T parameters, 33B active).
+    "kimi-k2": replace(
+        _DEEPSEEK_V3, vocab_size=163840, n_heads=64, n_kv_heads=64, n_experts=384, expert_groups=1,
+        expert_groups_per_token=1, dense_layers=1, routed_scaling=2.827, max_seq_len=131072, rope_theta=50000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
