@@ -12,7 +12,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from temper.infer.engine import generate
 from temper.model.config import PRESETS, ModelConfig
@@ -467,6 +468,56 @@ def test_gpt_oss_mxfp4_experts_load_as_transformers_dequantizes_them(tmp_path):
         load_hf(tmp_path)
 
 
+def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale per block, its dequantized float32 weight): DeepSeek's quantization,
+    absmax / 448 per block; the blocks at the right and bottom edges cut short."""
+    rows, cols = block
+    blocks = F.pad(w, (0, -w.shape[1] % cols, 0, -w.shape[0] % rows)).unflatten(0, (-1, rows)).unflatten(2, (-1, cols))
+    scales = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # (out / rows, in / cols)
+    full = scales.repeat_interleave(rows, 0)[: w.shape[0]].repeat_interleave(cols, 1)[:, : w.shape[1]]
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scales, q.float() * full
+
+
+def test_fp8_checkpoints_load_dequantized_block_by_block(tmp_path):
+    """DeepSeek-V3, R1 and Kimi K2 are published in fine-grained FP8: float8_e4m3fn linear weights with a float32
+    scale per block (`weight_scale_inv`; 128 x 128 there, 16 x 16 here, which the tiny widths do not divide). temper
+    dequantizes each weight as it loads it (DeepSeek's `weight_dequant`: the float32 product, rounded once to the
+    model's dtype): every tensor equals the dequantized checkpoint's, in float32 and in bf16; a weight without its
+    scales, scales that do not fit it and another FP8 layout fail naming them."""
+    hf = CASES["deepseek-v3-latent-attention"]()
+    hf.save_pretrained(tmp_path / "full")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    fp8, dequantized = {}, {}
+    for name, w in full.items():
+        if w.dim() == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight"):  # the linears
+            fp8[name], fp8[name + "_scale_inv"], dequantized[name] = _fp8_blocks(w, (16, 16))
+        else:
+            fp8[name] = dequantized[name] = w
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    for name, tensors, extra in (("fp8", fp8, {"quantization_config": quant}), ("ref", dequantized, {})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text(json.dumps(config | extra))
+    assert sum(t.dtype == torch.float8_e4m3fn for t in fp8.values()) > 20
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, ref = load_hf(tmp_path / "fp8", dtype=dtype)[0].state_dict(), load_hf(tmp_path / "ref", dtype=dtype)[0]
+        assert all(torch.equal(t, ours[k]) for k, t in ref.state_dict().items())
+        x = torch.randint(0, 101, (2, 30))
+        with torch.no_grad():  # and the quantization mattered: the logits moved from the full-precision model's
+            assert (ref(x).float() - hf(x).logits).abs().max() > 1e-3
+    bad = {"no scales": ({k: v for k, v in fp8.items() if k != "model.layers.1.self_attn.o_proj.weight_scale_inv"},
+                         quant, "FP8 model.layers.1.self_attn.o_proj.weight has no weight_scale_inv tensor"),
+           "misfit": (fp8, quant | {"weight_block_size": [8, 8]}, "are not FP8 in blocks of 8 x 8"),
+           "e5m2": (fp8, quant | {"fmt": "e5m2"}, "fp8 with fmt='e5m2', weight_block_size=.* is not supported")}
+    for tensors, q, match in bad.values():
+        save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | {"quantization_config": q}))
+        with pytest.raises(CheckpointError, match=match):
+            load_hf(tmp_path / "fp8")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_in_low_precision(tmp_path, dtype):
     hf = CASES["qwen2-qkv-bias-tied"]()
@@ -758,7 +809,7 @@ def test_published_configs_map_to_presets():
         "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.54.0",
         "use_cache": True, "use_qk_norm": False, "vocab_size": 151552, "first_k_dense_replace": 1,
     }
-    deepseek_v3 = {  # deepseek-ai/DeepSeek-V3, but its FP8 quantization_config (a bf16 conversion's config)
+    deepseek_v3 = {  # deepseek-ai/DeepSeek-V3
         "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
         "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
@@ -767,13 +818,15 @@ def test_published_configs_map_to_presets():
         "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
         "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
         "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "original_max_position_embeddings": 4096, "type": "yarn"},
         "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
         "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
         "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
     }
-    with pytest.raises(ValueError, match="quantization_config 'fp8' is not supported"):  # as published
+    with pytest.raises(ValueError, match="quantization_config fp8 with fmt='e4m3', weight_block_size=None is not"):
         from_hf_config(deepseek_v3 | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}})
     with pytest.raises(ValueError, match="quantization_config 'gptq' is not supported"):
         from_hf_config(qwen3 | {"quantization_config": {"quant_method": "gptq", "bits": 4}})

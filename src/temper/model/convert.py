@@ -18,7 +18,8 @@ attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's atte
 shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
 shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
-that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too), Seed-OSS
+that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
+published FP8 weights are dequantized as they load), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights of each architecture
@@ -213,9 +214,10 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     arch = _architecture(d)
     quant = d.get("quantization_config")
     quant = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if quant and not (arch == GPT_OSS and quant == "mxfp4"):
-        raise ValueError(f"quantization_config {quant!r} is not supported (temper reads 16- and 32-bit weights, and "
-                         "GPT-OSS's MXFP4 experts); load the unquantized checkpoint, then QLoRA or quantize in temper")
+    if quant and not (arch == GPT_OSS and quant == "mxfp4") and not fp8_blocks(d):
+        raise ValueError(f"quantization_config {quant!r} is not supported (temper reads 16- and 32-bit weights, "
+                         "GPT-OSS's MXFP4 experts and block-scaled FP8 (DeepSeek's)); load the unquantized checkpoint, "
+                         "then QLoRA or quantize in temper")
     if arch == GPT2:
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -1345,16 +1347,36 @@ def _weight_files(root: Path, allow_pickle: bool) -> list[SafetensorsFile | _Pic
 def read_hf_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory's config.json; any fault is a CheckpointError
     naming the file (and the key)."""
-    config_path = _member(Path(path), "config.json")
+    return _read_config(Path(path))[0]
+
+
+def _read_config(root: Path) -> tuple[ModelConfig, tuple[int, int] | None]:
+    """(`read_hf_config`, the FP8 weights' block shape or None)."""
+    config_path = _member(root, "config.json")
     if not config_path.is_file():
-        raise CheckpointError(f"{path}: no config.json")
+        raise CheckpointError(f"{root}: no config.json")
     d = read_json_object(config_path, CheckpointError)
     try:
-        return from_hf_config(d)
+        return from_hf_config(d), fp8_blocks(d)
     except KeyError as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from None
     except ValueError as e:  # a field of the wrong type, an architecture or option temper cannot reproduce
         raise CheckpointError(f"{config_path}: {e}") from None
+
+
+def fp8_blocks(d: dict[str, Any]) -> tuple[int, int] | None:
+    """The (rows, columns) of a block of the FP8 weights that a config's `quantization_config` declares (transformers'
+    fine-grained FP8, as DeepSeek-V3, R1 and Kimi K2 are published: float8_e4m3fn weights, a float32
+    `weight_scale_inv` per block), or None where it declares none; another FP8 layout raises, naming the key."""
+    q = d.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        return None
+    blocks, fmt = q.get("weight_block_size"), q.get("fmt", "e4m3")
+    if fmt != "e4m3" or not (isinstance(blocks, list) and len(blocks) == 2
+                             and all(_is_int(b) and b > 0 for b in blocks)):
+        raise ValueError(f"quantization_config fp8 with fmt={fmt!r}, weight_block_size={blocks!r} is not supported "
+                         "(temper reads e4m3 weights scaled per block of [rows, columns])")
+    return blocks[0], blocks[1]
 
 
 def load_hf(
@@ -1369,14 +1391,15 @@ def load_hf(
     The model is built on the meta device and given its weights: on the CPU, a tensor stored as
     temper uses it is a copy-on-write map of the file (no copy at all); any other is read into a
     new tensor of its final device and dtype (through one temporary when it must be split,
-    transposed or cast). The weights are never held twice.
+    transposed or cast). The weights are never held twice. Quantized weights as published (GPT-OSS's MXFP4 experts,
+    DeepSeek-V3's block-scaled FP8) are dequantized one tensor at a time, into the asked dtype.
     """
     try:
         check_remote_code(trust_remote_code, revision)
     except InputError as e:
         raise CheckpointError(f"{path}: {e}") from None
     root = Path(path)
-    cfg = read_hf_config(root)
+    cfg, fp8 = _read_config(root)
     arch = hf_architecture(cfg)
     device = torch.device(device)
     with torch.device("meta"):
@@ -1387,13 +1410,14 @@ def load_hf(
     seen: dict[str, Path] = {}
     sd: dict[str, torch.Tensor] = {}
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # a quantized tensor's blocks or scales, until both are read
+    scaled: dict[str, dict[str, torch.Tensor]] = {}  # an FP8 weight or its scales, until both are read
     scratch = torch.empty(0, dtype=torch.uint8)
     with torch.no_grad():
         for f in _weight_files(root, allow_pickle):
             for name, (src_dtype, shape, _, _) in f.entries.items():
                 if _ignored(name, cfg):
                     continue
-                whole = None  # a tensor read whole: the stacked experts (GPT-OSS), dequantized from MXFP4 or not
+                whole = None  # a tensor read whole: the stacked experts (GPT-OSS), dequantized from MXFP4 or FP8
                 if arch == GPT_OSS and name.endswith(("_blocks", "_scales")):
                     name, half = name.rsplit("_", 1)
                     if half in mxfp4.get(name, {}):
@@ -1402,6 +1426,18 @@ def load_hf(
                     if len(mxfp4[name]) < 2:
                         continue
                     whole = _dequantize_mxfp4(mxfp4[name].pop("blocks"), mxfp4.pop(name)["scales"], f.path, name)
+                    shape = whole.shape
+                elif fp8 and (name.endswith(".weight_scale_inv") or src_dtype == torch.float8_e4m3fn):
+                    half = "scales" if name.endswith("_scale_inv") else "weight"
+                    name = name.removesuffix("_scale_inv")
+                    if half in scaled.get(name, {}):
+                        raise CheckpointError(f"{f.path}: tensor {name + ('_scale_inv' if half == 'scales' else '')!r}"
+                                              " is in two files")
+                    scaled.setdefault(name, {})[half] = f.read(name + ("_scale_inv" if half == "scales" else ""))
+                    if len(scaled[name]) < 2:
+                        continue
+                    parts = scaled.pop(name)
+                    whole = _dequantize_fp8(parts["weight"], parts["scales"], fp8, f.path, name)
                     shape = whole.shape
                 key = _canonical(name, arch)
                 rule = rules.get(key)
@@ -1414,10 +1450,12 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path
                 _check_shape(rule, shape, shapes, str(f.path))
-                if rule.stacked or rule.rope_pairs:  # whole: every expert's part copied out, or RoPE's rows moved
+                if whole is not None or rule.stacked or rule.rope_pairs:  # whole: dequantized, every expert's part
+                    # copied out, or RoPE's rows moved
                     whole = f.read(name) if whole is None else whole
+                    parts = _to_temper(rule, whole, [shapes[p][0] for p in rule.parts])
                     sd |= {p: t.to(device, dtypes[p], copy=True).contiguous()
-                           for p, t in zip(rule.parts, _to_temper(rule, whole, []), strict=True)}
+                           for p, t in zip(rule.parts, parts, strict=True)}
                     continue
                 if (len(rule.parts) == 1 and not rule.transpose and src_dtype == dtypes[rule.parts[0]]
                         and device.type == "cpu"):
@@ -1431,6 +1469,10 @@ def load_hf(
     if mxfp4:
         name, half = next((n, next(iter(h))) for n, h in mxfp4.items())
         raise CheckpointError(f"{root}: {name}_{half} has no {'scales' if half == 'blocks' else 'blocks'} tensor")
+    if scaled:
+        name, half = next((n, next(iter(h))) for n, h in scaled.items())
+        raise CheckpointError(f"{root}: FP8 {name} has no weight_scale_inv tensor" if half == "weight"
+                              else f"{root}: {name}_scale_inv scales no FP8 weight")
     missing = [r.hf for r in rules.values() if r.hf not in seen]
     if missing:
         raise CheckpointError(f"{root}: missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}")
@@ -1440,6 +1482,20 @@ def load_hf(
 
 
 _FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _dequantize_fp8(weight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], path: Path, name: str
+                    ) -> torch.Tensor:
+    """A fine-grained FP8 weight in float32: each (rows, columns) block of the float8_e4m3fn (out, in) weight times its
+    float32 scale (`weight_scale_inv`, (ceil(out / rows), ceil(in / columns))), as DeepSeek's `weight_dequant` and
+    its fp8_cast_bf16.py compute it; the caller rounds it to the model's dtype."""
+    rows, cols = block
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or scales.shape != (
+            -(-weight.shape[0] // rows), -(-weight.shape[1] // cols)):
+        raise CheckpointError(f"{path}: {name} {list(weight.shape)} ({weight.dtype}) and its weight_scale_inv "
+                              f"{list(scales.shape)} are not FP8 in blocks of {rows} x {cols}")
+    full = scales.float().repeat_interleave(rows, 0)[: weight.shape[0]].repeat_interleave(cols, 1)[:, : weight.shape[1]]
+    return weight.float() * full  # (out, in)
 
 
 def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, path: Path, name: str) -> torch.Tensor:

@@ -387,7 +387,7 @@ class RouterBalance:
         segments = batch.model_kwargs.get("segments")
         real = (segments.ids >= 0).flatten() if segments is not None else None  # (B*T,)
         n_experts = layers[0].router.out_features
-        device = routed[0][1][0][0].device
+        device = next(p for _, records in routed for p, _ in records).device
         slots = torch.zeros(n_experts, device=device)  # (E,) tokens' k slots routed to each expert, all layers
         probs = torch.zeros(n_experts, device=device)  # (E,) summed router probabilities
         tokens = torch.zeros((), device=device)
