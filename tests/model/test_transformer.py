@@ -60,6 +60,18 @@ def test_debug_counts_by_hand():
     assert m.flops_per_token(S) == 6 * N + 12 * L * C * S == 884736
 
 
+def _moe_counts(name: str) -> tuple[int, int, int]:
+    """(num_params, matmul_params, embedding rows x dim) of a mixture-of-experts preset, from two meta builds: its
+    dense layers with one and with two expert layers. Every expert layer holds the same parameters (windows change
+    none), so the whole count follows exactly, where building DeepSeek-V3's 15k experts would take seconds."""
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        one, two = (Transformer(replace(cfg, n_layers=cfg.dense_layers + k)) for k in (1, 2))
+    more = cfg.n_layers - cfg.dense_layers - 1
+    return (one.num_params() + more * (two.num_params() - one.num_params()),
+            one.matmul_params() + more * (two.matmul_params() - one.matmul_params()), one.tok_emb.weight.numel())
+
+
 def test_preset_sizes_on_meta():
     with torch.device("meta"):
         gpt2 = Transformer(PRESETS["gpt2-124m"])
@@ -67,11 +79,7 @@ def test_preset_sizes_on_meta():
         llama125 = Transformer(PRESETS["llama-125m"])
         qwen3_small, qwen3_8b = Transformer(PRESETS["qwen3-0.6b"]), Transformer(PRESETS["qwen3-8b"])
         gemma3_270m, gemma3_1b = Transformer(PRESETS["gemma3-270m"]), Transformer(PRESETS["gemma3-1b"])
-        mixtral, qwen3_moe = Transformer(PRESETS["mixtral-8x7b"]), Transformer(PRESETS["qwen3-30b-a3b"])
         gemma2 = [Transformer(PRESETS[f"gemma-2-{size}"]) for size in ("2b", "9b", "27b")]
-        gpt_oss = [Transformer(PRESETS[f"gpt-oss-{size}"]) for size in ("20b", "120b")]
-        glm45 = [Transformer(PRESETS[name]) for name in ("glm-4.5", "glm-4.5-air")]
-        deepseek_v3, kimi_k2 = Transformer(PRESETS["deepseek-v3"]), Transformer(PRESETS["kimi-k2"])
     assert gpt2.num_params() == 124_475_904  # nanoGPT's count with the padded 50304 vocab
     assert llama.num_params() == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert 120e6 < llama125.num_params() < 130e6
@@ -79,28 +87,44 @@ def test_preset_sizes_on_meta():
     assert qwen3_8b.num_params() == 8_190_735_360  # Qwen/Qwen3-8B
     assert gemma3_270m.num_params() == 268_098_176  # google/gemma-3-270m
     assert gemma3_1b.num_params() == 999_885_952  # google/gemma-3-1b-pt
-    assert mixtral.num_params() == 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
     # google/gemma-2-2b, -9b, -27b
     assert [m.num_params() for m in gemma2] == [2_614_341_888, 9_241_705_984, 27_227_128_320]
+    # Mixtures of experts, counted from one and two expert layers (`_moe_counts`); the real whole-model counts agree
+    # (Qwen3-30B-A3B built whole: test_moe_counts_extrapolate_exactly).
+    mixtral, qwen3_moe = _moe_counts("mixtral-8x7b"), _moe_counts("qwen3-30b-a3b")
+    assert mixtral[0] == 46_702_792_704  # mistralai/Mixtral-8x7B-v0.1
     # openai/gpt-oss-20b and -120b: 20.91B and 116.83B, of which 3.61B and 5.13B active (the model card's count:
     # matrix weights without biases or the input embedding, 4 of the experts)
-    assert [m.num_params() for m in gpt_oss] == [20_914_757_184, 116_829_156_672]
-    assert [m.matmul_params() for m in gpt_oss] == [3_607_142_400, 5_131_100_160]
-    assert qwen3_moe.num_params() == 30_532_122_624  # Qwen/Qwen3-30B-A3B
+    gpt_oss = [_moe_counts(f"gpt-oss-{size}") for size in ("20b", "120b")]
+    assert [c[:2] for c in gpt_oss] == [(20_914_757_184, 3_607_142_400), (116_829_156_672, 5_131_100_160)]
+    assert qwen3_moe[0] == 30_532_122_624  # Qwen/Qwen3-30B-A3B
     # FLOPs count the experts a token runs (2 of 8; 8 of 128): the published 12.9B and 3.3B active parameters
     # (the input embedding included there, as a lookup not here).
-    assert mixtral.matmul_params() + mixtral.tok_emb.weight.numel() == 12_879_659_008
-    assert qwen3_moe.matmul_params() + qwen3_moe.tok_emb.weight.numel() == 3_352_821_760
+    assert mixtral[1] + mixtral[2] == 12_879_659_008
+    assert qwen3_moe[1] + qwen3_moe[2] == 3_352_821_760
     # zai-org/GLM-4.5 and -Air: the published 355B and 106B total, 32B and 12B active (without the embeddings and
-    # head; the totals without the multi-token-prediction layer, which temper does not build)
-    assert [m.num_params() for m in glm45] == [352_797_814_784, 106_852_245_504]
-    assert [m.matmul_params() - m.head.weight.numel() for m in glm45] == [32_078_069_760, 12_181_569_536]
+    # head, untied: twice the embedding's; the totals without the multi-token-prediction layer, which temper does not
+    # build)
+    glm45 = [_moe_counts(name) for name in ("glm-4.5", "glm-4.5-air")]
+    assert [(c[0], c[1] - c[2]) for c in glm45] == [(352_797_814_784, 32_078_069_760), (106_852_245_504, 12_181_569_536)]
     # deepseek-ai/DeepSeek-V3: the published 671B total (without its multi-token-prediction layer), 37B active
-    assert deepseek_v3.num_params() == 671_026_404_352
-    assert deepseek_v3.matmul_params() + deepseek_v3.tok_emb.weight.numel() == 37_551_276_032
+    deepseek_v3 = _moe_counts("deepseek-v3")
+    assert (deepseek_v3[0], deepseek_v3[1] + deepseek_v3[2]) == (671_026_404_352, 37_551_276_032)
     # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
-    assert kimi_k2.num_params() == 1_026_408_209_408
-    assert kimi_k2.matmul_params() + kimi_k2.tok_emb.weight.numel() == 32_860_471_296
+    kimi_k2 = _moe_counts("kimi-k2")
+    assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)
+
+
+def test_moe_counts_extrapolate_exactly():
+    """`_moe_counts` equals the count of the model built whole, dense first layers and windows included."""
+    for name in ("qwen3-30b-a3b", "gpt-oss-20b"):
+        with torch.device("meta"):
+            whole = Transformer(PRESETS[name])
+        assert _moe_counts(name) == (whole.num_params(), whole.matmul_params(), whole.tok_emb.weight.numel())
+    small = replace(PRESETS["deepseek-v3"], vocab_size=512, dim=256, n_layers=6, n_experts=16, expert_groups=4)
+    with torch.device("meta"):
+        whole, one, two = (Transformer(replace(small, n_layers=n)) for n in (6, 4, 5))
+    assert whole.num_params() == one.num_params() + 2 * (two.num_params() - one.num_params())
 
 
 def test_causal_future_tokens_do_not_change_the_past():
