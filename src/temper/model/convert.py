@@ -214,7 +214,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     arch = _architecture(d)
     quant = d.get("quantization_config")
     quant = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if quant and not (arch == GPT_OSS and quant == "mxfp4") and not fp8_blocks(d):
+    if quant and not (arch == GPT_OSS and quant == "mxfp4") and not _fp8_block_shape(d):
         raise ValueError(f"quantization_config {quant!r} is not supported (temper reads 16- and 32-bit weights, "
                          "GPT-OSS's MXFP4 experts and block-scaled FP8 (DeepSeek's)); load the unquantized checkpoint, "
                          "then QLoRA or quantize in temper")
@@ -1357,14 +1357,14 @@ def _read_config(root: Path) -> tuple[ModelConfig, tuple[int, int] | None]:
         raise CheckpointError(f"{root}: no config.json")
     d = read_json_object(config_path, CheckpointError)
     try:
-        return from_hf_config(d), fp8_blocks(d)
+        return from_hf_config(d), _fp8_block_shape(d)
     except KeyError as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from None
     except ValueError as e:  # a field of the wrong type, an architecture or option temper cannot reproduce
         raise CheckpointError(f"{config_path}: {e}") from None
 
 
-def fp8_blocks(d: dict[str, Any]) -> tuple[int, int] | None:
+def _fp8_block_shape(d: dict[str, Any]) -> tuple[int, int] | None:
     """The (rows, columns) of a block of the FP8 weights that a config's `quantization_config` declares (transformers'
     fine-grained FP8, as DeepSeek-V3, R1 and Kimi K2 are published: float8_e4m3fn weights, a float32
     `weight_scale_inv` per block), or None where it declares none; another FP8 layout raises, naming the key."""
