@@ -510,10 +510,12 @@ def test_fp8_checkpoints_load_dequantized_block_by_block(tmp_path):
     bad = {"no scales": ({k: v for k, v in fp8.items() if k != "model.layers.1.self_attn.o_proj.weight_scale_inv"},
                          quant, "FP8 model.layers.1.self_attn.o_proj.weight has no weight_scale_inv tensor"),
            "misfit": (fp8, quant | {"weight_block_size": [8, 8]}, "are not FP8 in blocks of 8 x 8"),
-           "e5m2": (fp8, quant | {"fmt": "e5m2"}, "fp8 with fmt='e5m2', weight_block_size=.* is not supported")}
+           "e5m2": (fp8, quant | {"fmt": "e5m2"}, "fp8 with fmt='e5m2', weight_block_size=.* is not supported"),
+           "no config": ({k: v for k, v in fp8.items() if not k.endswith("_scale_inv")}, None,
+                         r"is torch.float8_e4m3fn but config.json declares no FP8 quantization_config")}
     for tensors, q, match in bad.values():
         save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
-        (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | {"quantization_config": q}))
+        (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | ({"quantization_config": q} if q else {})))
         with pytest.raises(CheckpointError, match=match):
             load_hf(tmp_path / "fp8")
 

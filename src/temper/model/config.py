@@ -291,6 +291,12 @@ class ModelConfig:
         return self.head_size or self.dim // self.n_heads
 
     @property
+    def cache_widths(self) -> tuple[int, int]:
+        """(key, value) widths a KV cache holds per kv head and token: head_dim each, or, for latent attention's one
+        "head", its latent and the rotated key part every head shares."""
+        return (self.kv_lora_rank, self.rotary_dim) if self.kv_lora_rank else (self.head_dim, self.head_dim)
+
+    @property
     def v_head_dim(self) -> int:
         """v_head_size with None resolved: the width of each head's value and output."""
         return self.v_head_size or self.head_dim

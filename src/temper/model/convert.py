@@ -585,10 +585,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = (GPT_OSS if cfg.attn_sinks else DEEPSEEK_V3 if cfg.kv_lora_rank else GLM4_MOE
-                    if cfg.router_scores == "sigmoid" else QWEN2_MOE
-                    if cfg.shared_expert_ffn_dim else OLMOE
-                    if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
+            arch = (GPT_OSS if cfg.attn_sinks else DEEPSEEK_V3 if cfg.kv_lora_rank
+                    else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
+                    else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
             arch = GLM4
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
@@ -1439,6 +1438,10 @@ def load_hf(
                     parts = scaled.pop(name)
                     whole = _dequantize_fp8(parts["weight"], parts["scales"], fp8, f.path, name)
                     shape = whole.shape
+                if whole is None and src_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise CheckpointError(f"{f.path}: tensor {name!r} is {src_dtype} but config.json declares no FP8 "
+                                          "quantization_config to scale it by; temper reads fine-grained FP8 "
+                                          "(quant_method fp8, weight_block_size)")
                 key = _canonical(name, arch)
                 rule = rules.get(key)
                 if rule is None:

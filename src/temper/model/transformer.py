@@ -334,8 +334,7 @@ class Transformer(nn.Module):
         p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
         kv_heads = self.layers[0].attn.n_kv_heads
-        # Latent attention caches each token's latent and the rotated key part it shares over heads (LatentAttention)
-        k_dim, v_dim = (c.kv_lora_rank, c.rotary_dim) if c.kv_lora_rank else (c.head_dim, None)
+        k_dim, v_dim = c.cache_widths
         return KVCache(
             c.n_layers, batch, kv_heads, max_len, k_dim, device=device or p.device, dtype=dtype or p.dtype, v_dim=v_dim
         )

@@ -1197,10 +1197,11 @@ def _kv_width(cfg: ModelConfig, tp: int = 1) -> tuple[int, str]:
     """Values per token and layer that `Transformer.new_cache` holds on one of `tp` tensor-parallel ranks, and what
     they are: each kv head's key and value, or latent attention's latent and the rotated key part that every head
     shares (tensor parallel refuses latent attention)."""
+    k, v = cfg.cache_widths
     if cfg.kv_lora_rank:
-        return cfg.kv_lora_rank + cfg.rotary_dim, f"({cfg.kv_lora_rank} latent + {cfg.rotary_dim} rotated key)"
+        return k + v, f"({k} latent + {v} rotated key)"
     kv_heads = -(-cfg.kv_heads // tp)
-    return 2 * kv_heads * cfg.head_dim, f"2 (k, v) x {kv_heads} kv heads x {cfg.head_dim} head_dim"
+    return kv_heads * (k + v), f"2 (k, v) x {kv_heads} kv heads x {k} head_dim"
 
 
 def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
