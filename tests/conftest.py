@@ -30,6 +30,12 @@ def shared_data() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (`--dist loadgroup`, as scripts/test.sh runs the suite), tests that spawn
+    # several processes run one after another on one worker, so ranks never crowd each other out of
+    # the cores; every other test file runs whole on one worker, so its module fixtures are built once.
+    for item in items:
+        group = "distributed" if "distributed" in item.keywords else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
