@@ -69,6 +69,10 @@ def _with_choice_bias(model):
 _SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
 
+_QWEN3_5 = dict(_SMALL | {"num_hidden_layers": 4}, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=16, linear_value_head_dim=8, full_attention_interval=2, tie_word_embeddings=False,
+                pad_token_id=0)
+
 CASES = {
     "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
                         n_head=4, bos_token_id=0, eos_token_id=0),
@@ -179,6 +183,13 @@ CASES = {
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
+    # Qwen3.5: Gated DeltaNet layers (2 key heads serving 4 value heads, narrower values) between gated attention
+    # layers (a quarter of each head rotated, (1 + w) q/k norms), one in two.
+    "qwen3.5-hybrid": lambda: _hf("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **_QWEN3_5),
+    # Qwen3.5-MoE: the same layers, with 4 experts and a gated shared expert in every MLP.
+    "qwen3.5-moe-hybrid": lambda: _hf("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", **_QWEN3_5,
+                                      moe_intermediate_size=40, shared_expert_intermediate_size=72, num_experts=4,
+                                      num_experts_per_tok=2),
 }
 
 
@@ -247,7 +258,8 @@ def test_variant_features_are_exercised():
                       ("glm4-moe-sigmoid-groups", {"expert_choice_bias": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
-                      ("glm4-moe-sigmoid-groups", {"rope_dim": None})]:
+                      ("glm4-moe-sigmoid-groups", {"rope_dim": None}),
+                      ("qwen3.5-hybrid", {"rope_dim": None}), ("qwen3.5-hybrid", {"norm_unit_offset": False})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -368,6 +380,32 @@ def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
         from_hf_config(published | {"text_config": [1]})
 
 
+def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path):
+    """Qwen3.5 is published as Qwen3_5ForConditionalGeneration (its text model under model.language_model., a vision
+    tower, multi-token-prediction layers): temper reads the text model, with transformers' logits for text (M-RoPE's
+    three position streams are equal there, which is RoPE), and exports a text-only Qwen3_5ForCausalLM."""
+    text = {k: v for k, v in _QWEN3_5.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                               "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  num_position_embeddings=16)
+    hf = _hf("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", text_config=text, vision_config=vision,
+             image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)
+    hf.save_pretrained(tmp_path / "it")
+    model, cfg = load_hf(tmp_path / "it")
+    assert cfg.hf_architecture == "Qwen3_5ForCausalLM" and cfg.full_attention_every == 2 and cfg.rope_dim == 8
+    x = torch.randint(0, 96, (2, 40))  # below the vision tokens
+    with torch.no_grad():
+        ref = hf(input_ids=x).logits
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
+        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "text")).eval()
+        assert type(back).__name__ == "Qwen3_5ForCausalLM"
+        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="layer_types"):
+        from_hf_config({**_QWEN3_5, "architectures": ["Qwen3_5ForCausalLM"], "hidden_act": "silu",
+                        "layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"]})
+
+
 def test_gpt2_without_biases_exports_zero_biases(tmp_path):
     cfg = replace(PRESETS["debug"], vocab_size=50, bias=False)
     model = Transformer(cfg).eval()
@@ -420,6 +458,20 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
         # Relative to the other rounding's error, not pinned: another CPU's bf16 kernels may round a sum differently
         # on both sides (0.0 here; the other rounding: a few bf16 steps).
         assert (ours(x).float() - ref).abs().max() * 4 < (other.eval()(x).float() - ref).abs().max()
+
+
+@pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid"])
+def test_qwen3_5_bf16_logits_equal_transformers(tmp_path, case):
+    """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
+    the gated norm's product after the weight (0.0 apart on the machine that wrote this; a step of the largest logit
+    allowed for other CPUs' bf16 kernels)."""
+    CASES[case]().save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours, _ = load_hf(tmp_path, dtype=torch.bfloat16)
+    x = torch.randint(0, 101, (4, 80))  # two chunks of the rule
+    with torch.no_grad():
+        ref = theirs(x).logits.float()
+        assert (ours(x).float() - ref).abs().max() <= ref.abs().max() * 2 ** -7
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -21,6 +21,7 @@ from temper.model.lora import (
     ALL_LINEAR_TARGETS,
     ATTENTION_TARGETS,
     LATENT_ATTENTION_TARGETS,
+    LINEAR_ATTENTION_TARGETS,
     LoRALinear,
     apply_lora,
 )
@@ -40,6 +41,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 _LLAMA = replace(PRESETS["debug-llama"], vocab_size=101, tie_embeddings=False)  # GQA: 4 query, 2 kv heads
+_QWEN3_5 = replace(_LLAMA, n_layers=4, qk_norm=True, norm_unit_offset=True, rope_dim=4, attn_output_gate=True,
+                   full_attention_every=2, linear_key_heads=2, linear_value_heads=4, linear_key_size=8,
+                   linear_value_size=8, hf_architecture="Qwen3_5ForCausalLM")
 CONFIGS = {
     "llama": replace(_LLAMA, hf_architecture="LlamaForCausalLM"),
     "qwen2": replace(_LLAMA, qkv_bias=True, hf_architecture="Qwen2ForCausalLM"),  # q/k/v biases
@@ -88,6 +92,10 @@ CONFIGS = {
                            dense_layers=1, expert_weights_float32=True, hf_architecture="DeepseekV3ForCausalLM"),
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
+    # Qwen3.5: Gated DeltaNet layers (2 key heads, 4 value heads) then gated attention (a quarter of each head rotated)
+    "qwen3_5": _QWEN3_5,
+    "qwen3_5_moe": replace(_QWEN3_5, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=48, shared_expert_gate=True,
+                           hf_architecture="Qwen3_5MoeForCausalLM"),  # and a gated shared expert beside 4
 }
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -101,6 +109,8 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
+    "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
@@ -130,6 +140,8 @@ def _targets(case: str) -> tuple[str, ...]:
     linears = ATTENTION_TARGETS if CONFIGS[case].n_experts else linears
     if CONFIGS[case].kv_lora_rank:  # latent attention's projections
         linears = (*LATENT_ATTENTION_TARGETS, "o_proj")
+    if CONFIGS[case].full_attention_every:  # the linear attention layers' too
+        linears = (*linears, *LINEAR_ATTENTION_TARGETS)
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 
@@ -210,8 +222,9 @@ def test_load_peft_reads_what_peft_saves(tmp_path, case, variant):
     theirs = peft.get_peft_model(hf, config)
     _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
     theirs.save_pretrained(tmp_path / "adapter")
+    layers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in _targets(case)}
     swapped = load_peft(model, model.cfg, tmp_path / "adapter")
-    assert len(swapped) == len(_targets(case)) * 2 - (not model.cfg.tie_embeddings)  # every layer, head once
+    assert set(swapped) == layers  # every targeted layer, the head once
     assert all(isinstance(model.get_submodule(n), LoRALinear) for n in swapped)
     x = _x(model)
     with torch.no_grad():
@@ -230,7 +243,7 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "qwen3_5_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and

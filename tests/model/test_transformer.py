@@ -113,6 +113,9 @@ def test_preset_sizes_on_meta():
     # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
     kimi_k2 = _moe_counts("kimi-k2")
     assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)
+    # Qwen/Qwen3.5-9B's language model (its vision tower apart): the 8.95B llama.cpp counts
+    with torch.device("meta"):
+        assert Transformer(PRESETS["qwen3.5-9b"]).num_params() == 8_953_803_264
 
 
 def test_moe_counts_extrapolate_exactly():

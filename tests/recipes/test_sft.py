@@ -201,6 +201,36 @@ def test_a_mixture_of_experts_fine_tunes_and_exports_as_itself(tmp_path, method)
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
+def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
+    """Qwen3.5 end to end: LoRA on its gated attention and Gated DeltaNet layers, over packed rows (each document
+    restarts the linear layers' state); the run learns, final/ is a Qwen3_5ForCausalLM that transformers runs to
+    temper's logits, and final/adapter is a PEFT adapter of both kinds of layer."""
+    rows = json.loads(ALPACA.read_text())
+    tok = train_tokenizer([r["instruction"] + " " + r["output"] for r in rows], "bpe", 600,
+                          ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    base = tmp_path / "qwen3_5"
+    cfg = replace(PRESETS["debug-qwen3.5"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False)
+    torch.manual_seed(0)
+    save_hf(Transformer(cfg), cfg, base)
+    save_hf_tokenizer(HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML}),
+                      base)
+    targets = "--lora.targets=[q_proj,k_proj,v_proj,o_proj,in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj]"
+    assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
+                          targets)]) == 0
+    loss = losses(tmp_path / "lora")
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
+    final = tmp_path / "lora" / "final"
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert {"linear_attn.in_proj_qkv", "linear_attn.out_proj", "self_attn.q_proj"} <= set(adapter["target_modules"])
+    transformers = pytest.importorskip("transformers")
+    ours, got = load_hf(final)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert got.hf_architecture == type(theirs).__name__ == "Qwen3_5ForCausalLM"
+    x = torch.randint(0, cfg.vocab_size, (2, 70))  # past a linear layer's 64-token chunk
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
 def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp_path, monkeypatch, method):
     """Under bf16 autocast the frozen base is loaded in bf16 (QLoRA's NF4 dequantizes to it); the adapters

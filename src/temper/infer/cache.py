@@ -13,6 +13,7 @@ holds what (the caller's bookkeeping).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,7 @@ def new_cache(model: nn.Module, batch: int, max_len: int, device: torch.device |
     if not 0 < max_len <= model.cfg.max_seq_len:
         raise ValueError(f"a cache row holds 1 .. max_seq_len={model.cfg.max_seq_len} tokens, got {max_len}")
     cache = model.new_cache(batch, max_len, device=device, dtype=dtype)
-    for t in (cache.k, cache.v, cache.lengths):
+    for t in (*cache.per_row().values(), cache.lengths):
         torch._dynamo.mark_static_address(t)
     return cache
 
@@ -44,7 +45,8 @@ def _index(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
 
 
 def reset(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> None:
-    """Empty `rows` (their stale keys and values stay, masked, until overwritten)."""
+    """Empty `rows` (their stale keys and values stay, masked, until overwritten; linear layers read an empty row's
+    state as zeros)."""
     cache.lengths[_index(cache, rows)] = 0
 
 
@@ -56,8 +58,8 @@ def fork(cache: KVCache, src: int, dst: Sequence[int] | torch.Tensor) -> None:
     if not isinstance(dst, torch.Tensor) and src in dst:
         raise ValueError(f"cannot fork row {src} into itself")
     # Copies of the source first: index_put refuses a source that shares memory with its destination.
-    cache.k[:, idx] = cache.k[:, src : src + 1].clone().expand(-1, n, -1, -1, -1)  # (L, n, Hkv, S_max, D)
-    cache.v[:, idx] = cache.v[:, src : src + 1].clone().expand(-1, n, -1, -1, -1)
+    for t in cache.per_row().values():  # k (L, B, Hkv, S_max, D), v, and linear layers' states
+        t[:, idx] = t[:, src : src + 1].clone().expand(-1, n, *t.shape[2:])
     cache.lengths[idx] = cache.lengths[src].clone()
 
 
@@ -65,17 +67,16 @@ def select(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> KVCache:
     """A new cache holding a copy of `rows` (in that order): the model runs on it alone, and
     `write_back` returns the rows, so a prefill of a few rows leaves every other row untouched."""
     idx = _index(cache, rows)
-    L, _, H, S, D = cache.k.shape
-    part = KVCache(L, idx.numel(), H, S, D, device=cache.k.device, dtype=cache.k.dtype, v_dim=cache.v.shape[-1])
-    part.k.copy_(cache.k[:, idx])
-    part.v.copy_(cache.v[:, idx])
-    part.lengths.copy_(cache.lengths[idx])
+    part = copy.copy(cache)
+    for name, t in cache.per_row().items():
+        setattr(part, name, t[:, idx])  # indexing copies
+    part.lengths = cache.lengths[idx]
     return part
 
 
 def write_back(cache: KVCache, rows: Sequence[int] | torch.Tensor, part: KVCache) -> None:
     """Put the rows of `part` (from `select(cache, rows)`) back into `cache`."""
     idx = _index(cache, rows)
-    cache.k[:, idx] = part.k
-    cache.v[:, idx] = part.v
+    for name, t in cache.per_row().items():
+        t[:, idx] = getattr(part, name)
     cache.lengths[idx] = part.lengths

@@ -50,7 +50,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from temper.infer.cache import fork, new_cache, reset, select, write_back
-from temper.model.attention import KVCache
+from temper.model.attention import KVCache, Segments
 from temper.model.layers import MoE
 from temper.model.rope import long_rope_length
 
@@ -274,8 +274,12 @@ def prefill(model: nn.Module, cache: KVCache, prompts: Prompts, rows: Sequence[i
     if int((before + count).max()) > room:
         raise ValueError(f"a prompt does not fit its cache row ({room} tokens): lengths {before.tolist()} + {counts}")
     cols = torch.arange(T, device=tokens.device)[None, :]
-    at = (cols < count[:, None]) & (all_logits | (cols >= (count - last_logits)[:, None]))  # (n, T)
-    logits = model(tokens, cache=part, logits_at=at)  # (n, V), or (sum of counts, V)
+    real = cols < count[:, None]  # (n, T)
+    at = real & (all_logits | (cols >= (count - last_logits)[:, None]))  # (n, T)
+    # The padding marked, for linear attention layers, whose state must not take it in; attention's mask comes from
+    # the rows' lengths.
+    segments = Segments.padding(real) if min(counts) < T else None
+    logits = model(tokens, cache=part, logits_at=at, segments=segments)  # (n, V), or (sum of counts, V)
     part.lengths.copy_(before + count)
     if not whole:
         write_back(cache, rows, part)

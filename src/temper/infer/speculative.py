@@ -285,6 +285,11 @@ def check_drafter(target: nn.Module, draft: nn.Module | None, prompt_lookup: int
         raise ValueError(f"prompt_lookup is the n-gram size to match, >= 1, got {prompt_lookup}")
     if k < 1:
         raise ValueError(f"k (tokens drafted per round) must be >= 1, got {k}")
+    for role, model in (("target", target), ("draft model", draft)):
+        if model is not None and model.cfg.full_attention_every is not None:
+            raise ValueError(f"the {role} has linear attention layers (full_attention_every="
+                             f"{model.cfg.full_attention_every}), whose state cannot be rolled back past rejected "
+                             "drafts: decode it without speculation")
     if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) is not the target's "
                          f"({target.cfg.vocab_size}): drafts are verified token id by token id")

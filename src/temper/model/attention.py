@@ -114,17 +114,42 @@ class KVCache:
 
     A row never grows past `max_len`: writes past the end land on the last slot (so an idle row
     of a static batch cannot fail), which the engine avoids for live rows by checking on the host.
+
+    Linear attention layers (`model/linear_attention.py`) keep no keys: each holds a state per row (`state`, float32,
+    (Llin, B, Hv, Dk, Dv)) and its convolution's last inputs (`conv`, (Llin, B, K - 1, C)), which a row of length 0
+    reads as zeros. Such a state holds the whole row and cannot be cut back: a row's length only grows, or restarts
+    at 0.
     """
 
     def __init__(
         self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
         *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, v_dim: int | None = None,
+        linear: tuple[int, tuple[int, int, int], tuple[int, int]] | None = None,
     ) -> None:
         shape = (n_layers, batch, n_kv_heads, max_len)
         self.k = torch.zeros(*shape, head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
         self.v = torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, Dv)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
         self.max_len = max_len
+        self.state = self.conv = None
+        if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state, (K - 1, C) of the convolution's inputs)
+            layers, state, conv = linear
+            self.state = torch.zeros(layers, batch, *state, device=device)  # (Llin, B, Hv, Dk, Dv) float32
+            self.conv = torch.zeros(layers, batch, *conv, device=device, dtype=dtype)  # (Llin, B, K - 1, C)
+
+    def per_row(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold rows, by attribute, each with its rows on dim 1: what forking, selecting and putting
+        back rows copies (besides `lengths`)."""
+        return {name: t for name in ("k", "v", "state", "conv") if (t := getattr(self, name)) is not None}
+
+    def linear_state(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear layer `slot`'s state (B, Hv, Dk, Dv) and convolution inputs (B, K - 1, C), zero in empty rows."""
+        fresh = (self.lengths == 0)[:, None, None, None]
+        return self.state[slot].masked_fill(fresh, 0), self.conv[slot].masked_fill(fresh[..., 0], 0)
+
+    def set_linear_state(self, slot: int, state: torch.Tensor, conv: torch.Tensor) -> None:
+        self.state[slot].copy_(state)
+        self.conv[slot].copy_(conv)
 
     @property
     def length(self) -> int:
@@ -192,7 +217,8 @@ class Attention(nn.Module):
         # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
         # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.output_gate = cfg.attn_output_gate  # q_proj makes each head's queries, then its output gates
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim * (2 if self.output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
@@ -209,20 +235,27 @@ class Attention(nn.Module):
         mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.project(x, rope, cache)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv); S = cached + T
+        q, k, v, gate = self.project(x, rope, cache)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv); S = cached + T
         k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
         y = self.attend(q, k, v, mask, causal)  # (B, H, T, Dv)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*Dv)
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
         return self.resid_drop(self.o_proj(y))  # (B, T, C)
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, D), rotated, and every key and value (B, Hkv, S, D): the cache's and these T tokens'."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries (B, H, T, D), rotated, every key and value (B, Hkv, S, D) (the cache's and these T tokens'), and the
+        output's gates (B, T, H*D) with `attn_output_gate`, else None."""
         B, T, C = x.shape
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
         # of the projections holds a slice of the heads and runs this same code on it.
         q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(B, T, -1, 2 * self.head_dim).chunk(2, dim=-1)  # (B, T, H, D) each
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
@@ -235,7 +268,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
-        return q, k, v
+        return q, k, v, gate
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None, causal: bool,
@@ -364,8 +397,8 @@ class LatentAttention(Attention):
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The expanded form: every head's keys and values made from the latents."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        """The expanded form: every head's keys and values made from the latents (no output gates)."""
         B = x.shape[0]
         q_pass, q_rot, latent, k_rot = self._latents(x, rope, cache)
         q = torch.cat((q_pass, q_rot), dim=-1).transpose(1, 2)  # (B, H, T, D)
@@ -373,7 +406,7 @@ class LatentAttention(Attention):
         kv = self.kv_b_proj(latent.squeeze(1)).view(B, S, -1, self.nope_dim + self.v_dim).transpose(1, 2)
         k_pass, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, H, S, D - R), (B, H, S, Dv)
         k = torch.cat((k_pass, k_rot.expand(-1, k_pass.shape[1], -1, -1)), dim=-1)  # (B, H, S, D)
-        return q, k, v
+        return q, k, v, None
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3 and GPT-OSS shapes. This module
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS and Qwen3.5 shapes. This module
 only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -51,6 +51,26 @@ class ModelConfig:
     v_head_size: int | None = None
     """With kv_lora_rank: each head's value width (DeepSeek-V3: 128, beside 192-wide queries and keys); None:
     head_size."""
+    attn_output_gate: bool = False
+    """q_proj also makes a gate per query head and dimension, and attention's output is multiplied by its sigmoid
+    before o_proj (Qiu et al. 2025, gated attention; Qwen3-Next, Qwen3.5). q_proj's rows hold each head's queries,
+    then its gates."""
+    full_attention_every: int | None = None
+    """Hybrid linear attention: the last layer of every group of this many attends with softmax attention, the others
+    are Gated DeltaNet layers (Yang et al. 2024; `model/linear_attention.py`), whose fixed-size state replaces the
+    KV cache (Qwen3-Next, Qwen3.5: 4). None: every layer is softmax attention."""
+    linear_key_heads: int | None = None
+    """With full_attention_every: query and key heads of each linear layer; None: n_heads."""
+    linear_value_heads: int | None = None
+    """With full_attention_every: value heads of each linear layer, a multiple of its key heads (Qwen3.5-9B: 32 to 16
+    key heads); None: as many as key heads."""
+    linear_key_size: int | None = None
+    """With full_attention_every: width of a linear layer's query and key heads; None: head_dim."""
+    linear_value_size: int | None = None
+    """With full_attention_every: width of a linear layer's value heads; None: linear_key_size."""
+    linear_conv_size: int = 4
+    """With full_attention_every: taps of the causal depthwise convolution over a linear layer's queries, keys and
+    values (a token and the 3 before it)."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     max_seq_len: int = 256
@@ -282,6 +302,17 @@ class ModelConfig:
         if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
             raise ValueError(f"dense_layers={self.dense_layers} needs n_experts and fewer than n_layers "
                              f"({self.n_layers}) layers")
+        if self.full_attention_every is not None:
+            if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1 and self.kv_lora_rank is None):
+                raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
+                                 f"layer or more, linear_conv_size >= 1 (got {self.linear_conv_size}) and no latent "
+                                 "attention")
+            for name in ("linear_key_heads", "linear_value_heads", "linear_key_size", "linear_value_size"):
+                if getattr(self, name) is not None and getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+            if self.linear_heads[1] % self.linear_heads[0]:
+                raise ValueError(f"linear_value_heads ({self.linear_heads[1]}) must be a multiple of linear_key_heads "
+                                 f"({self.linear_heads[0]})")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 
@@ -311,6 +342,22 @@ class ModelConfig:
         if self.sliding_window is None or last_of_every(layer, self.global_every):
             return None
         return self.sliding_window
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) is a Gated DeltaNet linear attention layer (`full_attention_every`)."""
+        return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)
+
+    @property
+    def linear_heads(self) -> tuple[int, int]:
+        """(key heads, value heads) of a linear attention layer, with None resolved."""
+        keys = self.linear_key_heads or self.n_heads
+        return keys, self.linear_value_heads or keys
+
+    @property
+    def linear_sizes(self) -> tuple[int, int]:
+        """(key head width, value head width) of a linear attention layer, with None resolved."""
+        key = self.linear_key_size or self.head_dim
+        return key, self.linear_value_size or key
 
     @property
     def kv_heads(self) -> int:
@@ -463,6 +510,18 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                       "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
+    # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
+    # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.
+    "qwen3.5-9b": replace(
+        _LLAMA, vocab_size=248320, dim=4096, n_layers=32, n_heads=16, n_kv_heads=4, head_size=256, ffn_dim=12288,
+        max_seq_len=262144, rope_theta=1e7, rope_dim=64, norm_eps=1e-6, norm_unit_offset=True, qk_norm=True,
+        tie_embeddings=False, attn_output_gate=True, full_attention_every=4, linear_key_heads=16,
+        linear_value_heads=32, linear_key_size=128, linear_value_size=128,
+    ),
+    # debug-llama with Qwen3.5's layers: a Gated DeltaNet layer, then a gated attention one, twice.
+    "debug-qwen3.5": replace(_LLAMA, vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                             max_seq_len=128, norm_unit_offset=True, qk_norm=True, rope_dim=8, attn_output_gate=True,
+                             full_attention_every=2, linear_key_heads=2, linear_value_heads=4),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

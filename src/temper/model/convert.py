@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Twenty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -21,7 +21,10 @@ shared expert, after dense first layers; half of each head rotated, in halves), 
 that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
 published FP8 weights are dequantized as they load), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
-per-head q/k norms, three windowed layers with RoPE to one global without). Reading a config maps its fields onto
+per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
+DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
+Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
+`*ForConditionalGeneration` checkpoints without the vision tower. Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights of each architecture
 are described once, as a list of rules (HF tensor = these temper tensors concatenated, maybe transposed), which serve
 both directions.
@@ -73,28 +76,36 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3 = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM", "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V3)
+                           DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE)
+HYBRID = (QWEN3_5, QWEN3_5_MOE)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, QWEN3_5_MOE)
+SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE)  # a shared expert beside the routed ones, gated
 SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # DeepSeek-V3's routing, shared experts and dense first layers
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
+IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
+              "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE}
+"""Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
-                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v3": DEEPSEEK_V3}
+                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v3": DEEPSEEK_V3,
+                "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
+                "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -106,6 +117,7 @@ _GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_mode
                          "language_model.lm_head.": "lm_head."}
 """Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
 _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers temper trains not
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
@@ -152,7 +164,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "original_max_position_embeddings", "shared_expert_intermediate_size", "n_routed_experts",
                      "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
                      "num_nextn_predict_layers", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                     "moe_layer_freq"), _INT),
+                     "moe_layer_freq", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads"), _INT),
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
     **dict.fromkeys(("topk_method", "scoring_func"), _STR),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
@@ -203,12 +216,15 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     _check_types(d, _FIELD_TYPES)
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
-    if _architecture(d) == GEMMA3_IMAGE_TEXT:  # its text model, as a Gemma3ForCausalLM (the vision tower is left out)
-        text = d.get("text_config") or {}
+    if _architecture(d) in IMAGE_TEXT:  # its text model, as a *ForCausalLM (the vision tower is left out)
+        text, arch = d.get("text_config") or {}, IMAGE_TEXT[_architecture(d)]
         if not isinstance(text, dict):
             raise ValueError(f"key 'text_config' must be an object, got {text!r}")
-        tied = d.get("tie_word_embeddings", True)
-        return from_hf_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text, "architectures": [GEMMA3]})
+        if arch == GEMMA3:
+            tied = d.get("tie_word_embeddings", True)
+            return from_hf_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text, "architectures": [arch]})
+        tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))  # Qwen3_5Config's top-level key
+        return from_hf_config({**text, "tie_word_embeddings": tied, "architectures": [arch]})
     for key in ("rope_scaling", "rope_parameters"):
         _check_types(d.get(key) or {}, _ROPE_FIELD_TYPES, prefix=f"{key}.")
     arch = _architecture(d)
@@ -241,6 +257,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
 def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     """Llama and the architectures that differ from it by a few fields."""
     name = arch.removesuffix("ForCausalLM")
+    if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
+        d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+             "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
     act = d.get("hidden_activation") or d.get("hidden_act", "silu")
     gemma = arch in GEMMAS
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
@@ -270,10 +289,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
         window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
     glm = arch in GLM
-    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 1.0))
-    if partial != 1.0 and (arch not in (PHI3, *GLM) or not 0 < partial <= 1):  # the others rotate whole heads
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 0.25 if arch in HYBRID
+                                                                                     else 1.0))
+    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID) or not 0 < partial <= 1):  # the others: whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
-                         "GLM-4's architectures, between 0 and 1)")
+                         "GLM-4's and Qwen3.5's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
     bias = qkv_bias = False
@@ -312,11 +332,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma,
+        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM) or arch == GLM4_MOE and bool(
+        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID) or arch == GLM4_MOE and bool(
             d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
@@ -327,8 +347,28 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
-        **(_multipliers(d) if arch == GRANITE else {}),
+        **(_multipliers(d) if arch == GRANITE else {}), **(_linear_layers(d) if arch in HYBRID else {}),
     )
+
+
+def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3.5's hybrid layers: three Gated DeltaNet layers to one of gated attention (full_attention_interval, or
+    layer_types written out in that pattern), and the linear layers' heads."""
+    n, every = d["num_hidden_layers"], d.get("full_attention_interval", 4)
+    types = d.get("layer_types")
+    if types is not None:
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        every = full[0] + 1 if full else n + 1
+        if types != ["full_attention" if last_of_every(i, every) else "linear_attention" for i in range(n)]:
+            raise ValueError(f"layer_types {types} is not supported: temper's hybrid models have num_hidden_layers "
+                             f"({n}) entries, \"full_attention\" at the last of every full_attention_interval layers, "
+                             "\"linear_attention\" elsewhere")
+    if every < 1:
+        raise ValueError(f"full_attention_interval must be positive, got {every}")
+    return {"attn_output_gate": True, "full_attention_every": every,
+            "linear_key_heads": d["linear_num_key_heads"], "linear_value_heads": d["linear_num_value_heads"],
+            "linear_key_size": d["linear_key_head_dim"], "linear_value_size": d["linear_value_head_dim"],
+            "linear_conv_size": d["linear_conv_kernel_dim"]}
 
 
 def _multipliers(d: dict[str, Any]) -> dict[str, float | None]:
@@ -378,6 +418,10 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False))}
     if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
+    if arch == QWEN3_5_MOE:  # experts in every layer beside a gated shared one, the top k always renormalised
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True,
+                "expert_ffn_dim": d.get("moe_intermediate_size", 512),
+                "shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 512), "shared_expert_gate": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
         raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
                          f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
@@ -582,6 +626,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             arch = GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
+        elif cfg.full_attention_every is not None:
+            arch = QWEN3_5_MOE if cfg.n_experts else QWEN3_5
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
@@ -620,8 +666,16 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in GEMMAS:
         if not all(gemma_parts) or not cfg.tie_embeddings:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
+    elif arch in HYBRID:
+        if (cfg.mlp, cfg.norm_unit_offset, cfg.scale_embeddings) != ("swiglu", True, False):
+            return "it needs mlp='swiglu' and norm_unit_offset, without scale_embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
+    hybrid = (cfg.full_attention_every is not None, cfg.attn_output_gate)
+    if arch in HYBRID and not all(hybrid):
+        return "it has linear attention layers (full_attention_every) and gated attention (attn_output_gate)"
+    if arch not in HYBRID and any(hybrid):
+        return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
@@ -631,7 +685,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM)
+    normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
     if bool(cfg.kv_lora_rank) != (arch == DEEPSEEK_V3):
         return ("its attention is latent (kv_lora_rank), with experts" if arch == DEEPSEEK_V3
                 else "it has no latent attention (DeepseekV3ForCausalLM has)")
@@ -649,11 +703,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
+    if arch == QWEN3_5_MOE and not cfg.renormalize_experts:
+        return "it renormalises the chosen experts' weights"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
-    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (QWEN2_MOE, *SIGMOID_MOE),
-                                                                            arch == QWEN2_MOE):
-        return ("its experts have a gated shared expert beside them" if arch == QWEN2_MOE
+    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *SIGMOID_MOE),
+                                                                            arch in SHARED_GATED):
+        return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in SIGMOID_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
@@ -689,7 +745,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, DEEPSEEK_V3):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, DEEPSEEK_V3, *HYBRID):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch != DEEPSEEK_V3
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -765,6 +821,16 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["attention_bias"] = False
     elif arch == GEMMA:
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh"}
+    elif arch in HYBRID:  # the rotated share written out: Qwen3_5TextConfig takes a missing one for 0.25
+        (key_heads, value_heads), (key_size, value_size) = cfg.linear_heads, cfg.linear_sizes
+        partial = cfg.rotary_dim / cfg.head_dim
+        d |= {"attention_bias": False, "full_attention_interval": cfg.full_attention_every,
+              "layer_types": ["linear_attention" if cfg.is_linear(i) else "full_attention" for i in range(cfg.n_layers)],
+              "linear_conv_kernel_dim": cfg.linear_conv_size, "linear_key_head_dim": key_size,
+              "linear_value_head_dim": value_size, "linear_num_key_heads": key_heads,
+              "linear_num_value_heads": value_heads, "partial_rotary_factor": partial, "rope_scaling": None,
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": partial,
+                                  **(cfg.rope_scaling or {})}}
     elif arch == OLMO2:
         d["attention_bias"] = False
     elif arch == OLMO3:  # one RoPE per layer type, written out: transformers 5 would give a flat config's windowed
@@ -812,6 +878,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif arch == OLMOE:
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": None,
               "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}
+    elif arch == QWEN3_5_MOE:
+        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "moe_intermediate_size": cfg.expert_hidden_dim, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim,
+              "output_router_logits": False}
     elif arch in (QWEN3_MOE, QWEN2_MOE):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
@@ -915,6 +985,10 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
+            if cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
+                for n in ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight",
+                          "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
+                    add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
                 add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
@@ -980,12 +1054,13 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
-    """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, and the vision
-    tower of a Gemma 3 image-text checkpoint."""
+    """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, the vision tower of a
+    Gemma 3 or Qwen3.5 image-text checkpoint, and multi-token-prediction layers (DeepSeek-V3's, GLM-4.5's, Qwen3.5's)."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
-            or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION)))
+            or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED)))
 
 
 def _layer_index(name: str) -> int:
@@ -995,11 +1070,11 @@ def _layer_index(name: str) -> int:
 
 
 def _canonical(name: str, arch: str) -> str:
-    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix; a Gemma 3 image-text one
-    keeps its text model's under `language_model.`."""
+    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5
+    image-text one keeps its text model's under `language_model.`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
         return "transformer." + name
-    if arch == GEMMA3:
+    if arch in (GEMMA3, *HYBRID):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
@@ -1076,7 +1151,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, *SIGMOID_MOE):
+    if arch in MOE_ARCHITECTURES and arch != GPT_OSS:
         sd = _unfused_experts(sd, arch)
     for name, t in sd.items():
         if _ignored(name, cfg):

@@ -106,6 +106,9 @@ def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
     if model.cfg.kv_lora_rank:
         raise ValueError("prefix tuning needs keys and values per head, which latent attention (DeepSeek-V3, "
                          "kv_lora_rank) does not cache: use LoRA")
+    if model.cfg.full_attention_every is not None:
+        raise ValueError("prefix tuning needs keys and values in every layer, which linear attention layers (Qwen3.5, "
+                         "full_attention_every) do not have: use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(model.layers):

@@ -1,14 +1,15 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
 Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral,
-Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm or
-RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-routed,
-after dense layers), multi-head, grouped-query or latent attention, query/key
+Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm
+or RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-routed,
+after dense layers), multi-head, grouped-query, latent or gated attention, or Gated DeltaNet linear attention layers
+between attention ones, query/key
 norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
 own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
 scores and logits, attention sinks.
-The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, norms, MLPs and
-experts in `model/layers.py`; this file stacks them into blocks and the model, and builds each forward's masks.
+The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
+`model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the model, and builds each forward's masks.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -38,7 +39,11 @@ from temper.model.attention import (
 )
 from temper.model.config import ModelConfig, last_of_every
 from temper.model.layers import MLP, MoE, RMSNorm, make_norm
+from temper.model.linear_attention import GatedDeltaNet, GatedRMSNorm, Runs
 from temper.model.rope import long_rope_length, rope_tables
+
+LINEAR = "linear"
+"""The mask kind of linear attention layers (`Block.mask_kind`), beside the attention layers' windows."""
 
 
 class Block(nn.Module):
@@ -49,11 +54,15 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        linear = cfg.is_linear(layer_idx)
         self.window = cfg.window_of(layer_idx)  # which mask (and, with rope_local_theta, which RoPE table) it takes
+        self.mask_kind = LINEAR if linear else self.window  # what `Transformer._attention_mask` builds for it
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
-        self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every)  # NoPE layers do not
+        self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every) and not linear
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
-        self.attn = (LatentAttention if cfg.kv_lora_rank else Attention)(cfg, layer_idx)
+        # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only.
+        slot = sum(cfg.is_linear(j) == linear for j in range(layer_idx))
+        self.attn = GatedDeltaNet(cfg, slot) if linear else (LatentAttention if cfg.kv_lora_rank else Attention)(cfg, slot)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
@@ -79,7 +88,8 @@ class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
-    attn.{q,k}_norm (qk_norm only), attn_out_norm and mlp_out_norm (sandwich_norm only), mlp_norm,
+    attn.{q,k}_norm (qk_norm only) or, in a linear attention layer, `GatedDeltaNet`'s, attn_out_norm and mlp_out_norm
+    (sandwich_norm only), mlp_norm,
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert and
     the buffer mlp.choice_bias where configured}, norm,
     head (untied only; a tied head reuses tok_emb.weight, so state dicts never hold the same tensor twice).
@@ -150,14 +160,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GatedDeltaNet)):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first
             elif isinstance(m, MoE) and m.choice_bias is not None:
                 nn.init.zeros_(m.choice_bias)  # no expert favoured until training's balancing moves it
         for m in self.modules():
-            out = m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP) else None
+            out = (m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP)
+                   else m.out_proj if isinstance(m, GatedDeltaNet) else None)
             if out is not None:
                 nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
         self.init_buffers()
@@ -189,8 +200,9 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape[:2]
         if cache is not None:
-            if positions is not None or segments is not None:
-                raise ValueError("with a KV cache, positions and the mask come from its per-row lengths: pass neither")
+            if positions is not None or (segments is not None and segments.shared_prefix):
+                raise ValueError("with a KV cache, positions and the mask come from its per-row lengths: pass no "
+                                 "positions, and segments only to mark padding after each row's tokens (ids 0 and -1)")
             if T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} tokens per row; {T} do not fit")
             positions = cache.positions(T)  # (B, T): each row's next slots
@@ -214,12 +226,12 @@ class Transformer(nn.Module):
         if first:
             x = self.drop(x)
         # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.
-        masks = {window: self._attention_mask(segments, B, T, tokens.device, window,
-                                              positions if cache is not None else None,
-                                              cache.max_len if cache is not None else 0)
-                 for window in {layer.window for layer in self.layers}}
+        masks = {kind: self._attention_mask(segments, B, T, tokens.device, kind,
+                                            positions if cache is not None else None,
+                                            cache.max_len if cache is not None else 0)
+                 for kind in {layer.mask_kind for layer in self.layers}}
         for layer in self.layers:
-            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.window], cache)  # (B, T, C)
+            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.mask_kind], cache)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
@@ -262,9 +274,9 @@ class Transformer(nn.Module):
                 torch.where(long, self.rope_long_sin[positions], sin[positions]))
 
     def _attention_mask(
-        self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | None = None,
+        self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | str | None = None,
         cache_positions: torch.Tensor | None = None, cache_len: int = 0,
-    ) -> tuple[torch.Tensor | BlockMask | None, bool]:
+    ) -> tuple[torch.Tensor | BlockMask | Runs | None, bool]:
         """(mask, is_causal). Without segments, avoid a mask so SDPA can pick flash attention; where a mask
         is needed (segments, a window shorter than T), a FlexAttention block mask when `_use_flex` says so
         (one per forward, shared by every layer), else SDPA's dense mask.
@@ -272,7 +284,14 @@ class Transformer(nn.Module):
         With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
         the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
         later tokens, or stale ones of a row that restarted), within the sliding `window` (a layer's).
+
+        window=LINEAR: what linear attention layers take instead, their `Runs` (None: one document per row).
         """
+        if window == LINEAR:
+            if segments is not None and segments.shared_prefix:
+                raise ValueError("linear attention layers keep one state per row, so continuations cannot share a "
+                                 "context (Segments.shared_prefix): score each continuation in a row of its own")
+            return (None if segments is None else Runs.from_ids(segments.ids)), True
         if cache_positions is not None:
             k_pos = torch.arange(cache_len, device=device)  # (S_max,)
             q_pos = cache_positions[:, :, None]  # (B, T, 1)
@@ -333,10 +352,16 @@ class Transformer(nn.Module):
         # is held in host memory (train.parallel.HostEmbedding).
         p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
-        kv_heads = self.layers[0].attn.n_kv_heads
+        attention = [m for m in self.modules() if isinstance(m, Attention)]
+        linear = [m for m in self.modules() if isinstance(m, GatedDeltaNet)]
         k_dim, v_dim = c.cache_widths
+        states = None
+        if linear:  # (layers, (Hv, Dk, Dv) of a state, (K - 1, C) of the convolution's inputs)
+            m = linear[0]
+            states = (len(linear), (m.n_v, m.d_k, m.d_v), (m.conv_taps - 1, m.conv1d.weight.shape[0]))
         return KVCache(
-            c.n_layers, batch, kv_heads, max_len, k_dim, device=device or p.device, dtype=dtype or p.dtype, v_dim=v_dim
+            len(attention), batch, attention[0].n_kv_heads if attention else 1, max_len, k_dim,
+            device=device or p.device, dtype=dtype or p.dtype, v_dim=v_dim, linear=states,
         )
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -375,5 +400,6 @@ class Transformer(nn.Module):
         """
         c = self.cfg
         lm_head = 0 if head else 6 * c.vocab_size * c.dim
-        attention = 6 * c.n_layers * c.n_heads * (c.head_dim + c.v_head_dim) * seq_len
+        layers = sum(not c.is_linear(i) for i in range(c.n_layers))  # linear attention has no T x T scores
+        attention = 6 * layers * c.n_heads * (c.head_dim + c.v_head_dim) * seq_len
         return float(6 * self.matmul_params() - lm_head + attention)

@@ -62,7 +62,9 @@ from temper.data.prefs import (
     PrefDataConfig,
     UnpairedExample,
     collate_kto,
+    collate_pairs,
     collate_pairs_shared,
+    collate_unpaired,
     collate_unpaired_shared,
     is_unpaired_data,
 )
@@ -224,11 +226,14 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         if unpaired:  # n examples with their labels, then their n mismatched KL rows
             b, label = collate_kto(examples, pad_id=pad)
             return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"label": label.to(d.device)})
+        # Linear attention layers (Qwen3.5) keep one state per row, so its responses cannot branch off one prompt:
+        # a row per sequence instead, in the same order.
+        shared = model_cfg.full_attention_every is None
         if cfg.loss.kind == "kto":  # 2P examples (chosen desirable), then their 2P mismatched KL rows
-            b = collate_unpaired_shared(examples, pad_id=pad)  # one row per pair's prompt: see collate_pairs_shared
+            b = (collate_unpaired_shared if shared else collate_unpaired)(examples, pad_id=pad)  # see collate_pairs_shared
             label = torch.arange(2 * len(idx)) < len(idx)
             return as_batch(b, d.device, {"label": label.to(d.device)})
-        b = collate_pairs_shared(examples, pad_id=pad)  # one row per pair, its prompt once; chosen, then rejected
+        b = (collate_pairs_shared if shared else collate_pairs)(examples, pad_id=pad)  # per pair its prompt once (shared)
         extra = {}
         if ref is not None:  # (n, 2) per pair: chosen, rejected -> (2P,) in the batch's row order
             r = ref[idx]

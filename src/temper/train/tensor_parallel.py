@@ -50,8 +50,8 @@ from temper.model.config import ModelConfig
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     """Refuse a model whose heads, MLP columns or vocabulary do not split evenly over `tp` ranks, mixtures of
     experts (the plan splits one dense MLP; expert parallelism is not built), OLMo 2's blocks (a q/k norm over all
-    heads needs statistics across the ranks' heads), latent attention (its latent is every head's) and attention sinks
-    (the plan has no layout for them)."""
+    heads needs statistics across the ranks' heads), latent attention (its latent is every head's), linear attention
+    and attention sinks (the plan has no layout for them)."""
     if cfg.n_experts:
         raise ConfigError(f"train.parallel.tp={tp} does not split a mixture of experts (n_experts={cfg.n_experts}): "
                           "shard it with train.parallel.dp_shard (FSDP2) instead")
@@ -61,6 +61,9 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if cfg.kv_lora_rank:
         raise ConfigError(f"train.parallel.tp={tp} does not split latent attention (kv_lora_rank={cfg.kv_lora_rank}: "
                           "one latent shared by every head): shard it with train.parallel.dp_shard (FSDP2) instead")
+    if cfg.full_attention_every is not None:
+        raise ConfigError(f"train.parallel.tp={tp} does not split linear attention layers (full_attention_every="
+                          f"{cfg.full_attention_every}): shard the model with train.parallel.dp_shard (FSDP2) instead")
     if cfg.attn_sinks:
         raise ConfigError(f"train.parallel.tp={tp} does not split attention sinks (one per head, kept whole): shard "
                           "it with train.parallel.dp_shard (FSDP2) instead")

@@ -1,0 +1,212 @@
+"""Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks"), the linear attention of Qwen3-Next and
+Qwen3.5: a layer that mixes positions through a fixed-size state per head instead of attending to every earlier key.
+
+Each head keeps a state S (Dk x Dv). Token t decays it by exp(g_t) (0 < exp(g_t) <= 1), then writes its value by the
+delta rule, S <- S + beta_t k_t^T (v_t - k_t S), correcting what S already recalls for k_t, and reads q_t S. Queries,
+keys and values first pass a short causal depthwise convolution and SiLU; queries and keys are L2-normalised; the
+output is normalised per head and gated by SiLU(z) before out_proj.
+
+Training and prefill run the rule a chunk of tokens at a time (the WY/UT form of Yang et al. 2024, "Parallelizing
+Linear Transformers with the Delta Rule"): inside a chunk it is a few matrix products and one triangular solve, and
+only the state crosses from chunk to chunk. Decoding one token is the rule itself. The state (and the convolution's
+last inputs) is what `KVCache` holds for these layers: its size does not grow with the sequence.
+
+Packed documents reset the state where a document starts, and padding leaves it as it was (`Runs`), so a packed row
+computes what its documents would alone. There is no causal mask to build and no score matrix over the sequence.
+
+Written in plain PyTorch: `flash-linear-attention`'s Triton kernels are GPU-only, and transformers' torch fallback is a
+test dependency here. It does not decide which layers are linear (`ModelConfig.is_linear`) nor hold the cache
+(`attention.KVCache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temper.model.config import ModelConfig
+
+
+@dataclass
+class Runs:
+    """Where a linear layer's state restarts and which tokens leave it unchanged, from the forward's `Segments`.
+
+    doc: (B, T) int64: a token's document id, padding taking its last real token's (so a row's padding continues its
+        run, and a run ends where the id changes). real: (B, T) bool, False for padding.
+    """
+
+    doc: torch.Tensor
+    real: torch.Tensor
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor) -> Runs:
+        """From `Segments.ids` (B, T): -1 marks padding, equal ids next to each other form one document."""
+        real = ids >= 0
+        T = ids.shape[1]
+        at = torch.where(real, torch.arange(T, device=ids.device), -1).cummax(dim=1).values  # last real token, or -1
+        return cls(torch.where(at >= 0, ids.gather(1, at.clamp(min=0)), -1), real)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of each head's output, scaled by its weight and gated by SiLU(z), in float32 as Qwen3-Next does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return (y * F.silu(z.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """One linear attention layer; x (B, T, C) -> (B, T, C), called as `Attention` is (it takes no RoPE).
+
+    Parameter names follow Qwen3.5's checkpoints: in_proj_qkv (queries, keys, values), in_proj_z (the output gate),
+    in_proj_b (beta, the write strength), in_proj_a (the decay's input), conv1d, A_log and dt_bias (the decay's rate,
+    as Mamba 2's), norm, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, slot: int) -> None:
+        super().__init__()
+        self.slot = slot  # which of the cache's linear states this layer owns
+        (self.n_k, self.n_v), (self.d_k, self.d_v) = cfg.linear_heads, cfg.linear_sizes
+        key, value = self.n_k * self.d_k, self.n_v * self.d_v
+        self.conv_taps = cfg.linear_conv_size
+        self.in_proj_qkv = nn.Linear(cfg.dim, 2 * key + value, bias=False)
+        self.in_proj_z = nn.Linear(cfg.dim, value, bias=False)
+        self.in_proj_b = nn.Linear(cfg.dim, self.n_v, bias=False)
+        self.in_proj_a = nn.Linear(cfg.dim, self.n_v, bias=False)
+        self.conv1d = nn.Conv1d(2 * key + value, 2 * key + value, self.conv_taps, groups=2 * key + value, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.n_v))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_v))
+        self.norm = GatedRMSNorm(self.d_v, cfg.norm_eps)
+        self.out_proj = nn.Linear(value, cfg.dim, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Decay rates A spread over [1, 16] (Mamba 2's range), dt_bias 1 and torch's default convolution; the linear
+        layers and the norm are initialised with the model's."""
+        with torch.no_grad():
+            if not self.A_log.is_meta:
+                self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+            nn.init.ones_(self.dt_bias)
+            self.conv1d.reset_parameters()
+
+    def forward(
+        self, x: torch.Tensor, rope: object, runs: Runs | None, causal: bool, cache: object | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        if runs is not None:  # padding enters nothing: its inputs are zero and its updates leave the state as it is
+            x = x * runs.real[..., None].to(x.dtype)
+        state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
+        qkv, conv_tail = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, conv, runs)  # (B, T, 2*Hk*Dk + Hv*Dv)
+        q, k, v = qkv.split([self.n_k * self.d_k, self.n_k * self.d_k, self.n_v * self.d_v], dim=-1)
+        group = self.n_v // self.n_k  # each query/key head serves `group` consecutive value heads
+        q, k = (_l2norm(t.float().view(B, T, self.n_k, self.d_k)).repeat_interleave(group, 2) for t in (q, k))
+        v = v.float().view(B, T, self.n_v, self.d_v)  # (B, T, Hv, Dv)
+        beta = torch.sigmoid(self.in_proj_b(x)).float()  # (B, T, Hv)
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # (B, T, Hv) <= 0
+        if runs is not None:
+            beta, g = beta * runs.real[..., None], g * runs.real[..., None]
+        q = q * self.d_k ** -0.5
+        y, state = gated_delta_rule(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), state,
+                                    None if runs is None else runs.doc)  # (B, Hv, T, Dv)
+        if cache is not None:
+            cache.set_linear_state(self.slot, state, conv_tail)
+        y = self.norm(y.transpose(1, 2).to(x.dtype), self.in_proj_z(x).view(B, T, self.n_v, self.d_v))
+        return self.resid_drop(self.out_proj(y.reshape(B, T, -1)))  # (B, T, C)
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum x^2 + 1e-6) over the last dim: flash-linear-attention's form (and eps), which Qwen3.5 trained with."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K): each output is a channel's sum over
+    its token and the K - 1 before it, within the token's document. before: (B, K - 1, C), the inputs a cache row
+    holds from earlier forwards (None: zeros). Also returns the last K - 1 real inputs (B, K - 1, C), a cache's next
+    `before`.
+
+    Written as K shifted products rather than `F.conv1d` so that document boundaries mask taps, in float32 and rounded
+    once, as conv1d's kernel accumulates."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    if before is None:
+        before = x.new_zeros(B, K - 1, C)
+    ext = torch.cat((before.to(x.dtype), x), dim=1)  # (B, K - 1 + T, C)
+    w = weight.float().view(C, K)
+    doc = None if runs is None else torch.cat((runs.doc[:, :1].expand(B, K - 1), runs.doc), dim=1)  # (B, K - 1 + T)
+    out = x.new_zeros(B, T, C, dtype=torch.float32)
+    for j in range(K):  # tap j reads the token K - 1 - j before
+        tap = ext[:, j : j + T].float() * w[:, j]
+        out += tap if doc is None else tap * (doc[:, j : j + T] == runs.doc)[..., None]
+    count = torch.full((B,), T, device=x.device) if runs is None else runs.real.sum(dim=1)  # real tokens, padding last
+    tail = ext.gather(1, (count[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(-1, -1, C))
+    return F.silu(out.to(x.dtype)), tail
+
+
+def gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor | None = None, doc: torch.Tensor | None = None, chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over a sequence, chunk by chunk: outputs (B, H, T, Dv) and the final state (B, H, Dk, Dv),
+    in q's dtype (the layer's: float32).
+
+    q, k: (B, H, T, Dk) (q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0), beta: (B, H, T).
+    state: the state before the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts
+    where the id changes, and `state` belongs to the first token's document.
+
+    Inside a chunk of C tokens the recurrence S_t = exp(g_t) S_{t-1} (I - beta_t k_t^T k_t) + beta_t k_t^T v_t unrolls
+    to S_t = decay(t) S_0 + sum_j k_j^T u_j decay(j, t), where the u_j (the corrected values) solve one unit
+    lower-triangular C x C system; a token's output is its read of S_0 plus its causal attention to the chunk's u."""
+    B, H, T, Dk = k.shape
+    Dv = v.shape[-1]
+    state = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(q.dtype)
+    if T == 1 and doc is None:  # one decoding step: the rule itself
+        state = state * g.exp()[..., None]  # (B, H, Dk, Dv)
+        state = state + k.transpose(-1, -2) @ ((v - k @ state) * beta[..., None])
+        return q @ state, state  # (B, H, 1, Dv)
+    C = min(chunk, T)
+    pad = -T % C
+    if pad:  # zero tokens that neither decay nor write, in the last token's document
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+        doc = None if doc is None else torch.cat((doc, doc[:, -1:].expand(B, pad)), dim=1)
+    N = (T + pad) // C
+    q, k, v = (t.reshape(B, H, N, C, t.shape[-1]) for t in (q, k, v))  # (B, H, N, C, D)
+    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
+    cum = g.cumsum(-1)  # (B, H, N, C): log of the decay from the chunk's start through each token
+    seen = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # (C, C): j <= i
+    carry = last = 1.0
+    if doc is not None:
+        doc = doc.reshape(B, 1, N, C)
+        seen = seen & (doc[..., :, None] == doc[..., None, :])  # (B, 1, N, C, C): j <= i in i's document
+        before = torch.cat((doc[:, :, :1, :1], doc[:, :, :-1, -1:]), dim=2)  # (B, 1, N, 1): the run a chunk enters in
+        carry = (doc == before).float()  # (B, 1, N, C): tokens whose document started before their chunk
+        last = (doc == doc[..., -1:]).float()  # (B, 1, N, C): tokens in the chunk's last token's document
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~seen, float("-inf")).exp()  # (B, H, N, C, C)
+    kb = k * beta[..., None]
+    system = (kb @ k.transpose(-1, -2)) * decay  # its strictly lower part; the solve takes a unit diagonal
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)  # (B, H, N, C, Dv)
+    w = torch.linalg.solve_triangular(system, kb * (cum.exp() * carry)[..., None], upper=False, unitriangular=True)
+    read = q * (cum.exp() * carry)[..., None]  # (B, H, N, C, Dk): each query's read of the state entering its chunk
+    attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+    write = k * ((cum[..., -1:] - cum).exp() * last)[..., None]  # (B, H, N, C, Dk): decayed to the chunk's end
+    keep = (cum[..., -1].exp() * (carry[..., -1] if doc is not None else 1.0))[..., None, None]  # (B, H, N, 1, 1)
+    out = []
+    for n in range(N):
+        u_n = u[:, :, n] - w[:, :, n] @ state  # (B, H, C, Dv): values less what the state already recalls
+        out.append(read[:, :, n] @ state + attn[:, :, n] @ u_n)
+        state = state * keep[:, :, n] + write[:, :, n].transpose(-1, -2) @ u_n
+    return torch.stack(out, dim=2).reshape(B, H, N * C, Dv)[:, :, :T], state

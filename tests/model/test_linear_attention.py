@@ -1,0 +1,149 @@
+"""Gated DeltaNet, the linear attention of Qwen3.5: the chunked rule equals the token-by-token recurrence (outputs,
+final state and gradients), a packed row equals its documents alone, padding changes nothing, and a cache (prefill in
+pieces, right-padded rows, forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5 is
+in test_convert.py."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from temper.infer.cache import fork, new_cache, reset
+from temper.infer.engine import decode_step, generate, prefill
+from temper.model.attention import Segments
+from temper.model.config import ModelConfig
+from temper.model.linear_attention import gated_delta_rule
+from temper.model.transformer import Transformer
+
+HYBRID = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_size=16, mlp="swiglu",
+                     norm="rmsnorm", pos="rope", rope_dim=4, bias=False, qk_norm=True, norm_unit_offset=True,
+                     attn_output_gate=True, full_attention_every=2, linear_key_heads=2, linear_value_heads=4,
+                     linear_key_size=8, linear_value_size=6, max_seq_len=160)
+
+
+def _recurrence(q, k, v, g, beta, state=None):
+    """The gated delta rule one token at a time, as written in Yang et al. 2024 (eq. 10)."""
+    B, H, T, Dk = k.shape
+    S = torch.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype) if state is None else state
+    out = []
+    for t in range(T):
+        S = S * g[:, :, t, None, None].exp()
+        kt = k[:, :, t]
+        S = S + kt[..., None] * ((v[:, :, t] - (kt[..., None] * S).sum(-2)) * beta[:, :, t, None])[..., None, :]
+        out.append((q[:, :, t, :, None] * S).sum(-2))
+    return torch.stack(out, 2), S
+
+
+def _inputs(B=2, H=3, T=37, Dk=8, Dv=6, dtype=torch.float64):
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(B, H, T, Dk, dtype=dtype), dim=-1) * Dk ** -0.5
+    k = F.normalize(torch.randn(B, H, T, Dk, dtype=dtype), dim=-1)
+    return q, k, torch.randn(B, H, T, Dv, dtype=dtype), -torch.rand(B, H, T, dtype=dtype), torch.rand(B, H, T,
+                                                                                                      dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 64])  # a chunk per token, a padded last chunk, one chunk
+def test_chunks_compute_the_recurrence(chunk):
+    q, k, v, g, beta = _inputs()
+    state = torch.randn(2, 3, 8, 6, dtype=torch.float64)
+    for x in (q, k, v, g, beta, state):
+        x.requires_grad_(True)
+    out, final = gated_delta_rule(q, k, v, g, beta, state, chunk=chunk)
+    ref, ref_final = _recurrence(q, k, v, g, beta, state)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(final, ref_final, rtol=0, atol=1e-10)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum() + final.sum(), (q, k, v, g, beta, state))
+    ref_grads = torch.autograd.grad((ref * w).sum() + ref_final.sum(), (q, k, v, g, beta, state))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+def test_documents_restart_the_state():
+    q, k, v, g, beta = _inputs()
+    doc = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37])  # boundaries inside chunks and across them
+    out, final = gated_delta_rule(q, k, v, g, beta, doc=doc, chunk=8)
+    for b, spans in enumerate([[(0, 10), (10, 30), (30, 37)], [(0, 37)]]):
+        for lo, hi in spans:
+            ref, ref_final = _recurrence(*(x[b : b + 1, :, lo:hi] for x in (q, k, v, g, beta)))
+            torch.testing.assert_close(out[b : b + 1, :, lo:hi], ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(final[b : b + 1], ref_final, rtol=0, atol=1e-10)  # the last document's state
+
+
+def _model(cfg: ModelConfig = HYBRID) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+        for m in model.modules():  # decay rates as trained models have them: most of the state kept per token
+            if hasattr(m, "A_log"):
+                m.A_log.uniform_(-3, 0)
+    return model
+
+
+def test_a_packed_row_computes_its_documents_alone_and_padding_changes_nothing():
+    model = _model()
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 97, (1, 23)), torch.randint(0, 97, (1, 50))
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    row = torch.cat((a, pad, b, pad), dim=1)  # padding between and after the documents
+    ids = torch.tensor([[1] * 23 + [-1] * 5 + [2] * 50 + [-1] * 5])
+    with torch.no_grad():
+        packed = model(row, segments=Segments(ids))
+        torch.testing.assert_close(packed[:, :23], model(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed[:, 28:78], model(b), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="shared_prefix"):
+            model(row, segments=Segments(ids.clamp(min=0), shared_prefix=True))
+
+
+def test_a_cache_gives_the_forward_logits_in_pieces_padded_forked_and_reset():
+    model = _model()
+    torch.manual_seed(2)
+    x = torch.randint(0, 97, (3, 90))
+    lengths = [90, 41, 7]
+    with torch.no_grad():
+        alone = [model(x[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
+        cache = new_cache(model, 4, 96)
+        # right-padded rows of different lengths in one prefill, then the longest in two more pieces
+        last = prefill(model, cache, x[:, :30], lengths=[30, 30, 7])
+        torch.testing.assert_close(last[2], alone[2][6], rtol=0, atol=1e-5)
+        prefill(model, cache, [x[0, 30:70].tolist(), x[1, 30:41].tolist()], rows=[0, 1])
+        prefill(model, cache, [x[0, 70:89].tolist()], rows=[0])
+        assert cache.lengths.tolist() == [89, 41, 7, 0]
+        fed = torch.tensor([[x[0, 89]], [11], [12], [13]])  # every row takes a token
+        torch.testing.assert_close(decode_step(model, cache, fed)[0], alone[0][89], rtol=0, atol=1e-5)
+        # a fork continues as its source does; a reset row restarts from an empty state, whatever it held
+        fork(cache, 1, [3])
+        reset(cache, [2])
+        prefill(model, cache, [x[2, :7].tolist()], rows=[2])
+        nxt = torch.tensor([[5], [6], [7], [6]])
+        step = decode_step(model, cache, nxt)
+        torch.testing.assert_close(step[1], step[3], rtol=0, atol=0)
+        torch.testing.assert_close(step[2], model(torch.cat((x[2:3, :7], nxt[2:3]), 1))[0, -1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(step[1], model(torch.cat((x[1:2, :41], fed[1:2], nxt[1:2]), 1))[0, -1], rtol=0,
+                                   atol=1e-5)
+
+
+def test_generation_equals_the_cache_free_forward_and_speculation_is_refused():
+    model = _model()
+    prompts = [[3, 14, 15, 92, 65], [35, 89]]
+    out = generate(model, prompts, max_new_tokens=12, temperature=0.0)
+    with torch.no_grad():
+        for p, o in zip(prompts, out, strict=True):
+            seq = p + o
+            logits = model(torch.tensor([seq[:-1]]))[0, len(p) - 1 :]
+            assert logits.argmax(-1).tolist() == o
+    from temper.infer.speculative import check_drafter
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        check_drafter(model, None, 2, 4)
+
+
+def test_training_steps_through_both_kinds_of_layer():
+    model = _model(replace(HYBRID, max_seq_len=64)).train()
+    x = torch.randint(0, 97, (2, 64))
+    loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
