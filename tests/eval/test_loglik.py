@@ -39,7 +39,8 @@ def _requests(rng: random.Random, n_questions: int, vocab: int, max_ctx: int) ->
     return out
 
 
-@pytest.mark.parametrize("name,over", [("debug", {}), ("debug-llama", {}), ("debug-llama", {"sliding_window": 16})])
+@pytest.mark.parametrize("name,over", [("debug", {}), ("debug-llama", {}), ("debug-llama", {"sliding_window": 16}),
+                                       ("debug-qwen3.5", {})])  # linear attention: a continuation per row
 def test_shared_rows_equal_one_forward_per_request(name, over):
     model = _model(name, **over)
     rng = random.Random(0)

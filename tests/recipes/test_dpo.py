@@ -5,8 +5,10 @@ reference equal to the live one, exact resume, and torchrun DDP on 2 ranks equal
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from safetensors.torch import load_file
 from temper.__main__ import main as temper_main
 from temper.config import ConfigError
 from temper.data.prefs import read_pref_records
+from temper.model.config import PRESETS
+from temper.model.convert import read_hf_config, save_hf
+from temper.model.transformer import Transformer
 from temper.recipes import dpo, reward
 from tests.recipes.conftest import HH
 
@@ -51,6 +56,24 @@ def test_lora_learns_the_preferences(hh_base, tmp_path, kind):
     val = rows(tmp_path / kind, "val")
     assert [r["step"] for r in val] == [0, 8] and "val_rewards/accuracies" in val[-1]
     assert (tmp_path / kind / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "kto"])
+def test_a_linear_attention_model_learns_with_a_row_per_sequence(hh_base, tmp_path, kind):
+    """Qwen3.5's Gated DeltaNet layers keep one state per row, so its responses cannot branch off a shared prompt:
+    each sequence takes a row of its own (DPO's pairs; KTO's examples and mismatched rows), and the run learns."""
+    model_dir, data = hh_base
+    cfg = replace(PRESETS["debug-qwen3.5"], vocab_size=read_hf_config(model_dir).vocab_size, max_seq_len=256,
+                  tie_embeddings=False)
+    torch.manual_seed(0)
+    hybrid = save_hf(Transformer(cfg), cfg, tmp_path / "hybrid")
+    for f in model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+            shutil.copy(f, hybrid / f.name)
+    targets = "--lora.targets=[q_proj,v_proj,in_proj_qkv,in_proj_z,out_proj]"
+    assert dpo.main(args((hybrid, data), tmp_path, kind, f"--loss.kind={kind}", "--train.steps=8", targets)) == 0
+    train = rows(tmp_path / kind, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
 
 
 def test_kto_learns_from_the_pairs_unpaired(hh_base, tmp_path):

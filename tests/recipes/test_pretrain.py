@@ -113,10 +113,14 @@ GLM_BALANCED = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope"
                 "--model.expert_choice_bias=true", "--model.shared_expert_ffn_dim=48", "--model.dense_layers=1",
                 "--train.expert_bias_rate=0.01"]
 """GLM-4.5's routing, its choice biases moved after each step (buffers the checkpoint carries)."""
+QWEN3_5 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false",
+           "--model.norm_unit_offset=true", "--model.qk_norm=true", "--model.rope_dim=8", "--model.attn_output_gate=true",
+           "--model.full_attention_every=2", "--model.linear_value_heads=4"]
+"""Qwen3.5's layers: a Gated DeltaNet layer, then a gated attention one."""
 
 
-@pytest.mark.parametrize("extra", [[], ["--model.dropout=0.1"], ["--train.global_batch_tokens=256"], GLM_BALANCED],
-                         ids=["plain", "dropout", "accum4", "choice-bias"])
+@pytest.mark.parametrize("extra", [[], ["--model.dropout=0.1"], ["--train.global_batch_tokens=256"], GLM_BALANCED,
+                                   QWEN3_5], ids=["plain", "dropout", "accum4", "choice-bias", "linear-attention"])
 def test_exact_resume(char_data, tmp_path, extra):
     """Rows 1, 2, 4: stop after the step-4 checkpoint, resume, and match the uninterrupted run bitwise."""
     assert train(char_data, tmp_path, "ref", *extra) == 0
