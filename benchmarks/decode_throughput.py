@@ -36,6 +36,7 @@ weights in bf16 can tip a near-tie late, so it is reported, not asserted).
     python benchmarks/decode_throughput.py --shape qwen3-moe-small   # a mixture: 64 experts, 8 per token
     python benchmarks/decode_throughput.py --shape gemma2-small      # capped scores; also gpt-oss-small (sinks)
     python benchmarks/decode_throughput.py --shape deepseek-v3-small # latent attention; also glm4.5-small
+    python benchmarks/decode_throughput.py --shape qwen3.5-small     # Gated DeltaNet layers beside gated attention
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ SHAPES: dict[str, ModelConfig] = {
         rope_dim=32, kv_lora_rank=128, q_lora_rank=192, v_head_size=64, ffn_dim=1408, n_experts=64, expert_ffn_dim=256,
         shared_expert_ffn_dim=256, expert_groups=4, expert_groups_per_token=2, dense_layers=1, max_seq_len=2048,
         rope_scaling=None),
+    # Qwen3.5-9B's layout, small: three Gated DeltaNet layers (a fixed-size state each) to one of gated attention.
+    "qwen3.5-small": dataclasses.replace(
+        PRESETS["qwen3.5-9b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_size=64,
+        rope_dim=16, ffn_dim=1408, linear_key_heads=4, linear_value_heads=8, linear_key_size=64, linear_value_size=64,
+        max_seq_len=2048),
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -11,6 +11,7 @@ from temper.infer.cache import new_cache
 from temper.infer.engine import filter_logits, generate, prefill
 from temper.infer.speculative import (
     SpeculativeStats,
+    _DraftModel,
     _PromptLookup,
     _Sampler,
     speculative_generate,
@@ -72,6 +73,32 @@ def test_latent_attention_speculates_exactly():
         for prompt in PROMPTS:
             plain = generate(target, [prompt], max_new_tokens=40, temperature=0)[0]
             assert speculative_generate(target, prompt, k=4, max_new_tokens=40, temperature=0, **kw)[0] == plain
+
+
+def test_linear_attention_speculates_exactly():
+    """Qwen3.5's Gated DeltaNet layers, whose states cannot be cut back: a rejected draft sends target and draft model
+    back to their states before the round and feeds the kept tokens again; what comes out is plain greedy decoding,
+    past the context too, with drafters of either kind."""
+    hybrid = {"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True,
+              "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4}
+    target = _model(0, max_seq_len=32, n_layers=4, **hybrid)
+    accepted = drafted = 0
+    for kw in ({"draft": _model(1, max_seq_len=16, n_layers=2, **hybrid)}, {"draft": _model(1, max_seq_len=16)},
+               {"draft": target}, {"prompt_lookup": 2}):
+        for prompt in PROMPTS:
+            plain = generate(target, [prompt], max_new_tokens=40, temperature=0)[0]
+            out, stats = speculative_generate(target, prompt, k=4, max_new_tokens=40, temperature=0, **kw)
+            assert out == plain
+            accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    assert 0 < accepted < drafted  # drafts both kept and rejected
+    # A hybrid draft model rolled back after one of its 4 drafts: its next drafts are its greedy continuation.
+    draft = _model(1, max_seq_len=32, n_layers=2, **hybrid)
+    drafter, sampler = _DraftModel(draft, 32), _Sampler(0.0, None, None, None, torch.device("cpu"))
+    seq = PROMPTS[0]
+    drafts, _ = drafter.propose(seq, 4, sampler)
+    drafter.commit(len(seq), 1, 4)
+    seq = [*seq, drafts[0], 11]
+    assert drafter.propose(seq, 4, sampler)[0] == generate(draft, [seq], max_new_tokens=4, temperature=0)[0]
 
 
 def test_prompt_lookup_drafts_what_followed_the_earliest_match():

@@ -63,6 +63,21 @@ def fork(cache: KVCache, src: int, dst: Sequence[int] | torch.Tensor) -> None:
     cache.lengths[idx] = cache.lengths[src].clone()
 
 
+def linear_states(cache: KVCache, row: int) -> dict[str, torch.Tensor] | None:
+    """A copy of `row`'s linear attention states (None where the model has none): what `restore` puts back to roll
+    the row back, since such a state cannot be cut back as keys can (speculative decoding's rejected drafts)."""
+    if cache.state is None:
+        return None
+    return {"state": cache.state[:, row].clone(), "conv": cache.conv[:, row].clone()}
+
+
+def restore(cache: KVCache, row: int, length: int, states: dict[str, torch.Tensor]) -> None:
+    """Set `row` back to `length` tokens and the linear states `linear_states` copied when it held them."""
+    cache.lengths[row] = length
+    for name, t in states.items():
+        getattr(cache, name)[:, row] = t
+
+
 def select(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> KVCache:
     """A new cache holding a copy of `rows` (in that order): the model runs on it alone, and
     `write_back` returns the rows, so a prefill of a few rows leaves every other row untouched."""

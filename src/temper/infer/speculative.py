@@ -3,7 +3,9 @@
 Each round a drafter proposes up to k tokens after the sequence so far; the target scores the last
 committed token and the k drafts in one `prefill(..., all_logits=True)` onto its cache row, which
 gives its next-token distribution at k + 1 positions; the accepted drafts and one token of the
-target's own are committed, and both caches roll back past the rest (a row's length set back).
+target's own are committed, and both caches roll back past the rest (a row's length set back; a model with linear
+attention layers, whose states cannot be cut back, restores them from before the round and feeds the kept tokens
+again).
 Drafters:
   - a draft model (any checkpoint with the target's vocabulary, e.g. a `temper distill` student),
     with its own cache: a catch-up `prefill` of what it has not seen, then k - 1 `decode_step`s;
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from temper.infer.cache import new_cache, reset
+from temper.infer.cache import linear_states, new_cache, reset, restore
 from temper.infer.engine import (
     _check,
     crosses_long_rope,
@@ -203,6 +205,7 @@ class _DraftModel:
             self.start = self.fed = cur - width
             reset(self.cache, [0])
         logits = prefill(self.model, self.cache, [seq[self.fed : cur]])[0]  # what it has not seen yet
+        self.saved = linear_states(self.cache, 0), cur  # linear layers roll back to here (`commit`)
         drafts, qs = [], []
         for i in range(k):
             x, q = sampler.pick(logits)
@@ -214,7 +217,14 @@ class _DraftModel:
         return drafts, None if sampler.greedy else torch.stack(qs)
 
     def commit(self, cur: int, accepted: int, drafted: int) -> None:
-        """Roll back past the rejected drafts (the drafts it fed were all but the last)."""
+        """Roll back past the rejected drafts (the drafts it fed were all but the last). A model with linear attention
+        layers rolls back to before its drafts (their states cannot be cut back) and takes the accepted ones again in
+        its next prefill."""
+        states, before = self.saved
+        if states is not None and accepted < drafted - 1:
+            self.fed = before
+            restore(self.cache, 0, self.fed - self.start, states)
+            return
         self.fed = cur + min(accepted, drafted - 1)
         self.cache.lengths.fill_(self.fed - self.start)
 
@@ -263,6 +273,7 @@ class Speculator:
         if length is not None and held < length:  # LongRoPE: a pass ends before its original length or starts at it
             room = min(room, length - 1 - held)  # (each token's logits then take the table they take alone)
         drafts, q = self.drafter.propose(seq, room, self.sampler) if room > 0 else ([], None)
+        saved = linear_states(cache, row)
         if crosses_long_rope(self.target, held, 1 + len(drafts)):  # the whole window encoded again, with them
             reset(cache, [row])
             logits = prefill(self.target, cache, [[*seq[len(seq) - 1 - held :], *drafts]], [row],
@@ -270,7 +281,10 @@ class Speculator:
         else:
             logits = prefill(self.target, cache, [[seq[-1], *drafts]], [row], all_logits=True)  # (k + 1, V)
         accepted, nxt = self.sampler.verify(logits, drafts, q)
-        if accepted < len(drafts):  # roll back: the rejected drafts' slots stay, masked, until overwritten
+        if accepted < len(drafts) and saved is not None:  # linear layers: their states before the pass, then the
+            restore(cache, row, held, saved)  # kept tokens fed again (their logits are the pass's)
+            prefill(self.target, cache, [[seq[-1], *drafts[:accepted]]], [row])
+        elif accepted < len(drafts):  # roll back: the rejected drafts' slots stay, masked, until overwritten
             cache.lengths[row] -= len(drafts) - accepted
         if drafts:
             self.drafter.commit(len(seq), accepted, len(drafts))
@@ -285,11 +299,10 @@ def check_drafter(target: nn.Module, draft: nn.Module | None, prompt_lookup: int
         raise ValueError(f"prompt_lookup is the n-gram size to match, >= 1, got {prompt_lookup}")
     if k < 1:
         raise ValueError(f"k (tokens drafted per round) must be >= 1, got {k}")
-    for role, model in (("target", target), ("draft model", draft)):
-        if model is not None and model.cfg.full_attention_every is not None:
-            raise ValueError(f"the {role} has linear attention layers (full_attention_every="
-                             f"{model.cfg.full_attention_every}), whose state cannot be rolled back past rejected "
-                             "drafts: decode it without speculation")
+    if target.cfg.full_attention_every is not None and long_rope_length(target.cfg) is not None:
+        raise ValueError("a target with linear attention layers and LongRoPE: a round that crosses LongRoPE's length "
+                         "encodes its row again, and linear layers roll back by feeding tokens again from a state "
+                         "taken before the round; decode it without speculation")
     if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) is not the target's "
                          f"({target.cfg.vocab_size}): drafts are verified token id by token id")

@@ -9,7 +9,8 @@ norms (per head or over all heads), a sliding window (on every layer, or local l
 own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
 scores and logits, attention sinks.
 The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
-`model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the model, and builds each forward's masks.
+`model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the
+model, and builds each forward's masks.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
 training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
@@ -62,7 +63,8 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
         # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only.
         slot = sum(cfg.is_linear(j) == linear for j in range(layer_idx))
-        self.attn = GatedDeltaNet(cfg, slot) if linear else (LatentAttention if cfg.kv_lora_rank else Attention)(cfg, slot)
+        attention = LatentAttention if cfg.kv_lora_rank else Attention
+        self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
