@@ -190,6 +190,11 @@ CASES = {
     "qwen3.5-moe-hybrid": lambda: _hf("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", **_QWEN3_5,
                                       moe_intermediate_size=40, shared_expert_intermediate_size=72, num_experts=4,
                                       num_experts_per_tok=2),
+    # Qwen3-Next: Qwen3.5-MoE's layers, q, k, v and z in one projection (b and a in another), grouped by key head;
+    # the top k's weights unnormalised here.
+    "qwen3-next-hybrid": lambda: _hf("Qwen3NextConfig", "Qwen3NextForCausalLM", **_QWEN3_5, moe_intermediate_size=40,
+                                     shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2,
+                                     norm_topk_prob=False),
 }
 
 

@@ -144,3 +144,22 @@ def test_training_steps_through_both_kinds_of_layer():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_packed_rows_follow_float32():
+    """On a GPU in bf16, a packed row (FlexAttention's block mask for the attention layers, `Runs` for the linear
+    ones) gives the float32 CPU logits to bf16's precision, and its backward runs."""
+    model = _model()
+    torch.manual_seed(1)
+    row = torch.randint(0, 97, (2, 150))
+    ids = torch.tensor([[1] * 40 + [2] * 100 + [-1] * 10, [3] * 150])
+    with torch.no_grad():
+        ref = model(row, segments=Segments(ids))
+    gpu = model.cuda().to(torch.bfloat16).train()
+    gpu.attn_impl = "flex"
+    out = gpu(row.cuda(), segments=Segments(ids.cuda()))
+    real = ids >= 0
+    assert (out.float().cpu() - ref)[real].abs().max() < 0.05 * ref.abs().max()
+    out.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())

@@ -96,6 +96,9 @@ CONFIGS = {
     "qwen3_5": _QWEN3_5,
     "qwen3_5_moe": replace(_QWEN3_5, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=48, shared_expert_gate=True,
                            hf_architecture="Qwen3_5MoeForCausalLM"),  # and a gated shared expert beside 4
+    # Qwen3-Next: in_proj_qkvz and in_proj_ba fused, their rows grouped by key head (an adapter's B rows move alike)
+    "qwen3_next": replace(_QWEN3_5, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=48, shared_expert_gate=True,
+                          hf_architecture="Qwen3NextForCausalLM"),
 }
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -111,6 +114,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
+    "qwen3_next": [*ATTENTION_TARGETS, "in_proj_qkvz", "in_proj_ba", "out_proj"],
 }
 VARIANTS = {"plain": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 # Prefix tuning: the RoPE architectures without a sliding window match PEFT; the others are refused.
@@ -171,7 +175,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8}
+    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8}
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.1)
 

@@ -1,6 +1,6 @@
 """Hugging Face <-> temper: configs, weights, and checkpoint directories in the HF layout.
 
-Twenty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -24,7 +24,8 @@ published FP8 weights are dequantized as they load), Seed-OSS
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
-`*ForConditionalGeneration` checkpoints without the vision tower. Reading a config maps its fields onto
+`*ForConditionalGeneration` checkpoints without the vision tower, and Qwen3-Next (`Qwen3NextForCausalLM`: Qwen3.5-MoE's
+layers, each linear layer's projections fused and grouped by key head). Reading a config maps its fields onto
 `ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. The weights of each architecture
 are described once, as a list of rules (HF tensor = these temper tensors concatenated, maybe transposed), which serve
 both directions.
@@ -76,22 +77,22 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3 = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM", "Qwen3_5ForCausalLM",
-    "Qwen3_5MoeForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
+QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE)
-HYBRID = (QWEN3_5, QWEN3_5_MOE)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
+                           DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
+HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, QWEN3_5_MOE)
-SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE)  # a shared expert beside the routed ones, gated
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, QWEN3_5_MOE, QWEN3_NEXT)
+SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # DeepSeek-V3's routing, shared experts and dense first layers
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
@@ -105,7 +106,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
                 "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v3": DEEPSEEK_V3,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
-                "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+                "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -418,8 +419,12 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False))}
     if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
-    if arch == QWEN3_5_MOE:  # experts in every layer beside a gated shared one, the top k always renormalised
-        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True,
+    if arch in (QWEN3_5_MOE, QWEN3_NEXT):  # experts beside a gated shared one, the top k renormalised (Qwen3-Next:
+        # norm_topk_prob)
+        if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+            raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
+                             f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", True)),
                 "expert_ffn_dim": d.get("moe_intermediate_size", 512),
                 "shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 512), "shared_expert_gate": True}
     if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
@@ -703,7 +708,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
     if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
-    if arch == QWEN3_5_MOE and not cfg.renormalize_experts:
+    if arch == QWEN3_5_MOE and not cfg.renormalize_experts:  # (Qwen3-Next's: norm_topk_prob)
         return "it renormalises the chosen experts' weights"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
@@ -878,10 +883,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     elif arch == OLMOE:
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": None,
               "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}
-    elif arch == QWEN3_5_MOE:
+    elif arch in (QWEN3_5_MOE, QWEN3_NEXT):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim,
               "output_router_logits": False}
+        if arch == QWEN3_NEXT:
+            d |= {"norm_topk_prob": cfg.renormalize_experts, "decoder_sparse_step": 1, "mlp_only_layers": []}
     elif arch in (QWEN3_MOE, QWEN2_MOE):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
@@ -906,13 +913,21 @@ class _Rule:
     gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says.
     `rope_pairs` (head_dim, first rotated row, rotated dims): rows of query or key heads whose rotated dims the
     checkpoint keeps as adjacent pairs (GLM-4's and DeepSeek's interleaved RoPE) and temper as two halves
-    (`rope_pair_rows`)."""
+    (`rope_pair_rows`). `groups` (G, block sizes): the parts' rows are blocks of G * size rows, which the checkpoint
+    interleaves group by group (Qwen3-Next's in_proj_qkvz: `group_rows`)."""
 
     hf: str
     parts: tuple[str, ...]
     transpose: bool = False
     stacked: str = ""
     rope_pairs: tuple[int, int, int] | None = None
+    groups: tuple[int, tuple[int, ...]] | None = None
+
+    def hf_rows(self, t: torch.Tensor, to_hf: bool) -> torch.Tensor:
+        """Rows of this tensor (or of an adapter's B, a DoRA magnitude) in the checkpoint's order (to_hf) or temper's."""
+        if self.rope_pairs:
+            return rope_pair_rows(t, self.rope_pairs, to_hf)
+        return group_rows(t, self.groups, to_hf) if self.groups else t
 
 
 def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int, int], to_hf: bool) -> torch.Tensor:
@@ -927,6 +942,19 @@ def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int, int], to_hf: bool) ->
     rot = (torch.stack((rot[:, : r // 2], rot[:, r // 2:]), dim=2).flatten(1, 2) if to_hf
            else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
     return torch.cat((heads[:, :start], rot, heads[:, start + r:]), dim=1).reshape(t.shape)
+
+
+def group_rows(t: torch.Tensor, groups: tuple[int, tuple[int, ...]], to_hf: bool) -> torch.Tensor:
+    """Rows reordered between temper's blocks (each G * size rows: every group's rows of one kind, as q, k, v and z
+    of all heads) and the checkpoint's groups (each group's rows of every block: Qwen3-Next's in_proj_qkvz holds, per
+    key head, its q, k, the values and the gates of the value heads it serves)."""
+    G, sizes = groups
+    if to_hf:
+        blocks = t.split([G * size for size in sizes])
+        return torch.cat([b.reshape(G, size, *t.shape[1:]) for b, size in zip(blocks, sizes, strict=True)],
+                         dim=1).reshape(t.shape)
+    per_group = t.reshape(G, sum(sizes), *t.shape[1:]).split(list(sizes), dim=1)
+    return torch.cat([b.reshape(G * size, *t.shape[1:]) for b, size in zip(per_group, sizes, strict=True)])
 
 
 def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -986,9 +1014,19 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
+                fused = ()
+                if arch == QWEN3_NEXT:  # q, k, v and z fused, b and a fused, each interleaved by key head
+                    (hk, hv), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
+                    r = hv // hk
+                    for hf, parts, sizes in (("in_proj_qkvz", ("qkv", "z"), (dk, dk, r * dv, r * dv)),
+                                             ("in_proj_ba", ("b", "a"), (r, r))):
+                        rules.append(_Rule(f"{h}linear_attn.{hf}.weight", tuple(f"{p}attn.in_proj_{x}.weight"
+                                                                                  for x in parts), groups=(hk, sizes)))
+                    fused = ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight")
                 for n in ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight",
                           "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
-                    add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
+                    if n not in fused:
+                        add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
                 add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
@@ -1096,9 +1134,7 @@ def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
             parts.append(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     if rule.stacked:
         return _STACKED[rule.stacked][0](parts)
-    if rule.rope_pairs:
-        return rope_pair_rows(parts[0], rule.rope_pairs, to_hf=True)
-    t = torch.cat(parts) if len(parts) > 1 else parts[0]
+    t = rule.hf_rows(torch.cat(parts) if len(parts) > 1 else parts[0], to_hf=True)
     return t.t() if rule.transpose else t
 
 
@@ -1130,10 +1166,7 @@ def _read_into(f: SafetensorsFile | _PickledFile, name: str, rule: _Rule, outs: 
 def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     if rule.stacked:
         return _STACKED[rule.stacked][1](t)
-    if rule.rope_pairs:
-        return [rope_pair_rows(t, rule.rope_pairs, to_hf=False)]
-    if rule.transpose:
-        t = t.t()
+    t = rule.hf_rows(t.t() if rule.transpose else t, to_hf=False)
     return list(t.split(sizes)) if len(sizes) > 1 else [t]
 
 
@@ -1528,8 +1561,8 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path
                 _check_shape(rule, shape, shapes, str(f.path))
-                if whole is not None or rule.stacked or rule.rope_pairs:  # whole: dequantized, every expert's part
-                    # copied out, or RoPE's rows moved
+                if whole is not None or rule.stacked or rule.rope_pairs or rule.groups:  # whole: dequantized,
+                    # every expert's part copied out, or rows moved
                     whole = f.read(name) if whole is None else whole
                     parts = _to_temper(rule, whole, [shapes[p][0] for p in rule.parts])
                     sd |= {p: t.to(device, dtypes[p], copy=True).contiguous()

@@ -89,11 +89,11 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     return sites
 
 
-def _rope_pairs(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
-    """Each Hugging Face layer whose output rows are RoPE's adjacent pairs in the checkpoint (GLM-4's q and k,
-    DeepSeek's q_b_proj and kv_a_proj_with_mqa) -> its (head_dim, first rotated row, rotated dims): an adapter's B
-    and DoRA magnitude rows move with the weight's (`rope_pair_rows`)."""
-    return {r.hf.removesuffix(".weight"): r.rope_pairs for r in hf_rules(cfg) if r.rope_pairs}
+def _reordered(cfg: ModelConfig) -> dict[str, Any]:
+    """Each Hugging Face layer whose output rows the checkpoint orders otherwise than temper (RoPE's adjacent pairs:
+    GLM-4's q and k, DeepSeek's q_b_proj and kv_a_proj_with_mqa; Qwen3-Next's groups of in_proj_qkvz and in_proj_ba)
+    -> its rule: an adapter's B and DoRA magnitude rows move with the weight's (`_Rule.hf_rows`)."""
+    return {r.hf.removesuffix(".weight"): r for r in hf_rules(cfg) if r.rope_pairs or r.groups}
 
 
 _EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V3)
@@ -149,7 +149,7 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
     if odd:
         raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
     rank, alpha, rslora, dora, dropout = first
-    sites, pairs = _sites(model, cfg), _rope_pairs(cfg)
+    sites, pairs = _sites(model, cfg), _reordered(cfg)
     moe_tensors, moe_config, moe_written = _save_moe(model, rank, alpha, rslora)
     stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_written))
     if stray:
@@ -177,10 +177,10 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
                     magnitude.append(torch.linalg.norm(m.weight.to(torch.float32), dim=1))
                 row += m.out_features
             key = _PREFIX + hf
-            tensors[key + _A], tensors[key + _B] = a, b if hf not in pairs else rope_pair_rows(b, pairs[hf], to_hf=True)
+            tensors[key + _A], tensors[key + _B] = a, b if hf not in pairs else pairs[hf].hf_rows(b, to_hf=True)
             if dora:
                 m = torch.cat([t.float().cpu() for t in magnitude])
-                tensors[key + _M] = m if hf not in pairs else rope_pair_rows(m, pairs[hf], to_hf=True)
+                tensors[key + _M] = m if hf not in pairs else pairs[hf].hf_rows(m, to_hf=True)
             targets.add(re.sub(r"^.*\.\d+\.", "", hf))  # "self_attn.q_proj", "attn.c_attn", "lm_head"
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
@@ -295,11 +295,11 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
     swapped = apply_lora(model, r, config["lora_alpha"], sorted(kinds), config.get("lora_dropout") or 0.0,
                          rslora=rslora, dora=dora, only={p for site in found for p in sites[site]}) if kinds else []
     swapped += moe.apply(model, rslora)
-    pairs = _rope_pairs(cfg)
+    pairs = _reordered(cfg)
     with torch.no_grad():
         for site, got in found.items():
-            if site in pairs:  # back to temper's rows (halves) from the checkpoint's (adjacent pairs)
-                got = {k: rope_pair_rows(v, pairs[site], to_hf=False) if k in (_B, _M) else v for k, v in got.items()}
+            if site in pairs:  # back to temper's rows from the checkpoint's (RoPE's pairs, Qwen3-Next's groups)
+                got = {k: pairs[site].hf_rows(v, to_hf=False) if k in (_B, _M) else v for k, v in got.items()}
             row = 0
             for p in sites[site]:
                 m = model.get_submodule(p)
@@ -497,7 +497,7 @@ def _rotate(kv: torch.Tensor, position: int, cfg: ModelConfig) -> None:
 def _key_layout(kv: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> None:
     """Move the prefix keys' dims (L, 2, Hkv, P, D) in place between temper's RoPE layout and the checkpoint's where
     they differ (GLM-4's adjacent pairs: `rope_pair_rows`, on the last axis)."""
-    pairs = next(iter(_rope_pairs(cfg).values()), None)
+    pairs = next((r.rope_pairs for r in _reordered(cfg).values() if r.rope_pairs), None)
     if pairs is not None:
         kv[:, 0] = rope_pair_rows(kv[:, 0].movedim(-1, 0), pairs, to_hf).movedim(0, -1)
 
