@@ -60,12 +60,20 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-@pytest.mark.parametrize("latent", [False, True])
-def test_kv_cache_is_what_the_model_allocates(latent):
-    cfg = replace(PRESETS["debug-llama"], **(MLA if latent else {}))  # latent attention: a latent and a rotated key
+@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid"])
+def test_kv_cache_is_what_the_model_allocates(kind):
+    """Latent attention caches a latent and a rotated key; a hybrid model keys and values for its attention layers
+    only, and a fixed-size state per sequence for each linear attention layer."""
+    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
-    assert est["KV cache (generation)"].bytes == cache.k.nbytes + cache.v.nbytes
+    assert est["KV cache (generation)"].bytes == sum(t.nbytes for t in cache.per_row().values())
+    if kind == "hybrid":  # longer sequences add keys and values for the attention layers alone
+        longer = estimate(cfg, RunShape(micro_batch_size=3, seq_len=200, precision="bf16"))
+        attention = sum(not cfg.is_linear(i) for i in range(cfg.n_layers))
+        assert longer["KV cache (generation)"].bytes - est["KV cache (generation)"].bytes == attention * 3 * 100 * 2 * (
+            2 * cfg.kv_heads * cfg.head_dim)
+        assert "linear attention layers x B = 3" in est["KV cache (generation)"].formula
 
 
 def test_layouts_divide_what_they_shard():
@@ -127,6 +135,11 @@ GLM45 = {"n_layers": 3, "n_experts": 8, "experts_per_token": 2, "expert_ffn_dim"
          "shared_expert_ffn_dim": 48, "dense_layers": 1, "qkv_bias": True, "rope_dim": 8, "expert_weights_float32": True}
 MLA = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 32, "q_lora_rank": 48, "v_head_size": 16}
 OLMO2 = {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True}
+# Qwen3.5's hybrid: Gated DeltaNet layers (every layer but the last of each pair), and gated softmax attention
+HYBRID = {"n_layers": 4, "qk_norm": True, "norm_unit_offset": True, "rope_dim": 8, "head_size": 16,
+          "attn_output_gate": True, "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4,
+          "linear_key_size": 16, "linear_value_size": 16}
+LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -203,18 +216,28 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "pretrain", "fp32", 1, {"dims": MLA}),
     ("debug-llama", "lora", "bf16", 0, {"dims": MLA, "lora": LoRAShape(rank=4, targets=list(LATENT_ATTENTION_TARGETS) + [
         "o_proj", "gate_proj", "up_proj", "down_proj"])}),
+    # Qwen3.5's hybrid over 4 chunks of 64 tokens: the chunked rule's C x C matrices per value head, q_proj's gates
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": HYBRID, "seq": 256}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": HYBRID, "seq": 256}),  # autocast runs the rule's matmuls
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": HYBRID, "seq": 256}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": HYBRID, "seq": 256,
+                                        "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS) + LINEAR_TARGETS)}),
+    # wide linear heads, a narrow MLP: a recomputed block's backward peaks in the rule's chunk loop, not in its MLP
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,
+                                                              "ffn_dim": 32}, "seq": 256}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)
     assert est.peak == pytest.approx(measured.peak, rel=0.05), (human_bytes(est.peak), human_bytes(measured.peak))
 
 
-@pytest.mark.parametrize("feature", ["qk_norm", "sandwich_norm"])
+@pytest.mark.parametrize("feature", ["qk_norm", "sandwich_norm", "attn_output_gate"])
 @pytest.mark.parametrize("recipe, precision", [("pretrain", "bf16"), ("lora", "fp32")])
 def test_extra_norms_add_to_the_estimate_what_they_add_to_the_peak(feature, recipe, precision):
     """Qwen3's q/k norms keep a float32 copy of every query and key and an rstd per head; Gemma 3's norms on the
     sublayers' outputs keep theirs, the MLP's freed before the block's backward peaks; both keep the normalised
-    values when their weights train. A few percent of a block each, so compared as a difference."""
+    values when their weights train. Gated attention (Qwen3-Next) makes q_proj twice as wide and keeps sigmoid(gate)
+    and the gated output. A few percent of a block each, so compared as a difference."""
     dims = {"head_size": 32}
     (est, measured), (est_more, measured_more) = (_measure("debug-llama", recipe, precision, 0, dims=dims | over)
                                                   for over in ({}, {feature: True}))

@@ -34,7 +34,12 @@ What temper's training actually does, and so what is counted (read from `train/s
     log-sum-exp (flash / memory-efficient kernels: no T x T matrix), the MLP's pre-activations
     (GELU: up; SwiGLU/GeGLU: gate, act(gate), up). Latent attention (DeepSeek-V3) keeps its latents' RMSNorm
     terms and the inputs of the layers that expand them, and SDPA's v is a view of kv_b_proj's whole output (keys'
-    and values' parts, kept together). In LoRA the first block's input needs no
+    and values' parts, kept together). Gated attention (Qwen3-Next, Qwen3.5) keeps sigmoid(gate) and the gated
+    output beside SDPA's. A hybrid model's Gated DeltaNet layers (`full_attention_every`) keep what their chunked
+    rule needs: C x C matrices per value head and chunk of C = 64 tokens, about (8 + 3 x compute dtype bytes) x 64
+    bytes per token and value head, beside ~20 float32 vectors of the heads' width (`_linear_saved`); their
+    backward peaks in the rule's chunk loop, where each chunk's gradients come back as whole tensors and are
+    summed. In LoRA the first block's input needs no
     gradient (the embedding is frozen), so its first norm saves nothing. A mixture of experts keeps its
     router's float32 probabilities and int64 choices, and each expert's MLP terms for the rows routed to
     it: k rows per token in all, however unevenly they are spread; only the backward's transient (one
@@ -78,7 +83,9 @@ What temper's training actually does, and so what is counted (read from `train/s
     against measured steps on gloo ranks (tests/train/test_memory_distributed.py).
   * KV cache: what `Transformer.new_cache(batch, seq_len)` allocates for generation, in the compute
     dtype: 2 (k and v) x layers x batch x seq_len x kv_heads x head_dim; for latent attention, each token's latent
-    and rotated key part: layers x batch x seq_len x (kv_lora_rank + rope_dim).
+    and rotated key part: layers x batch x seq_len x (kv_lora_rank + rope_dim). A hybrid model caches keys and values
+    for its softmax attention layers only; each linear attention layer holds a fixed-size state per sequence instead,
+    whatever its length: float32 value heads x Dk x Dv, and the convolution's last K - 1 inputs.
   * QLoRA (Dettmers et al. 2023): the blocks' linear weights in NF4, 4 bits plus double-quantized
     block scales (an 8-bit absmax per 64 weights, a float32 scale per 256 of those): 0.5 + 1/64 +
     4/16384 bytes per weight; one linear layer is dequantized at a time (transient).
@@ -96,6 +103,7 @@ device (a CPU has no allocator counter) so that the estimate can be checked agai
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import weakref
@@ -113,9 +121,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from temper.config import ConfigError
-from temper.model.attention import LatentAttention
+from temper.model.attention import Attention, LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
+from temper.model.linear_attention import GatedDeltaNet, gated_delta_rule
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
@@ -137,7 +146,8 @@ class LoRAShape:
     """Rank r of every adapter: A is (r, in), B is (out, r)."""
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Names of the linear layers that get adapters: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (latent
-    attention: q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj, and q_proj without q_lora_rank)."""
+    attention: q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj, and q_proj without q_lora_rank; Gated DeltaNet:
+    in_proj_qkv in_proj_z in_proj_b in_proj_a out_proj)."""
     dropout: float = 0.0
     """Dropout on the adapters' input; > 0 saves a copy of each target's input and a mask (1 byte on CUDA)."""
 
@@ -221,7 +231,7 @@ class Estimate:
     at_peak: dict[str, int]
     """What is alive at the peak: parameters, gradients, optimizer states, activations (and FSDP2's gathered)."""
     block_terms: list[tuple[str, float]]
-    """Saved bytes per token of one (not checkpointed) block, by tensor."""
+    """Saved bytes per token of one (not checkpointed) block, the one that saves the most, by tensor."""
     params: int
     """Parameters of the model (each shared tensor once), adapters included."""
     trainable: int
@@ -460,12 +470,14 @@ def _norm(s: _Saved, label: str, norm: nn.Module | None, d: int, grad_in: bool, 
             s.add(f"{label} input", d * t.norm_out())
             s.add(f"{label} mean, rstd", 2 * t.norm_out())
         return t.norm_out()
-    # RMSNorm: rms_norm(x.float()) keeps the float32 input and rstd; weight * y keeps y when the weight trains.
+    # RMSNorm: rms_norm(x.float()) keeps the float32 input and rstd; weight * y keeps y when the weight trains, cast
+    # back first (Llama's), or still float32 where the product is cast after (Gemma's unit offset, OLMo 2's).
     if grad_in:
         s.add(f"{label} input (float32)", 4 * d)
         s.add(f"{label} rstd", 4 * rows)
     if trained:
-        s.add(f"{label} normalised", (in_bytes or t.r) * d)
+        after = getattr(norm, "unit_offset", False) or getattr(norm, "cast_after", False)
+        s.add(f"{label} normalised", (4 if after else in_bytes or t.r) * d)
     return t.r
 
 
@@ -536,13 +548,64 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     # attention half
     h_bytes = _norm(s, "attn_norm", block.attn_norm, d, grad_in, t)
     _lora_hidden(s, list(attn.modules()), t)
+    if isinstance(attn, GatedDeltaNet):
+        first, attn_grad, attn_peak = _linear_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
+    else:
+        first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rope, seq_len)
+    if attn_grad and cfg.dropout > 0:
+        s.add("attention residual dropout mask", t.mask(t.a) * d)
+    if block.attn_out_norm is not None:  # Gemma 3: the output normalised before it joins the residual stream
+        _norm(s, "attn_out_norm", block.attn_out_norm, d, attn_grad, t, in_bytes=t.a)
+        attn_grad = attn_grad or _wants_grad(block.attn_out_norm)
+    grad_mid = grad_in or attn_grad
+    attn_half = s.total
+
+    # MLP half
+    h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t)
+    if isinstance(mlp, MoE):
+        mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, grad_mid)
+    else:
+        mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, grad_mid)
+    if mlp_grad and cfg.dropout > 0:
+        s.add("MLP residual dropout mask", t.mask(t.a) * d)
+    out_norm_bytes = 0.0  # what the MLP's output norm keeps: its backward, the first of the block's, frees it
+    if block.mlp_out_norm is not None:
+        before = s.total
+        _norm(s, "mlp_out_norm", block.mlp_out_norm, d, mlp_grad, t, in_bytes=t.a)
+        out_norm_bytes = s.total - before
+        mlp_grad = mlp_grad or _wants_grad(block.mlp_out_norm)
+    # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
+    # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
+    transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
+    # The saved set holds the block's input itself when its first norm kept it uncast.
+    # (Without a first norm, OLMo 2's, q, k and v keep the input itself where they keep it uncast.)
+    shares_input = (grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
+                    if block.attn_norm is not None else t.r == t.a and any(_keeps_input(m) for m in first))
+    # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
+    # that is split by sequence alone under tensor parallel, as they are.
+    freed = out_norm_bytes if transient else 0.0
+    # It may peak in the attention half instead (SDPA's math kernel: its T x T gradients; linear attention: its
+    # chunks' gradients), the MLP half's saved tensors freed by then.
+    if attn_peak:
+        transient = max(transient, t.r * d + attn_peak - (s.total - attn_half - freed))
+    return _BlockMem(s, grad_mid or mlp_grad, transient - freed, shares_input, (t.r * d if transient else 0.0) - freed)
+
+
+def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int, t: _Dtypes, lora_dropout: float,
+                     grad_in: bool, rope: bool, seq_len: int) -> tuple[list[nn.Module], bool, float]:
+    """What softmax attention (`Attention`, `LatentAttention`) keeps per token, from its normalised input (`h_bytes`
+    per element) to o_proj's input. Returns (the layers reading its input, whether its output needs a gradient, the
+    bytes per token its backward makes at once beyond them: a math kernel's T x T gradients, else 0)."""
+    gated = getattr(attn, "output_gate", False)
     if isinstance(attn, LatentAttention):
         first, attn_grad, (q_out, k_out, v_out) = _latent_saved(s, attn, h_bytes, t, lora_dropout, grad_in)
     else:
         first = [attn.q_proj, attn.k_proj, attn.v_proj]
         _readers(s, "attn_norm output", first, h_bytes, t, lora_dropout, grad_in)
         attn_grad = grad_in or any(_wants_grad(m) for m in first)
-        q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
+        # With an output gate q_proj makes each head's gates beside its queries; both are split off as copies,
+        # the queries going on as q does.
+        q_out, kv_out = attn.q_proj.out_features // (2 if gated else 1), attn.k_proj.out_features
         k_out = v_out = kv_out
         if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
             heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
@@ -577,46 +640,109 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         s.add("attention output", t.a * o_in)
         s.add("log-sum-exp", 4 * cfg.n_heads)
         fused = True
-    _readers(s, "attention output", [attn.o_proj] if not fused or lora_dropout > 0 else [], t.a, t,
-             lora_dropout, attn_grad)
-    attn_grad = attn_grad or _wants_grad(attn.o_proj)
-    if attn_grad and cfg.dropout > 0:
-        s.add("attention residual dropout mask", t.mask(t.a) * d)
-    if block.attn_out_norm is not None:  # Gemma 3: the output normalised before it joins the residual stream
-        _norm(s, "attn_out_norm", block.attn_out_norm, d, attn_grad, t, in_bytes=t.a)
-        attn_grad = attn_grad or _wants_grad(block.attn_out_norm)
-    grad_mid = grad_in or attn_grad
-    attn_half = s.total
+    if gated and attn_grad:
+        # Gated attention (Qwen3-Next): y * sigmoid(gate) keeps the attention output (SDPA's own, where it keeps
+        # it) and the sigmoid (sigmoid's backward needs its output too), and o_proj reads the product: a new tensor.
+        s.add("attention output (for the gate's gradient)", 0 if fused else t.a * o_in)
+        s.add("sigmoid(gate)", t.a * o_in)
+        fused = False
+    _readers(s, "gated attention output" if gated else "attention output",
+             [attn.o_proj] if not fused or lora_dropout > 0 else [], t.a, t, lora_dropout, attn_grad)
+    return first, attn_grad or _wants_grad(attn.o_proj), scores_grad
 
-    # MLP half
-    h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t)
-    if isinstance(mlp, MoE):
-        mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, grad_mid)
-    else:
-        mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, grad_mid)
-    if mlp_grad and cfg.dropout > 0:
-        s.add("MLP residual dropout mask", t.mask(t.a) * d)
-    out_norm_bytes = 0.0  # what the MLP's output norm keeps: its backward, the first of the block's, frees it
-    if block.mlp_out_norm is not None:
-        before = s.total
-        _norm(s, "mlp_out_norm", block.mlp_out_norm, d, mlp_grad, t, in_bytes=t.a)
-        out_norm_bytes = s.total - before
-        mlp_grad = mlp_grad or _wants_grad(block.mlp_out_norm)
-    # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
-    # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
-    transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
-    # The saved set holds the block's input itself when its first norm kept it uncast.
-    # (Without a first norm, OLMo 2's, q, k and v keep the input itself where they keep it uncast.)
-    shares_input = (grad_in and (t.r == 4 or (isinstance(block.attn_norm, nn.LayerNorm) and t.norm_out() == t.r))
-                    if block.attn_norm is not None else t.r == t.a and any(_keeps_input(m) for m in first))
-    # When it peaks, the output norm's saved tensors are freed already: taken off the transient, from its part
-    # that is split by sequence alone under tensor parallel, as they are.
-    freed = out_norm_bytes if transient else 0.0
-    # Under SDPA's math kernel it may peak in attention instead: its T x T gradients, the MLP half's saved tensors
-    # freed by then.
-    if scores_grad:
-        transient = max(transient, t.r * d + scores_grad - (s.total - attn_half - freed))
-    return _BlockMem(s, grad_mid or mlp_grad, transient - freed, shares_input, (t.r * d if transient else 0.0) - freed)
+
+_CHUNK = inspect.signature(gated_delta_rule).parameters["chunk"].default
+"""Tokens per chunk of the gated delta rule in training (its C x C matrices per head)."""
+
+
+def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
+                  seq_len: int) -> tuple[list[nn.Module], bool, float]:
+    """What a Gated DeltaNet layer (`model/linear_attention.py`) keeps per token, from its normalised input (`h_bytes`
+    per element) to out_proj's input; returns what `_attention_saved` does, its backward's extra bytes those of the
+    chunked rule.
+
+    Walked op by op and measured. Before the rule: the four projections' inputs; the convolution's input where its
+    weight trains (whole, with the K - 1 zeros before it, in fp32; a float32 copy per tap under autocast) and SiLU's;
+    q, k, v in float32 (views of SiLU's output in fp32, copies under autocast) and the L2 norms' rstd; beta's sigmoid
+    and the decay's softplus. The chunked rule (chunks of C = 64 tokens) keeps per value head and chunk C x C float32
+    matrices, the decay and the system it solves, and in the compute dtype (autocast runs `@`, not the solves) the two
+    q k^T products and the intra-chunk attention as the chunk loop reads it: (8 + 3a) C bytes per token and value
+    head, where a softmax layer keeps nothing that grows with the sequence. Beside them its per-token vectors (q, k,
+    k * beta, the solves' results, the decays' exponentials), each matmul operand again (cast under autocast; in fp32
+    copied, the keys and queries being transposed views) and the state each chunk enters with (float32 Dk x Dv per
+    head, and its casts). After it, GatedRMSNorm's float32 input and rstd, SiLU(z)'s float32 input and output and the
+    gated product's factors; out_proj reads the product. A tensor is kept for the gradients it serves: q, k, v's
+    (an adapter on in_proj_qkv), beta's, or the decay's."""
+    (n_k, H), (dk, dv) = (attn.n_k, attn.n_v), (attn.d_k, attn.d_v)
+    value, a = H * dv, t.a
+    width = 2 * n_k * dk + value  # the convolution's channels: q, k, v
+    first = [attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a]
+    _readers(s, "attn_norm output", first, h_bytes, t, lora_dropout, grad_in)
+    if attn.conv1d.weight.requires_grad:  # each tap multiplies a shifted window of the inputs by its weight
+        taps = attn.conv_taps
+        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
+              4 * width * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    qkv = grad_in or _wants_grad(attn.in_proj_qkv) or attn.conv1d.weight.requires_grad  # q, k, v need gradients
+    if qkv:
+        s.add("convolution output (SiLU input)", a * width)
+        s.add("q, k, v (float32)", 4 * width)
+        s.add("q, k L2 norms' rstd", 2 * 4 * n_k)
+    beta = grad_in or _wants_grad(attn.in_proj_b)
+    s.add("beta (sigmoid output)", a * H if beta else 0)
+    softplus = grad_in or _wants_grad(attn.in_proj_a) or attn.dt_bias.requires_grad
+    s.add("softplus input (float32)", 4 * H if softplus else 0)
+    s.add("softplus output (float32)", 4 * H if attn.A_log.requires_grad else 0)
+    decay = softplus or attn.A_log.requires_grad  # the decay's log needs a gradient
+    rule = qkv or beta or decay
+    C = min(_CHUNK, seq_len)
+    chunks = -(-seq_len // C)
+    pad = chunks * C / seq_len  # the last chunk is padded with zero tokens
+    # The chunk loop's, per token in all: the intra-chunk attention (one float32 tensor in fp32, a cast per chunk under
+    # autocast); the corrected values and write's operand; the rest (read's and w's operands, the states).
+    attend = pad * a * H * C
+    used = pad * ((2 if a != 4 else 1) * a * H * dv + a * H * dk)
+    rest = pad * ((chunks - 1) / chunks * (2 if a != 4 else 1) * a * H * dk
+                  + (4 + (2 * a if a != 4 else 0)) * H * dk * dv / C)
+    if rule:
+        s.add(f"rule: decay, system (C x C per value head, C={C}, float32)", pad * 2 * 4 * H * C)
+        s.add("rule: q k^T products before the decay (C x C per value head)", pad * 2 * a * H * C if decay else 0)
+        s.add("rule: w, u (float32)", pad * 4 * H * (dk + dv))
+        s.add("rule: q, k * beta, the decays' exponentials (float32)", pad * 4 * H * (2 * dk + 3) if decay else 0)
+        s.add("rule: k (float32)", pad * 4 * H * dk if beta or decay else 0)
+        s.add("rule: beta's float32 copy", pad * 4 * H if qkv and a != 4 else 0)
+        s.add("rule: q k^T products' operands (copies, or casts under autocast), decays by chunk (float32)",
+              pad * (4 * a * H * dk + 3 * 4 * H) if qkv else 0)
+        s.add("chunk loop: intra-chunk attention (C x C per value head)", attend)
+        s.add("chunk loop: corrected values, write's operand" + (" (casts)" if a != 4 else ""), used)
+        s.add("chunk loop: read's" + (" and w's operands" if a != 4 else " operand") + " after the first chunk, "
+              "the state entering each chunk (float32" + (", and two casts)" if a != 4 else ")"), rest)
+    after_rule = s.total  # what the layer keeps after the rule is freed before the rule's backward
+    s.add("GatedRMSNorm input (float32), rstd", 4 * (value + H) if rule else 0)
+    s.add("GatedRMSNorm normalised", h_bytes * value if attn.norm.weight.requires_grad else 0)
+    norm = rule or attn.norm.weight.requires_grad
+    z = grad_in or _wants_grad(attn.in_proj_z)
+    if z:
+        s.add("z (SiLU input, float32)", 4 * value)
+        s.add("normalised * weight (for the gate's gradient)", max(t.r, h_bytes) * value)
+    s.add("SiLU(z) (float32)", 4 * value if norm else 0)
+    _readers(s, "gated output", [attn.out_proj], h_bytes, t, lora_dropout, norm or z)
+    out_grad = norm or z or _wants_grad(attn.out_proj)
+    if not rule:
+        return first, out_grad, 0.0
+    # The rule's backward peaks in its chunk loop, at the next to last chunk m: each chunk's gradient of its slice of
+    # the intra-chunk attention, read, write, w and u comes back as a whole (B, H, N, C, .) float32 tensor, summed into
+    # what the later chunks gave (the sum a new tensor): three C x C ones per value head at once, one of each other,
+    # beside the outputs' gradient, a chunk's corrected values' and what in_proj_z gave its input. By then what the
+    # layer kept after the rule is freed, and the later chunks' share of the loop's, and of chunk m's its corrected
+    # values and write's operand (and its attention's cast); in fp32 the attention, one tensor, goes with the first
+    # chunk's matmul.
+    grads = (pad * 4 * H * ((3 if chunks > 1 else 1) * C + 3 * dk + 2 * dv + dv / chunks)
+             + (h_bytes * attn.in_proj_z.in_features if grad_in else 0))
+    m = max(chunks - 2, 0)
+    cast = attend if a != 4 else 0.0
+    loop = ((chunks - 1 - m) / chunks * (used + rest + cast) + (used + cast) / chunks
+            + (attend if a == 4 and m == 0 else 0.0))
+    return first, out_grad, grads - (s.total - after_rule) - loop
 
 
 def _latent_saved(s: _Saved, attn: LatentAttention, in_bytes: int, t: _Dtypes, lora_dropout: float,
@@ -994,10 +1120,14 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     peak, peak_formula, alive = max(moments, key=lambda m: m[0])
     _, act_moment, act_alive = max(moments, key=lambda m: m[2]["activations"])  # the activations' own peak
     act_bytes = act_alive["activations"]
-    typical = mems[-1].saved
+    typical = max(mems, key=lambda m: m.saved.total).saved
     wcopies = sum(wcopy) + wcopy_tail
+    kinds: dict[tuple[str, float], int] = {}  # blocks by kind and saved bytes (a hybrid's, a mixture's dense first layers)
+    for block, (sv, _) in zip(model.layers, split):
+        key = ("linear attention " if isinstance(block.attn, GatedDeltaNet) else "", sv)
+        kinds[key] = kinds.get(key, 0) + 1
     a_formula = (
-        f"B*T = {tokens} tokens x ({L} blocks x {human_bytes(split[-1][0])}"
+        f"B*T = {tokens} tokens x (" + " + ".join(f"{n} {kind}blocks x {human_bytes(sv)}" for (kind, sv), n in kinds.items())
         + (f" ({sum(checkpointed)} of them checkpointed: input only, {human_bytes(resid)}"
            + (", in host memory until its backward" if run.activation_offload else "") + ")" if k else "")
         + f" + tail {human_bytes(tail.total)})"
@@ -1010,9 +1140,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
         + f"; largest at: {act_moment.split(':')[0]}"
     )
 
-    width, per_layer = _kv_width(cfg, lay.tp)
-    kv = L * B * T * width * a
-    kv_formula = f"{L} layers x B*T = {B * T} x {per_layer} x {a} B"
+    kv_token, kv_row, kv_formula = _kv_cache(cfg, L, a, lay.tp, f"B*T = {B * T}", f"B = {B}")
+    kv = B * T * kv_token + B * kv_row
     # For generation the adapters merge into the weights they adapt, except into NF4 ones.
     nf4_c = cg.frozen_linears if qlora else 0
     base = cg.params - (0 if full else cg.trainable)
@@ -1204,11 +1333,32 @@ def _kv_width(cfg: ModelConfig, tp: int = 1) -> tuple[int, str]:
     return kv_heads * (k + v), f"2 (k, v) x {kv_heads} kv heads x {k} head_dim"
 
 
+def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str = "",
+              rows: str = "") -> tuple[int, int, str]:
+    """What `Transformer.new_cache` allocates for the first `n_layers` layers of `cfg` in an `a`-byte compute dtype,
+    on one of `tp` tensor-parallel ranks: (bytes per token, bytes per sequence, how; `tokens` and `rows` name the
+    counts the formula multiplies them by, if any). Softmax attention layers hold keys and values for every token
+    (`_kv_width`); a hybrid model's linear attention layers hold none, only a fixed-size state per sequence whatever
+    its length: the float32 state (value heads x Dk x Dv) and the convolution's last K - 1 inputs in the compute
+    dtype."""
+    linear = sum(cfg.is_linear(i) for i in range(n_layers))
+    attention = n_layers - linear
+    width, per_layer = _kv_width(cfg, tp)
+    formula = f"{attention} {'attention ' if linear else ''}layers x {tokens + ' x ' if tokens else ''}{per_layer} x {a} B"
+    if not linear:
+        return attention * width * a, 0, formula
+    (n_k, n_v), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
+    taps, channels = cfg.linear_conv_size - 1, 2 * n_k * dk + n_v * dv
+    row = linear * (4 * n_v * dk * dv + a * taps * channels)
+    formula += (f" + {linear} linear attention layers x {rows + ' x ' if rows else ''}(4 B x {n_v} x {dk} x {dv} "
+                f"float32 state + {a} B x {taps} x {channels} convolution inputs)")
+    return attention * width * a, row, formula
+
+
 def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
     """The numbers to remember, applied to this model."""
     n, k = est.params, est.trainable
-    width, per_layer = _kv_width(cfg)
-    kv_token = cfg.n_layers * width * 2
+    kv_token, kv_row, kv_formula = _kv_cache(cfg, cfg.n_layers, 2)
     return [
         f"weights: 4 B/param in fp32, 2 in bf16/fp16, ~{NF4_BYTES:.2f} in NF4: {_m(n)} params -> "
         f"{human_bytes(4 * n)} / {human_bytes(2 * n)} / {human_bytes(NF4_BYTES * n)}",
@@ -1220,7 +1370,8 @@ def rules_of_thumb(est: Estimate, cfg: ModelConfig, run: RunShape) -> list[str]:
         "activations grow as micro_batch_size x seq_len; the loss holds one chunk of logits (<= 64 MiB in float32 for a frozen head), "
         "never all of them; "
         "checkpointing keeps one residual (4 B x dim) per block instead of the block's saved tensors",
-        f"KV cache in bf16: layers x {per_layer} x 2 B = {human_bytes(kv_token)} per token",
+        f"KV cache in bf16: {kv_formula}" + (f" = {human_bytes(kv_token)} per token + {human_bytes(kv_row)} per sequence"
+                                              if kv_row else f" = {human_bytes(kv_token)} per token"),
         "over N data-parallel ranks: ZeRO-1 (zero1) divides the optimizer states by N, FSDP2 (dp_shard) the "
         "parameters, gradients and optimizer states (plus gathered units in flight), DDP nothing (its gradient "
         "buckets double the gradients); tp divides the block matrices and the activations inside attention and MLP",
