@@ -2,8 +2,8 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS and Qwen3.5 shapes. This module
-only describes shapes: it builds nothing and imports no torch.
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS and Qwen3.5 shapes.
+This module only describes shapes: it builds nothing and imports no torch.
 """
 
 from __future__ import annotations
@@ -302,6 +302,9 @@ class ModelConfig:
         if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
             raise ValueError(f"dense_layers={self.dense_layers} needs n_experts and fewer than n_layers "
                              f"({self.n_layers}) layers")
+        if self.attn_output_gate and self.kv_lora_rank is not None:
+            raise ValueError("attn_output_gate needs grouped-query attention: latent attention (kv_lora_rank) has no "
+                             "output gates")
         if self.full_attention_every is not None:
             if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1 and self.kv_lora_rank is None):
                 raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
