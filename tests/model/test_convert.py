@@ -347,6 +347,21 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
 
 
+def _reads_its_text_model(hf, tmp_path, arch: str, x: torch.Tensor) -> ModelConfig:
+    """`hf`, an image-text model, saved: temper reads its text model with its logits for the text `x`, and exports it
+    as `arch`, which transformers runs to the same logits. Returns the config read."""
+    hf.save_pretrained(tmp_path / "it")
+    model, cfg = load_hf(tmp_path / "it")
+    assert cfg.hf_architecture == arch
+    with torch.no_grad():
+        ref = hf(input_ids=x).logits
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
+        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "text")).eval()
+        assert type(back).__name__ == arch
+        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+    return cfg
+
+
 def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
     """Gemma 3 4B, 12B and 27B are published as Gemma3ForConditionalGeneration: temper reads the text model (its
     sparse text_config over Gemma3TextConfig's defaults, its tensors under language_model.) with transformers'
@@ -358,16 +373,9 @@ def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
                   patch_size=14)
     hf = _hf("Gemma3Config", "Gemma3ForConditionalGeneration", text_config=text, vision_config=vision,
              mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
-    hf.save_pretrained(tmp_path / "it")
-    model, cfg = load_hf(tmp_path / "it")
-    assert cfg.hf_architecture == "Gemma3ForCausalLM" and cfg.global_every == 2 and cfg.rope_local_theta == 1e4
     x = torch.randint(0, 290, (2, 40))  # below the image tokens
-    with torch.no_grad():
-        ref = hf(input_ids=x).logits
-        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
-        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "text")).eval()
-        assert type(back).__name__ == "Gemma3ForCausalLM"
-        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+    cfg = _reads_its_text_model(hf, tmp_path, "Gemma3ForCausalLM", x)
+    assert cfg.global_every == 2 and cfg.rope_local_theta == 1e4
     published = {  # google/gemma-3-4b-it: its text_config names only what differs from the defaults
         "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
         "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
@@ -396,16 +404,9 @@ def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path):
                   num_position_embeddings=16)
     hf = _hf("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", text_config=text, vision_config=vision,
              image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)
-    hf.save_pretrained(tmp_path / "it")
-    model, cfg = load_hf(tmp_path / "it")
-    assert cfg.hf_architecture == "Qwen3_5ForCausalLM" and cfg.full_attention_every == 2 and cfg.rope_dim == 8
     x = torch.randint(0, 96, (2, 40))  # below the vision tokens
-    with torch.no_grad():
-        ref = hf(input_ids=x).logits
-        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
-        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "text")).eval()
-        assert type(back).__name__ == "Qwen3_5ForCausalLM"
-        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+    cfg = _reads_its_text_model(hf, tmp_path, "Qwen3_5ForCausalLM", x)
+    assert cfg.full_attention_every == 2 and cfg.rope_dim == 8
     with pytest.raises(ValueError, match="layer_types"):
         from_hf_config({**_QWEN3_5, "architectures": ["Qwen3_5ForCausalLM"], "hidden_act": "silu",
                         "layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"]})

@@ -118,7 +118,7 @@ _GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_mode
                          "language_model.lm_head.": "lm_head."}
 """Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
 _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-_QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers temper trains not
+_QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 MAX_SHARD_BYTES = 5 << 30
 _SLICE_BYTES = 16 << 20  # a tensor cast on loading is read in slices of about this size  # transformers' default shard size: a file per ~5 GB
