@@ -192,7 +192,9 @@ def _assert_peft_and_temper_read(model: Transformer, hf, out, case: str, matters
             assert (ours - theirs(x).logits).abs().max() > matters  # ... and the adapter matters
         back = _model(case)
         load_peft(back, back.cfg, out)
-        torch.testing.assert_close(back(x), ours, rtol=0, atol=1e-5)
+        # To a rounding, as PEFT's: each part of a fused layer reads back the fused adapter (rank 2r, B zero in the
+        # other part's columns), the same sums in another order (1.7e-5 apart under AVX2 kernels for Qwen3-Next's)
+        torch.testing.assert_close(back(x), ours, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("case, targets", [
