@@ -393,20 +393,25 @@ def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
         from_hf_config(published | {"text_config": [1]})
 
 
-def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path):
-    """Qwen3.5 is published as Qwen3_5ForConditionalGeneration (its text model under model.language_model., a vision
-    tower, multi-token-prediction layers): temper reads the text model, with transformers' logits for text (M-RoPE's
-    three position streams are equal there, which is RoPE), and exports a text-only Qwen3_5ForCausalLM."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
+    """Qwen3.5 and Qwen3.5-MoE are published as *ForConditionalGeneration (the text model under
+    model.language_model., a vision tower, multi-token-prediction layers): temper reads the text model, with
+    transformers' logits for text (M-RoPE's three position streams are equal there, which is RoPE), and exports a
+    text-only *ForCausalLM."""
     text = {k: v for k, v in _QWEN3_5.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    if moe:
+        text |= dict(moe_intermediate_size=40, shared_expert_intermediate_size=72, num_experts=4, num_experts_per_tok=2)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                   num_position_embeddings=16)
-    hf = _hf("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", text_config=text, vision_config=vision,
+    name = "Qwen3_5Moe" if moe else "Qwen3_5"
+    hf = _hf(f"{name}Config", f"{name}ForConditionalGeneration", text_config=text, vision_config=vision,
              image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)
     x = torch.randint(0, 96, (2, 40))  # below the vision tokens
-    cfg = _reads_its_text_model(hf, tmp_path, "Qwen3_5ForCausalLM", x)
-    assert cfg.full_attention_every == 2 and cfg.rope_dim == 8
+    cfg = _reads_its_text_model(hf, tmp_path, f"{name}ForCausalLM", x)
+    assert cfg.full_attention_every == 2 and cfg.rope_dim == 8 and cfg.n_experts == (4 if moe else 0)
     with pytest.raises(ValueError, match="layer_types"):
         from_hf_config({**_QWEN3_5, "architectures": ["Qwen3_5ForCausalLM"], "hidden_act": "silu",
                         "layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"]})
