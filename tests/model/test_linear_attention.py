@@ -96,6 +96,8 @@ def test_a_packed_row_computes_its_documents_alone_and_padding_changes_nothing()
         torch.testing.assert_close(packed[:, 28:78], model(b), rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match="shared_prefix"):
             model(row, segments=Segments(ids.clamp(min=0), shared_prefix=True))
+        with pytest.raises(ValueError, match="segments.ids must be"):  # named, not a gather's index error
+            model(row, segments=Segments(ids[:, :-1]))
 
 
 def test_a_cache_gives_the_forward_logits_in_pieces_padded_forked_and_reset():

@@ -133,9 +133,7 @@ def score(model: nn.Module, requests: Sequence[Request], *, batch_tokens: int = 
     device = next(model.parameters()).device
     # A row holding several continuations puts them side by side, so index distance exceeds
     # position distance; a sliding window (counted in indices by the model) must then span the row.
-    shared_len = min(cfg.max_seq_len, cfg.sliding_window or cfg.max_seq_len)
-    if cfg.full_attention_every is not None:  # linear attention keeps one state per row: a continuation per row
-        shared_len = 0
+    shared_len = min(cfg.max_seq_len, cfg.sliding_window or cfg.max_seq_len) if cfg.branches_share_rows else 0
     rows, truncated = _rows(requests, cfg.max_seq_len, shared_len)
     out: list[Score | None] = [None] * len(requests)
     for batch in _batches(rows, batch_tokens):

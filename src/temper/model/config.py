@@ -351,6 +351,12 @@ class ModelConfig:
         return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)
 
     @property
+    def branches_share_rows(self) -> bool:
+        """Whether continuations of one context can share a row (`Segments.shared_prefix`: DPO's responses to one
+        prompt, evaluation's choices): not with linear attention layers, whose one state per row cannot fork mid-row."""
+        return self.full_attention_every is None
+
+    @property
     def linear_heads(self) -> tuple[int, int]:
         """(key heads, value heads) of a linear attention layer, with None resolved."""
         keys = self.linear_key_heads or self.n_heads

@@ -289,6 +289,8 @@ class Transformer(nn.Module):
 
         window=LINEAR: what linear attention layers take instead, their `Runs` (None: one document per row).
         """
+        if segments is not None and segments.ids.shape != (B, T):
+            raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
         if window == LINEAR:
             if segments is not None and segments.shared_prefix:
                 raise ValueError("linear attention layers keep one state per row, so continuations cannot share a "
@@ -304,8 +306,6 @@ class Transformer(nn.Module):
         written = self.cfg.attn_softcap or self.cfg.attn_sinks  # scores SDPA cannot compute: flex, where it is chosen
         if segments is None and (window is None or T <= window) and not (written and self._use_flex(device)):
             return None, True  # plain causal prefill / training (capped scores, sinks on CUDA: a causal block mask)
-        if segments is not None and segments.ids.shape != (B, T):
-            raise ValueError(f"segments.ids must be (batch, tokens) = {(B, T)}, got {tuple(segments.ids.shape)}")
         visible = self._mask_mod(segments, window)
         rows = B if segments is not None else 1  # a plain causal (windowed) mask is the same for every row
         if self._use_flex(device):

@@ -226,9 +226,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         if unpaired:  # n examples with their labels, then their n mismatched KL rows
             b, label = collate_kto(examples, pad_id=pad)
             return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"label": label.to(d.device)})
-        # Linear attention layers (Qwen3.5) keep one state per row, so its responses cannot branch off one prompt:
-        # a row per sequence instead, in the same order.
-        shared = model_cfg.full_attention_every is None
+        shared = model_cfg.branches_share_rows  # else (linear attention) a row per sequence, in the same order
         if cfg.loss.kind == "kto":  # 2P examples (chosen desirable), then their 2P mismatched KL rows
             b = (collate_unpaired_shared if shared else collate_unpaired)(examples, pad_id=pad)  # see collate_pairs_shared
             label = torch.arange(2 * len(idx)) < len(idx)
