@@ -29,6 +29,7 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist (`--dist loadgroup`, as scripts/test.sh runs the suite), tests that spawn
     # several processes run one after another on one worker, so ranks never crowd each other out of
@@ -42,3 +43,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_collection_finish(session):
+    # Lost groups would not fail a test, only run the suite far slower (every test alone, module fixtures built on
+    # both workers, ranks crowding each other): stop instead.
+    if getattr(session.config.option, "loadgroup", False) and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError("pytest-xdist did not group the tests (--dist loadgroup): xdist 3.8 cannot under "
+                                "pytest 9; install pyproject's pytest<9")
