@@ -58,7 +58,7 @@ from profiling import print_top_kernels
 
 from temper.infer import engine
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 
 # The default shape: small enough that both sides decode on two CPU cores in about a minute.

@@ -201,7 +201,7 @@ def run_temper(a: argparse.Namespace, work: Path, pairs: list) -> dict:
     """temper's DPO recipe's pieces: load_hf, apply_method, the reference, PreferenceLoss, collate_pairs, train_step."""
     from temper.align.preference import PreferenceLoss, adapters_off_reference, as_batch, frozen_reference
     from temper.data.prefs import PrefExample, collate_pairs, collate_pairs_shared
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
     from temper.train.optim import OptimConfig, build_optimizer
     from temper.train.step import train_step
 
@@ -352,8 +352,8 @@ def child(a: argparse.Namespace) -> None:
 
 def prepare(a: argparse.Namespace, work: Path, n_pairs: int) -> tuple[list, str]:
     """The pairs, the base checkpoint and (for lora) temper's initial adapters in PEFT's format, written once."""
-    from temper.model.convert import save_hf
-    from temper.model.peft_io import save_peft
+    from temper.model.hf.checkpoint import save_hf
+    from temper.model.hf.peft import save_peft
     from temper.model.transformer import Transformer
 
     pairs, source = make_pairs(a, n_pairs)

@@ -54,7 +54,7 @@ import temper.eval.run as runner
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, save_hf_tokenizer, train_tokenizer
 from temper.eval.tasks import TaskOptions, get_task
 from temper.model.config import ModelConfig
-from temper.model.convert import load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
 from temper.model.transformer import Transformer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

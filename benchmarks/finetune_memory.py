@@ -49,7 +49,7 @@ from profiling import print_top_kernels
 from torch import nn
 
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import to_hf_config
+from temper.model.hf.config import to_hf_config
 from temper.model.lora import ALL_LINEAR_TARGETS
 from temper.model.transformer import Transformer
 from temper.train.memory import storage_leaves

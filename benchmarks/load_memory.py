@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 
 _MEASURE = """
@@ -43,7 +43,7 @@ with torch.device("meta"):
 base = status("VmRSS")
 t = time.perf_counter()
 if which == "temper":
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
     model, _ = load_hf(path, dtype=dtype)
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

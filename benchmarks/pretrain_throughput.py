@@ -41,7 +41,7 @@ from decode_throughput import SHAPES
 from profiling import print_top_kernels
 
 from temper.model.config import ModelConfig
-from temper.model.convert import to_hf_config
+from temper.model.hf.config import to_hf_config
 from temper.model.transformer import Transformer
 from temper.train.float8 import float8_refusal
 from temper.train.losses import CompiledLoss, LMLoss

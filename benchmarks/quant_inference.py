@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,7 +80,7 @@ def _random_model(args: argparse.Namespace, docs: list, out: Path) -> Path:
 
     from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
     from temper.model.config import PRESETS
-    from temper.model.convert import save_hf
+    from temper.model.hf.checkpoint import save_hf
     from temper.model.transformer import Transformer
 
     tok = train_tokenizer((d.text for d in docs), kind="bpe", vocab_size=args.vocab)

@@ -60,7 +60,7 @@ import torch
 from temper.align.rollout import Rollout, RolloutConfig, collate_rollouts, logprob_mismatch, rollout
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 
 SHARED = Path(os.environ.get("TEMPER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

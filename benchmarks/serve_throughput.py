@@ -3,7 +3,7 @@ by one to `transformers`' `generate` (issue 16, Performance (a); goal: >= 4x at 
 
 The model is a preset of `temper.model.config.PRESETS` (default "llama-small", as in
 decode_throughput.py: Llama-shaped, dim 512, 8 layers, 32k vocabulary) with random weights, written
-with `temper.model.convert.save_hf`; transformers loads that directory (`from_pretrained`, sdpa
+with `temper.model.hf.checkpoint.save_hf`; transformers loads that directory (`from_pretrained`, sdpa
 attention) and `temper serve` serves it, so both run the same weights in float32 on the CPU. The
 tokenizer is a word-level one with a word per id ("w0" ... "wN") and no end-of-text token, so neither
 side stops early: every request generates exactly --max-tokens tokens (transformers: min_new_tokens).
@@ -52,7 +52,7 @@ import torch
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
 from temper.infer.text import completion_text
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 
 SHAPES: dict[str, ModelConfig] = {

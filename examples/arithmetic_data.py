@@ -89,7 +89,7 @@ def make_model(data: Path, out: Path, dim: int, layers: int, seed: int) -> None:
 
     from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
     from temper.model.config import PRESETS
-    from temper.model.convert import save_hf
+    from temper.model.hf.checkpoint import save_hf
     from temper.model.transformer import Transformer
 
     texts = [m["content"] for line in (data / "sft.jsonl").read_text().splitlines()
@@ -114,7 +114,7 @@ def accuracy(model_dir: str, prompts: str, out: str | None) -> float:
     from temper.data.prompts import read_prompts
     from temper.data.tokenizer import load_hf_tokenizer
     from temper.infer.load import open_checkpoint
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
     from temper.train.parallel import DistInfo
 
     tok = load_hf_tokenizer(model_dir)

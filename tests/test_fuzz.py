@@ -482,7 +482,7 @@ def test_fuzz_yaml_configs(fuzz, tmp_path):
     fuzz("yaml", prop)
 
 
-# ---- model/convert.py: safetensors headers and config.json -------------------------------------
+# ---- model/hf/: safetensors headers and config.json --------------------------------------------
 
 DTYPES = ["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "X9", "", 1]
 
@@ -512,7 +512,7 @@ def safetensors_file(draw):
 
 
 def read_safetensors(path: Path) -> None:
-    from temper.model.convert import SafetensorsFile
+    from temper.model.hf.files import SafetensorsFile
 
     f = SafetensorsFile(path)
     for name in f.entries:
@@ -541,7 +541,7 @@ GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "voca
 
 
 def test_fuzz_config_json(fuzz, tmp_path):
-    from temper.model.convert import read_hf_config
+    from temper.model.hf.checkpoint import read_hf_config
 
     @FUZZ
     @given(st.sampled_from([LLAMA_CONFIG, GPT2_CONFIG]).flatmap(json_file_bytes))
@@ -878,7 +878,7 @@ def test_fuzz_entry_points(fuzz, tmp_path, monkeypatch, command):
     fuzz(f"entry {command}", prop)
 
 
-# ---- what the fuzzer found in convert.py, tokenizer.py and parallel.py (fixed) -------------------
+# ---- what the fuzzer found in model/hf/, tokenizer.py and parallel.py (fixed) ------------------
 
 
 def test_found_safetensors_list_dtype(tmp_path):

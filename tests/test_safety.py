@@ -181,7 +181,7 @@ def test_every_checkpoint_loader_takes_the_flag_and_refuses_true_without_a_pinne
     import inspect
 
     from temper.infer.load import load_for_inference, open_checkpoint
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
     from temper.recipes.lm_eval import load_checkpoint
 
     loaders = (load_hf, open_checkpoint, load_for_inference, load_checkpoint)

@@ -16,8 +16,9 @@ import torch
 
 from temper.align.preference import PreferenceLoss, RewardLoss, adapters_off_reference, frozen_reference
 from temper.model.config import PRESETS
-from temper.model.convert import to_hf_config, to_hf_state_dict
 from temper.model.heads import RewardModel, last_positions
+from temper.model.hf.config import to_hf_config
+from temper.model.hf.weights import to_hf_state_dict
 from temper.model.lora import apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import IGNORE_INDEX, Batch

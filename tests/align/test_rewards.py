@@ -31,8 +31,8 @@ from temper.errors import InputError
 from temper.eval.tasks import TaskOptions
 from temper.eval.tasks import gsm8k as gsm8k_task
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
 from temper.model.heads import RewardModel, load_reward_model
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.recipes.best_of_n import ScorerConfig
 from tests.templates import CHATML

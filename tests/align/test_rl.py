@@ -33,8 +33,9 @@ from temper.align.rl import (
     whiten,
 )
 from temper.model.config import PRESETS
-from temper.model.convert import to_hf_config, to_hf_state_dict
 from temper.model.heads import RewardModel
+from temper.model.hf.config import to_hf_config
+from temper.model.hf.weights import to_hf_state_dict
 from temper.model.lora import apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import IGNORE_INDEX, Batch

@@ -12,7 +12,7 @@ from tokenizers import processors
 
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from tests.conftest import SHARED_DATA
 

@@ -131,7 +131,7 @@ def test_pass_at_k_is_the_unbiased_estimator_of_chen_et_al(n):
 def _memorised(checkpoint: Path, prompt_ids: list[int], answer_ids: list[int]):
     """The test checkpoint's model, trained until it continues `prompt_ids` with `answer_ids` greedily."""
     from temper.data.tokenizer import load_hf_tokenizer
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     model, _ = load_hf(checkpoint)
     seq = torch.tensor([prompt_ids + answer_ids])
@@ -174,7 +174,7 @@ def test_humaneval_end_to_end_a_model_that_writes_the_function_passes(checkpoint
 
 def test_pass_at_k_over_sampled_completions_does_not_depend_on_the_batch(checkpoint, tmp_path):
     from temper.data.tokenizer import load_hf_tokenizer
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     model, _ = load_hf(checkpoint)
     tok = load_hf_tokenizer(checkpoint)

@@ -27,7 +27,7 @@ from temper.data.tokenizer import load_hf_tokenizer  # noqa: E402
 from temper.eval.lm_eval_adapter import TemperLM  # noqa: E402
 from temper.eval.run import run_task  # noqa: E402
 from temper.eval.tasks import TaskOptions, get_task  # noqa: E402
-from temper.model.convert import load_hf, save_hf  # noqa: E402
+from temper.model.hf.checkpoint import load_hf, save_hf  # noqa: E402
 from temper.recipes import lm_eval as recipe  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
 from tests.greedy import assert_greedy_agrees, next_token_logits, top2_margin  # noqa: E402

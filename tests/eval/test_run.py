@@ -12,7 +12,7 @@ from temper.eval import metrics as M
 from temper.eval.loglik import encode_pair, score
 from temper.eval.run import run_task
 from temper.eval.tasks import TaskOptions, get_task, load_task
-from temper.model.convert import load_hf
+from temper.model.hf.checkpoint import load_hf
 from temper.recipes import evaluate
 
 

@@ -215,7 +215,7 @@ def test_winogrande_partial_evaluation_equals_lm_eval(tmp_path):
 
 def test_winogrande_through_the_runner_scores_two_contexts(checkpoint, tmp_path):
     from temper.data.tokenizer import load_hf_tokenizer
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     model, _ = load_hf(checkpoint)
     tok = load_hf_tokenizer(checkpoint)
@@ -320,7 +320,7 @@ def test_gsm8k_target_handling_equals_lm_eval_whole_answer():
 
 def test_gsm8k_end_to_end_with_stop_strings(checkpoint, shared_data):
     from temper.data.tokenizer import load_hf_tokenizer
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     model, _ = load_hf(checkpoint)
     tok = load_hf_tokenizer(checkpoint)
@@ -366,7 +366,7 @@ def test_completion_reads_prompt_target_and_alpaca_records(tmp_path, shared_data
 
 def test_completion_end_to_end_reports_corpus_metrics(checkpoint, tmp_path):
     from temper.data.tokenizer import load_hf_tokenizer
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     model, _ = load_hf(checkpoint)
     tok = load_hf_tokenizer(checkpoint)

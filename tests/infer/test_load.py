@@ -16,7 +16,8 @@ from temper.__main__ import main as temper_main
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
 from temper.infer.load import load_for_inference, open_checkpoint
 from temper.model.config import PRESETS
-from temper.model.convert import CheckpointError, save_hf
+from temper.model.hf.checkpoint import save_hf
+from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,14 +14,9 @@ import torch
 from temper.__main__ import main as temper_main
 from temper.errors import InputError
 from temper.model.config import PRESETS
-from temper.model.convert import (
-    CheckpointError,
-    SafetensorsFile,
-    load_hf,
-    read_hf_config,
-    save_hf,
-    to_hf_config,
-)
+from temper.model.hf.checkpoint import load_hf, read_hf_config, save_hf
+from temper.model.hf.config import to_hf_config
+from temper.model.hf.files import CheckpointError, SafetensorsFile
 from temper.model.transformer import Transformer
 
 

@@ -1,7 +1,7 @@
 """Gated DeltaNet, the linear attention of Qwen3.5: the chunked rule equals the token-by-token recurrence (outputs,
 final state and gradients), a packed row equals its documents alone, padding changes nothing, and a cache (prefill in
 pieces, right-padded rows, forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5 is
-in test_convert.py, speculative decoding in tests/infer/test_speculative.py."""
+in test_hf.py, speculative decoding in tests/infer/test_speculative.py."""
 
 from dataclasses import replace
 

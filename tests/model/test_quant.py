@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.model.config import PRESETS
-from temper.model.convert import load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
 from temper.model.lora import ALL_LINEAR_TARGETS, LoRALinear, apply_lora, lora_parameters, merge_lora
 from temper.model.transformer import Transformer
 

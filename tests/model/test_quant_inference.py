@@ -16,7 +16,8 @@ from temper.errors import InputError
 from temper.infer.engine import generate
 from temper.infer.load import load_for_inference
 from temper.model.config import PRESETS
-from temper.model.convert import CheckpointError, save_hf
+from temper.model.hf.checkpoint import save_hf
+from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
 
 pytest.importorskip("torchao")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from temper.model.config import PRESETS
-from temper.model.convert import CheckpointError, save_hf
 from temper.model.heads import RewardModel, last_positions, load_reward_model
+from temper.model.hf.checkpoint import save_hf
+from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -258,7 +258,7 @@ def test_bad_input_gives_clear_errors(tmp_path, chunks, embedder, ckpt):
     other_root.mkdir()
     for p in ckpt.iterdir():
         (other_root / p.name).write_bytes(p.read_bytes())
-    from temper.model.convert import load_hf, save_hf
+    from temper.model.hf.checkpoint import load_hf, save_hf
 
     model, cfg = load_hf(other_root)
     with torch.no_grad():

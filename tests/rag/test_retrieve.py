@@ -10,7 +10,7 @@ import torch
 
 from temper.data.sources import Document
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.rag.chunks import chunk_documents
 from temper.rag.embed import load_embedder

@@ -15,7 +15,7 @@ from temper.config import ConfigError
 from temper.data.sources import DataError
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.rag.embed import load_embedder
 from temper.rag.ict import ict_pairs

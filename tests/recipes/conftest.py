@@ -11,8 +11,8 @@ import torch
 
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
 from temper.model.heads import RewardModel
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from tests.templates import CHATML
 

@@ -13,8 +13,8 @@ from temper.align.rewards import ModelReward, final_number, last_number
 from temper.data.tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from temper.infer.engine import generate
 from temper.infer.load import load_for_inference
-from temper.model.convert import save_hf
 from temper.model.heads import RewardModel, load_reward_model
+from temper.model.hf.checkpoint import save_hf
 from temper.recipes import sft
 from tests.recipes.conftest import HH
 

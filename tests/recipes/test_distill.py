@@ -24,7 +24,7 @@ from temper.__main__ import main as temper_main
 from temper.align.distill import DistillLoss
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
-from temper.model.convert import load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
 from temper.model.transformer import Transformer
 from temper.recipes import distill, prepare, pretrain
 from temper.train import checkpoint as ckpt

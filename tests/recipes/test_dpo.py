@@ -19,7 +19,7 @@ from temper.__main__ import main as temper_main
 from temper.config import ConfigError
 from temper.data.prefs import read_pref_records
 from temper.model.config import PRESETS
-from temper.model.convert import read_hf_config, save_hf
+from temper.model.hf.checkpoint import read_hf_config, save_hf
 from temper.model.transformer import Transformer
 from temper.recipes import dpo, reward
 from tests.recipes.conftest import HH

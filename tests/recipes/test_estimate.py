@@ -8,7 +8,7 @@ import yaml
 
 from temper.__main__ import main as temper_main
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.recipes.estimate import main
 from temper.train.memory import RunShape, estimate, human_bytes

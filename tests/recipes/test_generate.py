@@ -12,7 +12,7 @@ from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
 from temper.infer.engine import generate
 from temper.infer.text import cut_at_stop, safe_to_print
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.recipes.generate import main
 

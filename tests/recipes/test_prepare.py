@@ -354,7 +354,7 @@ def test_perplexity_band_keeps_the_documents_a_model_finds_likely(tmp_path):
     import torch
 
     from temper.model.config import PRESETS
-    from temper.model.convert import save_hf
+    from temper.model.hf.checkpoint import save_hf
     from temper.model.transformer import Transformer
 
     src = corpus(tmp_path, n=40)

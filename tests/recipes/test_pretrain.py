@@ -358,7 +358,7 @@ def test_final_is_a_hugging_face_checkpoint(char_data, tmp_path):
     assert hf_tok.eos_token_id == json.loads((final / "generation_config.json").read_text())["eos_token_id"]
     assert hf_tok.decode(hf_tok("To be, or not")["input_ids"]) == "To be, or not"
     assert (tmp_path / "hf" / "report.md").exists()
-    from temper.model.convert import load_hf
+    from temper.model.hf.checkpoint import load_hf
 
     ours, _ = load_hf(final)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(final).eval()

@@ -37,8 +37,8 @@ import pytest
 import torch
 from torch._C._distributed_c10d import _get_work_registry_size
 
-from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
+from temper.model.hf.checkpoint import load_hf
 from temper.recipes import distill, dpo, grpo, ppo, reward, sft
 from tests.recipes import test_sft
 from tests.train.test_multinode import free_port

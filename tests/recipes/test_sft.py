@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from temper import config
 from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer, save_hf_tokenizer, train_tokenizer
 from temper.model.config import PRESETS
-from temper.model.convert import load_hf, save_hf
-from temper.model.peft_io import load_peft_prefix
+from temper.model.hf.checkpoint import load_hf, save_hf
+from temper.model.hf.peft import load_peft_prefix
 from temper.model.transformer import Transformer
 from temper.recipes import sft
 from temper.train.step import NonFiniteLoss
@@ -259,7 +259,7 @@ def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp
 
 
 def test_prefix_on_a_model_peft_cannot_match_is_refused_before_training(base, tmp_path):
-    gpt2 = tmp_path / "gpt2"  # learned positions: PEFT's prefix shifts them (model/peft_io.py)
+    gpt2 = tmp_path / "gpt2"  # learned positions: PEFT's prefix shifts them (model/hf/peft.py)
     cfg = replace(PRESETS["debug"], vocab_size=load_hf(base)[1].vocab_size, max_seq_len=512)
     save_hf(Transformer(cfg), cfg, gpt2)
     save_hf_tokenizer(load_hf_tokenizer(base), gpt2)

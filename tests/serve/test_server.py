@@ -29,7 +29,7 @@ from temper.infer.load import load_for_inference
 from temper.infer.scheduler import Scheduler
 from temper.infer.text import THINK_TAGS, completion_text, cut_at_stop
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
 from temper.serve.app import ServeSettings, create_app
 

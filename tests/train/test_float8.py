@@ -116,7 +116,7 @@ def test_float8_training_follows_the_plain_loss_curve(shared_data):
 
 def test_checkpoint_and_export_are_the_plain_models(shared_data, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from temper.model.convert import save_hf
+    from temper.model.hf.checkpoint import save_hf
 
     model = tiny()
     apply_float8(model, CPU, check_device=False)

@@ -192,7 +192,8 @@ def test_router_balance_equals_transformers_mixtral_aux_loss():
     coef * load_balancing_loss_func with output_router_logits), padding masked out of both terms, and so are the
     routers' gradients; the aux term itself is logged, and a balanced router would score k = 2."""
     transformers = pytest.importorskip("transformers")
-    from temper.model.convert import from_hf_config, from_hf_state_dict
+    from temper.model.hf.config import from_hf_config
+    from temper.model.hf.weights import from_hf_state_dict
 
     torch.manual_seed(0)
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from temper.model.config import PRESETS
-from temper.model.convert import load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
 from temper.model.lora import ALL_LINEAR_TARGETS
 from temper.model.quant import is_nf4, storage_bytes
 from temper.model.transformer import Transformer

@@ -8,7 +8,7 @@ same tokens:
   2. config.json (the model's shape), before anything large is read;
   3. the tokenizer directory (tokenizer.json, tokenizer_config.json, chat templates), so a
      checkpoint without one fails naming what the directory holds, before the weights are read;
-  4. the weights (`temper.model.convert.load_hf`: safetensors, pickled .bin only when allowed);
+  4. the weights (`temper.model.hf.checkpoint.load_hf`: safetensors, pickled .bin only when allowed);
   5. stop ids: generation_config.json's eos_token_id (an id or a list: Llama 3 instruct stops on
      <|eot_id|> and <|end_of_text|>), config.json's, and the tokenizer's EOS, as transformers'
      `generate` and lm-eval's `hf` backend stop on them;
@@ -37,7 +37,8 @@ from temper.data.tokenizer import HFTokenizer, load_hf_tokenizer
 from temper.errors import InputError
 from temper.files import check_remote_code, checkpoint_file, read_json_object
 from temper.model.config import ModelConfig
-from temper.model.convert import CheckpointError, load_hf, read_hf_config
+from temper.model.hf.checkpoint import load_hf, read_hf_config
+from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
 
 

@@ -89,7 +89,7 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path, dtype: torch.dtype = torch.float32) -> RewardModel:
     """A `RewardModel` from a one-label `*ForSequenceClassification` checkpoint directory (on the CPU)."""
-    from temper.model.convert import load_score_hf
+    from temper.model.hf.checkpoint import load_score_hf
 
     backbone, score, _ = load_score_hf(path, dtype)
     model = RewardModel(backbone)

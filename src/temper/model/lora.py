@@ -17,7 +17,7 @@ The swapped module keeps W and b under their own names (`q_proj.weight`, `q_proj
 `q_proj.lora_a`, `q_proj.lora_b` (and `q_proj.lora_magnitude`), so a base state dict loads before
 or after the swap. W may be a torchao NF4 tensor (QLoRA, see `quant.py`): the forward calls
 `F.linear`, which torchao dispatches to its NF4 kernel, and merging dequantizes. This module does
-not quantize, read or write adapter files (`peft_io.py`), or train.
+not quantize, read or write adapter files (`hf/peft.py`), or train.
 """
 
 from __future__ import annotations

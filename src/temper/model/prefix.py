@@ -14,7 +14,7 @@ The paper shares one MLP across layers; here each layer has its own, which keeps
 self-contained module. After training only P is kept: `prefix_kv` gives the computed keys and
 values, and `set_prefix` puts them back as plain parameters.
 
-It does not read or write files (PEFT's prefix-tuning format is `peft_io.py`'s), do prompt tuning
+It does not read or write files (PEFT's prefix-tuning format is `hf/peft.py`'s), do prompt tuning
 (learned input embeddings), or train.
 """
 

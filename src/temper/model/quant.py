@@ -11,8 +11,8 @@ gradient. `dequantize` turns the weights back into plain tensors; `merge_lora` (
 adapters over an NF4 base into plain layers of a chosen dtype, for export.
 
 It does not implement NF4 itself (torchao does, on CPU and CUDA), train, or save NF4 checkpoints:
-a QLoRA run exports its merged, dequantized model in the Hugging Face layout (convert.py) or its
-adapters in PEFT's (peft_io.py).
+a QLoRA run exports its merged, dequantized model in the Hugging Face layout (hf/checkpoint.py) or its
+adapters in PEFT's (hf/peft.py).
 
 `quantize_for_inference` quantizes a loaded model's linear weights for generation (`temper generate
 / evaluate / serve --quant`), with torchao's weight-only formats; the activations stay in the model's

@@ -13,7 +13,7 @@ The layers live beside it: attention, the mask type and the KV cache in `model/a
 model, and builds each forward's masks.
 
 It does not compute the loss, sample tokens, load checkpoints or wrap itself for parallelism:
-training computes the loss from the logits, `temper.infer` samples, `convert.py` reads and writes
+training computes the loss from the logits, `temper.infer` samples, `hf/` reads and writes
 Hugging Face files, and `temper.train.parallel` wraps `self.layers` from outside.
 """
 

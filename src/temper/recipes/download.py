@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 
 from temper import config
-from temper.model.convert import CheckpointError, read_hf_config
+from temper.model.hf.checkpoint import read_hf_config
+from temper.model.hf.files import CheckpointError
 
 # Enough to build, tokenize and chat: config, weights (safetensors), tokenizer files, templates.
 PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",

@@ -30,7 +30,7 @@ from temper import config
 from temper.errors import InputError
 from temper.files import checkpoint_file, read_json_object
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import read_hf_config
+from temper.model.hf.checkpoint import read_hf_config
 from temper.train.memory import Estimate, RunShape, describe_layout, estimate, human_bytes, rules_of_thumb
 
 

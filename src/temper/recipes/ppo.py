@@ -77,8 +77,8 @@ from temper.align.rl import (
 )
 from temper.align.rollout import RolloutConfig, collate_rollouts, logprob_mismatch, rollout
 from temper.data.loader import EpochOrder
-from temper.model.convert import load_hf
 from temper.model.heads import load_reward_model
+from temper.model.hf.checkpoint import load_hf
 from temper.train import checkpoint as ckpt
 from temper.train.losses import IGNORE_INDEX, Batch
 from temper.train.methods import LoRAConfig, apply_method, export_finetuned

@@ -178,7 +178,7 @@ class PerplexityScorer:
     builds one per worker process from the config."""
 
     def __init__(self, pc: PerplexityConfig):
-        from temper.model.convert import load_hf  # torch only when asked
+        from temper.model.hf.checkpoint import load_hf  # torch only when asked
 
         self.max_tokens = pc.max_tokens
         self.model, _ = load_hf(pc.model)

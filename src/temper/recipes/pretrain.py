@@ -31,7 +31,8 @@ from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
 from temper.files import UnsafePath, safe_join
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import CheckpointError, load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
+from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss

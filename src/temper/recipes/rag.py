@@ -541,7 +541,7 @@ def _train_retriever(cfg: RetrieverTrainConfig, d: Any, train_pairs: list[Pair],
     from temper.align.pairs import IgnoreVoid, step_pairs, val_batches, void
     from temper.data.loader import EpochOrder
     from temper.data.tokenizer import save_hf_tokenizer
-    from temper.model.convert import save_hf
+    from temper.model.hf.checkpoint import save_hf
     from temper.rag.embed import pool
     from temper.train.losses import IGNORE_INDEX, Batch, InfoNCELoss
     from temper.train.optim import lr_at, set_lr

@@ -51,8 +51,8 @@ from temper.data.prefs import (
     is_unpaired_data,
 )
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer
-from temper.model.convert import save_hf
 from temper.model.heads import RewardModel
+from temper.model.hf.checkpoint import save_hf
 from temper.model.lora import merge_lora
 from temper.train import checkpoint as ckpt
 from temper.train.losses import Batch

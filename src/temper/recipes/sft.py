@@ -8,7 +8,7 @@ Steps, in the order `run` takes them:
  3. `--check`: print tokenized examples with the learnt tokens marked, the learnt fraction and the
     lengths, and stop (failing on an example with nothing to learn)
  4. join the process group when launched by torchrun (DDP; gloo on CPU); load the model
-    (model/convert.py) and apply the method: full (every weight trains), lora (model/lora.py), qlora
+    (model/hf/checkpoint.py) and apply the method: full (every weight trains), lora (model/lora.py), qlora
     (NF4 base, model/quant.py, then LoRA), prefix (model/prefix.py); wrap it in DDP, which reduces
     only the gradients of what trains
  5. batches: each epoch, the examples in a seeded order, packed into rows of `seq_len` tokens with
@@ -57,8 +57,8 @@ from temper.eval.run import TaskSuite, TaskSuiteConfig
 from temper.eval.tasks import TaskError
 from temper.files import UnsafePath
 from temper.model.attention import Segments
-from temper.model.convert import CheckpointError
-from temper.model.peft_io import peft_prefix_refusal
+from temper.model.hf.files import CheckpointError
+from temper.model.hf.peft import peft_prefix_refusal
 from temper.train import checkpoint as ckpt
 from temper.train.losses import LMLoss
 from temper.train.methods import (

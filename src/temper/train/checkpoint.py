@@ -26,7 +26,7 @@ tensor or pipeline parallel: DTensors) the model and optimizer go to `dcp/` thro
 resuming run has (4 ranks to 2, to 1 process, to DDP), and a replicated checkpoint loads into a
 sharded run as well. The run dir must be on a filesystem that all ranks see.
 
-It does not export Hugging Face models (model/convert.py) and does not decide when to save (the
+It does not export Hugging Face models (model/hf/checkpoint.py) and does not decide when to save (the
 recipe's loop does).
 """
 

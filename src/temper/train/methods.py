@@ -26,10 +26,10 @@ from torch import nn
 
 from temper.data.tokenizer import save_hf_tokenizer
 from temper.model.config import ModelConfig
-from temper.model.convert import load_hf, save_hf
+from temper.model.hf.checkpoint import load_hf, save_hf
+from temper.model.hf.peft import peft_lora_refusal, save_peft, save_peft_prefix
 from temper.model.layers import MoE
 from temper.model.lora import ATTENTION_TARGETS, apply_lora, merge_lora
-from temper.model.peft_io import peft_lora_refusal, save_peft, save_peft_prefix
 
 Method = Literal["full", "lora", "qlora", "prefix"]
 

@@ -17,16 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from temper.infer.engine import generate
 from temper.model.config import PRESETS, ModelConfig
-from temper.model.convert import (
-    SUPPORTED_ARCHITECTURES,
-    CheckpointError,
-    from_hf_config,
-    from_hf_state_dict,
-    hf_architecture,
-    load_hf,
-    save_hf,
-    to_hf_config,
-)
+from temper.model.hf.checkpoint import load_hf, save_hf
+from temper.model.hf.config import SUPPORTED_ARCHITECTURES, from_hf_config, hf_architecture, to_hf_config
+from temper.model.hf.files import CheckpointError
+from temper.model.hf.weights import from_hf_state_dict
 from temper.model.rope import rope_attention_factor
 from temper.model.transformer import Transformer
 from tests.greedy import assert_greedy_agrees, next_token_logits
@@ -932,7 +926,7 @@ def test_published_configs_map_to_presets():
 
 _PEAK = """
 import sys, torch
-from temper.model.convert import load_hf
+from temper.model.hf.checkpoint import load_hf
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
 dtype = getattr(torch, sys.argv[2])
 load_hf(sys.argv[3], dtype=dtype)[0](torch.zeros(1, 2, dtype=torch.long))  # one-time set-up and code pages

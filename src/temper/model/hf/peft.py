@@ -2,14 +2,14 @@
 `adapter_model.safetensors`.
 
 `save_peft` writes the files that `peft.PeftModel.from_pretrained` reads onto the Hugging Face model
-that `convert.save_hf` exports, giving the same logits; `load_peft` reads the files that PEFT's
+that `checkpoint.save_hf` exports, giving the same logits; `load_peft` reads the files that PEFT's
 `save_pretrained` writes and swaps adapters into a temper model with the file's rank, alpha,
 dropout, rsLoRA and DoRA settings, again with the same logits. Plain LoRA, rsLoRA and DoRA, on
-every architecture `convert.py` knows, the untied output head (`lm_head`) included; a mixture of experts'
+every architecture `config.py` knows, the untied output head (`lm_head`) included; a mixture of experts'
 experts and router are adapted as PEFT adapts transformers 5's stacked experts, as parameters (below `_moe_layers`;
 no DoRA there, as in PEFT).
 
-Names come from `convert.py`'s rules: each Hugging Face linear layer is one temper layer, or
+Names come from `weights.py`'s rules: each Hugging Face linear layer is one temper layer, or
 several stacked by rows (GPT-2's `c_attn`, Phi-3's `qkv_proj` and `gate_up_proj`), and PEFT adapts
 the fused layer with one A and one B where temper has one adapter per part:
 - reading, the fused update s * B A splits by rows of B into parts that share A: exact.
@@ -57,7 +57,8 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.convert import DEEPSEEK_V3, GLM4_MOE, GPT2, hf_architecture, hf_rules, rope_pair_rows
+from temper.model.hf.config import DEEPSEEK_V3, GLM4_MOE, GPT2, hf_architecture
+from temper.model.hf.weights import hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
@@ -129,7 +130,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
 
 def _stacked_experts(model: nn.Module) -> bool:
     """Whether the model's Hugging Face checkpoint stores its experts stacked, (in, out), gate and up interleaved
-    (GPT-OSS: `convert._STACKED`), which temper's PEFT reader and writer do not lay out."""
+    (GPT-OSS: `weights._STACKED`), which temper's PEFT reader and writer do not lay out."""
     cfg = getattr(model, "cfg", None)
     return cfg is not None and cfg.n_experts > 0 and any(r.stacked for r in hf_rules(cfg))
 

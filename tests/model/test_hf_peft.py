@@ -16,7 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from temper.infer.engine import generate
 from temper.model.config import PRESETS
-from temper.model.convert import save_hf
+from temper.model.hf.checkpoint import save_hf
+from temper.model.hf.peft import (
+    load_peft,
+    load_peft_prefix,
+    peft_lora_refusal,
+    peft_prefix_refusal,
+    save_peft,
+    save_peft_prefix,
+)
 from temper.model.lora import (
     ALL_LINEAR_TARGETS,
     ATTENTION_TARGETS,
@@ -24,14 +32,6 @@ from temper.model.lora import (
     LINEAR_ATTENTION_TARGETS,
     LoRALinear,
     apply_lora,
-)
-from temper.model.peft_io import (
-    load_peft,
-    load_peft_prefix,
-    peft_lora_refusal,
-    peft_prefix_refusal,
-    save_peft,
-    save_peft_prefix,
 )
 from temper.model.prefix import apply_prefix, set_prefix
 from temper.model.transformer import Transformer

@@ -1,0 +1,361 @@
+"""The weights of each architecture, described once as a list of rules (HF tensor = these temper tensors
+concatenated, maybe transposed), which serve both directions: temper state dict <-> Hugging Face names and layouts,
+in memory. A rule may also move rows (RoPE's adjacent pairs, Qwen3-Next's groups) or stack experts (GPT-OSS).
+
+It does not read or write files (files.py reads them, checkpoint.py loads and saves directories with these rules) or
+read configs (config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from temper.model.config import ModelConfig
+from temper.model.hf.config import (
+    DEEPSEEK_V3,
+    GEMMA2,
+    GEMMA3,
+    GLM4,
+    GPT2,
+    GPT_OSS,
+    HYBRID,
+    MIXTRAL,
+    MOE_ARCHITECTURES,
+    PHI3,
+    POST_NORM,
+    QWEN3_NEXT,
+    SIGMOID_MOE,
+    hf_architecture,
+)
+from temper.model.hf.files import CheckpointError
+from temper.model.transformer import Transformer
+
+_GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                         "language_model.lm_head.": "lm_head."}
+"""Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
+_GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One Hugging Face tensor: temper's `parts` concatenated along dim 0, transposed if asked
+    (GPT-2's Conv1D stores (in, out)). Fused projections (GPT-2 c_attn, Phi-3 qkv_proj and
+    gate_up_proj) have several parts. `stacked`: the parts are every expert's (GPT-OSS), stacked as `_STACKED` says.
+    `rope_pairs` (head_dim, first rotated row, rotated dims): rows of query or key heads whose rotated dims the
+    checkpoint keeps as adjacent pairs (GLM-4's and DeepSeek's interleaved RoPE) and temper as two halves
+    (`rope_pair_rows`). `groups` (G, block sizes): the parts' rows are blocks of G * size rows, which the checkpoint
+    interleaves group by group (Qwen3-Next's in_proj_qkvz: `group_rows`)."""
+
+    hf: str
+    parts: tuple[str, ...]
+    transpose: bool = False
+    stacked: str = ""
+    rope_pairs: tuple[int, int, int] | None = None
+    groups: tuple[int, tuple[int, ...]] | None = None
+
+    def hf_rows(self, t: torch.Tensor, to_hf: bool) -> torch.Tensor:
+        """Rows of this tensor (or of an adapter's B, a DoRA magnitude) in the checkpoint's order (to_hf) or temper's."""
+        if self.rope_pairs:
+            return rope_pair_rows(t, self.rope_pairs, to_hf)
+        return group_rows(t, self.groups, to_hf) if self.groups else t
+
+
+def rope_pair_rows(t: torch.Tensor, pairs: tuple[int, int, int], to_hf: bool) -> torch.Tensor:
+    """Rows (heads * head_dim, ...) with the r rotated rows of each head, from row `start` on, reordered between the
+    two RoPE layouts: adjacent pairs (x0, x1), (x2, x3), ... (the checkpoint's) and halves x0, x2, ..., x1, x3, ...
+    (temper's), which rotate alike; q . k is the same sum in either order. Moving the rows once, at load and export,
+    keeps one RoPE kernel. GLM-4 rotates each head's first rows; DeepSeek's latent attention its last (and the rotated
+    key part after the latent, as one head)."""
+    head_dim, start, r = pairs
+    heads = t.reshape(-1, head_dim, *t.shape[1:])  # (H, D, ...)
+    rot = heads[:, start:start + r]
+    rot = (torch.stack((rot[:, : r // 2], rot[:, r // 2:]), dim=2).flatten(1, 2) if to_hf
+           else torch.cat((rot[:, 0::2], rot[:, 1::2]), dim=1))
+    return torch.cat((heads[:, :start], rot, heads[:, start + r:]), dim=1).reshape(t.shape)
+
+
+def group_rows(t: torch.Tensor, groups: tuple[int, tuple[int, ...]], to_hf: bool) -> torch.Tensor:
+    """Rows reordered between temper's blocks (each G * size rows: every group's rows of one kind, as q, k, v and z
+    of all heads) and the checkpoint's groups (each group's rows of every block: Qwen3-Next's in_proj_qkvz holds, per
+    key head, its q, k, the values and the gates of the value heads it serves)."""
+    G, sizes = groups
+    if to_hf:
+        blocks = t.split([G * size for size in sizes])
+        return torch.cat([b.reshape(G, size, *t.shape[1:]) for b, size in zip(blocks, sizes, strict=True)],
+                         dim=1).reshape(t.shape)
+    per_group = t.reshape(G, sum(sizes), *t.shape[1:]).split(list(sizes), dim=1)
+    return torch.cat([b.reshape(G * size, *t.shape[1:]) for b, size in zip(per_group, sizes, strict=True)])
+
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(F, ...) gate and up rows -> (2F, ...) rows gate_0, up_0, gate_1, ... (GPT-OSS's gate_up layout)."""
+    return torch.stack((gate, up), dim=1).flatten(0, 1)
+
+
+_STACKED: dict[str, tuple[Any, Any]] = {
+    # name: (temper parts -> the HF tensor, the HF tensor -> temper parts). GPT-OSS stacks its experts, (in, out)
+    # each, gate and up interleaved by columns: gate_up_proj (E, D, 2F), down_proj (E, F, D), and their biases.
+    "gate_up": (lambda ps: torch.stack([_interleave(g, u).t() for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                lambda t: [w for e in t for w in (e[:, 0::2].t(), e[:, 1::2].t())]),
+    "gate_up_bias": (lambda ps: torch.stack([_interleave(g, u) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                     lambda t: [b for e in t for b in (e[0::2], e[1::2])]),
+    "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t: [e.t() for e in t]),
+    "down_bias": (lambda ps: torch.stack(ps), lambda t: list(t)),
+}
+
+
+def hf_rules(cfg: ModelConfig) -> list[_Rule]:
+    """Every tensor of the Hugging Face checkpoint of `cfg`, in the architecture's order."""
+    arch = hf_architecture(cfg)
+    keys = _native_keys(cfg)
+    rules: list[_Rule] = []
+    if arch == GPT2:
+        # GPT-2 always has biases: a temper model without them is exported with zero ones.
+        add = lambda hf, *parts, t=False: rules.append(_Rule("transformer." + hf, parts, t))
+        add("wte.weight", "tok_emb.weight")
+        add("wpe.weight", "pos_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"h.{i}."
+            for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+                add(f"{h}{hf_norm}.weight", f"{p}{norm}.weight")
+                add(f"{h}{hf_norm}.bias", f"{p}{norm}.bias")
+            for t in ("weight", "bias"):
+                add(f"{h}attn.c_attn.{t}", *(f"{p}attn.{n}_proj.{t}" for n in "qkv"), t=t == "weight")
+                add(f"{h}attn.c_proj.{t}", f"{p}attn.o_proj.{t}", t=t == "weight")
+                add(f"{h}mlp.c_fc.{t}", f"{p}mlp.up_proj.{t}", t=t == "weight")
+                add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
+        add("ln_f.weight", "norm.weight")
+        add("ln_f.bias", "norm.bias")
+    else:
+        add = lambda hf, *parts: rules.append(_Rule(hf, parts))
+        add("model.embed_tokens.weight", "tok_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"model.layers.{i}."
+            # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
+            norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
+            if arch in (GEMMA2, GEMMA3):
+                norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
+                         ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+            elif arch in POST_NORM:  # the outputs' norms only
+                norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+            elif arch == GLM4:  # sandwich norms under its own names
+                norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
+                         ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
+            for theirs, ours in norms:
+                add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
+            if cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
+                fused = ()
+                if arch == QWEN3_NEXT:  # q, k, v and z fused, b and a fused, each interleaved by key head
+                    (hk, hv), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
+                    r = hv // hk
+                    for hf, parts, sizes in (("in_proj_qkvz", ("qkv", "z"), (dk, dk, r * dv, r * dv)),
+                                             ("in_proj_ba", ("b", "a"), (r, r))):
+                        rules.append(_Rule(f"{h}linear_attn.{hf}.weight", tuple(f"{p}attn.in_proj_{x}.weight"
+                                                                                  for x in parts), groups=(hk, sizes)))
+                    fused = ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight")
+                for n in ("in_proj_qkv.weight", "in_proj_z.weight", "in_proj_b.weight", "in_proj_a.weight",
+                          "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
+                    if n not in fused:
+                        add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
+            if arch == PHI3:
+                add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
+                add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
+                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
+                continue
+            if arch == DEEPSEEK_V3:  # latent attention: q through its latent or not, k and v through theirs
+                for n in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                          "kv_b_proj", "o_proj"):
+                    if f"{p}attn.{n}.weight" in keys:  # rotated dims last in each head, and after the latent
+                        rows = (cfg.kv_lora_rank + cfg.rotary_dim, cfg.kv_lora_rank, cfg.rotary_dim) if n.startswith(
+                            "kv_a_proj") else (cfg.head_dim, cfg.head_dim - cfg.rotary_dim, cfg.rotary_dim)
+                        rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
+                                           if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
+            else:
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
+                for n in "qkvo":
+                    for t in ("weight", "bias"):
+                        if f"{p}attn.{n}_proj.{t}" in keys:
+                            rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",),
+                                               rope_pairs=pairs if n in "qk" else None))
+            if arch == GLM4:  # gate and up fused, as Phi-3's
+                add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+                add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
+                continue
+            for n in ("q_norm", "k_norm"):
+                if f"{p}attn.{n}.weight" in keys:
+                    add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
+            if arch == GPT_OSS:  # the experts stacked (`_STACKED`), the router with its bias, a sink per head
+                add(f"{h}self_attn.sinks", f"{p}attn.sinks")
+                add(f"{h}mlp.router.weight", f"{p}mlp.router.weight")
+                add(f"{h}mlp.router.bias", f"{p}mlp.router.bias")
+                experts = range(cfg.n_experts)
+                for name, parts in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+                    for t, suffix in (("weight", ""), ("bias", "_bias")):
+                        rules.append(_Rule(f"{h}mlp.experts.{name}{suffix}", tuple(
+                            f"{p}mlp.experts.{j}.{n}_proj.{t}" for j in experts for n in parts),
+                            stacked=name.removesuffix("_proj") + suffix))
+            elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
+                # them one by one
+                moe = f"{h}block_sparse_moe." if arch == MIXTRAL else f"{h}mlp."
+                add(f"{moe}gate.weight", f"{p}mlp.router.weight")
+                if cfg.expert_choice_bias:
+                    add(f"{moe}gate.e_score_correction_bias", f"{p}mlp.choice_bias")
+                names = ("w1", "w3", "w2") if arch == MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+                for j in range(cfg.n_experts):
+                    for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
+                        add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
+                if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
+                    shared = "shared_experts" if arch in SIGMOID_MOE else "shared_expert"
+                    for n in ("gate_proj", "up_proj", "down_proj"):
+                        add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
+                    if cfg.shared_expert_gate:
+                        add(f"{moe}shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight")
+            for n in ("gate", "up", "down"):
+                for t in ("weight", "bias"):
+                    if f"{p}mlp.{n}_proj.{t}" in keys:
+                        add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
+        add("model.norm.weight", "norm.weight")
+    if not cfg.tie_embeddings:
+        rules.append(_Rule("lm_head.weight", ("head.weight",)))
+    return rules
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, the vision tower of a
+    Gemma 3 or Qwen3.5 image-text checkpoint, and multi-token-prediction layers (DeepSeek-V3's, GLM-4.5's, Qwen3.5's)."""
+    return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
+            or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
+            or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
+            or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED)))
+
+
+def _layer_index(name: str) -> int:
+    """i of a "model.layers.{i}." tensor; -1 for others."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else -1
+
+
+def _canonical(name: str, arch: str) -> str:
+    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5
+    image-text one keeps its text model's under `language_model.`."""
+    if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    if arch in (GEMMA3, *HYBRID):
+        for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
+            if name.startswith(prefix):
+                return to + name[len(prefix):]
+    return name
+
+
+def _native_keys(cfg: ModelConfig) -> set[str]:
+    with torch.device("meta"):
+        return set(Transformer(cfg).state_dict().keys())
+
+
+def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    parts = []
+    for p in rule.parts:
+        if p in sd:
+            parts.append(sd[p])
+        else:  # a bias temper leaves out (GPT-2 export): zeros, the same function
+            w = sd[p.removesuffix(".bias") + ".weight"]
+            parts.append(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    if rule.stacked:
+        return _STACKED[rule.stacked][0](parts)
+    t = rule.hf_rows(torch.cat(parts) if len(parts) > 1 else parts[0], to_hf=True)
+    return t.t() if rule.transpose else t
+
+
+def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    if rule.stacked:
+        return _STACKED[rule.stacked][1](t)
+    t = rule.hf_rows(t.t() if rule.transpose else t, to_hf=False)
+    return list(t.split(sizes)) if len(sizes) > 1 else [t]
+
+
+def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """temper state dict -> Hugging Face names and layouts (contiguous, ready for safetensors)."""
+    sd = _strip_wrappers(sd)
+    _check_keys(sd, _native_keys(cfg), "temper state dict")
+    return {r.hf: _to_hf(r, sd).detach().contiguous() for r in hf_rules(cfg)}
+
+
+def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict (in memory) -> temper names and layouts."""
+    arch = hf_architecture(cfg)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    rules = {r.hf: r for r in hf_rules(cfg)}
+    out: dict[str, torch.Tensor] = {}
+    if arch in MOE_ARCHITECTURES and arch != GPT_OSS:
+        sd = _unfused_experts(sd, arch)
+    for name, t in sd.items():
+        if _ignored(name, cfg):
+            continue
+        rule = rules.get(_canonical(name, arch))
+        if rule is None:
+            raise KeyError(f"unexpected {arch} weight {name!r}")
+        _check_shape(rule, t.shape, shapes, "state dict")
+        out |= dict(zip(rule.parts, _to_temper(rule, t, [shapes[p][0] for p in rule.parts]), strict=True))
+    _check_keys(out, set(shapes), "Hugging Face checkpoint")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+_FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+"""transformers 5's in-memory experts: (E, 2F, D) gate and up stacked, (E, D, F) down."""
+
+
+def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """A transformers 5 model's own state dict (`model.state_dict()`, experts stacked as `_FUSED_EXPERTS`) in the
+    per-expert names its `save_pretrained` writes, which the rules describe; other names pass unchanged."""
+    out = {}
+    moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch == MIXTRAL
+                             else (".mlp.", ("gate_proj", "up_proj", "down_proj")))
+    for name, t in sd.items():
+        if name.endswith(_FUSED_EXPERTS[0]):
+            stem = name.removesuffix(_FUSED_EXPERTS[0]) + moe + "experts."
+            for j, (g, u) in enumerate(zip(*t.chunk(2, dim=1), strict=True)):
+                out[f"{stem}{j}.{gate}.weight"], out[f"{stem}{j}.{up}.weight"] = g, u
+        elif name.endswith(_FUSED_EXPERTS[1]):
+            stem = name.removesuffix(_FUSED_EXPERTS[1]) + moe + "experts."
+            out |= {f"{stem}{j}.{down}.weight": w for j, w in enumerate(t)}
+        elif name.endswith(".mlp.gate.weight"):
+            out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
+        else:
+            out[name] = t
+    return out
+
+
+def _check_shape(rule: _Rule, got: torch.Size | tuple, shapes: dict[str, torch.Size], where: str) -> None:
+    first = shapes[rule.parts[0]]
+    expected = (sum(shapes[p][0] for p in rule.parts), *first[1:])
+    if rule.transpose:
+        expected = expected[::-1]
+    if rule.stacked:  # what the stacking makes of the parts' shapes, worked out on the meta device
+        expected = tuple(_STACKED[rule.stacked][0]([torch.empty(shapes[p], device="meta") for p in rule.parts]).shape)
+    if tuple(got) != tuple(expected):
+        raise CheckpointError(f"{where}: {rule.hf} has shape {list(got)}, expected {list(expected)} "
+                              f"(temper {', '.join(rule.parts)})")
+
+
+def _check_keys(got: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - got.keys()), sorted(got.keys() - expected)
+    if missing or unexpected:
+        raise KeyError(f"{what}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                       f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+
+
+def _strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in _WRAPPER_PREFIXES:
+            k = k.replace(prefix, "")
+        out[k] = v
+    return out
