@@ -222,9 +222,12 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "pretrain", "bf16", 1, {"dims": HYBRID, "seq": 256}),
     ("debug-llama", "lora", "bf16", 0, {"dims": HYBRID, "seq": 256,
                                         "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS) + LINEAR_TARGETS)}),
-    # wide linear heads, a narrow MLP: a recomputed block's backward peaks in the rule's chunk loop, not in its MLP
+    # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
+    # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,
                                                               "ffn_dim": 32}, "seq": 256}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,
+                                                              "ffn_dim": 32, "linear_key_size": 48}, "seq": 256}),
 ])
 def test_estimate_matches_the_measured_peak_variants(preset, recipe, precision, ckpt, kw):
     est, measured = _measure(preset, recipe, precision, ckpt, **kw)

@@ -211,8 +211,10 @@ def gated_delta_rule(
     write = k * ((cum[..., -1:] - cum).exp() * last)[..., None]  # (B, H, N, C, Dk): decayed to the chunk's end
     keep = (cum[..., -1].exp() * (carry[..., -1] if doc is not None else 1.0))[..., None, None]  # (B, H, N, 1, 1)
     out = []
-    for n in range(N):
-        u_n = u[:, :, n] - w[:, :, n] @ state  # (B, H, C, Dv): values less what the state already recalls
-        out.append(read[:, :, n] @ state + attn[:, :, n] @ u_n)
-        state = state * keep[:, :, n] + write[:, :, n].transpose(-1, -2) @ u_n
+    # Unbound once rather than indexed per chunk: an index's backward makes a whole-size gradient for each chunk
+    # (quadratic in the chunks), unbind's one stack of them.
+    for u_n, w_n, read_n, attn_n, write_n, keep_n in zip(*(t.unbind(2) for t in (u, w, read, attn, write, keep))):
+        u_n = u_n - w_n @ state  # (B, H, C, Dv): values less what the state already recalls
+        out.append(read_n @ state + attn_n @ u_n)
+        state = state * keep_n + write_n.transpose(-1, -2) @ u_n
     return torch.stack(out, dim=2).reshape(B, H, N * C, Dv)[:, :, :T], state

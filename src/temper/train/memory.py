@@ -38,12 +38,11 @@ What temper's training actually does, and so what is counted (read from `train/s
     output beside SDPA's. A hybrid model's Gated DeltaNet layers (`full_attention_every`) keep what their chunked
     rule needs: C x C matrices per value head and chunk of C = 64 tokens, about (8 + 3 x compute dtype bytes) x 64
     bytes per token and value head, beside ~20 float32 vectors of the heads' width (`_linear_saved`); their
-    backward peaks in the rule's chunk loop, where each chunk's gradients come back as whole tensors and are
-    summed. In LoRA the first block's input needs no
-    gradient (the embedding is frozen), so its first norm saves nothing. A mixture of experts keeps its
-    router's float32 probabilities and int64 choices, and each expert's MLP terms for the rows routed to
-    it: k rows per token in all, however unevenly they are spread; only the backward's transient (one
-    expert at a time) assumes balanced routing.
+    backward peaks after the rule's chunk loop, where the chunks' gradients are stacked whole and the intra-chunk
+    attention's makes three C x C ones at once. In LoRA the first block's input needs no gradient (the embedding
+    is frozen), so its first norm saves nothing. A mixture of experts keeps its router's float32 probabilities and
+    int64 choices, and each expert's MLP terms for the rows routed to it: k rows per token in all, however unevenly
+    they are spread; only the backward's transient (one expert at a time) assumes balanced routing.
   * activation checkpointing (`train.activation_checkpointing = k`: every k-th block, as
     `train/parallel.py` wraps them; Chen et al. 2016): a wrapped block keeps only its input and
     is recomputed, whole, in its backward. With activation offload (`train.activation_offload`) that input
@@ -729,19 +728,15 @@ def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora
     out_grad = norm or z or _wants_grad(attn.out_proj)
     if not rule:
         return first, out_grad, 0.0
-    # The rule's backward peaks in its chunk loop, at the next to last chunk m: each chunk's gradient of its slice of
-    # the intra-chunk attention, read, write, w and u comes back as a whole (B, H, N, C, .) float32 tensor, summed into
-    # what the later chunks gave (the sum a new tensor): three C x C ones per value head at once, one of each other,
-    # beside the outputs' gradient, a chunk's corrected values' and what in_proj_z gave its input. By then what the
-    # layer kept after the rule is freed, and the later chunks' share of the loop's, and of chunk m's its corrected
-    # values and write's operand (and its attention's cast); in fp32 the attention, one tensor, goes with the first
-    # chunk's matmul.
-    grads = (pad * 4 * H * ((3 if chunks > 1 else 1) * C + 3 * dk + 2 * dv + dv / chunks)
+    # The rule's backward peaks after its chunk loop's: the chunks' gradients of their slices of the intra-chunk
+    # attention, read, write, w and u (float32) are stacked whole once the first chunk's are in, and the attention's
+    # product with the decay makes two more C x C gradients beside its own: three C x C per value head at once, and
+    # beside them the stacked ones of the keys' width, the outputs' and the values', and what in_proj_z gave its input
+    # (measured op by op in fp32; under autocast, where other casts peak first, within 6% of a block, above or below).
+    # By then what the layer kept after the rule is freed, and all the loop's.
+    grads = (pad * 4 * H * (3 * C + 3 * dk + 2 * dv + dv / chunks)
              + (h_bytes * attn.in_proj_z.in_features if grad_in else 0))
-    m = max(chunks - 2, 0)
-    cast = attend if a != 4 else 0.0
-    loop = ((chunks - 1 - m) / chunks * (used + rest + cast) + (used + cast) / chunks
-            + (attend if a == 4 and m == 0 else 0.0))
+    loop = used + rest + attend
     return first, out_grad, grads - (s.total - after_rule) - loop
 
 
