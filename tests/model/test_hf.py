@@ -174,6 +174,23 @@ CASES = {
         kv_lora_rank=24, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
         moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
         first_k_dense_replace=1, routed_scaling_factor=1.0, tie_word_embeddings=False, pad_token_id=0)),
+    # DeepSeek-V2: latent attention (a query latent, narrower values, YaRN with DeepSeek-V2's mscale) and a float32
+    # softmax router choosing 3 among the 2 of 4 groups whose best expert scores highest, its weights unnormalised and
+    # scaled, beside 2 shared experts, after a dense layer.
+    "deepseek-v2-group-limited": lambda: _hf(
+        "DeepseekV2Config", "DeepseekV2ForCausalLM", **_SMALL | {"num_hidden_layers": 3, "num_key_value_heads": 4},
+        kv_lora_rank=24, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.0, norm_topk_prob=False, tie_word_embeddings=False, pad_token_id=0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                      "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    # DeepSeek-V2-Lite's: one q_proj, the top 2 of 4 experts chosen greedily.
+    "deepseek-v2-lite-greedy": lambda: _hf(
+        "DeepseekV2Config", "DeepseekV2ForCausalLM", **_SMALL | {"num_key_value_heads": 4},
+        kv_lora_rank=24, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+        moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, tie_word_embeddings=False, pad_token_id=0),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -258,6 +275,10 @@ def test_variant_features_are_exercised():
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
                       ("glm4-moe-sigmoid-groups", {"rope_dim": None}),
+                      ("deepseek-v2-group-limited", {"expert_group_best": 2}),  # groups scored as DeepSeek-V3's
+                      ("deepseek-v2-group-limited", {"expert_groups": 1, "expert_groups_per_token": 1}),
+                      ("deepseek-v2-group-limited", {"renormalize_experts": True}),
+                      ("deepseek-v2-group-limited", {"routed_scaling": 1.0}),
                       ("qwen3.5-hybrid", {"rope_dim": None}), ("qwen3.5-hybrid", {"norm_unit_offset": False})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
@@ -339,6 +360,15 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, logit_divisor=8.0, sliding_window=16))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
+    v2 = PRESETS["deepseek-v2-lite"]
+    assert (hf_architecture(v2), hf_architecture(PRESETS["deepseek-v3"])) == ("DeepseekV2ForCausalLM",
+                                                                            "DeepseekV3ForCausalLM")
+    with pytest.raises(ValueError, match="DeepseekV2ForCausalLM cannot express this model: its groups of experts "
+                                         "score their best expert"):
+        to_hf_config(replace(v2, expert_groups=8, expert_groups_per_token=3, expert_group_best=2))
+    with pytest.raises(ValueError, match="DeepseekV2ForCausalLM cannot express this model: it scores experts by a "
+                                         "softmax, without a choice bias"):
+        to_hf_config(replace(v2, expert_choice_bias=True, hf_architecture="DeepseekV2ForCausalLM"))
 
 
 def _reads_its_text_model(hf, tmp_path, arch: str, x: torch.Tensor) -> ModelConfig:
@@ -443,6 +473,7 @@ ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (
     "qwen3-moe-experts": ("expert_weights_float32",),  # the weights rounded first
     "glm4-moe-sigmoid-groups": ("expert_weights_float32",),  # float32 routing weights (its router float32 too)
     "deepseek-v3-latent-attention": ("expert_weights_float32",),  # the same routing
+    "deepseek-v2-group-limited": ("expert_weights_float32", "rope_float32"),  # (from a float32 router) RoPE's too
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
 }
 
@@ -885,12 +916,28 @@ def test_published_configs_map_to_presets():
         "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
         "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
     }
+    deepseek_v2_lite = {  # deepseek-ai/DeepSeek-V2-Lite
+        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+        "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+        "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+        "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+    }
     with pytest.raises(ValueError, match="quantization_config fp8 with fmt='e4m3', weight_block_size=None is not"):
         from_hf_config(deepseek_v3 | {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}})
     with pytest.raises(ValueError, match="quantization_config 'gptq' is not supported"):
         from_hf_config(qwen3 | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
     for published, name in ((mixtral, "mixtral-8x7b"), (qwen3_moe, "qwen3-30b-a3b"), (gpt_oss, "gpt-oss-20b"),
-                            (glm45_air, "glm-4.5-air"), (deepseek_v3, "deepseek-v3")):
+                            (glm45_air, "glm-4.5-air"), (deepseek_v3, "deepseek-v3"),
+                            (deepseek_v2_lite, "deepseek-v2-lite")):
         preset = replace(PRESETS[name], hf_architecture=published["architectures"][0])
         assert from_hf_config(published) == preset
         assert from_hf_config(to_hf_config(PRESETS[name])) == preset
@@ -906,7 +953,12 @@ def test_published_configs_map_to_presets():
                        (deepseek_v3 | {"topk_method": "greedy"}, "topk_method='greedy' is not supported"),
                        (deepseek_v3 | {"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
                        (deepseek_v3 | {"rope_interleave": False}, "rope_interleave=false is not supported"),
-                       (deepseek_v3 | {"num_key_value_heads": 8}, "num_key_value_heads=8 must equal")]:
+                       (deepseek_v3 | {"num_key_value_heads": 8}, "num_key_value_heads=8 must equal"),
+                       (deepseek_v2_lite | {"topk_method": "noaux_tc"}, "topk_method='noaux_tc' is not supported"),
+                       (deepseek_v2_lite | {"scoring_func": "sigmoid"}, "scoring_func='sigmoid' is not supported"),
+                       (deepseek_v2_lite | {"num_experts_per_tok": None}, "DeepseekV2 needs num_experts_per_tok"),
+                       (deepseek_v2_lite | {"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 2},
+                        "n_group=3 with topk_group=2 is not supported")]:
         with pytest.raises(ValueError, match=match):
             from_hf_config(bad)
     assert from_hf_config(gemma3 | {"final_logit_softcapping": 30.0}).logit_softcap == 30.0  # read where set
@@ -916,7 +968,7 @@ def test_published_configs_map_to_presets():
             from_hf_config(gemma3 | bad)
     with pytest.raises(ValueError, match="Gemma 2 layer_types .* not supported"):
         from_hf_config(gemma2 | {"layer_types": ["full_attention", "sliding_attention"] * 13})
-    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM cannot express this model: it routes by a softmax"):
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM cannot express this model: it routes without groups"):
         to_hf_config(replace(PRESETS["qwen3-30b-a3b"], routed_scaling=2.5, hf_architecture="Qwen3MoeForCausalLM"))
     with pytest.raises(ValueError, match="Glm4MoeForCausalLM cannot express this model: it scores experts by sigmoids"):
         to_hf_config(replace(PRESETS["glm-4.5-air"], expert_choice_bias=False))

@@ -41,6 +41,9 @@ def test_config_validation_names_the_field():
                         "its groups must hold experts_per_token=4"),
                        ({"mlp": "swiglu", "n_experts": 8, "n_layers": 2, "dense_layers": 2}, "dense_layers=2 needs"),
                        ({"mlp": "swiglu", "n_experts": 8, "router_scores": "relu"}, "router_scores must be one of"),
+                       ({"mlp": "swiglu", "n_experts": 8, "expert_groups": 4, "expert_groups_per_token": 2,
+                         "expert_group_best": 3}, r"expert_group_best=3 must be between 1 and the experts in a group \(2\)"),
+                       ({"router_float32": True}, "router_float32 needs n_experts"),
                        ({"pos": "rope", "kv_lora_rank": 16}, "kv_lora_rank=16 .* needs a positive rank"),
                        ({"q_lora_rank": 16}, "q_lora_rank=16 needs kv_lora_rank")]:
         with pytest.raises(ValueError, match=match):
@@ -110,6 +113,9 @@ def test_preset_sizes_on_meta():
     # deepseek-ai/DeepSeek-V3: the published 671B total (without its multi-token-prediction layer), 37B active
     deepseek_v3 = _moe_counts("deepseek-v3")
     assert (deepseek_v3[0], deepseek_v3[1] + deepseek_v3[2]) == (671_026_404_352, 37_551_276_032)
+    # deepseek-ai/DeepSeek-V2-Lite: the published 15.7B total, 2.4B active (without the input embedding here)
+    deepseek_v2_lite = _moe_counts("deepseek-v2-lite")
+    assert (deepseek_v2_lite[0], deepseek_v2_lite[1]) == (15_706_484_224, 2_451_308_544)
     # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
     kimi_k2 = _moe_counts("kimi-k2")
     assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)

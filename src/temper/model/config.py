@@ -2,7 +2,8 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS and Qwen3.5 shapes.
+Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, GPT-OSS and Qwen3.5
+shapes.
 This module only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -94,8 +95,8 @@ class ModelConfig:
     """How many leading dimensions of each head RoPE rotates (Phi-4-mini: 96 of 128); the rest pass through
     unrotated (latent attention rotates its last ones instead). None: the whole head."""
     rope_float32: bool = False
-    """Rotate queries and keys in float32 and round after (OLMo 2); False: in the activations' dtype (Llama). The
-    same in float32."""
+    """Rotate queries and keys in float32 and round after (OLMo 2, DeepSeek-V2); False: in the activations' dtype
+    (Llama). The same in float32."""
     rope_scaling: dict | None = None
     """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} (Llama 3.1), {"rope_type": "yarn", "factor", "original_max_position_embeddings"}
@@ -164,16 +165,22 @@ class ModelConfig:
     router_scores: str = "softmax"
     """With n_experts: how the router scores the experts: "softmax" over them (Mixtral, Qwen3-MoE), or "sigmoid" of
     each, computed in float32 from float32 inputs (DeepSeek-V3, GLM-4.5)."""
+    router_float32: bool = False
+    """With n_experts: keep the router's weights float32 when the model is cast, and score from float32 inputs, as
+    DeepSeek-V2 is published (a sigmoid router always does)."""
     expert_choice_bias: bool = False
     """With n_experts: a per-expert bias (a float32 buffer, not trained by gradient) added to the scores when choosing
     the experts only, not to their weights (DeepSeek-V3's auxiliary-loss-free balancing, its e_score_correction_bias;
     training moves it with `train.expert_bias_rate`)."""
     expert_groups: int = 1
     """With n_experts: split the experts into this many groups; each token first keeps the expert_groups_per_token
-    groups whose two best scores sum highest, then chooses its experts among them (DeepSeek-V3's node-limited
-    routing); 1: no groups."""
+    groups whose expert_group_best best scores sum highest, then chooses its experts among them (DeepSeek-V2's and
+    V3's device- and node-limited routing); 1: no groups."""
     expert_groups_per_token: int = 1
     """With expert_groups: the groups each token chooses its experts from."""
+    expert_group_best: int = 2
+    """With expert_groups: a group scores the sum of its this many best experts' scores (DeepSeek-V3: 2; DeepSeek-V2:
+    1, its best alone)."""
     routed_scaling: float = 1.0
     """With n_experts: the chosen experts' weights are multiplied by this, after renormalising (DeepSeek-V3: 2.5)."""
     dense_layers: int = 0
@@ -297,6 +304,11 @@ class ModelConfig:
         if not 1 <= per_token <= groups or groups > 1 and self.experts_per_token > per_token * self.n_experts // groups:
             raise ValueError(f"expert_groups_per_token={per_token} must be between 1 and expert_groups ({groups}), "
                              f"and its groups must hold experts_per_token={self.experts_per_token} experts")
+        if not 1 <= self.expert_group_best <= (self.n_experts // groups if groups > 1 else 2):
+            raise ValueError(f"expert_group_best={self.expert_group_best} must be between 1 and the experts in a "
+                             f"group ({self.n_experts // groups})")
+        if self.router_float32 and not self.n_experts:
+            raise ValueError("router_float32 needs n_experts")
         if not self.routed_scaling > 0:
             raise ValueError(f"routed_scaling must be positive, got {self.routed_scaling}")
         if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
@@ -430,6 +442,14 @@ _DEEPSEEK_V3 = replace(
     expert_choice_bias=True, expert_groups=8, expert_groups_per_token=4, routed_scaling=2.5, dense_layers=3,
     expert_weights_float32=True,
 )
+_DEEPSEEK_V2_LITE = replace(
+    _LLAMA, vocab_size=102400, dim=2048, n_layers=27, n_heads=16, n_kv_heads=16, head_size=192, rope_dim=64,
+    kv_lora_rank=512, v_head_size=128, ffn_dim=10944, max_seq_len=163840, norm_eps=1e-6, tie_embeddings=False,
+    rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+    n_experts=64, experts_per_token=6, expert_ffn_dim=1408, shared_expert_ffn_dim=2816, renormalize_experts=False,
+    router_float32=True, expert_group_best=1, dense_layers=1, expert_weights_float32=True, rope_float32=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
@@ -511,6 +531,9 @@ PRESETS: dict[str, ModelConfig] = {
     # attention (a 512-wide latent and 64 rotated dims cached per token; queries through a 1536-wide latent), 256
     # experts in 8 groups, 8 per token from 4 groups, a shared expert, 3 dense layers; YaRN to 160k.
     "deepseek-v3": _DEEPSEEK_V3,
+    # DeepSeek-V2-Lite (DeepSeek-AI, "DeepSeek-V2", 2024): latent attention without a query latent, 64 experts, 6 per
+    # token by a softmax, beside 2 shared ones, after a dense layer (15.7B parameters, 2.4B active).
+    "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
     # Kimi K2 (Moonshot AI, "Kimi K2: Open Agentic Intelligence", 2025): DeepSeek-V3's architecture with 64 heads, 384
     # experts in one group, one dense layer and a larger vocabulary (1.03T parameters, 33B active).
     "kimi-k2": replace(

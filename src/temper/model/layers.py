@@ -81,7 +81,7 @@ class MoE(nn.Module):
 
     Scores are a softmax over the experts, or each expert's sigmoid (DeepSeek-V3, GLM-4.5: `router_scores`); DeepSeek-V3
     chooses by the scores plus a bias it moves to balance the load (`expert_choice_bias`), among the best groups of
-    experts (`expert_groups`), and scales the weights (`routed_scaling`).
+    experts (`expert_groups`, as DeepSeek-V2 does with softmax scores), and scales the weights (`routed_scaling`).
 
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
@@ -100,7 +100,9 @@ class MoE(nn.Module):
         self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
                                                           cfg.expert_weights_float32)
         self.sigmoid, self.scaling = cfg.router_scores == "sigmoid", cfg.routed_scaling
-        self.groups, self.groups_per_token = cfg.expert_groups, cfg.expert_groups_per_token
+        self.groups, self.groups_per_token, self.group_best = (cfg.expert_groups, cfg.expert_groups_per_token,
+                                                               cfg.expert_group_best)
+        self.router_float32 = self.sigmoid or cfg.router_float32
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
         self.choice_bias: torch.Tensor | None  # (E,)
         self.register_buffer("choice_bias", torch.zeros(cfg.n_experts) if cfg.expert_choice_bias else None)
@@ -110,7 +112,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        """Casting the model leaves the choice bias and a sigmoid router float32, as transformers keeps them
+        """Casting the model leaves the choice bias and a float32 router float32, as transformers keeps them
         (`_keep_in_fp32_modules_strict`): the published biases differ by less than a bf16 step of their size, so a
         rounded one would choose other experts."""
         kept = self._float32_slots()
@@ -129,25 +131,26 @@ class MoE(nn.Module):
         return self
 
     def _float32_slots(self) -> list[tuple[nn.Module, str]]:
-        return [(self, "choice_bias")] + [(self.router, n) for n in ("weight", "bias") if self.sigmoid]
+        return [(self, "choice_bias")] + [(self.router, n) for n in ("weight", "bias") if self.router_float32]
 
     def float32_tensors(self) -> list[torch.Tensor]:
-        """What stays float32 when the model is cast (`_apply`): the choice bias and a sigmoid router's weights."""
+        """What stays float32 when the model is cast (`_apply`): the choice bias and a float32 router's weights."""
         return [t for owner, n in self._float32_slots() if (t := getattr(owner, n)) is not None]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights
         (N, k) float32."""
-        if self.sigmoid:  # in the router's dtype, float32 however the model is cast (`_apply`; FSDP2's 16-bit
-            # compute weights aside), as DeepSeek-V3's and GLM-4.5's references score; a LoRA router adds its update
+        if self.router_float32:  # in the router's dtype, float32 however the model is cast (`_apply`; FSDP2's 16-bit
+            # compute weights aside), as DeepSeek's and GLM-4.5's references score; a LoRA router adds its update
             with torch.autocast(x.device.type, enabled=False):
-                scores = torch.sigmoid(self.router(x.to(self.router.weight.dtype)).float())  # (N, E)
+                logits = self.router(x.to(self.router.weight.dtype)).float()  # (N, E)
+            scores = torch.sigmoid(logits) if self.sigmoid else F.softmax(logits, dim=-1)  # (N, E)
         else:  # the softmax in float32, as Mixtral's and Qwen3-MoE's references route
             scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
         choice = scores if self.choice_bias is None else scores + self.choice_bias  # (N, E)
-        if self.groups > 1:  # keep the groups whose two best experts score highest (DeepSeek-V3)
+        if self.groups > 1:  # keep the groups whose best experts score highest (DeepSeek-V2: the best; V3: two)
             grouped = choice.unflatten(-1, (self.groups, -1))  # (N, G, E / G)
-            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.groups_per_token, dim=-1).indices  # (N, g)
+            best = grouped.topk(self.group_best, dim=-1).values.sum(-1).topk(self.groups_per_token, dim=-1).indices
             kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(-1, best, True)  # (N, G)
             choice = grouped.masked_fill(~kept[..., None], float("-inf")).flatten(-2)  # (N, E)
         chosen = choice.topk(self.k, dim=-1).indices  # (N, k)

@@ -96,7 +96,7 @@ def apply_method(model: nn.Module, method: Method, lora: LoRAConfig, prefix: Pre
     if method == "full":
         return
     dtype = base_dtype(method, amp_dtype)
-    kept = {id(t) for m in model.modules() if isinstance(m, MoE) for t in m.float32_tensors()}  # sigmoid routers
+    kept = {id(t) for m in model.modules() if isinstance(m, MoE) for t in m.float32_tensors()}  # float32 routers
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != dtype and id(p) not in kept:

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Twenty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -20,7 +20,8 @@ shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads
 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
 shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
 that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
-published FP8 weights are dequantized as they load), Seed-OSS
+published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention,
+with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -47,13 +48,13 @@ GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, M
     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
 )
-SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V3 = (
+SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3 = (
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
-    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
+    "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
+                           DEEPSEEK_V2, DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -61,9 +62,12 @@ GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, QWEN3_5_MOE, QWEN3_NEXT)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, QWEN3_5_MOE,
+                     QWEN3_NEXT)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # DeepSeek-V3's routing, shared experts and dense first layers
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3)  # DeepSeek's: shared experts, groups, scaling, dense first layers
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
+LATENT = (DEEPSEEK_V2, DEEPSEEK_V3)  # multi-head latent attention
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
@@ -74,7 +78,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "olmo3": OLMO3, "mixtral": MIXTRAL, "gpt_oss": GPT_OSS,
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
-                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v3": DEEPSEEK_V3,
+                "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v2": DEEPSEEK_V2,
+                "deepseek_v3": DEEPSEEK_V3,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -114,14 +119,16 @@ _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "hidden_size", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_hidden_layers", "num_local_experts",
-                     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                     "num_experts", "moe_intermediate_size", "decoder_sparse_step",
                      "original_max_position_embeddings", "shared_expert_intermediate_size", "n_routed_experts",
-                     "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                     "n_shared_experts", "first_k_dense_replace",
                      "num_nextn_predict_layers", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
                      "moe_layer_freq", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
                      "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads"), _INT),
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
-    **dict.fromkeys(("topk_method", "scoring_func"), _STR),
+    # DeepseekV2Config leaves these null (its defaults: n_group 1, topk_group 1; num_experts_per_tok needed)
+    **dict.fromkeys(("num_experts_per_tok", "n_group", "topk_group"), (*_INT, type(None))),
+    "topk_method": (*_STR, type(None)), "scoring_func": _STR, "norm_topk_prob": (bool, type(None)),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
@@ -136,7 +143,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "use_bidirectional_attention": (bool, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
-                     "scale_attn_by_inverse_layer_idx", "norm_topk_prob", "output_router_logits", "use_qk_norm",
+                     "scale_attn_by_inverse_layer_idx", "output_router_logits", "use_qk_norm",
                      "rope_interleave"), _BOOL),
     **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
     "hidden_activation": (*_STR, type(None)),
@@ -223,7 +230,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or dim // n_heads
-    latent = _latent_attention(d) if arch == DEEPSEEK_V3 else {}
+    latent = _latent_attention(d, arch) if arch in LATENT else {}
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL) else None
@@ -294,7 +301,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in OLMOS, dropout=0.0,
+        norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in (*OLMOS, DEEPSEEK_V2), dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}), **latent,
@@ -353,13 +360,13 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     probabilities always renormalised; Qwen3-MoE: moe_intermediate_size, norm_topk_prob). The load-balancing loss
     (router_aux_loss_coef with output_router_logits) is a training choice, not the model's: it is not read."""
     name = arch.removesuffix("ForCausalLM")
-    if arch in SIGMOID_MOE:
-        return _sigmoid_experts(d, arch)
+    if arch in DEEPSEEK_MOE:
+        return _deepseek_experts(d, arch)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
     k = d.get("num_experts_per_tok", 2)
-    if not 1 <= k <= n:
+    if k is None or not 1 <= k <= n:
         raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the {n} experts")
     if d.get("router_jitter_noise"):
         raise ValueError(f"{name} router_jitter_noise={d['router_jitter_noise']} is not supported (temper's router "
@@ -390,27 +397,42 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     return fields
 
 
-_SIGMOID_MOE_DEFAULTS = {  # Glm4MoeConfig's and DeepseekV3Config's
+_DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3Config's
     GLM4_MOE: {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
-               "moe_intermediate_size": 1408, "routed_scaling_factor": 1.0},
+               "moe_intermediate_size": 1408, "routed_scaling_factor": 1.0, "num_experts_per_tok": 8,
+               "n_shared_experts": 1, "norm_topk_prob": True},
+    DEEPSEEK_V2: {"n_routed_experts": 64, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
+                  "moe_intermediate_size": 1407, "routed_scaling_factor": 1.0, "n_shared_experts": 2,
+                  "norm_topk_prob": False, "topk_method": "greedy"},
     DEEPSEEK_V3: {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3,
-                  "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5},
+                  "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8,
+                  "n_shared_experts": 1, "norm_topk_prob": True},
 }
 
 
-def _sigmoid_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
-    """DeepSeek-V3's routing (GLM-4.5 takes it too): sigmoid scores, a choice bias, groups of experts, scaled weights,
-    shared experts beside the routed ones (n_shared_experts of them, one MLP that wide) and dense first layers.
-    Multi-token-prediction layers (num_nextn_predict_layers) are not read: their tensors, after the last layer's, are
-    skipped on loading (as transformers skips them). DeepSeek's own keys say the same routing or are refused."""
+def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """DeepSeek's mixtures: shared experts beside the routed ones (n_shared_experts of them, one MLP that wide), dense
+    first layers, groups of experts and scaled weights. DeepSeek-V3 (GLM-4.5 too) scores by sigmoids and chooses with a
+    bias; DeepSeek-V2 by a float32 softmax, greedily or among the groups whose best expert scores highest
+    (topk_method). Multi-token-prediction layers (num_nextn_predict_layers) are not read: their tensors, after the last
+    layer's, are skipped on loading (as transformers skips them). DeepSeek's own keys say the same routing or are
+    refused."""
     name = arch.removesuffix("ForCausalLM")
-    d = _SIGMOID_MOE_DEFAULTS[arch] | {k: v for k, v in d.items() if v is not None}
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+    d = _DEEPSEEK_MOE_DEFAULTS[arch] | {k: v for k, v in d.items() if v is not None}
+    v2 = arch == DEEPSEEK_V2
+    methods = ("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)
+    if d.get("topk_method", methods[0]) not in methods:
+        raise ValueError(f"{name} topk_method={d['topk_method']!r} is not supported (temper reads "
+                         f"{' or '.join(map(repr, methods))})")
+    for key, want in (("scoring_func", "softmax" if v2 else "sigmoid"), ("moe_layer_freq", 1)):
         if d.get(key, want) != want:
-            raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads DeepSeek-V3's {want!r})")
-    n, k = d["n_routed_experts"], d.get("num_experts_per_tok", 8)
-    groups, per_token, dense = d["n_group"], d["topk_group"], d["first_k_dense_replace"]
-    width, shared = d["moe_intermediate_size"], d.get("n_shared_experts", 1)
+            raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
+    if "num_experts_per_tok" not in d:
+        raise ValueError(f"{name} needs num_experts_per_tok (the experts each token is routed to)")
+    n, k = d["n_routed_experts"], d["num_experts_per_tok"]
+    grouped = not v2 or d["topk_method"] == "group_limited_greedy"  # DeepSeek-V2's greedy routing ignores n_group
+    groups, per_token = (d["n_group"], d["topk_group"]) if grouped else (1, 1)
+    dense, width, shared = d["first_k_dense_replace"], d["moe_intermediate_size"], d["n_shared_experts"]
     if not 1 <= k <= n:
         raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the n_routed_experts={n}")
     if not 0 <= dense < d["num_hidden_layers"]:
@@ -421,24 +443,26 @@ def _sigmoid_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
                          f"n_routed_experts={n} split in groups of 2 or more, topk_group of them kept)")
     if shared < 1:
         raise ValueError(f"{name} n_shared_experts={shared} is not supported (temper reads 1 or more)")
-    return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", True)),
-            "expert_ffn_dim": width, "shared_expert_ffn_dim": width * shared, "router_scores": "sigmoid",
-            "expert_choice_bias": True, "expert_groups": groups, "expert_groups_per_token": per_token,
-            "expert_weights_float32": True,
+    routing = ({"router_scores": "softmax", "router_float32": True, "expert_group_best": 1} if v2
+               else {"router_scores": "sigmoid", "expert_choice_bias": True})
+    return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d["norm_topk_prob"]),
+            "expert_ffn_dim": width, "shared_expert_ffn_dim": width * shared, **routing, "expert_groups": groups,
+            "expert_groups_per_token": per_token, "expert_weights_float32": True,
             "routed_scaling": float(d["routed_scaling_factor"]), "dense_layers": dense}
 
 
-def _latent_attention(d: dict[str, Any]) -> dict[str, Any]:
-    """The ModelConfig fields of DeepSeek-V3's latent attention (DeepseekV3Config's defaults), with head_dim: the
-    unrotated and rotated dims of a query or key head."""
+def _latent_attention(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The ModelConfig fields of DeepSeek-V2's and V3's latent attention (their config classes' defaults), with
+    head_dim: the unrotated and rotated dims of a query or key head."""
+    name = arch.removesuffix("ForCausalLM")
     nope, rope = d.get("qk_nope_head_dim", 128), d.get("qk_rope_head_dim", 64)
-    if not d.get("rope_interleave", True):
-        raise ValueError("DeepseekV3 rope_interleave=false is not supported (temper reads DeepSeek's interleaved "
+    if not d.get("rope_interleave", True):  # (DeepSeek-V2's are always interleaved)
+        raise ValueError(f"{name} rope_interleave=false is not supported (temper reads DeepSeek's interleaved "
                          "rotary layout, as its checkpoints are published)")
     if d.get("attention_bias"):
-        raise ValueError("DeepseekV3 attention_bias=true is not supported (temper's latent attention has no biases)")
+        raise ValueError(f"{name} attention_bias=true is not supported (temper's latent attention has no biases)")
     if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
-        raise ValueError(f"DeepseekV3 num_key_value_heads={d['num_key_value_heads']} must equal num_attention_heads "
+        raise ValueError(f"{name} num_key_value_heads={d['num_key_value_heads']} must equal num_attention_heads "
                          f"({d['num_attention_heads']}): latent attention expands keys and values for every head")
     v = d.get("v_head_dim", 128)
     return {"head_dim": nope + rope, "rope_dim": rope, "kv_lora_rank": d.get("kv_lora_rank", 512),
@@ -604,7 +628,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            arch = (GPT_OSS if cfg.attn_sinks else DEEPSEEK_V3 if cfg.kv_lora_rank
+            latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
+            arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
                     else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
@@ -659,9 +684,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
-    if bool(cfg.kv_lora_rank) != (arch == DEEPSEEK_V3):
-        return ("its attention is latent (kv_lora_rank), with experts" if arch == DEEPSEEK_V3
-                else "it has no latent attention (DeepseekV3ForCausalLM has)")
+    if bool(cfg.kv_lora_rank) != (arch in LATENT):
+        return ("its attention is latent (kv_lora_rank), with experts" if arch in LATENT
+                else "it has no latent attention (DeepseekV2ForCausalLM and DeepseekV3ForCausalLM have)")
     if cfg.qk_norm != (arch in normed) and arch != GLM4_MOE:  # GLM-4.5's are optional (use_qk_norm)
         return "it has q/k norms" if arch in normed else "it has no q/k norms (Qwen3, Qwen3-MoE, Gemma 3, OLMo 2 do)"
     if cfg.qk_norm_whole != (arch in WHOLE_QK_NORM):
@@ -680,19 +705,23 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
-    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *SIGMOID_MOE),
+    if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
                                                                             arch in SHARED_GATED):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
-                else "its experts have shared ones beside them, ungated" if arch in SIGMOID_MOE
+                else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
+    if arch in DEEPSEEK_MOE and cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim:
+        return "its shared experts are a whole number of experts wide"
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
-    if arch in SIGMOID_MOE and (not all(deepseek) or cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim):
-        return ("it scores experts by sigmoids, chooses them with a bias, and its shared experts are a whole number of "
-                "experts wide")
-    if arch not in SIGMOID_MOE and (any(deepseek) or cfg.expert_groups != 1 or cfg.routed_scaling != 1.0
-                                    or cfg.dense_layers):
-        return ("it routes by a softmax, without a choice bias, groups of experts, scaling or dense layers "
-                "(Glm4MoeForCausalLM has them)")
+    if arch in SIGMOID_MOE and not all(deepseek):
+        return "it scores experts by sigmoids and chooses them with a bias"
+    if arch not in SIGMOID_MOE and any(deepseek):
+        return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
+    if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
+        return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
+    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 or cfg.dense_layers):
+        return ("it routes without groups of experts, scaling or dense layers (DeepseekV2ForCausalLM, "
+                "DeepseekV3ForCausalLM and Glm4MoeForCausalLM have them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
         return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
@@ -718,9 +747,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, DEEPSEEK_V3, *HYBRID):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
-    if (cfg.rope_dim is not None and arch != DEEPSEEK_V3
+    if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
@@ -830,19 +859,25 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "output_router_logits": False,
               "rope_scaling": None,
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
-    if arch == DEEPSEEK_V3:  # its rotated dims in adjacent pairs, as DeepSeek publishes them (`rope_pair_rows`)
+    if arch in LATENT:  # the rotated dims in adjacent pairs, as DeepSeek publishes them (`rope_pair_rows`; V2 always)
         d |= {"head_dim": cfg.rotary_dim, "qk_rope_head_dim": cfg.rotary_dim, "kv_lora_rank": cfg.kv_lora_rank,
               "qk_nope_head_dim": cfg.head_dim - cfg.rotary_dim, "q_lora_rank": cfg.q_lora_rank,
-              "v_head_dim": cfg.v_head_dim, "rope_interleave": True, "attention_bias": False,
+              "v_head_dim": cfg.v_head_dim, "attention_bias": False,
               "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                                         **(cfg.rope_scaling or {})}}
-    if arch in SIGMOID_MOE:  # no multi-token-prediction layers: temper trains none
+        if arch == DEEPSEEK_V3:
+            d["rope_interleave"] = True
+    if arch in DEEPSEEK_MOE:
         d |= {"n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
               "n_shared_experts": cfg.shared_expert_ffn_dim // cfg.expert_hidden_dim,
               "routed_scaling_factor": cfg.routed_scaling, "n_group": cfg.expert_groups,
               "topk_group": cfg.expert_groups_per_token, "first_k_dense_replace": cfg.dense_layers,
-              "num_nextn_predict_layers": 0, "output_router_logits": False}
+              "output_router_logits": False}
+        if arch == DEEPSEEK_V2:
+            d["topk_method"] = "group_limited_greedy" if cfg.expert_groups > 1 else "greedy"
+        else:  # no multi-token-prediction layers: temper trains none
+            d["num_nextn_predict_layers"] = 0
         if arch == GLM4_MOE:
             d["use_qk_norm"] = cfg.qk_norm
     elif arch == MIXTRAL:  # its experts are intermediate_size wide

@@ -15,13 +15,14 @@ import torch
 
 from temper.model.config import ModelConfig
 from temper.model.hf.config import (
-    DEEPSEEK_V3,
+    DEEPSEEK_MOE,
     GEMMA2,
     GEMMA3,
     GLM4,
     GPT2,
     GPT_OSS,
     HYBRID,
+    LATENT,
     MIXTRAL,
     MOE_ARCHITECTURES,
     PHI3,
@@ -168,7 +169,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
-            if arch == DEEPSEEK_V3:  # latent attention: q through its latent or not, k and v through theirs
+            if arch in LATENT:  # latent attention: q through its latent or not, k and v through theirs
                 for n in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                           "kv_b_proj", "o_proj"):
                     if f"{p}attn.{n}.weight" in keys:  # rotated dims last in each head, and after the latent
@@ -211,7 +212,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
                 if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
-                    shared = "shared_experts" if arch in SIGMOID_MOE else "shared_expert"
+                    shared = "shared_experts" if arch in DEEPSEEK_MOE else "shared_expert"
                     for n in ("gate_proj", "up_proj", "down_proj"):
                         add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
                     if cfg.shared_expert_gate:
