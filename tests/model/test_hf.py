@@ -191,6 +191,13 @@ CASES = {
         kv_lora_rank=24, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
         moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, tie_word_embeddings=False, pad_token_id=0),
+    # GLM-4.7-Flash: DeepSeek-V3's attention and routing (here 2 of 4 groups kept), its dense first layer named by
+    # mlp_layer_types (its default).
+    "glm4-moe-lite-latent": lambda: _with_choice_bias(_hf(
+        "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", **_SMALL | {"num_hidden_layers": 3, "num_key_value_heads": 4},
+        kv_lora_rank=24, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=1.8, tie_word_embeddings=False, pad_token_id=0)),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -473,6 +480,7 @@ ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (
     "qwen3-moe-experts": ("expert_weights_float32",),  # the weights rounded first
     "glm4-moe-sigmoid-groups": ("expert_weights_float32",),  # float32 routing weights (its router float32 too)
     "deepseek-v3-latent-attention": ("expert_weights_float32",),  # the same routing
+    "glm4-moe-lite-latent": ("expert_weights_float32",),  # DeepSeek-V3's
     "deepseek-v2-group-limited": ("expert_weights_float32", "rope_float32"),  # (from a float32 router) RoPE's too
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
 }
@@ -916,6 +924,10 @@ def test_published_configs_map_to_presets():
         "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
         "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
     }
+    glm47_flash = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "hidden_size": 64,
+                   "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 101, "intermediate_size": 96}
+    assert [from_hf_config(glm47_flash | {"mlp_layer_types": kinds}).dense_layers
+            for kinds in (None, ["dense", "dense", "sparse"])] == [1, 2]
     deepseek_v2_lite = {  # deepseek-ai/DeepSeek-V2-Lite
         "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
@@ -958,7 +970,9 @@ def test_published_configs_map_to_presets():
                        (deepseek_v2_lite | {"scoring_func": "sigmoid"}, "scoring_func='sigmoid' is not supported"),
                        (deepseek_v2_lite | {"num_experts_per_tok": None}, "DeepseekV2 needs num_experts_per_tok"),
                        (deepseek_v2_lite | {"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 2},
-                        "n_group=3 with topk_group=2 is not supported")]:
+                        "n_group=3 with topk_group=2 is not supported"),
+                       (glm47_flash | {"mlp_layer_types": ["sparse", "dense", "sparse"]},
+                        r"Glm4MoeLite mlp_layer_types=\['sparse', 'dense', 'sparse'\] is not supported")]:
         with pytest.raises(ValueError, match=match):
             from_hf_config(bad)
     assert from_hf_config(gemma3 | {"final_logit_softcapping": 30.0}).logit_softcap == 30.0  # read where set

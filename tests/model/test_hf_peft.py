@@ -90,6 +90,11 @@ CONFIGS = {
                            v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=40,
                            router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
                            dense_layers=1, expert_weights_float32=True, hf_architecture="DeepseekV3ForCausalLM"),
+    # GLM-4.7-Flash: DeepSeek-V3's architecture under another name, its dense layers named by mlp_layer_types
+    "glm4_moe_lite": replace(_LLAMA, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16, q_lora_rank=24,
+                             v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=40,
+                             router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=1.8,
+                             dense_layers=1, expert_weights_float32=True, hf_architecture="Glm4MoeLiteForCausalLM"),
     # DeepSeek-V2: that attention, with a float32 softmax router choosing 2 of 4 experts in the best of 2 groups
     "deepseek_v2": replace(_LLAMA, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16, q_lora_rank=None,
                            v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=80,
@@ -118,6 +123,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "deepseek_v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    "glm4_moe_lite": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
@@ -253,13 +259,14 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
     "glm4_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the dense layer's and shared expert's too
     "deepseek_v3": ["q_b_proj", "gate_proj", "up_proj", "down_proj"],
     "deepseek_v2": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+    "glm4_moe_lite": ["q_b_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "qwen3_5_moe"])
+                                  "glm4_moe_lite", "qwen3_5_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -271,7 +278,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
     if model.cfg.q_lora_rank:  # latent attention's queries, through their latent
         targets = tuple("q_b_proj" if t == "q_proj" else t for t in targets)
     apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral",
-               only=only if case in ("glm4_moe", "deepseek_v3", "deepseek_v2") else None)
+               only=only if case in ("glm4_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite") else None)
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -281,7 +288,8 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
+                                  "glm4_moe_lite"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)

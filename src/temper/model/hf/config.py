@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Twenty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -21,7 +21,8 @@ shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads
 shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
 that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
 published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention,
-with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), Seed-OSS
+with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+(`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -52,9 +53,10 @@ SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
     "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
+GLM4_MOE_LITE = "Glm4MoeLiteForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V2, DEEPSEEK_V3, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
+                           DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -62,12 +64,13 @@ GEMMAS = (GEMMA, GEMMA2, GEMMA3)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
-MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, QWEN3_5_MOE,
-                     QWEN3_NEXT)
+MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
+                     QWEN3_5_MOE, QWEN3_NEXT)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3)  # DeepSeek's: shared experts, groups, scaling, dense first layers
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3)  # of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
-LATENT = (DEEPSEEK_V2, DEEPSEEK_V3)  # multi-head latent attention
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
+# dense first layers
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE)  # of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
+LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attention
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
@@ -79,7 +82,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
                 "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v2": DEEPSEEK_V2,
-                "deepseek_v3": DEEPSEEK_V3,
+                "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -131,7 +134,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "topk_method": (*_STR, type(None)), "scoring_func": _STR, "norm_topk_prob": (bool, type(None)),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
-    "mlp_only_layers": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
+    "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
@@ -407,6 +410,9 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
     DEEPSEEK_V3: {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3,
                   "moe_intermediate_size": 2048, "routed_scaling_factor": 2.5, "num_experts_per_tok": 8,
                   "n_shared_experts": 1, "norm_topk_prob": True},
+    GLM4_MOE_LITE: {"n_routed_experts": 64, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1536,
+                    "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
+                    "norm_topk_prob": True},
 }
 
 
@@ -432,7 +438,8 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     n, k = d["n_routed_experts"], d["num_experts_per_tok"]
     grouped = not v2 or d["topk_method"] == "group_limited_greedy"  # DeepSeek-V2's greedy routing ignores n_group
     groups, per_token = (d["n_group"], d["topk_group"]) if grouped else (1, 1)
-    dense, width, shared = d["first_k_dense_replace"], d["moe_intermediate_size"], d["n_shared_experts"]
+    dense = _dense_layers(d, name) if arch == GLM4_MOE_LITE else d["first_k_dense_replace"]
+    width, shared = d["moe_intermediate_size"], d["n_shared_experts"]
     if not 1 <= k <= n:
         raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the n_routed_experts={n}")
     if not 0 <= dense < d["num_hidden_layers"]:
@@ -451,11 +458,29 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
             "routed_scaling": float(d["routed_scaling_factor"]), "dense_layers": dense}
 
 
+def _dense_layers(d: dict[str, Any], name: str) -> int:
+    """GLM-4.7-Flash's dense first layers, from mlp_layer_types ("dense" layers, then "sparse" ones; null: one)."""
+    kinds, n = d.get("mlp_layer_types"), d["num_hidden_layers"]
+    if kinds is None:
+        return 1
+    dense = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
+    if len(kinds) != n or kinds[dense:] != ["sparse"] * (n - dense):
+        raise ValueError(f"{name} mlp_layer_types={kinds} is not supported (temper reads dense layers first, then "
+                         f"sparse ones, one per layer of the {n})")
+    return dense
+
+
+_LATENT_DEFAULTS = {DEEPSEEK_V2: (128, 64, 128, 1536), DEEPSEEK_V3: (128, 64, 128, 1536),
+                    GLM4_MOE_LITE: (192, 64, 256, 768)}
+"""Their config classes' qk_nope_head_dim, qk_rope_head_dim, v_head_dim and q_lora_rank."""
+
+
 def _latent_attention(d: dict[str, Any], arch: str) -> dict[str, Any]:
     """The ModelConfig fields of DeepSeek-V2's and V3's latent attention (their config classes' defaults), with
     head_dim: the unrotated and rotated dims of a query or key head."""
     name = arch.removesuffix("ForCausalLM")
-    nope, rope = d.get("qk_nope_head_dim", 128), d.get("qk_rope_head_dim", 64)
+    nope, rope, v, q_rank = _LATENT_DEFAULTS[arch]
+    nope, rope = d.get("qk_nope_head_dim", nope), d.get("qk_rope_head_dim", rope)
     if not d.get("rope_interleave", True):  # (DeepSeek-V2's are always interleaved)
         raise ValueError(f"{name} rope_interleave=false is not supported (temper reads DeepSeek's interleaved "
                          "rotary layout, as its checkpoints are published)")
@@ -464,9 +489,9 @@ def _latent_attention(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
         raise ValueError(f"{name} num_key_value_heads={d['num_key_value_heads']} must equal num_attention_heads "
                          f"({d['num_attention_heads']}): latent attention expands keys and values for every head")
-    v = d.get("v_head_dim", 128)
+    v = d.get("v_head_dim", v)
     return {"head_dim": nope + rope, "rope_dim": rope, "kv_lora_rank": d.get("kv_lora_rank", 512),
-            "q_lora_rank": d.get("q_lora_rank", 1536),
+            "q_lora_rank": d.get("q_lora_rank", q_rank),
             "v_head_size": None if v in (None, nope + rope) else v}
 
 
@@ -865,7 +890,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "v_head_dim": cfg.v_head_dim, "attention_bias": False,
               "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                                         **(cfg.rope_scaling or {})}}
-        if arch == DEEPSEEK_V3:
+        if arch != DEEPSEEK_V2:
             d["rope_interleave"] = True
     if arch in DEEPSEEK_MOE:
         d |= {"n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
@@ -874,6 +899,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "routed_scaling_factor": cfg.routed_scaling, "n_group": cfg.expert_groups,
               "topk_group": cfg.expert_groups_per_token, "first_k_dense_replace": cfg.dense_layers,
               "output_router_logits": False}
+        if arch == GLM4_MOE_LITE:  # its dense layers are named per layer
+            d["mlp_layer_types"] = ["dense" if i < cfg.dense_layers else "sparse" for i in range(cfg.n_layers)]
         if arch == DEEPSEEK_V2:
             d["topk_method"] = "group_limited_greedy" if cfg.expert_groups > 1 else "greedy"
         else:  # no multi-token-prediction layers: temper trains none

@@ -57,7 +57,7 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.hf.config import DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE, GPT2, hf_architecture
+from temper.model.hf.config import DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE, GLM4_MOE_LITE, GPT2, hf_architecture
 from temper.model.hf.weights import hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
@@ -97,7 +97,7 @@ def _reordered(cfg: ModelConfig) -> dict[str, Any]:
     return {r.hf.removesuffix(".weight"): r for r in hf_rules(cfg) if r.rope_pairs or r.groups}
 
 
-_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
+_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)
 """Architectures whose gate_proj, up_proj and down_proj module names PEFT turns into its routed experts' parameters
 (its `_MOE_TARGET_MODULE_MAPPING`, for transformers 5), though their dense layers and shared experts have linear layers
 of those names too: a PEFT file cannot adapt those."""
