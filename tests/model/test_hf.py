@@ -198,6 +198,11 @@ CASES = {
         kv_lora_rank=24, q_lora_rank=40, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
         moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=1.8, tie_word_embeddings=False, pad_token_id=0)),
+    # MiniMax-M2: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, half of each head
+    # rotated (rotary_dim, as its published configs spell it).
+    "minimax-m2-sigmoid-partial": lambda: _with_choice_bias(_hf(
+        "MiniMaxM2Config", "MiniMaxM2ForCausalLM", **_SMALL, head_dim=32, rotary_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False)),
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
@@ -282,6 +287,9 @@ def test_variant_features_are_exercised():
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
                       ("glm4-moe-sigmoid-groups", {"rope_dim": None}),
+                      ("minimax-m2-sigmoid-partial", {"rope_dim": None}),  # whole heads rotated
+                      ("minimax-m2-sigmoid-partial", {"expert_choice_bias": False}),
+                      ("minimax-m2-sigmoid-partial", {"qk_norm_whole": False, "qk_norm": False}),
                       ("deepseek-v2-group-limited", {"expert_group_best": 2}),  # groups scored as DeepSeek-V3's
                       ("deepseek-v2-group-limited", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("deepseek-v2-group-limited", {"renormalize_experts": True}),

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Twenty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Twenty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -22,7 +22,9 @@ shared expert, after dense first layers; half of each head rotated, in halves), 
 that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
 published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention,
 with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
-(`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), Seed-OSS
+(`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
+(`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
+RoPE), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -53,10 +55,10 @@ SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_
     "SmolLM3ForCausalLM", "GraniteForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM", "SeedOssForCausalLM",
     "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
-GLM4_MOE_LITE = "Glm4MoeLiteForCausalLM"
+GLM4_MOE_LITE, MINIMAX_M2 = "Glm4MoeLiteForCausalLM", "MiniMaxM2ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
+                           DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -65,13 +67,15 @@ OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over a
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     QWEN3_5_MOE, QWEN3_NEXT)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
 SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE)  # of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
+BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
+MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
 LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attention
-WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE)  # one q norm over all heads' values, one k norm
+WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
               "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE}
@@ -82,7 +86,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_moe": QWEN3_MOE, "smollm3": SMOLLM3, "granite": GRANITE,
                 "qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "seed_oss": SEED_OSS,
                 "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v2": DEEPSEEK_V2,
-                "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE,
+                "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE, "minimax_m2": MINIMAX_M2,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -131,7 +135,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
     # DeepseekV2Config leaves these null (its defaults: n_group 1, topk_group 1; num_experts_per_tok needed)
     **dict.fromkeys(("num_experts_per_tok", "n_group", "topk_group"), (*_INT, type(None))),
-    "topk_method": (*_STR, type(None)), "scoring_func": _STR, "norm_topk_prob": (bool, type(None)),
+    "topk_method": (*_STR, type(None)), "scoring_func": _STR, "qk_norm_type": _STR, "rotary_dim": (*_INT, type(None)), "norm_topk_prob": (bool, type(None)),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
@@ -255,7 +259,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     glm = arch in GLM
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 0.25 if arch in HYBRID
                                                                                      else 1.0))
-    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID) or not 0 < partial <= 1):  # the others: whole heads
+    if arch == MINIMAX_M2 and d.get("rotary_dim") is not None:  # its published configs' spelling
+        partial = d["rotary_dim"] / head_dim
+    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID, MINIMAX_M2) or not 0 < partial <= 1):  # whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
                          "GLM-4's and Qwen3.5's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
@@ -376,6 +382,13 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
                          "takes its input as it is)")
     if arch == MIXTRAL:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True}
+    if arch == MINIMAX_M2:  # Mixtral's experts, chosen by sigmoid scores plus a bias, the top k renormalised
+        if not d.get("use_qk_norm", True) or d.get("qk_norm_type", "per_layer") != "per_layer":
+            raise ValueError(f"{name} use_qk_norm={d.get('use_qk_norm', True)} with qk_norm_type="
+                             f"{d.get('qk_norm_type', 'per_layer')!r} is not supported (temper reads q/k norms over all "
+                             "heads, as transformers' MiniMaxM2ForCausalLM)")
+        return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True,
+                "router_scores": "sigmoid", "expert_choice_bias": True}
     if arch == OLMOE:  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
         if d.get("clip_qkv") is not None:
             raise ValueError(f"Olmoe clip_qkv={d['clip_qkv']} is not supported (temper does not clamp q, k and v)")
@@ -655,6 +668,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
             arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
+                    else MINIMAX_M2 if cfg.router_scores == "sigmoid" and cfg.shared_expert_ffn_dim is None
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
                     else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
@@ -705,7 +719,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v only"
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
-    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE)
+    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
@@ -724,7 +738,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
-    if arch in (MIXTRAL, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
+    if arch in (*MIXTRAL_NAMES, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == QWEN3_5_MOE and not cfg.renormalize_experts:  # (Qwen3-Next's: norm_topk_prob)
         return "it renormalises the chosen experts' weights"
@@ -738,9 +752,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in DEEPSEEK_MOE and cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim:
         return "its shared experts are a whole number of experts wide"
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
-    if arch in SIGMOID_MOE and not all(deepseek):
+    if arch in BIASED_SIGMOID and not all(deepseek):
         return "it scores experts by sigmoids and chooses them with a bias"
-    if arch not in SIGMOID_MOE and any(deepseek):
+    if arch not in BIASED_SIGMOID and any(deepseek):
         return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
     if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
         return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
@@ -772,7 +786,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -907,9 +921,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["num_nextn_predict_layers"] = 0
         if arch == GLM4_MOE:
             d["use_qk_norm"] = cfg.qk_norm
-    elif arch == MIXTRAL:  # its experts are intermediate_size wide
+    elif arch in MIXTRAL_NAMES:  # its experts are intermediate_size wide
         d |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "router_jitter_noise": 0.0, "output_router_logits": False}
+        if arch == MINIMAX_M2:  # partial RoPE in the rotary_dim spelling of its published configs
+            d |= {"rotary_dim": cfg.rotary_dim, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == OLMOE:
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": None,
               "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}

@@ -23,7 +23,8 @@ from temper.model.hf.config import (
     GPT_OSS,
     HYBRID,
     LATENT,
-    MIXTRAL,
+    MINIMAX_M2,
+    MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
     PHI3,
     POST_NORM,
@@ -203,11 +204,11 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                             stacked=name.removesuffix("_proj") + suffix))
             elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
                 # them one by one
-                moe = f"{h}block_sparse_moe." if arch == MIXTRAL else f"{h}mlp."
+                moe = f"{h}block_sparse_moe." if arch in MIXTRAL_NAMES else f"{h}mlp."
                 add(f"{moe}gate.weight", f"{p}mlp.router.weight")
-                if cfg.expert_choice_bias:
-                    add(f"{moe}gate.e_score_correction_bias", f"{p}mlp.choice_bias")
-                names = ("w1", "w3", "w2") if arch == MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+                if cfg.expert_choice_bias:  # MiniMax-M2's beside its gate
+                    add(f"{moe}{'' if arch == MINIMAX_M2 else 'gate.'}e_score_correction_bias", f"{p}mlp.choice_bias")
+                names = ("w1", "w3", "w2") if arch in MIXTRAL_NAMES else ("gate_proj", "up_proj", "down_proj")
                 for j in range(cfg.n_experts):
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
@@ -317,7 +318,7 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
     """A transformers 5 model's own state dict (`model.state_dict()`, experts stacked as `_FUSED_EXPERTS`) in the
     per-expert names its `save_pretrained` writes, which the rules describe; other names pass unchanged."""
     out = {}
-    moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch == MIXTRAL
+    moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch in MIXTRAL_NAMES
                              else (".mlp.", ("gate_proj", "up_proj", "down_proj")))
     for name, t in sd.items():
         if name.endswith(_FUSED_EXPERTS[0]):
@@ -329,6 +330,8 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
             out |= {f"{stem}{j}.{down}.weight": w for j, w in enumerate(t)}
         elif name.endswith(".mlp.gate.weight"):
             out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
+        elif name.endswith(".mlp.e_score_correction_bias"):  # MiniMax-M2's
+            out[name.removesuffix(".mlp.e_score_correction_bias") + moe + "e_score_correction_bias"] = t
         else:
             out[name] = t
     return out
