@@ -932,6 +932,17 @@ def test_published_configs_map_to_presets():
         "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
         "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
     }
+    minimax_m2 = {  # MiniMaxAI/MiniMax-M2's shape, in its published spelling (rotary_dim; keys transformers ignores)
+        "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 3072, "intermediate_size": 1536, "max_position_embeddings": 196608, "num_attention_heads": 48,
+        "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
+        "qk_norm_type": "per_layer", "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64,
+        "scoring_func": "sigmoid", "shared_intermediate_size": 0, "tie_word_embeddings": False, "use_qk_norm": True,
+        "use_routing_bias": True, "vocab_size": 200064,
+    }
+    assert from_hf_config(minimax_m2) == replace(PRESETS["minimax-m2"], hf_architecture="MiniMaxM2ForCausalLM")
+    assert from_hf_config(to_hf_config(PRESETS["minimax-m2"])) == replace(PRESETS["minimax-m2"],
+                                                                          hf_architecture="MiniMaxM2ForCausalLM")
     glm47_flash = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "hidden_size": 64,
                    "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 101, "intermediate_size": 96}
     assert [from_hf_config(glm47_flash | {"mlp_layer_types": kinds}).dense_layers
@@ -979,6 +990,9 @@ def test_published_configs_map_to_presets():
                        (deepseek_v2_lite | {"num_experts_per_tok": None}, "DeepseekV2 needs num_experts_per_tok"),
                        (deepseek_v2_lite | {"topk_method": "group_limited_greedy", "n_group": 3, "topk_group": 2},
                         "n_group=3 with topk_group=2 is not supported"),
+                       (minimax_m2 | {"use_routing_bias": False}, "use_routing_bias=False is not supported"),
+                       (minimax_m2 | {"shared_intermediate_size": 512}, "shared_intermediate_size=512 is not"),
+                       (minimax_m2 | {"qk_norm_type": "per_head"}, "qk_norm_type='per_head' is not supported"),
                        (glm47_flash | {"mlp_layer_types": ["sparse", "dense", "sparse"]},
                         r"Glm4MoeLite mlp_layer_types=\['sparse', 'dense', 'sparse'\] is not supported")]:
         with pytest.raises(ValueError, match=match):

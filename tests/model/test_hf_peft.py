@@ -101,6 +101,9 @@ CONFIGS = {
                            renormalize_experts=False, router_float32=True, expert_groups=2, expert_group_best=1,
                            routed_scaling=2.0, dense_layers=1, expert_weights_float32=True, rope_float32=True,
                            hf_architecture="DeepseekV2ForCausalLM"),
+    # MiniMax-M2: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial RoPE
+    "minimax_m2": replace(_LLAMA, n_experts=4, qk_norm=True, qk_norm_whole=True, rope_dim=8, router_scores="sigmoid",
+                          expert_choice_bias=True, expert_weights_float32=True, hf_architecture="MiniMaxM2ForCausalLM"),
     "gpt_oss": replace(_LLAMA, n_experts=4, bias=True, attn_sinks=True, swiglu_limit=7.0, norm_cast_after=True,
                        sliding_window=8, global_every=2, hf_architecture="GptOssForCausalLM"),  # attention adapters
     # Qwen3.5: Gated DeltaNet layers (2 key heads, 4 value heads) then gated attention (a quarter of each head rotated)
@@ -124,6 +127,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "deepseek_v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "glm4_moe_lite": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    "minimax_m2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
@@ -252,6 +256,7 @@ def test_load_peft_reads_what_peft_saves(tmp_path, case, variant):
 
 
 MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers (transformers 5 names)
+    "minimax_m2": ["q_proj", "w1", "w2", "w3"],
     "mixtral": ["q_proj", "w1", "w2", "w3"],
     "qwen3_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],  # the shared expert's too
@@ -266,7 +271,7 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite", "qwen3_5_moe"])
+                                  "glm4_moe_lite", "minimax_m2", "qwen3_5_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -289,7 +294,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite"])
+                                  "glm4_moe_lite", "minimax_m2"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)

@@ -116,6 +116,9 @@ def test_preset_sizes_on_meta():
     # deepseek-ai/DeepSeek-V2-Lite: the published 15.7B total, 2.4B active (without the input embedding here)
     deepseek_v2_lite = _moe_counts("deepseek-v2-lite")
     assert (deepseek_v2_lite[0], deepseek_v2_lite[1]) == (15_706_484_224, 2_451_308_544)
+    # MiniMaxAI/MiniMax-M2: the published 229B total, 10B active
+    minimax_m2 = _moe_counts("minimax-m2")
+    assert (minimax_m2[0], minimax_m2[1]) == (228_689_748_992, 10_415_112_192)
     # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
     kimi_k2 = _moe_counts("kimi-k2")
     assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)

@@ -531,6 +531,14 @@ PRESETS: dict[str, ModelConfig] = {
     # attention (a 512-wide latent and 64 rotated dims cached per token; queries through a 1536-wide latent), 256
     # experts in 8 groups, 8 per token from 4 groups, a shared expert, 3 dense layers; YaRN to 160k.
     "deepseek-v3": _DEEPSEEK_V3,
+    # MiniMax-M2 (MiniMax, 2025): 256 narrow experts, 8 per token chosen by sigmoid scores plus a bias, q/k norms over
+    # all heads, half of each 128-wide head rotated (229B parameters, 10B active).
+    "minimax-m2": replace(
+        _LLAMA, vocab_size=200064, dim=3072, n_layers=62, n_heads=48, n_kv_heads=8, head_size=128, rope_dim=64,
+        ffn_dim=1536, max_seq_len=196608, norm_eps=1e-6, rope_theta=5000000.0, tie_embeddings=False, qk_norm=True,
+        qk_norm_whole=True, n_experts=256, experts_per_token=8, router_scores="sigmoid", expert_choice_bias=True,
+        expert_weights_float32=True,
+    ),
     # DeepSeek-V2-Lite (DeepSeek-AI, "DeepSeek-V2", 2024): latent attention without a query latent, 64 experts, 6 per
     # token by a softmax, beside 2 shared ones, after a dense layer (15.7B parameters, 2.4B active).
     "deepseek-v2-lite": _DEEPSEEK_V2_LITE,

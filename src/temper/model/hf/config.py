@@ -387,6 +387,9 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
             raise ValueError(f"{name} use_qk_norm={d.get('use_qk_norm', True)} with qk_norm_type="
                              f"{d.get('qk_norm_type', 'per_layer')!r} is not supported (temper reads q/k norms over all "
                              "heads, as transformers' MiniMaxM2ForCausalLM)")
+        for key, want in (("scoring_func", "sigmoid"), ("use_routing_bias", True), ("shared_intermediate_size", 0)):
+            if d.get(key, want) != want:  # the keys of its published config that transformers does not read
+                raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True,
                 "router_scores": "sigmoid", "expert_choice_bias": True}
     if arch == OLMOE:  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
