@@ -135,10 +135,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
     # DeepseekV2Config leaves these null (its defaults: n_group 1, topk_group 1; num_experts_per_tok needed)
     **dict.fromkeys(("num_experts_per_tok", "n_group", "topk_group"), (*_INT, type(None))),
-    "topk_method": (*_STR, type(None)), "scoring_func": _STR, "qk_norm_type": _STR, "rotary_dim": (*_INT, type(None)), "norm_topk_prob": (bool, type(None)),
+    "topk_method": (*_STR, type(None)), "scoring_func": _STR, "norm_topk_prob": (bool, type(None)),
+    "qk_norm_type": _STR, "rotary_dim": (*_INT, type(None)),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
                      "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
-    "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)), "no_rope_layers": (list, type(None)),
+    "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)),
+    "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
@@ -262,8 +264,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == MINIMAX_M2 and d.get("rotary_dim") is not None:  # its published configs' spelling
         partial = d["rotary_dim"] / head_dim
     if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID, MINIMAX_M2) or not 0 < partial <= 1):  # whole heads
-        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's and "
-                         "GLM-4's and Qwen3.5's architectures, between 0 and 1)")
+        raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
+                         "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
     bias = qkv_bias = False
