@@ -304,7 +304,7 @@ class ModelConfig:
         if not 1 <= per_token <= groups or groups > 1 and self.experts_per_token > per_token * self.n_experts // groups:
             raise ValueError(f"expert_groups_per_token={per_token} must be between 1 and expert_groups ({groups}), "
                              f"and its groups must hold experts_per_token={self.experts_per_token} experts")
-        if not 1 <= self.expert_group_best <= (self.n_experts // groups if groups > 1 else 2):
+        if self.expert_group_best < 1 or groups > 1 and self.expert_group_best > self.n_experts // groups:
             raise ValueError(f"expert_group_best={self.expert_group_best} must be between 1 and the experts in a "
                              f"group ({self.n_experts // groups})")
         if self.router_float32 and not self.n_experts:
