@@ -60,12 +60,31 @@ def _with_choice_bias(model):
     return model
 
 
+def _with_layer_scalars(model):
+    """Gemma 4's layer scalars are buffers, left at one by `_randomize`: give each layer its own."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+    return model
+
+
 _SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
 
 _QWEN3_5 = dict(_SMALL | {"num_hidden_layers": 4}, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                 linear_key_head_dim=16, linear_value_head_dim=8, full_attention_interval=2, tie_word_embeddings=False,
                 pad_token_id=0)
+
+# Gemma 4: windowed layers (16-wide heads, their own RoPE base) alternating with global ones (32-wide heads, a
+# quarter of each head's pairs turning); no per-layer embeddings.
+_GEMMA4 = dict(_SMALL | {"num_hidden_layers": 4}, head_dim=16, global_head_dim=32, sliding_window=WINDOW, pad_token_id=0,
+               layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=0,
+               final_logit_softcapping=3.0,
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                   "rope_theta": 50000.0}})
 
 CASES = {
     "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
@@ -95,6 +114,14 @@ CASES = {
     "gemma2-softcap-local-global": lambda: _hf("Gemma2Config", "Gemma2ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                                head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # Gemma 4 31B's attention: its global layers' values are their keys' projection, with one kv head of their own
+    "gemma4-global-keys-are-values": lambda: _with_layer_scalars(_hf(
+        "Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4, attention_k_eq_v=True, num_global_key_value_heads=1)),
+    "gemma4-global-wide-heads": lambda: _with_layer_scalars(_hf("Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4)),
+    # Gemma 4 26B-A4B's layers: the dense MLP beside 2 of 4 experts, each normalised apart, the router's input scaled
+    "gemma4-experts-beside-mlp": lambda: _with_layer_scalars(_hf(
+        "Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=40)),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
     # Phi-4-mini's way: half of each head rotated, LongRoPE with an original length short enough that 40-token inputs
@@ -294,7 +321,14 @@ def test_variant_features_are_exercised():
                       ("deepseek-v2-group-limited", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("deepseek-v2-group-limited", {"renormalize_experts": True}),
                       ("deepseek-v2-group-limited", {"routed_scaling": 1.0}),
-                      ("qwen3.5-hybrid", {"rope_dim": None}), ("qwen3.5-hybrid", {"norm_unit_offset": False})]:
+                      ("qwen3.5-hybrid", {"rope_dim": None}), ("qwen3.5-hybrid", {"norm_unit_offset": False}),
+                      ("gemma4-global-keys-are-values", {"value_norm": False}),
+                      ("gemma4-global-keys-are-values", {"layer_scalar": False}),
+                      ("gemma4-global-keys-are-values", {"rope_scaling": None}),  # every pair of the global heads turns
+                      ("gemma4-global-keys-are-values", {"attn_scale_dim": None}),  # 1 / sqrt(head_dim)
+                      ("gemma4-global-wide-heads", {"rope_local_theta": 50000.0}),
+                      ("gemma4-experts-beside-mlp", {"router_input_norm": False}),
+                      ("gemma4-experts-beside-mlp", {"experts_per_token": 1})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -456,6 +490,55 @@ def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
                         "layer_types": ["linear_attention", "full_attention", "full_attention", "linear_attention"]})
 
 
+def test_gemma4_image_text_checkpoints_give_their_text_model(tmp_path):
+    """Gemma 4 is published as Gemma4ForConditionalGeneration (the text model under model.language_model., a vision
+    tower, an audio tower on the small ones): temper reads the text model with transformers' logits for text, leaves
+    the towers out, and exports a text-only Gemma4ForCausalLM. Its published configs' spelling of the global layers
+    (global_head_dim, num_global_key_value_heads) and transformers 5.25's (per_layer_config) read alike."""
+    text = {k: v for k, v in _GEMMA4.items() if k not in ("bos_token_id", "eos_token_id")}
+    text |= {"vocab_size": 300, "attention_k_eq_v": True, "num_global_key_value_heads": 1}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+    hf = _with_layer_scalars(_hf("Gemma4Config", "Gemma4ForConditionalGeneration", text_config=text,
+                                 vision_config=vision, audio_config=None, image_token_id=299, boi_token_id=297,
+                                 eoi_token_id=298, video_token_id=296))
+    x = torch.randint(0, 290, (2, 40))  # below the image tokens
+    cfg = _reads_its_text_model(hf, tmp_path, "Gemma4ForCausalLM", x)
+    assert (cfg.global_every, cfg.global_shape, cfg.global_values_are_keys) == (2, (1, 32), True)
+    published = {k: v for k, v in hf.config.text_config.to_dict().items() if k != "per_layer_config"}
+    assert "global_head_dim" not in published  # transformers 5.25 writes per_layer_config instead
+    published |= {"global_head_dim": 32, "num_global_key_value_heads": 1}
+    assert from_hf_config(published) == cfg
+
+
+def test_gemma4_31b_preset_writes_the_config_transformers_reads_as_it():
+    """The gemma-4-31b preset's config.json reads back as the preset, and transformers reads it with the global layers'
+    shape temper builds (every sixth layer: 4 kv heads of 512, values from the keys' projection)."""
+    cfg = PRESETS["gemma-4-31b"]
+    d = to_hf_config(cfg)
+    assert from_hf_config(d) == replace(cfg, hf_architecture="Gemma4ForCausalLM")
+    theirs = transformers.Gemma4TextConfig.from_dict(d)
+    assert theirs.layer_types[5] == "full_attention" and theirs.layer_types[4] == "sliding_attention"
+    global_layer, windowed_layer = theirs.per_layer_config[5], theirs.per_layer_config[4]
+    assert (global_layer.head_dim, global_layer.num_key_value_heads) == (512, 4)
+    assert (windowed_layer.head_dim, windowed_layer.num_key_value_heads) == (256, 16)
+    assert (theirs.attention_k_eq_v, theirs.hidden_size_per_layer_input, theirs.final_logit_softcapping) == (True, 0, 30.0)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
+                                        ("enable_moe_block", True),  # without its experts' sizes
+                                        ("use_bidirectional_attention", "all")])
+def test_gemma4_parts_temper_does_not_build_are_refused_by_name(key, value):
+    """Gemma 4 E2B's and E4B's per-layer embeddings and shared KV layers, 26B-A4B's experts beside the MLP and
+    bidirectional attention fail naming their key, rather than loading into a model that computes something else."""
+    d = {**_GEMMA4, "architectures": ["Gemma4ForCausalLM"], key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+    with pytest.raises(ValueError, match="per_layer_config"):  # global layers shaped unlike each other
+        from_hf_config({**_GEMMA4, "architectures": ["Gemma4ForCausalLM"],
+                        "per_layer_config": {"1": {"head_dim": 32}, "3": {"head_dim": 64}}})
+
+
 def test_gpt2_without_biases_exports_zero_biases(tmp_path):
     cfg = replace(PRESETS["debug"], vocab_size=50, bias=False)
     model = Transformer(cfg).eval()
@@ -491,6 +574,7 @@ ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (
     "glm4-moe-lite-latent": ("expert_weights_float32",),  # DeepSeek-V3's
     "deepseek-v2-group-limited": ("expert_weights_float32", "rope_float32"),  # (from a float32 router) RoPE's too
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
+    "gemma4-global-keys-are-values": ("norm_cast_after",),  # its norms scale by w (not 1 + w), then round
 }
 
 

@@ -56,6 +56,19 @@ CONFIGS = {
     "gemma2": replace(_LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, tie_embeddings=True,
                       head_size=32, sandwich_norm=True, sliding_window=8, global_every=2, attn_softcap=5.0,
                       logit_softcap=3.0, hf_architecture="Gemma2ForCausalLM"),  # capped scores and logits
+    # Gemma 4: a windowed layer, then a global one with wider heads, one kv head, values from k_proj (no v_proj)
+    "gemma4": replace(_LLAMA, mlp="geglu", norm_cast_after=True, scale_embeddings=True, tie_embeddings=True,
+                      head_size=16, qk_norm=True, sandwich_norm=True, sliding_window=8, global_every=2,
+                      rope_local_theta=100.0, rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25},
+                      global_head_size=32, global_kv_heads=1, global_values_are_keys=True, value_norm=True,
+                      layer_scalar=True, attn_scale_dim=1, hf_architecture="Gemma4ForCausalLM"),
+    # Gemma 4 26B-A4B's layers: its dense MLP (as a shared expert) beside 4 experts, each normalised apart
+    "gemma4_moe": replace(_LLAMA, mlp="geglu", norm_cast_after=True, scale_embeddings=True, tie_embeddings=True,
+                          head_size=16, qk_norm=True, sandwich_norm=True, sliding_window=8, global_every=2,
+                          rope_local_theta=100.0, global_head_size=32, value_norm=True, layer_scalar=True,
+                          attn_scale_dim=1, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96,
+                          experts_own_norms=True, router_input_norm=True, expert_weights_float32=True,
+                          hf_architecture="Gemma4ForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -128,6 +141,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "deepseek_v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "glm4_moe_lite": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "minimax_m2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
@@ -195,7 +209,8 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
     fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8}
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
-    _assert_peft_and_temper_read(model, hf, out, case, matters=0.1)
+    # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
+    _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)
 
 
 def _assert_peft_and_temper_read(model: Transformer, hf, out, case: str, matters: float) -> None:
@@ -325,12 +340,14 @@ def test_glm45_dense_and_shared_expert_adapters_are_refused_by_name(tmp_path, la
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.parametrize("case", ["qwen2_moe", "gemma4_moe"])
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj"]])
-def test_peft_module_names_reach_a_shared_expert_not_the_routed_ones(tmp_path, targets):
+def test_peft_module_names_reach_a_shared_expert_not_the_routed_ones(tmp_path, targets, case):
     """Qwen2-MoE under PEFT: module names adapt its shared expert (and, all-linear, its gate), while the routed experts,
-    stacked parameters in transformers 5, take target_parameters only. temper reads such a file with PEFT's logits,
-    leaving its routed experts' projections of the same names alone."""
-    model = _model("qwen2_moe")
+    stacked parameters in transformers 5, take target_parameters only; Gemma 4's dense MLP, temper's shared expert,
+    alike. temper reads such a file with PEFT's logits, leaving its routed experts' projections of the same names
+    alone."""
+    model = _model(case)
     hf = _hf(model, tmp_path)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
@@ -338,10 +355,26 @@ def test_peft_module_names_reach_a_shared_expert_not_the_routed_ones(tmp_path, t
     swapped = load_peft(model, model.cfg, tmp_path / "adapter")
     assert not any(".experts." in n for n in swapped)
     assert sum(".shared_expert." in n for n in swapped) == 2 * 3
-    assert sum(n.endswith("shared_expert_gate") for n in swapped) == (2 if targets == "all-linear" else 0)
+    gated = targets == "all-linear" and case == "qwen2_moe"
+    assert sum(n.endswith("shared_expert_gate") for n in swapped) == (2 if gated else 0)
     x = _x(model)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), theirs.eval()(x).logits, rtol=0, atol=1e-4)
+
+
+def test_gemma4_router_and_dense_mlp_adapters_go_to_peft_by_module_name(tmp_path):
+    """Gemma 4's router (router.proj) and dense MLP are plain linear layers under PEFT, adapted by module name: temper
+    writes its adapters of them (the router, and the shared expert that holds the dense MLP) so that PEFT loads them
+    with temper's logits, and reads them back."""
+    model = _model("gemma4_moe")
+    hf = _hf(model, tmp_path)
+    dense = {n for n, _ in model.named_modules() if ".mlp.shared_expert." in n or n.endswith((".mlp.router", "q_proj"))}
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "router", "gate_proj", "up_proj", "down_proj"), only=dense)
+    _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert peft_lora_refusal(model) is None
+    out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
+    assert set(json.loads((out / "adapter_config.json").read_text())["target_modules"]) >= {"router.proj", "mlp.gate_proj"}
+    _assert_peft_and_temper_read(model, hf, out, "gemma4_moe", matters=0.05)
 
 
 def test_dora_on_experts_is_refused_by_name(tmp_path):
@@ -354,24 +387,27 @@ def test_dora_on_experts_is_refused_by_name(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-def test_gpt_oss_expert_adapters_are_refused_by_name(tmp_path):
-    """GPT-OSS stacks its experts (in, out), gate and up interleaved: temper writes no PEFT form for adapters there
-    (its attention adapters are written, above), and reads none: both refused, nothing written."""
-    model = _model("gpt_oss")
+@pytest.mark.parametrize("case, arch, experts", [("gpt_oss", "GptOssForCausalLM", "mlp.experts"),
+                                                 ("gemma4_moe", "Gemma4ForCausalLM", "experts")])
+def test_stacked_expert_adapters_are_refused_by_name(tmp_path, case, arch, experts):
+    """GPT-OSS and Gemma 4 store their experts stacked (GPT-OSS's (in, out), gate and up interleaved): temper writes no
+    PEFT form for adapters there (their attention adapters are written, above), and reads none: both refused,
+    nothing written."""
+    model = _model(case)
     apply_lora(model, rank=2, alpha=4, targets=("q_proj", "gate_proj"))
-    assert "layers.0.mlp.experts.0.gate_proj and 7 more adapt GPT-OSS's experts" in peft_lora_refusal(model)
-    with pytest.raises(ValueError, match="whose stacked, interleaved layout"):
+    assert f"layers.0.mlp.experts.0.gate_proj and 7 more adapt {arch}'s experts" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="stores stacked"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-        "target_parameters": ["mlp.experts.gate_up_proj"]}))
+        "target_parameters": [f"{experts}.gate_up_proj"]}))
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
               out / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="not GPT-OSS's"):
-        load_peft(_model("gpt_oss"), model.cfg, out)
+    with pytest.raises(ValueError, match="stacked"):
+        load_peft(_model(case), model.cfg, out)
 
 
 def _adapter(tmp_path):

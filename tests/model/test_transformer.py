@@ -125,6 +125,8 @@ def test_preset_sizes_on_meta():
     # Qwen/Qwen3.5-9B's language model (its vision tower apart): the 8.95B llama.cpp counts
     with torch.device("meta"):
         assert Transformer(PRESETS["qwen3.5-9b"]).num_params() == 8_953_803_264
+        # google/gemma-4-31B's text model: the 30.7B of its model card (the vision encoder apart)
+        assert Transformer(PRESETS["gemma-4-31b"]).num_params() == 30_697_345_280
 
 
 def test_moe_counts_extrapolate_exactly():
@@ -180,6 +182,13 @@ VARIANTS = {
     "deepseek-routing": {"n_experts": 8, "experts_per_token": 2, "expert_ffn_dim": 32, "router_scores": "sigmoid",
                          "expert_choice_bias": True, "expert_groups": 4, "expert_groups_per_token": 2,
                          "routed_scaling": 2.5, "shared_expert_ffn_dim": 32, "dense_layers": 1},
+    # Gemma 4's: a windowed layer, then a global one of wider heads, one kv head, values from k_proj (its own cache
+    # slots), value norms, layer scalars; its dense MLP beside experts normalised apart, the router's input scaled.
+    "gemma4": {"sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0, "sandwich_norm": True,
+               "qk_norm": True, "norm_cast_after": True, "head_size": 16, "global_head_size": 32, "global_kv_heads": 1,
+               "global_values_are_keys": True, "value_norm": True, "layer_scalar": True, "attn_scale_dim": 1,
+               "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 0.25}, "n_experts": 4,
+               "expert_ffn_dim": 32, "shared_expert_ffn_dim": 48, "experts_own_norms": True, "router_input_norm": True},
 }
 
 

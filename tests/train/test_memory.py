@@ -176,6 +176,14 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     assert measured.peak < sum(c.bytes for c in est.components[:4])
 
 
+GEMMA4 = dict(mlp="geglu", norm_cast_after=True, scale_embeddings=True, head_size=16, qk_norm=True, sandwich_norm=True,
+              sliding_window=64, global_every=2, rope_local_theta=100.0, global_head_size=32, global_kv_heads=1,
+              global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1,
+              rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25})
+GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
+                           router_input_norm=True, expert_weights_float32=True)
+
+
 @pytest.mark.parametrize("preset, recipe, precision, ckpt, kw", [
     ("debug", "pretrain", "bf16", 0, {}),  # autocast: 2-byte matmuls, a cast weight copy each, float32 residual
     ("debug-llama", "pretrain", "bf16", 1, {}),
@@ -222,6 +230,12 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
     ("debug-llama", "pretrain", "bf16", 1, {"dims": HYBRID, "seq": 256}),
     ("debug-llama", "lora", "bf16", 0, {"dims": HYBRID, "seq": 256,
                                         "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS) + LINEAR_TARGETS)}),
+    # Gemma 4: global layers of wider heads (their own cache shape), values from k_proj and normalised; 26B-A4B's
+    # dense MLP beside the experts, each normalised apart, the router reading the raw stream through its own norm
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": GEMMA4}),
+    ("debug-llama", "lora", "fp32", 1, {"dims": GEMMA4}),
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": GEMMA4_MOE}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": GEMMA4_MOE}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

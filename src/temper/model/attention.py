@@ -115,6 +115,9 @@ class KVCache:
     A row never grows past `max_len`: writes past the end land on the last slot (so an idle row
     of a static batch cannot fail), which the engine avoids for live rows by checking on the host.
 
+    Global layers shaped apart from the windowed ones (Gemma 4: fewer, wider kv heads) keep theirs in `k_global`,
+    `v_global` ((Lg, B, Hkv_g, S_max, Dg)), numbered among themselves (`global_`: their count, heads and width).
+
     Linear attention layers (`model/linear_attention.py`) keep no keys: each holds a state per row (`state`, float32,
     (Llin, B, Hv, Dk, Dv)) and its convolution's last inputs (`conv`, (Llin, B, K - 1, C)), which a row of length 0
     reads as zeros. Such a state holds the whole row and cannot be cut back: a row's length only grows, or restarts
@@ -125,12 +128,18 @@ class KVCache:
         self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
         *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, v_dim: int | None = None,
         linear: tuple[int, tuple[int, int, int], tuple[int, int]] | None = None,
+        global_: tuple[int, int, int] | None = None,
     ) -> None:
         shape = (n_layers, batch, n_kv_heads, max_len)
         self.k = torch.zeros(*shape, head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, D)
         self.v = torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype)  # (L, B, Hkv, S_max, Dv)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) slots filled per row
         self.max_len = max_len
+        self.k_global = self.v_global = None
+        if global_ is not None:  # (global layers, their kv heads, their head width)
+            layers, heads, width = global_
+            self.k_global = torch.zeros(layers, batch, heads, max_len, width, device=device, dtype=dtype)
+            self.v_global = torch.zeros_like(self.k_global)  # (Lg, B, Hkv_g, S_max, Dg)
         self.state = self.conv = None
         if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state, (K - 1, C) of the convolution's inputs)
             layers, state, conv = linear
@@ -140,7 +149,8 @@ class KVCache:
     def per_row(self) -> dict[str, torch.Tensor]:
         """The tensors that hold rows, by attribute, each with its rows on dim 1: what forking, selecting and putting
         back rows copies (besides `lengths`)."""
-        return {name: t for name in ("k", "v", "state", "conv") if (t := getattr(self, name)) is not None}
+        return {name: t for name in ("k", "v", "k_global", "v_global", "state", "conv")
+                if (t := getattr(self, name)) is not None}
 
     def linear_state(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Linear layer `slot`'s state (B, Hv, Dk, Dv) and convolution inputs (B, K - 1, C), zero in empty rows."""
@@ -161,14 +171,18 @@ class KVCache:
         pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
         return pos.clamp(max=self.max_len - 1)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, global_shaped: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, Hkv, T, D) keys and (B, Hkv, T, Dv) values at each row's next T slots; return every
-        slot's, for attention behind the mask of `Transformer._attention_mask`."""
+        slot's, for attention behind the mask of `Transformer._attention_mask`. global_shaped: `layer` numbers the
+        global layers shaped apart, whose slots are `k_global`, `v_global`."""
         B, H, T, _ = k.shape
+        keys, values = (self.k_global, self.v_global) if global_shaped else (self.k, self.v)
         slots = self.positions(T)[:, None, :, None]  # (B, 1, T, 1)
-        self.k[layer].scatter_(2, slots.expand(k.shape), k.to(self.k.dtype))
-        self.v[layer].scatter_(2, slots.expand(v.shape), v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+        keys[layer].scatter_(2, slots.expand(k.shape), k.to(keys.dtype))
+        values[layer].scatter_(2, slots.expand(v.shape), v.to(values.dtype))
+        return keys[layer], values[layer]
 
     def advance(self, n: int) -> None:
         """Mark `n` more slots of every row as filled (the model calls this once per forward, after every layer)."""
@@ -200,10 +214,14 @@ class Attention(nn.Module):
     """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
     axis says False, and the model then gives it SDPA's dense mask."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, global_shaped: bool = False) -> None:
         super().__init__()
-        self.layer_idx = layer_idx  # which slice of the KV cache this layer owns
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx  # which slice of the KV cache this layer owns (of `k_global` if global_shaped)
+        self.global_shaped = global_shaped  # a global layer shaped apart (Gemma 4): its heads, width, values
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads, self.head_dim = cfg.global_shape if global_shaped else (cfg.kv_heads, cfg.head_dim)
+        # Gemma 4: each value head normalised without a weight, as its reference does (in float32, rounded after)
+        self.value_norm_eps = cfg.norm_eps if cfg.value_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.scale = None if cfg.attn_scale_dim is None else cfg.attn_scale_dim ** -0.5  # None: the kernels' 1/sqrt(D)
@@ -220,7 +238,9 @@ class Attention(nn.Module):
         self.output_gate = cfg.attn_output_gate  # q_proj makes each head's queries, then its output gates
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim * (2 if self.output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        # Gemma 4's global layers: the values are the keys' projection (attention_k_eq_v), so no v_proj
+        values_are_keys = self.global_shaped and cfg.global_values_are_keys
+        self.v_proj = None if values_are_keys else nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
         # one over all the query heads' values at once, one over the keys'.
@@ -252,6 +272,7 @@ class Attention(nn.Module):
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
         # of the projections holds a slice of the heads and runs this same code on it.
         q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
+        v = k if self.v_proj is None else self.v_proj(x)  # (B, T, Hkv*D): without v_proj, k_proj's before its norm
         gate = None
         if self.output_gate:
             q, gate = q.view(B, T, -1, 2 * self.head_dim).chunk(2, dim=-1)  # (B, T, H, D) each
@@ -260,14 +281,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        if self.value_norm_eps is not None:
+            v = F.rms_norm(v.float(), (self.head_dim,), eps=self.value_norm_eps).to(v.dtype)
         if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+            k, v = cache.update(self.layer_idx, k, v, self.global_shaped)  # (B, Hkv, S, D), S = cached + T
         return q, k, v, gate
 
     def attend(

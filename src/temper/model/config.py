@@ -2,8 +2,8 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, GPT-OSS and Qwen3.5
-shapes.
+Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, GPT-OSS and
+Qwen3.5 shapes.
 This module only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -21,9 +21,10 @@ ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "linear": ("factor",),
     "yarn": ("factor", "original_max_position_embeddings"),
     "longrope": ("short_factor", "long_factor", "factor", "original_max_position_embeddings"),
+    "proportional": ("partial_rotary_factor",),
 }
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
-ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",)}  # rope_type -> keys it may take
+ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",), "proportional": ("factor",)}  # rope_type -> keys it may take
 
 
 @dataclass
@@ -102,12 +103,28 @@ class ModelConfig:
     "original_max_position_embeddings"} (Llama 3.1), {"rope_type": "yarn", "factor", "original_max_position_embeddings"}
     and YaRN's optional keys (Qwen2.5/Qwen3 long contexts, OLMo 3), {"rope_type": "longrope", "short_factor",
     "long_factor", "factor", "original_max_position_embeddings"} and optionally "attention_factor" (Phi-3.5,
-    Phi-4-mini), or {"rope_type": "linear", "factor"} (position interpolation). `temper.model.rope` computes each."""
+    Phi-4-mini), {"rope_type": "linear", "factor"} (position interpolation), or {"rope_type": "proportional",
+    "partial_rotary_factor"} and optionally "factor" (Gemma 4's global layers: only that share of each head's pairs
+    turn). `temper.model.rope` computes each."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
     global_every: int | None = None
     """With sliding_window: the last layer of every group of this many attends to all earlier tokens, the others
     within the window (Gemma 3: 6, five local layers to one global); None: every layer within the window."""
+    global_head_size: int | None = None
+    """With global_every: the head width of the global layers, beside head_size on the windowed ones (Gemma 4: 512
+    to 256); their RoPE table is computed for it. None: head_size on every layer."""
+    global_kv_heads: int | None = None
+    """With global_every: the key/value heads of the global layers (Gemma 4 31B: 4, to 16 on the windowed ones); None:
+    n_kv_heads on every layer."""
+    global_values_are_keys: bool = False
+    """With global_every: a global layer has no v_proj; its values are its k_proj's outputs, taken before the key norm
+    and RoPE (Gemma 4's attention_k_eq_v), so one projection serves both."""
+    value_norm: bool = False
+    """RMSNorm without a weight over each head's values, before attention (Gemma 4)."""
+    layer_scalar: bool = False
+    """Each block's output, residual stream included, is multiplied by a scalar of its own: a buffer read from the
+    checkpoint and kept fixed in training, 1 in a fresh model (Gemma 4's layer_scalar)."""
     nope_every: int | None = None
     """The last layer of every group of this many takes no positions at all (NoPE, Kazemnejad et al. 2023; SmolLM3:
     4, three RoPE layers then one without); None: every layer rotates."""
@@ -162,6 +179,14 @@ class ModelConfig:
     None: none."""
     shared_expert_gate: bool = False
     """With a shared expert: weigh its output by sigmoid(a learned linear function of the token) (Qwen2-MoE)."""
+    experts_own_norms: bool = False
+    """With a shared expert: the shared expert and the routed experts each normalise their output, and the routed
+    experts their input too, from the block's un-normalised input (the shared one takes mlp_norm's), before the sum
+    that mlp_out_norm normalises (Gemma 4 26B-A4B: its dense MLP beside 128 experts)."""
+    router_input_norm: bool = False
+    """With experts_own_norms: the router scores the block's un-normalised input through a weightless RMSNorm, times a
+    learned scale per dimension and dim ** -0.5, and a learned scale per expert multiplies each chosen expert's
+    weight (Gemma 4)."""
     router_scores: str = "softmax"
     """With n_experts: how the router scores the experts: "softmax" over them (Mixtral, Qwen3-MoE), or "sigmoid" of
     each, computed in float32 from float32 inputs (DeepSeek-V3, GLM-4.5)."""
@@ -236,6 +261,9 @@ class ModelConfig:
             if set(self.rope_scaling) - known:
                 raise ValueError(f"rope_scaling: unknown keys {sorted(set(self.rope_scaling) - known)} for "
                                  f"rope_type {kind!r} (it reads {sorted(known)})")
+            share = self.rope_scaling.get("partial_rotary_factor", 1.0)
+            if not (isinstance(share, (int, float)) and 0 < share <= 1):
+                raise ValueError(f"rope_scaling.partial_rotary_factor must be in (0, 1], got {share!r}")
             for key in ("short_factor", "long_factor") if kind == "longrope" else ():
                 factors = self.rope_scaling[key]
                 if (not isinstance(factors, (list, tuple)) or len(factors) != self.rotary_dim // 2
@@ -259,6 +287,20 @@ class ModelConfig:
                                                   or self.rope_local_theta <= 0):
             raise ValueError(f"rope_local_theta={self.rope_local_theta} needs pos='rope', global_every and a positive "
                              "base")
+        if self.global_shaped:
+            for name in ("global_head_size", "global_kv_heads"):
+                if getattr(self, name) is not None and getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+            if (self.global_every is None or self.kv_lora_rank is not None or self.rope_dim is not None
+                    or self.full_attention_every is not None):
+                raise ValueError("global_head_size, global_kv_heads and global_values_are_keys (global layers shaped "
+                                 "apart) need global_every, and neither latent attention, linear layers nor rope_dim")
+            if self.n_heads % self.global_shape[0]:
+                raise ValueError(f"global_kv_heads ({self.global_kv_heads}) must divide n_heads ({self.n_heads})")
+            if self.pos == "rope" and (self.global_shape[1] % 2 or self.global_head_size is not None
+                                       and self.global_head_size != self.head_dim and self.rope_local_theta is None):
+                raise ValueError(f"global_head_size={self.global_head_size} with RoPE needs an even width and "
+                                 "rope_local_theta (the windowed layers' table is another width)")
         if self.nope_every is not None and (self.pos != "rope" or self.nope_every < 1):
             raise ValueError(f"nope_every={self.nope_every} needs pos='rope' and groups of 1 layer or more")
         if not 0.0 <= self.dropout < 1.0:
@@ -281,6 +323,10 @@ class ModelConfig:
             raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} needs n_experts and a positive width")
         if self.shared_expert_gate and self.shared_expert_ffn_dim is None:
             raise ValueError("shared_expert_gate needs a shared expert (shared_expert_ffn_dim)")
+        if self.experts_own_norms and (self.shared_expert_ffn_dim is None or self.norm != "rmsnorm"):
+            raise ValueError("experts_own_norms needs a shared expert (shared_expert_ffn_dim) and norm='rmsnorm'")
+        if self.router_input_norm and not self.experts_own_norms:
+            raise ValueError("router_input_norm needs experts_own_norms (it routes the block's un-normalised input)")
         latent_ok = (self.pos == "rope" and self.rope_dim is not None and self.rope_dim < self.head_dim
                      and self.kv_heads == self.n_heads and not (self.qk_norm or self.bias or self.qkv_bias))
         if self.kv_lora_rank is not None and not (self.kv_lora_rank > 0 and latent_ok):
@@ -357,6 +403,21 @@ class ModelConfig:
         if self.sliding_window is None or last_of_every(layer, self.global_every):
             return None
         return self.sliding_window
+
+    @property
+    def global_shaped(self) -> bool:
+        """Whether the global layers' attention is shaped apart from the windowed ones' (Gemma 4)."""
+        return self.global_head_size is not None or self.global_kv_heads is not None or self.global_values_are_keys
+
+    @property
+    def global_shape(self) -> tuple[int, int]:
+        """(kv heads, head width) of the global layers, with None resolved."""
+        return self.global_kv_heads or self.kv_heads, self.global_head_size or self.head_dim
+
+    def is_global_shaped(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) is a global layer shaped apart (`global_shape`, global_values_are_keys):
+        its KV cache slots are the cache's `k_global`, `v_global`."""
+        return self.global_shaped and self.window_of(layer) is None
 
     def is_linear(self, layer: int) -> bool:
         """Whether layer `layer` (0-based) is a Gated DeltaNet linear attention layer (`full_attention_every`)."""
@@ -503,6 +564,16 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "gemma3-1b": replace(
         _GEMMA3, vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_size=256, ffn_dim=6912,
+    ),
+    # Gemma 4 31B (Google DeepMind, 2026): five windowed layers (1024 tokens, 16 kv heads of 256) to one global (4 kv
+    # heads of 512 whose values are their keys' projection, a quarter of each head's pairs turning); value norms,
+    # layer scalars, unscaled scores, logits capped at 30 (30.7B parameters).
+    "gemma-4-31b": replace(
+        _GEMMA3, vocab_size=262144, dim=5376, n_layers=60, n_heads=32, n_kv_heads=16, head_size=256, ffn_dim=21504,
+        max_seq_len=262144, norm_unit_offset=False, norm_cast_after=True, sliding_window=1024,
+        rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}, global_head_size=512,
+        global_kv_heads=4, global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1,
+        logit_softcap=30.0,
     ),
     # Mixtures of experts. Mixtral-8x7B (Jiang et al. 2024): Mistral-7B's shape with 8 experts of its MLP's size, 2
     # per token (46.7B parameters, 12.9B active). Qwen3-30B-A3B: 128 narrow experts, 8 per token, q/k norms.

@@ -82,6 +82,8 @@ class MoE(nn.Module):
     Scores are a softmax over the experts, or each expert's sigmoid (DeepSeek-V3, GLM-4.5: `router_scores`); DeepSeek-V3
     chooses by the scores plus a bias it moves to balance the load (`expert_choice_bias`), among the best groups of
     experts (`expert_groups`, as DeepSeek-V2 does with softmax scores), and scales the weights (`routed_scaling`).
+    Gemma 4 keeps its dense MLP as the shared expert, normalises it and the routed experts apart (`experts_own_norms`)
+    and scales the router's input and each expert's weight by learned factors (`router_input_norm`).
 
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
@@ -110,6 +112,13 @@ class MoE(nn.Module):
         # Qwen2-MoE: an MLP every token runs, its output weighed by a sigmoid gate, added to the routed experts'
         self.shared_expert = MLP(cfg, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
         self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
+        # Gemma 4: the shared expert (its dense MLP) and the routed experts normalised apart (`experts_own_norms`)
+        own = lambda: make_norm(cfg) if cfg.experts_own_norms else None  # noqa: E731
+        self.shared_out_norm, self.experts_norm, self.experts_out_norm = own(), own(), own()
+        # Gemma 4's router: a learned scale of its normalised input, and one of each chosen expert's weight
+        self.router_scale = nn.Parameter(torch.ones(cfg.dim)) if cfg.router_input_norm else None  # (C,)
+        self.expert_scale = nn.Parameter(torch.ones(cfg.n_experts)) if cfg.router_input_norm else None  # (E,)
+        self.norm_eps = cfg.norm_eps
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Casting the model leaves the choice bias and a float32 router float32, as transformers keeps them
@@ -140,6 +149,9 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights
         (N, k) float32."""
+        if self.router_scale is not None:  # Gemma 4: a weightless RMSNorm (float32, rounded), scaled, times 1/sqrt(C)
+            x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
+            x = x * self.router_scale * x.shape[-1] ** -0.5
         if self.router_float32:  # in the router's dtype, float32 however the model is cast (`_apply`; FSDP2's 16-bit
             # compute weights aside), as DeepSeek's and GLM-4.5's references score; a LoRA router adds its update
             with torch.autocast(x.device.type, enabled=False):
@@ -157,12 +169,20 @@ class MoE(nn.Module):
         weights = scores.gather(-1, chosen)  # (N, k)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.expert_scale is not None:  # Gemma 4
+            weights = weights * self.expert_scale[chosen]
         return scores, chosen, weights * self.scaling if self.scaling != 1.0 else weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the block's normalised input (B, T, C); raw: its un-normalised input, which experts with their own norms
+        (`experts_own_norms`, Gemma 4) route and normalise themselves, the shared expert taking x."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # (N, C)
-        scores, chosen, weights = self.route(x)  # (N, E), (N, k), (N, k)
+        shared_in = x
+        if self.experts_norm is not None:
+            raw = raw.reshape(B * T, C)  # (N, C)
+            x = self.experts_norm(raw)
+        scores, chosen, weights = self.route(x if self.router_scale is None else raw)  # (N, E), (N, k), (N, k)
         if self.routing is not None and torch.is_grad_enabled():
             self.routing.append((scores / scores.sum(-1, keepdim=True) if self.sigmoid else scores, chosen))
         weights = (weights if self.float32_weights else weights.to(x.dtype)).flatten()  # (N*k,)
@@ -179,9 +199,13 @@ class MoE(nn.Module):
             # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
             out.index_put_((r,), y.to(out.dtype), accumulate=True)
         out = out.to(x.dtype)
+        if self.experts_out_norm is not None:
+            out = self.experts_out_norm(out)
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)  # (N, C)
+            shared = self.shared_expert(shared_in)  # (N, C)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                shared = torch.sigmoid(self.shared_expert_gate(shared_in)) * shared
+            if self.shared_out_norm is not None:
+                shared = self.shared_out_norm(shared)
             out = out + shared
         return out.view(B, T, C)  # (B, T, C)

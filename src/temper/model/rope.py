@@ -2,8 +2,9 @@
 
 Scalings stretch a model trained on `original_max_position_embeddings` tokens to longer contexts: linear position
 interpolation, Llama 3.1's, YaRN's (Qwen2.5 and Qwen3 long contexts, OLMo 3) and LongRoPE's (Phi-3.5, Phi-4-mini),
-which has a second table for sequences beyond the original length. Each matches transformers' `modeling_rope_utils`
-to the float32 bit, so checkpoints load with their reference's logits. A head's leading `rotary_dim` dimensions are
+which has a second table for sequences beyond the original length; Gemma 4's proportional RoPE turns only some pairs.
+Each matches transformers' `modeling_rope_utils` to the float32 bit, so checkpoints load with their reference's
+logits. A head's leading `rotary_dim` dimensions are
 rotated (all of them but for a partial rotary model).
 
 It does not rotate anything: `attention.apply_rope` does, with these tables.
@@ -29,6 +30,11 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None, lo
         return inv_freq / s["factor"]
     if s and s["rope_type"] == "yarn":
         return _yarn_inv_freq(base_freq, cfg.rope_theta, s)
+    if s and s["rope_type"] == "proportional":
+        # Gemma 4's p-RoPE: the first partial_rotary_factor of each head's pairs turn at the frequencies they have in
+        # the whole head, the rest not at all (angle 0: they pass through), so the slow pairs carry no position
+        turned = int(s["partial_rotary_factor"] * d // 2)  # as transformers rounds it
+        return torch.cat((inv_freq[:turned], torch.zeros_like(inv_freq[turned:]))) / s.get("factor", 1.0)
     if s and s["rope_type"] == "longrope":
         # LongRoPE (Ding et al. 2024): a searched stretch per frequency, one set for sequences within the original
         # length and one for longer ones.

@@ -1,13 +1,13 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2 and 3, Mixtral,
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral,
 Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm
 or RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-routed,
 after dense layers), multi-head, grouped-query, latent or gated attention, or Gated DeltaNet linear attention layers
 between attention ones, query/key
 norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
-own RoPE base), norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention
-scores and logits, attention sinks.
+own RoPE base, and global layers of their own shape), norms on the sublayers' inputs, outputs or both, biases,
+tying, embedding scaling, capped attention scores and logits, attention sinks, value norms, layer scalars.
 The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
 `model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the
 model, and builds each forward's masks.
@@ -51,7 +51,7 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
     `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3), and without
     `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2); with `residual_multiplier` m, x + m * attn(norm(x))
-    (Granite)."""
+    (Granite); with `layer_scalar` the block's output is scaled as a whole (Gemma 4)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -61,15 +61,20 @@ class Block(nn.Module):
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
         self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every) and not linear
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
-        # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only.
-        slot = sum(cfg.is_linear(j) == linear for j in range(layer_idx))
+        # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only, and global
+        # layers shaped apart (Gemma 4) have slots of their own shape.
+        shaped = cfg.is_global_shaped(layer_idx)
+        slot = sum((cfg.is_linear(j), cfg.is_global_shaped(j)) == (linear, shaped) for j in range(layer_idx))
         attention = LatentAttention if cfg.kv_lora_rank else Attention
-        self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot)
+        self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot, shaped)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
         self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
+        self.mlp_takes_raw = isinstance(self.mlp, MoE) and cfg.experts_own_norms  # Gemma 4: routes the raw input
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.residual_multiplier = cfg.residual_multiplier
+        # Gemma 4: the block's output times a scalar of its own, a checkpoint's value kept fixed (a buffer, not trained)
+        self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
 
     def _joining(self, h: torch.Tensor, out_norm: nn.Module | None) -> torch.Tensor:
         """A sublayer's output as it joins the residual stream: normalised (sandwich_norm), scaled (Granite)."""
@@ -82,8 +87,10 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
         x = x + self._joining(h, self.attn_out_norm)
-        h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))  # (B, T, C)
-        return x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
+        h = x if self.mlp_norm is None else self.mlp_norm(x)
+        h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
+        x = x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
+        return x if self.layer_scalar is None else x * self.layer_scalar
 
 
 class Transformer(nn.Module):
@@ -92,8 +99,9 @@ class Transformer(nn.Module):
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only) or, in a linear attention layer, `GatedDeltaNet`'s, attn_out_norm and mlp_out_norm
     (sandwich_norm only), mlp_norm,
-    mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert and
-    the buffer mlp.choice_bias where configured}, norm,
+    mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
+    buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
+    experts_out_norm} where configured, and the buffer layer_scalar (Gemma 4)}, norm,
     head (untied only; a tied head reuses tok_emb.weight, so state dicts never hold the same tensor twice).
     """
 
@@ -115,21 +123,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        for name in self._rope_tables():  # tables, not weights: non-persistent, rebuilt by init_buffers()
-            self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
-            self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, cfg.rotary_dim // 2), persistent=False)
+        for name, (table, _) in self._rope_tables().items():  # tables, not weights: non-persistent, by init_buffers()
+            self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, table.rotary_dim // 2), persistent=False)
+            self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, table.rotary_dim // 2), persistent=False)
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------
 
     def _rope_tables(self) -> dict[str, tuple[ModelConfig, bool]]:
         """The RoPE tables the model keeps, by buffer prefix, as (the config they are computed from, LongRoPE's long
-        table or not): its own; with rope_local_theta the windowed layers' (their own base, unscaled, as Gemma 3's);
-        with LongRoPE the long one."""
+        table or not): its own (for global layers shaped apart, their head width's); with rope_local_theta the
+        windowed layers' (their own base, unscaled, as Gemma 3's); with LongRoPE the long one."""
         c = self.cfg
         if c.pos != "rope":
             return {}
-        tables = {"rope": (c, False)}
+        tables = {"rope": (replace(c, head_size=c.global_shape[1]) if c.global_shaped else c, False)}
         if c.rope_local_theta is not None:
             tables["rope_local"] = (replace(c, rope_theta=c.rope_local_theta, rope_scaling=None), False)
         if long_rope_length(c) is not None:
@@ -166,8 +174,14 @@ class Transformer(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first
-            elif isinstance(m, MoE) and m.choice_bias is not None:
-                nn.init.zeros_(m.choice_bias)  # no expert favoured until training's balancing moves it
+            elif isinstance(m, MoE):
+                if m.choice_bias is not None:
+                    nn.init.zeros_(m.choice_bias)  # no expert favoured until training's balancing moves it
+                for scale in (m.router_scale, m.expert_scale):  # Gemma 4's: ones, as its reference starts them
+                    if scale is not None:
+                        nn.init.ones_(scale)
+            elif isinstance(m, Block) and m.layer_scalar is not None:
+                nn.init.ones_(m.layer_scalar)
         for m in self.modules():
             out = (m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP)
                    else m.out_proj if isinstance(m, GatedDeltaNet) else None)
@@ -354,7 +368,8 @@ class Transformer(nn.Module):
         # is held in host memory (train.parallel.HostEmbedding).
         p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
-        attention = [m for m in self.modules() if isinstance(m, Attention)]
+        attention = [m for m in self.modules() if isinstance(m, Attention) and not m.global_shaped]
+        shaped = [m for m in self.modules() if isinstance(m, Attention) and m.global_shaped]
         linear = [m for m in self.modules() if isinstance(m, GatedDeltaNet)]
         k_dim, v_dim = c.cache_widths
         states = None
@@ -364,6 +379,7 @@ class Transformer(nn.Module):
         return KVCache(
             len(attention), batch, attention[0].n_kv_heads if attention else 1, max_len, k_dim,
             device=device or p.device, dtype=dtype or p.dtype, v_dim=v_dim, linear=states,
+            global_=(len(shaped), shaped[0].n_kv_heads, shaped[0].head_dim) if shaped else None,
         )
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -402,6 +418,7 @@ class Transformer(nn.Module):
         """
         c = self.cfg
         lm_head = 0 if head else 6 * c.vocab_size * c.dim
-        layers = sum(not c.is_linear(i) for i in range(c.n_layers))  # linear attention has no T x T scores
-        attention = 6 * layers * c.n_heads * (c.head_dim + c.v_head_dim) * seq_len
+        widths = [c.global_shape[1] * 2 if c.is_global_shaped(i) else c.head_dim + c.v_head_dim
+                  for i in range(c.n_layers) if not c.is_linear(i)]  # linear attention has no T x T scores
+        attention = 6 * c.n_heads * sum(widths) * seq_len
         return float(6 * self.matmul_params() - lm_head + attention)

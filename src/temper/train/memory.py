@@ -599,7 +599,7 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
     if isinstance(attn, LatentAttention):
         first, attn_grad, (q_out, k_out, v_out) = _latent_saved(s, attn, h_bytes, t, lora_dropout, grad_in)
     else:
-        first = [attn.q_proj, attn.k_proj, attn.v_proj]
+        first = [m for m in (attn.q_proj, attn.k_proj, attn.v_proj) if m is not None]  # Gemma 4's global: no v_proj
         _readers(s, "attn_norm output", first, h_bytes, t, lora_dropout, grad_in)
         attn_grad = grad_in or any(_wants_grad(m) for m in first)
         # With an output gate q_proj makes each head's gates beside its queries; both are split off as copies,
@@ -607,9 +607,11 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
         q_out, kv_out = attn.q_proj.out_features // (2 if gated else 1), attn.k_proj.out_features
         k_out = v_out = kv_out
         if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
-            heads = (1, 1) if attn.qk_norm_whole else (q_out // cfg.head_dim, kv_out // cfg.head_dim)
+            heads = (1, 1) if attn.qk_norm_whole else (q_out // attn.head_dim, kv_out // attn.head_dim)
             _norm(s, "q_norm", attn.q_norm, q_out, attn_grad, t, rows=heads[0], in_bytes=t.a)
             _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
+        if attn.value_norm_eps is not None and attn_grad:  # Gemma 4: rms_norm(v.float()) keeps its input and rstd
+            s.add("value norm input (float32) and rstd", 4 * (kv_out + kv_out // attn.head_dim))
     o_in = attn.o_proj.in_features  # the values' width over every query head: the attention output's
     scores_grad = 0  # per token, the T x T gradients a math-kernel backward makes at once (below)
     fused = False  # whether SDPA keeps its output, o_proj's input (the written-out and math paths leave it to o_proj)
@@ -819,9 +821,16 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     k, n = moe.k, len(moe.experts)
     router_grad = grad_in or _wants_grad(moe.router)
     shared, gate = moe.shared_expert, moe.shared_expert_gate
-    readers = [moe.router] + ([shared.gate_proj, shared.up_proj] if shared is not None else []) + (
+    own = moe.experts_norm is not None  # Gemma 4: the router and the experts read the raw stream, normalised apart
+    readers = ([] if own else [moe.router]) + ([shared.gate_proj, shared.up_proj] if shared is not None else []) + (
         [gate] if gate is not None else [])  # the router, the shared expert and its gate read the norm's output
     _readers(s, "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
+    if own:
+        if moe.router_scale is not None and router_grad:  # rms_norm(x.float()), cast, times the learned scale
+            s.add("router norm input (float32) and rstd", 4 * (d + 1))
+            s.add("router's normalised input (for its scale's gradient)", t.a * d if moe.router_scale.requires_grad else 0)
+        _readers(s, "router input", [moe.router], t.a, t, lora_dropout, router_grad)
+        in_bytes = _norm(s, "experts_norm", moe.experts_norm, d, grad_in, t)
     if router_grad:
         s.add("router probabilities (float32)", 4 * n)
         s.add("chosen experts (int64)", 8 * k)
@@ -834,6 +843,8 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
         s.add(label, k * nbytes)
     s.add("experts' outputs (for the routing weights' gradient)", k * t.a * d if router_grad else 0)
     s.add("routing weights (for the outputs' gradient)", 4 * k if expert_grad else 0)
+    if moe.experts_out_norm is not None:
+        _norm(s, "experts_out_norm", moe.experts_out_norm, d, expert_grad or router_grad, t, in_bytes=t.a)
     transient = k * hidden / n
     if shared is not None:  # every token's: a dense MLP's terms, and its gate's sigmoid * output
         shared_grad, shared_hidden = _mlp_saved(s, "shared expert: ", shared, in_bytes, t, lora_dropout, grad_in,
@@ -842,6 +853,8 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
         gate_grad = gate is not None and (grad_in or _wants_grad(gate))
         s.add("shared expert's output (for its gate's gradient)", t.a * d if gate_grad else 0)
         s.add("sigmoid(gate) (for the shared output's gradient)", t.a if gate is not None and shared_grad else 0)
+        if moe.shared_out_norm is not None:
+            _norm(s, "shared_out_norm", moe.shared_out_norm, d, shared_grad, t, in_bytes=t.a)
         expert_grad = expert_grad or shared_grad or gate_grad
     return expert_grad or router_grad, transient + 2 * in_bytes * d
 
@@ -1317,15 +1330,16 @@ def _moments(*, p: float, s: float, g: float, accumulating: bool, tokens: int, s
     return out
 
 
-def _kv_width(cfg: ModelConfig, tp: int = 1) -> tuple[int, str]:
+def _kv_width(cfg: ModelConfig, tp: int = 1, global_shaped: bool = False) -> tuple[int, str]:
     """Values per token and layer that `Transformer.new_cache` holds on one of `tp` tensor-parallel ranks, and what
     they are: each kv head's key and value, or latent attention's latent and the rotated key part that every head
-    shares (tensor parallel refuses latent attention)."""
+    shares (tensor parallel refuses latent attention); global_shaped: a global layer shaped apart's (Gemma 4)."""
     k, v = cfg.cache_widths
     if cfg.kv_lora_rank:
         return k + v, f"({k} latent + {v} rotated key)"
-    kv_heads = -(-cfg.kv_heads // tp)
-    return kv_heads * (k + v), f"2 (k, v) x {kv_heads} kv heads x {k} head_dim"
+    heads, k = cfg.global_shape if global_shaped else (cfg.kv_heads, k)
+    kv_heads = -(-heads // tp)
+    return kv_heads * 2 * k, f"2 (k, v) x {kv_heads} kv heads x {k} head_dim"
 
 
 def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str = "",
@@ -1337,9 +1351,14 @@ def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str 
     its length: the float32 state (value heads x Dk x Dv) and the convolution's last K - 1 inputs in the compute
     dtype."""
     linear = sum(cfg.is_linear(i) for i in range(n_layers))
-    attention = n_layers - linear
+    shaped = sum(cfg.is_global_shaped(i) for i in range(n_layers))
+    attention = n_layers - linear - shaped
     width, per_layer = _kv_width(cfg, tp)
     formula = f"{attention} {'attention ' if linear else ''}layers x {tokens + ' x ' if tokens else ''}{per_layer} x {a} B"
+    if shaped:  # Gemma 4's global layers: kv heads and a width of their own (never beside linear layers)
+        global_width, global_per_layer = _kv_width(cfg, tp, global_shaped=True)
+        formula += f" + {shaped} global layers x {tokens + ' x ' if tokens else ''}{global_per_layer} x {a} B"
+        return (attention * width + shaped * global_width) * a, 0, formula
     if not linear:
         return attention * width * a, 0, formula
     (n_k, n_v), (dk, dv) = cfg.linear_heads, cfg.linear_sizes

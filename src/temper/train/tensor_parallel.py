@@ -68,7 +68,7 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         raise ConfigError(f"train.parallel.tp={tp} does not split attention sinks (one per head, kept whole): shard "
                           "it with train.parallel.dp_shard (FSDP2) instead")
     sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads, "ffn hidden dim": cfg.hidden_dim,
-             "vocab_size": cfg.vocab_size}
+             "vocab_size": cfg.vocab_size, **({"global_kv_heads": cfg.global_shape[0]} if cfg.global_shaped else {})}
     bad = [f"{name} {n}" for name, n in sizes.items() if n % tp]
     if bad:
         hint = f" (pad it: --model.vocab_size={-(-cfg.vocab_size // tp) * tp})" if cfg.vocab_size % tp else ""
@@ -129,7 +129,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     held = set(indices)
     for i, block in zip(indices, model.layers, strict=True):
         attn, mlp = block.attn, block.mlp
-        plan = {f"attn.{p}_proj": ColwiseParallel() for p in ("q", "k", "v")}
+        plan = {f"attn.{p}_proj": ColwiseParallel() for p in ("q", "k", "v")
+                if getattr(attn, f"{p}_proj") is not None}  # Gemma 4's global layers: values from k_proj
         plan["attn.o_proj"] = RowwiseParallel(output_layouts=between)
         plan |= {f"mlp.{p}_proj": ColwiseParallel() for p in ("gate", "up") if hasattr(mlp, f"{p}_proj")}
         plan["mlp.down_proj"] = RowwiseParallel(output_layouts=between)

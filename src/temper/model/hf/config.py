@@ -1,13 +1,17 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Twenty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
 capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
 norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
-checkpoints of the 4B, 12B and 27B, without their vision tower), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
+checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
+out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
+their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
+scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and shared KV layers refused),
+Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
 fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
 outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
 one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
@@ -56,16 +60,18 @@ SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_
     "Exaone4ForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
 GLM4_MOE_LITE, MINIMAX_M2 = "Glm4MoeLiteForCausalLM", "MiniMaxM2ForCausalLM"
+GEMMA4 = "Gemma4ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
-                           DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)
+                           DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
+                           GEMMA4)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
-SANDWICH = (GEMMA2, GEMMA3, GLM4)  # norms on the sublayers' inputs and outputs
+SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
-GEMMAS = (GEMMA, GEMMA2, GEMMA3)
+GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
@@ -78,7 +84,7 @@ LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attentio
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
-              "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE}
+              "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4}
 """Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
@@ -88,13 +94,24 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "exaone4": EXAONE4, "glm4": GLM4, "glm4_moe": GLM4_MOE, "deepseek_v2": DEEPSEEK_V2,
                 "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE, "minimax_m2": MINIMAX_M2,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
-                "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT}
+                "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
+                "gemma4": "Gemma4ForConditionalGeneration"}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
     "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
     "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+}
+# transformers' Gemma4TextConfig defaults of what a config may leave out (its per-layer embeddings on: 256 wide).
+_GEMMA4_TEXT_DEFAULTS = {
+    "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "global_head_dim": 512,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "sliding_window": 512, "hidden_size_per_layer_input": 256,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}},
 }
 
 
@@ -149,7 +166,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("final_logit_softcapping", "attn_logit_softcapping"), (*_FLOAT, type(None))),
     "sliding_window_pattern": (*_INT, *_STR),
     "layer_types": (list, type(None)),
-    "use_bidirectional_attention": (bool, type(None)),
+    "use_bidirectional_attention": (bool, str, type(None)),  # Gemma 4: "vision" or "all"
+    **dict.fromkeys(("global_head_dim", "num_kv_shared_layers"), _INT),
+    "top_k_experts": (*_INT, type(None)),
+    **dict.fromkeys(("num_global_key_value_heads", "hidden_size_per_layer_input"), (*_INT, type(None))),
+    **dict.fromkeys(("attention_k_eq_v", "enable_moe_block", "use_double_wide_mlp"), _BOOL),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
                      "scale_attn_by_inverse_layer_idx", "output_router_logits", "use_qk_norm",
@@ -157,7 +178,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("activation_function", "hidden_act", "model_type"), _STR),
     "hidden_activation": (*_STR, type(None)),
     "architectures": (list, type(None)),
-    **dict.fromkeys(("rope_scaling", "rope_parameters"), (dict, type(None))),
+    **dict.fromkeys(("rope_scaling", "rope_parameters", "per_layer_config"), (dict, type(None))),
 }
 _ROPE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "rope_type": _STR, "type": _STR, "low_freq_factor": _FLOAT, "high_freq_factor": _FLOAT,
@@ -183,6 +204,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Hugging Face `config.json`; anything temper cannot reproduce exactly fails."""
     if not isinstance(d, dict):
         raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+    if _architecture(d) == GEMMA4:  # Gemma4TextConfig writes its experts' keys null where it has none
+        d = {k: v for k, v in d.items() if v is not None or k not in ("num_experts", "moe_intermediate_size",
+                                                                        "top_k_experts")}
     _check_types(d, _FIELD_TYPES)
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
@@ -227,6 +251,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
 def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     """Llama and the architectures that differ from it by a few fields."""
     name = arch.removesuffix("ForCausalLM")
+    if arch == GEMMA4:
+        d = {**_GEMMA4_TEXT_DEFAULTS, **d}
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -246,6 +272,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     every = local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
+        rope = {}
+    elif arch == GEMMA4:
+        window, every, theta, local_theta, scaling = _gemma4_layers(d)
         rope = {}
     elif arch == OLMO3:  # its windowed layers take the global layers' base, unscaled
         window, every, theta, local_theta, scaling = _local_global_rope(d, "OLMo 3", 4, 500000.0, None, None)
@@ -297,26 +326,28 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} attention_bias=true is not supported")
     # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256), Granite by
     # attention_multiplier
-    scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3)
+    # Gemma 4 leaves its scores unscaled (its q/k norms bound them): scale dim 1
+    scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3) else 1 if arch == GEMMA4
               else _scale_dim(d.get("attention_multiplier", 1.0)) if arch == GRANITE else head_dim)
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma or arch in HYBRID,
+        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID) or arch == GLM4_MOE and bool(
+        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID) or arch == GLM4_MOE and bool(
             d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS), rope_float32=arch in (*OLMOS, DEEPSEEK_V2), dropout=0.0,
+        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2), dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}), **latent,
-        **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3) else {}),
+        **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3, GEMMA4) else {}),
+        **(_gemma4_fields(d, head_dim) if arch == GEMMA4 else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
         **(_multipliers(d) if arch == GRANITE else {}), **(_linear_layers(d) if arch in HYBRID else {}),
@@ -584,6 +615,78 @@ def _gemma3_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, fl
     return _local_global_rope(d, "Gemma 3", 6, 1e6, "rope_local_base_freq", 1e4)
 
 
+def _gemma4_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, float | None, dict | None]:
+    """`_local_global_rope` of a Gemma 4 config: its layer_types (by default five windowed layers to one global),
+    the last layer always global as Gemma4TextConfig makes it, and a RoPE per layer type (the global layers'
+    proportional); the windowed layers' base is kept even where it equals the global one, their heads being another
+    width."""
+    if d.get("use_bidirectional_attention") == "all":
+        raise ValueError("Gemma 4 use_bidirectional_attention='all' is not supported (temper's decoder is causal)")
+    n = d["num_hidden_layers"]
+    types = list(d.get("layer_types") or ["full_attention" if last_of_every(i, 6) else "sliding_attention"
+                                         for i in range(n)])
+    types[-1:] = ["full_attention"] * bool(types)
+    window, every, theta, local, scaling = _local_global_rope(d | {"layer_types": types}, "Gemma 4", 6, 1e6, None,
+                                                              None)
+    if every is None:
+        raise ValueError("Gemma 4 configs without both windowed and global layers are not supported (its global "
+                         "layers' own head width needs windowed ones beside them)")
+    return window, every, theta, theta if local is None else local, scaling  # None: the global layers' base
+
+
+def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Gemma 4's attention beyond Gemma 3's: global layers with their own head width and kv heads (its published
+    configs' global_head_dim and, with attention_k_eq_v, num_global_key_value_heads; transformers 5.25 writes them
+    out per layer, per_layer_config), and with attention_k_eq_v values made by their keys' projection; value norms
+    and each layer's scalar; 26B-A4B's experts beside the dense MLP. Its per-layer embeddings and shared KV layers
+    (E2B, E4B) are refused by name."""
+    for key, what in (("hidden_size_per_layer_input", "per-layer embeddings (Gemma 4 E2B and E4B)"),
+                      ("num_kv_shared_layers", "layers sharing another layer's keys and values (E2B and E4B)")):
+        if d.get(key):
+            raise ValueError(f"Gemma 4 {key}={d[key]!r} is not supported: temper does not build {what}")
+    values_are_keys = bool(d.get("attention_k_eq_v", False))
+    kv_heads = d.get("num_key_value_heads") or d["num_attention_heads"]
+    global_head = d.get("global_head_dim", 512)
+    global_kv = (d.get("num_global_key_value_heads") if values_are_keys else None) or kv_heads
+    if d.get("per_layer_config") is not None:
+        global_head, global_kv = _gemma4_per_layer(d, head_dim, kv_heads)
+    experts = {}
+    if d.get("enable_moe_block"):  # 26B-A4B: its dense MLP (intermediate_size) as a shared expert beside them
+        n, k, width = d.get("num_experts"), d.get("top_k_experts"), d.get("moe_intermediate_size")
+        if not (_is_int(n) and _is_int(k) and _is_int(width) and 1 <= k <= n and width > 0):
+            raise ValueError(f"Gemma 4 enable_moe_block needs num_experts, top_k_experts (between 1 and num_experts) "
+                             f"and moe_intermediate_size, got {n!r}, {k!r}, {width!r}")
+        experts = {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": width,
+                   "shared_expert_ffn_dim": d["intermediate_size"], "experts_own_norms": True,
+                   "router_input_norm": True, "expert_weights_float32": True}
+    return {"global_head_size": None if global_head == head_dim else global_head,
+            "global_kv_heads": None if global_kv == kv_heads else global_kv,
+            "global_values_are_keys": values_are_keys, "value_norm": True, "layer_scalar": True, **experts}
+
+
+def _gemma4_per_layer(d: dict[str, Any], head_dim: int, kv_heads: int) -> tuple[int, int]:
+    """(head width, kv heads) of the global layers from transformers 5.25's per_layer_config ({layer: {"head_dim",
+    "num_key_value_heads"}}): the same for every global layer, and nothing for the windowed ones."""
+    n, per_layer = d["num_hidden_layers"], d["per_layer_config"]
+    types = list(d.get("layer_types") or [])
+    wanted = None
+    for i in range(n):
+        got = per_layer.get(str(i), per_layer.get(i)) or {}
+        if not isinstance(got, dict) or set(got) - {"head_dim", "num_key_value_heads"}:
+            raise ValueError(f"key 'per_layer_config.{i}' must be an object of head_dim and num_key_value_heads, got "
+                             f"{got!r}")
+        if i < len(types) and types[i] == "full_attention":
+            wanted = got if wanted is None else wanted
+            if got != wanted:
+                raise ValueError(f"Gemma 4 per_layer_config {per_layer!r} is not supported (temper shapes every global "
+                                 "layer alike)")
+        elif got:
+            raise ValueError(f"Gemma 4 per_layer_config.{i} {got!r} is not supported (temper shapes only the global "
+                             "layers apart)")
+    wanted = wanted or {}
+    return wanted.get("head_dim", head_dim), wanted.get("num_key_value_heads", kv_heads)
+
+
 def _local_global_rope(d: dict[str, Any], name: str, default_every: int, default_theta: float,
                        local_key: str | None, local_default: float | None
                        ) -> tuple[int | None, int | None, float, float | None, dict | None]:
@@ -638,9 +741,14 @@ def _rope(d: dict[str, Any], phi3: bool = False) -> tuple[float, dict | None, di
         tables = {k: rope[k] for k in ("short_factor", "long_factor") if k in rope} if kind == "longrope" else {}
         return theta, {"rope_type": kind, **tables, "factor": rope.get("factor") or max_len / old_len,
                        "original_max_position_embeddings": old_len, **optional}, rope
+    if kind == "proportional":  # Gemma 4's global layers
+        factor = {"factor": float(rope["factor"])} if rope.get("factor") not in (None, 1.0) else {}
+        return theta, {"rope_type": kind, "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0),
+                       **factor}, rope
     if kind in (None, "default"):
         return theta, None, rope
-    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3, yarn and longrope)")
+    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3, yarn, longrope and "
+                     "proportional)")
 
 
 def _fp8_block_shape(d: dict[str, Any]) -> tuple[int, int] | None:
@@ -665,7 +773,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
-            arch = GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
+            gemma4 = cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
+            arch = GEMMA4 if gemma4 else GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
         elif cfg.full_attention_every is not None:
             arch = QWEN3_5_MOE if cfg.n_experts else QWEN3_5
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
@@ -705,7 +814,16 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has no sliding window" if cfg.sliding_window else None
     if (cfg.pos, cfg.norm) != ("rope", "rmsnorm"):
         return "it needs RoPE and RMSNorm"
-    if arch in GEMMAS:
+    if arch == GEMMA4:
+        if (cfg.mlp, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.scale_embeddings, cfg.tie_embeddings) != (
+                "geglu", False, True, True, True):
+            return ("it needs mlp='geglu', norm_cast_after without norm_unit_offset, scale_embeddings and tied "
+                    "embeddings")
+        if not (cfg.value_norm and cfg.layer_scalar and cfg.attn_scale_dim == 1 and cfg.rope_local_theta):
+            return "it has value norms, layer scalars, unscaled attention scores (attn_scale_dim=1) and rope_local_theta"
+        if cfg.global_kv_heads not in (None, cfg.kv_heads) and not cfg.global_values_are_keys:
+            return "its global layers have kv heads of their own only with their values made by the keys' projection"
+    elif arch in GEMMAS:
         if not all(gemma_parts) or not cfg.tie_embeddings:
             return "it needs mlp='geglu', norm_unit_offset, scale_embeddings and tied embeddings"
     elif arch in HYBRID:
@@ -713,6 +831,15 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='swiglu' and norm_unit_offset, without scale_embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
+    if arch != GEMMA4 and (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms):
+        return ("its global layers are shaped as the others, with no value norms, layer scalars or experts normalised "
+                "apart (Gemma4ForCausalLM has them)")
+    if arch == GEMMA4 and cfg.n_experts and not (cfg.experts_own_norms and cfg.router_input_norm
+                                                  and cfg.renormalize_experts and not cfg.shared_expert_gate):
+        return ("its experts sit beside its dense MLP (an ungated shared expert), normalised apart, routed through "
+                "scales of the router's input and of each expert (router_input_norm), their weights renormalised")
+    if arch != GEMMA4 and (cfg.rope_scaling or {}).get("rope_type") == "proportional":
+        return "it has no proportional RoPE (Gemma4ForCausalLM has)"
     hybrid = (cfg.full_attention_every is not None, cfg.attn_output_gate)
     if arch in HYBRID and not all(hybrid):
         return "it has linear attention layers (full_attention_every) and gated attention (attn_output_gate)"
@@ -727,7 +854,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
     if bool(cfg.kv_lora_rank) != (arch in LATENT):
         return ("its attention is latent (kv_lora_rank), with experts" if arch in LATENT
                 else "it has no latent attention (DeepseekV2ForCausalLM and DeepseekV3ForCausalLM have)")
@@ -739,7 +866,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.pre_norm != (arch not in POST_NORM):
         return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
                 else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
-    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES):
+    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES) and arch != GEMMA4:
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
@@ -750,7 +877,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
-                                                                            arch in SHARED_GATED):
+                                                                            arch in SHARED_GATED) and arch != GEMMA4:
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
@@ -769,18 +896,21 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
         return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
-    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GRANITE):
+    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, GRANITE):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
                 "attention_multiplier)")
     if (cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor) and arch != GRANITE:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
-    if cfg.rope_local_theta and not (arch == GEMMA3 or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
+    if cfg.rope_local_theta and not (arch in (GEMMA3, GEMMA4)
+                                     or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
         return ("its windowed layers share the global layers' RoPE base (Gemma3ForCausalLM has "
                 "rope_local_base_freq)")
-    if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3):
+    if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3, GEMMA4):
         return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
+    if arch == GEMMA4 and cfg.attn_softcap:
+        return "it does not cap attention scores"
     oss_parts = (cfg.attn_sinks, cfg.swiglu_limit is not None)
     if arch == GPT_OSS and not (all(oss_parts) and cfg.bias):
         return "it has attention sinks, clamped SwiGLU experts and biases on every layer"
@@ -896,6 +1026,22 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
         if arch == GEMMA3:
             d |= {"rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "use_bidirectional_attention": False}
+    elif arch == GEMMA4:  # one RoPE per layer type, and no per-layer embeddings (its config's default has them)
+        global_kv_heads, global_head = cfg.global_shape
+        del d["rope_theta"], d["rope_scaling"], d["hidden_act"]
+        d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
+              "layer_types": _layer_types(cfg), "final_logit_softcapping": cfg.logit_softcap,
+              "global_head_dim": global_head, "attention_k_eq_v": cfg.global_values_are_keys,
+              "num_global_key_value_heads": global_kv_heads if cfg.global_values_are_keys else None,
+              "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": cfg.vocab_size,
+              "num_kv_shared_layers": 0, "enable_moe_block": bool(cfg.n_experts), "use_double_wide_mlp": False,
+              "use_bidirectional_attention": None,
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+                                  "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                     **(cfg.rope_scaling or {})}}}
+        if cfg.n_experts:  # its dense MLP is the shared expert
+            d |= {"intermediate_size": cfg.shared_expert_ffn_dim, "num_experts": cfg.n_experts,
+                  "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch == GPT_OSS:  # one RoPE, written out: GptOssConfig would take a missing one for its YaRN default
         d |= {"attention_bias": True, "sliding_window": cfg.sliding_window,
               "layer_types": _layer_types(cfg),

@@ -57,7 +57,15 @@ from torch import nn
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.hf.config import DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE, GLM4_MOE_LITE, GPT2, hf_architecture
+from temper.model.hf.config import (
+    DEEPSEEK_V2,
+    DEEPSEEK_V3,
+    GEMMA4,
+    GLM4_MOE,
+    GLM4_MOE_LITE,
+    GPT2,
+    hf_architecture,
+)
 from temper.model.hf.weights import hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
@@ -82,12 +90,18 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     sites = {}
     for rule in hf_rules(cfg):
         parts = tuple(p.removesuffix(".weight") for p in rule.parts)
-        if any(".mlp.experts." in p or p.endswith(".mlp.router") for p in parts):
+        if any(".mlp.experts." in p or p.endswith(".mlp.router") and not _plain_router(cfg) for p in parts):
             continue
         if rule.hf.endswith(".weight") and all(
                 isinstance(model.get_submodule(p), (nn.Linear, LoRALinear)) for p in parts):
             sites[rule.hf.removesuffix(".weight")] = parts
     return sites
+
+
+def _plain_router(cfg: ModelConfig | None) -> bool:
+    """Whether the architecture's router is a plain linear layer that PEFT adapts by its module name (Gemma 4's
+    router.proj), not a parameter of transformers 5's mixture modules (`target_parameters`)."""
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) == GEMMA4
 
 
 def _reordered(cfg: ModelConfig) -> dict[str, Any]:
@@ -105,8 +119,8 @@ of those names too: a PEFT file cannot adapt those."""
 
 def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
-    router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of GPT-OSS's
-    experts or router, whose stacked (in, out) and interleaved layout temper writes no PEFT form for; an adapter of
+    router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
+    router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
     GLM-4.5's or DeepSeek-V2's or V3's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
@@ -117,10 +131,11 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
                     "layers, whose module names (gate_proj, up_proj, down_proj) PEFT takes for its routed experts' "
                     "parameters, so no PEFT file holds them (adapt the attention and the routed experts for one); the "
                     "merged model holds them")
-    in_moe = [n for n in loras if ".mlp.experts." in n or n.endswith(".mlp.router")]
+    in_moe = [n for n in loras if ".mlp.experts." in n or n.endswith(".mlp.router") and not _plain_router(cfg)]
     if in_moe and _stacked_experts(model):
-        return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt GPT-OSS's experts or router, whose stacked, interleaved "
-                "layout temper writes no PEFT adapter for (adapt the attention for one); the merged model holds them")
+        return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which its "
+                "checkpoint stores stacked, a layout temper writes no PEFT adapter for (adapt the attention for one); "
+                "the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
@@ -129,8 +144,8 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
 
 
 def _stacked_experts(model: nn.Module) -> bool:
-    """Whether the model's Hugging Face checkpoint stores its experts stacked, (in, out), gate and up interleaved
-    (GPT-OSS: `weights._STACKED`), which temper's PEFT reader and writer do not lay out."""
+    """Whether the model's Hugging Face checkpoint stores its experts stacked (GPT-OSS, Gemma 4: `weights._STACKED`),
+    which temper's PEFT reader and writer do not lay out."""
     cfg = getattr(model, "cfg", None)
     return cfg is not None and cfg.n_experts > 0 and any(r.stacked for r in hf_rules(cfg))
 
@@ -365,12 +380,12 @@ def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool
                 key = f"{_PREFIX}{hf}.experts{'.base_layer' if inner else ''}"
                 tensors[key + _A], tensors[key + _B] = a, b
                 targets.add(name)
-        if isinstance(moe.router, LoRALinear):
+        if isinstance(moe.router, LoRALinear) and not _plain_router(model.cfg):
             tensors[f"{_PREFIX}{hf}.gate{_A}"] = moe.router.lora_a.float().cpu()
             tensors[f"{_PREFIX}{hf}.gate{_B}"] = moe.router.lora_b.float().cpu()
             targets.add(_ROUTER)
     written = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
-               and (".mlp.experts." in n or n.endswith(".mlp.router"))]
+               and (".mlp.experts." in n or n.endswith(".mlp.router") and not _plain_router(model.cfg))]
     if not targets:
         return {}, {}, []
     config: dict = {"target_parameters": sorted(targets),
@@ -420,7 +435,8 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     odd = sorted(set(params) - {_GATE_UP, _DOWN, _ROUTER})
     if odd or not layers or _stacked_experts(model):
         raise ValueError(f"{path}: target_parameters={params!r} is not supported (temper reads {_GATE_UP!r}, "
-                         f"{_DOWN!r} and {_ROUTER!r} of Mixtral's and Qwen3-MoE's experts, not GPT-OSS's)")
+                         f"{_DOWN!r} and {_ROUTER!r} of Mixtral's and Qwen3-MoE's experts, not those GPT-OSS's and "
+                         "Gemma 4's checkpoints store stacked)")
     if config.get("use_dora"):
         raise ValueError(f"{path}: use_dora with target_parameters is not supported (PEFT has no DoRA there)")
     r, alpha = int(config["r"]), config["lora_alpha"]

@@ -18,6 +18,7 @@ from temper.model.hf.config import (
     DEEPSEEK_MOE,
     GEMMA2,
     GEMMA3,
+    GEMMA4,
     GLM4,
     GPT2,
     GPT_OSS,
@@ -39,6 +40,7 @@ _GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_mode
                          "language_model.lm_head.": "lm_head."}
 """Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
 _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_GEMMA4_SKIPPED = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 _QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 
@@ -108,6 +110,10 @@ _STACKED: dict[str, tuple[Any, Any]] = {
                      lambda t: [b for e in t for b in (e[0::2], e[1::2])]),
     "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t: [e.t() for e in t]),
     "down_bias": (lambda ps: torch.stack(ps), lambda t: list(t)),
+    # Gemma 4 stacks its experts' weights as they are, gate above up: gate_up_proj (E, 2F, D), down_proj (E, D, F).
+    "gate_up_rows": (lambda ps: torch.stack([torch.cat((g, u)) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                     lambda t: [w for e in t for w in e.chunk(2)]),
+    "rows": (lambda ps: torch.stack(ps), lambda t: list(t)),
 }
 
 
@@ -140,7 +146,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             p, h = f"layers.{i}.", f"model.layers.{i}."
             # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
-            if arch in (GEMMA2, GEMMA3):
+            if arch in (GEMMA2, GEMMA3, GEMMA4):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in POST_NORM:  # the outputs' norms only
@@ -192,6 +198,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for n in ("q_norm", "k_norm"):
                 if f"{p}attn.{n}.weight" in keys:
                     add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
+            if f"{p}layer_scalar" in keys:  # Gemma 4's
+                add(f"{h}layer_scalar", f"{p}layer_scalar")
             if arch == GPT_OSS:  # the experts stacked (`_STACKED`), the router with its bias, a sink per head
                 add(f"{h}self_attn.sinks", f"{p}attn.sinks")
                 add(f"{h}mlp.router.weight", f"{p}mlp.router.weight")
@@ -202,6 +210,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         rules.append(_Rule(f"{h}mlp.experts.{name}{suffix}", tuple(
                             f"{p}mlp.experts.{j}.{n}_proj.{t}" for j in experts for n in parts),
                             stacked=name.removesuffix("_proj") + suffix))
+            elif arch == GEMMA4 and f"{p}mlp.router.weight" in keys:  # its dense MLP (the shared expert), the router
+                # with its scales, the experts stacked as they are published (`_STACKED`), their norms
+                add(f"{h}router.proj.weight", f"{p}mlp.router.weight")
+                add(f"{h}router.scale", f"{p}mlp.router_scale")
+                add(f"{h}router.per_expert_scale", f"{p}mlp.expert_scale")
+                experts = range(cfg.n_experts)
+                rules.append(_Rule(f"{h}experts.gate_up_proj", tuple(
+                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")), stacked="gate_up_rows"))
+                rules.append(_Rule(f"{h}experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
+                                                                  for j in experts), stacked="rows"))
+                for n in ("gate", "up", "down"):
+                    add(f"{h}mlp.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
+                for theirs, ours in (("post_feedforward_layernorm_1", "shared_out_norm"),
+                                     ("pre_feedforward_layernorm_2", "experts_norm"),
+                                     ("post_feedforward_layernorm_2", "experts_out_norm")):
+                    add(f"{h}{theirs}.weight", f"{p}mlp.{ours}.weight")
             elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
                 # them one by one
                 moe = f"{h}block_sparse_moe." if arch in MIXTRAL_NAMES else f"{h}mlp."
@@ -230,11 +254,12 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
     """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, the vision tower of a
-    Gemma 3 or Qwen3.5 image-text checkpoint, and multi-token-prediction layers (DeepSeek-V3's, GLM-4.5's, Qwen3.5's)."""
+    Gemma 3 or Qwen3.5 image-text checkpoint (and Gemma 4's audio tower), and multi-token-prediction layers (DeepSeek-V3's, GLM-4.5's, Qwen3.5's)."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture == GEMMA4 and name.startswith(_GEMMA4_SKIPPED))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED)))
 
 
@@ -249,7 +274,7 @@ def _canonical(name: str, arch: str) -> str:
     image-text one keeps its text model's under `language_model.`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
         return "transformer." + name
-    if arch in (GEMMA3, *HYBRID):
+    if arch in (GEMMA3, GEMMA4, *HYBRID):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
