@@ -122,6 +122,12 @@ CASES = {
     "gemma4-experts-beside-mlp": lambda: _with_layer_scalars(_hf(
         "Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4, enable_moe_block=True, num_experts=4, top_k_experts=2,
         moe_intermediate_size=40)),
+    # Gemma 4 E2B's and E4B's layers: per-layer embeddings; the last 3 layers take the keys and values of the last
+    # earlier layer of their kind, their MLPs twice as wide
+    "gemma4-per-layer-shared-kv": lambda: _with_layer_scalars(_hf(
+        "Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4 | {"num_hidden_layers": 6, "layer_types": [
+            "sliding_attention", "full_attention"] * 3, "hidden_size_per_layer_input": 8},
+        vocab_size_per_layer_input=128, num_kv_shared_layers=3, use_double_wide_mlp=True)),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
     # Phi-4-mini's way: half of each head rotated, LongRoPE with an original length short enough that 40-token inputs
@@ -328,7 +334,8 @@ def test_variant_features_are_exercised():
                       ("gemma4-global-keys-are-values", {"attn_scale_dim": None}),  # 1 / sqrt(head_dim)
                       ("gemma4-global-wide-heads", {"rope_local_theta": 50000.0}),
                       ("gemma4-experts-beside-mlp", {"router_input_norm": False}),
-                      ("gemma4-experts-beside-mlp", {"experts_per_token": 1})]:
+                      ("gemma4-experts-beside-mlp", {"experts_per_token": 1}),
+                      ("gemma4-per-layer-shared-kv", {"per_layer_input_size": None, "per_layer_vocab_size": None})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -492,51 +499,77 @@ def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
 
 def test_gemma4_image_text_checkpoints_give_their_text_model(tmp_path):
     """Gemma 4 is published as Gemma4ForConditionalGeneration (the text model under model.language_model., a vision
-    tower, an audio tower on the small ones): temper reads the text model with transformers' logits for text, leaves
-    the towers out, and exports a text-only Gemma4ForCausalLM. Its published configs' spelling of the global layers
+    tower, an audio tower on E2B and E4B): temper reads the text model (here with E2B's per-layer embeddings and shared
+    keys and values) with transformers' logits for text, leaves the towers out, and exports a text-only
+    Gemma4ForCausalLM. Its published configs' spelling of the global layers
     (global_head_dim, num_global_key_value_heads) and transformers 5.25's (per_layer_config) read alike."""
     text = {k: v for k, v in _GEMMA4.items() if k not in ("bos_token_id", "eos_token_id")}
-    text |= {"vocab_size": 300, "attention_k_eq_v": True, "num_global_key_value_heads": 1}
+    text |= {"vocab_size": 300, "attention_k_eq_v": True, "num_global_key_value_heads": 1, "num_hidden_layers": 6,
+             "layer_types": ["sliding_attention", "full_attention"] * 3, "hidden_size_per_layer_input": 8,
+             "vocab_size_per_layer_input": 300, "num_kv_shared_layers": 2}  # E2B's parts too
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+    audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                 output_proj_dims=32)
     hf = _with_layer_scalars(_hf("Gemma4Config", "Gemma4ForConditionalGeneration", text_config=text,
-                                 vision_config=vision, audio_config=None, image_token_id=299, boi_token_id=297,
-                                 eoi_token_id=298, video_token_id=296))
-    x = torch.randint(0, 290, (2, 40))  # below the image tokens
+                                 vision_config=vision, audio_config=audio, image_token_id=299, boi_token_id=297,
+                                 eoi_token_id=298, video_token_id=296, audio_token_id=295, boa_token_id=294,
+                                 eoa_token_index=293))
+    x = torch.randint(0, 290, (2, 40))  # below the image and audio tokens
     cfg = _reads_its_text_model(hf, tmp_path, "Gemma4ForCausalLM", x)
     assert (cfg.global_every, cfg.global_shape, cfg.global_values_are_keys) == (2, (1, 32), True)
+    assert (cfg.per_layer_input_size, cfg.kv_shared_layers) == (8, 2)
     published = {k: v for k, v in hf.config.text_config.to_dict().items() if k != "per_layer_config"}
     assert "global_head_dim" not in published  # transformers 5.25 writes per_layer_config instead
     published |= {"global_head_dim": 32, "num_global_key_value_heads": 1}
     assert from_hf_config(published) == cfg
 
 
-def test_gemma4_31b_preset_writes_the_config_transformers_reads_as_it():
-    """The gemma-4-31b preset's config.json reads back as the preset, and transformers reads it with the global layers'
-    shape temper builds (every sixth layer: 4 kv heads of 512, values from the keys' projection)."""
-    cfg = PRESETS["gemma-4-31b"]
+@pytest.mark.parametrize("name, kv_heads, global_kv_heads, experts", [("gemma-4-31b", 16, 4, None),
+                                                                        ("gemma-4-26b-a4b", 8, 2, 128)])
+def test_gemma4_presets_write_the_config_transformers_reads_as_them(name, kv_heads, global_kv_heads, experts):
+    """A Gemma 4 preset's config.json reads back as the preset, and transformers reads it with the global layers'
+    shape temper builds (every sixth layer: fewer kv heads of 512, values from the keys' projection) and its
+    experts."""
+    cfg = PRESETS[name]
     d = to_hf_config(cfg)
     assert from_hf_config(d) == replace(cfg, hf_architecture="Gemma4ForCausalLM")
     theirs = transformers.Gemma4TextConfig.from_dict(d)
     assert theirs.layer_types[5] == "full_attention" and theirs.layer_types[4] == "sliding_attention"
     global_layer, windowed_layer = theirs.per_layer_config[5], theirs.per_layer_config[4]
-    assert (global_layer.head_dim, global_layer.num_key_value_heads) == (512, 4)
-    assert (windowed_layer.head_dim, windowed_layer.num_key_value_heads) == (256, 16)
+    assert (global_layer.head_dim, global_layer.num_key_value_heads) == (512, global_kv_heads)
+    assert (windowed_layer.head_dim, windowed_layer.num_key_value_heads) == (256, kv_heads)
     assert (theirs.attention_k_eq_v, theirs.hidden_size_per_layer_input, theirs.final_logit_softcapping) == (True, 0, 30.0)
+    assert (theirs.enable_moe_block, theirs.num_experts) == (experts is not None, experts)
 
 
-@pytest.mark.parametrize("key, value", [("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
-                                        ("enable_moe_block", True),  # without its experts' sizes
+@pytest.mark.parametrize("key, value", [("num_kv_shared_layers", 4),  # every layer: none makes keys and values
+                                        ("vocab_size_per_layer_input", 0), ("enable_moe_block", True),  # no sizes
                                         ("use_bidirectional_attention", "all")])
-def test_gemma4_parts_temper_does_not_build_are_refused_by_name(key, value):
-    """Gemma 4 E2B's and E4B's per-layer embeddings and shared KV layers, 26B-A4B's experts beside the MLP and
-    bidirectional attention fail naming their key, rather than loading into a model that computes something else."""
-    d = {**_GEMMA4, "architectures": ["Gemma4ForCausalLM"], key: value}
+def test_gemma4_configs_temper_cannot_build_are_refused_by_name(key, value):
+    """A Gemma 4 config whose layers all take others' keys and values, whose per-layer table or experts have no size,
+    or whose attention is bidirectional fails naming its key, rather than loading into a model that computes something
+    else."""
+    d = {**_GEMMA4, "architectures": ["Gemma4ForCausalLM"], "hidden_size_per_layer_input": 8, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
     with pytest.raises(ValueError, match="per_layer_config"):  # global layers shaped unlike each other
         from_hf_config({**_GEMMA4, "architectures": ["Gemma4ForCausalLM"],
                         "per_layer_config": {"1": {"head_dim": 32}, "3": {"head_dim": 64}}})
+
+
+def test_gemma4_reads_past_the_unused_key_weights_of_its_shared_layers():
+    """Gemma 4 E2B's and E4B's published files keep key and value weights for the layers that take another's keys and
+    values; transformers ignores them on load, and so does temper, while a stray weight elsewhere still fails."""
+    hf = CASES["gemma4-per-layer-shared-kv"]()
+    cfg = from_hf_config(hf.config.to_dict())
+    sd = dict(hf.state_dict())
+    for n in ("k_proj", "v_proj", "k_norm", "v_norm"):  # layer 4: a windowed layer taking layer 2's
+        sd[f"model.layers.4.self_attn.{n}.weight"] = torch.ones(1)
+    ours = from_hf_state_dict(cfg, sd)
+    assert ours.keys() == from_hf_state_dict(cfg, hf.state_dict()).keys()
+    with pytest.raises(KeyError, match="layers.2.self_attn.v_norm"):  # layer 2 makes its own: v_norm has no weight
+        from_hf_state_dict(cfg, sd | {"model.layers.2.self_attn.v_norm.weight": torch.ones(1)})
 
 
 def test_gpt2_without_biases_exports_zero_biases(tmp_path):

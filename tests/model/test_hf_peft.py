@@ -62,6 +62,12 @@ CONFIGS = {
                       rope_local_theta=100.0, rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25},
                       global_head_size=32, global_kv_heads=1, global_values_are_keys=True, value_norm=True,
                       layer_scalar=True, attn_scale_dim=1, hf_architecture="Gemma4ForCausalLM"),
+    # Gemma 4 E2B's layers: per-layer embeddings; the last two take the keys and values of the first two (no k_proj)
+    "gemma4_e2b": replace(_LLAMA, n_layers=4, mlp="geglu", norm_cast_after=True, scale_embeddings=True,
+                          tie_embeddings=True, head_size=16, qk_norm=True, sandwich_norm=True, sliding_window=8,
+                          global_every=2, rope_local_theta=100.0, global_head_size=32, value_norm=True,
+                          layer_scalar=True, attn_scale_dim=1, kv_shared_layers=2, kv_shared_wide_mlp=True,
+                          per_layer_input_size=8, hf_architecture="Gemma4ForCausalLM"),
     # Gemma 4 26B-A4B's layers: its dense MLP (as a shared expert) beside 4 experts, each normalised apart
     "gemma4_moe": replace(_LLAMA, mlp="geglu", norm_cast_after=True, scale_embeddings=True, tie_embeddings=True,
                           head_size=16, qk_norm=True, sandwich_norm=True, sliding_window=8, global_every=2,
@@ -375,6 +381,26 @@ def test_gemma4_router_and_dense_mlp_adapters_go_to_peft_by_module_name(tmp_path
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     assert set(json.loads((out / "adapter_config.json").read_text())["target_modules"]) >= {"router.proj", "mlp.gate_proj"}
     _assert_peft_and_temper_read(model, hf, out, "gemma4_moe", matters=0.05)
+
+
+def test_gemma4_per_layer_projections_adapt_both_ways(tmp_path):
+    """PEFT's all-linear adapts Gemma 4 E2B's per-layer projections too (per_layer_model_projection, each layer's
+    per_layer_input_gate and per_layer_projection): temper reads such a file with PEFT's logits, and writes its own
+    adapters of them so that PEFT loads them with temper's."""
+    model = _model("gemma4_e2b")
+    hf = _hf(model, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "theirs")
+    swapped = load_peft(model, model.cfg, tmp_path / "theirs")
+    assert {n.rsplit(".", 1)[-1] for n in swapped} >= {"per_layer_proj", "per_layer_gate", "per_layer_out"}
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(_x(model)), theirs.eval()(_x(model)).logits, rtol=0, atol=1e-4)
+    ours = _model("gemma4_e2b")
+    apply_lora(ours, rank=4, alpha=8, targets=("q_proj", "per_layer_proj", "per_layer_gate", "per_layer_out"))
+    _randomize_adapters((n, p) for n, p in ours.named_parameters() if p.requires_grad)
+    out = save_peft(ours, ours.cfg, tmp_path / "ours", base_model_name_or_path="org/tiny")
+    _assert_peft_and_temper_read(ours, _hf(_model("gemma4_e2b"), tmp_path / "fresh"), out, "gemma4_e2b", matters=0.05)
 
 
 def test_dora_on_experts_is_refused_by_name(tmp_path):

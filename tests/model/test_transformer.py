@@ -120,6 +120,15 @@ def test_preset_sizes_on_meta():
     minimax_m2 = _moe_counts("minimax-m2")
     assert (minimax_m2[0], minimax_m2[1]) == (228_689_748_992, 10_415_112_192)
     # moonshotai/Kimi-K2-Instruct: the published 1T total (without its multi-token-prediction layer) and 32B active
+    # google/gemma-4-26B-A4B's text model: the published 25.2B total, 3.8B active (its dense MLPs run for every token;
+    # the tied head counted once), from one period of its layers (five windowed and a global one) built on meta
+    with torch.device("meta"):
+        period = Transformer(replace(PRESETS["gemma-4-26b-a4b"], n_layers=6))
+    shared = period.tok_emb.weight.numel() + period.norm.weight.numel()
+    periods = PRESETS["gemma-4-26b-a4b"].n_layers // 6
+    assert shared + periods * (period.num_params() - shared) == 25_233_141_760
+    emb = period.tok_emb.weight.numel()
+    assert emb + periods * (period.matmul_params() - emb) == 3_821_830_144
     kimi_k2 = _moe_counts("kimi-k2")
     assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)
     # Qwen/Qwen3.5-9B's language model (its vision tower apart): the 8.95B llama.cpp counts
@@ -189,6 +198,11 @@ VARIANTS = {
                "global_values_are_keys": True, "value_norm": True, "layer_scalar": True, "attn_scale_dim": 1,
                "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 0.25}, "n_experts": 4,
                "expert_ffn_dim": 32, "shared_expert_ffn_dim": 48, "experts_own_norms": True, "router_input_norm": True},
+    # Gemma 4 E2B's: per-layer embeddings; the last two layers attend to the cached keys and values of the last earlier
+    # layer of their kind (windowed, global), with MLPs twice as wide.
+    "gemma4-e2b": {"n_layers": 4, "sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0,
+                   "sandwich_norm": True, "qk_norm": True, "head_size": 16, "global_head_size": 32, "value_norm": True,
+                   "layer_scalar": True, "kv_shared_layers": 2, "kv_shared_wide_mlp": True, "per_layer_input_size": 8},
 }
 
 

@@ -60,11 +60,13 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid"])
+@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "gemma4", "gemma4-e2b"])
 def test_kv_cache_is_what_the_model_allocates(kind):
     """Latent attention caches a latent and a rotated key; a hybrid model keys and values for its attention layers
-    only, and a fixed-size state per sequence for each linear attention layer."""
-    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID}[kind])
+    only, and a fixed-size state per sequence for each linear attention layer; Gemma 4 its global layers' keys and
+    values in their own shape, and none for the layers taking earlier ones' (E2B)."""
+    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "gemma4": GEMMA4,
+                                             "gemma4-e2b": GEMMA4_E2B}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
     assert est["KV cache (generation)"].bytes == sum(t.nbytes for t in cache.per_row().values())
@@ -180,6 +182,8 @@ GEMMA4 = dict(mlp="geglu", norm_cast_after=True, scale_embeddings=True, head_siz
               sliding_window=64, global_every=2, rope_local_theta=100.0, global_head_size=32, global_kv_heads=1,
               global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1,
               rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25})
+GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
+                           kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
                            router_input_norm=True, expert_weights_float32=True)
 
@@ -236,6 +240,9 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "lora", "fp32", 1, {"dims": GEMMA4}),
     ("debug-llama", "pretrain", "fp32", 0, {"dims": GEMMA4_MOE}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": GEMMA4_MOE}),
+    # and E2B's: per-layer inputs made once, gated in every block; the last layers attend to earlier layers' keys
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": GEMMA4_E2B}),
+    ("debug-llama", "lora", "bf16", 1, {"dims": GEMMA4_E2B}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

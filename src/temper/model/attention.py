@@ -214,10 +214,14 @@ class Attention(nn.Module):
     """Whether `extend_kv` passes a `BlockMask` through; a subclass whose extra keys lie outside its key
     axis says False, and the model then gives it SDPA's dense mask."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, global_shaped: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, global_shaped: bool = False, layer: int | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # which slice of the KV cache this layer owns (of `k_global` if global_shaped)
         self.global_shaped = global_shaped  # a global layer shaped apart (Gemma 4): its heads, width, values
+        # Gemma 4 E2B's and E4B's last layers attend to an earlier layer's keys and values (`kv_shared_layers`): the
+        # layer (its index in the model) whose they take, and whether this layer's are taken
+        self.layer, self.kv_source = layer, None if layer is None else cfg.kv_source(layer)
+        self.kv_shared = layer is not None and any(cfg.kv_source(j) == layer for j in range(cfg.n_layers))
         self.n_heads = cfg.n_heads
         self.n_kv_heads, self.head_dim = cfg.global_shape if global_shaped else (cfg.kv_heads, cfg.head_dim)
         # Gemma 4: each value head normalised without a weight, as its reference does (in float32, rounded after)
@@ -237,10 +241,12 @@ class Attention(nn.Module):
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.output_gate = cfg.attn_output_gate  # q_proj makes each head's queries, then its output gates
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim * (2 if self.output_gate else 1), bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        own_kv = self.kv_source is None  # a layer taking another's keys and values makes none
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias) if own_kv else None
         # Gemma 4's global layers: the values are the keys' projection (attention_k_eq_v), so no v_proj
         values_are_keys = self.global_shaped and cfg.global_values_are_keys
-        self.v_proj = None if values_are_keys else nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = (nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+                       if own_kv and not values_are_keys else None)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
         # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
         # one over all the query heads' values at once, one over the keys'.
@@ -248,14 +254,18 @@ class Attention(nn.Module):
         q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
                             else (self.head_dim, self.head_dim))
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
+        self.k_norm = (RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
+                       if cfg.qk_norm and own_kv else None)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
+        """shared_kv: with `kv_shared_layers`, the keys and values of the layers others attend to, by layer, as
+        this forward makes them (this layer adds its own where others take them, or takes its source's)."""
         B, T, C = x.shape
-        q, k, v, gate = self.project(x, rope, cache)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv); S = cached + T
+        q, k, v, gate = self.project(x, rope, cache, shared_kv)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv)
         k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)
         y = self.attend(q, k, v, mask, causal)  # (B, H, T, Dv)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*Dv)
@@ -265,18 +275,25 @@ class Attention(nn.Module):
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Queries (B, H, T, D), rotated, every key and value (B, Hkv, S, D) (the cache's and these T tokens'), and the
         output's gates (B, T, H*D) with `attn_output_gate`, else None."""
         B, T, C = x.shape
         # Head counts come from the projections' outputs (-1), not the config: a tensor-parallel shard
         # of the projections holds a slice of the heads and runs this same code on it.
-        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
-        v = k if self.v_proj is None else self.v_proj(x)  # (B, T, Hkv*D): without v_proj, k_proj's before its norm
+        q = self.q_proj(x)  # (B, T, H*D)
         gate = None
         if self.output_gate:
             q, gate = q.view(B, T, -1, 2 * self.head_dim).chunk(2, dim=-1)  # (B, T, H, D) each
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
+        if self.kv_source is not None:  # another layer's keys and values, cached and rotated: queries alone here
+            q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
+            q = q if self.q_norm is None else self.q_norm(q)
+            q = q if rope is None else apply_rope(q, *rope).to(q.dtype)
+            return (q.transpose(1, 2), *shared_kv[self.kv_source], gate)
+        k = self.k_proj(x)  # (B, T, Hkv*D)
+        v = k if self.v_proj is None else self.v_proj(x)  # (B, T, Hkv*D): without v_proj, k_proj's before its norm
         if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
@@ -291,6 +308,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, self.global_shaped)  # (B, Hkv, S, D), S = cached + T
+        if self.kv_shared:
+            shared_kv[self.layer] = k, v
         return q, k, v, gate
 
     def attend(
@@ -420,6 +439,7 @@ class LatentAttention(Attention):
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         """The expanded form: every head's keys and values made from the latents (no output gates)."""
         B = x.shape[0]

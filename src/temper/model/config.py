@@ -125,6 +125,18 @@ class ModelConfig:
     layer_scalar: bool = False
     """Each block's output, residual stream included, is multiplied by a scalar of its own: a buffer read from the
     checkpoint and kept fixed in training, 1 in a fresh model (Gemma 4's layer_scalar)."""
+    kv_shared_layers: int = 0
+    """The last this many layers make no keys or values: each attends, with its own queries, to those of the last
+    earlier layer of its kind (windowed or global) that makes its own, as they are cached (Gemma 4 E2B: 20 of 35
+    layers). 0: every layer makes its own."""
+    kv_shared_wide_mlp: bool = False
+    """With kv_shared_layers: those layers' MLPs are twice ffn_dim wide (Gemma 4's use_double_wide_mlp)."""
+    per_layer_input_size: int | None = None
+    """Per-layer embeddings (Gemma 4 E2B, E4B): each token looks up this many values per layer in a table of its own,
+    added to a normalised projection of its embedding; each block gates them by its output and adds their projection
+    back, normalised, before its layer_scalar. None: none."""
+    per_layer_vocab_size: int | None = None
+    """With per_layer_input_size: rows of the per-layer table; None: vocab_size."""
     nope_every: int | None = None
     """The last layer of every group of this many takes no positions at all (NoPE, Kazemnejad et al. 2023; SmolLM3:
     4, three RoPE layers then one without); None: every layer rotates."""
@@ -301,6 +313,21 @@ class ModelConfig:
                                        and self.global_head_size != self.head_dim and self.rope_local_theta is None):
                 raise ValueError(f"global_head_size={self.global_head_size} with RoPE needs an even width and "
                                  "rope_local_theta (the windowed layers' table is another width)")
+        if self.kv_shared_layers:
+            first = self.n_layers - self.kv_shared_layers
+            sources = {self.window_of(j) for j in range(max(first, 0))}
+            if (not 0 < first < self.n_layers or self.kv_lora_rank is not None or self.full_attention_every is not None
+                    or any(self.window_of(i) not in sources for i in range(first, self.n_layers))):
+                raise ValueError(f"kv_shared_layers={self.kv_shared_layers} must leave an earlier layer of each kind "
+                                 f"(windowed or global) of the {self.n_layers} to share its keys and values, without "
+                                 "latent or linear attention")
+        if self.kv_shared_wide_mlp and (not self.kv_shared_layers or self.n_experts):
+            raise ValueError("kv_shared_wide_mlp needs kv_shared_layers and a dense MLP (no n_experts)")
+        for name in ("per_layer_input_size", "per_layer_vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        if self.per_layer_vocab_size is not None and self.per_layer_input_size is None:
+            raise ValueError("per_layer_vocab_size needs per_layer_input_size")
         if self.nope_every is not None and (self.pos != "rope" or self.nope_every < 1):
             raise ValueError(f"nope_every={self.nope_every} needs pos='rope' and groups of 1 layer or more")
         if not 0.0 <= self.dropout < 1.0:
@@ -419,6 +446,14 @@ class ModelConfig:
         its KV cache slots are the cache's `k_global`, `v_global`."""
         return self.global_shaped and self.window_of(layer) is None
 
+    def kv_source(self, layer: int) -> int | None:
+        """The layer whose keys and values layer `layer` attends to, where it makes none (`kv_shared_layers`): the
+        last of its kind before them. None: it makes its own."""
+        first = self.n_layers - self.kv_shared_layers
+        if layer < first:
+            return None
+        return max(j for j in range(first) if self.window_of(j) == self.window_of(layer))
+
     def is_linear(self, layer: int) -> bool:
         """Whether layer `layer` (0-based) is a Gated DeltaNet linear attention layer (`full_attention_every`)."""
         return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)
@@ -512,6 +547,13 @@ _DEEPSEEK_V2_LITE = replace(
     router_float32=True, expert_group_best=1, dense_layers=1, expert_weights_float32=True, rope_float32=True,
 )
 
+_GEMMA4_31B = replace(
+    _GEMMA3, vocab_size=262144, dim=5376, n_layers=60, n_heads=32, n_kv_heads=16, head_size=256, ffn_dim=21504,
+    max_seq_len=262144, norm_unit_offset=False, norm_cast_after=True, sliding_window=1024,
+    rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}, global_head_size=512, global_kv_heads=4,
+    global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1, logit_softcap=30.0,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
     "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
@@ -568,12 +610,13 @@ PRESETS: dict[str, ModelConfig] = {
     # Gemma 4 31B (Google DeepMind, 2026): five windowed layers (1024 tokens, 16 kv heads of 256) to one global (4 kv
     # heads of 512 whose values are their keys' projection, a quarter of each head's pairs turning); value norms,
     # layer scalars, unscaled scores, logits capped at 30 (30.7B parameters).
-    "gemma-4-31b": replace(
-        _GEMMA3, vocab_size=262144, dim=5376, n_layers=60, n_heads=32, n_kv_heads=16, head_size=256, ffn_dim=21504,
-        max_seq_len=262144, norm_unit_offset=False, norm_cast_after=True, sliding_window=1024,
-        rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25}, global_head_size=512,
-        global_kv_heads=4, global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1,
-        logit_softcap=30.0,
+    "gemma-4-31b": _GEMMA4_31B,
+    # Gemma 4 26B-A4B: 31B's attention, narrower (16 heads; 2 kv heads on its global layers), and in every layer its
+    # dense MLP beside 128 experts, 8 per token (25.2B parameters, 3.8B active).
+    "gemma-4-26b-a4b": replace(
+        _GEMMA4_31B, dim=2816, n_layers=30, n_heads=16, n_kv_heads=8, global_kv_heads=2, ffn_dim=2112, n_experts=128,
+        experts_per_token=8, expert_ffn_dim=704, shared_expert_ffn_dim=2112, experts_own_norms=True,
+        router_input_norm=True, expert_weights_float32=True,
     ),
     # Mixtures of experts. Mixtral-8x7B (Jiang et al. 2024): Mistral-7B's shape with 8 experts of its MLP's size, 2
     # per token (46.7B parameters, 12.9B active). Qwen3-30B-A3B: 128 narrow experts, 8 per token, q/k norms.

@@ -109,10 +109,10 @@ def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
     if model.cfg.full_attention_every is not None:
         raise ValueError("prefix tuning needs keys and values in every layer, which linear attention layers (Qwen3.5, "
                          "full_attention_every) do not have: use LoRA")
-    if model.cfg.global_shaped:
-        raise ValueError("prefix tuning needs keys and values of one shape in every layer; the global layers of this "
-                         "model (Gemma 4, global_head_size / global_kv_heads / global_values_are_keys) have their own: "
-                         "use LoRA")
+    if model.cfg.global_shaped or model.cfg.kv_shared_layers:
+        raise ValueError("prefix tuning needs keys and values of one shape made in every layer; this model's global "
+                         "layers have their own (Gemma 4: global_head_size / global_kv_heads / global_values_are_keys) "
+                         "or its last layers take earlier ones' (kv_shared_layers): use LoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(model.layers):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +62,28 @@ class Block(nn.Module):
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
         self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every) and not linear
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
-        # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only, and global
-        # layers shaped apart (Gemma 4) have slots of their own shape.
+        # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only, global
+        # layers shaped apart (Gemma 4) have slots of their own shape; layers taking another's keys and values none.
         shaped = cfg.is_global_shaped(layer_idx)
-        slot = sum((cfg.is_linear(j), cfg.is_global_shaped(j)) == (linear, shaped) for j in range(layer_idx))
+        slot = sum((cfg.is_linear(j), cfg.is_global_shaped(j)) == (linear, shaped) and cfg.kv_source(j) is None
+                   for j in range(layer_idx))
         attention = LatentAttention if cfg.kv_lora_rank else Attention
-        self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot, shaped)
+        self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot, shaped, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
-        self.mlp = MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers else MLP(cfg)  # DeepSeek-V3: dense first
+        wide = 2 * cfg.hidden_dim if cfg.kv_shared_wide_mlp and cfg.kv_source(layer_idx) is not None else None
+        self.mlp = (MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers  # DeepSeek-V3: dense first
+                    else MLP(cfg, wide))
         self.mlp_takes_raw = isinstance(self.mlp, MoE) and cfg.experts_own_norms  # Gemma 4: routes the raw input
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.residual_multiplier = cfg.residual_multiplier
+        # Gemma 4 E2B, E4B: its per-layer input (the model's per-layer embeddings), gated by the stream, added back
+        self.per_layer_gate = self.per_layer_out = self.per_layer_out_norm = None
+        if cfg.per_layer_input_size:
+            self.per_layer_gate = nn.Linear(cfg.dim, cfg.per_layer_input_size, bias=False)
+            self.per_layer_out = nn.Linear(cfg.per_layer_input_size, cfg.dim, bias=False)
+            self.per_layer_out_norm = make_norm(cfg)
+            self.per_layer_act = F.silu if cfg.mlp == "swiglu" else partial(F.gelu, approximate="tanh")  # the MLP's
         # Gemma 4: the block's output times a scalar of its own, a checkpoint's value kept fixed (a buffer, not trained)
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
 
@@ -84,12 +95,20 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | BlockMask | None = None, causal: bool = True, cache: KVCache | None = None,
+        per_layer: torch.Tensor | None = None, shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, causal, cache)  # (B, T, C)
+        """per_layer: this block's (B, T, P) per-layer input (`per_layer_input_size`); shared_kv: the keys and values
+        layers share (`kv_shared_layers`), passed to attention."""
+        h = x if self.attn_norm is None else self.attn_norm(x)
+        h = self.attn(h, rope, mask, causal, cache) if shared_kv is None else self.attn(h, rope, mask, causal, cache,
+                                                                                        shared_kv)  # (B, T, C)
         x = x + self._joining(h, self.attn_out_norm)
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
         x = x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
+        if self.per_layer_gate is not None:
+            h = self.per_layer_act(self.per_layer_gate(x)) * per_layer  # (B, T, P)
+            x = x + self.per_layer_out_norm(self.per_layer_out(h))  # (B, T, C)
         return x if self.layer_scalar is None else x * self.layer_scalar
 
 
@@ -120,6 +139,15 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
+        # Gemma 4 E2B, E4B: P values per layer for each token from a table of its own, beside a normalised projection
+        # of its embedding (`per_layer_inputs`)
+        self.per_layer_emb = self.per_layer_proj = self.per_layer_norm = None
+        if cfg.per_layer_input_size:
+            width = cfg.n_layers * cfg.per_layer_input_size
+            self.per_layer_emb = nn.Embedding(cfg.per_layer_vocab_size or cfg.vocab_size, width)
+            self.per_layer_proj = nn.Linear(cfg.dim, width, bias=False)
+            self.per_layer_norm = RMSNorm(cfg.per_layer_input_size, cfg.norm_eps, cfg.norm_unit_offset,
+                                          cfg.norm_cast_after)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -230,6 +258,7 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         if first and self.cfg.embed_multiplier is not None:  # Granite: the float factor, as its reference multiplies
             x = x * self.cfg.embed_multiplier
+        per_layer = self.per_layer_inputs(tokens, x) if self.per_layer_emb is not None else None  # (B, T, L, P)
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {False: None}  # by Block.local_rope
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
@@ -246,8 +275,13 @@ class Transformer(nn.Module):
                                             positions if cache is not None else None,
                                             cache.max_len if cache is not None else 0)
                  for kind in {layer.mask_kind for layer in self.layers}}
-        for layer in self.layers:
-            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.mask_kind], cache)  # (B, T, C)
+        shared_kv = {} if self.cfg.kv_shared_layers else None  # the keys and values layers share, as they are made
+        for i, layer in enumerate(self.layers):
+            extra = {} if per_layer is None else {"per_layer": per_layer[:, :, i]}
+            if shared_kv is not None:
+                extra["shared_kv"] = shared_kv
+            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.mask_kind], cache,
+                      **extra)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
@@ -260,6 +294,16 @@ class Transformer(nn.Module):
         if hidden_only:  # the final hidden states, for a head applied outside (train.losses, model.heads)
             return x  # (B, T, C) or (N, C)
         return self.logits(x)
+
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every block's per-layer input (B, T, L, P) (Gemma 4 E2B, E4B): the tokens' rows of the per-layer table,
+        scaled by sqrt(P) (rounded to the weights' dtype, as the reference does), plus the normalised projection of
+        their embeddings x (B, T, C) scaled by 1/sqrt(C), the sum scaled by 1/sqrt(2)."""
+        B, T = tokens.shape
+        L, P = self.cfg.n_layers, self.cfg.per_layer_input_size
+        table = self.per_layer_emb(tokens) * torch.tensor(P**0.5, dtype=self.per_layer_emb.weight.dtype)
+        projected = self.per_layer_norm((self.per_layer_proj(x) * self.cfg.dim**-0.5).view(B, T, L, P))
+        return (projected + table.view(B, T, L, P)) * 2**-0.5
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on final hidden states (..., C) -> (..., V): the tied embedding, or the head as a module
@@ -368,8 +412,9 @@ class Transformer(nn.Module):
         # is held in host memory (train.parallel.HostEmbedding).
         p = (self.norm if self.norm is not None else self.tok_emb).weight
         c = self.cfg
-        attention = [m for m in self.modules() if isinstance(m, Attention) and not m.global_shaped]
-        shaped = [m for m in self.modules() if isinstance(m, Attention) and m.global_shaped]
+        owners = [m for m in self.modules() if isinstance(m, Attention) and m.kv_source is None]  # of cache slots
+        attention = [m for m in owners if not m.global_shaped]
+        shaped = [m for m in owners if m.global_shaped]
         linear = [m for m in self.modules() if isinstance(m, GatedDeltaNet)]
         k_dim, v_dim = c.cache_widths
         states = None
@@ -394,6 +439,8 @@ class Transformer(nn.Module):
         if exclude_embedding:
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
+            if self.per_layer_emb is not None:  # Gemma 4's per-layer table: a lookup too
+                n -= self.per_layer_emb.weight.numel()
             if self.head is not None:
                 n -= self.tok_emb.weight.numel()
         return n

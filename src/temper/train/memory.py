@@ -573,6 +573,14 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         _norm(s, "mlp_out_norm", block.mlp_out_norm, d, mlp_grad, t, in_bytes=t.a)
         out_norm_bytes = s.total - before
         mlp_grad = mlp_grad or _wants_grad(block.mlp_out_norm)
+    if block.per_layer_gate is not None:  # Gemma 4 E2B: the per-layer input gated by the stream, projected, normalised
+        width, grad = block.per_layer_gate.out_features, grad_mid or mlp_grad
+        _readers(s, "per-layer gate input", [block.per_layer_gate], t.r, t, lora_dropout, grad)
+        if grad or _wants_grad(block.per_layer_gate) or _wants_grad(block.per_layer_out):
+            s.add("per-layer gate's activation input and output (a product's operand)", 2 * t.a * width)
+        _readers(s, "per-layer product", [block.per_layer_out], 4, t, lora_dropout, grad)
+        _norm(s, "per_layer_out_norm", block.per_layer_out_norm, d, grad or _wants_grad(block.per_layer_out), t,
+              in_bytes=t.a)
     # The peak of its backward is in the MLP: the gradient of the residual stream coming down and of
     # the hidden (`_mlp_saved`'s), while down_proj's saved input has just been freed (measured on a recomputed block).
     transient = t.r * d + hidden if (mlp_grad or grad_mid) else 0
@@ -604,7 +612,8 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
         attn_grad = grad_in or any(_wants_grad(m) for m in first)
         # With an output gate q_proj makes each head's gates beside its queries; both are split off as copies,
         # the queries going on as q does.
-        q_out, kv_out = attn.q_proj.out_features // (2 if gated else 1), attn.k_proj.out_features
+        # (a layer taking another's keys and values, Gemma 4 E2B's, reads that layer's: its SDPA keeps them too)
+        q_out, kv_out = attn.q_proj.out_features // (2 if gated else 1), attn.n_kv_heads * attn.head_dim
         k_out = v_out = kv_out
         if attn.q_norm is not None:  # Qwen3: normalised per head (OLMo 2: all heads at once), in float32, before RoPE
             heads = (1, 1) if attn.qk_norm_whole else (q_out // attn.head_dim, kv_out // attn.head_dim)
@@ -869,6 +878,12 @@ def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "al
         s.add("embedding indices", 8)
     if cfg.dropout > 0 and model.tok_emb.weight.requires_grad and stage != "last":
         s.add("embedding dropout mask", t.mask(t.r) * cfg.dim)
+    if model.per_layer_emb is not None and stage != "last":  # Gemma 4 E2B: every layer's input, made once
+        width = cfg.n_layers * cfg.per_layer_input_size
+        _readers(s, "embeddings", [model.per_layer_proj], 4, t, 0.0, grad_out)
+        _norm(s, "per-layer projection norm", model.per_layer_norm, width, grad_out, t, rows=cfg.n_layers,
+              in_bytes=t.a)
+        s.add("per-layer inputs (float32, each block's product operand)", 4 * width if grad_out else 0)
     if stage == "first":
         return s
     _norm(s, "final norm", model.norm, cfg.dim, grad_out, t)
@@ -1351,8 +1366,9 @@ def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str 
     its length: the float32 state (value heads x Dk x Dv) and the convolution's last K - 1 inputs in the compute
     dtype."""
     linear = sum(cfg.is_linear(i) for i in range(n_layers))
-    shaped = sum(cfg.is_global_shaped(i) for i in range(n_layers))
-    attention = n_layers - linear - shaped
+    owners = [i for i in range(n_layers) if cfg.kv_source(i) is None]  # Gemma 4 E2B's last layers cache nothing
+    shaped = sum(cfg.is_global_shaped(i) for i in owners)
+    attention = len(owners) - linear - shaped
     width, per_layer = _kv_width(cfg, tp)
     formula = f"{attention} {'attention ' if linear else ''}layers x {tokens + ' x ' if tokens else ''}{per_layer} x {a} B"
     if shaped:  # Gemma 4's global layers: kv heads and a width of their own (never beside linear layers)

@@ -107,6 +107,10 @@ def check_layout(cfg: ModelConfig, layout: ParallelConfig, amp_dtype: torch.dtyp
     if cfg.tie_embeddings:
         raise ConfigError("model.tie_embeddings=true with train.parallel.pp > 1: the first stage holds the embedding "
                           "and the last the head, so they cannot be one tensor; set model.tie_embeddings=false")
+    if cfg.per_layer_input_size or cfg.kv_shared_layers:
+        raise ConfigError("model.per_layer_input_size / model.kv_shared_layers (Gemma 4 E2B, E4B) with "
+                          "train.parallel.pp > 1: every stage would need the tokens' per-layer embeddings or an earlier "
+                          "stage's keys and values; shard the model with train.parallel.dp_shard (FSDP2) instead")
     if amp_dtype == torch.float16:
         raise ConfigError("train.precision=fp16 with train.parallel.pp > 1: the gradient scaler's overflow check "
                           "would differ between stages; use bf16")

@@ -55,6 +55,9 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_experts:
         raise ConfigError(f"train.parallel.tp={tp} does not split a mixture of experts (n_experts={cfg.n_experts}): "
                           "shard it with train.parallel.dp_shard (FSDP2) instead")
+    if cfg.per_layer_input_size or cfg.kv_shared_layers:
+        raise ConfigError(f"train.parallel.tp={tp} does not split Gemma 4 E2B's and E4B's per-layer embeddings or "
+                          "layers sharing keys and values: shard the model with train.parallel.dp_shard (FSDP2) instead")
     if cfg.qk_norm_whole or not cfg.pre_norm:
         raise ConfigError(f"train.parallel.tp={tp} does not split OLMo 2's blocks (q/k norms over all heads, no "
                           "pre-norms): shard it with train.parallel.dp_shard (FSDP2) instead")

@@ -10,7 +10,7 @@ norms, windowed layers with their own RoPE base; also read out of the image-text
 checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
 out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
 their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
-scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and shared KV layers refused),
+scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values),
 Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
 fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
 outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
@@ -638,12 +638,20 @@ def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
     """Gemma 4's attention beyond Gemma 3's: global layers with their own head width and kv heads (its published
     configs' global_head_dim and, with attention_k_eq_v, num_global_key_value_heads; transformers 5.25 writes them
     out per layer, per_layer_config), and with attention_k_eq_v values made by their keys' projection; value norms
-    and each layer's scalar; 26B-A4B's experts beside the dense MLP. Its per-layer embeddings and shared KV layers
-    (E2B, E4B) are refused by name."""
-    for key, what in (("hidden_size_per_layer_input", "per-layer embeddings (Gemma 4 E2B and E4B)"),
-                      ("num_kv_shared_layers", "layers sharing another layer's keys and values (E2B and E4B)")):
-        if d.get(key):
-            raise ValueError(f"Gemma 4 {key}={d[key]!r} is not supported: temper does not build {what}")
+    and each layer's scalar; 26B-A4B's experts beside the dense MLP; E2B's and E4B's per-layer embeddings and last
+    layers taking earlier ones' keys and values (their MLPs twice as wide, with use_double_wide_mlp)."""
+    n, shared = d["num_hidden_layers"], d.get("num_kv_shared_layers", 0)
+    if not 0 <= shared < n:
+        raise ValueError(f"Gemma 4 num_kv_shared_layers={shared} must leave some of the {n} layers making their own keys "
+                         "and values")
+    per_layer = d.get("hidden_size_per_layer_input") or None
+    per_layer_vocab = d.get("vocab_size_per_layer_input", d["vocab_size"])
+    if per_layer and not (_is_int(per_layer_vocab) and per_layer_vocab > 0):
+        raise ValueError(f"key 'vocab_size_per_layer_input' must be a positive integer, got {per_layer_vocab!r}")
+    per_layer_fields = {"kv_shared_layers": shared, "kv_shared_wide_mlp": bool(shared and d.get("use_double_wide_mlp")),
+                        "per_layer_input_size": per_layer,
+                        "per_layer_vocab_size": per_layer_vocab if per_layer and per_layer_vocab != d["vocab_size"]
+                        else None}
     values_are_keys = bool(d.get("attention_k_eq_v", False))
     kv_heads = d.get("num_key_value_heads") or d["num_attention_heads"]
     global_head = d.get("global_head_dim", 512)
@@ -661,7 +669,8 @@ def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
                    "router_input_norm": True, "expert_weights_float32": True}
     return {"global_head_size": None if global_head == head_dim else global_head,
             "global_kv_heads": None if global_kv == kv_heads else global_kv,
-            "global_values_are_keys": values_are_keys, "value_norm": True, "layer_scalar": True, **experts}
+            "global_values_are_keys": values_are_keys, "value_norm": True, "layer_scalar": True, **experts,
+            **per_layer_fields}
 
 
 def _gemma4_per_layer(d: dict[str, Any], head_dim: int, kv_heads: int) -> tuple[int, int]:
@@ -773,7 +782,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
-            gemma4 = cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
+            gemma4 = (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
+                      or cfg.kv_shared_layers or cfg.per_layer_input_size)
             arch = GEMMA4 if gemma4 else GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
         elif cfg.full_attention_every is not None:
             arch = QWEN3_5_MOE if cfg.n_experts else QWEN3_5
@@ -831,9 +841,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='swiglu' and norm_unit_offset, without scale_embeddings"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    if arch != GEMMA4 and (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms):
-        return ("its global layers are shaped as the others, with no value norms, layer scalars or experts normalised "
-                "apart (Gemma4ForCausalLM has them)")
+    gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
+                    cfg.per_layer_input_size)
+    if arch != GEMMA4 and any(gemma4_parts):
+        return ("its global layers are shaped as the others, with no value norms, layer scalars, experts normalised "
+                "apart, shared keys and values or per-layer embeddings (Gemma4ForCausalLM has them)")
     if arch == GEMMA4 and cfg.n_experts and not (cfg.experts_own_norms and cfg.router_input_norm
                                                   and cfg.renormalize_experts and not cfg.shared_expert_gate):
         return ("its experts sit beside its dense MLP (an ungated shared expert), normalised apart, routed through "
@@ -1026,15 +1038,17 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap}
         if arch == GEMMA3:
             d |= {"rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta, "use_bidirectional_attention": False}
-    elif arch == GEMMA4:  # one RoPE per layer type, and no per-layer embeddings (its config's default has them)
+    elif arch == GEMMA4:  # one RoPE per layer type; per-layer embeddings written out (its config's default has them)
         global_kv_heads, global_head = cfg.global_shape
         del d["rope_theta"], d["rope_scaling"], d["hidden_act"]
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
               "layer_types": _layer_types(cfg), "final_logit_softcapping": cfg.logit_softcap,
               "global_head_dim": global_head, "attention_k_eq_v": cfg.global_values_are_keys,
               "num_global_key_value_heads": global_kv_heads if cfg.global_values_are_keys else None,
-              "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": cfg.vocab_size,
-              "num_kv_shared_layers": 0, "enable_moe_block": bool(cfg.n_experts), "use_double_wide_mlp": False,
+              "hidden_size_per_layer_input": cfg.per_layer_input_size or 0,
+              "vocab_size_per_layer_input": cfg.per_layer_vocab_size or cfg.vocab_size,
+              "num_kv_shared_layers": cfg.kv_shared_layers, "enable_moe_block": bool(cfg.n_experts),
+              "use_double_wide_mlp": cfg.kv_shared_wide_mlp,
               "use_bidirectional_attention": None,
               "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
                                   "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,

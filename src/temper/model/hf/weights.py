@@ -142,6 +142,10 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
     else:
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
         add("model.embed_tokens.weight", "tok_emb.weight")
+        if cfg.per_layer_input_size:  # Gemma 4 E2B's and E4B's per-layer embeddings
+            add("model.embed_tokens_per_layer.weight", "per_layer_emb.weight")
+            add("model.per_layer_model_projection.weight", "per_layer_proj.weight")
+            add("model.per_layer_projection_norm.weight", "per_layer_norm.weight")
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
             # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
@@ -200,6 +204,10 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
             if f"{p}layer_scalar" in keys:  # Gemma 4's
                 add(f"{h}layer_scalar", f"{p}layer_scalar")
+            if cfg.per_layer_input_size:
+                for theirs, ours in (("per_layer_input_gate", "per_layer_gate"), ("per_layer_projection", "per_layer_out"),
+                                     ("post_per_layer_input_norm", "per_layer_out_norm")):
+                    add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
             if arch == GPT_OSS:  # the experts stacked (`_STACKED`), the router with its bias, a sink per head
                 add(f"{h}self_attn.sinks", f"{p}attn.sinks")
                 add(f"{h}mlp.router.weight", f"{p}mlp.router.weight")
@@ -254,13 +262,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
     """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, the vision tower of a
-    Gemma 3 or Qwen3.5 image-text checkpoint (and Gemma 4's audio tower), and multi-token-prediction layers (DeepSeek-V3's, GLM-4.5's, Qwen3.5's)."""
+    Gemma 3 or Qwen3.5 image-text checkpoint (and Gemma 4's audio tower), multi-token-prediction layers (DeepSeek-V3's,
+    GLM-4.5's, Qwen3.5's), and the unused key and value weights of Gemma 4's layers that take another's."""
     return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
-            or (cfg.hf_architecture == GEMMA4 and name.startswith(_GEMMA4_SKIPPED))
+            or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED)))
+
+
+def _shared_kv_weight(name: str, cfg: ModelConfig) -> bool:
+    """Whether `name` is a key or value projection or norm of a Gemma 4 layer that takes another's keys and values: its
+    published checkpoints keep them, unused (transformers ignores them on load)."""
+    layer = _layer_index(_canonical(name, GEMMA4))
+    return (layer >= 0 and cfg.kv_source(layer) is not None
+            and name.endswith(tuple(f"self_attn.{n}.weight" for n in ("k_proj", "v_proj", "k_norm", "v_norm"))))
 
 
 def _layer_index(name: str) -> int:
