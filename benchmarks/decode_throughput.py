@@ -92,6 +92,17 @@ SHAPES: dict[str, ModelConfig] = {
         PRESETS["qwen3.5-9b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_size=64,
         rope_dim=16, ffn_dim=1408, linear_key_heads=4, linear_value_heads=8, linear_key_size=64, linear_value_size=64,
         max_seq_len=2048),
+    # Gemma 4's layouts, small. E2B's: five windowed layers to one global (wider heads, one kv head, values from k_proj),
+    # per-layer embeddings, the last six layers attending to earlier layers' cached keys and values.
+    "gemma4-small": dataclasses.replace(
+        PRESETS["gemma-4-31b"], vocab_size=32000, dim=512, n_layers=12, n_heads=8, n_kv_heads=4, head_size=64,
+        global_head_size=128, global_kv_heads=1, ffn_dim=1408, sliding_window=512, kv_shared_layers=6,
+        kv_shared_wide_mlp=True, per_layer_input_size=64, max_seq_len=2048),
+    # 26B-A4B's: every layer's dense MLP beside 64 experts, 8 per token.
+    "gemma4-moe-small": dataclasses.replace(
+        PRESETS["gemma-4-26b-a4b"], vocab_size=32000, dim=512, n_layers=12, n_heads=8, n_kv_heads=4, head_size=64,
+        global_head_size=128, global_kv_heads=1, ffn_dim=1408, shared_expert_ffn_dim=1408, n_experts=64,
+        expert_ffn_dim=256, sliding_window=512, max_seq_len=2048),
     **PRESETS,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

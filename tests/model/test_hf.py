@@ -128,6 +128,14 @@ CASES = {
         "Gemma4TextConfig", "Gemma4ForCausalLM", **_GEMMA4 | {"num_hidden_layers": 6, "layer_types": [
             "sliding_attention", "full_attention"] * 3, "hidden_size_per_layer_input": 8},
         vocab_size_per_layer_input=128, num_kv_shared_layers=3, use_double_wide_mlp=True)),
+    # ERNIE 4.5: Llama with biases everywhere, RoPE in float32 in adjacent pairs over the whole head
+    "ernie4.5-pairs-bias": lambda: _hf("Ernie4_5Config", "Ernie4_5ForCausalLM", **_SMALL, head_dim=24, use_bias=True,
+                                       tie_word_embeddings=False),
+    # ERNIE 4.5's mixture: a float32 softmax router choosing with a bias, 2 of 4 experts beside 2 shared ones, after a
+    # dense layer
+    "ernie4.5-moe-biased-softmax": lambda: _hf(
+        "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
+        moe_intermediate_size=40, moe_num_shared_experts=2, moe_layer_start_index=1),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
     # Phi-4-mini's way: half of each head rotated, LongRoPE with an original length short enough that 40-token inputs
@@ -335,7 +343,9 @@ def test_variant_features_are_exercised():
                       ("gemma4-global-wide-heads", {"rope_local_theta": 50000.0}),
                       ("gemma4-experts-beside-mlp", {"router_input_norm": False}),
                       ("gemma4-experts-beside-mlp", {"experts_per_token": 1}),
-                      ("gemma4-per-layer-shared-kv", {"per_layer_input_size": None, "per_layer_vocab_size": None})]:
+                      ("gemma4-per-layer-shared-kv", {"per_layer_input_size": None, "per_layer_vocab_size": None}),
+                      ("ernie4.5-moe-biased-softmax", {"expert_choice_bias": False}),
+                      ("ernie4.5-moe-biased-softmax", {"renormalize_experts": False})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -558,6 +568,16 @@ def test_gemma4_configs_temper_cannot_build_are_refused_by_name(key, value):
                         "per_layer_config": {"1": {"head_dim": 32}, "3": {"head_dim": 64}}})
 
 
+@pytest.mark.parametrize("name, arch", [("ernie-4.5-0.3b", "Ernie4_5ForCausalLM"),
+                                        ("ernie-4.5-21b-a3b", "Ernie4_5_MoeForCausalLM")])
+def test_ernie_presets_are_transformers_defaults(name, arch):
+    """transformers' Ernie4_5Config and Ernie4_5_MoeConfig default to baidu/ERNIE-4.5-0.3B-PT and -21B-A3B-PT: they read
+    as the presets, which export as those architectures."""
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    assert from_hf_config(config.to_dict() | {"architectures": [arch]}) == replace(PRESETS[name], hf_architecture=arch)
+    assert hf_architecture(PRESETS[name]) == arch
+
+
 def test_gemma4_reads_past_the_unused_key_weights_of_its_shared_layers():
     """Gemma 4 E2B's and E4B's published files keep key and value weights for the layers that take another's keys and
     values; transformers ignores them on load, and so does temper, while a stray weight elsewhere still fails."""
@@ -608,6 +628,7 @@ ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (
     "deepseek-v2-group-limited": ("expert_weights_float32", "rope_float32"),  # (from a float32 router) RoPE's too
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
     "gemma4-global-keys-are-values": ("norm_cast_after",),  # its norms scale by w (not 1 + w), then round
+    "ernie4.5-pairs-bias": ("rope_float32",),  # RoPE in float32, rounded after
 }
 
 
@@ -629,11 +650,13 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
         assert (ours(x).float() - ref).abs().max() * 4 < (other.eval()(x).float() - ref).abs().max()
 
 
-@pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid"])
-def test_qwen3_5_bf16_logits_equal_transformers(tmp_path, case):
+@pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
+                                  "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax"])
+def test_qwen3_5_and_gemma4_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
-    the gated norm's product after the weight (0.0 apart on the machine that wrote this; a step of the largest logit
-    allowed for other CPUs' bf16 kernels)."""
+    the gated norm's product after the weight; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
+    router (0.0 apart on the machine that wrote this; a step of the largest logit allowed for other CPUs' bf16
+    kernels)."""
     CASES[case]().save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ours, _ = load_hf(tmp_path, dtype=torch.bfloat16)

@@ -129,11 +129,16 @@ def test_preset_sizes_on_meta():
     assert shared + periods * (period.num_params() - shared) == 25_233_141_760
     emb = period.tok_emb.weight.numel()
     assert emb + periods * (period.matmul_params() - emb) == 3_821_830_144
+    # baidu/ERNIE-4.5-21B-A3B-PT: the published 21B total, 3B active
+    ernie_moe = _moe_counts("ernie-4.5-21b-a3b")
+    assert (ernie_moe[0], ernie_moe[1]) == (21_825_436_160, 3_352_002_560)
     kimi_k2 = _moe_counts("kimi-k2")
     assert (kimi_k2[0], kimi_k2[1] + kimi_k2[2]) == (1_026_408_209_408, 32_860_471_296)
     # Qwen/Qwen3.5-9B's language model (its vision tower apart): the 8.95B llama.cpp counts
     with torch.device("meta"):
         assert Transformer(PRESETS["qwen3.5-9b"]).num_params() == 8_953_803_264
+        # baidu/ERNIE-4.5-0.3B-PT: 0.36B
+        assert Transformer(PRESETS["ernie-4.5-0.3b"]).num_params() == 360_748_032
         # google/gemma-4-31B's text model: the 30.7B of its model card (the vision encoder apart)
         assert Transformer(PRESETS["gemma-4-31b"]).num_params() == 30_697_345_280
 

@@ -17,6 +17,7 @@ from temper.config import ConfigError
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 from temper.train.losses import CompiledLoss, LMLoss
+from temper.train.memory import RunShape, estimate
 from temper.train.methods import LoRAConfig, apply_method
 from temper.train.parallel import (
     MESH_DIMS,
@@ -53,6 +54,32 @@ def test_checkpointing_with_and_without_offload_gives_the_same_gradients(offload
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_activation_offload_holds_gemma4s_frozen_per_layer_table_on_the_host():
+    """Gemma 4 E2B's per-layer table (2.3B of its 5.1B parameters) is only looked up: under LoRA and activation offload
+    it goes to host memory as the untied token table does (the tied one stays, being the head), with the same logits
+    and gradients, and the memory estimate takes it off the device's parameters."""
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["debug-llama"], per_layer_input_size=8)
+    plain = Transformer(cfg)
+    apply_method(plain, "lora", LoRAConfig(dropout=0.0))
+    model = copy.deepcopy(plain)
+    parallelize(model, CPU, activation_checkpointing=1, activation_offload=True)
+    assert isinstance(model.per_layer_emb, HostEmbedding) and not isinstance(model.tok_emb, HostEmbedding)
+    assert list(model.state_dict()) == list(plain.state_dict()) and model.num_params() == plain.num_params()
+    x = torch.randint(0, 256, (2, 24))
+    for m in (model, plain):
+        m(x).float().pow(2).mean().backward()
+    for a, b in zip((p.grad for p in model.parameters() if p.requires_grad),
+                    (p.grad for p in plain.parameters() if p.requires_grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    remove_host_embeddings(model)
+    assert type(model.per_layer_emb) is torch.nn.Embedding and not model.per_layer_emb.weight.requires_grad
+    run = RunShape(recipe="lora", precision="bf16", activation_checkpointing=1)
+    offloaded = estimate(cfg, replace(run, activation_offload=True))
+    table = 2 * plain.per_layer_emb.weight.numel()
+    assert estimate(cfg, run)["parameters"].bytes - offloaded["parameters"].bytes == table
 
 
 def test_activation_offload_holds_a_frozen_untied_embedding_on_the_host():

@@ -2,8 +2,8 @@
 
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, GPT-OSS and
-Qwen3.5 shapes.
+Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, ERNIE 4.5,
+GPT-OSS and Qwen3.5 shapes.
 This module only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -317,10 +317,10 @@ class ModelConfig:
             first = self.n_layers - self.kv_shared_layers
             sources = {self.window_of(j) for j in range(max(first, 0))}
             if (not 0 < first < self.n_layers or self.kv_lora_rank is not None or self.full_attention_every is not None
-                    or any(self.window_of(i) not in sources for i in range(first, self.n_layers))):
+                    or self.qk_norm_whole or any(self.window_of(i) not in sources for i in range(first, self.n_layers))):
                 raise ValueError(f"kv_shared_layers={self.kv_shared_layers} must leave an earlier layer of each kind "
                                  f"(windowed or global) of the {self.n_layers} to share its keys and values, without "
-                                 "latent or linear attention")
+                                 "latent or linear attention or q/k norms over all heads")
         if self.kv_shared_wide_mlp and (not self.kv_shared_layers or self.n_experts):
             raise ValueError("kv_shared_wide_mlp needs kv_shared_layers and a dense MLP (no n_experts)")
         for name in ("per_layer_input_size", "per_layer_vocab_size"):
@@ -554,6 +554,11 @@ _GEMMA4_31B = replace(
     global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1, logit_softcap=30.0,
 )
 
+_ERNIE4_5 = replace(
+    _LLAMA, vocab_size=103424, dim=1024, n_layers=18, n_heads=16, n_kv_heads=2, head_size=128, ffn_dim=3072,
+    max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, rope_float32=True,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
     "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
@@ -617,6 +622,16 @@ PRESETS: dict[str, ModelConfig] = {
         _GEMMA4_31B, dim=2816, n_layers=30, n_heads=16, n_kv_heads=8, global_kv_heads=2, ffn_dim=2112, n_experts=128,
         experts_per_token=8, expert_ffn_dim=704, shared_expert_ffn_dim=2112, experts_own_norms=True,
         router_input_norm=True, expert_weights_float32=True,
+    ),
+    # ERNIE 4.5 (Baidu, 2025) 0.3B: Llama's parts, RoPE in float32 in adjacent pairs, 128-wide heads, a tied head
+    # (360M parameters).
+    "ernie-4.5-0.3b": _ERNIE4_5,
+    # ERNIE-4.5-21B-A3B: 64 experts, 6 per token by a float32 softmax and a choice bias, beside 2 shared ones, after a
+    # dense layer (21.8B parameters, 3.4B active).
+    "ernie-4.5-21b-a3b": replace(
+        _ERNIE4_5, dim=2560, n_layers=28, n_heads=20, n_kv_heads=4, head_size=None, ffn_dim=12288, n_experts=64,
+        experts_per_token=6, expert_ffn_dim=1536, shared_expert_ffn_dim=3072, router_float32=True,
+        expert_choice_bias=True, dense_layers=1,
     ),
     # Mixtures of experts. Mixtral-8x7B (Jiang et al. 2024): Mistral-7B's shape with 8 experts of its MLP's size, 2
     # per token (46.7B parameters, 12.9B active). Qwen3-30B-A3B: 128 narrow experts, 8 per token, q/k norms.

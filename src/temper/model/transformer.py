@@ -100,8 +100,8 @@ class Block(nn.Module):
         """per_layer: this block's (B, T, P) per-layer input (`per_layer_input_size`); shared_kv: the keys and values
         layers share (`kv_shared_layers`), passed to attention."""
         h = x if self.attn_norm is None else self.attn_norm(x)
-        h = self.attn(h, rope, mask, causal, cache) if shared_kv is None else self.attn(h, rope, mask, causal, cache,
-                                                                                        shared_kv)  # (B, T, C)
+        shared = {} if shared_kv is None else {"shared_kv": shared_kv}  # (softmax attention alone takes them)
+        h = self.attn(h, rope, mask, causal, cache, **shared)  # (B, T, C)
         x = x + self._joining(h, self.attn_out_norm)
         h = x if self.mlp_norm is None else self.mlp_norm(x)
         h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
@@ -120,7 +120,8 @@ class Transformer(nn.Module):
     (sandwich_norm only), mlp_norm,
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
-    experts_out_norm} where configured, and the buffer layer_scalar (Gemma 4)}, norm,
+    experts_out_norm} where configured, and Gemma 4's buffer layer_scalar and per_layer_{gate, out, out_norm}}, Gemma
+    4's per_layer_{emb, proj, norm}, norm,
     head (untied only; a tied head reuses tok_emb.weight, so state dicts never hold the same tensor twice).
     """
 
@@ -434,8 +435,9 @@ class Transformer(nn.Module):
         unless it is tied (then it is also the output head, which does a matrix product).
         """
         n = sum(p.numel() for p in self.parameters())
-        if self.tok_emb is not None and not isinstance(self.tok_emb.weight, nn.Parameter):
-            n += self.tok_emb.weight.numel()  # a frozen table training holds in host memory, as a buffer
+        for table in (self.tok_emb, self.per_layer_emb):
+            if table is not None and not isinstance(table.weight, nn.Parameter):
+                n += table.weight.numel()  # a frozen table training holds in host memory, as a buffer
         if exclude_embedding:
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()

@@ -127,7 +127,7 @@ from temper.model.linear_attention import GatedDeltaNet, gated_delta_rule
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
-from temper.train.parallel import ParallelConfig, can_hold_on_host
+from temper.train.parallel import ParallelConfig, tables_on_host
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -1032,10 +1032,11 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
             + [f"{a} B x {_m(dense)} frozen {run.precision} weights", f"4 B x {_m(c.trainable)} float32 adapters"]
         )
     # `train.parallel.hold_frozen_embeddings_on_host`: without a device mesh, the tables it can hold on the host
-    table = a * V * d if run.activation_offload and not lay.mesh and can_hold_on_host(model) else 0
+    held = tables_on_host(model) if run.activation_offload and not lay.mesh else []
+    table = a * sum(getattr(model, name).weight.numel() for name in held)
     if table:
         p_bytes -= table
-        p_formula += f", less the token embedding ({human_bytes(table)}, held in host memory)"
+        p_formula += f", less the lookup tables {held} ({human_bytes(table)}, held in host memory)"
     if c.buffer_bytes:
         p_formula += f" + {human_bytes(c.buffer_bytes)} RoPE tables"
     g_bytes = 4 * c.trainable

@@ -44,7 +44,8 @@ class LoRAConfig:
     """Dropout on the adapter's input."""
     targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Linear layers to adapt, by name: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj head; latent attention
-    (DeepSeek-V3) has q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj instead."""
+    (DeepSeek-V3) has q_a_proj q_b_proj kv_a_proj_with_mqa kv_b_proj o_proj instead; a mixture's router is router,
+    Gemma 4 E2B's and E4B's per-layer projections per_layer_proj per_layer_gate per_layer_out."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     dora: bool = False

@@ -319,31 +319,38 @@ class HostEmbedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}, held on {self.weight.device.type}"
 
 
-def can_hold_on_host(model: Transformer) -> bool:
-    """Whether activation offload moves `model`'s token table to host memory (without a device mesh): only a frozen,
-    untied one. A trained table needs its gradient on the device, and a tied one is the output head's weight too.
-    (`train.memory` counts the same tables, on the model it builds on the meta device.)"""
-    emb = model.tok_emb
-    return isinstance(emb, nn.Embedding) and not emb.weight.requires_grad and model.head is not None
+LOOKUP_TABLES = ("tok_emb", "per_layer_emb")
+"""A decoder's tables that are only looked up: the token embedding (where untied) and Gemma 4 E2B's and E4B's per-layer
+table (2.3B of E2B's 5.1B parameters)."""
+
+
+def tables_on_host(model: Transformer) -> list[str]:
+    """The tables (`LOOKUP_TABLES`) activation offload moves to host memory (without a device mesh): frozen ones, the
+    token embedding only untied. A trained table needs its gradient on the device, and a tied one is the output
+    head's weight too. (`train.memory` counts the same tables, on the model it builds on the meta device.)"""
+    return [name for name in LOOKUP_TABLES if isinstance(emb := getattr(model, name, None), nn.Embedding)
+            and not emb.weight.requires_grad and (name != "tok_emb" or model.head is not None)]
 
 
 def hold_frozen_embeddings_on_host(model: nn.Module) -> list[str]:
-    """Swap every decoder's token embedding that `can_hold_on_host` for a `HostEmbedding` (in place); returns the
-    swapped tables' state-dict names."""
+    """Swap every decoder's tables that `tables_on_host` names for `HostEmbedding`s (in place); returns the swapped
+    tables' state-dict names."""
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, Transformer) and can_hold_on_host(m):
-            m.tok_emb = HostEmbedding(m.tok_emb.weight)
-            names.append(f"{name}.tok_emb.weight".lstrip("."))
+        if isinstance(m, Transformer):
+            for table in tables_on_host(m):
+                setattr(m, table, HostEmbedding(getattr(m, table).weight))
+                names.append(f"{name}.{table}.weight".lstrip("."))
     return names
 
 
 def remove_host_embeddings(model: nn.Module) -> nn.Module:
     """Put plain (frozen) embeddings back in place of `HostEmbedding`s, their tables where they are; returns `model`."""
     for m in list(model.modules()):
-        if isinstance(getattr(m, "tok_emb", None), HostEmbedding):
-            table = m.tok_emb.weight
-            m.tok_emb = nn.Embedding(*table.shape, _weight=table, _freeze=True)
+        for name in LOOKUP_TABLES:
+            if isinstance(getattr(m, name, None), HostEmbedding):
+                table = getattr(m, name).weight
+                setattr(m, name, nn.Embedding(*table.shape, _weight=table, _freeze=True))
     return model
 
 

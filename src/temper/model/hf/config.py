@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -29,7 +29,9 @@ with a float32 softmax router choosing greedily or among the groups whose best e
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
 RoPE), Seed-OSS
-(`SeedOssForCausalLM`: Llama with q/k/v biases) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
+(`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
+pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
+dense first layers) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
@@ -61,19 +63,21 @@ SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE, DEEPSEEK_
 QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"
 GLM4_MOE_LITE, MINIMAX_M2 = "Glm4MoeLiteForCausalLM", "MiniMaxM2ForCausalLM"
 GEMMA4 = "Gemma4ForCausalLM"
+ERNIE4_5, ERNIE4_5_MOE = "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
+ERNIES = (ERNIE4_5, ERNIE4_5_MOE)  # RoPE in float32, in adjacent pairs (GLM-4's layout, over the whole head)
 GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
@@ -95,7 +99,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE, "minimax_m2": MINIMAX_M2,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
-                "gemma4": "Gemma4ForConditionalGeneration"}
+                "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -146,9 +150,13 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "num_experts", "moe_intermediate_size", "decoder_sparse_step",
                      "original_max_position_embeddings", "shared_expert_intermediate_size", "n_routed_experts",
                      "n_shared_experts", "first_k_dense_replace",
-                     "num_nextn_predict_layers", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                     "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
                      "moe_layer_freq", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
                      "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads"), _INT),
+    **dict.fromkeys(("moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_layer_start_index",
+                     "moe_layer_end_index", "moe_layer_interval", "num_mtp_layers", "num_nextn_predict_layers"),
+                    (*_INT, type(None))),
+    "moe_norm_min": (*_FLOAT, type(None)), "use_bias": (bool, type(None)),
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
     # DeepseekV2Config leaves these null (its defaults: n_group 1, topk_group 1; num_experts_per_tok needed)
     **dict.fromkeys(("num_experts_per_tok", "n_group", "topk_group"), (*_INT, type(None))),
@@ -253,6 +261,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     name = arch.removesuffix("ForCausalLM")
     if arch == GEMMA4:
         d = {**_GEMMA4_TEXT_DEFAULTS, **d}
+    if arch == ERNIE4_5:  # Ernie4_5Config's head width when a config leaves it out (its MoE's: hidden / heads)
+        d = {"head_dim": 128, **d}
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -317,6 +327,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             raise ValueError(f"{name} use_sliding_window=true is not supported (its window covers only some layers)")
         if arch in (QWEN3, QWEN3_MOE) and d.get("attention_bias"):  # on q, k, v and o, not the MLP: `bias` is all
             raise ValueError(f"{name} attention_bias=true is not supported")
+    elif arch in ERNIES:  # use_bias: every linear layer's (the MoE's experts have none: refused there)
+        bias = bool(d.get("use_bias") or False)
+        if bias and arch == ERNIE4_5_MOE:
+            raise ValueError("Ernie4_5_Moe use_bias=true is not supported (its experts have no biases where its other "
+                             "layers do; temper's `bias` covers every layer)")
     elif arch == GPT_OSS:  # its experts and router always have biases: temper's `bias` is every layer's
         bias = True
         if not d.get("attention_bias", True):
@@ -340,9 +355,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID) or arch == GLM4_MOE and bool(
             d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
-        tie_embeddings=d.get("tie_word_embeddings", gemma), scale_embeddings=gemma,
+        tie_embeddings=d.get("tie_word_embeddings", gemma or arch in ERNIES), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2), dropout=0.0,
+        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES),
+        dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}), **latent,
@@ -404,6 +420,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     name = arch.removesuffix("ForCausalLM")
     if arch in DEEPSEEK_MOE:
         return _deepseek_experts(d, arch)
+    if arch == ERNIE4_5_MOE:
+        return _ernie_experts(d)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
@@ -463,6 +481,31 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
                     "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
                     "norm_topk_prob": True},
 }
+
+
+def _ernie_experts(d: dict[str, Any]) -> dict[str, Any]:
+    """ERNIE 4.5's mixture: a float32 softmax router whose choice adds a bias (moe_statics), the top k renormalised
+    (over at least moe_norm_min, which the sum of k softmax probabilities always passes here), beside
+    moe_num_shared_experts ungated shared experts, in every layer from moe_layer_start_index on (temper's dense first
+    layers). Its multi-token-prediction layer (num_mtp_layers) is not built: its tensors are skipped."""
+    n, k = d.get("moe_num_experts", d.get("num_experts", 64)), d.get("moe_k", d.get("num_experts_per_tok", 6))
+    width, shared = d.get("moe_intermediate_size", 1536), d.get("moe_num_shared_experts", 2) or 0
+    layers = d["num_hidden_layers"]
+    start, end, every = (d.get("moe_layer_start_index", 1), d.get("moe_layer_end_index", -1),
+                         d.get("moe_layer_interval", 1))
+    if not (_is_int(n) and _is_int(k) and 1 <= k <= n and _is_int(width) and width > 0 and _is_int(shared)
+            and shared >= 0):
+        raise ValueError(f"Ernie4_5_Moe moe_num_experts={n!r}, moe_k={k!r}, moe_intermediate_size={width!r} and "
+                         f"moe_num_shared_experts={shared!r} must be positive integers, moe_k at most the experts")
+    if every != 1 or end not in (-1, layers - 1) or not 0 <= start < layers:
+        raise ValueError(f"Ernie4_5_Moe moe_layer_start_index={start}, moe_layer_end_index={end}, moe_layer_interval="
+                         f"{every} are not supported (temper puts experts in every layer after dense first ones)")
+    if (d.get("moe_norm_min") or 0.0) >= k / n:
+        raise ValueError(f"Ernie4_5_Moe moe_norm_min={d['moe_norm_min']} is not supported (temper renormalises the top "
+                         "k by their sum, which a floor that large could replace)")
+    return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": width, "renormalize_experts": True,
+            "shared_expert_ffn_dim": shared * width or None, "router_float32": True, "expert_choice_bias": True,
+            "dense_layers": start}
 
 
 def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -622,16 +665,20 @@ def _gemma4_layers(d: dict[str, Any]) -> tuple[int | None, int | None, float, fl
     width."""
     if d.get("use_bidirectional_attention") == "all":
         raise ValueError("Gemma 4 use_bidirectional_attention='all' is not supported (temper's decoder is causal)")
-    n = d["num_hidden_layers"]
-    types = list(d.get("layer_types") or ["full_attention" if last_of_every(i, 6) else "sliding_attention"
-                                         for i in range(n)])
-    types[-1:] = ["full_attention"] * bool(types)
-    window, every, theta, local, scaling = _local_global_rope(d | {"layer_types": types}, "Gemma 4", 6, 1e6, None,
-                                                              None)
+    window, every, theta, local, scaling = _local_global_rope(d | {"layer_types": _gemma4_layer_types(d)}, "Gemma 4",
+                                                              6, 1e6, None, None)
     if every is None:
         raise ValueError("Gemma 4 configs without both windowed and global layers are not supported (its global "
                          "layers' own head width needs windowed ones beside them)")
     return window, every, theta, theta if local is None else local, scaling  # None: the global layers' base
+
+
+def _gemma4_layer_types(d: dict[str, Any]) -> list[str]:
+    """A Gemma 4 config's layer_types as Gemma4TextConfig reads them: by default five windowed layers to one global,
+    and the last layer global whatever they say."""
+    types = list(d.get("layer_types") or ["full_attention" if last_of_every(i, 6) else "sliding_attention"
+                                         for i in range(d["num_hidden_layers"])])
+    return types[:-1] + ["full_attention"] if types else types
 
 
 def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
@@ -660,11 +707,11 @@ def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
         global_head, global_kv = _gemma4_per_layer(d, head_dim, kv_heads)
     experts = {}
     if d.get("enable_moe_block"):  # 26B-A4B: its dense MLP (intermediate_size) as a shared expert beside them
-        n, k, width = d.get("num_experts"), d.get("top_k_experts"), d.get("moe_intermediate_size")
-        if not (_is_int(n) and _is_int(k) and _is_int(width) and 1 <= k <= n and width > 0):
+        count, k, width = d.get("num_experts"), d.get("top_k_experts"), d.get("moe_intermediate_size")
+        if not (_is_int(count) and _is_int(k) and _is_int(width) and 1 <= k <= count and width > 0):
             raise ValueError(f"Gemma 4 enable_moe_block needs num_experts, top_k_experts (between 1 and num_experts) "
-                             f"and moe_intermediate_size, got {n!r}, {k!r}, {width!r}")
-        experts = {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": width,
+                             f"and moe_intermediate_size, got {count!r}, {k!r}, {width!r}")
+        experts = {"n_experts": count, "experts_per_token": k, "expert_ffn_dim": width,
                    "shared_expert_ffn_dim": d["intermediate_size"], "experts_own_norms": True,
                    "router_input_norm": True, "expert_weights_float32": True}
     return {"global_head_size": None if global_head == head_dim else global_head,
@@ -676,15 +723,14 @@ def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
 def _gemma4_per_layer(d: dict[str, Any], head_dim: int, kv_heads: int) -> tuple[int, int]:
     """(head width, kv heads) of the global layers from transformers 5.25's per_layer_config ({layer: {"head_dim",
     "num_key_value_heads"}}): the same for every global layer, and nothing for the windowed ones."""
-    n, per_layer = d["num_hidden_layers"], d["per_layer_config"]
-    types = list(d.get("layer_types") or [])
+    per_layer, types = d["per_layer_config"], _gemma4_layer_types(d)
     wanted = None
-    for i in range(n):
+    for i in range(d["num_hidden_layers"]):
         got = per_layer.get(str(i), per_layer.get(i)) or {}
         if not isinstance(got, dict) or set(got) - {"head_dim", "num_key_value_heads"}:
             raise ValueError(f"key 'per_layer_config.{i}' must be an object of head_dim and num_key_value_heads, got "
                              f"{got!r}")
-        if i < len(types) and types[i] == "full_attention":
+        if types[i] == "full_attention":
             wanted = got if wanted is None else wanted
             if got != wanted:
                 raise ValueError(f"Gemma 4 per_layer_config {per_layer!r} is not supported (temper shapes every global "
@@ -792,6 +838,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
             arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
+                    else ERNIE4_5_MOE if cfg.router_scores == "softmax" and cfg.expert_choice_bias
                     else MINIMAX_M2 if cfg.router_scores == "sigmoid" and cfg.shared_expert_ffn_dim is None
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
                     else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
@@ -800,7 +847,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
-                    else SMOLLM3 if cfg.nope_every else GRANITE if granite else LLAMA)
+                    else SMOLLM3 if cfg.nope_every else GRANITE if granite else ERNIE4_5 if cfg.rope_float32 else LLAMA)
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
@@ -857,13 +904,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has linear attention layers (full_attention_every) and gated attention (attn_output_gate)"
     if arch not in HYBRID and any(hybrid):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
-    if arch in (LLAMA, GPT_OSS, GRANITE) and cfg.qkv_bias and not cfg.bias:
+    if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
-    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2)
+    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
@@ -888,8 +935,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
+    if arch == ERNIE4_5_MOE and (cfg.shared_expert_gate or (cfg.shared_expert_ffn_dim or 0) % cfg.expert_hidden_dim
+                                 or not (cfg.router_float32 and cfg.renormalize_experts)):
+        return ("its shared experts are ungated, a whole number of experts wide, and its float32 router renormalises "
+                "the chosen experts' weights")
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
-                                                                            arch in SHARED_GATED) and arch != GEMMA4:
+                                                                            arch in SHARED_GATED) and arch not in (
+                                                                                GEMMA4, ERNIE4_5_MOE):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
@@ -898,11 +950,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
     if arch in BIASED_SIGMOID and not all(deepseek):
         return "it scores experts by sigmoids and chooses them with a bias"
-    if arch not in BIASED_SIGMOID and any(deepseek):
+    if arch == ERNIE4_5_MOE and deepseek != (False, True):
+        return "it scores experts by a softmax and chooses them with a bias"
+    if arch not in (*BIASED_SIGMOID, ERNIE4_5_MOE) and any(deepseek):
         return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
     if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
         return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
-    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 or cfg.dense_layers):
+    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0
+                                     or cfg.dense_layers and arch != ERNIE4_5_MOE):
         return ("it routes without groups of experts, scaling or dense layers (DeepseekV2ForCausalLM, "
                 "DeepseekV3ForCausalLM and Glm4MoeForCausalLM have them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
@@ -1056,6 +1111,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.n_experts:  # its dense MLP is the shared expert
             d |= {"intermediate_size": cfg.shared_expert_ffn_dim, "num_experts": cfg.n_experts,
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
+    if arch in ERNIES:
+        d["use_bias"] = cfg.bias
+    if arch == ERNIE4_5_MOE:  # experts in every layer after the dense first ones; no multi-token-prediction layer
+        d |= {"moe_num_experts": cfg.n_experts, "moe_k": cfg.experts_per_token,
+              "moe_intermediate_size": cfg.expert_hidden_dim,
+              "moe_num_shared_experts": (cfg.shared_expert_ffn_dim or 0) // cfg.expert_hidden_dim,
+              "moe_layer_start_index": cfg.dense_layers, "moe_layer_end_index": cfg.n_layers - 1,
+              "moe_layer_interval": 1, "moe_norm_min": 1e-12, "output_router_logits": False, "num_mtp_layers": None}
     if arch == GPT_OSS:  # one RoPE, written out: GptOssConfig would take a missing one for its YaRN default
         d |= {"attention_bias": True, "sliding_window": cfg.sliding_window,
               "layer_types": _layer_types(cfg),

@@ -60,6 +60,7 @@ from temper.model.config import ModelConfig, last_of_every
 from temper.model.hf.config import (
     DEEPSEEK_V2,
     DEEPSEEK_V3,
+    ERNIE4_5_MOE,
     GEMMA4,
     GLM4_MOE,
     GLM4_MOE_LITE,
@@ -111,7 +112,7 @@ def _reordered(cfg: ModelConfig) -> dict[str, Any]:
     return {r.hf.removesuffix(".weight"): r for r in hf_rules(cfg) if r.rope_pairs or r.groups}
 
 
-_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)
+_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, ERNIE4_5_MOE)
 """Architectures whose gate_proj, up_proj and down_proj module names PEFT turns into its routed experts' parameters
 (its `_MOE_TARGET_MODULE_MAPPING`, for transformers 5), though their dense layers and shared experts have linear layers
 of those names too: a PEFT file cannot adapt those."""
@@ -121,7 +122,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
     router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
-    GLM-4.5's or DeepSeek-V2's or V3's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
+    GLM-4.5's, DeepSeek-V2's or V3's or ERNIE 4.5's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -147,7 +148,8 @@ def _stacked_experts(model: nn.Module) -> bool:
     """Whether the model's Hugging Face checkpoint stores its experts stacked (GPT-OSS, Gemma 4: `weights._STACKED`),
     which temper's PEFT reader and writer do not lay out."""
     cfg = getattr(model, "cfg", None)
-    return cfg is not None and cfg.n_experts > 0 and any(r.stacked for r in hf_rules(cfg))
+    return cfg is not None and cfg.n_experts > 0 and any(r.stacked and ".mlp.experts." in r.parts[0]
+                                                         for r in hf_rules(cfg))
 
 
 def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:

@@ -16,6 +16,8 @@ import torch
 from temper.model.config import ModelConfig
 from temper.model.hf.config import (
     DEEPSEEK_MOE,
+    ERNIE4_5_MOE,
+    ERNIES,
     GEMMA2,
     GEMMA3,
     GEMMA4,
@@ -110,7 +112,8 @@ _STACKED: dict[str, tuple[Any, Any]] = {
                      lambda t: [b for e in t for b in (e[0::2], e[1::2])]),
     "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t: [e.t() for e in t]),
     "down_bias": (lambda ps: torch.stack(ps), lambda t: list(t)),
-    # Gemma 4 stacks its experts' weights as they are, gate above up: gate_up_proj (E, 2F, D), down_proj (E, D, F).
+    # Gemma 4 stacks its experts' weights as they are, gate above up: gate_up_proj (E, 2F, D), down_proj (E, D, F);
+    # ERNIE 4.5 its choice bias as one row (1, E).
     "gate_up_rows": (lambda ps: torch.stack([torch.cat((g, u)) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
                      lambda t: [w for e in t for w in e.chunk(2)]),
     "rows": (lambda ps: torch.stack(ps), lambda t: list(t)),
@@ -189,7 +192,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
             else:
-                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch == GLM4 else None  # its q and k rows in RoPE's pairs
+                # GLM-4's and ERNIE 4.5's q and k rows in RoPE's adjacent pairs
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES) else None
                 for n in "qkvo":
                     for t in ("weight", "bias"):
                         if f"{p}attn.{n}_proj.{t}" in keys:
@@ -238,14 +242,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 # them one by one
                 moe = f"{h}block_sparse_moe." if arch in MIXTRAL_NAMES else f"{h}mlp."
                 add(f"{moe}gate.weight", f"{p}mlp.router.weight")
-                if cfg.expert_choice_bias:  # MiniMax-M2's beside its gate
+                if arch == ERNIE4_5_MOE:  # its choice bias (1, E), in its moe_statics
+                    rules.append(_Rule(f"{moe}moe_statics.e_score_correction_bias", (f"{p}mlp.choice_bias",),
+                                       stacked="rows"))
+                elif cfg.expert_choice_bias:  # MiniMax-M2's beside its gate
                     add(f"{moe}{'' if arch == MINIMAX_M2 else 'gate.'}e_score_correction_bias", f"{p}mlp.choice_bias")
                 names = ("w1", "w3", "w2") if arch in MIXTRAL_NAMES else ("gate_proj", "up_proj", "down_proj")
                 for j in range(cfg.n_experts):
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
                 if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
-                    shared = "shared_experts" if arch in DEEPSEEK_MOE else "shared_expert"
+                    shared = "shared_experts" if arch in (*DEEPSEEK_MOE, ERNIE4_5_MOE) else "shared_expert"
                     for n in ("gate_proj", "up_proj", "down_proj"):
                         add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
                     if cfg.shared_expert_gate:
@@ -269,7 +276,8 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
-            or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED)))
+            or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
+            or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
 
 
 def _shared_kv_weight(name: str, cfg: ModelConfig) -> bool:
@@ -372,6 +380,8 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
             out |= {f"{stem}{j}.{down}.weight": w for j, w in enumerate(t)}
         elif name.endswith(".mlp.gate.weight"):
             out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
+        elif name.endswith(".mlp.gate.moe_statics.e_score_correction_bias"):  # ERNIE 4.5's, moved on saving
+            out[name.replace(".mlp.gate.moe_statics.", ".mlp.moe_statics.")] = t
         elif name.endswith(".mlp.e_score_correction_bias"):  # MiniMax-M2's
             out[name.removesuffix(".mlp.e_score_correction_bias") + moe + "e_score_correction_bias"] = t
         else:
