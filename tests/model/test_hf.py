@@ -136,6 +136,13 @@ CASES = {
     "ernie4.5-moe-biased-softmax": lambda: _hf(
         "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
         moe_intermediate_size=40, moe_num_shared_experts=2, moe_layer_start_index=1),
+    # Hunyuan: q/k norms after RoPE, whose base its NTK alpha stretches (1000: 10000 -> 1.9e7 at 24-wide heads)
+    "hunyuan-norms-after-rope-alpha": lambda: _hf(
+        "HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", **_SMALL, head_dim=24,
+        rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}),
+    # its mixture: 2 of 4 experts of the MLP's width by a float32 softmax, beside a shared one
+    "hunyuan-moe-shared": lambda: _hf("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **_SMALL, head_dim=16,
+                                      num_experts=4, moe_topk=2),
     "phi3-window": lambda: _hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, sliding_window=WINDOW,
                                tie_word_embeddings=False, pad_token_id=0),
     # Phi-4-mini's way: half of each head rotated, LongRoPE with an original length short enough that 40-token inputs
@@ -345,7 +352,10 @@ def test_variant_features_are_exercised():
                       ("gemma4-experts-beside-mlp", {"experts_per_token": 1}),
                       ("gemma4-per-layer-shared-kv", {"per_layer_input_size": None, "per_layer_vocab_size": None}),
                       ("ernie4.5-moe-biased-softmax", {"expert_choice_bias": False}),
-                      ("ernie4.5-moe-biased-softmax", {"renormalize_experts": False})]:
+                      ("ernie4.5-moe-biased-softmax", {"renormalize_experts": False}),
+                      ("hunyuan-norms-after-rope-alpha", {"qk_norm_after_rope": False}),
+                      ("hunyuan-norms-after-rope-alpha", {"rope_theta": 10000.0}),  # alpha unread
+                      ("hunyuan-moe-shared", {"shared_expert_ffn_dim": None})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -578,6 +588,20 @@ def test_ernie_presets_are_transformers_defaults(name, arch):
     assert hf_architecture(PRESETS[name]) == arch
 
 
+def test_hunyuan_reads_its_fixed_ntk_alpha_in_either_spelling_and_refuses_a_length_dependent_one():
+    """Hunyuan's checkpoints label their RoPE "dynamic" with an alpha, a fixed stretch of the base that transformers
+    computes once: temper reads it from transformers 5's rope_parameters and from the published rope_scaling alike
+    (the parity above holds the base to transformers'), and refuses a "dynamic" RoPE without an alpha, which would
+    stretch with the length."""
+    d = CASES["hunyuan-norms-after-rope-alpha"]().config.to_dict()
+    ours = from_hf_config(d)
+    published = {k: v for k, v in d.items() if k != "rope_parameters"} | {
+        "rope_theta": 10000.0, "rope_scaling": {"alpha": 1000.0, "type": "dynamic", "factor": 1.0}}
+    assert from_hf_config(published) == ours and ours.rope_theta == 10000.0 * 1000.0 ** (24 / 22)
+    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
+        from_hf_config(d | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
+
+
 def test_gemma4_reads_past_the_unused_key_weights_of_its_shared_layers():
     """Gemma 4 E2B's and E4B's published files keep key and value weights for the layers that take another's keys and
     values; transformers ignores them on load, and so does temper, while a stray weight elsewhere still fails."""
@@ -651,11 +675,11 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
-                                  "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax"])
+                                  "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared"])
 def test_qwen3_5_and_gemma4_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
     the gated norm's product after the weight; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
-    router (0.0 apart on the machine that wrote this; a step of the largest logit allowed for other CPUs' bf16
+    router, Hunyuan's (0.0 apart on the machine that wrote this; a step of the largest logit allowed for other CPUs' bf16
     kernels)."""
     CASES[case]().save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()

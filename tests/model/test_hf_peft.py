@@ -81,6 +81,10 @@ CONFIGS = {
     "ernie4_5_moe": replace(_LLAMA, n_layers=3, rope_float32=True, n_experts=4, expert_ffn_dim=40,
                             shared_expert_ffn_dim=80, router_float32=True, expert_choice_bias=True, dense_layers=1,
                             hf_architecture="Ernie4_5_MoeForCausalLM"),
+    # Hunyuan: q/k norms after RoPE; its mixture: experts of the MLP's width beside a shared one, a float32 router
+    "hunyuan": replace(_LLAMA, qk_norm=True, qk_norm_after_rope=True, hf_architecture="HunYuanDenseV1ForCausalLM"),
+    "hunyuan_moe": replace(_LLAMA, qk_norm=True, qk_norm_after_rope=True, n_experts=4, shared_expert_ffn_dim=192,
+                           router_float32=True, expert_weights_float32=True, hf_architecture="HunYuanMoEV1ForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -155,6 +159,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "minimax_m2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gemma4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "ernie4_5_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "hunyuan_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
@@ -294,13 +299,14 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
     "deepseek_v2": ["q_proj", "gate_proj", "up_proj", "down_proj"],
     "glm4_moe_lite": ["q_b_proj", "gate_proj", "up_proj", "down_proj"],
     "ernie4_5_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+    "hunyuan_moe": ["q_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe"])
+                                  "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -312,18 +318,21 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
     if model.cfg.q_lora_rank:  # latent attention's queries, through their latent
         targets = tuple("q_b_proj" if t == "q_proj" else t for t in targets)
     apply_lora(model, rank=2, alpha=3, targets=targets, rslora=case == "mixtral",
-               only=only if case in ("glm4_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "ernie4_5_moe") else None)
+               only=only if case in ("glm4_moe", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "ernie4_5_moe",
+                                     "hunyuan_moe") else None)
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     stacked = {"up_proj": "gate_up_proj", "down_proj": "down_proj", "router": "gate.weight"}  # PEFT's parameters
+    if case == "hunyuan_moe":  # its router is a plain linear layer (gate.wg), adapted by module name
+        del stacked["router"]
     assert set(config["target_parameters"]) == {stacked[t] for t in targets if t in stacked}
     _assert_peft_and_temper_read(model, hf, out, case, matters=1e-2)
 
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite", "minimax_m2", "ernie4_5_moe"])
+                                  "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_moe"])
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)

@@ -251,6 +251,7 @@ class Attention(nn.Module):
         # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
         # one over all the query heads' values at once, one over the keys'.
         self.qk_norm_whole = cfg.qk_norm_whole
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope  # Hunyuan: each head's vector rotated, then normalised
         q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
                             else (self.head_dim, self.head_dim))
         self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
@@ -289,8 +290,9 @@ class Attention(nn.Module):
             q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.kv_source is not None:  # another layer's keys and values, cached and rotated: queries alone here
             q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
-            q = q if self.q_norm is None else self.q_norm(q)
+            q = q if self.q_norm is None or self.qk_norm_after_rope else self.q_norm(q)
             q = q if rope is None else apply_rope(q, *rope).to(q.dtype)
+            q = self.q_norm(q) if self.q_norm is not None and self.qk_norm_after_rope else q
             return (q.transpose(1, 2), *shared_kv[self.kv_source], gate)
         k = self.k_proj(x)  # (B, T, Hkv*D)
         v = k if self.v_proj is None else self.v_proj(x)  # (B, T, Hkv*D): without v_proj, k_proj's before its norm
@@ -301,10 +303,13 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         if self.value_norm_eps is not None:
             v = F.rms_norm(v.float(), (self.head_dim,), eps=self.value_norm_eps).to(v.dtype)
-        if self.q_norm is not None and not self.qk_norm_whole:  # each head's vector normalised before it is rotated
+        per_head_norm = self.q_norm is not None and not self.qk_norm_whole
+        if per_head_norm and not self.qk_norm_after_rope:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
+        if per_head_norm and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, self.global_shaped)  # (B, Hkv, S, D), S = cached + T

@@ -3,7 +3,7 @@
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
 Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, ERNIE 4.5,
-GPT-OSS and Qwen3.5 shapes.
+Hunyuan, GPT-OSS and Qwen3.5 shapes.
 This module only describes shapes: it builds nothing and imports no torch.
 """
 
@@ -150,6 +150,8 @@ class ModelConfig:
     qk_norm: bool = False
     """RMSNorm over each head's query and key, before RoPE (Qwen3, Gemma 3; Dehghani et al. 2023): it bounds
     attention logits."""
+    qk_norm_after_rope: bool = False
+    """With qk_norm: normalise each head's query and key after RoPE rotates them, not before (Hunyuan)."""
     qk_norm_whole: bool = False
     """With qk_norm: one RMSNorm over all the query heads' values together (and one over the keys'), not one per
     head (OLMo 2)."""
@@ -290,6 +292,9 @@ class ModelConfig:
             raise ValueError("qk_norm needs norm='rmsnorm'")
         if self.qk_norm_whole and not self.qk_norm:
             raise ValueError("qk_norm_whole needs qk_norm")
+        if self.qk_norm_after_rope and (not self.qk_norm or self.qk_norm_whole or self.kv_lora_rank is not None):
+            raise ValueError("qk_norm_after_rope needs per-head q/k norms (qk_norm, not qk_norm_whole) and no latent "
+                             "attention")
         if not self.pre_norm and not self.sandwich_norm:
             raise ValueError("pre_norm=false needs sandwich_norm (a block normalises its sublayers' inputs, outputs "
                              "or both)")

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -31,7 +31,9 @@ with a float32 softmax router choosing greedily or among the groups whose best e
 RoPE), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
 pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
-dense first layers) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
+dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK
+alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router) and
+EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
@@ -64,20 +66,22 @@ QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT = "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"
 GLM4_MOE_LITE, MINIMAX_M2 = "Glm4MoeLiteForCausalLM", "MiniMaxM2ForCausalLM"
 GEMMA4 = "Gemma4ForCausalLM"
 ERNIE4_5, ERNIE4_5_MOE = "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM"
+HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 ERNIES = (ERNIE4_5, ERNIE4_5_MOE)  # RoPE in float32, in adjacent pairs (GLM-4's layout, over the whole head)
+HUNYUANS = (HUNYUAN, HUNYUAN_MOE)  # q/k norms after RoPE, named query_layernorm and key_layernorm
 GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
@@ -99,7 +103,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "deepseek_v3": DEEPSEEK_V3, "glm4_moe_lite": GLM4_MOE_LITE, "minimax_m2": MINIMAX_M2,
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
-                "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE}
+                "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
+                "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -156,7 +161,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_layer_start_index",
                      "moe_layer_end_index", "moe_layer_interval", "num_mtp_layers", "num_nextn_predict_layers"),
                     (*_INT, type(None))),
-    "moe_norm_min": (*_FLOAT, type(None)), "use_bias": (bool, type(None)),
+    "moe_norm_min": (*_FLOAT, type(None)), "use_bias": (bool, type(None)), "moe_topk": (*_INT, list),
     **dict.fromkeys(("q_lora_rank", "v_head_dim"), (*_INT, type(None))),
     # DeepseekV2Config leaves these null (its defaults: n_group 1, topk_group 1; num_experts_per_tok needed)
     **dict.fromkeys(("num_experts_per_tok", "n_group", "topk_group"), (*_INT, type(None))),
@@ -263,6 +268,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = {**_GEMMA4_TEXT_DEFAULTS, **d}
     if arch == ERNIE4_5:  # Ernie4_5Config's head width when a config leaves it out (its MoE's: hidden / heads)
         d = {"head_dim": 128, **d}
+    if arch in HUNYUANS:
+        d = _hunyuan_rope(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -353,8 +360,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID) or arch == GLM4_MOE and bool(
-            d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
+        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
+        or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
+        qk_norm_after_rope=arch in HUNYUANS,
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in ERNIES), scale_embeddings=gemma,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES),
@@ -422,6 +430,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return _deepseek_experts(d, arch)
     if arch == ERNIE4_5_MOE:
         return _ernie_experts(d)
+    if arch == HUNYUAN_MOE:
+        return _hunyuan_experts(d)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
@@ -481,6 +491,32 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
                     "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
                     "norm_topk_prob": True},
 }
+
+
+def _hunyuan_rope(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with Hunyuan's fixed NTK-alpha RoPE (its checkpoints' "dynamic" type with an `alpha`, which transformers
+    reads as a static stretch of the base: theta * alpha ** (D / (D - 2))) written as the default RoPE of that base,
+    computed as transformers computes it; a "dynamic" type without an alpha (stretched by the length) is left for
+    `_rope` to refuse."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type")) != "dynamic" or not rope.get("alpha"):
+        return d
+    dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+    theta = (rope.get("rope_theta") or d.get("rope_theta") or 10000.0) * rope["alpha"] ** (dim / (dim - 2))
+    return {**d, "rope_theta": theta, "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+def _hunyuan_experts(d: dict[str, Any]) -> dict[str, Any]:
+    """Hunyuan's mixture: in every layer, experts of intermediate_size beside one shared MLP of that width, ungated,
+    chosen by a float32 softmax router, the top k renormalised (one expert count and k for all layers)."""
+    n, k = d.get("num_experts", 1), d.get("moe_topk", 1)
+    if isinstance(k, list):  # a k per layer: temper's is one for all
+        k = k[0] if k and len(set(k)) == 1 else k
+    if not (_is_int(n) and _is_int(k) and 1 <= k <= n):
+        raise ValueError(f"HunYuanMoEV1 num_experts={n!r} and moe_topk={d.get('moe_topk')!r} are not supported "
+                         "(temper takes one expert count and one k, between 1 and it, for every layer)")
+    return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "router_float32": True,
+            "shared_expert_ffn_dim": d["intermediate_size"], "expert_weights_float32": True}
 
 
 def _ernie_experts(d: dict[str, Any]) -> dict[str, Any]:
@@ -838,6 +874,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
             arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
+                    else HUNYUAN_MOE if cfg.qk_norm_after_rope
                     else ERNIE4_5_MOE if cfg.router_scores == "softmax" and cfg.expert_choice_bias
                     else MINIMAX_M2 if cfg.router_scores == "sigmoid" and cfg.shared_expert_ffn_dim is None
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
@@ -846,7 +883,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GLM4
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
-            arch = (QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
+            arch = (HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else SMOLLM3 if cfg.nope_every else GRANITE if granite else ERNIE4_5 if cfg.rope_float32 else LLAMA)
         else:
             raise ValueError(
@@ -910,10 +947,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v only"
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
-    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE)
+    unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
+                *HUNYUANS)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
+    if cfg.qk_norm_after_rope != (arch in HUNYUANS):
+        return ("its q/k norms come after RoPE" if arch in HUNYUANS
+                else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
     if bool(cfg.kv_lora_rank) != (arch in LATENT):
         return ("its attention is latent (kv_lora_rank), with experts" if arch in LATENT
                 else "it has no latent attention (DeepseekV2ForCausalLM and DeepseekV3ForCausalLM have)")
@@ -935,13 +976,18 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights"
     if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
+    if arch == HUNYUAN_MOE and (cfg.shared_expert_gate or cfg.shared_expert_ffn_dim != cfg.hidden_dim
+                                or cfg.expert_hidden_dim != cfg.hidden_dim
+                                or not (cfg.router_float32 and cfg.renormalize_experts)):
+        return ("its experts and the shared one beside them are ffn_dim wide, ungated, chosen by a float32 router that "
+                "renormalises their weights")
     if arch == ERNIE4_5_MOE and (cfg.shared_expert_gate or (cfg.shared_expert_ffn_dim or 0) % cfg.expert_hidden_dim
                                  or not (cfg.router_float32 and cfg.renormalize_experts)):
         return ("its shared experts are ungated, a whole number of experts wide, and its float32 router renormalises "
                 "the chosen experts' weights")
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
                                                                             arch in SHARED_GATED) and arch not in (
-                                                                                GEMMA4, ERNIE4_5_MOE):
+                                                                                GEMMA4, ERNIE4_5_MOE, HUNYUAN_MOE):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
@@ -1113,6 +1159,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
+    if arch in HUNYUANS:
+        d["attention_bias"] = False
+    if arch == HUNYUAN_MOE:
+        d |= {"num_experts": cfg.n_experts, "moe_topk": cfg.experts_per_token, "output_router_logits": False}
     if arch == ERNIE4_5_MOE:  # experts in every layer after the dense first ones; no multi-token-prediction layer
         d |= {"moe_num_experts": cfg.n_experts, "moe_k": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim,

@@ -65,6 +65,7 @@ from temper.model.hf.config import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GPT2,
+    HUNYUAN_MOE,
     hf_architecture,
 )
 from temper.model.hf.weights import hf_rules, rope_pair_rows
@@ -101,8 +102,8 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 def _plain_router(cfg: ModelConfig | None) -> bool:
     """Whether the architecture's router is a plain linear layer that PEFT adapts by its module name (Gemma 4's
-    router.proj), not a parameter of transformers 5's mixture modules (`target_parameters`)."""
-    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) == GEMMA4
+    router.proj, Hunyuan's gate.wg), not a parameter of transformers 5's mixture modules (`target_parameters`)."""
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) in (GEMMA4, HUNYUAN_MOE)
 
 
 def _reordered(cfg: ModelConfig) -> dict[str, Any]:
@@ -112,7 +113,7 @@ def _reordered(cfg: ModelConfig) -> dict[str, Any]:
     return {r.hf.removesuffix(".weight"): r for r in hf_rules(cfg) if r.rope_pairs or r.groups}
 
 
-_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, ERNIE4_5_MOE)
+_EXPERT_NAMES_ONLY = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, ERNIE4_5_MOE, HUNYUAN_MOE)
 """Architectures whose gate_proj, up_proj and down_proj module names PEFT turns into its routed experts' parameters
 (its `_MOE_TARGET_MODULE_MAPPING`, for transformers 5), though their dense layers and shared experts have linear layers
 of those names too: a PEFT file cannot adapt those."""
@@ -122,7 +123,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
     router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
-    GLM-4.5's, DeepSeek-V2's or V3's or ERNIE 4.5's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
+    GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -424,8 +425,12 @@ class _MoePlan:
 
 def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
                    ) -> _MoePlan:
-    """Read and check a file's adapters of the mixture layers (`target_parameters`) before the model changes."""
+    """Read and check a file's adapters of the mixture layers (`target_parameters`) before the model changes. A plain
+    router (`_plain_router`) is adapted by module name: PEFT lists its mixture's router parameter anyway, matching
+    nothing, and writes no tensor for it."""
     params = config.get("target_parameters") or []
+    if _plain_router(getattr(model, "cfg", None)):
+        params = [p for p in params if p != _ROUTER]
     plan = _MoePlan()
     for key in ("rank_pattern", "alpha_pattern"):  # read for gate_up_proj alone
         if set(config.get(key) or {}) - ({_GATE_UP_PATTERN} if _GATE_UP in params else set()):

@@ -24,6 +24,8 @@ from temper.model.hf.config import (
     GLM4,
     GPT2,
     GPT_OSS,
+    HUNYUAN_MOE,
+    HUNYUANS,
     HYBRID,
     LATENT,
     MINIMAX_M2,
@@ -203,9 +205,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
-            for n in ("q_norm", "k_norm"):
+            for n, theirs in (("q_norm", "query_layernorm"), ("k_norm", "key_layernorm")):  # Hunyuan's names
                 if f"{p}attn.{n}.weight" in keys:
-                    add(f"{h}self_attn.{n}.weight", f"{p}attn.{n}.weight")
+                    add(f"{h}self_attn.{theirs if arch in HUNYUANS else n}.weight", f"{p}attn.{n}.weight")
             if f"{p}layer_scalar" in keys:  # Gemma 4's
                 add(f"{h}layer_scalar", f"{p}layer_scalar")
             if cfg.per_layer_input_size:
@@ -241,7 +243,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
                 # them one by one
                 moe = f"{h}block_sparse_moe." if arch in MIXTRAL_NAMES else f"{h}mlp."
-                add(f"{moe}gate.weight", f"{p}mlp.router.weight")
+                add(f"{moe}gate.{'wg.' if arch == HUNYUAN_MOE else ''}weight", f"{p}mlp.router.weight")
                 if arch == ERNIE4_5_MOE:  # its choice bias (1, E), in its moe_statics
                     rules.append(_Rule(f"{moe}moe_statics.e_score_correction_bias", (f"{p}mlp.choice_bias",),
                                        stacked="rows"))
@@ -252,7 +254,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
                         add(f"{moe}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
                 if cfg.shared_expert_ffn_dim:  # Qwen2-MoE's, under the same names; GLM-4.5's, plural
-                    shared = "shared_experts" if arch in (*DEEPSEEK_MOE, ERNIE4_5_MOE) else "shared_expert"
+                    shared = ("shared_experts" if arch in (*DEEPSEEK_MOE, ERNIE4_5_MOE)
+                              else "shared_mlp" if arch == HUNYUAN_MOE else "shared_expert")
                     for n in ("gate_proj", "up_proj", "down_proj"):
                         add(f"{moe}{shared}.{n}.weight", f"{p}mlp.shared_expert.{n}.weight")
                     if cfg.shared_expert_gate:
