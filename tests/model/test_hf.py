@@ -50,24 +50,24 @@ def _hf(config_cls: str, model_cls: str, **kw):
     return model
 
 
-def _with_choice_bias(model):
-    """DeepSeek-V3's choice bias is a buffer, left at zero by `_randomize`: give it values that move choices."""
+def _with_buffers(model, suffix: str, draw):
+    """`model` with its buffers named `...suffix` drawn anew by `draw`: `_randomize` leaves buffers as built."""
     torch.manual_seed(2)
     with torch.no_grad():
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
+            if name.endswith(suffix):
+                draw(b)
     return model
+
+
+def _with_choice_bias(model):
+    """DeepSeek-V3's choice bias, zero as built: values that move choices."""
+    return _with_buffers(model, "e_score_correction_bias", lambda b: b.normal_(0.0, 0.2))
 
 
 def _with_layer_scalars(model):
-    """Gemma 4's layer scalars are buffers, left at one by `_randomize`: give each layer its own."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-    return model
+    """Gemma 4's layer scalars, one as built: each layer its own."""
+    return _with_buffers(model, "layer_scalar", lambda b: b.uniform_(0.5, 1.5))
 
 
 _SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

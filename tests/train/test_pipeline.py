@@ -125,6 +125,8 @@ def test_layouts_a_pipeline_cannot_run_are_refused():
         check_layout(ModelConfig(**{**vars(cfg), "tie_embeddings": True}), ParallelConfig(pp=2), None)
     with pytest.raises(ConfigError, match="train.precision=fp16 with train.parallel.pp > 1"):
         check_layout(cfg, ParallelConfig(pp=2), torch.float16)
+    with pytest.raises(ConfigError, match=r"model.per_layer_input_size / model.kv_shared_layers \(Gemma 4"):
+        check_layout(ModelConfig(**{**vars(cfg), "per_layer_input_size": 8}), ParallelConfig(pp=2), None)
     check_layout(cfg, ParallelConfig(pp=2, pp_schedule="Interleaved1F1B"), torch.bfloat16)
 
 

@@ -149,6 +149,14 @@ WORKER = textwrap.dedent('''
                           attn_softcap=0.2, logit_softcap=0.3,
                           tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
+        # Gemma 4's attention: a windowed layer, then a global one of its own shape (2 kv heads of 16, values from
+        # k_proj, proportional RoPE, its own cache slots); value norms, layer scalars, unscaled scores
+        "gemma4": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, head_size=8, ffn_dim=64,
+                          vocab_size=64, max_seq_len=32, mlp="geglu", norm_cast_after=True, scale_embeddings=True,
+                          qk_norm=True, sandwich_norm=True, sliding_window=6, global_every=2, rope_local_theta=100.0,
+                          rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25},
+                          global_head_size=16, global_values_are_keys=True, value_norm=True, layer_scalar=True,
+                          attn_scale_dim=1, tie_embeddings=False),
     }
     prompts = [[1, 2, 3, 4, 5], [9, 8], [17, 30, 41, 52, 63, 7, 11]]  # padded prefill: the masked GQA path
     g = torch.Generator().manual_seed(1)
@@ -236,6 +244,11 @@ def test_a_model_that_does_not_split_is_refused():
         check_tensor_parallel(replace(llama, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True), 2)
     with pytest.raises(ConfigError, match=r"tp=2 does not split attention sinks"):
         check_tensor_parallel(replace(llama, attn_sinks=True), 2)
+    gemma4 = replace(llama, sliding_window=8, global_every=2, rope_local_theta=100.0, global_kv_heads=1)
+    with pytest.raises(ConfigError, match=r"tp=2 must divide the model's global_kv_heads 1$"):
+        check_tensor_parallel(gemma4, 2)
+    with pytest.raises(ConfigError, match=r"tp=2 does not split Gemma 4 E2B's and E4B's per-layer embeddings"):
+        check_tensor_parallel(replace(llama, per_layer_input_size=8), 2)
 
 
 def test_adapted_layers_are_refused_with_the_key():
