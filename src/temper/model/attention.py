@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from temper.model.config import ModelConfig
-from temper.model.layers import RMSNorm
+from temper.model.layers import RMSNorm, rms_normalized
 from temper.model.rope import yarn_score_multiplier
 
 
@@ -302,7 +302,7 @@ class Attention(nn.Module):
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         if self.value_norm_eps is not None:
-            v = F.rms_norm(v.float(), (self.head_dim,), eps=self.value_norm_eps).to(v.dtype)
+            v = rms_normalized(v, self.value_norm_eps).to(v.dtype)
         per_head_norm = self.q_norm is not None and not self.qk_norm_whole
         if per_head_norm and not self.qk_norm_after_rope:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)

@@ -12,6 +12,13 @@ from torch import nn
 from temper.model.config import ModelConfig
 
 
+def rms_normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over its last dimension, in float32 (as every reference computes it, so that 16-bit activations do
+    not lose the mean of squares): the one computation behind RMSNorm and the weightless norms (Gemma 4's values and
+    router input)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in float32 as Llama does.
 
@@ -31,7 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
         # the weight, Gemma and OLMo 2 after: each matches its Hugging Face reference bit for bit, in bf16 too.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        y = rms_normalized(x, self.eps)
         if self.unit_offset:
             return (y * (1.0 + self.weight.float())).to(x.dtype)
         if self.cast_after:
@@ -150,7 +157,7 @@ class MoE(nn.Module):
         """Each token's (N, C) scores over the experts (N, E) float32, its chosen experts (N, k) and their weights
         (N, k) float32."""
         if self.router_scale is not None:  # Gemma 4: a weightless RMSNorm (float32, rounded), scaled, times 1/sqrt(C)
-            x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.norm_eps).to(x.dtype)
+            x = rms_normalized(x, self.norm_eps).to(x.dtype)
             x = x * self.router_scale * x.shape[-1] ** -0.5
         if self.router_float32:  # in the router's dtype, float32 however the model is cast (`_apply`; FSDP2's 16-bit
             # compute weights aside), as DeepSeek's and GLM-4.5's references score; a LoRA router adds its update

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from temper.model.config import ModelConfig
+from temper.model.layers import rms_normalized
 
 if TYPE_CHECKING:
     from temper.model.attention import KVCache
@@ -66,7 +67,7 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        y = self.weight * rms_normalized(x, self.eps).to(x.dtype)
         return (y * F.silu(z.float())).to(x.dtype)
 
 
