@@ -602,6 +602,14 @@ def test_hunyuan_reads_its_fixed_ntk_alpha_in_either_spelling_and_refuses_a_leng
         from_hf_config(d | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
 
 
+def test_gemma4_per_layer_table_defaults_as_transformers_builds_it():
+    """A Gemma 4 config with per-layer embeddings but no vocab_size_per_layer_input gets Gemma4TextConfig's 262144
+    rows, whatever its vocab_size, as transformers builds the table."""
+    d = _GEMMA4 | {"architectures": ["Gemma4ForCausalLM"], "hidden_size_per_layer_input": 8}
+    assert from_hf_config(d).per_layer_vocab_size == transformers.Gemma4TextConfig(**_GEMMA4 | {
+        "hidden_size_per_layer_input": 8}).vocab_size_per_layer_input == 262144
+
+
 def test_gemma4_reads_past_the_unused_key_weights_of_its_shared_layers():
     """Gemma 4 E2B's and E4B's published files keep key and value weights for the layers that take another's keys and
     values; transformers ignores them on load, and so does temper, while a stray weight elsewhere still fails."""

@@ -118,6 +118,7 @@ _GEMMA4_TEXT_DEFAULTS = {
     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "global_head_dim": 512,
     "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True, "sliding_window": 512, "hidden_size_per_layer_input": 256,
+    "vocab_size_per_layer_input": 262144,
     "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                            "rope_theta": 1000000.0}},
@@ -728,7 +729,7 @@ def _gemma4_fields(d: dict[str, Any], head_dim: int) -> dict[str, Any]:
         raise ValueError(f"Gemma 4 num_kv_shared_layers={shared} must leave some of the {n} layers making their own keys "
                          "and values")
     per_layer = d.get("hidden_size_per_layer_input") or None
-    per_layer_vocab = d.get("vocab_size_per_layer_input", d["vocab_size"])
+    per_layer_vocab = d["vocab_size_per_layer_input"]
     if per_layer and not (_is_int(per_layer_vocab) and per_layer_vocab > 0):
         raise ValueError(f"key 'vocab_size_per_layer_input' must be a positive integer, got {per_layer_vocab!r}")
     per_layer_fields = {"kv_shared_layers": shared, "kv_shared_wide_mlp": bool(shared and d.get("use_double_wide_mlp")),
