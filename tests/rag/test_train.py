@@ -59,7 +59,7 @@ def test_ict_training_beats_the_untuned_model_on_held_out_articles(wiki, tmp_pat
     args = ["train", f"--model={root / 'base'}", f"--data.files={root / 'train.txt'}", "--data.ict=true",
             "--max_len=64", f"--run.dir={tmp_path}", "--run.name=ret", "--run.device=cpu",
             "--train.micro_batch_size=32", "--train.steps=150", "--optim.lr=3e-4", "--eval.every=0",
-            "--checkpoint.every=0", "--log.progress=false"]
+            "--checkpoint.every=0", "--log.progress=false", "--log.plots=false"]
     assert rag(args) == 0
     final = tmp_path / "ret" / "final"
     assert json.loads((final / "retriever.json").read_text()) == {"pooling": "mean", "max_len": 64}
@@ -81,7 +81,7 @@ def test_pairs_from_jsonl_with_accumulation_and_bad_input(wiki, tmp_path):
     data.write_text("".join(json.dumps({"query": p.query, "passage": p.passage}) + "\n"
                             for p in ict_pairs(held[:20], seed=0)))
     base = [f"--model={root / 'base'}", f"--run.dir={tmp_path}", "--run.device=cpu", "--max_len=32",
-            "--checkpoint.every=0", "--log.progress=false"]
+            "--checkpoint.every=0", "--log.progress=false", "--log.plots=false"]
     assert rag(["train", *base, f"--data.files={data}", "--run.name=acc", "--train.micro_batch_size=4",
                 "--train.accumulation=2", "--train.steps=2", "--symmetric=true"]) == 0
     train_lines = [m for m in read_metrics(tmp_path / "acc" / "metrics.jsonl") if m["kind"] == "train"]
@@ -134,7 +134,7 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(wiki, tmp_
                             for p in ict_pairs(held[:20], seed=0)))
     flags = [f"--model={root / 'base'}", f"--data.files={data}", f"--run.dir={tmp_path}", "--run.device=cpu",
              "--max_len=32", "--train.steps=3", "--train.micro_batch_size=4", "--optim.lr=1e-3",
-             "--checkpoint.every=0", "--log.progress=false", "--eval.every=0"]
+             "--checkpoint.every=0", "--log.progress=false", "--log.plots=false", "--eval.every=0"]
     assert rag(["train", *flags, "--run.name=one", "--train.accumulation=2"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
            "rag", "train", *flags, "--run.name=two"]

@@ -58,6 +58,7 @@ def teacher(char_data, tmp_path_factory) -> Path:
                           "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.max_seq_len=32",
                           "--train.micro_batch_size=8", "--train.steps=60", "--eval.every=0", "--checkpoint.every=0",
                           "--schedule.warmup_steps=5", "--optim.lr=3e-3", "--log.progress=false",
+                          "--log.plots=false",
                           "--run.device=cpu"]) == 0
     return root / "t"
 
@@ -66,7 +67,7 @@ def loop(tmp: Path, name: str) -> list[str]:
     """The run, batch, schedule and evaluation flags, which `temper pretrain` shares."""
     return [f"--run.dir={tmp}", f"--run.name={name}", "--train.micro_batch_size=4", "--train.steps=6", "--eval.every=0",
             "--eval.batches=2", "--checkpoint.every=0", "--schedule.warmup_steps=2", "--optim.lr=3e-3",
-            "--log.progress=false", "--run.device=cpu"]
+            "--log.progress=false", "--log.plots=false", "--run.device=cpu"]
 
 
 def args(teacher: Path, data: Path, tmp: Path, name: str, *extra: str) -> list[str]:
@@ -183,6 +184,7 @@ def test_sft_rows_cache_equals_on_the_fly_across_epochs(chat_teacher, tmp_path):
               "--student.preset=debug-llama", "--student.model={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1}",
               f"--run.dir={tmp_path}", "--train.micro_batch_size=8", "--train.epochs=2", "--eval.every=0",
               "--eval.val_fraction=0.1", "--schedule.warmup_steps=2", "--optim.lr=3e-3", "--log.progress=false",
+              "--log.plots=false",
               "--run.device=cpu", "--checkpoint.every=0"]
     assert distill.main([*common, "--run.name=live"]) == 0
     k = json.loads((chat_teacher / "config.json").read_text())["vocab_size"]
@@ -305,7 +307,8 @@ def test_on_policy_sft_samples_the_responses(chat_teacher, tmp_path):
     assert distill.main([f"--teacher.path={chat_teacher}", f"--data.files=[{ALPACA}]", "--data.max_length=128",
                          "--student.preset=debug-llama", "--student.model={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1}",
                          f"--run.dir={tmp_path}", "--run.name=gkd", "--train.micro_batch_size=4", "--train.steps=2",
-                         "--eval.every=0", "--eval.val_fraction=0.1", "--log.progress=false", "--run.device=cpu",
+                         "--eval.every=0", "--eval.val_fraction=0.1", "--log.progress=false",
+                         "--log.plots=false", "--run.device=cpu",
                          "--checkpoint.every=0", "--on_policy.lmbda=1", "--on_policy.max_new_tokens=8",
                          "--loss.kind=jsd"]) == 0
     train = rows(tmp_path / "gkd")

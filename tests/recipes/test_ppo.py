@@ -21,7 +21,8 @@ def args(arith, tmp: Path, name: str, *extra: str) -> list[str]:
     policy, rm, data = arith
     return [f"--model={policy}", f"--data.prompts=[{data}]", f"--rewards=[{{model: {rm}}}]",
             "--rollout.n=2", "--rollout.max_new_tokens=8", "--train.prompts_per_step=4", "--train.micro_batch_size=4",
-            "--ppo.epochs=2", "--ppo.minibatches=2", f"--run.dir={tmp}", f"--run.name={name}", "--log.progress=false",
+            "--ppo.epochs=2", "--ppo.minibatches=2", f"--run.dir={tmp}", f"--run.name={name}",
+            "--log.progress=false", "--log.plots=false",
             "--eval.every=0", "--eval.val_fraction=0.1", "--eval.max_prompts=4", "--optim.lr=1e-3",
             "--lora.dropout=0", *extra]
 

@@ -451,7 +451,7 @@ def test_a_data_directory_without_a_usable_tokenizer_is_one_line(tmp_path, capsy
     tokenizer.unlink() if damage == "missing" else tokenizer.write_text('{"model": ')
     args = ["pretrain", f"--data.dir={out}", f"--run.dir={tmp_path / 'runs'}", "--preset=debug", "--model.dim=16",
             "--model.n_layers=1", "--model.n_heads=1", "--model.max_seq_len=16", "--train.steps=1",
-            "--log.progress=false", "--run.device=cpu"]
+            "--log.progress=false", "--log.plots=false", "--run.device=cpu"]
     assert temper_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("temper pretrain: ") and str(tokenizer) in err and says in err and err.count("\n") == 1

@@ -54,7 +54,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900
 base = test_sft.base
 """A model whose widths NF4's blocks divide, with a tokenizer trained on the Alpaca rows."""
 RECIPES = {"sft": sft, "reward": reward, "dpo": dpo, "distill": distill, "grpo": grpo, "ppo": ppo}
-COMMON = ["--train.steps=4", "--checkpoint.every=2", "--eval.every=2", "--log.progress=false", "--run.device=cpu"]
+COMMON = ["--train.steps=4", "--checkpoint.every=2", "--eval.every=2", "--log.progress=false",
+          "--log.plots=false", "--run.device=cpu"]
 """4 steps, a checkpoint every 2 (the crash comes after the second), validation at 0, 2 and 4."""
 NO_DROPOUT = "--lora.dropout=0"
 """Its masks differ by rank (the models themselves have none)."""

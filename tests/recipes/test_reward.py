@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data not found 
 def args(base, tmp: Path, name: str, *extra: str) -> list[str]:
     model, data = base
     return [f"--model={model}", f"--data.files=[{data}]", "--data.max_length=128", f"--run.dir={tmp}",
-            f"--run.name={name}", "--train.micro_batch_size=4", "--log.progress=false", "--log.every=1", "--eval.every=0",
+            f"--run.name={name}", "--train.micro_batch_size=4", "--log.progress=false", "--log.plots=false",
+            "--log.every=1", "--eval.every=0",
             "--eval.val_fraction=0.2", "--optim.lr=3e-3", "--lora.dropout=0", *extra]
 
 

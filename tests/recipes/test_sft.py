@@ -48,7 +48,8 @@ def base(tmp_path_factory) -> Path:
 
 def args(base: Path, tmp: Path, name: str, *extra: str) -> list[str]:
     return [f"--model={base}", f"--data.files=[{ALPACA}]", "--data.max_length=256", f"--run.dir={tmp}",
-            f"--run.name={name}", "--train.micro_batch_size=4", "--log.progress=false", "--eval.every=0", *extra]
+            f"--run.name={name}", "--train.micro_batch_size=4", "--log.progress=false", "--log.plots=false",
+            "--eval.every=0", *extra]
 
 
 def losses(run: Path, kind: str = "train", key: str = "loss") -> list[float]:
@@ -148,7 +149,7 @@ def test_a_qwen3_checkpoint_learns_multi_turn_chats_turn_by_turn_and_exports_as_
         {"role": "user", "content": b["instruction"]}, {"role": "assistant", "content": b["output"]}]}) + "\n"
         for a, b in zip(rows[:40:2], rows[1:40:2], strict=True)))
     flags = [f"--model={base}", f"--data.files=[{chats}]", "--data.max_length=256", f"--run.dir={tmp_path}",
-             "--train.micro_batch_size=4", "--log.progress=false", "--eval.every=0"]
+             "--train.micro_batch_size=4", "--log.progress=false", "--log.plots=false", "--eval.every=0"]
     assert sft.main([*flags, "--run.name=all", "--train.steps=1"]) == 2  # turns=all: the past turn cannot be found
     assert f"{chats}:1: turn 1: the chat template breaks the prefix property" in capsys.readouterr().err
     assert sft.main([*flags, "--run.name=each", "--data.turns=each", "--train.steps=12", "--optim.lr=1e-2"]) == 0

@@ -152,6 +152,15 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert not (tmp_path / "report.png").exists()
 
 
+def test_report_without_plots_when_asked(tmp_path):
+    """log.plots=false: the same table, no PNG and no link to one."""
+    with RunLogger(tmp_path, total_steps=3, progress=False) as logger:
+        _log_steps(logger, range(1, 4))
+    text = write_report(tmp_path, plots=False).read_text()
+    assert "| steps | 3 |" in text and ".png" not in text and "matplotlib" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "report.md"]
+
+
 def test_tensorboard_event_file(tmp_path):
     with RunLogger(tmp_path, total_steps=4, tensorboard=True, progress=False) as logger:
         _log_steps(logger, range(1, 5))

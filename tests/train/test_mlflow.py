@@ -38,6 +38,10 @@ def artifacts(client, run_id: str, path: str = "") -> set[str]:
     return found
 
 
+PLOTTED = ("--log.mlflow=true", "--log.plots=true")
+"""Tracked in MLflow, with the report's plots (TINY leaves them out) among the artifacts."""
+
+
 def assert_tracked(uri: str, run_dir: Path, status: str = "FINISHED") -> tuple[object, object]:
     """The MLflow run of `run_dir` holds metrics.jsonl's train and val numbers step for step (rtol 1e-6: MLflow
     stores float64, metrics.jsonl the shortest repr of the same double), the report and final/."""
@@ -54,8 +58,7 @@ def assert_tracked(uri: str, run_dir: Path, status: str = "FINISHED") -> tuple[o
 
 
 def test_pretrain_tracked_in_the_default_local_store(char_data, tmp_path):
-    assert train(char_data, tmp_path, "a", "--log.mlflow=true", "--optim.lr=2e-3", "--train.steps=4",
-                 "--eval.every=2") == 0
+    assert train(char_data, tmp_path, "a", *PLOTTED, "--optim.lr=2e-3", "--train.steps=4", "--eval.every=2") == 0
     uri = default_mlflow_uri(tmp_path / "a")
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db" and (tmp_path / "mlartifacts").is_dir()
     client, run = assert_tracked(uri, tmp_path / "a")
@@ -68,7 +71,7 @@ def test_pretrain_tracked_in_the_default_local_store(char_data, tmp_path):
 def test_resume_continues_the_same_mlflow_run(char_data, tmp_path):
     """A crash before step 7 (steps 1-6 sent, the run FAILED) and a resume from the step-4 checkpoint: one MLflow
     run, steps 1-8 once each, steps 5-6 keeping their first values (the same numbers: the resume is exact)."""
-    extra = ("--log.mlflow=true", "--checkpoint.every=4")
+    extra = (*PLOTTED, "--checkpoint.every=4")
     with pytest.raises(SystemExit):
         train(char_data, tmp_path, "r", *extra, env="crash:step=6")
     uri = default_mlflow_uri(tmp_path / "r")
@@ -88,7 +91,7 @@ def test_a_file_tracking_uri_another_experiment_and_sigterm(char_data, tmp_path,
     SIGTERM ends the MLflow run KILLED; the resume finishes it."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file:{tmp_path / 'mlruns'}"
-    extra = ("--log.mlflow=true", f"--log.mlflow_uri={uri}", "--log.mlflow_experiment=other", "--train.steps=2",
+    extra = (*PLOTTED, f"--log.mlflow_uri={uri}", "--log.mlflow_experiment=other", "--train.steps=2",
              "--eval.every=2")
     assert train(char_data, tmp_path, "f", *extra, env="sigterm:step=0") == EXIT_PREEMPTED
     killed = mlflow.MlflowClient(tracking_uri=uri).get_run((tmp_path / "f" / MLFLOW_ID_FILE).read_text().strip())

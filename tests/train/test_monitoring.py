@@ -163,8 +163,9 @@ def test_report_draws_the_groups_and_lists_counts_and_comm_share(tmp_path):
 # ---- distributed: the numbers of one process ---------------------------------------------------------------
 
 MODEL = ["--model.tie_embeddings=false", "--model.vocab_size=64", "--train.steps=4", "--eval.every=0",
-         "--checkpoint.every=0", "--log.monitor_every=2"]
-"""After TINY: an untied head (a head group), the char vocabulary padded to split over 2 tensor-parallel ranks."""
+         "--checkpoint.every=0", "--log.monitor_every=2", "--log.plots=true"]
+"""After TINY: an untied head (a head group), the char vocabulary padded to split over 2 tensor-parallel ranks; the
+report's plots, by group."""
 
 LAYOUTS = {"ddp": [], "fsdp2": ["--train.parallel.dp_shard=2"],
            "tp": ["--train.parallel.tp=2", "--train.parallel.sequence_parallel=false"],

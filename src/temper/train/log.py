@@ -472,8 +472,8 @@ def report_files(run_dir: str | Path) -> list[Path]:
     return [Path(run_dir) / name for name in names if (Path(run_dir) / name).is_file()]
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Read `<run_dir>/metrics.jsonl`; write `report.md` with a summary table and PNG plots."""
+def write_report(run_dir: str | Path, plots: bool = True) -> Path:
+    """Read `<run_dir>/metrics.jsonl`; write `report.md` with a summary table and, with `plots`, PNG plots."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / METRICS_FILE)
     lines = [f"# Run report: {run_dir.name}", ""]
@@ -482,7 +482,7 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary(records)] + [""]
         try:
-            images = _plot(run_dir, records)
+            images = _plot(run_dir, records) if plots else []
         except ImportError:  # plots are an extra; the table alone is still worth writing
             images = []
             lines.append("matplotlib is not installed (`pip install 'temper[plots]'`), so this report has no plots.")

@@ -224,6 +224,9 @@ class LogSection:
     """MLflow experiment the run is filed under (created when missing)."""
     progress: bool = True
     """Show a progress bar."""
+    plots: bool = True
+    """Draw the report's PNG plots (matplotlib, about a second); false: report.md's table alone, as for the trials
+    of a sweep."""
     monitor_every: int = 0
     """Every N optimizer steps also log, by parameter group (embedding, attention, mlp, norm, head, lora, prefix,
     other), gradient norms and update/weight ratios, the learning rate of each optimizer group and, under DDP, the
@@ -478,7 +481,7 @@ class Run:
     def write_report(self, final: Path | None = None) -> Path:
         """After the loop, on rank 0, once `final/` is written: report.md with its plots (`log.write_report`);
         with log.mlflow, the report and `final` uploaded as the MLflow run's artifacts report/ and final/."""
-        path = write_report(self.dir)
+        path = write_report(self.dir, plots=self.cfg.log.plots)
         if self.logger is not None:
             for file in report_files(self.dir):
                 self.logger.log_artifacts(file, "report")
