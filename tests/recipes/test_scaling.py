@@ -63,7 +63,8 @@ def test_plan_arithmetic(char_data, tmp_path, capsys, flops):
 def test_scaling_runs_fits_and_refits(char_data, tmp_path, capsys):
     study = tmp_path / "study"
     argv = [f"--data={char_data}", f"--dir={study}", *grid(), "--holdout=[32x2@2e9]", "--workers=2",
-            "--threads_per_trial=1", "--bootstrap=20", "--pretrain=--optim.lr=1e-2", "--pretrain=--run.device=cpu"]
+            "--threads_per_trial=1", "--bootstrap=20", "--pretrain=--optim.lr=1e-2", "--pretrain=--run.device=cpu",
+            "--pretrain=--log.plots=false"]
     assert scaling.main(argv) == 0
     out = capsys.readouterr().out
     assert "compute-optimal at C = 6e+09" in out and "held out holdout-c2e09-32x2" in out

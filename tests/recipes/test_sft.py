@@ -245,7 +245,8 @@ def test_bf16_holds_the_frozen_base_in_bf16_and_what_trains_in_float32(base, tmp
         return real(self, model)
 
     monkeypatch.setattr(sft.Run, "wrap", wrap)
-    common = (f"--method={method}", "--train.steps=12", "--optim.lr=1e-2", "--lora.targets=[q_proj,v_proj,gate_proj]")
+    common = (f"--method={method}", "--train.steps=12", "--optim.lr=1e-2", "--lora.targets=[q_proj,v_proj,gate_proj]",
+              "--data.max_length=128")  # rows of 128 tokens: bf16 on a CPU is slow, and the dtypes are the point
     assert sft.main(args(base, tmp_path, "bf16", *common, "--train.precision=bf16")) == 0
     trained = {n: dt for n, dt in seen.items() if n != "nf4" and ("lora_" in n or "prefix" in n)}
     frozen = {n: dt for n, dt in seen.items() if n != "nf4" and n not in trained}
@@ -327,7 +328,8 @@ def test_sft_has_the_scaffolds_features(base, tmp_path, monkeypatch):
     from temper.train.run import EXIT_PREEMPTED
 
     common = ("--train.steps=4", "--checkpoint.every=0", "--train.activation_checkpointing=1",
-              "--train.label_smoothing=0.1", "--train.precision=fp16", "--log.tensorboard=true")
+              "--train.label_smoothing=0.1", "--train.precision=fp16", "--log.tensorboard=true",
+              "--data.max_length=128")  # fp16 on a CPU is slow: short rows
     assert sft.main(args(base, tmp_path, "ref", *common)) == 0
     monkeypatch.setenv("TEMPER_FAULT", "sigterm:step=1")
     assert sft.main(args(base, tmp_path, "term", *common)) == EXIT_PREEMPTED

@@ -29,7 +29,7 @@ char_data = test_pretrain.char_data  # the same prepared text (a module fixture:
 
 TINY = ["--preset=debug", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
         "--train.micro_batch_size=2", "--train.steps=8", "--checkpoint.every=2", "--checkpoint.keep_last_n=0",
-        "--eval.every=2", "--eval.batches=2", "--schedule.warmup_steps=2", "--run.device=cpu"]
+        "--eval.every=2", "--eval.batches=2", "--schedule.warmup_steps=2", "--run.device=cpu", "--log.plots=false"]
 SPACE = {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
          "schedule.warmup_steps": {"type": "int", "low": 0, "high": 4, "step": 2}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -274,7 +274,7 @@ def test_a_large_vocabulary_peaks_at_the_loss_one_chunk_at_a_time(offload):
     """A 32k vocabulary makes the chunked loss the step's peak: one chunk's (n, V) tensors at a time (a chunk's
     gradient is freed before the next chunk's logits; keeping it added a third more here). Under activation
     offload a CPU holds the device's bytes and the host's together: the estimate's peak plus its host memory."""
-    est, measured = _measure("debug-llama", "lora", "bf16", 1, batch=8, seq=256, offload=offload,
+    est, measured = _measure("debug-llama", "lora", "bf16", 1, batch=4, seq=256, offload=offload,
                              dims={"vocab_size": 32768, "tie_embeddings": False})
     assert est.peak_formula.startswith("the loss") and (est.host > 0) == offload
     assert est.peak + est.host == pytest.approx(measured.peak, rel=0.05), (human_bytes(est.peak), human_bytes(measured.peak))
