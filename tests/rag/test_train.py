@@ -23,6 +23,7 @@ from temper.recipes.rag import RetrieverDataConfig, read_pairs
 from temper.recipes.rag import main as rag
 from temper.train.log import read_metrics
 from tests.conftest import SHARED_DATA
+from tests.ranks import temper_on_ranks
 
 HELD_OUT = 150  # articles kept out of training, the evaluation's queries and passages
 
@@ -122,9 +123,6 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(wiki, tmp_
     """Rank r's micro-batch at a step is the one that micro-step r of a single process takes (align.pairs'
     dealing), so 2 DDP ranks x micro 4 and 1 process x micro 4 x 2 accumulation hold the same in-batch negatives
     and must reach the same weights (DDP's all-reduce sums in another order: close, not equal)."""
-    import os
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -136,10 +134,7 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(wiki, tmp_
              "--max_len=32", "--train.steps=3", "--train.micro_batch_size=4", "--optim.lr=1e-3",
              "--checkpoint.every=0", "--log.progress=false", "--log.plots=false", "--eval.every=0"]
     assert rag(["train", *flags, "--run.name=one", "--train.accumulation=2"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "rag", "train", *flags, "--run.name=two"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    temper_on_ranks(["rag", "train", *flags, "--run.name=two"], 2, tmp_path / "two-logs")
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert one.keys() == two.keys()

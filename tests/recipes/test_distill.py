@@ -10,8 +10,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from temper.model.transformer import Transformer
 from temper.recipes import distill, prepare, pretrain
 from temper.train import checkpoint as ckpt
 from temper.train.losses import IGNORE_INDEX
+from tests.ranks import temper_on_ranks
 from tests.templates import CHATML
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
@@ -205,11 +204,8 @@ def test_ddp_two_ranks_equal_one_process(char_data, teacher, tmp_path):
                         ("gkd", ("--on_policy.lmbda=1", "--on_policy.max_new_tokens=6"))):
         common = ("--train.steps=3", "--eval.every=3", *extra)
         assert distill.main(args(teacher, char_data, tmp_path, f"single-{name}", *common)) == 0
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-               "distill", *args(teacher, char_data, tmp_path, f"ddp-{name}", *common, "--train.micro_batch_size=2")]
-        env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
+        temper_on_ranks(["distill", *args(teacher, char_data, tmp_path, f"ddp-{name}", *common,
+                                          "--train.micro_batch_size=2")], 2, tmp_path / f"ddp-{name}-logs")
         single, ddp = rows(tmp_path / f"single-{name}"), rows(tmp_path / f"ddp-{name}")
         torch.testing.assert_close([r["loss"] for r in ddp], [r["loss"] for r in single], rtol=1e-5, atol=0)
         torch.testing.assert_close([r["kl"] for r in ddp], [r["kl"] for r in single], rtol=1e-4, atol=1e-6)

@@ -4,10 +4,7 @@ reference equal to the live one, exact resume, and torchrun DDP on 2 ranks equal
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from temper.model.config import PRESETS
 from temper.model.hf.checkpoint import read_hf_config, save_hf
 from temper.model.transformer import Transformer
 from temper.recipes import dpo, reward
+from tests.ranks import temper_on_ranks
 from tests.recipes.conftest import HH
 
 pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data not found at {HH}")
@@ -177,11 +175,8 @@ def test_resume_continues_exactly(hh_base, tmp_path, monkeypatch):
 def test_ddp_two_ranks_equal_one_process(hh_base, tmp_path):
     common = ("--train.steps=3", "--eval.every=3", "--run.device=cpu")
     assert dpo.main(args(hh_base, tmp_path, "single", *common)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "dpo", *args(hh_base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
-    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    argv = args(hh_base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")
+    temper_on_ranks(["dpo", *argv], 2, tmp_path / "ddp-logs")
     single, ddp = rows(tmp_path / "single", "train"), rows(tmp_path / "ddp", "train")
     torch.testing.assert_close([r["loss"] for r in ddp], [r["loss"] for r in single], rtol=1e-5, atol=0)
     # margins are beta x differences of ~300-nat log-prob sums: float32 leaves ~1e-5 of them to reduction order

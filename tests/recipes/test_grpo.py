@@ -5,9 +5,6 @@ groups have unequal rewards from the first step."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from safetensors.torch import load_file
 
 from temper.errors import InputError
 from temper.recipes import grpo
+from tests.ranks import temper_on_ranks
 
 
 def args(arith, tmp: Path, name: str, *extra: str) -> list[str]:
@@ -103,11 +101,8 @@ def test_prompts_render_with_the_chat_template_variables(arith, tmp_path):
 def test_ddp_two_ranks_equal_one_process(arith, tmp_path):
     common = ("--train.steps=2", "--run.device=cpu")
     assert grpo.main(args(arith, tmp_path, "single", *common)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "grpo", *args(arith, tmp_path, "ddp", *common, "--train.micro_batch_size=4")]
-    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    argv = args(arith, tmp_path, "ddp", *common, "--train.micro_batch_size=4")
+    temper_on_ranks(["grpo", *argv], 2, tmp_path / "ddp-logs")
     single, ddp = rows(tmp_path / "single", "train"), rows(tmp_path / "ddp", "train")
     for key in ("loss", "reward", "completion_length", "val_reward"):
         if key in single[0]:

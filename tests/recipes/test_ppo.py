@@ -4,9 +4,6 @@ trains, exact resume after a crash (the KL coefficient included), and torchrun D
 one process (advantages whitened over both ranks' rollouts)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from temper.recipes import ppo
 from temper.recipes.ppo import minibatch_rows
+from tests.ranks import temper_on_ranks
 
 
 def args(arith, tmp: Path, name: str, *extra: str) -> list[str]:
@@ -81,11 +79,8 @@ def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
 def test_ddp_two_ranks_equal_one_process(arith, tmp_path):
     common = ("--train.steps=2", "--run.device=cpu")
     assert ppo.main(args(arith, tmp_path, "single", *common)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "ppo", *args(arith, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
-    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    argv = args(arith, tmp_path, "ddp", *common, "--train.micro_batch_size=2")
+    temper_on_ranks(["ppo", *argv], 2, tmp_path / "ddp-logs")
     single, ddp = rows(tmp_path / "single", "train"), rows(tmp_path / "ddp", "train")
     for key in ("loss", "objective/scores", "objective/kl", "loss/value_avg", "val/explained_variance"):
         torch.testing.assert_close([r[key] for r in ddp], [r[key] for r in single], rtol=1e-4, atol=1e-6)

@@ -25,6 +25,7 @@ from temper.config import ConfigError
 from temper.recipes import prepare, pretrain
 from temper.train import checkpoint as ckpt
 from temper.train.run import EXIT_PREEMPTED
+from tests.ranks import run_ranks
 
 TINY = [
     "--preset=debug", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
@@ -80,16 +81,11 @@ def train(char_data, run_dir, name, *extra, env=None):
             os.environ["TEMPER_FAULT"] = old
 
 
-def torchrun_train(char_data, run_dir, name, ranks: int, *extra: str, fault: str = "") -> str:
-    """`temper pretrain` with TINY under `torchrun --standalone` on `ranks` gloo processes (the layout tests' runs);
-    returns its output, and fails the test on a non-zero exit."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "temper", "pretrain", *TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}", f"--run.name={name}",
-           *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": fault}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out.stdout + out.stderr
+def ranks_train(char_data, run_dir, name, ranks: int, *extra: str, fault: str = "") -> str:
+    """`temper pretrain` with TINY on `ranks` gloo processes forked from this one (the layout tests' runs, as
+    torchrun's workers run it: tests/ranks.py); returns their output, and fails the test on a non-zero exit."""
+    argv = [*TINY, f"--data.dir={char_data}", f"--run.dir={run_dir}", f"--run.name={name}", *extra]
+    return run_ranks(pretrain.main, argv, ranks, Path(run_dir) / f"{name}-logs", env={"TEMPER_FAULT": fault})
 
 
 def metrics(run: Path, kind: str = "train") -> dict[int, dict]:

@@ -3,9 +3,6 @@ and the training pairs' accuracy rises, held-out accuracy is logged, final/ load
 sequence classifier with temper's scores, resume is exact, and 2 DDP ranks equal one process."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from temper.data.prefs import PrefDataConfig, collate_pairs, load_pref_examples
 from temper.data.tokenizer import load_hf_tokenizer
 from temper.model.heads import load_reward_model
 from temper.recipes import reward
+from tests.ranks import temper_on_ranks
 from tests.recipes.conftest import HH
 
 transformers = pytest.importorskip("transformers")
@@ -72,10 +70,10 @@ def test_tracked_in_mlflow(hh_base, tmp_path):
     """--log.mlflow in a recipe other than pretrain (the scaffold's, which every training recipe shares)."""
     pytest.importorskip("mlflow")
     from temper.train.log import default_mlflow_uri
-    from tests.train.test_mlflow import assert_tracked
+    from tests.train.test_mlflow import PLOTTED, assert_tracked
 
     assert reward.main(args(hh_base, tmp_path, "m", "--method=lora", "--train.steps=2", "--eval.every=2",
-                            "--log.mlflow=true")) == 0
+                            *PLOTTED)) == 0
     _, run = assert_tracked(default_mlflow_uri(tmp_path / "m"), tmp_path / "m")
     assert run.data.params["method"] == "lora" and "val/val_accuracy" in run.data.metrics
 
@@ -84,10 +82,7 @@ def test_tracked_in_mlflow(hh_base, tmp_path):
 def test_ddp_two_ranks_equal_one_process(hh_base, tmp_path):
     common = ("--train.steps=3", "--run.device=cpu")
     assert reward.main(args(hh_base, tmp_path, "single", *common)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "reward", *args(hh_base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")]
-    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    argv = args(hh_base, tmp_path, "ddp", *common, "--train.micro_batch_size=2")
+    temper_on_ranks(["reward", *argv], 2, tmp_path / "ddp-logs")
     single, ddp = rows(tmp_path / "single", "train"), rows(tmp_path / "ddp", "train")
     torch.testing.assert_close([r["loss"] for r in ddp], [r["loss"] for r in single], rtol=1e-5, atol=0)

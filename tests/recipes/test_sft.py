@@ -4,9 +4,6 @@ the adapter in PEFT's format (the prefix one loaded by PEFT itself), and torchru
 equal to one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from temper.model.hf.peft import load_peft_prefix
 from temper.model.transformer import Transformer
 from temper.recipes import sft
 from temper.train.step import NonFiniteLoss
+from tests.ranks import temper_on_ranks
 from tests.templates import CHATML
 
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca" / "stanford_alpaca_first100.json"
@@ -280,13 +278,10 @@ def test_ddp_two_ranks_equal_one_process(base, tmp_path, method, val_fraction):
     common = (f"--method={method}", "--train.steps=4", "--eval.every=2", f"--eval.val_fraction={val_fraction}",
               "--lora.dropout=0", "--optim.lr=2e-3", "--run.device=cpu")  # no dropout: its masks differ by rank
     assert sft.main(args(base, tmp_path, "single", *common)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "temper",
-           "sft", *args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2",
-                        "--train.activation_checkpointing=1", "--train.activation_offload=true")]
-    env = {k: v for k, v in os.environ.items() if k != "TEMPER_FAULT"} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "4 steps of 4 rows (2 x 1 accum x 2 ranks)" in out.stdout
+    argv = args(base, tmp_path, "ddp", *common, "--train.micro_batch_size=2", "--train.activation_checkpointing=1",
+                "--train.activation_offload=true")
+    out = temper_on_ranks(["sft", *argv], 2, tmp_path / "ddp-logs")
+    assert "4 steps of 4 rows (2 x 1 accum x 2 ranks)" in out
     for kind, key in (("train", "loss"), ("val", "val_loss")):
         single, ddp = losses(tmp_path / "single", kind, key), losses(tmp_path / "ddp", kind, key)
         assert len(ddp) == (4 if kind == "train" else 3)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
+from tests.recipes.test_pretrain import final_weights, metrics, ranks_train, train
 
 char_data = test_pretrain.char_data
 
@@ -44,7 +44,7 @@ LAYOUTS = {
 
 def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> str:
     """`temper pretrain` (STEPS, micro-batch `micro`) under torchrun; returns its output."""
-    return torchrun_train(data, root, name, ranks, *STEPS, f"--train.micro_batch_size={micro}", *extra)
+    return ranks_train(data, root, name, ranks, *STEPS, f"--train.micro_batch_size={micro}", *extra)
 
 
 @pytest.fixture(scope="module")

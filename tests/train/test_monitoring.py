@@ -28,7 +28,7 @@ from temper.train.optim import OptimConfig, build_optimizer
 from temper.train.run import LogSection
 from temper.train.step import train_step
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import metrics, torchrun_train, train
+from tests.recipes.test_pretrain import metrics, ranks_train, train
 
 char_data = test_pretrain.char_data
 
@@ -181,7 +181,7 @@ def runs(char_data, tmp_path_factory) -> Path:
     assert train(char_data, root, "one", *MODEL, "--train.micro_batch_size=4") == 0
     for name, flags in LAYOUTS.items():
         micro = 4 if name in ("tp", "pp") else 2
-        torchrun_train(char_data, root, name, 2, *MODEL, f"--train.micro_batch_size={micro}", *flags)
+        ranks_train(char_data, root, name, 2, *MODEL, f"--train.micro_batch_size={micro}", *flags)
     return root
 
 

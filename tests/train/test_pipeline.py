@@ -32,7 +32,7 @@ from temper.train.parallel import ParallelConfig, apply_activation_checkpointing
 from temper.train.pipeline import StageLayers, check_layout, split, split_batch, stage_blocks, stage_modules
 from tests.conftest import SHARED_DATA
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
+from tests.recipes.test_pretrain import final_weights, metrics, ranks_train, train
 
 char_data = test_pretrain.char_data
 
@@ -143,7 +143,7 @@ def test_a_replicated_checkpoint_does_not_resume_a_stage(tmp_path):
 
 
 def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> None:
-    torchrun_train(data, root, name, ranks, *COMMON, f"--train.micro_batch_size={micro}", *extra, fault=FAULT)
+    ranks_train(data, root, name, ranks, *COMMON, f"--train.micro_batch_size={micro}", *extra, fault=FAULT)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from temper.model.lora import apply_lora
 from temper.model.transformer import Transformer
 from temper.train.tensor_parallel import check_splittable_layers, check_tensor_parallel
 from tests.recipes import test_pretrain
-from tests.recipes.test_pretrain import final_weights, metrics, torchrun_train, train
+from tests.recipes.test_pretrain import final_weights, metrics, ranks_train, train
 
 char_data = test_pretrain.char_data
 
@@ -64,7 +64,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
 
 def torchrun(root: Path, data: Path, name: str, model: str, ranks: int, micro: int, *extra: str) -> str:
     """`temper pretrain` of MODELS[model] (STEPS, micro-batch `micro`) under torchrun; returns its output."""
-    return torchrun_train(data, root, name, ranks, *STEPS, *MODELS[model], f"--train.micro_batch_size={micro}", *extra)
+    return ranks_train(data, root, name, ranks, *STEPS, *MODELS[model], f"--train.micro_batch_size={micro}", *extra)
 
 
 @pytest.fixture(scope="module")
