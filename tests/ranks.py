@@ -84,3 +84,12 @@ def temper_on_ranks(argv: Sequence[str], ranks: int, logs: Path, env: dict[str, 
     from temper.__main__ import main
 
     return run_ranks(main, argv, ranks, logs, env)
+
+
+def fork_ranks(fn: Callable[..., None], args: tuple, nprocs: int) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` with forked processes: each rank calls fn(rank, *args) with
+    this process's imports, where spawn's would import torch and temper again (seconds a rank)."""
+    import torch.multiprocessing as mp
+
+    assert not dist.is_initialized(), "a process group in the test process would be shared by the forked ranks"
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")

@@ -12,7 +12,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from temper.config import ConfigError
 from temper.model.config import PRESETS
@@ -22,6 +21,7 @@ from temper.train.step import NonFiniteLoss, train_step
 
 pytest.importorskip("deepspeed")
 from temper.train import deepspeed_engine as dse  # noqa: E402  (after the skip: it imports deepspeed lazily)
+from tests.ranks import fork_ranks
 from tests.recipes import test_pretrain  # noqa: E402
 
 char_data = test_pretrain.char_data
@@ -94,7 +94,7 @@ def _worker(rank: int, world: int, out_dir: str, ds_path: str, model_key: str, f
 
 def run_deepspeed(tmp_path, zero: dict, model_key: str = "tied", fault: str = "", policy: str = "fail") -> dict:
     ds_path = write_config(tmp_path / "ds.json", zero)
-    mp.spawn(_worker, args=(2, str(tmp_path), ds_path, model_key, fault, policy), nprocs=2, join=True)
+    fork_ranks(_worker, (2, str(tmp_path), ds_path, model_key, fault, policy), 2)
     return torch.load(tmp_path / "out.pt", weights_only=True)
 
 

@@ -19,7 +19,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -40,6 +39,7 @@ from temper.train.parallel import (
     shutdown_distributed,
 )
 from temper.train.step import train_step
+from tests.ranks import fork_ranks
 from tests.recipes.test_pretrain import char_data, metrics, train  # noqa: F401  (char_data: a pytest fixture)
 
 torchao_float8 = pytest.importorskip("torchao.float8")
@@ -190,7 +190,7 @@ def test_fsdp2_around_float8_layers_trains_like_one_process(shared_data, tmp_pat
     half of the activations (tensorwise amax over the local batch), so the losses agree to float8 rounding,
     not to the last bit."""
     batches = text_batches(shared_data, 4)
-    mp.spawn(_fsdp_worker, args=(str(tmp_path), batches), nprocs=2, join=True)
+    fork_ranks(_fsdp_worker, (str(tmp_path), batches), 2)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     model = tiny()
     apply_float8(model, CPU, check_device=False)

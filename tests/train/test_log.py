@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from temper.train.log import RunLogger, read_metrics, write_report
+from tests.ranks import fork_ranks
 
 
 def _lines(run_dir: Path) -> list[dict]:
@@ -115,7 +115,7 @@ def test_two_rank_gloo_only_rank0_writes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_two_rank_worker, (port, str(tmp_path)), 2)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
     lines = _lines(tmp_path)
     assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # once each, monotonic

@@ -34,7 +34,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
@@ -42,6 +41,7 @@ from temper.train.memory import RunShape, estimate, human_bytes, measure_train_s
 from temper.train.optim import OptimConfig, build_optimizer
 from temper.train.parallel import ParallelConfig, init_distributed, parallelize, shutdown_distributed
 from temper.train.step import train_step
+from tests.ranks import fork_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -115,7 +115,7 @@ def _stage(d) -> str | None:
 
 
 def _run(tmp_path, world: int, layouts: dict[str, tuple[ParallelConfig, int]]) -> list[dict]:
-    mp.spawn(_worker, args=(world, str(tmp_path), layouts), nprocs=world, join=True)
+    fork_ranks(_worker, (world, str(tmp_path), layouts), world)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from temper.train.losses import CompiledLoss, LMLoss
 from temper.train.parallel import DistInfo, parallelize
 from temper.train.step import NonFiniteLoss, train_step
+from tests.ranks import fork_ranks
 
 from .test_step import TinyLM, padded_batch
 
@@ -61,7 +61,7 @@ def _worker(rank, world, out_dir, fault, compiled=False):
 
 
 def run_ranks(tmp_path, fault=None, compiled=False):
-    mp.spawn(_worker, args=(2, str(tmp_path), fault, compiled), nprocs=2, join=True)
+    fork_ranks(_worker, (2, str(tmp_path), fault, compiled), 2)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
