@@ -8,20 +8,18 @@ Afterwards the sharded model still trains (generation ran under no_grad, not inf
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 
 def work(amp: str) -> None:
-    """One rank's part (under torchrun); raises on any difference."""
+    """One rank's part; raises on any difference."""
     import torch.distributed as dist
 
     from temper.infer.engine import generate, generate_with_logprobs, join
@@ -63,13 +61,5 @@ def work(amp: str) -> None:
 
 
 @pytest.mark.parametrize("amp", ["fp32", "bf16"])
-def test_sharded_generation_runs_in_lockstep_and_equals_the_plain_model(amp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--module",
-           "tests.infer.test_engine_sharded", amp]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2])
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-
-
-if __name__ == "__main__":
-    work(sys.argv[1])
+def test_sharded_generation_runs_in_lockstep_and_equals_the_plain_model(amp, tmp_path):
+    run_ranks(lambda argv: work(*argv), [amp], 2, tmp_path, timeout=180)
