@@ -2,7 +2,7 @@
 a smaller student from scratch; on SFT rows (Alpaca) with a ChatML tokenizer. The loss falls and final/
 loads; a top-k cache of the whole vocabulary gives the on-the-fly run exactly (pretraining windows, and
 packed SFT rows across an epoch boundary), and is reused on resume, which continues exactly; tokenizers
-that differ are refused in one line; torchrun DDP on 2 ranks equals one process."""
+that differ are refused in one line; DDP on 2 ranks equals one process."""
 
 from __future__ import annotations
 

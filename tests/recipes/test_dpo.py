@@ -1,6 +1,6 @@
 """`temper dpo` end to end on a tiny Llama-layout checkpoint and real hh-rlhf pairs: the checker, LoRA
 and full runs whose held-out reward accuracy is logged and whose loss falls, the precomputed
-reference equal to the live one, exact resume, and torchrun DDP on 2 ranks equal to one process."""
+reference equal to the live one, exact resume, and DDP on 2 ranks equal to one process."""
 
 import json
 import math

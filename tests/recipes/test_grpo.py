@@ -1,6 +1,6 @@
 """`temper grpo` end to end on a tiny Llama-layout checkpoint: the run logs what it should, the engine's
 log-probs agree with training's, a KL to the reference starts at 0, exact resume after a crash, and
-torchrun DDP on 2 ranks equal to one process. Rewards: a rule and a (random) reward model, so that
+DDP on 2 ranks equal to one process. Rewards: a rule and a (random) reward model, so that
 groups have unequal rewards from the first step."""
 
 import dataclasses

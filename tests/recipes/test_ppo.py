@@ -1,6 +1,6 @@
 """`temper ppo` end to end on a tiny Llama-layout checkpoint with a (random) reward model: TRL's metrics are
 logged, the KL to the reference starts at 0 and the adaptive coefficient moves, a separate value model
-trains, exact resume after a crash (the KL coefficient included), and torchrun DDP on 2 ranks equal to
+trains, exact resume after a crash (the KL coefficient included), and DDP on 2 ranks equal to
 one process (advantages whitened over both ranks' rollouts)."""
 
 import json

@@ -1,6 +1,6 @@
 """`temper sft` end to end on a tiny Llama-layout checkpoint and the real Alpaca rows: the checker,
 LoRA / full / QLoRA / prefix runs whose loss falls, exact resume, final/ in Hugging Face layout with
-the adapter in PEFT's format (the prefix one loaded by PEFT itself), and torchrun DDP on 2 ranks
+the adapter in PEFT's format (the prefix one loaded by PEFT itself), and DDP on 2 ranks
 equal to one process with the same global batch."""
 
 import json
@@ -271,7 +271,7 @@ def test_prefix_on_a_model_peft_cannot_match_is_refused_before_training(base, tm
 @pytest.mark.distributed
 @pytest.mark.parametrize("method, val_fraction", [("lora", "0.1"), ("prefix", "0.02")])
 def test_ddp_two_ranks_equal_one_process(base, tmp_path, method, val_fraction):
-    """torchrun 2 ranks x 2 rows == 1 process x 4 rows: the same losses, held-out losses and adapter.
+    """2 ranks x 2 rows == 1 process x 4 rows: the same losses, held-out losses and adapter.
     5 held-out rows split 3 + 2 over the ranks (lora); 2 leave rank 1 none (prefix). The ranks also checkpoint
     and offload activations, which moves the frozen token table to host memory (DDP must not broadcast it) and
     changes no number."""

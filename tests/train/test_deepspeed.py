@@ -205,12 +205,12 @@ def test_pretrain_under_deepspeed_zero3_trains_like_one_process(char_data, tmp_p
     """`temper pretrain --train.deepspeed=ds.json` (ZeRO-3, 2 ranks): the steps, the validation (through the
     engine's forward) and final/ (gathered on rank 0) are one process's; resuming is refused, by name."""
     from tests.recipes.test_pretrain import final_weights, metrics, train
-    from tests.train.test_fsdp import STEPS, torchrun
+    from tests.train.test_fsdp import STEPS, on_ranks
 
     data, root = char_data, tmp_path
     (root / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert train(data, root, "ref", *STEPS, "--train.micro_batch_size=4") == 0
-    torchrun(root, data, "zero3", 2, 2, f"--train.deepspeed={root / 'ds.json'}")
+    on_ranks(root, data, "zero3", 2, 2, f"--train.deepspeed={root / 'ds.json'}")
     a, b = metrics(root / "ref"), metrics(root / "zero3")
     torch.testing.assert_close([b[s]["loss"] for s in a], [a[s]["loss"] for s in a], rtol=1e-6, atol=1e-7)
     va, vb = metrics(root / "ref", "val"), metrics(root / "zero3", "val")
@@ -219,4 +219,4 @@ def test_pretrain_under_deepspeed_zero3_trains_like_one_process(char_data, tmp_p
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
     with pytest.raises(AssertionError, match="does not resume"):
-        torchrun(root, data, "zero3", 2, 2, f"--train.deepspeed={root / 'ds.json'}", "--train.steps=6")
+        on_ranks(root, data, "zero3", 2, 2, f"--train.deepspeed={root / 'ds.json'}", "--train.steps=6")

@@ -42,8 +42,8 @@ LAYOUTS = {
 """name: (ranks, micro-batch, flags); ranks x micro-batch (x accumulation) = 4 sequences of 32 tokens."""
 
 
-def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> str:
-    """`temper pretrain` (STEPS, micro-batch `micro`) under torchrun; returns its output."""
+def on_ranks(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> str:
+    """`temper pretrain` (STEPS, micro-batch `micro`) on `ranks` forked ranks; returns their output."""
     return ranks_train(data, root, name, ranks, *STEPS, f"--train.micro_batch_size={micro}", *extra)
 
 
@@ -54,7 +54,7 @@ def runs(char_data, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     assert train(char_data, root, "ref", *STEPS, "--train.micro_batch_size=4") == 0
     for name, (ranks, micro, flags) in LAYOUTS.items():
-        torchrun(root, char_data, name, ranks, micro, *flags)
+        on_ranks(root, char_data, name, ranks, micro, *flags)
     return root
 
 
@@ -84,7 +84,7 @@ def test_a_mixture_of_experts_trains_like_one_process(char_data, tmp_path):
                "--model.ffn_dim=48", "--model.n_experts=4", "--model.attn_sinks=true", "--model.swiglu_limit=7.0"]
     assert train(char_data, tmp_path, "ref", *STEPS, "--train.micro_batch_size=4", *experts) == 0
     for name, flags in (("fsdp2", ["--train.parallel.dp_shard=2"]), ("ddp", [])):
-        torchrun(tmp_path, char_data, name, 2, 2, *flags, *experts)
+        on_ranks(tmp_path, char_data, name, 2, 2, *flags, *experts)
         assert_same_training(tmp_path / "ref", tmp_path / name)
     exported = json.loads((tmp_path / "fsdp2" / "final" / "config.json").read_text())
     assert exported["num_local_experts"] == 4 and exported["architectures"] == ["GptOssForCausalLM"]
@@ -101,7 +101,7 @@ def test_choice_biases_move_alike_on_every_rank(char_data, tmp_path):
                 "--model.expert_choice_bias=true", "--model.expert_groups=2", "--model.routed_scaling=2.5",
                 "--model.shared_expert_ffn_dim=48", "--model.dense_layers=1", "--train.expert_bias_rate=0.01"]
     assert train(char_data, tmp_path, "ref", *STEPS, "--train.micro_batch_size=4", *deepseek) == 0
-    torchrun(tmp_path, char_data, "fsdp2", 2, 2, "--train.parallel.dp_shard=2", *deepseek)
+    on_ranks(tmp_path, char_data, "fsdp2", 2, 2, "--train.parallel.dp_shard=2", *deepseek)
     assert_same_training(tmp_path / "ref", tmp_path / "fsdp2")
     a, b = metrics(tmp_path / "ref"), metrics(tmp_path / "fsdp2")
     assert [b[s]["expert_maxvio"] for s in range(1, 5)] == [a[s]["expert_maxvio"] for s in range(1, 5)]
@@ -138,7 +138,7 @@ def test_four_rank_checkpoint_resumes_in_another_layout(runs, char_data, target)
     if target == "one_process":
         assert train(char_data, runs, name, *STEPS, "--train.micro_batch_size=4") == 0
     else:
-        torchrun(runs, char_data, name, 2, 2, *(["--train.parallel.dp_shard=2"] if target == "fsdp2" else []))
+        on_ranks(runs, char_data, name, 2, 2, *(["--train.parallel.dp_shard=2"] if target == "fsdp2" else []))
     assert_same_training(runs / "ref", runs / name, steps=range(3, 5))
 
 
@@ -148,7 +148,7 @@ def test_replicated_checkpoint_resumes_sharded(runs, char_data):
     name = "from_ref_fsdp2"
     (runs / name / "checkpoints").mkdir(parents=True)
     shutil.copytree(runs / "ref" / "checkpoints" / "step-0000002", runs / name / "checkpoints" / "step-0000002")
-    torchrun(runs, char_data, name, 2, 2, "--train.parallel.dp_shard=2")
+    on_ranks(runs, char_data, name, 2, 2, "--train.parallel.dp_shard=2")
     assert_same_training(runs / "ref", runs / name, steps=range(3, 5))
 
 

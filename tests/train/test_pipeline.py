@@ -4,7 +4,7 @@ pipeline layouts against one process.
 In one process: the stages of a split model, run one after another, give the whole model's logits bit for bit,
 under the whole model's parameter names; a micro-batch splits by rows; layouts a pipeline cannot run are refused.
 
-Under torchrun (gloo): pp=2 with 1F1B (which also runs benchmark tasks on the gathered model), pp=2 with
+On gloo ranks: pp=2 with 1F1B (which also runs benchmark tasks on the gathered model), pp=2 with
 Interleaved1F1B (4 stages, each micro-batch split into the default 4 pipeline micro-batches) and pp=2 x dp_shard=2
 with Interleaved1F1B on 4 ranks train the one-process reference's global batch (4 sequences of 32 tokens a step).
 Every run, the reference too, gets a NaN loss at its second step with on_nonfinite=skip: the stages agree to skip
@@ -139,10 +139,10 @@ def test_a_replicated_checkpoint_does_not_resume_a_stage(tmp_path):
         load_checkpoint(path, model=model, optimizer=torch.optim.AdamW(model.parameters()))
 
 
-# ---- temper pretrain under torchrun -----------------------------------------------------------------------
+# ---- temper pretrain on forked ranks ------------------------------------------------------------------------
 
 
-def torchrun(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> None:
+def on_ranks(root: Path, data: Path, name: str, ranks: int, micro: int, *extra: str) -> None:
     ranks_train(data, root, name, ranks, *COMMON, f"--train.micro_batch_size={micro}", *extra, fault=FAULT)
 
 
@@ -159,7 +159,7 @@ def runs(char_data, tmp_path_factory) -> Path:
              "--eval.tasks.every=4", "--eval.tasks.limit=12"]
     assert train(char_data, root, "ref", *COMMON, "--train.micro_batch_size=4", *tasks, env=FAULT) == 0
     for name, (ranks, micro, flags) in LAYOUTS.items():
-        torchrun(root, char_data, name, ranks, micro, *flags, *(tasks if name == "pp2_1f1b" else []))
+        on_ranks(root, char_data, name, ranks, micro, *flags, *(tasks if name == "pp2_1f1b" else []))
     return root
 
 

@@ -62,8 +62,8 @@ LAYOUTS = {
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
 
 
-def torchrun(root: Path, data: Path, name: str, model: str, ranks: int, micro: int, *extra: str) -> str:
-    """`temper pretrain` of MODELS[model] (STEPS, micro-batch `micro`) under torchrun; returns its output."""
+def on_ranks(root: Path, data: Path, name: str, model: str, ranks: int, micro: int, *extra: str) -> str:
+    """`temper pretrain` of MODELS[model] (STEPS, micro-batch `micro`) on `ranks` forked ranks; returns their output."""
     return ranks_train(data, root, name, ranks, *STEPS, *MODELS[model], f"--train.micro_batch_size={micro}", *extra)
 
 
@@ -75,7 +75,7 @@ def runs(char_data, tmp_path_factory) -> Path:
     for model, flags in MODELS.items():
         assert train(char_data, root, f"ref_{model}", *STEPS, *flags, "--train.micro_batch_size=4") == 0
     for name, (model, ranks, micro, flags) in LAYOUTS.items():
-        torchrun(root, char_data, name, model, ranks, micro, *flags)
+        on_ranks(root, char_data, name, model, ranks, micro, *flags)
     return root
 
 
@@ -115,7 +115,7 @@ def test_tensor_parallel_checkpoint_resumes_in_another_layout(runs, char_data, t
     if target == "one_process":
         assert train(char_data, runs, name, *STEPS, *MODELS["llama"], "--train.micro_batch_size=4") == 0
     else:
-        torchrun(runs, char_data, name, "llama", 2, 2, "--train.parallel.dp_shard=2")
+        on_ranks(runs, char_data, name, "llama", 2, 2, "--train.parallel.dp_shard=2")
     assert_same_training(runs / "ref_llama", runs / name, steps=range(3, 5))
 
 
