@@ -388,9 +388,11 @@ TOP_CONFIGS = {"prepare": "PrepareConfig", "pretrain": "PretrainConfig", "sft": 
 
 def recipe_configs() -> dict[str, type]:
     """command -> the dataclass its flags and YAML files become (lm-eval has none: its own argparse)."""
-    from temper.__main__ import COMMANDS, recipe
+    import sys
 
-    return {c: getattr(recipe(c), TOP_CONFIGS[c]) for c in COMMANDS if c in TOP_CONFIGS}
+    from temper.__main__ import COMMANDS
+
+    return {c: getattr(sys.modules[fn.__module__], TOP_CONFIGS[c]) for c, fn in COMMANDS.items() if c in TOP_CONFIGS}
 
 
 CONFIGS = recipe_configs()

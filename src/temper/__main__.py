@@ -2,37 +2,49 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
-from types import ModuleType
 
-# Each command's recipe module in `temper.recipes`, imported when its command runs: importing all of them costs
-# ~4 s of CPU (transformers, FSDP, the server's stack), which every torchrun rank would pay again for nothing.
+from temper.recipes import (
+    best_of_n,
+    distill,
+    download,
+    dpo,
+    estimate,
+    evaluate,
+    generate,
+    grpo,
+    lm_eval,
+    ppo,
+    prepare,
+    pretrain,
+    rag,
+    reward,
+    scaling,
+    serve,
+    sft,
+    sweep,
+)
+
 COMMANDS = {
-    "prepare": "prepare",
-    "pretrain": "pretrain",
-    "sft": "sft",
-    "reward": "reward",
-    "dpo": "dpo",
-    "best-of-n": "best_of_n",
-    "grpo": "grpo",
-    "ppo": "ppo",
-    "distill": "distill",
-    "generate": "generate",
-    "serve": "serve",
-    "estimate": "estimate",
-    "scaling": "scaling",
-    "download": "download",
-    "lm-eval": "lm_eval",
-    "evaluate": "evaluate",
-    "sweep": "sweep",
-    "rag": "rag",
+    "prepare": prepare.main,
+    "pretrain": pretrain.main,
+    "sft": sft.main,
+    "reward": reward.main,
+    "dpo": dpo.main,
+    "best-of-n": best_of_n.main,
+    "grpo": grpo.main,
+    "ppo": ppo.main,
+    "distill": distill.main,
+    "generate": generate.main,
+    "serve": serve.main,
+    "estimate": estimate.main,
+    "scaling": scaling.main,
+    "download": download.main,
+    "lm-eval": lm_eval.main,
+    "evaluate": evaluate.main,
+    "sweep": sweep.main,
+    "rag": rag.main,
 }
-
-
-def recipe(command: str) -> ModuleType:
-    """The recipe module of `command` (a key of COMMANDS), with its `main(argv) -> int`."""
-    return importlib.import_module(f"temper.recipes.{COMMANDS[command]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"temper: unknown command {argv[0]!r}\n", file=sys.stderr)
         print("usage: temper <command> [--help] [--config FILE.yaml] [--section.key=value ...]\n\ncommands:")
-        for name in COMMANDS:
-            doc = (recipe(name).__doc__ or "").strip().splitlines()[0]
+        for name, fn in COMMANDS.items():
+            doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"  {name:<10} {doc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     from temper.config import ConfigError
@@ -51,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # The one error boundary: bad input is one line and exit code 2; anything else is a bug and keeps
     # its traceback.
     try:
-        return recipe(argv[0]).main(argv[1:]) or 0
+        return COMMANDS[argv[0]](argv[1:]) or 0
     except ConfigError as e:
         print(f"temper {argv[0]}: config error: {e}", file=sys.stderr)
         return 2
