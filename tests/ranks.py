@@ -1,11 +1,12 @@
 """Run a recipe's `main(argv)` on N local gloo ranks, forked from the test process, as torchrun's workers run it.
 
-A torchrun job costs ~7 s of wall time and ~10 s of CPU before its first step on the 2-core CI machine: the
-launcher and every rank import torch and temper again. Forked ranks inherit the test process's imports, so a
-layout test's job costs what its training costs. Each rank gets the environment torchrun gives a worker (RANK,
-LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joins a real gloo process group through
-temper's own `init_distributed`. What only torchrun does (its agent, restarts, rendezvous across machines) is
-tested through torchrun itself, in test_multinode.py and test_pretrain_reliability.py.
+On the 2-core CI machine a torchrun job of 2 ranks that only join a gloo group takes ~7 s of wall time and ~10 s of
+CPU (the launcher and each rank import torch), and temper's imports add ~3 s of CPU a rank. Forked ranks inherit
+the test process's imports, so a layout test's job costs what its training costs. Each rank gets the environment
+torchrun gives a worker (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joins a
+real gloo process group through temper's own `init_distributed`. torchrun itself, and what only it does (its
+agent, restarts, rendezvous across machines), stays tested through it: pretrain's DDP test, test_multinode.py,
+test_pretrain_reliability.py and the sharded recipes' launch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _rank(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str]
     try:
         code = main(argv) or 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(): 0; a message: 1
     except BaseException:
         traceback.print_exc()
     finally:
@@ -69,10 +70,9 @@ def run_ranks(main: Callable[[list[str]], int], argv: Sequence[str], ranks: int,
             break
         wait([p.sentinel for p in alive], timeout=1)
     for p in procs:
-        p.join(5 if p.exitcode is None and not any(q.exitcode for q in procs) else 0)
-        if p.exitcode is None:
+        if p.exitcode is None:  # past the timeout, or waiting for a rank that failed
             p.kill()
-            p.join()
+        p.join()
     out = "".join((logs / f"rank{r}.log").read_text() for r in range(ranks))
     codes = [p.exitcode for p in procs]
     assert codes == [0] * ranks, f"exit codes {codes} (negative: killed; timeout {timeout} s):\n{out[-4000:]}"
