@@ -57,8 +57,7 @@ def teacher(char_data, tmp_path_factory) -> Path:
                           "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.max_seq_len=32",
                           "--train.micro_batch_size=8", "--train.steps=60", "--eval.every=0", "--checkpoint.every=0",
                           "--schedule.warmup_steps=5", "--optim.lr=3e-3", "--log.progress=false",
-                          "--log.plots=false",
-                          "--run.device=cpu"]) == 0
+                          "--log.plots=false", "--run.device=cpu"]) == 0
     return root / "t"
 
 
@@ -183,8 +182,7 @@ def test_sft_rows_cache_equals_on_the_fly_across_epochs(chat_teacher, tmp_path):
               "--student.preset=debug-llama", "--student.model={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1}",
               f"--run.dir={tmp_path}", "--train.micro_batch_size=8", "--train.epochs=2", "--eval.every=0",
               "--eval.val_fraction=0.1", "--schedule.warmup_steps=2", "--optim.lr=3e-3", "--log.progress=false",
-              "--log.plots=false",
-              "--run.device=cpu", "--checkpoint.every=0"]
+              "--log.plots=false", "--run.device=cpu", "--checkpoint.every=0"]
     assert distill.main([*common, "--run.name=live"]) == 0
     k = json.loads((chat_teacher / "config.json").read_text())["vocab_size"]
     assert distill.main([*common, "--run.name=cached", "--teacher.cache=true", f"--teacher.top_k={k}",

@@ -225,8 +225,8 @@ class LogSection:
     progress: bool = True
     """Show a progress bar."""
     plots: bool = True
-    """Draw the report's PNG plots (matplotlib, about a second); false: report.md's table alone, as for the trials
-    of a sweep."""
+    """Draw the report's PNG plots (matplotlib, about a second of CPU); false: report.md's table alone, for many
+    short runs (a sweep's trials, a test suite's)."""
     monitor_every: int = 0
     """Every N optimizer steps also log, by parameter group (embedding, attention, mlp, norm, head, lora, prefix,
     other), gradient norms and update/weight ratios, the learning rate of each optimizer group and, under DDP, the
