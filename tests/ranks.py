@@ -22,9 +22,13 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from temper.__main__ import main as temper_main
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback now (a rendezvous or a server binds it next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +58,7 @@ def run_ranks(main: Callable[[list[str]], int], argv: Sequence[str], ranks: int,
               env: dict[str, str] | None = None, timeout: float = 400) -> str:
     """`main(argv)` on `ranks` forked processes of one gloo group; returns their output (rank 0's first) and fails
     the test, with that output, when a rank exits non-zero or runs past `timeout` seconds."""
-    assert not dist.is_initialized(), "a process group in the test process would be shared by the forked ranks"
+    _check_no_group()
     logs.mkdir(parents=True, exist_ok=True)
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks),
             "LOCAL_WORLD_SIZE": str(ranks), "TEMPER_FAULT": "", **(env or {})}
@@ -81,15 +85,15 @@ def run_ranks(main: Callable[[list[str]], int], argv: Sequence[str], ranks: int,
 
 def temper_on_ranks(argv: Sequence[str], ranks: int, logs: Path, env: dict[str, str] | None = None) -> str:
     """`temper <argv>` (the command line's dispatch and error boundary) on `ranks` forked gloo ranks."""
-    from temper.__main__ import main
-
-    return run_ranks(main, argv, ranks, logs, env)
+    return run_ranks(temper_main, argv, ranks, logs, env)
 
 
 def fork_ranks(fn: Callable[..., None], args: tuple, nprocs: int) -> None:
     """`torch.multiprocessing.spawn(fn, args, nprocs)` with forked processes: each rank calls fn(rank, *args) with
     this process's imports, where spawn's would import torch and temper again (seconds a rank)."""
-    import torch.multiprocessing as mp
-
-    assert not dist.is_initialized(), "a process group in the test process would be shared by the forked ranks"
+    _check_no_group()
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
+def _check_no_group() -> None:
+    assert not dist.is_initialized(), "a process group in the test process would be shared by the forked ranks"

@@ -31,8 +31,7 @@ TINY = [
     "--preset=debug", "--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--model.max_seq_len=32",
     "--train.micro_batch_size=2", "--train.steps=8", "--checkpoint.every=2", "--checkpoint.keep_last_n=0",
     "--eval.every=4", "--eval.batches=2", "--log.progress=false", "--log.plots=false",
-    "--schedule.warmup_steps=2", "--optim.lr=3e-3",
-    "--run.device=cpu",
+    "--schedule.warmup_steps=2", "--optim.lr=3e-3", "--run.device=cpu",
 ]
 
 

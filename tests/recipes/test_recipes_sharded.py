@@ -40,8 +40,8 @@ from torch._C._distributed_c10d import _get_work_registry_size
 from temper.model.heads import load_reward_model
 from temper.model.hf.checkpoint import load_hf
 from temper.recipes import distill, dpo, grpo, ppo, reward, sft
+from tests.ranks import free_port
 from tests.recipes import test_sft
-from tests.train.test_multinode import free_port
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 ALPACA = DATA / "alpaca" / "stanford_alpaca_first100.json"

@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from temper.train.log import RunLogger, read_metrics, write_report
-from tests.ranks import fork_ranks
+from tests.ranks import fork_ranks, free_port
 
 
 def _lines(run_dir: Path) -> list[dict]:
@@ -112,10 +111,7 @@ def _two_rank_worker(rank: int, port: int, run_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_two_rank_gloo_only_rank0_writes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork_ranks(_two_rank_worker, (port, str(tmp_path)), 2)
+    fork_ranks(_two_rank_worker, (free_port(), str(tmp_path)), 2)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
     lines = _lines(tmp_path)
     assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # once each, monotonic

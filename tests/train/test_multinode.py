@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from temper.train.parallel import ELASTIC_STORE_FIX
+from tests.ranks import free_port
 from tests.recipes import test_pretrain
 from tests.recipes.test_pretrain import TINY, final_weights, metrics, train
 
@@ -36,12 +36,6 @@ char_data = test_pretrain.char_data  # the same prepared text (a module fixture:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TEMPER_FAULT": ""}
 JOIN_TIMEOUT_S = 120
 """The rendezvous's wait for the other node: torchrun itself fails when one never comes."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:
