@@ -99,6 +99,12 @@ CASES = {
                                                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "mistral-window-wide-heads": lambda: _hf("MistralConfig", "MistralForCausalLM", **_SMALL, head_dim=24,
                                              sliding_window=WINDOW, tie_word_embeddings=False),
+    # Cohere (Command R, Aya): attention beside the MLP on one LayerNorm without biases, RoPE in adjacent pairs,
+    # scaled logits, tied; Cohere2 (Command R7B, Command A): three windowed layers with RoPE to one global without.
+    "cohere-parallel-pairs": lambda: _hf("CohereConfig", "CohereForCausalLM", **_SMALL, logit_scale=0.125,
+                                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
+    "cohere2-window-nope": lambda: _hf("Cohere2Config", "Cohere2ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                       sliding_window=WINDOW, logit_scale=0.25, tie_word_embeddings=False),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -355,7 +361,11 @@ def test_variant_features_are_exercised():
                       ("ernie4.5-moe-biased-softmax", {"renormalize_experts": False}),
                       ("hunyuan-norms-after-rope-alpha", {"qk_norm_after_rope": False}),
                       ("hunyuan-norms-after-rope-alpha", {"rope_theta": 10000.0}),  # alpha unread
-                      ("hunyuan-moe-shared", {"shared_expert_ffn_dim": None})]:
+                      ("hunyuan-moe-shared", {"shared_expert_ffn_dim": None}),
+                      ("cohere-parallel-pairs", {"logit_divisor": None}),
+                      ("cohere-parallel-pairs", {"rope_scaling": None}),
+                      ("cohere2-window-nope", {"nope_every": None}),  # RoPE on the global layers too
+                      ("cohere2-window-nope", {"global_every": None, "nope_every": None})]:  # all windowed
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -436,6 +446,16 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, logit_divisor=8.0, sliding_window=16))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
+    cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
+    assert hf_architecture(cohere) == "CohereForCausalLM"
+    assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"
+    with pytest.raises(ValueError, match="Cohere2ForCausalLM cannot express this model: its global layers, and they "
+                                         "alone, take no positions"):
+        to_hf_config(replace(cohere, sliding_window=16, global_every=4))
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it needs RoPE and norm='rmsnorm'"):
+        to_hf_config(replace(cohere, hf_architecture="LlamaForCausalLM"))
+    with pytest.raises(ValueError, match="CohereForCausalLM cannot express this model: its attention and MLP sit side"):
+        to_hf_config(replace(cohere, parallel_block=False, hf_architecture="CohereForCausalLM"))
     v2 = PRESETS["deepseek-v2-lite"]
     assert (hf_architecture(v2), hf_architecture(PRESETS["deepseek-v3"])) == ("DeepseekV2ForCausalLM",
                                                                             "DeepseekV3ForCausalLM")
@@ -578,6 +598,30 @@ def test_gemma4_configs_temper_cannot_build_are_refused_by_name(key, value):
                         "per_layer_config": {"1": {"head_dim": 32}, "3": {"head_dim": 64}}})
 
 
+@pytest.mark.parametrize("arch, key, value", [("Cohere", "use_qk_norm", True),  # Command R+'s per-head LayerNorms
+                                               ("Cohere2", "sliding_window", None),  # no layer would rotate
+                                               ("Cohere", "logit_scale", 0.0), ("Cohere2", "logit_scale", -0.25),
+                                               ("Cohere", "attention_bias", True)])
+def test_cohere_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
+    d = {**_SMALL, "architectures": [f"{arch}ForCausalLM"], "sliding_window": WINDOW, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_cohere_parallel_block_is_exercised():
+    """Cohere's parity would fail with its MLP after attention, even one whose norm equals attention's."""
+    hf = CASES["cohere-parallel-pairs"]()
+    model = _hf_to_temper(hf)
+    sequential = Transformer(replace(model.cfg, parallel_block=False)).eval()
+    missing, _ = sequential.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [f"layers.{i}.mlp_norm.weight" for i in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        for block in sequential.layers:
+            block.mlp_norm.weight.copy_(block.attn_norm.weight)
+        x = torch.randint(0, 101, (1, 40))
+        assert (sequential(x) - hf(x).logits).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("name, arch", [("ernie-4.5-0.3b", "Ernie4_5ForCausalLM"),
                                         ("ernie-4.5-21b-a3b", "Ernie4_5_MoeForCausalLM")])
 def test_ernie_presets_are_transformers_defaults(name, arch):
@@ -683,12 +727,13 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
-                                  "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared"])
-def test_qwen3_5_and_gemma4_bf16_logits_equal_transformers(tmp_path, case):
+                                  "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared",
+                                  "cohere-parallel-pairs", "cohere2-window-nope"])
+def test_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
     the gated norm's product after the weight; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
-    router, Hunyuan's (0.0 apart on the machine that wrote this; a step of the largest logit allowed for other CPUs' bf16
-    kernels)."""
+    router, Hunyuan's, Cohere's RoPE (tables rounded, the rotation in float32: rope_tables_rounded) (0.0 apart on the
+    machine that wrote this; a step of the largest logit allowed for other CPUs' bf16 kernels)."""
     CASES[case]().save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ours, _ = load_hf(tmp_path, dtype=torch.bfloat16)

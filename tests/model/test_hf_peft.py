@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for fourteen architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
+1e-4), for thirty-three architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -85,6 +85,11 @@ CONFIGS = {
     "hunyuan": replace(_LLAMA, qk_norm=True, qk_norm_after_rope=True, hf_architecture="HunYuanDenseV1ForCausalLM"),
     "hunyuan_moe": replace(_LLAMA, qk_norm=True, qk_norm_after_rope=True, n_experts=4, shared_expert_ffn_dim=192,
                            router_float32=True, expert_weights_float32=True, hf_architecture="HunYuanMoEV1ForCausalLM"),
+    # Cohere2: attention beside the MLP on one LayerNorm, q and k rows in RoPE's adjacent pairs, a windowed layer with
+    # RoPE then a global one without, scaled logits
+    "cohere2": replace(_LLAMA, norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
+                       rope_tables_rounded=True, sliding_window=8, global_every=2, nope_every=2, logit_divisor=4.0,
+                       hf_architecture="Cohere2ForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -171,7 +176,9 @@ PREFIX_CASES = {"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"], "qwen3": C
                 "phi3-no-window": replace(CONFIGS["phi3"], sliding_window=None),
                 "phi4mini-partial-no-window": replace(CONFIGS["phi3"], sliding_window=None, rope_dim=8),  # 8 of 16 rotate
                 "smollm3": CONFIGS["smollm3"],  # its NoPE layers' prefix keys are not rotated
-                "glm4": CONFIGS["glm4"]}  # its prefix keys' rotated dims in adjacent pairs
+                "glm4": CONFIGS["glm4"],  # its prefix keys' rotated dims in adjacent pairs
+                "cohere": replace(CONFIGS["cohere2"], sliding_window=None, global_every=None, nope_every=None,
+                                  hf_architecture="CohereForCausalLM")}  # beside the MLP, in adjacent pairs
 
 
 def _model(case: str) -> Transformer:

@@ -182,6 +182,8 @@ GEMMA4 = dict(mlp="geglu", norm_cast_after=True, scale_embeddings=True, head_siz
               sliding_window=64, global_every=2, rope_local_theta=100.0, global_head_size=32, global_kv_heads=1,
               global_values_are_keys=True, value_norm=True, layer_scalar=True, attn_scale_dim=1,
               rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25})
+COHERE = dict(norm="layernorm", bias=False, parallel_block=True, rope_float32=True, rope_tables_rounded=True,
+              logit_divisor=4.0)
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
@@ -243,6 +245,11 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     # and E2B's: per-layer inputs made once, gated in every block; the last layers attend to earlier layers' keys
     ("debug-llama", "pretrain", "bf16", 0, {"dims": GEMMA4_E2B}),
     ("debug-llama", "lora", "bf16", 1, {"dims": GEMMA4_E2B}),
+    # Cohere's parallel block: the MLP reads attention's input, kept once (uncast in fp32); with LoRA on attention
+    # alone its frozen MLP keeps nothing in the first block, whose input needs no gradient
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": COHERE}),
+    ("debug-llama", "lora", "fp32", 0, {"dims": COHERE}),
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": COHERE}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

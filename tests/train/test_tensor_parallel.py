@@ -149,6 +149,12 @@ WORKER = textwrap.dedent('''
                           attn_softcap=0.2, logit_softcap=0.3,
                           tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
+        # Cohere2's: attention beside the MLP (both reading one LayerNorm without biases: under sequence parallel
+        # both gather its output), a windowed layer with RoPE then a global one without, scaled tied logits
+        "cohere2": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
+                           max_seq_len=32, norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
+                           rope_tables_rounded=True, sliding_window=6, global_every=2, nope_every=2,
+                           logit_divisor=4.0, tie_embeddings=True),
         # Gemma 4's attention: a windowed layer, then a global one of its own shape (2 kv heads of 16, values from
         # k_proj, proportional RoPE, its own cache slots); value norms, layer scalars, unscaled scores
         "gemma4": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, head_size=8, ffn_dim=64,

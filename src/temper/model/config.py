@@ -98,6 +98,9 @@ class ModelConfig:
     rope_float32: bool = False
     """Rotate queries and keys in float32 and round after (OLMo 2, DeepSeek-V2); False: in the activations' dtype
     (Llama). The same in float32."""
+    rope_tables_rounded: bool = False
+    """With rope_float32: the cos and sin tables rounded to the activations' dtype first, the rotation still in float32
+    (Cohere's reference). The same in float32."""
     rope_scaling: dict | None = None
     """RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} (Llama 3.1), {"rope_type": "yarn", "factor", "original_max_position_embeddings"}
@@ -164,6 +167,10 @@ class ModelConfig:
     pre_norm: bool = True
     """Normalise each sublayer's input; False (with sandwich_norm): only its output, the residual stream itself
     entering attention and MLP (OLMo 2)."""
+    parallel_block: bool = False
+    """Attention and MLP side by side: both read the block's one normalised input, and their outputs join the
+    residual stream together (GPT-J's layout; Cohere's Command R and R7B). Saves a norm and lets the two sublayers'
+    matrix products overlap; False: the MLP reads the stream after attention joined it (Llama)."""
     attn_scale_dim: int | None = None
     """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
     attn_softcap: float | None = None
@@ -295,6 +302,12 @@ class ModelConfig:
         if self.qk_norm_after_rope and (not self.qk_norm or self.qk_norm_whole or self.kv_lora_rank is not None):
             raise ValueError("qk_norm_after_rope needs per-head q/k norms (qk_norm, not qk_norm_whole) and no latent "
                              "attention")
+        if self.rope_tables_rounded and not self.rope_float32:
+            raise ValueError("rope_tables_rounded needs rope_float32 (without it the tables are in the activations' "
+                             "dtype already)")
+        if self.parallel_block and (not self.pre_norm or self.sandwich_norm or self.experts_own_norms):
+            raise ValueError("parallel_block needs pre_norm, without sandwich_norm or experts_own_norms (its attention "
+                             "and MLP read one normalised input, and their outputs join the stream as they are)")
         if not self.pre_norm and not self.sandwich_norm:
             raise ValueError("pre_norm=false needs sandwich_norm (a block normalises its sublayers' inputs, outputs "
                              "or both)")

@@ -52,7 +52,8 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2, Radford et al. 2019); with
     `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3), and without
     `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2); with `residual_multiplier` m, x + m * attn(norm(x))
-    (Granite); with `layer_scalar` the block's output is scaled as a whole (Gemma 4)."""
+    (Granite); with `layer_scalar` the block's output is scaled as a whole (Gemma 4); with `parallel_block`,
+    x + attn(norm(x)) + mlp(norm(x)), one norm (GPT-J, Wang and Komatsuzaki 2021; Cohere)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -70,7 +71,8 @@ class Block(nn.Module):
         attention = LatentAttention if cfg.kv_lora_rank else Attention
         self.attn = GatedDeltaNet(cfg, slot) if linear else attention(cfg, slot, shaped, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
-        self.mlp_norm = make_norm(cfg) if cfg.pre_norm else None
+        self.parallel = cfg.parallel_block  # the MLP reads attn_norm's output: no norm of its own
+        self.mlp_norm = make_norm(cfg) if cfg.pre_norm and not cfg.parallel_block else None
         wide = 2 * cfg.hidden_dim if cfg.kv_shared_wide_mlp and cfg.kv_source(layer_idx) is not None else None
         self.mlp = (MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers  # DeepSeek-V3: dense first
                     else MLP(cfg, wide))
@@ -101,11 +103,14 @@ class Block(nn.Module):
         layers share (`kv_shared_layers`), passed to attention."""
         h = x if self.attn_norm is None else self.attn_norm(x)
         shared = {} if shared_kv is None else {"shared_kv": shared_kv}  # (softmax attention alone takes them)
-        h = self.attn(h, rope, mask, causal, cache, **shared)  # (B, T, C)
-        x = x + self._joining(h, self.attn_out_norm)
-        h = x if self.mlp_norm is None else self.mlp_norm(x)
-        h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
-        x = x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
+        a = self.attn(h, rope, mask, causal, cache, **shared)  # (B, T, C)
+        if self.parallel:  # GPT-J's, Cohere's: the MLP reads the same normalised input; both join the stream
+            x = x + self._joining(a, None) + self._joining(self.mlp(h), None)  # (B, T, C)
+        else:
+            x = x + self._joining(a, self.attn_out_norm)
+            h = x if self.mlp_norm is None else self.mlp_norm(x)
+            h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
+            x = x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
         if self.per_layer_gate is not None:
             h = self.per_layer_act(self.per_layer_gate(x)) * per_layer  # (B, T, P)
             x = x + self.per_layer_out_norm(self.per_layer_out(h))  # (B, T, C)
@@ -117,7 +122,7 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only) or, in a linear attention layer, `GatedDeltaNet`'s, attn_out_norm and mlp_out_norm
-    (sandwich_norm only), mlp_norm,
+    (sandwich_norm only), mlp_norm (not with parallel_block),
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
     experts_out_norm} where configured, and Gemma 4's buffer layer_scalar and per_layer_{gate, out, out_norm}}, Gemma
@@ -268,6 +273,8 @@ class Transformer(nn.Module):
             dtype = torch.float32 if self.cfg.rope_float32 else x.dtype
             for local in {layer.local_rope for layer in self.layers}:
                 cos, sin = self._rope_at("rope_local" if local else "rope", T, positions)  # (B|1, T, R/2)
+                if self.cfg.rope_tables_rounded:  # Cohere: rounded to the activations' dtype, then rotated in float32
+                    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
                 ropes[local] = (cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype))  # (B|1, T, 1, R/2)
         if first:
             x = self.drop(x)

@@ -485,7 +485,8 @@ def _readers(s: _Saved, label: str, linears: list[nn.Module], in_bytes: int, t: 
     """The inputs kept by the linear layers that read one tensor.
 
     Readers share the tensor, except that autocast casts it once per reader (it caches only the
-    casts of weights) and LoRA dropout makes one dropped copy per adapter.
+    casts of weights) and LoRA dropout makes one dropped copy per adapter. The tensor itself is kept once, however
+    many calls name it (a parallel block's attention and MLP read one norm's output).
     """
     keepers = [m for m in linears if _keeps_input(m)]
     dropped = [m for m in keepers if isinstance(m, LoRALinear) and dropout > 0]
@@ -493,7 +494,8 @@ def _readers(s: _Saved, label: str, linears: list[nn.Module], in_bytes: int, t: 
     if shared:
         d_in = shared[0].in_features
         if in_bytes == t.a:
-            s.add(f"{label} (matmul input)", t.a * d_in)
+            if f"{label} (matmul input)" not in dict(s.terms):
+                s.add(f"{label} (matmul input)", t.a * d_in)
         else:
             s.add(f"{label} cast for {len(shared)} matmul(s)", len(shared) * t.a * d_in)
     for m in dropped:
@@ -545,7 +547,7 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     attn, mlp = block.attn, block.mlp
 
     # attention half
-    h_bytes = _norm(s, "attn_norm", block.attn_norm, d, grad_in, t)
+    h_bytes = attn_in_bytes = _norm(s, "attn_norm", block.attn_norm, d, grad_in, t)
     _lora_hidden(s, list(attn.modules()), t)
     if isinstance(attn, GatedDeltaNet):
         first, attn_grad, attn_peak = _linear_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
@@ -559,12 +561,16 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     grad_mid = grad_in or attn_grad
     attn_half = s.total
 
-    # MLP half
-    h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t)
-    if isinstance(mlp, MoE):
-        mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, grad_mid)
+    # MLP half. A parallel block's MLP reads attention's input (attn_norm's output, kept once), which needs a
+    # gradient only where the block's input does, whatever attention's adapters need.
+    if block.parallel:
+        h_bytes, mlp_grad_in, source = attn_in_bytes, grad_in, "attn_norm output"
     else:
-        mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, grad_mid)
+        h_bytes, mlp_grad_in, source = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t), grad_mid, "mlp_norm output"
+    if isinstance(mlp, MoE):
+        mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, mlp_grad_in, source)
+    else:
+        mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, mlp_grad_in, source=source)
     if mlp_grad and cfg.dropout > 0:
         s.add("MLP residual dropout mask", t.mask(t.a) * d)
     out_norm_bytes = 0.0  # what the MLP's output norm keeps: its backward, the first of the block's, frees it
@@ -782,15 +788,15 @@ def _latent(s: _Saved, label: str, norm: nn.Module, expand: nn.Module, grad_in: 
 
 
 def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes, lora_dropout: float,
-               grad_in: bool, inputs: bool = True) -> tuple[bool, float]:
+               grad_in: bool, inputs: bool = True, source: str = "mlp_norm output") -> tuple[bool, float]:
     """What a dense MLP keeps per row it runs, under labels starting `label`; returns (whether its output needs a
     gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP;
     d GELU-output and d up for GELU; less down_proj's input, freed by then). inputs=False: its input's copies are
-    counted by the caller, with the other layers that read the same tensor."""
+    counted by the caller, with the other layers that read the same tensor; `source` names that tensor."""
     gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
     readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
     if inputs:
-        _readers(s, label + "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
+        _readers(s, label + source, readers, in_bytes, t, lora_dropout, grad_in)
     _lora_hidden(s, readers + [mlp.down_proj], t)
     f = mlp.up_proj.out_features
     up_grad = grad_in or _wants_grad(mlp.up_proj)
@@ -820,7 +826,7 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
 
 
 def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_dropout: float,
-                   grad_in: bool) -> tuple[bool, float]:
+                   grad_in: bool, source: str = "mlp_norm output") -> tuple[bool, float]:
     """What `MoE.forward` keeps per token: the router's input, float32 probabilities and choices, the routing's
     int64 indices, and each expert's dense-MLP terms for the k rows a token is routed to (in total over the
     experts, however unevenly they are routed). Returns what `_mlp_saved` does, the transient per token: one
@@ -833,7 +839,7 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     own = moe.experts_norm is not None  # Gemma 4: the router and the experts read the raw stream, normalised apart
     readers = ([] if own else [moe.router]) + ([shared.gate_proj, shared.up_proj] if shared is not None else []) + (
         [gate] if gate is not None else [])  # the router, the shared expert and its gate read the norm's output
-    _readers(s, "mlp_norm output", readers, in_bytes, t, lora_dropout, grad_in)
+    _readers(s, source, readers, in_bytes, t, lora_dropout, grad_in)
     if own:
         if moe.router_scale is not None and router_grad:  # rms_norm(x.float()), cast, times the learned scale
             s.add("router norm input (float32) and rstd", 4 * (d + 1))

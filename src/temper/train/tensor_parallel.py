@@ -137,12 +137,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         plan["attn.o_proj"] = RowwiseParallel(output_layouts=between)
         plan |= {f"mlp.{p}_proj": ColwiseParallel() for p in ("gate", "up") if hasattr(mlp, f"{p}_proj")}
         plan["mlp.down_proj"] = RowwiseParallel(output_layouts=between)
-        if sequence_parallel:
-            plan |= {"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel()}
+        if sequence_parallel:  # (a parallel block's MLP reads attn_norm's output: no mlp_norm)
+            plan |= {n: SequenceParallel() for n in ("attn_norm", "mlp_norm") if getattr(block, n) is not None}
         parallelize_module(block, tp_mesh, plan)
         if not sequence_parallel:
-            _replicate(block.attn_norm, tp_mesh)
-            _replicate(block.mlp_norm, tp_mesh)
+            for norm in (block.attn_norm, block.mlp_norm):
+                if norm is not None:
+                    _replicate(norm, tp_mesh)
         for norm in (attn.q_norm, attn.k_norm):  # Qwen3, Gemma 3: one weight for every head, over this rank's heads
             if norm is not None:  # input (B, T, H/tp, D): split by heads, so the weight's gradient adds up over ranks
                 _replicate(norm, tp_mesh, inputs=Shard(2), local_output=True)

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -32,7 +32,10 @@ RoPE), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
 pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
 dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK
-alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router) and
+alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router), Cohere
+(`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in float32 in
+adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with RoPE to one
+global without) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -67,19 +70,22 @@ GLM4_MOE_LITE, MINIMAX_M2 = "Glm4MoeLiteForCausalLM", "MiniMaxM2ForCausalLM"
 GEMMA4 = "Gemma4ForCausalLM"
 ERNIE4_5, ERNIE4_5_MOE = "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM"
 HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
+COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 ERNIES = (ERNIE4_5, ERNIE4_5_MOE)  # RoPE in float32, in adjacent pairs (GLM-4's layout, over the whole head)
 HUNYUANS = (HUNYUAN, HUNYUAN_MOE)  # q/k norms after RoPE, named query_layernorm and key_layernorm
+COHERES = (COHERE, COHERE2)  # attention beside the MLP (parallel_block), LayerNorm without biases, RoPE in adjacent
+# pairs in float32, scaled logits
 GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4)  # windowed layers between global ones
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
@@ -104,7 +110,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
-                "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE}
+                "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -169,7 +175,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "topk_method": (*_STR, type(None)), "scoring_func": _STR, "norm_topk_prob": (bool, type(None)),
     "qk_norm_type": _STR, "rotary_dim": (*_INT, type(None)),
     **dict.fromkeys(("router_aux_loss_coef", "router_jitter_noise", "embedding_multiplier", "residual_multiplier",
-                     "attention_multiplier", "logits_scaling", "routed_scaling_factor"), _FLOAT),
+                     "attention_multiplier", "logits_scaling", "routed_scaling_factor", "logit_scale",
+                     "layer_norm_eps"), _FLOAT),
     "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)),
     "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
@@ -271,6 +278,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = {"head_dim": 128, **d}
     if arch in HUNYUANS:
         d = _hunyuan_rope(d)
+    if arch in COHERES:
+        d = _cohere(d, arch)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -305,6 +314,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
         window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
+    if arch == COHERE2:  # the same layers, the pattern in Gemma 3's spelling
+        window, every = _window_layers(d, "Cohere2", 4)
     glm = arch in GLM
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 0.25 if arch in HYBRID
                                                                                      else 1.0))
@@ -314,7 +325,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
-    nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch == EXAONE4 else None
+    nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
         bias = bool(d.get("attention_bias", False))
@@ -357,16 +368,19 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
+        norm="layernorm" if arch in COHERES else "rmsnorm",
+        norm_eps=d.get("layer_norm_eps", 1e-5) if arch in COHERES else d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         qk_norm_after_rope=arch in HUNYUANS,
-        tie_embeddings=d.get("tie_word_embeddings", gemma or arch in ERNIES), scale_embeddings=gemma,
+        tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
+        parallel_block=arch in COHERES,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES),
+        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES),
+        rope_tables_rounded=arch in COHERES,
         dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
@@ -375,7 +389,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **(_gemma4_fields(d, head_dim) if arch == GEMMA4 else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
-        **(_multipliers(d) if arch == GRANITE else {}), **(_linear_layers(d) if arch in HYBRID else {}),
+        **(_multipliers(d) if arch == GRANITE else {}),
+        **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}), **(_linear_layers(d) if arch in HYBRID else {}),
     )
 
 
@@ -397,6 +412,29 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_key_heads": d["linear_num_key_heads"], "linear_value_heads": d["linear_num_value_heads"],
             "linear_key_size": d["linear_key_head_dim"], "linear_value_size": d["linear_value_head_dim"],
             "linear_conv_size": d["linear_conv_kernel_dim"]}
+
+
+def _cohere(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """`d` with CohereConfig's and Cohere2Config's defaults of what a config may leave out, and what temper cannot
+    build refused by name. Cohere2Config makes head_dim hidden_size / num_attention_heads whatever a config says."""
+    name = arch.removesuffix("ForCausalLM")
+    d = {"logit_scale": 0.0625, **d}
+    if d.get("rope_theta") is None and "rope_theta" not in (d.get("rope_parameters") or d.get("rope_scaling") or {}):
+        d["rope_theta"] = 500000.0 if arch == COHERE else 10000.0  # CohereConfig's default_theta; Cohere2Config's
+    if arch == COHERE2:
+        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        if d.get("sliding_window") is None:  # its layers rotate only within the window: none would
+            raise ValueError("Cohere2 sliding_window=null is not supported (no layer would take positions)")
+    if arch == COHERE and d.get("use_qk_norm"):
+        raise ValueError("Cohere use_qk_norm=true is not supported (temper's q/k norms are RMSNorms, Command R+'s are "
+                         "LayerNorms with a weight per head)")
+    scale = d["logit_scale"]
+    # temper divides the logits by 1 / logit_scale (Granite's logit_divisor): exactly the product for the published
+    # powers of two (0.0625, 0.125, 0.25), within the last bit for others; the export writes 1 / that back.
+    if not (scale > 0 and 1 / (1 / scale) == scale):
+        raise ValueError(f"{name} logit_scale={scale} is not supported (temper needs a positive scale that the "
+                         "reciprocal of its reciprocal gives back)")
+    return d
 
 
 def _multipliers(d: dict[str, Any]) -> dict[str, float | None]:
@@ -862,7 +900,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
     arch = cfg.hf_architecture
     if arch is None:
-        if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
+        if cfg.parallel_block:
+            arch = COHERE2 if cfg.sliding_window else COHERE
+        elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             gemma4 = (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
@@ -907,8 +947,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         if cfg.kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.dim:
             return "it has no grouped-query attention or head_size"
         return "it has no sliding window" if cfg.sliding_window else None
-    if (cfg.pos, cfg.norm) != ("rope", "rmsnorm"):
-        return "it needs RoPE and RMSNorm"
+    norm = "layernorm" if arch in COHERES else "rmsnorm"
+    if (cfg.pos, cfg.norm) != ("rope", norm):
+        return f"it needs RoPE and norm={norm!r}"
+    if cfg.parallel_block != (arch in COHERES):
+        return ("its attention and MLP sit side by side (parallel_block)" if arch in COHERES
+                else "its MLP follows its attention (CohereForCausalLM has them side by side: parallel_block)")
+    if arch == COHERE2 and cfg.head_dim * cfg.n_heads != cfg.dim:
+        return "its heads are hidden_size / num_attention_heads wide (Cohere2Config sets head_dim so)"
     if arch == GEMMA4:
         if (cfg.mlp, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.scale_embeddings, cfg.tie_embeddings) != (
                 "geglu", False, True, True, True):
@@ -949,7 +995,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS)
+                *HUNYUANS, *COHERES)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
@@ -1013,7 +1059,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, GRANITE):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
                 "attention_multiplier)")
-    if (cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor) and arch != GRANITE:
+    if (cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor and arch not in COHERES) and arch != GRANITE:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
@@ -1042,10 +1088,12 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4):
+    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2):
         return "it rotates every layer (SmolLM3ForCausalLM has NoPE layers)"
-    if arch == EXAONE4 and cfg.nope_every != cfg.global_every:
+    if arch in (EXAONE4, COHERE2) and cfg.nope_every != cfg.global_every:
         return "its global layers, and they alone, take no positions (nope_every = global_every)"
+    if arch == COHERE2 and not cfg.sliding_window:
+        return "its layers that take positions attend within a sliding window"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
     return None
@@ -1160,6 +1208,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
+    if arch in COHERES:  # LayerNorm's epsilon; the logits multiplied by logit_scale
+        del d["rms_norm_eps"]
+        d |= {"layer_norm_eps": cfg.norm_eps, "logit_scale": 1 / cfg.logit_divisor if cfg.logit_divisor else 1.0,
+              "attention_bias": False}
+        if arch == COHERE:
+            d["use_qk_norm"] = False
+        else:
+            d |= {"sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg)}
     if arch in HUNYUANS:
         d["attention_bias"] = False
     if arch == HUNYUAN_MOE:

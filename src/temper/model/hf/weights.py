@@ -15,6 +15,7 @@ import torch
 
 from temper.model.config import ModelConfig
 from temper.model.hf.config import (
+    COHERES,
     DEEPSEEK_MOE,
     ERNIE4_5_MOE,
     ERNIES,
@@ -155,7 +156,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             p, h = f"layers.{i}.", f"model.layers.{i}."
             # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
-            if arch in (GEMMA2, GEMMA3, GEMMA4):
+            if cfg.parallel_block:  # one norm, read by attention and the MLP (Cohere)
+                norms = (("input_layernorm", "attn_norm"),)
+            elif arch in (GEMMA2, GEMMA3, GEMMA4):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in POST_NORM:  # the outputs' norms only
@@ -194,8 +197,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
             else:
-                # GLM-4's and ERNIE 4.5's q and k rows in RoPE's adjacent pairs
-                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES) else None
+                # GLM-4's, ERNIE 4.5's and Cohere's q and k rows in RoPE's adjacent pairs
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES, *COHERES) else None
                 for n in "qkvo":
                     for t in ("weight", "bias"):
                         if f"{p}attn.{n}_proj.{t}" in keys:
