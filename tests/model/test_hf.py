@@ -105,6 +105,12 @@ CASES = {
                                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
     "cohere2-window-nope": lambda: _hf("Cohere2Config", "Cohere2ForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                        sliding_window=WINDOW, logit_scale=0.25, tie_word_embeddings=False),
+    # LFM2: short convolutions (in_proj into three gates, a causal depthwise convolution of 3 taps, out_proj) around an
+    # attention layer with q/k norms; its MLP's width from Lfm2MLP's rule (2/3 of 100, rounded up to 24s: 72).
+    "lfm2-short-conv": lambda: _hf("Lfm2Config", "Lfm2ForCausalLM", **_SMALL | {"num_hidden_layers": 4,
+                                                                               "intermediate_size": 100},
+                                   layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=24,
+                                   tie_word_embeddings=False),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -365,7 +371,8 @@ def test_variant_features_are_exercised():
                       ("cohere-parallel-pairs", {"logit_divisor": None}),
                       ("cohere-parallel-pairs", {"rope_scaling": None}),
                       ("cohere2-window-nope", {"nope_every": None}),  # RoPE on the global layers too
-                      ("cohere2-window-nope", {"global_every": None, "nope_every": None})]:  # all windowed
+                      ("cohere2-window-nope", {"global_every": None, "nope_every": None}),  # all windowed
+                      ("lfm2-short-conv", {"qk_norm": False})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -446,6 +453,12 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, logit_divisor=8.0, sliding_window=16))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
+    lfm2 = replace(llama, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3)
+    assert hf_architecture(lfm2) == "Lfm2ForCausalLM"
+    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM cannot express this model: it has Gated DeltaNet layers"):
+        to_hf_config(replace(lfm2, norm_unit_offset=True, hf_architecture="Qwen3_5ForCausalLM"))
+    with pytest.raises(ValueError, match="Qwen3ForCausalLM cannot express this model: it has neither linear"):
+        to_hf_config(replace(lfm2, hf_architecture="Qwen3ForCausalLM"))
     cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
     assert hf_architecture(cohere) == "CohereForCausalLM"
     assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"
@@ -608,6 +621,26 @@ def test_cohere_configs_temper_cannot_build_are_refused_by_name(arch, key, value
         from_hf_config(d)
 
 
+@pytest.mark.parametrize("key, value", [("conv_bias", True), ("layer_types", ["conv", "mamba"]),
+                                        ("layer_types", ["full_attention", "full_attention"])])  # no conv layer
+def test_lfm2_configs_temper_cannot_build_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match="conv"):
+        from_hf_config({**_SMALL, "architectures": ["Lfm2ForCausalLM"], key: value})
+
+
+def test_lfm2_reads_its_older_spellings_and_mlp_rule():
+    """LFM2-1.2B's config spells the MLP's width block_ff_dim (12288, made 8192 by Lfm2MLP's rule) and lists its
+    attention layers in full_attn_idxs."""
+    cfg = from_hf_config({"architectures": ["Lfm2ForCausalLM"], "vocab_size": 65536, "hidden_size": 2048,
+                          "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                          "block_ff_dim": 12288, "full_attn_idxs": [2, 5, 8, 10, 12, 14], "tie_embedding": True})
+    assert (cfg.ffn_dim, cfg.attention_layers, cfg.rope_theta, cfg.tie_embeddings) == (
+        8192, (2, 5, 8, 10, 12, 14), 1000000.0, True)
+    assert replace(cfg, hf_architecture=None, dropout=PRESETS["lfm2-1.2b"].dropout) == PRESETS["lfm2-1.2b"]
+    with torch.device("meta"):
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 1_170_340_608  # LFM2-1.2B's 1.17B
+
+
 def test_cohere_parallel_block_is_exercised():
     """Cohere's parity would fail with its MLP after attention, even one whose norm equals attention's."""
     hf = CASES["cohere-parallel-pairs"]()
@@ -728,7 +761,7 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
                                   "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared",
-                                  "cohere-parallel-pairs", "cohere2-window-nope"])
+                                  "cohere-parallel-pairs", "cohere2-window-nope", "lfm2-short-conv"])
 def test_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
     the gated norm's product after the weight; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32

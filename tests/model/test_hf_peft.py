@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirty-three architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
+1e-4), for thirty-four architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
 rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -30,6 +30,7 @@ from temper.model.lora import (
     ATTENTION_TARGETS,
     LATENT_ATTENTION_TARGETS,
     LINEAR_ATTENTION_TARGETS,
+    SHORT_CONV_TARGETS,
     LoRALinear,
     apply_lora,
 )
@@ -90,6 +91,9 @@ CONFIGS = {
     "cohere2": replace(_LLAMA, norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
                        rope_tables_rounded=True, sliding_window=8, global_every=2, nope_every=2, logit_divisor=4.0,
                        hf_architecture="Cohere2ForCausalLM"),
+    # LFM2: a short convolution (in_proj, out_proj: adapted as linear attention's) then an attention layer, q/k norms
+    "lfm2": replace(_LLAMA, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
+                    hf_architecture="Lfm2ForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -151,6 +155,7 @@ CONFIGS = {
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -201,8 +206,8 @@ def _targets(case: str) -> tuple[str, ...]:
     if CONFIGS[case].kv_lora_rank:  # latent attention's projections (one q_proj without a query latent)
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])
         linears = (*latent, "o_proj")
-    if CONFIGS[case].full_attention_every:  # the linear attention layers' too
-        linears = (*linears, *LINEAR_ATTENTION_TARGETS)
+    if CONFIGS[case].has_linear_layers:  # the linear attention layers' too
+        linears = (*linears, *(SHORT_CONV_TARGETS if CONFIGS[case].short_conv else LINEAR_ATTENTION_TARGETS))
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 

@@ -1,7 +1,8 @@
 """Gated DeltaNet, the linear attention of Qwen3.5: the chunked rule equals the token-by-token recurrence (outputs,
-final state and gradients), a packed row equals its documents alone, padding changes nothing, and a cache (prefill in
-pieces, right-padded rows, forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5 is
-in test_hf.py, speculative decoding in tests/infer/test_speculative.py."""
+final state and gradients); for it and for LFM2's short convolutions (between irregularly placed attention layers), a
+packed row equals its documents alone, padding changes nothing, and a cache (prefill in pieces, right-padded rows,
+forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5 and LFM2 is in test_hf.py,
+speculative decoding in tests/infer/test_speculative.py."""
 
 from dataclasses import replace
 
@@ -20,6 +21,9 @@ HYBRID = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2,
                      norm="rmsnorm", pos="rope", rope_dim=4, bias=False, qk_norm=True, norm_unit_offset=True,
                      attn_output_gate=True, full_attention_every=2, linear_key_heads=2, linear_value_heads=4,
                      linear_key_size=8, linear_value_size=6, max_seq_len=160)
+SHORT_CONV = replace(HYBRID, attn_output_gate=False, full_attention_every=None, attention_layers=(1, 2),
+                     short_conv=True, linear_conv_size=3, rope_dim=None, norm_unit_offset=False)  # LFM2's layers
+LINEAR = pytest.mark.parametrize("cfg", [HYBRID, SHORT_CONV], ids=["deltanet", "short_conv"])
 
 
 def _recurrence(q, k, v, g, beta, state=None):
@@ -83,8 +87,9 @@ def _model(cfg: ModelConfig = HYBRID) -> Transformer:
     return model
 
 
-def test_a_packed_row_computes_its_documents_alone_and_padding_changes_nothing():
-    model = _model()
+@LINEAR
+def test_a_packed_row_computes_its_documents_alone_and_padding_changes_nothing(cfg):
+    model = _model(cfg)
     torch.manual_seed(1)
     a, b = torch.randint(0, 97, (1, 23)), torch.randint(0, 97, (1, 50))
     pad = torch.zeros(1, 5, dtype=torch.long)
@@ -100,8 +105,9 @@ def test_a_packed_row_computes_its_documents_alone_and_padding_changes_nothing()
             model(row, segments=Segments(ids[:, :-1]))
 
 
-def test_a_cache_gives_the_forward_logits_in_pieces_padded_forked_and_reset():
-    model = _model()
+@LINEAR
+def test_a_cache_gives_the_forward_logits_in_pieces_padded_forked_and_reset(cfg):
+    model = _model(cfg)
     torch.manual_seed(2)
     x = torch.randint(0, 97, (3, 90))
     lengths = [90, 41, 7]
@@ -128,8 +134,9 @@ def test_a_cache_gives_the_forward_logits_in_pieces_padded_forked_and_reset():
                                    atol=1e-5)
 
 
-def test_generation_equals_the_cache_free_forward():
-    model = _model()
+@LINEAR
+def test_generation_equals_the_cache_free_forward(cfg):
+    model = _model(cfg)
     prompts = [[3, 14, 15, 92, 65], [35, 89]]
     out = generate(model, prompts, max_new_tokens=12, temperature=0.0)
     with torch.no_grad():
@@ -139,8 +146,9 @@ def test_generation_equals_the_cache_free_forward():
             assert logits.argmax(-1).tolist() == o
 
 
-def test_training_steps_through_both_kinds_of_layer():
-    model = _model(replace(HYBRID, max_seq_len=64)).train()
+@LINEAR
+def test_training_steps_through_both_kinds_of_layer(cfg):
+    model = _model(replace(cfg, max_seq_len=64)).train()
     x = torch.randint(0, 97, (2, 64))
     loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
     loss.backward()

@@ -113,10 +113,14 @@ QWEN3_5 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--
            "--model.norm_unit_offset=true", "--model.qk_norm=true", "--model.rope_dim=8", "--model.attn_output_gate=true",
            "--model.full_attention_every=2", "--model.linear_value_heads=4"]
 """Qwen3.5's layers: a Gated DeltaNet layer, then a gated attention one."""
+LFM2 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false", "--model.qk_norm=true",
+        "--model.attention_layers=[1]", "--model.short_conv=true", "--model.linear_conv_size=3"]
+"""LFM2's layers: a short convolution, then an attention layer."""
 
 
 @pytest.mark.parametrize("extra", [[], ["--model.dropout=0.1"], ["--train.global_batch_tokens=256"], GLM_BALANCED,
-                                   QWEN3_5], ids=["plain", "dropout", "accum4", "choice-bias", "linear-attention"])
+                                   QWEN3_5, LFM2],
+                         ids=["plain", "dropout", "accum4", "choice-bias", "linear-attention", "short-conv"])
 def test_exact_resume(char_data, tmp_path, extra):
     """Rows 1, 2, 4: stop after the step-4 checkpoint, resume, and match the uninterrupted run bitwise."""
     assert train(char_data, tmp_path, "ref", *extra) == 0

@@ -60,12 +60,13 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "gemma4", "gemma4-e2b"])
+@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "short-conv", "gemma4", "gemma4-e2b"])
 def test_kv_cache_is_what_the_model_allocates(kind):
     """Latent attention caches a latent and a rotated key; a hybrid model keys and values for its attention layers
-    only, and a fixed-size state per sequence for each linear attention layer; Gemma 4 its global layers' keys and
+    only, and a fixed-size state per sequence for each linear attention layer (a short convolution: its last inputs);
+    Gemma 4 its global layers' keys and
     values in their own shape, and none for the layers taking earlier ones' (E2B)."""
-    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "gemma4": GEMMA4,
+    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "short-conv": SHORT_CONV, "gemma4": GEMMA4,
                                              "gemma4-e2b": GEMMA4_E2B}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
@@ -142,6 +143,8 @@ HYBRID = {"n_layers": 4, "qk_norm": True, "norm_unit_offset": True, "rope_dim": 
           "attn_output_gate": True, "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4,
           "linear_key_size": 16, "linear_value_size": 16}
 LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+# LFM2's: short convolutions (layers 0 and 3) around attention layers with q/k norms
+SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "short_conv": True, "linear_conv_size": 3}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -250,6 +253,13 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "fp32", 0, {"dims": COHERE}),
     ("debug-llama", "lora", "fp32", 0, {"dims": COHERE}),
     ("debug-llama", "pretrain", "bf16", 1, {"dims": COHERE}),
+    # LFM2's short convolutions: the gates' factors, the convolution's input where its weight trains (a float32 copy
+    # per tap under autocast)
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": SHORT_CONV}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": SHORT_CONV}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": SHORT_CONV}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": SHORT_CONV, "lora": LoRAShape(rank=4, targets=[
+        "q_proj", "v_proj", "in_proj", "out_proj"])}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

@@ -66,9 +66,9 @@ def fork(cache: KVCache, src: int, dst: Sequence[int] | torch.Tensor) -> None:
 def linear_states(cache: KVCache, row: int) -> dict[str, torch.Tensor] | None:
     """A copy of `row`'s linear attention states (None where the model has none): what `restore` puts back to roll
     the row back, since such a state cannot be cut back as keys can (speculative decoding's rejected drafts)."""
-    if cache.state is None:
+    if cache.conv is None:
         return None
-    return {"state": cache.state[:, row].clone(), "conv": cache.conv[:, row].clone()}
+    return {name: getattr(cache, name)[:, row].clone() for name in ("state", "conv") if getattr(cache, name) is not None}
 
 
 def restore(cache: KVCache, row: int, length: int, states: dict[str, torch.Tensor]) -> None:

@@ -299,7 +299,7 @@ def check_drafter(target: nn.Module, draft: nn.Module | None, prompt_lookup: int
         raise ValueError(f"prompt_lookup is the n-gram size to match, >= 1, got {prompt_lookup}")
     if k < 1:
         raise ValueError(f"k (tokens drafted per round) must be >= 1, got {k}")
-    if target.cfg.full_attention_every is not None and long_rope_length(target.cfg) is not None:
+    if target.cfg.has_linear_layers and long_rope_length(target.cfg) is not None:
         raise ValueError("a target with linear attention layers and LongRoPE: a round that crosses LongRoPE's length "
                          "encodes its row again, and linear layers roll back by feeding tokens again from a state "
                          "taken before the round; decode it without speculation")

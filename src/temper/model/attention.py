@@ -119,15 +119,15 @@ class KVCache:
     `v_global` ((Lg, B, Hkv_g, S_max, Dg)), numbered among themselves (`global_`: their count, heads and width).
 
     Linear attention layers (`model/linear_attention.py`) keep no keys: each holds a state per row (`state`, float32,
-    (Llin, B, Hv, Dk, Dv)) and its convolution's last inputs (`conv`, (Llin, B, K - 1, C)), which a row of length 0
-    reads as zeros. Such a state holds the whole row and cannot be cut back: a row's length only grows, or restarts
+    (Llin, B, Hv, Dk, Dv); none for short convolutions) and its convolution's last inputs (`conv`, (Llin, B, K - 1,
+    C)), which a row of length 0 reads as zeros. Such a state holds the whole row and cannot be cut back: a row's length only grows, or restarts
     at 0.
     """
 
     def __init__(
         self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
         *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, v_dim: int | None = None,
-        linear: tuple[int, tuple[int, int, int], tuple[int, int]] | None = None,
+        linear: tuple[int, tuple[int, int, int] | None, tuple[int, int]] | None = None,
         global_: tuple[int, int, int] | None = None,
     ) -> None:
         shape = (n_layers, batch, n_kv_heads, max_len)
@@ -141,9 +141,10 @@ class KVCache:
             self.k_global = torch.zeros(layers, batch, heads, max_len, width, device=device, dtype=dtype)
             self.v_global = torch.zeros_like(self.k_global)  # (Lg, B, Hkv_g, S_max, Dg)
         self.state = self.conv = None
-        if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state, (K - 1, C) of the convolution's inputs)
+        if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state or None, (K - 1, C) of the convolution's inputs)
             layers, state, conv = linear
-            self.state = torch.zeros(layers, batch, *state, device=device)  # (Llin, B, Hv, Dk, Dv) float32
+            if state is not None:
+                self.state = torch.zeros(layers, batch, *state, device=device)  # (Llin, B, Hv, Dk, Dv) float32
             self.conv = torch.zeros(layers, batch, *conv, device=device, dtype=dtype)  # (Llin, B, K - 1, C)
 
     def per_row(self) -> dict[str, torch.Tensor]:
@@ -152,13 +153,16 @@ class KVCache:
         return {name: t for name in ("k", "v", "k_global", "v_global", "state", "conv")
                 if (t := getattr(self, name)) is not None}
 
-    def linear_state(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Linear layer `slot`'s state (B, Hv, Dk, Dv) and convolution inputs (B, K - 1, C), zero in empty rows."""
+    def linear_state(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Linear layer `slot`'s state (B, Hv, Dk, Dv) (None: a short convolution's) and convolution inputs
+        (B, K - 1, C), zero in empty rows."""
         fresh = (self.lengths == 0)[:, None, None, None]
-        return self.state[slot].masked_fill(fresh, 0), self.conv[slot].masked_fill(fresh[..., 0], 0)
+        state = None if self.state is None else self.state[slot].masked_fill(fresh, 0)
+        return state, self.conv[slot].masked_fill(fresh[..., 0], 0)
 
-    def set_linear_state(self, slot: int, state: torch.Tensor, conv: torch.Tensor) -> None:
-        self.state[slot].copy_(state)
+    def set_linear_state(self, slot: int, state: torch.Tensor | None, conv: torch.Tensor) -> None:
+        if state is not None:
+            self.state[slot].copy_(state)
         self.conv[slot].copy_(conv)
 
     @property

@@ -61,6 +61,12 @@ class ModelConfig:
     """Hybrid linear attention: the last layer of every group of this many attends with softmax attention, the others
     are Gated DeltaNet layers (Yang et al. 2024; `model/linear_attention.py`), whose fixed-size state replaces the
     KV cache (Qwen3-Next, Qwen3.5: 4). None: every layer is softmax attention."""
+    attention_layers: tuple[int, ...] | None = None
+    """Hybrid models whose softmax attention layers fall irregularly (LFM2-1.2B: 2, 5, 8, 10, 12, 14; 0-based): these
+    layers attend, every other is a linear layer; None: full_attention_every's pattern (or no linear layers)."""
+    short_conv: bool = False
+    """The linear layers are gated short convolutions (LFM2: in_proj makes B, C and x; C * conv(B * x), causal and
+    depthwise over linear_conv_size tokens; out_proj), not Gated DeltaNet: a state of the last few inputs alone."""
     linear_key_heads: int | None = None
     """With full_attention_every: query and key heads of each linear layer; None: n_heads."""
     linear_value_heads: int | None = None
@@ -251,6 +257,8 @@ class ModelConfig:
     """The Hugging Face architecture written on export (set when loaded from one; None: chosen from the fields). The model never reads it."""
 
     def __post_init__(self) -> None:
+        if self.attention_layers is not None:  # a list read from YAML or JSON
+            self.attention_layers = tuple(self.attention_layers)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -322,7 +330,7 @@ class ModelConfig:
                 if getattr(self, name) is not None and getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
             if (self.global_every is None or self.kv_lora_rank is not None or self.rope_dim is not None
-                    or self.full_attention_every is not None):
+                    or self.has_linear_layers):
                 raise ValueError("global_head_size, global_kv_heads and global_values_are_keys (global layers shaped "
                                  "apart) need global_every, and neither latent attention, linear layers nor rope_dim")
             if self.n_heads % self.global_shape[0]:
@@ -334,7 +342,7 @@ class ModelConfig:
         if self.kv_shared_layers:
             first = self.n_layers - self.kv_shared_layers
             sources = {self.window_of(j) for j in range(max(first, 0))}
-            if (not 0 < first < self.n_layers or self.kv_lora_rank is not None or self.full_attention_every is not None
+            if (not 0 < first < self.n_layers or self.kv_lora_rank is not None or self.has_linear_layers
                     or self.qk_norm_whole or any(self.window_of(i) not in sources for i in range(first, self.n_layers))):
                 raise ValueError(f"kv_shared_layers={self.kv_shared_layers} must leave an earlier layer of each kind "
                                  f"(windowed or global) of the {self.n_layers} to share its keys and values, without "
@@ -408,6 +416,16 @@ class ModelConfig:
         if self.attn_output_gate and self.kv_lora_rank is not None:
             raise ValueError("attn_output_gate needs grouped-query attention: latent attention (kv_lora_rank) has no "
                              "output gates")
+        if self.attention_layers is not None and (
+                self.full_attention_every is not None or list(self.attention_layers) != sorted(set(self.attention_layers))
+                or not all(0 <= i < self.n_layers for i in self.attention_layers)):
+            raise ValueError(f"attention_layers={self.attention_layers} must list layers of the {self.n_layers} once each, "
+                             "in order, without full_attention_every")
+        if self.short_conv and not (self.has_linear_layers and self.linear_conv_size >= 1):
+            raise ValueError("short_conv needs linear layers (attention_layers or full_attention_every) and "
+                             "linear_conv_size >= 1")
+        if self.has_linear_layers and self.kv_lora_rank is not None:
+            raise ValueError("linear attention layers need no latent attention (kv_lora_rank)")
         if self.full_attention_every is not None:
             if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1 and self.kv_lora_rank is None):
                 raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
@@ -473,14 +491,22 @@ class ModelConfig:
         return max(j for j in range(first) if self.window_of(j) == self.window_of(layer))
 
     def is_linear(self, layer: int) -> bool:
-        """Whether layer `layer` (0-based) is a Gated DeltaNet linear attention layer (`full_attention_every`)."""
+        """Whether layer `layer` (0-based) is a linear layer, Gated DeltaNet or a short convolution (`short_conv`),
+        not softmax attention (`full_attention_every`, `attention_layers`)."""
+        if self.attention_layers is not None:
+            return layer not in self.attention_layers
         return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)
+
+    @property
+    def has_linear_layers(self) -> bool:
+        """Whether any layer is linear: a hybrid model (Qwen3.5, LFM2)."""
+        return self.full_attention_every is not None or self.attention_layers is not None
 
     @property
     def branches_share_rows(self) -> bool:
         """Whether continuations of one context can share a row (`Segments.shared_prefix`: DPO's responses to one
         prompt, evaluation's choices): not with linear attention layers, whose one state per row cannot fork mid-row."""
-        return self.full_attention_every is None
+        return not self.has_linear_layers
 
     @property
     def linear_heads(self) -> tuple[int, int]:
@@ -696,6 +722,13 @@ PRESETS: dict[str, ModelConfig] = {
         expert_groups_per_token=1, dense_layers=1, routed_scaling=2.827, max_seq_len=131072, rope_theta=50000.0,
         rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                       "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    # LFM2-1.2B (Liquid AI, 2025): ten gated short convolutions (3 taps) around six attention layers with q/k norms
+    # (32 heads, 8 kv heads), tied embeddings; 1.17B parameters.
+    "lfm2-1.2b": replace(
+        _LLAMA, vocab_size=65536, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, max_seq_len=128000,
+        rope_theta=1000000.0, norm_eps=1e-5, qk_norm=True, tie_embeddings=True, attention_layers=(2, 5, 8, 10, 12, 14),
+        short_conv=True, linear_conv_size=3,
     ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.

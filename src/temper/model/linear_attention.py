@@ -1,5 +1,6 @@
-"""Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks"), the linear attention of Qwen3-Next and
-Qwen3.5: a layer that mixes positions through a fixed-size state per head instead of attending to every earlier key.
+"""The linear layers of hybrid models, which mix positions through a fixed-size state instead of attending to every
+earlier key: Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks"), the linear attention of
+Qwen3-Next and Qwen3.5, and LFM2's gated short convolutions (`ShortConv`, whose state is its last few inputs).
 
 Each head keeps a state S (Dk x Dv). Token t decays it by exp(g_t) (0 < exp(g_t) <= 1), then writes its value by the
 delta rule, S <- S + beta_t k_t^T (v_t - k_t S), correcting what S already recalls for k_t, and reads q_t S. Queries,
@@ -105,6 +106,11 @@ class GatedDeltaNet(nn.Module):
             nn.init.ones_(self.dt_bias)
             self.conv1d.reset_parameters()
 
+    @property
+    def state_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """((Hv, Dk, Dv) of the state, (K - 1, C) of the convolution's inputs): what `KVCache` holds for this layer."""
+        return (self.n_v, self.d_k, self.d_v), (self.conv_taps - 1, self.conv1d.weight.shape[0])
+
     def forward(
         self, x: torch.Tensor, rope: None, runs: Runs | None, causal: bool, cache: KVCache | None,
     ) -> torch.Tensor:
@@ -130,15 +136,54 @@ class GatedDeltaNet(nn.Module):
         return self.resid_drop(self.out_proj(y.reshape(B, T, -1)))  # (B, T, C)
 
 
+class ShortConv(nn.Module):
+    """One gated short convolution layer (LFM2, Liquid AI 2025); x (B, T, C) -> (B, T, C), called as `Attention` is.
+
+    in_proj makes three gates per channel, b, c and x; the layer's output is out_proj(c * conv(b * x)), conv causal and
+    depthwise over the token and the linear_conv_size - 1 before it (no activation). Its state is that convolution's
+    last inputs, as Gated DeltaNet's convolution keeps (`KVCache.conv`); there is no recurrent state. Parameter names
+    follow LFM2's checkpoints: in_proj, conv, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, slot: int) -> None:
+        super().__init__()
+        self.slot = slot  # which of the cache's convolution states this layer owns
+        self.conv_taps = cfg.linear_conv_size
+        self.in_proj = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.conv = nn.Conv1d(cfg.dim, cfg.dim, self.conv_taps, groups=cfg.dim, bias=False)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def reset_parameters(self) -> None:
+        """torch's default convolution; the linear layers are initialised with the model's."""
+        self.conv.reset_parameters()
+
+    @property
+    def state_shapes(self) -> tuple[None, tuple[int, int]]:
+        """(no recurrent state, (K - 1, C) of the convolution's inputs): what `KVCache` holds for this layer."""
+        return None, (self.conv_taps - 1, self.conv.weight.shape[0])
+
+    def forward(
+        self, x: torch.Tensor, rope: None, runs: Runs | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        if runs is not None:  # padding enters nothing
+            x = x * runs.real[..., None].to(x.dtype)
+        b, c, h = self.in_proj(x).chunk(3, dim=-1)  # (B, T, C) each
+        conv = cache.linear_state(self.slot)[1] if cache is not None else None
+        y, conv_tail = causal_conv(b * h, self.conv.weight, conv, runs, activation=False)  # (B, T, C)
+        if cache is not None:
+            cache.set_linear_state(self.slot, None, conv_tail)
+        return self.resid_drop(self.out_proj(c * y))  # (B, T, C)
+
+
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum x^2 + 1e-6) over the last dim: flash-linear-attention's form (and eps), which Qwen3.5 trained with."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
 def causal_conv(
-    x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None,
+    x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None, activation: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K): each output is a channel's sum over
+    """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K): each output is a channel's sum over
     its token and the K - 1 before it, within the token's document. before: (B, K - 1, C), the inputs a cache row
     holds from earlier forwards (None: zeros). Also returns the last K - 1 real inputs (B, K - 1, C), a cache's next
     `before`.
@@ -158,7 +203,8 @@ def causal_conv(
         out += tap if doc is None else tap * (doc[:, j : j + T] == runs.doc)[..., None]
     count = torch.full((B,), T, device=x.device) if runs is None else runs.real.sum(dim=1)  # real tokens, padding last
     tail = ext.gather(1, (count[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(-1, -1, C))
-    return F.silu(out.to(x.dtype)), tail
+    out = out.to(x.dtype)
+    return F.silu(out) if activation else out, tail
 
 
 def gated_delta_rule(

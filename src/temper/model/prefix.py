@@ -106,9 +106,9 @@ def _attach(model: Transformer, make: Callable[[int], Prefix]) -> list[str]:
     if model.cfg.kv_lora_rank:
         raise ValueError("prefix tuning needs keys and values per head, which latent attention (DeepSeek-V3, "
                          "kv_lora_rank) does not cache: use LoRA")
-    if model.cfg.full_attention_every is not None:
-        raise ValueError("prefix tuning needs keys and values in every layer, which linear attention layers (Qwen3.5, "
-                         "full_attention_every) do not have: use LoRA")
+    if model.cfg.has_linear_layers:
+        raise ValueError("prefix tuning needs keys and values in every layer, which linear layers (Qwen3.5, LFM2: "
+                         "full_attention_every, attention_layers) do not have: use LoRA")
     if model.cfg.global_shaped or model.cfg.kv_shared_layers:
         raise ValueError("prefix tuning needs keys and values of one shape made in every layer; this model's global "
                          "layers have their own (Gemma 4: global_head_size / global_kv_heads / global_values_are_keys) "

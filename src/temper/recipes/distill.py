@@ -416,7 +416,7 @@ def _teacher_fingerprint(teacher: Checkpoint) -> dict:
     """What identifies the teacher's weights without hashing them: its directory, shape and weight files."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher.path.iterdir()
                    if p.suffix in (".safetensors", ".bin"))
-    return {"path": str(teacher.path.resolve()), "config": dataclasses.asdict(teacher.config), "files": files}
+    return {"path": str(teacher.path.resolve()), "config": config.to_dict(teacher.config), "files": files}
 
 
 def _examples_digest(examples: list[SFTExample]) -> str:
@@ -595,7 +595,7 @@ def _train(cfg: DistillConfig, d: DistInfo, teacher_ckpt: Checkpoint, student_ck
         raise config.ConfigError("train.steps: give the number of steps (data.order=random has no epochs)")
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * data.per_epoch / per_step))
 
-    resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg), "steps": steps, "seq_len": seq_len,
+    resolved = config.to_dict(cfg) | {"model": config.to_dict(model_cfg), "steps": steps, "seq_len": seq_len,
                                       "rows_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)

@@ -30,7 +30,6 @@ It does not train reward models (`temper reward`) or sample (`temper generate`, 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -254,7 +253,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         loss_fn.reference = reference = reference_model = None
 
     # 6. the loop, on the scaffold every training recipe shares
-    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
+    resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg), "steps": steps,
                                       "pairs_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)

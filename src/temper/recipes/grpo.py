@@ -30,7 +30,6 @@ It does not train with a value model (`temper ppo`) or from preference pairs (`t
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -156,7 +155,7 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
     total_updates = steps * lc.iterations
 
-    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg)}
+    resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg)}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
     optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors

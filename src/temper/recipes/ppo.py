@@ -41,7 +41,6 @@ It does not train group-relative policies (`temper grpo`) or from pairs (`temper
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -248,7 +247,7 @@ def _train(cfg: PPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int:
     updates_per_step = p.epochs * M
     total_updates = steps * updates_per_step
 
-    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg)}
+    resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg)}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)
     optimizer = run.build_optimizer(model)  # after the layout: FSDP2 / TP parameters are DTensors

@@ -258,7 +258,7 @@ def _train(cfg: PretrainConfig, d: DistInfo) -> int:
         )
     accum = global_tokens // tokens_per_micro_step
     samples_per_step = micro * accum * d.dp_world
-    resolved = config.to_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
+    resolved = config.to_dict(cfg) | {"model": config.to_dict(model_cfg)}
     resolved["train"] |= {"seq_len": seq_len, "global_batch_tokens": global_tokens}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS, deepspeed=True)
 

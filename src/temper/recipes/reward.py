@@ -24,7 +24,6 @@ It does not optimise a policy against the reward (`temper dpo`; PPO and best-of-
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -142,7 +141,7 @@ def _train(cfg: RewardConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs:
         return Batch(b.inputs.to(d.device), b.targets.to(d.device), extra={"last": last.to(d.device)} | void(idx))
 
     # 6. the loop, on the scaffold every training recipe shares
-    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
+    resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg), "steps": steps,
                                       "pairs_per_step": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS)
     train_model = run.wrap(model)

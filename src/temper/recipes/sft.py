@@ -26,7 +26,6 @@ It does not pretrain (`temper pretrain`), align (reward, DPO, PPO) or evaluate b
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -223,7 +222,7 @@ def _train(cfg: SFTConfig, d: DistInfo, tok: HFTokenizer, stats: SFTStats, train
                 {"positions": b.positions.to(d.device), "segments": Segments(b.doc_ids.to(d.device))})
 
     # 6. the loop, on the scaffold every training recipe shares
-    resolved = config.to_dict(cfg) | {"model_config": dataclasses.asdict(model_cfg), "steps": steps,
+    resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg), "steps": steps,
                                       "seq_len": seq_len, "batch_rows": per_step}
     run = Run(cfg, d, resolved, resume_keys=RESUME_KEYS, deepspeed=True)
     train_model = run.wrap(model)  # DDP with world > 1: it reduces only parameters that require grad

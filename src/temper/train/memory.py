@@ -123,7 +123,7 @@ from temper.config import ConfigError
 from temper.model.attention import Attention, LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
-from temper.model.linear_attention import GatedDeltaNet, gated_delta_rule
+from temper.model.linear_attention import GatedDeltaNet, ShortConv, gated_delta_rule
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
@@ -551,6 +551,8 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     _lora_hidden(s, list(attn.modules()), t)
     if isinstance(attn, GatedDeltaNet):
         first, attn_grad, attn_peak = _linear_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
+    elif isinstance(attn, ShortConv):
+        first, attn_grad, attn_peak = _short_conv_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     else:
         first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rope, seq_len)
     if attn_grad and cfg.dropout > 0:
@@ -669,6 +671,29 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
 
 _CHUNK = inspect.signature(gated_delta_rule).parameters["chunk"].default
 """Tokens per chunk of the gated delta rule in training (its C x C matrices per head)."""
+
+
+def _short_conv_saved(s: _Saved, attn: ShortConv, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
+                      seq_len: int) -> tuple[list[nn.Module], bool, float]:
+    """What a short convolution layer (LFM2's `ShortConv`) keeps per token, from its normalised input (`h_bytes` per
+    element) to out_proj's input; returns what `_attention_saved` does (its backward adds nothing beyond them).
+
+    in_proj's input; b and x, each the other's factor, where in_proj's output needs a gradient; the convolution's input
+    where its weight trains (whole with the K - 1 inputs before it in fp32, a float32 copy per tap under autocast, as
+    Gated DeltaNet's convolution keeps it); c and the convolution's output, each the other's factor; out_proj's input."""
+    d, a = attn.conv.weight.shape[0], t.a
+    _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
+    gates = grad_in or _wants_grad(attn.in_proj)  # b, c, x need gradients
+    conv = attn.conv.weight.requires_grad
+    s.add("b, x (each the other's factor)", 2 * a * d if gates else 0)
+    if conv:
+        taps = attn.conv_taps
+        s.add("convolution input" + (" (float32, K - 1 before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
+              4 * d * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    s.add("c (the convolution output's factor)", a * d if gates or conv else 0)
+    s.add("convolution output (c's factor)", a * d if gates else 0)
+    _readers(s, "gated output", [attn.out_proj], a, t, lora_dropout, gates or conv)
+    return [attn.in_proj], gates or conv or _wants_grad(attn.out_proj), 0.0
 
 
 def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
@@ -1154,7 +1179,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     wcopies = sum(wcopy) + wcopy_tail
     kinds: dict[tuple[str, float], int] = {}  # blocks by kind and saved bytes (a hybrid's, a mixture's dense first layers)
     for block, (sv, _) in zip(model.layers, split):
-        key = ("linear attention " if isinstance(block.attn, GatedDeltaNet) else "", sv)
+        key = ("linear attention " if isinstance(block.attn, GatedDeltaNet)
+               else "short convolution " if isinstance(block.attn, ShortConv) else "", sv)
         kinds[key] = kinds.get(key, 0) + 1
     a_formula = (
         f"B*T = {tokens} tokens x (" + " + ".join(f"{n} {kind}blocks x {human_bytes(sv)}" for (kind, sv), n in kinds.items())
@@ -1384,6 +1410,11 @@ def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str 
         return (attention * width + shaped * global_width) * a, 0, formula
     if not linear:
         return attention * width * a, 0, formula
+    if cfg.short_conv:  # LFM2's: the convolution's last K - 1 inputs alone
+        taps = cfg.linear_conv_size - 1
+        formula += (f" + {linear} short convolution layers x {rows + ' x ' if rows else ''}{a} B x {taps} x {cfg.dim} "
+                    "convolution inputs")
+        return attention * width * a, linear * a * taps * cfg.dim, formula
     (n_k, n_v), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
     taps, channels = cfg.linear_conv_size - 1, 2 * n_k * dk + n_v * dv
     row = linear * (4 * n_v * dk * dv + a * taps * channels)

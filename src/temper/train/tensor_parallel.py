@@ -64,9 +64,10 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if cfg.kv_lora_rank:
         raise ConfigError(f"train.parallel.tp={tp} does not split latent attention (kv_lora_rank={cfg.kv_lora_rank}: "
                           "one latent shared by every head): shard it with train.parallel.dp_shard (FSDP2) instead")
-    if cfg.full_attention_every is not None:
+    if cfg.has_linear_layers:
         raise ConfigError(f"train.parallel.tp={tp} does not split linear attention layers (full_attention_every="
-                          f"{cfg.full_attention_every}): shard the model with train.parallel.dp_shard (FSDP2) instead")
+                          f"{cfg.full_attention_every}, attention_layers={cfg.attention_layers}): shard the model with "
+                          "train.parallel.dp_shard (FSDP2) instead")
     if cfg.attn_sinks:
         raise ConfigError(f"train.parallel.tp={tp} does not split attention sinks (one per head, kept whole): shard "
                           "it with train.parallel.dp_shard (FSDP2) instead")

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -35,7 +35,7 @@ dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms 
 alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router), Cohere
 (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in float32 in
 adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with RoPE to one
-global without) and
+global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed irregularly) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -71,10 +71,11 @@ GEMMA4 = "Gemma4ForCausalLM"
 ERNIE4_5, ERNIE4_5_MOE = "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM"
 HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
+LFM2 = "Lfm2ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -110,7 +111,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_5_text": QWEN3_5, "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe_text": QWEN3_5_MOE,
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
-                "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2}
+                "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
+                "lfm2": LFM2}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -180,6 +182,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)),
     "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
+    **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim"), _INT),
+    **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding"), _BOOL),
+    "norm_eps": _FLOAT, "block_ffn_dim_multiplier": (*_FLOAT, type(None)), "full_attn_idxs": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
                      "rope_local_base_freq"), _FLOAT),
@@ -280,6 +285,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = _hunyuan_rope(d)
     if arch in COHERES:
         d = _cohere(d, arch)
+    short_conv = {}
+    if arch == LFM2:
+        d, short_conv = _lfm2(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -373,7 +381,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
+        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, LFM2)
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         qk_norm_after_rope=arch in HUNYUANS,
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
@@ -390,7 +398,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
         **(_multipliers(d) if arch == GRANITE else {}),
-        **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}), **(_linear_layers(d) if arch in HYBRID else {}),
+        **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
+        **(_linear_layers(d) if arch in HYBRID else {}), **short_conv,
     )
 
 
@@ -412,6 +421,36 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_key_heads": d["linear_num_key_heads"], "linear_value_heads": d["linear_num_value_heads"],
             "linear_key_size": d["linear_key_head_dim"], "linear_value_size": d["linear_value_head_dim"],
             "linear_conv_size": d["linear_conv_kernel_dim"]}
+
+
+def _lfm2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with Lfm2Config's defaults and older spellings read, in the keys the reading shares: its MLP's width as
+    transformers computes it (block_auto_adjust_ff_dim), norm_eps as rms_norm_eps; the ModelConfig fields of its
+    layers: which attend (layer_types, or full_attn_idxs), the others short convolutions of conv_L_cache taps)."""
+    if d.get("conv_bias"):
+        raise ValueError("Lfm2 conv_bias=true is not supported (temper's short convolutions have no biases)")
+    ffn = d.get("intermediate_size", d.get("block_ff_dim", 12288))
+    if d.get("block_auto_adjust_ff_dim", True):  # Lfm2MLP's rule
+        ffn = int(2 * ffn / 3)
+        if d.get("block_ffn_dim_multiplier", 1.0) is not None:
+            multiple = d.get("block_multiple_of", 256)
+            ffn = multiple * -(-int(d.get("block_ffn_dim_multiplier", 1.0) * ffn) // multiple)
+    n = d["num_hidden_layers"]
+    full = d.get("full_attn_idxs")
+    types = d.get("layer_types") or ["full_attention" if full is None or i in full else "conv" for i in range(n)]
+    if len(types) != n or set(types) - {"full_attention", "conv"}:
+        raise ValueError(f"key 'layer_types' must name 'full_attention' or 'conv' for each of the {n} layers, got "
+                         f"{types!r}")
+    attention = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    if len(attention) == n:
+        raise ValueError("an Lfm2 config without conv layers is not supported (temper reads LFM2's hybrids)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    d = {"max_position_embeddings": 128000, "norm_eps": 1e-5, **d, "intermediate_size": ffn,
+         "tie_word_embeddings": d.get("tie_word_embeddings", d.get("tie_embedding", True))}
+    d["rms_norm_eps"] = d["norm_eps"]
+    if d.get("rope_theta") is None and "rope_theta" not in rope:
+        d["rope_theta"] = 1000000.0  # Lfm2Config's default_theta
+    return d, {"attention_layers": attention, "short_conv": True, "linear_conv_size": d.get("conv_L_cache", 3)}
 
 
 def _cohere(d: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -902,6 +941,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if arch is None:
         if cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
+        elif cfg.short_conv:
+            arch = LFM2
         elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
@@ -984,9 +1025,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch != GEMMA4 and (cfg.rope_scaling or {}).get("rope_type") == "proportional":
         return "it has no proportional RoPE (Gemma4ForCausalLM has)"
     hybrid = (cfg.full_attention_every is not None, cfg.attn_output_gate)
-    if arch in HYBRID and not all(hybrid):
-        return "it has linear attention layers (full_attention_every) and gated attention (attn_output_gate)"
-    if arch not in HYBRID and any(hybrid):
+    if arch in HYBRID and not (all(hybrid) and cfg.attention_layers is None and not cfg.short_conv):
+        return ("it has Gated DeltaNet layers between softmax ones in a regular pattern (full_attention_every) and gated "
+                "attention (attn_output_gate)")
+    if arch == LFM2 and (cfg.short_conv, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (True, False, cfg.dim):
+        return ("its linear layers are short convolutions (short_conv), its attention ungated, its heads hidden_size / "
+                "num_attention_heads wide")
+    if arch not in (*HYBRID, LFM2) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -995,10 +1040,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES)
+                *HUNYUANS, *COHERES, LFM2)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, LFM2)
     if cfg.qk_norm_after_rope != (arch in HUNYUANS):
         return ("its q/k norms come after RoPE" if arch in HUNYUANS
                 else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
@@ -1208,6 +1253,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
+    if arch == LFM2:  # its MLP's width as it is (no adjusting), its layers named one by one
+        del d["rms_norm_eps"]
+        d |= {"norm_eps": cfg.norm_eps, "conv_bias": False, "conv_L_cache": cfg.linear_conv_size,
+              "block_auto_adjust_ff_dim": False, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+              "layer_types": ["conv" if cfg.is_linear(i) else "full_attention" for i in range(cfg.n_layers)],
+              "full_attn_idxs": [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]}
     if arch in COHERES:  # LayerNorm's epsilon; the logits multiplied by logit_scale
         del d["rms_norm_eps"]
         d |= {"layer_norm_eps": cfg.norm_eps, "logit_scale": 1 / cfg.logit_divisor if cfg.logit_divisor else 1.0,

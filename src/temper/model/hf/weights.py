@@ -29,6 +29,7 @@ from temper.model.hf.config import (
     HUNYUANS,
     HYBRID,
     LATENT,
+    LFM2,
     MINIMAX_M2,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
@@ -154,6 +155,19 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             add("model.per_layer_projection_norm.weight", "per_layer_norm.weight")
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
+            if arch == LFM2:  # its own names, for its attention and short convolution layers alike
+                add(f"{h}operator_norm.weight", f"{p}attn_norm.weight")
+                add(f"{h}ffn_norm.weight", f"{p}mlp_norm.weight")
+                parts = ((("conv.in_proj", "in_proj"), ("conv.conv", "conv"), ("conv.out_proj", "out_proj"))
+                         if cfg.is_linear(i) else (("self_attn.q_proj", "q_proj"), ("self_attn.k_proj", "k_proj"),
+                                                   ("self_attn.v_proj", "v_proj"), ("self_attn.out_proj", "o_proj"),
+                                                   ("self_attn.q_layernorm", "q_norm"),
+                                                   ("self_attn.k_layernorm", "k_norm")))
+                for theirs, ours in parts:
+                    add(f"{h}{theirs}.weight", f"{p}attn.{ours}.weight")
+                for theirs, ours in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+                    add(f"{h}feed_forward.{theirs}.weight", f"{p}mlp.{ours}_proj.weight")
+                continue
             # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
             if cfg.parallel_block:  # one norm, read by attention and the MLP (Cohere)
@@ -267,7 +281,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
                         add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
-        add("model.norm.weight", "norm.weight")
+        add("model.embedding_norm.weight" if arch == LFM2 else "model.norm.weight", "norm.weight")
     if not cfg.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("head.weight",)))
     return rules
