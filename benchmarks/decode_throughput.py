@@ -37,6 +37,7 @@ weights in bf16 can tip a near-tie late, so it is reported, not asserted).
     python benchmarks/decode_throughput.py --shape gemma2-small      # capped scores; also gpt-oss-small (sinks)
     python benchmarks/decode_throughput.py --shape deepseek-v3-small # latent attention; also glm4.5-small
     python benchmarks/decode_throughput.py --shape qwen3.5-small     # Gated DeltaNet layers beside gated attention
+    python benchmarks/decode_throughput.py --shape lfm2-small        # short convolutions; also cohere2-small
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ SHAPES: dict[str, ModelConfig] = {
         PRESETS["qwen3.5-9b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_size=64,
         rope_dim=16, ffn_dim=1408, linear_key_heads=4, linear_value_heads=8, linear_key_size=64, linear_value_size=64,
         max_seq_len=2048),
+    # LFM2-1.2B's layout, small: short convolutions (their last two inputs cached) around two attention layers.
+    "lfm2-small": dataclasses.replace(
+        PRESETS["lfm2-1.2b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
+        attention_layers=(2, 5), max_seq_len=2048),
+    # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
+    # RoPE to one global without, scaled logits.
+    "cohere2-small": dataclasses.replace(
+        PRESETS["llama-125m"], dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408, vocab_size=32000,
+        max_seq_len=2048, norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
+        rope_tables_rounded=True, sliding_window=512, global_every=4, nope_every=4, logit_divisor=4.0),
     # Gemma 4's layouts, small. E2B's: five windowed layers to one global (wider heads, one kv head, values from k_proj),
     # per-layer embeddings, the last six layers attending to earlier layers' cached keys and values.
     "gemma4-small": dataclasses.replace(

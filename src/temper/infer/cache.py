@@ -68,7 +68,7 @@ def linear_states(cache: KVCache, row: int) -> dict[str, torch.Tensor] | None:
     the row back, since such a state cannot be cut back as keys can (speculative decoding's rejected drafts)."""
     if cache.conv is None:
         return None
-    return {name: getattr(cache, name)[:, row].clone() for name in ("state", "conv") if getattr(cache, name) is not None}
+    return {name: t[:, row].clone() for name, t in cache.per_row().items() if name in ("state", "conv")}
 
 
 def restore(cache: KVCache, row: int, length: int, states: dict[str, torch.Tensor]) -> None:

@@ -120,8 +120,8 @@ class KVCache:
 
     Linear attention layers (`model/linear_attention.py`) keep no keys: each holds a state per row (`state`, float32,
     (Llin, B, Hv, Dk, Dv); none for short convolutions) and its convolution's last inputs (`conv`, (Llin, B, K - 1,
-    C)), which a row of length 0 reads as zeros. Such a state holds the whole row and cannot be cut back: a row's length only grows, or restarts
-    at 0.
+    C)), which a row of length 0 reads as zeros. Such a state holds the whole row and cannot be cut back: a row's
+    length only grows, or restarts at 0.
     """
 
     def __init__(

@@ -416,21 +416,20 @@ class ModelConfig:
         if self.attn_output_gate and self.kv_lora_rank is not None:
             raise ValueError("attn_output_gate needs grouped-query attention: latent attention (kv_lora_rank) has no "
                              "output gates")
-        if self.attention_layers is not None and (
-                self.full_attention_every is not None or list(self.attention_layers) != sorted(set(self.attention_layers))
-                or not all(0 <= i < self.n_layers for i in self.attention_layers)):
-            raise ValueError(f"attention_layers={self.attention_layers} must list layers of the {self.n_layers} once each, "
-                             "in order, without full_attention_every")
+        layers = self.attention_layers
+        if layers is not None and (self.full_attention_every is not None or list(layers) != sorted(set(layers))
+                                   or not all(0 <= i < self.n_layers for i in layers)):
+            raise ValueError(f"attention_layers={layers} must list layers of the {self.n_layers} once each, in order, "
+                             "without full_attention_every")
         if self.short_conv and not (self.has_linear_layers and self.linear_conv_size >= 1):
             raise ValueError("short_conv needs linear layers (attention_layers or full_attention_every) and "
                              "linear_conv_size >= 1")
         if self.has_linear_layers and self.kv_lora_rank is not None:
             raise ValueError("linear attention layers need no latent attention (kv_lora_rank)")
         if self.full_attention_every is not None:
-            if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1 and self.kv_lora_rank is None):
+            if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1):
                 raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
-                                 f"layer or more, linear_conv_size >= 1 (got {self.linear_conv_size}) and no latent "
-                                 "attention")
+                                 f"layer or more and linear_conv_size >= 1 (got {self.linear_conv_size})")
             for name in ("linear_key_heads", "linear_value_heads", "linear_key_size", "linear_value_size"):
                 if getattr(self, name) is not None and getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")

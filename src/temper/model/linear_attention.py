@@ -183,8 +183,8 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None, activation: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K): each output is a channel's sum over
-    its token and the K - 1 before it, within the token's document. before: (B, K - 1, C), the inputs a cache row
+    """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K):
+    each output is a channel's sum over its token and the K - 1 before it, within the token's document. before: (B, K - 1, C), the inputs a cache row
     holds from earlier forwards (None: zeros). Also returns the last K - 1 real inputs (B, K - 1, C), a cache's next
     `before`.
 
