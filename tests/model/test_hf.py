@@ -111,6 +111,13 @@ CASES = {
                                                                                "intermediate_size": 100},
                                    layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=24,
                                    tie_word_embeddings=False),
+    # LFM2-MoE: those layers, a dense first MLP, then 4 experts chosen by sigmoid scores plus a bias, 2 per token,
+    # renormalised and scaled.
+    "lfm2-moe-sigmoid-bias": lambda: _with_buffers(_hf(
+        "Lfm2MoeConfig", "Lfm2MoeForCausalLM", **_SMALL | {"num_hidden_layers": 4}, moe_intermediate_size=40,
+        num_experts=4, num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=2.0,
+        layer_types=["conv", "full_attention", "conv", "conv"], tie_word_embeddings=False),
+        "expert_bias", lambda b: b.normal_(0.0, 0.2)),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -372,7 +379,9 @@ def test_variant_features_are_exercised():
                       ("cohere-parallel-pairs", {"rope_scaling": None}),
                       ("cohere2-window-nope", {"nope_every": None}),  # RoPE on the global layers too
                       ("cohere2-window-nope", {"global_every": None, "nope_every": None}),  # all windowed
-                      ("lfm2-short-conv", {"qk_norm": False})]:
+                      ("lfm2-short-conv", {"qk_norm": False}),
+                      ("lfm2-moe-sigmoid-bias", {"expert_choice_bias": False}),
+                      ("lfm2-moe-sigmoid-bias", {"routed_scaling": 1.0})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -455,6 +464,10 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
     lfm2 = replace(llama, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3)
     assert hf_architecture(lfm2) == "Lfm2ForCausalLM"
+    lfm2_moe = replace(lfm2, n_experts=4, router_scores="sigmoid", router_float32=True, dense_layers=1)
+    assert hf_architecture(lfm2_moe) == "Lfm2MoeForCausalLM"
+    with pytest.raises(ValueError, match="Lfm2MoeForCausalLM cannot express this model: it scores experts by sigmoids"):
+        to_hf_config(replace(lfm2_moe, router_scores="softmax"))
     with pytest.raises(ValueError, match="Qwen3_5ForCausalLM cannot express this model: it has Gated DeltaNet layers"):
         to_hf_config(replace(lfm2, norm_unit_offset=True, hf_architecture="Qwen3_5ForCausalLM"))
     with pytest.raises(ValueError, match="Qwen3ForCausalLM cannot express this model: it has neither linear"):

@@ -94,6 +94,10 @@ CONFIGS = {
     # LFM2: a short convolution (in_proj, out_proj: adapted as linear attention's) then an attention layer, q/k norms
     "lfm2": replace(_LLAMA, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
                     hf_architecture="Lfm2ForCausalLM"),
+    # LFM2-MoE: those layers with 4 experts after a dense layer, chosen by sigmoid scores plus a bias, scaled
+    "lfm2_moe": replace(_LLAMA, n_layers=3, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
+                        n_experts=4, expert_ffn_dim=40, router_scores="sigmoid", router_float32=True,
+                        expert_choice_bias=True, routed_scaling=2.0, dense_layers=1, hf_architecture="Lfm2MoeForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -156,6 +160,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
+    "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -318,7 +323,8 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
 @pytest.mark.parametrize("targets", [("q_proj", "gate_proj", "up_proj", "down_proj", "router"), ("down_proj",),
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_moe"])
+                                  "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_moe",
+                                  "lfm2_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -344,7 +350,8 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
 
 @pytest.mark.parametrize("all_linear", [False, True])  # "all-linear": the router ("gate") too
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2",
-                                  "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_moe"])
+                                  "glm4_moe_lite", "minimax_m2", "ernie4_5_moe", "hunyuan_moe"])  # (not LFM2-MoE: PEFT
+# maps no module names onto its experts' parameters; its target_parameters do, as test_expert_adapters_... writes)
 def test_load_peft_reads_peft_expert_adapters(tmp_path, case, all_linear):
     model = _model(case)
     hf = _hf(model, tmp_path)

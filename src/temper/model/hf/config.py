@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -35,7 +35,8 @@ dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms 
 alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router), Cohere
 (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in float32 in
 adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with RoPE to one
-global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed irregularly) and
+global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed irregularly; `Lfm2MoeForCausalLM`: with
+experts chosen by sigmoid scores plus a bias after dense first layers) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -71,11 +72,12 @@ GEMMA4 = "Gemma4ForCausalLM"
 ERNIE4_5, ERNIE4_5_MOE = "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM"
 HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
-LFM2 = "Lfm2ForCausalLM"
+LFM2, LFM2_MOE = "Lfm2ForCausalLM", "Lfm2MoeForCausalLM"
+LFM2S = (LFM2, LFM2_MOE)  # gated short convolutions around attention layers with q/k norms, under LFM2's names
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -88,7 +90,7 @@ OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over a
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE)
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
@@ -112,7 +114,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
-                "lfm2": LFM2}
+                "lfm2": LFM2, "lfm2_moe": LFM2_MOE}
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -182,8 +184,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)),
     "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
-    **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim"), _INT),
-    **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding"), _BOOL),
+    **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim", "num_dense_layers"), _INT),
+    **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding", "use_expert_bias"), _BOOL),
     "norm_eps": _FLOAT, "block_ffn_dim_multiplier": (*_FLOAT, type(None)), "full_attn_idxs": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "initializer_range", "partial_rotary_factor",
@@ -286,8 +288,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch in COHERES:
         d = _cohere(d, arch)
     short_conv = {}
-    if arch == LFM2:
-        d, short_conv = _lfm2(d)
+    if arch in LFM2S:
+        d, short_conv = _lfm2(d, arch)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -381,7 +383,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, LFM2)
+        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
         qk_norm_after_rope=arch in HUNYUANS,
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
@@ -423,14 +425,15 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_conv_size": d["linear_conv_kernel_dim"]}
 
 
-def _lfm2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(`d` with Lfm2Config's defaults and older spellings read, in the keys the reading shares: its MLP's width as
-    transformers computes it (block_auto_adjust_ff_dim), norm_eps as rms_norm_eps; the ModelConfig fields of its
-    layers: which attend (layer_types, or full_attn_idxs), the others short convolutions of conv_L_cache taps)."""
+def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with Lfm2Config's (Lfm2MoeConfig's) defaults and older spellings read, in the keys the reading shares: its
+    MLP's width as transformers computes it (block_auto_adjust_ff_dim; the MoE's dense layers take intermediate_size as
+    it is), norm_eps as rms_norm_eps; the ModelConfig fields of its layers: which attend (layer_types, or
+    full_attn_idxs), the others short convolutions of conv_L_cache taps)."""
     if d.get("conv_bias"):
         raise ValueError("Lfm2 conv_bias=true is not supported (temper's short convolutions have no biases)")
-    ffn = d.get("intermediate_size", d.get("block_ff_dim", 12288))
-    if d.get("block_auto_adjust_ff_dim", True):  # Lfm2MLP's rule
+    ffn = d.get("intermediate_size", d.get("block_ff_dim", 12288 if arch == LFM2 else 7168))
+    if arch == LFM2 and d.get("block_auto_adjust_ff_dim", True):  # Lfm2MLP's rule
         ffn = int(2 * ffn / 3)
         if d.get("block_ffn_dim_multiplier", 1.0) is not None:
             multiple = d.get("block_multiple_of", 256)
@@ -449,8 +452,24 @@ def _lfm2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
          "tie_word_embeddings": d.get("tie_word_embeddings", d.get("tie_embedding", True))}
     d["rms_norm_eps"] = d["norm_eps"]
     if d.get("rope_theta") is None and "rope_theta" not in rope:
-        d["rope_theta"] = 1000000.0  # Lfm2Config's default_theta
+        d["rope_theta"] = 1000000.0  # Lfm2Config's and Lfm2MoeConfig's default_theta
     return d, {"attention_layers": attention, "short_conv": True, "linear_conv_size": d.get("conv_L_cache", 3)}
+
+
+def _lfm2_experts(d: dict[str, Any]) -> dict[str, Any]:
+    """LFM2-MoE's mixture: after num_dense_layers dense ones, experts of moe_intermediate_size chosen by sigmoid scores
+    (plus a float32 choice bias with use_expert_bias), the top k renormalised (norm_topk_prob) and scaled
+    (routed_scaling_factor). Its reference adds 1e-6 to the renormalising sum, which temper leaves out: 5e-7 of a weight
+    at most (the sum of k sigmoids), below float32's rounding of the logits it moves."""
+    n, k = d.get("num_experts", 32), d.get("num_experts_per_tok", 4)
+    dense = d.get("num_dense_layers", 2)
+    if not (1 <= k <= n and 0 <= dense < d["num_hidden_layers"]):
+        raise ValueError(f"Lfm2Moe num_experts={n}, num_experts_per_tok={k} and num_dense_layers={dense} are not "
+                         "supported (k between 1 and the experts, fewer dense layers than layers)")
+    return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 1792),
+            "renormalize_experts": bool(d.get("norm_topk_prob", True)), "router_scores": "sigmoid",
+            "router_float32": True, "expert_choice_bias": bool(d.get("use_expert_bias", True)),
+            "routed_scaling": float(d.get("routed_scaling_factor", 1.0)), "dense_layers": dense}
 
 
 def _cohere(d: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -508,6 +527,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return _deepseek_experts(d, arch)
     if arch == ERNIE4_5_MOE:
         return _ernie_experts(d)
+    if arch == LFM2_MOE:
+        return _lfm2_experts(d)
     if arch == HUNYUAN_MOE:
         return _hunyuan_experts(d)
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
@@ -942,7 +963,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         if cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
         elif cfg.short_conv:
-            arch = LFM2
+            arch = LFM2_MOE if cfg.n_experts else LFM2
         elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
@@ -1028,10 +1049,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in HYBRID and not (all(hybrid) and cfg.attention_layers is None and not cfg.short_conv):
         return ("it has Gated DeltaNet layers between softmax ones in a regular pattern (full_attention_every) and gated "
                 "attention (attn_output_gate)")
-    if arch == LFM2 and (cfg.short_conv, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (True, False, cfg.dim):
+    if arch in LFM2S and (cfg.short_conv, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (True, False, cfg.dim):
         return ("its linear layers are short convolutions (short_conv), its attention ungated, its heads hidden_size / "
                 "num_attention_heads wide")
-    if arch not in (*HYBRID, LFM2) and (any(hybrid) or cfg.has_linear_layers):
+    if arch not in (*HYBRID, *LFM2S) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1040,10 +1061,10 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, LFM2)
+                *HUNYUANS, *COHERES, *LFM2S)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, LFM2)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
     if cfg.qk_norm_after_rope != (arch in HUNYUANS):
         return ("its q/k norms come after RoPE" if arch in HUNYUANS
                 else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
@@ -1090,12 +1111,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it scores experts by sigmoids and chooses them with a bias"
     if arch == ERNIE4_5_MOE and deepseek != (False, True):
         return "it scores experts by a softmax and chooses them with a bias"
-    if arch not in (*BIASED_SIGMOID, ERNIE4_5_MOE) and any(deepseek):
+    if arch == LFM2_MOE and not (deepseek[0] and cfg.router_float32 and cfg.shared_expert_ffn_dim is None):
+        return "it scores experts by sigmoids in float32 (a choice bias optional), with no shared expert"
+    if arch not in (*BIASED_SIGMOID, ERNIE4_5_MOE, LFM2_MOE) and any(deepseek):
         return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
     if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
         return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
-    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0
-                                     or cfg.dense_layers and arch != ERNIE4_5_MOE):
+    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 and arch != LFM2_MOE
+                                     or cfg.dense_layers and arch not in (ERNIE4_5_MOE, LFM2_MOE)):
         return ("it routes without groups of experts, scaling or dense layers (DeepseekV2ForCausalLM, "
                 "DeepseekV3ForCausalLM and Glm4MoeForCausalLM have them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
@@ -1253,12 +1276,18 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
-    if arch == LFM2:  # its MLP's width as it is (no adjusting), its layers named one by one
+    if arch in LFM2S:  # its MLP's width as it is (no adjusting), its layers named one by one
         del d["rms_norm_eps"]
         d |= {"norm_eps": cfg.norm_eps, "conv_bias": False, "conv_L_cache": cfg.linear_conv_size,
-              "block_auto_adjust_ff_dim": False, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
-              "layer_types": ["conv" if cfg.is_linear(i) else "full_attention" for i in range(cfg.n_layers)],
-              "full_attn_idxs": [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]}
+              "layer_types": ["conv" if cfg.is_linear(i) else "full_attention" for i in range(cfg.n_layers)]}
+        if arch == LFM2:
+            d |= {"block_auto_adjust_ff_dim": False, "block_ffn_dim_multiplier": 1.0, "block_multiple_of": 256,
+                  "full_attn_idxs": [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]}
+        else:  # its dense first layers are intermediate_size wide
+            d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+                  "moe_intermediate_size": cfg.expert_hidden_dim, "num_dense_layers": cfg.dense_layers,
+                  "use_expert_bias": cfg.expert_choice_bias, "routed_scaling_factor": cfg.routed_scaling,
+                  "norm_topk_prob": cfg.renormalize_experts, "output_router_logits": False}
     if arch in COHERES:  # LayerNorm's epsilon; the logits multiplied by logit_scale
         del d["rms_norm_eps"]
         d |= {"layer_norm_eps": cfg.norm_eps, "logit_scale": 1 / cfg.logit_divisor if cfg.logit_divisor else 1.0,

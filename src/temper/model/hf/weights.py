@@ -29,7 +29,8 @@ from temper.model.hf.config import (
     HUNYUANS,
     HYBRID,
     LATENT,
-    LFM2,
+    LFM2_MOE,
+    LFM2S,
     MINIMAX_M2,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
@@ -155,7 +156,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             add("model.per_layer_projection_norm.weight", "per_layer_norm.weight")
         for i in range(cfg.n_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
-            if arch == LFM2:  # its own names, for its attention and short convolution layers alike
+            if arch in LFM2S:  # its own names, for its attention and short convolution layers alike
                 add(f"{h}operator_norm.weight", f"{p}attn_norm.weight")
                 add(f"{h}ffn_norm.weight", f"{p}mlp_norm.weight")
                 parts = ((("conv.in_proj", "in_proj"), ("conv.conv", "conv"), ("conv.out_proj", "out_proj"))
@@ -165,8 +166,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                                    ("self_attn.k_layernorm", "k_norm")))
                 for theirs, ours in parts:
                     add(f"{h}{theirs}.weight", f"{p}attn.{ours}.weight")
-                for theirs, ours in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
-                    add(f"{h}feed_forward.{theirs}.weight", f"{p}mlp.{ours}_proj.weight")
+                ffn, names = f"{h}feed_forward.", (("w1", "gate"), ("w3", "up"), ("w2", "down"))
+                if f"{p}mlp.router.weight" in keys:  # LFM2-MoE's experts, router and choice bias
+                    add(f"{ffn}gate.weight", f"{p}mlp.router.weight")
+                    if cfg.expert_choice_bias:
+                        add(f"{ffn}expert_bias", f"{p}mlp.choice_bias")
+                    for j in range(cfg.n_experts):
+                        for theirs, ours in names:
+                            add(f"{ffn}experts.{j}.{theirs}.weight", f"{p}mlp.experts.{j}.{ours}_proj.weight")
+                else:
+                    for theirs, ours in names:
+                        add(f"{ffn}{theirs}.weight", f"{p}mlp.{ours}_proj.weight")
                 continue
             # Gemma 2's and 3's post_attention_layernorm is the attention output's norm; Llama's is the MLP's input norm.
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
@@ -281,7 +291,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
                         add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
-        add("model.embedding_norm.weight" if arch == LFM2 else "model.norm.weight", "norm.weight")
+        add("model.embedding_norm.weight" if arch in LFM2S else "model.norm.weight", "norm.weight")
     if not cfg.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("head.weight",)))
     return rules
@@ -380,23 +390,27 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     return {k: v.contiguous() for k, v in out.items()}
 
 
-_FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
-"""transformers 5's in-memory experts: (E, 2F, D) gate and up stacked, (E, D, F) down."""
+_FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+"""transformers 5's in-memory experts, in the block's `mlp` (LFM2-MoE's `feed_forward`): (E, 2F, D) gate and up
+stacked, (E, D, F) down."""
 
 
 def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     """A transformers 5 model's own state dict (`model.state_dict()`, experts stacked as `_FUSED_EXPERTS`) in the
     per-expert names its `save_pretrained` writes, which the rules describe; other names pass unchanged."""
     out = {}
+    block = ".feed_forward." if arch == LFM2_MOE else ".mlp."
     moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch in MIXTRAL_NAMES
-                             else (".mlp.", ("gate_proj", "up_proj", "down_proj")))
+                             else (block, ("w1", "w3", "w2")) if arch == LFM2_MOE
+                             else (block, ("gate_proj", "up_proj", "down_proj")))
+    fused = tuple(block + f for f in _FUSED_EXPERTS)
     for name, t in sd.items():
-        if name.endswith(_FUSED_EXPERTS[0]):
-            stem = name.removesuffix(_FUSED_EXPERTS[0]) + moe + "experts."
+        if name.endswith(fused[0]):
+            stem = name.removesuffix(fused[0]) + moe + "experts."
             for j, (g, u) in enumerate(zip(*t.chunk(2, dim=1), strict=True)):
                 out[f"{stem}{j}.{gate}.weight"], out[f"{stem}{j}.{up}.weight"] = g, u
-        elif name.endswith(_FUSED_EXPERTS[1]):
-            stem = name.removesuffix(_FUSED_EXPERTS[1]) + moe + "experts."
+        elif name.endswith(fused[1]):
+            stem = name.removesuffix(fused[1]) + moe + "experts."
             out |= {f"{stem}{j}.{down}.weight": w for j, w in enumerate(t)}
         elif name.endswith(".mlp.gate.weight"):
             out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
