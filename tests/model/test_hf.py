@@ -478,7 +478,7 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="Cohere2ForCausalLM cannot express this model: its global layers, and they "
                                          "alone, take no positions"):
         to_hf_config(replace(cohere, sliding_window=16, global_every=4))
-    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it needs RoPE and norm='rmsnorm'"):
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it needs RoPE and norm='rms"):
         to_hf_config(replace(cohere, hf_architecture="LlamaForCausalLM"))
     with pytest.raises(ValueError, match="CohereForCausalLM cannot express this model: its attention and MLP sit side"):
         to_hf_config(replace(cohere, parallel_block=False, hf_architecture="CohereForCausalLM"))

@@ -1,8 +1,8 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirty-four architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain LoRA,
-rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
+1e-4), for thirty-five architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
 refused, and the test shows why."""
@@ -97,7 +97,8 @@ CONFIGS = {
     # LFM2-MoE: those layers with 4 experts after a dense layer, chosen by sigmoid scores plus a bias, scaled
     "lfm2_moe": replace(_LLAMA, n_layers=3, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
                         n_experts=4, expert_ffn_dim=40, router_scores="sigmoid", router_float32=True,
-                        expert_choice_bias=True, routed_scaling=2.0, dense_layers=1, hf_architecture="Lfm2MoeForCausalLM"),
+                        expert_choice_bias=True, routed_scaling=2.0, dense_layers=1,
+                        hf_architecture="Lfm2MoeForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,

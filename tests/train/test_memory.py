@@ -66,8 +66,8 @@ def test_kv_cache_is_what_the_model_allocates(kind):
     only, and a fixed-size state per sequence for each linear attention layer (a short convolution: its last inputs);
     Gemma 4 its global layers' keys and
     values in their own shape, and none for the layers taking earlier ones' (E2B)."""
-    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "short-conv": SHORT_CONV, "gemma4": GEMMA4,
-                                             "gemma4-e2b": GEMMA4_E2B}[kind])
+    cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "short-conv": SHORT_CONV,
+                                             "gemma4": GEMMA4, "gemma4-e2b": GEMMA4_E2B}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
     assert est["KV cache (generation)"].bytes == sum(t.nbytes for t in cache.per_row().values())

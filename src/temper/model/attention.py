@@ -141,7 +141,7 @@ class KVCache:
             self.k_global = torch.zeros(layers, batch, heads, max_len, width, device=device, dtype=dtype)
             self.v_global = torch.zeros_like(self.k_global)  # (Lg, B, Hkv_g, S_max, Dg)
         self.state = self.conv = None
-        if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state or None, (K - 1, C) of the convolution's inputs)
+        if linear is not None:  # (linear layers, (Hv, Dk, Dv) of a state or None, (K - 1, C) of convolution inputs)
             layers, state, conv = linear
             if state is not None:
                 self.state = torch.zeros(layers, batch, *state, device=device)  # (Llin, B, Hv, Dk, Dv) float32

@@ -77,8 +77,8 @@ class ModelConfig:
     linear_value_size: int | None = None
     """With full_attention_every: width of a linear layer's value heads; None: linear_key_size."""
     linear_conv_size: int = 4
-    """With full_attention_every: taps of the causal depthwise convolution over a linear layer's queries, keys and
-    values (a token and the 3 before it)."""
+    """With linear layers: taps of their causal depthwise convolution (a token and the 3 before it), over Gated
+    DeltaNet's queries, keys and values, or a short convolution's gated input (LFM2: 3)."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     max_seq_len: int = 256

@@ -184,9 +184,9 @@ def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None, activation: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K):
-    each output is a channel's sum over its token and the K - 1 before it, within the token's document. before: (B, K - 1, C), the inputs a cache row
-    holds from earlier forwards (None: zeros). Also returns the last K - 1 real inputs (B, K - 1, C), a cache's next
-    `before`.
+    each output is a channel's sum over its token and the K - 1 before it, within the token's document. before:
+    (B, K - 1, C), the inputs a cache row holds from earlier forwards (None: zeros). Also returns the last K - 1 real
+    inputs (B, K - 1, C), a cache's next `before`.
 
     Written as K shifted products rather than `F.conv1d` so that document boundaries mask taps, in float32 and rounded
     once, as conv1d's kernel accumulates."""

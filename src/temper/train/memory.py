@@ -565,9 +565,8 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
     # MLP half. A parallel block's MLP reads attention's input (attn_norm's output, kept once), which needs a
     # gradient only where the block's input does, whatever attention's adapters need.
-    if block.parallel:
-        h_bytes, mlp_grad_in, source = attn_in_bytes, grad_in, "attn_norm output"
-    else:
+    h_bytes, mlp_grad_in, source = attn_in_bytes, grad_in, "attn_norm output"
+    if not block.parallel:
         h_bytes, mlp_grad_in, source = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t), grad_mid, "mlp_norm output"
     if isinstance(mlp, MoE):
         mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, mlp_grad_in, source)
@@ -680,7 +679,8 @@ def _short_conv_saved(s: _Saved, attn: ShortConv, h_bytes: int, t: _Dtypes, lora
 
     in_proj's input; b and x, each the other's factor, where in_proj's output needs a gradient; the convolution's input
     where its weight trains (whole with the K - 1 inputs before it in fp32, a float32 copy per tap under autocast, as
-    Gated DeltaNet's convolution keeps it); c and the convolution's output, each the other's factor; out_proj's input."""
+    Gated DeltaNet's convolution keeps it); c and the convolution's output, each the other's factor; out_proj's
+    input."""
     d, a = attn.conv.weight.shape[0], t.a
     _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
     gates = grad_in or _wants_grad(attn.in_proj)  # b, c, x need gradients

@@ -32,11 +32,11 @@ RoPE), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
 pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
 dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK
-alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router), Cohere
-(`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in float32 in
-adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with RoPE to one
-global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed irregularly; `Lfm2MoeForCausalLM`: with
-experts chosen by sigmoid scores plus a bias after dense first layers) and
+alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router),
+Cohere (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in
+float32 in adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with
+RoPE to one global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed
+irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -379,7 +379,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
         norm="layernorm" if arch in COHERES else "rmsnorm",
-        norm_eps=d.get("layer_norm_eps", 1e-5) if arch in COHERES else d.get("rms_norm_eps", 1e-6), norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
+        norm_eps=d.get("layer_norm_eps", 1e-5) if arch in COHERES else d.get("rms_norm_eps", 1e-6),
+        norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
@@ -389,8 +390,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
         parallel_block=arch in COHERES,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4), rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES),
-        rope_tables_rounded=arch in COHERES,
+        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4),
+        rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
         dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
@@ -1047,8 +1048,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has no proportional RoPE (Gemma4ForCausalLM has)"
     hybrid = (cfg.full_attention_every is not None, cfg.attn_output_gate)
     if arch in HYBRID and not (all(hybrid) and cfg.attention_layers is None and not cfg.short_conv):
-        return ("it has Gated DeltaNet layers between softmax ones in a regular pattern (full_attention_every) and gated "
-                "attention (attn_output_gate)")
+        return ("it has Gated DeltaNet layers between softmax ones in a regular pattern (full_attention_every) and "
+                "gated attention (attn_output_gate)")
     if arch in LFM2S and (cfg.short_conv, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (True, False, cfg.dim):
         return ("its linear layers are short convolutions (short_conv), its attention ungated, its heads hidden_size / "
                 "num_attention_heads wide")
@@ -1127,7 +1128,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, GRANITE):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
                 "attention_multiplier)")
-    if (cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor and arch not in COHERES) and arch != GRANITE:
+    logit_divisor = cfg.logit_divisor and arch not in COHERES  # Cohere's logit_scale
+    if (cfg.embed_multiplier or cfg.residual_multiplier or logit_divisor) and arch != GRANITE:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
