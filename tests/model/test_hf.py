@@ -634,11 +634,27 @@ def test_cohere_configs_temper_cannot_build_are_refused_by_name(arch, key, value
         from_hf_config(d)
 
 
-@pytest.mark.parametrize("key, value", [("conv_bias", True), ("layer_types", ["conv", "mamba"]),
-                                        ("layer_types", ["full_attention", "full_attention"])])  # no conv layer
-def test_lfm2_configs_temper_cannot_build_are_refused_by_name(key, value):
-    with pytest.raises(ValueError, match="conv"):
-        from_hf_config({**_SMALL, "architectures": ["Lfm2ForCausalLM"], key: value})
+@pytest.mark.parametrize("arch, key, value, named", [
+    ("Lfm2", "conv_bias", True, "conv_bias"), ("Lfm2", "layer_types", ["conv", "mamba"], "layer_types"),
+    ("Lfm2", "layer_types", ["full_attention", "full_attention"], "without conv layers"),
+    ("Lfm2", "full_attn_idxs", [1, 7], "full_attn_idxs"),  # a layer the model does not have
+    ("Lfm2Moe", "num_experts_per_tok", None, "num_experts_per_tok")])
+def test_lfm2_configs_temper_cannot_build_are_refused_by_name(arch, key, value, named):
+    with pytest.raises(ValueError, match=named):
+        from_hf_config({**_SMALL, "architectures": [f"{arch}ForCausalLM"], "layer_types": ["conv", "full_attention"],
+                        key: value})
+
+
+def test_configs_without_a_rope_base_take_their_config_class_default():
+    """CohereConfig's default base is 500000, Lfm2Config's 1e6, Cohere2Config's the usual 10000; a base given in
+    either spelling wins."""
+    def theta(arch, **kw):
+        layers = {"layer_types": ["conv", "full_attention"]} if arch.startswith("Lfm2") else {}
+        return from_hf_config({**_SMALL, "architectures": [arch], "sliding_window": WINDOW, **layers, **kw}).rope_theta
+    assert (theta("CohereForCausalLM"), theta("Cohere2ForCausalLM"), theta("Lfm2ForCausalLM")) == (
+        500000.0, 10000.0, 1000000.0)
+    assert theta("CohereForCausalLM", rope_parameters={"rope_type": "default", "rope_theta": 5000.0}) == 5000.0
+    assert theta("Lfm2ForCausalLM", rope_theta=8000.0) == 8000.0
 
 
 def test_lfm2_reads_its_older_spellings_and_mlp_rule():

@@ -115,6 +115,14 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE}
+
+
+def hf_mlp(arch: str) -> str:
+    """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
+    keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe)."""
+    return "feed_forward" if arch in LFM2S else "mlp"
+
+
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
 _GEMMA3_TEXT_DEFAULTS = {
     "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
@@ -319,7 +327,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     elif arch == GPT_OSS and not (d.get("rope_scaling") or d.get("rope_parameters")):
         theta, scaling, rope = _rope(d | {"rope_parameters": _GPT_OSS_ROPE})  # GptOssConfig's default
     else:
-        theta, scaling, rope = _rope(d, phi3=arch == PHI3)
+        theta, scaling, rope = _rope(d, phi3=arch == PHI3, default_theta=_DEFAULT_THETA.get(arch, 10000.0))
     if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
         window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
@@ -426,6 +434,10 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_conv_size": d["linear_conv_kernel_dim"]}
 
 
+_DEFAULT_THETA = {COHERE: 500000.0, LFM2: 1000000.0, LFM2_MOE: 1000000.0}
+"""The RoPE base of the config classes whose default is not 10000 (their `default_theta`), for a config without one."""
+
+
 def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(`d` with Lfm2Config's (Lfm2MoeConfig's) defaults and older spellings read, in the keys the reading shares: its
     MLP's width as transformers computes it (block_auto_adjust_ff_dim; the MoE's dense layers take intermediate_size as
@@ -441,6 +453,8 @@ def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]
             ffn = multiple * -(-int(d.get("block_ffn_dim_multiplier", 1.0) * ffn) // multiple)
     n = d["num_hidden_layers"]
     full = d.get("full_attn_idxs")
+    if full is not None and not all(_is_int(i) and 0 <= i < n for i in full):
+        raise ValueError(f"key 'full_attn_idxs' must list layers of the {n}, got {full!r}")
     types = d.get("layer_types") or ["full_attention" if full is None or i in full else "conv" for i in range(n)]
     if len(types) != n or set(types) - {"full_attention", "conv"}:
         raise ValueError(f"key 'layer_types' must name 'full_attention' or 'conv' for each of the {n} layers, got "
@@ -448,12 +462,9 @@ def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]
     attention = tuple(i for i, t in enumerate(types) if t == "full_attention")
     if len(attention) == n:
         raise ValueError("an Lfm2 config without conv layers is not supported (temper reads LFM2's hybrids)")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     d = {"max_position_embeddings": 128000, "norm_eps": 1e-5, **d, "intermediate_size": ffn,
          "tie_word_embeddings": d.get("tie_word_embeddings", d.get("tie_embedding", True))}
     d["rms_norm_eps"] = d["norm_eps"]
-    if d.get("rope_theta") is None and "rope_theta" not in rope:
-        d["rope_theta"] = 1000000.0  # Lfm2Config's and Lfm2MoeConfig's default_theta
     return d, {"attention_layers": attention, "short_conv": True, "linear_conv_size": d.get("conv_L_cache", 3)}
 
 
@@ -464,7 +475,7 @@ def _lfm2_experts(d: dict[str, Any]) -> dict[str, Any]:
     at most (the sum of k sigmoids), below float32's rounding of the logits it moves."""
     n, k = d.get("num_experts", 32), d.get("num_experts_per_tok", 4)
     dense = d.get("num_dense_layers", 2)
-    if not (1 <= k <= n and 0 <= dense < d["num_hidden_layers"]):
+    if not (_is_int(k) and 1 <= k <= n and 0 <= dense < d["num_hidden_layers"]):
         raise ValueError(f"Lfm2Moe num_experts={n}, num_experts_per_tok={k} and num_dense_layers={dense} are not "
                          "supported (k between 1 and the experts, fewer dense layers than layers)")
     return {"n_experts": n, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 1792),
@@ -478,8 +489,6 @@ def _cohere(d: dict[str, Any], arch: str) -> dict[str, Any]:
     build refused by name. Cohere2Config makes head_dim hidden_size / num_attention_heads whatever a config says."""
     name = arch.removesuffix("ForCausalLM")
     d = {"logit_scale": 0.0625, **d}
-    if d.get("rope_theta") is None and "rope_theta" not in (d.get("rope_parameters") or d.get("rope_scaling") or {}):
-        d["rope_theta"] = 500000.0 if arch == COHERE else 10000.0  # CohereConfig's default_theta; Cohere2Config's
     if arch == COHERE2:
         d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         if d.get("sliding_window") is None:  # its layers rotate only within the window: none would
@@ -908,11 +917,12 @@ def _local_global_rope(d: dict[str, Any], name: str, default_every: int, default
     return window, every, theta, None if local == theta and not scaling else local, scaling
 
 
-def _rope(d: dict[str, Any], phi3: bool = False) -> tuple[float, dict | None, dict]:
+def _rope(d: dict[str, Any], phi3: bool = False, default_theta: float = 10000.0) -> tuple[float, dict | None, dict]:
     """(theta, temper's rope_scaling, the raw dict) from either spelling: transformers 4.x
-    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`. phi3: Phi3Config's readings (below)."""
+    `rope_theta` + `rope_scaling`, or 5.x `rope_parameters`. phi3: Phi3Config's readings (below). default_theta: the
+    config class's, where a config gives none."""
     rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    theta = d.get("rope_theta") or rope.get("rope_theta") or default_theta
     kind = rope.get("rope_type", rope.get("type", "default"))
     if phi3 and kind in ("su", "yarn"):  # Phi3Config reads both as LongRoPE (its early name, "su")
         kind = "longrope"

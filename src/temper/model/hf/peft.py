@@ -66,8 +66,8 @@ from temper.model.hf.config import (
     GLM4_MOE_LITE,
     GPT2,
     HUNYUAN_MOE,
-    LFM2_MOE,
     hf_architecture,
+    hf_mlp,
 )
 from temper.model.hf.weights import hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
@@ -346,11 +346,10 @@ _GATE_UP_PATTERN = r".*\.gate_up_proj"  # PEFT's key for gate_up's rank and alph
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(the HF prefix of its mlp, e.g. "model.layers.3.mlp" (LFM2-MoE's: feed_forward), the MoE module) of each
-    mixture layer."""
+    """(the HF prefix of its mlp, e.g. "model.layers.3.mlp" (`hf_mlp`), the MoE module) of each mixture layer."""
     from temper.model.layers import MoE
 
-    mlp = "feed_forward" if hf_architecture(model.cfg) == LFM2_MOE else "mlp"
+    mlp = hf_mlp(hf_architecture(model.cfg))
     return [(f"model.layers.{i}.{mlp}", block.mlp) for i, block in enumerate(getattr(model, "layers", []))
             if isinstance(block.mlp, MoE)]
 

@@ -39,6 +39,7 @@ from temper.model.hf.config import (
     QWEN3_NEXT,
     SIGMOID_MOE,
     hf_architecture,
+    hf_mlp,
 )
 from temper.model.hf.files import CheckpointError
 from temper.model.transformer import Transformer
@@ -166,7 +167,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                                    ("self_attn.k_layernorm", "k_norm")))
                 for theirs, ours in parts:
                     add(f"{h}{theirs}.weight", f"{p}attn.{ours}.weight")
-                ffn, names = f"{h}feed_forward.", (("w1", "gate"), ("w3", "up"), ("w2", "down"))
+                ffn, names = f"{h}{hf_mlp(arch)}.", (("w1", "gate"), ("w3", "up"), ("w2", "down"))
                 if f"{p}mlp.router.weight" in keys:  # LFM2-MoE's experts, router and choice bias
                     add(f"{ffn}gate.weight", f"{p}mlp.router.weight")
                     if cfg.expert_choice_bias:
@@ -391,18 +392,17 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
 
 
 _FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
-"""transformers 5's in-memory experts, in the block's `mlp` (LFM2-MoE's `feed_forward`): (E, 2F, D) gate and up
-stacked, (E, D, F) down."""
+"""transformers 5's in-memory experts, in the block's MLP module (`hf_mlp`): (E, 2F, D) gate and up stacked, (E, D, F)
+down."""
 
 
 def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     """A transformers 5 model's own state dict (`model.state_dict()`, experts stacked as `_FUSED_EXPERTS`) in the
     per-expert names its `save_pretrained` writes, which the rules describe; other names pass unchanged."""
     out = {}
-    block = ".feed_forward." if arch == LFM2_MOE else ".mlp."
-    moe, (gate, up, down) = ((".block_sparse_moe.", ("w1", "w3", "w2")) if arch in MIXTRAL_NAMES
-                             else (block, ("w1", "w3", "w2")) if arch == LFM2_MOE
-                             else (block, ("gate_proj", "up_proj", "down_proj")))
+    block = f".{hf_mlp(arch)}."
+    moe = ".block_sparse_moe." if arch in MIXTRAL_NAMES else block  # the checkpoint's name
+    gate, up, down = ("w1", "w3", "w2") if arch in (*MIXTRAL_NAMES, LFM2_MOE) else ("gate_proj", "up_proj", "down_proj")
     fused = tuple(block + f for f in _FUSED_EXPERTS)
     for name, t in sd.items():
         if name.endswith(fused[0]):
