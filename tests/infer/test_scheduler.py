@@ -36,7 +36,7 @@ LATENT = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16
 """DeepSeek-V3's latent attention: its cache rows (a latent and the rotated key part per token) move alike."""
 HYBRID = {"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True, "full_attention_every": 2,
           "linear_key_heads": 2, "linear_value_heads": 4}
-SHORT_CONV = {"qk_norm": True, "attention_layers": (1,), "short_conv": True, "linear_conv_size": 3}
+SHORT_CONV = {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv", "linear_conv_size": 3}
 """LFM2's layers: a short convolution, then an attention layer."""
 """Qwen3.5's layers: the linear ones' states move with their rows, restart with a new request, and see no padding."""
 

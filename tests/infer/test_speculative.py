@@ -82,7 +82,7 @@ def test_linear_attention_speculates_exactly(kind):
     is plain greedy decoding, past the context too, with drafters of either kind."""
     hybrid = ({"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True,
                "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4} if kind == "deltanet"
-              else {"qk_norm": True, "attention_layers": (1,), "short_conv": True, "linear_conv_size": 3})
+              else {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv", "linear_conv_size": 3})
     target = _model(0, max_seq_len=32, n_layers=4, **hybrid)
     accepted = drafted = 0
     for kw in ({"draft": _model(1, max_seq_len=16, n_layers=2, **hybrid)}, {"draft": _model(1, max_seq_len=16)},

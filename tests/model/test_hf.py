@@ -118,6 +118,19 @@ CASES = {
         num_experts=4, num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=2.0,
         layer_types=["conv", "full_attention", "conv", "conv"], tie_word_embeddings=False),
         "expert_bias", lambda b: b.normal_(0.0, 0.2)),
+    # Granite 4.0-H: Mamba 2 layers (8 heads of 16 in 2 groups of B and C, a state of 16) around an attention layer
+    # without positions, experts beside a shared MLP, Granite's multipliers; and its dense form, with RoPE.
+    "granite4-mamba2-moe-nope": lambda: _hf(
+        "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+        layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16,
+        mamba_d_head=16, mamba_chunk_size=16, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=72,
+        embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.125,
+        tie_word_embeddings=True),
+    "granite4-mamba2-dense-rope": lambda: _hf(
+        "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", **_SMALL | {"num_hidden_layers": 3},
+        layer_types=["attention", "mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+        mamba_d_head=32, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=80,
+        position_embedding_type="rope", tie_word_embeddings=False),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -462,7 +475,7 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, logit_divisor=8.0, sliding_window=16))
     with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: it rotates every layer"):
         to_hf_config(replace(llama, nope_every=4, sliding_window=16))
-    lfm2 = replace(llama, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3)
+    lfm2 = replace(llama, qk_norm=True, attention_layers=(1,), linear_layer="short_conv", linear_conv_size=3)
     assert hf_architecture(lfm2) == "Lfm2ForCausalLM"
     lfm2_moe = replace(lfm2, n_experts=4, router_scores="sigmoid", router_float32=True, dense_layers=1)
     assert hf_architecture(lfm2_moe) == "Lfm2MoeForCausalLM"

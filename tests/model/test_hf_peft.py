@@ -92,10 +92,10 @@ CONFIGS = {
                        rope_tables_rounded=True, sliding_window=8, global_every=2, nope_every=2, logit_divisor=4.0,
                        hf_architecture="Cohere2ForCausalLM"),
     # LFM2: a short convolution (in_proj, out_proj: adapted as linear attention's) then an attention layer, q/k norms
-    "lfm2": replace(_LLAMA, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
+    "lfm2": replace(_LLAMA, qk_norm=True, attention_layers=(1,), linear_layer="short_conv", linear_conv_size=3,
                     hf_architecture="Lfm2ForCausalLM"),
     # LFM2-MoE: those layers with 4 experts after a dense layer, chosen by sigmoid scores plus a bias, scaled
-    "lfm2_moe": replace(_LLAMA, n_layers=3, qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3,
+    "lfm2_moe": replace(_LLAMA, n_layers=3, qk_norm=True, attention_layers=(1,), linear_layer="short_conv", linear_conv_size=3,
                         n_experts=4, expert_ffn_dim=40, router_scores="sigmoid", router_float32=True,
                         expert_choice_bias=True, routed_scaling=2.0, dense_layers=1,
                         hf_architecture="Lfm2MoeForCausalLM"),
@@ -213,7 +213,7 @@ def _targets(case: str) -> tuple[str, ...]:
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])
         linears = (*latent, "o_proj")
     if CONFIGS[case].has_linear_layers:  # the linear attention layers' too
-        linears = (*linears, *(SHORT_CONV_TARGETS if CONFIGS[case].short_conv else LINEAR_ATTENTION_TARGETS))
+        linears = (*linears, *(SHORT_CONV_TARGETS if CONFIGS[case].linear_layer == "short_conv" else LINEAR_ATTENTION_TARGETS))
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 

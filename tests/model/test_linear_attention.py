@@ -1,8 +1,9 @@
 """Gated DeltaNet, the linear attention of Qwen3.5: the chunked rule equals the token-by-token recurrence (outputs,
-final state and gradients); for it and for LFM2's short convolutions (between irregularly placed attention layers), a
-packed row equals its documents alone, padding changes nothing, and a cache (prefill in pieces, right-padded rows,
-forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5 and LFM2 is in test_hf.py,
-speculative decoding in tests/infer/test_speculative.py."""
+final state and gradients), as it does Mamba 2's without the correction. For it, Mamba 2 (Granite 4.0-H's) and LFM2's
+short convolutions (between irregularly placed attention layers), a packed row equals its documents alone, padding
+changes nothing, and a cache (prefill in pieces, right-padded rows, forks, resets) gives the cache-free forward's
+logits. Parity with transformers' Qwen3.5, LFM2 and Granite 4.0-H is in test_hf.py, speculative decoding in
+tests/infer/test_speculative.py."""
 
 from dataclasses import replace
 
@@ -22,19 +23,23 @@ HYBRID = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2,
                      attn_output_gate=True, full_attention_every=2, linear_key_heads=2, linear_value_heads=4,
                      linear_key_size=8, linear_value_size=6, max_seq_len=160)
 SHORT_CONV = replace(HYBRID, attn_output_gate=False, full_attention_every=None, attention_layers=(1, 2),
-                     short_conv=True, linear_conv_size=3, rope_dim=None, norm_unit_offset=False)  # LFM2's layers
-LINEAR = pytest.mark.parametrize("cfg", [HYBRID, SHORT_CONV], ids=["deltanet", "short_conv"])
+                     linear_layer="short_conv", linear_conv_size=3, rope_dim=None, norm_unit_offset=False)  # LFM2's layers
+MAMBA2 = replace(SHORT_CONV, linear_layer="mamba2", linear_conv_size=4, linear_value_heads=4, linear_key_size=8,
+                 linear_value_size=8)  # Granite 4.0-H's layers: 4 heads of 8, 2 groups of B and C, a state of 8
+LINEAR = pytest.mark.parametrize("cfg", [HYBRID, SHORT_CONV, MAMBA2], ids=["deltanet", "short_conv", "mamba2"])
 
 
-def _recurrence(q, k, v, g, beta, state=None):
-    """The gated delta rule one token at a time, as written in Yang et al. 2024 (eq. 10)."""
+def _recurrence(q, k, v, g, beta, state=None, delta=True):
+    """The gated delta rule one token at a time, as written in Yang et al. 2024 (eq. 10); delta=False: Mamba 2's
+    recurrence (Dao and Gu 2024, eq. 1: h_t = exp(dt A) h_{t-1} + dt B_t x_t, y_t = C_t h_t)."""
     B, H, T, Dk = k.shape
     S = torch.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype) if state is None else state
     out = []
     for t in range(T):
         S = S * g[:, :, t, None, None].exp()
         kt = k[:, :, t]
-        S = S + kt[..., None] * ((v[:, :, t] - (kt[..., None] * S).sum(-2)) * beta[:, :, t, None])[..., None, :]
+        written = v[:, :, t] - (kt[..., None] * S).sum(-2) if delta else v[:, :, t]
+        S = S + kt[..., None] * (written * beta[:, :, t, None])[..., None, :]
         out.append((q[:, :, t, :, None] * S).sum(-2))
     return torch.stack(out, 2), S
 
@@ -47,14 +52,15 @@ def _inputs(B=2, H=3, T=37, Dk=8, Dv=6, dtype=torch.float64):
                                                                                                       dtype=dtype)
 
 
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "mamba2"])
 @pytest.mark.parametrize("chunk", [1, 8, 64])  # a chunk per token, a padded last chunk, one chunk
-def test_chunks_compute_the_recurrence(chunk):
+def test_chunks_compute_the_recurrence(chunk, delta):
     q, k, v, g, beta = _inputs()
     state = torch.randn(2, 3, 8, 6, dtype=torch.float64)
     for x in (q, k, v, g, beta, state):
         x.requires_grad_(True)
-    out, final = gated_delta_rule(q, k, v, g, beta, state, chunk=chunk)
-    ref, ref_final = _recurrence(q, k, v, g, beta, state)
+    out, final = gated_delta_rule(q, k, v, g, beta, state, chunk=chunk, delta=delta)
+    ref, ref_final = _recurrence(q, k, v, g, beta, state, delta=delta)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(final, ref_final, rtol=0, atol=1e-10)
     w = torch.randn_like(out)
@@ -67,12 +73,13 @@ def test_chunks_compute_the_recurrence(chunk):
 def test_documents_restart_the_state():
     q, k, v, g, beta = _inputs()
     doc = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37])  # boundaries inside chunks and across them
-    out, final = gated_delta_rule(q, k, v, g, beta, doc=doc, chunk=8)
-    for b, spans in enumerate([[(0, 10), (10, 30), (30, 37)], [(0, 37)]]):
-        for lo, hi in spans:
-            ref, ref_final = _recurrence(*(x[b : b + 1, :, lo:hi] for x in (q, k, v, g, beta)))
-            torch.testing.assert_close(out[b : b + 1, :, lo:hi], ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(final[b : b + 1], ref_final, rtol=0, atol=1e-10)  # the last document's state
+    for delta in (True, False):
+        out, final = gated_delta_rule(q, k, v, g, beta, doc=doc, chunk=8, delta=delta)
+        for b, spans in enumerate([[(0, 10), (10, 30), (30, 37)], [(0, 37)]]):
+            for lo, hi in spans:
+                ref, ref_final = _recurrence(*(x[b : b + 1, :, lo:hi] for x in (q, k, v, g, beta)), delta=delta)
+                torch.testing.assert_close(out[b : b + 1, :, lo:hi], ref, rtol=0, atol=1e-10)
+            torch.testing.assert_close(final[b : b + 1], ref_final, rtol=0, atol=1e-10)  # the last document's state
 
 
 def _model(cfg: ModelConfig = HYBRID) -> Transformer:

@@ -114,7 +114,7 @@ QWEN3_5 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--
            "--model.full_attention_every=2", "--model.linear_value_heads=4"]
 """Qwen3.5's layers: a Gated DeltaNet layer, then a gated attention one."""
 LFM2 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false", "--model.qk_norm=true",
-        "--model.attention_layers=[1]", "--model.short_conv=true", "--model.linear_conv_size=3"]
+        "--model.attention_layers=[1]", "--model.linear_layer=short_conv", "--model.linear_conv_size=3"]
 """LFM2's layers: a short convolution, then an attention layer."""
 
 

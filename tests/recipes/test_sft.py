@@ -240,7 +240,7 @@ def test_lfm2_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, fa
     tok = train_tokenizer([r["instruction"] + " " + r["output"] for r in rows], "bpe", 600,
                           ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     base = tmp_path / family
-    shape = {"lfm2": dict(qk_norm=True, attention_layers=(1,), short_conv=True, linear_conv_size=3),
+    shape = {"lfm2": dict(qk_norm=True, attention_layers=(1,), linear_layer="short_conv", linear_conv_size=3),
              "cohere2": dict(norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
                              rope_tables_rounded=True, sliding_window=64, global_every=2, nope_every=2,
                              logit_divisor=4.0)}[family]

@@ -144,7 +144,7 @@ HYBRID = {"n_layers": 4, "qk_norm": True, "norm_unit_offset": True, "rope_dim": 
           "linear_key_size": 16, "linear_value_size": 16}
 LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 # LFM2's: short convolutions (layers 0 and 3) around attention layers with q/k norms
-SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "short_conv": True, "linear_conv_size": 3}
+SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "linear_layer": "short_conv", "linear_conv_size": 3}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,

@@ -25,6 +25,8 @@ ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
 }
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",), "proportional": ("factor",)}  # rope_type -> keys it may take
+LINEAR_LAYER_KINDS = ("gated_deltanet", "short_conv", "mamba2")
+"""The kinds of linear layer a hybrid model may have (`ModelConfig.linear_layer`)."""
 
 
 @dataclass
@@ -64,21 +66,25 @@ class ModelConfig:
     attention_layers: tuple[int, ...] | None = None
     """Hybrid models whose softmax attention layers fall irregularly (LFM2-1.2B: 2, 5, 8, 10, 12, 14; 0-based): these
     layers attend, every other is a linear layer; None: full_attention_every's pattern (or no linear layers)."""
-    short_conv: bool = False
-    """The linear layers are gated short convolutions (LFM2: in_proj makes B, C and x; C * conv(B * x), causal and
-    depthwise over linear_conv_size tokens; out_proj), not Gated DeltaNet: a state of the last few inputs alone."""
+    linear_layer: str = "gated_deltanet"
+    """What the linear layers are: "gated_deltanet" (Qwen3.5's linear attention), "short_conv" (LFM2's gated short
+    convolutions: in_proj makes B, C and x; C * conv(B * x), causal and depthwise over linear_conv_size tokens;
+    out_proj; a state of the last few inputs alone) or "mamba2" (Mamba 2's state space layers, Dao and Gu 2024:
+    linear_key_heads groups of B and C, linear_key_size wide (its state size), serving linear_value_heads heads of
+    linear_value_size (its head width); Granite 4.0-H)."""
     linear_key_heads: int | None = None
-    """With full_attention_every: query and key heads of each linear layer; None: n_heads."""
+    """With linear layers: query and key heads of each (Mamba 2: its groups of B and C); None: n_heads."""
     linear_value_heads: int | None = None
-    """With full_attention_every: value heads of each linear layer, a multiple of its key heads (Qwen3.5-9B: 32 to 16
+    """With linear layers: value heads of each (Mamba 2: its heads), a multiple of its key heads (Qwen3.5-9B: 32 to 16
     key heads); None: as many as key heads."""
     linear_key_size: int | None = None
-    """With full_attention_every: width of a linear layer's query and key heads; None: head_dim."""
+    """With linear layers: width of their query and key heads (Mamba 2: its state size); None: head_dim."""
     linear_value_size: int | None = None
-    """With full_attention_every: width of a linear layer's value heads; None: linear_key_size."""
+    """With linear layers: width of their value heads (Mamba 2: its head width); None: linear_key_size."""
     linear_conv_size: int = 4
     """With linear layers: taps of their causal depthwise convolution (a token and the 3 before it), over Gated
-    DeltaNet's queries, keys and values, or a short convolution's gated input (LFM2: 3)."""
+    DeltaNet's queries, keys and values, Mamba 2's x, B and C (with a bias), or a short convolution's gated input
+    (LFM2: 3)."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     max_seq_len: int = 256
@@ -421,15 +427,16 @@ class ModelConfig:
                                    or not all(0 <= i < self.n_layers for i in layers)):
             raise ValueError(f"attention_layers={layers} must list layers of the {self.n_layers} once each, in order, "
                              "without full_attention_every")
-        if self.short_conv and not (self.has_linear_layers and self.linear_conv_size >= 1):
-            raise ValueError("short_conv needs linear layers (attention_layers or full_attention_every) and "
-                             "linear_conv_size >= 1")
+        if self.linear_layer not in LINEAR_LAYER_KINDS:
+            raise ValueError(f"linear_layer must be one of {', '.join(LINEAR_LAYER_KINDS)}, got {self.linear_layer!r}")
+        if self.has_linear_layers and self.linear_conv_size < 1:
+            raise ValueError(f"linear layers need linear_conv_size >= 1, got {self.linear_conv_size}")
         if self.has_linear_layers and self.kv_lora_rank is not None:
             raise ValueError("linear attention layers need no latent attention (kv_lora_rank)")
-        if self.full_attention_every is not None:
-            if not (self.full_attention_every >= 1 and self.linear_conv_size >= 1):
-                raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
-                                 f"layer or more and linear_conv_size >= 1 (got {self.linear_conv_size})")
+        if self.full_attention_every is not None and self.full_attention_every < 1:
+            raise ValueError(f"full_attention_every={self.full_attention_every} (linear attention) needs groups of 1 "
+                             "layer or more")
+        if self.has_linear_layers and self.linear_layer != "short_conv":
             for name in ("linear_key_heads", "linear_value_heads", "linear_key_size", "linear_value_size"):
                 if getattr(self, name) is not None and getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
@@ -490,7 +497,7 @@ class ModelConfig:
         return max(j for j in range(first) if self.window_of(j) == self.window_of(layer))
 
     def is_linear(self, layer: int) -> bool:
-        """Whether layer `layer` (0-based) is a linear layer, Gated DeltaNet or a short convolution (`short_conv`),
+        """Whether layer `layer` (0-based) is a linear layer (`linear_layer`: Gated DeltaNet, a short convolution, Mamba 2),
         not softmax attention (`full_attention_every`, `attention_layers`)."""
         if self.attention_layers is not None:
             return layer not in self.attention_layers
@@ -727,7 +734,7 @@ PRESETS: dict[str, ModelConfig] = {
     "lfm2-1.2b": replace(
         _LLAMA, vocab_size=65536, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, max_seq_len=128000,
         rope_theta=1000000.0, norm_eps=1e-5, qk_norm=True, tie_embeddings=True, attention_layers=(2, 5, 8, 10, 12, 14),
-        short_conv=True, linear_conv_size=3,
+        linear_layer="short_conv", linear_conv_size=3,
     ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.

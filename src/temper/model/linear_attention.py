@@ -1,6 +1,7 @@
 """The linear layers of hybrid models, which mix positions through a fixed-size state instead of attending to every
 earlier key: Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks"), the linear attention of
-Qwen3-Next and Qwen3.5, and LFM2's gated short convolutions (`ShortConv`, whose state is its last few inputs).
+Qwen3-Next and Qwen3.5, Mamba 2's state space layers (`Mamba2`, Granite 4.0-H's: the same rule without its
+correction), and LFM2's gated short convolutions (`ShortConv`, whose state is its last few inputs).
 
 Each head keeps a state S (Dk x Dv). Token t decays it by exp(g_t) (0 < exp(g_t) <= 1), then writes its value by the
 delta rule, S <- S + beta_t k_t^T (v_t - k_t S), correcting what S already recalls for k_t, and reads q_t S. Queries,
@@ -72,6 +73,24 @@ class GatedRMSNorm(nn.Module):
         return (y * F.silu(z.float())).to(x.dtype)
 
 
+class GroupGatedRMSNorm(nn.Module):
+    """Mamba 2's output norm: gated by SiLU(z) first, then RMS-normalised over each of `groups` equal slices of the
+    channels and scaled by its weight, in float32 (its reference's order; Qwen3-Next's `GatedRMSNorm` gates after)."""
+
+    def __init__(self, dim: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) float32, z (..., dim) -> float32."""
+        y = x.float() * F.silu(z.float())
+        return self.weight * rms_normalized(y.unflatten(-1, (self.groups, -1)), self.eps).flatten(-2)
+
+
 class GatedDeltaNet(nn.Module):
     """One linear attention layer; x (B, T, C) -> (B, T, C), called as `Attention` is (it takes no RoPE).
 
@@ -136,6 +155,76 @@ class GatedDeltaNet(nn.Module):
         return self.resid_drop(self.out_proj(y.reshape(B, T, -1)))  # (B, T, C)
 
 
+class Mamba2(nn.Module):
+    """One Mamba 2 layer (Dao and Gu 2024, "Transformers are SSMs"; Granite 4.0-H's); x (B, T, C) -> (B, T, C), called
+    as `Attention` is.
+
+    in_proj makes the gate z, the heads' inputs x, the groups' B and C, and each head's step dt. x, B and C pass a
+    causal depthwise convolution (with a bias) and SiLU. Each head keeps a state S (N x P): token t decays it by
+    exp(dt_t A) and writes dt_t B_t^T x_t; it reads y_t = C_t S + D x_t. That is the gated delta rule without its
+    correction (`gated_delta_rule(delta=False)`): one chunked kernel serves both. The output is gated by SiLU(z), then
+    RMS-normalised over each group's heads (Mamba 2's norm after the gate) before out_proj. Parameter names follow its
+    checkpoints: in_proj, conv1d, dt_bias, A_log, D, norm, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, slot: int) -> None:
+        super().__init__()
+        self.slot = slot  # which of the cache's linear states this layer owns
+        (self.n_groups, self.n_heads), (self.d_state, self.d_head) = cfg.linear_heads, cfg.linear_sizes
+        inner, bc = self.n_heads * self.d_head, self.n_groups * self.d_state
+        self.conv_taps = cfg.linear_conv_size
+        self.in_proj = nn.Linear(cfg.dim, 2 * inner + 2 * bc + self.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(inner + 2 * bc, inner + 2 * bc, self.conv_taps, groups=inner + 2 * bc)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GroupGatedRMSNorm(inner, self.n_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(inner, cfg.dim, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A = 1..H (Mamba 2's, as transformers initialises it), dt_bias and D 1 and torch's default convolution; the
+        linear layers and the norm are initialised with the model's."""
+        with torch.no_grad():
+            if not self.A_log.is_meta:
+                self.A_log.copy_(torch.arange(1, self.n_heads + 1, dtype=torch.float32).log())
+            nn.init.ones_(self.dt_bias)
+            nn.init.ones_(self.D)
+            self.conv1d.reset_parameters()
+
+    @property
+    def state_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """((H, N, P) of the state, (K - 1, C) of the convolution's inputs): what `KVCache` holds for this layer."""
+        return (self.n_heads, self.d_state, self.d_head), (self.conv_taps - 1, self.conv1d.weight.shape[0])
+
+    def forward(
+        self, x: torch.Tensor, rope: None, runs: Runs | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        if runs is not None:  # padding enters nothing: its inputs are zero and its updates leave the state as it is
+            x = x * runs.real[..., None].to(x.dtype)
+        inner, bc = self.n_heads * self.d_head, self.n_groups * self.d_state
+        z, xbc, dt = self.in_proj(x).split([inner, inner + 2 * bc, self.n_heads], dim=-1)
+        state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
+        xbc, conv_tail = causal_conv(xbc, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, inner + 2bc)
+        xs, b, c = xbc.split([inner, bc, bc], dim=-1)
+        group = self.n_heads // self.n_groups  # each group's B and C serve `group` consecutive heads
+        b, c = (t.float().view(B, T, self.n_groups, self.d_state).repeat_interleave(group, 2) for t in (b, c))
+        v = xs.float().view(B, T, self.n_heads, self.d_head)  # (B, T, H, P)
+        # the step in the activations' dtype, then float32, as Mamba 2's reference computes it
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).float()  # (B, T, H) > 0
+        g = -self.A_log.float().exp() * dt  # (B, T, H) <= 0
+        if runs is not None:
+            dt, g = dt * runs.real[..., None], g * runs.real[..., None]
+        y, state = gated_delta_rule(*(t.transpose(1, 2) for t in (c, b, v, g, dt)), state,
+                                    None if runs is None else runs.doc, delta=False)  # (B, H, T, P)
+        if cache is not None:
+            cache.set_linear_state(self.slot, state, conv_tail)
+        y = y.transpose(1, 2) + self.D.float()[:, None] * v  # (B, T, H, P)
+        y = self.norm(y.reshape(B, T, inner), z)
+        return self.resid_drop(self.out_proj(y.to(x.dtype)))  # (B, T, C)
+
+
 class ShortConv(nn.Module):
     """One gated short convolution layer (LFM2, Liquid AI 2025); x (B, T, C) -> (B, T, C), called as `Attention` is.
 
@@ -182,9 +271,11 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
 
 def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor | None, runs: Runs | None, activation: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K):
-    each output is a channel's sum over its token and the K - 1 before it, within the token's document. before:
+    """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K)
+    and bias (C,) (None: none; Mamba 2's): each output is a channel's sum over its token and the K - 1 before it, within
+    the token's document. before:
     (B, K - 1, C), the inputs a cache row holds from earlier forwards (None: zeros). Also returns the last K - 1 real
     inputs (B, K - 1, C), a cache's next `before`.
 
@@ -198,6 +289,8 @@ def causal_conv(
     w = weight.float().view(C, K)
     doc = None if runs is None else torch.cat((runs.doc[:, :1].expand(B, K - 1), runs.doc), dim=1)  # (B, K - 1 + T)
     out = x.new_zeros(B, T, C, dtype=torch.float32)
+    if bias is not None:
+        out += bias.float()
     for j in range(K):  # tap j reads the token K - 1 - j before
         tap = ext[:, j : j + T].float() * w[:, j]
         out += tap if doc is None else tap * (doc[:, j : j + T] == runs.doc)[..., None]
@@ -209,10 +302,12 @@ def causal_conv(
 
 def gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    state: torch.Tensor | None = None, doc: torch.Tensor | None = None, chunk: int = 64,
+    state: torch.Tensor | None = None, doc: torch.Tensor | None = None, chunk: int = 64, delta: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a sequence, chunk by chunk: outputs (B, H, T, Dv) and the final state (B, H, Dk, Dv),
-    in q's dtype (the layer's: float32).
+    in q's dtype (the layer's: float32). delta=False: the rule without its correction, S_t = exp(g_t) S_{t-1} +
+    beta_t k_t^T v_t, Mamba 2's state space recurrence (its B as keys, C as queries, x as values, dt as beta): the same
+    chunks without the triangular solves.
 
     q, k: (B, H, T, Dk) (q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0), beta: (B, H, T).
     state: the state before the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts
@@ -228,7 +323,7 @@ def gated_delta_rule(
     state = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(q.dtype)
     if T == 1 and doc is None:  # one decoding step: the rule itself
         state = state * g.exp()[..., None]  # (B, H, Dk, Dv)
-        state = state + k.transpose(-1, -2) @ ((v - k @ state) * beta[..., None])
+        state = state + k.transpose(-1, -2) @ (((v - k @ state) if delta else v) * beta[..., None])
         return q @ state, state  # (B, H, 1, Dv)
     C = min(chunk, T)
     pad = -T % C
@@ -249,10 +344,13 @@ def gated_delta_rule(
         carry = (doc == before).float()  # (B, 1, N, C): tokens whose document started before their chunk
         last = (doc == doc[..., -1:]).float()  # (B, 1, N, C): tokens in the chunk's last token's document
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~seen, float("-inf")).exp()  # (B, H, N, C, C)
-    kb = k * beta[..., None]
-    system = (kb @ k.transpose(-1, -2)) * decay  # its strictly lower part; the solve takes a unit diagonal
-    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)  # (B, H, N, C, Dv)
-    w = torch.linalg.solve_triangular(system, kb * (cum.exp() * carry)[..., None], upper=False, unitriangular=True)
+    if delta:
+        kb = k * beta[..., None]
+        system = (kb @ k.transpose(-1, -2)) * decay  # its strictly lower part; the solve takes a unit diagonal
+        u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)  # (B,H,N,C,Dv)
+        w = torch.linalg.solve_triangular(system, kb * (cum.exp() * carry)[..., None], upper=False, unitriangular=True)
+    else:  # the values as written, nothing to correct
+        u, w = v * beta[..., None], None
     read = q * (cum.exp() * carry)[..., None]  # (B, H, N, C, Dk): each query's read of the state entering its chunk
     attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
     write = k * ((cum[..., -1:] - cum).exp() * last)[..., None]  # (B, H, N, C, Dk): decayed to the chunk's end
@@ -260,8 +358,15 @@ def gated_delta_rule(
     out = []
     # Unbound once rather than indexed per chunk: an index's backward makes a whole-size gradient for each chunk
     # (quadratic in the chunks), unbind's one stack of them.
-    for u_n, w_n, read_n, attn_n, write_n, keep_n in zip(*(t.unbind(2) for t in (u, w, read, attn, write, keep))):
-        u_n = u_n - w_n @ state  # (B, H, C, Dv): values less what the state already recalls
+    corrections = w.unbind(2) if delta else (None,) * N
+    for u_n, read_n, attn_n, write_n, keep_n, w_n in zip(*(t.unbind(2) for t in (u, read, attn, write, keep)),
+                                                           corrections):
+        if w_n is not None:
+            u_n = u_n - w_n @ state  # (B, H, C, Dv): values less what the state already recalls
         out.append(read_n @ state + attn_n @ u_n)
         state = state * keep_n + write_n.transpose(-1, -2) @ u_n
     return torch.stack(out, dim=2).reshape(B, H, N * C, Dv)[:, :, :T], state
+
+
+LINEAR_LAYERS = {"gated_deltanet": GatedDeltaNet, "short_conv": ShortConv, "mamba2": Mamba2}
+"""The module of each kind of linear layer (`ModelConfig.linear_layer`, one of `config.LINEAR_LAYER_KINDS`)."""

@@ -41,7 +41,7 @@ from temper.model.attention import (
 )
 from temper.model.config import ModelConfig, last_of_every
 from temper.model.layers import MLP, MoE, RMSNorm, make_norm
-from temper.model.linear_attention import GatedDeltaNet, GatedRMSNorm, Runs, ShortConv
+from temper.model.linear_attention import LINEAR_LAYERS, GatedRMSNorm, GroupGatedRMSNorm, Runs
 from temper.model.rope import long_rope_length, rope_tables
 
 LINEAR = "linear"
@@ -69,7 +69,7 @@ class Block(nn.Module):
         slot = sum((cfg.is_linear(j), cfg.is_global_shaped(j)) == (linear, shaped) and cfg.kv_source(j) is None
                    for j in range(layer_idx))
         attention = LatentAttention if cfg.kv_lora_rank else Attention
-        linear_layer = ShortConv if cfg.short_conv else GatedDeltaNet
+        linear_layer = LINEAR_LAYERS[cfg.linear_layer]
         self.attn = linear_layer(cfg, slot) if linear else attention(cfg, slot, shaped, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.parallel = cfg.parallel_block  # the MLP reads attn_norm's output: no norm of its own
@@ -205,7 +205,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GatedDeltaNet, ShortConv)):
+            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GroupGatedRMSNorm, *LINEAR_LAYERS.values())):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first
@@ -219,7 +219,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.layer_scalar)
         for m in self.modules():
             out = (m.o_proj if isinstance(m, Attention) else m.down_proj if isinstance(m, MLP)
-                   else m.out_proj if isinstance(m, (GatedDeltaNet, ShortConv)) else None)
+                   else m.out_proj if isinstance(m, tuple(LINEAR_LAYERS.values())) else None)
             if out is not None:
                 nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
         self.init_buffers()
@@ -424,7 +424,7 @@ class Transformer(nn.Module):
         owners = [m for m in self.modules() if isinstance(m, Attention) and m.kv_source is None]  # of cache slots
         attention = [m for m in owners if not m.global_shaped]
         shaped = [m for m in owners if m.global_shaped]
-        linear = [m for m in self.modules() if isinstance(m, (GatedDeltaNet, ShortConv))]
+        linear = [m for m in self.modules() if isinstance(m, tuple(LINEAR_LAYERS.values()))]
         k_dim, v_dim = c.cache_widths
         # (layers, (Hv, Dk, Dv) of a state (None: a short convolution's), (K - 1, C) of the convolution's inputs)
         states = (len(linear), *linear[0].state_shapes) if linear else None

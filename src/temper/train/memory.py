@@ -1410,7 +1410,7 @@ def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str 
         return (attention * width + shaped * global_width) * a, 0, formula
     if not linear:
         return attention * width * a, 0, formula
-    if cfg.short_conv:  # LFM2's: the convolution's last K - 1 inputs alone
+    if cfg.linear_layer == "short_conv":  # LFM2's: the convolution's last K - 1 inputs alone
         taps = cfg.linear_conv_size - 1
         formula += (f" + {linear} short convolution layers x {rows + ' x ' if rows else ''}{a} B x {taps} x {cfg.dim} "
                     "convolution inputs")

@@ -74,10 +74,13 @@ HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 LFM2, LFM2_MOE = "Lfm2ForCausalLM", "Lfm2MoeForCausalLM"
 LFM2S = (LFM2, LFM2_MOE)  # gated short convolutions around attention layers with q/k norms, under LFM2's names
+GRANITE_HYBRID = "GraniteMoeHybridForCausalLM"
+GRANITES = (GRANITE, GRANITE_HYBRID)  # Granite's multipliers of the embeddings, sublayers, scores and logits
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
-                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE)
+                           GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
+                           GRANITE_HYBRID)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -114,7 +117,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
-                "lfm2": LFM2, "lfm2_moe": LFM2_MOE}
+                "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoehybrid": GRANITE_HYBRID}
 
 
 def hf_mlp(arch: str) -> str:
@@ -193,6 +196,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
     **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim", "num_dense_layers"), _INT),
+    **dict.fromkeys(("shared_intermediate_size", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+                     "mamba_expand", "mamba_chunk_size"), _INT),
+    "mamba_d_head": (*_INT, *_STR), **dict.fromkeys(("mamba_conv_bias", "mamba_proj_bias"), _BOOL),
+    "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
+    "time_step_limit": (list, type(None)),
     **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding", "use_expert_bias"), _BOOL),
     "norm_eps": _FLOAT, "block_ffn_dim_multiplier": (*_FLOAT, type(None)), "full_attn_idxs": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
@@ -295,9 +303,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = _hunyuan_rope(d)
     if arch in COHERES:
         d = _cohere(d, arch)
-    short_conv = {}
+    linear = {}
     if arch in LFM2S:
-        d, short_conv = _lfm2(d, arch)
+        d, linear = _lfm2(d, arch)
+    if arch == GRANITE_HYBRID:
+        d, linear = _granite_hybrid(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -344,6 +354,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
+    if arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope":  # its default: no positions at all
+        nope_every = 1
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
         bias = bool(d.get("attention_bias", False))
@@ -380,7 +392,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     # attention_multiplier
     # Gemma 4 leaves its scores unscaled (its q/k norms bound them): scale dim 1
     scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3) else 1 if arch == GEMMA4
-              else _scale_dim(d.get("attention_multiplier", 1.0)) if arch == GRANITE else head_dim)
+              else _scale_dim(d.get("attention_multiplier", 1.0)) if arch in GRANITES else head_dim)
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
@@ -408,9 +420,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **(_gemma4_fields(d, head_dim) if arch == GEMMA4 else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
-        **(_multipliers(d) if arch == GRANITE else {}),
+        **(_multipliers(d) if arch in GRANITES else {}),
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
-        **(_linear_layers(d) if arch in HYBRID else {}), **short_conv,
+        **(_linear_layers(d) if arch in HYBRID else {}), **linear,
     )
 
 
@@ -465,7 +477,51 @@ def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]
     d = {"max_position_embeddings": 128000, "norm_eps": 1e-5, **d, "intermediate_size": ffn,
          "tie_word_embeddings": d.get("tie_word_embeddings", d.get("tie_embedding", True))}
     d["rms_norm_eps"] = d["norm_eps"]
-    return d, {"attention_layers": attention, "short_conv": True, "linear_conv_size": d.get("conv_L_cache", 3)}
+    return d, {"attention_layers": attention, "linear_layer": "short_conv", "linear_conv_size": d.get("conv_L_cache", 3)}
+
+
+def _granite_hybrid(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with its MLP's width in intermediate_size, as the reading shares it; the ModelConfig fields of Granite
+    4.0's layers: which attend (layer_types, or its older layers_block_type; "attention" or "full_attention"), the
+    others Mamba 2 layers ("mamba" or "linear_attention"); its mixture of experts (num_local_experts, 0: none) of
+    intermediate_size beside an ungated shared MLP of shared_intermediate_size, or that MLP alone. The experts' weights
+    are a softmax over the chosen ones' logits: the renormalised top k of a softmax over all."""
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types", d.get("layers_block_type")) or ["linear_attention"] * n
+    kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
+    if len(types) != n or not all(t in kinds for t in types):
+        raise ValueError(f"key 'layer_types' must name 'mamba' or 'attention' for each of the {n} layers, got {types!r}")
+    for key, want in (("mamba_conv_bias", True), ("mamba_proj_bias", False)):
+        if d.get(key, want) != want:
+            raise ValueError(f"GraniteMoeHybrid {key}={d[key]} is not supported (temper's Mamba 2 layers have a "
+                             "convolution bias and projections without biases)")
+    limit = d.get("time_step_limit")
+    if limit is not None and [float(t) for t in limit] != [0.0, float("inf")]:
+        raise ValueError(f"GraniteMoeHybrid time_step_limit={limit} is not supported (temper does not clamp Mamba 2's "
+                         "steps)")
+    heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
+    head = d.get("mamba_d_head", "auto")
+    head = expand * d["hidden_size"] // heads if head == "auto" else head
+    if not (heads > 0 and groups > 0 and heads % groups == 0 and head > 0 and heads * head == expand * d["hidden_size"]):
+        raise ValueError(f"GraniteMoeHybrid mamba_n_heads={heads}, mamba_n_groups={groups}, mamba_d_head={head} are "
+                         f"not supported (heads of mamba_d_head filling mamba_expand * hidden_size, in groups that divide "
+                         "them)")
+    fields = {"linear_layer": "mamba2", "linear_key_heads": groups, "linear_value_heads": heads,
+              "linear_key_size": d.get("mamba_d_state", 256), "linear_value_size": head,
+              "linear_conv_size": d.get("mamba_d_conv", 4)}
+    fields["attention_layers"] = tuple(i for i, t in enumerate(types) if not kinds[t])
+    if len(fields["attention_layers"]) == n:  # no Mamba 2 layers: attention alone (Granite 4.0 Micro)
+        fields = {}
+    experts, shared = d.get("num_local_experts", 8), d.get("shared_intermediate_size", 1024)
+    if experts < 0:
+        raise ValueError(f"GraniteMoeHybrid num_local_experts must be 0 (a dense MLP) or more, got {experts}")
+    if experts:
+        k = d.get("num_experts_per_tok", 2)
+        if not (_is_int(k) and 1 <= k <= experts):
+            raise ValueError(f"GraniteMoeHybrid num_experts_per_tok={k} must be between 1 and the {experts} experts")
+        fields |= {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d["intermediate_size"],
+                   "shared_expert_ffn_dim": shared, "renormalize_experts": True}
+    return {**d, "intermediate_size": d["intermediate_size"] if experts else shared}, fields
 
 
 def _lfm2_experts(d: dict[str, Any]) -> dict[str, Any]:
@@ -973,8 +1029,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if arch is None:
         if cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
-        elif cfg.short_conv:
-            arch = LFM2_MOE if cfg.n_experts else LFM2
+        elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
+            arch = GRANITE_HYBRID if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts else LFM2
         elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
@@ -1057,13 +1113,18 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch != GEMMA4 and (cfg.rope_scaling or {}).get("rope_type") == "proportional":
         return "it has no proportional RoPE (Gemma4ForCausalLM has)"
     hybrid = (cfg.full_attention_every is not None, cfg.attn_output_gate)
-    if arch in HYBRID and not (all(hybrid) and cfg.attention_layers is None and not cfg.short_conv):
+    if arch in HYBRID and not (all(hybrid) and cfg.attention_layers is None and cfg.linear_layer == "gated_deltanet"):
         return ("it has Gated DeltaNet layers between softmax ones in a regular pattern (full_attention_every) and "
                 "gated attention (attn_output_gate)")
-    if arch in LFM2S and (cfg.short_conv, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (True, False, cfg.dim):
-        return ("its linear layers are short convolutions (short_conv), its attention ungated, its heads hidden_size / "
-                "num_attention_heads wide")
-    if arch not in (*HYBRID, *LFM2S) and (any(hybrid) or cfg.has_linear_layers):
+    if arch in LFM2S and (cfg.linear_layer, cfg.attn_output_gate, cfg.head_dim * cfg.n_heads) != (
+            "short_conv", False, cfg.dim):
+        return ("its linear layers are short convolutions (linear_layer='short_conv'), its attention ungated, its heads "
+                "hidden_size / num_attention_heads wide")
+    if arch == GRANITE_HYBRID and (cfg.has_linear_layers and cfg.linear_layer != "mamba2" or cfg.attn_output_gate
+                                   or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim):
+        return ("its linear layers are Mamba 2's (linear_layer='mamba2'), their heads filling a whole multiple of dim "
+                "(mamba_expand), its attention ungated")
+    if arch not in (*HYBRID, *LFM2S, GRANITE_HYBRID) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1072,7 +1133,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S)
+                *HUNYUANS, *COHERES, *LFM2S, GRANITE_HYBRID)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1090,7 +1151,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.pre_norm != (arch not in POST_NORM):
         return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
                 else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
-    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES) and arch != GEMMA4:
+    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES) and arch not in (GEMMA4, GRANITE_HYBRID):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
@@ -1111,10 +1172,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "the chosen experts' weights")
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
                                                                             arch in SHARED_GATED) and arch not in (
-                                                                                GEMMA4, ERNIE4_5_MOE, HUNYUAN_MOE):
+                                                                                GEMMA4, ERNIE4_5_MOE, HUNYUAN_MOE,
+                                                                                GRANITE_HYBRID):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
+    if arch == GRANITE_HYBRID and cfg.n_experts and (cfg.shared_expert_ffn_dim is None or cfg.shared_expert_gate
+                                                      or not cfg.renormalize_experts):
+        return "its experts sit beside a shared MLP, ungated, and their chosen weights are renormalised"
     if arch in DEEPSEEK_MOE and cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim:
         return "its shared experts are a whole number of experts wide"
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
@@ -1135,11 +1200,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
         return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
-    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, GRANITE):
+    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, *GRANITES):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
                 "attention_multiplier)")
     logit_divisor = cfg.logit_divisor and arch not in COHERES  # Cohere's logit_scale
-    if (cfg.embed_multiplier or cfg.residual_multiplier or logit_divisor) and arch != GRANITE:
+    if (cfg.embed_multiplier or cfg.residual_multiplier or logit_divisor) and arch not in GRANITES:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
@@ -1168,8 +1233,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2):
-        return "it rotates every layer (SmolLM3ForCausalLM has NoPE layers)"
+    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2) and not (arch == GRANITE_HYBRID and cfg.nope_every == 1):
+        return ("it rotates every layer (SmolLM3ForCausalLM has NoPE layers)" if arch != GRANITE_HYBRID
+                else "its attention layers all take RoPE or none do (nope_every=1)")
     if arch in (EXAONE4, COHERE2) and cfg.nope_every != cfg.global_every:
         return "its global layers, and they alone, take no positions (nope_every = global_every)"
     if arch == COHERE2 and not cfg.sliding_window:
@@ -1288,6 +1354,20 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
+    if arch == GRANITE_HYBRID:  # its layers named one by one in the published spelling; no positions: nope
+        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
+        shared = cfg.shared_expert_ffn_dim if cfg.n_experts else cfg.hidden_dim
+        d |= {"attention_bias": False, "embedding_multiplier": cfg.embed_multiplier or 1.0,
+              "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
+              "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5,
+              "position_embedding_type": "nope" if cfg.nope_every else "rope",
+              "layer_types": ["mamba" if cfg.is_linear(i) else "attention" for i in range(cfg.n_layers)],
+              "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+              "intermediate_size": cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim,
+              "shared_intermediate_size": shared, "output_router_logits": False, "router_aux_loss_coef": 0.0,
+              "mamba_n_heads": heads, "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
+              "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
+              "mamba_proj_bias": False}
     if arch in LFM2S:  # its MLP's width as it is (no adjusting), its layers named one by one
         del d["rms_norm_eps"]
         d |= {"norm_eps": cfg.norm_eps, "conv_bias": False, "conv_L_cache": cfg.linear_conv_size,

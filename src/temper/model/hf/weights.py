@@ -25,6 +25,7 @@ from temper.model.hf.config import (
     GLM4,
     GPT2,
     GPT_OSS,
+    GRANITE_HYBRID,
     HUNYUAN_MOE,
     HUNYUANS,
     HYBRID,
@@ -193,7 +194,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
                 add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
-            if cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
+            if arch in HYBRID and cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
                 fused = ()
                 if arch == QWEN3_NEXT:  # q, k, v and z fused, b and a fused, each interleaved by key head
                     (hk, hv), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
@@ -207,6 +208,24 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                           "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
                     if n not in fused:
                         add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
+            if arch == GRANITE_HYBRID:  # Mamba 2 or attention; a shared MLP (gate and up fused), experts stacked
+                names = (("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                          "out_proj.weight") if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight",
+                                                                        "v_proj.weight", "o_proj.weight"))
+                for n in names:
+                    add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
+                shared = f"{p}mlp.shared_expert." if cfg.n_experts else f"{p}mlp."
+                add(f"{h}shared_mlp.input_linear.weight", f"{shared}gate_proj.weight", f"{shared}up_proj.weight")
+                add(f"{h}shared_mlp.output_linear.weight", f"{shared}down_proj.weight")
+                if cfg.n_experts:
+                    moe, experts = f"{h}block_sparse_moe.", range(cfg.n_experts)
+                    add(f"{moe}router.layer.weight", f"{p}mlp.router.weight")
+                    rules.append(_Rule(f"{moe}input_linear.weight", tuple(
+                        f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")),
+                        stacked="gate_up_rows"))
+                    rules.append(_Rule(f"{moe}output_linear.weight", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
+                                                                            for j in experts), stacked="rows"))
+                continue
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
                 add(h + "self_attn.o_proj.weight", p + "attn.o_proj.weight")
@@ -379,6 +398,8 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     out: dict[str, torch.Tensor] = {}
     if arch in MOE_ARCHITECTURES and arch != GPT_OSS:
         sd = _unfused_experts(sd, arch)
+    if arch == GRANITE_HYBRID:
+        sd = _granite_checkpoint_names(sd)
     for name, t in sd.items():
         if _ignored(name, cfg):
             continue
@@ -420,6 +441,23 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
             out[name.removesuffix(".mlp.e_score_correction_bias") + moe + "e_score_correction_bias"] = t
         else:
             out[name] = t
+    return out
+
+
+_GRANITE_IN_MEMORY = {".block_sparse_moe.experts.gate_up_proj": ".block_sparse_moe.input_linear.weight",
+                      ".block_sparse_moe.experts.down_proj": ".block_sparse_moe.output_linear.weight",
+                      ".block_sparse_moe.router.weight": ".block_sparse_moe.router.layer.weight"}
+"""transformers 5's in-memory names of Granite 4.0's experts and router -> its checkpoints' (the rules')."""
+
+
+def _granite_checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers 5 GraniteMoeHybrid model's own state dict in the names its `save_pretrained` writes."""
+    out = {}
+    for name, t in sd.items():
+        for memory, checkpoint in _GRANITE_IN_MEMORY.items():
+            if name.endswith(memory):
+                name = name.removesuffix(memory) + checkpoint
+        out[name] = t
     return out
 
 
