@@ -60,14 +60,15 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "short-conv", "gemma4", "gemma4-e2b"])
+@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "short-conv", "mamba2", "gemma4", "gemma4-e2b"])
 def test_kv_cache_is_what_the_model_allocates(kind):
     """Latent attention caches a latent and a rotated key; a hybrid model keys and values for its attention layers
-    only, and a fixed-size state per sequence for each linear attention layer (a short convolution: its last inputs);
+    only, and a fixed-size state per sequence for each linear attention layer (Mamba 2's too; a short convolution: its
+    last inputs);
     Gemma 4 its global layers' keys and
     values in their own shape, and none for the layers taking earlier ones' (E2B)."""
     cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "short-conv": SHORT_CONV,
-                                             "gemma4": GEMMA4, "gemma4-e2b": GEMMA4_E2B}[kind])
+                                             "mamba2": MAMBA2, "gemma4": GEMMA4, "gemma4-e2b": GEMMA4_E2B}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
     assert est["KV cache (generation)"].bytes == sum(t.nbytes for t in cache.per_row().values())
@@ -145,6 +146,9 @@ HYBRID = {"n_layers": 4, "qk_norm": True, "norm_unit_offset": True, "rope_dim": 
 LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 # LFM2's: short convolutions (layers 0 and 3) around attention layers with q/k norms
 SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "linear_layer": "short_conv", "linear_conv_size": 3}
+# Granite 4.0-H's: Mamba 2 layers (8 heads of 16, 2 groups of B and C, a state of 16) around one attention layer
+MAMBA2 = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba2", "linear_key_heads": 2,
+          "linear_value_heads": 8, "linear_key_size": 16, "linear_value_size": 16}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -259,6 +263,12 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "bf16", 0, {"dims": SHORT_CONV}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": SHORT_CONV}),
     ("debug-llama", "lora", "bf16", 0, {"dims": SHORT_CONV, "lora": LoRAShape(rank=4, targets=[
+        "q_proj", "v_proj", "in_proj", "out_proj"])}),
+    # Mamba 2 over 4 chunks: the rule without its solves, each matmul operand a copy; in fp32 z keeps in_proj's output
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": MAMBA2, "seq": 256}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": MAMBA2, "seq": 256}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": MAMBA2, "seq": 256}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": MAMBA2, "seq": 256, "lora": LoRAShape(rank=4, targets=[
         "q_proj", "v_proj", "in_proj", "out_proj"])}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values

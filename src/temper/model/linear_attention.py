@@ -295,7 +295,8 @@ def causal_conv(
         tap = ext[:, j : j + T].float() * w[:, j]
         out += tap if doc is None else tap * (doc[:, j : j + T] == runs.doc)[..., None]
     count = torch.full((B,), T, device=x.device) if runs is None else runs.real.sum(dim=1)  # real tokens, padding last
-    tail = ext.gather(1, (count[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(-1, -1, C))
+    # cache state, never differentiated: a gather with gradient would keep ext for its backward
+    tail = ext.detach().gather(1, (count[:, None] + torch.arange(K - 1, device=x.device))[..., None].expand(-1, -1, C))
     out = out.to(x.dtype)
     return F.silu(out) if activation else out, tail
 

@@ -123,7 +123,7 @@ from temper.config import ConfigError
 from temper.model.attention import Attention, LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
-from temper.model.linear_attention import GatedDeltaNet, ShortConv, gated_delta_rule
+from temper.model.linear_attention import GatedDeltaNet, Mamba2, ShortConv, gated_delta_rule
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
@@ -553,6 +553,8 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         first, attn_grad, attn_peak = _linear_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     elif isinstance(attn, ShortConv):
         first, attn_grad, attn_peak = _short_conv_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
+    elif isinstance(attn, Mamba2):
+        first, attn_grad, attn_peak = _mamba2_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     else:
         first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rope, seq_len)
     if attn_grad and cfg.dropout > 0:
@@ -694,6 +696,64 @@ def _short_conv_saved(s: _Saved, attn: ShortConv, h_bytes: int, t: _Dtypes, lora
     s.add("convolution output (c's factor)", a * d if gates else 0)
     _readers(s, "gated output", [attn.out_proj], a, t, lora_dropout, gates or conv)
     return [attn.in_proj], gates or conv or _wants_grad(attn.out_proj), 0.0
+
+
+def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
+                  seq_len: int) -> tuple[list[nn.Module], bool, float]:
+    """What a Mamba 2 layer (`Mamba2`) keeps per token, from its normalised input (`h_bytes` per element) to out_proj's
+    input; returns what `_attention_saved` does, its backward's extra bytes those of the chunked rule.
+
+    in_proj's input; the convolution's input where its weight trains (as Gated DeltaNet's) and SiLU's input; the
+    softplus input and the step dt (float32); B and C repeated to every head (float32); the rule without its
+    correction (`gated_delta_rule(delta=False)`): per head and chunk of C tokens the decay and the C x B^T products
+    (C x C, float32), the written values, each matmul operand (cast under autocast) and the state each chunk enters
+    with; the values x (in fp32 a view: SiLU's whole output stays); the gated norm's inputs (float32: the output, z,
+    SiLU(z), their product and its rstd), and in fp32 z is a view of in_proj's output, which stays whole."""
+    H, G, N, P = attn.n_heads, attn.n_groups, attn.d_state, attn.d_head
+    inner, a = H * P, t.a
+    width = inner + 2 * G * N  # the convolution's channels: x, B, C
+    _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
+    proj = grad_in or _wants_grad(attn.in_proj)  # in_proj's output needs a gradient
+    conv = attn.conv1d.weight.requires_grad
+    if conv:
+        taps = attn.conv_taps
+        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
+              4 * width * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    xbc = proj or conv or attn.conv1d.bias.requires_grad  # x, B, C need gradients
+    s.add("convolution output (SiLU input)", a * width if xbc else 0)
+    dt = proj or attn.dt_bias.requires_grad  # the step needs a gradient
+    s.add("softplus input", a * H if dt else 0)
+    rule = xbc or dt or attn.A_log.requires_grad
+    if rule:
+        s.add("step dt (float32)", 4 * H)
+    C = min(_CHUNK, seq_len)
+    chunks = -(-seq_len // C)
+    pad = chunks * C / seq_len
+    if rule:  # a matmul operand is kept as a copy (its batched layout), in the compute dtype under autocast
+        s.add("B, C repeated to every head (float32)", pad * 2 * 4 * H * N)
+        s.add("rule: B, C as the C B^T product's operands", pad * 2 * a * H * N)
+        s.add(f"rule: decay (C x C per head, C={C}, float32), C B^T products", pad * (4 + a) * H * C)
+        s.add("rule: the decays' exponentials (float32)", pad * 4 * 4 * H)
+        s.add("chunk loop: intra-chunk attention", pad * a * H * C)
+        s.add("chunk loop: written values (twice), reads and writes of the state", pad * 2 * a * H * (P + N))
+        s.add("chunk loop: the state entering each chunk" + (" (and its float32 self)" if a != 4 else ""),
+              pad * H * N * P / C * (a + (4 * (chunks - 1) / chunks if a != 4 else 0)))
+    s.add("values x" + (" (SiLU's whole output)" if a == 4 else " (float32)"), (4 * width if a == 4 else 4 * inner)
+          if rule or attn.D.requires_grad else 0)
+    norm = rule or attn.D.requires_grad or attn.norm.weight.requires_grad
+    z = proj
+    if norm or z:
+        s.add("output with D x (float32)", 4 * inner)
+        s.add("SiLU(z) (float32)", 4 * inner)
+        s.add("z" + (" (in_proj's whole output)" if a == 4 else " (float32)"),
+              4 * (2 * inner + 2 * G * N + H) if a == 4 else 4 * inner)
+        s.add("gated product (float32), rstd", 4 * (inner + G))
+    s.add("normalised (float32)", 4 * inner if attn.norm.weight.requires_grad else 0)
+    _readers(s, "gated output", [attn.out_proj], 4 if a == 4 else a, t, lora_dropout, norm or z)
+    out_grad = norm or z or _wants_grad(attn.out_proj)
+    # Without the delta rule's solves its backward makes nothing beyond what the forward kept (measured: within 2% of
+    # the peak, fp32 and bf16, checkpointed or not)
+    return [attn.in_proj], out_grad, 0.0
 
 
 def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
@@ -1179,8 +1239,8 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
     wcopies = sum(wcopy) + wcopy_tail
     kinds: dict[tuple[str, float], int] = {}  # blocks by kind and saved bytes (a hybrid's, a mixture's dense first layers)
     for block, (sv, _) in zip(model.layers, split):
-        key = ("linear attention " if isinstance(block.attn, GatedDeltaNet)
-               else "short convolution " if isinstance(block.attn, ShortConv) else "", sv)
+        key = ("linear attention " if isinstance(block.attn, GatedDeltaNet) else "Mamba 2 " if isinstance(
+            block.attn, Mamba2) else "short convolution " if isinstance(block.attn, ShortConv) else "", sv)
         kinds[key] = kinds.get(key, 0) + 1
     a_formula = (
         f"B*T = {tokens} tokens x (" + " + ".join(f"{n} {kind}blocks x {human_bytes(sv)}" for (kind, sv), n in kinds.items())
