@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirty-five architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for thirty-six architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -28,9 +28,9 @@ from temper.model.hf.peft import (
 from temper.model.lora import (
     ALL_LINEAR_TARGETS,
     ATTENTION_TARGETS,
+    IN_OUT_PROJ_TARGETS,
     LATENT_ATTENTION_TARGETS,
     LINEAR_ATTENTION_TARGETS,
-    SHORT_CONV_TARGETS,
     LoRALinear,
     apply_lora,
 )
@@ -99,6 +99,14 @@ CONFIGS = {
                         n_experts=4, expert_ffn_dim=40, router_scores="sigmoid", router_float32=True,
                         expert_choice_bias=True, routed_scaling=2.0, dense_layers=1,
                         hf_architecture="Lfm2MoeForCausalLM"),
+    # Granite 4.0-H: a Mamba 2 layer (in_proj, out_proj) then an attention layer, the shared MLP's gate and up fused;
+    # and its mixture: 4 experts beside that MLP, no positions, Granite's multipliers
+    "granite4": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=1, linear_value_heads=4,
+                        linear_key_size=8, linear_value_size=32, embed_multiplier=4.0, residual_multiplier=0.5,
+                        logit_divisor=2.0, attn_scale_dim=1024, hf_architecture="GraniteMoeHybridForCausalLM"),
+    "granite4_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2,
+                            linear_value_heads=8, linear_key_size=8, linear_value_size=16, nope_every=1, n_experts=4,
+                            expert_ffn_dim=40, shared_expert_ffn_dim=48, hf_architecture="GraniteMoeHybridForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -162,6 +170,8 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
+    "granite4": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"],
+    "granite4_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -213,7 +223,8 @@ def _targets(case: str) -> tuple[str, ...]:
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])
         linears = (*latent, "o_proj")
     if CONFIGS[case].has_linear_layers:  # the linear attention layers' too
-        linears = (*linears, *(SHORT_CONV_TARGETS if CONFIGS[case].linear_layer == "short_conv" else LINEAR_ATTENTION_TARGETS))
+        linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
+                               else IN_OUT_PROJ_TARGETS))
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 
@@ -243,7 +254,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8}
+    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)
@@ -325,7 +336,7 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
                                   "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_moe",
-                                  "lfm2_moe"])
+                                  "lfm2_moe", "granite4_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -342,7 +353,8 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
     _randomize_adapters((n, p) for n, p in model.named_parameters() if p.requires_grad)
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
-    stacked = {"up_proj": "gate_up_proj", "down_proj": "down_proj", "router": "gate.weight"}  # PEFT's parameters
+    stacked = {"up_proj": "gate_up_proj", "down_proj": "down_proj",  # PEFT's parameters
+               "router": "router.weight" if case == "granite4_moe" else "gate.weight"}
     if case == "hunyuan_moe":  # its router is a plain linear layer (gate.wg), adapted by module name
         del stacked["router"]
     assert set(config["target_parameters"]) == {stacked[t] for t in targets if t in stacked}

@@ -39,15 +39,15 @@ LATENT_ATTENTION_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_
 k_proj and v_proj."""
 LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 """The projections of Gated DeltaNet layers (Qwen3.5's linear attention), beside the attention layers' q/k/v/o."""
-SHORT_CONV_TARGETS = ("in_proj", "out_proj")
-"""The projections of short convolution layers (LFM2's)."""
+IN_OUT_PROJ_TARGETS = ("in_proj", "out_proj")
+"""The projections of short convolution layers (LFM2's) and of Mamba 2 layers (Granite 4.0-H's)."""
 
 
 def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """The names of ALL_LINEAR_TARGETS, LATENT_ATTENTION_TARGETS, LINEAR_ATTENTION_TARGETS and SHORT_CONV_TARGETS that
+    """The names of ALL_LINEAR_TARGETS, LATENT_ATTENTION_TARGETS, LINEAR_ATTENTION_TARGETS and IN_OUT_PROJ_TARGETS that
     `model` has: every linear layer of its blocks (what QLoRA quantizes by default)."""
     names = {name for m in model.modules() for name, c in m.named_children() if isinstance(c, (nn.Linear, LoRALinear))}
-    known = ALL_LINEAR_TARGETS + LATENT_ATTENTION_TARGETS + LINEAR_ATTENTION_TARGETS + SHORT_CONV_TARGETS
+    known = ALL_LINEAR_TARGETS + LATENT_ATTENTION_TARGETS + LINEAR_ATTENTION_TARGETS + IN_OUT_PROJ_TARGETS
     return tuple(dict.fromkeys(t for t in known if t in names))  # out_proj once
 
 

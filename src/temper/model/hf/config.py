@@ -122,8 +122,9 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
-    keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe)."""
-    return "feed_forward" if arch in LFM2S else "mlp"
+    keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; Granite 4.0's
+    mixture is its block_sparse_moe, its dense MLP the shared_mlp beside it)."""
+    return "feed_forward" if arch in LFM2S else "block_sparse_moe" if arch == GRANITE_HYBRID else "mlp"
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.

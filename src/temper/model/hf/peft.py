@@ -65,6 +65,7 @@ from temper.model.hf.config import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GPT2,
+    GRANITE_HYBRID,
     HUNYUAN_MOE,
     hf_architecture,
     hf_mlp,
@@ -105,6 +106,11 @@ def _plain_router(cfg: ModelConfig | None) -> bool:
     """Whether the architecture's router is a plain linear layer that PEFT adapts by its module name (Gemma 4's
     router.proj, Hunyuan's gate.wg), not a parameter of transformers 5's mixture modules (`target_parameters`)."""
     return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) in (GEMMA4, HUNYUAN_MOE)
+
+
+def _router(cfg: ModelConfig | None) -> str:
+    """The name of a mixture's router module in transformers' models: Granite 4.0's `router`, the others' `gate`."""
+    return "router" if cfg is not None and hf_architecture(cfg) == GRANITE_HYBRID else "gate"
 
 
 def _reordered(cfg: ModelConfig) -> dict[str, Any]:
@@ -148,10 +154,11 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
 
 def _stacked_experts(model: nn.Module) -> bool:
     """Whether the model's Hugging Face checkpoint stores its experts stacked (GPT-OSS, Gemma 4: `weights._STACKED`),
-    which temper's PEFT reader and writer do not lay out."""
+    which temper's PEFT reader and writer do not lay out. Granite 4.0's stacks them as transformers 5 holds every
+    mixture in memory (gate over up, (E, 2F, D)), where PEFT adapts them: written and read as Mixtral's."""
     cfg = getattr(model, "cfg", None)
-    return cfg is not None and cfg.n_experts > 0 and any(r.stacked and ".mlp.experts." in r.parts[0]
-                                                         for r in hf_rules(cfg))
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) != GRANITE_HYBRID and any(
+        r.stacked and ".mlp.experts." in r.parts[0] for r in hf_rules(cfg))
 
 
 def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
@@ -170,13 +177,13 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
         raise ValueError(f"a PEFT config holds one (rank, alpha, rslora, dora, dropout): {odd[:4]} differ from {first}")
     rank, alpha, rslora, dora, dropout = first
     sites, pairs = _sites(model, cfg), _reordered(cfg)
-    moe_tensors, moe_config, moe_written = _save_moe(model, rank, alpha, rslora)
-    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_written))
-    if stray:
-        raise ValueError(f"{stray[:4]} have no counterpart in {arch}")
     k = max(sum(p in loras for p in parts) for parts in sites.values())  # the most adapted parts in one layer
     k = max(k, 1)  # none: every adapter is a mixture's
     r = rank * k
+    moe_tensors, moe_config, moe_written = _save_moe(model, rank, alpha, rslora, r)
+    stray = sorted(set(loras) - {p for parts in sites.values() for p in parts} - set(moe_written))
+    if stray:
+        raise ValueError(f"{stray[:4]} have no counterpart in {arch}")
     tensors: dict[str, torch.Tensor] = {}
     targets = set()
     with torch.no_grad():
@@ -339,9 +346,9 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
 # s * B.view(out, r_p, E)[:, :, e] @ A.view(E, r_p, in)[e]. With both targeted, the gate_up one is the inner
 # wrapper (`experts.base_layer.lora_*`) and the down one the outer (`experts.lora_*`). temper's gate and up adapters
 # of an expert stack into gate_up's as a fused layer's parts do (rank 2r: PEFT's own rank_pattern when its targets
-# are gate_proj and up_proj). The router is the `gate` module's `weight` parameter: one plain (r, D), (E, r) pair.
+# are gate_proj and up_proj). The router is the `gate` (Granite 4.0: `router`) module's `weight` parameter: one plain (r, D), (E, r) pair.
 
-_GATE_UP, _DOWN, _ROUTER = "gate_up_proj", "down_proj", "gate.weight"
+_GATE_UP, _DOWN = "gate_up_proj", "down_proj"
 _GATE_UP_PATTERN = r".*\.gate_up_proj"  # PEFT's key for gate_up's rank and alpha
 
 
@@ -354,12 +361,13 @@ def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(block.mlp, MoE)]
 
 
-def _stacked(loras: list[list[nn.Module]], rank: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked(loras: list[list[nn.Module]], rank: int, in_features: int, width: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A, B) of one stacked parameter from each expert's parts (a block of rows each, zero where a part has
-    no adapter)."""
-    n, k = len(loras), len(loras[0])
-    a = torch.zeros(n, k * rank, in_features)  # (E, r_p, in)
-    b = torch.zeros(sum(m.out_features for m in loras[0]), k * rank, n)  # (out, r_p, E)
+    no adapter), `width` >= parts * rank rows per expert (zero beyond)."""
+    n = len(loras)
+    a = torch.zeros(n, width, in_features)  # (E, r_p, in)
+    b = torch.zeros(sum(m.out_features for m in loras[0]), width, n)  # (out, r_p, E)
     for e, parts in enumerate(loras):
         row = 0
         for j, m in enumerate(parts):
@@ -367,12 +375,14 @@ def _stacked(loras: list[list[nn.Module]], rank: int, in_features: int) -> tuple
                 a[e, j * rank:(j + 1) * rank] = m.lora_a.float().cpu()
                 b[row:row + m.out_features, j * rank:(j + 1) * rank, e] = m.lora_b.float().cpu()
             row += m.out_features
-    return a.reshape(n * k * rank, in_features), b.reshape(b.shape[0], k * rank * n)
+    return a.reshape(n * width, in_features), b.reshape(b.shape[0], width * n)
 
 
-def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool
+def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool, r: int
               ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
-    """The mixture layers' adapters in PEFT's form, the config keys they need, and the temper modules written."""
+    """The mixture layers' adapters in PEFT's form, the config keys they need, and the temper modules written. `r`:
+    the config's rank, which down_proj's and the router's take (their adapters padded with zeros: a fused linear
+    layer beside them, Granite 4.0's shared_mlp.input_linear, makes it a multiple of `rank`, with alpha alike)."""
     tensors: dict[str, torch.Tensor] = {}
     targets = set()
     for hf, moe in _moe_layers(model):
@@ -381,14 +391,16 @@ def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool
         for name, group, on, inner in ((_GATE_UP, experts[0], adapted[0], adapted[1]),
                                        (_DOWN, experts[1], adapted[1], False)):
             if on:
-                a, b = _stacked(group, rank, group[0][0].in_features)
+                a, b = _stacked(group, rank, group[0][0].in_features, 2 * rank if name == _GATE_UP else r)
                 key = f"{_PREFIX}{hf}.experts{'.base_layer' if inner else ''}"
                 tensors[key + _A], tensors[key + _B] = a, b
                 targets.add(name)
         if isinstance(moe.router, LoRALinear) and not _plain_router(model.cfg):
-            tensors[f"{_PREFIX}{hf}.gate{_A}"] = moe.router.lora_a.float().cpu()
-            tensors[f"{_PREFIX}{hf}.gate{_B}"] = moe.router.lora_b.float().cpu()
-            targets.add(_ROUTER)
+            router = _router(model.cfg)
+            a, b = moe.router.lora_a.float().cpu(), moe.router.lora_b.float().cpu()
+            tensors[f"{_PREFIX}{hf}.{router}{_A}"] = torch.cat((a, a.new_zeros(r - rank, a.shape[1])))
+            tensors[f"{_PREFIX}{hf}.{router}{_B}"] = torch.cat((b, b.new_zeros(b.shape[0], r - rank)), dim=1)
+            targets.add(f"{router}.weight")
     written = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)
                and (".mlp.experts." in n or n.endswith(".mlp.router") and not _plain_router(model.cfg))]
     if not targets:
@@ -431,8 +443,10 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     router (`_plain_router`) is adapted by module name: PEFT lists its mixture's router parameter anyway, matching
     nothing, and writes no tensor for it."""
     params = config.get("target_parameters") or []
-    if _plain_router(getattr(model, "cfg", None)):
-        params = [p for p in params if p != _ROUTER]
+    cfg = getattr(model, "cfg", None)
+    router = f"{_router(cfg)}.weight" if cfg is not None else "gate.weight"  # the router's parameter, as PEFT names it
+    if _plain_router(cfg):
+        params = [p for p in params if p != router]
     plan = _MoePlan()
     for key in ("rank_pattern", "alpha_pattern"):  # read for gate_up_proj alone
         if set(config.get(key) or {}) - ({_GATE_UP_PATTERN} if _GATE_UP in params else set()):
@@ -441,26 +455,27 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     if not params:
         return plan
     layers = _moe_layers(model)
-    odd = sorted(set(params) - {_GATE_UP, _DOWN, _ROUTER})
+    odd = sorted(set(params) - {_GATE_UP, _DOWN, router})
     if odd or not layers or _stacked_experts(model):
         raise ValueError(f"{path}: target_parameters={params!r} is not supported (temper reads {_GATE_UP!r}, "
-                         f"{_DOWN!r} and {_ROUTER!r} of Mixtral's and Qwen3-MoE's experts, not those GPT-OSS's and "
+                         f"{_DOWN!r} and {router!r} of Mixtral's and Qwen3-MoE's experts, not those GPT-OSS's and "
                          "Gemma 4's checkpoints store stacked)")
     if config.get("use_dora"):
         raise ValueError(f"{path}: use_dora with target_parameters is not supported (PEFT has no DoRA there)")
     r, alpha = int(config["r"]), config["lora_alpha"]
     ranks = {_GATE_UP: (int((config.get("rank_pattern") or {}).get(_GATE_UP_PATTERN, r)),
                         (config.get("alpha_pattern") or {}).get(_GATE_UP_PATTERN, alpha)),
-             _DOWN: (r, alpha), _ROUTER: (r, alpha)}
+             _DOWN: (r, alpha), router: (r, alpha)}
     copies: dict[str, list] = {name: [] for name in params}
     for hf, moe in layers:
         n = len(moe.experts)
         for name in params:
             inner = name == _GATE_UP and _DOWN in params
-            key = f"{_PREFIX}{hf}.{'gate' if name == _ROUTER else 'experts'}{'.base_layer' if inner else ''}"
+            key = f"{_PREFIX}{hf}.{name.removesuffix('.weight') if name == router else 'experts'}"
+            key += ".base_layer" if inner else ""
             rank = ranks[name][0]
             e0 = moe.experts[0]
-            if name == _ROUTER:
+            if name == router:
                 shapes = {_A: (rank, moe.router.in_features), _B: (n, rank)}
             elif name == _GATE_UP:
                 shapes = {_A: (n * rank, e0.gate_proj.in_features), _B: (2 * e0.gate_proj.out_features, rank * n)}
@@ -474,7 +489,7 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
                                      f"{list(shape)} ({name}, rank {rank}, {n} experts)")
                 plan.keys.add(key + kind)
             a, b = tensors[key + _A], tensors[key + _B]
-            if name == _ROUTER:
+            if name == router:
                 copies[name].append((moe, "router", a, b))
                 continue
             a, b = a.view(n, rank, -1), b.view(b.shape[0], rank, n)
@@ -486,7 +501,7 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
                     copies[name].append((expert, part, a[e], b[row:row + out, :, e]))
                     row += out
     for name in params:
-        targets = {_GATE_UP: ("gate_proj", "up_proj"), _DOWN: ("down_proj",), _ROUTER: ("router",)}[name]
+        targets = {_GATE_UP: ("gate_proj", "up_proj"), _DOWN: ("down_proj",), router: ("router",)}[name]
         plan.groups.append((targets, *ranks[name], copies[name]))
     return plan
 
