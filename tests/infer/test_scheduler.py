@@ -36,9 +36,12 @@ LATENT = {"n_kv_heads": None, "head_size": 24, "rope_dim": 8, "kv_lora_rank": 16
 """DeepSeek-V3's latent attention: its cache rows (a latent and the rotated key part per token) move alike."""
 HYBRID = {"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True, "full_attention_every": 2,
           "linear_key_heads": 2, "linear_value_heads": 4}
+"""Qwen3.5's layers: the linear ones' states move with their rows, restart with a new request, and see no padding."""
 SHORT_CONV = {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv", "linear_conv_size": 3}
 """LFM2's layers: a short convolution, then an attention layer."""
-"""Qwen3.5's layers: the linear ones' states move with their rows, restart with a new request, and see no padding."""
+MAMBA2 = {"attention_layers": (1,), "linear_layer": "mamba2", "linear_key_heads": 2, "linear_value_heads": 4,
+          "linear_key_size": 8, "linear_value_size": 16}
+"""Granite 4.0-H's layers: a Mamba 2 layer, then an attention layer."""
 
 
 class Collector:
@@ -75,12 +78,12 @@ def _prompts(k: int) -> list[list[int]]:
             for _ in range(k)]
 
 
-@pytest.mark.parametrize("attention", ["grouped", "latent", "hybrid", "short-conv"])
+@pytest.mark.parametrize("attention", ["grouped", "latent", "hybrid", "short-conv", "mamba2"])
 def test_requests_joining_at_any_step_equal_generate_alone(model, attention):
     """More requests than slots, of different lengths and settings, arriving while others decode:
     greedy and seeded outputs (and log-probs) are what generate gives for each alone."""
     model = model if attention == "grouped" else _model(**{"latent": LATENT, "hybrid": HYBRID,
-                                                          "short-conv": SHORT_CONV}[attention])
+                                                          "short-conv": SHORT_CONV, "mamba2": MAMBA2}[attention])
     sched = Scheduler(model, slots=4, max_queue=32)
     sched.start()
     try:

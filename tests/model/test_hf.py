@@ -394,7 +394,9 @@ def test_variant_features_are_exercised():
                       ("cohere2-window-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("lfm2-short-conv", {"qk_norm": False}),
                       ("lfm2-moe-sigmoid-bias", {"expert_choice_bias": False}),
-                      ("lfm2-moe-sigmoid-bias", {"routed_scaling": 1.0})]:
+                      ("lfm2-moe-sigmoid-bias", {"routed_scaling": 1.0}),
+                      ("granite4-mamba2-moe-nope", {"nope_every": None}),  # RoPE on its attention layer
+                      ("granite4-mamba2-dense-rope", {"nope_every": 1})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -485,6 +487,20 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(lfm2, norm_unit_offset=True, hf_architecture="Qwen3_5ForCausalLM"))
     with pytest.raises(ValueError, match="Qwen3ForCausalLM cannot express this model: it has neither linear"):
         to_hf_config(replace(lfm2, hf_architecture="Qwen3ForCausalLM"))
+    granite4 = replace(llama, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=1, linear_value_heads=4,
+                       linear_value_size=32)
+    assert hf_architecture(granite4) == hf_architecture(replace(granite4, n_experts=4, shared_expert_ffn_dim=48,
+                                                                nope_every=1)) == "GraniteMoeHybridForCausalLM"
+    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: its experts sit beside "
+                                         "a shared MLP"):
+        to_hf_config(replace(granite4, n_experts=4))
+    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: its linear layers are "
+                                         "Mamba 2's"):
+        to_hf_config(replace(lfm2, qk_norm=False, hf_architecture="GraniteMoeHybridForCausalLM"))
+    with pytest.raises(ValueError, match="heads filling a whole multiple of dim"):
+        to_hf_config(replace(granite4, linear_value_size=24))
+    with pytest.raises(ValueError, match="its attention layers all take RoPE or none do"):
+        to_hf_config(replace(granite4, nope_every=2))
     cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
     assert hf_architecture(cohere) == "CohereForCausalLM"
     assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"
@@ -658,6 +674,37 @@ def test_lfm2_configs_temper_cannot_build_are_refused_by_name(arch, key, value, 
                         key: value})
 
 
+@pytest.mark.parametrize("key, value", [
+    ("layer_types", ["mamba", "conv"]), ("layer_types", ["mamba"]),  # a kind temper lacks; not one per layer
+    ("mamba_conv_bias", False), ("mamba_proj_bias", True), ("time_step_limit", [0.0, 100.0]),
+    ("mamba_d_head", 12), ("mamba_n_groups", 3), ("num_local_experts", -1), ("num_experts_per_tok", 9),
+    ("attention_bias", True)])
+def test_granite4_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {**_SMALL, "architectures": ["GraniteMoeHybridForCausalLM"], "layer_types": ["mamba", "attention"],
+         "mamba_n_heads": 8, "mamba_d_state": 16, "num_local_experts": 4, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_granite4_reads_its_spellings_and_defaults():
+    """Granite 4.0's published layer kinds ("mamba", "attention") and transformers 5's ("linear_attention",
+    "full_attention"), or the older layers_block_type, read alike; mamba_d_head "auto" is mamba_expand * hidden_size /
+    mamba_n_heads; no position_embedding_type means no positions; num_local_experts 0 a dense shared MLP alone; all
+    attention layers (Granite 4.0 Micro) no Mamba 2 at all."""
+    base = {**_SMALL, "architectures": ["GraniteMoeHybridForCausalLM"], "mamba_n_heads": 8, "mamba_d_state": 16,
+            "num_local_experts": 0, "shared_intermediate_size": 80}
+    cfgs = [from_hf_config(base | layers) for layers in ({"layer_types": ["mamba", "attention"]},
+                                                         {"layer_types": ["linear_attention", "full_attention"]},
+                                                         {"layers_block_type": ["mamba", "attention"]})]
+    assert cfgs[0] == cfgs[1] == cfgs[2]
+    cfg = cfgs[0]
+    assert (cfg.attention_layers, cfg.linear_layer, cfg.linear_heads, cfg.linear_sizes) == ((1,), "mamba2", (1, 8),
+                                                                                          (16, 16))
+    assert (cfg.nope_every, cfg.n_experts, cfg.ffn_dim, cfg.tie_embeddings) == (1, 0, 80, False)
+    micro = from_hf_config(base | {"layer_types": ["attention"] * 2, "position_embedding_type": "rope"})
+    assert (micro.has_linear_layers, micro.nope_every) == (False, None)
+
+
 def test_configs_without_a_rope_base_take_their_config_class_default():
     """CohereConfig's default base is 500000, Lfm2Config's 1e6, Cohere2Config's the usual 10000; a base given in
     either spelling wins."""
@@ -803,10 +850,11 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
                                   "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared",
-                                  "cohere-parallel-pairs", "cohere2-window-nope", "lfm2-short-conv"])
+                                  "cohere-parallel-pairs", "cohere2-window-nope", "lfm2-short-conv",
+                                  "granite4-mamba2-dense-rope"])
 def test_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
-    the gated norm's product after the weight; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
+    the gated norm's product after the weight; Mamba 2 its step before the float32 rule; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
     router, Hunyuan's, Cohere's RoPE (tables rounded, the rotation in float32: rope_tables_rounded) (0.0 apart on the
     machine that wrote this; a step of the largest logit allowed for other CPUs' bf16 kernels)."""
     CASES[case]().save_pretrained(tmp_path)

@@ -497,7 +497,9 @@ def _granite_hybrid(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ValueError(f"GraniteMoeHybrid {key}={d[key]} is not supported (temper's Mamba 2 layers have a "
                              "convolution bias and projections without biases)")
     limit = d.get("time_step_limit")
-    if limit is not None and [float(t) for t in limit] != [0.0, float("inf")]:
+    # transformers 5 writes its infinity as {"__float__": "Infinity"}
+    bounds = [t["__float__"] if isinstance(t, dict) and set(t) == {"__float__"} else t for t in limit or []]
+    if limit is not None and bounds != [0.0, float("inf")] and bounds != [0.0, "Infinity"]:
         raise ValueError(f"GraniteMoeHybrid time_step_limit={limit} is not supported (temper does not clamp Mamba 2's "
                          "steps)")
     heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
