@@ -705,6 +705,22 @@ def test_granite4_reads_its_spellings_and_defaults():
     assert (micro.has_linear_layers, micro.nope_every) == (False, None)
 
 
+def test_granite4_350m_config_reads_as_its_preset():
+    """Granite 4.0-H-350M's config.json (its published fields) is the granite-4.0-h-350m preset: 340M parameters."""
+    kinds = ["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)]
+    cfg = from_hf_config({
+        "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_multiplier": 0.015625,
+        "embedding_multiplier": 12, "hidden_size": 768, "intermediate_size": 2048, "logits_scaling": 3,
+        "layer_types": kinds, "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 32, "mamba_d_state": 128,
+        "mamba_n_groups": 1, "mamba_n_heads": 48, "mamba_proj_bias": False, "max_position_embeddings": 32768,
+        "num_attention_heads": 12, "num_experts_per_tok": 0, "num_hidden_layers": 32, "num_key_value_heads": 4,
+        "num_local_experts": 0, "position_embedding_type": "nope", "residual_multiplier": 0.246, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000, "shared_intermediate_size": 2048, "tie_word_embeddings": True, "vocab_size": 100352})
+    assert replace(cfg, hf_architecture=None) == PRESETS["granite-4.0-h-350m"]
+    with torch.device("meta"):
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 340_332_224
+
+
 def test_configs_without_a_rope_base_take_their_config_class_default():
     """CohereConfig's default base is 500000, Lfm2Config's 1e6, Cohere2Config's the usual 10000; a base given in
     either spelling wins."""

@@ -736,6 +736,14 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=1000000.0, norm_eps=1e-5, qk_norm=True, tie_embeddings=True, attention_layers=(2, 5, 8, 10, 12, 14),
         linear_layer="short_conv", linear_conv_size=3,
     ),
+    # Granite 4.0-H-350M (IBM, 2025): 28 Mamba 2 layers (48 heads of 32, a state of 128) around 4 attention layers
+    # without positions (12 heads, 4 kv heads), Granite's multipliers, tied embeddings; 340M parameters.
+    "granite-4.0-h-350m": replace(
+        _LLAMA, vocab_size=100352, dim=768, n_layers=32, n_heads=12, n_kv_heads=4, ffn_dim=2048, max_seq_len=32768,
+        norm_eps=1e-5, tie_embeddings=True, nope_every=1, attention_layers=(10, 13, 17, 27), linear_layer="mamba2",
+        linear_key_heads=1, linear_value_heads=48, linear_key_size=128, linear_value_size=32, embed_multiplier=12.0,
+        residual_multiplier=0.246, logit_divisor=3.0, attn_scale_dim=4096,
+    ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.
     "qwen3.5-9b": replace(

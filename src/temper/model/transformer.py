@@ -1,13 +1,13 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral,
-Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE, LayerNorm
-or RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-routed,
-after dense layers), multi-head, grouped-query, latent or gated attention, or Gated DeltaNet linear attention layers
-between attention ones, query/key
-norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with their
-own RoPE base, and global layers of their own shape), norms on the sublayers' inputs, outputs or both, biases,
-tying, embedding scaling, capped attention scores and logits, attention sinks, value norms, layer scalars.
+Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3,
+Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE,
+LayerNorm or RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-
+routed, after dense layers), multi-head, grouped-query, latent or gated attention, or Gated DeltaNet, Mamba 2 or short
+convolution linear layers between attention ones, query/key norms (per head or over all heads), a sliding window (on
+every layer, or local layers between global ones with their own RoPE base, and global layers of their own shape), norms
+on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention scores and logits,
+attention sinks, value norms, layer scalars.
 The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
 `model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the
 model, and builds each forward's masks.
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
-    attn.{q,k}_norm (qk_norm only) or, in a linear attention layer, `GatedDeltaNet`'s, attn_out_norm and mlp_out_norm
+    attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and mlp_out_norm
     (sandwich_norm only), mlp_norm (not with parallel_block),
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Thirty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -36,7 +36,9 @@ alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width besid
 Cohere (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in
 float32 in adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with
 RoPE to one global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed
-irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers) and
+irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers), Granite
+4.0 (`GraniteMoeHybridForCausalLM`: Mamba 2 layers around attention layers with or without RoPE, Granite's multipliers,
+experts beside an ungated shared MLP, or that MLP alone) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
