@@ -97,6 +97,11 @@ SHAPES: dict[str, ModelConfig] = {
     "lfm2-small": dataclasses.replace(
         PRESETS["lfm2-1.2b"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
         attention_layers=(2, 5), max_seq_len=2048),
+    # Granite 4.0-H-350M's layout, small: Mamba 2 layers (16 heads of 64, a state of 64) around two attention layers
+    # without positions.
+    "granite4-small": dataclasses.replace(
+        PRESETS["granite-4.0-h-350m"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
+        attention_layers=(2, 5), linear_value_heads=16, linear_key_size=64, linear_value_size=64, max_seq_len=2048),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(

@@ -131,6 +131,13 @@ CASES = {
         layer_types=["attention", "mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
         mamba_d_head=32, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=80,
         position_embedding_type="rope", tie_word_embeddings=False),
+    # Granite 3.0's mixtures: experts alone (1B-A400M, 3B-A800M), and beside a shared MLP.
+    "granitemoe-experts": lambda: _hf("GraniteMoeConfig", "GraniteMoeForCausalLM", **_SMALL, num_local_experts=4,
+                                      num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                      logits_scaling=2.0, attention_multiplier=0.125, tie_word_embeddings=True),
+    "granitemoeshared-experts": lambda: _hf("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", **_SMALL,
+                                            num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                                            residual_multiplier=0.5, tie_word_embeddings=False),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -491,9 +498,15 @@ def test_architecture_is_chosen_by_fields():
                        linear_value_size=32)
     assert hf_architecture(granite4) == hf_architecture(replace(granite4, n_experts=4, shared_expert_ffn_dim=48,
                                                                 nope_every=1)) == "GraniteMoeHybridForCausalLM"
-    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: its experts sit beside "
-                                         "a shared MLP"):
-        to_hf_config(replace(granite4, n_experts=4))
+    granite3 = replace(llama, n_experts=4, residual_multiplier=0.5)
+    assert hf_architecture(granite3) == "GraniteMoeForCausalLM"
+    assert hf_architecture(replace(granite3, shared_expert_ffn_dim=48)) == "GraniteMoeSharedForCausalLM"
+    with pytest.raises(ValueError, match="GraniteMoeForCausalLM cannot express this model: its experts' chosen weights "
+                                         "are renormalised, beside no shared MLP"):
+        to_hf_config(replace(granite3, shared_expert_ffn_dim=48, hf_architecture="GraniteMoeForCausalLM"))
+    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: its experts' chosen "
+                                         "weights are renormalised"):
+        to_hf_config(replace(granite4, n_experts=4, renormalize_experts=False))
     with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: its linear layers are "
                                          "Mamba 2's"):
         to_hf_config(replace(lfm2, qk_norm=False, hf_architecture="GraniteMoeHybridForCausalLM"))
@@ -703,6 +716,9 @@ def test_granite4_reads_its_spellings_and_defaults():
     assert (cfg.nope_every, cfg.n_experts, cfg.ffn_dim, cfg.tie_embeddings) == (1, 0, 80, False)
     micro = from_hf_config(base | {"layer_types": ["attention"] * 2, "position_embedding_type": "rope"})
     assert (micro.has_linear_layers, micro.nope_every) == (False, None)
+    for arch in ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"):  # Granite 3.0's have experts always
+        with pytest.raises(ValueError, match="num_local_experts=0"):
+            from_hf_config({**_SMALL, "architectures": [arch], "num_local_experts": 0})
 
 
 def test_granite4_350m_config_reads_as_its_preset():

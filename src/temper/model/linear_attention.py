@@ -275,9 +275,8 @@ def causal_conv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU (activation=False: none, LFM2's) of the causal depthwise convolution of x (B, T, C) with weight (C, 1, K)
     and bias (C,) (None: none; Mamba 2's): each output is a channel's sum over its token and the K - 1 before it, within
-    the token's document. before:
-    (B, K - 1, C), the inputs a cache row holds from earlier forwards (None: zeros). Also returns the last K - 1 real
-    inputs (B, K - 1, C), a cache's next `before`.
+    the token's document. before: (B, K - 1, C), the inputs a cache row holds from earlier forwards (None: zeros). Also
+    returns the last K - 1 real inputs (B, K - 1, C), a cache's next `before`.
 
     Written as K shifted products rather than `F.conv1d` so that document boundaries mask taps, in float32 and rounded
     once, as conv1d's kernel accumulates."""
@@ -310,7 +309,7 @@ def gated_delta_rule(
     beta_t k_t^T v_t, Mamba 2's state space recurrence (its B as keys, C as queries, x as values, dt as beta): the same
     chunks without the triangular solves.
 
-    q, k: (B, H, T, Dk) (q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0), beta: (B, H, T).
+    q, k: (B, H, T, Dk) (Gated DeltaNet's: q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0), beta: (B, H, T).
     state: the state before the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts
     where the id changes, and `state` belongs to the first token's document.
 

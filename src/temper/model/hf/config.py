@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Thirty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Forty-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -37,8 +37,9 @@ Cohere (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one 
 float32 in adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with
 RoPE to one global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed
 irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers), Granite
-4.0 (`GraniteMoeHybridForCausalLM`: Mamba 2 layers around attention layers with or without RoPE, Granite's multipliers,
-experts beside an ungated shared MLP, or that MLP alone) and
+3.0's mixtures (`GraniteMoeForCausalLM`, `GraniteMoeSharedForCausalLM`: Granite's multipliers, experts stacked, alone or
+beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
+around attention layers with or without RoPE) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -76,13 +77,16 @@ HUNYUAN, HUNYUAN_MOE = "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 LFM2, LFM2_MOE = "Lfm2ForCausalLM", "Lfm2MoeForCausalLM"
 LFM2S = (LFM2, LFM2_MOE)  # gated short convolutions around attention layers with q/k norms, under LFM2's names
-GRANITE_HYBRID = "GraniteMoeHybridForCausalLM"
-GRANITES = (GRANITE, GRANITE_HYBRID)  # Granite's multipliers of the embeddings, sublayers, scores and logits
+GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID = (
+    "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteMoeHybridForCausalLM")
+GRANITE_MOES = (GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID)  # experts stacked under block_sparse_moe, a router
+# named router, a shared MLP named shared_mlp (Granite 4.0: Mamba 2 layers too)
+GRANITES = (GRANITE, *GRANITE_MOES)  # Granite's multipliers of the embeddings, sublayers, scores and logits
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           GRANITE_HYBRID)
+                           *GRANITE_MOES)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -119,14 +123,15 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration", "qwen3_next": QWEN3_NEXT, "gemma4_text": GEMMA4,
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
-                "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoehybrid": GRANITE_HYBRID}
+                "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
+                "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID}
 
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
     keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; Granite 4.0's
     mixture is its block_sparse_moe, its dense MLP the shared_mlp beside it)."""
-    return "feed_forward" if arch in LFM2S else "block_sparse_moe" if arch == GRANITE_HYBRID else "mlp"
+    return "feed_forward" if arch in LFM2S else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -309,8 +314,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     linear = {}
     if arch in LFM2S:
         d, linear = _lfm2(d, arch)
-    if arch == GRANITE_HYBRID:
-        d, linear = _granite_hybrid(d)
+    if arch in GRANITE_MOES:
+        d, linear = _granite_moe(d, arch)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -483,12 +488,32 @@ def _lfm2(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]
     return d, {"attention_layers": attention, "linear_layer": "short_conv", "linear_conv_size": d.get("conv_L_cache", 3)}
 
 
-def _granite_hybrid(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(`d` with its MLP's width in intermediate_size, as the reading shares it; the ModelConfig fields of Granite
-    4.0's layers: which attend (layer_types, or its older layers_block_type; "attention" or "full_attention"), the
-    others Mamba 2 layers ("mamba" or "linear_attention"); its mixture of experts (num_local_experts, 0: none) of
-    intermediate_size beside an ungated shared MLP of shared_intermediate_size, or that MLP alone. The experts' weights
-    are a softmax over the chosen ones' logits: the renormalised top k of a softmax over all."""
+def _granite_moe(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with its MLP's width in intermediate_size, as the reading shares it; the ModelConfig fields of the Granite
+    mixtures' layers): Granite 3.0's experts (GraniteMoe), beside an ungated shared MLP (GraniteMoeShared, where
+    shared_intermediate_size > 0), and Granite 4.0's (GraniteMoeHybrid: that MLP alone where num_local_experts is 0, and
+    Mamba 2 layers, `_granite_mamba`). The experts' weights are a softmax over the chosen ones' logits: the
+    renormalised top k of a softmax over all."""
+    name = arch.removesuffix("ForCausalLM")
+    fields = _granite_mamba(d) if arch == GRANITE_HYBRID else {}
+    experts = d.get("num_local_experts", 8)
+    shared = 0 if arch == GRANITE_MOE else d.get("shared_intermediate_size", 1024 if arch == GRANITE_HYBRID else 0)
+    if not (experts > 0 or experts == 0 and arch == GRANITE_HYBRID and shared > 0) or shared < 0:
+        raise ValueError(f"{name} num_local_experts={experts} with shared_intermediate_size={shared} is not supported "
+                         "(experts, or GraniteMoeHybrid's shared MLP alone: num_local_experts 0)")
+    if experts:
+        k = d.get("num_experts_per_tok", 2)
+        if not (_is_int(k) and 1 <= k <= experts):
+            raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the {experts} experts")
+        fields |= {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d["intermediate_size"],
+                   "shared_expert_ffn_dim": shared or None, "renormalize_experts": True}
+    return {**d, "intermediate_size": d["intermediate_size"] if experts else shared}, fields
+
+
+def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of Granite 4.0's layers: which attend (layer_types, or its older layers_block_type;
+    "attention" or "full_attention"), the others Mamba 2 layers ("mamba" or "linear_attention"); none where every layer
+    attends (Granite 4.0 Micro)."""
     n = d["num_hidden_layers"]
     types = d.get("layer_types", d.get("layers_block_type")) or ["linear_attention"] * n
     kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
@@ -511,22 +536,12 @@ def _granite_hybrid(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"GraniteMoeHybrid mamba_n_heads={heads}, mamba_n_groups={groups}, mamba_d_head={head} are "
                          f"not supported (heads of mamba_d_head filling mamba_expand * hidden_size, in groups that divide "
                          "them)")
-    fields = {"linear_layer": "mamba2", "linear_key_heads": groups, "linear_value_heads": heads,
-              "linear_key_size": d.get("mamba_d_state", 256), "linear_value_size": head,
-              "linear_conv_size": d.get("mamba_d_conv", 4)}
-    fields["attention_layers"] = tuple(i for i, t in enumerate(types) if not kinds[t])
-    if len(fields["attention_layers"]) == n:  # no Mamba 2 layers: attention alone (Granite 4.0 Micro)
-        fields = {}
-    experts, shared = d.get("num_local_experts", 8), d.get("shared_intermediate_size", 1024)
-    if experts < 0:
-        raise ValueError(f"GraniteMoeHybrid num_local_experts must be 0 (a dense MLP) or more, got {experts}")
-    if experts:
-        k = d.get("num_experts_per_tok", 2)
-        if not (_is_int(k) and 1 <= k <= experts):
-            raise ValueError(f"GraniteMoeHybrid num_experts_per_tok={k} must be between 1 and the {experts} experts")
-        fields |= {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d["intermediate_size"],
-                   "shared_expert_ffn_dim": shared, "renormalize_experts": True}
-    return {**d, "intermediate_size": d["intermediate_size"] if experts else shared}, fields
+    attention = tuple(i for i, t in enumerate(types) if not kinds[t])
+    if len(attention) == n:
+        return {}
+    return {"attention_layers": attention, "linear_layer": "mamba2", "linear_key_heads": groups,
+            "linear_value_heads": heads, "linear_key_size": d.get("mamba_d_state", 256), "linear_value_size": head,
+            "linear_conv_size": d.get("mamba_d_conv", 4)}
 
 
 def _lfm2_experts(d: dict[str, Any]) -> dict[str, Any]:
@@ -1048,7 +1063,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
+            granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
+                    else (GRANITE_MOE_SHARED if cfg.shared_expert_ffn_dim else GRANITE_MOE) if granite
                     else HUNYUAN_MOE if cfg.qk_norm_after_rope
                     else ERNIE4_5_MOE if cfg.router_scores == "softmax" and cfg.expert_choice_bias
                     else MINIMAX_M2 if cfg.router_scores == "sigmoid" and cfg.shared_expert_ffn_dim is None
@@ -1125,8 +1142,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             "short_conv", False, cfg.dim):
         return ("its linear layers are short convolutions (linear_layer='short_conv'), its attention ungated, its heads "
                 "hidden_size / num_attention_heads wide")
-    if arch == GRANITE_HYBRID and (cfg.has_linear_layers and cfg.linear_layer != "mamba2" or cfg.attn_output_gate
-                                   or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim):
+    if arch == GRANITE_HYBRID and (cfg.attn_output_gate or cfg.has_linear_layers and (
+            cfg.linear_layer != "mamba2" or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim)):
         return ("its linear layers are Mamba 2's (linear_layer='mamba2'), their heads filling a whole multiple of dim "
                 "(mamba_expand), its attention ungated")
     if arch not in (*HYBRID, *LFM2S, GRANITE_HYBRID) and (any(hybrid) or cfg.has_linear_layers):
@@ -1138,7 +1155,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, GRANITE_HYBRID)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1156,7 +1173,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.pre_norm != (arch not in POST_NORM):
         return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
                 else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
-    if bool(cfg.n_experts) != (arch in MOE_ARCHITECTURES) and arch not in (GEMMA4, GRANITE_HYBRID):
+    if bool(cfg.n_experts) != (arch in (*MOE_ARCHITECTURES, GRANITE_MOE, GRANITE_MOE_SHARED)) and arch not in (
+            GEMMA4, GRANITE_HYBRID):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
@@ -1178,13 +1196,14 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
                                                                             arch in SHARED_GATED) and arch not in (
                                                                                 GEMMA4, ERNIE4_5_MOE, HUNYUAN_MOE,
-                                                                                GRANITE_HYBRID):
+                                                                                *GRANITE_MOES):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
-    if arch == GRANITE_HYBRID and cfg.n_experts and (cfg.shared_expert_ffn_dim is None or cfg.shared_expert_gate
-                                                      or not cfg.renormalize_experts):
-        return "its experts sit beside a shared MLP, ungated, and their chosen weights are renormalised"
+    if arch in GRANITE_MOES and cfg.n_experts and (cfg.shared_expert_gate or not cfg.renormalize_experts
+                                                   or arch == GRANITE_MOE and cfg.shared_expert_ffn_dim):
+        return ("its experts' chosen weights are renormalised, beside no shared MLP" if arch == GRANITE_MOE else
+                "its experts' chosen weights are renormalised, beside an ungated shared MLP or none")
     if arch in DEEPSEEK_MOE and cfg.shared_expert_ffn_dim % cfg.expert_hidden_dim:
         return "its shared experts are a whole number of experts wide"
     deepseek = (cfg.router_scores == "sigmoid", cfg.expert_choice_bias)
@@ -1359,17 +1378,19 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                   "top_k_experts": cfg.experts_per_token, "moe_intermediate_size": cfg.expert_hidden_dim}
     if arch in ERNIES:
         d["use_bias"] = cfg.bias
-    if arch == GRANITE_HYBRID:  # its layers named one by one in the published spelling; no positions: nope
-        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
-        shared = cfg.shared_expert_ffn_dim if cfg.n_experts else cfg.hidden_dim
+    if arch in GRANITE_MOES:  # no shared MLP: a width of 0
         d |= {"attention_bias": False, "embedding_multiplier": cfg.embed_multiplier or 1.0,
               "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
               "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5,
-              "position_embedding_type": "nope" if cfg.nope_every else "rope",
-              "layer_types": ["mamba" if cfg.is_linear(i) else "attention" for i in range(cfg.n_layers)],
               "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "intermediate_size": cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim,
-              "shared_intermediate_size": shared, "output_router_logits": False, "router_aux_loss_coef": 0.0,
+              "output_router_logits": False, "router_aux_loss_coef": 0.0}
+        if arch != GRANITE_MOE:
+            d["shared_intermediate_size"] = (cfg.shared_expert_ffn_dim or 0) if cfg.n_experts else cfg.hidden_dim
+    if arch == GRANITE_HYBRID:  # its layers named one by one in the published spelling; no positions: nope
+        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
+        d |= {"position_embedding_type": "nope" if cfg.nope_every else "rope",
+              "layer_types": ["mamba" if cfg.is_linear(i) else "attention" for i in range(cfg.n_layers)],
               "mamba_n_heads": heads, "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
               "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
               "mamba_proj_bias": False}

@@ -65,7 +65,7 @@ from temper.model.hf.config import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GPT2,
-    GRANITE_HYBRID,
+    GRANITE_MOES,
     HUNYUAN_MOE,
     hf_architecture,
     hf_mlp,
@@ -109,8 +109,9 @@ def _plain_router(cfg: ModelConfig | None) -> bool:
 
 
 def _router(cfg: ModelConfig | None) -> str:
-    """The name of a mixture's router module in transformers' models: Granite 4.0's `router`, the others' `gate`."""
-    return "router" if cfg is not None and hf_architecture(cfg) == GRANITE_HYBRID else "gate"
+    """The name of a mixture's router module in transformers' models: the Granite mixtures' `router`, the others'
+    `gate`."""
+    return "router" if cfg is not None and hf_architecture(cfg) in GRANITE_MOES else "gate"
 
 
 def _reordered(cfg: ModelConfig) -> dict[str, Any]:
@@ -154,10 +155,10 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
 
 def _stacked_experts(model: nn.Module) -> bool:
     """Whether the model's Hugging Face checkpoint stores its experts stacked (GPT-OSS, Gemma 4: `weights._STACKED`),
-    which temper's PEFT reader and writer do not lay out. Granite 4.0's stacks them as transformers 5 holds every
+    which temper's PEFT reader and writer do not lay out. Granite's mixtures stack them as transformers 5 holds every
     mixture in memory (gate over up, (E, 2F, D)), where PEFT adapts them: written and read as Mixtral's."""
     cfg = getattr(model, "cfg", None)
-    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) != GRANITE_HYBRID and any(
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) not in GRANITE_MOES and any(
         r.stacked and ".mlp.experts." in r.parts[0] for r in hf_rules(cfg))
 
 

@@ -25,7 +25,7 @@ from temper.model.hf.config import (
     GLM4,
     GPT2,
     GPT_OSS,
-    GRANITE_HYBRID,
+    GRANITE_MOES,
     HUNYUAN_MOE,
     HUNYUANS,
     HYBRID,
@@ -208,15 +208,16 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                           "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
                     if n not in fused:
                         add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
-            if arch == GRANITE_HYBRID:  # Mamba 2 or attention; a shared MLP (gate and up fused), experts stacked
+            if arch in GRANITE_MOES:  # Mamba 2 or attention; a shared MLP (gate and up fused), experts stacked
                 names = (("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
                           "out_proj.weight") if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight",
                                                                         "v_proj.weight", "o_proj.weight"))
                 for n in names:
                     add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
                 shared = f"{p}mlp.shared_expert." if cfg.n_experts else f"{p}mlp."
-                add(f"{h}shared_mlp.input_linear.weight", f"{shared}gate_proj.weight", f"{shared}up_proj.weight")
-                add(f"{h}shared_mlp.output_linear.weight", f"{shared}down_proj.weight")
+                if f"{shared}gate_proj.weight" in keys:
+                    add(f"{h}shared_mlp.input_linear.weight", f"{shared}gate_proj.weight", f"{shared}up_proj.weight")
+                    add(f"{h}shared_mlp.output_linear.weight", f"{shared}down_proj.weight")
                 if cfg.n_experts:
                     moe, experts = f"{h}block_sparse_moe.", range(cfg.n_experts)
                     add(f"{moe}router.layer.weight", f"{p}mlp.router.weight")
@@ -398,7 +399,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     out: dict[str, torch.Tensor] = {}
     if arch in MOE_ARCHITECTURES and arch != GPT_OSS:
         sd = _unfused_experts(sd, arch)
-    if arch == GRANITE_HYBRID:
+    if arch in GRANITE_MOES:
         sd = _granite_checkpoint_names(sd)
     for name, t in sd.items():
         if _ignored(name, cfg):
@@ -447,11 +448,11 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
 _GRANITE_IN_MEMORY = {".block_sparse_moe.experts.gate_up_proj": ".block_sparse_moe.input_linear.weight",
                       ".block_sparse_moe.experts.down_proj": ".block_sparse_moe.output_linear.weight",
                       ".block_sparse_moe.router.weight": ".block_sparse_moe.router.layer.weight"}
-"""transformers 5's in-memory names of Granite 4.0's experts and router -> its checkpoints' (the rules')."""
+"""transformers 5's in-memory names of the Granite mixtures' experts and router -> their checkpoints' (the rules')."""
 
 
 def _granite_checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers 5 GraniteMoeHybrid model's own state dict in the names its `save_pretrained` writes."""
+    """A transformers 5 Granite mixture's own state dict in the names its `save_pretrained` writes."""
     out = {}
     for name, t in sd.items():
         for memory, checkpoint in _GRANITE_IN_MEMORY.items():
