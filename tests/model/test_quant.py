@@ -175,12 +175,28 @@ def test_merge_over_nf4_is_exact_and_exports(tmp_path, dora):
         torch.testing.assert_close(back(x), low(x), rtol=0, atol=0)
 
 
+def test_weights_of_odd_sizes_group_their_scales_by_a_power_of_two_that_divides():
+    """Granite 4.0-H's in_proj (here 2 * 512 + 2 * 64 + 8 rows: 4640 blocks of 64) fills no whole number of QLoRA's
+    groups of 256 block scales: its scales are grouped by 32, the largest power of two dividing their count, as torchao
+    lays NF4 out; the other layers keep 256."""
+    cfg = replace(CFG, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=1, linear_value_heads=8,
+                  linear_key_size=64, linear_value_size=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in ("layers.0.attn.in_proj", "layers.1.attn.q_proj")}
+    quantize_nf4(model)
+    for (name, w), scaler in zip(weights.items(), (32, 256), strict=True):
+        got = model.get_submodule(name).weight
+        assert is_nf4(got) and got.scaler_block_size == scaler
+        assert torch.equal(got.to(torch.bfloat16), to_nf4(w, 64, scaler).to(torch.bfloat16))
+
+
 def test_bad_targets_and_shapes_fail_before_any_change():
     model = _model()
     with pytest.raises(ValueError, match=r"NF4 targets \['gate'\] match no nn.Linear"):
         quantize_nf4(model, targets=("q_proj", "gate"))
-    with pytest.raises(ValueError, match="layers.0.attn.k_proj has 32768 weights, not a multiple of 64 \\* 1024"):
-        quantize_nf4(model, targets=("q_proj", "k_proj"), scaler_block_size=1024)
+    with pytest.raises(ValueError, match="layers.0.attn.k_proj has 32768 weights, not a multiple of block_size 96"):
+        quantize_nf4(model, targets=("q_proj", "k_proj"), block_size=96)
     assert not any(is_nf4(p) for p in model.parameters())
     quantize_nf4(model, targets=("q_proj",))
     with pytest.raises(ValueError, match="already NF4"):

@@ -96,9 +96,11 @@ def quantize_nf4(
 
     Targets match a child's own name as in `apply_lora` (`block_linears`, the blocks' linear layers, by default: QLoRA
     keeps embeddings and the head in the compute dtype). The NF4 weight dequantizes to the dtype the
-    weight had, so quantize a bf16 model to compute in bf16. A weight's size must be a multiple of
-    block_size * scaler_block_size (torchao's layout); every weight is checked before any changes. `device`:
-    move each weight there first, one at a time (default: quantize where it is).
+    weight had, so quantize a bf16 model to compute in bf16. A weight's size must be a multiple of block_size; its
+    blocks' scales are quantized in groups of scaler_block_size (QLoRA's double quantization), or of the largest power
+    of two below it that divides their count where that one does not (torchao's layout needs whole groups: Granite
+    4.0-H's in_proj takes 64); every weight is checked before any changes. `device`: move each weight there first, one
+    at a time (default: quantize where it is).
     """
     _need_torchao("nf4")
     found = find_linears(model, block_linears(model) if targets is None else targets, "NF4")
@@ -107,12 +109,13 @@ def quantize_nf4(
         w = getattr(parent, name).weight
         if is_nf4(w):
             unfit.append(f"{dotted} is already NF4")
-        elif w.numel() % (block_size * scaler_block_size):
-            unfit.append(f"{dotted} has {w.numel()} weights, not a multiple of {block_size} * {scaler_block_size}")
+        elif w.numel() % block_size:
+            unfit.append(f"{dotted} has {w.numel()} weights, not a multiple of block_size {block_size}")
     if unfit:
         raise ValueError(f"cannot quantize to NF4: {'; '.join(unfit[:4])}{'...' if len(unfit) > 4 else ''}")
     for _, parent, name in found:
-        _set_nf4(getattr(parent, name), block_size, scaler_block_size, device)
+        layer = getattr(parent, name)
+        _set_nf4(layer, block_size, _scaler_block(layer.weight.numel() // block_size, scaler_block_size), device)
     return [dotted for dotted, _, _ in found]
 
 
