@@ -138,6 +138,12 @@ CASES = {
     "granitemoeshared-experts": lambda: _hf("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", **_SMALL,
                                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
                                             residual_multiplier=0.5, tie_word_embeddings=False),
+    # Nemotron-H: Mamba 2 layers (8 heads of 16 in 2 groups, a state of 16), attention without positions and
+    # squared-ReLU MLPs, one sublayer per layer: two mixers in a row make a block without an MLP.
+    "nemotron-h-mamba2-relu2": lambda: _hf(
+        "NemotronHConfig", "NemotronHForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
+        layer_norm_epsilon=1e-5, head_dim=16, hybrid_override_pattern="M-MM*-M-", mamba_num_heads=8, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=16, chunk_size=16, tie_word_embeddings=False),
     "qwen2-qkv-bias-tied": lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **_SMALL, tie_word_embeddings=True),
     "qwen3-qk-norm-wide-heads": lambda: _hf("Qwen3Config", "Qwen3ForCausalLM", **_SMALL, head_dim=24,
                                             tie_word_embeddings=False),
@@ -403,7 +409,8 @@ def test_variant_features_are_exercised():
                       ("lfm2-moe-sigmoid-bias", {"expert_choice_bias": False}),
                       ("lfm2-moe-sigmoid-bias", {"routed_scaling": 1.0}),
                       ("granite4-mamba2-moe-nope", {"nope_every": None}),  # RoPE on its attention layer
-                      ("granite4-mamba2-dense-rope", {"nope_every": 1})]:
+                      ("granite4-mamba2-dense-rope", {"nope_every": 1}),
+                      ("nemotron-h-mamba2-relu2", {"nope_every": None})]:  # RoPE on its attention layer
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -498,6 +505,13 @@ def test_architecture_is_chosen_by_fields():
                        linear_value_size=32)
     assert hf_architecture(granite4) == hf_architecture(replace(granite4, n_experts=4, shared_expert_ffn_dim=48,
                                                                 nope_every=1)) == "GraniteMoeHybridForCausalLM"
+    nemotron = replace(granite4, mlp="relu2", norm_cast_after=True, nope_every=1, no_mlp_layers=(0,))
+    assert hf_architecture(nemotron) == "NemotronHForCausalLM"
+    with pytest.raises(ValueError, match="NemotronHForCausalLM cannot express this model: it needs mlp='relu2'"):
+        to_hf_config(replace(nemotron, norm_cast_after=False))
+    with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: every block has an "
+                                         "MLP"):
+        to_hf_config(replace(granite4, no_mlp_layers=(0,)))
     granite3 = replace(llama, n_experts=4, residual_multiplier=0.5)
     assert hf_architecture(granite3) == "GraniteMoeForCausalLM"
     assert hf_architecture(replace(granite3, shared_expert_ffn_dim=48)) == "GraniteMoeSharedForCausalLM"
@@ -719,6 +733,45 @@ def test_granite4_reads_its_spellings_and_defaults():
     for arch in ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM"):  # Granite 3.0's have experts always
         with pytest.raises(ValueError, match="num_local_experts=0"):
             from_hf_config({**_SMALL, "architectures": [arch], "num_local_experts": 0})
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("hybrid_override_pattern", "M-E*-", "hybrid_override_pattern"),  # Nemotron 3's experts
+    ("hybrid_override_pattern", "-M*", "an MLP after no mixer"), ("hybrid_override_pattern", "M--*", "after no mixer"),
+    ("mlp_hidden_act", "silu", "mlp_hidden_act"), ("residual_in_fp32", True, "residual_in_fp32"),
+    ("mamba_proj_bias", True, "mamba_proj_bias"), ("n_groups", 3, "n_groups"), ("time_step_limit", [0.0, 1.0],
+                                                                                 "time_step_limit")])
+def test_nemotron_h_configs_temper_cannot_build_are_refused_by_name(key, value, named):
+    d = {**_SMALL, "architectures": ["NemotronHForCausalLM"], "hybrid_override_pattern": "M-*-", "mamba_num_heads": 8,
+         key: value}
+    with pytest.raises(ValueError, match=named):
+        from_hf_config(d)
+
+
+def test_nemotron_h_reads_its_pattern_in_either_spelling_as_blocks():
+    """hybrid_override_pattern (published) and layers_block_type (transformers 5) read alike: a mixer and the MLP
+    after it are one block, consecutive mixers blocks without one; the export writes the pattern back."""
+    base = {**_SMALL, "architectures": ["NemotronHForCausalLM"], "mamba_num_heads": 8, "n_groups": 2}
+    cfg = from_hf_config(base | {"hybrid_override_pattern": "M-MM*-M-"})
+    assert cfg == from_hf_config(base | {"layers_block_type": ["mamba", "mlp", "mamba", "mamba", "attention", "mlp",
+                                                               "mamba", "mlp"]})
+    assert (cfg.n_layers, cfg.attention_layers, cfg.no_mlp_layers, cfg.mlp) == (5, (3,), (1, 2), "relu2")
+    assert to_hf_config(cfg)["hybrid_override_pattern"] == "M-MM*-M-"
+
+
+def test_nemotron_nano_9b_v2_config_reads_as_its_preset():
+    """NVIDIA-Nemotron-Nano-9B-v2's config.json (its published fields) is the nemotron-nano-9b-v2 preset: 8.89B
+    parameters."""
+    cfg = from_hf_config({
+        "architectures": ["NemotronHForCausalLM"], "vocab_size": 131072, "hidden_size": 4480,
+        "intermediate_size": 15680, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+        "hybrid_override_pattern": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-", "ssm_state_size": 128,
+        "conv_kernel": 4, "n_groups": 8, "mamba_num_heads": 128, "mamba_head_dim": 80, "mamba_hidden_act": "silu",
+        "mlp_hidden_act": "relu2", "max_position_embeddings": 131072, "layer_norm_epsilon": 1e-5,
+        "residual_in_fp32": False, "use_conv_bias": True, "use_bias": False, "tie_word_embeddings": False})
+    assert replace(cfg, hf_architecture=None) == PRESETS["nemotron-nano-9b-v2"]
+    with torch.device("meta"):
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 8_888_227_328
 
 
 def test_granite4_350m_config_reads_as_its_preset():

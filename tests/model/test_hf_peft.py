@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirty-six architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for thirty-seven architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -107,6 +107,10 @@ CONFIGS = {
     "granite4_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2,
                             linear_value_heads=8, linear_key_size=8, linear_value_size=16, nope_every=1, n_experts=4,
                             expert_ffn_dim=40, shared_expert_ffn_dim=48, hf_architecture="GraniteMoeHybridForCausalLM"),
+    # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
+    "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
+                          linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
+                          no_mlp_layers=(1,), hf_architecture="NemotronHForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
@@ -172,6 +176,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
     "granite4": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"],
     "granite4_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -222,9 +227,11 @@ def _targets(case: str) -> tuple[str, ...]:
     if CONFIGS[case].kv_lora_rank:  # latent attention's projections (one q_proj without a query latent)
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])
         linears = (*latent, "o_proj")
-    if CONFIGS[case].has_linear_layers:  # the linear attention layers' too
+    if CONFIGS[case].has_linear_layers:  # the linear attention layers' too (not Nemotron-H's out_proj: PEFT refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
-                               else IN_OUT_PROJ_TARGETS))
+                               else ("in_proj",) if case == "nemotron_h" else IN_OUT_PROJ_TARGETS))
+    if CONFIGS[case].mlp == "relu2":  # not gated
+        linears = tuple(t for t in linears if t != "gate_proj")
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 
 
@@ -458,6 +465,17 @@ def test_dora_on_experts_is_refused_by_name(tmp_path):
     apply_lora(model, rank=2, alpha=4, targets=("q_proj", "down_proj"), dora=True)
     assert "layers.0.mlp.experts.0.down_proj and 7 more are DoRA adapters" in peft_lora_refusal(model)
     with pytest.raises(ValueError, match="which PEFT adapts as parameters, without DoRA"):
+        save_peft(model, model.cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_nemotron_h_mamba_out_proj_adapters_are_refused_by_name(tmp_path):
+    """PEFT refuses LoRA on a Mamba out_proj of Nemotron-H (its fused kernels read the weight directly): temper writes
+    no file with one, nothing written; without it the file is written (test_save_peft_loads_in_peft_...)."""
+    model = _model("nemotron_h")
+    apply_lora(model, rank=2, alpha=4, targets=("in_proj", "out_proj"))
+    assert "layers.0.attn.out_proj and 0 more adapt Nemotron-H's Mamba 2 out_proj" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="PEFT refuses on that model"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

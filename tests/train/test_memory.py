@@ -149,6 +149,9 @@ SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "linea
 # Granite 4.0-H's: Mamba 2 layers (8 heads of 16, 2 groups of B and C, a state of 16) around one attention layer
 MAMBA2 = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba2", "linear_key_heads": 2,
           "linear_value_heads": 8, "linear_key_size": 16, "linear_value_size": 16}
+# Nemotron-H's: those, squared-ReLU MLPs, and a block of a Mamba 2 layer alone (no MLP)
+NEMOTRON_H = MAMBA2 | {"attention_layers": (2,), "mlp": "relu2", "norm_cast_after": True, "nope_every": 1,
+                       "no_mlp_layers": (1,), "ffn_dim": 256}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -270,6 +273,11 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "fp32", 1, {"dims": MAMBA2, "seq": 256}),
     ("debug-llama", "lora", "bf16", 0, {"dims": MAMBA2, "seq": 256, "lora": LoRAShape(rank=4, targets=[
         "q_proj", "v_proj", "in_proj", "out_proj"])}),
+    # Nemotron-H: squared ReLU's backward holds two hidden-sized tensors more than GELU's; a block without an MLP
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": NEMOTRON_H, "seq": 256}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256, "lora": LoRAShape(rank=4, targets=[
+        "q_proj", "in_proj", "out_proj", "up_proj", "down_proj"])}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

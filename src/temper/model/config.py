@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-MLP_KINDS = ("gelu", "swiglu", "geglu")
+MLP_KINDS = ("gelu", "swiglu", "geglu", "relu2")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POS_KINDS = ("learned", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -86,11 +86,15 @@ class ModelConfig:
     DeltaNet's queries, keys and values, Mamba 2's x, B and C (with a bias), or a short convolution's gated input
     (LFM2: 3)."""
     ffn_dim: int | None = None
-    """MLP hidden width; None means 4*dim for gelu and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
+    """MLP hidden width; None means 4*dim for gelu and relu2 and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
+    no_mlp_layers: tuple[int, ...] = ()
+    """Blocks without an MLP (0-based): their mixer alone, x + mixer(norm(x)) (Nemotron-H's Mamba 2 layers that follow
+    one another)."""
     max_seq_len: int = 256
     """Longest sequence: rows of the learned position table or of the RoPE table."""
     mlp: str = "gelu"
-    """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama) or "geglu" (Gemma: gated, tanh GELU)."""
+    """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama), "geglu" (Gemma: gated, tanh GELU) or "relu2"
+    (Nemotron-H: relu(up(x))^2, not gated; So et al. 2021, "Primer")."""
     norm: str = "layernorm"
     """Normalisation kind: "layernorm" (GPT-2) or "rmsnorm" (Llama)."""
     norm_eps: float = 1e-5
@@ -265,6 +269,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.attention_layers is not None:  # a list read from YAML or JSON
             self.attention_layers = tuple(self.attention_layers)
+        self.no_mlp_layers = tuple(self.no_mlp_layers)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -319,6 +324,11 @@ class ModelConfig:
         if self.rope_tables_rounded and not self.rope_float32:
             raise ValueError("rope_tables_rounded needs rope_float32 (without it the tables are in the activations' "
                              "dtype already)")
+        layers = self.no_mlp_layers
+        if list(layers) != sorted(set(layers)) or not all(0 <= i < self.n_layers for i in layers) or (
+                layers and self.parallel_block):
+            raise ValueError(f"no_mlp_layers={layers} must list layers of the {self.n_layers} once each, in order "
+                             "(and not with parallel_block, whose MLP is beside the mixer)")
         if self.parallel_block and (not self.pre_norm or self.sandwich_norm or self.experts_own_norms):
             raise ValueError("parallel_block needs pre_norm, without sandwich_norm or experts_own_norms (its attention "
                              "and MLP read one normalised input, and their outputs join the stream as they are)")
@@ -536,7 +546,7 @@ class ModelConfig:
         """ffn_dim with None resolved (kept a property so `replace(cfg, dim=...)` never goes stale)."""
         if self.ffn_dim is not None:
             return self.ffn_dim
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.dim
         return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # gated (Llama): 2/3 of 4*dim, multiple of 256
 
@@ -743,6 +753,15 @@ PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-5, tie_embeddings=True, nope_every=1, attention_layers=(10, 13, 17, 27), linear_layer="mamba2",
         linear_key_heads=1, linear_value_heads=48, linear_key_size=128, linear_value_size=32, embed_multiplier=12.0,
         residual_multiplier=0.246, logit_divisor=3.0, attn_scale_dim=4096,
+    ),
+    # NVIDIA-Nemotron-Nano-9B-v2 (NVIDIA, 2025): 56 sublayers as 31 blocks: 27 Mamba 2 layers (128 heads of 80, 8
+    # groups, a state of 128) and 4 attention layers without positions (40 heads of 128, 8 kv heads), 25 of them with a
+    # squared-ReLU MLP after; 8.89B parameters.
+    "nemotron-nano-9b-v2": replace(
+        _LLAMA, vocab_size=131072, dim=4480, n_layers=31, n_heads=40, n_kv_heads=8, head_size=128, ffn_dim=15680,
+        max_seq_len=131072, mlp="relu2", norm_eps=1e-5, norm_cast_after=True, tie_embeddings=False, nope_every=1,
+        attention_layers=(8, 12, 17, 22), no_mlp_layers=(3, 7, 11, 16, 21, 24), linear_layer="mamba2",
+        linear_key_heads=8, linear_value_heads=128, linear_key_size=128, linear_value_size=80,
     ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.

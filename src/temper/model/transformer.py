@@ -2,12 +2,12 @@
 
 Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3,
 Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE,
-LayerNorm or RMSNorm, GELU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP or a mixture of gated experts (softmax- or sigmoid-
-routed, after dense layers), multi-head, grouped-query, latent or gated attention, or Gated DeltaNet, Mamba 2 or short
-convolution linear layers between attention ones, query/key norms (per head or over all heads), a sliding window (on
-every layer, or local layers between global ones with their own RoPE base, and global layers of their own shape), norms
-on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped attention scores and logits,
-attention sinks, value norms, layer scalars.
+LayerNorm or RMSNorm, GELU, squared-ReLU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP (or none: Nemotron-H's blocks of a
+mixer alone) or a mixture of gated experts (softmax- or sigmoid-routed, after dense layers), multi-head, grouped-query,
+latent or gated attention, or Gated DeltaNet, Mamba 2 or short convolution linear layers between attention ones,
+query/key norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with
+their own RoPE base, and global layers of their own shape), norms on the sublayers' inputs, outputs or both, biases,
+tying, embedding scaling, capped attention scores and logits, attention sinks, value norms, layer scalars.
 The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
 `model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the
 model, and builds each forward's masks.
@@ -53,7 +53,8 @@ class Block(nn.Module):
     `sandwich_norm` each sublayer's output is normalised too before it is added (Gemma 2 and 3), and without
     `pre_norm` only the output is: x + norm(attn(x)) (OLMo 2); with `residual_multiplier` m, x + m * attn(norm(x))
     (Granite); with `layer_scalar` the block's output is scaled as a whole (Gemma 4); with `parallel_block`,
-    x + attn(norm(x)) + mlp(norm(x)), one norm (GPT-J, Wang and Komatsuzaki 2021; Cohere)."""
+    x + attn(norm(x)) + mlp(norm(x)), one norm (GPT-J, Wang and Komatsuzaki 2021; Cohere); in `no_mlp_layers`, the
+    mixer alone (Nemotron-H)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -73,12 +74,15 @@ class Block(nn.Module):
         self.attn = linear_layer(cfg, slot) if linear else attention(cfg, slot, shaped, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.parallel = cfg.parallel_block  # the MLP reads attn_norm's output: no norm of its own
-        self.mlp_norm = make_norm(cfg) if cfg.pre_norm and not cfg.parallel_block else None
+        has_mlp = layer_idx not in cfg.no_mlp_layers  # Nemotron-H: a mixer alone
+        self.mlp_norm = make_norm(cfg) if cfg.pre_norm and not cfg.parallel_block and has_mlp else None
         wide = 2 * cfg.hidden_dim if cfg.kv_shared_wide_mlp and cfg.kv_source(layer_idx) is not None else None
-        self.mlp = (MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers  # DeepSeek-V3: dense first
-                    else MLP(cfg, wide))
+        self.mlp = None
+        if has_mlp:
+            self.mlp = (MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers  # DeepSeek-V3: dense first
+                        else MLP(cfg, wide))
         self.mlp_takes_raw = isinstance(self.mlp, MoE) and cfg.experts_own_norms  # Gemma 4: routes the raw input
-        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
+        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm and has_mlp else None
         self.residual_multiplier = cfg.residual_multiplier
         # Gemma 4 E2B, E4B: its per-layer input (the model's per-layer embeddings), gated by the stream, added back
         self.per_layer_gate = self.per_layer_out = self.per_layer_out_norm = None
@@ -109,6 +113,7 @@ class Block(nn.Module):
             x = x + self._joining(a, None) + self._joining(self.mlp(h), None)  # (B, T, C)
         else:
             x = x + self._joining(a, self.attn_out_norm)
+        if self.mlp is not None and not self.parallel:
             h = x if self.mlp_norm is None else self.mlp_norm(x)
             h = self.mlp(h, x) if self.mlp_takes_raw else self.mlp(h)  # (B, T, C)
             x = x + self._joining(h, self.mlp_out_norm)  # (B, T, C)
@@ -123,7 +128,7 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and mlp_out_norm
-    (sandwich_norm only), mlp_norm (not with parallel_block),
+    (sandwich_norm only), mlp_norm and mlp (not with parallel_block or in no_mlp_layers),
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
     experts_out_norm} where configured, and Gemma 4's buffer layer_scalar and per_layer_{gate, out, out_norm}}, Gemma

@@ -318,7 +318,8 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
         block_params=sum(n(p) for p in unique(model.layers[0].parameters())),
         block_trainable=[sum(n(p) for p in unique(b.parameters()) if p.requires_grad) for b in model.layers],
         late_trainable=sum(n(p) for p in lookups if p.requires_grad),
-        down_trainable=[sum(n(p) for p in _down_proj(b.mlp).parameters() if p.requires_grad) for b in model.layers],
+        down_trainable=[sum(n(p) for p in _down_proj(b.mlp).parameters() if p.requires_grad) if b.mlp is not None
+                        else 0 for b in model.layers],
         autocast_block=autocast_block,
         autocast_tail=n(head_weight) if head_weight.requires_grad else 0,
         embedding_unit=sum(n(p) for p in tail),
@@ -568,9 +569,11 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     # MLP half. A parallel block's MLP reads attention's input (attn_norm's output, kept once), which needs a
     # gradient only where the block's input does, whatever attention's adapters need.
     h_bytes, mlp_grad_in, source = attn_in_bytes, grad_in, "attn_norm output"
-    if not block.parallel:
+    if not block.parallel and mlp is not None:
         h_bytes, mlp_grad_in, source = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t), grad_mid, "mlp_norm output"
-    if isinstance(mlp, MoE):
+    if mlp is None:  # the mixer alone (Nemotron-H)
+        mlp_grad, hidden = False, 0.0
+    elif isinstance(mlp, MoE):
         mlp_grad, hidden = _experts_saved(s, mlp, d, h_bytes, t, lora_dropout, mlp_grad_in, source)
     else:
         mlp_grad, hidden = _mlp_saved(s, "", mlp, h_bytes, t, lora_dropout, mlp_grad_in, source=source)
@@ -734,10 +737,11 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
         s.add("rule: B, C as the C B^T product's operands", pad * 2 * a * H * N)
         s.add(f"rule: decay (C x C per head, C={C}, float32), C B^T products", pad * (4 + a) * H * C)
         s.add("rule: the decays' exponentials (float32)", pad * 4 * 4 * H)
-        s.add("chunk loop: intra-chunk attention", pad * a * H * C)
-        s.add("chunk loop: written values (twice), reads and writes of the state", pad * 2 * a * H * (P + N))
-        s.add("chunk loop: the state entering each chunk" + (" (and its float32 self)" if a != 4 else ""),
-              pad * H * N * P / C * (a + (4 * (chunks - 1) / chunks if a != 4 else 0)))
+    loop = pad * (a * H * C + 2 * a * H * (P + N) + H * N * P / C * (a + (4 * (chunks - 1) / chunks if a != 4 else 0)))
+    if rule:
+        s.add("chunk loop: intra-chunk attention, written values (twice), reads and writes of the state, the state "
+              "entering each chunk" + (" (casts, and the state's float32 self)" if a != 4 else ""), loop)
+    after_rule = s.total  # what the layer keeps after the rule is freed before the rule's backward
     s.add("values x" + (" (SiLU's whole output)" if a == 4 else " (float32)"), (4 * width if a == 4 else 4 * inner)
           if rule or attn.D.requires_grad else 0)
     norm = rule or attn.D.requires_grad or attn.norm.weight.requires_grad
@@ -751,9 +755,14 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     s.add("normalised (float32)", 4 * inner if attn.norm.weight.requires_grad else 0)
     _readers(s, "gated output", [attn.out_proj], 4 if a == 4 else a, t, lora_dropout, norm or z)
     out_grad = norm or z or _wants_grad(attn.out_proj)
-    # Without the delta rule's solves its backward makes nothing beyond what the forward kept (measured: within 2% of
-    # the peak, fp32 and bf16, checkpointed or not)
-    return [attn.in_proj], out_grad, 0.0
+    if not rule:
+        return [attn.in_proj], out_grad, 0.0
+    # The rule's backward peaks in its chunk loop's gradients, stacked whole: three C x C per head (the intra-chunk
+    # attention's, the decay's and the C B^T product's), B's and C's repeated to every head, and the values' twice; by
+    # then what the layer kept after the rule, and the loop's own, are freed (a checkpointed block without an MLP peaks
+    # there).
+    grads = pad * 4 * H * (3 * C + 2 * N + 2 * P)
+    return [attn.in_proj], out_grad, grads - (s.total - after_rule) - loop
 
 
 def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
@@ -876,7 +885,7 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
                grad_in: bool, inputs: bool = True, source: str = "mlp_norm output") -> tuple[bool, float]:
     """What a dense MLP keeps per row it runs, under labels starting `label`; returns (whether its output needs a
     gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP;
-    d GELU-output and d up for GELU; less down_proj's input, freed by then). inputs=False: its input's copies are
+    d GELU-output and d up for GELU, four for squared ReLU; less down_proj's input, freed by then). inputs=False: its input's copies are
     counted by the caller, with the other layers that read the same tensor; `source` names that tensor."""
     gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
     readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
@@ -901,13 +910,17 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
         s.add(label + "up", t.a * f if gate_grad else 0)
         s.add(label + "act(gate) * up (down_proj input)", t.a * f if down_keeps else 0)
         mlp_grad = gate_grad or up_grad
-    else:
-        s.add(label + "up (GELU input)", t.a * f if up_grad else 0)
-        s.add(label + "GELU output (down_proj input)", t.a * f if down_keeps else 0)
+    else:  # GELU keeps its input; squared ReLU ReLU's output (relu's and the square's backward read it)
+        act = "ReLU output (the square's input)" if getattr(mlp, "relu2", False) else "up (GELU input)"
+        s.add(label + act, t.a * f if up_grad else 0)
+        s.add(label + "activation output (down_proj input)", t.a * f if down_keeps else 0)
         mlp_grad = up_grad
     if lora_dropout > 0:
         _readers(s, label + "MLP hidden", [mlp.down_proj], t.a, t, lora_dropout, mlp_grad)
-    return mlp_grad or _wants_grad(mlp.down_proj), ((3 if gated else 2) - down_keeps) * t.a * f
+    # Squared ReLU's backward holds two more: the square's gradient is grad * (2 * r), a temporary and its product,
+    # beside the gradient coming down, before ReLU's (measured).
+    held = 3 if gated else 4 if getattr(mlp, "relu2", False) else 2
+    return mlp_grad or _wants_grad(mlp.down_proj), (held - down_keeps) * t.a * f
 
 
 def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_dropout: float,

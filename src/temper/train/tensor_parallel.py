@@ -68,6 +68,9 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         raise ConfigError(f"train.parallel.tp={tp} does not split linear attention layers (full_attention_every="
                           f"{cfg.full_attention_every}, attention_layers={cfg.attention_layers}): shard the model with "
                           "train.parallel.dp_shard (FSDP2) instead")
+    if cfg.no_mlp_layers:
+        raise ConfigError(f"train.parallel.tp={tp} does not split blocks without an MLP (no_mlp_layers): shard the model "
+                          "with train.parallel.dp_shard (FSDP2) instead")
     if cfg.attn_sinks:
         raise ConfigError(f"train.parallel.tp={tp} does not split attention sinks (one per head, kept whole): shard "
                           "it with train.parallel.dp_shard (FSDP2) instead")

@@ -44,11 +44,11 @@ from temper.model.hf.config import (
 from temper.model.hf.files import CheckpointError, SafetensorsFile, _member, _PickledFile, _weight_files
 from temper.model.hf.weights import (
     _FUSED_EXPERTS,
-    _canonical,
     _check_shape,
     _ignored,
     _Rule,
     _to_temper,
+    canonical_name,
     from_hf_state_dict,
     hf_rules,
     to_hf_state_dict,
@@ -145,7 +145,7 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is {src_dtype} but config.json declares no FP8 "
                                           "quantization_config to scale it by; temper reads fine-grained FP8 "
                                           "(quant_method fp8, weight_block_size)")
-                key = _canonical(name, arch)
+                key = canonical_name(name, arch)
                 rule = rules.get(key)
                 if rule is None:
                     fused = (" (experts stacked in one tensor, as save_pretrained(save_original_format=False) "
@@ -265,7 +265,7 @@ def load_score_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
             if name == SCORE:
                 score = f.read(name).to(dtype)
             elif not _ignored(name, cfg) and name != "lm_head.weight":
-                sd[_canonical(name, arch)] = f.read(name).to(dtype)
+                sd[canonical_name(name, arch)] = f.read(name).to(dtype)
     if score is None or score.shape != (1, cfg.dim):
         raise CheckpointError(f"{root}: not a one-label sequence-classification checkpoint: "
                               f"{'no ' + SCORE if score is None else f'{SCORE} has shape {tuple(score.shape)}'}")

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Forty-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Forty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -39,7 +39,9 @@ RoPE to one global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions a
 irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers), Granite
 3.0's mixtures (`GraniteMoeForCausalLM`, `GraniteMoeSharedForCausalLM`: Granite's multipliers, experts stacked, alone or
 beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
-around attention layers with or without RoPE) and
+around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM`: Mamba 2 layers, attention without
+positions and squared-ReLU MLPs, each a layer of its own, read as blocks of a mixer and the MLP after it or the mixer
+alone) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -82,11 +84,12 @@ GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID = (
 GRANITE_MOES = (GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID)  # experts stacked under block_sparse_moe, a router
 # named router, a shared MLP named shared_mlp (Granite 4.0: Mamba 2 layers too)
 GRANITES = (GRANITE, *GRANITE_MOES)  # Granite's multipliers of the embeddings, sublayers, scores and logits
+NEMOTRON_H = "NemotronHForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES)
+                           *GRANITE_MOES, NEMOTRON_H)
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -124,7 +127,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
-                "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID}
+                "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H}
 
 
 def hf_mlp(arch: str) -> str:
@@ -208,7 +211,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
                      "mamba_expand", "mamba_chunk_size"), _INT),
     "mamba_d_head": (*_INT, *_STR), **dict.fromkeys(("mamba_conv_bias", "mamba_proj_bias"), _BOOL),
     "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
-    "time_step_limit": (list, type(None)),
+    "time_step_limit": (list, type(None)), "mamba_dt_limit": (list, type(None)),
+    **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
+                     "expand"), _INT),
+    **dict.fromkeys(("use_conv_bias", "residual_in_fp32"), _BOOL),
+    **dict.fromkeys(("hybrid_override_pattern", "mlp_hidden_act", "mamba_hidden_act"), _STR),
     **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding", "use_expert_bias"), _BOOL),
     "norm_eps": _FLOAT, "block_ffn_dim_multiplier": (*_FLOAT, type(None)), "full_attn_idxs": (list, type(None)),
     **dict.fromkeys(("n_inner", "head_dim", "num_key_value_heads", "sliding_window"), (*_INT, type(None))),
@@ -316,6 +323,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d, linear = _lfm2(d, arch)
     if arch in GRANITE_MOES:
         d, linear = _granite_moe(d, arch)
+    if arch == NEMOTRON_H:
+        d, linear = _nemotron_h(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -362,7 +371,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
-    if arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope":  # its default: no positions at all
+    if arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope" or arch == NEMOTRON_H:  # no positions
         nope_every = 1
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
@@ -405,7 +414,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048), mlp="geglu" if gemma else "swiglu",
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        mlp="geglu" if gemma else "relu2" if arch == NEMOTRON_H else "swiglu",
         norm="layernorm" if arch in COHERES else "rmsnorm",
         norm_eps=d.get("layer_norm_eps", 1e-5) if arch in COHERES else d.get("rms_norm_eps", 1e-6),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
@@ -418,7 +428,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
         parallel_block=arch in COHERES,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4),
+        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4, NEMOTRON_H),
         rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
         dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
@@ -510,6 +520,67 @@ def _granite_moe(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str
     return {**d, "intermediate_size": d["intermediate_size"] if experts else shared}, fields
 
 
+_NEMOTRON_KINDS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+"""Nemotron-H's hybrid_override_pattern letters -> transformers 5's layers_block_type names."""
+
+
+def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` in the keys the reading shares, with num_hidden_layers temper's block count; the ModelConfig fields of
+    Nemotron-H's layers). Its checkpoint's layers are each one sublayer, a Mamba 2 layer ("M", "linear_attention"),
+    attention without positions ("*", "full_attention") or a squared-ReLU MLP ("-", "mlp"), each x + f(norm(x)): a
+    mixer and the MLP after it are one temper block, and a mixer followed by another mixer a block without an MLP
+    (`no_mlp_layers`). Its mixtures of experts ("E", Nemotron 3) are refused."""
+    pattern = d.get("hybrid_override_pattern")
+    types = d.get("layers_block_type", d.get("layer_types"))
+    if types is None and isinstance(pattern, str) and set(pattern) <= set(_NEMOTRON_KINDS):
+        types = [_NEMOTRON_KINDS[c] for c in pattern]
+    aliases = {"mamba": "linear_attention", "attention": "full_attention"}
+    types = [aliases.get(t, t) for t in types] if isinstance(types, list) else types
+    if not (isinstance(types, list) and types and set(types) <= {"linear_attention", "full_attention", "mlp"}):
+        raise ValueError(f"NemotronH layers_block_type={types!r} (hybrid_override_pattern={pattern!r}) is not supported "
+                         "(temper reads Mamba 2 'M', attention '*' and MLP '-' layers, not mixtures of experts 'E')")
+    attention, no_mlp, block = [], [], -1
+    for k, kind in enumerate(types):
+        if kind == "mlp":
+            if block < 0 or k and types[k - 1] == "mlp":
+                raise ValueError(f"NemotronH layer {k} is an MLP after no mixer (layers_block_type={types!r}): temper's "
+                                 "blocks are a mixer, then at most one MLP")
+            continue
+        block += 1
+        if kind == "full_attention":
+            attention.append(block)
+        if k + 1 == len(types) or types[k + 1] != "mlp":
+            no_mlp.append(block)
+    for key, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu"), ("use_bias", False),
+                      ("mlp_bias", False), ("attention_bias", False), ("use_conv_bias", True), ("mamba_proj_bias", False),
+                      ("residual_in_fp32", False), ("sliding_window", None), ("num_nextn_predict_layers", 0)):
+        if d.get(key, want) != want:
+            raise ValueError(f"NemotronH {key}={d[key]!r} is not supported (temper reads {want!r})")
+    _check_time_steps("NemotronH", d.get("time_step_limit", d.get("mamba_dt_limit")))
+    heads, groups = d.get("mamba_num_heads", 128), d.get("n_groups", d.get("mamba_n_groups", 8))
+    if not (heads > 0 and groups > 0 and heads % groups == 0):
+        raise ValueError(f"NemotronH mamba_num_heads={heads} in n_groups={groups} is not supported (groups that divide "
+                         "the heads)")
+    fields = {"no_mlp_layers": tuple(no_mlp)}
+    if len(attention) <= block:  # Mamba 2 layers
+        fields |= {"attention_layers": tuple(attention), "linear_layer": "mamba2", "linear_key_heads": groups,
+                   "linear_value_heads": heads, "linear_key_size": d.get("ssm_state_size", 128),
+                   "linear_value_size": d.get("mamba_head_dim", 64),
+                   "linear_conv_size": d.get("conv_kernel", d.get("mamba_d_conv", 4))}
+    d = {"vocab_size": 131072, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "head_dim": 128, "max_position_embeddings": 4096, "intermediate_size": 21504, **d,
+         "num_hidden_layers": block + 1, "rms_norm_eps": d.get("layer_norm_epsilon", 1e-5), "hidden_act": "silu"}
+    return d, fields
+
+
+def _check_time_steps(name: str, limit: Any) -> None:
+    """Refuse a Mamba 2 time_step_limit other than (0, inf): temper does not clamp the steps."""
+    # transformers 5 writes its infinity as {"__float__": "Infinity"}
+    bounds = [t["__float__"] if isinstance(t, dict) and set(t) == {"__float__"} else t for t in limit or []]
+    if limit is not None and bounds != [0.0, float("inf")] and bounds != [0.0, "Infinity"]:
+        raise ValueError(f"{name} time_step_limit={limit} is not supported (temper does not clamp Mamba 2's steps)")
+
+
 def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields of Granite 4.0's layers: which attend (layer_types, or its older layers_block_type;
     "attention" or "full_attention"), the others Mamba 2 layers ("mamba" or "linear_attention"); none where every layer
@@ -523,12 +594,7 @@ def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
         if d.get(key, want) != want:
             raise ValueError(f"GraniteMoeHybrid {key}={d[key]} is not supported (temper's Mamba 2 layers have a "
                              "convolution bias and projections without biases)")
-    limit = d.get("time_step_limit")
-    # transformers 5 writes its infinity as {"__float__": "Infinity"}
-    bounds = [t["__float__"] if isinstance(t, dict) and set(t) == {"__float__"} else t for t in limit or []]
-    if limit is not None and bounds != [0.0, float("inf")] and bounds != [0.0, "Infinity"]:
-        raise ValueError(f"GraniteMoeHybrid time_step_limit={limit} is not supported (temper does not clamp Mamba 2's "
-                         "steps)")
+    _check_time_steps("GraniteMoeHybrid", d.get("time_step_limit"))
     heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
     head = d.get("mamba_d_head", "auto")
     head = expand * d["hidden_size"] // heads if head == "auto" else head
@@ -1047,7 +1113,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
     arch = cfg.hf_architecture
     if arch is None:
-        if cfg.parallel_block:
+        if cfg.mlp == "relu2":
+            arch = NEMOTRON_H
+        elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
             arch = GRANITE_HYBRID if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts else LFM2
@@ -1121,8 +1189,15 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     elif arch in HYBRID:
         if (cfg.mlp, cfg.norm_unit_offset, cfg.scale_embeddings) != ("swiglu", True, False):
             return "it needs mlp='swiglu' and norm_unit_offset, without scale_embeddings"
+    elif arch == NEMOTRON_H:
+        if (cfg.mlp, cfg.norm_unit_offset, cfg.scale_embeddings, cfg.norm_cast_after, cfg.nope_every) != (
+                "relu2", False, False, True, 1):
+            return ("it needs mlp='relu2', norms that scale before rounding (norm_cast_after) and attention without "
+                    "positions (nope_every=1)")
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
+    if cfg.no_mlp_layers and arch != NEMOTRON_H:
+        return "every block has an MLP (NemotronHForCausalLM has blocks without: no_mlp_layers)"
     gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
                     cfg.per_layer_input_size)
     if arch != GEMMA4 and any(gemma4_parts):
@@ -1142,11 +1217,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             "short_conv", False, cfg.dim):
         return ("its linear layers are short convolutions (linear_layer='short_conv'), its attention ungated, its heads "
                 "hidden_size / num_attention_heads wide")
+    if arch == NEMOTRON_H and (cfg.attn_output_gate or cfg.has_linear_layers and cfg.linear_layer != "mamba2"):
+        return "its linear layers are Mamba 2's (linear_layer='mamba2'), its attention ungated"
     if arch == GRANITE_HYBRID and (cfg.attn_output_gate or cfg.has_linear_layers and (
             cfg.linear_layer != "mamba2" or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim)):
         return ("its linear layers are Mamba 2's (linear_layer='mamba2'), their heads filling a whole multiple of dim "
                 "(mamba_expand), its attention ungated")
-    if arch not in (*HYBRID, *LFM2S, GRANITE_HYBRID) and (any(hybrid) or cfg.has_linear_layers):
+    if arch not in (*HYBRID, *LFM2S, GRANITE_HYBRID, NEMOTRON_H) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1155,7 +1232,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, NEMOTRON_H)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1257,7 +1334,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2) and not (arch == GRANITE_HYBRID and cfg.nope_every == 1):
+    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2, NEMOTRON_H) and not (
+            arch == GRANITE_HYBRID and cfg.nope_every == 1):
         return ("it rotates every layer (SmolLM3ForCausalLM has NoPE layers)" if arch != GRANITE_HYBRID
                 else "its attention layers all take RoPE or none do (nope_every=1)")
     if arch in (EXAONE4, COHERE2) and cfg.nope_every != cfg.global_every:
@@ -1394,6 +1472,17 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_n_heads": heads, "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
               "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
               "mamba_proj_bias": False}
+    if arch == NEMOTRON_H:  # its layers one sublayer each, in the published hybrid_override_pattern; no positions
+        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
+        pattern = "".join(("M" if cfg.is_linear(i) else "*") + ("" if i in cfg.no_mlp_layers else "-")
+                          for i in range(cfg.n_layers))
+        for key in ("rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act"):
+            del d[key]
+        d |= {"num_hidden_layers": len(pattern), "hybrid_override_pattern": pattern,
+              "layer_norm_epsilon": cfg.norm_eps, "mlp_hidden_act": "relu2", "mamba_hidden_act": "silu",
+              "mamba_num_heads": heads, "mamba_head_dim": head, "n_groups": groups, "ssm_state_size": state,
+              "conv_kernel": cfg.linear_conv_size, "use_conv_bias": True, "mamba_proj_bias": False, "use_bias": False,
+              "mlp_bias": False, "attention_bias": False, "residual_in_fp32": False, "num_nextn_predict_layers": 0}
     if arch in LFM2S:  # its MLP's width as it is (no adjusting), its layers named one by one
         del d["rms_norm_eps"]
         d |= {"norm_eps": cfg.norm_eps, "conv_bias": False, "conv_L_cache": cfg.linear_conv_size,

@@ -67,10 +67,11 @@ from temper.model.hf.config import (
     GPT2,
     GRANITE_MOES,
     HUNYUAN_MOE,
+    NEMOTRON_H,
     hf_architecture,
     hf_mlp,
 )
-from temper.model.hf.weights import hf_rules, rope_pair_rows
+from temper.model.hf.weights import canonical_name, hf_rules, rope_pair_rows
 from temper.model.lora import LoRALinear, apply_lora
 from temper.model.prefix import prefix_kv, set_prefix
 from temper.model.rope import rope_inv_freq
@@ -131,7 +132,8 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
     router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
-    GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`)."""
+    GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`);
+    an adapter of Nemotron-H's Mamba 2 out_proj, which PEFT refuses."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -146,6 +148,12 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
         return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which its "
                 "checkpoint stores stacked, a layout temper writes no PEFT adapter for (adapt the attention for one); "
                 "the merged model holds them")
+    if cfg is not None and hf_architecture(cfg) == NEMOTRON_H:
+        out = [n for n in loras if n.endswith(".attn.out_proj")]  # its Mamba 2 layers' (attention's is o_proj)
+        if out:
+            return (f"{out[0]} and {len(out) - 1} more adapt Nemotron-H's Mamba 2 out_proj, which PEFT refuses on that "
+                    "model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and the other "
+                    "layers for a PEFT file; the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
@@ -296,7 +304,7 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
         if kind is None or not key.startswith(_PREFIX) or (kind == _M and not dora):
             raise ValueError(f"{path}: unexpected tensor {key!r}; temper reads {_PREFIX}<layer>"
                              f"{{{_A}, {_B}}} (and {_M} with use_dora)")
-        site = key[len(_PREFIX):-len(kind)]
+        site = canonical_name(key[len(_PREFIX):-len(kind)], arch)  # in memory, transformers 5 may rename a layer
         if key in moe.keys:
             continue
         if site not in sites:

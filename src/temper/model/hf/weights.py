@@ -35,6 +35,7 @@ from temper.model.hf.config import (
     MINIMAX_M2,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
+    NEMOTRON_H,
     PHI3,
     POST_NORM,
     QWEN3_NEXT,
@@ -127,6 +128,11 @@ _STACKED: dict[str, tuple[Any, Any]] = {
 }
 
 
+_MAMBA2_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                 "out_proj.weight")
+"""A Mamba 2 layer's tensors, under the same names in temper and its checkpoints (Granite 4.0-H's, Nemotron-H's)."""
+
+
 def hf_rules(cfg: ModelConfig) -> list[_Rule]:
     """Every tensor of the Hugging Face checkpoint of `cfg`, in the architecture's order."""
     arch = hf_architecture(cfg)
@@ -149,6 +155,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
         add("ln_f.weight", "norm.weight")
         add("ln_f.bias", "norm.bias")
+    elif arch == NEMOTRON_H:  # one sublayer per checkpoint layer: a block's mixer, then its MLP where it has one
+        add = lambda hf, *parts: rules.append(_Rule(hf, parts))
+        add("backbone.embeddings.weight", "tok_emb.weight")
+        k = 0
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            names = (_MAMBA2_NAMES if cfg.is_linear(i) else tuple(f"{n}_proj.weight" for n in "qkvo"))
+            sublayers = [("attn_norm", [(f"mixer.{n}", f"attn.{n}") for n in names])]
+            if i not in cfg.no_mlp_layers:
+                sublayers.append(("mlp_norm", [(f"mixer.{n}_proj.weight", f"mlp.{n}_proj.weight") for n in ("up", "down")]))
+            for norm, parts in sublayers:
+                add(f"backbone.layers.{k}.norm.weight", f"{p}{norm}.weight")
+                for theirs, ours in parts:
+                    add(f"backbone.layers.{k}.{theirs}", f"{p}{ours}")
+                k += 1
+        add("backbone.norm_f.weight", "norm.weight")
     else:
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
         add("model.embed_tokens.weight", "tok_emb.weight")
@@ -209,9 +231,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     if n not in fused:
                         add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
             if arch in GRANITE_MOES:  # Mamba 2 or attention; a shared MLP (gate and up fused), experts stacked
-                names = (("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
-                          "out_proj.weight") if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight",
-                                                                        "v_proj.weight", "o_proj.weight"))
+                names = (_MAMBA2_NAMES if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                                 "o_proj.weight"))
                 for n in names:
                     add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
                 shared = f"{p}mlp.shared_expert." if cfg.n_experts else f"{p}mlp."
@@ -334,7 +355,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 def _shared_kv_weight(name: str, cfg: ModelConfig) -> bool:
     """Whether `name` is a key or value projection or norm of a Gemma 4 layer that takes another's keys and values: its
     published checkpoints keep them, unused (transformers ignores them on load)."""
-    layer = _layer_index(_canonical(name, GEMMA4))
+    layer = _layer_index(canonical_name(name, GEMMA4))
     return (layer >= 0 and cfg.kv_source(layer) is not None
             and name.endswith(tuple(f"self_attn.{n}.weight" for n in ("k_proj", "v_proj", "k_norm", "v_norm"))))
 
@@ -345,11 +366,14 @@ def _layer_index(name: str) -> int:
     return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else -1
 
 
-def _canonical(name: str, arch: str) -> str:
-    """A bare `GPT2Model` checkpoint names its tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5
-    image-text one keeps its text model's under `language_model.`."""
+def canonical_name(name: str, arch: str) -> str:
+    """A tensor's (or a PEFT adapter's layer's) name as the rules spell it: a bare `GPT2Model` checkpoint names its
+    tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5 image-text one keeps its text model's under
+    `language_model.`; transformers 5 holds Nemotron-H's `backbone.` as `model.`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
         return "transformer." + name
+    if arch == NEMOTRON_H and name.startswith("model."):  # transformers 5 names its backbone `model` in memory
+        return "backbone." + name.removeprefix("model.")
     if arch in (GEMMA3, GEMMA4, *HYBRID):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
@@ -404,7 +428,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     for name, t in sd.items():
         if _ignored(name, cfg):
             continue
-        rule = rules.get(_canonical(name, arch))
+        rule = rules.get(canonical_name(name, arch))
         if rule is None:
             raise KeyError(f"unexpected {arch} weight {name!r}")
         _check_shape(rule, t.shape, shapes, "state dict")
