@@ -102,6 +102,12 @@ SHAPES: dict[str, ModelConfig] = {
     "granite4-small": dataclasses.replace(
         PRESETS["granite-4.0-h-350m"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
         attention_layers=(2, 5), linear_value_heads=16, linear_key_size=64, linear_value_size=64, max_seq_len=2048),
+    # Nemotron-Nano-9B-v2's layout, small: Mamba 2 layers (16 heads of 64 in 2 groups, a state of 64), two attention
+    # layers without positions, squared-ReLU MLPs after most mixers.
+    "nemotron-h-small": dataclasses.replace(
+        PRESETS["nemotron-nano-9b-v2"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_size=64,
+        ffn_dim=1408, attention_layers=(2, 5), no_mlp_layers=(3,), linear_key_heads=2, linear_value_heads=16,
+        linear_key_size=64, linear_value_size=64, max_seq_len=2048),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(

@@ -173,9 +173,10 @@ class Transformer(nn.Module):
     def _rope_tables(self) -> dict[str, tuple[ModelConfig, bool]]:
         """The RoPE tables the model keeps, by buffer prefix, as (the config they are computed from, LongRoPE's long
         table or not): its own (for global layers shaped apart, their head width's); with rope_local_theta the
-        windowed layers' (their own base, unscaled, as Gemma 3's); with LongRoPE the long one."""
+        windowed layers' (their own base, unscaled, as Gemma 3's); with LongRoPE the long one. None where no layer
+        rotates (Nemotron-H's, Granite 4.0-H's attention without positions: nope_every=1)."""
         c = self.cfg
-        if c.pos != "rope":
+        if not any(layer.rotates for layer in self.layers):
             return {}
         tables = {"rope": (replace(c, head_size=c.global_shape[1]) if c.global_shaped else c, False)}
         if c.rope_local_theta is not None:
@@ -277,7 +278,7 @@ class Transformer(nn.Module):
             x = x + pe  # (B, T, C)
         elif self.cfg.pos == "rope":
             dtype = torch.float32 if self.cfg.rope_float32 else x.dtype
-            for local in {layer.local_rope for layer in self.layers}:
+            for local in {layer.local_rope for layer in self.layers if layer.rotates}:
                 cos, sin = self._rope_at("rope_local" if local else "rope", T, positions)  # (B|1, T, R/2)
                 if self.cfg.rope_tables_rounded:  # Cohere: rounded to the activations' dtype, then rotated in float32
                     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
