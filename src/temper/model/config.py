@@ -507,8 +507,8 @@ class ModelConfig:
         return max(j for j in range(first) if self.window_of(j) == self.window_of(layer))
 
     def is_linear(self, layer: int) -> bool:
-        """Whether layer `layer` (0-based) is a linear layer (`linear_layer`: Gated DeltaNet, a short convolution, Mamba 2),
-        not softmax attention (`full_attention_every`, `attention_layers`)."""
+        """Whether layer `layer` (0-based) is a linear layer (`linear_layer`: Gated DeltaNet, a short
+        convolution, Mamba 2), not softmax attention (`full_attention_every`, `attention_layers`)."""
         if self.attention_layers is not None:
             return layer not in self.attention_layers
         return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)

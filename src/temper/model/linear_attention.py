@@ -309,7 +309,8 @@ def gated_delta_rule(
     beta_t k_t^T v_t, Mamba 2's state space recurrence (its B as keys, C as queries, x as values, dt as beta): the same
     chunks without the triangular solves.
 
-    q, k: (B, H, T, Dk) (Gated DeltaNet's: q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0), beta: (B, H, T).
+    q, k: (B, H, T, Dk) (Gated DeltaNet's: q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0),
+    beta: (B, H, T).
     state: the state before the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts
     where the id changes, and `state` belongs to the first token's document.
 

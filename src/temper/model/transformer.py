@@ -127,8 +127,8 @@ class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
-    attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and mlp_out_norm
-    (sandwich_norm only), mlp_norm and mlp (not with parallel_block or in no_mlp_layers),
+    attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and
+    mlp_out_norm (sandwich_norm only), mlp_norm and mlp (not with parallel_block or in no_mlp_layers),
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
     experts_out_norm} where configured, and Gemma 4's buffer layer_scalar and per_layer_{gate, out, out_norm}}, Gemma

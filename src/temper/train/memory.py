@@ -884,9 +884,10 @@ def _latent(s: _Saved, label: str, norm: nn.Module, expand: nn.Module, grad_in: 
 def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes, lora_dropout: float,
                grad_in: bool, inputs: bool = True, source: str = "mlp_norm output") -> tuple[bool, float]:
     """What a dense MLP keeps per row it runs, under labels starting `label`; returns (whether its output needs a
-    gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP;
-    d GELU-output and d up for GELU, four for squared ReLU; less down_proj's input, freed by then). inputs=False: its input's copies are
-    counted by the caller, with the other layers that read the same tensor; `source` names that tensor."""
+    gradient, the bytes per row its backward holds at its peak: d(act*up), then d act and d up for a gated MLP; d
+    GELU-output and d up for GELU, four for squared ReLU; less down_proj's input, freed by then). inputs=False: its
+    input's copies are counted by the caller, with the other layers that read the same tensor; `source` names that
+    tensor."""
     gated = getattr(mlp, "gate_proj", None) is not None  # SwiGLU / GeGLU
     readers = [mlp.gate_proj, mlp.up_proj] if gated else [mlp.up_proj]
     if inputs:

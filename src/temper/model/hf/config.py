@@ -132,8 +132,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
-    keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; Granite 4.0's
-    mixture is its block_sparse_moe, its dense MLP the shared_mlp beside it)."""
+    keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; the Granite
+    mixtures' is their block_sparse_moe, their dense MLP the shared_mlp beside it)."""
     return "feed_forward" if arch in LFM2S else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
 
 
@@ -371,7 +371,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
-    if arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope" or arch == NEMOTRON_H:  # no positions
+    if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch == NEMOTRON_H:  # no positions
         nope_every = 1
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
@@ -569,7 +569,8 @@ def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
                    "linear_conv_size": d.get("conv_kernel", d.get("mamba_d_conv", 4))}
     d = {"vocab_size": 131072, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
          "head_dim": 128, "max_position_embeddings": 4096, "intermediate_size": 21504, **d,
-         "num_hidden_layers": block + 1, "rms_norm_eps": d.get("layer_norm_epsilon", 1e-5), "hidden_act": "silu"}
+         "num_hidden_layers": block + 1, "rms_norm_eps": d.get("layer_norm_epsilon", 1e-5),
+         "hidden_act": "silu"}  # (its MLP's activation is mlp_hidden_act, checked above)
     return d, fields
 
 

@@ -355,7 +355,8 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
 # s * B.view(out, r_p, E)[:, :, e] @ A.view(E, r_p, in)[e]. With both targeted, the gate_up one is the inner
 # wrapper (`experts.base_layer.lora_*`) and the down one the outer (`experts.lora_*`). temper's gate and up adapters
 # of an expert stack into gate_up's as a fused layer's parts do (rank 2r: PEFT's own rank_pattern when its targets
-# are gate_proj and up_proj). The router is the `gate` (Granite 4.0: `router`) module's `weight` parameter: one plain (r, D), (E, r) pair.
+# are gate_proj and up_proj). The router is the `gate` (Granite's: `router`) module's `weight` parameter: one plain
+# (r, D), (E, r) pair.
 
 _GATE_UP, _DOWN = "gate_up_proj", "down_proj"
 _GATE_UP_PATTERN = r".*\.gate_up_proj"  # PEFT's key for gate_up's rank and alpha

@@ -164,7 +164,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             names = (_MAMBA2_NAMES if cfg.is_linear(i) else tuple(f"{n}_proj.weight" for n in "qkvo"))
             sublayers = [("attn_norm", [(f"mixer.{n}", f"attn.{n}") for n in names])]
             if i not in cfg.no_mlp_layers:
-                sublayers.append(("mlp_norm", [(f"mixer.{n}_proj.weight", f"mlp.{n}_proj.weight") for n in ("up", "down")]))
+                mlp = [(f"mixer.{n}_proj.weight", f"mlp.{n}_proj.weight") for n in ("up", "down")]
+                sublayers.append(("mlp_norm", mlp))
             for norm, parts in sublayers:
                 add(f"backbone.layers.{k}.norm.weight", f"{p}{norm}.weight")
                 for theirs, ours in parts:
