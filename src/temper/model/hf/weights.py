@@ -371,7 +371,7 @@ def canonical_name(name: str, arch: str) -> str:
     """A tensor's (or a PEFT adapter's layer's) name as the rules spell it: a bare `GPT2Model` checkpoint names its
     tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5 image-text one keeps its text model's under
     `language_model.`; transformers 5 holds Nemotron-H's `backbone.` as `model.`."""
-    if arch == GPT2 and not name.startswith(("transformer.", "lm_head.")):
+    if arch == GPT2 and not name.startswith(("transformer.", "lm_head")):
         return "transformer." + name
     if arch == NEMOTRON_H and name.startswith("model."):  # transformers 5 names its backbone `model` in memory
         return "backbone." + name.removeprefix("model.")
