@@ -45,11 +45,14 @@ def test_config_validation_names_the_field():
                          "expert_group_best": 3}, r"expert_group_best=3 must be between 1 and the experts in a group \(2\)"),
                        ({"router_float32": True}, "router_float32 needs n_experts"),
                        ({"pos": "rope", "kv_lora_rank": 16}, "kv_lora_rank=16 .* needs a positive rank"),
-                       ({"q_lora_rank": 16}, "q_lora_rank=16 needs kv_lora_rank")]:
+                       ({"q_lora_rank": 16}, "q_lora_rank=16 needs kv_lora_rank"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba"}, "linear_layer must be one of"),
+                       ({"no_mlp_layers": (2,)}, r"no_mlp_layers=\(2,\) must list layers of the 2"),
+                       ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
-    assert ModelConfig(dim=64).hidden_dim == 256  # 4*dim
+    assert ModelConfig(dim=64).hidden_dim == ModelConfig(dim=64, mlp="relu2").hidden_dim == 256  # 4*dim
 
 
 def test_debug_counts_by_hand():

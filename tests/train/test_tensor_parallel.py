@@ -250,6 +250,8 @@ def test_a_model_that_does_not_split_is_refused():
         check_tensor_parallel(replace(llama, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True), 2)
     with pytest.raises(ConfigError, match=r"tp=2 does not split attention sinks"):
         check_tensor_parallel(replace(llama, attn_sinks=True), 2)
+    with pytest.raises(ConfigError, match=r"tp=2 does not split blocks without an MLP \(no_mlp_layers\)"):
+        check_tensor_parallel(replace(llama, no_mlp_layers=(1,)), 2)  # Nemotron-H's
     gemma4 = replace(llama, sliding_window=8, global_every=2, rope_local_theta=100.0, global_kv_heads=1)
     with pytest.raises(ConfigError, match=r"tp=2 must divide the model's global_kv_heads 1$"):
         check_tensor_parallel(gemma4, 2)
