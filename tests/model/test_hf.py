@@ -704,7 +704,7 @@ def test_lfm2_configs_temper_cannot_build_are_refused_by_name(arch, key, value, 
 @pytest.mark.parametrize("key, value", [
     ("layer_types", ["mamba", "conv"]), ("layer_types", ["mamba"]),  # a kind temper lacks; not one per layer
     ("mamba_conv_bias", False), ("mamba_proj_bias", True), ("time_step_limit", [0.0, 100.0]),
-    ("mamba_d_head", 12), ("mamba_n_groups", 3), ("num_local_experts", -1), ("num_experts_per_tok", 9),
+    ("mamba_d_head", 12), ("mamba_d_head", "64"), ("mamba_n_heads", 0), ("mamba_n_groups", 3), ("num_local_experts", -1), ("num_experts_per_tok", 9),
     ("attention_bias", True)])
 def test_granite4_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {**_SMALL, "architectures": ["GraniteMoeHybridForCausalLM"], "layer_types": ["mamba", "attention"],

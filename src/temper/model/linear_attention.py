@@ -170,7 +170,7 @@ class Mamba2(nn.Module):
         super().__init__()
         self.slot = slot  # which of the cache's linear states this layer owns
         (self.n_groups, self.n_heads), (self.d_state, self.d_head) = cfg.linear_heads, cfg.linear_sizes
-        inner, bc = self.n_heads * self.d_head, self.n_groups * self.d_state
+        self.inner, self.bc = inner, bc = self.n_heads * self.d_head, self.n_groups * self.d_state  # x's, B's widths
         self.conv_taps = cfg.linear_conv_size
         self.in_proj = nn.Linear(cfg.dim, 2 * inner + 2 * bc + self.n_heads, bias=False)
         self.conv1d = nn.Conv1d(inner + 2 * bc, inner + 2 * bc, self.conv_taps, groups=inner + 2 * bc)
@@ -203,7 +203,7 @@ class Mamba2(nn.Module):
         B, T, _ = x.shape
         if runs is not None:  # padding enters nothing: its inputs are zero and its updates leave the state as it is
             x = x * runs.real[..., None].to(x.dtype)
-        inner, bc = self.n_heads * self.d_head, self.n_groups * self.d_state
+        inner, bc = self.inner, self.bc
         z, xbc, dt = self.in_proj(x).split([inner, inner + 2 * bc, self.n_heads], dim=-1)
         state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
         xbc, conv_tail = causal_conv(xbc, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, inner + 2bc)

@@ -598,6 +598,9 @@ def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
     _check_time_steps("GraniteMoeHybrid", d.get("time_step_limit"))
     heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
     head = d.get("mamba_d_head", "auto")
+    if not (_is_int(head) or head == "auto") or heads <= 0:
+        raise ValueError(f"GraniteMoeHybrid mamba_d_head={head!r} with mamba_n_heads={heads} is not supported (a whole "
+                         "number or 'auto', over a positive number of heads)")
     head = expand * d["hidden_size"] // heads if head == "auto" else head
     if not (heads > 0 and groups > 0 and heads % groups == 0 and head > 0 and heads * head == expand * d["hidden_size"]):
         raise ValueError(f"GraniteMoeHybrid mamba_n_heads={heads}, mamba_n_groups={groups}, mamba_d_head={head} are "

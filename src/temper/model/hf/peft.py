@@ -454,7 +454,7 @@ def _load_moe_plan(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
     nothing, and writes no tensor for it."""
     params = config.get("target_parameters") or []
     cfg = getattr(model, "cfg", None)
-    router = f"{_router(cfg)}.weight" if cfg is not None else "gate.weight"  # the router's parameter, as PEFT names it
+    router = f"{_router(cfg)}.weight"  # the router's parameter, as PEFT names it
     if _plain_router(cfg):
         params = [p for p in params if p != router]
     plan = _MoePlan()
