@@ -131,6 +131,16 @@ CASES = {
         layer_types=["attention", "mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
         mamba_d_head=32, mamba_d_conv=3, num_local_experts=0, shared_intermediate_size=80,
         position_embedding_type="rope", tie_word_embeddings=False),
+    # Bamba: Mamba 2 layers (8 heads of 16 in 2 groups, a state of 16) around an attention layer named by index, whose
+    # RoPE turns the first half of each head; SwiGLU MLPs, no multipliers.
+    "bamba-mamba2-half-rope": lambda: _hf(
+        "BambaConfig", "BambaForCausalLM", **_SMALL | {"num_hidden_layers": 4}, attn_layer_indices=[1],
+        mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_chunk_size=16,
+        tie_word_embeddings=False),
+    # Mamba 2 alone (Mamba-Codestral): every layer a mixer after its norm, no attention, no MLP; tied embeddings.
+    "mamba2-mixers-alone": lambda: _hf("Mamba2Config", "Mamba2ForCausalLM", vocab_size=101, hidden_size=64,
+                                       num_hidden_layers=3, num_heads=8, head_dim=16, n_groups=2, state_size=16,
+                                       chunk_size=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
     # Granite 3.0's mixtures: experts alone (1B-A400M, 3B-A800M), and beside a shared MLP.
     "granitemoe-experts": lambda: _hf("GraniteMoeConfig", "GraniteMoeForCausalLM", **_SMALL, num_local_experts=4,
                                       num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
@@ -410,6 +420,7 @@ def test_variant_features_are_exercised():
                       ("lfm2-moe-sigmoid-bias", {"routed_scaling": 1.0}),
                       ("granite4-mamba2-moe-nope", {"nope_every": None}),  # RoPE on its attention layer
                       ("granite4-mamba2-dense-rope", {"nope_every": 1}),
+                      ("bamba-mamba2-half-rope", {"rope_dim": None}),  # whole heads rotated
                       ("nemotron-h-mamba2-relu2", {"nope_every": None})]:  # RoPE on its attention layer
         hf = CASES[case]()
         model = _hf_to_temper(hf)
@@ -528,6 +539,15 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(granite4, linear_value_size=24))
     with pytest.raises(ValueError, match="its attention layers all take RoPE or none do"):
         to_hf_config(replace(granite4, nope_every=2))
+    mamba2 = replace(granite4, attention_layers=(), no_mlp_layers=(0, 1))
+    assert hf_architecture(mamba2) == "Mamba2ForCausalLM"
+    with pytest.raises(ValueError, match="Mamba2ForCausalLM cannot express this model: every layer is a Mamba 2 mixer"):
+        to_hf_config(replace(mamba2, no_mlp_layers=(0,), hf_architecture="Mamba2ForCausalLM"))
+    bamba = replace(granite4, rope_dim=llama.head_dim // 2)
+    assert hf_architecture(bamba) == "BambaForCausalLM"
+    with pytest.raises(ValueError, match="BambaForCausalLM cannot express this model: its attention layers turn the "
+                                         "first half of each head"):
+        to_hf_config(replace(bamba, rope_dim=llama.head_dim // 4))
     cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
     assert hf_architecture(cohere) == "CohereForCausalLM"
     assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"
@@ -709,6 +729,27 @@ def test_lfm2_configs_temper_cannot_build_are_refused_by_name(arch, key, value, 
 def test_granite4_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {**_SMALL, "architectures": ["GraniteMoeHybridForCausalLM"], "layer_types": ["mamba", "attention"],
          "mamba_n_heads": 8, "mamba_d_state": 16, "num_local_experts": 4, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("attn_layer_indices", [4]), ("attn_layer_indices", ["1"]), ("mamba_conv_bias", False), ("mamba_d_head", 12),
+    ("time_step_limit", [0.0, 100.0]), ("z_loss_coefficient", 1e-4), ("mlp_bias", True), ("attention_bias", True),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})])
+def test_bamba_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {**_SMALL, "architectures": ["BambaForCausalLM"], "attn_layer_indices": [1], "mamba_n_heads": 8,
+         "mamba_d_state": 16, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("use_bias", True), ("use_conv_bias", False), ("hidden_act", "gelu"), ("time_step_limit", [0.0, 100.0]),
+    ("num_heads", 6), ("n_groups", 3), ("head_dim", "16")])
+def test_mamba2_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {"architectures": ["Mamba2ForCausalLM"], "vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2,
+         "num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
 

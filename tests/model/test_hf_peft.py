@@ -107,6 +107,12 @@ CONFIGS = {
     "granite4_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2,
                             linear_value_heads=8, linear_key_size=8, linear_value_size=16, nope_every=1, n_experts=4,
                             expert_ffn_dim=40, shared_expert_ffn_dim=48, hf_architecture="GraniteMoeHybridForCausalLM"),
+    # Bamba: a Mamba 2 layer then an attention layer turning half of each head, SwiGLU MLPs named feed_forward
+    "bamba": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
+                     linear_key_size=8, linear_value_size=16, rope_dim=8, hf_architecture="BambaForCausalLM"),
+    # Mamba2ForCausalLM: Mamba 2 mixers alone (PEFT refuses out_proj adapters on it, as on Nemotron-H)
+    "mamba2": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba2", linear_key_heads=2,
+                      linear_value_heads=4, linear_key_size=8, linear_value_size=32, hf_architecture="Mamba2ForCausalLM"),
     # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
     "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
@@ -177,6 +183,8 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "granite4": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"],
     "granite4_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
+    "bamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"],
+    "mamba2": ["in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -227,9 +235,11 @@ def _targets(case: str) -> tuple[str, ...]:
     if CONFIGS[case].kv_lora_rank:  # latent attention's projections (one q_proj without a query latent)
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])
         linears = (*latent, "o_proj")
+    if CONFIGS[case].attention_layers == ():  # Mamba 2 mixers alone: no attention, no MLP
+        linears = ()
     if CONFIGS[case].has_linear_layers:  # the linear attention layers' too (not Nemotron-H's out_proj: PEFT refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
-                               else ("in_proj",) if case == "nemotron_h" else IN_OUT_PROJ_TARGETS))
+                               else ("in_proj",) if case in ("nemotron_h", "mamba2") else IN_OUT_PROJ_TARGETS))
     if CONFIGS[case].mlp == "relu2":  # not gated
         linears = tuple(t for t in linears if t != "gate_proj")
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
@@ -469,12 +479,15 @@ def test_dora_on_experts_is_refused_by_name(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-def test_nemotron_h_mamba_out_proj_adapters_are_refused_by_name(tmp_path):
-    """PEFT refuses LoRA on a Mamba out_proj of Nemotron-H (its fused kernels read the weight directly): temper writes
-    no file with one, nothing written; without it the file is written (test_save_peft_loads_in_peft_...)."""
-    model = _model("nemotron_h")
+@pytest.mark.parametrize("case, more", [("nemotron_h", 0), ("mamba2", 1)])
+def test_mamba_out_proj_adapters_are_refused_by_name(tmp_path, case, more):
+    """PEFT refuses LoRA on a Mamba out_proj of Nemotron-H and Mamba2ForCausalLM (its fused kernels read the weight
+    directly): temper writes no file with one, nothing written; without it the file is written
+    (test_save_peft_loads_in_peft_...)."""
+    model = _model(case)
     apply_lora(model, rank=2, alpha=4, targets=("in_proj", "out_proj"))
-    assert "layers.0.attn.out_proj and 0 more adapt Nemotron-H's Mamba 2 out_proj" in peft_lora_refusal(model)
+    assert (f"layers.0.attn.out_proj and {more} more adapt {model.cfg.hf_architecture}'s Mamba 2 out_proj"
+            in peft_lora_refusal(model))
     with pytest.raises(ValueError, match="PEFT refuses on that model"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()

@@ -230,11 +230,12 @@ def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h"])
+@pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "mamba2"])
 def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, family):
     """LFM2 (short convolutions around an attention layer: packed rows restart each convolution at a document), Granite
     4.0-H and Nemotron-H (Mamba 2 layers around an attention layer without positions: packed rows restart each state;
-    Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone) and Cohere2
+    Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone), Mamba2ForCausalLM (Mamba 2 mixers alone: no
+    attention anywhere) and Cohere2
     (attention beside the MLP on one LayerNorm, windowed RoPE layers and a global NoPE one) end to end: LoRA on every
     linear layer of their blocks learns; final/ is the architecture that transformers runs to temper's logits, and
     final/adapter a PEFT adapter of its layers under their names."""
@@ -250,31 +251,36 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                               linear_key_size=16, linear_value_size=32, nope_every=1, residual_multiplier=0.5),
              "nemotron_h": dict(attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                                 linear_key_size=16, linear_value_size=16, nope_every=1, mlp="relu2", norm_cast_after=True,
-                                no_mlp_layers=(0,), ffn_dim=128)}[family]
+                                no_mlp_layers=(0,), ffn_dim=128),
+             "mamba2": dict(attention_layers=(), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
+                            linear_key_size=16, linear_value_size=32, no_mlp_layers=(0, 1))}[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
                   **shape)
     torch.manual_seed(0)
     save_hf(Transformer(cfg), cfg, base)
     save_hf_tokenizer(HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML}),
                       base)
-    linears = {"lfm2": "in_proj,out_proj", "cohere2": "gate_proj,up_proj,down_proj", "granite4": "in_proj,out_proj",
-               "nemotron_h": "in_proj,up_proj,down_proj"}[family]  # (Nemotron-H's Mamba out_proj: PEFT refuses it)
+    attention = "q_proj,k_proj,v_proj,o_proj,"
+    targets = {"lfm2": attention + "in_proj,out_proj", "cohere2": attention + "gate_proj,up_proj,down_proj",
+               "granite4": attention + "in_proj,out_proj", "nemotron_h": attention + "in_proj,up_proj,down_proj",
+               "mamba2": "in_proj,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba 2: PEFT refuses it)
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
-                          f"--lora.targets=[q_proj,k_proj,v_proj,o_proj,{linears}]")]) == 0
+                          f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3, loss
     final = tmp_path / "lora" / "final"
     adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
     want = {"lfm2": {"conv.in_proj", "conv.out_proj", "self_attn.out_proj"},
             "cohere2": {"self_attn.o_proj", "mlp.down_proj"}, "granite4": {"mamba.in_proj", "mamba.out_proj"},
-            "nemotron_h": {"mixer.in_proj", "mixer.up_proj", "mixer.o_proj"}}[family]
+            "nemotron_h": {"mixer.in_proj", "mixer.up_proj", "mixer.o_proj"}, "mamba2": {"mixer.in_proj", "lm_head"}}[family]
     assert want <= set(adapter["target_modules"]), adapter["target_modules"]
     transformers = pytest.importorskip("transformers")
     ours, got = load_hf(final)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     assert got.hf_architecture == type(theirs).__name__ == {"lfm2": "Lfm2ForCausalLM", "cohere2": "Cohere2ForCausalLM",
                                                             "granite4": "GraniteMoeHybridForCausalLM",
-                                                            "nemotron_h": "NemotronHForCausalLM"}[family]
+                                                            "nemotron_h": "NemotronHForCausalLM",
+                                                            "mamba2": "Mamba2ForCausalLM"}[family]
     x = torch.randint(0, cfg.vocab_size, (2, 70))  # past Cohere2's 64-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)

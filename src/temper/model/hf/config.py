@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Forty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Forty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -41,7 +41,8 @@ irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a 
 beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
 around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM`: Mamba 2 layers, attention without
 positions and squared-ReLU MLPs, each a layer of its own, read as blocks of a mixer and the MLP after it or the mixer
-alone) and
+alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers, its attention turning half of each
+head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer blocks without attention or MLPs) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
@@ -85,11 +86,14 @@ GRANITE_MOES = (GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID)  # experts stac
 # named router, a shared MLP named shared_mlp (Granite 4.0: Mamba 2 layers too)
 GRANITES = (GRANITE, *GRANITE_MOES)  # Granite's multipliers of the embeddings, sublayers, scores and logits
 NEMOTRON_H = "NemotronHForCausalLM"
+BAMBA = "BambaForCausalLM"
+MAMBA2 = "Mamba2ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2)
+MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
 GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
@@ -127,14 +131,15 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gemma4": "Gemma4ForConditionalGeneration", "ernie4_5": ERNIE4_5, "ernie4_5_moe": ERNIE4_5_MOE,
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
-                "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H}
+                "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
+                "bamba": BAMBA, "mamba2": MAMBA2}
 
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
     keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; the Granite
     mixtures' is their block_sparse_moe, their dense MLP the shared_mlp beside it)."""
-    return "feed_forward" if arch in LFM2S else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
+    return "feed_forward" if arch in (*LFM2S, BAMBA) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -213,7 +218,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
     "time_step_limit": (list, type(None)), "mamba_dt_limit": (list, type(None)),
     **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
-                     "expand"), _INT),
+                     "expand", "num_heads", "state_size"), _INT),
     **dict.fromkeys(("use_conv_bias", "residual_in_fp32"), _BOOL),
     **dict.fromkeys(("hybrid_override_pattern", "mlp_hidden_act", "mamba_hidden_act"), _STR),
     **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding", "use_expert_bias"), _BOOL),
@@ -230,6 +235,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "top_k_experts": (*_INT, type(None)),
     **dict.fromkeys(("num_global_key_value_heads", "hidden_size_per_layer_input"), (*_INT, type(None))),
     **dict.fromkeys(("attention_k_eq_v", "enable_moe_block", "use_double_wide_mlp"), _BOOL),
+    "attn_layer_indices": (list, type(None)), "z_loss_coefficient": (*_FLOAT, type(None)),
     "rope_theta": (*_FLOAT, type(None)),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
                      "scale_attn_by_inverse_layer_idx", "output_router_logits", "use_qk_norm",
@@ -325,6 +331,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d, linear = _granite_moe(d, arch)
     if arch == NEMOTRON_H:
         d, linear = _nemotron_h(d)
+    if arch == BAMBA:
+        d, linear = _bamba(d)
+    if arch == MAMBA2:
+        d, linear = _mamba2(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -366,7 +376,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                                                                                      else 1.0))
     if arch == MINIMAX_M2 and d.get("rotary_dim") is not None:  # its published configs' spelling
         partial = d["rotary_dim"] / head_dim
-    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID, MINIMAX_M2) or not 0 < partial <= 1):  # whole heads
+    if arch == BAMBA:  # BambaConfig fixes it
+        partial = 0.5
+    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID, MINIMAX_M2, BAMBA) or not 0 < partial <= 1):  # whole heads
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
@@ -502,10 +514,10 @@ def _granite_moe(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str
     """(`d` with its MLP's width in intermediate_size, as the reading shares it; the ModelConfig fields of the Granite
     mixtures' layers): Granite 3.0's experts (GraniteMoe), beside an ungated shared MLP (GraniteMoeShared, where
     shared_intermediate_size > 0), and Granite 4.0's (GraniteMoeHybrid: that MLP alone where num_local_experts is 0, and
-    Mamba 2 layers, `_granite_mamba`). The experts' weights are a softmax over the chosen ones' logits: the
+    Mamba 2 layers, `_mamba2_layers`). The experts' weights are a softmax over the chosen ones' logits: the
     renormalised top k of a softmax over all."""
     name = arch.removesuffix("ForCausalLM")
-    fields = _granite_mamba(d) if arch == GRANITE_HYBRID else {}
+    fields = _mamba2_layers(d, "GraniteMoeHybrid") if arch == GRANITE_HYBRID else {}
     experts = d.get("num_local_experts", 8)
     shared = 0 if arch == GRANITE_MOE else d.get("shared_intermediate_size", 1024 if arch == GRANITE_HYBRID else 0)
     if not (experts > 0 or experts == 0 and arch == GRANITE_HYBRID and shared > 0) or shared < 0:
@@ -574,6 +586,36 @@ def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return d, fields
 
 
+_MAMBA2_DEFAULTS = {"num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
+                    "num_hidden_layers": 64, "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "n_groups": 8}
+"""Mamba2Config's defaults of what a config may leave out."""
+
+
+def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` in the keys the reading shares; the ModelConfig fields of Mamba2ForCausalLM: every layer a Mamba 2 mixer
+    after its norm, x + mixer(norm(x)), with no attention and no MLP: blocks without an MLP (`no_mlp_layers`), as
+    Nemotron-H's. Its attention fields are placeholders that no layer reads.
+
+    residual_in_fp32 (its default) is read and written back as it is: temper's residual stream is float32 wherever the
+    weights are (autocast training); a model loaded in bf16 rounds it there as the weights' dtype."""
+    d = {**_MAMBA2_DEFAULTS, **d}
+    for key, want in (("use_bias", False), ("use_conv_bias", True), ("hidden_act", "silu")):
+        if d.get(key, want) != want:
+            raise ValueError(f"Mamba2 {key}={d[key]!r} is not supported (temper reads {want!r})")
+    _check_time_steps("Mamba2", d.get("time_step_limit"))
+    heads, head, groups, dim = d["num_heads"], d["head_dim"], d["n_groups"], d["hidden_size"]
+    if not (heads > 0 and groups > 0 and heads % groups == 0 and head > 0 and heads * head == d["expand"] * dim):
+        raise ValueError(f"Mamba2 num_heads={heads}, head_dim={head}, n_groups={groups} are not supported (heads of "
+                         "head_dim filling expand * hidden_size, in groups that divide them)")
+    n = d["num_hidden_layers"]
+    fields = {"attention_layers": (), "no_mlp_layers": tuple(range(n)), "linear_layer": "mamba2",
+              "linear_key_heads": groups, "linear_value_heads": heads, "linear_key_size": d["state_size"],
+              "linear_value_size": head, "linear_conv_size": d["conv_kernel"]}
+    # no positions: max_seq_len bounds nothing a layer holds (a Mamba 2 state is fixed-size); Mamba-Codestral's 256k
+    return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": dim,
+            "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
+
+
 def _check_time_steps(name: str, limit: Any) -> None:
     """Refuse a Mamba 2 time_step_limit other than (0, inf): temper does not clamp the steps."""
     # transformers 5 writes its infinity as {"__float__": "Infinity"}
@@ -582,10 +624,10 @@ def _check_time_steps(name: str, limit: Any) -> None:
         raise ValueError(f"{name} time_step_limit={limit} is not supported (temper does not clamp Mamba 2's steps)")
 
 
-def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
-    """The ModelConfig fields of Granite 4.0's layers: which attend (layer_types, or its older layers_block_type;
-    "attention" or "full_attention"), the others Mamba 2 layers ("mamba" or "linear_attention"); none where every layer
-    attends (Granite 4.0 Micro)."""
+def _mamba2_layers(d: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ModelConfig fields of Granite 4.0's and Bamba's layers (`name` their config's): which attend (layer_types, or
+    the older layers_block_type; "attention" or "full_attention"), the others Mamba 2 layers ("mamba" or
+    "linear_attention"); none where every layer attends (Granite 4.0 Micro)."""
     n = d["num_hidden_layers"]
     types = d.get("layer_types", d.get("layers_block_type")) or ["linear_attention"] * n
     kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
@@ -593,25 +635,49 @@ def _granite_mamba(d: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"key 'layer_types' must name 'mamba' or 'attention' for each of the {n} layers, got {types!r}")
     for key, want in (("mamba_conv_bias", True), ("mamba_proj_bias", False)):
         if d.get(key, want) != want:
-            raise ValueError(f"GraniteMoeHybrid {key}={d[key]} is not supported (temper's Mamba 2 layers have a "
-                             "convolution bias and projections without biases)")
-    _check_time_steps("GraniteMoeHybrid", d.get("time_step_limit"))
+            raise ValueError(f"{name} {key}={d[key]} is not supported (temper's Mamba 2 layers have a convolution bias "
+                             "and projections without biases)")
+    _check_time_steps(name, d.get("time_step_limit"))
     heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
     head = d.get("mamba_d_head", "auto")
     if not (_is_int(head) or head == "auto") or heads <= 0:
-        raise ValueError(f"GraniteMoeHybrid mamba_d_head={head!r} with mamba_n_heads={heads} is not supported (a whole "
-                         "number or 'auto', over a positive number of heads)")
+        raise ValueError(f"{name} mamba_d_head={head!r} with mamba_n_heads={heads} is not supported (a whole number or "
+                         "'auto', over a positive number of heads)")
     head = expand * d["hidden_size"] // heads if head == "auto" else head
     if not (heads > 0 and groups > 0 and heads % groups == 0 and head > 0 and heads * head == expand * d["hidden_size"]):
-        raise ValueError(f"GraniteMoeHybrid mamba_n_heads={heads}, mamba_n_groups={groups}, mamba_d_head={head} are "
-                         f"not supported (heads of mamba_d_head filling mamba_expand * hidden_size, in groups that divide "
-                         "them)")
+        raise ValueError(f"{name} mamba_n_heads={heads}, mamba_n_groups={groups}, mamba_d_head={head} are not supported "
+                         "(heads of mamba_d_head filling mamba_expand * hidden_size, in groups that divide them)")
     attention = tuple(i for i, t in enumerate(types) if not kinds[t])
     if len(attention) == n:
         return {}
     return {"attention_layers": attention, "linear_layer": "mamba2", "linear_key_heads": groups,
             "linear_value_heads": heads, "linear_key_size": d.get("mamba_d_state", 256), "linear_value_size": head,
             "linear_conv_size": d.get("mamba_d_conv", 4)}
+
+
+_BAMBA_DEFAULTS = {"vocab_size": 128000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                   "max_position_embeddings": 262144, "tie_word_embeddings": False}
+"""BambaConfig's defaults of what a config may leave out (its Mamba 2 ones are Granite 4.0's: `_mamba2_layers`)."""
+
+
+def _bamba(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with BambaConfig's defaults; the ModelConfig fields of Bamba's layers). Bamba (IBM's Bamba-9B) is Granite
+    4.0-H's dense form without Granite's multipliers: Mamba 2 layers around the attention layers attn_layer_indices
+    names, whose RoPE turns the first half of each head (BambaConfig fixes partial_rotary_factor at 0.5), each followed
+    by a SwiGLU MLP."""
+    d = {**_BAMBA_DEFAULTS, **d}
+    n, indices = d["num_hidden_layers"], d.get("attn_layer_indices") or []
+    if not all(_is_int(i) and 0 <= i < n for i in indices):
+        raise ValueError(f"key 'attn_layer_indices' must be layer numbers below num_hidden_layers={n}, got {indices!r}")
+    for key, why in (("mlp_bias", "its MLP has no biases"), ("z_loss_coefficient", "it adds no z-loss to the loss")):
+        if d.get(key):
+            raise ValueError(f"Bamba {key}={d[key]!r} is not supported (temper reads none: {why})")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"Bamba rope_parameters={rope!r} is not supported (temper reads Bamba's unscaled RoPE)")
+    types = ["attention" if i in indices else "mamba" for i in range(n)]
+    return d, _mamba2_layers({**d, "layer_types": types}, "Bamba")
 
 
 def _lfm2_experts(d: dict[str, Any]) -> dict[str, Any]:
@@ -1117,12 +1183,16 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
     arch = cfg.hf_architecture
     if arch is None:
-        if cfg.mlp == "relu2":
+        if cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
+            arch = MAMBA2
+        elif cfg.mlp == "relu2":
             arch = NEMOTRON_H
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
-            arch = GRANITE_HYBRID if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts else LFM2
+            bamba = cfg.rope_dim is not None  # (Granite 4.0 rotates whole heads)
+            arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts
+                    else LFM2)
         elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
             arch = GPT2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
@@ -1200,7 +1270,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                     "positions (nope_every=1)")
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    if cfg.no_mlp_layers and arch != NEMOTRON_H:
+    if cfg.no_mlp_layers and arch not in (NEMOTRON_H, MAMBA2):
         return "every block has an MLP (NemotronHForCausalLM has blocks without: no_mlp_layers)"
     gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
                     cfg.per_layer_input_size)
@@ -1223,11 +1293,17 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "hidden_size / num_attention_heads wide")
     if arch == NEMOTRON_H and (cfg.attn_output_gate or cfg.has_linear_layers and cfg.linear_layer != "mamba2"):
         return "its linear layers are Mamba 2's (linear_layer='mamba2'), its attention ungated"
-    if arch == GRANITE_HYBRID and (cfg.attn_output_gate or cfg.has_linear_layers and (
+    if arch in (GRANITE_HYBRID, BAMBA) and (cfg.attn_output_gate or cfg.has_linear_layers and (
             cfg.linear_layer != "mamba2" or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim)):
         return ("its linear layers are Mamba 2's (linear_layer='mamba2'), their heads filling a whole multiple of dim "
                 "(mamba_expand), its attention ungated")
-    if arch not in (*HYBRID, *LFM2S, GRANITE_HYBRID, NEMOTRON_H) and (any(hybrid) or cfg.has_linear_layers):
+    if arch == MAMBA2 and not (cfg.linear_layer == "mamba2" and cfg.attention_layers == ()
+                               and len(set(cfg.no_mlp_layers)) == cfg.n_layers and not cfg.norm_cast_after):
+        return ("every layer is a Mamba 2 mixer alone (linear_layer='mamba2', attention_layers=(), every block in "
+                "no_mlp_layers), its norms rounding before they scale")
+    if arch == BAMBA and (cfg.rotary_dim != cfg.head_dim // 2 or cfg.nope_every or cfg.rope_scaling):
+        return "its attention layers turn the first half of each head by unscaled RoPE (BambaConfig fixes the share)"
+    if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, MAMBA2) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1236,7 +1312,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, NEMOTRON_H)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, MAMBA2)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1331,7 +1407,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -1366,6 +1442,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": None, "eos_token_id": None, "use_cache": True,
         }
+    if arch == MAMBA2:  # no attention or MLP fields: its layers are Mamba 2 mixers alone
+        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
+        return {"architectures": [MAMBA2], "model_type": "mamba2", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+                "num_hidden_layers": cfg.n_layers, "num_heads": heads, "head_dim": head, "n_groups": groups,
+                "state_size": state, "expand": heads * head // cfg.dim, "conv_kernel": cfg.linear_conv_size,
+                "layer_norm_epsilon": cfg.norm_eps, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+                "residual_in_fp32": True, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+                "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
     d = {
         "architectures": [arch], "model_type": next(k for k, v in _MODEL_TYPES.items() if v == arch),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
@@ -1476,6 +1560,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_n_heads": heads, "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
               "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
               "mamba_proj_bias": False}
+    if arch == BAMBA:  # its attention layers by index; half of each head rotated, as BambaConfig fixes
+        (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
+        d |= {"attn_layer_indices": [i for i in range(cfg.n_layers) if not cfg.is_linear(i)], "mamba_n_heads": heads,
+              "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
+              "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
+              "mamba_proj_bias": False, "attention_bias": False, "mlp_bias": False, "z_loss_coefficient": 0.0}
     if arch == NEMOTRON_H:  # its layers one sublayer each, in the published hybrid_override_pattern; no positions
         (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
         pattern = "".join(("M" if cfg.is_linear(i) else "*") + ("" if i in cfg.no_mlp_layers else "-")

@@ -67,6 +67,7 @@ from temper.model.hf.config import (
     GPT2,
     GRANITE_MOES,
     HUNYUAN_MOE,
+    MAMBA2,
     NEMOTRON_H,
     hf_architecture,
     hf_mlp,
@@ -133,7 +134,7 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
     router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
     GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`);
-    an adapter of Nemotron-H's Mamba 2 out_proj, which PEFT refuses."""
+    an adapter of Nemotron-H's or Mamba2ForCausalLM's Mamba 2 out_proj, which PEFT refuses."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -148,12 +149,12 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
         return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which its "
                 "checkpoint stores stacked, a layout temper writes no PEFT adapter for (adapt the attention for one); "
                 "the merged model holds them")
-    if cfg is not None and hf_architecture(cfg) == NEMOTRON_H:
+    if cfg is not None and hf_architecture(cfg) in (NEMOTRON_H, MAMBA2):
         out = [n for n in loras if n.endswith(".attn.out_proj")]  # its Mamba 2 layers' (attention's is o_proj)
         if out:
-            return (f"{out[0]} and {len(out) - 1} more adapt Nemotron-H's Mamba 2 out_proj, which PEFT refuses on that "
-                    "model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and the other "
-                    "layers for a PEFT file; the merged model holds them")
+            return (f"{out[0]} and {len(out) - 1} more adapt {hf_architecture(cfg)}'s Mamba 2 out_proj, which PEFT "
+                    "refuses on that model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and "
+                    "the other layers for a PEFT file; the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "

@@ -15,6 +15,7 @@ import torch
 
 from temper.model.config import ModelConfig
 from temper.model.hf.config import (
+    BAMBA,
     COHERES,
     DEEPSEEK_MOE,
     ERNIE4_5_MOE,
@@ -32,6 +33,7 @@ from temper.model.hf.config import (
     LATENT,
     LFM2_MOE,
     LFM2S,
+    MAMBA2,
     MINIMAX_M2,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
@@ -155,7 +157,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
         add("ln_f.weight", "norm.weight")
         add("ln_f.bias", "norm.bias")
-    elif arch == NEMOTRON_H:  # one sublayer per checkpoint layer: a block's mixer, then its MLP where it has one
+    elif arch in (NEMOTRON_H, MAMBA2):  # one sublayer per checkpoint layer: a block's mixer, then its MLP where it has
+        # one (Mamba2ForCausalLM's blocks: a mixer alone)
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
         add("backbone.embeddings.weight", "tok_emb.weight")
         k = 0
@@ -212,6 +215,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in POST_NORM:  # the outputs' norms only
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
+            elif arch == BAMBA:
+                norms = (("input_layernorm", "attn_norm"), ("pre_ff_layernorm", "mlp_norm"))
             elif arch == GLM4:  # sandwich norms under its own names
                 norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
@@ -231,11 +236,16 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                           "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
                     if n not in fused:
                         add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
-            if arch in GRANITE_MOES:  # Mamba 2 or attention; a shared MLP (gate and up fused), experts stacked
+            if arch in (*GRANITE_MOES, BAMBA):  # Mamba 2 or attention; Bamba's MLP, or Granite's shared MLP (gate
+                # and up fused) and experts stacked
                 names = (_MAMBA2_NAMES if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                                                  "o_proj.weight"))
                 for n in names:
                     add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
+                if arch == BAMBA:
+                    for n in ("gate", "up", "down"):
+                        add(f"{h}feed_forward.{n}_proj.weight", f"{p}mlp.{n}_proj.weight")
+                    continue
                 shared = f"{p}mlp.shared_expert." if cfg.n_experts else f"{p}mlp."
                 if f"{shared}gate_proj.weight" in keys:
                     add(f"{h}shared_mlp.input_linear.weight", f"{shared}gate_proj.weight", f"{shared}up_proj.weight")
@@ -334,7 +344,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
                         add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
-        add("model.embedding_norm.weight" if arch in LFM2S else "model.norm.weight", "norm.weight")
+        add("model.embedding_norm.weight" if arch in LFM2S else "model.final_layernorm.weight" if arch == BAMBA
+            else "model.norm.weight", "norm.weight")
     if not cfg.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("head.weight",)))
     return rules
