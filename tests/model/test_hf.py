@@ -815,6 +815,19 @@ def test_nemotron_nano_9b_v2_config_reads_as_its_preset():
         assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 8_888_227_328
 
 
+def test_mamba_codestral_config_reads_as_its_preset():
+    """Mamba-Codestral-7B-v0.1's config.json (its published fields) is the mamba-codestral-7b preset: 7.29B
+    parameters."""
+    cfg = from_hf_config({
+        "architectures": ["Mamba2ForCausalLM"], "vocab_size": 32768, "hidden_size": 4096, "num_hidden_layers": 64,
+        "num_heads": 128, "head_dim": 64, "n_groups": 8, "state_size": 128, "expand": 2, "conv_kernel": 4,
+        "chunk_size": 256, "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "use_bias": False,
+        "use_conv_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02})
+    assert replace(cfg, hf_architecture=None) == PRESETS["mamba-codestral-7b"]
+    with torch.device("meta"):
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 7_285_403_648
+
+
 def test_granite4_350m_config_reads_as_its_preset():
     """Granite 4.0-H-350M's config.json (its published fields) is the granite-4.0-h-350m preset: 340M parameters."""
     kinds = ["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)]

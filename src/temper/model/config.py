@@ -763,6 +763,13 @@ PRESETS: dict[str, ModelConfig] = {
         attention_layers=(8, 12, 17, 22), no_mlp_layers=(3, 7, 11, 16, 21, 24), linear_layer="mamba2",
         linear_key_heads=8, linear_value_heads=128, linear_key_size=128, linear_value_size=80,
     ),
+    # Mamba-Codestral-7B (Mistral AI, 2024): 64 Mamba 2 layers (128 heads of 64, 8 groups, a state of 128), each a
+    # mixer alone, with no attention and no MLP (n_heads and ffn_dim are placeholders no layer reads); 7.29B parameters.
+    "mamba-codestral-7b": replace(
+        _LLAMA, vocab_size=32768, dim=4096, n_layers=64, n_heads=1, n_kv_heads=1, ffn_dim=4096, max_seq_len=262144,
+        norm_eps=1e-5, tie_embeddings=False, attention_layers=(), no_mlp_layers=tuple(range(64)), linear_layer="mamba2",
+        linear_key_heads=8, linear_value_heads=128, linear_key_size=128, linear_value_size=64,
+    ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.
     "qwen3.5-9b": replace(

@@ -612,7 +612,7 @@ def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
               "linear_key_heads": groups, "linear_value_heads": heads, "linear_key_size": d["state_size"],
               "linear_value_size": head, "linear_conv_size": d["conv_kernel"]}
     # no positions: max_seq_len bounds nothing a layer holds (a Mamba 2 state is fixed-size); Mamba-Codestral's 256k
-    return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": dim,
+    return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": None, "intermediate_size": dim,
             "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
 
 
