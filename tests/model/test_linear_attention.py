@@ -44,6 +44,31 @@ def _recurrence(q, k, v, g, beta, state=None, delta=True):
     return torch.stack(out, 2), S
 
 
+def test_groups_of_queries_and_keys_serve_their_heads_unrepeated():
+    """Mamba 2's B and C: 2 groups of queries and keys, each serving 3 consecutive value heads, give what repeating
+    them to every head gives, gradients summed over the heads they serve; the delta rule refuses groups."""
+    q, k, v, g, beta = _inputs(H=6)
+    q, k = q[:, ::3].detach().clone(), k[:, ::3].detach().clone()  # (B, 2, T, Dk)
+    state = torch.randn(2, 6, 8, 6, dtype=torch.float64)
+    for x in (q, k, v, g, beta, state):
+        x.requires_grad_(True)
+    out, final = gated_delta_rule(q, k, v, g, beta, state, chunk=8, delta=False)
+    ref, ref_final = gated_delta_rule(q.repeat_interleave(3, 1), k.repeat_interleave(3, 1), v, g, beta, state, chunk=8,
+                                      delta=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(final, ref_final, rtol=0, atol=1e-12)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum() + final.sum(), (q, k, v, g, beta, state))
+    ref_grads = torch.autograd.grad((ref * w).sum() + ref_final.sum(), (q, k, v, g, beta, state))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    step, step_final = gated_delta_rule(q[:, :, :1], k[:, :, :1], v[:, :, :1], g[:, :, :1], beta[:, :, :1], state,
+                                        delta=False)  # a decoding step
+    torch.testing.assert_close(step, ref[:, :, :1], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="2 query/key heads cannot serve 6 value heads .the delta rule"):
+        gated_delta_rule(q, k, v, g, beta, state)
+
+
 def _inputs(B=2, H=3, T=37, Dk=8, Dv=6, dtype=torch.float64):
     torch.manual_seed(0)
     q = F.normalize(torch.randn(B, H, T, Dk, dtype=dtype), dim=-1) * Dk ** -0.5

@@ -208,8 +208,7 @@ class Mamba2(nn.Module):
         state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
         xbc, conv_tail = causal_conv(xbc, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, inner + 2bc)
         xs, b, c = xbc.split([inner, bc, bc], dim=-1)
-        group = self.n_heads // self.n_groups  # each group's B and C serve `group` consecutive heads
-        b, c = (t.float().view(B, T, self.n_groups, self.d_state).repeat_interleave(group, 2) for t in (b, c))
+        b, c = (t.float().view(B, T, self.n_groups, self.d_state) for t in (b, c))  # each group's serve its heads
         v = xs.float().view(B, T, self.n_heads, self.d_head)  # (B, T, H, P)
         # the step in the activations' dtype, then float32, as Mamba 2's reference computes it
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).float()  # (B, T, H) > 0
@@ -309,8 +308,9 @@ def gated_delta_rule(
     beta_t k_t^T v_t, Mamba 2's state space recurrence (its B as keys, C as queries, x as values, dt as beta): the same
     chunks without the triangular solves.
 
-    q, k: (B, H, T, Dk) (Gated DeltaNet's: q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0),
-    beta: (B, H, T).
+    q, k: (B, Hk, T, Dk) (Gated DeltaNet's: q scaled, both L2-normalised); v: (B, H, T, Dv); g (log decay, <= 0),
+    beta: (B, H, T). With delta=False, Hk may divide H: each of Hk groups' queries and keys serves H / Hk consecutive
+    heads (Mamba 2's groups of B and C), read as they are, never repeated per head; the delta rule takes one per head.
     state: the state before the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts
     where the id changes, and `state` belongs to the first token's document.
 
@@ -319,13 +319,20 @@ def gated_delta_rule(
     lower-triangular C x C system; a token's output is its read of S_0 plus its causal attention to the chunk's u.
     Under autocast the matrix products take bf16 operands, as transformers' reference does under autocast (the
     solves stay float32): outputs 4e-3 from float64's, against 2e-3 for rounding float32's to bf16."""
-    B, H, T, Dk = k.shape
-    Dv = v.shape[-1]
-    state = q.new_zeros(B, H, Dk, Dv) if state is None else state.to(q.dtype)
+    B, Hk, T, Dk = k.shape
+    H, Dv = v.shape[1], v.shape[-1]
+    r = H // Hk
+    if r * Hk != H or (delta and r != 1):
+        raise ValueError(f"{Hk} query/key heads cannot serve {H} value heads" + (" (the delta rule takes one per head)"
+                                                                                 if delta else ""))
+    # A group axis: (B, Hk, r, ...), queries and keys broadcast over their group's r heads
+    q, k = q[:, :, None], k[:, :, None]  # (B, Hk, 1, T, Dk)
+    v, g, beta = v.view(B, Hk, r, T, Dv), g.view(B, Hk, r, T), beta.view(B, Hk, r, T)
+    state = q.new_zeros(B, Hk, r, Dk, Dv) if state is None else state.to(q.dtype).view(B, Hk, r, Dk, Dv)
     if T == 1 and doc is None:  # one decoding step: the rule itself
-        state = state * g.exp()[..., None]  # (B, H, Dk, Dv)
+        state = state * g.exp()[..., None]  # (B, Hk, r, Dk, Dv)
         state = state + k.transpose(-1, -2) @ (((v - k @ state) if delta else v) * beta[..., None])
-        return q @ state, state  # (B, H, 1, Dv)
+        return (q @ state).view(B, H, 1, Dv), state.view(B, H, Dk, Dv)
     C = min(chunk, T)
     pad = -T % C
     if pad:  # zero tokens that neither decay nor write, in the last token's document
@@ -333,40 +340,46 @@ def gated_delta_rule(
         g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
         doc = None if doc is None else torch.cat((doc, doc[:, -1:].expand(B, pad)), dim=1)
     N = (T + pad) // C
-    q, k, v = (t.reshape(B, H, N, C, t.shape[-1]) for t in (q, k, v))  # (B, H, N, C, D)
-    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
-    cum = g.cumsum(-1)  # (B, H, N, C): log of the decay from the chunk's start through each token
+    q, k, v = (t.reshape(*t.shape[:3], N, C, t.shape[-1]) for t in (q, k, v))  # (B, Hk, r or 1, N, C, D)
+    g, beta = g.reshape(B, Hk, r, N, C), beta.reshape(B, Hk, r, N, C)
+    cum = g.cumsum(-1)  # (B, Hk, r, N, C): log of the decay from the chunk's start through each token
     seen = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # (C, C): j <= i
     carry = last = 1.0
     if doc is not None:
-        doc = doc.reshape(B, 1, N, C)
-        seen = seen & (doc[..., :, None] == doc[..., None, :])  # (B, 1, N, C, C): j <= i in i's document
-        before = torch.cat((doc[:, :, :1, :1], doc[:, :, :-1, -1:]), dim=2)  # (B, 1, N, 1): the run a chunk enters in
-        carry = (doc == before).float()  # (B, 1, N, C): tokens whose document started before their chunk
-        last = (doc == doc[..., -1:]).float()  # (B, 1, N, C): tokens in the chunk's last token's document
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~seen, float("-inf")).exp()  # (B, H, N, C, C)
+        doc = doc.reshape(B, 1, 1, N, C)
+        seen = seen & (doc[..., :, None] == doc[..., None, :])  # (B, 1, 1, N, C, C): j <= i in i's document
+        before = torch.cat((doc[..., :1, :1], doc[..., :-1, -1:]), dim=-2)  # (B, 1, 1, N, 1): the run a chunk enters in
+        carry = (doc == before).float()  # (B, 1, 1, N, C): tokens whose document started before their chunk
+        last = (doc == doc[..., -1:]).float()  # (B, 1, 1, N, C): tokens in the chunk's last token's document
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~seen, float("-inf")).exp()  # (B, Hk, r, N, C, C)
+    reads = cum.exp() * carry  # (B, Hk, r, N, C): each query's decay from the state entering its chunk
+    writes = (cum[..., -1:] - cum).exp() * last  # (B, Hk, r, N, C): each write's decay to the chunk's end
+    keep = (cum[..., -1].exp() * (carry[..., -1] if doc is not None else 1.0))[..., None, None]  # (B, Hk, r, N, 1, 1)
+    attn = (q @ k.transpose(-1, -2)) * decay  # (B, Hk, r, N, C, C): one q k^T per group
     if delta:
         kb = k * beta[..., None]
         system = (kb @ k.transpose(-1, -2)) * decay  # its strictly lower part; the solve takes a unit diagonal
-        u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)  # (B,H,N,C,Dv)
-        w = torch.linalg.solve_triangular(system, kb * (cum.exp() * carry)[..., None], upper=False, unitriangular=True)
+        u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)  # (.., C, Dv)
+        w = torch.linalg.solve_triangular(system, kb * reads[..., None], upper=False, unitriangular=True)
+        # The decays scale the queries and keys, as the delta rule's reference orders the products
+        q, k, reads, writes = q * reads[..., None], k * writes[..., None], None, None
     else:  # the values as written, nothing to correct
         u, w = v * beta[..., None], None
-    read = q * (cum.exp() * carry)[..., None]  # (B, H, N, C, Dk): each query's read of the state entering its chunk
-    attn = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
-    write = k * ((cum[..., -1:] - cum).exp() * last)[..., None]  # (B, H, N, C, Dk): decayed to the chunk's end
-    keep = (cum[..., -1].exp() * (carry[..., -1] if doc is not None else 1.0))[..., None, None]  # (B, H, N, 1, 1)
     out = []
     # Unbound once rather than indexed per chunk: an index's backward makes a whole-size gradient for each chunk
     # (quadratic in the chunks), unbind's one stack of them.
-    corrections = w.unbind(2) if delta else (None,) * N
-    for u_n, read_n, attn_n, write_n, keep_n, w_n in zip(*(t.unbind(2) for t in (u, read, attn, write, keep)),
-                                                           corrections):
-        if w_n is not None:
-            u_n = u_n - w_n @ state  # (B, H, C, Dv): values less what the state already recalls
-        out.append(read_n @ state + attn_n @ u_n)
-        state = state * keep_n + write_n.transpose(-1, -2) @ u_n
-    return torch.stack(out, dim=2).reshape(B, H, N * C, Dv)[:, :, :T], state
+    per_chunk = [t.unbind(3) if t is not None else (None,) * N for t in (q, k, u, attn, keep, w, reads, writes)]
+    for q_n, k_n, u_n, attn_n, keep_n, w_n, reads_n, writes_n in zip(*per_chunk):
+        if delta:
+            u_n = u_n - w_n @ state  # (B, Hk, 1, C, Dv): values less what the state already recalls
+            out.append(q_n @ state + attn_n @ u_n)
+            state = state * keep_n + k_n.transpose(-1, -2) @ u_n
+        else:  # Mamba 2: the decays scale the heads' reads and values, so B and C stay their groups' (as its reference
+            # scales C S's product; B x's factor x); einsum takes a group's heads as one wider product where `@` would
+            # copy B and C to every head
+            out.append(reads_n[..., None] * torch.einsum("bgcn,bgrnp->bgrcp", q_n[:, :, 0], state) + attn_n @ u_n)
+            state = state * keep_n + torch.einsum("bgcn,bgrcp->bgrnp", k_n[:, :, 0], writes_n[..., None] * u_n)
+    return torch.stack(out, dim=3).reshape(B, H, N * C, Dv)[:, :, :T], state.view(B, H, Dk, Dv)
 
 
 LINEAR_LAYERS = {"gated_deltanet": GatedDeltaNet, "short_conv": ShortConv, "mamba2": Mamba2}

@@ -707,9 +707,9 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     input; returns what `_attention_saved` does, its backward's extra bytes those of the chunked rule.
 
     in_proj's input; the convolution's input where its weight trains (as Gated DeltaNet's) and SiLU's input; the
-    softplus input and the step dt (float32); B and C repeated to every head (float32); the rule without its
-    correction (`gated_delta_rule(delta=False)`): per head and chunk of C tokens the decay and the C x B^T products
-    (C x C, float32), the written values, each matmul operand (cast under autocast) and the state each chunk enters
+    softplus input and the step dt (float32); the rule without its correction (`gated_delta_rule(delta=False)`): per
+    head and chunk of C tokens the decay (C x C, float32), per group the C x B^T products (B and C serve their group's
+    heads unrepeated), the written values, each matmul operand (cast under autocast) and the state each chunk enters
     with; the values x (in fp32 a view: SiLU's whole output stays); the gated norm's inputs (float32: the output, z,
     SiLU(z), their product and its rstd), and in fp32 z is a view of in_proj's output, which stays whole."""
     H, G, N, P = attn.n_heads, attn.n_groups, attn.d_state, attn.d_head
@@ -733,14 +733,15 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     chunks = -(-seq_len // C)
     pad = chunks * C / seq_len
     if rule:  # a matmul operand is kept as a copy (its batched layout), in the compute dtype under autocast
-        s.add("B, C repeated to every head (float32)", pad * 2 * 4 * H * N)
-        s.add("rule: B, C as the C B^T product's operands", pad * 2 * a * H * N)
-        s.add(f"rule: decay (C x C per head, C={C}, float32), C B^T products", pad * (4 + a) * H * C)
-        s.add("rule: the decays' exponentials (float32)", pad * 4 * 4 * H)
-    loop = pad * (a * H * C + 2 * a * H * (P + N) + H * N * P / C * (a + (4 * (chunks - 1) / chunks if a != 4 else 0)))
+        s.add("rule: B, C as the C B^T product's operands (per group)", pad * 2 * a * G * N)
+        s.add(f"rule: decay (C x C per head, C={C}, float32), C B^T products (per group)", pad * (4 * H + a * G) * C)
+        s.add("rule: the decays' exponentials, the written values (float32)", pad * 4 * (4 * H + inner))
+    # per chunk: the intra-chunk attention, the written values, their decayed copy and the state's read (per head),
+    # B and C as the reads' and writes' operands (per group), the state itself and its operand copy
+    loop = pad * (a * H * C + 3 * a * inner + 2 * a * G * N + (4 + a) * H * N * P / C)
     if rule:
-        s.add("chunk loop: intra-chunk attention, written values (twice), reads and writes of the state, the state "
-              "entering each chunk" + (" (casts, and the state's float32 self)" if a != 4 else ""), loop)
+        s.add("chunk loop: intra-chunk attention, written values (three times), B and C, the state entering each "
+              "chunk (twice)", loop)
     after_rule = s.total  # what the layer keeps after the rule is freed before the rule's backward
     s.add("values x" + (" (SiLU's whole output)" if a == 4 else " (float32)"), (4 * width if a == 4 else 4 * inner)
           if rule or attn.D.requires_grad else 0)
@@ -758,10 +759,10 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     if not rule:
         return [attn.in_proj], out_grad, 0.0
     # The rule's backward peaks in its chunk loop's gradients, stacked whole: three C x C per head (the intra-chunk
-    # attention's, the decay's and the C B^T product's), B's and C's repeated to every head, and the values' twice; by
-    # then what the layer kept after the rule, and the loop's own, are freed (a checkpointed block without an MLP peaks
-    # there).
-    grads = pad * 4 * H * (3 * C + 2 * N + 2 * P)
+    # attention's, the decay's, and the C B^T product's before it is summed over its group's heads) and one per group
+    # (that sum), B's and C's per group, and the values' twice; by then what the layer kept after the rule, and the
+    # loop's own, are freed (a checkpointed block without an MLP peaks there).
+    grads = pad * 4 * (H * (3 * C + 2 * P) + G * (C + 2 * N))
     return [attn.in_proj], out_grad, grads - (s.total - after_rule) - loop
 
 
