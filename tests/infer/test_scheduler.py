@@ -39,9 +39,9 @@ HYBRID = {"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output
 """Qwen3.5's layers: the linear ones' states move with their rows, restart with a new request, and see no padding."""
 SHORT_CONV = {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv", "linear_conv_size": 3}
 """LFM2's layers: a short convolution, then an attention layer."""
-MAMBA2 = {"attention_layers": (1,), "linear_layer": "mamba2", "linear_key_heads": 2, "linear_value_heads": 4,
-          "linear_key_size": 8, "linear_value_size": 16}
-"""Granite 4.0-H's layers: a Mamba 2 layer, then an attention layer."""
+MAMBA2 = {"attention_layers": (), "no_mlp_layers": (0, 1), "linear_layer": "mamba2", "linear_key_heads": 2,
+          "linear_value_heads": 4, "linear_key_size": 8, "linear_value_size": 16}
+"""Mamba-Codestral's layers: Mamba 2 mixers alone, no attention layer at all (a cache of states only)."""
 
 
 class Collector:

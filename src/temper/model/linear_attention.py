@@ -208,7 +208,7 @@ class Mamba2(nn.Module):
         state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
         xbc, conv_tail = causal_conv(xbc, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, inner + 2bc)
         xs, b, c = xbc.split([inner, bc, bc], dim=-1)
-        b, c = (t.float().view(B, T, self.n_groups, self.d_state) for t in (b, c))  # each group's serve its heads
+        b, c = (t.float().view(B, T, self.n_groups, self.d_state) for t in (b, c))  # a group's serve its heads
         v = xs.float().view(B, T, self.n_heads, self.d_head)  # (B, T, H, P)
         # the step in the activations' dtype, then float32, as Mamba 2's reference computes it
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).float()  # (B, T, H) > 0
@@ -374,9 +374,9 @@ def gated_delta_rule(
             u_n = u_n - w_n @ state  # (B, Hk, 1, C, Dv): values less what the state already recalls
             out.append(q_n @ state + attn_n @ u_n)
             state = state * keep_n + k_n.transpose(-1, -2) @ u_n
-        else:  # Mamba 2: the decays scale the heads' reads and values, so B and C stay their groups' (as its reference
-            # scales C S's product; B x's factor x); einsum takes a group's heads as one wider product where `@` would
-            # copy B and C to every head
+        else:  # Mamba 2: the decays scale each head's read of the state and its written values, not C and B, which
+            # stay their group's (its reference, too, scales C S after the product); einsum takes a group's heads as one
+            # wider product, where `@` would copy B and C to every head
             out.append(reads_n[..., None] * torch.einsum("bgcn,bgrnp->bgrcp", q_n[:, :, 0], state) + attn_n @ u_n)
             state = state * keep_n + torch.einsum("bgcn,bgrcp->bgrnp", k_n[:, :, 0], writes_n[..., None] * u_n)
     return torch.stack(out, dim=3).reshape(B, H, N * C, Dv)[:, :, :T], state.view(B, H, Dk, Dv)
