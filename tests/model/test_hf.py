@@ -137,6 +137,15 @@ CASES = {
         "BambaConfig", "BambaForCausalLM", **_SMALL | {"num_hidden_layers": 4}, attn_layer_indices=[1],
         mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_chunk_size=16,
         tie_word_embeddings=False),
+    # Nemotron 3 (Nano 30B-A3B's layers): the mixers each followed by a mixture of 8 squared-ReLU experts, 2 per token
+    # chosen by sigmoid scores plus a bias among the 2 of 4 groups whose two best score highest, scaled, beside a shared
+    # expert; a mixer alone between them.
+    "nemotron3-mamba2-experts": lambda: _with_choice_bias(_hf(
+        "NemotronHConfig", "NemotronHForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
+        layer_norm_epsilon=1e-5, head_dim=16, hybrid_override_pattern="MEM*EME", mamba_num_heads=8, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=16, chunk_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=40, moe_shared_expert_intermediate_size=56, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, tie_word_embeddings=False)),
     # Mamba 2 alone (Mamba-Codestral): every layer a mixer after its norm, no attention, no MLP; tied embeddings.
     "mamba2-mixers-alone": lambda: _hf("Mamba2Config", "Mamba2ForCausalLM", vocab_size=101, hidden_size=64,
                                        num_hidden_layers=3, num_heads=8, head_dim=16, n_groups=2, state_size=16,
@@ -421,7 +430,10 @@ def test_variant_features_are_exercised():
                       ("granite4-mamba2-moe-nope", {"nope_every": None}),  # RoPE on its attention layer
                       ("granite4-mamba2-dense-rope", {"nope_every": 1}),
                       ("bamba-mamba2-half-rope", {"rope_dim": None}),  # whole heads rotated
-                      ("nemotron-h-mamba2-relu2", {"nope_every": None})]:  # RoPE on its attention layer
+                      ("nemotron-h-mamba2-relu2", {"nope_every": None}),  # RoPE on its attention layer
+                      ("nemotron3-mamba2-experts", {"expert_choice_bias": False}),
+                      ("nemotron3-mamba2-experts", {"expert_groups": 1, "expert_groups_per_token": 1}),
+                      ("nemotron3-mamba2-experts", {"routed_scaling": 1.0})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -520,6 +532,12 @@ def test_architecture_is_chosen_by_fields():
     assert hf_architecture(nemotron) == "NemotronHForCausalLM"
     with pytest.raises(ValueError, match="NemotronHForCausalLM cannot express this model: it needs mlp='relu2'"):
         to_hf_config(replace(nemotron, norm_cast_after=False))
+    nemotron3 = replace(nemotron, n_experts=4, shared_expert_ffn_dim=48, router_scores="sigmoid", router_float32=True,
+                        expert_choice_bias=True)
+    assert to_hf_config(nemotron3)["hybrid_override_pattern"] == "M*E"
+    with pytest.raises(ValueError, match="NemotronHForCausalLM cannot express this model: its mixtures are in every "
+                                         "MLP, choosing experts by float32 sigmoid scores"):
+        to_hf_config(replace(nemotron3, expert_choice_bias=False))
     with pytest.raises(ValueError, match="GraniteMoeHybridForCausalLM cannot express this model: every block has an "
                                          "MLP"):
         to_hf_config(replace(granite4, no_mlp_layers=(0,)))
@@ -781,10 +799,12 @@ def test_granite4_reads_its_spellings_and_defaults():
     ("hybrid_override_pattern", "-M*", "an MLP after no mixer"), ("hybrid_override_pattern", "M--*", "after no mixer"),
     ("mlp_hidden_act", "silu", "mlp_hidden_act"), ("residual_in_fp32", True, "residual_in_fp32"),
     ("mamba_proj_bias", True, "mamba_proj_bias"), ("n_groups", 3, "n_groups"), ("time_step_limit", [0.0, 1.0],
-                                                                                 "time_step_limit")])
+                                                                                 "time_step_limit"),
+    ("hybrid_override_pattern", "M-ME*-", "not both kinds of MLP"), ("moe_latent_size", 32, "moe_latent_size"),
+    ("n_group", 3, "n_group=3"), ("num_experts_per_tok", 9, "num_experts_per_tok=9")])
 def test_nemotron_h_configs_temper_cannot_build_are_refused_by_name(key, value, named):
     d = {**_SMALL, "architectures": ["NemotronHForCausalLM"], "hybrid_override_pattern": "M-*-", "mamba_num_heads": 8,
-         key: value}
+         **({"hybrid_override_pattern": "MEME"} if key in ("n_group", "num_experts_per_tok") else {}), key: value}
     with pytest.raises(ValueError, match=named):
         from_hf_config(d)
 

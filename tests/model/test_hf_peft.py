@@ -110,6 +110,14 @@ CONFIGS = {
     # Bamba: a Mamba 2 layer then an attention layer turning half of each head, SwiGLU MLPs named feed_forward
     "bamba": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                      linear_key_size=8, linear_value_size=16, rope_dim=8, hf_architecture="BambaForCausalLM"),
+    # Nemotron 3: Mamba 2 and attention layers each followed by a mixture of 4 squared-ReLU experts (DeepSeek-V3's
+    # routing) beside a shared one
+    "nemotron_h_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2,
+                              linear_value_heads=4, linear_key_size=8, linear_value_size=16, mlp="relu2",
+                              norm_cast_after=True, nope_every=1, n_experts=4, expert_ffn_dim=40,
+                              shared_expert_ffn_dim=56, router_scores="sigmoid", router_float32=True,
+                              expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
+                              hf_architecture="NemotronHForCausalLM"),
     # Mamba2ForCausalLM: Mamba 2 mixers alone (PEFT refuses out_proj adapters on it, as on Nemotron-H)
     "mamba2": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba2", linear_key_heads=2,
                       linear_value_heads=4, linear_key_size=8, linear_value_size=32, hf_architecture="Mamba2ForCausalLM"),
@@ -185,6 +193,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
     "bamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"],
     "mamba2": ["in_proj"],
+    "nemotron_h_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -239,7 +248,8 @@ def _targets(case: str) -> tuple[str, ...]:
         linears = ()
     if CONFIGS[case].has_linear_layers:  # the linear attention layers' too (not Nemotron-H's out_proj: PEFT refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
-                               else ("in_proj",) if case in ("nemotron_h", "mamba2") else IN_OUT_PROJ_TARGETS))
+                               else ("in_proj",) if case in ("nemotron_h", "nemotron_h_moe", "mamba2")
+                               else IN_OUT_PROJ_TARGETS))
     if CONFIGS[case].mlp == "relu2":  # not gated
         linears = tuple(t for t in linears if t != "gate_proj")
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
@@ -493,23 +503,24 @@ def test_mamba_out_proj_adapters_are_refused_by_name(tmp_path, case, more):
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("case, arch, experts", [("gpt_oss", "GptOssForCausalLM", "mlp.experts"),
-                                                 ("gemma4_moe", "Gemma4ForCausalLM", "experts")])
-def test_stacked_expert_adapters_are_refused_by_name(tmp_path, case, arch, experts):
-    """GPT-OSS and Gemma 4 store their experts stacked (GPT-OSS's (in, out), gate and up interleaved): temper writes no
-    PEFT form for adapters there (their attention adapters are written, above), and reads none: both refused,
-    nothing written."""
+@pytest.mark.parametrize("case, arch, experts, first", [("gpt_oss", "GptOssForCausalLM", "mlp.experts", "gate"),
+                                                        ("gemma4_moe", "Gemma4ForCausalLM", "experts", "gate"),
+                                                        ("nemotron_h_moe", "NemotronHForCausalLM", "mixer.experts", "up")])
+def test_stacked_expert_adapters_are_refused_by_name(tmp_path, case, arch, experts, first):
+    """GPT-OSS and Gemma 4 store their experts stacked (GPT-OSS's (in, out), gate and up interleaved), and transformers
+    holds Nemotron 3's stacked without a gate: temper writes no PEFT form for adapters there (their attention adapters
+    are written, above), and reads none: both refused, nothing written."""
     model = _model(case)
-    apply_lora(model, rank=2, alpha=4, targets=("q_proj", "gate_proj"))
-    assert f"layers.0.mlp.experts.0.gate_proj and 7 more adapt {arch}'s experts" in peft_lora_refusal(model)
-    with pytest.raises(ValueError, match="stores stacked"):
+    apply_lora(model, rank=2, alpha=4, targets=("q_proj", f"{first}_proj"))
+    assert f"layers.0.mlp.experts.0.{first}_proj and 7 more adapt {arch}'s experts" in peft_lora_refusal(model)
+    with pytest.raises(ValueError, match="stacked in a layout"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-        "target_parameters": [f"{experts}.gate_up_proj"]}))
+        "target_parameters": [f"{experts}.{'up_proj' if first == 'up' else 'gate_up_proj'}"]}))
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)},
               out / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="stacked"):

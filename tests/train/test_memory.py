@@ -152,6 +152,10 @@ MAMBA2 = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba2", "li
 # Nemotron-H's: those, squared-ReLU MLPs, and a block of a Mamba 2 layer alone (no MLP)
 NEMOTRON_H = MAMBA2 | {"attention_layers": (2,), "mlp": "relu2", "norm_cast_after": True, "nope_every": 1,
                        "no_mlp_layers": (1,), "ffn_dim": 256}
+# Nemotron 3's: those blocks' MLPs mixtures of 8 squared-ReLU experts (2 per token) beside a shared one
+NEMOTRON_3 = NEMOTRON_H | {"n_experts": 8, "expert_ffn_dim": 64, "shared_expert_ffn_dim": 96, "router_scores": "sigmoid",
+                           "router_float32": True, "expert_choice_bias": True, "expert_groups": 4,
+                           "expert_groups_per_token": 2, "routed_scaling": 2.5}
 
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
@@ -278,6 +282,7 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256}),
     ("debug-llama", "lora", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256, "lora": LoRAShape(rank=4, targets=[
         "q_proj", "in_proj", "out_proj", "up_proj", "down_proj"])}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": NEMOTRON_3, "seq": 256}),
     # wide linear heads, a narrow MLP: a recomputed block's backward peaks after the rule's chunk loop, not in its MLP;
     # and with keys wider than the values
     ("debug-llama", "pretrain", "fp32", 1, {"dims": HYBRID | {"linear_key_heads": 4, "linear_value_heads": 8,

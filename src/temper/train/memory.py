@@ -937,7 +937,9 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     router_grad = grad_in or _wants_grad(moe.router)
     shared, gate = moe.shared_expert, moe.shared_expert_gate
     own = moe.experts_norm is not None  # Gemma 4: the router and the experts read the raw stream, normalised apart
-    readers = ([] if own else [moe.router]) + ([shared.gate_proj, shared.up_proj] if shared is not None else []) + (
+    shared_in = [] if shared is None else [  # (Nemotron 3's is ungated)
+        m for m in (getattr(shared, "gate_proj", None), shared.up_proj) if m is not None]
+    readers = ([] if own else [moe.router]) + shared_in + (
         [gate] if gate is not None else [])  # the router, the shared expert and its gate read the norm's output
     _readers(s, source, readers, in_bytes, t, lora_dropout, grad_in)
     if own:

@@ -40,8 +40,8 @@ irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a 
 3.0's mixtures (`GraniteMoeForCausalLM`, `GraniteMoeSharedForCausalLM`: Granite's multipliers, experts stacked, alone or
 beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
 around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM`: Mamba 2 layers, attention without
-positions and squared-ReLU MLPs, each a layer of its own, read as blocks of a mixer and the MLP after it or the mixer
-alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers, its attention turning half of each
+positions and squared-ReLU MLPs or mixtures of them (Nemotron 3), each a layer of its own, read as blocks of a mixer
+and the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers, its attention turning half of each
 head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer blocks without attention or MLPs) and
 EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
@@ -220,6 +220,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
                      "expand", "num_heads", "state_size"), _INT),
     **dict.fromkeys(("use_conv_bias", "residual_in_fp32"), _BOOL),
+    **dict.fromkeys(("moe_shared_expert_intermediate_size", "n_shared_experts"), _INT),
+    "moe_latent_size": (*_INT, type(None)),
     **dict.fromkeys(("hybrid_override_pattern", "mlp_hidden_act", "mamba_hidden_act"), _STR),
     **dict.fromkeys(("conv_bias", "block_auto_adjust_ff_dim", "tie_embedding", "use_expert_bias"), _BOOL),
     "norm_eps": _FLOAT, "block_ffn_dim_multiplier": (*_FLOAT, type(None)), "full_attn_idxs": (list, type(None)),
@@ -539,33 +541,36 @@ _NEMOTRON_KINDS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "
 def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(`d` in the keys the reading shares, with num_hidden_layers temper's block count; the ModelConfig fields of
     Nemotron-H's layers). Its checkpoint's layers are each one sublayer, a Mamba 2 layer ("M", "linear_attention"),
-    attention without positions ("*", "full_attention") or a squared-ReLU MLP ("-", "mlp"), each x + f(norm(x)): a
-    mixer and the MLP after it are one temper block, and a mixer followed by another mixer a block without an MLP
-    (`no_mlp_layers`). Its mixtures of experts ("E", Nemotron 3) are refused."""
+    attention without positions ("*", "full_attention"), a squared-ReLU MLP ("-", "mlp") or a mixture of them ("E",
+    "moe": Nemotron 3), each x + f(norm(x)): a mixer and the MLP after it are one temper block, and a mixer followed by
+    another mixer a block without an MLP (`no_mlp_layers`). A mixture (`_nemotron_h_experts`) is every MLP's or none."""
     pattern = d.get("hybrid_override_pattern")
     types = d.get("layers_block_type", d.get("layer_types"))
     if types is None and isinstance(pattern, str) and set(pattern) <= set(_NEMOTRON_KINDS):
         types = [_NEMOTRON_KINDS[c] for c in pattern]
     aliases = {"mamba": "linear_attention", "attention": "full_attention"}
     types = [aliases.get(t, t) for t in types] if isinstance(types, list) else types
-    if not (isinstance(types, list) and types and set(types) <= {"linear_attention", "full_attention", "mlp"}):
+    if not (isinstance(types, list) and types and set(types) <= {"linear_attention", "full_attention", "mlp", "moe"}
+            and {"mlp", "moe"} - set(types)):
         raise ValueError(f"NemotronH layers_block_type={types!r} (hybrid_override_pattern={pattern!r}) is not supported "
-                         "(temper reads Mamba 2 'M', attention '*' and MLP '-' layers, not mixtures of experts 'E')")
+                         "(temper reads Mamba 2 'M', attention '*' and MLP '-' or mixture 'E' layers, not both kinds of "
+                         "MLP in one model)")
     attention, no_mlp, block = [], [], -1
     for k, kind in enumerate(types):
-        if kind == "mlp":
-            if block < 0 or k and types[k - 1] == "mlp":
+        if kind in ("mlp", "moe"):
+            if block < 0 or k and types[k - 1] in ("mlp", "moe"):
                 raise ValueError(f"NemotronH layer {k} is an MLP after no mixer (layers_block_type={types!r}): temper's "
                                  "blocks are a mixer, then at most one MLP")
             continue
         block += 1
         if kind == "full_attention":
             attention.append(block)
-        if k + 1 == len(types) or types[k + 1] != "mlp":
+        if k + 1 == len(types) or types[k + 1] not in ("mlp", "moe"):
             no_mlp.append(block)
     for key, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu"), ("use_bias", False),
                       ("mlp_bias", False), ("attention_bias", False), ("use_conv_bias", True), ("mamba_proj_bias", False),
-                      ("residual_in_fp32", False), ("sliding_window", None), ("num_nextn_predict_layers", 0)):
+                      ("residual_in_fp32", False), ("sliding_window", None), ("num_nextn_predict_layers", 0),
+                      ("moe_latent_size", None)):
         if d.get(key, want) != want:
             raise ValueError(f"NemotronH {key}={d[key]!r} is not supported (temper reads {want!r})")
     _check_time_steps("NemotronH", d.get("time_step_limit", d.get("mamba_dt_limit")))
@@ -573,7 +578,7 @@ def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (heads > 0 and groups > 0 and heads % groups == 0):
         raise ValueError(f"NemotronH mamba_num_heads={heads} in n_groups={groups} is not supported (groups that divide "
                          "the heads)")
-    fields = {"no_mlp_layers": tuple(no_mlp)}
+    fields = {"no_mlp_layers": tuple(no_mlp), **(_nemotron_h_experts(d) if "moe" in types else {})}
     if len(attention) <= block:  # Mamba 2 layers
         fields |= {"attention_layers": tuple(attention), "linear_layer": "mamba2", "linear_key_heads": groups,
                    "linear_value_heads": heads, "linear_key_size": d.get("ssm_state_size", 128),
@@ -584,6 +589,24 @@ def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
          "num_hidden_layers": block + 1, "rms_norm_eps": d.get("layer_norm_epsilon", 1e-5),
          "hidden_act": "silu"}  # (its MLP's activation is mlp_hidden_act, checked above)
     return d, fields
+
+
+def _nemotron_h_experts(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of Nemotron 3's mixtures ("E" layers): squared-ReLU experts, ungated as its dense MLPs,
+    chosen by DeepSeek-V3's routing (float32 sigmoid scores plus a choice bias, among the n_group groups whose two best
+    experts score highest, the top k renormalised with norm_topk_prob and scaled by routed_scaling_factor), beside one
+    shared expert of moe_shared_expert_intermediate_size. Its reference adds 1e-20 to the renormalising sum, which
+    temper leaves out (as for DeepSeek-V3's)."""
+    experts, k = d.get("n_routed_experts", 8), d.get("num_experts_per_tok", 2)
+    groups, per = d.get("n_group") or 1, d.get("topk_group") or 1
+    if not (experts > 0 and 1 <= k <= experts and groups > 0 and experts % groups == 0 and 1 <= per <= groups):
+        raise ValueError(f"NemotronH n_routed_experts={experts}, num_experts_per_tok={k}, n_group={groups}, "
+                         f"topk_group={per} are not supported (k of the experts, in groups that divide them)")
+    return {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d.get("moe_intermediate_size", 7688),
+            "shared_expert_ffn_dim": d.get("moe_shared_expert_intermediate_size", 7688), "router_scores": "sigmoid",
+            "router_float32": True, "expert_choice_bias": True, "expert_groups": groups, "expert_groups_per_token": per,
+            "routed_scaling": float(d.get("routed_scaling_factor", 1.0)),
+            "renormalize_experts": d.get("norm_topk_prob") is not False}
 
 
 _MAMBA2_DEFAULTS = {"num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
@@ -1268,6 +1291,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "relu2", False, False, True, 1):
             return ("it needs mlp='relu2', norms that scale before rounding (norm_cast_after) and attention without "
                     "positions (nope_every=1)")
+        if cfg.n_experts and not (cfg.router_scores == "sigmoid" and cfg.expert_choice_bias and cfg.router_float32
+                                  and cfg.shared_expert_ffn_dim and not cfg.shared_expert_gate
+                                  and cfg.expert_group_best == 2 and not cfg.dense_layers):
+            return ("its mixtures are in every MLP, choosing experts by float32 sigmoid scores plus a choice bias "
+                    "(groups scored by their two best), beside an ungated shared expert")
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, MAMBA2):
@@ -1331,7 +1359,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
                 else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
     if bool(cfg.n_experts) != (arch in (*MOE_ARCHITECTURES, GRANITE_MOE, GRANITE_MOE_SHARED)) and arch not in (
-            GEMMA4, GRANITE_HYBRID):
+            GEMMA4, GRANITE_HYBRID, NEMOTRON_H):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
@@ -1353,7 +1381,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.shared_expert_ffn_dim is not None, cfg.shared_expert_gate) != (arch in (*SHARED_GATED, *DEEPSEEK_MOE),
                                                                             arch in SHARED_GATED) and arch not in (
                                                                                 GEMMA4, ERNIE4_5_MOE, HUNYUAN_MOE,
-                                                                                *GRANITE_MOES):
+                                                                                *GRANITE_MOES, NEMOTRON_H):
         return ("its experts have a gated shared expert beside them" if arch in SHARED_GATED
                 else "its experts have shared ones beside them, ungated" if arch in DEEPSEEK_MOE
                 else "it has no shared expert (Qwen2MoeForCausalLM has one, gated)")
@@ -1370,11 +1398,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it scores experts by a softmax and chooses them with a bias"
     if arch == LFM2_MOE and not (deepseek[0] and cfg.router_float32 and cfg.shared_expert_ffn_dim is None):
         return "it scores experts by sigmoids in float32 (a choice bias optional), with no shared expert"
-    if arch not in (*BIASED_SIGMOID, ERNIE4_5_MOE, LFM2_MOE) and any(deepseek):
+    if arch not in (*BIASED_SIGMOID, ERNIE4_5_MOE, LFM2_MOE, NEMOTRON_H) and any(deepseek):
         return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
     if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
         return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
-    if arch not in DEEPSEEK_MOE and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 and arch != LFM2_MOE
+    if arch not in (*DEEPSEEK_MOE, NEMOTRON_H) and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 and arch != LFM2_MOE
                                      or cfg.dense_layers and arch not in (ERNIE4_5_MOE, LFM2_MOE)):
         return ("it routes without groups of experts, scaling or dense layers (DeepseekV2ForCausalLM, "
                 "DeepseekV3ForCausalLM and Glm4MoeForCausalLM have them)")
@@ -1568,7 +1596,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_proj_bias": False, "attention_bias": False, "mlp_bias": False, "z_loss_coefficient": 0.0}
     if arch == NEMOTRON_H:  # its layers one sublayer each, in the published hybrid_override_pattern; no positions
         (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
-        pattern = "".join(("M" if cfg.is_linear(i) else "*") + ("" if i in cfg.no_mlp_layers else "-")
+        mlp = "E" if cfg.n_experts else "-"  # (Nemotron 3's mixtures)
+        pattern = "".join(("M" if cfg.is_linear(i) else "*") + ("" if i in cfg.no_mlp_layers else mlp)
                           for i in range(cfg.n_layers))
         for key in ("rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act"):
             del d[key]
@@ -1577,6 +1606,12 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_num_heads": heads, "mamba_head_dim": head, "n_groups": groups, "ssm_state_size": state,
               "conv_kernel": cfg.linear_conv_size, "use_conv_bias": True, "mamba_proj_bias": False, "use_bias": False,
               "mlp_bias": False, "attention_bias": False, "residual_in_fp32": False, "num_nextn_predict_layers": 0}
+        if cfg.n_experts:
+            d |= {"n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+                  "moe_intermediate_size": cfg.expert_hidden_dim, "n_shared_experts": 1,
+                  "moe_shared_expert_intermediate_size": cfg.shared_expert_ffn_dim, "moe_latent_size": None,
+                  "n_group": cfg.expert_groups, "topk_group": cfg.expert_groups_per_token,
+                  "routed_scaling_factor": cfg.routed_scaling, "norm_topk_prob": cfg.renormalize_experts}
     if arch in LFM2S:  # its MLP's width as it is (no adjusting), its layers named one by one
         del d["rms_norm_eps"]
         d |= {"norm_eps": cfg.norm_eps, "conv_bias": False, "conv_L_cache": cfg.linear_conv_size,

@@ -132,7 +132,7 @@ of those names too: a PEFT file cannot adapt those."""
 def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
-    router that the checkpoint stores stacked (GPT-OSS's, Gemma 4's), which temper writes no PEFT form for; an adapter of
+    router stacked in a layout temper writes no PEFT form for (`_stacked_experts`: GPT-OSS's, Gemma 4's, Nemotron 3's); an adapter of
     GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`);
     an adapter of Nemotron-H's or Mamba2ForCausalLM's Mamba 2 out_proj, which PEFT refuses."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -146,9 +146,9 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
                     "merged model holds them")
     in_moe = [n for n in loras if ".mlp.experts." in n or n.endswith(".mlp.router") and not _plain_router(cfg)]
     if in_moe and _stacked_experts(model):
-        return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which its "
-                "checkpoint stores stacked, a layout temper writes no PEFT adapter for (adapt the attention for one); "
-                "the merged model holds them")
+        return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which are "
+                "stacked in a layout temper writes no PEFT adapter for (adapt the attention for one); the merged model "
+                "holds them")
     if cfg is not None and hf_architecture(cfg) in (NEMOTRON_H, MAMBA2):
         out = [n for n in loras if n.endswith(".attn.out_proj")]  # its Mamba 2 layers' (attention's is o_proj)
         if out:
@@ -163,12 +163,13 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
 
 
 def _stacked_experts(model: nn.Module) -> bool:
-    """Whether the model's Hugging Face checkpoint stores its experts stacked (GPT-OSS, Gemma 4: `weights._STACKED`),
-    which temper's PEFT reader and writer do not lay out. Granite's mixtures stack them as transformers 5 holds every
-    mixture in memory (gate over up, (E, 2F, D)), where PEFT adapts them: written and read as Mixtral's."""
+    """Whether the model's experts are stacked in a layout temper's PEFT reader and writer do not lay out: in its
+    Hugging Face checkpoint (GPT-OSS, Gemma 4: `weights._STACKED`), or ungated as transformers 5 holds them (Nemotron
+    3's up_proj and down_proj, (E, F, D) and (E, D, F)). Granite's mixtures stack them as transformers 5 holds every
+    gated mixture in memory (gate over up, (E, 2F, D)), where PEFT adapts them: written and read as Mixtral's."""
     cfg = getattr(model, "cfg", None)
-    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) not in GRANITE_MOES and any(
-        r.stacked and ".mlp.experts." in r.parts[0] for r in hf_rules(cfg))
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) not in GRANITE_MOES and (
+        hf_architecture(cfg) == NEMOTRON_H or any(r.stacked and ".mlp.experts." in r.parts[0] for r in hf_rules(cfg)))
 
 
 def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
@@ -396,6 +397,8 @@ def _save_moe(model: nn.Module, rank: int, alpha: float, rslora: bool, r: int
     layer beside them, Granite 4.0's shared_mlp.input_linear, makes it a multiple of `rank`, with alpha alike)."""
     tensors: dict[str, torch.Tensor] = {}
     targets = set()
+    if _stacked_experts(model):  # their adapters are refused (`peft_lora_refusal`): none to write
+        return tensors, {}, []
     for hf, moe in _moe_layers(model):
         experts = [[e.gate_proj, e.up_proj] for e in moe.experts], [[e.down_proj] for e in moe.experts]
         adapted = [any(isinstance(m, LoRALinear) for parts in group for m in parts) for group in experts]

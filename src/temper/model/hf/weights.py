@@ -168,6 +168,13 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             sublayers = [("attn_norm", [(f"mixer.{n}", f"attn.{n}") for n in names])]
             if i not in cfg.no_mlp_layers:
                 mlp = [(f"mixer.{n}_proj.weight", f"mlp.{n}_proj.weight") for n in ("up", "down")]
+                if cfg.n_experts:  # Nemotron 3's mixture: the router and its choice bias, the experts, a shared one
+                    mlp = [("mixer.gate.weight", "mlp.router.weight"),
+                           ("mixer.gate.e_score_correction_bias", "mlp.choice_bias"),
+                           *((f"mixer.experts.{j}.{n}_proj.weight", f"mlp.experts.{j}.{n}_proj.weight")
+                             for j in range(cfg.n_experts) for n in ("up", "down")),
+                           *((f"mixer.shared_experts.{n}_proj.weight", f"mlp.shared_expert.{n}_proj.weight")
+                             for n in ("up", "down"))]
                 sublayers.append(("mlp_norm", mlp))
             for norm, parts in sublayers:
                 add(f"backbone.layers.{k}.norm.weight", f"{p}{norm}.weight")
@@ -437,6 +444,8 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         sd = _unfused_experts(sd, arch)
     if arch in GRANITE_MOES:
         sd = _granite_checkpoint_names(sd)
+    if arch == NEMOTRON_H:
+        sd = _nemotron_h_checkpoint_names(sd)
     for name, t in sd.items():
         if _ignored(name, cfg):
             continue
@@ -495,6 +504,19 @@ def _granite_checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             if name.endswith(memory):
                 name = name.removesuffix(memory) + checkpoint
         out[name] = t
+    return out
+
+
+def _nemotron_h_checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers 5 Nemotron-H model's own state dict, its mixtures' experts stacked ((E, F, D) up_proj, (E, D, F)
+    down_proj), in the per-expert names its `save_pretrained` writes."""
+    out = {}
+    for name, t in sd.items():
+        stem, _, last = name.rpartition(".experts.")
+        if stem and last in ("up_proj", "down_proj"):
+            out |= {f"{stem}.experts.{j}.{last}.weight": w for j, w in enumerate(t)}
+        else:
+            out[name] = t
     return out
 
 
