@@ -41,9 +41,9 @@ irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a 
 beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
 around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM`: Mamba 2 layers, attention without
 positions and squared-ReLU MLPs or mixtures of them (Nemotron 3), each a layer of its own, read as blocks of a mixer
-and the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers, its attention turning half of each
-head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer blocks without attention or MLPs) and
-EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
+and the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers,
+its attention turning half of each head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer
+blocks without attention or MLPs) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
@@ -1321,7 +1321,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "hidden_size / num_attention_heads wide")
     if arch == NEMOTRON_H and (cfg.attn_output_gate or cfg.has_linear_layers and cfg.linear_layer != "mamba2"):
         return "its linear layers are Mamba 2's (linear_layer='mamba2'), its attention ungated"
-    if arch in (GRANITE_HYBRID, BAMBA) and (cfg.attn_output_gate or cfg.has_linear_layers and (
+    if arch in (GRANITE_HYBRID, BAMBA, MAMBA2) and (cfg.attn_output_gate or cfg.has_linear_layers and (
             cfg.linear_layer != "mamba2" or cfg.linear_heads[1] * cfg.linear_sizes[1] % cfg.dim)):
         return ("its linear layers are Mamba 2's (linear_layer='mamba2'), their heads filling a whole multiple of dim "
                 "(mamba_expand), its attention ungated")
@@ -1402,8 +1402,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it scores experts by a softmax, without a choice bias (DeepseekV3ForCausalLM has them)"
     if arch in DEEPSEEK_MOE and cfg.expert_groups > 1 and cfg.expert_group_best != (1 if arch == DEEPSEEK_V2 else 2):
         return f"its groups of experts score their {'best expert' if arch == DEEPSEEK_V2 else 'two best experts'}"
-    if arch not in (*DEEPSEEK_MOE, NEMOTRON_H) and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0 and arch != LFM2_MOE
-                                     or cfg.dense_layers and arch not in (ERNIE4_5_MOE, LFM2_MOE)):
+    if arch not in (*DEEPSEEK_MOE, NEMOTRON_H) and (cfg.expert_groups != 1 or cfg.routed_scaling != 1.0
+                                                    and arch != LFM2_MOE or cfg.dense_layers
+                                                    and arch not in (ERNIE4_5_MOE, LFM2_MOE)):
         return ("it routes without groups of experts, scaling or dense layers (DeepseekV2ForCausalLM, "
                 "DeepseekV3ForCausalLM and Glm4MoeForCausalLM have them)")
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):

@@ -132,9 +132,9 @@ of those names too: a PEFT file cannot adapt those."""
 def peft_lora_refusal(model: nn.Module) -> str | None:
     """Why the model's LoRA adapters have no PEFT file `save_peft` writes, or None: DoRA on a mixture's experts or
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
-    router stacked in a layout temper writes no PEFT form for (`_stacked_experts`: GPT-OSS's, Gemma 4's, Nemotron 3's); an adapter of
-    GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers (`_EXPERT_NAMES_ONLY`);
-    an adapter of Nemotron-H's or Mamba2ForCausalLM's Mamba 2 out_proj, which PEFT refuses."""
+    router stacked in a layout temper writes no PEFT form for (`_stacked_experts`: GPT-OSS's, Gemma 4's, Nemotron
+    3's); an adapter of GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers
+    (`_EXPERT_NAMES_ONLY`); an adapter of Nemotron-H's or Mamba2ForCausalLM's Mamba 2 out_proj, which PEFT refuses."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
