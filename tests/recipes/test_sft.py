@@ -230,12 +230,12 @@ def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "mamba2"])
+@pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "nemotron3", "mamba2", "bamba"])
 def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, family):
     """LFM2 (short convolutions around an attention layer: packed rows restart each convolution at a document), Granite
     4.0-H and Nemotron-H (Mamba 2 layers around an attention layer without positions: packed rows restart each state;
-    Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone), Mamba2ForCausalLM (Mamba 2 mixers alone: no
-    attention anywhere) and Cohere2
+    Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone; Nemotron 3's mixtures of them), Mamba2ForCausalLM
+    (Mamba 2 mixers alone: no attention anywhere), Bamba (half of each attention head rotated) and Cohere2
     (attention beside the MLP on one LayerNorm, windowed RoPE layers and a global NoPE one) end to end: LoRA on every
     linear layer of their blocks learns; final/ is the architecture that transformers runs to temper's logits, and
     final/adapter a PEFT adapter of its layers under their names."""
@@ -252,8 +252,14 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
              "nemotron_h": dict(attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                                 linear_key_size=16, linear_value_size=16, nope_every=1, mlp="relu2", norm_cast_after=True,
                                 no_mlp_layers=(0,), ffn_dim=128),
+             "nemotron3": dict(attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
+                               linear_key_size=16, linear_value_size=16, nope_every=1, mlp="relu2",
+                               norm_cast_after=True, n_experts=4, expert_ffn_dim=48, shared_expert_ffn_dim=64,
+                               router_scores="sigmoid", router_float32=True, expert_choice_bias=True),
              "mamba2": dict(attention_layers=(), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
-                            linear_key_size=16, linear_value_size=32, no_mlp_layers=(0, 1))}[family]
+                            linear_key_size=16, linear_value_size=32, no_mlp_layers=(0, 1)),
+             "bamba": dict(attention_layers=(1,), linear_layer="mamba2", linear_key_heads=1, linear_value_heads=4,
+                           linear_key_size=16, linear_value_size=32, rope_dim=8)}[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
                   **shape)
     torch.manual_seed(0)
@@ -263,7 +269,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     attention = "q_proj,k_proj,v_proj,o_proj,"
     targets = {"lfm2": attention + "in_proj,out_proj", "cohere2": attention + "gate_proj,up_proj,down_proj",
                "granite4": attention + "in_proj,out_proj", "nemotron_h": attention + "in_proj,up_proj,down_proj",
-               "mamba2": "in_proj,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba 2: PEFT refuses it)
+               "nemotron3": attention + "in_proj", "mamba2": "in_proj,head",
+               "bamba": attention + "in_proj,out_proj,gate_proj,up_proj,down_proj"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba 2: PEFT refuses it)
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
                           f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")
@@ -272,7 +279,9 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
     want = {"lfm2": {"conv.in_proj", "conv.out_proj", "self_attn.out_proj"},
             "cohere2": {"self_attn.o_proj", "mlp.down_proj"}, "granite4": {"mamba.in_proj", "mamba.out_proj"},
-            "nemotron_h": {"mixer.in_proj", "mixer.up_proj", "mixer.o_proj"}, "mamba2": {"mixer.in_proj", "lm_head"}}[family]
+            "nemotron_h": {"mixer.in_proj", "mixer.up_proj", "mixer.o_proj"}, "mamba2": {"mixer.in_proj", "lm_head"},
+            "nemotron3": {"mixer.in_proj", "mixer.q_proj"},
+            "bamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"}}[family]
     assert want <= set(adapter["target_modules"]), adapter["target_modules"]
     transformers = pytest.importorskip("transformers")
     ours, got = load_hf(final)
@@ -280,7 +289,9 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     assert got.hf_architecture == type(theirs).__name__ == {"lfm2": "Lfm2ForCausalLM", "cohere2": "Cohere2ForCausalLM",
                                                             "granite4": "GraniteMoeHybridForCausalLM",
                                                             "nemotron_h": "NemotronHForCausalLM",
-                                                            "mamba2": "Mamba2ForCausalLM"}[family]
+                                                            "mamba2": "Mamba2ForCausalLM",
+                                                            "nemotron3": "NemotronHForCausalLM",
+                                                            "bamba": "BambaForCausalLM"}[family]
     x = torch.randint(0, cfg.vocab_size, (2, 70))  # past Cohere2's 64-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)
