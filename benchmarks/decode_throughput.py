@@ -108,6 +108,14 @@ SHAPES: dict[str, ModelConfig] = {
         PRESETS["nemotron-nano-9b-v2"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_size=64,
         ffn_dim=1408, attention_layers=(2, 5), no_mlp_layers=(3,), linear_key_heads=2, linear_value_heads=16,
         linear_key_size=64, linear_value_size=64, max_seq_len=2048),
+    # Nemotron 3 Nano's layout, small: those layers, each MLP a mixture of 32 squared-ReLU experts (4 per token, chosen
+    # by sigmoid scores plus a bias) beside a shared one.
+    "nemotron3-small": dataclasses.replace(
+        PRESETS["nemotron-nano-9b-v2"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_size=64,
+        ffn_dim=1408, attention_layers=(2, 5), no_mlp_layers=(3,), linear_key_heads=2, linear_value_heads=16,
+        linear_key_size=64, linear_value_size=64, max_seq_len=2048, n_experts=32, experts_per_token=4,
+        expert_ffn_dim=256, shared_expert_ffn_dim=512, router_scores="sigmoid", router_float32=True,
+        expert_choice_bias=True, routed_scaling=2.5),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(
