@@ -835,6 +835,24 @@ def test_nemotron_nano_9b_v2_config_reads_as_its_preset():
         assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 8_888_227_328
 
 
+def test_nemotron_3_nano_config_reads_as_its_preset():
+    """NVIDIA-Nemotron-3-Nano-30B-A3B's config.json (its published fields) is the nemotron-3-nano-30b-a3b preset: 31.6B
+    parameters."""
+    cfg = from_hf_config({
+        "architectures": ["NemotronHForCausalLM"], "vocab_size": 131072, "hidden_size": 2688, "intermediate_size": 1856,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+        "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", "ssm_state_size": 128,
+        "conv_kernel": 4, "n_groups": 8, "mamba_num_heads": 64, "mamba_head_dim": 64, "mamba_hidden_act": "silu",
+        "mlp_hidden_act": "relu2", "max_position_embeddings": 262144, "layer_norm_epsilon": 1e-5, "norm_eps": 1e-5,
+        "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+        "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5, "residual_in_fp32": False, "use_conv_bias": True, "use_bias": False,
+        "mlp_bias": False, "mamba_proj_bias": False, "tie_word_embeddings": False})
+    assert replace(cfg, hf_architecture=None) == PRESETS["nemotron-3-nano-30b-a3b"]
+    with torch.device("meta"):
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 31_577_937_344
+
+
 def test_mamba_codestral_config_reads_as_its_preset():
     """Mamba-Codestral-7B-v0.1's config.json (its published fields) is the mamba-codestral-7b preset: 7.29B
     parameters."""

@@ -763,6 +763,18 @@ PRESETS: dict[str, ModelConfig] = {
         attention_layers=(8, 12, 17, 22), no_mlp_layers=(3, 7, 11, 16, 21, 24), linear_layer="mamba2",
         linear_key_heads=8, linear_value_heads=128, linear_key_size=128, linear_value_size=80,
     ),
+    # NVIDIA-Nemotron-3-Nano-30B-A3B (NVIDIA, 2025): 52 sublayers as 29 blocks: 23 Mamba 2 layers (64 heads of 64, 8
+    # groups, a state of 128) and 6 attention layers without positions (32 heads of 128, 2 kv heads), 23 of them with a
+    # mixture after: 128 squared-ReLU experts, 6 per token by sigmoid scores plus a bias, scaled 2.5, beside a shared
+    # expert; 31.6B parameters.
+    "nemotron-3-nano-30b-a3b": replace(
+        _LLAMA, vocab_size=131072, dim=2688, n_layers=29, n_heads=32, n_kv_heads=2, head_size=128, ffn_dim=1856,
+        max_seq_len=262144, mlp="relu2", norm_eps=1e-5, norm_cast_after=True, tie_embeddings=False, nope_every=1,
+        attention_layers=(3, 7, 11, 15, 19, 24), no_mlp_layers=(2, 6, 10, 14, 18, 23), linear_layer="mamba2",
+        linear_key_heads=8, linear_value_heads=64, linear_key_size=128, linear_value_size=64, n_experts=128,
+        experts_per_token=6, expert_ffn_dim=1856, shared_expert_ffn_dim=3712, router_scores="sigmoid",
+        router_float32=True, expert_choice_bias=True, routed_scaling=2.5,
+    ),
     # Mamba-Codestral-7B (Mistral AI, 2024): 64 Mamba 2 layers (128 heads of 64, 8 groups, a state of 128), each a
     # mixer alone, with no attention and no MLP (n_heads and ffn_dim are placeholders no layer reads); 7.29B parameters.
     "mamba-codestral-7b": replace(
