@@ -246,7 +246,8 @@ def _targets(case: str) -> tuple[str, ...]:
         linears = (*latent, "o_proj")
     if CONFIGS[case].attention_layers == ():  # Mamba 2 mixers alone: no attention, no MLP
         linears = ()
-    if CONFIGS[case].has_linear_layers:  # the linear attention layers' too (not Nemotron-H's out_proj: PEFT refuses it)
+    if CONFIGS[case].has_linear_layers:  # the linear layers' too (not a Mamba out_proj of Nemotron-H or Mamba 2: PEFT
+        # refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
                                else ("in_proj",) if case in ("nemotron_h", "nemotron_h_moe", "mamba2")
                                else IN_OUT_PROJ_TARGETS))
