@@ -754,7 +754,7 @@ def test_granite4_configs_temper_cannot_build_are_refused_by_name(key, value):
 @pytest.mark.parametrize("key, value", [
     ("attn_layer_indices", [4]), ("attn_layer_indices", ["1"]), ("mamba_conv_bias", False), ("mamba_d_head", 12),
     ("time_step_limit", [0.0, 100.0]), ("z_loss_coefficient", 1e-4), ("mlp_bias", True), ("attention_bias", True),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})])
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), ("mamba_d_state", 0)])
 def test_bamba_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {**_SMALL, "architectures": ["BambaForCausalLM"], "attn_layer_indices": [1], "mamba_n_heads": 8,
          "mamba_d_state": 16, key: value}
@@ -764,7 +764,7 @@ def test_bamba_configs_temper_cannot_build_are_refused_by_name(key, value):
 
 @pytest.mark.parametrize("key, value", [
     ("use_bias", True), ("use_conv_bias", False), ("hidden_act", "gelu"), ("time_step_limit", [0.0, 100.0]),
-    ("num_heads", 6), ("n_groups", 3), ("head_dim", "16")])
+    ("num_heads", 6), ("n_groups", 3), ("head_dim", "16"), ("state_size", 0), ("conv_kernel", 0)])
 def test_mamba2_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {"architectures": ["Mamba2ForCausalLM"], "vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2,
          "num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16, key: value}
@@ -801,10 +801,13 @@ def test_granite4_reads_its_spellings_and_defaults():
     ("mamba_proj_bias", True, "mamba_proj_bias"), ("n_groups", 3, "n_groups"), ("time_step_limit", [0.0, 1.0],
                                                                                  "time_step_limit"),
     ("hybrid_override_pattern", "M-ME*-", "not both kinds of MLP"), ("moe_latent_size", 32, "moe_latent_size"),
-    ("n_group", 3, "n_group=3"), ("num_experts_per_tok", 9, "num_experts_per_tok=9")])
+    ("n_group", 3, "n_group=3"), ("num_experts_per_tok", 9, "num_experts_per_tok=9"), ("ssm_state_size", 0,
+                                                                                     "ssm_state_size"),
+    ("moe_intermediate_size", 0, "moe_intermediate_size")])
 def test_nemotron_h_configs_temper_cannot_build_are_refused_by_name(key, value, named):
     d = {**_SMALL, "architectures": ["NemotronHForCausalLM"], "hybrid_override_pattern": "M-*-", "mamba_num_heads": 8,
-         **({"hybrid_override_pattern": "MEME"} if key in ("n_group", "num_experts_per_tok") else {}), key: value}
+         **({"hybrid_override_pattern": "MEME"} if key in ("n_group", "num_experts_per_tok", "moe_intermediate_size")
+            else {}), key: value}
     with pytest.raises(ValueError, match=named):
         from_hf_config(d)
 

@@ -574,6 +574,7 @@ def _nemotron_h(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if d.get(key, want) != want:
             raise ValueError(f"NemotronH {key}={d[key]!r} is not supported (temper reads {want!r})")
     _check_time_steps("NemotronH", d.get("time_step_limit", d.get("mamba_dt_limit")))
+    _check_sizes("NemotronH", d, {"ssm_state_size": 128, "conv_kernel": 4, "mamba_head_dim": 64})
     heads, groups = d.get("mamba_num_heads", 128), d.get("n_groups", d.get("mamba_n_groups", 8))
     if not (heads > 0 and groups > 0 and heads % groups == 0):
         raise ValueError(f"NemotronH mamba_num_heads={heads} in n_groups={groups} is not supported (groups that divide "
@@ -597,6 +598,7 @@ def _nemotron_h_experts(d: dict[str, Any]) -> dict[str, Any]:
     experts score highest, the top k renormalised with norm_topk_prob and scaled by routed_scaling_factor), beside one
     shared expert of moe_shared_expert_intermediate_size. Its reference adds 1e-20 to the renormalising sum, which
     temper leaves out (as for DeepSeek-V3's)."""
+    _check_sizes("NemotronH", d, {"moe_intermediate_size": 7688, "moe_shared_expert_intermediate_size": 7688})
     experts, k = d.get("n_routed_experts", 8), d.get("num_experts_per_tok", 2)
     groups, per = d.get("n_group") or 1, d.get("topk_group") or 1
     if not (experts > 0 and 1 <= k <= experts and groups > 0 and experts % groups == 0 and 1 <= per <= groups):
@@ -626,6 +628,7 @@ def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if d.get(key, want) != want:
             raise ValueError(f"Mamba2 {key}={d[key]!r} is not supported (temper reads {want!r})")
     _check_time_steps("Mamba2", d.get("time_step_limit"))
+    _check_sizes("Mamba2", d, {"state_size": 128, "conv_kernel": 4})
     heads, head, groups, dim = d["num_heads"], d["head_dim"], d["n_groups"], d["hidden_size"]
     if not (heads > 0 and groups > 0 and heads % groups == 0 and head > 0 and heads * head == d["expand"] * dim):
         raise ValueError(f"Mamba2 num_heads={heads}, head_dim={head}, n_groups={groups} are not supported (heads of "
@@ -637,6 +640,14 @@ def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     # no positions: max_seq_len bounds nothing a layer holds (a Mamba 2 state is fixed-size); Mamba-Codestral's 256k
     return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": None, "intermediate_size": dim,
             "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
+
+
+def _check_sizes(name: str, d: dict[str, Any], defaults: dict[str, int]) -> None:
+    """Refuse a width of the keys `defaults` names (their config class's defaults) that is not positive, naming the key:
+    ModelConfig's own check would name temper's field."""
+    for key, default in defaults.items():
+        if d.get(key, default) <= 0:
+            raise ValueError(f"{name} {key}={d[key]} is not supported (a positive width)")
 
 
 def _check_time_steps(name: str, limit: Any) -> None:
@@ -661,6 +672,7 @@ def _mamba2_layers(d: dict[str, Any], name: str) -> dict[str, Any]:
             raise ValueError(f"{name} {key}={d[key]} is not supported (temper's Mamba 2 layers have a convolution bias "
                              "and projections without biases)")
     _check_time_steps(name, d.get("time_step_limit"))
+    _check_sizes(name, d, {"mamba_d_state": 256, "mamba_d_conv": 4})
     heads, groups, expand = d.get("mamba_n_heads", 128), d.get("mamba_n_groups", 1), d.get("mamba_expand", 2)
     head = d.get("mamba_d_head", "auto")
     if not (_is_int(head) or head == "auto") or heads <= 0:
