@@ -823,25 +823,19 @@ def test_nemotron_h_reads_its_pattern_in_either_spelling_as_blocks():
     assert to_hf_config(cfg)["hybrid_override_pattern"] == "M-MM*-M-"
 
 
-def test_nemotron_nano_9b_v2_config_reads_as_its_preset():
-    """NVIDIA-Nemotron-Nano-9B-v2's config.json (its published fields) is the nemotron-nano-9b-v2 preset: 8.89B
-    parameters."""
-    cfg = from_hf_config({
+# Published config.json fields of models with a preset, and their parameter counts (the published sizes).
+PUBLISHED = {
+    # NVIDIA-Nemotron-Nano-9B-v2: 8.89B
+    "nemotron-nano-9b-v2": ({
         "architectures": ["NemotronHForCausalLM"], "vocab_size": 131072, "hidden_size": 4480,
         "intermediate_size": 15680, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
         "hybrid_override_pattern": "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-", "ssm_state_size": 128,
         "conv_kernel": 4, "n_groups": 8, "mamba_num_heads": 128, "mamba_head_dim": 80, "mamba_hidden_act": "silu",
         "mlp_hidden_act": "relu2", "max_position_embeddings": 131072, "layer_norm_epsilon": 1e-5,
-        "residual_in_fp32": False, "use_conv_bias": True, "use_bias": False, "tie_word_embeddings": False})
-    assert replace(cfg, hf_architecture=None) == PRESETS["nemotron-nano-9b-v2"]
-    with torch.device("meta"):
-        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 8_888_227_328
-
-
-def test_nemotron_3_nano_config_reads_as_its_preset():
-    """NVIDIA-Nemotron-3-Nano-30B-A3B's config.json (its published fields) is the nemotron-3-nano-30b-a3b preset: 31.6B
-    parameters."""
-    cfg = from_hf_config({
+        "residual_in_fp32": False, "use_conv_bias": True, "use_bias": False, "tie_word_embeddings": False},
+        8_888_227_328),
+    # NVIDIA-Nemotron-3-Nano-30B-A3B: 31.6B
+    "nemotron-3-nano-30b-a3b": ({
         "architectures": ["NemotronHForCausalLM"], "vocab_size": 131072, "hidden_size": 2688, "intermediate_size": 1856,
         "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
         "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", "ssm_state_size": 128,
@@ -850,39 +844,39 @@ def test_nemotron_3_nano_config_reads_as_its_preset():
         "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
         "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
         "routed_scaling_factor": 2.5, "residual_in_fp32": False, "use_conv_bias": True, "use_bias": False,
-        "mlp_bias": False, "mamba_proj_bias": False, "tie_word_embeddings": False})
-    assert replace(cfg, hf_architecture=None) == PRESETS["nemotron-3-nano-30b-a3b"]
-    with torch.device("meta"):
-        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 31_577_937_344
-
-
-def test_mamba_codestral_config_reads_as_its_preset():
-    """Mamba-Codestral-7B-v0.1's config.json (its published fields) is the mamba-codestral-7b preset: 7.29B
-    parameters."""
-    cfg = from_hf_config({
+        "mlp_bias": False, "mamba_proj_bias": False, "tie_word_embeddings": False},
+        31_577_937_344),
+    # Mamba-Codestral-7B-v0.1: 7.29B
+    "mamba-codestral-7b": ({
         "architectures": ["Mamba2ForCausalLM"], "vocab_size": 32768, "hidden_size": 4096, "num_hidden_layers": 64,
         "num_heads": 128, "head_dim": 64, "n_groups": 8, "state_size": 128, "expand": 2, "conv_kernel": 4,
         "chunk_size": 256, "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "use_bias": False,
-        "use_conv_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02})
-    assert replace(cfg, hf_architecture=None) == PRESETS["mamba-codestral-7b"]
-    with torch.device("meta"):
-        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 7_285_403_648
-
-
-def test_granite4_350m_config_reads_as_its_preset():
-    """Granite 4.0-H-350M's config.json (its published fields) is the granite-4.0-h-350m preset: 340M parameters."""
-    kinds = ["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)]
-    cfg = from_hf_config({
+        "use_conv_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02},
+        7_285_403_648),
+    # Granite 4.0-H-350M: 340M
+    "granite-4.0-h-350m": ({
         "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_multiplier": 0.015625,
         "embedding_multiplier": 12, "hidden_size": 768, "intermediate_size": 2048, "logits_scaling": 3,
-        "layer_types": kinds, "mamba_conv_bias": True, "mamba_d_conv": 4, "mamba_d_head": 32, "mamba_d_state": 128,
+        "layer_types": ["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)], "mamba_conv_bias": True,
+        "mamba_d_conv": 4, "mamba_d_head": 32, "mamba_d_state": 128,
         "mamba_n_groups": 1, "mamba_n_heads": 48, "mamba_proj_bias": False, "max_position_embeddings": 32768,
         "num_attention_heads": 12, "num_experts_per_tok": 0, "num_hidden_layers": 32, "num_key_value_heads": 4,
         "num_local_experts": 0, "position_embedding_type": "nope", "residual_multiplier": 0.246, "rms_norm_eps": 1e-05,
-        "rope_theta": 10000, "shared_intermediate_size": 2048, "tie_word_embeddings": True, "vocab_size": 100352})
-    assert replace(cfg, hf_architecture=None) == PRESETS["granite-4.0-h-350m"]
+        "rope_theta": 10000, "shared_intermediate_size": 2048, "tie_word_embeddings": True, "vocab_size": 100352},
+        340_332_224),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_read_as_their_presets(name):
+    """A model's published config.json is its preset, of its published parameter count; the preset's export reads
+    back as it."""
+    fields, params = PUBLISHED[name]
+    cfg = from_hf_config(fields)
+    assert replace(cfg, hf_architecture=None) == PRESETS[name]
+    assert from_hf_config(to_hf_config(PRESETS[name])) == cfg
     with torch.device("meta"):
-        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == 340_332_224
+        assert Transformer(replace(cfg, max_seq_len=16)).num_params() == params
 
 
 def test_configs_without_a_rope_base_take_their_config_class_default():
