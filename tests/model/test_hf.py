@@ -801,7 +801,7 @@ def test_granite4_reads_its_spellings_and_defaults():
     ("mamba_proj_bias", True, "mamba_proj_bias"), ("n_groups", 3, "n_groups"), ("time_step_limit", [0.0, 1.0],
                                                                                  "time_step_limit"),
     ("hybrid_override_pattern", "M-ME*-", "not both kinds of MLP"), ("moe_latent_size", 32, "moe_latent_size"),
-    ("n_group", 3, "n_group=3"), ("num_experts_per_tok", 9, "num_experts_per_tok=9"), ("ssm_state_size", 0,
+    ("n_group", 3, "n_group=3"), ("n_group", 0, "n_group=0"), ("num_experts_per_tok", 9, "num_experts_per_tok=9"), ("ssm_state_size", 0,
                                                                                      "ssm_state_size"),
     ("moe_intermediate_size", 0, "moe_intermediate_size")])
 def test_nemotron_h_configs_temper_cannot_build_are_refused_by_name(key, value, named):

@@ -599,8 +599,9 @@ def _nemotron_h_experts(d: dict[str, Any]) -> dict[str, Any]:
     shared expert of moe_shared_expert_intermediate_size. Its reference adds 1e-20 to the renormalising sum, which
     temper leaves out (as for DeepSeek-V3's)."""
     _check_sizes("NemotronH", d, {"moe_intermediate_size": 7688, "moe_shared_expert_intermediate_size": 7688})
-    experts, k = d.get("n_routed_experts", 8), d.get("num_experts_per_tok", 2)
-    groups, per = d.get("n_group") or 1, d.get("topk_group") or 1
+    defaults = {"num_experts_per_tok": 2, "n_group": 1, "topk_group": 1}  # NemotronHConfig's, also for a null
+    k, groups, per = (default if d.get(key) is None else d[key] for key, default in defaults.items())
+    experts = d.get("n_routed_experts", 8)
     if not (experts > 0 and 1 <= k <= experts and groups > 0 and experts % groups == 0 and 1 <= per <= groups):
         raise ValueError(f"NemotronH n_routed_experts={experts}, num_experts_per_tok={k}, n_group={groups}, "
                          f"topk_group={per} are not supported (k of the experts, in groups that divide them)")
