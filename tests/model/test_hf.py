@@ -150,6 +150,15 @@ CASES = {
     "mamba2-mixers-alone": lambda: _hf("Mamba2Config", "Mamba2ForCausalLM", vocab_size=101, hidden_size=64,
                                        num_hidden_layers=3, num_heads=8, head_dim=16, n_groups=2, state_size=16,
                                        chunk_size=16, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
+    # Mamba (1) alone (state-spaces' mamba-*-hf): 128 channels, each with 8 state values decaying at their own rates,
+    # steps of rank 6; tied embeddings. FalconMamba: its steps, B and C RMS-normalised; untied.
+    "mamba-mixers-alone": lambda: _hf("MambaConfig", "MambaForCausalLM", vocab_size=101, hidden_size=64,
+                                      num_hidden_layers=3, state_size=8, time_step_rank=6, bos_token_id=0,
+                                      eos_token_id=0, pad_token_id=0),
+    "falcon-mamba-normed-steps": lambda: _hf("FalconMambaConfig", "FalconMambaForCausalLM", vocab_size=101,
+                                             hidden_size=64, num_hidden_layers=3, state_size=8, mixer_rms_eps=1e-3,
+                                             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=0),
     # Granite 3.0's mixtures: experts alone (1B-A400M, 3B-A800M), and beside a shared MLP.
     "granitemoe-experts": lambda: _hf("GraniteMoeConfig", "GraniteMoeForCausalLM", **_SMALL, num_local_experts=4,
                                       num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
@@ -433,7 +442,8 @@ def test_variant_features_are_exercised():
                       ("nemotron-h-mamba2-relu2", {"nope_every": None}),  # RoPE on its attention layer
                       ("nemotron3-mamba2-experts", {"expert_choice_bias": False}),
                       ("nemotron3-mamba2-experts", {"expert_groups": 1, "expert_groups_per_token": 1}),
-                      ("nemotron3-mamba2-experts", {"routed_scaling": 1.0})]:
+                      ("nemotron3-mamba2-experts", {"routed_scaling": 1.0}),
+                      ("falcon-mamba-normed-steps", {"linear_bcdt_eps": None})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()

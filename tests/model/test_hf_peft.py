@@ -497,7 +497,7 @@ def test_mamba_out_proj_adapters_are_refused_by_name(tmp_path, case, more):
     (test_save_peft_loads_in_peft_...)."""
     model = _model(case)
     apply_lora(model, rank=2, alpha=4, targets=("in_proj", "out_proj"))
-    assert (f"layers.0.attn.out_proj and {more} more adapt {model.cfg.hf_architecture}'s Mamba 2 out_proj"
+    assert (f"layers.0.attn.out_proj and {more} more adapt {model.cfg.hf_architecture}'s Mamba out_proj"
             in peft_lora_refusal(model))
     with pytest.raises(ValueError, match="PEFT refuses on that model"):
         save_peft(model, model.cfg, tmp_path / "adapter")

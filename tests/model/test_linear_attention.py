@@ -15,7 +15,7 @@ from temper.infer.cache import fork, new_cache, reset
 from temper.infer.engine import decode_step, generate, prefill
 from temper.model.attention import Segments
 from temper.model.config import ModelConfig
-from temper.model.linear_attention import gated_delta_rule
+from temper.model.linear_attention import gated_delta_rule, selective_scan
 from temper.model.transformer import Transformer
 
 HYBRID = ModelConfig(vocab_size=97, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_size=16, mlp="swiglu",
@@ -26,7 +26,10 @@ SHORT_CONV = replace(HYBRID, attn_output_gate=False, full_attention_every=None, 
                      linear_layer="short_conv", linear_conv_size=3, rope_dim=None, norm_unit_offset=False)  # LFM2's layers
 MAMBA2 = replace(SHORT_CONV, linear_layer="mamba2", linear_conv_size=4, linear_value_heads=4, linear_key_size=8,
                  linear_value_size=8)  # Granite 4.0-H's layers: 4 heads of 8, 2 groups of B and C, a state of 8
-LINEAR = pytest.mark.parametrize("cfg", [HYBRID, SHORT_CONV, MAMBA2], ids=["deltanet", "short_conv", "mamba2"])
+MAMBA = replace(MAMBA2, linear_layer="mamba", linear_key_heads=1, linear_value_heads=64, linear_value_size=1,
+                linear_dt_rank=4)  # Mamba's layers (between attention ones, as Jamba's): 64 channels, a state of 8
+LINEAR = pytest.mark.parametrize("cfg", [HYBRID, SHORT_CONV, MAMBA2, MAMBA],
+                                 ids=["deltanet", "short_conv", "mamba2", "mamba"])
 
 
 def _recurrence(q, k, v, g, beta, state=None, delta=True):
@@ -104,6 +107,49 @@ def test_documents_restart_the_state():
                 ref, ref_final = _recurrence(*(x[b : b + 1, :, lo:hi] for x in (q, k, v, g, beta)), delta=delta)
                 torch.testing.assert_close(out[b : b + 1, :, lo:hi], ref, rtol=0, atol=1e-10)
             torch.testing.assert_close(final[b : b + 1], ref_final, rtol=0, atol=1e-10)  # the last document's state
+
+
+def _selective_recurrence(x, dt, A, b, c, state, doc=None):
+    """Mamba's scan one token at a time (Gu and Dao 2023, Algorithm 2), restarting where the document changes."""
+    out = []
+    for t in range(x.shape[1]):
+        if doc is not None and t > 0:
+            state = state * (doc[:, t] == doc[:, t - 1]).to(state.dtype)[:, None, None]
+        state = (dt[:, t, :, None] * A).exp() * state + (dt[:, t] * x[:, t])[..., None] * b[:, t, None, :]
+        out.append((state * c[:, t, None, :]).sum(-1))
+    return torch.stack(out, 1), state
+
+
+@pytest.mark.parametrize("T", [1, 36, 37])  # a decoding step, chunks that fill the row, a padded last chunk
+@pytest.mark.parametrize("documents", [False, True])
+def test_selective_scan_computes_the_recurrence(T, documents):
+    """Mamba's two-level scan (chunks from zero, then the states entering them) equals the recurrence in float64:
+    outputs, final state and gradients, from a given state, with documents restarting it inside chunks and across."""
+    torch.manual_seed(0)
+    B, D, N = 2, 5, 3
+    x, b, c = torch.randn(B, T, D, dtype=torch.float64), *torch.randn(2, B, T, N, dtype=torch.float64)
+    dt, A = torch.rand(B, T, D, dtype=torch.float64), -3 * torch.rand(D, N, dtype=torch.float64)
+    state = torch.randn(B, D, N, dtype=torch.float64)
+    doc = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37])[:, :T] if documents else None
+    inputs = (x, dt, A, b, c, state)
+    for t in inputs:
+        t.requires_grad_(True)
+    _assert_equal_with_gradients(selective_scan(*inputs, doc), _selective_recurrence(*inputs, doc), inputs,
+                                 atol=1e-12)
+
+
+def test_selective_scan_restarts_where_a_document_does():
+    """Guards the test above: with the documents' restarts, row 0's outputs from the second document on differ."""
+    torch.manual_seed(0)
+    x, dt, b, c = torch.randn(1, 37, 5), torch.rand(1, 37, 5), torch.randn(1, 37, 3), torch.randn(1, 37, 3)
+    A = -torch.rand(5, 3)
+    doc = torch.tensor([[0] * 10 + [1] * 27])
+    alone, _ = selective_scan(x, dt, A, b, c)
+    packed, _ = selective_scan(x, dt, A, b, c, doc=doc)
+    torch.testing.assert_close(packed[:, :10], alone[:, :10], rtol=0, atol=0)
+    torch.testing.assert_close(packed[:, 10:], selective_scan(*(t[:, 10:] for t in (x, dt)), A, b[:, 10:],
+                                                              c[:, 10:])[0], rtol=0, atol=1e-6)
+    assert (packed[:, 10:] - alone[:, 10:]).abs().max() > 1e-2
 
 
 def _model(cfg: ModelConfig = HYBRID) -> Transformer:

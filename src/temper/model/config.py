@@ -25,7 +25,7 @@ ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
 }
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",), "proportional": ("factor",)}  # rope_type -> keys it may take
-LINEAR_LAYER_KINDS = ("gated_deltanet", "short_conv", "mamba2")
+LINEAR_LAYER_KINDS = ("gated_deltanet", "short_conv", "mamba2", "mamba")
 """The kinds of linear layer a hybrid model may have (`ModelConfig.linear_layer`)."""
 
 
@@ -71,7 +71,9 @@ class ModelConfig:
     convolutions: in_proj makes B, C and x; C * conv(B * x), causal and depthwise over linear_conv_size tokens;
     out_proj; a state of the last few inputs alone) or "mamba2" (Mamba 2's state space layers, Dao and Gu 2024:
     linear_key_heads groups of B and C, linear_key_size wide (its state size), serving linear_value_heads heads of
-    linear_value_size (its head width); Granite 4.0-H)."""
+    linear_value_size (its head width); Granite 4.0-H) or "mamba" (Mamba's selective state spaces, Gu and Dao 2023:
+    one group of B and C (linear_key_heads 1) linear_key_size wide, serving linear_value_heads channels (its
+    intermediate size) of linear_value_size 1, each decaying its state values at their own rates)."""
     linear_key_heads: int | None = None
     """With linear layers: query and key heads of each (Mamba 2: its groups of B and C); None: n_heads."""
     linear_value_heads: int | None = None
@@ -85,6 +87,12 @@ class ModelConfig:
     """With linear layers: taps of their causal depthwise convolution (a token and the 3 before it), over Gated
     DeltaNet's queries, keys and values, Mamba 2's x, B and C (with a bias), or a short convolution's gated input
     (LFM2: 3)."""
+    linear_dt_rank: int | None = None
+    """With Mamba layers: width of the step's input, which x_proj makes and dt_proj lifts to every channel; None:
+    ceil(dim / 16), Mamba's "auto"."""
+    linear_bcdt_eps: float | None = None
+    """With Mamba layers: RMS-normalise the step's input, B and C (without weights) with this epsilon (FalconMamba:
+    1e-6); None: not."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and relu2 and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     no_mlp_layers: tuple[int, ...] = ()
@@ -453,6 +461,14 @@ class ModelConfig:
             if self.linear_heads[1] % self.linear_heads[0]:
                 raise ValueError(f"linear_value_heads ({self.linear_heads[1]}) must be a multiple of linear_key_heads "
                                  f"({self.linear_heads[0]})")
+        if self.has_linear_layers and self.linear_layer == "mamba" and (
+                self.linear_heads[0] != 1 or self.linear_sizes[1] != 1 or self.dt_rank <= 0):
+            raise ValueError(f"Mamba layers take one group of B and C (linear_key_heads 1, got {self.linear_heads[0]}), "
+                             f"channels of linear_value_size 1 (got {self.linear_sizes[1]}) and a positive "
+                             f"linear_dt_rank (got {self.dt_rank})")
+        if self.linear_bcdt_eps is not None and not (self.linear_layer == "mamba" and self.linear_bcdt_eps > 0):
+            raise ValueError(f"linear_bcdt_eps={self.linear_bcdt_eps} needs Mamba layers (linear_layer='mamba') and a "
+                             "positive epsilon")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
 
@@ -535,6 +551,11 @@ class ModelConfig:
         """(key head width, value head width) of a linear attention layer, with None resolved."""
         key = self.linear_key_size or self.head_dim
         return key, self.linear_value_size or key
+
+    @property
+    def dt_rank(self) -> int:
+        """Mamba's step input width, with None resolved (`linear_dt_rank`)."""
+        return self.linear_dt_rank if self.linear_dt_rank is not None else -(-self.dim // 16)
 
     @property
     def kv_heads(self) -> int:

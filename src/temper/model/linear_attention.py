@@ -23,12 +23,14 @@ test dependency here. It does not decide which layers are linear (`ModelConfig.i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from temper.model.config import ModelConfig
 from temper.model.layers import rms_normalized
@@ -224,6 +226,86 @@ class Mamba2(nn.Module):
         return self.resid_drop(self.out_proj(y.to(x.dtype)))  # (B, T, C)
 
 
+class Mamba(nn.Module):
+    """One Mamba layer (Gu and Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"; Mamba's
+    and FalconMamba's checkpoints); x (B, T, C) -> (B, T, C), called as `Attention` is.
+
+    in_proj makes each channel's input x and gate z; x passes a causal depthwise convolution (with a bias) and SiLU.
+    x_proj makes from it each token's step input (linear_dt_rank wide), B and C (the state size N); dt_proj lifts the
+    step to every channel and softplus makes it positive. Channel d keeps N state values, each decaying at its own
+    rate A[d, n]: h_t[d] = exp(dt_t[d] A[d]) h_{t-1}[d] + dt_t[d] x_t[d] B_t; it reads y_t[d] = C_t . h_t[d] + D[d]
+    x_t[d], gated by SiLU(z) before out_proj. FalconMamba first RMS-normalises the step input, B and C without weights
+    (`linear_bcdt_eps`). In Mamba 2's terms each channel is a head of width 1 (linear_value_heads of
+    linear_value_size 1) whose decay is a vector, not a scalar: the chunked rule cannot take it (`selective_scan`).
+    Parameter names follow its checkpoints: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, slot: int) -> None:
+        super().__init__()
+        self.slot = slot  # which of the cache's linear states this layer owns
+        self.inner, self.d_state = cfg.linear_heads[1], cfg.linear_sizes[0]
+        self.dt_rank, self.bcdt_eps = cfg.dt_rank, cfg.linear_bcdt_eps
+        self.conv_taps = cfg.linear_conv_size
+        self.in_proj = nn.Linear(cfg.dim, 2 * self.inner, bias=False)
+        self.conv1d = nn.Conv1d(self.inner, self.inner, self.conv_taps, groups=self.inner)
+        self.x_proj = nn.Linear(self.inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.inner)
+        self.A_log = nn.Parameter(torch.empty(self.inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.inner))
+        self.out_proj = nn.Linear(self.inner, cfg.dim, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+        self.reset_steps()
+
+    def reset_parameters(self) -> None:
+        """A[d] = 1..N (S4D's real initialisation, Mamba's), D 1 and torch's default convolution; the linear layers are
+        initialised with the model's, then dt_proj by `reset_steps`."""
+        with torch.no_grad():
+            if not self.A_log.is_meta:
+                self.A_log.copy_(torch.arange(1, self.d_state + 1, dtype=torch.float32).log().expand_as(self.A_log))
+            nn.init.ones_(self.D)
+            self.conv1d.reset_parameters()
+
+    def reset_steps(self) -> None:
+        """Mamba's initial steps: dt_proj's weight uniform in +-rank^-0.5, its bias softplus^-1 of steps spread
+        log-uniformly over [0.001, 0.1] (floor 1e-4), so each channel starts with its own time scale."""
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+            if not self.dt_proj.bias.is_meta:
+                dt = (torch.rand(self.inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).exp().clamp(min=1e-4)
+                self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    @property
+    def state_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int]]:
+        """((D, N, 1) of the state, (K - 1, D) of the convolution's inputs): what `KVCache` holds for this layer."""
+        return (self.inner, self.d_state, 1), (self.conv_taps - 1, self.inner)
+
+    def forward(
+        self, x: torch.Tensor, rope: None, runs: Runs | None, causal: bool, cache: KVCache | None,
+    ) -> torch.Tensor:
+        if runs is not None:  # padding enters nothing: its inputs are zero and its steps leave the state as it is
+            x = x * runs.real[..., None].to(x.dtype)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, D) each
+        state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
+        xs, conv_tail = causal_conv(xs, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, D)
+        step, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_eps is not None:  # FalconMamba's weightless norms
+            step, b, c = (rms_normalized(t, self.bcdt_eps).to(t.dtype) for t in (step, b, c))
+        # the step in the activations' dtype, then float32, as Mamba's reference computes it
+        dt = F.softplus(self.dt_proj(step)).float()  # (B, T, D) > 0
+        if runs is not None:
+            dt = dt * runs.real[..., None]
+        args = (xs.float(), dt, -self.A_log.float().exp(), b.float(), c.float(),
+                None if state is None else state[..., 0], None if runs is None else runs.doc)
+        # Recomputed in the backward: the scan's states are N floats per channel and token, which autograd would keep
+        # several times over; its inputs are D + N per token, and the scan is cheap beside the layer's products
+        y, state = (checkpoint(selective_scan, *args, use_reentrant=False) if torch.is_grad_enabled()
+                    else selective_scan(*args))  # (B, T, D)
+        if cache is not None:
+            cache.set_linear_state(self.slot, state[..., None], conv_tail)
+        y = (y + self.D.float() * xs) * F.silu(z)  # float32
+        return self.resid_drop(self.out_proj(y.to(x.dtype)))  # (B, T, C)
+
+
 class ShortConv(nn.Module):
     """One gated short convolution layer (LFM2, Liquid AI 2025); x (B, T, C) -> (B, T, C), called as `Attention` is.
 
@@ -382,5 +464,56 @@ def gated_delta_rule(
     return torch.stack(out, dim=3).reshape(B, H, N * C, Dv)[:, :, :T], state.view(B, H, Dk, Dv)
 
 
-LINEAR_LAYERS = {"gated_deltanet": GatedDeltaNet, "short_conv": ShortConv, "mamba2": Mamba2}
+def selective_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+    state: torch.Tensor | None = None, doc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's selective scan, h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t and y_t = h_t C_t per channel: outputs
+    (B, T, D) and the final state (B, D, N), float32.
+
+    x, dt: (B, T, D) (dt >= 0; 0 leaves the state as it was); A: (D, N), < 0; b, c: (B, T, N). state: the state before
+    the first token (None: zeros). doc: (B, T) document ids (`Runs.doc`): the state restarts where the id changes, and
+    `state` belongs to the first token's document.
+
+    A decay per channel and state value leaves no small matrix products to chunk (Mamba 2's scalar decay does:
+    `gated_delta_rule`), and the parallel form's decays from every token to every later one would be N times the
+    attention matrix. So the recurrence runs in two levels of about sqrt(T) steps each: every chunk of L tokens scans
+    from zero, all chunks at once (L steps); the states entering the chunks follow from the chunks' ends (T / L
+    steps); each token then adds its read of the state entering its chunk, decayed by exp(A * its steps so far). Every
+    decay is a product of factors <= 1, so nothing overflows; T Python steps, transformers' path, become 2 sqrt(T)."""
+    Bsz, T, D = x.shape
+    state = x.new_zeros(Bsz, D, A.shape[1]) if state is None else state.to(x.dtype)
+    if T == 1 and doc is None:  # one decoding step: the recurrence itself
+        state = (dt[:, 0, :, None] * A).exp() * state + (dt * x)[:, 0, :, None] * b[:, 0, None, :]
+        return torch.einsum("bdn,bn->bd", state, c[:, 0])[:, None], state
+    L = max(1, math.isqrt(T))
+    pad = -T % L
+    if pad:  # zero steps: they neither decay nor write
+        x, dt, b, c = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, b, c))
+        doc = None if doc is None else torch.cat((doc, doc[:, -1:].expand(Bsz, pad)), dim=1)
+    K = (T + pad) // L
+    x, dt = x.view(Bsz, K, L, D), dt.view(Bsz, K, L, D)
+    b, c = b.view(Bsz, K, L, -1), c.view(Bsz, K, L, -1)  # (B, K, L, N)
+    decay = (dt[..., None] * A).exp()  # (B, K, L, D, N)
+    steps = dt.cumsum(2)  # (B, K, L, D): each token's steps since its chunk began
+    reads = (steps[..., None] * A).exp()  # (B, K, L, D, N): the decay of the state entering the chunk, to each token
+    if doc is not None:
+        starts = torch.cat((torch.zeros_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]), dim=1)
+        decay = decay * ~starts.view(Bsz, K, L, 1, 1)  # a document's first token keeps nothing from before it
+        reads = reads * (~starts).view(Bsz, K, L).cumprod(2)[..., None, None]  # nor do the tokens after it
+    writes = (dt * x)[..., None] * b[..., None, :]  # (B, K, L, D, N)
+    h = x.new_zeros(Bsz, K, D, A.shape[1])  # (B, K, D, N): each chunk's state, from zero
+    out = []
+    for j in range(L):
+        h = decay[:, :, j] * h + writes[:, :, j]
+        out.append(torch.einsum("bkdn,bkn->bkd", h, c[:, :, j]))
+    entering = []
+    for k in range(K):  # the state entering each chunk, then the last one's end
+        entering.append(state)
+        state = reads[:, k, -1] * state + h[:, k]
+    y = torch.stack(out, dim=2) + torch.einsum("bkldn,bkdn,bkln->bkld", reads, torch.stack(entering, dim=1), c)
+    return y.reshape(Bsz, K * L, D)[:, :T], state
+
+
+LINEAR_LAYERS = {"gated_deltanet": GatedDeltaNet, "short_conv": ShortConv, "mamba2": Mamba2, "mamba": Mamba}
 """The module of each kind of linear layer (`ModelConfig.linear_layer`, one of `config.LINEAR_LAYER_KINDS`)."""

@@ -41,7 +41,7 @@ from temper.model.attention import (
 )
 from temper.model.config import ModelConfig, last_of_every
 from temper.model.layers import MLP, MoE, RMSNorm, make_norm
-from temper.model.linear_attention import LINEAR_LAYERS, GatedRMSNorm, GroupGatedRMSNorm, Runs
+from temper.model.linear_attention import LINEAR_LAYERS, GatedRMSNorm, GroupGatedRMSNorm, Mamba, Runs
 from temper.model.rope import long_rope_length, rope_tables
 
 LINEAR = "linear"
@@ -228,6 +228,8 @@ class Transformer(nn.Module):
                    else m.out_proj if isinstance(m, tuple(LINEAR_LAYERS.values())) else None)
             if out is not None:
                 nn.init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+            if isinstance(m, Mamba):  # its dt_proj, which the first pass drew as any linear layer
+                m.reset_steps()
         self.init_buffers()
 
     # ---- forward -------------------------------------------------------------------------------

@@ -88,11 +88,14 @@ GRANITES = (GRANITE, *GRANITE_MOES)  # Granite's multipliers of the embeddings, 
 NEMOTRON_H = "NemotronHForCausalLM"
 BAMBA = "BambaForCausalLM"
 MAMBA2 = "Mamba2ForCausalLM"
+MAMBA, FALCON_MAMBA = "MambaForCausalLM", "FalconMambaForCausalLM"
+MAMBAS = (MAMBA, FALCON_MAMBA)  # Mamba (1) mixers alone; FalconMamba normalises their steps, B and C
+MIXERS_ALONE = (MAMBA2, *MAMBAS)  # every layer x + mixer(norm(x)), under backbone.*
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -132,7 +135,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
-                "bamba": BAMBA, "mamba2": MAMBA2}
+                "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA}
 
 
 def hf_mlp(arch: str) -> str:
@@ -217,6 +220,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mamba_d_head": (*_INT, *_STR), **dict.fromkeys(("mamba_conv_bias", "mamba_proj_bias"), _BOOL),
     "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
     "time_step_limit": (list, type(None)), "mamba_dt_limit": (list, type(None)),
+    "time_step_rank": (*_INT, *_STR), "mixer_rms_eps": _FLOAT,
     **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
                      "expand", "num_heads", "state_size"), _INT),
     **dict.fromkeys(("use_conv_bias", "residual_in_fp32"), _BOOL),
@@ -337,6 +341,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d, linear = _bamba(d)
     if arch == MAMBA2:
         d, linear = _mamba2(d)
+    if arch in MAMBAS:
+        d, linear = _mamba(d, arch)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -639,6 +645,39 @@ def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
               "linear_key_heads": groups, "linear_value_heads": heads, "linear_key_size": d["state_size"],
               "linear_value_size": head, "linear_conv_size": d["conv_kernel"]}
     # no positions: max_seq_len bounds nothing a layer holds (a Mamba 2 state is fixed-size); Mamba-Codestral's 256k
+    return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": None, "intermediate_size": dim,
+            "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
+
+
+_MAMBA_DEFAULTS = {"vocab_size": 50280, "hidden_size": 768, "state_size": 16, "num_hidden_layers": 32,
+                   "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "time_step_rank": "auto",
+                   "tie_word_embeddings": True, "mixer_rms_eps": 1e-6}
+"""MambaConfig's and FalconMambaConfig's defaults of what a config may leave out (mixer_rms_eps: FalconMamba's)."""
+
+
+def _mamba(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` in the keys the reading shares; the ModelConfig fields of MambaForCausalLM or FalconMambaForCausalLM: every
+    layer a Mamba mixer after its norm, x + mixer(norm(x)), as Mamba2ForCausalLM's (`_mamba2`); FalconMamba's mixers
+    also RMS-normalise their steps, B and C (mixer_rms_eps). residual_in_fp32 is read as Mamba 2's is."""
+    name = arch.removesuffix("ForCausalLM")
+    d = {**_MAMBA_DEFAULTS, **d}
+    for key, want in (("use_bias", False), ("use_conv_bias", True), ("hidden_act", "silu")):
+        if d.get(key, want) != want:
+            raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
+    _check_sizes(name, d, {"state_size": 16, "conv_kernel": 4, "expand": 2, "hidden_size": 768})
+    dim, rank = d["hidden_size"], d["time_step_rank"]
+    if rank == "auto":
+        rank = -(-dim // 16)
+    if isinstance(rank, str) or rank <= 0:
+        raise ValueError(f"{name} time_step_rank={rank!r} is not supported (a positive width, or \"auto\")")
+    if arch == FALCON_MAMBA and d["mixer_rms_eps"] <= 0:
+        raise ValueError(f"{name} mixer_rms_eps={d['mixer_rms_eps']} is not supported (a positive epsilon)")
+    n = d["num_hidden_layers"]
+    fields = {"attention_layers": (), "no_mlp_layers": tuple(range(n)), "linear_layer": "mamba", "linear_key_heads": 1,
+              "linear_value_heads": d["expand"] * dim, "linear_key_size": d["state_size"], "linear_value_size": 1,
+              "linear_conv_size": d["conv_kernel"], "linear_dt_rank": rank,
+              "linear_bcdt_eps": float(d["mixer_rms_eps"]) if arch == FALCON_MAMBA else None}
+    # no positions: max_seq_len bounds nothing a layer holds (a Mamba state is fixed-size)
     return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": None, "intermediate_size": dim,
             "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
 
@@ -1220,7 +1259,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     arch = cfg.hf_architecture
     if arch is None:
         if cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
-            arch = MAMBA2
+            arch = (MAMBA2 if cfg.linear_layer == "mamba2" else FALCON_MAMBA if cfg.linear_bcdt_eps is not None
+                    else MAMBA)
         elif cfg.mlp == "relu2":
             arch = NEMOTRON_H
         elif cfg.parallel_block:
@@ -1311,7 +1351,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                     "(groups scored by their two best), beside an ungated shared expert")
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    if cfg.no_mlp_layers and arch not in (NEMOTRON_H, MAMBA2):
+    if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
         return "every block has an MLP (NemotronHForCausalLM has blocks without: no_mlp_layers)"
     gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
                     cfg.per_layer_input_size)
@@ -1344,7 +1384,15 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "no_mlp_layers), its norms rounding before they scale")
     if arch == BAMBA and (cfg.rotary_dim != cfg.head_dim // 2 or cfg.nope_every or cfg.rope_scaling):
         return "its attention layers turn the first half of each head by unscaled RoPE (BambaConfig fixes the share)"
-    if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, MAMBA2) and (any(hybrid) or cfg.has_linear_layers):
+    if arch in MAMBAS and not (cfg.linear_layer == "mamba" and cfg.attention_layers == ()
+                               and len(set(cfg.no_mlp_layers)) == cfg.n_layers and not cfg.norm_cast_after
+                               and cfg.linear_heads[1] % cfg.dim == 0
+                               and (cfg.linear_bcdt_eps is not None) == (arch == FALCON_MAMBA)):
+        return ("every layer is a Mamba mixer alone (linear_layer='mamba', attention_layers=(), every block in "
+                "no_mlp_layers), its channels a whole multiple of dim (expand), its norms rounding before they scale, "
+                + ("its steps, B and C normalised (linear_bcdt_eps)" if arch == FALCON_MAMBA
+                   else "its steps, B and C not normalised (FalconMambaForCausalLM normalises them)"))
+    if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, *MIXERS_ALONE) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1353,7 +1401,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, MAMBA2)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1492,6 +1540,15 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "layer_norm_epsilon": cfg.norm_eps, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
                 "residual_in_fp32": True, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
                 "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+    if arch in MAMBAS:  # as Mamba 2's: no attention or MLP fields
+        return {"architectures": [arch], "model_type": next(k for k, v in _MODEL_TYPES.items() if v == arch),
+                "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+                "state_size": cfg.linear_sizes[0], "expand": cfg.linear_heads[1] // cfg.dim,
+                "conv_kernel": cfg.linear_conv_size, "time_step_rank": cfg.dt_rank, "layer_norm_epsilon": cfg.norm_eps,
+                "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
+                "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
+                "eos_token_id": None, "pad_token_id": None, "use_cache": True,
+                **({"mixer_rms_eps": cfg.linear_bcdt_eps} if arch == FALCON_MAMBA else {})}
     d = {
         "architectures": [arch], "model_type": next(k for k, v in _MODEL_TYPES.items() if v == arch),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,

@@ -67,7 +67,7 @@ from temper.model.hf.config import (
     GPT2,
     GRANITE_MOES,
     HUNYUAN_MOE,
-    MAMBA2,
+    MIXERS_ALONE,
     NEMOTRON_H,
     hf_architecture,
     hf_mlp,
@@ -149,10 +149,10 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
         return (f"{in_moe[0]} and {len(in_moe) - 1} more adapt {hf_architecture(cfg)}'s experts or router, which are "
                 "stacked in a layout temper writes no PEFT adapter for (adapt the attention for one); the merged model "
                 "holds them")
-    if cfg is not None and hf_architecture(cfg) in (NEMOTRON_H, MAMBA2):
-        out = [n for n in loras if n.endswith(".attn.out_proj")]  # its Mamba 2 layers' (attention's is o_proj)
+    if cfg is not None and hf_architecture(cfg) in (NEMOTRON_H, *MIXERS_ALONE):
+        out = [n for n in loras if n.endswith(".attn.out_proj")]  # its Mamba layers' (attention's is o_proj)
         if out:
-            return (f"{out[0]} and {len(out) - 1} more adapt {hf_architecture(cfg)}'s Mamba 2 out_proj, which PEFT "
+            return (f"{out[0]} and {len(out) - 1} more adapt {hf_architecture(cfg)}'s Mamba out_proj, which PEFT "
                     "refuses on that model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and "
                     "the other layers for a PEFT file; the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]

@@ -33,8 +33,8 @@ from temper.model.hf.config import (
     LATENT,
     LFM2_MOE,
     LFM2S,
-    MAMBA2,
     MINIMAX_M2,
+    MIXERS_ALONE,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
     NEMOTRON_H,
@@ -133,6 +133,9 @@ _STACKED: dict[str, tuple[Any, Any]] = {
 _MAMBA2_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
                  "out_proj.weight")
 """A Mamba 2 layer's tensors, under the same names in temper and its checkpoints (Granite 4.0-H's, Nemotron-H's)."""
+_MAMBA_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+                "A_log", "D", "out_proj.weight")
+"""A Mamba layer's tensors, under the same names in temper and its checkpoints."""
 
 
 def hf_rules(cfg: ModelConfig) -> list[_Rule]:
@@ -157,14 +160,15 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
         add("ln_f.weight", "norm.weight")
         add("ln_f.bias", "norm.bias")
-    elif arch in (NEMOTRON_H, MAMBA2):  # one sublayer per checkpoint layer: a block's mixer, then its MLP where it has
-        # one (Mamba2ForCausalLM's blocks: a mixer alone)
+    elif arch in (NEMOTRON_H, *MIXERS_ALONE):  # one sublayer per checkpoint layer: a block's mixer, then its MLP where
+        # it has one (Mamba2ForCausalLM's and MambaForCausalLM's blocks: a mixer alone)
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
         add("backbone.embeddings.weight", "tok_emb.weight")
         k = 0
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            names = (_MAMBA2_NAMES if cfg.is_linear(i) else tuple(f"{n}_proj.weight" for n in "qkvo"))
+            names = ((_MAMBA_NAMES if cfg.linear_layer == "mamba" else _MAMBA2_NAMES) if cfg.is_linear(i)
+                     else tuple(f"{n}_proj.weight" for n in "qkvo"))
             sublayers = [("attn_norm", [(f"mixer.{n}", f"attn.{n}") for n in names])]
             if i not in cfg.no_mlp_layers:
                 mlp = [(f"mixer.{n}_proj.weight", f"mlp.{n}_proj.weight") for n in ("up", "down")]
