@@ -46,7 +46,13 @@ def test_config_validation_names_the_field():
                        ({"router_float32": True}, "router_float32 needs n_experts"),
                        ({"pos": "rope", "kv_lora_rank": 16}, "kv_lora_rank=16 .* needs a positive rank"),
                        ({"q_lora_rank": 16}, "q_lora_rank=16 needs kv_lora_rank"),
-                       ({"attention_layers": (1,), "linear_layer": "mamba"}, "linear_layer must be one of"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba3"}, "linear_layer must be one of"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba"},
+                        r"Mamba layers take one group of B and C \(linear_key_heads 1, got 4\)"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1,
+                         "linear_value_size": 1, "linear_dt_rank": 0}, "a positive linear_dt_rank .got 0"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba2", "linear_bcdt_eps": 1e-6},
+                        "linear_bcdt_eps=1e-06 needs Mamba layers"),
                        ({"no_mlp_layers": (2,)}, r"no_mlp_layers=\(2,\) must list layers of the 2"),
                        ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block")]:
         with pytest.raises(ValueError, match=match):

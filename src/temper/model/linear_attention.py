@@ -494,25 +494,29 @@ def selective_scan(
     K = (T + pad) // L
     x, dt = x.view(Bsz, K, L, D), dt.view(Bsz, K, L, D)
     b, c = b.view(Bsz, K, L, -1), c.view(Bsz, K, L, -1)  # (B, K, L, N)
-    decay = (dt[..., None] * A).exp()  # (B, K, L, D, N)
-    steps = dt.cumsum(2)  # (B, K, L, D): each token's steps since its chunk began
-    reads = (steps[..., None] * A).exp()  # (B, K, L, D, N): the decay of the state entering the chunk, to each token
+    kept = x.new_ones(Bsz, K, L)  # 0 at a document's first token, which keeps nothing from before it
     if doc is not None:
-        starts = torch.cat((torch.zeros_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]), dim=1)
-        decay = decay * ~starts.view(Bsz, K, L, 1, 1)  # a document's first token keeps nothing from before it
-        reads = reads * (~starts).view(Bsz, K, L).cumprod(2)[..., None, None]  # nor do the tokens after it
-    writes = (dt * x)[..., None] * b[..., None, :]  # (B, K, L, D, N)
+        kept = torch.cat((doc.new_ones(Bsz, 1, dtype=torch.bool), doc[:, 1:] == doc[:, :-1]), 1).view_as(kept).to(x)
+    carried = kept.cumprod(2)  # (B, K, L): tokens that the state entering their chunk still reaches
+    steps = dt.cumsum(2)  # (B, K, L, D): each token's steps since its chunk began
+    # Each step's decays and writes (B, K, D, N) are made inside the loops, never all T at once: a prefill's
+    # transient memory is then sqrt(T) states, not T.
+    writes = dt * x  # (B, K, L, D)
     h = x.new_zeros(Bsz, K, D, A.shape[1])  # (B, K, D, N): each chunk's state, from zero
     out = []
     for j in range(L):
-        h = decay[:, :, j] * h + writes[:, :, j]
+        decay = (dt[:, :, j, :, None] * A).exp() * kept[:, :, j, None, None]
+        h = decay * h + writes[:, :, j, :, None] * b[:, :, j, None, :]
         out.append(torch.einsum("bkdn,bkn->bkd", h, c[:, :, j]))
     entering = []
     for k in range(K):  # the state entering each chunk, then the last one's end
         entering.append(state)
-        state = reads[:, k, -1] * state + h[:, k]
-    y = torch.stack(out, dim=2) + torch.einsum("bkldn,bkdn,bkln->bkld", reads, torch.stack(entering, dim=1), c)
-    return y.reshape(Bsz, K * L, D)[:, :T], state
+        state = (steps[:, k, -1, :, None] * A).exp() * carried[:, k, -1, None, None] * state + h[:, k]
+    entering = torch.stack(entering, dim=1)  # (B, K, D, N)
+    for j in range(L):  # each token's read of the state entering its chunk, decayed by its steps since
+        reads = (steps[:, :, j, :, None] * A).exp() * carried[:, :, j, None, None]  # (B, K, D, N)
+        out[j] = out[j] + torch.einsum("bkdn,bkn->bkd", reads * entering, c[:, :, j])
+    return torch.stack(out, dim=2).reshape(Bsz, K * L, D)[:, :T], state
 
 
 LINEAR_LAYERS = {"gated_deltanet": GatedDeltaNet, "short_conv": ShortConv, "mamba2": Mamba2, "mamba": Mamba}
