@@ -60,15 +60,17 @@ def test_lora_and_qlora_counts_by_hand():
     assert q["parameters"].bytes == round(NF4_BYTES * block_linears + 2 * (n - block_linears) + 4 * adapters) + rope
 
 
-@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "short-conv", "mamba2", "gemma4", "gemma4-e2b"])
+@pytest.mark.parametrize("kind", ["attention", "latent", "hybrid", "short-conv", "mamba2", "mamba", "gemma4",
+                                  "gemma4-e2b"])
 def test_kv_cache_is_what_the_model_allocates(kind):
     """Latent attention caches a latent and a rotated key; a hybrid model keys and values for its attention layers
-    only, and a fixed-size state per sequence for each linear attention layer (Mamba 2's too; a short convolution: its
-    last inputs);
+    only, and a fixed-size state per sequence for each linear attention layer (Mamba 2's and Mamba's too; a short
+    convolution: its last inputs);
     Gemma 4 its global layers' keys and
     values in their own shape, and none for the layers taking earlier ones' (E2B)."""
     cfg = replace(PRESETS["debug-llama"], **{"attention": {}, "latent": MLA, "hybrid": HYBRID, "short-conv": SHORT_CONV,
-                                             "mamba2": MAMBA2, "gemma4": GEMMA4, "gemma4-e2b": GEMMA4_E2B}[kind])
+                                             "mamba2": MAMBA2, "mamba": MAMBA, "gemma4": GEMMA4,
+                                             "gemma4-e2b": GEMMA4_E2B}[kind])
     est = estimate(cfg, RunShape(micro_batch_size=3, seq_len=100, precision="bf16"))
     cache = Transformer(cfg).new_cache(3, 100, dtype=torch.bfloat16)
     assert est["KV cache (generation)"].bytes == sum(t.nbytes for t in cache.per_row().values())
@@ -149,6 +151,10 @@ SHORT_CONV = {"n_layers": 4, "qk_norm": True, "attention_layers": (1, 2), "linea
 # Granite 4.0-H's: Mamba 2 layers (8 heads of 16, 2 groups of B and C, a state of 16) around one attention layer
 MAMBA2 = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba2", "linear_key_heads": 2,
           "linear_value_heads": 8, "linear_key_size": 16, "linear_value_size": 16}
+# Mamba's (Jamba's layers around attention): 128 channels, a state of 16 each; and Mamba alone (mamba-*-hf)
+MAMBA = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1,
+         "linear_value_heads": 128, "linear_key_size": 16, "linear_value_size": 1, "linear_dt_rank": 4}
+MAMBA_ALONE = MAMBA | {"attention_layers": (), "no_mlp_layers": (0, 1, 2, 3)}
 # Nemotron-H's: those, squared-ReLU MLPs, and a block of a Mamba 2 layer alone (no MLP)
 NEMOTRON_H = MAMBA2 | {"attention_layers": (2,), "mlp": "relu2", "norm_cast_after": True, "nope_every": 1,
                        "no_mlp_layers": (1,), "ffn_dim": 256}
@@ -277,6 +283,11 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "fp32", 1, {"dims": MAMBA2, "seq": 256}),
     ("debug-llama", "lora", "bf16", 0, {"dims": MAMBA2, "seq": 256, "lora": LoRAShape(rank=4, targets=[
         "q_proj", "v_proj", "in_proj", "out_proj"])}),
+    # Mamba: the scan recomputed in the backward, its states the peak's largest part
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": MAMBA, "seq": 256}),
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": MAMBA_ALONE, "seq": 256}),
+    ("debug-llama", "lora", "fp32", 0, {"dims": MAMBA_ALONE, "seq": 256, "lora": LoRAShape(rank=4, targets=[
+        "in_proj", "out_proj"])}),
     # Nemotron-H: squared ReLU's backward holds two hidden-sized tensors more than GELU's; a block without an MLP
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NEMOTRON_H, "seq": 256}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256}),

@@ -494,10 +494,13 @@ def selective_scan(
     K = (T + pad) // L
     x, dt = x.view(Bsz, K, L, D), dt.view(Bsz, K, L, D)
     b, c = b.view(Bsz, K, L, -1), c.view(Bsz, K, L, -1)  # (B, K, L, N)
-    kept = x.new_ones(Bsz, K, L)  # 0 at a document's first token, which keeps nothing from before it
+    # Where a document starts its first token keeps nothing from before it, nor do the tokens after it keep the state
+    # entering their chunk: -inf added to those decays' logs (a factor of 0 would keep each decay twice for backward)
+    gone = carried = x.new_zeros(Bsz, K, L)
     if doc is not None:
-        kept = torch.cat((doc.new_ones(Bsz, 1, dtype=torch.bool), doc[:, 1:] == doc[:, :-1]), 1).view_as(kept).to(x)
-    carried = kept.cumprod(2)  # (B, K, L): tokens that the state entering their chunk still reaches
+        starts = torch.cat((torch.zeros_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]), dim=1)
+        gone = gone.masked_fill(starts.view(Bsz, K, L), float("-inf"))
+        carried = gone.cumsum(2)  # (B, K, L)
     steps = dt.cumsum(2)  # (B, K, L, D): each token's steps since its chunk began
     # Each step's decays and writes (B, K, D, N) are made inside the loops, never all T at once: a prefill's
     # transient memory is then sqrt(T) states, not T.
@@ -505,16 +508,16 @@ def selective_scan(
     h = x.new_zeros(Bsz, K, D, A.shape[1])  # (B, K, D, N): each chunk's state, from zero
     out = []
     for j in range(L):
-        decay = (dt[:, :, j, :, None] * A).exp() * kept[:, :, j, None, None]
+        decay = (dt[:, :, j, :, None] * A + gone[:, :, j, None, None]).exp()
         h = decay * h + writes[:, :, j, :, None] * b[:, :, j, None, :]
         out.append(torch.einsum("bkdn,bkn->bkd", h, c[:, :, j]))
     entering = []
     for k in range(K):  # the state entering each chunk, then the last one's end
         entering.append(state)
-        state = (steps[:, k, -1, :, None] * A).exp() * carried[:, k, -1, None, None] * state + h[:, k]
+        state = (steps[:, k, -1, :, None] * A + carried[:, k, -1, None, None]).exp() * state + h[:, k]
     entering = torch.stack(entering, dim=1)  # (B, K, D, N)
     for j in range(L):  # each token's read of the state entering its chunk, decayed by its steps since
-        reads = (steps[:, :, j, :, None] * A).exp() * carried[:, :, j, None, None]  # (B, K, D, N)
+        reads = (steps[:, :, j, :, None] * A + carried[:, :, j, None, None]).exp()  # (B, K, D, N)
         out[j] = out[j] + torch.einsum("bkdn,bkn->bkd", reads * entering, c[:, :, j])
     return torch.stack(out, dim=2).reshape(Bsz, K * L, D)[:, :T], state
 

@@ -123,7 +123,7 @@ from temper.config import ConfigError
 from temper.model.attention import Attention, LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
-from temper.model.linear_attention import GatedDeltaNet, Mamba2, ShortConv, gated_delta_rule
+from temper.model.linear_attention import GatedDeltaNet, Mamba, Mamba2, ShortConv, gated_delta_rule
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
@@ -556,6 +556,8 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
         first, attn_grad, attn_peak = _short_conv_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     elif isinstance(attn, Mamba2):
         first, attn_grad, attn_peak = _mamba2_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
+    elif isinstance(attn, Mamba):
+        first, attn_grad, attn_peak = _mamba_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     else:
         first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rope, seq_len)
     if attn_grad and cfg.dropout > 0:
@@ -764,6 +766,57 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     # loop's own, are freed (a checkpointed block without an MLP peaks there).
     grads = pad * 4 * (H * (3 * C + 2 * P) + G * (C + 2 * N))
     return [attn.in_proj], out_grad, grads - (s.total - after_rule) - loop
+
+
+def _mamba_saved(s: _Saved, attn: Mamba, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
+                 seq_len: int) -> tuple[list[nn.Module], bool, float]:
+    """What a Mamba layer (`Mamba`) keeps per token, from its normalised input (`h_bytes` per element) to out_proj's
+    input; returns what `_attention_saved` does, its backward's extra bytes those of the scan it recomputes.
+
+    in_proj's input and output (z is a view of it); the convolution's input where its weight trains (as Mamba 2's) and
+    SiLU's input; x_proj's input (SiLU's output, D's factor too) and its output (the step input, B and C are views of
+    it); the softplus input; the scan's inputs, which its checkpoint keeps instead of its states (x, dt, B, C in
+    float32: under autocast copies); then D x plus the scan's output (float32) and SiLU(z), each the other's factor, and
+    out_proj's input. The scan's recompute, in the block's backward, keeps per token, channel and state value each
+    step's decay and state and, for the reads of the state entering each chunk, their decays and products, with the
+    reads' operands as bmm lays them out: 17.5 B (17.3 under autocast, the operands in bf16), counted with saved-tensor
+    hooks; and per token and channel the steps, both loops' outputs and their stack, and its inputs' gradients, 24 B
+    with its backward's gradients, measured (for 8 and 16 state values, within 2% of its peak). The output's own
+    tensors are freed by then."""
+    D, N, R, a = attn.inner, attn.d_state, attn.dt_rank, t.a
+    _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
+    proj = grad_in or _wants_grad(attn.in_proj)  # in_proj's output needs a gradient
+    conv = attn.conv1d.weight.requires_grad
+    if conv:
+        taps = attn.conv_taps
+        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
+              4 * D * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    xs = proj or conv or attn.conv1d.bias.requires_grad  # x needs a gradient
+    s.add("convolution output (SiLU input)", a * D if xs else 0)
+    _readers(s, "x (SiLU output)", [attn.x_proj], a, t, lora_dropout, xs)
+    projected = xs or _wants_grad(attn.x_proj)  # the step input, B and C need gradients
+    _readers(s, "step input", [attn.dt_proj], a, t, lora_dropout, projected)
+    steps = projected or _wants_grad(attn.dt_proj)
+    s.add("softplus input", a * D if steps else 0)
+    scan = steps or attn.A_log.requires_grad
+    if scan:
+        s.add("x_proj output (B, C and the step input its views)", a * (R + 2 * N))
+        s.add("scan inputs: dt (float32)" + (", x, B, C (float32 copies)" if a != 4 else ""),
+              4 * D + (4 * (D + 2 * N) if a != 4 else 0))
+    if not _wants_grad(attn.x_proj) and not scan and (xs or attn.D.requires_grad):
+        s.add("x (D's factor)", a * D)
+    out = scan or xs or attn.D.requires_grad
+    if out or proj:
+        s.add("scan output plus D x (float32), SiLU(z)", 4 * D + a * D)
+    if proj:
+        s.add("in_proj output (z a view of it)", 2 * a * D)
+    _readers(s, "gated output", [attn.out_proj], a, t, lora_dropout, out or proj)
+    out_grad = out or proj or _wants_grad(attn.out_proj)
+    if not scan:
+        return [attn.in_proj], out_grad, 0.0
+    recompute = (17.5 if a == 4 else 17.25) * D * N + 24 * D
+    freed = a * D + (4 * D + a * D if out or proj else 0) + (2 * a * D if proj else 0)
+    return [attn.in_proj], out_grad, recompute - freed
 
 
 def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
@@ -1493,7 +1546,7 @@ def _kv_cache(cfg: ModelConfig, n_layers: int, a: int, tp: int = 1, tokens: str 
                     "convolution inputs")
         return attention * width * a, linear * a * taps * cfg.dim, formula
     (n_k, n_v), (dk, dv) = cfg.linear_heads, cfg.linear_sizes
-    taps, channels = cfg.linear_conv_size - 1, 2 * n_k * dk + n_v * dv
+    taps, channels = cfg.linear_conv_size - 1, n_v * dv + (2 * n_k * dk if cfg.linear_layer != "mamba" else 0)
     row = linear * (4 * n_v * dk * dv + a * taps * channels)
     formula += (f" + {linear} linear attention layers x {rows + ' x ' if rows else ''}(4 B x {n_v} x {dk} x {dv} "
                 f"float32 state + {a} B x {taps} x {channels} convolution inputs)")
