@@ -121,6 +121,13 @@ CONFIGS = {
     # Mamba2ForCausalLM: Mamba 2 mixers alone (PEFT refuses out_proj adapters on it, as on Nemotron-H)
     "mamba2": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba2", linear_key_heads=2,
                       linear_value_heads=4, linear_key_size=8, linear_value_size=32, hf_architecture="Mamba2ForCausalLM"),
+    # MambaForCausalLM and FalconMambaForCausalLM: Mamba mixers alone (PEFT refuses their out_proj too)
+    "mamba": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba", linear_key_heads=1,
+                     linear_value_heads=128, linear_key_size=8, linear_value_size=1, linear_dt_rank=4,
+                     hf_architecture="MambaForCausalLM"),
+    "falcon_mamba": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba",
+                            linear_key_heads=1, linear_value_heads=128, linear_key_size=8, linear_value_size=1,
+                            linear_dt_rank=4, linear_bcdt_eps=1e-6, hf_architecture="FalconMambaForCausalLM"),
     # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
     "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
@@ -193,6 +200,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
     "bamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"],
     "mamba2": ["in_proj"],
+    "mamba": ["in_proj", "x_proj"], "falcon_mamba": ["in_proj", "x_proj"],
     "nemotron_h_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -250,6 +258,7 @@ def _targets(case: str) -> tuple[str, ...]:
         # refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
                                else ("in_proj",) if case in ("nemotron_h", "nemotron_h_moe", "mamba2")
+                               else ("in_proj", "x_proj") if CONFIGS[case].linear_layer == "mamba"
                                else IN_OUT_PROJ_TARGETS))
     if CONFIGS[case].mlp == "relu2":  # not gated
         linears = tuple(t for t in linears if t != "gate_proj")
@@ -490,16 +499,26 @@ def test_dora_on_experts_is_refused_by_name(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("case, more", [("nemotron_h", 0), ("mamba2", 1)])
+@pytest.mark.parametrize("case, more", [("nemotron_h", 0), ("mamba2", 1), ("mamba", 1)])
 def test_mamba_out_proj_adapters_are_refused_by_name(tmp_path, case, more):
-    """PEFT refuses LoRA on a Mamba out_proj of Nemotron-H and Mamba2ForCausalLM (its fused kernels read the weight
-    directly): temper writes no file with one, nothing written; without it the file is written
+    """PEFT refuses LoRA on a Mamba out_proj of Nemotron-H, Mamba2ForCausalLM and MambaForCausalLM (its fused kernels
+    read the weight directly): temper writes no file with one, nothing written; without it the file is written
     (test_save_peft_loads_in_peft_...)."""
     model = _model(case)
     apply_lora(model, rank=2, alpha=4, targets=("in_proj", "out_proj"))
     assert (f"layers.0.attn.out_proj and {more} more adapt {model.cfg.hf_architecture}'s Mamba out_proj"
             in peft_lora_refusal(model))
     with pytest.raises(ValueError, match="PEFT refuses on that model"):
+        save_peft(model, model.cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_mamba_dt_proj_adapters_are_refused_by_name(tmp_path):
+    """transformers' Mamba multiplies dt_proj's weight itself, past any adapter PEFT puts there (measured: 3e-3 from
+    temper's logits): temper writes no PEFT file with one, nothing written."""
+    model = _model("falcon_mamba")
+    apply_lora(model, rank=2, alpha=4, targets=("in_proj", "dt_proj"))
+    with pytest.raises(ValueError, match="layers.0.attn.dt_proj and 1 more adapt FalconMambaForCausalLM's dt_proj"):
         save_peft(model, model.cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 

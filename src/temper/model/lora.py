@@ -41,13 +41,15 @@ LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"
 """The projections of Gated DeltaNet layers (Qwen3.5's linear attention), beside the attention layers' q/k/v/o."""
 IN_OUT_PROJ_TARGETS = ("in_proj", "out_proj")
 """The projections of short convolution layers (LFM2's) and of Mamba 2 layers (Granite 4.0-H's)."""
+MAMBA_TARGETS = ("x_proj", "dt_proj")
+"""The projections of Mamba layers beside in_proj and out_proj: the step input, B and C, and the step per channel."""
 
 
 def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """The names of ALL_LINEAR_TARGETS, LATENT_ATTENTION_TARGETS, LINEAR_ATTENTION_TARGETS and IN_OUT_PROJ_TARGETS that
-    `model` has: every linear layer of its blocks (what QLoRA quantizes by default)."""
+    """The names of ALL_LINEAR_TARGETS, LATENT_ATTENTION_TARGETS, LINEAR_ATTENTION_TARGETS, IN_OUT_PROJ_TARGETS and
+    MAMBA_TARGETS that `model` has: every linear layer of its blocks (what QLoRA quantizes by default)."""
     names = {name for m in model.modules() for name, c in m.named_children() if isinstance(c, (nn.Linear, LoRALinear))}
-    known = ALL_LINEAR_TARGETS + LATENT_ATTENTION_TARGETS + LINEAR_ATTENTION_TARGETS + IN_OUT_PROJ_TARGETS
+    known = ALL_LINEAR_TARGETS + LATENT_ATTENTION_TARGETS + LINEAR_ATTENTION_TARGETS + IN_OUT_PROJ_TARGETS + MAMBA_TARGETS
     return tuple(dict.fromkeys(t for t in known if t in names))  # out_proj once
 
 

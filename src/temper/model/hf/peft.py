@@ -155,6 +155,11 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
             return (f"{out[0]} and {len(out) - 1} more adapt {hf_architecture(cfg)}'s Mamba out_proj, which PEFT "
                     "refuses on that model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and "
                     "the other layers for a PEFT file; the merged model holds them")
+        steps = [n for n in loras if n.endswith(".attn.dt_proj")]
+        if steps:
+            return (f"{steps[0]} and {len(steps) - 1} more adapt {hf_architecture(cfg)}'s dt_proj, whose weight "
+                    "transformers' Mamba multiplies directly, so a PEFT adapter on it changes nothing there; adapt "
+                    "in_proj and x_proj for a PEFT file; the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
