@@ -571,6 +571,17 @@ def test_architecture_is_chosen_by_fields():
     assert hf_architecture(mamba2) == "Mamba2ForCausalLM"
     with pytest.raises(ValueError, match="Mamba2ForCausalLM cannot express this model: every layer is a Mamba 2 mixer"):
         to_hf_config(replace(mamba2, no_mlp_layers=(0,), hf_architecture="Mamba2ForCausalLM"))
+    mamba = replace(mamba2, linear_layer="mamba", linear_key_heads=1, linear_value_heads=128, linear_value_size=1)
+    assert hf_architecture(mamba) == "MambaForCausalLM"
+    assert hf_architecture(replace(mamba, linear_bcdt_eps=1e-6)) == "FalconMambaForCausalLM"
+    with pytest.raises(ValueError, match="MambaForCausalLM cannot express this model: every layer is a Mamba mixer "
+                                         "alone"):  # Jamba's pattern: Mamba layers around attention
+        to_hf_config(replace(mamba, attention_layers=(1,), no_mlp_layers=()))
+    with pytest.raises(ValueError, match="its channels a whole multiple of dim"):
+        to_hf_config(replace(mamba, linear_value_heads=96))
+    with pytest.raises(ValueError, match="MambaForCausalLM cannot express this model: .* its steps, B and C not "
+                                         "normalised .FalconMambaForCausalLM"):
+        to_hf_config(replace(mamba, linear_bcdt_eps=1e-6, hf_architecture="MambaForCausalLM"))
     bamba = replace(granite4, rope_dim=llama.head_dim // 2)
     assert hf_architecture(bamba) == "BambaForCausalLM"
     with pytest.raises(ValueError, match="BambaForCausalLM cannot express this model: its attention layers turn the "
@@ -780,6 +791,26 @@ def test_mamba2_configs_temper_cannot_build_are_refused_by_name(key, value):
          "num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("arch", ["MambaForCausalLM", "FalconMambaForCausalLM"])
+@pytest.mark.parametrize("key, value", [
+    ("use_bias", True), ("use_conv_bias", False), ("hidden_act", "gelu"), ("time_step_rank", "half"),
+    ("time_step_rank", 0), ("state_size", 0), ("conv_kernel", 0), ("expand", 0),
+    ("mixer_rms_eps", "1e-6")])  # a key of the wrong type, whichever architecture reads it
+def test_mamba_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
+    d = {"architectures": [arch], "vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_falcon_mamba_refuses_a_non_positive_mixer_epsilon_and_mamba_reads_its_defaults():
+    with pytest.raises(ValueError, match="FalconMamba mixer_rms_eps=0.0 is not supported"):
+        from_hf_config({"architectures": ["FalconMambaForCausalLM"], "hidden_size": 64, "mixer_rms_eps": 0.0})
+    cfg = from_hf_config({"architectures": ["MambaForCausalLM"]})  # MambaConfig's: mamba-130m's shape, 32 layers
+    assert (cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.linear_heads[1], cfg.linear_sizes[0], cfg.dt_rank,
+            cfg.linear_conv_size, cfg.tie_embeddings, cfg.linear_bcdt_eps) == (768, 32, 50280, 1536, 16, 48, 4, True,
+                                                                               None)
 
 
 def test_granite4_reads_its_spellings_and_defaults():

@@ -1258,9 +1258,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
     arch = cfg.hf_architecture
     if arch is None:
-        if cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
-            arch = (MAMBA2 if cfg.linear_layer == "mamba2" else FALCON_MAMBA if cfg.linear_bcdt_eps is not None
-                    else MAMBA)
+        if cfg.has_linear_layers and cfg.linear_layer == "mamba":
+            arch = FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
+        elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
+            arch = MAMBA2
         elif cfg.mlp == "relu2":
             arch = NEMOTRON_H
         elif cfg.parallel_block:
