@@ -42,6 +42,9 @@ SHORT_CONV = {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_
 MAMBA2 = {"attention_layers": (), "no_mlp_layers": (0, 1), "linear_layer": "mamba2", "linear_key_heads": 2,
           "linear_value_heads": 4, "linear_key_size": 8, "linear_value_size": 16}
 """Mamba-Codestral's layers: Mamba 2 mixers alone, no attention layer at all (a cache of states only)."""
+MAMBA = {"attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1, "linear_value_heads": 128,
+         "linear_key_size": 8, "linear_value_size": 1, "linear_dt_rank": 4}
+"""Mamba's layers (a state per channel, each value decaying at its own rate), then an attention layer, as Jamba's."""
 
 
 class Collector:
@@ -78,12 +81,13 @@ def _prompts(k: int) -> list[list[int]]:
             for _ in range(k)]
 
 
-@pytest.mark.parametrize("attention", ["grouped", "latent", "hybrid", "short-conv", "mamba2"])
+@pytest.mark.parametrize("attention", ["grouped", "latent", "hybrid", "short-conv", "mamba2", "mamba"])
 def test_requests_joining_at_any_step_equal_generate_alone(model, attention):
     """More requests than slots, of different lengths and settings, arriving while others decode:
     greedy and seeded outputs (and log-probs) are what generate gives for each alone."""
     model = model if attention == "grouped" else _model(**{"latent": LATENT, "hybrid": HYBRID,
-                                                          "short-conv": SHORT_CONV, "mamba2": MAMBA2}[attention])
+                                                          "short-conv": SHORT_CONV, "mamba2": MAMBA2,
+                                                          "mamba": MAMBA}[attention])
     sched = Scheduler(model, slots=4, max_queue=32)
     sched.start()
     try:
