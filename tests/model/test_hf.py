@@ -577,8 +577,7 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="MambaForCausalLM cannot express this model: every layer is a Mamba mixer "
                                          "alone"):  # Jamba's pattern: Mamba layers around attention
         to_hf_config(replace(mamba, attention_layers=(1,), no_mlp_layers=()))
-    with pytest.raises(ValueError, match="its channels a whole multiple of dim"):
-        to_hf_config(replace(mamba, linear_value_heads=96))
+    assert "expand" not in to_hf_config(replace(mamba, linear_value_heads=96))  # channels not a multiple: theirs alone
     with pytest.raises(ValueError, match="MambaForCausalLM cannot express this model: .* its steps, B and C not "
                                          "normalised .FalconMambaForCausalLM"):
         to_hf_config(replace(mamba, linear_bcdt_eps=1e-6, hf_architecture="MambaForCausalLM"))
@@ -796,7 +795,7 @@ def test_mamba2_configs_temper_cannot_build_are_refused_by_name(key, value):
 @pytest.mark.parametrize("arch", ["MambaForCausalLM", "FalconMambaForCausalLM"])
 @pytest.mark.parametrize("key, value", [
     ("use_bias", True), ("use_conv_bias", False), ("hidden_act", "gelu"), ("time_step_rank", "half"),
-    ("time_step_rank", 0), ("state_size", 0), ("conv_kernel", 0), ("expand", 0),
+    ("time_step_rank", 0), ("state_size", 0), ("conv_kernel", 0), ("expand", 0), ("intermediate_size", -1),
     ("mixer_rms_eps", "1e-6")])  # a key of the wrong type, whichever architecture reads it
 def test_mamba_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
     d = {"architectures": [arch], "vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2, key: value}
@@ -894,6 +893,21 @@ PUBLISHED = {
         "chunk_size": 256, "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "use_bias": False,
         "use_conv_bias": True, "hidden_act": "silu", "tie_word_embeddings": False, "initializer_range": 0.02},
         7_285_403_648),
+    # state-spaces/mamba-130m-hf: 129M (MambaConfig's defaults besides these)
+    "mamba-130m": ({
+        "architectures": ["MambaForCausalLM"], "vocab_size": 50280, "hidden_size": 768, "num_hidden_layers": 24,
+        "intermediate_size": 1536, "state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 48,
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "use_bias": False, "use_conv_bias": True,
+        "hidden_act": "silu", "tie_word_embeddings": True}, 129_135_360),
+    # tiiuae/falcon-mamba-7b: 7.27B; its expand (16) disagrees with its intermediate_size, which transformers reads
+    "falcon-mamba-7b": ({
+        "architectures": ["FalconMambaForCausalLM"], "bos_token_id": 0, "conv_kernel": 4, "eos_token_id": 11,
+        "expand": 16, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.1, "intermediate_size": 8192,
+        "layer_norm_epsilon": 1e-05, "model_type": "falcon_mamba", "num_hidden_layers": 64, "pad_token_id": 11,
+        "rescale_prenorm_residual": False, "residual_in_fp32": True, "state_size": 16, "tie_word_embeddings": False,
+        "time_step_floor": 0.0001, "time_step_init_scheme": "random", "time_step_max": 0.1, "time_step_min": 0.001,
+        "time_step_rank": 256, "time_step_scale": 1.0, "torch_dtype": "bfloat16", "use_bias": False,
+        "use_cache": True, "use_conv_bias": True, "vocab_size": 65024}, 7_272_665_088),
     # Granite 4.0-H-350M: 340M
     "granite-4.0-h-350m": ({
         "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_multiplier": 0.015625,

@@ -803,6 +803,22 @@ PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-5, tie_embeddings=False, attention_layers=(), no_mlp_layers=tuple(range(64)), linear_layer="mamba2",
         linear_key_heads=8, linear_value_heads=128, linear_key_size=128, linear_value_size=64,
     ),
+    # Mamba (Gu and Dao 2023; state-spaces/mamba-130m-hf): 24 Mamba layers of 1536 channels, a state of 16 values
+    # each, steps of rank 48, every layer a mixer alone; tied embeddings; 129M parameters.
+    "mamba-130m": replace(
+        _LLAMA, vocab_size=50280, dim=768, n_layers=24, n_heads=1, n_kv_heads=1, ffn_dim=768, max_seq_len=262144,
+        norm_eps=1e-5, tie_embeddings=True, attention_layers=(), no_mlp_layers=tuple(range(24)), linear_layer="mamba",
+        linear_key_heads=1, linear_value_heads=1536, linear_key_size=16, linear_value_size=1, linear_dt_rank=48,
+        init_std=0.1,
+    ),
+    # FalconMamba-7B (TII, 2024): 64 Mamba layers of 8192 channels, a state of 16, steps of rank 256, its steps, B and C
+    # RMS-normalised (1e-6); untied; 7.27B parameters.
+    "falcon-mamba-7b": replace(
+        _LLAMA, vocab_size=65024, dim=4096, n_layers=64, n_heads=1, n_kv_heads=1, ffn_dim=4096, max_seq_len=262144,
+        norm_eps=1e-5, tie_embeddings=False, attention_layers=(), no_mlp_layers=tuple(range(64)), linear_layer="mamba",
+        linear_key_heads=1, linear_value_heads=8192, linear_key_size=16, linear_value_size=1, linear_dt_rank=256,
+        linear_bcdt_eps=1e-6, init_std=0.1,
+    ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.
     "qwen3.5-9b": replace(

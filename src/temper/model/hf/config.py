@@ -651,21 +651,26 @@ def _mamba2(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 _MAMBA_DEFAULTS = {"vocab_size": 50280, "hidden_size": 768, "state_size": 16, "num_hidden_layers": 32,
                    "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "time_step_rank": "auto",
-                   "tie_word_embeddings": True, "mixer_rms_eps": 1e-6}
+                   "tie_word_embeddings": True, "mixer_rms_eps": 1e-6, "initializer_range": 0.1}
 """MambaConfig's and FalconMambaConfig's defaults of what a config may leave out (mixer_rms_eps: FalconMamba's)."""
 
 
 def _mamba(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(`d` in the keys the reading shares; the ModelConfig fields of MambaForCausalLM or FalconMambaForCausalLM: every
     layer a Mamba mixer after its norm, x + mixer(norm(x)), as Mamba2ForCausalLM's (`_mamba2`); FalconMamba's mixers
-    also RMS-normalise their steps, B and C (mixer_rms_eps). residual_in_fp32 is read as Mamba 2's is."""
+    also RMS-normalise their steps, B and C (mixer_rms_eps). residual_in_fp32 is read as Mamba 2's is.
+
+    The channels are intermediate_size where a config writes it, as transformers reads it, else expand * hidden_size:
+    FalconMamba-7B's config writes expand 16 beside intermediate_size 8192, twice its hidden size."""
     name = arch.removesuffix("ForCausalLM")
     d = {**_MAMBA_DEFAULTS, **d}
     for key, want in (("use_bias", False), ("use_conv_bias", True), ("hidden_act", "silu")):
         if d.get(key, want) != want:
             raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
-    _check_sizes(name, d, {"state_size": 16, "conv_kernel": 4, "expand": 2, "hidden_size": 768})
+    _check_sizes(name, d, {"state_size": 16, "conv_kernel": 4, "expand": 2, "hidden_size": 768,
+                           "intermediate_size": 1536})
     dim, rank = d["hidden_size"], d["time_step_rank"]
+    inner = d.get("intermediate_size") or d["expand"] * dim
     if rank == "auto":
         rank = -(-dim // 16)
     if isinstance(rank, str) or rank <= 0:
@@ -674,7 +679,7 @@ def _mamba(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]
         raise ValueError(f"{name} mixer_rms_eps={d['mixer_rms_eps']} is not supported (a positive epsilon)")
     n = d["num_hidden_layers"]
     fields = {"attention_layers": (), "no_mlp_layers": tuple(range(n)), "linear_layer": "mamba", "linear_key_heads": 1,
-              "linear_value_heads": d["expand"] * dim, "linear_key_size": d["state_size"], "linear_value_size": 1,
+              "linear_value_heads": inner, "linear_key_size": d["state_size"], "linear_value_size": 1,
               "linear_conv_size": d["conv_kernel"], "linear_dt_rank": rank,
               "linear_bcdt_eps": float(d["mixer_rms_eps"]) if arch == FALCON_MAMBA else None}
     # no positions: max_seq_len bounds nothing a layer holds (a Mamba state is fixed-size)
@@ -1387,10 +1392,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention layers turn the first half of each head by unscaled RoPE (BambaConfig fixes the share)"
     if arch in MAMBAS and not (cfg.linear_layer == "mamba" and cfg.attention_layers == ()
                                and len(set(cfg.no_mlp_layers)) == cfg.n_layers and not cfg.norm_cast_after
-                               and cfg.linear_heads[1] % cfg.dim == 0
                                and (cfg.linear_bcdt_eps is not None) == (arch == FALCON_MAMBA)):
         return ("every layer is a Mamba mixer alone (linear_layer='mamba', attention_layers=(), every block in "
-                "no_mlp_layers), its channels a whole multiple of dim (expand), its norms rounding before they scale, "
+                "no_mlp_layers), its norms rounding before they scale, "
                 + ("its steps, B and C normalised (linear_bcdt_eps)" if arch == FALCON_MAMBA
                    else "its steps, B and C not normalised (FalconMambaForCausalLM normalises them)"))
     if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, *MIXERS_ALONE) and (any(hybrid) or cfg.has_linear_layers):
@@ -1544,7 +1548,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if arch in MAMBAS:  # as Mamba 2's: no attention or MLP fields
         return {"architectures": [arch], "model_type": next(k for k, v in _MODEL_TYPES.items() if v == arch),
                 "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-                "state_size": cfg.linear_sizes[0], "expand": cfg.linear_heads[1] // cfg.dim,
+                "state_size": cfg.linear_sizes[0], "intermediate_size": cfg.linear_heads[1],
+                **({"expand": cfg.linear_heads[1] // cfg.dim} if cfg.linear_heads[1] % cfg.dim == 0 else {}),
                 "conv_kernel": cfg.linear_conv_size, "time_step_rank": cfg.dt_rank, "layer_norm_epsilon": cfg.norm_eps,
                 "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
                 "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
