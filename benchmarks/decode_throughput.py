@@ -116,6 +116,11 @@ SHAPES: dict[str, ModelConfig] = {
         linear_key_size=64, linear_value_size=64, max_seq_len=2048, n_experts=32, experts_per_token=4,
         expert_ffn_dim=256, shared_expert_ffn_dim=512, router_scores="sigmoid", router_float32=True,
         expert_choice_bias=True, routed_scaling=2.5),
+    # FalconMamba-7B's layout, small: Mamba layers alone (1024 channels, a state of 16 values each), their steps, B and
+    # C normalised.
+    "falcon-mamba-small": dataclasses.replace(
+        PRESETS["falcon-mamba-7b"], vocab_size=32000, dim=512, n_layers=8, no_mlp_layers=tuple(range(8)),
+        linear_value_heads=1024, linear_dt_rank=32, max_seq_len=2048),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(
@@ -189,9 +194,11 @@ def temper_runner(model: Transformer, device: torch.device, compile: bool) -> Ru
 
 
 def hf_attention(path: Path) -> str:
-    """transformers' SDPA, or its eager attention for the models SDPA cannot serve (capped scores, sinks)."""
+    """transformers' SDPA, or its eager attention for the models SDPA cannot serve (capped scores, sinks) or that have
+    no attention to serve (Mamba's, which refuse SDPA)."""
     config = json.loads((path / "config.json").read_text())
-    return "eager" if config.get("attn_logit_softcapping") or config.get("model_type") == "gpt_oss" else "sdpa"
+    eager = config.get("attn_logit_softcapping") or config.get("model_type") in ("gpt_oss", "mamba", "falcon_mamba")
+    return "eager" if eager else "sdpa"
 
 
 def hf_runner(path: Path, device: torch.device, dtype: torch.dtype, compile: bool) -> tuple[Runner, Any]:

@@ -67,7 +67,8 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
 
         hf_cfg = to_hf_config(cfg)
         config = transformers.AutoConfig.for_model(**hf_cfg)
-        written = cfg.attn_softcap or cfg.attn_sinks  # transformers' SDPA cannot take capped scores or sinks
+        # transformers' SDPA cannot take capped scores or sinks, and Mamba's models have no attention to run through it
+        written = cfg.attn_softcap or cfg.attn_sinks or cfg.linear_layer == "mamba" and cfg.has_linear_layers
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager" if written else "sdpa")
     return cfg, model.to(device)
 

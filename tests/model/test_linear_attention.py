@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from temper.infer.cache import fork, new_cache, reset
 from temper.infer.engine import decode_step, generate, prefill
+from temper.model import linear_attention
 from temper.model.attention import Segments
 from temper.model.config import ModelConfig
 from temper.model.linear_attention import gated_delta_rule, selective_scan
@@ -136,6 +137,23 @@ def test_selective_scan_computes_the_recurrence(T, documents):
         t.requires_grad_(True)
     _assert_equal_with_gradients(selective_scan(*inputs, doc), _selective_recurrence(*inputs, doc), inputs,
                                  atol=1e-12)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_the_checkpointed_scan_carries_its_state_across_stretches(monkeypatch, documents):
+    """Training's scan, in recomputed stretches of 8 tokens (a document starting at a stretch's first token, and inside
+    one), equals the whole scan: outputs, final state and gradients."""
+    monkeypatch.setattr(linear_attention, "SCAN_SEGMENT", 8)
+    torch.manual_seed(0)
+    x, b, c = torch.randn(2, 37, 5, dtype=torch.float64), *torch.randn(2, 2, 37, 3, dtype=torch.float64)
+    dt, A = torch.rand(2, 37, 5, dtype=torch.float64), -3 * torch.rand(5, 3, dtype=torch.float64)
+    state = torch.randn(2, 5, 3, dtype=torch.float64)
+    doc = torch.tensor([[0] * 16 + [1] * 14 + [2] * 7, [5] * 37]) if documents else None
+    inputs = (x, dt, A, b, c, state)
+    for t in inputs:
+        t.requires_grad_(True)
+    _assert_equal_with_gradients(linear_attention.checkpointed_scan(*inputs, doc), selective_scan(*inputs, doc),
+                                 inputs, atol=1e-12)
 
 
 def test_selective_scan_restarts_where_a_document_does():

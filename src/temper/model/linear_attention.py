@@ -296,10 +296,7 @@ class Mamba(nn.Module):
             dt = dt * runs.real[..., None]
         args = (xs.float(), dt, -self.A_log.float().exp(), b.float(), c.float(),
                 None if state is None else state[..., 0], None if runs is None else runs.doc)
-        # Recomputed in the backward: the scan's states are N floats per channel and token, which autograd would keep
-        # several times over; its inputs are D + N per token, and the scan is cheap beside the layer's products
-        y, state = (checkpoint(selective_scan, *args, use_reentrant=False) if torch.is_grad_enabled()
-                    else selective_scan(*args))  # (B, T, D)
+        y, state = checkpointed_scan(*args) if torch.is_grad_enabled() else selective_scan(*args)  # (B, T, D)
         if cache is not None:
             cache.set_linear_state(self.slot, state[..., None], conv_tail)
         y = (y + self.D.float() * xs) * F.silu(z)  # float32
@@ -462,6 +459,33 @@ def gated_delta_rule(
             out.append(reads_n[..., None] * torch.einsum("bgcn,bgrnp->bgrcp", q_n[:, :, 0], state) + attn_n @ u_n)
             state = state * keep_n + torch.einsum("bgcn,bgrcp->bgrnp", k_n[:, :, 0], writes_n[..., None] * u_n)
     return torch.stack(out, dim=3).reshape(B, H, N * C, Dv)[:, :, :T], state.view(B, H, Dk, Dv)
+
+
+SCAN_SEGMENT = 1024
+"""Tokens per row of each recomputed stretch of a Mamba layer's scan (`checkpointed_scan`)."""
+
+
+def checkpointed_scan(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+    state: torch.Tensor | None = None, doc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selective_scan` for training: stretches of SCAN_SEGMENT tokens, each recomputed in the backward, the state
+    carried from one to the next.
+
+    The scan's states are N floats per channel and token, which autograd would keep several times over; its inputs are
+    D + N per token, and it is cheap beside the layer's products, so only they are kept. A stretch's recompute holds
+    its states while its backward runs (about 17 B per channel, state value and token): a whole 4k-token row would
+    hold 9 GiB for a FalconMamba-7B layer, a stretch of 1024 a quarter of it."""
+    # Split once rather than sliced per stretch: a slice's backward makes a whole-size gradient for each stretch
+    parts = [t.split(SCAN_SEGMENT, dim=1) for t in (x, dt, b, c)]
+    docs = [None] * len(parts[0]) if doc is None else doc.split(SCAN_SEGMENT, dim=1)
+    out = []
+    for i, (x_i, dt_i, b_i, c_i) in enumerate(zip(*parts)):
+        if i and doc is not None and state is not None:  # `state` belongs to the stretch's first token's document
+            state = state * (docs[i][:, 0] == docs[i - 1][:, -1]).to(state.dtype)[:, None, None]
+        y, state = checkpoint(selective_scan, x_i, dt_i, A, b_i, c_i, state, docs[i], use_reentrant=False)
+        out.append(y)
+    return torch.cat(out, dim=1), state
 
 
 def selective_scan(

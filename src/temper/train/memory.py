@@ -120,6 +120,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from temper.config import ConfigError
+from temper.model import linear_attention
 from temper.model.attention import Attention, LatentAttention
 from temper.model.config import ModelConfig
 from temper.model.layers import MoE
@@ -777,12 +778,14 @@ def _mamba_saved(s: _Saved, attn: Mamba, h_bytes: int, t: _Dtypes, lora_dropout:
     SiLU's input; x_proj's input (SiLU's output, D's factor too) and its output (the step input, B and C are views of
     it); the softplus input; the scan's inputs, which its checkpoint keeps instead of its states (x, dt, B, C in
     float32: under autocast copies); then D x plus the scan's output (float32) and SiLU(z), each the other's factor, and
-    out_proj's input. The scan's recompute, in the block's backward, keeps per token, channel and state value each
-    step's decay and state and, for the reads of the state entering each chunk, their decays and products, with the
-    reads' operands as bmm lays them out: 17.5 B (17.3 under autocast, the operands in bf16), counted with saved-tensor
-    hooks; and per token and channel the steps, both loops' outputs and their stack, and its inputs' gradients, 24 B
-    with its backward's gradients, measured (for 8 and 16 state values, within 2% of its peak). The output's own
-    tensors are freed by then."""
+    out_proj's input. The scan runs in stretches of `SCAN_SEGMENT` tokens, each keeping the state it starts from and
+    recomputed one at a time in the block's backward (the output's own tensors freed by then). A stretch's recompute
+    keeps per token, channel and state value each step's decay and state and, for the reads of the state entering each
+    chunk, their decays and products: about 16 B; its backward's gradients add per step a tensor of every chunk's
+    states, 1 / L of a token's (L, the chunk, sqrt of the stretch): 24 B / L; and per token and channel the steps, both
+    loops' outputs and the inputs' gradients, 23 B. Measured for chunks of 8, 16 and 32 tokens and 8 or 16 state
+    values, fp32 and autocast alike within 2%. The stretches done before hold their x's and dt's gradients (float32)
+    until the last, which is recomputed with all of them alive."""
     D, N, R, a = attn.inner, attn.d_state, attn.dt_rank, t.a
     _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
     proj = grad_in or _wants_grad(attn.in_proj)  # in_proj's output needs a gradient
@@ -801,8 +804,9 @@ def _mamba_saved(s: _Saved, attn: Mamba, h_bytes: int, t: _Dtypes, lora_dropout:
     scan = steps or attn.A_log.requires_grad
     if scan:
         s.add("x_proj output (B, C and the step input its views)", a * (R + 2 * N))
-        s.add("scan inputs: dt (float32)" + (", x, B, C (float32 copies)" if a != 4 else ""),
-              4 * D + (4 * (D + 2 * N) if a != 4 else 0))
+        s.add("scan inputs: dt (float32)" + (", x, B, C (float32 copies)" if a != 4 else "")
+              + ", the state entering each stretch", 4 * D + (4 * (D + 2 * N) if a != 4 else 0)
+              + 4 * D * N * (-(-seq_len // linear_attention.SCAN_SEGMENT) - 1) / seq_len)
     if not _wants_grad(attn.x_proj) and not scan and (xs or attn.D.requires_grad):
         s.add("x (D's factor)", a * D)
     out = scan or xs or attn.D.requires_grad
@@ -814,7 +818,9 @@ def _mamba_saved(s: _Saved, attn: Mamba, h_bytes: int, t: _Dtypes, lora_dropout:
     out_grad = out or proj or _wants_grad(attn.out_proj)
     if not scan:
         return [attn.in_proj], out_grad, 0.0
-    recompute = (17.5 if a == 4 else 17.25) * D * N + 24 * D
+    stretch = min(seq_len, linear_attention.SCAN_SEGMENT)
+    recompute = (16 * D * N * (1 + 1.5 / math.isqrt(stretch)) + 23 * D) * stretch / seq_len + 8 * D * (
+        1 - stretch / seq_len)
     freed = a * D + (4 * D + a * D if out or proj else 0) + (2 * a * D if proj else 0)
     return [attn.in_proj], out_grad, recompute - freed
 
