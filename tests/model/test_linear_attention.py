@@ -1,9 +1,9 @@
 """Gated DeltaNet, the linear attention of Qwen3.5: the chunked rule equals the token-by-token recurrence (outputs,
-final state and gradients), as it does Mamba 2's without the correction. For it, Mamba 2 (Granite 4.0-H's) and LFM2's
-short convolutions (between irregularly placed attention layers), a packed row equals its documents alone, padding
-changes nothing, and a cache (prefill in pieces, right-padded rows, forks, resets) gives the cache-free forward's
-logits. Parity with transformers' Qwen3.5, LFM2 and Granite 4.0-H is in test_hf.py, speculative decoding in
-tests/infer/test_speculative.py."""
+final state and gradients), as it does Mamba 2's without the correction, and Mamba's two-level scan equals its
+recurrence. For it, Mamba 2 (Granite 4.0-H's), Mamba and LFM2's short convolutions (between irregularly placed attention
+layers), a packed row equals its documents alone, padding changes nothing, and a cache (prefill in pieces, right-padded
+rows, forks, resets) gives the cache-free forward's logits. Parity with transformers' Qwen3.5, LFM2, Granite 4.0-H and
+Mamba is in test_hf.py, speculative decoding in tests/infer/test_speculative.py."""
 
 from dataclasses import replace
 

@@ -1,7 +1,8 @@
 """The linear layers of hybrid models, which mix positions through a fixed-size state instead of attending to every
 earlier key: Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks"), the linear attention of
 Qwen3-Next and Qwen3.5, Mamba 2's state space layers (`Mamba2`, Granite 4.0-H's: the same rule without its
-correction), and LFM2's gated short convolutions (`ShortConv`, whose state is its last few inputs).
+correction), Mamba's (`Mamba`, FalconMamba's: a decay per channel and state value, `selective_scan`), and LFM2's gated
+short convolutions (`ShortConv`, whose state is its last few inputs).
 
 Each head keeps a state S (Dk x Dv). Token t decays it by exp(g_t) (0 < exp(g_t) <= 1), then writes its value by the
 delta rule, S <- S + beta_t k_t^T (v_t - k_t S), correcting what S already recalls for k_t, and reads q_t S. Queries,
