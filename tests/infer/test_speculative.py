@@ -75,8 +75,8 @@ def test_latent_attention_speculates_exactly():
             assert speculative_generate(target, prompt, k=4, max_new_tokens=40, temperature=0, **kw)[0] == plain
 
 
-@pytest.mark.parametrize("kind", ["deltanet", "short-conv"])  # (Mamba 2 keeps what Gated DeltaNet does: a state and
-# the convolution's inputs, rolled back alike)
+@pytest.mark.parametrize("kind", ["deltanet", "short-conv"])  # (Mamba 2 and Mamba keep what Gated DeltaNet does: a
+# state and the convolution's inputs, rolled back alike)
 def test_linear_attention_speculates_exactly(kind):
     """Qwen3.5's Gated DeltaNet layers and LFM2's short convolutions, whose states cannot be cut back: a rejected draft
     sends target and draft model back to their states before the round and feeds the kept tokens again; what comes out

@@ -252,10 +252,11 @@ def test_training_steps_through_both_kinds_of_layer(cfg):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_packed_rows_follow_float32():
+@pytest.mark.parametrize("cfg", [HYBRID, MAMBA], ids=["deltanet", "mamba"])
+def test_cuda_bf16_packed_rows_follow_float32(cfg):
     """On a GPU in bf16, a packed row (FlexAttention's block mask for the attention layers, `Runs` for the linear
     ones) gives the float32 CPU logits to bf16's precision, and its backward runs."""
-    model = _model()
+    model = _model(cfg)
     torch.manual_seed(1)
     row = torch.randint(0, 97, (2, 150))
     ids = torch.tensor([[1] * 40 + [2] * 100 + [-1] * 10, [3] * 150])
