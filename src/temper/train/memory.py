@@ -680,6 +680,16 @@ _CHUNK = inspect.signature(gated_delta_rule).parameters["chunk"].default
 """Tokens per chunk of the gated delta rule in training (its C x C matrices per head)."""
 
 
+def _conv_input(s: _Saved, conv: nn.Conv1d, t: _Dtypes, seq_len: int) -> None:
+    """A linear layer's causal convolution keeps its input where its weight trains (`causal_conv`: each tap multiplies
+    a shifted window of the inputs by its weight): whole, with the K - 1 zeros before it, in fp32; a float32 copy per
+    tap under autocast."""
+    if conv.weight.requires_grad:
+        channels, taps = conv.weight.shape[0], conv.weight.shape[-1]
+        s.add("convolution input" + (" (float32, K - 1 zeros before)" if t.a == 4 else f" (a float32 copy per tap, {taps})"),
+              4 * channels * ((seq_len + taps - 1) / seq_len if t.a == 4 else taps))
+
+
 def _short_conv_saved(s: _Saved, attn: ShortConv, h_bytes: int, t: _Dtypes, lora_dropout: float, grad_in: bool,
                       seq_len: int) -> tuple[list[nn.Module], bool, float]:
     """What a short convolution layer (LFM2's `ShortConv`) keeps per token, from its normalised input (`h_bytes` per
@@ -694,10 +704,7 @@ def _short_conv_saved(s: _Saved, attn: ShortConv, h_bytes: int, t: _Dtypes, lora
     gates = grad_in or _wants_grad(attn.in_proj)  # b, c, x need gradients
     conv = attn.conv.weight.requires_grad
     s.add("b, x (each the other's factor)", 2 * a * d if gates else 0)
-    if conv:
-        taps = attn.conv_taps
-        s.add("convolution input" + (" (float32, K - 1 before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
-              4 * d * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    _conv_input(s, attn.conv, t, seq_len)
     s.add("c (the convolution output's factor)", a * d if gates or conv else 0)
     s.add("convolution output (c's factor)", a * d if gates else 0)
     _readers(s, "gated output", [attn.out_proj], a, t, lora_dropout, gates or conv)
@@ -721,10 +728,7 @@ def _mamba2_saved(s: _Saved, attn: Mamba2, h_bytes: int, t: _Dtypes, lora_dropou
     _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
     proj = grad_in or _wants_grad(attn.in_proj)  # in_proj's output needs a gradient
     conv = attn.conv1d.weight.requires_grad
-    if conv:
-        taps = attn.conv_taps
-        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
-              4 * width * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    _conv_input(s, attn.conv1d, t, seq_len)
     xbc = proj or conv or attn.conv1d.bias.requires_grad  # x, B, C need gradients
     s.add("convolution output (SiLU input)", a * width if xbc else 0)
     dt = proj or attn.dt_bias.requires_grad  # the step needs a gradient
@@ -790,10 +794,7 @@ def _mamba_saved(s: _Saved, attn: Mamba, h_bytes: int, t: _Dtypes, lora_dropout:
     _readers(s, "attn_norm output", [attn.in_proj], h_bytes, t, lora_dropout, grad_in)
     proj = grad_in or _wants_grad(attn.in_proj)  # in_proj's output needs a gradient
     conv = attn.conv1d.weight.requires_grad
-    if conv:
-        taps = attn.conv_taps
-        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
-              4 * D * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    _conv_input(s, attn.conv1d, t, seq_len)
     xs = proj or conv or attn.conv1d.bias.requires_grad  # x needs a gradient
     s.add("convolution output (SiLU input)", a * D if xs else 0)
     _readers(s, "x (SiLU output)", [attn.x_proj], a, t, lora_dropout, xs)
@@ -848,10 +849,7 @@ def _linear_saved(s: _Saved, attn: GatedDeltaNet, h_bytes: int, t: _Dtypes, lora
     width = 2 * n_k * dk + value  # the convolution's channels: q, k, v
     first = [attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a]
     _readers(s, "attn_norm output", first, h_bytes, t, lora_dropout, grad_in)
-    if attn.conv1d.weight.requires_grad:  # each tap multiplies a shifted window of the inputs by its weight
-        taps = attn.conv_taps
-        s.add("convolution input" + (" (float32, K - 1 zeros before)" if a == 4 else f" (a float32 copy per tap, {taps})"),
-              4 * width * ((seq_len + taps - 1) / seq_len if a == 4 else taps))
+    _conv_input(s, attn.conv1d, t, seq_len)
     qkv = grad_in or _wants_grad(attn.in_proj_qkv) or attn.conv1d.weight.requires_grad  # q, k, v need gradients
     if qkv:
         s.add("convolution output (SiLU input)", a * width)
