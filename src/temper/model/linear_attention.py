@@ -528,22 +528,24 @@ def selective_scan(
         carried = gone.cumsum(2)  # (B, K, L)
     steps = dt.cumsum(2)  # (B, K, L, D): each token's steps since its chunk began
     # Each step's decays and writes (B, K, D, N) are made inside the loops, never all T at once: a prefill's
-    # transient memory is then sqrt(T) states, not T.
-    writes = dt * x  # (B, K, L, D)
+    # transient memory is then sqrt(T) states, not T. The inputs are unbound once rather than indexed per step: an
+    # index's backward makes a whole-size gradient for each step.
+    c_steps = c.unbind(2)  # L of (B, K, N)
     h = x.new_zeros(Bsz, K, D, A.shape[1])  # (B, K, D, N): each chunk's state, from zero
     out = []
-    for j in range(L):
-        decay = (dt[:, :, j, :, None] * A + gone[:, :, j, None, None]).exp()
-        h = decay * h + writes[:, :, j, :, None] * b[:, :, j, None, :]
-        out.append(torch.einsum("bkdn,bkn->bkd", h, c[:, :, j]))
+    for dt_j, write_j, b_j, c_j, gone_j in zip(dt.unbind(2), (dt * x).unbind(2), b.unbind(2), c_steps, gone.unbind(2)):
+        h = (dt_j[..., None] * A + gone_j[..., None, None]).exp() * h + write_j[..., None] * b_j[:, :, None, :]
+        out.append(torch.einsum("bkdn,bkn->bkd", h, c_j))
     entering = []
-    for k in range(K):  # the state entering each chunk, then the last one's end
+    # the state entering each chunk, then the last one's end
+    for end_k, carried_k, h_k in zip(steps[:, :, -1].unbind(1), carried[:, :, -1].unbind(1), h.unbind(1)):
         entering.append(state)
-        state = (steps[:, k, -1, :, None] * A + carried[:, k, -1, None, None]).exp() * state + h[:, k]
+        state = (end_k[..., None] * A + carried_k[:, None, None]).exp() * state + h_k
     entering = torch.stack(entering, dim=1)  # (B, K, D, N)
-    for j in range(L):  # each token's read of the state entering its chunk, decayed by its steps since
-        reads = (steps[:, :, j, :, None] * A + carried[:, :, j, None, None]).exp()  # (B, K, D, N)
-        out[j] = out[j] + torch.einsum("bkdn,bkn->bkd", reads * entering, c[:, :, j])
+    for j, (steps_j, carried_j, c_j) in enumerate(zip(steps.unbind(2), carried.unbind(2), c_steps)):
+        # each token's read of the state entering its chunk, decayed by its steps since
+        reads = (steps_j[..., None] * A + carried_j[..., None, None]).exp()  # (B, K, D, N)
+        out[j] = out[j] + torch.einsum("bkdn,bkn->bkd", reads * entering, c_j)
     return torch.stack(out, dim=2).reshape(Bsz, K * L, D)[:, :T], state
 
 
