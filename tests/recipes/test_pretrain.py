@@ -116,11 +116,16 @@ QWEN3_5 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--
 LFM2 = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false", "--model.qk_norm=true",
         "--model.attention_layers=[1]", "--model.linear_layer=short_conv", "--model.linear_conv_size=3"]
 """LFM2's layers: a short convolution, then an attention layer."""
+FALCON_MAMBA = ["--model.mlp=swiglu", "--model.norm=rmsnorm", "--model.pos=rope", "--model.bias=false",
+                "--model.attention_layers=[]", "--model.no_mlp_layers=[0,1]",
+                "--model.linear_layer=mamba", "--model.linear_key_heads=1", "--model.linear_value_heads=64",
+                "--model.linear_key_size=8", "--model.linear_value_size=1", "--model.linear_bcdt_eps=1e-6"]
+"""FalconMamba's layers: Mamba mixers alone, their steps, B and C normalised (the scan recomputed in the backward)."""
 
 
 @pytest.mark.parametrize("extra", [[], ["--model.dropout=0.1"], ["--train.global_batch_tokens=256"], GLM_BALANCED,
-                                   QWEN3_5, LFM2],
-                         ids=["plain", "dropout", "accum4", "choice-bias", "linear-attention", "short-conv"])
+                                   QWEN3_5, LFM2, FALCON_MAMBA],
+                         ids=["plain", "dropout", "accum4", "choice-bias", "linear-attention", "short-conv", "mamba"])
 def test_exact_resume(char_data, tmp_path, extra):
     """Rows 1, 2, 4: stop after the step-4 checkpoint, resume, and match the uninterrupted run bitwise."""
     assert train(char_data, tmp_path, "ref", *extra) == 0

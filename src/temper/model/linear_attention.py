@@ -505,7 +505,7 @@ def selective_scan(
     attention matrix. So the recurrence runs in two levels of about sqrt(T) steps each: every chunk of L tokens scans
     from zero, all chunks at once (L steps); the states entering the chunks follow from the chunks' ends (T / L
     steps); each token then adds its read of the state entering its chunk, decayed by exp(A * its steps so far). Every
-    decay is a product of factors <= 1, so nothing overflows; T Python steps, transformers' path, become 2 sqrt(T)."""
+    decay is a product of factors <= 1, so nothing overflows; T Python steps, transformers' path, become 3 sqrt(T)."""
     Bsz, T, D = x.shape
     state = x.new_zeros(Bsz, D, A.shape[1]) if state is None else state.to(x.dtype)
     if T == 1 and doc is None:  # one decoding step: the recurrence itself
