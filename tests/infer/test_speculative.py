@@ -75,15 +75,18 @@ def test_latent_attention_speculates_exactly():
             assert speculative_generate(target, prompt, k=4, max_new_tokens=40, temperature=0, **kw)[0] == plain
 
 
-@pytest.mark.parametrize("kind", ["deltanet", "short-conv"])  # (Mamba 2 and Mamba keep what Gated DeltaNet does: a
+@pytest.mark.parametrize("kind", ["deltanet", "short-conv", "mamba"])  # (Mamba 2 keeps what Gated DeltaNet does: a
 # state and the convolution's inputs, rolled back alike)
 def test_linear_attention_speculates_exactly(kind):
-    """Qwen3.5's Gated DeltaNet layers and LFM2's short convolutions, whose states cannot be cut back: a rejected draft
-    sends target and draft model back to their states before the round and feeds the kept tokens again; what comes out
-    is plain greedy decoding, past the context too, with drafters of either kind."""
-    hybrid = ({"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True,
-               "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4} if kind == "deltanet"
-              else {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv", "linear_conv_size": 3})
+    """Qwen3.5's Gated DeltaNet layers, LFM2's short convolutions and Mamba's layers, whose states cannot be cut back: a
+    rejected draft sends target and draft model back to their states before the round and feeds the kept tokens
+    again; what comes out is plain greedy decoding, past the context too, with drafters of either kind."""
+    hybrid = {"deltanet": {"norm_unit_offset": True, "qk_norm": True, "rope_dim": 8, "attn_output_gate": True,
+                           "full_attention_every": 2, "linear_key_heads": 2, "linear_value_heads": 4},
+              "short-conv": {"qk_norm": True, "attention_layers": (1,), "linear_layer": "short_conv",
+                             "linear_conv_size": 3},
+              "mamba": {"attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1,
+                        "linear_value_heads": 128, "linear_key_size": 8, "linear_value_size": 1}}[kind]
     target = _model(0, max_seq_len=32, n_layers=4, **hybrid)
     accepted = drafted = 0
     for kw in ({"draft": _model(1, max_seq_len=16, n_layers=2, **hybrid)}, {"draft": _model(1, max_seq_len=16)},
