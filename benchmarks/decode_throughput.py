@@ -193,10 +193,9 @@ def temper_runner(model: Transformer, device: torch.device, compile: bool) -> Ru
     return run
 
 
-def hf_attention(path: Path) -> str:
+def hf_attention(config: dict[str, Any]) -> str:
     """transformers' SDPA, or its eager attention for the models SDPA cannot serve (capped scores, sinks) or that have
-    no attention to serve (Mamba's, which refuse SDPA)."""
-    config = json.loads((path / "config.json").read_text())
+    no attention to serve (Mamba's, which refuse SDPA), by their config.json's keys."""
     eager = config.get("attn_logit_softcapping") or config.get("model_type") in ("gpt_oss", "mamba", "falcon_mamba")
     return "eager" if eager else "sdpa"
 
@@ -207,7 +206,7 @@ def hf_runner(path: Path, device: torch.device, dtype: torch.dtype, compile: boo
     from transformers import AutoModelForCausalLM, CompileConfig
     from transformers.generation.streamers import BaseStreamer
 
-    attention = hf_attention(path)
+    attention = hf_attention(json.loads((path / "config.json").read_text()))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device).eval()
     gen = hf.generation_config
     gen.eos_token_id = gen.pad_token_id = gen.bos_token_id = None  # decode exactly N tokens

@@ -37,7 +37,7 @@ import sys
 import time
 
 import torch
-from decode_throughput import SHAPES
+from decode_throughput import SHAPES, hf_attention
 from profiling import print_top_kernels
 
 from temper.model.config import ModelConfig
@@ -67,9 +67,7 @@ def build(impl: str, shape: str, vocab: int, seq: int, device: torch.device):
 
         hf_cfg = to_hf_config(cfg)
         config = transformers.AutoConfig.for_model(**hf_cfg)
-        # transformers' SDPA cannot take capped scores or sinks, and Mamba's models have no attention to run through it
-        written = cfg.attn_softcap or cfg.attn_sinks or cfg.linear_layer == "mamba" and cfg.has_linear_layers
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager" if written else "sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=hf_attention(hf_cfg))
     return cfg, model.to(device)
 
 

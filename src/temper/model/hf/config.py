@@ -671,9 +671,8 @@ def _mamba(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]
                            "intermediate_size": 1536})
     dim, rank = d["hidden_size"], d["time_step_rank"]
     inner = d.get("intermediate_size") or d["expand"] * dim
-    if rank == "auto":
-        rank = -(-dim // 16)
-    if isinstance(rank, str) or rank <= 0:
+    rank = None if rank == "auto" else rank  # ModelConfig.dt_rank's rule
+    if isinstance(rank, str) or rank is not None and rank <= 0:
         raise ValueError(f"{name} time_step_rank={rank!r} is not supported (a positive width, or \"auto\")")
     if arch == FALCON_MAMBA and d["mixer_rms_eps"] <= 0:
         raise ValueError(f"{name} mixer_rms_eps={d['mixer_rms_eps']} is not supported (a positive epsilon)")
@@ -1550,7 +1549,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
                 "state_size": cfg.linear_sizes[0], "intermediate_size": cfg.linear_heads[1],
                 **({"expand": cfg.linear_heads[1] // cfg.dim} if cfg.linear_heads[1] % cfg.dim == 0 else {}),
-                "conv_kernel": cfg.linear_conv_size, "time_step_rank": cfg.dt_rank, "layer_norm_epsilon": cfg.norm_eps,
+                "conv_kernel": cfg.linear_conv_size, "time_step_rank": cfg.linear_dt_rank or "auto",
+                "layer_norm_epsilon": cfg.norm_eps,
                 "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "residual_in_fp32": True,
                 "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
                 "eos_token_id": None, "pad_token_id": None, "use_cache": True,
