@@ -159,6 +159,16 @@ CASES = {
                                              hidden_size=64, num_hidden_layers=3, state_size=8, mixer_rms_eps=1e-3,
                                              tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
                                              pad_token_id=0),
+    # Jamba: Mamba layers (128 channels, a state of 8, steps of rank 6), their steps, B and C normalised with weights,
+    # around attention layers without positions (layers 1 and 4: a period of 3); SwiGLU MLPs, a mixture of 2 of 4
+    # experts weighed by their softmax unrenormalised in every other block (1, 3, 5); and its dense form.
+    "jamba-mamba-experts": lambda: _hf(
+        "JambaConfig", "JambaForCausalLM", **_SMALL | {"num_hidden_layers": 6}, attn_layer_period=3,
+        attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+        mamba_d_state=8, mamba_dt_rank=6, pad_token_id=0),
+    "jamba-dense": lambda: _hf("JambaConfig", "JambaForCausalLM", **_SMALL | {"num_hidden_layers": 3},
+                               attn_layer_period=3, attn_layer_offset=0, num_experts=1, mamba_d_state=8,
+                               mamba_d_conv=3, tie_word_embeddings=True, pad_token_id=0),
     # Granite 3.0's mixtures: experts alone (1B-A400M, 3B-A800M), and beside a shared MLP.
     "granitemoe-experts": lambda: _hf("GraniteMoeConfig", "GraniteMoeForCausalLM", **_SMALL, num_local_experts=4,
                                       num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
@@ -443,7 +453,10 @@ def test_variant_features_are_exercised():
                       ("nemotron3-mamba2-experts", {"expert_choice_bias": False}),
                       ("nemotron3-mamba2-experts", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("nemotron3-mamba2-experts", {"routed_scaling": 1.0}),
-                      ("falcon-mamba-normed-steps", {"linear_bcdt_eps": None})]:
+                      ("falcon-mamba-normed-steps", {"linear_bcdt_eps": None}),
+                      ("jamba-mamba-experts", {"linear_bcdt_weights": False}),  # FalconMamba's weightless norms
+                      ("jamba-mamba-experts", {"renormalize_experts": True}),
+                      ("jamba-mamba-experts", {"nope_every": None})]:  # RoPE on its attention layers
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()

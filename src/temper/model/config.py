@@ -93,6 +93,9 @@ class ModelConfig:
     linear_bcdt_eps: float | None = None
     """With Mamba layers: RMS-normalise the step's input, B and C (without weights) with this epsilon (FalconMamba:
     1e-6); None: not."""
+    linear_bcdt_weights: bool = False
+    """With linear_bcdt_eps: those norms scale by learned weights, as RMSNorm does (Jamba's dt_layernorm, b_layernorm
+    and c_layernorm); False: weightless (FalconMamba's)."""
     ffn_dim: int | None = None
     """MLP hidden width; None means 4*dim for gelu and relu2 and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
     no_mlp_layers: tuple[int, ...] = ()
@@ -256,6 +259,9 @@ class ModelConfig:
     dense_layers: int = 0
     """With n_experts: the first this many blocks have a dense MLP of ffn_dim instead of experts (DeepSeek-V3's and
     GLM-4.5's first_k_dense_replace)."""
+    expert_layers: tuple[int, ...] | None = None
+    """With n_experts: the blocks whose MLP is the mixture (0-based), the others a dense MLP of ffn_dim (Jamba: every
+    other block, 1, 3, 5, ...); None: every block from dense_layers on."""
     expert_weights_float32: bool = False
     """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
     False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
@@ -277,6 +283,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.attention_layers is not None:  # a list read from YAML or JSON
             self.attention_layers = tuple(self.attention_layers)
+        if self.expert_layers is not None:
+            self.expert_layers = tuple(self.expert_layers)
         self.no_mlp_layers = tuple(self.no_mlp_layers)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -437,6 +445,11 @@ class ModelConfig:
         if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
             raise ValueError(f"dense_layers={self.dense_layers} needs n_experts and fewer than n_layers "
                              f"({self.n_layers}) layers")
+        chosen = self.expert_layers
+        if chosen is not None and not (self.n_experts and not self.dense_layers and chosen == tuple(sorted(set(chosen)))
+                                       and all(0 <= i < self.n_layers for i in chosen)):
+            raise ValueError(f"expert_layers={chosen} needs n_experts without dense_layers, and layers of the "
+                             f"{self.n_layers} once each, in order")
         if self.attn_output_gate and self.kv_lora_rank is not None:
             raise ValueError("attn_output_gate needs grouped-query attention: latent attention (kv_lora_rank) has no "
                              "output gates")
@@ -466,6 +479,8 @@ class ModelConfig:
             raise ValueError(f"Mamba layers take one group of B and C (linear_key_heads 1, got {self.linear_heads[0]}), "
                              f"channels of linear_value_size 1 (got {self.linear_sizes[1]}) and a positive "
                              f"linear_dt_rank (got {self.dt_rank})")
+        if self.linear_bcdt_weights and self.linear_bcdt_eps is None:
+            raise ValueError("linear_bcdt_weights needs linear_bcdt_eps (the norms they scale)")
         if self.linear_bcdt_eps is not None and not (self.linear_layer == "mamba" and self.linear_bcdt_eps > 0):
             raise ValueError(f"linear_bcdt_eps={self.linear_bcdt_eps} needs Mamba layers (linear_layer='mamba') and a "
                              "positive epsilon")
@@ -528,6 +543,12 @@ class ModelConfig:
         if self.attention_layers is not None:
             return layer not in self.attention_layers
         return self.full_attention_every is not None and not last_of_every(layer, self.full_attention_every)
+
+    def has_experts(self, layer: int) -> bool:
+        """Whether block `layer`'s MLP (0-based) is the mixture of experts (`expert_layers`, `dense_layers`)."""
+        if not self.n_experts:
+            return False
+        return layer in self.expert_layers if self.expert_layers is not None else layer >= self.dense_layers
 
     @property
     def has_linear_layers(self) -> bool:

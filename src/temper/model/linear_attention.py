@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from temper.model.config import ModelConfig
-from temper.model.layers import rms_normalized
+from temper.model.layers import RMSNorm, rms_normalized
 
 if TYPE_CHECKING:
     from temper.model.attention import KVCache
@@ -236,7 +236,7 @@ class Mamba(nn.Module):
     step to every channel and softplus makes it positive. Channel d keeps N state values, each decaying at its own
     rate A[d, n]: h_t[d] = exp(dt_t[d] A[d]) h_{t-1}[d] + dt_t[d] x_t[d] B_t; it reads y_t[d] = C_t . h_t[d] + D[d]
     x_t[d], gated by SiLU(z) before out_proj. FalconMamba first RMS-normalises the step input, B and C without weights
-    (`linear_bcdt_eps`). In Mamba 2's terms each channel is a head of width 1 (linear_value_heads of
+    (`linear_bcdt_eps`), Jamba with weights (`linear_bcdt_weights`: dt_layernorm, b_layernorm, c_layernorm). In Mamba 2's terms each channel is a head of width 1 (linear_value_heads of
     linear_value_size 1) whose decay is a vector, not a scalar: the chunked rule cannot take it (`selective_scan`).
     Parameter names follow its checkpoints: in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj."""
 
@@ -253,6 +253,10 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.inner))
         self.out_proj = nn.Linear(self.inner, cfg.dim, bias=False)
+        self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
+        if cfg.linear_bcdt_weights:  # Jamba's
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = (
+                RMSNorm(n, cfg.linear_bcdt_eps) for n in (self.dt_rank, self.d_state, self.d_state))
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.reset_parameters()
         self.reset_steps()
@@ -289,7 +293,9 @@ class Mamba(nn.Module):
         state, conv = cache.linear_state(self.slot) if cache is not None else (None, None)
         xs, conv_tail = causal_conv(xs, self.conv1d.weight, conv, runs, bias=self.conv1d.bias)  # (B, T, D)
         step, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.bcdt_eps is not None:  # FalconMamba's weightless norms
+        if self.dt_layernorm is not None:  # Jamba's norms
+            step, b, c = self.dt_layernorm(step), self.b_layernorm(b), self.c_layernorm(c)
+        elif self.bcdt_eps is not None:  # FalconMamba's weightless ones
             step, b, c = (rms_normalized(t, self.bcdt_eps).to(t.dtype) for t in (step, b, c))
         # the step in the activations' dtype, then float32, as Mamba's reference computes it
         dt = F.softplus(self.dt_proj(step)).float()  # (B, T, D) > 0

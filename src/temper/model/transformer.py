@@ -79,8 +79,7 @@ class Block(nn.Module):
         wide = 2 * cfg.hidden_dim if cfg.kv_shared_wide_mlp and cfg.kv_source(layer_idx) is not None else None
         self.mlp = None
         if has_mlp:
-            self.mlp = (MoE(cfg) if cfg.n_experts and layer_idx >= cfg.dense_layers  # DeepSeek-V3: dense first
-                        else MLP(cfg, wide))
+            self.mlp = MoE(cfg) if cfg.has_experts(layer_idx) else MLP(cfg, wide)  # DeepSeek-V3: dense first
         self.mlp_takes_raw = isinstance(self.mlp, MoE) and cfg.experts_own_norms  # Gemma 4: routes the raw input
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm and has_mlp else None
         self.residual_multiplier = cfg.residual_multiplier

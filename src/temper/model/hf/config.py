@@ -91,11 +91,12 @@ MAMBA2 = "Mamba2ForCausalLM"
 MAMBA, FALCON_MAMBA = "MambaForCausalLM", "FalconMambaForCausalLM"
 MAMBAS = (MAMBA, FALCON_MAMBA)  # Mamba (1) mixers alone; FalconMamba normalises their steps, B and C
 MIXERS_ALONE = (MAMBA2, *MAMBAS)  # every layer x + mixer(norm(x)), under backbone.*
+JAMBA = "JambaForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -135,14 +136,15 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "hunyuan_v1_dense": HUNYUAN, "hunyuan_v1_moe": HUNYUAN_MOE, "cohere": COHERE, "cohere2": COHERE2,
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
-                "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA}
+                "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
+                "jamba": JAMBA}
 
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
     keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; the Granite
     mixtures' is their block_sparse_moe, their dense MLP the shared_mlp beside it)."""
-    return "feed_forward" if arch in (*LFM2S, BAMBA) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
+    return "feed_forward" if arch in (*LFM2S, BAMBA, JAMBA) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -220,7 +222,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mamba_d_head": (*_INT, *_STR), **dict.fromkeys(("mamba_conv_bias", "mamba_proj_bias"), _BOOL),
     "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
     "time_step_limit": (list, type(None)), "mamba_dt_limit": (list, type(None)),
-    "time_step_rank": (*_INT, *_STR), "mixer_rms_eps": _FLOAT,
+    "time_step_rank": (*_INT, *_STR), "mixer_rms_eps": _FLOAT, "mamba_dt_rank": (*_INT, *_STR),
+    **dict.fromkeys(("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"), _INT),
     **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
                      "expand", "num_heads", "state_size"), _INT),
     **dict.fromkeys(("use_conv_bias", "residual_in_fp32"), _BOOL),
@@ -343,6 +346,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d, linear = _mamba2(d)
     if arch in MAMBAS:
         d, linear = _mamba(d, arch)
+    if arch == JAMBA:
+        d, linear = _jamba(d)
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
@@ -391,7 +396,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
     nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
-    if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch == NEMOTRON_H:  # no positions
+    if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch in (NEMOTRON_H, JAMBA):  # NoPE
         nope_every = 1
     bias = qkv_bias = False
     if arch in (LLAMA, GRANITE):
@@ -684,6 +689,52 @@ def _mamba(d: dict[str, Any], arch: str) -> tuple[dict[str, Any], dict[str, Any]
     # no positions: max_seq_len bounds nothing a layer holds (a Mamba state is fixed-size)
     return {**d, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": None, "intermediate_size": dim,
             "max_position_embeddings": 262144, "rms_norm_eps": d["layer_norm_epsilon"]}, fields
+
+
+_JAMBA_DEFAULTS = {"vocab_size": 65536, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                   "max_position_embeddings": 262144, "tie_word_embeddings": False, "num_experts": 16,
+                   "num_experts_per_tok": 2, "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 8,
+                   "attn_layer_offset": 4, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+                   "mamba_dt_rank": "auto"}
+"""JambaConfig's defaults of what a config may leave out."""
+
+
+def _jamba(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`d` with JambaConfig's defaults; the ModelConfig fields of Jamba's layers). Jamba (AI21's Jamba-v0.1, 1.5 and
+    1.6) puts an attention layer without positions where layer % attn_layer_period == attn_layer_offset and Mamba
+    layers elsewhere, their steps, B and C RMS-normalised with weights (rms_norm_eps); every block's MLP is SwiGLU, a
+    mixture of num_experts where layer % expert_layer_period == expert_layer_offset, chosen by the top k of a softmax
+    and weighed by it unrenormalised (none where num_experts is 1). Its Mamba layers' channels are mamba_expand *
+    hidden_size (JambaConfig has no intermediate width for them)."""
+    d = {**_JAMBA_DEFAULTS, **d}
+    for key, want in (("mamba_conv_bias", True), ("mamba_proj_bias", False)):
+        if d.get(key, want) != want:
+            raise ValueError(f"Jamba {key}={d[key]} is not supported (temper's Mamba layers have a convolution bias "
+                             "and projections without biases)")
+    _check_sizes("Jamba", d, {"mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2})
+    n = d["num_hidden_layers"]
+    chosen = {}
+    for kind in ("attn", "expert"):
+        period, offset = d[f"{kind}_layer_period"], d[f"{kind}_layer_offset"]
+        if not 0 <= offset < period:
+            raise ValueError(f"Jamba {kind}_layer_period={period} and {kind}_layer_offset={offset} are not supported "
+                             "(the offset below the period)")
+        chosen[kind] = tuple(i for i in range(n) if i % period == offset)
+    rank, experts, k = d["mamba_dt_rank"], d["num_experts"], d["num_experts_per_tok"]
+    rank = None if rank == "auto" else rank  # ModelConfig.dt_rank's rule
+    if isinstance(rank, str) or rank is not None and rank <= 0:
+        raise ValueError(f"Jamba mamba_dt_rank={rank!r} is not supported (a positive width, or \"auto\")")
+    if not (experts >= 1 and (experts == 1 or _is_int(k) and 1 <= k <= experts)):
+        raise ValueError(f"Jamba num_experts={experts!r} with num_experts_per_tok={k!r} is not supported (1 expert, "
+                         "a dense MLP, or k of several)")
+    mixture = {"n_experts": experts, "experts_per_token": k, "renormalize_experts": False,
+               "expert_layers": chosen["expert"]} if experts > 1 and chosen["expert"] else {}
+    fields = {"attention_layers": chosen["attn"], "linear_layer": "mamba", "linear_key_heads": 1,
+              "linear_value_heads": d["mamba_expand"] * d["hidden_size"], "linear_key_size": d["mamba_d_state"],
+              "linear_value_size": 1, "linear_conv_size": d["mamba_d_conv"], "linear_dt_rank": rank,
+              "linear_bcdt_eps": float(d["rms_norm_eps"]), "linear_bcdt_weights": True, **mixture}
+    return d, fields
 
 
 def _check_sizes(name: str, d: dict[str, Any], defaults: dict[str, int]) -> None:
@@ -1263,7 +1314,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     arch = cfg.hf_architecture
     if arch is None:
         if cfg.has_linear_layers and cfg.linear_layer == "mamba":
-            arch = FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
+            arch = JAMBA if cfg.linear_bcdt_weights else FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
         elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
             arch = MAMBA2
         elif cfg.mlp == "relu2":
@@ -1396,7 +1447,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 "no_mlp_layers), its norms rounding before they scale, "
                 + ("its steps, B and C normalised (linear_bcdt_eps)" if arch == FALCON_MAMBA
                    else "its steps, B and C not normalised (FalconMambaForCausalLM normalises them)"))
-    if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, *MIXERS_ALONE) and (any(hybrid) or cfg.has_linear_layers):
+    if arch == JAMBA:
+        why = _jamba_cannot_express(cfg)
+        if why:
+            return why
+    if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
     if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
@@ -1405,7 +1460,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
@@ -1424,10 +1479,12 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return ("its blocks normalise only the sublayers' outputs" if arch in POST_NORM
                 else "it normalises each sublayer's input (OLMo 2 and 3 and EXAONE 4 do not)")
     if bool(cfg.n_experts) != (arch in (*MOE_ARCHITECTURES, GRANITE_MOE, GRANITE_MOE_SHARED)) and arch not in (
-            GEMMA4, GRANITE_HYBRID, NEMOTRON_H):
+            GEMMA4, GRANITE_HYBRID, NEMOTRON_H, JAMBA):
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
+    if cfg.expert_layers is not None and arch != JAMBA:
+        return "its mixtures fill every block after the dense first ones (JambaForCausalLM's alternate: expert_layers)"
     if arch in (*MIXTRAL_NAMES, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == QWEN3_5_MOE and not cfg.renormalize_experts:  # (Qwen3-Next's: norm_topk_prob)
@@ -1508,7 +1565,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2, NEMOTRON_H) and not (
+    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2, NEMOTRON_H, JAMBA) and not (
             arch == GRANITE_HYBRID and cfg.nope_every == 1):
         return ("it rotates every layer (SmolLM3ForCausalLM has NoPE layers)" if arch != GRANITE_HYBRID
                 else "its attention layers all take RoPE or none do (nope_every=1)")
@@ -1518,6 +1575,37 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its layers that take positions attend within a sliding window"
     if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
         return "it has no sliding window"
+    return None
+
+
+def _jamba_cannot_express(cfg: ModelConfig) -> str | None:
+    """Why JambaForCausalLM cannot hold `cfg` exactly, or None: the parts of Jamba that the other architectures'
+    checks do not name."""
+    if cfg.has_linear_layers and not (cfg.linear_layer == "mamba" and cfg.linear_bcdt_weights
+                                      and cfg.linear_bcdt_eps == cfg.norm_eps):
+        return ("its linear layers are Mamba's (linear_layer='mamba'), their steps, B and C normalised with weights and "
+                "the model's norm_eps (linear_bcdt_weights)")
+    if cfg.nope_every != 1 or cfg.norm_cast_after or cfg.attn_output_gate:
+        return "its attention takes no positions (nope_every=1) and no gate, its norms rounding before they scale"
+    if cfg.has_linear_layers and cfg.linear_heads[1] % cfg.dim:
+        return "its Mamba layers' channels are a whole multiple of dim (mamba_expand)"
+    if cfg.n_experts and (cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
+        return "its experts are ffn_dim wide, weighed by their softmax over all experts (not renormalised)"
+    for kind, layers in (("attention", [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]),
+                         ("expert", [i for i in range(cfg.n_layers) if cfg.has_experts(i)])):
+        if _jamba_period(cfg.n_layers, layers) is None:
+            return (f"its {kind} layers are those whose index leaves one remainder by one period "
+                    f"({kind.replace('attention', 'attn')}_layer_period), not {layers}")
+    return None
+
+
+def _jamba_period(n: int, layers: list[int]) -> tuple[int, int] | None:
+    """(period, offset) naming `layers` of `n` as JambaConfig does (layer % period == offset), the shortest period;
+    None where none does."""
+    for period in range(1, n + 2):
+        for offset in range(period):
+            if [i for i in range(n) if i % period == offset] == layers:
+                return period, offset
     return None
 
 
@@ -1671,6 +1759,19 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_n_groups": groups, "mamba_d_state": state, "mamba_d_head": head,
               "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
               "mamba_proj_bias": False, "attention_bias": False, "mlp_bias": False, "z_loss_coefficient": 0.0}
+    if arch == JAMBA:  # its attention and expert layers by period and offset; no positions
+        n, attention = cfg.n_layers, [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]
+        attn_period, attn_offset = _jamba_period(n, attention)
+        expert_period, expert_offset = _jamba_period(n, [i for i in range(n) if cfg.has_experts(i)])
+        del d["rope_theta"], d["rope_scaling"]
+        d |= {"attn_layer_period": attn_period, "attn_layer_offset": attn_offset,
+              "expert_layer_period": expert_period, "expert_layer_offset": expert_offset,
+              "num_experts": cfg.n_experts or 1, "num_experts_per_tok": cfg.experts_per_token,
+              "mamba_d_state": cfg.linear_sizes[0], "mamba_d_conv": cfg.linear_conv_size,
+              "mamba_expand": cfg.linear_heads[1] // cfg.dim or 2,  # (no Mamba layers: the default)
+              "mamba_dt_rank": cfg.linear_dt_rank or "auto",
+              "mamba_conv_bias": True, "mamba_proj_bias": False, "output_router_logits": False,
+              "router_aux_loss_coef": 0.0}
     if arch == NEMOTRON_H:  # its layers one sublayer each, in the published hybrid_override_pattern; no positions
         (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
         mlp = "E" if cfg.n_experts else "-"  # (Nemotron 3's mixtures)

@@ -30,6 +30,7 @@ from temper.model.hf.config import (
     HUNYUAN_MOE,
     HUNYUANS,
     HYBRID,
+    JAMBA,
     LATENT,
     LFM2_MOE,
     LFM2S,
@@ -136,6 +137,8 @@ _MAMBA2_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A
 _MAMBA_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
                 "A_log", "D", "out_proj.weight")
 """A Mamba layer's tensors, under the same names in temper and its checkpoints."""
+_JAMBA_MAMBA_NAMES = (*_MAMBA_NAMES, "dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")
+"""A Jamba Mamba layer's: a Mamba layer's and the weights of its norms of the step input, B and C."""
 
 
 def hf_rules(cfg: ModelConfig) -> list[_Rule]:
@@ -226,7 +229,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in POST_NORM:  # the outputs' norms only
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
-            elif arch == BAMBA:
+            elif arch in (BAMBA, JAMBA):
                 norms = (("input_layernorm", "attn_norm"), ("pre_ff_layernorm", "mlp_norm"))
             elif arch == GLM4:  # sandwich norms under its own names
                 norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
@@ -247,13 +250,19 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                           "conv1d.weight", "A_log", "dt_bias", "norm.weight", "out_proj.weight"):
                     if n not in fused:
                         add(f"{h}linear_attn.{n}", f"{p}attn.{n}")
-            if arch in (*GRANITE_MOES, BAMBA):  # Mamba 2 or attention; Bamba's MLP, or Granite's shared MLP (gate
-                # and up fused) and experts stacked
-                names = (_MAMBA2_NAMES if cfg.is_linear(i) else ("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                                                 "o_proj.weight"))
+            if arch in (*GRANITE_MOES, BAMBA, JAMBA):  # Mamba (Jamba's) or Mamba 2 or attention; Bamba's MLP,
+                # Jamba's or its experts, or Granite's shared MLP (gate and up fused) and experts stacked
+                names = (("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight") if not cfg.is_linear(i)
+                         else _JAMBA_MAMBA_NAMES if arch == JAMBA else _MAMBA2_NAMES)
                 for n in names:
                     add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
-                if arch == BAMBA:
+                if arch == JAMBA and cfg.has_experts(i):  # transformers 5 fuses them in memory, as Mixtral's
+                    add(f"{h}feed_forward.router.weight", f"{p}mlp.router.weight")
+                    for j in range(cfg.n_experts):
+                        for n in ("gate", "up", "down"):
+                            add(f"{h}feed_forward.experts.{j}.{n}_proj.weight", f"{p}mlp.experts.{j}.{n}_proj.weight")
+                    continue
+                if arch in (BAMBA, JAMBA):
                     for n in ("gate", "up", "down"):
                         add(f"{h}feed_forward.{n}_proj.weight", f"{p}mlp.{n}_proj.weight")
                     continue
@@ -355,7 +364,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
                         add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
-        add("model.embedding_norm.weight" if arch in LFM2S else "model.final_layernorm.weight" if arch == BAMBA
+        add("model.embedding_norm.weight" if arch in LFM2S else "model.final_layernorm.weight" if arch in (BAMBA, JAMBA)
             else "model.norm.weight", "norm.weight")
     if not cfg.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("head.weight",)))
@@ -444,7 +453,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in MOE_ARCHITECTURES and arch != GPT_OSS:
+    if arch in (*MOE_ARCHITECTURES, JAMBA) and arch != GPT_OSS:
         sd = _unfused_experts(sd, arch)
     if arch in GRANITE_MOES:
         sd = _granite_checkpoint_names(sd)
