@@ -876,6 +876,17 @@ def test_nemotron_h_reads_its_pattern_in_either_spelling_as_blocks():
     assert to_hf_config(cfg)["hybrid_override_pattern"] == "M-MM*-M-"
 
 
+_JAMBA_V01 = {
+    "architectures": ["JambaForCausalLM"], "attention_dropout": 0.0, "attn_layer_offset": 4, "attn_layer_period": 8,
+    "bos_token_id": 1, "eos_token_id": 2, "expert_layer_offset": 1, "expert_layer_period": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "mamba_conv_bias": True,
+    "mamba_d_conv": 4, "mamba_d_state": 16, "mamba_dt_rank": 256, "mamba_expand": 2, "mamba_proj_bias": False,
+    "max_position_embeddings": 262144, "model_type": "jamba", "num_attention_heads": 32, "num_experts": 16,
+    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_logits_to_keep": 1,
+    "output_router_logits": False, "pad_token_id": 0, "rms_norm_eps": 1e-06, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_mamba_kernels": True, "vocab_size": 65536}
+
 # Published config.json fields of models with a preset, and their parameter counts (the published sizes).
 PUBLISHED = {
     # NVIDIA-Nemotron-Nano-9B-v2: 8.89B
@@ -921,6 +932,11 @@ PUBLISHED = {
         "time_step_floor": 0.0001, "time_step_init_scheme": "random", "time_step_max": 0.1, "time_step_min": 0.001,
         "time_step_rank": 256, "time_step_scale": 1.0, "torch_dtype": "bfloat16", "use_bias": False,
         "use_cache": True, "use_conv_bias": True, "vocab_size": 65024}, 7_272_665_088),
+    # ai21labs/Jamba-v0.1: 51.6B ("52B total"); AI21-Jamba-1.5-Large: 398B, its dims and layers apart (its steps
+    # of rank 256, as v0.1's: "auto" would make 398.56B)
+    "jamba-v0.1": (_JAMBA_V01, 51_570_323_328),
+    "jamba-1.5-large": (_JAMBA_V01 | {"hidden_size": 8192, "intermediate_size": 24576, "num_attention_heads": 64,
+                                      "num_hidden_layers": 72}, 398_026_647_264),
     # Granite 4.0-H-350M: 340M
     "granite-4.0-h-350m": ({
         "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_multiplier": 0.015625,

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for thirty-seven architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for forty-two architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -128,6 +128,15 @@ CONFIGS = {
     "falcon_mamba": replace(_LLAMA, attention_layers=(), no_mlp_layers=(0, 1), linear_layer="mamba",
                             linear_key_heads=1, linear_value_heads=128, linear_key_size=8, linear_value_size=1,
                             linear_dt_rank=4, linear_bcdt_eps=1e-6, hf_architecture="FalconMambaForCausalLM"),
+    # Jamba: a Mamba layer (its step, B and C norms with weights) then attention without positions; and with a mixture
+    # of 4 experts after the attention layer (the router a parameter, adapted as Granite's). PEFT takes its out_proj.
+    "jamba": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba", linear_key_heads=1, linear_value_heads=128,
+                     linear_key_size=8, linear_value_size=1, linear_dt_rank=4, linear_bcdt_eps=1e-5,
+                     linear_bcdt_weights=True, nope_every=1, hf_architecture="JambaForCausalLM"),
+    "jamba_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba", linear_key_heads=1,
+                         linear_value_heads=128, linear_key_size=8, linear_value_size=1, linear_dt_rank=4,
+                         linear_bcdt_eps=1e-5, linear_bcdt_weights=True, nope_every=1, n_experts=4,
+                         renormalize_experts=False, expert_layers=(1,), hf_architecture="JambaForCausalLM"),
     # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
     "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
@@ -201,6 +210,9 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "bamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"],
     "mamba2": ["in_proj"],
     "mamba": ["in_proj", "x_proj"], "falcon_mamba": ["in_proj", "x_proj"],
+    "jamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "out_proj", "gate_proj", "up_proj",
+              "down_proj"],
+    "jamba_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "out_proj"],
     "nemotron_h_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -258,6 +270,7 @@ def _targets(case: str) -> tuple[str, ...]:
         # refuses it)
         linears = (*linears, *(LINEAR_ATTENTION_TARGETS if CONFIGS[case].linear_layer == "gated_deltanet"
                                else ("in_proj",) if case in ("nemotron_h", "nemotron_h_moe", "mamba2")
+                               else ("in_proj", "x_proj", "out_proj") if case.startswith("jamba")
                                else ("in_proj", "x_proj") if CONFIGS[case].linear_layer == "mamba"
                                else IN_OUT_PROJ_TARGETS))
     if CONFIGS[case].mlp == "relu2":  # not gated
@@ -373,7 +386,7 @@ MOE_TARGETS = {  # temper's targets -> PEFT's target_modules for the same layers
                                      ("up_proj",)])  # up alone: gate_up_proj's gate rows stay zero
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "deepseek_v3", "deepseek_v2",
                                   "glm4_moe_lite", "minimax_m2", "qwen3_5_moe", "ernie4_5_moe", "hunyuan_moe",
-                                  "lfm2_moe", "granite4_moe"])
+                                  "lfm2_moe", "granite4_moe", "jamba_moe"])
 def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targets):
     """LoRA on each expert's projections (and the router) is written as PEFT adapts transformers 5's stacked experts:
     one adapter per stacked parameter (gate_up_proj of rank 2r, down_proj), PEFT loads it with temper's logits, and
@@ -391,7 +404,7 @@ def test_expert_adapters_go_to_peft_fused_over_the_experts(tmp_path, case, targe
     out = save_peft(model, model.cfg, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     stacked = {"up_proj": "gate_up_proj", "down_proj": "down_proj",  # PEFT's parameters
-               "router": "router.weight" if case == "granite4_moe" else "gate.weight"}
+               "router": "router.weight" if case in ("granite4_moe", "jamba_moe") else "gate.weight"}
     if case == "hunyuan_moe":  # its router is a plain linear layer (gate.wg), adapted by module name
         del stacked["router"]
     assert set(config["target_parameters"]) == {stacked[t] for t in targets if t in stacked}
@@ -516,11 +529,12 @@ def test_mamba_out_proj_adapters_are_refused_by_name(tmp_path, case, more):
 def test_mamba_dt_proj_adapters_are_refused_by_name(tmp_path):
     """transformers' Mamba multiplies dt_proj's weight itself, past any adapter PEFT puts there (measured: 3e-3 from
     temper's logits): temper writes no PEFT file with one, nothing written."""
-    model = _model("falcon_mamba")
-    apply_lora(model, rank=2, alpha=4, targets=("in_proj", "dt_proj"))
-    with pytest.raises(ValueError, match="layers.0.attn.dt_proj and 1 more adapt FalconMambaForCausalLM's dt_proj"):
-        save_peft(model, model.cfg, tmp_path / "adapter")
-    assert not (tmp_path / "adapter").exists()
+    for case, arch, more in (("falcon_mamba", "FalconMambaForCausalLM", 1), ("jamba", "JambaForCausalLM", 0)):
+        model = _model(case)
+        apply_lora(model, rank=2, alpha=4, targets=("in_proj", "dt_proj"))
+        with pytest.raises(ValueError, match=f"layers.0.attn.dt_proj and {more} more adapt {arch}'s dt_proj"):
+            save_peft(model, model.cfg, tmp_path / case)
+        assert not (tmp_path / case).exists()
 
 
 @pytest.mark.parametrize("case, arch, experts, first", [("gpt_oss", "GptOssForCausalLM", "mlp.experts", "gate"),

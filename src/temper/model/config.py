@@ -840,6 +840,26 @@ PRESETS: dict[str, ModelConfig] = {
         linear_key_heads=1, linear_value_heads=8192, linear_key_size=16, linear_value_size=1, linear_dt_rank=256,
         linear_bcdt_eps=1e-6, init_std=0.1,
     ),
+    # Jamba (AI21, 2024; Jamba-v0.1, whose shape Jamba 1.5 Mini keeps): 28 Mamba layers of 8192 channels, a state of
+    # 16, steps of rank 256, their steps, B and C normalised with weights, and 4 attention layers without positions
+    # (32 heads, 8 kv heads), one in 8; every other block's MLP a mixture of 16 SwiGLU experts, 2 per token weighed by
+    # their softmax unrenormalised; 51.6B parameters, 12B active.
+    "jamba-v0.1": replace(
+        _LLAMA, vocab_size=65536, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=262144,
+        norm_eps=1e-6, tie_embeddings=False, nope_every=1, attention_layers=(4, 12, 20, 28), linear_layer="mamba",
+        linear_key_heads=1, linear_value_heads=8192, linear_key_size=16, linear_value_size=1, linear_dt_rank=256,
+        linear_bcdt_eps=1e-6, linear_bcdt_weights=True, n_experts=16, experts_per_token=2, renormalize_experts=False,
+        expert_layers=tuple(range(1, 32, 2)),
+    ),
+    # Jamba 1.5 Large (AI21, 2024): Jamba's layers, 8192 wide, 72 of them (9 attention layers of 64 heads), experts of
+    # 24576, steps of rank 256; 398B parameters, 94B active.
+    "jamba-1.5-large": replace(
+        _LLAMA, vocab_size=65536, dim=8192, n_layers=72, n_heads=64, n_kv_heads=8, ffn_dim=24576, max_seq_len=262144,
+        norm_eps=1e-6, tie_embeddings=False, nope_every=1, attention_layers=tuple(range(4, 72, 8)),
+        linear_layer="mamba", linear_key_heads=1, linear_value_heads=16384, linear_key_size=16, linear_value_size=1,
+        linear_dt_rank=256, linear_bcdt_eps=1e-6, linear_bcdt_weights=True, n_experts=16, experts_per_token=2,
+        renormalize_experts=False, expert_layers=tuple(range(1, 72, 2)),
+    ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.
     "qwen3.5-9b": replace(

@@ -67,6 +67,7 @@ from temper.model.hf.config import (
     GPT2,
     GRANITE_MOES,
     HUNYUAN_MOE,
+    JAMBA,
     MIXERS_ALONE,
     NEMOTRON_H,
     hf_architecture,
@@ -111,9 +112,9 @@ def _plain_router(cfg: ModelConfig | None) -> bool:
 
 
 def _router(cfg: ModelConfig | None) -> str:
-    """The name of a mixture's router module in transformers' models: the Granite mixtures' `router`, the others'
-    `gate`."""
-    return "router" if cfg is not None and hf_architecture(cfg) in GRANITE_MOES else "gate"
+    """The name of a mixture's router module in transformers' models: the Granite mixtures' and Jamba's `router`, the
+    others' `gate`."""
+    return "router" if cfg is not None and hf_architecture(cfg) in (*GRANITE_MOES, JAMBA) else "gate"
 
 
 def _reordered(cfg: ModelConfig) -> dict[str, Any]:
@@ -134,7 +135,8 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
     router, which PEFT adapts as parameters (`target_parameters`), where it has no DoRA; any adapter of experts or a
     router stacked in a layout temper writes no PEFT form for (`_stacked_experts`: GPT-OSS's, Gemma 4's, Nemotron
     3's); an adapter of GLM-4.5's, DeepSeek-V2's or V3's, ERNIE 4.5's or Hunyuan's dense or shared-expert MLP layers
-    (`_EXPERT_NAMES_ONLY`); an adapter of Nemotron-H's or Mamba2ForCausalLM's Mamba 2 out_proj, which PEFT refuses."""
+    (`_EXPERT_NAMES_ONLY`); an adapter of a Mamba out_proj of Nemotron-H or the mixers-alone architectures, which PEFT
+    refuses; an adapter of a Mamba dt_proj, which transformers runs past."""
     loras = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.n_experts and hf_architecture(cfg) in _EXPERT_NAMES_ONLY:
@@ -155,11 +157,11 @@ def peft_lora_refusal(model: nn.Module) -> str | None:
             return (f"{out[0]} and {len(out) - 1} more adapt {hf_architecture(cfg)}'s Mamba out_proj, which PEFT "
                     "refuses on that model (its fused Mamba kernels read out_proj's weight directly); adapt in_proj and "
                     "the other layers for a PEFT file; the merged model holds them")
-        steps = [n for n in loras if n.endswith(".attn.dt_proj")]
-        if steps:
-            return (f"{steps[0]} and {len(steps) - 1} more adapt {hf_architecture(cfg)}'s dt_proj, whose weight "
-                    "transformers' Mamba multiplies directly, so a PEFT adapter on it changes nothing there; adapt "
-                    "in_proj and x_proj for a PEFT file; the merged model holds them")
+    steps = [n for n in loras if n.endswith(".attn.dt_proj")]  # Mamba's (FalconMamba's, Jamba's)
+    if steps:
+        return (f"{steps[0]} and {len(steps) - 1} more adapt {hf_architecture(cfg)}'s dt_proj, whose weight "
+                "transformers' Mamba multiplies directly, so a PEFT adapter on it changes nothing there; adapt "
+                "in_proj and x_proj for a PEFT file; the merged model holds them")
     moe = [n for n in in_moe if model.get_submodule(n).lora_magnitude is not None]
     if moe:
         return (f"{moe[0]} and {len(moe) - 1} more are DoRA adapters of a mixture's experts or router, which PEFT "
