@@ -594,6 +594,22 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="MambaForCausalLM cannot express this model: .* its steps, B and C not "
                                          "normalised .FalconMambaForCausalLM"):
         to_hf_config(replace(mamba, linear_bcdt_eps=1e-6, hf_architecture="MambaForCausalLM"))
+    jamba = replace(mamba, attention_layers=(1,), no_mlp_layers=(), nope_every=1, linear_bcdt_eps=llama.norm_eps,
+                    linear_bcdt_weights=True, n_experts=4, renormalize_experts=False, expert_layers=(1,))
+    assert hf_architecture(jamba) == "JambaForCausalLM"
+    assert to_hf_config(replace(jamba, n_layers=6, attention_layers=(1, 4), expert_layers=(1, 3, 5)))[
+        "attn_layer_period"] == 3
+    for fields, why in (({"attention_layers": (1, 2, 4)}, "its attention layers are those whose index leaves one "
+                                                          r"remainder by one period \(attn_layer_period\), not \[1, 2, 4\]"),
+                        ({"expert_layers": (0, 1)}, "its expert layers are those"),
+                        ({"linear_bcdt_eps": 1e-6}, "its linear layers are Mamba's .* the model's norm_eps"),
+                        ({"nope_every": None}, "its attention takes no positions"),
+                        ({"renormalize_experts": True}, "not renormalised")):
+        with pytest.raises(ValueError, match="JambaForCausalLM cannot express this model: .*" + why):
+            to_hf_config(replace(jamba, n_layers=5, **fields))
+    with pytest.raises(ValueError, match="MixtralForCausalLM cannot express this model: its mixtures fill every block "
+                                         "after the dense first ones"):
+        to_hf_config(replace(llama, n_experts=4, expert_layers=(1,)))
     bamba = replace(granite4, rope_dim=llama.head_dim // 2)
     assert hf_architecture(bamba) == "BambaForCausalLM"
     with pytest.raises(ValueError, match="BambaForCausalLM cannot express this model: its attention layers turn the "
@@ -814,6 +830,27 @@ def test_mamba_configs_temper_cannot_build_are_refused_by_name(arch, key, value)
     d = {"architectures": [arch], "vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("mamba_conv_bias", False), ("mamba_proj_bias", True), ("mamba_d_state", 0), ("mamba_d_conv", 0),
+    ("mamba_expand", 0), ("mamba_dt_rank", "half"), ("mamba_dt_rank", -1), ("attn_layer_offset", 8),
+    ("expert_layer_offset", -1), ("num_experts", 0), ("num_experts_per_tok", 17), ("hidden_act", "gelu")])
+def test_jamba_configs_temper_cannot_build_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match=key):
+        from_hf_config({**_SMALL, "architectures": ["JambaForCausalLM"], key: value})
+
+
+def test_jamba_reads_its_defaults_and_a_dense_or_attention_free_pattern():
+    """JambaConfig's defaults are Jamba-v0.1's shape (its step rank "auto": hidden / 16); one expert is a dense MLP
+    everywhere; a period longer than the layers places no attention layer."""
+    v01 = replace(from_hf_config({"architectures": ["JambaForCausalLM"], "mamba_dt_rank": 256}), hf_architecture=None)
+    assert v01 == PRESETS["jamba-v0.1"]
+    assert from_hf_config({"architectures": ["JambaForCausalLM"]}).dt_rank == 256
+    dense = from_hf_config({**_SMALL, "architectures": ["JambaForCausalLM"], "num_experts": 1, "attn_layer_period": 4,
+                            "attn_layer_offset": 3})
+    assert (dense.n_experts, dense.expert_layers, dense.attention_layers) == (0, None, ())
+    assert to_hf_config(dense)["attn_layer_period"] == 3  # none of 2 layers: (3, 2), the shortest
 
 
 def test_falcon_mamba_refuses_a_non_positive_mixer_epsilon_and_mamba_reads_its_defaults():

@@ -53,6 +53,14 @@ def test_config_validation_names_the_field():
                          "linear_value_size": 1, "linear_dt_rank": 0}, "a positive linear_dt_rank .got 0"),
                        ({"attention_layers": (1,), "linear_layer": "mamba2", "linear_bcdt_eps": 1e-6},
                         "linear_bcdt_eps=1e-06 needs Mamba layers"),
+                       ({"attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1,
+                         "linear_value_size": 1, "linear_bcdt_weights": True},
+                        "linear_bcdt_weights needs linear_bcdt_eps"),
+                       ({"mlp": "swiglu", "n_experts": 4, "expert_layers": (1, 0)}, "expert_layers=.1, 0. needs"),
+                       ({"mlp": "swiglu", "n_experts": 4, "expert_layers": (2,)}, "layers of the 2 once each"),
+                       ({"mlp": "swiglu", "expert_layers": (1,)}, "needs n_experts"),
+                       ({"mlp": "swiglu", "n_experts": 4, "n_layers": 3, "dense_layers": 1, "expert_layers": (2,)},
+                        "without dense_layers"),
                        ({"no_mlp_layers": (2,)}, r"no_mlp_layers=\(2,\) must list layers of the 2"),
                        ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block")]:
         with pytest.raises(ValueError, match=match):
