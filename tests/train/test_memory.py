@@ -156,6 +156,10 @@ MAMBA2 = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba2", "li
 MAMBA = {"n_layers": 4, "attention_layers": (1,), "linear_layer": "mamba", "linear_key_heads": 1,
          "linear_value_heads": 128, "linear_key_size": 16, "linear_value_size": 1, "linear_dt_rank": 4}
 MAMBA_ALONE = MAMBA | {"attention_layers": (), "no_mlp_layers": (0, 1, 2, 3)}
+# Jamba's: those Mamba layers' steps, B and C normalised with weights (wide here, so that the norms count), attention
+# without positions, a mixture of 4 experts in every other block
+JAMBA = MAMBA | {"nope_every": 1, "linear_bcdt_eps": 1e-5, "linear_bcdt_weights": True, "n_experts": 4,
+                 "renormalize_experts": False, "expert_layers": (1, 3), "linear_dt_rank": 64, "linear_key_size": 48}
 # Nemotron-H's: those, squared-ReLU MLPs, and a block of a Mamba 2 layer alone (no MLP)
 NEMOTRON_H = MAMBA2 | {"attention_layers": (2,), "mlp": "relu2", "norm_cast_after": True, "nope_every": 1,
                        "no_mlp_layers": (1,), "ffn_dim": 256}
@@ -289,6 +293,9 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "bf16", 1, {"dims": MAMBA_ALONE, "seq": 256}),
     ("debug-llama", "lora", "fp32", 0, {"dims": MAMBA_ALONE, "seq": 256, "lora": LoRAShape(rank=4, targets=[
         "in_proj", "out_proj"])}),
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": JAMBA, "seq": 256}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": JAMBA, "seq": 256, "lora": LoRAShape(rank=4, targets=[
+        "q_proj", "in_proj", "x_proj", "out_proj"])}),
     # Nemotron-H: squared ReLU's backward holds two hidden-sized tensors more than GELU's; a block without an MLP
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NEMOTRON_H, "seq": 256}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": NEMOTRON_H, "seq": 256}),
