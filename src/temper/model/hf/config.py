@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Forty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Forty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -43,7 +43,10 @@ around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM
 positions and squared-ReLU MLPs or mixtures of them (Nemotron 3), each a layer of its own, read as blocks of a mixer
 and the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers,
 its attention turning half of each head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer
-blocks without attention or MLPs) and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
+blocks without attention or MLPs), Mamba and FalconMamba (`MambaForCausalLM`, `FalconMambaForCausalLM`: Mamba (1)
+mixers alone, FalconMamba's steps, B and C normalised), Jamba (`JambaForCausalLM`: Mamba layers with weighted norms of
+their steps, B and C around attention without positions, mixtures of experts in every other block: `expert_layers`)
+and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
 per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
