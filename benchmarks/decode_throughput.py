@@ -121,6 +121,12 @@ SHAPES: dict[str, ModelConfig] = {
     "falcon-mamba-small": dataclasses.replace(
         PRESETS["falcon-mamba-7b"], vocab_size=32000, dim=512, n_layers=8, no_mlp_layers=tuple(range(8)),
         linear_value_heads=1024, linear_dt_rank=32, max_seq_len=2048),
+    # Jamba's layout, small: Mamba layers (1024 channels, a state of 16, their norms weighted) around one attention
+    # layer without positions, a mixture of 2 of 8 experts in every other block.
+    "jamba-small": dataclasses.replace(
+        PRESETS["jamba-v0.1"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
+        linear_value_heads=1024, linear_dt_rank=32, attention_layers=(4,), n_experts=8, expert_layers=(1, 3, 5, 7),
+        max_seq_len=2048),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(

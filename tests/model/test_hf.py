@@ -337,6 +337,15 @@ CASES = {
     "qwen3-moe-experts": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL, head_dim=24,
                                      moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                      norm_topk_prob=False),
+    # its sparse step and dense layers: experts where (layer + 1) % 2 == 0 but layer 3 (mlp_only_layers): layer 1 alone
+    "qwen3-moe-sparse-step": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                         moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                                         decoder_sparse_step=2, mlp_only_layers=[3], tie_word_embeddings=False),
+    # StarCoder2: GPT-2's LayerNorms and MLP (tanh GELU, not gated) with biases everywhere, RoPE, GQA, a sliding window
+    "starcoder2-window-biases": lambda: _hf(
+        "Starcoder2Config", "Starcoder2ForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
+        norm_epsilon=1e-5, sliding_window=WINDOW, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
     # Qwen3.5: Gated DeltaNet layers (2 key heads serving 4 value heads, narrower values) between gated attention
     # layers (a quarter of each head rotated, (1 + w) q/k norms), one in two.
     "qwen3.5-hybrid": lambda: _hf("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **_QWEN3_5),
@@ -414,6 +423,7 @@ def test_variant_features_are_exercised():
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
                       ("qwen3-moe-experts", {"renormalize_experts": True}),
+                      ("starcoder2-window-biases", {"sliding_window": None}),
                       ("glm4-moe-sigmoid-groups", {"expert_choice_bias": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
@@ -1609,8 +1619,16 @@ def test_published_configs_map_to_presets():
         assert from_hf_config(to_hf_config(PRESETS[name])) == preset
     for bad, match in [(mixtral | {"router_jitter_noise": 0.1}, "Mixtral router_jitter_noise=0.1 is not supported"),
                        (mixtral | {"num_experts_per_tok": 9}, "num_experts_per_tok=9 must be between 1 and the 8"),
-                       (qwen3_moe | {"decoder_sparse_step": 2}, "decoder_sparse_step=2 .* is not supported"),
-                       (qwen3_moe | {"mlp_only_layers": [0]}, r"mlp_only_layers=\[0\] is not supported"),
+                       (qwen3_moe | {"decoder_sparse_step": 0}, "decoder_sparse_step=0 .* is not supported"),
+                       (qwen3_moe | {"mlp_only_layers": [48]}, r"mlp_only_layers=\[48\] is not supported"),
+                       (qwen3_moe | {"decoder_sparse_step": 49}, "places experts in no layer"),
+                       ({**_SMALL, "architectures": ["Qwen3_5MoeForCausalLM"], "num_experts": 4,
+                         "decoder_sparse_step": 2},
+                        "Qwen3_5Moe decoder_sparse_step=2 with mlp_only_layers=.. is not supported"),
+                       ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "use_bias": False},
+                        "Starcoder2 use_bias=false is not supported"),
+                       ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "hidden_act": "gelu"},
+                        "Starcoder2 hidden_act 'gelu' is not supported"),
                        (qwen3_moe | {"num_experts": "128"}, "key 'num_experts' must be an integer"),
                        (glm45_air | {"first_k_dense_replace": 46}, "first_k_dense_replace=46 must leave a layer"),
                        (glm45_air | {"n_group": 3, "topk_group": 2}, "n_group=3 with topk_group=2 is not supported"),
@@ -1632,6 +1650,8 @@ def test_published_configs_map_to_presets():
                         r"Glm4MoeLite mlp_layer_types=\['sparse', 'dense', 'sparse'\] is not supported")]:
         with pytest.raises(ValueError, match=match):
             from_hf_config(bad)
+    assert from_hf_config(qwen3_moe | {"decoder_sparse_step": 2, "mlp_only_layers": [47]}).expert_layers == tuple(
+        range(1, 47, 2))  # experts in every second layer, the last dense
     assert from_hf_config(gemma3 | {"final_logit_softcapping": 30.0}).logit_softcap == 30.0  # read where set
     for bad, why in [({"layer_types": ["full_attention"] + ["sliding_attention"] * 25}, "Gemma 3 layer_types .* not"),
                      ({"attn_logit_softcapping": -1.0}, "attn_softcap must be positive")]:

@@ -95,11 +95,12 @@ MAMBA, FALCON_MAMBA = "MambaForCausalLM", "FalconMambaForCausalLM"
 MAMBAS = (MAMBA, FALCON_MAMBA)  # Mamba (1) mixers alone; FalconMamba normalises their steps, B and C
 MIXERS_ALONE = (MAMBA2, *MAMBAS)  # every layer x + mixer(norm(x)), under backbone.*
 JAMBA = "JambaForCausalLM"
+STARCODER2 = "Starcoder2ForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -114,6 +115,7 @@ POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE)
+SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
@@ -140,7 +142,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
-                "jamba": JAMBA}
+                "jamba": JAMBA, "starcoder2": STARCODER2}
 
 
 def hf_mlp(arch: str) -> str:
@@ -354,11 +356,17 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
-    act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+    act = d.get("hidden_activation") or d.get("hidden_act", "gelu_pytorch_tanh" if arch == STARCODER2 else "silu")
     gemma = arch in GEMMAS
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
+    elif arch == STARCODER2:  # GPT-2's MLP: tanh GELU, not gated
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"Starcoder2 hidden_act {act!r} is not supported (temper uses tanh GELU)")
+        if not d.get("use_bias", True):
+            raise ValueError("Starcoder2 use_bias=false is not supported (its LayerNorms keep their biases where its "
+                             "linear layers drop theirs; temper's `bias` covers both)")
     elif act != "silu":
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
@@ -366,7 +374,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     latent = _latent_attention(d, arch) if arch in LATENT else {}
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
-    window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL) else None
+    window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2) else None
     every = local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
@@ -431,6 +439,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         if not d.get("attention_bias", True):
             raise ValueError("GptOss attention_bias=false is not supported (its experts and router have biases; "
                              "temper's `bias` covers every layer)")
+    elif arch == STARCODER2:  # use_bias: every linear layer's and LayerNorm's
+        bias = True
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
     # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256), Granite by
@@ -443,9 +453,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048),
-        mlp="geglu" if gemma else "relu2" if arch == NEMOTRON_H else "swiglu",
-        norm="layernorm" if arch in COHERES else "rmsnorm",
-        norm_eps=d.get("layer_norm_eps", 1e-5) if arch in COHERES else d.get("rms_norm_eps", 1e-6),
+        mlp="geglu" if gemma else "relu2" if arch == NEMOTRON_H else "gelu" if arch == STARCODER2 else "swiglu",
+        norm="layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm",
+        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in COHERES
+                  else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, nope_every=nope_every,
@@ -915,20 +926,37 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
     if arch in (QWEN3_5_MOE, QWEN3_NEXT):  # experts beside a gated shared one, the top k renormalised (Qwen3-Next:
         # norm_topk_prob)
-        if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
-            raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
-                             f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", True)),
                 "expert_ffn_dim": d.get("moe_intermediate_size", 512),
-                "shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 512), "shared_expert_gate": True}
-    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
-        raise ValueError(f"{name} decoder_sparse_step={d.get('decoder_sparse_step', 1)} with mlp_only_layers="
-                         f"{d.get('mlp_only_layers') or []} is not supported (temper puts experts in every layer)")
+                "shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 512), "shared_expert_gate": True,
+                **_sparse_layers(d, name, arch == QWEN3_NEXT)}
     fields = {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False)),
-              "expert_ffn_dim": d.get("moe_intermediate_size", 1408 if arch == QWEN2_MOE else 768)}
+              "expert_ffn_dim": d.get("moe_intermediate_size", 1408 if arch == QWEN2_MOE else 768),
+              **_sparse_layers(d, name, arch in (QWEN2_MOE, QWEN3_MOE))}
     if arch == QWEN2_MOE:  # Qwen2MoeConfig's defaults
         fields |= {"shared_expert_ffn_dim": d.get("shared_expert_intermediate_size", 5632), "shared_expert_gate": True}
     return fields
+
+
+def _sparse_layers(d: dict[str, Any], name: str, read: bool) -> dict[str, Any]:
+    """expert_layers of Qwen2-MoE's, Qwen3-MoE's and Qwen3-Next's decoder_sparse_step and mlp_only_layers (`read`):
+    layer i has experts when (i + 1) % decoder_sparse_step == 0 and it is not in mlp_only_layers, a dense MLP of
+    intermediate_size otherwise; {} where every layer has experts. Another architecture's keys are refused unless they
+    place experts everywhere."""
+    n, step, only = d["num_hidden_layers"], d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
+    if (step, only) == (1, []):
+        return {}
+    if not read:
+        raise ValueError(f"{name} decoder_sparse_step={step} with mlp_only_layers={only} is not supported (temper "
+                         "puts experts in every layer)")
+    if not (_is_int(step) and step >= 1 and all(_is_int(i) and 0 <= i < n for i in only)):
+        raise ValueError(f"{name} decoder_sparse_step={step!r} with mlp_only_layers={only!r} is not supported (a "
+                         f"positive step, layers below num_hidden_layers={n})")
+    layers = tuple(i for i in range(n) if i not in only and (i + 1) % step == 0)
+    if not layers:
+        raise ValueError(f"{name} decoder_sparse_step={step} with mlp_only_layers={only} places experts in no layer "
+                         "(read it as the dense architecture)")
+    return {} if len(layers) == n else {"expert_layers": layers}
 
 
 _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3Config's
@@ -1324,6 +1352,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = NEMOTRON_H
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
+            arch = STARCODER2
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
             bamba = cfg.rope_dim is not None  # (Granite 4.0 rotates whole heads)
             arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts
@@ -1357,7 +1387,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
-                "GPT2LMHeadModel needs learned/layernorm/gelu, the others rope/rmsnorm/swiglu (geglu: Gemma)")
+                "GPT2LMHeadModel needs learned/layernorm/gelu, Starcoder2ForCausalLM rope/layernorm/gelu, the others "
+                "rope/rmsnorm/swiglu (geglu: Gemma)")
     why = _cannot_express(arch, cfg)
     if why:
         raise ValueError(f"{arch} cannot express this model: {why}")
@@ -1375,7 +1406,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         if cfg.kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.dim:
             return "it has no grouped-query attention or head_size"
         return "it has no sliding window" if cfg.sliding_window else None
-    norm = "layernorm" if arch in COHERES else "rmsnorm"
+    norm = "layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm"
     if (cfg.pos, cfg.norm) != ("rope", norm):
         return f"it needs RoPE and norm={norm!r}"
     if cfg.parallel_block != (arch in COHERES):
@@ -1408,6 +1439,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                   and cfg.expert_group_best == 2 and not cfg.dense_layers):
             return ("its mixtures are in every MLP, choosing experts by float32 sigmoid scores plus a choice bias "
                     "(groups scored by their two best), beside an ungated shared expert")
+    elif arch == STARCODER2:
+        if any(gemma_parts) or cfg.mlp != "gelu" or not cfg.bias:
+            return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
@@ -1486,8 +1520,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return ("its MLPs are mixtures of experts (n_experts)" if arch in MOE_ARCHITECTURES
                 else "its MLP is dense (MixtralForCausalLM and Qwen3MoeForCausalLM have experts)")
     # (expert_weights_float32 is not checked: either rounding is a 16-bit model's last bit, and equal in float32.)
-    if cfg.expert_layers is not None and arch != JAMBA:
-        return "its mixtures fill every block after the dense first ones (JambaForCausalLM's alternate: expert_layers)"
+    if cfg.expert_layers is not None and arch not in (JAMBA, *SPARSE_STEP):
+        return ("its mixtures fill every block after the dense first ones (JambaForCausalLM's alternate, Qwen3-MoE's "
+                "may skip some: expert_layers)")
     if arch in (*MIXTRAL_NAMES, GPT_OSS) and (not cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == QWEN3_5_MOE and not cfg.renormalize_experts:  # (Qwen3-Next's: norm_topk_prob)
@@ -1576,7 +1611,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its global layers, and they alone, take no positions (nope_every = global_every)"
     if arch == COHERE2 and not cfg.sliding_window:
         return "its layers that take positions attend within a sliding window"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL):
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL, STARCODER2):
         return "it has no sliding window"
     return None
 
@@ -1668,6 +1703,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5}
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
+    elif arch == STARCODER2:  # GPT-2's MLP and biases everywhere; LayerNorm's epsilon under its own name
+        del d["rms_norm_eps"]
+        d |= {"hidden_act": "gelu_pytorch_tanh", "norm_epsilon": cfg.norm_eps, "use_bias": True,
+              "sliding_window": cfg.sliding_window, "residual_dropout": cfg.dropout, "embedding_dropout": cfg.dropout}
         if arch == PHI3:  # its original length at the top, where transformers reads it first
             d |= {"original_max_position_embeddings": (cfg.rope_scaling or {}).get("original_max_position_embeddings",
                                                                                     cfg.max_seq_len),
@@ -1866,11 +1905,13 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "moe_intermediate_size": cfg.expert_hidden_dim, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim,
               "output_router_logits": False}
         if arch == QWEN3_NEXT:
-            d |= {"norm_topk_prob": cfg.renormalize_experts, "decoder_sparse_step": 1, "mlp_only_layers": []}
+            d |= {"norm_topk_prob": cfg.renormalize_experts, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.has_experts(i)]}
     elif arch in (QWEN3_MOE, QWEN2_MOE):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "norm_topk_prob": cfg.renormalize_experts,
-              "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False}
+              "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(cfg.n_layers) if not cfg.has_experts(i)],
+              "output_router_logits": False}
         if arch == QWEN2_MOE:
             d |= {"qkv_bias": cfg.qkv_bias, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim}
     return d

@@ -43,6 +43,7 @@ from temper.model.hf.config import (
     POST_NORM,
     QWEN3_NEXT,
     SIGMOID_MOE,
+    STARCODER2,
     hf_architecture,
     hf_mlp,
 )
@@ -235,7 +236,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
             for theirs, ours in norms:
-                add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
+                for t in ("weight", "bias"):  # (biases: Starcoder2's LayerNorms)
+                    if f"{p}{ours}.{t}" in keys:
+                        add(f"{h}{theirs}.{t}", f"{p}{ours}.{t}")
             if arch in HYBRID and cfg.is_linear(i):  # Gated DeltaNet, under Qwen3.5's names
                 fused = ()
                 if arch == QWEN3_NEXT:  # q, k, v and z fused, b and a fused, each interleaved by key head
@@ -362,10 +365,14 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         add(f"{moe}shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
-                    if f"{p}mlp.{n}_proj.{t}" in keys:
-                        add(f"{h}mlp.{n}_proj.{t}", f"{p}mlp.{n}_proj.{t}")
-        add("model.embedding_norm.weight" if arch in LFM2S else "model.final_layernorm.weight" if arch in (BAMBA, JAMBA)
-            else "model.norm.weight", "norm.weight")
+                    if f"{p}mlp.{n}_proj.{t}" in keys:  # Starcoder2's up and down: GPT-2's c_fc and c_proj
+                        theirs = {"up": "c_fc", "down": "c_proj"}[n] if arch == STARCODER2 else f"{n}_proj"
+                        add(f"{h}mlp.{theirs}.{t}", f"{p}mlp.{n}_proj.{t}")
+        final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA)
+                 else "model.norm.")
+        add(final + "weight", "norm.weight")
+        if "norm.bias" in keys:  # Starcoder2's
+            add(final + "bias", "norm.bias")
     if not cfg.tie_embeddings:
         rules.append(_Rule("lm_head.weight", ("head.weight",)))
     return rules
