@@ -625,6 +625,11 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="BambaForCausalLM cannot express this model: its attention layers turn the "
                                          "first half of each head"):
         to_hf_config(replace(bamba, rope_dim=llama.head_dim // 4))
+    starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
+    assert hf_architecture(starcoder2) == "Starcoder2ForCausalLM"
+    with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: it needs mlp='gelu' .GPT-2's "
+                                         "MLP. and biases on every layer and norm"):
+        to_hf_config(replace(starcoder2, bias=False))
     cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
     assert hf_architecture(cohere) == "CohereForCausalLM"
     assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for forty-two architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for forty-three architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -142,6 +142,9 @@ CONFIGS = {
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
                           no_mlp_layers=(1,), hf_architecture="NemotronHForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
+    # StarCoder2: GPT-2's LayerNorms and MLP (c_fc, c_proj) with biases, RoPE, GQA, a sliding window
+    "starcoder2": replace(_LLAMA, norm="layernorm", mlp="gelu", bias=True, sliding_window=8,
+                          hf_architecture="Starcoder2ForCausalLM"),
     "phi3": replace(_LLAMA, sliding_window=8, hf_architecture="Phi3ForCausalLM"),  # fused qkv_proj, gate_up_proj
     "olmo2": replace(_LLAMA, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_whole=True,
                      hf_architecture="Olmo2ForCausalLM"),  # post-norms only, q/k norms over all heads
@@ -201,6 +204,7 @@ CONFIGS = {
 }
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
@@ -259,7 +263,7 @@ def _hf(model: Transformer, tmp_path):
 
 
 def _targets(case: str) -> tuple[str, ...]:
-    linears = tuple(t for t in ALL_LINEAR_TARGETS if case != "gpt2" or t != "gate_proj")
+    linears = tuple(t for t in ALL_LINEAR_TARGETS if CONFIGS[case].mlp != "gelu" or t != "gate_proj")  # not gated
     linears = ATTENTION_TARGETS if CONFIGS[case].n_experts else linears
     if CONFIGS[case].kv_lora_rank:  # latent attention's projections (one q_proj without a query latent)
         latent = LATENT_ATTENTION_TARGETS if CONFIGS[case].q_lora_rank else ("q_proj", *LATENT_ATTENTION_TARGETS[2:])

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Forty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Forty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -15,7 +15,8 @@ Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
 fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
 outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
 one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
-Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
+Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers
+say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
 experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer
 without positions, NoPE, after every three), GLM-4 (`Glm4ForCausalLM`: sandwich norms, half of each head rotated in
 adjacent pairs), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs, the
@@ -28,7 +29,8 @@ published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`D
 with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
-RoPE), Seed-OSS
+RoPE), StarCoder2 (`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA,
+a sliding window), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
 pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
 dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK
