@@ -341,6 +341,17 @@ CASES = {
     "qwen3-moe-sparse-step": lambda: _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                          moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                          decoder_sparse_step=2, mlp_only_layers=[3], tie_word_embeddings=False),
+    # GPT-NeoX (Pythia): LayerNorms and an exact-GELU MLP with biases, attention beside the MLP on two norms, a quarter
+    # of each head rotated, q, k and v fused head by head; and its sequential form with tanh GELU, half of each rotated
+    "gpt-neox-parallel-partial": lambda: _hf(
+        "GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25, bos_token_id=0,
+        eos_token_id=0),
+    "gpt-neox-sequential-tanh": lambda: _hf(
+        "GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=101, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+        use_parallel_residual=False, hidden_act="gelu_new", rotary_emb_base=500.0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0),
     # StarCoder2: GPT-2's LayerNorms and MLP (tanh GELU, not gated) with biases everywhere, RoPE, GQA, a sliding window
     "starcoder2-window-biases": lambda: _hf(
         "Starcoder2Config", "Starcoder2ForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
@@ -424,6 +435,8 @@ def test_variant_features_are_exercised():
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False, "shared_expert_ffn_dim": None}),
                       ("qwen3-moe-experts", {"renormalize_experts": True}),
                       ("starcoder2-window-biases", {"sliding_window": None}),
+                      ("gpt-neox-parallel-partial", {"rope_dim": None}),
+                      ("gpt-neox-parallel-partial", {"parallel_mlp_norm": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_choice_bias": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
                       ("glm4-moe-sigmoid-groups", {"routed_scaling": 1.0}),
@@ -627,6 +640,18 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(bamba, rope_dim=llama.head_dim // 4))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
     assert hf_architecture(starcoder2) == "Starcoder2ForCausalLM"
+    neox = replace(starcoder2, sliding_window=None, n_kv_heads=None, gelu_exact=True, rope_dim=4)
+    assert hf_architecture(neox) == hf_architecture(replace(neox, gelu_exact=False, rope_dim=None, parallel_block=True,
+                                                            parallel_mlp_norm=True)) == "GPTNeoXForCausalLM"
+    for fields, why in (({"parallel_block": True}, "its attention and MLP sit side by side on two norms"),
+                        ({"n_kv_heads": 2}, "without grouped-query attention"),
+                        ({"sliding_window": 16}, "it has no sliding window")):
+        with pytest.raises(ValueError, match="GPTNeoXForCausalLM cannot express this model: .*" + why):
+            to_hf_config(replace(neox, **fields))
+    with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: its GELU is the tanh "):
+        to_hf_config(replace(neox, rope_dim=None, hf_architecture="Starcoder2ForCausalLM"))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot express this model: its GELU is the tanh"):
+        to_hf_config(replace(PRESETS["debug"], gelu_exact=True))
     with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: it needs mlp='gelu' .GPT-2's "
                                          "MLP. and biases on every layer and norm"):
         to_hf_config(replace(starcoder2, bias=False))
@@ -939,6 +964,13 @@ _JAMBA_V01 = {
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
     "use_mamba_kernels": True, "vocab_size": 65536}
 
+_PYTHIA_160M = {
+    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+    "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 12, "num_hidden_layers": 12,
+    "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.24.0", "use_cache": True, "use_parallel_residual": True, "vocab_size": 50304}
+
 # Published config.json fields of models with a preset, and their parameter counts (the published sizes).
 PUBLISHED = {
     # NVIDIA-Nemotron-Nano-9B-v2: 8.89B
@@ -989,6 +1021,12 @@ PUBLISHED = {
     "jamba-v0.1": (_JAMBA_V01, 51_570_323_328),
     "jamba-1.5-large": (_JAMBA_V01 | {"hidden_size": 8192, "intermediate_size": 24576, "num_attention_heads": 64,
                                       "num_hidden_layers": 72}, 398_026_647_264),
+    # EleutherAI/pythia-160m, pythia-1.4b, pythia-6.9b: the Pythia paper's totals
+    "pythia-160m": (_PYTHIA_160M, 162_322_944),
+    "pythia-1.4b": (_PYTHIA_160M | {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16,
+                                    "num_hidden_layers": 24}, 1_414_647_808),
+    "pythia-6.9b": (_PYTHIA_160M | {"hidden_size": 4096, "intermediate_size": 16384, "num_attention_heads": 32,
+                                    "num_hidden_layers": 32, "vocab_size": 50432}, 6_857_302_016),
     # Granite 4.0-H-350M: 340M
     "granite-4.0-h-350m": ({
         "architectures": ["GraniteMoeHybridForCausalLM"], "attention_bias": False, "attention_multiplier": 0.015625,

@@ -142,6 +142,10 @@ CONFIGS = {
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
                           no_mlp_layers=(1,), hf_architecture="NemotronHForCausalLM"),
     "mistral": replace(_LLAMA, sliding_window=8, hf_architecture="MistralForCausalLM"),
+    # GPT-NeoX (Pythia): q, k and v fused head by head (an adapter's B rows move alike), attention beside the MLP on
+    # two norms, exact GELU, a quarter of each head rotated; its untied head named embed_out
+    "gpt_neox": replace(_LLAMA, n_kv_heads=None, norm="layernorm", mlp="gelu", gelu_exact=True, bias=True, rope_dim=4,
+                        parallel_block=True, parallel_mlp_norm=True, hf_architecture="GPTNeoXForCausalLM"),
     # StarCoder2: GPT-2's LayerNorms and MLP (c_fc, c_proj) with biases, RoPE, GQA, a sliding window
     "starcoder2": replace(_LLAMA, norm="layernorm", mlp="gelu", bias=True, sliding_window=8,
                           hf_architecture="Starcoder2ForCausalLM"),
@@ -205,6 +209,7 @@ CONFIGS = {
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
@@ -308,7 +313,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
+    fused = {"gpt2": 12, "gpt_neox": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)

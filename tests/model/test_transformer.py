@@ -62,11 +62,30 @@ def test_config_validation_names_the_field():
                        ({"mlp": "swiglu", "n_experts": 4, "n_layers": 3, "dense_layers": 1, "expert_layers": (2,)},
                         "without dense_layers"),
                        ({"no_mlp_layers": (2,)}, r"no_mlp_layers=\(2,\) must list layers of the 2"),
-                       ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block")]:
+                       ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block"),
+                       ({"mlp": "swiglu", "gelu_exact": True}, "gelu_exact needs mlp='gelu'"),
+                       ({"parallel_mlp_norm": True}, "parallel_mlp_norm needs parallel_block")]:
         with pytest.raises(ValueError, match=match):
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
     assert ModelConfig(dim=64).hidden_dim == ModelConfig(dim=64, mlp="relu2").hidden_dim == 256  # 4*dim
+
+
+def test_gelu_exact_and_a_parallel_block_on_two_norms():
+    """gelu_exact: the MLP's GELU is erf's, not its tanh approximation (up to 3e-4 apart, too little for the logits of a
+    parity test to tell); parallel_mlp_norm: x + attn(attn_norm(x)) + mlp(mlp_norm(x)) (GPT-NeoX)."""
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["debug"], pos="rope", gelu_exact=True, parallel_block=True, parallel_mlp_norm=True)
+    model = Transformer(cfg).eval()
+    block, x = model.layers[0], torch.randn(2, 8, cfg.dim) * 3
+    mlp = block.mlp
+    with torch.no_grad():
+        torch.nn.init.normal_(block.mlp_norm.weight, 1.0, 0.5)  # a norm of its own, unlike attention's
+        torch.testing.assert_close(mlp(x), mlp.down_proj(F.gelu(mlp.up_proj(x))), rtol=0, atol=0)
+        assert (mlp(x) - mlp.down_proj(F.gelu(mlp.up_proj(x), approximate="tanh"))).abs().max() > 1e-5
+        rope = (model.rope_cos[None, :8, None], model.rope_sin[None, :8, None])  # (1, T, 1, R/2)
+        want = x + block.attn(block.attn_norm(x), rope, None, True, None) + mlp(block.mlp_norm(x))
+        torch.testing.assert_close(block(x, rope), want, rtol=0, atol=1e-6)
 
 
 def test_debug_counts_by_hand():

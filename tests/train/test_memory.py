@@ -209,6 +209,9 @@ GEMMA4 = dict(mlp="geglu", norm_cast_after=True, scale_embeddings=True, head_siz
               rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25})
 COHERE = dict(norm="layernorm", bias=False, parallel_block=True, rope_float32=True, rope_tables_rounded=True,
               logit_divisor=4.0)
+# GPT-NeoX's (Pythia's): attention beside the MLP on two LayerNorms of the block's input, exact GELU, partial RoPE
+GPT_NEOX = dict(norm="layernorm", mlp="gelu", gelu_exact=True, bias=True, parallel_block=True, parallel_mlp_norm=True,
+                rope_dim=8, n_kv_heads=None, ffn_dim=256)
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
@@ -275,6 +278,9 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "fp32", 0, {"dims": COHERE}),
     ("debug-llama", "lora", "fp32", 0, {"dims": COHERE}),
     ("debug-llama", "pretrain", "bf16", 1, {"dims": COHERE}),
+    # GPT-NeoX's: the MLP's norm keeps no input of its own (attention's norm keeps the same); its output another tensor
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": GPT_NEOX}),
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": GPT_NEOX}),
     # LFM2's short convolutions: the gates' factors, the convolution's input where its weight trains (a float32 copy
     # per tap under autocast)
     ("debug-llama", "pretrain", "fp32", 0, {"dims": SHORT_CONV}),

@@ -106,6 +106,9 @@ class ModelConfig:
     mlp: str = "gelu"
     """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama), "geglu" (Gemma: gated, tanh GELU) or "relu2"
     (Nemotron-H: relu(up(x))^2, not gated; So et al. 2021, "Primer")."""
+    gelu_exact: bool = False
+    """With mlp='gelu': GELU by the error function, exactly (GPT-NeoX, Pythia); False: its tanh approximation
+    (GPT-2)."""
     norm: str = "layernorm"
     """Normalisation kind: "layernorm" (GPT-2) or "rmsnorm" (Llama)."""
     norm_eps: float = 1e-5
@@ -198,6 +201,9 @@ class ModelConfig:
     """Attention and MLP side by side: both read the block's one normalised input, and their outputs join the
     residual stream together (GPT-J's layout; Cohere's Command R and R7B). Saves a norm and lets the two sublayers'
     matrix products overlap; False: the MLP reads the stream after attention joined it (Llama)."""
+    parallel_mlp_norm: bool = False
+    """With parallel_block: the MLP reads its own norm of the block's input, mlp_norm: x + attn(norm1(x)) +
+    mlp(norm2(x)) (GPT-NeoX, Pythia); False: attention's norm (GPT-J, Cohere)."""
     attn_scale_dim: int | None = None
     """Scale attention scores by attn_scale_dim ** -0.5, not head_dim ** -0.5 (Gemma 3 27B: 168); None: head_dim."""
     attn_softcap: float | None = None
@@ -402,6 +408,10 @@ class ModelConfig:
                              f"{self.experts_per_token} between 1 and n_experts")
         if self.n_experts and self.mlp == "gelu":
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
+        if self.gelu_exact and self.mlp != "gelu":
+            raise ValueError(f"gelu_exact needs mlp='gelu', got {self.mlp!r}")
+        if self.parallel_mlp_norm and not self.parallel_block:
+            raise ValueError("parallel_mlp_norm needs parallel_block (the MLP beside attention)")
         if self.expert_ffn_dim is not None and (self.expert_ffn_dim <= 0 or not self.n_experts):
             raise ValueError(f"expert_ffn_dim={self.expert_ffn_dim} needs n_experts and a positive width")
         if self.shared_expert_ffn_dim is not None and (self.shared_expert_ffn_dim <= 0 or not self.n_experts):
@@ -661,6 +671,13 @@ _ERNIE4_5 = replace(
     max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, rope_float32=True,
 )
 
+# Pythia (Biderman et al. 2023; GPT-NeoX's layout): LayerNorms and an exact-GELU MLP with biases everywhere,
+# attention beside the MLP on two norms of the block's input, a quarter of each 128- or 64-wide head rotated, untied.
+_PYTHIA = ModelConfig(
+    vocab_size=50304, max_seq_len=2048, mlp="gelu", gelu_exact=True, norm="layernorm", pos="rope", bias=True,
+    tie_embeddings=False, parallel_block=True, parallel_mlp_norm=True,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
     "debug": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128),
@@ -670,6 +687,10 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-350m": replace(_GPT2, dim=1024, n_layers=24, n_heads=16),
     "gpt2-774m": replace(_GPT2, dim=1280, n_layers=36, n_heads=20),
     "gpt2-1.5b": replace(_GPT2, dim=1600, n_layers=48, n_heads=25),
+    # Pythia's suite, trained on the Pile in one order (public checkpoints every 1000 steps): 162M, 1.41B and 6.86B
+    "pythia-160m": replace(_PYTHIA, dim=768, n_layers=12, n_heads=12, ffn_dim=3072, rope_dim=16),
+    "pythia-1.4b": replace(_PYTHIA, dim=2048, n_layers=24, n_heads=16, ffn_dim=8192, rope_dim=32),
+    "pythia-6.9b": replace(_PYTHIA, vocab_size=50432, dim=4096, n_layers=32, n_heads=32, ffn_dim=16384, rope_dim=32),
     # GPT-2-small's width and depth with Llama's parts: 4 kv heads for 12 query heads (GQA, Ainslie et
     # al. 2023) cut the KV cache 3x at little quality cost; ffn 2048 = 8/3*768 keeps the MLP's parameter
     # count equal to a 4x GELU MLP; a 32k vocab with an untied head lands at ~125M parameters.

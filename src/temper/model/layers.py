@@ -53,8 +53,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2, tanh approximation) or squared ReLU (Nemotron-H), or gated: SwiGLU or GeGLU (Shazeer 2020,
-    "GLU Variants Improve Transformer"): act(gate(x)) * up(x)."""
+    """GELU MLP (GPT-2's tanh approximation, or GPT-NeoX's exact GELU: `gelu_exact`) or squared ReLU (Nemotron-H), or
+    gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants Improve Transformer"): act(gate(x)) * up(x)."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
         super().__init__()
@@ -62,6 +62,7 @@ class MLP(nn.Module):
         self.gated = cfg.mlp in ("swiglu", "geglu")
         self.silu = cfg.mlp == "swiglu"
         self.relu2 = cfg.mlp == "relu2"
+        self.gelu = "none" if cfg.gelu_exact else "tanh"  # F.gelu's approximation
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         if self.gated:
             self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
@@ -79,7 +80,7 @@ class MLP(nn.Module):
         elif self.relu2:
             h = F.relu(self.up_proj(x)).square()  # (B, T, F)
         else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+            h = F.gelu(self.up_proj(x), approximate=self.gelu)  # (B, T, F)
         return self.resid_drop(self.down_proj(h))  # (B, T, C)
 
 

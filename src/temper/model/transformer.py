@@ -73,9 +73,10 @@ class Block(nn.Module):
         linear_layer = LINEAR_LAYERS[cfg.linear_layer]
         self.attn = linear_layer(cfg, slot) if linear else attention(cfg, slot, shaped, layer_idx)
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else None
-        self.parallel = cfg.parallel_block  # the MLP reads attn_norm's output: no norm of its own
+        self.parallel = cfg.parallel_block  # the MLP reads attn_norm's output, or its own norm of x (GPT-NeoX)
         has_mlp = layer_idx not in cfg.no_mlp_layers  # Nemotron-H: a mixer alone
-        self.mlp_norm = make_norm(cfg) if cfg.pre_norm and not cfg.parallel_block and has_mlp else None
+        own_norm = not cfg.parallel_block or cfg.parallel_mlp_norm
+        self.mlp_norm = make_norm(cfg) if cfg.pre_norm and own_norm and has_mlp else None
         wide = 2 * cfg.hidden_dim if cfg.kv_shared_wide_mlp and cfg.kv_source(layer_idx) is not None else None
         self.mlp = None
         if has_mlp:
@@ -108,8 +109,10 @@ class Block(nn.Module):
         h = x if self.attn_norm is None else self.attn_norm(x)
         shared = {} if shared_kv is None else {"shared_kv": shared_kv}  # (softmax attention alone takes them)
         a = self.attn(h, rope, mask, causal, cache, **shared)  # (B, T, C)
-        if self.parallel:  # GPT-J's, Cohere's: the MLP reads the same normalised input; both join the stream
-            x = x + self._joining(a, None) + self._joining(self.mlp(h), None)  # (B, T, C)
+        if self.parallel:  # GPT-J's, Cohere's: the MLP reads the same normalised input (GPT-NeoX's: its own norm of
+            # it); both join the stream
+            m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))  # (B, T, C)
+            x = x + self._joining(a, None) + self._joining(m, None)  # (B, T, C)
         else:
             x = x + self._joining(a, self.attn_out_norm)
         if self.mlp is not None and not self.parallel:
@@ -127,7 +130,8 @@ class Transformer(nn.Module):
 
     Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and
-    mlp_out_norm (sandwich_norm only), mlp_norm and mlp (not with parallel_block or in no_mlp_layers),
+    mlp_out_norm (sandwich_norm only), mlp_norm (with parallel_block only with parallel_mlp_norm) and mlp (not in
+    no_mlp_layers),
     mlp.{gate,up,down}_proj, or with n_experts mlp.router, mlp.experts.{j}.{gate,up,down}_proj, mlp.shared_expert, the
     buffer mlp.choice_bias and Gemma 4's mlp.{router_scale, expert_scale, shared_out_norm, experts_norm,
     experts_out_norm} where configured, and Gemma 4's buffer layer_scalar and per_layer_{gate, out, out_norm}}, Gemma

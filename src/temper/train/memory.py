@@ -459,16 +459,17 @@ def _keeps_input(module: nn.Module) -> bool:
 
 
 def _norm(s: _Saved, label: str, norm: nn.Module | None, d: int, grad_in: bool, t: _Dtypes, rows: int = 1,
-          in_bytes: int | None = None) -> int:
+          in_bytes: int | None = None, input_kept: bool = False) -> int:
     """Save what the norm keeps, for `rows` vectors of width d / rows per token (a q/k norm: one per head) of
     `in_bytes` per element (default: the residual stream's); return its output's bytes per element (None, no norm:
-    the input's, passed on)."""
+    the input's, passed on). input_kept: another norm keeps the same input (GPT-NeoX's two norms of a block's input)."""
     if norm is None:
         return in_bytes or t.r
     trained = any(p.requires_grad for p in norm.parameters())
     if isinstance(norm, nn.LayerNorm):
-        if grad_in or trained:  # native_layer_norm keeps its input, mean and rstd
+        if (grad_in or trained) and not input_kept:  # native_layer_norm keeps its input, mean and rstd
             s.add(f"{label} input", d * t.norm_out())
+        if grad_in or trained:
             s.add(f"{label} mean, rstd", 2 * t.norm_out())
         return t.norm_out()
     # RMSNorm: rms_norm(x.float()) keeps the float32 input and rstd; weight * y keeps y when the weight trains, cast
@@ -569,11 +570,15 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     grad_mid = grad_in or attn_grad
     attn_half = s.total
 
-    # MLP half. A parallel block's MLP reads attention's input (attn_norm's output, kept once), which needs a
-    # gradient only where the block's input does, whatever attention's adapters need.
+    # MLP half. A parallel block's MLP reads attention's input (attn_norm's output, kept once; GPT-NeoX's: its own norm
+    # of the block's input, kept once), which needs a gradient only where the block's input does, whatever attention's
+    # adapters need.
     h_bytes, mlp_grad_in, source = attn_in_bytes, grad_in, "attn_norm output"
-    if not block.parallel and mlp is not None:
-        h_bytes, mlp_grad_in, source = _norm(s, "mlp_norm", block.mlp_norm, d, grad_mid, t), grad_mid, "mlp_norm output"
+    if block.mlp_norm is not None:
+        grad = grad_in if block.parallel else grad_mid
+        h_bytes = _norm(s, "mlp_norm", block.mlp_norm, d, grad, t, input_kept=block.parallel and block.attn_norm
+                        is not None)
+        mlp_grad_in, source = grad, "mlp_norm output"
     if mlp is None:  # the mixer alone (Nemotron-H)
         mlp_grad, hidden = False, 0.0
     elif isinstance(mlp, MoE):

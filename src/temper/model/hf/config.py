@@ -98,11 +98,12 @@ MAMBAS = (MAMBA, FALCON_MAMBA)  # Mamba (1) mixers alone; FalconMamba normalises
 MIXERS_ALONE = (MAMBA2, *MAMBAS)  # every layer x + mixer(norm(x)), under backbone.*
 JAMBA = "JambaForCausalLM"
 STARCODER2 = "Starcoder2ForCausalLM"
+GPT_NEOX = "GPTNeoXForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -144,7 +145,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
-                "jamba": JAMBA, "starcoder2": STARCODER2}
+                "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX}
 
 
 def hf_mlp(arch: str) -> str:
@@ -230,6 +231,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "position_embedding_type": (*_STR, type(None)), "layers_block_type": (list, type(None)),
     "time_step_limit": (list, type(None)), "mamba_dt_limit": (list, type(None)),
     "time_step_rank": (*_INT, *_STR), "mixer_rms_eps": _FLOAT, "mamba_dt_rank": (*_INT, *_STR),
+    "rotary_pct": _FLOAT, "rotary_emb_base": _FLOAT, "use_parallel_residual": _BOOL,
     **dict.fromkeys(("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"), _INT),
     **dict.fromkeys(("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
                      "expand", "num_heads", "state_size"), _INT),
@@ -326,7 +328,44 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return _from_llama_like(d, arch)
+    return _gpt_neox(d) if arch == GPT_NEOX else _from_llama_like(d, arch)
+
+
+_GPT_NEOX_DEFAULTS = {"vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
+                      "intermediate_size": 24576, "hidden_act": "gelu", "max_position_embeddings": 2048,
+                      "layer_norm_eps": 1e-5, "use_parallel_residual": True, "attention_bias": True,
+                      "tie_word_embeddings": False, "rotary_pct": 0.25, "rotary_emb_base": 10000}
+"""GPTNeoXConfig's defaults of what a config may leave out (GPT-NeoX-20B's shape)."""
+
+
+def _gpt_neox(d: dict[str, Any]) -> ModelConfig:
+    """GPT-NeoX (EleutherAI's GPT-NeoX-20B, Pythia): LayerNorms and a GELU MLP with biases everywhere (exact GELU,
+    "gelu"; its tanh approximation, "gelu_new" or "gelu_fast", GPT-NeoX-20B's), RoPE on the first rotary_pct of each
+    head, attention and the MLP side by side on two norms of the block's input (use_parallel_residual), or one after the
+    other."""
+    d = {**_GPT_NEOX_DEFAULTS, **d}
+    act = d["hidden_act"]
+    if act not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPTNeoX hidden_act {act!r} is not supported (temper reads GELU, exact or tanh's)")
+    if not d["attention_bias"]:
+        raise ValueError("GPTNeoX attention_bias=false is not supported (its MLP and LayerNorms keep their biases; "
+                         "temper's `bias` covers every layer)")
+    theta, scaling, rope = _rope(d, default_theta=d["rotary_emb_base"])
+    partial = rope.get("partial_rotary_factor", d["rotary_pct"])
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    head_dim = dim // n_heads if n_heads > 0 else 0
+    rope_dim = int(head_dim * partial)  # as transformers rounds
+    if not (0 < partial <= 1 and rope_dim > 0 and rope_dim % 2 == 0):
+        raise ValueError(f"GPTNeoX rotary_pct={partial} is not supported (a share of the {head_dim}-wide heads that "
+                         "rotates an even number of dims)")
+    parallel = bool(d["use_parallel_residual"])
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="gelu",
+        gelu_exact=act == "gelu", norm="layernorm", norm_eps=d["layer_norm_eps"], pos="rope", rope_theta=float(theta),
+        rope_scaling=scaling, rope_dim=None if rope_dim == head_dim else rope_dim, bias=True,
+        tie_embeddings=d["tie_word_embeddings"], parallel_block=parallel, parallel_mlp_norm=parallel, dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=GPT_NEOX)
 
 
 def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
@@ -1352,10 +1391,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = MAMBA2
         elif cfg.mlp == "relu2":
             arch = NEMOTRON_H
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
+            arch = GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
-        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
-            arch = STARCODER2
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
             bamba = cfg.rope_dim is not None  # (Granite 4.0 rotates whole heads)
             arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts
@@ -1389,7 +1428,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         else:
             raise ValueError(
                 f"no Hugging Face architecture matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}: "
-                "GPT2LMHeadModel needs learned/layernorm/gelu, Starcoder2ForCausalLM rope/layernorm/gelu, the others "
+                "GPT2LMHeadModel needs learned/layernorm/gelu, Starcoder2ForCausalLM and GPTNeoXForCausalLM "
+                "rope/layernorm/gelu, the others "
                 "rope/rmsnorm/swiglu (geglu: Gemma)")
     why = _cannot_express(arch, cfg)
     if why:
@@ -1407,13 +1447,23 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs learned positions, LayerNorm and a GELU MLP"
         if cfg.kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.dim:
             return "it has no grouped-query attention or head_size"
+        if cfg.gelu_exact:
+            return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
         return "it has no sliding window" if cfg.sliding_window else None
-    norm = "layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm"
+    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX) else "rmsnorm"
     if (cfg.pos, cfg.norm) != ("rope", norm):
         return f"it needs RoPE and norm={norm!r}"
-    if cfg.parallel_block != (arch in COHERES):
+    if arch == GPT_NEOX and (cfg.parallel_block != cfg.parallel_mlp_norm or cfg.kv_heads != cfg.n_heads
+                             or cfg.head_dim * cfg.n_heads != cfg.dim):
+        return ("its attention and MLP sit side by side on two norms (parallel_mlp_norm) or one after the other, its "
+                "heads hidden_size / num_attention_heads wide, without grouped-query attention")
+    if cfg.parallel_block != (arch in COHERES) and arch != GPT_NEOX:
         return ("its attention and MLP sit side by side (parallel_block)" if arch in COHERES
                 else "its MLP follows its attention (CohereForCausalLM has them side by side: parallel_block)")
+    if cfg.parallel_mlp_norm and arch != GPT_NEOX:
+        return "its parallel MLP reads attention's norm (GPTNeoXForCausalLM's has its own: parallel_mlp_norm)"
+    if cfg.gelu_exact and arch != GPT_NEOX:
+        return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
     if arch == COHERE2 and cfg.head_dim * cfg.n_heads != cfg.dim:
         return "its heads are hidden_size / num_attention_heads wide (Cohere2Config sets head_dim so)"
     if arch == GEMMA4:
@@ -1441,7 +1491,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                   and cfg.expert_group_best == 2 and not cfg.dense_layers):
             return ("its mixtures are in every MLP, choosing experts by float32 sigmoid scores plus a choice bias "
                     "(groups scored by their two best), beside an ungated shared expert")
-    elif arch == STARCODER2:
+    elif arch in (STARCODER2, GPT_NEOX):
         if any(gemma_parts) or cfg.mlp != "gelu" or not cfg.bias:
             return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
@@ -1598,7 +1648,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA):
+    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA, GPT_NEOX):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -1664,6 +1714,17 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": None, "eos_token_id": None, "use_cache": True,
         }
+    if arch == GPT_NEOX:  # RoPE in the published spelling (rotary_pct, rotary_emb_base)
+        return {"architectures": [GPT_NEOX], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                "intermediate_size": cfg.hidden_dim, "hidden_act": "gelu" if cfg.gelu_exact else "gelu_new",
+                "rotary_pct": cfg.rotary_dim / cfg.head_dim, "rotary_emb_base": cfg.rope_theta,
+                "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+                "max_position_embeddings": cfg.max_seq_len, "layer_norm_eps": cfg.norm_eps,
+                "use_parallel_residual": cfg.parallel_block, "attention_bias": True,
+                "attention_dropout": cfg.dropout, "hidden_dropout": cfg.dropout, "initializer_range": cfg.init_std,
+                "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+                "use_cache": True}
     if arch == MAMBA2:  # no attention or MLP fields: its layers are Mamba 2 mixers alone
         (groups, heads), (state, head) = cfg.linear_heads, cfg.linear_sizes
         return {"architectures": [MAMBA2], "model_type": "mamba2", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,

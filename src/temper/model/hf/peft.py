@@ -65,6 +65,7 @@ from temper.model.hf.config import (
     GLM4_MOE,
     GLM4_MOE_LITE,
     GPT2,
+    GPT_NEOX,
     GRANITE_MOES,
     HUNYUAN_MOE,
     JAMBA,
@@ -221,12 +222,13 @@ def save_peft(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, base_mode
                 elif dora:  # an unadapted part of a fused layer: g = ||W|| / ||W + 0|| = 1
                     magnitude.append(torch.linalg.norm(m.weight.to(torch.float32), dim=1))
                 row += m.out_features
-            key = _PREFIX + hf
+            module = "lm_head" if (arch, hf) == (GPT_NEOX, "embed_out") else hf  # transformers 5's name in memory
+            key = _PREFIX + module
             tensors[key + _A], tensors[key + _B] = a, b if hf not in pairs else pairs[hf].hf_rows(b, to_hf=True)
             if dora:
                 m = torch.cat([t.float().cpu() for t in magnitude])
                 tensors[key + _M] = m if hf not in pairs else pairs[hf].hf_rows(m, to_hf=True)
-            targets.add(re.sub(r"^.*\.\d+\.", "", hf))  # "self_attn.q_proj", "attn.c_attn", "lm_head"
+            targets.add(re.sub(r"^.*\.\d+\.", "", module))  # "self_attn.q_proj", "attn.c_attn", "lm_head"
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
         "r": r, "lora_alpha": alpha * (math.sqrt(k) if rslora else k), "lora_dropout": dropout,

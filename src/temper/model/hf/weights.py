@@ -25,6 +25,7 @@ from temper.model.hf.config import (
     GEMMA4,
     GLM4,
     GPT2,
+    GPT_NEOX,
     GPT_OSS,
     GRANITE_MOES,
     HUNYUAN_MOE,
@@ -164,6 +165,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
         add("ln_f.weight", "norm.weight")
         add("ln_f.bias", "norm.bias")
+    elif arch == GPT_NEOX:  # q, k and v fused, head by head (`group_rows`); biases everywhere
+        add = lambda hf, *parts: rules.append(_Rule("gpt_neox." + hf, parts))
+        add("embed_in.weight", "tok_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"layers.{i}."
+            norms = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")]
+            for t in ("weight", "bias"):
+                for theirs, ours in norms:
+                    add(f"{h}{theirs}.{t}", f"{p}{ours}.{t}")
+                rules.append(_Rule(f"gpt_neox.{h}attention.query_key_value.{t}", tuple(
+                    f"{p}attn.{n}_proj.{t}" for n in "qkv"), groups=(cfg.n_heads, (cfg.head_dim,) * 3)))
+                add(f"{h}attention.dense.{t}", f"{p}attn.o_proj.{t}")
+                add(f"{h}mlp.dense_h_to_4h.{t}", f"{p}mlp.up_proj.{t}")
+                add(f"{h}mlp.dense_4h_to_h.{t}", f"{p}mlp.down_proj.{t}")
+        add("final_layer_norm.weight", "norm.weight")
+        add("final_layer_norm.bias", "norm.bias")
     elif arch in (NEMOTRON_H, *MIXERS_ALONE):  # one sublayer per checkpoint layer: a block's mixer, then its MLP where
         # it has one (Mamba2ForCausalLM's and MambaForCausalLM's blocks: a mixer alone)
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
@@ -373,8 +390,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
         add(final + "weight", "norm.weight")
         if "norm.bias" in keys:  # Starcoder2's
             add(final + "bias", "norm.bias")
-    if not cfg.tie_embeddings:
-        rules.append(_Rule("lm_head.weight", ("head.weight",)))
+    if not cfg.tie_embeddings:  # (GPT-NeoX's: embed_out)
+        rules.append(_Rule("embed_out.weight" if arch == GPT_NEOX else "lm_head.weight", ("head.weight",)))
     return rules
 
 
@@ -382,9 +399,10 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
     """HF tensors that carry nothing to load: recomputed buffers, a tied head saved anyway, the vision tower of a
     Gemma 3 or Qwen3.5 image-text checkpoint (and Gemma 4's audio tower), multi-token-prediction layers (DeepSeek-V3's,
     GLM-4.5's, Qwen3.5's), and the unused key and value weights of Gemma 4's layers that take another's."""
-    return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"))
+    return (name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".attention.bias",
+                           ".attention.masked_bias"))  # (GPT-2's and GPT-NeoX's causal masks)
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
-            or (name in ("lm_head.weight", "language_model.lm_head.weight") and cfg.tie_embeddings)
+            or (name in ("lm_head.weight", "language_model.lm_head.weight", "embed_out.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
@@ -408,11 +426,14 @@ def _layer_index(name: str) -> int:
 def canonical_name(name: str, arch: str) -> str:
     """A tensor's (or a PEFT adapter's layer's) name as the rules spell it: a bare `GPT2Model` checkpoint names its
     tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5 image-text one keeps its text model's under
-    `language_model.`; transformers 5 holds Nemotron-H's `backbone.` as `model.`."""
+    `language_model.`; transformers 5 holds Nemotron-H's `backbone.` as `model.` and GPT-NeoX's `embed_out` as
+    `lm_head`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head")):
         return "transformer." + name
     if arch == NEMOTRON_H and name.startswith("model."):  # transformers 5 names its backbone `model` in memory
         return "backbone." + name.removeprefix("model.")
+    if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
+        return "embed_out" + name.removeprefix("lm_head")
     if arch in (GEMMA3, GEMMA4, *HYBRID):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
