@@ -155,6 +155,11 @@ WORKER = textwrap.dedent('''
                            max_seq_len=32, norm="layernorm", bias=False, parallel_block=True, rope_float32=True,
                            rope_tables_rounded=True, sliding_window=6, global_every=2, nope_every=2,
                            logit_divisor=4.0, tie_embeddings=True),
+        # GPT-NeoX's (Pythia's): attention beside the MLP on two LayerNorms with biases (under sequence parallel
+        # each gathers its own), exact GELU, a quarter of each head rotated
+        "gpt_neox": replace(PRESETS["debug"], pos="rope", dim=32, n_heads=4, vocab_size=64, max_seq_len=32,
+                            gelu_exact=True, parallel_block=True, parallel_mlp_norm=True, rope_dim=4,
+                            tie_embeddings=False),
         # Gemma 4's attention: a windowed layer, then a global one of its own shape (2 kv heads of 16, values from
         # k_proj, proportional RoPE, its own cache slots); value norms, layer scalars, unscaled scores
         "gemma4": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, head_size=8, ffn_dim=64,

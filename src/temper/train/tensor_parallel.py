@@ -141,7 +141,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         plan["attn.o_proj"] = RowwiseParallel(output_layouts=between)
         plan |= {f"mlp.{p}_proj": ColwiseParallel() for p in ("gate", "up") if hasattr(mlp, f"{p}_proj")}
         plan["mlp.down_proj"] = RowwiseParallel(output_layouts=between)
-        if sequence_parallel:  # (a parallel block's MLP reads attn_norm's output: no mlp_norm)
+        if sequence_parallel:  # (a parallel block's MLP reads attn_norm's output, or GPT-NeoX's its own mlp_norm's)
             plan |= {n: SequenceParallel() for n in ("attn_norm", "mlp_norm") if getattr(block, n) is not None}
         parallelize_module(block, tp_mesh, plan)
         if not sequence_parallel:
