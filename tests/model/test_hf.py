@@ -352,6 +352,10 @@ CASES = {
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
         use_parallel_residual=False, hidden_act="gelu_new", rotary_emb_base=500.0, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0),
+    # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
+    "arcee-relu2-yarn": lambda: _hf("ArceeConfig", "ArceeForCausalLM", **_SMALL, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                     "original_max_position_embeddings": 16}),
     # StarCoder2: GPT-2's LayerNorms and MLP (tanh GELU, not gated) with biases everywhere, RoPE, GQA, a sliding window
     "starcoder2-window-biases": lambda: _hf(
         "Starcoder2Config", "Starcoder2ForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
@@ -638,6 +642,9 @@ def test_architecture_is_chosen_by_fields():
     with pytest.raises(ValueError, match="BambaForCausalLM cannot express this model: its attention layers turn the "
                                          "first half of each head"):
         to_hf_config(replace(bamba, rope_dim=llama.head_dim // 4))
+    assert hf_architecture(replace(llama, mlp="relu2")) == "ArceeForCausalLM"  # (Nemotron-H's: Mamba 2, cast after)
+    with pytest.raises(ValueError, match="ArceeForCausalLM cannot express this model: it needs mlp='relu2'"):
+        to_hf_config(replace(llama, hf_architecture="ArceeForCausalLM"))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
     assert hf_architecture(starcoder2) == "Starcoder2ForCausalLM"
     neox = replace(starcoder2, sliding_window=None, n_kv_heads=None, gelu_exact=True, rope_dim=4)

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Forty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -29,7 +29,8 @@ published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`D
 with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
-RoPE), StarCoder2 (`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA,
+RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), StarCoder2
+(`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA,
 a sliding window), GPT-NeoX (`GPTNeoXForCausalLM`, Pythia: LayerNorms and an exact-GELU MLP with biases, attention
 beside the MLP on two norms, q/k/v fused head by head, partial RoPE; read by `_gpt_neox`), Seed-OSS
 (`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
@@ -100,11 +101,12 @@ MIXERS_ALONE = (MAMBA2, *MAMBAS)  # every layer x + mixer(norm(x)), under backbo
 JAMBA = "JambaForCausalLM"
 STARCODER2 = "Starcoder2ForCausalLM"
 GPT_NEOX = "GPTNeoXForCausalLM"
+ARCEE = "ArceeForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -146,7 +148,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "lfm2": LFM2, "lfm2_moe": LFM2_MOE, "granitemoe": GRANITE_MOE,
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
-                "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX}
+                "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
+                "arcee": ARCEE}
 
 
 def hf_mlp(arch: str) -> str:
@@ -403,6 +406,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
+    elif arch == ARCEE:  # Llama with a squared-ReLU MLP, not gated
+        if act != "relu2":
+            raise ValueError(f"Arcee hidden_act {act!r} is not supported (temper reads relu2)")
     elif arch == STARCODER2:  # GPT-2's MLP: tanh GELU, not gated
         if act not in ("gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Starcoder2 hidden_act {act!r} is not supported (temper uses tanh GELU)")
@@ -452,7 +458,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch in (NEMOTRON_H, JAMBA):  # NoPE
         nope_every = 1
     bias = qkv_bias = False
-    if arch in (LLAMA, GRANITE):
+    if arch in (LLAMA, GRANITE, ARCEE):
         bias = bool(d.get("attention_bias", False))
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
@@ -495,7 +501,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048),
-        mlp="geglu" if gemma else "relu2" if arch == NEMOTRON_H else "gelu" if arch == STARCODER2 else "swiglu",
+        mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE) else "gelu" if arch == STARCODER2
+             else "swiglu"),
         norm="layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm",
         norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in COHERES
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
@@ -1390,8 +1397,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = JAMBA if cfg.linear_bcdt_weights else FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
         elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
             arch = MAMBA2
-        elif cfg.mlp == "relu2":
-            arch = NEMOTRON_H
+        elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
+            arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
             arch = GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2
         elif cfg.parallel_block:
@@ -1492,6 +1499,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                   and cfg.expert_group_best == 2 and not cfg.dense_layers):
             return ("its mixtures are in every MLP, choosing experts by float32 sigmoid scores plus a choice bias "
                     "(groups scored by their two best), beside an ungated shared expert")
+    elif arch == ARCEE:
+        if any(gemma_parts) or cfg.mlp != "relu2":
+            return "it needs mlp='relu2' (a squared-ReLU MLP, not gated)"
     elif arch in (STARCODER2, GPT_NEOX):
         if any(gemma_parts) or cfg.mlp != "gelu" or not cfg.bias:
             return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
@@ -1543,7 +1553,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return why
     if arch not in (*HYBRID, *LFM2S, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA) and (any(hybrid) or cfg.has_linear_layers):
         return "it has neither linear attention layers nor gated attention (Qwen3_5ForCausalLM has both)"
-    if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES) and cfg.qkv_bias and not cfg.bias:
+    if arch in (LLAMA, GPT_OSS, GRANITE, *ERNIES, ARCEE) and cfg.qkv_bias and not cfg.bias:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
@@ -1761,6 +1771,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if arch == LLAMA:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
+    elif arch == ARCEE:
+        d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "relu2"}
     elif arch == GRANITE:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "embedding_multiplier": cfg.embed_multiplier or 1.0,
               "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
