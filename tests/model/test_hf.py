@@ -352,6 +352,9 @@ CASES = {
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
         use_parallel_residual=False, hidden_act="gelu_new", rotary_emb_base=500.0, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0),
+    # nanochat (Karpathy's GPT): norms without weights (one on the embeddings), q/k norms after RoPE, which turns the
+    # other way, a squared-ReLU MLP, logits capped by tanh (lower than its 15, so that the cap bends these logits)
+    "nanochat": lambda: _hf("NanoChatConfig", "NanoChatForCausalLM", **_SMALL, final_logit_softcapping=1.5),
     # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
     "arcee-relu2-yarn": lambda: _hf("ArceeConfig", "ArceeForCausalLM", **_SMALL, tie_word_embeddings=False,
                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -440,6 +443,8 @@ def test_variant_features_are_exercised():
                       ("qwen3-moe-experts", {"renormalize_experts": True}),
                       ("starcoder2-window-biases", {"sliding_window": None}),
                       ("gpt-neox-parallel-partial", {"rope_dim": None}),
+                      ("nanochat", {"rope_reversed": False}), ("nanochat", {"embed_norm": False}),
+                      ("nanochat", {"logit_softcap": None}),
                       ("gpt-neox-parallel-partial", {"parallel_mlp_norm": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_choice_bias": False}),
                       ("glm4-moe-sigmoid-groups", {"expert_groups": 1, "expert_groups_per_token": 1}),
@@ -643,6 +648,14 @@ def test_architecture_is_chosen_by_fields():
                                          "first half of each head"):
         to_hf_config(replace(bamba, rope_dim=llama.head_dim // 4))
     assert hf_architecture(replace(llama, mlp="relu2")) == "ArceeForCausalLM"  # (Nemotron-H's: Mamba 2, cast after)
+    nanochat = replace(llama, mlp="relu2", norm_weightless=True, embed_norm=True, rope_reversed=True, qk_norm=True,
+                       qk_norm_after_rope=True, logit_softcap=15.0)
+    assert hf_architecture(nanochat) == "NanoChatForCausalLM"
+    with pytest.raises(ValueError, match="NanoChatForCausalLM cannot express this model: its norms have no weights, one "
+                                         "normalises the embeddings"):
+        to_hf_config(replace(nanochat, embed_norm=False))
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: its norms have weights"):
+        to_hf_config(replace(llama, norm_weightless=True, hf_architecture="LlamaForCausalLM"))
     with pytest.raises(ValueError, match="ArceeForCausalLM cannot express this model: it needs mlp='relu2'"):
         to_hf_config(replace(llama, hf_architecture="ArceeForCausalLM"))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
@@ -1675,6 +1688,10 @@ def test_published_configs_map_to_presets():
                        ({**_SMALL, "architectures": ["Qwen3_5MoeForCausalLM"], "num_experts": 4,
                          "decoder_sparse_step": 2},
                         "Qwen3_5Moe decoder_sparse_step=2 with mlp_only_layers=.. is not supported"),
+                       ({**_SMALL, "architectures": ["NanoChatForCausalLM"], "attention_bias": True},
+                        "NanoChat attention_bias=true is not supported"),
+                       ({**_SMALL, "architectures": ["NanoChatForCausalLM"], "hidden_act": "silu"},
+                        "NanoChat hidden_act 'silu' is not supported"),
                        ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "use_bias": False},
                         "Starcoder2 use_bias=false is not supported"),
                        ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "hidden_act": "gelu"},

@@ -212,6 +212,10 @@ COHERE = dict(norm="layernorm", bias=False, parallel_block=True, rope_float32=Tr
 # GPT-NeoX's (Pythia's): attention beside the MLP on two LayerNorms of the block's input, exact GELU, partial RoPE
 GPT_NEOX = dict(norm="layernorm", mlp="gelu", gelu_exact=True, bias=True, parallel_block=True, parallel_mlp_norm=True,
                 rope_dim=8, n_kv_heads=None, ffn_dim=256)
+# nanochat's: norms without weights (one on the embeddings: its input kept while the embedding trains), q/k norms after
+# RoPE, a squared-ReLU MLP, capped logits
+NANOCHAT = dict(mlp="relu2", norm_weightless=True, embed_norm=True, rope_reversed=True, qk_norm=True,
+                qk_norm_after_rope=True, logit_softcap=15.0, ffn_dim=256)
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
@@ -281,6 +285,8 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     # GPT-NeoX's: the MLP's norm keeps no input of its own (attention's norm keeps the same); its output another tensor
     ("debug-llama", "pretrain", "fp32", 0, {"dims": GPT_NEOX}),
     ("debug-llama", "pretrain", "bf16", 1, {"dims": GPT_NEOX}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": NANOCHAT}),
+    ("debug-llama", "pretrain", "fp32", 1, {"dims": NANOCHAT}),
     # LFM2's short convolutions: the gates' factors, the convolution's input where its weight trains (a float32 copy
     # per tap under autocast)
     ("debug-llama", "pretrain", "fp32", 0, {"dims": SHORT_CONV}),

@@ -258,9 +258,9 @@ class Attention(nn.Module):
         self.qk_norm_after_rope = cfg.qk_norm_after_rope  # Hunyuan: each head's vector rotated, then normalised
         q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
                             else (self.head_dim, self.head_dim))
-        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after) if cfg.qk_norm else None
-        self.k_norm = (RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
-                       if cfg.qk_norm and own_kv else None)
+        norm = (cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
+        self.q_norm = RMSNorm(q_width, *norm) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, *norm) if cfg.qk_norm and own_kv else None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

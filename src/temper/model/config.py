@@ -118,10 +118,18 @@ class ModelConfig:
     norm_cast_after: bool = False
     """RMSNorm scales by its weight before rounding to the activations' dtype (OLMo 2); False: after (Llama). The
     same in float32."""
+    norm_weightless: bool = False
+    """With norm='rmsnorm': every norm (the blocks', the final one, the q/k norms) normalises without a learned weight
+    (nanochat)."""
+    embed_norm: bool = False
+    """Normalise the token embeddings before the first block, by a norm of their own (nanochat's, weightless)."""
     pos: str = "learned"
     """Position kind: "learned" absolute embeddings (GPT-2) or "rope" rotary embeddings (Llama)."""
     rope_theta: float = 10000.0
     """RoPE base wavelength."""
+    rope_reversed: bool = False
+    """With RoPE: turn each pair the other way, by minus its angle (nanochat, whose rotate_half is cat(x2, -x1)): the
+    sine table negated."""
     rope_dim: int | None = None
     """How many leading dimensions of each head RoPE rotates (Phi-4-mini: 96 of 128); the rest pass through
     unrotated (latent attention rotates its last ones instead). None: the whole head."""
@@ -408,6 +416,10 @@ class ModelConfig:
                              f"{self.experts_per_token} between 1 and n_experts")
         if self.n_experts and self.mlp == "gelu":
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
+        if self.norm_weightless and (self.norm != "rmsnorm" or self.norm_unit_offset):
+            raise ValueError("norm_weightless needs norm='rmsnorm' without norm_unit_offset (a weight to offset)")
+        if self.rope_reversed and self.pos != "rope":
+            raise ValueError(f"rope_reversed needs pos='rope', got {self.pos!r}")
         if self.gelu_exact and self.mlp != "gelu":
             raise ValueError(f"gelu_exact needs mlp='gelu', got {self.mlp!r}")
         if self.parallel_mlp_norm and not self.parallel_block:

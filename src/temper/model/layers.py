@@ -24,21 +24,26 @@ class RMSNorm(nn.Module):
 
     unit_offset: scale by (1 + weight) and cast after the product, as Gemma does; the weight then
     starts at 0, and checkpoints store it in that form. cast_after: scale by the weight, then cast (OLMo 2).
+    weightless: no weight at all, x / rms(x) (nanochat).
     """
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False, cast_after: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False, cast_after: bool = False,
+                 weightless: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.unit_offset, self.cast_after = unit_offset, cast_after
-        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.weight = None if weightless else nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+        if self.weight is not None:
+            nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Upcast so that bf16 activations do not lose the mean of squares; Llama casts back before
         # the weight, Gemma and OLMo 2 after: each matches its Hugging Face reference bit for bit, in bf16 too.
         y = rms_normalized(x, self.eps)
+        if self.weight is None:
+            return y.to(x.dtype)
         if self.unit_offset:
             return (y * (1.0 + self.weight.float())).to(x.dtype)
         if self.cast_after:
@@ -48,7 +53,7 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after)
+        return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 

@@ -117,7 +117,8 @@ def long_rope_length(cfg: ModelConfig) -> int | None:
 def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device | str | None = None, long: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (max_len, rotary_dim/2) float32, of positions 0 .. max_len-1, scaled by the attention
-    factor; `long`: LongRoPE's long table."""
+    factor; `long`: LongRoPE's long table. `rope_reversed` (nanochat) negates the sines: each pair turns back."""
     angles = torch.outer(torch.arange(max_len, device=device).float(), rope_inv_freq(cfg, device, long))  # (S, D/2)
     scale = rope_attention_factor(cfg)
-    return angles.cos() * scale, angles.sin() * scale
+    sin = angles.sin() * scale
+    return angles.cos() * scale, -sin if cfg.rope_reversed else sin

@@ -128,7 +128,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only transformer built from a `ModelConfig`; `forward` returns logits, never a loss.
 
-    Parameter names: tok_emb, pos_emb (learned positions only), layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
+    Parameter names: tok_emb, pos_emb (learned positions only), emb_norm (embed_norm with weights only),
+    layers.{i}.{attn_norm, attn.{q,k,v,o}_proj,
     attn.{q,k}_norm (qk_norm only) or, in a linear layer, its own (`model/linear_attention.py`), attn_out_norm and
     mlp_out_norm (sandwich_norm only), mlp_norm (with parallel_block only with parallel_mlp_norm) and mlp (not in
     no_mlp_layers),
@@ -154,6 +155,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.emb_norm = make_norm(cfg) if cfg.embed_norm else None  # nanochat: the embeddings normalised
         # Gemma 4 E2B, E4B: P values per layer for each token from a table of its own, beside a normalised projection
         # of its embedding (`per_layer_inputs`)
         self.per_layer_emb = self.per_layer_proj = self.per_layer_norm = None
@@ -276,6 +278,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.cfg.dim**0.5, dtype=x.dtype)
         if first and self.cfg.embed_multiplier is not None:  # Granite: the float factor, as its reference multiplies
             x = x * self.cfg.embed_multiplier
+        if first and self.emb_norm is not None:
+            x = self.emb_norm(x)
         per_layer = self.per_layer_inputs(tokens, x) if self.per_layer_emb is not None else None  # (B, T, L, P)
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {False: None}  # by Block.local_rope
         if self.pos_emb is not None:
@@ -430,7 +434,8 @@ class Transformer(nn.Module):
         rank's share of them (`train.tensor_parallel` sets `Attention.n_kv_heads` to it)."""
         # The final norm's weight: on the compute device and in the compute dtype even where a frozen input table
         # is held in host memory (train.parallel.HostEmbedding).
-        p = (self.norm if self.norm is not None else self.tok_emb).weight
+        p = next(m.weight for m in (self.norm, self.head, self.tok_emb)  # (nanochat's norm has no weight)
+                 if m is not None and m.weight is not None)
         c = self.cfg
         owners = [m for m in self.modules() if isinstance(m, Attention) and m.kv_source is None]  # of cache slots
         attention = [m for m in owners if not m.global_shaped]

@@ -1054,6 +1054,8 @@ def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "al
         s.add("embedding indices", 8)
     if cfg.dropout > 0 and model.tok_emb.weight.requires_grad and stage != "last":
         s.add("embedding dropout mask", t.mask(t.r) * cfg.dim)
+    if model.emb_norm is not None and stage != "last":  # nanochat: the embeddings normalised
+        _norm(s, "embedding norm", model.emb_norm, cfg.dim, model.tok_emb.weight.requires_grad, t)
     if model.per_layer_emb is not None and stage != "last":  # Gemma 4 E2B: every layer's input, made once
         width = cfg.n_layers * cfg.per_layer_input_size
         _readers(s, "embeddings", [model.per_layer_proj], 4, t, 0.0, grad_out)

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -29,7 +29,9 @@ published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`D
 with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
-RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), StarCoder2
+RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat
+(`NanoChatForCausalLM`: Arcee's MLP, norms without weights, one on the embeddings, q/k norms after RoPE turning the
+other way, capped logits), StarCoder2
 (`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA,
 a sliding window), GPT-NeoX (`GPTNeoXForCausalLM`, Pythia: LayerNorms and an exact-GELU MLP with biases, attention
 beside the MLP on two norms, q/k/v fused head by head, partial RoPE; read by `_gpt_neox`), Seed-OSS
@@ -102,11 +104,12 @@ JAMBA = "JambaForCausalLM"
 STARCODER2 = "Starcoder2ForCausalLM"
 GPT_NEOX = "GPTNeoXForCausalLM"
 ARCEE = "ArceeForCausalLM"
+NANOCHAT = "NanoChatForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE, NANOCHAT)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -149,7 +152,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
-                "arcee": ARCEE}
+                "arcee": ARCEE, "nanochat": NANOCHAT}
 
 
 def hf_mlp(arch: str) -> str:
@@ -401,14 +404,15 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
-    act = d.get("hidden_activation") or d.get("hidden_act", "gelu_pytorch_tanh" if arch == STARCODER2 else "silu")
+    default_act = "gelu_pytorch_tanh" if arch == STARCODER2 else "relu2" if arch in (ARCEE, NANOCHAT) else "silu"
+    act = d.get("hidden_activation") or d.get("hidden_act", default_act)  # (the config class's default)
     gemma = arch in GEMMAS
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Gemma hidden_act {act!r} is not supported (temper uses tanh GELU)")
-    elif arch == ARCEE:  # Llama with a squared-ReLU MLP, not gated
+    elif arch in (ARCEE, NANOCHAT):  # Llama (nanochat: its GPT) with a squared-ReLU MLP, not gated
         if act != "relu2":
-            raise ValueError(f"Arcee hidden_act {act!r} is not supported (temper reads relu2)")
+            raise ValueError(f"{name} hidden_act {act!r} is not supported (temper reads relu2)")
     elif arch == STARCODER2:  # GPT-2's MLP: tanh GELU, not gated
         if act not in ("gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"Starcoder2 hidden_act {act!r} is not supported (temper uses tanh GELU)")
@@ -489,6 +493,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                              "temper's `bias` covers every layer)")
     elif arch == STARCODER2:  # use_bias: every linear layer's and LayerNorm's
         bias = True
+    elif arch == NANOCHAT and d.get("attention_bias"):
+        raise ValueError("NanoChat attention_bias=true is not supported (its MLP has no biases; temper's `bias` covers "
+                         "every layer)")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
     # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256), Granite by
@@ -501,8 +508,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_size=None if head_dim * n_heads == dim else head_dim,
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048),
-        mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE) else "gelu" if arch == STARCODER2
-             else "swiglu"),
+        mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE, NANOCHAT)
+             else "gelu" if arch == STARCODER2 else "swiglu"),
         norm="layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm",
         norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in COHERES
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
@@ -511,8 +518,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
-        or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)), qk_norm_whole=arch in WHOLE_QK_NORM,
-        qk_norm_after_rope=arch in HUNYUANS,
+        or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch == NANOCHAT,
+        qk_norm_whole=arch in WHOLE_QK_NORM, qk_norm_after_rope=arch in (*HUNYUANS, NANOCHAT),
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
         parallel_block=arch in COHERES,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
@@ -528,8 +535,17 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
         **(_multipliers(d) if arch in GRANITES else {}),
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
-        **(_linear_layers(d) if arch in HYBRID else {}), **linear,
+        **(_linear_layers(d) if arch in HYBRID else {}), **linear, **(_nanochat(d) if arch == NANOCHAT else {}),
     )
+
+
+def _nanochat(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of nanochat's GPT (Karpathy 2025) beside Llama's and its q/k norms after RoPE: norms
+    without weights, one of them on the embeddings, RoPE turning the other way, and logits capped by tanh (15; null:
+    none)."""
+    cap = d.get("final_logit_softcapping", 15.0)
+    return {"norm_weightless": True, "embed_norm": True, "rope_reversed": True,
+            "logit_softcap": None if cap is None else float(cap)}
 
 
 def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
@@ -1397,6 +1413,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = JAMBA if cfg.linear_bcdt_weights else FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
         elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
             arch = MAMBA2
+        elif cfg.norm_weightless or cfg.embed_norm or cfg.rope_reversed:
+            arch = NANOCHAT
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
             arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
@@ -1499,7 +1517,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                   and cfg.expert_group_best == 2 and not cfg.dense_layers):
             return ("its mixtures are in every MLP, choosing experts by float32 sigmoid scores plus a choice bias "
                     "(groups scored by their two best), beside an ungated shared expert")
-    elif arch == ARCEE:
+    elif arch in (ARCEE, NANOCHAT):
         if any(gemma_parts) or cfg.mlp != "relu2":
             return "it needs mlp='relu2' (a squared-ReLU MLP, not gated)"
     elif arch in (STARCODER2, GPT_NEOX):
@@ -1507,6 +1525,13 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
+    nanochat_parts = (cfg.norm_weightless, cfg.embed_norm, cfg.rope_reversed)
+    if arch == NANOCHAT and not (all(nanochat_parts) and cfg.head_dim * cfg.n_heads == cfg.dim):
+        return ("its norms have no weights, one normalises the embeddings, its RoPE turns the other way "
+                "(norm_weightless, embed_norm, rope_reversed), its heads hidden_size / num_attention_heads wide")
+    if arch != NANOCHAT and any(nanochat_parts):
+        return ("its norms have weights, the embeddings none, and its RoPE turns the usual way (NanoChatForCausalLM's "
+                "do not: norm_weightless, embed_norm, rope_reversed)")
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
         return "every block has an MLP (NemotronHForCausalLM has blocks without: no_mlp_layers)"
     gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
@@ -1560,12 +1585,12 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
-    if cfg.qk_norm_after_rope != (arch in HUNYUANS):
-        return ("its q/k norms come after RoPE" if arch in HUNYUANS
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT)
+    if cfg.qk_norm_after_rope != (arch in (*HUNYUANS, NANOCHAT)):
+        return ("its q/k norms come after RoPE" if arch in (*HUNYUANS, NANOCHAT)
                 else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
     if bool(cfg.kv_lora_rank) != (arch in LATENT):
         return ("its attention is latent (kv_lora_rank), with experts" if arch in LATENT
@@ -1645,7 +1670,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                      or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
         return ("its windowed layers share the global layers' RoPE base (Gemma3ForCausalLM has "
                 "rope_local_base_freq)")
-    if (cfg.attn_softcap or cfg.logit_softcap) and arch not in (GEMMA2, GEMMA3, GEMMA4):
+    if (cfg.attn_softcap or cfg.logit_softcap and arch != NANOCHAT) and arch not in (GEMMA2, GEMMA3, GEMMA4):
         return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
     if arch == GEMMA4 and cfg.attn_softcap:
         return "it does not cap attention scores"
@@ -1773,6 +1798,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "pretraining_tp": 1}
     elif arch == ARCEE:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "relu2"}
+    elif arch == NANOCHAT:
+        d |= {"attention_bias": False, "hidden_act": "relu2", "final_logit_softcapping": cfg.logit_softcap}
     elif arch == GRANITE:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "embedding_multiplier": cfg.embed_multiplier or 1.0,
               "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,

@@ -39,6 +39,7 @@ from temper.model.hf.config import (
     MIXERS_ALONE,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
+    NANOCHAT,
     NEMOTRON_H,
     PHI3,
     POST_NORM,
@@ -383,13 +384,14 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:  # Starcoder2's up and down: GPT-2's c_fc and c_proj
-                        theirs = {"up": "c_fc", "down": "c_proj"}[n] if arch == STARCODER2 else f"{n}_proj"
+                        theirs = ({"up": "c_fc", "down": "c_proj"}[n] if arch == STARCODER2
+                                  else {"up": "fc1", "down": "fc2"}[n] if arch == NANOCHAT else f"{n}_proj")
                         add(f"{h}mlp.{theirs}.{t}", f"{p}mlp.{n}_proj.{t}")
         final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA)
                  else "model.norm.")
-        add(final + "weight", "norm.weight")
-        if "norm.bias" in keys:  # Starcoder2's
-            add(final + "bias", "norm.bias")
+        for t in ("weight", "bias"):  # (Starcoder2's bias; nanochat's norm has neither)
+            if f"norm.{t}" in keys:
+                add(final + t, f"norm.{t}")
     if not cfg.tie_embeddings:  # (GPT-NeoX's: embed_out)
         rules.append(_Rule("embed_out.weight" if arch == GPT_NEOX else "lm_head.weight", ("head.weight",)))
     return rules
