@@ -1435,7 +1435,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="key 'rope_scaling.beta_fast' must be a number or null, got '32'"):
         from_hf_config(to_hf_config(PRESETS["debug-llama"]) | {"rope_scaling": {"rope_type": "yarn", "beta_fast": "32"}})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
-        to_hf_config(ModelConfig(pos="rope", norm="layernorm", mlp="gelu"))
+        to_hf_config(ModelConfig(pos="learned", norm="rmsnorm", mlp="gelu"))  # (rope, layernorm, gelu: StarCoder2)
 
     root, sd = _llama_dir(tmp_path / "a")
     weights = root / "model.safetensors"

@@ -1806,15 +1806,15 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5}
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
-    elif arch == STARCODER2:  # GPT-2's MLP and biases everywhere; LayerNorm's epsilon under its own name
-        del d["rms_norm_eps"]
-        d |= {"hidden_act": "gelu_pytorch_tanh", "norm_epsilon": cfg.norm_eps, "use_bias": True,
-              "sliding_window": cfg.sliding_window, "residual_dropout": cfg.dropout, "embedding_dropout": cfg.dropout}
         if arch == PHI3:  # its original length at the top, where transformers reads it first
             d |= {"original_max_position_embeddings": (cfg.rope_scaling or {}).get("original_max_position_embeddings",
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == STARCODER2:  # GPT-2's MLP and biases everywhere; LayerNorm's epsilon under its own name
+        del d["rms_norm_eps"]
+        d |= {"hidden_act": "gelu_pytorch_tanh", "norm_epsilon": cfg.norm_eps, "use_bias": True,
+              "sliding_window": cfg.sliding_window, "residual_dropout": cfg.dropout, "embedding_dropout": cfg.dropout}
     elif arch in GLM:
         d |= {"attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == EXAONE4:
