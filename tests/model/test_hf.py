@@ -355,6 +355,11 @@ CASES = {
     # nanochat (Karpathy's GPT): norms without weights (one on the embeddings), q/k norms after RoPE, which turns the
     # other way, a squared-ReLU MLP, logits capped by tanh (lower than its 15, so that the cap bends these logits)
     "nanochat": lambda: _hf("NanoChatConfig", "NanoChatForCausalLM", **_SMALL, final_logit_softcapping=1.5),
+    # Phi-2: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere (the head's too), 0.4 of each head
+    # rotated
+    "phi2-parallel-head-bias": lambda: _hf(
+        "PhiConfig", "PhiForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, layer_norm_eps=1e-5,
+        partial_rotary_factor=0.4, tie_word_embeddings=False),
     # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
     "arcee-relu2-yarn": lambda: _hf("ArceeConfig", "ArceeForCausalLM", **_SMALL, tie_word_embeddings=False,
                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -443,6 +448,7 @@ def test_variant_features_are_exercised():
                       ("qwen3-moe-experts", {"renormalize_experts": True}),
                       ("starcoder2-window-biases", {"sliding_window": None}),
                       ("gpt-neox-parallel-partial", {"rope_dim": None}),
+                      ("phi2-parallel-head-bias", {"head_bias": False}),
                       ("nanochat", {"rope_reversed": False}), ("nanochat", {"embed_norm": False}),
                       ("nanochat", {"logit_softcap": None}),
                       ("gpt-neox-parallel-partial", {"parallel_mlp_norm": False}),
@@ -660,6 +666,13 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(llama, hf_architecture="ArceeForCausalLM"))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
     assert hf_architecture(starcoder2) == "Starcoder2ForCausalLM"
+    phi = replace(starcoder2, sliding_window=None, parallel_block=True, head_bias=True, rope_dim=4,
+                  tie_embeddings=False)
+    assert hf_architecture(phi) == "PhiForCausalLM"
+    with pytest.raises(ValueError, match="PhiForCausalLM cannot express this model: its head has a bias"):
+        to_hf_config(replace(phi, head_bias=False))
+    with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: its head has no bias"):
+        to_hf_config(replace(starcoder2, head_bias=True, tie_embeddings=False, hf_architecture="Starcoder2ForCausalLM"))
     neox = replace(starcoder2, sliding_window=None, n_kv_heads=None, gelu_exact=True, rope_dim=4)
     assert hf_architecture(neox) == hf_architecture(replace(neox, gelu_exact=False, rope_dim=None, parallel_block=True,
                                                             parallel_mlp_norm=True)) == "GPTNeoXForCausalLM"
@@ -667,7 +680,7 @@ def test_architecture_is_chosen_by_fields():
                         ({"n_kv_heads": 2}, "without grouped-query attention"),
                         ({"sliding_window": 16}, "it has no sliding window")):
         with pytest.raises(ValueError, match="GPTNeoXForCausalLM cannot express this model: .*" + why):
-            to_hf_config(replace(neox, **fields))
+            to_hf_config(replace(neox, hf_architecture="GPTNeoXForCausalLM", **fields))
     with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: its GELU is the tanh "):
         to_hf_config(replace(neox, rope_dim=None, hf_architecture="Starcoder2ForCausalLM"))
     with pytest.raises(ValueError, match="GPT2LMHeadModel cannot express this model: its GELU is the tanh"):
@@ -1692,6 +1705,8 @@ def test_published_configs_map_to_presets():
                         "NanoChat attention_bias=true is not supported"),
                        ({**_SMALL, "architectures": ["NanoChatForCausalLM"], "hidden_act": "silu"},
                         "NanoChat hidden_act 'silu' is not supported"),
+                       ({**_SMALL, "architectures": ["PhiForCausalLM"], "qk_layernorm": True},
+                        "Phi qk_layernorm=true is not supported"),
                        ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "use_bias": False},
                         "Starcoder2 use_bias=false is not supported"),
                        ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "hidden_act": "gelu"},

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for forty-six architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for forty-seven architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -147,6 +147,9 @@ CONFIGS = {
     "gpt_neox": replace(_LLAMA, n_kv_heads=None, norm="layernorm", mlp="gelu", gelu_exact=True, bias=True, rope_dim=4,
                         parallel_block=True, parallel_mlp_norm=True, hf_architecture="GPTNeoXForCausalLM"),
     "arcee": replace(_LLAMA, mlp="relu2", hf_architecture="ArceeForCausalLM"),  # a squared-ReLU MLP, not gated
+    # Phi-2: attention beside the MLP (fc1, fc2) on one LayerNorm, biases everywhere (the head's too: LoRA beside it)
+    "phi": replace(_LLAMA, norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8,
+                   hf_architecture="PhiForCausalLM"),
     # nanochat: weightless norms (one on the embeddings), q/k norms after its reversed RoPE, capped logits
     "nanochat": replace(_LLAMA, mlp="relu2", norm_weightless=True, embed_norm=True, rope_reversed=True, qk_norm=True,
                         qk_norm_after_rope=True, logit_softcap=15.0, hf_architecture="NanoChatForCausalLM"),
@@ -215,6 +218,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
     "arcee": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
     "nanochat": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's

@@ -65,6 +65,7 @@ def test_config_validation_names_the_field():
                        ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block"),
                        ({"mlp": "swiglu", "gelu_exact": True}, "gelu_exact needs mlp='gelu'"),
                        ({"norm_weightless": True}, "norm_weightless needs norm='rmsnorm'"),
+                       ({"head_bias": True}, "head_bias needs an untied head"),
                        ({"rope_reversed": True}, "rope_reversed needs pos='rope'"),
                        ({"parallel_mlp_norm": True}, "parallel_mlp_norm needs parallel_block")]:
         with pytest.raises(ValueError, match=match):

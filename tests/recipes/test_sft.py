@@ -231,14 +231,15 @@ def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "nemotron3", "mamba2", "bamba",
-                                    "falcon_mamba", "jamba"])
+                                    "falcon_mamba", "jamba", "phi"])
 def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, family):
     """LFM2 (short convolutions around an attention layer: packed rows restart each convolution at a document), Granite
     4.0-H and Nemotron-H (Mamba 2 layers around an attention layer without positions: packed rows restart each state;
     Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone; Nemotron 3's mixtures of them), Mamba2ForCausalLM
     (Mamba 2 mixers alone: no attention anywhere), FalconMamba (Mamba mixers alone, their steps, B and C
     normalised), Jamba (Mamba layers, their norms weighted, around attention without positions; experts in every
-    other block), Bamba (half of each attention head rotated) and Cohere2
+    other block), Phi-2 (attention beside the MLP on one LayerNorm, a head with a bias: the loss runs it as a module),
+    Bamba (half of each attention head rotated) and Cohere2
     (attention beside the MLP on one LayerNorm, windowed RoPE layers and a global NoPE one) end to end: LoRA on every
     linear layer of their blocks learns; final/ is the architecture that transformers runs to temper's logits, and
     final/adapter a PEFT adapter of its layers under their names."""
@@ -269,7 +270,9 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
              "jamba": dict(attention_layers=(1,), linear_layer="mamba", linear_key_heads=1, linear_value_heads=128,
                            linear_key_size=16, linear_value_size=1, linear_dt_rank=4, linear_bcdt_eps=1e-5,
                            linear_bcdt_weights=True, nope_every=1, n_experts=4, renormalize_experts=False,
-                           expert_layers=(1,))}[family]
+                           expert_layers=(1,)),
+             "phi": dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8)
+             }[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
                   **shape)
     torch.manual_seed(0)
@@ -282,7 +285,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                "nemotron3": attention + "in_proj", "mamba2": "in_proj,head",
                "bamba": attention + "in_proj,out_proj,gate_proj,up_proj,down_proj",
                "falcon_mamba": "in_proj,x_proj,head",
-               "jamba": attention + "in_proj,x_proj,out_proj,gate_proj,up_proj,down_proj"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
+               "jamba": attention + "in_proj,x_proj,out_proj,gate_proj,up_proj,down_proj",
+               "phi": attention + "up_proj,down_proj,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
                           f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")
@@ -295,7 +299,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
             "nemotron3": {"mixer.in_proj", "mixer.q_proj"},
             "bamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"},
             "falcon_mamba": {"mixer.in_proj", "mixer.x_proj", "lm_head"},
-            "jamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"}}[family]
+            "jamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"},
+            "phi": {"self_attn.dense", "mlp.fc1", "lm_head"}}[family]
     assert want <= set(adapter["target_modules"]), adapter["target_modules"]
     transformers = pytest.importorskip("transformers")
     ours, got = load_hf(final)
@@ -307,7 +312,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                                                             "nemotron3": "NemotronHForCausalLM",
                                                             "bamba": "BambaForCausalLM",
                                                             "falcon_mamba": "FalconMambaForCausalLM",
-                                                            "jamba": "JambaForCausalLM"}[family]
+                                                            "jamba": "JambaForCausalLM",
+                                                            "phi": "PhiForCausalLM"}[family]
     x = torch.randint(0, cfg.vocab_size, (2, 70))  # past Cohere2's 64-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)

@@ -198,6 +198,8 @@ class ModelConfig:
     head (OLMo 2)."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
+    head_bias: bool = False
+    """An untied output head with a bias (Phi-1, 1.5 and 2)."""
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(dim) (Gemma)."""
     sandwich_norm: bool = False
@@ -420,6 +422,8 @@ class ModelConfig:
             raise ValueError("norm_weightless needs norm='rmsnorm' without norm_unit_offset (a weight to offset)")
         if self.rope_reversed and self.pos != "rope":
             raise ValueError(f"rope_reversed needs pos='rope', got {self.pos!r}")
+        if self.head_bias and self.tie_embeddings:
+            raise ValueError("head_bias needs an untied head (tie_embeddings=false)")
         if self.gelu_exact and self.mlp != "gelu":
             raise ValueError(f"gelu_exact needs mlp='gelu', got {self.mlp!r}")
         if self.parallel_mlp_norm and not self.parallel_block:

@@ -167,7 +167,7 @@ class Transformer(nn.Module):
                                           cfg.norm_cast_after)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.head_bias)
         for name, (table, _) in self._rope_tables().items():  # tables, not weights: non-persistent, by init_buffers()
             self.register_buffer(f"{name}_cos", torch.empty(cfg.max_seq_len, table.rotary_dim // 2), persistent=False)
             self.register_buffer(f"{name}_sin", torch.empty(cfg.max_seq_len, table.rotary_dim // 2), persistent=False)

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -11,7 +11,8 @@ checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text 
 out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
 their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
 scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values),
-Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
+Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
+head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
 fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
 outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
 one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
@@ -105,11 +106,13 @@ STARCODER2 = "Starcoder2ForCausalLM"
 GPT_NEOX = "GPTNeoXForCausalLM"
 ARCEE = "ArceeForCausalLM"
 NANOCHAT = "NanoChatForCausalLM"
+PHI = "PhiForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
-                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE, NANOCHAT)
+                           *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
+                           NANOCHAT, PHI)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -152,7 +155,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
-                "arcee": ARCEE, "nanochat": NANOCHAT}
+                "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI}
 
 
 def hf_mlp(arch: str) -> str:
@@ -404,7 +407,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch in HYBRID:  # Qwen3_5TextConfig's defaults of what a config may leave out
         d = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
              "linear_num_key_heads": 16, "linear_num_value_heads": 32, **d}
-    default_act = "gelu_pytorch_tanh" if arch == STARCODER2 else "relu2" if arch in (ARCEE, NANOCHAT) else "silu"
+    default_act = ("gelu_pytorch_tanh" if arch == STARCODER2 else "gelu_new" if arch == PHI
+                   else "relu2" if arch in (ARCEE, NANOCHAT) else "silu")
     act = d.get("hidden_activation") or d.get("hidden_act", default_act)  # (the config class's default)
     gemma = arch in GEMMAS
     if gemma:  # "gelu" is a legacy spelling of the tanh approximation, as transformers reads it
@@ -413,10 +417,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     elif arch in (ARCEE, NANOCHAT):  # Llama (nanochat: its GPT) with a squared-ReLU MLP, not gated
         if act != "relu2":
             raise ValueError(f"{name} hidden_act {act!r} is not supported (temper reads relu2)")
-    elif arch == STARCODER2:  # GPT-2's MLP: tanh GELU, not gated
-        if act not in ("gelu_pytorch_tanh", "gelu_new"):
-            raise ValueError(f"Starcoder2 hidden_act {act!r} is not supported (temper uses tanh GELU)")
-        if not d.get("use_bias", True):
+    elif arch in (STARCODER2, PHI):  # GPT-2's MLP: tanh GELU, not gated
+        if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+            raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses tanh GELU)")
+        if arch == PHI and d.get("qk_layernorm"):
+            raise ValueError("Phi qk_layernorm=true is not supported (temper's q/k norms are RMSNorms)")
+        if arch == STARCODER2 and not d.get("use_bias", True):
             raise ValueError("Starcoder2 use_bias=false is not supported (its LayerNorms keep their biases where its "
                              "linear layers drop theirs; temper's `bias` covers both)")
     elif act != "silu":
@@ -448,13 +454,13 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == COHERE2:  # the same layers, the pattern in Gemma 3's spelling
         window, every = _window_layers(d, "Cohere2", 4)
     glm = arch in GLM
-    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm else 0.25 if arch in HYBRID
-                                                                                     else 1.0))
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm or arch == PHI
+                                                      else 0.25 if arch in HYBRID else 1.0))
     if arch == MINIMAX_M2 and d.get("rotary_dim") is not None:  # its published configs' spelling
         partial = d["rotary_dim"] / head_dim
     if arch == BAMBA:  # BambaConfig fixes it
         partial = 0.5
-    if partial != 1.0 and (arch not in (PHI3, *GLM, *HYBRID, MINIMAX_M2, BAMBA) or not 0 < partial <= 1):  # whole heads
+    if partial != 1.0 and (arch not in (PHI3, PHI, *GLM, *HYBRID, MINIMAX_M2, BAMBA) or not 0 < partial <= 1):
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
@@ -491,7 +497,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         if not d.get("attention_bias", True):
             raise ValueError("GptOss attention_bias=false is not supported (its experts and router have biases; "
                              "temper's `bias` covers every layer)")
-    elif arch == STARCODER2:  # use_bias: every linear layer's and LayerNorm's
+    elif arch in (STARCODER2, PHI):  # use_bias (Phi: always): every linear layer's and LayerNorm's
         bias = True
     elif arch == NANOCHAT and d.get("attention_bias"):
         raise ValueError("NanoChat attention_bias=true is not supported (its MLP has no biases; temper's `bias` covers "
@@ -509,9 +515,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
         max_seq_len=d.get("max_position_embeddings", 2048),
         mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE, NANOCHAT)
-             else "gelu" if arch == STARCODER2 else "swiglu"),
-        norm="layernorm" if arch in (*COHERES, STARCODER2) else "rmsnorm",
-        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in COHERES
+             else "gelu" if arch in (STARCODER2, PHI) else "swiglu"),
+        norm="layernorm" if arch in (*COHERES, STARCODER2, PHI) else "rmsnorm",
+        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in (*COHERES, PHI)
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
@@ -521,7 +527,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch == NANOCHAT,
         qk_norm_whole=arch in WHOLE_QK_NORM, qk_norm_after_rope=arch in (*HUNYUANS, NANOCHAT),
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
-        parallel_block=arch in COHERES,
+        parallel_block=arch in (*COHERES, PHI), head_bias=arch == PHI,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4, NEMOTRON_H),
         rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
@@ -1418,7 +1424,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
             arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
-            arch = GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2
+            arch = (PHI if cfg.head_bias or cfg.parallel_block and not cfg.parallel_mlp_norm
+                    else GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2)
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
@@ -1476,20 +1483,23 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         if cfg.gelu_exact:
             return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
         return "it has no sliding window" if cfg.sliding_window else None
-    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX) else "rmsnorm"
+    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX, PHI) else "rmsnorm"
     if (cfg.pos, cfg.norm) != ("rope", norm):
         return f"it needs RoPE and norm={norm!r}"
     if arch == GPT_NEOX and (cfg.parallel_block != cfg.parallel_mlp_norm or cfg.kv_heads != cfg.n_heads
                              or cfg.head_dim * cfg.n_heads != cfg.dim):
         return ("its attention and MLP sit side by side on two norms (parallel_mlp_norm) or one after the other, its "
                 "heads hidden_size / num_attention_heads wide, without grouped-query attention")
-    if cfg.parallel_block != (arch in COHERES) and arch != GPT_NEOX:
-        return ("its attention and MLP sit side by side (parallel_block)" if arch in COHERES
+    if cfg.parallel_block != (arch in (*COHERES, PHI)) and arch != GPT_NEOX:
+        return ("its attention and MLP sit side by side (parallel_block)" if arch in (*COHERES, PHI)
                 else "its MLP follows its attention (CohereForCausalLM has them side by side: parallel_block)")
     if cfg.parallel_mlp_norm and arch != GPT_NEOX:
         return "its parallel MLP reads attention's norm (GPTNeoXForCausalLM's has its own: parallel_mlp_norm)"
     if cfg.gelu_exact and arch != GPT_NEOX:
         return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
+    if cfg.head_bias != (arch == PHI):
+        return ("its head has a bias (head_bias)" if arch == PHI
+                else "its head has no bias (PhiForCausalLM's has: head_bias)")
     if arch == COHERE2 and cfg.head_dim * cfg.n_heads != cfg.dim:
         return "its heads are hidden_size / num_attention_heads wide (Cohere2Config sets head_dim so)"
     if arch == GEMMA4:
@@ -1520,7 +1530,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     elif arch in (ARCEE, NANOCHAT):
         if any(gemma_parts) or cfg.mlp != "relu2":
             return "it needs mlp='relu2' (a squared-ReLU MLP, not gated)"
-    elif arch in (STARCODER2, GPT_NEOX):
+    elif arch in (STARCODER2, GPT_NEOX, PHI):
         if any(gemma_parts) or cfg.mlp != "gelu" or not cfg.bias:
             return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
@@ -1684,7 +1694,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA, GPT_NEOX):
+    if cfg.rope_dim is not None and arch not in (PHI3, PHI, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA, GPT_NEOX):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -1811,6 +1821,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                                                     cfg.max_seq_len),
                   "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
                   "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == PHI:  # GPT-2's MLP, biases everywhere, the head's too; LayerNorm's epsilon under its own name
+        del d["rms_norm_eps"]
+        d |= {"hidden_act": "gelu_new", "layer_norm_eps": cfg.norm_eps, "qk_layernorm": False,
+              "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim, "resid_pdrop": cfg.dropout,
+              "embd_pdrop": cfg.dropout}
     elif arch == STARCODER2:  # GPT-2's MLP and biases everywhere; LayerNorm's epsilon under its own name
         del d["rms_norm_eps"]
         d |= {"hidden_act": "gelu_pytorch_tanh", "norm_epsilon": cfg.norm_eps, "use_bias": True,

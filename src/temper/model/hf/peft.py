@@ -83,7 +83,8 @@ from temper.model.transformer import Transformer
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel > LoraModel > the transformers model
-_A, _B, _M, _BASE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".base_layer.weight"
+_A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+_BASE = (".base_layer.weight", ".base_layer.bias")  # copies of an adapted head's own tensors (Phi's has a bias)
 _PROMPT = "prompt_embeddings"  # prefix tuning's one tensor
 # Config keys of LoRA variants and options whose adapters temper cannot run: refused when set.
 _UNSUPPORTED = ("modules_to_save", "lora_bias", "layers_to_transform",
@@ -311,7 +312,7 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
     found: dict[str, dict[str, torch.Tensor]] = {}
     moe = _load_moe_plan(model, config, tensors, path)
     for key, t in tensors.items():
-        kind = next((s for s in (_A, _B, _M, _BASE) if key.endswith(s)), None)
+        kind = next((s for s in (_A, _B, _M, *_BASE) if key.endswith(s)), None)
         if kind is None or not key.startswith(_PREFIX) or (kind == _M and not dora):
             raise ValueError(f"{path}: unexpected tensor {key!r}; temper reads {_PREFIX}<layer>"
                              f"{{{_A}, {_B}}} (and {_M} with use_dora)")
@@ -321,7 +322,7 @@ def load_peft(model: nn.Module, cfg: ModelConfig, adapter_dir: str | Path) -> li
         if site not in sites:
             raise ValueError(f"{path}: {key!r} adapts {site!r}, which is not a linear layer of this {arch} model "
                              f"(it has e.g. {sorted(sites)[:3]})")
-        if kind != _BASE:
+        if kind not in _BASE:
             found.setdefault(site, {})[kind] = t
     kinds = {p.rsplit(".", 1)[-1] for site in found for p in sites[site]}  # temper's targets
     unadapted = [s for s, parts in sites.items() if s not in found and any(p.rsplit(".", 1)[-1] in kinds for p in parts)]

@@ -41,6 +41,7 @@ from temper.model.hf.config import (
     MOE_ARCHITECTURES,
     NANOCHAT,
     NEMOTRON_H,
+    PHI,
     PHI3,
     POST_NORM,
     QWEN3_NEXT,
@@ -318,9 +319,10 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 # GLM-4's, ERNIE 4.5's and Cohere's q and k rows in RoPE's adjacent pairs
                 pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES, *COHERES) else None
                 for n in "qkvo":
+                    theirs = "dense" if arch == PHI and n == "o" else f"{n}_proj"  # Phi's output projection
                     for t in ("weight", "bias"):
                         if f"{p}attn.{n}_proj.{t}" in keys:
-                            rules.append(_Rule(f"{h}self_attn.{n}_proj.{t}", (f"{p}attn.{n}_proj.{t}",),
+                            rules.append(_Rule(f"{h}self_attn.{theirs}.{t}", (f"{p}attn.{n}_proj.{t}",),
                                                rope_pairs=pairs if n in "qk" else None))
             if arch == GLM4:  # gate and up fused, as Phi-3's
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
@@ -385,15 +387,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:  # Starcoder2's up and down: GPT-2's c_fc and c_proj
                         theirs = ({"up": "c_fc", "down": "c_proj"}[n] if arch == STARCODER2
-                                  else {"up": "fc1", "down": "fc2"}[n] if arch == NANOCHAT else f"{n}_proj")
+                                  else {"up": "fc1", "down": "fc2"}[n] if arch in (NANOCHAT, PHI) else f"{n}_proj")
                         add(f"{h}mlp.{theirs}.{t}", f"{p}mlp.{n}_proj.{t}")
-        final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA)
+        final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA, PHI)
                  else "model.norm.")
         for t in ("weight", "bias"):  # (Starcoder2's bias; nanochat's norm has neither)
             if f"norm.{t}" in keys:
                 add(final + t, f"norm.{t}")
     if not cfg.tie_embeddings:  # (GPT-NeoX's: embed_out)
         rules.append(_Rule("embed_out.weight" if arch == GPT_NEOX else "lm_head.weight", ("head.weight",)))
+    if cfg.head_bias:  # Phi's
+        rules.append(_Rule("lm_head.bias", ("head.bias",)))
     return rules
 
 
