@@ -283,6 +283,8 @@ CASES = {
     # OLMoE: Llama's blocks with q/k norms over all heads, 4 experts of intermediate_size, 2 per token.
     "olmoe-experts": lambda: _hf("OlmoeConfig", "OlmoeForCausalLM", **_SMALL, num_experts=4, num_experts_per_tok=2,
                                  tie_word_embeddings=False),
+    "olmoe-experts-clip": lambda: _hf("OlmoeConfig", "OlmoeForCausalLM", **_SMALL, num_experts=4,  # after its norms
+                                      num_experts_per_tok=2, clip_qkv=0.1, tie_word_embeddings=False),
     # GLM-4.5: DeepSeek-V3's routing (sigmoid scores, a choice bias, 2 of 4 groups of experts kept, weights scaled) with
     # a shared expert, a dense first layer, per-head q/k norms, q/k/v biases, half of each head rotated (in halves).
     "glm4-moe-sigmoid-groups": lambda: _with_choice_bias(_hf(
@@ -360,6 +362,8 @@ CASES = {
     "phi2-parallel-head-bias": lambda: _hf(
         "PhiConfig", "PhiForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, layer_norm_eps=1e-5,
         partial_rotary_factor=0.4, tie_word_embeddings=False),
+    # OLMo (1): Llama's blocks with LayerNorms without weights or biases, q, k and v clamped (low, so that it bites)
+    "olmo-weightless-clip": lambda: _hf("OlmoConfig", "OlmoForCausalLM", **_SMALL, clip_qkv=0.5),
     # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
     "arcee-relu2-yarn": lambda: _hf("ArceeConfig", "ArceeForCausalLM", **_SMALL, tie_word_embeddings=False,
                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -449,6 +453,7 @@ def test_variant_features_are_exercised():
                       ("starcoder2-window-biases", {"sliding_window": None}),
                       ("gpt-neox-parallel-partial", {"rope_dim": None}),
                       ("phi2-parallel-head-bias", {"head_bias": False}),
+                      ("olmo-weightless-clip", {"qkv_clip": None}),
                       ("nanochat", {"rope_reversed": False}), ("nanochat", {"embed_norm": False}),
                       ("nanochat", {"logit_softcap": None}),
                       ("gpt-neox-parallel-partial", {"parallel_mlp_norm": False}),
@@ -662,6 +667,13 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(nanochat, embed_norm=False))
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: its norms have weights"):
         to_hf_config(replace(llama, norm_weightless=True, hf_architecture="LlamaForCausalLM"))
+    olmo = replace(llama, norm="layernorm", norm_weightless=True, qkv_clip=8.0)
+    assert hf_architecture(olmo) == "OlmoForCausalLM"
+    with pytest.raises(ValueError, match="OlmoForCausalLM cannot express this model: its LayerNorms have neither "
+                                         "weights nor biases .norm_weightless., their epsilon fixed at 1e-5"):
+        to_hf_config(replace(olmo, norm_eps=1e-6))
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it does not clamp queries"):
+        to_hf_config(replace(llama, qkv_clip=8.0))
     with pytest.raises(ValueError, match="ArceeForCausalLM cannot express this model: it needs mlp='relu2'"):
         to_hf_config(replace(llama, hf_architecture="ArceeForCausalLM"))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)

@@ -64,7 +64,9 @@ def test_config_validation_names_the_field():
                        ({"no_mlp_layers": (2,)}, r"no_mlp_layers=\(2,\) must list layers of the 2"),
                        ({"no_mlp_layers": (0,), "parallel_block": True}, "not with parallel_block"),
                        ({"mlp": "swiglu", "gelu_exact": True}, "gelu_exact needs mlp='gelu'"),
-                       ({"norm_weightless": True}, "norm_weightless needs norm='rmsnorm'"),
+                       ({"norm": "rmsnorm", "norm_weightless": True, "norm_unit_offset": True},
+                        "norm_weightless does not take norm_unit_offset"),
+                       ({"qkv_clip": 0.0}, "qkv_clip must be positive"),
                        ({"head_bias": True}, "head_bias needs an untied head"),
                        ({"rope_reversed": True}, "rope_reversed needs pos='rope'"),
                        ({"parallel_mlp_norm": True}, "parallel_mlp_norm needs parallel_block")]:

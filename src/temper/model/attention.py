@@ -255,6 +255,7 @@ class Attention(nn.Module):
         # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
         # one over all the query heads' values at once, one over the keys'.
         self.qk_norm_whole = cfg.qk_norm_whole
+        self.qkv_clip = cfg.qkv_clip
         self.qk_norm_after_rope = cfg.qk_norm_after_rope  # Hunyuan: each head's vector rotated, then normalised
         q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
                             else (self.head_dim, self.head_dim))
@@ -302,6 +303,8 @@ class Attention(nn.Module):
         v = k if self.v_proj is None else self.v_proj(x)  # (B, T, Hkv*D): without v_proj, k_proj's before its norm
         if self.q_norm is not None and self.qk_norm_whole:  # all heads' values normalised together
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.qkv_clip is not None:  # OLMo's and OLMoE's
+            q, k, v = (t.clamp(-self.qkv_clip, self.qkv_clip) for t in (q, k, v))
         q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)

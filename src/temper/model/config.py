@@ -119,8 +119,8 @@ class ModelConfig:
     """RMSNorm scales by its weight before rounding to the activations' dtype (OLMo 2); False: after (Llama). The
     same in float32."""
     norm_weightless: bool = False
-    """With norm='rmsnorm': every norm (the blocks', the final one, the q/k norms) normalises without a learned weight
-    (nanochat)."""
+    """Every norm (the blocks', the final one, the q/k norms) normalises without a learned weight or bias (nanochat's
+    RMSNorms, OLMo's LayerNorms)."""
     embed_norm: bool = False
     """Normalise the token embeddings before the first block, by a norm of their own (nanochat's, weightless)."""
     pos: str = "learned"
@@ -196,6 +196,9 @@ class ModelConfig:
     qk_norm_whole: bool = False
     """With qk_norm: one RMSNorm over all the query heads' values together (and one over the keys'), not one per
     head (OLMo 2)."""
+    qkv_clip: float | None = None
+    """Clamp every query, key and value to +-this after its projection (and a q/k norm over all heads) (OLMo's and
+    OLMoE's clip_qkv); None: not."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     head_bias: bool = False
@@ -418,8 +421,10 @@ class ModelConfig:
                              f"{self.experts_per_token} between 1 and n_experts")
         if self.n_experts and self.mlp == "gelu":
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
-        if self.norm_weightless and (self.norm != "rmsnorm" or self.norm_unit_offset):
-            raise ValueError("norm_weightless needs norm='rmsnorm' without norm_unit_offset (a weight to offset)")
+        if self.norm_weightless and self.norm_unit_offset:
+            raise ValueError("norm_weightless does not take norm_unit_offset (a weight to offset)")
+        if self.qkv_clip is not None and not self.qkv_clip > 0:
+            raise ValueError(f"qkv_clip must be positive or None, got {self.qkv_clip}")
         if self.rope_reversed and self.pos != "rope":
             raise ValueError(f"rope_reversed needs pos='rope', got {self.pos!r}")
         if self.head_bias and self.tie_embeddings:

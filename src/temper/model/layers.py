@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=cfg.bias)
 
 
 class MLP(nn.Module):

@@ -641,6 +641,8 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
             _norm(s, "k_norm", attn.k_norm, kv_out, attn_grad, t, rows=heads[1], in_bytes=t.a)
         if attn.value_norm_eps is not None and attn_grad:  # Gemma 4: rms_norm(v.float()) keeps its input and rstd
             s.add("value norm input (float32) and rstd", 4 * (kv_out + kv_out // attn.head_dim))
+        if attn.qkv_clip is not None and attn_grad:  # OLMo: each clamp keeps its input for the mask of its gradient
+            s.add("q, k, v before their clamps", t.a * (q_out + k_out + v_out))
     o_in = attn.o_proj.in_features  # the values' width over every query head: the attention output's
     scores_grad = 0  # per token, the T x T gradients a math-kernel backward makes at once (below)
     fused = False  # whether SDPA keeps its output, o_proj's input (the written-out and math paths leave it to o_proj)

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
 norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
@@ -13,8 +13,9 @@ their own kv heads, values made by the keys' projection, proportional RoPE), val
 scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values),
 Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
 head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
-fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers'
-outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
+fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with
+LayerNorms without weights or biases, q, k and v clamped: `qkv_clip`, as OLMoE's), OLMo 2 (`Olmo2ForCausalLM`: norms
+on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
 one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
 Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers
 say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
@@ -107,12 +108,13 @@ GPT_NEOX = "GPTNeoXForCausalLM"
 ARCEE = "ArceeForCausalLM"
 NANOCHAT = "NanoChatForCausalLM"
 PHI = "PhiForCausalLM"
+OLMO = "OlmoForCausalLM"
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI)
+                           NANOCHAT, PHI, OLMO)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -155,7 +157,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "granitemoeshared": GRANITE_MOE_SHARED, "granitemoehybrid": GRANITE_HYBRID, "nemotron_h": NEMOTRON_H,
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
-                "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI}
+                "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
+                "olmo": OLMO}
 
 
 def hf_mlp(arch: str) -> str:
@@ -499,8 +502,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                              "temper's `bias` covers every layer)")
     elif arch in (STARCODER2, PHI):  # use_bias (Phi: always): every linear layer's and LayerNorm's
         bias = True
-    elif arch == NANOCHAT and d.get("attention_bias"):
-        raise ValueError("NanoChat attention_bias=true is not supported (its MLP has no biases; temper's `bias` covers "
+    elif arch in (NANOCHAT, OLMO) and d.get("attention_bias"):
+        raise ValueError(f"{name} attention_bias=true is not supported (its MLP has no biases; temper's `bias` covers "
                          "every layer)")
     elif d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported")
@@ -516,8 +519,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 2048),
         mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE, NANOCHAT)
              else "gelu" if arch in (STARCODER2, PHI) else "swiglu"),
-        norm="layernorm" if arch in (*COHERES, STARCODER2, PHI) else "rmsnorm",
-        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in (*COHERES, PHI)
+        norm="layernorm" if arch in (*COHERES, STARCODER2, PHI, OLMO) else "rmsnorm",
+        norm_weightless=arch in (OLMO, NANOCHAT),
+        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in (*COHERES, PHI) else 1e-5 if arch == OLMO  # (OLMo's fixed)
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
@@ -542,16 +546,15 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **(_multipliers(d) if arch in GRANITES else {}),
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
         **(_linear_layers(d) if arch in HYBRID else {}), **linear, **(_nanochat(d) if arch == NANOCHAT else {}),
+        qkv_clip=None if d.get("clip_qkv") is None or arch not in (OLMO, OLMOE) else float(d["clip_qkv"]),
     )
 
 
 def _nanochat(d: dict[str, Any]) -> dict[str, Any]:
-    """The ModelConfig fields of nanochat's GPT (Karpathy 2025) beside Llama's and its q/k norms after RoPE: norms
-    without weights, one of them on the embeddings, RoPE turning the other way, and logits capped by tanh (15; null:
-    none)."""
+    """The ModelConfig fields of nanochat's GPT (Karpathy 2025) beside Llama's, its q/k norms after RoPE and its norms
+    without weights: a norm of the embeddings, RoPE turning the other way, and logits capped by tanh (15; null: none)."""
     cap = d.get("final_logit_softcapping", 15.0)
-    return {"norm_weightless": True, "embed_norm": True, "rope_reversed": True,
-            "logit_softcap": None if cap is None else float(cap)}
+    return {"embed_norm": True, "rope_reversed": True, "logit_softcap": None if cap is None else float(cap)}
 
 
 def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
@@ -990,8 +993,6 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True,
                 "router_scores": "sigmoid", "expert_choice_bias": True}
     if arch == OLMOE:  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
-        if d.get("clip_qkv") is not None:
-            raise ValueError(f"Olmoe clip_qkv={d['clip_qkv']} is not supported (temper does not clamp q, k and v)")
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False))}
     if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
@@ -1419,7 +1420,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = JAMBA if cfg.linear_bcdt_weights else FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
         elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
             arch = MAMBA2
-        elif cfg.norm_weightless or cfg.embed_norm or cfg.rope_reversed:
+        elif cfg.embed_norm or cfg.rope_reversed or cfg.norm_weightless and cfg.norm == "rmsnorm":
             arch = NANOCHAT
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
             arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
@@ -1428,6 +1429,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
                     else GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2)
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu"):
+            arch = OLMO
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
             bamba = cfg.rope_dim is not None  # (Granite 4.0 rotates whole heads)
             arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts
@@ -1483,7 +1486,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         if cfg.gelu_exact:
             return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
         return "it has no sliding window" if cfg.sliding_window else None
-    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX, PHI) else "rmsnorm"
+    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX, PHI, OLMO) else "rmsnorm"
     if (cfg.pos, cfg.norm) != ("rope", norm):
         return f"it needs RoPE and norm={norm!r}"
     if arch == GPT_NEOX and (cfg.parallel_block != cfg.parallel_mlp_norm or cfg.kv_heads != cfg.n_heads
@@ -1535,13 +1538,19 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
             return "it needs mlp='gelu' (GPT-2's MLP) and biases on every layer and norm"
     elif any(gemma_parts) or cfg.mlp != "swiglu":
         return "it needs mlp='swiglu' without norm_unit_offset or scale_embeddings"
-    nanochat_parts = (cfg.norm_weightless, cfg.embed_norm, cfg.rope_reversed)
-    if arch == NANOCHAT and not (all(nanochat_parts) and cfg.head_dim * cfg.n_heads == cfg.dim):
+    if arch == NANOCHAT and not (cfg.norm_weightless and cfg.embed_norm and cfg.rope_reversed
+                                 and cfg.head_dim * cfg.n_heads == cfg.dim):
         return ("its norms have no weights, one normalises the embeddings, its RoPE turns the other way "
                 "(norm_weightless, embed_norm, rope_reversed), its heads hidden_size / num_attention_heads wide")
-    if arch != NANOCHAT and any(nanochat_parts):
-        return ("its norms have weights, the embeddings none, and its RoPE turns the usual way (NanoChatForCausalLM's "
-                "do not: norm_weightless, embed_norm, rope_reversed)")
+    if arch == OLMO and not (cfg.norm_weightless and cfg.norm_eps == 1e-5):
+        return "its LayerNorms have neither weights nor biases (norm_weightless), their epsilon fixed at 1e-5"
+    if cfg.norm_weightless and arch not in (NANOCHAT, OLMO):
+        return "its norms have weights (NanoChatForCausalLM's and OlmoForCausalLM's have none: norm_weightless)"
+    if (cfg.embed_norm or cfg.rope_reversed) and arch != NANOCHAT:
+        return ("it does not normalise its embeddings, and its RoPE turns the usual way (NanoChatForCausalLM's: "
+                "embed_norm, rope_reversed)")
+    if cfg.qkv_clip is not None and arch not in (OLMO, OLMOE):
+        return "it does not clamp queries, keys and values (OLMo and OLMoE do: qkv_clip)"
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
         return "every block has an MLP (NemotronHForCausalLM has blocks without: no_mlp_layers)"
     gemma4_parts = (cfg.global_shaped, cfg.value_norm, cfg.layer_scalar, cfg.experts_own_norms, cfg.kv_shared_layers,
@@ -1595,7 +1604,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT)
@@ -1810,6 +1819,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "relu2"}
     elif arch == NANOCHAT:
         d |= {"attention_bias": False, "hidden_act": "relu2", "final_logit_softcapping": cfg.logit_softcap}
+    elif arch == OLMO:  # its LayerNorms' epsilon is fixed (1e-5)
+        del d["rms_norm_eps"]
+        d |= {"attention_bias": False, "clip_qkv": cfg.qkv_clip}
     elif arch == GRANITE:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "embedding_multiplier": cfg.embed_multiplier or 1.0,
               "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
@@ -2016,7 +2028,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         if arch == MINIMAX_M2:  # partial RoPE in the rotary_dim spelling of its published configs
             d |= {"rotary_dim": cfg.rotary_dim, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     elif arch == OLMOE:
-        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": None,
+        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": cfg.qkv_clip,
               "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}
     elif arch in (QWEN3_5_MOE, QWEN3_NEXT):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
