@@ -362,6 +362,13 @@ CASES = {
     "phi2-parallel-head-bias": lambda: _hf(
         "PhiConfig", "PhiForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, layer_norm_eps=1e-5,
         partial_rotary_factor=0.4, tie_word_embeddings=False),
+    # Ministral 3: Mistral with YaRN and Llama 4's query temperature past the original length (16 here, so that 40-token
+    # inputs take it), a sliding window
+    "ministral3-yarn-temperature": lambda: _hf(
+        "Ministral3Config", "Ministral3ForCausalLM", **_SMALL, head_dim=16, sliding_window=WINDOW,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
     # OLMo (1): Llama's blocks with LayerNorms without weights or biases, q, k and v clamped (low, so that it bites)
     "olmo-weightless-clip": lambda: _hf("OlmoConfig", "OlmoForCausalLM", **_SMALL, clip_qkv=0.5),
     # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
@@ -454,6 +461,7 @@ def test_variant_features_are_exercised():
                       ("gpt-neox-parallel-partial", {"rope_dim": None}),
                       ("phi2-parallel-head-bias", {"head_bias": False}),
                       ("olmo-weightless-clip", {"qkv_clip": None}),
+                      ("ministral3-yarn-temperature", {"query_scale_beta": 0.0}),
                       ("nanochat", {"rope_reversed": False}), ("nanochat", {"embed_norm": False}),
                       ("nanochat", {"logit_softcap": None}),
                       ("gpt-neox-parallel-partial", {"parallel_mlp_norm": False}),
@@ -674,6 +682,12 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(olmo, norm_eps=1e-6))
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it does not clamp queries"):
         to_hf_config(replace(llama, qkv_clip=8.0))
+    ministral3 = replace(llama, query_scale_beta=0.1, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 64})
+    assert hf_architecture(ministral3) == "Ministral3ForCausalLM"
+    with pytest.raises(ValueError, match="MistralForCausalLM cannot express this model: its queries take no "
+                                         "temperature"):
+        to_hf_config(replace(ministral3, sliding_window=16, hf_architecture="MistralForCausalLM"))
     with pytest.raises(ValueError, match="ArceeForCausalLM cannot express this model: it needs mlp='relu2'"):
         to_hf_config(replace(llama, hf_architecture="ArceeForCausalLM"))
     starcoder2 = replace(llama, norm="layernorm", mlp="gelu", bias=True, sliding_window=16)
@@ -765,6 +779,27 @@ def test_gemma3_image_text_checkpoints_give_their_text_model(tmp_path):
         hf_architecture="Gemma3ForCausalLM")
     with pytest.raises(ValueError, match="text_config"):
         from_hf_config(published | {"text_config": [1]})
+
+
+@pytest.mark.parametrize("text_type", ["ministral3", "mistral"])
+def test_mistral3_image_text_checkpoints_give_their_text_model(tmp_path, text_type):
+    """Ministral 3 and Mistral Small 3.1 are published as Mistral3ForConditionalGeneration (the text model under
+    model.language_model., a Pixtral vision tower): temper reads the text model, Ministral 3's or Mistral's by the
+    text_config's model_type, with transformers' logits for text, and exports a text-only *ForCausalLM."""
+    text = {k: v for k, v in _SMALL.items() if k not in ("bos_token_id", "eos_token_id")} | {
+        "model_type": text_type, "head_dim": 16, "sliding_window": None}
+    if text_type == "ministral3":
+        text["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                                   "beta_slow": 1.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+                                   "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, head_dim=16)
+    hf = _hf("Mistral3Config", "Mistral3ForConditionalGeneration", text_config=text, vision_config=vision,
+             image_token_index=100)
+    x = torch.randint(0, 96, (2, 40))  # below the image token
+    arch = "Ministral3ForCausalLM" if text_type == "ministral3" else "MistralForCausalLM"
+    cfg = _reads_its_text_model(hf, tmp_path, arch, x)
+    assert (cfg.query_scale_beta is not None) == (text_type == "ministral3")
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

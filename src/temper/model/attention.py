@@ -193,6 +193,13 @@ class KVCache:
         self.lengths.add_(n).clamp_(max=self.max_len)
 
 
+def _rotated_queries(q: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Queries (B, T, H, D) rotated by `rope` (cos, sin), rounded to their dtype, then, where `rope` carries a third
+    tensor (B|1, T, 1, 1), multiplied by it, rounded to their dtype first (`query_scale_beta`, Ministral 3's)."""
+    q = apply_rope(q, *rope[:2]).to(q.dtype)
+    return q if len(rope) == 2 else q * rope[2].to(q.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (Su et al. 2021).
 
@@ -296,7 +303,7 @@ class Attention(nn.Module):
         if self.kv_source is not None:  # another layer's keys and values, cached and rotated: queries alone here
             q = q.view(B, T, -1, self.head_dim)  # (B, T, H, D)
             q = q if self.q_norm is None or self.qk_norm_after_rope else self.q_norm(q)
-            q = q if rope is None else apply_rope(q, *rope).to(q.dtype)
+            q = q if rope is None else _rotated_queries(q, rope)
             q = self.q_norm(q) if self.q_norm is not None and self.qk_norm_after_rope else q
             return (q.transpose(1, 2), *shared_kv[self.kv_source], gate)
         k = self.k_proj(x)  # (B, T, Hkv*D)
@@ -314,7 +321,7 @@ class Attention(nn.Module):
         if per_head_norm and not self.qk_norm_after_rope:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope).to(q.dtype), apply_rope(k, *rope).to(k.dtype)  # float32 tables: rounded after
+            q, k = _rotated_queries(q, rope), apply_rope(k, *rope[:2]).to(k.dtype)  # float32 tables: rounded after
         if per_head_norm and self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
@@ -443,7 +450,7 @@ class LatentAttention(Attention):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, R)
         latent, k_rot = self.kv_a_layernorm(latent), k_rot.unsqueeze(2)  # (B, T, r), (B, T, 1, R)
         if rope is not None:
-            q_rot, k_rot = apply_rope(q_rot, *rope).to(q.dtype), apply_rope(k_rot, *rope).to(k_rot.dtype)
+            q_rot, k_rot = _rotated_queries(q_rot, rope), apply_rope(k_rot, *rope[:2]).to(k_rot.dtype)
         latent, k_rot = latent.unsqueeze(1), k_rot.transpose(1, 2)  # (B, 1, T, r), (B, 1, T, R)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)  # (B, 1, S, r), (B, 1, S, R)

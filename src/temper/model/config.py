@@ -130,6 +130,10 @@ class ModelConfig:
     rope_reversed: bool = False
     """With RoPE: turn each pair the other way, by minus its angle (nanochat, whose rotate_half is cat(x2, -x1)): the
     sine table negated."""
+    query_scale_beta: float | None = None
+    """With RoPE scaling: Llama 4's attention temperature (Ministral 3): each query, rotated, is multiplied by 1 + beta
+    log(1 + floor(position / L)), L the scaling's original_max_position_embeddings, so that attention sharpens as
+    positions grow past it; None: not."""
     rope_dim: int | None = None
     """How many leading dimensions of each head RoPE rotates (Phi-4-mini: 96 of 128); the rest pass through
     unrotated (latent attention rotates its last ones instead). None: the whole head."""
@@ -425,6 +429,9 @@ class ModelConfig:
             raise ValueError("norm_weightless does not take norm_unit_offset (a weight to offset)")
         if self.qkv_clip is not None and not self.qkv_clip > 0:
             raise ValueError(f"qkv_clip must be positive or None, got {self.qkv_clip}")
+        if self.query_scale_beta is not None and "original_max_position_embeddings" not in (self.rope_scaling or {}):
+            raise ValueError(f"query_scale_beta={self.query_scale_beta} needs a rope_scaling with an "
+                             "original_max_position_embeddings")
         if self.rope_reversed and self.pos != "rope":
             raise ValueError(f"rope_reversed needs pos='rope', got {self.pos!r}")
         if self.head_bias and self.tie_embeddings:

@@ -292,6 +292,11 @@ class Transformer(nn.Module):
                 if self.cfg.rope_tables_rounded:  # Cohere: rounded to the activations' dtype, then rotated in float32
                     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
                 ropes[local] = (cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype))  # (B|1, T, 1, R/2)
+            if self.cfg.query_scale_beta is not None:  # Ministral 3: the queries' temperature, a third tensor
+                at = positions if positions is not None else torch.arange(T, device=tokens.device)[None]  # (B|1, T)
+                length = self.cfg.rope_scaling["original_max_position_embeddings"]
+                scale = 1 + self.cfg.query_scale_beta * torch.log(1 + torch.floor(at / length))  # as its reference
+                ropes = {k: r if r is None else (*r, scale[:, :, None, None]) for k, r in ropes.items()}
         if first:
             x = self.drop(x)
         # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.

@@ -1,9 +1,12 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
-(`MistralForCausalLM`: a sliding window), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k
-norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
+Fifty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+(`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
+temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
+text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
+(`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings,
+wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
 capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
 norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
@@ -109,12 +112,14 @@ ARCEE = "ArceeForCausalLM"
 NANOCHAT = "NanoChatForCausalLM"
 PHI = "PhiForCausalLM"
 OLMO = "OlmoForCausalLM"
+MINISTRAL3 = "Ministral3ForCausalLM"
+MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -140,7 +145,8 @@ LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attentio
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
-              "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4}
+              "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4,
+              "Mistral3ForConditionalGeneration": MINISTRAL3}  # (or Mistral's: Mistral Small 3.1's text_config)
 """Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
@@ -158,7 +164,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
-                "olmo": OLMO}
+                "olmo": OLMO, "ministral3": MINISTRAL3, "mistral3": "Mistral3ForConditionalGeneration"}
 
 
 def hf_mlp(arch: str) -> str:
@@ -282,6 +288,7 @@ _ROPE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
                     (*_FLOAT, type(None))),  # YaRN's (a null factor: DeepSeek-V3's ratio of lengths)
     "truncate": _BOOL, "short_factor": (list,), "long_factor": (list,),  # LongRoPE's
+    "llama_4_scaling_beta": _FLOAT,  # Ministral 3's query temperature
 }
 _TYPE_NAMES = {_INT: "an integer", _FLOAT: "a number", _BOOL: "true or false", _STR: "a string",
                (*_FLOAT, type(None)): "a number or null"}
@@ -310,6 +317,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         text, arch = d.get("text_config") or {}, IMAGE_TEXT[_architecture(d)]
         if not isinstance(text, dict):
             raise ValueError(f"key 'text_config' must be an object, got {text!r}")
+        if arch == MINISTRAL3 and text.get("model_type", "mistral") != "ministral3":  # Mistral3Config's default
+            arch = MISTRAL
         if arch == GEMMA3:
             tied = d.get("tie_word_embeddings", True)
             return from_hf_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text, "architectures": [arch]})
@@ -343,6 +352,11 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
     return _gpt_neox(d) if arch == GPT_NEOX else _from_llama_like(d, arch)
 
+
+_MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                    "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+"""Ministral3Config's RoPE where a config gives none."""
 
 _GPT_NEOX_DEFAULTS = {"vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
                       "intermediate_size": 24576, "hidden_act": "gelu", "max_position_embeddings": 2048,
@@ -388,6 +402,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = {**_GEMMA4_TEXT_DEFAULTS, **d}
     if arch == ERNIE4_5:  # Ernie4_5Config's head width when a config leaves it out (its MoE's: hidden / heads)
         d = {"head_dim": 128, **d}
+    if arch == MINISTRAL3:  # Ministral3Config's head width and RoPE (YaRN, the queries' temperature) where left out
+        d = {"head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144, **d}
+        if not (d.get("rope_parameters") or d.get("rope_scaling")):
+            d["rope_parameters"] = dict(_MINISTRAL3_ROPE)
     if arch in HUNYUANS:
         d = _hunyuan_rope(d)
     if arch in COHERES:
@@ -435,7 +453,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     latent = _latent_attention(d, arch) if arch in LATENT else {}
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
-    window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2) else None
+    window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2, MINISTRAL3) else None
     every = local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
@@ -547,6 +565,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
         **(_linear_layers(d) if arch in HYBRID else {}), **linear, **(_nanochat(d) if arch == NANOCHAT else {}),
         qkv_clip=None if d.get("clip_qkv") is None or arch not in (OLMO, OLMOE) else float(d["clip_qkv"]),
+        query_scale_beta=float(rope.get("llama_4_scaling_beta", 0.0)) if arch == MINISTRAL3 else None,
     )
 
 
@@ -1459,7 +1478,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GLM4
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
-            arch = (HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
+            arch = (MINISTRAL3 if cfg.query_scale_beta is not None
+                    else HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm
+                    else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else SMOLLM3 if cfg.nope_every else GRANITE if granite else ERNIE4_5 if cfg.rope_float32 else LLAMA)
         else:
             raise ValueError(
@@ -1549,6 +1570,9 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.embed_norm or cfg.rope_reversed) and arch != NANOCHAT:
         return ("it does not normalise its embeddings, and its RoPE turns the usual way (NanoChatForCausalLM's: "
                 "embed_norm, rope_reversed)")
+    if (cfg.query_scale_beta is not None) != (arch == MINISTRAL3):
+        return ("its queries take Llama 4's temperature (query_scale_beta)" if arch == MINISTRAL3
+                else "its queries take no temperature (Ministral3ForCausalLM's do: query_scale_beta)")
     if cfg.qkv_clip is not None and arch not in (OLMO, OLMOE):
         return "it does not clamp queries, keys and values (OLMo and OLMoE do: qkv_clip)"
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
@@ -1604,7 +1628,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if arch in (QWEN2_MOE, *GLM) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
-                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO)
+                *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO,
+                MINISTRAL3)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT)
@@ -1718,7 +1743,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its global layers, and they alone, take no positions (nope_every = global_every)"
     if arch == COHERE2 and not cfg.sliding_window:
         return "its layers that take positions attend within a sliding window"
-    if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL, STARCODER2):
+    if cfg.sliding_window and arch not in (MISTRAL, PHI3, *LOCAL_GLOBAL, MIXTRAL, STARCODER2, MINISTRAL3):
         return "it has no sliding window"
     return None
 
@@ -1819,6 +1844,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "relu2"}
     elif arch == NANOCHAT:
         d |= {"attention_bias": False, "hidden_act": "relu2", "final_logit_softcapping": cfg.logit_softcap}
+    elif arch == MINISTRAL3:  # its RoPE written out, the queries' temperature in it
+        d |= {"sliding_window": cfg.sliding_window, "rope_scaling": None,
+              "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {}),
+                                  "llama_4_scaling_beta": cfg.query_scale_beta}}
     elif arch == OLMO:  # its LayerNorms' epsilon is fixed (1e-5)
         del d["rms_norm_eps"]
         d |= {"attention_bias": False, "clip_qkv": cfg.qkv_clip}

@@ -36,6 +36,7 @@ from temper.model.hf.config import (
     LFM2_MOE,
     LFM2S,
     MINIMAX_M2,
+    MISTRALS,
     MIXERS_ALONE,
     MIXTRAL_NAMES,
     MOE_ARCHITECTURES,
@@ -409,7 +410,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
                            ".attention.masked_bias"))  # (GPT-2's and GPT-NeoX's causal masks)
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight", "embed_out.weight") and cfg.tie_embeddings)
-            or (cfg.hf_architecture == GEMMA3 and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture in (GEMMA3, *MISTRALS) and name.startswith(_GEMMA3_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
             or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
@@ -440,7 +441,7 @@ def canonical_name(name: str, arch: str) -> str:
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
         return "embed_out" + name.removeprefix("lm_head")
-    if arch in (GEMMA3, GEMMA4, *HYBRID):
+    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
