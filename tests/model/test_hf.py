@@ -369,6 +369,12 @@ CASES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                          "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
+    # StableLM 2: LayerNorms with biases beside linear layers without (but q, k and v's here), a quarter of each head
+    # rotated; and its parallel form, attention beside the MLP on one norm
+    "stablelm-qkv-bias": lambda: _hf("StableLmConfig", "StableLmForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, use_qkv_bias=True, tie_word_embeddings=False),
+    "stablelm-parallel": lambda: _hf("StableLmConfig", "StableLmForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, use_parallel_residual=True, partial_rotary_factor=0.5),
     # OLMo (1): Llama's blocks with LayerNorms without weights or biases, q, k and v clamped (low, so that it bites)
     "olmo-weightless-clip": lambda: _hf("OlmoConfig", "OlmoForCausalLM", **_SMALL, clip_qkv=0.5),
     # Arcee (AFM-4.5B): Llama with a squared-ReLU MLP, not gated; YaRN
@@ -461,6 +467,7 @@ def test_variant_features_are_exercised():
                       ("gpt-neox-parallel-partial", {"rope_dim": None}),
                       ("phi2-parallel-head-bias", {"head_bias": False}),
                       ("olmo-weightless-clip", {"qkv_clip": None}),
+                      ("stablelm-qkv-bias", {"norm_bias": False}),
                       ("ministral3-yarn-temperature", {"query_scale_beta": 0.0}),
                       ("nanochat", {"rope_reversed": False}), ("nanochat", {"embed_norm": False}),
                       ("nanochat", {"logit_softcap": None}),
@@ -675,6 +682,14 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(nanochat, embed_norm=False))
     with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: its norms have weights"):
         to_hf_config(replace(llama, norm_weightless=True, hf_architecture="LlamaForCausalLM"))
+    stablelm = replace(llama, norm="layernorm", norm_bias=True, qkv_bias=True, rope_dim=4)
+    assert hf_architecture(stablelm) == hf_architecture(replace(stablelm, parallel_block=True)) == "StableLmForCausalLM"
+    with pytest.raises(ValueError, match="StableLmForCausalLM cannot express this model: its LayerNorms have "
+                                         "biases and its linear layers none but q, k and v's"):
+        to_hf_config(replace(stablelm, bias=True))
+    with pytest.raises(ValueError, match="LlamaForCausalLM cannot express this model: it needs RoPE and "
+                                         "norm='rmsnorm'"):
+        to_hf_config(replace(stablelm, hf_architecture="LlamaForCausalLM"))
     olmo = replace(llama, norm="layernorm", norm_weightless=True, qkv_clip=8.0)
     assert hf_architecture(olmo) == "OlmoForCausalLM"
     with pytest.raises(ValueError, match="OlmoForCausalLM cannot express this model: its LayerNorms have neither "
@@ -1752,6 +1767,8 @@ def test_published_configs_map_to_presets():
                         "NanoChat attention_bias=true is not supported"),
                        ({**_SMALL, "architectures": ["NanoChatForCausalLM"], "hidden_act": "silu"},
                         "NanoChat hidden_act 'silu' is not supported"),
+                       ({**_SMALL, "architectures": ["StableLmForCausalLM"], "qk_layernorm": True},
+                        "StableLm qk_layernorm=true is not supported"),
                        ({**_SMALL, "architectures": ["PhiForCausalLM"], "qk_layernorm": True},
                         "Phi qk_layernorm=true is not supported"),
                        ({**_SMALL, "architectures": ["Starcoder2ForCausalLM"], "use_bias": False},

@@ -1,7 +1,7 @@
 """PEFT's adapter format both ways, with PEFT itself as the reference: an adapter saved by temper and
 loaded by `PeftModel.from_pretrained` onto temper's Hugging Face export gives temper's logits, and an
 adapter made by `get_peft_model(...).save_pretrained` and read by `load_peft` gives PEFT's (fp32,
-1e-4), for forty-nine architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
+1e-4), for fifty architectures (fused GPT-2 c_attn and Phi-3 qkv/gate_up, mixtures of experts included), plain
 LoRA, rsLoRA and DoRA; bad adapter files fail naming the key. The same both ways for prefix tuning on the
 RoPE architectures (GQA, Gemma's head_dim, Qwen3's q/k norms, Phi-3), greedy generation included (equal wherever a
 step is not a near-tie: tests/greedy.py); GPT-2's learned positions and sliding windows are
@@ -151,6 +151,9 @@ CONFIGS = {
     "ministral3": replace(_LLAMA, sliding_window=8, query_scale_beta=0.5, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
         hf_architecture="Ministral3ForCausalLM"),
+    # StableLM 2: biased LayerNorms beside unbiased linear layers but q, k and v, a quarter of each head rotated
+    "stablelm": replace(_LLAMA, norm="layernorm", norm_bias=True, qkv_bias=True, rope_dim=4,
+                        hf_architecture="StableLmForCausalLM"),
     # OLMo (1): LayerNorms without weights or biases, q, k and v clamped
     "olmo": replace(_LLAMA, norm="layernorm", norm_weightless=True, qkv_clip=0.3, hf_architecture="OlmoForCausalLM"),
     # Phi-2: attention beside the MLP (fc1, fc2) on one LayerNorm, biases everywhere (the head's too: LoRA beside it)

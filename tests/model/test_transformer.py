@@ -67,6 +67,7 @@ def test_config_validation_names_the_field():
                        ({"norm": "rmsnorm", "norm_weightless": True, "norm_unit_offset": True},
                         "norm_weightless does not take norm_unit_offset"),
                        ({"qkv_clip": 0.0}, "qkv_clip must be positive"),
+                       ({"norm": "rmsnorm", "norm_bias": True}, "norm_bias needs norm='layernorm'"),
                        ({"pos": "rope", "query_scale_beta": 0.1}, "query_scale_beta=0.1 needs a rope_scaling"),
                        ({"head_bias": True}, "head_bias needs an untied head"),
                        ({"rope_reversed": True}, "rope_reversed needs pos='rope'"),

@@ -218,6 +218,8 @@ NANOCHAT = dict(mlp="relu2", norm_weightless=True, embed_norm=True, rope_reverse
                 qk_norm_after_rope=True, logit_softcap=15.0, ffn_dim=256)
 # OLMo's (1): LayerNorms without weights or biases, q, k and v clamped (each clamp keeps its input)
 OLMO = dict(norm="layernorm", norm_weightless=True, qkv_clip=0.5)
+# StableLM 2's: LayerNorms with biases beside linear layers without (but q, k and v), attention beside the MLP
+STABLELM = dict(norm="layernorm", norm_bias=True, qkv_bias=True, rope_dim=4, parallel_block=True)
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
@@ -290,6 +292,7 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "pretrain", "bf16", 0, {"dims": NANOCHAT}),
     ("debug-llama", "pretrain", "fp32", 0, {"dims": OLMO}),
     ("debug-llama", "lora", "fp32", 0, {"dims": OLMO}),
+    ("debug-llama", "pretrain", "bf16", 0, {"dims": STABLELM}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NANOCHAT}),
     # LFM2's short convolutions: the gates' factors, the convolution's input where its weight trains (a float32 copy
     # per tap under autocast)

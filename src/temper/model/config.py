@@ -118,6 +118,9 @@ class ModelConfig:
     norm_cast_after: bool = False
     """RMSNorm scales by its weight before rounding to the activations' dtype (OLMo 2); False: after (Llama). The
     same in float32."""
+    norm_bias: bool | None = None
+    """With norm='layernorm': whether the LayerNorms have biases, where that differs from `bias` (StableLM: biased
+    LayerNorms beside linear layers without); None: as `bias` says."""
     norm_weightless: bool = False
     """Every norm (the blocks', the final one, the q/k norms) normalises without a learned weight or bias (nanochat's
     RMSNorms, OLMo's LayerNorms)."""
@@ -425,6 +428,8 @@ class ModelConfig:
                              f"{self.experts_per_token} between 1 and n_experts")
         if self.n_experts and self.mlp == "gelu":
             raise ValueError("n_experts needs a gated MLP (mlp='swiglu' or 'geglu')")
+        if self.norm_bias is not None and self.norm != "layernorm":
+            raise ValueError(f"norm_bias needs norm='layernorm', got {self.norm!r}")
         if self.norm_weightless and self.norm_unit_offset:
             raise ValueError("norm_weightless does not take norm_unit_offset (a weight to offset)")
         if self.qkv_clip is not None and not self.qkv_clip > 0:

@@ -54,7 +54,8 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=cfg.bias)
+    bias = cfg.bias if cfg.norm_bias is None else cfg.norm_bias
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
 
 
 class MLP(nn.Module):

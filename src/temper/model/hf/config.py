@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -17,7 +17,9 @@ scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embedd
 Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
 head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
 fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with
-LayerNorms without weights or biases, q, k and v clamped: `qkv_clip`, as OLMoE's), OLMo 2 (`Olmo2ForCausalLM`: norms
+LayerNorms without weights or biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2
+(`StableLmForCausalLM`: LayerNorms with biases beside linear layers without, `norm_bias`), OLMo 2
+(`Olmo2ForCausalLM`: norms
 on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
 one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
 Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers
@@ -113,13 +115,14 @@ NANOCHAT = "NanoChatForCausalLM"
 PHI = "PhiForCausalLM"
 OLMO = "OlmoForCausalLM"
 MINISTRAL3 = "Ministral3ForCausalLM"
+STABLELM = "StableLmForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -164,7 +167,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "bamba": BAMBA, "mamba2": MAMBA2, "mamba": MAMBA, "falcon_mamba": FALCON_MAMBA,
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
-                "olmo": OLMO, "ministral3": MINISTRAL3, "mistral3": "Mistral3ForConditionalGeneration"}
+                "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
+                "mistral3": "Mistral3ForConditionalGeneration"}
 
 
 def hf_mlp(arch: str) -> str:
@@ -438,6 +442,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     elif arch in (ARCEE, NANOCHAT):  # Llama (nanochat: its GPT) with a squared-ReLU MLP, not gated
         if act != "relu2":
             raise ValueError(f"{name} hidden_act {act!r} is not supported (temper reads relu2)")
+    elif arch == STABLELM and d.get("qk_layernorm"):
+        raise ValueError("StableLm qk_layernorm=true is not supported (temper's q/k norms are RMSNorms shared by the "
+                         "heads; StableLM-2-12B's are LayerNorms per head)")
     elif arch in (STARCODER2, PHI):  # GPT-2's MLP: tanh GELU, not gated
         if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
             raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses tanh GELU)")
@@ -476,12 +483,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         window, every = _window_layers(d, "Cohere2", 4)
     glm = arch in GLM
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm or arch == PHI
-                                                      else 0.25 if arch in HYBRID else 1.0))
+                                                      else 0.25 if arch in (*HYBRID, STABLELM) else 1.0))
     if arch == MINIMAX_M2 and d.get("rotary_dim") is not None:  # its published configs' spelling
         partial = d["rotary_dim"] / head_dim
     if arch == BAMBA:  # BambaConfig fixes it
         partial = 0.5
-    if partial != 1.0 and (arch not in (PHI3, PHI, *GLM, *HYBRID, MINIMAX_M2, BAMBA) or not 0 < partial <= 1):
+    if partial != 1.0 and (arch not in (PHI3, PHI, *GLM, *HYBRID, MINIMAX_M2, BAMBA, STABLELM) or not 0 < partial <= 1):
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
@@ -520,6 +527,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                              "temper's `bias` covers every layer)")
     elif arch in (STARCODER2, PHI):  # use_bias (Phi: always): every linear layer's and LayerNorm's
         bias = True
+    elif arch == STABLELM:  # biases on q, k and v at most (use_qkv_bias), and on its LayerNorms always (norm_bias)
+        qkv_bias = bool(d.get("use_qkv_bias", False))
     elif arch in (NANOCHAT, OLMO) and d.get("attention_bias"):
         raise ValueError(f"{name} attention_bias=true is not supported (its MLP has no biases; temper's `bias` covers "
                          "every layer)")
@@ -537,9 +546,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 2048),
         mlp=("geglu" if gemma else "relu2" if arch in (NEMOTRON_H, ARCEE, NANOCHAT)
              else "gelu" if arch in (STARCODER2, PHI) else "swiglu"),
-        norm="layernorm" if arch in (*COHERES, STARCODER2, PHI, OLMO) else "rmsnorm",
+        norm="layernorm" if arch in (*COHERES, STARCODER2, PHI, OLMO, STABLELM) else "rmsnorm",
+        norm_bias=True if arch == STABLELM else None,
         norm_weightless=arch in (OLMO, NANOCHAT),
-        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in (*COHERES, PHI) else 1e-5 if arch == OLMO  # (OLMo's fixed)
+        norm_eps=(d.get("layer_norm_eps", 1e-5) if arch in (*COHERES, PHI, STABLELM)
+                  else 1e-5 if arch == OLMO  # (OLMo's fixed)
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
@@ -549,7 +560,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch == NANOCHAT,
         qk_norm_whole=arch in WHOLE_QK_NORM, qk_norm_after_rope=arch in (*HUNYUANS, NANOCHAT),
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
-        parallel_block=arch in (*COHERES, PHI), head_bias=arch == PHI,
+        parallel_block=arch in (*COHERES, PHI) or arch == STABLELM and bool(d.get("use_parallel_residual", False)),
+        head_bias=arch == PHI,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
         norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4, NEMOTRON_H),
         rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
@@ -1443,6 +1455,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = NANOCHAT
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
             arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu") and cfg.norm_bias:
+            arch = STABLELM
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
             arch = (PHI if cfg.head_bias or cfg.parallel_block and not cfg.parallel_mlp_norm
                     else GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2)
@@ -1507,18 +1521,23 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         if cfg.gelu_exact:
             return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
         return "it has no sliding window" if cfg.sliding_window else None
-    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX, PHI, OLMO) else "rmsnorm"
+    norm = "layernorm" if arch in (*COHERES, STARCODER2, GPT_NEOX, PHI, OLMO, STABLELM) else "rmsnorm"
     if (cfg.pos, cfg.norm) != ("rope", norm):
         return f"it needs RoPE and norm={norm!r}"
     if arch == GPT_NEOX and (cfg.parallel_block != cfg.parallel_mlp_norm or cfg.kv_heads != cfg.n_heads
                              or cfg.head_dim * cfg.n_heads != cfg.dim):
         return ("its attention and MLP sit side by side on two norms (parallel_mlp_norm) or one after the other, its "
                 "heads hidden_size / num_attention_heads wide, without grouped-query attention")
-    if cfg.parallel_block != (arch in (*COHERES, PHI)) and arch != GPT_NEOX:
+    if cfg.parallel_block != (arch in (*COHERES, PHI)) and arch not in (GPT_NEOX, STABLELM):
         return ("its attention and MLP sit side by side (parallel_block)" if arch in (*COHERES, PHI)
                 else "its MLP follows its attention (CohereForCausalLM has them side by side: parallel_block)")
     if cfg.parallel_mlp_norm and arch != GPT_NEOX:
         return "its parallel MLP reads attention's norm (GPTNeoXForCausalLM's has its own: parallel_mlp_norm)"
+    if arch == STABLELM and (cfg.bias or cfg.norm_bias is not True or cfg.parallel_mlp_norm):
+        return ("its LayerNorms have biases and its linear layers none but q, k and v's (bias=false, norm_bias=true), "
+                "a parallel MLP reading attention's norm")
+    if cfg.norm_bias is not None and cfg.norm_bias != cfg.bias and arch != STABLELM:
+        return "its LayerNorms have biases where its linear layers do (StableLmForCausalLM's alone: norm_bias)"
     if cfg.gelu_exact and arch != GPT_NEOX:
         return "its GELU is the tanh approximation (GPTNeoXForCausalLM's may be exact)"
     if cfg.head_bias != (arch == PHI):
@@ -1728,7 +1747,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its sliding-window layers take no RoPE scaling: give them rope_local_theta"
     if arch == PHI3 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "longrope":
         return "its RoPE scaling is LongRoPE's (Phi3Config reads no other)"
-    if cfg.rope_dim is not None and arch not in (PHI3, PHI, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA, GPT_NEOX):
+    if cfg.rope_dim is not None and arch not in (PHI3, PHI, *GLM, *LATENT, *HYBRID, MINIMAX_M2, BAMBA, GPT_NEOX,
+                                                 STABLELM):
         return "it rotates whole heads (Phi3ForCausalLM and Glm4ForCausalLM have partial_rotary_factor)"
     if (cfg.rope_dim is not None and arch not in LATENT
             and int(cfg.head_dim * (cfg.rope_dim / cfg.head_dim)) != cfg.rope_dim):
@@ -1844,6 +1864,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "hidden_act": "relu2"}
     elif arch == NANOCHAT:
         d |= {"attention_bias": False, "hidden_act": "relu2", "final_logit_softcapping": cfg.logit_softcap}
+    elif arch == STABLELM:  # LayerNorm's epsilon under its own name
+        del d["rms_norm_eps"]
+        d |= {"layer_norm_eps": cfg.norm_eps, "use_qkv_bias": cfg.qkv_bias, "qk_layernorm": False,
+              "use_parallel_residual": cfg.parallel_block, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim,
+              "hidden_dropout": cfg.dropout}
     elif arch == MINISTRAL3:  # its RoPE written out, the queries' temperature in it
         d |= {"sliding_window": cfg.sliding_window, "rope_scaling": None,
               "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {}),
