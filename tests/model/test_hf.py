@@ -1767,6 +1767,12 @@ def test_published_configs_map_to_presets():
                         "NanoChat attention_bias=true is not supported"),
                        ({**_SMALL, "architectures": ["NanoChatForCausalLM"], "hidden_act": "silu"},
                         "NanoChat hidden_act 'silu' is not supported"),
+                       ({**_SMALL, "architectures": ["Ministral3ForCausalLM"], "rope_parameters": {
+                           "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                           "original_max_position_embeddings": 16384}}, "Ministral3 rope_parameters=.* is not supported"),
+                       ({**_SMALL, "architectures": ["Ministral3ForCausalLM"], "rope_parameters": {
+                           "rope_type": "default", "rope_theta": 1e6, "llama_4_scaling_beta": 0.1}},
+                        "Ministral3 rope_parameters=.* is not supported"),
                        ({**_SMALL, "architectures": ["StableLmForCausalLM"], "qk_layernorm": True},
                         "StableLm qk_layernorm=true is not supported"),
                        ({**_SMALL, "architectures": ["PhiForCausalLM"], "qk_layernorm": True},

@@ -357,6 +357,15 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     return _gpt_neox(d) if arch == GPT_NEOX else _from_llama_like(d, arch)
 
 
+def _query_scale_beta(rope: dict[str, Any], scaling: dict | None) -> float:
+    """Ministral 3's temperature of the queries (rope_parameters' llama_4_scaling_beta), which it takes past its RoPE
+    scaling's original length: a config without either makes transformers' Ministral3 fail, and is refused here."""
+    if rope.get("llama_4_scaling_beta") is None or "original_max_position_embeddings" not in (scaling or {}):
+        raise ValueError(f"Ministral3 rope_parameters={rope!r} is not supported (temper reads a scaled RoPE, YaRN's, "
+                         "with its llama_4_scaling_beta)")
+    return float(rope["llama_4_scaling_beta"])
+
+
 _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
                     "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
                     "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
@@ -577,7 +586,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
         **(_linear_layers(d) if arch in HYBRID else {}), **linear, **(_nanochat(d) if arch == NANOCHAT else {}),
         qkv_clip=None if d.get("clip_qkv") is None or arch not in (OLMO, OLMOE) else float(d["clip_qkv"]),
-        query_scale_beta=float(rope.get("llama_4_scaling_beta", 0.0)) if arch == MINISTRAL3 else None,
+        query_scale_beta=_query_scale_beta(rope, scaling) if arch == MINISTRAL3 else None,
     )
 
 
@@ -839,7 +848,7 @@ def _jamba(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not 0 <= offset < period:
             raise ValueError(f"Jamba {kind}_layer_period={period} and {kind}_layer_offset={offset} are not supported "
                              "(the offset below the period)")
-        chosen[kind] = tuple(i for i in range(n) if i % period == offset)
+        chosen[kind] = _periodic(n, period, offset)
     rank, experts, k = d["mamba_dt_rank"], d["num_experts"], d["num_experts_per_tok"]
     rank = None if rank == "auto" else rank  # ModelConfig.dt_rank's rule
     if isinstance(rank, str) or rank is not None and rank <= 0:
@@ -1781,22 +1790,28 @@ def _jamba_cannot_express(cfg: ModelConfig) -> str | None:
         return "its Mamba layers' channels are a whole multiple of dim (mamba_expand)"
     if cfg.n_experts and (cfg.renormalize_experts or cfg.expert_hidden_dim != cfg.hidden_dim):
         return "its experts are ffn_dim wide, weighed by their softmax over all experts (not renormalised)"
-    for kind, layers in (("attention", [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]),
-                         ("expert", [i for i in range(cfg.n_layers) if cfg.has_experts(i)])):
+    for kind, layers in _jamba_layers(cfg).items():
         if _jamba_period(cfg.n_layers, layers) is None:
-            return (f"its {kind} layers are those whose index leaves one remainder by one period "
-                    f"({kind.replace('attention', 'attn')}_layer_period), not {layers}")
+            return (f"its {'attention' if kind == 'attn' else 'expert'} layers are those whose index leaves one "
+                    f"remainder by one period ({kind}_layer_period), not {list(layers)}")
     return None
 
 
-def _jamba_period(n: int, layers: list[int]) -> tuple[int, int] | None:
-    """(period, offset) naming `layers` of `n` as JambaConfig does (layer % period == offset), the shortest period;
-    None where none does."""
-    for period in range(1, n + 2):
-        for offset in range(period):
-            if [i for i in range(n) if i % period == offset] == layers:
-                return period, offset
-    return None
+def _jamba_layers(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Jamba's two layer patterns, by its config keys' prefix: the attention layers ("attn") and those with experts."""
+    return {"attn": tuple(i for i in range(cfg.n_layers) if not cfg.is_linear(i)),
+            "expert": tuple(i for i in range(cfg.n_layers) if cfg.has_experts(i))}
+
+
+def _periodic(n: int, period: int, offset: int) -> tuple[int, ...]:
+    """The layers of `n` that JambaConfig's (period, offset) names: layer % period == offset."""
+    return tuple(i for i in range(n) if i % period == offset)
+
+
+def _jamba_period(n: int, layers: tuple[int, ...]) -> tuple[int, int] | None:
+    """(period, offset) naming `layers` of `n` (`_periodic`), the shortest period; None where none does."""
+    return next(((period, offset) for period in range(1, n + 2) for offset in range(period)
+                 if _periodic(n, period, offset) == layers), None)
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -1986,12 +2001,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "mamba_d_conv": cfg.linear_conv_size, "mamba_expand": heads * head // cfg.dim, "mamba_conv_bias": True,
               "mamba_proj_bias": False, "attention_bias": False, "mlp_bias": False, "z_loss_coefficient": 0.0}
     if arch == JAMBA:  # its attention and expert layers by period and offset; no positions
-        n, attention = cfg.n_layers, [i for i in range(cfg.n_layers) if not cfg.is_linear(i)]
-        attn_period, attn_offset = _jamba_period(n, attention)
-        expert_period, expert_offset = _jamba_period(n, [i for i in range(n) if cfg.has_experts(i)])
         del d["rope_theta"], d["rope_scaling"]
-        d |= {"attn_layer_period": attn_period, "attn_layer_offset": attn_offset,
-              "expert_layer_period": expert_period, "expert_layer_offset": expert_offset,
+        for kind, layers in _jamba_layers(cfg).items():
+            d[f"{kind}_layer_period"], d[f"{kind}_layer_offset"] = _jamba_period(cfg.n_layers, layers)
+        d |= {
               "num_experts": cfg.n_experts or 1, "num_experts_per_tok": cfg.experts_per_token,
               "mamba_d_state": cfg.linear_sizes[0], "mamba_d_conv": cfg.linear_conv_size,
               "mamba_expand": cfg.linear_heads[1] // cfg.dim or 2,  # (no Mamba layers: the default)

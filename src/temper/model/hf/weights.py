@@ -142,6 +142,9 @@ _MAMBA2_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A
 _MAMBA_NAMES = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
                 "A_log", "D", "out_proj.weight")
 """A Mamba layer's tensors, under the same names in temper and its checkpoints."""
+_MLP_NAMES = {STARCODER2: {"up": "c_fc", "down": "c_proj"}, NANOCHAT: {"up": "fc1", "down": "fc2"},
+              PHI: {"up": "fc1", "down": "fc2"}}
+"""Checkpoint names of an unfused MLP's up and down projections where they are not up_proj and down_proj."""
 _JAMBA_MAMBA_NAMES = (*_MAMBA_NAMES, "dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")
 """A Jamba Mamba layer's: a Mamba layer's and the weights of its norms of the step input, B and C."""
 
@@ -386,10 +389,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         add(f"{moe}shared_expert_gate.weight", f"{p}mlp.shared_expert_gate.weight")
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
-                    if f"{p}mlp.{n}_proj.{t}" in keys:  # Starcoder2's up and down: GPT-2's c_fc and c_proj
-                        theirs = ({"up": "c_fc", "down": "c_proj"}[n] if arch == STARCODER2
-                                  else {"up": "fc1", "down": "fc2"}[n] if arch in (NANOCHAT, PHI) else f"{n}_proj")
-                        add(f"{h}mlp.{theirs}.{t}", f"{p}mlp.{n}_proj.{t}")
+                    if f"{p}mlp.{n}_proj.{t}" in keys:
+                        add(f"{h}mlp.{_MLP_NAMES.get(arch, {}).get(n, f'{n}_proj')}.{t}", f"{p}mlp.{n}_proj.{t}")
         final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA, PHI)
                  else "model.norm.")
         for t in ("weight", "bias"):  # (Starcoder2's bias; nanochat's norm has neither)
