@@ -476,17 +476,18 @@ def test_glm45_dense_and_shared_expert_adapters_are_refused_by_name(tmp_path, la
 @pytest.mark.parametrize("case", ["qwen2_moe", "gemma4_moe"])
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj"]])
 def test_peft_module_names_reach_a_shared_expert_not_the_routed_ones(tmp_path, targets, case):
-    """Qwen2-MoE under PEFT: module names adapt its shared expert (and, all-linear, its gate), while the routed experts,
-    stacked parameters in transformers 5, take target_parameters only; Gemma 4's dense MLP, temper's shared expert,
-    alike. temper reads such a file with PEFT's logits, leaving its routed experts' projections of the same names
-    alone."""
+    """Qwen2-MoE under PEFT: module names adapt its shared expert (and, all-linear, its gate); its routed experts,
+    stacked parameters in transformers 5, are adapted only where PEFT turns those names into target_parameters (PEFT
+    0.22 does for Qwen2-MoE, 0.21 did not); Gemma 4's dense MLP, temper's shared expert, alike. temper reads such a
+    file with PEFT's logits, adapting the routed experts' projections of the same names exactly where the file does."""
     model = _model(case)
     hf = _hf(model, tmp_path)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
     theirs.save_pretrained(tmp_path / "adapter")
+    routed = bool(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()).get("target_parameters"))
     swapped = load_peft(model, model.cfg, tmp_path / "adapter")
-    assert not any(".experts." in n for n in swapped)
+    assert sum(".experts." in n for n in swapped) == (model.cfg.n_layers * model.cfg.n_experts * 3 if routed else 0)
     assert sum(".shared_expert." in n for n in swapped) == 2 * 3
     gated = targets == "all-linear" and case == "qwen2_moe"
     assert sum(n.endswith("shared_expert_gate") for n in swapped) == (2 if gated else 0)
