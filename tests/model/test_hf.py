@@ -86,6 +86,14 @@ _GEMMA4 = dict(_SMALL | {"num_hidden_layers": 4}, head_dim=16, global_head_dim=3
                                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                    "rope_theta": 50000.0}})
 
+# Llama 4: RoPE (llama3-scaled) in adjacent pairs, a layer without positions after every one here (interval 2), whose
+# queries take a temperature (floor 4, so that 40-token inputs step it), the others attending within chunks of 8 with
+# weightless q/k norms; a dense MLP (96 wide) and, in every other layer, 4 experts of 40 weighing their inputs, top 2.
+_LLAMA4 = dict(_SMALL | {"num_hidden_layers": 4, "intermediate_size": 40}, intermediate_size_mlp=96, head_dim=16,
+               num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2, attention_chunk_size=WINDOW,
+               no_rope_layer_interval=2, floor_scale=4, attn_scale=0.5, pad_token_id=0,
+               rope_parameters={"rope_theta": 500000.0, **LLAMA3_SCALING})
+
 CASES = {
     "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
                         n_head=4, bos_token_id=0, eos_token_id=0),
@@ -386,6 +394,12 @@ CASES = {
         "Starcoder2Config", "Starcoder2ForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
         norm_epsilon=1e-5, sliding_window=WINDOW, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "llama4-chunked-nope-experts": lambda: _hf("Llama4TextConfig", "Llama4ForCausalLM", **_LLAMA4),
+    # and Scout's layout otherwise: experts (top 1) in every layer, three chunked layers to one without positions, no
+    # temperature, no q/k norms, tied
+    "llama4-scout-layout": lambda: _hf("Llama4TextConfig", "Llama4ForCausalLM", **_LLAMA4 | {
+        "interleave_moe_layer_step": 1, "num_experts_per_tok": 1, "no_rope_layer_interval": 4,
+        "attn_temperature_tuning": False, "use_qk_norm": False, "tie_word_embeddings": True}),
     # Qwen3.5: Gated DeltaNet layers (2 key heads serving 4 value heads, narrower values) between gated attention
     # layers (a quarter of each head rotated, (1 + w) q/k norms), one in two.
     "qwen3.5-hybrid": lambda: _hf("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **_QWEN3_5),
@@ -514,7 +528,12 @@ def test_variant_features_are_exercised():
                       ("falcon-mamba-normed-steps", {"linear_bcdt_eps": None}),
                       ("jamba-mamba-experts", {"linear_bcdt_weights": False}),  # FalconMamba's weightless norms
                       ("jamba-mamba-experts", {"renormalize_experts": True}),
-                      ("jamba-mamba-experts", {"nope_every": None})]:  # RoPE on its attention layers
+                      ("jamba-mamba-experts", {"nope_every": None}),  # RoPE on its attention layers
+                      ("llama4-chunked-nope-experts", {"window_chunked": False}),  # a sliding window instead
+                      ("llama4-chunked-nope-experts", {"qk_l2_norm": False}),
+                      ("llama4-chunked-nope-experts", {"nope_query_scale": None}),
+                      ("llama4-chunked-nope-experts", {"expert_input_weights": False}),  # weighing their outputs
+                      ("llama4-scout-layout", {"window_chunked": False, "sliding_window": None, "global_every": None})]:
         hf = CASES[case]()
         model = _hf_to_temper(hf)
         other = Transformer(replace(model.cfg, **off)).eval()
@@ -1066,6 +1085,22 @@ _PYTHIA_160M = {
     "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
     "transformers_version": "4.24.0", "use_cache": True, "use_parallel_residual": True, "vocab_size": 50304}
 
+_LLAMA4_SCOUT = {
+    "architectures": ["Llama4ForConditionalGeneration"], "boi_token_index": 200080, "eoi_token_index": 200081,
+    "image_token_index": 200092, "model_type": "llama4", "tie_word_embeddings": False, "text_config": {
+        "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "attn_scale": 0.1,
+        "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+        "initializer_range": 0.02, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384, "max_position_embeddings": 262144, "model_type": "llama4_text",
+        "moe_layers": list(range(48)), "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(48)],
+        "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+        "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16",
+        "use_cache": True, "use_qk_norm": True, "vocab_size": 202048}}
+
 # Published config.json fields of models with a preset, and their parameter counts (the published sizes).
 PUBLISHED = {
     # NVIDIA-Nemotron-Nano-9B-v2: 8.89B
@@ -1116,6 +1151,11 @@ PUBLISHED = {
     "jamba-v0.1": (_JAMBA_V01, 51_570_323_328),
     "jamba-1.5-large": (_JAMBA_V01 | {"hidden_size": 8192, "intermediate_size": 24576, "num_attention_heads": 64,
                                       "num_hidden_layers": 72}, 398_026_647_264),
+    # meta-llama/Llama-4-Scout-17B-16E (its text model: 109B with the vision tower) and Llama-4-Maverick-17B-128E
+    "llama-4-scout": (_LLAMA4_SCOUT, 107_769_861_120),
+    "llama-4-maverick": (_LLAMA4_SCOUT | {"text_config": _LLAMA4_SCOUT["text_config"] | {
+        "interleave_moe_layer_step": 2, "num_local_experts": 128, "max_position_embeddings": 1048576,
+        "rope_scaling": None, "use_qk_norm": False, "moe_layers": None, "no_rope_layers": None}}, 400_711_848_960),
     # EleutherAI/pythia-160m, pythia-1.4b, pythia-6.9b: the Pythia paper's totals
     "pythia-160m": (_PYTHIA_160M, 162_322_944),
     "pythia-1.4b": (_PYTHIA_160M | {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16,

@@ -264,6 +264,7 @@ class Attention(nn.Module):
         self.qk_norm_whole = cfg.qk_norm_whole
         self.qkv_clip = cfg.qkv_clip
         self.qk_norm_after_rope = cfg.qk_norm_after_rope  # Hunyuan: each head's vector rotated, then normalised
+        self.qk_l2_eps = cfg.norm_eps if cfg.qk_l2_norm else None  # Llama 4: weightless, after RoPE
         q_width, k_width = ((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim) if cfg.qk_norm_whole
                             else (self.head_dim, self.head_dim))
         norm = (cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
@@ -275,7 +276,9 @@ class Attention(nn.Module):
         mask: torch.Tensor | BlockMask | None, causal: bool, cache: KVCache | None,
         shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """shared_kv: with `kv_shared_layers`, the keys and values of the layers others attend to, by layer, as
+        """rope: the (cos, sin) tables at this forward's positions, a third tensor (B|1, T, 1, 1) scaling the rotated
+        queries (`query_scale_beta`), or (None, None, that scale) for a layer without positions whose queries take a
+        temperature (`nope_query_scale`); None: no positions. shared_kv: with `kv_shared_layers`, the keys and values of the layers others attend to, by layer, as
         this forward makes them (this layer adds its own where others take them, or takes its source's)."""
         B, T, C = x.shape
         q, k, v, gate = self.project(x, rope, cache, shared_kv)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv)
@@ -320,8 +323,13 @@ class Attention(nn.Module):
         per_head_norm = self.q_norm is not None and not self.qk_norm_whole
         if per_head_norm and not self.qk_norm_after_rope:  # each head's vector normalised before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if rope is not None and rope[0] is None:  # no positions, the queries' temperature alone (Llama 4's NoPE
+            # layers), multiplied in float32 and rounded once, as its reference does
+            q = (q * rope[2]).to(q.dtype)
+        elif rope is not None:
             q, k = _rotated_queries(q, rope), apply_rope(k, *rope[:2]).to(k.dtype)  # float32 tables: rounded after
+            if self.qk_l2_eps is not None:  # Llama 4: each rotated head normalised without a weight
+                q, k = rms_normalized(q, self.qk_l2_eps).to(q.dtype), rms_normalized(k, self.qk_l2_eps).to(k.dtype)
         if per_head_norm and self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)

@@ -156,6 +156,10 @@ class ModelConfig:
     turn). `temper.model.rope` computes each."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
+    window_chunked: bool = False
+    """With sliding_window: a windowed layer's query attends to the earlier keys of its own chunk, positions 0..W-1,
+    W..2W-1, ... (Llama 4's attention_chunk_size), not to the last W; counted in positions, so that a packed document
+    or a left-padded row chunks from its own start."""
     global_every: int | None = None
     """With sliding_window: the last layer of every group of this many attends to all earlier tokens, the others
     within the window (Gemma 3: 6, five local layers to one global); None: every layer within the window."""
@@ -203,6 +207,15 @@ class ModelConfig:
     qk_norm_whole: bool = False
     """With qk_norm: one RMSNorm over all the query heads' values together (and one over the keys'), not one per
     head (OLMo 2)."""
+    qk_l2_norm: bool = False
+    """Each head's query and key RMS-normalised without a weight (norm_eps), after RoPE, on the layers that rotate
+    (Llama 4's use_qk_norm, its "L2 norm"); the layers without positions take none."""
+    nope_query_scale: float | None = None
+    """With nope_every: the layers without positions multiply each query by 1 + s log(1 + floor((position + 1) /
+    nope_query_floor)), sharpening attention at long range (Llama 4's attn_temperature_tuning, its attn_scale s);
+    None: not."""
+    nope_query_floor: int = 8192
+    """With nope_query_scale: the positions per step of the temperature (Llama 4's floor_scale)."""
     qkv_clip: float | None = None
     """Clamp every query, key and value to +-this after its projection (and a q/k norm over all heads) (OLMo's and
     OLMoE's clip_qkv); None: not."""
@@ -288,6 +301,9 @@ class ModelConfig:
     expert_layers: tuple[int, ...] | None = None
     """With n_experts: the blocks whose MLP is the mixture (0-based), the others a dense MLP of ffn_dim (Jamba: every
     other block, 1, 3, 5, ...); None: every block from dense_layers on."""
+    expert_input_weights: bool = False
+    """With n_experts: each chosen expert's weight multiplies the token it runs on, not its output (Llama 4, whose
+    sigmoid-scored experts are gated: the two differ)."""
     expert_weights_float32: bool = False
     """With n_experts: weigh each expert's output by its float32 routing weight and round the product (Mixtral);
     False: round the weight to the activations' dtype first (Qwen3-MoE). The same in float32; read from a
@@ -437,6 +453,17 @@ class ModelConfig:
         if self.query_scale_beta is not None and "original_max_position_embeddings" not in (self.rope_scaling or {}):
             raise ValueError(f"query_scale_beta={self.query_scale_beta} needs a rope_scaling with an "
                              "original_max_position_embeddings")
+        if self.window_chunked and self.sliding_window is None:
+            raise ValueError("window_chunked needs sliding_window (the chunk's length)")
+        llama4_attention = {"qk_l2_norm": self.qk_l2_norm, "nope_query_scale": self.nope_query_scale is not None}
+        for name, on in llama4_attention.items():
+            if on and (self.pos != "rope" or self.kv_lora_rank is not None or self.kv_shared_layers):
+                raise ValueError(f"{name} needs pos='rope', without latent attention or kv_shared_layers")
+        if self.nope_query_scale is not None and (self.nope_every is None or self.nope_query_floor <= 0):
+            raise ValueError(f"nope_query_scale={self.nope_query_scale} needs nope_every (layers without positions) "
+                             f"and a positive nope_query_floor, got {self.nope_query_floor}")
+        if self.expert_input_weights and not self.n_experts:
+            raise ValueError("expert_input_weights needs n_experts")
         if self.rope_reversed and self.pos != "rope":
             raise ValueError(f"rope_reversed needs pos='rope', got {self.pos!r}")
         if self.head_bias and self.tie_embeddings:
@@ -651,6 +678,16 @@ def last_of_every(layer: int, every: int | None) -> bool:
 _GPT2 = ModelConfig(max_seq_len=1024, vocab_size=50304)  # 50257 padded to a multiple of 64 as nanoGPT does (faster matmuls)
 _GPT3 = ModelConfig(max_seq_len=2048, vocab_size=50257)
 _LLAMA = ModelConfig(mlp="swiglu", norm="rmsnorm", pos="rope", bias=False)
+_LLAMA4_SCOUT = replace(
+    _LLAMA, vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, ffn_dim=16384, max_seq_len=262144,
+    rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    norm_eps=1e-5, tie_embeddings=False, sliding_window=8192, window_chunked=True, global_every=4, nope_every=4,
+    qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8192, n_experts=16, experts_per_token=1,
+    expert_ffn_dim=8192, shared_expert_ffn_dim=8192, router_scores="sigmoid", renormalize_experts=False,
+    expert_input_weights=True,
+)
+"""Llama 4 Scout (the "llama-4-scout" preset), whose attention Maverick keeps."""
 _GEMMA2 = replace(
     _LLAMA, mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norm=True, norm_eps=1e-6,
     max_seq_len=8192, sliding_window=4096, global_every=2, attn_softcap=50.0, logit_softcap=30.0, tie_embeddings=True,
@@ -913,6 +950,18 @@ PRESETS: dict[str, ModelConfig] = {
         linear_layer="mamba", linear_key_heads=1, linear_value_heads=16384, linear_key_size=16, linear_value_size=1,
         linear_dt_rank=256, linear_bcdt_eps=1e-6, linear_bcdt_weights=True, n_experts=16, experts_per_token=2,
         renormalize_experts=False, expert_layers=tuple(range(1, 72, 2)),
+    ),
+    # Llama 4 Scout (Meta, 2025): 48 layers of 40 heads (8 kv heads), RoPE (llama3-scaled) in three of every four,
+    # attending within chunks of 8192 with weightless q/k norms, the fourth without positions, its queries' temperature
+    # tuned; in every layer 16 experts of 8192 (one per token, weighing its input) beside a shared one; 107.8B text
+    # parameters (109B with its vision tower), 17B active.
+    "llama-4-scout": _LLAMA4_SCOUT,
+    # Llama 4 Maverick (Meta, 2025): Scout's attention without q/k norms or RoPE scaling; a mixture of 128 experts in
+    # every other layer (one per token, beside the shared one), dense MLPs of 16384 between; 400.7B parameters, 17B
+    # active.
+    "llama-4-maverick": replace(
+        _LLAMA4_SCOUT, max_seq_len=1048576, rope_scaling=None, qk_l2_norm=False, n_experts=128,
+        expert_layers=tuple(range(1, 48, 2)),
     ),
     # Qwen3.5 (Qwen team, 2026): three Gated DeltaNet layers (16 query/key heads serving 32 value heads, 128 wide) to
     # one of gated attention (16 heads of 256, 4 kv heads, a quarter of each rotated); (1 + w) norms; 262k context.

@@ -100,7 +100,8 @@ class MoE(nn.Module):
     chooses by the scores plus a bias it moves to balance the load (`expert_choice_bias`), among the best groups of
     experts (`expert_groups`, as DeepSeek-V2 does with softmax scores), and scales the weights (`routed_scaling`).
     Gemma 4 keeps its dense MLP as the shared expert, normalises it and the routed experts apart (`experts_own_norms`)
-    and scales the router's input and each expert's weight by learned factors (`router_input_norm`).
+    and scales the router's input and each expert's weight by learned factors (`router_input_norm`). Llama 4 weighs
+    each chosen expert's input instead of its output (`expert_input_weights`).
 
     The experts are plain `MLP`s in a ModuleList, not one stacked weight: LoRA, QLoRA's NF4 and tensor names
     reach each expert's projections by module swap, as they reach a dense MLP's. Tokens are grouped by expert
@@ -119,6 +120,7 @@ class MoE(nn.Module):
         self.k, self.renormalize, self.float32_weights = (cfg.experts_per_token, cfg.renormalize_experts,
                                                           cfg.expert_weights_float32)
         self.sigmoid, self.scaling = cfg.router_scores == "sigmoid", cfg.routed_scaling
+        self.weigh_inputs = cfg.expert_input_weights  # Llama 4: the weight scales what an expert runs on
         self.groups, self.groups_per_token, self.group_best = (cfg.expert_groups, cfg.expert_groups_per_token,
                                                                cfg.expert_group_best)
         self.router_float32 = self.sigmoid or cfg.router_float32
@@ -211,7 +213,7 @@ class MoE(nn.Module):
         for expert, r, w in zip(self.experts, rows, scale, strict=True):
             if not len(r) and not torch.is_grad_enabled():  # nothing to compute, and no gradient to give
                 continue
-            y = expert(x[r]) * w  # (n_e, C)
+            y = expert(x[r] * w.to(x.dtype)) if self.weigh_inputs else expert(x[r]) * w  # (n_e, C)
             # index_put_ keeps only the rows for backward (index_add_ would keep y as well): each expert's rows are
             # distinct tokens, so the sum is the same, in the same order, as the references' index_add_.
             out.index_put_((r,), y.to(out.dtype), accumulate=True)

@@ -63,6 +63,8 @@ class Block(nn.Module):
         self.mask_kind = LINEAR if linear else self.window  # what `Transformer._attention_mask` builds for it
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
         self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every) and not linear
+        # Llama 4: an attention layer without positions scales its queries by a temperature (`nope_query_scale`)
+        self.scales_queries = cfg.nope_query_scale is not None and not self.rotates and not linear
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None
         # The cache's slots are counted per kind: a hybrid model's KV cache holds its attention layers only, global
         # layers shaped apart (Gemma 4) have slots of their own shape; layers taking another's keys and values none.
@@ -282,6 +284,7 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         per_layer = self.per_layer_inputs(tokens, x) if self.per_layer_emb is not None else None  # (B, T, L, P)
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {False: None}  # by Block.local_rope
+        nope = None  # what the layers without positions take: Llama 4's temperature of their queries, or nothing
         if self.pos_emb is not None:
             pe = self.pos_emb.weight[:T] if positions is None else self.pos_emb(positions)
             x = x + pe  # (B, T, C)
@@ -297,20 +300,24 @@ class Transformer(nn.Module):
                 length = self.cfg.rope_scaling["original_max_position_embeddings"]
                 scale = 1 + self.cfg.query_scale_beta * torch.log(1 + torch.floor(at / length))  # as its reference
                 ropes = {k: r if r is None else (*r, scale[:, :, None, None]) for k, r in ropes.items()}
+            if self.cfg.nope_query_scale is not None:  # Llama 4: 1 + s log(1 + floor((p + 1) / floor)), as its reference
+                at = positions if positions is not None else torch.arange(T, device=tokens.device)[None]  # (B|1, T)
+                steps = torch.floor((at + 1) / self.cfg.nope_query_floor)
+                nope = (None, None, (1 + self.cfg.nope_query_scale * torch.log1p(steps))[:, :, None, None])
         if first:
             x = self.drop(x)
         # One mask per window among the layers (one in all but mixed local/global models), shared by its layers.
         masks = {kind: self._attention_mask(segments, B, T, tokens.device, kind,
                                             positions if cache is not None else None,
-                                            cache.max_len if cache is not None else 0)
+                                            cache.max_len if cache is not None else 0, positions)
                  for kind in {layer.mask_kind for layer in self.layers}}
         shared_kv = {} if self.cfg.kv_shared_layers else None  # the keys and values layers share, as they are made
         for i, layer in enumerate(self.layers):
             extra = {} if per_layer is None else {"per_layer": per_layer[:, :, i]}
             if shared_kv is not None:
                 extra["shared_kv"] = shared_kv
-            x = layer(x, ropes[layer.local_rope] if layer.rotates else None, *masks[layer.mask_kind], cache,
-                      **extra)  # (B, T, C)
+            rope = ropes[layer.local_rope] if layer.rotates else nope if layer.scales_queries else None
+            x = layer(x, rope, *masks[layer.mask_kind], cache, **extra)  # (B, T, C)
         if cache is not None:
             cache.advance(T)
         if self.norm is None:  # a pipeline stage before the last: its hidden states go on to the next one
@@ -364,7 +371,7 @@ class Transformer(nn.Module):
 
     def _attention_mask(
         self, segments: Segments | None, B: int, T: int, device: torch.device, window: int | str | None = None,
-        cache_positions: torch.Tensor | None = None, cache_len: int = 0,
+        cache_positions: torch.Tensor | None = None, cache_len: int = 0, positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | BlockMask | Runs | None, bool]:
         """(mask, is_causal). Without segments, avoid a mask so SDPA can pick flash attention; where a mask
         is needed (segments, a window shorter than T), a FlexAttention block mask when `_use_flex` says so
@@ -372,7 +379,8 @@ class Transformer(nn.Module):
 
         With a cache (cache_positions: (B, T), the new tokens' slots), the keys are all cache_len slots:
         the query at position p of a row sees its slots 0..p (slot j holds position j; slots past p are
-        later tokens, or stale ones of a row that restarted), within the sliding `window` (a layer's).
+        later tokens, or stale ones of a row that restarted), within the sliding `window` (a layer's), or within its
+        chunk of `window` positions (`window_chunked`: without a cache, by `positions` (B|1, T) where given).
 
         window=LINEAR: what linear attention layers take instead, their `Runs` (None: one document per row).
         """
@@ -387,14 +395,20 @@ class Transformer(nn.Module):
             k_pos = torch.arange(cache_len, device=device)  # (S_max,)
             q_pos = cache_positions[:, :, None]  # (B, T, 1)
             mask = k_pos <= q_pos  # (B, T, S_max)
-            if window is not None:  # the last `window` keys, the query's own included (Mistral)
+            if window is not None and self.cfg.window_chunked:  # the keys of the query's chunk (Llama 4)
+                mask &= k_pos // window == q_pos // window
+            elif window is not None:  # the last `window` keys, the query's own included (Mistral)
                 mask &= k_pos > q_pos - window
             return mask[:, None], False  # (B, 1, T, S_max)
+        chunked = window is not None and self.cfg.window_chunked and positions is not None
+        chunk_positions = positions.expand(B, T) if chunked else None  # (B, T)
         written = self.cfg.attn_softcap or self.cfg.attn_sinks  # scores SDPA cannot compute: flex, where it is chosen
-        if segments is None and (window is None or T <= window) and not (written and self._use_flex(device)):
+        if (segments is None and (window is None or T <= window and chunk_positions is None)
+                and not (written and self._use_flex(device))):
             return None, True  # plain causal prefill / training (capped scores, sinks on CUDA: a causal block mask)
-        visible = self._mask_mod(segments, window)
-        rows = B if segments is not None else 1  # a plain causal (windowed) mask is the same for every row
+        visible = self._mask_mod(segments, window, chunk_positions)
+        # a plain causal (windowed) mask is the same for every row; chunks counted by positions are each row's own
+        rows = B if segments is not None or chunk_positions is not None else 1
         if self._use_flex(device):
             make_block_mask = flex_kernels(device.type)[0]
             return make_block_mask(visible, rows, None, T, T, device=device), False
@@ -402,12 +416,21 @@ class Transformer(nn.Module):
         b = torch.arange(rows, device=device)[:, None, None]  # (B|1, 1, 1)
         return visible(b, None, idx[None, :, None], idx[None, None, :])[:, None], False  # (B|1, 1, T, T)
 
-    def _mask_mod(self, segments: Segments | None, window: int | None) -> MaskMod:
+    def _mask_mod(self, segments: Segments | None, window: int | None, positions: torch.Tensor | None = None
+                  ) -> MaskMod:
         """The one rule of a forward without a cache, as a FlexAttention mask_mod (broadcastable indices):
-        `segments.mask_mod`, or plain causality, within the sliding `window`."""
+        `segments.mask_mod`, or plain causality, within the sliding `window` or the query's chunk (`window_chunked`,
+        of the row's `positions` (B, T) where given, else of the indices)."""
         base = segments.mask_mod if segments is not None else causal_mask_mod
         if window is None:
             return base
+        if self.cfg.window_chunked:
+            def chunked(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+                # counted in positions: a packed document or a left-padded row chunks from its own start (Llama 4)
+                q_at, k_at = (q, k) if positions is None else (positions[b, q], positions[b, k])
+                return base(b, h, q, k) & (k_at // window == q_at // window)
+
+            return chunked
 
         def windowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             # counted in indices: the keys within `window` of the query, itself included (Mistral)

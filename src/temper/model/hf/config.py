@@ -75,6 +75,7 @@ the tensors of the architectures named here.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, last_of_every
@@ -116,13 +117,14 @@ PHI = "PhiForCausalLM"
 OLMO = "OlmoForCausalLM"
 MINISTRAL3 = "Ministral3ForCausalLM"
 STABLELM = "StableLmForCausalLM"
+LLAMA4 = "Llama4ForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -149,7 +151,8 @@ WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' 
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
               "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4,
-              "Mistral3ForConditionalGeneration": MINISTRAL3}  # (or Mistral's: Mistral Small 3.1's text_config)
+              "Mistral3ForConditionalGeneration": MINISTRAL3,  # (or Mistral's: Mistral Small 3.1's text_config)
+              "Llama4ForConditionalGeneration": LLAMA4}
 """Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
@@ -168,14 +171,15 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
-                "mistral3": "Mistral3ForConditionalGeneration"}
+                "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4,
+                "llama4": "Llama4ForConditionalGeneration"}
 
 
 def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
     keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; the Granite
     mixtures' is their block_sparse_moe, their dense MLP the shared_mlp beside it)."""
-    return "feed_forward" if arch in (*LFM2S, BAMBA, JAMBA) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
+    return "feed_forward" if arch in (*LFM2S, BAMBA, JAMBA, LLAMA4) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -247,6 +251,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "mlp_only_layers": (list, type(None)), "mlp_layer_types": (list, type(None)), "clip_qkv": (*_FLOAT, type(None)),
     "no_rope_layers": (list, type(None)),
     "no_rope_layer_interval": _INT,
+    **dict.fromkeys(("intermediate_size_mlp", "interleave_moe_layer_step", "floor_scale"), _INT),
+    "moe_layers": (list, type(None)), "attention_chunk_size": (*_INT, type(None)), "attn_scale": _FLOAT,
+    "attn_temperature_tuning": (bool, int),  # (Llama 4 Scout's config writes 4)
     **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim", "num_dense_layers"), _INT),
     **dict.fromkeys(("shared_intermediate_size", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                      "mamba_expand", "mamba_chunk_size"), _INT),
@@ -354,7 +361,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return _gpt_neox(d) if arch == GPT_NEOX else _from_llama_like(d, arch)
+    return _gpt_neox(d) if arch == GPT_NEOX else _llama4(d) if arch == LLAMA4 else _from_llama_like(d, arch)
 
 
 def _query_scale_beta(rope: dict[str, Any], scaling: dict | None) -> float:
@@ -406,6 +413,109 @@ def _gpt_neox(d: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling, rope_dim=None if rope_dim == head_dim else rope_dim, bias=True,
         tie_embeddings=d["tie_word_embeddings"], parallel_block=parallel, parallel_mlp_norm=parallel, dropout=0.0,
         init_std=d.get("initializer_range", 0.02), hf_architecture=GPT_NEOX)
+
+
+_LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+                    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+                    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": False, "num_experts_per_tok": 1, "num_local_experts": 16,
+                    "interleave_moe_layer_step": 1, "use_qk_norm": True, "no_rope_layer_interval": 4,
+                    "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192,
+                    "attn_scale": 0.1}
+"""Llama4TextConfig's defaults of what a config may leave out (Llama 4 Scout's shape)."""
+
+
+def _llama4(d: dict[str, Any]) -> ModelConfig:
+    """Llama 4's text model (Scout, Maverick): Llama's blocks with RoPE in adjacent pairs (moved to halves on loading,
+    `rope_pair_rows`), a layer without positions after every three (no_rope_layers), whose queries take a temperature
+    (attn_temperature_tuning: `nope_query_scale`), the others attending within chunks of attention_chunk_size tokens
+    (`window_chunked`) with their rotated queries and keys normalised without weights (use_qk_norm); MLPs dense
+    (intermediate_size_mlp wide) or, in moe_layers (every interleave_moe_layer_step-th), num_local_experts of
+    intermediate_size chosen by the top k of their sigmoid scores, each weighing its input, beside a shared expert of
+    that width."""
+    d = {**_LLAMA4_DEFAULTS, **d}
+    if d["hidden_act"] != "silu":
+        raise ValueError(f"Llama4 hidden_act {d['hidden_act']!r} is not supported (temper uses SwiGLU)")
+    for key in ("attention_bias", "router_jitter_noise"):
+        if d.get(key):
+            raise ValueError(f"Llama4 {key}={d[key]} is not supported (temper's `bias` covers every layer; its router "
+                             "takes its input as it is)")
+    n, step, experts, k = (d["num_hidden_layers"], d["interleave_moe_layer_step"], d["num_local_experts"],
+                           d["num_experts_per_tok"])
+    moe = d.get("moe_layers")
+    if moe is None and step < 1:
+        raise ValueError(f"Llama4 interleave_moe_layer_step={step} is not supported (a positive step)")
+    moe = list(range(step - 1, n, step)) if moe is None else moe
+    if not (isinstance(moe, list) and moe == sorted(set(moe)) and all(_is_int(i) and 0 <= i < n for i in moe)):
+        raise ValueError(f"Llama4 moe_layers={moe!r} is not supported (layers of the {n}, once each, in order)")
+    if moe and not (_is_int(experts) and _is_int(k) and 1 <= k <= experts):
+        raise ValueError(f"Llama4 num_local_experts={experts!r} with num_experts_per_tok={k!r} is not supported (k "
+                         "between 1 and the experts)")
+    nope_every = _nope_layers(d, "Llama4")
+    chunk = d["attention_chunk_size"]
+    if chunk is not None and chunk <= 0:
+        raise ValueError(f"Llama4 attention_chunk_size={chunk} is not supported (a positive number of tokens, or null)")
+    chunked = chunk is not None and nope_every != 1  # (every layer without positions: none attends in chunks)
+    types = ["full_attention" if chunk is None or last_of_every(i, nope_every) else "chunked_attention"
+             for i in range(n)]
+    if d.get("layer_types") not in (None, types):
+        raise ValueError(f"Llama4 layer_types {d['layer_types']!r} are not supported (temper chunks the layers with "
+                         f"RoPE: {types!r})")
+    theta, scaling, _ = _rope(d, default_theta=500000.0)
+    mixture = {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d["intermediate_size"],
+               "shared_expert_ffn_dim": d["intermediate_size"], "router_scores": "sigmoid",
+               "renormalize_experts": False, "expert_input_weights": True,
+               "expert_layers": None if len(moe) == n else tuple(moe)} if moe else {}
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    head_dim = d.get("head_dim") or dim // n_heads
+    tuned = bool(d["attn_temperature_tuning"]) and nope_every is not None
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=n, n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size_mlp"], max_seq_len=d["max_position_embeddings"], mlp="swiglu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=float(theta), rope_scaling=scaling,
+        sliding_window=chunk if chunked else None, window_chunked=chunked,
+        global_every=nope_every if chunked else None, nope_every=nope_every, qk_l2_norm=bool(d["use_qk_norm"]),
+        nope_query_scale=float(d["attn_scale"]) if tuned else None,
+        nope_query_floor=d["floor_scale"] if tuned else 8192, bias=False, tie_embeddings=d["tie_word_embeddings"],
+        dropout=0.0, init_std=d.get("initializer_range", 0.02), hf_architecture=LLAMA4, **mixture)
+
+
+def _llama4_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The Llama4TextConfig of `cfg`: its layers without positions, chunked ones and mixtures named one by one."""
+    n = cfg.n_layers
+    return {
+        "architectures": [LLAMA4], "model_type": "llama4_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim,
+        "intermediate_size_mlp": cfg.hidden_dim, "num_hidden_layers": n, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None, "attention_bias": False,
+        "num_local_experts": cfg.n_experts or 1, "num_experts_per_tok": cfg.experts_per_token,
+        "moe_layers": [i for i in range(n) if cfg.has_experts(i)], "interleave_moe_layer_step": 1,
+        "router_jitter_noise": 0.0, "output_router_logits": False, "router_aux_loss_coef": 0.0,
+        "use_qk_norm": cfg.qk_l2_norm,
+        "no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(n)],
+        "no_rope_layer_interval": cfg.nope_every or n + 1,
+        "attention_chunk_size": cfg.sliding_window,
+        "layer_types": ["chunked_attention" if cfg.window_of(i) else "full_attention" for i in range(n)],
+        "attn_temperature_tuning": cfg.nope_query_scale is not None, "floor_scale": cfg.nope_query_floor,
+        "attn_scale": cfg.nope_query_scale if cfg.nope_query_scale is not None else 0.1,
+        "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
+    }
+
+
+def _llama4_cannot_express(cfg: ModelConfig) -> str | None:
+    """Why Llama4ForCausalLM cannot hold `cfg`: the fields its config, written and read back, does not give again."""
+    try:
+        back = _llama4(_llama4_config(cfg))
+    except ValueError as e:
+        return str(e)
+    kept = ("hf_architecture", "init_std", "dropout")
+    differ = [f.name for f in fields(ModelConfig) if f.name not in kept and getattr(back, f.name) != getattr(cfg, f.name)]
+    return (f"it has no {', '.join(f'{name}={getattr(cfg, name)!r}' for name in differ)} (it reads them as "
+            f"{', '.join(f'{name}={getattr(back, name)!r}' for name in differ)})" if differ else None)
 
 
 def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
@@ -501,7 +611,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
-    nope_every = _nope_layers(d) if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
+    nope_every = _nope_layers(d, "SmolLM3") if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
     if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch in (NEMOTRON_H, JAMBA):  # NoPE
         nope_every = 1
     bias = qkv_bias = False
@@ -1260,9 +1370,10 @@ def _exaone_pattern(d: dict[str, Any]) -> int:
     return pattern
 
 
-def _nope_layers(d: dict[str, Any]) -> int | None:
-    """nope_every of a SmolLM3 config: its `no_rope_layers` (1: the layer rotates, 0: NoPE), else a NoPE layer at the
-    end of every `no_rope_layer_interval` (4) layers. temper lays NoPE layers out as the last of every N."""
+def _nope_layers(d: dict[str, Any], name: str) -> int | None:
+    """nope_every of a SmolLM3 or Llama 4 config (`name`): its `no_rope_layers` (1: the layer rotates, 0: NoPE), else a
+    NoPE layer at the end of every `no_rope_layer_interval` (4) layers. temper lays NoPE layers out as the last of
+    every N."""
     n = d["num_hidden_layers"]
     if d.get("use_sliding_window"):
         raise ValueError("SmolLM3 use_sliding_window=true is not supported (its window covers only the NoPE layers)")
@@ -1276,7 +1387,7 @@ def _nope_layers(d: dict[str, Any]) -> int | None:
     nope = [i for i in range(n) if not flags[i]]
     every = nope[0] + 1 if nope else None
     if [i for i in range(n) if last_of_every(i, every)] != nope:
-        raise ValueError(f"SmolLM3 no_rope_layers {flags[:n]!r} are not supported (temper makes the last of every N "
+        raise ValueError(f"{name} no_rope_layers {flags[:n]!r} are not supported (temper makes the last of every N "
                          "layers NoPE)")
     return every
 
@@ -1456,7 +1567,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """The architecture to export `cfg` as: the one it was loaded from, else the one its fields match."""
     arch = cfg.hf_architecture
     if arch is None:
-        if cfg.has_linear_layers and cfg.linear_layer == "mamba":
+        if cfg.window_chunked or cfg.qk_l2_norm or cfg.nope_query_scale is not None or cfg.expert_input_weights:
+            arch = LLAMA4
+        elif cfg.has_linear_layers and cfg.linear_layer == "mamba":
             arch = JAMBA if cfg.linear_bcdt_weights else FALCON_MAMBA if cfg.linear_bcdt_eps is not None else MAMBA
         elif cfg.attention_layers == () and len(set(cfg.no_mlp_layers)) == cfg.n_layers:
             arch = MAMBA2
@@ -1521,6 +1634,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     """Why `arch` cannot hold `cfg` exactly, or None."""
     if arch not in SUPPORTED_ARCHITECTURES:
         return f"temper writes {', '.join(SUPPORTED_ARCHITECTURES)}"
+    if arch == LLAMA4:
+        return _llama4_cannot_express(cfg)
+    if cfg.window_chunked or cfg.qk_l2_norm or cfg.nope_query_scale is not None or cfg.expert_input_weights:
+        return ("it has no chunked attention, weightless q/k norms after RoPE, temperature of the queries without "
+                "positions or experts weighing their inputs (Llama4ForCausalLM has)")
     gemma_parts = (cfg.mlp == "geglu", cfg.norm_unit_offset, cfg.scale_embeddings)
     if arch == GPT2:
         if (cfg.pos, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
@@ -1817,6 +1935,8 @@ def _jamba_period(n: int, layers: tuple[int, ...]) -> tuple[int, int] | None:
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A `config.json` that `transformers.AutoConfig` reads as the architecture `hf_architecture` picks."""
     arch = hf_architecture(cfg)
+    if arch == LLAMA4:
+        return _llama4_config(cfg)
     if arch == GPT2:
         return {
             "architectures": [GPT2], "model_type": "gpt2",

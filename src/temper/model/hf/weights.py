@@ -35,6 +35,7 @@ from temper.model.hf.config import (
     LATENT,
     LFM2_MOE,
     LFM2S,
+    LLAMA4,
     MINIMAX_M2,
     MISTRALS,
     MIXERS_ALONE,
@@ -58,6 +59,7 @@ _GEMMA3_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_mode
                          "language_model.lm_head.": "lm_head."}
 """Where an image-text checkpoint keeps the text model's tensors (as published; as transformers 5 names them)."""
 _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_LLAMA4_VISION = ("vision_model.", "multi_modal_projector.")
 _GEMMA4_SKIPPED = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 _QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
@@ -133,6 +135,9 @@ _STACKED: dict[str, tuple[Any, Any]] = {
     "gate_up_rows": (lambda ps: torch.stack([torch.cat((g, u)) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
                      lambda t: [w for e in t for w in e.chunk(2)]),
     "rows": (lambda ps: torch.stack(ps), lambda t: list(t)),
+    # Llama 4 stacks its experts (in, out) each, gate's columns then up's: gate_up_proj (E, D, 2F), down_proj (E, F, D)
+    "gate_up_halves": (lambda ps: torch.stack([torch.cat((g, u)).t() for g, u in zip(ps[::2], ps[1::2], strict=True)]),
+                       lambda t: [w for e in t for w in e.t().chunk(2)]),
 }
 
 
@@ -320,8 +325,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                         rules.append(_Rule(f"{h}self_attn.{n}.weight", (f"{p}attn.{n}.weight",), rope_pairs=rows
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
             else:
-                # GLM-4's, ERNIE 4.5's and Cohere's q and k rows in RoPE's adjacent pairs
-                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES, *COHERES) else None
+                # GLM-4's, ERNIE 4.5's, Cohere's and Llama 4's q and k rows in RoPE's adjacent pairs
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES, *COHERES, LLAMA4) else None
                 for n in "qkvo":
                     theirs = "dense" if arch == PHI and n == "o" else f"{n}_proj"  # Phi's output projection
                     for t in ("weight", "bias"):
@@ -367,6 +372,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                      ("pre_feedforward_layernorm_2", "experts_norm"),
                                      ("post_feedforward_layernorm_2", "experts_out_norm")):
                     add(f"{h}{theirs}.weight", f"{p}mlp.{ours}.weight")
+            elif arch == LLAMA4 and cfg.has_experts(i):  # the router, the experts stacked (`_STACKED`), a shared one
+                ff = f"{h}feed_forward."
+                add(f"{ff}router.weight", f"{p}mlp.router.weight")
+                experts = range(cfg.n_experts)
+                rules.append(_Rule(f"{ff}experts.gate_up_proj", tuple(
+                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")),
+                    stacked="gate_up_halves"))
+                rules.append(_Rule(f"{ff}experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
+                                                                   for j in experts), stacked="down"))
+                for n in ("gate", "up", "down"):
+                    add(f"{ff}shared_expert.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
             elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
                 # them one by one
                 moe = f"{h}block_sparse_moe." if arch in MIXTRAL_NAMES else f"{h}mlp."
@@ -390,7 +406,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             for n in ("gate", "up", "down"):
                 for t in ("weight", "bias"):
                     if f"{p}mlp.{n}_proj.{t}" in keys:
-                        add(f"{h}mlp.{_MLP_NAMES.get(arch, {}).get(n, f'{n}_proj')}.{t}", f"{p}mlp.{n}_proj.{t}")
+                        add(f"{h}{hf_mlp(arch)}.{_MLP_NAMES.get(arch, {}).get(n, f'{n}_proj')}.{t}",
+                            f"{p}mlp.{n}_proj.{t}")
         final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA, PHI)
                  else "model.norm.")
         for t in ("weight", "bias"):  # (Starcoder2's bias; nanochat's norm has neither)
@@ -412,6 +429,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight", "embed_out.weight") and cfg.tie_embeddings)
             or (cfg.hf_architecture in (GEMMA3, *MISTRALS) and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture == LLAMA4 and name.startswith(_LLAMA4_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
             or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
@@ -442,7 +460,7 @@ def canonical_name(name: str, arch: str) -> str:
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
         return "embed_out" + name.removeprefix("lm_head")
-    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS):
+    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
