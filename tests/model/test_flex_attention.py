@@ -55,6 +55,9 @@ CASES = {
     "packed-sinks-local-global": ("debug-llama", {"sliding_window": 5, "global_every": 2, "attn_sinks": True},
                                   PACKED, False),
     "sinks-without-segments": ("debug-llama", {"attn_sinks": True}, None, False),
+    # Llama 4's chunks, counted in each document's positions, beside layers without them
+    "packed-chunks": ("debug-llama4", {"sliding_window": 5}, PACKED, False),
+    "shared-prefix-chunks": ("debug-llama4", {"sliding_window": 5}, SHARED, True),
 }
 
 
@@ -71,7 +74,7 @@ def test_flex_matches_sdpa_logits(case):
         torch.testing.assert_close(m(x, **kw), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["debug", "debug-llama"])
+@pytest.mark.parametrize("preset", ["debug", "debug-llama", "debug-llama4"])
 def test_a_packed_document_gives_its_own_logits_under_flex(preset):
     """With positions restarting at each document, a document packed in a row (flex block mask) gets the
     logits it gets alone (no mask at all)."""

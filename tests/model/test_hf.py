@@ -836,6 +836,46 @@ def test_mistral3_image_text_checkpoints_give_their_text_model(tmp_path, text_ty
     assert (cfg.query_scale_beta is not None) == (text_type == "ministral3")
 
 
+def test_llama4_image_text_checkpoints_give_their_text_model(tmp_path):
+    """Llama 4 Scout and Maverick are published as Llama4ForConditionalGeneration (the text model under
+    language_model., a vision model and its projector): temper reads the text model with transformers' logits for
+    text, leaves the vision out, and exports a text-only Llama4ForCausalLM."""
+    text = {k: v for k, v in _LLAMA4.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    hf = _hf("Llama4Config", "Llama4ForConditionalGeneration", text_config=text, vision_config=vision,
+             image_token_index=100, boi_token_index=98, eoi_token_index=99)
+    x = torch.randint(0, 96, (2, 40))  # below the image tokens
+    cfg = _reads_its_text_model(hf, tmp_path, "Llama4ForCausalLM", x)
+    assert (cfg.window_chunked, cfg.expert_layers, cfg.nope_query_scale) == (True, (1, 3), 0.5)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_act", "gelu"), ("attention_bias", True), ("router_jitter_noise", 0.1), ("interleave_moe_layer_step", 0),
+    ("moe_layers", [3, 1]), ("moe_layers", [0, 4]), ("num_experts_per_tok", 5), ("no_rope_layers", [1, 0, 0, 1]),
+    ("no_rope_layer_interval", 0), ("attention_chunk_size", 0), ("floor_scale", 0), ("floor_scale", "4"),
+    ("layer_types", ["full_attention"] * 4), ("attn_temperature_tuning", "yes"), ("intermediate_size_mlp", None)])
+def test_llama4_configs_temper_cannot_build_are_refused_by_name(key, value):
+    with pytest.raises(ValueError, match=key):
+        from_hf_config({**_LLAMA4, "architectures": ["Llama4ForCausalLM"], key: value})
+
+
+def test_llama4_export_refuses_what_its_config_cannot_say():
+    """Llama4ForCausalLM holds what its config, written and read back, gives again: anything else is named."""
+    cfg = replace(from_hf_config({**_LLAMA4, "architectures": ["Llama4ForCausalLM"]}), hf_architecture=None)
+    assert hf_architecture(cfg) == "Llama4ForCausalLM"
+    for off, named in (({"qk_norm": True}, "it has no qk_norm=True"),
+                       ({"renormalize_experts": True}, "it has no renormalize_experts=True"),
+                       ({"shared_expert_ffn_dim": 24}, "it has no shared_expert_ffn_dim=24"),  # (the experts')
+                       ({"global_every": None}, r"Llama4 layer_types .* \(temper chunks the layers with RoPE")):
+        with pytest.raises(ValueError, match=f"Llama4ForCausalLM cannot express this model: {named}"):
+            to_hf_config(replace(cfg, **off))
+    llama = replace(PRESETS["debug-llama"], hf_architecture="LlamaForCausalLM")
+    for field in ({"sliding_window": 8, "window_chunked": True}, {"qk_l2_norm": True}):
+        with pytest.raises(ValueError, match="no chunked attention"):
+            to_hf_config(replace(llama, **field))
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
     """Qwen3.5 and Qwen3.5-MoE are published as *ForConditionalGeneration (the text model under

@@ -251,6 +251,13 @@ VARIANTS = {
     "gemma4-e2b": {"n_layers": 4, "sliding_window": 5, "global_every": 2, "rope_local_theta": 100.0,
                    "sandwich_norm": True, "qk_norm": True, "head_size": 16, "global_head_size": 32, "value_norm": True,
                    "layer_scalar": True, "kv_shared_layers": 2, "kv_shared_wide_mlp": True, "per_layer_input_size": 8},
+    # Llama 4's: chunks of 5 (counted from each row's own start, so the left-padded row below chunks as it does
+    # alone), weightless q/k norms, layers without positions whose queries take a temperature (stepping every 3
+    # positions), experts weighing their inputs.
+    "llama4": {"sliding_window": 5, "window_chunked": True, "global_every": 2, "nope_every": 2, "qk_l2_norm": True,
+               "nope_query_scale": 0.5, "nope_query_floor": 3, "n_experts": 4, "experts_per_token": 2,
+               "expert_ffn_dim": 32, "shared_expert_ffn_dim": 32, "router_scores": "sigmoid",
+               "renormalize_experts": False, "expert_input_weights": True},
 }
 
 
@@ -325,6 +332,25 @@ def test_sliding_window_limits_what_a_query_sees():
     one_layer = _model("debug-llama", sliding_window=4, n_layers=1)
     with torch.no_grad():
         torch.testing.assert_close(one_layer(x)[:, 4:], one_layer(y)[:, 4:], rtol=0, atol=0)
+
+
+def test_chunked_attention_sees_its_chunk_alone():
+    """Llama 4's chunks: a query sees the earlier keys of its own chunk of positions; the first of a chunk sees itself
+    alone, whatever came before, in a forward, in a packed document (its positions restarting) and through a cache."""
+    m = _model("debug-llama", sliding_window=4, window_chunked=True, n_layers=1)
+    x = torch.randint(0, 256, (1, 12))
+    y = x.clone()
+    y[0, :4] = (y[0, :4] + 1) % 256  # chunk 0 changed: chunks 1 and 2 (positions 4..11) must not see it
+    with torch.no_grad():
+        a, b = m(x), m(y)
+        torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=0, atol=0)
+        assert not torch.allclose(a[:, :4], b[:, :4])
+        ids = torch.tensor([[0] * 3 + [1] * 9])  # a document of 3 tokens, then one of 9: chunks 3..6, 7..10, 11
+        packed = m(x, positions=torch.tensor([[0, 1, 2, *range(9)]]), segments=Segments(ids))
+        torch.testing.assert_close(packed[:, 3:], m(x[:, 3:]), rtol=0, atol=1e-5)
+        cache = m.new_cache(1, 12)
+        steps = torch.cat([m(x[:, :6], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(6, 12)], 1)
+        torch.testing.assert_close(steps, a, rtol=0, atol=1e-5)
 
 
 def test_attention_runs_on_a_tensor_parallel_shard_of_its_heads():

@@ -975,6 +975,14 @@ PRESETS: dict[str, ModelConfig] = {
     "debug-qwen3.5": replace(_LLAMA, vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96,
                              max_seq_len=128, norm_unit_offset=True, qk_norm=True, rope_dim=8, attn_output_gate=True,
                              full_attention_every=2, linear_key_heads=2, linear_value_heads=4),
+    # debug-llama with Llama 4's layers: attention within chunks of 8 with weightless q/k norms, then a layer without
+    # positions whose queries take a temperature, twice; in every other block 4 experts weighing their inputs (1 per
+    # token, sigmoid-scored) beside a shared one.
+    "debug-llama4": replace(_LLAMA, vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                            max_seq_len=128, sliding_window=8, window_chunked=True, global_every=2, nope_every=2,
+                            qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1,
+                            expert_ffn_dim=48, shared_expert_ffn_dim=48, router_scores="sigmoid",
+                            renormalize_experts=False, expert_input_weights=True, expert_layers=(1, 3)),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

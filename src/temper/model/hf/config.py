@@ -469,6 +469,8 @@ def _llama4(d: dict[str, Any]) -> ModelConfig:
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or dim // n_heads
     tuned = bool(d["attn_temperature_tuning"]) and nope_every is not None
+    if tuned and d["floor_scale"] <= 0:
+        raise ValueError(f"Llama4 floor_scale={d['floor_scale']} is not supported (a positive number of positions)")
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=n, n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
