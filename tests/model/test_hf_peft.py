@@ -137,6 +137,12 @@ CONFIGS = {
                          linear_value_heads=128, linear_key_size=8, linear_value_size=1, linear_dt_rank=4,
                          linear_bcdt_eps=1e-5, linear_bcdt_weights=True, nope_every=1, n_experts=4,
                          renormalize_experts=False, expert_layers=(1,), hf_architecture="JambaForCausalLM"),
+    # Llama 4: a chunked layer (weightless q/k norms) then one without positions (its queries' temperature), experts
+    # weighing their inputs beside a shared one, stacked (in, out): adapters of attention and the head go to PEFT
+    "llama4": replace(_LLAMA, sliding_window=5, window_chunked=True, global_every=2, nope_every=2, qk_l2_norm=True,
+                      nope_query_scale=0.5, nope_query_floor=3, n_experts=4, experts_per_token=2, expert_ffn_dim=40,
+                      shared_expert_ffn_dim=40, router_scores="sigmoid", renormalize_experts=False,
+                      expert_input_weights=True, hf_architecture="Llama4ForCausalLM"),
     # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
     "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                           linear_key_size=8, linear_value_size=16, mlp="relu2", norm_cast_after=True, nope_every=1,
@@ -257,6 +263,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "ernie4_5_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "hunyuan_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "llama4": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
     "qwen3_next": [*ATTENTION_TARGETS, "in_proj_qkvz", "in_proj_ba", "out_proj"],
@@ -568,10 +575,11 @@ def test_mamba_dt_proj_adapters_are_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("case, arch, experts, first", [("gpt_oss", "GptOssForCausalLM", "mlp.experts", "gate"),
                                                         ("gemma4_moe", "Gemma4ForCausalLM", "experts", "gate"),
-                                                        ("nemotron_h_moe", "NemotronHForCausalLM", "mixer.experts", "up")])
+                                                        ("nemotron_h_moe", "NemotronHForCausalLM", "mixer.experts", "up"),
+                                                        ("llama4", "Llama4ForCausalLM", "feed_forward.experts", "gate")])
 def test_stacked_expert_adapters_are_refused_by_name(tmp_path, case, arch, experts, first):
-    """GPT-OSS and Gemma 4 store their experts stacked (GPT-OSS's (in, out), gate and up interleaved), and transformers
-    holds Nemotron 3's stacked without a gate: temper writes no PEFT form for adapters there (their attention adapters
+    """GPT-OSS, Gemma 4 and Llama 4 store their experts stacked (GPT-OSS's (in, out), gate and up interleaved; Llama
+    4's (in, out), gate and up in halves), and transformers holds Nemotron 3's stacked without a gate: temper writes no PEFT form for adapters there (their attention adapters
     are written, above), and reads none: both refused, nothing written."""
     model = _model(case)
     apply_lora(model, rank=2, alpha=4, targets=("q_proj", f"{first}_proj"))

@@ -220,6 +220,13 @@ NANOCHAT = dict(mlp="relu2", norm_weightless=True, embed_norm=True, rope_reverse
 OLMO = dict(norm="layernorm", norm_weightless=True, qkv_clip=0.5)
 # StableLM 2's: LayerNorms with biases beside linear layers without (but q, k and v), attention beside the MLP
 STABLELM = dict(norm="layernorm", norm_bias=True, qkv_bias=True, rope_dim=4, parallel_block=True)
+# Llama 4's: chunks shorter than the sequence (a mask: each kv head's queries folded into a copy), weightless q/k norms
+# after RoPE (each keeps its float32 input), a layer without positions, experts weighing their inputs (kept for the
+# weights' gradient) beside a shared one
+LLAMA4 = dict(sliding_window=32, window_chunked=True, global_every=2, nope_every=2, qk_l2_norm=True,
+              nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1, expert_ffn_dim=48,
+              shared_expert_ffn_dim=48, router_scores="sigmoid", renormalize_experts=False, expert_input_weights=True,
+              expert_layers=(1,))
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,
@@ -294,6 +301,9 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "lora", "fp32", 0, {"dims": OLMO}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": STABLELM}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NANOCHAT}),
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": LLAMA4}),
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": LLAMA4}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": LLAMA4, "lora": LoRAShape(rank=4, targets=list(ALL_LINEAR_TARGETS))}),
     # LFM2's short convolutions: the gates' factors, the convolution's input where its weight trains (a float32 copy
     # per tap under autocast)
     ("debug-llama", "pretrain", "fp32", 0, {"dims": SHORT_CONV}),

@@ -3,7 +3,7 @@
 A model is chosen by its fields (MLP kind, experts, norm kind, position kind, biases, tying, window), never
 by matching a model's name, so one `Transformer` covers GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3,
 Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V2 and V3, ERNIE 4.5,
-Hunyuan, GPT-OSS and Qwen3.5 shapes.
+Hunyuan, GPT-OSS, Qwen3.5 and Llama 4 shapes.
 This module only describes shapes: it builds nothing and imports no torch.
 """
 

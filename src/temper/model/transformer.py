@@ -1,13 +1,14 @@
 """The one decoder-only Transformer: tokens (B, T) -> logits (B, T, V).
 
-Every variant (GPT-2, GPT-3, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2 and 3,
-Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or RoPE,
-LayerNorm or RMSNorm, GELU, squared-ReLU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP (or none: Nemotron-H's blocks of a
-mixer alone) or a mixture of gated experts (softmax- or sigmoid-routed, after dense layers), multi-head, grouped-query,
-latent or gated attention, or Gated DeltaNet, Mamba 2 or short convolution linear layers between attention ones,
-query/key norms (per head or over all heads), a sliding window (on every layer, or local layers between global ones with
-their own RoPE base, and global layers of their own shape), norms on the sublayers' inputs, outputs or both, biases,
-tying, embedding scaling, capped attention scores and logits, attention sinks, value norms, layer scalars.
+Every variant (GPT-2, GPT-3, Llama, Llama 4, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Gemma 4, Phi-3, OLMo 2
+and 3, Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS, Qwen3.5) comes from `ModelConfig` fields: learned positions or
+RoPE, LayerNorm or RMSNorm, GELU, squared-ReLU, SwiGLU (clamped, GPT-OSS's) or GeGLU MLP (or none: Nemotron-H's blocks
+of a mixer alone) or a mixture of gated experts (softmax- or sigmoid-routed, after dense layers), multi-head,
+grouped-query, latent or gated attention, or Gated DeltaNet, Mamba 2 or short convolution linear layers between
+attention ones, query/key norms (per head or over all heads, or weightless after RoPE), a sliding window or chunks (on
+every layer, or local layers between global ones with their own RoPE base, and global layers of their own shape), a
+temperature of the queries, norms on the sublayers' inputs, outputs or both, biases, tying, embedding scaling, capped
+attention scores and logits, attention sinks, value norms, layer scalars.
 The layers live beside it: attention, the mask type and the KV cache in `model/attention.py`, linear attention in
 `model/linear_attention.py`, norms, MLPs and experts in `model/layers.py`; this file stacks them into blocks and the
 model, and builds each forward's masks.

@@ -561,7 +561,10 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
     elif isinstance(attn, Mamba):
         first, attn_grad, attn_peak = _mamba_saved(s, attn, h_bytes, t, lora_dropout, grad_in, seq_len)
     else:
-        first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rope, seq_len)
+        # (a layer without positions, NoPE, keeps no rotated copies; a window shorter than the sequence takes a mask)
+        rotates, window = getattr(block, "rotates", rope), getattr(block, "window", None)
+        first, attn_grad, attn_peak = _attention_saved(s, attn, cfg, h_bytes, t, lora_dropout, grad_in, rotates,
+                                                       seq_len, window is not None and window < seq_len)
     if attn_grad and cfg.dropout > 0:
         s.add("attention residual dropout mask", t.mask(t.a) * d)
     if block.attn_out_norm is not None:  # Gemma 3: the output normalised before it joins the residual stream
@@ -619,9 +622,9 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
 
 def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int, t: _Dtypes, lora_dropout: float,
-                     grad_in: bool, rope: bool, seq_len: int) -> tuple[list[nn.Module], bool, float]:
+                     grad_in: bool, rope: bool, seq_len: int, masked: bool = False) -> tuple[list[nn.Module], bool, float]:
     """What softmax attention (`Attention`, `LatentAttention`) keeps per token, from its normalised input (`h_bytes`
-    per element) to o_proj's input. Returns (the layers reading its input, whether its output needs a gradient, the
+    per element) to o_proj's input; `rope`: whether it rotates; `masked`: whether its window takes a mask. Returns (the layers reading its input, whether its output needs a gradient, the
     bytes per token its backward makes at once beyond them: a math kernel's T x T gradients, else 0)."""
     gated = getattr(attn, "output_gate", False)
     if isinstance(attn, LatentAttention):
@@ -643,6 +646,10 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
             s.add("value norm input (float32) and rstd", 4 * (kv_out + kv_out // attn.head_dim))
         if attn.qkv_clip is not None and attn_grad:  # OLMo: each clamp keeps its input for the mask of its gradient
             s.add("q, k, v before their clamps", t.a * (q_out + k_out + v_out))
+        if attn.qk_l2_eps is not None and rope and attn_grad:  # Llama 4: rms_norm(q.float()) after RoPE keeps its
+            # float32 input and an rstd per head
+            s.add("rotated q and k (float32) and rstd, for their norms",
+                  4 * (q_out + k_out) * (1 + 1 / attn.head_dim))
     o_in = attn.o_proj.in_features  # the values' width over every query head: the attention output's
     scores_grad = 0  # per token, the T x T gradients a math-kernel backward makes at once (below)
     fused = False  # whether SDPA keeps its output, o_proj's input (the written-out and math paths leave it to o_proj)
@@ -669,6 +676,9 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
         # dtype; latent attention's v, a view, keeps kv_b_proj's whole output), its output and a float32
         # log-sum-exp per head and query. The output, viewed as (B, T, H*Dv), is also o_proj's input: one tensor.
         s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + k_out + v_out))
+        if masked and cfg.n_heads > attn.n_kv_heads and not t.cuda:  # a mask beside grouped heads: each kv head's
+            # queries folded into one axis, a copy (`Attention.attend`); the mask itself is per forward, not counted
+            s.add("grouped queries (beside a window's mask)", t.a * q_out)
         s.add("attention output", t.a * o_in)
         s.add("log-sum-exp", 4 * cfg.n_heads)
         fused = True
@@ -1028,7 +1038,10 @@ def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_
     expert_grad, hidden = _mlp_saved(one, "experts: ", moe.experts[0], in_bytes, t, lora_dropout, grad_in)
     for label, nbytes in one.terms:
         s.add(label, k * nbytes)
-    s.add("experts' outputs (for the routing weights' gradient)", k * t.a * d if router_grad else 0)
+    if moe.weigh_inputs:  # Llama 4: x[rows] * weight keeps the gathered rows, in the input's dtype
+        s.add("experts' inputs (for the routing weights' gradient)", k * in_bytes * d if router_grad else 0)
+    else:
+        s.add("experts' outputs (for the routing weights' gradient)", k * t.a * d if router_grad else 0)
     s.add("routing weights (for the outputs' gradient)", 4 * k if expert_grad else 0)
     if moe.experts_out_norm is not None:
         _norm(s, "experts_out_norm", moe.experts_out_norm, d, expert_grad or router_grad, t, in_bytes=t.a)

@@ -1,7 +1,11 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Mistral
+Fifty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+(`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
+attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
+take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
+`_llama4`, written by `_llama4_config`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3

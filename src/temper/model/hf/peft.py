@@ -69,6 +69,7 @@ from temper.model.hf.config import (
     GRANITE_MOES,
     HUNYUAN_MOE,
     JAMBA,
+    LLAMA4,
     MIXERS_ALONE,
     NEMOTRON_H,
     hf_architecture,
@@ -110,7 +111,7 @@ def _sites(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 def _plain_router(cfg: ModelConfig | None) -> bool:
     """Whether the architecture's router is a plain linear layer that PEFT adapts by its module name (Gemma 4's
     router.proj, Hunyuan's gate.wg), not a parameter of transformers 5's mixture modules (`target_parameters`)."""
-    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) in (GEMMA4, HUNYUAN_MOE)
+    return cfg is not None and cfg.n_experts > 0 and hf_architecture(cfg) in (GEMMA4, HUNYUAN_MOE, LLAMA4)
 
 
 def _router(cfg: ModelConfig | None) -> str:
