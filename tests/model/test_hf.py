@@ -1350,6 +1350,7 @@ ROUNDING = {  # case -> the fields that say where its reference rounds to bf16 (
     "olmo2-post-norm": ("norm_cast_after", "rope_float32"),  # norms scale, then round; RoPE in float32
     "gemma4-global-keys-are-values": ("norm_cast_after",),  # its norms scale by w (not 1 + w), then round
     "ernie4.5-pairs-bias": ("rope_float32",),  # RoPE in float32, rounded after
+    "llama4-chunked-nope-experts": ("rope_float32", "router_rounded"),  # and its sigmoid of the rounded logits
 }
 
 
@@ -1374,7 +1375,7 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
                                   "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared",
                                   "cohere-parallel-pairs", "cohere2-window-nope", "lfm2-short-conv",
-                                  "granite4-mamba2-dense-rope"])
+                                  "granite4-mamba2-dense-rope", "llama4-scout-layout"])
 def test_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
     the gated norm's product after the weight; Mamba 2 its step before the float32 rule; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32

@@ -139,9 +139,9 @@ CONFIGS = {
                          renormalize_experts=False, expert_layers=(1,), hf_architecture="JambaForCausalLM"),
     # Llama 4: a chunked layer (weightless q/k norms) then one without positions (its queries' temperature), experts
     # weighing their inputs beside a shared one, stacked (in, out): adapters of attention and the head go to PEFT
-    "llama4": replace(_LLAMA, sliding_window=5, window_chunked=True, global_every=2, nope_every=2, qk_l2_norm=True,
-                      nope_query_scale=0.5, nope_query_floor=3, n_experts=4, experts_per_token=2, expert_ffn_dim=40,
-                      shared_expert_ffn_dim=40, router_scores="sigmoid", renormalize_experts=False,
+    "llama4": replace(_LLAMA, rope_float32=True, sliding_window=5, window_chunked=True, global_every=2, nope_every=2,
+                      qk_l2_norm=True, nope_query_scale=0.5, nope_query_floor=3, n_experts=4, experts_per_token=2, expert_ffn_dim=40,
+                      shared_expert_ffn_dim=40, router_scores="sigmoid", router_rounded=True, renormalize_experts=False,
                       expert_input_weights=True, hf_architecture="Llama4ForCausalLM"),
     # Nemotron-H: a Mamba 2 layer with its squared-ReLU MLP, then attention alone (no MLP), one sublayer per HF layer
     "nemotron_h": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,

@@ -256,7 +256,7 @@ VARIANTS = {
     # positions), experts weighing their inputs.
     "llama4": {"sliding_window": 5, "window_chunked": True, "global_every": 2, "nope_every": 2, "qk_l2_norm": True,
                "nope_query_scale": 0.5, "nope_query_floor": 3, "n_experts": 4, "experts_per_token": 2,
-               "expert_ffn_dim": 32, "shared_expert_ffn_dim": 32, "router_scores": "sigmoid",
+               "expert_ffn_dim": 32, "shared_expert_ffn_dim": 32, "router_scores": "sigmoid", "router_rounded": True,
                "renormalize_experts": False, "expert_input_weights": True},
 }
 

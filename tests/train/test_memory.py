@@ -225,8 +225,8 @@ STABLELM = dict(norm="layernorm", norm_bias=True, qkv_bias=True, rope_dim=4, par
 # weights' gradient) beside a shared one
 LLAMA4 = dict(sliding_window=32, window_chunked=True, global_every=2, nope_every=2, qk_l2_norm=True,
               nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1, expert_ffn_dim=48,
-              shared_expert_ffn_dim=48, router_scores="sigmoid", renormalize_experts=False, expert_input_weights=True,
-              expert_layers=(1,))
+              shared_expert_ffn_dim=48, router_scores="sigmoid", router_rounded=True, renormalize_experts=False,
+              expert_input_weights=True, expert_layers=(1,))
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
                            kv_shared_wide_mlp=True, per_layer_input_size=8)
 GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=96, experts_own_norms=True,

@@ -277,9 +277,12 @@ class ModelConfig:
     router_scores: str = "softmax"
     """With n_experts: how the router scores the experts: "softmax" over them (Mixtral, Qwen3-MoE), or "sigmoid" of
     each, computed in float32 from float32 inputs (DeepSeek-V3, GLM-4.5)."""
+    router_rounded: bool = False
+    """With router_scores='sigmoid': the router scores in the model's dtype, its logits rounded to it before a float32
+    sigmoid (Llama 4's reference); False: from float32 inputs and weights, as DeepSeek-V3's does."""
     router_float32: bool = False
     """With n_experts: keep the router's weights float32 when the model is cast, and score from float32 inputs, as
-    DeepSeek-V2 is published (a sigmoid router always does)."""
+    DeepSeek-V2 is published (a sigmoid router always does, unless router_rounded)."""
     expert_choice_bias: bool = False
     """With n_experts: a per-expert bias (a float32 buffer, not trained by gradient) added to the scores when choosing
     the experts only, not to their weights (DeepSeek-V3's auxiliary-loss-free balancing, its e_score_correction_bias;
@@ -510,6 +513,8 @@ class ModelConfig:
                              f"group ({self.n_experts // groups})")
         if self.router_float32 and not self.n_experts:
             raise ValueError("router_float32 needs n_experts")
+        if self.router_rounded and (self.router_scores != "sigmoid" or self.router_float32):
+            raise ValueError("router_rounded needs router_scores='sigmoid', without router_float32")
         if not self.routed_scaling > 0:
             raise ValueError(f"routed_scaling must be positive, got {self.routed_scaling}")
         if self.dense_layers and not (self.n_experts and 0 < self.dense_layers < self.n_layers):
@@ -682,10 +687,10 @@ _LLAMA4_SCOUT = replace(
     _LLAMA, vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, ffn_dim=16384, max_seq_len=262144,
     rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    norm_eps=1e-5, tie_embeddings=False, sliding_window=8192, window_chunked=True, global_every=4, nope_every=4,
+    rope_float32=True, norm_eps=1e-5, tie_embeddings=False, sliding_window=8192, window_chunked=True, global_every=4, nope_every=4,
     qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8192, n_experts=16, experts_per_token=1,
-    expert_ffn_dim=8192, shared_expert_ffn_dim=8192, router_scores="sigmoid", renormalize_experts=False,
-    expert_input_weights=True,
+    expert_ffn_dim=8192, shared_expert_ffn_dim=8192, router_scores="sigmoid", router_rounded=True,
+    renormalize_experts=False, expert_input_weights=True,
 )
 """Llama 4 Scout (the "llama-4-scout" preset), whose attention Maverick keeps."""
 _GEMMA2 = replace(
@@ -982,7 +987,8 @@ PRESETS: dict[str, ModelConfig] = {
                             max_seq_len=128, sliding_window=8, window_chunked=True, global_every=2, nope_every=2,
                             qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1,
                             expert_ffn_dim=48, shared_expert_ffn_dim=48, router_scores="sigmoid",
-                            renormalize_experts=False, expert_input_weights=True, expert_layers=(1, 3)),
+                            router_rounded=True, renormalize_experts=False, expert_input_weights=True,
+                            expert_layers=(1, 3)),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

@@ -123,7 +123,7 @@ class MoE(nn.Module):
         self.weigh_inputs = cfg.expert_input_weights  # Llama 4: the weight scales what an expert runs on
         self.groups, self.groups_per_token, self.group_best = (cfg.expert_groups, cfg.expert_groups_per_token,
                                                                cfg.expert_group_best)
-        self.router_float32 = self.sigmoid or cfg.router_float32
+        self.router_float32 = self.sigmoid and not cfg.router_rounded or cfg.router_float32
         self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=cfg.bias)  # GPT-OSS's router has a bias, as its layers
         self.choice_bias: torch.Tensor | None  # (E,)
         self.register_buffer("choice_bias", torch.zeros(cfg.n_experts) if cfg.expert_choice_bias else None)
@@ -176,8 +176,9 @@ class MoE(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 logits = self.router(x.to(self.router.weight.dtype)).float()  # (N, E)
             scores = torch.sigmoid(logits) if self.sigmoid else F.softmax(logits, dim=-1)  # (N, E)
-        else:  # the softmax in float32, as Mixtral's and Qwen3-MoE's references route
-            scores = F.softmax(self.router(x), dim=-1, dtype=torch.float32)  # (N, E)
+        else:  # the softmax (Llama 4: the sigmoid) in float32, as Mixtral's and Qwen3-MoE's references route
+            logits = self.router(x)  # (N, E)
+            scores = torch.sigmoid(logits.float()) if self.sigmoid else F.softmax(logits, dim=-1, dtype=torch.float32)
         choice = scores if self.choice_bias is None else scores + self.choice_bias  # (N, E)
         if self.groups > 1:  # keep the groups whose best experts score highest (DeepSeek-V2: the best; V3: two)
             grouped = choice.unflatten(-1, (self.groups, -1))  # (N, G, E / G)

@@ -431,12 +431,12 @@ _LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_siz
 
 def _llama4(d: dict[str, Any]) -> ModelConfig:
     """Llama 4's text model (Scout, Maverick): Llama's blocks with RoPE in adjacent pairs (moved to halves on loading,
-    `rope_pair_rows`), a layer without positions after every three (no_rope_layers), whose queries take a temperature
+    `rope_pair_rows`), in float32, a layer without positions after every three (no_rope_layers), whose queries take a temperature
     (attn_temperature_tuning: `nope_query_scale`), the others attending within chunks of attention_chunk_size tokens
     (`window_chunked`) with their rotated queries and keys normalised without weights (use_qk_norm); MLPs dense
     (intermediate_size_mlp wide) or, in moe_layers (every interleave_moe_layer_step-th), num_local_experts of
-    intermediate_size chosen by the top k of their sigmoid scores, each weighing its input, beside a shared expert of
-    that width."""
+    intermediate_size chosen by the top k of their sigmoid scores (of logits in the model's dtype), each weighing its
+    input, beside a shared expert of that width."""
     d = {**_LLAMA4_DEFAULTS, **d}
     if d["hidden_act"] != "silu":
         raise ValueError(f"Llama4 hidden_act {d['hidden_act']!r} is not supported (temper uses SwiGLU)")
@@ -467,7 +467,7 @@ def _llama4(d: dict[str, Any]) -> ModelConfig:
                          f"RoPE: {types!r})")
     theta, scaling, _ = _rope(d, default_theta=500000.0)
     mixture = {"n_experts": experts, "experts_per_token": k, "expert_ffn_dim": d["intermediate_size"],
-               "shared_expert_ffn_dim": d["intermediate_size"], "router_scores": "sigmoid",
+               "shared_expert_ffn_dim": d["intermediate_size"], "router_scores": "sigmoid", "router_rounded": True,
                "renormalize_experts": False, "expert_input_weights": True,
                "expert_layers": None if len(moe) == n else tuple(moe)} if moe else {}
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
@@ -479,7 +479,7 @@ def _llama4(d: dict[str, Any]) -> ModelConfig:
         vocab_size=d["vocab_size"], dim=dim, n_layers=n, n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
         ffn_dim=d["intermediate_size_mlp"], max_seq_len=d["max_position_embeddings"], mlp="swiglu", norm="rmsnorm",
-        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=float(theta), rope_scaling=scaling,
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_float32=True,
         sliding_window=chunk if chunked else None, window_chunked=chunked,
         global_every=nope_every if chunked else None, nope_every=nope_every, qk_l2_norm=bool(d["use_qk_norm"]),
         nope_query_scale=float(d["attn_scale"]) if tuned else None,
