@@ -127,6 +127,11 @@ SHAPES: dict[str, ModelConfig] = {
         PRESETS["jamba-v0.1"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408,
         linear_value_heads=1024, linear_dt_rank=32, attention_layers=(4,), n_experts=8, expert_layers=(1, 3, 5, 7),
         max_seq_len=2048),
+    # Llama 4 Scout's layout, small: three layers attending within chunks of 128 (weightless q/k norms) to one without
+    # positions, 16 experts (1 per token, weighing its input) beside a shared one in every layer.
+    "llama4-small": dataclasses.replace(
+        PRESETS["llama-4-scout"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_size=64,
+        ffn_dim=1408, expert_ffn_dim=512, shared_expert_ffn_dim=512, sliding_window=128, max_seq_len=2048),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(

@@ -864,6 +864,9 @@ def test_llama4_export_refuses_what_its_config_cannot_say():
     """Llama4ForCausalLM holds what its config, written and read back, gives again: anything else is named."""
     cfg = replace(from_hf_config({**_LLAMA4, "architectures": ["Llama4ForCausalLM"]}), hf_architecture=None)
     assert hf_architecture(cfg) == "Llama4ForCausalLM"
+    # the same model spelled otherwise (widths written out, all layers' experts named) is the same config
+    same = replace(cfg, head_size=16, n_kv_heads=2, expert_layers=None, n_experts=4, rope_dim=16)
+    assert to_hf_config(same)["moe_layers"] == [0, 1, 2, 3] and from_hf_config(to_hf_config(same)).head_dim == 16
     for off, named in (({"qk_norm": True}, "it has no qk_norm=True"),
                        ({"renormalize_experts": True}, "it has no renormalize_experts=True"),
                        ({"shared_expert_ffn_dim": 24}, "it has no shared_expert_ffn_dim=24"),  # (the experts')

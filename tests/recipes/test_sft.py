@@ -231,7 +231,7 @@ def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "nemotron3", "mamba2", "bamba",
-                                    "falcon_mamba", "jamba", "phi"])
+                                    "falcon_mamba", "jamba", "phi", "llama4"])
 def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, family):
     """LFM2 (short convolutions around an attention layer: packed rows restart each convolution at a document), Granite
     4.0-H and Nemotron-H (Mamba 2 layers around an attention layer without positions: packed rows restart each state;
@@ -239,6 +239,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     (Mamba 2 mixers alone: no attention anywhere), FalconMamba (Mamba mixers alone, their steps, B and C
     normalised), Jamba (Mamba layers, their norms weighted, around attention without positions; experts in every
     other block), Phi-2 (attention beside the MLP on one LayerNorm, a head with a bias: the loss runs it as a module),
+    Llama 4 (chunks of each packed document's own positions, a layer without positions, experts weighing their inputs;
+    LoRA on attention, the router and the head, which PEFT files hold beside its stacked experts),
     Bamba (half of each attention head rotated) and Cohere2
     (attention beside the MLP on one LayerNorm, windowed RoPE layers and a global NoPE one) end to end: LoRA on every
     linear layer of their blocks learns; final/ is the architecture that transformers runs to temper's logits, and
@@ -271,7 +273,9 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                            linear_key_size=16, linear_value_size=1, linear_dt_rank=4, linear_bcdt_eps=1e-5,
                            linear_bcdt_weights=True, nope_every=1, n_experts=4, renormalize_experts=False,
                            expert_layers=(1,)),
-             "phi": dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8)
+             "phi": dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8),
+             "llama4": {k: v for k, v in vars(PRESETS["debug-llama4"]).items() if k not in (
+                 "vocab_size", "max_seq_len", "n_layers", "tie_embeddings")} | dict(sliding_window=32, expert_layers=(1,))
              }[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
                   **shape)
@@ -286,7 +290,7 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                "bamba": attention + "in_proj,out_proj,gate_proj,up_proj,down_proj",
                "falcon_mamba": "in_proj,x_proj,head",
                "jamba": attention + "in_proj,x_proj,out_proj,gate_proj,up_proj,down_proj",
-               "phi": attention + "up_proj,down_proj,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
+               "phi": attention + "up_proj,down_proj,head", "llama4": attention + "router,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
                           f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")
@@ -300,7 +304,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
             "bamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"},
             "falcon_mamba": {"mixer.in_proj", "mixer.x_proj", "lm_head"},
             "jamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"},
-            "phi": {"self_attn.dense", "mlp.fc1", "lm_head"}}[family]
+            "phi": {"self_attn.dense", "mlp.fc1", "lm_head"},
+            "llama4": {"self_attn.q_proj", "feed_forward.router", "lm_head"}}[family]
     assert want <= set(adapter["target_modules"]), adapter["target_modules"]
     transformers = pytest.importorskip("transformers")
     ours, got = load_hf(final)
@@ -313,7 +318,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                                                             "bamba": "BambaForCausalLM",
                                                             "falcon_mamba": "FalconMambaForCausalLM",
                                                             "jamba": "JambaForCausalLM",
-                                                            "phi": "PhiForCausalLM"}[family]
+                                                            "phi": "PhiForCausalLM",
+                                                            "llama4": "Llama4ForCausalLM"}[family]
     x = torch.randint(0, cfg.vocab_size, (2, 70))  # past Cohere2's 64-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)

@@ -984,7 +984,7 @@ PRESETS: dict[str, ModelConfig] = {
     # positions whose queries take a temperature, twice; in every other block 4 experts weighing their inputs (1 per
     # token, sigmoid-scored) beside a shared one.
     "debug-llama4": replace(_LLAMA, vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                            max_seq_len=128, sliding_window=8, window_chunked=True, global_every=2, nope_every=2,
+                            max_seq_len=128, rope_float32=True, sliding_window=8, window_chunked=True, global_every=2, nope_every=2,
                             qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1,
                             expert_ffn_dim=48, shared_expert_ffn_dim=48, router_scores="sigmoid",
                             router_rounded=True, renormalize_experts=False, expert_input_weights=True,

@@ -79,7 +79,7 @@ the tensors of the architectures named here.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from temper.model.config import ROPE_OPTIONAL_KEYS, ModelConfig, last_of_every
@@ -513,15 +513,32 @@ def _llama4_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _llama4_cannot_express(cfg: ModelConfig) -> str | None:
-    """Why Llama4ForCausalLM cannot hold `cfg`: the fields its config, written and read back, does not give again."""
+    """Why Llama4ForCausalLM cannot hold `cfg`: the fields its config, written and read back, does not give again
+    (each side `_resolved`, so that two spellings of one model agree)."""
     try:
-        back = _llama4(_llama4_config(cfg))
+        back = _resolved(_llama4(_llama4_config(cfg)))
     except ValueError as e:
         return str(e)
-    kept = ("hf_architecture", "init_std", "dropout")
-    differ = [f.name for f in fields(ModelConfig) if f.name not in kept and getattr(back, f.name) != getattr(cfg, f.name)]
-    return (f"it has no {', '.join(f'{name}={getattr(cfg, name)!r}' for name in differ)} (it reads them as "
+    ours = _resolved(cfg)
+    differ = [f.name for f in fields(ModelConfig) if getattr(back, f.name) != getattr(ours, f.name)]
+    return (f"it has no {', '.join(f'{name}={getattr(ours, name)!r}' for name in differ)} (it reads them as "
             f"{', '.join(f'{name}={getattr(back, name)!r}' for name in differ)})" if differ else None)
+
+
+def _resolved(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with every width a None stands for written out, and what no layer reads (the experts' settings of a dense
+    model, a temperature's step without the temperature, the training settings) at ModelConfig's defaults."""
+    default = ModelConfig()
+    c = replace(cfg, head_size=cfg.head_dim, n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim,
+                rope_dim=cfg.rotary_dim if cfg.pos == "rope" else None,
+                expert_ffn_dim=cfg.expert_hidden_dim if cfg.n_experts else None, hf_architecture=None,
+                init_std=default.init_std, dropout=default.dropout)
+    if c.n_experts and c.expert_layers == tuple(range(c.n_layers)):
+        c = replace(c, expert_layers=None)
+    if not c.n_experts:
+        c = replace(c, **{k: getattr(default, k) for k in ("experts_per_token", "renormalize_experts",
+                                                           "expert_weights_float32")})
+    return c if c.nope_query_scale is not None else replace(c, nope_query_floor=default.nope_query_floor)
 
 
 def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
