@@ -94,6 +94,9 @@ _LLAMA4 = dict(_SMALL | {"num_hidden_layers": 4, "intermediate_size": 40}, inter
                no_rope_layer_interval=2, floor_scale=4, attn_scale=0.5, pad_token_id=0,
                rope_parameters={"rope_theta": 500000.0, **LLAMA3_SCALING})
 
+_FALCON = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+               bos_token_id=0, eos_token_id=0)
+
 CASES = {
     "gpt2": lambda: _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=97, n_positions=64, n_embd=32, n_layer=2,
                         n_head=4, bos_token_id=0, eos_token_id=0),
@@ -394,6 +397,17 @@ CASES = {
         "Starcoder2Config", "Starcoder2ForCausalLM", **{k: v for k, v in _SMALL.items() if k != "rms_norm_eps"},
         norm_epsilon=1e-5, sliding_window=WINDOW, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # Falcon: LayerNorms with biases, an exact-GELU MLP, q, k and v fused by kv group; Falcon-7B's one kv head and
+    # attention beside the MLP on one norm; 40B's new architecture (two norms, 2 kv heads); Falcon 2's (one norm); and
+    # attention then the MLP, as many kv heads as heads, tanh GELU, biases everywhere, an untied head
+    "falcon-7b-multi-query": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON),
+    "falcon-40b-two-norms": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON, new_decoder_architecture=True,
+                                        num_kv_heads=2, rope_theta=500.0),
+    "falcon2-one-norm": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON, new_decoder_architecture=True,
+                                    num_kv_heads=2, num_ln_in_parallel_attn=1),
+    "falcon-sequential-biases": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON, multi_query=False,
+                                            parallel_attn=False, bias=True, activation="gelu_new",
+                                            tie_word_embeddings=False),
     "llama4-chunked-nope-experts": lambda: _hf("Llama4TextConfig", "Llama4ForCausalLM", **_LLAMA4),
     # and Scout's layout otherwise: experts (top 1) in every layer, three chunked layers to one without positions, no
     # temperature, no q/k norms, tied
@@ -529,6 +543,9 @@ def test_variant_features_are_exercised():
                       ("jamba-mamba-experts", {"linear_bcdt_weights": False}),  # FalconMamba's weightless norms
                       ("jamba-mamba-experts", {"renormalize_experts": True}),
                       ("jamba-mamba-experts", {"nope_every": None}),  # RoPE on its attention layers
+                      ("falcon-40b-two-norms", {"parallel_mlp_norm": False}),  # one norm for both
+                      ("falcon-sequential-biases", {"parallel_block": True}),
+                      ("falcon-7b-multi-query", {"norm_bias": None}),  # LayerNorms without biases
                       ("llama4-chunked-nope-experts", {"window_chunked": False}),  # a sliding window instead
                       ("llama4-chunked-nope-experts", {"qk_l2_norm": False}),
                       ("llama4-chunked-nope-experts", {"nope_query_scale": None}),
@@ -860,6 +877,27 @@ def test_llama4_configs_temper_cannot_build_are_refused_by_name(key, value):
         from_hf_config({**_LLAMA4, "architectures": ["Llama4ForCausalLM"], key: value})
 
 
+@pytest.mark.parametrize("key, value", [
+    ("alibi", True), ("apply_residual_connection_post_layernorm", True), ("activation", "relu"),
+    ("num_attention_heads", 5), ("num_ln_in_parallel_attn", 3), ("multi_query", "yes")])
+def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {**_FALCON, "architectures": ["FalconForCausalLM"], "new_decoder_architecture": True, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_falcon_is_chosen_by_fields_and_refuses_what_its_config_cannot_say():
+    """A model of LayerNorms, RoPE and a GELU MLP without linear biases exports as Falcon, in Falcon-7B's layout where
+    it fits (one kv head, one norm) and the new architecture's otherwise; a layout Falcon has no config for (grouped kv
+    heads with attention then the MLP, part of each head rotated) is refused naming the field."""
+    cfg = replace(from_hf_config({**_FALCON, "architectures": ["FalconForCausalLM"]}), hf_architecture=None)
+    assert hf_architecture(cfg) == "FalconForCausalLM" and not to_hf_config(cfg)["new_decoder_architecture"]
+    assert to_hf_config(replace(cfg, n_kv_heads=2))["new_decoder_architecture"]
+    for off, named in (({"n_kv_heads": 2, "parallel_block": False}, "n_kv_heads=2"), ({"rope_dim": 8}, "rope_dim=8")):
+        with pytest.raises(ValueError, match=f"FalconForCausalLM cannot express this model: it has no .*{named}"):
+            to_hf_config(replace(cfg, **off))
+
+
 def test_llama4_export_refuses_what_its_config_cannot_say():
     """Llama4ForCausalLM holds what its config, written and read back, gives again: anything else is named."""
     cfg = replace(from_hf_config({**_LLAMA4, "architectures": ["Llama4ForCausalLM"]}), hf_architecture=None)
@@ -1144,6 +1182,14 @@ _LLAMA4_SCOUT = {
         "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16",
         "use_cache": True, "use_qk_norm": True, "vocab_size": 202048}}
 
+_FALCON_7B = {
+    "alibi": False, "apply_residual_connection_post_layernorm": False, "architectures": ["FalconForCausalLM"],
+    "attention_dropout": 0.0, "bias": False, "bos_token_id": 11, "eos_token_id": 11, "hidden_dropout": 0.0,
+    "hidden_size": 4544, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "falcon",
+    "multi_query": True, "new_decoder_architecture": False, "num_attention_heads": 71, "num_hidden_layers": 32,
+    "parallel_attn": True, "torch_dtype": "bfloat16", "transformers_version": "4.27.4", "use_cache": True,
+    "vocab_size": 65024}
+
 # Published config.json fields of models with a preset, and their parameter counts (the published sizes).
 PUBLISHED = {
     # NVIDIA-Nemotron-Nano-9B-v2: 8.89B
@@ -1199,6 +1245,10 @@ PUBLISHED = {
     "llama-4-maverick": (_LLAMA4_SCOUT | {"text_config": _LLAMA4_SCOUT["text_config"] | {
         "interleave_moe_layer_step": 2, "num_local_experts": 128, "max_position_embeddings": 1048576,
         "rope_scaling": None, "use_qk_norm": False, "moe_layers": None, "no_rope_layers": None}}, 400_711_848_960),
+    # tiiuae/falcon-7b and falcon-40b (their safetensors count lm_head again: 7.22B and 41.8B)
+    "falcon-7b": (_FALCON_7B, 6_921_720_704),
+    "falcon-40b": (_FALCON_7B | {"hidden_size": 8192, "num_attention_heads": 128, "num_hidden_layers": 60,
+                                 "new_decoder_architecture": True, "num_kv_heads": 8}, 41_303_293_952),
     # EleutherAI/pythia-160m, pythia-1.4b, pythia-6.9b: the Pythia paper's totals
     "pythia-160m": (_PYTHIA_160M, 162_322_944),
     "pythia-1.4b": (_PYTHIA_160M | {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16,

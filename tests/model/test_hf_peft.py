@@ -137,6 +137,10 @@ CONFIGS = {
                          linear_value_heads=128, linear_key_size=8, linear_value_size=1, linear_dt_rank=4,
                          linear_bcdt_eps=1e-5, linear_bcdt_weights=True, nope_every=1, n_experts=4,
                          renormalize_experts=False, expert_layers=(1,), hf_architecture="JambaForCausalLM"),
+    # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two
+    # LayerNorms with biases, linear layers without
+    "falcon": replace(_LLAMA, norm="layernorm", norm_bias=True, mlp="gelu", gelu_exact=True, parallel_block=True,
+                      parallel_mlp_norm=True, hf_architecture="FalconForCausalLM"),
     # Llama 4: a chunked layer (weightless q/k norms) then one without positions (its queries' temperature), experts
     # weighing their inputs beside a shared one, stacked (in, out): adapters of attention and the head go to PEFT
     "llama4": replace(_LLAMA, rope_float32=True, sliding_window=5, window_chunked=True, global_every=2, nope_every=2,
@@ -235,6 +239,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "nanochat": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
@@ -339,7 +344,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "gpt_neox": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
+    fused = {"gpt2": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)

@@ -752,6 +752,10 @@ _PYTHIA = ModelConfig(
     vocab_size=50304, max_seq_len=2048, mlp="gelu", gelu_exact=True, norm="layernorm", pos="rope", bias=True,
     tie_embeddings=False, parallel_block=True, parallel_mlp_norm=True,
 )
+_FALCON = ModelConfig(
+    vocab_size=65024, max_seq_len=2048, mlp="gelu", gelu_exact=True, norm="layernorm", norm_bias=True, pos="rope",
+    bias=False, parallel_block=True,
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in seconds; vocab_size is replaced by the tokenizer's at train time.
@@ -766,6 +770,12 @@ PRESETS: dict[str, ModelConfig] = {
     "pythia-160m": replace(_PYTHIA, dim=768, n_layers=12, n_heads=12, ffn_dim=3072, rope_dim=16),
     "pythia-1.4b": replace(_PYTHIA, dim=2048, n_layers=24, n_heads=16, ffn_dim=8192, rope_dim=32),
     "pythia-6.9b": replace(_PYTHIA, vocab_size=50432, dim=4096, n_layers=32, n_heads=32, ffn_dim=16384, rope_dim=32),
+    # Falcon (TII, 2023): LayerNorms with biases, linear layers without, an exact-GELU MLP beside attention, RoPE;
+    # Falcon-7B: one norm, one kv head (multi-query), 71 heads of 64, tied; 6.92B parameters (7.22B with the head
+    # its checkpoint stores again). Falcon-40B: two norms, 8 kv heads for 128; 41.3B (41.8B stored).
+    "falcon-7b": replace(_FALCON, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1, ffn_dim=18176),
+    "falcon-40b": replace(_FALCON, dim=8192, n_layers=60, n_heads=128, n_kv_heads=8, ffn_dim=32768,
+                          parallel_mlp_norm=True),
     # GPT-2-small's width and depth with Llama's parts: 4 kv heads for 12 query heads (GQA, Ainslie et
     # al. 2023) cut the KV cache 3x at little quality cost; ffn 2048 = 8/3*768 keeps the MLP's parameter
     # count equal to a 4x GELU MLP; a 32k vocab with an untied head lands at ~125M parameters.

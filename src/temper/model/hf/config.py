@@ -1,11 +1,13 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Fifty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
-`_llama4`, written by `_llama4_config`), Mistral
+`_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers
+with or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as
+many as heads, fused with the queries by group; read by `_falcon`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -122,13 +124,14 @@ OLMO = "OlmoForCausalLM"
 MINISTRAL3 = "Ministral3ForCausalLM"
 STABLELM = "StableLmForCausalLM"
 LLAMA4 = "Llama4ForCausalLM"
+FALCON = "FalconForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -175,7 +178,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
-                "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4,
+                "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON,
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -258,6 +261,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **dict.fromkeys(("intermediate_size_mlp", "interleave_moe_layer_step", "floor_scale"), _INT),
     "moe_layers": (list, type(None)), "attention_chunk_size": (*_INT, type(None)), "attn_scale": _FLOAT,
     "attn_temperature_tuning": (bool, int),  # (Llama 4 Scout's config writes 4)
+    **dict.fromkeys(("num_kv_heads", "num_ln_in_parallel_attn", "ffn_hidden_size", "n_embed"), (*_INT, type(None))),
+    **dict.fromkeys(("alibi", "new_decoder_architecture", "multi_query", "parallel_attn", "bias",
+                     "apply_residual_connection_post_layernorm"), (bool, type(None))),
+    "activation": (*_STR, type(None)), "layer_norm_epsilon": (*_FLOAT, type(None)),
     **dict.fromkeys(("conv_L_cache", "block_multiple_of", "block_ff_dim", "num_dense_layers"), _INT),
     **dict.fromkeys(("shared_intermediate_size", "mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                      "mamba_expand", "mamba_chunk_size"), _INT),
@@ -365,7 +372,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return _gpt_neox(d) if arch == GPT_NEOX else _llama4(d) if arch == LLAMA4 else _from_llama_like(d, arch)
+    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon}  # the architectures read apart from Llama's
+    return readers[arch](d) if arch in readers else _from_llama_like(d, arch)
 
 
 def _query_scale_beta(rope: dict[str, Any], scaling: dict | None) -> float:
@@ -512,11 +520,74 @@ def _llama4_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _llama4_cannot_express(cfg: ModelConfig) -> str | None:
-    """Why Llama4ForCausalLM cannot hold `cfg`: the fields its config, written and read back, does not give again
-    (each side `_resolved`, so that two spellings of one model agree)."""
+_FALCON_DEFAULTS = {"vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
+                    "layer_norm_epsilon": 1e-5, "max_position_embeddings": 2048, "multi_query": True,
+                    "parallel_attn": True, "new_decoder_architecture": False, "bias": False, "activation": "gelu",
+                    "tie_word_embeddings": True}
+"""FalconConfig's defaults of what a config may leave out (Falcon-7B's shape)."""
+
+
+def _falcon(d: dict[str, Any]) -> ModelConfig:
+    """Falcon (TII's Falcon-7B, 40B, 180B, Falcon 2): LayerNorms with biases, linear layers with or without them
+    (bias), a GELU MLP (exact, "gelu"; its tanh approximation), RoPE over whole heads; attention beside the MLP on one
+    norm (parallel_attn; Falcon-7B), on two (new_decoder_architecture, num_ln_in_parallel_attn 2: 40B, 180B) or one
+    after the other; one kv head (multi_query), as many as heads, or num_kv_heads (the new architecture). Its q, k and
+    v are fused kv group by kv group (`group_rows`), which covers all three."""
+    d = {**_FALCON_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d.get("n_embed") is not None:  # FalconConfig's older spelling of hidden_size
+        d["hidden_size"] = d["n_embed"]
+    for key in ("alibi", "apply_residual_connection_post_layernorm"):
+        if d.get(key):
+            raise ValueError(f"Falcon {key}=true is not supported (temper reads Falcon's RoPE models with pre-norm "
+                             "residuals)")
+    act = d["activation"]
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise ValueError(f"Falcon activation {act!r} is not supported (temper reads GELU, exact or tanh's)")
+    dim, n_heads, new = d["hidden_size"], d["num_attention_heads"], bool(d["new_decoder_architecture"])
+    kv = (d.get("num_kv_heads") or n_heads) if new else 1 if d["multi_query"] else n_heads
+    norms = (d.get("num_ln_in_parallel_attn") or 2) if new else 1
+    if not (n_heads > 0 and dim % n_heads == 0 and kv > 0 and n_heads % kv == 0 and norms in (1, 2)):
+        raise ValueError(f"Falcon num_attention_heads={n_heads}, num_kv_heads={kv}, num_ln_in_parallel_attn={norms} "
+                         f"are not supported (heads dividing hidden_size={dim}, kv heads dividing them, 1 or 2 norms)")
+    parallel = new or bool(d["parallel_attn"])
+    theta, scaling, _ = _rope(d)
+    bias = bool(d["bias"])
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads, n_kv_heads=kv,
+        ffn_dim=d.get("ffn_hidden_size") or 4 * dim, max_seq_len=d["max_position_embeddings"], mlp="gelu",
+        gelu_exact=act == "gelu", norm="layernorm", norm_eps=d["layer_norm_epsilon"], norm_bias=None if bias else True,
+        pos="rope", rope_theta=float(theta), rope_scaling=scaling, bias=bias, tie_embeddings=d["tie_word_embeddings"],
+        parallel_block=parallel, parallel_mlp_norm=new and norms == 2, dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=FALCON)
+
+
+def _falcon_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The FalconConfig of `cfg`: Falcon-7B's layout (parallel_attn, multi_query) where it holds one, else the new
+    architecture's (two norms, or grouped kv heads beside one), or attention then the MLP."""
+    new = cfg.parallel_mlp_norm or cfg.parallel_block and 1 < cfg.kv_heads < cfg.n_heads
+    return {
+        "architectures": [FALCON], "model_type": "falcon", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_kv_heads": cfg.kv_heads,
+        "new_decoder_architecture": new, "multi_query": cfg.kv_heads == 1, "parallel_attn": cfg.parallel_block,
+        "num_ln_in_parallel_attn": (2 if cfg.parallel_mlp_norm else 1) if new else None, "alibi": False,
+        "bias": cfg.bias, "ffn_hidden_size": cfg.hidden_dim, "activation": "gelu" if cfg.gelu_exact else "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None, "attention_dropout": cfg.dropout,
+        "hidden_dropout": cfg.dropout, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
+    }
+
+
+_READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config)}
+"""The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
+
+
+def _cannot_round_trip(arch: str, cfg: ModelConfig) -> str | None:
+    """Why `arch` (read and written by `_READ_APART`'s pair) cannot hold `cfg`: the fields its config, written and read
+    back, does not give again (each side `_resolved`, so that two spellings of one model agree)."""
+    read, write = _READ_APART[arch]
     try:
-        back = _resolved(_llama4(_llama4_config(cfg)))
+        back = _resolved(read(write(cfg)))
     except ValueError as e:
         return str(e)
     ours = _resolved(cfg)
@@ -531,6 +602,7 @@ def _resolved(cfg: ModelConfig) -> ModelConfig:
     default = ModelConfig()
     c = replace(cfg, head_size=cfg.head_dim, n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim,
                 rope_dim=cfg.rotary_dim if cfg.pos == "rope" else None,
+                norm_bias=(cfg.bias if cfg.norm_bias is None else cfg.norm_bias) if cfg.norm == "layernorm" else None,
                 expert_ffn_dim=cfg.expert_hidden_dim if cfg.n_experts else None, hf_architecture=None,
                 init_std=default.init_std, dropout=default.dropout)
     if c.n_experts and c.expert_layers == tuple(range(c.n_layers)):
@@ -1602,6 +1674,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu") and cfg.norm_bias:
             arch = STABLELM
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu") and not cfg.bias and not cfg.qkv_bias:
+            arch = FALCON  # (GPT-NeoX, StarCoder2 and Phi have biases everywhere)
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
             arch = (PHI if cfg.head_bias or cfg.parallel_block and not cfg.parallel_mlp_norm
                     else GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2)
@@ -1657,8 +1731,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     """Why `arch` cannot hold `cfg` exactly, or None."""
     if arch not in SUPPORTED_ARCHITECTURES:
         return f"temper writes {', '.join(SUPPORTED_ARCHITECTURES)}"
-    if arch == LLAMA4:
-        return _llama4_cannot_express(cfg)
+    if arch in _READ_APART:
+        return _cannot_round_trip(arch, cfg)
     if cfg.window_chunked or cfg.qk_l2_norm or cfg.nope_query_scale is not None or cfg.expert_input_weights:
         return ("it has no chunked attention, weightless q/k norms after RoPE, temperature of the queries without "
                 "positions or experts weighing their inputs (Llama4ForCausalLM has)")
@@ -1958,8 +2032,8 @@ def _jamba_period(n: int, layers: tuple[int, ...]) -> tuple[int, int] | None:
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A `config.json` that `transformers.AutoConfig` reads as the architecture `hf_architecture` picks."""
     arch = hf_architecture(cfg)
-    if arch == LLAMA4:
-        return _llama4_config(cfg)
+    if arch in _READ_APART:
+        return _READ_APART[arch][1](cfg)
     if arch == GPT2:
         return {
             "architectures": [GPT2], "model_type": "gpt2",

@@ -20,6 +20,7 @@ from temper.model.hf.config import (
     DEEPSEEK_MOE,
     ERNIE4_5_MOE,
     ERNIES,
+    FALCON,
     GEMMA2,
     GEMMA3,
     GEMMA4,
@@ -192,6 +193,26 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.dense_4h_to_h.{t}", f"{p}mlp.down_proj.{t}")
         add("final_layer_norm.weight", "norm.weight")
         add("final_layer_norm.bias", "norm.bias")
+    elif arch == FALCON:  # q, k and v fused kv group by kv group (`group_rows`); LayerNorms with biases
+        add = lambda hf, *parts: rules.append(_Rule("transformer." + hf, parts))
+        add("word_embeddings.weight", "tok_emb.weight")
+        qkv = (cfg.kv_heads, (cfg.n_heads // cfg.kv_heads * cfg.head_dim, cfg.head_dim, cfg.head_dim))
+        norms = ([("ln_attn", "attn_norm"), ("ln_mlp", "mlp_norm")] if cfg.parallel_mlp_norm  # the new architecture's
+                 else [("input_layernorm", "attn_norm")] + [("post_attention_layernorm", "mlp_norm")] * (
+                     not cfg.parallel_block))
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"h.{i}."
+            for t in ("weight", "bias"):
+                for theirs, ours in norms:
+                    add(f"{h}{theirs}.{t}", f"{p}{ours}.{t}")
+                if f"{p}attn.q_proj.{t}" in keys:
+                    rules.append(_Rule(f"transformer.{h}self_attention.query_key_value.{t}", tuple(
+                        f"{p}attn.{n}_proj.{t}" for n in "qkv"), groups=qkv))
+                    for theirs, ours in (("self_attention.dense", "attn.o_proj"), ("mlp.dense_h_to_4h", "mlp.up_proj"),
+                                         ("mlp.dense_4h_to_h", "mlp.down_proj")):
+                        add(f"{h}{theirs}.{t}", f"{p}{ours}.{t}")
+        add("ln_f.weight", "norm.weight")
+        add("ln_f.bias", "norm.bias")
     elif arch in (NEMOTRON_H, *MIXERS_ALONE):  # one sublayer per checkpoint layer: a block's mixer, then its MLP where
         # it has one (Mamba2ForCausalLM's and MambaForCausalLM's blocks: a mixer alone)
         add = lambda hf, *parts: rules.append(_Rule(hf, parts))
