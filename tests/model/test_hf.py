@@ -408,6 +408,10 @@ CASES = {
     "falcon-sequential-biases": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON, multi_query=False,
                                             parallel_attn=False, bias=True, activation="gelu_new",
                                             tie_word_embeddings=False),
+    # GPT-J: attention without biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, the first
+    # 8 dims of each head rotated in adjacent pairs
+    "gptj-partial-pairs": lambda: _hf("GPTJConfig", "GPTJForCausalLM", vocab_size=101, n_positions=128, n_embd=64,
+                                      n_layer=2, n_head=4, rotary_dim=8, bos_token_id=0, eos_token_id=0),
     "llama4-chunked-nope-experts": lambda: _hf("Llama4TextConfig", "Llama4ForCausalLM", **_LLAMA4),
     # and Scout's layout otherwise: experts (top 1) in every layer, three chunked layers to one without positions, no
     # temperature, no q/k norms, tied
@@ -543,6 +547,7 @@ def test_variant_features_are_exercised():
                       ("jamba-mamba-experts", {"linear_bcdt_weights": False}),  # FalconMamba's weightless norms
                       ("jamba-mamba-experts", {"renormalize_experts": True}),
                       ("jamba-mamba-experts", {"nope_every": None}),  # RoPE on its attention layers
+                      ("gptj-partial-pairs", {"rope_dim": None}), ("gptj-partial-pairs", {"head_bias": False}),
                       ("falcon-40b-two-norms", {"parallel_mlp_norm": False}),  # one norm for both
                       ("falcon-sequential-biases", {"parallel_block": True}),
                       ("falcon-7b-multi-query", {"norm_bias": None}),  # LayerNorms without biases
@@ -884,6 +889,27 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {**_FALCON, "architectures": ["FalconForCausalLM"], "new_decoder_architecture": True, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("tie_word_embeddings", True),
+                                        ("rotary_dim", 3), ("rotary_dim", 0), ("n_head", 5)])
+def test_gptj_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {"architectures": ["GPTJForCausalLM"], "vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4,
+         "rotary_dim": 8, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_attention_without_biases_beside_biased_layers_is_gptj_alone():
+    """attn_bias=false beside biased layers is GPT-J's (chosen by it, and its RoPE base 10000 fixed); another
+    architecture refuses it by name."""
+    cfg = replace(from_hf_config({"architectures": ["GPTJForCausalLM"], "vocab_size": 101, "n_embd": 64, "n_layer": 2,
+                                  "n_head": 4, "rotary_dim": 8}), hf_architecture=None)
+    assert hf_architecture(cfg) == "GPTJForCausalLM" and cfg.attn_bias is False and cfg.head_bias
+    with pytest.raises(ValueError, match="GPTJForCausalLM cannot express this model: it has no rope_theta=500.0"):
+        to_hf_config(replace(cfg, rope_theta=500.0))
+    with pytest.raises(ValueError, match="PhiForCausalLM cannot express this model: its attention has biases"):
+        to_hf_config(replace(cfg, hf_architecture="PhiForCausalLM"))
 
 
 def test_falcon_is_chosen_by_fields_and_refuses_what_its_config_cannot_say():

@@ -137,6 +137,9 @@ CONFIGS = {
                          linear_value_heads=128, linear_key_size=8, linear_value_size=1, linear_dt_rank=4,
                          linear_bcdt_eps=1e-5, linear_bcdt_weights=True, nope_every=1, n_experts=4,
                          renormalize_experts=False, expert_layers=(1,), hf_architecture="JambaForCausalLM"),
+    # GPT-J: attention without biases (out_proj), the MLP (fc_in, fc_out) and the head with them, pairs rotated
+    "gptj": replace(_LLAMA, n_kv_heads=None, norm="layernorm", mlp="gelu", bias=True, attn_bias=False, head_bias=True,
+                    parallel_block=True, rope_dim=8, hf_architecture="GPTJForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two
     # LayerNorms with biases, linear layers without
     "falcon": replace(_LLAMA, norm="layernorm", norm_bias=True, mlp="gelu", gelu_exact=True, parallel_block=True,
@@ -240,6 +243,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],

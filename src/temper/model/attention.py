@@ -249,7 +249,8 @@ class Attention(nn.Module):
         """The layers that make queries, keys and values (`project` runs them) and the output projection."""
         # Separate q/k/v projections (not one fused matrix) so tensor parallelism can shard each by
         # heads and LoRA can target each by name, as in the Hugging Face Llama layout.
-        qkv_bias = cfg.bias or cfg.qkv_bias
+        biased = cfg.bias if cfg.attn_bias is None else cfg.attn_bias  # (GPT-J: the MLP's alone)
+        qkv_bias = biased or cfg.qkv_bias
         self.output_gate = cfg.attn_output_gate  # q_proj makes each head's queries, then its output gates
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim * (2 if self.output_gate else 1), bias=qkv_bias)
         own_kv = self.kv_source is None  # a layer taking another's keys and values makes none
@@ -258,7 +259,7 @@ class Attention(nn.Module):
         values_are_keys = self.global_shaped and cfg.global_values_are_keys
         self.v_proj = (nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
                        if own_kv and not values_are_keys else None)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=biased)
         # Qwen3, Gemma 3: one RMSNorm of width head_dim shared by every query head, one by every key head; OLMo 2:
         # one over all the query heads' values at once, one over the keys'.
         self.qk_norm_whole = cfg.qk_norm_whole

@@ -199,6 +199,9 @@ class ModelConfig:
     """Biases in every linear layer and in LayerNorm."""
     qkv_bias: bool = False
     """Biases in the query, key and value projections even when `bias` is off (Qwen2)."""
+    attn_bias: bool | None = None
+    """Biases in attention's q, k, v and o projections where that differs from `bias` (GPT-J: none, beside an MLP, its
+    LayerNorms and its head with them); None: as `bias` says."""
     qk_norm: bool = False
     """RMSNorm over each head's query and key, before RoPE (Qwen3, Gemma 3; Dehghani et al. 2023): it bounds
     attention logits."""

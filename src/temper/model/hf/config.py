@@ -1,13 +1,15 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Fifty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
 `_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers
 with or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as
-many as heads, fused with the queries by group; read by `_falcon`), Mistral
+many as heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without
+biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent
+pairs: `attn_bias`; read by `_gptj`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -125,13 +127,14 @@ MINISTRAL3 = "Ministral3ForCausalLM"
 STABLELM = "StableLmForCausalLM"
 LLAMA4 = "Llama4ForCausalLM"
 FALCON = "FalconForCausalLM"
+GPTJ = "GPTJForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -178,7 +181,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "jamba": JAMBA, "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX,
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
-                "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON,
+                "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -372,7 +375,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon}  # the architectures read apart from Llama's
+    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon, GPTJ: _gptj}  # read apart from Llama's
     return readers[arch](d) if arch in readers else _from_llama_like(d, arch)
 
 
@@ -578,7 +581,47 @@ def _falcon_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-_READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config)}
+_GPTJ_DEFAULTS = {"vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16,
+                  "rotary_dim": 64, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                  "tie_word_embeddings": False}
+"""GPTJConfig's defaults of what a config may leave out (GPT-J-6B's shape)."""
+
+
+def _gptj(d: dict[str, Any]) -> ModelConfig:
+    """GPT-J (EleutherAI's GPT-J-6B; Wang and Komatsuzaki 2021): attention beside a tanh-GELU MLP on one LayerNorm,
+    biases on the MLP, the LayerNorms and the head but not on attention (`attn_bias`), RoPE of base 10000 on the first
+    rotary_dim dims of each head in adjacent pairs (moved to halves on loading, `rope_pair_rows`)."""
+    d = {**_GPTJ_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["activation_function"] not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise ValueError(f"GPTJ activation_function {d['activation_function']!r} is not supported (temper reads tanh "
+                         "GELU)")
+    if d["tie_word_embeddings"]:
+        raise ValueError("GPTJ tie_word_embeddings=true is not supported (its head has a bias: temper's head_bias is an "
+                         "untied head's)")
+    dim, n_heads, rotary = d["n_embd"], d["n_head"], d["rotary_dim"]
+    head_dim = dim // n_heads if n_heads > 0 else 0
+    if not (n_heads > 0 and dim % n_heads == 0 and _is_int(rotary) and 0 < rotary <= head_dim and rotary % 2 == 0):
+        raise ValueError(f"GPTJ n_head={n_heads} with rotary_dim={rotary} is not supported (heads dividing n_embd={dim}, "
+                         "an even number of each head's dims rotated)")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["n_layer"], n_heads=n_heads, ffn_dim=d.get("n_inner") or 4 * dim,
+        max_seq_len=d["n_positions"], mlp="gelu", norm="layernorm", norm_eps=d["layer_norm_epsilon"], pos="rope",
+        rope_dim=None if rotary == head_dim else rotary, bias=True, attn_bias=False, head_bias=True,
+        tie_embeddings=False, parallel_block=True, dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        hf_architecture=GPTJ)
+
+
+def _gptj_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The GPTJConfig of `cfg`."""
+    return {"architectures": [GPTJ], "model_type": "gptj", "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len,
+            "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "rotary_dim": cfg.rotary_dim,
+            "n_inner": cfg.hidden_dim, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "initializer_range": cfg.init_std, "tie_word_embeddings": False, "bos_token_id": None,
+            "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
+_READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -603,6 +646,7 @@ def _resolved(cfg: ModelConfig) -> ModelConfig:
     c = replace(cfg, head_size=cfg.head_dim, n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim,
                 rope_dim=cfg.rotary_dim if cfg.pos == "rope" else None,
                 norm_bias=(cfg.bias if cfg.norm_bias is None else cfg.norm_bias) if cfg.norm == "layernorm" else None,
+                attn_bias=cfg.bias if cfg.attn_bias is None else cfg.attn_bias,
                 expert_ffn_dim=cfg.expert_hidden_dim if cfg.n_experts else None, hf_architecture=None,
                 init_std=default.init_std, dropout=default.dropout)
     if c.n_experts and c.expert_layers == tuple(range(c.n_layers)):
@@ -1676,6 +1720,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = STABLELM
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu") and not cfg.bias and not cfg.qkv_bias:
             arch = FALCON  # (GPT-NeoX, StarCoder2 and Phi have biases everywhere)
+        elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu") and cfg.attn_bias is False and cfg.bias:
+            arch = GPTJ
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu"):
             arch = (PHI if cfg.head_bias or cfg.parallel_block and not cfg.parallel_mlp_norm
                     else GPT_NEOX if cfg.parallel_block or cfg.gelu_exact or cfg.rope_dim is not None else STARCODER2)
@@ -1733,6 +1779,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"temper writes {', '.join(SUPPORTED_ARCHITECTURES)}"
     if arch in _READ_APART:
         return _cannot_round_trip(arch, cfg)
+    if cfg.attn_bias is not None and cfg.attn_bias != cfg.bias:
+        return "its attention has biases where its other layers do (GPTJForCausalLM's has none beside them: attn_bias)"
     if cfg.window_chunked or cfg.qk_l2_norm or cfg.nope_query_scale is not None or cfg.expert_input_weights:
         return ("it has no chunked attention, weightless q/k norms after RoPE, temperature of the queries without "
                 "positions or experts weighing their inputs (Llama4ForCausalLM has)")

@@ -28,6 +28,7 @@ from temper.model.hf.config import (
     GPT2,
     GPT_NEOX,
     GPT_OSS,
+    GPTJ,
     GRANITE_MOES,
     HUNYUAN_MOE,
     HUNYUANS,
@@ -193,6 +194,21 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.dense_4h_to_h.{t}", f"{p}mlp.down_proj.{t}")
         add("final_layer_norm.weight", "norm.weight")
         add("final_layer_norm.bias", "norm.bias")
+    elif arch == GPTJ:  # q and k's rotated dims in adjacent pairs; attention without biases, the rest with
+        add = lambda hf, *parts, **kw: rules.append(_Rule("transformer." + hf, parts, **kw))
+        add("wte.weight", "tok_emb.weight")
+        pairs = (cfg.head_dim, 0, cfg.rotary_dim)
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"h.{i}."
+            for n in "qkv":
+                add(f"{h}attn.{n}_proj.weight", f"{p}attn.{n}_proj.weight", rope_pairs=pairs if n in "qk" else None)
+            add(f"{h}attn.out_proj.weight", f"{p}attn.o_proj.weight")
+            for t in ("weight", "bias"):
+                add(f"{h}ln_1.{t}", f"{p}attn_norm.{t}")
+                add(f"{h}mlp.fc_in.{t}", f"{p}mlp.up_proj.{t}")
+                add(f"{h}mlp.fc_out.{t}", f"{p}mlp.down_proj.{t}")
+        add("ln_f.weight", "norm.weight")
+        add("ln_f.bias", "norm.bias")
     elif arch == FALCON:  # q, k and v fused kv group by kv group (`group_rows`); LayerNorms with biases
         add = lambda hf, *parts: rules.append(_Rule("transformer." + hf, parts))
         add("word_embeddings.weight", "tok_emb.weight")
