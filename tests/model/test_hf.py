@@ -408,6 +408,13 @@ CASES = {
     "falcon-sequential-biases": lambda: _hf("FalconConfig", "FalconForCausalLM", **_FALCON, multi_query=False,
                                             parallel_attn=False, bias=True, activation="gelu_new",
                                             tie_word_embeddings=False),
+    # GPTBigCode (StarCoder, SantaCoder): GPT-2's blocks with one kv head fused beside the queries, or q, k and v
+    # fused head by head
+    "gpt-bigcode-multi-query": lambda: _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", vocab_size=101, n_positions=128,
+                                           n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
+    "gpt-bigcode-heads": lambda: _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", vocab_size=101, n_positions=128,
+                                     n_embd=64, n_layer=2, n_head=4, multi_query=False, tie_word_embeddings=False,
+                                     bos_token_id=0, eos_token_id=0),
     # GPT-J: attention without biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, the first
     # 8 dims of each head rotated in adjacent pairs
     "gptj-partial-pairs": lambda: _hf("GPTJConfig", "GPTJForCausalLM", vocab_size=101, n_positions=128, n_embd=64,
@@ -898,6 +905,25 @@ def test_gptj_configs_temper_cannot_build_are_refused_by_name(key, value):
          "rotary_dim": 8, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("scale_attn_weights", False),
+                                        ("add_cross_attention", True), ("n_head", 5)])
+def test_gpt_bigcode_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {"architectures": ["GPTBigCodeForCausalLM"], "vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4,
+         key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config(d)
+
+
+def test_gpt2_blocks_with_one_kv_head_are_gpt_bigcode():
+    """GPT-2's blocks with one kv head export as GPTBigCode (StarCoder's); grouped kv heads neither holds."""
+    cfg = replace(PRESETS["debug"], n_kv_heads=1)
+    assert hf_architecture(cfg) == "GPTBigCodeForCausalLM" and to_hf_config(cfg)["multi_query"]
+    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot express this model: it has no grouped-query"):
+        to_hf_config(replace(cfg, n_kv_heads=2))
+    with pytest.raises(ValueError, match="GPTBigCodeForCausalLM cannot express this model: it has no n_kv_heads=2"):
+        to_hf_config(replace(cfg, n_kv_heads=2, hf_architecture="GPTBigCodeForCausalLM"))
 
 
 def test_attention_without_biases_beside_biased_layers_is_gptj_alone():

@@ -186,6 +186,8 @@ CONFIGS = {
                          "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
                      hf_architecture="Olmo3ForCausalLM"),  # a windowed layer, then a global one under YaRN
     "gpt2": replace(PRESETS["debug"], vocab_size=97, tie_embeddings=False, hf_architecture="GPT2LMHeadModel"),
+    # GPTBigCode (StarCoder): GPT-2's blocks in nn.Linear layers, one kv head fused beside the queries
+    "gpt_bigcode": replace(PRESETS["debug"], vocab_size=97, n_kv_heads=1, hf_architecture="GPTBigCodeForCausalLM"),
     # Mixtures of experts: attention and head adapters here, experts' below (test_expert_adapters_...).
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "smollm3": replace(_LLAMA, nope_every=2, hf_architecture="SmolLM3ForCausalLM"),  # layer 1 of 2 without RoPE
@@ -237,6 +239,7 @@ CONFIGS = {
 }
 HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architecture (a mixture's: outside experts)
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_bigcode": ["c_attn", "c_proj", "c_fc"],
     "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
     "arcee": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
     "nanochat": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
@@ -348,7 +351,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
+    fused = {"gpt2": 12, "gpt_bigcode": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)

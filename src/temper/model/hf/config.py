@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Fifty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -9,7 +9,8 @@ take a temperature, experts weighing their inputs beside a shared one, in every 
 with or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as
 many as heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without
 biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent
-pairs: `attn_bias`; read by `_gptj`), Mistral
+pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks
+with one kv head, q, k and v fused; read by `_gpt_bigcode`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -128,13 +129,14 @@ STABLELM = "StableLmForCausalLM"
 LLAMA4 = "Llama4ForCausalLM"
 FALCON = "FalconForCausalLM"
 GPTJ = "GPTJForCausalLM"
+GPT_BIGCODE = "GPTBigCodeForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -182,6 +184,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
+                "gpt_bigcode": GPT_BIGCODE,
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -375,7 +378,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon, GPTJ: _gptj}  # read apart from Llama's
+    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon, GPTJ: _gptj,  # read apart from Llama's
+               GPT_BIGCODE: _gpt_bigcode}
     return readers[arch](d) if arch in readers else _from_llama_like(d, arch)
 
 
@@ -621,7 +625,48 @@ def _gptj_config(cfg: ModelConfig) -> dict[str, Any]:
             "eos_token_id": None, "pad_token_id": None, "use_cache": True}
 
 
-_READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config)}
+_GPT_BIGCODE_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                         "activation_function": "gelu_pytorch_tanh", "layer_norm_epsilon": 1e-5,
+                         "scale_attn_weights": True, "multi_query": True, "tie_word_embeddings": True}
+"""GPTBigCodeConfig's defaults of what a config may leave out."""
+
+
+def _gpt_bigcode(d: dict[str, Any]) -> ModelConfig:
+    """GPTBigCode (StarCoder, StarCoderBase, SantaCoder, WizardCoder, SQLCoder): GPT-2's blocks (learned positions,
+    LayerNorms, a GELU MLP, biases everywhere) with one kv head (multi_query) or as many as heads, q, k and v fused in
+    one linear layer (the queries, then the key and the value; without multi_query, head by head: `group_rows`)."""
+    d = {**_GPT_BIGCODE_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    act = d["activation_function"]
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
+        raise ValueError(f"GPTBigCode activation_function {act!r} is not supported (temper reads GELU, exact or tanh's)")
+    if not d["scale_attn_weights"] or d.get("add_cross_attention"):
+        raise ValueError("GPTBigCode scale_attn_weights=false or add_cross_attention=true is not supported (temper's "
+                         "attention scales by head_dim ** -0.5, a decoder's alone)")
+    dim, n_heads = d["n_embd"], d["n_head"]
+    if not (n_heads > 0 and dim % n_heads == 0):
+        raise ValueError(f"GPTBigCode n_head={n_heads} is not supported (heads dividing n_embd={dim})")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["n_layer"], n_heads=n_heads,
+        n_kv_heads=1 if d["multi_query"] else None, ffn_dim=d.get("n_inner") or 4 * dim, max_seq_len=d["n_positions"],
+        mlp="gelu", gelu_exact=act == "gelu", norm="layernorm", norm_eps=d["layer_norm_epsilon"], pos="learned",
+        bias=True, tie_embeddings=d["tie_word_embeddings"], dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        hf_architecture=GPT_BIGCODE)
+
+
+def _gpt_bigcode_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The GPTBigCodeConfig of `cfg`."""
+    return {"architectures": [GPT_BIGCODE], "model_type": "gpt_bigcode", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len, "n_embd": cfg.dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.hidden_dim, "multi_query": cfg.kv_heads == 1,
+            "activation_function": "gelu" if cfg.gelu_exact else "gelu_pytorch_tanh",
+            "layer_norm_epsilon": cfg.norm_eps, "scale_attn_weights": True, "attention_softmax_in_fp32": True,
+            "scale_attention_softmax_in_fp32": True, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
+_READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
+               GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -1734,7 +1779,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts
                     else LFM2)
         elif cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
-            arch = GPT2
+            arch = GPT_BIGCODE if cfg.kv_heads == 1 < cfg.n_heads else GPT2  # (StarCoder's one kv head)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             gemma4 = (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
                       or cfg.kv_shared_layers or cfg.per_layer_input_size)

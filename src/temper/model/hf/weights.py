@@ -26,6 +26,7 @@ from temper.model.hf.config import (
     GEMMA4,
     GLM4,
     GPT2,
+    GPT_BIGCODE,
     GPT_NEOX,
     GPT_OSS,
     GPTJ,
@@ -194,6 +195,23 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.dense_4h_to_h.{t}", f"{p}mlp.down_proj.{t}")
         add("final_layer_norm.weight", "norm.weight")
         add("final_layer_norm.bias", "norm.bias")
+    elif arch == GPT_BIGCODE:  # GPT-2's names in linear layers (out, in); q, k and v fused: the queries, then the
+        # key and the value (one kv head), or head by head
+        add = lambda hf, *parts, **kw: rules.append(_Rule("transformer." + hf, parts, **kw))
+        add("wte.weight", "tok_emb.weight")
+        add("wpe.weight", "pos_emb.weight")
+        by_head = (cfg.n_heads, (cfg.head_dim,) * 3) if cfg.kv_heads == cfg.n_heads else None
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"h.{i}."
+            for t in ("weight", "bias"):
+                add(f"{h}ln_1.{t}", f"{p}attn_norm.{t}")
+                add(f"{h}attn.c_attn.{t}", *(f"{p}attn.{n}_proj.{t}" for n in "qkv"), groups=by_head)
+                add(f"{h}attn.c_proj.{t}", f"{p}attn.o_proj.{t}")
+                add(f"{h}ln_2.{t}", f"{p}mlp_norm.{t}")
+                add(f"{h}mlp.c_fc.{t}", f"{p}mlp.up_proj.{t}")
+                add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}")
+        add("ln_f.weight", "norm.weight")
+        add("ln_f.bias", "norm.bias")
     elif arch == GPTJ:  # q and k's rotated dims in adjacent pairs; attention without biases, the rest with
         add = lambda hf, *parts, **kw: rules.append(_Rule("transformer." + hf, parts, **kw))
         add("wte.weight", "tok_emb.weight")
