@@ -776,7 +776,9 @@ def test_architecture_is_chosen_by_fields():
         to_hf_config(replace(PRESETS["debug"], gelu_exact=True))
     with pytest.raises(ValueError, match="Starcoder2ForCausalLM cannot express this model: it needs mlp='gelu' .GPT-2's "
                                          "MLP. and biases on every layer and norm"):
-        to_hf_config(replace(starcoder2, bias=False))
+        to_hf_config(replace(starcoder2, bias=False, hf_architecture="Starcoder2ForCausalLM"))
+    with pytest.raises(ValueError, match="FalconForCausalLM cannot express this model: it has no .*sliding_window=16"):
+        to_hf_config(replace(starcoder2, bias=False))  # without linear biases: Falcon's fields, but a window
     cohere = replace(llama, norm="layernorm", bias=False, parallel_block=True, rope_float32=True)
     assert hf_architecture(cohere) == "CohereForCausalLM"
     assert hf_architecture(replace(cohere, sliding_window=16, global_every=4, nope_every=4)) == "Cohere2ForCausalLM"
