@@ -279,8 +279,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """rope: the (cos, sin) tables at this forward's positions, a third tensor (B|1, T, 1, 1) scaling the rotated
         queries (`query_scale_beta`), or (None, None, that scale) for a layer without positions whose queries take a
-        temperature (`nope_query_scale`); None: no positions. shared_kv: with `kv_shared_layers`, the keys and values of the layers others attend to, by layer, as
-        this forward makes them (this layer adds its own where others take them, or takes its source's)."""
+        temperature (`nope_query_scale`); None: no positions. shared_kv: with `kv_shared_layers`, the keys and values
+        of the layers others attend to, by layer, as this forward makes them (this layer adds its own where others
+        take them, or takes its source's)."""
         B, T, C = x.shape
         q, k, v, gate = self.project(x, rope, cache, shared_kv)  # (B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, Dv)
         k, v, mask, causal = self.extend_kv(k, v, mask, causal, T)

@@ -690,7 +690,8 @@ _LLAMA4_SCOUT = replace(
     _LLAMA, vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, ffn_dim=16384, max_seq_len=262144,
     rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    rope_float32=True, norm_eps=1e-5, tie_embeddings=False, sliding_window=8192, window_chunked=True, global_every=4, nope_every=4,
+    rope_float32=True, norm_eps=1e-5, tie_embeddings=False, sliding_window=8192, window_chunked=True, global_every=4,
+    nope_every=4,
     qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8192, n_experts=16, experts_per_token=1,
     expert_ffn_dim=8192, shared_expert_ffn_dim=8192, router_scores="sigmoid", router_rounded=True,
     renormalize_experts=False, expert_input_weights=True,
@@ -997,11 +998,11 @@ PRESETS: dict[str, ModelConfig] = {
     # positions whose queries take a temperature, twice; in every other block 4 experts weighing their inputs (1 per
     # token, sigmoid-scored) beside a shared one.
     "debug-llama4": replace(_LLAMA, vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                            max_seq_len=128, rope_float32=True, sliding_window=8, window_chunked=True, global_every=2, nope_every=2,
-                            qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1,
-                            expert_ffn_dim=48, shared_expert_ffn_dim=48, router_scores="sigmoid",
-                            router_rounded=True, renormalize_experts=False, expert_input_weights=True,
-                            expert_layers=(1, 3)),
+                            max_seq_len=128, rope_float32=True, sliding_window=8, window_chunked=True,
+                            global_every=2, nope_every=2, qk_l2_norm=True, nope_query_scale=0.1, nope_query_floor=8,
+                            n_experts=4, experts_per_token=1, expert_ffn_dim=48, shared_expert_ffn_dim=48,
+                            router_scores="sigmoid", router_rounded=True, renormalize_experts=False,
+                            expert_input_weights=True, expert_layers=(1, 3)),
     # debug-llama with a mixture of experts in each block (Mixtral's layout): 8 experts, 2 per token.
     "debug-moe": replace(_LLAMA, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
                          max_seq_len=128, n_experts=8, experts_per_token=2, expert_weights_float32=True),

@@ -301,7 +301,7 @@ class Transformer(nn.Module):
                 length = self.cfg.rope_scaling["original_max_position_embeddings"]
                 scale = 1 + self.cfg.query_scale_beta * torch.log(1 + torch.floor(at / length))  # as its reference
                 ropes = {k: r if r is None else (*r, scale[:, :, None, None]) for k, r in ropes.items()}
-            if self.cfg.nope_query_scale is not None:  # Llama 4: 1 + s log(1 + floor((p + 1) / floor)), as its reference
+            if self.cfg.nope_query_scale is not None:  # Llama 4's: 1 + s log(1 + floor((p + 1) / floor)), as written
                 at = positions if positions is not None else torch.arange(T, device=tokens.device)[None]  # (B|1, T)
                 steps = torch.floor((at + 1) / self.cfg.nope_query_floor)
                 nope = (None, None, (1 + self.cfg.nope_query_scale * torch.log1p(steps))[:, :, None, None])

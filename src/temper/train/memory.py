@@ -622,10 +622,12 @@ def _block_saved(block: nn.Module, cfg: ModelConfig, t: _Dtypes, grad_in: bool, 
 
 
 def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int, t: _Dtypes, lora_dropout: float,
-                     grad_in: bool, rope: bool, seq_len: int, masked: bool = False) -> tuple[list[nn.Module], bool, float]:
+                     grad_in: bool, rope: bool, seq_len: int, masked: bool = False
+                     ) -> tuple[list[nn.Module], bool, float]:
     """What softmax attention (`Attention`, `LatentAttention`) keeps per token, from its normalised input (`h_bytes`
-    per element) to o_proj's input; `rope`: whether it rotates; `masked`: whether its window takes a mask. Returns (the layers reading its input, whether its output needs a gradient, the
-    bytes per token its backward makes at once beyond them: a math kernel's T x T gradients, else 0)."""
+    per element) to o_proj's input; `rope`: whether it rotates; `masked`: whether its window takes a mask. Returns
+    (the layers reading its input, whether its output needs a gradient, the bytes per token its backward makes at
+    once beyond them: a math kernel's T x T gradients, else 0)."""
     gated = getattr(attn, "output_gate", False)
     if isinstance(attn, LatentAttention):
         first, attn_grad, (q_out, k_out, v_out) = _latent_saved(s, attn, h_bytes, t, lora_dropout, grad_in)

@@ -192,7 +192,8 @@ def hf_mlp(arch: str) -> str:
     """The name of a decoder layer's MLP (or mixture) module in transformers' models of the architecture (what PEFT's
     keys and an in-memory state dict name; Mixtral's checkpoints keep their older block_sparse_moe; the Granite
     mixtures' is their block_sparse_moe, their dense MLP the shared_mlp beside it)."""
-    return "feed_forward" if arch in (*LFM2S, BAMBA, JAMBA, LLAMA4) else "block_sparse_moe" if arch in GRANITE_MOES else "mlp"
+    return ("feed_forward" if arch in (*LFM2S, BAMBA, JAMBA, LLAMA4) else "block_sparse_moe" if arch in GRANITE_MOES
+            else "mlp")
 
 
 # transformers' Gemma3TextConfig defaults: the text_config of a Gemma 3 image-text checkpoint gives only what differs.
@@ -434,8 +435,9 @@ def _gpt_neox(d: dict[str, Any]) -> ModelConfig:
         init_std=d.get("initializer_range", 0.02), hf_architecture=GPT_NEOX)
 
 
-_LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
-                    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+_LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+                    "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+                    "num_key_value_heads": 8, "head_dim": 128,
                     "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
                     "tie_word_embeddings": False, "num_experts_per_tok": 1, "num_local_experts": 16,
                     "interleave_moe_layer_step": 1, "use_qk_norm": True, "no_rope_layer_interval": 4,
@@ -446,9 +448,10 @@ _LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_siz
 
 def _llama4(d: dict[str, Any]) -> ModelConfig:
     """Llama 4's text model (Scout, Maverick): Llama's blocks with RoPE in adjacent pairs (moved to halves on loading,
-    `rope_pair_rows`), in float32, a layer without positions after every three (no_rope_layers), whose queries take a temperature
-    (attn_temperature_tuning: `nope_query_scale`), the others attending within chunks of attention_chunk_size tokens
-    (`window_chunked`) with their rotated queries and keys normalised without weights (use_qk_norm); MLPs dense
+    `rope_pair_rows`), in float32, a layer without positions after every three (no_rope_layers), whose queries take a
+    temperature (attn_temperature_tuning: `nope_query_scale`), the others attending within chunks of
+    attention_chunk_size tokens (`window_chunked`) with their rotated queries and keys normalised without weights
+    (use_qk_norm); MLPs dense
     (intermediate_size_mlp wide) or, in moe_layers (every interleave_moe_layer_step-th), num_local_experts of
     intermediate_size chosen by the top k of their sigmoid scores (of logits in the model's dtype), each weighing its
     input, beside a shared expert of that width."""
@@ -600,19 +603,19 @@ def _gptj(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"GPTJ activation_function {d['activation_function']!r} is not supported (temper reads tanh "
                          "GELU)")
     if d["tie_word_embeddings"]:
-        raise ValueError("GPTJ tie_word_embeddings=true is not supported (its head has a bias: temper's head_bias is an "
-                         "untied head's)")
+        raise ValueError("GPTJ tie_word_embeddings=true is not supported (its head has a bias: temper's head_bias is "
+                         "an untied head's)")
     dim, n_heads, rotary = d["n_embd"], d["n_head"], d["rotary_dim"]
     head_dim = dim // n_heads if n_heads > 0 else 0
     if not (n_heads > 0 and dim % n_heads == 0 and _is_int(rotary) and 0 < rotary <= head_dim and rotary % 2 == 0):
-        raise ValueError(f"GPTJ n_head={n_heads} with rotary_dim={rotary} is not supported (heads dividing n_embd={dim}, "
-                         "an even number of each head's dims rotated)")
+        raise ValueError(f"GPTJ n_head={n_heads} with rotary_dim={rotary} is not supported (heads dividing "
+                         f"n_embd={dim}, an even number of each head's dims rotated)")
     return ModelConfig(
-        vocab_size=d["vocab_size"], dim=dim, n_layers=d["n_layer"], n_heads=n_heads, ffn_dim=d.get("n_inner") or 4 * dim,
-        max_seq_len=d["n_positions"], mlp="gelu", norm="layernorm", norm_eps=d["layer_norm_epsilon"], pos="rope",
-        rope_dim=None if rotary == head_dim else rotary, bias=True, attn_bias=False, head_bias=True,
-        tie_embeddings=False, parallel_block=True, dropout=0.0, init_std=d.get("initializer_range", 0.02),
-        hf_architecture=GPTJ)
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["n_layer"], n_heads=n_heads,
+        ffn_dim=d.get("n_inner") or 4 * dim, max_seq_len=d["n_positions"], mlp="gelu", norm="layernorm",
+        norm_eps=d["layer_norm_epsilon"], pos="rope", rope_dim=None if rotary == head_dim else rotary, bias=True,
+        attn_bias=False, head_bias=True, tie_embeddings=False, parallel_block=True, dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=GPTJ)
 
 
 def _gptj_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -638,7 +641,8 @@ def _gpt_bigcode(d: dict[str, Any]) -> ModelConfig:
     d = {**_GPT_BIGCODE_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     act = d["activation_function"]
     if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
-        raise ValueError(f"GPTBigCode activation_function {act!r} is not supported (temper reads GELU, exact or tanh's)")
+        raise ValueError(f"GPTBigCode activation_function {act!r} is not supported (temper reads GELU, exact or "
+                         "tanh's)")
     if not d["scale_attn_weights"] or d.get("add_cross_attention"):
         raise ValueError("GPTBigCode scale_attn_weights=false or add_cross_attention=true is not supported (temper's "
                          "attention scales by head_dim ** -0.5, a decoder's alone)")
