@@ -263,6 +263,9 @@ CASES = {
     # (interleaved RoPE), gate and up fused.
     "glm4-sandwich-interleaved-rope": lambda: _hf("Glm4Config", "Glm4ForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                                   tie_word_embeddings=False),
+    # GLM-4-9B (GlmForCausalLM): GLM-4-0414's parts without its sandwich norms
+    "glm-interleaved-rope": lambda: _hf("GlmConfig", "GlmForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
+                                        tie_word_embeddings=False),
     # OLMo 2: norms on the sublayers' outputs only, q/k norms over all heads at once.
     "olmo2-post-norm": lambda: _hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, tie_word_embeddings=False),
     # OLMo 3: OLMo 2's blocks, three windowed layers to one global; YaRN on the global layers only (its original
@@ -497,6 +500,7 @@ def test_variant_features_are_exercised():
                       ("olmoe-experts", {"qk_norm_whole": False, "qk_norm": False}),
                       ("glm4-sandwich-interleaved-rope", {"rope_dim": None}),  # whole heads rotated
                       ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
+                      ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too
                       ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
@@ -1299,6 +1303,14 @@ PUBLISHED = {
     "llama-4-maverick": (_LLAMA4_SCOUT | {"text_config": _LLAMA4_SCOUT["text_config"] | {
         "interleave_moe_layer_step": 2, "num_local_experts": 128, "max_position_embeddings": 1048576,
         "rope_scaling": None, "use_qk_norm": False, "moe_layers": None, "no_rope_layers": None}}, 400_711_848_960),
+    # THUDM/glm-4-9b-chat-hf: 9.40B
+    "glm-4-9b": ({
+        "architectures": ["GlmForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": [151329, 151336, 151338], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 13696, "max_position_embeddings": 131072, "model_type": "glm",
+        "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2, "pad_token_id": 151329,
+        "partial_rotary_factor": 0.5, "rms_norm_eps": 1.5625e-07, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "vocab_size": 151552}, 9_399_951_360),
     # tiiuae/falcon-7b and falcon-40b (their safetensors count lm_head again: 7.22B and 41.8B)
     "falcon-7b": (_FALCON_7B, 6_921_720_704),
     "falcon-40b": (_FALCON_7B | {"hidden_size": 8192, "num_attention_heads": 128, "num_hidden_layers": 60,

@@ -192,6 +192,7 @@ CONFIGS = {
     "mixtral": replace(_LLAMA, n_experts=4, sliding_window=8, hf_architecture="MixtralForCausalLM"),
     "smollm3": replace(_LLAMA, nope_every=2, hf_architecture="SmolLM3ForCausalLM"),  # layer 1 of 2 without RoPE
     "glm4": replace(_LLAMA, qkv_bias=True, rope_dim=8, sandwich_norm=True, hf_architecture="Glm4ForCausalLM"),
+    "glm": replace(_LLAMA, qkv_bias=True, rope_dim=8, hf_architecture="GlmForCausalLM"),  # GLM-4-9B
     "granite": replace(_LLAMA, embed_multiplier=4.0, residual_multiplier=0.5, logit_divisor=2.0, attn_scale_dim=1024,
                        hf_architecture="GraniteForCausalLM"),
     "phi4mini-longrope": replace(_LLAMA, rope_dim=8, hf_architecture="Phi3ForCausalLM", rope_scaling={
@@ -262,6 +263,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "nemotron_h_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj"],
     "phi4mini-longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -351,7 +353,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "gpt_bigcode": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
+    fused = {"gpt2": 12, "gpt_bigcode": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "glm": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)

@@ -861,6 +861,10 @@ PRESETS: dict[str, ModelConfig] = {
     # token; biases everywhere, a sink per head, 128-token windows alternating with global layers, YaRN to 131k.
     "gpt-oss-20b": replace(_GPT_OSS, n_layers=24, n_experts=32),
     "gpt-oss-120b": replace(_GPT_OSS, n_layers=36, n_experts=128),
+    # GLM-4-9B (Zhipu AI, "ChatGLM: A Family of Large Language Models from GLM-130B to GLM-4 All Tools", 2024):
+    # Llama's blocks with q/k/v biases, 2 kv heads for 32, half of each head rotated; 9.40B parameters.
+    "glm-4-9b": replace(_LLAMA, vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, ffn_dim=13696,
+                        max_seq_len=131072, rope_dim=64, qkv_bias=True, norm_eps=1.5625e-07, tie_embeddings=False),
     # GLM-4.5 and GLM-4.5-Air (Zhipu AI, "GLM-4.5: Agentic, Reasoning, and Coding (ARC) Foundation Models", 2025):
     # DeepSeek-V3's routing (sigmoid scores, a choice bias, weights scaled) over 160 or 128 narrow experts, 8 per token,
     # beside a shared one, after 3 or 1 dense layers; 96 query heads, half of each rotated, q/k/v biases.

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Fifty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -34,8 +34,8 @@ one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral wit
 Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers
 say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
 experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer
-without positions, NoPE, after every three), GLM-4 (`Glm4ForCausalLM`: sandwich norms, half of each head rotated in
-adjacent pairs), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs, the
+without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused,
+half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs, the
 attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
 shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
@@ -130,17 +130,19 @@ LLAMA4 = "Llama4ForCausalLM"
 FALCON = "FalconForCausalLM"
 GPTJ = "GPTJForCausalLM"
 GPT_BIGCODE = "GPTBigCodeForCausalLM"
+GLM1 = "GlmForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
                            DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MINIMAX_M2, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT,
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
-                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE)
+                           NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
+                           GLM1)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
-GLM = (GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
+GLM = (GLM1, GLM4, GLM4_MOE)  # half of each head rotated (partial_rotary_factor), q/k/v biases (attention_bias)
 ERNIES = (ERNIE4_5, ERNIE4_5_MOE)  # RoPE in float32, in adjacent pairs (GLM-4's layout, over the whole head)
 HUNYUANS = (HUNYUAN, HUNYUAN_MOE)  # q/k norms after RoPE, named query_layernorm and key_layernorm
 COHERES = (COHERE, COHERE2)  # attention beside the MLP (parallel_block), LayerNorm without biases, RoPE in adjacent
@@ -184,7 +186,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
-                "gpt_bigcode": GPT_BIGCODE,
+                "gpt_bigcode": GPT_BIGCODE, "glm": GLM1,
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -808,7 +810,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         if bias != bool(d.get("mlp_bias", False)):
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
     elif glm:  # attention_bias: q, k and v's (Glm4Config's default: on; Glm4MoeConfig's: off)
-        qkv_bias = bool(d.get("attention_bias", arch == GLM4))
+        qkv_bias = bool(d.get("attention_bias", arch in (GLM1, GLM4)))
     elif arch == SEED_OSS:  # its q/k/v biases (attention_bias), o_proj's and the MLP's apart
         flags = tuple(bool(d.get(key, default)) for key, default in (
             ("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False)))
@@ -1808,6 +1810,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (MINISTRAL3 if cfg.query_scale_beta is not None
                     else HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm
+                    else GLM1 if cfg.qkv_bias and not cfg.bias and cfg.rope_dim is not None  # (partial RoPE)
                     else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
                     else SMOLLM3 if cfg.nope_every else GRANITE if granite else ERNIE4_5 if cfg.rope_float32 else LLAMA)
         else:

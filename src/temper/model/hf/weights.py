@@ -24,6 +24,7 @@ from temper.model.hf.config import (
     GEMMA2,
     GEMMA3,
     GEMMA4,
+    GLM1,
     GLM4,
     GPT2,
     GPT_BIGCODE,
@@ -381,14 +382,14 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
             else:
                 # GLM-4's, ERNIE 4.5's, Cohere's and Llama 4's q and k rows in RoPE's adjacent pairs
-                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM4, *ERNIES, *COHERES, LLAMA4) else None
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM1, GLM4, *ERNIES, *COHERES, LLAMA4) else None
                 for n in "qkvo":
                     theirs = "dense" if arch == PHI and n == "o" else f"{n}_proj"  # Phi's output projection
                     for t in ("weight", "bias"):
                         if f"{p}attn.{n}_proj.{t}" in keys:
                             rules.append(_Rule(f"{h}self_attn.{theirs}.{t}", (f"{p}attn.{n}_proj.{t}",),
                                                rope_pairs=pairs if n in "qk" else None))
-            if arch == GLM4:  # gate and up fused, as Phi-3's
+            if arch in (GLM1, GLM4):  # gate and up fused, as Phi-3's
                 add(h + "mlp.gate_up_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
                 add(h + "mlp.down_proj.weight", p + "mlp.down_proj.weight")
                 continue
