@@ -975,6 +975,42 @@ def test_llama4_export_refuses_what_its_config_cannot_say():
             to_hf_config(replace(llama, **field))
 
 
+@pytest.mark.parametrize("name, arch", [("Qwen2_5_VL", "Qwen2ForCausalLM"), ("Qwen2VL", "Qwen2ForCausalLM"),
+                                        ("Qwen3VL", "Qwen3ForCausalLM")])
+def test_qwen_vl_image_text_checkpoints_give_their_text_model(tmp_path, name, arch):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL are published as *ForConditionalGeneration (the text model under
+    model.language_model., a vision tower): temper reads the text model with transformers' logits for text (M-RoPE's
+    three position streams are equal there, which is RoPE), and exports a text-only Qwen2ForCausalLM or
+    Qwen3ForCausalLM. Qwen2.5-VL's published config keeps the text model's keys at the top, its M-RoPE as a type."""
+    text = {k: v for k, v in _SMALL.items() if k not in ("bos_token_id", "eos_token_id")} | {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    if name == "Qwen3VL":
+        text["head_dim"] = 16
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
+    if name == "Qwen3VL":
+        vision |= dict(num_position_embeddings=16, deepstack_visual_indexes=[0])
+    if name == "Qwen2VL":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14)
+    hf = _hf(f"{name}Config", f"{name}ForConditionalGeneration", text_config=text, vision_config=vision,
+             image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)
+    x = torch.randint(0, 96, (2, 40))  # below the vision tokens
+    cfg = _reads_its_text_model(hf, tmp_path, arch, x)
+    assert cfg.qk_norm == (name == "Qwen3VL") and cfg.qkv_bias == (name != "Qwen3VL")
+    published = {  # Qwen/Qwen2.5-VL-7B-Instruct's, its vision_config cut short
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "image_token_id": 151655,
+        "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+        "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_section": [16, 24, 24],
+                                                                           "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "use_cache": True,
+        "use_sliding_window": False, "vision_config": {"depth": 32, "hidden_size": 1280}, "vocab_size": 152064}
+    seven = from_hf_config(published)
+    assert (seven.dim, seven.n_layers, seven.kv_heads, seven.rope_theta, seven.rope_scaling, seven.hf_architecture) == (
+        3584, 28, 4, 1e6, None, "Qwen2ForCausalLM")
+    assert from_hf_config(published | {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}) == seven
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
     """Qwen3.5 and Qwen3.5-MoE are published as *ForConditionalGeneration (the text model under

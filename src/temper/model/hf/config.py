@@ -14,7 +14,8 @@ with one kv head, q, k and v fused; read by `_gpt_bigcode`), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
-(`Qwen3ForCausalLM`: q/k norms, wide heads), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings,
+(`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
+checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings,
 wide heads), Gemma 2
 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
 capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
@@ -166,7 +167,8 @@ GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
               "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4,
               "Mistral3ForConditionalGeneration": MINISTRAL3,  # (or Mistral's: Mistral Small 3.1's text_config)
-              "Llama4ForConditionalGeneration": LLAMA4}
+              "Llama4ForConditionalGeneration": LLAMA4, "Qwen2VLForConditionalGeneration": QWEN2,
+              "Qwen2_5_VLForConditionalGeneration": QWEN2, "Qwen3VLForConditionalGeneration": QWEN3}
 """Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
@@ -186,7 +188,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "arcee": ARCEE, "nanochat": NANOCHAT, "phi": PHI,
                 "olmo": OLMO, "ministral3": MINISTRAL3, "stablelm": STABLELM,
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
-                "gpt_bigcode": GPT_BIGCODE, "glm": GLM1,
+                "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -345,7 +348,10 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
     if _architecture(d) in IMAGE_TEXT:  # its text model, as a *ForCausalLM (the vision tower is left out)
-        text, arch = d.get("text_config") or {}, IMAGE_TEXT[_architecture(d)]
+        arch = IMAGE_TEXT[_architecture(d)]
+        # (Qwen2-VL's and Qwen2.5-VL's published configs keep their text model's keys at the top)
+        text = d.get("text_config") or ({k: v for k, v in d.items() if k != "vision_config"} if arch in (QWEN2, QWEN3)
+                                        else {})
         if not isinstance(text, dict):
             raise ValueError(f"key 'text_config' must be an object, got {text!r}")
         if arch == MINISTRAL3 and text.get("model_type", "mistral") != "ministral3":  # Mistral3Config's default
@@ -1710,6 +1716,8 @@ def _rope(d: dict[str, Any], phi3: bool = False, default_theta: float = 10000.0)
     rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = d.get("rope_theta") or rope.get("rope_theta") or default_theta
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "mrope":  # Qwen2-VL's M-RoPE: its three position streams are equal for text, which is RoPE
+        kind = "default"
     if phi3 and kind in ("su", "yarn"):  # Phi3Config reads both as LongRoPE (its early name, "su")
         kind = "longrope"
     max_len = d.get("max_position_embeddings", 2048)

@@ -50,6 +50,8 @@ from temper.model.hf.config import (
     PHI,
     PHI3,
     POST_NORM,
+    QWEN2,
+    QWEN3,
     QWEN3_NEXT,
     SIGMOID_MOE,
     STARCODER2,
@@ -66,6 +68,7 @@ _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower
 _LLAMA4_VISION = ("vision_model.", "multi_modal_projector.")
 _GEMMA4_SKIPPED = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 _QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
+_QWEN_VL_SKIPPED = ("model.visual.", "visual.")  # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision (as saved, published)
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 
 
@@ -488,6 +491,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (cfg.hf_architecture == LLAMA4 and name.startswith(_LLAMA4_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
+            or (cfg.hf_architecture in (QWEN2, QWEN3) and name.startswith(_QWEN_VL_SKIPPED))
             or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
 
 
@@ -516,7 +520,7 @@ def canonical_name(name: str, arch: str) -> str:
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
         return "embed_out" + name.removeprefix("lm_head")
-    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4):
+    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4, QWEN2, QWEN3):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
