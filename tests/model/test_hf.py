@@ -263,6 +263,14 @@ CASES = {
     # (interleaved RoPE), gate and up fused.
     "glm4-sandwich-interleaved-rope": lambda: _hf("Glm4Config", "Glm4ForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                                   tie_word_embeddings=False),
+    # Helium: Llama with RoPE in adjacent pairs, norms that scale before rounding, q/k/v biases
+    "helium-pairs-qkv-bias": lambda: _hf("HeliumConfig", "HeliumForCausalLM", **_SMALL, head_dim=16,
+                                         attention_bias=True),
+    # Jais 2: Llama's attention with LayerNorms and a squared-ReLU MLP, biases everywhere but the head (or none)
+    "jais2-layernorm-relu2": lambda: _hf("Jais2Config", "Jais2ForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}),
+    "jais2-without-biases": lambda: _hf("Jais2Config", "Jais2ForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, attention_bias=False, mlp_bias=False),
     # GLM-4-9B (GlmForCausalLM): GLM-4-0414's parts without its sandwich norms
     "glm-interleaved-rope": lambda: _hf("GlmConfig", "GlmForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                         tie_word_embeddings=False),
@@ -501,6 +509,8 @@ def test_variant_features_are_exercised():
                       ("glm4-sandwich-interleaved-rope", {"rope_dim": None}),  # whole heads rotated
                       ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
+                      ("helium-pairs-qkv-bias", {"qkv_bias": False}),
+                      ("jais2-without-biases", {"norm_bias": None}),  # LayerNorms without biases
                       ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too
                       ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
                       ("qwen2-moe-shared-expert", {"shared_expert_gate": False}),
@@ -902,6 +912,32 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     d = {**_FALCON, "architectures": ["FalconForCausalLM"], "new_decoder_architecture": True, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config(d)
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("HeliumForCausalLM", "hidden_act", "gelu"), ("HeliumForCausalLM", "mlp_bias", True),
+    ("HeliumForCausalLM", "head_dim", 32), ("Jais2ForCausalLM", "hidden_act", "silu"),
+    ("Jais2ForCausalLM", "mlp_bias", False)])
+def test_helium_and_jais2_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
+    with pytest.raises(ValueError, match=key):
+        from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
+
+
+def test_jais2_is_chosen_by_fields():
+    cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
+    assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]
+    assert hf_architecture(replace(cfg, norm="rmsnorm", bias=False)) == "ArceeForCausalLM"
+
+
+def test_exaone4_5_image_text_checkpoints_give_their_text_model(tmp_path):
+    """EXAONE 4.5 is published as Exaone4_5_ForConditionalGeneration (EXAONE 4's text model under
+    model.language_model., a vision tower): temper reads the text model and exports a text-only Exaone4ForCausalLM."""
+    text = {k: v for k, v in _SMALL.items() if k not in ("bos_token_id", "eos_token_id")} | {
+        "model_type": "exaone4", "sliding_window": WINDOW, "sliding_window_pattern": 2}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
+    hf = _hf("Exaone4_5_Config", "Exaone4_5_ForConditionalGeneration", text_config=text, vision_config=vision)
+    cfg = _reads_its_text_model(hf, tmp_path, "Exaone4ForCausalLM", torch.randint(0, 96, (2, 40)))
+    assert (cfg.sliding_window, cfg.global_every) == (WINDOW, 2)
 
 
 @pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("tie_word_embeddings", True),

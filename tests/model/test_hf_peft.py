@@ -140,6 +140,9 @@ CONFIGS = {
     # GPT-J: attention without biases (out_proj), the MLP (fc_in, fc_out) and the head with them, pairs rotated
     "gptj": replace(_LLAMA, n_kv_heads=None, norm="layernorm", mlp="gelu", bias=True, attn_bias=False, head_bias=True,
                     parallel_block=True, rope_dim=8, hf_architecture="GPTJForCausalLM"),
+    # Helium: Llama with q/k/v biases, RoPE in adjacent pairs (adapters' rows too); Jais 2: LayerNorms, relu2, biases
+    "helium": replace(_LLAMA, qkv_bias=True, norm_cast_after=True, hf_architecture="HeliumForCausalLM"),
+    "jais2": replace(_LLAMA, norm="layernorm", mlp="relu2", bias=True, hf_architecture="Jais2ForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two
     # LayerNorms with biases, linear layers without
     "falcon": replace(_LLAMA, norm="layernorm", norm_bias=True, mlp="gelu", gelu_exact=True, parallel_block=True,
@@ -248,6 +251,8 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "helium": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "jais2": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "lfm2": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"],  # out_proj: attention's and conv's
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -10,7 +10,9 @@ with or without, an exact-GELU MLP beside attention on one or two norms or after
 many as heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without
 biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent
 pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks
-with one kv head, q, k and v fused; read by `_gpt_bigcode`), Mistral
+with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent
+pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
+squared-ReLU MLP), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -69,8 +71,8 @@ its attention turning half of each head), Mamba 2 alone (`Mamba2ForCausalLM`, Ma
 blocks without attention or MLPs), Mamba and FalconMamba (`MambaForCausalLM`, `FalconMambaForCausalLM`: Mamba (1)
 mixers alone, FalconMamba's steps, B and C normalised), Jamba (`JambaForCausalLM`: Mamba layers with weighted norms of
 their steps, B and C around attention without positions, mixtures of experts in every other block: `expert_layers`)
-and EXAONE 4 (`Exaone4ForCausalLM`: OLMo 2's post-norm blocks with
-per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
+and EXAONE 4 (`Exaone4ForCausalLM`, also read out of `Exaone4_5_ForConditionalGeneration`: OLMo 2's post-norm
+blocks with per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
 DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
 Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
 `*ForConditionalGeneration` checkpoints without the vision tower, and Qwen3-Next (`Qwen3NextForCausalLM`: Qwen3.5-MoE's
@@ -132,6 +134,8 @@ FALCON = "FalconForCausalLM"
 GPTJ = "GPTJForCausalLM"
 GPT_BIGCODE = "GPTBigCodeForCausalLM"
 GLM1 = "GlmForCausalLM"
+HELIUM = "HeliumForCausalLM"
+JAIS2 = "Jais2ForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -139,7 +143,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1)
+                           GLM1, HELIUM, JAIS2)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -168,7 +172,8 @@ IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN
               "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4,
               "Mistral3ForConditionalGeneration": MINISTRAL3,  # (or Mistral's: Mistral Small 3.1's text_config)
               "Llama4ForConditionalGeneration": LLAMA4, "Qwen2VLForConditionalGeneration": QWEN2,
-              "Qwen2_5_VLForConditionalGeneration": QWEN2, "Qwen3VLForConditionalGeneration": QWEN3}
+              "Qwen2_5_VLForConditionalGeneration": QWEN2, "Qwen3VLForConditionalGeneration": QWEN3,
+              "Exaone4_5_ForConditionalGeneration": EXAONE4}
 """Image-text checkpoints read as their text model (the vision tower left out)."""
 _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA,
                 "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3, "gemma3": GEMMA3_IMAGE_TEXT, "olmo2": OLMO2,
@@ -190,6 +195,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                "helium": HELIUM, "jais2": JAIS2, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -387,8 +393,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    readers = {GPT_NEOX: _gpt_neox, LLAMA4: _llama4, FALCON: _falcon, GPTJ: _gptj,  # read apart from Llama's
-               GPT_BIGCODE: _gpt_bigcode}
+    readers = {GPT_NEOX: _gpt_neox, **{arch: read for arch, (read, _) in _READ_APART.items()}}  # apart from Llama's
     return readers[arch](d) if arch in readers else _from_llama_like(d, arch)
 
 
@@ -677,8 +682,86 @@ def _gpt_bigcode_config(cfg: ModelConfig) -> dict[str, Any]:
             "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
 
 
+_HELIUM_DEFAULTS = {"vocab_size": 48000, "hidden_size": 2560, "intermediate_size": 7040, "num_hidden_layers": 24,
+                    "num_attention_heads": 20, "num_key_value_heads": 20, "head_dim": 128, "hidden_act": "silu",
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-8, "tie_word_embeddings": False}
+"""HeliumConfig's defaults of what a config may leave out (Helium-1's shape)."""
+
+
+def _helium(d: dict[str, Any]) -> ModelConfig:
+    """Helium (Kyutai's Helium-1): Llama with RoPE in adjacent pairs (moved to halves on loading, `rope_pair_rows`),
+    RMSNorms that scale in float32 before they round (`norm_cast_after`), biases on q, k and v at most
+    (attention_bias; o_proj never has one)."""
+    d = {**_HELIUM_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "silu" or d.get("mlp_bias"):
+        raise ValueError(f"Helium hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported (temper "
+                         "reads SwiGLU without MLP biases)")
+    theta, scaling, _ = _rope(d, default_theta=100000.0)
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    head_dim = d.get("head_dim") or dim // n_heads
+    if head_dim * n_heads != dim:  # (its o_proj is hidden_size wide on both sides)
+        raise ValueError(f"Helium head_dim={head_dim} is not supported (num_attention_heads={n_heads} heads of it must "
+                         f"fill hidden_size={dim})")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="swiglu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], norm_cast_after=True, pos="rope", rope_theta=float(theta), rope_scaling=scaling,
+        bias=False, qkv_bias=bool(d.get("attention_bias", False)), tie_embeddings=d["tie_word_embeddings"],
+        dropout=0.0, init_std=d.get("initializer_range", 0.02), hf_architecture=HELIUM)
+
+
+def _helium_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The HeliumConfig of `cfg`."""
+    return {"architectures": [HELIUM], "model_type": "helium", **_llama_shape(cfg), "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.qkv_bias, "mlp_bias": False}
+
+
+_JAIS2_DEFAULTS = {"vocab_size": 150272, "hidden_size": 3328, "intermediate_size": 26624, "num_hidden_layers": 32,
+                   "num_attention_heads": 26, "hidden_act": "relu2", "max_position_embeddings": 8192,
+                   "attention_bias": True, "mlp_bias": True, "layer_norm_eps": 1e-5, "tie_word_embeddings": False}
+"""Jais2Config's defaults of what a config may leave out (Jais-2-8B's shape)."""
+
+
+def _jais2(d: dict[str, Any]) -> ModelConfig:
+    """Jais 2 (Inception's Jais-2): Llama's attention with LayerNorms (with biases, always) and Arcee's squared-ReLU
+    MLP, not gated; biases on every linear layer but the head, or on none (attention_bias and mlp_bias agree)."""
+    d = {**_JAIS2_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
+        raise ValueError(f"Jais2 hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
+                         f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
+    theta, scaling, _ = _rope(d)
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    head_dim = d.get("head_dim") or dim // n_heads
+    bias = bool(d["attention_bias"])
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="relu2", norm="layernorm",
+        norm_eps=d["layer_norm_eps"], norm_bias=None if bias else True, pos="rope", rope_theta=float(theta),
+        rope_scaling=scaling, bias=bias, tie_embeddings=d["tie_word_embeddings"], dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=JAIS2)
+
+
+def _jais2_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The Jais2Config of `cfg`."""
+    return {"architectures": [JAIS2], "model_type": "jais2", **_llama_shape(cfg), "hidden_act": "relu2",
+            "layer_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+
+
+def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
+    """The keys Llama's config and its relatives name the shape, RoPE and training settings by."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None, "attention_dropout": cfg.dropout,
+            "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None,
+            "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
 _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
-               GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config)}
+               GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
+               JAIS2: (_jais2, _jais2_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -1774,7 +1857,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.embed_norm or cfg.rope_reversed or cfg.norm_weightless and cfg.norm == "rmsnorm":
             arch = NANOCHAT
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
-            arch = NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE
+            arch = (JAIS2 if cfg.norm == "layernorm" else NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers
+                    else ARCEE)
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu") and cfg.norm_bias:
             arch = STABLELM
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu") and not cfg.bias and not cfg.qkv_bias:

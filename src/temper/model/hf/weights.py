@@ -20,6 +20,7 @@ from temper.model.hf.config import (
     DEEPSEEK_MOE,
     ERNIE4_5_MOE,
     ERNIES,
+    EXAONE4,
     FALCON,
     GEMMA2,
     GEMMA3,
@@ -32,6 +33,7 @@ from temper.model.hf.config import (
     GPT_OSS,
     GPTJ,
     GRANITE_MOES,
+    HELIUM,
     HUNYUAN_MOE,
     HUNYUANS,
     HYBRID,
@@ -68,7 +70,7 @@ _GEMMA3_VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower
 _LLAMA4_VISION = ("vision_model.", "multi_modal_projector.")
 _GEMMA4_SKIPPED = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 _QWEN3_5_SKIPPED = ("model.visual.", "mtp.")  # the vision tower, and the multi-token-prediction layers (not built)
-_QWEN_VL_SKIPPED = ("model.visual.", "visual.")  # Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision (as saved, published)
+_QWEN_VL_SKIPPED = ("model.visual.", "visual.")  # the vision of Qwen2-VL, 2.5-VL and 3-VL (saved, published), EXAONE 4.5
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")  # compile / DDP / checkpointing
 
 
@@ -385,7 +387,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                            if n in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa") else None))
             else:
                 # GLM-4's, ERNIE 4.5's, Cohere's and Llama 4's q and k rows in RoPE's adjacent pairs
-                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM1, GLM4, *ERNIES, *COHERES, LLAMA4) else None
+                pairs = (cfg.head_dim, 0, cfg.rotary_dim) if arch in (GLM1, GLM4, *ERNIES, *COHERES, LLAMA4,
+                                                                      HELIUM) else None
                 for n in "qkvo":
                     theirs = "dense" if arch == PHI and n == "o" else f"{n}_proj"  # Phi's output projection
                     for t in ("weight", "bias"):
@@ -491,7 +494,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (cfg.hf_architecture == LLAMA4 and name.startswith(_LLAMA4_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
-            or (cfg.hf_architecture in (QWEN2, QWEN3) and name.startswith(_QWEN_VL_SKIPPED))
+            or (cfg.hf_architecture in (QWEN2, QWEN3, EXAONE4) and name.startswith(_QWEN_VL_SKIPPED))
             or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
 
 
@@ -520,7 +523,7 @@ def canonical_name(name: str, arch: str) -> str:
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
         return "embed_out" + name.removeprefix("lm_head")
-    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4, QWEN2, QWEN3):
+    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4, QWEN2, QWEN3, EXAONE4):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
