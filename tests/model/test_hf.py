@@ -313,6 +313,11 @@ CASES = {
         "Glm4MoeConfig", "Glm4MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=32,
         moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, tie_word_embeddings=False, pad_token_id=0)),
+    # dots.llm1: Qwen3's attention (per-head q/k norms) and DeepSeek-V3's routing, 2 shared experts, a dense first layer
+    "dots1-qk-norm-sigmoid-groups": lambda: _with_choice_bias(_hf(
+        "Dots1Config", "Dots1ForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=16, moe_intermediate_size=40,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, pad_token_id=0)),
     # DeepSeek-V3: latent attention (queries through a latent too; values narrower than queries and keys; rotated dims
     # in adjacent pairs, scores scaled by YaRN's mscale_all_dim) and GLM-4.5's routing, after a dense layer.
     "deepseek-v3-latent-attention": lambda: _with_choice_bias(_hf(
@@ -510,6 +515,8 @@ def test_variant_features_are_exercised():
                       ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
+                      ("dots1-qk-norm-sigmoid-groups", {"qk_norm": False}),
+                      ("dots1-qk-norm-sigmoid-groups", {"expert_choice_bias": False}),
                       ("jais2-without-biases", {"norm_bias": None}),  # LayerNorms without biases
                       ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too
                       ("exaone4-local-global-nope", {"global_every": None, "nope_every": None}),  # all windowed
@@ -921,6 +928,15 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
 def test_helium_and_jais2_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
     with pytest.raises(ValueError, match=key):
         from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
+
+
+@pytest.mark.parametrize("key, value", [("max_window_layers", 1), ("n_routed_experts", None),
+                                        ("n_shared_experts", None), ("scoring_func", "softmax")])
+def test_dots1_configs_temper_cannot_build_are_refused_by_name(key, value):
+    d = {**_SMALL, "architectures": ["Dots1ForCausalLM"], "head_dim": 16, "moe_intermediate_size": 40,
+         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2, "sliding_window": 8, key: value}
+    with pytest.raises(ValueError, match=key):
+        from_hf_config({k: v for k, v in d.items() if v is not None})
 
 
 def test_jais2_is_chosen_by_fields():

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -12,7 +12,8 @@ biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, pa
 pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks
 with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent
 pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
-squared-ReLU MLP), Mistral
+squared-ReLU MLP), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
+dense first layers), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -136,6 +137,7 @@ GPT_BIGCODE = "GPTBigCodeForCausalLM"
 GLM1 = "GlmForCausalLM"
 HELIUM = "HeliumForCausalLM"
 JAIS2 = "Jais2ForCausalLM"
+DOTS1 = "Dots1ForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -143,7 +145,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2)
+                           GLM1, HELIUM, JAIS2, DOTS1)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -157,12 +159,13 @@ OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over a
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # DeepSeek's: shared experts, groups, scaling,
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # DeepSeek's: shared experts, groups, scaling,
 # dense first layers
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE)  # of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # of those, DeepSeek-V3's routing: sigmoid scores, a
+# choice bias
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
 LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attention
@@ -195,7 +198,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                "helium": HELIUM, "jais2": JAIS2, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -859,6 +862,13 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2, MINISTRAL3) else None
+    if arch == DOTS1:  # Dots1Config windows the layers from max_window_layers on: none in its published configs
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or ["sliding_attention" if d.get("sliding_window") is not None
+                                         and i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
+        if set(types) != {"full_attention"}:
+            raise ValueError(f"Dots1 layer_types={types!r} (max_window_layers={d.get('max_window_layers')}) is not "
+                             "supported (temper reads dots.llm1's layout: every layer attending to all tokens)")
     every = local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
@@ -955,7 +965,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         global_every=every, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
-        or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch == NANOCHAT,
+        or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch in (NANOCHAT, DOTS1),
         qk_norm_whole=arch in WHOLE_QK_NORM, qk_norm_after_rope=arch in (*HUNYUANS, NANOCHAT),
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
         parallel_block=arch in (*COHERES, PHI) or arch == STABLELM and bool(d.get("use_parallel_residual", False)),
@@ -1473,6 +1483,8 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
     GLM4_MOE_LITE: {"n_routed_experts": 64, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1536,
                     "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
                     "norm_topk_prob": True},
+    DOTS1: {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "moe_intermediate_size": 1408,
+            "routed_scaling_factor": 1.0, "norm_topk_prob": False},  # (its expert counts: no defaults)
 }
 
 
@@ -1544,8 +1556,9 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     for key, want in (("scoring_func", "softmax" if v2 else "sigmoid"), ("moe_layer_freq", 1)):
         if d.get(key, want) != want:
             raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
-    if "num_experts_per_tok" not in d:
-        raise ValueError(f"{name} needs num_experts_per_tok (the experts each token is routed to)")
+    for key in ("num_experts_per_tok", "n_routed_experts", "n_shared_experts"):
+        if key not in d:
+            raise ValueError(f"{name} needs {key} (the experts each token is routed to, the experts, the shared ones)")
     n, k = d["n_routed_experts"], d["num_experts_per_tok"]
     grouped = not v2 or d["topk_method"] == "group_limited_greedy"  # DeepSeek-V2's greedy routing ignores n_group
     groups, per_token = (d["n_group"], d["topk_group"]) if grouped else (1, 1)
@@ -2067,7 +2080,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 MINISTRAL3)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT, DOTS1)
     if cfg.qk_norm_after_rope != (arch in (*HUNYUANS, NANOCHAT)):
         return ("its q/k norms come after RoPE" if arch in (*HUNYUANS, NANOCHAT)
                 else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
@@ -2494,6 +2507,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["mlp_layer_types"] = ["dense" if i < cfg.dense_layers else "sparse" for i in range(cfg.n_layers)]
         if arch == DEEPSEEK_V2:
             d["topk_method"] = "group_limited_greedy" if cfg.expert_groups > 1 else "greedy"
+        elif arch == DOTS1:  # no windowed layers
+            d |= {"sliding_window": None, "max_window_layers": cfg.n_layers, "attention_bias": False}
         else:  # no multi-token-prediction layers: temper trains none
             d["num_nextn_predict_layers"] = 0
         if arch == GLM4_MOE:
