@@ -1063,6 +1063,61 @@ def test_qwen_vl_image_text_checkpoints_give_their_text_model(tmp_path, name, ar
     assert from_hf_config(published | {"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}) == seven
 
 
+_MISTRAL4 = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                 n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                 qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=128,
+                 routed_scaling_factor=2.0, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                                  "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                  "original_max_position_embeddings": 16, "llama_4_scaling_beta": 0.5})
+
+
+def test_mistral4_reads_decodes_and_exports_exactly(tmp_path):
+    """Mistral Small 4 (Mistral4ForCausalLM): DeepSeek-V3's latent attention, its whole query (not the rotated part
+    alone) scaled by Llama 4's temperature past YaRN's original length (16 here, so 40-token inputs take it); a
+    softmax router over groups scored by their two best experts, renormalised and scaled, its experts stored stacked as
+    transformers holds them. temper reads it with transformers' logits, decodes through its latent cache (the absorbed
+    form) to transformers' tokens, and exports it back exactly (transformers' auto classes do not map a text-only
+    Mistral 4: Mistral4ForCausalLM reads it). Each of the fields moves the logits."""
+    hf = _hf("Mistral4Config", "Mistral4ForCausalLM", **_MISTRAL4)
+    hf.save_pretrained(tmp_path / "hf")
+    model, cfg = load_hf(tmp_path / "hf")
+    assert (cfg.hf_architecture, cfg.query_scale_beta, cfg.router_scores, cfg.expert_group_best) == (
+        "Mistral4ForCausalLM", 0.5, "softmax", 2)
+    assert hf_architecture(replace(cfg, hf_architecture=None)) == "Mistral4ForCausalLM"  # by its temperature
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-4)
+        prompt = torch.randint(0, 101, (1, 6))
+        ours = generate(model, prompt.tolist(), max_new_tokens=26, temperature=0.0)[0]
+        theirs = hf.generate(prompt, max_new_tokens=26, do_sample=False, attention_mask=torch.ones_like(prompt))
+        assert_greedy_agrees(ours, theirs[0, 6:].tolist(), next_token_logits(model, prompt[0].tolist(), ours), tol=1e-4)
+        back = transformers.Mistral4ForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "out")).eval()
+        torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-4)
+        for off in ({"query_scale_beta": None}, {"expert_group_best": 1}):
+            other = Transformer(replace(cfg, **off)).eval()
+            other.load_state_dict(model.state_dict())
+            assert (other(x) - ref).abs().max() > 1e-3, off
+
+
+def test_mistral_small_4_image_text_checkpoints_give_their_text_model(tmp_path):
+    """Mistral Small 4 is published as Mistral3ForConditionalGeneration whose text_config is Mistral 4's: temper reads
+    the text model by that model_type, without the vision tower."""
+    text = {k: v for k, v in _MISTRAL4.items() if k not in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, head_dim=16)
+    hf = _hf("Mistral3Config", "Mistral3ForConditionalGeneration", text_config=text | {"model_type": "mistral4"},
+             vision_config=vision, image_token_index=100)
+    hf.save_pretrained(tmp_path / "it")
+    model, cfg = load_hf(tmp_path / "it")
+    x = torch.randint(0, 96, (2, 40))
+    assert cfg.hf_architecture == "Mistral4ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(input_ids=x).logits, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_qwen3_5_image_text_checkpoints_give_their_text_model(tmp_path, moe):
     """Qwen3.5 and Qwen3.5-MoE are published as *ForConditionalGeneration (the text model under

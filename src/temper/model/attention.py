@@ -461,6 +461,8 @@ class LatentAttention(Attention):
         latent, k_rot = self.kv_a_layernorm(latent), k_rot.unsqueeze(2)  # (B, T, r), (B, T, 1, R)
         if rope is not None:
             q_rot, k_rot = _rotated_queries(q_rot, rope), apply_rope(k_rot, *rope[:2]).to(k_rot.dtype)
+        if rope is not None and len(rope) == 3:  # Mistral 4: the temperature scales the whole query, as the rotated part
+            q_pass = q_pass * rope[2].to(q_pass.dtype)
         latent, k_rot = latent.unsqueeze(1), k_rot.transpose(1, 2)  # (B, 1, T, r), (B, 1, T, R)
         if cache is not None:
             latent, k_rot = cache.update(self.layer_idx, latent, k_rot)  # (B, 1, S, r), (B, 1, S, R)

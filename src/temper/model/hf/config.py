@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -13,7 +13,9 @@ pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarC
 with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent
 pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
 squared-ReLU MLP), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
-dense first layers), Mistral
+dense first layers), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
+text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax
+router over groups scored by their two best experts, the experts stored stacked), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
 temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
 text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -138,6 +140,7 @@ GLM1 = "GlmForCausalLM"
 HELIUM = "HeliumForCausalLM"
 JAIS2 = "Jais2ForCausalLM"
 DOTS1 = "Dots1ForCausalLM"
+MISTRAL4 = "Mistral4ForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -145,7 +148,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2, DOTS1)
+                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -159,16 +162,17 @@ OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over a
 POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
-                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1)
+                     MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
+                     MISTRAL4)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # DeepSeek's: shared experts, groups, scaling,
-# dense first layers
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4)  # DeepSeek's: shared experts,
+# groups, scaling, dense first layers
 SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # of those, DeepSeek-V3's routing: sigmoid scores, a
 # choice bias
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
-LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE)  # multi-head latent attention
+LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MISTRAL4)  # multi-head latent attention
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
@@ -198,7 +202,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1,
+                "mistral4": MISTRAL4, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -363,8 +368,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
                                         else {})
         if not isinstance(text, dict):
             raise ValueError(f"key 'text_config' must be an object, got {text!r}")
-        if arch == MINISTRAL3 and text.get("model_type", "mistral") != "ministral3":  # Mistral3Config's default
-            arch = MISTRAL
+        if arch == MINISTRAL3:  # by its text model: Ministral 3's, Mistral Small 4's, else Mistral's (Mistral3Config's
+            # default: Mistral Small 3.1's)
+            arch = {"ministral3": MINISTRAL3, "mistral4": MISTRAL4}.get(text.get("model_type", "mistral"), MISTRAL)
         if arch == GEMMA3:
             tied = d.get("tie_word_embeddings", True)
             return from_hf_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text, "architectures": [arch]})
@@ -408,6 +414,15 @@ def _query_scale_beta(rope: dict[str, Any], scaling: dict | None) -> float:
                          "with its llama_4_scaling_beta)")
     return float(rope["llama_4_scaling_beta"])
 
+
+_MISTRAL4_DEFAULTS = {"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                      "num_attention_heads": 32, "max_position_embeddings": 1048576, "rms_norm_eps": 1e-6,
+                      "kv_lora_rank": 256, "tie_word_embeddings": False}
+"""Mistral4Config's defaults of what a config may leave out (Mistral Small 4's shape; its experts':
+`_DEEPSEEK_MOE_DEFAULTS`, its attention's: `_LATENT_DEFAULTS`)."""
+_MISTRAL4_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
+                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+"""Mistral4Config's RoPE where a config gives none."""
 
 _MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
                     "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -811,6 +826,10 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = {"head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144, **d}
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
             d["rope_parameters"] = dict(_MINISTRAL3_ROPE)
+    if arch == MISTRAL4:  # Mistral4Config's shape and RoPE where left out
+        d = {**_MISTRAL4_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+        if not (d.get("rope_parameters") or d.get("rope_scaling")):
+            d["rope_parameters"] = dict(_MISTRAL4_ROPE)
     if arch in HUNYUANS:
         d = _hunyuan_rope(d)
     if arch in COHERES:
@@ -896,6 +915,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         partial = d["rotary_dim"] / head_dim
     if arch == BAMBA:  # BambaConfig fixes it
         partial = 0.5
+    if latent:  # qk_rope_head_dim says it (Mistral4Config also writes its share of the head, in rope_parameters)
+        partial = 1.0
     if partial != 1.0 and (arch not in (PHI3, PHI, *GLM, *HYBRID, MINIMAX_M2, BAMBA, STABLELM) or not 0 < partial <= 1):
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
@@ -985,7 +1006,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         **({"logit_divisor": None if d["logit_scale"] == 1.0 else 1 / d["logit_scale"]} if arch in COHERES else {}),
         **(_linear_layers(d) if arch in HYBRID else {}), **linear, **(_nanochat(d) if arch == NANOCHAT else {}),
         qkv_clip=None if d.get("clip_qkv") is None or arch not in (OLMO, OLMOE) else float(d["clip_qkv"]),
-        query_scale_beta=_query_scale_beta(rope, scaling) if arch == MINISTRAL3 else None,
+        query_scale_beta=(_query_scale_beta(rope, scaling) if arch == MINISTRAL3 or arch == MISTRAL4
+                          and rope.get("llama_4_scaling_beta") is not None else None),
     )
 
 
@@ -1483,6 +1505,9 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
     GLM4_MOE_LITE: {"n_routed_experts": 64, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1536,
                     "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
                     "norm_topk_prob": True},
+    MISTRAL4: {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
+               "moe_intermediate_size": 2048, "routed_scaling_factor": 1.0, "num_experts_per_tok": 4,
+               "n_shared_experts": 1, "norm_topk_prob": True},
     DOTS1: {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "moe_intermediate_size": 1408,
             "routed_scaling_factor": 1.0, "norm_topk_prob": False},  # (its expert counts: no defaults)
 }
@@ -1575,10 +1600,11 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if shared < 1:
         raise ValueError(f"{name} n_shared_experts={shared} is not supported (temper reads 1 or more)")
     routing = ({"router_scores": "softmax", "router_float32": True, "expert_group_best": 1} if v2
+               else {"router_scores": "softmax"} if arch == MISTRAL4  # (its groups scored by their two best)
                else {"router_scores": "sigmoid", "expert_choice_bias": True})
     return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d["norm_topk_prob"]),
             "expert_ffn_dim": width, "shared_expert_ffn_dim": width * shared, **routing, "expert_groups": groups,
-            "expert_groups_per_token": per_token, "expert_weights_float32": True,
+            "expert_groups_per_token": per_token, "expert_weights_float32": arch != MISTRAL4,
             "routed_scaling": float(d["routed_scaling_factor"]), "dense_layers": dense}
 
 
@@ -1595,7 +1621,7 @@ def _dense_layers(d: dict[str, Any], name: str) -> int:
 
 
 _LATENT_DEFAULTS = {DEEPSEEK_V2: (128, 64, 128, 1536), DEEPSEEK_V3: (128, 64, 128, 1536),
-                    GLM4_MOE_LITE: (192, 64, 256, 768)}
+                    GLM4_MOE_LITE: (192, 64, 256, 768), MISTRAL4: (64, 64, 128, 1024)}
 """Their config classes' qk_nope_head_dim, qk_rope_head_dim, v_head_dim and q_lora_rank."""
 
 
@@ -1900,7 +1926,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
             arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
-            latent = DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2
+            latent = (MISTRAL4 if cfg.query_scale_beta is not None  # (the queries' temperature: Mistral 4's alone)
+                      else DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2)
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
                     else (GRANITE_MOE_SHARED if cfg.shared_expert_ffn_dim else GRANITE_MOE) if granite
@@ -2018,9 +2045,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if (cfg.embed_norm or cfg.rope_reversed) and arch != NANOCHAT:
         return ("it does not normalise its embeddings, and its RoPE turns the usual way (NanoChatForCausalLM's: "
                 "embed_norm, rope_reversed)")
-    if (cfg.query_scale_beta is not None) != (arch == MINISTRAL3):
+    if (cfg.query_scale_beta is not None and arch not in (MINISTRAL3, MISTRAL4)
+            or cfg.query_scale_beta is None and arch == MINISTRAL3):
         return ("its queries take Llama 4's temperature (query_scale_beta)" if arch == MINISTRAL3
-                else "its queries take no temperature (Ministral3ForCausalLM's do: query_scale_beta)")
+                else "its queries take no temperature (Ministral3ForCausalLM's and Mistral4ForCausalLM's do: "
+                "query_scale_beta)")
     if cfg.qkv_clip is not None and arch not in (OLMO, OLMOE):
         return "it does not clamp queries, keys and values (OLMo and OLMoE do: qkv_clip)"
     if cfg.no_mlp_layers and arch not in (NEMOTRON_H, *MIXERS_ALONE):
@@ -2489,11 +2518,14 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "rope_scaling": None,
               "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
     if arch in LATENT:  # the rotated dims in adjacent pairs, as DeepSeek publishes them (`rope_pair_rows`; V2 always)
-        d |= {"head_dim": cfg.rotary_dim, "qk_rope_head_dim": cfg.rotary_dim, "kv_lora_rank": cfg.kv_lora_rank,
+        d |= {"head_dim": cfg.head_dim if arch == MISTRAL4 else cfg.rotary_dim,  # (Mistral 4's: the whole query head)
+              "qk_rope_head_dim": cfg.rotary_dim, "kv_lora_rank": cfg.kv_lora_rank,
               "qk_nope_head_dim": cfg.head_dim - cfg.rotary_dim, "q_lora_rank": cfg.q_lora_rank,
               "v_head_dim": cfg.v_head_dim, "attention_bias": False,
               "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                                         **(cfg.rope_scaling or {})}}
+        if cfg.query_scale_beta is not None:  # Mistral 4's temperature of the queries, in its RoPE
+            d["rope_parameters"]["llama_4_scaling_beta"] = cfg.query_scale_beta
         if arch != DEEPSEEK_V2:
             d["rope_interleave"] = True
     if arch in DEEPSEEK_MOE:
@@ -2509,7 +2541,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["topk_method"] = "group_limited_greedy" if cfg.expert_groups > 1 else "greedy"
         elif arch == DOTS1:  # no windowed layers
             d |= {"sliding_window": None, "max_window_layers": cfg.n_layers, "attention_bias": False}
-        else:  # no multi-token-prediction layers: temper trains none
+        elif arch != MISTRAL4:  # no multi-token-prediction layers: temper trains none
             d["num_nextn_predict_layers"] = 0
         if arch == GLM4_MOE:
             d["use_qk_norm"] = cfg.qk_norm

@@ -43,6 +43,7 @@ from temper.model.hf.config import (
     LFM2S,
     LLAMA4,
     MINIMAX_M2,
+    MISTRAL4,
     MISTRALS,
     MIXERS_ALONE,
     MIXTRAL_NAMES,
@@ -434,6 +435,16 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                                      ("pre_feedforward_layernorm_2", "experts_norm"),
                                      ("post_feedforward_layernorm_2", "experts_out_norm")):
                     add(f"{h}{theirs}.weight", f"{p}mlp.{ours}.weight")
+            elif arch == MISTRAL4 and cfg.has_experts(i):  # the experts stacked as transformers holds them, gate over
+                # up (its checkpoints too), beside shared ones
+                add(f"{h}mlp.gate.weight", f"{p}mlp.router.weight")
+                experts = range(cfg.n_experts)
+                rules.append(_Rule(f"{h}mlp.experts.gate_up_proj", tuple(
+                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")), stacked="gate_up_rows"))
+                rules.append(_Rule(f"{h}mlp.experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
+                                                                      for j in experts), stacked="rows"))
+                for n in ("gate", "up", "down"):
+                    add(f"{h}mlp.shared_experts.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
             elif arch == LLAMA4 and cfg.has_experts(i):  # the router, the experts stacked (`_STACKED`), a shared one
                 ff = f"{h}feed_forward."
                 add(f"{ff}router.weight", f"{p}mlp.router.weight")
@@ -490,7 +501,7 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
                            ".attention.masked_bias"))  # (GPT-2's and GPT-NeoX's causal masks)
             or (cfg.hf_architecture in SIGMOID_MOE and _layer_index(name) >= cfg.n_layers)  # multi-token prediction
             or (name in ("lm_head.weight", "language_model.lm_head.weight", "embed_out.weight") and cfg.tie_embeddings)
-            or (cfg.hf_architecture in (GEMMA3, *MISTRALS) and name.startswith(_GEMMA3_VISION))
+            or (cfg.hf_architecture in (GEMMA3, *MISTRALS, MISTRAL4) and name.startswith(_GEMMA3_VISION))
             or (cfg.hf_architecture == LLAMA4 and name.startswith(_LLAMA4_VISION))
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
@@ -523,7 +534,7 @@ def canonical_name(name: str, arch: str) -> str:
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
         return "embed_out" + name.removeprefix("lm_head")
-    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, LLAMA4, QWEN2, QWEN3, EXAONE4):
+    if arch in (GEMMA3, GEMMA4, *HYBRID, *MISTRALS, MISTRAL4, LLAMA4, QWEN2, QWEN3, EXAONE4):
         for prefix, to in _GEMMA3_TEXT_PREFIXES.items():
             if name.startswith(prefix):
                 return to + name[len(prefix):]
@@ -570,7 +581,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     rules = {r.hf: r for r in hf_rules(cfg)}
     out: dict[str, torch.Tensor] = {}
-    if arch in (*MOE_ARCHITECTURES, JAMBA) and arch != GPT_OSS:
+    if arch in (*MOE_ARCHITECTURES, JAMBA) and arch not in (GPT_OSS, MISTRAL4):  # (theirs are read stacked)
         sd = _unfused_experts(sd, arch)
     if arch in GRANITE_MOES:
         sd = _granite_checkpoint_names(sd)
