@@ -313,6 +313,11 @@ CASES = {
         "Glm4MoeConfig", "Glm4MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=32,
         moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, tie_word_embeddings=False, pad_token_id=0)),
+    # Youtu-LLM: DeepSeek-V3's latent attention (queries through a latent, narrower values, pairs rotated) beside dense
+    # MLPs, tied
+    "youtu-latent-dense": lambda: _hf("YoutuConfig", "YoutuForCausalLM", **_SMALL | {"num_key_value_heads": 4},
+                                      kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                      v_head_dim=12),
     # dots.llm1: Qwen3's attention (per-head q/k norms) and DeepSeek-V3's routing, 2 shared experts, a dense first layer
     "dots1-qk-norm-sigmoid-groups": lambda: _with_choice_bias(_hf(
         "Dots1Config", "Dots1ForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=16, moe_intermediate_size=40,

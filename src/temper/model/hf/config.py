@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -13,7 +13,8 @@ pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarC
 with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent
 pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
 squared-ReLU MLP), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
-dense first layers), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
+dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention
+beside dense MLPs), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
 text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax
 router over groups scored by their two best experts, the experts stored stacked), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
@@ -141,6 +142,7 @@ HELIUM = "HeliumForCausalLM"
 JAIS2 = "Jais2ForCausalLM"
 DOTS1 = "Dots1ForCausalLM"
 MISTRAL4 = "Mistral4ForCausalLM"
+YOUTU = "YoutuForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -148,7 +150,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4)
+                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -172,7 +174,8 @@ SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # of those, DeepSee
 # choice bias
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
-LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MISTRAL4)  # multi-head latent attention
+LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MISTRAL4, YOUTU)  # multi-head latent attention (Youtu's: with dense
+# MLPs)
 WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
@@ -203,7 +206,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1,
-                "mistral4": MISTRAL4, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "mistral4": MISTRAL4, "youtu": YOUTU, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -826,6 +829,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         d = {"head_dim": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144, **d}
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
             d["rope_parameters"] = dict(_MINISTRAL3_ROPE)
+    if arch == YOUTU:  # YoutuConfig's tied embeddings and initialisation (2 / sqrt(5 dim)) where left out
+        d = {"tie_word_embeddings": True, **{k: v for k, v in d.items() if v is not None}}
+        d.setdefault("initializer_range", 2.0 / (5.0 * d["hidden_size"]) ** 0.5)
     if arch == MISTRAL4:  # Mistral4Config's shape and RoPE where left out
         d = {**_MISTRAL4_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
@@ -1621,7 +1627,7 @@ def _dense_layers(d: dict[str, Any], name: str) -> int:
 
 
 _LATENT_DEFAULTS = {DEEPSEEK_V2: (128, 64, 128, 1536), DEEPSEEK_V3: (128, 64, 128, 1536),
-                    GLM4_MOE_LITE: (192, 64, 256, 768), MISTRAL4: (64, 64, 128, 1024)}
+                    GLM4_MOE_LITE: (192, 64, 256, 768), MISTRAL4: (64, 64, 128, 1024), YOUTU: (128, 64, 128, 1536)}
 """Their config classes' qk_nope_head_dim, qk_rope_head_dim, v_head_dim and q_lora_rank."""
 
 
@@ -1940,7 +1946,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = GLM4
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
-            arch = (MINISTRAL3 if cfg.query_scale_beta is not None
+            arch = (YOUTU if cfg.kv_lora_rank  # (latent attention beside dense MLPs)
+                    else MINISTRAL3 if cfg.query_scale_beta is not None
                     else HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm
                     else GLM1 if cfg.qkv_bias and not cfg.bias and cfg.rope_dim is not None  # (partial RoPE)
                     else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
