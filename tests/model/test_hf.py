@@ -313,6 +313,9 @@ CASES = {
         "Glm4MoeConfig", "Glm4MoeForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=32,
         moe_intermediate_size=40, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, tie_word_embeddings=False, pad_token_id=0)),
+    # FlexOlmo: OLMo 2's blocks (norms on the sublayers' outputs alone, q/k norms over all heads) with OLMoE's experts
+    "flex-olmo-post-norm-experts": lambda: _hf("FlexOlmoConfig", "FlexOlmoForCausalLM", **_SMALL | {
+        "intermediate_size": 48}, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
     # Youtu-LLM: DeepSeek-V3's latent attention (queries through a latent, narrower values, pairs rotated) beside dense
     # MLPs, tied
     "youtu-latent-dense": lambda: _hf("YoutuConfig", "YoutuForCausalLM", **_SMALL | {"num_key_value_heads": 4},
@@ -521,6 +524,7 @@ def test_variant_features_are_exercised():
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
                       ("dots1-qk-norm-sigmoid-groups", {"qk_norm": False}),
+                      ("flex-olmo-post-norm-experts", {"renormalize_experts": True}),
                       ("dots1-qk-norm-sigmoid-groups", {"expert_choice_bias": False}),
                       ("jais2-without-biases", {"norm_bias": None}),  # LayerNorms without biases
                       ("exaone4-local-global-nope", {"nope_every": None}),  # RoPE on the global layers too

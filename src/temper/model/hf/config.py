@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
 take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
@@ -14,7 +14,7 @@ with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForC
 pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
 squared-ReLU MLP), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
 dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention
-beside dense MLPs), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
+beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
 text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax
 router over groups scored by their two best experts, the experts stored stacked), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
@@ -143,6 +143,7 @@ JAIS2 = "Jais2ForCausalLM"
 DOTS1 = "Dots1ForCausalLM"
 MISTRAL4 = "Mistral4ForCausalLM"
 YOUTU = "YoutuForCausalLM"
+FLEX_OLMO = "FlexOlmoForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -150,7 +151,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU)
+                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -161,11 +162,11 @@ COHERES = (COHERE, COHERE2)  # attention beside the MLP (parallel_block), LayerN
 # pairs in float32, scaled logits
 GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
-POST_NORM = (*OLMOS, EXAONE4)  # norms on the sublayers' outputs only
+POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
-                     MISTRAL4)
+                     MISTRAL4, FLEX_OLMO)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4)  # DeepSeek's: shared experts,
@@ -176,7 +177,7 @@ BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias 
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
 LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MISTRAL4, YOUTU)  # multi-head latent attention (Youtu's: with dense
 # MLPs)
-WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2)  # one q norm over all heads' values, one k norm
+WHOLE_QK_NORM = (OLMO2, OLMO3, OLMOE, MINIMAX_M2, FLEX_OLMO)  # one q norm over all heads' values, one k norm
 GEMMA3_IMAGE_TEXT = "Gemma3ForConditionalGeneration"
 IMAGE_TEXT = {GEMMA3_IMAGE_TEXT: GEMMA3, "Qwen3_5ForConditionalGeneration": QWEN3_5,
               "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE, "Gemma4ForConditionalGeneration": GEMMA4,
@@ -206,7 +207,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1,
-                "mistral4": MISTRAL4, "youtu": YOUTU, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "mistral4": MISTRAL4, "youtu": YOUTU, "flex_olmo": FLEX_OLMO, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -998,8 +999,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         parallel_block=arch in (*COHERES, PHI) or arch == STABLELM and bool(d.get("use_parallel_residual", False)),
         head_bias=arch == PHI,
         sandwich_norm=arch in (*SANDWICH, *POST_NORM), pre_norm=arch not in POST_NORM,
-        norm_cast_after=arch in (*OLMOS, GPT_OSS, GEMMA4, NEMOTRON_H),
-        rope_float32=arch in (*OLMOS, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
+        norm_cast_after=arch in (*OLMOS, FLEX_OLMO, GPT_OSS, GEMMA4, NEMOTRON_H),
+        rope_float32=arch in (*OLMOS, FLEX_OLMO, DEEPSEEK_V2, *ERNIES, *COHERES), rope_tables_rounded=arch in COHERES,
         dropout=0.0,
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
@@ -1044,7 +1045,7 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_conv_size": d["linear_conv_kernel_dim"]}
 
 
-_DEFAULT_THETA = {COHERE: 500000.0, LFM2: 1000000.0, LFM2_MOE: 1000000.0}
+_DEFAULT_THETA = {COHERE: 500000.0, LFM2: 1000000.0, LFM2_MOE: 1000000.0, FLEX_OLMO: 500000.0}
 """The RoPE base of the config classes whose default is not 10000 (their `default_theta`), for a config without one."""
 
 
@@ -1438,6 +1439,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
         return _lfm2_experts(d)
     if arch == HUNYUAN_MOE:
         return _hunyuan_experts(d)
+    if arch == FLEX_OLMO:  # FlexOlmoConfig's experts where left out
+        d = {"num_experts": 7, "num_experts_per_tok": 5, **d}
     n = d.get("num_local_experts", d.get("num_experts"))  # transformers 5 writes either spelling
     if not n or n <= 0:
         raise ValueError(f"{name} needs a positive num_local_experts (or num_experts), got {n!r}")
@@ -1459,7 +1462,7 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
                 raise ValueError(f"{name} {key}={d[key]!r} is not supported (temper reads {want!r})")
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True, "expert_weights_float32": True,
                 "router_scores": "sigmoid", "expert_choice_bias": True}
-    if arch == OLMOE:  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
+    if arch in (OLMOE, FLEX_OLMO):  # experts of intermediate_size, as Mixtral's; norm_topk_prob as Qwen3-MoE's
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": bool(d.get("norm_topk_prob", False))}
     if arch == GPT_OSS:  # a softmax over the top k's logits: the renormalised top k of a softmax over all
         return {"n_experts": n, "experts_per_token": k, "renormalize_experts": True}
@@ -1930,7 +1933,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.full_attention_every is not None:
             arch = QWEN3_5_MOE if cfg.n_experts else QWEN3_5
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
-            arch = EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window else OLMO2
+            arch = (FLEX_OLMO if cfg.n_experts else EXAONE4 if not cfg.qk_norm_whole else OLMO3 if cfg.sliding_window
+                    else OLMO2)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.n_experts:
             latent = (MISTRAL4 if cfg.query_scale_beta is not None  # (the queries' temperature: Mistral 4's alone)
                       else DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2)
@@ -2143,7 +2147,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it renormalises the chosen experts' weights, and its experts are ffn_dim wide"
     if arch == QWEN3_5_MOE and not cfg.renormalize_experts:  # (Qwen3-Next's: norm_topk_prob)
         return "it renormalises the chosen experts' weights"
-    if arch == OLMOE and cfg.expert_hidden_dim != cfg.hidden_dim:
+    if arch in (OLMOE, FLEX_OLMO) and cfg.expert_hidden_dim != cfg.hidden_dim:
         return "its experts are ffn_dim wide (intermediate_size)"
     if arch == HUNYUAN_MOE and (cfg.shared_expert_gate or cfg.shared_expert_ffn_dim != cfg.hidden_dim
                                 or cfg.expert_hidden_dim != cfg.hidden_dim
@@ -2557,9 +2561,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "router_jitter_noise": 0.0, "output_router_logits": False}
         if arch == MINIMAX_M2:  # partial RoPE in the rotary_dim spelling of its published configs
             d |= {"rotary_dim": cfg.rotary_dim, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
-    elif arch == OLMOE:
-        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token, "clip_qkv": cfg.qkv_clip,
+    elif arch in (OLMOE, FLEX_OLMO):
+        d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "norm_topk_prob": cfg.renormalize_experts, "attention_bias": False, "output_router_logits": False}
+        if arch == OLMOE:
+            d["clip_qkv"] = cfg.qkv_clip
     elif arch in (QWEN3_5_MOE, QWEN3_NEXT):
         d |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
               "moe_intermediate_size": cfg.expert_hidden_dim, "shared_expert_intermediate_size": cfg.shared_expert_ffn_dim,
