@@ -424,11 +424,7 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}router.proj.weight", f"{p}mlp.router.weight")
                 add(f"{h}router.scale", f"{p}mlp.router_scale")
                 add(f"{h}router.per_expert_scale", f"{p}mlp.expert_scale")
-                experts = range(cfg.n_experts)
-                rules.append(_Rule(f"{h}experts.gate_up_proj", tuple(
-                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")), stacked="gate_up_rows"))
-                rules.append(_Rule(f"{h}experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
-                                                                  for j in experts), stacked="rows"))
+                rules += _stacked_expert_rules(f"{h}experts.", p, cfg.n_experts, "gate_up_rows", "rows")
                 for n in ("gate", "up", "down"):
                     add(f"{h}mlp.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
                 for theirs, ours in (("post_feedforward_layernorm_1", "shared_out_norm"),
@@ -438,22 +434,13 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             elif arch == MISTRAL4 and cfg.has_experts(i):  # the experts stacked as transformers holds them, gate over
                 # up (its checkpoints too), beside shared ones
                 add(f"{h}mlp.gate.weight", f"{p}mlp.router.weight")
-                experts = range(cfg.n_experts)
-                rules.append(_Rule(f"{h}mlp.experts.gate_up_proj", tuple(
-                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")), stacked="gate_up_rows"))
-                rules.append(_Rule(f"{h}mlp.experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
-                                                                      for j in experts), stacked="rows"))
+                rules += _stacked_expert_rules(f"{h}mlp.experts.", p, cfg.n_experts, "gate_up_rows", "rows")
                 for n in ("gate", "up", "down"):
                     add(f"{h}mlp.shared_experts.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
             elif arch == LLAMA4 and cfg.has_experts(i):  # the router, the experts stacked (`_STACKED`), a shared one
                 ff = f"{h}feed_forward."
                 add(f"{ff}router.weight", f"{p}mlp.router.weight")
-                experts = range(cfg.n_experts)
-                rules.append(_Rule(f"{ff}experts.gate_up_proj", tuple(
-                    f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")),
-                    stacked="gate_up_halves"))
-                rules.append(_Rule(f"{ff}experts.down_proj", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
-                                                                   for j in experts), stacked="down"))
+                rules += _stacked_expert_rules(f"{ff}experts.", p, cfg.n_experts, "gate_up_halves", "down")
                 for n in ("gate", "up", "down"):
                     add(f"{ff}shared_expert.{n}_proj.weight", f"{p}mlp.shared_expert.{n}_proj.weight")
             elif f"{p}mlp.router.weight" in keys:  # transformers 5 fuses the experts in memory but reads and writes
@@ -491,6 +478,15 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
     if cfg.head_bias:  # Phi's
         rules.append(_Rule("lm_head.bias", ("head.bias",)))
     return rules
+
+
+def _stacked_expert_rules(hf: str, p: str, n_experts: int, gate_up: str, down: str) -> list[_Rule]:
+    """The rules of a mixture whose experts the checkpoint stacks in two tensors, `hf`gate_up_proj and `hf`down_proj,
+    laid out as `_STACKED`'s `gate_up` and `down` say, from block `p`'s experts."""
+    experts = [f"{p}mlp.experts.{j}." for j in range(n_experts)]
+    return [_Rule(f"{hf}gate_up_proj", tuple(f"{e}{n}_proj.weight" for e in experts for n in ("gate", "up")),
+                  stacked=gate_up),
+            _Rule(f"{hf}down_proj", tuple(f"{e}down_proj.weight" for e in experts), stacked=down)]
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
