@@ -3,87 +3,84 @@ config and the writing of one.
 
 Sixty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
-attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries
-take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
-`_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers
-with or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as
-many as heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without
-biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent
-pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks
-with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent
-pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a
-squared-ReLU MLP), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
-dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention
-beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
-text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax
-router over groups scored by their two best experts, the experts stored stacked), Mistral
-(`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
-temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
-text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
+attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
+a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
+written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers with or without,
+an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as many as heads, fused
+with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without biases beside a tanh-GELU MLP
+with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent pairs: `attn_bias`; read by
+`_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k and v
+fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that scale
+before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), dots.llm1
+(`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
+(`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
+post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
+`Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
+taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
+stacked), Mistral (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
+Llama 4's temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by
+its text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
-checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings,
-wide heads), Gemma 2
-(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
-capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
-norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
-checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
-out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
-their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
-scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values),
-Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
-head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`:
-fused qkv and gate_up projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with
-LayerNorms without weights or biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2
-(`StableLmForCausalLM`: LayerNorms with biases beside linear layers without, `norm_bias`), OLMo 2
-(`Olmo2ForCausalLM`: norms
-on the sublayers' outputs only, q/k norms over all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to
-one global, YaRN on the global ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP),
-Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers
-say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`: attention sinks, biases everywhere,
-experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer
-without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused,
-half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs, the
-attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
-shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
-(`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
+checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
+embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers
+alternating with global ones, capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's
+parts without the caps, q/k norms, windowed layers with their own RoPE base; also read out of the image-text
+`Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model
+(`Gemma4ForCausalLM`, also read out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global
+layers shaped apart (wider heads, their own kv heads, values made by the keys' projection, proportional RoPE), value
+norms, layer scalars, unscaled scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and
+layers sharing keys and values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm,
+biases everywhere, the head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up
+projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or
+biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside
+linear layers without, `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
+all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global
+ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`:
+Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS
+(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
+published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B
+(`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414
+(`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings,
+the sublayers' outputs, the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60
+experts beside a gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts),
+GLM-4.5 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
 shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
-that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their
-published FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention,
-with a float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published
+FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a
+float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
-RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat
-(`NanoChatForCausalLM`: Arcee's MLP, norms without weights, one on the embeddings, q/k norms after RoPE turning the
-other way, capped logits), StarCoder2
-(`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA,
-a sliding window), GPT-NeoX (`GPTNeoXForCausalLM`, Pythia: LayerNorms and an exact-GELU MLP with biases, attention
-beside the MLP on two norms, q/k/v fused head by head, partial RoPE; read by `_gpt_neox`), Seed-OSS
-(`SeedOssForCausalLM`: Llama with q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent
-pairs, and `Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after
-dense first layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK
-alpha stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router),
-Cohere (`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in
-float32 in adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with
-RoPE to one global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed
-irregularly; `Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers), Granite
-3.0's mixtures (`GraniteMoeForCausalLM`, `GraniteMoeSharedForCausalLM`: Granite's multipliers, experts stacked, alone or
+RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat (`NanoChatForCausalLM`:
+Arcee's MLP, norms without weights, one on the embeddings, q/k norms after RoPE turning the other way, capped logits),
+StarCoder2 (`Starcoder2ForCausalLM`: GPT-2's LayerNorms and tanh-GELU MLP with biases everywhere, RoPE, GQA, a sliding
+window), GPT-NeoX (`GPTNeoXForCausalLM`, Pythia: LayerNorms and an exact-GELU MLP with biases, attention beside the MLP
+on two norms, q/k/v fused head by head, partial RoPE; read by `_gpt_neox`), Seed-OSS (`SeedOssForCausalLM`: Llama with
+q/k/v biases), ERNIE 4.5 (`Ernie4_5ForCausalLM`: Llama with RoPE in float32, in adjacent pairs, and
+`Ernie4_5_MoeForCausalLM`: a float32 softmax router choosing with a bias, beside shared experts, after dense first
+layers), Hunyuan (`HunYuanDenseV1ForCausalLM`: Llama with q/k norms after RoPE, whose base its fixed NTK alpha
+stretches, and `HunYuanMoEV1ForCausalLM`: experts of the MLP's width beside a shared one, a float32 router), Cohere
+(`CohereForCausalLM`, Command R and Aya: attention beside the MLP on one LayerNorm without biases, RoPE in float32 in
+adjacent pairs, scaled logits; `Cohere2ForCausalLM`, Command R7B and Command A: three windowed layers with RoPE to one
+global without), LFM2 (`Lfm2ForCausalLM`: gated short convolutions around attention layers placed irregularly;
+`Lfm2MoeForCausalLM`: with experts chosen by sigmoid scores plus a bias after dense first layers), Granite 3.0's
+mixtures (`GraniteMoeForCausalLM`, `GraniteMoeSharedForCausalLM`: Granite's multipliers, experts stacked, alone or
 beside an ungated shared MLP), Granite 4.0 (`GraniteMoeHybridForCausalLM`: those, or that MLP alone, with Mamba 2 layers
 around attention layers with or without RoPE), Nemotron-H (`NemotronHForCausalLM`: Mamba 2 layers, attention without
-positions and squared-ReLU MLPs or mixtures of them (Nemotron 3), each a layer of its own, read as blocks of a mixer
-and the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers,
-its attention turning half of each head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer
-blocks without attention or MLPs), Mamba and FalconMamba (`MambaForCausalLM`, `FalconMambaForCausalLM`: Mamba (1)
-mixers alone, FalconMamba's steps, B and C normalised), Jamba (`JambaForCausalLM`: Mamba layers with weighted norms of
-their steps, B and C around attention without positions, mixtures of experts in every other block: `expert_layers`)
-and EXAONE 4 (`Exaone4ForCausalLM`, also read out of `Exaone4_5_ForConditionalGeneration`: OLMo 2's post-norm
-blocks with per-head q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated
-DeltaNet linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and
-Qwen3.5-MoE (`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
+positions and squared-ReLU MLPs or mixtures of them (Nemotron 3), each a layer of its own, read as blocks of a mixer and
+the MLP after it or the mixer alone), Bamba (`BambaForCausalLM`: Granite 4.0-H's dense layers without multipliers, its
+attention turning half of each head), Mamba 2 alone (`Mamba2ForCausalLM`, Mamba-Codestral: Nemotron-H's mixer blocks
+without attention or MLPs), Mamba and FalconMamba (`MambaForCausalLM`, `FalconMambaForCausalLM`: Mamba (1) mixers alone,
+FalconMamba's steps, B and C normalised), Jamba (`JambaForCausalLM`: Mamba layers with weighted norms of their steps, B
+and C around attention without positions, mixtures of experts in every other block: `expert_layers`) and EXAONE 4
+(`Exaone4ForCausalLM`, also read out of `Exaone4_5_ForConditionalGeneration`: OLMo 2's post-norm blocks with per-head
+q/k norms, three windowed layers with RoPE to one global without), Qwen3.5 (`Qwen3_5ForCausalLM`: three Gated DeltaNet
+linear attention layers to one of gated attention with a quarter of each head rotated, (1 + w) norms) and Qwen3.5-MoE
+(`Qwen3_5MoeForCausalLM`: with Qwen2-MoE's experts), also read out of their published image-text
 `*ForConditionalGeneration` checkpoints without the vision tower, and Qwen3-Next (`Qwen3NextForCausalLM`: Qwen3.5-MoE's
 layers, each linear layer's projections fused and grouped by key head). Reading a config maps its fields onto
-`ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. Writing one takes the
-architecture a model was read as, else the one its fields match (`hf_architecture`), and refuses what that
-architecture cannot hold exactly.
+`ModelConfig` fields; anything temper cannot reproduce exactly fails with the reason. Writing one takes the architecture
+a model was read as, else the one its fields match (`hf_architecture`), and refuses what that architecture cannot hold
+exactly.
 
 It does not read or write files or weights: checkpoint.py reads and writes a directory's config.json, weights.py maps
 the tensors of the architectures named here.
@@ -206,8 +203,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "mistral3": "Mistral3ForConditionalGeneration", "llama4_text": LLAMA4, "falcon": FALCON, "gptj": GPTJ,
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-                "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1,
-                "mistral4": MISTRAL4, "youtu": YOUTU, "flex_olmo": FLEX_OLMO, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
+                "flex_olmo": FLEX_OLMO, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -406,7 +403,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; temper reads {', '.join(SUPPORTED_ARCHITECTURES)}")
-    readers = {GPT_NEOX: _gpt_neox, **{arch: read for arch, (read, _) in _READ_APART.items()}}  # apart from Llama's
+    readers = {GPT_NEOX: _gpt_neox, **{name: read for name, (read, _) in _READ_APART.items()}}  # apart from Llama's
     return readers[arch](d) if arch in readers else _from_llama_like(d, arch)
 
 
@@ -472,8 +469,8 @@ def _gpt_neox(d: dict[str, Any]) -> ModelConfig:
 
 _LLAMA4_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
                     "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
-                    "num_key_value_heads": 8, "head_dim": 128,
-                    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                    "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 131072,
+                    "rms_norm_eps": 1e-5,
                     "tie_word_embeddings": False, "num_experts_per_tok": 1, "num_local_experts": 16,
                     "interleave_moe_layer_step": 1, "use_qk_norm": True, "no_rope_layer_interval": 4,
                     "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192,
@@ -544,24 +541,17 @@ def _llama4_config(cfg: ModelConfig) -> dict[str, Any]:
     """The Llama4TextConfig of `cfg`: its layers without positions, chunked ones and mixtures named one by one."""
     n = cfg.n_layers
     return {
-        "architectures": [LLAMA4], "model_type": "llama4_text", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "architectures": [LLAMA4], "model_type": "llama4_text", **_llama_shape(cfg),
         "intermediate_size": cfg.expert_hidden_dim if cfg.n_experts else cfg.hidden_dim,
-        "intermediate_size_mlp": cfg.hidden_dim, "num_hidden_layers": n, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None, "attention_bias": False,
-        "num_local_experts": cfg.n_experts or 1, "num_experts_per_tok": cfg.experts_per_token,
+        "intermediate_size_mlp": cfg.hidden_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": False, "num_local_experts": cfg.n_experts or 1, "num_experts_per_tok": cfg.experts_per_token,
         "moe_layers": [i for i in range(n) if cfg.has_experts(i)], "interleave_moe_layer_step": 1,
         "router_jitter_noise": 0.0, "output_router_logits": False, "router_aux_loss_coef": 0.0,
-        "use_qk_norm": cfg.qk_l2_norm,
-        "no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(n)],
-        "no_rope_layer_interval": cfg.nope_every or n + 1,
-        "attention_chunk_size": cfg.sliding_window,
+        "use_qk_norm": cfg.qk_l2_norm, "no_rope_layers": [int(not last_of_every(i, cfg.nope_every)) for i in range(n)],
+        "no_rope_layer_interval": cfg.nope_every or n + 1, "attention_chunk_size": cfg.sliding_window,
         "layer_types": ["chunked_attention" if cfg.window_of(i) else "full_attention" for i in range(n)],
         "attn_temperature_tuning": cfg.nope_query_scale is not None, "floor_scale": cfg.nope_query_floor,
         "attn_scale": cfg.nope_query_scale if cfg.nope_query_scale is not None else 0.1,
-        "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
     }
 
 
