@@ -217,6 +217,16 @@ CONFIGS = {
                            v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=40,
                            router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
                            dense_layers=1, expert_weights_float32=True, hf_architecture="DeepseekV3ForCausalLM"),
+    # dots.llm1: GLM-4.5's routing behind Qwen3's per-head q/k norms; Youtu-LLM: latent attention beside dense MLPs;
+    # FlexOlmo: OLMo 2's post-norm blocks with OLMoE's experts
+    "dots1": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, shared_expert_ffn_dim=40,
+                     router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
+                     dense_layers=1, expert_weights_float32=True, hf_architecture="Dots1ForCausalLM"),
+    "youtu": replace(_LLAMA, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16, q_lora_rank=24,
+                     v_head_size=12, hf_architecture="YoutuForCausalLM"),
+    "flex_olmo": replace(_LLAMA, n_experts=4, sandwich_norm=True, pre_norm=False, qk_norm=True, qk_norm_whole=True,
+                         norm_cast_after=True, rope_float32=True, renormalize_experts=False,
+                         hf_architecture="FlexOlmoForCausalLM"),
     # GLM-4.7-Flash: DeepSeek-V3's architecture under another name, its dense layers named by mlp_layer_types
     "glm4_moe_lite": replace(_LLAMA, n_kv_heads=None, head_size=24, rope_dim=8, kv_lora_rank=16, q_lora_rank=24,
                              v_head_size=12, n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=40,
@@ -282,6 +292,9 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "ernie4_5_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "hunyuan_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "dots1": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "youtu": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    "flex_olmo": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "llama4": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_5": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"],
     "qwen3_5_moe": [*ATTENTION_TARGETS, *LINEAR_ATTENTION_TARGETS],
