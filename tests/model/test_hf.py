@@ -263,6 +263,10 @@ CASES = {
     # (interleaved RoPE), gate and up fused.
     "glm4-sandwich-interleaved-rope": lambda: _hf("Glm4Config", "Glm4ForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                                   tie_word_embeddings=False),
+    # Ministral-8B: Mistral's layers, the first of every four global, the others within the window
+    "ministral-first-global": lambda: _hf("MinistralConfig", "MinistralForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                          head_dim=16, sliding_window=WINDOW,
+                                          layer_types=["full_attention"] + ["sliding_attention"] * 3),
     # Helium: Llama with RoPE in adjacent pairs, norms that scale before rounding, q/k/v biases
     "helium-pairs-qkv-bias": lambda: _hf("HeliumConfig", "HeliumForCausalLM", **_SMALL, head_dim=16,
                                          attention_bias=True),
@@ -523,6 +527,7 @@ def test_variant_features_are_exercised():
                       ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
+                      ("ministral-first-global", {"global_first": False}),  # the last of the four global
                       ("dots1-qk-norm-sigmoid-groups", {"qk_norm": False}),
                       ("flex-olmo-post-norm-experts", {"renormalize_experts": True}),
                       ("dots1-qk-norm-sigmoid-groups", {"expert_choice_bias": False}),
@@ -946,6 +951,24 @@ def test_dots1_configs_temper_cannot_build_are_refused_by_name(key, value):
          "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2, "sliding_window": 8, key: value}
     with pytest.raises(ValueError, match=key):
         from_hf_config({k: v for k, v in d.items() if v is not None})
+
+
+def test_ministral_reads_its_layer_types_and_places_global_layers_first():
+    """Ministral's layer_types: none global (MinistralConfig's default), the first of every N (Ministral-8B's) or the
+    last; any other pattern is refused by name. Llama's layers with global ones export as Ministral; another
+    architecture refuses global layers first."""
+    d = {**_SMALL, "num_hidden_layers": 8, "head_dim": 16, "architectures": ["MinistralForCausalLM"], "sliding_window": 8}
+    assert [from_hf_config(d).window_of(i) for i in range(8)] == [8] * 8
+    for types, every, first in ((["full_attention"] + ["sliding_attention"] * 3, 4, True),
+                                (["sliding_attention"] + ["full_attention"], 2, False)):
+        cfg = from_hf_config(d | {"layer_types": types * (8 // len(types))})
+        assert (cfg.global_every, cfg.global_first) == (every, first)
+        assert hf_architecture(replace(cfg, hf_architecture=None)) == "MinistralForCausalLM"
+    with pytest.raises(ValueError, match="Ministral layer_types .* are not supported"):
+        from_hf_config(d | {"layer_types": ["full_attention", "sliding_attention", "full_attention"] + [
+            "sliding_attention"] * 5})
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM cannot express this model: its global layers are the last"):
+        to_hf_config(replace(PRESETS["gemma3-1b"], global_first=True))
 
 
 def test_jais2_is_chosen_by_fields():

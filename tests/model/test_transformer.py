@@ -57,6 +57,12 @@ def test_config_validation_names_the_field():
                          "linear_value_size": 1, "linear_bcdt_weights": True},
                         "linear_bcdt_weights needs linear_bcdt_eps"),
                        ({"mlp": "swiglu", "n_experts": 4, "expert_layers": (1, 0)}, "expert_layers=.1, 0. needs"),
+                       ({"sliding_window": 4, "global_first": True}, "global_first needs global_every"),
+                       ({"window_chunked": True}, "window_chunked needs sliding_window"),
+                       ({"qk_l2_norm": True}, "qk_l2_norm needs pos='rope'"),
+                       ({"pos": "rope", "nope_query_scale": 0.1}, "nope_query_scale=0.1 needs nope_every"),
+                       ({"expert_input_weights": True}, "expert_input_weights needs n_experts"),
+                       ({"mlp": "swiglu", "n_experts": 4, "router_rounded": True}, "router_rounded needs router_scores"),
                        ({"mlp": "swiglu", "n_experts": 4, "expert_layers": (2,)}, "layers of the 2 once each"),
                        ({"mlp": "swiglu", "expert_layers": (1,)}, "needs n_experts"),
                        ({"mlp": "swiglu", "n_experts": 4, "n_layers": 3, "dense_layers": 1, "expert_layers": (2,)},
@@ -222,6 +228,8 @@ VARIANTS = {
     "olmo3-yarn": {"pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_whole": True,
                    "sliding_window": 5, "global_every": 2, "rope_local_theta": 10000.0,
                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}},
+    # Ministral-8B's: the first layer of each group global, the others windowed
+    "global-first": {"sliding_window": 5, "global_every": 2, "global_first": True},
     # Gemma 2's: windowed layers alternating with global ones, one RoPE; scores and logits capped (low, to bend
     # init-size scores).
     "gemma2-caps": {"sliding_window": 5, "global_every": 2, "sandwich_norm": True, "attn_softcap": 0.02,

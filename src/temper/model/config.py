@@ -163,6 +163,9 @@ class ModelConfig:
     global_every: int | None = None
     """With sliding_window: the last layer of every group of this many attends to all earlier tokens, the others
     within the window (Gemma 3: 6, five local layers to one global); None: every layer within the window."""
+    global_first: bool = False
+    """With global_every: the first layer of every group is the global one (Ministral-8B: one global layer, then
+    three windowed), not the last."""
     global_head_size: int | None = None
     """With global_every: the head width of the global layers, beside head_size on the windowed ones (Gemma 4: 512
     to 256); their RoPE table is computed for it. None: head_size on every layer."""
@@ -401,6 +404,8 @@ class ModelConfig:
                              "or both)")
         if self.global_every is not None and (self.sliding_window is None or self.global_every < 2):
             raise ValueError(f"global_every={self.global_every} needs a sliding_window and groups of 2 layers or more")
+        if self.global_first and self.global_every is None:
+            raise ValueError("global_first needs global_every (the groups whose first layer is global)")
         if self.rope_local_theta is not None and (self.global_every is None or self.pos != "rope"
                                                   or self.rope_local_theta <= 0):
             raise ValueError(f"rope_local_theta={self.rope_local_theta} needs pos='rope', global_every and a positive "
@@ -588,7 +593,8 @@ class ModelConfig:
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""
-        if self.sliding_window is None or last_of_every(layer, self.global_every):
+        if self.sliding_window is None or (layer % self.global_every == 0 if self.global_first
+                                           else last_of_every(layer, self.global_every)):
             return None
         return self.sliding_window
 

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -17,7 +17,8 @@ before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorm
 post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
 `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
 taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
-stacked), Mistral (`MistralForCausalLM`: a sliding window), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
+stacked), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
+layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
 Llama 4's temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by
 its text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
 (`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
@@ -141,6 +142,7 @@ DOTS1 = "Dots1ForCausalLM"
 MISTRAL4 = "Mistral4ForCausalLM"
 YOUTU = "YoutuForCausalLM"
 FLEX_OLMO = "FlexOlmoForCausalLM"
+MINISTRAL = "MinistralForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -148,7 +150,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO)
+                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -160,7 +162,8 @@ COHERES = (COHERE, COHERE2)  # attention beside the MLP (parallel_block), LayerN
 GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2)  # windowed layers between global ones
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2, MINISTRAL)  # windowed layers between global
+# ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
                      MISTRAL4, FLEX_OLMO)
@@ -204,7 +207,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -878,6 +881,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2, MINISTRAL3) else None
+    every, first = None, False
+    if arch == MINISTRAL:
+        window, every, first = _ministral_layers(d)
     if arch == DOTS1:  # Dots1Config windows the layers from max_window_layers on: none in its published configs
         n = d["num_hidden_layers"]
         types = d.get("layer_types") or ["sliding_attention" if d.get("sliding_window") is not None
@@ -885,7 +891,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         if set(types) != {"full_attention"}:
             raise ValueError(f"Dots1 layer_types={types!r} (max_window_layers={d.get('max_window_layers')}) is not "
                              "supported (temper reads dots.llm1's layout: every layer attending to all tokens)")
-    every = local_theta = None
+    local_theta = None
     if arch == GEMMA3:
         window, every, theta, local_theta, scaling = _gemma3_layers(d)
         rope = {}
@@ -980,7 +986,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                   else d.get("norm_epsilon", 1e-5) if arch == STARCODER2 else d.get("rms_norm_eps", 1e-6)),
         norm_unit_offset=gemma and arch != GEMMA4 or arch in HYBRID,
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
-        global_every=every, nope_every=nope_every,
+        global_every=every, global_first=first, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
         qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch in (NANOCHAT, DOTS1),
@@ -1676,6 +1682,27 @@ def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[in
     return window, full[0] + 1
 
 
+def _ministral_layers(d: dict[str, Any]) -> tuple[int | None, int | None, bool]:
+    """(sliding_window, global_every, global_first) of a Ministral config's `layer_types` (MinistralConfig's default:
+    every layer windowed): the global layers first of every group (Ministral-8B's: one global, then three windowed),
+    or last, or none."""
+    n, window = d["num_hidden_layers"], d.get("sliding_window")
+    types = d.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"] * n
+    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+        raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if window is None or len(full) == n:
+        return None, None, False
+    if not full:
+        return window, None, False
+    for first, every in ((True, full[1] if len(full) > 1 else n), (False, full[0] + 1)):
+        if every >= 2 and full == [i for i in range(n) if (i % every == 0 if first else last_of_every(i, every))]:
+            return window, every, first
+    raise ValueError(f"Ministral layer_types {types!r} are not supported (temper makes the first or the last of every N "
+                     "layers global)")
+
+
 def _exaone_pattern(d: dict[str, Any]) -> int:
     """EXAONE 4's `sliding_window_pattern` as a group size: an int, or "LLLG" (local layers, then a global one)."""
     pattern = d.get("sliding_window_pattern", 4)
@@ -1944,7 +1971,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
                     else MINISTRAL3 if cfg.query_scale_beta is not None
                     else HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm
                     else GLM1 if cfg.qkv_bias and not cfg.bias and cfg.rope_dim is not None  # (partial RoPE)
-                    else QWEN2 if cfg.qkv_bias and not cfg.bias else MISTRAL if cfg.sliding_window
+                    else QWEN2 if cfg.qkv_bias and not cfg.bias else MINISTRAL if cfg.global_every
+                    else MISTRAL if cfg.sliding_window
                     else SMOLLM3 if cfg.nope_every else GRANITE if granite else ERNIE4_5 if cfg.rope_float32 else LLAMA)
         else:
             raise ValueError(
@@ -2107,7 +2135,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
                 *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO,
-                MINISTRAL3)
+                MINISTRAL3, MINISTRAL)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT, DOTS1)
@@ -2186,6 +2214,8 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     logit_divisor = cfg.logit_divisor and arch not in COHERES  # Cohere's logit_scale
     if (cfg.embed_multiplier or cfg.residual_multiplier or logit_divisor) and arch not in GRANITES:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
+    if cfg.global_first and arch != MINISTRAL:
+        return "its global layers are the last of each group (MinistralForCausalLM's may be the first: global_first)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
     if cfg.rope_local_theta and not (arch in (GEMMA3, GEMMA4)
@@ -2347,6 +2377,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         d |= {"attention_bias": cfg.bias, "mlp_bias": cfg.bias, "embedding_multiplier": cfg.embed_multiplier or 1.0,
               "residual_multiplier": cfg.residual_multiplier or 1.0, "logits_scaling": cfg.logit_divisor or 1.0,
               "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5}
+    elif arch == MINISTRAL:  # its windowed and global layers named one by one
+        d |= {"sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg)}
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
         if arch == PHI3:  # its original length at the top, where transformers reads it first
