@@ -678,7 +678,7 @@ def _attention_saved(s: _Saved, attn: Attention, cfg: ModelConfig, h_bytes: int,
         # dtype; latent attention's v, a view, keeps kv_b_proj's whole output), its output and a float32
         # log-sum-exp per head and query. The output, viewed as (B, T, H*Dv), is also o_proj's input: one tensor.
         s.add("q, k, v" + (" (after RoPE)" if rope else ""), t.a * (q_out + k_out + v_out))
-        if masked and cfg.n_heads > attn.n_kv_heads and not t.cuda:  # a mask beside grouped heads: each kv head's
+        if masked and q_out > k_out and not t.cuda:  # a mask beside grouped kv heads: each kv head's
             # queries folded into one axis, a copy (`Attention.attend`); the mask itself is per forward, not counted
             s.add("grouped queries (beside a window's mask)", t.a * q_out)
         s.add("attention output", t.a * o_in)
