@@ -263,6 +263,11 @@ CASES = {
     # (interleaved RoPE), gate and up fused.
     "glm4-sandwich-interleaved-rope": lambda: _hf("Glm4Config", "Glm4ForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                                   tie_word_embeddings=False),
+    # VaultGemma: Gemma 2's parts (capped scores and logits, windowed layers alternating with global ones, scores
+    # scaled by query_pre_attn_scalar) without norms on the sublayers' outputs
+    "vaultgemma-no-post-norms": lambda: _hf("VaultGemmaConfig", "VaultGemmaForCausalLM", **_SMALL | {
+        "num_hidden_layers": 4, "num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
+        attn_logit_softcapping=3.0, final_logit_softcapping=2.0, pad_token_id=0),
     # Ministral-8B: Mistral's layers, the first of every four global, the others within the window
     "ministral-first-global": lambda: _hf("MinistralConfig", "MinistralForCausalLM", **_SMALL | {"num_hidden_layers": 4},
                                           head_dim=16, sliding_window=WINDOW,
@@ -528,6 +533,8 @@ def test_variant_features_are_exercised():
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
                       ("ministral-first-global", {"global_first": False}),  # the last of the four global
+                      ("vaultgemma-no-post-norms", {"attn_softcap": None}),
+                      ("vaultgemma-no-post-norms", {"global_every": None}),  # all windowed
                       ("dots1-qk-norm-sigmoid-groups", {"qk_norm": False}),
                       ("flex-olmo-post-norm-experts", {"renormalize_experts": True}),
                       ("dots1-qk-norm-sigmoid-groups", {"expert_choice_bias": False}),

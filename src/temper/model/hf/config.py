@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -17,7 +17,8 @@ before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorm
 post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
 `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
 taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
-stacked), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
+stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on
+the sublayers' outputs), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
 layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
 Llama 4's temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by
 its text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -143,6 +144,7 @@ MISTRAL4 = "Mistral4ForCausalLM"
 YOUTU = "YoutuForCausalLM"
 FLEX_OLMO = "FlexOlmoForCausalLM"
 MINISTRAL = "MinistralForCausalLM"
+VAULTGEMMA = "VaultGemmaForCausalLM"
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -150,7 +152,8 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            GEMMA4, ERNIE4_5, ERNIE4_5_MOE, HUNYUAN, HUNYUAN_MOE, COHERE, COHERE2, LFM2, LFM2_MOE,
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
-                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL)
+                           GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
+                           VAULTGEMMA)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -159,10 +162,11 @@ ERNIES = (ERNIE4_5, ERNIE4_5_MOE)  # RoPE in float32, in adjacent pairs (GLM-4's
 HUNYUANS = (HUNYUAN, HUNYUAN_MOE)  # q/k norms after RoPE, named query_layernorm and key_layernorm
 COHERES = (COHERE, COHERE2)  # attention beside the MLP (parallel_block), LayerNorm without biases, RoPE in adjacent
 # pairs in float32, scaled logits
-GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4)
+GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)
+CAPPED = (GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)  # capped scores or logits, scores scaled by query_pre_attn_scalar
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2, MINISTRAL)  # windowed layers between global
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2, MINISTRAL, VAULTGEMMA)  # windowed layers between global
 # ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
@@ -207,7 +211,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -905,8 +909,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         theta, scaling, rope = _rope(d | {"rope_parameters": _GPT_OSS_ROPE})  # GptOssConfig's default
     else:
         theta, scaling, rope = _rope(d, phi3=arch == PHI3, default_theta=_DEFAULT_THETA.get(arch, 10000.0))
-    if arch in (GEMMA2, GPT_OSS):  # one RoPE; the windowed layers alternate with global ones
-        window, every = _window_layers(d, "Gemma 2" if arch == GEMMA2 else "GPT-OSS", 2)
+    if arch in (GEMMA2, GPT_OSS, VAULTGEMMA):  # one RoPE; the windowed layers alternate with global ones
+        window, every = _window_layers(d, {GEMMA2: "Gemma 2", GPT_OSS: "GPT-OSS"}.get(arch, name), 2)
     if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
         window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
     if arch == COHERE2:  # the same layers, the pattern in Gemma 3's spelling
@@ -969,7 +973,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     # Gemma 2 and 3 scale scores by query_pre_attn_scalar ** -0.5 (their config classes' default: 256), Granite by
     # attention_multiplier
     # Gemma 4 leaves its scores unscaled (its q/k norms bound them): scale dim 1
-    scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3) else 1 if arch == GEMMA4
+    scalar = (d.get("query_pre_attn_scalar", 256) if arch in (GEMMA2, GEMMA3, VAULTGEMMA) else 1 if arch == GEMMA4
               else _scale_dim(d.get("attention_multiplier", 1.0)) if arch in GRANITES else head_dim)
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
@@ -1001,7 +1005,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         init_std=d.get("initializer_range", 0.02),
         attn_scale_dim=None if scalar == head_dim else int(scalar),
         hf_architecture=arch, **(_experts(d, arch) if arch in MOE_ARCHITECTURES else {}), **latent,
-        **(_softcaps(d, arch) if arch in (GEMMA2, GEMMA3, GEMMA4) else {}),
+        **(_softcaps(d, arch) if arch in CAPPED else {}),
         **(_gemma4_fields(d, head_dim) if arch == GEMMA4 else {}),
         **({"attn_sinks": True, "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
             "swiglu_alpha": float(d.get("swiglu_alpha", 1.702))} if arch == GPT_OSS else {}),
@@ -1653,7 +1657,7 @@ def _latent_attention(d: dict[str, Any], arch: str) -> dict[str, Any]:
 def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
     """Gemma 2's (and, where set, Gemma 3's) capped attention scores and logits, with their config classes'
     defaults (Gemma 2: 50 and 30; Gemma 3: none)."""
-    defaults = (50.0, 30.0) if arch == GEMMA2 else (None, None)
+    defaults = (50.0, 30.0) if arch in (GEMMA2, VAULTGEMMA) else (None, None)
     caps = [d.get(key, default) for key, default in zip(("attn_logit_softcapping", "final_logit_softcapping"),
                                                           defaults, strict=True)]
     return {"attn_softcap": caps[0] and float(caps[0]), "logit_softcap": caps[1] and float(caps[1])}
@@ -1946,7 +1950,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "geglu":
             gemma4 = (cfg.global_shaped or cfg.value_norm or cfg.layer_scalar or cfg.experts_own_norms
                       or cfg.kv_shared_layers or cfg.per_layer_input_size)
-            arch = GEMMA4 if gemma4 else GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm else GEMMA
+            arch = (GEMMA4 if gemma4 else GEMMA3 if cfg.qk_norm else GEMMA2 if cfg.sandwich_norm
+                    else VAULTGEMMA if cfg.attn_softcap or cfg.logit_softcap or cfg.sliding_window else GEMMA)
         elif cfg.full_attention_every is not None:
             arch = QWEN3_5_MOE if cfg.n_experts else QWEN3_5
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.pre_norm:
@@ -2208,7 +2213,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     if cfg.sandwich_norm != (arch in (*SANDWICH, *POST_NORM)):
         return ("it has norms on the sublayers' outputs" if arch in (*SANDWICH, *POST_NORM)
                 else "it has no norms on the sublayers' outputs (Gemma 2 and 3 and OLMo 2 and 3 do)")
-    if cfg.attn_scale_dim is not None and arch not in (GEMMA2, GEMMA3, GEMMA4, *GRANITES):
+    if cfg.attn_scale_dim is not None and arch not in (*CAPPED, *GRANITES):
         return ("it scales attention scores by head_dim ** -0.5 (Gemma 2 and 3 have query_pre_attn_scalar, Granite "
                 "attention_multiplier)")
     logit_divisor = cfg.logit_divisor and arch not in COHERES  # Cohere's logit_scale
@@ -2222,7 +2227,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                                      or arch == OLMO3 and cfg.rope_local_theta == cfg.rope_theta):
         return ("its windowed layers share the global layers' RoPE base (Gemma3ForCausalLM has "
                 "rope_local_base_freq)")
-    if (cfg.attn_softcap or cfg.logit_softcap and arch != NANOCHAT) and arch not in (GEMMA2, GEMMA3, GEMMA4):
+    if (cfg.attn_softcap or cfg.logit_softcap and arch != NANOCHAT) and arch not in CAPPED:
         return "it caps neither attention scores nor logits (Gemma 2 and 3 do)"
     if arch == GEMMA4 and cfg.attn_softcap:
         return "it does not cap attention scores"
@@ -2434,7 +2439,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                                                      **(cfg.rope_scaling or {})},
                                   "sliding_attention": {"rope_type": "default",
                                                         "rope_theta": cfg.rope_local_theta or cfg.rope_theta}}}
-    elif arch in (GEMMA2, GEMMA3):  # Gemma 3: rope_theta and rope_scaling above are the global layers'
+    elif arch in (GEMMA2, GEMMA3, VAULTGEMMA):  # Gemma 3: rope_theta and rope_scaling above are the global layers'
         d |= {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
               "query_pre_attn_scalar": cfg.attn_scale_dim or cfg.head_dim,
               "sliding_window": cfg.sliding_window,

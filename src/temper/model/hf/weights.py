@@ -58,6 +58,7 @@ from temper.model.hf.config import (
     QWEN3_NEXT,
     SIGMOID_MOE,
     STARCODER2,
+    VAULTGEMMA,
     hf_architecture,
     hf_mlp,
 )
@@ -315,6 +316,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
             norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))
             if cfg.parallel_block:  # one norm, read by attention and the MLP (Cohere)
                 norms = (("input_layernorm", "attn_norm"),)
+            elif arch == VAULTGEMMA:  # Gemma 2's without the outputs' norms
+                norms = (("input_layernorm", "attn_norm"), ("pre_feedforward_layernorm", "mlp_norm"))
             elif arch in (GEMMA2, GEMMA3, GEMMA4):
                 norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_out_norm"),
                          ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
