@@ -330,6 +330,14 @@ CASES = {
     "youtu-latent-dense": lambda: _hf("YoutuConfig", "YoutuForCausalLM", **_SMALL | {"num_key_value_heads": 4},
                                       kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                       v_head_dim=12),
+    # K-EXAONE: EXAONE 4's attention (windowed RoPE layers, global ones without positions, per-head q/k norms) in
+    # pre-norm blocks, DeepSeek-V3's routing beside a shared expert after a dense layer; its choice bias saved beside the
+    # router, not under it
+    "exaone-moe-window-nope-experts": lambda: _with_choice_bias(_hf(
+        "ExaoneMoeConfig", "ExaoneMoeForCausalLM", **_SMALL | {"num_hidden_layers": 4}, head_dim=16,
+        sliding_window=WINDOW, sliding_window_pattern=2, moe_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+        num_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        pad_token_id=0)),
     # dots.llm1: Qwen3's attention (per-head q/k norms) and DeepSeek-V3's routing, 2 shared experts, a dense first layer
     "dots1-qk-norm-sigmoid-groups": lambda: _with_choice_bias(_hf(
         "Dots1Config", "Dots1ForCausalLM", **_SMALL | {"num_hidden_layers": 3}, head_dim=16, moe_intermediate_size=40,
@@ -534,6 +542,8 @@ def test_variant_features_are_exercised():
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
                       ("ministral-first-global", {"global_first": False}),  # the last of the four global
                       ("vaultgemma-no-post-norms", {"attn_softcap": None}),
+                      ("exaone-moe-window-nope-experts", {"nope_every": None}),  # RoPE on the global layers too
+                      ("exaone-moe-window-nope-experts", {"expert_choice_bias": False}),
                       ("vaultgemma-no-post-norms", {"global_every": None}),  # all windowed
                       ("dots1-qk-norm-sigmoid-groups", {"qk_norm": False}),
                       ("flex-olmo-post-norm-experts", {"renormalize_experts": True}),

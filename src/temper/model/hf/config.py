@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-eight architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Sixty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -18,7 +18,8 @@ post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, 
 `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
 taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
 stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on
-the sublayers' outputs), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
+the sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's
+routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
 layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
 Llama 4's temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by
 its text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
@@ -145,6 +146,8 @@ YOUTU = "YoutuForCausalLM"
 FLEX_OLMO = "FlexOlmoForCausalLM"
 MINISTRAL = "MinistralForCausalLM"
 VAULTGEMMA = "VaultGemmaForCausalLM"
+EXAONE_MOE = "ExaoneMoeForCausalLM"
+EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
                            QWEN3_MOE, GPT_OSS, SMOLLM3, GRANITE, QWEN2_MOE, OLMOE, SEED_OSS, EXAONE4, GLM4, GLM4_MOE,
@@ -153,7 +156,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA)
+                           VAULTGEMMA, EXAONE_MOE)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -166,16 +169,16 @@ GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)
 CAPPED = (GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)  # capped scores or logits, scores scaled by query_pre_attn_scalar
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, EXAONE4, COHERE2, MINISTRAL, VAULTGEMMA)  # windowed layers between global
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA)  # windowed layers between global
 # ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
-                     MISTRAL4, FLEX_OLMO)
+                     MISTRAL4, FLEX_OLMO, EXAONE_MOE)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4)  # DeepSeek's: shared experts,
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4, EXAONE_MOE)  # DeepSeek's: shared experts,
 # groups, scaling, dense first layers
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1)  # of those, DeepSeek-V3's routing: sigmoid scores, a
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, EXAONE_MOE)  # of those, DeepSeek-V3's routing: sigmoid scores, a
 # choice bias
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
@@ -211,7 +214,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -911,8 +914,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         theta, scaling, rope = _rope(d, phi3=arch == PHI3, default_theta=_DEFAULT_THETA.get(arch, 10000.0))
     if arch in (GEMMA2, GPT_OSS, VAULTGEMMA):  # one RoPE; the windowed layers alternate with global ones
         window, every = _window_layers(d, {GEMMA2: "Gemma 2", GPT_OSS: "GPT-OSS"}.get(arch, name), 2)
-    if arch == EXAONE4:  # windowed layers with RoPE between global ones without (NoPE)
-        window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, "EXAONE 4", 4)
+    if arch in EXAONES:  # windowed layers with RoPE between global ones without (NoPE)
+        window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, name, 4)
     if arch == COHERE2:  # the same layers, the pattern in Gemma 3's spelling
         window, every = _window_layers(d, "Cohere2", 4)
     glm = arch in GLM
@@ -928,7 +931,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         raise ValueError(f"{name} partial_rotary_factor={partial} is not supported (temper reads it for Phi-3's, "
                          "GLM-4's, Qwen3.5's and MiniMax-M2's architectures, between 0 and 1)")
     rope_dim = int(head_dim * partial) if partial != 1.0 else latent.pop("rope_dim", None)  # as transformers rounds
-    nope_every = _nope_layers(d, "SmolLM3") if arch == SMOLLM3 else every if arch in (EXAONE4, COHERE2) else None
+    nope_every = _nope_layers(d, "SmolLM3") if arch == SMOLLM3 else every if arch in (*EXAONES, COHERE2) else None
     if (arch == GRANITE_HYBRID and d.get("position_embedding_type") != "rope") or arch in (NEMOTRON_H, JAMBA):  # NoPE
         nope_every = 1
     bias = qkv_bias = False
@@ -992,7 +995,7 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         pos="rope", rope_theta=float(theta), rope_scaling=scaling, rope_dim=rope_dim, sliding_window=window,
         global_every=every, global_first=first, nope_every=nope_every,
         rope_local_theta=None if local_theta is None else float(local_theta), bias=bias, qkv_bias=qkv_bias,
-        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
+        qk_norm=arch in (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, *EXAONES, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S)
         or arch == GLM4_MOE and bool(d.get("use_qk_norm", False)) or arch in (NANOCHAT, DOTS1),
         qk_norm_whole=arch in WHOLE_QK_NORM, qk_norm_after_rope=arch in (*HUNYUANS, NANOCHAT),
         tie_embeddings=d.get("tie_word_embeddings", gemma or arch in (*ERNIES, *COHERES)), scale_embeddings=gemma,
@@ -1431,6 +1434,8 @@ def _experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     probabilities always renormalised; Qwen3-MoE: moe_intermediate_size, norm_topk_prob). The load-balancing loss
     (router_aux_loss_coef with output_router_logits) is a training choice, not the model's: it is not read."""
     name = arch.removesuffix("ForCausalLM")
+    if arch == EXAONE_MOE:  # its expert counts under DeepSeek's names
+        d = {**d, "n_routed_experts": d.get("num_experts", 64), "n_shared_experts": d.get("num_shared_experts", 1)}
     if arch in DEEPSEEK_MOE:
         return _deepseek_experts(d, arch)
     if arch == ERNIE4_5_MOE:
@@ -1514,6 +1519,8 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
     GLM4_MOE_LITE: {"n_routed_experts": 64, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1536,
                     "routed_scaling_factor": 1.8, "num_experts_per_tok": 4, "n_shared_experts": 1,
                     "norm_topk_prob": True},
+    EXAONE_MOE: {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "moe_intermediate_size": 1024,
+                 "routed_scaling_factor": 2.5, "num_experts_per_tok": 8, "norm_topk_prob": True},
     MISTRAL4: {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
                "moe_intermediate_size": 2048, "routed_scaling_factor": 1.0, "num_experts_per_tok": 4,
                "n_shared_experts": 1, "norm_topk_prob": True},
@@ -1596,7 +1603,8 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     n, k = d["n_routed_experts"], d["num_experts_per_tok"]
     grouped = not v2 or d["topk_method"] == "group_limited_greedy"  # DeepSeek-V2's greedy routing ignores n_group
     groups, per_token = (d["n_group"], d["topk_group"]) if grouped else (1, 1)
-    dense = _dense_layers(d, name) if arch == GLM4_MOE_LITE else d["first_k_dense_replace"]
+    dense = (_dense_layers(d, name) if arch == GLM4_MOE_LITE or arch == EXAONE_MOE and d.get("mlp_layer_types")
+             else d["first_k_dense_replace"])
     width, shared = d["moe_intermediate_size"], d["n_shared_experts"]
     if not 1 <= k <= n:
         raise ValueError(f"{name} num_experts_per_tok={k} must be between 1 and the n_routed_experts={n}")
@@ -2143,7 +2151,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
                 MINISTRAL3, MINISTRAL)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
-    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, EXAONE4, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT, DOTS1)
+    normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, *EXAONES, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT, DOTS1)
     if cfg.qk_norm_after_rope != (arch in (*HUNYUANS, NANOCHAT)):
         return ("its q/k norms come after RoPE" if arch in (*HUNYUANS, NANOCHAT)
                 else "its q/k norms come before RoPE (HunYuanDenseV1ForCausalLM normalises after)")
@@ -2249,11 +2257,11 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return f"partial_rotary_factor cannot say rope_dim={cfg.rope_dim} of head_dim={cfg.head_dim} exactly"
     if arch == GPT_OSS and cfg.expert_weights_float32:
         return "it rounds the routing weights before it weighs the experts' outputs"
-    if cfg.nope_every and arch not in (SMOLLM3, EXAONE4, COHERE2, NEMOTRON_H, JAMBA) and not (
+    if cfg.nope_every and arch not in (SMOLLM3, *EXAONES, COHERE2, NEMOTRON_H, JAMBA) and not (
             arch == GRANITE_HYBRID and cfg.nope_every == 1):
         return ("it rotates every layer (SmolLM3ForCausalLM has NoPE layers)" if arch != GRANITE_HYBRID
                 else "its attention layers all take RoPE or none do (nope_every=1)")
-    if arch in (EXAONE4, COHERE2) and cfg.nope_every != cfg.global_every:
+    if arch in (*EXAONES, COHERE2) and cfg.nope_every != cfg.global_every:
         return "its global layers, and they alone, take no positions (nope_every = global_every)"
     if arch == COHERE2 and not cfg.sliding_window:
         return "its layers that take positions attend within a sliding window"
@@ -2402,7 +2410,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "sliding_window": cfg.sliding_window, "residual_dropout": cfg.dropout, "embedding_dropout": cfg.dropout}
     elif arch in GLM:
         d |= {"attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
-    elif arch == EXAONE4:
+    elif arch in EXAONES:
         d |= {"sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.global_every or 0,
               "layer_types": _layer_types(cfg)}
     elif arch == SEED_OSS:
@@ -2579,6 +2587,9 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
             d["topk_method"] = "group_limited_greedy" if cfg.expert_groups > 1 else "greedy"
         elif arch == DOTS1:  # no windowed layers
             d |= {"sliding_window": None, "max_window_layers": cfg.n_layers, "attention_bias": False}
+        elif arch == EXAONE_MOE:  # its expert counts and dense layers under its own names
+            d |= {"num_experts": cfg.n_experts, "num_shared_experts": cfg.shared_expert_ffn_dim // cfg.expert_hidden_dim,
+                  "mlp_layer_types": ["dense" if i < cfg.dense_layers else "sparse" for i in range(cfg.n_layers)]}
         elif arch != MISTRAL4:  # no multi-token-prediction layers: temper trains none
             d["num_nextn_predict_layers"] = 0
         if arch == GLM4_MOE:

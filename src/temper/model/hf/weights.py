@@ -21,6 +21,7 @@ from temper.model.hf.config import (
     ERNIE4_5_MOE,
     ERNIES,
     EXAONE4,
+    EXAONE_MOE,
     FALCON,
     GEMMA2,
     GEMMA3,
@@ -454,7 +455,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     rules.append(_Rule(f"{moe}moe_statics.e_score_correction_bias", (f"{p}mlp.choice_bias",),
                                        stacked="rows"))
                 elif cfg.expert_choice_bias:  # MiniMax-M2's beside its gate
-                    add(f"{moe}{'' if arch == MINIMAX_M2 else 'gate.'}e_score_correction_bias", f"{p}mlp.choice_bias")
+                    add(f"{moe}{'' if arch in (MINIMAX_M2, EXAONE_MOE) else 'gate.'}e_score_correction_bias",
+                        f"{p}mlp.choice_bias")
                 names = ("w1", "w3", "w2") if arch in MIXTRAL_NAMES else ("gate_proj", "up_proj", "down_proj")
                 for j in range(cfg.n_experts):
                     for theirs, ours in zip(names, ("gate", "up", "down"), strict=True):
@@ -505,7 +507,8 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
             or (cfg.hf_architecture == GEMMA4 and (name.startswith(_GEMMA4_SKIPPED) or _shared_kv_weight(name, cfg)))
             or (cfg.hf_architecture in HYBRID and name.startswith(_QWEN3_5_SKIPPED))
             or (cfg.hf_architecture in (QWEN2, QWEN3, EXAONE4) and name.startswith(_QWEN_VL_SKIPPED))
-            or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name))  # its multi-token prediction, as transformers
+            or (cfg.hf_architecture == ERNIE4_5_MOE and "mtp" in name)  # their multi-token prediction, as transformers
+            or (cfg.hf_architecture == EXAONE_MOE and name.startswith("mtp.")))
 
 
 def _shared_kv_weight(name: str, cfg: ModelConfig) -> bool:
@@ -623,6 +626,8 @@ def _unfused_experts(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
             out[name.removesuffix(".mlp.gate.weight") + moe + "gate.weight"] = t
         elif name.endswith(".mlp.gate.moe_statics.e_score_correction_bias"):  # ERNIE 4.5's, moved on saving
             out[name.replace(".mlp.gate.moe_statics.", ".mlp.moe_statics.")] = t
+        elif arch == EXAONE_MOE and name.endswith(".mlp.gate.e_score_correction_bias"):  # held under gate, saved beside
+            out[name.replace(".mlp.gate.", ".mlp.")] = t
         elif name.endswith(".mlp.e_score_correction_bias"):  # MiniMax-M2's
             out[name.removesuffix(".mlp.e_score_correction_bias") + moe + "e_score_correction_bias"] = t
         else:
