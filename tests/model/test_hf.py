@@ -988,6 +988,13 @@ def test_ministral_reads_its_layer_types_and_places_global_layers_first():
         to_hf_config(replace(PRESETS["gemma3-1b"], global_first=True))
 
 
+def test_exaone_moe_is_chosen_by_fields():
+    """A mixture with DeepSeek-V3's routing beside EXAONE 4's global layers without positions is K-EXAONE's."""
+    cfg = replace(_hf_to_temper(CASES["exaone-moe-window-nope-experts"]()).cfg, hf_architecture=None)
+    assert hf_architecture(cfg) == "ExaoneMoeForCausalLM"
+    assert hf_architecture(replace(cfg, nope_every=None, sliding_window=None, global_every=None)) == "Glm4MoeForCausalLM"
+
+
 def test_jais2_is_chosen_by_fields():
     cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
     assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]

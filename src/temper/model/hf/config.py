@@ -1974,6 +1974,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
                     else HUNYUAN_MOE if cfg.qk_norm_after_rope
                     else ERNIE4_5_MOE if cfg.router_scores == "softmax" and cfg.expert_choice_bias
                     else MINIMAX_M2 if cfg.router_scores == "sigmoid" and cfg.shared_expert_ffn_dim is None
+                    else EXAONE_MOE if cfg.router_scores == "sigmoid" and cfg.nope_every  # (its global layers' NoPE)
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
                     else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
