@@ -955,8 +955,9 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
 @pytest.mark.parametrize("arch, key, value", [
     ("HeliumForCausalLM", "hidden_act", "gelu"), ("HeliumForCausalLM", "mlp_bias", True),
     ("HeliumForCausalLM", "head_dim", 32), ("Jais2ForCausalLM", "hidden_act", "silu"),
-    ("Jais2ForCausalLM", "mlp_bias", False)])
-def test_helium_and_jais2_configs_temper_cannot_build_are_refused_by_name(arch, key, value):
+    ("Jais2ForCausalLM", "mlp_bias", False), ("Jais2ForCausalLM", "num_attention_heads", 0),
+    ("LlamaForCausalLM", "num_attention_heads", 0), ("Llama4ForCausalLM", "num_attention_heads", 0)])
+def test_helium_jais2_and_headless_configs_are_refused_by_name(arch, key, value):
     with pytest.raises(ValueError, match=key):
         from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
 

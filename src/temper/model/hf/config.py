@@ -530,8 +530,7 @@ def _llama4(d: dict[str, Any]) -> ModelConfig:
                "shared_expert_ffn_dim": d["intermediate_size"], "router_scores": "sigmoid", "router_rounded": True,
                "renormalize_experts": False, "expert_input_weights": True,
                "expert_layers": None if len(moe) == n else tuple(moe)} if moe else {}
-    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-    head_dim = d.get("head_dim") or dim // n_heads
+    dim, n_heads, head_dim = _heads(d, "Llama4")
     tuned = bool(d["attn_temperature_tuning"]) and nope_every is not None
     if tuned and d["floor_scale"] <= 0:
         raise ValueError(f"Llama4 floor_scale={d['floor_scale']} is not supported (a positive number of positions)")
@@ -719,8 +718,7 @@ def _helium(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"Helium hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported (temper "
                          "reads SwiGLU without MLP biases)")
     theta, scaling, _ = _rope(d, default_theta=100000.0)
-    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-    head_dim = d.get("head_dim") or dim // n_heads
+    dim, n_heads, head_dim = _heads(d, "Helium")
     if head_dim * n_heads != dim:  # (its o_proj is hidden_size wide on both sides)
         raise ValueError(f"Helium head_dim={head_dim} is not supported (num_attention_heads={n_heads} heads of it must "
                          f"fill hidden_size={dim})")
@@ -753,8 +751,7 @@ def _jais2(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"Jais2 hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
     theta, scaling, _ = _rope(d)
-    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-    head_dim = d.get("head_dim") or dim // n_heads
+    dim, n_heads, head_dim = _heads(d, "Jais2")
     bias = bool(d["attention_bias"])
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
@@ -769,6 +766,15 @@ def _jais2_config(cfg: ModelConfig) -> dict[str, Any]:
     """The Jais2Config of `cfg`."""
     return {"architectures": [JAIS2], "model_type": "jais2", **_llama_shape(cfg), "hidden_act": "relu2",
             "layer_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+
+
+def _heads(d: dict[str, Any], name: str) -> tuple[int, int, int]:
+    """(hidden_size, num_attention_heads, the head width: head_dim, else hidden_size / heads) of a Llama-style config;
+    no heads refused by the key, not by a division by zero."""
+    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
+    if n_heads <= 0:
+        raise ValueError(f"{name} num_attention_heads={n_heads} is not supported (a positive number of heads)")
+    return dim, n_heads, d.get("head_dim") or dim // n_heads
 
 
 def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
@@ -882,15 +888,14 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
                              "linear layers drop theirs; temper's `bias` covers both)")
     elif act != "silu":
         raise ValueError(f"{name} hidden_act {act!r} is not supported (temper uses SwiGLU)")
-    dim, n_heads = d["hidden_size"], d["num_attention_heads"]
-    head_dim = d.get("head_dim") or dim // n_heads
+    dim, n_heads, head_dim = _heads(d, name)
     latent = _latent_attention(d, arch) if arch in LATENT else {}
     if latent:  # its config's head_dim is the rotated part's
         head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2, MINISTRAL3) else None
     every, first = None, False
     if arch == MINISTRAL:
-        window, every, first = _ministral_layers(d)
+        window, every, first = _window_layers(d, "Ministral", None, first_ok=True)
     if arch == DOTS1:  # Dots1Config windows the layers from max_window_layers on: none in its published configs
         n = d["num_hidden_layers"]
         types = d.get("layer_types") or ["sliding_attention" if d.get("sliding_window") is not None
@@ -913,11 +918,11 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     else:
         theta, scaling, rope = _rope(d, phi3=arch == PHI3, default_theta=_DEFAULT_THETA.get(arch, 10000.0))
     if arch in (GEMMA2, GPT_OSS, VAULTGEMMA):  # one RoPE; the windowed layers alternate with global ones
-        window, every = _window_layers(d, {GEMMA2: "Gemma 2", GPT_OSS: "GPT-OSS"}.get(arch, name), 2)
+        window, every, _ = _window_layers(d, {GEMMA2: "Gemma 2", GPT_OSS: "GPT-OSS"}.get(arch, name), 2)
     if arch in EXAONES:  # windowed layers with RoPE between global ones without (NoPE)
-        window, every = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, name, 4)
+        window, every, _ = _window_layers(d | {"sliding_window_pattern": _exaone_pattern(d)}, name, 4)
     if arch == COHERE2:  # the same layers, the pattern in Gemma 3's spelling
-        window, every = _window_layers(d, "Cohere2", 4)
+        window, every, _ = _window_layers(d, "Cohere2", 4)
     glm = arch in GLM
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5 if glm or arch == PHI
                                                       else 0.25 if arch in (*HYBRID, STABLELM) else 1.0))
@@ -1671,35 +1676,16 @@ def _softcaps(d: dict[str, Any], arch: str) -> dict[str, float | None]:
     return {"attn_softcap": caps[0] and float(caps[0]), "logit_softcap": caps[1] and float(caps[1])}
 
 
-def _window_layers(d: dict[str, Any], name: str, default_every: int) -> tuple[int | None, int | None]:
-    """(sliding_window, global_every) of a config whose `layer_types` (or older `sliding_window_pattern`; else
-    every `default_every`-th layer global) say which layers attend within the window and which to everything.
-    temper lays them out as the last of every `global_every` layers global, Gemma 2's and 3's pattern. (None,
-    None): every layer global; (window, None): every layer within the window."""
+def _window_layers(d: dict[str, Any], name: str, default_every: int | None, first_ok: bool = False
+                   ) -> tuple[int | None, int | None, bool]:
+    """(sliding_window, global_every, global_first) of a config whose `layer_types` (or older `sliding_window_pattern`;
+    else every `default_every`-th layer global, none where it is None) say which layers attend within the window and
+    which to everything. temper lays them out as the last of every `global_every` layers global, Gemma 2's and 3's
+    pattern, or, where the architecture allows it (`first_ok`), the first (Ministral-8B's). (None, None, False): every
+    layer global; (window, None, False): every layer within the window."""
     n, window = d["num_hidden_layers"], d.get("sliding_window")
-    every_nth = lambda every: ["full_attention" if last_of_every(i, every) else "sliding_attention"  # noqa: E731
-                               for i in range(n)]
-    types = d.get("layer_types") or every_nth(d.get("sliding_window_pattern", default_every))
-    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
-        raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
-                         f"layers, got {types!r}")
-    full = [i for i, t in enumerate(types) if t == "full_attention"]
-    if window is None or len(full) == n:
-        return None, None
-    if not full:
-        return window, None
-    if types != every_nth(full[0] + 1):
-        raise ValueError(f"{name} layer_types {types!r} are not supported (temper makes the last of every N layers "
-                         f"global)")
-    return window, full[0] + 1
-
-
-def _ministral_layers(d: dict[str, Any]) -> tuple[int | None, int | None, bool]:
-    """(sliding_window, global_every, global_first) of a Ministral config's `layer_types` (MinistralConfig's default:
-    every layer windowed): the global layers first of every group (Ministral-8B's: one global, then three windowed),
-    or last, or none."""
-    n, window = d["num_hidden_layers"], d.get("sliding_window")
-    types = d.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"] * n
+    types = d.get("layer_types") or ["full_attention" if last_of_every(i, d.get("sliding_window_pattern", default_every))
+                                     else "sliding_attention" for i in range(n)]
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         raise ValueError(f"key 'layer_types' must name 'full_attention' or 'sliding_attention' for each of the {n} "
                          f"layers, got {types!r}")
@@ -1708,11 +1694,12 @@ def _ministral_layers(d: dict[str, Any]) -> tuple[int | None, int | None, bool]:
         return None, None, False
     if not full:
         return window, None, False
-    for first, every in ((True, full[1] if len(full) > 1 else n), (False, full[0] + 1)):
+    for first in (False, True) if first_ok else (False,):
+        every = (full[1] if len(full) > 1 else n) if first else full[0] + 1
         if every >= 2 and full == [i for i in range(n) if (i % every == 0 if first else last_of_every(i, every))]:
             return window, every, first
-    raise ValueError(f"Ministral layer_types {types!r} are not supported (temper makes the first or the last of every N "
-                     "layers global)")
+    raise ValueError(f"{name} layer_types {types!r} are not supported (temper makes the "
+                     f"{'first or the ' if first_ok else ''}last of every N layers global)")
 
 
 def _exaone_pattern(d: dict[str, Any]) -> int:
@@ -1846,7 +1833,7 @@ def _local_global_rope(d: dict[str, Any], name: str, default_every: int, default
     (`_window_layers`) have a RoPE of their own (Gemma 3, OLMo 3): `rope_parameters` per layer type (transformers
     5), or `rope_theta`, `rope_scaling` (the global layers') and the local base `local_key` (None: rope_theta, as
     OLMo 3's windowed layers take it, unscaled). rope_local_theta is None where both kinds rotate alike."""
-    window, every = _window_layers(d, name, default_every)
+    window, every, _ = _window_layers(d, name, default_every)
     params = d.get("rope_parameters") or {}
     theta = d.get("rope_theta", default_theta)
     if "full_attention" in params or "sliding_attention" in params:  # transformers 5: one set per layer type
