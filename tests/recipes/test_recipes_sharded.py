@@ -115,6 +115,11 @@ def drive(spec: str) -> None:
         """The run's groups are gone with it (`parallel.release_dtensor_caches`), and their threads too; the
         count of works left in torch's registry (`parallel.full_state_dict`) says what would still hold one."""
         gc.collect()
+        # A destroyed store's thread exits on its own event loop, a moment later on a loaded machine (CI saw
+        # pt_tcpstore_uv still up once): a leak is a thread still there after seconds, not at once.
+        deadline = time.monotonic() + 10
+        while gloo_threads() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not gloo_threads(), (f"{recipe}: gloo threads outlive the run: {gloo_threads()}; "
                                     f"{_get_work_registry_size()} works in torch's registry")
 
