@@ -280,6 +280,13 @@ CASES = {
         k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}),
     "jais2-without-biases": lambda: _hf("Jais2Config", "Jais2ForCausalLM", **{
         k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, attention_bias=False, mlp_bias=False),
+    # Apertus: Llama's attention with per-head q/k norms, an MLP of xIELU (learned scalars per layer), not gated;
+    # Llama 3.1's scaling (its default). The second: biases on attention's q, k, v and o, and a beta of its own.
+    "apertus-xielu-qk-norm": lambda: _hf("ApertusConfig", "ApertusForCausalLM", **_SMALL, tie_word_embeddings=False,
+                                         rope_parameters={"rope_theta": 12000000.0, **LLAMA3_SCALING}),
+    "apertus-attention-bias-beta": lambda: _with_buffers(_hf(
+        "ApertusConfig", "ApertusForCausalLM", **_SMALL, attention_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "act_fn.beta", lambda b: b.fill_(0.375)),
     # GLM-4-9B (GlmForCausalLM): GLM-4-0414's parts without its sandwich norms
     "glm-interleaved-rope": lambda: _hf("GlmConfig", "GlmForCausalLM", **_SMALL, head_dim=32, pad_token_id=0,
                                         tie_word_embeddings=False),
@@ -540,6 +547,7 @@ def test_variant_features_are_exercised():
                       ("glm4-sandwich-interleaved-rope", {"sandwich_norm": False}),
                       ("glm-interleaved-rope", {"rope_dim": None}), ("glm-interleaved-rope", {"qkv_bias": False}),
                       ("helium-pairs-qkv-bias", {"qkv_bias": False}),
+                      ("apertus-xielu-qk-norm", {"qk_norm": False}), ("apertus-attention-bias-beta", {"mlp": "relu2"}),
                       ("ministral-first-global", {"global_first": False}),  # the last of the four global
                       ("vaultgemma-no-post-norms", {"attn_softcap": None}),
                       ("exaone-moe-window-nope-experts", {"nope_every": None}),  # RoPE on the global layers too
@@ -956,8 +964,10 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     ("HeliumForCausalLM", "hidden_act", "gelu"), ("HeliumForCausalLM", "mlp_bias", True),
     ("HeliumForCausalLM", "head_dim", 32), ("Jais2ForCausalLM", "hidden_act", "silu"),
     ("Jais2ForCausalLM", "mlp_bias", False), ("Jais2ForCausalLM", "num_attention_heads", 0),
-    ("LlamaForCausalLM", "num_attention_heads", 0), ("Llama4ForCausalLM", "num_attention_heads", 0)])
-def test_helium_jais2_and_headless_configs_are_refused_by_name(arch, key, value):
+    ("LlamaForCausalLM", "num_attention_heads", 0), ("Llama4ForCausalLM", "num_attention_heads", 0),
+    ("ApertusForCausalLM", "hidden_act", "silu"), ("ApertusForCausalLM", "mlp_bias", True),
+    ("ApertusForCausalLM", "num_attention_heads", 0)])
+def test_helium_jais2_apertus_and_headless_configs_are_refused_by_name(arch, key, value):
     with pytest.raises(ValueError, match=key):
         from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
 
@@ -994,6 +1004,18 @@ def test_exaone_moe_is_chosen_by_fields():
     cfg = replace(_hf_to_temper(CASES["exaone-moe-window-nope-experts"]()).cfg, hf_architecture=None)
     assert hf_architecture(cfg) == "ExaoneMoeForCausalLM"
     assert hf_architecture(replace(cfg, nope_every=None, sliding_window=None, global_every=None)) == "Glm4MoeForCausalLM"
+
+
+def test_apertus_is_chosen_by_fields_and_refuses_what_its_config_cannot_say():
+    cfg = replace(PRESETS["debug-llama"], mlp="xielu", qk_norm=True)
+    assert hf_architecture(cfg) == "ApertusForCausalLM" == to_hf_config(cfg)["architectures"][0]
+    assert hf_architecture(replace(cfg, attn_bias=True)) == "ApertusForCausalLM"  # q, k, v and o's biases
+    for field, value in (("qk_norm", False), ("bias", True), ("norm_cast_after", True), ("sliding_window", 8)):
+        with pytest.raises(ValueError, match=f"ApertusForCausalLM cannot express this model: it has no {field}="):
+            hf_architecture(replace(cfg, **{field: value}))
+    # Without a RoPE in its config, ApertusConfig's own: Llama 3.1's scaling of a 12M base
+    read = from_hf_config({**_SMALL, "architectures": ["ApertusForCausalLM"]})
+    assert (read.rope_theta, read.rope_scaling["rope_type"], read.mlp, read.qk_norm) == (12e6, "llama3", "xielu", True)
 
 
 def test_jais2_is_chosen_by_fields():
@@ -1694,7 +1716,7 @@ def test_bf16_logits_round_where_their_reference_rounds(tmp_path, case):
 @pytest.mark.parametrize("case", ["qwen3.5-hybrid", "qwen3.5-moe-hybrid", "gemma4-experts-beside-mlp",
                                   "gemma4-per-layer-shared-kv", "ernie4.5-moe-biased-softmax", "hunyuan-moe-shared",
                                   "cohere-parallel-pairs", "cohere2-window-nope", "lfm2-short-conv",
-                                  "granite4-mamba2-dense-rope", "llama4-scout-layout"])
+                                  "granite4-mamba2-dense-rope", "llama4-scout-layout", "apertus-attention-bias-beta"])
 def test_bf16_logits_equal_transformers(tmp_path, case):
     """In bf16, Gated DeltaNet rounds where transformers' reference does: the convolution once, the rule in float32,
     the gated norm's product after the weight; Mamba 2 its step before the float32 rule; Gemma 4's router, experts and per-layer inputs too, ERNIE 4.5's float32
@@ -1822,6 +1844,18 @@ def test_load_in_low_precision(tmp_path, dtype):
         save_hf(low, low.cfg, tmp_path / "low")
         again, _ = load_hf(tmp_path / "low", dtype=dtype)
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), low.state_dict().values()))
+
+
+def test_apertus_scalars_read_from_every_checkpoint_kind(tmp_path):
+    """xIELU's beta and eps are scalars (no rows to read in slices): read from safetensors into another dtype and from
+    a pickled state dict, with the checkpoint's values."""
+    hf = CASES["apertus-attention-bias-beta"]()
+    hf.save_pretrained(tmp_path / "st")
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    for model in (load_hf(tmp_path / "st", dtype=torch.float64)[0], load_hf(tmp_path / "bin", allow_pickle=True)[0]):
+        act = model.layers[1].mlp.act
+        assert act.beta.shape == () and act.beta.item() == 0.375 and act.eps.item() == pytest.approx(-1e-6)
 
 
 def test_pickled_weights_only_when_allowed_and_never_code(tmp_path):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from temper.model.attention import LatentAttention, Segments
 from temper.model.config import PRESETS, ModelConfig
+from temper.model.layers import XIELU
 from temper.model.transformer import Transformer
 
 
@@ -82,6 +83,45 @@ def test_config_validation_names_the_field():
             ModelConfig(**bad)
     assert ModelConfig(mlp="swiglu", dim=64).hidden_dim == 256  # int(8*64/3)=170 -> next multiple of 256
     assert ModelConfig(dim=64).hidden_dim == ModelConfig(dim=64, mlp="relu2").hidden_dim == 256  # 4*dim
+
+
+def _xielu_reference(act: XIELU, x: torch.Tensor) -> torch.Tensor:
+    """The paper's xIELU as Apertus' reference writes it, autograd through every operation."""
+    a_p, a_n = F.softplus(act.alpha_p), act.beta + F.softplus(act.alpha_n)
+    return torch.where(x > 0, a_p * x * x + act.beta * x, (torch.expm1(torch.min(x, act.eps)) - x) * a_n + act.beta * x)
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.bfloat16, False),
+                                             (torch.float32, True)])
+def test_xielu_equals_its_reference_and_saves_only_its_input(dtype, autocast):
+    """xIELU's hand-written backward (`_XIELUFunction`) gives autograd's gradients of the reference expression (x and
+    both learned scalars, at the kink between eps and 0 too), its forward the reference's values bit for bit, and it
+    keeps only its input for backward, where the reference keeps four hidden-sized tensors."""
+    torch.manual_seed(0)
+    act = XIELU().to(dtype)
+    with torch.no_grad():
+        act.alpha_p.fill_(0.3)
+        act.alpha_n.fill_(-0.2)
+    x_dtype = torch.bfloat16 if autocast else dtype  # autocast: a bf16 input beside float32 scalars
+    edge = torch.tensor([0.0, -1e-7, -9e-7, -1.1e-6, -2e-6, 1e-7])  # about eps (at it, autograd splits a tie)
+    x = torch.cat([torch.randn(4000) * 3, edge]).to(x_dtype).requires_grad_()
+    saved = []
+
+    def counted(f):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            return f(x)
+
+    ours, ref = counted(act), None
+    ours_saved, saved[:] = sum(saved), []
+    ref = counted(lambda x: _xielu_reference(act, x))
+    assert torch.equal(ours, ref) and ours.dtype == ref.dtype
+    assert ours_saved <= x.numel() + 8 < 4 * x.numel() < sum(saved)
+    g = torch.randn_like(ours)
+    params = (x, act.alpha_p, act.alpha_n)
+    got, want = torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[x_dtype]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
 def test_gelu_exact_and_a_parallel_block_on_two_norms():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-MLP_KINDS = ("gelu", "swiglu", "geglu", "relu2")
+MLP_KINDS = ("gelu", "swiglu", "geglu", "relu2", "xielu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 POS_KINDS = ("learned", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -97,15 +97,17 @@ class ModelConfig:
     """With linear_bcdt_eps: those norms scale by learned weights, as RMSNorm does (Jamba's dt_layernorm, b_layernorm
     and c_layernorm); False: weightless (FalconMamba's)."""
     ffn_dim: int | None = None
-    """MLP hidden width; None means 4*dim for gelu and relu2 and Llama's rule (8*dim/3 rounded up to 256) for swiglu."""
+    """MLP hidden width; None means 4*dim for gelu, relu2 and xielu and Llama's rule (8*dim/3 rounded up to 256) for
+    swiglu."""
     no_mlp_layers: tuple[int, ...] = ()
     """Blocks without an MLP (0-based): their mixer alone, x + mixer(norm(x)) (Nemotron-H's Mamba 2 layers that follow
     one another)."""
     max_seq_len: int = 256
     """Longest sequence: rows of the learned position table or of the RoPE table."""
     mlp: str = "gelu"
-    """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama), "geglu" (Gemma: gated, tanh GELU) or "relu2"
-    (Nemotron-H: relu(up(x))^2, not gated; So et al. 2021, "Primer")."""
+    """MLP kind: "gelu" (GPT-2, tanh approximation), "swiglu" (Llama), "geglu" (Gemma: gated, tanh GELU), "relu2"
+    (Nemotron-H: relu(up(x))^2, not gated; So et al. 2021, "Primer") or "xielu" (Apertus: xIELU with two learned
+    scalars per layer, not gated)."""
     gelu_exact: bool = False
     """With mlp='gelu': GELU by the error function, exactly (GPT-NeoX, Pythia); False: its tanh approximation
     (GPT-2)."""
@@ -672,7 +674,7 @@ class ModelConfig:
         """ffn_dim with None resolved (kept a property so `replace(cfg, dim=...)` never goes stale)."""
         if self.ffn_dim is not None:
             return self.ffn_dim
-        if self.mlp in ("gelu", "relu2"):
+        if self.mlp in ("gelu", "relu2", "xielu"):
             return 4 * self.dim
         return 256 * math.ceil(int(8 * self.dim / 3) / 256)  # gated (Llama): 2/3 of 4*dim, multiple of 256
 

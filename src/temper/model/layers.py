@@ -5,6 +5,8 @@ They do not mix positions (attention does, `model/attention.py`) nor stack thems
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,9 +60,78 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
 
 
+class _XIELUFunction(torch.autograd.Function):
+    """xIELU of x given its factors a_p and a_n (already softplus'd), beta and eps, saving only x for backward.
+
+    Written by hand for memory: autograd through the expression keeps x * a_p, expm1's output and its difference with x
+    beside x (three more tensors as large as the MLP's hidden layer); this keeps x and recomputes them in backward. The
+    forward runs the reference's operations in its order and dtypes, so the values are the reference's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a_p: torch.Tensor, a_n: torch.Tensor, beta: torch.Tensor,  # noqa: ANN001
+                eps: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a_p, a_n, beta, eps)
+        # torch.where(x > 0, a_p * x * x + beta * x, (expm1(min(x, eps)) - x) * a_n + beta * x), in place where the
+        # dtype stays (the same kernels, so the same values), so that two hidden-sized temporaries live at a time
+        above = (a_p * x).mul_(x).add_(beta * x)
+        below = (torch.expm1(torch.minimum(x, eps)).sub_(x) * a_n).add_(beta * x)
+        return torch.where(x > 0, above, below, out=below)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        # x in the forward's dtype (autocast: float32 factors promote it). The saved x stays referenced, so that the
+        # backward holds the same with activation checkpointing (whose saved tensors go once unpacked) as without.
+        saved, a_p, a_n, beta, eps = ctx.saved_tensors
+        x = saved.to(torch.result_type(saved, a_p))
+        positive = x > 0
+        # In place where it can: beside x, the gradient and a mask, it holds two hidden-sized tensors at a time.
+        d_p = d_n = None
+        if ctx.needs_input_grad[1]:  # sum of grad * x^2 above zero
+            d_p = (grad * x).mul_(x).masked_fill_(~positive, 0).sum().reshape(a_p.shape).to(a_p.dtype)
+        low = torch.minimum(x, eps)
+        if ctx.needs_input_grad[2]:  # sum of grad * (expm1(min(x, eps)) - x) below
+            d_n = torch.expm1(low).sub_(x).mul_(grad).masked_fill_(positive, 0).sum().reshape(a_n.shape).to(a_n.dtype)
+        # the slope: 2 a_p x + beta above zero; below, a_n (exp(x) - 1) + beta under eps, -a_n + beta between eps and
+        # 0 (the min's flat part, as autograd's gives)
+        slope = low.exp_().masked_fill_(x >= eps, 0).sub_(1).mul_(a_n).masked_fill_(positive, 0)
+        slope.add_(x.clamp(min=0).mul_(2 * a_p)).add_(beta)
+        return slope.mul_(grad).to(saved.dtype), d_p, d_n, None, None
+
+
+class XIELU(nn.Module):
+    """xIELU (Huang & Schlag 2024, "Deriving Activation Functions Using Integration"; Apertus' MLP): a_p x^2 + beta x
+    above zero, a_n (expm1(min(x, eps)) - x) + beta x below, with a_p = softplus(alpha_p) and a_n = beta +
+    softplus(alpha_n) two learned scalars per layer: a trainable quadratic above zero, an ELU-like integral below.
+    beta and eps are buffers, as checkpoints store them (their values are read, not assumed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.empty(1))
+        self.alpha_n = nn.Parameter(torch.empty(1))
+        self.register_buffer("beta", torch.empty(()))
+        self.register_buffer("eps", torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference's start: a_p = 0.8, a_n = 0.8 (alpha_n = softplus^-1(0.8 - beta)), beta 0.5, eps -1e-6."""
+        if self.alpha_p.is_meta:
+            return
+        self.alpha_p.fill_(math.log(math.expm1(0.8)))
+        self.alpha_n.fill_(math.log(math.expm1(0.8 - 0.5)))
+        self.beta.fill_(0.5)
+        self.eps.fill_(-1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_p = F.softplus(self.alpha_p)  # (1,)
+        a_n = self.beta + F.softplus(self.alpha_n)  # (1,)
+        return _XIELUFunction.apply(x, a_p, a_n, self.beta, self.eps)
+
+
 class MLP(nn.Module):
-    """GELU MLP (GPT-2's tanh approximation, or GPT-NeoX's exact GELU: `gelu_exact`) or squared ReLU (Nemotron-H), or
-    gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants Improve Transformer"): act(gate(x)) * up(x)."""
+    """GELU MLP (GPT-2's tanh approximation, or GPT-NeoX's exact GELU: `gelu_exact`), squared ReLU (Nemotron-H) or
+    xIELU (Apertus: `XIELU`), or gated: SwiGLU or GeGLU (Shazeer 2020, "GLU Variants Improve Transformer"):
+    act(gate(x)) * up(x)."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None) -> None:
         super().__init__()
@@ -69,6 +140,7 @@ class MLP(nn.Module):
         self.silu = cfg.mlp == "swiglu"
         self.relu2 = cfg.mlp == "relu2"
         self.gelu = "none" if cfg.gelu_exact else "tanh"  # F.gelu's approximation
+        self.act = XIELU() if cfg.mlp == "xielu" else None  # (learned scalars, so a module)
         self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha
         if self.gated:
             self.gate_proj = nn.Linear(cfg.dim, hidden, bias=cfg.bias)
@@ -85,6 +157,8 @@ class MLP(nn.Module):
             h = (F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")) * self.up_proj(x)  # (B, T, F)
         elif self.relu2:
             h = F.relu(self.up_proj(x)).square()  # (B, T, F)
+        elif self.act is not None:
+            h = self.act(self.up_proj(x))  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x), approximate=self.gelu)  # (B, T, F)
         return self.resid_drop(self.down_proj(h))  # (B, T, C)

@@ -41,7 +41,7 @@ from temper.model.attention import (
     softcap,
 )
 from temper.model.config import ModelConfig, last_of_every
-from temper.model.layers import MLP, MoE, RMSNorm, make_norm
+from temper.model.layers import MLP, XIELU, MoE, RMSNorm, make_norm
 from temper.model.linear_attention import LINEAR_LAYERS, GatedRMSNorm, GroupGatedRMSNorm, Mamba, Runs
 from temper.model.rope import long_rope_length, rope_tables
 
@@ -219,7 +219,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GroupGatedRMSNorm, *LINEAR_LAYERS.values())):
+            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GroupGatedRMSNorm, XIELU, *LINEAR_LAYERS.values())):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first

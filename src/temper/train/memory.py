@@ -994,6 +994,10 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
         s.add(label + "up", t.a * f if gate_grad else 0)
         s.add(label + "act(gate) * up (down_proj input)", t.a * f if down_keeps else 0)
         mlp_grad = gate_grad or up_grad
+    elif getattr(mlp, "act", None) is not None:  # xIELU (`_XIELUFunction`) keeps its input alone
+        s.add(label + "up (xIELU input)", t.a * f if up_grad else 0)
+        s.add(label + "activation output (down_proj input)", t.a * f if down_keeps else 0)
+        mlp_grad = up_grad
     else:  # GELU keeps its input; squared ReLU ReLU's output (relu's and the square's backward read it)
         act = "ReLU output (the square's input)" if getattr(mlp, "relu2", False) else "up (GELU input)"
         s.add(label + act, t.a * f if up_grad else 0)
@@ -1003,8 +1007,12 @@ def _mlp_saved(s: _Saved, label: str, mlp: nn.Module, in_bytes: int, t: _Dtypes,
         _readers(s, label + "MLP hidden", [mlp.down_proj], t.a, t, lora_dropout, mlp_grad)
     # Squared ReLU's backward holds two more: the square's gradient is grad * (2 * r), a temporary and its product,
     # beside the gradient coming down, before ReLU's (measured).
-    held = 3 if gated else 4 if getattr(mlp, "relu2", False) else 2
-    return mlp_grad or _wants_grad(mlp.down_proj), (held - down_keeps) * t.a * f
+    held = (3 if gated else 4 if getattr(mlp, "relu2", False) else 2) * t.a
+    if getattr(mlp, "act", None) is not None:  # xIELU's backward: the gradient, two temporaries and a mask, in its
+        # output's dtype: float32 under autocast while its scalars train (x then copied to float32 as well)
+        out = 4 if t.autocast and mlp.act.alpha_p.requires_grad else t.a
+        held = 3 * out + (4 if out != t.a else 0) + 1
+    return mlp_grad or _wants_grad(mlp.down_proj), (held - down_keeps * t.a) * f
 
 
 def _experts_saved(s: _Saved, moe: MoE, d: int, in_bytes: int, t: _Dtypes, lora_dropout: float,

@@ -51,6 +51,7 @@ from temper.model.hf.weights import (
     canonical_name,
     from_hf_state_dict,
     hf_rules,
+    part_rows,
     to_hf_state_dict,
 )
 from temper.model.transformer import Transformer
@@ -156,10 +157,10 @@ def load_hf(
                     raise CheckpointError(f"{f.path}: tensor {name!r} is also in {seen[key]}")
                 seen[key] = f.path
                 _check_shape(rule, shape, shapes, str(f.path))
-                if whole is not None or rule.stacked or rule.rope_pairs or rule.groups:  # whole: dequantized,
-                    # every expert's part copied out, or rows moved
+                if whole is not None or rule.stacked or rule.rope_pairs or rule.groups or not shape:  # whole:
+                    # dequantized, every expert's part copied out, rows moved, or a scalar (no rows to read)
                     whole = f.read(name) if whole is None else whole
-                    parts = _to_temper(rule, whole, [shapes[p][0] for p in rule.parts])
+                    parts = _to_temper(rule, whole, part_rows(rule, shapes))
                     sd |= {p: t.to(device, dtypes[p], copy=True).contiguous()
                            for p, t in zip(rule.parts, parts, strict=True)}
                     continue

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Sixty-nine architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Seventy architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -11,7 +11,8 @@ with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attenti
 with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent pairs: `attn_bias`; read by
 `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k and v
 fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that scale
-before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), dots.llm1
+before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
+(`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), dots.llm1
 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
 (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
 post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
@@ -147,6 +148,7 @@ FLEX_OLMO = "FlexOlmoForCausalLM"
 MINISTRAL = "MinistralForCausalLM"
 VAULTGEMMA = "VaultGemmaForCausalLM"
 EXAONE_MOE = "ExaoneMoeForCausalLM"
+APERTUS = "ApertusForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -156,7 +158,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -214,7 +216,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS,
+                "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -768,6 +771,45 @@ def _jais2_config(cfg: ModelConfig) -> dict[str, Any]:
             "layer_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias}
 
 
+_APERTUS_DEFAULTS = {"vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "hidden_act": "xielu", "max_position_embeddings": 65536,
+                     "rms_norm_eps": 1e-5, "attention_bias": False, "tie_word_embeddings": False,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                         "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0}}
+"""ApertusConfig's defaults of what a config may leave out (its RoPE: Llama 3.1's scaling of a 12M base)."""
+
+
+def _apertus(d: dict[str, Any]) -> ModelConfig:
+    """Apertus (Swiss AI's Apertus-8B and 70B): Llama's attention with Qwen3's q/k norms per head before RoPE, an MLP
+    of xIELU (`XIELU`: learned scalars per layer), not gated, without biases; biases on q, k, v and o where
+    attention_bias says (`attn_bias`)."""
+    if not (d.get("rope_parameters") or d.get("rope_scaling")):
+        d = {**d, "rope_parameters": _APERTUS_DEFAULTS["rope_parameters"]}
+    d = {**_APERTUS_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "xielu" or d.get("mlp_bias"):
+        raise ValueError(f"Apertus hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported "
+                         "(temper reads xIELU without MLP biases)")
+    theta, scaling, _ = _rope(d, default_theta=12000000.0)
+    dim, n_heads, head_dim = _heads(d, "Apertus")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="xielu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], qk_norm=True, pos="rope", rope_theta=float(theta), rope_scaling=scaling,
+        bias=False, attn_bias=True if d["attention_bias"] else None, tie_embeddings=d["tie_word_embeddings"],
+        dropout=0.0, init_std=d.get("initializer_range", 0.02), hf_architecture=APERTUS)
+
+
+def _apertus_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The ApertusConfig of `cfg`: its RoPE as rope_parameters, which ApertusConfig would otherwise fill with its
+    own scaling."""
+    shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
+    return {"architectures": [APERTUS], "model_type": "apertus", **shape, "hidden_act": "xielu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": bool(cfg.attn_bias)}
+
+
 def _heads(d: dict[str, Any], name: str) -> tuple[int, int, int]:
     """(hidden_size, num_attention_heads, the head width: head_dim, else hidden_size / heads) of a Llama-style config;
     no heads refused by the key, not by a division by zero."""
@@ -789,7 +831,7 @@ def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
 
 _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
-               JAIS2: (_jais2, _jais2_config)}
+               JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -1920,6 +1962,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             arch = MAMBA2
         elif cfg.embed_norm or cfg.rope_reversed or cfg.norm_weightless and cfg.norm == "rmsnorm":
             arch = NANOCHAT
+        elif cfg.mlp == "xielu":
+            arch = APERTUS
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
             arch = (JAIS2 if cfg.norm == "layernorm" else NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers
                     else ARCEE)

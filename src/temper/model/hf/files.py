@@ -144,8 +144,9 @@ class SafetensorsFile:
 
     def read(self, name: str, rows: slice = slice(None), scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name` (or some of its rows) copied with plain reads into a new CPU tensor, or
-        into the bytes of `scratch` (uint8, big enough) when given."""
-        dtype, shape, begin, _ = self.entries[name]
+        into the bytes of `scratch` (uint8, big enough) when given. A scalar (xIELU's beta) is read as one row."""
+        dtype, scalar_or_shape, begin, _ = self.entries[name]
+        shape = scalar_or_shape or (1,)
         start, stop, _ = rows.indices(shape[0])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         nbytes = (stop - start) * row_bytes
@@ -158,7 +159,7 @@ class SafetensorsFile:
                 f.seek(self.start + begin + start * row_bytes)
                 if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
                     raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
-        return out
+        return out if scalar_or_shape else out.view(())
 
 
 class _PickledFile:
@@ -179,7 +180,8 @@ class _PickledFile:
         return self.tensors[name]  # already a map of the file (loaded with mmap=True)
 
     def read(self, name: str, rows: slice = slice(None), scratch: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tensors[name][rows]
+        t = self.tensors[name]
+        return t[rows] if t.dim() else t  # (a scalar, xIELU's beta: whole)
 
 
 def _member(root: Path, name: str) -> Path:

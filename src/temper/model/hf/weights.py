@@ -15,6 +15,7 @@ import torch
 
 from temper.model.config import ModelConfig
 from temper.model.hf.config import (
+    APERTUS,
     BAMBA,
     COHERES,
     DEEPSEEK_MOE,
@@ -326,6 +327,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 norms = (("post_attention_layernorm", "attn_out_norm"), ("post_feedforward_layernorm", "mlp_out_norm"))
             elif arch in (BAMBA, JAMBA):
                 norms = (("input_layernorm", "attn_norm"), ("pre_ff_layernorm", "mlp_norm"))
+            elif arch == APERTUS:
+                norms = (("attention_layernorm", "attn_norm"), ("feedforward_layernorm", "mlp_norm"))
             elif arch == GLM4:  # sandwich norms under its own names
                 norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
@@ -473,6 +476,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                     if f"{p}mlp.{n}_proj.{t}" in keys:
                         add(f"{h}{hf_mlp(arch)}.{_MLP_NAMES.get(arch, {}).get(n, f'{n}_proj')}.{t}",
                             f"{p}mlp.{n}_proj.{t}")
+            for n in ("alpha_p", "alpha_n", "beta", "eps"):  # Apertus' xIELU: its scalars and constants
+                if f"{p}mlp.act.{n}" in keys:
+                    add(f"{h}mlp.act_fn.{n}", f"{p}mlp.act.{n}")
         final = ("model.embedding_norm." if arch in LFM2S else "model.final_layernorm." if arch in (BAMBA, JAMBA, PHI)
                  else "model.norm.")
         for t in ("weight", "bias"):  # (Starcoder2's bias; nanochat's norm has neither)
@@ -596,7 +602,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         if rule is None:
             raise KeyError(f"unexpected {arch} weight {name!r}")
         _check_shape(rule, t.shape, shapes, "state dict")
-        out |= dict(zip(rule.parts, _to_temper(rule, t, [shapes[p][0] for p in rule.parts]), strict=True))
+        out |= dict(zip(rule.parts, _to_temper(rule, t, part_rows(rule, shapes)), strict=True))
     _check_keys(out, set(shapes), "Hugging Face checkpoint")
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -665,9 +671,14 @@ def _nemotron_h_checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def part_rows(rule: _Rule, shapes: dict[str, torch.Size]) -> list[int]:
+    """The rows of each of `rule`'s temper tensors, where the checkpoint's tensor splits (a scalar, xIELU's: one)."""
+    return [shapes[p][0] if len(shapes[p]) else 1 for p in rule.parts]
+
+
 def _check_shape(rule: _Rule, got: torch.Size | tuple, shapes: dict[str, torch.Size], where: str) -> None:
     first = shapes[rule.parts[0]]
-    expected = (sum(shapes[p][0] for p in rule.parts), *first[1:])
+    expected = (sum(shapes[p][0] for p in rule.parts), *first[1:]) if len(first) else first  # (a scalar: xIELU's)
     if rule.transpose:
         expected = expected[::-1]
     if rule.stacked:  # what the stacking makes of the parts' shapes, worked out on the meta device
