@@ -132,6 +132,10 @@ SHAPES: dict[str, ModelConfig] = {
     "llama4-small": dataclasses.replace(
         PRESETS["llama-4-scout"], vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, head_size=64,
         ffn_dim=1408, expert_ffn_dim=512, shared_expert_ffn_dim=512, sliding_window=128, max_seq_len=2048),
+    # Apertus' layout, small: per-head q/k norms, an MLP of xIELU (learned scalars per layer), not gated, 5.25x wide.
+    "apertus-small": dataclasses.replace(
+        PRESETS["llama-125m"], dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=2688, vocab_size=32000,
+        max_seq_len=2048, mlp="xielu", qk_norm=True, rope_theta=12e6),
     # Cohere2's (Command R7B's) layout, small: attention beside the MLP on one LayerNorm, three windowed layers with
     # RoPE to one global without, scaled logits.
     "cohere2-small": dataclasses.replace(

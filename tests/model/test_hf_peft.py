@@ -143,6 +143,8 @@ CONFIGS = {
     # Helium: Llama with q/k/v biases, RoPE in adjacent pairs (adapters' rows too); Jais 2: LayerNorms, relu2, biases
     "helium": replace(_LLAMA, qkv_bias=True, norm_cast_after=True, hf_architecture="HeliumForCausalLM"),
     "jais2": replace(_LLAMA, norm="layernorm", mlp="relu2", bias=True, hf_architecture="Jais2ForCausalLM"),
+    # Apertus: per-head q/k norms, attention biases, an MLP of xIELU (its scalars trained apart from the adapters)
+    "apertus": replace(_LLAMA, mlp="xielu", qk_norm=True, attn_bias=True, hf_architecture="ApertusForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two
     # LayerNorms with biases, linear layers without
     "falcon": replace(_LLAMA, norm="layernorm", norm_bias=True, mlp="gelu", gelu_exact=True, parallel_block=True,
@@ -340,7 +342,7 @@ def _targets(case: str) -> tuple[str, ...]:
                                else ("in_proj", "x_proj", "out_proj") if case.startswith("jamba")
                                else ("in_proj", "x_proj") if CONFIGS[case].linear_layer == "mamba"
                                else IN_OUT_PROJ_TARGETS))
-    if CONFIGS[case].mlp == "relu2":  # not gated
+    if CONFIGS[case].mlp in ("relu2", "xielu"):  # not gated
         linears = tuple(t for t in linears if t != "gate_proj")
     return linears + (() if CONFIGS[case].tie_embeddings else ("head",))
 

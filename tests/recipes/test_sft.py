@@ -231,7 +231,7 @@ def test_a_qwen3_5_hybrid_fine_tunes_packed_and_exports_as_itself(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["lfm2", "cohere2", "granite4", "nemotron_h", "nemotron3", "mamba2", "bamba",
-                                    "falcon_mamba", "jamba", "phi", "llama4"])
+                                    "falcon_mamba", "jamba", "phi", "llama4", "apertus"])
 def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path, family):
     """LFM2 (short convolutions around an attention layer: packed rows restart each convolution at a document), Granite
     4.0-H and Nemotron-H (Mamba 2 layers around an attention layer without positions: packed rows restart each state;
@@ -241,7 +241,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     other block), Phi-2 (attention beside the MLP on one LayerNorm, a head with a bias: the loss runs it as a module),
     Llama 4 (chunks of each packed document's own positions, a layer without positions, experts weighing their inputs;
     LoRA on attention, the router and the head, which PEFT files hold beside its stacked experts),
-    Bamba (half of each attention head rotated) and Cohere2
+    Apertus (xIELU's learned scalars, frozen under LoRA and exported), Bamba (half of each attention head rotated) and
+    Cohere2
     (attention beside the MLP on one LayerNorm, windowed RoPE layers and a global NoPE one) end to end: LoRA on every
     linear layer of their blocks learns; final/ is the architecture that transformers runs to temper's logits, and
     final/adapter a PEFT adapter of its layers under their names."""
@@ -275,7 +276,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                            expert_layers=(1,)),
              "phi": dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8),
              "llama4": {k: v for k, v in vars(PRESETS["debug-llama4"]).items() if k not in (
-                 "vocab_size", "max_seq_len", "n_layers", "tie_embeddings")} | dict(sliding_window=32, expert_layers=(1,))
+                 "vocab_size", "max_seq_len", "n_layers", "tie_embeddings")} | dict(sliding_window=32, expert_layers=(1,)),
+             "apertus": dict(mlp="xielu", qk_norm=True, attn_bias=True, ffn_dim=128),
              }[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
                   **shape)
@@ -290,7 +292,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                "bamba": attention + "in_proj,out_proj,gate_proj,up_proj,down_proj",
                "falcon_mamba": "in_proj,x_proj,head",
                "jamba": attention + "in_proj,x_proj,out_proj,gate_proj,up_proj,down_proj",
-               "phi": attention + "up_proj,down_proj,head", "llama4": attention + "router,head"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
+               "phi": attention + "up_proj,down_proj,head", "llama4": attention + "router,head",
+               "apertus": attention + "up_proj,down_proj"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
                           f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")
@@ -305,7 +308,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
             "falcon_mamba": {"mixer.in_proj", "mixer.x_proj", "lm_head"},
             "jamba": {"mamba.in_proj", "mamba.out_proj", "self_attn.q_proj", "feed_forward.gate_proj"},
             "phi": {"self_attn.dense", "mlp.fc1", "lm_head"},
-            "llama4": {"self_attn.q_proj", "feed_forward.router", "lm_head"}}[family]
+            "llama4": {"self_attn.q_proj", "feed_forward.router", "lm_head"},
+            "apertus": {"self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"}}[family]
     assert want <= set(adapter["target_modules"]), adapter["target_modules"]
     transformers = pytest.importorskip("transformers")
     ours, got = load_hf(final)
@@ -319,7 +323,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                                                             "falcon_mamba": "FalconMambaForCausalLM",
                                                             "jamba": "JambaForCausalLM",
                                                             "phi": "PhiForCausalLM",
-                                                            "llama4": "Llama4ForCausalLM"}[family]
+                                                            "llama4": "Llama4ForCausalLM",
+                                                            "apertus": "ApertusForCausalLM"}[family]
     x = torch.randint(0, cfg.vocab_size, (2, 70))  # past Cohere2's 64-token window
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours.eval()(x), rtol=0, atol=1e-4)

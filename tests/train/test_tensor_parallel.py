@@ -149,6 +149,10 @@ WORKER = textwrap.dedent('''
                           attn_softcap=0.2, logit_softcap=0.3,
                           tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
         "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
+        # Apertus': xIELU's learned scalars over each rank's MLP columns (their gradients summed over the ranks),
+        # attention biases beside an MLP without
+        "apertus": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,
+                           max_seq_len=32, mlp="xielu", qk_norm=True, attn_bias=True),
         # Cohere2's: attention beside the MLP (both reading one LayerNorm without biases: under sequence parallel
         # both gather its output), a windowed layer with RoPE then a global one without, scaled tied logits
         "cohere2": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,

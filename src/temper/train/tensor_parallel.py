@@ -151,6 +151,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         for norm in (attn.q_norm, attn.k_norm):  # Qwen3, Gemma 3: one weight for every head, over this rank's heads
             if norm is not None:  # input (B, T, H/tp, D): split by heads, so the weight's gradient adds up over ranks
                 _replicate(norm, tp_mesh, inputs=Shard(2), local_output=True)
+        if getattr(mlp, "act", None) is not None:  # xIELU's scalars (Apertus), over this rank's MLP columns: their
+            _replicate(mlp.act, tp_mesh, inputs=Shard(2), local_output=True)  # gradients add up over the ranks
         for norm in (block.attn_out_norm, block.mlp_out_norm):  # Gemma 3: on o_proj's / down_proj's output, laid
             if norm is not None:  # out as the residual stream between the regions; a plain tensor for the residual
                 _replicate(norm, tp_mesh, inputs=between, local_output=True)
