@@ -238,7 +238,7 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     Nemotron-H's squared-ReLU MLPs, and a block of a mixer alone; Nemotron 3's mixtures of them), Mamba2ForCausalLM
     (Mamba 2 mixers alone: no attention anywhere), FalconMamba (Mamba mixers alone, their steps, B and C
     normalised), Jamba (Mamba layers, their norms weighted, around attention without positions; experts in every
-    other block), Phi-2 (attention beside the MLP on one LayerNorm, a head with a bias: the loss runs it as a module),
+    other block), Phi-2 (attention beside the MLP on one LayerNorm, a head with a bias, inside the chunked loss),
     Llama 4 (chunks of each packed document's own positions, a layer without positions, experts weighing their inputs;
     LoRA on attention, the router and the head, which PEFT files hold beside its stacked experts),
     Apertus (xIELU's learned scalars, frozen under LoRA and exported), Bamba (half of each attention head rotated) and

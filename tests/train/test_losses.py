@@ -94,6 +94,29 @@ def test_linear_cross_entropy_of_divided_and_capped_logits():
         assert (loss - _reference(h, w, t, 0.1, cap=form.cap)[0]).abs() > 1.0
 
 
+@pytest.mark.parametrize("smoothing, cap", [(0.0, None), (0.1, 2.0)])
+def test_linear_cross_entropy_with_a_head_bias(smoothing, cap):
+    """A head with a bias (Phi's, GPT-J's) inside the chunks: loss and the three gradients equal autograd's on
+    F.linear's full logits, frozen parts give none, and the bias changes the loss."""
+    h, w, t = _case()
+    b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(3)).mul_(2).requires_grad_()
+    logits = F.linear(h, w, b)
+    logits = logits if cap is None else torch.tanh(logits / cap) * cap
+    ref = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=smoothing)
+    want = torch.autograd.grad(ref * 0.37, (h, w, b))
+    loss = linear_cross_entropy(h, w, t, label_smoothing=smoothing, chunk=8, form=LogitForm(cap=cap), bias=b)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-5)
+    for got, expected in zip(torch.autograd.grad(loss * 0.37, (h, w, b)), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    only_b = linear_cross_entropy(h.detach(), w.detach(), t, label_smoothing=smoothing, form=LogitForm(cap=cap),
+                                  bias=b)
+    torch.testing.assert_close(torch.autograd.grad(only_b * 0.37, b)[0], want[2], rtol=1e-5, atol=1e-6)
+    assert (loss - linear_cross_entropy(h, w, t, label_smoothing=smoothing, form=LogitForm(cap=cap))).abs() > 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bias rounded with the products, as nn.Linear's
+        ref16 = F.cross_entropy(F.linear(h, w, b).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, bias=b), ref16, rtol=2e-3, atol=0)
+
+
 def test_a_capped_model_loss_goes_through_its_logits():
     """`LMLoss` on a model with `logit_divisor` and `logit_softcap`: the chunked loss (tied head) and a head run as a
     module both equal the cross-entropy of the model's own (divided, capped) logits."""

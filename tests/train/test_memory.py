@@ -227,6 +227,10 @@ LLAMA4 = dict(sliding_window=32, window_chunked=True, global_every=2, nope_every
               nope_query_scale=0.1, nope_query_floor=8, n_experts=4, experts_per_token=1, expert_ffn_dim=48,
               shared_expert_ffn_dim=48, router_scores="sigmoid", router_rounded=True, renormalize_experts=False,
               expert_input_weights=True, expert_layers=(1,))
+# Phi-2's: attention beside a GELU MLP on one LayerNorm, biases everywhere, the head's too (its bias inside the chunked
+# loss: no full logits)
+PHI = dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8, n_kv_heads=None,
+           tie_embeddings=False, vocab_size=4096)
 # Apertus': an MLP of xIELU (its input kept), q/k norms per head
 APERTUS = dict(mlp="xielu", qk_norm=True, ffn_dim=256)
 GEMMA4_E2B = GEMMA4 | dict(n_layers=4, global_kv_heads=None, global_values_are_keys=False, kv_shared_layers=2,
@@ -303,6 +307,8 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "lora", "fp32", 0, {"dims": OLMO}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": STABLELM}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NANOCHAT}),
+    ("debug-llama", "pretrain", "fp32", 0, {"dims": PHI}),
+    ("debug-llama", "lora", "bf16", 0, {"dims": PHI}),
     ("debug-llama", "pretrain", "fp32", 0, {"dims": APERTUS}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": APERTUS}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": APERTUS}),

@@ -148,7 +148,9 @@ WORKER = textwrap.dedent('''
                           sandwich_norm=True, sliding_window=6, global_every=2, rope_local_theta=100.0,
                           attn_softcap=0.2, logit_softcap=0.3,
                           tie_embeddings=False),  # tied, its scaled embeddings make greedy decoding repeat the input
-        "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False),
+        # (a head with a bias, Phi's: the vocabulary-parallel loss adds each rank's slice of it)
+        "gpt": replace(PRESETS["debug"], dim=32, n_heads=2, vocab_size=64, max_seq_len=32, tie_embeddings=False,
+                       head_bias=True),
         # Apertus': xIELU's learned scalars over each rank's MLP columns (their gradients summed over the ranks),
         # attention biases beside an MLP without
         "apertus": replace(PRESETS["debug-llama"], dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64,

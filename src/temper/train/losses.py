@@ -103,11 +103,12 @@ class LogitForm:
         return cls(model.cfg.logit_divisor, model.cfg.logit_softcap)
 
 
-def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, form: LogitForm
+def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, form: LogitForm, bias: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.dtype, torch.Tensor | None]:
-    """(a chunk's logits `hidden @ weight.T` in float32 in the model's `form`, their dtype, and with a cap the
-    capped logits' slope tanh(z / c), for `_raw_grad`). Divided and capped c * tanh(z / c) in float32, in place."""
-    logits = hidden @ weight.T  # (n, V)
+    """(a chunk's logits `hidden @ weight.T` (+ `bias`: a head with one, Phi's and GPT-J's) in float32 in the model's
+    `form`, their dtype, and with a cap the capped logits' slope tanh(z / c), for `_raw_grad`). Divided and capped
+    c * tanh(z / c) in float32, in place."""
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # (n, V), as nn.Linear
     dtype = logits.dtype
     lf = logits.float()  # (n, V)
     del logits  # freed here when the float32 copy is a new tensor
@@ -128,7 +129,8 @@ def _raw_grad(g: torch.Tensor, slope: torch.Tensor | None, form: LogitForm) -> t
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, grad: bool,
-              form: LogitForm = LogitForm()) -> tuple[torch.Tensor, torch.Tensor | None]:
+              form: LogitForm = LogitForm(), bias: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed cross-entropy of a chunk's logits `hidden @ weight.T` (float32, in the model's `form`) and,
     with `grad`, its gradient w.r.t. the logits in their dtype: softmax - ((1 - s) * one_hot + s / V), zero on
     ignored rows (PyTorch's label smoothing).
@@ -136,7 +138,7 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     Works in place on one float32 copy of the logits (the logits themselves when already float32):
     a chunk costs one float32 (n, V) tensor and its gradient (a capped chunk one more: the cap's slope).
     """
-    lf, dtype, slope = _float_logits(hidden, weight, form)  # (n, V)
+    lf, dtype, slope = _float_logits(hidden, weight, form, bias)  # (n, V)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)[:, None]  # (n, 1)
     lf = lf.sub_(lf.amax(dim=-1, keepdim=True))  # shifted so that exp cannot overflow
@@ -168,12 +170,13 @@ class VocabShard:
 
 
 def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                      grad: bool, form: LogitForm, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      grad: bool, form: LogitForm, bias: torch.Tensor | None, shard: VocabShard
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_chunk_ce` when `weight` holds this rank's rows of the vocabulary (`shard`): the logits' max, the sum
     of their exponentials, the target's logit (on the rank that holds its row) and, for label smoothing, the
     sum of the logits are all-reduced over `shard.group` (two all-reduces a chunk; Shoeybi et al. 2019), so
     every rank returns the whole loss, and the gradient of its own slice of the logits."""
-    lf, dtype, slope = _float_logits(hidden, weight, form)  # (n, V/tp)
+    lf, dtype, slope = _float_logits(hidden, weight, form, bias)  # (n, V/tp)
     valid = targets != IGNORE_INDEX
     mx = lf.amax(dim=-1)  # (n,)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=shard.group)
@@ -201,9 +204,9 @@ def _chunk_ce_sharded(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return loss, _raw_grad(g.mul_(valid[:, None]), slope, form).to(dtype)
 
 
-def _vocab_slice(weight: DTensor) -> tuple[torch.Tensor, VocabShard]:
-    """This rank's rows of an output weight split by vocabulary (tensor parallel), as a plain tensor whose
-    gradient flows back into the DTensor's slice.
+def _vocab_slice(weight: DTensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, VocabShard]:
+    """This rank's rows of an output weight split by vocabulary (tensor parallel), and of its bias, as plain tensors
+    whose gradients flow back into the DTensors' slices.
 
     Only a split over the tensor-parallel mesh dimension ("tp") is one: a weight still sharded by FSDP2 over
     the data-parallel ranks (which hold other tokens) must not be mistaken for it."""
@@ -212,7 +215,8 @@ def _vocab_slice(weight: DTensor) -> tuple[torch.Tensor, VocabShard]:
         raise ValueError(f"an output weight split over ranks must be split by vocabulary rows over the 'tp' mesh "
                          f"dimension (Shard(0)), got {tuple(weight.placements)} over {mesh.mesh_dim_names}")
     local = weight.to_local()  # (V/tp, C)
-    return local, VocabShard(mesh.get_group(), mesh.get_local_rank() * local.shape[0], weight.shape[0])
+    local_bias = bias.to_local() if isinstance(bias, DTensor) else bias  # (V/tp,): ColwiseParallel splits it alike
+    return local, local_bias, VocabShard(mesh.get_group(), mesh.get_local_rank() * local.shape[0], weight.shape[0])
 
 
 _compiled_chunk_ce: Callable | None = None
@@ -230,22 +234,28 @@ def _chunk_ce_fn(device: torch.device) -> Callable:
 
 
 def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float, chunk: int,
-               need_h: bool, need_w: bool, form: LogitForm = LogitForm(), shard: VocabShard | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss sum, d loss / d hidden, d loss / d weight in float32), a chunk of rows at a time; `form`: the logits'
-    divisor and softcap; `shard`: the weight is this rank's vocabulary rows (tensor parallel)."""
+               need_h: bool, need_w: bool, form: LogitForm = LogitForm(), shard: VocabShard | None = None,
+               bias: torch.Tensor | None = None, need_b: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(loss sum, d loss / d hidden, d loss / d weight and d loss / d bias in float32), a chunk of rows at a time;
+    `form`: the logits' divisor and softcap; `shard`: the weight (and bias) are this rank's vocabulary rows (tensor
+    parallel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
         h, w = hidden.to(dtype), weight.to(dtype)  # (N, C), (V, C): one cast of the weight, not one per chunk
+        b = None if bias is None else bias.to(dtype)  # (V,)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         chunk_ce = _chunk_ce_fn(h.device) if shard is None else partial(_chunk_ce_sharded, shard=shard)
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], targets[lo : lo + chunk]
-            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w, form)  # g: (n, V)
+            loss, g = chunk_ce(hc, w, tc, smoothing, need_h or need_w or need_b, form, b)  # g: (n, V)
             total += loss
+            if grad_b is not None:
+                grad_b += g.sum(dim=0, dtype=torch.float32)  # (V,)
             if grad_h is not None:
                 torch.mm(g, w, out=grad_h[lo : lo + chunk])  # (n, C)
             if grad_w is not None:
@@ -253,7 +263,7 @@ def _linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             del g  # before the next chunk's logits: one chunk's (n, V) tensors alive at a time, not two
         if shard is not None and grad_h is not None:
             dist.all_reduce(grad_h, group=shard.group)  # each vocabulary slice gives a part of d loss / d hidden
-    return total, grad_h, grad_w
+    return total, grad_h, grad_w, grad_b
 
 
 def _add_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -269,26 +279,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float,
-                chunk: int, form: LogitForm, shard: VocabShard | None) -> torch.Tensor:
-        total, grad_h, grad_w = _linear_ce(hidden, weight, targets, smoothing, chunk, *ctx.needs_input_grad[:2], form,
-                                           shard)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+                chunk: int, form: LogitForm, shard: VocabShard | None, bias: torch.Tensor | None) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[:2]
+        total, *grads = _linear_ce(hidden, weight, targets, smoothing, chunk, need_h, need_w, form, shard, bias,
+                                   ctx.needs_input_grad[7])
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
-        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None
+        gh, gw, gb = (None if g is None else (g * grad_out).to(dtype)
+                      for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True))
+        return gh, gw, None, None, None, None, None, gb
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         label_smoothing: float = 0.0, chunk: int | None = None, form: LogitForm = LogitForm()
-                         ) -> torch.Tensor:
-    """Summed token cross-entropy of `hidden @ weight.T` (float32 scalar) over the valid targets, of the logits in
-    the model's `form`: divided by `form.divisor` (Granite), capped at +-`form.cap` (Gemma 2).
+                         label_smoothing: float = 0.0, chunk: int | None = None, form: LogitForm = LogitForm(),
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T + bias` (float32 scalar) over the valid targets, of the logits
+    in the model's `form`: divided by `form.divisor` (Granite), capped at +-`form.cap` (Gemma 2).
 
     hidden (N, C) final hidden states, weight (V, C) the output layer, targets (N,) with IGNORE_INDEX
     where nothing is learnt. Under autocast the products run in its dtype, as `nn.Linear` would; the
@@ -298,12 +308,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     shard = None
     if isinstance(weight, DTensor):
-        weight, shard = _vocab_slice(weight)
+        weight, bias, shard = _vocab_slice(weight, bias)
     chunk = chunk or chunk_tokens(weight.shape[0], weight.requires_grad)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, form, shard)
+    trains = [t.requires_grad for t in (hidden, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(trains):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, label_smoothing, chunk, form, shard, bias)
     with torch.no_grad():  # evaluation: no gradient is computed at all
-        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, form, shard)[0]
+        return _linear_ce(hidden, weight, targets, label_smoothing, chunk, False, False, form, shard, bias)[0]
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -316,14 +327,15 @@ def head_cross_entropy(model: nn.Module, hidden: torch.Tensor, targets: torch.Te
                        label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed cross-entropy of the model's output layer on its final hidden states (B, T, C) or (N, C).
 
-    A plain weight (tied embedding, or an `nn.Linear` head without bias) goes through the chunked
+    A plain weight (tied embedding, or an `nn.Linear` head, with its bias: Phi's, GPT-J's) goes through the chunked
     `linear_cross_entropy`; any other head (LoRA on the head, say) runs as a module, then the loss.
     """
     head = model.head
-    if head is None or (type(head) is nn.Linear and head.bias is None):
-        weight = model.tok_emb.weight if head is None else head.weight
+    if head is None or type(head) is nn.Linear:
+        weight, bias = (model.tok_emb.weight, None) if head is None else (head.weight, head.bias)
         h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        return linear_cross_entropy(h, weight, t, label_smoothing=label_smoothing, form=LogitForm.of(model))
+        return linear_cross_entropy(h, weight, t, label_smoothing=label_smoothing, form=LogitForm.of(model),
+                                    bias=bias)
     return token_loss_sum(model.logits(hidden), targets, label_smoothing)  # the model's own (B, T, C) call
 
 

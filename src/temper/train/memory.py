@@ -1098,7 +1098,7 @@ def _tail_saved(model: Transformer, t: _Dtypes, grad_out: bool, stage: str = "al
 
 def _plain_head(model: Transformer) -> bool:
     """Whether the loss runs the output layer through the chunked `linear_cross_entropy` (train/losses.py)."""
-    return model.head is None or (type(model.head) is nn.Linear and model.head.bias is None)
+    return model.head is None or type(model.head) is nn.Linear
 
 
 def _loss_bytes(model: Transformer, t: _Dtypes, tokens: int, hidden_grad: bool, vocab: int = 0,
