@@ -100,7 +100,9 @@ class LogitForm:
 
     @classmethod
     def of(cls, model: nn.Module) -> LogitForm:
-        return cls(model.cfg.logit_divisor, model.cfg.logit_softcap)
+        """The form of a `Transformer`'s logits; plain for a module without a ModelConfig (its head is all)."""
+        cfg = getattr(model, "cfg", None)
+        return cls() if cfg is None else cls(cfg.logit_divisor, cfg.logit_softcap)
 
 
 def _float_logits(hidden: torch.Tensor, weight: torch.Tensor, form: LogitForm, bias: torch.Tensor | None = None
