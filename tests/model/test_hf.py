@@ -252,6 +252,18 @@ CASES = {
     "granite-multipliers": lambda: _hf("GraniteConfig", "GraniteForCausalLM", **_SMALL, embedding_multiplier=4.0,
                                        residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0,
                                        attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    # Granite SWA: Granite's multipliers, a sink per head, three windowed layers to one global (the first of four); its
+    # RoPE bases per layer: 0 (no positions) on global layers ending their groups, or another base on the windowed ones
+    "granite-swa-first-global-sinks": lambda: _hf(
+        "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
+        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0),
+    "granite-swa-nope-global": lambda: _hf(
+        "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2, layer_rope_theta=[100.0, 0.0, 100.0, 0.0],
+        tie_word_embeddings=False),
+    "granite-swa-local-base": lambda: _hf(
+        "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
+        layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
     # Seed-OSS: Llama with q/k/v biases (attention_bias; o_proj's attention_out_bias and the MLP's off), wide heads.
     "seed-oss-qkv-bias": lambda: _hf("SeedOssConfig", "SeedOssForCausalLM", **_SMALL, head_dim=24,
                                      tie_word_embeddings=False),
@@ -539,6 +551,10 @@ def test_variant_features_are_exercised():
                       *(("granite-multipliers", {k: None}) for k in ("embed_multiplier", "residual_multiplier",
                                                                       "logit_divisor", "attn_scale_dim")),
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
+                      ("granite-swa-first-global-sinks", {"attn_sinks": False}),
+                      ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global
+                      ("granite-swa-nope-global", {"nope_every": None}),  # RoPE on the global layers too
+                      ("granite-swa-local-base", {"rope_local_theta": None}),  # the global layers' base everywhere
                       ("gpt-oss-sinks-experts", {"swiglu_limit": None}),  # plain SwiGLU
                       ("gpt-oss-sinks-experts", {"swiglu_limit": 0.1}),  # clamped harder
                       ("mixtral-experts-window", {"experts_per_token": 1}),
@@ -966,8 +982,11 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     ("Jais2ForCausalLM", "mlp_bias", False), ("Jais2ForCausalLM", "num_attention_heads", 0),
     ("LlamaForCausalLM", "num_attention_heads", 0), ("Llama4ForCausalLM", "num_attention_heads", 0),
     ("ApertusForCausalLM", "hidden_act", "silu"), ("ApertusForCausalLM", "mlp_bias", True),
-    ("ApertusForCausalLM", "num_attention_heads", 0)])
-def test_helium_jais2_apertus_and_headless_configs_are_refused_by_name(arch, key, value):
+    ("ApertusForCausalLM", "num_attention_heads", 0), ("GraniteSWAForCausalLM", "hidden_act", "gelu"),
+    ("GraniteSWAForCausalLM", "layer_rope_theta", [0.0, 0.0]),  # windowed layers without positions
+    ("GraniteSWAForCausalLM", "layer_types", ["sliding_attention", "sliding_attention", "full_attention"]),
+    ("GraniteSWAForCausalLM", "attention_multiplier", 0.3)])
+def test_helium_jais2_apertus_granite_swa_and_headless_configs_are_refused_by_name(arch, key, value):
     with pytest.raises(ValueError, match=key):
         from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
 
@@ -1016,6 +1035,23 @@ def test_apertus_is_chosen_by_fields_and_refuses_what_its_config_cannot_say():
     # Without a RoPE in its config, ApertusConfig's own: Llama 3.1's scaling of a 12M base
     read = from_hf_config({**_SMALL, "architectures": ["ApertusForCausalLM"]})
     assert (read.rope_theta, read.rope_scaling["rope_type"], read.mlp, read.qk_norm) == (12e6, "llama3", "xielu", True)
+
+
+def test_granite_swa_is_chosen_by_fields_and_refuses_what_its_config_cannot_say():
+    cfg = replace(PRESETS["debug-llama"], n_layers=4, attn_sinks=True, sliding_window=8, global_every=4,
+                  global_first=True, embed_multiplier=2.0)
+    assert hf_architecture(cfg) == "GraniteSWAForCausalLM" == to_hf_config(cfg)["architectures"][0]
+    assert to_hf_config(cfg)["layer_types"][:2] == ["full_attention", "sliding_attention"]
+    for field, value in (("qk_norm", True), ("rope_local_theta", 100.0)):  # (no base of their own under scaling)
+        over = {field: value, "rope_scaling": LLAMA3_SCALING if field == "rope_local_theta" else None}
+        with pytest.raises(ValueError, match="GraniteSWAForCausalLM cannot express this model"):
+            hf_architecture(replace(cfg, **over))
+    with pytest.raises(ValueError, match="layer_rope_theta"):  # no positions on global layers that begin groups
+        from_hf_config(to_hf_config(cfg) | {"layer_rope_theta": [0.0, 1e4, 1e4, 1e4]})
+    # Without layer_types or layer_rope_theta: the first of every four layers global, one base everywhere
+    read = from_hf_config({**_SMALL, "num_hidden_layers": 8, "architectures": ["GraniteSWAForCausalLM"],
+                           "rope_theta": 5e4})
+    assert (read.global_every, read.global_first, read.sliding_window, read.rope_theta) == (4, True, 128, 5e4)
 
 
 def test_jais2_is_chosen_by_fields():

@@ -143,6 +143,9 @@ CONFIGS = {
     # Helium: Llama with q/k/v biases, RoPE in adjacent pairs (adapters' rows too); Jais 2: LayerNorms, relu2, biases
     "helium": replace(_LLAMA, qkv_bias=True, norm_cast_after=True, hf_architecture="HeliumForCausalLM"),
     "jais2": replace(_LLAMA, norm="layernorm", mlp="relu2", bias=True, hf_architecture="Jais2ForCausalLM"),
+    # Granite SWA: a sink per head, the first layer of two global, the other windowed, Granite's multipliers
+    "granite_swa": replace(_LLAMA, attn_sinks=True, sliding_window=8, global_every=2, global_first=True,
+                           embed_multiplier=2.0, residual_multiplier=0.5, hf_architecture="GraniteSWAForCausalLM"),
     # Apertus: per-head q/k norms, attention biases, an MLP of xIELU (its scalars trained apart from the adapters)
     "apertus": replace(_LLAMA, mlp="xielu", qk_norm=True, attn_bias=True, hf_architecture="ApertusForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Seventy-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -12,7 +12,9 @@ with them on one LayerNorm, a head with a bias, part of each head rotated in adj
 `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k and v
 fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that scale
 before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
-(`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), dots.llm1
+(`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), Granite SWA
+(`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers around global ones, RoPE bases per layer),
+dots.llm1
 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
 (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
 post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
@@ -149,6 +151,7 @@ MINISTRAL = "MinistralForCausalLM"
 VAULTGEMMA = "VaultGemmaForCausalLM"
 EXAONE_MOE = "ExaoneMoeForCausalLM"
 APERTUS = "ApertusForCausalLM"
+GRANITE_SWA = "GraniteSWAForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -158,7 +161,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -216,7 +219,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS,
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA,
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -810,6 +813,65 @@ def _apertus_config(cfg: ModelConfig) -> dict[str, Any]:
             "rms_norm_eps": cfg.norm_eps, "attention_bias": bool(cfg.attn_bias)}
 
 
+_GRANITE_SWA_DEFAULTS = {"vocab_size": 100352, "hidden_size": 2560, "intermediate_size": 8192, "num_hidden_layers": 24,
+                         "num_attention_heads": 20, "num_key_value_heads": 4, "hidden_act": "silu",
+                         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                         "sliding_window": 128, "attention_bias": False, "mlp_bias": False}
+"""GraniteSWAConfig's defaults of what a config may leave out."""
+
+
+def _granite_swa(d: dict[str, Any]) -> ModelConfig:
+    """Granite SWA: Granite's multipliers and layers, three windowed layers to one global (the first of every four,
+    unless layer_types says otherwise), GPT-OSS's sink per head, and a RoPE base per layer (layer_rope_theta; 0: no
+    positions). temper reads the bases one for the global layers (0 on them: `nope_every`, when they end their groups),
+    one for the windowed ones (`rope_local_theta`, which no RoPE scaling stretches)."""
+    d = {**_GRANITE_SWA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "silu" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
+        raise ValueError(f"GraniteSWA hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
+                         f"{d['mlp_bias']} is not supported (temper reads SwiGLU, and one `bias` for every layer)")
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types") or ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    window, every, first = _window_layers(d | {"layer_types": types}, "GraniteSWA", None, first_ok=True)
+    theta, scaling, _ = _rope(d)
+    thetas = d.get("layer_rope_theta") or [theta] * n
+    bases = [{float(t) for t, kind in zip(thetas, types, strict=False) if kind == k}
+             for k in ("full_attention", "sliding_attention")]
+    (full, *_), (local, *_) = (b or {None} for b in bases)
+    nope = full == 0 and window is not None and every is not None and not first  # the global layers, ending groups
+    if (len(thetas) != n or len(bases[0]) > 1 or len(bases[1]) > 1 or local == 0 or (full == 0 and not nope)
+            or (scaling and local not in (None, full))):
+        raise ValueError(f"GraniteSWA layer_rope_theta={thetas!r} is not supported (temper reads one base for the "
+                         "global layers, or 0 on them when they end their groups, and one for the windowed ones, "
+                         "unscaled)")
+    global_theta = (local if nope else full) or local
+    dim, n_heads, head_dim = _heads(d, "GraniteSWA")
+    scale_dim = _scale_dim(d.get("attention_multiplier", 1.0))
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=n, n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="swiglu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=global_theta, rope_scaling=scaling,
+        rope_local_theta=local if every and not nope and local != full else None, nope_every=every if nope else None,
+        sliding_window=window, global_every=every, global_first=first, attn_sinks=True,
+        attn_scale_dim=None if scale_dim == head_dim else scale_dim, bias=bool(d["attention_bias"]),
+        tie_embeddings=d["tie_word_embeddings"], dropout=0.0, init_std=d.get("initializer_range", 0.02),
+        hf_architecture=GRANITE_SWA, **_multipliers(d))
+
+
+def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The GraniteSWAConfig of `cfg`: its layers' kinds and RoPE bases named one by one."""
+    shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
+    bases = [0.0 if last_of_every(i, cfg.nope_every) else cfg.rope_local_theta if cfg.window_of(i) and
+             cfg.rope_local_theta else cfg.rope_theta for i in range(cfg.n_layers)]
+    return {"architectures": [GRANITE_SWA], "model_type": "granite_swa", **shape, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+            "embedding_multiplier": cfg.embed_multiplier or 1.0, "residual_multiplier": cfg.residual_multiplier or 1.0,
+            "logits_scaling": cfg.logit_divisor or 1.0,
+            "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5,
+            "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
+
+
 def _heads(d: dict[str, Any], name: str) -> tuple[int, int, int]:
     """(hidden_size, num_attention_heads, the head width: head_dim, else hidden_size / heads) of a Llama-style config;
     no heads refused by the key, not by a division by zero."""
@@ -831,7 +893,8 @@ def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
 
 _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
-               JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config)}
+               JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config),
+               GRANITE_SWA: (_granite_swa, _granite_swa_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -2013,6 +2076,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (YOUTU if cfg.kv_lora_rank  # (latent attention beside dense MLPs)
+                    else GRANITE_SWA if cfg.attn_sinks  # (GPT-OSS's sinks beside dense MLPs)
                     else MINISTRAL3 if cfg.query_scale_beta is not None
                     else HUNYUAN if cfg.qk_norm_after_rope else QWEN3 if cfg.qk_norm
                     else GLM1 if cfg.qkv_bias and not cfg.bias and cfg.rope_dim is not None  # (partial RoPE)

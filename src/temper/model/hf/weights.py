@@ -35,6 +35,7 @@ from temper.model.hf.config import (
     GPT_OSS,
     GPTJ,
     GRANITE_MOES,
+    GRANITE_SWA,
     HELIUM,
     HUNYUAN_MOE,
     HUNYUANS,
@@ -416,6 +417,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 for theirs, ours in (("per_layer_input_gate", "per_layer_gate"), ("per_layer_projection", "per_layer_out"),
                                      ("post_per_layer_input_norm", "per_layer_out_norm")):
                     add(f"{h}{theirs}.weight", f"{p}{ours}.weight")
+            if arch == GRANITE_SWA:  # a sink per head
+                add(f"{h}self_attn.sinks", f"{p}attn.sinks")
             if arch == GPT_OSS:  # the experts stacked (`_STACKED`), the router with its bias, a sink per head
                 add(f"{h}self_attn.sinks", f"{p}attn.sinks")
                 add(f"{h}mlp.router.weight", f"{p}mlp.router.weight")
