@@ -253,14 +253,13 @@ CASES = {
                                        residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0,
                                        attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     # Granite SWA: Granite's multipliers, a sink per head, three windowed layers to one global (the first of four); its
-    # RoPE bases per layer: 0 (no positions) on global layers ending their groups, or another base on the windowed ones
+    # RoPE bases per layer: 0 (no positions) on the global layers, or another base on the windowed ones
     "granite-swa-first-global-sinks": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0),
     "granite-swa-nope-global": lambda: _hf(
-        "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"] * 2, layer_rope_theta=[100.0, 0.0, 100.0, 0.0],
-        tie_word_embeddings=False),
+        "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 8}, sliding_window=WINDOW,
+        layer_rope_theta=[0.0, 100.0, 100.0, 100.0] * 2, tie_word_embeddings=False),
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
@@ -1046,8 +1045,10 @@ def test_granite_swa_is_chosen_by_fields_and_refuses_what_its_config_cannot_say(
         over = {field: value, "rope_scaling": LLAMA3_SCALING if field == "rope_local_theta" else None}
         with pytest.raises(ValueError, match="GraniteSWAForCausalLM cannot express this model"):
             hf_architecture(replace(cfg, **over))
-    with pytest.raises(ValueError, match="layer_rope_theta"):  # no positions on global layers that begin groups
-        from_hf_config(to_hf_config(cfg) | {"layer_rope_theta": [0.0, 1e4, 1e4, 1e4]})
+    with pytest.raises(ValueError, match="layer_rope_theta"):  # two bases among the windowed layers
+        from_hf_config(to_hf_config(cfg) | {"layer_rope_theta": [0.0, 1e4, 1e4, 5e4]})
+    nope = from_hf_config(to_hf_config(cfg) | {"layer_rope_theta": [0.0, 1e4, 1e4, 1e4]})  # on the global layers
+    assert [nope.is_nope(i) for i in range(4)] == [True, False, False, False] and nope.nope_every == 4
     # Without layer_types or layer_rope_theta: the first of every four layers global, one base everywhere
     read = from_hf_config({**_SMALL, "num_hidden_layers": 8, "architectures": ["GraniteSWAForCausalLM"],
                            "rope_theta": 5e4})

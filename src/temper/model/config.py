@@ -196,7 +196,8 @@ class ModelConfig:
     """With per_layer_input_size: rows of the per-layer table; None: vocab_size."""
     nope_every: int | None = None
     """The last layer of every group of this many takes no positions at all (NoPE, Kazemnejad et al. 2023; SmolLM3:
-    4, three RoPE layers then one without); None: every layer rotates."""
+    4, three RoPE layers then one without); equal to global_every, the global layers (the first of each group with
+    global_first: Granite SWA's); None: every layer rotates (`is_nope`)."""
     rope_local_theta: float | None = None
     """RoPE base of the windowed layers where global_every mixes them with global ones (Gemma 3: 10000); rope_theta
     and rope_scaling then apply to the global layers only. None: rope_theta everywhere."""
@@ -592,6 +593,12 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """rope_dim with None resolved: the dimensions of each head that RoPE rotates."""
         return self.rope_dim or self.head_dim
+
+    def is_nope(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) takes no positions (`nope_every`)."""
+        if self.global_first and self.nope_every == self.global_every:
+            return layer % self.nope_every == 0
+        return last_of_every(layer, self.nope_every)
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (0-based), or None where it attends to all earlier tokens."""

@@ -40,7 +40,7 @@ from temper.model.attention import (
     flex_kernels,
     softcap,
 )
-from temper.model.config import ModelConfig, last_of_every
+from temper.model.config import ModelConfig
 from temper.model.layers import MLP, XIELU, MoE, RMSNorm, make_norm
 from temper.model.linear_attention import LINEAR_LAYERS, GatedRMSNorm, GroupGatedRMSNorm, Mamba, Runs
 from temper.model.rope import long_rope_length, rope_tables
@@ -63,7 +63,7 @@ class Block(nn.Module):
         self.window = cfg.window_of(layer_idx)  # which mask (and, with rope_local_theta, which RoPE table) it takes
         self.mask_kind = LINEAR if linear else self.window  # what `Transformer._attention_mask` builds for it
         self.local_rope = self.window is not None and cfg.rope_local_theta is not None
-        self.rotates = cfg.pos == "rope" and not last_of_every(layer_idx, cfg.nope_every) and not linear
+        self.rotates = cfg.pos == "rope" and not cfg.is_nope(layer_idx) and not linear
         # Llama 4: an attention layer without positions scales its queries by a temperature (`nope_query_scale`)
         self.scales_queries = cfg.nope_query_scale is not None and not self.rotates and not linear
         self.attn_norm = make_norm(cfg) if cfg.pre_norm else None

@@ -823,8 +823,8 @@ _GRANITE_SWA_DEFAULTS = {"vocab_size": 100352, "hidden_size": 2560, "intermediat
 def _granite_swa(d: dict[str, Any]) -> ModelConfig:
     """Granite SWA: Granite's multipliers and layers, three windowed layers to one global (the first of every four,
     unless layer_types says otherwise), GPT-OSS's sink per head, and a RoPE base per layer (layer_rope_theta; 0: no
-    positions). temper reads the bases one for the global layers (0 on them: `nope_every`, when they end their groups),
-    one for the windowed ones (`rope_local_theta`, which no RoPE scaling stretches)."""
+    positions). temper reads the bases one for the global layers (0 on them: `nope_every`), one for the windowed ones
+    (`rope_local_theta`, which no RoPE scaling stretches)."""
     d = {**_GRANITE_SWA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if d["hidden_act"] != "silu" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
         raise ValueError(f"GraniteSWA hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
@@ -837,12 +837,11 @@ def _granite_swa(d: dict[str, Any]) -> ModelConfig:
     bases = [{float(t) for t, kind in zip(thetas, types, strict=False) if kind == k}
              for k in ("full_attention", "sliding_attention")]
     (full, *_), (local, *_) = (b or {None} for b in bases)
-    nope = full == 0 and window is not None and every is not None and not first  # the global layers, ending groups
+    nope = full == 0 and window is not None and every is not None  # the global layers
     if (len(thetas) != n or len(bases[0]) > 1 or len(bases[1]) > 1 or local == 0 or (full == 0 and not nope)
             or (scaling and local not in (None, full))):
         raise ValueError(f"GraniteSWA layer_rope_theta={thetas!r} is not supported (temper reads one base for the "
-                         "global layers, or 0 on them when they end their groups, and one for the windowed ones, "
-                         "unscaled)")
+                         "global layers, or 0 on them, and one for the windowed ones, unscaled)")
     global_theta = (local if nope else full) or local
     dim, n_heads, head_dim = _heads(d, "GraniteSWA")
     scale_dim = _scale_dim(d.get("attention_multiplier", 1.0))
@@ -861,7 +860,7 @@ def _granite_swa(d: dict[str, Any]) -> ModelConfig:
 def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
     """The GraniteSWAConfig of `cfg`: its layers' kinds and RoPE bases named one by one."""
     shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
-    bases = [0.0 if last_of_every(i, cfg.nope_every) else cfg.rope_local_theta if cfg.window_of(i) and
+    bases = [0.0 if cfg.is_nope(i) else cfg.rope_local_theta if cfg.window_of(i) and
              cfg.rope_local_theta else cfg.rope_theta for i in range(cfg.n_layers)]
     return {"architectures": [GRANITE_SWA], "model_type": "granite_swa", **shape, "hidden_act": "silu",
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},

@@ -56,7 +56,7 @@ from torch import nn
 
 from temper.files import atomic_write_json, fsync_dir, safe_join, save_safetensors
 from temper.model.attention import apply_rope
-from temper.model.config import ModelConfig, last_of_every
+from temper.model.config import ModelConfig
 from temper.model.hf.config import (
     DEEPSEEK_V2,
     DEEPSEEK_V3,
@@ -556,7 +556,7 @@ def _rotate(kv: torch.Tensor, position: int, cfg: ModelConfig) -> None:
     """Rotate the keys of prefix_kv's (L, 2, Hkv, P, D) in place as RoPE rotates a key at `position` (negative: back),
     in the layers that rotate (not NoPE ones)."""
     angle = position * rope_inv_freq(cfg)  # (D/2,), the float32 product of temper's and HF's tables
-    layers = [i for i in range(cfg.n_layers) if not last_of_every(i, cfg.nope_every)]
+    layers = [i for i in range(cfg.n_layers) if not cfg.is_nope(i)]
     kv[layers, 0] = apply_rope(kv[layers, 0], angle.cos(), angle.sin())
 
 
