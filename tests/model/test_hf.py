@@ -1055,6 +1055,36 @@ def test_granite_swa_is_chosen_by_fields_and_refuses_what_its_config_cannot_say(
     assert (read.global_every, read.global_first, read.sliding_window, read.rope_theta) == (4, True, 128, 5e4)
 
 
+@pytest.mark.parametrize("published", [False, True], ids=["as-saved", "as-published"])
+def test_exaone3_checkpoints_read_as_llama_and_export_as_it(tmp_path, published):
+    """EXAONE 3.0 and 3.5 are Llama under other names (transformers 5 runs them as LlamaForCausalLM): their tensors
+    (transformer.h.N.attn.attention.q_proj, mlp.c_fc_0, ...) and config keys (num_layers, layer_norm_epsilon,
+    activation_function) read as Llama's, as saved by transformers and as published; exported as LlamaForCausalLM."""
+    config = transformers.ExaoneConfig(**{k: v for k, v in _SMALL.items() if k not in ("bos_token_id", "eos_token_id")},
+                                       rope_parameters={"rope_theta": 1e6, **LLAMA3_SCALING})
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path / "exaone")
+    names = load_file(tmp_path / "exaone" / "model.safetensors")
+    assert "transformer.h.1.mlp.c_fc_0.weight" in names  # the original names, as transformers writes them back
+    if published:  # the published config.json: its class and its own keys
+        d = json.loads((tmp_path / "exaone" / "config.json").read_text())
+        d = {{"num_hidden_layers": "num_layers", "rms_norm_eps": "layer_norm_epsilon",
+              "hidden_act": "activation_function"}.get(k, k): v for k, v in d.items()}
+        (tmp_path / "exaone" / "config.json").write_text(json.dumps(d | {"architectures": ["ExaoneForCausalLM"]}))
+    model, cfg = load_hf(tmp_path / "exaone")
+    assert (cfg.hf_architecture, cfg.n_layers, cfg.rope_theta, cfg.rope_scaling["rope_type"]) == (
+        "LlamaForCausalLM", 2, 1e6, "llama3")
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+        back = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, cfg, tmp_path / "llama")).eval()
+        assert type(back).__name__ == "LlamaForCausalLM" and back.config.model_type == "llama"
+        torch.testing.assert_close(back(x).logits, hf(x).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="num_layers"):
+        from_hf_config({"architectures": ["ExaoneForCausalLM"], "num_layers": 2, "num_hidden_layers": 3})
+
+
 def test_jais2_is_chosen_by_fields():
     cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
     assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]

@@ -1,7 +1,8 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`), Llama 4's text model
+Seventy-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+`ExaoneForCausalLM` is Llama under other names, read as it), Llama 4's text model
 (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
 attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
 a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
@@ -219,7 +220,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA,
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "exaone": "ExaoneForCausalLM",
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -378,6 +379,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     _check_types(d, _FIELD_TYPES)
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
+    if _architecture(d) == EXAONE3:  # Llama under other names: read (and written) as the Llama it is
+        return from_hf_config(_exaone3_as_llama(d))
     if _architecture(d) in IMAGE_TEXT:  # its text model, as a *ForCausalLM (the vision tower is left out)
         arch = IMAGE_TEXT[_architecture(d)]
         # (Qwen2-VL's and Qwen2.5-VL's published configs keep their text model's keys at the top)
@@ -869,6 +872,28 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
             "logits_scaling": cfg.logit_divisor or 1.0,
             "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5,
             "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
+
+
+EXAONE3 = "ExaoneForCausalLM"
+_EXAONE3_KEYS = {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                 "activation_function": "hidden_act"}
+_EXAONE3_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu"}
+"""ExaoneConfig's defaults of what a config may leave out (EXAONE-3.0-7.8B's shape)."""
+
+
+def _exaone3_as_llama(d: dict[str, Any]) -> dict[str, Any]:
+    """EXAONE 3.0 and 3.5's config (`ExaoneForCausalLM`, LG AI Research) as the LlamaConfig it is: its own names for
+    the layers, the norms' epsilon and the activation (transformers 5 runs it as LlamaForCausalLM). Its weights' names
+    are read by `canonical_name`."""
+    renamed = {_EXAONE3_KEYS.get(k, k): v for k, v in d.items() if v is not None}
+    both = sorted(k for k in _EXAONE3_KEYS if k in d and _EXAONE3_KEYS[k] in d)
+    if both:
+        raise ValueError(f"Exaone config names {both[0]!r} and {_EXAONE3_KEYS[both[0]]!r} both")
+    rope_given = renamed.get("rope_theta") or (renamed.get("rope_parameters") or {}).get("rope_theta")
+    defaults = {k: v for k, v in _EXAONE3_DEFAULTS.items() if k != "rope_theta" or not rope_given}
+    return {**defaults, **renamed, "architectures": [LLAMA], "model_type": "llama"}
 
 
 def _heads(d: dict[str, Any], name: str) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ read configs (config.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from temper.model.hf.config import (
     LATENT,
     LFM2_MOE,
     LFM2S,
+    LLAMA,
     LLAMA4,
     MINIMAX_M2,
     MISTRAL4,
@@ -534,6 +536,14 @@ def _layer_index(name: str) -> int:
     return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else -1
 
 
+_EXAONE3_NAMES = ((r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.h\.", "model.layers."),
+                  (r"^transformer\.ln_f\.", "model.norm."), (r"\.attn\.attention\.out_proj\.", ".self_attn.o_proj."),
+                  (r"\.attn\.attention\.", ".self_attn."), (r"\.ln_1\.", ".input_layernorm."),
+                  (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.mlp\.c_fc_0\.", ".mlp.gate_proj."),
+                  (r"\.mlp\.c_fc_1\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj."))
+"""EXAONE 3.0's and 3.5's tensor names and Llama's, as transformers 5 renames them (its conversion mapping)."""
+
+
 def canonical_name(name: str, arch: str) -> str:
     """A tensor's (or a PEFT adapter's layer's) name as the rules spell it: a bare `GPT2Model` checkpoint names its
     tensors without the `transformer.` prefix; a Gemma 3 or Qwen3.5 image-text one keeps its text model's under
@@ -541,6 +551,10 @@ def canonical_name(name: str, arch: str) -> str:
     `lm_head`."""
     if arch == GPT2 and not name.startswith(("transformer.", "lm_head")):
         return "transformer." + name
+    if arch == LLAMA and name.startswith("transformer."):  # EXAONE 3's names for Llama's tensors
+        for theirs, ours in _EXAONE3_NAMES:
+            name = re.sub(theirs, ours, name)
+        return name
     if arch == NEMOTRON_H and name.startswith("model."):  # transformers 5 names its backbone `model` in memory
         return "backbone." + name.removeprefix("model.")
     if arch == GPT_NEOX and name.startswith("lm_head"):  # and GPT-NeoX's embed_out lm_head
