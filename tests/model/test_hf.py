@@ -263,6 +263,10 @@ CASES = {
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
+    # Dynamic NTK: the base grows past max_position_embeddings alone, so the plain RoPE within it (kept, to be written
+    # back); InternLM3's, read as the Llama it is (its biases named qkv_bias and bias)
+    "llama-dynamic-ntk": lambda: _hf("LlamaConfig", "LlamaForCausalLM", **_SMALL, tie_word_embeddings=False,
+                                     rope_parameters={"rope_type": "dynamic", "factor": 6.0, "rope_theta": 5e7}),
     # Seed-OSS: Llama with q/k/v biases (attention_bias; o_proj's attention_out_bias and the MLP's off), wide heads.
     "seed-oss-qkv-bias": lambda: _hf("SeedOssConfig", "SeedOssForCausalLM", **_SMALL, head_dim=24,
                                      tie_word_embeddings=False),
@@ -1085,6 +1089,32 @@ def test_exaone3_checkpoints_read_as_llama_and_export_as_it(tmp_path, published)
         from_hf_config({"architectures": ["ExaoneForCausalLM"], "num_layers": 2, "num_hidden_layers": 3})
 
 
+def test_internlm3_configs_read_as_llama_and_its_checkpoints_load(tmp_path):
+    """InternLM3 is Llama with its biases named qkv_bias and bias (transformers 5 runs it as LlamaForCausalLM): its
+    published config (InternLM3ForCausalLM, dynamic NTK RoPE) reads as Llama's, a saved checkpoint loads to
+    transformers' logits."""
+    published = {"architectures": ["InternLM3ForCausalLM"], "model_type": "internlm3", "hidden_size": 64,
+                 "num_attention_heads": 4, "num_hidden_layers": 2, "qkv_bias": False, "bias": False,
+                 "rope_theta": 5e7, "rope_scaling": {"rope_type": "dynamic", "factor": 6.0}}
+    cfg = from_hf_config(published)
+    assert (cfg.hf_architecture, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim, cfg.max_seq_len, cfg.bias) == (
+        "LlamaForCausalLM", 2, 128, 10240, 32768, False)
+    assert cfg.rope_scaling == {"rope_type": "dynamic", "factor": 6.0} and cfg.rope_theta == 5e7
+    assert from_hf_config(published | {"qkv_bias": True, "bias": True}).bias
+    with pytest.raises(ValueError, match="attention_bias and mlp_bias must agree"):
+        from_hf_config(published | {"qkv_bias": True})
+    with pytest.raises(ValueError, match="'bias' and 'mlp_bias' both"):
+        from_hf_config(published | {"mlp_bias": False})
+    config = transformers.InternLM3Config(**_SMALL | {"eos_token_id": 2}, head_dim=16, qkv_bias=True, bias=True)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    x = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+
+
 def test_jais2_is_chosen_by_fields():
     cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
     assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]
@@ -1685,18 +1715,18 @@ def test_ernie_presets_are_transformers_defaults(name, arch):
     assert hf_architecture(PRESETS[name]) == arch
 
 
-def test_hunyuan_reads_its_fixed_ntk_alpha_in_either_spelling_and_refuses_a_length_dependent_one():
+def test_hunyuan_reads_its_fixed_ntk_alpha_in_either_spelling_and_a_length_dependent_one_as_dynamic():
     """Hunyuan's checkpoints label their RoPE "dynamic" with an alpha, a fixed stretch of the base that transformers
     computes once: temper reads it from transformers 5's rope_parameters and from the published rope_scaling alike
-    (the parity above holds the base to transformers'), and refuses a "dynamic" RoPE without an alpha, which would
-    stretch with the length."""
+    (the parity above holds the base to transformers'); a "dynamic" RoPE without an alpha stretches with the length,
+    past max_position_embeddings alone: read as dynamic NTK."""
     d = CASES["hunyuan-norms-after-rope-alpha"]().config.to_dict()
     ours = from_hf_config(d)
     published = {k: v for k, v in d.items() if k != "rope_parameters"} | {
         "rope_theta": 10000.0, "rope_scaling": {"alpha": 1000.0, "type": "dynamic", "factor": 1.0}}
     assert from_hf_config(published) == ours and ours.rope_theta == 10000.0 * 1000.0 ** (24 / 22)
-    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
-        from_hf_config(d | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
+    dynamic = from_hf_config(d | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}})
+    assert dynamic.rope_scaling == {"rope_type": "dynamic", "factor": 2.0} and dynamic.rope_theta == 10000.0
 
 
 def test_gemma4_per_layer_table_defaults_as_transformers_builds_it():
@@ -1974,8 +2004,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=", ".join(SUPPORTED_ARCHITECTURES)):
         from_hf_config({"architectures": ["BertForMaskedLM"]})
     llama = to_hf_config(PRESETS["debug-llama"])
-    with pytest.raises(ValueError, match="rope type 'dynamic'"):
-        from_hf_config(llama | {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope type 'ntk-by-parts'"):
+        from_hf_config(llama | {"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 2.0}})
     with pytest.raises(ValueError, match=r"rope_scaling is missing \['short_factor', 'long_factor'\]"):
         from_hf_config(llama | {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
     with pytest.raises(ValueError, match="rope_scaling.long_factor must be 8 positive numbers"):

@@ -22,6 +22,7 @@ ROPE_SCALING_KEYS = {  # rope_type -> the keys it needs
     "yarn": ("factor", "original_max_position_embeddings"),
     "longrope": ("short_factor", "long_factor", "factor", "original_max_position_embeddings"),
     "proportional": ("partial_rotary_factor",),
+    "dynamic": ("factor",),
 }
 YARN_OPTIONAL_KEYS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 ROPE_OPTIONAL_KEYS = {"yarn": YARN_OPTIONAL_KEYS, "longrope": ("attention_factor",), "proportional": ("factor",)}  # rope_type -> keys it may take
@@ -155,7 +156,8 @@ class ModelConfig:
     "long_factor", "factor", "original_max_position_embeddings"} and optionally "attention_factor" (Phi-3.5,
     Phi-4-mini), {"rope_type": "linear", "factor"} (position interpolation), or {"rope_type": "proportional",
     "partial_rotary_factor"} and optionally "factor" (Gemma 4's global layers: only that share of each head's pairs
-    turn). `temper.model.rope` computes each."""
+    turn), or {"rope_type": "dynamic", "factor"} (dynamic NTK: the base grows past max_seq_len alone, so within it
+    the plain RoPE; kept to be written back). `temper.model.rope` computes each."""
     sliding_window: int | None = None
     """Each query attends to at most this many keys, itself included (Mistral, Phi-3); None: all earlier ones."""
     window_chunked: bool = False

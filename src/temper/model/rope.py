@@ -26,6 +26,8 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None, lo
     base_freq = cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d)  # (D/2,)
     inv_freq = 1.0 / base_freq
     s = cfg.rope_scaling
+    if s and s["rope_type"] == "dynamic":  # dynamic NTK: a larger base only for sequences past max_position_embeddings
+        return inv_freq  # (transformers' threshold, written as max_seq_len), which temper's tables never reach
     if s and s["rope_type"] == "linear":  # position interpolation (Chen et al. 2023): positions / factor
         return inv_freq / s["factor"]
     if s and s["rope_type"] == "yarn":

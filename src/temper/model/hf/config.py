@@ -2,59 +2,58 @@
 config and the writing of one.
 
 Seventy-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
-`ExaoneForCausalLM` is Llama under other names, read as it), Llama 4's text model
-(`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent pairs,
-attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose queries take
-a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by `_llama4`,
-written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers with or without,
-an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as many as heads, fused
-with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without biases beside a tanh-GELU MLP
-with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent pairs: `attn_bias`; read by
-`_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k and v
-fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that scale
-before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
+`ExaoneForCausalLM` and InternLM3's `InternLM3ForCausalLM` are Llama under other names, read as it), Llama 4's text
+model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent
+pairs, attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose
+queries take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
+`_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers with
+or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as many as
+heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without biases beside a
+tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent pairs: `attn_bias`;
+read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k
+and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that
+scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
 (`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), Granite SWA
 (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers around global ones, RoPE bases per layer),
-dots.llm1
-(`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
-(`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
-post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
+dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers),
+Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo
+2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
 `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
 taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
-stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on
-the sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's
-routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's
-layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and
-Llama 4's temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by
-its text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
-(`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
-checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
-embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers
-alternating with global ones, capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's
-parts without the caps, q/k norms, windowed layers with their own RoPE base; also read out of the image-text
-`Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model
-(`Gemma4ForCausalLM`, also read out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global
-layers shaped apart (wider heads, their own kv heads, values made by the keys' projection, proportional RoPE), value
-norms, layer scalars, unscaled scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and
-layers sharing keys and values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm,
-biases everywhere, the head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up
-projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or
-biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside
-linear layers without, `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
-all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global
-ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`:
-Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS
-(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
-published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B
-(`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414
-(`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings,
-the sublayers' outputs, the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60
-experts beside a gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts),
-GLM-4.5 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
-shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
-that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published
-FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a
-float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
+(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
+(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
+four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
+queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
+without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
+heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
+RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
+(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
+capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
+norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
+checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
+out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
+their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
+scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
+values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
+head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
+partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
+`qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
+`norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
+3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
+(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with
+one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`:
+attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3
+(`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama
+with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those
+and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
+the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
+shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
+(`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a shared
+expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`: that
+routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published FP8
+weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a float32
+softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
 RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat (`NanoChatForCausalLM`:
@@ -221,6 +220,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
                 "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "exaone": "ExaoneForCausalLM",
+                "internlm3": "InternLM3ForCausalLM",
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -379,8 +379,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     _check_types(d, _FIELD_TYPES)
     if not all(isinstance(a, str) for a in d.get("architectures") or []):
         raise ValueError(f"key 'architectures' must be a list of strings, got {d['architectures']!r}")
-    if _architecture(d) == EXAONE3:  # Llama under other names: read (and written) as the Llama it is
-        return from_hf_config(_exaone3_as_llama(d))
+    if _architecture(d) in _AS_LLAMA:  # Llama under other names: read (and written) as the Llama it is
+        return from_hf_config(_as_llama(d, _architecture(d)))
     if _architecture(d) in IMAGE_TEXT:  # its text model, as a *ForCausalLM (the vision tower is left out)
         arch = IMAGE_TEXT[_architecture(d)]
         # (Qwen2-VL's and Qwen2.5-VL's published configs keep their text model's keys at the top)
@@ -874,25 +874,34 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
             "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
 
 
-EXAONE3 = "ExaoneForCausalLM"
-_EXAONE3_KEYS = {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
-                 "activation_function": "hidden_act"}
-_EXAONE3_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
-                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu"}
-"""ExaoneConfig's defaults of what a config may leave out (EXAONE-3.0-7.8B's shape)."""
+_AS_LLAMA = {
+    # EXAONE 3.0 and 3.5 (LG AI Research): its own names for the layers, the norms' epsilon and the activation
+    "ExaoneForCausalLM": ({"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                           "activation_function": "hidden_act"},
+                          {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
+                           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu"}),
+    # InternLM3 (Shanghai AI Lab): its biases named qkv_bias and bias
+    "InternLM3ForCausalLM": ({"qkv_bias": "attention_bias", "bias": "mlp_bias"},
+                             {"vocab_size": 128512, "hidden_size": 4096, "intermediate_size": 10240,
+                              "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 2,
+                              "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+                              "hidden_act": "silu", "tie_word_embeddings": False}),
+}
+"""Architectures that are Llama under other names, as transformers 5 runs them (LlamaForCausalLM): their config keys
+as Llama's, and their config classes' defaults of what a config may leave out. Their weights' names are read by
+`canonical_name` (EXAONE 3's own; InternLM3's are Llama's)."""
 
 
-def _exaone3_as_llama(d: dict[str, Any]) -> dict[str, Any]:
-    """EXAONE 3.0 and 3.5's config (`ExaoneForCausalLM`, LG AI Research) as the LlamaConfig it is: its own names for
-    the layers, the norms' epsilon and the activation (transformers 5 runs it as LlamaForCausalLM). Its weights' names
-    are read by `canonical_name`."""
-    renamed = {_EXAONE3_KEYS.get(k, k): v for k, v in d.items() if v is not None}
-    both = sorted(k for k in _EXAONE3_KEYS if k in d and _EXAONE3_KEYS[k] in d)
+def _as_llama(d: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The LlamaConfig that config `d` of `arch` (an `_AS_LLAMA` architecture) is."""
+    keys, defaults = _AS_LLAMA[arch]
+    both = sorted(k for k in keys if k in d and keys[k] in d)
     if both:
-        raise ValueError(f"Exaone config names {both[0]!r} and {_EXAONE3_KEYS[both[0]]!r} both")
+        raise ValueError(f"{arch.removesuffix('ForCausalLM')} config names {both[0]!r} and {keys[both[0]]!r} both")
+    renamed = {keys.get(k, k): v for k, v in d.items() if v is not None}
     rope_given = renamed.get("rope_theta") or (renamed.get("rope_parameters") or {}).get("rope_theta")
-    defaults = {k: v for k, v in _EXAONE3_DEFAULTS.items() if k != "rope_theta" or not rope_given}
+    defaults = {k: v for k, v in defaults.items() if k != "rope_theta" or not rope_given}
     return {**defaults, **renamed, "architectures": [LLAMA], "model_type": "llama"}
 
 
@@ -2005,8 +2014,8 @@ def _rope(d: dict[str, Any], phi3: bool = False, default_theta: float = 10000.0)
         keys = ("factor", "low_freq_factor", "high_freq_factor")
         scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}, "original_max_position_embeddings": old_len}
         return theta, scaling, rope
-    if kind == "linear":
-        return theta, {"rope_type": "linear", "factor": rope["factor"]}, rope
+    if kind in ("linear", "dynamic"):  # (dynamic: the plain RoPE up to max_position_embeddings, which temper keeps)
+        return theta, {"rope_type": kind, "factor": rope["factor"]}, rope
     if kind in ("yarn", "longrope"):  # without a factor (DeepSeek-V3, Phi-3) the ratio of the two lengths
         optional = {k: rope[k] for k in ROPE_OPTIONAL_KEYS[kind] if rope.get(k) is not None}
         tables = {k: rope[k] for k in ("short_factor", "long_factor") if k in rope} if kind == "longrope" else {}
@@ -2018,8 +2027,8 @@ def _rope(d: dict[str, Any], phi3: bool = False, default_theta: float = 10000.0)
                        **factor}, rope
     if kind in (None, "default"):
         return theta, None, rope
-    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, llama3, yarn, longrope and "
-                     "proportional)")
+    raise ValueError(f"rope type {kind!r} is not supported (temper reads default, linear, dynamic, llama3, yarn, "
+                     "longrope and proportional)")
 
 
 def _fp8_block_shape(d: dict[str, Any]) -> tuple[int, int] | None:
