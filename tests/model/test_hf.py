@@ -263,6 +263,14 @@ CASES = {
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
+    # HyperCLOVA X: Granite's multipliers (muP) with norms on the sublayers' outputs too (Peri-LN), its logits
+    # multiplied; without the output norms, with biases
+    "hyperclovax-peri-ln-mup": lambda: _hf(
+        "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", **_SMALL, embedding_multiplier=4.0, residual_multiplier=0.5,
+        attention_multiplier=0.03125, logits_scaling=0.25, tie_word_embeddings=False),
+    "hyperclovax-biases-no-post-norm": lambda: _hf(
+        "HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", **_SMALL, use_post_norm=False, attention_bias=True,
+        mlp_bias=True, residual_multiplier=0.5),
     # Dynamic NTK: the base grows past max_position_embeddings alone, so the plain RoPE within it (kept, to be written
     # back); InternLM3's, read as the Llama it is (its biases named qkv_bias and bias)
     "llama-dynamic-ntk": lambda: _hf("LlamaConfig", "LlamaForCausalLM", **_SMALL, tie_word_embeddings=False,
@@ -555,6 +563,8 @@ def test_variant_features_are_exercised():
                                                                       "logit_divisor", "attn_scale_dim")),
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
+                      ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
+                      ("hyperclovax-peri-ln-mup", {"logit_divisor": 0.25}),  # divided by logits_scaling, as Granite
                       ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global
                       ("granite-swa-nope-global", {"nope_every": None}),  # RoPE on the global layers too
                       ("granite-swa-local-base", {"rope_local_theta": None}),  # the global layers' base everywhere
@@ -988,7 +998,8 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     ("ApertusForCausalLM", "num_attention_heads", 0), ("GraniteSWAForCausalLM", "hidden_act", "gelu"),
     ("GraniteSWAForCausalLM", "layer_rope_theta", [0.0, 0.0]),  # windowed layers without positions
     ("GraniteSWAForCausalLM", "layer_types", ["sliding_attention", "sliding_attention", "full_attention"]),
-    ("GraniteSWAForCausalLM", "attention_multiplier", 0.3)])
+    ("GraniteSWAForCausalLM", "attention_multiplier", 0.3), ("HyperCLOVAXForCausalLM", "logits_scaling", 0.0),
+    ("HyperCLOVAXForCausalLM", "hidden_act", "gelu")])
 def test_helium_jais2_apertus_granite_swa_and_headless_configs_are_refused_by_name(arch, key, value):
     with pytest.raises(ValueError, match=key):
         from_hf_config({**_SMALL, "head_dim": 16, "architectures": [arch], key: value})
@@ -1113,6 +1124,13 @@ def test_internlm3_configs_read_as_llama_and_its_checkpoints_load(tmp_path):
     x = torch.randint(0, 101, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+
+
+def test_hyperclovax_is_chosen_by_fields():
+    cfg = replace(PRESETS["debug-llama"], sandwich_norm=True, residual_multiplier=0.5, logit_divisor=4.0)
+    assert hf_architecture(cfg) == "HyperCLOVAXForCausalLM" == to_hf_config(cfg)["architectures"][0]
+    assert to_hf_config(cfg)["logits_scaling"] == 0.25  # a product, where Granite's is a divisor
+    assert hf_architecture(replace(cfg, sandwich_norm=False)) == "GraniteForCausalLM"
 
 
 def test_jais2_is_chosen_by_fields():

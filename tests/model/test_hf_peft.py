@@ -146,6 +146,9 @@ CONFIGS = {
     # Granite SWA: a sink per head, the first layer of two global, the other windowed, Granite's multipliers
     "granite_swa": replace(_LLAMA, attn_sinks=True, sliding_window=8, global_every=2, global_first=True,
                            embed_multiplier=2.0, residual_multiplier=0.5, hf_architecture="GraniteSWAForCausalLM"),
+    # HyperCLOVA X: Granite's multipliers, norms on the sublayers' outputs too
+    "hyperclovax": replace(_LLAMA, sandwich_norm=True, residual_multiplier=0.5, logit_divisor=4.0,
+                           hf_architecture="HyperCLOVAXForCausalLM"),
     # Apertus: per-head q/k norms, attention biases, an MLP of xIELU (its scalars trained apart from the adapters)
     "apertus": replace(_LLAMA, mlp="xielu", qk_norm=True, attn_bias=True, hf_architecture="ApertusForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two

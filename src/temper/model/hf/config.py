@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-one architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM` and InternLM3's `InternLM3ForCausalLM` are Llama under other names, read as it), Llama 4's text
 model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent
 pairs, attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose
@@ -15,12 +15,13 @@ and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with Ro
 scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
 (`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), Granite SWA
 (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers around global ones, RoPE bases per layer),
-dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers),
-Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo
-2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
-`Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
-taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
-stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
+HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on the sublayers' outputs too, its logits
+multiplied), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first
+layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo
+(`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also
+read out of `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the
+whole query taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts
+stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
 (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
 (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
 four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
@@ -152,6 +153,7 @@ VAULTGEMMA = "VaultGemmaForCausalLM"
 EXAONE_MOE = "ExaoneMoeForCausalLM"
 APERTUS = "ApertusForCausalLM"
 GRANITE_SWA = "GraniteSWAForCausalLM"
+HYPERCLOVAX = "HyperCLOVAXForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -161,7 +163,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -219,7 +221,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "exaone": "ExaoneForCausalLM",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "exaone": "ExaoneForCausalLM",
                 "internlm3": "InternLM3ForCausalLM",
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
@@ -874,6 +876,51 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
             "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
 
 
+_HYPERCLOVAX_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+                         "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+                         "use_post_norm": True, "logits_scaling": 1.0}
+"""HyperCLOVAXConfig's defaults of what a config may leave out (GraniteConfig's, and its own)."""
+
+
+def _hyperclovax(d: dict[str, Any]) -> ModelConfig:
+    """HyperCLOVA X (Naver's HyperCLOVAX-SEED): Granite's multipliers of the embeddings, the sublayers' outputs and the
+    scores (muP), norms on the sublayers' outputs as well as their inputs (Peri-LN, use_post_norm: `sandwich_norm`),
+    and the logits multiplied by logits_scaling, where Granite divides by it (temper divides by its reciprocal, as for
+    Cohere's logit_scale)."""
+    d = {**_HYPERCLOVAX_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "silu" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
+        raise ValueError(f"HyperCLOVAX hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
+                         f"{d['mlp_bias']} is not supported (temper reads SwiGLU, and one `bias` for every layer)")
+    scale = float(d["logits_scaling"])
+    if not (scale > 0 and 1 / (1 / scale) == scale):
+        raise ValueError(f"HyperCLOVAX logits_scaling={scale} is not supported (temper needs a positive scale that the "
+                         "reciprocal of its reciprocal gives back)")
+    theta, scaling, _ = _rope(d)
+    dim, n_heads, head_dim = _heads(d, "HyperCLOVAX")
+    scale_dim = _scale_dim(d.get("attention_multiplier") or head_dim ** -0.5)
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="swiglu", norm="rmsnorm",
+        norm_eps=d["rms_norm_eps"], pos="rope", rope_theta=float(theta), rope_scaling=scaling,
+        sandwich_norm=bool(d["use_post_norm"]), attn_scale_dim=None if scale_dim == head_dim else scale_dim,
+        bias=bool(d["attention_bias"]), tie_embeddings=d["tie_word_embeddings"], dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=HYPERCLOVAX,
+        **_multipliers(d) | {"logit_divisor": None if scale == 1.0 else 1 / scale})
+
+
+def _hyperclovax_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The HyperCLOVAXConfig of `cfg`."""
+    shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
+    return {"architectures": [HYPERCLOVAX], "model_type": "hyperclovax", **shape, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+            "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+            "embedding_multiplier": cfg.embed_multiplier or 1.0, "residual_multiplier": cfg.residual_multiplier or 1.0,
+            "logits_scaling": 1 / cfg.logit_divisor if cfg.logit_divisor else 1.0,
+            "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5, "use_post_norm": cfg.sandwich_norm}
+
+
 _AS_LLAMA = {
     # EXAONE 3.0 and 3.5 (LG AI Research): its own names for the layers, the norms' epsilon and the activation
     "ExaoneForCausalLM": ({"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
@@ -927,7 +974,7 @@ def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
 _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
                JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config),
-               GRANITE_SWA: (_granite_swa, _granite_swa_config)}
+               GRANITE_SWA: (_granite_swa, _granite_swa_config), HYPERCLOVAX: (_hyperclovax, _hyperclovax_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -2105,7 +2152,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
                     else GLM4_MOE if cfg.router_scores == "sigmoid" else QWEN2_MOE if cfg.shared_expert_ffn_dim
                     else OLMOE if cfg.qk_norm_whole else QWEN3_MOE if cfg.qk_norm else MIXTRAL)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.sandwich_norm:
-            arch = GLM4
+            granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
+            arch = HYPERCLOVAX if granite else GLM4  # (Granite's multipliers with Peri-LN's norms: HyperCLOVA X's)
         elif cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
             arch = (YOUTU if cfg.kv_lora_rank  # (latent attention beside dense MLPs)

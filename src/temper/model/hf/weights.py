@@ -41,6 +41,7 @@ from temper.model.hf.config import (
     HUNYUAN_MOE,
     HUNYUANS,
     HYBRID,
+    HYPERCLOVAX,
     JAMBA,
     LATENT,
     LFM2_MOE,
@@ -332,6 +333,9 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 norms = (("input_layernorm", "attn_norm"), ("pre_ff_layernorm", "mlp_norm"))
             elif arch == APERTUS:
                 norms = (("attention_layernorm", "attn_norm"), ("feedforward_layernorm", "mlp_norm"))
+            elif arch == HYPERCLOVAX:  # Llama's, and Peri-LN's on the sublayers' outputs
+                norms = (("input_layernorm", "attn_norm"), ("post_norm1", "attn_out_norm"),
+                         ("post_attention_layernorm", "mlp_norm"), ("post_norm2", "mlp_out_norm"))
             elif arch == GLM4:  # sandwich norms under its own names
                 norms = (("input_layernorm", "attn_norm"), ("post_self_attn_layernorm", "attn_out_norm"),
                          ("post_attention_layernorm", "mlp_norm"), ("post_mlp_layernorm", "mlp_out_norm"))
