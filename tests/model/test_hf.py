@@ -1133,6 +1133,14 @@ def test_hyperclovax_is_chosen_by_fields():
     assert hf_architecture(replace(cfg, sandwich_norm=False)) == "GraniteForCausalLM"
 
 
+def test_iquest_coder_reads_as_llama_with_its_config_class_defaults():
+    cfg = from_hf_config({"architectures": ["IQuestCoderForCausalLM"], "model_type": "iquestcoder",
+                          "rope_theta": 5e5})
+    assert (cfg.hf_architecture, cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (
+        "LlamaForCausalLM", 5120, 80, 8, 128, 76800)
+    assert from_hf_config({"model_type": "iquestcoder", "num_hidden_layers": 2}).n_layers == 2  # by its model_type
+
+
 def test_jais2_is_chosen_by_fields():
     cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
     assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]

@@ -2,59 +2,59 @@
 config and the writing of one.
 
 Seventy-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
-`ExaoneForCausalLM` and InternLM3's `InternLM3ForCausalLM` are Llama under other names, read as it), Llama 4's text
-model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`: Llama's blocks with RoPE in adjacent
-pairs, attention within chunks, weightless q/k norms after RoPE, a layer without positions after every three whose
-queries take a temperature, experts weighing their inputs beside a shared one, in every layer or every other; read by
-`_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms with biases beside linear layers with
-or without, an exact-GELU MLP beside attention on one or two norms or after it, one kv head, grouped ones or as many as
-heads, fused with the queries by group; read by `_falcon`), GPT-J (`GPTJForCausalLM`: attention without biases beside a
-tanh-GELU MLP with them on one LayerNorm, a head with a bias, part of each head rotated in adjacent pairs: `attn_bias`;
-read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder and SantaCoder: GPT-2's blocks with one kv head, q, k
-and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`: Llama with RoPE in adjacent pairs and norms that
-scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention with LayerNorms and a squared-ReLU MLP), Apertus
-(`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an MLP of xIELU with learned scalars), Granite SWA
-(`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers around global ones, RoPE bases per layer),
-HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on the sublayers' outputs too, its logits
-multiplied), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first
-layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo
-(`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also
-read out of `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the
-whole query taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts
-stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
-(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
-(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
-four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
-queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
-without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
-heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
-RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
-(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
-capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
-norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
-checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
-out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
-their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
-scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
-values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
-head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
-partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
-`qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
-`norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
-3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
-(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with
-one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`:
-attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3
-(`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama
-with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those
-and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
-the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
-shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
-(`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a shared
-expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`: that
-routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published FP8
-weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a float32
-softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+`ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
+other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
+Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
+positions after every three whose queries take a temperature, experts weighing their inputs beside a shared one, in
+every layer or every other; read by `_llama4`, written by `_llama4_config`), Falcon (`FalconForCausalLM`: LayerNorms
+with biases beside linear layers with or without, an exact-GELU MLP beside attention on one or two norms or after it,
+one kv head, grouped ones or as many as heads, fused with the queries by group; read by `_falcon`), GPT-J
+(`GPTJForCausalLM`: attention without biases beside a tanh-GELU MLP with them on one LayerNorm, a head with a bias, part
+of each head rotated in adjacent pairs: `attn_bias`; read by `_gptj`), GPTBigCode (`GPTBigCodeForCausalLM`, StarCoder
+and SantaCoder: GPT-2's blocks with one kv head, q, k and v fused; read by `_gpt_bigcode`), Helium (`HeliumForCausalLM`:
+Llama with RoPE in adjacent pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention
+with LayerNorms and a squared-ReLU MLP), Apertus (`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an
+MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers
+around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
+the sublayers' outputs too, its logits multiplied), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's
+routing, shared experts and dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside
+dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4
+(`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its text_config's model_type:
+DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax router over groups scored by
+their two best experts, the experts stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the
+sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's
+routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the
+first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
+temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
+text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
+(`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
+checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
+embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers
+alternating with global ones, capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's
+parts without the caps, q/k norms, windowed layers with their own RoPE base; also read out of the image-text
+`Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model
+(`Gemma4ForCausalLM`, also read out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global
+layers shaped apart (wider heads, their own kv heads, values made by the keys' projection, proportional RoPE), value
+norms, layer scalars, unscaled scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and
+layers sharing keys and values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm,
+biases everywhere, the head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up
+projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or
+biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside
+linear layers without, `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
+all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global
+ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`:
+Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS
+(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
+published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B
+(`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414
+(`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings,
+the sublayers' outputs, the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60
+experts beside a gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts),
+GLM-4.5 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
+shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
+that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published
+FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a
+float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
 RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat (`NanoChatForCausalLM`:
@@ -223,6 +223,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
                 "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "exaone": "ExaoneForCausalLM",
                 "internlm3": "InternLM3ForCausalLM",
+                "iquestcoder": "IQuestCoderForCausalLM",
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -934,6 +935,11 @@ _AS_LLAMA = {
                               "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 2,
                               "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
                               "hidden_act": "silu", "tie_word_embeddings": False}),
+    # IQuest-Coder (IQuestLab): Llama itself, its config class's defaults its own
+    "IQuestCoderForCausalLM": ({}, {"vocab_size": 76800, "hidden_size": 5120, "intermediate_size": 27648,
+                                    "num_hidden_layers": 80, "num_attention_heads": 40, "num_key_value_heads": 8,
+                                    "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+                                    "hidden_act": "silu", "tie_word_embeddings": False}),
 }
 """Architectures that are Llama under other names, as transformers 5 runs them (LlamaForCausalLM): their config keys
 as Llama's, and their config classes' defaults of what a config may leave out. Their weights' names are read by
