@@ -263,6 +263,11 @@ CASES = {
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
+    # Solar Open: Llama's attention (q/k/v biases here) with GLM-4.5's routing (sigmoid scores, a choice bias, groups,
+    # scaled weights) beside a shared expert, in every layer
+    "solar-open-sigmoid-groups": lambda: _with_choice_bias(_hf(
+        "SolarOpenConfig", "SolarOpenForCausalLM", **_SMALL, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, attention_bias=True)),
     # HyperCLOVA X: Granite's multipliers (muP) with norms on the sublayers' outputs too (Peri-LN), its logits
     # multiplied; without the output norms, with biases
     "hyperclovax-peri-ln-mup": lambda: _hf(
@@ -564,6 +569,8 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
+                      ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
+                      ("solar-open-sigmoid-groups", {"qkv_bias": False}),
                       ("hyperclovax-peri-ln-mup", {"logit_divisor": 0.25}),  # divided by logits_scaling, as Granite
                       ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global
                       ("granite-swa-nope-global", {"nope_every": None}),  # RoPE on the global layers too

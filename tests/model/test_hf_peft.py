@@ -227,6 +227,10 @@ CONFIGS = {
                            dense_layers=1, expert_weights_float32=True, hf_architecture="DeepseekV3ForCausalLM"),
     # dots.llm1: GLM-4.5's routing behind Qwen3's per-head q/k norms; Youtu-LLM: latent attention beside dense MLPs;
     # FlexOlmo: OLMo 2's post-norm blocks with OLMoE's experts
+    # Solar Open: Llama's attention with q/k/v biases, GLM-4.5's routing in every layer
+    "solar_open": replace(_LLAMA, n_experts=4, qkv_bias=True, expert_ffn_dim=40, shared_expert_ffn_dim=40,
+                          router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
+                          expert_weights_float32=True, hf_architecture="SolarOpenForCausalLM"),
     "dots1": replace(_LLAMA, n_experts=4, qk_norm=True, expert_ffn_dim=40, shared_expert_ffn_dim=40,
                      router_scores="sigmoid", expert_choice_bias=True, expert_groups=2, routed_scaling=2.5,
                      dense_layers=1, expert_weights_float32=True, hf_architecture="Dots1ForCausalLM"),
@@ -301,6 +305,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "hunyuan_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "dots1": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "solar_open": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "youtu": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "flex_olmo": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "llama4": ["q_proj", "k_proj", "v_proj", "o_proj"],

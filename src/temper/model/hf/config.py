@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-two architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
 other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
 Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
@@ -16,45 +16,46 @@ Llama with RoPE in adjacent pairs and norms that scale before they round), Jais 
 with LayerNorms and a squared-ReLU MLP), Apertus (`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an
 MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers
 around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
-the sublayers' outputs too, its logits multiplied), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's
-routing, shared experts and dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside
-dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4
-(`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its text_config's model_type:
-DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax router over groups scored by
-their two best experts, the experts stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the
-sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's
-routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the
-first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
-temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
-text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
-(`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
-checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
-embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers
-alternating with global ones, capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's
-parts without the caps, q/k norms, windowed layers with their own RoPE base; also read out of the image-text
-`Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model
-(`Gemma4ForCausalLM`, also read out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global
-layers shaped apart (wider heads, their own kv heads, values made by the keys' projection, proportional RoPE), value
-norms, layer scalars, unscaled scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and
-layers sharing keys and values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm,
-biases everywhere, the head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up
-projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or
-biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside
-linear layers without, `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
-all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global
-ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`:
-Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS
-(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
-published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B
-(`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414
-(`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings,
-the sublayers' outputs, the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60
-experts beside a gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts),
-GLM-4.5 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
-shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
-that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published
-FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a
-float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+the sublayers' outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's
+routing in every layer), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
+dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo
+(`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also
+read out of `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the
+whole query taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts
+stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
+(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
+(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
+four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
+queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
+without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
+heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
+RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
+(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
+capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
+norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
+checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
+out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
+their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
+scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
+values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
+head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
+partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
+`qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
+`norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
+3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
+(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with
+one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`:
+attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3
+(`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama
+with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those
+and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
+the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
+shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
+(`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a shared
+expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`: that
+routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published FP8
+weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a float32
+softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
 RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat (`NanoChatForCausalLM`:
@@ -154,6 +155,7 @@ EXAONE_MOE = "ExaoneMoeForCausalLM"
 APERTUS = "ApertusForCausalLM"
 GRANITE_SWA = "GraniteSWAForCausalLM"
 HYPERCLOVAX = "HyperCLOVAXForCausalLM"
+SOLAR_OPEN = "SolarOpenForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -163,7 +165,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -180,12 +182,12 @@ LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINIS
 # ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
-                     MISTRAL4, FLEX_OLMO, EXAONE_MOE)
+                     MISTRAL4, FLEX_OLMO, EXAONE_MOE, SOLAR_OPEN)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4, EXAONE_MOE)  # DeepSeek's: shared experts,
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4, EXAONE_MOE, SOLAR_OPEN)  # DeepSeek's: shared experts,
 # groups, scaling, dense first layers
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, EXAONE_MOE)  # of those, DeepSeek-V3's routing: sigmoid scores, a
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, EXAONE_MOE, SOLAR_OPEN)  # of those, DeepSeek-V3's routing: sigmoid scores, a
 # choice bias
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
@@ -221,7 +223,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "exaone": "ExaoneForCausalLM",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN, "exaone": "ExaoneForCausalLM",
                 "internlm3": "InternLM3ForCausalLM",
                 "iquestcoder": "IQuestCoderForCausalLM",
                 "exaone4_5": "Exaone4_5_ForConditionalGeneration",
@@ -877,6 +879,11 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
             "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
 
 
+_SOLAR_OPEN_DEFAULTS = {"vocab_size": 196608, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
+                        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+                        "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+"""SolarOpenConfig's defaults of what a config may leave out (Solar-Open-100B's shape)."""
+
 _HYPERCLOVAX_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                          "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
                          "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
@@ -1030,6 +1037,9 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == YOUTU:  # YoutuConfig's tied embeddings and initialisation (2 / sqrt(5 dim)) where left out
         d = {"tie_word_embeddings": True, **{k: v for k, v in d.items() if v is not None}}
         d.setdefault("initializer_range", 2.0 / (5.0 * d["hidden_size"]) ** 0.5)
+    if arch == SOLAR_OPEN:  # SolarOpenConfig's shape where left out; experts in every layer, whatever a config says
+        d = {**_SOLAR_OPEN_DEFAULTS, **{k: v for k, v in d.items() if v is not None}, "first_k_dense_replace": 0}
+        d.setdefault("intermediate_size", d.get("moe_intermediate_size", 1280))  # (no dense MLP: none of its own)
     if arch == MISTRAL4:  # Mistral4Config's shape and RoPE where left out
         d = {**_MISTRAL4_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
@@ -1137,6 +1147,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
             raise ValueError(f"{name} attention_bias and mlp_bias must agree (temper's `bias` covers both)")
     elif glm:  # attention_bias: q, k and v's (Glm4Config's default: on; Glm4MoeConfig's: off)
         qkv_bias = bool(d.get("attention_bias", arch in (GLM1, GLM4)))
+    elif arch == SOLAR_OPEN:  # Llama's attention with attention_bias on q, k and v alone (its o_proj has none)
+        qkv_bias = bool(d.get("attention_bias", False))
     elif arch == SEED_OSS:  # its q/k/v biases (attention_bias), o_proj's and the MLP's apart
         flags = tuple(bool(d.get(key, default)) for key, default in (
             ("attention_bias", True), ("attention_out_bias", False), ("mlp_bias", False)))
@@ -1244,7 +1256,8 @@ def _linear_layers(d: dict[str, Any]) -> dict[str, Any]:
             "linear_conv_size": d["linear_conv_kernel_dim"]}
 
 
-_DEFAULT_THETA = {COHERE: 500000.0, LFM2: 1000000.0, LFM2_MOE: 1000000.0, FLEX_OLMO: 500000.0}
+_DEFAULT_THETA = {COHERE: 500000.0, LFM2: 1000000.0, LFM2_MOE: 1000000.0, FLEX_OLMO: 500000.0,
+                  SOLAR_OPEN: 1000000.0}
 """The RoPE base of the config classes whose default is not 10000 (their `default_theta`), for a config without one."""
 
 
@@ -1722,6 +1735,8 @@ _DEEPSEEK_MOE_DEFAULTS = {  # Glm4MoeConfig's, DeepseekV2Config's and DeepseekV3
                "n_shared_experts": 1, "norm_topk_prob": True},
     DOTS1: {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "moe_intermediate_size": 1408,
             "routed_scaling_factor": 1.0, "norm_topk_prob": False},  # (its expert counts: no defaults)
+    SOLAR_OPEN: {"n_routed_experts": 128, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1280,
+                 "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "n_shared_experts": 1, "norm_topk_prob": True},
 }
 
 
@@ -2327,7 +2342,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "its attention_bias also covers o_proj: q/k/v-only biases are Qwen2's"
     if arch == QWEN2 and (cfg.bias or not cfg.qkv_bias):
         return "it has biases on q, k and v only"
-    if arch in (QWEN2_MOE, *GLM) and cfg.bias:
+    if arch in (QWEN2_MOE, *GLM, SOLAR_OPEN) and cfg.bias:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
                 *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO,
@@ -2593,6 +2608,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "sliding_window": cfg.sliding_window, "residual_dropout": cfg.dropout, "embedding_dropout": cfg.dropout}
     elif arch in GLM:
         d |= {"attention_bias": cfg.qkv_bias, "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    elif arch == SOLAR_OPEN:  # (its o_proj never has a bias)
+        d["attention_bias"] = cfg.qkv_bias
     elif arch in EXAONES:
         d |= {"sliding_window": cfg.sliding_window, "sliding_window_pattern": cfg.global_every or 0,
               "layer_types": _layer_types(cfg)}
