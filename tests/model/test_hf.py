@@ -263,6 +263,11 @@ CASES = {
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
+    # CWM (Meta's Code World Model): Llama with three windowed layers after every global one (its default layout),
+    # Llama 3.1's scaling
+    "cwm-first-global-llama3": lambda: _hf("CwmConfig", "CwmForCausalLM", **_SMALL | {"num_hidden_layers": 4},
+                                           head_dim=16, sliding_window=WINDOW,
+                                           rope_parameters={"rope_theta": 1e6, **LLAMA3_SCALING}),
     # Solar Open: Llama's attention (q/k/v biases here) with GLM-4.5's routing (sigmoid scores, a choice bias, groups,
     # scaled weights) beside a shared expert, in every layer
     "solar-open-sigmoid-groups": lambda: _with_choice_bias(_hf(
@@ -570,6 +575,7 @@ def test_variant_features_are_exercised():
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
                       ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
+                      ("cwm-first-global-llama3", {"global_first": False}),  # the last of the four global
                       ("solar-open-sigmoid-groups", {"qkv_bias": False}),
                       ("hyperclovax-peri-ln-mup", {"logit_divisor": 0.25}),  # divided by logits_scaling, as Granite
                       ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global
@@ -1146,6 +1152,15 @@ def test_iquest_coder_reads_as_llama_with_its_config_class_defaults():
     assert (cfg.hf_architecture, cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size) == (
         "LlamaForCausalLM", 5120, 80, 8, 128, 76800)
     assert from_hf_config({"model_type": "iquestcoder", "num_hidden_layers": 2}).n_layers == 2  # by its model_type
+
+
+def test_cwm_reads_its_config_class_defaults_and_refuses_a_bias():
+    cfg = from_hf_config({"architectures": ["CwmForCausalLM"], "num_hidden_layers": 8})
+    assert (cfg.global_every, cfg.global_first, cfg.sliding_window, cfg.rope_theta, cfg.rope_scaling["factor"]) == (
+        4, True, 8192, 1e6, 16.0)
+    assert [cfg.window_of(i) for i in range(4)] == [None, 8192, 8192, 8192]
+    with pytest.raises(ValueError, match="attention_bias"):
+        from_hf_config({"architectures": ["CwmForCausalLM"], "attention_bias": True})
 
 
 def test_jais2_is_chosen_by_fields():

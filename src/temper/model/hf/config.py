@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-three architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
 other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
 Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
@@ -17,29 +17,30 @@ with LayerNorms and a squared-ReLU MLP), Apertus (`ApertusForCausalLM`: Llama's 
 MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers
 around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
 the sublayers' outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's
-routing in every layer), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and
-dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo
-(`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also
-read out of `Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the
-whole query taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts
-stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
-(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
-(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
-four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
-queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
-without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
-heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
-RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
-(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
-capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
-norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
-checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
-out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
-their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
-scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
-values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
-head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
-partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
+routing in every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), dots.llm1 (`Dots1ForCausalLM`:
+Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM (`YoutuForCausalLM`:
+DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with
+OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
+text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax router
+over groups scored by their two best experts, the experts stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2
+without norms on the sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with
+DeepSeek-V3's routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`:
+Mistral's layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with
+YaRN and Llama 4's temperature of the queries, `query_scale_beta`; both also read out of
+`Mistral3ForConditionalGeneration`, by its text_config's model_type, without the vision tower), Qwen2/2.5
+(`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's,
+Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the RoPE it is for text), Gemma
+(`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's
+parts, norms on the sublayers' outputs, windowed layers alternating with global ones, capped attention scores and
+logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with
+their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and
+27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read out of
+`Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads, their
+own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled scores;
+26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values), Phi-1,
+1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the head's too:
+`head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial
+rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
 `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
 `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
@@ -156,6 +157,7 @@ APERTUS = "ApertusForCausalLM"
 GRANITE_SWA = "GraniteSWAForCausalLM"
 HYPERCLOVAX = "HyperCLOVAXForCausalLM"
 SOLAR_OPEN = "SolarOpenForCausalLM"
+CWM = "CwmForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -165,7 +167,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN, CWM)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -178,7 +180,7 @@ GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)
 CAPPED = (GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)  # capped scores or logits, scores scaled by query_pre_attn_scalar
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA)  # windowed layers between global
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA, CWM)  # windowed layers between global
 # ones
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
@@ -223,10 +225,10 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "gpt_bigcode": GPT_BIGCODE, "glm": GLM1, "qwen2_vl": "Qwen2VLForConditionalGeneration",
                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
-                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE, "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN, "exaone": "ExaoneForCausalLM",
-                "internlm3": "InternLM3ForCausalLM",
-                "iquestcoder": "IQuestCoderForCausalLM",
-                "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+                "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE,
+                "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN,
+                "cwm": CWM, "exaone": "ExaoneForCausalLM", "internlm3": "InternLM3ForCausalLM",
+                "iquestcoder": "IQuestCoderForCausalLM", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
 
@@ -879,6 +881,13 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
             "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "layer_rope_theta": bases}
 
 
+_CWM_DEFAULTS = {"vocab_size": 128256, "hidden_size": 6144, "intermediate_size": 21504, "num_hidden_layers": 64,
+                 "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+                 "rms_norm_eps": 1e-5, "sliding_window": 8192, "tie_word_embeddings": False}
+"""CwmConfig's defaults of what a config may leave out (Meta's Code World Model, CWM 32B)."""
+_CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0,
+             "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
 _SOLAR_OPEN_DEFAULTS = {"vocab_size": 196608, "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
                         "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
                         "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -1037,6 +1046,12 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
     if arch == YOUTU:  # YoutuConfig's tied embeddings and initialisation (2 / sqrt(5 dim)) where left out
         d = {"tie_word_embeddings": True, **{k: v for k, v in d.items() if v is not None}}
         d.setdefault("initializer_range", 2.0 / (5.0 * d["hidden_size"]) ** 0.5)
+    if arch == CWM:  # CwmConfig's shape and RoPE where left out; the first of every four layers global
+        d = {**_CWM_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+        if not (d.get("rope_parameters") or d.get("rope_scaling")):
+            d["rope_parameters"] = dict(_CWM_ROPE)
+        d.setdefault("layer_types", ["full_attention" if i % 4 == 0 else "sliding_attention"
+                                     for i in range(d["num_hidden_layers"])])
     if arch == SOLAR_OPEN:  # SolarOpenConfig's shape where left out; experts in every layer, whatever a config says
         d = {**_SOLAR_OPEN_DEFAULTS, **{k: v for k, v in d.items() if v is not None}, "first_k_dense_replace": 0}
         d.setdefault("intermediate_size", d.get("moe_intermediate_size", 1280))  # (no dense MLP: none of its own)
@@ -1095,8 +1110,8 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         head_dim = latent.pop("head_dim")
     window = d.get("sliding_window") if arch in (MISTRAL, PHI3, MIXTRAL, STARCODER2, MINISTRAL3) else None
     every, first = None, False
-    if arch == MINISTRAL:
-        window, every, first = _window_layers(d, "Ministral", None, first_ok=True)
+    if arch in (MINISTRAL, CWM):
+        window, every, first = _window_layers(d, name, None, first_ok=True)
     if arch == DOTS1:  # Dots1Config windows the layers from max_window_layers on: none in its published configs
         n = d["num_hidden_layers"]
         types = d.get("layer_types") or ["sliding_attention" if d.get("sliding_window") is not None
@@ -2346,7 +2361,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
         return "it has biases on q, k and v at most"
     unbiased = (MISTRAL, QWEN3, *GEMMAS, PHI3, *POST_NORM, MIXTRAL, QWEN3_MOE, SMOLLM3, OLMOE, MINIMAX_M2, ERNIE4_5_MOE,
                 *HUNYUANS, *COHERES, *LFM2S, *GRANITE_MOES, *MAMBA2_HYBRIDS, *MIXERS_ALONE, JAMBA, NANOCHAT, OLMO,
-                MINISTRAL3, MINISTRAL)
+                MINISTRAL3, MINISTRAL, CWM)
     if arch in unbiased and (cfg.bias or cfg.qkv_bias):
         return "it has no biases"
     normed = (QWEN3, GEMMA3, GEMMA4, QWEN3_MOE, *EXAONES, *WHOLE_QK_NORM, *HYBRID, *HUNYUANS, *LFM2S, NANOCHAT, DOTS1)
@@ -2425,7 +2440,7 @@ def _cannot_express(arch: str, cfg: ModelConfig) -> str | None:
     logit_divisor = cfg.logit_divisor and arch not in COHERES  # Cohere's logit_scale
     if (cfg.embed_multiplier or cfg.residual_multiplier or logit_divisor) and arch not in GRANITES:
         return "it has no embedding, residual or logit multipliers (GraniteForCausalLM has)"
-    if cfg.global_first and arch != MINISTRAL:
+    if cfg.global_first and arch not in (MINISTRAL, CWM):
         return "its global layers are the last of each group (MinistralForCausalLM's may be the first: global_first)"
     if cfg.global_every and arch not in LOCAL_GLOBAL:
         return "it has no global layers between windowed ones (Gemma 2 and 3 and OLMo 3 do)"
@@ -2590,6 +2605,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
               "attention_multiplier": (cfg.attn_scale_dim or cfg.head_dim) ** -0.5}
     elif arch == MINISTRAL:  # its windowed and global layers named one by one
         d |= {"sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg)}
+    elif arch == CWM:  # and its RoPE written out: CwmConfig would take a missing one for its Llama 3.1 scaling
+        d |= {"sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg), "rope_scaling": None,
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}}
+        del d["rope_theta"], d["bos_token_id"]  # (CwmConfig takes no null one: its own default stands)
     elif arch in (MISTRAL, PHI3, MIXTRAL):
         d["sliding_window"] = cfg.sliding_window
         if arch == PHI3:  # its original length at the top, where transformers reads it first
