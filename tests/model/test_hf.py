@@ -263,6 +263,13 @@ CASES = {
     "granite-swa-local-base": lambda: _hf(
         "GraniteSWAConfig", "GraniteSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4}, sliding_window=WINDOW,
         layer_rope_theta=[10000.0, 50.0, 50.0, 50.0], attention_bias=True, mlp_bias=True),
+    # Nemotron-4 / Minitron: LayerNorms scaling by 1 + weight (LayerNorm1P), a squared-ReLU MLP, half of each head
+    # rotated; with biases on every linear layer
+    "nemotron-layernorm1p-partial": lambda: _hf("NemotronConfig", "NemotronForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, norm_eps=1e-5),
+    "nemotron-biases": lambda: _hf("NemotronConfig", "NemotronForCausalLM", **{
+        k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, attention_bias=True, mlp_bias=True,
+        tie_word_embeddings=True),
     # CWM (Meta's Code World Model): Llama with three windowed layers after every global one (its default layout),
     # Llama 3.1's scaling
     "cwm-first-global-llama3": lambda: _hf("CwmConfig", "CwmForCausalLM", **_SMALL | {"num_hidden_layers": 4},
@@ -575,7 +582,9 @@ def test_variant_features_are_exercised():
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
                       ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
-                      ("cwm-first-global-llama3", {"global_first": False}),  # the last of the four global
+                      ("cwm-first-global-llama3", {"global_first": False}),
+                      ("nemotron-layernorm1p-partial", {"norm_unit_offset": False}),
+                      ("nemotron-layernorm1p-partial", {"rope_dim": None}),  # whole heads rotated  # the last of the four global
                       ("solar-open-sigmoid-groups", {"qkv_bias": False}),
                       ("hyperclovax-peri-ln-mup", {"logit_divisor": 0.25}),  # divided by logits_scaling, as Granite
                       ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global

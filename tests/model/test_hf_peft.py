@@ -149,6 +149,9 @@ CONFIGS = {
     # HyperCLOVA X: Granite's multipliers, norms on the sublayers' outputs too
     "hyperclovax": replace(_LLAMA, sandwich_norm=True, residual_multiplier=0.5, logit_divisor=4.0,
                            hf_architecture="HyperCLOVAXForCausalLM"),
+    # Nemotron-4 / Minitron: LayerNorm1P, a squared-ReLU MLP, half of each head rotated
+    "nemotron": replace(_LLAMA, norm="layernorm", norm_unit_offset=True, norm_bias=True, mlp="relu2", rope_dim=8,
+                        hf_architecture="NemotronForCausalLM"),
     # Apertus: per-head q/k norms, attention biases, an MLP of xIELU (its scalars trained apart from the adapters)
     "apertus": replace(_LLAMA, mlp="xielu", qk_norm=True, attn_bias=True, hf_architecture="ApertusForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two

@@ -307,6 +307,8 @@ GEMMA4_MOE = GEMMA4 | dict(n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim
     ("debug-llama", "lora", "fp32", 0, {"dims": OLMO}),
     ("debug-llama", "pretrain", "bf16", 0, {"dims": STABLELM}),
     ("debug-llama", "pretrain", "fp32", 1, {"dims": NANOCHAT}),
+    ("debug-llama", "pretrain", "bf16", 1, {"dims": {"norm": "layernorm", "norm_unit_offset": True, "norm_bias": True,
+                                                     "bias": False, "mlp": "relu2", "rope_dim": 8}}),  # Nemotron-4's
     ("debug-llama", "pretrain", "fp32", 0, {"dims": PHI}),
     ("debug-llama", "lora", "bf16", 0, {"dims": PHI}),
     ("debug-llama", "pretrain", "fp32", 0, {"dims": APERTUS}),

@@ -117,7 +117,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon added to the variance in every norm."""
     norm_unit_offset: bool = False
-    """RMSNorm scales by (1 + weight), in float32, and its weight starts at 0 (Gemma)."""
+    """The norms scale by (1 + weight), their weight starting at 0: RMSNorm's in float32 (Gemma), LayerNorm's
+    (Nemotron-4's LayerNorm1P)."""
     norm_cast_after: bool = False
     """RMSNorm scales by its weight before rounding to the activations' dtype (OLMo 2); False: after (Llama). The
     same in float32."""
@@ -384,8 +385,6 @@ class ModelConfig:
                                      f"rotated pair of a head's dimensions, got {factors!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
-        if self.norm_unit_offset and self.norm != "rmsnorm":
-            raise ValueError("norm_unit_offset needs norm='rmsnorm'")
         if self.qk_norm and self.norm != "rmsnorm":
             raise ValueError("qk_norm needs norm='rmsnorm'")
         if self.qk_norm_whole and not self.qk_norm:

@@ -53,11 +53,24 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
+class LayerNorm1P(nn.LayerNorm):
+    """LayerNorm scaling by (1 + weight), its weight starting at 0 (Nemotron-4's LayerNorm1P: weight decay then pulls
+    the scale towards 1, not 0); checkpoints store the weight in that form."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_unit_offset, cfg.norm_cast_after, cfg.norm_weightless)
     bias = cfg.bias if cfg.norm_bias is None else cfg.norm_bias
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
+    kind = LayerNorm1P if cfg.norm_unit_offset else nn.LayerNorm
+    return kind(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
 
 
 class _XIELUFunction(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-four architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
 other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
 Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
@@ -17,30 +17,31 @@ with LayerNorms and a squared-ReLU MLP), Apertus (`ApertusForCausalLM`: Llama's 
 MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers
 around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
 the sublayers' outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's
-routing in every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), dots.llm1 (`Dots1ForCausalLM`:
-Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM (`YoutuForCausalLM`:
-DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with
-OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its
-text_config's model_type: DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax router
-over groups scored by their two best experts, the experts stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2
-without norms on the sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with
-DeepSeek-V3's routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`:
-Mistral's layers, the first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with
-YaRN and Llama 4's temperature of the queries, `query_scale_beta`; both also read out of
-`Mistral3ForConditionalGeneration`, by its text_config's model_type, without the vision tower), Qwen2/2.5
-(`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's,
-Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the RoPE it is for text), Gemma
-(`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's
-parts, norms on the sublayers' outputs, windowed layers alternating with global ones, capped attention scores and
-logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k norms, windowed layers with
-their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and
-27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read out of
-`Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads, their
-own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled scores;
-26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and values), Phi-1,
-1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the head's too:
-`head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE, partial
-rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
+routing in every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), Nemotron-4 and Minitron
+(`NemotronForCausalLM`: LayerNorms scaling by 1 + weight, a squared-ReLU MLP, half of each head rotated), dots.llm1
+(`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
+(`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
+post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
+`Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
+taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
+stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
+(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
+(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
+four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
+queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
+without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
+heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
+RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
+(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
+capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
+norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
+checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
+out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
+their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
+scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
+values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
+head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
+partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
 `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
 `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
@@ -158,6 +159,7 @@ GRANITE_SWA = "GraniteSWAForCausalLM"
 HYPERCLOVAX = "HyperCLOVAXForCausalLM"
 SOLAR_OPEN = "SolarOpenForCausalLM"
 CWM = "CwmForCausalLM"
+NEMOTRON = "NemotronForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -167,7 +169,7 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN, CWM)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN, CWM, NEMOTRON)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -227,7 +229,7 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
                 "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE,
                 "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN,
-                "cwm": CWM, "exaone": "ExaoneForCausalLM", "internlm3": "InternLM3ForCausalLM",
+                "cwm": CWM, "nemotron": NEMOTRON, "exaone": "ExaoneForCausalLM", "internlm3": "InternLM3ForCausalLM",
                 "iquestcoder": "IQuestCoderForCausalLM", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -893,6 +895,48 @@ _SOLAR_OPEN_DEFAULTS = {"vocab_size": 196608, "hidden_size": 4096, "num_hidden_l
                         "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 """SolarOpenConfig's defaults of what a config may leave out (Solar-Open-100B's shape)."""
 
+_NEMOTRON_DEFAULTS = {"vocab_size": 256000, "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 32,
+                      "num_attention_heads": 48, "hidden_act": "relu2", "max_position_embeddings": 4096,
+                      "norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+"""NemotronConfig's defaults of what a config may leave out (Nemotron-4 15B's shape)."""
+
+
+def _nemotron(d: dict[str, Any]) -> ModelConfig:
+    """Nemotron-4 and Minitron (`NemotronForCausalLM`): LayerNorms scaling by (1 + weight), with biases
+    (LayerNorm1P: `norm_unit_offset`), a squared-ReLU MLP, not gated, half of each head rotated; biases on every linear
+    layer or on none (attention_bias and mlp_bias agree)."""
+    d = {**_NEMOTRON_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
+        raise ValueError(f"Nemotron hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
+                         f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
+    theta, scaling, rope = _rope(d)
+    dim, n_heads, head_dim = _heads(d, "Nemotron")
+    partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
+    rope_dim = int(head_dim * partial)  # as transformers rounds it
+    if not (0 < partial <= 1 and rope_dim % 2 == 0):
+        raise ValueError(f"Nemotron partial_rotary_factor={partial} is not supported (a share of each head in (0, 1] "
+                         "that rotates an even number of dims)")
+    bias = bool(d["attention_bias"])
+    return ModelConfig(
+        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
+        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="relu2", norm="layernorm",
+        norm_unit_offset=True, norm_bias=None if bias else True, norm_eps=d["norm_eps"], pos="rope",
+        rope_theta=float(theta), rope_scaling=scaling, rope_dim=None if rope_dim == head_dim else rope_dim, bias=bias,
+        tie_embeddings=d["tie_word_embeddings"], dropout=0.0, init_std=d.get("initializer_range", 0.0134),
+        hf_architecture=NEMOTRON)
+
+
+def _nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The NemotronConfig of `cfg`: its share of each head rotated in its RoPE, written out."""
+    shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
+    partial = cfg.rotary_dim / cfg.head_dim
+    return {"architectures": [NEMOTRON], "model_type": "nemotron", **shape, "hidden_act": "relu2",
+            "norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "partial_rotary_factor": partial,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {}),
+                                "partial_rotary_factor": partial}}
+
+
 _HYPERCLOVAX_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                          "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
                          "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
@@ -996,7 +1040,8 @@ def _llama_shape(cfg: ModelConfig) -> dict[str, Any]:
 _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_config), GPTJ: (_gptj, _gptj_config),
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
                JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config),
-               GRANITE_SWA: (_granite_swa, _granite_swa_config), HYPERCLOVAX: (_hyperclovax, _hyperclovax_config)}
+               GRANITE_SWA: (_granite_swa, _granite_swa_config), HYPERCLOVAX: (_hyperclovax, _hyperclovax_config),
+               NEMOTRON: (_nemotron, _nemotron_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -2144,8 +2189,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.mlp == "xielu":
             arch = APERTUS
         elif cfg.mlp == "relu2":  # (Arcee: Llama's blocks with it)
-            arch = (JAIS2 if cfg.norm == "layernorm" else NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers
-                    else ARCEE)
+            arch = ((NEMOTRON if cfg.norm_unit_offset else JAIS2) if cfg.norm == "layernorm"
+                    else NEMOTRON_H if cfg.norm_cast_after or cfg.has_linear_layers else ARCEE)
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu") and cfg.norm_bias:
             arch = STABLELM
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "gelu") and not cfg.bias and not cfg.qkv_bias:
