@@ -582,9 +582,9 @@ def test_variant_features_are_exercised():
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
                       ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
-                      ("cwm-first-global-llama3", {"global_first": False}),
+                      ("cwm-first-global-llama3", {"global_first": False}),  # the last of the four global
                       ("nemotron-layernorm1p-partial", {"norm_unit_offset": False}),
-                      ("nemotron-layernorm1p-partial", {"rope_dim": None}),  # whole heads rotated  # the last of the four global
+                      ("nemotron-layernorm1p-partial", {"rope_dim": None}),  # whole heads rotated
                       ("solar-open-sigmoid-groups", {"qkv_bias": False}),
                       ("hyperclovax-peri-ln-mup", {"logit_divisor": 0.25}),  # divided by logits_scaling, as Granite
                       ("granite-swa-first-global-sinks", {"global_first": False}),  # the last of the four global

@@ -276,7 +276,8 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                            expert_layers=(1,)),
              "phi": dict(norm="layernorm", mlp="gelu", bias=True, parallel_block=True, head_bias=True, rope_dim=8),
              "llama4": {k: v for k, v in vars(PRESETS["debug-llama4"]).items() if k not in (
-                 "vocab_size", "max_seq_len", "n_layers", "tie_embeddings")} | dict(sliding_window=32, expert_layers=(1,)),
+                 "vocab_size", "max_seq_len", "n_layers", "tie_embeddings")} | dict(sliding_window=32,
+                                                                        expert_layers=(1,)),
              "apertus": dict(mlp="xielu", qk_norm=True, attn_bias=True, ffn_dim=128),
              }[family]
     cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512, tie_embeddings=False,
@@ -286,6 +287,7 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
     save_hf_tokenizer(HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": CHATML}),
                       base)
     attention = "q_proj,k_proj,v_proj,o_proj,"
+    # (no Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
     targets = {"lfm2": attention + "in_proj,out_proj", "cohere2": attention + "gate_proj,up_proj,down_proj",
                "granite4": attention + "in_proj,out_proj", "nemotron_h": attention + "in_proj,up_proj,down_proj",
                "nemotron3": attention + "in_proj", "mamba2": "in_proj,head",
@@ -293,7 +295,7 @@ def test_hybrids_and_cohere2_fine_tune_packed_and_export_as_themselves(tmp_path,
                "falcon_mamba": "in_proj,x_proj,head",
                "jamba": attention + "in_proj,x_proj,out_proj,gate_proj,up_proj,down_proj",
                "phi": attention + "up_proj,down_proj,head", "llama4": attention + "router,head",
-               "apertus": attention + "up_proj,down_proj"}[family]  # (a Mamba out_proj of Nemotron-H or Mamba: PEFT refuses it)
+               "apertus": attention + "up_proj,down_proj"}[family]
     assert sft.main([*args(base, tmp_path, "lora", "--method=lora", "--train.steps=10", "--optim.lr=1e-2",
                           f"--lora.targets=[{targets}]")]) == 0
     loss = losses(tmp_path / "lora")

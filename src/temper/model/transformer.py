@@ -219,7 +219,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GroupGatedRMSNorm, XIELU, *LINEAR_LAYERS.values())):
+            elif isinstance(m, (nn.LayerNorm, RMSNorm, GatedRMSNorm, GroupGatedRMSNorm, XIELU,
+                                *LINEAR_LAYERS.values())):
                 m.reset_parameters()
             elif isinstance(m, Attention) and m.sinks is not None:
                 nn.init.zeros_(m.sinks)  # no pull towards the sink at first

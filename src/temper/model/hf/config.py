@@ -182,17 +182,17 @@ GEMMAS = (GEMMA, GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)
 CAPPED = (GEMMA2, GEMMA3, GEMMA4, VAULTGEMMA)  # capped scores or logits, scores scaled by query_pre_attn_scalar
 OLMOS = (OLMO2, OLMO3)  # norms on the sublayers' outputs only, q/k norms over all heads
 POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
-LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA, CWM)  # windowed layers between global
-# ones
+# windowed layers between global ones
+LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA, CWM)
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
                      MISTRAL4, FLEX_OLMO, EXAONE_MOE, SOLAR_OPEN)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
-DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4, EXAONE_MOE, SOLAR_OPEN)  # DeepSeek's: shared experts,
-# groups, scaling, dense first layers
-SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, EXAONE_MOE, SOLAR_OPEN)  # of those, DeepSeek-V3's routing: sigmoid scores, a
-# choice bias
+# DeepSeek's: shared experts, groups, scaling, dense first layers
+DEEPSEEK_MOE = (GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, MISTRAL4, EXAONE_MOE, SOLAR_OPEN)
+# of those, DeepSeek-V3's routing: sigmoid scores, a choice bias
+SIGMOID_MOE = (GLM4_MOE, DEEPSEEK_V3, GLM4_MOE_LITE, DOTS1, EXAONE_MOE, SOLAR_OPEN)
 BIASED_SIGMOID = (*SIGMOID_MOE, MINIMAX_M2)  # sigmoid scores and a choice bias (MiniMax-M2: without DeepSeek's rest)
 MIXTRAL_NAMES = (MIXTRAL, MINIMAX_M2)  # experts named block_sparse_moe.experts.j.w1, w3, w2
 LATENT = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, MISTRAL4, YOUTU)  # multi-head latent attention (Youtu's: with dense
@@ -884,8 +884,9 @@ def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 _CWM_DEFAULTS = {"vocab_size": 128256, "hidden_size": 6144, "intermediate_size": 21504, "num_hidden_layers": 64,
-                 "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-                 "rms_norm_eps": 1e-5, "sliding_window": 8192, "tie_word_embeddings": False}
+                 "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "sliding_window": 8192,
+                 "tie_word_embeddings": False}
 """CwmConfig's defaults of what a config may leave out (Meta's Code World Model, CWM 32B)."""
 _CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0,
              "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
@@ -932,7 +933,8 @@ def _nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
     shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
     partial = cfg.rotary_dim / cfg.head_dim
     return {"architectures": [NEMOTRON], "model_type": "nemotron", **shape, "hidden_act": "relu2",
-            "norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "partial_rotary_factor": partial,
+            "norm_eps": cfg.norm_eps, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
+            "partial_rotary_factor": partial,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {}),
                                 "partial_rotary_factor": partial}}
 
@@ -986,9 +988,10 @@ _AS_LLAMA = {
     # EXAONE 3.0 and 3.5 (LG AI Research): its own names for the layers, the norms' epsilon and the activation
     "ExaoneForCausalLM": ({"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
                            "activation_function": "hidden_act"},
-                          {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096,
-                           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu"}),
+                          {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 14336,
+                           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                           "hidden_act": "silu"}),
     # InternLM3 (Shanghai AI Lab): its biases named qkv_bias and bias
     "InternLM3ForCausalLM": ({"qkv_bias": "attention_bias", "bias": "mlp_bias"},
                              {"vocab_size": 128512, "hidden_size": 4096, "intermediate_size": 10240,
