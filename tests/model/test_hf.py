@@ -270,6 +270,13 @@ CASES = {
     "nemotron-biases": lambda: _hf("NemotronConfig", "NemotronForCausalLM", **{
         k: v for k, v in _SMALL.items() if k != "rms_norm_eps"}, attention_bias=True, mlp_bias=True,
         tie_word_embeddings=True),
+    # DBRX: LayerNorms without biases, q, k and v fused and clamped, 2 of 4 SwiGLU experts in every layer stacked in
+    # three tensors, chosen by a softmax and renormalised
+    "dbrx-clip-experts": lambda: _hf("DbrxConfig", "DbrxForCausalLM", vocab_size=101, d_model=64, n_heads=4,
+                                     n_layers=2, max_seq_len=128, rope_parameters={"rope_type": "default",
+                                                                                   "rope_theta": 500000.0},
+                                     attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 500000.0},
+                                     ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}),
     # CWM (Meta's Code World Model): Llama with three windowed layers after every global one (its default layout),
     # Llama 3.1's scaling
     "cwm-first-global-llama3": lambda: _hf("CwmConfig", "CwmForCausalLM", **_SMALL | {"num_hidden_layers": 4},
@@ -582,6 +589,8 @@ def test_variant_features_are_exercised():
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
                       ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
+                      ("dbrx-clip-experts", {"qkv_clip": None}),
+                      ("dbrx-clip-experts", {"experts_per_token": 1}),
                       ("cwm-first-global-llama3", {"global_first": False}),  # the last of the four global
                       ("nemotron-layernorm1p-partial", {"norm_unit_offset": False}),
                       ("nemotron-layernorm1p-partial", {"rope_dim": None}),  # whole heads rotated
@@ -1170,6 +1179,23 @@ def test_cwm_reads_its_config_class_defaults_and_refuses_a_bias():
     assert [cfg.window_of(i) for i in range(4)] == [None, 8192, 8192, 8192]
     with pytest.raises(ValueError, match="attention_bias"):
         from_hf_config({"architectures": ["CwmForCausalLM"], "attention_bias": True})
+
+
+def test_dbrx_is_chosen_by_fields_and_refuses_what_it_cannot_say():
+    cfg = replace(PRESETS["debug-llama"], norm="layernorm", bias=False, n_experts=4, experts_per_token=2,
+                  expert_ffn_dim=48, ffn_dim=48, renormalize_experts=True, qkv_clip=8.0, tie_embeddings=False)
+    assert hf_architecture(cfg) == "DbrxForCausalLM" == to_hf_config(cfg)["architectures"][0]
+    with pytest.raises(ValueError, match="DbrxForCausalLM cannot express this model: it has no renormalize_experts"):
+        hf_architecture(replace(cfg, renormalize_experts=False))
+    published = {"architectures": ["DbrxForCausalLM"], "d_model": 64, "n_heads": 4, "n_layers": 2,
+                 "attn_config": {"kv_n_heads": 2, "rope_theta": 500000.0}, "ffn_config": {"moe_top_k": 2}}
+    assert from_hf_config(published).rope_theta == 500000.0  # (its published configs keep it in attn_config)
+    for key, value, named in (("ffn_config", {"moe_normalize_expert_weights": 2.0}, "moe_normalize_expert_weights"),
+                              ("ffn_config", {"ffn_act_fn": {"name": "gelu"}}, "ffn_act_fn"),
+                              ("tie_word_embeddings", True, "tie_word_embeddings"),
+                              ("attn_config", "x", "attn_config")):
+        with pytest.raises(ValueError, match=named):
+            from_hf_config(published | {key: value})
 
 
 def test_jais2_is_chosen_by_fields():

@@ -152,6 +152,9 @@ CONFIGS = {
     # Nemotron-4 / Minitron: LayerNorm1P, a squared-ReLU MLP, half of each head rotated
     "nemotron": replace(_LLAMA, norm="layernorm", norm_unit_offset=True, norm_bias=True, mlp="relu2", rope_dim=8,
                         hf_architecture="NemotronForCausalLM"),
+    # DBRX: q, k and v fused (Wqkv) and clamped, experts stacked in three tensors
+    "dbrx": replace(_LLAMA, norm="layernorm", bias=False, n_experts=4, experts_per_token=2, expert_ffn_dim=40,
+                    ffn_dim=40, renormalize_experts=True, qkv_clip=0.5, hf_architecture="DbrxForCausalLM"),
     # Apertus: per-head q/k norms, attention biases, an MLP of xIELU (its scalars trained apart from the adapters)
     "apertus": replace(_LLAMA, mlp="xielu", qk_norm=True, attn_bias=True, hf_architecture="ApertusForCausalLM"),
     # Falcon-40B's layout: q, k and v fused kv group by kv group (adapters' rows too), attention beside the MLP on two
@@ -309,6 +312,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "gpt_oss": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "dots1": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "solar_open": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "dbrx": ["Wqkv", "out_proj"],
     "youtu": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
     "flex_olmo": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "llama4": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -387,7 +391,8 @@ def test_save_peft_loads_in_peft_with_the_same_logits(tmp_path, case, variant):
     out = save_peft(model, model.cfg, tmp_path / "adapter", base_model_name_or_path="org/tiny")
     config = json.loads((out / "adapter_config.json").read_text())
     # q, k, v stacked in one adapter of rank 3 * 4 (GLM-4: gate and up, 2 * 4)
-    fused = {"gpt2": 12, "gpt_bigcode": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12, "glm4": 8, "glm": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
+    fused = {"gpt2": 12, "gpt_bigcode": 12, "gpt_neox": 12, "falcon": 12, "phi3": 12, "phi4mini-longrope": 12,
+             "dbrx": 12, "glm4": 8, "glm": 8, "qwen3_next": 8, "granite4": 8}  # Granite: shared_mlp.input_linear
     assert config["r"] == fused.get(case, 4) and config["use_dora"] == (variant == "dora")
     # Gemma 4's small logits (norms on every sublayer's output and on the values) move less: 0.085 here
     _assert_peft_and_temper_read(model, hf, out, case, matters=0.05 if case.startswith("gemma4") else 0.1)

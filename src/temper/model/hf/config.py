@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-five architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
 other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
 Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
@@ -18,46 +18,47 @@ MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granit
 around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
 the sublayers' outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's
 routing in every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), Nemotron-4 and Minitron
-(`NemotronForCausalLM`: LayerNorms scaling by 1 + weight, a squared-ReLU MLP, half of each head rotated), dots.llm1
-(`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared experts and dense first layers), Youtu-LLM
-(`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs), FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's
-post-norm blocks with OLMoE's experts), Mistral Small 4 (`Mistral4ForCausalLM`, also read out of
-`Mistral3ForConditionalGeneration` by its text_config's model_type: DeepSeek-V3's latent attention, the whole query
-taking Llama 4's temperature, a softmax router over groups scored by their two best experts, the experts stored
-stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the sublayers' outputs), K-EXAONE
-(`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's routing), Mistral
-(`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the first of every
-four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's temperature of the
-queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its text_config's model_type,
-without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3 (`Qwen3ForCausalLM`: q/k norms, wide
-heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text checkpoints, their M-RoPE read as the
-RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled embeddings, wide heads), Gemma 2
-(`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers alternating with global ones,
-capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's parts without the caps, q/k
-norms, windowed layers with their own RoPE base; also read out of the image-text `Gemma3ForConditionalGeneration`
-checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model (`Gemma4ForCausalLM`, also read
-out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global layers shaped apart (wider heads,
-their own kv heads, values made by the keys' projection, proportional RoPE), value norms, layer scalars, unscaled
-scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and layers sharing keys and
-values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm, biases everywhere, the
-head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up projections, LongRoPE,
-partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or biases, q, k and v clamped:
-`qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside linear layers without,
-`norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over all heads at once), OLMo
-3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global ones), Mixtral
-(`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`: Qwen3 with
-one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS (`GptOssForCausalLM`:
-attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as published), SmolLM3
-(`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B (`GlmForCausalLM`: Llama
-with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414 (`Glm4ForCausalLM`: those
-and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings, the sublayers' outputs,
-the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60 experts beside a gated
-shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts), GLM-4.5
-(`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a shared
-expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`: that
-routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published FP8
-weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a float32
-softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
+(`NemotronForCausalLM`: LayerNorms scaling by 1 + weight, a squared-ReLU MLP, half of each head rotated), DBRX
+(`DbrxForCausalLM`: LayerNorms without biases, q, k and v fused and clamped, SwiGLU experts in every layer stacked in
+three tensors; read by `_dbrx`), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared
+experts and dense first layers), Youtu-LLM (`YoutuForCausalLM`: DeepSeek-V3's latent attention beside dense MLPs),
+FlexOlmo (`FlexOlmoForCausalLM`: OLMo 2's post-norm blocks with OLMoE's experts), Mistral Small 4
+(`Mistral4ForCausalLM`, also read out of `Mistral3ForConditionalGeneration` by its text_config's model_type:
+DeepSeek-V3's latent attention, the whole query taking Llama 4's temperature, a softmax router over groups scored by
+their two best experts, the experts stored stacked), VaultGemma (`VaultGemmaForCausalLM`: Gemma 2 without norms on the
+sublayers' outputs), K-EXAONE (`ExaoneMoeForCausalLM`: EXAONE 4's attention in pre-norm blocks with DeepSeek-V3's
+routing), Mistral (`MistralForCausalLM`: a sliding window), Ministral-8B (`MinistralForCausalLM`: Mistral's layers, the
+first of every four global: `global_first`), Ministral 3 (`Ministral3ForCausalLM`: Mistral with YaRN and Llama 4's
+temperature of the queries, `query_scale_beta`; both also read out of `Mistral3ForConditionalGeneration`, by its
+text_config's model_type, without the vision tower), Qwen2/2.5 (`Qwen2ForCausalLM`: q/k/v biases), Qwen3
+(`Qwen3ForCausalLM`: q/k norms, wide heads; both also read out of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's image-text
+checkpoints, their M-RoPE read as the RoPE it is for text), Gemma (`GemmaForCausalLM`: GeGLU, (1 + w) RMSNorm, scaled
+embeddings, wide heads), Gemma 2 (`Gemma2ForCausalLM`: Gemma's parts, norms on the sublayers' outputs, windowed layers
+alternating with global ones, capped attention scores and logits), Gemma 3's text model (`Gemma3ForCausalLM`: Gemma 2's
+parts without the caps, q/k norms, windowed layers with their own RoPE base; also read out of the image-text
+`Gemma3ForConditionalGeneration` checkpoints of the 4B, 12B and 27B, without their vision tower), Gemma 4's text model
+(`Gemma4ForCausalLM`, also read out of `Gemma4ForConditionalGeneration`: Gemma 3's parts with w-scaled norms, global
+layers shaped apart (wider heads, their own kv heads, values made by the keys' projection, proportional RoPE), value
+norms, layer scalars, unscaled scores; 26B-A4B's dense MLP beside its experts; E2B's and E4B's per-layer embeddings and
+layers sharing keys and values), Phi-1, 1.5 and 2 (`PhiForCausalLM`: attention beside a tanh-GELU MLP on one LayerNorm,
+biases everywhere, the head's too: `head_bias`), Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`: fused qkv and gate_up
+projections, LongRoPE, partial rotary), OLMo (`OlmoForCausalLM`: Llama's blocks with LayerNorms without weights or
+biases, q, k and v clamped: `qkv_clip`, as OLMoE's), StableLM 2 (`StableLmForCausalLM`: LayerNorms with biases beside
+linear layers without, `norm_bias`), OLMo 2 (`Olmo2ForCausalLM`: norms on the sublayers' outputs only, q/k norms over
+all heads at once), OLMo 3 (`Olmo3ForCausalLM`: OLMo 2's blocks, three windowed layers to one global, YaRN on the global
+ones), Mixtral (`MixtralForCausalLM`: Mistral with a mixture of experts in every MLP), Qwen3-MoE (`Qwen3MoeForCausalLM`:
+Qwen3 with one, dense layers where decoder_sparse_step and mlp_only_layers say: `expert_layers`), GPT-OSS
+(`GptOssForCausalLM`: attention sinks, biases everywhere, experts with clamped SwiGLU stored stacked, in MXFP4 as
+published), SmolLM3 (`SmolLM3ForCausalLM`: Llama with a layer without positions, NoPE, after every three), GLM-4-9B
+(`GlmForCausalLM`: Llama with q/k/v biases, gate and up fused, half of each head rotated in adjacent pairs), GLM-4-0414
+(`Glm4ForCausalLM`: those and sandwich norms), Granite (`GraniteForCausalLM`: Llama with multipliers of the embeddings,
+the sublayers' outputs, the attention scores and the logits), Qwen2-MoE (`Qwen2MoeForCausalLM`: Qwen2's attention, 60
+experts beside a gated shared one), OLMoE (`OlmoeForCausalLM`: Llama's blocks, q/k norms over all heads, 64 experts),
+GLM-4.5 (`Glm4MoeForCausalLM`: DeepSeek-V3's routing, with sigmoid scores, a choice bias and groups of experts, beside a
+shared expert, after dense first layers; half of each head rotated, in halves), DeepSeek-V3 (`DeepseekV3ForCausalLM`:
+that routing behind multi-head latent attention, its rotated dims in adjacent pairs; R1 and Kimi K2 too; their published
+FP8 weights are dequantized as they load), DeepSeek-V2 and V2-Lite (`DeepseekV2ForCausalLM`: that attention, with a
+float32 softmax router choosing greedily or among the groups whose best expert scores highest), GLM-4.7-Flash
 (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense layers named by mlp_layer_types), MiniMax-M2
 (`MiniMaxM2ForCausalLM`: Mixtral's experts chosen by sigmoid scores plus a bias, q/k norms over all heads, partial
 RoPE), Arcee (`ArceeForCausalLM`, AFM-4.5B: Llama with a squared-ReLU MLP, not gated), nanochat (`NanoChatForCausalLM`:
@@ -160,6 +161,7 @@ HYPERCLOVAX = "HyperCLOVAXForCausalLM"
 SOLAR_OPEN = "SolarOpenForCausalLM"
 CWM = "CwmForCausalLM"
 NEMOTRON = "NemotronForCausalLM"
+DBRX = "DbrxForCausalLM"
 EXAONES = (EXAONE4, EXAONE_MOE)  # windowed layers with RoPE between global ones without, per-head q/k norms
 MISTRALS = (MISTRAL, MINISTRAL3)  # also read out of a Mistral3ForConditionalGeneration checkpoint, its vision left out
 SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, OLMO2, OLMO3, MIXTRAL,
@@ -169,7 +171,8 @@ SUPPORTED_ARCHITECTURES = (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GE
                            *GRANITE_MOES, NEMOTRON_H, BAMBA, MAMBA2, *MAMBAS, JAMBA, STARCODER2, GPT_NEOX, ARCEE,
                            NANOCHAT, PHI, OLMO, MINISTRAL3, STABLELM, LLAMA4, FALCON, GPTJ, GPT_BIGCODE,
                            GLM1, HELIUM, JAIS2, DOTS1, MISTRAL4, YOUTU, FLEX_OLMO, MINISTRAL,
-                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN, CWM, NEMOTRON)
+                           VAULTGEMMA, EXAONE_MOE, APERTUS, GRANITE_SWA, HYPERCLOVAX, SOLAR_OPEN, CWM, NEMOTRON,
+                           DBRX)
 MAMBA2_HYBRIDS = (GRANITE_HYBRID, NEMOTRON_H, BAMBA)  # Mamba 2 layers around attention layers
 HYBRID = (QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT)  # Gated DeltaNet layers between gated attention ones, (1 + w) norms
 SANDWICH = (GEMMA2, GEMMA3, GEMMA4, GLM4)  # norms on the sublayers' inputs and outputs
@@ -186,7 +189,7 @@ POST_NORM = (*OLMOS, EXAONE4, FLEX_OLMO)  # norms on the sublayers' outputs only
 LOCAL_GLOBAL = (GEMMA2, GEMMA3, GEMMA4, OLMO3, GPT_OSS, *EXAONES, COHERE2, MINISTRAL, VAULTGEMMA, CWM)
 MOE_ARCHITECTURES = (MIXTRAL, QWEN3_MOE, GPT_OSS, QWEN2_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE,
                      MINIMAX_M2, QWEN3_5_MOE, QWEN3_NEXT, ERNIE4_5_MOE, HUNYUAN_MOE, LFM2_MOE, DOTS1,
-                     MISTRAL4, FLEX_OLMO, EXAONE_MOE, SOLAR_OPEN)
+                     MISTRAL4, FLEX_OLMO, EXAONE_MOE, SOLAR_OPEN, DBRX)
 SPARSE_STEP = (QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT)  # dense MLPs where mlp_only_layers and decoder_sparse_step say
 SHARED_GATED = (QWEN2_MOE, QWEN3_5_MOE, QWEN3_NEXT)  # a shared expert beside the routed ones, gated
 # DeepSeek's: shared experts, groups, scaling, dense first layers
@@ -229,7 +232,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
                 "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE,
                 "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN,
-                "cwm": CWM, "nemotron": NEMOTRON, "exaone": "ExaoneForCausalLM", "internlm3": "InternLM3ForCausalLM",
+                "cwm": CWM, "nemotron": NEMOTRON, "dbrx": DBRX, "exaone": "ExaoneForCausalLM",
+                "internlm3": "InternLM3ForCausalLM",
                 "iquestcoder": "IQuestCoderForCausalLM", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
 
@@ -939,6 +943,56 @@ def _nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
                                 "partial_rotary_factor": partial}}
 
 
+def _dbrx(d: dict[str, Any]) -> ModelConfig:
+    """DBRX (Databricks): LayerNorms without biases, q, k and v fused and clamped (clip_qkv: OLMo's `qkv_clip`), in
+    every layer a mixture of SwiGLU experts chosen by a softmax router, the top k renormalised by their sum
+    (moe_normalize_expert_weights=1, the L1 norm), their weights stacked in three (E * F, D) tensors. Its router's
+    jitter (moe_jitter_eps) is noise on the router's input in training alone: not applied, and written back as none."""
+    attn, ffn = d.get("attn_config") or {}, d.get("ffn_config") or {}
+    if not (isinstance(attn, dict) and isinstance(ffn, dict)):
+        raise ValueError("Dbrx attn_config and ffn_config must be objects")
+    if d.get("tie_word_embeddings"):
+        raise ValueError("Dbrx tie_word_embeddings=true is not supported (DbrxConfig refuses it)")
+    act = (ffn.get("ffn_act_fn") or {"name": "silu"}).get("name", "silu")
+    norm = ffn.get("moe_normalize_expert_weights", 1.0)
+    if act != "silu" or norm not in (1, 1.0):
+        raise ValueError(f"Dbrx ffn_act_fn={act!r}, moe_normalize_expert_weights={norm!r} is not supported (temper "
+                         "reads SwiGLU experts, their top k renormalised by their sum: 1)")
+    dim, n_heads = d.get("d_model", 2048), d.get("n_heads", 16)
+    if n_heads <= 0 or dim % n_heads:
+        raise ValueError(f"Dbrx n_heads={n_heads} must divide d_model={dim}")
+    n, k, width = ffn.get("moe_num_experts", 4), ffn.get("moe_top_k", 1), ffn.get("ffn_hidden_size", 3584)
+    if not (_is_int(n) and _is_int(k) and 1 <= k <= n):
+        raise ValueError(f"Dbrx moe_num_experts={n!r}, moe_top_k={k!r} must be integers, 1 <= moe_top_k <= experts")
+    rope = d.get("rope_parameters") or {}
+    theta = rope.get("rope_theta") or attn.get("rope_theta") or 10000.0
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"Dbrx rope_parameters={rope!r} is not supported (temper reads DBRX's plain RoPE)")
+    clip = attn.get("clip_qkv")
+    return ModelConfig(
+        vocab_size=d.get("vocab_size", 32000), dim=dim, n_layers=d.get("n_layers", 24), n_heads=n_heads,
+        n_kv_heads=attn.get("kv_n_heads", 1), ffn_dim=width, max_seq_len=d.get("max_seq_len", 2048), mlp="swiglu",
+        norm="layernorm", norm_eps=1e-5, pos="rope", rope_theta=float(theta), bias=False,
+        qkv_clip=None if clip is None else float(clip), n_experts=n, experts_per_token=k, expert_ffn_dim=width,
+        renormalize_experts=True, tie_embeddings=False, dropout=0.0,
+        init_std=d.get("initializer_range", 0.02), hf_architecture=DBRX)
+
+
+def _dbrx_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The DbrxConfig of `cfg`: its attention's and experts' settings in their own objects."""
+    return {"architectures": [DBRX], "model_type": "dbrx", "vocab_size": cfg.vocab_size, "d_model": cfg.dim,
+            "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "max_seq_len": cfg.max_seq_len,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "attn_config": {"kv_n_heads": cfg.kv_heads, "clip_qkv": cfg.qkv_clip, "attn_pdrop": cfg.dropout,
+                            "rope_theta": cfg.rope_theta},  # (as published; transformers' attention reads it too)
+            "ffn_config": {"ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": cfg.expert_hidden_dim,
+                           "moe_num_experts": cfg.n_experts, "moe_top_k": cfg.experts_per_token,
+                           "moe_jitter_eps": None, "moe_normalize_expert_weights": 1.0},
+            "resid_pdrop": cfg.dropout, "emb_pdrop": cfg.dropout, "initializer_range": cfg.init_std,
+            "tie_word_embeddings": cfg.tie_embeddings, "output_router_logits": False, "bos_token_id": None,
+            "eos_token_id": None, "pad_token_id": None, "use_cache": True}
+
+
 _HYPERCLOVAX_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                          "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
                          "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
@@ -1044,7 +1098,7 @@ _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_conf
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
                JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config),
                GRANITE_SWA: (_granite_swa, _granite_swa_config), HYPERCLOVAX: (_hyperclovax, _hyperclovax_config),
-               NEMOTRON: (_nemotron, _nemotron_config)}
+               NEMOTRON: (_nemotron, _nemotron_config), DBRX: (_dbrx, _dbrx_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -2206,7 +2260,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         elif cfg.parallel_block:
             arch = COHERE2 if cfg.sliding_window else COHERE
         elif (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "layernorm", "swiglu"):
-            arch = OLMO
+            arch = DBRX if cfg.n_experts else OLMO
         elif cfg.has_linear_layers and cfg.linear_layer != "gated_deltanet":
             bamba = cfg.rope_dim is not None  # (Granite 4.0 rotates whole heads)
             arch = ((BAMBA if bamba else GRANITE_HYBRID) if cfg.linear_layer == "mamba2" else LFM2_MOE if cfg.n_experts

@@ -19,6 +19,7 @@ from temper.model.hf.config import (
     APERTUS,
     BAMBA,
     COHERES,
+    DBRX,
     DEEPSEEK_MOE,
     ERNIE4_5_MOE,
     ERNIES,
@@ -139,22 +140,25 @@ def _interleave(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 _STACKED: dict[str, tuple[Any, Any]] = {
-    # name: (temper parts -> the HF tensor, the HF tensor -> temper parts). GPT-OSS stacks its experts, (in, out)
-    # each, gate and up interleaved by columns: gate_up_proj (E, D, 2F), down_proj (E, F, D), and their biases.
+    # name: (temper parts -> the HF tensor, (the HF tensor, the number of parts) -> temper parts). GPT-OSS stacks its
+    # experts, (in, out) each, gate and up interleaved by columns: gate_up_proj (E, D, 2F), down_proj (E, F, D), and
+    # their biases.
     "gate_up": (lambda ps: torch.stack([_interleave(g, u).t() for g, u in zip(ps[::2], ps[1::2], strict=True)]),
-                lambda t: [w for e in t for w in (e[:, 0::2].t(), e[:, 1::2].t())]),
+                lambda t, _: [w for e in t for w in (e[:, 0::2].t(), e[:, 1::2].t())]),
     "gate_up_bias": (lambda ps: torch.stack([_interleave(g, u) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
-                     lambda t: [b for e in t for b in (e[0::2], e[1::2])]),
-    "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t: [e.t() for e in t]),
-    "down_bias": (lambda ps: torch.stack(ps), lambda t: list(t)),
+                     lambda t, _: [b for e in t for b in (e[0::2], e[1::2])]),
+    "down": (lambda ps: torch.stack([w.t() for w in ps]), lambda t, _: [e.t() for e in t]),
+    "down_bias": (lambda ps: torch.stack(ps), lambda t, _: list(t)),
     # Gemma 4 stacks its experts' weights as they are, gate above up: gate_up_proj (E, 2F, D), down_proj (E, D, F);
     # ERNIE 4.5 its choice bias as one row (1, E).
     "gate_up_rows": (lambda ps: torch.stack([torch.cat((g, u)) for g, u in zip(ps[::2], ps[1::2], strict=True)]),
-                     lambda t: [w for e in t for w in e.chunk(2)]),
-    "rows": (lambda ps: torch.stack(ps), lambda t: list(t)),
+                     lambda t, _: [w for e in t for w in e.chunk(2)]),
+    "rows": (lambda ps: torch.stack(ps), lambda t, _: list(t)),
     # Llama 4 stacks its experts (in, out) each, gate's columns then up's: gate_up_proj (E, D, 2F), down_proj (E, F, D)
     "gate_up_halves": (lambda ps: torch.stack([torch.cat((g, u)).t() for g, u in zip(ps[::2], ps[1::2], strict=True)]),
-                       lambda t: [w for e in t for w in e.t().chunk(2)]),
+                       lambda t, _: [w for e in t for w in e.t().chunk(2)]),
+    # DBRX keeps its experts' down projections (in, out) each, one above the other: w2 (E * F, D)
+    "down_flat": (lambda ps: torch.cat([w.t() for w in ps]), lambda t, n: [e.t() for e in t.chunk(n)]),
 }
 
 
@@ -193,6 +197,22 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 add(f"{h}mlp.c_proj.{t}", f"{p}mlp.down_proj.{t}", t=t == "weight")
         add("ln_f.weight", "norm.weight")
         add("ln_f.bias", "norm.bias")
+    elif arch == DBRX:  # q, k and v fused; the experts in three tensors, (E * F, D) each: gate and up as they are,
+        # one expert above the other, down (in, out) each (`_STACKED`'s down_flat)
+        def add(hf: str, *parts: str, stacked: str = "") -> None:
+            rules.append(_Rule("transformer." + hf, parts, stacked=stacked))
+        add("wte.weight", "tok_emb.weight")
+        for i in range(cfg.n_layers):
+            p, h = f"layers.{i}.", f"blocks.{i}."
+            add(f"{h}norm_attn_norm.norm_1.weight", f"{p}attn_norm.weight")
+            add(f"{h}norm_attn_norm.attn.Wqkv.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
+            add(f"{h}norm_attn_norm.attn.out_proj.weight", f"{p}attn.o_proj.weight")
+            add(f"{h}norm_attn_norm.norm_2.weight", f"{p}mlp_norm.weight")
+            add(f"{h}ffn.router.layer.weight", f"{p}mlp.router.weight")
+            for theirs, ours, stacked in (("w1", "gate", ""), ("v1", "up", ""), ("w2", "down", "down_flat")):
+                add(f"{h}ffn.experts.mlp.{theirs}", *(f"{p}mlp.experts.{j}.{ours}_proj.weight"
+                                                      for j in range(cfg.n_experts)), stacked=stacked)
+        add("norm_f.weight", "norm.weight")
     elif arch == GPT_NEOX:  # q, k and v fused, head by head (`group_rows`); biases everywhere
         add = lambda hf, *parts: rules.append(_Rule("gpt_neox." + hf, parts))
         add("embed_in.weight", "tok_emb.weight")
@@ -591,7 +611,7 @@ def _to_hf(rule: _Rule, sd: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _to_temper(rule: _Rule, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     if rule.stacked:
-        return _STACKED[rule.stacked][1](t)
+        return _STACKED[rule.stacked][1](t, len(rule.parts))
     t = rule.hf_rows(t.t() if rule.transpose else t, to_hf=False)
     return list(t.split(sizes)) if len(sizes) > 1 else [t]
 
