@@ -1198,6 +1198,16 @@ def test_dbrx_is_chosen_by_fields_and_refuses_what_it_cannot_say():
             from_hf_config(published | {key: value})
 
 
+@pytest.mark.parametrize("name", ["Apertus", "GraniteSWA", "HyperCLOVAX", "SolarOpen", "Cwm", "Nemotron", "Dbrx", "Exaone",
+                                  "InternLM3", "IQuestCoder"])
+def test_a_config_of_class_defaults_reads_as_the_defaults_temper_fills_in(name):
+    """What a config leaves out, temper fills in as its config class would: the class's defaults, written out by
+    transformers, read as the same model as a config naming only its architecture."""
+    written = getattr(transformers, f"{name}Config")().to_dict()
+    bare = from_hf_config({"architectures": [f"{name}ForCausalLM"]})
+    assert replace(from_hf_config(written), init_std=bare.init_std) == bare
+
+
 def test_jais2_is_chosen_by_fields():
     cfg = replace(PRESETS["debug-llama"], norm="layernorm", mlp="relu2", bias=True)
     assert hf_architecture(cfg) == "Jais2ForCausalLM" == to_hf_config(cfg)["architectures"][0]
