@@ -287,6 +287,12 @@ CASES = {
     "solar-open-sigmoid-groups": lambda: _with_choice_bias(_hf(
         "SolarOpenConfig", "SolarOpenForCausalLM", **_SMALL, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
         num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, attention_bias=True)),
+    # Granite MoE SWA: Granite SWA's attention (sinks, windows, a base per layer) with GraniteMoeShared's experts
+    "granitemoe-swa-shared": lambda: _hf(
+        "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", **_SMALL | {"num_hidden_layers": 4, "intermediate_size": 32},
+        sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.03125, logits_scaling=2.0,
+        layer_rope_theta=[0.0, 100.0, 100.0, 100.0]),
     # HyperCLOVA X: Granite's multipliers (muP) with norms on the sublayers' outputs too (Peri-LN), its logits
     # multiplied; without the output norms, with biases
     "hyperclovax-peri-ln-mup": lambda: _hf(
@@ -588,6 +594,8 @@ def test_variant_features_are_exercised():
                       ("gpt-oss-sinks-experts", {"attn_sinks": False}),
                       ("granite-swa-first-global-sinks", {"attn_sinks": False}),
                       ("hyperclovax-peri-ln-mup", {"sandwich_norm": False}),
+                      ("granitemoe-swa-shared", {"attn_sinks": False}),
+                      ("granitemoe-swa-shared", {"global_first": False}),  # the last of the four global
                       ("solar-open-sigmoid-groups", {"expert_choice_bias": False}),
                       ("dbrx-clip-experts", {"qkv_clip": None}),
                       ("dbrx-clip-experts", {"experts_per_token": 1}),
@@ -1199,13 +1207,27 @@ def test_dbrx_is_chosen_by_fields_and_refuses_what_it_cannot_say():
 
 
 @pytest.mark.parametrize("name", ["Apertus", "GraniteSWA", "HyperCLOVAX", "SolarOpen", "Cwm", "Nemotron", "Dbrx", "Exaone",
-                                  "InternLM3", "IQuestCoder"])
+                                  "InternLM3", "IQuestCoder", "GraniteMoeSWA"])
 def test_a_config_of_class_defaults_reads_as_the_defaults_temper_fills_in(name):
     """What a config leaves out, temper fills in as its config class would: the class's defaults, written out by
     transformers, read as the same model as a config naming only its architecture."""
     written = getattr(transformers, f"{name}Config")().to_dict()
     bare = from_hf_config({"architectures": [f"{name}ForCausalLM"]})
     assert replace(from_hf_config(written), init_std=bare.init_std) == bare
+
+
+@pytest.mark.parametrize("case", ["granitemoe-swa-shared", "dbrx-clip-experts", "apertus-attention-bias-beta",
+                                  "nemotron-biases", "solar-open-sigmoid-groups", "hyperclovax-peri-ln-mup",
+                                  "cwm-first-global-llama3", "granite-swa-nope-global"])
+def test_files_transformers_saves_load(tmp_path, case):
+    """The names a checkpoint's files use (transformers' `save_pretrained`: stacked experts, scalars, fused q/k/v), not
+    only the in-memory ones the parity above reads."""
+    hf = CASES[case]()
+    hf.save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    x = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
 
 
 def test_jais2_is_chosen_by_fields():

@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> temper's `ModelConfig`: the architectures' names and families, the reading of a
 config and the writing of one.
 
-Seventy-six architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
+Seventy-seven architectures: GPT-2 (`GPT2LMHeadModel`), Llama 2/3/3.1/3.2 (`LlamaForCausalLM`; EXAONE 3.0 and 3.5's
 `ExaoneForCausalLM`, InternLM3's `InternLM3ForCausalLM` and IQuest-Coder's `IQuestCoderForCausalLM` are Llama under
 other names, read as it), Llama 4's text model (`Llama4ForCausalLM`, also read out of `Llama4ForConditionalGeneration`:
 Llama's blocks with RoPE in adjacent pairs, attention within chunks, weightless q/k norms after RoPE, a layer without
@@ -15,9 +15,10 @@ and SantaCoder: GPT-2's blocks with one kv head, q, k and v fused; read by `_gpt
 Llama with RoPE in adjacent pairs and norms that scale before they round), Jais 2 (`Jais2ForCausalLM`: Llama's attention
 with LayerNorms and a squared-ReLU MLP), Apertus (`ApertusForCausalLM`: Llama's attention with per-head q/k norms, an
 MLP of xIELU with learned scalars), Granite SWA (`GraniteSWAForCausalLM`: Granite with a sink per head, windowed layers
-around global ones, RoPE bases per layer), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on
-the sublayers' outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's
-routing in every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), Nemotron-4 and Minitron
+around global ones, RoPE bases per layer), Granite MoE SWA (`GraniteMoeSWAForCausalLM`: that attention with
+GraniteMoeShared's experts), HyperCLOVA X (`HyperCLOVAXForCausalLM`: Granite's multipliers with norms on the sublayers'
+outputs too, its logits multiplied), Solar Open (`SolarOpenForCausalLM`: Llama's attention with GLM-4.5's routing in
+every layer), CWM (`CwmForCausalLM`: Ministral-8B's layout, Llama 3.1's RoPE), Nemotron-4 and Minitron
 (`NemotronForCausalLM`: LayerNorms scaling by 1 + weight, a squared-ReLU MLP, half of each head rotated), DBRX
 (`DbrxForCausalLM`: LayerNorms without biases, q, k and v fused and clamped, SwiGLU experts in every layer stacked in
 three tensors; read by `_dbrx`), dots.llm1 (`Dots1ForCausalLM`: Qwen3's attention with DeepSeek-V3's routing, shared
@@ -123,8 +124,10 @@ LFM2, LFM2_MOE = "Lfm2ForCausalLM", "Lfm2MoeForCausalLM"
 LFM2S = (LFM2, LFM2_MOE)  # gated short convolutions around attention layers with q/k norms, under LFM2's names
 GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID = (
     "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteMoeHybridForCausalLM")
-GRANITE_MOES = (GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID)  # experts stacked under block_sparse_moe, a router
-# named router, a shared MLP named shared_mlp (Granite 4.0: Mamba 2 layers too)
+GRANITE_MOE_SWA = "GraniteMoeSWAForCausalLM"
+# experts stacked under block_sparse_moe, a router named router, a shared MLP named shared_mlp (Granite 4.0: Mamba 2
+# layers too; Granite MoE SWA: a sink per head, windowed layers)
+GRANITE_MOES = (GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_HYBRID, GRANITE_MOE_SWA)
 GRANITES = (GRANITE, *GRANITE_MOES)  # Granite's multipliers of the embeddings, sublayers, scores and logits
 NEMOTRON_H = "NemotronHForCausalLM"
 BAMBA = "BambaForCausalLM"
@@ -232,7 +235,8 @@ _MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2
                 "helium": HELIUM, "jais2": JAIS2, "dots1": DOTS1, "mistral4": MISTRAL4, "youtu": YOUTU,
                 "flex_olmo": FLEX_OLMO, "ministral": MINISTRAL, "vaultgemma": VAULTGEMMA, "exaone_moe": EXAONE_MOE,
                 "apertus": APERTUS, "granite_swa": GRANITE_SWA, "hyperclovax": HYPERCLOVAX, "solar_open": SOLAR_OPEN,
-                "cwm": CWM, "nemotron": NEMOTRON, "dbrx": DBRX, "exaone": "ExaoneForCausalLM",
+                "cwm": CWM, "nemotron": NEMOTRON, "dbrx": DBRX, "granitemoe_swa": GRANITE_MOE_SWA,
+                "exaone": "ExaoneForCausalLM",
                 "internlm3": "InternLM3ForCausalLM",
                 "iquestcoder": "IQuestCoderForCausalLM", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                 "llama4": "Llama4ForConditionalGeneration"}
@@ -873,6 +877,35 @@ def _granite_swa(d: dict[str, Any]) -> ModelConfig:
         hf_architecture=GRANITE_SWA, **_multipliers(d))
 
 
+_GRANITE_MOE_SWA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                             "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_act": "silu",
+                             "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                             "sliding_window": 128, "attention_bias": False, "num_local_experts": 8,
+                             "num_experts_per_tok": 2, "shared_intermediate_size": 0}
+"""GraniteMoeSWAConfig's defaults of what a config may leave out."""
+
+
+def _granite_moe_swa(d: dict[str, Any]) -> ModelConfig:
+    """Granite MoE SWA: Granite SWA's attention (`_granite_swa`) with GraniteMoeShared's experts beside an optional
+    shared MLP (`_granite_moe`), in every layer; no biases (its experts have none)."""
+    d = {**_GRANITE_MOE_SWA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    if d["attention_bias"]:
+        raise ValueError("GraniteMoeSWA attention_bias=true is not supported (its experts have no biases; temper's "
+                         "`bias` covers every layer)")
+    _, experts = _granite_moe(d, GRANITE_MOE_SHARED)
+    kv_heads = d.get("num_key_value_heads") or d["num_attention_heads"]  # (not Granite SWA's default)
+    return replace(_granite_swa(d | {"mlp_bias": False, "num_key_value_heads": kv_heads}), **experts,
+                   hf_architecture=GRANITE_MOE_SWA)
+
+
+def _granite_moe_swa_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The GraniteMoeSWAConfig of `cfg`."""
+    d = {k: v for k, v in _granite_swa_config(cfg).items() if k != "mlp_bias"}
+    return d | {"architectures": [GRANITE_MOE_SWA], "model_type": "granitemoe_swa", "num_local_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.experts_per_token, "intermediate_size": cfg.expert_hidden_dim,
+                "shared_intermediate_size": cfg.shared_expert_ffn_dim or 0, "output_router_logits": False}
+
+
 def _granite_swa_config(cfg: ModelConfig) -> dict[str, Any]:
     """The GraniteSWAConfig of `cfg`: its layers' kinds and RoPE bases named one by one."""
     shape = {k: v for k, v in _llama_shape(cfg).items() if k not in ("rope_theta", "rope_scaling")}
@@ -1098,7 +1131,8 @@ _READ_APART = {LLAMA4: (_llama4, _llama4_config), FALCON: (_falcon, _falcon_conf
                GPT_BIGCODE: (_gpt_bigcode, _gpt_bigcode_config), HELIUM: (_helium, _helium_config),
                JAIS2: (_jais2, _jais2_config), APERTUS: (_apertus, _apertus_config),
                GRANITE_SWA: (_granite_swa, _granite_swa_config), HYPERCLOVAX: (_hyperclovax, _hyperclovax_config),
-               NEMOTRON: (_nemotron, _nemotron_config), DBRX: (_dbrx, _dbrx_config)}
+               NEMOTRON: (_nemotron, _nemotron_config), DBRX: (_dbrx, _dbrx_config),
+               GRANITE_MOE_SWA: (_granite_moe_swa, _granite_moe_swa_config)}
 """The architectures read and written by a function pair of their own, which `_cannot_round_trip` checks by."""
 
 
@@ -2281,7 +2315,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
             latent = (MISTRAL4 if cfg.query_scale_beta is not None  # (the queries' temperature: Mistral 4's alone)
                       else DEEPSEEK_V3 if cfg.router_scores == "sigmoid" else DEEPSEEK_V2)
             granite = cfg.embed_multiplier or cfg.residual_multiplier or cfg.logit_divisor
-            arch = (GPT_OSS if cfg.attn_sinks else latent if cfg.kv_lora_rank
+            arch = (GPT_OSS if cfg.attn_sinks and cfg.swiglu_limit is not None  # (sinks beside clamped SwiGLU)
+                    else GRANITE_MOE_SWA if cfg.attn_sinks else latent if cfg.kv_lora_rank
                     else (GRANITE_MOE_SHARED if cfg.shared_expert_ffn_dim else GRANITE_MOE) if granite
                     else HUNYUAN_MOE if cfg.qk_norm_after_rope
                     else ERNIE4_5_MOE if cfg.router_scores == "softmax" and cfg.expert_choice_bias

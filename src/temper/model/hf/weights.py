@@ -36,6 +36,7 @@ from temper.model.hf.config import (
     GPT_NEOX,
     GPT_OSS,
     GPTJ,
+    GRANITE_MOE_SWA,
     GRANITE_MOES,
     GRANITE_SWA,
     HELIUM,
@@ -381,6 +382,8 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 # Jamba's or its experts, or Granite's shared MLP (gate and up fused) and experts stacked
                 names = (("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight") if not cfg.is_linear(i)
                          else _JAMBA_MAMBA_NAMES if arch == JAMBA else _MAMBA2_NAMES)
+                if cfg.attn_sinks:  # Granite MoE SWA's, one per head
+                    names = (*names, "sinks")
                 for n in names:
                     add(f"{h}{'mamba' if cfg.is_linear(i) else 'self_attn'}.{n}", f"{p}attn.{n}")
                 if arch == JAMBA and cfg.has_experts(i):  # transformers 5 fuses them in memory, as Mixtral's
@@ -397,14 +400,17 @@ def hf_rules(cfg: ModelConfig) -> list[_Rule]:
                 if f"{shared}gate_proj.weight" in keys:
                     add(f"{h}shared_mlp.input_linear.weight", f"{shared}gate_proj.weight", f"{shared}up_proj.weight")
                     add(f"{h}shared_mlp.output_linear.weight", f"{shared}down_proj.weight")
-                if cfg.n_experts:
+                if cfg.n_experts:  # (Granite MoE SWA's checkpoints name them as transformers 5 holds them)
                     moe, experts = f"{h}block_sparse_moe.", range(cfg.n_experts)
-                    add(f"{moe}router.layer.weight", f"{p}mlp.router.weight")
-                    rules.append(_Rule(f"{moe}input_linear.weight", tuple(
+                    router, gate_up, down = (("router.weight", "experts.gate_up_proj", "experts.down_proj")
+                                             if arch == GRANITE_MOE_SWA else
+                                             ("router.layer.weight", "input_linear.weight", "output_linear.weight"))
+                    add(f"{moe}{router}", f"{p}mlp.router.weight")
+                    rules.append(_Rule(f"{moe}{gate_up}", tuple(
                         f"{p}mlp.experts.{j}.{n}_proj.weight" for j in experts for n in ("gate", "up")),
                         stacked="gate_up_rows"))
-                    rules.append(_Rule(f"{moe}output_linear.weight", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
-                                                                            for j in experts), stacked="rows"))
+                    rules.append(_Rule(f"{moe}{down}", tuple(f"{p}mlp.experts.{j}.down_proj.weight"
+                                                             for j in experts), stacked="rows"))
                 continue
             if arch == PHI3:
                 add(h + "self_attn.qkv_proj.weight", *(f"{p}attn.{n}_proj.weight" for n in "qkv"))
@@ -632,7 +638,7 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
     out: dict[str, torch.Tensor] = {}
     if arch in (*MOE_ARCHITECTURES, JAMBA) and arch not in (GPT_OSS, MISTRAL4):  # (theirs are read stacked)
         sd = _unfused_experts(sd, arch)
-    if arch in GRANITE_MOES:
+    if arch in GRANITE_MOES and arch != GRANITE_MOE_SWA:
         sd = _granite_checkpoint_names(sd)
     if arch == NEMOTRON_H:
         sd = _nemotron_h_checkpoint_names(sd)
