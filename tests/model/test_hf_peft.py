@@ -107,6 +107,10 @@ CONFIGS = {
     "granite4_moe": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2,
                             linear_value_heads=8, linear_key_size=8, linear_value_size=16, nope_every=1, n_experts=4,
                             expert_ffn_dim=40, shared_expert_ffn_dim=48, hf_architecture="GraniteMoeHybridForCausalLM"),
+    # Granite MoE SWA: a sink per head, the first of two layers global, 4 experts beside a shared MLP
+    "granitemoe_swa": replace(_LLAMA, attn_sinks=True, sliding_window=8, global_every=2, global_first=True,
+                              n_experts=4, expert_ffn_dim=40, shared_expert_ffn_dim=48, renormalize_experts=True,
+                              residual_multiplier=0.5, hf_architecture="GraniteMoeSWAForCausalLM"),
     # Bamba: a Mamba 2 layer then an attention layer turning half of each head, SwiGLU MLPs named feed_forward
     "bamba": replace(_LLAMA, attention_layers=(1,), linear_layer="mamba2", linear_key_heads=2, linear_value_heads=4,
                      linear_key_size=8, linear_value_size=16, rope_dim=8, hf_architecture="BambaForCausalLM"),
@@ -286,6 +290,7 @@ HF_TARGETS = {  # PEFT's target_modules for every linear layer of each architect
     "lfm2_moe": ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj"],
     "granite4": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "input_linear", "output_linear"],
     "granite4_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
+    "granitemoe_swa": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "up_proj", "down_proj"],
     "bamba": ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"],
     "mamba2": ["in_proj"],

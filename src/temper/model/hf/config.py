@@ -1152,9 +1152,11 @@ def _cannot_round_trip(arch: str, cfg: ModelConfig) -> str | None:
 
 def _resolved(cfg: ModelConfig) -> ModelConfig:
     """`cfg` with every width a None stands for written out, and what no layer reads (the experts' settings of a dense
-    model, a temperature's step without the temperature, the training settings) at ModelConfig's defaults."""
+    model, the dense MLP's width of one with experts in every layer, a temperature's step without the temperature, the
+    training settings) at ModelConfig's defaults."""
     default = ModelConfig()
-    c = replace(cfg, head_size=cfg.head_dim, n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim,
+    dense = any(not cfg.has_experts(i) for i in range(cfg.n_layers))  # (a layer's MLP of ffn_dim)
+    c = replace(cfg, head_size=cfg.head_dim, n_kv_heads=cfg.kv_heads, ffn_dim=cfg.hidden_dim if dense else None,
                 rope_dim=cfg.rotary_dim if cfg.pos == "rope" else None,
                 norm_bias=(cfg.bias if cfg.norm_bias is None else cfg.norm_bias) if cfg.norm == "layernorm" else None,
                 attn_bias=cfg.bias if cfg.attn_bias is None else cfg.attn_bias,
