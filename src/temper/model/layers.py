@@ -73,6 +73,15 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return kind(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
 
 
+def _xielu(x: torch.Tensor, a_p: torch.Tensor, a_n: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """torch.where(x > 0, a_p * x * x + beta * x, (expm1(min(x, eps)) - x) * a_n + beta * x), the reference's
+    operations in its order and dtypes, in place where the dtype stays (the same kernels, so the same values), so that
+    two hidden-sized temporaries live at a time."""
+    above = (a_p * x).mul_(x).add_(beta * x)
+    below = (torch.expm1(torch.minimum(x, eps)).sub_(x) * a_n).add_(beta * x)
+    return torch.where(x > 0, above, below, out=below)
+
+
 class _XIELUFunction(torch.autograd.Function):
     """xIELU of x given its factors a_p and a_n (already softplus'd), beta and eps, saving only x for backward.
 
@@ -84,11 +93,7 @@ class _XIELUFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, a_p: torch.Tensor, a_n: torch.Tensor, beta: torch.Tensor,  # noqa: ANN001
                 eps: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, a_p, a_n, beta, eps)
-        # torch.where(x > 0, a_p * x * x + beta * x, (expm1(min(x, eps)) - x) * a_n + beta * x), in place where the
-        # dtype stays (the same kernels, so the same values), so that two hidden-sized temporaries live at a time
-        above = (a_p * x).mul_(x).add_(beta * x)
-        below = (torch.expm1(torch.minimum(x, eps)).sub_(x) * a_n).add_(beta * x)
-        return torch.where(x > 0, above, below, out=below)
+        return _xielu(x, a_p, a_n, beta, eps)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
@@ -138,6 +143,8 @@ class XIELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_p = F.softplus(self.alpha_p)  # (1,)
         a_n = self.beta + F.softplus(self.alpha_n)  # (1,)
+        if not torch.is_grad_enabled():  # (generation: no autograd node to build)
+            return _xielu(x, a_p, a_n, self.beta, self.eps)
         return _XIELUFunction.apply(x, a_p, a_n, self.beta, self.eps)
 
 
