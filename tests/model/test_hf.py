@@ -1039,6 +1039,9 @@ def test_falcon_configs_temper_cannot_build_are_refused_by_name(key, value):
     ("ApertusForCausalLM", "hidden_act", "silu"), ("ApertusForCausalLM", "mlp_bias", True),
     ("ApertusForCausalLM", "num_attention_heads", 0), ("GraniteSWAForCausalLM", "hidden_act", "gelu"),
     ("GraniteSWAForCausalLM", "layer_rope_theta", [0.0, 0.0]),  # windowed layers without positions
+    ("GraniteSWAForCausalLM", "layer_rope_theta", [1e4]),  # not one per layer
+    ("GraniteSWAForCausalLM", "layer_rope_theta", 1e4), ("GraniteSWAForCausalLM", "layer_rope_theta", [1e4, "x"]),
+    ("GraniteSWAForCausalLM", "layer_rope_theta", [1e4, -1.0]),
     ("GraniteSWAForCausalLM", "layer_types", ["sliding_attention", "sliding_attention", "full_attention"]),
     ("GraniteSWAForCausalLM", "attention_multiplier", 0.3), ("HyperCLOVAXForCausalLM", "logits_scaling", 0.0),
     ("HyperCLOVAXForCausalLM", "hidden_act", "gelu")])

@@ -603,7 +603,7 @@ def _falcon(d: dict[str, Any]) -> ModelConfig:
     norm (parallel_attn; Falcon-7B), on two (new_decoder_architecture, num_ln_in_parallel_attn 2: 40B, 180B) or one
     after the other; one kv head (multi_query), as many as heads, or num_kv_heads (the new architecture). Its q, k and
     v are fused kv group by kv group (`group_rows`), which covers all three."""
-    d = {**_FALCON_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _FALCON_DEFAULTS)
     if d.get("n_embed") is not None:  # FalconConfig's older spelling of hidden_size
         d["hidden_size"] = d["n_embed"]
     for key in ("alibi", "apply_residual_connection_post_layernorm"):
@@ -658,7 +658,7 @@ def _gptj(d: dict[str, Any]) -> ModelConfig:
     """GPT-J (EleutherAI's GPT-J-6B; Wang and Komatsuzaki 2021): attention beside a tanh-GELU MLP on one LayerNorm,
     biases on the MLP, the LayerNorms and the head but not on attention (`attn_bias`), RoPE of base 10000 on the first
     rotary_dim dims of each head in adjacent pairs (moved to halves on loading, `rope_pair_rows`)."""
-    d = {**_GPTJ_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _GPTJ_DEFAULTS)
     if d["activation_function"] not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         raise ValueError(f"GPTJ activation_function {d['activation_function']!r} is not supported (temper reads tanh "
                          "GELU)")
@@ -698,7 +698,7 @@ def _gpt_bigcode(d: dict[str, Any]) -> ModelConfig:
     """GPTBigCode (StarCoder, StarCoderBase, SantaCoder, WizardCoder, SQLCoder): GPT-2's blocks (learned positions,
     LayerNorms, a GELU MLP, biases everywhere) with one kv head (multi_query) or as many as heads, q, k and v fused in
     one linear layer (the queries, then the key and the value; without multi_query, head by head: `group_rows`)."""
-    d = {**_GPT_BIGCODE_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _GPT_BIGCODE_DEFAULTS)
     act = d["activation_function"]
     if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"):
         raise ValueError(f"GPTBigCode activation_function {act!r} is not supported (temper reads GELU, exact or "
@@ -739,7 +739,7 @@ def _helium(d: dict[str, Any]) -> ModelConfig:
     """Helium (Kyutai's Helium-1): Llama with RoPE in adjacent pairs (moved to halves on loading, `rope_pair_rows`),
     RMSNorms that scale in float32 before they round (`norm_cast_after`), biases on q, k and v at most
     (attention_bias; o_proj never has one)."""
-    d = {**_HELIUM_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _HELIUM_DEFAULTS)
     if d["hidden_act"] != "silu" or d.get("mlp_bias"):
         raise ValueError(f"Helium hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported (temper "
                          "reads SwiGLU without MLP biases)")
@@ -772,7 +772,7 @@ _JAIS2_DEFAULTS = {"vocab_size": 150272, "hidden_size": 3328, "intermediate_size
 def _jais2(d: dict[str, Any]) -> ModelConfig:
     """Jais 2 (Inception's Jais-2): Llama's attention with LayerNorms (with biases, always) and Arcee's squared-ReLU
     MLP, not gated; biases on every linear layer but the head, or on none (attention_bias and mlp_bias agree)."""
-    d = {**_JAIS2_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _JAIS2_DEFAULTS)
     if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
         raise ValueError(f"Jais2 hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
@@ -809,7 +809,7 @@ def _apertus(d: dict[str, Any]) -> ModelConfig:
     attention_bias says (`attn_bias`)."""
     if not (d.get("rope_parameters") or d.get("rope_scaling")):
         d = {**d, "rope_parameters": _APERTUS_DEFAULTS["rope_parameters"]}
-    d = {**_APERTUS_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _APERTUS_DEFAULTS)
     if d["hidden_act"] != "xielu" or d.get("mlp_bias"):
         raise ValueError(f"Apertus hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported "
                          "(temper reads xIELU without MLP biases)")
@@ -845,7 +845,7 @@ def _granite_swa(d: dict[str, Any]) -> ModelConfig:
     unless layer_types says otherwise), GPT-OSS's sink per head, and a RoPE base per layer (layer_rope_theta; 0: no
     positions). temper reads the bases one for the global layers (0 on them: `nope_every`), one for the windowed ones
     (`rope_local_theta`, which no RoPE scaling stretches)."""
-    d = {**_GRANITE_SWA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _GRANITE_SWA_DEFAULTS)
     if d["hidden_act"] != "silu" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
         raise ValueError(f"GraniteSWA hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads SwiGLU, and one `bias` for every layer)")
@@ -854,12 +854,17 @@ def _granite_swa(d: dict[str, Any]) -> ModelConfig:
     window, every, first = _window_layers(d | {"layer_types": types}, "GraniteSWA", None, first_ok=True)
     theta, scaling, _ = _rope(d)
     thetas = d.get("layer_rope_theta") or [theta] * n
-    bases = [{float(t) for t, kind in zip(thetas, types, strict=False) if kind == k}
-             for k in ("full_attention", "sliding_attention")]
-    (full, *_), (local, *_) = (b or {None} for b in bases)
+    if not (isinstance(thetas, list) and len(thetas) == n
+            and all((_is_int(t) or isinstance(t, float)) and t >= 0 for t in thetas)):
+        raise ValueError(f"GraniteSWA key 'layer_rope_theta' must give each of the {n} layers a RoPE base (0: none), "
+                         f"got {thetas!r}")
+    full_bases, local_bases = ({float(t) for t, kind in zip(thetas, types, strict=True) if kind == k}
+                               for k in ("full_attention", "sliding_attention"))
+    full = full_bases.pop() if len(full_bases) == 1 else None
+    local = local_bases.pop() if len(local_bases) == 1 else None
     nope = full == 0 and window is not None and every is not None  # the global layers
-    if (len(thetas) != n or len(bases[0]) > 1 or len(bases[1]) > 1 or local == 0 or (full == 0 and not nope)
-            or (scaling and local not in (None, full))):
+    if (full_bases or local_bases or local == 0 or (full == 0 and not nope)
+            or (scaling and local not in (None, full))):  # (a set left non-empty held two bases or more)
         raise ValueError(f"GraniteSWA layer_rope_theta={thetas!r} is not supported (temper reads one base for the "
                          "global layers, or 0 on them, and one for the windowed ones, unscaled)")
     global_theta = (local if nope else full) or local
@@ -888,7 +893,7 @@ _GRANITE_MOE_SWA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermed
 def _granite_moe_swa(d: dict[str, Any]) -> ModelConfig:
     """Granite MoE SWA: Granite SWA's attention (`_granite_swa`) with GraniteMoeShared's experts beside an optional
     shared MLP (`_granite_moe`), in every layer; no biases (its experts have none)."""
-    d = {**_GRANITE_MOE_SWA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _GRANITE_MOE_SWA_DEFAULTS)
     if d["attention_bias"]:
         raise ValueError("GraniteMoeSWA attention_bias=true is not supported (its experts have no biases; temper's "
                          "`bias` covers every layer)")
@@ -943,7 +948,7 @@ def _nemotron(d: dict[str, Any]) -> ModelConfig:
     """Nemotron-4 and Minitron (`NemotronForCausalLM`): LayerNorms scaling by (1 + weight), with biases
     (LayerNorm1P: `norm_unit_offset`), a squared-ReLU MLP, not gated, half of each head rotated; biases on every linear
     layer or on none (attention_bias and mlp_bias agree)."""
-    d = {**_NEMOTRON_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _NEMOTRON_DEFAULTS)
     if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
         raise ValueError(f"Nemotron hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
@@ -1038,7 +1043,7 @@ def _hyperclovax(d: dict[str, Any]) -> ModelConfig:
     scores (muP), norms on the sublayers' outputs as well as their inputs (Peri-LN, use_post_norm: `sandwich_norm`),
     and the logits multiplied by logits_scaling, where Granite divides by it (temper divides by its reciprocal, as for
     Cohere's logit_scale)."""
-    d = {**_HYPERCLOVAX_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    d = _filled(d, _HYPERCLOVAX_DEFAULTS)
     if d["hidden_act"] != "silu" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
         raise ValueError(f"HyperCLOVAX hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads SwiGLU, and one `bias` for every layer)")
@@ -1106,6 +1111,11 @@ def _as_llama(d: dict[str, Any], arch: str) -> dict[str, Any]:
     rope_given = renamed.get("rope_theta") or (renamed.get("rope_parameters") or {}).get("rope_theta")
     defaults = {k: v for k, v in defaults.items() if k != "rope_theta" or not rope_given}
     return {**defaults, **renamed, "architectures": [LLAMA], "model_type": "llama"}
+
+
+def _filled(d: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Config `d` with `defaults` (its config class's) for the keys it leaves out or gives as null."""
+    return {**defaults, **{k: v for k, v in d.items() if v is not None}}
 
 
 def _heads(d: dict[str, Any], name: str) -> tuple[int, int, int]:
@@ -1182,19 +1192,19 @@ def _from_llama_like(d: dict[str, Any], arch: str) -> ModelConfig:
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
             d["rope_parameters"] = dict(_MINISTRAL3_ROPE)
     if arch == YOUTU:  # YoutuConfig's tied embeddings and initialisation (2 / sqrt(5 dim)) where left out
-        d = {"tie_word_embeddings": True, **{k: v for k, v in d.items() if v is not None}}
+        d = _filled(d, {"tie_word_embeddings": True})
         d.setdefault("initializer_range", 2.0 / (5.0 * d["hidden_size"]) ** 0.5)
     if arch == CWM:  # CwmConfig's shape and RoPE where left out; the first of every four layers global
-        d = {**_CWM_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+        d = _filled(d, _CWM_DEFAULTS)
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
             d["rope_parameters"] = dict(_CWM_ROPE)
         d.setdefault("layer_types", ["full_attention" if i % 4 == 0 else "sliding_attention"
                                      for i in range(d["num_hidden_layers"])])
     if arch == SOLAR_OPEN:  # SolarOpenConfig's shape where left out; experts in every layer, whatever a config says
-        d = {**_SOLAR_OPEN_DEFAULTS, **{k: v for k, v in d.items() if v is not None}, "first_k_dense_replace": 0}
+        d = _filled(d, _SOLAR_OPEN_DEFAULTS) | {"first_k_dense_replace": 0}
         d.setdefault("intermediate_size", d.get("moe_intermediate_size", 1280))  # (no dense MLP: none of its own)
     if arch == MISTRAL4:  # Mistral4Config's shape and RoPE where left out
-        d = {**_MISTRAL4_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+        d = _filled(d, _MISTRAL4_DEFAULTS)
         if not (d.get("rope_parameters") or d.get("rope_scaling")):
             d["rope_parameters"] = dict(_MISTRAL4_ROPE)
     if arch in HUNYUANS:
@@ -1952,7 +1962,7 @@ def _deepseek_experts(d: dict[str, Any], arch: str) -> dict[str, Any]:
     layer's, are skipped on loading (as transformers skips them). DeepSeek's own keys say the same routing or are
     refused."""
     name = arch.removesuffix("ForCausalLM")
-    d = _DEEPSEEK_MOE_DEFAULTS[arch] | {k: v for k, v in d.items() if v is not None}
+    d = _filled(d, _DEEPSEEK_MOE_DEFAULTS[arch])
     v2 = arch == DEEPSEEK_V2
     methods = ("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)
     if d.get("topk_method", methods[0]) not in methods:
