@@ -807,9 +807,7 @@ def _apertus(d: dict[str, Any]) -> ModelConfig:
     """Apertus (Swiss AI's Apertus-8B and 70B): Llama's attention with Qwen3's q/k norms per head before RoPE, an MLP
     of xIELU (`XIELU`: learned scalars per layer), not gated, without biases; biases on q, k, v and o where
     attention_bias says (`attn_bias`)."""
-    if not (d.get("rope_parameters") or d.get("rope_scaling")):
-        d = {**d, "rope_parameters": _APERTUS_DEFAULTS["rope_parameters"]}
-    d = _filled(d, _APERTUS_DEFAULTS)
+    d = _filled(d, _APERTUS_DEFAULTS)  # (its RoPE too, where a config gives none: a rope_scaling is read first)
     if d["hidden_act"] != "xielu" or d.get("mlp_bias"):
         raise ValueError(f"Apertus hidden_act={d['hidden_act']!r}, mlp_bias={d.get('mlp_bias')} is not supported "
                          "(temper reads xIELU without MLP biases)")
