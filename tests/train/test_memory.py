@@ -171,18 +171,19 @@ NEMOTRON_3 = NEMOTRON_H | {"n_experts": 8, "expert_ffn_dim": 64, "shared_expert_
 
 def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4, seq: int = 128,
              accumulation: int = 1, lora: LoRAShape | None = None, dropout: float = 0.0, dims: dict | None = None,
-             offload: bool = False):
+             offload: bool = False, optimizer: str = "adamw"):
     cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout, **(dims or {}))
     lora = lora or LoRAShape(rank=8)
     run = RunShape(recipe=recipe, precision=precision, micro_batch_size=batch, seq_len=seq, device="cpu",
-                   accumulation_steps=accumulation, activation_checkpointing=ckpt, activation_offload=offload, lora=lora)
+                   accumulation_steps=accumulation, activation_checkpointing=ckpt, activation_offload=offload, lora=lora,
+                   optimizer=optimizer)
     amp = None if precision == "fp32" else torch.bfloat16
     model = Transformer(cfg)
     if recipe in ("lora", "qlora"):  # as the recipes apply it: the frozen base in the compute dtype
         apply_method(model, recipe, LoRAConfig(lora.rank, 2.0 * lora.rank, lora.dropout, list(lora.targets)),
                      amp_dtype=amp or torch.float32)
     parallelize(model, DistInfo(0, 0, 1, torch.device("cpu")), activation_checkpointing=ckpt, activation_offload=offload)
-    optimizer = build_optimizer(model, OptimConfig(), "cpu")
+    optimizer = build_optimizer(model, OptimConfig(name=run.optimizer), "cpu")
     x = torch.randint(0, cfg.vocab_size, (batch * accumulation, seq + 1))
     batches = [(x[i * batch:(i + 1) * batch, :-1], x[i * batch:(i + 1) * batch, 1:]) for i in range(accumulation)]
     train_step(model, optimizer, batches, step=0, amp_dtype=amp)  # AdamW's states exist from the second step on
@@ -201,6 +202,16 @@ def test_estimate_matches_the_measured_peak(preset, recipe, ckpt):
         assert est.at_peak[part] == pytest.approx(measured.at_peak.get(part, 0), rel=0.01, abs=64)
     # Not the sum of the components: gradients and activations do not peak together.
     assert measured.peak < sum(c.bytes for c in est.components[:4])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_estimate_counts_muons_one_state(precision):
+    """optim.name=muon: one float32 momentum for the blocks' linear weights, AdamW's two for the rest."""
+    est, measured = _measure("debug-llama", "pretrain", precision, 0, optimizer="muon")
+    adamw, _ = _measure("debug-llama", "pretrain", precision, 0)
+    assert est.at_peak["optimizer states"] == pytest.approx(measured.at_peak["optimizer states"], rel=0.01, abs=64)
+    assert est.at_peak["optimizer states"] < 0.7 * adamw.at_peak["optimizer states"]
+    assert est.peak == pytest.approx(measured.peak, rel=0.05), (human_bytes(est.peak), human_bytes(measured.peak))
 
 
 GEMMA4 = dict(mlp="geglu", norm_cast_after=True, scale_embeddings=True, head_size=16, qk_norm=True, sandwich_norm=True,

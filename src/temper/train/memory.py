@@ -128,6 +128,7 @@ from temper.model.linear_attention import GatedDeltaNet, Mamba, Mamba2, ShortCon
 from temper.model.lora import ATTENTION_TARGETS, LoRALinear, apply_lora
 from temper.model.transformer import Transformer
 from temper.train.losses import chunk_tokens
+from temper.train.optim import block_matrices
 from temper.train.parallel import ParallelConfig, tables_on_host
 
 Recipe = Literal["pretrain", "full", "lora", "qlora"]
@@ -136,6 +137,8 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per NF4 weight with double quantization (QLoRA §3): 4 bits, an 8-bit scale per 64, a float32 per 256 scales."""
 ADAMW_STATE_BYTES = 8
 """exp_avg and exp_avg_sq in float32 per trainable parameter (PyTorch keeps them in the parameter's dtype)."""
+MUON_STATE_BYTES = 4
+"""Muon's one momentum buffer, in the parameter's dtype (float32)."""
 
 
 @dataclass
@@ -188,6 +191,8 @@ class RunShape:
     """Where it runs: CUDA's autocast computes LayerNorm in float32 and keeps 1-byte dropout masks, a CPU's neither."""
     lora: LoRAShape = field(default_factory=LoRAShape)
     """Adapters (lora and qlora only)."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """As the recipes' optim.name: muon keeps one state, not AdamW's two, for the blocks' linear weights."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "accumulation_steps", "world_size"):
@@ -198,6 +203,8 @@ class RunShape:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.activation_offload and not self.activation_checkpointing:
             raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
+        if self.optimizer == "muon" and self.recipe in ("lora", "qlora"):
+            raise ValueError(f"optimizer=muon trains whole weight matrices (pretrain, full), not {self.recipe}'s adapters")
         try:
             self.parallel.degrees(self.world_size)
         except ConfigError as e:  # the training recipes' key is train.parallel; here it is run.parallel
@@ -259,6 +266,7 @@ class _Counts:
     params: int
     buffer_bytes: int
     trainable: int
+    muon_trainable: int  # the weights Muon would train (`optim.block_matrices`)
     frozen: int
     frozen_linears: int  # frozen weights of the blocks' linear layers (NF4 in qlora)
     block_params: int  # one block, adapters included
@@ -314,6 +322,7 @@ def _count(model: Transformer, size: dict[int, int] | None = None) -> _Counts:
         params=sum(n(p) for p in everything),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         trainable=sum(n(p) for p in everything if p.requires_grad),
+        muon_trainable=sum(n(p) for p in block_matrices(model)),
         frozen=sum(n(p) for p in everything if not p.requires_grad),
         frozen_linears=frozen_linears,
         block_params=sum(n(p) for p in unique(model.layers[0].parameters())),
@@ -1250,6 +1259,10 @@ def _estimate_rank(cfg: ModelConfig, run: RunShape, lay: _Layout, stage: str) ->
         g_formula += " x 2 (DDP's gradient buckets are a second copy)"
     s_bytes = ADAMW_STATE_BYTES * c.trainable
     s_formula = f"8 B x {_m(c.trainable)} trainable params (AdamW exp_avg + exp_avg_sq, float32)"
+    if run.optimizer == "muon":
+        s_bytes = ADAMW_STATE_BYTES * (c.trainable - c.muon_trainable) + MUON_STATE_BYTES * c.muon_trainable
+        s_formula = (f"8 B x {_m(c.trainable - c.muon_trainable)} params (AdamW exp_avg + exp_avg_sq, float32) + "
+                     f"4 B x {_m(c.muon_trainable)} blocks' linear weights (Muon's momentum, float32)")
     if lay.zero1:
         s_bytes = math.ceil(s_bytes / lay.dp)
         s_formula += f" / {lay.dp} replicas (ZeRO-1)"

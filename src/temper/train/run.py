@@ -384,6 +384,9 @@ class Run:
         if cfg.train.deepspeed and not deepspeed:
             raise config.ConfigError("train.deepspeed: this recipe does not run under DeepSpeed (pretrain and sft do); "
                                      "use train.parallel (FSDP2: dp_shard) instead")
+        if cfg.train.deepspeed and cfg.optim.name == "muon":
+            raise config.ConfigError("optim.name=muon: DeepSpeed steps its own optimizer over flattened partitions, "
+                                     "where Muon needs each weight matrix whole; use train.parallel (FSDP2: dp_shard)")
         if cfg.train.deepspeed and cfg.log.monitor_every:
             raise config.ConfigError("log.monitor_every: DeepSpeed steps the model itself, so its steps cannot be "
                                      "measured by parameter group; leave it at 0 under train.deepspeed")
@@ -393,7 +396,7 @@ class Run:
             raise config.ConfigError(f"train.attention=flex trains on CUDA only (torch has no FlexAttention backward "
                                      f"on {d.device.type}); use auto or sdpa")
         self.cfg, self.d, self.resolved = cfg, d, resolved
-        self.resume_keys = tuple(resume_keys)
+        self.resume_keys = (*resume_keys, "optim.name")  # Muon's states are not AdamW's: a checkpoint holds one kind
         self.dir = run_directory(cfg.run)
         self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.amp_dtype == torch.float16 else None
