@@ -152,7 +152,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     own, so its `state_dict` holds both and loads back into both."""
 
     def __init__(self, params: list[dict[str, Any]], *, muon: dict[str, Any], adamw: dict[str, Any]) -> None:
-        groups = [dict(g, muon=bool(g.get("muon"))) for g in params]  # a plain list of tensors: AdamW's
+        groups = [dict(g, muon=bool(g.get("muon"))) for g in params]  # unmarked: AdamW's
         self._muon = torch.optim.Muon([g for g in groups if g["muon"]], **muon) if any(
             g["muon"] for g in groups) else None
         self._adamw = torch.optim.AdamW([g for g in groups if not g["muon"]], **adamw) if any(

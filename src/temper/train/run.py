@@ -396,7 +396,9 @@ class Run:
             raise config.ConfigError(f"train.attention=flex trains on CUDA only (torch has no FlexAttention backward "
                                      f"on {d.device.type}); use auto or sdpa")
         self.cfg, self.d, self.resolved = cfg, d, resolved
-        self.resume_keys = (*resume_keys, "optim.name")  # Muon's states are not AdamW's: a checkpoint holds one kind
+        # A checkpoint's optimizer holds its kind (Muon's states are not AdamW's) and Muon's lr scale (its param
+        # group's, which loads over this run's).
+        self.resume_keys = (*resume_keys, "optim.name", "optim.muon_lr")
         self.dir = run_directory(cfg.run)
         self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.amp_dtype == torch.float16 else None
