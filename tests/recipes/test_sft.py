@@ -534,3 +534,19 @@ def test_neftune_noise_changes_training_and_resumes_exactly(base, tmp_path, monk
     assert abs(losses(tmp_path / "ref")[0] - losses(tmp_path / "plain")[0]) > 1e-4
     with pytest.raises(config.ConfigError, match="section .train.: neftune_alpha must be >= 0, got -1.0"):
         sft.main(args(base, tmp_path, "bad", "--train.neftune_alpha=-1"))
+
+
+def test_loraplus_and_muon_reach_the_optimizer(base, tmp_path):
+    """--optim.loraplus_lr_ratio scales the B factors' learning rate (its own logged group), --optim.name=muon
+    trains a full fine-tune's block matrices with Muon, and Muon on adapters alone is refused before training."""
+    steps = ("--train.steps=2", "--checkpoint.every=0", "--log.monitor_every=1")
+    assert sft.main(args(base, tmp_path, "loraplus", "--method=lora", "--optim.loraplus_lr_ratio=16", *steps)) == 0
+    for lr, b in zip(losses(tmp_path / "loraplus", key="lr"), losses(tmp_path / "loraplus", key="lr/lora_b"),
+                     strict=True):
+        assert b == pytest.approx(16 * lr)
+    assert sft.main(args(base, tmp_path, "muon", "--method=full", "--optim.name=muon", *steps)) == 0
+    # Muon's group, then AdamW's two, labelled by index: without weight decay AdamW's would share a label
+    assert losses(tmp_path / "muon", key="lr/0") == losses(tmp_path / "muon", key="lr/2") == losses(
+        tmp_path / "muon", key="lr")
+    with pytest.raises(config.ConfigError, match="optim.name=muon: the model trains no weight of a decoder block"):
+        sft.main(args(base, tmp_path, "bad", "--method=lora", "--optim.name=muon"))

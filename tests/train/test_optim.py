@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from temper.config import ConfigError
 from temper.train.optim import OptimConfig, ScheduleConfig, build_optimizer, lr_at, param_groups
 
 
@@ -70,3 +71,46 @@ def test_adamw_fused_on_cpu_matches_the_per_tensor_loop():
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_loraplus_steps_as_peft_create_loraplus_optimizer(tmp_path, dora):
+    """optim.loraplus_lr_ratio: AdamW steps move temper's adapters as PEFT's LoRA+ optimizer moves the same adapters
+    on transformers' model (B factors and DoRA's magnitudes 16 times faster); plain LoRA's steps land elsewhere."""
+    import copy
+
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    from temper.model.hf.peft import load_peft
+    from tests.model.test_hf_peft import _hf, _model, _randomize_adapters, _x
+
+    model = _model("llama")
+    theirs = peft.get_peft_model(_hf(model, tmp_path), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=dora))
+    _randomize_adapters((n, p) for n, p in theirs.named_parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "adapter")
+    load_peft(model, model.cfg, tmp_path / "adapter")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    plain = copy.deepcopy(model)
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.0, loraplus_lr_ratio=16.0)
+    ours = build_optimizer(model, cfg, "cpu")
+    assert sorted(g.get("name", "") for g in ours.param_groups) == (["", "lora_b", "vectors"] if dora else ["", "lora_b"])
+    ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0, betas=(0.9, 0.95),
+                                    eps=1e-8)
+    slow = build_optimizer(plain, OptimConfig(lr=1e-3, weight_decay=0.0), "cpu")
+    x = _x(model)
+    for _ in range(3):
+        for forward, optimizer in ((model, ours), (lambda t: theirs(t).logits, ref), (plain, slow)):
+            optimizer.zero_grad()
+            forward(x).float().logsumexp(-1).mean().backward()
+            optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x).logits, rtol=0, atol=1e-4)
+        assert (plain(x) - model(x)).abs().max() > 1e-2
+
+
+def test_loraplus_without_adapters_is_refused():
+    with pytest.raises(ConfigError, match="optim.loraplus_lr_ratio: the model has no LoRA adapters"):
+        build_optimizer(Tiny(), OptimConfig(loraplus_lr_ratio=16.0), "cpu")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from temper.config import ConfigError
+from temper.model.lora import LoRALinear
 from temper.model.transformer import Block
 
 
@@ -54,6 +55,9 @@ class OptimConfig:
     """Muon's momentum (Nesterov)."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations that orthogonalise each update."""
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): LoRA's B factors learn at lr times this (16 in the paper), and so do the trained
+    vectors (DoRA's magnitudes), as PEFT's create_loraplus_optimizer groups them; 0: off."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -64,6 +68,8 @@ class OptimConfig:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 1 <= self.muon_ns_steps < 100:
             raise ValueError(f"muon_ns_steps must be in [1, 100), got {self.muon_ns_steps}")
+        if self.loraplus_lr_ratio < 0:
+            raise ValueError(f"loraplus_lr_ratio must be >= 0 (0: off), got {self.loraplus_lr_ratio}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
 
@@ -209,6 +215,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, *,
                 "adjust_lr_fn": cfg.muon_adjust_lr}
         # Bound, not passed as keywords: ZeRO-1 would copy its keywords into every param group as defaults.
         optimizer_class, kwargs = functools.partial(MuonWithAdamW, muon=muon, adamw=adamw), {}
+    if cfg.loraplus_lr_ratio:
+        groups = _loraplus_groups(model, groups, cfg.lr, cfg.loraplus_lr_ratio)
     # An empty group (LoRA trains only matrices) is left out: torch's flattened optimizer state dict, which
     # sharded checkpoints use, cannot load one.
     groups = [g for g in groups if g["params"]]
@@ -216,6 +224,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, *,
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kwargs)
     return optimizer_class(groups, **kwargs)
+
+
+def _loraplus_groups(model: nn.Module, groups: list[dict[str, Any]], lr: float, ratio: float) -> list[dict[str, Any]]:
+    """LoRA's B factors and the trained vectors of each group in groups of their own, at `ratio` times its lr."""
+    b_factors = {id(m.lora_b) for m in model.modules() if isinstance(m, LoRALinear)}
+    if not b_factors:
+        raise ConfigError("optim.loraplus_lr_ratio: the model has no LoRA adapters (LoRA+ speeds up their B factors); "
+                          "train with method lora or qlora, or leave it at 0")
+    out = []
+    for g in groups:
+        b = [p for p in g["params"] if id(p) in b_factors]
+        vectors = [p for p in g["params"] if p.dim() == 1]
+        out += [{**g, "params": [p for p in g["params"] if id(p) not in b_factors and p.dim() != 1]},
+                {**g, "params": b, "lr": lr * ratio, "lr_scale": ratio, "name": "lora_b"},
+                {**g, "params": vectors, "lr": lr * ratio, "lr_scale": ratio, "name": "vectors"}]
+    return out
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -396,9 +396,9 @@ class Run:
             raise config.ConfigError(f"train.attention=flex trains on CUDA only (torch has no FlexAttention backward "
                                      f"on {d.device.type}); use auto or sdpa")
         self.cfg, self.d, self.resolved = cfg, d, resolved
-        # A checkpoint's optimizer holds its kind (Muon's states are not AdamW's) and Muon's lr scale (its param
-        # group's, which loads over this run's).
-        self.resume_keys = (*resume_keys, "optim.name", "optim.muon_lr")
+        # A checkpoint's optimizer holds its kind (Muon's states are not AdamW's) and the lr scales of Muon's and
+        # LoRA+'s param groups (which load over this run's).
+        self.resume_keys = (*resume_keys, "optim.name", "optim.muon_lr", "optim.loraplus_lr_ratio")
         self.dir = run_directory(cfg.run)
         self.amp_dtype = resolve_precision(cfg.train.precision, d.device)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.amp_dtype == torch.float16 else None
