@@ -23,12 +23,15 @@ from temper.align.rl import (
     FixedKLController,
     GRPOLoss,
     PPOLoss,
+    RLOOLoss,
     adapters_off_token_reference,
     explained_variance,
     frozen_token_reference,
     gae,
     group_advantages,
     kl_penalized_rewards,
+    leave_one_out_advantages,
+    sequence_kl,
     token_logprobs_of,
     whiten,
 )
@@ -182,6 +185,76 @@ def test_group_advantages_equal_trl_formula():
     assert group_advantages(rewards, G)[4:8].abs().max() == 0  # a group of equal rewards teaches nothing
     with pytest.raises(ValueError, match=r"\(groups \* group_size,\)"):
         group_advantages(rewards, 5)
+
+
+# ---- RLOO ---------------------------------------------------------------------------------------------------
+
+
+def _trl_rloo(hf, prompt, comp, comp_mask, old_logps, adv):
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    acc = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, num_processes=1,
+                          reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t)
+    ns = SimpleNamespace(model=hf, accelerator=acc, aux_loss_enabled=False, epsilon_low=0.2, epsilon_high=0.28,
+                         _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    ns._get_per_token_logps_and_entropies = (  # the method, without the profiling wrapper that wants a Trainer
+        lambda *a, **k: RLOOTrainer._get_per_token_logps_and_entropies.__wrapped__(ns, *a, **k))
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": comp,
+              "completion_mask": comp_mask, "advantages": adv, "old_logps": old_logps}
+    with torch.no_grad():
+        loss = RLOOTrainer._compute_loss(ns, hf, inputs)
+    return loss, {k: v[-1] for k, v in ns._metrics["eval"].items()}
+
+
+def test_rloo_loss_equals_trl_rloo_trainer(models, grpo_case):
+    """One ratio per sequence, of its summed log-probs; the clipped surrogate averaged over sequences; TRL's
+    metrics (entropy over completion tokens, the clip shares over sequences)."""
+    policy, _ = models
+    batch, hf, prompt, comp, comp_mask = grpo_case
+    scored = batch.targets != IGNORE_INDEX
+    with torch.no_grad():
+        logps = token_logprobs_of(policy, batch, TEMP)
+    log_ratio = torch.tensor([0.4, -0.4, 0.1, -0.05])[:, None]  # per sequence: one clipped high, one low, two not
+    rloo = copy.copy(batch)
+    rloo.extra = {**batch.extra, "old_logps": torch.where(scored, logps - log_ratio / scored.sum(-1, keepdim=True), 0.0)}
+    loss_fn = RLOOLoss(epsilon_low=0.2, epsilon_high=0.28, temperature=TEMP)
+    out, n = loss_fn(policy, rloo), loss_fn.count(rloo)
+    theirs, metrics = _trl_rloo(hf, prompt, comp, comp_mask, _completion(rloo.extra["old_logps"]).sum(-1),
+                                rloo.extra["advantages"])
+    torch.testing.assert_close(out.loss_sum / n, theirs.float(), rtol=1e-5, atol=1e-5)
+    for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert out.metrics[name].item() / n.item() == pytest.approx(metrics[name], rel=1e-5, abs=1e-5), name
+    assert metrics["clip_ratio/low_mean"] == metrics["clip_ratio/high_mean"] == 0.25  # both clips were exercised
+
+
+def test_rloo_advantages_and_kl_penalty_equal_trl_formula(grpo_case):
+    """TRL's `RLOOTrainer._generate_and_score_completions` (trl 1.16, rloo_trainer.py lines 1664-1694, transcribed):
+    rewards - beta * sum over the completion of (old - ref) log-probs, then each less the mean of its group's
+    others."""
+    batch, *_ = grpo_case
+    per_token_kl = _completion(batch.extra["old_logps"] - batch.extra["ref_logps"])  # (B, LC), 0 off the completion
+    torch.testing.assert_close(sequence_kl(batch), per_token_kl.sum(-1))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, 3.0, -1.0, 0.0, 1.0, 4.0])
+    G = 4
+    grouped = rewards.view(-1, G)
+    theirs = rewards - ((grouped.sum(1, keepdim=True) - grouped) / (G - 1)).view(-1)
+    torch.testing.assert_close(leave_one_out_advantages(rewards, G), theirs)
+    assert leave_one_out_advantages(rewards, G)[4:8].abs().max() == 0
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        leave_one_out_advantages(rewards, 1)
+
+
+def test_rloo_two_micro_batches_give_the_update_of_one(models, grpo_case):
+    """The unit is a sequence: split unevenly, the same update."""
+    policy, _ = models
+    batch, *_ = grpo_case
+    params = []
+    for parts in ([batch], [_split(batch, slice(0, 1)), _split(batch, slice(1, None))]):
+        model = copy.deepcopy(policy).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train_step(model, opt, parts, step=0, loss_fn=RLOOLoss(temperature=TEMP), clip_norm=0)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-5, atol=1e-6)
 
 
 def _split(batch: Batch, rows: slice) -> Batch:

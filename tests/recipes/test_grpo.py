@@ -51,6 +51,18 @@ def test_full_run_with_a_kl_term_starts_at_the_reference(arith, tmp_path):
     assert train[0]["kl"] < 1e-4 < train[1]["kl"]  # the policy moves away from its frozen copy
 
 
+def test_rloo_takes_the_kl_off_the_reward(arith, tmp_path):
+    """loss.loss_type=rloo: at step 1 the sampler is the reference (a KL of 0 up to the engine's rounding); after
+    an update the KL moves the advantages, so the step-2 loss differs from a run without it."""
+    common = ("--train.steps=2", "--method=full", "--loss.loss_type=rloo")
+    assert grpo.main(args(arith, tmp_path, "kl", *common, "--loss.beta=0.5")) == 0
+    assert grpo.main(args(arith, tmp_path, "plain", *common)) == 0
+    kl, plain = rows(tmp_path / "kl", "train"), rows(tmp_path / "plain", "train")
+    assert abs(kl[0]["kl"]) < 1e-4 < abs(kl[1]["kl"]) and "kl" not in plain[0]
+    assert kl[1]["loss"] != plain[1]["loss"]
+    assert {"entropy", "clip_ratio/region_mean", "reward_std"} <= set(kl[0])
+
+
 def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
     common = ("--train.steps=3", "--checkpoint.every=1")
     assert grpo.main(args(arith, tmp_path, "straight", *common)) == 0
@@ -98,13 +110,14 @@ def test_prompts_render_with_the_chat_template_variables(arith, tmp_path):
 
 
 @pytest.mark.distributed
-def test_ddp_two_ranks_equal_one_process(arith, tmp_path):
-    common = ("--train.steps=2", "--run.device=cpu")
+@pytest.mark.parametrize("loss", [[], ["--loss.loss_type=rloo", "--loss.beta=0.5"]], ids=["grpo", "rloo"])
+def test_ddp_two_ranks_equal_one_process(arith, tmp_path, loss):
+    common = ("--train.steps=2", "--run.device=cpu", *loss)
     assert grpo.main(args(arith, tmp_path, "single", *common)) == 0
     argv = args(arith, tmp_path, "ddp", *common, "--train.micro_batch_size=4")
     temper_on_ranks(["grpo", *argv], 2, tmp_path / "ddp-logs")
     single, ddp = rows(tmp_path / "single", "train"), rows(tmp_path / "ddp", "train")
-    for key in ("loss", "reward", "completion_length", "val_reward"):
+    for key in ("loss", "reward", "completion_length", "val_reward", "kl"):
         if key in single[0]:
             torch.testing.assert_close([r[key] for r in ddp], [r[key] for r in single], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close([r["val_reward"] for r in rows(tmp_path / "ddp", "val")],

@@ -1,4 +1,4 @@
-"""Objectives of reinforcement learning from feedback: GRPO (and DAPO, Dr. GRPO) and PPO with a value function.
+"""Objectives of reinforcement learning from feedback: GRPO (and DAPO, Dr. GRPO), RLOO, and PPO with a value function.
 
 A rollout micro-batch is a `train.losses.Batch` of B sampled sequences (prompt + completion), right-padded:
 targets are IGNORE_INDEX everywhere but on the completion's tokens, and `scored = targets != IGNORE_INDEX`
@@ -13,11 +13,13 @@ its temperature), optionally `ref_logps` (the reference policy's), and for PPO `
   DAPO's per-token mean, Dr. GRPO's constant), expressed as the loss's unit (`count`), so that accumulation
   and data parallelism (`train.step.train_step`) give the update of one big batch.
 - `group_advantages`: (r - group mean) / (group std + 1e-4), or without the division (Dr. GRPO).
+- RLOO (Ahmadian et al. 2024, "Back to Basics"): `leave_one_out_advantages` (each reward minus the mean of the
+  others of its group), the reward less beta times `sequence_kl`, and `RLOOLoss` (one clipped ratio per sequence).
 - PPO (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"): `kl_penalized_rewards`,
   `gae`, `whiten`, `explained_variance`, the KL coefficient controllers, and `PPOLoss` (clipped policy and value losses) on an
   `ActorCritic` (the policy and its value function in one module, so that DDP wraps one module).
 
-Every loss and statistic equals TRL's (GRPOTrainer of trl 1.16, PPOTrainer of trl 0.24) on one micro-batch
+Every loss and statistic equals TRL's (GRPOTrainer and RLOOTrainer of trl 1.16, PPOTrainer of trl 0.24) on one micro-batch
 (tests/align/test_rl.py), with two deliberate differences in PPO that matter only for padded responses:
 TRL adds the score one position past the response's last token (its first padding slot) and counts that
 slot in the value loss (huggingface/trl#1893, #3750); here the score lands on the last completion token and
@@ -230,6 +232,77 @@ class GRPOLoss:
         if kl is not None:
             metrics["kl"] = stat(kl)
         return LossOut(loss_sum, metrics)
+
+
+# ---- RLOO ---------------------------------------------------------------------------------------------------
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantages (G*P,) of rewards (G*P,) laid out as P consecutive groups of `group_size` samples of one
+    prompt: each reward minus the mean of the other group_size - 1 (Kool et al. 2019; Ahmadian et al. 2024), an
+    unbiased baseline because it does not hold the sample's own reward."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (the baseline is the other samples'), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (groups * group_size,) with group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    grouped = rewards.float().view(-1, group_size)  # (P, G)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def sequence_kl(batch: Batch) -> torch.Tensor:
+    """(B,) each sequence's sum over its completion of old_logps - ref_logps: the k1 estimate of KL(sampler || ref)
+    that RLOO takes off the reward, scaled by beta, before the baseline (TRL's RLOOTrainer)."""
+    scored = scored_mask(batch)
+    return torch.where(scored, _extra(batch, "old_logps", "rloo") - _extra(batch, "ref_logps", "rloo"), 0.0).sum(-1)
+
+
+@dataclass
+class RLOOLoss:
+    """RLOO's clipped surrogate on a rollout micro-batch, with one importance ratio per sequence (TRL's RLOOTrainer).
+
+    Per sequence: r = exp(sum of its completion's logp - sum of its old_logp), loss -min(r A, clip(r, 1 - eps_low,
+    1 + eps_high) A), averaged over every sequence (the unit: a sequence). The KL to the reference is not here: it
+    is taken off each sequence's reward before the baseline (`sequence_kl`). Metrics (TRL's names): entropy, a
+    completion-token mean weighted by the micro-batch's sequences; the clip shares, sums over sequences.
+    """
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    temperature: float = 1.0
+    """The sampler's: the policy's logits are divided by it."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError(f"clip range must satisfy 0 <= epsilon_low < 1 and epsilon_high >= 0, got "
+                             f"{self.epsilon_low}, {self.epsilon_high}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch.targets.shape[0], device=batch.targets.device)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
+        scored = scored_mask(batch)  # (B, T)
+        rows = scored.nonzero()[:, 0]  # (N,)
+        logits = model(batch.inputs, logits_at=scored, **batch.model_kwargs)  # (N, V)
+        logp, entropy = logps_and_entropy(logits, batch.targets[scored], self.temperature)  # (N,), (N,)
+        B = scored.shape[0]
+        seq_logp = torch.zeros(B, device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)  # (B,)
+        seq_old = torch.where(scored, _extra(batch, "old_logps", "rloo"), 0.0).sum(-1)  # (B,)
+        adv = _extra(batch, "advantages", "rloo")
+        if adv.shape != (B,):
+            raise ValueError(f"rloo advantages must be one per sequence ({B},), got {tuple(adv.shape)}")
+        ratio = torch.exp(seq_logp - seq_old)
+        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_seq = -torch.min(ratio * adv, clipped * adv)  # (B,)
+        low = (ratio < 1 - self.epsilon_low) & (adv < 0)
+        high = (ratio > 1 + self.epsilon_high) & (adv > 0)
+        weight = B / scored.sum().clamp(min=1).float()  # a token mean, times this batch's sequences
+        metrics = {"entropy": entropy.detach().float().sum() * weight, "clip_ratio/low_mean": low.float().sum(),
+                   "clip_ratio/high_mean": high.float().sum(), "clip_ratio/region_mean": (low | high).float().sum()}
+        return LossOut(per_seq.sum(), metrics)
 
 
 # ---- PPO: rewards, advantages, KL coefficient --------------------------------------------------------------

@@ -3,7 +3,8 @@
 GRPO (Shao et al. 2024, DeepSeekMath) samples G completions per prompt and uses each one's reward
 minus its group's mean (over the group's std, or not: Dr. GRPO, Liu et al. 2025) as the advantage of
 every one of its tokens: no value model. With rules that check the answer (align/rewards.py), it is
-how chain-of-thought reasoning is trained (DeepSeek-R1).
+how chain-of-thought reasoning is trained (DeepSeek-R1). `loss.loss_type=rloo` trains as TRL's RLOOTrainer
+(Ahmadian et al. 2024): each reward less the mean of its group's other rewards, one clipped ratio per sequence.
 
 Steps, in the order `run` takes them:
  1. parse the config; read the prompt files (data/prompts.py) and render them with the policy's chat
@@ -13,9 +14,10 @@ Steps, in the order `run` takes them:
     copy, or under LoRA the same weights with the adapters off; build the rewards
  3. each step: this rank's share of the step's prompts (align/online.py), G rollouts each on the engine
     with the sampled tokens' log-probs (align/rollout.py), seeded by (seed, prompt, sample) so resume
-    and DDP sample the same; rewards; group-normalised advantages; the reference's log-probs once
+    and DDP sample the same; rewards; the reference's log-probs once; group-normalised advantages (rloo:
+    leave-one-out, of the rewards less beta x the sampler's summed log-ratio to the reference)
  4. `loss.iterations` optimizer steps on those rollouts (the ratio's "old" policy is the sampler),
-    each over micro-batches through `train_step` with `align.rl.GRPOLoss`; logged: the loss's
+    each over micro-batches through `train_step` with `align.rl.GRPOLoss` (or `RLOOLoss`); logged: the loss's
     metrics under TRL's names, reward (total and each component), reward std within groups,
     completion length, the share cut at max_new_tokens, and the gap between the engine's and the
     training forward's log-probs
@@ -52,7 +54,7 @@ from temper.align.online import (
     step_prompts,
 )
 from temper.align.rewards import RewardConfig, build_rewards
-from temper.align.rl import GRPOLoss, group_advantages
+from temper.align.rl import GRPOLoss, RLOOLoss, group_advantages, leave_one_out_advantages, sequence_kl
 from temper.align.rollout import RolloutConfig, logprob_mismatch, rollout
 from temper.data.loader import EpochOrder
 from temper.train import checkpoint as ckpt
@@ -67,13 +69,17 @@ RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "loss", "lora", 
 
 @dataclass
 class GRPOLossConfig:
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "rloo"] = "grpo"
     """Token normalisation: grpo (each sequence's token mean, then the mean over sequences), dapo (the mean
-    over every completion token of the step), dr_grpo (each sequence's token sum / max_new_tokens)."""
+    over every completion token of the step), dr_grpo (each sequence's token sum / max_new_tokens); or rloo (TRL's
+    RLOOTrainer: one ratio per sequence, advantage = reward - the mean of the group's other rewards, the KL taken
+    off the reward)."""
     scale_rewards: Literal["group", "none"] = "group"
-    """Advantage = (reward - group mean) / group std (group), or without the division (none: Dr. GRPO)."""
+    """Advantage = (reward - group mean) / group std (group), or without the division (none: Dr. GRPO); rloo's
+    leave-one-out advantages are not scaled."""
     beta: float = 0.0
-    """Weight of the KL to the reference (k3 estimator); 0: no reference is kept or run."""
+    """Weight of the KL to the reference (k3 estimator, in the loss; rloo: beta x each completion's summed
+    log-ratio of sampler to reference, off its reward); 0: no reference is kept or run."""
     epsilon_low: float = 0.2
     """The ratio is clipped below at 1 - epsilon_low."""
     epsilon_high: float = 0.2
@@ -148,8 +154,10 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     reference = reference_policy(model, reference_model, temperature) if cfg.loss.beta > 0 else None
     rewards = build_rewards(cfg.rewards, d.device)
     lc = cfg.loss
-    loss_fn = GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
-                       beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens)
+    rloo = lc.loss_type == "rloo"
+    loss_fn = (RLOOLoss(epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, temperature=temperature) if rloo
+               else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
+                             beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens))
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
@@ -189,12 +197,22 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
             outs = rollout(model, tok, [train_prompts.ids[i] for i in idx], cfg.rollout,
                            seeds=rollout_seeds(cfg.run.seed, globals_, n), stop_ids=stop_ids)
             reward, columns = score(rewards, [train_prompts.records[i] for i in idx], outs, n)
-            advantages = group_advantages(reward, n, scale="std" if lc.scale_rewards == "group" else "none")
-            mbs = micro_batches(outs, cfg.train.micro_batch_size, pad, d.device, advantages=advantages)
+            micro = cfg.train.micro_batch_size
+            mbs = micro_batches(outs, micro, pad, d.device)
             if reference is not None:
                 for b in mbs:
                     b.extra["ref_logps"] = reference(b)
-            sums = {"reward": (float(reward.sum()), len(outs)),
+            sums = {}
+            if rloo:  # the KL off the reward, then each reward less the mean of its group's others
+                kl = torch.cat([sequence_kl(b) for b in mbs]).cpu() if reference is not None else torch.zeros(len(outs))
+                advantages = leave_one_out_advantages(reward - lc.beta * kl, n)
+                if reference is not None:
+                    sums["kl"] = (float(kl.sum()), sum(len(o.completion) for o in outs))  # per completion token
+            else:
+                advantages = group_advantages(reward, n, scale="std" if lc.scale_rewards == "group" else "none")
+            for lo, b in zip(range(0, len(outs), micro), mbs, strict=True):
+                b.extra["advantages"] = advantages[lo:lo + micro].to(d.device)
+            sums |= {"reward": (float(reward.sum()), len(outs)),
                     "reward_std": (float(reward.view(-1, n).std(-1).sum()), len(idx)),
                     "completion_length": (float(sum(len(o.completion) for o in outs)), len(outs)),
                     "truncated": (float(sum(o.truncated for o in outs)), len(outs)),
