@@ -124,6 +124,16 @@ def _seq_has_tokens(scored: torch.Tensor) -> torch.Tensor:
 # ---- GRPO -------------------------------------------------------------------------------------------------
 
 
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards (G*P,) as (P, G) float32: P consecutive groups of `group_size` samples of one prompt."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (groups * group_size,) with group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    return rewards.float().view(-1, group_size)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["std", "none"] = "std") -> torch.Tensor:
     """Advantages (G*P,) of rewards (G*P,) laid out as P consecutive groups of `group_size` samples of one prompt.
 
@@ -132,12 +142,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["std
     """
     if scale not in ("std", "none"):
         raise ValueError(f"unknown advantage scale {scale!r}; choose 'std' or 'none'")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (groups * group_size,) with group_size={group_size}, "
-                         f"got shape {tuple(rewards.shape)}")
-    grouped = rewards.float().view(-1, group_size)  # (P, G)
+    grouped = _grouped(rewards, group_size)  # (P, G)
     adv = grouped - grouped.mean(-1, keepdim=True)
     if scale == "std":
         adv = adv / (grouped.std(-1, keepdim=True) + 1e-4)
@@ -241,12 +246,7 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     """RLOO's advantages (G*P,) of rewards (G*P,) laid out as P consecutive groups of `group_size` samples of one
     prompt: each reward minus the mean of the other group_size - 1 (Kool et al. 2019; Ahmadian et al. 2024), an
     unbiased baseline because it does not hold the sample's own reward."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (the baseline is the other samples'), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (groups * group_size,) with group_size={group_size}, "
-                         f"got shape {tuple(rewards.shape)}")
-    grouped = rewards.float().view(-1, group_size)  # (P, G)
+    grouped = _grouped(rewards, group_size)  # (P, G)
     baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - baseline).reshape(-1)
 
