@@ -91,13 +91,14 @@ def _completion(x: torch.Tensor) -> torch.Tensor:
 # ---- GRPO ---------------------------------------------------------------------------------------------------
 
 
-def _trl_grpo(hf, loss_type: str, beta: float, prompt, comp, comp_mask, old, ref, adv, max_len: int):
+def _trl_grpo(hf, loss_type: str, beta: float, prompt, comp, comp_mask, old, ref, adv, max_len: int,
+              level: str = "token"):
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     acc = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, num_processes=1,
                           reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t)
     ns = SimpleNamespace(model=hf, accelerator=acc, top_entropy_quantile=1.0, aux_loss_enabled=False,
-                         off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+                         off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
                          args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type,
                          epsilon_low=0.2, epsilon_high=0.28, use_vllm=False, vllm_importance_sampling_correction=False,
                          max_completion_length=max_len, current_gradient_accumulation_steps=1,
@@ -150,6 +151,34 @@ def test_grpo_losses_equal_trl_grpo_trainer(models, grpo_case, loss_type, beta):
     for name in names:
         assert out.metrics[name].item() / n.item() == pytest.approx(metrics[name], rel=1e-5, abs=1e-5), name
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0  # both clips were exercised
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_gspo_sequence_ratios_equal_trl_grpo_trainer(models, grpo_case, loss_type, beta):
+    """importance_sampling_level=sequence (GSPO): each sequence's geometric-mean ratio on all its tokens, and the
+    clip shares over sequences, as TRL's GRPOTrainer with importance_sampling_level="sequence"."""
+    policy, _ = models
+    batch, hf, prompt, comp, comp_mask = grpo_case
+    scored = batch.targets != IGNORE_INDEX
+    with torch.no_grad():
+        logps = token_logprobs_of(policy, batch, TEMP)
+    log_ratio = torch.tensor([0.4, -0.4, 0.1, -0.05])[:, None]  # per sequence's mean: one clipped high, one low
+    wiggle = torch.where(scored, torch.tensor([0.5, -0.5, 0.3]).repeat(4)[: scored.shape[1]], 0.0)
+    wiggle = torch.where(scored, wiggle - wiggle.sum(-1, keepdim=True) / scored.sum(-1, keepdim=True), 0.0)
+    gspo = copy.copy(batch)  # token log-ratios that vary about their sequence's mean
+    gspo.extra = {**batch.extra, "old_logps": torch.where(scored, logps - log_ratio - wiggle, 0.0)}
+    loss_fn = GRPOLoss(loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta, temperature=TEMP,
+                       importance_sampling_level="sequence")
+    out, n = loss_fn(policy, gspo), loss_fn.count(gspo)
+    theirs, metrics = _trl_grpo(hf, loss_type, beta, prompt, comp, comp_mask, _completion(gspo.extra["old_logps"]),
+                                _completion(gspo.extra["ref_logps"]), gspo.extra["advantages"], LC, level="sequence")
+    torch.testing.assert_close(out.loss_sum / n, theirs.float(), rtol=1e-5, atol=1e-5)
+    for name in out.metrics:
+        assert out.metrics[name].item() / n.item() == pytest.approx(metrics[name], rel=1e-5, abs=1e-5), name
+    assert metrics["clip_ratio/low_mean"] == metrics["clip_ratio/high_mean"] == 0.25
+    token = GRPOLoss(loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta, temperature=TEMP)(policy, gspo)
+    assert abs(token.loss_sum - out.loss_sum) > 1e-3  # not the token-level loss
 
 
 def test_grpo_reference_callable_equals_precomputed_and_lora_reference_is_the_base(models, grpo_case):

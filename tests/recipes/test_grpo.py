@@ -63,6 +63,16 @@ def test_rloo_takes_the_kl_off_the_reward(arith, tmp_path):
     assert {"entropy", "clip_ratio/region_mean", "reward_std"} <= set(kl[0])
 
 
+def test_gspo_trains_on_sequence_ratios(arith, tmp_path):
+    """loss.importance_sampling_level=sequence: with two updates on a step's rollouts, the second one's ratios are
+    off 1, per sequence here and per token without it, so the weights part."""
+    common = ("--train.steps=1", "--loss.iterations=2")
+    assert grpo.main(args(arith, tmp_path, "gspo", *common, "--loss.importance_sampling_level=sequence")) == 0
+    assert grpo.main(args(arith, tmp_path, "token", *common)) == 0
+    gspo, token = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("gspo", "token"))
+    assert any(not torch.equal(gspo[k], token[k]) for k in gspo)
+
+
 def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
     common = ("--train.steps=3", "--checkpoint.every=1")
     assert grpo.main(args(arith, tmp_path, "straight", *common)) == 0
@@ -82,6 +92,8 @@ def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
 def test_bad_settings_fail_before_training(arith, tmp_path):
     with pytest.raises(ValueError, match="rollout.n"):
         grpo.main(args(arith, tmp_path, "x", "--rollout.n=1"))
+    with pytest.raises(ValueError, match="rloo's ratio is one per sequence already"):
+        grpo.main(args(arith, tmp_path, "x", "--loss.loss_type=rloo", "--loss.importance_sampling_level=sequence"))
     with pytest.raises(InputError, match="rewards"):
         grpo.main([a for a in args(arith, tmp_path, "x") if not a.startswith("--rewards")])
     no_answer = tmp_path / "q.jsonl"

@@ -155,6 +155,8 @@ class GRPOLoss:
 
     Per completion token: r = exp(logp - old_logp), loss -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), plus
     beta * (exp(ref - logp) - (ref - logp) - 1), the k3 estimate of KL(pi || ref) (Schulman 2020), when beta != 0.
+    With importance_sampling_level "sequence" (GSPO, Zheng et al. 2025) every token of a sequence takes the
+    sequence's ratio, exp of the mean of its tokens' log-ratios, as TRL's importance_sampling_level="sequence".
     `loss_type` chooses how the token losses are averaged (the loss's unit, `count`):
     - "grpo"    each sequence's mean over its tokens, averaged over sequences (unit: a sequence with >= 1 token);
     - "dapo"    the mean over all completion tokens of the global batch (Yu et al. 2025; unit: a token);
@@ -173,6 +175,8 @@ class GRPOLoss:
     """The sampler's: the policy's logits are divided by it."""
     max_completion_length: int | None = None
     """Dr. GRPO's constant normaliser (the rollout's maximum number of completion tokens)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """A ratio per token (GRPO), or one per sequence, its tokens' geometric mean (GSPO)."""
     reference: TokenReference | None = None
     """Where the reference log-probs come from when the batch does not carry them (`extra["ref_logps"]`)."""
 
@@ -188,6 +192,9 @@ class GRPOLoss:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.loss_type == "dr_grpo" and not (self.max_completion_length and self.max_completion_length > 0):
             raise ValueError("dr_grpo normalises by max_completion_length: give it a positive value")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"unknown importance sampling level {self.importance_sampling_level!r}; choose 'token' "
+                             "or 'sequence'")
 
     def count(self, batch: Batch) -> torch.Tensor:
         scored = scored_mask(batch)
@@ -202,9 +209,16 @@ class GRPOLoss:
         adv = _extra(batch, "advantages", "grpo")
         if adv.dim() != 1 or adv.shape[0] != scored.shape[0]:
             raise ValueError(f"grpo advantages must be one per sequence ({scored.shape[0]},), got {tuple(adv.shape)}")
-        adv = adv[rows]  # (N,)
-
-        ratio = torch.exp(logp - old)
+        B = scored.shape[0]
+        lengths = scored.sum(-1)  # (B,)
+        sequence = self.importance_sampling_level == "sequence"
+        if sequence:  # GSPO: each sequence's mean log-ratio, the same ratio for all its tokens
+            seq_log_ratio = torch.zeros(B, device=logp.device, dtype=logp.dtype).index_add(0, rows, logp - old)
+            seq_ratio = torch.exp(seq_log_ratio / lengths.clamp(min=1))  # (B,)
+            ratio = seq_ratio[rows]
+        else:
+            ratio = torch.exp(logp - old)
+        seq_adv, adv = adv, adv[rows]  # (B,), (N,)
         clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
         per_token = -torch.min(ratio * adv, clipped * adv)  # (N,)
         kl = None
@@ -213,8 +227,6 @@ class GRPOLoss:
             kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, >= 0
             per_token = per_token + self.beta * kl
 
-        B = scored.shape[0]
-        lengths = scored.sum(-1)  # (B,)
         if self.loss_type == "dapo":
             loss_sum = per_token.sum()
             units = lengths.sum()
@@ -230,10 +242,14 @@ class GRPOLoss:
         def stat(x: torch.Tensor) -> torch.Tensor:
             return x.detach().float().sum() * weight
 
-        low = (ratio < 1 - self.epsilon_low) & (adv < 0)
-        high = (ratio > 1 + self.epsilon_high) & (adv > 0)
-        metrics = {"entropy": stat(entropy), "clip_ratio/low_mean": stat(low), "clip_ratio/high_mean": stat(high),
-                   "clip_ratio/region_mean": stat(low | high)}
+        def clip_stat(x: torch.Tensor) -> torch.Tensor:  # a share of sequences under GSPO (TRL's), else of tokens
+            return x.float().sum() * units.float() / B if sequence else stat(x)
+
+        r, a = (seq_ratio, seq_adv) if sequence else (ratio, adv)
+        low = (r < 1 - self.epsilon_low) & (a < 0)
+        high = (r > 1 + self.epsilon_high) & (a > 0)
+        metrics = {"entropy": stat(entropy), "clip_ratio/low_mean": clip_stat(low),
+                   "clip_ratio/high_mean": clip_stat(high), "clip_ratio/region_mean": clip_stat(low | high)}
         if kl is not None:
             metrics["kl"] = stat(kl)
         return LossOut(loss_sum, metrics)

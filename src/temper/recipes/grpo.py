@@ -86,10 +86,16 @@ class GRPOLossConfig:
     """... and above at 1 + epsilon_high (DAPO's clip-higher: 0.28)."""
     iterations: int = 1
     """Optimizer steps on each batch of rollouts (GRPO's mu); the ratio's old policy is the sampler."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: a ratio per token (GRPO); sequence: each completion's, the exponential of its tokens' mean log-ratio,
+    for all of them (GSPO, Zheng et al. 2025; with loss_type grpo and a clip of 3e-4 / 4e-4 in the paper)."""
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0 or self.iterations < 1:
             raise ValueError("beta, epsilon_low and epsilon_high must be >= 0 and iterations >= 1")
+        if self.loss_type == "rloo" and self.importance_sampling_level == "sequence":
+            raise ValueError("importance_sampling_level=sequence: rloo's ratio is one per sequence already (of its "
+                             "summed log-probs); leave it at token")
 
 
 @dataclass
@@ -157,7 +163,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     rloo = lc.loss_type == "rloo"
     loss_fn = (RLOOLoss(epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, temperature=temperature) if rloo
                else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
-                             beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens))
+                             beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens,
+                             importance_sampling_level=lc.importance_sampling_level))
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
