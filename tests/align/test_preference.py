@@ -60,7 +60,7 @@ def _pairs(vocab: int):
     return ids, attn, comp, Batch(ids[:, :-1], targets)
 
 
-def _trl_dpo(loss_type: str, beta: float, hf_policy, ref_logps, ids, attn, comp):
+def _trl_dpo(loss_type: str, beta: float, hf_policy, ref_logps, ids, attn, comp, label_smoothing: float = 0.0):
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
@@ -68,7 +68,8 @@ def _trl_dpo(loss_type: str, beta: float, hf_policy, ref_logps, ids, attn, comp)
     acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
     ns = SimpleNamespace(model=hf_policy, accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
                          precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                         loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
+                         loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+                         args=SimpleNamespace(discopop_tau=0.05),
                          _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
                          _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
@@ -77,15 +78,21 @@ def _trl_dpo(loss_type: str, beta: float, hf_policy, ref_logps, ids, attn, comp)
     return loss, {k: v[-1] for k, v in ns._metrics["eval"].items()}
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
-def test_dpo_and_ipo_equal_trl_dpo_trainer(kind):
+TRL_SMOOTHING = {"robust": 0.2, "exo_pair": 1e-3}
+"""label_smoothing of the kinds that read it in TRL's DPOTrainer (its sigmoid does not: cDPO is tested below)."""
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                                  "apo_zero", "apo_down", "discopop", "sigmoid_norm"])
+def test_dpo_family_equals_trl_dpo_trainer(kind):
     cfg, policy, reference = _models()
     ids, attn, comp, batch = _pairs(cfg.vocab_size)
-    loss_fn = PreferenceLoss(kind, beta=0.3, reference=frozen_reference(reference))
+    smoothing = TRL_SMOOTHING.get(kind, 0.0)
+    loss_fn = PreferenceLoss(kind, beta=0.3, label_smoothing=smoothing, reference=frozen_reference(reference))
     ref_logps = loss_fn.reference_logps(batch)
     out = loss_fn(policy, batch)
     ours = out.loss_sum / loss_fn.count(batch)
-    theirs, metrics = _trl_dpo(kind, 0.3, _hf(policy), ref_logps, ids, attn, comp)
+    theirs, metrics = _trl_dpo(kind, 0.3, _hf(policy), ref_logps, ids, attn, comp, smoothing)
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected"):
@@ -206,6 +213,8 @@ def test_lora_reference_is_the_base_without_a_second_copy():
 
 def test_bad_batches_are_refused():
     cfg, policy, _ = _models()
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing > 0"):
+        PreferenceLoss("exo_pair")
     with pytest.raises(ValueError, match="unknown preference loss 'dpo'"):
         PreferenceLoss("dpo")
     with pytest.raises(ValueError, match=r"\(2P rows\), got 3 rows"):

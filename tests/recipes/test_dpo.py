@@ -43,7 +43,7 @@ def test_check_prints_both_sides(hh_base, tmp_path, capsys):
     assert "[[" in out and "chosen" in out.lower() and "rejected" in out.lower()
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo", "orpo", "apo_zero"])
 def test_lora_learns_the_preferences(hh_base, tmp_path, kind):
     """On the training pairs the margin grows and the loss falls; TRL's metrics are logged."""
     assert dpo.main(args(hh_base, tmp_path, kind, f"--loss.kind={kind}", "--train.steps=8", "--eval.every=8")) == 0

@@ -21,6 +21,15 @@ n_r the response lengths, and z the scaled margin:
 - `orpo`     ORPO (Hong et al. 2024), reference-free, on top of the chosen response's SFT loss: with
              a = pi / n (mean token log-prob), -a_c - beta * log sigmoid(log odds(a_c) - log odds(a_r)),
              log odds(a) = a - log(1 - exp(a)).
+The others of TRL's DPOTrainer `loss_type`, each on the log-ratios c = pi_c - ref_c, r = pi_r - ref_r, with
+z = beta * (c - r) and e the label smoothing: `hinge` (SLiC, Zhao et al. 2023) relu(1 - z); `robust` (Chowdhury
+et al. 2024) the unbiased loss under flipped labels, ((1 - e)(-log sigmoid(z)) - e(-log sigmoid(-z))) / (1 - 2e);
+`exo_pair` (Ji et al. 2024) KL(softmax of the pair's z || (1 - e, e)); `nca_pair` (Chen et al. 2024)
+-log sigmoid(beta c) - (log sigmoid(-beta c) + log sigmoid(-beta r)) / 2; `bco_pair` (Jung et al. 2024)
+-log sigmoid(beta c) - log sigmoid(-beta r); `sppo_hard` (Wu et al. 2024) (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2;
+`apo_zero` and `apo_down` (D'Oosterlinck et al. 2024) 1 - sigmoid(beta c) + sigmoid(beta r) and
+sigmoid(beta c) + 1 - sigmoid(z); `discopop` (Chris Lu et al. 2024) with m = sigmoid(z / tau),
+(1 - m)(-log sigmoid(z)) + m exp(-z); `sigmoid_norm`, DPO on per-token log-ratios -log sigmoid(beta (c / n_c - r / n_r)).
 `KTOLoss` is the unpaired objective (KTO): each response alone, labelled desirable or undesirable.
 The reference log-probs come from the batch (`extra["ref_logps"]`, precomputed once) or from a
 `reference` function: a frozen copy of the base (`frozen_reference`), or, under LoRA, the policy's own
@@ -32,6 +41,7 @@ It does not build batches (data/prefs.py), run the optimizer (train/step.py) or 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -44,7 +54,8 @@ from temper.model.attention import Segments
 from temper.model.lora import adapters_disabled
 from temper.train.losses import IGNORE_INDEX, Batch, LossOut, token_logprobs
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "simpo", "orpo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                     "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 REFERENCE_FREE = ("simpo", "orpo")
 
 Reference = Callable[[Batch], torch.Tensor]
@@ -156,13 +167,16 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
 class PreferenceLoss:
     """DPO and its family on a batch of pairs; see the module docstring for each `kind`."""
 
-    kind: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    kind: Literal["sigmoid", "ipo", "simpo", "orpo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                  "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     beta: float = 0.1
     """DPO's inverse temperature of the implicit reward; ORPO's weight of the odds-ratio term."""
     label_smoothing: float = 0.0
-    """Probability that a pair's label is flipped (conservative DPO; sigmoid and simpo only)."""
+    """Probability that a pair's label is flipped (conservative DPO: sigmoid and simpo; robust; exo_pair's epsilon)."""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature of the mix between its logistic and exponential losses."""
     reference: Reference | None = None
     """Where the reference log-probs come from when the batch does not carry them (`extra["ref_logps"]`)."""
 
@@ -173,6 +187,11 @@ class PreferenceLoss:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.kind == "exo_pair" and self.label_smoothing <= 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (EXO's epsilon, the target's weight on the rejected "
+                             "response; 1e-3 in the paper)")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
 
     def count(self, batch: Batch) -> torch.Tensor:
         return torch.tensor(pairs(batch))  # on the host: `train_step` copies it without a stream sync
@@ -209,10 +228,7 @@ class PreferenceLoss:
             ref = self.reference_logps(batch)  # (2P,)
             ratio = logps - ref  # (2P,) log pi / pi_ref of each response
             ratio_c, ratio_r = ratio[:P], ratio[P:]
-            if self.kind == "sigmoid":
-                losses = _sigmoid_loss(b * (ratio_c - ratio_r), self.label_smoothing)
-            else:  # ipo
-                losses = ((ratio_c / n[:P] - ratio_r / n[P:]) - 1 / (2 * b)) ** 2
+            losses = self._pair_losses(ratio_c, ratio_r, n[:P], n[P:])
             shown_c, shown_r = logps[:P], logps[P:]
             rewards_c, rewards_r = b * ratio_c.detach(), b * ratio_r.detach()
             metrics = {}
@@ -223,6 +239,37 @@ class PreferenceLoss:
             "logps/chosen": shown_c.detach().sum(), "logps/rejected": shown_r.detach().sum(),
         }
         return LossOut(losses.sum(), metrics)
+
+
+    def _pair_losses(self, c: torch.Tensor, r: torch.Tensor, n_c: torch.Tensor, n_r: torch.Tensor) -> torch.Tensor:
+        """(P,) the losses of the kinds with a reference, from the log-ratios c, r (module docstring)."""
+        b, e, kind = self.beta, self.label_smoothing, self.kind
+        z = b * (c - r)
+        if kind == "sigmoid":
+            return _sigmoid_loss(z, e)
+        if kind == "ipo":
+            return ((c / n_c - r / n_r) - 1 / (2 * b)) ** 2
+        if kind == "hinge":
+            return torch.relu(1 - z)
+        if kind == "robust":
+            return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+        if kind == "exo_pair":
+            return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e))
+                    + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
+        if kind == "nca_pair":
+            return -F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c) - 0.5 * F.logsigmoid(-b * r)
+        if kind == "bco_pair":
+            return -F.logsigmoid(b * c) - F.logsigmoid(-b * r)
+        if kind == "sppo_hard":
+            return (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2
+        if kind == "apo_zero":
+            return 1 - torch.sigmoid(b * c) + torch.sigmoid(b * r)
+        if kind == "apo_down":
+            return torch.sigmoid(b * c) + 1 - torch.sigmoid(z)
+        if kind == "discopop":
+            m = torch.sigmoid(z / self.discopop_tau)
+            return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+        return -F.logsigmoid(b * (c / n_c - r / n_r))  # sigmoid_norm
 
 
 @dataclass

@@ -50,6 +50,8 @@ from temper.align.pairs import (
     void,
 )
 from temper.align.preference import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
     KTOLoss,
     PreferenceLoss,
     adapters_off_reference,
@@ -84,15 +86,20 @@ from temper.train.step import NonFiniteLoss, eval_metrics, resolve_precision
 
 @dataclass
 class LossConfig:
-    kind: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    kind: Literal["sigmoid", "ipo", "simpo", "orpo", "kto", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+                  "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"
     """sigmoid (DPO; cDPO with label_smoothing), ipo, simpo (reference-free), orpo (reference-free, with SFT loss),
-    kto (each pair as a desirable and an undesirable example, or unpaired prompt/completion/label examples)."""
+    kto (each pair as a desirable and an undesirable example, or unpaired prompt/completion/label examples); and
+    TRL's other DPO loss types, each with the reference: hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard,
+    apo_zero, apo_down, discopop, sigmoid_norm (align/preference.py)."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)."""
     label_smoothing: float = 0.0
-    """Assumed rate of flipped labels (conservative DPO; sigmoid and simpo)."""
+    """Assumed rate of flipped labels (conservative DPO: sigmoid and simpo; robust; exo_pair's epsilon)."""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature."""
     reference: Literal["model", "precomputed"] = "model"
     """The reference's log-probs: computed alongside every step, or once for every pair before training (not kto)."""
     desirable_weight: float = 1.0
@@ -136,7 +143,7 @@ class DPOConfig:
     """Metrics and progress."""
 
 
-NEEDS_REFERENCE = ("sigmoid", "ipo", "kto")
+NEEDS_REFERENCE = tuple(k for k in (*PREFERENCE_LOSSES, "kto") if k not in REFERENCE_FREE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +213,7 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         reference = frozen_reference(reference_model) if reference_model is not None else adapters_off_reference(model)
     lc = cfg.loss
     loss_fn = (KTOLoss(lc.beta, lc.desirable_weight, lc.undesirable_weight, reference) if lc.kind == "kto" else
-               PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, reference))
+               PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, lc.discopop_tau, reference))
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     # 5. batches of pairs: pair g of training is a function of (seed, g)
