@@ -92,15 +92,17 @@ def _completion(x: torch.Tensor) -> torch.Tensor:
 
 
 def _trl_grpo(hf, loss_type: str, beta: float, prompt, comp, comp_mask, old, ref, adv, max_len: int,
-              level: str = "token"):
+              level: str = "token", epsilon_high: float = 0.28):
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     acc = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, num_processes=1,
                           reduce=lambda t, reduction: t, gather=lambda t: t, gather_for_metrics=lambda t: t)
     ns = SimpleNamespace(model=hf, accelerator=acc, top_entropy_quantile=1.0, aux_loss_enabled=False,
                          off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
-                         args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type,
-                         epsilon_low=0.2, epsilon_high=0.28, use_vllm=False, vllm_importance_sampling_correction=False,
+                         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, sapo_temperature_pos=1.0,
+                                              sapo_temperature_neg=1.05), loss_type=loss_type,
+                         epsilon_low=0.2, epsilon_high=epsilon_high, use_vllm=False,
+                         vllm_importance_sampling_correction=False,
                          max_completion_length=max_len, current_gradient_accumulation_steps=1,
                          _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     # The method's profiling wrapper wants a whole Trainer; the method itself is what runs.
@@ -134,23 +136,31 @@ def grpo_case(models):
     return batch, hf, prompt, comp, comp_mask
 
 
+CLIPS = {"cispo": ["cispo_clip_ratio"], "sapo": []}
+"""The clip metrics of each loss type (TRL's names), the others': low, high and region."""
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
 def test_grpo_losses_equal_trl_grpo_trainer(models, grpo_case, loss_type, beta):
+    """Each loss type and its metrics; cispo's cap at 1.3, where the case's ratios (0.6 to 1.6) reach it."""
     policy, _ = models
     batch, hf, prompt, comp, comp_mask = grpo_case
-    loss_fn = GRPOLoss(loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta, temperature=TEMP,
+    high = 1.3 if loss_type == "cispo" else 0.28
+    loss_fn = GRPOLoss(loss_type, epsilon_low=0.2, epsilon_high=high, beta=beta, temperature=TEMP,
                        max_completion_length=LC)
     out = loss_fn(policy, batch)
     n = loss_fn.count(batch)
     theirs, metrics = _trl_grpo(hf, loss_type, beta, prompt, comp, comp_mask, _completion(batch.extra["old_logps"]),
-                                _completion(batch.extra["ref_logps"]), batch.extra["advantages"], LC)
+                                _completion(batch.extra["ref_logps"]), batch.extra["advantages"], LC,
+                                epsilon_high=high)
     torch.testing.assert_close(out.loss_sum / n, theirs.float(), rtol=1e-5, atol=1e-5)
-    names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] + (["kl"] if beta else [])
+    clips = CLIPS.get(loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+    names = ["entropy", *clips] + (["kl"] if beta else [])
     assert sorted(out.metrics) == sorted(names)
     for name in names:
         assert out.metrics[name].item() / n.item() == pytest.approx(metrics[name], rel=1e-5, abs=1e-5), name
-    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0  # both clips were exercised
+    assert all(metrics[name] > 0 for name in clips)  # every clip was exercised
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -290,12 +300,12 @@ def _split(batch: Batch, rows: slice) -> Batch:
     return Batch(batch.inputs[rows], batch.targets[rows], extra={k: v[rows] for k, v in batch.extra.items()})
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
 def test_grpo_two_micro_batches_give_the_update_of_one(models, grpo_case, loss_type):
-    """train_step divides by the global count: sequences (grpo) or tokens (dapo), split unevenly here."""
+    """train_step divides by the global count: sequences (grpo, sapo) or tokens (dapo, cispo), split unevenly here."""
     policy, _ = models
     batch, *_ = grpo_case
-    loss_fn = GRPOLoss(loss_type, beta=0.04, temperature=TEMP)
+    loss_fn = GRPOLoss(loss_type, beta=0.04, temperature=TEMP, epsilon_high=5.0 if loss_type == "cispo" else 0.2)
     params = []
     for parts in ([batch], [_split(batch, slice(0, 1)), _split(batch, slice(1, None))]):
         model = copy.deepcopy(policy).train()
@@ -309,6 +319,8 @@ def test_grpo_two_micro_batches_give_the_update_of_one(models, grpo_case, loss_t
 def test_grpo_options_are_checked():
     with pytest.raises(ValueError, match="unknown GRPO loss type 'bnpo'"):
         GRPOLoss("bnpo")
+    with pytest.raises(ValueError, match="cispo caps the ratio at epsilon_high itself"):
+        GRPOLoss("cispo")
     with pytest.raises(ValueError, match="max_completion_length"):
         GRPOLoss("dr_grpo")
     *_, batch = _rollout(256, [2, 2, 2, 2])

@@ -73,6 +73,14 @@ def test_gspo_trains_on_sequence_ratios(arith, tmp_path):
     assert any(not torch.equal(gspo[k], token[k]) for k in gspo)
 
 
+@pytest.mark.parametrize("loss", [["--loss.loss_type=cispo", "--loss.epsilon_high=5"],
+                                  ["--loss.loss_type=sapo", "--loss.sapo_temperature_neg=2"]], ids=["cispo", "sapo"])
+def test_cispo_and_sapo_train_with_their_metrics(arith, tmp_path, loss):
+    assert grpo.main(args(arith, tmp_path, "run", "--train.steps=1", "--loss.iterations=2", *loss)) == 0
+    train = rows(tmp_path / "run", "train")[0]
+    assert ("cispo_clip_ratio" in train) == ("cispo" in loss[0]) and "clip_ratio/region_mean" not in train
+
+
 def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
     common = ("--train.steps=3", "--checkpoint.every=1")
     assert grpo.main(args(arith, tmp_path, "straight", *common)) == 0

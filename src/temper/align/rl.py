@@ -43,7 +43,9 @@ from temper.model.heads import RewardModel, ScalarHead, last_positions
 from temper.model.lora import adapters_disabled
 from temper.train.losses import IGNORE_INDEX, Batch, LossOut
 
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo", "sapo")
+TOKEN_MEAN_LOSSES = ("dapo", "cispo")
+"""The loss types whose unit is a completion token of the global batch (the others': a sequence)."""
 KL_ESTIMATORS = ("k1", "k3")
 
 TokenReference = Callable[[Batch], torch.Tensor]
@@ -162,11 +164,15 @@ class GRPOLoss:
     - "dapo"    the mean over all completion tokens of the global batch (Yu et al. 2025; unit: a token);
     - "dr_grpo" each sequence's token sum / max_completion_length, averaged over sequences (Liu et al. 2025),
                 so that long and short completions are not weighted differently.
+    Two more surrogates, as TRL's loss types: "cispo" (MiniMax-M1, Chen et al. 2025) -sg(min(r, eps_high)) A logp,
+    the ratio clipped (at eps_high itself, a ratio such as 5) and held constant instead of the update, averaged as
+    dapo; "sapo" (Gao et al. 2025) -(4 / tau) sigmoid(tau (r - 1)) A, a soft gate instead of the clip, tau
+    sapo_temperature_pos where A > 0 and sapo_temperature_neg elsewhere, averaged as grpo.
     Metrics (TRL's names) are completion-token means of the micro-batch; for the per-sequence types they are
     weighted by its number of sequences, so that their logged global means equal TRL's on one micro-batch.
     """
 
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo", "sapo"] = "grpo"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.0
@@ -177,6 +183,10 @@ class GRPOLoss:
     """Dr. GRPO's constant normaliser (the rollout's maximum number of completion tokens)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """A ratio per token (GRPO), or one per sequence, its tokens' geometric mean (GSPO)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature where the advantage is positive."""
+    sapo_temperature_neg: float = 1.05
+    """... and where it is not."""
     reference: TokenReference | None = None
     """Where the reference log-probs come from when the batch does not carry them (`extra["ref_logps"]`)."""
 
@@ -192,13 +202,18 @@ class GRPOLoss:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.loss_type == "dr_grpo" and not (self.max_completion_length and self.max_completion_length > 0):
             raise ValueError("dr_grpo normalises by max_completion_length: give it a positive value")
+        if self.loss_type == "cispo" and self.epsilon_high < 1:
+            raise ValueError(f"cispo caps the ratio at epsilon_high itself (5.0 in ScaleRL), so it must be >= 1, got "
+                             f"{self.epsilon_high}")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"unknown importance sampling level {self.importance_sampling_level!r}; choose 'token' "
                              "or 'sequence'")
 
     def count(self, batch: Batch) -> torch.Tensor:
         scored = scored_mask(batch)
-        return scored.sum() if self.loss_type == "dapo" else _seq_has_tokens(scored).sum()
+        return scored.sum() if self.loss_type in TOKEN_MEAN_LOSSES else _seq_has_tokens(scored).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOut:
         scored = scored_mask(batch)  # (B, T)
@@ -219,20 +234,26 @@ class GRPOLoss:
         else:
             ratio = torch.exp(logp - old)
         seq_adv, adv = adv, adv[rows]  # (B,), (N,)
-        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token = -torch.min(ratio * adv, clipped * adv)  # (N,)
+        if self.loss_type == "cispo":
+            per_token = -torch.clamp(ratio, max=self.epsilon_high).detach() * adv * logp  # (N,)
+        elif self.loss_type == "sapo":
+            tau = torch.where(adv > 0, self.sapo_temperature_pos, self.sapo_temperature_neg)
+            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        else:
+            clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+            per_token = -torch.min(ratio * adv, clipped * adv)  # (N,)
         kl = None
         if self.beta != 0.0:
             ref = _reference_at(batch, self.reference, scored, "grpo")
             kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, >= 0
             per_token = per_token + self.beta * kl
 
-        if self.loss_type == "dapo":
+        if self.loss_type in TOKEN_MEAN_LOSSES:
             loss_sum = per_token.sum()
             units = lengths.sum()
         else:
             seq_sums = torch.zeros(B, device=per_token.device, dtype=per_token.dtype).index_add(0, rows, per_token)
-            denom = lengths.clamp(min=1).float() if self.loss_type == "grpo" else float(self.max_completion_length)
+            denom = float(self.max_completion_length) if self.loss_type == "dr_grpo" else lengths.clamp(min=1).float()
             loss_sum = (seq_sums / denom).sum()
             units = _seq_has_tokens(scored).sum()
 
@@ -246,10 +267,14 @@ class GRPOLoss:
             return x.float().sum() * units.float() / B if sequence else stat(x)
 
         r, a = (seq_ratio, seq_adv) if sequence else (ratio, adv)
-        low = (r < 1 - self.epsilon_low) & (a < 0)
-        high = (r > 1 + self.epsilon_high) & (a > 0)
-        metrics = {"entropy": stat(entropy), "clip_ratio/low_mean": clip_stat(low),
-                   "clip_ratio/high_mean": clip_stat(high), "clip_ratio/region_mean": clip_stat(low | high)}
+        metrics = {"entropy": stat(entropy)}
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = clip_stat((r > self.epsilon_high) & (a > 0))
+        elif self.loss_type != "sapo":  # a soft gate clips nothing
+            low = (r < 1 - self.epsilon_low) & (a < 0)
+            high = (r > 1 + self.epsilon_high) & (a > 0)
+            metrics |= {"clip_ratio/low_mean": clip_stat(low), "clip_ratio/high_mean": clip_stat(high),
+                        "clip_ratio/region_mean": clip_stat(low | high)}
         if kl is not None:
             metrics["kl"] = stat(kl)
         return LossOut(loss_sum, metrics)

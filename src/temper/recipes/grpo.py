@@ -69,11 +69,12 @@ RESUME_KEYS = ("model", "method", "data", "rewards", "rollout", "loss", "lora", 
 
 @dataclass
 class GRPOLossConfig:
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "rloo"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "cispo", "sapo", "rloo"] = "grpo"
     """Token normalisation: grpo (each sequence's token mean, then the mean over sequences), dapo (the mean
-    over every completion token of the step), dr_grpo (each sequence's token sum / max_new_tokens); or rloo (TRL's
-    RLOOTrainer: one ratio per sequence, advantage = reward - the mean of the group's other rewards, the KL taken
-    off the reward)."""
+    over every completion token of the step), dr_grpo (each sequence's token sum / max_new_tokens); cispo
+    (MiniMax-M1: the ratio capped at epsilon_high, e.g. 5, and held constant, as dapo) and sapo (a soft gate for
+    the clip, as grpo), as TRL's; or rloo (TRL's RLOOTrainer: one ratio per sequence, advantage = reward - the
+    mean of the group's other rewards, the KL taken off the reward)."""
     scale_rewards: Literal["group", "none"] = "group"
     """Advantage = (reward - group mean) / group std (group), or without the division (none: Dr. GRPO); rloo's
     leave-one-out advantages are not scaled."""
@@ -86,6 +87,10 @@ class GRPOLossConfig:
     """... and above at 1 + epsilon_high (DAPO's clip-higher: 0.28)."""
     iterations: int = 1
     """Optimizer steps on each batch of rollouts (GRPO's mu); the ratio's old policy is the sampler."""
+    sapo_temperature_pos: float = 1.0
+    """sapo: the gate's temperature where the advantage is positive."""
+    sapo_temperature_neg: float = 1.05
+    """sapo: ... and where it is not."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """token: a ratio per token (GRPO); sequence: each completion's, the exponential of its tokens' mean log-ratio,
     for all of them (GSPO, Zheng et al. 2025; with loss_type grpo and a clip of 3e-4 / 4e-4 in the paper)."""
@@ -164,7 +169,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     loss_fn = (RLOOLoss(epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, temperature=temperature) if rloo
                else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
                              beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens,
-                             importance_sampling_level=lc.importance_sampling_level))
+                             importance_sampling_level=lc.importance_sampling_level,
+                             sapo_temperature_pos=lc.sapo_temperature_pos, sapo_temperature_neg=lc.sapo_temperature_neg))
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
