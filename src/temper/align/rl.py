@@ -1,4 +1,4 @@
-"""Objectives of reinforcement learning from feedback: GRPO (and DAPO, Dr. GRPO), RLOO, and PPO with a value function.
+"""Objectives of reinforcement learning from feedback: GRPO (and DAPO, Dr. GRPO, GSPO, CISPO, SAPO), RLOO, and PPO.
 
 A rollout micro-batch is a `train.losses.Batch` of B sampled sequences (prompt + completion), right-padded:
 targets are IGNORE_INDEX everywhere but on the completion's tokens, and `scored = targets != IGNORE_INDEX`
@@ -11,7 +11,8 @@ its temperature), optionally `ref_logps` (the reference policy's), and for PPO `
 - `GRPOLoss`: the clipped surrogate with token-level importance ratios (Shao et al. 2024, DeepSeekMath) and
   an optional k3 KL to the reference; the token normalisation is a named option (GRPO's per-sequence mean,
   DAPO's per-token mean, Dr. GRPO's constant), expressed as the loss's unit (`count`), so that accumulation
-  and data parallelism (`train.step.train_step`) give the update of one big batch.
+  and data parallelism (`train.step.train_step`) give the update of one big batch; GSPO's sequence ratios, and
+  CISPO's and SAPO's surrogates, as options.
 - `group_advantages`: (r - group mean) / (group std + 1e-4), or without the division (Dr. GRPO).
 - RLOO (Ahmadian et al. 2024, "Back to Basics"): `leave_one_out_advantages` (each reward minus the mean of the
   others of its group), the reward less beta times `sequence_kl`, and `RLOOLoss` (one clipped ratio per sequence).
