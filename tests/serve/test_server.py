@@ -26,7 +26,7 @@ from temper.__main__ import main as temper_main
 from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenizer
 from temper.infer.engine import decode_step, generate, generate_with_logprobs
 from temper.infer.load import load_for_inference
-from temper.infer.scheduler import Scheduler
+from temper.infer.scheduler import Request, Scheduler
 from temper.infer.text import THINK_TAGS, completion_text, cut_at_stop
 from temper.model.config import PRESETS
 from temper.model.hf.checkpoint import save_hf
@@ -170,6 +170,56 @@ def test_completions_chat_and_streams_equal_generate_alone(server):
     streamed = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in streamed) == want
     assert not "".join(d.content or "" for d in streamed)
+
+
+def _penalized(logits: torch.Tensor, before: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's documented formula, written out: mu[j] - c[j] * frequency - (c[j] > 0) * presence."""
+    out = logits.clone()
+    for t in set(before):
+        out[t] -= before.count(t) * frequency + presence
+    return out
+
+
+@pytest.mark.parametrize(("presence", "frequency"), [(1.5, 0.0), (0.0, 1.8), (0.7, 0.9)])
+def test_presence_and_frequency_penalties_shape_greedy_choices(server, presence, frequency):
+    """Every token a penalised greedy completion chose is the best of the model's logits less OpenAI's penalties
+    for what the completion had generated before it (to rounding: 1e-4); the text over HTTP is those tokens'; and
+    the penalties change what plain greedy decoding gives."""
+    from tests.greedy import next_token_logits
+    from tests.infer.test_scheduler import Collector
+
+    url, sched, loaded, _ = server
+    ids = loaded.tokenizer.encode("the dog ran")  # plain greedy repeats tokens from its 7th on
+    got = Collector()
+    sched.submit(Request(ids, max_tokens=16, temperature=0.0, stop_ids=loaded.stop_ids, presence_penalty=presence,
+                         frequency_penalty=frequency), got)
+    tokens = got.wait().tokens[0]
+    logits = next_token_logits(loaded.model, ids, tokens)
+    for i, t in enumerate(tokens):
+        shaped = _penalized(logits[i], tokens[:i], presence, frequency)
+        assert shaped[t] >= shaped.max() - 1e-4, (i, t, int(shaped.argmax()))
+    assert tokens != _alone(loaded, ids, max_new_tokens=16, temperature=0)[:len(tokens)]
+    out = _client(url).completions.create(model="tiny", prompt="the dog ran", max_tokens=16, temperature=0,
+                                          presence_penalty=presence, frequency_penalty=frequency)
+    assert out.choices[0].text == _text(loaded, ids, tokens)
+
+
+def test_logit_bias_and_bad_sampling_settings(server):
+    url, _, loaded, _ = server
+    client = _client(url)
+    ids = loaded.tokenizer.encode("the cat sat on")
+    cat = loaded.tokenizer.encode(" cat")[-1]
+    out = client.completions.create(model="tiny", prompt="the cat sat on", max_tokens=5, temperature=0,
+                                    logit_bias={str(cat): 100})
+    assert out.choices[0].text == _text(loaded, ids, [cat] * 5)
+    banned = _alone(loaded, ids, max_new_tokens=1, temperature=0)[0]
+    out = client.completions.create(model="tiny", prompt="the cat sat on", max_tokens=1, temperature=0,
+                                    logit_bias={str(banned): -100}, logprobs=1)
+    assert out.choices[0].text != _text(loaded, ids, [banned])
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": "1"}, {"logit_bias": {"cat": 1}},
+                {"logit_bias": {"5": 101}}, {"logit_bias": {str(loaded.config.vocab_size): 1}}, {"logit_bias": [1]}):
+        status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the"} | bad).encode())
+        assert (status, body["error"]["param"]) == (400, next(iter(bad))), (bad, body)
 
 
 def test_n_seeds_and_stop_strings(server):

@@ -41,7 +41,7 @@ and without gradient under no_grad, never inference_mode (whose tensors FSDP2 co
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_openai_penalties(logits: torch.Tensor, generated: torch.Tensor, presence: float = 0.0,
+                           frequency: float = 0.0, bias: Mapping[int, float] | None = None) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties and logit bias on one row's logits (V,), as its API documents them:
+    logit[j] - c[j] * frequency - (c[j] > 0) * presence, c[j] the count of token j among the tokens `generated`
+    so far (the completion's, not the prompt's: vLLM's reading), then + bias[j]. A new tensor; `logits` is kept."""
+    counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)  # (V,)
+    out = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    if bias:
+        ids = torch.tensor(list(bias), device=logits.device)
+        out[ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    return out
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

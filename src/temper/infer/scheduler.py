@@ -58,14 +58,21 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from temper.infer.cache import fork, new_cache, reset
-from temper.infer.engine import crosses_long_rope, decode_step, prefill, sample_next, token_logprob
+from temper.infer.engine import (
+    apply_openai_penalties,
+    crosses_long_rope,
+    decode_step,
+    prefill,
+    sample_next,
+    token_logprob,
+)
 from temper.infer.speculative import Round, SpeculativeStats, Speculator, check_drafter
 
 log = logging.getLogger(__name__)
@@ -96,8 +103,18 @@ class Request:
     """Token ids that end a choice (not delivered): the checkpoint's EOS ids."""
     top_logprobs: int = 0
     """How many of the most likely tokens (with log-probs) to deliver beside each sampled one."""
+    presence_penalty: float = 0.0
+    """OpenAI's: taken off the logit of every token the choice has generated (`apply_openai_penalties`)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: taken off a token's logit once per time the choice has generated it."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """OpenAI's: added to the logits of these token ids at every draw."""
     timeout_s: float | None = None
     """Seconds from submission after which the request fails with "timeout" and its rows are freed."""
+
+
+def _shapes_logits(q: Request) -> bool:
+    return bool(q.presence_penalty or q.frequency_penalty or q.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -330,8 +347,10 @@ class Scheduler:
             row.pending, row.spec = False, None  # decoding in the batch: its draft cache is freed
 
     def _alone(self, live: list[int]) -> bool:
-        """Whether to speculate: a drafter is set and one request with n = 1 runs while none waits."""
-        return (self.speculative is not None and len(live) == 1 and self._rows[live[0]].ticket.request.n == 1
+        """Whether to speculate: a drafter is set and one request with n = 1 runs while none waits (and its draws
+        are the model's own: no penalty or bias)."""
+        q = self._rows[live[0]].ticket.request
+        return (self.speculative is not None and len(live) == 1 and q.n == 1 and not _shapes_logits(q)
                 and not self._waiting)
 
     def _speculate(self, r: int) -> None:
@@ -450,9 +469,18 @@ class Scheduler:
         for (temperature, top_k, top_p), rows in groups.items():
             idx = torch.tensor(rows, device=device)
             logits = self._logits[idx]  # (G, V)
+            # OpenAI's penalties and biases shape the draw; the log-probs delivered are the model's (vLLM's default)
+            shaping = [i for i, r in enumerate(rows) if _shapes_logits(self._rows[r].ticket.request)]
+            shaped = logits.clone() if shaping else logits
+            for i in shaping:
+                row = self._rows[rows[i]]
+                q = row.ticket.request
+                generated = torch.tensor(row.seq[len(q.prompt):], dtype=torch.long, device=device)
+                shaped[i] = apply_openai_penalties(logits[i], generated, q.presence_penalty, q.frequency_penalty,
+                                                   q.logit_bias)
             seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
             steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
-            tokens = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
+            tokens = sample_next(shaped, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
             k = max(self._rows[r].ticket.request.top_logprobs for r in rows)
             logps, top = _logprobs(logits, tokens, temperature, k)
             for r, t, lp, tp in zip(rows, tokens.tolist(), logps, top, strict=True):

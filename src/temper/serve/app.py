@@ -3,7 +3,7 @@
 Clients written for OpenAI's API (its Python client, LangChain, curl scripts) work unchanged:
 `/v1/models`, `/v1/completions`, `/v1/chat/completions` (rendered by the checkpoint's chat
 template, in jinja's sandbox), with max_tokens, temperature, top_p, top_k (vLLM's extension), seed,
-stop, n, logprobs, streaming as server-sent events (`data: {...}` chunks in OpenAI's chunk shape,
+stop, n, presence_penalty, frequency_penalty, logit_bias, logprobs, streaming as server-sent events (`data: {...}` chunks in OpenAI's chunk shape,
 then `data: [DONE]`), `usage`, and errors in OpenAI's shape `{"error": {"message", "type", "param",
 "code"}}`: 400 (bad JSON, a bad parameter, named), 401 (no or a wrong key), 404 (unknown model or
 route), 413 (body over the cap), 429 (the queue is full), 503 (stopped) and 504 (timed out).
@@ -22,8 +22,8 @@ Secure by default: a Bearer key is checked (constant-time) on every route
 but `/health` and the chat page at `/` (static HTML, no model access); bodies, prompts, max_tokens
 and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
-or 20 (chat) most likely tokens. Not supported (400 when set): echo, suffix, best_of != n, logit_bias,
-presence/frequency penalties, tools, response formats other than text.
+or 20 (chat) most likely tokens, of the model's logits (before penalties and biases, as vLLM's default). Not
+supported (400 when set): echo, suffix, best_of != n, tools, response formats other than text.
 
 Retrieval (`temper serve --rag.index DIR`): `create_app` takes a `rag` hook, built by the recipe from
 `temper.rag` (this package may not import it), that turns a chat's messages and its prompt budget into the
@@ -195,9 +195,12 @@ class Sampling:
     stop: list[str]
     stream: bool
     include_usage: bool
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
-def read_sampling(body: Mapping[str, Any], settings: ServeSettings, slots: int) -> Sampling:
+def read_sampling(body: Mapping[str, Any], settings: ServeSettings, slots: int, vocab_size: int) -> Sampling:
     max_tokens = _int(body, "max_tokens", None, 1)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         max_tokens = _int(body, "max_completion_tokens", None, 1)
@@ -212,9 +215,6 @@ def read_sampling(body: Mapping[str, Any], settings: ServeSettings, slots: int) 
         raise APIError(400, "stream_options must be an object", "stream_options")
     n = _int(body, "n", 1, 1, min(settings.max_n, slots))
     _unsupported(body, "best_of", lambda v: v == n, "best_of must equal n")
-    for key in ("presence_penalty", "frequency_penalty"):
-        _unsupported(body, key, lambda v: v == 0, "only 0")
-    _unsupported(body, "logit_bias", lambda v: v == {}, "no logit_bias")
     return Sampling(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
@@ -225,7 +225,28 @@ def read_sampling(body: Mapping[str, Any], settings: ServeSettings, slots: int) 
         stop=stops,
         stream=_bool(body, "stream"),
         include_usage=_bool(options or {}, "include_usage"),
+        presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=read_logit_bias(body, vocab_size),
     )
+
+
+def read_logit_bias(body: Mapping[str, Any], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias: {token id (a JSON key, so a string): bias in [-100, 100]}, at most 300 of them."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > 300:
+        raise APIError(400, "logit_bias must be an object of at most 300 token ids", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 .. {vocab_size - 1})",
+                           "logit_bias")
+        if type(value) not in (int, float) or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def read_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -489,7 +510,9 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
             wanted = s.max_tokens or min(default_max_tokens or max_tokens_cap, max_tokens_cap)
             requests.append(Request(ids, max_tokens=min(wanted, context - len(ids)), temperature=s.temperature,
                                     top_k=s.top_k, top_p=s.top_p, seed=s.seed, n=s.n, stop_ids=loaded.stop_ids,
-                                    top_logprobs=top_logprobs, timeout_s=settings.request_timeout_s))
+                                    top_logprobs=top_logprobs, presence_penalty=s.presence_penalty,
+                                    frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
+                                    timeout_s=settings.request_timeout_s))
         return Job(scheduler, requests, [Choice(ids, decode, s.stop) for ids in prompts for _ in range(s.n)])
 
     def observe(job: Job) -> None:
@@ -549,7 +572,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         _unsupported(body, "echo", lambda v: v is False, "echo is off")
         _unsupported(body, "suffix", lambda v: v == "", "no suffix")
         logprobs = _int(body, "logprobs", None, 0, 5)
-        s = read_sampling(body, settings, scheduler.slots)
+        s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
         prompts = await asyncio.to_thread(_encode_prompts, body.get("prompt"), tokenizer, loaded.config.vocab_size,
                                           settings.max_prompts)
         job = submit(prompts, s, 16, logprobs or 0, "prompt")  # 16: OpenAI's default max_tokens here
@@ -595,7 +618,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         _unsupported(body, "tools", lambda v: v == [], "no tools")
         _unsupported(body, "tool_choice", lambda v: v == "none", "no tools")
         _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
-        s = read_sampling(body, settings, scheduler.slots)
+        s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
         if loaded.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         if rag is None:
