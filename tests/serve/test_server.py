@@ -27,7 +27,7 @@ from temper.data.tokenizer import HFTokenizer, save_hf_tokenizer, train_tokenize
 from temper.infer.engine import decode_step, generate, generate_with_logprobs
 from temper.infer.load import load_for_inference
 from temper.infer.scheduler import Request, Scheduler
-from temper.infer.text import THINK_TAGS, completion_text, cut_at_stop
+from temper.infer.text import HERMES_TAGS, THINK_TAGS, completion_text, cut_at_stop
 from temper.model.config import PRESETS
 from temper.model.hf.checkpoint import save_hf
 from temper.model.transformer import Transformer
@@ -222,6 +222,84 @@ def test_logit_bias_and_bad_sampling_settings(server):
         assert (status, body["error"]["param"]) == (400, next(iter(bad))), (bad, body)
 
 
+# Qwen2.5's way with tools, cut down: the tools as JSON in a system turn, the assistant's calls in <tool_call> tags,
+# the results as <tool_response> in a user turn.
+TOOLS_CHATML = (
+    "{%- if tools %}{{ '<|im_start|>system\\n<tools>' }}{% for t in tools %}{{ t | tojson }}{% endfor %}"
+    "{{ '</tools><|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and m['tool_calls'] %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- for c in m['tool_calls'] %}{{ '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": ' }}"
+    "{{ c['function']['arguments'] | tojson }}{{ '}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m['content'] + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+ASK = [{"role": "user", "content": "weather in paris"}]
+TOOL_REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "paris"}}\n</tool_call>'
+
+
+def _tool_checkpoint(root: Path) -> Path:
+    """A tiny model that has learnt one reply by heart: the tool call above, after the question with the tools."""
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    tok = train_tokenizer(texts, "bpe", 320, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf_tok = HFTokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"default": TOOLS_CHATML})
+    cfg = replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size(), max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    prompt = hf_tok.encode_chat(ASK, add_generation_prompt=True, tools=TOOLS)
+    row = torch.tensor([prompt + tok.encode(TOOL_REPLY).ids + [tok.token_to_id("<|im_end|>")]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits = model(row[:, :-1])[0, len(prompt) - 1:]
+        loss = torch.nn.functional.cross_entropy(logits, row[0, len(prompt):])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.01, loss.item()
+    save_hf(model, cfg, root)
+    save_hf_tokenizer(hf_tok, root)
+    return root
+
+
+def test_tools_go_to_the_template_and_calls_come_back_as_tool_calls(tmp_path):
+    """--tool_call_parser hermes: the model's <tool_call> reply is the message's tool_calls (finish_reason
+    tool_calls), whole and streamed; the call and the tool's result go back into the next turn's prompt."""
+    with serving(_tool_checkpoint(tmp_path), slots=4, max_queue=8, tool_call_tags=HERMES_TAGS) as (url, _, loaded, _):
+        client = _client(url)
+        kw = dict(model="tiny", messages=ASK, tools=TOOLS, temperature=0, max_tokens=96)
+        out = client.chat.completions.create(**kw)
+        assert out.usage.prompt_tokens == len(loaded.encode_chat(ASK, tools=TOOLS))
+        choice = out.choices[0]
+        assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+        [call] = choice.message.tool_calls
+        assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+            "function", "get_weather", {"city": "paris"})
+        chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+        [streamed] = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+        assert (streamed.index, streamed.function.name, streamed.function.arguments) == (
+            0, "get_weather", call.function.arguments)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        result = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+        again = client.chat.completions.create(**kw | {"messages": ASK + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, result], "max_tokens": 2})
+        rendered = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}]},
+            result]
+        assert again.usage.prompt_tokens == len(loaded.encode_chat(rendered, tools=TOOLS))
+
+        plain = client.chat.completions.create(**kw | {"tool_choice": "none"})  # no tools in the prompt, no parsing
+        assert plain.usage.prompt_tokens == len(loaded.encode_chat(ASK)) and plain.choices[0].message.tool_calls is None
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(**kw | {"tool_choice": "required"})
+        with pytest.raises(openai.BadRequestError, match="tools must be a list"):
+            client.chat.completions.create(**kw | {"tools": [{"type": "function"}]})
+
+
 def test_n_seeds_and_stop_strings(server):
     url, _, loaded, _ = server
     client = _client(url)
@@ -289,6 +367,8 @@ def test_errors_in_openai_shape(server):
         assert (status, body["error"]["param"]) == (400, "chat_template_kwargs"), (bad, body)
     with pytest.raises(openai.NotFoundError):
         _client(url).completions.create(model="gpt-4", prompt="the", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="--tool_call_parser hermes"):
+        _client(url).chat.completions.create(model="tiny", messages=ASK, tools=TOOLS)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         _client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                              temperature=5)

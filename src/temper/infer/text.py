@@ -1,5 +1,5 @@
-"""From generated token ids to text: the completion's text, stop strings, what is safe to stream, and a
-reasoning model's thinking apart from its answer.
+"""From generated token ids to text: the completion's text, stop strings, what is safe to stream, a
+reasoning model's thinking apart from its answer, and the tool calls in a reply.
 
 The engine works on ids; every caller that shows or scores text (`temper generate`, the
 evaluation runner, the server) needs the same things, so they live here once.
@@ -8,6 +8,7 @@ It does not tokenize: the caller passes its tokenizer's decode.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 
@@ -84,3 +85,63 @@ class ReasoningSplitter:
             else:
                 answer, self.held = self.held, ""
                 return reasoning, answer
+
+
+HERMES_TAGS = ("<tool_call>", "</tool_call>")
+"""The tags around each tool call of Hermes-style chat templates (Qwen2.5, Qwen3, Hermes 2 and 3), a JSON object
+{"name": ..., "arguments": {...}} between them."""
+
+
+def parse_tool_calls(text: str, tags: tuple[str, str] = HERMES_TAGS) -> tuple[str, list[tuple[str, str]]] | None:
+    """(the content before the first call, [(name, arguments as a JSON string)]) of a reply that calls tools, as
+    vLLM's hermes parser reads it: every call between the tags, the last one's closing tag optional (a reply may
+    end at EOS right after its JSON). None when the reply opens no call or a call is not such a JSON object: it is
+    then all content."""
+    opening, closing = tags
+    start = text.find(opening)
+    if start < 0:
+        return None
+    calls = []
+    for piece in text[start:].split(opening)[1:]:
+        body = piece.split(closing, 1)[0]
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        arguments = call.get("arguments", call.get("parameters", {})) if isinstance(call, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, (dict, str)):
+            return None
+        calls.append((call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)))
+    return text[:start], calls
+
+
+class ToolCallSplitter:
+    """A reply's content as it streams, its tool calls held back (`parse_tool_calls`): content is released up to
+    the first opening tag (a tail that may still become the tag is held), everything after it is kept until the
+    reply ends, then parsed; if it does not parse, it is released as content."""
+
+    def __init__(self, tags: tuple[str, str] = HERMES_TAGS) -> None:
+        self.tags, self.held, self.calling = tags, "", False
+        self.calls: list[tuple[str, str]] = []
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """The content this piece releases; at the end (`final`) `calls` holds the reply's tool calls."""
+        self.held += text
+        out = ""
+        if not self.calling:
+            at = self.held.find(self.tags[0])
+            if at >= 0:
+                out, self.held, self.calling = self.held[:at], self.held[at:], True
+            else:
+                opening = self.tags[0]
+                keep = 0 if final else max((k for k in range(1, len(opening)) if self.held.endswith(opening[:k])),
+                                           default=0)
+                out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        if final and self.calling:
+            parsed = parse_tool_calls(self.held, self.tags)
+            if parsed is None:
+                out += self.held
+            else:
+                self.calls = parsed[1]
+            self.held = ""
+        return out

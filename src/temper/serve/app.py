@@ -23,7 +23,13 @@ but `/health` and the chat page at `/` (static HTML, no model access); bodies, p
 and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
 or 20 (chat) most likely tokens, of the model's logits (before penalties and biases, as vLLM's default). Not
-supported (400 when set): echo, suffix, best_of != n, tools, response formats other than text.
+supported (400 when set): echo, suffix, best_of != n, tool_choice other than auto and none, response formats
+other than text.
+
+Tools (`temper serve --tool_call_parser hermes`, as vLLM's): a chat request's `tools` go to the chat template, its
+messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`), and a reply's
+calls (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen's and Hermes' format) come back as the message's
+`tool_calls` with finish_reason "tool_calls"; a stream holds them back and sends them whole in one delta.
 
 Retrieval (`temper serve --rag.index DIR`): `create_app` takes a `rag` hook, built by the recipe from
 `temper.rag` (this package may not import it), that turns a chat's messages and its prompt budget into the
@@ -57,7 +63,7 @@ from temper.data.chat import check_template_variables
 from temper.errors import InputError
 from temper.infer.load import Loaded
 from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
-from temper.infer.text import ReasoningSplitter, completion_text, cut_at_stop, safe_to_print
+from temper.infer.text import ReasoningSplitter, ToolCallSplitter, completion_text, cut_at_stop, safe_to_print
 
 STATIC = Path(__file__).parent / "static"
 RagHook = Callable[..., tuple[list[int], list[dict[str, Any]]]]
@@ -87,6 +93,8 @@ class ServeSettings:
     """A request running longer fails with 504 (a stream ends with an error event) and its rows are freed."""
     reasoning_tags: tuple[str, str] | None = None
     """Chat replies split at these tags into `reasoning_content` and `content` (None: all content)."""
+    tool_call_tags: tuple[str, str] | None = None
+    """Tool calls read from chat replies between these tags (`parse_tool_calls`); None: requests with tools refused."""
 
 
 class APIError(Exception):
@@ -269,8 +277,53 @@ def read_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         message = {"role": m["role"], "content": content}
         if isinstance(m.get("name"), str):
             message["name"] = m["name"]
+        if isinstance(m.get("tool_call_id"), str):  # a tool's result
+            message["tool_call_id"] = m["tool_call_id"]
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _read_tool_calls(m["tool_calls"], i)
         out.append(message)
     return out
+
+
+def _read_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates take them: each function's arguments a dict, parsed
+    from the JSON string OpenAI's API carries (vLLM's reading; templates write them with tojson)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be a list", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, f"{where}[{j}] must be {{type: function, function: {{name, arguments}}}}", "messages")
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            raise APIError(400, f"{where}[{j}].function.arguments is not JSON", "messages") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> list[dict[str, Any]] | None:
+    """The request's tools for the chat template (OpenAI's list of {type: function, function: {name, description,
+    parameters}}, the shape transformers' templates take), or None: no tools, or tool_choice "none". The model
+    chooses whether to call them ("auto"); forcing a call ("required", a named function) needs constrained
+    decoding, which this server does not do."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none' (this server does not force a call)", "tool_choice")
+    if not tools or choice == "none":
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters}}",
+                       "tools")
+    if settings.tool_call_tags is None:
+        raise APIError(400, "tools need a tool call parser: start the server with --tool_call_parser hermes", "tools")
+    return tools
 
 
 # ---- a request's choices -------------------------------------------------------------------------
@@ -615,8 +668,9 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         variables = read_template_variables(body)
         want_logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, 0, 20) or 0
-        _unsupported(body, "tools", lambda v: v == [], "no tools")
-        _unsupported(body, "tool_choice", lambda v: v == "none", "no tools")
+        tools = read_tools(body, settings)
+        if tools is not None:
+            variables["tools"] = tools
         _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
         s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
         if loaded.chat_template is None:
@@ -635,13 +689,23 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         # Its last few tokens hold the tag (one token in those vocabularies, a few characters' worth in any other).
         thinking = tags is not None and loaded.tokenizer.decode(ids[-8:]).rstrip().endswith(tags[0])
         splitters = [ReasoningSplitter(tags, thinking) for _ in job.choices] if tags else None
+        callers = [ToolCallSplitter(settings.tool_call_tags) for _ in job.choices] if tools is not None else None
 
         def delta(i: int, text: str, final: bool) -> dict[str, str]:
-            """A choice's new text as the message's fields: content, or reasoning_content and content."""
-            if splitters is None:
-                return {"content": text}
-            reasoning, answer = splitters[i].feed(text, final)
+            """A choice's new text as the message's fields: content, or reasoning_content and content (the
+            content's tool calls held back, in `callers[i].calls` at the end)."""
+            reasoning, answer = splitters[i].feed(text, final) if splitters is not None else ("", text)
+            if callers is not None:
+                answer = callers[i].feed(answer, final)
             return {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
+
+        def tool_calls(i: int, c: Choice) -> tuple[list[dict[str, Any]], str | None]:
+            """Choice i's parsed tool calls in OpenAI's shape (after its last delta), and its finish reason."""
+            if callers is None or not callers[i].calls:
+                return [], c.finish_reason
+            calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": name, "arguments": arguments}} for name, arguments in callers[i].calls]
+            return calls, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
 
         if s.stream:
             head = head | {"object": "chat.completion.chunk"}
@@ -659,23 +723,31 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
                         yield head | {"choices": [{"index": i, "delta": fields or {"content": ""}, "logprobs": lp,
                                                    "finish_reason": None}]}
                     if c.finish_reason:
+                        calls, reason = tool_calls(i, c)
+                        if calls:
+                            yield head | {"choices": [{"index": i, "delta": {"tool_calls": [
+                                {"index": k} | call for k, call in enumerate(calls)]}, "logprobs": None,
+                                "finish_reason": None}]}
                         yield head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                   "finish_reason": c.finish_reason}]}
+                                                   "finish_reason": reason}]}
                 if s.include_usage:
                     yield head | {"choices": [], "usage": usage(job, [ids])}
             return sse(job, chunks())
 
         await collect(request, job)
-        def message(i: int, c: Choice) -> dict[str, Any]:
-            if splitters is None:
-                return {"role": "assistant", "content": c.text}
+        def message(i: int, c: Choice) -> tuple[dict[str, Any], str | None]:
             fields = delta(i, c.text, final=True)
-            return {"role": "assistant", "content": fields.get("content", ""),
-                    "reasoning_content": fields.get("reasoning_content")}
+            calls, reason = tool_calls(i, c)
+            out = {"role": "assistant", "content": fields.get("content", "" if not calls else None)}
+            if splitters is not None:
+                out["reasoning_content"] = fields.get("reasoning_content")
+            return out | ({"tool_calls": calls} if calls else {}), reason
 
-        out = [{"index": i, "message": message(i, c),
-                "logprobs": chat_logprobs(c, 0, c.kept()) if want_logprobs else None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(job.choices)]
+        out = []
+        for i, c in enumerate(job.choices):
+            m, reason = message(i, c)
+            out.append({"index": i, "message": m, "finish_reason": reason,
+                        "logprobs": chat_logprobs(c, 0, c.kept()) if want_logprobs else None})
         return JSONResponse(head | {"object": "chat.completion", "choices": out, "usage": usage(job, [ids])} | cited)
 
     return app
