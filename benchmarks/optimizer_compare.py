@@ -96,18 +96,18 @@ def main() -> None:
     train = batches(data[:cut], args.steps, args.batch, args.seq, seed=1)
     val = batches(data[cut:], args.val_batches, args.batch, args.seq, seed=2)
     rows = [run(name, lr, args, train, val) for lr in args.lrs for name in ("adamw", "muon")]
-    print(f"# {rows[0]['params'] / 1e6:.2f}M parameters ({args.dim}d, {args.layers} layers), bytes of {args.data.name}, "
-          f"{args.steps} steps of {args.batch} x {args.seq} tokens, cpu fp32, {args.threads} threads")
+    print(f"# {rows[0]['params'] / 1e6:.2f}M parameters ({args.dim}d, {args.layers} layers), bytes of "
+          f"{args.data.name}, {args.steps} steps of {args.batch} x {args.seq} tokens, cpu fp32, {args.threads} threads")
     print("| optimizer | lr | val loss | s / step |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss']:.4f} | {r['s_per_step']:.3f} |")
-    best = {name: min((r for r in rows if r["optimizer"] == name), key=lambda r: r["val_loss"]) for name in ("adamw", "muon")}
-    adamw, muon = best["adamw"], best["muon"]
+    adamw, muon = (min((r for r in rows if r["optimizer"] == name), key=lambda r: r["val_loss"])
+                   for name in ("adamw", "muon"))
     reached = steps_to(muon["curve"], adamw["val_loss"])
-    print(f"\nbest: adamw lr {adamw['lr']:g} -> {adamw['val_loss']:.4f}; muon lr {muon['lr']:g} -> {muon['val_loss']:.4f}; "
-          f"muon reaches adamw's final loss at step {reached if reached is not None else '> ' + str(args.steps)} "
-          f"of {args.steps} (evaluated every {args.eval_every}); time per step muon / adamw "
-          f"{muon['s_per_step'] / adamw['s_per_step']:.2f}x")
+    at = reached if reached is not None else f"> {args.steps}"
+    print(f"\nbest: adamw lr {adamw['lr']:g} -> {adamw['val_loss']:.4f}; muon lr {muon['lr']:g} -> "
+          f"{muon['val_loss']:.4f}; muon reaches adamw's final loss at step {at} of {args.steps} (evaluated every "
+          f"{args.eval_every}); time per step muon / adamw {muon['s_per_step'] / adamw['s_per_step']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

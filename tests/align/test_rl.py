@@ -255,7 +255,8 @@ def test_rloo_loss_equals_trl_rloo_trainer(models, grpo_case):
         logps = token_logprobs_of(policy, batch, TEMP)
     log_ratio = torch.tensor([0.4, -0.4, 0.1, -0.05])[:, None]  # per sequence: one clipped high, one low, two not
     rloo = copy.copy(batch)
-    rloo.extra = {**batch.extra, "old_logps": torch.where(scored, logps - log_ratio / scored.sum(-1, keepdim=True), 0.0)}
+    old = torch.where(scored, logps - log_ratio / scored.sum(-1, keepdim=True), 0.0)  # sums log_ratio off logps
+    rloo.extra = {**batch.extra, "old_logps": old}
     loss_fn = RLOOLoss(epsilon_low=0.2, epsilon_high=0.28, temperature=TEMP)
     out, n = loss_fn(policy, rloo), loss_fn.count(rloo)
     theirs, metrics = _trl_rloo(hf, prompt, comp, comp_mask, _completion(rloo.extra["old_logps"]).sum(-1),

@@ -175,8 +175,8 @@ def _measure(preset: str, recipe: str, precision: str, ckpt: int, batch: int = 4
     cfg = replace(PRESETS[preset], max_seq_len=seq, dropout=dropout, **(dims or {}))
     lora = lora or LoRAShape(rank=8)
     run = RunShape(recipe=recipe, precision=precision, micro_batch_size=batch, seq_len=seq, device="cpu",
-                   accumulation_steps=accumulation, activation_checkpointing=ckpt, activation_offload=offload, lora=lora,
-                   optimizer=optimizer)
+                   accumulation_steps=accumulation, activation_checkpointing=ckpt, activation_offload=offload,
+                   lora=lora, optimizer=optimizer)
     amp = None if precision == "fp32" else torch.bfloat16
     model = Transformer(cfg)
     if recipe in ("lora", "qlora"):  # as the recipes apply it: the frozen base in the compute dtype

@@ -29,7 +29,8 @@ et al. 2024) the unbiased loss under flipped labels, ((1 - e)(-log sigmoid(z)) -
 -log sigmoid(beta c) - log sigmoid(-beta r); `sppo_hard` (Wu et al. 2024) (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2;
 `apo_zero` and `apo_down` (D'Oosterlinck et al. 2024) 1 - sigmoid(beta c) + sigmoid(beta r) and
 sigmoid(beta c) + 1 - sigmoid(z); `discopop` (Chris Lu et al. 2024) with m = sigmoid(z / tau),
-(1 - m)(-log sigmoid(z)) + m exp(-z); `sigmoid_norm`, DPO on per-token log-ratios -log sigmoid(beta (c / n_c - r / n_r)).
+(1 - m)(-log sigmoid(z)) + m exp(-z); `sigmoid_norm`, DPO on per-token log-ratios,
+-log sigmoid(beta (c / n_c - r / n_r)).
 `KTOLoss` is the unpaired objective (KTO): each response alone, labelled desirable or undesirable.
 The reference log-probs come from the batch (`extra["ref_logps"]`, precomputed once) or from a
 `reference` function: a frozen copy of the base (`frozen_reference`), or, under LoRA, the policy's own

@@ -20,7 +20,8 @@ its temperature), optionally `ref_logps` (the reference policy's), and for PPO `
   `gae`, `whiten`, `explained_variance`, the KL coefficient controllers, and `PPOLoss` (clipped policy and value losses) on an
   `ActorCritic` (the policy and its value function in one module, so that DDP wraps one module).
 
-Every loss and statistic equals TRL's (GRPOTrainer and RLOOTrainer of trl 1.16, PPOTrainer of trl 0.24) on one micro-batch
+Every loss and statistic equals TRL's (GRPOTrainer and RLOOTrainer of trl 1.16, PPOTrainer of trl 0.24) on one
+micro-batch
 (tests/align/test_rl.py), with two deliberate differences in PPO that matter only for padded responses:
 TRL adds the score one position past the response's last token (its first padding slot) and counts that
 slot in the value loss (huggingface/trl#1893, #3750); here the score lands on the last completion token and

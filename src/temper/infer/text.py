@@ -109,9 +109,10 @@ def parse_tool_calls(text: str, tags: tuple[str, str] = HERMES_TAGS) -> tuple[st
         except json.JSONDecodeError:
             return None
         arguments = call.get("arguments", call.get("parameters", {})) if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(arguments, (dict, str)):
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(arguments, (dict, str))):
             return None
-        calls.append((call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)))
+        calls.append((call["name"], arguments if isinstance(arguments, str)
+                      else json.dumps(arguments, ensure_ascii=False)))
     return text[:start], calls
 
 

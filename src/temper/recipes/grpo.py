@@ -170,7 +170,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
                else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
                              beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens,
                              importance_sampling_level=lc.importance_sampling_level,
-                             sapo_temperature_pos=lc.sapo_temperature_pos, sapo_temperature_neg=lc.sapo_temperature_neg))
+                             sapo_temperature_pos=lc.sapo_temperature_pos,
+                             sapo_temperature_neg=lc.sapo_temperature_neg))
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step

@@ -3,10 +3,11 @@
 Clients written for OpenAI's API (its Python client, LangChain, curl scripts) work unchanged:
 `/v1/models`, `/v1/completions`, `/v1/chat/completions` (rendered by the checkpoint's chat
 template, in jinja's sandbox), with max_tokens, temperature, top_p, top_k (vLLM's extension), seed,
-stop, n, presence_penalty, frequency_penalty, logit_bias, logprobs, streaming as server-sent events (`data: {...}` chunks in OpenAI's chunk shape,
-then `data: [DONE]`), `usage`, and errors in OpenAI's shape `{"error": {"message", "type", "param",
-"code"}}`: 400 (bad JSON, a bad parameter, named), 401 (no or a wrong key), 404 (unknown model or
-route), 413 (body over the cap), 429 (the queue is full), 503 (stopped) and 504 (timed out).
+stop, n, presence_penalty, frequency_penalty, logit_bias, logprobs, tools, streaming as server-sent
+events (`data: {...}` chunks in OpenAI's chunk shape, then `data: [DONE]`), `usage`, and errors in
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 (bad JSON, a bad parameter,
+named), 401 (no or a wrong key), 404 (unknown model or route), 413 (body over the cap), 429 (the
+queue is full), 503 (stopped) and 504 (timed out).
 `/health` answers without a key; `/metrics` is Prometheus text (queue length, running rows, tokens
 generated and per second, request latency and time-to-first-token histograms; with speculative
 decoding, draft tokens drafted and accepted, and their ratio).

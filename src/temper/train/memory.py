@@ -204,7 +204,8 @@ class RunShape:
         if self.activation_offload and not self.activation_checkpointing:
             raise ValueError("activation_offload needs activation_checkpointing >= 1 (it offloads the checkpoints)")
         if self.optimizer == "muon" and self.recipe in ("lora", "qlora"):
-            raise ValueError(f"optimizer=muon trains whole weight matrices (pretrain, full), not {self.recipe}'s adapters")
+            raise ValueError(f"optimizer=muon trains whole weight matrices (pretrain, full), not {self.recipe}'s "
+                             "adapters")
         try:
             self.parallel.degrees(self.world_size)
         except ConfigError as e:  # the training recipes' key is train.parallel; here it is run.parallel
