@@ -212,8 +212,12 @@ def test_grpo_reference_callable_equals_precomputed_and_lora_reference_is_the_ba
 
 
 def test_group_advantages_equal_trl_formula():
-    """TRL's `_generate_and_score_completions` (scale_rewards "group" / "none"): (r - mean) / (nanstd + 1e-4)."""
+    """TRL's `_generate_and_score_completions` (scale_rewards "group" / "batch" / "none"): (r - mean) / (nanstd +
+    1e-4), the std the group's or the batch's."""
     from trl.trainer.utils import nanstd
+
+    from temper.align.online import global_std
+    from temper.train.parallel import DistInfo
 
     rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, 3.0, -1.0, 0.0, 1.0, 4.0])
     G = 4
@@ -221,6 +225,10 @@ def test_group_advantages_equal_trl_formula():
     std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G)
     torch.testing.assert_close(group_advantages(rewards, G), (rewards - mean) / (std + 1e-4))
     torch.testing.assert_close(group_advantages(rewards, G, scale="none"), rewards - mean)
+    # scale_rewards="batch": the std of the whole batch (TRL's grpo_trainer.py, lines 2774-2787)
+    torch.testing.assert_close(group_advantages(rewards, G, scale="batch"), (rewards - mean) / (nanstd(rewards) + 1e-4))
+    one = DistInfo(0, 0, 1, torch.device("cpu"))
+    assert global_std(one, rewards) == pytest.approx(nanstd(rewards).item(), rel=1e-6)
     assert group_advantages(rewards, G)[4:8].abs().max() == 0  # a group of equal rewards teaches nothing
     with pytest.raises(ValueError, match=r"\(groups \* group_size,\)"):
         group_advantages(rewards, 5)

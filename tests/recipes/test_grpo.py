@@ -130,7 +130,8 @@ def test_prompts_render_with_the_chat_template_variables(arith, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("loss", [[], ["--loss.loss_type=rloo", "--loss.beta=0.5"]], ids=["grpo", "rloo"])
+@pytest.mark.parametrize("loss", [[], ["--loss.loss_type=rloo", "--loss.beta=0.5"], ["--loss.scale_rewards=batch"]],
+                         ids=["grpo", "rloo", "batch-scaled"])
 def test_ddp_two_ranks_equal_one_process(arith, tmp_path, loss):
     common = ("--train.steps=2", "--run.device=cpu", *loss)
     assert grpo.main(args(arith, tmp_path, "single", *common)) == 0

@@ -196,6 +196,17 @@ def reference_policy(model: nn.Module, reference_model: nn.Module | None, temper
     return adapters_off_token_reference(model, temperature)
 
 
+def global_std(d: DistInfo, values: torch.Tensor) -> float:
+    """The unbiased std of every rank's `values` together (one all-reduce of their count, sum and sum of squares,
+    in float64), as TRL's `nanstd` of its gathered rewards."""
+    v = values.double()
+    t = torch.stack([torch.tensor(float(v.numel()), dtype=torch.float64), v.sum(), (v * v).sum()]).to(d.device)
+    if d.world > 1:
+        dist.all_reduce(t, group=d.dp_group)
+    n, total, squares = t.tolist()
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+
 def global_means(d: DistInfo, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
     """{name: (sum, count)} on each rank -> {name: global sum / global count} (one all-reduce)."""
     names = sorted(sums)

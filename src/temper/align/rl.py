@@ -138,18 +138,23 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.float().view(-1, group_size)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["std", "none"] = "std") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["std", "batch", "none"] = "std",
+                     batch_std: float | None = None) -> torch.Tensor:
     """Advantages (G*P,) of rewards (G*P,) laid out as P consecutive groups of `group_size` samples of one prompt.
 
     "std": GRPO's (r - group mean) / (group std + 1e-4), the std unbiased (n - 1), as TRL's `nanstd`;
+    "batch": (r - group mean) / (std of the whole step's rewards + 1e-4), TRL's scale_rewards="batch" (Liu et al.
+    2025, "Part I: Tricks or Traps"), `batch_std` that std over every rank's rewards (default: these rewards');
     "none": Dr. GRPO's (Liu et al. 2025) r - group mean, which does not up-weight groups of near-equal rewards.
     """
-    if scale not in ("std", "none"):
-        raise ValueError(f"unknown advantage scale {scale!r}; choose 'std' or 'none'")
+    if scale not in ("std", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; choose 'std', 'batch' or 'none'")
     grouped = _grouped(rewards, group_size)  # (P, G)
     adv = grouped - grouped.mean(-1, keepdim=True)
     if scale == "std":
         adv = adv / (grouped.std(-1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        adv = adv / ((grouped.std() if batch_std is None else batch_std) + 1e-4)
     return adv.reshape(-1)
 
 

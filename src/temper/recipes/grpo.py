@@ -46,6 +46,7 @@ from temper.align.online import (
     check_context,
     evaluate_greedy,
     global_means,
+    global_std,
     micro_batches,
     reference_policy,
     rollout_seeds,
@@ -75,9 +76,10 @@ class GRPOLossConfig:
     (MiniMax-M1: the ratio capped at epsilon_high, e.g. 5, and held constant, as dapo) and sapo (a soft gate for
     the clip, as grpo), as TRL's; or rloo (TRL's RLOOTrainer: one ratio per sequence, advantage = reward - the
     mean of the group's other rewards, the KL taken off the reward)."""
-    scale_rewards: Literal["group", "none"] = "group"
-    """Advantage = (reward - group mean) / group std (group), or without the division (none: Dr. GRPO); rloo's
-    leave-one-out advantages are not scaled."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage = (reward - group mean) / group std (group), / the std of the step's rewards on every rank (batch:
+    TRL's, after Liu et al. 2025), or without the division (none: Dr. GRPO); rloo's leave-one-out advantages are
+    not scaled."""
     beta: float = 0.0
     """Weight of the KL to the reference (k3 estimator, in the loss; rloo: beta x each completion's summed
     log-ratio of sampler to reference, off its reward); 0: no reference is kept or run."""
@@ -223,7 +225,9 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
                 if reference is not None:
                     sums["kl"] = (float(kl.sum()), sum(len(o.completion) for o in outs))  # per completion token
             else:
-                advantages = group_advantages(reward, n, scale="std" if lc.scale_rewards == "group" else "none")
+                scale = {"group": "std", "batch": "batch", "none": "none"}[lc.scale_rewards]
+                spread = global_std(d, reward) if scale == "batch" else None
+                advantages = group_advantages(reward, n, scale=scale, batch_std=spread)
             for lo, b in zip(range(0, len(outs), micro), mbs, strict=True):
                 b.extra["advantages"] = advantages[lo:lo + micro].to(d.device)
             sums |= {"reward": (float(reward.sum()), len(outs)),
