@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 
 def completion_text(decode: Callable[[list[int]], str], prompt: list[int], ids: list[int]) -> str:
@@ -87,62 +89,114 @@ class ReasoningSplitter:
                 return reasoning, answer
 
 
-HERMES_TAGS = ("<tool_call>", "</tool_call>")
-"""The tags around each tool call of Hermes-style chat templates (Qwen2.5, Qwen3, Hermes 2 and 3), a JSON object
-{"name": ..., "arguments": {...}} between them."""
+Calls = list[tuple[str, str]]
+"""Tool calls as (function name, arguments as a JSON string)."""
 
 
-def parse_tool_calls(text: str, tags: tuple[str, str] = HERMES_TAGS) -> tuple[str, list[tuple[str, str]]] | None:
-    """(the content before the first call, [(name, arguments as a JSON string)]) of a reply that calls tools, as
-    vLLM's hermes parser reads it: every call between the tags, the last one's closing tag optional (a reply may
-    end at EOS right after its JSON). None when the reply opens no call or a call is not such a JSON object: it is
-    then all content."""
-    opening, closing = tags
-    start = text.find(opening)
-    if start < 0:
+def _call(obj: Any) -> tuple[str, str] | None:
+    """One call object {"name", "arguments" or "parameters"} as (name, arguments JSON), or None if it is not one."""
+    arguments = obj.get("arguments", obj.get("parameters", {})) if isinstance(obj, dict) else None
+    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(arguments, (dict, str))):
         return None
+    return obj["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _hermes_calls(text: str) -> Calls | None:
+    """<tool_call>{...}</tool_call> blocks, the last one's closing tag optional (a reply may end at EOS right after
+    its JSON)."""
     calls = []
-    for piece in text[start:].split(opening)[1:]:
-        body = piece.split(closing, 1)[0]
+    for piece in text.split("<tool_call>")[1:]:
         try:
-            call = json.loads(body)
+            call = _call(json.loads(piece.split("</tool_call>", 1)[0]))
         except json.JSONDecodeError:
             return None
-        arguments = call.get("arguments", call.get("parameters", {})) if isinstance(call, dict) else None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(arguments, (dict, str))):
+        if call is None:
             return None
-        calls.append((call["name"], arguments if isinstance(arguments, str)
-                      else json.dumps(arguments, ensure_ascii=False)))
-    return text[:start], calls
+        calls.append(call)
+    return calls
+
+
+def _llama3_json_calls(text: str) -> Calls | None:
+    """Llama 3.1-3.3's JSON tool calls: the reply is {"name", "parameters"} objects (after an optional
+    <|python_tag|>), separated by ";"."""
+    text, decoder, calls, at = text.removeprefix("<|python_tag|>"), json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and (text[at].isspace() or text[at] == ";"):
+            at += 1
+        if at == len(text):
+            return calls or None
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return None
+        if (call := _call(obj)) is None:
+            return None
+        calls.append(call)
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """Where a reply's tool calls begin and how they read: one per vLLM tool-call parser temper has."""
+
+    markers: tuple[str, ...]
+    """Text that opens the calls."""
+    at_start: bool
+    """The calls must open the reply (after whitespace); else content may come before them."""
+    parse: Callable[[str], Calls | None]
+    """The text from the marker on -> its calls, or None when it is not well-formed calls."""
+
+
+TOOL_CALL_FORMATS = {
+    "hermes": ToolCallFormat(("<tool_call>",), False, _hermes_calls),  # Qwen2.5, Qwen3, Hermes 2 and 3
+    "llama3_json": ToolCallFormat(("<|python_tag|>", "{"), True, _llama3_json_calls),  # Llama 3.1, 3.2, 3.3
+}
+
+
+def _calls_start(text: str, fmt: ToolCallFormat) -> int:
+    """Where the calls begin in `text`, or -1."""
+    if fmt.at_start:
+        head = text.lstrip()
+        return len(text) - len(head) if head.startswith(fmt.markers) else -1
+    return min((i for i in (text.find(m) for m in fmt.markers) if i >= 0), default=-1)
+
+
+def parse_tool_calls(text: str, fmt: ToolCallFormat = TOOL_CALL_FORMATS["hermes"]) -> tuple[str, Calls] | None:
+    """(the content before the calls, the calls) of a reply, as vLLM's parser of that format reads it; None when
+    the reply opens no call or its calls are not well-formed: it is then all content."""
+    start = _calls_start(text, fmt)
+    calls = fmt.parse(text[start:]) if start >= 0 else None
+    return None if calls is None else (text[:start], calls)
 
 
 class ToolCallSplitter:
     """A reply's content as it streams, its tool calls held back (`parse_tool_calls`): content is released up to
-    the first opening tag (a tail that may still become the tag is held), everything after it is kept until the
+    where the calls begin (a tail that may still become a marker is held), everything after is kept until the
     reply ends, then parsed; if it does not parse, it is released as content."""
 
-    def __init__(self, tags: tuple[str, str] = HERMES_TAGS) -> None:
-        self.tags, self.held, self.calling = tags, "", False
-        self.calls: list[tuple[str, str]] = []
+    def __init__(self, fmt: ToolCallFormat = TOOL_CALL_FORMATS["hermes"]) -> None:
+        self.fmt, self.held = fmt, ""
+        self.state = "start" if fmt.at_start else "content"  # start: the reply may yet open with a call
+        self.calls: Calls = []
 
     def feed(self, text: str, final: bool = False) -> str:
         """The content this piece releases; at the end (`final`) `calls` holds the reply's tool calls."""
         self.held += text
         out = ""
-        if not self.calling:
-            at = self.held.find(self.tags[0])
+        if self.state in ("start", "content"):
+            at = _calls_start(self.held, self.fmt)
             if at >= 0:
-                out, self.held, self.calling = self.held[:at], self.held[at:], True
+                out, self.held, self.state = self.held[:at], self.held[at:], "calling"
+            elif self.state == "start":
+                head = self.held.lstrip()
+                if final or (head and not any(m.startswith(head) for m in self.fmt.markers)):
+                    out, self.held, self.state = self.held, "", "answer"  # no call opens this reply
             else:
-                opening = self.tags[0]
-                keep = 0 if final else max((k for k in range(1, len(opening)) if self.held.endswith(opening[:k])),
-                                           default=0)
+                keep = 0 if final else max((k for m in self.fmt.markers for k in range(1, len(m))
+                                            if self.held.endswith(m[:k])), default=0)
                 out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        if final and self.calling:
-            parsed = parse_tool_calls(self.held, self.tags)
-            if parsed is None:
-                out += self.held
-            else:
-                self.calls = parsed[1]
-            self.held = ""
+        elif self.state == "answer":
+            out, self.held = self.held, ""
+        if final and self.state == "calling":
+            calls = self.fmt.parse(self.held)
+            out, self.calls, self.held = (out + self.held, [], "") if calls is None else (out, calls, "")
         return out

@@ -33,7 +33,7 @@ import torch
 from temper.config import ConfigError, parse
 from temper.infer.engine import check_compiled_decode, compiled_decode_step, decode_step
 from temper.infer.load import Loaded, open_checkpoint
-from temper.infer.text import HERMES_TAGS, THINK_TAGS
+from temper.infer.text import THINK_TAGS, TOOL_CALL_FORMATS
 from temper.recipes.generate import open_draft
 from temper.train.parallel import pick_device, pick_dtype
 
@@ -111,9 +111,10 @@ class ServeConfig:
     reasoning_parser: Literal["", "think"] = ""
     """think: chat replies' <think>...</think> block goes to `reasoning_content`, the rest to `content` (Qwen3,
     DeepSeek-R1: vLLM's reasoning parsers); "": the whole reply is content."""
-    tool_call_parser: Literal["", "hermes"] = ""
-    """hermes: chat requests may carry tools, and replies' <tool_call>{...}</tool_call> become the message's
-    tool_calls (Qwen2.5, Qwen3, Hermes: vLLM's hermes parser); "": requests with tools are refused."""
+    tool_call_parser: Literal["", "hermes", "llama3_json"] = ""
+    """Chat requests may carry tools, and replies' calls become the message's tool_calls, read as vLLM's parser of
+    that name reads them: hermes, <tool_call>{...}</tool_call> (Qwen2.5, Qwen3, Hermes); llama3_json, a reply of
+    {"name", "parameters"} objects (Llama 3.1 to 3.3). "": requests with tools are refused."""
     log_level: str = "info"
     """uvicorn's log level, and temper's (speculative decoding's acceptance rate is an info line): "critical",
     "error", "warning", "info", "debug"."""
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=cfg.served_model_name or cfg.checkpoint, api_key=key, max_body_bytes=cfg.max_body_bytes,
         max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens, max_n=min(cfg.max_n, cfg.slots),
         request_timeout_s=cfg.request_timeout_s, reasoning_tags=THINK_TAGS if cfg.reasoning_parser == "think" else None,
-        tool_call_tags=HERMES_TAGS if cfg.tool_call_parser == "hermes" else None)
+        tool_call_format=TOOL_CALL_FORMATS.get(cfg.tool_call_parser))
     rag = rag_hook(cfg.rag, loaded, scheduler.max_len, device)
     app = create_app(loaded, scheduler, settings, rag)
     speculation = (f", speculative decoding alone with {cfg.draft or f'prompt lookup {cfg.prompt_lookup}'}"

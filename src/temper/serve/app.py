@@ -27,10 +27,11 @@ or 20 (chat) most likely tokens, of the model's logits (before penalties and bia
 supported (400 when set): echo, suffix, best_of != n, tool_choice other than auto and none, response formats
 other than text.
 
-Tools (`temper serve --tool_call_parser hermes`, as vLLM's): a chat request's `tools` go to the chat template, its
-messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`), and a reply's
-calls (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen's and Hermes' format) come back as the message's
-`tool_calls` with finish_reason "tool_calls"; a stream holds them back and sends them whole in one delta.
+Tools (`temper serve --tool_call_parser hermes` or `llama3_json`, as vLLM's): a chat request's `tools` go to the chat
+template, its messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`),
+and a reply's calls (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen's and Hermes' format; or a reply of
+`{"name", "parameters"}` objects, Llama 3.1's) come back as the message's `tool_calls` with finish_reason
+"tool_calls"; a stream holds them back and sends them whole in one delta.
 
 Retrieval (`temper serve --rag.index DIR`): `create_app` takes a `rag` hook, built by the recipe from
 `temper.rag` (this package may not import it), that turns a chat's messages and its prompt budget into the
@@ -64,7 +65,14 @@ from temper.data.chat import check_template_variables
 from temper.errors import InputError
 from temper.infer.load import Loaded
 from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
-from temper.infer.text import ReasoningSplitter, ToolCallSplitter, completion_text, cut_at_stop, safe_to_print
+from temper.infer.text import (
+    ReasoningSplitter,
+    ToolCallFormat,
+    ToolCallSplitter,
+    completion_text,
+    cut_at_stop,
+    safe_to_print,
+)
 
 STATIC = Path(__file__).parent / "static"
 RagHook = Callable[..., tuple[list[int], list[dict[str, Any]]]]
@@ -94,8 +102,8 @@ class ServeSettings:
     """A request running longer fails with 504 (a stream ends with an error event) and its rows are freed."""
     reasoning_tags: tuple[str, str] | None = None
     """Chat replies split at these tags into `reasoning_content` and `content` (None: all content)."""
-    tool_call_tags: tuple[str, str] | None = None
-    """Tool calls read from chat replies between these tags (`parse_tool_calls`); None: requests with tools refused."""
+    tool_call_format: ToolCallFormat | None = None
+    """How chat replies' tool calls read (`TOOL_CALL_FORMATS`); None: requests with tools are refused."""
 
 
 class APIError(Exception):
@@ -322,8 +330,9 @@ def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> list[dict[st
             and isinstance(t["function"].get("name"), str) for t in tools):
         raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters}}",
                        "tools")
-    if settings.tool_call_tags is None:
-        raise APIError(400, "tools need a tool call parser: start the server with --tool_call_parser hermes", "tools")
+    if settings.tool_call_format is None:
+        raise APIError(400, "tools need a tool call parser: start the server with --tool_call_parser (hermes, "
+                            "llama3_json)", "tools")
     return tools
 
 
@@ -690,7 +699,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         # Its last few tokens hold the tag (one token in those vocabularies, a few characters' worth in any other).
         thinking = tags is not None and loaded.tokenizer.decode(ids[-8:]).rstrip().endswith(tags[0])
         splitters = [ReasoningSplitter(tags, thinking) for _ in job.choices] if tags else None
-        callers = [ToolCallSplitter(settings.tool_call_tags) for _ in job.choices] if tools is not None else None
+        callers = [ToolCallSplitter(settings.tool_call_format) for _ in job.choices] if tools is not None else None
 
         def delta(i: int, text: str, final: bool) -> dict[str, str]:
             """A choice's new text as the message's fields: content, or reasoning_content and content (the
