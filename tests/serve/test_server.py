@@ -308,6 +308,47 @@ def test_tools_go_to_the_template_and_calls_come_back_as_tool_calls(tmp_path, pa
             client.chat.completions.create(**kw | {"tools": [{"type": "function"}]})
 
 
+def test_echo_returns_the_prompt_with_its_log_probs_as_lm_eval_reads_them(server, monkeypatch):
+    """echo with logprobs: the prompt's text and tokens before the completion's, its tokens' log-probs those of a
+    full forward pass (the first None), each position's top token; and lm-eval-harness's own `local-completions`
+    model, pointed at the server, scores a continuation's log-likelihood and greediness as the model gives them."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    url, _, loaded, _ = server
+    ids = loaded.tokenizer.encode("the cat sat on the mat")
+    with torch.no_grad():
+        logps = loaded.model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)  # (T - 1, V)
+    want = logps.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    out = _client(url).completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    choice, lp = out.choices[0], out.choices[0].logprobs
+    prompt_text = loaded.tokenizer.decode(ids, skip_special_tokens=False)
+    assert choice.text.startswith(prompt_text) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(ids)]), want, rtol=0, atol=1e-4)
+    for j, top in enumerate(lp.top_logprobs[1:len(ids)]):
+        assert max(top.values()) == pytest.approx(logps[j].max().item(), abs=1e-4)
+    assert lp.text_offset[len(ids)] == len(prompt_text)
+    status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the", "echo": True, "stream": True}).encode())
+    assert (status, body["error"]["param"]) == (400, "echo")
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="tiny", tokenizer=str(loaded.path),
+                             tokenizer_backend="huggingface", max_length=128, max_retries=1)
+    context, continuation = "the cat sat", " on the mat"
+    [(ll, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)],
+                                      disable_tqdm=True)
+    ctx = loaded.tokenizer.encode(context)
+    whole = loaded.tokenizer.encode(context + continuation)
+    assert whole[:len(ctx)] == ctx
+    with torch.no_grad():
+        logps = loaded.model(torch.tensor([whole]))[0, :-1].float().log_softmax(-1)
+    cont = torch.tensor(whole[len(ctx):])
+    steps = logps[len(ctx) - 1:]
+    assert ll == pytest.approx(steps.gather(-1, cont[:, None]).sum().item(), abs=1e-3)
+    assert greedy == bool((steps.argmax(-1) == cont).all())
+
+
 def test_n_seeds_and_stop_strings(server):
     url, _, loaded, _ = server
     client = _client(url)

@@ -109,6 +109,9 @@ class Request:
     """OpenAI's: taken off a token's logit once per time the choice has generated it."""
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     """OpenAI's: added to the logits of these token ids at every draw."""
+    prompt_logprobs: bool = False
+    """Also deliver the prompt's tokens' log-probs (with top_logprobs of the most likely each), a `PromptLogprobs`
+    before any token: what /v1/completions' echo returns, and lm-eval-harness reads for a log-likelihood."""
     timeout_s: float | None = None
     """Seconds from submission after which the request fails with "timeout" and its rows are freed."""
 
@@ -128,6 +131,14 @@ class Token:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """log p(prompt[j] | prompt[:j]) for j >= 1 under the model's softmax, and each position's most likely tokens."""
+
+    logprobs: tuple[float, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     """Choice `index` ended: "stop" (a stop id) or "length" (max_tokens, or its cache row is full)."""
 
@@ -143,7 +154,7 @@ class Failed:
     message: str
 
 
-Event = Token | Finished | Failed
+Event = Token | PromptLogprobs | Finished | Failed
 Deliver = Callable[[Event], None]
 
 
@@ -445,6 +456,9 @@ class Scheduler:
                 admitted.append(ticket)
         if not admitted:
             return
+        for ticket in admitted:
+            if ticket.request.prompt_logprobs:
+                ticket.deliver(self._prompt_logprobs(ticket.request))
         firsts = [t.rows[0] for t in admitted]
         reset(self._cache, [r for t in admitted for r in t.rows])
         logits = prefill(self.model, self._cache, [list(t.request.prompt) for t in admitted], firsts)
@@ -457,6 +471,14 @@ class Scheduler:
                                      held=len(ticket.request.prompt))
             for i in sorted(ticket.cancelled):
                 self._cancel(ticket, i)
+
+    def _prompt_logprobs(self, q: Request) -> PromptLogprobs:
+        """The prompt's log-probs, from one forward pass over it without the cache (on this thread: the model is
+        only ever called here)."""
+        ids = torch.tensor([list(q.prompt)], device=self._logits.device)  # (1, T)
+        logits = self.model(ids)[0, :-1]  # (T - 1, V): position j predicts token j + 1
+        logps, top = _logprobs(logits, ids[0, 1:], 0.0, q.top_logprobs)
+        return PromptLogprobs(tuple(logps), tuple(top))
 
     def _sample(self, live: list[int]) -> None:
         """One token per live row (step 3 of the module docstring), delivered; ended rows freed."""

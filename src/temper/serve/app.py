@@ -24,8 +24,10 @@ but `/health` and the chat page at `/` (static HTML, no model access); bodies, p
 and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
 or 20 (chat) most likely tokens, of the model's logits (before penalties and biases, as vLLM's default). Not
-supported (400 when set): echo, suffix, best_of != n, tool_choice other than auto and none, response formats
-other than text.
+supported (400 when set): suffix, best_of != n, echo with stream, tool_choice other than auto and none, response
+formats other than text. `echo` puts the prompt before each completion, with its tokens' log-probs when `logprobs`
+is set (one forward pass over the prompt, on the scheduler's thread): what lm-eval-harness's `local-completions`
+reads for a log-likelihood.
 
 Tools (`temper serve --tool_call_parser hermes` or `llama3_json`, as vLLM's): a chat request's `tools` go to the chat
 template, its messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`),
@@ -45,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import math
 import time
@@ -64,7 +67,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from temper.data.chat import check_template_variables
 from temper.errors import InputError
 from temper.infer.load import Loaded
-from temper.infer.scheduler import Failed, Finished, NotRunning, QueueFull, Request, Scheduler, Ticket, Token
+from temper.infer.scheduler import (
+    Failed,
+    Finished,
+    NotRunning,
+    PromptLogprobs,
+    QueueFull,
+    Request,
+    Scheduler,
+    Ticket,
+    Token,
+)
 from temper.infer.text import (
     ReasoningSplitter,
     ToolCallFormat,
@@ -392,6 +405,8 @@ class Job:
         self.tickets: list[Ticket] = []
         self.started = time.monotonic()
         self.first_token: float | None = None
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}
+        """Each prompt's, when its request asked for them (echo)."""
         loop = asyncio.get_running_loop()
         try:
             for p, request in enumerate(requests):
@@ -427,6 +442,9 @@ class Job:
                     c.finish_reason = c.finish_reason or "error"
                 status = 504 if ev.reason == "timeout" else 503
                 raise APIError(status, ev.message, code=ev.reason)
+            if isinstance(ev, PromptLogprobs):
+                self.prompt_logprobs[prompt] = ev
+                continue
             i = prompt * self.n + ev.index
             choice = self.choices[i]
             if choice.finish_reason is not None:
@@ -557,7 +575,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         return tokenizer.decode([t], skip_special_tokens=False)
 
     def submit(prompts: list[list[int]], s: Sampling, default_max_tokens: int | None, top_logprobs: int,
-               param: str) -> Job:
+               param: str, echo: bool = False) -> Job:
         """Check the prompts' lengths against the caps and the context, and queue one request per prompt."""
         requests = []
         for ids in prompts:
@@ -575,7 +593,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
                                     top_k=s.top_k, top_p=s.top_p, seed=s.seed, n=s.n, stop_ids=loaded.stop_ids,
                                     top_logprobs=top_logprobs, presence_penalty=s.presence_penalty,
                                     frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
-                                    timeout_s=settings.request_timeout_s))
+                                    prompt_logprobs=echo, timeout_s=settings.request_timeout_s))
         return Job(scheduler, requests, [Choice(ids, decode, s.stop) for ids in prompts for _ in range(s.n)])
 
     def observe(job: Job) -> None:
@@ -628,17 +646,36 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
                 "top_logprobs": [{token_text(t): lp for t, lp in top} for top in c.tops[start:end]] if k else None,
                 "text_offset": c.offsets[start:end]}
 
+    def echoed(c: Choice, ids: list[int], prompt: PromptLogprobs | None, k: int | None) -> dict[str, Any]:
+        """A choice with its prompt in front (echo): the prompt's text, and its tokens' log-probs before the
+        completion's (the first token's None, as OpenAI's), text offsets into the whole text."""
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        out: dict[str, Any] = {"text": text + c.text}
+        if k is not None and prompt is not None:
+            pieces = [token_text(t) for t in ids]
+            offsets = [0, *itertools.accumulate(len(p) for p in pieces)][:-1]
+            after = completion_logprobs(c, 0, c.kept(), k)
+            top = [None, *({token_text(t): lp for t, lp in row} for row in prompt.top)] if k else None
+            out["logprobs"] = {"tokens": pieces + after["tokens"],
+                               "token_logprobs": [None, *prompt.logprobs, *after["token_logprobs"]],
+                               "top_logprobs": top + after["top_logprobs"] if k else None,
+                               "text_offset": offsets + [len(text) + o for o in after["text_offset"]]}
+        return out
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
         body = await read_json(request, settings.max_body_bytes)
         _check_model(body, settings)
-        _unsupported(body, "echo", lambda v: v is False, "echo is off")
         _unsupported(body, "suffix", lambda v: v == "", "no suffix")
         logprobs = _int(body, "logprobs", None, 0, 5)
+        echo = _bool(body, "echo")
         s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
+        if echo and s.stream:
+            raise APIError(400, "echo is not supported with stream", "echo")
         prompts = await asyncio.to_thread(_encode_prompts, body.get("prompt"), tokenizer, loaded.config.vocab_size,
                                           settings.max_prompts)
-        job = submit(prompts, s, 16, logprobs or 0, "prompt")  # 16: OpenAI's default max_tokens here
+        # 16: OpenAI's default max_tokens here
+        job = submit(prompts, s, 16, logprobs or 0, "prompt", echo=echo and logprobs is not None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
 
@@ -658,6 +695,10 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         out = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
                 "logprobs": completion_logprobs(c, 0, c.kept(), logprobs) if logprobs is not None else None}
                for i, c in enumerate(job.choices)]
+        if echo:
+            for i, (o, c) in enumerate(zip(out, job.choices, strict=True)):
+                p = i // job.n
+                o |= echoed(c, prompts[p], job.prompt_logprobs.get(p), logprobs)
         return JSONResponse(head | {"choices": out, "usage": usage(job, prompts)})
 
     # ---- /v1/chat/completions ----
