@@ -403,7 +403,7 @@ def test_errors_in_openai_shape(server):
     assert status == 400 and "JSON" in body["error"]["message"]
     for bad, param in [({"temperature": -1}, "temperature"), ({"n": 100}, "n"), ({"max_tokens": "5"}, "max_tokens"),
                        ({"stop": [""]}, "stop"), ({"top_p": 0}, "top_p"), ({"max_tokens": 1000}, "max_tokens"),
-                       ({"prompt": 5}, "prompt"), ({"echo": True}, "echo")]:
+                       ({"prompt": 5}, "prompt"), ({"suffix": "x"}, "suffix")]:
         status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the"} | bad).encode())
         assert (status, body["error"]["param"]) == (400, param), (bad, body)
     assert _post(url, "/v1/completions", b'{"prompt": "the", "max_tokens": 1000}')[1]["error"]["code"] == \
