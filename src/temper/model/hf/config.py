@@ -769,23 +769,29 @@ _JAIS2_DEFAULTS = {"vocab_size": 150272, "hidden_size": 3328, "intermediate_size
 """Jais2Config's defaults of what a config may leave out (Jais-2-8B's shape)."""
 
 
-def _jais2(d: dict[str, Any]) -> ModelConfig:
-    """Jais 2 (Inception's Jais-2): Llama's attention with LayerNorms (with biases, always) and Arcee's squared-ReLU
-    MLP, not gated; biases on every linear layer but the head, or on none (attention_bias and mlp_bias agree)."""
-    d = _filled(d, _JAIS2_DEFAULTS)
+def _squared_relu_layernorm(d: dict[str, Any], name: str, **fields: Any) -> ModelConfig:
+    """Llama's attention with LayerNorms and a squared-ReLU MLP, not gated, biases on every linear layer but the
+    head or on none (attention_bias and mlp_bias agree): what Jais 2 and Nemotron share; `fields`, their own."""
     if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
-        raise ValueError(f"Jais2 hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
+        raise ValueError(f"{name} hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
                          f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
     theta, scaling, _ = _rope(d)
-    dim, n_heads, head_dim = _heads(d, "Jais2")
+    dim, n_heads, head_dim = _heads(d, name)
     bias = bool(d["attention_bias"])
     return ModelConfig(
         vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
         head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
         ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="relu2", norm="layernorm",
-        norm_eps=d["layer_norm_eps"], norm_bias=None if bias else True, pos="rope", rope_theta=float(theta),
-        rope_scaling=scaling, bias=bias, tie_embeddings=d["tie_word_embeddings"], dropout=0.0,
-        init_std=d.get("initializer_range", 0.02), hf_architecture=JAIS2)
+        norm_bias=None if bias else True, pos="rope", rope_theta=float(theta), rope_scaling=scaling, bias=bias,
+        tie_embeddings=d["tie_word_embeddings"], dropout=0.0, **fields)
+
+
+def _jais2(d: dict[str, Any]) -> ModelConfig:
+    """Jais 2 (Inception's Jais-2): Llama's attention with LayerNorms (with biases, always) and Arcee's squared-ReLU
+    MLP, not gated; biases on every linear layer but the head, or on none (attention_bias and mlp_bias agree)."""
+    d = _filled(d, _JAIS2_DEFAULTS)
+    return _squared_relu_layernorm(d, "Jais2", norm_eps=d["layer_norm_eps"], init_std=d.get("initializer_range", 0.02),
+                                   hf_architecture=JAIS2)
 
 
 def _jais2_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -947,25 +953,16 @@ def _nemotron(d: dict[str, Any]) -> ModelConfig:
     (LayerNorm1P: `norm_unit_offset`), a squared-ReLU MLP, not gated, half of each head rotated; biases on every linear
     layer or on none (attention_bias and mlp_bias agree)."""
     d = _filled(d, _NEMOTRON_DEFAULTS)
-    if d["hidden_act"] != "relu2" or bool(d["attention_bias"]) != bool(d["mlp_bias"]):
-        raise ValueError(f"Nemotron hidden_act={d['hidden_act']!r}, attention_bias={d['attention_bias']}, mlp_bias="
-                         f"{d['mlp_bias']} is not supported (temper reads relu2, and one `bias` for every layer)")
-    theta, scaling, rope = _rope(d)
-    dim, n_heads, head_dim = _heads(d, "Nemotron")
+    _, _, rope = _rope(d)
+    head_dim = _heads(d, "Nemotron")[2]
     partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
     rope_dim = int(head_dim * partial)  # as transformers rounds it
     if not (0 < partial <= 1 and rope_dim % 2 == 0):
         raise ValueError(f"Nemotron partial_rotary_factor={partial} is not supported (a share of each head in (0, 1] "
                          "that rotates an even number of dims)")
-    bias = bool(d["attention_bias"])
-    return ModelConfig(
-        vocab_size=d["vocab_size"], dim=dim, n_layers=d["num_hidden_layers"], n_heads=n_heads,
-        head_size=None if head_dim * n_heads == dim else head_dim, n_kv_heads=d.get("num_key_value_heads") or n_heads,
-        ffn_dim=d["intermediate_size"], max_seq_len=d["max_position_embeddings"], mlp="relu2", norm="layernorm",
-        norm_unit_offset=True, norm_bias=None if bias else True, norm_eps=d["norm_eps"], pos="rope",
-        rope_theta=float(theta), rope_scaling=scaling, rope_dim=None if rope_dim == head_dim else rope_dim, bias=bias,
-        tie_embeddings=d["tie_word_embeddings"], dropout=0.0, init_std=d.get("initializer_range", 0.0134),
-        hf_architecture=NEMOTRON)
+    return _squared_relu_layernorm(d, "Nemotron", norm_unit_offset=True, norm_eps=d["norm_eps"],
+                                   rope_dim=None if rope_dim == head_dim else rope_dim,
+                                   init_std=d.get("initializer_range", 0.0134), hf_architecture=NEMOTRON)
 
 
 def _nemotron_config(cfg: ModelConfig) -> dict[str, Any]:
