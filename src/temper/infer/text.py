@@ -31,11 +31,16 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def partial_tail(text: str, markers: Sequence[str]) -> int:
+    """How many characters at the end of `text` may still become one of `markers` (a stop string, a tag): the
+    longest proper prefix of one that `text` ends with. A stream holds them back until the next piece decides."""
+    return max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
+
+
 def safe_to_print(text: str, stops: Sequence[str]) -> int:
     """How much of `text` can be printed now: hold back a tail that may still become a stop string,
     and an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives)."""
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    end = len(text) - hold
+    end = len(text) - partial_tail(text, stops)
     while end > 0 and text[end - 1] == "\ufffd":
         end -= 1
     return end
@@ -79,9 +84,7 @@ class ReasoningSplitter:
                     reasoning += self.held[:end]
                     self.held, self.state = self.held[end + len(self.close):], "answer"
                     continue
-                keep = 0 if final else max((k for k in range(1, len(self.close)) if self.held.endswith(self.close[:k])),
-                                           default=0)
-                cut = len(self.held) - keep
+                cut = len(self.held) - (0 if final else partial_tail(self.held, [self.close]))
                 reasoning, self.held = reasoning + self.held[:cut], self.held[cut:]
                 return reasoning, ""
             else:
@@ -191,9 +194,8 @@ class ToolCallSplitter:
                 if final or (head and not any(m.startswith(head) for m in self.fmt.markers)):
                     out, self.held, self.state = self.held, "", "answer"  # no call opens this reply
             else:
-                keep = 0 if final else max((k for m in self.fmt.markers for k in range(1, len(m))
-                                            if self.held.endswith(m[:k])), default=0)
-                out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+                cut = len(self.held) - (0 if final else partial_tail(self.held, self.fmt.markers))
+                out, self.held = self.held[:cut], self.held[cut:]
         elif self.state == "answer":
             out, self.held = self.held, ""
         if final and self.state == "calling":
