@@ -115,3 +115,8 @@ def test_loraplus_steps_as_peft_create_loraplus_optimizer(tmp_path, dora):
 def test_loraplus_without_adapters_is_refused():
     with pytest.raises(ConfigError, match="optim.loraplus_lr_ratio: the model has no LoRA adapters"):
         build_optimizer(Tiny(), OptimConfig(loraplus_lr_ratio=16.0), "cpu")
+
+
+def test_muons_lr_without_muon_is_refused():
+    with pytest.raises(ValueError, match="muon_lr=0.02 is Muon's learning rate: set name=muon"):
+        OptimConfig(muon_lr=0.02)

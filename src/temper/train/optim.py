@@ -64,6 +64,8 @@ class OptimConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.muon_lr is not None and self.muon_lr <= 0:
             raise ValueError(f"muon_lr must be > 0, got {self.muon_lr}")
+        if self.muon_lr is not None and self.name != "muon":
+            raise ValueError(f"muon_lr={self.muon_lr} is Muon's learning rate: set name=muon, or leave it out")
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 1 <= self.muon_ns_steps < 100:
@@ -206,27 +208,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, *,
         if not matrices:
             raise ConfigError("optim.name=muon: the model trains no weight of a decoder block's linear layers (Muon "
                               "orthogonalises those; LoRA's and prefix tuning's parameters are not); use adamw")
-        muon_lr = cfg.muon_lr or cfg.lr
         taken = {id(p) for p in matrices}
         groups = [{"params": matrices, "weight_decay": cfg.weight_decay, "name": "muon", "muon": True,
-                   "lr_scale": muon_lr / cfg.lr}] + [
+                   "lr_scale": (cfg.muon_lr or cfg.lr) / cfg.lr}] + [
             {**g, "params": [p for p in g["params"] if id(p) not in taken], "muon": False} for g in groups]
-        muon = {"lr": muon_lr, "momentum": cfg.muon_momentum, "nesterov": True, "ns_steps": cfg.muon_ns_steps,
+        muon = {"momentum": cfg.muon_momentum, "nesterov": True, "ns_steps": cfg.muon_ns_steps,
                 "adjust_lr_fn": cfg.muon_adjust_lr}
         # Bound, not passed as keywords: ZeRO-1 would copy its keywords into every param group as defaults.
         optimizer_class, kwargs = functools.partial(MuonWithAdamW, muon=muon, adamw=adamw), {}
     if cfg.loraplus_lr_ratio:
-        groups = _loraplus_groups(model, groups, cfg.lr, cfg.loraplus_lr_ratio)
+        groups = _loraplus_groups(model, groups, cfg.loraplus_lr_ratio)
     # An empty group (LoRA trains only matrices) is left out: torch's flattened optimizer state dict, which
     # sharded checkpoints use, cannot load one.
     groups = [g for g in groups if g["params"]]
     if shard_states:
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kwargs)
-    return optimizer_class(groups, **kwargs)
+        optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kwargs)
+    else:
+        optimizer = optimizer_class(groups, **kwargs)
+    set_lr(optimizer, cfg.lr)  # each group at its lr_scale (Muon's, LoRA+'s) from the start
+    return optimizer
 
 
-def _loraplus_groups(model: nn.Module, groups: list[dict[str, Any]], lr: float, ratio: float) -> list[dict[str, Any]]:
+def _loraplus_groups(model: nn.Module, groups: list[dict[str, Any]], ratio: float) -> list[dict[str, Any]]:
     """LoRA's B factors and the trained vectors of each group in groups of their own, at `ratio` times its lr."""
     b_factors = {id(m.lora_b) for m in model.modules() if isinstance(m, LoRALinear)}
     if not b_factors:
@@ -237,8 +241,8 @@ def _loraplus_groups(model: nn.Module, groups: list[dict[str, Any]], lr: float, 
         b = [p for p in g["params"] if id(p) in b_factors]
         vectors = [p for p in g["params"] if p.dim() == 1]
         out += [{**g, "params": [p for p in g["params"] if id(p) not in b_factors and p.dim() != 1]},
-                {**g, "params": b, "lr": lr * ratio, "lr_scale": ratio, "name": "lora_b"},
-                {**g, "params": vectors, "lr": lr * ratio, "lr_scale": ratio, "name": "vectors"}]
+                {**g, "params": b, "lr_scale": ratio, "name": "lora_b"},
+                {**g, "params": vectors, "lr_scale": ratio, "name": "vectors"}]
     return out
 
 
