@@ -13,7 +13,7 @@ its temperature), optionally `ref_logps` (the reference policy's), and for PPO `
   DAPO's per-token mean, Dr. GRPO's constant), expressed as the loss's unit (`count`), so that accumulation
   and data parallelism (`train.step.train_step`) give the update of one big batch; GSPO's sequence ratios, and
   CISPO's and SAPO's surrogates, as options.
-- `group_advantages`: (r - group mean) / (group std + 1e-4), or without the division (Dr. GRPO).
+- `group_advantages`: (r - group mean) / (group std + 1e-4), or the whole batch's std, or without the division (Dr. GRPO).
 - RLOO (Ahmadian et al. 2024, "Back to Basics"): `leave_one_out_advantages` (each reward minus the mean of the
   others of its group), the reward less beta times `sequence_kl`, and `RLOOLoss` (one clipped ratio per sequence).
 - PPO (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"): `kl_penalized_rewards`,
@@ -138,20 +138,20 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.float().view(-1, group_size)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["std", "batch", "none"] = "std",
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",
                      batch_std: float | None = None) -> torch.Tensor:
     """Advantages (G*P,) of rewards (G*P,) laid out as P consecutive groups of `group_size` samples of one prompt.
 
-    "std": GRPO's (r - group mean) / (group std + 1e-4), the std unbiased (n - 1), as TRL's `nanstd`;
+    "group": GRPO's (r - group mean) / (group std + 1e-4), the std unbiased (n - 1), as TRL's `nanstd`;
     "batch": (r - group mean) / (std of the whole step's rewards + 1e-4), TRL's scale_rewards="batch" (Liu et al.
     2025, "Part I: Tricks or Traps"), `batch_std` that std over every rank's rewards (default: these rewards');
     "none": Dr. GRPO's (Liu et al. 2025) r - group mean, which does not up-weight groups of near-equal rewards.
     """
-    if scale not in ("std", "batch", "none"):
-        raise ValueError(f"unknown advantage scale {scale!r}; choose 'std', 'batch' or 'none'")
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}; choose 'group', 'batch' or 'none' (TRL's scale_rewards)")
     grouped = _grouped(rewards, group_size)  # (P, G)
     adv = grouped - grouped.mean(-1, keepdim=True)
-    if scale == "std":
+    if scale == "group":
         adv = adv / (grouped.std(-1, keepdim=True) + 1e-4)
     elif scale == "batch":
         adv = adv / ((grouped.std() if batch_std is None else batch_std) + 1e-4)

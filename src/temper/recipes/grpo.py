@@ -225,9 +225,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
                 if reference is not None:
                     sums["kl"] = (float(kl.sum()), sum(len(o.completion) for o in outs))  # per completion token
             else:
-                scale = {"group": "std", "batch": "batch", "none": "none"}[lc.scale_rewards]
-                spread = global_std(d, reward) if scale == "batch" else None
-                advantages = group_advantages(reward, n, scale=scale, batch_std=spread)
+                spread = global_std(d, reward) if lc.scale_rewards == "batch" else None
+                advantages = group_advantages(reward, n, scale=lc.scale_rewards, batch_std=spread)
             for lo, b in zip(range(0, len(outs), micro), mbs, strict=True):
                 b.extra["advantages"] = advantages[lo:lo + micro].to(d.device)
             sums |= {"reward": (float(reward.sum()), len(outs)),
