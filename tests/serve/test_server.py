@@ -304,8 +304,10 @@ def test_tools_go_to_the_template_and_calls_come_back_as_tool_calls(tmp_path, pa
         assert plain.usage.prompt_tokens == len(loaded.encode_chat(ASK)) and plain.choices[0].message.tool_calls is None
         with pytest.raises(openai.BadRequestError, match="tool_choice"):
             client.chat.completions.create(**kw | {"tool_choice": "required"})
-        with pytest.raises(openai.BadRequestError, match="tools must be a list"):
-            client.chat.completions.create(**kw | {"tools": [{"type": "function"}]})
+        for bad in ([{"type": "function"}], [{"type": "function", "function": {"name": "f", "parameters": 5}}]):
+            for choice in ("auto", "none"):  # checked even where they would not be used
+                with pytest.raises(openai.BadRequestError, match="tools must be a list"):
+                    client.chat.completions.create(**kw | {"tools": bad, "tool_choice": choice})
 
 
 def test_echo_returns_the_prompt_with_its_log_probs_as_lm_eval_reads_them(server, monkeypatch):

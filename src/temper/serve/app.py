@@ -336,13 +336,16 @@ def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> list[dict[st
     tools, choice = body.get("tools"), body.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise APIError(400, "tool_choice must be 'auto' or 'none' (this server does not force a call)", "tool_choice")
-    if not tools or choice == "none":
+    if tools is None:
         return None
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters}}",
-                       "tools")
+            and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("parameters", {}), dict)
+            for t in tools):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters "
+                            "(a JSON schema object)}}", "tools")
+    if not tools or choice == "none":
+        return None
     if settings.tool_call_format is None:
         raise APIError(400, "tools need a tool call parser: start the server with --tool_call_parser (hermes, "
                             "llama3_json)", "tools")
