@@ -86,6 +86,8 @@ def test_kto_learns_from_the_pairs_unpaired(hh_base, tmp_path):
     assert "val_rewards/accuracies" in rows(tmp_path / "kto", "val")[-1]
     with pytest.raises(ValueError, match="reference=precomputed does not apply to kto"):
         dpo.main(args(hh_base, tmp_path, "kto2", "--loss.kind=kto", "--loss.reference=precomputed"))
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing > 0"):
+        dpo.main(args(hh_base, tmp_path, "exo", "--loss.kind=exo_pair"))
 
 
 def unpaired_file(hh_base, path: Path, n_desirable: int, n_undesirable: int) -> Path:

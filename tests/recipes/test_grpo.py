@@ -100,6 +100,8 @@ def test_resume_continues_exactly(arith, tmp_path, monkeypatch):
 def test_bad_settings_fail_before_training(arith, tmp_path):
     with pytest.raises(ValueError, match="rollout.n"):
         grpo.main(args(arith, tmp_path, "x", "--rollout.n=1"))
+    with pytest.raises(ValueError, match="cispo caps the ratio at epsilon_high itself"):
+        grpo.main(args(arith, tmp_path, "x", "--loss.loss_type=cispo"))
     with pytest.raises(ValueError, match="rloo's ratio is one per sequence already"):
         grpo.main(args(arith, tmp_path, "x", "--loss.loss_type=rloo", "--loss.importance_sampling_level=sequence"))
     with pytest.raises(InputError, match="rewards"):

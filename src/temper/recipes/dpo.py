@@ -200,7 +200,10 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
         if warning:
             print(f"temper dpo: warning: {warning}", file=sys.stderr)
 
-    # 4. policy, method and reference
+    # 4. the loss (its settings checked before a model loads), policy, method and reference
+    lc = cfg.loss
+    loss_fn = (KTOLoss(lc.beta, lc.desirable_weight, lc.undesirable_weight) if lc.kind == "kto" else
+               PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, lc.discopop_tau))
     amp = resolve_precision(cfg.train.precision, d.device)
     model, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     reference_model = copy.deepcopy(model) if cfg.method == "full" and cfg.loss.kind in NEEDS_REFERENCE else None
@@ -208,12 +211,9 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
     apply_method(model, cfg.method, cfg.lora, amp_dtype=amp)
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)
-    reference = None
     if cfg.loss.kind in NEEDS_REFERENCE:
-        reference = frozen_reference(reference_model) if reference_model is not None else adapters_off_reference(model)
-    lc = cfg.loss
-    loss_fn = (KTOLoss(lc.beta, lc.desirable_weight, lc.undesirable_weight, reference) if lc.kind == "kto" else
-               PreferenceLoss(lc.kind, lc.beta, lc.label_smoothing, lc.simpo_gamma, lc.discopop_tau, reference))
+        loss_fn.reference = (frozen_reference(reference_model) if reference_model is not None
+                             else adapters_off_reference(model))
     pad = tok.pad_id if tok.pad_id is not None else 0
 
     # 5. batches of pairs: pair g of training is a function of (seed, g)

@@ -154,7 +154,15 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     if cfg.train.prompts_per_step % d.dp_world:
         raise config.ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the "
                                  f"{d.dp_world} data-parallel ranks")
-    # 2. policy, method, reference, rewards
+    # 2. the loss (its settings checked before a model loads), policy, method, reference, rewards
+    lc, temperature = cfg.loss, cfg.rollout.temperature
+    rloo = lc.loss_type == "rloo"
+    loss_fn = (RLOOLoss(epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, temperature=temperature) if rloo
+               else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
+                             beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens,
+                             importance_sampling_level=lc.importance_sampling_level,
+                             sapo_temperature_pos=lc.sapo_temperature_pos,
+                             sapo_temperature_neg=lc.sapo_temperature_neg))
     amp = resolve_precision(cfg.train.precision, d.device)
     model, model_cfg = load_base(cfg.model, cfg.method, d.device, amp)
     check_context(train_prompts, val_prompts, cfg.rollout.max_new_tokens, model_cfg.max_seq_len)
@@ -163,17 +171,8 @@ def _train(cfg: GRPOConfig, d, tok, stop_ids, train_prompts, val_prompts) -> int
     apply_method(model, cfg.method, cfg.lora, amp_dtype=amp)
     if d.dp_rank:
         torch.manual_seed(cfg.run.seed + d.dp_rank)
-    temperature = cfg.rollout.temperature
     reference = reference_policy(model, reference_model, temperature) if cfg.loss.beta > 0 else None
     rewards = build_rewards(cfg.rewards, d.device)
-    lc = cfg.loss
-    rloo = lc.loss_type == "rloo"
-    loss_fn = (RLOOLoss(epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high, temperature=temperature) if rloo
-               else GRPOLoss(loss_type=lc.loss_type, epsilon_low=lc.epsilon_low, epsilon_high=lc.epsilon_high,
-                             beta=lc.beta, temperature=temperature, max_completion_length=cfg.rollout.max_new_tokens,
-                             importance_sampling_level=lc.importance_sampling_level,
-                             sapo_temperature_pos=lc.sapo_temperature_pos,
-                             sapo_temperature_neg=lc.sapo_temperature_neg))
     pad = tok.pad_id if tok.pad_id is not None else 0
     order = EpochOrder(len(train_prompts.ids), cfg.run.seed)
     steps, n, per_step = cfg.train.steps, cfg.rollout.n, cfg.train.prompts_per_step
