@@ -246,18 +246,18 @@ def _train(cfg: DPOConfig, d: DistInfo, tok: HFTokenizer, stats, train_pairs: li
 
     def precompute(source: list) -> torch.Tensor | None:
         """(n, 2) reference log-probs of every pair, once (loss.reference=precomputed)."""
-        if cfg.loss.reference != "precomputed" or reference is None or not source:
+        if cfg.loss.reference != "precomputed" or loss_fn.reference is None or not source:
             return None
         out = []
         for lo in range(0, len(source), micro):
             idx = list(range(lo, min(lo + micro, len(source))))
-            logps = reference(batch(source, idx, None))
+            logps = loss_fn.reference(batch(source, idx, None))
             out.append(torch.stack(logps.chunk(2), dim=1).cpu())
         return torch.cat(out)
 
     train_ref, val_ref = precompute(train_pairs), precompute(val_pairs)
     if train_ref is not None:  # the reference is no longer needed: free a full run's second copy
-        loss_fn.reference = reference = reference_model = None
+        loss_fn.reference = reference_model = None
 
     # 6. the loop, on the scaffold every training recipe shares
     resolved = config.to_dict(cfg) | {"model_config": config.to_dict(model_cfg), "steps": steps,
