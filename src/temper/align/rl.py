@@ -121,6 +121,16 @@ def _extra(batch: Batch, name: str, who: str) -> torch.Tensor:
     return batch.extra[name].float()
 
 
+def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: Literal["k1", "k3"] = "k1") -> torch.Tensor:
+    """Per sampled token, an estimate of KL(pi || ref) from the two log-probs (Schulman 2020, "Approximating KL
+    divergence"): k1 = logp - ref (unbiased), k3 = exp(ref - logp) - 1 - (ref - logp) (unbiased, lower variance,
+    >= 0). GRPO's penalty is k3, RLOO's and PPO's k1 by default (TRL's)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    logr = ref_logps - logps
+    return -logr if estimator == "k1" else (logr.exp() - 1) - logr
+
+
 def _seq_has_tokens(scored: torch.Tensor) -> torch.Tensor:
     return scored.any(-1)  # (B,)
 
@@ -252,7 +262,7 @@ class GRPOLoss:
         kl = None
         if self.beta != 0.0:
             ref = _reference_at(batch, self.reference, scored, "grpo")
-            kl = torch.exp(ref - logp) - (ref - logp) - 1  # k3, >= 0
+            kl = token_kl(logp, ref, "k3")
             per_token = per_token + self.beta * kl
 
         if self.loss_type in TOKEN_MEAN_LOSSES:
@@ -303,7 +313,8 @@ def sequence_kl(batch: Batch) -> torch.Tensor:
     """(B,) each sequence's sum over its completion of old_logps - ref_logps: the k1 estimate of KL(sampler || ref)
     that RLOO takes off the reward, scaled by beta, before the baseline (TRL's RLOOTrainer)."""
     scored = scored_mask(batch)
-    return torch.where(scored, _extra(batch, "old_logps", "rloo") - _extra(batch, "ref_logps", "rloo"), 0.0).sum(-1)
+    kl = token_kl(_extra(batch, "old_logps", "rloo"), _extra(batch, "ref_logps", "rloo"))  # k1
+    return torch.where(scored, kl, 0.0).sum(-1)
 
 
 @dataclass
@@ -361,14 +372,10 @@ def kl_penalized_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, scores: t
     """(rewards, kl), both (B, T) and 0 outside `mask`: -kl_coef * kl per completion token, plus each sequence's
     score (B,) on its last completion token (Ziegler et al. 2019; Stiennon et al. 2020).
 
-    kl estimates log pi/ref per token from the sampled tokens (Schulman 2020, "Approximating KL divergence"):
-    k1 = logp - ref (unbiased), k3 = exp(ref - logp) - 1 - (ref - logp) (unbiased, lower variance, >= 0).
+    kl is `token_kl`'s estimate of log pi/ref per token, k1 or k3.
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
     m = mask.float()
-    logr = (ref_logps.float() - logps.float()) * m  # 0 outside the mask: no penalty there
-    kl = -logr if estimator == "k1" else (logr.exp() - 1) - logr
+    kl = token_kl(logps.float() * m, ref_logps.float() * m, estimator)  # 0 outside the mask: no penalty there
     rewards = -kl_coef * kl
     last = last_positions(mask)  # (B,)
     score = torch.where(mask.any(-1), scores.float(), 0.0)  # a row without completion tokens has nowhere to score
