@@ -1203,8 +1203,8 @@ def test_dbrx_is_chosen_by_fields_and_refuses_what_it_cannot_say():
             from_hf_config(published | {key: value})
 
 
-@pytest.mark.parametrize("name", ["Apertus", "GraniteSWA", "HyperCLOVAX", "SolarOpen", "Cwm", "Nemotron", "Dbrx", "Exaone",
-                                  "InternLM3", "IQuestCoder", "GraniteMoeSWA"])
+@pytest.mark.parametrize("name", ["Apertus", "GraniteSWA", "HyperCLOVAX", "SolarOpen", "Cwm", "Nemotron", "Dbrx",
+                                  "Exaone", "InternLM3", "IQuestCoder", "GraniteMoeSWA"])
 def test_a_config_of_class_defaults_reads_as_the_defaults_temper_fills_in(name):
     """What a config leaves out, temper fills in as its config class would: the class's defaults, written out by
     transformers, read as the same model as a config naming only its architecture."""

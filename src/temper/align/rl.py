@@ -13,7 +13,8 @@ its temperature), optionally `ref_logps` (the reference policy's), and for PPO `
   DAPO's per-token mean, Dr. GRPO's constant), expressed as the loss's unit (`count`), so that accumulation
   and data parallelism (`train.step.train_step`) give the update of one big batch; GSPO's sequence ratios, and
   CISPO's and SAPO's surrogates, as options.
-- `group_advantages`: (r - group mean) / (group std + 1e-4), or the whole batch's std, or without the division (Dr. GRPO).
+- `group_advantages`: (r - group mean) / (group std + 1e-4), or over the whole batch's std, or without the
+  division (Dr. GRPO).
 - RLOO (Ahmadian et al. 2024, "Back to Basics"): `leave_one_out_advantages` (each reward minus the mean of the
   others of its group), the reward less beta times `sequence_kl`, and `RLOOLoss` (one clipped ratio per sequence).
 - PPO (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"): `kl_penalized_rewards`,

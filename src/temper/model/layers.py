@@ -73,7 +73,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return kind(cfg.dim, eps=cfg.norm_eps, elementwise_affine=not cfg.norm_weightless, bias=bias)
 
 
-def _xielu(x: torch.Tensor, a_p: torch.Tensor, a_n: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def _xielu(x: torch.Tensor, a_p: torch.Tensor, a_n: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor
+           ) -> torch.Tensor:
     """torch.where(x > 0, a_p * x * x + beta * x, (expm1(min(x, eps)) - x) * a_n + beta * x), the reference's
     operations in its order and dtypes, in place where the dtype stays (the same kernels, so the same values), so that
     two hidden-sized temporaries live at a time."""
