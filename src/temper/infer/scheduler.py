@@ -73,6 +73,7 @@ from temper.infer.engine import (
     sample_next,
     token_logprob,
 )
+from temper.infer.grammar import Grammar, GrammarError, Matcher
 from temper.infer.speculative import Round, SpeculativeStats, Speculator, check_drafter
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,9 @@ class Request:
     """OpenAI's: taken off a token's logit once per time the choice has generated it."""
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     """OpenAI's: added to the logits of these token ids at every draw."""
+    grammar: Grammar | None = None
+    """Constrained decoding (`temper.infer.grammar`): each choice's text stays inside this grammar, and ends (stop)
+    where it is complete and nothing may follow."""
     prompt_logprobs: bool = False
     """Also deliver the prompt's tokens' log-probs (with top_logprobs of the most likely each), a `PromptLogprobs`
     before any token: what /v1/completions' echo returns, and lm-eval-harness reads for a log-likelihood."""
@@ -117,7 +121,7 @@ class Request:
 
 
 def _shapes_logits(q: Request) -> bool:
-    return bool(q.presence_penalty or q.frequency_penalty or q.logit_bias)
+    return bool(q.presence_penalty or q.frequency_penalty or q.logit_bias or q.grammar)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ class _Row:
     held: int = 0  # tokens in the cache row
     pending: bool = False  # a speculative round chose (and delivered) the token in _feed: no sampling before it is fed
     spec: Speculator | None = None  # while it speculates: its drafter (the draft model's cache) and sampler
+    matcher: Matcher | None = None  # its place in the request's grammar
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
@@ -467,8 +472,9 @@ class Scheduler:
                 fork(self._cache, first, ticket.rows[1:])
             for i, r in enumerate(ticket.rows):
                 self._logits[r] = lg
+                grammar = ticket.request.grammar
                 self._rows[r] = _Row(ticket, i, ticket.seeds[i], list(ticket.request.prompt),
-                                     held=len(ticket.request.prompt))
+                                     held=len(ticket.request.prompt), matcher=grammar.matcher() if grammar else None)
             for i in sorted(ticket.cancelled):
                 self._cancel(ticket, i)
 
@@ -491,7 +497,8 @@ class Scheduler:
         for (temperature, top_k, top_p), rows in groups.items():
             idx = torch.tensor(rows, device=device)
             logits = self._logits[idx]  # (G, V)
-            # OpenAI's penalties and biases shape the draw; the log-probs delivered are the model's (vLLM's default)
+            # OpenAI's penalties and biases and a grammar's mask shape the draw; the log-probs delivered are the
+            # model's (vLLM's default)
             shaping = [i for i, r in enumerate(rows) if _shapes_logits(self._rows[r].ticket.request)]
             shaped = logits.clone() if shaping else logits
             for i in shaping:
@@ -500,6 +507,8 @@ class Scheduler:
                 generated = torch.tensor(row.seq[len(q.prompt):], dtype=torch.long, device=device)
                 shaped[i] = apply_openai_penalties(logits[i], generated, q.presence_penalty, q.frequency_penalty,
                                                    q.logit_bias)
+                if row.matcher is not None:
+                    row.matcher.mask_(shaped[i])
             seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
             steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
             tokens = sample_next(shaped, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
@@ -510,16 +519,27 @@ class Scheduler:
         delivered = 0
         for r in live:
             row = self._rows[r]
+            if row is None:  # its request failed on another of its rows
+                continue
             t, lp, tp = out[r]
             ticket, q = row.ticket, row.ticket.request
             row.generated += 1
             if t in q.stop_ids:
                 self._finish(ticket, row.index, "stop")
                 continue
+            try:
+                if row.matcher is not None:
+                    row.matcher.advance(t)
+            except GrammarError as e:  # llguidance's limits (a grammar too costly to parse): this request only
+                self._end(ticket)
+                ticket.deliver(Failed("error", str(e)))
+                continue
             ticket.deliver(Token(row.index, t, lp, tp))
             row.seq.append(t)
             delivered += 1
-            if row.generated >= q.max_tokens or row.held >= self.max_len:
+            if row.matcher is not None and row.matcher.done:  # the text is complete: only EOS could follow
+                self._finish(ticket, row.index, "stop")
+            elif row.generated >= q.max_tokens or row.held >= self.max_len:
                 self._finish(ticket, row.index, "length")
             else:
                 self._feed[r] = t

@@ -1,0 +1,216 @@
+"""Constrained decoding: the mask allows exactly the tokens whose text extends the grammar's language (checked by
+brute force over the vocabulary), random walks under JSON schemas, regexes, choices and Lark grammars stay inside
+them, and the scheduler's constrained rows draw the best allowed token while their neighbours' output is unchanged."""
+
+import json
+import re
+from dataclasses import replace
+
+import jsonschema
+import pytest
+import torch
+
+from temper.data.tokenizer import train_tokenizer
+from temper.infer.engine import generate
+from temper.infer.grammar import (
+    GrammarError,
+    choice,
+    compile_grammar,
+    json_in_lark,
+    json_schema,
+    lark,
+    regex,
+    vocabulary,
+)
+from temper.infer.scheduler import Request, Scheduler
+from temper.model.config import PRESETS
+from temper.model.transformer import Transformer
+from tests.infer.test_scheduler import Collector
+
+WORDS = ("the cat sat on a mat while the dog ran far away from home and the bird sang in the tall green tree "
+         'near a river {"name": "cat", "age": 3, "tags": ["a", "b"]} 12 + 34 = 46').split()
+EOS = "<|im_end|>"
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "pet": {"enum": ["cat", "dog", None]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 3},
+    "home": {"type": "object", "properties": {"x": {"type": "number"}, "ok": {"type": "boolean"}},
+             "required": ["ok"], "additionalProperties": False}},
+    "required": ["name", "age", "home"], "additionalProperties": False}
+ARITHMETIC = r"""start: sum
+sum: NUMBER (" + " NUMBER)*
+NUMBER: /[1-9][0-9]{0,2}/"""
+OPTIONS = ["cat", "cats", "the dog", "a bird sang", "{}"]
+"""A finite language, one option a prefix of another."""
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    return train_tokenizer(texts, "bpe", 320, ["<|endoftext|>", "<|im_start|>", EOS])
+
+
+@pytest.fixture(scope="module")
+def vocab(tok):
+    return vocabulary(tok, tok.get_vocab_size() + 7, [tok.token_to_id(EOS)])  # 7 padding rows, never allowed
+
+
+def _walk(grammar, tok, seed: int, steps: int = 400) -> tuple[str, bool]:
+    """Draw tokens from random logits under the grammar's mask: (the text, whether it ended at EOS or complete)."""
+    g = torch.Generator().manual_seed(seed)
+    matcher, eos, out = grammar.matcher(), tok.token_to_id(EOS), []
+    for _ in range(steps):
+        logits = matcher.mask_(torch.randn(tok.get_vocab_size() + 7, generator=g) * 3)
+        t = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
+        if t == eos:
+            return tok.decode(out, skip_special_tokens=False), True
+        matcher.advance(t)
+        out.append(t)
+        if matcher.done:
+            return tok.decode(out, skip_special_tokens=False), True
+    return tok.decode(out, skip_special_tokens=False), False
+
+
+def _arithmetic(text: str) -> bool:
+    return re.fullmatch(r"[1-9][0-9]{0,2}( \+ [1-9][0-9]{0,2})*", text) is not None
+
+
+def _tool_calls(text: str) -> bool:
+    calls = re.findall(r"<call>(.*?)</call>", text)
+    return ";".join(f"<call>{c}</call>" for c in calls) == text and all(json.loads(c)["n"] in (1, 2) for c in calls)
+
+
+def _json_dumps_style(text: str) -> bool:
+    """Outside strings, one space after each "," and ":" (json.dumps' separators) and no other whitespace."""
+    bare = re.sub(r'"(\\.|[^"\\])*"', '""', text)
+    return re.fullmatch(r"[^\s,:]*([,:] [^\s,:]*)*", bare) is not None
+
+
+CASES = {
+    "json_schema": (lambda: json_schema(SCHEMA), lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None),
+    "json_object": (lambda: json_schema({"type": "object", "maxProperties": 2}),
+                    lambda t: isinstance(json.loads(t), dict)),
+    "regex": (lambda: regex(r"[a-c]{2,5}-\d{3}( ok)?"), lambda t: re.fullmatch(r"[a-c]{2,5}-\d{3}( ok)?", t)),
+    "choice": (lambda: choice(OPTIONS), lambda t: t in OPTIONS),
+    "lark": (lambda: lark(ARITHMETIC), _arithmetic),
+    "lark_with_json": (lambda: lark('start: call (";" call)*\ncall: "<call>" ' + json_in_lark(
+        {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False})
+        + ' "</call>"'), _tool_calls),
+}
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_random_walks_stay_inside_the_grammar(tok, vocab, kind):
+    """Tokens drawn from random logits under the mask always make a sentence of the grammar (checked by Python's
+    json/jsonschema/re), over many seeds; JSON is compact (no whitespace but json.dumps' separators)."""
+    source, valid = CASES[kind]
+    grammar = compile_grammar(vocab, source())
+    ended = 0
+    for seed in range(12):
+        text, complete = _walk(grammar, tok, seed)
+        if complete:
+            ended += 1
+            assert valid(text), (seed, text)
+            if kind.startswith("json"):
+                assert _json_dumps_style(text), text
+    assert ended >= 9  # random logits may run long inside a string; most walks end
+
+
+def _extending(texts: dict[int, str], text: str, options: list[str]) -> set[int]:
+    """By brute force: the tokens whose text extends `text` to a prefix of an option."""
+    return {t for t, s in texts.items() if s and any(o.startswith(text + s) for o in options)}
+
+
+def test_the_mask_allows_only_tokens_that_extend_an_option(tok, vocab):
+    """Along random paths through a finite language, the mask allows only tokens of the brute-force set (those
+    whose text extends the text so far to a prefix of an option), always some, EOS exactly where the text is an
+    option, and every option is reached. (llguidance leaves out some tokenizations of text the grammar forces:
+    after "t" only "the dog" goes on, and it allows "he" but not "h".)"""
+    grammar, eos, size = compile_grammar(vocab, choice(OPTIONS)), tok.token_to_id(EOS), tok.get_vocab_size() + 7
+    specials = {tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", EOS)}
+    texts = {t: tok.decode([t]) for t in range(tok.get_vocab_size()) if t not in specials}
+    g, reached = torch.Generator().manual_seed(0), set()
+    for _ in range(40):
+        matcher, text = grammar.matcher(), ""
+        while True:
+            allowed = matcher.mask_(torch.zeros(size)).isfinite().nonzero().flatten().tolist()
+            assert set(allowed) - {eos} <= _extending(texts, text, OPTIONS) and allowed, text
+            assert (eos in allowed) == (text in OPTIONS), text
+            t = allowed[int(torch.randint(len(allowed), (1,), generator=g))]
+            if t == eos:
+                break
+            matcher.advance(t)
+            text += texts[t]
+            if matcher.done:  # complete, and no option goes on: only EOS could follow
+                assert text in OPTIONS and not any(o != text and o.startswith(text) for o in OPTIONS)
+                break
+        reached.add(text)
+    assert reached == set(OPTIONS)
+
+
+def test_bad_grammars_are_refused_with_the_reason(tok, vocab):
+    for source, reason in [(regex("(abc"), "unclosed group"), (json_schema({"type": "foo"}), "foo"),
+                           (lark("start: missing"), "missing"), (lark("start: /[/"), "regex")]:
+        with pytest.raises(GrammarError, match=reason):
+            compile_grammar(vocab, source)
+    with pytest.raises(GrammarError, match="EOS"):
+        vocabulary(tok, tok.get_vocab_size(), [])
+    matcher = compile_grammar(vocab, choice(["cat"])).matcher()
+    with pytest.raises(GrammarError, match="parser"):
+        matcher.advance(tok.token_to_id("<|im_start|>"))  # a token its mask does not allow
+
+
+def _model(tok) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(replace(PRESETS["debug-llama"], vocab_size=tok.get_vocab_size() + 7, max_seq_len=96))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+def test_scheduler_draws_the_best_allowed_token_beside_free_rows(tok, vocab):
+    """A greedy constrained request takes, at each step, the model's best token among those the brute-force set
+    allows, ends (stop) on an option that nothing extends, and reports the model's own log-probs; requests beside it
+    give what they give alone; sampled choices under a JSON schema all validate; a drafter never speculates on it."""
+    model, eos = _model(tok), tok.token_to_id(EOS)
+    specials = {tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", EOS)}
+    texts = {t: tok.decode([t]) for t in range(tok.get_vocab_size()) if t not in specials}
+    prompts = [tok.encode(p).ids for p in ("the cat sat on", "a bird sang in the", "near a river the dog")]
+    options = ["the dog ran far", "the cat", "a mat while", "home and the bird"]
+    for drafter in ({}, {"prompt_lookup": 2}):
+        sched = Scheduler(model, slots=8, max_queue=8, **drafter)
+        sched.start()
+        try:
+            free = [Collector() for _ in prompts]
+            fixed, sampled = Collector(), Collector(3)
+            for p, c in zip(prompts, free, strict=True):
+                sched.submit(Request(p, max_tokens=12, temperature=0, stop_ids=(eos,)), c)
+            grammar = compile_grammar(vocab, choice(options))
+            sched.submit(Request(prompts[0], max_tokens=12, temperature=0, stop_ids=(eos,), grammar=grammar), fixed)
+            sched.submit(Request(prompts[1], max_tokens=90, temperature=1.0, seed=5, n=3, stop_ids=(eos,),
+                                 grammar=compile_grammar(vocab, json_schema(SCHEMA))), sampled)
+            for c in (*free, fixed, sampled):
+                c.wait()
+            if drafter:
+                assert sched.speculative.drafted == 0
+        finally:
+            sched.stop()
+        for p, c in zip(prompts, free, strict=True):
+            assert c.tokens[0] == generate(model, [p], max_new_tokens=12, temperature=0.0, stop_token_ids=[eos])[0]
+        text, matcher = "", grammar.matcher()
+        for k, t in enumerate(fixed.tokens[0]):
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompts[0] + fixed.tokens[0][:k]]))[0, -1].float()
+            allowed = matcher.mask_(torch.zeros_like(logits)).isfinite().nonzero().flatten().tolist()
+            assert set(allowed) <= _extending(texts, text, options)
+            assert t == allowed[int(logits[allowed].argmax())]
+            assert fixed.logprobs[0][k] == pytest.approx(float(logits.log_softmax(-1)[t]), abs=1e-4)
+            matcher.advance(t)
+            text += texts[t]
+        assert text in options and fixed.reasons == {0: "stop"}
+        for i in range(3):
+            assert sampled.reasons[i] == "stop", sampled.reasons
+            jsonschema.validate(json.loads(tok.decode(sampled.tokens[i])), SCHEMA)
+        assert len({tuple(t) for t in sampled.tokens}) > 1  # seeds 5, 6, 7 differ
