@@ -20,9 +20,11 @@ from temper.infer.grammar import (
     json_schema,
     lark,
     regex,
+    tool_calls,
     vocabulary,
 )
 from temper.infer.scheduler import Request, Scheduler
+from temper.infer.text import TOOL_CALL_FORMATS, parse_tool_calls
 from temper.model.config import PRESETS
 from temper.model.transformer import Transformer
 from tests.infer.test_scheduler import Collector
@@ -120,6 +122,32 @@ def test_random_walks_stay_inside_the_grammar(tok, vocab, kind):
 def _extending(texts: dict[int, str], text: str, options: list[str]) -> set[int]:
     """By brute force: the tokens whose text extends `text` to a prefix of an option."""
     return {t for t, s in texts.items() if s and any(o.startswith(text + s) for o in options)}
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"],
+             "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "now"}}]
+
+
+@pytest.mark.parametrize("name", list(TOOL_CALL_FORMATS))
+def test_forced_tool_calls_parse_as_their_format_reads_them(tok, vocab, name):
+    """Random walks under `tool_calls` (one or several calls) give replies that the format's own parser reads back
+    whole, no content before, each call of a given function with arguments valid under its schema."""
+    fmt = TOOL_CALL_FORMATS[name]
+    schemas = {"add": TOOLS[0]["function"]["parameters"], "now": {"type": "object"}}
+    for many in (True, False):
+        grammar, counts = compile_grammar(vocab, tool_calls(fmt, TOOLS, many)), set()
+        for seed in range(16):
+            text, complete = _walk(grammar, tok, seed)
+            if not complete:
+                continue
+            content, calls = parse_tool_calls(text, fmt)
+            assert content == "" and (len(calls) == 1 or many), text
+            for function, arguments in calls:
+                jsonschema.validate(json.loads(arguments), schemas[function])
+            counts.add(len(calls))
+        assert counts == {1} if not many else len(counts) > 1
 
 
 def test_the_mask_allows_only_tokens_that_extend_an_option(tok, vocab):

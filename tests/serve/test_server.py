@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -302,12 +304,113 @@ def test_tools_go_to_the_template_and_calls_come_back_as_tool_calls(tmp_path, pa
 
         plain = client.chat.completions.create(**kw | {"tool_choice": "none"})  # no tools in the prompt, no parsing
         assert plain.usage.prompt_tokens == len(loaded.encode_chat(ASK)) and plain.choices[0].message.tool_calls is None
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
-            client.chat.completions.create(**kw | {"tool_choice": "required"})
+        with pytest.raises(openai.BadRequestError, match="not one of the tools"):
+            client.chat.completions.create(**kw | {"tool_choice": {"type": "function", "function": {"name": "f"}}})
         for bad in ([{"type": "function"}], [{"type": "function", "function": {"name": "f", "parameters": 5}}]):
             for choice in ("auto", "none"):  # checked even where they would not be used
                 with pytest.raises(openai.BadRequestError, match="tools must be a list"):
                     client.chat.completions.create(**kw | {"tools": bad, "tool_choice": choice})
+
+
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+       "required": ["a", "b"], "additionalProperties": False}
+SHORT_CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+              "additionalProperties": False}
+FORCED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": SHORT_CITY}},
+                {"type": "function", "function": {"name": "add", "parameters": ADD}}]
+
+
+@pytest.mark.parametrize("parser", list(TOOL_REPLIES))
+def test_tool_choice_required_or_named_forces_calls_that_fit_their_schemas(tmp_path, parser):
+    """tool_choice "required" or a named function: a model that never learnt to call (random weights) answers with
+    calls in its parser's format, each of a given function with arguments valid under its schema (jsonschema), one
+    call of the named function; whole and streamed alike."""
+    with serving(_checkpoint(tmp_path, 256), slots=4, max_queue=8,
+                 tool_call_format=TOOL_CALL_FORMATS[parser]) as (url, _, loaded, _):
+        client = _client(url)
+        # EOS favoured where the grammar allows it (after a call): a random model would go on calling to max_tokens
+        kw = dict(model="tiny", messages=ASK, tools=FORCED_TOOLS, max_tokens=160,
+                  logit_bias={str(loaded.stop_ids[0]): 8})
+        assert client.chat.completions.create(**kw, temperature=0).choices[0].message.tool_calls is None
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in FORCED_TOOLS}
+        for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+            out = client.chat.completions.create(**kw, tool_choice=choice, temperature=1.0, seed=4, n=3)
+            for c in out.choices:
+                assert (c.finish_reason, c.message.content) == ("tool_calls", None)
+                for call in c.message.tool_calls:
+                    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+                if choice != "required":
+                    assert [call.function.name for call in c.message.tool_calls] == ["add"]
+            whole = client.chat.completions.create(**kw, tool_choice=choice, temperature=0).choices[0]
+            chunks = [c for c in client.chat.completions.create(**kw, tool_choice=choice, temperature=0, stream=True)
+                      if c.choices]
+            streamed = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+            assert [(t.function.name, t.function.arguments) for t in streamed] == [
+                (t.function.name, t.function.arguments) for t in whole.message.tool_calls]
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        with pytest.raises(openai.BadRequestError, match="cannot shape the reply too"):
+            client.chat.completions.create(**kw, tool_choice="required", response_format={"type": "json_object"})
+        with pytest.raises(openai.BadRequestError, match="no tools"):
+            client.chat.completions.create(**kw | {"tools": None}, tool_choice="required")
+
+
+PET = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "legs": {"enum": [2, 4]},
+                                        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+                                        "tame": {"type": "boolean"}},
+       "required": ["name", "legs", "age", "tame"], "additionalProperties": False}
+
+
+def test_structured_outputs_follow_a_json_schema_regex_choice_or_grammar(server):
+    """response_format (json_schema, json_object) and vLLM's structured_outputs (json, regex, choice, grammar in
+    Lark or GBNF) on both endpoints: a random model's text, which is no JSON when free, follows each, sampled or
+    greedy, whole or streamed; bad formats are refused naming the parameter."""
+    url, _, loaded, _ = server
+    client = _client(url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "the cat"}], max_tokens=80)
+    free = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(free)
+    pet = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+    out = client.chat.completions.create(**ask, response_format=pet, temperature=1.0, seed=2, n=3)
+    for c in out.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), PET)
+    whole = client.chat.completions.create(**ask, response_format=pet, temperature=0).choices[0].message.content
+    stream = client.chat.completions.create(**ask, response_format=pet, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole
+    jsonschema.validate(json.loads(whole), PET)
+
+    prompt = dict(model="tiny", prompt="the cat sat", max_tokens=60, temperature=1.0, seed=7, n=2)
+    closing = {str(loaded.tokenizer.tokenizer.token_to_id(c)): 6 for c in '"}'}  # or a free string runs on
+    for extra, valid in [
+            ({"response_format": {"type": "json_object"}, "logit_bias": closing},
+             lambda t: isinstance(json.loads(t), dict)),
+            ({"structured_outputs": {"json": json.dumps(PET)}}, lambda t: jsonschema.validate(json.loads(t), PET)
+             is None),
+            ({"structured_outputs": {"regex": "[a-z]{2,6}-[0-9]{3}"}},
+             lambda t: re.fullmatch("[a-z]{2,6}-[0-9]{3}", t)),
+            ({"structured_outputs": {"choice": ["the cat", "a dog", "tree"]}}, lambda t: t in ("the cat", "a dog", "tree")),
+            ({"structured_outputs": {"grammar": 'start: N (" + " N)*\nN: /[1-9][0-9]?/'}},
+             lambda t: re.fullmatch(r"[1-9][0-9]?( \+ [1-9][0-9]?)*", t)),
+            ({"structured_outputs": {"grammar": 'root ::= ("yes" | "no") " " [0-9]'}},
+             lambda t: re.fullmatch("(yes|no) [0-9]", t))]:
+        for c in client.completions.create(**prompt, extra_body=extra).choices:
+            assert c.finish_reason == "stop" and valid(c.text), (extra, c.text)
+
+    for bad, param in [({"response_format": {"type": "xml"}}, "response_format"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+                        "response_format"),
+                       ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs"),
+                       ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+                       ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+                       ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs"),
+                       ({"structured_outputs": {"json": "[1]"}}, "structured_outputs"),
+                       ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+                        "structured_outputs")]:
+        status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the"} | bad).encode())
+        assert (status, body["error"]["param"]) == (400, param), (bad, body)
 
 
 def test_echo_returns_the_prompt_with_its_log_probs_as_lm_eval_reads_them(server, monkeypatch):

@@ -35,6 +35,8 @@ import llguidance
 import torch
 from tokenizers import Tokenizer
 
+from temper.infer.text import ToolCallFormat
+
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """llguidance's JSON options by default: the separators `json.dumps` writes, no other whitespace."""
 
@@ -57,6 +59,8 @@ def vocabulary(tokenizer: Tokenizer, size: int, eos_ids: Sequence[int]) -> llgui
 
 def json_schema(schema: Mapping[str, Any]) -> str:
     """A JSON schema's grammar (in `JSON_STYLE` unless the schema's x-guidance says otherwise)."""
+    if not isinstance(schema, Mapping):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=JSON_STYLE)
 
 
@@ -71,8 +75,29 @@ def choice(options: Sequence[str]) -> str:
 
 
 def lark(text: str) -> str:
-    """A Lark grammar's (llguidance's dialect: `start` is the text; `%json {...}` inlines a JSON schema)."""
-    return llguidance.LLMatcher.grammar_from_lark(text)
+    """A Lark grammar's (llguidance's dialect: `start` is the text; `%json {...}` inlines a JSON schema), or llama.cpp's
+    GBNF (rules written `name ::= ...`), converted to Lark by llguidance."""
+    try:
+        return llguidance.grammar_from("grammar", text)
+    except ValueError as e:
+        raise GrammarError(str(e)) from None
+
+
+def tool_calls(fmt: ToolCallFormat, tools: Sequence[Mapping[str, Any]], many: bool = True) -> str:
+    """The grammar of a reply that is tool calls only, in the model's format `fmt`: one (`many` False) or more calls
+    of `tools` (OpenAI's {type: function, function: {name, parameters}}), each call's arguments in its function's
+    JSON schema. What `tool_choice` "required" or a named function forces."""
+    calls = []
+    for tool in tools:
+        function = tool["function"]
+        calls.append({"type": "object", "properties": {"name": {"const": function["name"]},
+                                                       fmt.arguments: function.get("parameters") or {"type": "object"}},
+                      "required": ["name", fmt.arguments], "additionalProperties": False})
+    before, after = (json.dumps(text) for text in fmt.call)
+    item = " ".join(t for t in (before, json_in_lark(calls[0] if len(calls) == 1 else {"anyOf": calls}), after)
+                    if t != '""')
+    more = f" ({json.dumps(fmt.separator)} call)*" if many else ""
+    return lark(f"start: call{more}\ncall: {item}")
 
 
 def json_in_lark(schema: Mapping[str, Any]) -> str:

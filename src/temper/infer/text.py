@@ -147,11 +147,20 @@ class ToolCallFormat:
     """The calls must open the reply (after whitespace); else content may come before them."""
     parse: Callable[[str], Calls | None]
     """The text from the marker on -> its calls, or None when it is not well-formed calls."""
+    arguments: str
+    """The key of a call object's arguments: "arguments" or "parameters"."""
+    call: tuple[str, str]
+    """The text before and after one call object, as the model writes it."""
+    separator: str
+    """The text between two calls."""
 
 
 TOOL_CALL_FORMATS = {
-    "hermes": ToolCallFormat(("<tool_call>",), False, _hermes_calls),  # Qwen2.5, Qwen3, Hermes 2 and 3
-    "llama3_json": ToolCallFormat(("<|python_tag|>", "{"), True, _llama3_json_calls),  # Llama 3.1, 3.2, 3.3
+    # Qwen2.5, Qwen3, Hermes 2 and 3
+    "hermes": ToolCallFormat(("<tool_call>",), False, _hermes_calls, "arguments", ("<tool_call>\n", "\n</tool_call>"),
+                             "\n"),
+    # Llama 3.1, 3.2, 3.3
+    "llama3_json": ToolCallFormat(("<|python_tag|>", "{"), True, _llama3_json_calls, "parameters", ("", ""), "; "),
 }
 
 

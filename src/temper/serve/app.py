@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import json
@@ -66,6 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from temper.data.chat import check_template_variables
 from temper.errors import InputError
+from temper.infer import grammar
 from temper.infer.load import Loaded
 from temper.infer.scheduler import (
     Failed,
@@ -328,16 +330,21 @@ def _read_tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> list[dict[str, Any]] | None:
+def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The request's tools for the chat template (OpenAI's list of {type: function, function: {name, description,
-    parameters}}, the shape transformers' templates take), or None: no tools, or tool_choice "none". The model
-    chooses whether to call them ("auto"); forcing a call ("required", a named function) needs constrained
-    decoding, which this server does not do."""
+    parameters}}, the shape transformers' templates take; None: no tools, or tool_choice "none"), and the grammar
+    of the calls tool_choice forces: "auto" (the default) leaves the choice to the model, "required" forces one or
+    more calls of the tools, {type: function, function: {name}} one call of that function."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none' (this server does not force a call)", "tool_choice")
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if choice not in (None, "auto", "none", "required") and not isinstance(named, str):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {type: function, function: {name}}",
+                       "tool_choice")
     if tools is None:
-        return None
+        if choice == "required" or named is not None:
+            raise APIError(400, "tool_choice forces a call, but the request has no tools", "tool_choice")
+        return None, None
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) and isinstance(t["function"].get("parameters", {}), dict)
@@ -345,11 +352,62 @@ def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> list[dict[st
         raise APIError(400, "tools must be a list of {type: function, function: {name, description, parameters "
                             "(a JSON schema object)}}", "tools")
     if not tools or choice == "none":
-        return None
+        return None, None
     if settings.tool_call_format is None:
         raise APIError(400, "tools need a tool call parser: start the server with --tool_call_parser (hermes, "
                             "llama3_json)", "tools")
-    return tools
+    if named is not None:
+        chosen = [t for t in tools if t["function"]["name"] == named]
+        if not chosen:
+            raise APIError(400, f"tool_choice names {named!r}, which is not one of the tools", "tool_choice")
+        return tools, grammar.tool_calls(settings.tool_call_format, chosen, many=False)
+    return tools, grammar.tool_calls(settings.tool_call_format, tools) if choice == "required" else None
+
+
+def read_output_format(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The grammar the reply must follow, with the parameter that asked for it (OpenAI's `response_format` or
+    vLLM's `structured_outputs`); None: free text."""
+    form, extra = body.get("response_format"), body.get("structured_outputs")
+    if form is not None and extra is not None:
+        raise APIError(400, "set response_format or structured_outputs, not both", "structured_outputs")
+    param = "response_format" if form is not None else "structured_outputs"
+    try:
+        source = _response_format(form) if form is not None else _structured_outputs(extra) if extra else None
+    except ValueError as e:  # a schema that is not a JSON object, a GBNF grammar llguidance cannot convert
+        raise APIError(400, f"{param}: {e}", param) from None
+    return None if source is None else (source, param)
+
+
+def _response_format(form: Any) -> str | None:
+    """OpenAI's: {type: text} (None), {type: json_object} (any JSON object), {type: json_schema, json_schema:
+    {name, schema, strict}} (the schema's objects; every schema is kept strictly)."""
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar.json_schema({"type": "object"})
+    schema = (form.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format must be {type: text}, {type: json_object} or {type: json_schema, "
+                            "json_schema: {name, schema: a JSON schema object}}", "response_format")
+    return grammar.json_schema(schema)
+
+
+def _structured_outputs(extra: Any) -> str:
+    """vLLM's, one of: json (a schema, or its JSON text), json_object: true, regex, choice (a list of strings),
+    grammar (Lark, or llama.cpp's GBNF)."""
+    given = {k: v for k, v in extra.items() if v is not None} if isinstance(extra, dict) else {}
+    (kind, value), = given.items() if len(given) == 1 else [(None, None)]
+    if kind == "json" and isinstance(value, (dict, str)):
+        return grammar.json_schema(json.loads(value) if isinstance(value, str) else value)
+    if kind == "json_object" and value is True:
+        return grammar.json_schema({"type": "object"})
+    if kind in ("regex", "grammar") and isinstance(value, str):
+        return grammar.regex(value) if kind == "regex" else grammar.lark(value)
+    if kind == "choice" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return grammar.choice(value)
+    raise APIError(400, "structured_outputs must set one of json (a schema), json_object (true), regex (a string), "
+                        "choice (a list of strings) or grammar (Lark or GBNF)", "structured_outputs")
 
 
 # ---- a request's choices -------------------------------------------------------------------------
@@ -577,8 +635,22 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
     def token_text(t: int) -> str:
         return tokenizer.decode([t], skip_special_tokens=False)
 
+    @functools.cache
+    def grammar_vocabulary() -> Any:
+        """llguidance's view of the tokenizer, built at the first request with a grammar (up to a second)."""
+        return grammar.vocabulary(tokenizer.tokenizer, loaded.config.vocab_size, loaded.stop_ids)
+
+    async def compile_output(source: tuple[str, str] | None) -> grammar.Grammar | None:
+        """A request's grammar (source, the parameter that asked for it) compiled, off the event loop."""
+        if source is None:
+            return None
+        try:
+            return await asyncio.to_thread(lambda: grammar.compile_grammar(grammar_vocabulary(), source[0]))
+        except grammar.GrammarError as e:
+            raise APIError(400, f"{source[1]}: {e}", source[1]) from None
+
     def submit(prompts: list[list[int]], s: Sampling, default_max_tokens: int | None, top_logprobs: int,
-               param: str, echo: bool = False) -> Job:
+               param: str, echo: bool = False, constraint: grammar.Grammar | None = None) -> Job:
         """Check the prompts' lengths against the caps and the context, and queue one request per prompt."""
         requests = []
         for ids in prompts:
@@ -596,7 +668,7 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
                                     top_k=s.top_k, top_p=s.top_p, seed=s.seed, n=s.n, stop_ids=loaded.stop_ids,
                                     top_logprobs=top_logprobs, presence_penalty=s.presence_penalty,
                                     frequency_penalty=s.frequency_penalty, logit_bias=s.logit_bias,
-                                    prompt_logprobs=echo, timeout_s=settings.request_timeout_s))
+                                    prompt_logprobs=echo, grammar=constraint, timeout_s=settings.request_timeout_s))
         return Job(scheduler, requests, [Choice(ids, decode, s.stop) for ids in prompts for _ in range(s.n)])
 
     def observe(job: Job) -> None:
@@ -675,10 +747,12 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
         if echo and s.stream:
             raise APIError(400, "echo is not supported with stream", "echo")
+        constraint = await compile_output(read_output_format(body))
         prompts = await asyncio.to_thread(_encode_prompts, body.get("prompt"), tokenizer, loaded.config.vocab_size,
                                           settings.max_prompts)
         # 16: OpenAI's default max_tokens here
-        job = submit(prompts, s, 16, logprobs or 0, "prompt", echo=echo and logprobs is not None)
+        job = submit(prompts, s, 16, logprobs or 0, "prompt", echo=echo and logprobs is not None,
+                     constraint=constraint)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.model_name}
 
@@ -722,10 +796,12 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
         variables = read_template_variables(body)
         want_logprobs = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, 0, 20) or 0
-        tools = read_tools(body, settings)
+        tools, forced = read_tools(body, settings)
         if tools is not None:
             variables["tools"] = tools
-        _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
+        output = read_output_format(body)
+        if forced is not None and output is not None:
+            raise APIError(400, f"tool_choice forces a call: {output[1]} cannot shape the reply too", output[1])
         s = read_sampling(body, settings, scheduler.slots, loaded.config.vocab_size)
         if loaded.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
@@ -736,7 +812,8 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
             room = max_prompt if s.max_tokens is None else min(max_prompt, context - s.max_tokens)
             ids, citations = await asyncio.to_thread(rag, messages, room, **variables)
             cited = {"citations": citations}
-        job = submit([ids], s, None, top if want_logprobs else 0, "messages")
+        constraint = await compile_output((forced, "tool_choice") if forced is not None else output)
+        job = submit([ids], s, None, top if want_logprobs else 0, "messages", constraint=constraint)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         tags = settings.reasoning_tags
         # The prompt may open the thinking block itself (DeepSeek-R1's template): the reply then starts inside it.
