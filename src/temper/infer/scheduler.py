@@ -21,8 +21,9 @@ thread-safe, and one thread keeps the batch whole). Callers (the asyncio server,
      prompts; a request for n choices is prefilled once and `fork`ed into n rows, choice i seeded
      with seed + i (as `generate(num_samples=n, seed=s)`);
   3. samples one token per live row with that request's temperature / top-k / top-p (rows grouped
-     by settings), with its log-prob (`token_logprob`), and delivers it; a row ends on a stop id
-     (not delivered: "stop"), at max_tokens or when its cache row is full ("length");
+     by settings; OpenAI's penalties and a grammar's mask shape a row's draw), with its log-prob
+     (`token_logprob`), and delivers it; a row ends on a stop id (not delivered: "stop"), where its
+     grammar's text is complete ("stop"), at max_tokens or when its cache row is full ("length");
   4. runs ONE `decode_step` over all rows (idle rows compute garbage nobody reads); or, with a
      drafter (a draft model or prompt lookup) while exactly one request with n = 1 runs and none
      waits, a speculative round on its row instead (below).
@@ -364,7 +365,7 @@ class Scheduler:
 
     def _alone(self, live: list[int]) -> bool:
         """Whether to speculate: a drafter is set and one request with n = 1 runs while none waits (and its draws
-        are the model's own: no penalty or bias)."""
+        are the model's own: no penalty, bias or grammar)."""
         q = self._rows[live[0]].ticket.request
         return (self.speculative is not None and len(live) == 1 and q.n == 1 and not _shapes_logits(q)
                 and not self._waiting)

@@ -24,8 +24,7 @@ but `/health` and the chat page at `/` (static HTML, no model access); bodies, p
 and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
 or 20 (chat) most likely tokens, of the model's logits (before penalties and biases, as vLLM's default). Not
-supported (400 when set): suffix, best_of != n, echo with stream, tool_choice other than auto and none, response
-formats other than text. `echo` puts the prompt before each completion, with its tokens' log-probs when `logprobs`
+supported (400 when set): suffix, best_of != n, echo with stream. `echo` puts the prompt before each completion, with its tokens' log-probs when `logprobs`
 is set (one forward pass over the prompt, on the scheduler's thread): what lm-eval-harness's `local-completions`
 reads for a log-likelihood.
 
@@ -33,7 +32,16 @@ Tools (`temper serve --tool_call_parser hermes` or `llama3_json`, as vLLM's): a 
 template, its messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`),
 and a reply's calls (`<tool_call>{"name", "arguments"}</tool_call>`, Qwen's and Hermes' format; or a reply of
 `{"name", "parameters"}` objects, Llama 3.1's) come back as the message's `tool_calls` with finish_reason
-"tool_calls"; a stream holds them back and sends them whole in one delta.
+"tool_calls"; a stream holds them back and sends them whole in one delta. `tool_choice` "required" or a named
+function forces the reply to be calls (one of the named function), in the parser's format, each call's arguments
+valid under its function's schema.
+
+Structured outputs: OpenAI's `response_format` ({type: json_object}, {type: json_schema, json_schema: {schema}})
+and vLLM's `structured_outputs` ({json}, {json_object}, {regex}, {choice}, {grammar}: Lark or GBNF, through the
+client's `extra_body`) on both endpoints, and the forced tool calls, are grammars (`temper.infer.grammar`): each
+draw is masked to the tokens that keep the text inside the grammar, and a choice ends (stop) where its text is
+complete. The log-probs stay the model's. Such a request does not speculate. A reply that starts inside a thinking
+block is constrained from its first token (no room to think first).
 
 Retrieval (`temper serve --rag.index DIR`): `create_app` takes a `rag` hook, built by the recipe from
 `temper.rag` (this package may not import it), that turns a chat's messages and its prompt budget into the
