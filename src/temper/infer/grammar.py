@@ -71,7 +71,7 @@ def regex(pattern: str) -> str:
 
 def choice(options: Sequence[str]) -> str:
     """The grammar of exactly one of `options`."""
-    return lark("start: " + " | ".join(json.dumps(o) for o in options))
+    return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options))
 
 
 def lark(text: str) -> str:
@@ -97,7 +97,7 @@ def tool_calls(fmt: ToolCallFormat, tools: Sequence[Mapping[str, Any]], many: bo
     item = " ".join(t for t in (before, json_in_lark(calls[0] if len(calls) == 1 else {"anyOf": calls}), after)
                     if t != '""')
     more = f" ({json.dumps(fmt.separator)} call)*" if many else ""
-    return lark(f"start: call{more}\ncall: {item}")
+    return llguidance.LLMatcher.grammar_from_lark(f"start: call{more}\ncall: {item}")
 
 
 def json_in_lark(schema: Mapping[str, Any]) -> str:

@@ -23,10 +23,10 @@ Secure by default: a Bearer key is checked (constant-time) on every route
 but `/health` and the chat page at `/` (static HTML, no model access); bodies, prompts, max_tokens
 and n are capped; nothing from a request reaches a shell, a path or a template outside the sandbox.
 Log-probs: the sampled token's log p under softmax(logits / temperature) and up to 5 (completions)
-or 20 (chat) most likely tokens, of the model's logits (before penalties and biases, as vLLM's default). Not
-supported (400 when set): suffix, best_of != n, echo with stream. `echo` puts the prompt before each completion, with its tokens' log-probs when `logprobs`
-is set (one forward pass over the prompt, on the scheduler's thread): what lm-eval-harness's `local-completions`
-reads for a log-likelihood.
+or 20 (chat) most likely tokens, of the model's logits (before penalties, biases and a grammar's mask, as vLLM's
+default). Not supported (400 when set): suffix, best_of != n, echo with stream. `echo` puts the prompt before each
+completion, with its tokens' log-probs when `logprobs` is set (one forward pass over the prompt, on the scheduler's
+thread): what lm-eval-harness's `local-completions` reads for a log-likelihood.
 
 Tools (`temper serve --tool_call_parser hermes` or `llama3_json`, as vLLM's): a chat request's `tools` go to the chat
 template, its messages may carry an assistant's `tool_calls` and the tools' results (role "tool", `tool_call_id`),
