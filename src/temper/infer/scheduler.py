@@ -10,8 +10,9 @@ computation does not depend on its neighbours: a request's greedy output is what
 `engine.generate` gives for it alone, and its seeded samples too (the draw hashes the row's own
 seed and step, see `temper.infer.engine`).
 
-`Scheduler` owns the model and the cache and runs them in ONE background thread (the model is not
-thread-safe, and one thread keeps the batch whole). Callers (the asyncio server, tests) `submit` a
+`Scheduler` owns the model and the cache and runs them in ONE thread (the model is not thread-safe, and one
+thread keeps the batch whole): a background thread of its own (`start`), or the caller's (`run`: `temper serve`
+runs it on the main thread, which loaded the model, for the reason `run` gives). Callers (the asyncio server, tests) `submit` a
 `Request` with a `deliver` callback and get a `Ticket`; the thread calls `deliver` with `Token`,
 `Finished` and `Failed` events (an asyncio caller hops them onto its loop with
 `loop.call_soon_threadsafe`). Each iteration of the thread:
@@ -224,6 +225,7 @@ class Scheduler:
         self._cancels: list[tuple[Ticket, int | None]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._exited = threading.Event()  # the loop has ended (set by _main, whichever thread ran it)
         self._rows: list[_Row | None] = [None] * slots
         self._running = 0
         self.tokens_generated = 0
@@ -235,22 +237,46 @@ class Scheduler:
     # ---- the caller's side (any thread) ----------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread (again after `stop`); a no-op while it runs."""
+        """Start the loop in a thread of its own (again after `stop`); a no-op while it runs."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._running_loop():
                 return
             self._stopping = False
+            self._exited.clear()
             self._thread = threading.Thread(target=self._main, name="temper-scheduler", daemon=True)
             self._thread.start()
 
+    def run(self, on_start: Callable[[], None] | None = None) -> None:
+        """Run the loop in the calling thread until `stop` (called from another thread); `on_start` is called once
+        the loop owns the thread (`start` is then a no-op), e.g. to start the HTTP server whose app calls `start`.
+
+        Why `temper serve` runs the model on its main thread: PyTorch's CPU kernels run on OpenMP (libgomp), which
+        keeps a pool of worker threads per thread that runs parallel work. The main thread that loaded the model has
+        one; a scheduler thread gets a second, and with more pooled threads than cores libgomp stops its workers'
+        spinning between parallel regions, so each of a decode step's hundreds of small products waits for its
+        workers to wake: 2.2x slower decoding at batch 1 on a 2-core CPU (measured: 59 against 130 tokens/s)."""
+        with self._lock:
+            if self._running_loop():
+                raise RuntimeError("the scheduler runs already")
+            self._stopping = False
+            self._exited.clear()
+            self._thread = threading.current_thread()
+        if on_start is not None:
+            on_start()
+        self._main()
+
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the thread; running and waiting requests get Failed("shutdown")."""
+        """End the loop, waiting for it up to `timeout` seconds; running and waiting requests get
+        Failed("shutdown")."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+            started = self._thread is not None
+        if started:
+            self._exited.wait(timeout)
+
+    def _running_loop(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._exited.is_set()
 
     def submit(self, request: Request, deliver: Deliver) -> Ticket:
         """Queue `request`; `deliver` is called from the scheduler's thread with its events.
@@ -269,7 +295,7 @@ class Scheduler:
         deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
         ticket = Ticket(request, deliver, deadline, [base + i for i in range(request.n)])
         with self._lock:
-            if self._stopping or self._thread is None or not self._thread.is_alive():
+            if self._stopping or not self._running_loop():
                 raise NotRunning("the scheduler is not running")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue={self.max_queue})")
@@ -310,6 +336,12 @@ class Scheduler:
     # ---- the scheduler's thread ------------------------------------------------------------------
 
     def _main(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._exited.set()
+
+    def _loop(self) -> None:
         device = next(self.model.parameters()).device
         self.model.eval()  # the server owns the model: no dropout
         with torch.inference_mode():

@@ -7,8 +7,8 @@ Steps:
      unless the host is loopback and --no_auth is given, before anything is loaded;
   3. load the model, tokenizer, chat template and stop ids (`temper.infer.load`, as `generate`);
   4. build the scheduler (`temper.infer.scheduler`: --slots cache rows decoding together, a queue of
-     --max_queue) and the app (`temper.serve.app`), and run it on uvicorn; the scheduler's thread
-     starts with the app and stops when uvicorn shuts down (Ctrl-C, SIGTERM). With --draft DIR or
+     --max_queue) and the app (`temper.serve.app`), and run it on uvicorn in a thread while the scheduler's
+     loop runs on the main thread, until uvicorn shuts down (Ctrl-C, SIGTERM). With --draft DIR or
      --prompt_lookup N, a request that runs alone is decoded speculatively (see the scheduler's
      docstring); its acceptance rate is logged per request and counted on /metrics. With --rag.index DIR
      (an index of `temper rag index`), chat completions are answered from the --rag.k passages retrieved for
@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -254,18 +255,36 @@ def main(argv: list[str] | None = None) -> int:
                    if cfg.draft or cfg.prompt_lookup else "")
     print(f"temper serve: {settings.model_name!r} on http://{cfg.host}:{cfg.port}/v1 ({cfg.slots} slots{speculation}, "
           f"{'API key required' if key else 'no auth, loopback only'})", file=sys.stderr)
-    # uvicorn handles SIGINT / SIGTERM: it stops accepting, waits a little for open streams, then runs
-    # the app's lifespan shutdown, which stops the scheduler's thread. Afterwards it raises the signal
-    # again for the previous handler: for a server that is the normal way to stop, so it exits 0.
+    # The model runs on this (main) thread, HTTP on another (`Scheduler.run` says why). SIGINT / SIGTERM ask
+    # uvicorn to exit: it stops accepting, waits a little for open streams (still decoded here), then runs the
+    # app's lifespan shutdown, which ends the scheduler's loop. If uvicorn ends otherwise (a port in use), the
+    # loop is ended too.
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, ws="none",
                                            timeout_graceful_shutdown=5, server_header=False))
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            scheduler.stop(timeout=0)
+
+    def exit_on_signal(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    http = threading.Thread(target=serve_http, name="temper-http")
+    previous = {s: signal.signal(s, exit_on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        scheduler.run(on_start=http.start)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        if http.is_alive():
+            http.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not server.started:
+        print(f"temper serve: the server could not start on {cfg.host}:{cfg.port} (see the error above)",
+              file=sys.stderr)
+        return 1
     print("temper serve: stopped", file=sys.stderr)
     return 0
 
