@@ -89,6 +89,18 @@ def select(cache: KVCache, rows: Sequence[int] | torch.Tensor) -> KVCache:
     return part
 
 
+def window(cache: KVCache, rows: int, slots: int) -> KVCache:
+    """A view of the first `rows` rows and `slots` slots of `cache`, which the model runs on as on a cache of that
+    size: its writes land in `cache` (views share memory). A server's eager decode step runs on the rows up to its
+    last live one and the slots they fill, not on every row at the cache's full length (the static shapes a
+    compiled step needs); an idle row in the window still decodes garbage, and its length stops at `slots`."""
+    part = copy.copy(cache)
+    for name, t in cache.per_row().items():  # keys and values (L, B, Hkv, S_max, D); states have no slots
+        setattr(part, name, t[:, :rows, :, :slots] if name in ("k", "v", "k_global", "v_global") else t[:, :rows])
+    part.lengths, part.max_len = cache.lengths[:rows], slots
+    return part
+
+
 def write_back(cache: KVCache, rows: Sequence[int] | torch.Tensor, part: KVCache) -> None:
     """Put the rows of `part` (from `select(cache, rows)`) back into `cache`."""
     idx = _index(cache, rows)

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from temper.infer.cache import fork, new_cache, reset
+from temper.infer.cache import fork, new_cache, reset, window
 from temper.infer.engine import (
     apply_openai_penalties,
     crosses_long_rope,
@@ -382,8 +382,9 @@ class Scheduler:
             self._speculate(live[0])
             return
         feed = torch.tensor(self._feed, device=self._logits.device)[:, None]  # (slots, 1)
-        if self.step_fn is decode_step:
-            self._logits = decode_step(self.model, self._cache, feed)
+        if self.step_fn is decode_step:  # eager: the rows up to the last live one, over the slots they fill
+            rows, slots = live[-1] + 1, min(self.max_len, -(-(max(self._rows[r].held for r in live) + 1) // 128) * 128)
+            self._logits[:rows] = decode_step(self.model, window(self._cache, rows, slots), feed[:rows])
         else:  # CUDA graphs: the next step's outputs overwrite this one's, which admissions write into
             torch.compiler.cudagraph_mark_step_begin()
             self._logits = self.step_fn(self.model, self._cache, feed).clone()
