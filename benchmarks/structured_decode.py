@@ -26,6 +26,7 @@ import dataclasses
 import json
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,9 @@ def build(args: argparse.Namespace, root: Path) -> tuple[Transformer, Any, list[
 
 
 def run_scheduler(model: Transformer, prompts: list[list[int]], max_tokens: int, grammar: Any) -> tuple[float, list]:
-    """Seconds for the prompts decoded together (greedy, no stop id), and their tokens."""
+    """Seconds for the prompts decoded together (greedy, no stop id), and their tokens. The loop runs on this
+    thread, as `temper serve` runs it (`Scheduler.run`), and a client thread submits the requests."""
     sched = Scheduler(model, slots=len(prompts), max_queue=len(prompts), max_len=48 + max_tokens + 1)
-    sched.start()
     tokens: list[list[int]] = [[] for _ in prompts]
     left = [len(prompts)]
 
@@ -97,17 +98,17 @@ def run_scheduler(model: Transformer, prompts: list[list[int]], max_tokens: int,
                 tokens[i].append(ev.token)
             elif isinstance(ev, Finished):
                 left[0] -= 1
+                if not left[0]:
+                    sched.stop(timeout=0)
         return on
 
-    try:
-        t0 = time.perf_counter()
+    def client() -> None:
         for i, p in enumerate(prompts):
             sched.submit(Request(p, max_tokens=max_tokens, temperature=0, grammar=grammar), deliver(i))
-        while left[0]:
-            time.sleep(0.001)
-        return time.perf_counter() - t0, tokens
-    finally:
-        sched.stop()
+
+    t0 = time.perf_counter()
+    sched.run(on_start=threading.Thread(target=client).start)
+    return time.perf_counter() - t0, tokens
 
 
 def run_transformers(path: Path, prompt: list[int], max_tokens: int, grammar: Any) -> float:

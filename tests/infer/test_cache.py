@@ -44,3 +44,25 @@ def test_bad_rows_and_sizes_are_refused():
         reset(cache, [4])
     with pytest.raises(ValueError, match="max_seq_len=128"):
         new_cache(model, 1, 129)
+
+
+def test_a_window_decodes_its_rows_as_the_whole_cache_does_and_writes_into_it():
+    """decode_step on window(cache, 2, 8) gives rows 0 and 1 the logits the whole cache gives them, writes their
+    new keys into the cache's own slots, and leaves the rows and slots outside it untouched."""
+    from temper.infer.cache import window
+    from temper.infer.engine import decode_step, prefill
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["debug-llama"]).eval()
+    whole, cache = new_cache(model, 4, 16), new_cache(model, 4, 16)
+    with torch.inference_mode():
+        for c in (whole, cache):
+            prefill(model, c, [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15]], [0, 1, 2, 3])
+        before = cache.k.clone()
+        tokens = torch.tensor([[20], [21], [22], [23]])
+        expected = decode_step(model, whole, tokens)
+        got = decode_step(model, window(cache, 2, 8), tokens[:2])
+    torch.testing.assert_close(got, expected[:2], rtol=1e-5, atol=1e-5)
+    assert cache.lengths.tolist() == [4, 6, 1, 2]
+    torch.testing.assert_close(cache.k[:, :2, :, :6], whole.k[:, :2, :, :6], rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache.k[:, 2:], before[:, 2:]) and torch.equal(cache.k[:, :, :, 8:], before[:, :, :, 8:])
