@@ -277,3 +277,37 @@ def test_speculation_keeps_stop_ids_limits_and_samples(small):
         assert sched.speculative.accepted == sched.speculative.drafted > 0
     finally:
         sched.stop()
+
+
+def test_calls_run_on_the_loops_thread_and_run_runs_the_loop_here(model):
+    """`call` runs a function on the loop's thread (the retriever's embedder in `temper serve`), its exception
+    included; `run` takes the calling thread for the loop until `stop`, and a stopped scheduler refuses calls."""
+    sched = Scheduler(model, slots=2, max_queue=2)
+    sched.start()
+    try:
+        assert sched.call(threading.get_ident).result(10) == sched._thread.ident != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            sched.call(lambda: 1 / 0).result(10)
+    finally:
+        sched.stop()
+    with pytest.raises(NotRunning):
+        sched.call(threading.get_ident)
+
+    here, got = Scheduler(model, slots=2, max_queue=2), {}
+
+    def client() -> None:
+        got["thread"] = here.call(threading.get_ident).result(10)
+        c = Collector()
+        here.submit(Request([5, 6], max_tokens=3, temperature=0.0), c)
+        got["tokens"] = c.wait().tokens[0]
+        here.stop(timeout=0)
+
+    here.run(on_start=threading.Thread(target=client).start)
+    assert got == {"thread": threading.get_ident(), "tokens": generate(model, [[5, 6]], max_new_tokens=3,
+                                                                       temperature=0.0)[0]}
+    with pytest.raises(RuntimeError, match="runs already"):
+        sched.start()
+        try:
+            sched.run()
+        finally:
+            sched.stop()

@@ -61,7 +61,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -223,6 +225,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._cancels: list[tuple[Ticket, int | None]] = []
+        self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._exited = threading.Event()  # the loop has ended (set by _main, whichever thread ran it)
@@ -303,6 +306,18 @@ class Scheduler:
             self._lock.notify_all()
         return ticket
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the loop's thread before its next step; its result (or exception) comes in the future. Work
+        that runs a torch model beside this one (a retriever's query embedding) goes here, so that one thread runs
+        all of the process's parallel CPU work (`run` says why). The batch waits meanwhile."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping or not self._running_loop():
+                raise NotRunning("the scheduler is not running")
+            self._calls.append((fn, future))
+            self._lock.notify_all()
+        return future
+
     def cancel(self, ticket: Ticket, index: int | None = None) -> None:
         """End choice `index` of `ticket` (None: all of it) and free its rows at the next iteration.
 
@@ -350,11 +365,18 @@ class Scheduler:
             self._feed = [0] * self.slots  # the token each row is fed next (idle rows: anything)
             while True:
                 with self._lock:
-                    while not self._stopping and not self._waiting and not self._cancels and not self._running:
+                    while (not self._stopping and not self._waiting and not self._cancels and not self._running
+                           and not self._calls):
                         self._lock.wait(timeout=1.0)
                     if self._stopping:
                         break
                     cancels, self._cancels = self._cancels, []
+                    calls, self._calls = self._calls, []
+                for fn, future in calls:
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # the caller's to handle
+                        future.set_exception(e)
                 try:
                     self._iterate(cancels)
                 except Exception as e:  # a bug or out of memory: fail what runs, keep serving
@@ -594,6 +616,9 @@ class Scheduler:
     def _fail_all(self, reason: str, message: str) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            calls, self._calls = self._calls, []
+        for _, future in calls:
+            future.set_exception(NotRunning(message))
         tickets = {row.ticket for row in self._rows if row is not None} | set(waiting)
         for ticket in tickets:
             self._end(ticket)

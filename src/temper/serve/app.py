@@ -818,7 +818,10 @@ def create_app(loaded: Loaded, scheduler: Scheduler, settings: ServeSettings, ra
             cited: dict[str, Any] = {}
         else:  # room for the request's max_tokens (the hook keeps its own default room when it gives none)
             room = max_prompt if s.max_tokens is None else min(max_prompt, context - s.max_tokens)
-            ids, citations = await asyncio.to_thread(rag, messages, room, **variables)
+            try:  # on the scheduler's thread: the query embedder is a torch model too (`Scheduler.call`)
+                ids, citations = await asyncio.wrap_future(scheduler.call(lambda: rag(messages, room, **variables)))
+            except NotRunning as e:
+                raise APIError(503, f"the server is not generating ({e})", code="unavailable") from None
             cited = {"citations": citations}
         constraint = await compile_output((forced, "tool_choice") if forced is not None else output)
         job = submit([ids], s, None, top if want_logprobs else 0, "messages", constraint=constraint)
