@@ -19,6 +19,7 @@ from temper.infer.grammar import (
     json_in_lark,
     json_schema,
     lark,
+    mask_rows_,
     regex,
     tool_calls,
     vocabulary,
@@ -175,6 +176,19 @@ def test_the_mask_allows_only_tokens_that_extend_an_option(tok, vocab):
                 break
         reached.add(text)
     assert reached == set(OPTIONS)
+
+
+def test_a_batch_of_masks_equals_each_alone(tok, vocab):
+    """mask_rows_ over matchers of different grammars at different places masks each row as its matcher alone."""
+    size, g = tok.get_vocab_size() + 7, torch.Generator().manual_seed(3)
+    matchers = [compile_grammar(vocab, source()).matcher() for source, _ in CASES.values()]
+    for k, m in enumerate(matchers):  # k tokens into each
+        for _ in range(k):
+            allowed = m.mask_(torch.zeros(size)).isfinite().nonzero().flatten()
+            m.advance(int(allowed[torch.randint(len(allowed), (1,), generator=g)]))
+    logits = torch.randn(len(matchers), size, generator=g)
+    alone = torch.stack([m.mask_(row.clone()) for m, row in zip(matchers, logits, strict=True)])
+    assert torch.equal(mask_rows_(logits, matchers), alone) and torch.equal(logits, alone)
 
 
 def test_bad_grammars_are_refused_with_the_reason(tok, vocab):

@@ -15,7 +15,8 @@ The pieces, in the order a server uses them:
   - `json_schema`, `regex`, `choice`, `lark`: a grammar's source in llguidance's form;
   - `compile_grammar(vocabulary, source)`: the compiled grammar, or `GrammarError` naming what is wrong;
   - `Grammar.matcher()`: one choice's parser state (a copy: compiling is the slow part, done once per request,
-    off the scheduler's thread); each step `Matcher.mask_(logits)` then `Matcher.advance(token)`.
+    off the scheduler's thread); each step `Matcher.mask_(logits)` (`mask_rows_` for a batch's rows at once), then
+    `Matcher.advance(token)`.
 
 JSON is written as `json.dumps` writes it by default (", " and ": ", no other whitespace): that is how chat
 templates and models write JSON, and a grammar that allows any whitespace lets a weak model pad forever. A schema's
@@ -26,6 +27,7 @@ It masks; it does not choose: the draw, its temperature and its log-probs stay t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,17 +113,11 @@ class Matcher:
 
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` (V,) with every token the grammar does not allow next at -inf, in place; left whole when the
-        parser failed (`advance` then says why, whatever is drawn)."""
-        bits = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)  # 32 tokens per int
-        if self._matcher.is_error():
-            return logits
-        bits = bits.to(logits.device, non_blocking=True)
-        allowed = ((bits[:, None] >> self._shifts.to(logits.device)) & 1).flatten()[: logits.shape[-1]]  # (V,)
-        return logits.masked_fill_(allowed == 0, float("-inf"))
+        """`logits` (V,) with every token the grammar does not allow next at -inf, in place (`mask_rows_`)."""
+        mask_rows_(logits[None], [self])
+        return logits
 
     def advance(self, token: int) -> None:
         """Take the token drawn (one `mask_` allowed); `GrammarError` if the parser failed."""
@@ -132,6 +128,27 @@ class Matcher:
     def done(self) -> bool:
         """The text is complete and nothing may follow it (but an EOS id)."""
         return self._matcher.is_stopped()
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    return llguidance.LLExecutor()  # Rust threads, most of the cores
+
+
+def mask_rows_(logits: torch.Tensor, matchers: Sequence[Matcher]) -> torch.Tensor:
+    """Each row of `logits` (G, V) with the tokens its matcher does not allow next at -inf, in place. llguidance
+    computes the G masks in parallel (32 tokens per bit of an int32), and they are unpacked in one pass. A row whose
+    parser failed is left whole (`advance` then says why, whatever is drawn)."""
+    words = (logits.shape[-1] + 31) // 32
+    bits = torch.empty(len(matchers), words, dtype=torch.int32)  # (G, V / 32)
+    _executor().unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)], bits.data_ptr(),
+                                        words * 4, len(matchers))
+    for i, m in enumerate(matchers):
+        if m._matcher.is_error():
+            bits[i] = -1
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bits.to(logits.device, non_blocking=True)[:, :, None] >> shifts) & 1).flatten(1)  # (G, words * 32)
+    return logits.masked_fill_(allowed[:, : logits.shape[-1]] == 0, float("-inf"))
 
 
 @dataclass(frozen=True)

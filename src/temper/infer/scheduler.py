@@ -77,7 +77,7 @@ from temper.infer.engine import (
     sample_next,
     token_logprob,
 )
-from temper.infer.grammar import Grammar, GrammarError, Matcher
+from temper.infer.grammar import Grammar, GrammarError, Matcher, mask_rows_
 from temper.infer.speculative import Round, SpeculativeStats, Speculator, check_drafter
 
 log = logging.getLogger(__name__)
@@ -560,11 +560,14 @@ class Scheduler:
             for i in shaping:
                 row = self._rows[rows[i]]
                 q = row.ticket.request
-                generated = torch.tensor(row.seq[len(q.prompt):], dtype=torch.long, device=device)
-                shaped[i] = apply_openai_penalties(logits[i], generated, q.presence_penalty, q.frequency_penalty,
-                                                   q.logit_bias)
-                if row.matcher is not None:
-                    row.matcher.mask_(shaped[i])
+                if q.presence_penalty or q.frequency_penalty or q.logit_bias:
+                    generated = torch.tensor(row.seq[len(q.prompt):], dtype=torch.long, device=device)
+                    shaped[i] = apply_openai_penalties(logits[i], generated, q.presence_penalty, q.frequency_penalty,
+                                                       q.logit_bias)
+            constrained = [i for i in shaping if self._rows[rows[i]].matcher is not None]
+            if constrained:  # the grammars' masks, computed together
+                masked = mask_rows_(shaped[constrained], [self._rows[rows[i]].matcher for i in constrained])
+                shaped[constrained] = masked
             seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
             steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
             tokens = sample_next(shaped, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)
