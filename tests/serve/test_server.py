@@ -634,6 +634,13 @@ def test_serve_command_starts_and_stops_on_sigint(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    with socket.socket() as busy:  # uvicorn cannot bind: the model's loop on the main thread ends too, exit 1
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-m", "temper", "serve", str(ckpt), "--port",
+                               str(busy.getsockname()[1]), "--slots", "2"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode == 1 and "could not start" in proc.stderr
 
 
 @pytest.mark.parametrize("drafter", ["prompt_lookup", "draft"])
