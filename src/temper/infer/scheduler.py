@@ -12,10 +12,10 @@ seed and step, see `temper.infer.engine`).
 
 `Scheduler` owns the model and the cache and runs them in ONE thread (the model is not thread-safe, and one
 thread keeps the batch whole): a background thread of its own (`start`), or the caller's (`run`: `temper serve`
-runs it on the main thread, which loaded the model, for the reason `run` gives). Callers (the asyncio server, tests) `submit` a
-`Request` with a `deliver` callback and get a `Ticket`; the thread calls `deliver` with `Token`,
-`Finished` and `Failed` events (an asyncio caller hops them onto its loop with
-`loop.call_soon_threadsafe`). Each iteration of the thread:
+runs it on the main thread, which loaded the model, for the reason `run` gives). Callers (the asyncio server,
+tests) `submit` a `Request` with a `deliver` callback and get a `Ticket`; the thread calls `deliver` with `Token`,
+`Finished` and `Failed` events (an asyncio caller hops them onto its loop with `loop.call_soon_threadsafe`), and
+runs what callers hand it with `call`. Each iteration of the thread:
   1. drops cancelled requests (a client that went away) and those past their deadline, freeing
      their rows at once;
   2. admits waiting requests, first come first served, into free rows: one `prefill` of their
@@ -25,9 +25,10 @@ runs it on the main thread, which loaded the model, for the reason `run` gives).
      by settings; OpenAI's penalties and a grammar's mask shape a row's draw), with its log-prob
      (`token_logprob`), and delivers it; a row ends on a stop id (not delivered: "stop"), where its
      grammar's text is complete ("stop"), at max_tokens or when its cache row is full ("length");
-  4. runs ONE `decode_step` over all rows (idle rows compute garbage nobody reads); or, with a
-     drafter (a draft model or prompt lookup) while exactly one request with n = 1 runs and none
-     waits, a speculative round on its row instead (below).
+  4. runs ONE `decode_step` over the rows up to the last live one and the slots they fill (`cache.window`;
+     a compiled step, whose shapes are fixed, over all rows and slots; idle rows compute garbage nobody
+     reads); or, with a drafter (a draft model or prompt lookup) while exactly one request with n = 1 runs
+     and none waits, a speculative round on its row instead (below).
 This loop is the server's only decoding loop, built from the engine's prefill / decode_step / fork /
 sample_next, as DESIGN.md's seam for new ways to generate asks. The waiting queue is bounded:
 `submit` raises `QueueFull` when it is full (an HTTP 429), so load beyond capacity is refused at

@@ -405,7 +405,7 @@ def _structured_outputs(extra: Any) -> str:
     """vLLM's, one of: json (a schema, or its JSON text), json_object: true, regex, choice (a list of strings),
     grammar (Lark, or llama.cpp's GBNF)."""
     given = {k: v for k, v in extra.items() if v is not None} if isinstance(extra, dict) else {}
-    (kind, value), = given.items() if len(given) == 1 else [(None, None)]
+    kind, value = next(iter(given.items())) if len(given) == 1 else (None, None)
     if kind == "json" and isinstance(value, (dict, str)):
         return grammar.json_schema(json.loads(value) if isinstance(value, str) else value)
     if kind == "json_object" and value is True:
