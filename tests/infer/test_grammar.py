@@ -1,6 +1,7 @@
 """Constrained decoding: the mask allows exactly the tokens whose text extends the grammar's language (checked by
 brute force over the vocabulary), random walks under JSON schemas, regexes, choices and Lark grammars stay inside
-them, and the scheduler's constrained rows draw the best allowed token while their neighbours' output is unchanged."""
+them, and the scheduler's constrained rows draw the best allowed token while their neighbours' output is unchanged;
+the engine's loop draws what the scheduler draws."""
 
 import json
 import re
@@ -256,3 +257,8 @@ def test_scheduler_draws_the_best_allowed_token_beside_free_rows(tok, vocab):
             assert sampled.reasons[i] == "stop", sampled.reasons
             jsonschema.validate(json.loads(tok.decode(sampled.tokens[i])), SCHEMA)
         assert len({tuple(t) for t in sampled.tokens}) > 1  # seeds 5, 6, 7 differ
+    # The engine's own loop (`temper generate`, offline) draws the same tokens under the same grammars.
+    assert generate(model, [prompts[0]], max_new_tokens=12, temperature=0.0, stop_token_ids=[eos],
+                    grammar=grammar)[0] == fixed.tokens[0]
+    assert generate(model, [prompts[1]], max_new_tokens=90, temperature=1.0, seed=5, num_samples=3,
+                    stop_token_ids=[eos], grammar=compile_grammar(vocab, json_schema(SCHEMA))) == sampled.tokens

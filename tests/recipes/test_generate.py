@@ -241,3 +241,41 @@ def test_bad_speculative_flags_are_one_line_before_the_model_loads(tmp_path, cap
     assert temper(["generate", f"--checkpoint={tmp_path / 'nowhere'}", "--prompt=hi", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("temper generate: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_structured_output_flags_shape_every_completion(chat_checkpoint, tmp_path, capsys):
+    """--json_schema (inline or a file), --regex, --choice and --grammar: a random model's sampled completions
+    follow each; bad values are one line naming the flag (and the file), conflicting flags fail before loading."""
+    import re
+
+    import jsonschema
+
+    path = str(chat_checkpoint[0])
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "bad.json").write_text("{not json")
+    base = ["--checkpoint", path, "--prompt", "Hello", "--max_new_tokens=40", "--temperature=1", "--device=cpu"]
+    for flags, valid in [(["--json_schema", json.dumps(schema)], lambda t: jsonschema.validate(json.loads(t), schema)
+                           is None),
+                         (["--json_schema", str(tmp_path / "schema.json")],
+                          lambda t: jsonschema.validate(json.loads(t), schema) is None),
+                         (["--regex", "[a-z]{3}-[0-9]{2}"], lambda t: re.fullmatch("[a-z]{3}-[0-9]{2}", t)),
+                         (["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no")),
+                         (["--grammar", 'root ::= "a" [0-9] | "b"'], lambda t: re.fullmatch("a[0-9]|b", t))]:
+        for seed in (0, 1):
+            assert main(base + flags + ["--seed", str(seed)]) == 0
+            text = capsys.readouterr().out[len("Hello"):-1]
+            assert valid(text), (flags, text)
+    for flags, message in [(["--json_schema", str(tmp_path / "bad.json")], r"bad.json\) is not JSON"),
+                           (["--regex", "(ab"], "--regex: .*unclosed group"),
+                           (["--grammar", "start: nowhere"], "--grammar: .*nowhere")]:
+        assert main(base + flags) == 2
+        assert re.search(message, capsys.readouterr().err, re.S), flags
+    from temper.__main__ import main as temper
+
+    for flags, message in [(["--regex", "a", "--choice", "b"], "one of --json_schema"),
+                           (["--regex", "a", "--prompt_lookup", "2"], "speculative")]:
+        assert temper(["generate", f"--checkpoint={tmp_path / 'nowhere'}", *base[2:], *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -395,7 +395,8 @@ def test_structured_outputs_follow_a_json_schema_regex_choice_or_grammar(server)
             ({"structured_outputs": {"grammar": 'start: N (" + " N)*\nN: /[1-9][0-9]?/'}},
              lambda t: re.fullmatch(r"[1-9][0-9]?( \+ [1-9][0-9]?)*", t)),
             ({"structured_outputs": {"grammar": 'root ::= ("yes" | "no") " " [0-9]'}},
-             lambda t: re.fullmatch("(yes|no) [0-9]", t))]:
+             lambda t: re.fullmatch("(yes|no) [0-9]", t)),
+            ({"guided_choice": ["cat", "dog"]}, lambda t: t in ("cat", "dog"))]:  # vLLM's older field
         for c in client.completions.create(**prompt, extra_body=extra).choices:
             assert c.finish_reason == "stop" and valid(c.text), (extra, c.text)
 
@@ -409,7 +410,10 @@ def test_structured_outputs_follow_a_json_schema_regex_choice_or_grammar(server)
                        ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs"),
                        ({"structured_outputs": {"json": "[1]"}}, "structured_outputs"),
                        ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
-                        "structured_outputs")]:
+                        "structured_outputs"),
+                       ({"structured_outputs": {}}, "structured_outputs"),
+                       ({"guided_regex": "(ab"}, "guided_regex"),
+                       ({"structured_outputs": {"regex": "a"}, "guided_json": {}}, "guided_json")]:
         status, body = _post(url, "/v1/completions", json.dumps({"prompt": "the"} | bad).encode())
         assert (status, body["error"]["param"]) == (400, param), (bad, body)
 

@@ -6,7 +6,8 @@ The engine is three plain functions over `temper.model.attention.KVCache` (per-r
   - `decode_step(model, cache, tokens)`: one token per row -> next-token logits (B, V). Shapes never
     change between steps, so `compiled_decode_step()` is one `torch.compile(fullgraph=True)` graph
     (CUDA graphs with mode="reduce-overhead") that does not recompile as the rows grow;
-  - `sample_next(logits, ...)`: repetition penalty, temperature, top-k, top-p, per-row seeds.
+  - `sample_next(logits, ...)`: repetition penalty, temperature, top-k, top-p, per-row seeds; a grammar's mask
+    before it (`temper.infer.grammar`: structured outputs) when one is given.
 `stream` / `generate` drive them for a batch of prompts; the evaluation runner, lm-eval, `temper
 generate` and RL rollouts all go through them, and a server schedules rows with the same three.
 
@@ -50,6 +51,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from temper.infer.cache import fork, new_cache, reset, select, write_back
+from temper.infer.grammar import Grammar, mask_rows_
 from temper.model.attention import KVCache, Segments
 from temper.model.layers import MoE
 from temper.model.rope import long_rope_length
@@ -393,7 +395,7 @@ def _decode(
     top_k: int | None, top_p: float | None, repetition_penalty: float, stop_token_ids: Sequence[int],
     seed: int | Sequence[int] | None, use_cache: bool, pad_id: int,
     should_stop: Callable[[int, list[int]], bool] | None, window_margin: int | None, num_samples: int,
-    compile: bool | str, sync_every: int, logprobs: list[list[float]] | None = None,
+    compile: bool | str, sync_every: int, logprobs: list[list[float]] | None = None, grammar: Grammar | None = None,
 ) -> Iterator[list[int | None]]:
     """The one decoding loop (see `stream`): device work every step, host bookkeeping every `sync_every`
     steps (and whenever a window must be cut), where the buffered steps are yielded one by one.
@@ -418,6 +420,9 @@ def _decode(
     seen = seen.to(device).repeat_interleave(n, 0) if repetition_penalty != 1.0 else None
     seeds = _row_seeds(seed, B, device) if temperature > 0 else None
     stop_ids = set(stop_token_ids)
+    matchers = [grammar.matcher() for _ in range(B)] if grammar is not None else None
+    if matchers is not None:
+        sync_every = 1  # each step's mask needs the tokens drawn before it, on the host
     # Row r conditions on columns start[r]:cur of `tokens` (its window, at positions 0..); a prompt longer
     # than the context keeps its last C tokens. Its cache row holds the window but for its last token,
     # which the next decode step feeds.
@@ -466,6 +471,9 @@ def _decode(
             if logps is not None:
                 logprobs[r].append(logps[r])
             out.append(t)
+            if matchers is not None:
+                matchers[r].advance(t)
+                finished[r] = matchers[r].done  # the text is complete: only EOS could follow
             if should_stop is not None and should_stop(r, outputs[r]):
                 finished[r] = True
         return out
@@ -492,6 +500,10 @@ def _decode(
             raw = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            if matchers is not None:  # the grammar's mask on the rows still going; the log-probs stay the model's
+                going = [r for r in range(B) if not finished[r]]
+                logits = logits.clone() if logits is raw else logits
+                logits[going] = mask_rows_(logits[going], [matchers[r] for r in going])
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=step)
             tokens[:, cur] = nxt
             if seen is not None:
@@ -546,7 +558,7 @@ def stream(
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
     stop_token_ids: Sequence[int] = (), seed: int | Sequence[int] | None = None, use_cache: bool = True,
     pad_id: int = 0, should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
-    num_samples: int = 1, compile: bool | str = False, sync_every: int = 1,
+    num_samples: int = 1, compile: bool | str = False, sync_every: int = 1, grammar: Grammar | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one entry per row: its new token id, or None once that row has finished.
 
@@ -563,12 +575,14 @@ def stream(
     compile: run `decode_step` compiled (True: `compiled_decode_step()`'s mode, or a mode's name).
     sync_every: steps run on the device between reads of their tokens on the host; > 1 lets a GPU queue
     steps without waiting, and the steps then arrive in bursts of that many (see `generate`).
+    grammar: every row's text stays inside it (`temper.infer.grammar`; each step then syncs with the host) and
+    finishes where it is complete; the log-probs stay the model's.
     The model runs in eval mode meanwhile; its mode is restored afterwards.
     """
     yield from _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
                     use_cache=use_cache, pad_id=pad_id, should_stop=should_stop, window_margin=window_margin,
-                    num_samples=num_samples, compile=compile, sync_every=max(1, sync_every))
+                    num_samples=num_samples, compile=compile, sync_every=max(1, sync_every), grammar=grammar)
 
 
 @_without_grad
@@ -577,7 +591,7 @@ def generate(
     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
     stop_token_ids: Sequence[int] = (), seed: int | Sequence[int] | None = None, use_cache: bool = True,
     pad_id: int = 0, should_stop: Callable[[int, list[int]], bool] | None = None, window_margin: int | None = None,
-    num_samples: int = 1, compile: bool | str = False, sync_every: int | None = None,
+    num_samples: int = 1, compile: bool | str = False, sync_every: int | None = None, grammar: Grammar | None = None,
 ) -> list[list[int]]:
     """The new token ids of each row (prompt not included, stop token not included); see `stream`.
 
@@ -591,7 +605,7 @@ def generate(
     for step in _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
                      use_cache=use_cache, pad_id=pad_id, should_stop=should_stop, window_margin=window_margin,
-                     num_samples=num_samples, compile=compile, sync_every=max(1, every)):
+                     num_samples=num_samples, compile=compile, sync_every=max(1, every), grammar=grammar):
         for i, t in enumerate(step):
             if t is not None:
                 outputs[i].append(t)
@@ -604,7 +618,7 @@ def generate_with_logprobs(
     top_k: int | None = None, top_p: float | None = None, stop_token_ids: Sequence[int] = (),
     seed: int | Sequence[int] | None = None, pad_id: int = 0,
     should_stop: Callable[[int, list[int]], bool] | None = None, num_samples: int = 1, compile: bool | str = False,
-    sync_every: int | None = None,
+    sync_every: int | None = None, grammar: Grammar | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """`generate`, with each kept token's log-prob (`token_logprob`) from the same pass: RL rollouts.
 
@@ -617,7 +631,8 @@ def generate_with_logprobs(
     for step in _run(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, repetition_penalty=1.0, stop_token_ids=stop_token_ids, seed=seed,
                      use_cache=True, pad_id=pad_id, should_stop=should_stop, window_margin=None,
-                     num_samples=num_samples, compile=compile, sync_every=max(1, every), logprobs=logprobs):
+                     num_samples=num_samples, compile=compile, sync_every=max(1, every), logprobs=logprobs,
+                     grammar=grammar):
         for i, t in enumerate(step):
             if t is not None:
                 outputs[i].append(t)

@@ -13,16 +13,20 @@ Steps:
      (`temper.infer.speculative`: the same greedy text, the same sampling distribution, fewer target
      passes), one prompt after another;
   5. cut each completion at the first --stop string (held back while it could still be forming).
+With --json_schema, --regex, --choice or --grammar every draw is masked to the tokens that keep the text inside that
+grammar (`temper.infer.grammar`), so each completion parses; vLLM's structured outputs, offline.
 
 It does not train, serve or evaluate; sampling itself lives in `temper.infer.engine`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import torch
@@ -30,7 +34,9 @@ import torch
 from temper.config import ConfigError, parse
 from temper.data.chat import ChatTemplateError, check_template_variables
 from temper.data.tokenizer import UnknownCounter, check_unknown
+from temper.infer import grammar
 from temper.infer.engine import check_compiled_decode, generate, stream
+from temper.infer.grammar import Grammar
 from temper.infer.load import Checkpoint, Loaded, load_for_inference, open_checkpoint
 from temper.infer.speculative import SpeculativeStats, speculative_stream
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
@@ -87,6 +93,14 @@ class GenerateConfig:
     quant: Literal["", "int8", "int4", "nf4"] = ""
     """Quantize the blocks' linear weights after loading (torchao, weight-only): "int8", "int4" (4-bit, groups
     of 64; on CUDA bfloat16 only) or "nf4" (QLoRA's NormalFloat); embeddings, norms and head stay in --dtype."""
+    json_schema: str = ""
+    """Every completion is JSON of this schema: the schema's JSON, or a file holding it ('': free text)."""
+    regex: str = ""
+    """Every completion matches this regular expression whole ('': free text)."""
+    choice: list[str] = field(default_factory=list)
+    """Every completion is one of these strings (repeat the flag)."""
+    grammar: str = ""
+    """Every completion is a sentence of this Lark or GBNF grammar: its text, or a file holding it ('': free text)."""
 
     def __post_init__(self) -> None:
         pick_dtype(self.dtype, torch.device("cpu"))  # an unknown name fails here, naming the choices
@@ -114,6 +128,12 @@ class GenerateConfig:
             raise ValueError("--chat_template_kwargs apply to chats: give --chat, or --prompt with --system ('' for "
                              "none)")
         self._check_speculative()
+        formats = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k)]
+        if len(formats) > 1:
+            raise ValueError(f"give one of --json_schema, --regex, --choice and --grammar, got {formats}")
+        if formats and (self.draft or self.prompt_lookup):
+            raise ValueError(f"--{formats[0]} constrains each draw: it does not combine with speculative decoding "
+                             "(--draft, --prompt_lookup)")
 
     def _check_speculative(self) -> None:
         if self.prompt_lookup < 0 or self.num_draft_tokens < 1:
@@ -205,6 +225,36 @@ def speculative(cfg: GenerateConfig, model: torch.nn.Module, draft: torch.nn.Mod
     return 0
 
 
+def output_grammar(cfg: GenerateConfig, loaded: Loaded) -> Grammar | None:
+    """The grammar --json_schema, --regex, --choice or --grammar asks for, compiled (`temper.infer.grammar`); a value
+    that is a file's path is read from it. ValueError (GrammarError) names the flag and what is wrong."""
+    def text(value: str) -> tuple[str, str]:
+        """The value, or the file it names, and where it came from (for errors)."""
+        path = Path(value)
+        if len(value) < 4096 and path.is_file():
+            return path.read_text(encoding="utf-8"), f" (file {path})"
+        return value, ""
+
+    if cfg.json_schema:
+        schema, where = text(cfg.json_schema)
+        try:
+            source, flag = grammar.json_schema(json.loads(schema)), f"json_schema{where}"
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json_schema{where} is not JSON: {e}") from None
+    elif cfg.regex or cfg.choice:
+        source, flag = (grammar.regex(cfg.regex), "regex") if cfg.regex else (grammar.choice(cfg.choice), "choice")
+    elif cfg.grammar:
+        rules, where = text(cfg.grammar)
+        source, flag = grammar.lark(rules), f"grammar{where}"
+    else:
+        return None
+    try:
+        vocab = grammar.vocabulary(loaded.tokenizer.tokenizer, loaded.config.vocab_size, loaded.stop_ids)
+        return grammar.compile_grammar(vocab, source)
+    except grammar.GrammarError as e:
+        raise grammar.GrammarError(f"--{flag}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, prog="generate")
     if not cfg.checkpoint or not (cfg.prompt or cfg.chat):
@@ -216,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_for_inference(cfg.checkpoint, device=device, dtype=pick_dtype(cfg.dtype, device),
                                     allow_pickle=cfg.allow_pickle, quant=cfg.quant)
         prompts, shown = encode(loaded, cfg)
+        constraint = output_grammar(cfg, loaded)
         draft_model = draft.load(device, pick_dtype(cfg.dtype, device), cfg.allow_pickle).model if draft else None
         if cfg.compile:
             check_compiled_decode(loaded.model)
@@ -238,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
               repetition_penalty=cfg.repetition_penalty, stop_token_ids=loaded.stop_ids, seed=cfg.seed,
-              compile=cfg.compile)
+              compile=cfg.compile, grammar=constraint)
     # Stop strings are text, so the row's tokens are decoded each step to find them.
     should_stop = (lambda i, ids: cut_at_stop(decode(i, ids), cfg.stop)[1]) if cfg.stop else None
     out = sys.stdout

@@ -38,7 +38,8 @@ valid under its function's schema.
 
 Structured outputs: OpenAI's `response_format` ({type: json_object}, {type: json_schema, json_schema: {schema}})
 and vLLM's `structured_outputs` ({json}, {json_object}, {regex}, {choice}, {grammar}: Lark or GBNF, through the
-client's `extra_body`) on both endpoints, and the forced tool calls, are grammars (`temper.infer.grammar`): each
+client's `extra_body`; its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` alike) on both
+endpoints, and the forced tool calls, are grammars (`temper.infer.grammar`): each
 draw is masked to the tokens that keep the text inside the grammar, and a choice ends (stop) where its text is
 complete. The log-probs stay the model's. Such a request does not speculate. A reply that starts inside a thinking
 block is constrained from its first token (no room to think first).
@@ -372,15 +373,27 @@ def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> tuple[list[d
     return tools, grammar.tool_calls(settings.tool_call_format, tools) if choice == "required" else None
 
 
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+"""vLLM's fields before `structured_outputs` (0.10 and older), still sent by clients written for them: `guided_x` is
+read as `structured_outputs.x`."""
+
+
 def read_output_format(body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The grammar the reply must follow, with the parameter that asked for it (OpenAI's `response_format` or
-    vLLM's `structured_outputs`); None: free text."""
-    form, extra = body.get("response_format"), body.get("structured_outputs")
-    if form is not None and extra is not None:
-        raise APIError(400, "set response_format or structured_outputs, not both", "structured_outputs")
-    param = "response_format" if form is not None else "structured_outputs"
+    """The grammar the reply must follow, with the parameter that asked for it (OpenAI's `response_format`, vLLM's
+    `structured_outputs` or its older `guided_*` fields); None: free text."""
+    asked = [k for k in ("response_format", "structured_outputs", *GUIDED) if body.get(k) is not None]
+    if len(asked) > 1:
+        raise APIError(400, f"set one of response_format, structured_outputs and guided_*, got {', '.join(asked)}",
+                       asked[-1])
+    if not asked:
+        return None
+    param = asked[0]
     try:
-        source = _response_format(form) if form is not None else _structured_outputs(extra) if extra else None
+        if param == "response_format":
+            source = _response_format(body[param])
+        else:
+            extra = body[param] if param == "structured_outputs" else {param.removeprefix("guided_"): body[param]}
+            source = _structured_outputs(extra, param)
     except ValueError as e:  # a schema that is not a JSON object, a GBNF grammar llguidance cannot convert
         raise APIError(400, f"{param}: {e}", param) from None
     return None if source is None else (source, param)
@@ -401,7 +414,7 @@ def _response_format(form: Any) -> str | None:
     return grammar.json_schema(schema)
 
 
-def _structured_outputs(extra: Any) -> str:
+def _structured_outputs(extra: Any, param: str) -> str:
     """vLLM's, one of: json (a schema, or its JSON text), json_object: true, regex, choice (a list of strings),
     grammar (Lark, or llama.cpp's GBNF)."""
     given = {k: v for k, v in extra.items() if v is not None} if isinstance(extra, dict) else {}
@@ -414,8 +427,8 @@ def _structured_outputs(extra: Any) -> str:
         return grammar.regex(value) if kind == "regex" else grammar.lark(value)
     if kind == "choice" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return grammar.choice(value)
-    raise APIError(400, "structured_outputs must set one of json (a schema), json_object (true), regex (a string), "
-                        "choice (a list of strings) or grammar (Lark or GBNF)", "structured_outputs")
+    raise APIError(400, f"{param}: structured_outputs takes one of json (a schema), json_object (true), regex (a "
+                        "string), choice (a list of strings) or grammar (Lark or GBNF)", param)
 
 
 # ---- a request's choices -------------------------------------------------------------------------
