@@ -262,3 +262,38 @@ def test_scheduler_draws_the_best_allowed_token_beside_free_rows(tok, vocab):
                     grammar=grammar)[0] == fixed.tokens[0]
     assert generate(model, [prompts[1]], max_new_tokens=90, temperature=1.0, seed=5, num_samples=3,
                     stop_token_ids=[eos], grammar=compile_grammar(vocab, json_schema(SCHEMA))) == sampled.tokens
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "llama2", "llama2-legacy"])
+def test_each_tokenizer_family_decodes_to_the_grammar(family):
+    """llguidance reads each family's tokenizer.json as its decoder does: byte-level BPE (Llama 3, Qwen2) and
+    SentencePiece-style "▁" pieces with byte fallback (Llama 2, Mistral; Metaspace or the old normalizer), so the
+    text the tokenizer decodes from a walk under a JSON schema is valid, non-ASCII strings and spaces included."""
+    from tests.conftest import SHARED_DATA
+    from tests.data.test_tokenizer import llama2_style, llama3_style, qwen2_style, training_corpus
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    corpus = training_corpus(SHARED_DATA)[:40]
+    build = {"llama3": llama3_style, "qwen2": qwen2_style, "llama2": llama2_style,
+             "llama2-legacy": lambda c: llama2_style(c, legacy_normalizer=True)}[family]
+    tok = build(corpus)
+    eos = {"llama3": "<|end_of_text|>", "qwen2": "<|im_end|>"}.get(family, "</s>")
+    grammar = compile_grammar(vocabulary(tok, tok.get_vocab_size(), [tok.token_to_id(eos)]), json_schema(SCHEMA))
+    g, done = torch.Generator().manual_seed(0), 0
+    for _ in range(8):
+        matcher, out = grammar.matcher(), []
+        for _ in range(300):
+            logits = matcher.mask_(torch.randn(tok.get_vocab_size(), generator=g) * 3)
+            t = int(torch.multinomial(logits.softmax(-1), 1, generator=g))
+            if t == tok.token_to_id(eos) or matcher.done:
+                break
+            matcher.advance(t)
+            out.append(t)
+        else:
+            continue
+        done += 1
+        text = tok.decode(out, skip_special_tokens=False)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert _json_dumps_style(text), text
+    assert done >= 6
