@@ -34,9 +34,17 @@ import torch
 from temper.config import ConfigError, parse
 from temper.data.chat import ChatTemplateError, check_template_variables
 from temper.data.tokenizer import UnknownCounter, check_unknown
-from temper.infer import grammar
 from temper.infer.engine import check_compiled_decode, generate, stream
-from temper.infer.grammar import Grammar
+from temper.infer.grammar import (
+    Grammar,
+    GrammarError,
+    choice,
+    compile_grammar,
+    json_schema,
+    lark,
+    regex,
+    vocabulary,
+)
 from temper.infer.load import Checkpoint, Loaded, load_for_inference, open_checkpoint
 from temper.infer.speculative import SpeculativeStats, speculative_stream
 from temper.infer.text import completion_text, cut_at_stop, safe_to_print
@@ -238,21 +246,22 @@ def output_grammar(cfg: GenerateConfig, loaded: Loaded) -> Grammar | None:
     if cfg.json_schema:
         schema, where = text(cfg.json_schema)
         try:
-            source, flag = grammar.json_schema(json.loads(schema)), f"json_schema{where}"
+            source, flag = json_schema(json.loads(schema)), f"json_schema{where}"
         except json.JSONDecodeError as e:
             raise ValueError(f"--json_schema{where} is not JSON: {e}") from None
-    elif cfg.regex or cfg.choice:
-        source, flag = (grammar.regex(cfg.regex), "regex") if cfg.regex else (grammar.choice(cfg.choice), "choice")
+    elif cfg.regex:
+        source, flag = regex(cfg.regex), "regex"
+    elif cfg.choice:
+        source, flag = choice(cfg.choice), "choice"
     elif cfg.grammar:
         rules, where = text(cfg.grammar)
-        source, flag = grammar.lark(rules), f"grammar{where}"
+        source, flag = lark(rules), f"grammar{where}"
     else:
         return None
     try:
-        vocab = grammar.vocabulary(loaded.tokenizer.tokenizer, loaded.config.vocab_size, loaded.stop_ids)
-        return grammar.compile_grammar(vocab, source)
-    except grammar.GrammarError as e:
-        raise grammar.GrammarError(f"--{flag}: {e}") from None
+        return compile_grammar(vocabulary(loaded.tokenizer.tokenizer, loaded.config.vocab_size, loaded.stop_ids), source)
+    except GrammarError as e:
+        raise GrammarError(f"--{flag}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
