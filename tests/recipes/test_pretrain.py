@@ -330,6 +330,16 @@ def test_nonfinite_skip_and_rollback(char_data, tmp_path):
     assert marker.exists() and sorted(metrics(tmp_path / "rollback")) == list(range(1, 9))
 
 
+def test_a_resume_takes_the_optimizer_settings_of_its_config(char_data, tmp_path):
+    """The checkpoint gives the optimizer's moments, the run's config its hyperparameters: a resume with another
+    beta2 and weight decay trains with them (the checkpoint's used to come back with the optimizer's state)."""
+    with pytest.raises(SystemExit):
+        train(char_data, tmp_path, "r", env="crash:step=5")
+    assert train(char_data, tmp_path, "r", "--optim.beta2=0.5", "--optim.weight_decay=0.01") == 0
+    groups = torch.load(tmp_path / "r/checkpoints/step-0000008/optim.pt", weights_only=True)["param_groups"]
+    assert {g["betas"] for g in groups} == {(0.9, 0.5)} and {g["weight_decay"] for g in groups} == {0.0, 0.01}
+
+
 def test_resume_with_a_different_config_fails_unless_overridden(char_data, tmp_path):
     """Row 31."""
     with pytest.raises(SystemExit):

@@ -507,7 +507,22 @@ def load_checkpoint(
     RNG is restored separately by `restore_rng`, after the caller has fast-forwarded its data
     loader: restoring it before would let the fast-forward consume it, and a resumed run with dropout
     would then draw other masks than the uninterrupted one.
+
+    The optimizer's state (moments, step counts) comes from the checkpoint, its hyperparameters (betas, eps,
+    weight decay, Muon's momentum: every param-group setting) from the run's config as the optimizer was built:
+    `load_state_dict` would put the checkpoint's back, and a resume with another --optim.beta2 (lowered after a
+    loss spike, say) would silently keep the old one. The same config gives the same values, so an exact resume
+    stays exact.
     """
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+    state = _load_checkpoint(path, model, optimizer, map_location, trainable_only)
+    for group, kept in zip(optimizer.param_groups if optimizer else [], settings, strict=True):
+        group.update(kept)
+    return state
+
+
+def _load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                     map_location: str | torch.device, trainable_only: bool) -> dict[str, Any]:
     path = Path(path)
     _read_manifest(path, verify=True)
     if (path / DCP_DIR).is_dir():
