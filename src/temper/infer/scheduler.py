@@ -567,8 +567,8 @@ class Scheduler:
                                                        q.logit_bias)
             constrained = [i for i in shaping if self._rows[rows[i]].matcher is not None]
             if constrained:  # the grammars' masks, computed together
-                masked = mask_rows_(shaped[constrained], [self._rows[rows[i]].matcher for i in constrained])
-                shaped[constrained] = masked
+                matchers = [self._rows[rows[i]].matcher for i in constrained]
+                shaped[constrained] = mask_rows_(shaped[constrained], matchers)
             seeds = torch.tensor([self._rows[r].seed for r in rows], device=device)
             steps = torch.tensor([self._rows[r].generated for r in rows], device=device)
             tokens = sample_next(shaped, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, step=steps)

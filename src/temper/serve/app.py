@@ -345,8 +345,8 @@ def read_tools(body: Mapping[str, Any], settings: ServeSettings) -> tuple[list[d
     of the calls tool_choice forces: "auto" (the default) leaves the choice to the model, "required" forces one or
     more calls of the tools, {type: function, function: {name}} one call of that function."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        and isinstance(choice.get("function"), dict) else None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    named = function.get("name") if isinstance(function, dict) else None
     if choice not in (None, "auto", "none", "required") and not isinstance(named, str):
         raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {type: function, function: {name}}",
                        "tool_choice")

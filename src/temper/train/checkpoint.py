@@ -514,9 +514,11 @@ def load_checkpoint(
     loss spike, say) would silently keep the old one. The same config gives the same values, so an exact resume
     stays exact.
     """
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+    if optimizer is None:
+        return _load_checkpoint(path, model, optimizer, map_location, trainable_only)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = _load_checkpoint(path, model, optimizer, map_location, trainable_only)
-    for group, kept in zip(optimizer.param_groups if optimizer else [], settings, strict=True):
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):  # the loaded groups: new dicts
         group.update(kept)
     return state
 
